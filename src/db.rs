@@ -1,0 +1,234 @@
+//! Where the database is and how to reach it: URL resolution (flag, `DATABASE_URL`, `.env`),
+//! password redaction, connecting with a timeout, and a `Session` that reconnects after a
+//! connection is lost.
+
+use std::fmt;
+
+use diesel::connection::{Instrumentation, InstrumentationEvent};
+use diesel::prelude::*;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use crate::error::{ConfigError, ConnectError};
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Seconds libpq waits for a server before giving up; an unreachable host must fail fast.
+const DEFAULT_CONNECT_TIMEOUT_SECS: u32 = 5;
+
+/// A validated `postgres://` URL. `Display` shows it with the password replaced by `***`, so it
+/// can go into any message or log line; the secret itself is only handed to libpq.
+#[derive(Clone)]
+pub struct DbUrl {
+    full: String,
+    password: Option<String>,
+}
+
+impl DbUrl {
+    /// Resolves the URL: `--database-url`, else `DATABASE_URL` (which `.env` may set).
+    pub fn resolve(flag: Option<&str>) -> Result<DbUrl, ConfigError> {
+        if let Some(url) = flag {
+            return DbUrl::parse(url);
+        }
+        load_dotenv()?;
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => DbUrl::parse(&url),
+            _ => Err(ConfigError::MissingUrl),
+        }
+    }
+
+    pub fn parse(raw: &str) -> Result<DbUrl, ConfigError> {
+        let raw = raw.trim();
+        let password = password_of(raw);
+        let malformed = |reason: &str| ConfigError::MalformedUrl {
+            url: redact(raw, password.as_deref()),
+            reason: reason.to_string(),
+        };
+        let rest = raw
+            .strip_prefix("postgres://")
+            .or_else(|| raw.strip_prefix("postgresql://"))
+            .ok_or_else(|| malformed("it must start with postgres:// or postgresql://"))?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let host_port = authority.rsplit('@').next().unwrap_or_default();
+        if host_port.is_empty() && !rest.contains("host=") {
+            return Err(malformed("it names no host"));
+        }
+        if let Some((_, port)) = host_port.rsplit_once(':') {
+            if !port.is_empty() && !host_port.ends_with(']') && port.parse::<u16>().is_err() {
+                return Err(malformed("the port is not a number from 0 to 65535"));
+            }
+        }
+        if raw.chars().any(char::is_whitespace) {
+            return Err(malformed("it contains whitespace"));
+        }
+        Ok(DbUrl {
+            full: raw.to_string(),
+            password,
+        })
+    }
+
+    /// The URL handed to libpq: the user's, plus a connect timeout and an application name unless
+    /// the user set them.
+    fn connect_string(&self, application_name: &str) -> String {
+        let mut url = self.full.clone();
+        let mut sep = if url.contains('?') { '&' } else { '?' };
+        if !url.contains("connect_timeout=") {
+            url.push_str(&format!(
+                "{sep}connect_timeout={DEFAULT_CONNECT_TIMEOUT_SECS}"
+            ));
+            sep = '&';
+        }
+        if !url.contains("application_name=") {
+            url.push_str(&format!("{sep}application_name={application_name}"));
+        }
+        url
+    }
+
+    /// Removes the password from `text` (an error message from libpq or the server, say).
+    pub fn redact_text(&self, text: &str) -> String {
+        redact(text, self.password.as_deref())
+    }
+
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// The same server, another database (tests and benchmarks use scratch databases).
+    pub fn with_database(&self, database: &str) -> DbUrl {
+        let (base, query) = match self.full.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (self.full.as_str(), None),
+        };
+        let scheme_end = base.find("://").map_or(0, |i| i + 3);
+        let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end);
+        let root = path_start.map_or(base, |i| &base[..i]);
+        let mut full = format!("{root}/{database}");
+        if let Some(q) = query {
+            full.push('?');
+            full.push_str(q);
+        }
+        DbUrl {
+            full,
+            password: self.password.clone(),
+        }
+    }
+
+    /// The raw URL, password included: only for handing to another program (tests, scripts).
+    pub fn expose(&self) -> &str {
+        &self.full
+    }
+
+    pub fn connect(&self) -> Result<PgConnection, ConnectError> {
+        self.connect_as("bank")
+    }
+
+    pub fn connect_as(&self, application_name: &str) -> Result<PgConnection, ConnectError> {
+        let mut conn =
+            PgConnection::establish(&self.connect_string(application_name)).map_err(|e| {
+                ConnectError {
+                    url: self.to_string(),
+                    message: self.redact_text(e.to_string().trim()),
+                }
+            })?;
+        if log::log_enabled!(target: "bank::sql", log::Level::Trace) {
+            conn.set_instrumentation(SqlLogger);
+        }
+        Ok(conn)
+    }
+}
+
+impl fmt::Display for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.full, self.password.as_deref()))
+    }
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DbUrl({self})")
+    }
+}
+
+/// The password part of `scheme://user:password@host/...`, if any.
+fn password_of(raw: &str) -> Option<String> {
+    let rest = raw.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_string())
+}
+
+fn redact(text: &str, password: Option<&str>) -> String {
+    match password {
+        Some(p) => text.replace(p, "***"),
+        None => text.to_string(),
+    }
+}
+
+/// A missing `.env` is fine; one that cannot be parsed is an error, not silently ignored.
+fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(ConfigError::DotEnv(e.to_string())),
+    }
+}
+
+/// Runs the embedded migrations that have not run yet; returns their names.
+pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, crate::error::Error> {
+    let done = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map_err(|e| crate::error::Error::Migration(e.to_string()))?;
+    Ok(done.iter().map(ToString::to_string).collect())
+}
+
+/// `-vv`: every statement diesel sends, with its binds.
+struct SqlLogger;
+
+impl Instrumentation for SqlLogger {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let InstrumentationEvent::StartQuery { query, .. } = event {
+            log::trace!(target: "bank::sql", "{query}");
+        }
+    }
+}
+
+/// A connection that is opened on first use and again after it was lost. Transfers and the
+/// workload hold one per worker for their whole run.
+pub struct Session {
+    url: DbUrl,
+    application_name: &'static str,
+    conn: Option<PgConnection>,
+    /// Connections opened so far (the first one included).
+    pub connects: u64,
+}
+
+impl Session {
+    pub fn new(url: DbUrl, application_name: &'static str) -> Session {
+        Session {
+            url,
+            application_name,
+            conn: None,
+            connects: 0,
+        }
+    }
+
+    pub fn url(&self) -> &DbUrl {
+        &self.url
+    }
+
+    pub fn conn(&mut self) -> Result<&mut PgConnection, ConnectError> {
+        match &mut self.conn {
+            Some(conn) => Ok(conn),
+            slot @ None => {
+                let conn = self.url.connect_as(self.application_name)?;
+                self.connects += 1;
+                Ok(slot.insert(conn))
+            }
+        }
+    }
+
+    /// Drops the connection; the next `conn()` opens a new one.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+}

@@ -1,0 +1,127 @@
+//! Error policy: library code returns these typed errors and never prints or exits. Each message
+//! carries its context (which account, which URL, how many attempts) and never a password: URLs
+//! appear only through `DbUrl`'s redacting `Display`. `main` prints the chain once, on one line,
+//! and maps the error to an exit code with `Error::exit_code`: 2 for bad usage or input caught
+//! before the database is touched, 1 for every other failure.
+
+use thiserror::Error;
+use uuid::Uuid;
+
+/// Where the database is: problems found before connecting.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("no database URL: pass --database-url URL or set DATABASE_URL (in the environment or in .env)")]
+    MissingUrl,
+    #[error("malformed database URL {url}: {reason}")]
+    MalformedUrl { url: String, reason: String },
+    #[error("cannot read .env: {0}")]
+    DotEnv(String),
+}
+
+#[derive(Debug, Error)]
+#[error("cannot connect to {url}: {message}")]
+pub struct ConnectError {
+    /// Redacted.
+    pub url: String,
+    /// Redacted.
+    pub message: String,
+}
+
+/// Why a transfer was not applied.
+#[derive(Debug, Error)]
+pub enum TransferError {
+    #[error("amount must be positive, got {0}")]
+    NonPositiveAmount(i64),
+    #[error("cannot transfer from account {0} to itself")]
+    SameAccount(Uuid),
+    #[error("account {0} does not exist")]
+    UnknownAccount(Uuid),
+    #[error("account {account} has insufficient funds for a transfer of {amount}")]
+    InsufficientFunds { account: Uuid, amount: i64 },
+    #[error(
+        "transfer {id} already exists with different details \
+         (from {from} to {to}, amount {amount}); choose another --id"
+    )]
+    IdConflict {
+        id: Uuid,
+        from: Uuid,
+        to: Uuid,
+        amount: i64,
+    },
+    #[error("database not migrated: run `bank init` first")]
+    NotMigrated,
+    #[error(
+        "transfer {id} {}: gave up after {attempts} attempts; last error: {last}",
+        if *outcome_unknown { "may or may not have been applied (run `bank transfer` again with --id to settle it)" } else { "not applied" }
+    )]
+    RetriesExhausted {
+        id: Uuid,
+        attempts: u32,
+        last: String,
+        /// An attempt's outcome was ambiguous and was never settled through the ledger.
+        outcome_unknown: bool,
+    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("database error: {0}")]
+    Database(#[from] diesel::result::Error),
+}
+
+/// Everything a command can fail with.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("database not migrated: run `bank init` first")]
+    NotMigrated,
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("database error: {0}")]
+    Database(diesel::result::Error),
+    #[error("verification failed: {0}")]
+    Verify(String),
+    #[error("workload failed: {0}")]
+    Workload(String),
+    #[error("cannot write output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) | Error::Config(_) => 2,
+            Error::Transfer(
+                TransferError::NonPositiveAmount(_) | TransferError::SameAccount(_),
+            ) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A query on tables that do not exist yet means `bank init` has not run.
+pub fn is_not_migrated(e: &diesel::result::Error) -> bool {
+    match e {
+        diesel::result::Error::DatabaseError(_, info) => {
+            let m = info.message();
+            m.contains("does not exist")
+                && (m.contains("\"accounts\"") || m.contains("\"transfers\""))
+        }
+        _ => false,
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(e: diesel::result::Error) -> Self {
+        if is_not_migrated(&e) {
+            Error::NotMigrated
+        } else {
+            Error::Database(e)
+        }
+    }
+}

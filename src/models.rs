@@ -1,0 +1,68 @@
+//! Rows of `accounts` and `transfers`, as read (`Account`, `Transfer`) and as inserted
+//! (`NewAccount`, `NewTransfer`).
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::schema::{accounts, transfers};
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Identifiable, Serialize)]
+#[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
+pub struct Account {
+    pub id: Uuid,
+    pub balance: i64,
+    #[serde(skip)]
+    pub opening_balance: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Insertable, Serialize)]
+#[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
+pub struct NewAccount {
+    pub id: Uuid,
+    pub balance: i64,
+    #[serde(skip)]
+    pub opening_balance: i64,
+}
+
+impl NewAccount {
+    /// A new account with a random (v4) id: random keys spread writes over CockroachDB's ranges.
+    pub fn with_balance(balance: i64) -> Self {
+        NewAccount {
+            id: Uuid::new_v4(),
+            balance,
+            opening_balance: balance,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Identifiable)]
+#[diesel(table_name = transfers, check_for_backend(diesel::pg::Pg))]
+pub struct Transfer {
+    pub id: Uuid,
+    pub from_id: Uuid,
+    pub to_id: Uuid,
+    pub amount: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A transfer to apply. `id` is its idempotency key in the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Insertable)]
+#[diesel(table_name = transfers, check_for_backend(diesel::pg::Pg))]
+pub struct NewTransfer {
+    pub id: Uuid,
+    pub from_id: Uuid,
+    pub to_id: Uuid,
+    pub amount: i64,
+}
+
+impl NewTransfer {
+    /// Does this request describe the ledger row `t` (same accounts and amount)?
+    pub fn matches(&self, t: &Transfer) -> bool {
+        self.id == t.id
+            && self.from_id == t.from_id
+            && self.to_id == t.to_id
+            && self.amount == t.amount
+    }
+}

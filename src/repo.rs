@@ -1,0 +1,137 @@
+//! Queries on accounts and the ledger. Every function takes a connection and opens no
+//! transaction, so callers compose them inside their own transactions (and tests inside a test
+//! transaction).
+
+use diesel::pg::{Pg, PgConnection, PgRowByRowLoadingMode};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use crate::models::{Account, NewAccount, Transfer};
+use crate::schema::{accounts, transfers};
+
+/// PostgreSQL accepts at most 65535 bind parameters in one statement.
+const MAX_BINDS: usize = 65535;
+/// Columns bound per `NewAccount` row.
+const ACCOUNT_COLUMNS: usize = 3;
+/// Rows per multi-row INSERT in `create_many`.
+pub const INSERT_CHUNK: usize = MAX_BINDS / ACCOUNT_COLUMNS;
+
+pub fn create(conn: &mut PgConnection, account: &NewAccount) -> QueryResult<Account> {
+    diesel::insert_into(accounts::table)
+        .values(account)
+        .returning(Account::as_returning())
+        .get_result(conn)
+}
+
+/// Inserts `accounts` with one multi-row INSERT per `INSERT_CHUNK` rows; returns rows inserted.
+pub fn create_many(conn: &mut PgConnection, accounts: &[NewAccount]) -> QueryResult<usize> {
+    let mut inserted = 0;
+    for chunk in accounts.chunks(INSERT_CHUNK) {
+        inserted += diesel::insert_into(accounts::table)
+            .values(chunk)
+            .execute(conn)?;
+    }
+    Ok(inserted)
+}
+
+pub fn get(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Account>> {
+    accounts::table
+        .find(id)
+        .select(Account::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// Every account, ordered by id, streamed row by row (libpq single-row mode): memory stays
+/// constant however many accounts there are.
+pub fn list(
+    conn: &mut PgConnection,
+) -> QueryResult<impl Iterator<Item = QueryResult<Account>> + '_> {
+    accounts::table
+        .select(Account::as_select())
+        .order(accounts::id)
+        .load_iter::<Account, PgRowByRowLoadingMode>(conn)
+}
+
+/// The given accounts, ordered by id (for the demo, which shows only its own).
+pub fn list_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Account>> {
+    accounts::table
+        .filter(accounts::id.eq_any(ids))
+        .select(Account::as_select())
+        .order(accounts::id)
+        .load(conn)
+}
+
+/// Deletes one account; `NotFound` when there is none with this id.
+pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
+    match diesel::delete(accounts::table.find(id)).execute(conn)? {
+        0 => Err(diesel::result::Error::NotFound),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes every transfer and every account; returns (accounts, transfers) deleted.
+pub fn delete_all(conn: &mut PgConnection) -> QueryResult<(usize, usize)> {
+    // Transfers first: they reference accounts.
+    let transfers = diesel::delete(transfers::table).execute(conn)?;
+    let accounts = diesel::delete(accounts::table).execute(conn)?;
+    Ok((accounts, transfers))
+}
+
+pub fn find_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Transfer>> {
+    transfers::table
+        .find(id)
+        .select(Transfer::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// Deletes one ledger row; `NotFound` when there is none with this id.
+pub fn delete_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
+    match diesel::delete(transfers::table.find(id)).execute(conn)? {
+        0 => Err(diesel::result::Error::NotFound),
+        _ => Ok(()),
+    }
+}
+
+/// Transfers that debit or credit `account`, newest first (served by the ledger's indexes).
+pub fn transfers_of(
+    conn: &mut PgConnection,
+    account: Uuid,
+    limit: i64,
+) -> QueryResult<Vec<Transfer>> {
+    transfers::table
+        .filter(
+            transfers::from_id
+                .eq(account)
+                .or(transfers::to_id.eq(account)),
+        )
+        .select(Transfer::as_select())
+        .order(transfers::created_at.desc())
+        .limit(limit)
+        .load(conn)
+}
+
+pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
+    transfers::table.count().get_result(conn)
+}
+
+pub fn count_accounts(conn: &mut PgConnection) -> QueryResult<i64> {
+    accounts::table.count().get_result(conn)
+}
+
+/// Ids of existing accounts, up to `limit` (the workload reuses them).
+pub fn account_ids(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<Uuid>> {
+    accounts::table
+        .select(accounts::id)
+        .order(accounts::id)
+        .limit(limit)
+        .load(conn)
+}
+
+/// The SQL `list` sends, for tests that pin it.
+pub fn list_query() -> impl diesel::query_builder::QueryFragment<Pg> {
+    accounts::table
+        .select(Account::as_select())
+        .order(accounts::id)
+}

@@ -1,0 +1,297 @@
+//! When to try a transaction again, and how long to wait first.
+//!
+//! Diesel 2.3 exposes no SQLSTATE, only an error kind (40001 is `SerializationFailure`; 40P01,
+//! 40003 and 57P01 are all `Unknown`) and the server's message, so the classifier uses the kind
+//! where Diesel maps it and the message where it does not. Messages are the same on PostgreSQL and
+//! CockroachDB for the errors matched here.
+
+use std::time::Duration;
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use rand::Rng;
+use serde::Serialize;
+
+/// Why an attempt is retried. Reported by `transfer -v` and counted by `workload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// 40001: the transaction was aborted and not applied; run it again.
+    Serialization,
+    /// 40P01 (PostgreSQL). Transfers lock their two rows in key order, which rules deadlocks out
+    /// between transfers, but another client's statements may still lock rows in any order, and
+    /// the victim's transaction was rolled back, so a retry is safe.
+    Deadlock,
+    /// 40003, or the connection was lost while COMMIT was in flight: the transaction may or may
+    /// not have been applied. Resolve it through the ledger before running it again.
+    Ambiguous,
+    /// The connection was lost (or could not be opened) before COMMIT was sent: nothing was
+    /// applied. Reconnect and run it again.
+    ConnectionLost,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 4] = [
+        Cause::Serialization,
+        Cause::Deadlock,
+        Cause::Ambiguous,
+        Cause::ConnectionLost,
+    ];
+
+    /// Whether the connection must be replaced before the next attempt.
+    pub fn needs_reconnect(self) -> bool {
+        matches!(self, Cause::Ambiguous | Cause::ConnectionLost)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Serialization => "serialization",
+            Cause::Deadlock => "deadlock",
+            Cause::Ambiguous => "ambiguous",
+            Cause::ConnectionLost => "connection_lost",
+        }
+    }
+}
+
+/// Where in the transaction an error happened. A lost connection means "not applied" before
+/// COMMIT was sent and "unknown" once it was (or for an implicit, single-statement transaction,
+/// whose statement is its commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    BeforeCommit,
+    Commit,
+}
+
+/// Classifies a Diesel error: `Some(cause)` when the transaction may be tried again, `None` when
+/// the error is final.
+pub fn classify(err: &DieselError, phase: Phase) -> Option<Cause> {
+    let lost = match phase {
+        Phase::BeforeCommit => Cause::ConnectionLost,
+        Phase::Commit => Cause::Ambiguous,
+    };
+    match err {
+        DieselError::DatabaseError(kind, info) => classify_database(kind, info.message(), lost),
+        // COMMIT failed and so did the ROLLBACK after it: the connection is broken and whether the
+        // COMMIT took effect is unknown.
+        DieselError::RollbackErrorOnCommit { .. } => Some(Cause::Ambiguous),
+        DieselError::BrokenTransactionManager => Some(lost),
+        _ => None,
+    }
+}
+
+fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Option<Cause> {
+    match kind {
+        DatabaseErrorKind::SerializationFailure => Some(Cause::Serialization),
+        DatabaseErrorKind::ClosedConnection => Some(lost),
+        _ => classify_message(message, lost),
+    }
+}
+
+/// The server messages of retryable errors Diesel maps to `Unknown`.
+fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
+    const LOST: [&str; 8] = [
+        "terminating connection",       // 57P01 admin shutdown, pg_terminate_backend
+        "server closed the connection", // libpq: the socket closed
+        "no connection to the server",  // libpq: used after the socket closed
+        "connection to server",         // libpq: "connection to server ... lost/failed"
+        "could not receive data from server", // libpq: reset by peer
+        "could not send data to server", // libpq: broken pipe
+        "the database system is shutting down",
+        "the database system is starting up",
+    ];
+    let m = message.to_ascii_lowercase();
+    if m.contains("result is ambiguous") {
+        Some(Cause::Ambiguous)
+    } else if m.contains("restart transaction") || m.contains("could not serialize access") {
+        Some(Cause::Serialization)
+    } else if m.contains("deadlock detected") {
+        Some(Cause::Deadlock)
+    } else if LOST.iter().any(|s| m.contains(s)) {
+        Some(lost)
+    } else {
+        None
+    }
+}
+
+/// How often and how patiently to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Backoff before the first retry (before jitter).
+    pub base: Duration,
+    /// Longest backoff.
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 11,
+            base: Duration::from_millis(10),
+            cap: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first retry): capped exponential growth,
+    /// with "equal jitter" (half fixed, half random) so that clients that collided spread out
+    /// but none retries immediately.
+    pub fn backoff(&self, retry: u32, rng: &mut impl Rng) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)));
+        let ceiling = exp.min(self.cap);
+        let half = ceiling / 2;
+        let jitter_nanos = rng.random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64);
+        half + Duration::from_nanos(jitter_nanos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::DatabaseErrorInformation;
+
+    struct Info(&'static str);
+
+    impl DatabaseErrorInformation for Info {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn db(kind: DatabaseErrorKind, message: &'static str) -> DieselError {
+        DieselError::DatabaseError(kind, Box::new(Info(message)))
+    }
+
+    #[test]
+    fn serialization_failures_are_retried_in_any_phase() {
+        let pg = db(
+            DatabaseErrorKind::SerializationFailure,
+            "could not serialize access due to concurrent update",
+        );
+        let crdb = db(
+            DatabaseErrorKind::SerializationFailure,
+            "restart transaction: TransactionRetryWithProtoRefreshError: WriteTooOldError",
+        );
+        for phase in [Phase::BeforeCommit, Phase::Commit] {
+            assert_eq!(classify(&pg, phase), Some(Cause::Serialization));
+            assert_eq!(classify(&crdb, phase), Some(Cause::Serialization));
+        }
+    }
+
+    #[test]
+    fn deadlocks_are_retried() {
+        let e = db(DatabaseErrorKind::Unknown, "deadlock detected");
+        assert_eq!(classify(&e, Phase::BeforeCommit), Some(Cause::Deadlock));
+    }
+
+    #[test]
+    fn ambiguous_results_are_ambiguous_in_any_phase() {
+        let e = db(
+            DatabaseErrorKind::Unknown,
+            "result is ambiguous: error=rpc error (connection reset)",
+        );
+        assert_eq!(classify(&e, Phase::BeforeCommit), Some(Cause::Ambiguous));
+        assert_eq!(classify(&e, Phase::Commit), Some(Cause::Ambiguous));
+    }
+
+    #[test]
+    fn a_lost_connection_is_ambiguous_only_once_commit_was_sent() {
+        let closed = db(
+            DatabaseErrorKind::ClosedConnection,
+            "server closed the connection unexpectedly",
+        );
+        let killed = db(
+            DatabaseErrorKind::Unknown,
+            "terminating connection due to administrator command",
+        );
+        for e in [&closed, &killed, &DieselError::BrokenTransactionManager] {
+            assert_eq!(
+                classify(e, Phase::BeforeCommit),
+                Some(Cause::ConnectionLost)
+            );
+            assert_eq!(classify(e, Phase::Commit), Some(Cause::Ambiguous));
+        }
+    }
+
+    #[test]
+    fn a_commit_whose_rollback_failed_is_ambiguous() {
+        let e = DieselError::RollbackErrorOnCommit {
+            rollback_error: Box::new(DieselError::BrokenTransactionManager),
+            commit_error: Box::new(db(DatabaseErrorKind::ClosedConnection, "lost")),
+        };
+        assert_eq!(classify(&e, Phase::Commit), Some(Cause::Ambiguous));
+    }
+
+    #[test]
+    fn domain_errors_are_final() {
+        for (kind, message) in [
+            (
+                DatabaseErrorKind::CheckViolation,
+                "new row for relation \"accounts\" violates check constraint",
+            ),
+            (
+                DatabaseErrorKind::UniqueViolation,
+                "duplicate key value violates unique constraint \"transfers_pkey\"",
+            ),
+            (
+                DatabaseErrorKind::ForeignKeyViolation,
+                "insert or update on table \"transfers\" violates foreign key constraint",
+            ),
+            (
+                DatabaseErrorKind::Unknown,
+                "relation \"accounts\" does not exist",
+            ),
+        ] {
+            assert_eq!(
+                classify(&db(kind, message), Phase::Commit),
+                None,
+                "{message}"
+            );
+        }
+        assert_eq!(classify(&DieselError::NotFound, Phase::Commit), None);
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_up_to_the_cap_with_jitter() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(100),
+        };
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let first = policy.backoff(1, &mut rng);
+            assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
+            let third = policy.backoff(3, &mut rng);
+            assert!(third >= Duration::from_millis(20) && third <= Duration::from_millis(40));
+            let late = policy.backoff(30, &mut rng);
+            assert!(late >= Duration::from_millis(50) && late <= Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn default_policy_tries_at_least_ten_times() {
+        assert!(RetryPolicy::default().max_attempts >= 10);
+    }
+}
