@@ -204,6 +204,7 @@ pub fn run_counted(
     let mut ambiguous = false;
     loop {
         attempts += 1;
+        log::debug!("transfer {}: attempt {attempts} ({mode:?})", t.id);
         let started = Instant::now();
         // Once an attempt's outcome was ambiguous, a duplicate id is that attempt's own commit.
         let outcome = attempt(session, t, mode, ambiguous);

@@ -1,0 +1,542 @@
+//! The `bank` binary end to end, on a scratch database per test: exact output, exit codes, and
+//! the database state after every bad input.
+
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::support::{password, server_url, Bank, ScratchDb};
+
+fn ids_of(json: &serde_json::Value) -> Vec<Uuid> {
+    json.as_array()
+        .expect("array")
+        .iter()
+        .map(|a| a["id"].as_str().expect("id").parse().expect("uuid"))
+        .collect()
+}
+
+/// `Balances at <RFC 3339 time>:` and the rest of the lines.
+fn split_balances(stdout: &str) -> (String, Vec<String>) {
+    let mut lines = stdout.lines();
+    let header = lines.next().expect("header").to_string();
+    (header, lines.map(str::to_string).collect())
+}
+
+#[test]
+fn init_creates_the_schema_once() {
+    let db = ScratchDb::empty();
+    let first = db.bank().args(["init"]).run();
+    first.success();
+    assert_eq!(
+        first.stdout,
+        "applied migration 20261124000001\napplied migration 20261124000002\n"
+    );
+    let again = db.bank().args(["init"]).run();
+    again.success();
+    assert_eq!(again.stdout, "schema is up to date\n");
+}
+
+#[test]
+fn the_tutorial_flow_seed_transfer_balances() {
+    let db = ScratchDb::migrated();
+    let seeded = db.bank().args(["seed", "--json"]).run();
+    seeded.success();
+    let json = seeded.json();
+    let balances: Vec<i64> = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| a["balance"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(balances, [1000, 250]);
+    let ids = ids_of(&json);
+    let (a, b) = (ids[0], ids[1]);
+
+    let id = Uuid::new_v4();
+    let t = db
+        .bank()
+        .args([
+            "transfer",
+            "--from",
+            &a.to_string(),
+            "--to",
+            &b.to_string(),
+            "--amount",
+            "100",
+        ])
+        .args(["--id", &id.to_string(), "--json"])
+        .run();
+    t.success();
+    let j = t.json();
+    assert_eq!(j["id"], id.to_string());
+    assert_eq!(j["from"], a.to_string());
+    assert_eq!(j["to"], b.to_string());
+    assert_eq!(j["amount"], 100);
+    assert_eq!(j["attempts"], 1);
+
+    let listed = db.bank().args(["balances"]).run();
+    listed.success();
+    let (header, rows) = split_balances(&listed.stdout);
+    assert!(
+        header.starts_with("Balances at 20") && header.ends_with("Z:"),
+        "{header}"
+    );
+    let mut expected = [(a, 900), (b, 350)];
+    expected.sort();
+    let expected: Vec<String> = expected
+        .iter()
+        .map(|(id, bal)| format!("account id: {id}  balance: ${bal}"))
+        .collect();
+    assert_eq!(rows, expected);
+
+    let json = db.bank().args(["balances", "--json"]).run();
+    json.success();
+    let mut want = [(a, 900), (b, 350)];
+    want.sort();
+    let want: Vec<serde_json::Value> = want
+        .iter()
+        .map(|(id, bal)| serde_json::json!({"id": id.to_string(), "balance": bal}))
+        .collect();
+    assert_eq!(json.json(), serde_json::Value::Array(want));
+}
+
+#[test]
+fn transfer_text_output_names_the_id_and_attempts() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[50, 0]);
+    let id = Uuid::new_v4();
+    let run = db
+        .bank()
+        .args([
+            "transfer",
+            "--from",
+            &ids[0].to_string(),
+            "--to",
+            &ids[1].to_string(),
+        ])
+        .args(["--amount", "50", "--id", &id.to_string()])
+        .run();
+    run.success();
+    assert_eq!(
+        run.stdout,
+        format!(
+            "transfer {id}: moved 50 from {} to {} (1 attempt)\n",
+            ids[0], ids[1]
+        )
+    );
+    assert_eq!(run.stderr, "");
+    assert_eq!(db.balance(ids[0]), 0);
+    assert_eq!(db.balance(ids[1]), 50);
+}
+
+#[test]
+fn seed_creates_n_accounts_with_a_balance() {
+    let db = ScratchDb::migrated();
+    let run = db
+        .bank()
+        .args(["seed", "--accounts", "25", "--balance", "7", "--json"])
+        .run();
+    run.success();
+    let ids = ids_of(&run.json());
+    assert_eq!(ids.len(), 25);
+    let (accounts, transfers) = db.state();
+    assert_eq!(accounts.len(), 25);
+    assert!(accounts.iter().all(|a| a.1 == 7));
+    assert_eq!(transfers, 0);
+    let text = db.bank().args(["seed", "--accounts", "3"]).run();
+    text.success();
+    assert_eq!(text.stdout.lines().count(), 3);
+    assert!(text
+        .stdout
+        .lines()
+        .all(|l| l.starts_with("account id: ") && l.ends_with("balance: $1000")));
+}
+
+#[test]
+fn demo_runs_the_tutorial_and_removes_exactly_what_it_created() {
+    let db = ScratchDb::migrated();
+    let bystander = db.accounts(&[42]);
+    let before = db.state();
+    let run = db.bank().args(["demo"]).run();
+    run.success();
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 9, "{}", run.stdout);
+    assert!(lines[0].starts_with("Created accounts "));
+    assert!(lines[1].starts_with("Balances at "));
+    let mut first: Vec<&str> = lines[2..4]
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap_or(""))
+        .collect();
+    first.sort();
+    assert_eq!(first, ["$1000", "$250"]);
+    assert!(lines[4].starts_with("transfer ") && lines[4].contains(": moved 100 from "));
+    assert!(lines[5].starts_with("Balances at "));
+    let mut second: Vec<&str> = lines[6..8]
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap_or(""))
+        .collect();
+    second.sort();
+    assert_eq!(second, ["$350", "$900"]);
+    assert_eq!(lines[8], "Removed the demo's 2 accounts and 1 transfer");
+    assert_eq!(db.state(), before);
+    assert_eq!(db.balance(bystander[0]), 42);
+}
+
+#[test]
+fn reset_with_yes_deletes_everything() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 10]);
+    db.bank()
+        .args([
+            "transfer",
+            "--from",
+            &ids[0].to_string(),
+            "--to",
+            &ids[1].to_string(),
+            "--amount",
+            "1",
+        ])
+        .run()
+        .success();
+    let run = db.bank().args(["reset", "--yes"]).run();
+    run.success();
+    assert_eq!(run.stdout, "deleted 2 accounts and 1 transfers\n");
+    assert_eq!(db.state(), (vec![], 0));
+}
+
+#[test]
+fn verify_reports_ok_and_json() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 10]);
+    db.bank()
+        .args([
+            "transfer",
+            "--from",
+            &ids[0].to_string(),
+            "--to",
+            &ids[1].to_string(),
+            "--amount",
+            "3",
+        ])
+        .run()
+        .success();
+    let text = db.bank().args(["verify"]).run();
+    text.success();
+    assert!(text.stdout.ends_with("verify: ok\n"), "{}", text.stdout);
+    let json = db.bank().args(["verify", "--json"]).run();
+    json.success();
+    let j = json.json();
+    assert_eq!(j["ok"], true);
+    assert_eq!(j["accounts"], 2);
+    assert_eq!(j["transfers"], 1);
+    assert_eq!(j["total_balance"], 20);
+}
+
+#[test]
+fn verify_fails_on_a_balance_the_ledger_does_not_explain() {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 10]);
+    db.conn()
+        .batch_execute(&format!(
+            "UPDATE accounts SET balance = 11 WHERE id = '{}'",
+            ids[0]
+        ))
+        .expect("tamper");
+    let run = db.bank().args(["verify", "--json"]).run();
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["ok"], false);
+    assert_eq!(j["mismatched_accounts"], 1);
+    assert_eq!(j["violations"][0]["id"], ids[0].to_string());
+    assert_eq!(j["violations"][0]["expected"], 10);
+    assert!(
+        run.stderr.starts_with("bank: error: verification failed"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn rerunning_a_transfer_id_applies_it_once() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let id = Uuid::new_v4().to_string();
+    let args = |amount: &str| {
+        vec![
+            "transfer".to_string(),
+            "--from".into(),
+            ids[0].to_string(),
+            "--to".into(),
+            ids[1].to_string(),
+            "--amount".into(),
+            amount.into(),
+            "--id".into(),
+            id.clone(),
+        ]
+    };
+    db.bank().args(args("30")).run().success();
+    let again = db.bank().args(args("30")).run();
+    again.success();
+    assert!(again.stdout.contains("already exists"), "{again:?}");
+    assert!(again.stdout.contains("nothing changed"), "{again:?}");
+    assert_eq!(db.balance(ids[0]), 70);
+    let json = db.bank().args(args("30")).args(["--json"]).run();
+    json.success();
+    assert_eq!(json.json()["already_applied"], true);
+    let before = db.state();
+    db.bank()
+        .args(args("31"))
+        .run()
+        .fails_with(1, "already exists with different details");
+    assert_eq!(db.state(), before);
+}
+
+#[test]
+fn verbose_logs_attempts_and_very_verbose_the_sql() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 10]);
+    let transfer = |v: &str| {
+        db.bank()
+            .args([
+                v,
+                "transfer",
+                "--from",
+                &ids[0].to_string(),
+                "--to",
+                &ids[1].to_string(),
+                "--amount",
+                "1",
+            ])
+            .run()
+    };
+    let v = transfer("-v");
+    v.success().no_password();
+    assert!(v.stderr.contains("attempt 1"), "{v:?}");
+    assert!(v.stderr.contains("2 account rows updated"), "{v:?}");
+    assert!(!v.stderr.contains("UPDATE accounts"), "{v:?}");
+    let vv = transfer("-vv");
+    vv.success().no_password();
+    assert!(
+        vv.stderr
+            .contains("BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+        "{vv:?}"
+    );
+    assert!(vv.stderr.contains("UPDATE accounts"), "{vv:?}");
+    assert!(vv.stderr.contains("COMMIT"), "{vv:?}");
+}
+
+#[test]
+fn the_url_comes_from_the_environment_or_dotenv() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[5]);
+    let mut env = Bank::new().args(["balances"]);
+    env.cmd.env("DATABASE_URL", db.url.expose());
+    assert_eq!(env.run().success().stdout.lines().count(), 2);
+
+    let dotenv = Bank::new().args(["balances"]);
+    std::fs::write(
+        dotenv.dir.path().join(".env"),
+        format!("DATABASE_URL={}\n", db.url.expose()),
+    )
+    .expect("write .env");
+    assert_eq!(dotenv.run().success().stdout.lines().count(), 2);
+
+    let broken = Bank::new().args(["balances"]);
+    std::fs::write(
+        broken.dir.path().join(".env"),
+        "DATABASE_URL='unterminated\n",
+    )
+    .expect("write .env");
+    broken.run().fails_with(2, "cannot read .env");
+}
+
+// ---- bad input: one line on stderr, non-zero exit, nothing changed --------------------------
+
+/// Runs `bank` with `args` on a seeded database and checks it fails with `code` and `needle`
+/// and leaves the database as it was.
+#[track_caller]
+fn refused(args: &[&str], code: i32, needle: &str) {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 100]);
+    let before = db.state();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            a.replace("{A}", &ids[0].to_string())
+                .replace("{B}", &ids[1].to_string())
+        })
+        .collect();
+    db.bank().args(&args).run().fails_with(code, needle);
+    assert_eq!(db.state(), before, "database changed by {args:?}");
+}
+
+#[test]
+fn malformed_uuid_is_refused() {
+    refused(
+        &[
+            "transfer",
+            "--from",
+            "not-a-uuid",
+            "--to",
+            "{B}",
+            "--amount",
+            "1",
+        ],
+        2,
+        "invalid value 'not-a-uuid' for '--from",
+    );
+    refused(
+        &["transfer", "--from", "{A}", "--to", "1234", "--amount", "1"],
+        2,
+        "--to",
+    );
+    refused(
+        &[
+            "transfer", "--from", "{A}", "--to", "{B}", "--amount", "1", "--id", "x",
+        ],
+        2,
+        "--id",
+    );
+}
+
+#[test]
+fn unknown_accounts_are_refused() {
+    let ghost = Uuid::new_v4().to_string();
+    refused(
+        &["transfer", "--from", &ghost, "--to", "{B}", "--amount", "1"],
+        1,
+        &format!("account {ghost} does not exist"),
+    );
+    refused(
+        &["transfer", "--from", "{A}", "--to", &ghost, "--amount", "1"],
+        1,
+        &format!("account {ghost} does not exist"),
+    );
+}
+
+#[test]
+fn bad_amounts_are_refused() {
+    refused(
+        &["transfer", "--from", "{A}", "--to", "{B}", "--amount", "0"],
+        2,
+        "must be a positive whole number, got 0",
+    );
+    refused(
+        &["transfer", "--from", "{A}", "--to", "{B}", "--amount", "-5"],
+        2,
+        "must be a positive whole number, got -5",
+    );
+    refused(
+        &[
+            "transfer", "--from", "{A}", "--to", "{B}", "--amount", "ten",
+        ],
+        2,
+        "must be a whole number, got 'ten'",
+    );
+    refused(
+        &[
+            "transfer", "--from", "{A}", "--to", "{B}", "--amount", "1.5",
+        ],
+        2,
+        "must be a whole number",
+    );
+    refused(
+        &[
+            "transfer",
+            "--from",
+            "{A}",
+            "--to",
+            "{B}",
+            "--amount",
+            "9223372036854775808",
+        ],
+        2,
+        "out of range (at most 9223372036854775807)",
+    );
+}
+
+#[test]
+fn a_transfer_to_the_same_account_is_refused() {
+    refused(
+        &["transfer", "--from", "{A}", "--to", "{A}", "--amount", "1"],
+        2,
+        "to itself",
+    );
+}
+
+#[test]
+fn insufficient_funds_are_refused() {
+    refused(
+        &[
+            "transfer", "--from", "{A}", "--to", "{B}", "--amount", "101",
+        ],
+        1,
+        "insufficient funds for a transfer of 101",
+    );
+}
+
+#[test]
+fn reset_without_yes_and_without_a_terminal_is_refused() {
+    refused(&["reset"], 2, "pass --yes");
+}
+
+#[test]
+fn a_missing_url_names_the_flag_and_the_variable() {
+    let run = Bank::new().args(["balances"]).run();
+    run.fails_with(2, "--database-url");
+    assert!(run.stderr.contains("DATABASE_URL"), "{run:?}");
+}
+
+#[test]
+fn a_malformed_url_is_refused_without_showing_the_password() {
+    let pw = password();
+    for url in [
+        format!("mysql://bank:{pw}@127.0.0.1/bank"),
+        format!("postgres://bank:{pw}@127.0.0.1:notaport/bank"),
+        format!("postgres://bank:{pw}@"),
+    ] {
+        let run = Bank::new().args(["--database-url", &url, "balances"]).run();
+        run.fails_with(2, "malformed database URL");
+        assert!(run.stderr.contains("***"), "{run:?}");
+    }
+}
+
+#[test]
+fn an_unreachable_server_fails_within_seconds() {
+    let pw = password();
+    let started = Instant::now();
+    // Port 9 (discard) on loopback: nothing listens there.
+    let url = format!("postgres://bank:{pw}@127.0.0.1:9/bank");
+    let run = Bank::new().args(["--database-url", &url, "balances"]).run();
+    run.fails_with(1, "cannot connect to postgres://bank:***@127.0.0.1:9/bank");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A wrong password is refused by the server, and still not echoed.
+    let wrong = server_url().expose().replace(&pw, "wrong-password-123");
+    let run = Bank::new()
+        .args(["--database-url", &wrong, "balances"])
+        .run();
+    run.fails_with(1, "password authentication failed");
+    assert!(!run.stderr.contains("wrong-password-123"), "{run:?}");
+}
+
+#[test]
+fn an_unmigrated_database_asks_for_init() {
+    let db = ScratchDb::empty();
+    let a = Uuid::new_v4().to_string();
+    let b = Uuid::new_v4().to_string();
+    for args in [
+        vec!["balances"],
+        vec!["seed"],
+        vec!["verify"],
+        vec!["transfer", "--from", &a, "--to", &b, "--amount", "1"],
+    ] {
+        db.bank()
+            .args(&args)
+            .run()
+            .fails_with(1, "database not migrated: run `bank init` first");
+    }
+    db.bank()
+        .args(["demo"])
+        .run()
+        .fails_with(1, "run `bank init`");
+}

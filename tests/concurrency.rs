@@ -1,0 +1,181 @@
+//! Committed data, several real connections, a Barrier: conflicts happen and are retried.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use bank::db::Session;
+use bank::models::NewTransfer;
+use bank::retry::{classify, Cause, Phase, RetryPolicy};
+use bank::transfer::{self, Mode, RetryCounts};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Uuid as SqlUuid};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::support::ScratchDb;
+
+/// Two serializable transactions update the same row: PostgreSQL aborts one with 40001, and the
+/// classifier calls it a serialization failure.
+#[test]
+fn a_real_serialization_failure_is_classified_retryable() {
+    let db = ScratchDb::migrated();
+    let [id] = db.accounts(&[100])[..] else {
+        panic!("one account")
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let url = db.url.clone();
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                let mut conn = url.connect().expect("connect");
+                conn.build_transaction().serializable().run(|c| {
+                    // Both take their snapshot before either writes.
+                    c.batch_execute("SELECT balance FROM accounts")?;
+                    barrier.wait();
+                    diesel::sql_query("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
+                        .bind::<SqlUuid, _>(id)
+                        .execute(c)?;
+                    Ok::<_, diesel::result::Error>(())
+                })
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    let failures: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(failures.len(), 1, "exactly one loses: {results:?}");
+    assert_eq!(
+        classify(failures[0], Phase::BeforeCommit),
+        Some(Cause::Serialization),
+        "{:?}",
+        failures[0]
+    );
+    assert_eq!(db.balance(id), 101);
+}
+
+/// Workers hammer the same two accounts in both directions through the transfer service: they
+/// conflict, retry, and every transfer lands exactly once with the total conserved.
+#[test]
+fn conflicting_transfers_are_retried_and_conserve_the_total() {
+    const WORKERS: usize = 4;
+    const EACH: usize = 25;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[1_000_000, 1_000_000]);
+    let barrier = Arc::new(Barrier::new(WORKERS));
+    let policy = RetryPolicy {
+        max_attempts: 50,
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(50),
+    };
+    let handles: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let url = db.url.clone();
+            let ids = ids.clone();
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                let mut session = Session::new(url, "bank-test");
+                session.conn().expect("connect");
+                let mut retries = RetryCounts::default();
+                barrier.wait();
+                for i in 0..EACH {
+                    let (from, to) = if (w + i) % 2 == 0 {
+                        (ids[0], ids[1])
+                    } else {
+                        (ids[1], ids[0])
+                    };
+                    let t = NewTransfer {
+                        id: Uuid::new_v4(),
+                        from_id: from,
+                        to_id: to,
+                        amount: 1 + i as i64,
+                    };
+                    transfer::run_counted(
+                        &mut session,
+                        &t,
+                        Mode::Transaction,
+                        &policy,
+                        &mut retries,
+                    )
+                    .expect("transfer commits");
+                }
+                retries
+            })
+        })
+        .collect();
+    let mut retries = RetryCounts::default();
+    for h in handles {
+        retries.merge(&h.join().expect("worker"));
+    }
+    assert!(
+        retries.serialization > 0,
+        "expected serialization failures: {retries:?}"
+    );
+    let (accounts, transfers) = db.state();
+    assert_eq!(transfers, (WORKERS * EACH) as i64);
+    assert_eq!(accounts.iter().map(|a| a.1).sum::<i64>(), 2_000_000);
+    let report = bank::verify::verify(&mut db.conn()).expect("verify");
+    assert!(report.ok, "{report:?}");
+}
+
+/// The single-statement mode under the same contention.
+#[test]
+fn single_statement_transfers_conserve_the_total_under_contention() {
+    const WORKERS: usize = 4;
+    const EACH: usize = 25;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[500, 500, 500]);
+    let barrier = Arc::new(Barrier::new(WORKERS));
+    let handles: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let url = db.url.clone();
+            let ids = ids.clone();
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                let mut session = Session::new(url, "bank-test");
+                barrier.wait();
+                let mut committed = 0;
+                for i in 0..EACH {
+                    let from = ids[(w + i) % 3];
+                    let to = ids[(w + i + 1) % 3];
+                    let t = NewTransfer {
+                        id: Uuid::new_v4(),
+                        from_id: from,
+                        to_id: to,
+                        amount: 7,
+                    };
+                    match transfer::run(
+                        &mut session,
+                        &t,
+                        Mode::SingleStatement,
+                        &RetryPolicy::default(),
+                    ) {
+                        Ok(_) => committed += 1,
+                        Err(bank::error::TransferError::InsufficientFunds { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let committed: i64 = handles.into_iter().map(|h| h.join().expect("worker")).sum();
+    let (accounts, transfers) = db.state();
+    assert_eq!(transfers, committed);
+    assert_eq!(accounts.iter().map(|a| a.1).sum::<i64>(), 1500);
+    let mut conn = db.conn();
+    let negative: i64 = diesel::sql_query("SELECT COUNT(*) AS n FROM accounts WHERE balance < 0")
+        .get_result::<Count>(&mut conn)
+        .expect("count")
+        .n;
+    assert_eq!(negative, 0);
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}

@@ -1,0 +1,115 @@
+//! Repository functions, each inside a test transaction that is never committed.
+
+use bank::models::NewAccount;
+use bank::repo;
+use diesel::debug_query;
+use diesel::pg::Pg;
+use diesel::result::Error as DieselError;
+use uuid::Uuid;
+
+use crate::support::ScratchDb;
+
+#[test]
+fn create_then_get_returns_the_account() -> Result<(), DieselError> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    let new = NewAccount::with_balance(1000);
+    let created = repo::create(conn, &new)?;
+    assert_eq!(
+        (created.id, created.balance, created.opening_balance),
+        (new.id, 1000, 1000)
+    );
+    assert_eq!(repo::get(conn, new.id)?, Some(created));
+    assert_eq!(repo::get(conn, Uuid::new_v4())?, None);
+    Ok(())
+}
+
+#[test]
+fn create_many_inserts_past_the_bind_parameter_limit() -> Result<(), DieselError> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    // More rows than one INSERT may bind: needs two chunks.
+    let n = repo::INSERT_CHUNK + 7;
+    let accounts: Vec<NewAccount> = (0..n).map(|_| NewAccount::with_balance(5)).collect();
+    assert_eq!(repo::create_many(conn, &accounts)?, n);
+    assert_eq!(repo::count_accounts(conn)?, n as i64);
+    Ok(())
+}
+
+#[test]
+fn list_streams_every_account_ordered_by_id() -> Result<(), DieselError> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    let accounts: Vec<NewAccount> = (0..50).map(NewAccount::with_balance).collect();
+    repo::create_many(conn, &accounts)?;
+    let listed = repo::list(conn)?.collect::<Result<Vec<_>, _>>()?;
+    let mut expected: Vec<(Uuid, i64)> = accounts.iter().map(|a| (a.id, a.balance)).collect();
+    expected.sort();
+    let got: Vec<(Uuid, i64)> = listed.iter().map(|a| (a.id, a.balance)).collect();
+    assert_eq!(got, expected);
+    Ok(())
+}
+
+#[test]
+fn list_selects_by_column_and_orders_by_id() {
+    let sql = debug_query::<Pg, _>(&repo::list_query()).to_string();
+    assert_eq!(
+        sql,
+        "SELECT \"accounts\".\"id\", \"accounts\".\"balance\", \"accounts\".\"opening_balance\" \
+         FROM \"accounts\" ORDER BY \"accounts\".\"id\" -- binds: []"
+    );
+}
+
+#[test]
+fn delete_removes_one_account_and_reports_a_missing_one() -> Result<(), DieselError> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    let a = repo::create(conn, &NewAccount::with_balance(1))?;
+    let b = repo::create(conn, &NewAccount::with_balance(2))?;
+    repo::delete(conn, a.id)?;
+    assert_eq!(repo::get(conn, a.id)?, None);
+    assert_eq!(repo::get(conn, b.id)?, Some(b));
+    assert_eq!(repo::delete(conn, a.id), Err(DieselError::NotFound));
+    Ok(())
+}
+
+#[test]
+fn delete_all_removes_accounts_and_transfers() -> Result<(), Box<dyn std::error::Error>> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    let a = repo::create(conn, &NewAccount::with_balance(100))?;
+    let b = repo::create(conn, &NewAccount::with_balance(100))?;
+    let t = bank::models::NewTransfer {
+        id: Uuid::new_v4(),
+        from_id: a.id,
+        to_id: b.id,
+        amount: 10,
+    };
+    bank::transfer::apply(conn, &t).map_err(|e| format!("{e:?}"))?;
+    assert_eq!(repo::delete_all(conn)?, (2, 1));
+    assert_eq!(repo::count_accounts(conn)?, 0);
+    assert_eq!(repo::count_transfers(conn)?, 0);
+    Ok(())
+}
+
+#[test]
+fn transfers_of_an_account_come_newest_first() -> Result<(), Box<dyn std::error::Error>> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    let a = repo::create(conn, &NewAccount::with_balance(100))?;
+    let b = repo::create(conn, &NewAccount::with_balance(100))?;
+    let c = repo::create(conn, &NewAccount::with_balance(100))?;
+    for (from, to) in [(a.id, b.id), (b.id, c.id)] {
+        let t = bank::models::NewTransfer {
+            id: Uuid::new_v4(),
+            from_id: from,
+            to_id: to,
+            amount: 1,
+        };
+        bank::transfer::apply(conn, &t).map_err(|e| format!("{e:?}"))?;
+    }
+    assert_eq!(repo::transfers_of(conn, b.id, 10)?.len(), 2);
+    assert_eq!(repo::transfers_of(conn, a.id, 10)?.len(), 1);
+    assert_eq!(repo::transfers_of(conn, c.id, 10)?.len(), 1);
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Test support: a real PostgreSQL (never a mock), a scratch database per test, the `bank`
+//! binary, and a fault-injecting proxy.
+
+pub mod proxy;
+
+use std::process::Output;
+
+use assert_cmd::Command;
+use bank::db::DbUrl;
+use bank::models::NewAccount;
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use uuid::Uuid;
+
+const HOW_TO_START: &str = "run the suite with `scripts/test` (it starts a throwaway PostgreSQL), \
+or start one with `scripts/pg start` and `export TEST_DATABASE_URL=$(scripts/pg url)`";
+
+/// The server the tests run on: `TEST_DATABASE_URL`. Without it the suite fails, loudly.
+pub fn server_url() -> DbUrl {
+    let raw = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| panic!("TEST_DATABASE_URL is not set: {HOW_TO_START}"));
+    DbUrl::parse(&raw).unwrap_or_else(|e| panic!("TEST_DATABASE_URL: {e}"))
+}
+
+/// The password of the test server's URL: no output of `bank` may contain it.
+pub fn password() -> String {
+    server_url()
+        .password()
+        .expect("TEST_DATABASE_URL must carry a password, so tests can check that none is printed")
+        .to_string()
+}
+
+/// A database of its own for one test, dropped when the test ends.
+pub struct ScratchDb {
+    pub name: String,
+    pub url: DbUrl,
+}
+
+impl ScratchDb {
+    /// A new database with the schema migrated.
+    pub fn migrated() -> ScratchDb {
+        let db = ScratchDb::empty();
+        let mut conn = db.conn();
+        bank::db::run_migrations(&mut conn).expect("migrations run");
+        db
+    }
+
+    /// A new database without any tables.
+    pub fn empty() -> ScratchDb {
+        let server = server_url();
+        let name = format!("bank_test_{}", Uuid::new_v4().simple());
+        let mut admin = server
+            .with_database("postgres")
+            .connect()
+            .unwrap_or_else(|e| panic!("{e}: {HOW_TO_START}"));
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create scratch database");
+        let url = server.with_database(&name);
+        ScratchDb { name, url }
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        self.url.connect().expect("connect to scratch database")
+    }
+
+    /// A connection inside a test transaction: nothing it does is ever committed.
+    pub fn test_conn(&self) -> PgConnection {
+        let mut conn = self.conn();
+        conn.begin_test_transaction()
+            .expect("begin test transaction");
+        conn
+    }
+
+    /// Creates committed accounts with these balances; returns their ids.
+    pub fn accounts(&self, balances: &[i64]) -> Vec<Uuid> {
+        let new: Vec<NewAccount> = balances
+            .iter()
+            .map(|b| NewAccount::with_balance(*b))
+            .collect();
+        bank::repo::create_many(&mut self.conn(), &new).expect("create accounts");
+        new.iter().map(|a| a.id).collect()
+    }
+
+    /// Every (id, balance), ordered by id, and the number of ledger rows: "the database state".
+    pub fn state(&self) -> (Vec<(Uuid, i64)>, i64) {
+        let mut conn = self.conn();
+        let accounts = bank::repo::list(&mut conn)
+            .expect("list")
+            .map(|a| a.map(|a| (a.id, a.balance)))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows");
+        let transfers = bank::repo::count_transfers(&mut conn).expect("count");
+        (accounts, transfers)
+    }
+
+    pub fn balance(&self, id: Uuid) -> i64 {
+        bank::repo::get(&mut self.conn(), id)
+            .expect("get")
+            .expect("account exists")
+            .balance
+    }
+
+    /// `bank` with `--database-url` pointing here, run from an empty directory (no `.env`).
+    pub fn bank(&self) -> Bank {
+        let mut b = Bank::new();
+        b.cmd.arg("--database-url").arg(self.url.expose());
+        b
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = server_url().with_database("postgres").connect() {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+/// The `bank` binary in an empty working directory, with no `DATABASE_URL` inherited.
+pub struct Bank {
+    pub cmd: Command,
+    pub dir: tempfile::TempDir,
+}
+
+impl Bank {
+    pub fn new() -> Bank {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::cargo_bin("bank").expect("bank binary");
+        cmd.current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("BANK_MAX_RETRIES")
+            .env_remove("BANK_RETRY_BASE")
+            .env_remove("BANK_RETRY_CAP")
+            .env("NO_COLOR", "1");
+        Bank { cmd, dir }
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Bank
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    /// Runs it with stdin closed (not a terminal).
+    pub fn run(mut self) -> Run {
+        let output = self.cmd.write_stdin("").output().expect("run bank");
+        Run::from(output)
+    }
+}
+
+/// What a run of `bank` printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    #[track_caller]
+    pub fn success(&self) -> &Run {
+        assert_eq!(self.code, 0, "bank failed: {self:?}");
+        self
+    }
+
+    /// A failure: exit `code`, exactly one line on stderr containing `needle`, nothing on
+    /// stdout, and no password anywhere.
+    #[track_caller]
+    pub fn fails_with(&self, code: i32, needle: &str) -> &Run {
+        assert_eq!(self.code, code, "exit code: {self:?}");
+        assert_eq!(
+            self.stderr.lines().count(),
+            1,
+            "one line on stderr: {self:?}"
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {self:?}"
+        );
+        assert_eq!(self.stdout, "", "stdout: {self:?}");
+        self.no_password()
+    }
+
+    #[track_caller]
+    pub fn no_password(&self) -> &Run {
+        let pw = password();
+        assert!(!self.stdout.contains(&pw), "password on stdout: {self:?}");
+        assert!(!self.stderr.contains(&pw), "password on stderr: {self:?}");
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.stdout))
+    }
+}

@@ -1,0 +1,11 @@
+//! One test binary (it links once): library tests on a real database and end-to-end tests of
+//! the `bank` binary. Needs `TEST_DATABASE_URL`; `scripts/test` provides it.
+
+mod support;
+
+mod cli;
+mod concurrency;
+mod faults;
+mod repo;
+mod transfer_body;
+mod workload;

@@ -1,0 +1,135 @@
+//! `bank workload` end to end, quiet and with backend connections killed from outside.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+
+use crate::support::ScratchDb;
+
+#[test]
+fn a_workload_by_count_keeps_every_invariant() {
+    let db = ScratchDb::migrated();
+    let run = db
+        .bank()
+        .args([
+            "workload",
+            "--accounts",
+            "20",
+            "--concurrency",
+            "4",
+            "--transfers",
+            "400",
+        ])
+        .args(["--max-amount", "300", "--seed", "7", "--json"])
+        .run();
+    run.success();
+    let j = run.json();
+    assert_eq!(j["ok"], true, "{run:?}");
+    let committed = j["transfers_committed"].as_u64().expect("n");
+    let rejected = j["rejected_insufficient_funds"].as_u64().expect("n");
+    let given_up = j["given_up"].as_u64().expect("n");
+    assert_eq!(committed + rejected + given_up, 400, "{j}");
+    assert_eq!(j["ledger_rows_added"].as_u64(), Some(committed));
+    assert_eq!(j["starting_total"], 20 * 1000);
+    assert_eq!(j["final_total"], 20 * 1000);
+    for k in [
+        "total_conserved",
+        "no_negative_balance",
+        "ledger_matches_committed",
+        "verify_ok",
+    ] {
+        assert_eq!(j["invariants"][k], true, "{k}");
+    }
+    for k in ["p50", "p95", "p99", "max"] {
+        assert!(j["latency_ms"][k].as_f64().expect("latency") > 0.0, "{k}");
+    }
+    let (_, transfers) = db.state();
+    assert_eq!(transfers as u64, committed);
+}
+
+#[test]
+fn a_workload_reuses_existing_accounts_in_text_mode() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[500; 5]);
+    let run = db
+        .bank()
+        .args([
+            "workload",
+            "--accounts",
+            "5",
+            "--reuse-accounts",
+            "--concurrency",
+            "2",
+        ])
+        .args(["--transfers", "50", "--mode", "single-statement"])
+        .run();
+    run.success();
+    assert!(
+        run.stdout
+            .contains("workload: 5 accounts, 2 workers, mode single-statement"),
+        "{run:?}"
+    );
+    assert!(run.stdout.ends_with("workload: ok\n"), "{run:?}");
+    assert_eq!(db.state().0.len(), 5);
+}
+
+/// Kills every workload backend every 200 ms while the workload runs.
+#[test]
+fn a_workload_survives_connections_killed_from_outside() {
+    let db = ScratchDb::migrated();
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let stop = Arc::clone(&stop);
+        let mut conn = db.conn();
+        let name = db.name.clone();
+        thread::spawn(move || {
+            let mut killed = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(200));
+                let n: Killed = diesel::sql_query(
+                    "SELECT CAST(COUNT(pg_terminate_backend(pid)) AS INT8) AS n FROM pg_stat_activity \
+                     WHERE datname = $1 AND application_name = 'bank-workload'",
+                )
+                .bind::<Text, _>(&name)
+                .get_result(&mut conn)
+                .expect("kill backends");
+                killed += n.n;
+            }
+            killed
+        })
+    };
+    let run = db
+        .bank()
+        .args([
+            "workload",
+            "--accounts",
+            "30",
+            "--concurrency",
+            "4",
+            "--duration",
+            "3s",
+            "--json",
+        ])
+        .run();
+    stop.store(true, Ordering::Relaxed);
+    let killed = killer.join().expect("killer");
+    run.success();
+    let j = run.json();
+    assert!(killed > 0, "no backend was killed");
+    assert_eq!(j["ok"], true, "{j}");
+    assert!(j["reconnects"].as_u64().expect("n") > 0, "{j}");
+    let lost = j["retries"]["connection_lost"].as_u64().expect("n")
+        + j["retries"]["ambiguous"].as_u64().expect("n");
+    assert!(lost > 0, "{j}");
+    assert_eq!(j["errors"], 0, "{j}");
+}
+
+#[derive(QueryableByName)]
+struct Killed {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
