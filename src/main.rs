@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    if let Err(e) = bank::db::load_dotenv() {
+        eprintln!("bank: error: {}", one_line(&e));
+        return ExitCode::from(2);
+    }
     let cli = match bank::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),

@@ -207,6 +207,9 @@ pub fn run_counted(
         log::debug!("transfer {}: attempt {attempts} ({mode:?})", t.id);
         let started = Instant::now();
         // Once an attempt's outcome was ambiguous, a duplicate id is that attempt's own commit.
+        // A connection that was open before this attempt may have died while idle (a server
+        // restart, a killed backend); losing it before COMMIT says nothing about this transfer.
+        let reused = session.is_connected();
         let outcome = attempt(session, t, mode, ambiguous);
         match outcome {
             Ok(already_applied) => {
@@ -236,6 +239,12 @@ pub fn run_counted(
                 ambiguous |= cause == Cause::Ambiguous;
                 if cause.needs_reconnect() {
                     session.reset();
+                }
+                if cause == Cause::ConnectionLost && reused {
+                    // Nothing was applied: retry at once on a fresh connection, without spending
+                    // an attempt. Bounded: the next attempt's connection is new, so it counts.
+                    attempts -= 1;
+                    continue;
                 }
                 if attempts >= policy.max_attempts {
                     return Err(TransferError::RetriesExhausted {
