@@ -22,6 +22,8 @@ use crate::workload;
 /// The tutorial's two accounts.
 const TUTORIAL_BALANCES: [i64; 2] = [1000, 250];
 const DEMO_AMOUNT: i64 = 100;
+/// Accounts per COPY in `seed`.
+const SEED_CHUNK: usize = 100_000;
 
 pub fn run(cli: Cli) -> Result<(), Error> {
     let url = DbUrl::resolve(cli.database_url.as_deref())?;
@@ -73,16 +75,16 @@ fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result<(), Error>
     if args.json {
         write!(out, "[")?;
     }
-    // One INSERT per chunk, each its own transaction: a huge seed never builds one huge
+    // One COPY per chunk, each its own transaction: a huge seed never builds one huge
     // transaction (CockroachDB limits their size), and the progress bar moves per chunk.
     while balances.peek().is_some() {
         let chunk: Vec<NewAccount> = balances
             .by_ref()
-            .take(repo::INSERT_CHUNK)
+            .take(SEED_CHUNK)
             .map(NewAccount::with_balance)
             .collect();
-        let n = repo::create_many(&mut conn, &chunk)?;
-        log::debug!("seed: inserted {n} accounts");
+        let n = repo::copy_accounts(&mut conn, &chunk)?;
+        log::debug!("seed: copied {n} accounts");
         bar.inc(n as u64);
         for a in &chunk {
             if args.json {

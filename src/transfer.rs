@@ -11,8 +11,9 @@
 
 use std::time::Instant;
 
-use diesel::pg::PgConnection;
+use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use serde::Serialize;
@@ -23,11 +24,47 @@ use crate::models::NewTransfer;
 use crate::repo;
 use crate::retry::{classify, Cause, Phase, RetryPolicy};
 
-/// The statement that applies a transfer. Binds: $1 id, $2 from, $3 to, $4 amount.
-pub const TRANSFER_SQL: &str = "WITH ledger AS (\
-INSERT INTO transfers (id, from_id, to_id, amount) VALUES ($1, $2, $3, $4) RETURNING id) \
-UPDATE accounts SET balance = balance + CASE WHEN id = $2 THEN -$4 ELSE $4 END \
-WHERE id IN ($2, $3)";
+/// The statement that applies a transfer, as a query type of its own rather than `sql_query`:
+/// Diesel prepares it once per connection and caches it (it never caches `sql_query`), so each
+/// transfer sends only Bind/Execute and the server skips parsing and planning.
+#[derive(Debug, Clone, Copy, QueryId)]
+pub struct TransferStatement {
+    t: NewTransfer,
+}
+
+impl TransferStatement {
+    pub fn new(t: &NewTransfer) -> Self {
+        TransferStatement { t: *t }
+    }
+}
+
+impl QueryFragment<Pg> for TransferStatement {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let t = &self.t;
+        out.push_sql("WITH ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) VALUES (");
+        out.push_bind_param::<SqlUuid, _>(&t.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(") RETURNING id) UPDATE accounts SET balance = balance + CASE WHEN id = ");
+        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+        out.push_sql(" THEN -");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" ELSE ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" END WHERE id IN (");
+        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
+        out.push_sql(")");
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<PgConnection> for TransferStatement {}
 
 /// How a transfer reaches the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
@@ -54,11 +91,7 @@ pub fn validate(t: &NewTransfer) -> Result<(), TransferError> {
 
 /// The transfer body: applies `t` on `conn` in whatever transaction `conn` is in. Opens none.
 pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> {
-    let rows = diesel::sql_query(TRANSFER_SQL)
-        .bind::<SqlUuid, _>(t.id)
-        .bind::<SqlUuid, _>(t.from_id)
-        .bind::<SqlUuid, _>(t.to_id)
-        .bind::<BigInt, _>(t.amount)
+    let rows = TransferStatement::new(t)
         .execute(conn)
         .map_err(|e| BodyError::from_db(e, t))?;
     log::debug!("transfer {}: {rows} account rows updated", t.id);
@@ -344,7 +377,6 @@ fn retry_or_final(e: DieselError, phase: Phase) -> AttemptError {
 mod tests {
     use super::*;
     use diesel::debug_query;
-    use diesel::pg::Pg;
     use uuid::Uuid;
 
     #[test]
@@ -355,24 +387,29 @@ mod tests {
             to_id: Uuid::from_u128(2),
             amount: 100,
         };
-        let q = diesel::sql_query(TRANSFER_SQL)
-            .bind::<SqlUuid, _>(t.id)
-            .bind::<SqlUuid, _>(t.from_id)
-            .bind::<SqlUuid, _>(t.to_id)
-            .bind::<BigInt, _>(t.amount);
+        let q = TransferStatement::new(&t);
         let sql = debug_query::<Pg, _>(&q).to_string();
+        let (a, b) = (
+            "00000000-0000-0000-0000-000000000001",
+            "00000000-0000-0000-0000-000000000002",
+        );
         assert_eq!(
             sql,
-            "WITH ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) \
-             VALUES ($1, $2, $3, $4) RETURNING id) \
-             UPDATE accounts SET balance = balance + CASE WHEN id = $2 THEN -$4 ELSE $4 END \
-             WHERE id IN ($2, $3) -- binds: [00000000-0000-0000-0000-000000000000, \
-             00000000-0000-0000-0000-000000000001, 00000000-0000-0000-0000-000000000002, 100]"
+            format!(
+                "WITH ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) \
+                 VALUES ($1, $2, $3, $4) RETURNING id) \
+                 UPDATE accounts SET balance = balance + CASE WHEN id = $5 THEN -$6 ELSE $7 END \
+                 WHERE id IN ($8, $9) -- binds: [00000000-0000-0000-0000-000000000000, \
+                 {a}, {b}, 100, {a}, 100, 100, {a}, {b}]"
+            )
         );
         // One modification per table: CockroachDB refuses two on the same table.
         assert_eq!(sql.matches("UPDATE accounts").count(), 1);
         assert_eq!(sql.matches("INSERT INTO transfers").count(), 1);
     }
+
+    // A static query id is what makes Diesel cache the prepared statement per connection.
+    const _: () = assert!(TransferStatement::HAS_STATIC_QUERY_ID);
 
     #[test]
     fn validation_rejects_bad_requests_before_the_database() {

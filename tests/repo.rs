@@ -37,6 +37,30 @@ fn create_many_inserts_past_the_bind_parameter_limit() -> Result<(), DieselError
 }
 
 #[test]
+fn copy_accounts_loads_rows_with_copy() -> Result<(), DieselError> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    let accounts: Vec<NewAccount> = (0..1000).map(NewAccount::with_balance).collect();
+    assert_eq!(repo::copy_accounts(conn, &accounts)?, 1000);
+    let a = &accounts[999];
+    let got = repo::get(conn, a.id)?.expect("copied");
+    assert_eq!((got.balance, got.opening_balance), (999, 999));
+    assert_eq!(repo::count_accounts(conn)?, 1000);
+    Ok(())
+}
+
+#[test]
+fn the_ledger_lookup_is_by_primary_key() {
+    let sql = debug_query::<Pg, _>(&repo::find_transfer_query(Uuid::nil())).to_string();
+    assert_eq!(
+        sql,
+        "SELECT \"transfers\".\"id\", \"transfers\".\"from_id\", \"transfers\".\"to_id\", \
+         \"transfers\".\"amount\", \"transfers\".\"created_at\" FROM \"transfers\" \
+         WHERE (\"transfers\".\"id\" = $1) LIMIT $2 -- binds: [00000000-0000-0000-0000-000000000000, 1]"
+    );
+}
+
+#[test]
 fn list_streams_every_account_ordered_by_id() -> Result<(), DieselError> {
     let db = ScratchDb::migrated();
     let conn = &mut db.test_conn();
