@@ -540,3 +540,61 @@ fn an_unmigrated_database_asks_for_init() {
         .run()
         .fails_with(1, "run `bank init`");
 }
+
+/// Runs `bank args` on a pseudo-terminal (`script`), typing `input`; returns what it showed.
+fn on_terminal(db: &ScratchDb, args: &str, input: &str) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let bank = assert_cmd::cargo::cargo_bin("bank");
+    let cmd = format!(
+        "{} --database-url '{}' {args}",
+        bank.display(),
+        db.url.expose()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("run script");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn reset_asks_on_a_terminal() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[10, 10]);
+    let no = on_terminal(&db, "reset", "n\n");
+    assert!(
+        no.contains("Delete every account and transfer in postgres://"),
+        "{no}"
+    );
+    assert!(no.contains("nothing deleted"), "{no}");
+    assert!(!no.contains(&password()), "{no}");
+    assert_eq!(db.state().0.len(), 2);
+    let yes = on_terminal(&db, "reset", "y\n");
+    assert!(yes.contains("deleted 2 accounts and 0 transfers"), "{yes}");
+    assert_eq!(db.state(), (vec![], 0));
+}
+
+#[test]
+fn workload_shows_a_live_line_on_a_terminal() {
+    let db = ScratchDb::migrated();
+    let shown = on_terminal(
+        &db,
+        "workload --accounts 10 --concurrency 2 --duration 2500ms",
+        "",
+    );
+    assert!(shown.contains(" transfers/s "), "{shown}");
+    assert!(shown.contains(" retries "), "{shown}");
+    assert!(shown.contains("workload: ok"), "{shown}");
+}
