@@ -54,16 +54,7 @@ fn the_tutorial_flow_seed_transfer_balances() {
 
     let id = Uuid::new_v4();
     let t = db
-        .bank()
-        .args([
-            "transfer",
-            "--from",
-            &a.to_string(),
-            "--to",
-            &b.to_string(),
-            "--amount",
-            "100",
-        ])
+        .transfer(a, b, 100)
         .args(["--id", &id.to_string(), "--json"])
         .run();
     t.success();
@@ -106,15 +97,8 @@ fn transfer_text_output_names_the_id_and_attempts() {
     let ids = db.accounts(&[50, 0]);
     let id = Uuid::new_v4();
     let run = db
-        .bank()
-        .args([
-            "transfer",
-            "--from",
-            &ids[0].to_string(),
-            "--to",
-            &ids[1].to_string(),
-        ])
-        .args(["--amount", "50", "--id", &id.to_string()])
+        .transfer(ids[0], ids[1], 50)
+        .args(["--id", &id.to_string()])
         .run();
     run.success();
     assert_eq!(
@@ -186,18 +170,7 @@ fn demo_runs_the_tutorial_and_removes_exactly_what_it_created() {
 fn reset_with_yes_deletes_everything() {
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[10, 10]);
-    db.bank()
-        .args([
-            "transfer",
-            "--from",
-            &ids[0].to_string(),
-            "--to",
-            &ids[1].to_string(),
-            "--amount",
-            "1",
-        ])
-        .run()
-        .success();
+    db.transfer(ids[0], ids[1], 1).run().success();
     let run = db.bank().args(["reset", "--yes"]).run();
     run.success();
     assert_eq!(run.stdout, "deleted 2 accounts and 1 transfers\n");
@@ -208,18 +181,7 @@ fn reset_with_yes_deletes_everything() {
 fn verify_reports_ok_and_json() {
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[10, 10]);
-    db.bank()
-        .args([
-            "transfer",
-            "--from",
-            &ids[0].to_string(),
-            "--to",
-            &ids[1].to_string(),
-            "--amount",
-            "3",
-        ])
-        .run()
-        .success();
+    db.transfer(ids[0], ids[1], 3).run().success();
     let text = db.bank().args(["verify"]).run();
     text.success();
     assert!(text.stdout.ends_with("verify: ok\n"), "{}", text.stdout);
@@ -261,31 +223,18 @@ fn rerunning_a_transfer_id_applies_it_once() {
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[100, 0]);
     let id = Uuid::new_v4().to_string();
-    let args = |amount: &str| {
-        vec![
-            "transfer".to_string(),
-            "--from".into(),
-            ids[0].to_string(),
-            "--to".into(),
-            ids[1].to_string(),
-            "--amount".into(),
-            amount.into(),
-            "--id".into(),
-            id.clone(),
-        ]
-    };
-    db.bank().args(args("30")).run().success();
-    let again = db.bank().args(args("30")).run();
+    let transfer = |amount| db.transfer(ids[0], ids[1], amount).args(["--id", &id]);
+    transfer(30).run().success();
+    let again = transfer(30).run();
     again.success();
     assert!(again.stdout.contains("already exists"), "{again:?}");
     assert!(again.stdout.contains("nothing changed"), "{again:?}");
     assert_eq!(db.balance(ids[0]), 70);
-    let json = db.bank().args(args("30")).args(["--json"]).run();
+    let json = transfer(30).args(["--json"]).run();
     json.success();
     assert_eq!(json.json()["already_applied"], true);
     let before = db.state();
-    db.bank()
-        .args(args("31"))
+    transfer(31)
         .run()
         .fails_with(1, "already exists with different details");
     assert_eq!(db.state(), before);
@@ -295,20 +244,7 @@ fn rerunning_a_transfer_id_applies_it_once() {
 fn verbose_logs_attempts_and_very_verbose_the_sql() {
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[10, 10]);
-    let transfer = |v: &str| {
-        db.bank()
-            .args([
-                v,
-                "transfer",
-                "--from",
-                &ids[0].to_string(),
-                "--to",
-                &ids[1].to_string(),
-                "--amount",
-                "1",
-            ])
-            .run()
-    };
+    let transfer = |v: &str| db.transfer(ids[0], ids[1], 1).args([v]).run();
     let v = transfer("-v");
     v.success().no_password();
     assert!(v.stderr.contains("attempt 1"), "{v:?}");

@@ -9,7 +9,7 @@ use bank::retry::{classify, Cause, Phase, RetryPolicy};
 use bank::transfer::{self, Mode, RetryCounts};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Uuid as SqlUuid};
+use diesel::sql_types::Uuid as SqlUuid;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -57,6 +57,33 @@ fn a_real_serialization_failure_is_classified_retryable() {
     assert_eq!(db.balance(id), 101);
 }
 
+/// Runs `work(worker, session)` on `workers` threads, each with its own connection, all
+/// starting together.
+fn run_workers<T: Send + 'static>(
+    db: &ScratchDb,
+    workers: usize,
+    work: impl Fn(usize, &mut Session) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let barrier = Arc::new(Barrier::new(workers));
+    let work = Arc::new(work);
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let mut session = Session::new(db.url.clone(), "bank-test");
+            let barrier = Arc::clone(&barrier);
+            let work = Arc::clone(&work);
+            thread::spawn(move || {
+                session.conn().expect("connect");
+                barrier.wait();
+                work(w, &mut session)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker"))
+        .collect()
+}
+
 /// Workers hammer the same two accounts in both directions through the transfer service: they
 /// conflict, retry, and every transfer lands exactly once with the total conserved.
 #[test]
@@ -65,50 +92,33 @@ fn conflicting_transfers_are_retried_and_conserve_the_total() {
     const EACH: usize = 25;
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[1_000_000, 1_000_000]);
-    let barrier = Arc::new(Barrier::new(WORKERS));
     let policy = RetryPolicy {
         max_attempts: 50,
         base: Duration::from_millis(1),
         cap: Duration::from_millis(50),
     };
-    let handles: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let url = db.url.clone();
-            let ids = ids.clone();
-            let barrier = Arc::clone(&barrier);
-            thread::spawn(move || {
-                let mut session = Session::new(url, "bank-test");
-                session.conn().expect("connect");
-                let mut retries = RetryCounts::default();
-                barrier.wait();
-                for i in 0..EACH {
-                    let (from, to) = if (w + i) % 2 == 0 {
-                        (ids[0], ids[1])
-                    } else {
-                        (ids[1], ids[0])
-                    };
-                    let t = NewTransfer {
-                        id: Uuid::new_v4(),
-                        from_id: from,
-                        to_id: to,
-                        amount: 1 + i as i64,
-                    };
-                    transfer::run_counted(
-                        &mut session,
-                        &t,
-                        Mode::Transaction,
-                        &policy,
-                        &mut retries,
-                    )
-                    .expect("transfer commits");
-                }
-                retries
-            })
-        })
-        .collect();
+    let per_worker = run_workers(&db, WORKERS, move |w, session| {
+        let mut retries = RetryCounts::default();
+        for i in 0..EACH {
+            let (from, to) = if (w + i) % 2 == 0 {
+                (ids[0], ids[1])
+            } else {
+                (ids[1], ids[0])
+            };
+            let t = NewTransfer {
+                id: Uuid::new_v4(),
+                from_id: from,
+                to_id: to,
+                amount: 1 + i as i64,
+            };
+            transfer::run_counted(session, &t, Mode::Transaction, &policy, &mut retries)
+                .expect("transfer commits");
+        }
+        retries
+    });
     let mut retries = RetryCounts::default();
-    for h in handles {
-        retries.merge(&h.join().expect("worker"));
+    for r in &per_worker {
+        retries.merge(r);
     }
     assert!(
         retries.serialization > 0,
@@ -128,54 +138,28 @@ fn single_statement_transfers_conserve_the_total_under_contention() {
     const EACH: usize = 25;
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[500, 500, 500]);
-    let barrier = Arc::new(Barrier::new(WORKERS));
-    let handles: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let url = db.url.clone();
-            let ids = ids.clone();
-            let barrier = Arc::clone(&barrier);
-            thread::spawn(move || {
-                let mut session = Session::new(url, "bank-test");
-                barrier.wait();
-                let mut committed = 0;
-                for i in 0..EACH {
-                    let from = ids[(w + i) % 3];
-                    let to = ids[(w + i + 1) % 3];
-                    let t = NewTransfer {
-                        id: Uuid::new_v4(),
-                        from_id: from,
-                        to_id: to,
-                        amount: 7,
-                    };
-                    match transfer::run(
-                        &mut session,
-                        &t,
-                        Mode::SingleStatement,
-                        &RetryPolicy::default(),
-                    ) {
-                        Ok(_) => committed += 1,
-                        Err(bank::error::TransferError::InsufficientFunds { .. }) => {}
-                        Err(e) => panic!("{e}"),
-                    }
-                }
-                committed
-            })
-        })
-        .collect();
-    let committed: i64 = handles.into_iter().map(|h| h.join().expect("worker")).sum();
+    let committed: i64 = run_workers(&db, WORKERS, move |w, session| {
+        let mut committed = 0;
+        for i in 0..EACH {
+            let t = NewTransfer {
+                id: Uuid::new_v4(),
+                from_id: ids[(w + i) % 3],
+                to_id: ids[(w + i + 1) % 3],
+                amount: 7,
+            };
+            match transfer::run(session, &t, Mode::SingleStatement, &RetryPolicy::default()) {
+                Ok(_) => committed += 1,
+                Err(bank::error::TransferError::InsufficientFunds { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        committed
+    })
+    .into_iter()
+    .sum();
     let (accounts, transfers) = db.state();
     assert_eq!(transfers, committed);
     assert_eq!(accounts.iter().map(|a| a.1).sum::<i64>(), 1500);
-    let mut conn = db.conn();
-    let negative: i64 = diesel::sql_query("SELECT COUNT(*) AS n FROM accounts WHERE balance < 0")
-        .get_result::<Count>(&mut conn)
-        .expect("count")
-        .n;
-    assert_eq!(negative, 0);
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
+    let report = bank::verify::verify(&mut db.conn()).expect("verify");
+    assert!(report.ok && report.negative_balances == 0, "{report:?}");
 }

@@ -102,6 +102,19 @@ impl ScratchDb {
             .balance
     }
 
+    /// `bank transfer --from --to --amount` here; add arguments before `run()`.
+    pub fn transfer(&self, from: Uuid, to: Uuid, amount: i64) -> Bank {
+        self.bank().args([
+            "transfer".to_string(),
+            "--from".into(),
+            from.to_string(),
+            "--to".into(),
+            to.to_string(),
+            "--amount".into(),
+            amount.to_string(),
+        ])
+    }
+
     /// `bank` with `--database-url` pointing here, run from an empty directory (no `.env`).
     pub fn bank(&self) -> Bank {
         let mut b = Bank::new();
