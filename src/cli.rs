@@ -59,7 +59,7 @@ pub struct SeedArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub accounts: Option<u64>,
     /// Opening balance of each account created with --accounts
-    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, value_parser = parse_balance)]
+    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, value_parser = parse_balance, requires = "accounts")]
     pub balance: i64,
     /// Print the created accounts as a JSON array
     #[arg(long)]
@@ -125,7 +125,7 @@ impl RunArgs {
 #[derive(Debug, Args)]
 pub struct WorkloadArgs {
     /// Accounts to transfer between
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..))]
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=10_000_000))]
     pub accounts: u64,
     /// Use existing accounts (the first N by id) instead of creating new ones
     #[arg(long)]

@@ -14,7 +14,7 @@ use crate::db::{self, DbUrl, Session};
 use crate::error::Error;
 use crate::models::{Account, NewAccount, NewTransfer};
 use crate::repo;
-use crate::retry::RetryPolicy;
+use crate::retry::{retry_transaction, RetryPolicy};
 use crate::transfer::{self, Mode, Receipt};
 use crate::verify;
 use crate::workload;
@@ -255,10 +255,12 @@ fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Result<(), Erro
         }
     }
     let mut conn = url.connect()?;
-    let (accounts, transfers) = conn
-        .build_transaction()
-        .serializable()
-        .run(repo::delete_all)?;
+    let (accounts, transfers) = retry_transaction(&RetryPolicy::default(), || {
+        conn.build_transaction()
+            .serializable()
+            .run(repo::delete_all)
+    })?;
+    log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
     writeln!(out, "deleted {accounts} accounts and {transfers} transfers")?;
     Ok(())
 }
@@ -273,7 +275,7 @@ fn confirm(prompt: &str) -> Result<bool, Error> {
 
 fn verify_cmd(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
-    let report = verify::verify(&mut conn)?;
+    let report = retry_transaction(&RetryPolicy::default(), || verify::verify(&mut conn))?;
     if json {
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
         writeln!(out)?;

@@ -20,7 +20,8 @@ const DEFAULT_CONNECT_TIMEOUT_SECS: u32 = 5;
 #[derive(Clone)]
 pub struct DbUrl {
     full: String,
-    password: Option<String>,
+    /// The password, wherever the URL carries it (`user:password@`, `?password=`).
+    secrets: Vec<String>,
 }
 
 impl DbUrl {
@@ -38,17 +39,17 @@ impl DbUrl {
 
     pub fn parse(raw: &str) -> Result<DbUrl, ConfigError> {
         let raw = raw.trim();
-        let password = password_of(raw);
+        let secrets = secrets_of(raw);
         let malformed = |reason: &str| ConfigError::MalformedUrl {
-            url: redact(raw, password.as_deref()),
+            url: redact(raw, &secrets),
             reason: reason.to_string(),
         };
         let rest = raw
             .strip_prefix("postgres://")
             .or_else(|| raw.strip_prefix("postgresql://"))
             .ok_or_else(|| malformed("it must start with postgres:// or postgresql://"))?;
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let host_port = authority.rsplit('@').next().unwrap_or_default();
+        let after_user = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        let host_port = after_user.split(['/', '?']).next().unwrap_or_default();
         if host_port.is_empty() && !rest.contains("host=") {
             return Err(malformed("it names no host"));
         }
@@ -62,7 +63,7 @@ impl DbUrl {
         }
         Ok(DbUrl {
             full: raw.to_string(),
-            password,
+            secrets,
         })
     }
 
@@ -85,11 +86,11 @@ impl DbUrl {
 
     /// Removes the password from `text` (an error message from libpq or the server, say).
     pub fn redact_text(&self, text: &str) -> String {
-        redact(text, self.password.as_deref())
+        redact(text, &self.secrets)
     }
 
     pub fn password(&self) -> Option<&str> {
-        self.password.as_deref()
+        self.secrets.first().map(String::as_str)
     }
 
     /// The same server, another database (tests and benchmarks use scratch databases).
@@ -108,7 +109,7 @@ impl DbUrl {
         }
         DbUrl {
             full,
-            password: self.password.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 
@@ -138,7 +139,7 @@ impl DbUrl {
 
 impl fmt::Display for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact(&self.full, self.password.as_deref()))
+        f.write_str(&redact(&self.full, &self.secrets))
     }
 }
 
@@ -148,20 +149,34 @@ impl fmt::Debug for DbUrl {
     }
 }
 
-/// The password part of `scheme://user:password@host/...`, if any.
-fn password_of(raw: &str) -> Option<String> {
-    let rest = raw.split_once("://")?.1;
-    let authority = rest.split(['/', '?']).next()?;
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then(|| password.to_string())
+/// The secrets in a URL: the password of `scheme://user:password@host/...` and the value of a
+/// `password=` parameter. The userinfo ends at the last `@`, so an unencoded `/`, `?` or `@` in a
+/// password is still caught (at worst more than the password is hidden).
+fn secrets_of(raw: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
+    if let Some((userinfo, _)) = rest.rsplit_once('@') {
+        if let Some((_, password)) = userinfo.split_once(':') {
+            secrets.push(password.to_string());
+        }
+    }
+    if let Some((_, query)) = rest.split_once('?') {
+        for pair in query.split('&') {
+            if let Some(("password", value)) = pair.split_once('=') {
+                secrets.push(value.to_string());
+            }
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    // Longest first, so a secret that contains another is replaced whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
 }
 
-fn redact(text: &str, password: Option<&str>) -> String {
-    match password {
-        Some(p) => text.replace(p, "***"),
-        None => text.to_string(),
-    }
+fn redact(text: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(text.to_string(), |t, secret| {
+        t.replace(secret.as_str(), "***")
+    })
 }
 
 /// Loads `.env` (from the working directory or a parent) into the environment without overriding
@@ -172,6 +187,11 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     match dotenvy::dotenv() {
         Ok(_) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
+        // dotenvy's message quotes the whole line, which may hold a password: name the key only.
+        Err(dotenvy::Error::LineParse(line, _)) => Err(ConfigError::DotEnv(format!(
+            "malformed line for {}",
+            line.split('=').next().unwrap_or_default().trim()
+        ))),
         Err(e) => Err(ConfigError::DotEnv(e.to_string())),
     }
 }
@@ -248,5 +268,53 @@ impl Session {
     /// Drops the connection; the next `conn()` opens a new one.
     pub fn reset(&mut self) {
         self.conn = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(raw: &str) -> String {
+        match DbUrl::parse(raw) {
+            Ok(url) => url.to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn passwords_are_hidden_wherever_the_url_carries_them() {
+        assert_eq!(
+            shown("postgres://bank:s3cret@db:5432/bank"),
+            "postgres://bank:***@db:5432/bank"
+        );
+        assert_eq!(
+            shown("postgresql://bank@db/bank?sslmode=require&password=s3cret"),
+            "postgresql://bank@db/bank?sslmode=require&password=***"
+        );
+        for raw in [
+            "postgres://bank:s3/cr?et@db/bank",
+            "postgres://bank:s3cr@t@db/bank",
+            "postgres://bank:s3cret@db:port/bank",
+            "mysql://bank:s3cret@db/bank",
+        ] {
+            let text = shown(raw);
+            assert!(!text.contains("s3"), "{raw} -> {text}");
+        }
+    }
+
+    #[test]
+    fn libpq_messages_are_redacted_too() {
+        let url = DbUrl::parse("postgres://bank:s3cret@db/bank").expect("valid");
+        assert_eq!(url.redact_text("failed for s3cret"), "failed for ***");
+    }
+
+    #[test]
+    fn another_database_keeps_the_rest() {
+        let url = DbUrl::parse("postgres://bank:pw@db:5432/bank?sslmode=disable").expect("valid");
+        assert_eq!(
+            url.with_database("other").expose(),
+            "postgres://bank:pw@db:5432/other?sslmode=disable"
+        );
     }
 }

@@ -27,6 +27,31 @@ pub struct ConnectError {
     pub message: String,
 }
 
+impl ConnectError {
+    /// Whether trying again later may succeed: anything but the failures that will not change
+    /// by waiting (a wrong password, an unknown database or role, a refused TLS setting, a host
+    /// name that does not resolve, a malformed option). A server that is down, restarting or in
+    /// recovery says many different things, so the test is for the permanent ones.
+    pub fn is_transient(&self) -> bool {
+        const PERMANENT: [&str; 12] = [
+            "authentication failed",
+            "does not exist",
+            "no pg_hba.conf entry",
+            "permission denied",
+            "server does not support ssl",
+            "ssl is not enabled",
+            "sslmode",
+            "certificate",
+            "could not translate host name",
+            "invalid",
+            "unsupported",
+            "not permitted",
+        ];
+        let m = self.message.to_ascii_lowercase();
+        !PERMANENT.iter().any(|p| m.contains(p))
+    }
+}
+
 /// Why a transfer was not applied.
 #[derive(Debug, Error)]
 pub enum TransferError {
@@ -122,6 +147,37 @@ impl From<diesel::result::Error> for Error {
             Error::NotMigrated
         } else {
             Error::Database(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_error(message: &str) -> ConnectError {
+        ConnectError {
+            url: "postgres://bank:***@db/bank".into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn only_passing_connect_failures_are_transient() {
+        for m in [
+            "connection to server at \"127.0.0.1\", port 5432 failed: Connection refused",
+            "FATAL: the database system is starting up",
+            "FATAL: the database system is not yet accepting connections",
+            "timeout expired",
+        ] {
+            assert!(connect_error(m).is_transient(), "{m}");
+        }
+        for m in [
+            "FATAL: password authentication failed for user \"bank\"",
+            "FATAL: database \"nope\" does not exist",
+            "could not translate host name \"nohost\" to address",
+        ] {
+            assert!(!connect_error(m).is_transient(), "{m}");
         }
     }
 }

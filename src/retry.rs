@@ -88,13 +88,15 @@ fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Op
 
 /// The server messages of retryable errors Diesel maps to `Unknown`.
 fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
-    const LOST: [&str; 8] = [
+    const LOST: [&str; 10] = [
         "terminating connection",       // 57P01 admin shutdown, pg_terminate_backend
         "server closed the connection", // libpq: the socket closed
         "no connection to the server",  // libpq: used after the socket closed
         "connection to server",         // libpq: "connection to server ... lost/failed"
         "could not receive data from server", // libpq: reset by peer
         "could not send data to server", // libpq: broken pipe
+        "ssl syscall error",            // libpq over TLS: EOF or reset
+        "ssl connection has been closed", // libpq over TLS: closed by the peer
         "the database system is shutting down",
         "the database system is starting up",
     ];
@@ -145,6 +147,33 @@ impl RetryPolicy {
         let half = ceiling / 2;
         let jitter_nanos = rng.random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64);
         half + Duration::from_nanos(jitter_nanos)
+    }
+}
+
+/// Runs `f`, a whole transaction that is safe to run again (read-only or idempotent), until it
+/// is not aborted by a serialization failure or deadlock, up to `policy.max_attempts` times.
+pub fn retry_transaction<T>(
+    policy: &RetryPolicy,
+    mut f: impl FnMut() -> Result<T, DieselError>,
+) -> Result<T, DieselError> {
+    let mut rng = rand::rng();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match f() {
+            Err(e)
+                if attempt < policy.max_attempts
+                    && matches!(
+                        classify(&e, Phase::BeforeCommit),
+                        Some(Cause::Serialization | Cause::Deadlock)
+                    ) =>
+            {
+                let pause = policy.backoff(attempt, &mut rng);
+                log::debug!("attempt {attempt} failed ({e}); retrying in {pause:?}");
+                std::thread::sleep(pause);
+            }
+            result => return result,
+        }
     }
 }
 
@@ -232,6 +261,52 @@ mod tests {
             );
             assert_eq!(classify(e, Phase::Commit), Some(Cause::Ambiguous));
         }
+    }
+
+    #[test]
+    fn tls_connection_losses_are_recognised() {
+        for m in [
+            "SSL SYSCALL error: EOF detected",
+            "SSL connection has been closed unexpectedly",
+        ] {
+            let e = db(DatabaseErrorKind::Unknown, m);
+            assert_eq!(classify(&e, Phase::Commit), Some(Cause::Ambiguous), "{m}");
+        }
+    }
+
+    #[test]
+    fn read_only_transactions_are_retried_on_conflicts_only() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_micros(10),
+            cap: Duration::from_micros(100),
+        };
+        let mut calls = 0;
+        let result = retry_transaction(&policy, || {
+            calls += 1;
+            if calls < 3 {
+                Err(db(
+                    DatabaseErrorKind::SerializationFailure,
+                    "could not serialize access",
+                ))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(result, Ok(3));
+        let mut calls = 0;
+        let result: Result<(), _> = retry_transaction(&policy, || {
+            calls += 1;
+            Err(DieselError::NotFound)
+        });
+        assert_eq!((result, calls), (Err(DieselError::NotFound), 1));
+        let mut calls = 0;
+        let result: Result<(), _> = retry_transaction(&policy, || {
+            calls += 1;
+            Err(db(DatabaseErrorKind::Unknown, "deadlock detected"))
+        });
+        assert!(result.is_err());
+        assert_eq!(calls, 5);
     }
 
     #[test]

@@ -120,23 +120,31 @@ impl BodyError {
         let DieselError::DatabaseError(kind, info) = &e else {
             return BodyError::Database(e);
         };
+        // The statement can violate only these: the ledger's primary key, the balance and amount
+        // checks, the two foreign keys. Constraint names (set in the migrations, so both engines
+        // report the same ones) tell the checks and the foreign keys apart.
         let constraint = info.constraint_name().unwrap_or_default();
-        let message = info.message();
-        let names = |name: &str| constraint == name || message.contains(name);
+        let text = format!("{} {}", info.message(), info.details().unwrap_or_default());
+        let names = |name: &str| constraint == name || text.contains(name);
         match kind {
-            DatabaseErrorKind::CheckViolation if names("accounts_balance_nonnegative") => {
+            DatabaseErrorKind::UniqueViolation => BodyError::DuplicateId,
+            DatabaseErrorKind::CheckViolation if names("transfers_amount_positive") => {
+                BodyError::Final(TransferError::NonPositiveAmount(t.amount))
+            }
+            DatabaseErrorKind::CheckViolation => {
                 BodyError::Final(TransferError::InsufficientFunds {
                     account: t.from_id,
                     amount: t.amount,
                 })
             }
-            DatabaseErrorKind::ForeignKeyViolation if names("transfers_from_id_fkey") => {
-                BodyError::Final(TransferError::UnknownAccount(t.from_id))
-            }
-            DatabaseErrorKind::ForeignKeyViolation if names("transfers_to_id_fkey") => {
+            DatabaseErrorKind::ForeignKeyViolation
+                if names("transfers_to_id_fkey") || text.contains("(to_id)") =>
+            {
                 BodyError::Final(TransferError::UnknownAccount(t.to_id))
             }
-            DatabaseErrorKind::UniqueViolation if names("transfers_pkey") => BodyError::DuplicateId,
+            DatabaseErrorKind::ForeignKeyViolation => {
+                BodyError::Final(TransferError::UnknownAccount(t.from_id))
+            }
             _ if is_not_migrated(&e) => BodyError::Final(TransferError::NotMigrated),
             _ => BodyError::Database(e),
         }
@@ -260,6 +268,9 @@ pub fn run_counted(
             }
             Err(AttemptError::Final(e)) => {
                 log::debug!("transfer {}: attempt {attempts} failed: {e}", t.id);
+                if ambiguous {
+                    return settle(session, t, attempts, retries, e);
+                }
                 return Err(e);
             }
             Err(AttemptError::Retry { cause, message }) => {
@@ -295,6 +306,46 @@ pub fn run_counted(
     }
 }
 
+/// A later attempt failed for good after an earlier one's outcome was ambiguous. The earlier one
+/// may still have committed (at READ COMMITTED, say, the rerun waits for its locks, then finds the
+/// funds gone), so the ledger has the last word before a failure is reported.
+fn settle(
+    session: &mut Session,
+    t: &NewTransfer,
+    attempts: u32,
+    retries: &RetryCounts,
+    error: TransferError,
+) -> Result<Receipt, TransferError> {
+    if matches!(
+        error,
+        TransferError::IdConflict { .. } | TransferError::NotMigrated
+    ) {
+        return Err(error);
+    }
+    let found = session
+        .conn()
+        .map_err(|e| e.to_string())
+        .and_then(|conn| repo::find_transfer(conn, t.id).map_err(|e| e.to_string()));
+    match found {
+        Ok(Some(row)) if t.matches(&row) => {
+            log::debug!("transfer {}: an earlier attempt committed after all", t.id);
+            Ok(Receipt {
+                transfer: *t,
+                attempts,
+                already_applied: false,
+                retries: *retries,
+            })
+        }
+        Ok(_) => Err(error),
+        Err(lookup) => Err(TransferError::RetriesExhausted {
+            id: t.id,
+            attempts,
+            last: format!("{error}; the ledger could not be read: {lookup}"),
+            outcome_unknown: true,
+        }),
+    }
+}
+
 /// One attempt. `Ok(true)` when the ledger already had the transfer from an earlier run.
 fn attempt(
     session: &mut Session,
@@ -302,9 +353,15 @@ fn attempt(
     mode: Mode,
     after_ambiguous: bool,
 ) -> Result<bool, AttemptError> {
-    let conn = session.conn().map_err(|e| AttemptError::Retry {
-        cause: Cause::ConnectionLost,
-        message: e.message,
+    let conn = session.conn().map_err(|e| {
+        if e.is_transient() {
+            AttemptError::Retry {
+                cause: Cause::ConnectionLost,
+                message: e.message,
+            }
+        } else {
+            AttemptError::Final(TransferError::Connect(e))
+        }
     })?;
     if after_ambiguous {
         match repo::find_transfer(conn, t.id) {

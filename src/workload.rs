@@ -105,7 +105,14 @@ pub fn run(url: &DbUrl, args: &WorkloadArgs, out: &mut impl Write) -> Result<(),
     let ids = Arc::new(ids);
     let live = Arc::new(Live::default());
     let started = Instant::now();
-    let deadline = args.duration.map(|d| started + d);
+    let deadline = match args.duration {
+        Some(d) => Some(
+            started
+                .checked_add(d)
+                .ok_or_else(|| Error::Usage(format!("--duration {d:?} is too long")))?,
+        ),
+        None => None,
+    };
     let workers: Vec<_> = (0..args.concurrency)
         .map(|w| {
             let worker = Worker {
@@ -174,7 +181,7 @@ fn prepare_accounts(conn: &mut PgConnection, args: &WorkloadArgs) -> Result<Vec<
     if args.reuse_accounts {
         let ids = repo::account_ids(conn, args.accounts.min(i64::MAX as u64) as i64)?;
         if ids.len() < 2 {
-            return Err(Error::Usage(format!(
+            return Err(Error::Workload(format!(
                 "--reuse-accounts needs at least 2 existing accounts, found {}",
                 ids.len()
             )));
@@ -436,7 +443,7 @@ impl Report {
              transfers committed: {}\n\
              rejected (insufficient funds): {}\n\
              retries: {} (serialization {}, deadlock {}, ambiguous {}, connection lost {})\n\
-             given up: {} (outcome settled later by the ledger: {})\n\
+             given up: {} (of which outcome unknown: {})\n\
              other errors: {}\n\
              reconnects: {}\n\
              throughput: {:.0} transfers/s\n\
@@ -444,7 +451,7 @@ impl Report {
              invariants:\n\
              \x20 total {} = starting total {}: {}\n\
              \x20 no negative balance: {}\n\
-             \x20 ledger rows added {} = transfers committed: {}\n\
+             \x20 ledger rows added {} = transfers committed {} (+ at most {} of unknown outcome): {}\n\
              \x20 verify: {}\n",
             self.accounts,
             self.concurrency,
@@ -474,6 +481,8 @@ impl Report {
             mark(self.invariants.total_conserved),
             mark(self.invariants.no_negative_balance),
             self.ledger_rows_added,
+            self.transfers_committed,
+            self.indeterminate,
             mark(self.invariants.ledger_matches_committed),
             mark(self.invariants.verify_ok),
         );

@@ -278,12 +278,15 @@ fn the_url_comes_from_the_environment_or_dotenv() {
     assert_eq!(dotenv.run().success().stdout.lines().count(), 2);
 
     let broken = Bank::new().args(["balances"]);
+    // An unterminated quote; the message must not quote the line, which holds the password.
     std::fs::write(
         broken.dir.path().join(".env"),
-        "DATABASE_URL='unterminated\n",
+        format!("DATABASE_URL='{}\n", db.url.expose()),
     )
     .expect("write .env");
-    broken.run().fails_with(2, "cannot read .env");
+    broken
+        .run()
+        .fails_with(2, "cannot read .env: malformed line for DATABASE_URL");
 }
 
 // ---- bad input: one line on stderr, non-zero exit, nothing changed --------------------------
@@ -453,6 +456,23 @@ fn an_unreachable_server_fails_within_seconds() {
         .run();
     run.fails_with(1, "password authentication failed");
     assert!(!run.stderr.contains("wrong-password-123"), "{run:?}");
+    // A transfer retries a server that is down, but not a wrong password.
+    let started = Instant::now();
+    let (a, b) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    let run = Bank::new()
+        .args([
+            "--database-url",
+            &wrong,
+            "transfer",
+            "--from",
+            &a,
+            "--to",
+            &b,
+        ])
+        .args(["--amount", "1"])
+        .run();
+    run.fails_with(1, "password authentication failed");
+    assert!(started.elapsed() < Duration::from_secs(2), "{run:?}");
 }
 
 #[test]

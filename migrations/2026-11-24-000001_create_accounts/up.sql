@@ -3,7 +3,7 @@
 -- opening_balance is what the account was created with; `bank verify` checks
 -- balance = opening_balance + credits - debits against the ledger.
 CREATE TABLE accounts (
-    id UUID PRIMARY KEY,
+    id UUID CONSTRAINT accounts_pkey PRIMARY KEY,
     balance INT8 NOT NULL CONSTRAINT accounts_balance_nonnegative CHECK (balance >= 0),
     opening_balance INT8 NOT NULL DEFAULT 0
         CONSTRAINT accounts_opening_balance_nonnegative CHECK (opening_balance >= 0)

@@ -3,7 +3,7 @@
 -- committed) or fails on the primary key, so no transfer is applied twice.
 -- The foreign keys make an unknown account fail the transfer's statement itself (23503).
 CREATE TABLE transfers (
-    id UUID PRIMARY KEY,
+    id UUID CONSTRAINT transfers_pkey PRIMARY KEY,
     from_id UUID NOT NULL CONSTRAINT transfers_from_id_fkey REFERENCES accounts (id),
     to_id UUID NOT NULL CONSTRAINT transfers_to_id_fkey REFERENCES accounts (id),
     amount INT8 NOT NULL CONSTRAINT transfers_amount_positive CHECK (amount > 0),
