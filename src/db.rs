@@ -242,10 +242,6 @@ impl Session {
         }
     }
 
-    pub fn url(&self) -> &DbUrl {
-        &self.url
-    }
-
     pub fn conn(&mut self) -> Result<&mut PgConnection, ConnectError> {
         match &mut self.conn {
             Some(conn) => Ok(conn),

@@ -95,7 +95,9 @@ pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> 
         .execute(conn)
         .map_err(|e| BodyError::from_db(e, t))?;
     log::debug!("transfer {}: {rows} account rows updated", t.id);
-    // The foreign keys guarantee both rows exist, so anything else is a bug in the statement.
+    // The foreign keys guarantee both rows exist, so anything else is a bug in the statement:
+    // refuse it, which rolls the transaction back (in single-statement mode it has committed,
+    // and the error at least says so loudly).
     if rows != 2 {
         return Err(BodyError::Final(TransferError::Database(
             DieselError::QueryBuilderError(

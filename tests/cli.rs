@@ -495,6 +495,13 @@ fn an_unmigrated_database_asks_for_init() {
         .args(["demo"])
         .run()
         .fails_with(1, "run `bank init`");
+    // Nothing was created: the schema is still entirely missing.
+    let init = db.bank().args(["init"]).run();
+    init.success();
+    assert_eq!(
+        init.stdout,
+        "applied migration 20261124000001\napplied migration 20261124000002\n"
+    );
 }
 
 /// Runs `bank args` on a pseudo-terminal (`script`), typing `input`; returns what it showed.
