@@ -77,9 +77,18 @@ fn a_workload_reuses_existing_accounts_in_text_mode() {
     assert_eq!(db.state().0.len(), 5);
 }
 
-/// Kills every workload backend every 200 ms while the workload runs.
 #[test]
 fn a_workload_survives_connections_killed_from_outside() {
+    workload_with_killed_connections("transaction");
+}
+
+#[test]
+fn a_single_statement_workload_survives_connections_killed_from_outside() {
+    workload_with_killed_connections("single-statement");
+}
+
+/// Kills every workload backend every 200 ms while a workload in `mode` runs.
+fn workload_with_killed_connections(mode: &str) {
     let db = ScratchDb::migrated();
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
@@ -112,6 +121,8 @@ fn a_workload_survives_connections_killed_from_outside() {
             "4",
             "--duration",
             "3s",
+            "--mode",
+            mode,
             "--json",
         ])
         .run();
