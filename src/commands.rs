@@ -71,10 +71,7 @@ fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result<(), Error>
     let total = args.accounts.unwrap_or(TUTORIAL_BALANCES.len() as u64);
     let bar = progress_bar(total);
     let mut balances = balances.peekable();
-    let mut first = true;
-    if args.json {
-        write!(out, "[")?;
-    }
+    let mut list = AccountList::start(out, args.json, None)?;
     // One COPY per chunk, each its own transaction: a huge seed never builds one huge
     // transaction (CockroachDB limits their size), and the progress bar moves per chunk.
     while balances.peek().is_some() {
@@ -87,28 +84,11 @@ fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result<(), Error>
         log::debug!("seed: copied {n} accounts");
         bar.inc(n as u64);
         for a in &chunk {
-            if args.json {
-                if !first {
-                    write!(out, ",")?;
-                }
-                serde_json::to_writer(
-                    &mut *out,
-                    &AccountJson {
-                        id: a.id,
-                        balance: a.balance,
-                    },
-                )
-                .map_err(io::Error::from)?;
-            } else {
-                writeln!(out, "{}", account_line(a.id, a.balance))?;
-            }
-            first = false;
+            list.row(out, a.id, a.balance)?;
         }
     }
     bar.finish_and_clear();
-    if args.json {
-        writeln!(out, "]")?;
-    }
+    list.finish(out)?;
     Ok(())
 }
 
@@ -126,57 +106,65 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-fn account_line(id: Uuid, balance: i64) -> String {
-    format!("account id: {id}  balance: ${balance}")
+/// A list of accounts written as it is produced: text rows (`account id: …  balance: $N`, after an
+/// optional header) or one JSON array of `{"id", "balance"}`. Holds nothing but a row count, so
+/// a listing of millions of rows takes constant memory.
+struct AccountList {
+    json: bool,
+    rows: u64,
 }
 
-fn balances_header() -> String {
-    format!(
-        "Balances at {}:",
-        Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
-    )
+impl AccountList {
+    fn start(out: &mut impl Write, json: bool, header: Option<&str>) -> io::Result<AccountList> {
+        if let (false, Some(header)) = (json, header) {
+            writeln!(out, "{header}")?;
+        }
+        Ok(AccountList { json, rows: 0 })
+    }
+
+    fn row(&mut self, out: &mut impl Write, id: Uuid, balance: i64) -> io::Result<()> {
+        if !self.json {
+            writeln!(out, "account id: {id}  balance: ${balance}")?;
+        } else {
+            // The array opens with its first row, so a command that fails before any row was
+            // made prints nothing on stdout.
+            write!(out, "{}", if self.rows == 0 { "[" } else { "," })?;
+            serde_json::to_writer(&mut *out, &AccountJson { id, balance })?;
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn finish(self, out: &mut impl Write) -> io::Result<u64> {
+        if self.json {
+            writeln!(out, "{}", if self.rows == 0 { "[]" } else { "]" })?;
+        }
+        Ok(self.rows)
+    }
 }
 
 fn balances(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
     let rows = repo::list(&mut conn)?;
-    write_accounts(rows, json, out)
+    write_balances(rows, json, out)
 }
 
-/// Writes accounts as they arrive, so a listing of millions holds one row at a time.
-fn write_accounts(
+/// `Balances at <time>:` and the accounts, as they arrive from the database.
+fn write_balances(
     rows: impl Iterator<Item = diesel::QueryResult<Account>>,
     json: bool,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    if json {
-        write!(out, "[")?;
-    } else {
-        writeln!(out, "{}", balances_header())?;
-    }
-    let mut count = 0u64;
+    let header = format!(
+        "Balances at {}:",
+        Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+    );
+    let mut list = AccountList::start(out, json, Some(&header))?;
     for row in rows {
         let a = row?;
-        if json {
-            if count > 0 {
-                write!(out, ",")?;
-            }
-            serde_json::to_writer(
-                &mut *out,
-                &AccountJson {
-                    id: a.id,
-                    balance: a.balance,
-                },
-            )
-            .map_err(io::Error::from)?;
-        } else {
-            writeln!(out, "{}", account_line(a.id, a.balance))?;
-        }
-        count += 1;
+        list.row(out, a.id, a.balance)?;
     }
-    if json {
-        writeln!(out, "]")?;
-    }
+    let count = list.finish(out)?;
     log::debug!("balances: {count} accounts");
     Ok(())
 }
@@ -345,7 +333,7 @@ fn print_demo_balances(
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let accounts = repo::list_ids(conn, ids)?;
-    write_accounts(accounts.into_iter().map(Ok), false, out)
+    write_balances(accounts.into_iter().map(Ok), false, out)
 }
 
 /// Deletes the demo's transfer (if it was made) and accounts; returns how many of each.

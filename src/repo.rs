@@ -143,6 +143,17 @@ pub fn transfers_of(
         .load(conn)
 }
 
+/// The sum of the given accounts' balances (one `= ANY($1)` array bind, whatever their number).
+pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
+    let sum: Option<i64> = accounts::table
+        .filter(accounts::id.eq_any(ids))
+        .select(diesel::dsl::sql::<
+            diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
+        >("CAST(SUM(balance) AS INT8)"))
+        .get_result(conn)?;
+    Ok(sum.unwrap_or(0))
+}
+
 pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
     transfers::table.count().get_result(conn)
 }

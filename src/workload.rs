@@ -10,7 +10,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
-use diesel::prelude::*;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,7 +22,6 @@ use crate::error::{Error, TransferError};
 use crate::models::{NewAccount, NewTransfer};
 use crate::repo;
 use crate::retry::RetryPolicy;
-use crate::schema::accounts;
 use crate::transfer::{self, Mode, RetryCounts};
 use crate::verify::{self, Report as VerifyReport};
 
@@ -98,7 +96,7 @@ pub fn run(url: &DbUrl, args: &WorkloadArgs, out: &mut impl Write) -> Result<(),
     let policy = args.run.policy();
     let mut setup = url.connect()?;
     let ids = prepare_accounts(&mut setup, args)?;
-    let starting_total = total_of(&mut setup, &ids)?;
+    let starting_total = repo::total_balance(&mut setup, &ids)?;
     let ledger_before = repo::count_transfers(&mut setup)?;
     drop(setup);
 
@@ -149,7 +147,7 @@ pub fn run(url: &DbUrl, args: &WorkloadArgs, out: &mut impl Write) -> Result<(),
         let _ = t.join();
     }
 
-    let (verify, final_total, ledger_after) = settle(url, &policy, &ids)?;
+    let (verify, final_total, ledger_after) = final_check(url, &policy, &ids)?;
     let report = build_report(
         args,
         ids.len(),
@@ -196,24 +194,9 @@ fn prepare_accounts(conn: &mut PgConnection, args: &WorkloadArgs) -> Result<Vec<
     Ok(new.into_iter().map(|a| a.id).collect())
 }
 
-/// The sum of the given accounts' balances, in chunks of ids (bind limit).
-fn total_of(conn: &mut PgConnection, ids: &[Uuid]) -> Result<i64, Error> {
-    let mut total = 0i64;
-    for chunk in ids.chunks(repo::INSERT_CHUNK) {
-        let sum: Option<i64> = accounts::table
-            .filter(accounts::id.eq_any(chunk))
-            .select(diesel::dsl::sql::<
-                diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
-            >("CAST(SUM(balance) AS INT8)"))
-            .get_result(conn)?;
-        total += sum.unwrap_or(0);
-    }
-    Ok(total)
-}
-
 /// Verifies once the workers are done. The server may still be coming back from a restart, so
 /// connecting and reading are retried like a transfer.
-fn settle(
+fn final_check(
     url: &DbUrl,
     policy: &RetryPolicy,
     ids: &[Uuid],
@@ -224,7 +207,7 @@ fn settle(
         attempt += 1;
         let result = url.connect().map_err(Error::from).and_then(|mut conn| {
             let report = verify::verify(&mut conn)?;
-            let total = total_of(&mut conn, ids)?;
+            let total = repo::total_balance(&mut conn, ids)?;
             let ledger = repo::count_transfers(&mut conn)?;
             Ok((report, total, ledger))
         });

@@ -92,6 +92,22 @@ fn the_tutorial_flow_seed_transfer_balances() {
 }
 
 #[test]
+fn an_empty_bank_lists_no_accounts() {
+    let db = ScratchDb::migrated();
+    assert_eq!(
+        db.bank()
+            .args(["balances", "--json"])
+            .run()
+            .success()
+            .stdout,
+        "[]\n"
+    );
+    let text = db.bank().args(["balances"]).run();
+    text.success();
+    assert_eq!(text.stdout.lines().count(), 1, "{text:?}");
+}
+
+#[test]
 fn transfer_text_output_names_the_id_and_attempts() {
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[50, 0]);
@@ -483,6 +499,8 @@ fn an_unmigrated_database_asks_for_init() {
     for args in [
         vec!["balances"],
         vec!["seed"],
+        vec!["seed", "--json"],
+        vec!["balances", "--json"],
         vec!["verify"],
         vec!["transfer", "--from", &a, "--to", &b, "--amount", "1"],
     ] {

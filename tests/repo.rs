@@ -50,6 +50,19 @@ fn copy_accounts_loads_rows_with_copy() -> Result<(), DieselError> {
 }
 
 #[test]
+fn total_balance_sums_the_given_accounts_only() -> Result<(), DieselError> {
+    let db = ScratchDb::migrated();
+    let conn = &mut db.test_conn();
+    let accounts: Vec<NewAccount> = [10, 20, 30].map(NewAccount::with_balance).to_vec();
+    repo::create_many(conn, &accounts)?;
+    let ids: Vec<Uuid> = accounts.iter().map(|a| a.id).collect();
+    assert_eq!(repo::total_balance(conn, &ids)?, 60);
+    assert_eq!(repo::total_balance(conn, &ids[..2])?, 30);
+    assert_eq!(repo::total_balance(conn, &[Uuid::new_v4()])?, 0);
+    Ok(())
+}
+
+#[test]
 fn the_ledger_lookup_is_by_primary_key() {
     let sql = debug_query::<Pg, _>(&repo::find_transfer_query(Uuid::nil())).to_string();
     assert_eq!(
