@@ -102,7 +102,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Mode::Transaction)]
     pub mode: Mode,
     /// Retries after the first attempt before giving up
-    #[arg(long, value_name = "N", default_value_t = 10, env = "BANK_MAX_RETRIES")]
+    #[arg(long, value_name = "N", default_value_t = 30, env = "BANK_MAX_RETRIES")]
     pub max_retries: u32,
     /// Backoff before the first retry; doubles with each retry (e.g. 10ms)
     #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = humantime::parse_duration, env = "BANK_RETRY_BASE")]
@@ -110,6 +110,10 @@ pub struct RunArgs {
     /// Longest backoff between two attempts (e.g. 1s)
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration, env = "BANK_RETRY_CAP")]
     pub retry_cap: Duration,
+    /// Deadline for one transfer, all attempts included; one that may have reached COMMIT by
+    /// then ends with an unknown outcome (exit 3), else as not applied (e.g. 30s, 500ms)
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout, env = "BANK_TIMEOUT")]
+    pub timeout: Duration,
 }
 
 impl RunArgs {
@@ -118,6 +122,7 @@ impl RunArgs {
             max_attempts: self.max_retries.saturating_add(1),
             base: self.retry_base,
             cap: self.retry_cap.max(self.retry_base),
+            timeout: self.timeout,
         }
     }
 }
@@ -153,6 +158,15 @@ pub struct WorkloadArgs {
     pub json: bool,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// A deadline: a positive duration.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    Ok(d)
 }
 
 /// A transfer amount: a whole number from 1 to i64::MAX.

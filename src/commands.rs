@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::cli::{Cli, Command, ResetArgs, SeedArgs, TransferArgs};
 use crate::db::{self, DbUrl, Session};
-use crate::error::Error;
+use crate::error::{Error, TransferError};
 use crate::models::{Account, NewAccount, NewTransfer};
 use crate::repo;
 use crate::retry::{retry_transaction, RetryPolicy};
@@ -175,9 +175,19 @@ struct TransferJson {
     from: Uuid,
     to: Uuid,
     amount: i64,
+    /// "applied" or "already_applied".
+    outcome: &'static str,
     attempts: u32,
     already_applied: bool,
     retries: transfer::RetryCounts,
+}
+
+/// `transfer --json` when the transfer failed: "failed" (not applied) or "unknown" (exit 3).
+#[derive(Serialize)]
+struct TransferFailureJson {
+    id: Uuid,
+    outcome: &'static str,
+    error: String,
 }
 
 fn transfer_cmd(url: &DbUrl, args: &TransferArgs, out: &mut impl Write) -> Result<(), Error> {
@@ -189,8 +199,35 @@ fn transfer_cmd(url: &DbUrl, args: &TransferArgs, out: &mut impl Write) -> Resul
     };
     // Checked before connecting: bad input never reaches the database.
     transfer::validate(&t)?;
-    let mut session = Session::new(url.clone(), "bank");
-    let receipt = transfer::run(&mut session, &t, args.run.mode, &args.run.policy())?;
+    let policy = args.run.policy();
+    let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
+    let receipt = match transfer::run_guarded(session, &t, args.run.mode, &policy) {
+        Ok(receipt) => receipt,
+        Err(e) => {
+            if args.json {
+                let outcome = match e {
+                    TransferError::OutcomeUnknown { .. } => "unknown",
+                    _ => "failed",
+                };
+                let error = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                serde_json::to_writer(
+                    &mut *out,
+                    &TransferFailureJson {
+                        id: t.id,
+                        outcome,
+                        error,
+                    },
+                )
+                .map_err(io::Error::from)?;
+                writeln!(out)?;
+            }
+            return Err(e.into());
+        }
+    };
     if args.json {
         serde_json::to_writer(
             &mut *out,
@@ -199,6 +236,11 @@ fn transfer_cmd(url: &DbUrl, args: &TransferArgs, out: &mut impl Write) -> Resul
                 from: t.from_id,
                 to: t.to_id,
                 amount: t.amount,
+                outcome: if receipt.already_applied {
+                    "already_applied"
+                } else {
+                    "applied"
+                },
                 attempts: receipt.attempts,
                 already_applied: receipt.already_applied,
                 retries: receipt.retries,

@@ -2,7 +2,8 @@
 //! carries its context (which account, which URL, how many attempts) and never a password: URLs
 //! appear only through `DbUrl`'s redacting `Display`. `main` prints the chain once, on one line,
 //! and maps the error to an exit code with `Error::exit_code`: 2 for bad usage or input caught
-//! before the database is touched, 1 for every other failure.
+//! before the database is touched, 3 for a transfer whose outcome is unknown (a rerun with the
+//! same id settles it), 1 for every other failure.
 
 use thiserror::Error;
 use uuid::Uuid;
@@ -76,20 +77,41 @@ pub enum TransferError {
     #[error("database not migrated: run `bank init` first")]
     NotMigrated,
     #[error(
-        "transfer {id} {}: gave up after {attempts} attempts; last error: {last}",
-        if *outcome_unknown { "may or may not have been applied (run `bank transfer` again with --id to settle it)" } else { "not applied" }
+        "account {account} cannot receive {amount}: its balance would exceed the largest \
+         amount an account can hold ({max})", max = i64::MAX
     )]
-    RetriesExhausted {
-        id: Uuid,
-        attempts: u32,
-        last: String,
-        /// An attempt's outcome was ambiguous and was never settled through the ledger.
-        outcome_unknown: bool,
-    },
+    BalanceOverflow { account: Uuid, amount: i64 },
+    /// Definitely not applied: every attempt was rolled back, and none will commit later.
+    #[error("transfer {id} not applied: {reason}")]
+    NotApplied { id: Uuid, reason: String },
+    /// An attempt may have committed and nothing settled it: exit code 3.
+    #[error(
+        "transfer {id} may or may not have been applied (outcome unknown): {reason}; run \
+         `bank transfer` again with --id {id} to settle it"
+    )]
+    OutcomeUnknown { id: Uuid, reason: String },
+    /// The caller stopped waiting for this transfer (it reports the outcome itself).
+    #[error("abandoned by its caller")]
+    Abandoned,
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("database error: {0}")]
     Database(#[from] diesel::result::Error),
+}
+
+impl TransferError {
+    /// The database refused the transfer on its merits, after the ledger said the id is not
+    /// there: final even after an ambiguous attempt, whose rerun got past the row locks.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            TransferError::InsufficientFunds { .. }
+                | TransferError::UnknownAccount(_)
+                | TransferError::BalanceOverflow { .. }
+                | TransferError::IdConflict { .. }
+                | TransferError::NotMigrated
+        )
+    }
 }
 
 /// Everything a command can fail with.
@@ -124,6 +146,7 @@ impl Error {
             Error::Transfer(
                 TransferError::NonPositiveAmount(_) | TransferError::SameAccount(_),
             ) => 2,
+            Error::Transfer(TransferError::OutcomeUnknown { .. }) => 3,
             _ => 1,
         }
     }

@@ -154,6 +154,14 @@ pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> 
     Ok(sum.unwrap_or(0))
 }
 
+/// Ledger rows whose id lies in `low..=high` (one primary-key range scan).
+pub fn count_transfers_between(conn: &mut PgConnection, low: Uuid, high: Uuid) -> QueryResult<i64> {
+    transfers::table
+        .filter(transfers::id.between(low, high))
+        .count()
+        .get_result(conn)
+}
+
 pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
     transfers::table.count().get_result(conn)
 }

@@ -27,14 +27,20 @@ pub enum Cause {
     /// The connection was lost (or could not be opened) before COMMIT was sent: nothing was
     /// applied. Reconnect and run it again.
     ConnectionLost,
+    /// 55P03 (`lock_timeout`) or 57014 (`statement_timeout`, a cancel): the server cancelled the
+    /// statement and rolled its transaction back. Waiting on another transaction's locks is
+    /// normal under contention, and those locks may belong to an orphaned attempt of this very
+    /// transfer whose COMMIT has not arrived yet, so run it again.
+    Timeout,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 4] = [
+    pub const ALL: [Cause; 5] = [
         Cause::Serialization,
         Cause::Deadlock,
         Cause::Ambiguous,
         Cause::ConnectionLost,
+        Cause::Timeout,
     ];
 
     /// Whether the connection must be replaced before the next attempt.
@@ -48,6 +54,7 @@ impl Cause {
             Cause::Deadlock => "deadlock",
             Cause::Ambiguous => "ambiguous",
             Cause::ConnectionLost => "connection_lost",
+            Cause::Timeout => "timeout",
         }
     }
 }
@@ -107,6 +114,13 @@ fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
         Some(Cause::Serialization)
     } else if m.contains("deadlock detected") {
         Some(Cause::Deadlock)
+    } else if m.contains("lock timeout")
+        || m.contains("statement timeout")
+        || m.contains("canceling statement due to user request")
+    {
+        // "canceling statement due to lock timeout" (55P03), "… due to statement timeout" and
+        // "query execution canceled due to statement timeout" (CockroachDB) (57014).
+        Some(Cause::Timeout)
     } else if LOST.iter().any(|s| m.contains(s)) {
         Some(lost)
     } else {
@@ -123,14 +137,17 @@ pub struct RetryPolicy {
     pub base: Duration,
     /// Longest backoff.
     pub cap: Duration,
+    /// How long one call (a transfer with all its attempts) may take in all.
+    pub timeout: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            max_attempts: 11,
+            max_attempts: 31,
             base: Duration::from_millis(10),
             cap: Duration::from_secs(1),
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -264,6 +281,22 @@ mod tests {
     }
 
     #[test]
+    fn lock_and_statement_timeouts_are_retried() {
+        for m in [
+            "canceling statement due to lock timeout",
+            "canceling statement due to statement timeout",
+            "query execution canceled due to statement timeout",
+        ] {
+            let e = db(DatabaseErrorKind::Unknown, m);
+            assert_eq!(
+                classify(&e, Phase::BeforeCommit),
+                Some(Cause::Timeout),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
     fn tls_connection_losses_are_recognised() {
         for m in [
             "SSL SYSCALL error: EOF detected",
@@ -280,6 +313,7 @@ mod tests {
             max_attempts: 5,
             base: Duration::from_micros(10),
             cap: Duration::from_micros(100),
+            ..RetryPolicy::default()
         };
         let mut calls = 0;
         let result = retry_transaction(&policy, || {
@@ -353,6 +387,7 @@ mod tests {
             max_attempts: 10,
             base: Duration::from_millis(10),
             cap: Duration::from_millis(100),
+            ..RetryPolicy::default()
         };
         let mut rng = rand::rng();
         for _ in 0..200 {

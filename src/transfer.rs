@@ -1,15 +1,20 @@
 //! Moving money: the body (one statement on a given connection, no transaction of its own) and
-//! the runner (a serializable transaction inside the retry loop, exactly once through the ledger).
+//! the runner (a transaction inside the retry loop, exactly once through the ledger, within a
+//! deadline).
 //!
-//! The body is a single statement: the ledger row is inserted by a CTE and both balances move in
-//! one `UPDATE … CASE … WHERE id IN (…)`. One round trip does the whole transfer, and the
-//! constraints check it: `CHECK (balance >= 0)` rejects insufficient funds (23514), the ledger's
-//! foreign keys reject an unknown account (23503) and its primary key a transfer id that was
-//! already applied (23505). The `UPDATE` reaches its two rows through the primary key index in
-//! key order, so two transfers always lock their rows in the same order. CockroachDB refuses two
-//! modifications of one table in a statement; this statement modifies two different tables.
+//! The body is a single statement. It first locks both account rows with
+//! `SELECT … ORDER BY id FOR UPDATE`, so every transfer takes its two row locks in key order
+//! whatever plan the engine picks for the `UPDATE` (PostgreSQL's bitmap heap scan locks in heap
+//! order, which deadlocked concurrent transfers at READ COMMITTED; `tests/promise.rs` shows the
+//! order). Then one `UPDATE … CASE` moves both balances and a CTE inserts the ledger row.
+//! Constraints check the rest: `CHECK (balance >= 0)` (23514), the ledger's foreign keys (23503),
+//! its primary key (23505). The engine may check them in any order (PostgreSQL runs the
+//! unreferenced ledger CTE after the `UPDATE`), so a refusal is never final until the ledger has
+//! been asked whether this transfer id is already there. CockroachDB refuses two modifications of
+//! one table in a statement; this one modifies two different tables.
 
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
@@ -20,7 +25,8 @@ use serde::Serialize;
 
 use crate::db::Session;
 use crate::error::{is_not_migrated, TransferError};
-use crate::models::NewTransfer;
+use crate::guard::{GaveUp, Ticket};
+use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{classify, Cause, Phase, RetryPolicy};
 
@@ -41,7 +47,12 @@ impl TransferStatement {
 impl QueryFragment<Pg> for TransferStatement {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let t = &self.t;
-        out.push_sql("WITH ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) VALUES (");
+        out.push_sql("WITH locked AS (SELECT id FROM accounts WHERE id IN (");
+        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
+        out.push_sql(") ORDER BY id FOR UPDATE), ");
+        out.push_sql("ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) VALUES (");
         out.push_bind_param::<SqlUuid, _>(&t.id)?;
         out.push_sql(", ");
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
@@ -49,17 +60,15 @@ impl QueryFragment<Pg> for TransferStatement {
         out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
         out.push_sql(", ");
         out.push_bind_param::<BigInt, _>(&t.amount)?;
-        out.push_sql(") RETURNING id) UPDATE accounts SET balance = balance + CASE WHEN id = ");
+        out.push_sql(
+            ") RETURNING id) UPDATE accounts SET balance = accounts.balance + CASE WHEN accounts.id = ",
+        );
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
         out.push_sql(" THEN -");
         out.push_bind_param::<BigInt, _>(&t.amount)?;
         out.push_sql(" ELSE ");
         out.push_bind_param::<BigInt, _>(&t.amount)?;
-        out.push_sql(" END WHERE id IN (");
-        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
-        out.push_sql(")");
+        out.push_sql(" END FROM locked WHERE accounts.id = locked.id");
         Ok(())
     }
 }
@@ -108,13 +117,17 @@ pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> 
     Ok(())
 }
 
-/// What the body can fail with: a domain error, the ledger saying the id is taken, or a
-/// database error for the runner to classify.
+/// What the body can fail with: the database refusing the transfer on its merits (final only
+/// once the ledger has been asked about the id), another final error, the ledger saying the id
+/// is taken, or a database error for the runner to classify.
 #[derive(Debug)]
 pub enum BodyError {
+    Refused(TransferError),
     Final(TransferError),
     DuplicateId,
     Database(DieselError),
+    /// The caller gave up before the COMMIT could be sent (see `guard`).
+    Abandoned,
 }
 
 impl BodyError {
@@ -123,8 +136,9 @@ impl BodyError {
             return BodyError::Database(e);
         };
         // The statement can violate only these: the ledger's primary key, the balance and amount
-        // checks, the two foreign keys. Constraint names (set in the migrations, so both engines
-        // report the same ones) tell the checks and the foreign keys apart.
+        // checks, the two foreign keys, the ledger's "two accounts" check, and the INT8 range.
+        // Constraint names (set in the migrations, so both engines report the same ones) tell
+        // the checks and the foreign keys apart.
         let constraint = info.constraint_name().unwrap_or_default();
         let text = format!("{} {}", info.message(), info.details().unwrap_or_default());
         let names = |name: &str| constraint == name || text.contains(name);
@@ -133,8 +147,11 @@ impl BodyError {
             DatabaseErrorKind::CheckViolation if names("transfers_amount_positive") => {
                 BodyError::Final(TransferError::NonPositiveAmount(t.amount))
             }
+            DatabaseErrorKind::CheckViolation if names("transfers_distinct_accounts") => {
+                BodyError::Final(TransferError::SameAccount(t.from_id))
+            }
             DatabaseErrorKind::CheckViolation => {
-                BodyError::Final(TransferError::InsufficientFunds {
+                BodyError::Refused(TransferError::InsufficientFunds {
                     account: t.from_id,
                     amount: t.amount,
                 })
@@ -142,10 +159,17 @@ impl BodyError {
             DatabaseErrorKind::ForeignKeyViolation
                 if names("transfers_to_id_fkey") || text.contains("(to_id)") =>
             {
-                BodyError::Final(TransferError::UnknownAccount(t.to_id))
+                BodyError::Refused(TransferError::UnknownAccount(t.to_id))
             }
             DatabaseErrorKind::ForeignKeyViolation => {
-                BodyError::Final(TransferError::UnknownAccount(t.from_id))
+                BodyError::Refused(TransferError::UnknownAccount(t.from_id))
+            }
+            // 22003: only the credited balance can leave INT8's range (the debit is checked).
+            _ if info.message().contains("out of range") => {
+                BodyError::Refused(TransferError::BalanceOverflow {
+                    account: t.to_id,
+                    amount: t.amount,
+                })
             }
             _ if is_not_migrated(&e) => BodyError::Final(TransferError::NotMigrated),
             _ => BodyError::Database(e),
@@ -166,6 +190,7 @@ pub struct RetryCounts {
     pub deadlock: u64,
     pub ambiguous: u64,
     pub connection_lost: u64,
+    pub timeout: u64,
 }
 
 impl RetryCounts {
@@ -185,6 +210,7 @@ impl RetryCounts {
             Cause::Deadlock => self.deadlock,
             Cause::Ambiguous => self.ambiguous,
             Cause::ConnectionLost => self.connection_lost,
+            Cause::Timeout => self.timeout,
         }
     }
 
@@ -198,6 +224,7 @@ impl RetryCounts {
             Cause::Deadlock => &mut self.deadlock,
             Cause::Ambiguous => &mut self.ambiguous,
             Cause::ConnectionLost => &mut self.connection_lost,
+            Cause::Timeout => &mut self.timeout,
         }
     }
 }
@@ -221,8 +248,10 @@ enum AttemptError {
 }
 
 /// Applies `t` exactly once: validates it, runs it (in `mode`) until it commits, fails for a
-/// reason retrying cannot fix, or `policy` is exhausted. After an ambiguous outcome the ledger
-/// decides: the row is there (the earlier attempt committed) or the transfer runs again.
+/// reason retrying cannot fix, or `policy` (attempts, deadline) is exhausted. After an ambiguous
+/// outcome the ledger decides: the row is there (the earlier attempt committed) or the transfer
+/// runs again; a failure is then final only when a rerun got past the transfer's row locks and
+/// was refused on its merits, and anything else is reported as an unknown outcome.
 pub fn run(
     session: &mut Session,
     t: &NewTransfer,
@@ -241,25 +270,99 @@ pub fn run_counted(
     policy: &RetryPolicy,
     retries: &mut RetryCounts,
 ) -> Result<Receipt, TransferError> {
+    run_watched(session, t, mode, policy, retries, &Ticket::new())
+}
+
+/// `run` on a thread of its own, given up at the deadline even when the database never answers
+/// (a frozen server). The session is consumed: one the caller gave up on is never used again.
+pub fn run_guarded(
+    mut session: Session,
+    t: &NewTransfer,
+    mode: Mode,
+    policy: &RetryPolicy,
+) -> Result<Receipt, TransferError> {
     validate(t)?;
+    let ticket = Ticket::new();
+    let (tx, rx) = mpsc::channel();
+    let (t, policy, runner_ticket) = (*t, *policy, ticket.clone());
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let result = run_watched(
+            &mut session,
+            &t,
+            mode,
+            &policy,
+            &mut RetryCounts::default(),
+            &runner_ticket,
+        );
+        let _ = tx.send(result);
+    });
+    // The runner watches the same deadline between attempts; the grace lets it report its own,
+    // more precise, result when it is not stuck.
+    let wait = policy.timeout + GRACE;
+    match rx.recv_timeout(wait) {
+        Ok(result) => result,
+        Err(_) => match ticket.abandon() {
+            None => rx
+                .recv()
+                .unwrap_or_else(|_| Err(gave_up(&t, GaveUp::Unknown, started))),
+            Some(how) => Err(gave_up(&t, how, started)),
+        },
+    }
+}
+
+/// How long a caller waits past the deadline for the runner's own answer.
+pub const GRACE: Duration = Duration::from_millis(200);
+
+/// The error for a transfer its caller stopped waiting for.
+pub fn gave_up(t: &NewTransfer, how: GaveUp, started: Instant) -> TransferError {
+    let reason = format!(
+        "no answer from the database within {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    match how {
+        GaveUp::NotApplied => TransferError::NotApplied { id: t.id, reason },
+        GaveUp::Unknown => TransferError::OutcomeUnknown { id: t.id, reason },
+    }
+}
+
+/// `run_counted` reporting its progress on `ticket`, so that a caller on another thread can give
+/// up on it and know what to report (see `guard`).
+pub fn run_watched(
+    session: &mut Session,
+    t: &NewTransfer,
+    mode: Mode,
+    policy: &RetryPolicy,
+    retries: &mut RetryCounts,
+    ticket: &Ticket,
+) -> Result<Receipt, TransferError> {
+    validate(t)?;
+    let started = Instant::now();
+    let deadline = started.checked_add(policy.timeout);
     let mut rng = rand::rng();
     let mut attempts = 0;
     let mut ambiguous = false;
+    let mut last = String::from("none");
     loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let reason = format!(
+                "timed out after {:.1}s ({attempts} attempts); last error: {last}",
+                started.elapsed().as_secs_f64()
+            );
+            return Err(unsettled(t, ambiguous, reason));
+        }
         attempts += 1;
         log::debug!("transfer {}: attempt {attempts} ({mode:?})", t.id);
-        let started = Instant::now();
-        // Once an attempt's outcome was ambiguous, a duplicate id is that attempt's own commit.
+        let began = Instant::now();
         // A connection that was open before this attempt may have died while idle (a server
         // restart, a killed backend); losing it before COMMIT says nothing about this transfer.
         let reused = session.is_connected();
-        let outcome = attempt(session, t, mode, ambiguous);
-        match outcome {
+        match attempt(session, t, mode, ambiguous, ticket) {
             Ok(already_applied) => {
                 log::debug!(
                     "transfer {}: attempt {attempts} committed in {:?}",
                     t.id,
-                    started.elapsed()
+                    began.elapsed()
                 );
                 return Ok(Receipt {
                     transfer: *t,
@@ -270,8 +373,11 @@ pub fn run_counted(
             }
             Err(AttemptError::Final(e)) => {
                 log::debug!("transfer {}: attempt {attempts} failed: {e}", t.id);
-                if ambiguous {
-                    return settle(session, t, attempts, retries, e);
+                if ambiguous && !e.is_refusal() {
+                    return Err(TransferError::OutcomeUnknown {
+                        id: t.id,
+                        reason: format!("an attempt's outcome was ambiguous, then: {e}"),
+                    });
                 }
                 return Err(e);
             }
@@ -282,10 +388,14 @@ pub fn run_counted(
                     cause.as_str()
                 );
                 retries.add(cause);
-                ambiguous |= cause == Cause::Ambiguous;
+                if cause == Cause::Ambiguous {
+                    ambiguous = true;
+                    ticket.mark_ambiguous();
+                }
                 if cause.needs_reconnect() {
                     session.reset();
                 }
+                last = message;
                 if cause == Cause::ConnectionLost && reused {
                     // Nothing was applied: retry at once on a fresh connection, without spending
                     // an attempt. Bounded: the next attempt's connection is new, so it counts.
@@ -293,14 +403,13 @@ pub fn run_counted(
                     continue;
                 }
                 if attempts >= policy.max_attempts {
-                    return Err(TransferError::RetriesExhausted {
-                        id: t.id,
-                        attempts,
-                        last: message,
-                        outcome_unknown: ambiguous,
-                    });
+                    let reason = format!("gave up after {attempts} attempts; last error: {last}");
+                    return Err(unsettled(t, ambiguous, reason));
                 }
-                let pause = policy.backoff(attempts, &mut rng);
+                let mut pause = policy.backoff(attempts, &mut rng);
+                if let Some(d) = deadline {
+                    pause = pause.min(d.saturating_duration_since(Instant::now()));
+                }
                 log::debug!("transfer {}: backing off {pause:?}", t.id);
                 std::thread::sleep(pause);
             }
@@ -308,43 +417,13 @@ pub fn run_counted(
     }
 }
 
-/// A later attempt failed for good after an earlier one's outcome was ambiguous. The earlier one
-/// may still have committed (at READ COMMITTED, say, the rerun waits for its locks, then finds the
-/// funds gone), so the ledger has the last word before a failure is reported.
-fn settle(
-    session: &mut Session,
-    t: &NewTransfer,
-    attempts: u32,
-    retries: &RetryCounts,
-    error: TransferError,
-) -> Result<Receipt, TransferError> {
-    if matches!(
-        error,
-        TransferError::IdConflict { .. } | TransferError::NotMigrated
-    ) {
-        return Err(error);
-    }
-    let found = session
-        .conn()
-        .map_err(|e| e.to_string())
-        .and_then(|conn| repo::find_transfer(conn, t.id).map_err(|e| e.to_string()));
-    match found {
-        Ok(Some(row)) if t.matches(&row) => {
-            log::debug!("transfer {}: an earlier attempt committed after all", t.id);
-            Ok(Receipt {
-                transfer: *t,
-                attempts,
-                already_applied: false,
-                retries: *retries,
-            })
-        }
-        Ok(_) => Err(error),
-        Err(lookup) => Err(TransferError::RetriesExhausted {
-            id: t.id,
-            attempts,
-            last: format!("{error}; the ledger could not be read: {lookup}"),
-            outcome_unknown: true,
-        }),
+/// The error for a transfer given up on while it was not refused: not applied, unless an
+/// attempt's outcome was ambiguous and never settled.
+fn unsettled(t: &NewTransfer, ambiguous: bool, reason: String) -> TransferError {
+    if ambiguous {
+        TransferError::OutcomeUnknown { id: t.id, reason }
+    } else {
+        TransferError::NotApplied { id: t.id, reason }
     }
 }
 
@@ -354,6 +433,7 @@ fn attempt(
     t: &NewTransfer,
     mode: Mode,
     after_ambiguous: bool,
+    ticket: &Ticket,
 ) -> Result<bool, AttemptError> {
     let conn = session.conn().map_err(|e| {
         if e.is_transient() {
@@ -366,47 +446,102 @@ fn attempt(
         }
     })?;
     if after_ambiguous {
-        match repo::find_transfer(conn, t.id) {
-            Ok(Some(found)) => {
-                log::debug!("transfer {}: found in the ledger, it committed", t.id);
-                return resolve_duplicate(t, &found, false);
-            }
-            Ok(None) => log::debug!("transfer {}: not in the ledger, running it again", t.id),
-            Err(e) => return Err(retry_or_final(e, Phase::BeforeCommit)),
+        if let Some(found) = lookup(conn, t)? {
+            log::debug!("transfer {}: found in the ledger, it committed", t.id);
+            return resolve_duplicate(t, &found, false);
         }
+        log::debug!("transfer {}: not in the ledger, running it again", t.id);
     }
-    let mut phase = match mode {
-        Mode::Transaction => Phase::BeforeCommit,
-        // The statement is its own commit: losing the connection during it is ambiguous.
-        Mode::SingleStatement => Phase::Commit,
-    };
+    let mut committing = false;
     let result = match mode {
         Mode::Transaction => conn.build_transaction().serializable().run(|c| {
             apply(c, t)?;
-            phase = Phase::Commit;
+            if !ticket.enter_commit() {
+                return Err(BodyError::Abandoned);
+            }
+            committing = true;
             Ok::<_, BodyError>(())
         }),
-        Mode::SingleStatement => apply(conn, t),
-    };
-    match result {
-        Ok(()) => Ok(false),
-        Err(BodyError::Final(e)) => Err(AttemptError::Final(e)),
-        Err(BodyError::Database(e)) => Err(retry_or_final(e, phase)),
-        Err(BodyError::DuplicateId) => {
-            let found = repo::find_transfer(conn, t.id)
-                .map_err(|e| retry_or_final(e, Phase::BeforeCommit))?
-                .ok_or_else(|| AttemptError::Retry {
-                    cause: Cause::Serialization,
-                    message: format!("transfer {} was reported a duplicate but is absent", t.id),
-                })?;
-            resolve_duplicate(t, &found, !after_ambiguous)
+        Mode::SingleStatement => {
+            if !ticket.enter_commit() {
+                return Err(abandoned());
+            }
+            committing = true;
+            apply(conn, t)
         }
+    };
+    let outcome = match result {
+        Ok(()) => Ok(false),
+        Err(BodyError::Abandoned) => Err(abandoned()),
+        Err(BodyError::Final(e)) => Err(AttemptError::Final(e)),
+        // Refused, or the id is taken: the ledger has the last word on this id.
+        Err(BodyError::Refused(e)) => match lookup(conn, t)? {
+            Some(found) => resolve_duplicate(t, &found, !after_ambiguous),
+            None => Err(AttemptError::Final(e)),
+        },
+        Err(BodyError::DuplicateId) => match lookup(conn, t)? {
+            Some(found) => resolve_duplicate(t, &found, !after_ambiguous),
+            None => Err(AttemptError::Retry {
+                cause: Cause::Serialization,
+                message: format!("transfer {} was reported a duplicate but is absent", t.id),
+            }),
+        },
+        Err(BodyError::Database(e)) => {
+            // A COMMIT (or the statement that is its own commit) whose answer was lost may have
+            // been applied; so may a COMMIT that failed in a way the classifier does not know.
+            let phase = if committing {
+                Phase::Commit
+            } else {
+                Phase::BeforeCommit
+            };
+            match classify(&e, phase) {
+                Some(cause) => Err(AttemptError::Retry {
+                    cause,
+                    message: e.to_string(),
+                }),
+                None if is_not_migrated(&e) => Err(AttemptError::Final(TransferError::NotMigrated)),
+                None if committing && mode == Mode::Transaction => Err(AttemptError::Retry {
+                    cause: Cause::Ambiguous,
+                    message: format!("COMMIT failed: {e}"),
+                }),
+                None => Err(AttemptError::Final(TransferError::Database(e))),
+            }
+        }
+    };
+    if committing {
+        let maybe_applied = matches!(
+            outcome,
+            Ok(_)
+                | Err(AttemptError::Retry {
+                    cause: Cause::Ambiguous,
+                    ..
+                })
+        );
+        ticket.leave_commit(maybe_applied);
     }
+    outcome
+}
+
+fn abandoned() -> AttemptError {
+    AttemptError::Final(TransferError::Abandoned)
+}
+
+/// The ledger row of `t`'s id, if any. A failed lookup is retried like a lost connection: until
+/// the ledger answers, no verdict can be given.
+fn lookup(conn: &mut PgConnection, t: &NewTransfer) -> Result<Option<Transfer>, AttemptError> {
+    repo::find_transfer(conn, t.id).map_err(|e| match classify(&e, Phase::BeforeCommit) {
+        Some(cause) => AttemptError::Retry {
+            cause,
+            message: e.to_string(),
+        },
+        None if is_not_migrated(&e) => AttemptError::Final(TransferError::NotMigrated),
+        None => AttemptError::Final(TransferError::Database(e)),
+    })
 }
 
 fn resolve_duplicate(
     t: &NewTransfer,
-    found: &crate::models::Transfer,
+    found: &Transfer,
     already_applied: bool,
 ) -> Result<bool, AttemptError> {
     if t.matches(found) {
@@ -418,17 +553,6 @@ fn resolve_duplicate(
             to: found.to_id,
             amount: found.amount,
         }))
-    }
-}
-
-fn retry_or_final(e: DieselError, phase: Phase) -> AttemptError {
-    match classify(&e, phase) {
-        Some(cause) => AttemptError::Retry {
-            cause,
-            message: e.to_string(),
-        },
-        None if is_not_migrated(&e) => AttemptError::Final(TransferError::NotMigrated),
-        None => AttemptError::Final(TransferError::Database(e)),
     }
 }
 
@@ -455,11 +579,14 @@ mod tests {
         assert_eq!(
             sql,
             format!(
-                "WITH ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) \
-                 VALUES ($1, $2, $3, $4) RETURNING id) \
-                 UPDATE accounts SET balance = balance + CASE WHEN id = $5 THEN -$6 ELSE $7 END \
-                 WHERE id IN ($8, $9) -- binds: [00000000-0000-0000-0000-000000000000, \
-                 {a}, {b}, 100, {a}, 100, 100, {a}, {b}]"
+                "WITH locked AS (SELECT id FROM accounts WHERE id IN ($1, $2) \
+                 ORDER BY id FOR UPDATE), \
+                 ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) \
+                 VALUES ($3, $4, $5, $6) RETURNING id) \
+                 UPDATE accounts SET balance = accounts.balance + CASE WHEN accounts.id = $7 \
+                 THEN -$8 ELSE $9 END FROM locked WHERE accounts.id = locked.id \
+                 -- binds: [{a}, {b}, 00000000-0000-0000-0000-000000000000, \
+                 {a}, {b}, 100, {a}, 100, 100]"
             )
         );
         // One modification per table: CockroachDB refuses two on the same table.

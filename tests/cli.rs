@@ -29,7 +29,7 @@ fn init_creates_the_schema_once() {
     first.success();
     assert_eq!(
         first.stdout,
-        "applied migration 20261124000001\napplied migration 20261124000002\n"
+        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n"
     );
     let again = db.bank().args(["init"]).run();
     again.success();
@@ -518,7 +518,7 @@ fn an_unmigrated_database_asks_for_init() {
     init.success();
     assert_eq!(
         init.stdout,
-        "applied migration 20261124000001\napplied migration 20261124000002\n"
+        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n"
     );
 }
 

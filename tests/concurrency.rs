@@ -96,6 +96,7 @@ fn conflicting_transfers_are_retried_and_conserve_the_total() {
         max_attempts: 50,
         base: Duration::from_millis(1),
         cap: Duration::from_millis(50),
+        ..RetryPolicy::default()
     };
     let per_worker = run_workers(&db, WORKERS, move |w, session| {
         let mut retries = RetryCounts::default();

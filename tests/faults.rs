@@ -109,8 +109,9 @@ fn a_40001_with_no_retries_left_is_reported_and_not_applied() {
     s.proxy.arm(Fault::Retry40001);
     let id = Uuid::new_v4();
     let run = s.transfer(id, &["--max-retries", "0"]);
-    run.fails_with(
+    run.fails_json(
         1,
+        "failed",
         &format!("transfer {id} not applied: gave up after 1 attempts"),
     );
     assert!(run.stderr.contains("restart transaction"), "{run:?}");
@@ -148,8 +149,9 @@ fn a_cut_with_no_retries_left_is_reported_as_unknown_and_settled_by_a_rerun() {
     s.proxy.arm(Fault::CutBeforeCommit);
     let id = Uuid::new_v4();
     let run = s.transfer(id, &["--max-retries", "0"]);
-    run.fails_with(
-        1,
+    run.fails_json(
+        3,
+        "unknown",
         &format!("transfer {id} may or may not have been applied"),
     );
     assert!(run.stderr.contains("--id"), "{run:?}");
@@ -168,7 +170,7 @@ fn a_cut_after_commit_with_no_retries_left_is_settled_by_a_rerun() {
     s.proxy.arm(Fault::CutAfterCommit);
     let id = Uuid::new_v4();
     let run = s.transfer(id, &["--max-retries", "0"]);
-    run.fails_with(1, "may or may not have been applied");
+    run.fails_json(3, "unknown", "may or may not have been applied");
     // It did commit; the rerun finds it and applies nothing more.
     assert_eq!(s.balances(), (900, 100));
     let again = s.transfer(id, &[]);

@@ -56,7 +56,7 @@ fn may_empty_an_account_but_not_overdraw_it() {
     let err = apply_in_savepoint(conn, &transfer(a, b, 101)).expect_err("overdraft");
     assert!(matches!(
         err,
-        BodyError::Final(TransferError::InsufficientFunds { account, amount: 101 }) if account == a
+        BodyError::Refused(TransferError::InsufficientFunds { account, amount: 101 }) if account == a
     ));
     assert_eq!(balances(conn, [a, b]), [100, 0]);
     assert_eq!(repo::count_transfers(conn).expect("count"), 0);
@@ -71,9 +71,9 @@ fn refuses_unknown_accounts_on_either_side() {
     let (a, b) = two_accounts(conn, 100, 100);
     let ghost = Uuid::new_v4();
     let err = apply_in_savepoint(conn, &transfer(ghost, b, 1)).expect_err("unknown from");
-    assert!(matches!(err, BodyError::Final(TransferError::UnknownAccount(id)) if id == ghost));
+    assert!(matches!(err, BodyError::Refused(TransferError::UnknownAccount(id)) if id == ghost));
     let err = apply_in_savepoint(conn, &transfer(a, ghost, 1)).expect_err("unknown to");
-    assert!(matches!(err, BodyError::Final(TransferError::UnknownAccount(id)) if id == ghost));
+    assert!(matches!(err, BodyError::Refused(TransferError::UnknownAccount(id)) if id == ghost));
     assert_eq!(balances(conn, [a, b]), [100, 100]);
     assert_eq!(repo::count_transfers(conn).expect("count"), 0);
 }

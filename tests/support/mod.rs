@@ -37,6 +37,27 @@ pub struct ScratchDb {
     pub url: DbUrl,
 }
 
+/// The isolation level a scratch database gives its transactions by default (the test server's
+/// own default is SERIALIZABLE, as on CockroachDB; READ COMMITTED is PostgreSQL's default, what
+/// most servers run). Transaction mode asks for SERIALIZABLE itself; single-statement transfers,
+/// ledger lookups and reads get this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Iso {
+    ReadCommitted,
+    Serializable,
+}
+
+impl Iso {
+    pub const BOTH: [Iso; 2] = [Iso::ReadCommitted, Iso::Serializable];
+
+    fn sql(self) -> &'static str {
+        match self {
+            Iso::ReadCommitted => "read committed",
+            Iso::Serializable => "serializable",
+        }
+    }
+}
+
 impl ScratchDb {
     /// A new database with the schema migrated.
     pub fn migrated() -> ScratchDb {
@@ -44,6 +65,24 @@ impl ScratchDb {
         let mut conn = db.conn();
         bank::db::run_migrations(&mut conn).expect("migrations run");
         db
+    }
+
+    /// A migrated database whose transactions default to `iso`.
+    pub fn migrated_at(iso: Iso) -> ScratchDb {
+        let db = ScratchDb::migrated();
+        db.alter(&format!("default_transaction_isolation = '{}'", iso.sql()));
+        db
+    }
+
+    /// `ALTER DATABASE <this> SET <setting>`: a server-side setting every new session gets.
+    pub fn alter(&self, setting: &str) {
+        let mut admin = server_url()
+            .with_database("postgres")
+            .connect()
+            .expect("connect as admin");
+        admin
+            .batch_execute(&format!("ALTER DATABASE {} SET {setting}", self.name))
+            .expect("alter database");
     }
 
     /// A new database without any tables.
@@ -209,6 +248,28 @@ impl Run {
             "stderr lacks {needle:?}: {self:?}"
         );
         assert_eq!(self.stdout, "", "stdout: {self:?}");
+        self.no_password()
+    }
+
+    /// A failed `transfer --json`: exit `code`, one line on stderr containing `needle`, and on
+    /// stdout `{"id", "outcome": outcome, "error"}` with the same message.
+    #[track_caller]
+    pub fn fails_json(&self, code: i32, outcome: &str, needle: &str) -> &Run {
+        assert_eq!(self.code, code, "exit code: {self:?}");
+        assert_eq!(
+            self.stderr.lines().count(),
+            1,
+            "one line on stderr: {self:?}"
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {self:?}"
+        );
+        let j = self.json();
+        assert_eq!(j["outcome"], outcome, "{self:?}");
+        assert!(j["id"].is_string(), "{self:?}");
+        let error = j["error"].as_str().expect("error is a string");
+        assert!(error.contains(needle), "{self:?}");
         self.no_password()
     }
 

@@ -1,0 +1,148 @@
+//! Giving up on a transfer that is stuck in the database driver.
+//!
+//! A frozen server (SIGSTOP, a VM pause) or a half-open connection leaves a blocking libpq call
+//! waiting: the server's kernel keeps acknowledging packets, so neither TCP keepalives nor
+//! `tcp_user_timeout` fire, and Diesel's `PgConnection` offers no way to cancel a query from
+//! another thread. Only the caller can stop waiting. A transfer therefore runs on a thread of
+//! its own with a `Ticket`, and the caller that gives up on it abandons the ticket; the thread,
+//! if it ever wakes, finds the ticket abandoned and never sends a COMMIT after that.
+//!
+//! What the caller may report then depends on how far the transfer got, and the ticket records
+//! exactly that: before any COMMIT was sent (or the single statement that is its own commit),
+//! nothing was applied; once one was sent and its answer not read, or an earlier attempt's
+//! outcome was ambiguous, the outcome is unknown. The state is one atomic, so "the runner sends
+//! COMMIT" and "the caller gives up" cannot both win.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+const COMMITTING: u8 = 1;
+const AMBIGUOUS: u8 = 2;
+const FINISHED: u8 = 4;
+const ABANDONED: u8 = 8;
+
+/// What a caller that gave up on a transfer may say about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GaveUp {
+    /// No COMMIT was sent, and none will be: nothing was applied.
+    NotApplied,
+    /// A COMMIT may have reached the server: only the ledger can tell, later.
+    Unknown,
+}
+
+/// The shared state of one transfer between the thread running it and the caller waiting for
+/// it. Cloning shares it.
+#[derive(Debug, Clone, Default)]
+pub struct Ticket(Arc<AtomicU8>);
+
+impl Ticket {
+    pub fn new() -> Ticket {
+        Ticket::default()
+    }
+
+    /// Starts the next transfer on this ticket; `false` when the ticket was abandoned.
+    pub fn begin(&self) -> bool {
+        self.update(|s| (s & ABANDONED == 0).then_some(0)).is_ok()
+    }
+
+    /// The runner is about to send a COMMIT (or the statement that commits itself). `false`
+    /// when the caller has given up: the runner must roll back instead.
+    pub fn enter_commit(&self) -> bool {
+        self.update(|s| (s & ABANDONED == 0).then_some(s | COMMITTING))
+            .is_ok()
+    }
+
+    /// The COMMIT's answer arrived. `maybe_applied`: it did not say "rolled back" (it said
+    /// "committed", or nothing clear); an ambiguous outcome stays with the ticket until the end.
+    pub fn leave_commit(&self, maybe_applied: bool) {
+        let _ = self.update(|s| {
+            let s = s & !COMMITTING;
+            Some(if maybe_applied { s | AMBIGUOUS } else { s })
+        });
+    }
+
+    /// An earlier attempt's outcome is unknown.
+    pub fn mark_ambiguous(&self) {
+        let _ = self.update(|s| Some(s | AMBIGUOUS));
+    }
+
+    /// The runner has its result; `false` when the caller gave up first (the result is then
+    /// nobody's: the caller already reported what `abandon` told it).
+    pub fn finish(&self) -> bool {
+        self.update(|s| (s & ABANDONED == 0).then_some(s | FINISHED))
+            .is_ok()
+    }
+
+    /// The caller gives up. `None` when the runner finished first: its result is on its way.
+    pub fn abandon(&self) -> Option<GaveUp> {
+        match self.update(|s| (s & FINISHED == 0).then_some(s | ABANDONED)) {
+            Err(_) => None,
+            Ok(s) if s & (COMMITTING | AMBIGUOUS) != 0 => Some(GaveUp::Unknown),
+            Ok(_) => Some(GaveUp::NotApplied),
+        }
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.0.load(Ordering::SeqCst) & ABANDONED != 0
+    }
+
+    /// Whether a transfer is under way: begun and neither finished nor abandoned.
+    pub fn is_running(&self) -> bool {
+        self.0.load(Ordering::SeqCst) & (FINISHED | ABANDONED) == 0
+    }
+
+    fn update(&self, f: impl FnMut(u8) -> Option<u8>) -> Result<u8, u8> {
+        self.0.fetch_update(Ordering::SeqCst, Ordering::SeqCst, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn giving_up_before_any_commit_means_not_applied_and_blocks_the_commit() {
+        let t = Ticket::new();
+        assert!(t.begin());
+        assert_eq!(t.abandon(), Some(GaveUp::NotApplied));
+        assert!(!t.enter_commit(), "no COMMIT after the caller gave up");
+        assert!(!t.finish());
+        assert!(!t.begin());
+    }
+
+    #[test]
+    fn giving_up_during_a_commit_means_unknown() {
+        let t = Ticket::new();
+        assert!(t.begin());
+        assert!(t.enter_commit());
+        assert_eq!(t.abandon(), Some(GaveUp::Unknown));
+    }
+
+    #[test]
+    fn a_rolled_back_commit_leaves_nothing_applied_but_an_ambiguous_one_stays_unknown() {
+        let t = Ticket::new();
+        assert!(t.begin());
+        assert!(t.enter_commit());
+        t.leave_commit(false);
+        assert_eq!(t.clone().abandon(), Some(GaveUp::NotApplied));
+
+        let t = Ticket::new();
+        assert!(t.begin());
+        assert!(t.enter_commit());
+        t.leave_commit(true);
+        assert!(t.enter_commit());
+        t.leave_commit(false);
+        assert_eq!(t.abandon(), Some(GaveUp::Unknown));
+    }
+
+    #[test]
+    fn a_finished_transfer_cannot_be_abandoned() {
+        let t = Ticket::new();
+        assert!(t.begin());
+        assert!(t.finish());
+        assert!(!t.is_running());
+        assert_eq!(t.abandon(), None);
+        assert!(t.begin(), "the next transfer starts afresh");
+        assert!(t.is_running());
+    }
+}
