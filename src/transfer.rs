@@ -344,6 +344,10 @@ pub fn run_watched(
     let mut ambiguous = false;
     let mut last = String::from("none");
     loop {
+        if ticket.is_abandoned() {
+            // Whatever happens now is nobody's result: stop touching the database.
+            return Err(TransferError::Abandoned);
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let reason = format!(
                 "timed out after {:.1}s ({attempts} attempts); last error: {last}",
@@ -476,7 +480,10 @@ fn attempt(
         Err(BodyError::Final(e)) => Err(AttemptError::Final(e)),
         // Refused, or the id is taken: the ledger has the last word on this id.
         Err(BodyError::Refused(e)) => match lookup(conn, t)? {
-            Some(found) => resolve_duplicate(t, &found, !after_ambiguous),
+            Some(found) => {
+                log::debug!("transfer {}: refused ({e}), but the ledger has it", t.id);
+                resolve_duplicate(t, &found, !after_ambiguous)
+            }
             None => Err(AttemptError::Final(e)),
         },
         Err(BodyError::DuplicateId) => match lookup(conn, t)? {

@@ -211,7 +211,15 @@ pub fn run(url: &DbUrl, args: &WorkloadArgs, out: &mut impl Write) -> Result<(),
         let _ = t.join();
     }
 
-    let check = final_check(url, &policy, &ids, prefix);
+    // The whole run ends by its end plus one deadline: the check gets what is left of that
+    // (and at least a moment, for a run whose workers all finished in time).
+    let budget = end
+        .and_then(|e| e.checked_add(policy.timeout))
+        .map_or(policy.timeout, |stop| {
+            stop.saturating_duration_since(Instant::now())
+        })
+        .max(transfer::GRACE * 2);
+    let check = final_check(url, &policy, budget, &ids, prefix);
     let report = build_report(
         args,
         ids.len(),
@@ -339,10 +347,16 @@ type Check = Result<(VerifyReport, i64, i64), String>;
 /// Verifies once the workers are done. The server may still be coming back from a restart, so
 /// connecting and reading are retried like a transfer; and it may be frozen, so the check runs
 /// on a thread of its own and is given up after one deadline.
-fn final_check(url: &DbUrl, policy: &RetryPolicy, ids: &Arc<Vec<Uuid>>, prefix: IdPrefix) -> Check {
+fn final_check(
+    url: &DbUrl,
+    policy: &RetryPolicy,
+    budget: Duration,
+    ids: &Arc<Vec<Uuid>>,
+    prefix: IdPrefix,
+) -> Check {
     let (tx, rx) = std::sync::mpsc::channel();
     let (url, policy, ids) = (url.clone(), *policy, Arc::clone(ids));
-    let deadline = Instant::now() + policy.timeout;
+    let deadline = Instant::now() + budget;
     thread::spawn(move || {
         let mut rng = rand::rng();
         let mut attempt = 0;
@@ -350,7 +364,7 @@ fn final_check(url: &DbUrl, policy: &RetryPolicy, ids: &Arc<Vec<Uuid>>, prefix: 
         let result = loop {
             attempt += 1;
             let result = url
-                .connect_within("bank", policy.timeout)
+                .connect_within("bank", budget)
                 .map_err(Error::from)
                 .and_then(|mut conn| {
                     let report = verify::verify(&mut conn)?;
@@ -369,13 +383,8 @@ fn final_check(url: &DbUrl, policy: &RetryPolicy, ids: &Arc<Vec<Uuid>>, prefix: 
         };
         let _ = tx.send(result);
     });
-    rx.recv_timeout(policy.timeout + transfer::GRACE)
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "no answer from the database within {:?}",
-                policy.timeout
-            ))
-        })
+    rx.recv_timeout(budget)
+        .unwrap_or_else(|_| Err(format!("no answer from the database within {budget:?}")))
 }
 
 /// One worker's state, shared with the watchdog.

@@ -1,33 +1,69 @@
-//! CockroachDB's failure modes, injected at COMMIT by the test proxy: each transfer is applied
-//! exactly once, or reported failed and not applied, and `verify` passes.
+//! Faults injected by the test proxy at a commit (a COMMIT in transaction mode, the statement's
+//! implicit commit in single-statement mode), at READ COMMITTED and at SERIALIZABLE: each
+//! transfer is applied exactly once, or reported not applied (exit 1) and not applied, or
+//! reported unknown (exit 3) and settled by a rerun with the same id. Several faults leave the
+//! outcome unsettled when the client looks: a COMMIT that reaches the server late while the
+//! client reconnects, a frozen server, lock and statement timeouts set on the server.
+
+use std::thread;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::support::proxy::{upstream_of, Fault, Proxy};
-use crate::support::{Bank, Run, ScratchDb};
+use crate::support::proxy::{upstream_of, At, Fault, Proxy};
+use crate::support::{Bank, Iso, Run, ScratchDb};
 
 struct Setup {
     db: ScratchDb,
     proxy: Proxy,
     from: Uuid,
     to: Uuid,
+    /// The mode's commit point and the `--mode` it goes with.
+    at: At,
+    mode: &'static str,
 }
 
-fn setup() -> Setup {
-    let db = ScratchDb::migrated();
-    let ids = db.accounts(&[1000, 0]);
+/// Every combination the fault tests run in.
+const CASES: [(Iso, At); 4] = [
+    (Iso::ReadCommitted, At::Commit),
+    (Iso::Serializable, At::Commit),
+    (Iso::ReadCommitted, At::Statement),
+    (Iso::Serializable, At::Statement),
+];
+
+fn setup(iso: Iso, at: At) -> Setup {
+    setup_with(iso, at, &[1000, 0])
+}
+
+fn setup_with(iso: Iso, at: At, balances: &[i64]) -> Setup {
+    let db = ScratchDb::migrated_at(iso);
+    let ids = db.accounts(balances);
     let proxy = Proxy::start(upstream_of(db.url.expose()));
+    let mode = match at {
+        At::Commit => "transaction",
+        At::Statement => "single-statement",
+    };
     Setup {
         db,
         proxy,
         from: ids[0],
         to: ids[1],
+        at,
+        mode,
     }
 }
 
 impl Setup {
-    /// `bank transfer` of 100 through the proxy, with the given id and extra arguments.
-    fn transfer(&self, id: Uuid, extra: &[&str]) -> Run {
+    fn arm(&self, fault: Fault) {
+        self.proxy.arm_at(self.at, fault);
+    }
+
+    fn case(&self) -> String {
+        format!("{} ({})", self.mode, self.db.name)
+    }
+
+    /// `bank transfer` of `amount` through the proxy, with the given id and extra arguments.
+    fn transfer_amount(&self, id: Uuid, amount: i64, extra: &[&str]) -> Run {
         Bank::new()
             .args(["--database-url", &self.proxy.url_for(self.db.url.expose())])
             .args([
@@ -36,10 +72,12 @@ impl Setup {
                 &self.from.to_string(),
                 "--to",
                 &self.to.to_string(),
+                "--mode",
+                self.mode,
             ])
             .args([
                 "--amount",
-                "100",
+                &amount.to_string(),
                 "--id",
                 &id.to_string(),
                 "--json",
@@ -48,6 +86,10 @@ impl Setup {
             ])
             .args(extra)
             .run()
+    }
+
+    fn transfer(&self, id: Uuid, extra: &[&str]) -> Run {
+        self.transfer_amount(id, 100, extra)
     }
 
     fn balances(&self) -> (i64, i64) {
@@ -69,140 +111,339 @@ impl Setup {
     /// The transfer went through exactly once, after `attempts` attempts.
     #[track_caller]
     fn applied_once(&self, run: &Run, id: Uuid, attempts: u64) {
+        let case = self.case();
         run.success();
         let j = run.json();
-        assert_eq!(j["id"], id.to_string(), "{run:?}");
-        assert_eq!(j["attempts"], attempts, "{run:?}");
-        assert_eq!(j["already_applied"], false, "{run:?}");
-        assert_eq!(self.balances(), (900, 100), "{run:?}");
+        assert_eq!(j["id"], id.to_string(), "{case}: {run:?}");
+        assert_eq!(j["attempts"], attempts, "{case}: {run:?}");
+        assert_eq!(j["outcome"], "applied", "{case}: {run:?}");
+        assert_eq!(j["already_applied"], false, "{case}: {run:?}");
+        assert_eq!(self.balances(), (900, 100), "{case}: {run:?}");
         assert!(self.ledger_has(id));
         assert_eq!(self.proxy.injected(), 1);
         self.verify_passes();
+    }
+
+    /// Commit points seen by the proxy at this setup's point.
+    fn commit_points(&self) -> u64 {
+        match self.at {
+            At::Commit => self.proxy.commits(),
+            At::Statement => self.proxy.statements(),
+        }
+    }
+
+    /// Waits until the late commit has reached the server.
+    fn wait_for_late_commit(&self) {
+        let started = Instant::now();
+        while self.proxy.late_commits() == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no late commit"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
 #[test]
 fn the_proxy_is_transparent_when_unarmed() {
-    let s = setup();
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &[]);
-    run.success();
-    assert_eq!(run.json()["attempts"], 1);
-    assert_eq!(s.balances(), (900, 100));
-    assert_eq!(s.proxy.commits(), 1);
-    assert_eq!(s.proxy.injected(), 0);
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &[]);
+        run.success();
+        assert_eq!(run.json()["attempts"], 1);
+        assert_eq!(s.balances(), (900, 100));
+        assert_eq!(s.commit_points(), 1, "{iso:?} {}", s.case());
+        assert_eq!(s.proxy.injected(), 0);
+    }
 }
 
 #[test]
 fn a_40001_at_commit_is_retried_and_applied_once() {
-    let s = setup();
-    s.proxy.arm(Fault::Retry40001);
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &[]);
-    s.applied_once(&run, id, 2);
-    assert_eq!(run.json()["retries"]["serialization"], 1);
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::Retry40001);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &[]);
+        s.applied_once(&run, id, 2);
+        assert_eq!(run.json()["retries"]["serialization"], 1);
+    }
 }
 
 #[test]
 fn a_40001_with_no_retries_left_is_reported_and_not_applied() {
-    let s = setup();
-    s.proxy.arm(Fault::Retry40001);
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &["--max-retries", "0"]);
-    run.fails_json(
-        1,
-        "failed",
-        &format!("transfer {id} not applied: gave up after 1 attempts"),
-    );
-    assert!(run.stderr.contains("restart transaction"), "{run:?}");
-    assert_eq!(s.balances(), (1000, 0));
-    assert!(!s.ledger_has(id));
-    s.verify_passes();
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::Retry40001);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["--max-retries", "0"]);
+        run.fails_json(
+            1,
+            "failed",
+            &format!("transfer {id} not applied: gave up after 1 attempts"),
+        );
+        assert!(run.stderr.contains("restart transaction"), "{run:?}");
+        assert_eq!(s.balances(), (1000, 0), "{iso:?} {}", s.case());
+        assert!(!s.ledger_has(id));
+        s.verify_passes();
+    }
 }
 
 #[test]
 fn a_connection_cut_after_commit_is_settled_by_the_ledger() {
-    let s = setup();
-    s.proxy.arm(Fault::CutAfterCommit);
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &[]);
-    // The first attempt committed: the second finds it in the ledger and applies nothing.
-    s.applied_once(&run, id, 2);
-    assert_eq!(run.json()["retries"]["ambiguous"], 1);
-    assert_eq!(s.proxy.commits(), 1, "no second COMMIT was needed");
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::CutAfterCommit);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &[]);
+        // The first attempt committed: the second finds it in the ledger and applies nothing.
+        s.applied_once(&run, id, 2);
+        assert_eq!(run.json()["retries"]["ambiguous"], 1);
+        assert_eq!(s.commit_points(), 1, "no second commit was needed");
+    }
 }
 
 #[test]
 fn a_connection_cut_before_commit_runs_the_transfer_again() {
-    let s = setup();
-    s.proxy.arm(Fault::CutBeforeCommit);
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &[]);
-    // The first attempt did not commit: the ledger says so, and the second applies it.
-    s.applied_once(&run, id, 2);
-    assert_eq!(s.proxy.commits(), 2);
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::CutBeforeCommit);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &[]);
+        // The first attempt did not commit: the ledger says so, and the second applies it.
+        s.applied_once(&run, id, 2);
+        assert_eq!(s.commit_points(), 2);
+    }
 }
 
 #[test]
 fn a_cut_with_no_retries_left_is_reported_as_unknown_and_settled_by_a_rerun() {
-    let s = setup();
-    s.proxy.arm(Fault::CutBeforeCommit);
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &["--max-retries", "0"]);
-    run.fails_json(
-        3,
-        "unknown",
-        &format!("transfer {id} may or may not have been applied"),
-    );
-    assert!(run.stderr.contains("--id"), "{run:?}");
-    assert_eq!(s.balances(), (1000, 0));
-    // Running it again with the same id settles it: applied exactly once.
-    let again = s.transfer(id, &[]);
-    again.success();
-    assert_eq!(again.json()["already_applied"], false);
-    assert_eq!(s.balances(), (900, 100));
-    s.verify_passes();
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::CutBeforeCommit);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["--max-retries", "0"]);
+        run.fails_json(
+            3,
+            "unknown",
+            &format!("transfer {id} may or may not have been applied"),
+        );
+        assert!(run.stderr.contains("--id"), "{run:?}");
+        assert_eq!(s.balances(), (1000, 0));
+        // Running it again with the same id settles it: applied exactly once.
+        let again = s.transfer(id, &[]);
+        again.success();
+        assert_eq!(again.json()["outcome"], "applied");
+        assert_eq!(s.balances(), (900, 100));
+        s.verify_passes();
+    }
 }
 
 #[test]
 fn a_cut_after_commit_with_no_retries_left_is_settled_by_a_rerun() {
-    let s = setup();
-    s.proxy.arm(Fault::CutAfterCommit);
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &["--max-retries", "0"]);
-    run.fails_json(3, "unknown", "may or may not have been applied");
-    // It did commit; the rerun finds it and applies nothing more.
-    assert_eq!(s.balances(), (900, 100));
-    let again = s.transfer(id, &[]);
-    again.success();
-    assert_eq!(again.json()["already_applied"], true);
-    assert_eq!(s.balances(), (900, 100));
-    s.verify_passes();
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::CutAfterCommit);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["--max-retries", "0"]);
+        run.fails_json(3, "unknown", "may or may not have been applied");
+        // It did commit; the rerun finds it and applies nothing more.
+        assert_eq!(s.balances(), (900, 100));
+        let again = s.transfer(id, &[]);
+        again.success();
+        assert_eq!(again.json()["outcome"], "already_applied");
+        assert_eq!(again.json()["already_applied"], true);
+        assert_eq!(s.balances(), (900, 100));
+        s.verify_passes();
+    }
 }
 
 #[test]
 fn a_40003_ambiguous_result_is_settled_by_the_ledger() {
-    let s = setup();
-    s.proxy.arm(Fault::Ambiguous40003);
-    let id = Uuid::new_v4();
-    let run = s.transfer(id, &["-v"]);
-    s.applied_once(&run, id, 2);
-    assert_eq!(run.json()["retries"]["ambiguous"], 1);
-    assert!(run.stderr.contains("result is ambiguous"), "{run:?}");
-    assert!(run.stderr.contains("found in the ledger"), "{run:?}");
-    assert_eq!(s.proxy.commits(), 1);
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::Ambiguous40003);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["-v"]);
+        s.applied_once(&run, id, 2);
+        assert_eq!(run.json()["retries"]["ambiguous"], 1);
+        assert!(run.stderr.contains("result is ambiguous"), "{run:?}");
+        assert!(run.stderr.contains("found in the ledger"), "{run:?}");
+        assert_eq!(s.commit_points(), 1);
+    }
 }
 
 #[test]
 fn faults_in_a_row_are_all_survived() {
-    let s = setup();
-    for f in [Fault::Retry40001, Fault::CutBeforeCommit, Fault::Retry40001] {
-        s.proxy.arm(f);
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        for f in [Fault::Retry40001, Fault::CutBeforeCommit, Fault::Retry40001] {
+            s.arm(f);
+        }
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &[]);
+        run.success();
+        assert_eq!(run.json()["attempts"], 4);
+        assert_eq!(s.balances(), (900, 100));
+        s.verify_passes();
     }
+}
+
+/// Case 2: the client is cut off after sending the commit, which reaches the server 2 s later;
+/// until then the orphaned transaction holds both row locks. The rerun finds no ledger row, runs
+/// again and waits on those locks; with `lock_timeout` (or `statement_timeout`) set on the
+/// server it is cancelled (55P03 / 57014) and retried, until the orphan commits and the ledger
+/// shows it. Applied once, reported applied.
+#[test]
+fn a_late_commit_under_server_timeouts_is_applied_once_and_reported_applied() {
+    for setting in ["lock_timeout = '300ms'", "statement_timeout = '300ms'"] {
+        for (iso, at) in CASES {
+            let s = setup(iso, at);
+            s.db.alter(setting);
+            s.arm(Fault::LateCommit(Duration::from_secs(2)));
+            let id = Uuid::new_v4();
+            let run = s.transfer(id, &["--retry-cap", "100ms"]);
+            let case = format!("{setting} {iso:?} {}", s.case());
+            run.success();
+            let j = run.json();
+            assert_eq!(j["outcome"], "applied", "{case}: {run:?}");
+            assert_eq!(j["retries"]["ambiguous"], 1, "{case}: {run:?}");
+            assert!(
+                j["retries"]["timeout"].as_u64() > Some(0),
+                "{case}: {run:?}"
+            );
+            assert_eq!(s.balances(), (900, 100), "{case}");
+            assert_eq!(s.proxy.late_commits(), 1, "{case}");
+            s.verify_passes();
+        }
+    }
+}
+
+/// Case 2 when the retries run out while the orphan still holds its locks: nobody can know yet,
+/// so the outcome is unknown (exit 3), not "failed". Once the orphan committed, the rerun with
+/// the same id says it was applied, and applies nothing.
+#[test]
+fn a_late_commit_outlasting_the_retries_is_unknown_then_settled() {
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.db.alter("lock_timeout = '200ms'");
+        s.arm(Fault::LateCommit(Duration::from_secs(2)));
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["--max-retries", "1"]);
+        run.fails_json(3, "unknown", "may or may not have been applied");
+        assert!(run.stderr.contains("lock timeout"), "{run:?}");
+        s.wait_for_late_commit();
+        assert_eq!(s.balances(), (900, 100), "the orphan committed");
+        let again = s.transfer(id, &[]);
+        again.success();
+        assert_eq!(again.json()["outcome"], "already_applied", "{again:?}");
+        assert_eq!(s.balances(), (900, 100));
+        s.verify_passes();
+    }
+}
+
+/// The "last word": at READ COMMITTED the rerun waits on the orphan's locks, the orphan commits
+/// (2 s late), and the rerun then re-reads the rows and is refused for insufficient funds (600
+/// of 1000 are already gone). The refusal is not the verdict: the ledger is asked and has the
+/// transfer, so it is reported applied. At SERIALIZABLE the rerun gets 40001 and the next
+/// attempt finds the ledger row.
+#[test]
+fn a_refusal_after_a_late_commit_defers_to_the_ledger() {
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::LateCommit(Duration::from_secs(2)));
+        let id = Uuid::new_v4();
+        let run = s.transfer_amount(id, 600, &["-v"]);
+        let case = format!("{iso:?} {}", s.case());
+        run.success();
+        assert_eq!(run.json()["outcome"], "applied", "{case}: {run:?}");
+        assert_eq!(s.balances(), (400, 600), "{case}");
+        if iso == Iso::ReadCommitted && at == At::Statement {
+            assert!(
+                run.stderr.contains("insufficient funds")
+                    && run.stderr.contains("but the ledger has it"),
+                "{case}: {run:?}"
+            );
+        }
+        s.verify_passes();
+    }
+}
+
+/// Case 3: the server freezes at the commit (the proxy answers nothing, the socket stays open).
+/// `--timeout 1s` bounds the call; a commit may have been sent, so the outcome is unknown
+/// (exit 3). The frozen connection then dies (the server rolls back) and a rerun applies it.
+#[test]
+fn a_server_frozen_at_commit_gives_unknown_within_the_deadline() {
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::Freeze);
+        let id = Uuid::new_v4();
+        let started = Instant::now();
+        let run = s.transfer(id, &["--timeout", "1s"]);
+        let took = started.elapsed();
+        run.fails_json(3, "unknown", "may or may not have been applied");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        s.proxy.thaw();
+        let again = s.transfer(id, &[]);
+        again.success();
+        assert_eq!(again.json()["outcome"], "applied", "{again:?}");
+        assert_eq!(s.balances(), (900, 100));
+        s.verify_passes();
+    }
+}
+
+/// Case 3: a server frozen before anything was sent (it accepts the connection and never
+/// answers): within the deadline, and definitely not applied (exit 1).
+#[test]
+fn a_server_frozen_before_the_transfer_gives_not_applied_within_the_deadline() {
+    let s = setup(Iso::ReadCommitted, At::Commit);
+    s.proxy.freeze_all();
     let id = Uuid::new_v4();
-    let run = s.transfer(id, &[]);
-    run.success();
-    assert_eq!(run.json()["attempts"], 4);
-    assert_eq!(s.balances(), (900, 100));
-    s.verify_passes();
+    let started = Instant::now();
+    let run = s.transfer(id, &["--timeout", "1s"]);
+    let took = started.elapsed();
+    run.fails_json(1, "failed", &format!("transfer {id} not applied"));
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(s.balances(), (1000, 0));
+}
+
+/// Case 3 for the workload: the server freezes in the middle of a 2 s run with `--timeout 1s`.
+/// The run still ends (by its duration plus the deadline, plus a moment), prints its report,
+/// says the final check could not run, and fails.
+#[test]
+fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
+    let db = ScratchDb::migrated();
+    let proxy = Proxy::start(upstream_of(db.url.expose()));
+    let url = proxy.url_for(db.url.expose());
+    let run = {
+        let bank = Bank::new()
+            .args(["--database-url", &url, "workload", "--accounts", "10"])
+            .args([
+                "--concurrency",
+                "4",
+                "--duration",
+                "2s",
+                "--timeout",
+                "1s",
+                "--json",
+            ]);
+        thread::spawn(move || {
+            let started = Instant::now();
+            (bank.run(), started.elapsed())
+        })
+    };
+    thread::sleep(Duration::from_millis(1200));
+    proxy.freeze_all();
+    let (run, took) = run.join().expect("workload thread");
+    assert!(took < Duration::from_secs(5), "took {took:?}: {run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["ok"], false, "{j}");
+    assert!(j["final_check_error"].is_string(), "{j}");
+    assert!(j["verify"].is_null(), "{j}");
+    let unsettled = j["indeterminate"].as_u64().expect("n") + j["given_up"].as_u64().expect("n");
+    assert!(unsettled > 0, "{j}");
+    assert!(j["stuck_workers"].as_u64() > Some(0), "{j}");
+    assert!(run.stderr.contains("final check could not run"), "{run:?}");
 }

@@ -289,5 +289,8 @@ fn the_workload_ledger_check_ignores_other_clients() {
     let j = run.json();
     assert_eq!(j["ok"], true, "{j}");
     assert_eq!(j["ledger_rows_added"], j["transfers_committed"], "{j}");
-    assert_eq!(db.state().1, j["transfers_committed"].as_i64().expect("n") + 50);
+    assert_eq!(
+        db.state().1,
+        j["transfers_committed"].as_i64().expect("n") + 50
+    );
 }

@@ -1,26 +1,53 @@
-//! A TCP proxy between a client and PostgreSQL that injects CockroachDB's failure modes at
-//! COMMIT. It parses just enough of the wire protocol to find message boundaries and the simple
-//! query `COMMIT` (Diesel commits with a simple query). Clients must connect with
+//! A TCP proxy between a client and PostgreSQL that injects CockroachDB's failure modes, and
+//! those of a stalled server, at a commit. It parses just enough of the wire protocol to find
+//! message boundaries and two commit points: the simple query `COMMIT` (Diesel commits an
+//! explicit transaction with it) and the implicit commit of the transfer statement run alone
+//! with the extended protocol (see `At::Statement`). Clients must connect with
 //! `sslmode=disable`; an SSL or GSS request is answered "no" by the proxy itself.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
+use std::time::Duration;
 
-/// What to do to one COMMIT.
+/// What to do to one commit (see `At` for the two kinds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // Not every test uses every fault.
 pub enum Fault {
-    /// Roll the transaction back on the server, answer CockroachDB's 40001 retry error.
+    /// Nothing commits: answer CockroachDB's 40001 retry error. At COMMIT the transaction is
+    /// rolled back on the server; a statement is not sent to the server at all.
     Retry40001,
-    /// Forward COMMIT, wait until the server committed, then cut the client off before the reply.
+    /// Forward the commit, wait until the server answered, then cut the client off before the
+    /// reply.
     CutAfterCommit,
-    /// Cut the connection before COMMIT reaches the server (the server aborts the transaction).
+    /// Cut both connections before the commit reaches the server (the server aborts). A
+    /// statement is sent without its Sync first: it runs and takes its locks, but never commits.
     CutBeforeCommit,
-    /// Forward COMMIT, then answer CockroachDB's 40003 "result is ambiguous" instead of the reply.
+    /// Forward the commit, then answer CockroachDB's 40003 "result is ambiguous" instead of the
+    /// reply.
     Ambiguous40003,
+    /// Cut the client off at once but keep the server connection, whose transaction stays open
+    /// and holds its row locks; after the delay, send the commit there, read the server's
+    /// answer and close it. (A statement is sent at once without its Sync; the Sync is late.)
+    LateCommit(Duration),
+    /// Relay nothing more on this connection either way and answer nothing, with both
+    /// connections left open (the transaction stays open), until `Proxy::thaw` or the proxy is
+    /// dropped; then close both.
+    Freeze,
+}
+
+/// Where a fault strikes. Each point has its own queue of armed faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// The simple query `COMMIT`.
+    Commit,
+    /// The implicit commit of the transfer statement (a prepared statement whose text contains
+    /// `INSERT INTO transfers`) run outside any transaction: its Bind..Sync batch, sent while
+    /// the server is idle, is a transaction of its own that the Sync commits.
+    Statement,
 }
 
 pub struct Proxy {
@@ -30,12 +57,97 @@ pub struct Proxy {
 
 #[derive(Default)]
 struct Shared {
-    armed: Mutex<VecDeque<Fault>>,
+    at_commit: Mutex<VecDeque<Fault>>,
+    at_statement: Mutex<VecDeque<Fault>>,
     commits: AtomicU64,
+    statements: AtomicU64,
     injected: AtomicU64,
+    late_commits: AtomicU64,
+    gate: Mutex<Gate>,
+    /// Wakes the threads waiting on `gate`.
+    wake: Condvar,
 }
 
-/// What the server-to-client side does with the reply to a COMMIT the client side tampered with.
+/// What the freezes wait for.
+#[derive(Default)]
+struct Gate {
+    /// `freeze_all` is in force: nothing is relayed.
+    frozen_all: bool,
+    /// `thaw` calls so far: a connection frozen by `Fault::Freeze` waits for the next one.
+    thaws: u64,
+    /// The proxy was dropped: every frozen connection is closed.
+    closed: bool,
+}
+
+impl Shared {
+    /// The next fault armed at `at`, counted as injected.
+    fn take_fault(&self, at: At) -> Option<Fault> {
+        let queue = match at {
+            At::Commit => &self.at_commit,
+            At::Statement => &self.at_statement,
+        };
+        let fault = queue.lock().expect("lock").pop_front();
+        if fault.is_some() {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+        }
+        fault
+    }
+
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        self.gate.lock().expect("lock")
+    }
+
+    /// Blocks while `freeze_all` is in force, so the message just read goes nowhere; fails if
+    /// the proxy is dropped meanwhile.
+    fn hold(&self) -> io::Result<()> {
+        let mut gate = self.gate();
+        while gate.frozen_all && !gate.closed {
+            gate = self.wake.wait(gate).expect("lock");
+        }
+        if gate.frozen_all {
+            return Err(io::Error::other("the proxy was dropped while frozen"));
+        }
+        Ok(())
+    }
+
+    /// Blocks until the next `thaw` or until the proxy is dropped.
+    fn wait_for_thaw(&self) {
+        let mut gate = self.gate();
+        let thaws = gate.thaws;
+        while gate.thaws == thaws && !gate.closed {
+            gate = self.wake.wait(gate).expect("lock");
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.gate().closed
+    }
+}
+
+/// One client connection and its server connection, as both relay threads see them.
+struct Link {
+    client: TcpStream,
+    server: TcpStream,
+    /// What the server-to-client side does with the server's next messages.
+    reply: Mutex<OnReply>,
+    /// The status byte of the server's last ReadyForQuery: `b'I'` when no transaction is open.
+    status: AtomicU8,
+    /// A `Fault::Freeze` struck: nothing more is relayed, and nothing is closed.
+    frozen: AtomicBool,
+}
+
+impl Link {
+    fn set_reply(&self, on_reply: OnReply) {
+        *self.reply.lock().expect("lock") = on_reply;
+    }
+
+    fn close(&self) {
+        let _ = self.client.shutdown(Shutdown::Both);
+        let _ = self.server.shutdown(Shutdown::Both);
+    }
+}
+
+/// What the server-to-client side does with the reply to a commit the client side tampered with.
 #[derive(Debug, Clone)]
 enum OnReply {
     Forward,
@@ -43,6 +155,19 @@ enum OnReply {
     Replace(Vec<u8>),
     /// Drop the server's messages up to ReadyForQuery, then close both connections.
     Cut,
+    /// Drop everything: the client was cut off, the server connection is kept.
+    Discard,
+    /// Drop the server's messages up to ReadyForQuery, then close the server connection: the
+    /// answer to a late commit.
+    Close,
+}
+
+/// How the client-to-server side leaves a connection.
+enum End {
+    /// Close both connections now.
+    Close,
+    /// The server-to-client side closes the server connection once the server answered.
+    AwaitReply,
 }
 
 impl Proxy {
@@ -53,13 +178,14 @@ impl Proxy {
         let shared = Arc::new(Shared::default());
         let accept_shared = Arc::clone(&shared);
         thread::spawn(move || {
-            for client in listener.incoming().flatten() {
+            for client in listener.incoming() {
+                // Dropping the proxy wakes this loop with a connection of its own.
+                if accept_shared.closed() {
+                    break;
+                }
+                let Ok(client) = client else { continue };
                 let shared = Arc::clone(&accept_shared);
-                thread::spawn(move || {
-                    if let Ok(server) = TcpStream::connect(upstream) {
-                        let _ = relay(client, server, shared);
-                    }
-                });
+                thread::spawn(move || relay(client, upstream, shared));
             }
         });
         Proxy { port, shared }
@@ -67,7 +193,16 @@ impl Proxy {
 
     /// The next COMMIT through the proxy, on any connection, gets `fault`.
     pub fn arm(&self, fault: Fault) {
-        self.shared.armed.lock().expect("lock").push_back(fault);
+        self.arm_at(At::Commit, fault);
+    }
+
+    /// The next commit point of kind `at`, on any connection, gets `fault`.
+    pub fn arm_at(&self, at: At, fault: Fault) {
+        let queue = match at {
+            At::Commit => &self.shared.at_commit,
+            At::Statement => &self.shared.at_statement,
+        };
+        queue.lock().expect("lock").push_back(fault);
     }
 
     /// COMMITs seen so far.
@@ -75,7 +210,7 @@ impl Proxy {
         self.shared.commits.load(Ordering::SeqCst)
     }
 
-    /// Faults injected so far.
+    /// Faults injected so far, at either point.
     pub fn injected(&self) -> u64 {
         self.shared.injected.load(Ordering::SeqCst)
     }
@@ -96,6 +231,49 @@ impl Proxy {
     }
 }
 
+/// Counters and stalls that only some tests use.
+#[allow(dead_code)]
+impl Proxy {
+    /// Statement commit points (`At::Statement`) seen so far.
+    pub fn statements(&self) -> u64 {
+        self.shared.statements.load(Ordering::SeqCst)
+    }
+
+    /// `LateCommit`s whose commit has reached the server and been answered.
+    pub fn late_commits(&self) -> u64 {
+        self.shared.late_commits.load(Ordering::SeqCst)
+    }
+
+    /// From now on nothing is relayed, on any connection, either way, and new connections are
+    /// accepted but never answered: a stopped server whose kernel still acknowledges. Every
+    /// socket stays open.
+    pub fn freeze_all(&self) {
+        self.shared.gate().frozen_all = true;
+    }
+
+    /// Ends `freeze_all`: relaying resumes where it stopped.
+    pub fn thaw_all(&self) {
+        self.shared.gate().frozen_all = false;
+        self.shared.wake.notify_all();
+    }
+
+    /// Closes every connection frozen by `Fault::Freeze` so far, on both sides (the server
+    /// aborts its transaction). Traffic is not resumed.
+    pub fn thaw(&self) {
+        self.shared.gate().thaws += 1;
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Drop for Proxy {
+    /// Closes the frozen connections and stops listening; the others carry on.
+    fn drop(&mut self) {
+        self.shared.gate().closed = true;
+        self.shared.wake.notify_all();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
 /// The host:port of a postgres:// URL.
 pub fn upstream_of(url: &str) -> SocketAddr {
     let rest = url.split_once("://").expect("scheme").1;
@@ -107,12 +285,16 @@ pub fn upstream_of(url: &str) -> SocketAddr {
         .expect("the test server's URL must name IP:port")
 }
 
-fn relay(mut client: TcpStream, mut server: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
+fn relay(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> io::Result<()> {
+    // Under `freeze_all` a new connection is accepted (the kernel did that) but not answered.
+    shared.hold()?;
+    let mut server = TcpStream::connect(upstream)?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     // Startup: untyped messages. Refuse SSL/GSS encryption ourselves, forward the rest.
     loop {
         let msg = read_untyped(&mut client)?;
+        shared.hold()?;
         let code = msg
             .get(4..8)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
@@ -123,84 +305,201 @@ fn relay(mut client: TcpStream, mut server: TcpStream, shared: Arc<Shared>) -> i
         server.write_all(&msg)?;
         break;
     }
-    let on_reply = Arc::new(Mutex::new(OnReply::Forward));
+    let link = Arc::new(Link {
+        client: client.try_clone()?,
+        server: server.try_clone()?,
+        reply: Mutex::new(OnReply::Forward),
+        status: AtomicU8::new(0),
+        frozen: AtomicBool::new(false),
+    });
     let back = {
         let (server, client) = (server.try_clone()?, client.try_clone()?);
-        let on_reply = Arc::clone(&on_reply);
-        thread::spawn(move || server_to_client(server, client, on_reply))
+        let (link, shared) = (Arc::clone(&link), Arc::clone(&shared));
+        thread::spawn(move || server_to_client(server, client, &link, &shared))
     };
-    let result = client_to_server(&mut client, &mut server, &shared, &on_reply);
-    let _ = client.shutdown(Shutdown::Both);
-    let _ = server.shutdown(Shutdown::Both);
+    let end = client_to_server(&mut client, &mut server, &link, &shared);
+    if !matches!(end, Ok(End::AwaitReply)) {
+        link.close();
+    }
     let _ = back.join();
-    result
+    link.close();
+    end.map(drop)
 }
 
 fn client_to_server(
     client: &mut TcpStream,
     server: &mut TcpStream,
+    link: &Link,
     shared: &Shared,
-    on_reply: &Mutex<OnReply>,
-) -> io::Result<()> {
+) -> io::Result<End> {
+    // Names of the prepared statements that insert into `transfers` ("" is the unnamed one).
+    let mut transfer_statements = HashSet::new();
     loop {
         let msg = read_typed(client)?;
-        if !is_commit(&msg) {
-            server.write_all(&msg)?;
-            continue;
-        }
-        shared.commits.fetch_add(1, Ordering::SeqCst);
-        let fault = shared.armed.lock().expect("lock").pop_front();
-        let Some(fault) = fault else {
-            server.write_all(&msg)?;
+        shared.hold()?;
+        // A commit point, as the messages that make it up: COMMIT, or a statement's Bind..Sync.
+        let (at, batch) = match msg[0] {
+            b'Q' if is_commit(&msg) => {
+                shared.commits.fetch_add(1, Ordering::SeqCst);
+                (At::Commit, vec![msg])
+            }
+            b'P' => {
+                let mut fields = cstrings(&msg);
+                let name = fields.next().unwrap_or_default().to_vec();
+                let query = fields.next().unwrap_or_default();
+                // A Parse of a name replaces the statement it named before.
+                if String::from_utf8_lossy(query).contains("INSERT INTO transfers") {
+                    transfer_statements.insert(name);
+                } else {
+                    transfer_statements.remove(&name);
+                }
+                server.write_all(&msg)?;
+                continue;
+            }
+            b'B' if transfer_statements.contains(cstrings(&msg).nth(1).unwrap_or_default()) => {
+                let batch = read_batch(client, msg, shared)?;
+                // Only a batch that ends with Sync while no transaction is open commits.
+                let ends_in_sync = batch.last().is_some_and(|m| m[0] == b'S');
+                if !(ends_in_sync && link.status.load(Ordering::SeqCst) == b'I') {
+                    server.write_all(&batch.concat())?;
+                    continue;
+                }
+                shared.statements.fetch_add(1, Ordering::SeqCst);
+                (At::Statement, batch)
+            }
+            _ => {
+                server.write_all(&msg)?;
+                continue;
+            }
+        };
+        let Some(fault) = shared.take_fault(at) else {
+            server.write_all(&batch.concat())?;
             continue;
         };
-        shared.injected.fetch_add(1, Ordering::SeqCst);
-        // Set what happens to the reply before the server can send it.
-        match fault {
-            Fault::Retry40001 => {
-                *on_reply.lock().expect("lock") = OnReply::Replace(error_then_idle(
-                    "40001",
-                    "restart transaction: TransactionRetryWithProtoRefreshError: \
-                     ReadWithinUncertaintyIntervalError: injected by the test proxy",
-                ));
-                server.write_all(&query("ROLLBACK"))?;
-            }
-            Fault::Ambiguous40003 => {
-                *on_reply.lock().expect("lock") = OnReply::Replace(error_then_idle(
-                    "40003",
-                    "result is ambiguous: error=rpc error: connection reset (injected by the test proxy)",
-                ));
-                server.write_all(&msg)?;
-            }
-            Fault::CutAfterCommit => {
-                *on_reply.lock().expect("lock") = OnReply::Cut;
-                server.write_all(&msg)?;
-            }
-            Fault::CutBeforeCommit => return Ok(()),
+        if let Some(end) = inject(fault, at, &batch, server, link, shared)? {
+            return Ok(end);
         }
     }
 }
 
+/// Does `fault` to the commit point `batch`. Returns how the connection ends, if it does.
+fn inject(
+    fault: Fault,
+    at: At,
+    batch: &[Vec<u8>],
+    server: &mut TcpStream,
+    link: &Link,
+    shared: &Shared,
+) -> io::Result<Option<End>> {
+    // What commits is the last message (COMMIT, or the statement's Sync); `before` is the rest.
+    let Some((commit, before)) = batch.split_last() else {
+        return Ok(None);
+    };
+    // Set what happens to the reply before the server can send it.
+    match fault {
+        Fault::Retry40001 => {
+            link.set_reply(OnReply::Replace(error_then_idle(
+                "40001",
+                "restart transaction: TransactionRetryWithProtoRefreshError: \
+                 ReadWithinUncertaintyIntervalError: injected by the test proxy",
+            )));
+            // The server answers in place of the statement too: a bare Sync (a no-op outside a
+            // transaction), so its replies and ours cannot interleave.
+            match at {
+                At::Commit => server.write_all(&query("ROLLBACK"))?,
+                At::Statement => server.write_all(commit)?,
+            }
+        }
+        Fault::Ambiguous40003 => {
+            link.set_reply(OnReply::Replace(error_then_idle(
+                "40003",
+                "result is ambiguous: error=rpc error: connection reset (injected by the test proxy)",
+            )));
+            server.write_all(&batch.concat())?;
+        }
+        Fault::CutAfterCommit => {
+            link.set_reply(OnReply::Cut);
+            server.write_all(&batch.concat())?;
+        }
+        Fault::CutBeforeCommit => {
+            link.set_reply(OnReply::Discard);
+            server.write_all(&before.concat())?;
+            return Ok(Some(End::Close));
+        }
+        Fault::LateCommit(delay) => {
+            link.set_reply(OnReply::Discard);
+            server.write_all(&before.concat())?;
+            let _ = link.client.shutdown(Shutdown::Both);
+            // This connection's own thread waits; the other connections keep flowing.
+            thread::sleep(delay);
+            shared.hold()?;
+            link.set_reply(OnReply::Close);
+            server.write_all(commit)?;
+            return Ok(Some(End::AwaitReply));
+        }
+        Fault::Freeze => {
+            link.frozen.store(true, Ordering::SeqCst);
+            // This thread keeps both sockets open and relays nothing; the other side stops at
+            // its next message.
+            shared.wait_for_thaw();
+            return Ok(Some(End::Close));
+        }
+    }
+    Ok(None)
+}
+
 fn server_to_client(
+    server: TcpStream,
+    client: TcpStream,
+    link: &Link,
+    shared: &Shared,
+) -> io::Result<()> {
+    let result = forward_replies(server, client, link, shared);
+    // Without its server the client has nothing to wait for, unless it is to see a frozen one.
+    if !link.frozen.load(Ordering::SeqCst) {
+        let _ = link.client.shutdown(Shutdown::Both);
+    }
+    result
+}
+
+fn forward_replies(
     mut server: TcpStream,
     mut client: TcpStream,
-    on_reply: Arc<Mutex<OnReply>>,
+    link: &Link,
+    shared: &Shared,
 ) -> io::Result<()> {
     loop {
         let msg = read_typed(&mut server)?;
-        let action = on_reply.lock().expect("lock").clone();
+        shared.hold()?;
+        if link.frozen.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let ready = msg[0] == b'Z';
+        if ready {
+            // Set before the client sees it, so its next message finds it up to date.
+            link.status
+                .store(msg.get(5).copied().unwrap_or(0), Ordering::SeqCst);
+        }
+        let action = link.reply.lock().expect("lock").clone();
         match action {
             OnReply::Forward => client.write_all(&msg)?,
+            OnReply::Discard => {}
             OnReply::Replace(bytes) => {
-                if msg[0] == b'Z' {
-                    *on_reply.lock().expect("lock") = OnReply::Forward;
+                if ready {
+                    link.set_reply(OnReply::Forward);
                     client.write_all(&bytes)?;
                 }
             }
             OnReply::Cut => {
-                if msg[0] == b'Z' {
-                    let _ = client.shutdown(Shutdown::Both);
-                    let _ = server.shutdown(Shutdown::Both);
+                if ready {
+                    link.close();
+                    return Ok(());
+                }
+            }
+            OnReply::Close => {
+                if ready {
+                    shared.late_commits.fetch_add(1, Ordering::SeqCst);
+                    let _ = link.server.shutdown(Shutdown::Both);
                     return Ok(());
                 }
             }
@@ -218,6 +517,23 @@ fn is_commit(msg: &[u8]) -> bool {
                     .eq_ignore_ascii_case("COMMIT")
             })
             .unwrap_or(false)
+}
+
+/// The client's messages from `first` (a Bind) up to and including the next Sync: one batch.
+/// A Flush also ends it, since the client may wait for replies before it sends more.
+fn read_batch(client: &mut TcpStream, first: Vec<u8>, shared: &Shared) -> io::Result<Vec<Vec<u8>>> {
+    let mut batch = vec![first];
+    while !batch.last().is_some_and(|m| matches!(m[0], b'S' | b'H')) {
+        let msg = read_typed(client)?;
+        shared.hold()?;
+        batch.push(msg);
+    }
+    Ok(batch)
+}
+
+/// The NUL-terminated strings at the start of a typed message's body.
+fn cstrings(msg: &[u8]) -> impl Iterator<Item = &[u8]> {
+    msg.get(5..).unwrap_or_default().split(|b| *b == 0)
 }
 
 /// A startup-phase message: length (including itself), then the body.
