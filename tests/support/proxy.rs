@@ -191,11 +191,6 @@ impl Proxy {
         Proxy { port, shared }
     }
 
-    /// The next COMMIT through the proxy, on any connection, gets `fault`.
-    pub fn arm(&self, fault: Fault) {
-        self.arm_at(At::Commit, fault);
-    }
-
     /// The next commit point of kind `at`, on any connection, gets `fault`.
     pub fn arm_at(&self, at: At, fault: Fault) {
         let queue = match at {
