@@ -13,7 +13,7 @@ use diesel::sql_types::Uuid as SqlUuid;
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::support::ScratchDb;
+use crate::support::{Iso, ScratchDb};
 
 /// Two serializable transactions update the same row: PostgreSQL aborts one with 40001, and the
 /// classifier calls it a serialization failure.
@@ -132,12 +132,18 @@ fn conflicting_transfers_are_retried_and_conserve_the_total() {
     assert!(report.ok, "{report:?}");
 }
 
-/// The single-statement mode under the same contention.
+/// The single-statement mode under the same contention, at both isolation levels.
 #[test]
 fn single_statement_transfers_conserve_the_total_under_contention() {
+    for iso in Iso::BOTH {
+        single_statement_under_contention(iso);
+    }
+}
+
+fn single_statement_under_contention(iso: Iso) {
     const WORKERS: usize = 4;
     const EACH: usize = 25;
-    let db = ScratchDb::migrated();
+    let db = ScratchDb::migrated_at(iso);
     let ids = db.accounts(&[500, 500, 500]);
     let committed: i64 = run_workers(&db, WORKERS, move |w, session| {
         let mut committed = 0;

@@ -8,11 +8,17 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
-use crate::support::ScratchDb;
+use crate::support::{Iso, ScratchDb};
 
 #[test]
 fn a_workload_by_count_keeps_every_invariant() {
-    let db = ScratchDb::migrated();
+    for iso in Iso::BOTH {
+        workload_by_count(iso);
+    }
+}
+
+fn workload_by_count(iso: Iso) {
+    let db = ScratchDb::migrated_at(iso);
     let run = db
         .bank()
         .args([
@@ -80,17 +86,21 @@ fn a_workload_reuses_existing_accounts_in_text_mode() {
 
 #[test]
 fn a_workload_survives_connections_killed_from_outside() {
-    workload_with_killed_connections("transaction");
+    for iso in Iso::BOTH {
+        workload_with_killed_connections(iso, "transaction");
+    }
 }
 
 #[test]
 fn a_single_statement_workload_survives_connections_killed_from_outside() {
-    workload_with_killed_connections("single-statement");
+    for iso in Iso::BOTH {
+        workload_with_killed_connections(iso, "single-statement");
+    }
 }
 
 /// Kills every workload backend every 200 ms while a workload in `mode` runs.
-fn workload_with_killed_connections(mode: &str) {
-    let db = ScratchDb::migrated();
+fn workload_with_killed_connections(iso: Iso, mode: &str) {
+    let db = ScratchDb::migrated_at(iso);
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
         let stop = Arc::clone(&stop);
