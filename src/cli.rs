@@ -104,8 +104,8 @@ pub struct RunArgs {
     /// Retries after the first attempt before giving up
     #[arg(long, value_name = "N", default_value_t = 30, env = "BANK_MAX_RETRIES")]
     pub max_retries: u32,
-    /// Backoff before the first retry; doubles with each retry (e.g. 10ms)
-    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = humantime::parse_duration, env = "BANK_RETRY_BASE")]
+    /// Backoff before the first retry; doubles with each retry (e.g. 2ms)
+    #[arg(long, value_name = "DURATION", default_value = "2ms", value_parser = humantime::parse_duration, env = "BANK_RETRY_BASE")]
     pub retry_base: Duration,
     /// Longest backoff between two attempts (e.g. 1s)
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration, env = "BANK_RETRY_CAP")]

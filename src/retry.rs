@@ -145,7 +145,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             max_attempts: 31,
-            base: Duration::from_millis(10),
+            base: Duration::from_millis(2),
             cap: Duration::from_secs(1),
             timeout: Duration::from_secs(30),
         }

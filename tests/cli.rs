@@ -579,3 +579,51 @@ fn workload_shows_a_live_line_on_a_terminal() {
     assert!(shown.contains(" retries "), "{shown}");
     assert!(shown.contains("workload: ok"), "{shown}");
 }
+
+#[test]
+fn bad_timeouts_are_refused() {
+    refused(
+        &[
+            "transfer",
+            "--from",
+            "{A}",
+            "--to",
+            "{B}",
+            "--amount",
+            "1",
+            "--timeout",
+            "0s",
+        ],
+        2,
+        "must be longer than 0",
+    );
+    refused(
+        &[
+            "transfer",
+            "--from",
+            "{A}",
+            "--to",
+            "{B}",
+            "--amount",
+            "1",
+            "--timeout",
+            "soon",
+        ],
+        2,
+        "--timeout",
+    );
+}
+
+/// `BANK_TIMEOUT` in `.env` sets the deadline like the other `BANK_*` variables: an invalid one
+/// is reported as such.
+#[test]
+fn the_timeout_comes_from_dotenv_too() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[10, 0])[..] else {
+        panic!("two accounts")
+    };
+    let run = db.transfer(a, b, 1);
+    std::fs::write(run.dir.path().join(".env"), "BANK_TIMEOUT=0s\n").expect("write .env");
+    run.run().fails_with(2, "must be longer than 0");
+    assert_eq!(db.balance(a), 10);
+}

@@ -188,6 +188,7 @@ impl Bank {
             .env_remove("BANK_MAX_RETRIES")
             .env_remove("BANK_RETRY_BASE")
             .env_remove("BANK_RETRY_CAP")
+            .env_remove("BANK_TIMEOUT")
             .env("NO_COLOR", "1");
         Bank { cmd, dir }
     }
