@@ -511,6 +511,16 @@ fn attempt(
                     cause: Cause::Ambiguous,
                     message: format!("COMMIT failed: {e}"),
                 }),
+                // The statement that is its own commit failed in a way nobody classified: the
+                // server says it rolled back, but a middlebox may have said it instead. One
+                // look at the ledger costs little and makes "applied" exact.
+                None if committing => match lookup(conn, t)? {
+                    Some(found) => {
+                        log::debug!("transfer {}: failed ({e}), but the ledger has it", t.id);
+                        resolve_duplicate(t, &found, false)
+                    }
+                    None => Err(AttemptError::Final(TransferError::Database(e))),
+                },
                 None => Err(AttemptError::Final(TransferError::Database(e))),
             }
         }

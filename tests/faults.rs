@@ -274,6 +274,25 @@ fn a_40003_ambiguous_result_is_settled_by_the_ledger() {
     }
 }
 
+/// An error at the commit that no classifier knows is not a verdict: the transfer committed
+/// (the proxy forwarded the commit), and `bank` must say so, after asking the ledger.
+#[test]
+fn an_unknown_error_at_commit_defers_to_the_ledger() {
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::UnknownError);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["-v"]);
+        let case = format!("{iso:?} {}", s.case());
+        run.success();
+        assert_eq!(run.json()["outcome"], "applied", "{case}: {run:?}");
+        assert!(run.stderr.contains("internal error"), "{case}: {run:?}");
+        assert_eq!(s.balances(), (900, 100), "{case}");
+        assert_eq!(s.commit_points(), 1, "{case}: committed once");
+        s.verify_passes();
+    }
+}
+
 #[test]
 fn faults_in_a_row_are_all_survived() {
     for (iso, at) in CASES {

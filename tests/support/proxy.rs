@@ -29,6 +29,9 @@ pub enum Fault {
     /// Forward the commit, then answer CockroachDB's 40003 "result is ambiguous" instead of the
     /// reply.
     Ambiguous40003,
+    /// Forward the commit, then answer an error no classifier knows (XX000) instead of the
+    /// reply: it committed, whatever the error says.
+    UnknownError,
     /// Cut the client off at once but keep the server connection, whose transaction stays open
     /// and holds its row locks; after the delay, send the commit there, read the server's
     /// answer and close it. (A statement is sent at once without its Sync; the Sync is late.)
@@ -409,6 +412,13 @@ fn inject(
             link.set_reply(OnReply::Replace(error_then_idle(
                 "40003",
                 "result is ambiguous: error=rpc error: connection reset (injected by the test proxy)",
+            )));
+            server.write_all(&batch.concat())?;
+        }
+        Fault::UnknownError => {
+            link.set_reply(OnReply::Replace(error_then_idle(
+                "XX000",
+                "internal error: something odd (injected by the test proxy)",
             )));
             server.write_all(&batch.concat())?;
         }
