@@ -56,10 +56,10 @@ pub struct JsonArg {
 #[derive(Debug, Args)]
 pub struct SeedArgs {
     /// Number of accounts to create [default: the tutorial's two accounts]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, { u64::MAX }>)]
     pub accounts: Option<u64>,
     /// Opening balance of each account created with --accounts
-    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, value_parser = parse_balance, requires = "accounts")]
+    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, allow_negative_numbers = true, value_parser = parse_balance, requires = "accounts")]
     pub balance: i64,
     /// Print the created accounts as a JSON array
     #[arg(long)]
@@ -102,8 +102,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Mode::Transaction)]
     pub mode: Mode,
     /// Retries after the first attempt before giving up
-    #[arg(long, value_name = "N", default_value_t = 30, env = "BANK_MAX_RETRIES")]
-    pub max_retries: u32,
+    #[arg(long, value_name = "N", default_value_t = 30, env = "BANK_MAX_RETRIES", allow_negative_numbers = true, value_parser = whole::<0, { u32::MAX as u64 }>)]
+    pub max_retries: u64,
     /// Backoff before the first retry; doubles with each retry (e.g. 2ms)
     #[arg(long, value_name = "DURATION", default_value = "2ms", value_parser = humantime::parse_duration, env = "BANK_RETRY_BASE")]
     pub retry_base: Duration,
@@ -119,7 +119,9 @@ pub struct RunArgs {
 impl RunArgs {
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
-            max_attempts: self.max_retries.saturating_add(1),
+            max_attempts: u32::try_from(self.max_retries)
+                .unwrap_or(u32::MAX)
+                .saturating_add(1),
             base: self.retry_base,
             cap: self.retry_cap.max(self.retry_base),
             timeout: self.timeout,
@@ -130,28 +132,28 @@ impl RunArgs {
 #[derive(Debug, Args)]
 pub struct WorkloadArgs {
     /// Accounts to transfer between
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=10_000_000))]
+    #[arg(long, value_name = "N", default_value_t = 100, allow_negative_numbers = true, value_parser = whole::<2, 10_000_000>)]
     pub accounts: u64,
     /// Use existing accounts (the first N by id) instead of creating new ones
     #[arg(long)]
     pub reuse_accounts: bool,
     /// Opening balance of each created account
-    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, value_parser = parse_balance)]
+    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, allow_negative_numbers = true, value_parser = parse_balance)]
     pub balance: i64,
     /// Workers, each with its own connection
-    #[arg(long, value_name = "C", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=512))]
+    #[arg(long, value_name = "C", default_value_t = 8, allow_negative_numbers = true, value_parser = whole::<1, 512>)]
     pub concurrency: u64,
     /// How long to run (e.g. 30s, 2m)
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "transfers", required_unless_present = "transfers")]
     pub duration: Option<Duration>,
     /// How many transfers to attempt in all
-    #[arg(long, value_name = "T", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = whole::<1, { u64::MAX }>)]
     pub transfers: Option<u64>,
     /// Largest amount of one transfer (amounts are uniform in 1..=A)
-    #[arg(long, value_name = "A", default_value_t = 100, value_parser = parse_amount)]
+    #[arg(long, value_name = "A", default_value_t = 100, allow_negative_numbers = true, value_parser = parse_amount)]
     pub max_amount: i64,
     /// Random seed, for a reproducible sequence of transfers per worker
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<0, { u64::MAX }>)]
     pub seed: Option<u64>,
     /// Print the final report as one JSON object
     #[arg(long)]
@@ -167,6 +169,31 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         return Err("must be longer than 0".into());
     }
     Ok(d)
+}
+
+/// A count: a whole number from MIN to MAX, with a message that says so ("must be at least 1",
+/// not clap's "0 is not in 1..18446744073709551615").
+fn whole<const MIN: u64, const MAX: u64>(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix('+').unwrap_or(t);
+    let negative = digits
+        .strip_prefix('-')
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    let bound = match (MIN, MAX) {
+        (min, u64::MAX) => format!("at least {min}"),
+        (0, max) => format!("at most {max}"),
+        (min, max) => format!("from {min} to {max}"),
+    };
+    if negative {
+        return Err(format!("must be a whole number {bound}, got {s}"));
+    }
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("must be a whole number, got '{s}'"));
+    }
+    match digits.parse::<u64>() {
+        Ok(n) if (MIN..=MAX).contains(&n) => Ok(n),
+        _ => Err(format!("must be {bound}, got {s}")),
+    }
 }
 
 /// A transfer amount: a whole number from 1 to i64::MAX.
@@ -205,6 +232,31 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn counts_say_their_bounds() {
+        assert_eq!(whole::<1, { u64::MAX }>("3"), Ok(3));
+        assert_eq!(
+            whole::<1, { u64::MAX }>("0"),
+            Err("must be at least 1, got 0".into())
+        );
+        assert_eq!(
+            whole::<1, { u64::MAX }>("-5"),
+            Err("must be a whole number at least 1, got -5".into())
+        );
+        assert_eq!(
+            whole::<2, 10>("11"),
+            Err("must be from 2 to 10, got 11".into())
+        );
+        assert_eq!(
+            whole::<0, 7>("x"),
+            Err("must be a whole number, got 'x'".into())
+        );
+        assert_eq!(
+            whole::<1, { u64::MAX }>("18446744073709551616"),
+            Err("must be at least 1, got 18446744073709551616".into())
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match bank::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`bank balances | head -1`): a normal end, as for ripgrep.
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bank: error: {}", one_line(&e));
             ExitCode::from(e.exit_code() as u8)

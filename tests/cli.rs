@@ -627,3 +627,59 @@ fn the_timeout_comes_from_dotenv_too() {
     run.run().fails_with(2, "must be longer than 0");
     assert_eq!(db.balance(a), 10);
 }
+
+/// `bank balances | head -1`: the reader leaves early; `bank` ends quietly with status 0.
+#[test]
+fn a_closed_pipe_is_a_normal_end() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[5; 2000]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "balances"])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn bank");
+    // Read one line, then close the pipe.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("first bytes");
+    drop(stdout);
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{out:?}");
+}
+
+#[test]
+fn numeric_flags_say_their_bounds() {
+    let db = ScratchDb::migrated();
+    for (args, message) in [
+        (vec!["seed", "--accounts", "0"], "must be at least 1, got 0"),
+        (
+            vec!["seed", "--accounts", "2", "--balance", "-5"],
+            "must not be negative, got -5",
+        ),
+        (
+            vec!["workload", "--accounts", "-3", "--transfers", "1"],
+            "must be a whole number from 2 to 10000000, got -3",
+        ),
+        (
+            vec!["workload", "--concurrency", "0", "--transfers", "1"],
+            "must be from 1 to 512, got 0",
+        ),
+        (
+            vec!["workload", "--max-amount", "-5", "--transfers", "1"],
+            "must be a positive whole number, got -5",
+        ),
+        (
+            vec!["workload", "--transfers", "-1"],
+            "must be a whole number at least 1, got -1",
+        ),
+    ] {
+        db.bank().args(&args).run().fails_with(2, message);
+    }
+    assert_eq!(db.state(), (vec![], 0));
+}
