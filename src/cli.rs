@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::retry::RetryPolicy;
 use crate::transfer::Mode;
+use crate::workload;
 
 /// Bank accounts in CockroachDB or PostgreSQL, with transfers that are applied exactly once.
 #[derive(Debug, Parser)]
@@ -99,8 +100,8 @@ pub struct ResetArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// How a transfer reaches the database
-    #[arg(long, value_enum, default_value_t = Mode::Transaction)]
-    pub mode: Mode,
+    #[arg(long, value_enum, default_value_t = ModeArg::Transaction)]
+    pub mode: ModeArg,
     /// Retries after the first attempt before giving up
     #[arg(long, value_name = "N", default_value_t = 30, env = "BANK_MAX_RETRIES", allow_negative_numbers = true, value_parser = whole::<0, { u32::MAX as u64 }>)]
     pub max_retries: u64,
@@ -116,7 +117,29 @@ pub struct RunArgs {
     pub timeout: Duration,
 }
 
+/// `--mode`: the command line's names for `transfer::Mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// BEGIN ISOLATION LEVEL SERIALIZABLE; the transfer statement; COMMIT
+    Transaction,
+    /// The transfer statement alone, as an implicit transaction: one round trip
+    SingleStatement,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Transaction => Mode::Transaction,
+            ModeArg::SingleStatement => Mode::SingleStatement,
+        }
+    }
+}
+
 impl RunArgs {
+    pub fn mode(&self) -> Mode {
+        self.mode.into()
+    }
+
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_attempts: u32::try_from(self.max_retries)
@@ -160,6 +183,24 @@ pub struct WorkloadArgs {
     pub json: bool,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+impl WorkloadArgs {
+    pub fn config(&self) -> workload::Config {
+        workload::Config {
+            accounts: self.accounts,
+            reuse_accounts: self.reuse_accounts,
+            balance: self.balance,
+            concurrency: self.concurrency,
+            duration: self.duration,
+            transfers: self.transfers,
+            max_amount: self.max_amount,
+            seed: self.seed,
+            mode: self.run.mode(),
+            policy: self.run.policy(),
+            json: self.json,
+        }
+    }
 }
 
 /// A deadline: a positive duration.

@@ -14,8 +14,8 @@ use crate::db::{self, DbUrl, Session};
 use crate::error::{Error, TransferError};
 use crate::models::{Account, NewAccount, NewTransfer};
 use crate::repo;
-use crate::retry::{retry_transaction, RetryPolicy};
-use crate::transfer::{self, Mode, Receipt};
+use crate::retry::{retry_transaction, RetryCounts, RetryPolicy};
+use crate::transfer::{self, Mode, Receipt, Runner};
 use crate::verify;
 use crate::workload;
 
@@ -37,7 +37,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Balances(args) => balances(&url, args.json, &mut out),
         Command::Reset(args) => reset(&url, &args, &mut out),
         Command::Verify(args) => verify_cmd(&url, args.json, &mut out),
-        Command::Workload(args) => workload::run(&url, &args, &mut out),
+        Command::Workload(args) => workload::run(&url, &args.config(), &mut out),
     };
     // Whatever was printed before a failure still reaches stdout.
     out.flush()?;
@@ -179,7 +179,7 @@ struct TransferJson {
     outcome: &'static str,
     attempts: u32,
     already_applied: bool,
-    retries: transfer::RetryCounts,
+    retries: RetryCounts,
 }
 
 /// `transfer --json` when the transfer failed: "failed" (not applied) or "unknown" (exit 3).
@@ -201,7 +201,8 @@ fn transfer_cmd(url: &DbUrl, args: &TransferArgs, out: &mut impl Write) -> Resul
     transfer::validate(&t)?;
     let policy = args.run.policy();
     let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
-    let receipt = match transfer::run_guarded(session, &t, args.run.mode, &policy) {
+    let runner = Runner::new(session, args.run.mode(), policy);
+    let receipt = match runner.run_guarded(&t) {
         Ok(receipt) => receipt,
         Err(e) => {
             if args.json {
@@ -315,28 +316,31 @@ fn verify_cmd(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error
     if report.ok {
         Ok(())
     } else {
-        Err(Error::Verify(format!(
-            "{} negative balances, {} balances disagree with the ledger, total {} vs opening {}",
-            report.negative_balances,
-            report.mismatched_accounts,
-            report.total_balance,
-            report.total_opening_balance
-        )))
+        Err(Error::Verify {
+            negative: report.negative_balances,
+            mismatched: report.mismatched_accounts,
+            total: report.total_balance,
+            opening: report.total_opening_balance,
+        })
     }
 }
 
 /// The tutorial's flow, cleaning up after itself: only the rows it created are removed, even
 /// when a step fails halfway.
 fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
-    let mut session = Session::new(url.clone(), "bank-demo");
+    let mut runner = Runner::new(
+        Session::new(url.clone(), "bank-demo"),
+        Mode::Transaction,
+        RetryPolicy::default(),
+    );
     let created: Vec<NewAccount> = TUTORIAL_BALANCES
         .into_iter()
         .map(NewAccount::with_balance)
         .collect();
     let ids: Vec<Uuid> = created.iter().map(|a| a.id).collect();
     let transfer_id = Uuid::new_v4();
-    let flow = demo_flow(&mut session, &created, transfer_id, out);
-    let cleanup = demo_cleanup(&mut session, &ids, transfer_id);
+    let flow = demo_flow(&mut runner, &created, transfer_id, out);
+    let cleanup = demo_cleanup(&mut runner.session, &ids, transfer_id);
     flow?;
     let (accounts, transfers) = cleanup?;
     writeln!(
@@ -347,12 +351,12 @@ fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
 }
 
 fn demo_flow(
-    session: &mut Session,
+    runner: &mut Runner,
     created: &[NewAccount],
     transfer_id: Uuid,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    let conn = session.conn()?;
+    let conn = runner.session.conn()?;
     repo::create_many(conn, created)?;
     let [from, to] = [created[0].id, created[1].id];
     writeln!(out, "Created accounts {from} and {to}")?;
@@ -363,9 +367,9 @@ fn demo_flow(
         to_id: to,
         amount: DEMO_AMOUNT,
     };
-    let receipt = transfer::run(session, &t, Mode::Transaction, &RetryPolicy::default())?;
+    let receipt = runner.run(&t)?;
     writeln!(out, "{}", receipt_line(&receipt))?;
-    print_demo_balances(session.conn()?, &[from, to], out)?;
+    print_demo_balances(runner.session.conn()?, &[from, to], out)?;
     Ok(())
 }
 

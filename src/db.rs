@@ -228,7 +228,7 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
 pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, crate::error::Error> {
     let done = conn
         .run_pending_migrations(MIGRATIONS)
-        .map_err(|e| crate::error::Error::Migration(e.to_string()))?;
+        .map_err(crate::error::Error::Migration)?;
     Ok(done.iter().map(ToString::to_string).collect())
 }
 

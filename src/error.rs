@@ -8,6 +8,8 @@
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::exit_code::ExitCode;
+
 /// Where the database is: problems found before connecting.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -96,7 +98,7 @@ pub enum TransferError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("database error: {0}")]
-    Database(#[from] diesel::result::Error),
+    Database(diesel::result::Error),
 }
 
 impl TransferError {
@@ -127,16 +129,41 @@ pub enum Error {
     Transfer(#[from] TransferError),
     #[error("database not migrated: run `bank init` first")]
     NotMigrated,
-    #[error("migration failed: {0}")]
-    Migration(String),
+    #[error("migration failed")]
+    Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("database error: {0}")]
     Database(diesel::result::Error),
-    #[error("verification failed: {0}")]
-    Verify(String),
-    #[error("workload failed: {0}")]
-    Workload(String),
+    #[error(
+        "verification failed: {negative} negative balances, {mismatched} balances disagree \
+         with the ledger, total {total} vs opening {opening}"
+    )]
+    Verify {
+        negative: i64,
+        mismatched: i64,
+        total: i64,
+        opening: i64,
+    },
+    #[error("workload failed")]
+    Workload(#[from] WorkloadError),
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Why `bank workload` failed.
+#[derive(Debug, Error)]
+pub enum WorkloadError {
+    #[error("an invariant does not hold (see the report)")]
+    InvariantViolated,
+    #[error("the final check could not run ({0}); see the report")]
+    FinalCheck(String),
+    #[error("--reuse-accounts needs at least 2 existing accounts, found {0}")]
+    TooFewAccounts(usize),
+    #[error("cannot make a latency histogram")]
+    Histogram(#[from] hdrhistogram::CreationError),
+    #[error("cannot merge latency histograms")]
+    HistogramMerge(#[from] hdrhistogram::AdditionError),
+    #[error("a worker thread panicked")]
+    Panicked,
 }
 
 impl Error {
@@ -145,36 +172,43 @@ impl Error {
         matches!(self, Error::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Usage(_) | Error::Config(_) => 2,
+            Error::Usage(_) | Error::Config(_) => ExitCode::Usage,
             Error::Transfer(
                 TransferError::NonPositiveAmount(_) | TransferError::SameAccount(_),
-            ) => 2,
-            Error::Transfer(TransferError::OutcomeUnknown { .. }) => 3,
-            _ => 1,
+            ) => ExitCode::Usage,
+            Error::Transfer(TransferError::OutcomeUnknown { .. }) => ExitCode::OutcomeUnknown,
+            _ => ExitCode::Failure,
         }
     }
 }
 
-/// A query on tables that do not exist yet means `bank init` has not run.
-pub fn is_not_migrated(e: &diesel::result::Error) -> bool {
-    match e {
-        diesel::result::Error::DatabaseError(_, info) => {
-            let m = info.message();
-            m.contains("does not exist")
-                && (m.contains("\"accounts\"") || m.contains("\"transfers\""))
+/// The one place a database error becomes a domain error: a query on tables that do not exist
+/// yet means `bank init` has not run.
+impl From<diesel::result::Error> for TransferError {
+    fn from(e: diesel::result::Error) -> Self {
+        let not_migrated = match &e {
+            diesel::result::Error::DatabaseError(_, info) => {
+                let m = info.message();
+                m.contains("does not exist")
+                    && (m.contains("\"accounts\"") || m.contains("\"transfers\""))
+            }
+            _ => false,
+        };
+        if not_migrated {
+            TransferError::NotMigrated
+        } else {
+            TransferError::Database(e)
         }
-        _ => false,
     }
 }
 
 impl From<diesel::result::Error> for Error {
     fn from(e: diesel::result::Error) -> Self {
-        if is_not_migrated(&e) {
-            Error::NotMigrated
-        } else {
-            Error::Database(e)
+        match TransferError::from(e) {
+            TransferError::Database(e) => Error::Database(e),
+            _ => Error::NotMigrated,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod db;
 pub mod error;
+pub mod exit_code;
 pub mod guard;
 pub mod models;
 pub mod repo;

@@ -2,12 +2,14 @@
 
 use std::process::ExitCode;
 
+use bank::exit_code::ExitCode as Code;
+
 use clap::Parser;
 
 fn main() -> ExitCode {
     if let Err(e) = bank::db::load_dotenv() {
         eprintln!("bank: error: {}", one_line(&e));
-        return ExitCode::from(2);
+        return Code::Usage.into();
     }
     let cli = match bank::cli::Cli::try_parse() {
         Ok(cli) => cli,
@@ -15,12 +17,12 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     match bank::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Code::Success.into(),
         // The reader went away (`bank balances | head -1`): a normal end, as for ripgrep.
-        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => Code::Success.into(),
         Err(e) => {
             eprintln!("bank: error: {}", one_line(&e));
-            ExitCode::from(e.exit_code() as u8)
+            e.exit_code().into()
         }
     }
 }
@@ -36,9 +38,9 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     ) {
         let _ = e.print();
         return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-            ExitCode::from(2)
+            Code::Usage.into()
         } else {
-            ExitCode::SUCCESS
+            Code::Success.into()
         };
     }
     let text = e.to_string();
@@ -49,7 +51,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         .unwrap_or_default()
         .trim_start_matches("error: ");
     eprintln!("bank: error: {} (see bank --help)", squash(message));
-    ExitCode::from(2)
+    Code::Usage.into()
 }
 
 /// The error and its sources on one line, each said once.

@@ -1,11 +1,14 @@
-//! When to try a transaction again, and how long to wait first.
+//! When to try again, how long to wait first, and the one loop that does it: transfers, `verify`,
+//! `reset` and the workload's final check all run through `retry`. Its shape is sqlx-cli's
+//! `retry_connect_errors`: each attempt says whether its failure is transient (try again, with
+//! its cause) or permanent, and the loop owns the rest (backoff, attempts, deadline, counts).
 //!
 //! Diesel 2.3 exposes no SQLSTATE, only an error kind (40001 is `SerializationFailure`; 40P01,
 //! 40003 and 57P01 are all `Unknown`) and the server's message, so the classifier uses the kind
 //! where Diesel maps it and the message where it does not. Messages are the same on PostgreSQL and
 //! CockroachDB for the errors matched here.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use rand::Rng;
@@ -167,29 +170,173 @@ impl RetryPolicy {
     }
 }
 
+/// Retries by cause: of one transfer, or of a whole workload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RetryCounts {
+    pub serialization: u64,
+    pub deadlock: u64,
+    pub ambiguous: u64,
+    pub connection_lost: u64,
+    pub timeout: u64,
+}
+
+impl RetryCounts {
+    pub fn add(&mut self, cause: Cause) {
+        *self.slot(cause) += 1;
+    }
+
+    pub fn get(&self, cause: Cause) -> u64 {
+        match cause {
+            Cause::Serialization => self.serialization,
+            Cause::Deadlock => self.deadlock,
+            Cause::Ambiguous => self.ambiguous,
+            Cause::ConnectionLost => self.connection_lost,
+            Cause::Timeout => self.timeout,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        Cause::ALL.iter().map(|c| self.get(*c)).sum()
+    }
+
+    fn slot(&mut self, cause: Cause) -> &mut u64 {
+        match cause {
+            Cause::Serialization => &mut self.serialization,
+            Cause::Deadlock => &mut self.deadlock,
+            Cause::Ambiguous => &mut self.ambiguous,
+            Cause::ConnectionLost => &mut self.connection_lost,
+            Cause::Timeout => &mut self.timeout,
+        }
+    }
+}
+
+impl std::ops::AddAssign for RetryCounts {
+    fn add_assign(&mut self, other: RetryCounts) {
+        for cause in Cause::ALL {
+            *self.slot(cause) += other.get(cause);
+        }
+    }
+}
+
+/// What one attempt came to.
+#[derive(Debug)]
+pub enum Attempt<T, E> {
+    Done(T),
+    /// Permanent: retrying cannot help.
+    Fail(E),
+    /// Transient: try again after a backoff; it counts as an attempt.
+    Retry {
+        cause: Cause,
+        message: String,
+    },
+    /// Transient and free: try again at once without spending an attempt (a connection that
+    /// died while idle says nothing about the work). The deadline still bounds it.
+    RetryNow {
+        cause: Cause,
+        message: String,
+    },
+}
+
+/// Why the loop stopped without a result.
+#[derive(Debug)]
+pub enum Stop<E> {
+    Failed(E),
+    /// Out of attempts or out of time; the last transient failure's message.
+    Exhausted {
+        attempts: u32,
+        last: String,
+        timed_out: bool,
+    },
+}
+
+impl<E> Stop<E> {
+    /// "gave up after N attempts; last error: …" / "timed out after …".
+    pub fn describe(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> String {
+        if timed_out {
+            format!(
+                "timed out after {:.1}s ({attempts} attempts); last error: {last}",
+                elapsed.as_secs_f64()
+            )
+        } else {
+            format!("gave up after {attempts} attempts; last error: {last}")
+        }
+    }
+}
+
+/// Runs `attempt` (given the attempt's number, from 1) until it is done or fails for good, or
+/// `policy` runs out of attempts or time; counts each retry in `counts` as it happens.
+pub fn retry<T, E>(
+    policy: &RetryPolicy,
+    counts: &mut RetryCounts,
+    mut attempt: impl FnMut(u32) -> Attempt<T, E>,
+) -> Result<T, Stop<E>> {
+    let deadline = Instant::now().checked_add(policy.timeout);
+    let mut rng = rand::rng();
+    let mut attempts = 0;
+    let mut last = String::from("none");
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Stop::Exhausted {
+                attempts,
+                last,
+                timed_out: true,
+            });
+        }
+        attempts += 1;
+        let (cause, message, free) = match attempt(attempts) {
+            Attempt::Done(value) => return Ok(value),
+            Attempt::Fail(e) => return Err(Stop::Failed(e)),
+            Attempt::Retry { cause, message } => (cause, message, false),
+            Attempt::RetryNow { cause, message } => (cause, message, true),
+        };
+        log::debug!("attempt {attempts} failed ({}): {message}", cause.as_str());
+        counts.add(cause);
+        last = message;
+        if free {
+            attempts -= 1;
+            continue;
+        }
+        if attempts >= policy.max_attempts {
+            return Err(Stop::Exhausted {
+                attempts,
+                last,
+                timed_out: false,
+            });
+        }
+        let mut pause = policy.backoff(attempts, &mut rng);
+        if let Some(d) = deadline {
+            pause = pause.min(d.saturating_duration_since(Instant::now()));
+        }
+        log::debug!("backing off {pause:?}");
+        std::thread::sleep(pause);
+    }
+}
+
 /// Runs `f`, a whole transaction that is safe to run again (read-only or idempotent), until it
-/// is not aborted by a serialization failure or deadlock, up to `policy.max_attempts` times.
+/// is not rolled back by a conflict (serialization failure, deadlock, lock or statement
+/// timeout), through `retry`.
 pub fn retry_transaction<T>(
     policy: &RetryPolicy,
     mut f: impl FnMut() -> Result<T, DieselError>,
 ) -> Result<T, DieselError> {
-    let mut rng = rand::rng();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match f() {
-            Err(e)
-                if attempt < policy.max_attempts
-                    && matches!(
-                        classify(&e, Phase::BeforeCommit),
-                        Some(Cause::Serialization | Cause::Deadlock)
-                    ) =>
-            {
-                let pause = policy.backoff(attempt, &mut rng);
-                log::debug!("attempt {attempt} failed ({e}); retrying in {pause:?}");
-                std::thread::sleep(pause);
+    let mut last = None;
+    let result = retry(policy, &mut RetryCounts::default(), |_| match f() {
+        Ok(value) => Attempt::Done(value),
+        Err(e) => match classify(&e, Phase::BeforeCommit) {
+            Some(cause @ (Cause::Serialization | Cause::Deadlock | Cause::Timeout)) => {
+                let message = e.to_string();
+                last = Some(e);
+                Attempt::Retry { cause, message }
             }
-            result => return result,
+            _ => Attempt::Fail(e),
+        },
+    });
+    match result {
+        Ok(value) => Ok(value),
+        Err(Stop::Failed(e)) => Err(e),
+        // The last error itself: the caller reports the database's words.
+        Err(Stop::Exhausted { last: message, .. }) => {
+            Err(last.unwrap_or_else(|| DieselError::QueryBuilderError(message.into())))
         }
     }
 }
@@ -339,8 +486,68 @@ mod tests {
             calls += 1;
             Err(db(DatabaseErrorKind::Unknown, "deadlock detected"))
         });
-        assert!(result.is_err());
+        assert!(matches!(result, Err(DieselError::DatabaseError(..))));
         assert_eq!(calls, 5);
+    }
+
+    #[test]
+    fn the_loop_counts_retries_and_free_retries_cost_no_attempt() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base: Duration::from_micros(10),
+            cap: Duration::from_micros(100),
+            ..RetryPolicy::default()
+        };
+        let mut counts = RetryCounts::default();
+        let mut seen = Vec::new();
+        let result: Result<(), Stop<()>> = retry(&policy, &mut counts, |n| {
+            seen.push(n);
+            if seen.len() == 1 {
+                Attempt::RetryNow {
+                    cause: Cause::ConnectionLost,
+                    message: "idle connection died".into(),
+                }
+            } else {
+                Attempt::Retry {
+                    cause: Cause::Serialization,
+                    message: "40001".into(),
+                }
+            }
+        });
+        assert_eq!(seen, [1, 1, 2, 3]);
+        assert!(matches!(
+            result,
+            Err(Stop::Exhausted {
+                attempts: 3,
+                timed_out: false,
+                ..
+            })
+        ));
+        assert_eq!((counts.connection_lost, counts.serialization), (1, 3));
+    }
+
+    #[test]
+    fn the_loop_stops_at_the_deadline() {
+        let policy = RetryPolicy {
+            max_attempts: u32::MAX,
+            base: Duration::from_millis(5),
+            cap: Duration::from_millis(5),
+            timeout: Duration::from_millis(50),
+        };
+        let started = Instant::now();
+        let result: Result<(), Stop<()>> =
+            retry(&policy, &mut RetryCounts::default(), |_| Attempt::Retry {
+                cause: Cause::Timeout,
+                message: "lock timeout".into(),
+            });
+        assert!(matches!(
+            result,
+            Err(Stop::Exhausted {
+                timed_out: true,
+                ..
+            })
+        ));
+        assert!(started.elapsed() < Duration::from_millis(500));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::thread;
 
 use bank::db::Session;
 use bank::models::NewTransfer;
-use bank::retry::{classify, Cause, Phase, RetryPolicy};
-use bank::transfer::{self, Mode, RetryCounts};
+use bank::retry::{classify, Cause, Phase, RetryCounts, RetryPolicy};
+use bank::transfer::{Mode, Runner};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Uuid as SqlUuid;
@@ -62,7 +62,7 @@ fn a_real_serialization_failure_is_classified_retryable() {
 fn run_workers<T: Send + 'static>(
     db: &ScratchDb,
     workers: usize,
-    work: impl Fn(usize, &mut Session) -> T + Send + Sync + 'static,
+    work: impl Fn(usize, Session) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
     let barrier = Arc::new(Barrier::new(workers));
     let work = Arc::new(work);
@@ -74,7 +74,7 @@ fn run_workers<T: Send + 'static>(
             thread::spawn(move || {
                 session.conn().expect("connect");
                 barrier.wait();
-                work(w, &mut session)
+                work(w, session)
             })
         })
         .collect();
@@ -99,7 +99,7 @@ fn conflicting_transfers_are_retried_and_conserve_the_total() {
         ..RetryPolicy::default()
     };
     let per_worker = run_workers(&db, WORKERS, move |w, session| {
-        let mut retries = RetryCounts::default();
+        let mut runner = Runner::new(session, Mode::Transaction, policy);
         for i in 0..EACH {
             let (from, to) = if (w + i) % 2 == 0 {
                 (ids[0], ids[1])
@@ -112,14 +112,13 @@ fn conflicting_transfers_are_retried_and_conserve_the_total() {
                 to_id: to,
                 amount: 1 + i as i64,
             };
-            transfer::run_counted(session, &t, Mode::Transaction, &policy, &mut retries)
-                .expect("transfer commits");
+            runner.run(&t).expect("transfer commits");
         }
-        retries
+        runner.retries
     });
     let mut retries = RetryCounts::default();
-    for r in &per_worker {
-        retries.merge(r);
+    for r in per_worker {
+        retries += r;
     }
     assert!(
         retries.serialization > 0,
@@ -146,6 +145,7 @@ fn single_statement_under_contention(iso: Iso) {
     let db = ScratchDb::migrated_at(iso);
     let ids = db.accounts(&[500, 500, 500]);
     let committed: i64 = run_workers(&db, WORKERS, move |w, session| {
+        let mut runner = Runner::new(session, Mode::SingleStatement, RetryPolicy::default());
         let mut committed = 0;
         for i in 0..EACH {
             let t = NewTransfer {
@@ -154,7 +154,7 @@ fn single_statement_under_contention(iso: Iso) {
                 to_id: ids[(w + i + 1) % 3],
                 amount: 7,
             };
-            match transfer::run(session, &t, Mode::SingleStatement, &RetryPolicy::default()) {
+            match runner.run(&t) {
                 Ok(_) => committed += 1,
                 Err(bank::error::TransferError::InsufficientFunds { .. }) => {}
                 Err(e) => panic!("{e}"),

@@ -261,7 +261,11 @@ fn the_workload_ledger_check_ignores_other_clients() {
     };
     let url = db.url.clone();
     let other = thread::spawn(move || {
-        let mut session = bank::db::Session::new(url, "other-client");
+        let mut runner = bank::transfer::Runner::new(
+            bank::db::Session::new(url, "other-client"),
+            bank::transfer::Mode::Transaction,
+            Default::default(),
+        );
         for _ in 0..50 {
             let t = bank::models::NewTransfer {
                 id: Uuid::new_v4(),
@@ -269,13 +273,7 @@ fn the_workload_ledger_check_ignores_other_clients() {
                 to_id: b,
                 amount: 1,
             };
-            bank::transfer::run(
-                &mut session,
-                &t,
-                bank::transfer::Mode::Transaction,
-                &Default::default(),
-            )
-            .expect("transfer");
+            runner.run(&t).expect("transfer");
             thread::sleep(Duration::from_millis(20));
         }
     });

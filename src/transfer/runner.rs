@@ -1,0 +1,326 @@
+//! Running a transfer exactly once: attempts through `retry::retry`, the ledger's last word, and
+//! a deadline that holds even when the database never answers.
+//!
+//! After an ambiguous outcome the ledger decides: the row is there (the earlier attempt
+//! committed) or the transfer runs again. A failure is then final only when a rerun got past the
+//! transfer's row locks and was refused on its merits; anything else (running out of attempts or
+//! time, a lock timeout behind an orphaned attempt) is reported as an unknown outcome.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use diesel::pg::PgConnection;
+use diesel::result::Error as DieselError;
+
+use super::statement::{apply, BodyError};
+use super::{validate, Mode};
+use crate::db::Session;
+use crate::error::TransferError;
+use crate::guard::{GaveUp, Ticket};
+use crate::models::{NewTransfer, Transfer};
+use crate::repo;
+use crate::retry::{classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop};
+
+/// How long a caller waits past the deadline for the runner's own answer.
+pub const GRACE: Duration = Duration::from_millis(200);
+
+/// A transfer that is in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub transfer: NewTransfer,
+    /// Attempts this call made (1 when the first one committed).
+    pub attempts: u32,
+    /// The ledger already held this transfer before this call: it was applied by an earlier run
+    /// with the same id, and this call changed nothing.
+    pub already_applied: bool,
+    /// This transfer's retries.
+    pub retries: RetryCounts,
+}
+
+/// Runs transfers on one session, one at a time: `bank transfer`, the demo, each workload
+/// worker.
+pub struct Runner {
+    pub session: Session,
+    pub mode: Mode,
+    pub policy: RetryPolicy,
+    /// Retries of every transfer this runner ran, failed ones included.
+    pub retries: RetryCounts,
+    /// Where a caller on another thread can give up on the transfer under way (see `guard`).
+    pub ticket: Ticket,
+}
+
+impl Runner {
+    pub fn new(session: Session, mode: Mode, policy: RetryPolicy) -> Runner {
+        Runner {
+            session,
+            mode,
+            policy,
+            retries: RetryCounts::default(),
+            ticket: Ticket::new(),
+        }
+    }
+
+    /// Applies `t` exactly once: validates it, runs it until it commits, is refused, or the
+    /// policy (attempts, deadline) runs out.
+    pub fn run(&mut self, t: &NewTransfer) -> Result<Receipt, TransferError> {
+        validate(t)?;
+        let started = Instant::now();
+        let mut retries = RetryCounts::default();
+        let mut ambiguous = false;
+        let mut made = 0;
+        let (session, ticket, mode) = (&mut self.session, &self.ticket, self.mode);
+        let result = retry(&self.policy, &mut retries, |n| {
+            made = n;
+            if ticket.is_abandoned() {
+                // Whatever happens now is nobody's result: stop touching the database.
+                return Attempt::Fail(TransferError::Abandoned);
+            }
+            log::debug!("transfer {}: attempt {n} ({mode:?})", t.id);
+            // A connection that was open before this attempt may have died while idle (a
+            // server restart, a killed backend); losing it before COMMIT says nothing.
+            let reused = session.is_connected();
+            let step = attempt(session, t, mode, ambiguous, ticket);
+            if let Attempt::Retry { cause, .. } | Attempt::RetryNow { cause, .. } = &step {
+                if *cause == Cause::Ambiguous {
+                    ambiguous = true;
+                    ticket.mark_ambiguous();
+                }
+                if cause.needs_reconnect() {
+                    session.reset();
+                }
+            }
+            match step {
+                Attempt::Retry {
+                    cause: Cause::ConnectionLost,
+                    message,
+                } if reused => Attempt::RetryNow {
+                    cause: Cause::ConnectionLost,
+                    message,
+                },
+                step => step,
+            }
+        });
+        self.retries += retries;
+        match result {
+            Ok(already_applied) => Ok(Receipt {
+                transfer: *t,
+                attempts: made,
+                already_applied,
+                retries,
+            }),
+            Err(Stop::Failed(e)) if ambiguous && !e.is_refusal() => {
+                Err(TransferError::OutcomeUnknown {
+                    id: t.id,
+                    reason: format!("an attempt's outcome was ambiguous, then: {e}"),
+                })
+            }
+            Err(Stop::Failed(e)) => Err(e),
+            Err(Stop::Exhausted {
+                attempts,
+                last,
+                timed_out,
+            }) => {
+                let reason = Stop::<()>::describe(attempts, &last, timed_out, started.elapsed());
+                Err(if ambiguous {
+                    TransferError::OutcomeUnknown { id: t.id, reason }
+                } else {
+                    TransferError::NotApplied { id: t.id, reason }
+                })
+            }
+        }
+    }
+
+    /// `run` on a thread of its own, given up at the deadline even when the database never
+    /// answers (a frozen server). Consumes the runner: one its caller gave up on is never used
+    /// again.
+    pub fn run_guarded(mut self, t: &NewTransfer) -> Result<Receipt, TransferError> {
+        validate(t)?;
+        let ticket = self.ticket.clone();
+        let wait = self.policy.timeout + GRACE;
+        let (tx, rx) = mpsc::channel();
+        let t = *t;
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            let _ = tx.send(self.run(&t));
+        });
+        // The runner watches the same deadline between attempts; the grace lets it report its
+        // own, more precise, result when it is not stuck.
+        match rx.recv_timeout(wait) {
+            Ok(result) => result,
+            Err(_) => match ticket.abandon() {
+                None => rx
+                    .recv()
+                    .unwrap_or_else(|_| Err(gave_up(&t, GaveUp::Unknown, started))),
+                Some(how) => Err(gave_up(&t, how, started)),
+            },
+        }
+    }
+}
+
+/// The error for a transfer its caller stopped waiting for.
+pub fn gave_up(t: &NewTransfer, how: GaveUp, started: Instant) -> TransferError {
+    let reason = format!(
+        "no answer from the database within {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    match how {
+        GaveUp::NotApplied => TransferError::NotApplied { id: t.id, reason },
+        GaveUp::Unknown => TransferError::OutcomeUnknown { id: t.id, reason },
+    }
+}
+
+/// One attempt. `Done(true)` when the ledger already had the transfer from an earlier run.
+fn attempt(
+    session: &mut Session,
+    t: &NewTransfer,
+    mode: Mode,
+    after_ambiguous: bool,
+    ticket: &Ticket,
+) -> Attempt<bool, TransferError> {
+    let conn = match session.conn() {
+        Ok(conn) => conn,
+        Err(e) if e.is_transient() => {
+            return Attempt::Retry {
+                cause: Cause::ConnectionLost,
+                message: e.message,
+            }
+        }
+        Err(e) => return Attempt::Fail(TransferError::Connect(e)),
+    };
+    if after_ambiguous {
+        match lookup(conn, t) {
+            Ok(Some(found)) => {
+                log::debug!("transfer {}: found in the ledger, it committed", t.id);
+                return resolve_duplicate(t, &found, false);
+            }
+            Ok(None) => log::debug!("transfer {}: not in the ledger, running it again", t.id),
+            Err(step) => return step,
+        }
+    }
+    let mut committing = false;
+    let result = match mode {
+        Mode::Transaction => conn.build_transaction().serializable().run(|c| {
+            apply(c, t)?;
+            if !ticket.enter_commit() {
+                return Err(BodyError::Abandoned);
+            }
+            committing = true;
+            Ok::<_, BodyError>(())
+        }),
+        Mode::SingleStatement => {
+            if !ticket.enter_commit() {
+                return Attempt::Fail(TransferError::Abandoned);
+            }
+            committing = true;
+            apply(conn, t)
+        }
+    };
+    let step = match result {
+        Ok(()) => Attempt::Done(false),
+        Err(BodyError::Abandoned) => Attempt::Fail(TransferError::Abandoned),
+        Err(BodyError::Final(e)) => Attempt::Fail(e),
+        // Refused, or the id is taken: the ledger has the last word on this id.
+        Err(BodyError::Refused(e)) => match lookup(conn, t) {
+            Ok(Some(found)) => {
+                log::debug!("transfer {}: refused ({e}), but the ledger has it", t.id);
+                resolve_duplicate(t, &found, !after_ambiguous)
+            }
+            Ok(None) => Attempt::Fail(e),
+            Err(step) => step,
+        },
+        Err(BodyError::DuplicateId) => match lookup(conn, t) {
+            Ok(Some(found)) => resolve_duplicate(t, &found, !after_ambiguous),
+            Ok(None) => Attempt::Retry {
+                cause: Cause::Serialization,
+                message: format!("transfer {} was reported a duplicate but is absent", t.id),
+            },
+            Err(step) => step,
+        },
+        Err(BodyError::Database(e)) => database_failure(conn, t, mode, committing, e),
+    };
+    if committing {
+        let maybe_applied = matches!(
+            step,
+            Attempt::Done(_)
+                | Attempt::Retry {
+                    cause: Cause::Ambiguous,
+                    ..
+                }
+        );
+        ticket.leave_commit(maybe_applied);
+    }
+    step
+}
+
+/// A database error the statement's own mapping left to the runner.
+fn database_failure(
+    conn: &mut PgConnection,
+    t: &NewTransfer,
+    mode: Mode,
+    committing: bool,
+    e: DieselError,
+) -> Attempt<bool, TransferError> {
+    // A COMMIT (or the statement that is its own commit) whose answer was lost may have been
+    // applied; so may a COMMIT that failed in a way the classifier does not know.
+    let phase = if committing {
+        Phase::Commit
+    } else {
+        Phase::BeforeCommit
+    };
+    if let Some(cause) = classify(&e, phase) {
+        return Attempt::Retry {
+            cause,
+            message: e.to_string(),
+        };
+    }
+    match TransferError::from(e) {
+        TransferError::Database(e) if committing && mode == Mode::Transaction => Attempt::Retry {
+            cause: Cause::Ambiguous,
+            message: format!("COMMIT failed: {e}"),
+        },
+        // The statement that is its own commit failed in a way nobody classified: the server
+        // says it rolled back, but a middlebox may have said it instead. One look at the
+        // ledger costs little and makes "applied" exact.
+        TransferError::Database(e) if committing => match lookup(conn, t) {
+            Ok(Some(found)) => {
+                log::debug!("transfer {}: failed ({e}), but the ledger has it", t.id);
+                resolve_duplicate(t, &found, false)
+            }
+            Ok(None) => Attempt::Fail(TransferError::Database(e)),
+            Err(step) => step,
+        },
+        domain => Attempt::Fail(domain),
+    }
+}
+
+/// The ledger row of `t`'s id, if any. A lookup that fails transiently is retried: until the
+/// ledger answers, no verdict can be given.
+fn lookup(
+    conn: &mut PgConnection,
+    t: &NewTransfer,
+) -> Result<Option<Transfer>, Attempt<bool, TransferError>> {
+    repo::find_transfer(conn, t.id).map_err(|e| match classify(&e, Phase::BeforeCommit) {
+        Some(cause) => Attempt::Retry {
+            cause,
+            message: e.to_string(),
+        },
+        None => Attempt::Fail(TransferError::from(e)),
+    })
+}
+
+fn resolve_duplicate(
+    t: &NewTransfer,
+    found: &Transfer,
+    already_applied: bool,
+) -> Attempt<bool, TransferError> {
+    if t.matches(found) {
+        Attempt::Done(already_applied)
+    } else {
+        Attempt::Fail(TransferError::IdConflict {
+            id: found.id,
+            from: found.from_id,
+            to: found.to_id,
+            amount: found.amount,
+        })
+    }
+}

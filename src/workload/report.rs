@@ -1,0 +1,289 @@
+//! What a workload reports: each worker's tally, the invariants, and the report as text or JSON.
+
+use std::fmt;
+use std::ops::AddAssign;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::error::WorkloadError;
+use crate::retry::RetryCounts;
+use crate::transfer::Mode;
+use crate::verify::Report as VerifyReport;
+
+/// One worker's counts, kept up to date after every transfer so that the report can include a
+/// worker that is stuck on a frozen server and never returns.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    pub committed: u64,
+    pub insufficient_funds: u64,
+    /// Not applied: retries or the deadline ran out, or the watchdog gave up on the transfer
+    /// before any COMMIT was sent.
+    pub given_up: u64,
+    /// Outcome unknown: an attempt may have committed and nothing settled it. The ledger has
+    /// the answer; the ledger check allows for these.
+    pub indeterminate: u64,
+    pub errors: u64,
+    pub retries: RetryCounts,
+    pub reconnects: u64,
+    /// Latency of committed transfers, in microseconds.
+    pub latency_us: Histogram<u64>,
+    pub last_error: Option<String>,
+}
+
+impl Tally {
+    pub fn new() -> Result<Tally, WorkloadError> {
+        Ok(Tally {
+            committed: 0,
+            insufficient_funds: 0,
+            given_up: 0,
+            indeterminate: 0,
+            errors: 0,
+            retries: RetryCounts::default(),
+            reconnects: 0,
+            // Up to 10 minutes, 3 significant digits.
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
+            last_error: None,
+        })
+    }
+}
+
+impl AddAssign<&Tally> for Tally {
+    fn add_assign(&mut self, other: &Tally) {
+        self.committed += other.committed;
+        self.insufficient_funds += other.insufficient_funds;
+        self.given_up += other.given_up;
+        self.indeterminate += other.indeterminate;
+        self.errors += other.errors;
+        self.retries += other.retries;
+        self.reconnects += other.reconnects;
+        // Same bounds on both sides, so the only failure (a value out of range) cannot happen.
+        let _ = self.latency_us.add(&other.latency_us);
+        if self.last_error.is_none() {
+            self.last_error.clone_from(&other.last_error);
+        }
+    }
+}
+
+/// What the final check read once the workers were done.
+#[derive(Debug)]
+pub struct FinalCheck {
+    pub verify: VerifyReport,
+    /// The workload's accounts' total.
+    pub total: i64,
+    /// Ledger rows of this run's own transfers.
+    pub ledger_rows: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub mode: Mode,
+    pub accounts: usize,
+    pub concurrency: u64,
+    pub elapsed_secs: f64,
+    pub transfers_committed: u64,
+    pub rejected_insufficient_funds: u64,
+    pub retries: RetryCounts,
+    pub given_up: u64,
+    pub indeterminate: u64,
+    pub errors: u64,
+    pub reconnects: u64,
+    /// Workers given up on because a transfer of theirs outlived its deadline (and replaced).
+    pub stuck_workers: u64,
+    pub throughput_per_sec: f64,
+    pub latency_ms: Latency,
+    pub starting_total: i64,
+    /// `null` when the final check could not run (see `final_check_error`).
+    pub final_total: Option<i64>,
+    /// Ledger rows of this run's own transfers (ids carry the run's prefix), so other clients
+    /// writing to the same database cause no false alarm.
+    pub ledger_rows_added: Option<i64>,
+    pub invariants: Invariants,
+    pub verify: Option<VerifyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_check_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Invariants {
+    /// The workload's accounts hold together what they held at the start.
+    pub total_conserved: bool,
+    pub no_negative_balance: bool,
+    /// Ledger rows added = transfers reported committed (plus at most the indeterminate ones).
+    pub ledger_matches_committed: bool,
+    pub verify_ok: bool,
+}
+
+/// The run as the report describes it.
+#[derive(Debug)]
+pub struct Run {
+    pub mode: Mode,
+    pub accounts: usize,
+    pub concurrency: u64,
+    pub elapsed_secs: f64,
+    pub starting_total: i64,
+    pub stuck_workers: u64,
+}
+
+impl Report {
+    /// Judges the run: the tallies of every worker against what the final check read.
+    pub fn new(run: Run, tally: Tally, check: Result<FinalCheck, String>) -> Report {
+        let ms = |q: f64| tally.latency_us.value_at_quantile(q) as f64 / 1000.0;
+        let committed = i64::try_from(tally.committed).unwrap_or(i64::MAX);
+        let indeterminate = i64::try_from(tally.indeterminate).unwrap_or(i64::MAX);
+        let (check, final_check_error) = match check {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(e)),
+        };
+        let invariants = match &check {
+            Some(c) => Invariants {
+                total_conserved: c.total == run.starting_total,
+                no_negative_balance: c.verify.negative_balances == 0,
+                ledger_matches_committed: c.ledger_rows >= committed
+                    && c.ledger_rows <= committed.saturating_add(indeterminate),
+                verify_ok: c.verify.ok,
+            },
+            None => Invariants {
+                total_conserved: false,
+                no_negative_balance: false,
+                ledger_matches_committed: false,
+                verify_ok: false,
+            },
+        };
+        let ok = invariants.total_conserved
+            && invariants.no_negative_balance
+            && invariants.ledger_matches_committed
+            && invariants.verify_ok
+            && tally.errors == 0;
+        Report {
+            ok,
+            mode: run.mode,
+            accounts: run.accounts,
+            concurrency: run.concurrency,
+            elapsed_secs: run.elapsed_secs,
+            transfers_committed: tally.committed,
+            rejected_insufficient_funds: tally.insufficient_funds,
+            retries: tally.retries,
+            given_up: tally.given_up,
+            indeterminate: tally.indeterminate,
+            errors: tally.errors,
+            reconnects: tally.reconnects,
+            stuck_workers: run.stuck_workers,
+            throughput_per_sec: tally.committed as f64 / run.elapsed_secs.max(1e-9),
+            latency_ms: Latency {
+                p50: ms(0.50),
+                p95: ms(0.95),
+                p99: ms(0.99),
+                max: tally.latency_us.max() as f64 / 1000.0,
+            },
+            starting_total: run.starting_total,
+            final_total: check.as_ref().map(|c| c.total),
+            ledger_rows_added: check.as_ref().map(|c| c.ledger_rows),
+            invariants,
+            verify: check.map(|c| c.verify),
+            final_check_error,
+            last_error: tally.last_error,
+        }
+    }
+}
+
+/// The text report, one line each.
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = |ok: bool| if ok { "ok" } else { "VIOLATED" };
+        let known = |n: Option<i64>| n.map_or_else(|| "?".to_string(), |n| n.to_string());
+        let r = &self.retries;
+        let mode = match self.mode {
+            Mode::Transaction => "transaction",
+            Mode::SingleStatement => "single-statement",
+        };
+        writeln!(
+            f,
+            "workload: {} accounts, {} workers, mode {mode}, {:.1}s",
+            self.accounts, self.concurrency, self.elapsed_secs
+        )?;
+        writeln!(f, "transfers committed: {}", self.transfers_committed)?;
+        writeln!(
+            f,
+            "rejected (insufficient funds): {}",
+            self.rejected_insufficient_funds
+        )?;
+        writeln!(
+            f,
+            "retries: {} (serialization {}, deadlock {}, ambiguous {}, connection lost {}, timeout {})",
+            r.total(),
+            r.serialization,
+            r.deadlock,
+            r.ambiguous,
+            r.connection_lost,
+            r.timeout
+        )?;
+        writeln!(f, "given up (not applied): {}", self.given_up)?;
+        writeln!(
+            f,
+            "outcome unknown: {} (the ledger decides; see the ledger check)",
+            self.indeterminate
+        )?;
+        writeln!(f, "other errors: {}", self.errors)?;
+        writeln!(f, "reconnects: {}", self.reconnects)?;
+        if self.stuck_workers > 0 {
+            writeln!(
+                f,
+                "workers stuck past the deadline and replaced: {}",
+                self.stuck_workers
+            )?;
+        }
+        writeln!(f, "throughput: {:.0} transfers/s", self.throughput_per_sec)?;
+        let l = &self.latency_ms;
+        writeln!(
+            f,
+            "latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+            l.p50, l.p95, l.p99, l.max
+        )?;
+        writeln!(f, "invariants:")?;
+        if let Some(e) = &self.final_check_error {
+            writeln!(f, "  the final check could not run: {e}")?;
+        }
+        writeln!(
+            f,
+            "  total {} = starting total {}: {}",
+            known(self.final_total),
+            self.starting_total,
+            mark(self.invariants.total_conserved)
+        )?;
+        writeln!(
+            f,
+            "  no negative balance: {}",
+            mark(self.invariants.no_negative_balance)
+        )?;
+        writeln!(
+            f,
+            "  ledger rows added {} = transfers committed {} (+ at most {} of unknown outcome): {}",
+            known(self.ledger_rows_added),
+            self.transfers_committed,
+            self.indeterminate,
+            mark(self.invariants.ledger_matches_committed)
+        )?;
+        writeln!(f, "  verify: {}", mark(self.invariants.verify_ok))?;
+        if let Some(e) = &self.last_error {
+            writeln!(f, "last error: {e}")?;
+        }
+        let verdict = if self.ok {
+            "workload: ok"
+        } else {
+            "workload: FAILED"
+        };
+        writeln!(f, "{verdict}")
+    }
+}
