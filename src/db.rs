@@ -21,10 +21,16 @@ const MIN_CONNECT_TIMEOUT_SECS: u64 = 2;
 
 /// A validated `postgres://` URL. `Display` shows it with the password replaced by `***`, so it
 /// can go into any message or log line; the secret itself is only handed to libpq.
+///
+/// The `url` crate parses it when it can. It cannot parse libpq's multi-host form
+/// (`postgresql://u@h1:26257,h2:26257/db`, CockroachDB failover), which is therefore checked and
+/// redacted as text.
 #[derive(Clone)]
 pub struct DbUrl {
     full: String,
-    /// The password, wherever the URL carries it (`user:password@`, `?password=`).
+    parsed: Option<url::Url>,
+    /// The password, wherever the URL carries it (`user:password@`, `?password=`), as written
+    /// and percent-decoded: `redact_text` hides both in messages from libpq or the server.
     secrets: Vec<String>,
 }
 
@@ -52,21 +58,37 @@ impl DbUrl {
             .strip_prefix("postgres://")
             .or_else(|| raw.strip_prefix("postgresql://"))
             .ok_or_else(|| malformed("it must start with postgres:// or postgresql://"))?;
-        let after_user = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-        let host_port = after_user.split(['/', '?']).next().unwrap_or_default();
-        if host_port.is_empty() && !rest.contains("host=") {
-            return Err(malformed("it names no host"));
-        }
-        if let Some((_, port)) = host_port.rsplit_once(':') {
-            if !port.is_empty() && !host_port.ends_with(']') && port.parse::<u16>().is_err() {
-                return Err(malformed("the port is not a number from 0 to 65535"));
-            }
-        }
         if raw.chars().any(char::is_whitespace) {
             return Err(malformed("it contains whitespace"));
         }
+        let authority = authority_of(rest);
+        let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host_param = rest.contains("host=");
+        let parsed = if hosts.contains(',') {
+            // libpq's list of hosts: each host:port must be sound.
+            for host_port in hosts.split(',') {
+                check_port(host_port).map_err(&malformed)?;
+            }
+            None
+        } else {
+            let url = url::Url::parse(raw).map_err(|e| match e {
+                url::ParseError::InvalidPort => {
+                    malformed("the port is not a number from 0 to 65535")
+                }
+                e => malformed(&e.to_string()),
+            })?;
+            Some(url)
+        };
+        let names_a_host = match &parsed {
+            Some(url) => url.host_str().is_some_and(|h| !h.is_empty()),
+            None => true,
+        };
+        if !names_a_host && !host_param {
+            return Err(malformed("it names no host"));
+        }
         Ok(DbUrl {
             full: raw.to_string(),
+            parsed,
             secrets,
         })
     }
@@ -113,6 +135,11 @@ impl DbUrl {
 
     /// The same server, another database (tests and benchmarks use scratch databases).
     pub fn with_database(&self, database: &str) -> DbUrl {
+        if let Some(url) = &self.parsed {
+            let mut url = url.clone();
+            url.set_path(&format!("/{database}"));
+            return self.edited(url);
+        }
         let (base, query) = match self.full.split_once('?') {
             Some((b, q)) => (b, Some(q)),
             None => (self.full.as_str(), None),
@@ -127,6 +154,33 @@ impl DbUrl {
         }
         DbUrl {
             full,
+            parsed: None,
+            secrets: self.secrets.clone(),
+        }
+    }
+
+    /// The host and port of a one-host URL (5432 when it names none).
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let url = self.parsed.as_ref()?;
+        Some((url.host_str()?.to_string(), url.port().unwrap_or(5432)))
+    }
+
+    /// The same URL to another host and port, with `params` added (a one-host URL only: the test
+    /// proxy stands in for the server with this).
+    pub fn via(&self, host: &str, port: u16, params: &[(&str, &str)]) -> Option<DbUrl> {
+        let mut url = self.parsed.clone()?;
+        url.set_host(Some(host)).ok()?;
+        url.set_port(Some(port)).ok()?;
+        for (name, value) in params {
+            url.query_pairs_mut().append_pair(name, value);
+        }
+        Some(self.edited(url))
+    }
+
+    fn edited(&self, url: url::Url) -> DbUrl {
+        DbUrl {
+            full: url.to_string(),
+            parsed: Some(url),
             secrets: self.secrets.clone(),
         }
     }
@@ -165,9 +219,28 @@ impl DbUrl {
     }
 }
 
+/// The URL with its password, and only its password, replaced by `***`.
 impl fmt::Display for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact(&self.full, &self.secrets))
+        let Some(url) = &self.parsed else {
+            return f.write_str(&redact_structurally(&self.full));
+        };
+        let mut shown = url.clone();
+        if shown.password().is_some() {
+            let _ = shown.set_password(Some("***"));
+        }
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" { "***".into() } else { v };
+                    (k.into_owned(), v.into_owned())
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        // The query's `***` stays readable, not percent-encoded.
+        f.write_str(&shown.as_str().replace("%2A%2A%2A", "***"))
     }
 }
 
@@ -175,6 +248,62 @@ impl fmt::Debug for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DbUrl({self})")
     }
+}
+
+/// `user:password@host…`: the part after `scheme://` up to the path or query.
+fn authority_of(rest: &str) -> &str {
+    // The userinfo ends at the last `@`, so an unencoded `/` or `?` in a password is still
+    // inside it.
+    let (userinfo, after) = match rest.rsplit_once('@') {
+        Some((u, a)) => (Some(u), a),
+        None => (None, rest),
+    };
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    match userinfo {
+        Some(u) => &rest[..u.len() + 1 + end],
+        None => &rest[..end],
+    }
+}
+
+/// One `host:port` of a URL: the port, if any, must be a number (an IPv6 `[…]` has colons).
+fn check_port(host_port: &str) -> Result<(), &'static str> {
+    if let Some((_, port)) = host_port.rsplit_once(':') {
+        if !port.is_empty() && !host_port.ends_with(']') && port.parse::<u16>().is_err() {
+            return Err("the port is not a number from 0 to 65535");
+        }
+    }
+    Ok(())
+}
+
+/// A URL the `url` crate cannot parse, with the password of its userinfo and of a `password=`
+/// parameter replaced by `***`, and nothing else touched.
+fn redact_structurally(raw: &str) -> String {
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return raw.to_string();
+    };
+    let authority = authority_of(rest);
+    let tail = &rest[authority.len()..];
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{hosts}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some(("password", _)) => "password=***".to_string(),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// The secrets in a URL: the password of `scheme://user:password@host/...` and the value of a
@@ -195,7 +324,18 @@ fn secrets_of(raw: &str) -> Vec<String> {
             }
         }
     }
+    // libpq decodes %XX; a message could carry either form.
+    let decoded: Vec<String> = secrets
+        .iter()
+        .filter_map(|s| {
+            url::form_urlencoded::parse(format!("p={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+        })
+        .collect();
+    secrets.extend(decoded);
     secrets.retain(|s| !s.is_empty());
+    secrets.dedup();
     // Longest first, so a secret that contains another is replaced whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets
@@ -393,6 +533,34 @@ mod tests {
     }
 
     #[test]
+    fn only_the_password_is_hidden() {
+        assert_eq!(
+            shown("postgres://bank:bank@127.0.0.1:54329/bank"),
+            "postgres://bank:***@127.0.0.1:54329/bank"
+        );
+        assert_eq!(
+            shown("postgresql://root:pw@h1:26257,h2:26257/defaultdb?sslmode=disable&password=pw"),
+            "postgresql://root:***@h1:26257,h2:26257/defaultdb?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            shown("postgres://bank:p%40ss@db/bank"),
+            "postgres://bank:***@db/bank"
+        );
+    }
+
+    #[test]
+    fn multi_host_urls_are_accepted_and_checked() {
+        assert!(DbUrl::parse("postgresql://u@h1:26257,h2:26257/db").is_ok());
+        assert!(DbUrl::parse("postgresql://u@h1:26257,h2:port/db").is_err());
+        let url = DbUrl::parse("postgresql://u:pw@h1:1,h2:2/db?x=1").expect("valid");
+        assert_eq!(
+            url.with_database("other").expose(),
+            "postgresql://u:pw@h1:1,h2:2/other?x=1"
+        );
+        assert_eq!(url.host_port(), None);
+    }
+
+    #[test]
     fn libpq_messages_are_redacted_too() {
         let url = DbUrl::parse("postgres://bank:s3cret@db/bank").expect("valid");
         assert_eq!(url.redact_text("failed for s3cret"), "failed for ***");
@@ -417,6 +585,19 @@ mod tests {
         assert!(s.contains("?tcp_user_timeout=999&connect_timeout=3&application_name=bank"));
         assert!(s.contains("&keepalives=1&keepalives_idle=1&keepalives_interval=1"));
         assert!(!s.contains("tcp_user_timeout=3000"), "{s}");
+    }
+
+    #[test]
+    fn a_proxy_can_stand_in_for_the_server() {
+        let url = DbUrl::parse("postgres://bank:pw@127.0.0.1:54329/bank").expect("valid");
+        assert_eq!(url.host_port(), Some(("127.0.0.1".into(), 54329)));
+        let via = url
+            .via("127.0.0.1", 7000, &[("sslmode", "disable")])
+            .expect("one host");
+        assert_eq!(
+            via.expose(),
+            "postgres://bank:pw@127.0.0.1:7000/bank?sslmode=disable"
+        );
     }
 
     #[test]

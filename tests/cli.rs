@@ -535,6 +535,8 @@ fn on_terminal(db: &ScratchDb, args: &str, input: &str) -> String {
     let out = Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
         .env_remove("DATABASE_URL")
+        // A terminal user's TERM: CI may run with none, or "dumb", where no live line is drawn.
+        .env("TERM", "xterm-256color")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -682,4 +684,31 @@ fn numeric_flags_say_their_bounds() {
         db.bank().args(&args).run().fails_with(2, message);
     }
     assert_eq!(db.state(), (vec![], 0));
+}
+
+/// libpq's multi-host URL (CockroachDB failover): the first host refuses, the second answers.
+/// The URL is shown with its password hidden and everything else as written.
+#[test]
+fn a_multi_host_url_fails_over_to_the_next_host() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[7]);
+    let (host, port) = db.url.host_port().expect("one host");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let raw = db.url.expose().replacen(
+        &format!("{host}:{port}"),
+        &format!("127.0.0.1:{dead_port},{host}:{port}"),
+        1,
+    );
+    let url = bank::db::DbUrl::parse(&raw).expect("multi-host URL");
+    assert_eq!(
+        url.to_string(),
+        raw.replace(&crate::support::password(), "***")
+    );
+    let run = Bank::new()
+        .args(["--database-url", &raw, "balances", "--json"])
+        .run();
+    run.success().no_password();
+    assert_eq!(run.json()[0]["balance"], 7);
 }

@@ -38,7 +38,7 @@ fn setup(iso: Iso, at: At) -> Setup {
 fn setup_with(iso: Iso, at: At, balances: &[i64]) -> Setup {
     let db = ScratchDb::migrated_at(iso);
     let ids = db.accounts(balances);
-    let proxy = Proxy::start(upstream_of(db.url.expose()));
+    let proxy = Proxy::start(upstream_of(&db.url));
     let mode = match at {
         At::Commit => "transaction",
         At::Statement => "single-statement",
@@ -65,7 +65,7 @@ impl Setup {
     /// `bank transfer` of `amount` through the proxy, with the given id and extra arguments.
     fn transfer_amount(&self, id: Uuid, amount: i64, extra: &[&str]) -> Run {
         Bank::new()
-            .args(["--database-url", &self.proxy.url_for(self.db.url.expose())])
+            .args(["--database-url", &self.proxy.url_for(&self.db.url)])
             .args([
                 "transfer",
                 "--from",
@@ -433,8 +433,8 @@ fn a_server_frozen_before_the_transfer_gives_not_applied_within_the_deadline() {
 #[test]
 fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
     let db = ScratchDb::migrated();
-    let proxy = Proxy::start(upstream_of(db.url.expose()));
-    let url = proxy.url_for(db.url.expose());
+    let proxy = Proxy::start(upstream_of(&db.url));
+    let url = proxy.url_for(&db.url);
     let run = {
         let bank = Bank::new()
             .args(["--database-url", &url, "workload", "--accounts", "10"])

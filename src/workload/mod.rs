@@ -282,7 +282,8 @@ impl Crew {
     }
 }
 
-/// The live line on a terminal (hidden otherwise), once a second.
+/// The live line on a terminal (hidden otherwise, and on a terminal whose TERM is "dumb"), once
+/// a second.
 struct LiveLine {
     bar: ProgressBar,
     started: Instant,
@@ -326,9 +327,10 @@ impl LiveLine {
         ));
     }
 
+    /// Clears the line: the report follows.
     fn finish(&self, live: &Live) {
         self.tick(live);
-        self.bar.finish();
+        self.bar.finish_and_clear();
     }
 }
 

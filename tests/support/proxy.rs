@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
+use bank::db::DbUrl;
+
 /// What to do to one commit (see `At` for the two kinds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(dead_code)] // Not every test uses every fault.
@@ -214,18 +216,11 @@ impl Proxy {
     }
 
     /// `url` (a postgres:// URL) pointed at the proxy, without TLS.
-    pub fn url_for(&self, url: &str) -> String {
-        let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
-        let (auth_host, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let user = auth_host
-            .rsplit_once('@')
-            .map(|(u, _)| format!("{u}@"))
-            .unwrap_or_default();
-        let sep = if path.contains('?') { '&' } else { '?' };
-        format!(
-            "{scheme}://{user}127.0.0.1:{}/{path}{sep}sslmode=disable",
-            self.port
-        )
+    pub fn url_for(&self, url: &DbUrl) -> String {
+        url.via("127.0.0.1", self.port, &[("sslmode", "disable")])
+            .expect("the test server's URL names one host")
+            .expose()
+            .to_string()
     }
 }
 
@@ -273,14 +268,18 @@ impl Drop for Proxy {
 }
 
 /// The host:port of a postgres:// URL.
-pub fn upstream_of(url: &str) -> SocketAddr {
-    let rest = url.split_once("://").expect("scheme").1;
-    let host_port = rest.split(['/', '?']).next().expect("authority");
-    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
-    let host_port = host_port.replace("localhost", "127.0.0.1");
-    host_port
+pub fn upstream_of(url: &DbUrl) -> SocketAddr {
+    let (host, port) = url
+        .host_port()
+        .expect("the test server's URL names one host");
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        &host
+    };
+    format!("{host}:{port}")
         .parse()
-        .expect("the test server's URL must name IP:port")
+        .expect("the test server's URL must name an IP address")
 }
 
 fn relay(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> io::Result<()> {
