@@ -357,7 +357,9 @@ fn demo_flow(
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let conn = runner.session.conn()?;
-    repo::create_many(conn, created)?;
+    for account in created {
+        repo::create(conn, account)?;
+    }
     let [from, to] = [created[0].id, created[1].id];
     writeln!(out, "Created accounts {from} and {to}")?;
     print_demo_balances(conn, &[from, to], out)?;

@@ -3,26 +3,23 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use serde::Serialize;
 use uuid::Uuid;
 
 use crate::schema::{accounts, transfers};
 
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Identifiable, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
 pub struct Account {
     pub id: Uuid,
     pub balance: i64,
-    #[serde(skip)]
     pub opening_balance: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Insertable, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Insertable)]
 #[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
 pub struct NewAccount {
     pub id: Uuid,
     pub balance: i64,
-    #[serde(skip)]
     pub opening_balance: i64,
 }
 
@@ -37,7 +34,7 @@ impl NewAccount {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Identifiable)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = transfers, check_for_backend(diesel::pg::Pg))]
 pub struct Transfer {
     pub id: Uuid,

@@ -57,23 +57,12 @@ pub fn copy_accounts(conn: &mut PgConnection, accounts: &[NewAccount]) -> QueryR
         .execute(conn)
 }
 
-pub fn get(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Account>> {
-    accounts::table
-        .find(id)
-        .select(Account::as_select())
-        .first(conn)
-        .optional()
-}
-
 /// Every account, ordered by id, streamed row by row (libpq single-row mode): memory stays
 /// constant however many accounts there are.
 pub fn list(
     conn: &mut PgConnection,
 ) -> QueryResult<impl Iterator<Item = QueryResult<Account>> + '_> {
-    accounts::table
-        .select(Account::as_select())
-        .order(accounts::id)
-        .load_iter::<Account, PgRowByRowLoadingMode>(conn)
+    list_query().load_iter::<Account, PgRowByRowLoadingMode>(conn)
 }
 
 /// The given accounts, ordered by id (for the demo, which shows only its own).
@@ -125,24 +114,6 @@ pub fn delete_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
     }
 }
 
-/// Transfers that debit or credit `account`, newest first (served by the ledger's indexes).
-pub fn transfers_of(
-    conn: &mut PgConnection,
-    account: Uuid,
-    limit: i64,
-) -> QueryResult<Vec<Transfer>> {
-    transfers::table
-        .filter(
-            transfers::from_id
-                .eq(account)
-                .or(transfers::to_id.eq(account)),
-        )
-        .select(Transfer::as_select())
-        .order(transfers::created_at.desc())
-        .limit(limit)
-        .load(conn)
-}
-
 /// The sum of the given accounts' balances (one `= ANY($1)` array bind, whatever their number).
 pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
     let sum: Option<i64> = accounts::table
@@ -162,14 +133,6 @@ pub fn count_transfers_between(conn: &mut PgConnection, low: Uuid, high: Uuid) -
         .get_result(conn)
 }
 
-pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
-    transfers::table.count().get_result(conn)
-}
-
-pub fn count_accounts(conn: &mut PgConnection) -> QueryResult<i64> {
-    accounts::table.count().get_result(conn)
-}
-
 /// Ids of existing accounts, up to `limit` (the workload reuses them).
 pub fn account_ids(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<Uuid>> {
     accounts::table
@@ -179,8 +142,10 @@ pub fn account_ids(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<Uuid>
         .load(conn)
 }
 
-/// The SQL `list` sends, for tests that pin it.
-pub fn list_query() -> impl diesel::query_builder::QueryFragment<Pg> {
+/// The query `list` sends (tests pin its SQL).
+pub fn list_query(
+) -> impl diesel::query_dsl::methods::LoadQuery<'static, PgConnection, Account, PgRowByRowLoadingMode>
+       + diesel::query_builder::QueryFragment<Pg> {
     accounts::table
         .select(Account::as_select())
         .order(accounts::id)

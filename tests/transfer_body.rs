@@ -8,7 +8,7 @@ use diesel::pg::PgConnection;
 use diesel::Connection;
 use uuid::Uuid;
 
-use crate::support::ScratchDb;
+use crate::support::{self, ScratchDb};
 
 fn two_accounts(conn: &mut PgConnection, a: i64, b: i64) -> (Uuid, Uuid) {
     let x = repo::create(conn, &NewAccount::with_balance(a)).expect("create");
@@ -31,7 +31,12 @@ fn apply_in_savepoint(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), Bo
 }
 
 fn balances(conn: &mut PgConnection, ids: [Uuid; 2]) -> [i64; 2] {
-    ids.map(|id| repo::get(conn, id).expect("get").expect("exists").balance)
+    ids.map(|id| {
+        support::get(conn, id)
+            .expect("get")
+            .expect("exists")
+            .balance
+    })
 }
 
 #[test]
@@ -59,7 +64,7 @@ fn may_empty_an_account_but_not_overdraw_it() {
         BodyError::Refused(TransferError::InsufficientFunds { account, amount: 101 }) if account == a
     ));
     assert_eq!(balances(conn, [a, b]), [100, 0]);
-    assert_eq!(repo::count_transfers(conn).expect("count"), 0);
+    assert_eq!(support::count_transfers(conn).expect("count"), 0);
     apply_in_savepoint(conn, &transfer(a, b, 100)).expect("exactly the balance");
     assert_eq!(balances(conn, [a, b]), [0, 100]);
 }
@@ -75,7 +80,7 @@ fn refuses_unknown_accounts_on_either_side() {
     let err = apply_in_savepoint(conn, &transfer(a, ghost, 1)).expect_err("unknown to");
     assert!(matches!(err, BodyError::Refused(TransferError::UnknownAccount(id)) if id == ghost));
     assert_eq!(balances(conn, [a, b]), [100, 100]);
-    assert_eq!(repo::count_transfers(conn).expect("count"), 0);
+    assert_eq!(support::count_transfers(conn).expect("count"), 0);
 }
 
 #[test]

@@ -7,7 +7,8 @@ use std::process::Output;
 
 use assert_cmd::Command;
 use bank::db::DbUrl;
-use bank::models::NewAccount;
+use bank::models::{Account, NewAccount};
+use bank::schema::{accounts, transfers};
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -29,6 +30,23 @@ pub fn password() -> String {
         .password()
         .expect("TEST_DATABASE_URL must carry a password, so tests can check that none is printed")
         .to_string()
+}
+
+/// One account, if it exists (reads the test needs; `bank` itself never reads one account).
+pub fn get(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Account>> {
+    accounts::table
+        .find(id)
+        .select(Account::as_select())
+        .first(conn)
+        .optional()
+}
+
+pub fn count_accounts(conn: &mut PgConnection) -> QueryResult<i64> {
+    accounts::table.count().get_result(conn)
+}
+
+pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
+    transfers::table.count().get_result(conn)
 }
 
 /// A database of its own for one test, dropped when the test ends.
@@ -130,12 +148,12 @@ impl ScratchDb {
             .map(|a| a.map(|a| (a.id, a.balance)))
             .collect::<Result<Vec<_>, _>>()
             .expect("rows");
-        let transfers = bank::repo::count_transfers(&mut conn).expect("count");
+        let transfers = count_transfers(&mut conn).expect("count");
         (accounts, transfers)
     }
 
     pub fn balance(&self, id: Uuid) -> i64 {
-        bank::repo::get(&mut self.conn(), id)
+        get(&mut self.conn(), id)
             .expect("get")
             .expect("account exists")
             .balance
