@@ -584,36 +584,23 @@ fn workload_shows_a_live_line_on_a_terminal() {
 
 #[test]
 fn bad_timeouts_are_refused() {
-    refused(
-        &[
-            "transfer",
-            "--from",
-            "{A}",
-            "--to",
-            "{B}",
-            "--amount",
-            "1",
-            "--timeout",
-            "0s",
-        ],
-        2,
-        "must be longer than 0",
-    );
-    refused(
-        &[
-            "transfer",
-            "--from",
-            "{A}",
-            "--to",
-            "{B}",
-            "--amount",
-            "1",
-            "--timeout",
-            "soon",
-        ],
-        2,
-        "--timeout",
-    );
+    for (timeout, message) in [("0s", "must be longer than 0"), ("soon", "--timeout")] {
+        refused(
+            &[
+                "transfer",
+                "--from",
+                "{A}",
+                "--to",
+                "{B}",
+                "--amount",
+                "1",
+                "--timeout",
+                timeout,
+            ],
+            2,
+            message,
+        );
+    }
 }
 
 /// `BANK_TIMEOUT` in `.env` sets the deadline like the other `BANK_*` variables: an invalid one

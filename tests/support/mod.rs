@@ -256,6 +256,14 @@ impl Run {
     /// stdout, and no password anywhere.
     #[track_caller]
     pub fn fails_with(&self, code: i32, needle: &str) -> &Run {
+        self.one_error_line(code, needle);
+        assert_eq!(self.stdout, "", "stdout: {self:?}");
+        self.no_password()
+    }
+
+    /// Exit `code` and exactly one line on stderr, containing `needle`.
+    #[track_caller]
+    fn one_error_line(&self, code: i32, needle: &str) {
         assert_eq!(self.code, code, "exit code: {self:?}");
         assert_eq!(
             self.stderr.lines().count(),
@@ -266,24 +274,13 @@ impl Run {
             self.stderr.contains(needle),
             "stderr lacks {needle:?}: {self:?}"
         );
-        assert_eq!(self.stdout, "", "stdout: {self:?}");
-        self.no_password()
     }
 
     /// A failed `transfer --json`: exit `code`, one line on stderr containing `needle`, and on
     /// stdout `{"id", "outcome": outcome, "error"}` with the same message.
     #[track_caller]
     pub fn fails_json(&self, code: i32, outcome: &str, needle: &str) -> &Run {
-        assert_eq!(self.code, code, "exit code: {self:?}");
-        assert_eq!(
-            self.stderr.lines().count(),
-            1,
-            "one line on stderr: {self:?}"
-        );
-        assert!(
-            self.stderr.contains(needle),
-            "stderr lacks {needle:?}: {self:?}"
-        );
+        self.one_error_line(code, needle);
         let j = self.json();
         assert_eq!(j["outcome"], outcome, "{self:?}");
         assert!(j["id"].is_string(), "{self:?}");
