@@ -1,23 +1,9 @@
-//! Where the database is and how to reach it: URL resolution (flag, `DATABASE_URL`, `.env`),
-//! password redaction, connecting with a timeout, and a `Session` that reconnects after a
-//! connection is lost.
+//! Database URLs: parsing, checking, redaction (the password, and only the password, becomes
+//! `***` wherever a URL is shown), and edits (another database; the test proxy's address).
 
 use std::fmt;
-use std::time::Duration;
 
-use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
-use diesel::prelude::*;
-use diesel::sql_types::Text;
-use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-
-use crate::error::{ConfigError, ConnectError};
-
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
-
-/// Seconds libpq waits for a server before giving up; an unreachable host must fail fast.
-const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 5;
-/// libpq's smallest connect timeout.
-const MIN_CONNECT_TIMEOUT_SECS: u64 = 2;
+use crate::error::ConfigError;
 
 /// A validated `postgres://` URL. `Display` shows it with the password replaced by `***`, so it
 /// can go into any message or log line; the secret itself is only handed to libpq.
@@ -27,11 +13,11 @@ const MIN_CONNECT_TIMEOUT_SECS: u64 = 2;
 /// redacted as text.
 #[derive(Clone)]
 pub struct DbUrl {
-    full: String,
+    pub(super) full: String,
     parsed: Option<url::Url>,
     /// The password, wherever the URL carries it (`user:password@`, `?password=`), as written
     /// and percent-decoded: `redact_text` hides both in messages from libpq or the server.
-    secrets: Vec<String>,
+    pub(super) secrets: Vec<String>,
 }
 
 impl DbUrl {
@@ -91,37 +77,6 @@ impl DbUrl {
             parsed,
             secrets,
         })
-    }
-
-    /// The URL handed to libpq: the user's, plus what the user did not set of: a connect
-    /// timeout, an application name, and TCP keepalives with `tcp_user_timeout`. The last two
-    /// make a connection to a host that stopped answering (a network partition: packets dropped)
-    /// fail within about `timeout` instead of TCP's retransmission limit (minutes). Unix-socket
-    /// connections ignore them.
-    fn connect_string(&self, application_name: &str, timeout: Duration) -> String {
-        let secs = timeout.as_secs().max(1);
-        let params = [
-            (
-                "connect_timeout",
-                secs.clamp(MIN_CONNECT_TIMEOUT_SECS, DEFAULT_CONNECT_TIMEOUT_SECS)
-                    .to_string(),
-            ),
-            ("application_name", application_name.to_string()),
-            ("keepalives", "1".to_string()),
-            ("keepalives_idle", (secs / 3).clamp(1, 30).to_string()),
-            ("keepalives_interval", (secs / 6).clamp(1, 10).to_string()),
-            ("keepalives_count", "3".to_string()),
-            ("tcp_user_timeout", (secs * 1000).to_string()),
-        ];
-        let mut url = self.full.clone();
-        for (name, value) in params {
-            if url.contains(&format!("{name}=")) {
-                continue;
-            }
-            let sep = if url.contains('?') { '&' } else { '?' };
-            url.push_str(&format!("{sep}{name}={value}"));
-        }
-        url
     }
 
     /// Removes the password from `text` (an error message from libpq or the server, say).
@@ -188,34 +143,6 @@ impl DbUrl {
     /// The raw URL, password included: only for handing to another program (tests, scripts).
     pub fn expose(&self) -> &str {
         &self.full
-    }
-
-    pub fn connect(&self) -> Result<PgConnection, ConnectError> {
-        self.connect_as("bank")
-    }
-
-    pub fn connect_as(&self, application_name: &str) -> Result<PgConnection, ConnectError> {
-        self.connect_within(
-            application_name,
-            Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS),
-        )
-    }
-
-    /// A connection whose TCP settings give up on a silent server within about `timeout`.
-    pub fn connect_within(
-        &self,
-        application_name: &str,
-        timeout: Duration,
-    ) -> Result<PgConnection, ConnectError> {
-        let mut conn = PgConnection::establish(&self.connect_string(application_name, timeout))
-            .map_err(|e| ConnectError {
-                url: self.to_string(),
-                message: self.redact_text(e.to_string().trim()),
-            })?;
-        if log::log_enabled!(target: "bank::sql", log::Level::Trace) {
-            conn.set_instrumentation(SqlLogger);
-        }
-        Ok(conn)
     }
 }
 
@@ -347,159 +274,6 @@ fn redact(text: &str, secrets: &[String]) -> String {
     })
 }
 
-/// Loads `.env` (from the working directory or a parent) into the environment without overriding
-/// what is already set. A missing `.env` is fine; one that cannot be parsed is an error, not
-/// silently ignored. Called before the command line is parsed, so `.env` can also set the
-/// `BANK_*` variables that flags default to.
-pub fn load_dotenv() -> Result<(), ConfigError> {
-    match dotenvy::dotenv() {
-        Ok(_) => Ok(()),
-        Err(e) if e.not_found() => Ok(()),
-        // dotenvy's message quotes the whole line, which may hold a password: name the key only.
-        Err(dotenvy::Error::LineParse(line, _)) => Err(ConfigError::DotEnv(format!(
-            "malformed line for {}",
-            line.split('=').next().unwrap_or_default().trim()
-        ))),
-        Err(e) => Err(ConfigError::DotEnv(e.to_string())),
-    }
-}
-
-/// Runs the embedded migrations that have not run yet; returns their names.
-pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, crate::error::Error> {
-    let done = conn
-        .run_pending_migrations(MIGRATIONS)
-        .map_err(crate::error::Error::Migration)?;
-    Ok(done.iter().map(ToString::to_string).collect())
-}
-
-/// `-vv`: every statement diesel sends, with its binds.
-struct SqlLogger;
-
-impl Instrumentation for SqlLogger {
-    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
-        if let InstrumentationEvent::StartQuery { query, .. } = event {
-            log::trace!(target: "bank::sql", "{query}");
-        }
-    }
-}
-
-/// A connection that is opened on first use and again after it was lost. Transfers and the
-/// workload hold one per worker for their whole run.
-///
-/// Each new connection is tuned for transfers:
-/// - `statement_timeout` and `idle_in_transaction_session_timeout` are set to the session's
-///   timeout unless the server already sets a shorter one, so that a transaction whose client
-///   gave up (a frozen client, a partition) releases its row locks on the server by itself.
-///   `bank` never idles inside a transaction, so the second one costs nothing.
-/// - `enable_seqscan = off`. On PostgreSQL a serializable transaction that reads a table by
-///   sequential scan takes a predicate lock on the whole table, so any two concurrent transfers
-///   conflict and one is aborted (40001); on a small table the planner prefers that scan to the
-///   primary key (BENCHMARKS.md has the figures). CockroachDB accepts it as a no-op.
-///
-/// A failure of these settings is logged and ignored: they tune, they do not decide correctness.
-pub struct Session {
-    url: DbUrl,
-    application_name: &'static str,
-    timeout: Duration,
-    conn: Option<PgConnection>,
-    /// Connections opened so far (the first one included).
-    pub connects: u64,
-}
-
-#[derive(QueryableByName)]
-struct Timeouts {
-    #[diesel(sql_type = Text)]
-    statement: String,
-    #[diesel(sql_type = Text)]
-    idle_in_transaction: String,
-}
-
-impl Session {
-    pub fn new(url: DbUrl, application_name: &'static str) -> Session {
-        Session {
-            url,
-            application_name,
-            timeout: crate::retry::RetryPolicy::default().timeout,
-            conn: None,
-            connects: 0,
-        }
-    }
-
-    /// How long one call may take: the TCP and server-side timeouts of its connections.
-    pub fn with_timeout(mut self, timeout: Duration) -> Session {
-        self.timeout = timeout;
-        self
-    }
-
-    pub fn conn(&mut self) -> Result<&mut PgConnection, ConnectError> {
-        match &mut self.conn {
-            Some(conn) => Ok(conn),
-            slot @ None => {
-                let mut conn = self
-                    .url
-                    .connect_within(self.application_name, self.timeout)?;
-                self.connects += 1;
-                if let Err(e) = tune(&mut conn, self.timeout) {
-                    log::debug!("tuning the session failed (ignored): {e}");
-                }
-                Ok(slot.insert(conn))
-            }
-        }
-    }
-
-    /// Whether a connection is open (it may still turn out to be dead when used).
-    pub fn is_connected(&self) -> bool {
-        self.conn.is_some()
-    }
-
-    /// Drops the connection; the next `conn()` opens a new one.
-    pub fn reset(&mut self) {
-        self.conn = None;
-    }
-}
-
-/// See `Session`. The timeouts are whole milliseconds that `bank` computed, not user text.
-fn tune(conn: &mut PgConnection, timeout: Duration) -> QueryResult<()> {
-    let current: Timeouts = diesel::sql_query(
-        "SELECT current_setting('statement_timeout') AS statement, \
-         current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction",
-    )
-    .get_result(conn)?;
-    let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
-    let mut sql = String::new();
-    for (name, value) in [
-        ("statement_timeout", &current.statement),
-        (
-            "idle_in_transaction_session_timeout",
-            &current.idle_in_transaction,
-        ),
-    ] {
-        let stricter = parse_setting_ms(value).is_some_and(|v| v > 0 && v <= ms);
-        if !stricter {
-            sql.push_str(&format!("SET {name} = {ms}; "));
-        }
-    }
-    sql.push_str("SET enable_seqscan = off");
-    conn.batch_execute(&sql)
-}
-
-/// A time setting as `SHOW` prints it ("0", "500ms", "5s", "1min", "2h", "1d"; a bare number
-/// is milliseconds), in milliseconds.
-fn parse_setting_ms(value: &str) -> Option<u128> {
-    let v = value.trim();
-    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let n: u128 = v[..digits].parse().ok()?;
-    let unit = match v[digits..].trim() {
-        "" | "ms" => 1,
-        "s" => 1_000,
-        "min" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return None,
-    };
-    Some(n * unit)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,27 +338,6 @@ mod tests {
     fn libpq_messages_are_redacted_too() {
         let url = DbUrl::parse("postgres://bank:s3cret@db/bank").expect("valid");
         assert_eq!(url.redact_text("failed for s3cret"), "failed for ***");
-    }
-
-    #[test]
-    fn time_settings_are_read_in_every_unit() {
-        assert_eq!(parse_setting_ms("0"), Some(0));
-        assert_eq!(parse_setting_ms("500ms"), Some(500));
-        assert_eq!(parse_setting_ms("5s"), Some(5_000));
-        assert_eq!(parse_setting_ms("2min"), Some(120_000));
-        assert_eq!(parse_setting_ms("1h"), Some(3_600_000));
-        assert_eq!(parse_setting_ms("1d"), Some(86_400_000));
-        assert_eq!(parse_setting_ms("1500"), Some(1_500));
-        assert_eq!(parse_setting_ms("soon"), None);
-    }
-
-    #[test]
-    fn connections_get_keepalives_and_a_user_timeout_unless_the_url_sets_them() {
-        let url = DbUrl::parse("postgres://bank:pw@db/bank?tcp_user_timeout=999").expect("ok");
-        let s = url.connect_string("bank", Duration::from_secs(3));
-        assert!(s.contains("?tcp_user_timeout=999&connect_timeout=3&application_name=bank"));
-        assert!(s.contains("&keepalives=1&keepalives_idle=1&keepalives_interval=1"));
-        assert!(!s.contains("tcp_user_timeout=3000"), "{s}");
     }
 
     #[test]
