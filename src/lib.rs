@@ -1,10 +1,16 @@
 //! `bank`: bank accounts in CockroachDB or PostgreSQL with Diesel, transfers applied exactly once
 //! under contention and failure, and a workload that proves it.
 //!
-//! Layers, each in its own file: `schema` (generated) and `models` (rows), `repo` (queries),
-//! `transfer` (the transfer body and its retrying runner), `retry` (error classifier and
-//! backoff), `verify` (invariants), `workload`, `db` (URLs and connections), `error`, `cli`
-//! (clap types) and `commands` (what each subcommand does).
+//! Data flows down, and each layer is found by its file name:
+//! - `cli` (clap types only) and `commands/` (one file per job: prints, never decides);
+//! - `transfer/`: `statement.rs` (the one statement that moves money) and `runner.rs` (exactly
+//!   once: attempts, the ledger's last word, the deadline), with `guard` (giving up on a
+//!   transfer stuck on a frozen server);
+//! - `workload/`: the run (workers, watchdog, final check) and `report.rs`;
+//! - `retry` (the error classifier and the one retry loop), `verify` (invariants), `repo`
+//!   (queries), `schema` (generated) and `models` (rows);
+//! - `db/`: `url.rs` (parsing, redaction) and `session.rs` (connections and their settings);
+//! - `error` (typed errors) and `exit_code`.
 
 pub mod cli;
 pub mod commands;

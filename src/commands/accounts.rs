@@ -1,0 +1,167 @@
+//! `seed`, `balances` and `reset`: accounts in bulk.
+
+use std::io::{self, IsTerminal, Write};
+
+use chrono::{SecondsFormat, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::cli::{ResetArgs, SeedArgs};
+use crate::db::DbUrl;
+use crate::error::Error;
+use crate::models::{Account, NewAccount};
+use crate::repo;
+use crate::retry::{retry_transaction, RetryPolicy};
+
+/// The tutorial's two accounts.
+pub(super) const TUTORIAL_BALANCES: [i64; 2] = [1000, 250];
+/// Accounts per COPY in `seed`.
+const SEED_CHUNK: usize = 100_000;
+
+#[derive(Serialize)]
+struct AccountJson {
+    id: Uuid,
+    balance: i64,
+}
+
+pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result<(), Error> {
+    let mut conn = url.connect()?;
+    let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
+        None => Box::new(TUTORIAL_BALANCES.into_iter()),
+        Some(n) => Box::new(std::iter::repeat_n(args.balance, n as usize)),
+    };
+    let total = args.accounts.unwrap_or(TUTORIAL_BALANCES.len() as u64);
+    let bar = progress_bar(total);
+    let mut balances = balances.peekable();
+    let mut list = AccountList::start(out, args.json, None)?;
+    // One COPY per chunk, each its own transaction: a huge seed never builds one huge
+    // transaction (CockroachDB limits their size), and the progress bar moves per chunk.
+    while balances.peek().is_some() {
+        let chunk: Vec<NewAccount> = balances
+            .by_ref()
+            .take(SEED_CHUNK)
+            .map(NewAccount::with_balance)
+            .collect();
+        let n = repo::copy_accounts(&mut conn, &chunk)?;
+        log::debug!("seed: copied {n} accounts");
+        bar.inc(n as u64);
+        for a in &chunk {
+            list.row(out, a.id, a.balance)?;
+        }
+    }
+    bar.finish_and_clear();
+    list.finish(out)?;
+    Ok(())
+}
+
+/// A progress bar on a terminal; a hidden one otherwise (scripts and pipes get no noise).
+fn progress_bar(total: u64) -> ProgressBar {
+    if total < 10_000 || !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} accounts ({per_sec}, eta {eta})")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// A list of accounts written as it is produced: text rows (`account id: …  balance: $N`, after an
+/// optional header) or one JSON array of `{"id", "balance"}`. Holds nothing but a row count, so
+/// a listing of millions of rows takes constant memory.
+struct AccountList {
+    json: bool,
+    rows: u64,
+}
+
+impl AccountList {
+    fn start(out: &mut impl Write, json: bool, header: Option<&str>) -> io::Result<AccountList> {
+        if let (false, Some(header)) = (json, header) {
+            writeln!(out, "{header}")?;
+        }
+        Ok(AccountList { json, rows: 0 })
+    }
+
+    fn row(&mut self, out: &mut impl Write, id: Uuid, balance: i64) -> io::Result<()> {
+        if !self.json {
+            writeln!(out, "account id: {id}  balance: ${balance}")?;
+        } else {
+            // The array opens with its first row, so a command that fails before any row was
+            // made prints nothing on stdout.
+            write!(out, "{}", if self.rows == 0 { "[" } else { "," })?;
+            serde_json::to_writer(&mut *out, &AccountJson { id, balance })?;
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn finish(self, out: &mut impl Write) -> io::Result<u64> {
+        if self.json {
+            writeln!(out, "{}", if self.rows == 0 { "[]" } else { "]" })?;
+        }
+        Ok(self.rows)
+    }
+}
+
+pub(super) fn balances(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
+    let mut conn = url.connect()?;
+    let rows = repo::list(&mut conn)?;
+    write_balances(rows, json, out)
+}
+
+/// `Balances at <time>:` and the accounts, as they arrive from the database.
+pub(super) fn write_balances(
+    rows: impl Iterator<Item = diesel::QueryResult<Account>>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    let header = format!(
+        "Balances at {}:",
+        Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+    );
+    let mut list = AccountList::start(out, json, Some(&header))?;
+    for row in rows {
+        let a = row?;
+        list.row(out, a.id, a.balance)?;
+    }
+    let count = list.finish(out)?;
+    log::debug!("balances: {count} accounts");
+    Ok(())
+}
+
+pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Result<(), Error> {
+    if !args.yes {
+        if !io::stdin().is_terminal() {
+            return Err(Error::Usage(
+                "reset deletes every account and transfer: pass --yes to confirm (stdin is not a terminal)"
+                    .into(),
+            ));
+        }
+        if !confirm(&format!(
+            "Delete every account and transfer in {url}? [y/N] "
+        ))? {
+            writeln!(out, "nothing deleted")?;
+            return Ok(());
+        }
+    }
+    let mut conn = url.connect()?;
+    let (accounts, transfers) = retry_transaction(&RetryPolicy::default(), || {
+        conn.build_transaction()
+            .serializable()
+            .run(repo::delete_all)
+    })?;
+    log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
+    writeln!(out, "deleted {accounts} accounts and {transfers} transfers")?;
+    Ok(())
+}
+
+fn confirm(prompt: &str) -> Result<bool, Error> {
+    eprint!("{prompt}");
+    io::stderr().flush()?;
+    let mut answer = String::new();
+    io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}

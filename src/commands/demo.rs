@@ -1,0 +1,102 @@
+//! `demo`: the tutorial's flow.
+
+use std::io::Write;
+
+use diesel::pg::PgConnection;
+use uuid::Uuid;
+
+use super::accounts::{write_balances, TUTORIAL_BALANCES};
+use super::transfer::receipt_line;
+use crate::db::{DbUrl, Session};
+use crate::error::Error;
+use crate::models::{NewAccount, NewTransfer};
+use crate::repo;
+use crate::retry::RetryPolicy;
+use crate::transfer::{Mode, Runner};
+
+const DEMO_AMOUNT: i64 = 100;
+
+/// The tutorial's flow, cleaning up after itself: only the rows it created are removed, even
+/// when a step fails halfway.
+pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
+    let mut runner = Runner::new(
+        Session::new(url.clone(), "bank-demo"),
+        Mode::Transaction,
+        RetryPolicy::default(),
+    );
+    let created: Vec<NewAccount> = TUTORIAL_BALANCES
+        .into_iter()
+        .map(NewAccount::with_balance)
+        .collect();
+    let ids: Vec<Uuid> = created.iter().map(|a| a.id).collect();
+    let transfer_id = Uuid::new_v4();
+    let flow = demo_flow(&mut runner, &created, transfer_id, out);
+    let cleanup = demo_cleanup(&mut runner.session, &ids, transfer_id);
+    flow?;
+    let (accounts, transfers) = cleanup?;
+    writeln!(
+        out,
+        "Removed the demo's {accounts} accounts and {transfers} transfer"
+    )?;
+    Ok(())
+}
+
+fn demo_flow(
+    runner: &mut Runner,
+    created: &[NewAccount],
+    transfer_id: Uuid,
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    let conn = runner.session.conn()?;
+    for account in created {
+        repo::create(conn, account)?;
+    }
+    let [from, to] = [created[0].id, created[1].id];
+    writeln!(out, "Created accounts {from} and {to}")?;
+    print_demo_balances(conn, &[from, to], out)?;
+    let t = NewTransfer {
+        id: transfer_id,
+        from_id: from,
+        to_id: to,
+        amount: DEMO_AMOUNT,
+    };
+    let receipt = runner.run(&t)?;
+    writeln!(out, "{}", receipt_line(&receipt))?;
+    print_demo_balances(runner.session.conn()?, &[from, to], out)?;
+    Ok(())
+}
+
+fn print_demo_balances(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    let accounts = repo::list_ids(conn, ids)?;
+    write_balances(accounts.into_iter().map(Ok), false, out)
+}
+
+/// Deletes the demo's transfer (if it was made) and accounts; returns how many of each.
+fn demo_cleanup(
+    session: &mut Session,
+    ids: &[Uuid],
+    transfer_id: Uuid,
+) -> Result<(usize, usize), Error> {
+    let conn = session.conn()?;
+    let result = conn.build_transaction().serializable().run(|conn| {
+        let transfers = match repo::delete_transfer(conn, transfer_id) {
+            Ok(()) => 1,
+            Err(diesel::result::Error::NotFound) => 0,
+            Err(e) => return Err(e),
+        };
+        let mut accounts = 0;
+        for id in ids {
+            match repo::delete(conn, *id) {
+                Ok(()) => accounts += 1,
+                Err(diesel::result::Error::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((accounts, transfers))
+    })?;
+    Ok(result)
+}

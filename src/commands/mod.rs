@@ -1,0 +1,45 @@
+//! What each subcommand does: connect, call the repository or the transfer runner, print. One
+//! file per job; output goes to stdout, diagnostics to stderr through `log`.
+
+mod accounts;
+mod demo;
+mod transfer;
+mod verify;
+
+use std::io::{self, BufWriter, Write};
+
+use crate::cli::{Cli, Command};
+use crate::db::{self, DbUrl};
+use crate::error::Error;
+use crate::workload;
+
+pub fn run(cli: Cli) -> Result<(), Error> {
+    let url = DbUrl::resolve(cli.database_url.as_deref())?;
+    let out = io::stdout().lock();
+    let mut out = BufWriter::new(out);
+    let result = match cli.command {
+        Command::Demo => demo::demo(&url, &mut out),
+        Command::Init => init(&url, &mut out),
+        Command::Seed(args) => accounts::seed(&url, &args, &mut out),
+        Command::Transfer(args) => transfer::transfer_cmd(&url, &args, &mut out),
+        Command::Balances(args) => accounts::balances(&url, args.json, &mut out),
+        Command::Reset(args) => accounts::reset(&url, &args, &mut out),
+        Command::Verify(args) => verify::verify_cmd(&url, args.json, &mut out),
+        Command::Workload(args) => workload::run(&url, &args.config(), &mut out),
+    };
+    // Whatever was printed before a failure still reaches stdout.
+    out.flush()?;
+    result
+}
+
+fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
+    let mut conn = url.connect()?;
+    let ran = db::run_migrations(&mut conn)?;
+    if ran.is_empty() {
+        writeln!(out, "schema is up to date")?;
+    }
+    for name in ran {
+        writeln!(out, "applied migration {name}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! `transfer`: one transfer, its receipt or its failure, as text or JSON.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::cli::TransferArgs;
+use crate::db::{DbUrl, Session};
+use crate::error::{Error, TransferError};
+use crate::models::NewTransfer;
+use crate::retry::RetryCounts;
+use crate::transfer::{self, Receipt, Runner};
+
+#[derive(Serialize)]
+struct TransferJson {
+    id: Uuid,
+    from: Uuid,
+    to: Uuid,
+    amount: i64,
+    /// "applied" or "already_applied".
+    outcome: &'static str,
+    attempts: u32,
+    already_applied: bool,
+    retries: RetryCounts,
+}
+
+/// `transfer --json` when the transfer failed: "failed" (not applied) or "unknown" (exit 3).
+#[derive(Serialize)]
+struct TransferFailureJson {
+    id: Uuid,
+    outcome: &'static str,
+    error: String,
+}
+
+pub(super) fn transfer_cmd(
+    url: &DbUrl,
+    args: &TransferArgs,
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    let t = NewTransfer {
+        id: args.id.unwrap_or_else(Uuid::new_v4),
+        from_id: args.from,
+        to_id: args.to,
+        amount: args.amount,
+    };
+    // Checked before connecting: bad input never reaches the database.
+    transfer::validate(&t)?;
+    let policy = args.run.policy();
+    let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
+    let runner = Runner::new(session, args.run.mode(), policy);
+    let receipt = match runner.run_guarded(&t) {
+        Ok(receipt) => receipt,
+        Err(e) => {
+            if args.json {
+                let outcome = match e {
+                    TransferError::OutcomeUnknown { .. } => "unknown",
+                    _ => "failed",
+                };
+                let error = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                serde_json::to_writer(
+                    &mut *out,
+                    &TransferFailureJson {
+                        id: t.id,
+                        outcome,
+                        error,
+                    },
+                )
+                .map_err(io::Error::from)?;
+                writeln!(out)?;
+            }
+            return Err(e.into());
+        }
+    };
+    if args.json {
+        serde_json::to_writer(
+            &mut *out,
+            &TransferJson {
+                id: t.id,
+                from: t.from_id,
+                to: t.to_id,
+                amount: t.amount,
+                outcome: if receipt.already_applied {
+                    "already_applied"
+                } else {
+                    "applied"
+                },
+                attempts: receipt.attempts,
+                already_applied: receipt.already_applied,
+                retries: receipt.retries,
+            },
+        )
+        .map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", receipt_line(&receipt))?;
+    }
+    Ok(())
+}
+
+pub(super) fn receipt_line(r: &Receipt) -> String {
+    let t = &r.transfer;
+    if r.already_applied {
+        return format!(
+            "transfer {} already exists: {} from {} to {} was applied earlier; nothing changed",
+            t.id, t.amount, t.from_id, t.to_id
+        );
+    }
+    let plural = if r.attempts == 1 { "" } else { "s" };
+    format!(
+        "transfer {}: moved {} from {} to {} ({} attempt{plural})",
+        t.id, t.amount, t.from_id, t.to_id, r.attempts
+    )
+}
