@@ -1,0 +1,198 @@
+//! The workers of one run and the watchdog over them.
+
+use std::io::{self, IsTerminal};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use uuid::Uuid;
+
+use super::report::Tally;
+use super::worker::{IdPrefix, Live, Worker};
+use super::Config;
+use crate::db::{DbUrl, Session};
+use crate::error::Error;
+use crate::guard::{GaveUp, Ticket};
+use crate::transfer::{Runner, GRACE};
+
+/// Everything workers are made from.
+pub(super) struct Crew {
+    pub(super) url: DbUrl,
+    pub(super) ids: Arc<Vec<Uuid>>,
+    pub(super) live: Arc<Live>,
+    pub(super) prefix: IdPrefix,
+    pub(super) config: Config,
+    pub(super) started: Instant,
+    pub(super) end: Option<Instant>,
+}
+
+/// One worker's state, shared with the watchdog.
+pub(super) struct Slot {
+    /// The runner's ticket: the watchdog gives up on the transfer under way through it.
+    pub(super) ticket: Ticket,
+    /// When that transfer began, in microseconds since the run began.
+    pub(super) started_us: AtomicU64,
+    pub(super) tally: Mutex<Tally>,
+    /// The worker has returned.
+    pub(super) done: AtomicBool,
+}
+
+/// What the watchdog saw: transfers it gave up on, counted as `given_up` (no COMMIT was sent)
+/// or `indeterminate` (one may have been).
+pub(super) struct Watchdog {
+    pub(super) tally: Tally,
+    pub(super) stuck_workers: u64,
+}
+
+impl Crew {
+    pub(super) fn spawn(&self, n: u64) -> Result<Arc<Slot>, Error> {
+        let session = Session::new(self.url.clone(), "bank-workload")
+            .with_timeout(self.config.policy.timeout);
+        let runner = Runner::new(session, self.config.mode, self.config.policy);
+        let slot = Arc::new(Slot {
+            ticket: runner.ticket.clone(),
+            started_us: AtomicU64::new(0),
+            tally: Mutex::new(Tally::new()?),
+            done: AtomicBool::new(false),
+        });
+        let worker = Worker {
+            runner,
+            ids: Arc::clone(&self.ids),
+            live: Arc::clone(&self.live),
+            slot: Arc::clone(&slot),
+            epoch: self.started,
+            max_amount: self.config.max_amount,
+            limit: self.config.transfers,
+            end: self.end,
+            prefix: self.prefix,
+            rng: match self.config.seed {
+                Some(s) => StdRng::seed_from_u64(s.wrapping_add(n)),
+                None => StdRng::from_rng(&mut rand::rng()),
+            },
+        };
+        thread::spawn(move || worker.run());
+        Ok(slot)
+    }
+
+    /// Waits for the workers, giving up on any transfer that outlives its deadline (its worker
+    /// is stuck in the driver: a frozen server) and starting a fresh worker in its place while
+    /// the run goes on. Returns at the latest at the end of the run plus one deadline, whatever
+    /// the database does. Draws the live line on a terminal meanwhile.
+    pub(super) fn watch(&self, slots: &mut Vec<Arc<Slot>>) -> Result<Watchdog, Error> {
+        let patience = self.config.policy.timeout + GRACE;
+        let hard_stop = self.end.and_then(|e| e.checked_add(patience));
+        let mut seen = Watchdog {
+            tally: Tally::new()?,
+            stuck_workers: 0,
+        };
+        let line = LiveLine::new(self.started);
+        loop {
+            let now = Instant::now();
+            let over = hard_stop.is_some_and(|h| now >= h);
+            let mut stuck = 0;
+            for slot in slots.iter() {
+                if slot.done.load(Ordering::SeqCst) || slot.ticket.is_abandoned() {
+                    continue;
+                }
+                let began =
+                    self.started + Duration::from_micros(slot.started_us.load(Ordering::SeqCst));
+                let late =
+                    slot.ticket.is_running() && now.saturating_duration_since(began) > patience;
+                if !(over || late) {
+                    continue;
+                }
+                match slot.ticket.abandon() {
+                    Some(GaveUp::NotApplied) => seen.tally.given_up += 1,
+                    Some(GaveUp::Unknown) => seen.tally.indeterminate += 1,
+                    None => continue,
+                }
+                log::warn!("workload: a transfer outlived its deadline; its worker is abandoned");
+                stuck += 1;
+            }
+            seen.stuck_workers += stuck;
+            if over {
+                line.finish(&self.live);
+                return Ok(seen);
+            }
+            if self.more() {
+                for _ in 0..stuck {
+                    slots.push(self.spawn(slots.len() as u64)?);
+                }
+            }
+            let running = slots
+                .iter()
+                .any(|s| !s.done.load(Ordering::SeqCst) && !s.ticket.is_abandoned());
+            if !running {
+                line.finish(&self.live);
+                return Ok(seen);
+            }
+            line.tick(&self.live);
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the run goes on: before its end, or while transfers remain to be issued.
+    pub(super) fn more(&self) -> bool {
+        self.end.is_some_and(|e| Instant::now() < e)
+            || self
+                .config
+                .transfers
+                .is_some_and(|n| self.live.issued.load(Ordering::Relaxed) < n)
+    }
+}
+
+/// The live line on a terminal (hidden otherwise, and on a terminal whose TERM is "dumb"), once
+/// a second.
+pub(super) struct LiveLine {
+    pub(super) bar: ProgressBar,
+    pub(super) started: Instant,
+    pub(super) last: Mutex<(u64, Instant)>,
+}
+
+impl LiveLine {
+    pub(super) fn new(started: Instant) -> LiveLine {
+        let target = if io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(None, target);
+        if let Ok(style) = ProgressStyle::with_template("{msg}") {
+            bar.set_style(style);
+        }
+        LiveLine {
+            bar,
+            started,
+            last: Mutex::new((0, started)),
+        }
+    }
+
+    pub(super) fn tick(&self, live: &Live) {
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        let since = last.1.elapsed();
+        if since < Duration::from_secs(1) {
+            return;
+        }
+        let committed = live.committed.load(Ordering::Relaxed);
+        let rate = committed.saturating_sub(last.0) as f64 / since.as_secs_f64();
+        *last = (committed, Instant::now());
+        self.bar.set_message(format!(
+            "{:>5.0}s  {rate:>8.0} transfers/s  {committed} committed  {} retries  {} errors",
+            self.started.elapsed().as_secs_f64(),
+            live.retries.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+        ));
+    }
+
+    /// Clears the line: the report follows.
+    pub(super) fn finish(&self, live: &Live) {
+        self.tick(live);
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,141 @@
+//! One worker: random transfers through its own runner, its tally kept up to date for the
+//! report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use uuid::Uuid;
+
+use super::crew::Slot;
+use crate::error::TransferError;
+use crate::models::NewTransfer;
+use crate::transfer::Runner;
+
+/// What the workers share while they run: live counters for the progress line.
+#[derive(Default)]
+pub(super) struct Live {
+    pub(super) committed: AtomicU64,
+    pub(super) retries: AtomicU64,
+    pub(super) errors: AtomicU64,
+    pub(super) issued: AtomicU64,
+}
+
+/// Ids of one run's transfers: the first six bytes are the run's, the rest random, so the
+/// run's ledger rows are one primary-key range.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct IdPrefix(pub(super) [u8; 6]);
+
+impl IdPrefix {
+    pub(super) fn id(&self, rng: &mut impl Rng) -> Uuid {
+        let mut bytes: [u8; 16] = rng.random();
+        bytes[..6].copy_from_slice(&self.0);
+        // Sets the version and variant bits (bytes 6 and 8); the prefix stays.
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
+    }
+
+    pub(super) fn range(&self) -> (Uuid, Uuid) {
+        let mut low = [0u8; 16];
+        let mut high = [0xffu8; 16];
+        low[..6].copy_from_slice(&self.0);
+        high[..6].copy_from_slice(&self.0);
+        (Uuid::from_bytes(low), Uuid::from_bytes(high))
+    }
+}
+
+pub(super) struct Worker {
+    pub(super) runner: Runner,
+    pub(super) ids: Arc<Vec<Uuid>>,
+    pub(super) live: Arc<Live>,
+    pub(super) slot: Arc<Slot>,
+    pub(super) epoch: Instant,
+    pub(super) max_amount: i64,
+    pub(super) limit: Option<u64>,
+    pub(super) end: Option<Instant>,
+    pub(super) prefix: IdPrefix,
+    pub(super) rng: StdRng,
+}
+
+impl Worker {
+    pub(super) fn run(mut self) {
+        while self.more() {
+            let t = self.next_transfer();
+            self.slot.started_us.store(
+                self.epoch.elapsed().as_micros().min(u64::MAX as u128) as u64,
+                Ordering::SeqCst,
+            );
+            if !self.slot.ticket.begin() {
+                return;
+            }
+            let retries_before = self.runner.retries;
+            let began = Instant::now();
+            let result = self.runner.run(&t);
+            if !self.slot.ticket.finish() {
+                // The watchdog gave up on this transfer and counted it; this worker, and its
+                // connection, are done.
+                return;
+            }
+            let micros = began.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            let retries = self.runner.retries.total() - retries_before.total();
+            self.live.retries.fetch_add(retries, Ordering::Relaxed);
+            let Ok(mut tally) = self.slot.tally.lock() else {
+                return;
+            };
+            tally.retries = self.runner.retries;
+            tally.reconnects = self.runner.session.connects.saturating_sub(1);
+            match result {
+                Ok(receipt) => {
+                    // Random v4 ids never repeat, so "already applied" would be a bug.
+                    if receipt.already_applied {
+                        tally.errors += 1;
+                        tally.last_error = Some(format!("transfer {} applied twice?", t.id));
+                    } else {
+                        tally.committed += 1;
+                        self.live.committed.fetch_add(1, Ordering::Relaxed);
+                        let _ = tally.latency_us.record(micros.max(1));
+                    }
+                }
+                Err(TransferError::InsufficientFunds { .. }) => tally.insufficient_funds += 1,
+                Err(TransferError::NotApplied { .. }) => tally.given_up += 1,
+                Err(TransferError::OutcomeUnknown { .. }) => tally.indeterminate += 1,
+                Err(e) => {
+                    log::warn!("workload: transfer {} failed: {e}", t.id);
+                    tally.errors += 1;
+                    tally.last_error = Some(e.to_string());
+                    self.live.errors.fetch_add(1, Ordering::Relaxed);
+                    // Whatever it was, do not reuse the connection it happened on.
+                    self.runner.session.reset();
+                    if matches!(e, TransferError::NotMigrated) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.slot.done.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether to start another transfer: before the end, or while transfers remain.
+    pub(super) fn more(&self) -> bool {
+        if let Some(e) = self.end {
+            return Instant::now() < e;
+        }
+        let limit = self.limit.unwrap_or(0);
+        self.live.issued.fetch_add(1, Ordering::Relaxed) < limit
+    }
+
+    pub(super) fn next_transfer(&mut self) -> NewTransfer {
+        let n = self.ids.len();
+        let from = self.rng.random_range(0..n);
+        // A different account, uniformly among the others.
+        let to = (from + self.rng.random_range(1..n)) % n;
+        NewTransfer {
+            // From the worker's generator, so that --seed reproduces the ids too.
+            id: self.prefix.id(&mut self.rng),
+            from_id: self.ids[from],
+            to_id: self.ids[to],
+            amount: self.rng.random_range(1..=self.max_amount),
+        }
+    }
+}
