@@ -42,6 +42,11 @@ pub struct Transfer {
     pub to_id: Uuid,
     pub amount: i64,
     pub created_at: DateTime<Utc>,
+    /// Each side's version and balance after this transfer (its entry in the account's chain).
+    pub from_version: i64,
+    pub from_balance_after: i64,
+    pub to_version: i64,
+    pub to_balance_after: i64,
 }
 
 /// A transfer to apply. `id` is its idempotency key in the ledger.

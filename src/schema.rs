@@ -5,6 +5,8 @@ diesel::table! {
         id -> Uuid,
         balance -> Int8,
         opening_balance -> Int8,
+        version -> Int8,
+        created_at -> Timestamptz,
     }
 }
 
@@ -15,6 +17,10 @@ diesel::table! {
         to_id -> Uuid,
         amount -> Int8,
         created_at -> Timestamptz,
+        from_version -> Int8,
+        from_balance_after -> Int8,
+        to_version -> Int8,
+        to_balance_after -> Int8,
     }
 }
 

@@ -29,7 +29,8 @@ fn init_creates_the_schema_once() {
     first.success();
     assert_eq!(
         first.stdout,
-        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n"
+        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n\
+         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\n"
     );
     let again = db.bank().args(["init"]).run();
     again.success();
@@ -264,7 +265,7 @@ fn verbose_logs_attempts_and_very_verbose_the_sql() {
     let v = transfer("-v");
     v.success().no_password();
     assert!(v.stderr.contains("attempt 1"), "{v:?}");
-    assert!(v.stderr.contains("2 account rows updated"), "{v:?}");
+    assert!(v.stderr.contains("1 ledger rows inserted"), "{v:?}");
     assert!(!v.stderr.contains("UPDATE accounts"), "{v:?}");
     let vv = transfer("-vv");
     vv.success().no_password();
@@ -518,7 +519,8 @@ fn an_unmigrated_database_asks_for_init() {
     init.success();
     assert_eq!(
         init.stdout,
-        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n"
+        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n\
+         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\n"
     );
 }
 

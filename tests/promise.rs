@@ -239,7 +239,8 @@ fn the_ledger_refuses_a_transfer_to_the_same_account() {
         panic!("one account")
     };
     let err = diesel::sql_query(
-        "INSERT INTO transfers (id, from_id, to_id, amount) VALUES ($1, $2, $2, 5)",
+        "INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, \
+         to_version, to_balance_after) VALUES ($1, $2, $2, 5, 1, 995, 2, 1000)",
     )
     .bind::<SqlUuid, _>(Uuid::new_v4())
     .bind::<SqlUuid, _>(a)

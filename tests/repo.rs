@@ -68,7 +68,9 @@ fn the_ledger_lookup_is_by_primary_key() {
     assert_eq!(
         sql,
         "SELECT \"transfers\".\"id\", \"transfers\".\"from_id\", \"transfers\".\"to_id\", \
-         \"transfers\".\"amount\", \"transfers\".\"created_at\" FROM \"transfers\" \
+         \"transfers\".\"amount\", \"transfers\".\"created_at\", \"transfers\".\"from_version\", \
+         \"transfers\".\"from_balance_after\", \"transfers\".\"to_version\", \
+         \"transfers\".\"to_balance_after\" FROM \"transfers\" \
          WHERE (\"transfers\".\"id\" = $1) LIMIT $2 -- binds: [00000000-0000-0000-0000-000000000000, 1]"
     );
 }

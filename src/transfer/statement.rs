@@ -1,15 +1,21 @@
 //! The transfer statement and what its errors mean.
 //!
-//! One statement does the whole transfer. It first locks both account rows with
-//! `SELECT … ORDER BY id FOR UPDATE`, so every transfer takes its two row locks in key order
-//! whatever plan the engine picks for the `UPDATE` (PostgreSQL's bitmap heap scan locks in heap
-//! order, which deadlocked concurrent transfers at READ COMMITTED; `tests/promise.rs` shows the
-//! order). Then one `UPDATE … CASE` moves both balances and a CTE inserts the ledger row.
-//! Constraints check the rest: `CHECK (balance >= 0)` (23514), the ledger's foreign keys (23503),
-//! its primary key (23505). The engine may check them in any order (PostgreSQL runs the
-//! unreferenced ledger CTE after the `UPDATE`), so a refusal is never final until the ledger has
-//! been asked whether this transfer id is already there (see `runner`). CockroachDB refuses two
-//! modifications of one table in a statement; this one modifies two different tables.
+//! One statement does the whole transfer:
+//! 1. `locked` takes both account rows with `SELECT … ORDER BY id FOR UPDATE`, so every transfer
+//!    locks its two rows in key order whatever plan the engine picks (PostgreSQL's bitmap heap
+//!    scan locks in heap order, which deadlocked concurrent transfers at READ COMMITTED;
+//!    `tests/promise.rs` shows the order);
+//! 2. `moved` moves both balances and advances both accounts' versions in one `UPDATE … CASE`,
+//!    returning the new values;
+//! 3. the `INSERT` writes the ledger row with each side's version and balance after, so every
+//!    entry describes itself and each account's entries form an exact chain.
+//!
+//! Constraints check the rest: `CHECK (balance >= 0)` (23514), the ledger's primary key
+//! (23505), NOT NULL on an entry's side when its account does not exist (23502), INT8's range
+//! (22003). The engine may check them in any order, so a refusal is never final until the ledger
+//! has been asked whether this transfer id is already there (see `runner`). CockroachDB refuses
+//! two modifications of one table in a statement; this one modifies `accounts` once and
+//! `transfers` once.
 
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
@@ -37,12 +43,31 @@ impl TransferStatement {
 impl QueryFragment<Pg> for TransferStatement {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let t = &self.t;
+        // 1. Both rows locked, in key order.
         out.push_sql("WITH locked AS (SELECT id FROM accounts WHERE id IN (");
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
         out.push_sql(", ");
         out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
         out.push_sql(") ORDER BY id FOR UPDATE), ");
-        out.push_sql("ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) VALUES (");
+        // 2. Both balances move and both versions advance; the new values come back.
+        out.push_sql(
+            "moved AS (UPDATE accounts SET balance = accounts.balance + CASE WHEN accounts.id = ",
+        );
+        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+        out.push_sql(" THEN -");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" ELSE ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(
+            " END, version = accounts.version + 1 FROM locked WHERE accounts.id = locked.id \
+             RETURNING accounts.id, accounts.balance, accounts.version) ",
+        );
+        // 3. The ledger row, with both sides' version and balance after. An unknown account has
+        // no `moved` row: its side is NULL, which the NOT NULL columns refuse.
+        out.push_sql(
+            "INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, \
+             to_version, to_balance_after) SELECT ",
+        );
         out.push_bind_param::<SqlUuid, _>(&t.id)?;
         out.push_sql(", ");
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
@@ -51,14 +76,12 @@ impl QueryFragment<Pg> for TransferStatement {
         out.push_sql(", ");
         out.push_bind_param::<BigInt, _>(&t.amount)?;
         out.push_sql(
-            ") RETURNING id) UPDATE accounts SET balance = accounts.balance + CASE WHEN accounts.id = ",
+            ", f.version, f.balance, t.version, t.balance FROM (SELECT 1) AS one \
+             LEFT JOIN moved f ON f.id = ",
         );
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
-        out.push_sql(" THEN -");
-        out.push_bind_param::<BigInt, _>(&t.amount)?;
-        out.push_sql(" ELSE ");
-        out.push_bind_param::<BigInt, _>(&t.amount)?;
-        out.push_sql(" END FROM locked WHERE accounts.id = locked.id");
+        out.push_sql(" LEFT JOIN moved t ON t.id = ");
+        out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
         Ok(())
     }
 }
@@ -70,14 +93,14 @@ pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> 
     let rows = TransferStatement::new(t)
         .execute(conn)
         .map_err(|e| BodyError::from_db(e, t))?;
-    log::debug!("transfer {}: {rows} account rows updated", t.id);
-    // The foreign keys guarantee both rows exist, so anything else is a bug in the statement:
-    // refuse it, which rolls the transaction back (in single-statement mode it has committed,
-    // and the error at least says so loudly).
-    if rows != 2 {
+    log::debug!("transfer {}: {rows} ledger rows inserted", t.id);
+    // The statement inserts its one row or fails, so anything else is a bug in it: refuse it,
+    // which rolls the transaction back (in single-statement mode it has committed, and the
+    // error at least says so loudly).
+    if rows != 1 {
         return Err(BodyError::Final(TransferError::Database(
             DieselError::QueryBuilderError(
-                format!("transfer statement updated {rows} accounts, expected 2").into(),
+                format!("transfer statement inserted {rows} ledger rows, expected 1").into(),
             ),
         )));
     }
@@ -131,6 +154,16 @@ impl BodyError {
             DatabaseErrorKind::ForeignKeyViolation => {
                 BodyError::Refused(TransferError::UnknownAccount(t.from_id))
             }
+            // An account that does not exist moved nothing, so its side of the entry is NULL.
+            DatabaseErrorKind::NotNullViolation
+                if info.column_name().is_some_and(|c| c.starts_with("to_"))
+                    || text.contains("\"to_") =>
+            {
+                BodyError::Refused(TransferError::UnknownAccount(t.to_id))
+            }
+            DatabaseErrorKind::NotNullViolation => {
+                BodyError::Refused(TransferError::UnknownAccount(t.from_id))
+            }
             // 22003: only the credited balance can leave INT8's range (the debit is checked).
             _ if info.message().contains("out of range") => {
                 BodyError::Refused(TransferError::BalanceOverflow {
@@ -177,12 +210,17 @@ mod tests {
             format!(
                 "WITH locked AS (SELECT id FROM accounts WHERE id IN ($1, $2) \
                  ORDER BY id FOR UPDATE), \
-                 ledger AS (INSERT INTO transfers (id, from_id, to_id, amount) \
-                 VALUES ($3, $4, $5, $6) RETURNING id) \
-                 UPDATE accounts SET balance = accounts.balance + CASE WHEN accounts.id = $7 \
-                 THEN -$8 ELSE $9 END FROM locked WHERE accounts.id = locked.id \
-                 -- binds: [{a}, {b}, 00000000-0000-0000-0000-000000000000, \
-                 {a}, {b}, 100, {a}, 100, 100]"
+                 moved AS (UPDATE accounts SET balance = accounts.balance + CASE WHEN \
+                 accounts.id = $3 THEN -$4 ELSE $5 END, version = accounts.version + 1 \
+                 FROM locked WHERE accounts.id = locked.id \
+                 RETURNING accounts.id, accounts.balance, accounts.version) \
+                 INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
+                 from_balance_after, to_version, to_balance_after) \
+                 SELECT $6, $7, $8, $9, f.version, f.balance, t.version, t.balance \
+                 FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $10 \
+                 LEFT JOIN moved t ON t.id = $11 \
+                 -- binds: [{a}, {b}, {a}, 100, 100, 00000000-0000-0000-0000-000000000000, \
+                 {a}, {b}, 100, {a}, {b}]"
             )
         );
         // One modification per table: CockroachDB refuses two on the same table.
