@@ -135,11 +135,12 @@ pub enum Error {
     Database(diesel::result::Error),
     #[error(
         "verification failed: {negative} negative balances, {mismatched} balances disagree \
-         with the ledger, total {total} vs opening {opening}"
+         with the ledger, {broken} broken chains of entries, total {total} vs opening {opening}"
     )]
     Verify {
         negative: i64,
         mismatched: i64,
+        broken: i64,
         total: i64,
         opening: i64,
     },

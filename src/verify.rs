@@ -1,10 +1,18 @@
 //! `bank verify`: the invariants of a bank, checked against the ledger without changing anything.
+//!
 //! Every account's balance is non-negative and equals its opening balance plus the credits minus
-//! the debits the ledger records for it, so money is neither created nor lost.
+//! the debits the ledger records for it, so money is neither created nor lost. And every
+//! account's entries form an exact chain: versions 1, 2, 3, … without a gap, each entry's
+//! balance-after equal to the one before (the opening balance before the first) plus or minus
+//! its amount, and the last one equal to the account's current balance and version. A ledger row
+//! changed by hand breaks its chain.
+//!
+//! One statement computes each account's status once and both the totals and the listed
+//! violations from it, in one read-only snapshot.
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Bool, Nullable, Uuid as SqlUuid};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -20,23 +28,26 @@ pub struct Report {
     pub total_opening_balance: i64,
     pub negative_balances: i64,
     pub mismatched_accounts: i64,
-    /// Up to 20 accounts whose balance is negative or disagrees with the ledger.
+    /// Accounts whose chain of entries is broken (a gap, a wrong balance-after, or a last entry
+    /// that does not match the account).
+    pub broken_chains: i64,
+    /// Up to 20 accounts whose balance is negative or disagrees with the ledger, or whose chain
+    /// is broken.
     pub violations: Vec<Violation>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, QueryableByName)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    #[diesel(sql_type = SqlUuid)]
     pub id: Uuid,
-    #[diesel(sql_type = BigInt)]
     pub balance: i64,
     /// opening balance + credits - debits
-    #[diesel(sql_type = BigInt)]
     pub expected: i64,
+    pub chain_ok: bool,
 }
 
+/// One row of the statement: the totals, and one listed violation (or none).
 #[derive(QueryableByName)]
-struct Totals {
+struct Row {
     #[diesel(sql_type = BigInt)]
     accounts: i64,
     #[diesel(sql_type = BigInt)]
@@ -49,15 +60,69 @@ struct Totals {
     negative_balances: i64,
     #[diesel(sql_type = BigInt)]
     mismatched_accounts: i64,
+    #[diesel(sql_type = BigInt)]
+    broken_chains: i64,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    balance: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    expected: Option<i64>,
+    #[diesel(sql_type = Nullable<Bool>)]
+    chain_ok: Option<bool>,
 }
 
-/// Each account with what the ledger says its balance should be. SUM of INT8 is NUMERIC on
+/// Each entry (a transfer seen from one of its accounts) linked to the one before it, then each
+/// account's status, then the totals and the first violations. SUM of INT8 is NUMERIC on
 /// PostgreSQL and DECIMAL on CockroachDB: cast back to INT8 on both.
-const EXPECTED: &str = "SELECT a.id, a.balance, a.opening_balance, \
-CAST(a.opening_balance + COALESCE(c.total, 0) - COALESCE(d.total, 0) AS INT8) AS expected \
-FROM accounts a \
-LEFT JOIN (SELECT to_id AS id, SUM(amount) AS total FROM transfers GROUP BY to_id) c ON c.id = a.id \
-LEFT JOIN (SELECT from_id AS id, SUM(amount) AS total FROM transfers GROUP BY from_id) d ON d.id = a.id";
+const CHECK: &str = "\
+WITH entries AS (
+    SELECT from_id AS account, from_version AS version, from_balance_after AS after, -amount AS delta
+    FROM transfers
+    UNION ALL
+    SELECT to_id, to_version, to_balance_after, amount FROM transfers
+), links AS (
+    SELECT account, version, after, delta,
+           LAG(version) OVER w AS prev_version,
+           LAG(after) OVER w AS prev_after,
+           LEAD(version) OVER w IS NULL AS is_last
+    FROM entries
+    WINDOW w AS (PARTITION BY account ORDER BY version)
+), chains AS (
+    SELECT account,
+           CAST(SUM(delta) AS INT8) AS net,
+           COUNT(*) FILTER (WHERE version <> COALESCE(prev_version, 0) + 1
+                            OR (prev_after IS NOT NULL AND after - delta <> prev_after)) AS bad_links,
+           MIN(after - delta) FILTER (WHERE prev_version IS NULL) AS first_before,
+           MAX(after) FILTER (WHERE is_last) AS last_after,
+           MAX(version) AS last_version
+    FROM links GROUP BY account
+), status AS (
+    SELECT a.id, a.balance,
+           CAST(a.opening_balance + COALESCE(c.net, 0) AS INT8) AS expected,
+           a.opening_balance,
+           CASE WHEN c.account IS NULL THEN a.version = 0
+                ELSE c.bad_links = 0 AND c.first_before = a.opening_balance
+                     AND c.last_after = a.balance AND c.last_version = a.version
+           END AS chain_ok
+    FROM accounts a LEFT JOIN chains c ON c.account = a.id
+), totals AS (
+    SELECT CAST(COUNT(*) AS INT8) AS accounts,
+           (SELECT CAST(COUNT(*) AS INT8) FROM transfers) AS transfers,
+           CAST(COALESCE(SUM(balance), 0) AS INT8) AS total_balance,
+           CAST(COALESCE(SUM(opening_balance), 0) AS INT8) AS total_opening_balance,
+           CAST(COUNT(*) FILTER (WHERE balance < 0) AS INT8) AS negative_balances,
+           CAST(COUNT(*) FILTER (WHERE balance <> expected) AS INT8) AS mismatched_accounts,
+           CAST(COUNT(*) FILTER (WHERE NOT chain_ok) AS INT8) AS broken_chains
+    FROM status
+), listed AS (
+    SELECT id, balance, expected, chain_ok FROM status
+    WHERE balance < 0 OR balance <> expected OR NOT chain_ok
+    ORDER BY id LIMIT $1
+)
+SELECT t.*, l.id, l.balance, l.expected, l.chain_ok
+FROM totals t LEFT JOIN listed l ON true
+ORDER BY l.id";
 
 /// Checks the invariants in one read-only serializable transaction (one consistent snapshot).
 pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
@@ -65,68 +130,96 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
         .read_only()
         .serializable()
         .run(|conn| {
-            let totals: Totals = diesel::sql_query(format!(
-                "SELECT CAST(COUNT(*) AS INT8) AS accounts, \
-                 (SELECT CAST(COUNT(*) AS INT8) FROM transfers) AS transfers, \
-                 CAST(COALESCE(SUM(balance), 0) AS INT8) AS total_balance, \
-                 CAST(COALESCE(SUM(opening_balance), 0) AS INT8) AS total_opening_balance, \
-                 CAST(COUNT(*) FILTER (WHERE balance < 0) AS INT8) AS negative_balances, \
-                 CAST(COUNT(*) FILTER (WHERE balance <> expected) AS INT8) AS mismatched_accounts \
-                 FROM ({EXPECTED}) e"
-            ))
-            .get_result(conn)?;
-            let violations: Vec<Violation> = diesel::sql_query(format!(
-                "SELECT id, balance, expected FROM ({EXPECTED}) e \
-                 WHERE balance < 0 OR balance <> expected ORDER BY id LIMIT $1"
-            ))
-            .bind::<BigInt, _>(MAX_LISTED)
-            .load(conn)?;
-            let ok = totals.negative_balances == 0
-                && totals.mismatched_accounts == 0
-                && totals.total_balance == totals.total_opening_balance;
-            Ok(Report {
-                ok,
-                accounts: totals.accounts,
-                transfers: totals.transfers,
-                total_balance: totals.total_balance,
-                total_opening_balance: totals.total_opening_balance,
-                negative_balances: totals.negative_balances,
-                mismatched_accounts: totals.mismatched_accounts,
-                violations,
-            })
+            let rows: Vec<Row> = diesel::sql_query(CHECK)
+                .bind::<BigInt, _>(MAX_LISTED)
+                .load(conn)?;
+            let Some(first) = rows.first() else {
+                return Err(diesel::result::Error::NotFound);
+            };
+            let mut report = Report {
+                ok: false,
+                accounts: first.accounts,
+                transfers: first.transfers,
+                total_balance: first.total_balance,
+                total_opening_balance: first.total_opening_balance,
+                negative_balances: first.negative_balances,
+                mismatched_accounts: first.mismatched_accounts,
+                broken_chains: first.broken_chains,
+                violations: Vec::new(),
+            };
+            for row in &rows {
+                if let (Some(id), Some(balance), Some(expected), Some(chain_ok)) =
+                    (row.id, row.balance, row.expected, row.chain_ok)
+                {
+                    report.violations.push(Violation {
+                        id,
+                        balance,
+                        expected,
+                        chain_ok,
+                    });
+                }
+            }
+            report.ok = report.negative_balances == 0
+                && report.mismatched_accounts == 0
+                && report.broken_chains == 0
+                && report.total_balance == report.total_opening_balance;
+            Ok(report)
         })
 }
 
 impl Report {
     /// The human-readable report.
     pub fn render(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mark = |ok: bool| if ok { "ok" } else { "VIOLATED" };
-        let mut out = format!(
-            "accounts: {}\ntransfers in the ledger: {}\n\
-             total balance: {} (opening total {}): {}\n\
-             negative balances: {}: {}\n\
-             balances that disagree with the ledger: {}: {}\n",
-            self.accounts,
-            self.transfers,
+        writeln!(f, "accounts: {}", self.accounts)?;
+        writeln!(f, "transfers in the ledger: {}", self.transfers)?;
+        writeln!(
+            f,
+            "total balance: {} (opening total {}): {}",
             self.total_balance,
             self.total_opening_balance,
-            mark(self.total_balance == self.total_opening_balance),
+            mark(self.total_balance == self.total_opening_balance)
+        )?;
+        writeln!(
+            f,
+            "negative balances: {}: {}",
             self.negative_balances,
-            mark(self.negative_balances == 0),
+            mark(self.negative_balances == 0)
+        )?;
+        writeln!(
+            f,
+            "balances that disagree with the ledger: {}: {}",
             self.mismatched_accounts,
-            mark(self.mismatched_accounts == 0),
-        );
+            mark(self.mismatched_accounts == 0)
+        )?;
+        writeln!(
+            f,
+            "broken chains of entries: {}: {}",
+            self.broken_chains,
+            mark(self.broken_chains == 0)
+        )?;
         for v in &self.violations {
-            out.push_str(&format!(
-                "  account {}: balance {}, ledger says {}\n",
+            let chain = if v.chain_ok { "" } else { ", chain broken" };
+            writeln!(
+                f,
+                "  account {}: balance {}, ledger says {}{chain}",
                 v.id, v.balance, v.expected
-            ));
+            )?;
         }
-        out.push_str(if self.ok {
-            "verify: ok\n"
-        } else {
-            "verify: FAILED\n"
-        });
-        out
+        writeln!(
+            f,
+            "{}",
+            if self.ok {
+                "verify: ok"
+            } else {
+                "verify: FAILED"
+            }
+        )
     }
 }

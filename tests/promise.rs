@@ -293,3 +293,87 @@ fn the_workload_ledger_check_ignores_other_clients() {
         j["transfers_committed"].as_i64().expect("n") + 50
     );
 }
+
+/// Issue 9: after concurrent transfers, every account's entries form an exact chain (versions
+/// 1, 2, 3, … and balances that follow), at both isolation levels and in both modes.
+#[test]
+fn the_chain_of_entries_is_exact_after_concurrent_transfers() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let db = ScratchDb::migrated_at(iso);
+            db.accounts(&[300; 4]);
+            let run = db
+                .bank()
+                .args(["workload", "--accounts", "4", "--reuse-accounts"])
+                .args(["--concurrency", "6", "--transfers", "300", "--mode", mode])
+                .args(["--max-amount", "200", "--json"])
+                .run();
+            run.success();
+            let j = run.json();
+            assert_eq!(j["verify"]["broken_chains"], 0, "{iso:?} {mode}: {j}");
+            assert!(j["transfers_committed"].as_u64() > Some(100), "{j}");
+            // The chain, read directly: per account, versions without gaps and balances that
+            // follow from the opening balance.
+            let mut conn = db.conn();
+            for (id, balance) in db.state().0 {
+                let entries: Vec<Entry> = diesel::sql_query(
+                    "SELECT version, after, delta FROM ( \
+                     SELECT from_version AS version, from_balance_after AS after, -amount AS delta \
+                     FROM transfers WHERE from_id = $1 UNION ALL \
+                     SELECT to_version, to_balance_after, amount FROM transfers WHERE to_id = $1 \
+                     ) e ORDER BY version",
+                )
+                .bind::<SqlUuid, _>(id)
+                .load(&mut conn)
+                .expect("entries");
+                let mut before = 300;
+                for (n, e) in entries.iter().enumerate() {
+                    assert_eq!(e.version, n as i64 + 1, "{iso:?} {mode} {id}");
+                    assert_eq!(e.after, before + e.delta, "{iso:?} {mode} {id}");
+                    before = e.after;
+                }
+                assert_eq!(before, balance, "{iso:?} {mode} {id}");
+            }
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Entry {
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = BigInt)]
+    after: i64,
+    #[diesel(sql_type = BigInt)]
+    delta: i64,
+}
+
+/// Issue 9: a ledger row changed by hand breaks its accounts' chains; verify says so and exits 1.
+#[test]
+fn verify_catches_a_tampered_ledger_row() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[1000, 0])[..] else {
+        panic!("two accounts")
+    };
+    for amount in [100, 200, 300] {
+        db.transfer(a, b, amount).run().success();
+    }
+    db.bank().args(["verify"]).run().success();
+    // The middle transfer's debit side now claims another balance; sums are untouched.
+    diesel::sql_query(
+        "UPDATE transfers SET from_balance_after = from_balance_after + 1 \
+         WHERE from_id = $1 AND from_version = 2",
+    )
+    .bind::<SqlUuid, _>(a)
+    .execute(&mut db.conn())
+    .expect("tamper");
+    let run = db.bank().args(["verify", "--json"]).run();
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["ok"], false, "{j}");
+    assert_eq!(j["mismatched_accounts"], 0, "{j}");
+    assert_eq!(j["broken_chains"], 1, "{j}");
+    assert_eq!(j["violations"][0]["id"], a.to_string(), "{j}");
+    assert_eq!(j["violations"][0]["chain_ok"], false, "{j}");
+    assert!(run.stderr.contains("1 broken chains"), "{run:?}");
+}

@@ -47,6 +47,7 @@ fn workload_by_count(iso: Iso) {
         "total_conserved",
         "no_negative_balance",
         "ledger_matches_committed",
+        "chains_exact",
         "verify_ok",
     ] {
         assert_eq!(j["invariants"][k], true, "{k}");

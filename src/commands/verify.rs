@@ -22,6 +22,7 @@ pub(super) fn verify_cmd(url: &DbUrl, json: bool, out: &mut impl Write) -> Resul
         Err(Error::Verify {
             negative: report.negative_balances,
             mismatched: report.mismatched_accounts,
+            broken: report.broken_chains,
             total: report.total_balance,
             opening: report.total_opening_balance,
         })

@@ -122,6 +122,8 @@ pub struct Invariants {
     pub no_negative_balance: bool,
     /// Ledger rows added = transfers reported committed (plus at most the indeterminate ones).
     pub ledger_matches_committed: bool,
+    /// Every account's entries form an exact chain of versions and balances.
+    pub chains_exact: bool,
     pub verify_ok: bool,
 }
 
@@ -152,18 +154,21 @@ impl Report {
                 no_negative_balance: c.verify.negative_balances == 0,
                 ledger_matches_committed: c.ledger_rows >= committed
                     && c.ledger_rows <= committed.saturating_add(indeterminate),
+                chains_exact: c.verify.broken_chains == 0,
                 verify_ok: c.verify.ok,
             },
             None => Invariants {
                 total_conserved: false,
                 no_negative_balance: false,
                 ledger_matches_committed: false,
+                chains_exact: false,
                 verify_ok: false,
             },
         };
         let ok = invariants.total_conserved
             && invariants.no_negative_balance
             && invariants.ledger_matches_committed
+            && invariants.chains_exact
             && invariants.verify_ok
             && tally.errors == 0;
         Report {
@@ -274,6 +279,11 @@ impl fmt::Display for Report {
             self.transfers_committed,
             self.indeterminate,
             mark(self.invariants.ledger_matches_committed)
+        )?;
+        writeln!(
+            f,
+            "  chains of entries exact: {}",
+            mark(self.invariants.chains_exact)
         )?;
         writeln!(f, "  verify: {}", mark(self.invariants.verify_ok))?;
         if let Some(e) = &self.last_error {
