@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
@@ -36,19 +37,63 @@ pub enum Command {
     Seed(SeedArgs),
     /// Move money between two accounts, exactly once
     Transfer(TransferArgs),
-    /// List every account's balance, ordered by id
-    Balances(JsonArg),
+    /// List every account's balance, ordered by id (now, or as of a time)
+    Balances(BalancesArgs),
     /// Delete every account and transfer
     Reset(ResetArgs),
     /// Check, without changing anything, that no balance is negative and every balance agrees
     /// with the ledger
     Verify(JsonArg),
+    /// An account's entries, newest first: version, time, transfer, counterparty, amount and
+    /// balance after; the opening balance is version 0
+    History(HistoryArgs),
+    /// One transfer: its accounts, amount, time and both balances after (what to run after an
+    /// unknown outcome)
+    Lookup(LookupArgs),
     /// Run random concurrent transfers and check the bank's invariants afterwards
     Workload(WorkloadArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct JsonArg {
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BalancesArgs {
+    /// Balances as they were at this time (RFC 3339, e.g. 2026-11-24T10:00:00Z): accounts
+    /// created by then, each with its balance after its last entry by then
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub as_of: Option<DateTime<Utc>>,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The account
+    #[arg(value_name = "ACCOUNT")]
+    pub account: Uuid,
+    /// At most this many entries
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, { i64::MAX as u64 }>)]
+    pub limit: Option<u64>,
+    /// Only entries with a version below this one (the next page starts below the last
+    /// version shown)
+    #[arg(long, value_name = "VERSION", allow_negative_numbers = true, value_parser = whole::<0, { i64::MAX as u64 }>)]
+    pub before: Option<u64>,
+    /// Print a JSON array
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LookupArgs {
+    /// The transfer's id
+    #[arg(value_name = "TRANSFER_ID")]
+    pub id: Uuid,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
@@ -201,6 +246,13 @@ impl WorkloadArgs {
             json: self.json,
         }
     }
+}
+
+/// A time in RFC 3339.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("must be a time in RFC 3339 such as 2026-11-24T10:00:00Z ({e})"))
 }
 
 /// A deadline: a positive duration.

@@ -129,6 +129,10 @@ pub enum Error {
     Transfer(#[from] TransferError),
     #[error("database not migrated: run `bank init` first")]
     NotMigrated,
+    #[error("account {0} does not exist")]
+    UnknownAccount(Uuid),
+    #[error("no transfer {0}")]
+    NoTransfer(Uuid),
     #[error("migration failed")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("database error: {0}")]

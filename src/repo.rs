@@ -4,8 +4,10 @@
 
 use std::io::{BufWriter, Write};
 
+use chrono::{DateTime, Utc};
 use diesel::pg::{Pg, PgConnection, PgRowByRowLoadingMode};
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::models::{Account, NewAccount, Transfer};
@@ -72,6 +74,89 @@ pub fn list_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Accoun
         .select(Account::as_select())
         .order(accounts::id)
         .load(conn)
+}
+
+/// Whether an account with this id exists.
+pub fn account_exists(conn: &mut PgConnection, id: Uuid) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(accounts::table.find(id))).get_result(conn)
+}
+
+/// One entry of an account's history: a transfer seen from the account (or its opening, version
+/// 0, with no transfer and no counterparty).
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct Entry {
+    #[diesel(sql_type = BigInt)]
+    pub version: i64,
+    #[diesel(sql_type = Timestamptz)]
+    pub at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    pub transfer_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    pub counterparty: Option<Uuid>,
+    /// Signed: negative for a debit.
+    #[diesel(sql_type = BigInt)]
+    pub amount: i64,
+    #[diesel(sql_type = BigInt)]
+    pub balance_after: i64,
+}
+
+/// An account's entries with a version below `before`, newest first, at most `limit`, streamed
+/// row by row. Each side is one range of its (account, version) index, read backwards and
+/// merged, so the first row comes at once however long the history.
+pub fn history(
+    conn: &mut PgConnection,
+    account: Uuid,
+    before: i64,
+    limit: i64,
+) -> QueryResult<impl Iterator<Item = QueryResult<Entry>> + '_> {
+    diesel::sql_query(
+        "SELECT version, at, transfer_id, counterparty, amount, balance_after FROM ( \
+         SELECT from_version AS version, created_at AS at, id AS transfer_id, \
+                to_id AS counterparty, -amount AS amount, from_balance_after AS balance_after \
+         FROM transfers WHERE from_id = $1 AND from_version < $2 \
+         UNION ALL \
+         SELECT to_version, created_at, id, from_id, amount, to_balance_after \
+         FROM transfers WHERE to_id = $1 AND to_version < $2 \
+         UNION ALL \
+         SELECT 0, created_at, CAST(NULL AS UUID), CAST(NULL AS UUID), opening_balance, \
+                opening_balance \
+         FROM accounts WHERE id = $1 AND 0 < $2 \
+         ) h ORDER BY version DESC LIMIT $3",
+    )
+    .bind::<SqlUuid, _>(account)
+    .bind::<BigInt, _>(before)
+    .bind::<BigInt, _>(limit)
+    .load_iter::<Entry, PgRowByRowLoadingMode>(conn)
+}
+
+/// An account's balance at a time.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct BalanceAt {
+    #[diesel(sql_type = SqlUuid)]
+    pub id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    pub balance: i64,
+}
+
+/// Every account created at or before `at`, ordered by id, with its balance after its last
+/// entry at or before `at` (its opening balance if none), streamed row by row.
+pub fn balances_as_of(
+    conn: &mut PgConnection,
+    at: DateTime<Utc>,
+) -> QueryResult<impl Iterator<Item = QueryResult<BalanceAt>> + '_> {
+    diesel::sql_query(
+        "SELECT a.id, COALESCE(( \
+           SELECT x.after FROM ( \
+             SELECT t.from_version AS version, t.from_balance_after AS after FROM transfers t \
+             WHERE t.from_id = a.id AND t.created_at <= $1 \
+             UNION ALL \
+             SELECT t.to_version, t.to_balance_after FROM transfers t \
+             WHERE t.to_id = a.id AND t.created_at <= $1 \
+           ) x ORDER BY x.version DESC LIMIT 1), a.opening_balance) AS balance \
+         FROM accounts a WHERE a.created_at <= $1 ORDER BY a.id",
+    )
+    .bind::<Timestamptz, _>(at)
+    .load_iter::<BalanceAt, PgRowByRowLoadingMode>(conn)
 }
 
 /// Deletes one account; `NotFound` when there is none with this id.

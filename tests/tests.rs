@@ -6,6 +6,7 @@ mod support;
 mod cli;
 mod concurrency;
 mod faults;
+mod ledger;
 mod promise;
 mod repo;
 mod transfer_body;

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::cli::{ResetArgs, SeedArgs};
+use crate::cli::{BalancesArgs, ResetArgs, SeedArgs};
 use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
@@ -106,10 +106,27 @@ impl AccountList {
     }
 }
 
-pub(super) fn balances(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
+pub(super) fn balances(
+    url: &DbUrl,
+    args: &BalancesArgs,
+    out: &mut impl Write,
+) -> Result<(), Error> {
     let mut conn = url.connect()?;
-    let rows = repo::list(&mut conn)?;
-    write_balances(rows, json, out)
+    let Some(at) = args.as_of else {
+        let rows = repo::list(&mut conn)?;
+        return write_balances(rows, args.json, out);
+    };
+    let header = format!(
+        "Balances at {}:",
+        at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    );
+    let mut list = AccountList::start(out, args.json, Some(&header))?;
+    for row in repo::balances_as_of(&mut conn, at)? {
+        let a = row?;
+        list.row(out, a.id, a.balance)?;
+    }
+    list.finish(out)?;
+    Ok(())
 }
 
 /// `Balances at <time>:` and the accounts, as they arrive from the database.

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod demo;
+mod ledger;
 mod transfer;
 mod verify;
 
@@ -22,7 +23,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Init => init(&url, &mut out),
         Command::Seed(args) => accounts::seed(&url, &args, &mut out),
         Command::Transfer(args) => transfer::transfer_cmd(&url, &args, &mut out),
-        Command::Balances(args) => accounts::balances(&url, args.json, &mut out),
+        Command::Balances(args) => accounts::balances(&url, &args, &mut out),
+        Command::History(args) => ledger::history(&url, &args, &mut out),
+        Command::Lookup(args) => ledger::lookup(&url, &args, &mut out),
         Command::Reset(args) => accounts::reset(&url, &args, &mut out),
         Command::Verify(args) => verify::verify_cmd(&url, args.json, &mut out),
         Command::Workload(args) => workload::run(&url, &args.config(), &mut out),

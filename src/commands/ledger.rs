@@ -1,0 +1,140 @@
+//! `history` and `lookup`: the ledger's read side.
+
+use std::io::{self, Write};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::cli::{HistoryArgs, LookupArgs};
+use crate::db::DbUrl;
+use crate::error::Error;
+use crate::repo::{self, Entry};
+
+fn time(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+#[derive(Serialize)]
+struct EntryJson {
+    version: i64,
+    at: String,
+    transfer_id: Option<Uuid>,
+    counterparty: Option<Uuid>,
+    amount: i64,
+    balance_after: i64,
+}
+
+/// Streams an account's entries, newest first: memory stays constant however long the history.
+pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> Result<(), Error> {
+    let mut conn = url.connect()?;
+    if !repo::account_exists(&mut conn, args.account)? {
+        return Err(Error::UnknownAccount(args.account));
+    }
+    let before = args
+        .before
+        .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+    let limit = args
+        .limit
+        .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let rows = repo::history(&mut conn, args.account, before, limit)?;
+    if !args.json {
+        writeln!(out, "history of account {} (newest first):", args.account)?;
+    }
+    let mut n = 0u64;
+    for row in rows {
+        let e = row?;
+        if args.json {
+            write!(out, "{}", if n == 0 { "[" } else { "," })?;
+            serde_json::to_writer(&mut *out, &entry_json(e)).map_err(io::Error::from)?;
+        } else {
+            writeln!(out, "{}", entry_line(&e))?;
+        }
+        n += 1;
+    }
+    if args.json {
+        writeln!(out, "{}", if n == 0 { "[]" } else { "]" })?;
+    }
+    log::debug!("history: {n} entries");
+    Ok(())
+}
+
+fn entry_json(e: Entry) -> EntryJson {
+    EntryJson {
+        version: e.version,
+        at: time(&e.at),
+        transfer_id: e.transfer_id,
+        counterparty: e.counterparty,
+        amount: e.amount,
+        balance_after: e.balance_after,
+    }
+}
+
+/// `version 3  2026-11-24T10:00:00.000000Z  -100  balance 900  transfer … to …`
+fn entry_line(e: &Entry) -> String {
+    let what = match (e.transfer_id, e.counterparty) {
+        (Some(t), Some(c)) if e.amount < 0 => format!("transfer {t} to {c}"),
+        (Some(t), Some(c)) => format!("transfer {t} from {c}"),
+        _ => "opening balance".to_string(),
+    };
+    format!(
+        "version {}  {}  {:+}  balance {}  {what}",
+        e.version,
+        time(&e.at),
+        e.amount,
+        e.balance_after
+    )
+}
+
+#[derive(Serialize)]
+struct TransferJson {
+    id: Uuid,
+    from: Uuid,
+    to: Uuid,
+    amount: i64,
+    at: String,
+    from_version: i64,
+    from_balance_after: i64,
+    to_version: i64,
+    to_balance_after: i64,
+}
+
+/// One transfer from the ledger, or "no transfer <id>" (exit 1).
+pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Result<(), Error> {
+    let mut conn = url.connect()?;
+    let t = repo::find_transfer(&mut conn, args.id)?.ok_or(Error::NoTransfer(args.id))?;
+    if args.json {
+        let json = TransferJson {
+            id: t.id,
+            from: t.from_id,
+            to: t.to_id,
+            amount: t.amount,
+            at: time(&t.created_at),
+            from_version: t.from_version,
+            from_balance_after: t.from_balance_after,
+            to_version: t.to_version,
+            to_balance_after: t.to_balance_after,
+        };
+        serde_json::to_writer(&mut *out, &json).map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "transfer {}: {} at {}",
+            t.id,
+            t.amount,
+            time(&t.created_at)
+        )?;
+        writeln!(
+            out,
+            "  from {}: balance after {} (version {})",
+            t.from_id, t.from_balance_after, t.from_version
+        )?;
+        writeln!(
+            out,
+            "  to   {}: balance after {} (version {})",
+            t.to_id, t.to_balance_after, t.to_version
+        )?;
+    }
+    Ok(())
+}

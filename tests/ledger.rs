@@ -1,0 +1,278 @@
+//! The ledger's read side: history, balances as of a time, lookup, and the backfill of entries
+//! written before they described themselves.
+
+use chrono::{DateTime, Duration, Utc};
+use diesel::connection::SimpleConnection;
+use diesel_migrations::MigrationHarness;
+use uuid::Uuid;
+
+use crate::support::{Iso, ScratchDb};
+
+/// Five transfers between a (1000) and b (0): a → b 100, 200, 300, then b → a 50, 25.
+fn five_transfers(db: &ScratchDb) -> (Uuid, Uuid, Vec<Uuid>) {
+    let [a, b] = db.accounts(&[1000, 0])[..] else {
+        panic!("two accounts")
+    };
+    let mut ids = Vec::new();
+    for (from, to, amount) in [
+        (a, b, 100),
+        (a, b, 200),
+        (a, b, 300),
+        (b, a, 50),
+        (b, a, 25),
+    ] {
+        let id = Uuid::new_v4();
+        db.transfer(from, to, amount)
+            .args(["--id", &id.to_string()])
+            .run()
+            .success();
+        ids.push(id);
+    }
+    (a, b, ids)
+}
+
+fn versions(j: &serde_json::Value) -> Vec<i64> {
+    j.as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["version"].as_i64().expect("version"))
+        .collect()
+}
+
+#[test]
+fn history_lists_newest_first_and_pages_by_version() {
+    let db = ScratchDb::migrated();
+    let (a, b, ids) = five_transfers(&db);
+    let page = |extra: &[&str]| {
+        let run = db
+            .bank()
+            .args(["history", &a.to_string(), "--json"])
+            .args(extra)
+            .run();
+        run.success();
+        run.json()
+    };
+    let all = page(&[]);
+    assert_eq!(versions(&all), [5, 4, 3, 2, 1, 0]);
+    // Each entry: signed amount, balance after, the transfer and the other account.
+    let newest = &all[0];
+    assert_eq!(newest["transfer_id"], ids[4].to_string());
+    assert_eq!(newest["counterparty"], b.to_string());
+    assert_eq!(newest["amount"], 25);
+    assert_eq!(newest["balance_after"], 475);
+    assert_eq!(all[4]["amount"], -100);
+    assert_eq!(all[4]["balance_after"], 900);
+    // The opening is version 0, with no transfer and no counterparty.
+    let opening = &all[5];
+    assert_eq!(opening["balance_after"], 1000);
+    assert!(opening["transfer_id"].is_null() && opening["counterparty"].is_null());
+    assert!(opening["at"].as_str().expect("at").ends_with('Z'));
+    // Pages: --limit, then --before the last version shown.
+    assert_eq!(versions(&page(&["--limit", "2"])), [5, 4]);
+    assert_eq!(versions(&page(&["--limit", "2", "--before", "4"])), [3, 2]);
+    assert_eq!(versions(&page(&["--limit", "2", "--before", "2"])), [1, 0]);
+    assert_eq!(versions(&page(&["--before", "0"])), Vec::<i64>::new());
+    // The other side's chain: 100, 300, 600, then 550, 525.
+    let theirs = db.bank().args(["history", &b.to_string(), "--json"]).run();
+    let balances: Vec<i64> = theirs.json().as_array().expect("array")[..5]
+        .iter()
+        .map(|e| e["balance_after"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(balances, [525, 550, 600, 300, 100]);
+    // Text: one line per entry after a header.
+    let text = db.bank().args(["history", &a.to_string()]).run();
+    text.success();
+    assert_eq!(text.stdout.lines().count(), 7, "{text:?}");
+    assert!(text
+        .stdout
+        .lines()
+        .nth(6)
+        .expect("line")
+        .contains("opening balance"));
+}
+
+#[test]
+fn history_of_an_unknown_account_fails_with_one_line() {
+    let db = ScratchDb::migrated();
+    let ghost = Uuid::new_v4();
+    db.bank()
+        .args(["history", &ghost.to_string()])
+        .run()
+        .fails_with(1, &format!("account {ghost} does not exist"));
+}
+
+#[test]
+fn lookup_prints_the_transfer_and_refuses_an_unknown_id() {
+    let db = ScratchDb::migrated();
+    let (a, b, ids) = five_transfers(&db);
+    let run = db
+        .bank()
+        .args(["lookup", &ids[1].to_string(), "--json"])
+        .run();
+    run.success();
+    let j = run.json();
+    assert_eq!(j["from"], a.to_string());
+    assert_eq!(j["to"], b.to_string());
+    assert_eq!(j["amount"], 200);
+    assert_eq!(
+        (j["from_version"].as_i64(), j["from_balance_after"].as_i64()),
+        (Some(2), Some(700))
+    );
+    assert_eq!(
+        (j["to_version"].as_i64(), j["to_balance_after"].as_i64()),
+        (Some(2), Some(300))
+    );
+    let text = db.bank().args(["lookup", &ids[1].to_string()]).run();
+    text.success();
+    assert!(text.stdout.contains("balance after 700"), "{text:?}");
+    let ghost = Uuid::new_v4();
+    db.bank()
+        .args(["lookup", &ghost.to_string()])
+        .run()
+        .fails_with(1, &format!("no transfer {ghost}"));
+}
+
+fn balances_as_of(db: &ScratchDb, at: DateTime<Utc>) -> Vec<(String, i64)> {
+    let run = db
+        .bank()
+        .args(["balances", "--as-of", &at.to_rfc3339(), "--json"])
+        .run();
+    run.success();
+    run.json()
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().expect("id").to_string(),
+                r["balance"].as_i64().expect("balance"),
+            )
+        })
+        .collect()
+}
+
+fn at_of(db: &ScratchDb, transfer: Uuid) -> DateTime<Utc> {
+    let run = db
+        .bank()
+        .args(["lookup", &transfer.to_string(), "--json"])
+        .run();
+    DateTime::parse_from_rfc3339(run.json()["at"].as_str().expect("at"))
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+/// As of several instants: before the accounts existed, between transfers, and after the last
+/// one (where it equals `balances`), at both isolation levels.
+#[test]
+fn balances_as_of_a_time_replay_the_chains() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let (a, b, ids) = five_transfers(&db);
+        let (a, b) = (a.to_string(), b.to_string());
+        let sorted = |mut v: Vec<(String, i64)>| {
+            v.sort();
+            v
+        };
+        let us = Duration::microseconds(1);
+        let first = at_of(&db, ids[0]);
+        let third = at_of(&db, ids[2]);
+        let last = at_of(&db, ids[4]);
+        // Before the first transfer: the opening balances (the accounts existed already).
+        assert_eq!(
+            balances_as_of(&db, first - us),
+            sorted(vec![(a.clone(), 1000), (b.clone(), 0)]),
+            "{iso:?}"
+        );
+        assert_eq!(
+            balances_as_of(&db, third),
+            sorted(vec![(a.clone(), 400), (b.clone(), 600)]),
+            "{iso:?}"
+        );
+        // At and after the last transfer: what `balances` says now.
+        let now = db.bank().args(["balances", "--json"]).run();
+        assert_eq!(balances_as_of(&db, last).len(), 2);
+        assert_eq!(
+            serde_json::to_value(
+                balances_as_of(&db, last + Duration::seconds(1))
+                    .into_iter()
+                    .map(|(id, balance)| serde_json::json!({"id": id, "balance": balance}))
+                    .collect::<Vec<_>>()
+            )
+            .expect("json"),
+            now.json(),
+            "{iso:?}"
+        );
+        // A later account does not exist before it was created.
+        let [c] = db.accounts(&[7])[..] else {
+            panic!("one account")
+        };
+        let history = db.bank().args(["history", &c.to_string(), "--json"]).run();
+        let created = DateTime::parse_from_rfc3339(history.json()[0]["at"].as_str().expect("at"))
+            .expect("RFC 3339")
+            .with_timezone(&Utc);
+        assert!(balances_as_of(&db, created - us)
+            .iter()
+            .all(|(id, _)| *id != c.to_string()));
+        assert!(balances_as_of(&db, created).contains(&(c.to_string(), 7)));
+    }
+}
+
+/// A database filled by the previous schema (migrations 1-3, transfers without entry columns)
+/// gets its entries replayed by migrations 4-6 in (created_at, id) order.
+#[test]
+fn the_backfill_replays_each_accounts_ledger() {
+    let db = ScratchDb::empty();
+    let mut conn = db.conn();
+    for _ in 0..3 {
+        conn.run_next_migration(bank::db::MIGRATIONS)
+            .expect("an older migration");
+    }
+    let [a, b, c] = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+    let [t1, t2, t3] = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+    // a → b 100, b → c 50, c → a 200, one second apart; balances as the old statement left them.
+    conn.batch_execute(&format!(
+        "INSERT INTO accounts (id, balance, opening_balance) VALUES \
+         ('{a}', 1100, 1000), ('{b}', 50, 0), ('{c}', 350, 500); \
+         INSERT INTO transfers (id, from_id, to_id, amount, created_at) VALUES \
+         ('{t1}', '{a}', '{b}', 100, '2026-01-01T00:00:00Z'), \
+         ('{t2}', '{b}', '{c}', 50, '2026-01-01T00:00:01Z'), \
+         ('{t3}', '{c}', '{a}', 200, '2026-01-01T00:00:02Z');"
+    ))
+    .expect("data of the previous schema");
+    drop(conn);
+    let init = db.bank().args(["init"]).run();
+    init.success();
+    assert!(init.stdout.contains("20261124000005"), "{init:?}");
+    let lookup = |t: Uuid| {
+        db.bank()
+            .args(["lookup", &t.to_string(), "--json"])
+            .run()
+            .json()
+    };
+    let j = lookup(t2);
+    assert_eq!(
+        (j["from_version"].as_i64(), j["from_balance_after"].as_i64()),
+        (Some(2), Some(50))
+    );
+    assert_eq!(
+        (j["to_version"].as_i64(), j["to_balance_after"].as_i64()),
+        (Some(1), Some(550))
+    );
+    let j = lookup(t3);
+    assert_eq!(
+        (j["from_version"].as_i64(), j["from_balance_after"].as_i64()),
+        (Some(2), Some(350))
+    );
+    assert_eq!(
+        (j["to_version"].as_i64(), j["to_balance_after"].as_i64()),
+        (Some(2), Some(1100))
+    );
+    let verify = db.bank().args(["verify", "--json"]).run();
+    verify.success();
+    assert_eq!(verify.json()["broken_chains"], 0);
+    // New transfers continue each chain.
+    db.transfer(a, c, 100).run().success();
+    let history = db.bank().args(["history", &a.to_string(), "--json"]).run();
+    assert_eq!(versions(&history.json()), [3, 2, 1, 0]);
+    db.bank().args(["verify"]).run().success();
+}
