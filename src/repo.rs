@@ -76,11 +76,6 @@ pub fn list_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Accoun
         .load(conn)
 }
 
-/// Whether an account with this id exists.
-pub fn account_exists(conn: &mut PgConnection, id: Uuid) -> QueryResult<bool> {
-    diesel::select(diesel::dsl::exists(accounts::table.find(id))).get_result(conn)
-}
-
 /// One entry of an account's history: a transfer seen from the account (or its opening, version
 /// 0, with no transfer and no counterparty).
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
@@ -100,33 +95,43 @@ pub struct Entry {
     pub balance_after: i64,
 }
 
-/// An account's entries with a version below `before`, newest first, at most `limit`, streamed
-/// row by row. Each side is one range of its (account, version) index, read backwards and
-/// merged, so the first row comes at once however long the history.
-pub fn history(
+/// The current version of an account (its number of entries), or `None` if it does not exist.
+pub fn account_version(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<i64>> {
+    accounts::table
+        .find(id)
+        .select(accounts::version)
+        .first(conn)
+        .optional()
+}
+
+/// An account's entries with versions in `low..high`, newest first (version 0 is the opening).
+/// Versions are one sequence over both sides of the ledger, so a range of them is one bounded
+/// range of each side's (account, version) index: every page is fast however long the history,
+/// where one `ORDER BY version DESC` over both sides made PostgreSQL sort all of them first.
+pub fn history_page(
     conn: &mut PgConnection,
     account: Uuid,
-    before: i64,
-    limit: i64,
-) -> QueryResult<impl Iterator<Item = QueryResult<Entry>> + '_> {
+    low: i64,
+    high: i64,
+) -> QueryResult<Vec<Entry>> {
     diesel::sql_query(
         "SELECT version, at, transfer_id, counterparty, amount, balance_after FROM ( \
          SELECT from_version AS version, created_at AS at, id AS transfer_id, \
                 to_id AS counterparty, -amount AS amount, from_balance_after AS balance_after \
-         FROM transfers WHERE from_id = $1 AND from_version < $2 \
+         FROM transfers WHERE from_id = $1 AND from_version >= $2 AND from_version < $3 \
          UNION ALL \
          SELECT to_version, created_at, id, from_id, amount, to_balance_after \
-         FROM transfers WHERE to_id = $1 AND to_version < $2 \
+         FROM transfers WHERE to_id = $1 AND to_version >= $2 AND to_version < $3 \
          UNION ALL \
-         SELECT 0, created_at, CAST(NULL AS UUID), CAST(NULL AS UUID), opening_balance, \
-                opening_balance \
-         FROM accounts WHERE id = $1 AND 0 < $2 \
-         ) h ORDER BY version DESC LIMIT $3",
+         SELECT CAST(0 AS INT8), created_at, CAST(NULL AS UUID), CAST(NULL AS UUID), \
+                opening_balance, opening_balance \
+         FROM accounts WHERE id = $1 AND $2 <= 0 AND 0 < $3 \
+         ) h ORDER BY version DESC",
     )
     .bind::<SqlUuid, _>(account)
-    .bind::<BigInt, _>(before)
-    .bind::<BigInt, _>(limit)
-    .load_iter::<Entry, PgRowByRowLoadingMode>(conn)
+    .bind::<BigInt, _>(low)
+    .bind::<BigInt, _>(high)
+    .load(conn)
 }
 
 /// An account's balance at a time.

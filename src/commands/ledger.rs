@@ -25,37 +25,59 @@ struct EntryJson {
     balance_after: i64,
 }
 
-/// Streams an account's entries, newest first: memory stays constant however long the history.
+/// Versions in the first page of `history`: small, so the first line comes at once; later pages
+/// grow to `LAST_PAGE`, which bounds memory.
+const FIRST_PAGE: i64 = 64;
+const LAST_PAGE: i64 = 16_384;
+
+/// Streams an account's entries, newest first, page by page in one snapshot: memory stays
+/// constant however long the history.
 pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
-    if !repo::account_exists(&mut conn, args.account)? {
-        return Err(Error::UnknownAccount(args.account));
-    }
-    let before = args
-        .before
-        .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
     let limit = args
         .limit
         .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
-    let rows = repo::history(&mut conn, args.account, before, limit)?;
-    if !args.json {
-        writeln!(out, "history of account {} (newest first):", args.account)?;
+    let before = args
+        .before
+        .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+    let account = args.account;
+    let json = args.json;
+    let shown = conn.build_transaction().repeatable_read().read_only().run(
+        |conn| -> Result<u64, Error> {
+            let version =
+                repo::account_version(conn, account)?.ok_or(Error::UnknownAccount(account))?;
+            if !json {
+                writeln!(out, "history of account {account} (newest first):")?;
+            }
+            let mut high = before.min(version.saturating_add(1));
+            let mut page = FIRST_PAGE;
+            let mut shown = 0u64;
+            while high > 0 && (shown as i64) < limit {
+                let low = high.saturating_sub(page).max(0);
+                for e in repo::history_page(conn, account, low, high)? {
+                    if (shown as i64) >= limit {
+                        break;
+                    }
+                    if json {
+                        write!(out, "{}", if shown == 0 { "[" } else { "," })?;
+                        serde_json::to_writer(&mut *out, &entry_json(e))
+                            .map_err(io::Error::from)?;
+                    } else {
+                        writeln!(out, "{}", entry_line(&e))?;
+                    }
+                    shown += 1;
+                }
+                out.flush()?;
+                high = low;
+                page = (page * 4).min(LAST_PAGE);
+            }
+            Ok(shown)
+        },
+    )?;
+    if json {
+        writeln!(out, "{}", if shown == 0 { "[]" } else { "]" })?;
     }
-    let mut n = 0u64;
-    for row in rows {
-        let e = row?;
-        if args.json {
-            write!(out, "{}", if n == 0 { "[" } else { "," })?;
-            serde_json::to_writer(&mut *out, &entry_json(e)).map_err(io::Error::from)?;
-        } else {
-            writeln!(out, "{}", entry_line(&e))?;
-        }
-        n += 1;
-    }
-    if args.json {
-        writeln!(out, "{}", if n == 0 { "[]" } else { "]" })?;
-    }
-    log::debug!("history: {n} entries");
+    log::debug!("history: {shown} entries");
     Ok(())
 }
 
