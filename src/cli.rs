@@ -50,6 +50,10 @@ pub enum Command {
     /// One transfer: its accounts, amount, time and both balances after (what to run after an
     /// unknown outcome)
     Lookup(LookupArgs),
+    /// Print a shell completion script (e.g. `bank completions bash > /etc/bash_completion.d/bank`)
+    Completions(CompletionsArgs),
+    /// Print the man page in roff (e.g. `bank man > bank.1 && man ./bank.1`)
+    Man,
     /// Run random concurrent transfers and check the bank's invariants afterwards
     Workload(WorkloadArgs),
 }
@@ -59,6 +63,13 @@ pub struct JsonArg {
     /// Print JSON
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]

@@ -701,3 +701,33 @@ fn a_multi_host_url_fails_over_to_the_next_host() {
     run.success().no_password();
     assert_eq!(run.json()[0]["balance"], 7);
 }
+
+/// Completions and the man page come from the clap definitions, with no database.
+#[test]
+fn completions_and_the_man_page_need_no_database() {
+    for (shell, marker) in [
+        ("bash", "_bank()"),
+        ("zsh", "#compdef bank"),
+        ("fish", "complete -c bank"),
+        ("elvish", "edit:completion:arg-completer[bank]"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let run = Bank::new().args(["completions", shell]).run();
+        run.success();
+        assert!(
+            run.stdout.contains(marker),
+            "{shell}: {}",
+            &run.stdout[..200.min(run.stdout.len())]
+        );
+        assert!(run.stdout.contains("workload"), "{shell}");
+    }
+    let man = Bank::new().args(["man"]).run();
+    man.success();
+    assert!(man.stdout.starts_with(".ie"), "{}", &man.stdout[..100]);
+    assert!(man.stdout.contains(".TH bank 1"), "roff title");
+    assert!(man.stdout.contains("transfer"), "subcommands listed");
+    Bank::new()
+        .args(["completions", "tcsh"])
+        .run()
+        .fails_with(2, "invalid value 'tcsh'");
+}

@@ -9,16 +9,33 @@ mod verify;
 
 use std::io::{self, BufWriter, Write};
 
+use clap::CommandFactory;
+
 use crate::cli::{Cli, Command};
 use crate::db::{self, DbUrl};
 use crate::error::Error;
 use crate::workload;
 
 pub fn run(cli: Cli) -> Result<(), Error> {
-    let url = DbUrl::resolve(cli.database_url.as_deref())?;
     let out = io::stdout().lock();
     let mut out = BufWriter::new(out);
+    // The commands that describe `bank` itself need no database.
+    match &cli.command {
+        Command::Completions(args) => {
+            clap_complete::generate(args.shell, &mut Cli::command(), "bank", &mut out);
+            out.flush()?;
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            out.flush()?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    let url = DbUrl::resolve(cli.database_url.as_deref())?;
     let result = match cli.command {
+        Command::Completions(_) | Command::Man => Ok(()),
         Command::Demo => demo::demo(&url, &mut out),
         Command::Init => init(&url, &mut out),
         Command::Seed(args) => accounts::seed(&url, &args, &mut out),
