@@ -156,3 +156,46 @@ struct Killed {
     #[diesel(sql_type = BigInt)]
     n: i64,
 }
+
+/// Ctrl-C (a real SIGINT to the process) stops a 30-second run early: no new transfers, the
+/// report printed and marked interrupted, the invariants checked, exit 0 as they hold.
+#[test]
+fn a_workload_interrupted_by_sigint_reports_and_checks() {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let started = Instant::now();
+    let child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args([
+            "--database-url",
+            db.url.expose(),
+            "workload",
+            "--accounts",
+            "10",
+        ])
+        .args(["--concurrency", "2", "--duration", "30s", "--json"])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bank");
+    thread::sleep(Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let out = child.wait_with_output().expect("wait");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let j: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(j["interrupted"], true, "{j}");
+    assert_eq!(j["ok"], true, "{j}");
+    assert!(j["elapsed_secs"].as_f64() < Some(10.0), "{j}");
+    assert!(j["transfers_committed"].as_u64() > Some(0), "{j}");
+    assert_eq!(j["ledger_rows_added"], j["transfers_committed"], "{j}");
+}

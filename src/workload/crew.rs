@@ -84,7 +84,8 @@ impl Crew {
     /// the database does. Draws the live line on a terminal meanwhile.
     pub(super) fn watch(&self, slots: &mut Vec<Arc<Slot>>) -> Result<Watchdog, Error> {
         let patience = self.config.policy.timeout + GRACE;
-        let hard_stop = self.end.and_then(|e| e.checked_add(patience));
+        let mut hard_stop = self.end.and_then(|e| e.checked_add(patience));
+        let mut interrupted = false;
         let mut seen = Watchdog {
             tally: Tally::new()?,
             stuck_workers: 0,
@@ -92,6 +93,16 @@ impl Crew {
         let line = LiveLine::new(self.started);
         loop {
             let now = Instant::now();
+            if !interrupted && super::interrupted() {
+                // No new transfers from now on; those in flight get one deadline to finish.
+                interrupted = true;
+                log::warn!("workload: interrupted; finishing the transfers in flight");
+                let stop = now.checked_add(patience);
+                hard_stop = match (hard_stop, stop) {
+                    (Some(h), Some(s)) => Some(h.min(s)),
+                    (h, s) => h.or(s),
+                };
+            }
             let over = hard_stop.is_some_and(|h| now >= h);
             let mut stuck = 0;
             for slot in slots.iter() {
@@ -137,6 +148,9 @@ impl Crew {
 
     /// Whether the run goes on: before its end, or while transfers remain to be issued.
     pub(super) fn more(&self) -> bool {
+        if super::interrupted() {
+            return false;
+        }
         self.end.is_some_and(|e| Instant::now() < e)
             || self
                 .config

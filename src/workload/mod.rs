@@ -10,6 +10,7 @@ mod worker;
 pub use report::{Invariants, Latency, Report};
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -49,8 +50,29 @@ pub struct Config {
     pub json: bool,
 }
 
+/// Set by Ctrl-C (SIGINT) or SIGTERM during a run.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// The first Ctrl-C or SIGTERM stops the run gracefully (no new transfers, those in flight
+/// finish, then the report and its checks); a second one exits at once.
+fn catch_interrupts() {
+    let installed = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    if let Err(e) = installed {
+        log::debug!("workload: no Ctrl-C handler ({e})");
+    }
+}
+
 pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Error> {
     let policy = config.policy;
+    catch_interrupts();
     let mut setup = url.connect()?;
     let ids = prepare_accounts(&mut setup, config)?;
     let starting_total = repo::total_balance(&mut setup, &ids)?;
@@ -106,6 +128,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             elapsed_secs: elapsed.as_secs_f64(),
             starting_total,
             stuck_workers: watchdog.stuck_workers,
+            interrupted: interrupted(),
         },
         tally,
         check,

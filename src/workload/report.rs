@@ -82,6 +82,8 @@ pub struct Report {
     pub accounts: usize,
     pub concurrency: u64,
     pub elapsed_secs: f64,
+    /// Stopped early by Ctrl-C or SIGTERM: the figures cover the run so far.
+    pub interrupted: bool,
     pub transfers_committed: u64,
     pub rejected_insufficient_funds: u64,
     pub retries: RetryCounts,
@@ -136,6 +138,7 @@ pub struct Run {
     pub elapsed_secs: f64,
     pub starting_total: i64,
     pub stuck_workers: u64,
+    pub interrupted: bool,
 }
 
 impl Report {
@@ -177,6 +180,7 @@ impl Report {
             accounts: run.accounts,
             concurrency: run.concurrency,
             elapsed_secs: run.elapsed_secs,
+            interrupted: run.interrupted,
             transfers_committed: tally.committed,
             rejected_insufficient_funds: tally.insufficient_funds,
             retries: tally.retries,
@@ -218,6 +222,12 @@ impl fmt::Display for Report {
             "workload: {} accounts, {} workers, mode {mode}, {:.1}s",
             self.accounts, self.concurrency, self.elapsed_secs
         )?;
+        if self.interrupted {
+            writeln!(
+                f,
+                "interrupted: no transfers started after the signal; the figures cover the run so far"
+            )?;
+        }
         writeln!(f, "transfers committed: {}", self.transfers_committed)?;
         writeln!(
             f,

@@ -118,6 +118,9 @@ impl Worker {
 
     /// Whether to start another transfer: before the end, or while transfers remain.
     pub(super) fn more(&self) -> bool {
+        if super::interrupted() {
+            return false;
+        }
         if let Some(e) = self.end {
             return Instant::now() < e;
         }
