@@ -237,6 +237,10 @@ pub struct WorkloadArgs {
     /// Print the final report as one JSON object
     #[arg(long)]
     pub json: bool,
+    /// How often to show progress on stderr: a live line on a terminal, else one table line in
+    /// `cockroach workload`'s layout (e.g. 1s, 500ms)
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_timeout)]
+    pub display_every: Duration,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -255,6 +259,7 @@ impl WorkloadArgs {
             mode: self.run.mode(),
             policy: self.run.policy(),
             json: self.json,
+            display_every: self.display_every,
         }
     }
 }

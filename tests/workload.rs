@@ -199,3 +199,37 @@ fn a_workload_interrupted_by_sigint_reports_and_checks() {
     assert!(j["transfers_committed"].as_u64() > Some(0), "{j}");
     assert_eq!(j["ledger_rows_added"], j["transfers_committed"], "{j}");
 }
+
+/// Off a terminal, progress is one line per interval on stderr in `cockroach workload`'s layout
+/// (with a retries column); `--display-every` sets the interval. stdout keeps only the report.
+#[test]
+fn a_workload_off_a_terminal_prints_a_table_line_per_interval() {
+    let db = ScratchDb::migrated();
+    let run = db
+        .bank()
+        .args(["workload", "--accounts", "10", "--concurrency", "2"])
+        .args(["--duration", "2200ms", "--display-every", "500ms", "--json"])
+        .run();
+    run.success();
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some("_elapsed___errors__ops/sec(inst)___ops/sec(cum)__p50(ms)__p95(ms)__p99(ms)_pMax(ms)__retries"),
+        "{run:?}"
+    );
+    let rows: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.ends_with(" transfer"))
+        .collect();
+    assert!(rows.len() >= 4, "{run:?}");
+    for row in &rows {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(fields.len(), 10, "{row}");
+        assert!(fields[0].ends_with('s'), "{row}");
+        for f in &fields[1..9] {
+            assert!(f.parse::<f64>().is_ok(), "{row}: {f}");
+        }
+    }
+    assert_eq!(run.json()["ok"], true);
+}

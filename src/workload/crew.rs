@@ -90,7 +90,7 @@ impl Crew {
             tally: Tally::new()?,
             stuck_workers: 0,
         };
-        let line = LiveLine::new(self.started);
+        let line = LiveLine::new(self.started, self.config.display_every);
         loop {
             let now = Instant::now();
             if !interrupted && super::interrupted() {
@@ -159,29 +159,45 @@ impl Crew {
     }
 }
 
-/// The live line on a terminal (hidden otherwise, and on a terminal whose TERM is "dumb"), once
-/// a second.
+/// Progress while the run goes on, every `--display-every` (1 s by default): on a terminal, one
+/// live line (indicatif; none when TERM is "dumb"); otherwise one line per interval on stderr in
+/// `cockroach workload`'s layout, with a retries column, so logs and CI show the run's shape.
 pub(super) struct LiveLine {
-    pub(super) bar: ProgressBar,
-    pub(super) started: Instant,
-    pub(super) last: Mutex<(u64, Instant)>,
+    bar: Option<ProgressBar>,
+    every: Duration,
+    started: Instant,
+    last: Mutex<Interval>,
+}
+
+/// Counters at the start of the current interval.
+struct Interval {
+    at: Instant,
+    committed: u64,
+    errors: u64,
+    retries: u64,
+    header_shown: bool,
 }
 
 impl LiveLine {
-    pub(super) fn new(started: Instant) -> LiveLine {
-        let target = if io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        let bar = ProgressBar::with_draw_target(None, target);
-        if let Ok(style) = ProgressStyle::with_template("{msg}") {
-            bar.set_style(style);
-        }
+    pub(super) fn new(started: Instant, every: Duration) -> LiveLine {
+        let bar = io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            if let Ok(style) = ProgressStyle::with_template("{msg}") {
+                bar.set_style(style);
+            }
+            bar
+        });
         LiveLine {
             bar,
+            every,
             started,
-            last: Mutex::new((0, started)),
+            last: Mutex::new(Interval {
+                at: started,
+                committed: 0,
+                errors: 0,
+                retries: 0,
+                header_shown: false,
+            }),
         }
     }
 
@@ -189,24 +205,54 @@ impl LiveLine {
         let Ok(mut last) = self.last.lock() else {
             return;
         };
-        let since = last.1.elapsed();
-        if since < Duration::from_secs(1) {
+        let since = last.at.elapsed();
+        if since < self.every {
             return;
         }
         let committed = live.committed.load(Ordering::Relaxed);
-        let rate = committed.saturating_sub(last.0) as f64 / since.as_secs_f64();
-        *last = (committed, Instant::now());
-        self.bar.set_message(format!(
-            "{:>5.0}s  {rate:>8.0} transfers/s  {committed} committed  {} retries  {} errors",
-            self.started.elapsed().as_secs_f64(),
-            live.retries.load(Ordering::Relaxed),
-            live.errors.load(Ordering::Relaxed),
-        ));
+        let errors = live.errors.load(Ordering::Relaxed);
+        let retries = live.retries.load(Ordering::Relaxed);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = committed.saturating_sub(last.committed) as f64 / since.as_secs_f64();
+        match &self.bar {
+            Some(bar) => bar.set_message(format!(
+                "{elapsed:>5.0}s  {rate:>8.0} transfers/s  {committed} committed  {retries} retries  {errors} errors"
+            )),
+            None => {
+                if !last.header_shown {
+                    eprintln!("_elapsed___errors__ops/sec(inst)___ops/sec(cum)__p50(ms)__p95(ms)__p99(ms)_pMax(ms)__retries");
+                    last.header_shown = true;
+                }
+                let ms = |q: f64| live.latency_ms(q);
+                eprintln!(
+                    "{:>7.1}s {:>8} {:>14.1} {:>14.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} transfer",
+                    elapsed,
+                    errors.saturating_sub(last.errors),
+                    rate,
+                    committed as f64 / elapsed.max(1e-9),
+                    ms(0.50),
+                    ms(0.95),
+                    ms(0.99),
+                    ms(1.0),
+                    retries.saturating_sub(last.retries),
+                );
+                live.reset_interval();
+            }
+        }
+        *last = Interval {
+            at: Instant::now(),
+            committed,
+            errors,
+            retries,
+            header_shown: last.header_shown,
+        };
     }
 
-    /// Clears the line: the report follows.
+    /// Clears the live line: the report follows.
     pub(super) fn finish(&self, live: &Live) {
         self.tick(live);
-        self.bar.finish_and_clear();
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }

@@ -48,6 +48,8 @@ pub struct Config {
     pub mode: Mode,
     pub policy: RetryPolicy,
     pub json: bool,
+    /// How often progress is shown (a live line on a terminal, a table line otherwise).
+    pub display_every: Duration,
 }
 
 /// Set by Ctrl-C (SIGINT) or SIGTERM during a run.
@@ -94,7 +96,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let crew = Crew {
         url: url.clone(),
         ids: Arc::new(ids),
-        live: Arc::new(Live::default()),
+        live: Arc::new(Live::new()?),
         prefix: IdPrefix(seeder.random()),
         config: config.clone(),
         started,

@@ -2,7 +2,7 @@
 //! report.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rand::rngs::StdRng;
@@ -10,17 +10,51 @@ use rand::Rng;
 use uuid::Uuid;
 
 use super::crew::Slot;
-use crate::error::TransferError;
+use hdrhistogram::Histogram;
+
+use crate::error::{TransferError, WorkloadError};
 use crate::models::NewTransfer;
 use crate::transfer::Runner;
 
 /// What the workers share while they run: live counters for the progress line.
-#[derive(Default)]
 pub(super) struct Live {
     pub(super) committed: AtomicU64,
     pub(super) retries: AtomicU64,
     pub(super) errors: AtomicU64,
     pub(super) issued: AtomicU64,
+    /// Latency of the transfers committed in the current display interval, in microseconds.
+    interval: Mutex<Histogram<u64>>,
+}
+
+impl Live {
+    pub(super) fn new() -> Result<Live, WorkloadError> {
+        Ok(Live {
+            committed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            issued: AtomicU64::new(0),
+            interval: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3)?),
+        })
+    }
+
+    fn record(&self, micros: u64) {
+        if let Ok(mut h) = self.interval.lock() {
+            let _ = h.record(micros.max(1));
+        }
+    }
+
+    /// The interval's latency at quantile `q`, in milliseconds.
+    pub(super) fn latency_ms(&self, q: f64) -> f64 {
+        self.interval
+            .lock()
+            .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+    }
+
+    pub(super) fn reset_interval(&self) {
+        if let Ok(mut h) = self.interval.lock() {
+            h.reset();
+        }
+    }
 }
 
 /// Ids of one run's transfers: the first six bytes are the run's, the rest random, so the
@@ -94,6 +128,7 @@ impl Worker {
                     } else {
                         tally.committed += 1;
                         self.live.committed.fetch_add(1, Ordering::Relaxed);
+                        self.live.record(micros);
                         let _ = tally.latency_us.record(micros.max(1));
                     }
                 }
