@@ -241,6 +241,10 @@ pub struct WorkloadArgs {
     /// `cockroach workload`'s layout (e.g. 1s, 500ms)
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_timeout)]
     pub display_every: Duration,
+    /// Extra workers that read every balance in one snapshot, over and over: each read's total
+    /// must be the opening total (Jepsen's bank read)
+    #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<0, 512>)]
+    pub readers: u64,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -260,6 +264,7 @@ impl WorkloadArgs {
             policy: self.run.policy(),
             json: self.json,
             display_every: self.display_every,
+            readers: self.readers,
         }
     }
 }

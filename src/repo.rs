@@ -220,6 +220,19 @@ pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> 
     Ok(sum.unwrap_or(0))
 }
 
+/// The given accounts' total and how many of them are negative, read by one statement (one
+/// snapshot): what a bank reader sees at one instant.
+pub fn snapshot_totals(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
+    let (sum, negative): (Option<i64>, i64) = accounts::table
+        .filter(accounts::id.eq_any(ids))
+        .select((
+            diesel::dsl::sql::<Nullable<BigInt>>("CAST(SUM(balance) AS INT8)"),
+            diesel::dsl::sql::<BigInt>("CAST(COUNT(*) FILTER (WHERE balance < 0) AS INT8)"),
+        ))
+        .get_result(conn)?;
+    Ok((sum.unwrap_or(0), negative))
+}
+
 /// Ledger rows whose id lies in `low..=high` (one primary-key range scan).
 pub fn count_transfers_between(conn: &mut PgConnection, low: Uuid, high: Uuid) -> QueryResult<i64> {
     transfers::table

@@ -233,3 +233,45 @@ fn a_workload_off_a_terminal_prints_a_table_line_per_interval() {
     }
     assert_eq!(run.json()["ok"], true);
 }
+
+/// `--readers`: snapshot reads during the run, each with the opening total; money created by
+/// hand in the middle of a run is seen by the readers, and fails the run.
+#[test]
+fn readers_check_every_snapshot_total() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[1000; 10]);
+    let args = [
+        "workload",
+        "--accounts",
+        "10",
+        "--reuse-accounts",
+        "--concurrency",
+        "2",
+        "--readers",
+        "2",
+        "--duration",
+        "2s",
+        "--json",
+    ];
+    let run = db.bank().args(args).run();
+    run.success();
+    let j = run.json();
+    assert!(j["reads"].as_u64() > Some(10), "{j}");
+    assert_eq!(j["wrong_total_reads"], 0, "{j}");
+    // Now a balance is raised by hand during the run: the total is no longer the opening total.
+    let tamper = {
+        let mut conn = db.conn();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(800));
+            diesel::sql_query("UPDATE accounts SET balance = balance + 1 WHERE balance >= 0")
+                .execute(&mut conn)
+                .expect("tamper");
+        })
+    };
+    let bad = db.bank().args(args).run();
+    tamper.join().expect("tamper thread");
+    assert_eq!(bad.code, 1, "{bad:?}");
+    let j = bad.json();
+    assert!(j["wrong_total_reads"].as_u64() > Some(0), "{j}");
+    assert_eq!(j["ok"], false, "{j}");
+}

@@ -146,6 +146,58 @@ impl Crew {
         }
     }
 
+    /// Starts `n` readers. Every read's total must be `total`, with no negative balance: a
+    /// stale or non-serializable read (a follower read on CockroachDB, say) shows otherwise.
+    pub(super) fn readers(&self, n: u64, total: i64) -> Readers {
+        let readers = Readers {
+            stop: Arc::new(AtomicBool::new(false)),
+            reads: Arc::new(AtomicU64::new(0)),
+            wrong: Arc::new(AtomicU64::new(0)),
+        };
+        for _ in 0..n {
+            let (stop, reads, wrong) = (
+                Arc::clone(&readers.stop),
+                Arc::clone(&readers.reads),
+                Arc::clone(&readers.wrong),
+            );
+            let (url, ids, timeout) = (
+                self.url.clone(),
+                Arc::clone(&self.ids),
+                self.config.policy.timeout,
+            );
+            thread::spawn(move || {
+                let mut conn = None;
+                while !stop.load(Ordering::SeqCst) {
+                    if conn.is_none() {
+                        conn = url.connect_within("bank-reader", timeout).ok();
+                    }
+                    let Some(c) = conn.as_mut() else {
+                        thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    match crate::repo::snapshot_totals(c, &ids) {
+                        Ok((sum, negative)) => {
+                            if stop.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            reads.fetch_add(1, Ordering::SeqCst);
+                            if sum != total || negative != 0 {
+                                log::warn!("workload: a read saw total {sum} (expected {total}) and {negative} negative balances");
+                                wrong.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        // A lost connection or a conflict says nothing about the bank: read again.
+                        Err(e) => {
+                            log::debug!("workload: a read failed ({e})");
+                            conn = None;
+                        }
+                    }
+                }
+            });
+        }
+        readers
+    }
+
     /// Whether the run goes on: before its end, or while transfers remain to be issued.
     pub(super) fn more(&self) -> bool {
         if super::interrupted() {
@@ -156,6 +208,31 @@ impl Crew {
                 .config
                 .transfers
                 .is_some_and(|n| self.live.issued.load(Ordering::Relaxed) < n)
+    }
+}
+
+/// The readers of a run: each reads the workload's accounts in one snapshot, over and over.
+pub(super) struct Readers {
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+    wrong: Arc<AtomicU64>,
+}
+
+/// What the readers saw.
+pub(super) struct Reads {
+    pub(super) reads: u64,
+    pub(super) wrong: u64,
+}
+
+impl Readers {
+    /// Stops the readers and returns their counts (a reader stuck on a frozen server is left
+    /// behind: its read is not counted).
+    pub(super) fn stop(self) -> Reads {
+        self.stop.store(true, Ordering::SeqCst);
+        Reads {
+            reads: self.reads.load(Ordering::SeqCst),
+            wrong: self.wrong.load(Ordering::SeqCst),
+        }
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Config {
     pub json: bool,
     /// How often progress is shown (a live line on a terminal, a table line otherwise).
     pub display_every: Duration,
+    /// Extra workers that read every balance in one snapshot, over and over (Jepsen's bank read).
+    pub readers: u64,
 }
 
 /// Set by Ctrl-C (SIGINT) or SIGTERM during a run.
@@ -106,7 +108,9 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     for w in 0..config.concurrency {
         slots.push(crew.spawn(w)?);
     }
+    let readers = crew.readers(config.readers, starting_total);
     let watchdog = crew.watch(&mut slots)?;
+    let reads = readers.stop();
     let elapsed = started.elapsed();
 
     // The whole run ends by its end plus one deadline: the check gets what is left of that
@@ -131,6 +135,8 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             starting_total,
             stuck_workers: watchdog.stuck_workers,
             interrupted: interrupted(),
+            reads: reads.reads,
+            wrong_total_reads: reads.wrong,
         },
         tally,
         check,

@@ -93,6 +93,10 @@ pub struct Report {
     pub reconnects: u64,
     /// Workers given up on because a transfer of theirs outlived its deadline (and replaced).
     pub stuck_workers: u64,
+    /// Snapshot reads by `--readers`, and those whose total was not the opening total or that
+    /// showed a negative balance.
+    pub reads: u64,
+    pub wrong_total_reads: u64,
     pub throughput_per_sec: f64,
     pub latency_ms: Latency,
     pub starting_total: i64,
@@ -139,6 +143,8 @@ pub struct Run {
     pub starting_total: i64,
     pub stuck_workers: u64,
     pub interrupted: bool,
+    pub reads: u64,
+    pub wrong_total_reads: u64,
 }
 
 impl Report {
@@ -173,6 +179,7 @@ impl Report {
             && invariants.ledger_matches_committed
             && invariants.chains_exact
             && invariants.verify_ok
+            && run.wrong_total_reads == 0
             && tally.errors == 0;
         Report {
             ok,
@@ -189,6 +196,8 @@ impl Report {
             errors: tally.errors,
             reconnects: tally.reconnects,
             stuck_workers: run.stuck_workers,
+            reads: run.reads,
+            wrong_total_reads: run.wrong_total_reads,
             throughput_per_sec: tally.committed as f64 / run.elapsed_secs.max(1e-9),
             latency_ms: Latency {
                 p50: ms(0.50),
@@ -259,6 +268,13 @@ impl fmt::Display for Report {
                 self.stuck_workers
             )?;
         }
+        if self.reads > 0 {
+            writeln!(
+                f,
+                "reads: {} (wrong total or negative balance: {})",
+                self.reads, self.wrong_total_reads
+            )?;
+        }
         writeln!(f, "throughput: {:.0} transfers/s", self.throughput_per_sec)?;
         let l = &self.latency_ms;
         writeln!(
@@ -296,6 +312,13 @@ impl fmt::Display for Report {
             mark(self.invariants.chains_exact)
         )?;
         writeln!(f, "  verify: {}", mark(self.invariants.verify_ok))?;
+        if self.reads > 0 {
+            writeln!(
+                f,
+                "  every read's total = starting total: {}",
+                mark(self.wrong_total_reads == 0)
+            )?;
+        }
         if let Some(e) = &self.last_error {
             writeln!(f, "last error: {e}")?;
         }
