@@ -245,6 +245,10 @@ pub struct WorkloadArgs {
     /// must be the opening total (Jepsen's bank read)
     #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<0, 512>)]
     pub readers: u64,
+    /// Write each interval's latency histogram to FILE in HdrHistogram's interval-log format
+    /// (microseconds; HdrHistogram's plotters read it)
+    #[arg(long, value_name = "FILE")]
+    pub histogram: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -265,6 +269,7 @@ impl WorkloadArgs {
             json: self.json,
             display_every: self.display_every,
             readers: self.readers,
+            histogram: self.histogram.clone(),
         }
     }
 }

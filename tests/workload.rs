@@ -263,9 +263,16 @@ fn readers_check_every_snapshot_total() {
         let mut conn = db.conn();
         thread::spawn(move || {
             thread::sleep(Duration::from_millis(800));
-            diesel::sql_query("UPDATE accounts SET balance = balance + 1 WHERE balance >= 0")
-                .execute(&mut conn)
-                .expect("tamper");
+            // Concurrent transfers make the update fail with 40001 now and then: until it lands.
+            let policy = bank::retry::RetryPolicy {
+                max_attempts: 200,
+                ..Default::default()
+            };
+            bank::retry::retry_transaction(&policy, || {
+                diesel::sql_query("UPDATE accounts SET balance = balance + 1 WHERE balance >= 0")
+                    .execute(&mut conn)
+            })
+            .expect("tamper");
         })
     };
     let bad = db.bank().args(args).run();
@@ -274,4 +281,50 @@ fn readers_check_every_snapshot_total() {
     let j = bad.json();
     assert!(j["wrong_total_reads"].as_u64() > Some(0), "{j}");
     assert_eq!(j["ok"], false, "{j}");
+}
+
+/// `--histogram FILE`: one latency histogram per interval in HdrHistogram's interval-log format,
+/// which the crate reads back; their counts add up to the transfers committed. A path that
+/// cannot be written is refused before anything changes.
+#[test]
+fn the_latency_histogram_log_reads_back() {
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    use hdrhistogram::serialization::Deserializer;
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("latency.hlog");
+    let run = db
+        .bank()
+        .args(["workload", "--accounts", "10", "--concurrency", "2"])
+        .args(["--duration", "1600ms", "--display-every", "500ms", "--json"])
+        .args(["--histogram", path.to_str().expect("utf-8 path")])
+        .run();
+    run.success();
+    let committed = run.json()["transfers_committed"].as_u64().expect("n");
+    let text = std::fs::read(&path).expect("histogram file");
+    let mut deserializer = Deserializer::new();
+    let (mut intervals, mut count) = (0, 0);
+    for entry in IntervalLogIterator::new(&text) {
+        if let LogEntry::Interval(h) = entry.expect("a log entry") {
+            let bytes = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                h.encoded_histogram(),
+            )
+            .expect("base64");
+            let histogram: hdrhistogram::Histogram<u64> = deserializer
+                .deserialize(&mut bytes.as_slice())
+                .expect("a histogram");
+            intervals += 1;
+            count += histogram.len();
+        }
+    }
+    assert!(intervals >= 3, "{intervals} intervals");
+    assert_eq!(count, committed);
+    let before = db.state();
+    db.bank()
+        .args(["workload", "--accounts", "10", "--transfers", "5"])
+        .args(["--histogram", "/nonexistent/dir/latency.hlog"])
+        .run()
+        .fails_with(2, "cannot write --histogram");
+    assert_eq!(db.state(), before, "nothing changed");
 }

@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use uuid::Uuid;
 
+use super::histogram_log::HistogramLog;
 use super::report::Tally;
 use super::worker::{IdPrefix, Live, Worker};
 use super::Config;
@@ -28,6 +29,8 @@ pub(super) struct Crew {
     pub(super) config: Config,
     pub(super) started: Instant,
     pub(super) end: Option<Instant>,
+    /// `--histogram`: handed to the progress display, which sends it each interval.
+    pub(super) histogram_log: Mutex<Option<HistogramLog>>,
 }
 
 /// One worker's state, shared with the watchdog.
@@ -90,7 +93,8 @@ impl Crew {
             tally: Tally::new()?,
             stuck_workers: 0,
         };
-        let line = LiveLine::new(self.started, self.config.display_every);
+        let log = self.histogram_log.lock().ok().and_then(|mut l| l.take());
+        let line = LiveLine::new(self.started, self.config.display_every, log);
         loop {
             let now = Instant::now();
             if !interrupted && super::interrupted() {
@@ -241,6 +245,8 @@ impl Readers {
 /// `cockroach workload`'s layout, with a retries column, so logs and CI show the run's shape.
 pub(super) struct LiveLine {
     bar: Option<ProgressBar>,
+    /// Where each interval's latency histogram goes (`--histogram`).
+    log: Option<HistogramLog>,
     every: Duration,
     started: Instant,
     last: Mutex<Interval>,
@@ -256,7 +262,7 @@ struct Interval {
 }
 
 impl LiveLine {
-    pub(super) fn new(started: Instant, every: Duration) -> LiveLine {
+    pub(super) fn new(started: Instant, every: Duration, log: Option<HistogramLog>) -> LiveLine {
         let bar = io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             if let Ok(style) = ProgressStyle::with_template("{msg}") {
@@ -266,6 +272,7 @@ impl LiveLine {
         });
         LiveLine {
             bar,
+            log,
             every,
             started,
             last: Mutex::new(Interval {
@@ -279,12 +286,20 @@ impl LiveLine {
     }
 
     pub(super) fn tick(&self, live: &Live) {
+        self.show(live, false);
+    }
+
+    fn show(&self, live: &Live, last_one: bool) {
         let Ok(mut last) = self.last.lock() else {
             return;
         };
         let since = last.at.elapsed();
-        if since < self.every {
+        if since < self.every && !last_one {
             return;
+        }
+        let interval = live.take_interval();
+        if let (Some(log), Some(h)) = (&self.log, &interval) {
+            log.send(last.at.duration_since(self.started), since, h.clone());
         }
         let committed = live.committed.load(Ordering::Relaxed);
         let errors = live.errors.load(Ordering::Relaxed);
@@ -300,7 +315,11 @@ impl LiveLine {
                     eprintln!("_elapsed___errors__ops/sec(inst)___ops/sec(cum)__p50(ms)__p95(ms)__p99(ms)_pMax(ms)__retries");
                     last.header_shown = true;
                 }
-                let ms = |q: f64| live.latency_ms(q);
+                let ms = |q: f64| {
+                    interval
+                        .as_ref()
+                        .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+                };
                 eprintln!(
                     "{:>7.1}s {:>8} {:>14.1} {:>14.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} transfer",
                     elapsed,
@@ -313,7 +332,6 @@ impl LiveLine {
                     ms(1.0),
                     retries.saturating_sub(last.retries),
                 );
-                live.reset_interval();
             }
         }
         *last = Interval {
@@ -327,7 +345,7 @@ impl LiveLine {
 
     /// Clears the live line: the report follows.
     pub(super) fn finish(&self, live: &Live) {
-        self.tick(live);
+        self.show(live, true);
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

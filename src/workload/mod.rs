@@ -4,6 +4,7 @@
 //! replaced), `worker.rs` is one worker, `report.rs` what the run reports.
 
 mod crew;
+mod histogram_log;
 mod report;
 mod worker;
 
@@ -13,7 +14,7 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use diesel::pg::PgConnection;
 use rand::rngs::StdRng;
@@ -52,6 +53,8 @@ pub struct Config {
     pub display_every: Duration,
     /// Extra workers that read every balance in one snapshot, over and over (Jepsen's bank read).
     pub readers: u64,
+    /// Where to write each interval's latency histogram (HdrHistogram interval log).
+    pub histogram: Option<std::path::PathBuf>,
 }
 
 /// Set by Ctrl-C (SIGINT) or SIGTERM during a run.
@@ -76,6 +79,13 @@ fn catch_interrupts() {
 
 pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Error> {
     let policy = config.policy;
+    // Opened first: a path that cannot be written is refused before anything changes.
+    let histogram = match &config.histogram {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+            Error::Usage(format!("cannot write --histogram {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
     catch_interrupts();
     let mut setup = url.connect()?;
     let ids = prepare_accounts(&mut setup, config)?;
@@ -87,6 +97,13 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         None => StdRng::from_rng(&mut rand::rng()),
     };
     let started = Instant::now();
+    let (histogram_log, histogram_written) = match histogram {
+        Some(file) => {
+            let (log, written) = histogram_log::HistogramLog::start(file, SystemTime::now());
+            (Some(log), Some(written))
+        }
+        None => (None, None),
+    };
     let end = match config.duration {
         Some(d) => Some(
             started
@@ -103,6 +120,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         config: config.clone(),
         started,
         end,
+        histogram_log: std::sync::Mutex::new(histogram_log),
     };
     let mut slots = Vec::new();
     for w in 0..config.concurrency {
@@ -111,6 +129,9 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let readers = crew.readers(config.readers, starting_total);
     let watchdog = crew.watch(&mut slots)?;
     let reads = readers.stop();
+    if let Some(written) = histogram_written {
+        written.wait()?;
+    }
     let elapsed = started.elapsed();
 
     // The whole run ends by its end plus one deadline: the check gets what is left of that

@@ -43,17 +43,12 @@ impl Live {
         }
     }
 
-    /// The interval's latency at quantile `q`, in milliseconds.
-    pub(super) fn latency_ms(&self, q: f64) -> f64 {
-        self.interval
-            .lock()
-            .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
-    }
-
-    pub(super) fn reset_interval(&self) {
-        if let Ok(mut h) = self.interval.lock() {
-            h.reset();
-        }
+    /// The interval's histogram, leaving an empty one for the next interval.
+    pub(super) fn take_interval(&self) -> Option<Histogram<u64>> {
+        let mut h = self.interval.lock().ok()?;
+        let taken = h.clone();
+        h.reset();
+        Some(taken)
     }
 }
 
