@@ -30,31 +30,49 @@ pub struct Cli {
 pub enum Command {
     /// Run the tutorial's whole flow: create two accounts, show balances, transfer 100, show
     /// balances, remove what it created
+    #[command(after_help = "Example:\n  bank demo")]
     Demo,
     /// Create the schema: run the migrations that have not run yet (idempotent)
+    #[command(after_help = "Example:\n  bank --database-url postgres://bank@localhost/bank init")]
     Init,
     /// Create accounts: the tutorial's two (1000 and 250) by default
+    #[command(after_help = "Example:\n  bank seed --accounts 1000 --balance 500 --json")]
     Seed(SeedArgs),
     /// Move money between two accounts, exactly once
+    #[command(
+        after_help = "Example:\n  bank transfer --from 06bbabc7-736f-4f64-b8ff-46f84023f4f6 --to 991bfe5f-9a71-4cfb-8591-504ee5992c0a --amount 100 --id 11111111-1111-1111-1111-111111111111\n\nExit codes: 0 applied (or already applied), 1 failed and not applied, 2 bad input,\n3 outcome unknown: run the same command (same --id) again to settle it."
+    )]
     Transfer(TransferArgs),
     /// List every account's balance, ordered by id (now, or as of a time)
+    #[command(after_help = "Example:\n  bank balances --as-of 2026-11-24T10:00:00Z --json")]
     Balances(BalancesArgs),
     /// Delete every account and transfer
+    #[command(after_help = "Example:\n  bank reset --yes")]
     Reset(ResetArgs),
     /// Check, without changing anything, that no balance is negative and every balance agrees
     /// with the ledger
+    #[command(after_help = "Example:\n  bank verify --json")]
     Verify(JsonArg),
     /// An account's entries, newest first: version, time, transfer, counterparty, amount and
     /// balance after; the opening balance is version 0
+    #[command(
+        after_help = "Example:\n  bank history 06bbabc7-736f-4f64-b8ff-46f84023f4f6 --limit 20 --before 100"
+    )]
     History(HistoryArgs),
     /// One transfer: its accounts, amount, time and both balances after (what to run after an
     /// unknown outcome)
+    #[command(after_help = "Example:\n  bank lookup 11111111-1111-1111-1111-111111111111 --json")]
     Lookup(LookupArgs),
     /// Print a shell completion script (e.g. `bank completions bash > /etc/bash_completion.d/bank`)
+    #[command(after_help = "Example:\n  bank completions zsh > ~/.zfunc/_bank")]
     Completions(CompletionsArgs),
     /// Print the man page in roff (e.g. `bank man > bank.1 && man ./bank.1`)
+    #[command(after_help = "Example:\n  bank man > bank.1")]
     Man,
     /// Run random concurrent transfers and check the bank's invariants afterwards
+    #[command(
+        after_help = "Example:\n  bank workload --accounts 100 --concurrency 8 --duration 60s --readers 2 --histogram latency.hlog"
+    )]
     Workload(WorkloadArgs),
 }
 
@@ -351,6 +369,19 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_shows_an_example() {
+        let mut cli = Cli::command();
+        for sub in cli.get_subcommands_mut() {
+            let help = sub.render_help().to_string();
+            assert!(
+                help.contains("Example:\n  bank "),
+                "{}: {help}",
+                sub.get_name()
+            );
+        }
     }
 
     #[test]

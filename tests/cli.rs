@@ -731,3 +731,29 @@ fn completions_and_the_man_page_need_no_database() {
         .run()
         .fails_with(2, "invalid value 'tcsh'");
 }
+
+/// Colour only on a terminal, and never with NO_COLOR (https://no-color.org).
+#[test]
+fn no_color_is_respected() {
+    use std::process::Command;
+    let bank = assert_cmd::cargo::cargo_bin("bank");
+    let help = |no_color: bool| {
+        let mut cmd = Command::new("script");
+        cmd.args([
+            "-qec",
+            &format!("{} workload --help", bank.display()),
+            "/dev/null",
+        ])
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR");
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        }
+        let out = cmd.output().expect("run script");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(help(false).contains('\u{1b}'), "coloured on a terminal");
+    let plain = help(true);
+    assert!(plain.contains("Example:"), "{plain}");
+    assert!(!plain.contains('\u{1b}'), "{plain:?}");
+}
