@@ -109,7 +109,7 @@ fn entry_line(e: &Entry) -> String {
 }
 
 #[derive(Serialize)]
-struct TransferJson {
+struct LookupJson {
     id: Uuid,
     from: Uuid,
     to: Uuid,
@@ -126,7 +126,7 @@ pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Re
     let mut conn = url.connect()?;
     let t = repo::find_transfer(&mut conn, args.id)?.ok_or(Error::NoTransfer(args.id))?;
     if args.json {
-        let json = TransferJson {
+        let json = LookupJson {
             id: t.id,
             from: t.from_id,
             to: t.to_id,
