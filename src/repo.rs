@@ -211,13 +211,7 @@ pub fn delete_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
 
 /// The sum of the given accounts' balances (one `= ANY($1)` array bind, whatever their number).
 pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
-    let sum: Option<i64> = accounts::table
-        .filter(accounts::id.eq_any(ids))
-        .select(diesel::dsl::sql::<
-            diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
-        >("CAST(SUM(balance) AS INT8)"))
-        .get_result(conn)?;
-    Ok(sum.unwrap_or(0))
+    snapshot_totals(conn, ids).map(|(total, _)| total)
 }
 
 /// The given accounts' total and how many of them are negative, read by one statement (one

@@ -249,20 +249,6 @@ pub enum Stop<E> {
     },
 }
 
-impl<E> Stop<E> {
-    /// "gave up after N attempts; last error: …" / "timed out after …".
-    pub fn describe(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> String {
-        if timed_out {
-            format!(
-                "timed out after {:.1}s ({attempts} attempts); last error: {last}",
-                elapsed.as_secs_f64()
-            )
-        } else {
-            format!("gave up after {attempts} attempts; last error: {last}")
-        }
-    }
-}
-
 /// Runs `attempt` (given the attempt's number, from 1) until it is done or fails for good, or
 /// `policy` runs out of attempts or time; counts each retry in `counts` as it happens.
 pub fn retry<T, E>(

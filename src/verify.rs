@@ -170,13 +170,7 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
         })
 }
 
-impl Report {
-    /// The human-readable report.
-    pub fn render(&self) -> String {
-        self.to_string()
-    }
-}
-
+/// The human-readable report.
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mark = |ok: bool| if ok { "ok" } else { "VIOLATED" };

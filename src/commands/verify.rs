@@ -14,7 +14,7 @@ pub(super) fn verify_cmd(url: &DbUrl, json: bool, out: &mut impl Write) -> Resul
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
         writeln!(out)?;
     } else {
-        write!(out, "{}", report.render())?;
+        write!(out, "{report}")?;
     }
     if report.ok {
         Ok(())

@@ -120,7 +120,7 @@ impl Runner {
                 last,
                 timed_out,
             }) => {
-                let reason = Stop::<()>::describe(attempts, &last, timed_out, started.elapsed());
+                let reason = exhausted(attempts, &last, timed_out, started.elapsed());
                 Err(if ambiguous {
                     TransferError::OutcomeUnknown { id: t.id, reason }
                 } else {
@@ -154,6 +154,18 @@ impl Runner {
                 Some(how) => Err(gave_up(&t, how, started)),
             },
         }
+    }
+}
+
+/// "gave up after N attempts; last error: …" or "timed out after …".
+fn exhausted(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> String {
+    if timed_out {
+        format!(
+            "timed out after {:.1}s ({attempts} attempts); last error: {last}",
+            elapsed.as_secs_f64()
+        )
+    } else {
+        format!("gave up after {attempts} attempts; last error: {last}")
     }
 }
 
