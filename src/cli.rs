@@ -144,19 +144,33 @@ pub struct SeedArgs {
 #[derive(Debug, Args)]
 pub struct TransferArgs {
     /// Account to debit
-    #[arg(long, value_name = "UUID")]
-    pub from: Uuid,
+    #[arg(long, value_name = "UUID", required_unless_present = "file")]
+    pub from: Option<Uuid>,
     /// Account to credit
-    #[arg(long, value_name = "UUID")]
-    pub to: Uuid,
+    #[arg(long, value_name = "UUID", required_unless_present = "file")]
+    pub to: Option<Uuid>,
     /// Amount to move: a positive whole number
-    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_amount)]
-    pub amount: i64,
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_amount, required_unless_present = "file")]
+    pub amount: Option<i64>,
     /// Transfer id (idempotency key): running a transfer again with the same id applies it once
     /// [default: a random id]
     #[arg(long, value_name = "UUID")]
     pub id: Option<Uuid>,
-    /// Print the result as JSON
+    /// Apply a file of transfers (`-`: standard input), CSV with the header id,from,to,amount
+    /// or JSON Lines; each line gets its own outcome, exactly as if applied one at a time in file
+    /// order; a rerun of the same file applies nothing twice
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["from", "to", "amount", "id"])]
+    pub file: Option<std::path::PathBuf>,
+    /// Transfers per statement with --file
+    #[arg(long, value_name = "N", default_value_t = 1000, requires = "file", allow_negative_numbers = true, value_parser = whole::<1, 10_000>)]
+    pub batch: u64,
+    /// Format of --file [default: from its extension (.csv, .jsonl), else from its first line]
+    #[arg(long, value_enum, requires = "file")]
+    pub format: Option<crate::batch::Format>,
+    /// Connections applying chunks of --file at once (chunks that share no account or id)
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "file", allow_negative_numbers = true, value_parser = whole::<1, 64>)]
+    pub connections: u64,
+    /// Print the result as JSON (with --file: one JSON object per line of the file)
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

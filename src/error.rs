@@ -150,6 +150,15 @@ pub enum Error {
     },
     #[error("workload failed")]
     Workload(#[from] WorkloadError),
+    /// `transfer --file`: some lines may or may not have been applied (exit 3).
+    #[error(
+        "{unknown} of {total} transfers may or may not have been applied (outcome unknown): run \
+         the same file again to settle them"
+    )]
+    BatchUnknown { unknown: u64, total: u64 },
+    /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
+    #[error("{failed} of {total} transfers were not applied (each line's outcome is above)")]
+    BatchFailed { failed: u64, total: u64 },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -183,8 +192,19 @@ impl Error {
             Error::Transfer(
                 TransferError::NonPositiveAmount(_) | TransferError::SameAccount(_),
             ) => ExitCode::Usage,
-            Error::Transfer(TransferError::OutcomeUnknown { .. }) => ExitCode::OutcomeUnknown,
+            Error::Transfer(TransferError::OutcomeUnknown { .. }) | Error::BatchUnknown { .. } => {
+                ExitCode::OutcomeUnknown
+            }
             _ => ExitCode::Failure,
+        }
+    }
+}
+
+impl From<crate::batch::Fatal> for Error {
+    fn from(f: crate::batch::Fatal) -> Self {
+        match f {
+            crate::batch::Fatal::NotMigrated => Error::NotMigrated,
+            crate::batch::Fatal::Connect(e) => Error::Connect(e),
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - `db/`: `url.rs` (parsing, redaction) and `session.rs` (connections and their settings);
 //! - `error` (typed errors) and `exit_code`.
 
+pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod db;

@@ -2,6 +2,7 @@
 //! file per job; output goes to stdout, diagnostics to stderr through `log`.
 
 mod accounts;
+mod batch;
 mod demo;
 mod ledger;
 mod transfer;

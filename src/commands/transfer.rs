@@ -38,11 +38,20 @@ pub(super) fn transfer_cmd(
     args: &TransferArgs,
     out: &mut impl Write,
 ) -> Result<(), Error> {
+    if let Some(path) = &args.file {
+        return super::batch::transfer_file(url, args, path, out);
+    }
+    // clap requires all three without --file.
+    let (Some(from_id), Some(to_id), Some(amount)) = (args.from, args.to, args.amount) else {
+        return Err(Error::Usage(
+            "--from, --to and --amount are required (or --file)".into(),
+        ));
+    };
     let t = NewTransfer {
         id: args.id.unwrap_or_else(Uuid::new_v4),
-        from_id: args.from,
-        to_id: args.to,
-        amount: args.amount,
+        from_id,
+        to_id,
+        amount,
     };
     // Checked before connecting: bad input never reaches the database.
     transfer::validate(&t)?;

@@ -1,0 +1,412 @@
+//! Applying one chunk of a transfer file: the chunk statement, run until every line has its
+//! verdict, each statement in a transaction of its own through `retry::retry`.
+//!
+//! A statement decides the lines up to the first refused one; the runner sends the lines after
+//! it as the next statement. Each statement runs inside BEGIN … COMMIT (at the server's default
+//! isolation level: the statement locks what it reads, so it is exact at READ COMMITTED too),
+//! so that its verdicts are back before COMMIT is sent: when the COMMIT's answer is lost, the
+//! runner knows which lines that attempt applied, and when the ledger later holds them it reports
+//! them `applied`, not `already_applied`, as the one-transfer runner does.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+
+use super::input::Line;
+use super::statement::BatchStatement;
+use super::{Outcome, Verdict};
+use crate::db::Session;
+use crate::error::{ConnectError, TransferError};
+use crate::guard::Ticket;
+use crate::retry::{classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop};
+
+/// What a runner shares with whoever watches it for a frozen server: the ticket of the
+/// statement under way, when that statement started, and the verdicts already given.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub ticket: Ticket,
+    inner: Arc<Mutex<Progress>>,
+}
+
+#[derive(Debug)]
+struct Progress {
+    since: Instant,
+    decided: Vec<Verdict>,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        Watch {
+            ticket: Ticket::new(),
+            inner: Arc::new(Mutex::new(Progress {
+                since: Instant::now(),
+                decided: Vec::new(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        // A poisoned lock only means a panic elsewhere; the data is still what it was.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Restarts the clock: a statement starts now.
+    pub fn start(&self) {
+        self.lock().since = Instant::now();
+    }
+
+    /// When the statement under way started.
+    pub fn since(&self) -> Instant {
+        self.lock().since
+    }
+
+    /// The verdicts given so far in the chunk under way.
+    pub fn decided(&self) -> Vec<Verdict> {
+        self.lock().decided.clone()
+    }
+}
+
+/// Why a chunk could not go on at all: nothing about its lines can be said.
+#[derive(Debug)]
+pub enum Fatal {
+    NotMigrated,
+    Connect(ConnectError),
+}
+
+/// Applies chunks on one session, one at a time.
+pub struct ChunkRunner {
+    pub session: Session,
+    pub policy: RetryPolicy,
+    pub retries: RetryCounts,
+    pub watch: Watch,
+}
+
+/// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
+/// refused), and the refused line if any.
+struct Decided {
+    verdicts: HashMap<u64, Outcome>,
+    refused: Option<u64>,
+    /// Lines refused because their `to` account does not exist (else it is `from`).
+    unknown_to: HashSet<u64>,
+}
+
+impl ChunkRunner {
+    pub fn new(session: Session, policy: RetryPolicy) -> ChunkRunner {
+        ChunkRunner {
+            session,
+            policy,
+            retries: RetryCounts::default(),
+            watch: Watch::new(),
+        }
+    }
+
+    /// One verdict per line of `lines`, in order.
+    pub fn apply(&mut self, lines: &[Line]) -> Result<Vec<Verdict>, Fatal> {
+        self.watch.lock().decided.clear();
+        let mut start = 0;
+        while start < lines.len() {
+            let rest = &lines[start..];
+            self.watch.start();
+            if !self.watch.ticket.begin() {
+                // The watcher gave up on this runner: it reports the chunk itself.
+                return Ok(Vec::new());
+            }
+            let step = self.statement(rest);
+            let _ = self.watch.ticket.finish();
+            let given: Vec<Verdict> = match step? {
+                Ok(decided) => {
+                    let end = decided
+                        .refused
+                        .and_then(|r| rest.iter().position(|l| l.line == r))
+                        .map_or(rest.len(), |i| i + 1);
+                    rest[..end].iter().map(|l| verdict(l, &decided)).collect()
+                }
+                // Not settled: every line of this statement shares its fate.
+                Err(failed) => rest
+                    .iter()
+                    .map(|_| Verdict {
+                        outcome: failed.outcome,
+                        error: Some(failed.reason.clone()),
+                    })
+                    .collect(),
+            };
+            start += given.len();
+            self.watch.lock().decided.extend(given);
+        }
+        Ok(std::mem::take(&mut self.watch.lock().decided))
+    }
+
+    /// Runs the statement over `lines` until it commits, or it cannot.
+    fn statement(&mut self, lines: &[Line]) -> Result<Result<Decided, Failed>, Fatal> {
+        let started = Instant::now();
+        let mut retries = RetryCounts::default();
+        let mut ambiguous = false;
+        // Lines that an attempt whose COMMIT went unanswered applied: if the ledger holds them
+        // afterwards, it was that attempt, i.e. this run, that applied them.
+        let mut ours: HashSet<u64> = HashSet::new();
+        let statement = BatchStatement::new(lines);
+        let (session, ticket) = (&mut self.session, &self.watch.ticket);
+        let result = retry(&self.policy, &mut retries, |_| {
+            if ticket.is_abandoned() {
+                return Attempt::Fail(TransferError::Abandoned);
+            }
+            let reused = session.is_connected();
+            let conn = match session.conn() {
+                Ok(conn) => conn,
+                Err(e) if e.is_transient() => {
+                    return Attempt::Retry {
+                        cause: Cause::ConnectionLost,
+                        message: e.message,
+                    }
+                }
+                Err(e) => return Attempt::Fail(TransferError::Connect(e)),
+            };
+            let mut seen = None;
+            let mut committing = false;
+            let result = conn.build_transaction().run(|c| {
+                let rows = statement.clone().load::<(i64, String)>(c)?;
+                let decided = read_rows(lines, rows)?;
+                seen = Some(applied_lines(lines, &decided).collect::<Vec<u64>>());
+                if !ticket.enter_commit() {
+                    return Err(Rollback::Abandoned);
+                }
+                committing = true;
+                Ok(decided)
+            });
+            let step = match result {
+                Ok(decided) => Attempt::Done(decided),
+                Err(Rollback::Abandoned) => Attempt::Fail(TransferError::Abandoned),
+                Err(Rollback::Bug(message)) => Attempt::Fail(TransferError::Database(
+                    DieselError::QueryBuilderError(message.into()),
+                )),
+                Err(Rollback::Database(e)) => failure(e, committing),
+            };
+            if committing {
+                ticket.leave_commit(matches!(
+                    step,
+                    Attempt::Done(_)
+                        | Attempt::Retry {
+                            cause: Cause::Ambiguous,
+                            ..
+                        }
+                ));
+            }
+            match step {
+                Attempt::Retry { cause, message } => {
+                    if cause == Cause::Ambiguous {
+                        ambiguous = true;
+                        ticket.mark_ambiguous();
+                        ours.extend(seen.into_iter().flatten());
+                    }
+                    if cause.needs_reconnect() {
+                        session.reset();
+                    }
+                    // A connection that died while idle says nothing about this statement.
+                    if cause == Cause::ConnectionLost && reused {
+                        Attempt::RetryNow { cause, message }
+                    } else {
+                        Attempt::Retry { cause, message }
+                    }
+                }
+                step => step,
+            }
+        });
+        self.retries += retries;
+        let fail = |outcome, reason: String| Ok(Err(Failed { outcome, reason }));
+        match result {
+            Ok(mut decided) => {
+                for (line, outcome) in decided.verdicts.iter_mut() {
+                    if *outcome == Outcome::AlreadyApplied && ours.contains(line) {
+                        *outcome = Outcome::Applied;
+                    }
+                }
+                Ok(Ok(decided))
+            }
+            Err(Stop::Failed(TransferError::NotMigrated)) => Err(Fatal::NotMigrated),
+            Err(Stop::Failed(TransferError::Connect(e))) => Err(Fatal::Connect(e)),
+            Err(Stop::Failed(e)) if ambiguous => fail(
+                Outcome::Unknown,
+                format!("an attempt's COMMIT went unanswered, then: {e}"),
+            ),
+            Err(Stop::Failed(e)) => fail(Outcome::NotApplied, e.to_string()),
+            Err(Stop::Exhausted {
+                attempts,
+                last,
+                timed_out,
+            }) => {
+                let how = if timed_out {
+                    format!(
+                        "timed out after {:.1}s ({attempts} attempts)",
+                        started.elapsed().as_secs_f64()
+                    )
+                } else {
+                    format!("gave up after {attempts} attempts")
+                };
+                let reason = format!("{how}; last error: {last}");
+                if ambiguous {
+                    fail(Outcome::Unknown, reason)
+                } else {
+                    fail(Outcome::NotApplied, reason)
+                }
+            }
+        }
+    }
+}
+
+/// A statement that could not be settled: its lines are `unknown` or `not_applied`.
+struct Failed {
+    outcome: Outcome,
+    reason: String,
+}
+
+/// Why a statement's transaction was rolled back.
+enum Rollback {
+    Database(DieselError),
+    Abandoned,
+    /// The statement's counts disagree with its verdicts: never commit that.
+    Bug(String),
+}
+
+impl From<DieselError> for Rollback {
+    fn from(e: DieselError) -> Self {
+        Rollback::Database(e)
+    }
+}
+
+/// An error of the statement or its COMMIT, as a step of the retry loop.
+fn failure(e: DieselError, committing: bool) -> Attempt<Decided, TransferError> {
+    let phase = if committing {
+        Phase::Commit
+    } else {
+        Phase::BeforeCommit
+    };
+    if let Some(cause) = classify(&e, phase) {
+        return Attempt::Retry {
+            cause,
+            message: e.to_string(),
+        };
+    }
+    match &e {
+        // Another client wrote one of the chunk's ids after this statement read the ledger:
+        // the next attempt reads it.
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) if !committing => {
+            return Attempt::Retry {
+                cause: Cause::Serialization,
+                message: e.to_string(),
+            }
+        }
+        _ => {}
+    }
+    match TransferError::from(e) {
+        TransferError::Database(e) if committing => Attempt::Retry {
+            cause: Cause::Ambiguous,
+            message: format!("COMMIT failed: {e}"),
+        },
+        other => Attempt::Fail(other),
+    }
+}
+
+/// The statement's rows as verdicts, checked against its counts.
+fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollback> {
+    let mut verdicts = HashMap::new();
+    let mut refused = None;
+    let mut unknown_to = HashSet::new();
+    let (mut inserted, mut moved) = (None, None);
+    for (n, word) in rows {
+        let line = u64::try_from(n).unwrap_or_default();
+        let outcome = match word.as_str() {
+            "inserted" => {
+                inserted = Some(n);
+                continue;
+            }
+            "moved" => {
+                moved = Some(n);
+                continue;
+            }
+            "already_applied" => Outcome::AlreadyApplied,
+            "id_conflict" => Outcome::IdConflict,
+            "unknown_from" => Outcome::UnknownAccount,
+            "unknown_to" => {
+                unknown_to.insert(line);
+                Outcome::UnknownAccount
+            }
+            "insufficient_funds" => Outcome::InsufficientFunds,
+            "balance_overflow" => Outcome::BalanceOverflow,
+            other => return Err(Rollback::Bug(format!("unexpected verdict {other:?}"))),
+        };
+        if matches!(
+            outcome,
+            Outcome::InsufficientFunds | Outcome::BalanceOverflow
+        ) {
+            refused = Some(line);
+        }
+        verdicts.insert(line, outcome);
+    }
+    let decided = Decided {
+        verdicts,
+        refused,
+        unknown_to,
+    };
+    let applied = applied_lines(lines, &decided).count();
+    let accounts: HashSet<_> = applied_lines(lines, &decided)
+        .filter_map(|l| lines.iter().find(|x| x.line == l))
+        .flat_map(|l| [l.transfer.from_id, l.transfer.to_id])
+        .collect();
+    if inserted != Some(applied as i64) || moved != Some(accounts.len() as i64) {
+        return Err(Rollback::Bug(format!(
+            "the chunk statement inserted {inserted:?} ledger rows and moved {moved:?} \
+             accounts, but its verdicts leave {applied} transfers over {} accounts",
+            accounts.len()
+        )));
+    }
+    Ok(decided)
+}
+
+/// The lines a statement applied: those before its refused line without a verdict.
+fn applied_lines<'a>(lines: &'a [Line], d: &'a Decided) -> impl Iterator<Item = u64> + 'a {
+    lines
+        .iter()
+        .take_while(move |l| d.refused.is_none_or(|r| l.line < r))
+        .filter(move |l| !d.verdicts.contains_key(&l.line))
+        .map(|l| l.line)
+}
+
+/// The verdict of a decided line (none: the statement applied it), with the error it reports.
+fn verdict(l: &Line, d: &Decided) -> Verdict {
+    let t = &l.transfer;
+    let outcome = d.verdicts.get(&l.line).copied().unwrap_or(Outcome::Applied);
+    let error = match outcome {
+        Outcome::Applied | Outcome::AlreadyApplied => None,
+        Outcome::InsufficientFunds => Some(
+            TransferError::InsufficientFunds {
+                account: t.from_id,
+                amount: t.amount,
+            }
+            .to_string(),
+        ),
+        Outcome::BalanceOverflow => Some(
+            TransferError::BalanceOverflow {
+                account: t.to_id,
+                amount: t.amount,
+            }
+            .to_string(),
+        ),
+        Outcome::UnknownAccount => Some(
+            TransferError::UnknownAccount(if d.unknown_to.contains(&l.line) {
+                t.to_id
+            } else {
+                t.from_id
+            })
+            .to_string(),
+        ),
+        Outcome::IdConflict => Some(format!(
+            "transfer {} is already in the ledger with different details (from, to or amount)",
+            t.id
+        )),
+        Outcome::NotApplied | Outcome::Unknown => None,
+    };
+    Verdict { outcome, error }
+}

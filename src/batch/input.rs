@@ -1,0 +1,437 @@
+//! Reading a file of transfers: CSV with a header (`id,from,to,amount`, in any order) or JSON
+//! Lines (`{"id","from","to","amount"}`), one transfer per line, each checked as it is read.
+//!
+//! Every transfer needs its id: the id is what makes a rerun of the same file apply each transfer
+//! once, so a file without ids is refused rather than given random ones.
+
+use std::io::{BufRead, Read};
+use std::path::Path;
+
+use serde::Deserialize;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::models::NewTransfer;
+
+/// How a transfer file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Comma-separated values with a header line naming the columns id, from, to, amount
+    Csv,
+    /// One JSON object per line: {"id": "...", "from": "...", "to": "...", "amount": 100}
+    Jsonl,
+}
+
+impl Format {
+    /// The format a file's name says (`.csv`, `.jsonl`, `.ndjson`, `.json`), if any.
+    pub fn of_path(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" => Some(Format::Csv),
+            "jsonl" | "ndjson" | "json" => Some(Format::Jsonl),
+            _ => None,
+        }
+    }
+
+    /// The format of input whose name says nothing (standard input): JSON Lines when its first
+    /// non-blank byte opens an object, CSV otherwise.
+    pub fn sniff(first_bytes: &[u8]) -> Format {
+        match first_bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => Format::Jsonl,
+            _ => Format::Csv,
+        }
+    }
+}
+
+/// One transfer of the file, with the line it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line {
+    /// 1-based line number in the file (a CSV header is line 1).
+    pub line: u64,
+    pub transfer: NewTransfer,
+}
+
+/// A line that is not a valid transfer, or a file that cannot be read.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("line {line}: {reason}")]
+pub struct Malformed {
+    pub line: u64,
+    pub reason: String,
+}
+
+fn malformed(line: u64, reason: impl Into<String>) -> Malformed {
+    Malformed {
+        line,
+        reason: reason.into(),
+    }
+}
+
+/// The transfers of `input`, in file order; a malformed line is an `Err` and reading goes on.
+pub fn read<'a, R: BufRead + 'a>(
+    input: R,
+    format: Format,
+) -> Box<dyn Iterator<Item = Result<Line, Malformed>> + 'a> {
+    match format {
+        Format::Csv => Box::new(CsvLines::new(input)),
+        Format::Jsonl => Box::new(JsonLines {
+            input,
+            line: 0,
+            done: false,
+        }),
+    }
+}
+
+/// Checks one transfer's fields, as text or as JSON values.
+fn transfer(
+    line: u64,
+    id: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+    amount: Result<i64, String>,
+) -> Result<Line, Malformed> {
+    let uuid = |name: &str, value: Option<&str>| -> Result<Uuid, Malformed> {
+        let value = value.map(str::trim).unwrap_or_default();
+        if value.is_empty() {
+            return Err(malformed(line, format!("no {name}")));
+        }
+        Uuid::parse_str(value)
+            .map_err(|_| malformed(line, format!("{name} '{value}' is not a UUID")))
+    };
+    let id = match id.map(str::trim) {
+        None | Some("") => {
+            return Err(malformed(
+                line,
+                "no id: every transfer needs its own id (a UUID), which is what makes a rerun \
+                 of the file apply each transfer once",
+            ))
+        }
+        Some(_) => uuid("id", id)?,
+    };
+    let from_id = uuid("from", from)?;
+    let to_id = uuid("to", to)?;
+    let amount = amount.map_err(|reason| malformed(line, reason))?;
+    if amount <= 0 {
+        return Err(malformed(
+            line,
+            format!("amount must be positive, got {amount}"),
+        ));
+    }
+    if from_id == to_id {
+        return Err(malformed(
+            line,
+            format!("from and to are the same account ({from_id})"),
+        ));
+    }
+    Ok(Line {
+        line,
+        transfer: NewTransfer {
+            id,
+            from_id,
+            to_id,
+            amount,
+        },
+    })
+}
+
+fn amount_text(value: Option<&str>) -> Result<i64, String> {
+    let value = value.map(str::trim).unwrap_or_default();
+    if value.is_empty() {
+        return Err("no amount".into());
+    }
+    let digits = value.strip_prefix('+').unwrap_or(value);
+    let digits_only = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if digits_only(digits) || digits.strip_prefix('-').is_some_and(digits_only) {
+        digits
+            .parse::<i64>()
+            .map_err(|_| format!("amount {value} is out of range (at most {})", i64::MAX))
+    } else {
+        Err(format!("amount '{value}' is not a whole number"))
+    }
+}
+
+/// CSV with a header; extra columns are ignored.
+struct CsvLines<R: Read> {
+    reader: csv::Reader<R>,
+    columns: Result<[usize; 4], Option<Malformed>>,
+    record: csv::StringRecord,
+}
+
+const COLUMNS: [&str; 4] = ["id", "from", "to", "amount"];
+
+impl<R: Read> CsvLines<R> {
+    fn new(input: R) -> Self {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .trim(csv::Trim::All)
+            .from_reader(input);
+        let columns = match reader.headers() {
+            Err(e) => Err(Some(csv_error(1, &e))),
+            // An empty file holds no transfers.
+            Ok(h) if h.is_empty() => Err(None),
+            Ok(h) => {
+                let find = |name: &str| h.iter().position(|c| c.eq_ignore_ascii_case(name));
+                match COLUMNS.map(find) {
+                    [None, ..] => Err(Some(malformed(
+                        1,
+                        "no id column: every transfer needs its own id (a UUID), which is what \
+                         makes a rerun of the file apply each transfer once; the header must \
+                         name id, from, to and amount",
+                    ))),
+                    [Some(i), Some(f), Some(t), Some(a)] => Ok([i, f, t, a]),
+                    found => {
+                        let missing: Vec<&str> = COLUMNS
+                            .iter()
+                            .zip(found)
+                            .filter(|(_, at)| at.is_none())
+                            .map(|(name, _)| *name)
+                            .collect();
+                        Err(Some(malformed(
+                            1,
+                            format!(
+                                "no {} column: the header must name id, from, to and amount",
+                                missing.join(", no ")
+                            ),
+                        )))
+                    }
+                }
+            }
+        };
+        CsvLines {
+            reader,
+            columns,
+            record: csv::StringRecord::new(),
+        }
+    }
+}
+
+fn csv_error(line: u64, e: &csv::Error) -> Malformed {
+    let line = e.position().map_or(line, |p| p.line());
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => malformed(
+            line,
+            format!("{len} fields where the header has {expected_len}"),
+        ),
+        csv::ErrorKind::Utf8 { .. } => malformed(line, "not UTF-8 text"),
+        _ => malformed(line, e.to_string()),
+    }
+}
+
+impl<R: Read> Iterator for CsvLines<R> {
+    type Item = Result<Line, Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let [i, f, t, a] = match &mut self.columns {
+            Ok(columns) => *columns,
+            Err(e) => return e.take().map(Err),
+        };
+        loop {
+            let line = self.reader.position().line();
+            match self.reader.read_record(&mut self.record) {
+                Ok(false) => return None,
+                Err(e) => {
+                    // An I/O error ends the file; a bad record is one malformed line.
+                    let io = matches!(e.kind(), csv::ErrorKind::Io(_));
+                    let m = csv_error(line, &e);
+                    if io {
+                        self.columns = Err(None);
+                    }
+                    return Some(Err(m));
+                }
+                Ok(true) => {}
+            }
+            let r = &self.record;
+            if r.iter().all(str::is_empty) {
+                continue;
+            }
+            let line = r.position().map_or(line, |p| p.line());
+            return Some(transfer(
+                line,
+                r.get(i),
+                r.get(f),
+                r.get(t),
+                amount_text(r.get(a)),
+            ));
+        }
+    }
+}
+
+/// JSON Lines; blank lines are skipped and unknown fields ignored.
+struct JsonLines<R> {
+    input: R,
+    line: u64,
+    /// Reading failed: the rest of the input cannot be trusted.
+    done: bool,
+}
+
+#[derive(Deserialize)]
+struct JsonTransfer {
+    id: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    amount: Option<serde_json::Value>,
+}
+
+fn amount_json(value: Option<&serde_json::Value>) -> Result<i64, String> {
+    match value {
+        None | Some(serde_json::Value::Null) => Err("no amount".into()),
+        Some(serde_json::Value::Number(n)) => match n.as_i64() {
+            Some(a) => Ok(a),
+            None if n.is_u64() => Err(format!("amount {n} is out of range (at most {})", i64::MAX)),
+            None => Err(format!("amount {n} is not a whole number")),
+        },
+        // Large amounts are often written as strings so that JavaScript keeps every digit.
+        Some(serde_json::Value::String(s)) => amount_text(Some(s)),
+        Some(other) => Err(format!("amount {other} is not a whole number")),
+    }
+}
+
+impl<R: BufRead> Iterator for JsonLines<R> {
+    type Item = Result<Line, Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let mut text = String::new();
+        loop {
+            text.clear();
+            self.line += 1;
+            let line = self.line;
+            match self.input.read_line(&mut text) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(malformed(line, format!("cannot read: {e}"))));
+                }
+            }
+            if text.trim().is_empty() {
+                continue;
+            }
+            return Some(match serde_json::from_str::<JsonTransfer>(&text) {
+                Err(e) => Err(malformed(line, format!("not a JSON transfer object: {e}"))),
+                Ok(j) => transfer(
+                    line,
+                    j.id.as_deref(),
+                    j.from.as_deref(),
+                    j.to.as_deref(),
+                    amount_json(j.amount.as_ref()),
+                ),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "00000000-0000-0000-0000-00000000000a";
+    const B: &str = "00000000-0000-0000-0000-00000000000b";
+    const X: &str = "00000000-0000-0000-0000-000000000001";
+
+    fn all(text: &str, format: Format) -> Vec<Result<Line, Malformed>> {
+        read(text.as_bytes(), format).collect()
+    }
+
+    fn reason(r: &Result<Line, Malformed>) -> (u64, String) {
+        match r {
+            Err(m) => (m.line, m.reason.clone()),
+            Ok(l) => panic!("line {} parsed", l.line),
+        }
+    }
+
+    #[test]
+    fn csv_columns_come_in_any_order_and_lines_count_from_the_header() {
+        let text = format!("amount,to,memo,id,from\n100,{B},rent,{X},{A}\n\n7,{A},x,{A},{B}\n");
+        let got = all(&text, Format::Csv);
+        assert_eq!(got.len(), 2);
+        let first = got[0].as_ref().expect("line 2 parses");
+        assert_eq!(first.line, 2);
+        assert_eq!(first.transfer.amount, 100);
+        assert_eq!(first.transfer.id.to_string(), X);
+        assert_eq!(first.transfer.from_id.to_string(), A);
+        assert_eq!(
+            reason(&got[1]),
+            (4, format!("from and to are the same account ({B})"))
+        );
+    }
+
+    #[test]
+    fn a_file_without_ids_is_refused_and_says_why() {
+        let got = all(&format!("from,to,amount\n{A},{B},5\n"), Format::Csv);
+        let (line, why) = reason(&got[0]);
+        assert_eq!(line, 1);
+        assert!(
+            why.contains("no id column") && why.contains("rerun"),
+            "{why}"
+        );
+        assert_eq!(got.len(), 1, "nothing is read past a bad header");
+
+        let got = all(
+            &format!("{{\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}\n"),
+            Format::Jsonl,
+        );
+        assert!(reason(&got[0]).1.starts_with("no id"), "{got:?}");
+    }
+
+    #[test]
+    fn bad_fields_name_their_line_and_reason() {
+        let text = format!(
+            "id,from,to,amount\n{X},{A},{B},0\n{X},{A},{B},1.5\n{X},nope,{B},3\n{X},{A},{B},-2\n{X},{A},{B}\n{X},{A},{B},99999999999999999999\n"
+        );
+        let got: Vec<_> = all(&text, Format::Csv).iter().map(reason).collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, "amount must be positive, got 0".to_string()),
+                (3, "amount '1.5' is not a whole number".to_string()),
+                (4, "from 'nope' is not a UUID".to_string()),
+                (5, "amount must be positive, got -2".to_string()),
+                (6, "3 fields where the header has 4".to_string()),
+                (
+                    7,
+                    format!(
+                        "amount 99999999999999999999 is out of range (at most {})",
+                        i64::MAX
+                    )
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn json_lines_take_numbers_or_digit_strings_and_skip_blank_lines() {
+        let text = format!(
+            "{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":12}}\n\n\
+             {{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":\"13\"}}\n\
+             {{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":1.5}}\n\
+             [1,2]\n"
+        );
+        let got = all(&text, Format::Jsonl);
+        assert_eq!(
+            got[0].as_ref().map(|l| (l.line, l.transfer.amount)),
+            Ok((1, 12))
+        );
+        assert_eq!(
+            got[1].as_ref().map(|l| (l.line, l.transfer.amount)),
+            Ok((3, 13))
+        );
+        assert_eq!(
+            reason(&got[2]),
+            (4, "amount 1.5 is not a whole number".into())
+        );
+        assert_eq!(reason(&got[3]).0, 5);
+    }
+
+    #[test]
+    fn the_format_follows_the_name_or_the_first_byte() {
+        assert_eq!(Format::of_path(Path::new("a.CSV")), Some(Format::Csv));
+        assert_eq!(Format::of_path(Path::new("a.ndjson")), Some(Format::Jsonl));
+        assert_eq!(Format::of_path(Path::new("a.txt")), None);
+        assert_eq!(Format::sniff(b"  \n{\"id\""), Format::Jsonl);
+        assert_eq!(Format::sniff(b"id,from"), Format::Csv);
+    }
+}

@@ -1,0 +1,80 @@
+//! Transfers in batches: a file of transfers (`input`) applied a chunk per statement
+//! (`statement`, `chunk`), several chunks at once where no outcome can depend on the order
+//! (`pipeline`), with every line's outcome exactly what applying the lines one at a time, in file
+//! order, with `bank transfer --id` would give.
+
+mod chunk;
+pub mod input;
+mod pipeline;
+mod statement;
+
+pub use chunk::{ChunkRunner, Fatal};
+pub use input::{Format, Line, Malformed};
+pub use pipeline::{apply, Options, Summary};
+pub use statement::BatchStatement;
+
+use serde::Serialize;
+
+/// What became of one line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// This run applied it.
+    Applied,
+    /// The ledger held it already, with the same details: applied by an earlier run or line.
+    AlreadyApplied,
+    InsufficientFunds,
+    UnknownAccount,
+    /// The ledger holds this id with other details.
+    IdConflict,
+    /// The credited balance would leave INT8's range.
+    BalanceOverflow,
+    /// Not applied, and never will be by this run: rolled back, or never attempted because an
+    /// earlier chunk could not be settled.
+    NotApplied,
+    /// It may or may not have been applied: a rerun of the file settles it (exit 3).
+    Unknown,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Applied,
+        Outcome::AlreadyApplied,
+        Outcome::InsufficientFunds,
+        Outcome::UnknownAccount,
+        Outcome::IdConflict,
+        Outcome::BalanceOverflow,
+        Outcome::NotApplied,
+        Outcome::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::AlreadyApplied => "already_applied",
+            Outcome::InsufficientFunds => "insufficient_funds",
+            Outcome::UnknownAccount => "unknown_account",
+            Outcome::IdConflict => "id_conflict",
+            Outcome::BalanceOverflow => "balance_overflow",
+            Outcome::NotApplied => "not_applied",
+            Outcome::Unknown => "unknown",
+        }
+    }
+
+    /// In the ledger, by this run or an earlier one.
+    pub fn is_success(self) -> bool {
+        matches!(self, Outcome::Applied | Outcome::AlreadyApplied)
+    }
+
+    /// A chunk that ends so could not be settled: later chunks may depend on it.
+    pub fn is_unsettled(self) -> bool {
+        matches!(self, Outcome::NotApplied | Outcome::Unknown)
+    }
+}
+
+/// One line's outcome, and why when it is not a success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}

@@ -1,0 +1,155 @@
+//! The statement that applies a chunk of a transfer file in one go, exactly as applying its
+//! lines one at a time in file order would.
+//!
+//! It takes the chunk as five arrays (line, id, from, to, amount) and, in SQL:
+//! 1. `locked`: locks every account the chunk names, in key order (the order every transfer
+//!    statement locks in, so batches and single transfers never deadlock each other), and reads
+//!    their balances and versions after the lock, i.e. after any transfer that held them;
+//! 2. `verdicts`: decides the lines that move no money, as the one-by-one runner would: an id
+//!    already in the ledger (`already_applied` with the same details, `id_conflict` without), an
+//!    id that an earlier line of the chunk applies (the same two outcomes), an account that does
+//!    not exist (`unknown_account`). The ledger is asked first, as the runner does;
+//! 3. `running`: for every other line in file order, each account's running balance and version
+//!    (window functions partitioned by account, ordered by line);
+//! 4. `refused`: the first line whose debit would go below zero (`insufficient_funds`) or whose
+//!    credit would leave INT8 (`balance_overflow`);
+//! 5. `moved` and `inserted`: apply every line before that one: each account's balance and
+//!    version move once by its lines' sum and count, and each ledger row carries both sides'
+//!    version and balance after, exactly as one-by-one application writes them.
+//!
+//! A refused line changes nothing, so the lines after it need balances the statement did not
+//! compute: the runner sends them again as the next statement. A chunk without refusals is one
+//! statement. The result is one row per decided line (its verdict), plus two rows counting the
+//! ledger rows inserted and the accounts moved, which the runner checks.
+//!
+//! Valid on both engines: `unnest` of several arrays, data-modifying CTEs that modify each table
+//! once (CockroachDB refuses two modifications of one table in a statement), window functions,
+//! `DISTINCT ON`. The running sums are NUMERIC (SUM of INT8 on both), so an overflow is seen,
+//! not raised.
+
+use diesel::pg::{Pg, PgConnection};
+use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
+use uuid::Uuid;
+
+use super::input::Line;
+
+/// The chunk statement over `lines` (see the module's comment). Diesel prepares it once per
+/// connection: the SQL text does not depend on the chunk's size.
+#[derive(Debug, Clone, QueryId)]
+pub struct BatchStatement {
+    lines: Vec<i64>,
+    ids: Vec<Uuid>,
+    from: Vec<Uuid>,
+    to: Vec<Uuid>,
+    amounts: Vec<i64>,
+}
+
+impl BatchStatement {
+    pub fn new(lines: &[Line]) -> Self {
+        BatchStatement {
+            lines: lines.iter().map(|l| l.line as i64).collect(),
+            ids: lines.iter().map(|l| l.transfer.id).collect(),
+            from: lines.iter().map(|l| l.transfer.from_id).collect(),
+            to: lines.iter().map(|l| l.transfer.to_id).collect(),
+            amounts: lines.iter().map(|l| l.transfer.amount).collect(),
+        }
+    }
+}
+
+impl Query for BatchStatement {
+    /// (line, verdict), or (count, "inserted" | "moved").
+    type SqlType = (BigInt, Text);
+}
+
+impl QueryFragment<Pg> for BatchStatement {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(HEAD);
+        out.push_sql("unnest(");
+        out.push_bind_param::<Array<BigInt>, _>(&self.lines)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<SqlUuid>, _>(&self.ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<SqlUuid>, _>(&self.from)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<SqlUuid>, _>(&self.to)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.amounts)?;
+        out.push_sql(")");
+        out.push_sql(TAIL);
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<PgConnection> for BatchStatement {}
+
+const HEAD: &str = "WITH input AS (
+  SELECT * FROM ";
+
+const TAIL: &str = "
+    AS i (ord, id, from_id, to_id, amount)
+), locked AS (
+  SELECT id, balance, version FROM accounts
+  WHERE id IN (SELECT from_id FROM input UNION SELECT to_id FROM input)
+  ORDER BY id FOR UPDATE
+), known AS (
+  SELECT i.ord, i.id, i.from_id, i.to_id, i.amount, p.id IS NOT NULL AS in_ledger,
+         (p.from_id, p.to_id, p.amount) = (i.from_id, i.to_id, i.amount) AS same_as_ledger,
+         f.id IS NOT NULL AS from_known, t.id IS NOT NULL AS to_known
+  FROM input i
+  LEFT JOIN transfers p ON p.id = i.id
+  LEFT JOIN locked f ON f.id = i.from_id
+  LEFT JOIN locked t ON t.id = i.to_id
+), firsts AS (
+  SELECT DISTINCT ON (id) id, ord, from_id, to_id, amount FROM known
+  WHERE NOT in_ledger AND from_known AND to_known ORDER BY id, ord
+), verdicts AS (
+  SELECT k.ord, k.id, k.from_id, k.to_id, k.amount,
+    CASE
+      WHEN k.in_ledger AND k.same_as_ledger THEN 'already_applied'
+      WHEN k.in_ledger THEN 'id_conflict'
+      WHEN f.ord < k.ord AND (f.from_id, f.to_id, f.amount) = (k.from_id, k.to_id, k.amount)
+        THEN 'already_applied'
+      WHEN f.ord < k.ord THEN 'id_conflict'
+      WHEN NOT k.from_known THEN 'unknown_from'
+      WHEN NOT k.to_known THEN 'unknown_to'
+    END AS verdict
+  FROM known k LEFT JOIN firsts f ON f.id = k.id
+), entries AS (
+  SELECT ord, id, from_id AS account, -amount AS delta, TRUE AS debit FROM verdicts WHERE verdict IS NULL
+  UNION ALL
+  SELECT ord, id, to_id, amount, FALSE FROM verdicts WHERE verdict IS NULL
+), running AS (
+  SELECT e.ord, e.id, e.account, e.debit, e.delta,
+         a.balance + SUM(e.delta) OVER w AS balance_after,
+         a.version + ROW_NUMBER() OVER w AS version_after
+  FROM entries e JOIN locked a ON a.id = e.account
+  WINDOW w AS (PARTITION BY e.account ORDER BY e.ord ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+), refused AS (
+  SELECT ord, bool_or(debit AND balance_after < 0) AS short FROM running
+  WHERE (debit AND balance_after < 0) OR (NOT debit AND balance_after > 9223372036854775807)
+  GROUP BY ord ORDER BY ord LIMIT 1
+), applied AS (
+  SELECT r.* FROM running r WHERE NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
+), moved AS (
+  UPDATE accounts SET balance = accounts.balance + d.delta, version = accounts.version + d.n
+  FROM (SELECT account, CAST(SUM(delta) AS INT8) AS delta, COUNT(*) AS n FROM applied GROUP BY account) AS d
+  WHERE accounts.id = d.account
+  RETURNING accounts.id
+), inserted AS (
+  INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, to_version, to_balance_after)
+  SELECT f.id, f.account, t.account, -f.delta, f.version_after, CAST(f.balance_after AS INT8),
+         t.version_after, CAST(t.balance_after AS INT8)
+  FROM applied f JOIN applied t ON t.ord = f.ord AND NOT t.debit
+  WHERE f.debit
+  RETURNING id
+)
+SELECT v.ord, v.verdict FROM verdicts v
+WHERE v.verdict IS NOT NULL AND NOT EXISTS (SELECT 1 FROM refused s WHERE v.ord >= s.ord)
+UNION ALL
+SELECT ord, CASE WHEN short THEN 'insufficient_funds' ELSE 'balance_overflow' END FROM refused
+UNION ALL
+SELECT (SELECT COUNT(*) FROM inserted), 'inserted'
+UNION ALL
+SELECT (SELECT COUNT(*) FROM moved), 'moved'";
