@@ -7,12 +7,16 @@
 //!    their balances and versions after the lock, i.e. after any transfer that held them;
 //! 2. `verdicts`: decides the lines that move no money, as the one-by-one runner would: an id
 //!    already in the ledger (`already_applied` with the same details, `id_conflict` without), an
-//!    id that an earlier line of the chunk applies (the same two outcomes), an account that does
-//!    not exist (`unknown_account`). The ledger is asked first, as the runner does;
+//!    id that an earlier line of the chunk applies (the same two outcomes), a debited account
+//!    that does not exist (`unknown_account`). The ledger is asked first, as the runner does;
 //! 3. `running`: for every other line in file order, each account's running balance and version
 //!    (window functions partitioned by account, ordered by line);
 //! 4. `refused`: the first line whose debit would go below zero (`insufficient_funds`) or whose
-//!    credit would leave INT8 (`balance_overflow`);
+//!    credit would leave INT8 (`balance_overflow`). A line whose credited account does not
+//!    exist is refused as the one-transfer statement refuses it: for insufficient funds when the
+//!    debit would fail first (that statement moves the debit before the ledger row finds the
+//!    other side missing), else as `unknown_account`; so it takes part in the running balance
+//!    as a "probe" that moves nothing (`tests/batch.rs` compares every line with that runner);
 //! 5. `moved` and `inserted`: apply every line before that one: each account's balance and
 //!    version move once by its lines' sum and count, and each ledger row carries both sides'
 //!    version and balance after, exactly as one-by-one application writes them.
@@ -113,25 +117,28 @@ const TAIL: &str = "
         THEN 'already_applied'
       WHEN f.ord < k.ord THEN 'id_conflict'
       WHEN NOT k.from_known THEN 'unknown_from'
-      WHEN NOT k.to_known THEN 'unknown_to'
-    END AS verdict
+    END AS verdict, k.to_known
   FROM known k LEFT JOIN firsts f ON f.id = k.id
 ), entries AS (
-  SELECT ord, id, from_id AS account, -amount AS delta, TRUE AS debit FROM verdicts WHERE verdict IS NULL
+  SELECT ord, id, from_id AS account, CASE WHEN to_known THEN -amount ELSE 0 END AS delta,
+         CASE WHEN to_known THEN 'debit' ELSE 'probe' END AS kind, amount
+  FROM verdicts WHERE verdict IS NULL
   UNION ALL
-  SELECT ord, id, to_id, amount, FALSE FROM verdicts WHERE verdict IS NULL
+  SELECT ord, id, to_id, amount, 'credit', amount FROM verdicts WHERE verdict IS NULL AND to_known
 ), running AS (
-  SELECT e.ord, e.id, e.account, e.debit, e.delta,
+  SELECT e.ord, e.id, e.account, e.kind, e.delta, e.amount,
          a.balance + SUM(e.delta) OVER w AS balance_after,
-         a.version + ROW_NUMBER() OVER w AS version_after
+         a.version + SUM(CASE WHEN e.kind = 'probe' THEN 0 ELSE 1 END) OVER w AS version_after
   FROM entries e JOIN locked a ON a.id = e.account
   WINDOW w AS (PARTITION BY e.account ORDER BY e.ord ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
 ), refused AS (
-  SELECT ord, bool_or(debit AND balance_after < 0) AS short FROM running
-  WHERE (debit AND balance_after < 0) OR (NOT debit AND balance_after > 9223372036854775807)
+  SELECT ord, bool_or(kind <> 'credit') AS short FROM running
+  WHERE (kind = 'debit' AND balance_after < 0) OR (kind = 'probe' AND balance_after < amount)
+     OR (kind = 'credit' AND balance_after > 9223372036854775807)
   GROUP BY ord ORDER BY ord LIMIT 1
 ), applied AS (
-  SELECT r.* FROM running r WHERE NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
+  SELECT r.* FROM running r
+  WHERE r.kind <> 'probe' AND NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
 ), moved AS (
   UPDATE accounts SET balance = accounts.balance + d.delta, version = accounts.version + d.n
   FROM (SELECT account, CAST(SUM(delta) AS INT8) AS delta, COUNT(*) AS n FROM applied GROUP BY account) AS d
@@ -139,14 +146,17 @@ const TAIL: &str = "
   RETURNING accounts.id
 ), inserted AS (
   INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, to_version, to_balance_after)
-  SELECT f.id, f.account, t.account, -f.delta, f.version_after, CAST(f.balance_after AS INT8),
-         t.version_after, CAST(t.balance_after AS INT8)
-  FROM applied f JOIN applied t ON t.ord = f.ord AND NOT t.debit
-  WHERE f.debit
+  SELECT f.id, f.account, t.account, f.amount, CAST(f.version_after AS INT8),
+         CAST(f.balance_after AS INT8), CAST(t.version_after AS INT8), CAST(t.balance_after AS INT8)
+  FROM applied f JOIN applied t ON t.ord = f.ord AND t.kind = 'credit'
+  WHERE f.kind = 'debit'
   RETURNING id
 )
 SELECT v.ord, v.verdict FROM verdicts v
 WHERE v.verdict IS NOT NULL AND NOT EXISTS (SELECT 1 FROM refused s WHERE v.ord >= s.ord)
+UNION ALL
+SELECT r.ord, 'unknown_to' FROM running r
+WHERE r.kind = 'probe' AND NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
 UNION ALL
 SELECT ord, CASE WHEN short THEN 'insufficient_funds' ELSE 'balance_overflow' END FROM refused
 UNION ALL

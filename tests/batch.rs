@@ -1,0 +1,656 @@
+//! `bank transfer --file`: every line's outcome and the final state must be what applying the
+//! lines one at a time, in file order, gives (the oracle is the one-transfer runner itself, on a
+//! twin database), under refusals, repeated ids, faults at a chunk's COMMIT, a frozen server, and
+//! a kill -9 in the middle of a file.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bank::db::Session;
+use bank::error::TransferError;
+use bank::models::NewAccount;
+use bank::retry::RetryPolicy;
+use bank::transfer::{Mode, Runner};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Uuid as SqlUuid};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use uuid::Uuid;
+
+use crate::support::proxy::{upstream_of, At, Fault, Proxy};
+use crate::support::{count_transfers, Bank, Iso, Run, ScratchDb};
+
+/// One line of a test file.
+#[derive(Debug, Clone, Copy)]
+struct T {
+    id: Uuid,
+    from: Uuid,
+    to: Uuid,
+    amount: i64,
+}
+
+fn csv(lines: &[T]) -> String {
+    let mut s = String::from("id,from,to,amount\n");
+    for t in lines {
+        s.push_str(&format!("{},{},{},{}\n", t.id, t.from, t.to, t.amount));
+    }
+    s
+}
+
+fn jsonl(lines: &[T]) -> String {
+    lines
+        .iter()
+        .map(|t| {
+            format!(
+                "{{\"id\":\"{}\",\"from\":\"{}\",\"to\":\"{}\",\"amount\":{}}}\n",
+                t.id, t.from, t.to, t.amount
+            )
+        })
+        .collect()
+}
+
+/// Accounts with these ids and balances, committed.
+fn accounts_with_ids(db: &ScratchDb, accounts: &[(Uuid, i64)]) {
+    let new: Vec<NewAccount> = accounts
+        .iter()
+        .map(|(id, b)| NewAccount {
+            id: *id,
+            balance: *b,
+            opening_balance: *b,
+        })
+        .collect();
+    bank::repo::create_many(&mut db.conn(), &new).expect("create accounts");
+}
+
+/// Every ledger row, as the one-by-one order must have written it, and every account.
+#[derive(QueryableByName, Debug, PartialEq, Eq)]
+struct Entry {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    from_id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    to_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    amount: i64,
+    #[diesel(sql_type = BigInt)]
+    from_version: i64,
+    #[diesel(sql_type = BigInt)]
+    from_balance_after: i64,
+    #[diesel(sql_type = BigInt)]
+    to_version: i64,
+    #[diesel(sql_type = BigInt)]
+    to_balance_after: i64,
+}
+
+#[derive(QueryableByName, Debug, PartialEq, Eq)]
+struct AccountRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    balance: i64,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+fn full_state(db: &ScratchDb) -> (Vec<AccountRow>, Vec<Entry>) {
+    let mut conn = db.conn();
+    let accounts = diesel::sql_query("SELECT id, balance, version FROM accounts ORDER BY id")
+        .load(&mut conn)
+        .expect("accounts");
+    let entries = diesel::sql_query(
+        "SELECT id, from_id, to_id, amount, from_version, from_balance_after, to_version, \
+         to_balance_after FROM transfers ORDER BY id",
+    )
+    .load(&mut conn)
+    .expect("ledger");
+    (accounts, entries)
+}
+
+/// The oracle: each line through the one-transfer runner, in file order.
+fn one_by_one(db: &ScratchDb, lines: &[T]) -> Vec<String> {
+    let session = Session::new(db.url.clone(), "oracle");
+    let mut runner = Runner::new(session, Mode::Transaction, RetryPolicy::default());
+    lines
+        .iter()
+        .map(|t| {
+            let r = runner.run(&bank::models::NewTransfer {
+                id: t.id,
+                from_id: t.from,
+                to_id: t.to,
+                amount: t.amount,
+            });
+            match r {
+                Ok(receipt) if receipt.already_applied => "already_applied",
+                Ok(_) => "applied",
+                Err(TransferError::InsufficientFunds { .. }) => "insufficient_funds",
+                Err(TransferError::UnknownAccount(_)) => "unknown_account",
+                Err(TransferError::IdConflict { .. }) => "id_conflict",
+                Err(TransferError::BalanceOverflow { .. }) => "balance_overflow",
+                Err(e) => panic!("the oracle failed: {e}"),
+            }
+            .to_string()
+        })
+        .collect()
+}
+
+/// `bank transfer --file PATH --json` with extra arguments; the file is written to the run's
+/// own directory.
+fn run_file(url: &str, name: &str, text: &str, extra: &[&str]) -> Run {
+    let bank = Bank::new();
+    let path = bank.dir.path().join(name);
+    std::fs::write(&path, text).expect("write file");
+    bank.args(["--database-url", url, "transfer", "--file"])
+        .args([
+            path.to_str().expect("utf-8 path"),
+            "--json",
+            "--retry-base",
+            "1ms",
+        ])
+        .args(extra)
+        .run()
+}
+
+/// Each printed line's (line, outcome), in the order printed.
+fn outcomes(run: &Run) -> Vec<(u64, String)> {
+    run.stdout
+        .lines()
+        .map(|l| {
+            let j: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            (
+                j["line"].as_u64().expect("line"),
+                j["outcome"].as_str().expect("outcome").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A file's run that ended with `code`: the summary, then the one error line with `needle`.
+#[track_caller]
+fn ended(run: &Run, code: i32, needle: &str) {
+    assert_eq!(run.code, code, "{run:?}");
+    let err: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(err.len(), 2, "a summary and an error: {run:?}");
+    assert!(err[0].contains(" transfers in "), "{run:?}");
+    assert!(
+        err[1].starts_with("bank: error: ") && err[1].contains(needle),
+        "{run:?}"
+    );
+    run.no_password();
+}
+
+/// A random file over a handful of accounts: overdrafts, repeated ids (same and other details),
+/// an account that does not exist.
+fn random_file(rng: &mut StdRng, accounts: &[Uuid], n: usize) -> Vec<T> {
+    let ghost = Uuid::new_v4();
+    let mut lines: Vec<T> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = rng.random_range(0..100);
+        if r < 8 && !lines.is_empty() {
+            // The same transfer again.
+            let again = lines[rng.random_range(0..lines.len())];
+            lines.push(again);
+            continue;
+        }
+        let pick = |rng: &mut StdRng| {
+            if rng.random_range(0..40) == 0 {
+                ghost
+            } else {
+                accounts[rng.random_range(0..accounts.len())]
+            }
+        };
+        let from = pick(rng);
+        let mut to = pick(rng);
+        while to == from {
+            to = pick(rng);
+        }
+        let id = if r < 14 && !lines.is_empty() {
+            // An id reused with other details.
+            lines[rng.random_range(0..lines.len())].id
+        } else {
+            Uuid::new_v4()
+        };
+        lines.push(T {
+            id,
+            from,
+            to,
+            amount: rng.random_range(1..=60),
+        });
+    }
+    lines
+}
+
+#[test]
+fn a_file_gives_exactly_the_one_by_one_outcomes_balances_and_chains() {
+    let mut rng = StdRng::seed_from_u64(0x0ba7c4);
+    for iso in Iso::BOTH {
+        for (round, (batch, connections)) in [(1000, 1), (7, 2), (1, 1), (50, 3)].iter().enumerate()
+        {
+            let accounts: Vec<(Uuid, i64)> = (0..5)
+                .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
+                .collect();
+            let ids: Vec<Uuid> = accounts.iter().map(|a| a.0).collect();
+            let lines = random_file(&mut rng, &ids, 300);
+            // Some ids are in the ledger before the file runs (an earlier run).
+            let earlier: Vec<T> = lines.iter().step_by(37).copied().collect();
+            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+            for db in [&batched, &oracle] {
+                accounts_with_ids(db, &accounts);
+                one_by_one(db, &earlier);
+            }
+            let expected = one_by_one(&oracle, &lines);
+            // A CSV file's first transfer is on line 2, after the header.
+            let (name, text, first) = if round % 2 == 0 {
+                ("t.csv", csv(&lines), 2)
+            } else {
+                ("t.jsonl", jsonl(&lines), 1)
+            };
+            let run = run_file(
+                batched.url.expose(),
+                name,
+                &text,
+                &[
+                    "--batch",
+                    &batch.to_string(),
+                    "--connections",
+                    &connections.to_string(),
+                ],
+            );
+            let case = format!("{iso:?} batch {batch} connections {connections}");
+            let got = outcomes(&run);
+            assert_eq!(got.len(), lines.len(), "{case}: {run:?}");
+            for (i, ((line, outcome), want)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(*line, i as u64 + first, "{case}: lines come in file order");
+                assert_eq!(outcome, want, "{case}: line {line}: {:?}", lines[i]);
+            }
+            let refused = expected
+                .iter()
+                .any(|o| o != "applied" && o != "already_applied");
+            assert_eq!(run.code, if refused { 1 } else { 0 }, "{case}: {run:?}");
+            assert!(
+                expected
+                    .iter()
+                    .filter(|o| *o == "insufficient_funds")
+                    .count()
+                    > 5,
+                "{case}: the file should overdraw: {expected:?}"
+            );
+            assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
+            let report = bank::verify::verify(&mut batched.conn()).expect("verify");
+            assert!(report.ok, "{case}: {report:?}");
+        }
+    }
+}
+
+#[test]
+fn chunks_never_reorder_what_depends_on_order() {
+    // A credit early in the file funds a debit late in it, across chunk boundaries and
+    // connections: a chain A -> B -> C -> ... each funded only by the line before.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[10, 0, 0, 0, 0, 0, 0, 0]);
+        let lines: Vec<T> = (0..ids.len() - 1)
+            .cycle()
+            .take(70)
+            .map(|i| T {
+                id: Uuid::new_v4(),
+                from: ids[i],
+                to: ids[i + 1],
+                amount: 10,
+            })
+            .collect();
+        // Bring the money back to the first account between rounds.
+        let mut file = Vec::new();
+        for chunk in lines.chunks(ids.len() - 1) {
+            file.extend_from_slice(chunk);
+            file.push(T {
+                id: Uuid::new_v4(),
+                from: ids[ids.len() - 1],
+                to: ids[0],
+                amount: 10,
+            });
+        }
+        let run = run_file(
+            db.url.expose(),
+            "chain.csv",
+            &csv(&file),
+            &["--batch", "3", "--connections", "4"],
+        );
+        run.success();
+        assert!(
+            outcomes(&run).iter().all(|(_, o)| o == "applied"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(db.balance(ids[0]), 10, "{iso:?}");
+    }
+}
+
+#[test]
+fn a_malformed_file_applies_nothing_and_names_the_line() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 100]);
+    let (a, b) = (ids[0], ids[1]);
+    let good = format!("{},{a},{b},5\n", Uuid::new_v4());
+    let cases = [
+        (
+            format!("id,from,to,amount\n{good}{},{a},{b},0\n", Uuid::new_v4()),
+            "line 3: amount must be positive, got 0",
+        ),
+        (
+            format!("id,from,to,amount\n{good}{},{a},{b},2.5\n", Uuid::new_v4()),
+            "line 3: amount '2.5' is not a whole number",
+        ),
+        (
+            format!("id,from,to,amount\n{good}not-a-uuid,{a},{b},5\n"),
+            "line 3: id 'not-a-uuid' is not a UUID",
+        ),
+        (
+            format!("id,from,to,amount\n{good}{},{a},{a},5\n", Uuid::new_v4()),
+            "line 3: from and to are the same account",
+        ),
+        (
+            format!("id,from,to\n{},{a},{b}\n", Uuid::new_v4()),
+            "line 1: no amount column",
+        ),
+        (
+            format!("from,to,amount\n{a},{b},5\n"),
+            "line 1: no id column",
+        ),
+        (
+            format!("id,from,to,amount\n{good}{},{a},{b}\n", Uuid::new_v4()),
+            "line 3: 3 fields where the header has 4",
+        ),
+    ];
+    let before = full_state(&db);
+    for (text, needle) in cases {
+        let run = run_file(db.url.expose(), "bad.csv", &text, &[]);
+        run.fails_with(2, needle);
+        assert!(run.stdout.is_empty(), "{run:?}");
+        assert_eq!(run.stderr.lines().count(), 1, "one line: {run:?}");
+        assert!(run.stderr.contains("nothing was applied"), "{run:?}");
+        assert_eq!(full_state(&db), before, "{needle}: nothing changed");
+    }
+    let run = run_file(
+        db.url.expose(),
+        "bad.jsonl",
+        &format!("{{\"from\":\"{a}\",\"to\":\"{b}\",\"amount\":5}}\n"),
+        &[],
+    );
+    run.fails_with(2, "line 1: no id: every transfer needs its own id");
+    let run = Bank::new()
+        .args([
+            "--database-url",
+            db.url.expose(),
+            "transfer",
+            "--file",
+            "/nonexistent/t.csv",
+        ])
+        .run();
+    run.fails_with(2, "cannot read /nonexistent/t.csv");
+    assert_eq!(full_state(&db), before);
+}
+
+#[test]
+fn standard_input_works_as_a_file_and_text_output_names_each_line() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let lines = [
+        T {
+            id: Uuid::new_v4(),
+            from: ids[0],
+            to: ids[1],
+            amount: 70,
+        },
+        T {
+            id: Uuid::new_v4(),
+            from: ids[0],
+            to: ids[1],
+            amount: 70,
+        },
+    ];
+    let mut bank = Bank::new();
+    bank.cmd
+        .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+        .write_stdin(jsonl(&lines));
+    let run = Run::from(bank.cmd.output().expect("run"));
+    ended(&run, 1, "1 of 2 transfers were not applied");
+    let out: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(out.len(), 2, "{run:?}");
+    assert_eq!(out[0], format!("line 1: {} applied", lines[0].id));
+    assert!(out[1].starts_with(&format!("line 2: {} insufficient_funds: ", lines[1].id)));
+    assert!(run.stderr.contains("2 transfers in"), "{run:?}");
+    assert!(
+        run.stderr.contains("1 applied, 1 insufficient_funds"),
+        "{run:?}"
+    );
+    assert_eq!(db.balance(ids[1]), 70);
+}
+
+/// A file of transfers that can all be applied, over `n` accounts with plenty of money.
+fn solvent_file(db: &ScratchDb, accounts: usize, n: usize, seed: u64) -> Vec<T> {
+    let ids = db.accounts(&vec![1_000_000; accounts]);
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let from = rng.random_range(0..accounts);
+            let to = (from + rng.random_range(1..accounts)) % accounts;
+            T {
+                id: Uuid::new_v4(),
+                from: ids[from],
+                to: ids[to],
+                amount: rng.random_range(1..=100),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn killed_mid_file_then_rerun_applies_every_transfer_exactly_once() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 50, 20_000, 7);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("big.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        let bin = assert_cmd::cargo::cargo_bin("bank");
+        let mut child = std::process::Command::new(&bin)
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .arg(&path)
+            .args(["--batch", "200", "--json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let started = Instant::now();
+        let mut conn = db.conn();
+        while count_transfers(&mut conn).expect("count") < 2_000 {
+            assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+            thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+        let done_before = count_transfers(&mut conn).expect("count");
+        assert!(
+            done_before < lines.len() as i64,
+            "{iso:?}: killed too late to test anything"
+        );
+
+        let run = bank
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .args([path.to_str().expect("utf-8"), "--json", "--batch", "200"])
+            .run();
+        run.success();
+        let got = outcomes(&run);
+        assert_eq!(got.len(), lines.len());
+        let already = got.iter().filter(|(_, o)| o == "already_applied").count();
+        let applied = got.iter().filter(|(_, o)| o == "applied").count();
+        assert_eq!(
+            already as i64, done_before,
+            "{iso:?}: the rerun names what was done"
+        );
+        assert_eq!(already + applied, lines.len(), "{iso:?}");
+        assert_eq!(
+            count_transfers(&mut conn).expect("count"),
+            lines.len() as i64
+        );
+
+        // The same state as applying the file once, one by one.
+        assert_eq!(full_state(&db), replay(&db, &lines), "{iso:?}");
+    }
+}
+
+/// What applying `lines` (all solvent) one by one, in order, leaves: every account's balance and
+/// version and every ledger entry. Accounts are read from `db` before any line was applied,
+/// i.e. at their opening balance with version 0.
+fn replay(db: &ScratchDb, lines: &[T]) -> (Vec<AccountRow>, Vec<Entry>) {
+    let mut accounts: BTreeMap<Uuid, (i64, i64)> = BTreeMap::new();
+    #[derive(QueryableByName)]
+    struct Opening {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+        #[diesel(sql_type = BigInt)]
+        opening_balance: i64,
+    }
+    let opening: Vec<Opening> = diesel::sql_query("SELECT id, opening_balance FROM accounts")
+        .load(&mut db.conn())
+        .expect("accounts");
+    for a in opening {
+        accounts.insert(a.id, (a.opening_balance, 0));
+    }
+    let mut entries = Vec::new();
+    for t in lines {
+        let mut side = |id: Uuid, delta: i64| {
+            let a = accounts.get_mut(&id).expect("known account");
+            a.0 += delta;
+            a.1 += 1;
+            *a
+        };
+        let (fb, fv) = side(t.from, -t.amount);
+        let (tb, tv) = side(t.to, t.amount);
+        entries.push(Entry {
+            id: t.id,
+            from_id: t.from,
+            to_id: t.to,
+            amount: t.amount,
+            from_version: fv,
+            from_balance_after: fb,
+            to_version: tv,
+            to_balance_after: tb,
+        });
+    }
+    entries.sort_by_key(|e| e.id);
+    let accounts = accounts
+        .into_iter()
+        .map(|(id, (balance, version))| AccountRow {
+            id,
+            balance,
+            version,
+        })
+        .collect();
+    (accounts, entries)
+}
+
+/// A file through the fault proxy with one fault armed at a chunk's COMMIT.
+fn with_fault(iso: Iso, fault: Fault, extra: &[&str]) -> (ScratchDb, Vec<T>, Run, Proxy) {
+    let db = ScratchDb::migrated_at(iso);
+    let lines = solvent_file(&db, 6, 40, 11);
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.arm_at(At::Commit, fault);
+    let mut args = vec!["--batch", "10", "--connections", "1"];
+    args.extend_from_slice(extra);
+    let run = run_file(&proxy.url_for(&db.url), "f.csv", &csv(&lines), &args);
+    (db, lines, run, proxy)
+}
+
+#[test]
+fn a_lost_or_ambiguous_chunk_commit_is_settled_through_the_ledger_and_reported_applied() {
+    for iso in Iso::BOTH {
+        for fault in [
+            Fault::CutAfterCommit,
+            Fault::Ambiguous40003,
+            Fault::UnknownError,
+            Fault::CutBeforeCommit,
+            Fault::Retry40001,
+            Fault::LateCommit(Duration::from_millis(500)),
+        ] {
+            let (db, lines, run, proxy) = with_fault(iso, fault, &[]);
+            let case = format!("{iso:?} {fault:?}");
+            run.success();
+            assert_eq!(proxy.injected(), 1, "{case}");
+            let got = outcomes(&run);
+            assert_eq!(got.len(), lines.len(), "{case}");
+            assert!(
+                got.iter().all(|(_, o)| o == "applied"),
+                "{case}: every line was applied by this run: {got:?}"
+            );
+            assert_eq!(
+                count_transfers(&mut db.conn()).expect("count"),
+                lines.len() as i64,
+                "{case}"
+            );
+            let report = bank::verify::verify(&mut db.conn()).expect("verify");
+            assert!(report.ok, "{case}: {report:?}");
+        }
+    }
+}
+
+#[test]
+fn an_ambiguous_chunk_with_no_retries_left_is_unknown_and_a_rerun_settles_it() {
+    for iso in Iso::BOTH {
+        let (db, lines, run, _proxy) =
+            with_fault(iso, Fault::CutAfterCommit, &["--max-retries", "0"]);
+        ended(&run, 3, "run the same file again to settle them");
+        let got = outcomes(&run);
+        assert_eq!(got.len(), lines.len(), "{run:?}");
+        let counts = got.iter().fold(BTreeMap::new(), |mut m, (_, o)| {
+            *m.entry(o.as_str()).or_insert(0) += 1;
+            m
+        });
+        // The first chunk's COMMIT was cut: its 10 lines are unknown; nothing after it started.
+        assert_eq!(counts.get("unknown"), Some(&10), "{iso:?}: {counts:?}");
+        assert_eq!(counts.get("not_applied"), Some(&30), "{iso:?}: {counts:?}");
+        let rerun = run_file(db.url.expose(), "f.csv", &csv(&lines), &["--batch", "10"]);
+        rerun.success();
+        let got = outcomes(&rerun);
+        assert!(
+            got[..10].iter().all(|(_, o)| o == "already_applied"),
+            "{got:?}"
+        );
+        assert!(got[10..].iter().all(|(_, o)| o == "applied"), "{got:?}");
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 40);
+    }
+}
+
+#[test]
+fn a_server_frozen_at_a_chunk_commit_gives_unknown_within_the_deadline() {
+    for iso in Iso::BOTH {
+        let started = Instant::now();
+        let (db, lines, run, proxy) = with_fault(iso, Fault::Freeze, &["--timeout", "1s"]);
+        let took = started.elapsed();
+        ended(&run, 3, "may or may not have been applied");
+        assert!(took < Duration::from_secs(5), "{iso:?}: took {took:?}");
+        let got = outcomes(&run);
+        assert_eq!(got.len(), lines.len());
+        assert!(got[..10].iter().all(|(_, o)| o == "unknown"), "{got:?}");
+        assert!(got[10..].iter().all(|(_, o)| o == "not_applied"), "{got:?}");
+        proxy.thaw_all();
+        drop(proxy);
+        // Once the server answers again, the same file settles every line.
+        let started = Instant::now();
+        loop {
+            let rerun = run_file(db.url.expose(), "f.csv", &csv(&lines), &["--batch", "10"]);
+            if rerun.code == 0 {
+                let got = outcomes(&rerun);
+                assert!(got
+                    .iter()
+                    .all(|(_, o)| o == "applied" || o == "already_applied"));
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "{rerun:?}");
+            thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 40);
+    }
+}
