@@ -26,6 +26,11 @@
 //! statement. The result is one row per decided line (its verdict), plus two rows counting the
 //! ledger rows inserted and the accounts moved, which the runner checks.
 //!
+//! Shaped for the planner, which cannot estimate the CTEs' row counts: the accounts are locked
+//! through `id = ANY(ARRAY(…))` (index lookups; `IN (subquery)` became a merge join over the
+//! whole primary key), and each ledger row's two sides are gathered by `GROUP BY` rather than a
+//! self-join (which became a nested loop over the chunk squared).
+//!
 //! Valid on both engines: `unnest` of several arrays, data-modifying CTEs that modify each table
 //! once (CockroachDB refuses two modifications of one table in a statement), window functions,
 //! `DISTINCT ON`. The running sums are NUMERIC (SUM of INT8 on both), so an overflow is seen,
@@ -104,7 +109,7 @@ const TAIL: &str = "
     AS i (ord, id, from_id, to_id, amount)
 ), locked AS (
   SELECT id, balance, version FROM accounts
-  WHERE id IN (SELECT from_id FROM input UNION SELECT to_id FROM input)
+  WHERE id = ANY(ARRAY(SELECT from_id FROM input UNION SELECT to_id FROM input))
   ORDER BY id FOR UPDATE
 ), known AS (
   SELECT i.ord, i.id, i.from_id, i.to_id, i.amount, p.id IS NOT NULL AS in_ledger,
@@ -129,13 +134,15 @@ const TAIL: &str = "
     END AS verdict, k.to_known
   FROM known k LEFT JOIN firsts f ON f.id = k.id
 ), entries AS (
-  SELECT ord, id, from_id AS account, CASE WHEN to_known THEN -amount ELSE 0 END AS delta,
+  SELECT ord, id, from_id, to_id, from_id AS account,
+         CASE WHEN to_known THEN -amount ELSE 0 END AS delta,
          CASE WHEN to_known THEN 'debit' ELSE 'probe' END AS kind, amount
   FROM verdicts WHERE verdict IS NULL
   UNION ALL
-  SELECT ord, id, to_id, amount, 'credit', amount FROM verdicts WHERE verdict IS NULL AND to_known
+  SELECT ord, id, from_id, to_id, to_id, amount, 'credit', amount
+  FROM verdicts WHERE verdict IS NULL AND to_known
 ), running AS (
-  SELECT e.ord, e.id, e.account, e.kind, e.delta, e.amount,
+  SELECT e.ord, e.id, e.from_id, e.to_id, e.account, e.kind, e.delta, e.amount,
          a.balance + SUM(e.delta) OVER w AS balance_after,
          a.version + SUM(CASE WHEN e.kind = 'probe' THEN 0 ELSE 1 END) OVER w AS version_after
   FROM entries e JOIN locked a ON a.id = e.account
@@ -155,10 +162,12 @@ const TAIL: &str = "
   RETURNING accounts.id
 ), inserted AS (
   INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, to_version, to_balance_after)
-  SELECT f.id, f.account, t.account, f.amount, CAST(f.version_after AS INT8),
-         CAST(f.balance_after AS INT8), CAST(t.version_after AS INT8), CAST(t.balance_after AS INT8)
-  FROM applied f JOIN applied t ON t.ord = f.ord AND t.kind = 'credit'
-  WHERE f.kind = 'debit'
+  SELECT id, from_id, to_id, amount,
+         CAST(MAX(CASE WHEN kind = 'debit' THEN version_after END) AS INT8),
+         CAST(MAX(CASE WHEN kind = 'debit' THEN balance_after END) AS INT8),
+         CAST(MAX(CASE WHEN kind = 'credit' THEN version_after END) AS INT8),
+         CAST(MAX(CASE WHEN kind = 'credit' THEN balance_after END) AS INT8)
+  FROM applied GROUP BY ord, id, from_id, to_id, amount
   RETURNING id
 )
 SELECT v.ord, v.verdict FROM verdicts v
