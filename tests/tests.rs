@@ -8,6 +8,7 @@ mod concurrency;
 mod faults;
 mod ledger;
 mod promise;
+mod readiness;
 mod repo;
 mod transfer_body;
 mod workload;

@@ -165,14 +165,38 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         }
     }
     let mut conn = url.connect()?;
-    let (accounts, transfers) = retry_transaction(&RetryPolicy::default(), || {
-        conn.build_transaction()
-            .serializable()
-            .run(repo::delete_all)
-    })?;
+    let (accounts, transfers) = delete_in_batches(&mut conn, repo::DELETE_BATCH)?;
     log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
     writeln!(out, "deleted {accounts} accounts and {transfers} transfers")?;
     Ok(())
+}
+
+/// Deletes every ledger row, then every account, `batch` rows per statement, each statement its
+/// own transaction: one transaction deleting millions of rows would run into CockroachDB's
+/// transaction size limits (and hold every lock until the end on both engines). A reset is
+/// therefore not atomic: stopped halfway, it leaves some rows, and running it again finishes
+/// it. Ledger rows are drained again before each batch of accounts, in case a client added
+/// some meanwhile (the foreign keys refuse to delete an account that has any). Returns
+/// (accounts, transfers) deleted.
+fn delete_in_batches(conn: &mut diesel::PgConnection, batch: i64) -> Result<(usize, usize), Error> {
+    let policy = RetryPolicy::default();
+    let (mut accounts, mut transfers) = (0, 0);
+    loop {
+        loop {
+            let n = retry_transaction(&policy, || repo::delete_transfers_batch(conn, batch))?;
+            transfers += n;
+            log::debug!("reset: deleted {n} transfers ({transfers} so far)");
+            if n == 0 {
+                break;
+            }
+        }
+        let n = retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
+        accounts += n;
+        log::debug!("reset: deleted {n} accounts ({accounts} so far)");
+        if n == 0 {
+            return Ok((accounts, transfers));
+        }
+    }
 }
 
 fn confirm(prompt: &str) -> Result<bool, Error> {
