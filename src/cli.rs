@@ -139,6 +139,21 @@ pub struct SeedArgs {
     /// Print the created accounts as a JSON array
     #[arg(long)]
     pub json: bool,
+    /// How to load the accounts: COPY, falling back to multi-row INSERTs when the server refuses
+    /// COPY (CockroachDB lets only `admin` members run it), or either one forced
+    #[arg(long, value_enum, value_name = "METHOD", default_value_t = SeedMethod::Auto, env = "BANK_SEED_METHOD")]
+    pub method: SeedMethod,
+}
+
+/// `seed --method` (`BANK_SEED_METHOD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeedMethod {
+    /// COPY, and INSERT if COPY is refused for lack of privilege
+    Auto,
+    /// COPY only
+    Copy,
+    /// Multi-row INSERTs only (at most 65,535 bind parameters each)
+    Insert,
 }
 
 #[derive(Debug, Args)]

@@ -59,6 +59,26 @@ pub fn copy_accounts(conn: &mut PgConnection, accounts: &[NewAccount]) -> QueryR
         .execute(conn)
 }
 
+/// Whether `copy_accounts` failed because the server will not let this user COPY, where a
+/// multi-row INSERT may still work: CockroachDB lets only members of `admin` run COPY
+/// (42501, "only users with the admin role …"), PostgreSQL refuses COPY FROM into a table under
+/// row-level security (0A000, "COPY FROM not supported with row-level security"), and either
+/// may say "permission denied". Diesel exposes no SQLSTATE, so the message decides.
+pub fn is_copy_refused(e: &diesel::result::Error) -> bool {
+    let diesel::result::Error::DatabaseError(_, info) = e else {
+        return false;
+    };
+    let m = info.message().to_ascii_lowercase();
+    [
+        "admin role",
+        "privilege",
+        "permission denied",
+        "row-level security",
+    ]
+    .iter()
+    .any(|s| m.contains(s))
+}
+
 /// Every account, ordered by id, streamed row by row (libpq single-row mode): memory stays
 /// constant however many accounts there are.
 pub fn list(
@@ -332,4 +352,60 @@ pub fn list_query(
     accounts::table
         .select(Account::as_select())
         .order(accounts::id)
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error};
+
+    struct Info(&'static str);
+
+    impl DatabaseErrorInformation for Info {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn db(message: &'static str) -> Error {
+        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Info(message)))
+    }
+
+    #[test]
+    fn a_copy_refused_for_privilege_falls_back_and_nothing_else_does() {
+        for m in [
+            // CockroachDB's wording for admin-only statements (pgcode 42501).
+            "only users with the admin role are allowed to COPY FROM",
+            "user bank does not have INSERT privilege on relation accounts",
+            "permission denied for table accounts",
+            "COPY FROM not supported with row-level security",
+        ] {
+            assert!(super::is_copy_refused(&db(m)), "{m}");
+        }
+        for m in [
+            "relation \"accounts\" does not exist",
+            "duplicate key value violates unique constraint \"accounts_pkey\"",
+            "server closed the connection unexpectedly",
+        ] {
+            assert!(!super::is_copy_refused(&db(m)), "{m}");
+        }
+        assert!(!super::is_copy_refused(&Error::NotFound));
+    }
 }

@@ -9,10 +9,11 @@ use std::thread;
 
 use bank::models::{NewAccount, NewTransfer};
 use bank::repo;
+use diesel::connection::SimpleConnection;
 use diesel::Connection;
 use uuid::Uuid;
 
-use crate::support::{self, ScratchDb};
+use crate::support::{self, Bank, ScratchDb};
 
 /// Moves `amount` from `from` to `to` through the transfer body, committed.
 fn move_money(db: &ScratchDb, from: Uuid, to: Uuid, amount: i64) {
@@ -173,4 +174,121 @@ fn list_ids_returns_accounts_in_id_order() {
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(got, sorted);
+}
+
+// ---- item 2: seed's COPY → INSERT fallback ----
+
+/// A login role that may read and insert accounts but is subject to row-level security, under
+/// which PostgreSQL refuses COPY FROM (and still allows INSERT): PostgreSQL's stand-in for a
+/// CockroachDB user outside `admin`. Dropped after the scratch database (declare it first).
+struct RlsRole {
+    name: String,
+    url: String,
+}
+
+impl RlsRole {
+    fn on(db: &ScratchDb) -> RlsRole {
+        let name = format!("bank_rls_{}", Uuid::new_v4().simple());
+        let password = format!("pw{}", Uuid::new_v4().simple());
+        let mut conn = db.conn();
+        conn.batch_execute(&format!(
+            "CREATE ROLE {name} LOGIN PASSWORD '{password}'; \
+             GRANT SELECT, INSERT ON accounts TO {name}; \
+             ALTER TABLE accounts ENABLE ROW LEVEL SECURITY; \
+             CREATE POLICY everything ON accounts USING (true) WITH CHECK (true)"
+        ))
+        .expect("create the role");
+        let mut url = url::Url::parse(db.url.expose()).expect("one-host URL");
+        url.set_username(&name).expect("user");
+        url.set_password(Some(&password)).expect("password");
+        RlsRole {
+            name,
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for RlsRole {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = support::server_url().with_database("postgres").connect() {
+            let _ = admin.batch_execute(&format!("DROP ROLE IF EXISTS {}", self.name));
+        }
+    }
+}
+
+fn seed_as(url: &str, method: Option<&str>, accounts: u64) -> support::Run {
+    let mut bank = Bank::new().args([
+        "-v",
+        "--database-url",
+        url,
+        "seed",
+        "--accounts",
+        &accounts.to_string(),
+        "--balance",
+        "3",
+        "--json",
+    ]);
+    if let Some(m) = method {
+        bank.cmd.env("BANK_SEED_METHOD", m);
+    }
+    bank.run()
+}
+
+#[test]
+fn seed_falls_back_to_insert_when_copy_is_refused() {
+    let role;
+    let db = ScratchDb::migrated();
+    role = RlsRole::on(&db);
+    let run = seed_as(&role.url, None, 1000);
+    run.success();
+    assert!(run.stderr.contains("COPY refused"), "{run:?}");
+    assert!(run.stderr.contains("row-level security"), "{run:?}");
+    assert_eq!(run.json().as_array().map(Vec::len), Some(1000));
+    let conn = &mut db.conn();
+    assert_eq!(support::count_accounts(conn).expect("count"), 1000);
+    let ids = repo::account_ids(conn, 2000).expect("ids");
+    assert_eq!(repo::total_balance(conn, &ids).expect("total"), 3000);
+}
+
+#[test]
+fn seed_with_copy_forced_fails_in_one_line_and_changes_nothing() {
+    let role;
+    let db = ScratchDb::migrated();
+    role = RlsRole::on(&db);
+    let mut bank = Bank::new().args(["--database-url", &role.url, "seed", "--accounts", "10"]);
+    bank.cmd.env("BANK_SEED_METHOD", "copy");
+    let run = bank.run();
+    run.fails_with(1, "row-level security");
+    assert_eq!(db.state(), (vec![], 0));
+}
+
+/// Forced INSERT, past one statement's 65,535 bind parameters (21,845 rows of 3 columns).
+#[test]
+fn seed_with_insert_forced_loads_past_one_statement() {
+    let db = ScratchDb::migrated();
+    let n = repo::INSERT_CHUNK as u64 + 100;
+    let run = seed_as(db.url.expose(), Some("insert"), n);
+    run.success();
+    assert!(
+        run.stderr.contains("(Insert)") && !run.stderr.contains("COPY refused"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        support::count_accounts(&mut db.conn()).expect("count"),
+        n as i64
+    );
+    let report = bank::verify::verify(&mut db.conn()).expect("verify");
+    assert!(report.ok, "{report:?}");
+}
+
+#[test]
+fn an_unknown_seed_method_is_a_usage_error() {
+    let db = ScratchDb::migrated();
+    let mut bank = db.bank().args(["seed"]);
+    bank.cmd.env("BANK_SEED_METHOD", "telepathy");
+    let run = bank.run();
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("telepathy"), "{run:?}");
+    assert_eq!(db.state(), (vec![], 0));
 }

@@ -3,11 +3,12 @@
 use std::io::{self, IsTerminal, Write};
 
 use chrono::{SecondsFormat, Utc};
+use diesel::{Connection, PgConnection};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::cli::{BalancesArgs, ResetArgs, SeedArgs};
+use crate::cli::{BalancesArgs, ResetArgs, SeedArgs, SeedMethod};
 use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
@@ -35,6 +36,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     let bar = progress_bar(total);
     let mut balances = balances.peekable();
     let mut list = AccountList::start(out, args.json, None)?;
+    let mut method = args.method;
     // One COPY per chunk, each its own transaction: a huge seed never builds one huge
     // transaction (CockroachDB limits their size), and the progress bar moves per chunk.
     while balances.peek().is_some() {
@@ -43,8 +45,23 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             .take(SEED_CHUNK)
             .map(NewAccount::with_balance)
             .collect();
-        let n = repo::copy_accounts(&mut conn, &chunk)?;
-        log::debug!("seed: copied {n} accounts");
+        let n = match method {
+            SeedMethod::Insert => insert_chunk(&mut conn, &chunk)?,
+            SeedMethod::Copy => repo::copy_accounts(&mut conn, &chunk)?,
+            SeedMethod::Auto => match repo::copy_accounts(&mut conn, &chunk) {
+                Ok(n) => {
+                    method = SeedMethod::Copy;
+                    n
+                }
+                Err(e) if repo::is_copy_refused(&e) => {
+                    log::info!("seed: COPY refused ({e}); loading with INSERT instead");
+                    method = SeedMethod::Insert;
+                    insert_chunk(&mut conn, &chunk)?
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        log::debug!("seed: loaded {n} accounts ({method:?})");
         bar.inc(n as u64);
         for a in &chunk {
             list.row(out, a.id, a.balance)?;
@@ -53,6 +70,13 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     bar.finish_and_clear();
     list.finish(out)?;
     Ok(())
+}
+
+/// One chunk of the seed with multi-row INSERTs (each within PostgreSQL's 65,535 bind
+/// parameters and about 1 MB, far below CockroachDB's 16 MiB message limit), in one transaction
+/// like a COPY of the chunk: a failure leaves none of the chunk behind.
+fn insert_chunk(conn: &mut PgConnection, chunk: &[NewAccount]) -> diesel::QueryResult<usize> {
+    conn.transaction(|c| repo::create_many(c, chunk))
 }
 
 /// A progress bar on a terminal; a hidden one otherwise (scripts and pipes get no noise).
