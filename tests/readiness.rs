@@ -292,3 +292,50 @@ fn an_unknown_seed_method_is_a_usage_error() {
     assert!(run.stderr.contains("telepathy"), "{run:?}");
     assert_eq!(db.state(), (vec![], 0));
 }
+
+// ---- item 1: the engine, and the migration session ----
+
+#[test]
+fn the_test_server_is_detected_as_postgresql() {
+    let db = ScratchDb::empty();
+    let server = bank::db::engine::detect(&mut db.conn()).expect("version()");
+    assert_eq!(server.engine, bank::db::Engine::PostgreSQL, "{server:?}");
+    assert!(
+        server.release.starts_with(|c: char| c.is_ascii_digit()),
+        "{server:?}"
+    );
+}
+
+/// What `bank init` does on a CockroachDB older than the setting, reproduced on PostgreSQL
+/// (which does not know `autocommit_before_ddl` either and words the refusal the same way):
+/// the refusal is fine, the session stays usable, and the migrations run on it.
+#[test]
+fn a_server_without_autocommit_before_ddl_is_fine_for_migrations() {
+    let db = ScratchDb::empty();
+    let conn = &mut db.conn();
+    let old_cockroach = bank::db::Server::parse(
+        "CockroachDB CCL v21.1.1 (x86_64-apple-darwin19, built 2021/05/24 15:00:00, go1.15.11)",
+    );
+    let refused = conn
+        .batch_execute("SET autocommit_before_ddl = false")
+        .expect_err("unknown here");
+    assert!(
+        bank::db::engine::is_unknown_setting(&refused.to_string()),
+        "{refused}"
+    );
+    bank::db::engine::prepare_migration_session(conn, &old_cockroach).expect("tolerated");
+    let ran = bank::db::run_migrations(conn).expect("migrations");
+    assert!(!ran.is_empty());
+    assert_eq!(support::count_accounts(conn).expect("count"), 0);
+}
+
+#[test]
+fn init_migrates_and_is_idempotent() {
+    let db = ScratchDb::empty();
+    let first = db.bank().args(["init"]).run();
+    first.success();
+    assert!(first.stdout.contains("applied migration"), "{first:?}");
+    let again = db.bank().args(["init"]).run();
+    again.success();
+    assert_eq!(again.stdout, "schema is up to date\n");
+}

@@ -54,6 +54,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
 
 fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
+    let server = db::engine::detect(&mut conn)?;
+    db::engine::prepare_migration_session(&mut conn, &server)?;
     let ran = db::run_migrations(&mut conn)?;
     if ran.is_empty() {
         writeln!(out, "schema is up to date")?;
