@@ -69,6 +69,11 @@ pub enum Command {
     /// Print the man page in roff (e.g. `bank man > bank.1 && man ./bank.1`)
     #[command(after_help = "Example:\n  bank man > bank.1")]
     Man,
+    /// Check the database before anything else: the engine and its version, the default
+    /// isolation level, whether the schema is migrated, the connection settings in force (timeouts,
+    /// TLS, keepalives, application name) and row counts; exits 1 if it cannot connect
+    #[command(after_help = "Example:\n  bank doctor --json")]
+    Doctor(JsonArg),
     /// Run random concurrent transfers and check the bank's invariants afterwards
     #[command(
         after_help = "Example:\n  bank workload --accounts 100 --concurrency 8 --duration 60s --readers 2 --histogram latency.hlog"

@@ -10,7 +10,7 @@ use std::thread;
 use bank::models::{NewAccount, NewTransfer};
 use bank::repo;
 use diesel::connection::SimpleConnection;
-use diesel::Connection;
+use diesel::{Connection, RunQueryDsl};
 use uuid::Uuid;
 
 use crate::support::{self, Bank, ScratchDb};
@@ -338,4 +338,147 @@ fn init_migrates_and_is_idempotent() {
     let again = db.bank().args(["init"]).run();
     again.success();
     assert_eq!(again.stdout, "schema is up to date\n");
+}
+
+// ---- item 7: doctor ----
+
+#[test]
+fn doctor_reports_engine_schema_settings_and_counts() {
+    let db = ScratchDb::migrated_at(support::Iso::ReadCommitted);
+    db.alter("statement_timeout = '7s'");
+    db.accounts(&[5, 6, 7]);
+    let run = db.bank().args(["doctor", "--json"]).run();
+    run.success();
+    let j = run.json();
+    assert_eq!(j["engine"], "PostgreSQL", "{j}");
+    assert!(
+        j["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("PostgreSQL")),
+        "{j}"
+    );
+    assert_eq!(j["default_isolation"], "read committed", "{j}");
+    assert_eq!(j["migrated"], true, "{j}");
+    assert_eq!(j["pending_migrations"], 0, "{j}");
+    assert!(
+        j["migration_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("2026")),
+        "{j}"
+    );
+    assert_eq!(j["settings"]["statement_timeout"], "7s", "{j}");
+    assert_eq!(j["settings"]["application_name"], "bank", "{j}");
+    assert!(j["settings"]["lock_timeout"].is_string(), "{j}");
+    assert!(
+        j["settings"]["idle_in_transaction_session_timeout"].is_string(),
+        "{j}"
+    );
+    assert_eq!(j["tls"], false, "{j}");
+    assert_eq!(j["client"]["keepalives"], "1", "{j}");
+    assert!(j["client"]["tcp_user_timeout"].is_string(), "{j}");
+    assert_eq!(
+        (j["accounts"].as_i64(), j["transfers"].as_i64()),
+        (Some(3), Some(0))
+    );
+    run.no_password();
+
+    let text = db.bank().args(["doctor"]).run();
+    text.success();
+    for line in [
+        "server: PostgreSQL ",
+        "default isolation: read committed",
+        "schema: migrated (version 2026",
+        "statement_timeout: 7s",
+        "tls: no",
+        "accounts: 3",
+        "transfers: 0",
+    ] {
+        assert!(text.stdout.contains(line), "{line}: {}", text.stdout);
+    }
+}
+
+#[test]
+fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
+    let db = ScratchDb::empty();
+    let run = db.bank().args(["doctor", "--json"]).run();
+    run.success();
+    let j = run.json();
+    assert_eq!(
+        (j["migrated"].as_bool(), j["pending_migrations"].as_u64()),
+        (Some(false), Some(6))
+    );
+    assert!(
+        j["accounts"].is_null() && j["migration_version"].is_null(),
+        "{j}"
+    );
+    // Diesel's harness would have created its table: doctor must not.
+    let again = db.bank().args(["doctor"]).run();
+    assert!(again.stdout.contains("schema: not migrated"), "{again:?}");
+    let tables: Vec<String> = diesel::sql_query(
+        "SELECT table_name AS version FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .load::<Name>(&mut db.conn())
+    .expect("tables")
+    .into_iter()
+    .map(|n| n.version)
+    .collect();
+    assert!(tables.is_empty(), "{tables:?}");
+}
+
+#[derive(diesel::QueryableByName)]
+struct Name {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    version: String,
+}
+
+/// A port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[test]
+fn doctor_exits_1_with_one_line_when_the_database_is_unreachable() {
+    let url = format!(
+        "postgres://bank:{}@127.0.0.1:{}/bank",
+        support::password(),
+        closed_port()
+    );
+    let run = Bank::new().args(["--database-url", &url, "doctor"]).run();
+    run.fails_with(1, "cannot connect");
+}
+
+// ---- item 8: a multi-host URL fails over (libpq) ----
+
+/// `postgresql://u@h1,h2/db` with the first host down: libpq tries the next, and `bank` works
+/// (what CockroachDB's docs suggest for failover between nodes).
+#[test]
+fn a_multi_host_url_fails_over_when_the_first_host_is_down() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[10, 20]);
+    let (host, port) = db.url.host_port().expect("one host");
+    let url = format!(
+        "postgresql://bank:{}@127.0.0.1:{},{host}:{port}/{}",
+        support::password(),
+        closed_port(),
+        db.name
+    );
+    let run = Bank::new()
+        .args(["--database-url", &url, "verify", "--json"])
+        .run();
+    run.success();
+    assert_eq!(run.json()["total_balance"], 30, "{run:?}");
+    run.no_password();
+    // Both hosts down: one line, exit 1, no password.
+    let down = format!(
+        "postgresql://bank:{}@127.0.0.1:{},127.0.0.1:{}/{}",
+        support::password(),
+        closed_port(),
+        closed_port(),
+        db.name
+    );
+    Bank::new()
+        .args(["--database-url", &down, "verify"])
+        .run()
+        .fails_with(1, "cannot connect");
 }

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod demo;
+mod doctor;
 mod ledger;
 mod transfer;
 mod verify;
@@ -45,6 +46,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Lookup(args) => ledger::lookup(&url, &args, &mut out),
         Command::Reset(args) => accounts::reset(&url, &args, &mut out),
         Command::Verify(args) => verify::verify_cmd(&url, args.json, &mut out),
+        Command::Doctor(args) => doctor::doctor(&url, args.json, &mut out),
         Command::Workload(args) => workload::run(&url, &args.config(), &mut out),
     };
     // Whatever was printed before a failure still reaches stdout.
