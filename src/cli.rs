@@ -209,6 +209,10 @@ pub struct RunArgs {
     /// then ends with an unknown outcome (exit 3), else as not applied (e.g. 30s, 500ms)
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout, env = "BANK_TIMEOUT")]
     pub timeout: Duration,
+    /// CockroachDB only: make the server fail statements in explicit transactions with 40001
+    /// (`inject_retry_errors_enabled`), to watch the retry loop work; refused on PostgreSQL
+    #[arg(long)]
+    pub inject_retries: bool,
 }
 
 /// `--mode`: the command line's names for `transfer::Mode`.

@@ -482,3 +482,56 @@ fn a_multi_host_url_fails_over_when_the_first_host_is_down() {
         .run()
         .fails_with(1, "cannot connect");
 }
+
+// ---- item 6: --inject-retries ----
+
+#[test]
+fn inject_retries_is_refused_on_postgresql_and_changes_nothing() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let before = db.state();
+    let run = db
+        .transfer(ids[0], ids[1], 10)
+        .args(["--inject-retries"])
+        .run();
+    run.fails_with(2, "--inject-retries needs CockroachDB");
+    assert!(run.stderr.contains("this server is PostgreSQL"), "{run:?}");
+    let run = db
+        .bank()
+        .args([
+            "workload",
+            "--accounts",
+            "5",
+            "--transfers",
+            "10",
+            "--inject-retries",
+        ])
+        .run();
+    run.fails_with(2, "--inject-retries needs CockroachDB");
+    assert_eq!(db.state(), before);
+}
+
+/// The mechanism `--inject-retries` uses on CockroachDB: a transfer session runs the URL's
+/// session settings after connecting (shown here with a setting PostgreSQL has).
+#[test]
+fn transfer_sessions_run_the_urls_session_settings() {
+    let db = ScratchDb::migrated();
+    let url = db.url.with_session_setting("lock_timeout", "4321");
+    let mut session = bank::db::Session::new(url, "bank");
+    let conn = session.conn().expect("connect");
+    let got: Vec<Name> = diesel::sql_query("SELECT current_setting('lock_timeout') AS version")
+        .load(conn)
+        .expect("setting");
+    assert_eq!(got[0].version, "4321ms");
+    // A plain connection of the same URL does not get it.
+    let plain: Vec<Name> = diesel::sql_query("SELECT current_setting('lock_timeout') AS version")
+        .load(
+            &mut db
+                .url
+                .with_session_setting("lock_timeout", "4321")
+                .connect()
+                .expect("connect"),
+        )
+        .expect("setting");
+    assert_eq!(plain[0].version, "0");
+}

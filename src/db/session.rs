@@ -171,6 +171,14 @@ impl Session {
                 if let Err(e) = tune(&mut conn, self.timeout) {
                     log::debug!("tuning the session failed (ignored): {e}");
                 }
+                // Asked for by the user (`--inject-retries`), so a failure is an error.
+                for (name, value) in &self.url.session_settings {
+                    conn.batch_execute(&format!("SET {name} = {value}"))
+                        .map_err(|e| ConnectError {
+                            url: self.url.to_string(),
+                            message: format!("SET {name} = {value} failed: {e}"),
+                        })?;
+                }
                 Ok(slot.insert(conn))
             }
         }
