@@ -69,6 +69,11 @@ pub enum Command {
     /// Print the man page in roff (e.g. `bank man > bank.1 && man ./bank.1`)
     #[command(after_help = "Example:\n  bank man > bank.1")]
     Man,
+    /// Check the database before anything else: the engine and its version, the default
+    /// isolation level, whether the schema is migrated, the connection settings in force (timeouts,
+    /// TLS, keepalives, application name) and row counts; exits 1 if it cannot connect
+    #[command(after_help = "Example:\n  bank doctor --json")]
+    Doctor(JsonArg),
     /// Run random concurrent transfers and check the bank's invariants afterwards
     #[command(
         after_help = "Example:\n  bank workload --accounts 100 --concurrency 8 --duration 60s --readers 2 --histogram latency.hlog"
@@ -139,6 +144,21 @@ pub struct SeedArgs {
     /// Print the created accounts as a JSON array
     #[arg(long)]
     pub json: bool,
+    /// How to load the accounts: COPY, falling back to multi-row INSERTs when the server refuses
+    /// COPY (CockroachDB lets only `admin` members run it), or either one forced
+    #[arg(long, value_enum, value_name = "METHOD", default_value_t = SeedMethod::Auto, env = "BANK_SEED_METHOD")]
+    pub method: SeedMethod,
+}
+
+/// `seed --method` (`BANK_SEED_METHOD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeedMethod {
+    /// COPY, and INSERT if COPY is refused for lack of privilege
+    Auto,
+    /// COPY only
+    Copy,
+    /// Multi-row INSERTs only (at most 65,535 bind parameters each)
+    Insert,
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +223,10 @@ pub struct RunArgs {
     /// then ends with an unknown outcome (exit 3), else as not applied (e.g. 30s, 500ms)
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout, env = "BANK_TIMEOUT")]
     pub timeout: Duration,
+    /// CockroachDB only: make the server fail statements in explicit transactions with 40001
+    /// (`inject_retry_errors_enabled`), to watch the retry loop work; refused on PostgreSQL
+    #[arg(long)]
+    pub inject_retries: bool,
 }
 
 /// `--mode`: the command line's names for `transfer::Mode`.

@@ -59,6 +59,26 @@ pub fn copy_accounts(conn: &mut PgConnection, accounts: &[NewAccount]) -> QueryR
         .execute(conn)
 }
 
+/// Whether `copy_accounts` failed because the server will not let this user COPY, where a
+/// multi-row INSERT may still work: CockroachDB lets only members of `admin` run COPY
+/// (42501, "only users with the admin role …"), PostgreSQL refuses COPY FROM into a table under
+/// row-level security (0A000, "COPY FROM not supported with row-level security"), and either
+/// may say "permission denied". Diesel exposes no SQLSTATE, so the message decides.
+pub fn is_copy_refused(e: &diesel::result::Error) -> bool {
+    let diesel::result::Error::DatabaseError(_, info) = e else {
+        return false;
+    };
+    let m = info.message().to_ascii_lowercase();
+    [
+        "admin role",
+        "privilege",
+        "permission denied",
+        "row-level security",
+    ]
+    .iter()
+    .any(|s| m.contains(s))
+}
+
 /// Every account, ordered by id, streamed row by row (libpq single-row mode): memory stays
 /// constant however many accounts there are.
 pub fn list(
@@ -69,11 +89,21 @@ pub fn list(
 
 /// The given accounts, ordered by id (for the demo, which shows only its own).
 pub fn list_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Account>> {
-    accounts::table
-        .filter(accounts::id.eq_any(ids))
-        .select(Account::as_select())
-        .order(accounts::id)
-        .load(conn)
+    // Sorted ids in bounded chunks, each read in id order: the chunks' rows come in id order.
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut rows = Vec::with_capacity(sorted.len());
+    for part in sorted.chunks(MAX_IDS_PER_STATEMENT) {
+        rows.extend(
+            accounts::table
+                .filter(accounts::id.eq_any(part))
+                .select(Account::as_select())
+                .order(accounts::id)
+                .load(conn)?,
+        );
+    }
+    Ok(rows)
 }
 
 /// One entry of an account's history: a transfer seen from the account (or its opening, version
@@ -177,12 +207,35 @@ pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
     }
 }
 
-/// Deletes every transfer and every account; returns (accounts, transfers) deleted.
+/// Deletes every transfer and every account in one go; returns (accounts, transfers) deleted.
+/// For small databases (tests): `bank reset` deletes in batches instead
+/// (`delete_transfers_batch`, `delete_accounts_batch`), since one transaction that deletes
+/// millions of rows runs into CockroachDB's transaction size limits.
 pub fn delete_all(conn: &mut PgConnection) -> QueryResult<(usize, usize)> {
     // Transfers first: they reference accounts.
     let transfers = diesel::delete(transfers::table).execute(conn)?;
     let accounts = diesel::delete(accounts::table).execute(conn)?;
     Ok((accounts, transfers))
+}
+
+/// Rows `bank reset` deletes per statement (each its own transaction).
+pub const DELETE_BATCH: i64 = 10_000;
+
+/// Deletes up to `limit` ledger rows (any of them); returns how many. `DELETE … WHERE id IN
+/// (SELECT id … LIMIT n)` is accepted by both engines, where `DELETE … LIMIT` is CockroachDB's
+/// only.
+pub fn delete_transfers_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<usize> {
+    diesel::sql_query("DELETE FROM transfers WHERE id IN (SELECT id FROM transfers LIMIT $1)")
+        .bind::<BigInt, _>(limit)
+        .execute(conn)
+}
+
+/// Deletes up to `limit` accounts; returns how many. An account that still has ledger rows
+/// makes it fail (the foreign keys), so ledger rows go first.
+pub fn delete_accounts_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<usize> {
+    diesel::sql_query("DELETE FROM accounts WHERE id IN (SELECT id FROM accounts LIMIT $1)")
+        .bind::<BigInt, _>(limit)
+        .execute(conn)
 }
 
 /// The ledger row of transfer `id`: how an ambiguous commit is settled.
@@ -209,14 +262,62 @@ pub fn delete_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
     }
 }
 
-/// The sum of the given accounts' balances (one `= ANY($1)` array bind, whatever their number).
+/// Ids one statement binds at most. A UUID array travels as 20 bytes per element (a 4-byte
+/// length and 16 bytes), so 800,000 ids fill CockroachDB's default 16 MiB message limit
+/// (`sql.conn.max_read_buffer_message_size`); 50,000 make a 1 MB Bind message.
+pub const MAX_IDS_PER_STATEMENT: usize = 50_000;
+
+/// The sum of the given accounts' balances, read in one snapshot (see `snapshot_totals`).
 pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
     snapshot_totals(conn, ids).map(|(total, _)| total)
 }
 
-/// The given accounts' total and how many of them are negative, read by one statement (one
-/// snapshot): what a bank reader sees at one instant.
+/// The given accounts' total and how many of them are negative, read in one snapshot: what a
+/// bank reader sees at one instant. Up to `MAX_IDS_PER_STATEMENT` ids this is one statement;
+/// beyond, see `snapshot_totals_in_chunks`.
 pub fn snapshot_totals(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
+    snapshot_totals_in_chunks(conn, ids, MAX_IDS_PER_STATEMENT)
+}
+
+/// `snapshot_totals` with at most `chunk` ids bound per statement: every array a statement
+/// binds stays bounded however many accounts the workload has. More than one chunk is summed
+/// inside one read-only REPEATABLE READ transaction, so that all chunks read the same snapshot
+/// (CockroachDB runs it as SERIALIZABLE, also one snapshot); called inside a transaction
+/// already, it runs in that one, whose isolation level then decides.
+pub fn snapshot_totals_in_chunks(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    chunk: usize,
+) -> QueryResult<(i64, i64)> {
+    let chunk = chunk.max(1);
+    if ids.len() <= chunk {
+        return totals_of(conn, ids);
+    }
+    let sum_chunks = |conn: &mut PgConnection| -> QueryResult<(i64, i64)> {
+        let mut total = (0i64, 0i64);
+        for part in ids.chunks(chunk) {
+            let (sum, negative) = totals_of(conn, part)?;
+            // A sum past i64 is no total a bank can hold: say so rather than wrap.
+            total.0 = total.0.checked_add(sum).ok_or_else(|| {
+                diesel::result::Error::QueryBuilderError("total balance overflows INT8".into())
+            })?;
+            total.1 += negative;
+        }
+        Ok(total)
+    };
+    match conn
+        .build_transaction()
+        .repeatable_read()
+        .read_only()
+        .run(sum_chunks)
+    {
+        Err(diesel::result::Error::AlreadyInTransaction) => sum_chunks(conn),
+        other => other,
+    }
+}
+
+/// One statement: the total and the negative balances of these accounts.
+fn totals_of(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
     let (sum, negative): (Option<i64>, i64) = accounts::table
         .filter(accounts::id.eq_any(ids))
         .select((
@@ -251,4 +352,60 @@ pub fn list_query(
     accounts::table
         .select(Account::as_select())
         .order(accounts::id)
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error};
+
+    struct Info(&'static str);
+
+    impl DatabaseErrorInformation for Info {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn db(message: &'static str) -> Error {
+        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Info(message)))
+    }
+
+    #[test]
+    fn a_copy_refused_for_privilege_falls_back_and_nothing_else_does() {
+        for m in [
+            // CockroachDB's wording for admin-only statements (pgcode 42501).
+            "only users with the admin role are allowed to COPY FROM",
+            "user bank does not have INSERT privilege on relation accounts",
+            "permission denied for table accounts",
+            "COPY FROM not supported with row-level security",
+        ] {
+            assert!(super::is_copy_refused(&db(m)), "{m}");
+        }
+        for m in [
+            "relation \"accounts\" does not exist",
+            "duplicate key value violates unique constraint \"accounts_pkey\"",
+            "server closed the connection unexpectedly",
+        ] {
+            assert!(!super::is_copy_refused(&db(m)), "{m}");
+        }
+        assert!(!super::is_copy_refused(&Error::NotFound));
+    }
 }

@@ -98,7 +98,7 @@ fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Op
 
 /// The server messages of retryable errors Diesel maps to `Unknown`.
 fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
-    const LOST: [&str; 10] = [
+    const LOST: [&str; 12] = [
         "terminating connection",       // 57P01 admin shutdown, pg_terminate_backend
         "server closed the connection", // libpq: the socket closed
         "no connection to the server",  // libpq: used after the socket closed
@@ -109,6 +109,8 @@ fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
         "ssl connection has been closed", // libpq over TLS: closed by the peer
         "the database system is shutting down",
         "the database system is starting up",
+        "server is shutting down", // CockroachDB 57P01: a draining node closes the session
+        "server is not accepting clients", // CockroachDB 57P01: a draining node refuses it
     ];
     let m = message.to_ascii_lowercase();
     if m.contains("result is ambiguous") {
@@ -410,6 +412,47 @@ mod tests {
                 Some(Cause::ConnectionLost)
             );
             assert_eq!(classify(e, Phase::Commit), Some(Cause::Ambiguous));
+        }
+    }
+
+    /// CockroachDB's own words (transaction retry error reference, common errors, pgwire's
+    /// draining messages). Diesel maps only 40001 to `SerializationFailure`; CR000, 40003 and
+    /// 57P01 arrive as `Unknown` with their message.
+    #[test]
+    fn cockroachdb_errors_are_classified_as_its_documentation_says() {
+        let retry = [
+            (DatabaseErrorKind::SerializationFailure, "restart transaction: TransactionRetryWithProtoRefreshError: ReadWithinUncertaintyIntervalError: read at time 1591009232.376925064,0 encountered previous write with future timestamp 1591009232.493830170,0"),
+            (DatabaseErrorKind::SerializationFailure, "restart transaction: TransactionRetryWithProtoRefreshError: TransactionRetryError: retry txn (RETRY_SERIALIZABLE - failed preemptive refresh due to conflicting locks on /Table/106/1/918951292305080321/0)"),
+            (DatabaseErrorKind::Unknown, "restart transaction: TransactionRetryError: retry txn (RETRY_SERIALIZABLE)"),
+            (DatabaseErrorKind::SerializationFailure, "restart transaction: TransactionRetryWithProtoRefreshError: injected by `inject_retry_errors_enabled` session variable"),
+        ];
+        for (kind, m) in retry {
+            for phase in [Phase::BeforeCommit, Phase::Commit] {
+                assert_eq!(
+                    classify(&db(kind, m), phase),
+                    Some(Cause::Serialization),
+                    "{m}"
+                );
+            }
+        }
+        let ambiguous = db(
+            DatabaseErrorKind::Unknown,
+            "result is ambiguous (intent missing and record aborted)",
+        );
+        for phase in [Phase::BeforeCommit, Phase::Commit] {
+            assert_eq!(classify(&ambiguous, phase), Some(Cause::Ambiguous));
+        }
+        for m in [
+            "server is shutting down",
+            "server is not accepting clients, try another node",
+        ] {
+            let e = db(DatabaseErrorKind::Unknown, m);
+            assert_eq!(
+                classify(&e, Phase::BeforeCommit),
+                Some(Cause::ConnectionLost),
+                "{m}"
+            );
+            assert_eq!(classify(&e, Phase::Commit), Some(Cause::Ambiguous), "{m}");
         }
     }
 

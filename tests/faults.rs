@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::support::proxy::{upstream_of, At, Fault, Proxy};
+use crate::support::proxy::{
+    upstream_of, At, Fault, Proxy, AMBIGUOUS_COMMITTED, AMBIGUOUS_NOT_COMMITTED, CR000, DRAINING,
+    RETRY_SERIALIZABLE, SHUTTING_DOWN_COMMITTED, SHUTTING_DOWN_NOT_COMMITTED, UNCERTAINTY,
+};
 use crate::support::{Bank, Iso, Run, ScratchDb};
 
 struct Setup {
@@ -42,6 +45,7 @@ fn setup_with(iso: Iso, at: At, balances: &[i64]) -> Setup {
     let mode = match at {
         At::Commit => "transaction",
         At::Statement => "single-statement",
+        At::Connect => "transaction",
     };
     Setup {
         db,
@@ -129,6 +133,7 @@ impl Setup {
         match self.at {
             At::Commit => self.proxy.commits(),
             At::Statement => self.proxy.statements(),
+            At::Connect => self.proxy.commits(),
         }
     }
 
@@ -465,4 +470,109 @@ fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
     assert!(unsettled > 0, "{j}");
     assert!(j["stuck_workers"].as_u64() > Some(0), "{j}");
     assert!(run.stderr.contains("final check could not run"), "{run:?}");
+}
+
+/// CockroachDB's retry errors, in its own words (40001 ReadWithinUncertaintyIntervalError and
+/// RETRY_SERIALIZABLE, and the former CR000), at each commit point: nothing committed, so the
+/// transfer is retried (CockroachDB's docs: retry on 40001) and applied once.
+#[test]
+fn cockroachdb_retry_errors_are_retried_and_applied_once() {
+    for e in [UNCERTAINTY, RETRY_SERIALIZABLE, CR000] {
+        for (iso, at) in CASES {
+            let s = setup(iso, at);
+            s.arm(Fault::Crdb(e));
+            let id = Uuid::new_v4();
+            let run = s.transfer(id, &[]);
+            let case = format!("{} {iso:?} {}", e.code, s.case());
+            s.applied_once(&run, id, 2);
+            assert_eq!(run.json()["retries"]["serialization"], 1, "{case}: {run:?}");
+            assert_eq!(s.commit_points(), 2, "{case}");
+        }
+    }
+}
+
+/// 40003 "result is ambiguous" and 57P01 "server is shutting down" (a draining node closing the
+/// session) at the commit point: the commit may or may not have taken effect. `bank` must not
+/// retry blindly (CockroachDB's docs: make the transaction idempotent and check): it asks the
+/// ledger, which finds the transfer if it committed and runs it again if not. Applied once
+/// either way.
+#[test]
+fn cockroachdb_ambiguous_errors_at_commit_are_settled_by_the_ledger() {
+    for e in [
+        AMBIGUOUS_COMMITTED,
+        AMBIGUOUS_NOT_COMMITTED,
+        SHUTTING_DOWN_COMMITTED,
+        SHUTTING_DOWN_NOT_COMMITTED,
+    ] {
+        for (iso, at) in CASES {
+            let s = setup(iso, at);
+            s.arm(Fault::Crdb(e));
+            let id = Uuid::new_v4();
+            let run = s.transfer(id, &["-v"]);
+            let case = format!("{} committed={} {iso:?} {}", e.code, e.commits, s.case());
+            s.applied_once(&run, id, 2);
+            assert_eq!(run.json()["retries"]["ambiguous"], 1, "{case}: {run:?}");
+            // libpq reports a FATAL error followed by the server closing the connection as
+            // the closed connection; either way it is a loss at the commit.
+            let said = run.stderr.contains(e.message)
+                || (e.fatal && run.stderr.contains("server closed the connection"));
+            assert!(said, "{case}: {run:?}");
+            let commits = if e.commits { 1 } else { 2 };
+            assert_eq!(s.commit_points(), commits, "{case}");
+        }
+    }
+}
+
+/// The same with no retries left: the outcome is unknown (exit 3), whether or not it committed,
+/// and a rerun with the same id settles it.
+#[test]
+fn cockroachdb_ambiguous_errors_with_no_retries_left_are_unknown_then_settled() {
+    for e in [
+        AMBIGUOUS_COMMITTED,
+        AMBIGUOUS_NOT_COMMITTED,
+        SHUTTING_DOWN_COMMITTED,
+        SHUTTING_DOWN_NOT_COMMITTED,
+    ] {
+        for (iso, at) in CASES {
+            let s = setup(iso, at);
+            s.arm(Fault::Crdb(e));
+            let id = Uuid::new_v4();
+            let run = s.transfer(id, &["--max-retries", "0"]);
+            let case = format!("{} committed={} {iso:?} {}", e.code, e.commits, s.case());
+            run.fails_json(3, "unknown", "may or may not have been applied");
+            let expected = if e.commits { (900, 100) } else { (1000, 0) };
+            assert_eq!(s.balances(), expected, "{case}");
+            let again = s.transfer(id, &[]);
+            again.success();
+            let outcome = if e.commits {
+                "already_applied"
+            } else {
+                "applied"
+            };
+            assert_eq!(again.json()["outcome"], outcome, "{case}: {again:?}");
+            assert_eq!(s.balances(), (900, 100), "{case}");
+            s.verify_passes();
+        }
+    }
+}
+
+/// A draining node refuses new connections with 57P01 "server is not accepting clients, try
+/// another node": nothing was sent, so the transfer connects again and is applied once.
+#[test]
+fn a_draining_node_refusing_the_connection_is_retried() {
+    for iso in Iso::BOTH {
+        let s = setup(iso, At::Commit);
+        s.proxy.arm_at(At::Connect, Fault::Crdb(DRAINING));
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["-v"]);
+        run.success();
+        assert_eq!(run.json()["outcome"], "applied", "{iso:?}: {run:?}");
+        assert!(
+            run.stderr.contains("server is not accepting clients"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(s.balances(), (900, 100), "{iso:?}");
+        assert_eq!((s.proxy.injected(), s.proxy.commits()), (1, 1), "{iso:?}");
+        s.verify_passes();
+    }
 }

@@ -9,6 +9,7 @@ mod concurrency;
 mod faults;
 mod ledger;
 mod promise;
+mod readiness;
 mod repo;
 mod transfer_body;
 mod workload;

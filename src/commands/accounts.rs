@@ -3,11 +3,12 @@
 use std::io::{self, IsTerminal, Write};
 
 use chrono::{SecondsFormat, Utc};
+use diesel::{Connection, PgConnection};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::cli::{BalancesArgs, ResetArgs, SeedArgs};
+use crate::cli::{BalancesArgs, ResetArgs, SeedArgs, SeedMethod};
 use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
@@ -35,6 +36,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     let bar = progress_bar(total);
     let mut balances = balances.peekable();
     let mut list = AccountList::start(out, args.json, None)?;
+    let mut method = args.method;
     // One COPY per chunk, each its own transaction: a huge seed never builds one huge
     // transaction (CockroachDB limits their size), and the progress bar moves per chunk.
     while balances.peek().is_some() {
@@ -43,8 +45,23 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             .take(SEED_CHUNK)
             .map(NewAccount::with_balance)
             .collect();
-        let n = repo::copy_accounts(&mut conn, &chunk)?;
-        log::debug!("seed: copied {n} accounts");
+        let n = match method {
+            SeedMethod::Insert => insert_chunk(&mut conn, &chunk)?,
+            SeedMethod::Copy => repo::copy_accounts(&mut conn, &chunk)?,
+            SeedMethod::Auto => match repo::copy_accounts(&mut conn, &chunk) {
+                Ok(n) => {
+                    method = SeedMethod::Copy;
+                    n
+                }
+                Err(e) if repo::is_copy_refused(&e) => {
+                    log::info!("seed: COPY refused ({e}); loading with INSERT instead");
+                    method = SeedMethod::Insert;
+                    insert_chunk(&mut conn, &chunk)?
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        log::debug!("seed: loaded {n} accounts ({method:?})");
         bar.inc(n as u64);
         for a in &chunk {
             list.row(out, a.id, a.balance)?;
@@ -53,6 +70,13 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     bar.finish_and_clear();
     list.finish(out)?;
     Ok(())
+}
+
+/// One chunk of the seed with multi-row INSERTs (each within PostgreSQL's 65,535 bind
+/// parameters and about 1 MB, far below CockroachDB's 16 MiB message limit), in one transaction
+/// like a COPY of the chunk: a failure leaves none of the chunk behind.
+fn insert_chunk(conn: &mut PgConnection, chunk: &[NewAccount]) -> diesel::QueryResult<usize> {
+    conn.transaction(|c| repo::create_many(c, chunk))
 }
 
 /// A progress bar on a terminal; a hidden one otherwise (scripts and pipes get no noise).
@@ -165,14 +189,38 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         }
     }
     let mut conn = url.connect()?;
-    let (accounts, transfers) = retry_transaction(&RetryPolicy::default(), || {
-        conn.build_transaction()
-            .serializable()
-            .run(repo::delete_all)
-    })?;
+    let (accounts, transfers) = delete_in_batches(&mut conn, repo::DELETE_BATCH)?;
     log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
     writeln!(out, "deleted {accounts} accounts and {transfers} transfers")?;
     Ok(())
+}
+
+/// Deletes every ledger row, then every account, `batch` rows per statement, each statement its
+/// own transaction: one transaction deleting millions of rows would run into CockroachDB's
+/// transaction size limits (and hold every lock until the end on both engines). A reset is
+/// therefore not atomic: stopped halfway, it leaves some rows, and running it again finishes
+/// it. Ledger rows are drained again before each batch of accounts, in case a client added
+/// some meanwhile (the foreign keys refuse to delete an account that has any). Returns
+/// (accounts, transfers) deleted.
+fn delete_in_batches(conn: &mut diesel::PgConnection, batch: i64) -> Result<(usize, usize), Error> {
+    let policy = RetryPolicy::default();
+    let (mut accounts, mut transfers) = (0, 0);
+    loop {
+        loop {
+            let n = retry_transaction(&policy, || repo::delete_transfers_batch(conn, batch))?;
+            transfers += n;
+            log::debug!("reset: deleted {n} transfers ({transfers} so far)");
+            if n == 0 {
+                break;
+            }
+        }
+        let n = retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
+        accounts += n;
+        log::debug!("reset: deleted {n} accounts ({accounts} so far)");
+        if n == 0 {
+            return Ok((accounts, transfers));
+        }
+    }
 }
 
 fn confirm(prompt: &str) -> Result<bool, Error> {

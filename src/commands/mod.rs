@@ -4,6 +4,7 @@
 mod accounts;
 mod batch;
 mod demo;
+mod doctor;
 mod ledger;
 mod transfer;
 mod verify;
@@ -40,13 +41,16 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Demo => demo::demo(&url, &mut out),
         Command::Init => init(&url, &mut out),
         Command::Seed(args) => accounts::seed(&url, &args, &mut out),
-        Command::Transfer(args) => transfer::transfer_cmd(&url, &args, &mut out),
+        Command::Transfer(args) => with_injection(&url, &args.run)
+            .and_then(|url| transfer::transfer_cmd(&url, &args, &mut out)),
         Command::Balances(args) => accounts::balances(&url, &args, &mut out),
         Command::History(args) => ledger::history(&url, &args, &mut out),
         Command::Lookup(args) => ledger::lookup(&url, &args, &mut out),
         Command::Reset(args) => accounts::reset(&url, &args, &mut out),
         Command::Verify(args) => verify::verify_cmd(&url, args.json, &mut out),
-        Command::Workload(args) => workload::run(&url, &args.config(), &mut out),
+        Command::Doctor(args) => doctor::doctor(&url, args.json, &mut out),
+        Command::Workload(args) => with_injection(&url, &args.run)
+            .and_then(|url| workload::run(&url, &args.config(), &mut out)),
     };
     // Whatever was printed before a failure still reaches stdout.
     out.flush()?;
@@ -55,6 +59,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
 
 fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
+    let server = db::engine::detect(&mut conn)?;
+    db::engine::prepare_migration_session(&mut conn, &server)?;
     let ran = db::run_migrations(&mut conn)?;
     if ran.is_empty() {
         writeln!(out, "schema is up to date")?;
@@ -63,4 +69,21 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
         writeln!(out, "applied migration {name}")?;
     }
     Ok(())
+}
+
+/// `--inject-retries`: the URL whose transfer sessions turn on CockroachDB's
+/// `inject_retry_errors_enabled`; refused (exit 2, nothing changed) on any other engine, which
+/// has no such variable.
+fn with_injection(url: &DbUrl, run: &crate::cli::RunArgs) -> Result<DbUrl, Error> {
+    if !run.inject_retries {
+        return Ok(url.clone());
+    }
+    let server = db::engine::detect(&mut url.connect()?)?;
+    if !server.is_cockroachdb() {
+        return Err(Error::Usage(format!(
+            "--inject-retries needs CockroachDB (its inject_retry_errors_enabled session \
+             variable); this server is {server}"
+        )));
+    }
+    Ok(url.with_session_setting("inject_retry_errors_enabled", "true"))
 }

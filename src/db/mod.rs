@@ -1,9 +1,11 @@
 //! Where the database is and how to reach it: `url` (parsing and redaction), `session`
 //! (connecting, session settings, reconnecting), `.env`, and the embedded migrations.
 
+pub mod engine;
 mod session;
 mod url;
 
+pub use engine::{Engine, Server};
 pub use session::Session;
 pub use url::DbUrl;
 

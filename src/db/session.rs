@@ -22,22 +22,8 @@ impl DbUrl {
     /// fail within about `timeout` instead of TCP's retransmission limit (minutes). Unix-socket
     /// connections ignore them.
     fn connect_string(&self, application_name: &str, timeout: Duration) -> String {
-        let secs = timeout.as_secs().max(1);
-        let params = [
-            (
-                "connect_timeout",
-                secs.clamp(MIN_CONNECT_TIMEOUT_SECS, DEFAULT_CONNECT_TIMEOUT_SECS)
-                    .to_string(),
-            ),
-            ("application_name", application_name.to_string()),
-            ("keepalives", "1".to_string()),
-            ("keepalives_idle", (secs / 3).clamp(1, 30).to_string()),
-            ("keepalives_interval", (secs / 6).clamp(1, 10).to_string()),
-            ("keepalives_count", "3".to_string()),
-            ("tcp_user_timeout", (secs * 1000).to_string()),
-        ];
         let mut url = self.full.clone();
-        for (name, value) in params {
+        for (name, value) in bank_defaults(application_name, timeout) {
             if url.contains(&format!("{name}=")) {
                 continue;
             }
@@ -45,6 +31,26 @@ impl DbUrl {
             url.push_str(&format!("{sep}{name}={value}"));
         }
         url
+    }
+
+    /// The libpq parameters `bank` sets, with the value in force for a connection made with
+    /// `connect_within(application_name, timeout)`: the URL's own where it sets one (without
+    /// decoding it), else `bank`'s. What `doctor` reports; none of them is secret.
+    pub fn client_parameters(
+        &self,
+        application_name: &str,
+        timeout: Duration,
+    ) -> Vec<(&'static str, String)> {
+        let query = self.full.split_once('?').map_or("", |(_, q)| q);
+        bank_defaults(application_name, timeout)
+            .into_iter()
+            .map(|(name, default)| {
+                let set = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+                (name, set.map_or(default, str::to_string))
+            })
+            .collect()
     }
 
     pub fn connect(&self) -> Result<PgConnection, ConnectError> {
@@ -74,6 +80,25 @@ impl DbUrl {
         }
         Ok(conn)
     }
+}
+
+/// What `bank` adds to a URL that does not set it: a connect timeout, an application name, and
+/// TCP keepalives with `tcp_user_timeout`, all scaled to `timeout`.
+fn bank_defaults(application_name: &str, timeout: Duration) -> [(&'static str, String); 7] {
+    let secs = timeout.as_secs().max(1);
+    [
+        (
+            "connect_timeout",
+            secs.clamp(MIN_CONNECT_TIMEOUT_SECS, DEFAULT_CONNECT_TIMEOUT_SECS)
+                .to_string(),
+        ),
+        ("application_name", application_name.to_string()),
+        ("keepalives", "1".to_string()),
+        ("keepalives_idle", (secs / 3).clamp(1, 30).to_string()),
+        ("keepalives_interval", (secs / 6).clamp(1, 10).to_string()),
+        ("keepalives_count", "3".to_string()),
+        ("tcp_user_timeout", (secs * 1000).to_string()),
+    ]
 }
 
 /// `-vv`: every statement diesel sends, with its binds.
@@ -145,6 +170,14 @@ impl Session {
                 self.connects += 1;
                 if let Err(e) = tune(&mut conn, self.timeout) {
                     log::debug!("tuning the session failed (ignored): {e}");
+                }
+                // Asked for by the user (`--inject-retries`), so a failure is an error.
+                for (name, value) in &self.url.session_settings {
+                    conn.batch_execute(&format!("SET {name} = {value}"))
+                        .map_err(|e| ConnectError {
+                            url: self.url.to_string(),
+                            message: format!("SET {name} = {value} failed: {e}"),
+                        })?;
                 }
                 Ok(slot.insert(conn))
             }

@@ -18,6 +18,8 @@ pub struct DbUrl {
     /// The password, wherever the URL carries it (`user:password@`, `?password=`), as written
     /// and percent-decoded: `redact_text` hides both in messages from libpq or the server.
     pub(super) secrets: Vec<String>,
+    /// `SET`s each transfer session runs after connecting (`with_session_setting`).
+    pub(super) session_settings: Vec<(&'static str, &'static str)>,
 }
 
 impl DbUrl {
@@ -76,6 +78,7 @@ impl DbUrl {
             full: raw.to_string(),
             parsed,
             secrets,
+            session_settings: Vec::new(),
         })
     }
 
@@ -111,6 +114,7 @@ impl DbUrl {
             full,
             parsed: None,
             secrets: self.secrets.clone(),
+            session_settings: self.session_settings.clone(),
         }
     }
 
@@ -137,7 +141,16 @@ impl DbUrl {
             full: url.to_string(),
             parsed: Some(url),
             secrets: self.secrets.clone(),
+            session_settings: self.session_settings.clone(),
         }
+    }
+
+    /// The same URL, whose transfer sessions (`Session`) also run `SET name = value` after
+    /// connecting: names and values are `bank`'s own constants, never user input.
+    pub fn with_session_setting(&self, name: &'static str, value: &'static str) -> DbUrl {
+        let mut url = self.clone();
+        url.session_settings.push((name, value));
+        url
     }
 
     /// The raw URL, password included: only for handing to another program (tests, scripts).

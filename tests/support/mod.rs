@@ -207,6 +207,7 @@ impl Bank {
             .env_remove("BANK_RETRY_BASE")
             .env_remove("BANK_RETRY_CAP")
             .env_remove("BANK_TIMEOUT")
+            .env_remove("BANK_SEED_METHOD")
             .env("NO_COLOR", "1");
         Bank { cmd, dir }
     }

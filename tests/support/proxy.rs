@@ -42,7 +42,92 @@ pub enum Fault {
     /// connections left open (the transaction stays open), until `Proxy::thaw` or the proxy is
     /// dropped; then close both.
     Freeze,
+    /// Answer one of CockroachDB's own errors (see `CrdbError` and the constants below it).
+    Crdb(CrdbError),
 }
+
+/// An error as CockroachDB sends it, and what happened on the server before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrdbError {
+    pub code: &'static str,
+    pub message: &'static str,
+    /// The commit is forwarded first, so it takes effect; otherwise nothing commits (a ROLLBACK
+    /// is sent in place of COMMIT, a bare Sync in place of the statement).
+    pub commits: bool,
+    /// Sent as FATAL without ReadyForQuery, and the connection is closed after it: what
+    /// CockroachDB does to a session when it drains (57P01).
+    pub fatal: bool,
+}
+
+/// 40001 ReadWithinUncertaintyIntervalError, as the transaction retry error reference shows it.
+pub const UNCERTAINTY: CrdbError = CrdbError {
+    code: "40001",
+    message: "restart transaction: TransactionRetryWithProtoRefreshError: \
+              ReadWithinUncertaintyIntervalError: read at time 1591009232.376925064,0 encountered \
+              previous write with future timestamp 1591009232.493830170,0 within uncertainty \
+              interval `t <= 1591009232.587671686,0`; observed timestamps: \
+              [{1 1591009232.587671686,0} {5 1591009232.376925064,0}]",
+    commits: false,
+    fatal: false,
+};
+
+/// 40001 RETRY_SERIALIZABLE, as the transaction retry error reference shows it.
+pub const RETRY_SERIALIZABLE: CrdbError = CrdbError {
+    code: "40001",
+    message: "restart transaction: TransactionRetryWithProtoRefreshError: TransactionRetryError: \
+              retry txn (RETRY_SERIALIZABLE - failed preemptive refresh due to conflicting locks \
+              on /Table/106/1/918951292305080321/0 [reason=wait_policy])",
+    commits: false,
+    fatal: false,
+};
+
+/// 40003 "result is ambiguous" after the commit took effect (common-errors; the text in the
+/// parentheses from cockroachdb/cockroach#54899).
+pub const AMBIGUOUS_COMMITTED: CrdbError = CrdbError {
+    code: "40003",
+    message: "result is ambiguous (intent missing and record aborted)",
+    commits: true,
+    fatal: false,
+};
+
+/// 40003 when the commit did not take effect: the client cannot tell the two apart.
+pub const AMBIGUOUS_NOT_COMMITTED: CrdbError = CrdbError {
+    commits: false,
+    ..AMBIGUOUS_COMMITTED
+};
+
+/// 57P01 to an open session of a draining node (pgwire's `ErrDrainingExistingConn`), after the
+/// commit reached the server.
+pub const SHUTTING_DOWN_COMMITTED: CrdbError = CrdbError {
+    code: "57P01",
+    message: "server is shutting down",
+    commits: true,
+    fatal: true,
+};
+
+/// 57P01 "server is shutting down" before the commit reached the server.
+pub const SHUTTING_DOWN_NOT_COMMITTED: CrdbError = CrdbError {
+    commits: false,
+    ..SHUTTING_DOWN_COMMITTED
+};
+
+/// 57P01 to a new connection of a draining node (pgwire's `ErrDrainingNewConn`): inject it with
+/// `At::Connect`.
+pub const DRAINING: CrdbError = CrdbError {
+    code: "57P01",
+    message: "server is not accepting clients, try another node",
+    commits: false,
+    fatal: true,
+};
+
+/// CR000, CockroachDB's former code for a retryable error (cockroach-go still retries it), with
+/// the "restart transaction" text every retry error carries.
+pub const CR000: CrdbError = CrdbError {
+    code: "CR000",
+    message: "restart transaction: TransactionRetryError: retry txn (RETRY_SERIALIZABLE)",
+    commits: false,
+    fatal: false,
+};
 
 /// Where a fault strikes. Each point has its own queue of armed faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +138,8 @@ pub enum At {
     /// `INSERT INTO transfers`) run outside any transaction: its Bind..Sync batch, sent while
     /// the server is idle, is a transaction of its own that the Sync commits.
     Statement,
+    /// A new connection's startup message: only `Fault::Crdb` applies, answered at once.
+    Connect,
 }
 
 pub struct Proxy {
@@ -64,6 +151,7 @@ pub struct Proxy {
 struct Shared {
     at_commit: Mutex<VecDeque<Fault>>,
     at_statement: Mutex<VecDeque<Fault>>,
+    at_connect: Mutex<VecDeque<Fault>>,
     commits: AtomicU64,
     statements: AtomicU64,
     injected: AtomicU64,
@@ -90,6 +178,7 @@ impl Shared {
         let queue = match at {
             At::Commit => &self.at_commit,
             At::Statement => &self.at_statement,
+            At::Connect => &self.at_connect,
         };
         let fault = queue.lock().expect("lock").pop_front();
         if fault.is_some() {
@@ -165,6 +254,9 @@ enum OnReply {
     /// Drop the server's messages up to ReadyForQuery, then close the server connection: the
     /// answer to a late commit.
     Close,
+    /// Drop the server's messages up to ReadyForQuery, send these bytes instead, then close
+    /// both connections (a FATAL error).
+    ReplaceThenCut(Vec<u8>),
 }
 
 /// How the client-to-server side leaves a connection.
@@ -201,6 +293,7 @@ impl Proxy {
         let queue = match at {
             At::Commit => &self.shared.at_commit,
             At::Statement => &self.shared.at_statement,
+            At::Connect => &self.shared.at_connect,
         };
         queue.lock().expect("lock").push_back(fault);
     }
@@ -298,6 +391,10 @@ fn relay(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> io
         if matches!(code, Some(80_877_103) | Some(80_877_104)) {
             client.write_all(b"N")?;
             continue;
+        }
+        if let Some(Fault::Crdb(e)) = shared.take_fault(At::Connect) {
+            client.write_all(&error_message(e.code, e.message, true))?;
+            return Ok(());
         }
         server.write_all(&msg)?;
         break;
@@ -403,8 +500,8 @@ fn inject(
             // The server answers in place of the statement too: a bare Sync (a no-op outside a
             // transaction), so its replies and ours cannot interleave.
             match at {
-                At::Commit => server.write_all(&query("ROLLBACK"))?,
                 At::Statement => server.write_all(commit)?,
+                _ => server.write_all(&query("ROLLBACK"))?,
             }
         }
         Fault::Ambiguous40003 => {
@@ -420,6 +517,19 @@ fn inject(
                 "internal error: something odd (injected by the test proxy)",
             )));
             server.write_all(&batch.concat())?;
+        }
+        Fault::Crdb(e) => {
+            let reply = if e.fatal {
+                OnReply::ReplaceThenCut(error_message(e.code, e.message, true))
+            } else {
+                OnReply::Replace(error_then_idle(e.code, e.message))
+            };
+            link.set_reply(reply);
+            match (e.commits, at) {
+                (true, _) => server.write_all(&batch.concat())?,
+                (false, At::Statement) => server.write_all(commit)?,
+                (false, _) => server.write_all(&query("ROLLBACK"))?,
+            }
         }
         Fault::CutAfterCommit => {
             link.set_reply(OnReply::Cut);
@@ -500,6 +610,13 @@ fn forward_replies(
                     return Ok(());
                 }
             }
+            OnReply::ReplaceThenCut(bytes) => {
+                if ready {
+                    client.write_all(&bytes)?;
+                    link.close();
+                    return Ok(());
+                }
+            }
             OnReply::Close => {
                 if ready {
                     shared.late_commits.fetch_add(1, Ordering::SeqCst);
@@ -570,10 +687,18 @@ fn query(sql: &str) -> Vec<u8> {
 
 /// ErrorResponse with this SQLSTATE and message, then ReadyForQuery (idle).
 fn error_then_idle(code: &str, message: &str) -> Vec<u8> {
+    let mut out = error_message(code, message, false);
+    out.extend(typed(b'Z', b"I"));
+    out
+}
+
+/// ErrorResponse with this SQLSTATE and message, of severity FATAL or ERROR.
+fn error_message(code: &str, message: &str, fatal: bool) -> Vec<u8> {
+    let severity = if fatal { "FATAL" } else { "ERROR" };
     let mut body = Vec::new();
     for (field, value) in [
-        (b'S', "ERROR"),
-        (b'V', "ERROR"),
+        (b'S', severity),
+        (b'V', severity),
         (b'C', code),
         (b'M', message),
     ] {
@@ -582,9 +707,7 @@ fn error_then_idle(code: &str, message: &str) -> Vec<u8> {
         body.push(0);
     }
     body.push(0);
-    let mut out = typed(b'E', &body);
-    out.extend(typed(b'Z', b"I"));
-    out
+    typed(b'E', &body)
 }
 
 fn typed(kind: u8, body: &[u8]) -> Vec<u8> {

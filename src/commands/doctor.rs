@@ -1,0 +1,191 @@
+//! `doctor`: what a user checks before anything else. Which server this is, whether the schema
+//! is there, the connection settings in force, and how many rows there are. Reads only.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{self, Write};
+use std::time::Duration;
+
+use diesel::migration::MigrationSource;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use serde::Serialize;
+
+use crate::db::{self, DbUrl, Engine};
+use crate::error::Error;
+use crate::schema::{accounts, transfers};
+
+#[derive(Serialize)]
+struct Report {
+    engine: Engine,
+    release: String,
+    version: String,
+    default_isolation: Option<String>,
+    migrated: bool,
+    /// The newest migration applied (its version), if any.
+    migration_version: Option<String>,
+    pending_migrations: usize,
+    /// Server-side settings of this session.
+    settings: BTreeMap<String, Option<String>>,
+    /// Whether this connection is encrypted; `None` when the server does not say.
+    tls: Option<bool>,
+    /// The libpq parameters `bank` connects with (the URL's, else its own).
+    client: BTreeMap<String, String>,
+    accounts: Option<i64>,
+    transfers: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = Nullable<Text>)]
+    value: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Tls {
+    #[diesel(sql_type = Bool)]
+    ssl: bool,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct Version {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+/// The server settings `doctor` shows: the timeouts that bound a stuck transaction and the
+/// name the session goes by.
+const SETTINGS: [&str; 4] = [
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "application_name",
+];
+
+pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
+    let mut conn = url.connect()?;
+    let server = db::engine::detect(&mut conn)?;
+    let default_isolation = setting(&mut conn, "default_transaction_isolation");
+    let settings = SETTINGS
+        .iter()
+        .map(|name| (name.to_string(), setting(&mut conn, name)))
+        .collect();
+    // PostgreSQL's view of this connection; a server without it leaves TLS unknown.
+    let tls = diesel::sql_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .get_result::<Tls>(&mut conn)
+        .map(|t| t.ssl)
+        .ok();
+    let applied = applied_migrations(&mut conn)?;
+    let embedded: Vec<String> = MigrationSource::<diesel::pg::Pg>::migrations(&db::MIGRATIONS)
+        .map_err(Error::Migration)?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect();
+    let applied_set: HashSet<&String> = applied.iter().collect();
+    let pending_migrations = embedded.iter().filter(|v| !applied_set.contains(v)).count();
+    let migrated = !applied.is_empty() && pending_migrations == 0;
+    let has_tables = !applied.is_empty();
+    let (accounts, transfers) = if has_tables {
+        (
+            Some(accounts::table.count().get_result(&mut conn)?),
+            Some(transfers::table.count().get_result(&mut conn)?),
+        )
+    } else {
+        (None, None)
+    };
+    let client = url
+        .client_parameters("bank", Duration::from_secs(5))
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let report = Report {
+        engine: server.engine,
+        release: server.release.clone(),
+        version: server.version.clone(),
+        default_isolation,
+        migrated,
+        migration_version: applied.iter().max().cloned(),
+        pending_migrations,
+        settings,
+        tls,
+        client,
+        accounts,
+        transfers,
+    };
+    if json {
+        serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let unknown = || "unknown".to_string();
+    writeln!(out, "server: {server}")?;
+    writeln!(out, "version(): {}", report.version)?;
+    writeln!(
+        out,
+        "default isolation: {}",
+        report.default_isolation.clone().unwrap_or_else(unknown)
+    )?;
+    match (&report.migration_version, migrated) {
+        (None, _) => writeln!(out, "schema: not migrated (run `bank init`)")?,
+        (Some(v), true) => writeln!(out, "schema: migrated (version {v})")?,
+        (Some(v), false) => writeln!(
+            out,
+            "schema: version {v}, {pending_migrations} migrations pending (run `bank init`)"
+        )?,
+    }
+    for (name, value) in &report.settings {
+        writeln!(out, "{name}: {}", value.clone().unwrap_or_else(unknown))?;
+    }
+    let tls = match report.tls {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown (the server does not say)",
+    };
+    writeln!(out, "tls: {tls}")?;
+    let client: Vec<String> = report
+        .client
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    writeln!(out, "client: {}", client.join(" "))?;
+    if let (Some(a), Some(t)) = (accounts, transfers) {
+        writeln!(out, "accounts: {a}")?;
+        writeln!(out, "transfers: {t}")?;
+    }
+    Ok(())
+}
+
+/// A server setting of this session, or `None` when the server does not have it.
+fn setting(conn: &mut PgConnection, name: &str) -> Option<String> {
+    diesel::sql_query("SELECT current_setting($1) AS value")
+        .bind::<Text, _>(name)
+        .get_result::<Setting>(conn)
+        .ok()
+        .and_then(|s| s.value)
+}
+
+/// The versions of the migrations applied, none when Diesel's table is not there (without
+/// creating it, as Diesel's own harness would).
+fn applied_migrations(conn: &mut PgConnection) -> Result<Vec<String>, Error> {
+    let exists: Count = diesel::sql_query(
+        "SELECT CAST(COUNT(*) AS INT8) AS n FROM information_schema.tables \
+         WHERE table_schema = current_schema() AND table_name = $1",
+    )
+    .bind::<Text, _>("__diesel_schema_migrations")
+    .get_result(conn)?;
+    if exists.n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(
+        diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+            .load::<Version>(conn)?
+            .into_iter()
+            .map(|v| v.version)
+            .collect(),
+    )
+}

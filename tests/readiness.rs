@@ -1,0 +1,537 @@
+//! CockroachDB readiness (issue 12), on PostgreSQL where the behaviour can be reproduced:
+//! `reset` in batches, bounded bind arrays, the seed's COPY→INSERT fallback, the migration
+//! session, `doctor`, `--inject-retries` refused on PostgreSQL, and a multi-host URL whose first
+//! host is down.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use bank::models::{NewAccount, NewTransfer};
+use bank::repo;
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::support::{self, Bank, ScratchDb};
+
+/// Moves `amount` from `from` to `to` through the transfer body, committed.
+fn move_money(db: &ScratchDb, from: Uuid, to: Uuid, amount: i64) {
+    let t = NewTransfer {
+        id: Uuid::new_v4(),
+        from_id: from,
+        to_id: to,
+        amount,
+    };
+    db.conn()
+        .transaction(|c| bank::transfer::apply(c, &t))
+        .expect("transfer");
+}
+
+// ---- item 3: reset in batches ----
+
+#[test]
+fn batch_deletes_delete_at_most_their_limit_ledger_rows_first() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100; 20]);
+    for pair in ids.chunks(2) {
+        move_money(&db, pair[0], pair[1], 1);
+    }
+    let conn = &mut db.conn();
+    // An account with ledger rows cannot go first: the foreign keys refuse.
+    assert!(repo::delete_accounts_batch(conn, 7).is_err());
+    assert_eq!(repo::delete_transfers_batch(conn, 7).expect("delete"), 7);
+    assert_eq!(repo::delete_transfers_batch(conn, 7).expect("delete"), 3);
+    assert_eq!(repo::delete_transfers_batch(conn, 7).expect("delete"), 0);
+    assert_eq!(repo::delete_accounts_batch(conn, 7).expect("delete"), 7);
+    assert_eq!(support::count_accounts(conn).expect("count"), 13);
+}
+
+/// 25,000 accounts: `bank reset` deletes them in three statements of at most 10,000
+/// (`-v` logs each batch), and nothing is left.
+#[test]
+fn reset_deletes_in_batches() {
+    let db = ScratchDb::migrated();
+    let accounts: Vec<NewAccount> = (0..25_000).map(|_| NewAccount::with_balance(1)).collect();
+    repo::copy_accounts(&mut db.conn(), &accounts).expect("copy");
+    let ids = db.accounts(&[50, 50]);
+    move_money(&db, ids[0], ids[1], 5);
+    move_money(&db, ids[1], ids[0], 5);
+    let run = db.bank().args(["-v", "reset", "--yes"]).run();
+    run.success();
+    assert_eq!(run.stdout, "deleted 25002 accounts and 2 transfers\n");
+    let batches: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| {
+            l.contains("reset: deleted") && l.contains("accounts (") && !l.contains("deleted 0 ")
+        })
+        .collect();
+    assert_eq!(batches.len(), 3, "{}", run.stderr);
+    assert!(batches[0].contains("deleted 10000 accounts"), "{batches:?}");
+    assert_eq!(db.state(), (vec![], 0));
+}
+
+// ---- item 4: bounded bind arrays ----
+
+#[test]
+fn totals_in_chunks_equal_the_total_in_one_statement() {
+    let db = ScratchDb::migrated();
+    let balances: Vec<i64> = (0..250).collect();
+    let ids = db.accounts(&balances);
+    let conn = &mut db.conn();
+    let whole = repo::snapshot_totals_in_chunks(conn, &ids, usize::MAX).expect("one statement");
+    assert_eq!(whole, ((0..250).sum(), 0));
+    for chunk in [1, 7, 100, 249, 250] {
+        assert_eq!(
+            repo::snapshot_totals_in_chunks(conn, &ids, chunk).expect("chunks"),
+            whole,
+            "chunk {chunk}"
+        );
+    }
+    // Inside a transaction already (a test transaction here), the chunks run in it.
+    conn.begin_test_transaction().expect("begin");
+    assert_eq!(
+        repo::snapshot_totals_in_chunks(conn, &ids, 7).expect("chunks"),
+        whole
+    );
+    // The default bound: a million ids (most of them unknown) bind 50,000 per statement.
+    let mut many = ids.clone();
+    many.extend((0..1_000_000).map(|_| Uuid::new_v4()));
+    assert_eq!(repo::total_balance(conn, &many).expect("total"), whole.0);
+}
+
+/// The chunks of one read see one snapshot: a writer keeps moving money between an account of
+/// the first chunk and one of the last while readers sum in chunks of 10; every read must see
+/// the opening total. (Summed in separate statements at READ COMMITTED, a read that takes the
+/// first chunk before a move and the last one after it sees money appear or vanish.)
+#[test]
+fn totals_in_chunks_read_one_snapshot_under_concurrent_transfers() {
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1_000; 100]);
+        let total = 100_000;
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (url, stop, ids) = (db.url.clone(), Arc::clone(&stop), ids.clone());
+            thread::spawn(move || {
+                let mut conn = url.connect().expect("connect");
+                let mut moves = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let (from, to) = if moves.is_multiple_of(2) {
+                        (ids[0], ids[99])
+                    } else {
+                        (ids[99], ids[0])
+                    };
+                    let t = NewTransfer {
+                        id: Uuid::new_v4(),
+                        from_id: from,
+                        to_id: to,
+                        amount: 500,
+                    };
+                    if conn.transaction(|c| bank::transfer::apply(c, &t)).is_ok() {
+                        moves += 1;
+                    }
+                }
+                moves
+            })
+        };
+        let conn = &mut db.conn();
+        let mut reads = 0;
+        for _ in 0..300 {
+            match repo::snapshot_totals_in_chunks(conn, &ids, 10) {
+                Ok((sum, negative)) => {
+                    assert_eq!((sum, negative), (total, 0), "{iso:?}");
+                    reads += 1;
+                }
+                // A conflict says nothing about the snapshot: read again.
+                Err(e) => assert!(
+                    bank::retry::classify(&e, bank::retry::Phase::BeforeCommit).is_some(),
+                    "{e}"
+                ),
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        let moves = writer.join().expect("writer");
+        assert!(
+            reads > 250 && moves > 10,
+            "{iso:?}: {reads} reads, {moves} moves"
+        );
+    }
+}
+
+/// `list_ids` (the demo's) reads bounded chunks in id order, whatever order the ids come in.
+#[test]
+fn list_ids_returns_accounts_in_id_order() {
+    let db = ScratchDb::migrated();
+    let mut ids = db.accounts(&[1, 2, 3, 4, 5]);
+    ids.reverse();
+    let got: Vec<Uuid> = repo::list_ids(&mut db.conn(), &ids)
+        .expect("list")
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(got, sorted);
+}
+
+// ---- item 2: seed's COPY → INSERT fallback ----
+
+/// A login role that may read and insert accounts but is subject to row-level security, under
+/// which PostgreSQL refuses COPY FROM (and still allows INSERT): PostgreSQL's stand-in for a
+/// CockroachDB user outside `admin`. Dropped after the scratch database (declare it first).
+struct RlsRole {
+    name: String,
+    url: String,
+}
+
+impl RlsRole {
+    fn on(db: &ScratchDb) -> RlsRole {
+        let name = format!("bank_rls_{}", Uuid::new_v4().simple());
+        let password = format!("pw{}", Uuid::new_v4().simple());
+        let mut conn = db.conn();
+        conn.batch_execute(&format!(
+            "CREATE ROLE {name} LOGIN PASSWORD '{password}'; \
+             GRANT SELECT, INSERT ON accounts TO {name}; \
+             ALTER TABLE accounts ENABLE ROW LEVEL SECURITY; \
+             CREATE POLICY everything ON accounts USING (true) WITH CHECK (true)"
+        ))
+        .expect("create the role");
+        let mut url = url::Url::parse(db.url.expose()).expect("one-host URL");
+        url.set_username(&name).expect("user");
+        url.set_password(Some(&password)).expect("password");
+        RlsRole {
+            name,
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for RlsRole {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = support::server_url().with_database("postgres").connect() {
+            let _ = admin.batch_execute(&format!("DROP ROLE IF EXISTS {}", self.name));
+        }
+    }
+}
+
+fn seed_as(url: &str, method: Option<&str>, accounts: u64) -> support::Run {
+    let mut bank = Bank::new().args([
+        "-v",
+        "--database-url",
+        url,
+        "seed",
+        "--accounts",
+        &accounts.to_string(),
+        "--balance",
+        "3",
+        "--json",
+    ]);
+    if let Some(m) = method {
+        bank.cmd.env("BANK_SEED_METHOD", m);
+    }
+    bank.run()
+}
+
+#[test]
+fn seed_falls_back_to_insert_when_copy_is_refused() {
+    let role;
+    let db = ScratchDb::migrated();
+    role = RlsRole::on(&db);
+    let run = seed_as(&role.url, None, 1000);
+    run.success();
+    assert!(run.stderr.contains("COPY refused"), "{run:?}");
+    assert!(run.stderr.contains("row-level security"), "{run:?}");
+    assert_eq!(run.json().as_array().map(Vec::len), Some(1000));
+    let conn = &mut db.conn();
+    assert_eq!(support::count_accounts(conn).expect("count"), 1000);
+    let ids = repo::account_ids(conn, 2000).expect("ids");
+    assert_eq!(repo::total_balance(conn, &ids).expect("total"), 3000);
+}
+
+#[test]
+fn seed_with_copy_forced_fails_in_one_line_and_changes_nothing() {
+    let role;
+    let db = ScratchDb::migrated();
+    role = RlsRole::on(&db);
+    let mut bank = Bank::new().args(["--database-url", &role.url, "seed", "--accounts", "10"]);
+    bank.cmd.env("BANK_SEED_METHOD", "copy");
+    let run = bank.run();
+    run.fails_with(1, "row-level security");
+    assert_eq!(db.state(), (vec![], 0));
+}
+
+/// Forced INSERT, past one statement's 65,535 bind parameters (21,845 rows of 3 columns).
+#[test]
+fn seed_with_insert_forced_loads_past_one_statement() {
+    let db = ScratchDb::migrated();
+    let n = repo::INSERT_CHUNK as u64 + 100;
+    let run = seed_as(db.url.expose(), Some("insert"), n);
+    run.success();
+    assert!(
+        run.stderr.contains("(Insert)") && !run.stderr.contains("COPY refused"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        support::count_accounts(&mut db.conn()).expect("count"),
+        n as i64
+    );
+    let report = bank::verify::verify(&mut db.conn()).expect("verify");
+    assert!(report.ok, "{report:?}");
+}
+
+#[test]
+fn an_unknown_seed_method_is_a_usage_error() {
+    let db = ScratchDb::migrated();
+    let mut bank = db.bank().args(["seed"]);
+    bank.cmd.env("BANK_SEED_METHOD", "telepathy");
+    let run = bank.run();
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("telepathy"), "{run:?}");
+    assert_eq!(db.state(), (vec![], 0));
+}
+
+// ---- item 1: the engine, and the migration session ----
+
+#[test]
+fn the_test_server_is_detected_as_postgresql() {
+    let db = ScratchDb::empty();
+    let server = bank::db::engine::detect(&mut db.conn()).expect("version()");
+    assert_eq!(server.engine, bank::db::Engine::PostgreSQL, "{server:?}");
+    assert!(
+        server.release.starts_with(|c: char| c.is_ascii_digit()),
+        "{server:?}"
+    );
+}
+
+/// What `bank init` does on a CockroachDB older than the setting, reproduced on PostgreSQL
+/// (which does not know `autocommit_before_ddl` either and words the refusal the same way):
+/// the refusal is fine, the session stays usable, and the migrations run on it.
+#[test]
+fn a_server_without_autocommit_before_ddl_is_fine_for_migrations() {
+    let db = ScratchDb::empty();
+    let conn = &mut db.conn();
+    let old_cockroach = bank::db::Server::parse(
+        "CockroachDB CCL v21.1.1 (x86_64-apple-darwin19, built 2021/05/24 15:00:00, go1.15.11)",
+    );
+    let refused = conn
+        .batch_execute("SET autocommit_before_ddl = false")
+        .expect_err("unknown here");
+    assert!(
+        bank::db::engine::is_unknown_setting(&refused.to_string()),
+        "{refused}"
+    );
+    bank::db::engine::prepare_migration_session(conn, &old_cockroach).expect("tolerated");
+    let ran = bank::db::run_migrations(conn).expect("migrations");
+    assert!(!ran.is_empty());
+    assert_eq!(support::count_accounts(conn).expect("count"), 0);
+}
+
+#[test]
+fn init_migrates_and_is_idempotent() {
+    let db = ScratchDb::empty();
+    let first = db.bank().args(["init"]).run();
+    first.success();
+    assert!(first.stdout.contains("applied migration"), "{first:?}");
+    let again = db.bank().args(["init"]).run();
+    again.success();
+    assert_eq!(again.stdout, "schema is up to date\n");
+}
+
+// ---- item 7: doctor ----
+
+#[test]
+fn doctor_reports_engine_schema_settings_and_counts() {
+    let db = ScratchDb::migrated_at(support::Iso::ReadCommitted);
+    db.alter("statement_timeout = '7s'");
+    db.accounts(&[5, 6, 7]);
+    let run = db.bank().args(["doctor", "--json"]).run();
+    run.success();
+    let j = run.json();
+    assert_eq!(j["engine"], "PostgreSQL", "{j}");
+    assert!(
+        j["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("PostgreSQL")),
+        "{j}"
+    );
+    assert_eq!(j["default_isolation"], "read committed", "{j}");
+    assert_eq!(j["migrated"], true, "{j}");
+    assert_eq!(j["pending_migrations"], 0, "{j}");
+    assert!(
+        j["migration_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("2026")),
+        "{j}"
+    );
+    assert_eq!(j["settings"]["statement_timeout"], "7s", "{j}");
+    assert_eq!(j["settings"]["application_name"], "bank", "{j}");
+    assert!(j["settings"]["lock_timeout"].is_string(), "{j}");
+    assert!(
+        j["settings"]["idle_in_transaction_session_timeout"].is_string(),
+        "{j}"
+    );
+    assert_eq!(j["tls"], false, "{j}");
+    assert_eq!(j["client"]["keepalives"], "1", "{j}");
+    assert!(j["client"]["tcp_user_timeout"].is_string(), "{j}");
+    assert_eq!(
+        (j["accounts"].as_i64(), j["transfers"].as_i64()),
+        (Some(3), Some(0))
+    );
+    run.no_password();
+
+    let text = db.bank().args(["doctor"]).run();
+    text.success();
+    for line in [
+        "server: PostgreSQL ",
+        "default isolation: read committed",
+        "schema: migrated (version 2026",
+        "statement_timeout: 7s",
+        "tls: no",
+        "accounts: 3",
+        "transfers: 0",
+    ] {
+        assert!(text.stdout.contains(line), "{line}: {}", text.stdout);
+    }
+}
+
+#[test]
+fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
+    let db = ScratchDb::empty();
+    let run = db.bank().args(["doctor", "--json"]).run();
+    run.success();
+    let j = run.json();
+    assert_eq!(
+        (j["migrated"].as_bool(), j["pending_migrations"].as_u64()),
+        (Some(false), Some(6))
+    );
+    assert!(
+        j["accounts"].is_null() && j["migration_version"].is_null(),
+        "{j}"
+    );
+    // Diesel's harness would have created its table: doctor must not.
+    let again = db.bank().args(["doctor"]).run();
+    assert!(again.stdout.contains("schema: not migrated"), "{again:?}");
+    let tables: Vec<String> = diesel::sql_query(
+        "SELECT table_name AS version FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .load::<Name>(&mut db.conn())
+    .expect("tables")
+    .into_iter()
+    .map(|n| n.version)
+    .collect();
+    assert!(tables.is_empty(), "{tables:?}");
+}
+
+#[derive(diesel::QueryableByName)]
+struct Name {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    version: String,
+}
+
+/// A port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[test]
+fn doctor_exits_1_with_one_line_when_the_database_is_unreachable() {
+    let url = format!(
+        "postgres://bank:{}@127.0.0.1:{}/bank",
+        support::password(),
+        closed_port()
+    );
+    let run = Bank::new().args(["--database-url", &url, "doctor"]).run();
+    run.fails_with(1, "cannot connect");
+}
+
+// ---- item 8: a multi-host URL fails over (libpq) ----
+
+/// `postgresql://u@h1,h2/db` with the first host down: libpq tries the next, and `bank` works
+/// (what CockroachDB's docs suggest for failover between nodes).
+#[test]
+fn a_multi_host_url_fails_over_when_the_first_host_is_down() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[10, 20]);
+    let (host, port) = db.url.host_port().expect("one host");
+    let url = format!(
+        "postgresql://bank:{}@127.0.0.1:{},{host}:{port}/{}",
+        support::password(),
+        closed_port(),
+        db.name
+    );
+    let run = Bank::new()
+        .args(["--database-url", &url, "verify", "--json"])
+        .run();
+    run.success();
+    assert_eq!(run.json()["total_balance"], 30, "{run:?}");
+    run.no_password();
+    // Both hosts down: one line, exit 1, no password.
+    let down = format!(
+        "postgresql://bank:{}@127.0.0.1:{},127.0.0.1:{}/{}",
+        support::password(),
+        closed_port(),
+        closed_port(),
+        db.name
+    );
+    Bank::new()
+        .args(["--database-url", &down, "verify"])
+        .run()
+        .fails_with(1, "cannot connect");
+}
+
+// ---- item 6: --inject-retries ----
+
+#[test]
+fn inject_retries_is_refused_on_postgresql_and_changes_nothing() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let before = db.state();
+    let run = db
+        .transfer(ids[0], ids[1], 10)
+        .args(["--inject-retries"])
+        .run();
+    run.fails_with(2, "--inject-retries needs CockroachDB");
+    assert!(run.stderr.contains("this server is PostgreSQL"), "{run:?}");
+    let run = db
+        .bank()
+        .args([
+            "workload",
+            "--accounts",
+            "5",
+            "--transfers",
+            "10",
+            "--inject-retries",
+        ])
+        .run();
+    run.fails_with(2, "--inject-retries needs CockroachDB");
+    assert_eq!(db.state(), before);
+}
+
+/// The mechanism `--inject-retries` uses on CockroachDB: a transfer session runs the URL's
+/// session settings after connecting (shown here with a setting PostgreSQL has).
+#[test]
+fn transfer_sessions_run_the_urls_session_settings() {
+    let db = ScratchDb::migrated();
+    let url = db.url.with_session_setting("lock_timeout", "4321");
+    let mut session = bank::db::Session::new(url, "bank");
+    let conn = session.conn().expect("connect");
+    let got: Vec<Name> = diesel::sql_query("SELECT current_setting('lock_timeout') AS version")
+        .load(conn)
+        .expect("setting");
+    assert_eq!(got[0].version, "4321ms");
+    // A plain connection of the same URL does not get it.
+    let plain: Vec<Name> = diesel::sql_query("SELECT current_setting('lock_timeout') AS version")
+        .load(
+            &mut db
+                .url
+                .with_session_setting("lock_timeout", "4321")
+                .connect()
+                .expect("connect"),
+        )
+        .expect("setting");
+    assert_eq!(plain[0].version, "0");
+}
