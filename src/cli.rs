@@ -267,6 +267,10 @@ pub struct WorkloadArgs {
     /// (microseconds; HdrHistogram's plotters read it)
     #[arg(long, value_name = "FILE")]
     pub histogram: Option<std::path::PathBuf>,
+    /// Write a self-contained HTML report to FILE: transfers/s, latency and retries by cause
+    /// per second, the readers' totals, the seconds of lost connections shaded, the final report
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -288,6 +292,7 @@ impl WorkloadArgs {
             display_every: self.display_every,
             readers: self.readers,
             histogram: self.histogram.clone(),
+            report: self.report.clone(),
         }
     }
 }
