@@ -9,5 +9,6 @@ mod faults;
 mod ledger;
 mod promise;
 mod repo;
+mod report;
 mod transfer_body;
 mod workload;

@@ -63,7 +63,9 @@ impl Crew {
         runner.live_retries = Some(Arc::clone(&self.live.retries));
         let slot = Arc::new(Slot {
             ticket: runner.ticket.clone(),
-            started_us: AtomicU64::new(0),
+            // Now, not the run's start: until the worker begins its first transfer, the
+            // watchdog must not take a fresh worker for one stuck since the run began.
+            started_us: AtomicU64::new(self.started.elapsed().as_micros() as u64),
             tally: Mutex::new(Tally::new()?),
             done: AtomicBool::new(false),
         });
