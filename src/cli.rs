@@ -71,7 +71,7 @@ pub enum Command {
     Man,
     /// Run random concurrent transfers and check the bank's invariants afterwards
     #[command(
-        after_help = "Example:\n  bank workload --accounts 100 --concurrency 8 --duration 60s --readers 2 --histogram latency.hlog"
+        after_help = "Example:\n  bank workload --accounts 100 --concurrency 8 --duration 60s --readers 2 --histogram latency.hlog --report report.html"
     )]
     Workload(WorkloadArgs),
 }

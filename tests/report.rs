@@ -45,7 +45,7 @@ fn the_html_report_has_every_chart_and_the_json_reports_figures() {
             &["committed"],
             &["p50", "p99"],
             &["serialization", "no retries"],
-            &["lowest read in the second", "highest read in the second"],
+            &["lowest read", "highest read"],
         ];
         for ((svg, title), lines) in svgs.iter().zip(CHARTS).zip(lines) {
             assert!(svg.contains(title), "{title} missing: {svg}");

@@ -16,7 +16,8 @@ use super::timeline::Timeline;
 use crate::retry::Cause;
 use crate::transfer::Mode;
 
-const WIDTH: u32 = 640;
+const WIDTH: u32 = 700;
+const LEGEND_WIDTH: u32 = 200;
 const HEIGHT: u32 = 330;
 /// The shading of a second in which a connection was lost or the server did not answer.
 pub(super) const FAULT_FILL: RGBColor = RGBColor(0xf6, 0xc9, 0xc4);
@@ -158,7 +159,7 @@ const STYLE: &str = "body{font-family:sans-serif;margin:1.5em;color:#222}\
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.5em}\
 .good{color:#00704a}.bad{color:#b00020;font-weight:bold}\
 .swatch{display:inline-block;width:1em;height:1em;vertical-align:middle;background:#f6c9c4;border:1px solid #d99}\
-.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:1em}\
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:1em}\
 figure{margin:0}svg{max-width:100%;height:auto}figcaption{font-size:0.85em;color:#555;margin:0.2em 0 0 4.5em}\
 .tables{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}\
 table{border-collapse:collapse;font-size:0.9em}th,td{border:1px solid #ccc;padding:0.2em 0.6em;text-align:left}\
@@ -231,7 +232,7 @@ fn charts(t: &Timeline) -> Vec<Chart> {
     let throughput = Chart {
         title: "Transfers committed per second",
         y_desc: "transfers/s",
-        y: 0.0..(top * 1.3).max(1.0),
+        y: 0.0..(top * 1.15).max(1.0),
         log: false,
         lines: vec![Line {
             name: "committed".into(),
@@ -251,7 +252,7 @@ fn charts(t: &Timeline) -> Vec<Chart> {
     let (low, high) = if low > high {
         (0.0, 1.0)
     } else {
-        (low.floor(), (high + 0.3).ceil().max(low.floor() + 1.0))
+        (low.floor(), (high + 0.1).ceil().max(low.floor() + 1.0))
     };
     let latency = Chart {
         title: "Latency of committed transfers per second",
@@ -300,7 +301,7 @@ fn charts(t: &Timeline) -> Vec<Chart> {
     let retries = Chart {
         title: "Retries per second by cause",
         y_desc: "retries/s",
-        y: 0.0..(top as f64 * 1.3).max(1.0),
+        y: 0.0..(top as f64 * 1.15).max(1.0),
         log: false,
         note: lines.is_empty().then_some("no retries"),
         lines,
@@ -331,13 +332,13 @@ fn charts(t: &Timeline) -> Vec<Chart> {
                 values: vec![Some(start); t.len()],
             },
             Line {
-                name: "lowest read in the second".into(),
+                name: "lowest read".into(),
                 color: BLUE,
                 width: 2,
                 values: lows,
             },
             Line {
-                name: "highest read in the second".into(),
+                name: "highest read".into(),
                 color: SKY,
                 width: 1,
                 values: highs,
@@ -349,8 +350,8 @@ fn charts(t: &Timeline) -> Vec<Chart> {
             "no snapshot read completed"
         }),
         caption: "Each reader sums every workload account's balance in one snapshot, over and \
-                  over: the line must stay flat at the opening total. No point: no read ended \
-                  in that second.",
+                  over: the lowest and the highest total read in each second must stay flat at \
+                  the opening total. No point: no read ended in that second.",
     };
     vec![throughput, latency, retries, total]
 }
@@ -371,27 +372,28 @@ fn draw_into(
 ) -> Result<(), DrawingAreaErrorKind<<SVGBackend<'static> as DrawingBackend>::ErrorType>> {
     let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
+    // The legend has a strip of its own on the right: inside the plot it would hide data.
+    let (plot, side) = root.split_horizontally(WIDTH - LEGEND_WIDTH);
     let n = t.len() as f64;
     let y = chart.y.clone();
-    let mut c = ChartBuilder::on(&root)
-        .caption(chart.title, ("sans-serif", 18))
+    let mut c = ChartBuilder::on(&plot)
+        .caption(chart.title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..n, y.clone())?;
-    let shaded = c.draw_series(t.faults.iter().enumerate().filter(|(_, f)| **f).map(
-        |(s, _)| {
-            Rectangle::new(
-                [(s as f64, y.start), (s as f64 + 1.0, y.end)],
-                FAULT_FILL.filled(),
-            )
-        },
-    ))?;
-    if t.faults.iter().any(|f| *f) {
-        shaded
-            .label("connection lost / no answer")
-            .legend(|(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], FAULT_FILL.filled()));
-    }
+    c.draw_series(
+        t.faults
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f)
+            .map(|(s, _)| {
+                Rectangle::new(
+                    [(s as f64, y.start), (s as f64 + 1.0, y.end)],
+                    FAULT_FILL.filled(),
+                )
+            }),
+    )?;
     let log = chart.log;
     let label_y = move |v: &f64| {
         if log {
@@ -416,23 +418,16 @@ fn draw_into(
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&label_y)
         .light_line_style(RGBColor(0xee, 0xee, 0xee))
-        .label_style(("sans-serif", 13))
-        .axis_desc_style(("sans-serif", 14))
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
         .draw()?;
     for line in &chart.lines {
         let style = line.color.stroke_width(line.width);
-        let mut first = true;
         for segment in segments(&line.values) {
-            let drawn = if segment.len() == 1 {
-                c.draw_series(segment.iter().map(|p| Circle::new(*p, 3, style.filled())))?
+            if segment.len() == 1 {
+                c.draw_series(segment.iter().map(|p| Circle::new(*p, 3, style.filled())))?;
             } else {
-                c.draw_series(LineSeries::new(segment, style))?
-            };
-            if std::mem::take(&mut first) {
-                let color = line.color;
-                drawn.label(line.name.clone()).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(3))
-                });
+                c.draw_series(LineSeries::new(segment, style))?;
             }
         }
     }
@@ -440,7 +435,7 @@ fn draw_into(
         let area = c.plotting_area();
         let (xs, ys) = (area.get_x_range(), area.get_y_range());
         let middle = ((xs.start + xs.end) / 2.0, (ys.start + ys.end) / 2.0);
-        let style = ("sans-serif", 15).into_font().color(&BLACK).pos(
+        let style = ("sans-serif", 17).into_font().color(&BLACK).pos(
             plotters::style::text_anchor::Pos::new(
                 plotters::style::text_anchor::HPos::Center,
                 plotters::style::text_anchor::VPos::Center,
@@ -448,13 +443,44 @@ fn draw_into(
         );
         area.draw(&Text::new(note, middle, style))?;
     }
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(0xaa, 0xaa, 0xaa))
-        .label_font(("sans-serif", 13))
-        .draw()?;
+    legend(&side, chart, t)?;
     root.present()?;
+    Ok(())
+}
+
+/// The chart's legend: the shading when a second is shaded, then each line.
+fn legend(
+    side: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    chart: &Chart,
+    t: &Timeline,
+) -> Result<(), DrawingAreaErrorKind<<SVGBackend<'static> as DrawingBackend>::ErrorType>> {
+    let mut entries: Vec<(&str, RGBColor, u32)> = Vec::new();
+    if t.faults.iter().any(|f| *f) {
+        entries.push(("connection lost / no answer", FAULT_FILL, 0));
+    }
+    for line in &chart.lines {
+        entries.push((&line.name, line.color, line.width.clamp(2, 6)));
+    }
+    let font =
+        ("sans-serif", 15)
+            .into_font()
+            .color(&BLACK)
+            .pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Left,
+                plotters::style::text_anchor::VPos::Center,
+            ));
+    for (i, (name, color, width)) in entries.into_iter().enumerate() {
+        let y = 52 + 24 * i as i32;
+        if width == 0 {
+            side.draw(&Rectangle::new([(2, y - 7), (22, y + 7)], color.filled()))?;
+        } else {
+            side.draw(&PathElement::new(
+                vec![(2, y), (22, y)],
+                color.stroke_width(width),
+            ))?;
+        }
+        side.draw(&Text::new(name.to_string(), (28, y), font.clone()))?;
+    }
     Ok(())
 }
 
