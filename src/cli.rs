@@ -76,7 +76,7 @@ pub enum Command {
     Doctor(JsonArg),
     /// Run random concurrent transfers and check the bank's invariants afterwards
     #[command(
-        after_help = "Example:\n  bank workload --accounts 100 --concurrency 8 --duration 60s --readers 2 --histogram latency.hlog"
+        after_help = "Example:\n  bank workload --accounts 100 --concurrency 8 --duration 60s --readers 2 --histogram latency.hlog --report report.html"
     )]
     Workload(WorkloadArgs),
 }
@@ -305,6 +305,10 @@ pub struct WorkloadArgs {
     /// (microseconds; HdrHistogram's plotters read it)
     #[arg(long, value_name = "FILE")]
     pub histogram: Option<std::path::PathBuf>,
+    /// Write a self-contained HTML report to FILE: transfers/s, latency and retries by cause
+    /// per second, the readers' totals, the seconds of lost connections shaded, the final report
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -326,6 +330,7 @@ impl WorkloadArgs {
             display_every: self.display_every,
             readers: self.readers,
             histogram: self.histogram.clone(),
+            report: self.report.clone(),
         }
     }
 }

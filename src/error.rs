@@ -178,6 +178,8 @@ pub enum WorkloadError {
     HistogramMerge(#[from] hdrhistogram::AdditionError),
     #[error("a worker thread panicked")]
     Panicked,
+    #[error("cannot write the report {0}")]
+    Report(String),
 }
 
 impl Error {

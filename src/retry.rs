@@ -8,6 +8,7 @@
 //! where Diesel maps it and the message where it does not. Messages are the same on PostgreSQL and
 //! CockroachDB for the errors matched here.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -201,6 +202,15 @@ impl RetryCounts {
         Cause::ALL.iter().map(|c| self.get(*c)).sum()
     }
 
+    /// The retries counted since `earlier`, a snapshot of the same counts.
+    pub fn since(&self, earlier: &RetryCounts) -> RetryCounts {
+        let mut d = RetryCounts::default();
+        for cause in Cause::ALL {
+            *d.slot(cause) = self.get(cause).saturating_sub(earlier.get(cause));
+        }
+        d
+    }
+
     fn slot(&mut self, cause: Cause) -> &mut u64 {
         match cause {
             Cause::Serialization => &mut self.serialization,
@@ -209,6 +219,26 @@ impl RetryCounts {
             Cause::ConnectionLost => &mut self.connection_lost,
             Cause::Timeout => &mut self.timeout,
         }
+    }
+}
+
+/// Retries by cause as they happen, readable from other threads while a transfer is still
+/// retrying: the workload's per-second figures place a retry in the second it happened, not in
+/// the one its transfer ended.
+#[derive(Debug, Default)]
+pub struct SharedRetryCounts([AtomicU64; Cause::ALL.len()]);
+
+impl SharedRetryCounts {
+    pub fn add(&self, cause: Cause) {
+        self.0[cause as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> RetryCounts {
+        let mut counts = RetryCounts::default();
+        for cause in Cause::ALL {
+            *counts.slot(cause) = self.0[cause as usize].load(Ordering::Relaxed);
+        }
+        counts
     }
 }
 

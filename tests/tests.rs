@@ -11,5 +11,6 @@ mod ledger;
 mod promise;
 mod readiness;
 mod repo;
+mod report;
 mod transfer_body;
 mod workload;

@@ -6,7 +6,7 @@
 //! transfer's row locks and was refused on its merits; anything else (running out of attempts or
 //! time, a lock timeout behind an orphaned attempt) is reported as an unknown outcome.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
@@ -19,7 +19,9 @@ use crate::error::TransferError;
 use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
-use crate::retry::{classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop};
+use crate::retry::{
+    classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
+};
 
 /// How long a caller waits past the deadline for the runner's own answer.
 pub const GRACE: Duration = Duration::from_millis(200);
@@ -47,6 +49,8 @@ pub struct Runner {
     pub retries: RetryCounts,
     /// Where a caller on another thread can give up on the transfer under way (see `guard`).
     pub ticket: Ticket,
+    /// Also counts each retry here as it happens (the workload's live figures).
+    pub live_retries: Option<Arc<SharedRetryCounts>>,
 }
 
 impl Runner {
@@ -57,6 +61,7 @@ impl Runner {
             policy,
             retries: RetryCounts::default(),
             ticket: Ticket::new(),
+            live_retries: None,
         }
     }
 
@@ -69,6 +74,7 @@ impl Runner {
         let mut ambiguous = false;
         let mut made = 0;
         let (session, ticket, mode) = (&mut self.session, &self.ticket, self.mode);
+        let live_retries = self.live_retries.as_deref();
         let result = retry(&self.policy, &mut retries, |n| {
             made = n;
             if ticket.is_abandoned() {
@@ -81,6 +87,9 @@ impl Runner {
             let reused = session.is_connected();
             let step = attempt(session, t, mode, ambiguous, ticket);
             if let Attempt::Retry { cause, .. } | Attempt::RetryNow { cause, .. } = &step {
+                if let Some(live) = live_retries {
+                    live.add(*cause);
+                }
                 if *cause == Cause::Ambiguous {
                     ambiguous = true;
                     ticket.mark_ambiguous();

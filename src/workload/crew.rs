@@ -13,11 +13,13 @@ use uuid::Uuid;
 
 use super::histogram_log::HistogramLog;
 use super::report::Tally;
+use super::timeline::{Sampler, Second};
 use super::worker::{IdPrefix, Live, Worker};
 use super::Config;
 use crate::db::{DbUrl, Session};
 use crate::error::Error;
 use crate::guard::{GaveUp, Ticket};
+use crate::retry::{classify, Cause, Phase};
 use crate::transfer::{Runner, GRACE};
 
 /// Everything workers are made from.
@@ -49,16 +51,21 @@ pub(super) struct Slot {
 pub(super) struct Watchdog {
     pub(super) tally: Tally,
     pub(super) stuck_workers: u64,
+    /// The run second by second, when `--report` asks for it.
+    pub(super) seconds: Option<Vec<Second>>,
 }
 
 impl Crew {
     pub(super) fn spawn(&self, n: u64) -> Result<Arc<Slot>, Error> {
         let session = Session::new(self.url.clone(), "bank-workload")
             .with_timeout(self.config.policy.timeout);
-        let runner = Runner::new(session, self.config.mode, self.config.policy);
+        let mut runner = Runner::new(session, self.config.mode, self.config.policy);
+        runner.live_retries = Some(Arc::clone(&self.live.retries));
         let slot = Arc::new(Slot {
             ticket: runner.ticket.clone(),
-            started_us: AtomicU64::new(0),
+            // Now, not the run's start: until the worker begins its first transfer, the
+            // watchdog must not take a fresh worker for one stuck since the run began.
+            started_us: AtomicU64::new(self.started.elapsed().as_micros() as u64),
             tally: Mutex::new(Tally::new()?),
             done: AtomicBool::new(false),
         });
@@ -85,14 +92,24 @@ impl Crew {
     /// is stuck in the driver: a frozen server) and starting a fresh worker in its place while
     /// the run goes on. Returns at the latest at the end of the run plus one deadline, whatever
     /// the database does. Draws the live line on a terminal meanwhile.
-    pub(super) fn watch(&self, slots: &mut Vec<Arc<Slot>>) -> Result<Watchdog, Error> {
+    pub(super) fn watch(
+        &self,
+        slots: &mut Vec<Arc<Slot>>,
+        probe: Option<&Probe>,
+    ) -> Result<Watchdog, Error> {
         let patience = self.config.policy.timeout + GRACE;
         let mut hard_stop = self.end.and_then(|e| e.checked_add(patience));
         let mut interrupted = false;
         let mut seen = Watchdog {
             tally: Tally::new()?,
             stuck_workers: 0,
+            seconds: None,
         };
+        let mut sampler = self
+            .config
+            .report
+            .is_some()
+            .then(|| Sampler::new(self.started));
         let log = self.histogram_log.lock().ok().and_then(|mut l| l.take());
         let line = LiveLine::new(self.started, self.config.display_every, log);
         loop {
@@ -126,11 +143,14 @@ impl Crew {
                     None => continue,
                 }
                 log::warn!("workload: a transfer outlived its deadline; its worker is abandoned");
+                // The server did not answer for all that time.
+                self.live.mark_fault(began, now);
                 stuck += 1;
             }
             seen.stuck_workers += stuck;
             if over {
                 line.finish(&self.live);
+                seen.seconds = sampler.map(|s| s.finish(&self.live));
                 return Ok(seen);
             }
             if self.more() {
@@ -143,9 +163,16 @@ impl Crew {
                 .any(|s| !s.done.load(Ordering::SeqCst) && !s.ticket.is_abandoned());
             if !running {
                 line.finish(&self.live);
+                seen.seconds = sampler.map(|s| s.finish(&self.live));
                 return Ok(seen);
             }
             line.tick(&self.live);
+            if let Some(s) = sampler.as_mut() {
+                s.tick(&self.live);
+            }
+            if let Some(p) = probe {
+                p.check(now, &self.live);
+            }
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -164,19 +191,29 @@ impl Crew {
                 Arc::clone(&readers.reads),
                 Arc::clone(&readers.wrong),
             );
-            let (url, ids, timeout) = (
+            let (url, ids, timeout, live) = (
                 self.url.clone(),
                 Arc::clone(&self.ids),
                 self.config.policy.timeout,
+                Arc::clone(&self.live),
             );
             thread::spawn(move || {
                 let mut conn = None;
                 while !stop.load(Ordering::SeqCst) {
+                    let began = Instant::now();
                     if conn.is_none() {
-                        conn = url.connect_within("bank-reader", timeout).ok();
+                        match url.connect_within("bank-reader", timeout) {
+                            Ok(c) => conn = Some(c),
+                            Err(e) => {
+                                if e.is_transient() {
+                                    live.mark_fault(began, Instant::now());
+                                }
+                                thread::sleep(Duration::from_millis(50));
+                                continue;
+                            }
+                        }
                     }
                     let Some(c) = conn.as_mut() else {
-                        thread::sleep(Duration::from_millis(50));
                         continue;
                     };
                     match crate::repo::snapshot_totals(c, &ids) {
@@ -185,6 +222,7 @@ impl Crew {
                                 break;
                             }
                             reads.fetch_add(1, Ordering::SeqCst);
+                            live.read_total(Instant::now(), sum);
                             if sum != total || negative != 0 {
                                 log::warn!("workload: a read saw total {sum} (expected {total}) and {negative} negative balances");
                                 wrong.fetch_add(1, Ordering::SeqCst);
@@ -193,6 +231,9 @@ impl Crew {
                         // A lost connection or a conflict says nothing about the bank: read again.
                         Err(e) => {
                             log::debug!("workload: a read failed ({e})");
+                            if classify(&e, Phase::BeforeCommit) == Some(Cause::ConnectionLost) {
+                                live.mark_fault(began, Instant::now());
+                            }
                             conn = None;
                         }
                     }
@@ -200,6 +241,58 @@ impl Crew {
             });
         }
         readers
+    }
+
+    /// Starts the probe of `--report`: `SELECT 1` on a connection of its own, every
+    /// `PROBE_EVERY`, so that the seconds in which the server did not answer are known even
+    /// when no transfer or read happened to fail in them (a frozen server answers nothing and
+    /// reports no error).
+    pub(super) fn probe(&self) -> Probe {
+        let probe = Probe {
+            stop: Arc::new(AtomicBool::new(false)),
+            asking_since_us: Arc::new(AtomicU64::new(IDLE)),
+            started: self.started,
+        };
+        let (stop, since) = (Arc::clone(&probe.stop), Arc::clone(&probe.asking_since_us));
+        let (url, live, timeout, started) = (
+            self.url.clone(),
+            Arc::clone(&self.live),
+            self.config.policy.timeout,
+            self.started,
+        );
+        thread::spawn(move || {
+            let mut conn = None;
+            while !stop.load(Ordering::SeqCst) {
+                let began = Instant::now();
+                since.store(
+                    began.duration_since(started).as_micros() as u64,
+                    Ordering::SeqCst,
+                );
+                let answered = match conn.as_mut() {
+                    None => match url.connect_within("bank-probe", timeout) {
+                        Ok(c) => {
+                            conn = Some(c);
+                            true
+                        }
+                        Err(e) => !e.is_transient(),
+                    },
+                    Some(c) => match diesel::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), c)
+                    {
+                        Ok(_) => true,
+                        Err(e) => {
+                            conn = None;
+                            classify(&e, Phase::BeforeCommit) != Some(Cause::ConnectionLost)
+                        }
+                    },
+                };
+                since.store(IDLE, Ordering::SeqCst);
+                if !answered {
+                    live.mark_fault(began, Instant::now());
+                }
+                thread::sleep(PROBE_EVERY);
+            }
+        });
+        probe
     }
 
     /// Whether the run goes on: before its end, or while transfers remain to be issued.
@@ -212,6 +305,41 @@ impl Crew {
                 .config
                 .transfers
                 .is_some_and(|n| self.live.issued.load(Ordering::Relaxed) < n)
+    }
+}
+
+/// How often the probe asks, and how long an answer may take before the server counts as not
+/// answering.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+const PROBE_PATIENCE: Duration = Duration::from_secs(1);
+/// The probe is not asking.
+const IDLE: u64 = u64::MAX;
+
+/// The probe of a run (see `Crew::probe`).
+pub(super) struct Probe {
+    stop: Arc<AtomicBool>,
+    /// When the question under way was asked, in microseconds since the run began, or `IDLE`.
+    asking_since_us: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Probe {
+    /// Marks the time since the question under way was asked when it has gone unanswered for
+    /// longer than `PROBE_PATIENCE`.
+    fn check(&self, now: Instant, live: &Live) {
+        let since = self.asking_since_us.load(Ordering::SeqCst);
+        if since == IDLE {
+            return;
+        }
+        let asked = self.started + Duration::from_micros(since);
+        if now.saturating_duration_since(asked) > PROBE_PATIENCE {
+            live.mark_fault(asked, now);
+        }
+    }
+
+    /// Stops the probe (one stuck on a frozen server is left behind).
+    pub(super) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -303,7 +431,7 @@ impl LiveLine {
         }
         let committed = live.committed.load(Ordering::Relaxed);
         let errors = live.errors.load(Ordering::Relaxed);
-        let retries = live.retries.load(Ordering::Relaxed);
+        let retries = live.retries.snapshot().total();
         let elapsed = self.started.elapsed().as_secs_f64();
         let rate = committed.saturating_sub(last.committed) as f64 / since.as_secs_f64();
         match &self.bar {

@@ -5,7 +5,9 @@
 
 mod crew;
 mod histogram_log;
+mod html;
 mod report;
+mod timeline;
 mod worker;
 
 pub use report::{Invariants, Latency, Report};
@@ -30,6 +32,7 @@ use crate::transfer::{Mode, GRACE};
 use crate::verify;
 use crew::Crew;
 use report::FinalCheck;
+use timeline::Timeline;
 use worker::{IdPrefix, Live};
 
 /// What to run.
@@ -55,6 +58,8 @@ pub struct Config {
     pub readers: u64,
     /// Where to write each interval's latency histogram (HdrHistogram interval log).
     pub histogram: Option<std::path::PathBuf>,
+    /// Where to write the HTML report (charts per second and the final report).
+    pub report: Option<std::path::PathBuf>,
 }
 
 /// Set by Ctrl-C (SIGINT) or SIGTERM during a run.
@@ -86,6 +91,13 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         })?),
         None => None,
     };
+    let html =
+        match &config.report {
+            Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+                Error::Usage(format!("cannot write --report {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
     catch_interrupts();
     let mut setup = url.connect()?;
     let ids = prepare_accounts(&mut setup, config)?;
@@ -115,7 +127,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let crew = Crew {
         url: url.clone(),
         ids: Arc::new(ids),
-        live: Arc::new(Live::new()?),
+        live: Arc::new(Live::new(started)?),
         prefix: IdPrefix(seeder.random()),
         config: config.clone(),
         started,
@@ -127,7 +139,11 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         slots.push(crew.spawn(w)?);
     }
     let readers = crew.readers(config.readers, starting_total);
-    let watchdog = crew.watch(&mut slots)?;
+    let probe = config.report.is_some().then(|| crew.probe());
+    let watchdog = crew.watch(&mut slots, probe.as_ref())?;
+    if let Some(p) = &probe {
+        p.stop();
+    }
     let reads = readers.stop();
     if let Some(written) = histogram_written {
         written.wait()?;
@@ -167,6 +183,14 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         writeln!(out)?;
     } else {
         write!(out, "{report}")?;
+    }
+    // Written whatever the verdict: a failed or interrupted run is the one worth looking at.
+    if let (Some(file), Some(seconds)) = (html, watchdog.seconds) {
+        let timeline = Timeline::new(seconds, crew.live.marks(), config.readers, starting_total);
+        html::write(file, &report, &timeline).map_err(|e| {
+            let path = config.report.as_deref().unwrap_or(std::path::Path::new(""));
+            WorkloadError::Report(format!("{}: {e}", path.display()))
+        })?;
     }
     if report.ok {
         Ok(())

@@ -14,42 +14,108 @@ use hdrhistogram::Histogram;
 
 use crate::error::{TransferError, WorkloadError};
 use crate::models::NewTransfer;
+use crate::retry::SharedRetryCounts;
 use crate::transfer::Runner;
 
-/// What the workers share while they run: live counters for the progress line.
+/// What the workers share while they run: live counters for the progress line and the
+/// per-second figures of `--report`.
 pub(super) struct Live {
     pub(super) committed: AtomicU64,
-    pub(super) retries: AtomicU64,
+    /// Retries by cause, counted by each runner as they happen.
+    pub(super) retries: Arc<SharedRetryCounts>,
     pub(super) errors: AtomicU64,
     pub(super) issued: AtomicU64,
     /// Latency of the transfers committed in the current display interval, in microseconds.
     interval: Mutex<Histogram<u64>>,
+    /// The same for the current second of `--report`.
+    second: Mutex<Histogram<u64>>,
+    started: Instant,
+    marks: Mutex<Marks>,
+}
+
+/// What happened in which second of the run (its index), as it happened.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Marks {
+    /// Seconds in which a connection was lost or the server did not answer.
+    pub(super) faults: Vec<bool>,
+    /// The lowest and highest total of the snapshot reads that ended in each second.
+    pub(super) totals: Vec<Option<(i64, i64)>>,
 }
 
 impl Live {
-    pub(super) fn new() -> Result<Live, WorkloadError> {
+    pub(super) fn new(started: Instant) -> Result<Live, WorkloadError> {
         Ok(Live {
             committed: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
+            retries: Arc::new(SharedRetryCounts::default()),
             errors: AtomicU64::new(0),
             issued: AtomicU64::new(0),
             interval: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3)?),
+            second: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3)?),
+            started,
+            marks: Mutex::new(Marks::default()),
         })
     }
 
     fn record(&self, micros: u64) {
-        if let Ok(mut h) = self.interval.lock() {
-            let _ = h.record(micros.max(1));
+        for h in [&self.interval, &self.second] {
+            if let Ok(mut h) = h.lock() {
+                let _ = h.record(micros.max(1));
+            }
         }
     }
 
     /// The interval's histogram, leaving an empty one for the next interval.
     pub(super) fn take_interval(&self) -> Option<Histogram<u64>> {
-        let mut h = self.interval.lock().ok()?;
-        let taken = h.clone();
-        h.reset();
-        Some(taken)
+        take(&self.interval)
     }
+
+    /// The same for `--report`'s current second.
+    pub(super) fn take_second(&self) -> Option<Histogram<u64>> {
+        take(&self.second)
+    }
+
+    /// The second of the run that `at` falls in.
+    fn second_of(&self, at: Instant) -> usize {
+        at.saturating_duration_since(self.started).as_secs() as usize
+    }
+
+    /// From `from` to `to` a connection was lost or the server did not answer.
+    pub(super) fn mark_fault(&self, from: Instant, to: Instant) {
+        let (first, last) = (self.second_of(from), self.second_of(to));
+        if let Ok(mut m) = self.marks.lock() {
+            if m.faults.len() <= last {
+                m.faults.resize(last + 1, false);
+            }
+            for f in &mut m.faults[first..=last] {
+                *f = true;
+            }
+        }
+    }
+
+    /// A snapshot read that ended at `at` saw `total`.
+    pub(super) fn read_total(&self, at: Instant, total: i64) {
+        let s = self.second_of(at);
+        if let Ok(mut m) = self.marks.lock() {
+            if m.totals.len() <= s {
+                m.totals.resize(s + 1, None);
+            }
+            m.totals[s] = Some(match m.totals[s] {
+                Some((low, high)) => (low.min(total), high.max(total)),
+                None => (total, total),
+            });
+        }
+    }
+
+    pub(super) fn marks(&self) -> Marks {
+        self.marks.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+fn take(h: &Mutex<Histogram<u64>>) -> Option<Histogram<u64>> {
+    let mut h = h.lock().ok()?;
+    let taken = h.clone();
+    h.reset();
+    Some(taken)
 }
 
 /// Ids of one run's transfers: the first six bytes are the run's, the rest random, so the
@@ -98,7 +164,6 @@ impl Worker {
             if !self.slot.ticket.begin() {
                 return;
             }
-            let retries_before = self.runner.retries;
             let began = Instant::now();
             let result = self.runner.run(&t);
             if !self.slot.ticket.finish() {
@@ -107,8 +172,6 @@ impl Worker {
                 return;
             }
             let micros = began.elapsed().as_micros().min(u64::MAX as u128) as u64;
-            let retries = self.runner.retries.total() - retries_before.total();
-            self.live.retries.fetch_add(retries, Ordering::Relaxed);
             let Ok(mut tally) = self.slot.tally.lock() else {
                 return;
             };
