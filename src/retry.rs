@@ -72,6 +72,15 @@ pub enum Phase {
     Commit,
 }
 
+/// Whether `--inject-retries` has shown enough: after this attempt's retry error, the session
+/// turns CockroachDB's `inject_retry_errors_enabled` off. CockroachDB stops injecting after the
+/// third retry only for clients that retry through its `cockroach_restart` savepoint; `bank`
+/// rolls back and begins again, which CockroachDB keeps failing until the variable is off
+/// (its session-variables documentation).
+pub fn stop_injecting(attempt: u32, cause: Cause) -> bool {
+    cause == Cause::Serialization && attempt >= 3
+}
+
 /// Classifies a Diesel error: `Some(cause)` when the transaction may be tried again, `None` when
 /// the error is final.
 pub fn classify(err: &DieselError, phase: Phase) -> Option<Cause> {
@@ -361,6 +370,16 @@ pub fn retry_transaction<T>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn injected_retries_stop_after_the_third_retry_error() {
+        use super::{stop_injecting, Cause};
+        assert!(!stop_injecting(1, Cause::Serialization));
+        assert!(!stop_injecting(2, Cause::Serialization));
+        assert!(stop_injecting(3, Cause::Serialization));
+        assert!(stop_injecting(7, Cause::Serialization));
+        assert!(!stop_injecting(5, Cause::ConnectionLost));
+    }
+
     use super::*;
     use diesel::result::DatabaseErrorInformation;
 

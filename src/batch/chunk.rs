@@ -21,7 +21,9 @@ use super::{Outcome, Verdict};
 use crate::db::Session;
 use crate::error::{ConnectError, TransferError};
 use crate::guard::Ticket;
-use crate::retry::{classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop};
+use crate::retry::{
+    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop,
+};
 
 /// What a runner shares with whoever watches it for a frozen server: the ticket of the
 /// statement under way, when that statement started, and the verdicts already given.
@@ -149,7 +151,7 @@ impl ChunkRunner {
         let mut ours: HashSet<u64> = HashSet::new();
         let statement = BatchStatement::new(lines);
         let (session, ticket) = (&mut self.session, &self.watch.ticket);
-        let result = retry(&self.policy, &mut retries, |_| {
+        let result = retry(&self.policy, &mut retries, |n| {
             if ticket.is_abandoned() {
                 return Attempt::Fail(TransferError::Abandoned);
             }
@@ -196,6 +198,9 @@ impl ChunkRunner {
             }
             match step {
                 Attempt::Retry { cause, message } => {
+                    if stop_injecting(n, cause) {
+                        session.stop_injecting();
+                    }
                     if cause == Cause::Ambiguous {
                         ambiguous = true;
                         ticket.mark_ambiguous();

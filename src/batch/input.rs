@@ -4,8 +4,11 @@
 //! Every transfer needs its id: the id is what makes a rerun of the same file apply each transfer
 //! once, so a file without ids is refused rather than given random ones.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::{BufRead, Read};
 use std::path::Path;
+use std::rc::Rc;
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -151,21 +154,84 @@ fn amount_text(value: Option<&str>) -> Result<i64, String> {
 
 /// CSV with a header; extra columns are ignored.
 struct CsvLines<R: Read> {
-    reader: csv::Reader<R>,
+    reader: csv::Reader<Newlines<R>>,
     columns: Result<[usize; 4], Option<Malformed>>,
     record: csv::StringRecord,
+    lines: Rc<RefCell<LineIndex>>,
+}
+
+/// A reader that notes where its newlines are, so that a byte offset gives its line number
+/// (the csv crate's own count leaves out blank lines). Records are read in order, so the offsets
+/// already passed are dropped: it holds no more than the csv reader's buffer.
+struct Newlines<R> {
+    inner: R,
+    read: u64,
+    index: Rc<RefCell<LineIndex>>,
+}
+
+#[derive(Default)]
+struct LineIndex {
+    /// Each newline's offset, and whether the line it ends is blank.
+    newlines: VecDeque<(u64, bool)>,
+    passed: u64,
+    /// Nothing but spaces so far on the line being read.
+    blank: bool,
+}
+
+impl LineIndex {
+    /// The 1-based line of a record that starts at `offset` (the csv crate counts a record
+    /// from the blank lines before it); offsets must not go backwards.
+    fn line_at(&mut self, offset: u64) -> u64 {
+        while self
+            .newlines
+            .front()
+            .is_some_and(|(n, blank)| *n < offset || *blank)
+        {
+            self.newlines.pop_front();
+            self.passed += 1;
+        }
+        self.passed + 1
+    }
+}
+
+impl<R: Read> Read for Newlines<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut index = self.index.borrow_mut();
+        if self.read == 0 {
+            index.blank = true;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            match b {
+                b'\n' => {
+                    let blank = index.blank;
+                    index.newlines.push_back((self.read + i as u64, blank));
+                    index.blank = true;
+                }
+                b' ' | b'\t' | b'\r' => {}
+                _ => index.blank = false,
+            }
+        }
+        self.read += n as u64;
+        Ok(n)
+    }
 }
 
 const COLUMNS: [&str; 4] = ["id", "from", "to", "amount"];
 
 impl<R: Read> CsvLines<R> {
     fn new(input: R) -> Self {
+        let lines = Rc::new(RefCell::new(LineIndex::default()));
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .trim(csv::Trim::All)
-            .from_reader(input);
+            .from_reader(Newlines {
+                inner: input,
+                read: 0,
+                index: Rc::clone(&lines),
+            });
         let columns = match reader.headers() {
-            Err(e) => Err(Some(csv_error(1, &e))),
+            Err(e) => Err(Some(csv_error(&lines, &e))),
             // An empty file holds no transfers.
             Ok(h) if h.is_empty() => Err(None),
             Ok(h) => {
@@ -200,12 +266,17 @@ impl<R: Read> CsvLines<R> {
             reader,
             columns,
             record: csv::StringRecord::new(),
+            lines,
         }
     }
 }
 
-fn csv_error(line: u64, e: &csv::Error) -> Malformed {
-    let line = e.position().map_or(line, |p| p.line());
+fn csv_error(lines: &RefCell<LineIndex>, e: &csv::Error) -> Malformed {
+    let mut index = lines.borrow_mut();
+    let line = match e.position() {
+        Some(p) => index.line_at(p.byte()),
+        None => index.passed + 1,
+    };
     match e.kind() {
         csv::ErrorKind::UnequalLengths {
             expected_len, len, ..
@@ -227,13 +298,12 @@ impl<R: Read> Iterator for CsvLines<R> {
             Err(e) => return e.take().map(Err),
         };
         loop {
-            let line = self.reader.position().line();
             match self.reader.read_record(&mut self.record) {
                 Ok(false) => return None,
                 Err(e) => {
                     // An I/O error ends the file; a bad record is one malformed line.
                     let io = matches!(e.kind(), csv::ErrorKind::Io(_));
-                    let m = csv_error(line, &e);
+                    let m = csv_error(&self.lines, &e);
                     if io {
                         self.columns = Err(None);
                     }
@@ -245,7 +315,10 @@ impl<R: Read> Iterator for CsvLines<R> {
             if r.iter().all(str::is_empty) {
                 continue;
             }
-            let line = r.position().map_or(line, |p| p.line());
+            let line = match r.position() {
+                Some(p) => self.lines.borrow_mut().line_at(p.byte()),
+                None => self.lines.borrow().passed + 1,
+            };
             return Some(transfer(
                 line,
                 r.get(i),
@@ -345,7 +418,7 @@ mod tests {
 
     #[test]
     fn csv_columns_come_in_any_order_and_lines_count_from_the_header() {
-        let text = format!("amount,to,memo,id,from\n100,{B},rent,{X},{A}\n\n7,{A},x,{A},{B}\n");
+        let text = format!("amount,to,memo,id,from\n100,{B},rent,{X},{A}\n\n7,{B},x,{X},{B}\n");
         let got = all(&text, Format::Csv);
         assert_eq!(got.len(), 2);
         let first = got[0].as_ref().expect("line 2 parses");

@@ -184,6 +184,21 @@ impl Session {
         }
     }
 
+    /// Turns `--inject-retries` off on the open connection (see `retry::stop_injecting`); a
+    /// new connection turns it on again. Nothing to do without `--inject-retries`.
+    pub fn stop_injecting(&mut self) {
+        let injecting = self
+            .url
+            .session_settings
+            .iter()
+            .any(|(name, _)| *name == "inject_retry_errors_enabled");
+        if let (true, Some(conn)) = (injecting, self.conn.as_mut()) {
+            if let Err(e) = conn.batch_execute("SET inject_retry_errors_enabled = false") {
+                log::debug!("turning inject_retry_errors_enabled off failed: {e}");
+            }
+        }
+    }
+
     /// Whether a connection is open (it may still turn out to be dead when used).
     pub fn is_connected(&self) -> bool {
         self.conn.is_some()

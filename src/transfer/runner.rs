@@ -20,7 +20,8 @@ use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
+    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
+    SharedRetryCounts, Stop,
 };
 
 /// How long a caller waits past the deadline for the runner's own answer.
@@ -86,6 +87,11 @@ impl Runner {
             // server restart, a killed backend); losing it before COMMIT says nothing.
             let reused = session.is_connected();
             let step = attempt(session, t, mode, ambiguous, ticket);
+            if let Attempt::Retry { cause, .. } = &step {
+                if stop_injecting(n, *cause) {
+                    session.stop_injecting();
+                }
+            }
             if let Attempt::Retry { cause, .. } | Attempt::RetryNow { cause, .. } = &step {
                 if let Some(live) = live_retries {
                     live.add(*cause);
