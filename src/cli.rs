@@ -309,6 +309,10 @@ pub struct WorkloadArgs {
     /// per second, the readers' totals, the seconds of lost connections shaded, the final report
     #[arg(long, value_name = "FILE")]
     pub report: Option<std::path::PathBuf>,
+    /// Each worker applies N random transfers at a time, through the chunk statement of
+    /// `transfer --file` (latency is then per batch)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, 10_000>)]
+    pub batch: Option<u64>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -331,6 +335,7 @@ impl WorkloadArgs {
             readers: self.readers,
             histogram: self.histogram.clone(),
             report: self.report.clone(),
+            batch: self.batch,
         }
     }
 }

@@ -88,6 +88,18 @@ pub fn list(
 }
 
 /// The given accounts, ordered by id (for the demo, which shows only its own).
+/// Locks these accounts (those that exist) for the rest of the transaction, in key order: the
+/// order every transfer statement locks in, so lockers never wait on each other in a cycle.
+pub fn lock_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<usize> {
+    accounts::table
+        .filter(accounts::id.eq_any(ids))
+        .order(accounts::id)
+        .select(accounts::id)
+        .for_update()
+        .load::<Uuid>(conn)
+        .map(|locked| locked.len())
+}
+
 pub fn list_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Account>> {
     // Sorted ids in bounded chunks, each read in id order: the chunks' rows come in id order.
     let mut sorted = ids.to_vec();

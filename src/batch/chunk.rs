@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use uuid::Uuid;
 
 use super::input::Line;
 use super::statement::BatchStatement;
@@ -21,8 +22,10 @@ use super::{Outcome, Verdict};
 use crate::db::Session;
 use crate::error::{ConnectError, TransferError};
 use crate::guard::Ticket;
+use crate::repo;
 use crate::retry::{
-    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop,
+    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
+    SharedRetryCounts, Stop,
 };
 
 /// What a runner shares with whoever watches it for a frozen server: the ticket of the
@@ -84,6 +87,10 @@ pub struct ChunkRunner {
     pub policy: RetryPolicy,
     pub retries: RetryCounts,
     pub watch: Watch,
+    /// Where each retry is also counted as it happens (the workload's per-second figures).
+    pub live_retries: Option<Arc<SharedRetryCounts>>,
+    /// Called as each statement starts (the workload's watchdog times statements, not chunks).
+    pub on_statement: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -102,6 +109,8 @@ impl ChunkRunner {
             policy,
             retries: RetryCounts::default(),
             watch: Watch::new(),
+            live_retries: None,
+            on_statement: None,
         }
     }
 
@@ -112,6 +121,9 @@ impl ChunkRunner {
         while start < lines.len() {
             let rest = &lines[start..];
             self.watch.start();
+            if let Some(hook) = &self.on_statement {
+                hook();
+            }
             if !self.watch.ticket.begin() {
                 // The watcher gave up on this runner: it reports the chunk itself.
                 return Ok(Vec::new());
@@ -150,7 +162,14 @@ impl ChunkRunner {
         // afterwards, it was that attempt, i.e. this run, that applied them.
         let mut ours: HashSet<u64> = HashSet::new();
         let statement = BatchStatement::new(lines);
+        let mut accounts: Vec<Uuid> = lines
+            .iter()
+            .flat_map(|l| [l.transfer.from_id, l.transfer.to_id])
+            .collect();
+        accounts.sort_unstable();
+        accounts.dedup();
         let (session, ticket) = (&mut self.session, &self.watch.ticket);
+        let live_retries = self.live_retries.as_deref();
         let result = retry(&self.policy, &mut retries, |n| {
             if ticket.is_abandoned() {
                 return Attempt::Fail(TransferError::Abandoned);
@@ -169,6 +188,12 @@ impl ChunkRunner {
             let mut seen = None;
             let mut committing = false;
             let result = conn.build_transaction().run(|c| {
+                // Locked by a statement of its own, so that the chunk statement's snapshot is
+                // taken once every account is ours: at READ COMMITTED it then reads the balances
+                // it moves. Locked inside the chunk statement, balances read by its CTE could be
+                // older than the rows its UPDATE moved (a CHECK violation under contention,
+                // `a_batched_workload_keeps_every_invariant_at_both_isolation_levels`).
+                repo::lock_accounts(c, &accounts)?;
                 let rows = statement.clone().load::<(i64, String)>(c)?;
                 let decided = read_rows(lines, rows)?;
                 seen = Some(applied_lines(lines, &decided).collect::<Vec<u64>>());
@@ -198,6 +223,9 @@ impl ChunkRunner {
             }
             match step {
                 Attempt::Retry { cause, message } => {
+                    if let Some(live) = live_retries {
+                        live.add(cause);
+                    }
                     if stop_injecting(n, cause) {
                         session.stop_injecting();
                     }

@@ -2,9 +2,11 @@
 //! lines one at a time in file order would.
 //!
 //! It takes the chunk as five arrays (line, id, from, to, amount) and, in SQL:
-//! 1. `locked`: locks every account the chunk names, in key order (the order every transfer
-//!    statement locks in, so batches and single transfers never deadlock each other), and reads
-//!    their balances and versions after the lock, i.e. after any transfer that held them;
+//! 1. `locked`: every account the chunk names, with its balance and version, locked in key
+//!    order (the order every transfer statement locks in, so batches and single transfers never
+//!    deadlock each other). The runner has already locked them with a statement of its own
+//!    (`repo::lock_accounts`): at READ COMMITTED, values read here while this statement itself
+//!    waited for the locks were older than the rows its UPDATE then moved;
 //! 2. `verdicts`: decides the lines that move no money, as the one-by-one runner would: an id
 //!    already in the ledger (`already_applied` with the same details, `id_conflict` without), an
 //!    id that an earlier line of the chunk applies (the same two outcomes), a debited account

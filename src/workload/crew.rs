@@ -14,8 +14,9 @@ use uuid::Uuid;
 use super::histogram_log::HistogramLog;
 use super::report::Tally;
 use super::timeline::{Sampler, Second};
-use super::worker::{IdPrefix, Live, Worker};
+use super::worker::{mark_started, IdPrefix, Live, Worker};
 use super::Config;
+use crate::batch::ChunkRunner;
 use crate::db::{DbUrl, Session};
 use crate::error::Error;
 use crate::guard::{GaveUp, Ticket};
@@ -41,6 +42,8 @@ pub(super) struct Slot {
     pub(super) ticket: Ticket,
     /// When that transfer began, in microseconds since the run began.
     pub(super) started_us: AtomicU64,
+    /// Transfers under way: 1, or a `--batch` chunk's size.
+    pub(super) in_flight: AtomicU64,
     pub(super) tally: Mutex<Tally>,
     /// The worker has returned.
     pub(super) done: AtomicBool,
@@ -66,11 +69,23 @@ impl Crew {
             // Now, not the run's start: until the worker begins its first transfer, the
             // watchdog must not take a fresh worker for one stuck since the run began.
             started_us: AtomicU64::new(self.started.elapsed().as_micros() as u64),
+            in_flight: AtomicU64::new(1),
             tally: Mutex::new(Tally::new()?),
             done: AtomicBool::new(false),
         });
+        let batch = self.config.batch.map(|n| {
+            let session = Session::new(self.url.clone(), "bank-workload")
+                .with_timeout(self.config.policy.timeout);
+            let mut chunk = ChunkRunner::new(session, self.config.policy);
+            chunk.watch.ticket = slot.ticket.clone();
+            chunk.live_retries = Some(Arc::clone(&self.live.retries));
+            let (watched, epoch) = (Arc::clone(&slot), self.started);
+            chunk.on_statement = Some(Arc::new(move || mark_started(&watched, epoch)));
+            (n, chunk)
+        });
         let worker = Worker {
             runner,
+            batch,
             ids: Arc::clone(&self.ids),
             live: Arc::clone(&self.live),
             slot: Arc::clone(&slot),
@@ -138,8 +153,12 @@ impl Crew {
                     continue;
                 }
                 match slot.ticket.abandon() {
-                    Some(GaveUp::NotApplied) => seen.tally.given_up += 1,
-                    Some(GaveUp::Unknown) => seen.tally.indeterminate += 1,
+                    Some(GaveUp::NotApplied) => {
+                        seen.tally.given_up += slot.in_flight.load(Ordering::SeqCst)
+                    }
+                    Some(GaveUp::Unknown) => {
+                        seen.tally.indeterminate += slot.in_flight.load(Ordering::SeqCst)
+                    }
                     None => continue,
                 }
                 log::warn!("workload: a transfer outlived its deadline; its worker is abandoned");

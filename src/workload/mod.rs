@@ -60,6 +60,9 @@ pub struct Config {
     pub histogram: Option<std::path::PathBuf>,
     /// Where to write the HTML report (charts per second and the final report).
     pub report: Option<std::path::PathBuf>,
+    /// Each worker applies this many random transfers at a time, through `transfer --file`'s
+    /// chunk statement.
+    pub batch: Option<u64>,
 }
 
 /// Set by Ctrl-C (SIGINT) or SIGTERM during a run.
@@ -84,6 +87,13 @@ fn catch_interrupts() {
 
 pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Error> {
     let policy = config.policy;
+    if config.batch.is_some() && config.mode == Mode::SingleStatement {
+        return Err(Error::Usage(
+            "--batch runs each chunk in a transaction: it cannot be combined with \
+             --mode single-statement"
+                .into(),
+        ));
+    }
     // Opened first: a path that cannot be written is refused before anything changes.
     let histogram = match &config.histogram {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| {

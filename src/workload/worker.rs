@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::crew::Slot;
 use hdrhistogram::Histogram;
 
+use crate::batch::{ChunkRunner, Line, Outcome};
 use crate::error::{TransferError, WorkloadError};
 use crate::models::NewTransfer;
 use crate::retry::SharedRetryCounts;
@@ -142,6 +143,8 @@ impl IdPrefix {
 
 pub(super) struct Worker {
     pub(super) runner: Runner,
+    /// `--batch N`: N transfers at a time through the chunk statement, instead of `runner`.
+    pub(super) batch: Option<(u64, ChunkRunner)>,
     pub(super) ids: Arc<Vec<Uuid>>,
     pub(super) live: Arc<Live>,
     pub(super) slot: Arc<Slot>,
@@ -155,12 +158,12 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn run(mut self) {
+        if let Some((n, chunk)) = self.batch.take() {
+            return self.run_batches(n, chunk);
+        }
         while self.more() {
             let t = self.next_transfer();
-            self.slot.started_us.store(
-                self.epoch.elapsed().as_micros().min(u64::MAX as u128) as u64,
-                Ordering::SeqCst,
-            );
+            self.started_now();
             if !self.slot.ticket.begin() {
                 return;
             }
@@ -211,14 +214,98 @@ impl Worker {
 
     /// Whether to start another transfer: before the end, or while transfers remain.
     pub(super) fn more(&self) -> bool {
+        self.take(1) == 1
+    }
+
+    /// How many of the next `n` transfers to start: `n` before the end, else what remains.
+    fn take(&self, n: u64) -> u64 {
         if super::interrupted() {
-            return false;
+            return 0;
         }
         if let Some(e) = self.end {
-            return Instant::now() < e;
+            return if Instant::now() < e { n } else { 0 };
         }
         let limit = self.limit.unwrap_or(0);
-        self.live.issued.fetch_add(1, Ordering::Relaxed) < limit
+        let before = self.live.issued.fetch_add(n, Ordering::Relaxed);
+        n.min(limit.saturating_sub(before))
+    }
+
+    /// `--batch`: chunks of random transfers, each applied as one statement (or more, when a
+    /// line is refused). A chunk's latency is one sample: the histogram is per batch.
+    fn run_batches(mut self, n: u64, mut chunk: ChunkRunner) {
+        loop {
+            let count = self.take(n);
+            if count == 0 {
+                break;
+            }
+            let lines: Vec<Line> = (1..=count)
+                .map(|line| Line {
+                    line,
+                    transfer: self.next_transfer(),
+                })
+                .collect();
+            self.slot.in_flight.store(count, Ordering::SeqCst);
+            self.started_now();
+            if !self.slot.ticket.begin() {
+                return;
+            }
+            let began = Instant::now();
+            let result = chunk.apply(&lines);
+            if !self.slot.ticket.finish() {
+                // The watchdog gave up on this chunk and counted it.
+                return;
+            }
+            let micros = began.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            let Ok(mut tally) = self.slot.tally.lock() else {
+                return;
+            };
+            tally.retries = chunk.retries;
+            tally.reconnects = chunk.session.connects.saturating_sub(1);
+            let verdicts = match result {
+                Ok(v) => v,
+                Err(fatal) => {
+                    tally.errors += 1;
+                    tally.last_error = Some(crate::error::Error::from(fatal).to_string());
+                    self.live.errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            };
+            let mut applied = 0;
+            for (l, v) in lines.iter().zip(&verdicts) {
+                match v.outcome {
+                    Outcome::Applied => applied += 1,
+                    Outcome::InsufficientFunds => tally.insufficient_funds += 1,
+                    Outcome::NotApplied => {
+                        log::debug!(
+                            "workload: transfer {} not applied: {:?}",
+                            l.transfer.id,
+                            v.error
+                        );
+                        tally.given_up += 1
+                    }
+                    Outcome::Unknown => tally.indeterminate += 1,
+                    // Random ids over existing accounts: anything else is a bug.
+                    other => {
+                        tally.errors += 1;
+                        tally.last_error =
+                            Some(format!("transfer {}: {}", l.transfer.id, other.as_str()));
+                        self.live.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if applied > 0 {
+                tally.committed += applied;
+                self.live.committed.fetch_add(applied, Ordering::Relaxed);
+                self.live.record(micros);
+                let _ = tally.latency_us.record(micros.max(1));
+            }
+        }
+        self.slot.done.store(true, Ordering::SeqCst);
+    }
+
+    /// Tells the watchdog that a transfer (or a batch's statement) starts now.
+    fn started_now(&self) {
+        mark_started(&self.slot, self.epoch);
     }
 
     pub(super) fn next_transfer(&mut self) -> NewTransfer {
@@ -234,4 +321,12 @@ impl Worker {
             amount: self.rng.random_range(1..=self.max_amount),
         }
     }
+}
+
+/// Notes in `slot` that its worker's transfer (or statement) starts now.
+pub(super) fn mark_started(slot: &Slot, epoch: Instant) {
+    slot.started_us.store(
+        epoch.elapsed().as_micros().min(u64::MAX as u128) as u64,
+        Ordering::SeqCst,
+    );
 }
