@@ -1,17 +1,22 @@
 //! Chunks of a file on several connections, results in file order.
 //!
-//! Chunks are taken in file order. A chunk starts on a free connection only when it shares no
-//! account and no transfer id with any chunk still in flight: its outcomes then cannot depend on
-//! how those chunks end, so the one-by-one order holds. Otherwise it waits for them (the file is
-//! never reordered). Results are written in file order as chunks finish.
+//! The file is read a window at a time (`--batch` lines per connection). A window's lines are
+//! split into groups that share no account and no transfer id with each other (the connected
+//! components of "shares an account or an id", packed into one group per connection), each group
+//! keeping file order. A line's one-by-one outcome depends only on earlier lines it is connected
+//! to, and those are all in its own group, so the groups can run at once on their connections and
+//! every outcome is still the one-by-one outcome. A group starts only when it shares nothing with
+//! any group still in flight (from an earlier window); otherwise it waits. Over many accounts a
+//! window falls apart into many small components and both connections work; over a few hot
+//! accounts it is one component and one connection does it.
 //!
 //! A frozen server is watched for: a statement that outlives its deadline (plus `GRACE`) is given
 //! up, its lines reported `unknown` when its COMMIT may have been sent and `not_applied` when not
-//! (see `guard`). After any line ends `unknown` or `not_applied`, no new chunk starts (later lines
+//! (see `guard`). After any line ends `unknown` or `not_applied`, no new group starts (later lines
 //! may depend on it): the rest of the file is reported `not_applied`, and a rerun of the same
 //! file settles everything.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -73,19 +78,81 @@ struct Worker {
     lost: bool,
 }
 
-struct InFlight {
-    seq: u64,
-    worker: usize,
-    lines: Vec<Line>,
+/// Lines that go to one connection as one chunk: positions in their window, in file order.
+struct Group {
+    window: u64,
+    positions: Vec<usize>,
     keys: HashSet<Uuid>,
 }
 
-/// Every account and id a chunk touches.
-fn keys(lines: &[Line]) -> HashSet<Uuid> {
-    lines
-        .iter()
-        .flat_map(|l| [l.transfer.id, l.transfer.from_id, l.transfer.to_id])
-        .collect()
+struct InFlight {
+    seq: u64,
+    worker: usize,
+    group: Group,
+}
+
+/// A window of the file and its verdicts as groups finish.
+struct Window {
+    lines: Vec<Line>,
+    verdicts: Vec<Option<Verdict>>,
+    groups_left: usize,
+}
+
+/// Every account and id a line touches.
+fn line_keys(l: &Line) -> [Uuid; 3] {
+    [l.transfer.id, l.transfer.from_id, l.transfer.to_id]
+}
+
+/// Splits `lines` into at most `n` groups that share no account and no id, each in file order,
+/// as even in size as the connected components allow.
+fn split(lines: &[Line], n: usize) -> Vec<Vec<usize>> {
+    if n <= 1 || lines.len() <= 1 {
+        return vec![(0..lines.len()).collect()];
+    }
+    // Union-find over keys: a line joins its id and both accounts.
+    let mut node: HashMap<Uuid, usize> = HashMap::new();
+    let mut parent: Vec<usize> = Vec::new();
+    fn find(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
+    }
+    let mut roots = Vec::with_capacity(lines.len());
+    for l in lines {
+        let ids = line_keys(l).map(|k| {
+            *node.entry(k).or_insert_with(|| {
+                parent.push(parent.len());
+                parent.len() - 1
+            })
+        });
+        let r = find(&mut parent, ids[0]);
+        for other in &ids[1..] {
+            let o = find(&mut parent, *other);
+            parent[o] = r;
+        }
+        roots.push(ids[0]);
+    }
+    let mut components: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (pos, first) in roots.into_iter().enumerate() {
+        let root = find(&mut parent, first);
+        components.entry(root).or_default().push(pos);
+    }
+    // Largest first into the smallest group (longest-processing-time packing).
+    let mut components: Vec<Vec<usize>> = components.into_values().collect();
+    components.sort_by_key(|c| std::cmp::Reverse(c.len()));
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for c in components {
+        if let Some(smallest) = groups.iter_mut().min_by_key(|g| g.len()) {
+            smallest.extend(c);
+        }
+    }
+    groups.retain(|g| !g.is_empty());
+    for g in &mut groups {
+        g.sort_unstable();
+    }
+    groups
 }
 
 /// Applies `lines` in chunks and calls `emit` for each line, in file order. `Err` only when
@@ -100,21 +167,22 @@ where
     E: From<Fatal>,
 {
     let started = Instant::now();
+    let connections = options.connections.max(1);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
-    let mut workers: Vec<Worker> = (0..options.connections.max(1))
+    let mut workers: Vec<Worker> = (0..connections)
         .map(|n| spawn(url, options.policy, n, done_tx.clone()))
         .collect();
     drop(done_tx);
 
-    let batch = options.batch.max(1);
+    let window_size = options.batch.max(1).saturating_mul(connections);
     let wait = options.policy.timeout + GRACE;
     let mut lines = lines.peekable();
     let mut summary = Summary::default();
     let mut next_seq = 0u64;
-    let mut next_emit = 0u64;
-    let mut pending: Option<(Vec<Line>, HashSet<Uuid>)> = None;
+    let mut next_window = 0u64;
+    let mut windows: BTreeMap<u64, Window> = BTreeMap::new();
+    let mut queue: VecDeque<Group> = VecDeque::new();
     let mut in_flight: Vec<InFlight> = Vec::new();
-    let mut finished: BTreeMap<u64, (Vec<Line>, Vec<Verdict>)> = BTreeMap::new();
     let mut idle: Vec<usize> = (0..workers.len()).rev().collect();
     let mut stopping: Option<String> = None;
     let mut record = |summary: &mut Summary, l: &Line, v: &Verdict| {
@@ -123,24 +191,50 @@ where
     };
 
     loop {
-        // Start every chunk that may start.
+        // Start every group that may start.
         while stopping.is_none() && !idle.is_empty() {
-            if pending.is_none() {
-                let chunk: Vec<Line> = lines.by_ref().take(batch).collect();
+            if queue.is_empty() {
+                let chunk: Vec<Line> = lines.by_ref().take(window_size).collect();
                 if chunk.is_empty() {
                     break;
                 }
-                let k = keys(&chunk);
-                pending = Some((chunk, k));
+                let w = next_window;
+                next_window += 1;
+                let groups = split(&chunk, connections);
+                for positions in groups.iter() {
+                    let keys = positions
+                        .iter()
+                        .flat_map(|p| line_keys(&chunk[*p]))
+                        .collect();
+                    queue.push_back(Group {
+                        window: w,
+                        positions: positions.clone(),
+                        keys,
+                    });
+                }
+                windows.insert(
+                    w,
+                    Window {
+                        verdicts: vec![None; chunk.len()],
+                        lines: chunk,
+                        groups_left: groups.len(),
+                    },
+                );
             }
-            let Some((_, k)) = &pending else { break };
-            if in_flight.iter().any(|f| !f.keys.is_disjoint(k)) {
+            let Some(next) = queue.front() else { break };
+            if in_flight
+                .iter()
+                .any(|f| !f.group.keys.is_disjoint(&next.keys))
+            {
                 break;
             }
-            let Some((chunk, k)) = pending.take() else {
+            let (Some(group), Some(worker)) = (queue.pop_front(), idle.pop()) else {
                 break;
             };
-            let Some(worker) = idle.pop() else { break };
+            let Some(window) = windows.get(&group.window) else {
+                break;
+            };
+            let job_lines: Vec<Line> = group.positions.iter().map(|p| window.lines[*p]).collect();
             let seq = next_seq;
             next_seq += 1;
             workers[worker].watch.start();
@@ -148,39 +242,34 @@ where
                 .jobs
                 .send(Job {
                     seq,
-                    lines: chunk.clone(),
+                    lines: job_lines,
                 })
                 .is_err()
             {
-                // The worker's thread is gone (it cannot be, short of a panic): report the chunk.
-                finished.insert(seq, (chunk, Vec::new()));
+                // The worker's thread is gone (it cannot be, short of a panic).
+                finish_group(&mut windows, &group, Vec::new());
                 stopping = Some("a worker thread ended".into());
                 continue;
             }
-            in_flight.push(InFlight {
-                seq,
-                worker,
-                lines: chunk,
-                keys: k,
-            });
+            in_flight.push(InFlight { seq, worker, group });
         }
         if in_flight.is_empty() {
-            // Stopping, or the file is done: what is left was never attempted.
-            let reason = stopping.clone();
-            emit_ready(&mut finished, &mut next_emit, &mut summary, &mut record)?;
-            let Some(reason) = reason else {
-                if pending.is_none() && lines.peek().is_none() {
+            emit_ready(&mut windows, &mut summary, &mut record)?;
+            let Some(reason) = stopping.clone() else {
+                if queue.is_empty() && lines.peek().is_none() {
                     break;
                 }
                 continue;
             };
+            // Stopping: what is left was never attempted.
             let never = Verdict {
                 outcome: Outcome::NotApplied,
                 error: Some(format!("not attempted: {reason}")),
             };
-            for l in pending.take().map(|(c, _)| c).into_iter().flatten() {
-                record(&mut summary, &l, &never)?;
+            for group in queue.drain(..) {
+                finish_group(&mut windows, &group, Vec::new());
             }
+            emit_ready(&mut windows, &mut summary, &mut record)?;
             for l in lines.by_ref() {
                 record(&mut summary, &l, &never)?;
             }
@@ -198,7 +287,7 @@ where
                 let verdicts = match done.result {
                     Ok(v) => v,
                     Err(fatal) => {
-                        emit_ready(&mut finished, &mut next_emit, &mut summary, &mut record)?;
+                        emit_ready(&mut windows, &mut summary, &mut record)?;
                         return Err(E::from(fatal));
                     }
                 };
@@ -210,7 +299,7 @@ where
                         )
                     });
                 }
-                finished.insert(f.seq, (f.lines, verdicts));
+                finish_group(&mut windows, &f.group, verdicts);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -240,15 +329,15 @@ where
                 "no answer from the database within {:.1}s, {what}",
                 wait.as_secs_f64()
             );
-            let n = f.lines.len().saturating_sub(verdicts.len());
+            let n = f.group.positions.len().saturating_sub(verdicts.len());
             verdicts.extend((0..n).map(|_| Verdict {
                 outcome,
                 error: Some(error.clone()),
             }));
             stopping.get_or_insert(error);
-            finished.insert(f.seq, (f.lines, verdicts));
+            finish_group(&mut windows, &f.group, verdicts);
         }
-        emit_ready(&mut finished, &mut next_emit, &mut summary, &mut record)?;
+        emit_ready(&mut windows, &mut summary, &mut record)?;
     }
     // Idle workers end when their job channel closes; lost ones are left to the OS.
     drop(workers.drain(..).filter(|w| !w.lost).collect::<Vec<_>>());
@@ -256,22 +345,39 @@ where
     Ok(summary)
 }
 
-/// Writes the finished chunks that are next in file order.
+/// Files a group's verdicts in its window; a line without one was never attempted.
+fn finish_group(windows: &mut BTreeMap<u64, Window>, group: &Group, verdicts: Vec<Verdict>) {
+    let Some(w) = windows.get_mut(&group.window) else {
+        return;
+    };
+    let mut verdicts = verdicts.into_iter();
+    for p in &group.positions {
+        w.verdicts[*p] = Some(verdicts.next().unwrap_or_else(|| Verdict {
+            outcome: Outcome::NotApplied,
+            error: Some("not attempted: an earlier chunk could not be settled".into()),
+        }));
+    }
+    w.groups_left = w.groups_left.saturating_sub(1);
+}
+
+/// Writes the finished windows that are next in file order.
 fn emit_ready<E>(
-    finished: &mut BTreeMap<u64, (Vec<Line>, Vec<Verdict>)>,
-    next_emit: &mut u64,
+    windows: &mut BTreeMap<u64, Window>,
     summary: &mut Summary,
     record: &mut impl FnMut(&mut Summary, &Line, &Verdict) -> Result<(), E>,
 ) -> Result<(), E> {
-    while let Some((lines, verdicts)) = finished.remove(next_emit) {
+    while let Some(entry) = windows.first_entry() {
+        if entry.get().groups_left > 0 {
+            break;
+        }
+        let w = entry.remove();
         let missing = Verdict {
             outcome: Outcome::NotApplied,
             error: Some("not attempted: an earlier chunk could not be settled".into()),
         };
-        for (i, l) in lines.iter().enumerate() {
-            record(summary, l, verdicts.get(i).unwrap_or(&missing))?;
+        for (l, v) in w.lines.iter().zip(&w.verdicts) {
+            record(summary, l, v.as_ref().unwrap_or(&missing))?;
         }
-        *next_emit += 1;
     }
     Ok(())
 }
@@ -304,5 +410,48 @@ fn spawn(url: &DbUrl, policy: RetryPolicy, n: usize, done: mpsc::Sender<Done>) -
         jobs,
         watch,
         lost: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::NewTransfer;
+
+    fn line(n: u64, from: u128, to: u128) -> Line {
+        Line {
+            line: n,
+            transfer: NewTransfer {
+                id: Uuid::from_u128(1000 + n as u128),
+                from_id: Uuid::from_u128(from),
+                to_id: Uuid::from_u128(to),
+                amount: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_window_splits_into_groups_that_share_nothing_and_keep_file_order() {
+        // 1-2, 3-4 and 2-5 (joined to the first through account 2), 6-7.
+        let lines = [line(1, 1, 2), line(2, 3, 4), line(3, 2, 5), line(4, 6, 7)];
+        let groups = split(&lines, 2);
+        assert_eq!(groups.len(), 2);
+        for g in &groups {
+            assert!(g.windows(2).all(|w| w[0] < w[1]), "file order: {groups:?}");
+        }
+        let of = |p: usize| groups.iter().position(|g| g.contains(&p));
+        assert_eq!(of(0), of(2), "lines sharing an account stay together");
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 4);
+        assert_eq!(split(&lines, 1), vec![vec![0, 1, 2, 3]]);
+    }
+
+    #[test]
+    fn lines_sharing_an_id_stay_together() {
+        let mut a = line(1, 1, 2);
+        let mut b = line(2, 3, 4);
+        b.transfer.id = a.transfer.id;
+        a.line = 1;
+        let groups = split(&[a, b], 2);
+        assert_eq!(groups, vec![vec![0, 1]]);
     }
 }
