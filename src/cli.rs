@@ -187,9 +187,11 @@ pub struct TransferArgs {
     /// Format of --file [default: from its extension (.csv, .jsonl), else from its first line]
     #[arg(long, value_enum, requires = "file")]
     pub format: Option<crate::batch::Format>,
-    /// Connections applying chunks of --file at once (chunks that share no account or id)
-    #[arg(long, value_name = "N", default_value_t = 2, requires = "file", allow_negative_numbers = true, value_parser = whole::<1, 64>)]
-    pub connections: u64,
+    /// Connections applying --file at once, each a group of lines that shares no account or id
+    /// with the others [default: 2; 1 on a PostgreSQL whose default isolation is SERIALIZABLE,
+    /// where concurrent groups abort each other]
+    #[arg(long, value_name = "N", requires = "file", allow_negative_numbers = true, value_parser = whole::<1, 64>)]
+    pub connections: Option<u64>,
     /// Print the result as JSON (with --file: one JSON object per line of the file)
     #[arg(long)]
     pub json: bool,

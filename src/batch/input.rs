@@ -171,21 +171,23 @@ struct Newlines<R> {
 
 #[derive(Default)]
 struct LineIndex {
-    /// Each newline's offset, and whether the line it ends is blank.
-    newlines: VecDeque<(u64, bool)>,
+    /// Each newline's offset, and the offset of the last byte other than a space before it on
+    /// its line (none: the line is blank).
+    newlines: VecDeque<(u64, Option<u64>)>,
     passed: u64,
-    /// Nothing but spaces so far on the line being read.
-    blank: bool,
+    /// The last byte other than a space on the line being read.
+    text: Option<u64>,
 }
 
 impl LineIndex {
-    /// The 1-based line of a record that starts at `offset` (the csv crate counts a record
-    /// from the blank lines before it); offsets must not go backwards.
+    /// The 1-based line of the first byte other than a space at or after `offset` (the csv
+    /// crate starts a record at the line ends and blank lines before it); offsets must not go
+    /// backwards.
     fn line_at(&mut self, offset: u64) -> u64 {
         while self
             .newlines
             .front()
-            .is_some_and(|(n, blank)| *n < offset || *blank)
+            .is_some_and(|(n, text)| *n < offset || text.is_none_or(|t| t < offset))
         {
             self.newlines.pop_front();
             self.passed += 1;
@@ -198,18 +200,15 @@ impl<R: Read> Read for Newlines<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         let mut index = self.index.borrow_mut();
-        if self.read == 0 {
-            index.blank = true;
-        }
         for (i, b) in buf[..n].iter().enumerate() {
+            let at = self.read + i as u64;
             match b {
                 b'\n' => {
-                    let blank = index.blank;
-                    index.newlines.push_back((self.read + i as u64, blank));
-                    index.blank = true;
+                    let text = index.text.take();
+                    index.newlines.push_back((at, text));
                 }
                 b' ' | b'\t' | b'\r' => {}
-                _ => index.blank = false,
+                _ => index.text = Some(at),
             }
         }
         self.read += n as u64;
@@ -225,6 +224,8 @@ impl<R: Read> CsvLines<R> {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .trim(csv::Trim::All)
+            // Field counts are checked here, so that a line of spaces counts as blank.
+            .flexible(true)
             .from_reader(Newlines {
                 inner: input,
                 read: 0,
@@ -319,6 +320,13 @@ impl<R: Read> Iterator for CsvLines<R> {
                 Some(p) => self.lines.borrow_mut().line_at(p.byte()),
                 None => self.lines.borrow().passed + 1,
             };
+            let width = self.reader.headers().map(|h| h.len()).unwrap_or_default();
+            if r.len() != width {
+                return Some(Err(malformed(
+                    line,
+                    format!("{} fields where the header has {width}", r.len()),
+                )));
+            }
             return Some(transfer(
                 line,
                 r.get(i),
@@ -430,6 +438,14 @@ mod tests {
             reason(&got[1]),
             (4, format!("from and to are the same account ({B})"))
         );
+    }
+
+    #[test]
+    fn line_numbers_count_blank_lines_and_crlf_endings() {
+        let text = format!("id,from,to,amount\r\n\r\n{X},{A},{B},5\r\n   \r\n{X},{A},{A},5\r\n");
+        let got = all(&text, Format::Csv);
+        assert_eq!(got[0].as_ref().map(|l| l.line), Ok(3));
+        assert_eq!(reason(&got[1]).0, 5);
     }
 
     #[test]
