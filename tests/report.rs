@@ -156,11 +156,7 @@ fn the_html_report_is_written_on_ctrl_c() {
         .spawn()
         .expect("spawn bank");
     thread::sleep(Duration::from_millis(1500));
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
+    crate::support::interrupt(child.id());
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let json: Value = serde_json::from_slice(&out.stdout).expect("JSON report");

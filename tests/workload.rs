@@ -182,11 +182,7 @@ fn a_workload_interrupted_by_sigint_reports_and_checks() {
         .spawn()
         .expect("spawn bank");
     thread::sleep(Duration::from_millis(1500));
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
+    crate::support::interrupt(child.id());
     let out = child.wait_with_output().expect("wait");
     let took = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -303,3 +303,13 @@ impl Run {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.stdout))
     }
 }
+
+/// Sends SIGINT to `pid` through the shell's own `kill` (a minimal Debian has no `kill` binary:
+/// procps is not installed; every POSIX shell has the builtin).
+pub fn interrupt(pid: u32) {
+    let status = std::process::Command::new("sh")
+        .args(["-c", "kill -INT \"$1\"", "sh", &pid.to_string()])
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "kill -INT {pid}: {status}");
+}
