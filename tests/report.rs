@@ -103,6 +103,17 @@ fn a_frozen_server_is_shaded_in_the_report_written_when_the_final_check_fails() 
                 .args(["--json", "--report", path.to_str().expect("utf-8 path")]);
             thread::spawn(move || bank.run())
         };
+        // 1.2 s into the run itself, which starts once the process has connected and made its
+        // accounts: timed from the spawn, a slow start put the freeze in second 0.
+        let mut conn = db.conn();
+        let started = std::time::Instant::now();
+        while crate::support::count_transfers(&mut conn).expect("count") == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the workload never started"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
         thread::sleep(Duration::from_millis(1200));
         proxy.freeze_all();
         let run = run.join().expect("workload thread");
