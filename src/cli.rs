@@ -38,7 +38,7 @@ pub enum Command {
     /// Create accounts: the tutorial's two (1000 and 250) by default
     #[command(after_help = "Example:\n  bank seed --accounts 1000 --balance 500 --json")]
     Seed(SeedArgs),
-    /// Move money between two accounts, exactly once
+    /// Move money between two accounts, exactly once; or apply a file of transfers (--file)
     #[command(
         after_help = "Example:\n  bank transfer --from 06bbabc7-736f-4f64-b8ff-46f84023f4f6 --to 991bfe5f-9a71-4cfb-8591-504ee5992c0a --amount 100 --id 11111111-1111-1111-1111-111111111111\n  bank transfer --file payroll.csv --json      # a file of transfers (CSV or JSON Lines)\n\nExit codes: 0 applied (or already applied), 1 failed and not applied, 2 bad input,\n3 outcome unknown: run the same command (same --id) again to settle it."
     )]
