@@ -162,8 +162,11 @@ impl Crew {
                     None => continue,
                 }
                 log::warn!("workload: a transfer outlived its deadline; its worker is abandoned");
-                // The server did not answer for all that time.
-                self.live.mark_fault(began, now);
+                // Only the second it was given up in: the transfer may have been answered for a
+                // while (retries after serialization failures) before the server stopped
+                // answering, and marking from its start shaded seconds before a freeze. The
+                // seconds the server did not answer are the probe's to mark.
+                self.live.mark_fault(now, now);
                 stuck += 1;
             }
             seen.stuck_workers += stuck;

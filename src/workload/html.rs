@@ -116,7 +116,7 @@ fn page(report: &Report, timeline: &Timeline) -> Result<String, String> {
         "<p><span class=\"swatch\"></span> Shaded on every chart: the seconds in which a \
          connection was lost or the server did not answer (a retry after a lost connection or \
          an ambiguous commit, a transfer given up at its deadline, a failed read or connect of \
-         a reader). Seconds, counted from 0: <span id=\"fault-seconds\">{listed}</span>.</p>"
+         a reader, a probe's unanswered SELECT 1). Seconds, counted from 0: <span id=\"fault-seconds\">{listed}</span>.</p>"
     );
     let _ = writeln!(w, "<div class=\"charts\">");
     for chart in charts(timeline) {

@@ -100,8 +100,8 @@ impl Sampler {
 pub struct Timeline {
     pub(super) seconds: Vec<Second>,
     /// Per second: a connection was lost (a retry for a lost connection or an ambiguous
-    /// commit, a failed read or connect of a reader) or the server did not answer (a transfer
-    /// the watchdog gave up on, from its start to then).
+    /// commit, a failed read or connect of a reader) or the server did not answer (the probe's
+    /// question went unanswered, or the watchdog gave up on a transfer in that second).
     pub(super) faults: Vec<bool>,
     /// Per second: the lowest and highest total the readers' snapshots saw.
     pub(super) totals: Vec<Option<(i64, i64)>>,
