@@ -73,6 +73,7 @@ struct Done {
 
 struct Worker {
     jobs: mpsc::Sender<Job>,
+    thread: thread::JoinHandle<()>,
     watch: Watch,
     /// Given up on (frozen): never sent another chunk.
     lost: bool,
@@ -339,8 +340,16 @@ where
         }
         emit_ready(&mut windows, &mut summary, &mut record)?;
     }
-    // Idle workers end when their job channel closes; lost ones are left to the OS.
-    drop(workers.drain(..).filter(|w| !w.lost).collect::<Vec<_>>());
+    // Workers end when their job channel closes; each is waited for, so that no thread is still
+    // closing its connection while the process exits (libpq's and OpenSSL's exit handlers then
+    // race it: a run killed by a signal after printing every line was seen). Lost (frozen) ones
+    // are left behind.
+    for w in workers.drain(..) {
+        drop(w.jobs);
+        if !w.lost {
+            let _ = w.thread.join();
+        }
+    }
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
@@ -387,7 +396,7 @@ fn spawn(url: &DbUrl, policy: RetryPolicy, n: usize, done: mpsc::Sender<Done>) -
     let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
     let mut runner = ChunkRunner::new(session, policy);
     let watch = runner.watch.clone();
-    thread::spawn(move || {
+    let thread = thread::spawn(move || {
         for job in rx {
             let result = runner.apply(&job.lines);
             let retries = std::mem::take(&mut runner.retries);
@@ -408,6 +417,7 @@ fn spawn(url: &DbUrl, policy: RetryPolicy, n: usize, done: mpsc::Sender<Done>) -
     });
     Worker {
         jobs,
+        thread,
         watch,
         lost: false,
     }

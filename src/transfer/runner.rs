@@ -156,7 +156,11 @@ impl Runner {
         let t = *t;
         let started = Instant::now();
         std::thread::spawn(move || {
-            let _ = tx.send(self.run(&t));
+            let result = self.run(&t);
+            // Closed before the answer goes out: the caller may exit at once, and libpq's exit
+            // handlers must not race a connection closing on this thread.
+            drop(self);
+            let _ = tx.send(result);
         });
         // The runner watches the same deadline between attempts; the grace lets it report its
         // own, more precise, result when it is not stuck.

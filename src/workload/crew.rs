@@ -206,12 +206,14 @@ impl Crew {
             stop: Arc::new(AtomicBool::new(false)),
             reads: Arc::new(AtomicU64::new(0)),
             wrong: Arc::new(AtomicU64::new(0)),
+            running: Arc::new(AtomicU64::new(n)),
         };
         for _ in 0..n {
-            let (stop, reads, wrong) = (
+            let (stop, reads, wrong, running) = (
                 Arc::clone(&readers.stop),
                 Arc::clone(&readers.reads),
                 Arc::clone(&readers.wrong),
+                Arc::clone(&readers.running),
             );
             let (url, ids, timeout, live) = (
                 self.url.clone(),
@@ -260,6 +262,9 @@ impl Crew {
                         }
                     }
                 }
+                // Closed before the reader counts as stopped (see `Readers::stop`).
+                drop(conn);
+                running.fetch_sub(1, Ordering::SeqCst);
             });
         }
         readers
@@ -370,6 +375,8 @@ pub(super) struct Readers {
     stop: Arc<AtomicBool>,
     reads: Arc<AtomicU64>,
     wrong: Arc<AtomicU64>,
+    /// Readers that have not yet closed their connection.
+    running: Arc<AtomicU64>,
 }
 
 /// What the readers saw.
@@ -383,6 +390,15 @@ impl Readers {
     /// behind: its read is not counted).
     pub(super) fn stop(self) -> Reads {
         self.stop.store(true, Ordering::SeqCst);
+        // A reader closing its connection while the process exits races libpq's exit handlers
+        // (a run killed by a signal after its report); a read takes milliseconds, a frozen one
+        // is left behind after 250 ms.
+        let waited = Instant::now();
+        while self.running.load(Ordering::SeqCst) > 0
+            && waited.elapsed() < Duration::from_millis(250)
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
         Reads {
             reads: self.reads.load(Ordering::SeqCst),
             wrong: self.wrong.load(Ordering::SeqCst),

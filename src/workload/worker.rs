@@ -209,7 +209,11 @@ impl Worker {
                 }
             }
         }
-        self.slot.done.store(true, Ordering::SeqCst);
+        // The connection closes before the worker says it is done: the process may exit as soon
+        // as every worker is done, and libpq's exit handlers must not race a closing connection.
+        let slot = Arc::clone(&self.slot);
+        drop(self);
+        slot.done.store(true, Ordering::SeqCst);
     }
 
     /// Whether to start another transfer: before the end, or while transfers remain.
@@ -300,7 +304,10 @@ impl Worker {
                 let _ = tally.latency_us.record(micros.max(1));
             }
         }
-        self.slot.done.store(true, Ordering::SeqCst);
+        let slot = Arc::clone(&self.slot);
+        drop(chunk);
+        drop(self);
+        slot.done.store(true, Ordering::SeqCst);
     }
 
     /// Tells the watchdog that a transfer (or a batch's statement) starts now.
