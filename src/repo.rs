@@ -368,36 +368,10 @@ pub fn list_query(
 
 #[cfg(test)]
 mod tests {
-    use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error};
-
-    struct Info(&'static str);
-
-    impl DatabaseErrorInformation for Info {
-        fn message(&self) -> &str {
-            self.0
-        }
-        fn details(&self) -> Option<&str> {
-            None
-        }
-        fn hint(&self) -> Option<&str> {
-            None
-        }
-        fn table_name(&self) -> Option<&str> {
-            None
-        }
-        fn column_name(&self) -> Option<&str> {
-            None
-        }
-        fn constraint_name(&self) -> Option<&str> {
-            None
-        }
-        fn statement_position(&self) -> Option<i32> {
-            None
-        }
-    }
+    use diesel::result::{DatabaseErrorKind, Error};
 
     fn db(message: &'static str) -> Error {
-        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Info(message)))
+        crate::retry::tests::db(DatabaseErrorKind::Unknown, message)
     }
 
     #[test]

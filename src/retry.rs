@@ -369,7 +369,7 @@ pub fn retry_transaction<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #[test]
     fn injected_retries_stop_after_the_third_retry_error() {
         use super::{stop_injecting, Cause};
@@ -409,7 +409,8 @@ mod tests {
         }
     }
 
-    fn db(kind: DatabaseErrorKind, message: &'static str) -> DieselError {
+    /// A database error with this kind and message (other modules' tests use it too).
+    pub(crate) fn db(kind: DatabaseErrorKind, message: &'static str) -> DieselError {
         DieselError::DatabaseError(kind, Box::new(Info(message)))
     }
 

@@ -24,9 +24,9 @@ use crate::error::{ConnectError, TransferError};
 use crate::guard::Ticket;
 use crate::repo;
 use crate::retry::{
-    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
-    SharedRetryCounts, Stop,
+    classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
 };
+use crate::transfer::{after_step, connection};
 
 /// What a runner shares with whoever watches it for a frozen server: the ticket of the
 /// statement under way, when that statement started, and the verdicts already given.
@@ -175,15 +175,9 @@ impl ChunkRunner {
                 return Attempt::Fail(TransferError::Abandoned);
             }
             let reused = session.is_connected();
-            let conn = match session.conn() {
+            let conn = match connection(session) {
                 Ok(conn) => conn,
-                Err(e) if e.is_transient() => {
-                    return Attempt::Retry {
-                        cause: Cause::ConnectionLost,
-                        message: e.message,
-                    }
-                }
-                Err(e) => return Attempt::Fail(TransferError::Connect(e)),
+                Err(step) => return step,
             };
             let mut seen = None;
             let mut committing = false;
@@ -196,7 +190,11 @@ impl ChunkRunner {
                 repo::lock_accounts(c, &accounts)?;
                 let rows = statement.clone().load::<(i64, String)>(c)?;
                 let decided = read_rows(lines, rows)?;
-                seen = Some(applied_lines(lines, &decided).collect::<Vec<u64>>());
+                seen = Some(
+                    applied(lines, &decided)
+                        .map(|l| l.line)
+                        .collect::<Vec<u64>>(),
+                );
                 if !ticket.enter_commit() {
                     return Err(Rollback::Abandoned);
                 }
@@ -221,31 +219,16 @@ impl ChunkRunner {
                         }
                 ));
             }
-            match step {
-                Attempt::Retry { cause, message } => {
-                    if let Some(live) = live_retries {
-                        live.add(cause);
-                    }
-                    if stop_injecting(n, cause) {
-                        session.stop_injecting();
-                    }
-                    if cause == Cause::Ambiguous {
-                        ambiguous = true;
-                        ticket.mark_ambiguous();
-                        ours.extend(seen.into_iter().flatten());
-                    }
-                    if cause.needs_reconnect() {
-                        session.reset();
-                    }
-                    // A connection that died while idle says nothing about this statement.
-                    if cause == Cause::ConnectionLost && reused {
-                        Attempt::RetryNow { cause, message }
-                    } else {
-                        Attempt::Retry { cause, message }
-                    }
-                }
-                step => step,
+            let step = after_step(step, n, reused, session, ticket, live_retries);
+            if let Attempt::Retry {
+                cause: Cause::Ambiguous,
+                ..
+            } = &step
+            {
+                ambiguous = true;
+                ours.extend(seen.into_iter().flatten());
             }
+            step
         });
         self.retries += retries;
         let fail = |outcome, reason: String| Ok(Err(Failed { outcome, reason }));
@@ -383,15 +366,16 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
         refused,
         unknown_to,
     };
-    let applied = applied_lines(lines, &decided).count();
-    let accounts: HashSet<_> = applied_lines(lines, &decided)
-        .filter_map(|l| lines.iter().find(|x| x.line == l))
-        .flat_map(|l| [l.transfer.from_id, l.transfer.to_id])
-        .collect();
-    if inserted != Some(applied as i64) || moved != Some(accounts.len() as i64) {
+    let mut transfers = 0;
+    let mut accounts = HashSet::new();
+    for l in applied(lines, &decided) {
+        transfers += 1;
+        accounts.extend([l.transfer.from_id, l.transfer.to_id]);
+    }
+    if inserted != Some(transfers as i64) || moved != Some(accounts.len() as i64) {
         return Err(Rollback::Bug(format!(
             "the chunk statement inserted {inserted:?} ledger rows and moved {moved:?} \
-             accounts, but its verdicts leave {applied} transfers over {} accounts",
+             accounts, but its verdicts leave {transfers} transfers over {} accounts",
             accounts.len()
         )));
     }
@@ -399,12 +383,11 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
 }
 
 /// The lines a statement applied: those before its refused line without a verdict.
-fn applied_lines<'a>(lines: &'a [Line], d: &'a Decided) -> impl Iterator<Item = u64> + 'a {
+fn applied<'a>(lines: &'a [Line], d: &'a Decided) -> impl Iterator<Item = &'a Line> + 'a {
     lines
         .iter()
         .take_while(move |l| d.refused.is_none_or(|r| l.line < r))
         .filter(move |l| !d.verdicts.contains_key(&l.line))
-        .map(|l| l.line)
 }
 
 /// The verdict of a decided line (none: the statement applied it), with the error it reports.

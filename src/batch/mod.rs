@@ -11,7 +11,6 @@ mod statement;
 pub use chunk::{ChunkRunner, Fatal};
 pub use input::{Format, Line, Malformed};
 pub use pipeline::{apply, Options, Summary};
-pub use statement::BatchStatement;
 
 use serde::Serialize;
 

@@ -4,6 +4,7 @@
 mod runner;
 mod statement;
 
+pub(crate) use runner::{after_step, connection};
 pub use runner::{gave_up, Receipt, Runner, GRACE};
 pub use statement::{apply, BodyError, TransferStatement};
 

@@ -87,33 +87,15 @@ impl Runner {
             // server restart, a killed backend); losing it before COMMIT says nothing.
             let reused = session.is_connected();
             let step = attempt(session, t, mode, ambiguous, ticket);
-            if let Attempt::Retry { cause, .. } = &step {
-                if stop_injecting(n, *cause) {
-                    session.stop_injecting();
-                }
+            let step = after_step(step, n, reused, session, ticket, live_retries);
+            if let Attempt::Retry {
+                cause: Cause::Ambiguous,
+                ..
+            } = &step
+            {
+                ambiguous = true;
             }
-            if let Attempt::Retry { cause, .. } | Attempt::RetryNow { cause, .. } = &step {
-                if let Some(live) = live_retries {
-                    live.add(*cause);
-                }
-                if *cause == Cause::Ambiguous {
-                    ambiguous = true;
-                    ticket.mark_ambiguous();
-                }
-                if cause.needs_reconnect() {
-                    session.reset();
-                }
-            }
-            match step {
-                Attempt::Retry {
-                    cause: Cause::ConnectionLost,
-                    message,
-                } if reused => Attempt::RetryNow {
-                    cause: Cause::ConnectionLost,
-                    message,
-                },
-                step => step,
-            }
+            step
         });
         self.retries += retries;
         match result {
@@ -200,6 +182,58 @@ pub fn gave_up(t: &NewTransfer, how: GaveUp, started: Instant) -> TransferError 
     }
 }
 
+/// The session's connection for an attempt, or the step that ends the attempt: one that cannot
+/// be opened now is retried, one that never can (a wrong password, say) is final.
+pub(crate) fn connection<T>(
+    session: &mut Session,
+) -> Result<&mut PgConnection, Attempt<T, TransferError>> {
+    session.conn().map_err(|e| {
+        if e.is_transient() {
+            Attempt::Retry {
+                cause: Cause::ConnectionLost,
+                message: e.message,
+            }
+        } else {
+            Attempt::Fail(TransferError::Connect(e))
+        }
+    })
+}
+
+/// What every runner (one transfer, a chunk of a file) does with an attempt's transient failure:
+/// counts it where the workload watches, turns `--inject-retries` off after the third injected
+/// error, marks the ticket when the COMMIT's outcome is unknown, drops a connection that must be
+/// replaced, and makes the loss of a connection that had been idle (`reused`) a free retry: it
+/// says nothing about the work.
+pub(crate) fn after_step<T>(
+    step: Attempt<T, TransferError>,
+    n: u32,
+    reused: bool,
+    session: &mut Session,
+    ticket: &Ticket,
+    live: Option<&SharedRetryCounts>,
+) -> Attempt<T, TransferError> {
+    let Attempt::Retry { cause, message } = step else {
+        return step;
+    };
+    if let Some(live) = live {
+        live.add(cause);
+    }
+    if stop_injecting(n, cause) {
+        session.stop_injecting();
+    }
+    if cause == Cause::Ambiguous {
+        ticket.mark_ambiguous();
+    }
+    if cause.needs_reconnect() {
+        session.reset();
+    }
+    if cause == Cause::ConnectionLost && reused {
+        Attempt::RetryNow { cause, message }
+    } else {
+        Attempt::Retry { cause, message }
+    }
+}
+
 /// One attempt. `Done(true)` when the ledger already had the transfer from an earlier run.
 fn attempt(
     session: &mut Session,
@@ -208,15 +242,9 @@ fn attempt(
     after_ambiguous: bool,
     ticket: &Ticket,
 ) -> Attempt<bool, TransferError> {
-    let conn = match session.conn() {
+    let conn = match connection(session) {
         Ok(conn) => conn,
-        Err(e) if e.is_transient() => {
-            return Attempt::Retry {
-                cause: Cause::ConnectionLost,
-                message: e.message,
-            }
-        }
-        Err(e) => return Attempt::Fail(TransferError::Connect(e)),
+        Err(step) => return step,
     };
     if after_ambiguous {
         match lookup(conn, t) {
