@@ -797,3 +797,69 @@ fn batch_with_single_statement_mode_is_refused() {
     assert_eq!(db.balance(ids[0]), 10);
     drop(before);
 }
+
+#[test]
+fn a_rerun_after_the_funds_were_spent_says_already_applied() {
+    // Applied once, then the debited account is drained by another transfer: on a rerun of the
+    // file, the line would now be refused for insufficient funds, but the ledger answers first.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 0, 0]);
+        let line = T {
+            id: Uuid::new_v4(),
+            from: ids[0],
+            to: ids[1],
+            amount: 60,
+        };
+        let text = csv(&[line]);
+        run_file(db.url.expose(), "f.csv", &text, &[]).success();
+        db.transfer(ids[0], ids[2], 40).run().success();
+        assert_eq!(db.balance(ids[0]), 0);
+        let rerun = run_file(db.url.expose(), "f.csv", &text, &[]);
+        rerun.success();
+        assert_eq!(
+            outcomes(&rerun),
+            vec![(2, "already_applied".to_string())],
+            "{iso:?}"
+        );
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 2);
+    }
+}
+
+#[test]
+fn a_late_chunk_commit_under_server_lock_timeouts_is_applied_once_and_reported_applied() {
+    // The COMMIT reaches the server 2 s late while the client reconnects; the rerun of the chunk
+    // waits on the orphan's row locks and the server's lock_timeout cancels it, over and over,
+    // until the orphan commits and the ledger settles every line.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.alter("lock_timeout = '300ms'");
+        let lines = solvent_file(&db, 6, 40, 13);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.arm_at(At::Commit, Fault::LateCommit(Duration::from_secs(2)));
+        let run = run_file(
+            &proxy.url_for(&db.url),
+            "f.csv",
+            &csv(&lines),
+            &["--batch", "10", "--connections", "1", "--timeout", "20s"],
+        );
+        run.success();
+        let got = outcomes(&run);
+        assert_eq!(got.len(), lines.len(), "{iso:?}: {run:?}");
+        assert!(
+            got.iter().all(|(_, o)| o == "applied"),
+            "{iso:?}: every line was applied by this run: {got:?}"
+        );
+        assert!(
+            proxy.late_commits() >= 1,
+            "{iso:?}: the late commit reached the server"
+        );
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            lines.len() as i64,
+            "{iso:?}"
+        );
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{iso:?}: {report:?}");
+    }
+}
