@@ -15,6 +15,16 @@ pub struct Account {
     pub opening_balance: i64,
 }
 
+/// An account as a transaction that holds its lock sees it: what the next change to it starts
+/// from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
+pub struct LockedAccount {
+    pub id: Uuid,
+    pub balance: i64,
+    pub version: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Insertable)]
 #[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
 pub struct NewAccount {

@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
-use crate::models::{Account, NewAccount, Transfer};
+use crate::models::{Account, LockedAccount, NewAccount, Transfer};
 use crate::schema::{accounts, transfers};
 
 /// PostgreSQL accepts at most 65535 bind parameters in one statement.
@@ -87,19 +87,21 @@ pub fn list(
     list_query().load_iter::<Account, PgRowByRowLoadingMode>(conn)
 }
 
-/// The given accounts, ordered by id (for the demo, which shows only its own).
 /// Locks these accounts (those that exist) for the rest of the transaction, in key order: the
 /// order every transfer statement locks in, so lockers never wait on each other in a cycle.
-pub fn lock_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<usize> {
+/// Returns them as locked: at READ COMMITTED a row that another transaction changed while this
+/// one waited is returned as that transaction left it (PostgreSQL re-reads a row it locks), and
+/// nobody else can change it before this transaction ends.
+pub fn lock_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<LockedAccount>> {
     accounts::table
         .filter(accounts::id.eq_any(ids))
         .order(accounts::id)
-        .select(accounts::id)
+        .select(LockedAccount::as_select())
         .for_update()
-        .load::<Uuid>(conn)
-        .map(|locked| locked.len())
+        .load(conn)
 }
 
+/// The given accounts, ordered by id (for the demo, which shows only its own).
 pub fn list_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Account>> {
     // Sorted ids in bounded chunks, each read in id order: the chunks' rows come in id order.
     let mut sorted = ids.to_vec();

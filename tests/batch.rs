@@ -863,3 +863,59 @@ fn a_late_chunk_commit_under_server_lock_timeouts_is_applied_once_and_reported_a
         assert!(report.ok, "{iso:?}: {report:?}");
     }
 }
+
+#[test]
+fn a_stale_locked_balance_moves_nothing() {
+    // The chunk statement starts from the balances its lock statement returned. Were one of them
+    // stale (a bug: the lock makes it impossible), the UPDATE must leave that account alone and
+    // say so in its "moved" count, which the runner checks before COMMIT.
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 100]);
+    let (a, b) = (ids[0], ids[1]);
+    let mut conn = db.test_conn();
+    let line = bank::batch::Line {
+        line: 2,
+        transfer: bank::models::NewTransfer {
+            id: Uuid::new_v4(),
+            from_id: a,
+            to_id: b,
+            amount: 30,
+        },
+    };
+    let chunk = bank::batch::Chunk::new(&[line]);
+    let rows = |conn: &mut PgConnection, locked: &[bank::models::LockedAccount]| {
+        chunk
+            .statement(locked)
+            .load::<(i64, String)>(conn)
+            .expect("chunk statement")
+    };
+    let mut locked = bank::repo::lock_accounts(&mut conn, &[a, b]).expect("lock");
+    assert_eq!(locked.len(), 2);
+    let fresh = locked.clone();
+    for (what, stale) in [("balance", 0), ("version", 1)] {
+        locked.clone_from(&fresh);
+        let account = locked.iter_mut().find(|l| l.id == a).expect("a");
+        if stale == 0 {
+            account.balance += 5;
+        } else {
+            account.version += 1;
+        }
+        conn.transaction::<(), diesel::result::Error, _>(|c| {
+            let out = rows(c, &locked);
+            assert!(
+                out.contains(&(1, "moved".to_string())),
+                "stale {what}: only b moves: {out:?}"
+            );
+            assert!(out.contains(&(1, "inserted".to_string())), "{out:?}");
+            Err(diesel::result::Error::RollbackTransaction)
+        })
+        .ok();
+    }
+    let out = rows(&mut conn, &fresh);
+    assert!(out.contains(&(2, "moved".to_string())), "{out:?}");
+    assert_eq!(
+        db.balance(a),
+        100,
+        "the test transaction is never committed"
+    );
+}

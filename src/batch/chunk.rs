@@ -17,7 +17,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use uuid::Uuid;
 
 use super::input::Line;
-use super::statement::BatchStatement;
+use super::statement::Chunk;
 use super::{Outcome, Verdict};
 use crate::db::Session;
 use crate::error::{ConnectError, TransferError};
@@ -161,7 +161,7 @@ impl ChunkRunner {
         // Lines that an attempt whose COMMIT went unanswered applied: if the ledger holds them
         // afterwards, it was that attempt, i.e. this run, that applied them.
         let mut ours: HashSet<u64> = HashSet::new();
-        let statement = BatchStatement::new(lines);
+        let chunk = Chunk::new(lines);
         let mut accounts: Vec<Uuid> = lines
             .iter()
             .flat_map(|l| [l.transfer.from_id, l.transfer.to_id])
@@ -182,13 +182,13 @@ impl ChunkRunner {
             let mut seen = None;
             let mut committing = false;
             let result = conn.build_transaction().run(|c| {
-                // Locked by a statement of its own, so that the chunk statement's snapshot is
-                // taken once every account is ours: at READ COMMITTED it then reads the balances
-                // it moves. Locked inside the chunk statement, balances read by its CTE could be
-                // older than the rows its UPDATE moved (a CHECK violation under contention,
+                // Locked by a statement of its own, which returns the balances the chunk
+                // statement starts from. Locked inside the chunk statement, at READ COMMITTED,
+                // balances read by its CTE could be older than the rows its UPDATE moved (a CHECK
+                // violation under contention,
                 // `a_batched_workload_keeps_every_invariant_at_both_isolation_levels`).
-                repo::lock_accounts(c, &accounts)?;
-                let rows = statement.clone().load::<(i64, String)>(c)?;
+                let locked = repo::lock_accounts(c, &accounts)?;
+                let rows = chunk.statement(&locked).load::<(i64, String)>(c)?;
                 let decided = read_rows(lines, rows)?;
                 seen = Some(
                     applied(lines, &decided)

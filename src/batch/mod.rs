@@ -11,6 +11,7 @@ mod statement;
 pub use chunk::{ChunkRunner, Fatal};
 pub use input::{Format, Line, Malformed};
 pub use pipeline::{apply, Options, Summary};
+pub use statement::Chunk;
 
 use serde::Serialize;
 
