@@ -60,7 +60,7 @@ pub struct Transfer {
 }
 
 /// A transfer to apply. `id` is its idempotency key in the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Insertable)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Insertable)]
 #[diesel(table_name = transfers, check_for_backend(diesel::pg::Pg))]
 pub struct NewTransfer {
     pub id: Uuid,

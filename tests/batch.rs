@@ -13,6 +13,7 @@ use bank::error::TransferError;
 use bank::models::NewAccount;
 use bank::retry::RetryPolicy;
 use bank::transfer::{Mode, Runner};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use rand::rngs::StdRng;
@@ -20,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 use crate::support::proxy::{upstream_of, At, Fault, Proxy};
-use crate::support::{count_transfers, Bank, Iso, Run, ScratchDb};
+use crate::support::{count_transfers, wait_for_lock_wait, Bank, Iso, Run, ScratchDb};
 
 /// One line of a test file.
 #[derive(Debug, Clone, Copy)]
@@ -918,4 +919,104 @@ fn a_stale_locked_balance_moves_nothing() {
         100,
         "the test transaction is never committed"
     );
+}
+
+#[test]
+fn a_file_given_as_a_pipe_is_read_once_and_applied() {
+    // `--file <(command)`: the path names a pipe, which can be read only once. Read again to
+    // apply it, it gave nothing, and the run said "nothing to do" with exit 0.
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 3, 5, 11);
+    let bank = Bank::new();
+    let path = bank.dir.path().join("in.jsonl");
+    std::fs::write(&path, jsonl(&lines)).expect("write");
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            r#""$0" --database-url "$1" transfer --file <(cat "$2") --json"#,
+            assert_cmd::cargo::cargo_bin("bank")
+                .to_str()
+                .expect("utf-8"),
+            db.url.expose(),
+            path.to_str().expect("utf-8"),
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("bash");
+    let run = Run::from(out);
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = outcomes(&run);
+    assert_eq!(got.len(), 5, "{run:?}");
+    assert!(got.iter().all(|(_, o)| o == "applied"), "{run:?}");
+    assert_eq!(count_transfers(&mut db.conn()).expect("count"), 5);
+}
+
+#[test]
+fn a_file_changed_while_it_is_applied_stops_before_the_change() {
+    // The file is read twice: once to check every line, once to apply them. Changed in between,
+    // the second reading must not apply what the first never checked.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let mut lines = solvent_file(&db, 4, 300, 12);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        // Hold every account, so that the run waits in its first chunk.
+        let mut holder = db.conn();
+        holder.batch_execute("BEGIN").expect("begin");
+        diesel::sql_query("SELECT id FROM accounts FOR UPDATE")
+            .execute(&mut holder)
+            .expect("lock");
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .arg(&path)
+            .args(["--json", "--batch", "10", "--connections", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        wait_for_lock_wait(&db);
+        // Line 202 (the 201st transfer) now moves one more, and a transfer is appended: neither
+        // was checked. Written in place, as an editor that truncates would.
+        let changed = 200;
+        lines[changed].amount += 1;
+        let extra = T {
+            id: Uuid::new_v4(),
+            ..lines[0]
+        };
+        lines.push(extra);
+        std::fs::write(&path, csv(&lines)).expect("rewrite");
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 2, "{iso:?}: {run:?}");
+        assert!(run.stderr.contains("changed"), "{iso:?}: {run:?}");
+        run.no_password();
+        let got = outcomes(&run);
+        assert!(
+            !got.is_empty(),
+            "{iso:?}: the lines before the change are applied: {run:?}"
+        );
+        assert!(
+            got.iter()
+                .all(|(line, o)| o == "applied" && *line < changed as u64 + 2),
+            "{iso:?}: nothing at or after the change: {run:?}"
+        );
+        let mut conn = db.conn();
+        assert_eq!(
+            count_transfers(&mut conn).expect("count"),
+            got.len() as i64,
+            "{iso:?}: the ledger holds what was reported applied"
+        );
+        // The rerun applies the file as it now is; what the first run applied is already there.
+        let rerun = Bank::new()
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .args([path.to_str().expect("utf-8"), "--json"])
+            .run();
+        assert_eq!(rerun.code, 0, "{iso:?}: {rerun:?}");
+        let again = outcomes(&rerun);
+        assert_eq!(again.len(), 301, "{iso:?}: {rerun:?}");
+        let already = again.iter().filter(|(_, o)| o == "already_applied").count();
+        assert_eq!(already, got.len(), "{iso:?}: {rerun:?}");
+        assert_eq!(count_transfers(&mut conn).expect("count"), 301);
+    }
 }

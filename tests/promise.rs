@@ -2,15 +2,15 @@
 //! it committed. Each test runs at READ COMMITTED and at SERIALIZABLE, in both modes.
 
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bank::models::NewAccount;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use uuid::Uuid;
 
-use crate::support::{Iso, ScratchDb};
+use crate::support::{wait_for_lock_wait, Iso, ScratchDb};
 
 const MODES: [&str; 2] = ["transaction", "single-statement"];
 
@@ -144,35 +144,6 @@ fn lock(conn: &mut PgConnection, id: Uuid, nowait: bool) -> QueryResult<usize> {
         "SELECT id FROM accounts WHERE id = $1 FOR UPDATE"
     };
     diesel::sql_query(sql).bind::<SqlUuid, _>(id).execute(conn)
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-/// Waits until a `bank` session of this database waits on a lock.
-fn wait_for_lock_wait(db: &ScratchDb) {
-    let mut conn = db.conn();
-    let started = Instant::now();
-    loop {
-        let c: Count = diesel::sql_query(
-            "SELECT CAST(COUNT(*) AS INT8) AS n FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = 'bank' AND wait_event_type = 'Lock'",
-        )
-        .bind::<Text, _>(&db.name)
-        .get_result(&mut conn)
-        .expect("pg_stat_activity");
-        if c.n > 0 {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the transfer never waited on a lock"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Case 4's load: 2 accounts, 16 clients, 5 s. No deadlock, nothing given up, and the run ends

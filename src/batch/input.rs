@@ -4,8 +4,9 @@
 //! Every transfer needs its id: the id is what makes a rerun of the same file apply each transfer
 //! once, so a file without ids is refused rather than given random ones.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{BufRead, Read};
 use std::path::Path;
 use std::rc::Rc;
@@ -405,6 +406,122 @@ impl<R: BufRead> Iterator for JsonLines<R> {
     }
 }
 
+/// Lines per block of a `Fingerprint`: 16 bytes of memory per 64 lines, and a change is caught
+/// at most 63 lines before the line that changed.
+const BLOCK: usize = 64;
+
+/// What the check of a file read, as a digest per block of lines: enough for the second reading
+/// to apply only what the first one checked, without holding the file. Between the two the file
+/// may be rewritten, appended to, or truncated.
+#[derive(Debug, Default)]
+pub struct Fingerprint {
+    /// Each block's first line and digest.
+    blocks: Vec<(u64, u64)>,
+    open: Option<(u64, DefaultHasher, usize)>,
+}
+
+fn digest_line(hasher: &mut DefaultHasher, l: &Line) {
+    l.line.hash(hasher);
+    l.transfer.hash(hasher);
+}
+
+impl Fingerprint {
+    pub fn add(&mut self, l: &Line) {
+        let (_, hasher, n) = self
+            .open
+            .get_or_insert_with(|| (l.line, DefaultHasher::new(), 0));
+        digest_line(hasher, l);
+        *n += 1;
+        if *n == BLOCK {
+            self.close();
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some((first, hasher, _)) = self.open.take() {
+            self.blocks.push((first, hasher.finish()));
+        }
+    }
+
+    /// The lines of a second reading, each given only once the whole block it is in was read
+    /// and matches the check's; the first block that does not ends them, and its first line (as
+    /// the check numbered it; or the first line past the checked ones) is then in `changed`.
+    pub fn verify<I>(mut self, lines: I) -> (Unchanged<I>, Rc<Cell<Option<u64>>>)
+    where
+        I: Iterator<Item = Result<Line, Malformed>>,
+    {
+        self.close();
+        let changed = Rc::new(Cell::new(None));
+        let verified = Unchanged {
+            lines,
+            blocks: self.blocks.into_iter(),
+            ready: VecDeque::new(),
+            changed: Rc::clone(&changed),
+            done: false,
+        };
+        (verified, changed)
+    }
+}
+
+/// See `Fingerprint::verify`.
+pub struct Unchanged<I> {
+    lines: I,
+    blocks: std::vec::IntoIter<(u64, u64)>,
+    ready: VecDeque<Line>,
+    changed: Rc<Cell<Option<u64>>>,
+    done: bool,
+}
+
+impl<I: Iterator<Item = Result<Line, Malformed>>> Unchanged<I> {
+    fn stop(&mut self, line: u64) {
+        self.changed.set(Some(line));
+        self.done = true;
+    }
+}
+
+impl<I: Iterator<Item = Result<Line, Malformed>>> Iterator for Unchanged<I> {
+    type Item = Line;
+
+    fn next(&mut self) -> Option<Line> {
+        if self.ready.is_empty() && !self.done {
+            match self.blocks.next() {
+                None => {
+                    // Every checked line came back; anything after them was never checked.
+                    self.done = true;
+                    if let Some(extra) = self.lines.next() {
+                        self.stop(match extra {
+                            Ok(l) => l.line,
+                            Err(m) => m.line,
+                        });
+                    }
+                }
+                Some((first, digest)) => {
+                    let mut hasher = DefaultHasher::new();
+                    for item in self.lines.by_ref().take(BLOCK) {
+                        match item {
+                            Ok(l) => {
+                                digest_line(&mut hasher, &l);
+                                self.ready.push_back(l);
+                            }
+                            // Checked as well-formed, so it changed.
+                            Err(_) => {
+                                self.ready.clear();
+                                break;
+                            }
+                        }
+                    }
+                    let whole = self.ready.len() == BLOCK || self.blocks.len() == 0;
+                    if self.ready.is_empty() || !whole || hasher.finish() != digest {
+                        self.ready.clear();
+                        self.stop(first);
+                    }
+                }
+            }
+        }
+        self.ready.pop_front()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,5 +639,63 @@ mod tests {
         assert_eq!(Format::of_path(Path::new("a.txt")), None);
         assert_eq!(Format::sniff(b"  \n{\"id\""), Format::Jsonl);
         assert_eq!(Format::sniff(b"id,from"), Format::Csv);
+    }
+
+    /// A CSV file of `n` transfers (lines 2..=n+1), line k moving k.
+    fn numbered(n: usize) -> String {
+        let mut s = String::from("id,from,to,amount\n");
+        for k in 1..=n {
+            s.push_str(&format!("{},{A},{B},{k}\n", Uuid::from_u128(k as u128)));
+        }
+        s
+    }
+
+    /// The lines a second reading of `second` gives after a check of `first`, and where it
+    /// stopped.
+    fn reread(first: &str, second: &str) -> (Vec<u64>, Option<u64>) {
+        let mut fingerprint = Fingerprint::default();
+        for l in read(first.as_bytes(), Format::Csv) {
+            fingerprint.add(&l.expect("well-formed"));
+        }
+        let (lines, changed) = fingerprint.verify(read(second.as_bytes(), Format::Csv));
+        let got = lines.map(|l| l.line).collect();
+        (got, changed.get())
+    }
+
+    #[test]
+    fn a_second_reading_gives_every_checked_line_and_nothing_else() {
+        for n in [0, 1, 63, 64, 65, 200] {
+            let (got, changed) = reread(&numbered(n), &numbered(n));
+            assert_eq!(got, (2..n as u64 + 2).collect::<Vec<_>>(), "{n} lines");
+            assert_eq!(changed, None, "{n} lines");
+        }
+        // Appended to: the checked lines, then a stop at the first line never checked.
+        let (got, changed) = reread(&numbered(128), &numbered(129));
+        assert_eq!((got.len(), changed), (128, Some(130)));
+        let (got, changed) = reread(&numbered(100), &numbered(101));
+        assert_eq!(
+            (got.len(), changed),
+            (64, Some(66)),
+            "the open block holds the new line"
+        );
+        // Truncated: the last block is short.
+        let (got, changed) = reread(&numbered(200), &numbered(150));
+        assert_eq!((got.len(), changed), (128, Some(130)));
+    }
+
+    #[test]
+    fn a_changed_line_stops_the_second_reading_at_its_block() {
+        let first = numbered(200);
+        // Line 150 (the 149th transfer, in the third block: lines 130..=193) moves 1 more.
+        let second = first.replace(",149\n", ",150\n");
+        assert_ne!(first, second);
+        let (got, changed) = reread(&first, &second);
+        assert_eq!(got, (2..130).collect::<Vec<_>>());
+        assert_eq!(changed, Some(130));
+        // A line that no longer parses, and a blank line added (it moves every line after it).
+        let (got, changed) = reread(&first, &first.replace(",149\n", ",x\n"));
+        assert_eq!((got.len(), changed), (128, Some(130)));
+        let (got, changed) = reread(&first, &first.replacen("\n", "\n\n", 2));
+        assert_eq!((got.len(), changed), (0, Some(2)));
     }
 }

@@ -3,7 +3,8 @@
 //! stderr.
 //!
 //! The file is read twice, so that memory stays bounded whatever its size: once to check it, once
-//! to apply it. Standard input is copied to a temporary file during the first reading.
+//! to apply it; the second reading applies only what the first checked (a file changed in between
+//! stops there). Standard input and pipes are copied to a temporary file during the first reading.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::batch::input::Fingerprint;
 use crate::batch::{self, Format, Line, Malformed, Outcome, Summary, Verdict};
 use crate::cli::TransferArgs;
 use crate::db::DbUrl;
@@ -53,7 +55,8 @@ pub(super) fn transfer_file(
         connections,
         policy: args.run.policy(),
     };
-    let lines = batch::input::read(input.reader()?, format).filter_map(Result::ok);
+    let reader = input.reader()?;
+    let (lines, changed) = input.fingerprint.verify(batch::input::read(reader, format));
     let json = args.json;
     let summary = batch::apply(url, options, lines, |l: &Line, v: &Verdict| {
         write_line(out, json, l, v).map_err(Error::Io)
@@ -64,7 +67,15 @@ pub(super) fn transfer_file(
     let unknown = summary.count(Outcome::Unknown);
     let failed = total - summary.count(Outcome::Applied) - summary.count(Outcome::AlreadyApplied);
     if unknown > 0 {
+        // Settled by a rerun, which checks the file again.
         Err(Error::BatchUnknown { unknown, total })
+    } else if let Some(line) = changed.get() {
+        Err(Error::Usage(format!(
+            "{} changed after it was checked: nothing from line {line} on was applied (the \
+             lines above were); check the file and run it again, which reports what this run \
+             applied as already_applied",
+            input.name
+        )))
     } else if failed > 0 {
         Err(Error::BatchFailed { failed, total })
     } else {
@@ -167,7 +178,7 @@ struct Source {
     name: String,
     format: Format,
     input: Box<dyn BufRead>,
-    /// Standard input's copy, read again to apply it.
+    /// The copy of standard input or a pipe, read again to apply it.
     spool: Option<Spool>,
     path: Option<PathBuf>,
 }
@@ -180,11 +191,15 @@ impl Source {
         } else {
             path.display().to_string()
         };
+        // A pipe (`--file <(command)`, a FIFO, /dev/stdin) can be read only once: like standard
+        // input, it is copied as it is checked, and the copy is applied.
+        let mut once = stdin;
         let mut input: Box<dyn BufRead> = if stdin {
             Box::new(io::stdin().lock())
         } else {
-            let file =
-                File::open(path).map_err(|e| Error::Usage(format!("cannot read {name}: {e}")))?;
+            let cannot = |e: io::Error| Error::Usage(format!("cannot read {name}: {e}"));
+            let file = File::open(path).map_err(cannot)?;
+            once = !file.metadata().map_err(cannot)?.is_file();
             Box::new(BufReader::new(file))
         };
         let format = match format.or_else(|| (!stdin).then(|| Format::of_path(path)).flatten()) {
@@ -195,13 +210,13 @@ impl Source {
                     .map_err(|e| Error::Usage(format!("cannot read {name}: {e}")))?,
             ),
         };
-        let spool = if stdin { Some(Spool::create()?) } else { None };
+        let spool = if once { Some(Spool::create()?) } else { None };
         Ok(Source {
             name,
             format,
             input,
             spool,
-            path: (!stdin).then(|| path.to_path_buf()),
+            path: (!once).then(|| path.to_path_buf()),
         })
     }
 
@@ -221,13 +236,12 @@ impl Source {
         };
         let mut first: Option<Malformed> = None;
         let mut more = 0u64;
+        let mut fingerprint = Fingerprint::default();
         for r in batch::input::read(reader, format) {
-            if let Err(m) = r {
-                if first.is_none() {
-                    first = Some(m);
-                } else {
-                    more += 1;
-                }
+            match r {
+                Ok(line) => fingerprint.add(&line),
+                Err(m) if first.is_none() => first = Some(m),
+                Err(_) => more += 1,
             }
         }
         if let Some(m) = first {
@@ -240,7 +254,12 @@ impl Source {
                 "{name}: {m}{also}; nothing was applied"
             )));
         }
-        Ok(Checked { spool, path, name })
+        Ok(Checked {
+            spool,
+            path,
+            name,
+            fingerprint,
+        })
     }
 }
 
@@ -249,6 +268,8 @@ struct Checked {
     spool: Option<Spool>,
     path: Option<PathBuf>,
     name: String,
+    /// What the check read, which the second reading must find again.
+    fingerprint: Fingerprint,
 }
 
 impl Checked {
@@ -294,10 +315,7 @@ impl Spool {
             Uuid::new_v4().simple()
         ));
         File::create(&path).map_err(|e| {
-            Error::Usage(format!(
-                "cannot copy standard input to {}: {e}",
-                path.display()
-            ))
+            Error::Usage(format!("cannot copy the input to {}: {e}", path.display()))
         })?;
         Ok(Spool { path })
     }
@@ -305,7 +323,7 @@ impl Spool {
     fn writer(&self) -> Result<io::BufWriter<File>, Error> {
         let file = File::create(&self.path).map_err(|e| {
             Error::Usage(format!(
-                "cannot copy standard input to {}: {e}",
+                "cannot copy the input to {}: {e}",
                 self.path.display()
             ))
         })?;

@@ -4,6 +4,8 @@
 pub mod proxy;
 
 use std::process::Output;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 use bank::db::DbUrl;
@@ -12,6 +14,7 @@ use bank::schema::{accounts, transfers};
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
 use uuid::Uuid;
 
 const HOW_TO_START: &str = "run the suite with `scripts/test` (it starts a throwaway PostgreSQL), \
@@ -312,4 +315,33 @@ pub fn interrupt(pid: u32) {
         .status()
         .expect("run sh");
     assert!(status.success(), "kill -INT {pid}: {status}");
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Waits until a `bank` session of this database waits on a lock.
+pub fn wait_for_lock_wait(db: &ScratchDb) {
+    let mut conn = db.conn();
+    let started = Instant::now();
+    loop {
+        let c: Count = diesel::sql_query(
+            "SELECT CAST(COUNT(*) AS INT8) AS n FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'bank' AND wait_event_type = 'Lock'",
+        )
+        .bind::<Text, _>(&db.name)
+        .get_result(&mut conn)
+        .expect("pg_stat_activity");
+        if c.n > 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the transfer never waited on a lock"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
