@@ -40,12 +40,18 @@ impl Format {
     /// The format of input whose name says nothing (standard input): JSON Lines when its first
     /// non-blank byte opens an object, CSV otherwise.
     pub fn sniff(first_bytes: &[u8]) -> Format {
-        match first_bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        let text = first_bytes
+            .strip_prefix(BOM.as_bytes())
+            .unwrap_or(first_bytes);
+        match text.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'{') => Format::Jsonl,
             _ => Format::Csv,
         }
     }
 }
+
+/// The byte order mark that some Windows tools open UTF-8 text with: not part of the text.
+const BOM: &str = "\u{feff}";
 
 /// One transfer of the file, with the line it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,10 +395,14 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                     return Some(Err(malformed(line, format!("cannot read: {e}"))));
                 }
             }
+            let text = match line {
+                1 => text.strip_prefix(BOM).unwrap_or(&text),
+                _ => &text,
+            };
             if text.trim().is_empty() {
                 continue;
             }
-            return Some(match serde_json::from_str::<JsonTransfer>(&text) {
+            return Some(match serde_json::from_str::<JsonTransfer>(text) {
                 Err(e) => Err(malformed(line, format!("not a JSON transfer object: {e}"))),
                 Ok(j) => transfer(
                     line,
@@ -639,6 +649,26 @@ mod tests {
         assert_eq!(Format::of_path(Path::new("a.txt")), None);
         assert_eq!(Format::sniff(b"  \n{\"id\""), Format::Jsonl);
         assert_eq!(Format::sniff(b"id,from"), Format::Csv);
+        assert_eq!(Format::sniff(b"\xef\xbb\xbf{\"id\""), Format::Jsonl);
+    }
+
+    #[test]
+    fn a_byte_order_mark_opening_the_file_is_not_part_of_it() {
+        // Some Windows tools open UTF-8 text with one (csv strips it from the header itself).
+        let body = format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}\n");
+        for format in [Format::Jsonl, Format::Csv] {
+            let text = match format {
+                Format::Jsonl => format!("\u{feff}{body}"),
+                Format::Csv => format!("\u{feff}id,from,to,amount\n{X},{A},{B},5\n"),
+            };
+            let got = all(&text, format);
+            assert_eq!(got.len(), 1, "{format:?}");
+            let l = got[0].as_ref().expect("parsed");
+            assert_eq!(
+                (l.transfer.amount, l.transfer.id.to_string()),
+                (5, X.to_string())
+            );
+        }
     }
 
     /// A CSV file of `n` transfers (lines 2..=n+1), line k moving k.
