@@ -19,6 +19,7 @@ pub mod db;
 pub mod error;
 pub mod exit_code;
 pub mod guard;
+pub mod interrupt;
 pub mod models;
 pub mod repo;
 pub mod retry;

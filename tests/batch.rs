@@ -1020,3 +1020,59 @@ fn a_file_changed_while_it_is_applied_stops_before_the_change() {
         assert_eq!(count_transfers(&mut conn).expect("count"), 301);
     }
 }
+
+#[test]
+fn ctrl_c_lets_the_chunk_under_way_finish_and_reports_the_rest_not_applied() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 4, 100, 13);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        // Hold every account: the first chunk waits, and is under way when Ctrl-C comes.
+        let mut holder = db.conn();
+        holder.batch_execute("BEGIN").expect("begin");
+        diesel::sql_query("SELECT id FROM accounts FOR UPDATE")
+            .execute(&mut holder)
+            .expect("lock");
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .arg(&path)
+            .args(["--json", "--batch", "10", "--connections", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        wait_for_lock_wait(&db);
+        crate::support::interrupt(child.id());
+        thread::sleep(Duration::from_millis(300));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        ended(&run, 1, "90 of 100 transfers were not applied");
+        let got = outcomes(&run);
+        assert_eq!(
+            got.len(),
+            100,
+            "{iso:?}: every line has its outcome: {run:?}"
+        );
+        assert!(
+            got[..10].iter().all(|(_, o)| o == "applied"),
+            "{iso:?}: {run:?}"
+        );
+        assert!(
+            got[10..].iter().all(|(_, o)| o == "not_applied"),
+            "{iso:?}: {run:?}"
+        );
+        assert!(run.stdout.contains("interrupted"), "{iso:?}: {run:?}");
+        let mut conn = db.conn();
+        assert_eq!(count_transfers(&mut conn).expect("count"), 10, "{iso:?}");
+        let rerun = Bank::new()
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .args([path.to_str().expect("utf-8"), "--json"])
+            .run();
+        assert_eq!(rerun.code, 0, "{iso:?}: {rerun:?}");
+        let again = outcomes(&rerun);
+        let already = again.iter().filter(|(_, o)| o == "already_applied").count();
+        assert_eq!((again.len(), already), (100, 10), "{iso:?}: {rerun:?}");
+    }
+}

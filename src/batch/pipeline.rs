@@ -192,6 +192,11 @@ where
     };
 
     loop {
+        if stopping.is_none() && crate::interrupt::interrupted() {
+            stopping = Some(
+                "interrupted (Ctrl-C or SIGTERM); run the file again to apply the rest".into(),
+            );
+        }
         // Start every group that may start.
         while stopping.is_none() && !idle.is_empty() {
             if queue.is_empty() {

@@ -55,6 +55,8 @@ pub(super) fn transfer_file(
         connections,
         policy: args.run.policy(),
     };
+    // Ctrl-C: no new chunk starts, those under way finish, the rest is reported not_applied.
+    crate::interrupt::catch();
     let reader = input.reader()?;
     let (lines, changed) = input.fingerprint.verify(batch::input::read(reader, format));
     let json = args.json;

@@ -13,7 +13,6 @@ mod worker;
 pub use report::{Invariants, Latency, Report};
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -65,25 +64,7 @@ pub struct Config {
     pub batch: Option<u64>,
 }
 
-/// Set by Ctrl-C (SIGINT) or SIGTERM during a run.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// The first Ctrl-C or SIGTERM stops the run gracefully (no new transfers, those in flight
-/// finish, then the report and its checks); a second one exits at once.
-fn catch_interrupts() {
-    let installed = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
-    if let Err(e) = installed {
-        log::debug!("workload: no Ctrl-C handler ({e})");
-    }
-}
+pub(crate) use crate::interrupt::interrupted;
 
 pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Error> {
     let policy = config.policy;
@@ -108,7 +89,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             })?),
             None => None,
         };
-    catch_interrupts();
+    crate::interrupt::catch();
     let mut setup = url.connect()?;
     let ids = prepare_accounts(&mut setup, config)?;
     let starting_total = repo::total_balance(&mut setup, &ids)?;
