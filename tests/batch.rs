@@ -1076,3 +1076,33 @@ fn ctrl_c_lets_the_chunk_under_way_finish_and_reports_the_rest_not_applied() {
         assert_eq!((again.len(), already), (100, 10), "{iso:?}: {rerun:?}");
     }
 }
+
+#[test]
+fn a_server_statement_timeout_shorter_than_a_chunk_splits_the_chunk() {
+    // A server whose statement_timeout is shorter than a chunk of 1000 lines takes: every
+    // attempt at the chunk was cancelled, and after its retries the whole file was not applied.
+    // A cancelled statement changed nothing, so its lines can go again as two statements.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 200, 3000, 14);
+        db.alter("statement_timeout = '10ms'");
+        let run = run_file(
+            db.url.expose(),
+            "big.csv",
+            &csv(&lines),
+            &["--batch", "1000"],
+        );
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        let got = outcomes(&run);
+        assert_eq!(got.len(), 3000, "{iso:?}");
+        assert!(got.iter().all(|(_, o)| o == "applied"), "{iso:?}: {run:?}");
+        assert!(
+            run.stderr.contains("timeout"),
+            "{iso:?}: the cancels are counted: {run:?}"
+        );
+        db.alter("statement_timeout = 0");
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{iso:?}: {report:?}");
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 3000);
+    }
+}

@@ -91,6 +91,9 @@ pub struct ChunkRunner {
     pub live_retries: Option<Arc<SharedRetryCounts>>,
     /// Called as each statement starts (the workload's watchdog times statements, not chunks).
     pub on_statement: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The most lines one statement takes: halved each time the server cancels a statement for
+    /// its `statement_timeout` (see `apply`).
+    limit: usize,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -111,6 +114,7 @@ impl ChunkRunner {
             watch: Watch::new(),
             live_retries: None,
             on_statement: None,
+            limit: usize::MAX,
         }
     }
 
@@ -119,7 +123,7 @@ impl ChunkRunner {
         self.watch.lock().decided.clear();
         let mut start = 0;
         while start < lines.len() {
-            let rest = &lines[start..];
+            let rest = &lines[start..lines.len().min(start.saturating_add(self.limit))];
             self.watch.start();
             if let Some(hook) = &self.on_statement {
                 hook();
@@ -131,6 +135,13 @@ impl ChunkRunner {
             let step = self.statement(rest);
             let _ = self.watch.ticket.finish();
             let given: Vec<Verdict> = match step? {
+                // The server's statement_timeout cancelled the chunk statement, which changed
+                // nothing: its lines go again, half as many per statement. A server whose
+                // timeout is shorter than a chunk takes then never gives the file up.
+                Err(Failed { split: true, .. }) => {
+                    self.limit = (rest.len() / 2).max(1);
+                    continue;
+                }
                 Ok(decided) => {
                     let end = decided
                         .refused
@@ -138,14 +149,25 @@ impl ChunkRunner {
                         .map_or(rest.len(), |i| i + 1);
                     rest[..end].iter().map(|l| verdict(l, &decided)).collect()
                 }
-                // Not settled: every line of this statement shares its fate.
-                Err(failed) => rest
-                    .iter()
-                    .map(|_| Verdict {
-                        outcome: failed.outcome,
-                        error: Some(failed.reason.clone()),
-                    })
-                    .collect(),
+                // Not settled: every line of this statement shares its fate, and the chunk's
+                // lines after it were never sent.
+                Err(failed) => {
+                    let mut given: Vec<Verdict> = rest
+                        .iter()
+                        .map(|_| Verdict {
+                            outcome: failed.outcome,
+                            error: Some(failed.reason.clone()),
+                        })
+                        .collect();
+                    given.extend(lines[start + rest.len()..].iter().map(|_| Verdict {
+                        outcome: Outcome::NotApplied,
+                        error: Some(format!(
+                            "not attempted: an earlier statement could not be settled ({})",
+                            failed.reason
+                        )),
+                    }));
+                    given
+                }
             };
             start += given.len();
             self.watch.lock().decided.extend(given);
@@ -170,6 +192,7 @@ impl ChunkRunner {
         accounts.dedup();
         let (session, ticket) = (&mut self.session, &self.watch.ticket);
         let live_retries = self.live_retries.as_deref();
+        let mut too_long = false;
         let result = retry(&self.policy, &mut retries, |n| {
             if ticket.is_abandoned() {
                 return Attempt::Fail(TransferError::Abandoned);
@@ -181,6 +204,7 @@ impl ChunkRunner {
             };
             let mut seen = None;
             let mut committing = false;
+            let mut locked_all = false;
             let result = conn.build_transaction().run(|c| {
                 // Locked by a statement of its own, which returns the balances the chunk
                 // statement starts from. Locked inside the chunk statement, at READ COMMITTED,
@@ -188,6 +212,7 @@ impl ChunkRunner {
                 // violation under contention,
                 // `a_batched_workload_keeps_every_invariant_at_both_isolation_levels`).
                 let locked = repo::lock_accounts(c, &accounts)?;
+                locked_all = true;
                 let rows = chunk.statement(&locked).load::<(i64, String)>(c)?;
                 let decided = read_rows(lines, rows)?;
                 seen = Some(
@@ -207,7 +232,25 @@ impl ChunkRunner {
                 Err(Rollback::Bug(message)) => Attempt::Fail(TransferError::Database(
                     DieselError::QueryBuilderError(message.into()),
                 )),
-                Err(Rollback::Database(e)) => failure(e, committing),
+                Err(Rollback::Database(e)) => {
+                    let step = failure(e, committing);
+                    // Cancelled by a timeout once its locks were held: the statement itself
+                    // outlasted the server's statement_timeout, and a retry of the same lines
+                    // would too. (Waiting for locks, a retry may well get them.)
+                    if let Attempt::Retry {
+                        cause: Cause::Timeout,
+                        message,
+                    } = &step
+                    {
+                        if locked_all && !committing && !ambiguous && lines.len() > 1 {
+                            too_long = true;
+                            return Attempt::Fail(TransferError::Database(
+                                DieselError::QueryBuilderError(message.clone().into()),
+                            ));
+                        }
+                    }
+                    step
+                }
             };
             if committing {
                 ticket.leave_commit(matches!(
@@ -231,7 +274,25 @@ impl ChunkRunner {
             step
         });
         self.retries += retries;
-        let fail = |outcome, reason: String| Ok(Err(Failed { outcome, reason }));
+        if too_long {
+            // Counted as the retry it is: the same lines go again, in smaller statements.
+            self.retries.add(Cause::Timeout);
+            if let Some(live) = live_retries {
+                live.add(Cause::Timeout);
+            }
+            return Ok(Err(Failed {
+                outcome: Outcome::NotApplied,
+                reason: "cancelled by the server's statement_timeout".into(),
+                split: true,
+            }));
+        }
+        let fail = |outcome, reason: String| {
+            Ok(Err(Failed {
+                outcome,
+                reason,
+                split: false,
+            }))
+        };
         match result {
             Ok(mut decided) => {
                 for (line, outcome) in decided.verdicts.iter_mut() {
@@ -276,6 +337,9 @@ impl ChunkRunner {
 struct Failed {
     outcome: Outcome,
     reason: String,
+    /// Cancelled by the server's statement_timeout before COMMIT: the lines can go again in
+    /// smaller statements.
+    split: bool,
 }
 
 /// Why a statement's transaction was rolled back.
