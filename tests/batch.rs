@@ -1106,3 +1106,20 @@ fn a_server_statement_timeout_shorter_than_a_chunk_splits_the_chunk() {
         assert_eq!(count_transfers(&mut db.conn()).expect("count"), 3000);
     }
 }
+
+#[test]
+fn no_statement_takes_more_lines_than_batch() {
+    // Over a few accounts a window (--batch lines per connection) is one group, which went to
+    // one connection as one statement of --batch × connections lines.
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 2, 30, 15);
+    let run = run_file(
+        db.url.expose(),
+        "hot.csv",
+        &csv(&lines),
+        &["--batch", "10", "--connections", "2", "-vv"],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let statements = run.stderr.matches("WITH input AS (").count();
+    assert_eq!(statements, 3, "30 lines at --batch 10: {}", run.stderr);
+}

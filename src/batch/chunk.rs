@@ -91,8 +91,8 @@ pub struct ChunkRunner {
     pub live_retries: Option<Arc<SharedRetryCounts>>,
     /// Called as each statement starts (the workload's watchdog times statements, not chunks).
     pub on_statement: Option<Arc<dyn Fn() + Send + Sync>>,
-    /// The most lines one statement takes: halved each time the server cancels a statement for
-    /// its `statement_timeout` (see `apply`).
+    /// The most lines one statement takes (`--batch`): halved each time the server cancels a
+    /// statement for its `statement_timeout` (see `apply`).
     limit: usize,
 }
 
@@ -116,6 +116,12 @@ impl ChunkRunner {
             on_statement: None,
             limit: usize::MAX,
         }
+    }
+
+    /// Statements of at most `lines` lines.
+    pub fn at_most(mut self, lines: usize) -> ChunkRunner {
+        self.limit = lines.max(1);
+        self
     }
 
     /// One verdict per line of `lines`, in order.

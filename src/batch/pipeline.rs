@@ -171,7 +171,7 @@ where
     let connections = options.connections.max(1);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
     let mut workers: Vec<Worker> = (0..connections)
-        .map(|n| spawn(url, options.policy, n, done_tx.clone()))
+        .map(|n| spawn(url, &options, n, done_tx.clone()))
         .collect();
     drop(done_tx);
 
@@ -396,10 +396,12 @@ fn emit_ready<E>(
     Ok(())
 }
 
-fn spawn(url: &DbUrl, policy: RetryPolicy, n: usize, done: mpsc::Sender<Done>) -> Worker {
+fn spawn(url: &DbUrl, options: &Options, n: usize, done: mpsc::Sender<Done>) -> Worker {
     let (jobs, rx) = mpsc::channel::<Job>();
+    let policy = options.policy;
     let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
-    let mut runner = ChunkRunner::new(session, policy);
+    // A group holds up to a window's lines (--batch per connection); a statement, --batch.
+    let mut runner = ChunkRunner::new(session, policy).at_most(options.batch.max(1));
     let watch = runner.watch.clone();
     let thread = thread::spawn(move || {
         for job in rx {
