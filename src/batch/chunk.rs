@@ -40,6 +40,8 @@ pub struct Watch {
 struct Progress {
     since: Instant,
     decided: Vec<Verdict>,
+    /// Lines in the statement under way (the chunk's lines after them were not sent yet).
+    statement: usize,
 }
 
 impl Watch {
@@ -49,6 +51,7 @@ impl Watch {
             inner: Arc::new(Mutex::new(Progress {
                 since: Instant::now(),
                 decided: Vec::new(),
+                statement: 0,
             })),
         }
     }
@@ -58,9 +61,24 @@ impl Watch {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Restarts the clock: a statement starts now.
+    /// Restarts the clock: a chunk is handed over now, no statement of it sent yet.
     pub fn start(&self) {
-        self.lock().since = Instant::now();
+        let mut p = self.lock();
+        p.since = Instant::now();
+        p.statement = 0;
+    }
+
+    /// A statement of `lines` lines starts now.
+    fn start_statement(&self, lines: usize) {
+        let mut p = self.lock();
+        p.since = Instant::now();
+        p.statement = lines;
+    }
+
+    /// Lines in the statement under way: those after the verdicts given so far that may have
+    /// been sent.
+    pub fn in_statement(&self) -> usize {
+        self.lock().statement
     }
 
     /// When the statement under way started.
@@ -91,6 +109,9 @@ pub struct ChunkRunner {
     pub live_retries: Option<Arc<SharedRetryCounts>>,
     /// Called as each statement starts (the workload's watchdog times statements, not chunks).
     pub on_statement: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Whether Ctrl-C stops the chunk between two of its statements (`transfer --file`; the
+    /// workload lets its chunks finish).
+    pub interruptible: bool,
     /// The most lines one statement takes (`--batch`): halved each time the server cancels a
     /// statement for its `statement_timeout` (see `apply`).
     limit: usize,
@@ -114,6 +135,7 @@ impl ChunkRunner {
             watch: Watch::new(),
             live_retries: None,
             on_statement: None,
+            interruptible: false,
             limit: usize::MAX,
         }
     }
@@ -129,8 +151,17 @@ impl ChunkRunner {
         self.watch.lock().decided.clear();
         let mut start = 0;
         while start < lines.len() {
+            if start > 0 && self.interruptible && crate::interrupt::interrupted() {
+                let never = Verdict {
+                    outcome: Outcome::NotApplied,
+                    error: Some("not attempted: interrupted (Ctrl-C or SIGTERM)".into()),
+                };
+                let rest = lines.len() - start;
+                self.watch.lock().decided.extend(vec![never; rest]);
+                break;
+            }
             let rest = &lines[start..lines.len().min(start.saturating_add(self.limit))];
-            self.watch.start();
+            self.watch.start_statement(rest.len());
             if let Some(hook) = &self.on_statement {
                 hook();
             }
