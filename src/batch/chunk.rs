@@ -173,8 +173,8 @@ impl ChunkRunner {
             let _ = self.watch.ticket.finish();
             let given: Vec<Verdict> = match step? {
                 // The server's statement_timeout cancelled the chunk statement, which changed
-                // nothing: its lines go again, half as many per statement. A server whose
-                // timeout is shorter than a chunk takes then never gives the file up.
+                // nothing: its lines go again, half as many per statement, so that a server
+                // timeout shorter than a chunk's statement does not fail the file.
                 Err(Failed { split: true, .. }) => {
                     self.limit = (rest.len() / 2).max(1);
                     continue;
