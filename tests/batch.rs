@@ -154,6 +154,30 @@ fn run_file(url: &str, name: &str, text: &str, extra: &[&str]) -> Run {
         .run()
 }
 
+/// `bank transfer --file PATH --json --batch 10 --connections 1` and `extra`, started in the
+/// background, its output captured.
+fn spawn_file(url: &str, path: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", url, "transfer", "--file"])
+        .arg(path)
+        .args(["--json", "--batch", "10", "--connections", "1"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bank")
+}
+
+/// A connection holding every account's row lock until it rolls back.
+fn hold_every_account(db: &ScratchDb) -> PgConnection {
+    let mut holder = db.conn();
+    holder.batch_execute("BEGIN").expect("begin");
+    diesel::sql_query("SELECT id FROM accounts FOR UPDATE")
+        .execute(&mut holder)
+        .expect("lock");
+    holder
+}
+
 /// Each printed line's (line, outcome), in the order printed.
 fn outcomes(run: &Run) -> Vec<(u64, String)> {
     run.stdout
@@ -962,19 +986,8 @@ fn a_file_changed_while_it_is_applied_stops_before_the_change() {
         let path = bank.dir.path().join("pay.csv");
         std::fs::write(&path, csv(&lines)).expect("write");
         // Hold every account, so that the run waits in its first chunk.
-        let mut holder = db.conn();
-        holder.batch_execute("BEGIN").expect("begin");
-        diesel::sql_query("SELECT id FROM accounts FOR UPDATE")
-            .execute(&mut holder)
-            .expect("lock");
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
-            .args(["--database-url", db.url.expose(), "transfer", "--file"])
-            .arg(&path)
-            .args(["--json", "--batch", "10", "--connections", "1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut holder = hold_every_account(&db);
+        let child = spawn_file(db.url.expose(), &path, &[]);
         wait_for_lock_wait(&db);
         // Line 202 (the 201st transfer) now moves one more, and a transfer is appended: neither
         // was checked. Written in place, as an editor that truncates would.
@@ -1008,10 +1021,7 @@ fn a_file_changed_while_it_is_applied_stops_before_the_change() {
             "{iso:?}: the ledger holds what was reported applied"
         );
         // The rerun applies the file as it now is; what the first run applied is already there.
-        let rerun = Bank::new()
-            .args(["--database-url", db.url.expose(), "transfer", "--file"])
-            .args([path.to_str().expect("utf-8"), "--json"])
-            .run();
+        let rerun = run_file(db.url.expose(), "pay.csv", &csv(&lines), &[]);
         assert_eq!(rerun.code, 0, "{iso:?}: {rerun:?}");
         let again = outcomes(&rerun);
         assert_eq!(again.len(), 301, "{iso:?}: {rerun:?}");
@@ -1030,19 +1040,8 @@ fn ctrl_c_lets_the_chunk_under_way_finish_and_reports_the_rest_not_applied() {
         let path = bank.dir.path().join("pay.csv");
         std::fs::write(&path, csv(&lines)).expect("write");
         // Hold every account: the first chunk waits, and is under way when Ctrl-C comes.
-        let mut holder = db.conn();
-        holder.batch_execute("BEGIN").expect("begin");
-        diesel::sql_query("SELECT id FROM accounts FOR UPDATE")
-            .execute(&mut holder)
-            .expect("lock");
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
-            .args(["--database-url", db.url.expose(), "transfer", "--file"])
-            .arg(&path)
-            .args(["--json", "--batch", "10", "--connections", "1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut holder = hold_every_account(&db);
+        let child = spawn_file(db.url.expose(), &path, &[]);
         wait_for_lock_wait(&db);
         crate::support::interrupt(child.id());
         thread::sleep(Duration::from_millis(300));
@@ -1066,10 +1065,7 @@ fn ctrl_c_lets_the_chunk_under_way_finish_and_reports_the_rest_not_applied() {
         assert!(run.stdout.contains("interrupted"), "{iso:?}: {run:?}");
         let mut conn = db.conn();
         assert_eq!(count_transfers(&mut conn).expect("count"), 10, "{iso:?}");
-        let rerun = Bank::new()
-            .args(["--database-url", db.url.expose(), "transfer", "--file"])
-            .args([path.to_str().expect("utf-8"), "--json"])
-            .run();
+        let rerun = run_file(db.url.expose(), "pay.csv", &csv(&lines), &[]);
         assert_eq!(rerun.code, 0, "{iso:?}: {rerun:?}");
         let again = outcomes(&rerun);
         let already = again.iter().filter(|(_, o)| o == "already_applied").count();
@@ -1122,4 +1118,73 @@ fn no_statement_takes_more_lines_than_batch() {
     assert_eq!(run.code, 0, "{run:?}");
     let statements = run.stderr.matches("WITH input AS (").count();
     assert_eq!(statements, 3, "30 lines at --batch 10: {}", run.stderr);
+}
+
+#[test]
+fn ctrl_c_while_a_chunk_commit_is_unsettled_reports_that_chunk_truthfully() {
+    // Ctrl-C comes while the first chunk's COMMIT is on its way: reaching the server late (it
+    // commits, so its lines are applied), or lost in a frozen server (they may or may not be:
+    // unknown, exit 3, and a rerun settles them). Never attempted lines are not_applied.
+    for iso in Iso::BOTH {
+        for fault in [
+            Fault::LateCommit(Duration::from_millis(1500)),
+            Fault::Freeze,
+        ] {
+            let case = format!("{iso:?} {fault:?}");
+            let db = ScratchDb::migrated_at(iso);
+            let lines = solvent_file(&db, 6, 40, 16);
+            let bank = Bank::new();
+            let path = bank.dir.path().join("pay.csv");
+            std::fs::write(&path, csv(&lines)).expect("write");
+            let proxy = Proxy::start(upstream_of(&db.url));
+            proxy.arm_at(At::Commit, fault);
+            let child = spawn_file(&proxy.url_for(&db.url), &path, &["--timeout", "1s"]);
+            let started = Instant::now();
+            while proxy.injected() == 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{case}: no COMMIT"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+            crate::support::interrupt(child.id());
+            let run = Run::from(child.wait_with_output().expect("wait"));
+            let got = outcomes(&run);
+            assert_eq!(got.len(), 40, "{case}: every line has its outcome: {run:?}");
+            assert!(
+                got[10..].iter().all(|(_, o)| o == "not_applied"),
+                "{case}: {run:?}"
+            );
+            let mut conn = db.conn();
+            if let Fault::Freeze = fault {
+                ended(&run, 3, "may or may not have been applied");
+                assert!(
+                    got[..10].iter().all(|(_, o)| o == "unknown"),
+                    "{case}: {run:?}"
+                );
+                proxy.thaw_all();
+                drop(proxy);
+            } else {
+                ended(&run, 1, "30 of 40 transfers were not applied");
+                assert!(
+                    got[..10].iter().all(|(_, o)| o == "applied"),
+                    "{case}: {run:?}"
+                );
+                assert_eq!(count_transfers(&mut conn).expect("count"), 10, "{case}");
+            }
+            // The rerun settles every line: each applied once.
+            let started = Instant::now();
+            let rerun = loop {
+                let rerun = run_file(db.url.expose(), "pay.csv", &csv(&lines), &[]);
+                if rerun.code == 0 || started.elapsed() > Duration::from_secs(20) {
+                    break rerun;
+                }
+                thread::sleep(Duration::from_millis(200));
+            };
+            assert_eq!(rerun.code, 0, "{case}: {rerun:?}");
+            assert_eq!(count_transfers(&mut conn).expect("count"), 40, "{case}");
+            let report = bank::verify::verify(&mut conn).expect("verify");
+            assert!(report.ok, "{case}: {report:?}");
+        }
+    }
 }
