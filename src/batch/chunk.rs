@@ -269,25 +269,20 @@ impl ChunkRunner {
                 Err(Rollback::Bug(message)) => Attempt::Fail(TransferError::Database(
                     DieselError::QueryBuilderError(message.into()),
                 )),
-                Err(Rollback::Database(e)) => {
-                    let step = failure(e, committing);
-                    // Cancelled by a timeout once its locks were held: the statement itself
-                    // outlasted the server's statement_timeout, and a retry of the same lines
-                    // would too. (Waiting for locks, a retry may well get them.)
-                    if let Attempt::Retry {
-                        cause: Cause::Timeout,
-                        message,
-                    } = &step
-                    {
-                        if locked_all && !committing && !ambiguous && lines.len() > 1 {
-                            too_long = true;
-                            return Attempt::Fail(TransferError::Database(
-                                DieselError::QueryBuilderError(message.clone().into()),
-                            ));
-                        }
-                    }
-                    step
+                // Cancelled by a timeout once its locks were held: the statement itself
+                // outlasted the server's statement_timeout, and a retry of the same lines would
+                // too. (Waiting for locks, a retry may well get them.)
+                Err(Rollback::Database(e))
+                    if locked_all
+                        && !committing
+                        && !ambiguous
+                        && lines.len() > 1
+                        && matches!(classify(&e, Phase::BeforeCommit), Some(Cause::Timeout)) =>
+                {
+                    too_long = true;
+                    Attempt::Fail(TransferError::from(e))
                 }
+                Err(Rollback::Database(e)) => failure(e, committing),
             };
             if committing {
                 ticket.leave_commit(matches!(

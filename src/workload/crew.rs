@@ -129,7 +129,7 @@ impl Crew {
         let line = LiveLine::new(self.started, self.config.display_every, log);
         loop {
             let now = Instant::now();
-            if !interrupted && super::interrupted() {
+            if !interrupted && crate::interrupt::interrupted() {
                 // No new transfers from now on; those in flight get one deadline to finish.
                 interrupted = true;
                 log::warn!("workload: interrupted; finishing the transfers in flight");
@@ -324,7 +324,7 @@ impl Crew {
 
     /// Whether the run goes on: before its end, or while transfers remain to be issued.
     pub(super) fn more(&self) -> bool {
-        if super::interrupted() {
+        if crate::interrupt::interrupted() {
             return false;
         }
         self.end.is_some_and(|e| Instant::now() < e)

@@ -64,8 +64,6 @@ pub struct Config {
     pub batch: Option<u64>,
 }
 
-pub(crate) use crate::interrupt::interrupted;
-
 pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Error> {
     let policy = config.policy;
     if config.batch.is_some() && config.mode == Mode::SingleStatement {
@@ -162,7 +160,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             elapsed_secs: elapsed.as_secs_f64(),
             starting_total,
             stuck_workers: watchdog.stuck_workers,
-            interrupted: interrupted(),
+            interrupted: crate::interrupt::interrupted(),
             reads: reads.reads,
             wrong_total_reads: reads.wrong,
         },

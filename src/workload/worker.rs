@@ -223,7 +223,7 @@ impl Worker {
 
     /// How many of the next `n` transfers to start: `n` before the end, else what remains.
     fn take(&self, n: u64) -> u64 {
-        if super::interrupted() {
+        if crate::interrupt::interrupted() {
             return 0;
         }
         if let Some(e) = self.end {
