@@ -11,10 +11,20 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::support::proxy::{
-    upstream_of, At, Fault, Proxy, AMBIGUOUS_COMMITTED, AMBIGUOUS_NOT_COMMITTED, CR000, DRAINING,
-    RETRY_SERIALIZABLE, SHUTTING_DOWN_COMMITTED, SHUTTING_DOWN_NOT_COMMITTED, UNCERTAINTY,
+    upstream_of, At, CrdbError, Fault, Proxy, AMBIGUOUS_COMMITTED, AMBIGUOUS_NOT_COMMITTED, CR000,
+    DRAINING, RETRY_SERIALIZABLE, SHUTTING_DOWN_COMMITTED, SHUTTING_DOWN_NOT_COMMITTED,
+    UNCERTAINTY,
 };
 use crate::support::{Bank, Iso, Run, ScratchDb};
+
+/// CockroachDB's errors at the commit point, each when the commit did and did not take effect
+/// (the client cannot tell which).
+const AT_COMMIT_POINT: [CrdbError; 4] = [
+    AMBIGUOUS_COMMITTED,
+    AMBIGUOUS_NOT_COMMITTED,
+    SHUTTING_DOWN_COMMITTED,
+    SHUTTING_DOWN_NOT_COMMITTED,
+];
 
 struct Setup {
     db: ScratchDb,
@@ -498,12 +508,7 @@ fn cockroachdb_retry_errors_are_retried_and_applied_once() {
 /// either way.
 #[test]
 fn cockroachdb_ambiguous_errors_at_commit_are_settled_by_the_ledger() {
-    for e in [
-        AMBIGUOUS_COMMITTED,
-        AMBIGUOUS_NOT_COMMITTED,
-        SHUTTING_DOWN_COMMITTED,
-        SHUTTING_DOWN_NOT_COMMITTED,
-    ] {
+    for e in AT_COMMIT_POINT {
         for (iso, at) in CASES {
             let s = setup(iso, at);
             s.arm(Fault::Crdb(e));
@@ -527,12 +532,7 @@ fn cockroachdb_ambiguous_errors_at_commit_are_settled_by_the_ledger() {
 /// and a rerun with the same id settles it.
 #[test]
 fn cockroachdb_ambiguous_errors_with_no_retries_left_are_unknown_then_settled() {
-    for e in [
-        AMBIGUOUS_COMMITTED,
-        AMBIGUOUS_NOT_COMMITTED,
-        SHUTTING_DOWN_COMMITTED,
-        SHUTTING_DOWN_NOT_COMMITTED,
-    ] {
+    for e in AT_COMMIT_POINT {
         for (iso, at) in CASES {
             let s = setup(iso, at);
             s.arm(Fault::Crdb(e));
