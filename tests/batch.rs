@@ -168,6 +168,20 @@ fn spawn_file(url: &str, path: &std::path::Path, extra: &[&str]) -> std::process
         .expect("spawn bank")
 }
 
+/// Reruns `lines` as a file (`--batch 10`) until the run exits 0: a frozen connection's
+/// transaction holds its locks until the server notices it is gone. At most 20 s.
+fn rerun_until_settled(db: &ScratchDb, lines: &[T]) -> Run {
+    let started = Instant::now();
+    loop {
+        let rerun = run_file(db.url.expose(), "f.csv", &csv(lines), &["--batch", "10"]);
+        if rerun.code == 0 {
+            return rerun;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{rerun:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A connection holding every account's row lock until it rolls back.
 fn hold_every_account(db: &ScratchDb) -> PgConnection {
     let mut holder = db.conn();
@@ -665,19 +679,11 @@ fn a_server_frozen_at_a_chunk_commit_gives_unknown_within_the_deadline() {
         proxy.thaw_all();
         drop(proxy);
         // Once the server answers again, the same file settles every line.
-        let started = Instant::now();
-        loop {
-            let rerun = run_file(db.url.expose(), "f.csv", &csv(&lines), &["--batch", "10"]);
-            if rerun.code == 0 {
-                let got = outcomes(&rerun);
-                assert!(got
-                    .iter()
-                    .all(|(_, o)| o == "applied" || o == "already_applied"));
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "{rerun:?}");
-            thread::sleep(Duration::from_millis(100));
-        }
+        let rerun = rerun_until_settled(&db, &lines);
+        let got = outcomes(&rerun);
+        assert!(got
+            .iter()
+            .all(|(_, o)| o == "applied" || o == "already_applied"));
         assert_eq!(count_transfers(&mut db.conn()).expect("count"), 40);
     }
 }
@@ -1173,14 +1179,7 @@ fn ctrl_c_while_a_chunk_commit_is_unsettled_reports_that_chunk_truthfully() {
                 assert_eq!(count_transfers(&mut conn).expect("count"), 10, "{case}");
             }
             // The rerun settles every line: each applied once.
-            let started = Instant::now();
-            let rerun = loop {
-                let rerun = run_file(db.url.expose(), "pay.csv", &csv(&lines), &[]);
-                if rerun.code == 0 || started.elapsed() > Duration::from_secs(20) {
-                    break rerun;
-                }
-                thread::sleep(Duration::from_millis(200));
-            };
+            let rerun = rerun_until_settled(&db, &lines);
             assert_eq!(rerun.code, 0, "{case}: {rerun:?}");
             assert_eq!(count_transfers(&mut conn).expect("count"), 40, "{case}");
             let report = bank::verify::verify(&mut conn).expect("verify");
