@@ -242,33 +242,7 @@ impl<R: Read> CsvLines<R> {
             Err(e) => Err(Some(csv_error(&lines, &e))),
             // An empty file holds no transfers.
             Ok(h) if h.is_empty() => Err(None),
-            Ok(h) => {
-                let find = |name: &str| h.iter().position(|c| c.eq_ignore_ascii_case(name));
-                match COLUMNS.map(find) {
-                    [None, ..] => Err(Some(malformed(
-                        1,
-                        "no id column: every transfer needs its own id (a UUID), which is what \
-                         makes a rerun of the file apply each transfer once; the header must \
-                         name id, from, to and amount",
-                    ))),
-                    [Some(i), Some(f), Some(t), Some(a)] => Ok([i, f, t, a]),
-                    found => {
-                        let missing: Vec<&str> = COLUMNS
-                            .iter()
-                            .zip(found)
-                            .filter(|(_, at)| at.is_none())
-                            .map(|(name, _)| *name)
-                            .collect();
-                        Err(Some(malformed(
-                            1,
-                            format!(
-                                "no {} column: the header must name id, from, to and amount",
-                                missing.join(", no ")
-                            ),
-                        )))
-                    }
-                }
-            }
+            Ok(h) => header_columns(h).map_err(Some),
         };
         CsvLines {
             reader,
@@ -277,6 +251,62 @@ impl<R: Read> CsvLines<R> {
             lines,
         }
     }
+}
+
+/// Where the header puts id, from, to and amount.
+fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
+    let mut found = [None; 4];
+    for (name, at) in COLUMNS.iter().zip(&mut found) {
+        let mut named = (0..header.len()).filter(|&i| header[i].eq_ignore_ascii_case(name));
+        *at = named.next();
+        if let (Some(first), Some(second)) = (*at, named.next()) {
+            return Err(malformed(
+                1,
+                format!(
+                    "the header names {name} twice (columns {} and {}): which one holds the \
+                     transfer's {name} is not clear",
+                    first + 1,
+                    second + 1
+                ),
+            ));
+        }
+    }
+    if let [Some(i), Some(f), Some(t), Some(a)] = found {
+        return Ok([i, f, t, a]);
+    }
+    let separators = [';', '\t', '|'];
+    if let [only] = header.iter().collect::<Vec<_>>()[..] {
+        if only.contains(separators) {
+            return Err(malformed(
+                1,
+                format!(
+                    "the header {only:?} is not separated by commas: the columns must be id, \
+                     from, to and amount, separated by commas"
+                ),
+            ));
+        }
+    }
+    if found[0].is_none() {
+        return Err(malformed(
+            1,
+            "no id column: every transfer needs its own id (a UUID), which is what makes a \
+             rerun of the file apply each transfer once; the header must name id, from, to and \
+             amount",
+        ));
+    }
+    let missing: Vec<&str> = COLUMNS
+        .iter()
+        .zip(found)
+        .filter(|(_, at)| at.is_none())
+        .map(|(name, _)| *name)
+        .collect();
+    Err(malformed(
+        1,
+        format!(
+            "no {} column: the header must name id, from, to and amount",
+            missing.join(", no ")
+        ),
+    ))
 }
 
 fn csv_error(lines: &RefCell<LineIndex>, e: &csv::Error) -> Malformed {
@@ -367,6 +397,11 @@ fn amount_json(value: Option<&serde_json::Value>) -> Result<i64, String> {
         Some(serde_json::Value::Number(n)) => match n.as_i64() {
             Some(a) => Ok(a),
             None if n.is_u64() => Err(format!("amount {n} is out of range (at most {})", i64::MAX)),
+            // 5e2 or 7.0: whole, perhaps, but written the way a float is, which an amount of
+            // money is not.
+            None if n.as_f64().is_some_and(|f| f.fract() == 0.0) => Err(format!(
+                "amount {n} is written as a decimal number: write it in digits only"
+            )),
             None => Err(format!("amount {n} is not a whole number")),
         },
         // Large amounts are often written as strings so that JavaScript keeps every digit.
@@ -401,6 +436,14 @@ impl<R: BufRead> Iterator for JsonLines<R> {
             };
             if text.trim().is_empty() {
                 continue;
+            }
+            // serde would also take an array, field by field in order.
+            if !text.trim_start().starts_with('{') {
+                return Some(Err(malformed(
+                    line,
+                    "not a JSON object: each line must be one object with the keys id, from, \
+                     to and amount",
+                )));
             }
             return Some(match serde_json::from_str::<JsonTransfer>(text) {
                 Err(e) => Err(malformed(line, format!("not a JSON transfer object: {e}"))),
@@ -640,6 +683,53 @@ mod tests {
             (4, "amount 1.5 is not a whole number".into())
         );
         assert_eq!(reason(&got[3]).0, 5);
+    }
+
+    #[test]
+    fn a_header_naming_a_column_twice_is_refused() {
+        // Which of the two amounts was meant cannot be known; JSON refuses a repeated key too.
+        let got = all(
+            &format!("id,from,to,amount,Amount\n{X},{A},{B},5,6\n"),
+            Format::Csv,
+        );
+        assert_eq!(got.len(), 1, "nothing is read past a bad header");
+        let (line, why) = reason(&got[0]);
+        assert_eq!(line, 1);
+        assert!(why.contains("amount") && why.contains("twice"), "{why}");
+    }
+
+    #[test]
+    fn a_header_separated_by_something_else_than_commas_says_so() {
+        for sep in [";", "\t", "|"] {
+            let header = COLUMNS.join(sep);
+            let got = all(
+                &format!("{header}\n{X}{sep}{A}{sep}{B}{sep}5\n"),
+                Format::Csv,
+            );
+            let (line, why) = reason(&got[0]);
+            assert_eq!(line, 1);
+            assert!(why.contains("commas"), "{sep:?}: {why}");
+        }
+    }
+
+    #[test]
+    fn a_json_line_must_be_an_object_and_its_amount_digits() {
+        // serde would read a struct from an array by position: ["id","from","to",5].
+        let text = format!(
+            "[\"{X}\",\"{A}\",\"{B}\",5]\n\
+             {{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5e2}}\n\
+             {{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":7.0}}\n"
+        );
+        let got: Vec<_> = all(&text, Format::Jsonl).iter().map(reason).collect();
+        assert_eq!(got.len(), 3);
+        assert!(got[0].1.contains("not a JSON object"), "{got:?}");
+        for (_, why) in &got[1..] {
+            // 5e2 and 7.0 are whole numbers, written in a way an amount of money is not.
+            assert!(
+                !why.contains("not a whole number") && why.contains("digits"),
+                "{why}"
+            );
+        }
     }
 
     #[test]
