@@ -159,6 +159,12 @@ pub enum Error {
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error("{failed} of {total} transfers were not applied (each line's outcome is above)")]
     BatchFailed { failed: u64, total: u64 },
+    /// `transfer --file` whose output was closed: it stopped (exit 1).
+    #[error(
+        "the output was closed, so the run stopped: {failed} of {total} transfers were not \
+         applied (counted above); run the file again to apply them"
+    )]
+    OutputClosed { failed: u64, total: u64 },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
 }

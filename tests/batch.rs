@@ -1187,3 +1187,43 @@ fn ctrl_c_while_a_chunk_commit_is_unsettled_reports_that_chunk_truthfully() {
         }
     }
 }
+
+#[test]
+fn a_closed_output_stops_the_file_as_ctrl_c_does_and_says_so() {
+    // `bank transfer --file f.csv | head -1`: once the results cannot be written, applying more
+    // lines would apply transfers whose outcome nobody sees; and exit 0 would say all were.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 4, 200, 21);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        // Hold every account, so that the output is gone before the first result is written.
+        let mut holder = hold_every_account(&db);
+        let mut child = spawn_file(db.url.expose(), &path, &[]);
+        wait_for_lock_wait(&db);
+        drop(child.stdout.take());
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        let mut conn = db.conn();
+        let applied = count_transfers(&mut conn).expect("count");
+        assert!((10..200).contains(&applied), "{iso:?}: {applied} {run:?}");
+        let not_applied = 200 - applied;
+        ended(&run, 1, "the output was closed");
+        assert!(
+            run.stderr
+                .contains(&format!("{applied} applied, {not_applied} not_applied")),
+            "{iso:?}: {run:?}"
+        );
+        let rerun = run_file(db.url.expose(), "pay.csv", &csv(&lines), &[]);
+        assert_eq!(rerun.code, 0, "{iso:?}: {rerun:?}");
+        let again = outcomes(&rerun);
+        let already = again.iter().filter(|(_, o)| o == "already_applied").count();
+        assert_eq!(
+            (again.len(), already as i64),
+            (200, applied),
+            "{iso:?}: {rerun:?}"
+        );
+        assert_eq!(count_transfers(&mut conn).expect("count"), 200, "{iso:?}");
+    }
+}

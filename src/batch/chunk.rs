@@ -154,7 +154,7 @@ impl ChunkRunner {
             if start > 0 && self.interruptible && crate::interrupt::interrupted() {
                 let never = Verdict {
                     outcome: Outcome::NotApplied,
-                    error: Some("not attempted: interrupted (Ctrl-C or SIGTERM)".into()),
+                    error: Some(format!("not attempted: {}", crate::interrupt::reason())),
                 };
                 let rest = lines.len() - start;
                 self.watch.lock().decided.extend(vec![never; rest]);

@@ -200,9 +200,10 @@ where
 
     loop {
         if stopping.is_none() && crate::interrupt::interrupted() {
-            stopping = Some(
-                "interrupted (Ctrl-C or SIGTERM); run the file again to apply the rest".into(),
-            );
+            stopping = Some(format!(
+                "{}; run the file again to apply the rest",
+                crate::interrupt::reason()
+            ));
         }
         // Start every group that may start.
         while stopping.is_none() && !idle.is_empty() {

@@ -59,11 +59,15 @@ pub(super) fn transfer_file(
     crate::interrupt::catch();
     let reader = input.reader()?;
     let (lines, changed) = input.fingerprint.verify(batch::input::read(reader, format));
-    let json = args.json;
+    let mut results = Results {
+        out,
+        json: args.json,
+        open: true,
+    };
     let summary = batch::apply(url, options, lines, |l: &Line, v: &Verdict| {
-        write_line(out, json, l, v).map_err(Error::Io)
+        results.write(l, v)
     })?;
-    out.flush()?;
+    results.flush()?;
     eprintln!("{}", summary_line(&summary));
     let total = summary.total();
     let unknown = summary.count(Outcome::Unknown);
@@ -78,9 +82,41 @@ pub(super) fn transfer_file(
              applied as already_applied",
             input.name
         )))
+    } else if failed > 0 && !results.open {
+        Err(Error::OutputClosed { failed, total })
     } else if failed > 0 {
         Err(Error::BatchFailed { failed, total })
     } else {
+        Ok(())
+    }
+}
+
+/// Where each line's result goes. Once its reader has gone (`... | head -1`), the run stops as for
+/// Ctrl-C: going on would apply transfers whose outcome nobody is told.
+struct Results<'a, W: Write> {
+    out: &'a mut W,
+    json: bool,
+    open: bool,
+}
+
+impl<W: Write> Results<'_, W> {
+    fn write(&mut self, l: &Line, v: &Verdict) -> Result<(), Error> {
+        match self.open {
+            true => write_line(self.out, self.json, l, v).or_else(|e| self.closed(e)),
+            false => Ok(()),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        self.out.flush().or_else(|e| self.closed(e))
+    }
+
+    fn closed(&mut self, e: io::Error) -> Result<(), Error> {
+        if e.kind() != io::ErrorKind::BrokenPipe {
+            return Err(Error::Io(e));
+        }
+        self.open = false;
+        crate::interrupt::output_closed();
         Ok(())
     }
 }

@@ -52,9 +52,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Workload(args) => with_injection(&url, &args.run)
             .and_then(|url| workload::run(&url, &args.config(), &mut out)),
     };
-    // Whatever was printed before a failure still reaches stdout.
-    out.flush()?;
-    result
+    // Whatever was printed before a failure still reaches stdout; the failure is what is said.
+    let flushed = out.flush();
+    result.and(flushed.map_err(Error::from))
 }
 
 fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
