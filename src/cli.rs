@@ -181,16 +181,17 @@ pub struct TransferArgs {
     /// order; a rerun of the same file applies nothing twice
     #[arg(long, value_name = "PATH", conflicts_with_all = ["from", "to", "amount", "id"])]
     pub file: Option<std::path::PathBuf>,
-    /// Transfers per statement with --file
-    #[arg(long, value_name = "N", default_value_t = 1000, requires = "file", allow_negative_numbers = true, value_parser = whole::<1, 10_000>)]
-    pub batch: u64,
+    /// Transfers per statement with --file [default: 1000]
+    // An Option, so that `--batch` on one transfer can be refused (commands/transfer.rs).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, 10_000>)]
+    pub batch: Option<u64>,
     /// Format of --file [default: from its extension (.csv, .jsonl), else from its first line]
-    #[arg(long, value_enum, requires = "file")]
+    #[arg(long, value_enum)]
     pub format: Option<crate::batch::Format>,
     /// Connections applying --file at once, each a group of lines that shares no account or id
     /// with the others [default: 2; 1 on a PostgreSQL whose default isolation is SERIALIZABLE,
     /// where concurrent groups abort each other]
-    #[arg(long, value_name = "N", requires = "file", allow_negative_numbers = true, value_parser = whole::<1, 64>)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, 64>)]
     pub connections: Option<u64>,
     /// Print the result as JSON (with --file: one JSON object per line of the file)
     #[arg(long)]

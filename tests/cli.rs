@@ -757,3 +757,18 @@ fn no_color_is_respected() {
     assert!(plain.contains("Example:"), "{plain}");
     assert!(!plain.contains('\u{1b}'), "{plain:?}");
 }
+
+#[test]
+fn options_of_a_file_without_a_file_are_refused() {
+    // `--batch 5` on one transfer was accepted and ignored (clap does not check `requires` on an
+    // argument with a default value), leaving the user to think it meant something.
+    for extra in [
+        &["--batch", "5"][..],
+        &["--format", "csv"],
+        &["--connections", "2"],
+    ] {
+        let mut args = vec!["transfer", "--from", "{A}", "--to", "{B}", "--amount", "1"];
+        args.extend_from_slice(extra);
+        refused(&args, 2, "--file");
+    }
+}

@@ -15,6 +15,10 @@ pub use statement::Chunk;
 
 use serde::Serialize;
 
+/// Lines per statement when `--batch` is not given: throughput grows little past it on
+/// PostgreSQL, and a statement stays far inside CockroachDB's limits (README, BENCHMARKS.md).
+pub const DEFAULT_BATCH: u64 = 1000;
+
 /// What became of one line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]

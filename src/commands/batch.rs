@@ -51,7 +51,7 @@ pub(super) fn transfer_file(
         None => default_connections(url)?,
     };
     let options = batch::Options {
-        batch: usize::try_from(args.batch).unwrap_or(usize::MAX),
+        batch: usize::try_from(args.batch.unwrap_or(batch::DEFAULT_BATCH)).unwrap_or(usize::MAX),
         connections,
         policy: args.run.policy(),
     };

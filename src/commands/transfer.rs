@@ -41,6 +41,18 @@ pub(super) fn transfer_cmd(
     if let Some(path) = &args.file {
         return super::batch::transfer_file(url, args, path, out);
     }
+    // Checked here: clap's `requires = "file"` on them let `--batch 5` on one transfer through
+    // (tests/cli.rs, options_of_a_file_without_a_file_are_refused).
+    let file_only = [
+        ("--batch", args.batch.is_some()),
+        ("--format", args.format.is_some()),
+        ("--connections", args.connections.is_some()),
+    ];
+    if let Some((flag, _)) = file_only.iter().find(|(_, given)| *given) {
+        return Err(Error::Usage(format!(
+            "{flag} applies to --file only: one transfer is one statement"
+        )));
+    }
     // clap requires all three without --file.
     let (Some(from_id), Some(to_id), Some(amount)) = (args.from, args.to, args.amount) else {
         return Err(Error::Usage(
