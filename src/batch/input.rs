@@ -44,7 +44,8 @@ impl Format {
             .strip_prefix(BOM.as_bytes())
             .unwrap_or(first_bytes);
         match text.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{') => Format::Jsonl,
+            // An array is not JSON Lines either, but is refused as JSON, which says why.
+            Some(b'{' | b'[') => Format::Jsonl,
             _ => Format::Csv,
         }
     }
@@ -81,13 +82,80 @@ pub fn read<'a, R: BufRead + 'a>(
     input: R,
     format: Format,
 ) -> Box<dyn Iterator<Item = Result<Line, Malformed>> + 'a> {
+    let input = LineLimit {
+        inner: input,
+        line: 1,
+        length: 0,
+    };
     match format {
         Format::Csv => Box::new(CsvLines::new(input)),
         Format::Jsonl => Box::new(JsonLines {
-            input,
+            input: std::io::BufReader::new(input),
             line: 0,
             done: false,
         }),
+    }
+}
+
+/// The longest line read: a transfer takes about 150 bytes. Both readers hold a whole line, so
+/// without a bound a file with no newlines (a JSON array on one line, say) was held whole: 235 MB
+/// of memory for a 231 MB array, before it was refused.
+const MAX_LINE: usize = 1 << 20;
+
+/// A reader that fails, with `TooLong`, once a line outgrows `MAX_LINE`.
+struct LineLimit<R> {
+    inner: R,
+    /// The line being read, 1-based.
+    line: u64,
+    /// Its bytes so far.
+    length: usize,
+}
+
+#[derive(Debug, Error)]
+#[error(
+    "longer than 1 MiB, where a transfer takes about 150 bytes: JSON Lines has one object per \
+     line (not a JSON array), and CSV one transfer per line"
+)]
+struct TooLong {
+    line: u64,
+}
+
+impl<R: Read> LineLimit<R> {
+    fn check(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        for chunk in bytes.split_inclusive(|b| *b == b'\n') {
+            self.length += chunk.len();
+            if self.length > MAX_LINE + 1 {
+                let line = self.line;
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    TooLong { line },
+                ));
+            }
+            if chunk.ends_with(b"\n") {
+                self.line += 1;
+                self.length = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for LineLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.check(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// The line and reason of a read that failed.
+fn read_error(line: u64, e: &std::io::Error) -> Malformed {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TooLong>())
+    {
+        Some(too_long) => malformed(too_long.line, too_long.to_string()),
+        None => malformed(line, format!("cannot read: {e}")),
     }
 }
 
@@ -323,6 +391,7 @@ fn csv_error(lines: &RefCell<LineIndex>, e: &csv::Error) -> Malformed {
             format!("{len} fields where the header has {expected_len}"),
         ),
         csv::ErrorKind::Utf8 { .. } => malformed(line, "not UTF-8 text"),
+        csv::ErrorKind::Io(e) => read_error(line, e),
         _ => malformed(line, e.to_string()),
     }
 }
@@ -427,7 +496,7 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                 Ok(_) => {}
                 Err(e) => {
                     self.done = true;
-                    return Some(Err(malformed(line, format!("cannot read: {e}"))));
+                    return Some(Err(read_error(line, &e)));
                 }
             }
             let text = match line {
@@ -438,7 +507,14 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                 continue;
             }
             // serde would also take an array, field by field in order.
-            if !text.trim_start().starts_with('{') {
+            let text_start = text.trim_start();
+            if text_start.starts_with('[') {
+                return Some(Err(malformed(
+                    line,
+                    "a JSON array, where JSON Lines has one transfer object per line",
+                )));
+            }
+            if !text_start.starts_with('{') {
                 return Some(Err(malformed(
                     line,
                     "not a JSON object: each line must be one object with the keys id, from, \
@@ -722,7 +798,7 @@ mod tests {
         );
         let got: Vec<_> = all(&text, Format::Jsonl).iter().map(reason).collect();
         assert_eq!(got.len(), 3);
-        assert!(got[0].1.contains("not a JSON object"), "{got:?}");
+        assert!(got[0].1.contains("a JSON array"), "{got:?}");
         for (_, why) in &got[1..] {
             // 5e2 and 7.0 are whole numbers, written in a way an amount of money is not.
             assert!(
@@ -733,12 +809,35 @@ mod tests {
     }
 
     #[test]
+    fn a_line_longer_than_a_mebibyte_is_refused_without_being_held() {
+        let object = format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}");
+        let array = format!("[{}]\n", vec![object.as_str(); 20_000].join(","));
+        let field = "x".repeat(3 << 20);
+        for (text, format, line) in [
+            (format!("{object}\n\n{array}"), Format::Jsonl, 3),
+            (
+                format!("id,from,to,amount\n{X},{A},{B},{field}\n"),
+                Format::Csv,
+                2,
+            ),
+            (format!("{field}\n"), Format::Csv, 1),
+        ] {
+            let got = all(&text, format);
+            let refused = got.iter().find(|r| r.is_err()).map(reason);
+            let (at, why) = refused.unwrap_or_default();
+            assert_eq!(at, line, "{format:?}: {why}");
+            assert!(why.contains("longer than 1 MiB"), "{format:?}: {why}");
+        }
+    }
+
+    #[test]
     fn the_format_follows_the_name_or_the_first_byte() {
         assert_eq!(Format::of_path(Path::new("a.CSV")), Some(Format::Csv));
         assert_eq!(Format::of_path(Path::new("a.ndjson")), Some(Format::Jsonl));
         assert_eq!(Format::of_path(Path::new("a.txt")), None);
         assert_eq!(Format::sniff(b"  \n{\"id\""), Format::Jsonl);
         assert_eq!(Format::sniff(b"id,from"), Format::Csv);
+        assert_eq!(Format::sniff(b"[{\"id\""), Format::Jsonl);
         assert_eq!(Format::sniff(b"\xef\xbb\xbf{\"id\""), Format::Jsonl);
     }
 
