@@ -159,12 +159,16 @@ pub enum Error {
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error("{failed} of {total} transfers were not applied (each line's outcome is above)")]
     BatchFailed { failed: u64, total: u64 },
-    /// `transfer --file` whose output was closed: it stopped (exit 1).
+    /// `transfer --file` whose results could not be written: it stopped (exit 1).
     #[error(
-        "the output was closed, so the run stopped: {failed} of {total} transfers were not \
-         applied (counted above); run the file again to apply them"
+        "{why}, so the run stopped: {failed} of {total} transfers were not applied (the \
+         summary above counts every line); run the file again to apply them"
     )]
-    OutputClosed { failed: u64, total: u64 },
+    OutputFailed {
+        why: String,
+        failed: u64,
+        total: u64,
+    },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
 }

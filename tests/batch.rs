@@ -1205,25 +1205,58 @@ fn a_closed_output_stops_the_file_as_ctrl_c_does_and_says_so() {
         drop(child.stdout.take());
         holder.batch_execute("ROLLBACK").expect("rollback");
         let run = Run::from(child.wait_with_output().expect("wait"));
-        let mut conn = db.conn();
-        let applied = count_transfers(&mut conn).expect("count");
-        assert!((10..200).contains(&applied), "{iso:?}: {applied} {run:?}");
-        let not_applied = 200 - applied;
-        ended(&run, 1, "the output was closed");
-        assert!(
-            run.stderr
-                .contains(&format!("{applied} applied, {not_applied} not_applied")),
-            "{iso:?}: {run:?}"
-        );
-        let rerun = run_file(db.url.expose(), "pay.csv", &csv(&lines), &[]);
-        assert_eq!(rerun.code, 0, "{iso:?}: {rerun:?}");
-        let again = outcomes(&rerun);
-        let already = again.iter().filter(|(_, o)| o == "already_applied").count();
-        assert_eq!(
-            (again.len(), already as i64),
-            (200, applied),
-            "{iso:?}: {rerun:?}"
-        );
-        assert_eq!(count_transfers(&mut conn).expect("count"), 200, "{iso:?}");
+        stopped_then_rerun(&db, &lines, &run, "the output was closed");
     }
+}
+
+#[test]
+fn a_full_disk_under_the_results_stops_the_file_and_says_so() {
+    // The results go to a file on a full disk: the run stopped at once, with no summary and the
+    // lines in flight applied but never counted.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 4, 200, 22);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"));
+        command
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .arg(&path)
+            .args(["--json", "--batch", "10", "--connections", "1"])
+            .stdout(full);
+        let run = Run::from(command.output().expect("run bank"));
+        stopped_then_rerun(&db, &lines, &run, "cannot write the results (No space left");
+    }
+}
+
+/// A run of `lines` that stopped because its results could not be written: exit 1, a summary
+/// that counts what the ledger holds, `needle` in the error; then a rerun applies the rest.
+#[track_caller]
+fn stopped_then_rerun(db: &ScratchDb, lines: &[T], run: &Run, needle: &str) {
+    let mut conn = db.conn();
+    let applied = count_transfers(&mut conn).expect("count");
+    let total = lines.len() as i64;
+    assert!((10..total).contains(&applied), "{applied} {run:?}");
+    ended(run, 1, needle);
+    let not_applied = total - applied;
+    assert!(
+        run.stderr
+            .contains(&format!("{applied} applied, {not_applied} not_applied")),
+        "{run:?}"
+    );
+    let rerun = run_file(db.url.expose(), "pay.csv", &csv(lines), &[]);
+    assert_eq!(rerun.code, 0, "{rerun:?}");
+    let again = outcomes(&rerun);
+    let already = again.iter().filter(|(_, o)| o == "already_applied").count();
+    assert_eq!(
+        (again.len() as i64, already as i64),
+        (total, applied),
+        "{rerun:?}"
+    );
+    assert_eq!(count_transfers(&mut conn).expect("count"), total);
 }

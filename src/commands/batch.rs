@@ -62,12 +62,13 @@ pub(super) fn transfer_file(
     let mut results = Results {
         out,
         json: args.json,
-        open: true,
+        failed: None,
     };
     let summary = batch::apply(url, options, lines, |l: &Line, v: &Verdict| {
-        results.write(l, v)
+        results.write(l, v);
+        Ok::<(), Error>(())
     })?;
-    results.flush()?;
+    results.flush();
     eprintln!("{}", summary_line(&summary));
     let total = summary.total();
     let unknown = summary.count(Outcome::Unknown);
@@ -82,8 +83,12 @@ pub(super) fn transfer_file(
              applied as already_applied",
             input.name
         )))
-    } else if failed > 0 && !results.open {
-        Err(Error::OutputClosed { failed, total })
+    } else if let Some(e) = results.failed.filter(|e| failed > 0 || !is_closed(e)) {
+        let why = match is_closed(&e) {
+            true => "the output was closed".to_string(),
+            false => format!("cannot write the results ({e})"),
+        };
+        Err(Error::OutputFailed { why, failed, total })
     } else if failed > 0 {
         Err(Error::BatchFailed { failed, total })
     } else {
@@ -91,34 +96,41 @@ pub(super) fn transfer_file(
     }
 }
 
-/// Where each line's result goes. Once its reader has gone (`... | head -1`), the run stops as for
-/// Ctrl-C: going on would apply transfers whose outcome nobody is told.
+/// Where each line's result goes. Once it cannot be written (the reader of a pipe has gone, the
+/// disk is full), the run stops as for Ctrl-C: going on would apply transfers whose outcome
+/// nobody is told.
 struct Results<'a, W: Write> {
     out: &'a mut W,
     json: bool,
-    open: bool,
+    failed: Option<io::Error>,
 }
 
 impl<W: Write> Results<'_, W> {
-    fn write(&mut self, l: &Line, v: &Verdict) -> Result<(), Error> {
-        match self.open {
-            true => write_line(self.out, self.json, l, v).or_else(|e| self.closed(e)),
-            false => Ok(()),
+    fn write(&mut self, l: &Line, v: &Verdict) {
+        if self.failed.is_none() {
+            if let Err(e) = write_line(self.out, self.json, l, v) {
+                self.fail(e);
+            }
         }
     }
 
-    fn flush(&mut self) -> Result<(), Error> {
-        self.out.flush().or_else(|e| self.closed(e))
+    fn flush(&mut self) {
+        if self.failed.is_none() {
+            if let Err(e) = self.out.flush() {
+                self.fail(e);
+            }
+        }
     }
 
-    fn closed(&mut self, e: io::Error) -> Result<(), Error> {
-        if e.kind() != io::ErrorKind::BrokenPipe {
-            return Err(Error::Io(e));
-        }
-        self.open = false;
-        crate::interrupt::output_closed();
-        Ok(())
+    fn fail(&mut self, e: io::Error) {
+        self.failed = Some(e);
+        crate::interrupt::output_failed();
     }
+}
+
+/// The reader of a pipe has gone (`... | head -2`): once every line is applied, a normal end.
+fn is_closed(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::BrokenPipe
 }
 
 /// `--connections` when not given: 2, but 1 on a PostgreSQL that runs transactions SERIALIZABLE
