@@ -21,8 +21,13 @@ fn main() -> ExitCode {
         // The reader went away (`bank balances | head -1`): a normal end, as for ripgrep.
         Err(e) if e.is_broken_pipe() => Code::Success.into(),
         Err(e) => {
-            eprintln!("bank: error: {}", one_line(&e));
-            e.exit_code().into()
+            let code = e.exit_code();
+            let what = match code {
+                Code::Success => "warning",
+                _ => "error",
+            };
+            eprintln!("bank: {what}: {}", one_line(&e));
+            code.into()
         }
     }
 }

@@ -772,3 +772,39 @@ fn options_of_a_file_without_a_file_are_refused() {
         refused(&args, 2, "--file");
     }
 }
+
+#[test]
+fn a_transfer_whose_receipt_cannot_be_written_still_says_it_was_applied() {
+    // The output is a file on a full disk: the transfer committed, so exit 0 (applied) is the
+    // truth, and stderr says the receipt is missing; exit 1 said "failed and not applied".
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 100]);
+    let id = Uuid::new_v4();
+    for extra in [&[][..], &["--json"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let output = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args([
+                "--database-url",
+                db.url.expose(),
+                "transfer",
+                "--amount",
+                "7",
+            ])
+            .args(["--from", &ids[0].to_string(), "--to", &ids[1].to_string()])
+            .args(["--id", &id.to_string()])
+            .args(extra)
+            .stdout(full)
+            .output()
+            .expect("run bank");
+        let run = crate::support::Run::from(output);
+        assert_eq!(run.code, 0, "{extra:?}: {run:?}");
+        assert!(
+            run.stderr.contains(&id.to_string()) && run.stderr.contains("applied"),
+            "{extra:?}: {run:?}"
+        );
+    }
+    assert_eq!(db.balance(ids[0]), 93, "applied once");
+}

@@ -97,7 +97,26 @@ pub(super) fn transfer_cmd(
             return Err(e.into());
         }
     };
-    if args.json {
+    // The transfer is in the ledger whatever becomes of its receipt.
+    write_receipt(out, args.json, &t, &receipt)
+        .and_then(|()| out.flush())
+        .map_err(|source| Error::ReceiptLost {
+            id: t.id,
+            how: match receipt.already_applied {
+                true => "already applied",
+                false => "applied",
+            },
+            source,
+        })
+}
+
+fn write_receipt(
+    out: &mut impl Write,
+    json: bool,
+    t: &NewTransfer,
+    receipt: &Receipt,
+) -> io::Result<()> {
+    if json {
         serde_json::to_writer(
             &mut *out,
             &TransferJson {
@@ -116,11 +135,10 @@ pub(super) fn transfer_cmd(
             },
         )
         .map_err(io::Error::from)?;
-        writeln!(out)?;
+        writeln!(out)
     } else {
-        writeln!(out, "{}", receipt_line(&receipt))?;
+        writeln!(out, "{}", receipt_line(receipt))
     }
-    Ok(())
 }
 
 pub(super) fn receipt_line(r: &Receipt) -> String {
