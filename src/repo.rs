@@ -213,6 +213,11 @@ pub fn balances_as_of(
     .load_iter::<BalanceAt, PgRowByRowLoadingMode>(conn)
 }
 
+/// The server's clock: the one `created_at` is written by.
+pub fn server_now(conn: &mut PgConnection) -> QueryResult<DateTime<Utc>> {
+    diesel::select(diesel::dsl::sql::<Timestamptz>("now()")).get_result(conn)
+}
+
 /// Deletes one account; `NotFound` when there is none with this id.
 pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
     match diesel::delete(accounts::table.find(id)).execute(conn)? {

@@ -188,12 +188,13 @@ fn balances_as_of_a_time_replay_the_chains() {
             sorted(vec![(a.clone(), 400), (b.clone(), 600)]),
             "{iso:?}"
         );
-        // At and after the last transfer: what `balances` says now.
+        // At and after the last transfer: what `balances` says now (a time still to come is
+        // refused, balances_as_of_a_time_still_to_come_are_refused).
         let now = db.bank().args(["balances", "--json"]).run();
         assert_eq!(balances_as_of(&db, last).len(), 2);
         assert_eq!(
             serde_json::to_value(
-                balances_as_of(&db, last + Duration::seconds(1))
+                balances_as_of(&db, last + us)
                     .into_iter()
                     .map(|(id, balance)| serde_json::json!({"id": id, "balance": balance}))
                     .collect::<Vec<_>>()
@@ -275,4 +276,17 @@ fn the_backfill_replays_each_accounts_ledger() {
     let history = db.bank().args(["history", &a.to_string(), "--json"]).run();
     assert_eq!(versions(&history.json()), [3, 2, 1, 0]);
     db.bank().args(["verify"]).run().success();
+}
+
+#[test]
+fn balances_as_of_a_time_still_to_come_are_refused() {
+    // They were printed as "Balances at 2099-01-01…": today's balances, said of a future that
+    // transfers not made yet will change.
+    let db = ScratchDb::migrated();
+    five_transfers(&db);
+    let later = Utc::now() + chrono::Duration::days(1);
+    db.bank()
+        .args(["balances", "--as-of", &later.to_rfc3339()])
+        .run()
+        .fails_with(2, "is in the future");
 }

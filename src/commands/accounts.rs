@@ -140,6 +140,16 @@ pub(super) fn balances(
         let rows = repo::list(&mut conn)?;
         return write_balances(rows, args.json, out);
     };
+    // Later transfers will change balances at a time still to come: they are not known yet.
+    let now = repo::server_now(&mut conn)?;
+    if at > now {
+        return Err(Error::Usage(format!(
+            "--as-of {} is in the future (the database's time is {}): balances then are not \
+             known yet",
+            at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            now.to_rfc3339_opts(SecondsFormat::Secs, true)
+        )));
+    }
     let header = format!(
         "Balances at {}:",
         at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
