@@ -145,8 +145,8 @@ pub enum Error {
         negative: i64,
         mismatched: i64,
         broken: i64,
-        total: i64,
-        opening: i64,
+        total: i128,
+        opening: i128,
     },
     #[error("workload failed")]
     Workload(#[from] WorkloadError),

@@ -12,7 +12,7 @@
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Nullable, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text, Uuid as SqlUuid};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -24,8 +24,9 @@ pub struct Report {
     pub ok: bool,
     pub accounts: i64,
     pub transfers: i64,
-    pub total_balance: i64,
-    pub total_opening_balance: i64,
+    /// Wider than a balance: accounts that each fit in INT8 may not together.
+    pub total_balance: i128,
+    pub total_opening_balance: i128,
     pub negative_balances: i64,
     pub mismatched_accounts: i64,
     /// Accounts whose chain of entries is broken (a gap, a wrong balance-after, or a last entry
@@ -52,10 +53,10 @@ struct Row {
     accounts: i64,
     #[diesel(sql_type = BigInt)]
     transfers: i64,
-    #[diesel(sql_type = BigInt)]
-    total_balance: i64,
-    #[diesel(sql_type = BigInt)]
-    total_opening_balance: i64,
+    #[diesel(sql_type = Text)]
+    total_balance: String,
+    #[diesel(sql_type = Text)]
+    total_opening_balance: String,
     #[diesel(sql_type = BigInt)]
     negative_balances: i64,
     #[diesel(sql_type = BigInt)]
@@ -74,7 +75,8 @@ struct Row {
 
 /// Each entry (a transfer seen from one of its accounts) linked to the one before it, then each
 /// account's status, then the totals and the first violations. SUM of INT8 is NUMERIC on
-/// PostgreSQL and DECIMAL on CockroachDB: cast back to INT8 on both.
+/// PostgreSQL and DECIMAL on CockroachDB: cast back to INT8 on both, except the two totals of
+/// balances, which can leave INT8 (two accounts at its maximum) and come back as text.
 const CHECK: &str = "\
 WITH entries AS (
     SELECT from_id AS account, from_version AS version, from_balance_after AS after, -amount AS delta
@@ -112,8 +114,8 @@ WITH entries AS (
 ), totals AS (
     SELECT CAST(COUNT(*) AS INT8) AS accounts,
            (SELECT CAST(COUNT(*) AS INT8) FROM transfers) AS transfers,
-           CAST(COALESCE(SUM(balance), 0) AS INT8) AS total_balance,
-           CAST(COALESCE(SUM(opening_balance), 0) AS INT8) AS total_opening_balance,
+           CAST(COALESCE(SUM(balance), 0) AS TEXT) AS total_balance,
+           CAST(COALESCE(SUM(opening_balance), 0) AS TEXT) AS total_opening_balance,
            CAST(COUNT(*) FILTER (WHERE balance < 0) AS INT8) AS negative_balances,
            CAST(COUNT(*) FILTER (WHERE balance <> expected) AS INT8) AS mismatched_accounts,
            CAST(COUNT(*) FILTER (WHERE NOT chain_ok) AS INT8) AS broken_chains
@@ -143,8 +145,8 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
                 ok: false,
                 accounts: first.accounts,
                 transfers: first.transfers,
-                total_balance: first.total_balance,
-                total_opening_balance: first.total_opening_balance,
+                total_balance: whole(&first.total_balance)?,
+                total_opening_balance: whole(&first.total_opening_balance)?,
                 negative_balances: first.negative_balances,
                 mismatched_accounts: first.mismatched_accounts,
                 broken_chains: first.broken_chains,
@@ -168,6 +170,17 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
                 && report.total_balance == report.total_opening_balance;
             Ok(report)
         })
+}
+
+/// A sum of INT8 as the database writes it ("123", or "123.0" if the engine keeps a scale).
+fn whole(text: &str) -> QueryResult<i128> {
+    let (digits, fraction) = text.split_once('.').unwrap_or((text, ""));
+    match digits.parse() {
+        Ok(n) if fraction.bytes().all(|b| b == b'0') => Ok(n),
+        _ => Err(diesel::result::Error::DeserializationError(
+            format!("a total of balances that is not a whole number: {text}").into(),
+        )),
+    }
 }
 
 /// The human-readable report.

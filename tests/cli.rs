@@ -808,3 +808,19 @@ fn a_transfer_whose_receipt_cannot_be_written_still_says_it_was_applied() {
     }
     assert_eq!(db.balance(ids[0]), 93, "applied once");
 }
+
+#[test]
+fn verify_sums_balances_past_the_range_of_one() {
+    // Two accounts at the largest balance there is: each fits in INT8, their total does not,
+    // and verify failed with "bigint out of range" instead of checking them.
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[i64::MAX, i64::MAX, 0]);
+    db.transfer(ids[0], ids[2], 5).run().success();
+    let json = db.bank().args(["verify", "--json"]).run();
+    json.success();
+    let total = format!("\"total_balance\":{}", 2 * i128::from(i64::MAX));
+    assert!(json.stdout.contains(&total), "{json:?}");
+    let text = db.bank().args(["verify"]).run();
+    text.success();
+    assert!(text.stdout.contains("18446744073709551614"), "{text:?}");
+}
