@@ -7,7 +7,7 @@ use std::io::{BufWriter, Write};
 use chrono::{DateTime, Utc};
 use diesel::pg::{Pg, PgConnection, PgRowByRowLoadingMode};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::models::{Account, LockedAccount, NewAccount, Transfer};
@@ -287,14 +287,14 @@ pub fn delete_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
 pub const MAX_IDS_PER_STATEMENT: usize = 50_000;
 
 /// The sum of the given accounts' balances, read in one snapshot (see `snapshot_totals`).
-pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
+pub fn total_balance(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i128> {
     snapshot_totals(conn, ids).map(|(total, _)| total)
 }
 
 /// The given accounts' total and how many of them are negative, read in one snapshot: what a
 /// bank reader sees at one instant. Up to `MAX_IDS_PER_STATEMENT` ids this is one statement;
 /// beyond, see `snapshot_totals_in_chunks`.
-pub fn snapshot_totals(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
+pub fn snapshot_totals(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i128, i64)> {
     snapshot_totals_in_chunks(conn, ids, MAX_IDS_PER_STATEMENT)
 }
 
@@ -307,19 +307,17 @@ pub fn snapshot_totals_in_chunks(
     conn: &mut PgConnection,
     ids: &[Uuid],
     chunk: usize,
-) -> QueryResult<(i64, i64)> {
+) -> QueryResult<(i128, i64)> {
     let chunk = chunk.max(1);
     if ids.len() <= chunk {
         return totals_of(conn, ids);
     }
-    let sum_chunks = |conn: &mut PgConnection| -> QueryResult<(i64, i64)> {
-        let mut total = (0i64, 0i64);
+    let sum_chunks = |conn: &mut PgConnection| -> QueryResult<(i128, i64)> {
+        let mut total = (0i128, 0i64);
         for part in ids.chunks(chunk) {
             let (sum, negative) = totals_of(conn, part)?;
-            // A sum past i64 is no total a bank can hold: say so rather than wrap.
-            total.0 = total.0.checked_add(sum).ok_or_else(|| {
-                diesel::result::Error::QueryBuilderError("total balance overflows INT8".into())
-            })?;
+            // i128 holds the sum of 2^64 balances at INT8's limit: no bank holds more rows.
+            total.0 += sum;
             total.1 += negative;
         }
         Ok(total)
@@ -335,16 +333,32 @@ pub fn snapshot_totals_in_chunks(
     }
 }
 
-/// One statement: the total and the negative balances of these accounts.
-fn totals_of(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
-    let (sum, negative): (Option<i64>, i64) = accounts::table
+/// One statement: the total and the negative balances of these accounts. The sum comes back as
+/// text: accounts that each fit in INT8 need not together.
+fn totals_of(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i128, i64)> {
+    let (sum, negative): (Option<String>, i64) = accounts::table
         .filter(accounts::id.eq_any(ids))
         .select((
-            diesel::dsl::sql::<Nullable<BigInt>>("CAST(SUM(balance) AS INT8)"),
+            diesel::dsl::sql::<Nullable<Text>>("CAST(SUM(balance) AS TEXT)"),
             diesel::dsl::sql::<BigInt>("CAST(COUNT(*) FILTER (WHERE balance < 0) AS INT8)"),
         ))
         .get_result(conn)?;
-    Ok((sum.unwrap_or(0), negative))
+    Ok((
+        sum.as_deref().map(whole_number).transpose()?.unwrap_or(0),
+        negative,
+    ))
+}
+
+/// A sum of INT8 as the database writes it: "123" on PostgreSQL (NUMERIC), possibly "123.0" on
+/// CockroachDB (DECIMAL keeps a scale).
+pub fn whole_number(text: &str) -> QueryResult<i128> {
+    let (digits, fraction) = text.split_once('.').unwrap_or((text, ""));
+    match digits.parse() {
+        Ok(n) if fraction.bytes().all(|b| b == b'0') => Ok(n),
+        _ => Err(diesel::result::Error::DeserializationError(
+            format!("a sum of balances that is not a whole number: {text}").into(),
+        )),
+    }
 }
 
 /// Ledger rows whose id lies in `low..=high` (one primary-key range scan).
@@ -377,6 +391,8 @@ pub fn list_query(
 mod tests {
     use diesel::result::{DatabaseErrorKind, Error};
 
+    use super::whole_number;
+
     fn db(message: &'static str) -> Error {
         crate::retry::tests::db(DatabaseErrorKind::Unknown, message)
     }
@@ -400,5 +416,18 @@ mod tests {
             assert!(!super::is_copy_refused(&db(m)), "{m}");
         }
         assert!(!super::is_copy_refused(&Error::NotFound));
+    }
+
+    #[test]
+    fn sums_read_back_whole_whatever_scale_the_engine_writes() {
+        assert_eq!(
+            whole_number("18446744073709551614").ok(),
+            Some(2 * i128::from(i64::MAX))
+        );
+        assert_eq!(whole_number("-7.000").ok(), Some(-7));
+        assert_eq!(whole_number("0").ok(), Some(0));
+        assert!(whole_number("7.5").is_err());
+        assert!(whole_number("").is_err());
+        assert!(whole_number("1e3").is_err());
     }
 }

@@ -16,6 +16,8 @@ use diesel::sql_types::{BigInt, Bool, Nullable, Text, Uuid as SqlUuid};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::repo;
+
 /// Accounts listed individually in a report; the counts cover the rest.
 const MAX_LISTED: i64 = 20;
 
@@ -145,8 +147,8 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
                 ok: false,
                 accounts: first.accounts,
                 transfers: first.transfers,
-                total_balance: whole(&first.total_balance)?,
-                total_opening_balance: whole(&first.total_opening_balance)?,
+                total_balance: repo::whole_number(&first.total_balance)?,
+                total_opening_balance: repo::whole_number(&first.total_opening_balance)?,
                 negative_balances: first.negative_balances,
                 mismatched_accounts: first.mismatched_accounts,
                 broken_chains: first.broken_chains,
@@ -170,17 +172,6 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
                 && report.total_balance == report.total_opening_balance;
             Ok(report)
         })
-}
-
-/// A sum of INT8 as the database writes it ("123", or "123.0" if the engine keeps a scale).
-fn whole(text: &str) -> QueryResult<i128> {
-    let (digits, fraction) = text.split_once('.').unwrap_or((text, ""));
-    match digits.parse() {
-        Ok(n) if fraction.bytes().all(|b| b == b'0') => Ok(n),
-        _ => Err(diesel::result::Error::DeserializationError(
-            format!("a total of balances that is not a whole number: {text}").into(),
-        )),
-    }
 }
 
 /// The human-readable report.

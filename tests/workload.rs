@@ -324,3 +324,29 @@ fn the_latency_histogram_log_reads_back() {
         .fails_with(2, "cannot write --histogram");
     assert_eq!(db.state(), before, "nothing changed");
 }
+
+#[test]
+fn a_workload_over_balances_whose_total_leaves_int8_checks_it() {
+    // Each account fits in INT8, the three together do not: the workload failed with "bigint
+    // out of range" before the first transfer, its accounts already created.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let half = (i64::MAX / 2).to_string();
+        let run = db
+            .bank()
+            .args(["workload", "--accounts", "3", "--balance", &half])
+            .args(["--concurrency", "2", "--transfers", "60", "--readers", "1"])
+            .args(["--seed", "5", "--json"])
+            .run();
+        run.success();
+        let total = 3 * i128::from(i64::MAX / 2);
+        for field in ["starting_total", "final_total"] {
+            let want = format!("\"{field}\":{total}");
+            assert!(run.stdout.contains(&want), "{iso:?}: no {want}: {run:?}");
+        }
+        assert!(
+            run.stdout.contains("\"wrong_total_reads\":0"),
+            "{iso:?}: {run:?}"
+        );
+    }
+}

@@ -201,7 +201,7 @@ impl Crew {
 
     /// Starts `n` readers. Every read's total must be `total`, with no negative balance: a
     /// stale or non-serializable read (a follower read on CockroachDB, say) shows otherwise.
-    pub(super) fn readers(&self, n: u64, total: i64) -> Readers {
+    pub(super) fn readers(&self, n: u64, total: i128) -> Readers {
         let readers = Readers {
             stop: Arc::new(AtomicBool::new(false)),
             reads: Arc::new(AtomicU64::new(0)),

@@ -70,7 +70,7 @@ impl AddAssign<&Tally> for Tally {
 pub struct FinalCheck {
     pub verify: VerifyReport,
     /// The workload's accounts' total.
-    pub total: i64,
+    pub total: i128,
     /// Ledger rows of this run's own transfers.
     pub ledger_rows: i64,
 }
@@ -99,9 +99,9 @@ pub struct Report {
     pub wrong_total_reads: u64,
     pub throughput_per_sec: f64,
     pub latency_ms: Latency,
-    pub starting_total: i64,
+    pub starting_total: i128,
     /// `null` when the final check could not run (see `final_check_error`).
-    pub final_total: Option<i64>,
+    pub final_total: Option<i128>,
     /// Ledger rows of this run's own transfers (ids carry the run's prefix), so other clients
     /// writing to the same database cause no false alarm.
     pub ledger_rows_added: Option<i64>,
@@ -140,7 +140,7 @@ pub struct Run {
     pub accounts: usize,
     pub concurrency: u64,
     pub elapsed_secs: f64,
-    pub starting_total: i64,
+    pub starting_total: i128,
     pub stuck_workers: u64,
     pub interrupted: bool,
     pub reads: u64,
@@ -226,7 +226,9 @@ impl fmt::Display for Report {
             (false, true) => "VIOLATED",
             (false, false) => "not checked",
         };
-        let known = |n: Option<i64>| n.map_or_else(|| "?".to_string(), |n| n.to_string());
+        fn known(n: Option<impl ToString>) -> String {
+            n.map_or_else(|| "?".to_string(), |n| n.to_string())
+        }
         let r = &self.retries;
         let mode = match self.mode {
             Mode::Transaction => "transaction",

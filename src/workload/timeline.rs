@@ -104,9 +104,9 @@ pub struct Timeline {
     /// question went unanswered, or the watchdog gave up on a transfer in that second).
     pub(super) faults: Vec<bool>,
     /// Per second: the lowest and highest total the readers' snapshots saw.
-    pub(super) totals: Vec<Option<(i64, i64)>>,
+    pub(super) totals: Vec<Option<(i128, i128)>>,
     pub(super) readers: u64,
-    pub(super) starting_total: i64,
+    pub(super) starting_total: i128,
 }
 
 impl Timeline {
@@ -114,7 +114,7 @@ impl Timeline {
         seconds: Vec<Second>,
         marks: Marks,
         readers: u64,
-        starting_total: i64,
+        starting_total: i128,
     ) -> Timeline {
         let n = seconds
             .len()

@@ -40,7 +40,7 @@ pub(super) struct Marks {
     /// Seconds in which a connection was lost or the server did not answer.
     pub(super) faults: Vec<bool>,
     /// The lowest and highest total of the snapshot reads that ended in each second.
-    pub(super) totals: Vec<Option<(i64, i64)>>,
+    pub(super) totals: Vec<Option<(i128, i128)>>,
 }
 
 impl Live {
@@ -94,7 +94,7 @@ impl Live {
     }
 
     /// A snapshot read that ended at `at` saw `total`.
-    pub(super) fn read_total(&self, at: Instant, total: i64) {
+    pub(super) fn read_total(&self, at: Instant, total: i128) {
         let s = self.second_of(at);
         if let Ok(mut m) = self.marks.lock() {
             if m.totals.len() <= s {
