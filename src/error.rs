@@ -187,6 +187,10 @@ pub enum Error {
 pub enum WorkloadError {
     #[error("an invariant does not hold (see the report)")]
     InvariantViolated,
+    #[error(
+        "every invariant holds, but {count} transfers failed with an error (the last: {last})"
+    )]
+    Errors { count: u64, last: String },
     #[error("the final check could not run ({0}); see the report")]
     FinalCheck(String),
     #[error("--reuse-accounts needs at least 2 existing accounts, found {0}")]

@@ -350,3 +350,43 @@ fn a_workload_over_balances_whose_total_leaves_int8_checks_it() {
         );
     }
 }
+
+#[test]
+fn credits_that_would_pass_the_largest_balance_are_refusals_not_errors() {
+    // Accounts at INT8's maximum refuse every credit, as `bank transfer` does: the workload
+    // counted each as an error, dropped its connection, and failed saying "an invariant does
+    // not hold" while every invariant held.
+    for iso in Iso::BOTH {
+        for batch in [None, Some("10")] {
+            let db = ScratchDb::migrated_at(iso);
+            let max = i64::MAX.to_string();
+            let batch_args = batch.map(|b| vec!["--batch", b]).unwrap_or_default();
+            let run = db
+                .bank()
+                .args(["workload", "--accounts", "3", "--balance", &max])
+                .args([
+                    "--concurrency",
+                    "2",
+                    "--transfers",
+                    "60",
+                    "--seed",
+                    "5",
+                    "--json",
+                ])
+                .args(batch_args)
+                .run();
+            run.success();
+            for want in [
+                "\"rejected_balance_overflow\":60",
+                "\"errors\":0",
+                "\"reconnects\":0",
+                "\"transfers_committed\":0",
+            ] {
+                assert!(
+                    run.stdout.contains(want),
+                    "{iso:?} {batch:?}: no {want}: {run:?}"
+                );
+            }
+        }
+    }
+}

@@ -185,6 +185,14 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         Ok(())
     } else if let Some(e) = report.final_check_error {
         Err(WorkloadError::FinalCheck(e).into())
+    } else if report.invariants_hold() {
+        // Only errors made the run fail: saying an invariant broke would send the reader after
+        // the wrong thing.
+        Err(WorkloadError::Errors {
+            count: report.errors,
+            last: report.last_error.unwrap_or_default(),
+        }
+        .into())
     } else {
         Err(WorkloadError::InvariantViolated.into())
     }

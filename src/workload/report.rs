@@ -17,6 +17,8 @@ use crate::verify::Report as VerifyReport;
 pub struct Tally {
     pub committed: u64,
     pub insufficient_funds: u64,
+    /// Refused because the credit would take a balance past INT8's maximum.
+    pub balance_overflow: u64,
     /// Not applied: retries or the deadline ran out, or the watchdog gave up on the transfer
     /// before any COMMIT was sent.
     pub given_up: u64,
@@ -36,6 +38,7 @@ impl Tally {
         Ok(Tally {
             committed: 0,
             insufficient_funds: 0,
+            balance_overflow: 0,
             given_up: 0,
             indeterminate: 0,
             errors: 0,
@@ -52,6 +55,7 @@ impl AddAssign<&Tally> for Tally {
     fn add_assign(&mut self, other: &Tally) {
         self.committed += other.committed;
         self.insufficient_funds += other.insufficient_funds;
+        self.balance_overflow += other.balance_overflow;
         self.given_up += other.given_up;
         self.indeterminate += other.indeterminate;
         self.errors += other.errors;
@@ -86,6 +90,7 @@ pub struct Report {
     pub interrupted: bool,
     pub transfers_committed: u64,
     pub rejected_insufficient_funds: u64,
+    pub rejected_balance_overflow: u64,
     pub retries: RetryCounts,
     pub given_up: u64,
     pub indeterminate: u64,
@@ -174,13 +179,7 @@ impl Report {
                 verify_ok: false,
             },
         };
-        let ok = invariants.total_conserved
-            && invariants.no_negative_balance
-            && invariants.ledger_matches_committed
-            && invariants.chains_exact
-            && invariants.verify_ok
-            && run.wrong_total_reads == 0
-            && tally.errors == 0;
+        let ok = invariants.all() && run.wrong_total_reads == 0 && tally.errors == 0;
         Report {
             ok,
             mode: run.mode,
@@ -190,6 +189,7 @@ impl Report {
             interrupted: run.interrupted,
             transfers_committed: tally.committed,
             rejected_insufficient_funds: tally.insufficient_funds,
+            rejected_balance_overflow: tally.balance_overflow,
             retries: tally.retries,
             given_up: tally.given_up,
             indeterminate: tally.indeterminate,
@@ -217,6 +217,24 @@ impl Report {
 }
 
 /// The text report, one line each.
+impl Invariants {
+    fn all(&self) -> bool {
+        self.total_conserved
+            && self.no_negative_balance
+            && self.ledger_matches_committed
+            && self.chains_exact
+            && self.verify_ok
+    }
+}
+
+impl Report {
+    /// Every invariant held and every snapshot read saw the opening total: what failed, if
+    /// anything, was a transfer's error.
+    pub fn invariants_hold(&self) -> bool {
+        self.invariants.all() && self.wrong_total_reads == 0
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Without a final check nothing was found violated: it was not looked at.
@@ -251,6 +269,13 @@ impl fmt::Display for Report {
             "rejected (insufficient funds): {}",
             self.rejected_insufficient_funds
         )?;
+        if self.rejected_balance_overflow > 0 {
+            writeln!(
+                f,
+                "rejected (the credit would pass the largest balance): {}",
+                self.rejected_balance_overflow
+            )?;
+        }
         writeln!(
             f,
             "retries: {} (serialization {}, deadlock {}, ambiguous {}, connection lost {}, timeout {})",

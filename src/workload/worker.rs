@@ -194,6 +194,7 @@ impl Worker {
                     }
                 }
                 Err(TransferError::InsufficientFunds { .. }) => tally.insufficient_funds += 1,
+                Err(TransferError::BalanceOverflow { .. }) => tally.balance_overflow += 1,
                 Err(TransferError::NotApplied { .. }) => tally.given_up += 1,
                 Err(TransferError::OutcomeUnknown { .. }) => tally.indeterminate += 1,
                 Err(e) => {
@@ -279,6 +280,7 @@ impl Worker {
                 match v.outcome {
                     Outcome::Applied => applied += 1,
                     Outcome::InsufficientFunds => tally.insufficient_funds += 1,
+                    Outcome::BalanceOverflow => tally.balance_overflow += 1,
                     Outcome::NotApplied => {
                         log::debug!(
                             "workload: transfer {} not applied: {:?}",
