@@ -403,6 +403,30 @@ fn a_malformed_file_applies_nothing_and_names_the_line() {
             format!("id,from,to,amount\n{good}{},{a},{b}\n", Uuid::new_v4()),
             "line 3: 3 fields where the header has 4",
         ),
+        // Found by trying the command as a user would: each of these applied the lines it saw
+        // (or none) and exited 0.
+        (
+            format!(
+                "id,from,to,amount,memo\n{},{a},{b},5,pay\n{},{a},{b},6,\"bonus\n{},{a},{b},7,pay\n",
+                Uuid::new_v4(),
+                Uuid::new_v4(),
+                Uuid::new_v4()
+            ),
+            "line 3: a quote opens a field here and is never closed",
+        ),
+        (String::new(), "line 1: no header"),
+        (
+            format!("id,from,to,amount\n{good},,,\n"),
+            "line 3: no id",
+        ),
+        (
+            format!(
+                "id,from,to,amount\r{}\r\r{},{a},{b},x\r",
+                good.trim_end(),
+                Uuid::new_v4()
+            ),
+            "line 4: amount 'x' is not a whole number",
+        ),
     ];
     let before = full_state(&db);
     for (text, needle) in cases {

@@ -246,12 +246,75 @@ struct Newlines<R> {
 
 #[derive(Default)]
 struct LineIndex {
-    /// Each newline's offset, and the offset of the last byte other than a space before it on
+    /// Each line end's offset, and the offset of the last byte other than a space before it on
     /// its line (none: the line is blank).
     newlines: VecDeque<(u64, Option<u64>)>,
     passed: u64,
     /// The last byte other than a space on the line being read.
     text: Option<u64>,
+    /// The byte before was a carriage return: a line end of its own (as the csv crate takes it),
+    /// or the first half of CRLF.
+    after_cr: bool,
+    /// Where the bytes read so far leave a field, as the csv crate reads them (RFC 4180).
+    field: Field,
+    /// Where the quoted field being read opened.
+    opened: u64,
+    /// At the end of the input, the offset of a quote still open: the csv crate then ends the
+    /// field there, so the rest of the file (however many lines) is one field, and no error.
+    unclosed: Option<u64>,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    #[default]
+    Start,
+    Unquoted,
+    Quoted,
+    /// A quote inside a quoted field: it closes the field, or a second quote escapes it.
+    QuoteInQuoted,
+}
+
+impl LineIndex {
+    fn byte(&mut self, at: u64, b: u8) {
+        match b {
+            b'\n' if self.after_cr => {}
+            b'\n' | b'\r' => {
+                let text = self.text.take();
+                self.newlines.push_back((at, text));
+            }
+            b' ' | b'\t' => {}
+            _ => self.text = Some(at),
+        }
+        self.after_cr = b == b'\r';
+        self.field = match (self.field, b) {
+            (Field::Quoted, b'"') => Field::QuoteInQuoted,
+            (Field::Quoted, _) => Field::Quoted,
+            (Field::QuoteInQuoted, b'"') => Field::Quoted,
+            (Field::Start, b'"') => {
+                self.opened = at;
+                Field::Quoted
+            }
+            (_, b',' | b'\n' | b'\r') => Field::Start,
+            _ => Field::Unquoted,
+        };
+    }
+
+    fn end(&mut self) {
+        if self.field == Field::Quoted {
+            self.unclosed = Some(self.opened);
+        }
+    }
+}
+
+/// A record that holds a quote never closed, with the line that quote opens on.
+fn unclosed(lines: &RefCell<LineIndex>, start: u64, end: u64) -> Option<Malformed> {
+    let mut index = lines.borrow_mut();
+    let quote = index.unclosed.filter(|q| (start..end).contains(q))?;
+    Some(malformed(
+        index.line_at(quote),
+        "a quote opens a field here and is never closed, so every line after it would be \
+         part of that field",
+    ))
 }
 
 impl LineIndex {
@@ -276,15 +339,10 @@ impl<R: Read> Read for Newlines<R> {
         let n = self.inner.read(buf)?;
         let mut index = self.index.borrow_mut();
         for (i, b) in buf[..n].iter().enumerate() {
-            let at = self.read + i as u64;
-            match b {
-                b'\n' => {
-                    let text = index.text.take();
-                    index.newlines.push_back((at, text));
-                }
-                b' ' | b'\t' | b'\r' => {}
-                _ => index.text = Some(at),
-            }
+            index.byte(self.read + i as u64, *b);
+        }
+        if n == 0 && !buf.is_empty() {
+            index.end();
         }
         self.read += n as u64;
         Ok(n)
@@ -306,11 +364,19 @@ impl<R: Read> CsvLines<R> {
                 read: 0,
                 index: Rc::clone(&lines),
             });
-        let columns = match reader.headers() {
+        let header = reader.headers().cloned();
+        let end = reader.position().byte();
+        let columns = match header {
             Err(e) => Err(Some(csv_error(&lines, &e))),
-            // An empty file holds no transfers.
-            Ok(h) if h.is_empty() => Err(None),
-            Ok(h) => header_columns(h).map_err(Some),
+            Ok(h) => match unclosed(&lines, 0, end) {
+                Some(m) => Err(Some(m)),
+                None if h.is_empty() => Err(Some(malformed(
+                    1,
+                    "no header: a CSV file of transfers starts with the line id,from,to,amount \
+                     (the columns in any order)",
+                ))),
+                None => header_columns(&h).map_err(Some),
+            },
         };
         CsvLines {
             reader,
@@ -419,7 +485,13 @@ impl<R: Read> Iterator for CsvLines<R> {
                 Ok(true) => {}
             }
             let r = &self.record;
-            if r.iter().all(str::is_empty) {
+            let start = r.position().map_or(0, csv::Position::byte);
+            if let Some(m) = unclosed(&self.lines, start, self.reader.position().byte()) {
+                self.columns = Err(None);
+                return Some(Err(m));
+            }
+            // A blank line (or one of spaces); a line of empty fields is a transfer without id.
+            if r.len() == 1 && r[0].is_empty() {
                 continue;
             }
             let line = match r.position() {
@@ -759,6 +831,65 @@ mod tests {
             (4, "amount 1.5 is not a whole number".into())
         );
         assert_eq!(reason(&got[3]).0, 5);
+    }
+
+    #[test]
+    fn a_quote_that_never_closes_is_refused_where_it_opens() {
+        // The rest of the file became one memo: two lines were never applied nor reported, and
+        // the run said success.
+        let y = "00000000-0000-0000-0000-000000000002";
+        let text = format!(
+            "id,from,to,amount,memo\n{X},{A},{B},1,pay\n{X},{A},{B},2,\"bonus\n{y},{A},{B},3,pay\n{y},{A},{B},4,pay\n"
+        );
+        let got = all(&text, Format::Csv);
+        assert!(got[0].is_ok(), "{got:?}");
+        let (line, why) = reason(&got[1]);
+        assert_eq!(line, 3, "{why}");
+        assert!(why.contains("never closed"), "{why}");
+        assert_eq!(got.len(), 2, "{got:?}");
+        let got = all(
+            &format!("id,from,\"to,amount\n{X},{A},{B},1\n"),
+            Format::Csv,
+        );
+        let (line, why) = reason(&got[0]);
+        assert!(line == 1 && why.contains("never closed"), "{got:?}");
+        // A quoted field may hold line ends when its quote closes.
+        let text = format!(
+            "id,from,to,amount,memo\n{X},{A},{B},2,\"two\nlines\"\n{y},{A},{B},3,\"a \"\"b\"\"\"\n"
+        );
+        let got = all(&text, Format::Csv);
+        assert_eq!(
+            got.iter()
+                .map(|l| l.as_ref().map(|l| l.line))
+                .collect::<Vec<_>>(),
+            [Ok(2), Ok(4)]
+        );
+    }
+
+    #[test]
+    fn lines_ended_by_a_carriage_return_alone_count_as_lines() {
+        // Classic Mac OS line ends (Excel's "CSV (Macintosh)"): every line was "line 1".
+        let text = format!("id,from,to,amount\r{X},{A},{B},5\r\r{X},{A},{A},5\r{X},{A},{B},x\r");
+        let got = all(&text, Format::Csv);
+        assert_eq!(got[0].as_ref().map(|l| l.line), Ok(2));
+        assert_eq!(reason(&got[1]).0, 4);
+        assert_eq!(reason(&got[2]).0, 5);
+    }
+
+    #[test]
+    fn a_csv_file_without_a_header_or_with_an_empty_row_is_refused() {
+        for text in ["", "\n\n\n", "\r\n"] {
+            let (line, why) = reason(&all(text, Format::Csv)[0]);
+            assert_eq!(line, 1, "{text:?}");
+            assert!(why.contains("no header"), "{text:?}: {why}");
+        }
+        let text = format!("id,from,to,amount\n{X},{A},{B},5\n,,,\n");
+        let got = all(&text, Format::Csv);
+        assert!(got[0].is_ok());
+        assert_eq!(reason(&got[1]).0, 3);
+        assert!(reason(&got[1]).1.starts_with("no id"), "{got:?}");
+        // JSON Lines has no header: an empty file is no transfers.
+        assert!(all("", Format::Jsonl).is_empty());
     }
 
     #[test]
