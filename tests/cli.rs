@@ -824,3 +824,28 @@ fn verify_sums_balances_past_the_range_of_one() {
     text.success();
     assert!(text.stdout.contains("18446744073709551614"), "{text:?}");
 }
+
+#[test]
+fn no_malformed_url_or_dotenv_line_shows_its_password() {
+    // Both printed the password: a libpq keyword/value string passed as the URL, and a .env
+    // line that dotenvy could not parse past the URL.
+    let pw = "Sekr3t-pw";
+    let keyword = format!("host=127.0.0.1 port=1 user=bank password={pw} dbname=bank");
+    let quoted = format!("host=127.0.0.1 password='{pw}' dbname=bank");
+    for url in [keyword.as_str(), quoted.as_str()] {
+        let run = Bank::new().args(["--database-url", url, "balances"]).run();
+        run.fails_with(2, "malformed database URL");
+        assert!(!run.stderr.contains(pw), "{run:?}");
+    }
+    for line in [
+        format!("DATABASE_URL=postgres://bank:{pw}@127.0.0.1:1/bank x"),
+        format!("export DATABASE_URL postgres://bank:{pw}@127.0.0.1:1/bank"),
+        format!("postgres://bank:{pw}@127.0.0.1:1/bank"),
+    ] {
+        let run = Bank::new().args(["balances"]);
+        std::fs::write(run.dir.path().join(".env"), format!("{line}\n")).expect("write .env");
+        let run = run.run();
+        run.fails_with(2, "cannot read .env");
+        assert!(!run.stderr.contains(pw), "{line}: {run:?}");
+    }
+}

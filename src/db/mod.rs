@@ -24,13 +24,29 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     match dotenvy::dotenv() {
         Ok(_) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
-        // dotenvy's message quotes the whole line, which may hold a password: name the key only.
-        Err(dotenvy::Error::LineParse(line, _)) => Err(ConfigError::DotEnv(format!(
-            "malformed line for {}",
-            line.split('=').next().unwrap_or_default().trim()
-        ))),
+        // dotenvy's message quotes the line (or the rest of it), which may hold a password:
+        // name the key only, when the text starts with one.
+        Err(dotenvy::Error::LineParse(line, _)) => {
+            Err(ConfigError::DotEnv(match dotenv_key(&line) {
+                Some(key) => format!("malformed line for {key}"),
+                None => "a malformed line (not shown: it may hold a password); each line \
+                         must be KEY=value"
+                    .to_string(),
+            }))
+        }
         Err(e) => Err(ConfigError::DotEnv(e.to_string())),
     }
+}
+
+/// The key of a `.env` line `KEY=…` or `export KEY=…`; none when the text does not start so.
+fn dotenv_key(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+    let end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(line.len());
+    let (key, rest) = line.split_at(end);
+    (!key.is_empty() && rest.trim_start().starts_with('=')).then_some(key)
 }
 
 /// Runs the embedded migrations that have not run yet; returns their names.

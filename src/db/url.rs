@@ -264,6 +264,7 @@ fn secrets_of(raw: &str) -> Vec<String> {
             }
         }
     }
+    secrets.extend(keyword_passwords(raw));
     // libpq decodes %XX; a message could carry either form.
     let decoded: Vec<String> = secrets
         .iter()
@@ -279,6 +280,27 @@ fn secrets_of(raw: &str) -> Vec<String> {
     // Longest first, so a secret that contains another is replaced whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets
+}
+
+/// The values of `password=` in libpq's keyword/value form (`host=h password=x`, the value
+/// possibly quoted), which is no URL and is refused, but is shown in the refusal.
+fn keyword_passwords(raw: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let lower = raw.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(at) = lower[from..].find("password").map(|i| i + from) {
+        from = at + "password".len();
+        let Some(value) = raw[from..].trim_start().strip_prefix('=') else {
+            continue;
+        };
+        let value = value.trim_start();
+        let value = match value.strip_prefix('\'') {
+            Some(quoted) => quoted.split('\'').next().unwrap_or(quoted),
+            None => value.split([' ', '&', '\t']).next().unwrap_or(value),
+        };
+        found.push(value.to_string());
+    }
+    found
 }
 
 fn redact(text: &str, secrets: &[String]) -> String {
@@ -315,6 +337,19 @@ mod tests {
             "mysql://bank:s3cret@db/bank",
         ] {
             let text = shown(raw);
+            assert!(!text.contains("s3"), "{raw} -> {text}");
+        }
+    }
+
+    #[test]
+    fn a_keyword_value_string_is_refused_without_its_password() {
+        for raw in [
+            "host=db user=bank password=s3cret dbname=bank",
+            "host=db password = 's3 cret' dbname=bank",
+            "host=db PASSWORD=s3cret",
+        ] {
+            let text = shown(raw);
+            assert!(text.contains("must start with postgres://"), "{text}");
             assert!(!text.contains("s3"), "{raw} -> {text}");
         }
     }
