@@ -348,3 +348,42 @@ fn verify_catches_a_tampered_ledger_row() {
     assert_eq!(j["violations"][0]["chain_ok"], false, "{j}");
     assert!(run.stderr.contains("1 broken chains"), "{run:?}");
 }
+
+/// A transfer refused for two reasons at once is refused for the same one whatever the order
+/// of its accounts' ids: the first of an unknown debited account, insufficient funds, an unknown
+/// credited account, a credit past INT8 (the order `transfer --file` decides in). Which
+/// constraint PostgreSQL hit first followed the order it updated the two rows in, so the reason
+/// depended on which id sorted first.
+#[test]
+fn a_transfer_refused_twice_over_gives_the_first_reason_whatever_the_id_order() {
+    let low = |n: u128| Uuid::from_u128(n);
+    let high = |n: u128| Uuid::from_u128(u128::MAX - n);
+    for mode in MODES {
+        for (from, to) in [(low(1), high(1)), (high(2), low(2))] {
+            let db = ScratchDb::migrated();
+            let mut conn = db.conn();
+            for (id, balance) in [(from, 10), (to, i64::MAX - 5)] {
+                bank::repo::create(
+                    &mut conn,
+                    &NewAccount {
+                        id,
+                        balance,
+                        opening_balance: balance,
+                    },
+                )
+                .expect("account");
+            }
+            db.transfer(from, to, 100)
+                .args(["--mode", mode])
+                .run()
+                .fails_with(1, "insufficient funds");
+            // The debited account does not exist, the credit would overflow.
+            let ghost = if from < to { low(0) } else { high(0) };
+            db.transfer(ghost, to, 100)
+                .args(["--mode", mode])
+                .run()
+                .fails_with(1, &format!("account {ghost} does not exist"));
+            assert_eq!(db.state().1, 0, "{mode}");
+        }
+    }
+}

@@ -284,7 +284,7 @@ fn attempt(
                 log::debug!("transfer {}: refused ({e}), but the ledger has it", t.id);
                 resolve_duplicate(t, &found, !after_ambiguous)
             }
-            Ok(None) => Attempt::Fail(e),
+            Ok(None) => Attempt::Fail(first_reason(conn, t, e)),
             Err(step) => step,
         },
         Err(BodyError::DuplicateId) => match lookup(conn, t) {
@@ -365,6 +365,33 @@ fn lookup(
         },
         None => Attempt::Fail(TransferError::from(e)),
     })
+}
+
+/// A transfer that fails for more than one reason at once fails for the first, in the order
+/// `transfer --file` decides in: an unknown debited account, insufficient funds, an unknown
+/// credited account, a credit past INT8. The statement stops at whichever constraint the engine
+/// hits first, which follows the order it updates the two rows in: the reason depended on which
+/// id sorted first. The accounts are read again (the statement's transaction is over) and the
+/// reason that read shows first is given; when it shows none (another transfer moved them since),
+/// the statement's own.
+fn first_reason(conn: &mut PgConnection, t: &NewTransfer, refused: TransferError) -> TransferError {
+    let Ok(accounts) = repo::list_ids(conn, &[t.from_id, t.to_id]) else {
+        return refused;
+    };
+    let balance = |id| accounts.iter().find(|a| a.id == id).map(|a| a.balance);
+    match (balance(t.from_id), balance(t.to_id)) {
+        (None, _) => TransferError::UnknownAccount(t.from_id),
+        (Some(from), _) if from < t.amount => TransferError::InsufficientFunds {
+            account: t.from_id,
+            amount: t.amount,
+        },
+        (_, None) => TransferError::UnknownAccount(t.to_id),
+        (_, Some(to)) if to.checked_add(t.amount).is_none() => TransferError::BalanceOverflow {
+            account: t.to_id,
+            amount: t.amount,
+        },
+        _ => refused,
+    }
 }
 
 fn resolve_duplicate(
