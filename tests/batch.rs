@@ -1342,3 +1342,34 @@ fn refused_lines_do_not_send_the_rest_of_the_chunk_again_each_time() {
         );
     }
 }
+
+#[test]
+fn each_text_result_is_one_line_whatever_its_error_holds() {
+    // libpq's "connection refused" message holds a newline and a tab: in text mode one
+    // result took two lines, which breaks "one line per input line" for whoever reads them.
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let text = format!(
+        "id,from,to,amount\n{},{a},{b},1\n{},{a},{b},2\n",
+        Uuid::new_v4(),
+        Uuid::new_v4()
+    );
+    let bank = Bank::new();
+    let path = bank.dir.path().join("f.csv");
+    std::fs::write(&path, text).expect("write file");
+    let run = bank
+        .args(["--database-url", "postgres://bank:pw@127.0.0.1:1/bank"])
+        .args([
+            "transfer",
+            "--connections",
+            "1",
+            "--retry-base",
+            "1ms",
+            "--file",
+        ])
+        .args([path.to_str().expect("utf-8 path")])
+        .run();
+    assert_eq!(run.code, 1, "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{run:?}");
+    assert!(lines.iter().all(|l| l.starts_with("line ")), "{run:?}");
+}

@@ -159,6 +159,28 @@ fn read_error(line: u64, e: &std::io::Error) -> Malformed {
     }
 }
 
+/// A value of the file as a reason quotes it: at most 40 characters, control characters
+/// escaped, so that a file cannot send escape sequences to a terminal or a line of a megabyte.
+fn shown(value: &str) -> String {
+    const MAX: usize = 40;
+    let mut out: String = value
+        .chars()
+        .take(MAX)
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
+    if value.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// Checks one transfer's fields, as text or as JSON values.
 fn transfer(
     line: u64,
@@ -173,7 +195,7 @@ fn transfer(
             return Err(malformed(line, format!("no {name}")));
         }
         Uuid::parse_str(value)
-            .map_err(|_| malformed(line, format!("{name} '{value}' is not a UUID")))
+            .map_err(|_| malformed(line, format!("{name} '{}' is not a UUID", shown(value))))
     };
     let id = match id.map(str::trim) {
         None | Some("") => {
@@ -219,11 +241,15 @@ fn amount_text(value: Option<&str>) -> Result<i64, String> {
     let digits = value.strip_prefix('+').unwrap_or(value);
     let digits_only = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if digits_only(digits) || digits.strip_prefix('-').is_some_and(digits_only) {
-        digits
-            .parse::<i64>()
-            .map_err(|_| format!("amount {value} is out of range (at most {})", i64::MAX))
+        digits.parse::<i64>().map_err(|_| {
+            format!(
+                "amount {} is out of range (at most {})",
+                shown(value),
+                i64::MAX
+            )
+        })
     } else {
-        Err(format!("amount '{value}' is not a whole number"))
+        Err(format!("amount '{}' is not a whole number", shown(value)))
     }
 }
 
@@ -414,8 +440,9 @@ fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
             return Err(malformed(
                 1,
                 format!(
-                    "the header {only:?} is not separated by commas: the columns must be id, \
-                     from, to and amount, separated by commas"
+                    "the header \"{}\" is not separated by commas: the columns must be id, \
+                     from, to and amount, separated by commas",
+                    shown(only)
                 ),
             ));
         }
@@ -537,7 +564,13 @@ fn amount_json(value: Option<&serde_json::Value>) -> Result<i64, String> {
         None | Some(serde_json::Value::Null) => Err("no amount".into()),
         Some(serde_json::Value::Number(n)) => match n.as_i64() {
             Some(a) => Ok(a),
-            None if n.is_u64() => Err(format!("amount {n} is out of range (at most {})", i64::MAX)),
+            None if n.is_u64() || n.as_f64().is_some_and(|f| f.abs() >= 9.3e18) => Err(format!(
+                "amount {} is out of range (at most {})",
+                shown(&n.to_string()),
+                i64::MAX
+            )),
+            // -0 (a float to serde_json) or 0.0.
+            None if n.as_f64() == Some(0.0) => Err("amount must be positive, got 0".into()),
             // 5e2 or 7.0: whole, perhaps, but written the way a float is, which an amount of
             // money is not.
             None if n.as_f64().is_some_and(|f| f.fract() == 0.0) => Err(format!(
@@ -547,7 +580,10 @@ fn amount_json(value: Option<&serde_json::Value>) -> Result<i64, String> {
         },
         // Large amounts are often written as strings so that JavaScript keeps every digit.
         Some(serde_json::Value::String(s)) => amount_text(Some(s)),
-        Some(other) => Err(format!("amount {other} is not a whole number")),
+        Some(other) => Err(format!(
+            "amount {} is not a whole number",
+            shown(&other.to_string())
+        )),
     }
 }
 
@@ -890,6 +926,41 @@ mod tests {
         assert!(reason(&got[1]).1.starts_with("no id"), "{got:?}");
         // JSON Lines has no header: an empty file is no transfers.
         assert!(all("", Format::Jsonl).is_empty());
+    }
+
+    #[test]
+    fn a_value_quoted_in_a_reason_is_short_and_cannot_drive_the_terminal() {
+        // A file's bytes went to stderr as they were: escape sequences reached the terminal,
+        // and a 900 KB amount made a 900 KB line.
+        let long = "9".repeat(100_000);
+        let text = format!(
+            "id,from,to,amount\n{X},{A},{B},\u{1b}]0;pwned\u{7}\n{X},{A},{B},{long}\n{X},\u{1b}[31m,{B},1\n"
+        );
+        for r in all(&text, Format::Csv) {
+            let (_, why) = reason(&r);
+            assert!(!why.chars().any(char::is_control), "{why:?}");
+            assert!(why.len() < 200, "{} bytes", why.len());
+        }
+        let text =
+            format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":[\"{long}\"]}}\n");
+        let (_, why) = reason(&all(&text, Format::Jsonl)[0]);
+        assert!(why.len() < 200, "{} bytes", why.len());
+    }
+
+    #[test]
+    fn json_amounts_past_the_range_or_zero_say_so() {
+        let line = |amount: &str| {
+            format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":{amount}}}\n")
+        };
+        let why = |amount: &str| reason(&all(&line(amount), Format::Jsonl)[0]).1;
+        assert!(
+            why("18446744073709551616").contains("out of range"),
+            "{}",
+            why("18446744073709551616")
+        );
+        assert!(why("1e30").contains("out of range"));
+        assert!(why("-0").contains("must be positive"), "{}", why("-0"));
+        assert!(why("5e2").contains("decimal"));
     }
 
     #[test]

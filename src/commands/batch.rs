@@ -175,12 +175,14 @@ fn write_line(out: &mut impl Write, json: bool, l: &Line, v: &Verdict) -> io::Re
         writeln!(out)
     } else {
         match &v.error {
+            // A server's message may hold line ends (libpq's do): one result, one line.
             Some(e) => writeln!(
                 out,
-                "line {}: {} {}: {e}",
+                "line {}: {} {}: {}",
                 l.line,
                 l.transfer.id,
-                v.outcome.as_str()
+                v.outcome.as_str(),
+                e.split_whitespace().collect::<Vec<_>>().join(" ")
             ),
             None => writeln!(
                 out,
