@@ -1373,3 +1373,37 @@ fn each_text_result_is_one_line_whatever_its_error_holds() {
     assert_eq!(lines.len(), 2, "{run:?}");
     assert!(lines.iter().all(|l| l.starts_with("line ")), "{run:?}");
 }
+
+#[test]
+fn the_copy_of_standard_input_leaves_nothing_behind_even_after_kill_9() {
+    // Standard input is copied to apply it after the check. The copy was a named file in the
+    // temporary directory, readable by every local user, and kill -9 left it there.
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 3, 5, 13);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+        .env("TMPDIR", tmp.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Half the input, and standard input kept open: the run is copying it.
+    let text = csv(&lines);
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, &text.as_bytes()[..text.len() / 2]).expect("write");
+    std::io::Write::flush(&mut stdin).expect("flush");
+    thread::sleep(Duration::from_millis(500));
+    let seen = || {
+        std::fs::read_dir(tmp.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seen(), Vec::<std::ffi::OsString>::new(), "while it runs");
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    assert_eq!(seen(), Vec::<std::ffi::OsString>::new(), "after kill -9");
+    drop(stdin);
+}

@@ -7,7 +7,7 @@
 //! stops there). Standard input and pipes are copied to a temporary file during the first reading.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -326,13 +326,12 @@ struct Checked {
 
 impl Checked {
     fn reader(&self) -> Result<Box<dyn BufRead>, Error> {
-        let path = match (&self.spool, &self.path) {
-            (Some(s), _) => &s.path,
-            (None, Some(p)) => p,
+        let file = match (&self.spool, &self.path) {
+            (Some(s), _) => s.reader()?,
+            (None, Some(p)) => File::open(p)
+                .map_err(|e| Error::Usage(format!("cannot read {} again: {e}", self.name)))?,
             (None, None) => return Err(Error::Usage(format!("cannot read {}", self.name))),
         };
-        let file = File::open(path)
-            .map_err(|e| Error::Usage(format!("cannot read {} again: {e}", self.name)))?;
         Ok(Box::new(BufReader::new(file)))
     }
 }
@@ -354,38 +353,39 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
     }
 }
 
-/// A temporary file, removed when dropped.
+/// A temporary file without a name: no other user can open it, and the kernel frees it when
+/// the process ends, however it ends (a named copy in the temporary directory was readable by
+/// every local user and outlived kill -9).
 struct Spool {
-    path: PathBuf,
+    file: File,
 }
 
 impl Spool {
     fn create() -> Result<Spool, Error> {
-        let path = std::env::temp_dir().join(format!(
-            "bank-transfers-{}-{}.spool",
-            std::process::id(),
-            Uuid::new_v4().simple()
-        ));
-        File::create(&path).map_err(|e| {
-            Error::Usage(format!("cannot copy the input to {}: {e}", path.display()))
+        let file = tempfile::tempfile().map_err(|e| {
+            Error::Usage(format!(
+                "cannot make a temporary copy of the input in {}: {e}",
+                std::env::temp_dir().display()
+            ))
         })?;
-        Ok(Spool { path })
+        Ok(Spool { file })
+    }
+
+    fn cannot(e: io::Error) -> Error {
+        Error::Usage(format!("cannot copy the input to a temporary file: {e}"))
     }
 
     fn writer(&self) -> Result<io::BufWriter<File>, Error> {
-        let file = File::create(&self.path).map_err(|e| {
-            Error::Usage(format!(
-                "cannot copy the input to {}: {e}",
-                self.path.display()
-            ))
-        })?;
-        Ok(io::BufWriter::new(file))
+        Ok(io::BufWriter::new(
+            self.file.try_clone().map_err(Spool::cannot)?,
+        ))
     }
-}
 
-impl Drop for Spool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// The copy from its start. The handles share one offset: the writer is done by now.
+    fn reader(&self) -> Result<File, Error> {
+        let mut file = self.file.try_clone().map_err(Spool::cannot)?;
+        file.seek(io::SeekFrom::Start(0)).map_err(Spool::cannot)?;
+        Ok(file)
     }
 }
 
