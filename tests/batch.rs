@@ -1407,3 +1407,25 @@ fn the_copy_of_standard_input_leaves_nothing_behind_even_after_kill_9() {
     assert_eq!(seen(), Vec::<std::ffi::OsString>::new(), "after kill -9");
     drop(stdin);
 }
+
+#[test]
+fn a_frozen_server_before_the_first_chunk_is_bounded_by_the_timeout() {
+    // Without --connections, the run asks the server its default isolation level first; that
+    // connection waited its own 5 s on a frozen server, whatever --timeout said.
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 2, 3, 17);
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.freeze_all();
+    let started = Instant::now();
+    let run = run_file(
+        &proxy.url_for(&db.url),
+        "f.csv",
+        &csv(&lines),
+        &["--timeout", "2s"],
+    );
+    let took = started.elapsed();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}: {run:?}");
+    proxy.thaw_all();
+    assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
+}

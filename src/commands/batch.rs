@@ -48,7 +48,7 @@ pub(super) fn transfer_file(
     let input = source.check()?;
     let connections = match args.connections {
         Some(n) => usize::try_from(n).unwrap_or(1),
-        None => default_connections(url)?,
+        None => default_connections(url, args.run.policy().timeout)?,
     };
     let options = batch::Options {
         batch: usize::try_from(args.batch.unwrap_or(batch::DEFAULT_BATCH)).unwrap_or(usize::MAX),
@@ -137,13 +137,15 @@ fn is_closed(e: &io::Error) -> bool {
 /// by default. Its predicate locks are per index page, so two groups that share no row still
 /// abort each other, and one connection was faster there (12.4–13.9k against 9.5–11.7k
 /// transfers/s, BENCHMARKS.md). CockroachDB's serializable transactions conflict on rows only.
-fn default_connections(url: &DbUrl) -> Result<usize, Error> {
+/// Asked within `timeout`, as every statement of the run is: a frozen server is given up on as
+/// soon (libpq waits 2 s at least to connect).
+fn default_connections(url: &DbUrl, timeout: Duration) -> Result<usize, Error> {
     #[derive(diesel::QueryableByName)]
     struct Isolation {
         #[diesel(sql_type = diesel::sql_types::Text)]
         isolation: String,
     }
-    let mut conn = url.connect()?;
+    let mut conn = url.connect_within("bank", timeout)?;
     let server = crate::db::engine::detect(&mut conn).map_err(Error::from)?;
     let iso: Isolation = diesel::RunQueryDsl::get_result(
         diesel::sql_query("SELECT current_setting('default_transaction_isolation') AS isolation"),

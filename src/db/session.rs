@@ -97,7 +97,11 @@ fn bank_defaults(application_name: &str, timeout: Duration) -> [(&'static str, S
         ("keepalives_idle", (secs / 3).clamp(1, 30).to_string()),
         ("keepalives_interval", (secs / 6).clamp(1, 10).to_string()),
         ("keepalives_count", "3".to_string()),
-        ("tcp_user_timeout", (secs * 1000).to_string()),
+        // libpq reads it as a C int of milliseconds (24.8 days at most).
+        (
+            "tcp_user_timeout",
+            secs.saturating_mul(1000).min(i32::MAX as u64).to_string(),
+        ),
     ]
 }
 
@@ -275,5 +279,21 @@ mod tests {
         assert!(s.contains("?tcp_user_timeout=999&connect_timeout=3&application_name=bank"));
         assert!(s.contains("&keepalives=1&keepalives_idle=1&keepalives_interval=1"));
         assert!(!s.contains("tcp_user_timeout=3000"), "{s}");
+    }
+
+    #[test]
+    fn a_timeout_of_a_year_still_makes_a_connection_string_libpq_takes() {
+        // libpq reads tcp_user_timeout as a C int of milliseconds: `--timeout 1y` made
+        // 31557600000, and every connection failed with "invalid integer value".
+        let url = DbUrl::parse("postgres://bank:pw@db/bank").expect("ok");
+        for timeout in [Duration::from_secs(31_557_600), Duration::MAX] {
+            let s = url.connect_string("bank", timeout);
+            let ms = s
+                .split("tcp_user_timeout=")
+                .nth(1)
+                .and_then(|v| v.split('&').next())
+                .and_then(|v| v.parse::<i64>().ok());
+            assert_eq!(ms, Some(i64::from(i32::MAX)), "{s}");
+        }
     }
 }
