@@ -71,6 +71,19 @@ fn one_line(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
+    // The server's own limit, set for the role or the database: say which, and how one run
+    // can lift it (libpq passes PGOPTIONS to the server at connect).
+    for (what, setting) in [
+        ("statement timeout", "statement_timeout"),
+        ("lock timeout", "lock_timeout"),
+    ] {
+        if line.contains(&format!("canceling statement due to {what}")) {
+            line.push_str(&format!(
+                " (the server's {setting}, set for this role or database; \
+                 PGOPTIONS='-c {setting}=0' lifts it for one run)"
+            ));
+        }
+    }
     squash(&line)
 }
 

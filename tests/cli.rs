@@ -849,3 +849,29 @@ fn no_malformed_url_or_dotenv_line_shows_its_password() {
         assert!(!run.stderr.contains(pw), "{line}: {run:?}");
     }
 }
+
+#[test]
+fn a_read_cancelled_by_the_servers_statement_timeout_says_how_to_lift_it() {
+    // A database whose statement_timeout is shorter than reading every balance takes: the
+    // error said only "canceling statement due to statement timeout".
+    let db = ScratchDb::migrated();
+    db.bank()
+        .args(["seed", "--accounts", "20000"])
+        .run()
+        .success();
+    db.alter("statement_timeout = '1ms'");
+    // Balances stream: some may be printed before the cancel.
+    let cut = db.bank().args(["balances"]).run();
+    assert_eq!(cut.code, 1, "{cut:?}");
+    assert!(
+        cut.stderr
+            .contains("statement timeout (the server's statement_timeout")
+            && cut.stderr.contains("PGOPTIONS='-c statement_timeout=0'"),
+        "{}",
+        cut.stderr
+    );
+    let mut lifted = db.bank().args(["balances"]);
+    lifted.cmd.env("PGOPTIONS", "-c statement_timeout=0");
+    assert_eq!(lifted.run().success().stdout.lines().count(), 20_001);
+    db.alter("statement_timeout = 0");
+}
