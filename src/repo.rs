@@ -369,6 +369,22 @@ pub fn count_transfers_between(conn: &mut PgConnection, low: Uuid, high: Uuid) -
         .get_result(conn)
 }
 
+/// Whether no other transaction holds a lock on any of these accounts right now: they are
+/// locked `NOWAIT` in a transaction that is then rolled back. Any error (one of them is locked,
+/// or the server cannot be asked) counts as "not free".
+pub fn accounts_free(conn: &mut PgConnection, ids: &[Uuid]) -> bool {
+    let probe = conn.transaction::<(), diesel::result::Error, _>(|c| {
+        accounts::table
+            .filter(accounts::id.eq_any(ids))
+            .select(accounts::id)
+            .for_update()
+            .no_wait()
+            .load::<Uuid>(c)?;
+        Err(diesel::result::Error::RollbackTransaction)
+    });
+    matches!(probe, Err(diesel::result::Error::RollbackTransaction))
+}
+
 /// Ids of existing accounts, up to `limit` (the workload reuses them).
 pub fn account_ids(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<Uuid>> {
     accounts::table

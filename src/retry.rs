@@ -282,10 +282,12 @@ pub enum Attempt<T, E> {
 #[derive(Debug)]
 pub enum Stop<E> {
     Failed(E),
-    /// Out of attempts or out of time; the last transient failure's message.
+    /// Out of attempts or out of time; the last transient failure's message and cause (none
+    /// when the time ran out before the first attempt).
     Exhausted {
         attempts: u32,
         last: String,
+        cause: Option<Cause>,
         timed_out: bool,
     },
 }
@@ -301,11 +303,13 @@ pub fn retry<T, E>(
     let mut rng = rand::rng();
     let mut attempts = 0;
     let mut last = String::from("none");
+    let mut last_cause = None;
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Stop::Exhausted {
                 attempts,
                 last,
+                cause: last_cause,
                 timed_out: true,
             });
         }
@@ -319,6 +323,7 @@ pub fn retry<T, E>(
         log::debug!("attempt {attempts} failed ({}): {message}", cause.as_str());
         counts.add(cause);
         last = message;
+        last_cause = Some(cause);
         if free {
             attempts -= 1;
             continue;
@@ -327,6 +332,7 @@ pub fn retry<T, E>(
             return Err(Stop::Exhausted {
                 attempts,
                 last,
+                cause: last_cause,
                 timed_out: false,
             });
         }

@@ -428,7 +428,9 @@ fn a_server_frozen_at_commit_gives_unknown_within_the_deadline() {
 }
 
 /// Case 3: a server frozen before anything was sent (it accepts the connection and never
-/// answers): within the deadline, and definitely not applied (exit 1).
+/// answers): within the deadline, and this run applied nothing. Without --id that is the whole
+/// answer (exit 1): nobody else has the id it made up. With --id it is unknown (exit 3): an
+/// earlier attempt of that id may be waiting in the frozen server to commit when it thaws.
 #[test]
 fn a_server_frozen_before_the_transfer_gives_not_applied_within_the_deadline() {
     let s = setup(Iso::ReadCommitted, At::Commit);
@@ -437,7 +439,16 @@ fn a_server_frozen_before_the_transfer_gives_not_applied_within_the_deadline() {
     let started = Instant::now();
     let run = s.transfer(id, &["--timeout", "1s"]);
     let took = started.elapsed();
-    run.fails_json(1, "failed", &format!("transfer {id} not applied"));
+    run.fails_json(3, "unknown", "this run applied nothing");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let started = Instant::now();
+    let fresh = Bank::new()
+        .args(["--database-url", &s.proxy.url_for(&s.db.url), "transfer"])
+        .args(["--from", &s.from.to_string(), "--to", &s.to.to_string()])
+        .args(["--amount", "100", "--timeout", "1s"])
+        .run();
+    let took = started.elapsed();
+    fresh.fails_with(1, "not applied");
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert_eq!(s.balances(), (1000, 0));
 }
@@ -573,6 +584,46 @@ fn a_draining_node_refusing_the_connection_is_retried() {
         );
         assert_eq!(s.balances(), (900, 100), "{iso:?}");
         assert_eq!((s.proxy.injected(), s.proxy.commits()), (1, 1), "{iso:?}");
+        s.verify_passes();
+    }
+}
+
+/// A rerun in another process, while the first attempt's COMMIT is still on its way (it holds
+/// the accounts' locks): the rerun finds no ledger row, waits on those locks until its deadline,
+/// and said "not applied" (exit 1); then the orphan committed. Held up by another transaction,
+/// a rerun of a given --id cannot know that one is not this transfer: unknown (exit 3), and the
+/// next rerun settles it. A transfer without --id has an id nobody else holds: not applied.
+#[test]
+fn a_rerun_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.db.alter("lock_timeout = '200ms'");
+        s.arm(Fault::LateCommit(Duration::from_secs(3)));
+        let id = Uuid::new_v4();
+        let first = s.transfer(id, &["--max-retries", "1"]);
+        first.fails_json(3, "unknown", "may or may not have been applied");
+        // The rerun goes straight to the server, as a user's would after the fault.
+        let rerun = |extra: &[&str]| {
+            s.db.bank()
+                .args(["transfer", "--from", &s.from.to_string()])
+                .args(["--to", &s.to.to_string(), "--amount", "100"])
+                .args(["--mode", s.mode, "--timeout", "1s", "--retry-base", "1ms"])
+                .args(extra)
+                .run()
+        };
+        let held = rerun(&["--id", &id.to_string()]);
+        let case = format!("{iso:?} {}", s.case());
+        assert_eq!(held.code, 3, "{case}: {held:?}");
+        assert!(held.stderr.contains("may or may not"), "{case}: {held:?}");
+        // Without --id nobody else can hold this transfer's id.
+        let fresh = rerun(&[]);
+        assert_eq!(fresh.code, 1, "{case}: {fresh:?}");
+        assert!(fresh.stderr.contains("not applied"), "{case}: {fresh:?}");
+        s.wait_for_late_commit();
+        let settled = rerun(&["--id", &id.to_string(), "--json"]);
+        settled.success();
+        assert_eq!(settled.json()["outcome"], "already_applied", "{case}");
+        assert_eq!(s.balances(), (900, 100), "{case}");
         s.verify_passes();
     }
 }

@@ -363,6 +363,7 @@ impl ChunkRunner {
                 attempts,
                 last,
                 timed_out,
+                ..
             }) => {
                 let how = if timed_out {
                     format!(

@@ -69,7 +69,8 @@ pub(super) fn transfer_cmd(
     transfer::validate(&t)?;
     let policy = args.run.policy();
     let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
-    let runner = Runner::new(session, args.run.mode(), policy);
+    let mut runner = Runner::new(session, args.run.mode(), policy);
+    runner.id_given = args.id.is_some();
     let receipt = match runner.run_guarded(&t) {
         Ok(receipt) => receipt,
         Err(e) => {

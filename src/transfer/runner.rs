@@ -52,6 +52,9 @@ pub struct Runner {
     pub ticket: Ticket,
     /// Also counts each retry here as it happens (the workload's live figures).
     pub live_retries: Option<Arc<SharedRetryCounts>>,
+    /// The transfer's id came from the caller (`--id`), so an earlier attempt of it, in another
+    /// process, may exist: see `held_up`.
+    pub id_given: bool,
 }
 
 impl Runner {
@@ -63,6 +66,7 @@ impl Runner {
             retries: RetryCounts::default(),
             ticket: Ticket::new(),
             live_retries: None,
+            id_given: false,
         }
     }
 
@@ -115,15 +119,51 @@ impl Runner {
             Err(Stop::Exhausted {
                 attempts,
                 last,
+                cause,
                 timed_out,
             }) => {
                 let reason = exhausted(attempts, &last, timed_out, started.elapsed());
+                let held = matches!(cause, Some(Cause::Timeout | Cause::ConnectionLost));
                 Err(if ambiguous {
                     TransferError::OutcomeUnknown { id: t.id, reason }
+                } else if held && self.id_given {
+                    return self.settle_held_up(t, reason, made, retries);
                 } else {
                     TransferError::NotApplied { id: t.id, reason }
                 })
             }
+        }
+    }
+
+    /// The end of a run with a given id that was held up (see `held_up`). If no transaction
+    /// holds either account now, any earlier attempt of this id has ended and the ledger has the
+    /// last word; otherwise nobody can know yet.
+    fn settle_held_up(
+        &mut self,
+        t: &NewTransfer,
+        reason: String,
+        attempts: u32,
+        retries: RetryCounts,
+    ) -> Result<Receipt, TransferError> {
+        let Ok(conn) = self.session.conn() else {
+            return Err(held_up(t, reason));
+        };
+        if !repo::accounts_free(conn, &[t.from_id, t.to_id]) {
+            return Err(held_up(t, reason));
+        }
+        match repo::find_transfer(conn, t.id) {
+            Ok(None) => Err(TransferError::NotApplied { id: t.id, reason }),
+            Ok(Some(found)) => match resolve_duplicate(t, &found, true) {
+                Attempt::Done(already_applied) => Ok(Receipt {
+                    transfer: *t,
+                    attempts,
+                    already_applied,
+                    retries,
+                }),
+                Attempt::Fail(e) => Err(e),
+                _ => Err(held_up(t, reason)),
+            },
+            Err(_) => Err(held_up(t, reason)),
         }
     }
 
@@ -134,6 +174,7 @@ impl Runner {
         validate(t)?;
         let ticket = self.ticket.clone();
         let wait = self.policy.timeout + GRACE;
+        let id_given = self.id_given;
         let (tx, rx) = mpsc::channel();
         let t = *t;
         let started = Instant::now();
@@ -152,9 +193,33 @@ impl Runner {
                 None => rx
                     .recv()
                     .unwrap_or_else(|_| Err(gave_up(&t, GaveUp::Unknown, started))),
+                Some(GaveUp::NotApplied) if id_given => {
+                    let TransferError::NotApplied { reason, .. } =
+                        gave_up(&t, GaveUp::NotApplied, started)
+                    else {
+                        return Err(gave_up(&t, GaveUp::Unknown, started));
+                    };
+                    Err(held_up(&t, reason))
+                }
                 Some(how) => Err(gave_up(&t, how, started)),
             },
         }
+    }
+}
+
+/// This run's attempts were rolled back, but it was held up (waiting on another transaction's
+/// locks, or a server it could not reach or that did not answer) and never learned whether an
+/// earlier attempt of this id, in another process, is still on its way to commit: an orphan
+/// whose COMMIT arrives late holds exactly those locks. Its ledger row is not there yet, so
+/// "not applied" could turn false a moment later: the outcome is unknown, and the next rerun
+/// with the same id settles it. A transfer whose id this run made up has no earlier attempt.
+fn held_up(t: &NewTransfer, reason: String) -> TransferError {
+    TransferError::OutcomeUnknown {
+        id: t.id,
+        reason: format!(
+            "this run applied nothing, but it was held up ({reason}) and cannot tell whether an \
+             earlier attempt of this id is still about to commit"
+        ),
     }
 }
 
