@@ -385,6 +385,14 @@ pub fn accounts_free(conn: &mut PgConnection, ids: &[Uuid]) -> bool {
     matches!(probe, Err(diesel::result::Error::RollbackTransaction))
 }
 
+/// How many of these ids the ledger holds.
+pub fn count_transfers_with_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
+    transfers::table
+        .filter(transfers::id.eq_any(ids))
+        .count()
+        .get_result(conn)
+}
+
 /// Ids of existing accounts, up to `limit` (the workload reuses them).
 pub fn account_ids(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<Uuid>> {
     accounts::table

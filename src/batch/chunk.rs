@@ -230,6 +230,22 @@ impl ChunkRunner {
         Ok(std::mem::take(&mut self.watch.lock().decided))
     }
 
+    /// After attempts held up by other transactions' locks or a connection that failed: the
+    /// lines' ids come from the file, so an earlier run's attempt at them (an orphan whose
+    /// COMMIT is still on its way) may hold exactly those locks. Only when nobody holds any of
+    /// the accounts now (locked `NOWAIT`, then released) and the ledger has none of the ids is
+    /// "not applied" the truth; the same rule as `bank transfer --id` (`Runner`).
+    fn nobody_else_can_commit(&mut self, accounts: &[Uuid], lines: &[Line]) -> bool {
+        let Ok(conn) = self.session.conn() else {
+            return false;
+        };
+        if !repo::accounts_free(conn, accounts) {
+            return false;
+        }
+        let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
+        repo::count_transfers_with_ids(conn, &ids) == Ok(0)
+    }
+
     /// Runs the statement over `lines` until it commits, or it cannot.
     fn statement(&mut self, lines: &[Line]) -> Result<Result<Decided, Failed>, Fatal> {
         let started = Instant::now();
@@ -363,7 +379,7 @@ impl ChunkRunner {
                 attempts,
                 last,
                 timed_out,
-                ..
+                cause,
             }) => {
                 let how = if timed_out {
                     format!(
@@ -374,8 +390,18 @@ impl ChunkRunner {
                     format!("gave up after {attempts} attempts")
                 };
                 let reason = format!("{how}; last error: {last}");
+                let held = matches!(cause, Some(Cause::Timeout | Cause::ConnectionLost));
                 if ambiguous {
                     fail(Outcome::Unknown, reason)
+                } else if held && !self.nobody_else_can_commit(&accounts, lines) {
+                    fail(
+                        Outcome::Unknown,
+                        format!(
+                            "this run applied nothing, but it was held up ({reason}) and cannot \
+                             tell whether an earlier run's attempt at these lines is still about \
+                             to commit"
+                        ),
+                    )
                 } else {
                     fail(Outcome::NotApplied, reason)
                 }
