@@ -29,3 +29,10 @@ pub mod verify;
 pub mod workload;
 
 pub use commands::run;
+
+/// A line on stderr that cannot fail the process: `eprintln!` panics when stderr cannot be
+/// written (a full disk, a closed pipe), which turned every exit code into 101.
+pub fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{args}");
+}

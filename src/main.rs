@@ -8,7 +8,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     if let Err(e) = bank::db::load_dotenv() {
-        eprintln!("bank: error: {}", one_line(&e));
+        bank::say(format_args!("bank: error: {}", one_line(&e)));
         return Code::Usage.into();
     }
     let cli = match bank::cli::Cli::try_parse() {
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
                 Code::Success => "warning",
                 _ => "error",
             };
-            eprintln!("bank: {what}: {}", one_line(&e));
+            bank::say(format_args!("bank: {what}: {}", one_line(&e)));
             code.into()
         }
     }
@@ -55,7 +55,10 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         .next()
         .unwrap_or_default()
         .trim_start_matches("error: ");
-    eprintln!("bank: error: {} (see bank --help)", squash(message));
+    bank::say(format_args!(
+        "bank: error: {} (see bank --help)",
+        squash(message)
+    ));
     Code::Usage.into()
 }
 

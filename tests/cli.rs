@@ -875,3 +875,36 @@ fn a_read_cancelled_by_the_servers_statement_timeout_says_how_to_lift_it() {
     assert_eq!(lifted.run().success().stdout.lines().count(), 20_001);
     db.alter("statement_timeout = 0");
 }
+
+#[test]
+fn a_stderr_that_cannot_be_written_changes_no_exit_code() {
+    // eprintln! panics when stderr cannot be written: a refused transfer with stderr on a full
+    // disk (or a closed pipe) exited 101, a panic, instead of 1.
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 0]);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let status = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "transfer"])
+        .args(["--from", &ids[0].to_string(), "--to", &ids[1].to_string()])
+        .args(["--amount", "99"])
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .status()
+        .expect("run");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    // clap_complete panicked on a full disk under stdout.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let status = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["completions", "bash"])
+        .stdout(full)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}

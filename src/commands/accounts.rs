@@ -234,7 +234,7 @@ fn delete_in_batches(conn: &mut diesel::PgConnection, batch: i64) -> Result<(usi
 }
 
 fn confirm(prompt: &str) -> Result<bool, Error> {
-    eprint!("{prompt}");
+    let _ = write!(std::io::stderr(), "{prompt}");
     io::stderr().flush()?;
     let mut answer = String::new();
     io::stdin().read_line(&mut answer)?;

@@ -69,7 +69,7 @@ pub(super) fn transfer_file(
         Ok::<(), Error>(())
     })?;
     results.flush();
-    eprintln!("{}", summary_line(&summary));
+    crate::say(format_args!("{}", summary_line(&summary)));
     let total = summary.total();
     let unknown = summary.count(Outcome::Unknown);
     let failed = total - summary.count(Outcome::Applied) - summary.count(Outcome::AlreadyApplied);

@@ -24,7 +24,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     // The commands that describe `bank` itself need no database.
     match &cli.command {
         Command::Completions(args) => {
-            clap_complete::generate(args.shell, &mut Cli::command(), "bank", &mut out);
+            // clap_complete panics when its writer fails (a full disk): it writes to memory,
+            // and the one write that can fail is this command's own.
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "bank", &mut script);
+            out.write_all(&script)?;
             out.flush()?;
             return Ok(());
         }

@@ -478,7 +478,7 @@ impl LiveLine {
             )),
             None => {
                 if !last.header_shown {
-                    eprintln!("_elapsed___errors__ops/sec(inst)___ops/sec(cum)__p50(ms)__p95(ms)__p99(ms)_pMax(ms)__retries");
+                    crate::say(format_args!("_elapsed___errors__ops/sec(inst)___ops/sec(cum)__p50(ms)__p95(ms)__p99(ms)_pMax(ms)__retries"));
                     last.header_shown = true;
                 }
                 let ms = |q: f64| {
@@ -486,7 +486,7 @@ impl LiveLine {
                         .as_ref()
                         .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
                 };
-                eprintln!(
+                crate::say(format_args!(
                     "{:>7.1}s {:>8} {:>14.1} {:>14.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} transfer",
                     elapsed,
                     errors.saturating_sub(last.errors),
@@ -497,7 +497,7 @@ impl LiveLine {
                     ms(0.99),
                     ms(1.0),
                     retries.saturating_sub(last.retries),
-                );
+                ));
             }
         }
         *last = Interval {
