@@ -50,6 +50,14 @@ impl DbUrl {
             return Err(malformed("it contains whitespace"));
         }
         let authority = authority_of(rest);
+        // libpq ends the user and password at the first '@', the url crate (and the redaction)
+        // at the last: "bank:pa@ss@host" reached libpq as host "ss@host", and its error message
+        // showed that piece of the password.
+        if authority.matches('@').count() > 1 {
+            return Err(malformed(
+                "the user or password contains '@': write it percent-encoded, as %40",
+            ));
+        }
         let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
         let host_param = rest.contains("host=");
         let parsed = if hosts.contains(',') {
@@ -339,6 +347,17 @@ mod tests {
             let text = shown(raw);
             assert!(!text.contains("s3"), "{raw} -> {text}");
         }
+    }
+
+    #[test]
+    fn an_unencoded_at_sign_in_the_password_is_refused_whole() {
+        let text = shown("postgres://bank:Sek@ret16@127.0.0.1:5432/bank");
+        assert!(text.contains("%40"), "{text}");
+        assert!(!text.contains("Sek") && !text.contains("ret16"), "{text}");
+        assert_eq!(
+            shown("postgres://bank:Sek%40ret16@127.0.0.1:5432/bank"),
+            "postgres://bank:***@127.0.0.1:5432/bank"
+        );
     }
 
     #[test]
