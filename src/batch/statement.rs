@@ -26,7 +26,9 @@
 //!    as a "probe" that moves nothing (`tests/batch.rs` compares every line with that runner);
 //! 5. `moved` and `inserted`: apply every line before that one: each account's balance and
 //!    version move once by its lines' sum and count, and each ledger row carries both sides'
-//!    version and balance after, exactly as one-by-one application writes them.
+//!    version and balance after, exactly as one-by-one application writes them. The rows' time
+//!    is one `clock_timestamp()`, taken after the lock statement, so that each account's entries
+//!    are in time order as in version order (as in the one-transfer statement).
 //!
 //! A refused line changes nothing, so the lines after it need balances the statement did not
 //! compute: the runner sends them again as the next statement. A chunk without refusals is one
@@ -190,12 +192,13 @@ const TAIL: &str = "
   WHERE accounts.id = d.account AND accounts.balance = d.balance AND accounts.version = d.version
   RETURNING accounts.id
 ), inserted AS (
-  INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, to_version, to_balance_after)
+  INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, to_version, to_balance_after, created_at)
   SELECT id, from_id, to_id, amount,
          CAST(MAX(CASE WHEN kind = 'debit' THEN version_after END) AS INT8),
          CAST(MAX(CASE WHEN kind = 'debit' THEN balance_after END) AS INT8),
          CAST(MAX(CASE WHEN kind = 'credit' THEN version_after END) AS INT8),
-         CAST(MAX(CASE WHEN kind = 'credit' THEN balance_after END) AS INT8)
+         CAST(MAX(CASE WHEN kind = 'credit' THEN balance_after END) AS INT8),
+         (SELECT clock_timestamp())
   FROM applied GROUP BY ord, id, from_id, to_id, amount
   RETURNING id
 )

@@ -63,10 +63,13 @@ impl QueryFragment<Pg> for TransferStatement {
              RETURNING accounts.id, accounts.balance, accounts.version) ",
         );
         // 3. The ledger row, with both sides' version and balance after. An unknown account has
-        // no `moved` row: its side is NULL, which the NOT NULL columns refuse.
+        // no `moved` row: its side is NULL, which the NOT NULL columns refuse. Its time is taken
+        // once both rows are locked (`clock_timestamp()`, not the transaction's start, `now()`):
+        // each account's entries are then in time order as in version order, which
+        // `balances --as-of` needs for its totals to add up (`tests/ledger.rs`).
         out.push_sql(
             "INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, \
-             to_version, to_balance_after) SELECT ",
+             to_version, to_balance_after, created_at) SELECT ",
         );
         out.push_bind_param::<SqlUuid, _>(&t.id)?;
         out.push_sql(", ");
@@ -76,7 +79,7 @@ impl QueryFragment<Pg> for TransferStatement {
         out.push_sql(", ");
         out.push_bind_param::<BigInt, _>(&t.amount)?;
         out.push_sql(
-            ", f.version, f.balance, t.version, t.balance FROM (SELECT 1) AS one \
+            ", f.version, f.balance, t.version, t.balance, clock_timestamp() FROM (SELECT 1) AS one \
              LEFT JOIN moved f ON f.id = ",
         );
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
