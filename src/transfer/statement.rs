@@ -218,9 +218,9 @@ mod tests {
                  FROM locked WHERE accounts.id = locked.id \
                  RETURNING accounts.id, accounts.balance, accounts.version) \
                  INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
-                 from_balance_after, to_version, to_balance_after) \
-                 SELECT $6, $7, $8, $9, f.version, f.balance, t.version, t.balance \
-                 FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $10 \
+                 from_balance_after, to_version, to_balance_after, created_at) \
+                 SELECT $6, $7, $8, $9, f.version, f.balance, t.version, t.balance, \
+                 clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $10 \
                  LEFT JOIN moved t ON t.id = $11 \
                  -- binds: [{a}, {b}, {a}, 100, 100, 00000000-0000-0000-0000-000000000000, \
                  {a}, {b}, 100, {a}, {b}]"
