@@ -7,14 +7,28 @@ use bank::exit_code::ExitCode as Code;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    if let Err(e) = bank::db::load_dotenv() {
-        bank::say(format_args!("bank: error: {}", one_line(&e)));
-        return Code::Usage.into();
+    // A .env that cannot be read stops only a command that needs it for its URL (see
+    // `DbUrl::resolve`); any other says so once and goes on.
+    let dotenv = bank::db::load_dotenv();
+    if let Err(e) = &dotenv {
+        bank::db::defer_dotenv_error(e);
     }
     let cli = match bank::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
+    let describes_itself = matches!(
+        cli.command,
+        bank::cli::Command::Completions(_) | bank::cli::Command::Man
+    );
+    if let (Err(e), false) = (&dotenv, describes_itself) {
+        if cli.database_url.is_some() || std::env::var_os("DATABASE_URL").is_some() {
+            bank::say(format_args!(
+                "bank: warning: {}; its settings are ignored",
+                one_line(e)
+            ));
+        }
+    }
     init_logging(cli.verbose);
     match bank::run(cli) {
         Ok(()) => Code::Success.into(),

@@ -908,3 +908,26 @@ fn a_stderr_that_cannot_be_written_changes_no_exit_code() {
         .expect("run");
     assert_eq!(status.code(), Some(1), "{status:?}");
 }
+
+#[test]
+fn a_dotenv_bank_does_not_need_cannot_stop_it() {
+    // A .env in the directory or a parent, written for another tool's parser, stopped every
+    // command (--version and --help too) although the URL came from --database-url.
+    let db = ScratchDb::migrated();
+    db.accounts(&[5]);
+    let run = Bank::new().args(["--version"]);
+    std::fs::write(run.dir.path().join(".env"), "APP_TITLE=My App\n").expect("write .env");
+    run.run().success();
+    let run = Bank::new().args(["--database-url", db.url.expose(), "balances"]);
+    std::fs::write(run.dir.path().join(".env"), "APP_TITLE=My App\n").expect("write .env");
+    let run = run.run();
+    run.success();
+    assert!(
+        run.stderr.contains("warning") && run.stderr.contains(".env"),
+        "{run:?}"
+    );
+    // Needed for the URL, it is the error.
+    let run = Bank::new().args(["balances"]);
+    std::fs::write(run.dir.path().join(".env"), "APP_TITLE=My App\n").expect("write .env");
+    run.run().fails_with(2, "cannot read .env");
+}

@@ -49,6 +49,23 @@ fn dotenv_key(line: &str) -> Option<&str> {
     (!key.is_empty() && rest.trim_start().starts_with('=')).then_some(key)
 }
 
+/// Why `.env` could not be read, kept for the one command that needs it: a malformed `.env`
+/// (perhaps another tool's, in a parent directory) stopped every command, `--version` included.
+static DOTENV_ERROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Keeps `e` (from `load_dotenv`) for `dotenv_error`.
+pub fn defer_dotenv_error(e: &ConfigError) {
+    let _ = DOTENV_ERROR.set(match e {
+        ConfigError::DotEnv(why) => why.clone(),
+        other => other.to_string(),
+    });
+}
+
+/// Why `.env` could not be read, if it could not.
+pub fn dotenv_error() -> Option<&'static str> {
+    DOTENV_ERROR.get().map(String::as_str)
+}
+
 /// Runs the embedded migrations that have not run yet; returns their names.
 pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, crate::error::Error> {
     let done = conn

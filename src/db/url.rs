@@ -31,7 +31,11 @@ impl DbUrl {
         }
         match std::env::var("DATABASE_URL") {
             Ok(url) if !url.trim().is_empty() => DbUrl::parse(&url),
-            _ => Err(ConfigError::MissingUrl),
+            // The URL was to come from .env, which could not be read: that is the error.
+            _ => Err(match super::dotenv_error() {
+                Some(why) => ConfigError::DotEnv(why.to_string()),
+                None => ConfigError::MissingUrl,
+            }),
         }
     }
 
