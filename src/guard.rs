@@ -96,6 +96,55 @@ impl Ticket {
     }
 }
 
+/// Reads (`balances`, `verify`, `history`, `lookup`, `doctor`) have no ticket to abandon: they
+/// commit nothing. One that hears nothing from the database for `timeout` (its output makes no
+/// progress: see `tick`) ends the process, exit 1, with one line; the frozen server's kernel
+/// would otherwise keep it waiting forever.
+pub fn watch_reads(timeout: std::time::Duration) {
+    use std::time::{Duration, Instant};
+    let started = *READS_STARTED.get_or_init(Instant::now);
+    tick();
+    let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    std::thread::spawn(move || loop {
+        std::thread::sleep(every);
+        let last = Duration::from_millis(LAST_TICK.load(Ordering::Relaxed));
+        if started.elapsed().saturating_sub(last) > timeout {
+            crate::say(format_args!(
+                "bank: error: no answer from the database within {}: the server may be frozen \
+                 or unreachable (--timeout sets how long a read may wait)",
+                humantime::format_duration(timeout)
+            ));
+            std::process::exit(i32::from(crate::exit_code::ExitCode::Failure));
+        }
+    });
+}
+
+static READS_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+/// Milliseconds from `READS_STARTED` to the read's last sign of life.
+static LAST_TICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A sign of life from the database: output written from what it sent.
+pub fn tick() {
+    if let Some(started) = READS_STARTED.get() {
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        LAST_TICK.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Output that counts as a sign of life (`tick`) each time it is written.
+pub struct Ticking<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for Ticking<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        tick();
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

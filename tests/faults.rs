@@ -627,3 +627,29 @@ fn a_rerun_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
         s.verify_passes();
     }
 }
+
+/// Reads had no deadline: on a frozen server (the kernel still acknowledges, so keepalives see
+/// nothing) `balances` and `verify` waited forever. Now a read that hears nothing for
+/// `--timeout` (plus a moment) ends with exit 1, one line.
+#[test]
+fn reads_on_a_frozen_server_end_by_their_timeout() {
+    let s = setup(Iso::ReadCommitted, At::Commit);
+    s.proxy.freeze_all();
+    let url = s.proxy.url_for(&s.db.url);
+    for command in [
+        &["balances"][..],
+        &["verify"],
+        &["lookup", &s.from.to_string()],
+    ] {
+        let started = Instant::now();
+        let run = Bank::new()
+            .args(["--database-url", &url])
+            .args(command)
+            .args(["--timeout", "1s"])
+            .run();
+        let took = started.elapsed();
+        run.fails_with(1, "no answer from the database within 1s");
+        assert!(took < Duration::from_secs(4), "{command:?} took {took:?}");
+    }
+    s.proxy.thaw_all();
+}

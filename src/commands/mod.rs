@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::workload;
 
 pub fn run(cli: Cli) -> Result<(), Error> {
-    let out = io::stdout().lock();
+    let out = crate::guard::Ticking(io::stdout().lock());
     let mut out = BufWriter::new(out);
     // The commands that describe `bank` itself need no database.
     match &cli.command {
@@ -40,6 +40,16 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         _ => {}
     }
     let url = DbUrl::resolve(cli.database_url.as_deref())?;
+    let read = match &cli.command {
+        Command::Balances(a) => Some(&a.read),
+        Command::History(a) => Some(&a.read),
+        Command::Lookup(a) => Some(&a.read),
+        Command::Verify(a) | Command::Doctor(a) => Some(&a.read),
+        _ => None,
+    };
+    if let Some(read) = read {
+        crate::guard::watch_reads(read.timeout);
+    }
     let result = match cli.command {
         Command::Completions(_) | Command::Man => Ok(()),
         Command::Demo => demo::demo(&url, &mut out),
