@@ -236,15 +236,16 @@ impl From<crate::batch::Fatal> for Error {
     }
 }
 
-/// The one place a database error becomes a domain error: a query on tables that do not exist
-/// yet means `bank init` has not run.
+/// The one place a database error becomes a domain error: a query on tables or columns that do
+/// not exist yet means `bank init` has not run (or not since the code's newest migration).
 impl From<diesel::result::Error> for TransferError {
     fn from(e: diesel::result::Error) -> Self {
         let not_migrated = match &e {
             diesel::result::Error::DatabaseError(_, info) => {
+                // A table, or (a schema older than the code) one of its columns.
                 let m = info.message();
-                m.contains("does not exist")
-                    && (m.contains("\"accounts\"") || m.contains("\"transfers\""))
+                let ours = ["\"accounts\"", "\"transfers\"", "accounts.", "transfers."];
+                m.contains("does not exist") && ours.iter().any(|t| m.contains(t))
             }
             _ => false,
         };
@@ -274,6 +275,26 @@ mod tests {
             url: "postgres://bank:***@db/bank".into(),
             message: message.into(),
         }
+    }
+
+    #[test]
+    fn a_schema_older_than_the_code_is_not_migrated() {
+        // Only the first migrations applied: the tables exist, a column does not, and the
+        // commands failed with the raw database error.
+        use diesel::result::DatabaseErrorKind;
+        for m in [
+            "relation \"accounts\" does not exist",
+            "column accounts.version does not exist",
+            "column \"from_version\" of relation \"transfers\" does not exist",
+        ] {
+            let e = crate::retry::tests::db(DatabaseErrorKind::Unknown, m);
+            assert!(
+                matches!(TransferError::from(e), TransferError::NotMigrated),
+                "{m}"
+            );
+        }
+        let e = crate::retry::tests::db(DatabaseErrorKind::Unknown, "column \"x\" does not exist");
+        assert!(matches!(TransferError::from(e), TransferError::Database(_)));
     }
 
     #[test]
