@@ -399,7 +399,9 @@ fn whole<const MIN: u64, const MAX: u64>(s: &str) -> Result<u64, String> {
     }
     match digits.parse::<u64>() {
         Ok(n) if (MIN..=MAX).contains(&n) => Ok(n),
-        _ => Err(format!("must be {bound}, got {s}")),
+        Ok(_) => Err(format!("must be {bound}, got {s}")),
+        // Past u64: "must be at least 1" said the opposite of what was wrong.
+        Err(_) => Err(format!("is too large (at most {MAX}), got {s}")),
     }
 }
 
@@ -475,7 +477,7 @@ mod tests {
         );
         assert_eq!(
             whole::<1, { u64::MAX }>("18446744073709551616"),
-            Err("must be at least 1, got 18446744073709551616".into())
+            Err("is too large (at most 18446744073709551615), got 18446744073709551616".into())
         );
     }
 
