@@ -64,7 +64,10 @@ impl DbUrl {
         }
         let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
         let host_param = rest.contains("host=");
-        let parsed = if hosts.contains(',') {
+        // libpq's own form for a Unix socket, `postgresql://user@/db?host=/run/postgresql`, has
+        // an empty host, which the url crate refuses: checked as text, as the multi-host form.
+        let socket_form = hosts.is_empty() && host_param;
+        let parsed = if hosts.contains(',') || socket_form {
             // libpq's list of hosts: each host:port must be sound.
             for host_port in hosts.split(',') {
                 check_port(host_port).map_err(&malformed)?;
@@ -351,6 +354,23 @@ mod tests {
             let text = shown(raw);
             assert!(!text.contains("s3"), "{raw} -> {text}");
         }
+    }
+
+    #[test]
+    fn a_unix_socket_in_the_host_parameter_is_a_url() {
+        for raw in [
+            "postgresql://bank@/t1?host=/tmp/bank-pg&port=54342",
+            "postgresql://bank:pw@/t1?host=/tmp/bank-pg",
+            "postgresql:///t1?host=/tmp/bank-pg",
+        ] {
+            let url = DbUrl::parse(raw);
+            assert!(url.is_ok(), "{raw}: {:?}", url.err().map(|e| e.to_string()));
+        }
+        assert_eq!(
+            shown("postgresql://bank:pw@/t1?host=/tmp/bank-pg"),
+            "postgresql://bank:***@/t1?host=/tmp/bank-pg"
+        );
+        assert!(DbUrl::parse("postgresql://bank@/t1").is_err());
     }
 
     #[test]
