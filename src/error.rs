@@ -35,6 +35,16 @@ impl ConnectError {
     /// by waiting (a wrong password, an unknown database or role, a refused TLS setting, a host
     /// name that does not resolve, a malformed option). A server that is down, restarting or in
     /// recovery says many different things, so the test is for the permanent ones.
+    /// libpq refused the URL's parameters (`sslmode=bogus`, an unknown option, `%ZZ`) before
+    /// connecting: bad input, as a malformed URL is, not a failure to connect.
+    pub fn is_malformed(&self) -> bool {
+        let m = self.message.to_ascii_lowercase();
+        m.contains("invalid connection option")
+            || m.contains("invalid percent-encoded token")
+            || m.contains("invalid uri query parameter")
+            || (m.contains("invalid ") && m.contains(" value"))
+    }
+
     pub fn is_transient(&self) -> bool {
         const PERMANENT: [&str; 12] = [
             "authentication failed",
@@ -215,6 +225,9 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::Usage(_) | Error::Config(_) => ExitCode::Usage,
+            Error::Connect(e) | Error::Transfer(TransferError::Connect(e)) if e.is_malformed() => {
+                ExitCode::Usage
+            }
             Error::Transfer(
                 TransferError::NonPositiveAmount(_) | TransferError::SameAccount(_),
             ) => ExitCode::Usage,
@@ -295,6 +308,24 @@ mod tests {
         }
         let e = crate::retry::tests::db(DatabaseErrorKind::Unknown, "column \"x\" does not exist");
         assert!(matches!(TransferError::from(e), TransferError::Database(_)));
+    }
+
+    #[test]
+    fn parameters_libpq_refuses_are_bad_input() {
+        for m in [
+            "invalid sslmode value: \"bogus\"",
+            "invalid connection option \"bogus\"",
+            "invalid integer value \"abc\" for connection option \"connect_timeout\"",
+            "invalid percent-encoded token: \"%ZZ\"",
+        ] {
+            assert!(connect_error(m).is_malformed(), "{m}");
+        }
+        for m in [
+            "connection to server at \"127.0.0.1\", port 1 failed: Connection refused",
+            "FATAL: password authentication failed for user \"bank\"",
+        ] {
+            assert!(!connect_error(m).is_malformed(), "{m}");
+        }
     }
 
     #[test]
