@@ -213,6 +213,8 @@ pub enum WorkloadError {
     Panicked,
     #[error("cannot write the report {0}")]
     Report(String),
+    #[error("cannot write --histogram {0}")]
+    HistogramLog(String),
 }
 
 impl Error {

@@ -390,3 +390,22 @@ fn credits_that_would_pass_the_largest_balance_are_refusals_not_errors() {
         }
     }
 }
+
+#[test]
+fn a_histogram_log_that_cannot_be_written_loses_no_report() {
+    // --histogram on a full disk: the run went to its end and printed only "cannot write
+    // output: No space left on device", without the report or which file it was.
+    let db = ScratchDb::migrated();
+    let run = db
+        .bank()
+        .args(["workload", "--accounts", "10", "--concurrency", "2"])
+        .args(["--duration", "1200ms", "--display-every", "500ms", "--json"])
+        .args(["--histogram", "/dev/full"])
+        .run();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.json()["transfers_committed"].as_u64() > Some(0),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("--histogram /dev/full"), "{run:?}");
+}

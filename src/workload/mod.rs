@@ -134,9 +134,9 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         p.stop();
     }
     let reads = readers.stop();
-    if let Some(written) = histogram_written {
-        written.wait()?;
-    }
+    // A log that could not be written fails the run, after its report: the run itself is the
+    // thing worth seeing.
+    let histogram_result = histogram_written.map(|w| w.wait()).transpose();
     let elapsed = started.elapsed();
 
     // The whole run ends by its end plus one deadline: the check gets what is left of that
@@ -180,6 +180,13 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             let path = config.report.as_deref().unwrap_or(std::path::Path::new(""));
             WorkloadError::Report(format!("{}: {e}", path.display()))
         })?;
+    }
+    if let Err(e) = histogram_result {
+        let path = config
+            .histogram
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""));
+        return Err(WorkloadError::HistogramLog(format!("{}: {e}", path.display())).into());
     }
     if report.ok {
         Ok(())
