@@ -931,3 +931,18 @@ fn a_dotenv_bank_does_not_need_cannot_stop_it() {
     std::fs::write(run.dir.path().join(".env"), "APP_TITLE=My App\n").expect("write .env");
     run.run().fails_with(2, "cannot read .env");
 }
+
+#[test]
+fn an_empty_database_url_in_the_environment_does_not_hide_the_dotenv_one() {
+    // `export DATABASE_URL=` (empty) kept .env's URL out, and the command said "no database URL".
+    let db = ScratchDb::migrated();
+    db.accounts(&[5]);
+    let mut run = Bank::new().args(["balances"]);
+    run.cmd.env("DATABASE_URL", "");
+    std::fs::write(
+        run.dir.path().join(".env"),
+        format!("DATABASE_URL={}\n", db.url.expose()),
+    )
+    .expect("write .env");
+    assert_eq!(run.run().success().stdout.lines().count(), 2);
+}

@@ -21,6 +21,11 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// silently ignored. Called before the command line is parsed, so `.env` can also set the
 /// `BANK_*` variables that flags default to.
 pub fn load_dotenv() -> Result<(), ConfigError> {
+    // Set but empty (`export DATABASE_URL=`) counts as not set, as `DbUrl::resolve` takes it; left
+    // in place it kept .env's URL out.
+    if std::env::var_os("DATABASE_URL").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("DATABASE_URL");
+    }
     match dotenvy::dotenv() {
         Ok(_) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
