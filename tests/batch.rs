@@ -1439,7 +1439,7 @@ fn a_frozen_server_before_the_first_chunk_is_bounded_by_the_timeout() {
 
 #[test]
 fn a_rerun_of_a_file_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
-    // The first run's chunk COMMIT is 3 s late and the run gives up (unknown, exit 3). A rerun in
+    // The first run's chunk COMMIT is 5 s late and the run gives up (unknown, exit 3). A rerun in
     // another process finds no ledger rows, waits on the orphan's locks until its deadline, and
     // said not_applied (exit 1); then the orphan committed. Now: unknown until the locks are
     // free, then the ledger settles every line.
@@ -1448,7 +1448,7 @@ fn a_rerun_of_a_file_held_up_by_an_orphan_still_committing_does_not_say_not_appl
         db.alter("lock_timeout = '200ms'");
         let lines = solvent_file(&db, 4, 10, 19);
         let proxy = Proxy::start(upstream_of(&db.url));
-        proxy.arm_at(At::Commit, Fault::LateCommit(Duration::from_secs(3)));
+        proxy.arm_at(At::Commit, Fault::LateCommit(Duration::from_secs(5)));
         // The orphan lives as long as the first run's timeout (the server's
         // idle_in_transaction_session_timeout is set to it): the default 10 s, but one retry.
         let first = run_file(

@@ -598,7 +598,7 @@ fn a_rerun_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
     for (iso, at) in CASES {
         let s = setup(iso, at);
         s.db.alter("lock_timeout = '200ms'");
-        s.arm(Fault::LateCommit(Duration::from_secs(3)));
+        s.arm(Fault::LateCommit(Duration::from_secs(6)));
         let id = Uuid::new_v4();
         let first = s.transfer(id, &["--max-retries", "1"]);
         first.fails_json(3, "unknown", "may or may not have been applied");
