@@ -1479,3 +1479,41 @@ fn a_rerun_of_a_file_held_up_by_an_orphan_still_committing_does_not_say_not_appl
         assert_eq!(count_transfers(&mut db.conn()).expect("count"), 10);
     }
 }
+
+#[test]
+fn a_server_frozen_before_a_chunk_commit_leaves_its_lines_unknown() {
+    // This run applied nothing of the statement under way, but an earlier run's attempt at the
+    // same lines may be what holds it up, and a frozen server cannot be asked: unknown, as for a
+    // statement given up held up. They were not_applied.
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 6, 40, 21);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        let proxy = Proxy::start(upstream_of(&db.url));
+        // The first chunk waits on these locks; then the server stops answering.
+        let mut holder = hold_every_account(&db);
+        let child = spawn_file(&proxy.url_for(&db.url), &path, &["--timeout", "1s"]);
+        wait_for_lock_wait(&db);
+        proxy.freeze_all();
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        holder.batch_execute("ROLLBACK").expect("release");
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        let got = outcomes(&run);
+        assert_eq!(got.len(), 40, "{iso:?}: {run:?}");
+        assert!(
+            got[..10].iter().all(|(_, o)| o == "unknown"),
+            "{iso:?}: {got:?}"
+        );
+        assert!(
+            got[10..].iter().all(|(_, o)| o == "not_applied"),
+            "{iso:?}: {got:?}"
+        );
+        proxy.thaw_all();
+        drop(proxy);
+        let rerun = rerun_until_settled(&db, &lines);
+        assert_eq!(rerun.code, 0, "{iso:?}: {rerun:?}");
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 40);
+    }
+}

@@ -336,8 +336,16 @@ where
             workers[f.worker].lost = true;
             let mut verdicts = workers[f.worker].watch.decided();
             let in_statement = workers[f.worker].watch.in_statement();
+            // Before its COMMIT this run applied nothing, but a file's ids may have an earlier
+            // run's attempt still on its way to commit (an orphan holding the very locks this
+            // statement waited on), and a server that does not answer cannot be asked: unknown,
+            // as for a statement given up held up (`ChunkRunner::nobody_else_can_commit`).
             let (outcome, what) = match how {
-                GaveUp::NotApplied => (Outcome::NotApplied, "before its COMMIT was sent"),
+                GaveUp::NotApplied => (
+                    Outcome::Unknown,
+                    "before its COMMIT was sent (this run applied nothing, but cannot tell \
+                     whether an earlier run's attempt at these lines is still about to commit)",
+                ),
                 GaveUp::Unknown => (Outcome::Unknown, "after its COMMIT was sent"),
             };
             let error = format!(
