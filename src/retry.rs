@@ -39,6 +39,13 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The attempt was held up rather than refused: it waited on another transaction's locks
+    /// (a lock or statement timeout) or lost its server. The holder may be an earlier attempt of
+    /// the same transfer still on its way to commit, so giving up after it proves nothing.
+    pub fn is_held_up(self) -> bool {
+        matches!(self, Cause::Timeout | Cause::ConnectionLost)
+    }
+
     pub const ALL: [Cause; 5] = [
         Cause::Serialization,
         Cause::Deadlock,

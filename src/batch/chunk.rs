@@ -390,7 +390,7 @@ impl ChunkRunner {
                     format!("gave up after {attempts} attempts")
                 };
                 let reason = format!("{how}; last error: {last}");
-                let held = matches!(cause, Some(Cause::Timeout | Cause::ConnectionLost));
+                let held = cause.is_some_and(Cause::is_held_up);
                 if ambiguous {
                     fail(Outcome::Unknown, reason)
                 } else if held && !self.nobody_else_can_commit(&accounts, lines) {

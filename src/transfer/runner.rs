@@ -123,14 +123,13 @@ impl Runner {
                 timed_out,
             }) => {
                 let reason = exhausted(attempts, &last, timed_out, started.elapsed());
-                let held = matches!(cause, Some(Cause::Timeout | Cause::ConnectionLost));
-                Err(if ambiguous {
-                    TransferError::OutcomeUnknown { id: t.id, reason }
-                } else if held && self.id_given {
-                    return self.settle_held_up(t, reason, made, retries);
+                if ambiguous {
+                    Err(TransferError::OutcomeUnknown { id: t.id, reason })
+                } else if self.id_given && cause.is_some_and(Cause::is_held_up) {
+                    self.settle_held_up(t, reason, made, retries)
                 } else {
-                    TransferError::NotApplied { id: t.id, reason }
-                })
+                    Err(TransferError::NotApplied { id: t.id, reason })
+                }
             }
         }
     }
@@ -193,14 +192,7 @@ impl Runner {
                 None => rx
                     .recv()
                     .unwrap_or_else(|_| Err(gave_up(&t, GaveUp::Unknown, started))),
-                Some(GaveUp::NotApplied) if id_given => {
-                    let TransferError::NotApplied { reason, .. } =
-                        gave_up(&t, GaveUp::NotApplied, started)
-                    else {
-                        return Err(gave_up(&t, GaveUp::Unknown, started));
-                    };
-                    Err(held_up(&t, reason))
-                }
+                Some(GaveUp::NotApplied) if id_given => Err(held_up(&t, no_answer(started))),
                 Some(how) => Err(gave_up(&t, how, started)),
             },
         }
@@ -223,6 +215,14 @@ fn held_up(t: &NewTransfer, reason: String) -> TransferError {
     }
 }
 
+/// Why a caller gave up on a transfer the database did not answer.
+fn no_answer(started: Instant) -> String {
+    format!(
+        "no answer from the database within {:.1}s",
+        started.elapsed().as_secs_f64()
+    )
+}
+
 /// "gave up after N attempts; last error: …" or "timed out after …".
 fn exhausted(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> String {
     if timed_out {
@@ -237,10 +237,7 @@ fn exhausted(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> S
 
 /// The error for a transfer its caller stopped waiting for.
 pub fn gave_up(t: &NewTransfer, how: GaveUp, started: Instant) -> TransferError {
-    let reason = format!(
-        "no answer from the database within {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
+    let reason = no_answer(started);
     match how {
         GaveUp::NotApplied => TransferError::NotApplied { id: t.id, reason },
         GaveUp::Unknown => TransferError::OutcomeUnknown { id: t.id, reason },
@@ -349,7 +346,14 @@ fn attempt(
                 log::debug!("transfer {}: refused ({e}), but the ledger has it", t.id);
                 resolve_duplicate(t, &found, !after_ambiguous)
             }
-            Ok(None) => Attempt::Fail(first_reason(conn, t, e)),
+            // Only a credit past INT8 can hide an earlier reason: the credited row may be
+            // updated before the debited one. Insufficient funds means the debited row exists
+            // and is short, and an unknown credited account is found after both updates, so
+            // both are already the first reason; a refusal costs no extra query then.
+            Ok(None) if matches!(e, TransferError::BalanceOverflow { .. }) => {
+                Attempt::Fail(first_reason(conn, t, e))
+            }
+            Ok(None) => Attempt::Fail(e),
             Err(step) => step,
         },
         Err(BodyError::DuplicateId) => match lookup(conn, t) {
