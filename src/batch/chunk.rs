@@ -121,6 +121,9 @@ pub struct ChunkRunner {
     /// lines: 38.8 s). So the size follows the gap between refusals: twice the lines the last
     /// statement decided after a refusal, doubling again after a statement without one.
     size: usize,
+    /// The lines' ids come from the caller (a file), so an earlier run's attempt at them may
+    /// exist: see `nobody_else_can_commit`. The workload's ids are its own.
+    ids_given: bool,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -144,7 +147,14 @@ impl ChunkRunner {
             interruptible: false,
             limit: usize::MAX,
             size: usize::MAX,
+            ids_given: false,
         }
+    }
+
+    /// The lines' ids come from the caller, as `Runner::id_given`.
+    pub fn ids_given(mut self) -> ChunkRunner {
+        self.ids_given = true;
+        self
     }
 
     /// Statements of at most `lines` lines.
@@ -393,7 +403,7 @@ impl ChunkRunner {
                 let held = cause.is_some_and(Cause::is_held_up);
                 if ambiguous {
                     fail(Outcome::Unknown, reason)
-                } else if held && !self.nobody_else_can_commit(&accounts, lines) {
+                } else if held && self.ids_given && !self.nobody_else_can_commit(&accounts, lines) {
                     fail(
                         Outcome::Unknown,
                         format!(

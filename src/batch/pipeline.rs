@@ -425,7 +425,9 @@ fn spawn(url: &DbUrl, options: &Options, n: usize, done: mpsc::Sender<Done>) -> 
     let policy = options.policy;
     let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
     // A group holds up to a window's lines (--batch per connection); a statement, --batch.
-    let mut runner = ChunkRunner::new(session, policy).at_most(options.batch.max(1));
+    let mut runner = ChunkRunner::new(session, policy)
+        .at_most(options.batch.max(1))
+        .ids_given();
     runner.interruptible = true;
     let watch = runner.watch.clone();
     let thread = thread::spawn(move || {
