@@ -190,6 +190,9 @@ pub enum Error {
     },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
+    /// The user answered no to a confirmation (exit 1: what was asked was not done).
+    #[error("{0} cancelled: nothing deleted")]
+    Cancelled(&'static str),
 }
 
 /// Why `bank workload` failed.

@@ -526,6 +526,11 @@ fn an_unmigrated_database_asks_for_init() {
 
 /// Runs `bank args` on a pseudo-terminal (`script`), typing `input`; returns what it showed.
 fn on_terminal(db: &ScratchDb, args: &str, input: &str) -> String {
+    on_terminal_with_status(db, args, input).0
+}
+
+/// `on_terminal`, with bank's exit code (`script -e` passes it on).
+fn on_terminal_with_status(db: &ScratchDb, args: &str, input: &str) -> (String, Option<i32>) {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let bank = assert_cmd::cargo::cargo_bin("bank");
@@ -551,23 +556,32 @@ fn on_terminal(db: &ScratchDb, args: &str, input: &str) -> String {
             child.wait_with_output()
         })
         .expect("run script");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code(),
+    )
 }
 
 #[test]
 fn reset_asks_on_a_terminal() {
     let db = ScratchDb::migrated();
     db.accounts(&[10, 10]);
-    let no = on_terminal(&db, "reset", "n\n");
-    assert!(
-        no.contains("Delete every account and transfer in postgres://"),
-        "{no}"
-    );
-    assert!(no.contains("nothing deleted"), "{no}");
-    assert!(!no.contains(&password()), "{no}");
-    assert_eq!(db.state().0.len(), 2);
-    let yes = on_terminal(&db, "reset", "y\n");
+    // A declined reset did not do what was asked: a script (or `&&`) must not go on as if the
+    // database were empty. An end of input (Ctrl-D) is a "no" too.
+    for answer in ["n\n", "", "maybe\n"] {
+        let (no, code) = on_terminal_with_status(&db, "reset", answer);
+        assert!(
+            no.contains("Delete every account and transfer in postgres://"),
+            "{no}"
+        );
+        assert!(no.contains("reset cancelled: nothing deleted"), "{no}");
+        assert!(!no.contains(&password()), "{no}");
+        assert_eq!(code, Some(1), "{answer:?}: {no}");
+        assert_eq!(db.state().0.len(), 2);
+    }
+    let (yes, code) = on_terminal_with_status(&db, "reset", "y\n");
     assert!(yes.contains("deleted 2 accounts and 0 transfers"), "{yes}");
+    assert_eq!(code, Some(0), "{yes}");
     assert_eq!(db.state(), (vec![], 0));
 }
 

@@ -194,8 +194,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         if !confirm(&format!(
             "Delete every account and transfer in {url}? [y/N] "
         ))? {
-            writeln!(out, "nothing deleted")?;
-            return Ok(());
+            return Err(Error::Cancelled("reset"));
         }
     }
     let mut conn = url.connect()?;
