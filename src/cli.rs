@@ -291,7 +291,8 @@ pub struct WorkloadArgs {
     /// Accounts to transfer between
     #[arg(long, value_name = "N", default_value_t = 100, allow_negative_numbers = true, value_parser = whole::<2, 10_000_000>)]
     pub accounts: u64,
-    /// Use existing accounts (the first N by id) instead of creating new ones
+    /// Use existing accounts (the first N by id) instead of creating new ones; with fewer than N,
+    /// those (and a warning)
     #[arg(long)]
     pub reuse_accounts: bool,
     /// Opening balance of each created account

@@ -85,6 +85,38 @@ fn a_workload_reuses_existing_accounts_in_text_mode() {
     assert_eq!(db.state().0.len(), 5);
 }
 
+/// Fewer accounts than `--accounts` asks for: the run uses them, and says so on stderr (once,
+/// whatever the output format), so a user who meant 1000 accounts does not read a hot run over
+/// 3 as the run they asked for.
+#[test]
+fn reusing_fewer_accounts_than_asked_says_so() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[500; 3]);
+    for json in [false, true] {
+        let format: &[&str] = if json { &["--json"] } else { &[] };
+        let run = db
+            .bank()
+            .args(["workload", "--accounts", "1000", "--reuse-accounts"])
+            .args(["--concurrency", "2", "--transfers", "20"])
+            .args(format)
+            .run();
+        run.success();
+        let warning = "bank: warning: --reuse-accounts: 1000 accounts asked for, 3 found; the \
+                       workload uses those 3\n";
+        assert!(run.stderr.starts_with(warning), "{run:?}");
+        assert_eq!(run.stderr.matches("warning").count(), 1, "{run:?}");
+        if json {
+            assert_eq!(run.json()["accounts"], 3, "{run:?}");
+        } else {
+            assert!(
+                run.stdout.contains("workload: 3 accounts, 2 workers"),
+                "{run:?}"
+            );
+        }
+    }
+    assert_eq!(db.state().0.len(), 3);
+}
+
 #[test]
 fn a_workload_survives_connections_killed_from_outside() {
     for iso in Iso::BOTH {
