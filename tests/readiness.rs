@@ -425,6 +425,55 @@ fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     assert!(tables.is_empty(), "{tables:?}");
 }
 
+/// A database a newer bank migrated (a migration this bank does not have): `doctor` names it,
+/// and `init` warns, applies nothing and changes nothing; an older binary put back after an
+/// upgrade must not pass for the one that migrated the schema.
+#[test]
+fn a_schema_migrated_by_a_newer_bank_is_named_by_doctor_and_init() {
+    let db = ScratchDb::migrated();
+    diesel::sql_query("INSERT INTO __diesel_schema_migrations (version) VALUES ('29990101000001')")
+        .execute(&mut db.conn())
+        .expect("a newer migration");
+    let run = db.bank().args(["doctor", "--json"]).run();
+    run.success();
+    let j = run.json();
+    assert_eq!(j["migrated"], true, "{j}");
+    assert_eq!(j["migration_version"], "29990101000001", "{j}");
+    assert_eq!(
+        j["unknown_migrations"],
+        serde_json::json!(["29990101000001"]),
+        "{j}"
+    );
+    let text = db.bank().args(["doctor"]).run();
+    text.success();
+    assert!(
+        text.stdout.contains(
+            "schema: migrated by a newer bank (migrations not known to this one: 29990101000001)"
+        ),
+        "{text:?}"
+    );
+    let init = db.bank().args(["init"]).run();
+    init.success();
+    assert_eq!(init.stdout, "schema is up to date\n", "{init:?}");
+    assert_eq!(
+        init.stderr,
+        "bank: warning: the database has migrations this bank does not know (29990101000001): \
+         it was migrated by a newer bank\n",
+        "{init:?}"
+    );
+    // A current bank's own database: no such field entries, no warning.
+    let fresh = ScratchDb::migrated();
+    assert_eq!(
+        fresh.bank().args(["doctor", "--json"]).run().json()["unknown_migrations"],
+        serde_json::json!([])
+    );
+    let init = fresh.bank().args(["init"]).run();
+    assert_eq!(
+        (init.stdout.as_str(), init.stderr.as_str()),
+        ("schema is up to date\n", "")
+    );
+}
+
 #[derive(diesel::QueryableByName)]
 struct Name {
     #[diesel(sql_type = diesel::sql_types::Text)]

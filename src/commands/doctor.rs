@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write};
 use std::time::Duration;
 
-use diesel::migration::MigrationSource;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use diesel::sql_types::{Bool, Nullable, Text};
 use serde::Serialize;
 
 use crate::db::{self, DbUrl, Engine};
@@ -24,6 +23,8 @@ struct Report {
     /// The newest migration applied (its version), if any.
     migration_version: Option<String>,
     pending_migrations: usize,
+    /// Applied migrations this bank does not have (a newer bank migrated the database).
+    unknown_migrations: Vec<String>,
     /// Server-side settings of this session.
     settings: BTreeMap<String, Option<String>>,
     /// Whether this connection is encrypted; `None` when the server does not say.
@@ -44,18 +45,6 @@ struct Setting {
 struct Tls {
     #[diesel(sql_type = Bool)]
     ssl: bool,
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(QueryableByName)]
-struct Version {
-    #[diesel(sql_type = Text)]
-    version: String,
 }
 
 /// The server settings `doctor` shows: the timeouts that bound a stuck transaction and the
@@ -80,12 +69,9 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         .get_result::<Tls>(&mut conn)
         .map(|t| t.ssl)
         .ok();
-    let applied = applied_migrations(&mut conn)?;
-    let embedded: Vec<String> = MigrationSource::<diesel::pg::Pg>::migrations(&db::MIGRATIONS)
-        .map_err(Error::Migration)?
-        .iter()
-        .map(|m| m.name().version().to_string())
-        .collect();
+    let applied = db::applied_migrations(&mut conn)?;
+    let embedded = db::known_migrations()?;
+    let unknown_migrations = db::unknown_migrations(&applied)?;
     let applied_set: HashSet<&String> = applied.iter().collect();
     let pending_migrations = embedded.iter().filter(|v| !applied_set.contains(v)).count();
     let migrated = !applied.is_empty() && pending_migrations == 0;
@@ -111,6 +97,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         migrated,
         migration_version: applied.iter().max().cloned(),
         pending_migrations,
+        unknown_migrations,
         settings,
         tls,
         client,
@@ -132,6 +119,11 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     )?;
     match (&report.migration_version, migrated) {
         (None, _) => writeln!(out, "schema: not migrated (run `bank init`)")?,
+        (Some(_), true) if !report.unknown_migrations.is_empty() => writeln!(
+            out,
+            "schema: migrated by a newer bank (migrations not known to this one: {})",
+            report.unknown_migrations.join(", ")
+        )?,
         (Some(v), true) => writeln!(out, "schema: migrated (version {v})")?,
         (Some(v), false) => writeln!(
             out,
@@ -167,25 +159,4 @@ fn setting(conn: &mut PgConnection, name: &str) -> Option<String> {
         .get_result::<Setting>(conn)
         .ok()
         .and_then(|s| s.value)
-}
-
-/// The versions of the migrations applied, none when Diesel's table is not there (without
-/// creating it, as Diesel's own harness would).
-fn applied_migrations(conn: &mut PgConnection) -> Result<Vec<String>, Error> {
-    let exists: Count = diesel::sql_query(
-        "SELECT CAST(COUNT(*) AS INT8) AS n FROM information_schema.tables \
-         WHERE table_schema = current_schema() AND table_name = $1",
-    )
-    .bind::<Text, _>("__diesel_schema_migrations")
-    .get_result(conn)?;
-    if exists.n == 0 {
-        return Ok(Vec::new());
-    }
-    Ok(
-        diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
-            .load::<Version>(conn)?
-            .into_iter()
-            .map(|v| v.version)
-            .collect(),
-    )
 }

@@ -75,6 +75,16 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
+    let unknown = db::unknown_migrations(&db::applied_migrations(&mut conn)?)?;
+    if !unknown.is_empty() {
+        // Not refused: putting the older binary back after an upgrade must still start; but
+        // this bank's statements may not be what the newer schema expects.
+        crate::say(format_args!(
+            "bank: warning: the database has migrations this bank does not know ({}): it was \
+             migrated by a newer bank",
+            unknown.join(", ")
+        ));
+    }
     let ran = db::run_migrations(&mut conn)?;
     if ran.is_empty() {
         writeln!(out, "schema is up to date")?;

@@ -9,7 +9,9 @@ pub use engine::{Engine, Server};
 pub use session::Session;
 pub use url::DbUrl;
 
+use diesel::migration::MigrationSource;
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::error::ConfigError;
@@ -77,4 +79,55 @@ pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, crate::err
         .run_pending_migrations(MIGRATIONS)
         .map_err(crate::error::Error::Migration)?;
     Ok(done.iter().map(ToString::to_string).collect())
+}
+
+/// The versions of this bank's migrations.
+pub fn known_migrations() -> Result<Vec<String>, crate::error::Error> {
+    Ok(MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+        .map_err(crate::error::Error::Migration)?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect())
+}
+
+/// The versions of the migrations applied, none when Diesel's table is not there (without
+/// creating it, as Diesel's own harness would).
+pub fn applied_migrations(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    #[derive(QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = Text)]
+        version: String,
+    }
+    let exists: Count = diesel::sql_query(
+        "SELECT CAST(COUNT(*) AS INT8) AS n FROM information_schema.tables \
+         WHERE table_schema = current_schema() AND table_name = $1",
+    )
+    .bind::<Text, _>("__diesel_schema_migrations")
+    .get_result(conn)?;
+    if exists.n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(
+        diesel::sql_query("SELECT version FROM __diesel_schema_migrations ORDER BY version")
+            .load::<Version>(conn)?
+            .into_iter()
+            .map(|v| v.version)
+            .collect(),
+    )
+}
+
+/// Applied migrations that are not this bank's, in version order: a newer bank migrated the
+/// database (or something else wrote Diesel's table).
+pub fn unknown_migrations(applied: &[String]) -> Result<Vec<String>, crate::error::Error> {
+    let known = known_migrations()?;
+    Ok(applied
+        .iter()
+        .filter(|v| !known.contains(v))
+        .cloned()
+        .collect())
 }
