@@ -190,6 +190,17 @@ pub enum Error {
     },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
+    /// `seed` stopped before every account was created (exit 1); each one created had its id
+    /// written.
+    #[error(
+        "{why}, so the seed stopped: {created} of {total} accounts were created (those whose ids \
+         were written)"
+    )]
+    SeedStopped {
+        why: String,
+        created: u64,
+        total: u64,
+    },
     /// The user answered no to a confirmation (exit 1: what was asked was not done).
     #[error("{0} cancelled: nothing deleted")]
     Cancelled(&'static str),

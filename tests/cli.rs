@@ -823,6 +823,145 @@ fn a_transfer_whose_receipt_cannot_be_written_still_says_it_was_applied() {
     assert_eq!(db.balance(ids[0]), 93, "applied once");
 }
 
+/// `bank seed` with its ids on a full disk: it stops before committing accounts whose ids it
+/// could not write (it created them, lost their ids and said only "cannot write output").
+#[test]
+fn a_seed_whose_ids_cannot_be_written_creates_nothing() {
+    let db = ScratchDb::migrated();
+    for extra in [&[][..], &["--json"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let output = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose(), "seed", "--accounts", "5"])
+            .args(extra)
+            .stdout(full)
+            .output()
+            .expect("run bank");
+        let run = crate::support::Run::from(output);
+        assert_eq!(run.code, 1, "{extra:?}: {run:?}");
+        assert!(
+            run.stderr
+                .starts_with("bank: error: cannot write the ids (")
+                && run.stderr.ends_with(
+                    "), so the seed stopped: 0 of 5 accounts were created (those whose ids were \
+                     written)\n"
+                )
+                && run.stderr.lines().count() == 1,
+            "{extra:?}: {run:?}"
+        );
+        assert_eq!(db.state().0.len(), 0, "{extra:?}");
+    }
+}
+
+/// `bank seed --accounts 250000 | head -100000`: the reader leaves after the first chunk. The
+/// seed stops there and says how many it created, every one of them listed; it went on with exit
+/// 0 after 100,000 of 250,000 and said nothing.
+#[test]
+fn a_seed_whose_reader_leaves_stops_and_says_how_many_it_created() {
+    use std::io::BufRead;
+    let db = ScratchDb::migrated();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args([
+            "--database-url",
+            db.url.expose(),
+            "seed",
+            "--accounts",
+            "250000",
+        ])
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn bank");
+    let stdout = child.stdout.take().expect("stdout");
+    let read: Vec<String> = std::io::BufReader::new(stdout)
+        .lines()
+        .take(100_000)
+        .map(|l| l.expect("a line"))
+        .collect();
+    let out = child.wait_with_output().expect("wait");
+    let run = crate::support::Run::from(out);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        run.stderr,
+        "bank: error: the output was closed, so the seed stopped: 100000 of 250000 accounts \
+         were created (those whose ids were written)\n"
+    );
+    let (accounts, _) = db.state();
+    assert_eq!(accounts.len(), 100_000);
+    let listed: std::collections::HashSet<&str> = read
+        .iter()
+        .map(|l| l.split_whitespace().nth(2).expect("an id"))
+        .collect();
+    assert!(accounts
+        .iter()
+        .all(|(id, _)| listed.contains(id.to_string().as_str())));
+}
+
+/// Ctrl-C during a long seed: it stops after the chunk in hand, and what it printed is exactly
+/// what it created (a JSON array that parses); killed by SIGINT's default action it could
+/// commit a chunk whose ids were never written.
+#[test]
+fn an_interrupted_seed_lists_exactly_what_it_created() {
+    use std::io::Read;
+    let db = ScratchDb::migrated();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args([
+            "--database-url",
+            db.url.expose(),
+            "seed",
+            "--accounts",
+            "2000000",
+        ])
+        .arg("--json")
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn bank");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 1];
+    stdout
+        .read_exact(&mut first)
+        .expect("the first chunk's output");
+    crate::support::interrupt(child.id());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("the rest");
+    let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with("bank: error: interrupted (Ctrl-C or SIGTERM), so the seed stopped: ")
+            && run.stderr.lines().count() == 1,
+        "{run:?}"
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&format!("{}{rest}", first[0] as char)).expect("a JSON array");
+    let listed: std::collections::HashSet<String> = listed
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|a| a["id"].as_str().expect("an id").to_string())
+        .collect();
+    let (accounts, _) = db.state();
+    assert!(accounts.len() < 2_000_000, "{}", accounts.len());
+    assert_eq!(listed.len(), accounts.len());
+    assert!(accounts
+        .iter()
+        .all(|(id, _)| listed.contains(&id.to_string())));
+    assert!(
+        run.stderr.contains(&format!(
+            ": {} of 2000000 accounts were created",
+            accounts.len()
+        )),
+        "{run:?}"
+    );
+}
+
 #[test]
 fn verify_sums_balances_past_the_range_of_one() {
     // Two accounts at the largest balance there is: each fits in INT8, their total does not,

@@ -28,6 +28,8 @@ struct AccountJson {
 
 pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
+    // Ctrl-C stops the seed between chunks, not in the middle of one (see below).
+    crate::interrupt::catch();
     let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
         None => Box::new(TUTORIAL_BALANCES.into_iter()),
         Some(n) => Box::new(std::iter::repeat_n(args.balance, n as usize)),
@@ -37,6 +39,12 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     let mut balances = balances.peekable();
     let mut list = AccountList::start(out, args.json, None)?;
     let mut method = args.method;
+    let mut created = 0u64;
+    let stopped = |why: String, created: u64| Error::SeedStopped {
+        why,
+        created,
+        total,
+    };
     // One COPY per chunk, each its own transaction: a huge seed never builds one huge
     // transaction (CockroachDB limits their size), and the progress bar moves per chunk.
     while balances.peek().is_some() {
@@ -45,38 +53,97 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             .take(SEED_CHUNK)
             .map(NewAccount::with_balance)
             .collect();
-        let n = match method {
-            SeedMethod::Insert => insert_chunk(&mut conn, &chunk)?,
-            SeedMethod::Copy => repo::copy_accounts(&mut conn, &chunk)?,
-            SeedMethod::Auto => match repo::copy_accounts(&mut conn, &chunk) {
-                Ok(n) => {
-                    method = SeedMethod::Copy;
-                    n
-                }
-                Err(e) if repo::is_copy_refused(&e) => {
-                    log::info!("seed: COPY refused ({e}); loading with INSERT instead");
-                    method = SeedMethod::Insert;
-                    insert_chunk(&mut conn, &chunk)?
-                }
-                Err(e) => return Err(e.into()),
-            },
+        let mut written = false;
+        let step = conn.transaction(|c| {
+            let n = load_chunk(c, &chunk, &mut method)?;
+            // The ids are written before the COMMIT, and a chunk whose ids cannot be written (a
+            // full disk, a reader gone) or that Ctrl-C came before is rolled back: every account
+            // created has its id written, so none is created that nobody is told of.
+            if crate::interrupt::interrupted() {
+                return Err(Stop::Interrupted);
+            }
+            chunk
+                .iter()
+                .try_for_each(|a| list.row(out, a.id, a.balance))
+                .and_then(|()| out.flush())
+                .map_err(Stop::Output)?;
+            written = true;
+            Ok(n)
+        });
+        let n = match step {
+            Ok(n) => n,
+            Err(Stop::Interrupted) => {
+                // What was created is listed as a whole (a JSON array that parses).
+                list.finish(out)?;
+                out.flush()?;
+                return Err(stopped(crate::interrupt::reason().to_string(), created));
+            }
+            Err(Stop::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                return Err(stopped("the output was closed".into(), created));
+            }
+            Err(Stop::Output(e)) => {
+                return Err(stopped(format!("cannot write the ids ({e})"), created));
+            }
+            Err(Stop::Database(e)) if created == 0 && !written => return Err(e.into()),
+            Err(Stop::Database(e)) => {
+                // Its COMMIT failed after its ids were written: they may or may not exist.
+                let why = match written {
+                    true => format!(
+                        "{e} (the last {} ids written may or may not have been created)",
+                        chunk.len()
+                    ),
+                    false => e.to_string(),
+                };
+                return Err(stopped(why, created));
+            }
         };
+        created += n as u64;
         log::debug!("seed: loaded {n} accounts ({method:?})");
         bar.inc(n as u64);
-        for a in &chunk {
-            list.row(out, a.id, a.balance)?;
-        }
     }
     bar.finish_and_clear();
     list.finish(out)?;
     Ok(())
 }
 
-/// One chunk of the seed with multi-row INSERTs (each within PostgreSQL's 65,535 bind
-/// parameters and about 1 MB, far below CockroachDB's 16 MiB message limit), in one transaction
-/// like a COPY of the chunk: a failure leaves none of the chunk behind.
-fn insert_chunk(conn: &mut PgConnection, chunk: &[NewAccount]) -> diesel::QueryResult<usize> {
-    conn.transaction(|c| repo::create_many(c, chunk))
+/// Why a chunk of the seed was rolled back.
+enum Stop {
+    Database(diesel::result::Error),
+    Output(io::Error),
+    Interrupted,
+}
+
+impl From<diesel::result::Error> for Stop {
+    fn from(e: diesel::result::Error) -> Self {
+        Stop::Database(e)
+    }
+}
+
+/// Loads one chunk in the caller's transaction: with COPY, or multi-row INSERTs (each within
+/// PostgreSQL's 65,535 bind parameters and about 1 MB, far below CockroachDB's 16 MiB message
+/// limit). `Auto` tries COPY first and keeps to what worked; a refused COPY is retried as
+/// INSERTs from a savepoint, as the transaction is aborted by then.
+fn load_chunk(
+    conn: &mut PgConnection,
+    chunk: &[NewAccount],
+    method: &mut SeedMethod,
+) -> diesel::QueryResult<usize> {
+    match method {
+        SeedMethod::Insert => repo::create_many(conn, chunk),
+        SeedMethod::Copy => repo::copy_accounts(conn, chunk),
+        SeedMethod::Auto => match conn.transaction(|c| repo::copy_accounts(c, chunk)) {
+            Ok(n) => {
+                *method = SeedMethod::Copy;
+                Ok(n)
+            }
+            Err(e) if repo::is_copy_refused(&e) => {
+                log::info!("seed: COPY refused ({e}); loading with INSERT instead");
+                *method = SeedMethod::Insert;
+                repo::create_many(conn, chunk)
+            }
+            Err(e) => Err(e),
+        },
+    }
 }
 
 /// A progress bar on a terminal; a hidden one otherwise (scripts and pipes get no noise).
