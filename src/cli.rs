@@ -66,9 +66,10 @@ pub enum Command {
     /// Print a shell completion script (e.g. `bank completions bash > /etc/bash_completion.d/bank`)
     #[command(after_help = "Example:\n  bank completions zsh > ~/.zfunc/_bank")]
     Completions(CompletionsArgs),
-    /// Print the man page in roff (e.g. `bank man > bank.1 && man ./bank.1`)
-    #[command(after_help = "Example:\n  bank man > bank.1")]
-    Man,
+    /// Print the man page in roff (e.g. `bank man > bank.1 && man ./bank.1`), or a command's
+    /// (`bank man seed` prints bank-seed(1))
+    #[command(after_help = "Example:\n  bank man > bank.1\n  bank man transfer > bank-transfer.1")]
+    Man(ManArgs),
     /// Check the database before anything else: the engine and its version, the default
     /// isolation level, whether the schema is migrated, the connection settings in force (timeouts,
     /// TLS, keepalives, application name) and row counts; exits 1 if it cannot connect
@@ -88,6 +89,13 @@ pub struct JsonArg {
     pub json: bool,
     #[command(flatten)]
     pub read: ReadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The command whose page to print (bank's own page when none)
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Args)]

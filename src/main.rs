@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     };
     let describes_itself = matches!(
         cli.command,
-        bank::cli::Command::Completions(_) | bank::cli::Command::Man
+        bank::cli::Command::Completions(_) | bank::cli::Command::Man(_)
     );
     if let (Err(e), false) = (&dotenv, describes_itself) {
         if cli.database_url.is_some() || std::env::var_os("DATABASE_URL").is_some() {

@@ -740,6 +740,23 @@ fn completions_and_the_man_page_need_no_database() {
     assert!(man.stdout.starts_with(".ie"), "{}", &man.stdout[..100]);
     assert!(man.stdout.contains(".TH bank 1"), "roff title");
     assert!(man.stdout.contains("transfer"), "subcommands listed");
+    // The page refers to bank-seed(1) and the others: each is there to print.
+    for sub in ["seed", "transfer", "workload", "doctor", "man"] {
+        assert!(man.stdout.contains(&format!("bank\\-{sub}(1)")), "{sub}");
+        let page = Bank::new().args(["man", sub]).run();
+        page.success();
+        assert!(
+            page.stdout.contains(&format!(".TH bank-{sub} 1")),
+            "{sub}: {}",
+            &page.stdout[..200.min(page.stdout.len())]
+        );
+    }
+    let seed = Bank::new().args(["man", "seed"]).run().stdout;
+    assert!(seed.contains("accounts"), "{seed}");
+    Bank::new()
+        .args(["man", "sede"])
+        .run()
+        .fails_with(2, "no command sede");
     Bank::new()
         .args(["completions", "tcsh"])
         .run()

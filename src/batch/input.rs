@@ -161,7 +161,7 @@ fn read_error(line: u64, e: &std::io::Error) -> Malformed {
 
 /// A value of the file as a reason quotes it: at most 40 characters, control characters
 /// escaped, so that a file cannot send escape sequences to a terminal or a line of a megabyte.
-fn shown(value: &str) -> String {
+pub(crate) fn shown(value: &str) -> String {
     const MAX: usize = 40;
     let mut out: String = value
         .chars()

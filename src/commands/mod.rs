@@ -32,8 +32,20 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             out.flush()?;
             return Ok(());
         }
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+        Command::Man(args) => {
+            let mut cmd = Cli::command();
+            // Built, every subcommand has its full name (bank-seed) and its help flags.
+            cmd.build();
+            let page = match &args.command {
+                None => cmd,
+                Some(name) => cmd.find_subcommand(name).cloned().ok_or_else(|| {
+                    Error::Usage(format!(
+                        "no command {}: `bank --help` lists them",
+                        crate::batch::input::shown(name)
+                    ))
+                })?,
+            };
+            clap_mangen::Man::new(page).render(&mut out)?;
             out.flush()?;
             return Ok(());
         }
@@ -51,7 +63,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         crate::guard::watch_reads(read.timeout);
     }
     let result = match cli.command {
-        Command::Completions(_) | Command::Man => Ok(()),
+        Command::Completions(_) | Command::Man(_) => Ok(()),
         Command::Demo => demo::demo(&url, &mut out),
         Command::Init => init(&url, &mut out),
         Command::Seed(args) => accounts::seed(&url, &args, &mut out),
