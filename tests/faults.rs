@@ -653,3 +653,150 @@ fn reads_on_a_frozen_server_end_by_their_timeout() {
     }
     s.proxy.thaw_all();
 }
+
+/// An earlier attempt that has not locked the accounts yet: a single-statement transfer whose
+/// client was killed while its retry (already on the server, Bind/Execute/Sync) waited behind a
+/// table lock (`LOCK TABLE … IN SHARE MODE`, as a `CREATE INDEX` takes). A rerun held up by the
+/// same lock found both accounts free and no ledger row, said "not applied" (exit 1), and the
+/// orphan committed once the lock went. Whatever still waits for the tables may be this
+/// transfer: unknown (exit 3), for `--id` (both modes) and for a file's line alike.
+#[test]
+fn a_rerun_does_not_say_not_applied_while_an_orphan_waits_behind_a_table_lock() {
+    for iso in Iso::BOTH {
+        for rerun in ["transaction", "single-statement", "file"] {
+            orphan_behind_a_table_lock(iso, rerun);
+        }
+    }
+}
+
+fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
+    use diesel::connection::SimpleConnection;
+    use diesel::RunQueryDsl;
+    use std::sync::mpsc;
+    let case = format!("{iso:?} rerun {rerun}");
+    let db = ScratchDb::migrated_at(iso);
+    let ids = db.accounts(&[1000, 0]);
+    let (from, to, id) = (ids[0], ids[1], Uuid::new_v4());
+    // Holds the debited account, so that the first attempt waits (and holds its table locks).
+    let mut row_holder = db.conn();
+    row_holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT id FROM accounts WHERE id = '{from}' FOR UPDATE"
+        ))
+        .expect("row lock");
+    let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "transfer", "--mode"])
+        .args(["single-statement", "--amount", "7", "--id", &id.to_string()])
+        .args(["--from", &from.to_string(), "--to", &to.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn bank");
+    crate::support::wait_for_lock_wait(&db);
+    // The table lock queues behind the first attempt's; it is granted once that attempt is
+    // cancelled, and the retry (its statement already prepared) then waits behind it.
+    let (granted, locked) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let mut table_holder = db.conn();
+    let ours = [backend_pid(&mut row_holder), backend_pid(&mut table_holder)];
+    let holder = thread::spawn(move || {
+        table_holder
+            .batch_execute("BEGIN; LOCK TABLE transfers IN SHARE MODE")
+            .expect("table lock");
+        granted.send(()).expect("granted");
+        let _ = released.recv();
+        table_holder.batch_execute("COMMIT").expect("commit");
+    });
+    thread::sleep(Duration::from_millis(300));
+    // The test's own sessions go by `bank` too.
+    diesel::sql_query(format!(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'bank' \
+         AND pid NOT IN ({}, {}, pg_backend_pid())",
+        ours[0], ours[1]
+    ))
+    .execute(&mut db.conn())
+    .expect("cancel");
+    locked
+        .recv_timeout(Duration::from_secs(10))
+        .expect("table lock granted");
+    crate::support::wait_for_lock_wait(&db);
+    first.kill().expect("kill -9 the first run");
+    let _ = first.wait();
+    row_holder.batch_execute("ROLLBACK").expect("rollback");
+    let held = match rerun {
+        "file" => {
+            let run = db
+                .bank()
+                .args(["transfer", "--file", "-", "--json", "--timeout", "1s"])
+                .cmd
+                .write_stdin(format!("id,from,to,amount\n{id},{from},{to},7\n"))
+                .output()
+                .expect("run bank");
+            let run = Run::from(run);
+            assert_eq!(run.code, 3, "{case}: {run:?}");
+            assert!(
+                run.stdout.contains("\"outcome\":\"unknown\""),
+                "{case}: {run:?}"
+            );
+            run
+        }
+        mode => {
+            let run = db
+                .bank()
+                .args([
+                    "transfer",
+                    "--mode",
+                    mode,
+                    "--amount",
+                    "7",
+                    "--timeout",
+                    "1s",
+                ])
+                .args(["--from", &from.to_string(), "--to", &to.to_string()])
+                .args(["--id", &id.to_string()])
+                .run();
+            assert_eq!(run.code, 3, "{case}: {run:?}");
+            run
+        }
+    };
+    assert!(held.stderr.contains("may or may not"), "{case}: {held:?}");
+    // The lock goes: the orphan commits, which is why "not applied" was false.
+    release.send(()).expect("release");
+    holder.join().expect("table holder");
+    let started = Instant::now();
+    let settled = loop {
+        let run = db
+            .bank()
+            .args([
+                "transfer",
+                "--amount",
+                "7",
+                "--id",
+                &id.to_string(),
+                "--json",
+            ])
+            .args(["--from", &from.to_string(), "--to", &to.to_string()])
+            .run();
+        if run.code == 0 || started.elapsed() > Duration::from_secs(10) {
+            break run;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    settled.success();
+    assert_eq!(db.balance(from), 993, "{case}: applied once");
+    let _ = settled;
+}
+
+fn backend_pid(conn: &mut diesel::PgConnection) -> i32 {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result::<Pid>(conn)
+        .expect("pid")
+        .pid
+}

@@ -242,9 +242,10 @@ impl ChunkRunner {
 
     /// After attempts held up by other transactions' locks or a connection that failed: the
     /// lines' ids come from the file, so an earlier run's attempt at them (an orphan whose
-    /// COMMIT is still on its way) may hold exactly those locks. Only when nobody holds any of
-    /// the accounts now (locked `NOWAIT`, then released) and the ledger has none of the ids is
-    /// "not applied" the truth; the same rule as `bank transfer --id` (`Runner`).
+    /// COMMIT is still on its way) may hold exactly those locks, or wait behind a table lock.
+    /// Only when nothing holds the accounts or keeps a transfer out of the tables now
+    /// (`repo::accounts_free`) and the ledger has none of the ids is "not applied" the truth;
+    /// the same rule as `bank transfer --id` (`Runner`).
     fn nobody_else_can_commit(&mut self, accounts: &[Uuid], lines: &[Line]) -> bool {
         let Ok(conn) = self.session.conn() else {
             return false;

@@ -135,8 +135,9 @@ impl Runner {
     }
 
     /// The end of a run with a given id that was held up (see `held_up`). If no transaction
-    /// holds either account now, any earlier attempt of this id has ended and the ledger has the
-    /// last word; otherwise nobody can know yet.
+    /// holds either account or keeps a transfer out of the tables now (`repo::accounts_free`),
+    /// any earlier attempt of this id has ended and the ledger has the last word; otherwise
+    /// nobody can know yet.
     fn settle_held_up(
         &mut self,
         t: &NewTransfer,
