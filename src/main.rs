@@ -88,17 +88,26 @@ fn one_line(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    // The server's own limit, set for the role or the database: say which, and how one run
-    // can lift it (libpq passes PGOPTIONS to the server at connect).
+    // A statement cancelled by a timeout: bank's own deadline (it sets statement_timeout from
+    // --timeout on transfer sessions), or the server's limit, set for the role or the database:
+    // say which, and how one run can lift the server's (libpq passes PGOPTIONS at connect).
     for (what, setting) in [
         ("statement timeout", "statement_timeout"),
         ("lock timeout", "lock_timeout"),
     ] {
-        if line.contains(&format!("canceling statement due to {what}")) {
-            line.push_str(&format!(
+        if !line.contains(&format!("canceling statement due to {what}")) {
+            continue;
+        }
+        match bank::db::own_statement_timeout().filter(|_| setting == "statement_timeout") {
+            // bank's deadline, which it sets as its sessions' statement_timeout.
+            Some(own) => line.push_str(&format!(
+                " (bank's --timeout {})",
+                humantime::format_duration(own)
+            )),
+            None => line.push_str(&format!(
                 " (the server's {setting}, set for this role or database; \
                  PGOPTIONS='-c {setting}=0' lifts it for one run)"
-            ));
+            )),
         }
     }
     squash(&line)

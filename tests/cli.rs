@@ -1046,6 +1046,50 @@ fn a_read_cancelled_by_the_servers_statement_timeout_says_how_to_lift_it() {
     db.alter("statement_timeout = 0");
 }
 
+/// A transfer that waits on a lock until its own deadline is cancelled by the statement_timeout
+/// bank sets from `--timeout`: the message blamed "the server's statement_timeout, set for this
+/// role or database" and told the user to lift it with PGOPTIONS, which changes nothing. A
+/// shorter one the server sets still gets that hint.
+#[test]
+fn a_transfer_cancelled_by_its_own_deadline_does_not_blame_the_server() {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 0]);
+    let mut holder = db.conn();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
+            ids[0]
+        ))
+        .expect("lock");
+    let transfer = |timeout: &str| {
+        db.bank()
+            .args(["transfer", "--amount", "1", "--timeout", timeout])
+            .args(["--from", &ids[0].to_string(), "--to", &ids[1].to_string()])
+            .run()
+    };
+    let own = transfer("1s");
+    assert_eq!(own.code, 1, "{own:?}");
+    assert!(
+        own.stderr
+            .contains("canceling statement due to statement timeout")
+            && own.stderr.contains("(bank's --timeout 1s)")
+            && !own.stderr.contains("PGOPTIONS")
+            && !own.stderr.contains("role or database"),
+        "{own:?}"
+    );
+    db.alter("statement_timeout = '300ms'");
+    let server = transfer("2s");
+    assert_eq!(server.code, 1, "{server:?}");
+    assert!(
+        server.stderr.contains("(the server's statement_timeout")
+            && server.stderr.contains("PGOPTIONS='-c statement_timeout=0'"),
+        "{server:?}"
+    );
+    db.alter("statement_timeout = 0");
+    holder.batch_execute("ROLLBACK").expect("rollback");
+}
+
 #[test]
 fn a_stderr_that_cannot_be_written_changes_no_exit_code() {
     // eprintln! panics when stderr cannot be written: a refused transfer with stderr on a full

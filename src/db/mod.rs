@@ -6,7 +6,7 @@ mod session;
 mod url;
 
 pub use engine::{Engine, Server};
-pub use session::Session;
+pub use session::{own_statement_timeout, Session};
 pub use url::DbUrl;
 
 use diesel::migration::MigrationSource;

@@ -1,6 +1,7 @@
 //! Connections: what `bank` adds to the user's URL (timeouts, keepalives, an application name),
 //! and the `Session` that transfers run on (tuned on connect, reopened after a loss).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
@@ -214,6 +215,20 @@ impl Session {
     }
 }
 
+/// The statement_timeout `bank` set on its transfer sessions (its `--timeout`), in ms; 0 when
+/// it set none (the server's own was shorter, or no transfer session was opened).
+static OWN_STATEMENT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// The `--timeout` that `bank` set as its sessions' statement_timeout, if it set one: a
+/// statement cancelled for a statement timeout was then cancelled by `bank`'s own deadline, not
+/// by a setting of the server's.
+pub fn own_statement_timeout() -> Option<Duration> {
+    match OWN_STATEMENT_TIMEOUT_MS.load(Ordering::Relaxed) {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
+}
+
 /// See `Session`. The timeouts are whole milliseconds that `bank` computed, not user text.
 fn tune(conn: &mut PgConnection, timeout: Duration) -> QueryResult<()> {
     let current: Timeouts = diesel::sql_query(
@@ -233,6 +248,9 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> QueryResult<()> {
         let stricter = parse_setting_ms(value).is_some_and(|v| v > 0 && v <= ms);
         if !stricter {
             sql.push_str(&format!("SET {name} = {ms}; "));
+            if name == "statement_timeout" {
+                OWN_STATEMENT_TIMEOUT_MS.store(ms as u64, Ordering::Relaxed);
+            }
         }
     }
     sql.push_str("SET enable_seqscan = off");
