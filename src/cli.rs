@@ -332,6 +332,10 @@ pub struct WorkloadArgs {
     /// must be the opening total (Jepsen's bank read)
     #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<0, 512>)]
     pub readers: u64,
+    /// Give up on the final check (a read of every balance and the whole ledger) after this
+    /// long without an answer; not the transfer --timeout, as it grows with the ledger
+    #[arg(long, value_name = "DURATION", default_value = "2min", value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
+    pub check_timeout: std::time::Duration,
     /// Write each interval's latency histogram to FILE in HdrHistogram's interval-log format
     /// (microseconds; HdrHistogram's plotters read it)
     #[arg(long, value_name = "FILE")]
@@ -364,6 +368,7 @@ impl WorkloadArgs {
             json: self.json,
             display_every: self.display_every,
             readers: self.readers,
+            check_timeout: self.check_timeout,
             histogram: self.histogram.clone(),
             report: self.report.clone(),
             batch: self.batch,

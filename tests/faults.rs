@@ -454,8 +454,8 @@ fn a_server_frozen_before_the_transfer_gives_not_applied_within_the_deadline() {
 }
 
 /// Case 3 for the workload: the server freezes in the middle of a 2 s run with `--timeout 1s`.
-/// The run still ends (by its duration plus the deadline, plus a moment), prints its report,
-/// says the final check could not run, and fails.
+/// The run still ends (by its duration plus the deadline, plus `--check-timeout` for the final
+/// check), prints its report, says the final check could not run, and fails.
 #[test]
 fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
     let db = ScratchDb::migrated();
@@ -470,6 +470,8 @@ fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
                 "--duration",
                 "2s",
                 "--timeout",
+                "1s",
+                "--check-timeout",
                 "1s",
                 "--json",
             ]);

@@ -102,6 +102,7 @@ fn a_frozen_server_is_shaded_in_the_report_written_when_the_final_check_fails() 
                 .args(["--database-url", &proxy.url_for(&db.url)])
                 .args(["workload", "--accounts", "10", "--concurrency", "3"])
                 .args(["--readers", "1", "--duration", "4s", "--timeout", "1s"])
+                .args(["--check-timeout", "1s"])
                 .args(["--json", "--report", path.to_str().expect("utf-8 path")]);
             thread::spawn(move || bank.run())
         };

@@ -448,3 +448,37 @@ fn a_histogram_log_that_cannot_be_written_loses_no_report() {
     );
     assert!(run.stderr.contains("--histogram /dev/full"), "{run:?}");
 }
+
+/// The final check is a read, with a read's timeout (`--check-timeout`, default 2min), not the
+/// transfer deadline: with `--timeout 300ms`, a check that took longer than what was left of
+/// the run's deadline (a big ledger; here a table lock that holds it up for 2 s) said "could
+/// not run" and failed the run on a healthy server.
+#[test]
+fn the_final_check_is_not_bound_by_the_transfer_deadline() {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    let run = {
+        let bank = db
+            .bank()
+            .args(["workload", "--accounts", "10", "--concurrency", "2"])
+            .args(["--duration", "1s", "--timeout", "300ms", "--json"]);
+        thread::spawn(move || bank.run())
+    };
+    let mut conn = db.conn();
+    let started = std::time::Instant::now();
+    while crate::support::count_transfers(&mut conn).expect("count") == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "never started");
+        thread::sleep(Duration::from_millis(5));
+    }
+    thread::sleep(Duration::from_millis(700));
+    conn.batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .expect("lock");
+    thread::sleep(Duration::from_secs(2));
+    conn.batch_execute("COMMIT").expect("commit");
+    let run = run.join().expect("workload thread");
+    assert_eq!(run.code, 0, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["ok"], true, "{j}");
+    assert!(j.get("final_check_error").is_none(), "{j}");
+    assert_eq!(j["invariants"]["verify_ok"], true, "{j}");
+}

@@ -27,7 +27,7 @@ use crate::error::{ConnectError, Error, WorkloadError};
 use crate::models::NewAccount;
 use crate::repo;
 use crate::retry::{classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop};
-use crate::transfer::{Mode, GRACE};
+use crate::transfer::Mode;
 use crate::verify;
 use crew::Crew;
 use report::FinalCheck;
@@ -55,6 +55,8 @@ pub struct Config {
     pub display_every: Duration,
     /// Extra workers that read every balance in one snapshot, over and over (Jepsen's bank read).
     pub readers: u64,
+    /// How long the final check may go without an answer.
+    pub check_timeout: Duration,
     /// Where to write each interval's latency histogram (HdrHistogram interval log).
     pub histogram: Option<std::path::PathBuf>,
     /// Where to write the HTML report (charts per second and the final report).
@@ -139,14 +141,10 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let histogram_result = histogram_written.map(|w| w.wait()).transpose();
     let elapsed = started.elapsed();
 
-    // The whole run ends by its end plus one deadline: the check gets what is left of that
-    // (and at least a moment, for a run whose workers all finished in time).
-    let budget = end
-        .and_then(|e| e.checked_add(policy.timeout))
-        .map_or(policy.timeout, |stop| {
-            stop.saturating_duration_since(Instant::now())
-        })
-        .max(GRACE * 2);
+    // The final check reads every balance and the whole ledger, which takes longer as the
+    // ledger grows: a read's timeout, not what was left of the transfers' deadline (with
+    // --timeout 300ms it gave up on a healthy server).
+    let budget = config.check_timeout;
     let check = final_check(url, &policy, budget, &crew.ids, crew.prefix);
     let mut tally = watchdog.tally;
     for slot in &slots {

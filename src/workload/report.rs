@@ -126,16 +126,18 @@ pub struct Latency {
     pub max: f64,
 }
 
+/// Each invariant: `Some(held)`, or `None` (JSON `null`) when the final check could not run and
+/// nothing was looked at.
 #[derive(Debug, Serialize)]
 pub struct Invariants {
     /// The workload's accounts hold together what they held at the start.
-    pub total_conserved: bool,
-    pub no_negative_balance: bool,
+    pub total_conserved: Option<bool>,
+    pub no_negative_balance: Option<bool>,
     /// Ledger rows added = transfers reported committed (plus at most the indeterminate ones).
-    pub ledger_matches_committed: bool,
+    pub ledger_matches_committed: Option<bool>,
     /// Every account's entries form an exact chain of versions and balances.
-    pub chains_exact: bool,
-    pub verify_ok: bool,
+    pub chains_exact: Option<bool>,
+    pub verify_ok: Option<bool>,
 }
 
 /// The run as the report describes it.
@@ -164,19 +166,21 @@ impl Report {
         };
         let invariants = match &check {
             Some(c) => Invariants {
-                total_conserved: c.total == run.starting_total,
-                no_negative_balance: c.verify.negative_balances == 0,
-                ledger_matches_committed: c.ledger_rows >= committed
-                    && c.ledger_rows <= committed.saturating_add(indeterminate),
-                chains_exact: c.verify.broken_chains == 0,
-                verify_ok: c.verify.ok,
+                total_conserved: Some(c.total == run.starting_total),
+                no_negative_balance: Some(c.verify.negative_balances == 0),
+                ledger_matches_committed: Some(
+                    c.ledger_rows >= committed
+                        && c.ledger_rows <= committed.saturating_add(indeterminate),
+                ),
+                chains_exact: Some(c.verify.broken_chains == 0),
+                verify_ok: Some(c.verify.ok),
             },
             None => Invariants {
-                total_conserved: false,
-                no_negative_balance: false,
-                ledger_matches_committed: false,
-                chains_exact: false,
-                verify_ok: false,
+                total_conserved: None,
+                no_negative_balance: None,
+                ledger_matches_committed: None,
+                chains_exact: None,
+                verify_ok: None,
             },
         };
         let ok = invariants.all() && run.wrong_total_reads == 0 && tally.errors == 0;
@@ -218,12 +222,17 @@ impl Report {
 
 /// The text report, one line each.
 impl Invariants {
+    /// Every invariant was checked and held.
     fn all(&self) -> bool {
-        self.total_conserved
-            && self.no_negative_balance
-            && self.ledger_matches_committed
-            && self.chains_exact
-            && self.verify_ok
+        [
+            self.total_conserved,
+            self.no_negative_balance,
+            self.ledger_matches_committed,
+            self.chains_exact,
+            self.verify_ok,
+        ]
+        .iter()
+        .all(|held| *held == Some(true))
     }
 }
 
@@ -238,11 +247,10 @@ impl Report {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Without a final check nothing was found violated: it was not looked at.
-        let checked = self.final_check_error.is_none();
-        let mark = |ok: bool| match (ok, checked) {
-            (true, _) => "ok",
-            (false, true) => "VIOLATED",
-            (false, false) => "not checked",
+        let mark = |held: Option<bool>| match held {
+            Some(true) => "ok",
+            Some(false) => "VIOLATED",
+            None => "not checked",
         };
         fn known(n: Option<impl ToString>) -> String {
             n.map_or_else(|| "?".to_string(), |n| n.to_string())
@@ -391,5 +399,11 @@ mod tests {
         assert!(text.contains("verify: not checked"), "{text}");
         assert!(text.contains("the final check could not run"), "{text}");
         assert!(text.contains("workload: FAILED"), "{text}");
+        // JSON says the same: not looked at (null), not false (violated).
+        let json = serde_json::to_value(&report).expect("json");
+        for (name, value) in json["invariants"].as_object().expect("invariants") {
+            assert!(value.is_null(), "{name}: {json}");
+        }
+        assert_eq!(json["ok"], false);
     }
 }
