@@ -1174,3 +1174,50 @@ fn an_empty_database_url_in_the_environment_does_not_hide_the_dotenv_one() {
     .expect("write .env");
     assert_eq!(run.run().success().stdout.lines().count(), 2);
 }
+
+/// A `.env` with a malformed line is not used at all: dotenvy had set the lines above it, so
+/// `bank seed` wrote into the database a malformed `.env` named, after saying "its settings are
+/// ignored" (with a URL from the environment) or refusing it (without).
+#[test]
+fn a_malformed_dotenv_sets_nothing() {
+    let db = ScratchDb::migrated();
+    let other = ScratchDb::migrated();
+    let dotenv = format!(
+        "DATABASE_URL={}\nBANK_READ_TIMEOUT=abc\nthis is not a line\n",
+        other.url.expose()
+    );
+    // The URL from the environment: the .env's warning, and nothing of it used.
+    let mut run = Bank::new().args(["seed"]);
+    run.cmd.env("DATABASE_URL", db.url.expose());
+    std::fs::write(run.dir.path().join(".env"), &dotenv).expect("write .env");
+    let run = run.run();
+    run.success();
+    assert!(run.stderr.contains("its settings are ignored"), "{run:?}");
+    assert_eq!(db.state().0.len(), 2);
+    assert_eq!(other.state().0.len(), 0);
+    // BANK_READ_TIMEOUT=abc above the bad line is not read either.
+    let mut run = Bank::new().args(["verify"]);
+    run.cmd.env("DATABASE_URL", db.url.expose());
+    std::fs::write(run.dir.path().join(".env"), &dotenv).expect("write .env");
+    run.run().success();
+    // The URL needed from it: refused, nothing written anywhere.
+    let run = Bank::new().args(["seed"]);
+    std::fs::write(run.dir.path().join(".env"), &dotenv).expect("write .env");
+    run.run().fails_with(2, "cannot read .env");
+    assert_eq!(other.state().0.len(), 0);
+}
+
+/// `DATABASE_URL=' '` counts as not set, as an empty one does: it hid the `.env`'s URL.
+#[test]
+fn a_blank_database_url_in_the_environment_does_not_hide_the_dotenv_one() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[5]);
+    let mut run = Bank::new().args(["balances"]);
+    run.cmd.env("DATABASE_URL", "  ");
+    std::fs::write(
+        run.dir.path().join(".env"),
+        format!("DATABASE_URL={}\n", db.url.expose()),
+    )
+    .expect("write .env");
+    assert_eq!(run.run().success().stdout.lines().count(), 2);
+}

@@ -25,11 +25,21 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 pub fn load_dotenv() -> Result<(), ConfigError> {
     // Set but empty (`export DATABASE_URL=`) counts as not set, as `DbUrl::resolve` takes it; left
     // in place it kept .env's URL out.
-    if std::env::var_os("DATABASE_URL").is_some_and(|v| v.is_empty()) {
+    if std::env::var_os("DATABASE_URL").is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
         std::env::remove_var("DATABASE_URL");
     }
-    match dotenvy::dotenv() {
-        Ok(_) => Ok(()),
+    // Parsed whole before anything is set: dotenvy's own loader sets the lines above a malformed
+    // one, so a .env said to be ignored still chose the database (and the BANK_* defaults).
+    let parsed = dotenvy::dotenv_iter().and_then(|lines| lines.collect::<Result<Vec<_>, _>>());
+    match parsed {
+        Ok(vars) => {
+            for (key, value) in vars {
+                if std::env::var_os(&key).is_none() {
+                    std::env::set_var(key, value);
+                }
+            }
+            Ok(())
+        }
         Err(e) if e.not_found() => Ok(()),
         // dotenvy's message quotes the line (or the rest of it), which may hold a password:
         // name the key only, when the text starts with one.

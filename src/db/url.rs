@@ -31,6 +31,10 @@ impl DbUrl {
         }
         match std::env::var("DATABASE_URL") {
             Ok(url) if !url.trim().is_empty() => DbUrl::parse(&url),
+            Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::MalformedUrl {
+                url: "in DATABASE_URL".into(),
+                reason: "it is not valid UTF-8".into(),
+            }),
             // The URL was to come from .env, which could not be read: that is the error.
             _ => Err(match super::dotenv_error() {
                 Some(why) => ConfigError::DotEnv(why.to_string()),
