@@ -69,9 +69,10 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         .next()
         .unwrap_or_default()
         .trim_start_matches("error: ");
+    // clap quotes the argument it did not expect: a URL given without --database-url.
     bank::say(format_args!(
         "bank: error: {} (see bank --help)",
-        squash(message)
+        bank::db::redact_message(&squash(message))
     ));
     Code::Usage.into()
 }

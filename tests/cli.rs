@@ -1221,3 +1221,35 @@ fn a_blank_database_url_in_the_environment_does_not_hide_the_dotenv_one() {
     .expect("write .env");
     assert_eq!(run.run().success().stdout.lines().count(), 2);
 }
+
+/// Two ways a password was printed: a URL given where clap expects no argument (clap's "unexpected
+/// argument" quoted it), and the client key's `sslpassword=` (and a `PASSWORD=` in the wrong
+/// case), which only `password=` was hidden for.
+#[test]
+fn no_password_is_shown_by_usage_errors_or_other_password_parameters() {
+    let pw = "Sekr3t-pw";
+    let url = format!("postgres://bank:{pw}@127.0.0.1:1/bank");
+    for args in [vec!["doctor", url.as_str()], vec![url.as_str()]] {
+        let run = Bank::new().args(&args).run();
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(!run.stderr.contains(pw), "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("postgres://bank:***@127.0.0.1:1/bank"),
+            "{run:?}"
+        );
+    }
+    let db = ScratchDb::migrated();
+    for param in ["sslpassword", "PASSWORD", "SSLPassword"] {
+        let url = format!(
+            "postgres://bank:wrong@127.0.0.1:{}/bank?sslmode=disable&{param}={pw}",
+            db.url.host_port().expect("host").1
+        );
+        let run = Bank::new().args(["--database-url", &url, "doctor"]).run();
+        assert_ne!(run.code, 0, "{param}: {run:?}");
+        assert!(!run.stderr.contains(pw), "{param}: {run:?}");
+        let run = Bank::new()
+            .args(["--database-url", &url, "-vv", "verify"])
+            .run();
+        assert!(!run.stderr.contains(pw), "{param}: {run:?}");
+    }
+}

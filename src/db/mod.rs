@@ -7,7 +7,7 @@ mod url;
 
 pub use engine::{Engine, Server};
 pub use session::{own_statement_timeout, Session};
-pub use url::DbUrl;
+pub use url::{redact_message, DbUrl};
 
 use diesel::migration::MigrationSource;
 use diesel::prelude::*;

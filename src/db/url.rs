@@ -188,11 +188,11 @@ impl fmt::Display for DbUrl {
         if shown.password().is_some() {
             let _ = shown.set_password(Some("***"));
         }
-        if url.query_pairs().any(|(k, _)| k == "password") {
+        if url.query_pairs().any(|(k, _)| is_password_key(&k)) {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    let v = if k == "password" { "***".into() } else { v };
+                    let v = if is_password_key(&k) { "***".into() } else { v };
                     (k.into_owned(), v.into_owned())
                 })
                 .collect();
@@ -254,7 +254,7 @@ fn redact_structurally(raw: &str) -> String {
             let query: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some(("password", _)) => "password=***".to_string(),
+                    Some((key, _)) if is_password_key(key) => format!("{key}=***"),
                     _ => pair.to_string(),
                 })
                 .collect();
@@ -278,8 +278,9 @@ fn secrets_of(raw: &str) -> Vec<String> {
     }
     if let Some((_, query)) = rest.split_once('?') {
         for pair in query.split('&') {
-            if let Some(("password", value)) = pair.split_once('=') {
-                secrets.push(value.to_string());
+            match pair.split_once('=') {
+                Some((key, value)) if is_password_key(key) => secrets.push(value.to_string()),
+                _ => {}
             }
         }
     }
@@ -320,6 +321,21 @@ fn keyword_passwords(raw: &str) -> Vec<String> {
         found.push(value.to_string());
     }
     found
+}
+
+/// A parameter that holds a secret: libpq's `password` and `sslpassword` (the client key's
+/// passphrase), in any case (libpq refuses `PASSWORD`, and its refusal quotes it).
+fn is_password_key(key: &str) -> bool {
+    key.to_ascii_lowercase().ends_with("password")
+}
+
+/// Any text that may quote a URL or a keyword/value string the user typed (clap's "unexpected
+/// argument 'postgres://…'"), with the passwords in it hidden.
+pub fn redact_message(text: &str) -> String {
+    if !text.contains("://") && !text.to_ascii_lowercase().contains("password") {
+        return text.to_string();
+    }
+    redact(text, &secrets_of(text))
 }
 
 fn redact(text: &str, secrets: &[String]) -> String {
