@@ -42,6 +42,8 @@ impl ConnectError {
         m.contains("invalid connection option")
             || m.contains("invalid percent-encoded token")
             || m.contains("invalid uri query parameter")
+            || m.contains("key/value separator")
+            || m.contains("forbidden value")
             || (m.contains("invalid ") && m.contains(" value"))
     }
 

@@ -1253,3 +1253,28 @@ fn no_password_is_shown_by_usage_errors_or_other_password_parameters() {
         assert!(!run.stderr.contains(pw), "{param}: {run:?}");
     }
 }
+
+/// URL parameters libpq refuses are usage errors (exit 2, one line), however libpq words its
+/// refusal; and a URL that ends in `?` or `&`, which libpq accepts, works: bank appended its own
+/// parameters after it and made an empty one that libpq refused ("missing key/value separator").
+#[test]
+fn url_parameters_libpq_refuses_are_usage_errors_and_a_trailing_separator_is_fine() {
+    let db = ScratchDb::migrated();
+    let url = db.url.expose().to_string();
+    for bad in [
+        format!("{url}?sslmode=bogus"),
+        format!("{url}?foo=bar"),
+        format!("{url}?sslmode"),
+        format!("{url}?application_name=a%00b"),
+        format!("{url}?dbname=bank%20password=x"),
+    ] {
+        let run = Bank::new().args(["--database-url", &bad, "verify"]).run();
+        assert_eq!(run.code, 2, "{bad}: {run:?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{bad}: {run:?}");
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    for good in [format!("{url}{sep}"), format!("{url}{sep}sslmode=disable&")] {
+        let run = Bank::new().args(["--database-url", &good, "verify"]).run();
+        assert_eq!(run.code, 0, "{good}: {run:?}");
+    }
+}

@@ -24,6 +24,11 @@ impl DbUrl {
     /// connections ignore them.
     fn connect_string(&self, application_name: &str, timeout: Duration) -> String {
         let mut url = self.full.clone();
+        // `…/db?` and `…?a=b&` are fine for libpq; with a parameter appended they made an empty
+        // one (`?&…`, `&&…`), which it refuses.
+        while url.ends_with('&') || url.ends_with('?') {
+            url.pop();
+        }
         for (name, value) in bank_defaults(application_name, timeout) {
             if url.contains(&format!("{name}=")) {
                 continue;
