@@ -27,7 +27,7 @@ struct AccountJson {
 }
 
 pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result<(), Error> {
-    let mut conn = url.connect()?;
+    let mut conn = url.connect_migrated()?;
     // Ctrl-C stops the seed between chunks, not in the middle of one (see below).
     crate::interrupt::catch();
     let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
@@ -202,7 +202,7 @@ pub(super) fn balances(
     args: &BalancesArgs,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    let mut conn = url.connect()?;
+    let mut conn = url.connect_migrated()?;
     let Some(at) = args.as_of else {
         let rows = repo::list(&mut conn)?;
         return write_balances(rows, args.json, out);

@@ -48,6 +48,7 @@ fn demo_flow(
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let conn = runner.session.conn()?;
+    crate::db::require_migrated(conn)?;
     for account in created {
         repo::create(conn, account)?;
     }

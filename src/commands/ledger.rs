@@ -33,7 +33,7 @@ const LAST_PAGE: i64 = 16_384;
 /// Streams an account's entries, newest first, page by page in one snapshot: memory stays
 /// constant however long the history.
 pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> Result<(), Error> {
-    let mut conn = url.connect()?;
+    let mut conn = url.connect_migrated()?;
     let limit = args
         .limit
         .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
@@ -123,7 +123,7 @@ struct LookupJson {
 
 /// One transfer from the ledger, or "no transfer <id>" (exit 1).
 pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Result<(), Error> {
-    let mut conn = url.connect()?;
+    let mut conn = url.connect_migrated()?;
     let t = repo::find_transfer(&mut conn, args.id)?.ok_or(Error::NoTransfer(args.id))?;
     if args.json {
         let json = LookupJson {

@@ -8,7 +8,7 @@ use crate::retry::{retry_transaction, RetryPolicy};
 use crate::verify;
 
 pub(super) fn verify_cmd(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
-    let mut conn = url.connect()?;
+    let mut conn = url.connect_migrated()?;
     let report = retry_transaction(&RetryPolicy::default(), || verify::verify(&mut conn))?;
     if json {
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;

@@ -63,6 +63,14 @@ impl DbUrl {
         self.connect_as("bank")
     }
 
+    /// `connect`, for a command that needs the schema: refused (not migrated) unless every one of
+    /// this bank's migrations has run.
+    pub fn connect_migrated(&self) -> Result<PgConnection, crate::error::Error> {
+        let mut conn = self.connect()?;
+        super::require_migrated(&mut conn)?;
+        Ok(conn)
+    }
+
     pub fn connect_as(&self, application_name: &str) -> Result<PgConnection, ConnectError> {
         self.connect_within(
             application_name,

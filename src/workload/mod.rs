@@ -90,7 +90,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             None => None,
         };
     crate::interrupt::catch();
-    let mut setup = url.connect()?;
+    let mut setup = url.connect_migrated()?;
     let ids = prepare_accounts(&mut setup, config)?;
     let starting_total = repo::total_balance(&mut setup, &ids)?;
     drop(setup);
