@@ -249,12 +249,36 @@ pub fn delete_transfers_batch(conn: &mut PgConnection, limit: i64) -> QueryResul
         .execute(conn)
 }
 
-/// Deletes up to `limit` accounts; returns how many. An account that still has ledger rows
-/// makes it fail (the foreign keys), so ledger rows go first.
-pub fn delete_accounts_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<usize> {
-    diesel::sql_query("DELETE FROM accounts WHERE id IN (SELECT id FROM accounts LIMIT $1)")
-        .bind::<BigInt, _>(limit)
-        .execute(conn)
+/// Deletes up to `limit` accounts and the ledger rows that still name them, in one
+/// transaction; returns (accounts, transfers) deleted. The accounts are locked first, in key
+/// order as transfers lock them: a transfer under way on one of them finishes first, and no new
+/// one can start until they are gone, so the ledger rows deleted next are all there are (the
+/// caller drains the ledger before, in batches; these are what other clients wrote since).
+/// Deleted by a plain `DELETE`, a transfer landing between the drain and the delete failed the
+/// reset on the foreign keys.
+pub fn delete_accounts_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<(usize, usize)> {
+    conn.transaction(|c| {
+        let ids: Vec<Uuid> = accounts::table
+            .select(accounts::id)
+            .order(accounts::id)
+            .limit(limit)
+            .for_update()
+            .load(c)?;
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let transfers = diesel::delete(
+            transfers::table.filter(
+                transfers::from_id
+                    .eq_any(&ids)
+                    .or(transfers::to_id.eq_any(&ids)),
+            ),
+        )
+        .execute(c)?;
+        let accounts =
+            diesel::delete(accounts::table.filter(accounts::id.eq_any(&ids))).execute(c)?;
+        Ok((accounts, transfers))
+    })
 }
 
 /// The ledger row of transfer `id`: how an ambiguous commit is settled.

@@ -290,9 +290,14 @@ fn delete_in_batches(conn: &mut diesel::PgConnection, batch: i64) -> Result<(usi
                 break;
             }
         }
-        let n = retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
+        let (n, stragglers) =
+            retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
         accounts += n;
-        log::debug!("reset: deleted {n} accounts ({accounts} so far)");
+        transfers += stragglers;
+        log::debug!(
+            "reset: deleted {n} accounts ({accounts} so far) and {stragglers} transfers written \
+             since the ledger was drained"
+        );
         if n == 0 {
             return Ok((accounts, transfers));
         }

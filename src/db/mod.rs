@@ -172,7 +172,10 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
         Err(diesel::result::Error::DatabaseError(_, info))
             if info.message().contains("permission denied") =>
         {
-            log::debug!("the migrations cannot be read ({}); not checked", info.message());
+            log::debug!(
+                "the migrations cannot be read ({}); not checked",
+                info.message()
+            );
             Ok(())
         }
         Err(e) => Err(e.into()),
