@@ -112,7 +112,7 @@ pub struct ReadArgs {
     /// Give up on the database after this long without an answer (e.g. 30s, 10min); a read
     /// that streams (balances, history) counts from its last row, one that does not (verify) from
     /// its start: verify took 4.7 s over 1.77 million transfers
-    #[arg(long, value_name = "DURATION", default_value = "2min", value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
     pub timeout: Duration,
 }
 
@@ -251,7 +251,7 @@ pub struct RunArgs {
     pub retry_cap: Duration,
     /// Deadline for one transfer, all attempts included; one that may have reached COMMIT by
     /// then ends with an unknown outcome (exit 3), else as not applied (e.g. 30s, 500ms)
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout, env = "BANK_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", default_value = "30s", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_TIMEOUT")]
     pub timeout: Duration,
     /// CockroachDB only: make the server fail statements in explicit transactions with 40001
     /// (`inject_retry_errors_enabled`), to watch the retry loop work; refused on PostgreSQL
@@ -326,7 +326,7 @@ pub struct WorkloadArgs {
     pub json: bool,
     /// How often to show progress on stderr: a live line on a terminal, else one table line in
     /// `cockroach workload`'s layout (e.g. 1s, 500ms)
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", allow_hyphen_values = true, value_parser = parse_timeout)]
     pub display_every: Duration,
     /// Extra workers that read every balance in one snapshot, over and over: each read's total
     /// must be the opening total (Jepsen's bank read)
@@ -334,7 +334,7 @@ pub struct WorkloadArgs {
     pub readers: u64,
     /// Give up on the final check (a read of every balance and the whole ledger) after this
     /// long without an answer; not the transfer --timeout, as it grows with the ledger
-    #[arg(long, value_name = "DURATION", default_value = "2min", value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
     pub check_timeout: std::time::Duration,
     /// Write each interval's latency histogram to FILE in HdrHistogram's interval-log format
     /// (microseconds; HdrHistogram's plotters read it)
@@ -385,9 +385,16 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 
 /// A deadline: a positive duration.
 fn parse_timeout(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("must not be negative, got {}", s.trim()));
+    }
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("must be longer than 0".into());
+    }
+    // The deadlines go to the server as whole milliseconds: below one, nothing was attempted.
+    if d < Duration::from_millis(1) {
+        return Err(format!("must be at least 1ms, got {}", s.trim()));
     }
     Ok(d)
 }

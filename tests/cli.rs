@@ -600,7 +600,15 @@ fn workload_shows_a_live_line_on_a_terminal() {
 
 #[test]
 fn bad_timeouts_are_refused() {
-    for (timeout, message) in [("0s", "must be longer than 0"), ("soon", "--timeout")] {
+    // Below a millisecond the transfer "timed out after 0.0s (0 attempts)"; a negative one was
+    // "unexpected argument '-1'".
+    for (timeout, message) in [
+        ("0s", "must be longer than 0"),
+        ("soon", "--timeout"),
+        ("1us", "must be at least 1ms"),
+        ("999us", "must be at least 1ms"),
+        ("-1s", "must not be negative"),
+    ] {
         refused(
             &[
                 "transfer",
@@ -1311,7 +1319,10 @@ fn reset_during_transfers(iso: crate::support::Iso) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let run = db.bank().args(["reset", "--yes"]).run();
-    assert!(!run.stderr.contains("violates foreign key"), "{iso:?}: {run:?}");
+    assert!(
+        !run.stderr.contains("violates foreign key"),
+        "{iso:?}: {run:?}"
+    );
     assert_eq!(run.code, 0, "{iso:?}: {run:?}");
     // The workload fails once its accounts are gone; what it wrote before went with them.
     let _ = writer.join().expect("writer");
