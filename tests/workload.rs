@@ -482,3 +482,21 @@ fn the_final_check_is_not_bound_by_the_transfer_deadline() {
     assert!(j.get("final_check_error").is_none(), "{j}");
     assert_eq!(j["invariants"]["verify_ok"], true, "{j}");
 }
+
+/// `--report` and `--histogram` naming the same file: one silently overwrote the other (exit 0).
+/// Refused before anything changes, whatever spelling names the file.
+#[test]
+fn the_report_and_the_histogram_cannot_share_a_file() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let same = dir.path().join("out");
+    let again = dir.path().join(".").join("out");
+    let run = db
+        .bank()
+        .args(["workload", "--accounts", "10", "--transfers", "10"])
+        .args(["--report", same.to_str().expect("utf-8")])
+        .args(["--histogram", again.to_str().expect("utf-8")])
+        .run();
+    run.fails_with(2, "--report and --histogram name the same file");
+    assert_eq!(db.state().0.len(), 0);
+}

@@ -82,6 +82,18 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         })?),
         None => None,
     };
+    // Both naming one file, the report overwrote the histogram's log without a word. The log
+    // exists by now, so a path to it resolves to the same place however it is spelt.
+    if let (Some(log), Some(report)) = (&config.histogram, &config.report) {
+        let same = std::fs::canonicalize(log)
+            .and_then(|l| std::fs::canonicalize(report).map(|r| l == r))
+            .unwrap_or(false);
+        if same {
+            return Err(Error::Usage(
+                "--report and --histogram name the same file: give each its own".into(),
+            ));
+        }
+    }
     let html =
         match &config.report {
             Some(path) => Some(std::fs::File::create(path).map_err(|e| {
