@@ -641,3 +641,43 @@ fn a_partly_migrated_database_is_refused_by_every_command_that_needs_the_schema(
         assert_eq!(count(), 0, "{args:?}");
     }
 }
+
+/// `init` on another application's database (its own `accounts`): refused, and nothing of
+/// bank's is left behind (Diesel's harness created its migrations table first, and it stayed).
+/// And `init` on a database that is up to date needs no CREATE privilege: it said "permission
+/// denied for schema public" to a role that may use the tables but not create any.
+#[test]
+fn init_leaves_nothing_behind_when_it_fails_and_needs_no_create_when_up_to_date() {
+    let db = ScratchDb::empty();
+    db.conn()
+        .batch_execute("CREATE TABLE accounts (name TEXT)")
+        .expect("someone else's table");
+    let run = db.bank().args(["init"]).run();
+    assert_eq!(run.code, 1, "{run:?}");
+    let tables: Vec<String> = diesel::sql_query(
+        "SELECT table_name AS version FROM information_schema.tables \
+         WHERE table_schema = 'public' ORDER BY table_name",
+    )
+    .load::<Name>(&mut db.conn())
+    .expect("tables")
+    .into_iter()
+    .map(|n| n.version)
+    .collect();
+    assert_eq!(tables, ["accounts"], "{run:?}");
+
+    // The role goes after the database that holds its grants: declared first.
+    let role;
+    let db = ScratchDb::migrated();
+    role = RlsRole::on(&db);
+    db.conn()
+        .batch_execute(&format!(
+            "GRANT SELECT ON __diesel_schema_migrations TO {}",
+            role.name
+        ))
+        .expect("grant");
+    let run = Bank::new()
+        .args(["--database-url", &role.url, "init"])
+        .run();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "schema is up to date\n", "{run:?}");
+}

@@ -87,7 +87,8 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
-    let unknown = db::unknown_migrations(&db::applied_migrations(&mut conn)?)?;
+    let applied = db::applied_migrations(&mut conn)?;
+    let unknown = db::unknown_migrations(&applied)?;
     if !unknown.is_empty() {
         // Not refused: putting the older binary back after an upgrade must still start; but
         // this bank's statements may not be what the newer schema expects.
@@ -97,7 +98,19 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
             unknown.join(", ")
         ));
     }
-    let ran = db::run_migrations(&mut conn)?;
+    // Up to date: nothing to run, and Diesel's harness, which creates its table first, would
+    // need a CREATE privilege that a role using the tables may well not have.
+    let pending = db::known_migrations()?.iter().any(|v| !applied.contains(v));
+    let ran = match pending {
+        false => Vec::new(),
+        true => db::run_migrations(&mut conn).inspect_err(|_| {
+            if applied.is_empty() {
+                // Nothing of bank's was there (another application's database, say): leave
+                // nothing of it behind, the harness's own table included.
+                db::drop_empty_migrations_table(&mut conn);
+            }
+        })?,
+    };
     if ran.is_empty() {
         writeln!(out, "schema is up to date")?;
     }

@@ -181,3 +181,16 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
         Err(e) => Err(e.into()),
     }
 }
+
+/// Drops Diesel's migrations table if it records nothing: what a first `bank init` that failed
+/// left behind. Best effort: a failure leaves it, as before.
+pub fn drop_empty_migrations_table(conn: &mut PgConnection) {
+    let empty = applied_migrations(conn).is_ok_and(|a| a.is_empty());
+    if empty {
+        if let Err(e) =
+            diesel::sql_query("DROP TABLE IF EXISTS __diesel_schema_migrations").execute(conn)
+        {
+            log::debug!("init: the empty migrations table stays ({e})");
+        }
+    }
+}
