@@ -1328,3 +1328,47 @@ fn reset_during_transfers(iso: crate::support::Iso) {
     let _ = writer.join().expect("writer");
     assert_eq!(db.state().0, vec![]);
 }
+
+/// `transfer --file -` on a terminal, and one Ctrl-D on an empty input: it waited for a second
+/// one (the format was guessed from a first read, and the file read again). Now one is enough.
+#[test]
+fn one_ctrl_d_ends_an_empty_file_typed_on_a_terminal() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let db = ScratchDb::migrated();
+    let bank = assert_cmd::cargo::cargo_bin("bank");
+    let cmd = format!(
+        "{} --database-url '{}' transfer --file -",
+        bank.display(),
+        db.url.expose()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stdin.write_all(b"\x04").expect("Ctrl-D");
+    stdin.flush().expect("flush");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("output");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{shown}");
+    assert!(shown.contains("no header"), "{shown}");
+}

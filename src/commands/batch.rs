@@ -258,11 +258,18 @@ impl Source {
         };
         let format = match format.or_else(|| (!stdin).then(|| Format::of_path(path)).flatten()) {
             Some(f) => f,
-            None => Format::sniff(
-                input
+            None => {
+                let head = input
                     .fill_buf()
-                    .map_err(|e| Error::Usage(format!("cannot read {name}: {e}")))?,
-            ),
+                    .map_err(|e| Error::Usage(format!("cannot read {name}: {e}")))?;
+                let format = Format::sniff(head);
+                if head.is_empty() {
+                    // At its end already: a terminal's Ctrl-D is read once, and reading again
+                    // waited for a second one.
+                    input = Box::new(io::empty());
+                }
+                format
+            }
         };
         let spool = if once { Some(Spool::create()?) } else { None };
         Ok(Source {
