@@ -47,7 +47,10 @@ impl DbUrl {
         let raw = raw.trim();
         let secrets = secrets_of(raw);
         let malformed = |reason: &str| ConfigError::MalformedUrl {
-            url: redact(raw, &secrets),
+            url: match raw.is_empty() {
+                true => "(empty)".to_string(),
+                false => redact(raw, &secrets),
+            },
             reason: reason.to_string(),
         };
         let rest = raw
@@ -353,6 +356,15 @@ mod tests {
             Ok(url) => url.to_string(),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn an_empty_url_is_named_as_such() {
+        // "malformed database URL : it must…", with nothing where the URL goes.
+        assert_eq!(
+            shown(""),
+            "malformed database URL (empty): it must start with postgres:// or postgresql://"
+        );
     }
 
     #[test]
