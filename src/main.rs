@@ -55,11 +55,18 @@ fn usage_error(e: &clap::Error) -> ExitCode {
             | ErrorKind::DisplayVersion
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
-        let _ = e.print();
-        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-            Code::Usage.into()
-        } else {
-            Code::Success.into()
+        use std::io::Write;
+        // A help that could not be written (a full disk) is a failure, as for `bank man`.
+        let written = e.print().and_then(|()| std::io::stdout().flush());
+        return match (written, e.kind()) {
+            (_, ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => Code::Usage.into(),
+            (Ok(()), _) => Code::Success.into(),
+            // The reader went away (`bank --help | head -1`): a normal end.
+            (Err(why), _) if why.kind() == std::io::ErrorKind::BrokenPipe => Code::Success.into(),
+            (Err(why), _) => {
+                bank::say(format_args!("bank: error: cannot write output: {why}"));
+                Code::Failure.into()
+            }
         };
     }
     let text = e.to_string();

@@ -1372,3 +1372,35 @@ fn one_ctrl_d_ends_an_empty_file_typed_on_a_terminal() {
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{shown}");
     assert!(shown.contains("no header"), "{shown}");
 }
+
+/// `bank --help > /dev/full` (and --version) said nothing and exited 0: the help was lost as a
+/// man page on a full disk is, which exits 1. A reader that leaves early is still a normal end.
+#[test]
+fn a_help_that_cannot_be_written_is_a_failure() {
+    for args in [&["--help"][..], &["--version"], &["seed", "--help"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(args)
+            .stdout(full)
+            .output()
+            .expect("run bank");
+        let run = crate::support::Run::from(out);
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("cannot write output"),
+            "{args:?}: {run:?}"
+        );
+    }
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .arg("--help")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
