@@ -78,10 +78,40 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         .trim_start_matches("error: ");
     // clap quotes the argument it did not expect: a URL given without --database-url.
     bank::say(format_args!(
-        "bank: error: {} (see bank --help)",
-        bank::db::redact_message(&squash(message))
+        "bank: error: {}{} (see bank --help)",
+        bank::db::redact_message(&squash(message)),
+        from_environment(e)
     ));
     Code::Usage.into()
+}
+
+/// Where a refused value came from when the user did not type the flag clap names: one of the
+/// `BANK_*` variables (in the environment or in .env), which clap does not say.
+fn from_environment(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    const VARIABLES: [(&str, &str); 6] = [
+        ("--timeout", "BANK_TIMEOUT"),
+        ("--timeout", "BANK_READ_TIMEOUT"),
+        ("--check-timeout", "BANK_READ_TIMEOUT"),
+        ("--max-retries", "BANK_MAX_RETRIES"),
+        ("--retry-base", "BANK_RETRY_BASE"),
+        ("--retry-cap", "BANK_RETRY_CAP"),
+    ];
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return String::new();
+    };
+    let flag = arg.split_whitespace().next().unwrap_or_default();
+    let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let from = VARIABLES
+        .iter()
+        .find(|(f, var)| *f == flag && std::env::var(var).is_ok_and(|v| v == *value));
+    match (typed, from) {
+        (false, Some((_, var))) => format!(" (from {var}, in the environment or .env)"),
+        _ => String::new(),
+    }
 }
 
 /// The error and its sources on one line, each said once.

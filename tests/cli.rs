@@ -1404,3 +1404,20 @@ fn a_help_that_cannot_be_written_is_a_failure() {
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
+
+/// A bad value from a BANK_* variable named the flag only ("invalid value '-1s' for
+/// '--timeout'"), which the user never typed: the variable is named too.
+#[test]
+fn a_bad_value_from_the_environment_names_its_variable() {
+    let db = ScratchDb::migrated();
+    let mut run = db.bank().args(["verify"]);
+    run.cmd.env("BANK_READ_TIMEOUT", "-1s");
+    let run = run.run();
+    run.fails_with(2, "(from BANK_READ_TIMEOUT, in the environment or .env)");
+    // Typed on the command line, the flag is what is wrong.
+    let mut run = db.bank().args(["verify", "--timeout", "-1s"]);
+    run.cmd.env("BANK_READ_TIMEOUT", "-1s");
+    let run = run.run();
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(!run.stderr.contains("BANK_READ_TIMEOUT"), "{run:?}");
+}
