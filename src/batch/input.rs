@@ -6,7 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher, RandomState};
 use std::io::{BufRead, Read};
 use std::path::Path;
 use std::rc::Rc;
@@ -655,6 +655,9 @@ pub struct Fingerprint {
     /// Each block's first line and digest.
     blocks: Vec<(u64, u64)>,
     open: Option<(u64, DefaultHasher, usize)>,
+    /// SipHash keys drawn for this run (both readings use them): with the fixed keys of
+    /// `DefaultHasher::new()` a change could be made to keep a block's digest.
+    keys: RandomState,
 }
 
 fn digest_line(hasher: &mut DefaultHasher, l: &Line) {
@@ -666,7 +669,7 @@ impl Fingerprint {
     pub fn add(&mut self, l: &Line) {
         let (_, hasher, n) = self
             .open
-            .get_or_insert_with(|| (l.line, DefaultHasher::new(), 0));
+            .get_or_insert_with(|| (l.line, self.keys.build_hasher(), 0));
         digest_line(hasher, l);
         *n += 1;
         if *n == BLOCK {
@@ -692,6 +695,7 @@ impl Fingerprint {
         let verified = Unchanged {
             lines,
             blocks: self.blocks.into_iter(),
+            keys: self.keys,
             ready: VecDeque::new(),
             changed: Rc::clone(&changed),
             done: false,
@@ -704,6 +708,7 @@ impl Fingerprint {
 pub struct Unchanged<I> {
     lines: I,
     blocks: std::vec::IntoIter<(u64, u64)>,
+    keys: RandomState,
     ready: VecDeque<Line>,
     changed: Rc<Cell<Option<u64>>>,
     done: bool,
@@ -733,7 +738,7 @@ impl<I: Iterator<Item = Result<Line, Malformed>>> Iterator for Unchanged<I> {
                     }
                 }
                 Some((first, digest)) => {
-                    let mut hasher = DefaultHasher::new();
+                    let mut hasher = self.keys.build_hasher();
                     for item in self.lines.by_ref().take(BLOCK) {
                         match item {
                             Ok(l) => {
