@@ -12,7 +12,7 @@ use crate::workload;
 
 /// Bank accounts in CockroachDB or PostgreSQL, with transfers that are applied exactly once.
 #[derive(Debug, Parser)]
-#[command(name = "bank", version, propagate_version = true)]
+#[command(name = "bank", version, propagate_version = true, after_long_help = AFTER_HELP)]
 pub struct Cli {
     /// Database URL [default: DATABASE_URL from the environment or from .env]
     #[arg(long, global = true, value_name = "URL")]
@@ -25,6 +25,24 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The exit codes other programs branch on, and the variables `bank` reads (shown by `bank
+/// --help` and in the man page).
+const AFTER_HELP: &str = "\
+Exit status:
+  0  success (a transfer applied, or already applied with the same details)
+  1  failed, nothing applied (refused, not migrated, unreachable without --id); verify or
+     workload found a violation
+  2  bad usage or input, refused before the database was touched
+  3  a transfer's outcome is unknown: run the same `bank transfer --id` (or file) again
+
+Environment (also read from .env; the command line wins):
+  DATABASE_URL       the database, when --database-url is not given
+  BANK_TIMEOUT       --timeout of transfer and workload (default 30s)
+  BANK_READ_TIMEOUT  --timeout of reads, --check-timeout of workload (default 2min)
+  BANK_MAX_RETRIES, BANK_RETRY_BASE, BANK_RETRY_CAP   the retry policy
+  BANK_SEED_METHOD   seed --method (auto, copy, insert)
+  NO_COLOR           no colour in help and logs";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {

@@ -759,6 +759,12 @@ fn completions_and_the_man_page_need_no_database() {
             &page.stdout[..200.min(page.stdout.len())]
         );
     }
+    // The exit codes and the variables, in the page and in --help.
+    for needle in ["Exit status", "BANK_READ_TIMEOUT", "DATABASE_URL"] {
+        assert!(man.stdout.contains(needle), "{needle}");
+        let help = Bank::new().args(["--help"]).run();
+        assert!(help.stdout.contains(needle), "{needle}: {help:?}");
+    }
     let seed = Bank::new().args(["man", "seed"]).run().stdout;
     assert!(seed.contains("accounts"), "{seed}");
     Bank::new()
