@@ -598,7 +598,8 @@ fn transfer_sessions_run_the_urls_session_settings() {
 /// A database with only some of bank's migrations (3 of 6): every command that needs the
 /// schema refuses up front with the not-migrated line and changes nothing. `seed` wrote into
 /// it, `balances` listed from it, `verify` failed with a raw 'column "from_version" does not
-/// exist', `workload` made accounts and then failed, `demo` made and removed accounts.
+/// exist', `workload` made accounts and then failed, `demo` made and removed accounts, and `reset`
+/// deleted whatever was there (another application's rows too).
 #[test]
 fn a_partly_migrated_database_is_refused_by_every_command_that_needs_the_schema() {
     use diesel_migrations::MigrationHarness;
@@ -630,6 +631,7 @@ fn a_partly_migrated_database_is_refused_by_every_command_that_needs_the_schema(
         &["demo"],
         &["history", "11111111-1111-1111-1111-111111111111"],
         &["lookup", "11111111-1111-1111-1111-111111111111"],
+        &["reset", "--yes"],
     ] {
         let run = db.bank().args(args).run();
         assert_eq!(run.code, 1, "{args:?}: {run:?}");
@@ -640,6 +642,17 @@ fn a_partly_migrated_database_is_refused_by_every_command_that_needs_the_schema(
         assert_eq!(run.stdout, "", "{args:?}: {run:?}");
         assert_eq!(count(), 0, "{args:?}");
     }
+    // reset deleted what it found there; with an account in it, it must still be there.
+    db.conn()
+        .batch_execute(
+            "INSERT INTO accounts (id, balance) VALUES ('11111111-1111-1111-1111-111111111111', 5)",
+        )
+        .expect("an account");
+    db.bank()
+        .args(["reset", "--yes"])
+        .run()
+        .fails_with(1, "database not migrated");
+    assert_eq!(count(), 1);
 }
 
 /// `init` on another application's database (its own `accounts`): refused, and nothing of

@@ -264,7 +264,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
             return Err(Error::Cancelled("reset"));
         }
     }
-    let mut conn = url.connect()?;
+    let mut conn = url.connect_migrated()?;
     let (accounts, transfers) = delete_in_batches(&mut conn, repo::DELETE_BATCH)?;
     log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
     writeln!(out, "deleted {accounts} accounts and {transfers} transfers")?;
