@@ -203,6 +203,12 @@ pub enum Error {
         created: u64,
         total: u64,
     },
+    /// `init` on a database whose migrations are all another application's.
+    #[error(
+        "the database holds another application's migrations ({0}) and none of bank's: give \
+         bank a database of its own (nothing was changed)"
+    )]
+    ForeignDatabase(String),
     /// The user answered no to a confirmation (exit 1: what was asked was not done).
     #[error("{0} cancelled: nothing deleted")]
     Cancelled(&'static str),

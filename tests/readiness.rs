@@ -694,3 +694,63 @@ fn init_leaves_nothing_behind_when_it_fails_and_needs_no_create_when_up_to_date(
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stdout, "schema is up to date\n", "{run:?}");
 }
+
+/// Another Diesel application's database (its own migrations, none of bank's): `init` installed
+/// bank's tables next to that application's and called it "migrated by a newer bank"; now it
+/// refuses and creates nothing. `doctor` reported nothing there ("not migrated", exit 1), nor on
+/// a database with only bank's first migration: it reports, without row counts, and exits 0.
+#[test]
+fn another_applications_database_is_named_and_left_alone() {
+    let db = ScratchDb::empty();
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, \
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP); \
+             INSERT INTO __diesel_schema_migrations (version) VALUES ('20200101000000'), \
+             ('20210101000000'); CREATE TABLE posts (id INT)",
+        )
+        .expect("another application");
+    let doctor = db.bank().args(["doctor", "--json"]).run();
+    doctor.success();
+    let j = doctor.json();
+    assert_eq!(j["migrated"], false, "{j}");
+    assert_eq!(
+        j["unknown_migrations"],
+        serde_json::json!(["20200101000000", "20210101000000"]),
+        "{j}"
+    );
+    assert!(j["accounts"].is_null(), "{j}");
+    let text = db.bank().args(["doctor"]).run();
+    text.success();
+    assert!(
+        text.stdout.contains(
+            "schema: another application's (its migrations: 20200101000000, 20210101000000; \
+             none of bank's)"
+        ),
+        "{text:?}"
+    );
+    let init = db.bank().args(["init"]).run();
+    init.fails_with(1, "another application's migrations");
+    let tables: Vec<String> = diesel::sql_query(
+        "SELECT table_name AS version FROM information_schema.tables \
+         WHERE table_schema = 'public' ORDER BY table_name",
+    )
+    .load::<Name>(&mut db.conn())
+    .expect("tables")
+    .into_iter()
+    .map(|n| n.version)
+    .collect();
+    assert_eq!(tables, ["__diesel_schema_migrations", "posts"]);
+
+    // Only bank's first migration: a report, pending migrations and no counts.
+    use diesel_migrations::MigrationHarness;
+    let db = ScratchDb::empty();
+    db.conn()
+        .run_next_migration(bank::db::MIGRATIONS)
+        .expect("the first migration");
+    let doctor = db.bank().args(["doctor", "--json"]).run();
+    doctor.success();
+    let j = doctor.json();
+    assert_eq!(j["pending_migrations"], 5, "{j}");
+    assert!(j["accounts"].is_null() && j["transfers"].is_null(), "{j}");
+}

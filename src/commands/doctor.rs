@@ -75,8 +75,9 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     let applied_set: HashSet<&String> = applied.iter().collect();
     let pending_migrations = embedded.iter().filter(|v| !applied_set.contains(v)).count();
     let migrated = !applied.is_empty() && pending_migrations == 0;
-    let has_tables = !applied.is_empty();
-    let (accounts, transfers) = if has_tables {
+    // Counted only when the schema is bank's whole: a partly migrated database, or another
+    // application's, may lack either table, and doctor is there to report it, not to fail.
+    let (accounts, transfers) = if migrated {
         (
             Some(accounts::table.count().get_result(&mut conn)?),
             Some(transfers::table.count().get_result(&mut conn)?),
@@ -117,7 +118,13 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         "default isolation: {}",
         report.default_isolation.clone().unwrap_or_else(unknown)
     )?;
+    let foreign = db::is_foreign(&applied, &report.unknown_migrations);
     match (&report.migration_version, migrated) {
+        _ if foreign => writeln!(
+            out,
+            "schema: another application's (its migrations: {}; none of bank's)",
+            report.unknown_migrations.join(", ")
+        )?,
         (None, _) => writeln!(out, "schema: not migrated (run `bank init`)")?,
         (Some(_), true) if !report.unknown_migrations.is_empty() => writeln!(
             out,

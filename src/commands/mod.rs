@@ -89,6 +89,9 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     db::engine::prepare_migration_session(&mut conn, &server)?;
     let applied = db::applied_migrations(&mut conn)?;
     let unknown = db::unknown_migrations(&applied)?;
+    if db::is_foreign(&applied, &unknown) {
+        return Err(Error::ForeignDatabase(unknown.join(", ")));
+    }
     if !unknown.is_empty() {
         // Not refused: putting the older binary back after an upgrade must still start; but
         // this bank's statements may not be what the newer schema expects.

@@ -131,6 +131,12 @@ pub fn applied_migrations(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
     )
 }
 
+/// Whether the migrations applied are another application's: some are recorded, none of them
+/// this bank's (a newer bank would have applied this one's too).
+pub fn is_foreign(applied: &[String], unknown: &[String]) -> bool {
+    !applied.is_empty() && applied.len() == unknown.len()
+}
+
 /// Applied migrations that are not this bank's, in version order: a newer bank migrated the
 /// database (or something else wrote Diesel's table).
 pub fn unknown_migrations(applied: &[String]) -> Result<Vec<String>, crate::error::Error> {
