@@ -387,3 +387,69 @@ fn a_transfer_refused_twice_over_gives_the_first_reason_whatever_the_id_order() 
         }
     }
 }
+
+/// A DBA's trigger that skips the ledger row (a BEFORE INSERT trigger returning NULL): in
+/// single-statement mode the balances moved and committed without it, bank said "failed"
+/// (exit 1), and every rerun of the same --id moved the money again. The statement now fails
+/// unless it wrote its ledger row, so nothing is applied, in both modes, at both levels.
+#[test]
+fn a_transfer_whose_ledger_row_a_trigger_skips_applies_nothing() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION skip19() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF NEW.amount = 19 THEN RETURN NULL; END IF; RETURN NEW; END$$; \
+                 CREATE TRIGGER t19 BEFORE INSERT ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION skip19()",
+            )
+            .expect("trigger");
+        let ids = db.accounts(&[1000, 0]);
+        for mode in ["transaction", "single-statement"] {
+            let id = Uuid::new_v4().to_string();
+            for _ in 0..3 {
+                let run = db
+                    .transfer(ids[0], ids[1], 19)
+                    .args(["--mode", mode, "--id", &id])
+                    .run();
+                assert_eq!(run.code, 1, "{iso:?} {mode}: {run:?}");
+                assert!(run.stderr.contains("ledger row"), "{iso:?} {mode}: {run:?}");
+                assert_eq!(db.balance(ids[0]), 1000, "{iso:?} {mode}: nothing moved");
+            }
+        }
+        // Other amounts go through, ledger and all.
+        db.transfer(ids[0], ids[1], 5)
+            .args(["--mode", "single-statement"])
+            .run()
+            .success();
+        assert_eq!(db.balance(ids[0]), 995, "{iso:?}");
+        db.bank().args(["verify"]).run().success();
+    }
+}
+
+/// A CHECK of a DBA's on accounts (a cap on balances) refusing the credit was reported as
+/// "insufficient funds" on the debited account, which held plenty: the refusal names the
+/// database's reason now, and nothing is applied, in both modes.
+#[test]
+fn a_check_of_someone_elses_is_not_called_insufficient_funds() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 1000]);
+        db.conn()
+            .batch_execute("ALTER TABLE accounts ADD CONSTRAINT dba_cap CHECK (balance <= 1100)")
+            .expect("check");
+        for mode in ["transaction", "single-statement"] {
+            let run = db
+                .transfer(ids[0], ids[1], 200)
+                .args(["--mode", mode, "--id", &Uuid::new_v4().to_string()])
+                .run();
+            assert_eq!(run.code, 1, "{iso:?} {mode}: {run:?}");
+            assert!(run.stderr.contains("dba_cap"), "{iso:?} {mode}: {run:?}");
+            assert!(
+                !run.stderr.contains("insufficient"),
+                "{iso:?} {mode}: {run:?}"
+            );
+        }
+        assert_eq!((db.balance(ids[0]), db.balance(ids[1])), (1000, 1000));
+    }
+}

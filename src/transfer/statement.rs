@@ -60,7 +60,7 @@ impl QueryFragment<Pg> for TransferStatement {
         out.push_bind_param::<BigInt, _>(&t.amount)?;
         out.push_sql(
             " END, version = accounts.version + 1 FROM locked WHERE accounts.id = locked.id \
-             RETURNING accounts.id, accounts.balance, accounts.version) ",
+             RETURNING accounts.id, accounts.balance, accounts.version), ",
         );
         // 3. The ledger row, with both sides' version and balance after. An unknown account has
         // no `moved` row: its side is NULL, which the NOT NULL columns refuse. Its time is taken
@@ -68,8 +68,8 @@ impl QueryFragment<Pg> for TransferStatement {
         // each account's entries are then in time order as in version order, which
         // `balances --as-of` needs for its totals to add up (`tests/ledger.rs`).
         out.push_sql(
-            "INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, \
-             to_version, to_balance_after, created_at) SELECT ",
+            "inserted AS (INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
+             from_balance_after, to_version, to_balance_after, created_at) SELECT ",
         );
         out.push_bind_param::<SqlUuid, _>(&t.id)?;
         out.push_sql(", ");
@@ -85,18 +85,28 @@ impl QueryFragment<Pg> for TransferStatement {
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
         out.push_sql(" LEFT JOIN moved t ON t.id = ");
         out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
+        // 4. The statement fails unless its ledger row was written, so that its balances never
+        // commit without it: a trigger on `transfers` that skips the row (BEFORE INSERT returning
+        // NULL) left the money moved in single-statement mode, and every rerun of the id moved
+        // it again. The failure is a cast both engines refuse (22P02), naming the reason.
+        out.push_sql(" RETURNING 1 AS one) SELECT CAST(CASE WHEN COUNT(*) = 1 THEN '1' ELSE '");
+        out.push_sql(NO_LEDGER_ROW);
+        out.push_sql("' END AS INT8) FROM inserted");
         Ok(())
     }
 }
 
 impl RunQueryDsl<PgConnection> for TransferStatement {}
 
+/// The text of the error the statement raises when its ledger row was not written.
+const NO_LEDGER_ROW: &str = "the ledger row was not written";
+
 /// The transfer body: applies `t` on `conn` in whatever transaction `conn` is in. Opens none.
 pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> {
     let rows = TransferStatement::new(t)
         .execute(conn)
         .map_err(|e| BodyError::from_db(e, t))?;
-    log::debug!("transfer {}: {rows} ledger rows inserted", t.id);
+    log::debug!("transfer {}: {rows} ledger row inserted", t.id);
     // The statement inserts its one row or fails, so anything else is a bug in it: refuse it,
     // which rolls the transaction back (in single-statement mode it has committed, and the
     // error at least says so loudly).
@@ -143,7 +153,7 @@ impl BodyError {
             DatabaseErrorKind::CheckViolation if names("transfers_distinct_accounts") => {
                 BodyError::Final(TransferError::SameAccount(t.from_id))
             }
-            DatabaseErrorKind::CheckViolation => {
+            DatabaseErrorKind::CheckViolation if names("accounts_balance_nonnegative") => {
                 BodyError::Refused(TransferError::InsufficientFunds {
                     account: t.from_id,
                     amount: t.amount,
@@ -166,6 +176,16 @@ impl BodyError {
             }
             DatabaseErrorKind::NotNullViolation => {
                 BodyError::Refused(TransferError::UnknownAccount(t.from_id))
+            }
+            // A check of someone else's (a DBA's cap on balances, say): not insufficient funds,
+            // which every check was taken for; the database's words say which.
+            DatabaseErrorKind::CheckViolation => BodyError::Final(TransferError::Database(e)),
+            _ if info.message().contains(NO_LEDGER_ROW) => {
+                BodyError::Final(TransferError::Database(DieselError::QueryBuilderError(
+                    "the transfer statement wrote no ledger row (a trigger on transfers may \
+                     have skipped it), so it applied nothing"
+                        .into(),
+                )))
             }
             // 22003: only the credited balance can leave INT8's range (the debit is checked).
             _ if info.message().contains("out of range") => {
@@ -216,12 +236,14 @@ mod tests {
                  moved AS (UPDATE accounts SET balance = accounts.balance + CASE WHEN \
                  accounts.id = $3 THEN -$4 ELSE $5 END, version = accounts.version + 1 \
                  FROM locked WHERE accounts.id = locked.id \
-                 RETURNING accounts.id, accounts.balance, accounts.version) \
-                 INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
+                 RETURNING accounts.id, accounts.balance, accounts.version), \
+                 inserted AS (INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
                  from_balance_after, to_version, to_balance_after, created_at) \
                  SELECT $6, $7, $8, $9, f.version, f.balance, t.version, t.balance, \
                  clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $10 \
-                 LEFT JOIN moved t ON t.id = $11 \
+                 LEFT JOIN moved t ON t.id = $11 RETURNING 1 AS one) \
+                 SELECT CAST(CASE WHEN COUNT(*) = 1 THEN '1' ELSE 'the ledger row was not \
+                 written' END AS INT8) FROM inserted \
                  -- binds: [{a}, {b}, {a}, 100, 100, 00000000-0000-0000-0000-000000000000, \
                  {a}, {b}, 100, {a}, {b}]"
             )
