@@ -1517,3 +1517,97 @@ fn a_server_frozen_before_a_chunk_commit_leaves_its_lines_unknown() {
         assert_eq!(count_transfers(&mut db.conn()).expect("count"), 40);
     }
 }
+
+/// The connection is lost mid-file and cannot be made again (the role's CONNECT revoked, as a
+/// password rotation would do): the statements that had committed in that group were never
+/// reported, nor any line after them, and the run ended with only "cannot connect". Every line
+/// gets its outcome now: what committed `applied`, the statement in hand `unknown`, the rest
+/// `not_applied`; and a rerun, once the role may connect again, settles the file.
+#[test]
+fn a_connection_that_cannot_be_made_again_mid_file_loses_no_outcome() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 20, 6000, 11);
+        let role = format!("bank_app_{}", Uuid::new_v4().simple());
+        db.conn()
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD 'pw'; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, \
+                 __diesel_schema_migrations TO {role}"
+            ))
+            .expect("role");
+        let mut url = url::Url::parse(db.url.expose()).expect("url");
+        url.set_username(&role).expect("user");
+        url.set_password(Some("pw")).expect("password");
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("file");
+        let mut child = spawn_file(url.as_str(), &path, &[]);
+        let mut conn = db.conn();
+        let started = Instant::now();
+        while count_transfers(&mut conn).expect("count") < 500 {
+            if let Ok(Some(_)) = child.try_wait() {
+                panic!("{iso:?}: ended early: {:?}", child.wait_with_output());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "never started");
+            thread::sleep(Duration::from_millis(5));
+        }
+        conn.batch_execute(&format!(
+            "REVOKE CONNECT ON DATABASE {db} FROM PUBLIC; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'",
+            db = db.name
+        ))
+        .expect("revoke");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        let got = outcomes(&run);
+        assert_eq!(
+            got.len(),
+            lines.len(),
+            "{iso:?}: every line: {}",
+            run.stderr
+        );
+        let in_ledger: std::collections::HashSet<Uuid> = {
+            #[derive(QueryableByName)]
+            struct Id {
+                #[diesel(sql_type = SqlUuid)]
+                id: Uuid,
+            }
+            diesel::sql_query("SELECT id FROM transfers")
+                .load::<Id>(&mut conn)
+                .expect("ids")
+                .into_iter()
+                .map(|i| i.id)
+                .collect()
+        };
+        for ((n, outcome), t) in got.iter().zip(&lines) {
+            match outcome.as_str() {
+                "applied" => assert!(in_ledger.contains(&t.id), "{iso:?} line {n}"),
+                "not_applied" => assert!(!in_ledger.contains(&t.id), "{iso:?} line {n}"),
+                "unknown" => {}
+                other => panic!("{iso:?} line {n}: {other}"),
+            }
+        }
+        assert!(
+            got.iter()
+                .any(|(_, o)| o == "unknown" || o == "not_applied"),
+            "{iso:?}"
+        );
+        assert_ne!(run.code, 0, "{iso:?}");
+        conn.batch_execute(&format!("GRANT CONNECT ON DATABASE {} TO PUBLIC", db.name))
+            .expect("grant");
+        let settled = rerun_until_settled(&db, &lines);
+        settled.success();
+        assert_eq!(
+            count_transfers(&mut conn).expect("count"),
+            lines.len() as i64
+        );
+        db.conn()
+            .batch_execute(&format!(
+                "REVOKE ALL ON accounts, transfers, __diesel_schema_migrations FROM {role}"
+            ))
+            .expect("revoke all");
+        let _ = db
+            .conn()
+            .batch_execute(&format!("DROP ROLE IF EXISTS {role}"));
+    }
+}

@@ -99,6 +99,15 @@ pub enum Fatal {
     Connect(ConnectError),
 }
 
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fatal::NotMigrated => f.write_str("database not migrated: run `bank init` first"),
+            Fatal::Connect(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// Applies chunks on one session, one at a time.
 pub struct ChunkRunner {
     pub session: Session,

@@ -193,6 +193,8 @@ where
     let mut in_flight: Vec<InFlight> = Vec::new();
     let mut idle: Vec<usize> = (0..workers.len()).rev().collect();
     let mut stopping: Option<String> = None;
+    // Whether any group has come back decided: until then a fatal error ends the run as one.
+    let mut any_done = false;
     let mut record = |summary: &mut Summary, l: &Line, v: &Verdict| {
         *summary.counts.entry(v.outcome).or_default() += 1;
         emit(l, v)
@@ -299,10 +301,37 @@ where
                 summary.retries += done.retries;
                 idle.push(done.worker);
                 let verdicts = match done.result {
-                    Ok(v) => v,
+                    Ok(v) => {
+                        any_done = true;
+                        v
+                    }
                     Err(fatal) => {
-                        emit_ready(&mut windows, &mut summary, &mut record)?;
-                        return Err(E::from(fatal));
+                        let worker = &workers[f.worker];
+                        let mut verdicts = worker.watch.decided();
+                        // Nothing applied anywhere yet (a URL that never connects, a schema that
+                        // is not there): the one error says it all.
+                        if !any_done && verdicts.is_empty() {
+                            emit_ready(&mut windows, &mut summary, &mut record)?;
+                            return Err(E::from(fatal));
+                        }
+                        // Statements of this group committed before the connection was lost
+                        // and could not be made again: their lines were never reported. The
+                        // statement in hand may have reached its COMMIT; the rest was not sent.
+                        let error = fatal.to_string();
+                        let n = f.group.positions.len().saturating_sub(verdicts.len());
+                        let sent = worker.watch.in_statement().min(n);
+                        verdicts.extend((0..sent).map(|_| Verdict {
+                            outcome: Outcome::Unknown,
+                            error: Some(format!(
+                                "the connection was lost and could not be made again ({error})"
+                            )),
+                        }));
+                        verdicts.extend((sent..n).map(|_| Verdict {
+                            outcome: Outcome::NotApplied,
+                            error: Some(format!("not attempted: {error}")),
+                        }));
+                        stopping.get_or_insert(error);
+                        verdicts
                     }
                 };
                 if let Some(v) = verdicts.iter().find(|v| v.outcome.is_unsettled()) {
