@@ -453,3 +453,61 @@ fn a_check_of_someone_elses_is_not_called_insufficient_funds() {
         assert_eq!((db.balance(ids[0]), db.balance(ids[1])), (1000, 1000));
     }
 }
+
+/// A COMMIT the server refuses (a deferred trigger raising at commit): the server said the
+/// transaction rolled back, yet bank took every unclassified COMMIT error for an ambiguous one,
+/// retried until its deadline and said "unknown" (exit 3), and so did every rerun. Now it is
+/// "not applied" (exit 1) at once, for a single transfer and for a file's lines, both levels.
+#[test]
+fn a_commit_the_server_refuses_is_not_applied_not_unknown() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION no17() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF NEW.amount = 17 THEN RAISE EXCEPTION 'amount 17 refused at commit'; \
+                 END IF; RETURN NULL; END$$; \
+                 CREATE CONSTRAINT TRIGGER t17 AFTER INSERT ON transfers \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION no17()",
+            )
+            .expect("trigger");
+        let ids = db.accounts(&[1000, 0]);
+        let id = Uuid::new_v4().to_string();
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let run = db
+                .transfer(ids[0], ids[1], 17)
+                .args(["--id", &id, "--timeout", "5s"])
+                .run();
+            assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+            assert!(
+                run.stderr.contains("amount 17 refused at commit"),
+                "{iso:?}: {run:?}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{iso:?}: {run:?}"
+            );
+        }
+        let file = format!(
+            "id,from,to,amount\n{},{},{},5\n{},{},{},17\n",
+            Uuid::new_v4(),
+            ids[0],
+            ids[1],
+            Uuid::new_v4(),
+            ids[0],
+            ids[1]
+        );
+        let run = db
+            .bank()
+            .args(["transfer", "--file", "-", "--json", "--timeout", "5s"])
+            .cmd
+            .write_stdin(file)
+            .output()
+            .expect("run");
+        let run = crate::support::Run::from(run);
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert!(!run.stdout.contains("\"unknown\""), "{iso:?}: {run:?}");
+        assert_eq!(db.balance(ids[0]), 1000, "{iso:?}");
+    }
+}

@@ -336,6 +336,26 @@ impl ChunkRunner {
                     too_long = true;
                     Attempt::Fail(TransferError::from(e))
                 }
+                // The server answered the COMMIT with an error nobody classified (a deferred
+                // trigger or constraint raising at COMMIT; or a middlebox's, after the server
+                // committed). One look at the ledger tells: none of the lines there, it rolled
+                // back. Taken for ambiguous, it was retried until the deadline and its lines
+                // ended "unknown", on every rerun too.
+                Err(Rollback::Database(e))
+                    if committing
+                        && matches!(e, DieselError::DatabaseError(..))
+                        && classify(&e, Phase::Commit).is_none()
+                        && seen.as_ref().is_some_and(|numbers| {
+                            let ids: Vec<Uuid> = lines
+                                .iter()
+                                .filter(|l| numbers.contains(&l.line))
+                                .map(|l| l.transfer.id)
+                                .collect();
+                            !ids.is_empty() && repo::count_transfers_with_ids(conn, &ids) == Ok(0)
+                        }) =>
+                {
+                    Attempt::Fail(TransferError::from(e))
+                }
                 Err(Rollback::Database(e)) => failure(e, committing),
             };
             if committing {

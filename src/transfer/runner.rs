@@ -403,12 +403,22 @@ fn database_failure(
         };
     }
     match TransferError::from(e) {
-        TransferError::Database(e) if committing && mode == Mode::Transaction => Attempt::Retry {
-            cause: Cause::Ambiguous,
-            message: format!("COMMIT failed: {e}"),
-        },
-        // The statement that is its own commit failed in a way nobody classified: the server
-        // says it rolled back, but a middlebox may have said it instead. One look at the
+        // Not the server's answer (a COMMIT whose ROLLBACK failed too, a broken connection):
+        // whether it took effect is unknown.
+        TransferError::Database(e)
+            if committing
+                && mode == Mode::Transaction
+                && !matches!(e, DieselError::DatabaseError(..)) =>
+        {
+            Attempt::Retry {
+                cause: Cause::Ambiguous,
+                message: format!("COMMIT failed: {e}"),
+            }
+        }
+        // The COMMIT (or the statement that is its own commit) failed in a way nobody
+        // classified: the server says it rolled back (a deferred trigger or constraint raising
+        // at COMMIT; taken for ambiguous, it was retried until the deadline and said "unknown",
+        // and so did every rerun), but a middlebox may have said it instead. One look at the
         // ledger costs little and makes "applied" exact.
         TransferError::Database(e) if committing => match lookup(conn, t) {
             Ok(Some(found)) => {
