@@ -500,3 +500,38 @@ fn the_report_and_the_histogram_cannot_share_a_file() {
     run.fails_with(2, "--report and --histogram name the same file");
     assert_eq!(db.state().0.len(), 0);
 }
+
+/// `workload --batch` on a database that refuses every write (read-only): each refused chunk
+/// was counted "given up", and the run said "workload: ok", exit 0; without --batch the same
+/// errors fail the run. They are errors in both now.
+#[test]
+fn a_batched_workload_counts_database_errors_as_errors() {
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.accounts(&[1000; 10]);
+        db.alter("default_transaction_read_only = on");
+        let run = db
+            .bank()
+            .args([
+                "workload",
+                "--accounts",
+                "10",
+                "--reuse-accounts",
+                "--batch",
+                "5",
+            ])
+            .args(["--concurrency", "2", "--transfers", "40", "--json"])
+            .run();
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        let j = run.json();
+        assert!(j["errors"].as_u64() > Some(0), "{iso:?}: {j}");
+        assert_eq!(j["ok"], false, "{iso:?}: {j}");
+        assert!(
+            j["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("read-only")),
+            "{iso:?}: {j}"
+        );
+        db.alter("default_transaction_read_only = off");
+    }
+}

@@ -133,6 +133,11 @@ pub struct ChunkRunner {
     /// The lines' ids come from the caller (a file), so an earlier run's attempt at them may
     /// exist: see `nobody_else_can_commit`. The workload's ids are its own.
     ids_given: bool,
+    /// Lines not applied because the database refused their statement with an error no retry
+    /// helps (read-only, a permission, a trigger's), and the last such error: the workload
+    /// counts them as errors, not as transfers given up on.
+    pub failed_lines: u64,
+    pub last_failure: Option<String>,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -157,6 +162,8 @@ impl ChunkRunner {
             limit: usize::MAX,
             size: usize::MAX,
             ids_given: false,
+            failed_lines: 0,
+            last_failure: None,
         }
     }
 
@@ -414,7 +421,11 @@ impl ChunkRunner {
                 Outcome::Unknown,
                 format!("an attempt's COMMIT went unanswered, then: {e}"),
             ),
-            Err(Stop::Failed(e)) => fail(Outcome::NotApplied, e.to_string()),
+            Err(Stop::Failed(e)) => {
+                self.failed_lines += lines.len() as u64;
+                self.last_failure = Some(e.to_string());
+                fail(Outcome::NotApplied, e.to_string())
+            }
             Err(Stop::Exhausted {
                 attempts,
                 last,
