@@ -338,7 +338,7 @@ impl ChunkRunner {
                         && !committing
                         && !ambiguous
                         && lines.len() > 1
-                        && matches!(classify(&e, Phase::BeforeCommit), Some(Cause::Timeout)) =>
+                        && cancelled_by_statement_timeout(&e) =>
                 {
                     too_long = true;
                     Attempt::Fail(TransferError::from(e))
@@ -485,6 +485,17 @@ impl From<DieselError> for Rollback {
 }
 
 /// An error of the statement or its COMMIT, as a step of the retry loop.
+/// Whether the server cancelled the statement for its `statement_timeout` (PostgreSQL's
+/// "canceling statement due to statement timeout", CockroachDB's "query execution canceled due
+/// to statement timeout"): only then is the statement too long, and its lines go again in
+/// smaller ones. A cancel by someone else (`pg_cancel_backend`, "due to user request") is the
+/// same SQLSTATE, 57014; taken for a timeout, each one halved the statements for the rest of
+/// the run (60,000 lines: 55 s instead of 5).
+fn cancelled_by_statement_timeout(e: &DieselError) -> bool {
+    matches!(e, DieselError::DatabaseError(_, info)
+        if info.message().to_ascii_lowercase().contains("due to statement timeout"))
+}
+
 fn failure(e: DieselError, committing: bool) -> Attempt<Decided, TransferError> {
     let phase = if committing {
         Phase::Commit
@@ -617,4 +628,52 @@ fn verdict(l: &Line, d: &Decided) -> Verdict {
         Outcome::NotApplied | Outcome::Unknown => None,
     };
     Verdict { outcome, error }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_servers_statement_timeout_makes_a_statement_too_long() {
+        struct Info(&'static str);
+        impl diesel::result::DatabaseErrorInformation for Info {
+            fn message(&self) -> &str {
+                self.0
+            }
+            fn details(&self) -> Option<&str> {
+                None
+            }
+            fn hint(&self) -> Option<&str> {
+                None
+            }
+            fn table_name(&self) -> Option<&str> {
+                None
+            }
+            fn column_name(&self) -> Option<&str> {
+                None
+            }
+            fn constraint_name(&self) -> Option<&str> {
+                None
+            }
+            fn statement_position(&self) -> Option<i32> {
+                None
+            }
+        }
+        let e = |m: &'static str| {
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Info(m)))
+        };
+        assert!(cancelled_by_statement_timeout(&e(
+            "canceling statement due to statement timeout"
+        )));
+        assert!(cancelled_by_statement_timeout(&e(
+            "query execution canceled due to statement timeout"
+        )));
+        assert!(!cancelled_by_statement_timeout(&e(
+            "canceling statement due to user request"
+        )));
+        assert!(!cancelled_by_statement_timeout(&e(
+            "canceling statement due to lock timeout"
+        )));
+    }
 }
