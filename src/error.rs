@@ -195,8 +195,8 @@ pub enum Error {
     /// `seed` stopped before every account was created (exit 1); each one created had its id
     /// written.
     #[error(
-        "{why}, so the seed stopped: {created} of {total} accounts were created (those whose ids \
-         were written)"
+        "{why}, so the seed stopped: {created} of {total} accounts were created, those of the \
+         first {created} ids written (any written after them were rolled back)"
     )]
     SeedStopped {
         why: String,

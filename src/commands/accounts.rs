@@ -308,6 +308,9 @@ fn confirm(prompt: &str) -> Result<bool, Error> {
     let _ = write!(std::io::stderr(), "{prompt}");
     io::stderr().flush()?;
     let mut answer = String::new();
-    io::stdin().read_line(&mut answer)?;
+    if io::stdin().read_line(&mut answer)? == 0 {
+        // An end of input (Ctrl-D) leaves the cursor after the prompt.
+        let _ = writeln!(io::stderr());
+    }
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
