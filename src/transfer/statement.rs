@@ -106,7 +106,7 @@ pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> 
     let rows = TransferStatement::new(t)
         .execute(conn)
         .map_err(|e| BodyError::from_db(e, t))?;
-    log::debug!("transfer {}: {rows} ledger row inserted", t.id);
+    log::debug!("transfer {}: {rows} ledger rows inserted", t.id);
     // The statement inserts its one row or fails, so anything else is a bug in it: refuse it,
     // which rolls the transaction back (in single-statement mode it has committed, and the
     // error at least says so loudly).
