@@ -209,6 +209,14 @@ pub enum Error {
          bank a database of its own (nothing was changed)"
     )]
     ForeignDatabase(String),
+    /// `balances --as-of`: a transaction begun before that time is still open, and may still
+    /// add entries timed before it (exit 1).
+    #[error(
+        "balances as of {at} are not settled yet: a transaction open since {since} is still \
+         open and may add entries timed before then; ask again once it ends, or for an earlier \
+         time"
+    )]
+    AsOfUnsettled { at: String, since: String },
     /// The user answered no to a confirmation (exit 1: what was asked was not done).
     #[error("{0} cancelled: nothing deleted")]
     Cancelled(&'static str),

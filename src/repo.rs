@@ -218,6 +218,20 @@ pub fn server_now(conn: &mut PgConnection) -> QueryResult<DateTime<Utc>> {
     diesel::select(diesel::dsl::sql::<Timestamptz>("now()")).get_result(conn)
 }
 
+/// When the oldest transaction still open in this database (other than this session's) began,
+/// if any: an entry it writes is timed after that, so balances as of an earlier time are final.
+/// PostgreSQL's `pg_stat_activity`, which shows only the sessions this role may see (all of them
+/// with `pg_read_all_stats`).
+pub fn oldest_open_transaction(conn: &mut PgConnection) -> QueryResult<Option<DateTime<Utc>>> {
+    diesel::select(
+        diesel::dsl::sql::<diesel::sql_types::Nullable<Timestamptz>>(
+            "(SELECT MIN(xact_start) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND xact_start IS NOT NULL)",
+        ),
+    )
+    .get_result(conn)
+}
+
 /// Deletes one account; `NotFound` when there is none with this id.
 pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
     match diesel::delete(accounts::table.find(id)).execute(conn)? {

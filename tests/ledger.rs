@@ -356,3 +356,46 @@ fn entry_times_follow_each_accounts_versions_so_every_as_of_total_adds_up() {
         }
     }
 }
+
+/// `balances --as-of` a time a transaction still open had already timed its entry for: the
+/// answer left that entry out, and the same command gave another answer once it committed. It
+/// waits for transactions begun before the time asked for; one that stays open is said so (exit
+/// 1), not answered around.
+#[test]
+fn balances_as_of_a_time_waits_for_transactions_begun_before_it() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 0]);
+        let mut open = db.conn();
+        open.batch_execute("BEGIN").expect("begin");
+        let t = bank::models::NewTransfer {
+            id: Uuid::new_v4(),
+            from_id: ids[0],
+            to_id: ids[1],
+            amount: 7,
+        };
+        bank::transfer::apply(&mut open, &t).expect("a transfer, not committed yet");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let at = Utc::now();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Still open: not answered without it.
+        let run = db
+            .bank()
+            .args(["balances", "--as-of", &at.to_rfc3339(), "--timeout", "2s"])
+            .run();
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert!(run.stderr.contains("still open"), "{iso:?}: {run:?}");
+        assert_eq!(run.stdout, "", "{iso:?}: {run:?}");
+        // It commits while the read waits: the answer has it.
+        let committer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            open.batch_execute("COMMIT").expect("commit");
+        });
+        let mut got = balances_as_of(&db, at);
+        committer.join().expect("committer");
+        got.sort();
+        let mut want = vec![(ids[0].to_string(), 93), (ids[1].to_string(), 7)];
+        want.sort();
+        assert_eq!(got, want, "{iso:?}");
+    }
+}

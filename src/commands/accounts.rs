@@ -217,6 +217,7 @@ pub(super) fn balances(
             now.to_rfc3339_opts(SecondsFormat::Secs, true)
         )));
     }
+    wait_for_transactions_begun_before(&mut conn, at, args.read.timeout)?;
     let header = format!(
         "Balances at {}:",
         at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
@@ -228,6 +229,38 @@ pub(super) fn balances(
     }
     list.finish(out)?;
     Ok(())
+}
+
+/// An entry is timed once its transfer holds its locks, and committed a moment later (a file's
+/// chunk: up to its statement's length): balances as of a time that a transaction still open
+/// began before may still change. So the read waits until every transaction begun by then has
+/// ended, for at most half the read's timeout (5 s at most), and says so if one stays open,
+/// rather than answer without its entries. Best effort: a server without `pg_stat_activity`
+/// (or one that hides other roles' sessions) is not waited for.
+fn wait_for_transactions_begun_before(
+    conn: &mut PgConnection,
+    at: chrono::DateTime<Utc>,
+    read_timeout: std::time::Duration,
+) -> Result<(), Error> {
+    let patience = (read_timeout / 2).min(std::time::Duration::from_secs(5));
+    let started = std::time::Instant::now();
+    loop {
+        let oldest = match repo::oldest_open_transaction(conn) {
+            Ok(Some(oldest)) if oldest <= at => oldest,
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                log::debug!("balances --as-of: open transactions not known ({e})");
+                return Ok(());
+            }
+        };
+        if started.elapsed() >= patience {
+            return Err(Error::AsOfUnsettled {
+                at: at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                since: oldest.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// `Balances at <time>:` and the accounts, as they arrive from the database.
