@@ -213,6 +213,13 @@ impl std::fmt::Display for Report {
                 v.id, v.balance, v.expected
             )?;
         }
+        // 30 bad accounts showed 20 lines and nothing said there were more.
+        if self.violations.len() as i64 >= MAX_LISTED {
+            writeln!(
+                f,
+                "  (the first {MAX_LISTED} accounts only; the counts above are for all of them)"
+            )?;
+        }
         writeln!(
             f,
             "{}",
@@ -222,5 +229,34 @@ impl std::fmt::Display for Report {
                 "verify: FAILED"
             }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_cut_at_its_limit_says_so() {
+        let v = Violation {
+            id: Uuid::nil(),
+            balance: 1,
+            expected: 2,
+            chain_ok: true,
+        };
+        let mut report = Report {
+            ok: false,
+            accounts: 30,
+            transfers: 0,
+            total_balance: 30,
+            total_opening_balance: 60,
+            negative_balances: 0,
+            mismatched_accounts: 30,
+            broken_chains: 0,
+            violations: vec![v.clone(); MAX_LISTED as usize],
+        };
+        assert!(report.to_string().contains("the first 20 accounts only"));
+        report.violations.truncate(3);
+        assert!(!report.to_string().contains("the first"));
     }
 }
