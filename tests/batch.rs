@@ -130,6 +130,8 @@ fn one_by_one(db: &ScratchDb, lines: &[T]) -> Vec<String> {
                 Err(TransferError::UnknownAccount(_)) => "unknown_account",
                 Err(TransferError::IdConflict { .. }) => "id_conflict",
                 Err(TransferError::BalanceOverflow { .. }) => "balance_overflow",
+                // The database's own refusal (a DBA's trigger or CHECK).
+                Err(TransferError::Database(_)) => "refused",
                 Err(e) => panic!("the oracle failed: {e}"),
             }
             .to_string()
@@ -1610,4 +1612,91 @@ fn a_connection_that_cannot_be_made_again_mid_file_loses_no_outcome() {
             .conn()
             .batch_execute(&format!("DROP ROLE IF EXISTS {role}"));
     }
+}
+
+/// A DBA's trigger refusing some lines (amount 13): the statement holding such a line failed
+/// whole, so it and every line after it were `not_applied`, and a rerun stopped at the same
+/// line. The refused line is isolated (its statement split until it is alone) and reported
+/// `refused`, and every other line gets its one-by-one outcome, at both levels. A DBA's CHECK on
+/// balances (a cap) is checked on each statement's final balances, not on each line's, so there
+/// the outcomes are truthful (what is reported applied is in the ledger, what is refused is
+/// not) but not always the one-by-one ones.
+#[test]
+fn lines_a_dba_refuses_are_refused_alone_and_the_rest_is_one_by_one() {
+    for iso in Iso::BOTH {
+        for (rule, exact) in [
+            (
+                "CREATE FUNCTION no13() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                 IF NEW.amount = 13 THEN RAISE EXCEPTION 'amount 13 is forbidden'; END IF; \
+                 RETURN NEW; END$$; CREATE TRIGGER t13 BEFORE INSERT ON transfers \
+                 FOR EACH ROW EXECUTE FUNCTION no13()",
+                true,
+            ),
+            (
+                "ALTER TABLE accounts ADD CONSTRAINT dba_cap CHECK (balance <= 1150)",
+                false,
+            ),
+        ] {
+            let file_db = ScratchDb::migrated_at(iso);
+            let oracle_db = ScratchDb::migrated_at(iso);
+            let ids: Vec<(Uuid, i64)> = (0..6).map(|_| (Uuid::new_v4(), 1000)).collect();
+            for db in [&file_db, &oracle_db] {
+                accounts_with_ids(db, &ids);
+                db.conn().batch_execute(rule).expect("the DBA's rule");
+            }
+            let mut rng = StdRng::seed_from_u64(13);
+            let lines: Vec<T> = (0..300)
+                .map(|_| {
+                    let from = rng.random_range(0..6);
+                    let to = (from + rng.random_range(1..6)) % 6;
+                    T {
+                        id: Uuid::new_v4(),
+                        from: ids[from].0,
+                        to: ids[to].0,
+                        amount: rng.random_range(1..=20),
+                    }
+                })
+                .collect();
+            let want = one_by_one(&oracle_db, &lines);
+            assert!(
+                want.iter().any(|o| o == "refused"),
+                "{iso:?}: a refusal to test"
+            );
+            let run = run_file(
+                file_db.url.expose(),
+                "f.csv",
+                &csv(&lines),
+                &["--batch", "50"],
+            );
+            assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+            let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
+            assert_eq!(got.len(), lines.len(), "{iso:?} {rule}");
+            assert!(got.iter().any(|o| o == "refused"), "{iso:?} {rule}");
+            assert!(
+                !got.iter().any(|o| o == "not_applied" || o == "unknown"),
+                "{iso:?} {rule}"
+            );
+            if exact {
+                assert_eq!(got, want, "{iso:?} {rule}");
+                assert_eq!(
+                    full_state(&file_db),
+                    full_state(&oracle_db),
+                    "{iso:?} {rule}"
+                );
+            } else {
+                let mut conn = file_db.conn();
+                for (o, t) in got.iter().zip(&lines) {
+                    let there = count_transfers_with(&mut conn, t.id);
+                    assert_eq!(there, o == "applied", "{iso:?} {rule}: {o}");
+                }
+                file_db.bank().args(["verify"]).run().success();
+            }
+        }
+    }
+}
+
+fn count_transfers_with(conn: &mut PgConnection, id: Uuid) -> bool {
+    bank::repo::find_transfer(conn, id)
+        .expect("lookup")
+        .is_some()
 }

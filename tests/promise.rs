@@ -508,6 +508,16 @@ fn a_commit_the_server_refuses_is_not_applied_not_unknown() {
         let run = crate::support::Run::from(run);
         assert_eq!(run.code, 1, "{iso:?}: {run:?}");
         assert!(!run.stdout.contains("\"unknown\""), "{iso:?}: {run:?}");
-        assert_eq!(db.balance(ids[0]), 1000, "{iso:?}");
+        // As one at a time: the first line applied, the second refused alone.
+        let outcomes: Vec<String> = run
+            .stdout
+            .lines()
+            .map(|l| {
+                let j: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                j["outcome"].as_str().expect("outcome").to_string()
+            })
+            .collect();
+        assert_eq!(outcomes, ["applied", "refused"], "{iso:?}: {run:?}");
+        assert_eq!(db.balance(ids[0]), 995, "{iso:?}");
     }
 }

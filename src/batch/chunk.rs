@@ -133,11 +133,6 @@ pub struct ChunkRunner {
     /// The lines' ids come from the caller (a file), so an earlier run's attempt at them may
     /// exist: see `nobody_else_can_commit`. The workload's ids are its own.
     ids_given: bool,
-    /// Lines not applied because the database refused their statement with an error no retry
-    /// helps (read-only, a permission, a trigger's), and the last such error: the workload
-    /// counts them as errors, not as transfers given up on.
-    pub failed_lines: u64,
-    pub last_failure: Option<String>,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -162,8 +157,6 @@ impl ChunkRunner {
             limit: usize::MAX,
             size: usize::MAX,
             ids_given: false,
-            failed_lines: 0,
-            last_failure: None,
         }
     }
 
@@ -218,6 +211,23 @@ impl ChunkRunner {
                 Err(Failed { split: true, .. }) => {
                     self.limit = (rest.len() / 2).max(1);
                     continue;
+                }
+                // The database refused the statement with an error of its own (a DBA's trigger
+                // or CHECK): the lines go again, half as many per statement, until the one it
+                // refuses is alone; that one is `refused`, and the others get their one-by-one
+                // outcomes. The statement holding it failed whole, and it and every line after it
+                // were `not_applied`, on every rerun too.
+                Err(failed) if failed.outcome == Outcome::Refused && rest.len() > 1 => {
+                    self.size = (rest.len() / 2).max(1);
+                    continue;
+                }
+                Err(failed) if failed.outcome == Outcome::Refused => {
+                    // Back to larger statements after it, doubling as after any refusal.
+                    self.size = 2;
+                    vec![Verdict {
+                        outcome: Outcome::Refused,
+                        error: Some(failed.reason),
+                    }]
                 }
                 Ok(decided) => {
                     let refused = decided
@@ -421,11 +431,11 @@ impl ChunkRunner {
                 Outcome::Unknown,
                 format!("an attempt's COMMIT went unanswered, then: {e}"),
             ),
-            Err(Stop::Failed(e)) => {
-                self.failed_lines += lines.len() as u64;
-                self.last_failure = Some(e.to_string());
-                fail(Outcome::NotApplied, e.to_string())
+            // The server's own refusal, settled (nothing of the statement applied).
+            Err(Stop::Failed(TransferError::Database(e @ DieselError::DatabaseError(..)))) => {
+                fail(Outcome::Refused, TransferError::Database(e).to_string())
             }
+            Err(Stop::Failed(e)) => fail(Outcome::NotApplied, e.to_string()),
             Err(Stop::Exhausted {
                 attempts,
                 last,
@@ -625,7 +635,7 @@ fn verdict(l: &Line, d: &Decided) -> Verdict {
             "transfer {} is already in the ledger with different details (from, to or amount)",
             t.id
         )),
-        Outcome::NotApplied | Outcome::Unknown => None,
+        Outcome::NotApplied | Outcome::Unknown | Outcome::Refused => None,
     };
     Verdict { outcome, error }
 }

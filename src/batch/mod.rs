@@ -38,16 +38,20 @@ pub enum Outcome {
     NotApplied,
     /// It may or may not have been applied: a rerun of the file settles it (exit 3).
     Unknown,
+    /// The database refused it with an error of its own (a DBA's trigger, a CHECK that is not
+    /// bank's), alone in its statement: not applied, as one transfer at a time would be.
+    Refused,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Applied,
         Outcome::AlreadyApplied,
         Outcome::InsufficientFunds,
         Outcome::UnknownAccount,
         Outcome::IdConflict,
         Outcome::BalanceOverflow,
+        Outcome::Refused,
         Outcome::NotApplied,
         Outcome::Unknown,
     ];
@@ -62,6 +66,7 @@ impl Outcome {
             Outcome::BalanceOverflow => "balance_overflow",
             Outcome::NotApplied => "not_applied",
             Outcome::Unknown => "unknown",
+            Outcome::Refused => "refused",
         }
     }
 

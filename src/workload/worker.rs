@@ -255,7 +255,6 @@ impl Worker {
                 return;
             }
             let began = Instant::now();
-            let failed_before = chunk.failed_lines;
             let result = chunk.apply(&lines);
             if !self.slot.ticket.finish() {
                 // The watchdog gave up on this chunk and counted it.
@@ -277,20 +276,17 @@ impl Worker {
                 }
             };
             let mut applied = 0;
-            // Lines the database refused outright are errors (as they are without --batch), not
-            // transfers given up on: they made a read-only database's run say "ok".
-            let mut failed = chunk.failed_lines - failed_before;
-            if failed > 0 {
-                tally.last_error = chunk.last_failure.clone();
-            }
             for (l, v) in lines.iter().zip(&verdicts) {
                 match v.outcome {
                     Outcome::Applied => applied += 1,
                     Outcome::InsufficientFunds => tally.insufficient_funds += 1,
                     Outcome::BalanceOverflow => tally.balance_overflow += 1,
-                    Outcome::NotApplied if failed > 0 => {
-                        failed -= 1;
+                    // Refused by the database outright (read-only, a permission, a trigger):
+                    // an error, as without --batch; counted as given up, a read-only
+                    // database's run said "ok".
+                    Outcome::Refused => {
                         tally.errors += 1;
+                        tally.last_error = v.error.clone();
                         self.live.errors.fetch_add(1, Ordering::Relaxed);
                     }
                     Outcome::NotApplied => {
