@@ -88,6 +88,13 @@ pub enum TransferError {
         to: Uuid,
         amount: i64,
     },
+    /// The statement wrote no ledger row (a trigger on `transfers` skipped it), so it failed and
+    /// applied nothing.
+    #[error(
+        "the transfer statement wrote no ledger row (a trigger on transfers may have skipped it), \
+         so it applied nothing"
+    )]
+    NoLedgerRow,
     #[error("database not migrated: run `bank init` first")]
     NotMigrated,
     #[error(
@@ -194,10 +201,7 @@ pub enum Error {
     Io(#[from] std::io::Error),
     /// `seed` stopped before every account was created (exit 1); each one created had its id
     /// written.
-    #[error(
-        "{why}, so the seed stopped: {created} of {total} accounts were created, those of the \
-         first {created} ids written (any written after them were rolled back)"
-    )]
+    #[error("{why}, so the seed stopped: {}", seed_stopped(*created, *total))]
     SeedStopped {
         why: String,
         created: u64,
@@ -220,6 +224,21 @@ pub enum Error {
     /// The user answered no to a confirmation (exit 1: what was asked was not done).
     #[error("{0} cancelled: nothing deleted")]
     Cancelled(&'static str),
+}
+
+/// What a stopped seed created: the accounts of the first ids written, never those written
+/// after them (their chunk was rolled back).
+fn seed_stopped(created: u64, total: u64) -> String {
+    match created {
+        0 => format!(
+            "none of the {total} accounts was created (any id written belongs to a chunk that \
+             was rolled back)"
+        ),
+        n => format!(
+            "{n} of {total} accounts were created, those of the first {n} ids written (any id \
+             written after them belongs to a chunk that was rolled back)"
+        ),
+    }
 }
 
 /// Why `bank workload` failed.

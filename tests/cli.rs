@@ -876,8 +876,8 @@ fn a_seed_whose_ids_cannot_be_written_creates_nothing() {
             run.stderr
                 .starts_with("bank: error: cannot write the ids (")
                 && run.stderr.ends_with(
-                    "), so the seed stopped: 0 of 5 accounts were created, those of the first \
-                     0 ids written (any written after them were rolled back)\n"
+                    "), so the seed stopped: none of the 5 accounts was created (any id \
+                     written belongs to a chunk that was rolled back)\n"
                 )
                 && run.stderr.lines().count() == 1,
             "{extra:?}: {run:?}"
@@ -919,8 +919,8 @@ fn a_seed_whose_reader_leaves_stops_and_says_how_many_it_created() {
     assert_eq!(
         run.stderr,
         "bank: error: the output was closed, so the seed stopped: 100000 of 250000 accounts \
-         were created, those of the first 100000 ids written (any written after them were \
-         rolled back)\n"
+         were created, those of the first 100000 ids written (any id written after them \
+         belongs to a chunk that was rolled back)\n"
     );
     let (accounts, _) = db.state();
     assert_eq!(accounts.len(), 100_000);

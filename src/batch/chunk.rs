@@ -340,6 +340,7 @@ impl ChunkRunner {
                 Err(Rollback::Bug(message)) => Attempt::Fail(TransferError::Database(
                     DieselError::QueryBuilderError(message.into()),
                 )),
+                Err(Rollback::NoLedgerRow) => Attempt::Fail(TransferError::NoLedgerRow),
                 // Cancelled by a timeout once its locks were held: the statement itself
                 // outlasted the server's statement_timeout, and a retry of the same lines would
                 // too. (Waiting for locks, a retry may well get them.)
@@ -435,6 +436,9 @@ impl ChunkRunner {
             Err(Stop::Failed(TransferError::Database(e @ DieselError::DatabaseError(..)))) => {
                 fail(Outcome::Refused, TransferError::Database(e).to_string())
             }
+            Err(Stop::Failed(e @ TransferError::NoLedgerRow)) => {
+                fail(Outcome::Refused, e.to_string())
+            }
             Err(Stop::Failed(e)) => fail(Outcome::NotApplied, e.to_string()),
             Err(Stop::Exhausted {
                 attempts,
@@ -486,6 +490,8 @@ enum Rollback {
     Abandoned,
     /// The statement's counts disagree with its verdicts: never commit that.
     Bug(String),
+    /// The statement wrote fewer ledger rows than it applied lines.
+    NoLedgerRow,
 }
 
 impl From<DieselError> for Rollback {
@@ -584,6 +590,12 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
     for l in applied(lines, &decided) {
         transfers += 1;
         accounts.extend([l.transfer.from_id, l.transfer.to_id]);
+    }
+    // Fewer ledger rows than lines applied: a trigger on `transfers` skipped some (BEFORE
+    // INSERT returning NULL). Rolled back, and the lines go again in smaller statements until
+    // the skipped one is alone (`refused`), as for any refusal of the database's own.
+    if inserted.is_some_and(|n| n < transfers as i64) {
+        return Err(Rollback::NoLedgerRow);
     }
     if inserted != Some(transfers as i64) || moved != Some(accounts.len() as i64) {
         return Err(Rollback::Bug(format!(

@@ -181,11 +181,7 @@ impl BodyError {
             // which every check was taken for; the database's words say which.
             DatabaseErrorKind::CheckViolation => BodyError::Final(TransferError::Database(e)),
             _ if info.message().contains(NO_LEDGER_ROW) => {
-                BodyError::Final(TransferError::Database(DieselError::QueryBuilderError(
-                    "the transfer statement wrote no ledger row (a trigger on transfers may \
-                     have skipped it), so it applied nothing"
-                        .into(),
-                )))
+                BodyError::Final(TransferError::NoLedgerRow)
             }
             // 22003: only the credited balance can leave INT8's range (the debit is checked).
             _ if info.message().contains("out of range") => {
