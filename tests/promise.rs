@@ -521,3 +521,51 @@ fn a_commit_the_server_refuses_is_not_applied_not_unknown() {
         assert_eq!(db.balance(ids[0]), 995, "{iso:?}");
     }
 }
+
+/// A DBA's trigger that refuses a transfer bank would refuse for its own reason (the id taken
+/// with other details, an unknown account, insufficient funds): one transfer at a time gave the
+/// trigger's error, a file the reason of bank's, which it checks first. Both give bank's now.
+#[test]
+fn bank_s_own_reasons_come_before_a_dba_s_refusal() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION dba7() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF NEW.amount % 7 = 0 THEN RAISE EXCEPTION 'DBA_REFUSED'; END IF; \
+                 RETURN NEW; END$$; \
+                 CREATE TRIGGER dba7 BEFORE INSERT ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION dba7(); \
+                 CREATE FUNCTION poor() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF OLD.balance < 20 THEN RAISE EXCEPTION 'DBA_REFUSED_POOR'; END IF; \
+                 RETURN NEW; END$$; \
+                 CREATE TRIGGER poor BEFORE UPDATE ON accounts FOR EACH ROW \
+                 EXECUTE FUNCTION poor()",
+            )
+            .expect("triggers");
+        let ids = db.accounts(&[1000, 1000, 5]);
+        let id = Uuid::new_v4().to_string();
+        for mode in ["transaction", "single-statement"] {
+            db.transfer(ids[0], ids[1], 10)
+                .args(["--mode", mode, "--id", &id])
+                .run()
+                .success();
+            let conflict = db
+                .transfer(ids[0], ids[1], 14)
+                .args(["--mode", mode, "--id", &id])
+                .run();
+            conflict.fails_with(1, "already exists with different details");
+            let unknown = db
+                .transfer(Uuid::new_v4(), ids[1], 14)
+                .args(["--mode", mode])
+                .run();
+            unknown.fails_with(1, "does not exist");
+            let poor = db.transfer(ids[2], ids[1], 15).args(["--mode", mode]).run();
+            poor.fails_with(1, "insufficient funds");
+            // Nothing of bank's to say: the DBA's refusal, in its words.
+            let dba = db.transfer(ids[0], ids[1], 21).args(["--mode", mode]).run();
+            dba.fails_with(1, "DBA_REFUSED");
+        }
+        assert_eq!(db.balance(ids[0]), 990, "{iso:?}");
+    }
+}

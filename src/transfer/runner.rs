@@ -367,6 +367,14 @@ fn attempt(
         },
         Err(BodyError::Database(e)) => database_failure(conn, t, mode, committing, e),
     };
+    let step = match step {
+        // The server's own answer, so nothing was applied (a COMMIT it refused included; one
+        // whose row the ledger has is not a failure by now).
+        Attempt::Fail(e) if refused_by_the_database(&e) => {
+            own_reason_first(conn, t, e, after_ambiguous)
+        }
+        step => step,
+    };
     if committing {
         let maybe_applied = matches!(
             step,
@@ -471,6 +479,32 @@ fn first_reason(conn: &mut PgConnection, t: &NewTransfer, refused: TransferError
             amount: t.amount,
         },
         _ => refused,
+    }
+}
+
+/// A refusal of the database's own (a DBA's trigger or CHECK, a skipped ledger row), not one of
+/// bank's reasons.
+fn refused_by_the_database(e: &TransferError) -> bool {
+    matches!(
+        e,
+        TransferError::NoLedgerRow | TransferError::Database(DieselError::DatabaseError(..))
+    )
+}
+
+/// A DBA's refusal of a transfer bank would refuse anyway: bank's reason is given, as a file
+/// gives it (its statement decides the ledger's verdicts, then unknown accounts and funds,
+/// before it writes): the ledger first (the id applied already, or taken with other details),
+/// then `first_reason`. One transfer at a time gave the trigger's error instead.
+fn own_reason_first(
+    conn: &mut PgConnection,
+    t: &NewTransfer,
+    refused: TransferError,
+    after_ambiguous: bool,
+) -> Attempt<bool, TransferError> {
+    match lookup(conn, t) {
+        Ok(Some(found)) => resolve_duplicate(t, &found, !after_ambiguous),
+        Ok(None) => Attempt::Fail(first_reason(conn, t, refused)),
+        Err(_) => Attempt::Fail(refused),
     }
 }
 
