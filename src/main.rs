@@ -89,14 +89,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 /// `BANK_*` variables (in the environment or in .env), which clap does not say.
 fn from_environment(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue};
-    const VARIABLES: [(&str, &str); 6] = [
-        ("--timeout", "BANK_TIMEOUT"),
-        ("--timeout", "BANK_READ_TIMEOUT"),
-        ("--check-timeout", "BANK_READ_TIMEOUT"),
-        ("--max-retries", "BANK_MAX_RETRIES"),
-        ("--retry-base", "BANK_RETRY_BASE"),
-        ("--retry-cap", "BANK_RETRY_CAP"),
-    ];
+    use clap::CommandFactory;
     let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
         e.get(ContextKind::InvalidArg),
         e.get(ContextKind::InvalidValue),
@@ -104,13 +97,26 @@ fn from_environment(e: &clap::Error) -> String {
         return String::new();
     };
     let flag = arg.split_whitespace().next().unwrap_or_default();
-    let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
-    let from = VARIABLES
-        .iter()
-        .find(|(f, var)| *f == flag && std::env::var(var).is_ok_and(|v| v == *value));
-    match (typed, from) {
-        (false, Some((_, var))) => format!(" (from {var}, in the environment or .env)"),
-        _ => String::new(),
+    if std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+        return String::new();
+    }
+    // The variables the flag reads, as the clap definitions name them (`env = "BANK_…"`).
+    let cli = bank::cli::Cli::command();
+    let from = std::iter::once(&cli)
+        .chain(cli.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .filter(|a| {
+            a.get_long()
+                .is_some_and(|l| flag.strip_prefix("--") == Some(l))
+        })
+        .filter_map(|a| a.get_env())
+        .find(|var| std::env::var_os(var).is_some_and(|v| v == value.as_str()));
+    match from {
+        Some(var) => format!(
+            " (from {}, in the environment or .env)",
+            var.to_string_lossy()
+        ),
+        None => String::new(),
     }
 }
 

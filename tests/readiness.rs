@@ -424,14 +424,7 @@ fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     // Diesel's harness would have created its table: doctor must not.
     let again = db.bank().args(["doctor"]).run();
     assert!(again.stdout.contains("schema: not migrated"), "{again:?}");
-    let tables: Vec<String> = diesel::sql_query(
-        "SELECT table_name AS version FROM information_schema.tables WHERE table_schema = 'public'",
-    )
-    .load::<Name>(&mut db.conn())
-    .expect("tables")
-    .into_iter()
-    .map(|n| n.version)
-    .collect();
+    let tables = public_tables(&db);
     assert!(tables.is_empty(), "{tables:?}");
 }
 
@@ -482,6 +475,19 @@ fn a_schema_migrated_by_a_newer_bank_is_named_by_doctor_and_init() {
         (init.stdout.as_str(), init.stderr.as_str()),
         ("schema is up to date\n", "")
     );
+}
+
+/// The tables of the database's public schema, by name.
+fn public_tables(db: &ScratchDb) -> Vec<String> {
+    diesel::sql_query(
+        "SELECT table_name AS version FROM information_schema.tables \
+         WHERE table_schema = 'public' ORDER BY table_name",
+    )
+    .load::<Name>(&mut db.conn())
+    .expect("tables")
+    .into_iter()
+    .map(|n| n.version)
+    .collect()
 }
 
 #[derive(diesel::QueryableByName)]
@@ -667,15 +673,7 @@ fn init_leaves_nothing_behind_when_it_fails_and_needs_no_create_when_up_to_date(
         .expect("someone else's table");
     let run = db.bank().args(["init"]).run();
     assert_eq!(run.code, 1, "{run:?}");
-    let tables: Vec<String> = diesel::sql_query(
-        "SELECT table_name AS version FROM information_schema.tables \
-         WHERE table_schema = 'public' ORDER BY table_name",
-    )
-    .load::<Name>(&mut db.conn())
-    .expect("tables")
-    .into_iter()
-    .map(|n| n.version)
-    .collect();
+    let tables = public_tables(&db);
     assert_eq!(tables, ["accounts"], "{run:?}");
 
     // The role goes after the database that holds its grants: declared first.
@@ -731,15 +729,7 @@ fn another_applications_database_is_named_and_left_alone() {
     );
     let init = db.bank().args(["init"]).run();
     init.fails_with(1, "another application's migrations");
-    let tables: Vec<String> = diesel::sql_query(
-        "SELECT table_name AS version FROM information_schema.tables \
-         WHERE table_schema = 'public' ORDER BY table_name",
-    )
-    .load::<Name>(&mut db.conn())
-    .expect("tables")
-    .into_iter()
-    .map(|n| n.version)
-    .collect();
+    let tables = public_tables(&db);
     assert_eq!(tables, ["__diesel_schema_migrations", "posts"]);
 
     // Only bank's first migration: a report, pending migrations and no counts.

@@ -360,17 +360,7 @@ impl ChunkRunner {
                 // back. Taken for ambiguous, it was retried until the deadline and its lines
                 // ended "unknown", on every rerun too.
                 Err(Rollback::Database(e))
-                    if committing
-                        && matches!(e, DieselError::DatabaseError(..))
-                        && classify(&e, Phase::Commit).is_none()
-                        && seen.as_ref().is_some_and(|numbers| {
-                            let ids: Vec<Uuid> = lines
-                                .iter()
-                                .filter(|l| numbers.contains(&l.line))
-                                .map(|l| l.transfer.id)
-                                .collect();
-                            !ids.is_empty() && repo::count_transfers_with_ids(conn, &ids) == Ok(0)
-                        }) =>
+                    if committing && commit_refused(conn, &e, lines, seen.as_deref()) =>
                 {
                     Attempt::Fail(TransferError::from(e))
                 }
@@ -501,6 +491,26 @@ impl From<DieselError> for Rollback {
 }
 
 /// An error of the statement or its COMMIT, as a step of the retry loop.
+/// Whether a COMMIT that failed with `e` surely rolled back: the server answered it with an error
+/// nobody classified (not a lost connection, not CockroachDB's ambiguous result), and the ledger
+/// has none of the lines (`applied`, by number) that the attempt would have written.
+fn commit_refused(
+    conn: &mut PgConnection,
+    e: &DieselError,
+    lines: &[Line],
+    applied: Option<&[u64]>,
+) -> bool {
+    if !matches!(e, DieselError::DatabaseError(..)) || classify(e, Phase::Commit).is_some() {
+        return false;
+    }
+    let ids: Vec<Uuid> = lines
+        .iter()
+        .filter(|l| applied.is_some_and(|a| a.contains(&l.line)))
+        .map(|l| l.transfer.id)
+        .collect();
+    !ids.is_empty() && repo::count_transfers_with_ids(conn, &ids) == Ok(0)
+}
+
 /// Whether the server cancelled the statement for its `statement_timeout` (PostgreSQL's
 /// "canceling statement due to statement timeout", CockroachDB's "query execution canceled due
 /// to statement timeout"): only then is the statement too long, and its lines go again in
@@ -658,33 +668,7 @@ mod tests {
 
     #[test]
     fn only_the_servers_statement_timeout_makes_a_statement_too_long() {
-        struct Info(&'static str);
-        impl diesel::result::DatabaseErrorInformation for Info {
-            fn message(&self) -> &str {
-                self.0
-            }
-            fn details(&self) -> Option<&str> {
-                None
-            }
-            fn hint(&self) -> Option<&str> {
-                None
-            }
-            fn table_name(&self) -> Option<&str> {
-                None
-            }
-            fn column_name(&self) -> Option<&str> {
-                None
-            }
-            fn constraint_name(&self) -> Option<&str> {
-                None
-            }
-            fn statement_position(&self) -> Option<i32> {
-                None
-            }
-        }
-        let e = |m: &'static str| {
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Info(m)))
-        };
+        let e = |m: &'static str| crate::retry::tests::db(DatabaseErrorKind::Unknown, m);
         assert!(cancelled_by_statement_timeout(&e(
             "canceling statement due to statement timeout"
         )));

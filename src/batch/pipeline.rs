@@ -307,10 +307,9 @@ where
                     }
                     Err(fatal) => {
                         let worker = &workers[f.worker];
-                        let mut verdicts = worker.watch.decided();
                         // Nothing applied anywhere yet (a URL that never connects, a schema that
                         // is not there): the one error says it all.
-                        if !any_done && verdicts.is_empty() {
+                        if !any_done && worker.watch.decided().is_empty() {
                             emit_ready(&mut windows, &mut summary, &mut record)?;
                             return Err(E::from(fatal));
                         }
@@ -318,18 +317,10 @@ where
                         // and could not be made again: their lines were never reported. The
                         // statement in hand may have reached its COMMIT; the rest was not sent.
                         let error = fatal.to_string();
-                        let n = f.group.positions.len().saturating_sub(verdicts.len());
-                        let sent = worker.watch.in_statement().min(n);
-                        verdicts.extend((0..sent).map(|_| Verdict {
-                            outcome: Outcome::Unknown,
-                            error: Some(format!(
-                                "the connection was lost and could not be made again ({error})"
-                            )),
-                        }));
-                        verdicts.extend((sent..n).map(|_| Verdict {
-                            outcome: Outcome::NotApplied,
-                            error: Some(format!("not attempted: {error}")),
-                        }));
+                        let in_hand = format!(
+                            "the connection was lost and could not be made again ({error})"
+                        );
+                        let verdicts = cut_short(&worker.watch, &f.group, &in_hand, &error);
                         stopping.get_or_insert(error);
                         verdicts
                     }
@@ -363,36 +354,23 @@ where
             };
             let f = in_flight.swap_remove(i);
             workers[f.worker].lost = true;
-            let mut verdicts = workers[f.worker].watch.decided();
-            let in_statement = workers[f.worker].watch.in_statement();
             // Before its COMMIT this run applied nothing, but a file's ids may have an earlier
             // run's attempt still on its way to commit (an orphan holding the very locks this
-            // statement waited on), and a server that does not answer cannot be asked: unknown,
-            // as for a statement given up held up (`ChunkRunner::nobody_else_can_commit`).
-            let (outcome, what) = match how {
-                GaveUp::NotApplied => (
-                    Outcome::Unknown,
+            // statement waited on), and a server that does not answer cannot be asked: unknown
+            // either way, as for a statement given up held up
+            // (`ChunkRunner::nobody_else_can_commit`).
+            let what = match how {
+                GaveUp::NotApplied => {
                     "before its COMMIT was sent (this run applied nothing, but cannot tell \
-                     whether an earlier run's attempt at these lines is still about to commit)",
-                ),
-                GaveUp::Unknown => (Outcome::Unknown, "after its COMMIT was sent"),
+                     whether an earlier run's attempt at these lines is still about to commit)"
+                }
+                GaveUp::Unknown => "after its COMMIT was sent",
             };
             let error = format!(
                 "no answer from the database within {:.1}s, {what}",
                 wait.as_secs_f64()
             );
-            // The statement under way shares that fate; the group's lines after it were never
-            // sent.
-            let n = f.group.positions.len().saturating_sub(verdicts.len());
-            let sent = in_statement.min(n);
-            verdicts.extend((0..sent).map(|_| Verdict {
-                outcome,
-                error: Some(error.clone()),
-            }));
-            verdicts.extend((sent..n).map(|_| Verdict {
-                outcome: Outcome::NotApplied,
-                error: Some(format!("not attempted: {error}")),
-            }));
+            let verdicts = cut_short(&workers[f.worker].watch, &f.group, &error, &error);
             stopping.get_or_insert(error);
             finish_group(&mut windows, &f.group, verdicts);
         }
@@ -413,6 +391,25 @@ where
 }
 
 /// Files a group's verdicts in its window; a line without one was never attempted.
+/// The verdicts of a group whose worker stopped short (a frozen server, a connection that
+/// could not be made again): those decided so far, then `unknown` (with `in_hand`) for the
+/// statement under way, which may have reached its COMMIT, and `not_applied` for the lines after
+/// it, which were never sent.
+fn cut_short(watch: &Watch, group: &Group, in_hand: &str, error: &str) -> Vec<Verdict> {
+    let mut verdicts = watch.decided();
+    let n = group.positions.len().saturating_sub(verdicts.len());
+    let sent = watch.in_statement().min(n);
+    verdicts.extend((0..sent).map(|_| Verdict {
+        outcome: Outcome::Unknown,
+        error: Some(in_hand.to_string()),
+    }));
+    verdicts.extend((sent..n).map(|_| Verdict {
+        outcome: Outcome::NotApplied,
+        error: Some(format!("not attempted: {error}")),
+    }));
+    verdicts
+}
+
 fn finish_group(windows: &mut BTreeMap<u64, Window>, group: &Group, verdicts: Vec<Verdict>) {
     let Some(w) = windows.get_mut(&group.window) else {
         return;
