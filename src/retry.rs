@@ -189,6 +189,15 @@ impl RetryPolicy {
     }
 }
 
+/// "1 attempt", "3 attempts": how messages count the attempts at a transfer.
+pub fn attempts(n: u32) -> String {
+    if n == 1 {
+        "1 attempt".to_string()
+    } else {
+        format!("{n} attempts")
+    }
+}
+
 /// Retries by cause: of one transfer, or of a whole workload.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct RetryCounts {

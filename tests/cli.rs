@@ -758,6 +758,13 @@ fn completions_and_the_man_page_need_no_database() {
             "{sub}: {}",
             &page.stdout[..200.min(page.stdout.len())]
         );
+        // The footer names the program, not the command ("seed 0.1.0").
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            page.stdout.contains(&format!("\"bank {version}\"")),
+            "{sub}: {}",
+            &page.stdout[..200.min(page.stdout.len())]
+        );
     }
     // The exit codes and the variables, in the page and in --help.
     for needle in ["Exit status", "BANK_READ_TIMEOUT", "DATABASE_URL"] {

@@ -196,7 +196,7 @@ fn a_40001_with_no_retries_left_is_reported_and_not_applied() {
         run.fails_json(
             1,
             "failed",
-            &format!("transfer {id} not applied: gave up after 1 attempts"),
+            &format!("transfer {id} not applied: gave up after 1 attempt;"),
         );
         assert!(run.stderr.contains("restart transaction"), "{run:?}");
         assert_eq!(s.balances(), (1000, 0), "{iso:?} {}", s.case());

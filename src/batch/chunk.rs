@@ -438,11 +438,12 @@ impl ChunkRunner {
             }) => {
                 let how = if timed_out {
                     format!(
-                        "timed out after {:.1}s ({attempts} attempts)",
-                        started.elapsed().as_secs_f64()
+                        "timed out after {:.1}s ({})",
+                        started.elapsed().as_secs_f64(),
+                        crate::retry::attempts(attempts)
                     )
                 } else {
-                    format!("gave up after {attempts} attempts")
+                    format!("gave up after {}", crate::retry::attempts(attempts))
                 };
                 let reason = format!("{how}; last error: {last}");
                 let held = cause.is_some_and(Cause::is_held_up);

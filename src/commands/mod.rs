@@ -45,7 +45,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     ))
                 })?,
             };
-            clap_mangen::Man::new(page).render(&mut out)?;
+            // The footer names the program for every page; clap_mangen's default is the
+            // command's own name ("seed 0.1.0").
+            clap_mangen::Man::new(page)
+                .source(format!("bank {}", env!("CARGO_PKG_VERSION")))
+                .render(&mut out)?;
             out.flush()?;
             return Ok(());
         }

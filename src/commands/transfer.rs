@@ -150,9 +150,12 @@ pub(super) fn receipt_line(r: &Receipt) -> String {
             t.id, t.amount, t.from_id, t.to_id
         );
     }
-    let plural = if r.attempts == 1 { "" } else { "s" };
     format!(
-        "transfer {}: moved {} from {} to {} ({} attempt{plural})",
-        t.id, t.amount, t.from_id, t.to_id, r.attempts
+        "transfer {}: moved {} from {} to {} ({})",
+        t.id,
+        t.amount,
+        t.from_id,
+        t.to_id,
+        crate::retry::attempts(r.attempts)
     )
 }

@@ -228,11 +228,15 @@ fn no_answer(started: Instant) -> String {
 fn exhausted(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> String {
     if timed_out {
         format!(
-            "timed out after {:.1}s ({attempts} attempts); last error: {last}",
-            elapsed.as_secs_f64()
+            "timed out after {:.1}s ({}); last error: {last}",
+            elapsed.as_secs_f64(),
+            crate::retry::attempts(attempts)
         )
     } else {
-        format!("gave up after {attempts} attempts; last error: {last}")
+        format!(
+            "gave up after {}; last error: {last}",
+            crate::retry::attempts(attempts)
+        )
     }
 }
 
