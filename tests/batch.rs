@@ -1709,3 +1709,51 @@ fn count_transfers_with(conn: &mut PgConnection, id: Uuid) -> bool {
         .expect("lookup")
         .is_some()
 }
+
+/// A rerun of a file that the database now refuses whole (a read-only database, as a replica
+/// is; a DBA's trigger closing the ledger): every line was `refused`, those the ledger has
+/// included, where one transfer at a time says "already applied" (or an id conflict); an
+/// operator told so could pay them again under new ids. The ledger is asked first. A line it
+/// does not have is `refused` only once nothing can still be committing it (the probe after a
+/// held-up attempt); where the accounts cannot even be probed (read-only), an earlier run's
+/// attempt may still hold them, and the line is `unknown`.
+#[test]
+fn a_rerun_the_database_refuses_whole_gives_the_ledger_s_answer_first() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 4, 6, 23);
+        run_file(db.url.expose(), "f.csv", &csv(&lines), &[]).success();
+        let mut rerun = lines.clone();
+        rerun.push(T {
+            amount: lines[0].amount + 1,
+            ..lines[0]
+        });
+        rerun.push(T {
+            id: Uuid::new_v4(),
+            ..lines[1]
+        });
+        let closed = "CREATE FUNCTION closed() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                      RAISE EXCEPTION 'ledger closed for month end'; END$$; \
+                      CREATE TRIGGER closed BEFORE INSERT ON transfers \
+                      FOR EACH STATEMENT EXECUTE FUNCTION closed()";
+        db.conn().batch_execute(closed).expect("trigger");
+        let run = run_file(db.url.expose(), "f.csv", &csv(&rerun), &[]);
+        let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
+        let mut want = vec!["already_applied"; 6];
+        want.extend(["id_conflict", "refused"]);
+        assert_eq!(got, want, "{iso:?}: {run:?}");
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        db.conn()
+            .batch_execute("DROP TRIGGER closed ON transfers")
+            .expect("drop trigger");
+
+        db.alter("default_transaction_read_only = on");
+        let run = run_file(db.url.expose(), "f.csv", &csv(&rerun), &[]);
+        let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
+        want[7] = "unknown";
+        assert_eq!(got, want, "{iso:?}: {run:?}");
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        db.alter("default_transaction_read_only = off");
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 6);
+    }
+}

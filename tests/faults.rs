@@ -5,6 +5,7 @@
 //! outcome unsettled when the client looks: a COMMIT that reaches the server late while the
 //! client reconnects, a frozen server, lock and statement timeouts set on the server.
 
+use diesel::connection::SimpleConnection;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -623,6 +624,60 @@ fn a_rerun_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
         assert!(fresh.stderr.contains("not applied"), "{case}: {fresh:?}");
         s.wait_for_late_commit();
         let settled = rerun(&["--id", &id.to_string(), "--json"]);
+        settled.success();
+        assert_eq!(settled.json()["outcome"], "already_applied", "{case}");
+        assert_eq!(s.balances(), (900, 100), "{case}");
+        s.verify_passes();
+    }
+}
+
+/// A rerun refused before it could lock the accounts (a read-only database, as a replica is; a
+/// role that may no longer log in) while an earlier attempt's COMMIT was still on its way said
+/// "not applied" (exit 1), and the earlier attempt then committed. It is unknown (exit 3) until
+/// the accounts can be probed free; without --id the id is new and "not applied" stands.
+#[test]
+fn a_rerun_refused_before_the_locks_while_an_orphan_may_commit_is_unknown() {
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.db.alter("lock_timeout = '200ms'");
+        s.arm(Fault::LateCommit(Duration::from_secs(6)));
+        let id = Uuid::new_v4();
+        let first = s.transfer(id, &["--max-retries", "1"]);
+        first.fails_json(3, "unknown", "may or may not have been applied");
+        let case = format!("{iso:?} {}", s.case());
+        let rerun = |url: &str, extra: &[&str]| {
+            Bank::new()
+                .args(["--database-url", url, "transfer"])
+                .args(["--from", &s.from.to_string(), "--to", &s.to.to_string()])
+                .args(["--amount", "100", "--mode", s.mode, "--timeout", "1s"])
+                .args(extra)
+                .run()
+        };
+        s.db.alter("default_transaction_read_only = on");
+        let refused = rerun(s.db.url.expose(), &["--id", &id.to_string()]);
+        assert_eq!(refused.code, 3, "{case}: {refused:?}");
+        assert!(refused.stderr.contains("read-only"), "{case}: {refused:?}");
+        assert!(
+            refused.stderr.contains("may or may not"),
+            "{case}: {refused:?}"
+        );
+        let fresh = rerun(s.db.url.expose(), &[]);
+        assert_eq!(fresh.code, 1, "{case}: {fresh:?}");
+        s.db.alter("default_transaction_read_only = off");
+        // A role refused at login: nothing can be asked.
+        let role = format!("teller_{}", Uuid::new_v4().simple());
+        s.db.conn()
+            .batch_execute(&format!("CREATE ROLE {role} NOLOGIN PASSWORD 'pw'"))
+            .expect("role");
+        let mut url = url::Url::parse(s.db.url.expose()).expect("url");
+        url.set_username(&role).expect("user");
+        url.set_password(Some("pw")).expect("password");
+        let cannot = rerun(url.as_str(), &["--id", &id.to_string()]);
+        assert_eq!(cannot.code, 3, "{case}: {cannot:?}");
+        assert!(cannot.stderr.contains("log in"), "{case}: {cannot:?}");
+        let _ = s.db.conn().batch_execute(&format!("DROP ROLE {role}"));
+        s.wait_for_late_commit();
+        let settled = rerun(s.db.url.expose(), &["--id", &id.to_string(), "--json"]);
         settled.success();
         assert_eq!(settled.json()["outcome"], "already_applied", "{case}");
         assert_eq!(s.balances(), (900, 100), "{case}");

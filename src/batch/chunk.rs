@@ -224,10 +224,7 @@ impl ChunkRunner {
                 Err(failed) if failed.outcome == Outcome::Refused => {
                     // Back to larger statements after it, doubling as after any refusal.
                     self.size = 2;
-                    vec![Verdict {
-                        outcome: Outcome::Refused,
-                        error: Some(failed.reason),
-                    }]
+                    vec![self.settle_refused(&rest[0], failed.reason)]
                 }
                 Ok(decided) => {
                     let refused = decided
@@ -281,6 +278,45 @@ impl ChunkRunner {
         }
         let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
         repo::count_transfers_with_ids(conn, &ids) == Ok(0)
+    }
+
+    /// A line the database refused alone with an error of its own (a DBA's trigger or CHECK, a
+    /// read-only database, a revoked privilege). The ledger first, as `bank transfer --id` asks
+    /// it: an id an earlier run applied is `already_applied` (with other details, `id_conflict`);
+    /// the refusal said `refused` for those too. Then, since the refusal may have come before
+    /// the line's accounts were locked, the probe of a held-up attempt: `refused` only once
+    /// nothing can still be committing the line; an earlier run's attempt holding its accounts,
+    /// or accounts that cannot even be probed (a read-only database), leave it `unknown`.
+    fn settle_refused(&mut self, line: &Line, reason: String) -> Verdict {
+        let t = &line.transfer;
+        let unknown = |why: &str| Verdict {
+            outcome: Outcome::Unknown,
+            error: Some(format!(
+                "the database refused it ({reason}), {why}, so an earlier run's attempt at it \
+                 may still commit"
+            )),
+        };
+        let Ok(conn) = self.session.conn() else {
+            return unknown("and the ledger could not be asked");
+        };
+        match repo::find_transfer(conn, t.id) {
+            Ok(Some(found)) if t.matches(&found) => Verdict {
+                outcome: Outcome::AlreadyApplied,
+                error: None,
+            },
+            Ok(Some(_)) => Verdict {
+                outcome: Outcome::IdConflict,
+                error: Some(id_conflict(t.id)),
+            },
+            Ok(None) if !self.ids_given || repo::accounts_free(conn, &[t.from_id, t.to_id]) => {
+                Verdict {
+                    outcome: Outcome::Refused,
+                    error: Some(reason),
+                }
+            }
+            Ok(None) => unknown("and its accounts could not be probed"),
+            Err(_) => unknown("and the ledger could not be asked"),
+        }
     }
 
     /// Runs the statement over `lines` until it commits, or it cannot.
@@ -618,6 +654,10 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
     Ok(decided)
 }
 
+fn id_conflict(id: Uuid) -> String {
+    format!("transfer {id} is already in the ledger with different details (from, to or amount)")
+}
+
 /// The lines a statement applied: those before its refused line without a verdict.
 fn applied<'a>(lines: &'a [Line], d: &'a Decided) -> impl Iterator<Item = &'a Line> + 'a {
     lines
@@ -654,10 +694,7 @@ fn verdict(l: &Line, d: &Decided) -> Verdict {
             })
             .to_string(),
         ),
-        Outcome::IdConflict => Some(format!(
-            "transfer {} is already in the ledger with different details (from, to or amount)",
-            t.id
-        )),
+        Outcome::IdConflict => Some(id_conflict(t.id)),
         Outcome::NotApplied | Outcome::Unknown | Outcome::Refused => None,
     };
     Verdict { outcome, error }

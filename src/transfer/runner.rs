@@ -115,6 +115,18 @@ impl Runner {
                     reason: format!("an attempt's outcome was ambiguous, then: {e}"),
                 })
             }
+            // A refusal of the database's own may have come before the accounts were locked (a
+            // read-only database, a revoked privilege), or the database could not be reached at
+            // all (a role that may no longer log in): an earlier attempt of a given id may still
+            // be about to commit, exactly as after a held-up run. It said "not applied", and the
+            // earlier attempt then committed.
+            Err(Stop::Failed(e))
+                if self.id_given
+                    && (refused_by_the_database(&e) || matches!(e, TransferError::Connect(_))) =>
+            {
+                let refused = format!("the database refused it ({e})");
+                self.settle(t, refused, e, made, retries)
+            }
             Err(Stop::Failed(e)) => Err(e),
             Err(Stop::Exhausted {
                 attempts,
@@ -126,7 +138,17 @@ impl Runner {
                 if ambiguous {
                     Err(TransferError::OutcomeUnknown { id: t.id, reason })
                 } else if self.id_given && cause.is_some_and(Cause::is_held_up) {
-                    self.settle_held_up(t, reason, made, retries)
+                    let not_applied = TransferError::NotApplied {
+                        id: t.id,
+                        reason: reason.clone(),
+                    };
+                    self.settle(
+                        t,
+                        format!("it was held up ({reason})"),
+                        not_applied,
+                        made,
+                        retries,
+                    )
                 } else {
                     Err(TransferError::NotApplied { id: t.id, reason })
                 }
@@ -134,25 +156,27 @@ impl Runner {
         }
     }
 
-    /// The end of a run with a given id that was held up (see `held_up`). If no transaction
-    /// holds either account or keeps a transfer out of the tables now (`repo::accounts_free`),
-    /// any earlier attempt of this id has ended and the ledger has the last word; otherwise
-    /// nobody can know yet.
-    fn settle_held_up(
+    /// The end of a run with a given id that applied nothing but never got past the accounts'
+    /// locks for sure (see `held_up`; `why` says how). If no transaction holds either account or
+    /// keeps a transfer out of the tables now (`repo::accounts_free`), any earlier attempt of
+    /// this id has ended and the ledger has the last word (absent: `absent`); otherwise, or when
+    /// the accounts cannot even be probed, nobody can know yet.
+    fn settle(
         &mut self,
         t: &NewTransfer,
-        reason: String,
+        why: String,
+        absent: TransferError,
         attempts: u32,
         retries: RetryCounts,
     ) -> Result<Receipt, TransferError> {
         let Ok(conn) = self.session.conn() else {
-            return Err(held_up(t, reason));
+            return Err(held_up(t, why));
         };
         if !repo::accounts_free(conn, &[t.from_id, t.to_id]) {
-            return Err(held_up(t, reason));
+            return Err(held_up(t, why));
         }
         match repo::find_transfer(conn, t.id) {
-            Ok(None) => Err(TransferError::NotApplied { id: t.id, reason }),
+            Ok(None) => Err(absent),
             Ok(Some(found)) => match resolve_duplicate(t, &found, true) {
                 Attempt::Done(already_applied) => Ok(Receipt {
                     transfer: *t,
@@ -161,9 +185,9 @@ impl Runner {
                     retries,
                 }),
                 Attempt::Fail(e) => Err(e),
-                _ => Err(held_up(t, reason)),
+                _ => Err(held_up(t, why)),
             },
-            Err(_) => Err(held_up(t, reason)),
+            Err(_) => Err(held_up(t, why)),
         }
     }
 
@@ -193,7 +217,10 @@ impl Runner {
                 None => rx
                     .recv()
                     .unwrap_or_else(|_| Err(gave_up(&t, GaveUp::Unknown, started))),
-                Some(GaveUp::NotApplied) if id_given => Err(held_up(&t, no_answer(started))),
+                Some(GaveUp::NotApplied) if id_given => Err(held_up(
+                    &t,
+                    format!("it was held up ({})", no_answer(started)),
+                )),
                 Some(how) => Err(gave_up(&t, how, started)),
             },
         }
@@ -201,17 +228,18 @@ impl Runner {
 }
 
 /// This run's attempts were rolled back, but it was held up (waiting on another transaction's
-/// locks, or a server it could not reach or that did not answer) and never learned whether an
-/// earlier attempt of this id, in another process, is still on its way to commit: an orphan
-/// whose COMMIT arrives late holds exactly those locks. Its ledger row is not there yet, so
-/// "not applied" could turn false a moment later: the outcome is unknown, and the next rerun
-/// with the same id settles it. A transfer whose id this run made up has no earlier attempt.
-fn held_up(t: &NewTransfer, reason: String) -> TransferError {
+/// locks, or a server it could not reach or that did not answer), or refused before it surely
+/// held the accounts, and never learned whether an earlier attempt of this id, in another
+/// process, is still on its way to commit: an orphan whose COMMIT arrives late holds exactly
+/// those locks. Its ledger row is not there yet, so "not applied" could turn false a moment
+/// later: the outcome is unknown, and the next rerun with the same id settles it. A transfer
+/// whose id this run made up has no earlier attempt. `why`: "it was held up (…)".
+fn held_up(t: &NewTransfer, why: String) -> TransferError {
     TransferError::OutcomeUnknown {
         id: t.id,
         reason: format!(
-            "this run applied nothing, but it was held up ({reason}) and cannot tell whether an \
-             earlier attempt of this id is still about to commit"
+            "this run applied nothing, but {why} and cannot tell whether an earlier attempt of \
+             this id is still about to commit"
         ),
     }
 }
