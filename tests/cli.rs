@@ -625,6 +625,66 @@ fn bad_timeouts_are_refused() {
             message,
         );
     }
+    // Near the largest duration, adding the moment bank waits past a deadline overflowed: a
+    // panic (exit 101) after the transfer, or after a workload had created accounts and run.
+    let huge = "18446744073709551615s999ms";
+    for args in [
+        &[
+            "transfer",
+            "--from",
+            "{A}",
+            "--to",
+            "{B}",
+            "--amount",
+            "1",
+            "--timeout",
+            huge,
+        ][..],
+        &["transfer", "--file", "-", "--timeout", huge],
+        &[
+            "transfer",
+            "--from",
+            "{A}",
+            "--to",
+            "{B}",
+            "--amount",
+            "1",
+            "--retry-cap",
+            huge,
+        ],
+        &["balances", "--timeout", huge],
+        &[
+            "workload",
+            "--accounts",
+            "2",
+            "--concurrency",
+            "1",
+            "--duration",
+            "1s",
+            "--timeout",
+            huge,
+        ],
+        &[
+            "workload",
+            "--accounts",
+            "2",
+            "--concurrency",
+            "1",
+            "--duration",
+            huge,
+        ],
+        &[
+            "workload",
+            "--accounts",
+            "2",
+            "--transfers",
+            "1",
+            "--check-timeout",
+            huge,
+        ],
+    ] {
+        refused(args, 2, "must be at most 365 days");
+    }
 }
 
 /// `BANK_TIMEOUT` in `.env` sets the deadline like the other `BANK_*` variables: an invalid one
