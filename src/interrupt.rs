@@ -1,6 +1,7 @@
-//! Ctrl-C (SIGINT) and SIGTERM for the long runs, `workload` and `transfer --file`: the first one
-//! stops the run gracefully (nothing new starts, what is in flight finishes and is reported), a
-//! second one exits at once. `transfer --file` stops the same way when its results cannot be
+//! Ctrl-C (SIGINT) and SIGTERM for `transfer`, `seed`, `workload` and `transfer --file`: the
+//! first one stops the run gracefully (nothing new starts, what is in flight finishes and is
+//! reported; one `transfer` stops waiting, as at its deadline, and says what it knows), a second
+//! one exits at once (130). `transfer --file` stops the same way when its results cannot be
 //! written.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -569,3 +569,70 @@ fn bank_s_own_reasons_come_before_a_dba_s_refusal() {
         assert_eq!(db.balance(ids[0]), 990, "{iso:?}");
     }
 }
+
+/// Ctrl-C (or SIGTERM) on one transfer killed it without a word (exit 130): the id it had made
+/// up was never shown, and in single-statement mode the statement it had sent still committed,
+/// so the user, told nothing, would run it again. The first Ctrl-C now ends the wait as the
+/// deadline does: "not applied" (exit 1) when no COMMIT was sent, "unknown" (exit 3) when one
+/// may have been, naming the id either way, and the rerun with that id settles it.
+#[test]
+fn ctrl_c_on_a_transfer_names_its_id_and_tells_the_truth() {
+    for iso in Iso::BOTH {
+        for (mode, code, outcome) in [
+            ("transaction", 1, "failed"),
+            ("single-statement", 3, "unknown"),
+        ] {
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, 0])[..] else {
+                panic!("two accounts")
+            };
+            let mut holder = db.conn();
+            holder.batch_execute("BEGIN").expect("begin");
+            lock(&mut holder, a, false).expect("lock");
+            let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+                .args(["--database-url", db.url.expose(), "transfer"])
+                .args([
+                    "--from",
+                    &a.to_string(),
+                    "--to",
+                    &b.to_string(),
+                    "--amount",
+                    "10",
+                ])
+                .args(["--mode", mode, "--json", "--timeout", "20s"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn bank");
+            wait_for_lock_wait(&db);
+            crate::support::interrupt(child.id());
+            let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+            holder.batch_execute("ROLLBACK").expect("rollback");
+            let case = format!("{iso:?} {mode}");
+            assert_eq!(run.code, code, "{case}: {run:?}");
+            let j = run.json();
+            assert_eq!(j["outcome"], outcome, "{case}: {run:?}");
+            let id = j["id"].as_str().expect("the id").to_string();
+            assert!(run.stderr.contains(&id), "{case}: {run:?}");
+            assert!(run.stderr.contains("interrupted"), "{case}: {run:?}");
+            // What it said holds: the statement sent in single-statement mode commits once the
+            // lock is gone; nothing else does.
+            thread::sleep(Duration::from_millis(500));
+            let applied = db.balance(b) == 10;
+            assert_eq!(applied, code == 3 && db.state().1 == 1, "{case}");
+            if code == 1 {
+                assert_eq!(db.state().1, 0, "{case}");
+            }
+            let rerun = db.transfer(a, b, 10).args(["--id", &id, "--json"]).run();
+            rerun.success();
+            let want = if applied {
+                "already_applied"
+            } else {
+                "applied"
+            };
+            assert_eq!(rerun.json()["outcome"], want, "{case}: {rerun:?}");
+            assert_eq!(db.balance(b), 10, "{case}");
+        }
+    }
+}

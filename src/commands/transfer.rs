@@ -71,6 +71,8 @@ pub(super) fn transfer_cmd(
     let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
     let mut runner = Runner::new(session, args.run.mode(), policy);
     runner.id_given = args.id.is_some();
+    // A first Ctrl-C ends the wait with the outcome as far as it is known (see `run_guarded`).
+    crate::interrupt::catch();
     let receipt = match runner.run_guarded(&t) {
         Ok(receipt) => receipt,
         Err(e) => {

@@ -27,6 +27,9 @@ use crate::retry::{
 /// How long a caller waits past the deadline for the runner's own answer.
 pub const GRACE: Duration = Duration::from_millis(200);
 
+/// How often a caller waiting for a transfer looks for a Ctrl-C.
+const INTERRUPT_POLL: Duration = Duration::from_millis(50);
+
 /// A transfer that is in the ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
@@ -210,19 +213,33 @@ impl Runner {
             let _ = tx.send(result);
         });
         // The runner watches the same deadline between attempts; the grace lets it report its
-        // own, more precise, result when it is not stuck.
-        match rx.recv_timeout(wait) {
-            Ok(result) => result,
-            Err(_) => match ticket.abandon() {
-                None => rx
-                    .recv()
-                    .unwrap_or_else(|_| Err(gave_up(&t, GaveUp::Unknown, started))),
-                Some(GaveUp::NotApplied) if id_given => Err(held_up(
-                    &t,
-                    format!("it was held up ({})", no_answer(started)),
-                )),
-                Some(how) => Err(gave_up(&t, how, started)),
-            },
+        // own, more precise, result when it is not stuck. A Ctrl-C (or SIGTERM) ends the wait
+        // as the deadline does: killed without a word, the run never named the id it made up,
+        // and a statement it had sent still committed.
+        let deadline = started + wait;
+        let why = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(INTERRUPT_POLL)) {
+                Ok(result) => return result,
+                Err(mpsc::RecvTimeoutError::Timeout) if crate::interrupt::interrupted() => {
+                    break format!(
+                        "{} after {:.1}s",
+                        crate::interrupt::reason(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => continue,
+                Err(_) => break no_answer(started),
+            }
+        };
+        match ticket.abandon() {
+            None => rx
+                .recv()
+                .unwrap_or_else(|_| Err(gave_up(&t, GaveUp::Unknown, why))),
+            Some(GaveUp::NotApplied) if id_given => {
+                Err(held_up(&t, format!("it was held up ({why})")))
+            }
+            Some(how) => Err(gave_up(&t, how, why)),
         }
     }
 }
@@ -268,9 +285,8 @@ fn exhausted(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> S
     }
 }
 
-/// The error for a transfer its caller stopped waiting for.
-pub fn gave_up(t: &NewTransfer, how: GaveUp, started: Instant) -> TransferError {
-    let reason = no_answer(started);
+/// The error for a transfer its caller stopped waiting for, and why it stopped.
+pub fn gave_up(t: &NewTransfer, how: GaveUp, reason: String) -> TransferError {
     match how {
         GaveUp::NotApplied => TransferError::NotApplied { id: t.id, reason },
         GaveUp::Unknown => TransferError::OutcomeUnknown { id: t.id, reason },
