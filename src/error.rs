@@ -178,14 +178,19 @@ pub enum Error {
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error("{failed} of {total} transfers were not applied (each line's outcome is above)")]
     BatchFailed { failed: u64, total: u64 },
-    /// `transfer --file` whose results could not be written: it stopped (exit 1).
+    /// `transfer --file` whose file changed after it was checked: it stopped there (exit 1).
     #[error(
-        "{why}, so the run stopped: {failed} of {total} transfers were not applied (the \
-         summary above counts every line); run the file again to apply them"
+        "{name} changed after it was checked: nothing from line {line} on was applied (the \
+         lines above were); check the file and run it again, which reports what this run \
+         applied as already_applied"
     )]
+    FileChanged { name: String, line: u64 },
+    /// `transfer --file` whose results could not be written: it stopped (exit 1), before
+    /// `not_attempted` of its lines, or after deciding all of them.
+    #[error("{}", output_failed(why, *not_attempted, *total))]
     OutputFailed {
         why: String,
-        failed: u64,
+        not_attempted: u64,
         total: u64,
     },
     /// A transfer committed, but its receipt could not be written (a full disk): it was applied,
@@ -327,6 +332,21 @@ impl From<diesel::result::Error> for Error {
             TransferError::Database(e) => Error::Database(e),
             _ => Error::NotMigrated,
         }
+    }
+}
+
+fn output_failed(why: &str, not_attempted: u64, total: u64) -> String {
+    if not_attempted == 0 {
+        format!(
+            "{why}: every line was decided (the summary above counts them), but not every \
+             result was written; run the file again to see them all (what this run applied is \
+             then already_applied)"
+        )
+    } else {
+        format!(
+            "{why}, so the run stopped: {not_attempted} of {total} transfers were not attempted \
+             (the summary above counts every line); run the file again to apply them"
+        )
     }
 }
 

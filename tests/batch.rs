@@ -1036,7 +1036,8 @@ fn a_file_changed_while_it_is_applied_stops_before_the_change() {
         std::fs::write(&path, csv(&lines)).expect("rewrite");
         holder.batch_execute("ROLLBACK").expect("rollback");
         let run = Run::from(child.wait_with_output().expect("wait"));
-        assert_eq!(run.code, 2, "{iso:?}: {run:?}");
+        // Exit 1, not 2: 2 says nothing was applied, and the lines before the change were.
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
         assert!(run.stderr.contains("changed"), "{iso:?}: {run:?}");
         run.no_password();
         let got = outcomes(&run);
@@ -1260,6 +1261,44 @@ fn a_full_disk_under_the_results_stops_the_file_and_says_so() {
             .stdout(full);
         let run = Run::from(command.output().expect("run bank"));
         stopped_then_rerun(&db, &lines, &run, "cannot write the results (No space left");
+    }
+}
+
+/// Results that could not be written once every line was decided (a small file, a full disk):
+/// the run said "0 of 4 transfers were not applied; run the file again to apply them", or
+/// counted a refused line as one a rerun would apply. It says every line was decided.
+#[test]
+fn results_lost_after_every_line_was_decided_do_not_ask_for_a_rerun_to_apply_them() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let mut lines = solvent_file(&db, 4, 3, 24);
+        lines.push(T {
+            id: Uuid::new_v4(),
+            amount: 1_000_000_000,
+            ..lines[0]
+        });
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let run = Run::from(
+            std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+                .args(["--database-url", db.url.expose(), "transfer", "--file"])
+                .arg(&path)
+                .stdout(full)
+                .output()
+                .expect("run bank"),
+        );
+        ended(&run, 1, "every line was decided");
+        assert!(!run.stderr.contains("to apply them"), "{iso:?}: {run:?}");
+        assert!(
+            run.stderr.contains("3 applied, 1 insufficient_funds"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 3);
     }
 }
 

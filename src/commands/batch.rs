@@ -77,18 +77,21 @@ pub(super) fn transfer_file(
         // Settled by a rerun, which checks the file again.
         Err(Error::BatchUnknown { unknown, total })
     } else if let Some(line) = changed.get() {
-        Err(Error::Usage(format!(
-            "{} changed after it was checked: nothing from line {line} on was applied (the \
-             lines above were); check the file and run it again, which reports what this run \
-             applied as already_applied",
-            input.name
-        )))
+        // Not a usage error (exit 2 says nothing was applied): the lines above it were.
+        Err(Error::FileChanged {
+            name: input.name.clone(),
+            line,
+        })
     } else if let Some(e) = results.failed.filter(|e| failed > 0 || !is_closed(e)) {
         let why = match is_closed(&e) {
             true => "the output was closed".to_string(),
             false => format!("cannot write the results ({e})"),
         };
-        Err(Error::OutputFailed { why, failed, total })
+        Err(Error::OutputFailed {
+            why,
+            not_attempted: summary.count(Outcome::NotApplied),
+            total,
+        })
     } else if failed > 0 {
         Err(Error::BatchFailed { failed, total })
     } else {
