@@ -202,6 +202,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A command did its work (committed), but its report could not be written (a full disk):
+    /// the exit code (0) says the work stands; main prints this as a warning.
+    #[error("{done}, but that could not be written ({source})")]
+    ReportLost {
+        done: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
     /// `seed` stopped before every account was created (exit 1); each one created had its id
@@ -274,7 +282,7 @@ pub enum WorkloadError {
 impl Error {
     /// Output went to a pipe whose reader has gone.
     pub fn is_broken_pipe(&self) -> bool {
-        matches!(self, Error::Io(e) | Error::ReceiptLost { source: e, .. }
+        matches!(self, Error::Io(e) | Error::ReceiptLost { source: e, .. } | Error::ReportLost { source: e, .. }
             if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 
@@ -290,7 +298,7 @@ impl Error {
             Error::Transfer(TransferError::OutcomeUnknown { .. }) | Error::BatchUnknown { .. } => {
                 ExitCode::OutcomeUnknown
             }
-            Error::ReceiptLost { .. } => ExitCode::Success,
+            Error::ReceiptLost { .. } | Error::ReportLost { .. } => ExitCode::Success,
             _ => ExitCode::Failure,
         }
     }

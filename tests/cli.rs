@@ -921,6 +921,41 @@ fn a_transfer_whose_receipt_cannot_be_written_still_says_it_was_applied() {
     assert_eq!(db.balance(ids[0]), 93, "applied once");
 }
 
+/// `init` and `reset` with their output on a full disk did all their work (the schema migrated,
+/// every account deleted) and then exited 1, which says nothing was done. The work stands, as a
+/// transfer's does: exit 0, and a warning that its report could not be written.
+#[test]
+fn init_and_reset_whose_report_cannot_be_written_say_what_they_did() {
+    let db = ScratchDb::empty();
+    let run = |args: &[&str]| {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        crate::support::Run::from(
+            std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+                .args(["--database-url", db.url.expose()])
+                .args(args)
+                .stdout(full)
+                .output()
+                .expect("run bank"),
+        )
+    };
+    let init = run(&["init"]);
+    assert_eq!(init.code, 0, "{init:?}");
+    assert!(init.stderr.starts_with("bank: warning: "), "{init:?}");
+    assert!(init.stderr.contains("applied migration"), "{init:?}");
+    db.bank().args(["doctor", "--json"]).run().success();
+    db.accounts(&[5, 5]);
+    let reset = run(&["reset", "--yes"]);
+    assert_eq!(reset.code, 0, "{reset:?}");
+    assert!(
+        reset.stderr.contains("deleted 2 accounts and 0 transfers"),
+        "{reset:?}"
+    );
+    assert_eq!(db.state().0.len(), 0);
+}
+
 /// `bank seed` with its ids on a full disk: it stops before committing accounts whose ids it
 /// could not write (it created them, lost their ids and said only "cannot write output").
 #[test]

@@ -300,8 +300,10 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     let mut conn = url.connect_migrated()?;
     let (accounts, transfers) = delete_in_batches(&mut conn, repo::DELETE_BATCH)?;
     log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
-    writeln!(out, "deleted {accounts} accounts and {transfers} transfers")?;
-    Ok(())
+    super::report_done(
+        out,
+        &format!("deleted {accounts} accounts and {transfers} transfers"),
+    )
 }
 
 /// Deletes every ledger row, then every account, `batch` rows per statement, each statement its

@@ -118,13 +118,26 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
             }
         })?,
     };
-    if ran.is_empty() {
-        writeln!(out, "schema is up to date")?;
-    }
-    for name in ran {
-        writeln!(out, "applied migration {name}")?;
-    }
-    Ok(())
+    let done: Vec<String> = match ran.is_empty() {
+        true => vec!["schema is up to date".to_string()],
+        false => ran
+            .iter()
+            .map(|n| format!("applied migration {n}"))
+            .collect(),
+    };
+    report_done(out, &done.join("\n"))
+}
+
+/// What a command did, written once it is done (committed). Its report that cannot be written
+/// (a full disk) is a warning, and the exit code (0) says the work stands, as for a transfer's
+/// receipt: exit 1 said nothing was done.
+pub(super) fn report_done(out: &mut impl Write, done: &str) -> Result<(), Error> {
+    writeln!(out, "{done}")
+        .and_then(|()| out.flush())
+        .map_err(|source| Error::ReportLost {
+            done: done.replace('\n', "; "),
+            source,
+        })
 }
 
 /// `--inject-retries`: the URL whose transfer sessions turn on CockroachDB's
