@@ -150,7 +150,10 @@ pub enum Error {
     NotMigrated,
     #[error("account {0} does not exist")]
     UnknownAccount(Uuid),
-    #[error("no transfer {0}")]
+    #[error(
+        "no transfer {0} in the ledger (yet: after an unknown outcome an earlier attempt may still \
+         commit, and only `bank transfer --id {0}` with the same accounts and amount settles it)"
+    )]
     NoTransfer(Uuid),
     #[error("migration failed")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
