@@ -179,8 +179,15 @@ pub enum Error {
     )]
     BatchUnknown { unknown: u64, total: u64 },
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
-    #[error("{failed} of {total} transfers were not applied (each line's outcome is above)")]
-    BatchFailed { failed: u64, total: u64 },
+    #[error(
+        "{}{failed} of {total} transfers were not applied (each line's outcome is above)",
+        if *interrupted { "interrupted (Ctrl-C or SIGTERM): " } else { "" }
+    )]
+    BatchFailed {
+        failed: u64,
+        total: u64,
+        interrupted: bool,
+    },
     /// `transfer --file` whose file changed after it was checked: it stopped there (exit 1).
     #[error(
         "{name} changed after it was checked: nothing from line {line} on was applied (the \

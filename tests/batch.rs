@@ -1083,7 +1083,11 @@ fn ctrl_c_lets_the_chunk_under_way_finish_and_reports_the_rest_not_applied() {
         thread::sleep(Duration::from_millis(300));
         holder.batch_execute("ROLLBACK").expect("rollback");
         let run = Run::from(child.wait_with_output().expect("wait"));
-        ended(&run, 1, "90 of 100 transfers were not applied");
+        ended(
+            &run,
+            1,
+            "interrupted (Ctrl-C or SIGTERM): 90 of 100 transfers were not applied",
+        );
         let got = outcomes(&run);
         assert_eq!(
             got.len(),
@@ -1795,4 +1799,19 @@ fn a_rerun_the_database_refuses_whole_gives_the_ledger_s_answer_first() {
         db.alter("default_transaction_read_only = off");
         assert_eq!(count_transfers(&mut db.conn()).expect("count"), 6);
     }
+}
+
+/// A file's name went to the terminal raw: an escape sequence in it (`$'pay\e[31m.csv'`)
+/// coloured the terminal. It is shown escaped, as values from inside the file are.
+#[test]
+fn a_file_name_with_control_characters_is_shown_escaped() {
+    let bank = Bank::new();
+    let name = "pay\u{1b}[31m.csv";
+    std::fs::write(bank.dir.path().join(name), "id,from,to\n").expect("write");
+    let run = bank
+        .args(["--database-url", "postgres://nobody@127.0.0.1:1/none"])
+        .args(["transfer", "--file", name])
+        .run();
+    run.fails_with(2, "pay\\u{1b}[31m.csv: line 1: no amount column");
+    assert!(!run.stderr.contains('\u{1b}'), "{run:?}");
 }

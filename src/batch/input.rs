@@ -163,9 +163,18 @@ fn read_error(line: u64, e: &std::io::Error) -> Malformed {
 /// escaped, so that a file cannot send escape sequences to a terminal or a line of a megabyte.
 pub(crate) fn shown(value: &str) -> String {
     const MAX: usize = 40;
-    let mut out: String = value
+    let head: String = value.chars().take(MAX).collect();
+    let mut out = escaped(&head);
+    if value.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// `value` whole, its control characters escaped: a file's name as messages show it.
+pub(crate) fn escaped(value: &str) -> String {
+    value
         .chars()
-        .take(MAX)
         .flat_map(|c| {
             let escaped: Vec<char> = if c.is_control() {
                 c.escape_default().collect()
@@ -174,11 +183,7 @@ pub(crate) fn shown(value: &str) -> String {
             };
             escaped
         })
-        .collect();
-    if value.chars().nth(MAX).is_some() {
-        out.push('…');
-    }
-    out
+        .collect()
 }
 
 /// Checks one transfer's fields, as text or as JSON values.
@@ -433,6 +438,17 @@ fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
     }
     if let [Some(i), Some(f), Some(t), Some(a)] = found {
         return Ok([i, f, t, a]);
+    }
+    // JSON Lines read as CSV (a .csv name, or --format csv): its "header" is an object, and
+    // "no id column" blamed ids that are there.
+    if header
+        .get(0)
+        .is_some_and(|f| f.trim_start().starts_with('{'))
+    {
+        return Err(malformed(
+            1,
+            "this looks like JSON Lines, not CSV: name the file .jsonl or pass --format jsonl",
+        ));
     }
     let separators = [';', '\t', '|'];
     if let [only] = header.iter().collect::<Vec<_>>()[..] {
@@ -805,6 +821,15 @@ mod tests {
         let got = all(&text, Format::Csv);
         assert_eq!(got[0].as_ref().map(|l| l.line), Ok(3));
         assert_eq!(reason(&got[1]).0, 5);
+    }
+
+    #[test]
+    fn json_lines_read_as_csv_are_named_as_such() {
+        let text = format!("{{\"id\":\"{A}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}\n");
+        let got = all(&text, Format::Csv);
+        let (line, why) = reason(&got[0]);
+        assert_eq!(line, 1);
+        assert!(why.contains("--format jsonl"), "{why}");
     }
 
     #[test]

@@ -328,7 +328,7 @@ where
                 if let Some(v) = verdicts.iter().find(|v| v.outcome.is_unsettled()) {
                     stopping.get_or_insert_with(|| {
                         format!(
-                            "an earlier chunk could not be settled ({})",
+                            "another chunk could not be settled ({})",
                             v.error.as_deref().unwrap_or("no reason given")
                         )
                     });
@@ -418,7 +418,7 @@ fn finish_group(windows: &mut BTreeMap<u64, Window>, group: &Group, verdicts: Ve
     for p in &group.positions {
         w.verdicts[*p] = Some(verdicts.next().unwrap_or_else(|| Verdict {
             outcome: Outcome::NotApplied,
-            error: Some("not attempted: an earlier chunk could not be settled".into()),
+            error: Some("not attempted: another chunk could not be settled".into()),
         }));
     }
     w.groups_left = w.groups_left.saturating_sub(1);
@@ -437,7 +437,7 @@ fn emit_ready<E>(
         let w = entry.remove();
         let missing = Verdict {
             outcome: Outcome::NotApplied,
-            error: Some("not attempted: an earlier chunk could not be settled".into()),
+            error: Some("not attempted: another chunk could not be settled".into()),
         };
         for (l, v) in w.lines.iter().zip(&w.verdicts) {
             record(summary, l, v.as_ref().unwrap_or(&missing))?;

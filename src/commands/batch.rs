@@ -93,7 +93,11 @@ pub(super) fn transfer_file(
             total,
         })
     } else if failed > 0 {
-        Err(Error::BatchFailed { failed, total })
+        Err(Error::BatchFailed {
+            failed,
+            total,
+            interrupted: crate::interrupt::interrupted(),
+        })
     } else {
         Ok(())
     }
@@ -243,10 +247,12 @@ struct Source {
 impl Source {
     fn open(path: &Path, format: Option<Format>) -> Result<Source, Error> {
         let stdin = path == Path::new("-");
+        // Control characters in a name would reach the terminal raw (an escape sequence): shown
+        // escaped, as values from inside the file are.
         let name = if stdin {
             "standard input".to_string()
         } else {
-            path.display().to_string()
+            crate::batch::input::escaped(&path.display().to_string())
         };
         // A pipe (`--file <(command)`, a FIFO, /dev/stdin) can be read only once: like standard
         // input, it is copied as it is checked, and the copy is applied.
