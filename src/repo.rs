@@ -11,7 +11,7 @@ use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::models::{Account, LockedAccount, NewAccount, Transfer};
-use crate::schema::{accounts, transfers};
+use crate::schema::{accounts, transfer_claims, transfers};
 
 /// PostgreSQL accepts at most 65535 bind parameters in one statement.
 const MAX_BINDS: usize = 65535;
@@ -263,6 +263,15 @@ pub fn delete_transfers_batch(conn: &mut PgConnection, limit: i64) -> QueryResul
         .execute(conn)
 }
 
+/// Deletes up to `limit` claimed transfer ids (`claim_ids`); returns how many.
+pub fn delete_claims_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM transfer_claims WHERE id IN (SELECT id FROM transfer_claims LIMIT $1)",
+    )
+    .bind::<BigInt, _>(limit)
+    .execute(conn)
+}
+
 /// Deletes up to `limit` accounts and the ledger rows that still name them, in one
 /// transaction; returns (accounts, transfers) deleted. The accounts are locked first, in key
 /// order as transfers lock them: a transfer under way on one of them finishes first, and no new
@@ -298,6 +307,27 @@ pub fn delete_accounts_batch(conn: &mut PgConnection, limit: i64) -> QueryResult
 /// The ledger row of transfer `id`: how an ambiguous commit is settled.
 pub fn find_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Transfer>> {
     find_transfer_query(id).get_result(conn).optional()
+}
+
+/// Claims these transfer ids (`transfer_claims`), committed on return (no transaction open), those
+/// claimed already included: what a run does before it says a transfer with a given id was not
+/// applied, so that a single statement of an earlier attempt at it that comes late fails on the
+/// claim (see the migration). An insert, not a lookup: it waits for a statement still writing its
+/// claim, so the ledger asked afterwards has the last word.
+pub fn claim_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<usize> {
+    let rows: Vec<_> = ids.iter().map(|id| transfer_claims::id.eq(*id)).collect();
+    diesel::insert_into(transfer_claims::table)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .execute(conn)
+}
+
+/// The ledger rows of these ids.
+pub fn find_transfers(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Transfer>> {
+    transfers::table
+        .filter(transfers::id.eq_any(ids))
+        .select(Transfer::as_select())
+        .load(conn)
 }
 
 /// The SQL `find_transfer` sends, for tests that pin it.

@@ -11,6 +11,12 @@ diesel::table! {
 }
 
 diesel::table! {
+    transfer_claims (id) {
+        id -> Uuid,
+    }
+}
+
+diesel::table! {
     transfers (id) {
         id -> Uuid,
         from_id -> Uuid,
@@ -24,4 +30,4 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(accounts, transfers,);
+diesel::allow_tables_to_appear_in_same_query!(accounts, transfer_claims, transfers,);

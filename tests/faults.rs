@@ -685,6 +685,68 @@ fn a_rerun_refused_before_the_locks_while_an_orphan_may_commit_is_unknown() {
     }
 }
 
+/// A single statement held in the network (a middlebox, a pooler's queue) reached the server
+/// after its client gave up (exit 3), after a rerun of its id was refused on its merits (the
+/// funds spent meanwhile, exit 1) and after the funds came back: it applied then, and the
+/// rerun's "insufficient funds" turned false (found by a reviewer). Every single statement now
+/// claims its id, and a rerun with that id claims it before it says "not applied": the late
+/// statement fails on the claim. Both levels, the rerun in either mode; a later rerun, the funds
+/// back, applies it once (a single statement finding its id claimed goes through a transaction).
+#[test]
+fn a_single_statement_that_comes_late_cannot_apply_after_a_rerun_said_no() {
+    for iso in Iso::BOTH {
+        for rerun_mode in ["transaction", "single-statement", "file"] {
+            let s = setup(iso, At::Statement);
+            let case = format!("{iso:?} rerun {rerun_mode}");
+            let id = Uuid::new_v4();
+            s.arm(Fault::LateStatement(Duration::from_secs(4)));
+            let first = s.transfer_amount(id, 600, &["--max-retries", "0"]);
+            first.fails_json(3, "unknown", "may or may not have been applied");
+            let direct = |from: Uuid, to: Uuid, amount: i64, id: Uuid| {
+                let bank = Bank::new();
+                let bank = if rerun_mode == "file" {
+                    let line = format!("id,from,to,amount\n{id},{from},{to},{amount}\n");
+                    std::fs::write(bank.dir.path().join("f.csv"), line).expect("file");
+                    bank.args(["--database-url", s.db.url.expose(), "transfer"])
+                        .args(["--file", "f.csv"])
+                } else {
+                    bank.args(["--database-url", s.db.url.expose(), "transfer"])
+                        .args(["--from", &from.to_string(), "--to", &to.to_string()])
+                        .args(["--amount", &amount.to_string(), "--id", &id.to_string()])
+                        .args(["--mode", rerun_mode])
+                };
+                bank.args(["--json"]).run()
+            };
+            direct(s.from, s.to, 1000, Uuid::new_v4()).success();
+            let refused = direct(s.from, s.to, 600, id);
+            assert_eq!(refused.code, 1, "{case}: {refused:?}");
+            let said = refused.json()["outcome"].as_str().map(str::to_string);
+            let no = if rerun_mode == "file" {
+                "insufficient_funds"
+            } else {
+                "failed"
+            };
+            assert_eq!(said.as_deref(), Some(no), "{case}: {refused:?}");
+            direct(s.to, s.from, 1000, Uuid::new_v4()).success();
+            s.wait_for_late_commit();
+            assert!(!s.ledger_has(id), "{case}: the late statement applied");
+            assert_eq!(s.balances(), (1000, 0), "{case}");
+            s.verify_passes();
+            let applied = direct(s.from, s.to, 600, id);
+            applied.success();
+            assert_eq!(applied.json()["outcome"], "applied", "{case}: {applied:?}");
+            let again = direct(s.from, s.to, 600, id);
+            assert_eq!(
+                again.json()["outcome"],
+                "already_applied",
+                "{case}: {again:?}"
+            );
+            assert_eq!(s.balances(), (400, 600), "{case}");
+            s.verify_passes();
+        }
+    }
+}
+
 /// Reads had no deadline: on a frozen server (the kernel still acknowledges, so keepalives see
 /// nothing) `balances` and `verify` waited forever. Now a read that hears nothing for
 /// `--timeout` (plus a moment) ends with exit 1, one line.

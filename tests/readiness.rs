@@ -415,7 +415,7 @@ fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     let j = run.json();
     assert_eq!(
         (j["migrated"].as_bool(), j["pending_migrations"].as_u64()),
-        (Some(false), Some(6))
+        (Some(false), Some(7))
     );
     assert!(
         j["accounts"].is_null() && j["migration_version"].is_null(),
@@ -741,6 +741,6 @@ fn another_applications_database_is_named_and_left_alone() {
     let doctor = db.bank().args(["doctor", "--json"]).run();
     doctor.success();
     let j = doctor.json();
-    assert_eq!(j["pending_migrations"], 5, "{j}");
+    assert_eq!(j["pending_migrations"], 6, "{j}");
     assert!(j["accounts"].is_null() && j["transfers"].is_null(), "{j}");
 }

@@ -260,7 +260,96 @@ impl ChunkRunner {
             start += given.len();
             self.watch.lock().decided.extend(given);
         }
+        if self.ids_given {
+            self.claim_refused(lines);
+        }
         Ok(std::mem::take(&mut self.watch.lock().decided))
+    }
+
+    /// Claims the ids of the lines refused on their merits or by the database
+    /// (`repo::claim_ids`), as `bank transfer --id` does before it says "not applied": a single
+    /// statement of an earlier run's attempt at one of them that comes late then fails on its
+    /// claim. A refused line the ledger has by then (such a statement committed while the claim
+    /// waited for it) gets the ledger's answer; a claim that cannot be written leaves the lines
+    /// `unknown`. The watcher keeps seeing the verdicts as they were until this is done.
+    fn claim_refused(&mut self, lines: &[Line]) {
+        let decided = self.watch.decided();
+        // An id that a later line of these (the same id, funded by then) applied is in the
+        // ledger by this run's doing: its refused line keeps its one-by-one verdict.
+        let applied_here: HashSet<Uuid> = lines
+            .iter()
+            .zip(&decided)
+            .filter(|(_, v)| v.outcome == Outcome::Applied)
+            .map(|(l, _)| l.transfer.id)
+            .collect();
+        let refused: Vec<usize> = decided
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| {
+                matches!(
+                    v.outcome,
+                    Outcome::InsufficientFunds
+                        | Outcome::UnknownAccount
+                        | Outcome::BalanceOverflow
+                        | Outcome::Refused
+                ) && lines
+                    .get(*i)
+                    .is_some_and(|l| !applied_here.contains(&l.transfer.id))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let ids: Vec<Uuid> = refused
+            .iter()
+            .filter_map(|&i| lines.get(i).map(|l| l.transfer.id))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        self.watch.start_statement(0);
+        if !self.watch.ticket.begin() {
+            return;
+        }
+        let ledger = match self.session.conn() {
+            Ok(conn) => repo::claim_ids(conn, &ids)
+                .and_then(|_| repo::find_transfers(conn, &ids))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let _ = self.watch.ticket.finish();
+        let mut progress = self.watch.lock();
+        for &i in &refused {
+            let (Some(line), Some(v)) = (lines.get(i), progress.decided.get_mut(i)) else {
+                continue;
+            };
+            let t = &line.transfer;
+            match &ledger {
+                Ok(found) => match found.iter().find(|f| f.id == t.id) {
+                    Some(f) if t.matches(f) => {
+                        *v = Verdict {
+                            outcome: Outcome::AlreadyApplied,
+                            error: None,
+                        }
+                    }
+                    Some(_) => {
+                        *v = Verdict {
+                            outcome: Outcome::IdConflict,
+                            error: Some(id_conflict(t.id)),
+                        }
+                    }
+                    None => {}
+                },
+                Err(e) => {
+                    let was = v.error.clone().unwrap_or_else(|| v.outcome.as_str().into());
+                    *v = Verdict {
+                        outcome: Outcome::Unknown,
+                        error: Some(format!(
+                            "refused ({was}), but its id could not be claimed ({e}), so an \
+                             earlier run's attempt at it may still commit"
+                        )),
+                    };
+                }
+            }
+        }
     }
 
     /// After attempts held up by other transactions' locks or a connection that failed: the

@@ -6,7 +6,7 @@ mod statement;
 
 pub(crate) use runner::{after_step, connection};
 pub use runner::{gave_up, Receipt, Runner, GRACE};
-pub use statement::{apply, BodyError, TransferStatement};
+pub use statement::{apply, apply_claiming, BodyError, TransferStatement};
 
 use serde::Serialize;
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use diesel::pg::PgConnection;
 use diesel::result::Error as DieselError;
 
-use super::statement::{apply, BodyError};
+use super::statement::{apply, apply_claiming, BodyError};
 use super::{validate, Mode};
 use crate::db::Session;
 use crate::error::TransferError;
@@ -105,7 +105,7 @@ impl Runner {
             step
         });
         self.retries += retries;
-        match result {
+        let answer = match result {
             Ok(already_applied) => Ok(Receipt {
                 transfer: *t,
                 attempts: made,
@@ -156,6 +156,56 @@ impl Runner {
                     Err(TransferError::NotApplied { id: t.id, reason })
                 }
             }
+        };
+        match answer {
+            Err(e) if self.id_given && says_not_applied(&e) => {
+                self.claim_first(t, e, made, retries)
+            }
+            answer => answer,
+        }
+    }
+
+    /// A run with a given id that is about to say "not applied" (refused on its merits, or
+    /// settled after it was held up) claims the id first (`repo::claim_ids`): an earlier attempt
+    /// sent in single-statement mode that is still in the network (a middlebox holding it) then
+    /// fails on the claim when it arrives, where it applied after this answer. The ledger is then
+    /// asked once more: the claim waited for such a statement still being written, and if it
+    /// committed, its outcome is the answer. A claim that cannot be written (a read-only
+    /// database) leaves the outcome unknown.
+    fn claim_first(
+        &mut self,
+        t: &NewTransfer,
+        no: TransferError,
+        attempts: u32,
+        retries: RetryCounts,
+    ) -> Result<Receipt, TransferError> {
+        let ledger = match self.session.conn() {
+            Ok(conn) => {
+                repo::claim_ids(conn, &[t.id]).and_then(|_| repo::find_transfer(conn, t.id))
+            }
+            Err(e) => {
+                return Err(held_up(
+                    t,
+                    format!("it could not claim the id ({e}) after: {no}"),
+                ))
+            }
+        };
+        match ledger {
+            Ok(None) => Err(no),
+            Ok(Some(found)) => match resolve_duplicate(t, &found, true) {
+                Attempt::Done(already_applied) => Ok(Receipt {
+                    transfer: *t,
+                    attempts,
+                    already_applied,
+                    retries,
+                }),
+                Attempt::Fail(e) => Err(e),
+                _ => Err(held_up(t, no.to_string())),
+            },
+            Err(e) => Err(held_up(
+                t,
+                format!("it could not claim the id ({e}) after: {no}"),
+            )),
         }
     }
 
@@ -382,10 +432,28 @@ fn attempt(
                 return Attempt::Fail(TransferError::Abandoned);
             }
             committing = true;
-            apply(conn, t)
+            apply_claiming(conn, t)
         }
     };
+    // Single-statement mode found its id claimed by a rerun that said "not applied" (or by an
+    // earlier attempt of its own that committed: the ledger tells). The claim is there to stop
+    // a statement that comes late; this run's is a new application, made in a transaction,
+    // which claims nothing.
+    let mut in_a_transaction = false;
     let step = match result {
+        Err(BodyError::Claimed) => match lookup(conn, t) {
+            Ok(Some(found)) => resolve_duplicate(t, &found, !after_ambiguous),
+            Ok(None) => {
+                log::debug!(
+                    "transfer {}: its id was claimed by a rerun's 'not applied'; applying it in \
+                     a transaction",
+                    t.id
+                );
+                in_a_transaction = true;
+                Attempt::Fail(TransferError::Abandoned)
+            }
+            Err(step) => step,
+        },
         Ok(()) => Attempt::Done(false),
         Err(BodyError::Abandoned) => Attempt::Fail(TransferError::Abandoned),
         Err(BodyError::Final(e)) => Attempt::Fail(e),
@@ -433,6 +501,9 @@ fn attempt(
                 }
         );
         ticket.leave_commit(maybe_applied);
+    }
+    if in_a_transaction {
+        return attempt(session, t, Mode::Transaction, after_ambiguous, ticket);
     }
     step
 }
@@ -528,6 +599,20 @@ fn first_reason(conn: &mut PgConnection, t: &NewTransfer, refused: TransferError
         },
         _ => refused,
     }
+}
+
+/// An answer that says the transfer was not applied, and that a statement of an earlier attempt
+/// arriving late could make false (an id conflict cannot be: the ledger has the id).
+fn says_not_applied(e: &TransferError) -> bool {
+    matches!(
+        e,
+        TransferError::InsufficientFunds { .. }
+            | TransferError::UnknownAccount(_)
+            | TransferError::BalanceOverflow { .. }
+            | TransferError::NotApplied { .. }
+            | TransferError::NoLedgerRow
+            | TransferError::Database(_)
+    )
 }
 
 /// A refusal of the database's own (a DBA's trigger or CHECK, a skipped ledger row), not one of

@@ -15,7 +15,7 @@
 //! (22003). The engine may check them in any order, so a refusal is never final until the ledger
 //! has been asked whether this transfer id is already there (see `runner`). CockroachDB refuses
 //! two modifications of one table in a statement; this one modifies `accounts` once and
-//! `transfers` once.
+//! `transfers` once (and, in single-statement mode, `transfer_claims` once).
 
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
@@ -28,19 +28,26 @@ use crate::models::NewTransfer;
 
 /// The statement that applies a transfer, as a query type of its own rather than `sql_query`:
 /// Diesel prepares it once per connection and caches it (it never caches `sql_query`), so each
-/// transfer sends only Bind/Execute and the server skips parsing and planning.
-#[derive(Debug, Clone, Copy, QueryId)]
-pub struct TransferStatement {
+/// transfer sends only Bind/Execute and the server skips parsing and planning. `CLAIM`: the
+/// statement also claims its id in `transfer_claims` (single-statement mode, see `apply_claiming`);
+/// the two are two types, so that each is cached under its own id.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferStatement<const CLAIM: bool = false> {
     t: NewTransfer,
 }
 
-impl TransferStatement {
+impl<const CLAIM: bool> QueryId for TransferStatement<CLAIM> {
+    type QueryId = TransferStatement<CLAIM>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<const CLAIM: bool> TransferStatement<CLAIM> {
     pub fn new(t: &NewTransfer) -> Self {
         TransferStatement { t: *t }
     }
 }
 
-impl QueryFragment<Pg> for TransferStatement {
+impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let t = &self.t;
         // 1. Both rows locked, in key order.
@@ -89,23 +96,45 @@ impl QueryFragment<Pg> for TransferStatement {
         // commit without it: a trigger on `transfers` that skips the row (BEFORE INSERT returning
         // NULL) left the money moved in single-statement mode, and every rerun of the id moved
         // it again. The failure is a cast both engines refuse (22P02), naming the reason.
-        out.push_sql(" RETURNING 1 AS one) SELECT CAST(CASE WHEN COUNT(*) = 1 THEN '1' ELSE '");
+        out.push_sql(" RETURNING 1 AS one) ");
+        // 5. Single-statement mode: the id claimed, so that this statement fails (23505 on
+        // transfer_claims_pkey) if it reaches the server after a rerun claimed the id to say
+        // "not applied" (see the migration). Unread, so it runs after the rest, locks held.
+        if CLAIM {
+            out.push_sql(", claimed AS (INSERT INTO transfer_claims (id) VALUES (");
+            out.push_bind_param::<SqlUuid, _>(&t.id)?;
+            out.push_sql(") RETURNING id) ");
+        }
+        out.push_sql("SELECT CAST(CASE WHEN COUNT(*) = 1 THEN '1' ELSE '");
         out.push_sql(NO_LEDGER_ROW);
         out.push_sql("' END AS INT8) FROM inserted");
         Ok(())
     }
 }
 
-impl RunQueryDsl<PgConnection> for TransferStatement {}
+impl<const CLAIM: bool> RunQueryDsl<PgConnection> for TransferStatement<CLAIM> {}
 
 /// The text of the error the statement raises when its ledger row was not written.
 const NO_LEDGER_ROW: &str = "the ledger row was not written";
 
 /// The transfer body: applies `t` on `conn` in whatever transaction `conn` is in. Opens none.
 pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> {
-    let rows = TransferStatement::new(t)
+    let rows = TransferStatement::<false>::new(t)
         .execute(conn)
         .map_err(|e| BodyError::from_db(e, t))?;
+    checked(t, rows)
+}
+
+/// `apply` as single-statement mode sends it, outside any transaction: the statement also claims
+/// its id, and fails with `BodyError::Claimed` if a rerun has claimed it first.
+pub fn apply_claiming(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> {
+    let rows = TransferStatement::<true>::new(t)
+        .execute(conn)
+        .map_err(|e| BodyError::from_db(e, t))?;
+    checked(t, rows)
+}
+
+fn checked(t: &NewTransfer, rows: usize) -> Result<(), BodyError> {
     log::debug!("transfer {}: {rows} ledger rows inserted", t.id);
     // The statement inserts its one row or fails, so anything else is a bug in it: refuse it,
     // which rolls the transaction back (in single-statement mode it has committed, and the
@@ -128,6 +157,8 @@ pub enum BodyError {
     Refused(TransferError),
     Final(TransferError),
     DuplicateId,
+    /// Single-statement mode: the id is claimed already (`apply_claiming`).
+    Claimed,
     Database(DieselError),
     /// The caller gave up before the COMMIT could be sent (see `guard`).
     Abandoned,
@@ -146,6 +177,9 @@ impl BodyError {
         let text = format!("{} {}", info.message(), info.details().unwrap_or_default());
         let names = |name: &str| constraint == name || text.contains(name);
         match kind {
+            DatabaseErrorKind::UniqueViolation if names("transfer_claims_pkey") => {
+                BodyError::Claimed
+            }
             DatabaseErrorKind::UniqueViolation => BodyError::DuplicateId,
             DatabaseErrorKind::CheckViolation if names("transfers_amount_positive") => {
                 BodyError::Final(TransferError::NonPositiveAmount(t.amount))
@@ -218,7 +252,7 @@ mod tests {
             to_id: Uuid::from_u128(2),
             amount: 100,
         };
-        let q = TransferStatement::new(&t);
+        let q = TransferStatement::<false>::new(&t);
         let sql = debug_query::<Pg, _>(&q).to_string();
         let (a, b) = (
             "00000000-0000-0000-0000-000000000001",
@@ -249,6 +283,31 @@ mod tests {
         assert_eq!(sql.matches("INSERT INTO transfers").count(), 1);
     }
 
+    #[test]
+    fn single_statement_mode_claims_its_id_in_the_same_statement() {
+        let t = NewTransfer {
+            id: Uuid::nil(),
+            from_id: Uuid::from_u128(1),
+            to_id: Uuid::from_u128(2),
+            amount: 100,
+        };
+        let sql = debug_query::<Pg, _>(&TransferStatement::<true>::new(&t)).to_string();
+        assert!(
+            sql.contains(
+                "RETURNING 1 AS one) , claimed AS (INSERT INTO transfer_claims (id) VALUES ($12) \
+                 RETURNING id) SELECT CAST"
+            ),
+            "{sql}"
+        );
+        assert_eq!(sql.matches("INSERT INTO transfer_claims").count(), 1);
+        assert_ne!(
+            std::any::TypeId::of::<<TransferStatement<true> as QueryId>::QueryId>(),
+            std::any::TypeId::of::<<TransferStatement<false> as QueryId>::QueryId>(),
+            "cached under different ids"
+        );
+    }
+
     // A static query id is what makes Diesel cache the prepared statement per connection.
-    const _: () = assert!(TransferStatement::HAS_STATIC_QUERY_ID);
+    const _: () = assert!(TransferStatement::<false>::HAS_STATIC_QUERY_ID);
+    const _: () = assert!(TransferStatement::<true>::HAS_STATIC_QUERY_ID);
 }

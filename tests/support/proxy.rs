@@ -38,6 +38,11 @@ pub enum Fault {
     /// and holds its row locks; after the delay, send the commit there, read the server's
     /// answer and close it. (A statement is sent at once without its Sync; the Sync is late.)
     LateCommit(Duration),
+    /// Cut the client off at once and send nothing yet; after the delay, send the whole commit
+    /// point (the statement's Bind..Sync) to the server, read its answer and close: a statement
+    /// held in the network (a middlebox, a pooler's queue) that arrives after its client gave
+    /// up. Counted in `late_commits` once answered, whatever the answer.
+    LateStatement(Duration),
     /// Relay nothing more on this connection either way and answer nothing, with both
     /// connections left open (the transaction stays open), until `Proxy::thaw` or the proxy is
     /// dropped; then close both.
@@ -549,6 +554,15 @@ fn inject(
             shared.hold()?;
             link.set_reply(OnReply::Close);
             server.write_all(commit)?;
+            return Ok(Some(End::AwaitReply));
+        }
+        Fault::LateStatement(delay) => {
+            link.set_reply(OnReply::Discard);
+            let _ = link.client.shutdown(Shutdown::Both);
+            thread::sleep(delay);
+            shared.hold()?;
+            link.set_reply(OnReply::Close);
+            server.write_all(&batch.concat())?;
             return Ok(Some(End::AwaitReply));
         }
         Fault::Freeze => {

@@ -1,0 +1,1 @@
+DROP TABLE transfer_claims;
