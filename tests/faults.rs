@@ -732,7 +732,21 @@ fn a_single_statement_that_comes_late_cannot_apply_after_a_rerun_said_no() {
             assert!(!s.ledger_has(id), "{case}: the late statement applied");
             assert_eq!(s.balances(), (1000, 0), "{case}");
             s.verify_passes();
-            let applied = direct(s.from, s.to, 600, id);
+            // A single statement cannot apply a claimed id (it could be the late one); a
+            // transaction can, and the refusal says so.
+            let applied = if rerun_mode == "single-statement" {
+                let blocked = direct(s.from, s.to, 600, id);
+                assert_eq!(blocked.code, 1, "{case}: {blocked:?}");
+                assert!(
+                    blocked.stderr.contains("--mode transaction"),
+                    "{case}: {blocked:?}"
+                );
+                s.db.transfer(s.from, s.to, 600)
+                    .args(["--id", &id.to_string(), "--json"])
+                    .run()
+            } else {
+                direct(s.from, s.to, 600, id)
+            };
             applied.success();
             assert_eq!(applied.json()["outcome"], "applied", "{case}: {applied:?}");
             let again = direct(s.from, s.to, 600, id);
@@ -744,6 +758,164 @@ fn a_single_statement_that_comes_late_cannot_apply_after_a_rerun_said_no() {
             assert_eq!(s.balances(), (400, 600), "{case}");
             s.verify_passes();
         }
+    }
+}
+
+/// The same late statement, without --id: the run's own first attempt is held in the network
+/// (its outcome ambiguous), its retry is refused for insufficient funds, and the run said so
+/// (exit 1); the held statement then applied once the funds were back (found by a reviewer). A
+/// run whose attempt was ambiguous claims its id before it says no, whoever chose the id.
+#[test]
+fn a_run_s_own_late_statement_cannot_apply_after_it_said_no() {
+    for iso in Iso::BOTH {
+        let s = setup_with(iso, At::Statement, &[50, 0]);
+        let [topup] = s.db.accounts(&[100])[..] else {
+            panic!("one account")
+        };
+        s.arm(Fault::LateStatement(Duration::from_secs(3)));
+        let run = Bank::new()
+            .args(["--database-url", &s.proxy.url_for(&s.db.url), "transfer"])
+            .args(["--from", &s.from.to_string(), "--to", &s.to.to_string()])
+            .args(["--amount", "100", "--mode", "single-statement", "--json"])
+            .args(["--max-retries", "1", "--retry-base", "1ms"])
+            .run();
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert!(
+            run.stderr.contains("insufficient funds"),
+            "{iso:?}: {run:?}"
+        );
+        let id: Uuid = run.json()["id"]
+            .as_str()
+            .and_then(|i| i.parse().ok())
+            .expect("the id");
+        Bank::new()
+            .args(["--database-url", s.db.url.expose(), "transfer"])
+            .args(["--from", &topup.to_string(), "--to", &s.from.to_string()])
+            .args(["--amount", "50"])
+            .run()
+            .success();
+        s.wait_for_late_commit();
+        assert!(!s.ledger_has(id), "{iso:?}: the late statement applied");
+        assert_eq!(s.balances(), (100, 0), "{iso:?}");
+        s.verify_passes();
+    }
+}
+
+/// A rerun that says no while the first run of the same id still waits on its statement held in
+/// the network: the held statement failed on the claim, and the first run then applied the
+/// transfer in a transaction, after the rerun's "insufficient funds" (found by a reviewer). A
+/// single statement finding its id claimed now applies nothing: both runs say not applied, and
+/// nothing is.
+#[test]
+fn a_run_still_waiting_on_its_late_statement_honours_a_rerun_s_no() {
+    for iso in Iso::BOTH {
+        let s = setup_with(iso, At::Statement, &[50, 0]);
+        let [topup] = s.db.accounts(&[100])[..] else {
+            panic!("one account")
+        };
+        let id = Uuid::new_v4();
+        s.arm(Fault::HeldStatement(Duration::from_secs(3)));
+        let url = s.proxy.url_for(&s.db.url);
+        let first = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args([
+                "--database-url",
+                &url,
+                "transfer",
+                "--mode",
+                "single-statement",
+            ])
+            .args(["--from", &s.from.to_string(), "--to", &s.to.to_string()])
+            .args([
+                "--amount",
+                "100",
+                "--id",
+                &id.to_string(),
+                "--timeout",
+                "20s",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn bank");
+        thread::sleep(Duration::from_millis(500));
+        let rerun =
+            s.db.transfer(s.from, s.to, 100)
+                .args(["--id", &id.to_string()])
+                .run();
+        assert_eq!(rerun.code, 1, "{iso:?}: {rerun:?}");
+        Bank::new()
+            .args(["--database-url", s.db.url.expose(), "transfer"])
+            .args(["--from", &topup.to_string(), "--to", &s.from.to_string()])
+            .args(["--amount", "50"])
+            .run()
+            .success();
+        let first = crate::support::Run::from(first.wait_with_output().expect("wait"));
+        assert!(
+            !s.ledger_has(id),
+            "{iso:?}: applied after the rerun said no: {first:?}"
+        );
+        assert_ne!(first.code, 0, "{iso:?}: {first:?}");
+        assert_eq!(s.balances(), (100, 0), "{iso:?}");
+        s.verify_passes();
+    }
+}
+
+/// A file's line reported `not_applied` (not attempted after Ctrl-C) whose id an earlier single
+/// statement, held in the network, still carried: the statement applied after the file said so
+/// (found by a reviewer). Lines reported not applied are claimed like refused ones.
+#[test]
+fn a_file_s_not_applied_line_is_claimed_against_a_late_statement() {
+    use diesel::RunQueryDsl;
+    for iso in Iso::BOTH {
+        let s = setup(iso, At::Statement);
+        let id = Uuid::new_v4();
+        s.arm(Fault::LateStatement(Duration::from_secs(4)));
+        s.transfer_amount(id, 100, &["--max-retries", "0"])
+            .fails_json(3, "unknown", "may or may not have been applied");
+        // Two lines over the same account, one per statement: the first waits on a row lock,
+        // Ctrl-C comes, and the second (the held id) is never attempted.
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        let first = Uuid::new_v4();
+        std::fs::write(
+            &path,
+            format!(
+                "id,from,to,amount\n{first},{a},{b},1\n{id},{a},{b},100\n",
+                a = s.from,
+                b = s.to
+            ),
+        )
+        .expect("file");
+        let mut holder = s.db.conn();
+        holder.batch_execute("BEGIN").expect("begin");
+        diesel::sql_query(format!(
+            "SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
+            s.from
+        ))
+        .execute(&mut holder)
+        .expect("lock");
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", s.db.url.expose(), "transfer", "--file"])
+            .arg(&path)
+            .args(["--json", "--batch", "1", "--connections", "1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn bank");
+        crate::support::wait_for_lock_wait(&s.db);
+        crate::support::interrupt(child.id());
+        thread::sleep(Duration::from_millis(300));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert!(
+            run.stdout
+                .contains(&format!("\"id\":\"{id}\",\"outcome\":\"not_applied\"")),
+            "{iso:?}: {run:?}"
+        );
+        s.wait_for_late_commit();
+        assert!(!s.ledger_has(id), "{iso:?}: the late statement applied");
+        s.verify_passes();
     }
 }
 

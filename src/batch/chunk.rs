@@ -266,8 +266,9 @@ impl ChunkRunner {
         Ok(std::mem::take(&mut self.watch.lock().decided))
     }
 
-    /// Claims the ids of the lines refused on their merits or by the database
-    /// (`repo::claim_ids`), as `bank transfer --id` does before it says "not applied": a single
+    /// Claims the ids of the lines refused on their merits or by the database, or not applied
+    /// (held up and settled, not attempted after Ctrl-C) (`repo::claim_ids`), as
+    /// `bank transfer --id` does before it says "not applied": a single
     /// statement of an earlier run's attempt at one of them that comes late then fails on its
     /// claim. A refused line the ledger has by then (such a statement committed while the claim
     /// waited for it) gets the ledger's answer; a claim that cannot be written leaves the lines
@@ -292,6 +293,7 @@ impl ChunkRunner {
                         | Outcome::UnknownAccount
                         | Outcome::BalanceOverflow
                         | Outcome::Refused
+                        | Outcome::NotApplied
                 ) && lines
                     .get(*i)
                     .is_some_and(|l| !applied_here.contains(&l.transfer.id))

@@ -112,7 +112,12 @@ impl Runner {
                 already_applied,
                 retries,
             }),
-            Err(Stop::Failed(e)) if ambiguous && !e.is_refusal() => {
+            // A claim by another run makes this run's "not applied" final (see `attempt`).
+            Err(Stop::Failed(e))
+                if ambiguous
+                    && !e.is_refusal()
+                    && !matches!(e, TransferError::NotApplied { .. }) =>
+            {
                 Err(TransferError::OutcomeUnknown {
                     id: t.id,
                     reason: format!("an attempt's outcome was ambiguous, then: {e}"),
@@ -157,8 +162,10 @@ impl Runner {
                 }
             }
         };
+        // An id given may have an earlier run's attempt still on its way; one this run made up
+        // has this run's own, once an attempt was ambiguous (a statement held in the network).
         match answer {
-            Err(e) if self.id_given && says_not_applied(&e) => {
+            Err(e) if (self.id_given || ambiguous) && says_not_applied(&e) => {
                 self.claim_first(t, e, made, retries)
             }
             answer => answer,
@@ -435,23 +442,21 @@ fn attempt(
             apply_claiming(conn, t)
         }
     };
-    // Single-statement mode found its id claimed by a rerun that said "not applied" (or by an
-    // earlier attempt of its own that committed: the ledger tells). The claim is there to stop
-    // a statement that comes late; this run's is a new application, made in a transaction,
-    // which claims nothing.
-    let mut in_a_transaction = false;
+    // Single-statement mode found its id claimed: by a run that said "not applied" (or by an
+    // earlier attempt of its own that committed: the ledger tells). The claim is there to stop a
+    // statement that comes late, and this one may be just that (held in the network since
+    // before that answer, its run still waiting): it cannot apply now. A transaction claims
+    // nothing and is never late, so the message says to use one.
     let step = match result {
         Err(BodyError::Claimed) => match lookup(conn, t) {
             Ok(Some(found)) => resolve_duplicate(t, &found, !after_ambiguous),
-            Ok(None) => {
-                log::debug!(
-                    "transfer {}: its id was claimed by a rerun's 'not applied'; applying it in \
-                     a transaction",
-                    t.id
-                );
-                in_a_transaction = true;
-                Attempt::Fail(TransferError::Abandoned)
-            }
+            Ok(None) => Attempt::Fail(TransferError::NotApplied {
+                id: t.id,
+                reason: "its id is claimed by a run that said it was not applied, so a single \
+                         statement cannot apply it (one that comes late must not); run it with \
+                         --mode transaction to apply it now"
+                    .into(),
+            }),
             Err(step) => step,
         },
         Ok(()) => Attempt::Done(false),
@@ -501,9 +506,6 @@ fn attempt(
                 }
         );
         ticket.leave_commit(maybe_applied);
-    }
-    if in_a_transaction {
-        return attempt(session, t, Mode::Transaction, after_ambiguous, ticket);
     }
     step
 }

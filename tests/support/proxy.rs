@@ -43,6 +43,10 @@ pub enum Fault {
     /// held in the network (a middlebox, a pooler's queue) that arrives after its client gave
     /// up. Counted in `late_commits` once answered, whatever the answer.
     LateStatement(Duration),
+    /// Hold the commit point (the statement's Bind..Sync) for the delay, the client still
+    /// connected and waiting, then send it and relay the answer: a statement slow in the
+    /// network while its run is still alive.
+    HeldStatement(Duration),
     /// Relay nothing more on this connection either way and answer nothing, with both
     /// connections left open (the transaction stays open), until `Proxy::thaw` or the proxy is
     /// dropped; then close both.
@@ -564,6 +568,11 @@ fn inject(
             link.set_reply(OnReply::Close);
             server.write_all(&batch.concat())?;
             return Ok(Some(End::AwaitReply));
+        }
+        Fault::HeldStatement(delay) => {
+            thread::sleep(delay);
+            shared.hold()?;
+            server.write_all(&batch.concat())?;
         }
         Fault::Freeze => {
             link.frozen.store(true, Ordering::SeqCst);
