@@ -33,12 +33,22 @@ struct Report {
     client: BTreeMap<String, String>,
     accounts: Option<i64>,
     transfers: Option<i64>,
+    /// Whether this role may claim transfer ids (INSERT on `transfer_claims`): without it a
+    /// refused `--id` transfer stays unknown and single-statement transfers fail. `None` when
+    /// not migrated, or the server cannot say.
+    claims_writable: Option<bool>,
 }
 
 #[derive(QueryableByName)]
 struct Setting {
     #[diesel(sql_type = Nullable<Text>)]
     value: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Allowed {
+    #[diesel(sql_type = Bool)]
+    allowed: bool,
 }
 
 #[derive(QueryableByName)]
@@ -85,6 +95,15 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     } else {
         (None, None)
     };
+    // A role provisioned before migration 7 was granted the two other tables only.
+    let claims_writable = migrated
+        .then(|| {
+            diesel::sql_query("SELECT has_table_privilege('transfer_claims', 'INSERT') AS allowed")
+                .get_result::<Allowed>(&mut conn)
+                .map(|a| a.allowed)
+                .ok()
+        })
+        .flatten();
     let client = url
         .client_parameters("bank", Duration::from_secs(5))
         .into_iter()
@@ -104,6 +123,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         client,
         accounts,
         transfers,
+        claims_writable,
     };
     if json {
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
@@ -155,6 +175,14 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     if let (Some(a), Some(t)) = (accounts, transfers) {
         writeln!(out, "accounts: {a}")?;
         writeln!(out, "transfers: {t}")?;
+    }
+    if claims_writable == Some(false) {
+        writeln!(
+            out,
+            "warning: this role cannot insert into transfer_claims: grant it INSERT as on the \
+             other tables, or a refused transfer with --id stays of unknown outcome and \
+             single-statement transfers fail"
+        )?;
     }
     Ok(())
 }
