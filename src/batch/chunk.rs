@@ -22,6 +22,7 @@ use super::{Outcome, Verdict};
 use crate::db::Session;
 use crate::error::{ConnectError, TransferError};
 use crate::guard::Ticket;
+use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
     classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
@@ -325,21 +326,11 @@ impl ChunkRunner {
             };
             let t = &line.transfer;
             match &ledger {
-                Ok(found) => match found.iter().find(|f| f.id == t.id) {
-                    Some(f) if t.matches(f) => {
-                        *v = Verdict {
-                            outcome: Outcome::AlreadyApplied,
-                            error: None,
-                        }
+                Ok(found) => {
+                    if let Some(f) = found.iter().find(|f| f.id == t.id) {
+                        *v = ledger_verdict(t, f);
                     }
-                    Some(_) => {
-                        *v = Verdict {
-                            outcome: Outcome::IdConflict,
-                            error: Some(id_conflict(t.id)),
-                        }
-                    }
-                    None => {}
-                },
+                }
                 Err(e) => {
                     let was = v.error.clone().unwrap_or_else(|| v.outcome.as_str().into());
                     *v = Verdict {
@@ -391,14 +382,7 @@ impl ChunkRunner {
             return unknown("and the ledger could not be asked");
         };
         match repo::find_transfer(conn, t.id) {
-            Ok(Some(found)) if t.matches(&found) => Verdict {
-                outcome: Outcome::AlreadyApplied,
-                error: None,
-            },
-            Ok(Some(_)) => Verdict {
-                outcome: Outcome::IdConflict,
-                error: Some(id_conflict(t.id)),
-            },
+            Ok(Some(found)) => ledger_verdict(t, &found),
             Ok(None) if !self.ids_given || repo::accounts_free(conn, &[t.from_id, t.to_id]) => {
                 Verdict {
                     outcome: Outcome::Refused,
@@ -743,6 +727,21 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
         )));
     }
     Ok(decided)
+}
+
+/// The verdict of a line whose id the ledger has: the same transfer, or another one.
+fn ledger_verdict(t: &NewTransfer, found: &Transfer) -> Verdict {
+    if t.matches(found) {
+        Verdict {
+            outcome: Outcome::AlreadyApplied,
+            error: None,
+        }
+    } else {
+        Verdict {
+            outcome: Outcome::IdConflict,
+            error: Some(id_conflict(t.id)),
+        }
+    }
 }
 
 fn id_conflict(id: Uuid) -> String {

@@ -133,7 +133,7 @@ impl Runner {
                     && (refused_by_the_database(&e) || matches!(e, TransferError::Connect(_))) =>
             {
                 let refused = format!("the database refused it ({e})");
-                self.settle(t, refused, e, made, retries)
+                Err(self.settle(t, refused, e))
             }
             Err(Stop::Failed(e)) => Err(e),
             Err(Stop::Exhausted {
@@ -150,13 +150,7 @@ impl Runner {
                         id: t.id,
                         reason: reason.clone(),
                     };
-                    self.settle(
-                        t,
-                        format!("it was held up ({reason})"),
-                        not_applied,
-                        made,
-                        retries,
-                    )
+                    Err(self.settle(t, format!("it was held up ({reason})"), not_applied))
                 } else {
                     Err(TransferError::NotApplied { id: t.id, reason })
                 }
@@ -187,9 +181,13 @@ impl Runner {
         retries: RetryCounts,
     ) -> Result<Receipt, TransferError> {
         let ledger = match self.session.conn() {
-            Ok(conn) => {
-                repo::claim_ids(conn, &[t.id]).and_then(|_| repo::find_transfer(conn, t.id))
-            }
+            Ok(conn) => repo::claim_ids(conn, &[t.id])
+                .and_then(|_| repo::find_transfer(conn, t.id))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let found = match ledger {
+            Ok(found) => found,
             Err(e) => {
                 return Err(held_up(
                     t,
@@ -197,57 +195,35 @@ impl Runner {
                 ))
             }
         };
-        match ledger {
-            Ok(None) => Err(no),
-            Ok(Some(found)) => match resolve_duplicate(t, &found, true) {
-                Attempt::Done(already_applied) => Ok(Receipt {
-                    transfer: *t,
-                    attempts,
-                    already_applied,
-                    retries,
-                }),
-                Attempt::Fail(e) => Err(e),
-                _ => Err(held_up(t, no.to_string())),
-            },
-            Err(e) => Err(held_up(
-                t,
-                format!("it could not claim the id ({e}) after: {no}"),
-            )),
+        let Some(found) = found else {
+            return Err(no);
+        };
+        match resolve_duplicate(t, &found, true) {
+            Attempt::Done(already_applied) => Ok(Receipt {
+                transfer: *t,
+                attempts,
+                already_applied,
+                retries,
+            }),
+            Attempt::Fail(e) => Err(e),
+            _ => Err(held_up(t, no.to_string())),
         }
     }
 
     /// The end of a run with a given id that applied nothing but never got past the accounts'
     /// locks for sure (see `held_up`; `why` says how). If no transaction holds either account or
     /// keeps a transfer out of the tables now (`repo::accounts_free`), any earlier attempt of
-    /// this id has ended and the ledger has the last word (absent: `absent`); otherwise, or when
-    /// the accounts cannot even be probed, nobody can know yet.
-    fn settle(
-        &mut self,
-        t: &NewTransfer,
-        why: String,
-        absent: TransferError,
-        attempts: u32,
-        retries: RetryCounts,
-    ) -> Result<Receipt, TransferError> {
-        let Ok(conn) = self.session.conn() else {
-            return Err(held_up(t, why));
-        };
-        if !repo::accounts_free(conn, &[t.from_id, t.to_id]) {
-            return Err(held_up(t, why));
-        }
-        match repo::find_transfer(conn, t.id) {
-            Ok(None) => Err(absent),
-            Ok(Some(found)) => match resolve_duplicate(t, &found, true) {
-                Attempt::Done(already_applied) => Ok(Receipt {
-                    transfer: *t,
-                    attempts,
-                    already_applied,
-                    retries,
-                }),
-                Attempt::Fail(e) => Err(e),
-                _ => Err(held_up(t, why)),
-            },
-            Err(_) => Err(held_up(t, why)),
+    /// this id has ended, and `absent` goes on to `claim_first`, where the ledger has the last
+    /// word; otherwise, or when the accounts cannot even be probed, nobody can know yet.
+    fn settle(&mut self, t: &NewTransfer, why: String, absent: TransferError) -> TransferError {
+        let free = self
+            .session
+            .conn()
+            .is_ok_and(|conn| repo::accounts_free(conn, &[t.from_id, t.to_id]));
+        if free {
+            absent
+        } else {
+            held_up(t, why)
         }
     }
 
@@ -614,6 +590,7 @@ fn says_not_applied(e: &TransferError) -> bool {
             | TransferError::NotApplied { .. }
             | TransferError::NoLedgerRow
             | TransferError::Database(_)
+            | TransferError::Connect(_)
     )
 }
 
