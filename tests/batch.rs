@@ -1573,21 +1573,15 @@ fn a_connection_that_cannot_be_made_again_mid_file_loses_no_outcome() {
     for iso in Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
         let lines = solvent_file(&db, 20, 6000, 11);
-        let role = format!("bank_app_{}", Uuid::new_v4().simple());
-        db.conn()
-            .batch_execute(&format!(
-                "CREATE ROLE {role} LOGIN PASSWORD 'pw'; \
-                 GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, \
-                 __diesel_schema_migrations TO {role}"
-            ))
-            .expect("role");
-        let mut url = url::Url::parse(db.url.expose()).expect("url");
-        url.set_username(&role).expect("user");
-        url.set_password(Some("pw")).expect("password");
+        let (role, url) = db.role(
+            "LOGIN",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, \
+             __diesel_schema_migrations TO {role}",
+        );
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("f.csv");
         std::fs::write(&path, csv(&lines)).expect("file");
-        let mut child = spawn_file(url.as_str(), &path, &[]);
+        let mut child = spawn_file(&url, &path, &[]);
         let mut conn = db.conn();
         let started = Instant::now();
         while count_transfers(&mut conn).expect("count") < 500 {

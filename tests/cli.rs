@@ -600,6 +600,7 @@ fn workload_shows_a_live_line_on_a_terminal() {
 
 #[test]
 fn bad_timeouts_are_refused() {
+    const TRANSFER: [&str; 7] = ["transfer", "--from", "{A}", "--to", "{B}", "--amount", "1"];
     // Below a millisecond the transfer "timed out after 0.0s (0 attempts)"; a negative one was
     // "unexpected argument '-1'".
     for (timeout, message) in [
@@ -610,17 +611,7 @@ fn bad_timeouts_are_refused() {
         ("-1s", "must not be negative"),
     ] {
         refused(
-            &[
-                "transfer",
-                "--from",
-                "{A}",
-                "--to",
-                "{B}",
-                "--amount",
-                "1",
-                "--timeout",
-                timeout,
-            ],
+            &[&TRANSFER[..], &["--timeout", timeout]].concat(),
             2,
             message,
         );
@@ -628,62 +619,21 @@ fn bad_timeouts_are_refused() {
     // Near the largest duration, adding the moment bank waits past a deadline overflowed: a
     // panic (exit 101) after the transfer, or after a workload had created accounts and run.
     let huge = "18446744073709551615s999ms";
+    let workload = ["workload", "--accounts", "2", "--concurrency", "1"];
     for args in [
-        &[
-            "transfer",
-            "--from",
-            "{A}",
-            "--to",
-            "{B}",
-            "--amount",
-            "1",
-            "--timeout",
-            huge,
-        ][..],
-        &["transfer", "--file", "-", "--timeout", huge],
-        &[
-            "transfer",
-            "--from",
-            "{A}",
-            "--to",
-            "{B}",
-            "--amount",
-            "1",
-            "--retry-cap",
-            huge,
-        ],
-        &["balances", "--timeout", huge],
-        &[
-            "workload",
-            "--accounts",
-            "2",
-            "--concurrency",
-            "1",
-            "--duration",
-            "1s",
-            "--timeout",
-            huge,
-        ],
-        &[
-            "workload",
-            "--accounts",
-            "2",
-            "--concurrency",
-            "1",
-            "--duration",
-            huge,
-        ],
-        &[
-            "workload",
-            "--accounts",
-            "2",
-            "--transfers",
-            "1",
-            "--check-timeout",
-            huge,
-        ],
+        [&TRANSFER[..], &["--timeout", huge]].concat(),
+        vec!["transfer", "--file", "-", "--timeout", huge],
+        [&TRANSFER[..], &["--retry-cap", huge]].concat(),
+        vec!["balances", "--timeout", huge],
+        [&workload[..], &["--duration", "1s", "--timeout", huge]].concat(),
+        [&workload[..], &["--duration", huge]].concat(),
+        [
+            &workload[..],
+            &["--transfers", "1", "--check-timeout", huge],
+        ]
+        .concat(),
     ] {
-        refused(args, 2, "must be at most 365 days");
+        refused(&args, 2, "must be at most 365 days");
     }
 }
 

@@ -149,6 +149,37 @@ impl Setup {
     }
 
     /// Waits until the late commit has reached the server.
+    /// An orphan: a first run of 100 whose COMMIT reaches the server 6 s late, given up as
+    /// unknown (exit 3), its locks held meanwhile; reruns wait on locks for 200 ms at most.
+    fn orphan(&self) -> Uuid {
+        self.db.alter("lock_timeout = '200ms'");
+        self.arm(Fault::LateCommit(Duration::from_secs(6)));
+        let id = Uuid::new_v4();
+        self.transfer(id, &["--max-retries", "1"]).fails_json(
+            3,
+            "unknown",
+            "may or may not have been applied",
+        );
+        id
+    }
+
+    /// Once the orphan has committed, `rerun` (of its id, --json) says already applied, and the
+    /// money moved once.
+    #[track_caller]
+    fn settled_once_the_orphan_commits(&self, rerun: impl FnOnce() -> Run) {
+        self.wait_for_late_commit();
+        let settled = rerun();
+        settled.success();
+        assert_eq!(
+            settled.json()["outcome"],
+            "already_applied",
+            "{}",
+            self.case()
+        );
+        assert_eq!(self.balances(), (900, 100), "{}", self.case());
+        self.verify_passes();
+    }
+
     fn wait_for_late_commit(&self) {
         let started = Instant::now();
         while self.proxy.late_commits() == 0 {
@@ -600,11 +631,7 @@ fn a_draining_node_refusing_the_connection_is_retried() {
 fn a_rerun_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
     for (iso, at) in CASES {
         let s = setup(iso, at);
-        s.db.alter("lock_timeout = '200ms'");
-        s.arm(Fault::LateCommit(Duration::from_secs(6)));
-        let id = Uuid::new_v4();
-        let first = s.transfer(id, &["--max-retries", "1"]);
-        first.fails_json(3, "unknown", "may or may not have been applied");
+        let id = s.orphan();
         // The rerun goes straight to the server, as a user's would after the fault.
         let rerun = |extra: &[&str]| {
             s.db.bank()
@@ -622,12 +649,7 @@ fn a_rerun_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
         let fresh = rerun(&[]);
         assert_eq!(fresh.code, 1, "{case}: {fresh:?}");
         assert!(fresh.stderr.contains("not applied"), "{case}: {fresh:?}");
-        s.wait_for_late_commit();
-        let settled = rerun(&["--id", &id.to_string(), "--json"]);
-        settled.success();
-        assert_eq!(settled.json()["outcome"], "already_applied", "{case}");
-        assert_eq!(s.balances(), (900, 100), "{case}");
-        s.verify_passes();
+        s.settled_once_the_orphan_commits(|| rerun(&["--id", &id.to_string(), "--json"]));
     }
 }
 
@@ -639,11 +661,7 @@ fn a_rerun_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
 fn a_rerun_refused_before_the_locks_while_an_orphan_may_commit_is_unknown() {
     for (iso, at) in CASES {
         let s = setup(iso, at);
-        s.db.alter("lock_timeout = '200ms'");
-        s.arm(Fault::LateCommit(Duration::from_secs(6)));
-        let id = Uuid::new_v4();
-        let first = s.transfer(id, &["--max-retries", "1"]);
-        first.fails_json(3, "unknown", "may or may not have been applied");
+        let id = s.orphan();
         let case = format!("{iso:?} {}", s.case());
         let rerun = |url: &str, extra: &[&str]| {
             Bank::new()
@@ -665,23 +683,14 @@ fn a_rerun_refused_before_the_locks_while_an_orphan_may_commit_is_unknown() {
         assert_eq!(fresh.code, 1, "{case}: {fresh:?}");
         s.db.alter("default_transaction_read_only = off");
         // A role refused at login: nothing can be asked.
-        let role = format!("teller_{}", Uuid::new_v4().simple());
-        s.db.conn()
-            .batch_execute(&format!("CREATE ROLE {role} NOLOGIN PASSWORD 'pw'"))
-            .expect("role");
-        let mut url = url::Url::parse(s.db.url.expose()).expect("url");
-        url.set_username(&role).expect("user");
-        url.set_password(Some("pw")).expect("password");
-        let cannot = rerun(url.as_str(), &["--id", &id.to_string()]);
+        let (role, url) = s.db.role("NOLOGIN", "");
+        let cannot = rerun(&url, &["--id", &id.to_string()]);
         assert_eq!(cannot.code, 3, "{case}: {cannot:?}");
         assert!(cannot.stderr.contains("log in"), "{case}: {cannot:?}");
         let _ = s.db.conn().batch_execute(&format!("DROP ROLE {role}"));
-        s.wait_for_late_commit();
-        let settled = rerun(s.db.url.expose(), &["--id", &id.to_string(), "--json"]);
-        settled.success();
-        assert_eq!(settled.json()["outcome"], "already_applied", "{case}");
-        assert_eq!(s.balances(), (900, 100), "{case}");
-        s.verify_passes();
+        s.settled_once_the_orphan_commits(|| {
+            rerun(s.db.url.expose(), &["--id", &id.to_string(), "--json"])
+        });
     }
 }
 
@@ -816,27 +825,24 @@ fn a_run_still_waiting_on_its_late_statement_honours_a_rerun_s_no() {
         let id = Uuid::new_v4();
         s.arm(Fault::HeldStatement(Duration::from_secs(3)));
         let url = s.proxy.url_for(&s.db.url);
-        let first = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
-            .args([
-                "--database-url",
-                &url,
-                "transfer",
-                "--mode",
-                "single-statement",
-            ])
-            .args(["--from", &s.from.to_string(), "--to", &s.to.to_string()])
-            .args([
-                "--amount",
-                "100",
-                "--id",
-                &id.to_string(),
-                "--timeout",
-                "20s",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn bank");
+        let (from, to, id_text) = (s.from.to_string(), s.to.to_string(), id.to_string());
+        let first = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--mode",
+            "single-statement",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--amount",
+            "100",
+            "--id",
+            &id_text,
+            "--timeout",
+            "20s",
+        ]);
         thread::sleep(Duration::from_millis(500));
         let rerun =
             s.db.transfer(s.from, s.to, 100)
@@ -894,14 +900,19 @@ fn a_file_s_not_applied_line_is_claimed_against_a_late_statement() {
         ))
         .execute(&mut holder)
         .expect("lock");
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
-            .args(["--database-url", s.db.url.expose(), "transfer", "--file"])
-            .arg(&path)
-            .args(["--json", "--batch", "1", "--connections", "1"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn bank");
+        let path = path.to_string_lossy();
+        let child = crate::support::spawn_bank(&[
+            "--database-url",
+            s.db.url.expose(),
+            "transfer",
+            "--file",
+            &path,
+            "--json",
+            "--batch",
+            "1",
+            "--connections",
+            "1",
+        ]);
         crate::support::wait_for_lock_wait(&s.db);
         crate::support::interrupt(child.id());
         thread::sleep(Duration::from_millis(300));

@@ -589,22 +589,23 @@ fn ctrl_c_on_a_transfer_names_its_id_and_tells_the_truth() {
             let mut holder = db.conn();
             holder.batch_execute("BEGIN").expect("begin");
             lock(&mut holder, a, false).expect("lock");
-            let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
-                .args(["--database-url", db.url.expose(), "transfer"])
-                .args([
-                    "--from",
-                    &a.to_string(),
-                    "--to",
-                    &b.to_string(),
-                    "--amount",
-                    "10",
-                ])
-                .args(["--mode", mode, "--json", "--timeout", "20s"])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn bank");
+            let (from, to) = (a.to_string(), b.to_string());
+            let child = crate::support::spawn_bank(&[
+                "--database-url",
+                db.url.expose(),
+                "transfer",
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--amount",
+                "10",
+                "--mode",
+                mode,
+                "--json",
+                "--timeout",
+                "20s",
+            ]);
             wait_for_lock_wait(&db);
             crate::support::interrupt(child.id());
             let run = crate::support::Run::from(child.wait_with_output().expect("wait"));

@@ -411,23 +411,12 @@ fn doctor_reports_engine_schema_settings_and_counts() {
     // A role granted the two tables only, as provisioned before transfer_claims existed: every
     // refused transfer with --id stayed unknown and single statements failed, and doctor said
     // nothing (found by a reviewer).
-    let role = format!("teller_{}", Uuid::new_v4().simple());
-    db.conn()
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD 'pw'; \
-             GRANT SELECT, INSERT, UPDATE ON accounts, transfers TO {role}; \
-             GRANT SELECT ON __diesel_schema_migrations TO {role}"
-        ))
-        .expect("role");
-    let mut url = url::Url::parse(db.url.expose()).expect("url");
-    url.set_username(&role).expect("user");
-    url.set_password(Some("pw")).expect("password");
-    let teller = |args: &[&str]| {
-        Bank::new()
-            .args(["--database-url", url.as_str()])
-            .args(args)
-            .run()
-    };
+    let (role, url) = db.role(
+        "LOGIN",
+        "GRANT SELECT, INSERT, UPDATE ON accounts, transfers TO {role}; \
+         GRANT SELECT ON __diesel_schema_migrations TO {role}",
+    );
+    let teller = |args: &[&str]| Bank::new().args(["--database-url", &url]).args(args).run();
     let j = teller(&["doctor", "--json"]).json();
     assert_eq!(j["claims_writable"], false, "{j}");
     let text = teller(&["doctor"]);

@@ -133,6 +133,22 @@ impl ScratchDb {
         conn
     }
 
+    /// A new role of this server (`CREATE ROLE … {options} PASSWORD 'pw'`, then `grants` with
+    /// `{role}` standing for its name); returns its name and a URL to this database as it.
+    pub fn role(&self, options: &str, grants: &str) -> (String, String) {
+        let role = format!("teller_{}", Uuid::new_v4().simple());
+        self.conn()
+            .batch_execute(&format!(
+                "CREATE ROLE {role} {options} PASSWORD 'pw'; {}",
+                grants.replace("{role}", &role)
+            ))
+            .expect("create the role");
+        let mut url = url::Url::parse(self.url.expose()).expect("one-host URL");
+        url.set_username(&role).expect("user");
+        url.set_password(Some("pw")).expect("password");
+        (role, url.to_string())
+    }
+
     /// Creates committed accounts with these balances; returns their ids.
     pub fn accounts(&self, balances: &[i64]) -> Vec<Uuid> {
         let new: Vec<NewAccount> = balances
@@ -305,6 +321,18 @@ impl Run {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.stdout))
     }
+}
+
+/// `bank` with these arguments, started in the background: stdin closed, stdout and stderr
+/// piped (`Run::from(child.wait_with_output()…)` reads them).
+pub fn spawn_bank(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn bank")
 }
 
 /// Sends SIGINT to `pid` through the shell's own `kill` (a minimal Debian has no `kill` binary:
