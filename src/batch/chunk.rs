@@ -275,19 +275,11 @@ impl ChunkRunner {
     /// waited for it) gets the ledger's answer; a claim that cannot be written leaves the lines
     /// `unknown`. The watcher keeps seeing the verdicts as they were until this is done.
     fn claim_refused(&mut self, lines: &[Line]) {
-        let decided = self.watch.decided();
-        // An id that a later line of these (the same id, funded by then) applied is in the
-        // ledger by this run's doing: its refused line keeps its one-by-one verdict.
-        let applied_here: HashSet<Uuid> = lines
-            .iter()
-            .zip(&decided)
-            .filter(|(_, v)| v.outcome == Outcome::Applied)
-            .map(|(l, _)| l.transfer.id)
-            .collect();
-        let refused: Vec<usize> = decided
-            .iter()
-            .enumerate()
-            .filter(|(i, v)| {
+        // Read in place: most chunks refuse nothing, and this runs after every one.
+        let (ids, refused): (Vec<Uuid>, Vec<usize>) = {
+            let progress = self.watch.lock();
+            let decided = &progress.decided;
+            let says_no = |v: &Verdict| {
                 matches!(
                     v.outcome,
                     Outcome::InsufficientFunds
@@ -295,16 +287,27 @@ impl ChunkRunner {
                         | Outcome::BalanceOverflow
                         | Outcome::Refused
                         | Outcome::NotApplied
-                ) && lines
-                    .get(*i)
-                    .is_some_and(|l| !applied_here.contains(&l.transfer.id))
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let ids: Vec<Uuid> = refused
-            .iter()
-            .filter_map(|&i| lines.get(i).map(|l| l.transfer.id))
-            .collect();
+                )
+            };
+            if !decided.iter().any(says_no) {
+                return;
+            }
+            // An id that a later line of these (the same id, funded by then) applied is in the
+            // ledger by this run's doing: its refused line keeps its one-by-one verdict.
+            let applied_here: HashSet<Uuid> = lines
+                .iter()
+                .zip(decided)
+                .filter(|(_, v)| v.outcome == Outcome::Applied)
+                .map(|(l, _)| l.transfer.id)
+                .collect();
+            lines
+                .iter()
+                .zip(decided)
+                .enumerate()
+                .filter(|(_, (l, v))| says_no(v) && !applied_here.contains(&l.transfer.id))
+                .map(|(i, (l, _))| (l.transfer.id, i))
+                .unzip()
+        };
         if ids.is_empty() {
             return;
         }
