@@ -17,8 +17,9 @@ pub enum ConfigError {
     MissingUrl,
     #[error("malformed database URL {url}: {reason}")]
     MalformedUrl { url: String, reason: String },
-    #[error("cannot read .env: {0}")]
-    DotEnv(String),
+    /// `path` is the `.env` found (in the working directory or a parent).
+    #[error("cannot read {path}: {why}")]
+    DotEnv { path: String, why: String },
 }
 
 #[derive(Debug, Error)]

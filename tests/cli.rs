@@ -303,7 +303,7 @@ fn the_url_comes_from_the_environment_or_dotenv() {
     .expect("write .env");
     broken
         .run()
-        .fails_with(2, "cannot read .env: malformed line for DATABASE_URL");
+        .fails_with(2, "/.env: malformed line for DATABASE_URL");
 }
 
 // ---- bad input: one line on stderr, non-zero exit, nothing changed --------------------------
@@ -1082,7 +1082,7 @@ fn no_malformed_url_or_dotenv_line_shows_its_password() {
         let run = Bank::new().args(["balances"]);
         std::fs::write(run.dir.path().join(".env"), format!("{line}\n")).expect("write .env");
         let run = run.run();
-        run.fails_with(2, "cannot read .env");
+        run.fails_with(2, "/.env: ");
         assert!(!run.stderr.contains(pw), "{line}: {run:?}");
     }
 }
@@ -1224,7 +1224,7 @@ fn a_dotenv_bank_does_not_need_cannot_stop_it() {
     // Needed for the URL, it is the error.
     let run = Bank::new().args(["balances"]);
     std::fs::write(run.dir.path().join(".env"), "APP_TITLE=My App\n").expect("write .env");
-    run.run().fails_with(2, "cannot read .env");
+    run.run().fails_with(2, "/.env: ");
 }
 
 #[test]
@@ -1243,6 +1243,22 @@ fn an_empty_database_url_in_the_environment_does_not_hide_the_dotenv_one() {
         .expect("write .env");
         assert_eq!(run.run().success().stdout.lines().count(), 2, "{value:?}");
     }
+}
+
+/// A malformed `.env` is named by its path: bank takes the first one found in the working
+/// directory or a parent, so "cannot read .env" left the user looking in the wrong place.
+#[test]
+fn a_malformed_dotenv_is_named_by_its_path() {
+    let mut run = Bank::new().args(["balances"]);
+    let sub = run.dir.path().join("project").join("src");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    std::fs::write(run.dir.path().join(".env"), "not a line\n").expect("write .env");
+    run.cmd.current_dir(&sub);
+    let path = run.dir.path().join(".env");
+    run.run().fails_with(
+        2,
+        &format!("cannot read {}: a malformed line", path.display()),
+    );
 }
 
 /// A `.env` with a malformed line is not used at all: dotenvy had set the lines above it, so
@@ -1273,7 +1289,7 @@ fn a_malformed_dotenv_sets_nothing() {
     // The URL needed from it: refused, nothing written anywhere.
     let run = Bank::new().args(["seed"]);
     std::fs::write(run.dir.path().join(".env"), &dotenv).expect("write .env");
-    run.run().fails_with(2, "cannot read .env");
+    run.run().fails_with(2, "/.env: ");
     assert_eq!(other.state().0.len(), 0);
 }
 

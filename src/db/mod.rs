@@ -28,9 +28,17 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     if std::env::var_os("DATABASE_URL").is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
         std::env::remove_var("DATABASE_URL");
     }
+    let Some(path) = find_dotenv()? else {
+        return Ok(());
+    };
+    let failed = |why: String| ConfigError::DotEnv {
+        path: path.display().to_string(),
+        why,
+    };
     // Parsed whole before anything is set: dotenvy's own loader sets the lines above a malformed
     // one, so a .env said to be ignored still chose the database (and the BANK_* defaults).
-    let parsed = dotenvy::dotenv_iter().and_then(|lines| lines.collect::<Result<Vec<_>, _>>());
+    let parsed =
+        dotenvy::from_path_iter(&path).and_then(|lines| lines.collect::<Result<Vec<_>, _>>());
     match parsed {
         Ok(vars) => {
             for (key, value) in vars {
@@ -40,19 +48,39 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
             }
             Ok(())
         }
-        Err(e) if e.not_found() => Ok(()),
         // dotenvy's message quotes the line (or the rest of it), which may hold a password:
         // name the key only, when the text starts with one.
-        Err(dotenvy::Error::LineParse(line, _)) => {
-            Err(ConfigError::DotEnv(match dotenv_key(&line) {
-                Some(key) => format!("malformed line for {key}"),
-                None => "a malformed line (not shown: it may hold a password); each line \
-                         must be KEY=value"
-                    .to_string(),
-            }))
-        }
-        Err(e) => Err(ConfigError::DotEnv(e.to_string())),
+        Err(dotenvy::Error::LineParse(line, _)) => Err(failed(match dotenv_key(&line) {
+            Some(key) => format!("malformed line for {key}"),
+            None => "a malformed line (not shown: it may hold a password); each line \
+                     must be KEY=value"
+                .to_string(),
+        })),
+        Err(e) => Err(failed(e.to_string())),
     }
+}
+
+/// The `.env` to read, as dotenvy finds it: the first file of that name in the working directory
+/// or a parent. Found here rather than by dotenvy so that a message can say which file it was.
+fn find_dotenv() -> Result<Option<std::path::PathBuf>, ConfigError> {
+    let Ok(cwd) = std::env::current_dir() else {
+        return Ok(None);
+    };
+    for dir in cwd.ancestors() {
+        let candidate = dir.join(".env");
+        match std::fs::metadata(&candidate) {
+            Ok(meta) if meta.is_file() => return Ok(Some(candidate)),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ConfigError::DotEnv {
+                    path: candidate.display().to_string(),
+                    why: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The key of a `.env` line `KEY=…` or `export KEY=…`; none when the text does not start so.
@@ -68,19 +96,22 @@ fn dotenv_key(line: &str) -> Option<&str> {
 
 /// Why `.env` could not be read, kept for the one command that needs it: a malformed `.env`
 /// (perhaps another tool's, in a parent directory) stopped every command, `--version` included.
-static DOTENV_ERROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static DOTENV_ERROR: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
 
 /// Keeps `e` (from `load_dotenv`) for `dotenv_error`.
 pub fn defer_dotenv_error(e: &ConfigError) {
     let _ = DOTENV_ERROR.set(match e {
-        ConfigError::DotEnv(why) => why.clone(),
-        other => other.to_string(),
+        ConfigError::DotEnv { path, why } => (path.clone(), why.clone()),
+        other => (".env".to_string(), other.to_string()),
     });
 }
 
-/// Why `.env` could not be read, if it could not.
-pub fn dotenv_error() -> Option<&'static str> {
-    DOTENV_ERROR.get().map(String::as_str)
+/// The `.env` that could not be read and why, if one could not.
+pub fn dotenv_error() -> Option<ConfigError> {
+    DOTENV_ERROR.get().map(|(path, why)| ConfigError::DotEnv {
+        path: path.clone(),
+        why: why.clone(),
+    })
 }
 
 /// Runs the embedded migrations that have not run yet; returns their names.

@@ -36,10 +36,7 @@ impl DbUrl {
                 reason: "it is not valid UTF-8".into(),
             }),
             // The URL was to come from .env, which could not be read: that is the error.
-            _ => Err(match super::dotenv_error() {
-                Some(why) => ConfigError::DotEnv(why.to_string()),
-                None => ConfigError::MissingUrl,
-            }),
+            _ => Err(super::dotenv_error().unwrap_or(ConfigError::MissingUrl)),
         }
     }
 
