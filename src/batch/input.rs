@@ -57,7 +57,7 @@ const BOM: &str = "\u{feff}";
 /// One transfer of the file, with the line it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Line {
-    /// 1-based line number in the file (a CSV header is line 1).
+    /// 1-based line number in the file (blank lines and a CSV header count).
     pub line: u64,
     pub transfer: NewTransfer,
 }
@@ -406,7 +406,13 @@ impl<R: Read> CsvLines<R> {
                     "no header: a CSV file of transfers starts with the line id,from,to,amount \
                      (the columns in any order)",
                 ))),
-                None => header_columns(&h).map_err(Some),
+                // Blank lines before it are skipped: the header is not always line 1.
+                None => {
+                    let line = h
+                        .position()
+                        .map_or(1, |p| lines.borrow_mut().line_at(p.byte()));
+                    header_columns(&h, line).map_err(Some)
+                }
             },
         };
         CsvLines {
@@ -418,15 +424,15 @@ impl<R: Read> CsvLines<R> {
     }
 }
 
-/// Where the header puts id, from, to and amount.
-fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
+/// Where the header (on `line`) puts id, from, to and amount.
+fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], Malformed> {
     let mut found = [None; 4];
     for (name, at) in COLUMNS.iter().zip(&mut found) {
         let mut named = (0..header.len()).filter(|&i| header[i].eq_ignore_ascii_case(name));
         *at = named.next();
         if let (Some(first), Some(second)) = (*at, named.next()) {
             return Err(malformed(
-                1,
+                line,
                 format!(
                     "the header names {name} twice (columns {} and {}): which one holds the \
                      transfer's {name} is not clear",
@@ -446,7 +452,7 @@ fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
         .is_some_and(|f| f.trim_start().starts_with('{'))
     {
         return Err(malformed(
-            1,
+            line,
             "this looks like JSON Lines, not CSV: name the file .jsonl or pass --format jsonl",
         ));
     }
@@ -454,7 +460,7 @@ fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
     if let [only] = header.iter().collect::<Vec<_>>()[..] {
         if only.contains(separators) {
             return Err(malformed(
-                1,
+                line,
                 format!(
                     "the header \"{}\" is not separated by commas: the columns must be id, \
                      from, to and amount, separated by commas",
@@ -465,7 +471,7 @@ fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
     }
     if found[0].is_none() {
         return Err(malformed(
-            1,
+            line,
             "no id column: every transfer needs its own id (a UUID), which is what makes a \
              rerun of the file apply each transfer once; the header must name id, from, to and \
              amount",
@@ -478,7 +484,7 @@ fn header_columns(header: &csv::StringRecord) -> Result<[usize; 4], Malformed> {
         .map(|(name, _)| *name)
         .collect();
     Err(malformed(
-        1,
+        line,
         format!(
             "no {} column: the header must name id, from, to and amount",
             missing.join(", no ")
@@ -1004,6 +1010,26 @@ mod tests {
         let (line, why) = reason(&got[0]);
         assert_eq!(line, 1);
         assert!(why.contains("amount") && why.contains("twice"), "{why}");
+    }
+
+    #[test]
+    fn a_bad_header_after_blank_lines_is_named_by_its_own_line() {
+        // The csv crate skips blank lines before the header: "line 1" pointed at a blank line.
+        for (text, line) in [
+            ("\n\nid,from,to\n", 3),
+            ("\n  \nid,from,to,amount,ID\n", 3),
+            ("\r\nid;from;to;amount\n", 2),
+        ] {
+            let got = all(text, Format::Csv);
+            assert_eq!(got.len(), 1, "{text:?}");
+            assert_eq!(reason(&got[0]).0, line, "{text:?}");
+        }
+        // And the lines after it still count from the file's first line.
+        let got = all(
+            &format!("\n\nid,from,to,amount\n{X},{A},{A},5\n"),
+            Format::Csv,
+        );
+        assert_eq!(reason(&got[0]).0, 4);
     }
 
     #[test]
