@@ -578,17 +578,22 @@ struct JsonTransfer {
     id: Option<String>,
     from: Option<String>,
     to: Option<String>,
-    amount: Option<serde_json::Value>,
+    /// As written, so that a message quotes it as the file has it (serde_json's number would
+    /// print 5e2 as 500.0).
+    amount: Option<Box<serde_json::value::RawValue>>,
 }
 
-fn amount_json(value: Option<&serde_json::Value>) -> Result<i64, String> {
-    match value {
-        None | Some(serde_json::Value::Null) => Err("no amount".into()),
-        Some(serde_json::Value::Number(n)) => match n.as_i64() {
+fn amount_json(raw: Option<&serde_json::value::RawValue>) -> Result<i64, String> {
+    let Some(written) = raw.map(serde_json::value::RawValue::get) else {
+        return Err("no amount".into());
+    };
+    match serde_json::from_str(written) {
+        Ok(serde_json::Value::Null) => Err("no amount".into()),
+        Ok(serde_json::Value::Number(n)) => match n.as_i64() {
             Some(a) => Ok(a),
             None if n.is_u64() || n.as_f64().is_some_and(|f| f.abs() >= 9.3e18) => Err(format!(
                 "amount {} is out of range (at most {})",
-                shown(&n.to_string()),
+                shown(written),
                 i64::MAX
             )),
             // -0 (a float to serde_json) or 0.0.
@@ -596,16 +601,14 @@ fn amount_json(value: Option<&serde_json::Value>) -> Result<i64, String> {
             // 5e2 or 7.0: whole, perhaps, but written the way a float is, which an amount of
             // money is not.
             None if n.as_f64().is_some_and(|f| f.fract() == 0.0) => Err(format!(
-                "amount {n} is written as a decimal number: write it in digits only"
+                "amount {} is written as a decimal number: write it in digits only",
+                shown(written)
             )),
-            None => Err(format!("amount {n} is not a whole number")),
+            None => Err(format!("amount {} is not a whole number", shown(written))),
         },
         // Large amounts are often written as strings so that JavaScript keeps every digit.
-        Some(serde_json::Value::String(s)) => amount_text(Some(s)),
-        Some(other) => Err(format!(
-            "amount {} is not a whole number",
-            shown(&other.to_string())
-        )),
+        Ok(serde_json::Value::String(s)) => amount_text(Some(&s)),
+        _ => Err(format!("amount {} is not a whole number", shown(written))),
     }
 }
 
@@ -658,7 +661,7 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                     j.id.as_deref(),
                     j.from.as_deref(),
                     j.to.as_deref(),
-                    amount_json(j.amount.as_ref()),
+                    amount_json(j.amount.as_deref()),
                 ),
             });
         }
@@ -1057,11 +1060,23 @@ mod tests {
         let got: Vec<_> = all(&text, Format::Jsonl).iter().map(reason).collect();
         assert_eq!(got.len(), 3);
         assert!(got[0].1.contains("a JSON array"), "{got:?}");
-        for (_, why) in &got[1..] {
+        for ((_, why), written) in got[1..].iter().zip(["5e2", "7.0"]) {
             // 5e2 and 7.0 are whole numbers, written in a way an amount of money is not.
             assert!(
                 !why.contains("not a whole number") && why.contains("digits"),
                 "{why}"
+            );
+            // Quoted as the file has it (serde_json would print 5e2 as 500.0).
+            assert!(why.contains(&format!("amount {written} ")), "{why}");
+        }
+        for (amount, quoted) in [("1.50", "1.50"), ("1E+30", "1E+30"), ("-0.0", "-0.0")] {
+            let line =
+                format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":{amount}}}\n");
+            let got = all(&line, Format::Jsonl);
+            let (_, why) = reason(&got[0]);
+            assert!(
+                why.contains(quoted) || why.contains("positive"),
+                "{amount}: {why}"
             );
         }
     }
