@@ -32,7 +32,10 @@ pub use commands::run;
 
 /// A line on stderr that cannot fail the process: `eprintln!` panics when stderr cannot be
 /// written (a full disk, a closed pipe), which turned every exit code into 101.
+/// Passwords are hidden here once more, whatever the line quotes: a URL typed where another value
+/// goes reached stderr whole from messages that did not expect one.
 pub fn say(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{args}");
+    let line = db::redact_message(&args.to_string());
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

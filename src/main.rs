@@ -171,6 +171,17 @@ fn init_logging(verbosity: u8) {
         .filter_level(log::LevelFilter::Warn)
         .filter_module("bank", level)
         .format_timestamp_millis()
+        // env_logger's layout, with passwords hidden in whatever a log line quotes.
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "[{:<5} {}] {}",
+                record.level(),
+                record.target(),
+                bank::db::redact_message(&record.args().to_string())
+            )
+        })
         .target(env_logger::Target::Stderr)
         .init();
 }

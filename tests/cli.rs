@@ -1325,6 +1325,29 @@ fn no_password_is_shown_by_usage_errors_or_other_password_parameters() {
     }
 }
 
+/// A URL typed where another value goes reached stderr whole when bank, not clap, refused the
+/// value: `bank man URL` ("no command …") and `transfer --file URL` ("cannot read …"). Every
+/// line bank writes to stderr now has passwords hidden.
+#[test]
+fn no_password_is_shown_when_a_url_is_given_as_another_value() {
+    let db = ScratchDb::migrated();
+    let pw = "Sekr3t-pw";
+    let url = format!("postgres://bank:{pw}@127.0.0.1:1/bank");
+    for args in [
+        vec!["man", url.as_str()],
+        vec!["transfer", "--file", url.as_str()],
+        vec!["history", url.as_str()],
+        vec!["lookup", url.as_str()],
+    ] {
+        let mut run = Bank::new().args(&args);
+        run.cmd.env("DATABASE_URL", db.url.expose());
+        let run = run.run();
+        assert_ne!(run.code, 0, "{args:?}: {run:?}");
+        assert!(!run.stderr.contains(pw), "{args:?}: {run:?}");
+        assert!(run.stderr.contains("bank:***@"), "{args:?}: {run:?}");
+    }
+}
+
 /// URL parameters libpq refuses are usage errors (exit 2, one line), however libpq words its
 /// refusal; and a URL that ends in `?` or `&`, which libpq accepts, works: bank appended its own
 /// parameters after it and made an empty one that libpq refused ("missing key/value separator").

@@ -160,9 +160,11 @@ fn read_error(line: u64, e: &std::io::Error) -> Malformed {
 }
 
 /// A value of the file as a reason quotes it: at most 40 characters, control characters
-/// escaped, so that a file cannot send escape sequences to a terminal or a line of a megabyte.
+/// escaped, so that a file cannot send escape sequences to a terminal or a line of a megabyte;
+/// and a password hidden, before it is cut (a URL typed where a value goes: `bank man URL`).
 pub(crate) fn shown(value: &str) -> String {
     const MAX: usize = 40;
+    let value = &crate::db::redact_message(value);
     let head: String = value.chars().take(MAX).collect();
     let mut out = escaped(&head);
     if value.chars().nth(MAX).is_some() {
@@ -171,9 +173,10 @@ pub(crate) fn shown(value: &str) -> String {
     out
 }
 
-/// `value` whole, its control characters escaped: a file's name as messages show it.
+/// `value` whole, its control characters escaped and a password hidden: a file's name as
+/// messages show it.
 pub(crate) fn escaped(value: &str) -> String {
-    value
+    crate::db::redact_message(value)
         .chars()
         .flat_map(|c| {
             let escaped: Vec<char> = if c.is_control() {
