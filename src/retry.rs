@@ -136,13 +136,21 @@ fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
         Some(Cause::Serialization)
     } else if m.contains("deadlock detected") {
         Some(Cause::Deadlock)
-    } else if m.contains("lock timeout")
-        || m.contains("statement timeout")
+    } else if m.contains("lock timeout") {
+        // "canceling statement due to lock timeout" (55P03): it waited for a row, before any
+        // commit.
+        Some(Cause::Timeout)
+    } else if m.contains("statement timeout")
         || m.contains("canceling statement due to user request")
     {
-        // "canceling statement due to lock timeout" (55P03), "… due to statement timeout" and
-        // "query execution canceled due to statement timeout" (CockroachDB) (57014).
-        Some(Cause::Timeout)
+        // "… due to statement timeout" and "query execution canceled due to statement timeout"
+        // (CockroachDB) (57014), or a cancel. At the commit point (a COMMIT, or the statement
+        // that is its own commit) it may have taken effect: CockroachDB's docs list timeouts
+        // among the causes of an ambiguous commit.
+        Some(match lost {
+            Cause::Ambiguous => Cause::Ambiguous,
+            _ => Cause::Timeout,
+        })
     } else if LOST.iter().any(|s| m.contains(s)) {
         Some(lost)
     } else {
@@ -541,6 +549,25 @@ pub(crate) mod tests {
                 Some(Cause::Timeout),
                 "{m}"
             );
+        }
+    }
+
+    #[test]
+    fn a_cancel_at_the_commit_point_is_ambiguous_but_a_lock_wait_is_not() {
+        for (m, cause) in [
+            ("canceling statement due to lock timeout", Cause::Timeout),
+            (
+                "canceling statement due to statement timeout",
+                Cause::Ambiguous,
+            ),
+            (
+                "query execution canceled due to statement timeout",
+                Cause::Ambiguous,
+            ),
+            ("canceling statement due to user request", Cause::Ambiguous),
+        ] {
+            let e = db(DatabaseErrorKind::Unknown, m);
+            assert_eq!(classify(&e, Phase::Commit), Some(cause), "{m}");
         }
     }
 

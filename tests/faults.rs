@@ -14,17 +14,21 @@ use uuid::Uuid;
 use crate::support::proxy::{
     upstream_of, At, CrdbError, Fault, Proxy, AMBIGUOUS_COMMITTED, AMBIGUOUS_NOT_COMMITTED, CR000,
     DRAINING, RETRY_SERIALIZABLE, SHUTTING_DOWN_COMMITTED, SHUTTING_DOWN_NOT_COMMITTED,
-    UNCERTAINTY,
+    STATEMENT_TIMEOUT_COMMITTED, STATEMENT_TIMEOUT_NOT_COMMITTED, UNCERTAINTY,
 };
 use crate::support::{Bank, Iso, Run, ScratchDb};
 
 /// CockroachDB's errors at the commit point, each when the commit did and did not take effect
-/// (the client cannot tell which).
-const AT_COMMIT_POINT: [CrdbError; 4] = [
+/// (the client cannot tell which). A statement timeout at the commit point was once taken for
+/// a timeout before it, which left nothing to settle: a transfer whose COMMIT took effect could
+/// be reported not applied.
+const AT_COMMIT_POINT: [CrdbError; 6] = [
     AMBIGUOUS_COMMITTED,
     AMBIGUOUS_NOT_COMMITTED,
     SHUTTING_DOWN_COMMITTED,
     SHUTTING_DOWN_NOT_COMMITTED,
+    STATEMENT_TIMEOUT_COMMITTED,
+    STATEMENT_TIMEOUT_NOT_COMMITTED,
 ];
 
 struct Setup {
@@ -374,11 +378,18 @@ fn a_late_commit_under_server_timeouts_is_applied_once_and_reported_applied() {
             run.success();
             let j = run.json();
             assert_eq!(j["outcome"], "applied", "{case}: {run:?}");
-            assert_eq!(j["retries"]["ambiguous"], 1, "{case}: {run:?}");
-            assert!(
-                j["retries"]["timeout"].as_u64() > Some(0),
-                "{case}: {run:?}"
+            let (ambiguous, timeouts) = (
+                j["retries"]["ambiguous"].as_u64().unwrap_or(0),
+                j["retries"]["timeout"].as_u64().unwrap_or(0),
             );
+            // A statement timeout at the commit point (single-statement mode's statement) is
+            // ambiguous, as CockroachDB's may be; a lock timeout, or one before COMMIT, is not.
+            if setting.starts_with("statement") && at == At::Statement {
+                assert!(ambiguous > 1 && timeouts == 0, "{case}: {run:?}");
+            } else {
+                assert_eq!(ambiguous, 1, "{case}: {run:?}");
+                assert!(timeouts > 0, "{case}: {run:?}");
+            }
             assert_eq!(s.balances(), (900, 100), "{case}");
             assert_eq!(s.proxy.late_commits(), 1, "{case}");
             s.verify_passes();

@@ -120,6 +120,22 @@ pub const SHUTTING_DOWN_NOT_COMMITTED: CrdbError = CrdbError {
     ..SHUTTING_DOWN_COMMITTED
 };
 
+/// 57014 at the commit point after the commit took effect: CockroachDB's statement timeout
+/// cancels the statement's context, and the docs list timeouts among the causes of an
+/// ambiguous COMMIT (common-errors, "result is ambiguous"), so its answer may be this one.
+pub const STATEMENT_TIMEOUT_COMMITTED: CrdbError = CrdbError {
+    code: "57014",
+    message: "query execution canceled due to statement timeout",
+    commits: true,
+    fatal: false,
+};
+
+/// The same when the commit did not take effect.
+pub const STATEMENT_TIMEOUT_NOT_COMMITTED: CrdbError = CrdbError {
+    commits: false,
+    ..STATEMENT_TIMEOUT_COMMITTED
+};
+
 /// 57P01 to a new connection of a draining node (pgwire's `ErrDrainingNewConn`): inject it with
 /// `At::Connect`.
 pub const DRAINING: CrdbError = CrdbError {
