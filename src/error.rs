@@ -173,12 +173,25 @@ pub enum Error {
     },
     #[error("workload failed")]
     Workload(#[from] WorkloadError),
-    /// `transfer --file`: some lines may or may not have been applied (exit 3).
+    /// `transfer --file`: some lines may or may not have been applied (exit 3); `not_attempted`
+    /// of them this run never sent, having stopped early (`stopped` says why, when it was not
+    /// the server).
+    #[error("{}", batch_unknown(stopped.as_deref(), *unknown, *not_attempted, *total))]
+    BatchUnknown {
+        unknown: u64,
+        not_attempted: u64,
+        total: u64,
+        stopped: Option<String>,
+    },
+    /// `transfer --file` that could not connect before its first line (exit 3, as for
+    /// `transfer --id`): this run applied nothing, but a file's ids may have an earlier run's
+    /// attempt still on its way to commit, which only a rerun can settle. A rerun that could
+    /// not log in said exit 1, and an earlier run's lines then committed (found by a reviewer).
     #[error(
-        "{unknown} of {total} transfers may or may not have been applied (outcome unknown): run \
-         the same file again to settle them"
+        "{0}: no line was attempted, but an earlier run of this file may still apply some \
+         (outcome unknown): run the same file again to settle them"
     )]
-    BatchUnknown { unknown: u64, total: u64 },
+    FileNotStarted(ConnectError),
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error(
         "{}{failed} of {total} transfers were not applied (each line's outcome is above)",
@@ -196,14 +209,14 @@ pub enum Error {
          applied as already_applied"
     )]
     FileChanged { name: String, line: u64 },
-    /// `transfer --file` whose results could not be written: it stopped (exit 1), before
-    /// `not_attempted` of its lines, or after deciding all of them.
-    #[error("{}", output_failed(why, *not_attempted, *total))]
-    OutputFailed {
-        why: String,
-        not_attempted: u64,
-        total: u64,
-    },
+    /// `transfer --file` whose results could not be written after every line was decided
+    /// (exit 1; a line left undecided makes it `BatchUnknown`).
+    #[error(
+        "{why}: every line was decided (the summary above counts them), but not every result \
+         was written; run the file again to see them all (what this run applied is then \
+         already_applied)"
+    )]
+    OutputFailed { why: String },
     /// A transfer committed, but its receipt could not be written (a full disk): it was applied,
     /// and the exit code (0) says so; main prints this as a warning.
     #[error("transfer {id} was {how}, but its receipt could not be written")]
@@ -237,6 +250,12 @@ pub enum Error {
          bank a database of its own (nothing was changed)"
     )]
     ForeignDatabase(String),
+    /// `init` whose migrations would create relations the database already has (exit 1).
+    #[error(
+        "the database already has {0}, which bank's migrations would create: nothing was \
+         changed; give bank a database (or schema) of its own"
+    )]
+    InitBlocked(String),
     /// `balances --as-of`: a transaction begun before that time is still open, and may still
     /// add entries timed before it (exit 1).
     #[error(
@@ -245,6 +264,22 @@ pub enum Error {
          time"
     )]
     AsOfUnsettled { at: String, since: String },
+    /// `reset` as a role that may not delete from every table it empties (exit 1).
+    #[error(
+        "reset needs DELETE on {0}, which this role has not: grant it (as on the other tables); \
+         nothing was deleted"
+    )]
+    ResetNotAllowed(String),
+    /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).
+    #[error(
+        "reset stopped after deleting {accounts} accounts and {transfers} transfers: {source}; \
+         run it again to finish"
+    )]
+    ResetStopped {
+        accounts: usize,
+        transfers: usize,
+        source: Box<Error>,
+    },
     /// The user answered no to a confirmation (exit 1: what was asked was not done).
     #[error("{0} cancelled: nothing deleted")]
     Cancelled(&'static str),
@@ -306,9 +341,9 @@ impl Error {
             Error::Transfer(
                 TransferError::NonPositiveAmount(_) | TransferError::SameAccount(_),
             ) => ExitCode::Usage,
-            Error::Transfer(TransferError::OutcomeUnknown { .. }) | Error::BatchUnknown { .. } => {
-                ExitCode::OutcomeUnknown
-            }
+            Error::Transfer(TransferError::OutcomeUnknown { .. })
+            | Error::BatchUnknown { .. }
+            | Error::FileNotStarted(_) => ExitCode::OutcomeUnknown,
             Error::ReceiptLost { .. } | Error::ReportLost { .. } => ExitCode::Success,
             _ => ExitCode::Failure,
         }
@@ -319,7 +354,9 @@ impl From<crate::batch::Fatal> for Error {
     fn from(f: crate::batch::Fatal) -> Self {
         match f {
             crate::batch::Fatal::NotMigrated => Error::NotMigrated,
-            crate::batch::Fatal::Connect(e) => Error::Connect(e),
+            // A URL libpq refuses is bad input (exit 2): nothing could have run with it.
+            crate::batch::Fatal::Connect(e) if e.is_malformed() => Error::Connect(e),
+            crate::batch::Fatal::Connect(e) => Error::FileNotStarted(e),
         }
     }
 }
@@ -354,19 +391,19 @@ impl From<diesel::result::Error> for Error {
     }
 }
 
-fn output_failed(why: &str, not_attempted: u64, total: u64) -> String {
-    if not_attempted == 0 {
-        format!(
-            "{why}: every line was decided (the summary above counts them), but not every \
-             result was written; run the file again to see them all (what this run applied is \
-             then already_applied)"
-        )
-    } else {
-        format!(
-            "{why}, so the run stopped: {not_attempted} of {total} transfers were not attempted \
-             (the summary above counts every line); run the file again to apply them"
-        )
-    }
+fn batch_unknown(stopped: Option<&str>, unknown: u64, not_attempted: u64, total: u64) -> String {
+    let stopped = stopped.map(|why| format!("{why}: ")).unwrap_or_default();
+    let never = match not_attempted {
+        0 => String::new(),
+        n if n == unknown => ", none of them attempted by this run, but an earlier run of the \
+                               file may still apply them"
+            .to_string(),
+        n => format!(", {n} of them not attempted by this run"),
+    };
+    format!(
+        "{stopped}{unknown} of {total} transfers may or may not have been applied (outcome \
+         unknown{never}): run the same file again to settle them"
+    )
 }
 
 #[cfg(test)]

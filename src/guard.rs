@@ -108,6 +108,10 @@ pub fn watch_reads(timeout: std::time::Duration) {
     std::thread::spawn(move || loop {
         std::thread::sleep(every);
         let last = Duration::from_millis(LAST_TICK.load(Ordering::Relaxed));
+        // A write that blocks waits on the reader of the output (`| less`), not the database.
+        if WRITING.load(Ordering::Relaxed) {
+            continue;
+        }
         if started.elapsed().saturating_sub(last) > timeout {
             crate::say(format_args!(
                 "bank: error: no answer from the database within {}: the server may be frozen \
@@ -123,6 +127,10 @@ static READS_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceL
 /// Milliseconds from `READS_STARTED` to the read's last sign of life.
 static LAST_TICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// A write of `Ticking` is under way: the watch waits for it (a slow reader of the output was
+/// reported as a frozen database, and the output cut short; found by a reviewer).
+static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A sign of life from the database: output written from what it sent.
 pub fn tick() {
     if let Some(started) = READS_STARTED.get() {
@@ -136,13 +144,23 @@ pub struct Ticking<W>(pub W);
 
 impl<W: std::io::Write> std::io::Write for Ticking<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        tick();
-        self.0.write(buf)
+        writing(|| self.0.write(buf))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        writing(|| self.0.flush())
     }
+}
+
+/// Runs a write with the watch paused, and counts its end as a sign of life: the database's
+/// time starts again only once the output took what it had sent.
+fn writing<T>(write: impl FnOnce() -> T) -> T {
+    tick();
+    WRITING.store(true, Ordering::Relaxed);
+    let result = write();
+    WRITING.store(false, Ordering::Relaxed);
+    tick();
+    result
 }
 
 #[cfg(test)]

@@ -251,6 +251,27 @@ pub fn delete_all(conn: &mut PgConnection) -> QueryResult<(usize, usize)> {
     Ok((accounts, transfers))
 }
 
+/// Of `tables`, those this role lacks `privilege` on (`has_table_privilege`, on both engines).
+pub fn tables_without(
+    conn: &mut PgConnection,
+    tables: &[&str],
+    privilege: &str,
+) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let tables: Vec<String> = tables.iter().map(ToString::to_string).collect();
+    let rows: Vec<Name> = diesel::sql_query(
+        "SELECT t AS name FROM unnest(CAST($1 AS TEXT[])) AS t WHERE NOT has_table_privilege(t, $2)",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&tables)
+    .bind::<Text, _>(privilege)
+    .load(conn)?;
+    Ok(rows.into_iter().map(|r| r.name).collect())
+}
+
 /// Rows `bank reset` deletes per statement (each its own transaction).
 pub const DELETE_BATCH: i64 = 10_000;
 

@@ -184,6 +184,42 @@ impl Setup {
         self.verify_passes();
     }
 
+    /// `transfer --file` of `text` (--json, one line per statement, one connection) started in
+    /// the background, directly on the database; the `Bank` holds the file.
+    fn spawn_file(&self, text: &str) -> (Bank, std::process::Child) {
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, text).expect("file");
+        let path = path.to_string_lossy().to_string();
+        let child = crate::support::spawn_bank(&[
+            "--database-url",
+            self.db.url.expose(),
+            "transfer",
+            "--file",
+            &path,
+            "--json",
+            "--batch",
+            "1",
+            "--connections",
+            "1",
+        ]);
+        (bank, child)
+    }
+
+    /// A rerun of the file in `bank` settles every line (exit 0) and the transfer `id` is in
+    /// the ledger once; the books balance.
+    fn file_settles_once(&self, bank: &Bank, id: Uuid, case: &str) {
+        let path = bank.dir.path().join("f.csv");
+        let again = Bank::new()
+            .args(["--database-url", self.db.url.expose(), "transfer", "--file"])
+            .args([path.as_os_str()])
+            .args(["--json"])
+            .run();
+        assert_eq!(again.code, 0, "{case}: {again:?}");
+        assert!(self.ledger_has(id), "{case}");
+        self.verify_passes();
+    }
+
     fn wait_for_late_commit(&self) {
         let started = Instant::now();
         while self.proxy.late_commits() == 0 {
@@ -877,11 +913,12 @@ fn a_run_still_waiting_on_its_late_statement_honours_a_rerun_s_no() {
     }
 }
 
-/// A file's line reported `not_applied` (not attempted after Ctrl-C) whose id an earlier single
-/// statement, held in the network, still carried: the statement applied after the file said so
-/// (found by a reviewer). Lines reported not applied are claimed like refused ones.
+/// A file's line never attempted (Ctrl-C came first) whose id an earlier single statement,
+/// held in the network, still carried: the file said `not_applied` and the statement applied
+/// after it (found by a reviewer). A line this run never sent is `unknown` (exit 3), and the
+/// rerun once the statement landed settles it: applied exactly once.
 #[test]
-fn a_file_s_not_applied_line_is_claimed_against_a_late_statement() {
+fn a_file_s_line_never_attempted_is_unknown_while_a_late_statement_may_land() {
     use diesel::RunQueryDsl;
     for iso in Iso::BOTH {
         let s = setup(iso, At::Statement);
@@ -891,18 +928,12 @@ fn a_file_s_not_applied_line_is_claimed_against_a_late_statement() {
             .fails_json(3, "unknown", "may or may not have been applied");
         // Two lines over the same account, one per statement: the first waits on a row lock,
         // Ctrl-C comes, and the second (the held id) is never attempted.
-        let bank = Bank::new();
-        let path = bank.dir.path().join("f.csv");
         let first = Uuid::new_v4();
-        std::fs::write(
-            &path,
-            format!(
-                "id,from,to,amount\n{first},{a},{b},1\n{id},{a},{b},100\n",
-                a = s.from,
-                b = s.to
-            ),
-        )
-        .expect("file");
+        let text = format!(
+            "id,from,to,amount\n{first},{a},{b},1\n{id},{a},{b},100\n",
+            a = s.from,
+            b = s.to
+        );
         let mut holder = s.db.conn();
         holder.batch_execute("BEGIN").expect("begin");
         diesel::sql_query(format!(
@@ -911,33 +942,51 @@ fn a_file_s_not_applied_line_is_claimed_against_a_late_statement() {
         ))
         .execute(&mut holder)
         .expect("lock");
-        let path = path.to_string_lossy();
-        let child = crate::support::spawn_bank(&[
-            "--database-url",
-            s.db.url.expose(),
-            "transfer",
-            "--file",
-            &path,
-            "--json",
-            "--batch",
-            "1",
-            "--connections",
-            "1",
-        ]);
+        let (bank, child) = s.spawn_file(&text);
         crate::support::wait_for_lock_wait(&s.db);
         crate::support::interrupt(child.id());
         thread::sleep(Duration::from_millis(300));
         holder.batch_execute("ROLLBACK").expect("rollback");
         let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
-        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
         assert!(
-            run.stdout
-                .contains(&format!("\"id\":\"{id}\",\"outcome\":\"not_applied\"")),
+            run.stdout.contains(&format!(
+                "\"id\":\"{id}\",\"outcome\":\"unknown\",\"error\":\"not attempted"
+            )),
             "{iso:?}: {run:?}"
         );
         s.wait_for_late_commit();
-        assert!(!s.ledger_has(id), "{iso:?}: the late statement applied");
-        s.verify_passes();
+        s.file_settles_once(&bank, id, &format!("{iso:?}"));
+    }
+}
+
+/// The same with the earlier run's COMMIT late (an orphan transaction holding its locks): the
+/// rerun's first line waits on the orphan, Ctrl-C comes, and the orphan's line was never
+/// attempted; it said `not_applied` (exit 1), and the orphan then committed it.
+#[test]
+fn a_file_s_line_never_attempted_is_unknown_while_an_orphan_may_commit() {
+    for iso in Iso::BOTH {
+        let s = setup(iso, At::Commit);
+        let id = Uuid::new_v4();
+        s.arm(Fault::LateCommit(Duration::from_secs(4)));
+        s.transfer_amount(id, 100, &["--max-retries", "0"])
+            .fails_json(3, "unknown", "may or may not have been applied");
+        let first = Uuid::new_v4();
+        let text = format!(
+            "id,from,to,amount\n{first},{a},{b},1\n{id},{a},{b},100\n",
+            a = s.from,
+            b = s.to
+        );
+        // The first line waits on the orphan's row locks.
+        let (bank, child) = s.spawn_file(&text);
+        crate::support::wait_for_lock_wait(&s.db);
+        crate::support::interrupt(child.id());
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        assert!(!run.stdout.contains("not_applied"), "{iso:?}: {run:?}");
+        s.wait_for_late_commit();
+        assert!(s.ledger_has(id), "{iso:?}: the orphan committed");
+        s.file_settles_once(&bank, id, &format!("{iso:?}"));
     }
 }
 
@@ -965,6 +1014,46 @@ fn reads_on_a_frozen_server_end_by_their_timeout() {
         assert!(took < Duration::from_secs(4), "{command:?} took {took:?}");
     }
     s.proxy.thaw_all();
+}
+
+/// A reader of the output slower than --timeout (`bank balances | less`, a paused pipe) is not a
+/// frozen database: the watch counted the time a write waited on the pipe as the database's
+/// silence, said "no answer from the database" and cut the output short (found by a reviewer).
+#[test]
+fn a_slow_reader_of_the_output_is_not_a_frozen_database() {
+    use std::io::Read;
+    let db = ScratchDb::migrated();
+    // Far more than a pipe holds (64 KiB): the writes block until the reader reads.
+    db.bank()
+        .args(["seed", "--accounts", "4000"])
+        .run()
+        .success();
+    for command in [&["balances"][..], &["balances", "--json"]] {
+        let mut args = vec!["--database-url", db.url.expose()];
+        args.extend_from_slice(command);
+        args.extend_from_slice(&["--timeout", "1s"]);
+        let mut child = crate::support::spawn_bank(&args);
+        thread::sleep(Duration::from_millis(2500));
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("read");
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 0, "{command:?}: {}", run.stderr);
+        if command.len() == 1 {
+            assert_eq!(
+                out.lines().count(),
+                4001,
+                "{command:?}: a header and every account"
+            );
+        } else {
+            let rows: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+            assert_eq!(rows.as_array().map(Vec::len), Some(4000), "{command:?}");
+        }
+    }
 }
 
 /// An earlier attempt that has not locked the accounts yet: a single-statement transfer whose

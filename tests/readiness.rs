@@ -57,6 +57,32 @@ fn batch_deletes_delete_at_most_their_limit_ledger_rows_first() {
     assert_eq!(support::count_accounts(conn).expect("count"), 6);
 }
 
+/// A role that may not delete from one of bank's tables (`transfer_claims`, as a role provisioned
+/// before migration 7 is): reset deleted every account and transfer, then failed on the claims
+/// with "permission denied" alone, and a rerun failed the same way (found by a reviewer). It
+/// now asks first, and changes nothing.
+#[test]
+fn reset_without_a_privilege_it_needs_changes_nothing() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[50, 50]);
+    move_money(&db, ids[0], ids[1], 5);
+    let (role, url) = db.role(
+        "LOGIN",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers TO {role}; \
+         GRANT SELECT ON __diesel_schema_migrations TO {role}",
+    );
+    let before = db.state();
+    let run = Bank::new()
+        .args(["--database-url", &url, "reset", "--yes"])
+        .run();
+    run.fails_with(1, "DELETE on transfer_claims");
+    assert!(run.stderr.contains("nothing was deleted"), "{run:?}");
+    assert_eq!(db.state(), before);
+    let _ = db.conn().batch_execute(&format!(
+        "REVOKE ALL ON accounts, transfers, __diesel_schema_migrations FROM {role}; DROP ROLE {role}"
+    ));
+}
+
 /// 25,000 accounts: `bank reset` deletes them in three statements of at most 10,000
 /// (`-v` logs each batch), and nothing is left.
 #[test]
@@ -699,6 +725,25 @@ fn init_leaves_nothing_behind_when_it_fails_and_needs_no_create_when_up_to_date(
     assert_eq!(run.code, 1, "{run:?}");
     let tables = public_tables(&db);
     assert_eq!(tables, ["accounts"], "{run:?}");
+    // Its own `transfers` (or index, or `transfer_claims`): the first migration ran and
+    // committed, and the second failed, leaving bank's `accounts` and Diesel's table behind
+    // (found by a reviewer). init now looks first, names what is in the way, and changes
+    // nothing.
+    for theirs in [
+        "CREATE TABLE transfers (id INT PRIMARY KEY)",
+        "CREATE TABLE transfer_claims (id INT)",
+        "CREATE TABLE t (x INT); CREATE INDEX transfers_from_id_created_at_idx ON t (x)",
+    ] {
+        let db = ScratchDb::empty();
+        db.conn()
+            .batch_execute(theirs)
+            .expect("someone else's relation");
+        let before = public_tables(&db);
+        let run = db.bank().args(["init"]).run();
+        run.fails_with(1, "already has");
+        assert!(run.stderr.contains("nothing was changed"), "{run:?}");
+        assert_eq!(public_tables(&db), before, "{theirs}: {run:?}");
+    }
 
     // The role goes after the database that holds its grants: declared first.
     let role;

@@ -535,3 +535,68 @@ fn a_batched_workload_counts_database_errors_as_errors() {
         db.alter("default_transaction_read_only = off");
     }
 }
+
+/// A batch that outlives the run (many refusals: each ends a statement) was given up on whole at
+/// the end: the lines it had committed were counted "given up", and a healthy run failed its
+/// ledger check ("VIOLATED"), at both levels (found by a reviewer). The decided lines count as
+/// decided, the lines never sent count as nothing, and the run is ok.
+#[test]
+fn a_batch_that_outlives_the_run_counts_what_it_decided() {
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let run = db
+            .bank()
+            .args(["workload", "--accounts", "10", "--balance", "100"])
+            .args(["--concurrency", "1", "--batch", "2000", "--duration", "1s"])
+            .args(["--timeout", "1s", "--json"])
+            .run();
+        let j = run.json();
+        assert_eq!(run.code, 0, "{iso:?}: {j}");
+        assert_eq!(j["ok"], true, "{iso:?}: {j}");
+        assert_eq!(j["stuck_workers"], 0, "{iso:?}: {j}");
+        assert_eq!(
+            j["ledger_rows_added"], j["transfers_committed"],
+            "{iso:?}: {j}"
+        );
+        assert!(j["transfers_committed"].as_u64() > Some(0), "{iso:?}: {j}");
+    }
+}
+
+/// Ctrl-C in the middle of a long batch: the batch stops between two statements, and what it
+/// decided is counted (it was all "given up", and the ledger check failed).
+#[test]
+fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
+    use std::process::{Command, Stdio};
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose(), "workload"])
+            .args(["--accounts", "10", "--balance", "100", "--concurrency", "1"])
+            .args([
+                "--batch",
+                "3000",
+                "--duration",
+                "20s",
+                "--timeout",
+                "2s",
+                "--json",
+            ])
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bank");
+        thread::sleep(Duration::from_millis(1500));
+        crate::support::interrupt(child.id());
+        let out = child.wait_with_output().expect("wait");
+        let j: serde_json::Value =
+            serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).expect("JSON report");
+        assert_eq!(out.status.code(), Some(0), "{iso:?}: {j}");
+        assert_eq!(j["ok"], true, "{iso:?}: {j}");
+        assert_eq!(j["interrupted"], true, "{iso:?}: {j}");
+        assert_eq!(
+            j["ledger_rows_added"], j["transfers_committed"],
+            "{iso:?}: {j}"
+        );
+    }
+}

@@ -91,6 +91,12 @@ impl Watch {
     pub fn decided(&self) -> Vec<Verdict> {
         self.lock().decided.clone()
     }
+
+    /// `decided` and `in_statement`, read together.
+    pub fn progress(&self) -> (Vec<Verdict>, usize) {
+        let p = self.lock();
+        (p.decided.clone(), p.statement)
+    }
 }
 
 /// Why a chunk could not go on at all: nothing about its lines can be said.
@@ -119,9 +125,12 @@ pub struct ChunkRunner {
     pub live_retries: Option<Arc<SharedRetryCounts>>,
     /// Called as each statement starts (the workload's watchdog times statements, not chunks).
     pub on_statement: Option<Arc<dyn Fn() + Send + Sync>>,
-    /// Whether Ctrl-C stops the chunk between two of its statements (`transfer --file`; the
-    /// workload lets its chunks finish).
+    /// Whether Ctrl-C stops the chunk between two of its statements: its other lines are never
+    /// sent (`Verdict::not_attempted`).
     pub interruptible: bool,
+    /// When no further statement of a chunk may start (the workload's end): a chunk with many
+    /// refused lines takes a statement for each, and outlived the run.
+    pub stop_at: Option<Instant>,
     /// The most lines one statement takes (`--batch`): halved each time the server cancels a
     /// statement for its `statement_timeout` (see `apply`).
     limit: usize,
@@ -155,6 +164,7 @@ impl ChunkRunner {
             live_retries: None,
             on_statement: None,
             interruptible: false,
+            stop_at: None,
             limit: usize::MAX,
             size: usize::MAX,
             ids_given: false,
@@ -179,11 +189,13 @@ impl ChunkRunner {
         self.size = self.limit;
         let mut start = 0;
         while start < lines.len() {
-            if start > 0 && self.interruptible && crate::interrupt::interrupted() {
-                let never = Verdict {
-                    outcome: Outcome::NotApplied,
-                    error: Some(format!("not attempted: {}", crate::interrupt::reason())),
-                };
+            let interrupted = self.interruptible && crate::interrupt::interrupted();
+            let over = self.stop_at.is_some_and(|t| Instant::now() >= t);
+            if start > 0 && (interrupted || over) {
+                let never = Verdict::not_attempted(match interrupted {
+                    true => crate::interrupt::reason(),
+                    false => "the run's time was up",
+                });
                 let rest = lines.len() - start;
                 self.watch.lock().decided.extend(vec![never; rest]);
                 break;
@@ -248,12 +260,11 @@ impl ChunkRunner {
                             error: Some(failed.reason.clone()),
                         })
                         .collect();
-                    given.extend(lines[start + rest.len()..].iter().map(|_| Verdict {
-                        outcome: Outcome::NotApplied,
-                        error: Some(format!(
-                            "not attempted: an earlier statement could not be settled ({})",
+                    given.extend(lines[start + rest.len()..].iter().map(|_| {
+                        Verdict::not_attempted(format_args!(
+                            "an earlier statement could not be settled ({})",
                             failed.reason
-                        )),
+                        ))
                     }));
                     given
                 }
@@ -268,7 +279,7 @@ impl ChunkRunner {
     }
 
     /// Claims the ids of the lines refused on their merits or by the database, or not applied
-    /// (held up and settled, not attempted after Ctrl-C) (`repo::claim_ids`), as
+    /// (held up and settled) (`repo::claim_ids`), as
     /// `bank transfer --id` does before it says "not applied": a single
     /// statement of an earlier run's attempt at one of them that comes late then fails on its
     /// claim. A refused line the ledger has by then (such a statement committed while the claim

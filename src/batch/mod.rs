@@ -8,7 +8,7 @@ pub mod input;
 mod pipeline;
 mod statement;
 
-pub use chunk::{ChunkRunner, Fatal};
+pub use chunk::{ChunkRunner, Fatal, Watch};
 pub use input::{Format, Line, Malformed};
 pub use pipeline::{apply, Options, Summary};
 pub use statement::Chunk;
@@ -86,4 +86,30 @@ impl Outcome {
 pub struct Verdict {
     pub outcome: Outcome,
     pub error: Option<String>,
+}
+
+/// How the reason of a line this run never sent begins.
+const NOT_ATTEMPTED: &str = "not attempted: ";
+
+impl Verdict {
+    /// A line this run never sent (Ctrl-C, a closed output, a group or server that could not go
+    /// on): `unknown`, not `not_applied`. This run applied nothing of it, but a file's ids may
+    /// have an earlier run's attempt still on its way to commit, which this run never met (it
+    /// would have waited on that attempt's locks, and said unknown): a line reported
+    /// `not_applied` after Ctrl-C was then applied by such an orphan (found by a reviewer). A
+    /// rerun of the file settles it.
+    pub fn not_attempted(why: impl std::fmt::Display) -> Verdict {
+        Verdict {
+            outcome: Outcome::Unknown,
+            error: Some(format!("{NOT_ATTEMPTED}{why}")),
+        }
+    }
+
+    pub fn is_not_attempted(&self) -> bool {
+        self.outcome == Outcome::Unknown
+            && self
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(NOT_ATTEMPTED))
+    }
 }

@@ -11,10 +11,10 @@
 //! accounts it is one component and one connection does it.
 //!
 //! A frozen server is watched for: a statement that outlives its deadline (plus `GRACE`) is given
-//! up, its lines reported `unknown` when its COMMIT may have been sent and `not_applied` when not
-//! (see `guard`). After any line ends `unknown` or `not_applied`, no new group starts (later lines
-//! may depend on it): the rest of the file is reported `not_applied`, and a rerun of the same
-//! file settles everything.
+//! up, its lines reported `unknown` (see `guard`). After any line ends `unknown` or
+//! `not_applied`, no new group starts (later lines may depend on it): the rest of the file is
+//! reported `unknown`, not attempted (`Verdict::not_attempted`), and a rerun of the same file
+//! settles everything.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::mpsc;
@@ -45,6 +45,8 @@ pub struct Options {
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub counts: BTreeMap<Outcome, u64>,
+    /// Of the `unknown` lines, those this run never sent.
+    pub not_attempted: u64,
     pub retries: RetryCounts,
     pub elapsed: Duration,
 }
@@ -197,6 +199,7 @@ where
     let mut any_done = false;
     let mut record = |summary: &mut Summary, l: &Line, v: &Verdict| {
         *summary.counts.entry(v.outcome).or_default() += 1;
+        summary.not_attempted += u64::from(v.is_not_attempted());
         emit(l, v)
     };
 
@@ -278,10 +281,7 @@ where
                 continue;
             };
             // Stopping: what is left was never attempted.
-            let never = Verdict {
-                outcome: Outcome::NotApplied,
-                error: Some(format!("not attempted: {reason}")),
-            };
+            let never = Verdict::not_attempted(&reason);
             for group in queue.drain(..) {
                 finish_group(&mut windows, &group, Vec::new());
             }
@@ -403,10 +403,7 @@ fn cut_short(watch: &Watch, group: &Group, in_hand: &str, error: &str) -> Vec<Ve
         outcome: Outcome::Unknown,
         error: Some(in_hand.to_string()),
     }));
-    verdicts.extend((sent..n).map(|_| Verdict {
-        outcome: Outcome::NotApplied,
-        error: Some(format!("not attempted: {error}")),
-    }));
+    verdicts.extend((sent..n).map(|_| Verdict::not_attempted(error)));
     verdicts
 }
 
@@ -416,10 +413,11 @@ fn finish_group(windows: &mut BTreeMap<u64, Window>, group: &Group, verdicts: Ve
     };
     let mut verdicts = verdicts.into_iter();
     for p in &group.positions {
-        w.verdicts[*p] = Some(verdicts.next().unwrap_or_else(|| Verdict {
-            outcome: Outcome::NotApplied,
-            error: Some("not attempted: another chunk could not be settled".into()),
-        }));
+        w.verdicts[*p] = Some(
+            verdicts
+                .next()
+                .unwrap_or_else(|| Verdict::not_attempted("another chunk could not be settled")),
+        );
     }
     w.groups_left = w.groups_left.saturating_sub(1);
 }
@@ -435,10 +433,7 @@ fn emit_ready<E>(
             break;
         }
         let w = entry.remove();
-        let missing = Verdict {
-            outcome: Outcome::NotApplied,
-            error: Some("not attempted: another chunk could not be settled".into()),
-        };
+        let missing = Verdict::not_attempted("another chunk could not be settled");
         for (l, v) in w.lines.iter().zip(&w.verdicts) {
             record(summary, l, v.as_ref().unwrap_or(&missing))?;
         }

@@ -298,7 +298,28 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         }
     }
     let mut conn = url.connect_migrated()?;
-    let (accounts, transfers) = delete_in_batches(&mut conn, repo::DELETE_BATCH)?;
+    // Asked first: the batches commit as they go, and a refusal at the last table left every
+    // account and transfer deleted behind an error that did not say so.
+    let denied = repo::tables_without(
+        &mut conn,
+        &["transfers", "accounts", "transfer_claims"],
+        "DELETE",
+    )?;
+    if !denied.is_empty() {
+        return Err(Error::ResetNotAllowed(denied.join(" and ")));
+    }
+    let mut deleted = (0, 0);
+    if let Err(e) = delete_in_batches(&mut conn, repo::DELETE_BATCH, &mut deleted) {
+        return Err(match deleted {
+            (0, 0) => e,
+            (accounts, transfers) => Error::ResetStopped {
+                accounts,
+                transfers,
+                source: Box::new(e),
+            },
+        });
+    }
+    let (accounts, transfers) = deleted;
     log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
     super::report_done(
         out,
@@ -311,15 +332,19 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
 /// transaction size limits (and hold every lock until the end on both engines). A reset is
 /// therefore not atomic: stopped halfway, it leaves some rows, and running it again finishes
 /// it. Ledger rows are drained again before each batch of accounts, in case a client added
-/// some meanwhile (the foreign keys refuse to delete an account that has any). Returns
-/// (accounts, transfers) deleted.
-fn delete_in_batches(conn: &mut diesel::PgConnection, batch: i64) -> Result<(usize, usize), Error> {
+/// some meanwhile (the foreign keys refuse to delete an account that has any). Counts the
+/// (accounts, transfers) deleted in `deleted`, as it goes: a failure part-way says how far it got.
+fn delete_in_batches(
+    conn: &mut diesel::PgConnection,
+    batch: i64,
+    deleted: &mut (usize, usize),
+) -> Result<(), Error> {
     let policy = RetryPolicy::default();
-    let (mut accounts, mut transfers) = (0, 0);
+    let (accounts, transfers) = deleted;
     loop {
         loop {
             let n = retry_transaction(&policy, || repo::delete_transfers_batch(conn, batch))?;
-            transfers += n;
+            *transfers += n;
             log::debug!("reset: deleted {n} transfers ({transfers} so far)");
             if n == 0 {
                 break;
@@ -327,8 +352,8 @@ fn delete_in_batches(conn: &mut diesel::PgConnection, batch: i64) -> Result<(usi
         }
         let (n, stragglers) =
             retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
-        accounts += n;
-        transfers += stragglers;
+        *accounts += n;
+        *transfers += stragglers;
         log::debug!(
             "reset: deleted {n} accounts ({accounts} so far) and {stragglers} transfers written \
              since the ledger was drained"
@@ -340,7 +365,7 @@ fn delete_in_batches(conn: &mut diesel::PgConnection, batch: i64) -> Result<(usi
     // The ids claimed by single-statement transfers and by reruns' "not applied": with their
     // transfers gone, nothing is left for a claim to protect.
     while retry_transaction(&policy, || repo::delete_claims_batch(conn, batch))? > 0 {}
-    Ok((accounts, transfers))
+    Ok(())
 }
 
 fn confirm(prompt: &str) -> Result<bool, Error> {

@@ -48,14 +48,15 @@ pub(super) fn transfer_file(
     let input = source.check()?;
     let connections = match args.connections {
         Some(n) => usize::try_from(n).unwrap_or(1),
-        None => default_connections(url, args.run.policy().timeout)?,
+        None => default_connections(url, args.run.policy().timeout),
     };
     let options = batch::Options {
         batch: usize::try_from(args.batch.unwrap_or(batch::DEFAULT_BATCH)).unwrap_or(usize::MAX),
         connections,
         policy: args.run.policy(),
     };
-    // Ctrl-C: no new chunk starts, those under way finish, the rest is reported not_applied.
+    // Ctrl-C: no new chunk starts, those under way finish, the rest is reported unknown (not
+    // attempted).
     crate::interrupt::catch();
     let reader = input.reader()?;
     let (lines, changed) = input.fingerprint.verify(batch::input::read(reader, format));
@@ -73,9 +74,23 @@ pub(super) fn transfer_file(
     let total = summary.total();
     let unknown = summary.count(Outcome::Unknown);
     let failed = total - summary.count(Outcome::Applied) - summary.count(Outcome::AlreadyApplied);
+    let output = |e: &io::Error| match is_closed(e) {
+        true => "the output was closed".to_string(),
+        false => format!("cannot write the results ({e})"),
+    };
     if unknown > 0 {
         // Settled by a rerun, which checks the file again.
-        Err(Error::BatchUnknown { unknown, total })
+        let stopped = match (&results.failed, crate::interrupt::interrupted()) {
+            (Some(e), _) => Some(output(e)),
+            (None, true) => Some("interrupted (Ctrl-C or SIGTERM)".to_string()),
+            (None, false) => None,
+        };
+        Err(Error::BatchUnknown {
+            unknown,
+            not_attempted: summary.not_attempted,
+            total,
+            stopped,
+        })
     } else if let Some(line) = changed.get() {
         // Not a usage error (exit 2 says nothing was applied): the lines above it were.
         Err(Error::FileChanged {
@@ -83,15 +98,7 @@ pub(super) fn transfer_file(
             line,
         })
     } else if let Some(e) = results.failed.filter(|e| failed > 0 || !is_closed(e)) {
-        let why = match is_closed(&e) {
-            true => "the output was closed".to_string(),
-            false => format!("cannot write the results ({e})"),
-        };
-        Err(Error::OutputFailed {
-            why,
-            not_attempted: summary.count(Outcome::NotApplied),
-            total,
-        })
+        Err(Error::OutputFailed { why: output(&e) })
     } else if failed > 0 {
         Err(Error::BatchFailed {
             failed,
@@ -144,9 +151,35 @@ fn is_closed(e: &io::Error) -> bool {
 /// by default. Its predicate locks are per index page, so two groups that share no row still
 /// abort each other, and one connection was faster there (12.4–13.9k against 9.5–11.7k
 /// transfers/s, BENCHMARKS.md). CockroachDB's serializable transactions conflict on rows only.
-/// Asked within `timeout`, as every statement of the run is: a frozen server is given up on as
-/// soon (libpq waits 2 s at least to connect).
-fn default_connections(url: &DbUrl, timeout: Duration) -> Result<usize, Error> {
+///
+/// Asked on a thread of its own for at most a quarter of `timeout` (from 250 ms to 2 s: the run's
+/// own deadline follows, and a slow answer costs only the second connection); a server that
+/// cannot be asked (down,
+/// refusing the role, frozen once connected) gets one connection, and the run meets the trouble
+/// itself, with the promise's answers (`unknown` while an earlier run may still commit). Asked
+/// here, such a server ended the run before any line with exit 1, or kept it waiting forever
+/// when it froze after the connection was made (found by a reviewer).
+fn default_connections(url: &DbUrl, timeout: Duration) -> usize {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = url.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(ask_connections(&url, timeout));
+    });
+    let budget = (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    match rx.recv_timeout(budget) {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            log::debug!("--connections: the default isolation level is not known ({e}): 1");
+            1
+        }
+        Err(_) => {
+            log::debug!("--connections: no answer within {budget:?}: 1");
+            1
+        }
+    }
+}
+
+fn ask_connections(url: &DbUrl, timeout: Duration) -> Result<usize, Error> {
     #[derive(diesel::QueryableByName)]
     struct Isolation {
         #[diesel(sql_type = diesel::sql_types::Text)]

@@ -107,8 +107,15 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     }
     // Up to date: nothing to run, and Diesel's harness, which creates its table first, would
     // need a CREATE privilege that a role using the tables may well not have.
-    let pending = db::known_migrations()?.iter().any(|v| !applied.contains(v));
-    let ran = match pending {
+    let pending: Vec<String> = db::known_migrations()?
+        .into_iter()
+        .filter(|v| !applied.contains(v))
+        .collect();
+    let taken = db::in_the_way(&mut conn, &pending)?;
+    if !taken.is_empty() {
+        return Err(Error::InitBlocked(taken.join(", ")));
+    }
+    let ran = match !pending.is_empty() {
         false => Vec::new(),
         true => db::run_migrations(&mut conn).inspect_err(|_| {
             if applied.is_empty() {

@@ -114,6 +114,63 @@ pub fn dotenv_error() -> Option<ConfigError> {
     })
 }
 
+/// The relations (tables, and the indexes behind keys) each of this bank's migrations creates, by
+/// version. Diesel commits each migration on its own, so a name already taken in the schema
+/// (another application's `transfers`) failed the second migration after the first had
+/// committed, leaving part of bank behind: `init` looks for these first (`in_the_way`). A unit
+/// test checks the list against the migrations' SQL.
+const CREATES: [(&str, &[&str]); 4] = [
+    ("20261124000001", &["accounts", "accounts_pkey"]),
+    (
+        "20261124000002",
+        &[
+            "transfers",
+            "transfers_pkey",
+            "transfers_from_id_created_at_idx",
+            "transfers_to_id_created_at_idx",
+        ],
+    ),
+    (
+        "20261124000006",
+        &[
+            "transfers_from_id_from_version_key",
+            "transfers_to_id_to_version_key",
+        ],
+    ),
+    (
+        "20261125000001",
+        &["transfer_claims", "transfer_claims_pkey"],
+    ),
+];
+
+/// Of the relations the `pending` migrations create, those the schema they would go to
+/// (`current_schema()`) already has.
+pub fn in_the_way(conn: &mut PgConnection, pending: &[String]) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let names: Vec<String> = CREATES
+        .iter()
+        .filter(|(version, _)| pending.iter().any(|p| p == version))
+        .flat_map(|(_, names)| names.iter().map(ToString::to_string))
+        .collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(diesel::sql_query(
+        "SELECT c.relname AS name FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relname = ANY($1) ORDER BY c.relname",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&names)
+    .load::<Name>(conn)?
+    .into_iter()
+    .map(|n| n.name)
+    .collect())
+}
+
 /// Runs the embedded migrations that have not run yet; returns their names.
 pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, crate::error::Error> {
     let done = conn
@@ -228,6 +285,47 @@ pub fn drop_empty_migrations_table(conn: &mut PgConnection) {
             diesel::sql_query("DROP TABLE IF EXISTS __diesel_schema_migrations").execute(conn)
         {
             log::debug!("init: the empty migrations table stays ({e})");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `CREATES` names every relation the migrations' SQL creates, by version.
+    #[test]
+    fn the_relations_each_migration_creates_are_all_listed() {
+        for m in MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS).expect("migrations") {
+            let version = m.name().version().to_string();
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(m.name().to_string());
+            let sql = std::fs::read_to_string(dir.join("up.sql")).expect("up.sql");
+            let mut found = Vec::new();
+            let words: Vec<&str> = sql.split_whitespace().collect();
+            for (i, w) in words.iter().enumerate() {
+                let next = |k: usize| words.get(i + k).map(|n| n.trim_end_matches(['(', ';']));
+                match *w {
+                    "TABLE" if i > 0 && words[i - 1] == "CREATE" => found.extend(next(1)),
+                    "INDEX" if i > 0 && words[..i].ends_with(&["CREATE"]) => found.extend(next(1)),
+                    "INDEX" if i > 1 && words[i - 2..i] == ["CREATE", "UNIQUE"] => {
+                        found.extend(next(1))
+                    }
+                    "CONSTRAINT" if next(2) == Some("PRIMARY") || next(2) == Some("UNIQUE") => {
+                        found.extend(next(1))
+                    }
+                    _ => {}
+                }
+            }
+            found.sort_unstable();
+            let mut listed: Vec<&str> = CREATES
+                .iter()
+                .find(|(v, _)| *v == version)
+                .map(|(_, names)| names.to_vec())
+                .unwrap_or_default();
+            listed.sort_unstable();
+            assert_eq!(found, listed, "migration {version}");
         }
     }
 }

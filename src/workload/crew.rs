@@ -23,6 +23,8 @@ use crate::guard::{GaveUp, Ticket};
 use crate::retry::{classify, Cause, Phase};
 use crate::transfer::{Runner, GRACE};
 
+use super::worker::tally_verdict;
+
 /// Everything workers are made from.
 pub(super) struct Crew {
     pub(super) url: DbUrl,
@@ -44,6 +46,9 @@ pub(super) struct Slot {
     pub(super) started_us: AtomicU64,
     /// Transfers under way: 1, or a `--batch` chunk's size.
     pub(super) in_flight: AtomicU64,
+    /// `--batch`: the chunk runner's progress, so that a chunk given up on counts the lines it
+    /// decided as decided, and only its statement under way as given up or unknown.
+    pub(super) chunk: Option<crate::batch::Watch>,
     pub(super) tally: Mutex<Tally>,
     /// The worker has returned.
     pub(super) done: AtomicBool,
@@ -64,21 +69,29 @@ impl Crew {
             .with_timeout(self.config.policy.timeout);
         let mut runner = Runner::new(session, self.config.mode, self.config.policy);
         runner.live_retries = Some(Arc::clone(&self.live.retries));
+        let batch = self.config.batch.map(|n| {
+            let session = Session::new(self.url.clone(), "bank-workload")
+                .with_timeout(self.config.policy.timeout);
+            let mut chunk = ChunkRunner::new(session, self.config.policy);
+            chunk.watch.ticket = runner.ticket.clone();
+            chunk.live_retries = Some(Arc::clone(&self.live.retries));
+            // Ctrl-C and the run's end stop a chunk between its statements: one with many
+            // refused lines takes a statement each, and outlived the run.
+            chunk.interruptible = true;
+            chunk.stop_at = self.end;
+            (n, chunk)
+        });
         let slot = Arc::new(Slot {
             ticket: runner.ticket.clone(),
             // Now, not the run's start: until the worker begins its first transfer, the
             // watchdog must not take a fresh worker for one stuck since the run began.
             started_us: AtomicU64::new(self.started.elapsed().as_micros() as u64),
             in_flight: AtomicU64::new(1),
+            chunk: batch.as_ref().map(|(_, chunk)| chunk.watch.clone()),
             tally: Mutex::new(Tally::new()?),
             done: AtomicBool::new(false),
         });
-        let batch = self.config.batch.map(|n| {
-            let session = Session::new(self.url.clone(), "bank-workload")
-                .with_timeout(self.config.policy.timeout);
-            let mut chunk = ChunkRunner::new(session, self.config.policy);
-            chunk.watch.ticket = slot.ticket.clone();
-            chunk.live_retries = Some(Arc::clone(&self.live.retries));
+        let batch = batch.map(|(n, mut chunk)| {
             let (watched, epoch) = (Arc::clone(&slot), self.started);
             chunk.on_statement = Some(Arc::new(move || mark_started(&watched, epoch)));
             (n, chunk)
@@ -152,14 +165,23 @@ impl Crew {
                 if !(over || late) {
                     continue;
                 }
-                match slot.ticket.abandon() {
-                    Some(GaveUp::NotApplied) => {
-                        seen.tally.given_up += slot.in_flight.load(Ordering::SeqCst)
+                let Some(how) = slot.ticket.abandon() else {
+                    continue;
+                };
+                let mut in_hand = slot.in_flight.load(Ordering::SeqCst);
+                if let Some(chunk) = &slot.chunk {
+                    // The chunk's lines decided so far count as such; of the rest, only those
+                    // of the statement under way were sent.
+                    let (decided, statement) = chunk.progress();
+                    for v in &decided {
+                        tally_verdict(&mut seen.tally, &self.live, None, v);
                     }
-                    Some(GaveUp::Unknown) => {
-                        seen.tally.indeterminate += slot.in_flight.load(Ordering::SeqCst)
-                    }
-                    None => continue,
+                    let undecided = in_hand.saturating_sub(decided.len() as u64);
+                    in_hand = undecided.min(statement as u64);
+                }
+                match how {
+                    GaveUp::NotApplied => seen.tally.given_up += in_hand,
+                    GaveUp::Unknown => seen.tally.indeterminate += in_hand,
                 }
                 log::warn!("workload: a transfer outlived its deadline; its worker is abandoned");
                 // Only the second it was given up in: the transfer may have been answered for a

@@ -10,9 +10,10 @@ use rand::Rng;
 use uuid::Uuid;
 
 use super::crew::Slot;
+use super::report::Tally;
 use hdrhistogram::Histogram;
 
-use crate::batch::{ChunkRunner, Line, Outcome};
+use crate::batch::{ChunkRunner, Line, Outcome, Verdict};
 use crate::error::{TransferError, WorkloadError};
 use crate::models::NewTransfer;
 use crate::retry::SharedRetryCounts;
@@ -277,39 +278,9 @@ impl Worker {
             };
             let mut applied = 0;
             for (l, v) in lines.iter().zip(&verdicts) {
-                match v.outcome {
-                    Outcome::Applied => applied += 1,
-                    Outcome::InsufficientFunds => tally.insufficient_funds += 1,
-                    Outcome::BalanceOverflow => tally.balance_overflow += 1,
-                    // Refused by the database outright (read-only, a permission, a trigger):
-                    // an error, as without --batch; counted as given up, a read-only
-                    // database's run said "ok".
-                    Outcome::Refused => {
-                        tally.errors += 1;
-                        tally.last_error = v.error.clone();
-                        self.live.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Outcome::NotApplied => {
-                        log::debug!(
-                            "workload: transfer {} not applied: {:?}",
-                            l.transfer.id,
-                            v.error
-                        );
-                        tally.given_up += 1
-                    }
-                    Outcome::Unknown => tally.indeterminate += 1,
-                    // Random ids over existing accounts: anything else is a bug.
-                    other => {
-                        tally.errors += 1;
-                        tally.last_error =
-                            Some(format!("transfer {}: {}", l.transfer.id, other.as_str()));
-                        self.live.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                applied += tally_verdict(&mut tally, &self.live, Some(l), v);
             }
             if applied > 0 {
-                tally.committed += applied;
-                self.live.committed.fetch_add(applied, Ordering::Relaxed);
                 self.live.record(micros);
                 let _ = tally.latency_us.record(micros.max(1));
             }
@@ -346,4 +317,40 @@ pub(super) fn mark_started(slot: &Slot, epoch: Instant) {
         epoch.elapsed().as_micros().min(u64::MAX as u128) as u64,
         Ordering::SeqCst,
     );
+}
+
+/// Counts one `--batch` line's verdict in `tally` (and `live`); returns 1 when it applied. A line
+/// never sent (the run ended or was interrupted between the chunk's statements) counts as
+/// nothing: the workload's ids are its own, so nobody else can apply it.
+pub(super) fn tally_verdict(tally: &mut Tally, live: &Live, l: Option<&Line>, v: &Verdict) -> u64 {
+    let id = || l.map_or_else(|| "?".to_string(), |l| l.transfer.id.to_string());
+    match v.outcome {
+        Outcome::Applied => {
+            tally.committed += 1;
+            live.committed.fetch_add(1, Ordering::Relaxed);
+            return 1;
+        }
+        Outcome::InsufficientFunds => tally.insufficient_funds += 1,
+        Outcome::BalanceOverflow => tally.balance_overflow += 1,
+        // Refused by the database outright (read-only, a permission, a trigger): an error, as
+        // without --batch; counted as given up, a read-only database's run said "ok".
+        Outcome::Refused => {
+            tally.errors += 1;
+            tally.last_error = v.error.clone();
+            live.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        Outcome::NotApplied => {
+            log::debug!("workload: transfer {} not applied: {:?}", id(), v.error);
+            tally.given_up += 1
+        }
+        Outcome::Unknown if v.is_not_attempted() => {}
+        Outcome::Unknown => tally.indeterminate += 1,
+        // Random ids over existing accounts: anything else is a bug.
+        other => {
+            tally.errors += 1;
+            tally.last_error = Some(format!("transfer {}: {}", id(), other.as_str()));
+            live.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    0
 }

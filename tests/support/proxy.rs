@@ -191,6 +191,9 @@ struct Shared {
 struct Gate {
     /// `freeze_all` is in force: nothing is relayed.
     frozen_all: bool,
+    /// `freeze_queries`: connections are made (startup and authentication answered), but what
+    /// a session sends after that goes nowhere.
+    frozen_queries: bool,
     /// `thaw` calls so far: a connection frozen by `Fault::Freeze` waits for the next one.
     thaws: u64,
     /// The proxy was dropped: every frozen connection is closed.
@@ -219,11 +222,20 @@ impl Shared {
     /// Blocks while `freeze_all` is in force, so the message just read goes nowhere; fails if
     /// the proxy is dropped meanwhile.
     fn hold(&self) -> io::Result<()> {
+        self.hold_while(|gate| gate.frozen_all)
+    }
+
+    /// `hold` for a message of a session past its startup: `freeze_queries` holds it too.
+    fn hold_session(&self) -> io::Result<()> {
+        self.hold_while(|gate| gate.frozen_all || gate.frozen_queries)
+    }
+
+    fn hold_while(&self, frozen: impl Fn(&Gate) -> bool) -> io::Result<()> {
         let mut gate = self.gate();
-        while gate.frozen_all && !gate.closed {
+        while frozen(&gate) && !gate.closed {
             gate = self.wake.wait(gate).expect("lock");
         }
-        if gate.frozen_all {
+        if frozen(&gate) {
             return Err(io::Error::other("the proxy was dropped while frozen"));
         }
         Ok(())
@@ -364,8 +376,16 @@ impl Proxy {
 
     /// Ends `freeze_all`: relaying resumes where it stopped.
     pub fn thaw_all(&self) {
-        self.shared.gate().frozen_all = false;
+        let mut gate = self.shared.gate();
+        gate.frozen_all = false;
+        gate.frozen_queries = false;
         self.shared.wake.notify_all();
+    }
+
+    /// A server that freezes once a session is made: new connections are answered and log in,
+    /// and nothing a session sends after that is relayed, until `thaw_all`.
+    pub fn freeze_queries(&self) {
+        self.shared.gate().frozen_queries = true;
     }
 
     /// Closes every connection frozen by `Fault::Freeze` so far, on both sides (the server
@@ -455,7 +475,7 @@ fn client_to_server(
     let mut transfer_statements = HashSet::new();
     loop {
         let msg = read_typed(client)?;
-        shared.hold()?;
+        shared.hold_session()?;
         // A commit point, as the messages that make it up: COMMIT, or a statement's Bind..Sync.
         let (at, batch) = match msg[0] {
             b'Q' if is_commit(&msg) => {
