@@ -250,6 +250,15 @@ pub enum Error {
          bank a database of its own (nothing was changed)"
     )]
     ForeignDatabase(String),
+    /// `init` when the search_path puts a schema in front of the one holding the migrations
+    /// table (exit 1).
+    #[error(
+        "the migrations table is in schema {theirs}, but schema {first} comes first on the \
+         search_path, and init would build a second bank there that hides the first: drop \
+         schema {first} if it is empty, or set the search_path in the URL \
+         (options=-csearch_path%3D{theirs}); nothing was changed"
+    )]
+    SchemaInFront { theirs: String, first: String },
     /// `init` whose migrations would create relations the database already has (exit 1).
     #[error(
         "the database already has {0}, which bank's migrations would create: nothing was \

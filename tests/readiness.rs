@@ -457,6 +457,74 @@ fn doctor_reports_engine_schema_settings_and_counts() {
     ));
 }
 
+/// A role granted the application's tables but not Diesel's migrations table: doctor said "not
+/// migrated (run bank init)" (information_schema hides a table the role may not use), which init
+/// then could not do, and it left out the transfer_claims warning (found by a reviewer). It
+/// says it cannot tell, and still warns.
+#[test]
+fn doctor_for_a_role_that_cannot_read_the_migrations_says_so() {
+    let db = ScratchDb::migrated();
+    let (role, url) = db.role(
+        "LOGIN",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers TO {role}",
+    );
+    let teller = |args: &[&str]| Bank::new().args(["--database-url", &url]).args(args).run();
+    let text = teller(&["doctor"]);
+    text.success();
+    assert!(!text.stdout.contains("not migrated"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("cannot tell") && text.stdout.contains("grant it SELECT"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout
+            .contains("warning: this role cannot insert into transfer_claims"),
+        "{}",
+        text.stdout
+    );
+    let j = teller(&["doctor", "--json"]).json();
+    assert_eq!(j["migrations_readable"], false, "{j}");
+    assert_eq!(j["claims_writable"], false, "{j}");
+    let _ = db.conn().batch_execute(&format!(
+        "REVOKE ALL ON accounts, transfers FROM {role}; DROP ROLE {role}"
+    ));
+}
+
+/// A schema named like the role comes first on the default search_path ("$user", public): doctor
+/// looked in it, said "not migrated", and init then built a second, empty bank there that hid
+/// every account (found by a reviewer). Both now see bank's tables where the other commands
+/// do, and init refuses to build a second bank in front of them.
+#[test]
+fn a_schema_in_front_of_bank_s_tables_is_not_taken_for_an_empty_database() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[10, 20]);
+    let user = url::Url::parse(db.url.expose())
+        .expect("url")
+        .username()
+        .to_string();
+    db.conn()
+        .batch_execute(&format!("CREATE SCHEMA \"{user}\""))
+        .expect("schema");
+    let doctor = db.bank().args(["doctor", "--json"]).run();
+    doctor.success();
+    assert_eq!(doctor.json()["migrated"], true, "{doctor:?}");
+    let init = db.bank().args(["init"]).run();
+    init.fails_with(1, "search_path");
+    let tables = diesel::sql_query(format!(
+        "SELECT table_name AS version FROM information_schema.tables WHERE table_schema = '{user}'"
+    ))
+    .load::<Name>(&mut db.conn())
+    .expect("tables");
+    assert!(
+        tables.is_empty(),
+        "init created tables in the schema in front"
+    );
+    let balances = db.bank().args(["balances"]).run();
+    balances.success();
+    assert_eq!(balances.stdout.lines().count(), 3, "{balances:?}");
+}
+
 #[test]
 fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     let db = ScratchDb::empty();

@@ -20,6 +20,9 @@ struct Report {
     version: String,
     default_isolation: Option<String>,
     migrated: bool,
+    /// Whether this role may read Diesel's migrations table; when not, `migrated` is false
+    /// because it cannot be told.
+    migrations_readable: bool,
     /// The newest migration applied (its version), if any.
     migration_version: Option<String>,
     pending_migrations: usize,
@@ -79,7 +82,17 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         .get_result::<Tls>(&mut conn)
         .map(|t| t.ssl)
         .ok();
-    let applied = db::applied_migrations(&mut conn)?;
+    // A role granted the application's tables only may not read Diesel's: doctor cannot tell
+    // then, and says so (it said "not migrated", and init, which it advised, was refused).
+    let (applied, migrations_readable) = match db::applied_migrations(&mut conn) {
+        Ok(applied) => (applied, true),
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if info.message().contains("permission denied") =>
+        {
+            (Vec::new(), false)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let embedded = db::known_migrations()?;
     let unknown_migrations = db::unknown_migrations(&applied)?;
     let applied_set: HashSet<&String> = applied.iter().collect();
@@ -92,11 +105,16 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
             Some(accounts::table.count().get_result(&mut conn)?),
             Some(transfers::table.count().get_result(&mut conn)?),
         )
+    } else if !migrations_readable {
+        (
+            accounts::table.count().get_result(&mut conn).ok(),
+            transfers::table.count().get_result(&mut conn).ok(),
+        )
     } else {
         (None, None)
     };
     // A role provisioned before migration 7 was granted the two other tables only.
-    let claims_writable = migrated
+    let claims_writable = (migrated || !migrations_readable)
         .then(|| {
             diesel::sql_query("SELECT has_table_privilege('transfer_claims', 'INSERT') AS allowed")
                 .get_result::<Allowed>(&mut conn)
@@ -115,6 +133,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         version: server.version.clone(),
         default_isolation,
         migrated,
+        migrations_readable,
         migration_version: applied.iter().max().cloned(),
         pending_migrations,
         unknown_migrations,
@@ -140,6 +159,11 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     )?;
     let foreign = db::is_foreign(&applied, &report.unknown_migrations);
     match (&report.migration_version, migrated) {
+        _ if !migrations_readable => writeln!(
+            out,
+            "schema: cannot tell (this role may not read __diesel_schema_migrations: grant it \
+             SELECT on that table to check)"
+        )?,
         _ if foreign => writeln!(
             out,
             "schema: another application's (its migrations: {}; none of bank's)",

@@ -91,6 +91,16 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
+    // bank's tables behind another schema on the search_path (one named like the role, first on
+    // the default path): the migrations would build a second, empty bank in front of them.
+    if let (Some(theirs), Some(first)) = (
+        db::migrations_schema(&mut conn)?,
+        db::creation_schema(&mut conn)?,
+    ) {
+        if theirs != first {
+            return Err(Error::SchemaInFront { theirs, first });
+        }
+    }
     let applied = db::applied_migrations(&mut conn)?;
     let unknown = db::unknown_migrations(&applied)?;
     if db::is_foreign(&applied, &unknown) {

@@ -192,22 +192,11 @@ pub fn known_migrations() -> Result<Vec<String>, crate::error::Error> {
 /// creating it, as Diesel's own harness would).
 pub fn applied_migrations(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
     #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    #[derive(QueryableByName)]
     struct Version {
         #[diesel(sql_type = Text)]
         version: String,
     }
-    let exists: Count = diesel::sql_query(
-        "SELECT CAST(COUNT(*) AS INT8) AS n FROM information_schema.tables \
-         WHERE table_schema = current_schema() AND table_name = $1",
-    )
-    .bind::<Text, _>("__diesel_schema_migrations")
-    .get_result(conn)?;
-    if exists.n == 0 {
+    if migrations_schema(conn)?.is_none() {
         return Ok(Vec::new());
     }
     Ok(
@@ -217,6 +206,42 @@ pub fn applied_migrations(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
             .map(|v| v.version)
             .collect(),
     )
+}
+
+/// The schema of the migrations table the other statements read: the first on the search_path
+/// that has one (`current_schemas`), found in the catalog, which shows it to a role that may not
+/// read it. `information_schema` in `current_schema()` missed both: a role without a grant on it
+/// (so doctor said "not migrated"), and bank's tables behind a schema named like the role,
+/// first on the default search_path ("$user", public), where init then built a second bank.
+pub fn migrations_schema(conn: &mut PgConnection) -> QueryResult<Option<String>> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    Ok(diesel::sql_query(
+        "SELECT n.nspname AS name FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relname = $1 AND n.nspname = ANY(current_schemas(false)) \
+         ORDER BY array_position(current_schemas(false), n.nspname) LIMIT 1",
+    )
+    .bind::<Text, _>("__diesel_schema_migrations")
+    .load::<Name>(conn)?
+    .into_iter()
+    .next()
+    .map(|n| n.name))
+}
+
+/// The schema new tables go to (`current_schema()`).
+pub fn creation_schema(conn: &mut PgConnection) -> QueryResult<Option<String>> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        name: Option<String>,
+    }
+    Ok(diesel::sql_query("SELECT current_schema() AS name")
+        .get_result::<Name>(conn)?
+        .name)
 }
 
 /// Whether the migrations applied are another application's: some are recorded, none of them
