@@ -139,7 +139,9 @@ fn one_line(e: &dyn std::error::Error) -> String {
         ("statement timeout", "statement_timeout"),
         ("lock timeout", "lock_timeout"),
     ] {
-        if !line.contains(&format!("canceling statement due to {what}")) {
+        // PostgreSQL's "canceling statement due to …", CockroachDB's "query execution canceled
+        // due to …".
+        if !line.contains(&format!("due to {what}")) {
             continue;
         }
         match bank::db::own_statement_timeout().filter(|_| setting == "statement_timeout") {
@@ -149,8 +151,8 @@ fn one_line(e: &dyn std::error::Error) -> String {
                 humantime::format_duration(own)
             )),
             None => line.push_str(&format!(
-                " (the server's {setting}, set for this role or database; \
-                 PGOPTIONS='-c {setting}=0' lifts it for one run)"
+                " (a {setting} set for this role or database, or by the URL's options; \
+                 PGOPTIONS='-c {setting}=0' lifts one set on the server for one run)"
             )),
         }
     }

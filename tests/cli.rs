@@ -449,7 +449,8 @@ fn a_malformed_url_is_refused_without_showing_the_password() {
     for url in [
         format!("mysql://bank:{pw}@127.0.0.1/bank"),
         format!("postgres://bank:{pw}@127.0.0.1:notaport/bank"),
-        format!("postgres://bank:{pw}@"),
+        format!("postgres://bank:{pw}@127.0.0.1:0/bank"),
+        format!("postgres://bank:{pw}@127.0.0.1/bank?port=99999"),
     ] {
         let run = Bank::new().args(["--database-url", &url, "balances"]).run();
         run.fails_with(2, "malformed database URL");
@@ -732,6 +733,33 @@ fn a_multi_host_url_fails_over_to_the_next_host() {
         .run();
     run.success().no_password();
     assert_eq!(run.json()[0]["balance"], 7);
+}
+
+/// libpq's URLs without a host (its defaults: PGHOST, PGPORT, a service file, the Unix socket):
+/// `postgresql:///db` and `postgresql://user@/db` were refused ("it names no host", exit 2)
+/// where psql takes them (found by a reviewer).
+#[test]
+fn a_url_without_a_host_takes_libpq_s_defaults() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[7]);
+    let (host, port) = db.url.host_port().expect("one host");
+    let parsed = url::Url::parse(db.url.expose()).expect("url");
+    let name = parsed.path().trim_start_matches('/').to_string();
+    let user = parsed.username().to_string();
+    for raw in [
+        format!("postgresql:///{name}"),
+        format!("postgresql://{user}@/{name}"),
+    ] {
+        let mut run = Bank::new().args(["--database-url", &raw, "balances", "--json"]);
+        run.cmd
+            .env("PGHOST", &host)
+            .env("PGPORT", port.to_string())
+            .env("PGUSER", &user)
+            .env("PGPASSWORD", crate::support::password());
+        let run = run.run();
+        run.success();
+        assert_eq!(run.json()[0]["balance"], 7, "{raw}");
+    }
 }
 
 /// Completions and the man page come from the clap definitions, with no database.
@@ -1102,7 +1130,7 @@ fn a_read_cancelled_by_the_servers_statement_timeout_says_how_to_lift_it() {
     assert_eq!(cut.code, 1, "{cut:?}");
     assert!(
         cut.stderr
-            .contains("statement timeout (the server's statement_timeout")
+            .contains("statement timeout (a statement_timeout set for this role or database")
             && cut.stderr.contains("PGOPTIONS='-c statement_timeout=0'"),
         "{}",
         cut.stderr
@@ -1163,7 +1191,9 @@ fn a_transfer_cancelled_by_its_own_deadline_does_not_blame_the_server() {
         .run();
     assert_eq!(server.code, 1, "{server:?}");
     assert!(
-        server.stderr.contains("(the server's statement_timeout")
+        server
+            .stderr
+            .contains("(a statement_timeout set for this role or database")
             && server.stderr.contains("PGOPTIONS='-c statement_timeout=0'"),
         "{server:?}"
     );
@@ -1259,6 +1289,33 @@ fn a_malformed_dotenv_is_named_by_its_path() {
         2,
         &format!("cannot read {}: a malformed line", path.display()),
     );
+}
+
+/// A `.env` that begins with a UTF-8 byte order mark (Notepad's "UTF-8 with BOM") is read: it
+/// was "a malformed line", whose key the mark preceded.
+#[test]
+fn a_dotenv_with_a_byte_order_mark_is_read() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[3]);
+    let run = Bank::new().args(["balances", "--json"]);
+    std::fs::write(
+        run.dir.path().join(".env"),
+        format!("\u{feff}DATABASE_URL={}\r\n", db.url.expose()),
+    )
+    .expect("write .env");
+    let run = run.run();
+    run.success();
+    assert_eq!(run.json()[0]["balance"], 3, "{run:?}");
+}
+
+/// `bank man help` printed a page for clap's `help` that named pages that do not exist
+/// (bank-help-demo(1)): refused as no command of bank's.
+#[test]
+fn man_has_no_page_for_help() {
+    Bank::new()
+        .args(["man", "help"])
+        .run()
+        .fails_with(2, "no command help");
 }
 
 /// A `.env` with a malformed line is not used at all: dotenvy had set the lines above it, so

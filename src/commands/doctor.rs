@@ -178,7 +178,12 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         (Some(v), true) => writeln!(out, "schema: migrated (version {v})")?,
         (Some(v), false) => writeln!(
             out,
-            "schema: version {v}, {pending_migrations} migrations pending (run `bank init`)"
+            "schema: version {v}, {pending_migrations} {} pending (run `bank init`)",
+            if pending_migrations == 1 {
+                "migration"
+            } else {
+                "migrations"
+            }
         )?,
     }
     for (name, value) in &report.settings {

@@ -38,12 +38,18 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             cmd.build();
             let page = match &args.command {
                 None => cmd,
-                Some(name) => cmd.find_subcommand(name).cloned().ok_or_else(|| {
-                    Error::Usage(format!(
-                        "no command {}: `bank --help` lists them",
-                        crate::batch::input::shown(name)
-                    ))
-                })?,
+                // clap's own `help` is no command of bank's: its page named pages that do not
+                // exist (bank-help-demo(1)).
+                Some(name) => cmd
+                    .find_subcommand(name)
+                    .filter(|c| c.get_name() != "help")
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "no command {}: `bank --help` lists them",
+                            crate::batch::input::shown(name)
+                        ))
+                    })?,
             };
             // The footer names the program for every page; clap_mangen's default is the
             // command's own name ("seed 0.1.0").

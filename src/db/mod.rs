@@ -37,8 +37,14 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     };
     // Parsed whole before anything is set: dotenvy's own loader sets the lines above a malformed
     // one, so a .env said to be ignored still chose the database (and the BANK_* defaults).
-    let parsed =
-        dotenvy::from_path_iter(&path).and_then(|lines| lines.collect::<Result<Vec<_>, _>>());
+    // A UTF-8 byte order mark (some Windows editors write one) is no part of the first key: it
+    // made a well-formed .env "malformed".
+    let text = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) => return Err(failed(e.to_string())),
+    };
+    let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
+    let parsed = dotenvy::from_read_iter(text).collect::<Result<Vec<_>, _>>();
     match parsed {
         Ok(vars) => {
             for (key, value) in vars {

@@ -67,31 +67,44 @@ impl DbUrl {
             ));
         }
         let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let host_param = rest.contains("host=");
-        // libpq's own form for a Unix socket, `postgresql://user@/db?host=/run/postgresql`, has
-        // an empty host, which the url crate refuses: checked as text, as the multi-host form.
-        let socket_form = hosts.is_empty() && host_param;
-        let parsed = if hosts.contains(',') || socket_form {
+        // No host: libpq's defaults decide (a `host=` parameter, PGHOST, a service file, the
+        // Unix socket), as for psql; `postgresql://user@/db` is refused by the url crate, so such
+        // a URL is checked as text, as the multi-host form.
+        let no_host = hosts.is_empty();
+        let parsed = if hosts.contains(',') || no_host {
             // libpq's list of hosts: each host:port must be sound.
             for host_port in hosts.split(',') {
                 check_port(host_port).map_err(&malformed)?;
             }
             None
         } else {
+            // "bank:pa/ss@host": an unencoded '/', '?' or '#' ends the authority, so the host
+            // became "bank" and the port "pa", and the message blamed the port.
+            let first = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+            let cut_short = !first.contains('@') && authority.contains('@');
+            if cut_short && first.rsplit_once(':').is_some_and(|(_, p)| !is_port(p)) {
+                return Err(malformed(
+                    "the user or password contains '/', '?' or '#': write them \
+                     percent-encoded, as %2F, %3F and %23",
+                ));
+            }
             let url = url::Url::parse(raw).map_err(|e| match e {
-                url::ParseError::InvalidPort => {
-                    malformed("the port is not a number from 0 to 65535")
-                }
+                url::ParseError::InvalidPort => malformed(PORT),
                 e => malformed(&e.to_string()),
             })?;
+            if url.port() == Some(0) {
+                return Err(malformed(PORT));
+            }
             Some(url)
         };
-        let names_a_host = match &parsed {
-            Some(url) => url.host_str().is_some_and(|h| !h.is_empty()),
-            None => true,
-        };
-        if !names_a_host && !host_param {
-            return Err(malformed("it names no host"));
+        // libpq's `port=` parameter, one port or one per host.
+        let query = rest.split_once('?').map_or("", |(_, q)| q);
+        for pair in query.split('&') {
+            if let Some(("port", ports)) = pair.split_once('=') {
+                if !ports.split(',').all(is_port) {
+                    return Err(malformed(PORT));
+                }
+            }
         }
         Ok(DbUrl {
             full: raw.to_string(),
@@ -182,7 +195,11 @@ impl DbUrl {
 impl fmt::Display for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(url) = &self.parsed else {
-            return f.write_str(&redact_structurally(&self.full));
+            // Taken as text: a control character in it would reach the terminal raw (the url
+            // crate percent-encodes what it parses).
+            return f.write_str(&crate::batch::input::escaped(&redact_structurally(
+                &self.full,
+            )));
         };
         let mut shown = url.clone();
         if shown.password().is_some() {
@@ -225,10 +242,17 @@ fn authority_of(rest: &str) -> &str {
 }
 
 /// One `host:port` of a URL: the port, if any, must be a number (an IPv6 `[…]` has colons).
+const PORT: &str = "the port is not a number from 1 to 65535";
+
+/// Whether `port` is one libpq takes (1 to 65535).
+fn is_port(port: &str) -> bool {
+    port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
 fn check_port(host_port: &str) -> Result<(), &'static str> {
     if let Some((_, port)) = host_port.rsplit_once(':') {
-        if !port.is_empty() && !host_port.ends_with(']') && port.parse::<u16>().is_err() {
-            return Err("the port is not a number from 0 to 65535");
+        if !port.is_empty() && !host_port.ends_with(']') && !is_port(port) {
+            return Err(PORT);
         }
     }
     Ok(())
@@ -399,7 +423,55 @@ mod tests {
             shown("postgresql://bank:pw@/t1?host=/tmp/bank-pg"),
             "postgresql://bank:***@/t1?host=/tmp/bank-pg"
         );
-        assert!(DbUrl::parse("postgresql://bank@/t1").is_err());
+        // Without any host, libpq's defaults decide (PGHOST, a service file, the socket).
+        assert!(DbUrl::parse("postgresql://bank@/t1").is_ok());
+        assert!(DbUrl::parse("postgresql://?service=bank").is_ok());
+    }
+
+    #[test]
+    fn a_url_taken_as_text_shows_control_characters_escaped() {
+        let url = DbUrl::parse("postgresql://bank@/r1?host=/x\u{1b}[31mRED").expect("url");
+        assert!(!url.to_string().contains('\u{1b}'), "{url}");
+        assert!(url.to_string().contains("\\u{1b}"), "{url}");
+    }
+
+    #[test]
+    fn a_port_outside_1_to_65535_is_refused_wherever_it_is_written() {
+        // Port 0 and a `port=` parameter reached libpq, which refused them after bank had
+        // connected nothing: exit 1, not 2, and the message said 0 was allowed.
+        for raw in [
+            "postgres://bank@db:0/bank",
+            "postgres://bank@db:99999/bank",
+            "postgres://bank@db/bank?port=99999",
+            "postgres://bank@db/bank?port=0",
+            "postgres://bank@db1:5432,db2:0/bank",
+            "postgres://bank@/bank?host=/tmp&port=x",
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("from 1 to 65535")),
+                "{raw}: {e:?}"
+            );
+        }
+        assert!(DbUrl::parse("postgres://bank@db/bank?port=5433").is_ok());
+    }
+
+    #[test]
+    fn an_unencoded_slash_in_the_password_is_named() {
+        // "bank:pa/ss@host": the authority ends at the '/', so "ss@host:54342" became the path
+        // and "pa" the port, and the message blamed a port that looked fine.
+        for raw in [
+            "postgres://bank:pa/ss@127.0.0.1:54342/r1",
+            "postgres://bank:pa?ss@127.0.0.1:54342/r1",
+            "postgres://bank:pa#ss@127.0.0.1:54342/r1",
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("percent-encoded")),
+                "{raw}: {e:?}"
+            );
+            assert!(!e.unwrap_or_default().contains("ss@"), "{raw}");
+        }
     }
 
     #[test]
