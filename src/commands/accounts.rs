@@ -217,6 +217,15 @@ pub(super) fn balances(
             now.to_rfc3339_opts(SecondsFormat::Secs, true)
         )));
     }
+    // CockroachDB's pg_stat_activity is empty: the open transactions cannot be seen there, so
+    // a time in the last moments may not be settled yet, and the answer is not waited for.
+    let server = crate::db::engine::detect(&mut conn)?;
+    if server.is_cockroachdb() && now.signed_duration_since(at) < chrono::Duration::seconds(60) {
+        crate::say(format_args!(
+            "bank: warning: {server} does not show other sessions' open transactions \
+             (pg_stat_activity is empty there): balances as of the last minute may still change"
+        ));
+    }
     wait_for_transactions_begun_before(&mut conn, at, args.read.timeout)?;
     let header = format!(
         "Balances at {}:",

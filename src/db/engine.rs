@@ -56,14 +56,22 @@ impl Server {
         self.engine == Engine::CockroachDB
     }
 
-    /// The `SET` a migration session needs on this engine, if any. CockroachDB v25.1 turned
-    /// `autocommit_before_ddl` on by default: a schema change inside an explicit transaction
-    /// first commits the transaction. Diesel runs each migration, and the row that records it,
-    /// in one BEGIN … COMMIT, so with the setting on the DDL could commit apart from its
-    /// bookkeeping; off, they commit together (as on PostgreSQL and older CockroachDB).
-    pub fn migration_session_sql(&self) -> Option<&'static str> {
-        self.is_cockroachdb()
-            .then_some("SET autocommit_before_ddl = false")
+    /// The `SET`s a migration session needs on this engine, each sent on its own. CockroachDB
+    /// v25.1 turned `autocommit_before_ddl` on by default: a schema change inside an explicit
+    /// transaction first commits the transaction. Diesel runs each migration, and the row that
+    /// records it, in one BEGIN … COMMIT, so with the setting on the DDL could commit apart from
+    /// its bookkeeping; off, they commit together (as on PostgreSQL and older CockroachDB). And
+    /// with that setting off, CockroachDB aborts a schema change in an explicit READ COMMITTED
+    /// transaction (read-committed-limitations), which a cluster or role whose default is READ
+    /// COMMITTED would make every migration: migrations run SERIALIZABLE.
+    pub fn migration_session_sql(&self) -> &'static [&'static str] {
+        match self.is_cockroachdb() {
+            true => &[
+                "SET default_transaction_isolation = 'serializable'",
+                "SET autocommit_before_ddl = false",
+            ],
+            false => &[],
+        }
     }
 }
 
@@ -97,18 +105,17 @@ pub fn detect(conn: &mut PgConnection) -> QueryResult<Server> {
 /// A server that does not know the setting (CockroachDB before v24.3) commits nothing early,
 /// so "unrecognized configuration parameter" is fine.
 pub fn prepare_migration_session(conn: &mut PgConnection, server: &Server) -> QueryResult<()> {
-    let Some(sql) = server.migration_session_sql() else {
-        return Ok(());
-    };
-    match conn.batch_execute(sql) {
-        Err(diesel::result::Error::DatabaseError(_, info))
-            if is_unknown_setting(info.message()) =>
-        {
-            log::debug!("init: {} does not know autocommit_before_ddl: fine", server);
-            Ok(())
+    for sql in server.migration_session_sql() {
+        match conn.batch_execute(sql) {
+            Err(diesel::result::Error::DatabaseError(_, info))
+                if is_unknown_setting(info.message()) =>
+            {
+                log::debug!("init: {server} does not know `{sql}`: fine");
+            }
+            other => other?,
         }
-        other => other,
     }
+    Ok(())
 }
 
 /// PostgreSQL's and CockroachDB's words for a `SET` of a variable they do not have.
@@ -166,10 +173,13 @@ mod tests {
         let crdb = Server::parse("CockroachDB CCL v25.1.4 (x86_64-pc-linux-gnu, built 2025/04/09)");
         assert_eq!(
             crdb.migration_session_sql(),
-            Some("SET autocommit_before_ddl = false")
+            [
+                "SET default_transaction_isolation = 'serializable'",
+                "SET autocommit_before_ddl = false"
+            ]
         );
         let pg = Server::parse("PostgreSQL 15.14 on x86_64-pc-linux-gnu");
-        assert_eq!(pg.migration_session_sql(), None);
+        assert!(pg.migration_session_sql().is_empty());
     }
 
     #[test]
