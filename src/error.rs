@@ -96,6 +96,11 @@ pub enum TransferError {
          so it applied nothing"
     )]
     NoLedgerRow,
+    /// An account the transfer moves exists, but the database left it unchanged (a trigger of
+    /// its own, BEFORE UPDATE returning NULL): the statement failed and applied nothing. `None`
+    /// when which one is not known (a file's statement, which moves many).
+    #[error("{}", not_updated(*.0))]
+    AccountNotUpdated(Option<Uuid>),
     #[error("database not migrated: run `bank init` first")]
     NotMigrated,
     #[error(
@@ -398,6 +403,17 @@ impl From<diesel::result::Error> for Error {
             _ => Error::NotMigrated,
         }
     }
+}
+
+fn not_updated(account: Option<Uuid>) -> String {
+    let which = match account {
+        Some(id) => format!("account {id} exists, but the database"),
+        None => "the database".to_string(),
+    };
+    format!(
+        "{which} left it unchanged (a trigger or rule of the database's own), so the transfer \
+         applied nothing"
+    )
 }
 
 fn batch_unknown(stopped: Option<&str>, unknown: u64, not_attempted: u64, total: u64) -> String {

@@ -1791,6 +1791,51 @@ fn lines_a_dba_refuses_are_refused_alone_and_the_rest_is_one_by_one() {
     }
 }
 
+/// A DBA's trigger that leaves one account unchanged: the whole statement was rolled back as a
+/// bug ("the chunk statement inserted 3 ledger rows and moved 2 accounts"), never split, and
+/// lines that do not touch that account were not applied on any rerun (found by a reviewer).
+/// The line that touches it is refused alone; every other line gets its one-by-one outcome.
+#[test]
+fn a_file_over_an_account_a_trigger_leaves_unchanged_applies_every_other_line() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 1000, 1000]);
+        db.conn()
+            .batch_execute(&format!(
+                "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF OLD.id = '{}' THEN RETURN NULL; END IF; RETURN NEW; END$$; \
+                 CREATE TRIGGER frozen BEFORE UPDATE ON accounts FOR EACH ROW \
+                 EXECUTE FUNCTION frozen()",
+                ids[2]
+            ))
+            .expect("trigger");
+        let t = |from: usize, to: usize| T {
+            id: Uuid::new_v4(),
+            from: ids[from],
+            to: ids[to],
+            amount: 1,
+        };
+        let lines = vec![t(0, 1), t(0, 2), t(1, 0), t(1, 0)];
+        let run = run_file(db.url.expose(), "f.csv", &csv(&lines), &[]);
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(
+            got,
+            ["applied", "refused", "applied", "applied"],
+            "{iso:?}: {run:?}"
+        );
+        assert!(
+            run.stdout.contains("left it unchanged") || run.stdout.contains("unchanged"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            3,
+            "{iso:?}"
+        );
+    }
+}
+
 fn count_transfers_with(conn: &mut PgConnection, id: Uuid) -> bool {
     bank::repo::find_transfer(conn, id)
         .expect("lookup")

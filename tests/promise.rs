@@ -427,6 +427,47 @@ fn a_transfer_whose_ledger_row_a_trigger_skips_applies_nothing() {
     }
 }
 
+/// A DBA's trigger that leaves one account unchanged (BEFORE UPDATE returning NULL): the transfer
+/// was refused with "account … does not exist", of an account that exists (found by a
+/// reviewer). It says the database left the account unchanged, applies nothing, in both modes
+/// and both directions; and a file applies every other line (batch::…_an_account_a_trigger_…).
+#[test]
+fn an_account_a_trigger_leaves_unchanged_is_not_called_unknown() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 1000]);
+        db.conn()
+            .batch_execute(&format!(
+                "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF OLD.id = '{}' THEN RETURN NULL; END IF; RETURN NEW; END$$; \
+                 CREATE TRIGGER frozen BEFORE UPDATE ON accounts FOR EACH ROW \
+                 EXECUTE FUNCTION frozen()",
+                ids[1]
+            ))
+            .expect("trigger");
+        for mode in ["transaction", "single-statement"] {
+            for (from, to) in [(ids[0], ids[1]), (ids[1], ids[0])] {
+                let run = db
+                    .transfer(from, to, 5)
+                    .args(["--mode", mode, "--id", &Uuid::new_v4().to_string()])
+                    .run();
+                let case = format!("{iso:?} {mode} {from}->{to}");
+                assert_eq!(run.code, 1, "{case}: {run:?}");
+                assert!(!run.stderr.contains("does not exist"), "{case}: {run:?}");
+                assert!(
+                    run.stderr.contains(&format!(
+                        "account {} exists, but the database left it unchanged",
+                        ids[1]
+                    )),
+                    "{case}: {run:?}"
+                );
+                assert_eq!(db.balance(ids[0]), 1000, "{case}: nothing moved");
+            }
+        }
+        db.bank().args(["verify"]).run().success();
+    }
+}
+
 /// A CHECK of a DBA's on accounts (a cap on balances) refusing the credit was reported as
 /// "insufficient funds" on the debited account, which held plenty: the refusal names the
 /// database's reason now, and nothing is applied, in both modes.

@@ -466,6 +466,7 @@ impl ChunkRunner {
                     DieselError::QueryBuilderError(message.into()),
                 )),
                 Err(Rollback::NoLedgerRow) => Attempt::Fail(TransferError::NoLedgerRow),
+                Err(Rollback::NotUpdated) => Attempt::Fail(TransferError::AccountNotUpdated(None)),
                 // Cancelled by a timeout once its locks were held: the statement itself
                 // outlasted the server's statement_timeout, and a retry of the same lines would
                 // too. (Waiting for locks, a retry may well get them.)
@@ -551,9 +552,9 @@ impl ChunkRunner {
             Err(Stop::Failed(TransferError::Database(e @ DieselError::DatabaseError(..)))) => {
                 fail(Outcome::Refused, TransferError::Database(e).to_string())
             }
-            Err(Stop::Failed(e @ TransferError::NoLedgerRow)) => {
-                fail(Outcome::Refused, e.to_string())
-            }
+            Err(Stop::Failed(
+                e @ (TransferError::NoLedgerRow | TransferError::AccountNotUpdated(_)),
+            )) => fail(Outcome::Refused, e.to_string()),
             Err(Stop::Failed(e)) => fail(Outcome::NotApplied, e.to_string()),
             Err(Stop::Exhausted {
                 attempts,
@@ -608,6 +609,8 @@ enum Rollback {
     Bug(String),
     /// The statement wrote fewer ledger rows than it applied lines.
     NoLedgerRow,
+    /// The statement moved fewer accounts than its lines touch.
+    NotUpdated,
 }
 
 impl From<DieselError> for Rollback {
@@ -732,6 +735,12 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
     // the skipped one is alone (`refused`), as for any refusal of the database's own.
     if inserted.is_some_and(|n| n < transfers as i64) {
         return Err(Rollback::NoLedgerRow);
+    }
+    // Fewer accounts moved than the lines applied touch: a trigger on `accounts` left one
+    // unchanged (BEFORE UPDATE returning NULL). The same: rolled back, and split until the line
+    // is alone (it was rolled back whole as a bug, and no line of the statement ever applied).
+    if moved.is_some_and(|n| n < accounts.len() as i64) && inserted == Some(transfers as i64) {
+        return Err(Rollback::NotUpdated);
     }
     if inserted != Some(transfers as i64) || moved != Some(accounts.len() as i64) {
         return Err(Rollback::Bug(format!(

@@ -446,9 +446,15 @@ fn attempt(
             }
             // Only a credit past INT8 can hide an earlier reason: the credited row may be
             // updated before the debited one. Insufficient funds means the debited row exists
-            // and is short, and an unknown credited account is found after both updates, so
-            // both are already the first reason; a refusal costs no extra query then.
-            Ok(None) if matches!(e, TransferError::BalanceOverflow { .. }) => {
+            // and is short, so it is already the first reason, and costs no extra query. An
+            // account the statement found no row of may exist after all, left unchanged by a
+            // trigger of the database's: the accounts are read to tell.
+            Ok(None)
+                if matches!(
+                    e,
+                    TransferError::BalanceOverflow { .. } | TransferError::UnknownAccount(_)
+                ) =>
+            {
                 Attempt::Fail(first_reason(conn, t, e))
             }
             Ok(None) => Attempt::Fail(e),
@@ -575,7 +581,12 @@ fn first_reason(conn: &mut PgConnection, t: &NewTransfer, refused: TransferError
             account: t.to_id,
             amount: t.amount,
         },
-        _ => refused,
+        // Both accounts are there: the one the statement found missing was left unchanged by
+        // the database (a trigger), not absent; "does not exist" sent the user looking for it.
+        _ => match refused {
+            TransferError::UnknownAccount(id) => TransferError::AccountNotUpdated(Some(id)),
+            other => other,
+        },
     }
 }
 
@@ -589,6 +600,7 @@ fn says_not_applied(e: &TransferError) -> bool {
             | TransferError::BalanceOverflow { .. }
             | TransferError::NotApplied { .. }
             | TransferError::NoLedgerRow
+            | TransferError::AccountNotUpdated(_)
             | TransferError::Database(_)
             | TransferError::Connect(_)
     )
