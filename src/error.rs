@@ -279,10 +279,7 @@ pub enum Error {
     )]
     AsOfUnsettled { at: String, since: String },
     /// `reset` as a role that may not delete from every table it empties (exit 1).
-    #[error(
-        "reset needs DELETE on {0}, which this role has not: grant it (as on the other tables); \
-         nothing was deleted"
-    )]
+    #[error("reset needs DELETE on {0}, which this role has not: grant it; nothing was deleted")]
     ResetNotAllowed(String),
     /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).
     #[error(
@@ -370,6 +367,12 @@ impl From<crate::batch::Fatal> for Error {
             crate::batch::Fatal::NotMigrated => Error::NotMigrated,
             // A URL libpq refuses is bad input (exit 2): nothing could have run with it.
             crate::batch::Fatal::Connect(e) if e.is_malformed() => Error::Connect(e),
+            // No such database: no earlier run can have a transfer on its way to it.
+            crate::batch::Fatal::Connect(e)
+                if e.message.contains("database \"") && e.message.contains("does not exist") =>
+            {
+                Error::Connect(e)
+            }
             crate::batch::Fatal::Connect(e) => Error::FileNotStarted(e),
         }
     }

@@ -140,17 +140,22 @@ fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
         // "canceling statement due to lock timeout" (55P03): it waited for a row, before any
         // commit.
         Some(Cause::Timeout)
-    } else if m.contains("statement timeout")
-        || m.contains("canceling statement due to user request")
-    {
-        // "… due to statement timeout" and "query execution canceled due to statement timeout"
-        // (CockroachDB) (57014), or a cancel. At the commit point (a COMMIT, or the statement
-        // that is its own commit) it may have taken effect: CockroachDB's docs list timeouts
-        // among the causes of an ambiguous commit.
+    } else if m.contains("query execution canceled") {
+        // CockroachDB's statement timeout or cancel (57014), "query execution canceled [due to
+        // statement timeout]". At the commit point (a COMMIT, or the statement that is its own
+        // commit) it may have taken effect: its docs list timeouts among the causes of an
+        // ambiguous commit.
         Some(match lost {
             Cause::Ambiguous => Cause::Ambiguous,
             _ => Cause::Timeout,
         })
+    } else if m.contains("statement timeout")
+        || m.contains("canceling statement due to user request")
+    {
+        // PostgreSQL's "canceling statement due to statement timeout" or "… user request"
+        // (57014): it turns the statement timeout off before a commit starts and holds cancels
+        // while it commits, so the error means nothing committed, at the commit point too.
+        Some(Cause::Timeout)
     } else if LOST.iter().any(|s| m.contains(s)) {
         Some(lost)
     } else {
@@ -553,18 +558,21 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_cancel_at_the_commit_point_is_ambiguous_but_a_lock_wait_is_not() {
+    fn a_cockroachdb_cancel_at_the_commit_point_is_ambiguous_but_postgresql_s_is_not() {
         for (m, cause) in [
             ("canceling statement due to lock timeout", Cause::Timeout),
+            // PostgreSQL's: nothing committed (it cannot cancel a commit under way).
             (
                 "canceling statement due to statement timeout",
-                Cause::Ambiguous,
+                Cause::Timeout,
             ),
+            ("canceling statement due to user request", Cause::Timeout),
+            // CockroachDB's: may have committed.
             (
                 "query execution canceled due to statement timeout",
                 Cause::Ambiguous,
             ),
-            ("canceling statement due to user request", Cause::Ambiguous),
+            ("query execution canceled", Cause::Ambiguous),
         ] {
             let e = db(DatabaseErrorKind::Unknown, m);
             assert_eq!(classify(&e, Phase::Commit), Some(cause), "{m}");

@@ -525,6 +525,30 @@ fn a_schema_in_front_of_bank_s_tables_is_not_taken_for_an_empty_database() {
     assert_eq!(balances.stdout.lines().count(), 3, "{balances:?}");
 }
 
+/// Another application's Diesel table in `public`, and bank given a schema of its own in front of
+/// it (as the refusals advise): init refused it as "a second bank that hides the first" (a
+/// reviewer's finding on the check above). It migrates into bank's schema.
+#[test]
+fn init_in_a_schema_of_its_own_in_front_of_another_application_s_migrations() {
+    let db = ScratchDb::empty();
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY, \
+             run_on TIMESTAMP NOT NULL DEFAULT now()); \
+             INSERT INTO __diesel_schema_migrations (version) VALUES ('20200101000000'); \
+             CREATE SCHEMA bk",
+        )
+        .expect("another application's migrations");
+    let url = format!("{}?options=-csearch_path%3Dbk,public", db.url.expose());
+    let bank = |args: &[&str]| Bank::new().args(["--database-url", &url]).args(args).run();
+    let init = bank(&["init"]);
+    init.success();
+    let doctor = bank(&["doctor", "--json"]);
+    assert_eq!(doctor.json()["migrated"], true, "{doctor:?}");
+    bank(&["seed"]).success();
+    assert_eq!(bank(&["balances"]).stdout.lines().count(), 3);
+}
+
 #[test]
 fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     let db = ScratchDb::empty();

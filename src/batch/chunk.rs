@@ -216,7 +216,11 @@ impl ChunkRunner {
                 return Ok(Vec::new());
             }
             let step = self.statement(rest);
-            let _ = self.watch.ticket.finish();
+            if !self.watch.ticket.finish() {
+                // Given up on while the statement ran: the watcher counted its lines from what
+                // was decided before it, so they are not added now (counted twice otherwise).
+                return Ok(Vec::new());
+            }
             let given: Vec<Verdict> = match step? {
                 // The server's statement_timeout cancelled the chunk statement, which changed
                 // nothing: its lines go again, half as many per statement, so that a server

@@ -325,7 +325,11 @@ where
                         verdicts
                     }
                 };
-                if let Some(v) = verdicts.iter().find(|v| v.outcome.is_unsettled()) {
+                // A line merely not attempted (Ctrl-C) is no chunk that could not be settled.
+                if let Some(v) = verdicts
+                    .iter()
+                    .find(|v| v.outcome.is_unsettled() && !v.is_not_attempted())
+                {
                     stopping.get_or_insert_with(|| {
                         format!(
                             "another chunk could not be settled ({})",

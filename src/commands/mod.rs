@@ -97,18 +97,25 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
-    // bank's tables behind another schema on the search_path (one named like the role, first on
-    // the default path): the migrations would build a second, empty bank in front of them.
+    let mut applied = db::applied_migrations(&mut conn)?;
+    let mut unknown = db::unknown_migrations(&applied)?;
+    // The migrations table the statements read is in a schema behind the one new tables go to.
     if let (Some(theirs), Some(first)) = (
         db::migrations_schema(&mut conn)?,
         db::creation_schema(&mut conn)?,
     ) {
         if theirs != first {
-            return Err(Error::SchemaInFront { theirs, first });
+            // bank's (a schema named like the role, first on the default search_path): the
+            // migrations would build a second, empty bank in front of it.
+            if !db::is_foreign(&applied, &unknown) {
+                return Err(Error::SchemaInFront { theirs, first });
+            }
+            // Another application's, further down the path: bank gets a schema of its own, as
+            // the refusals advise, and Diesel makes its own table there.
+            applied.clear();
+            unknown.clear();
         }
     }
-    let applied = db::applied_migrations(&mut conn)?;
-    let unknown = db::unknown_migrations(&applied)?;
     if db::is_foreign(&applied, &unknown) {
         return Err(Error::ForeignDatabase(unknown.join(", ")));
     }

@@ -81,7 +81,9 @@ impl DbUrl {
             // "bank:pa/ss@host": an unencoded '/', '?' or '#' ends the authority, so the host
             // became "bank" and the port "pa", and the message blamed the port.
             let first = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-            let cut_short = !first.contains('@') && authority.contains('@');
+            // (An IPv6 literal has colons of its own, and an '@' may sit in the query.)
+            let cut_short =
+                !first.contains('@') && !first.starts_with('[') && authority.contains('@');
             if cut_short && first.rsplit_once(':').is_some_and(|(_, p)| !is_port(p)) {
                 return Err(malformed(
                     "the user or password contains '/', '?' or '#': write them \
@@ -101,7 +103,8 @@ impl DbUrl {
         let query = rest.split_once('?').map_or("", |(_, q)| q);
         for pair in query.split('&') {
             if let Some(("port", ports)) = pair.split_once('=') {
-                if !ports.split(',').all(is_port) {
+                // An empty entry is the default port, as libpq takes it.
+                if !ports.split(',').all(|p| p.is_empty() || is_port(p)) {
                     return Err(malformed(PORT));
                 }
             }
@@ -359,7 +362,22 @@ pub fn redact_message(text: &str) -> String {
     if !text.contains("://") && !text.to_ascii_lowercase().contains("password") {
         return text.to_string();
     }
-    redact(text, &secrets_of(text))
+    // The secrets of each URL the text quotes, one word at a time: read from the whole text, a
+    // later '@' (a user "rv@x" in the server's own words) made everything up to it a password,
+    // and the message was lost.
+    let mut secrets: Vec<String> = text
+        .split_whitespace()
+        .filter(|word| word.contains("://"))
+        .map(|word| word.trim_matches(|c| matches!(c, '\'' | '"' | '`' | '(' | ')' | ',')))
+        .flat_map(secrets_of)
+        .collect();
+    if text.to_ascii_lowercase().contains("password") {
+        secrets.extend(keyword_passwords(text));
+    }
+    secrets.retain(|s| !s.is_empty() && s != "***");
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    redact(text, &secrets)
 }
 
 fn redact(text: &str, secrets: &[String]) -> String {
@@ -429,6 +447,20 @@ mod tests {
     }
 
     #[test]
+    fn a_message_quoting_an_at_sign_after_a_url_keeps_its_words() {
+        let line = "cannot connect to postgres://rv%40x:***@127.0.0.1:54344/bank: connection to \
+                    server failed: FATAL: password authentication failed for user \"rv@x\"";
+        assert_eq!(redact_message(line), line);
+        let typed = "no command postgres://bank:Sekr3t@h/db: `bank --help` lists them";
+        assert_eq!(
+            redact_message(typed),
+            "no command postgres://bank:***@h/db: `bank --help` lists them"
+        );
+        assert!(!redact_message("host=h password=Sekr3t dbname=x").contains("Sekr3t"));
+        assert!(!redact_message("unexpected argument 'postgres://u:pa'ss@h/db'").contains("pa'ss"));
+    }
+
+    #[test]
     fn a_url_taken_as_text_shows_control_characters_escaped() {
         let url = DbUrl::parse("postgresql://bank@/r1?host=/x\u{1b}[31mRED").expect("url");
         assert!(!url.to_string().contains('\u{1b}'), "{url}");
@@ -454,6 +486,8 @@ mod tests {
             );
         }
         assert!(DbUrl::parse("postgres://bank@db/bank?port=5433").is_ok());
+        assert!(DbUrl::parse("postgres://bank@db1,db2/bank?port=,5433").is_ok());
+        assert!(DbUrl::parse("postgres://[::1]/bank?port=5433&application_name=a@b").is_ok());
     }
 
     #[test]
