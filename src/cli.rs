@@ -262,10 +262,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 30, env = "BANK_MAX_RETRIES", allow_negative_numbers = true, value_parser = whole::<0, { u32::MAX as u64 }>)]
     pub max_retries: u64,
     /// Backoff before the first retry; doubles with each retry (e.g. 2ms)
-    #[arg(long, value_name = "DURATION", default_value = "2ms", value_parser = parse_duration, env = "BANK_RETRY_BASE")]
+    #[arg(long, value_name = "DURATION", default_value = "2ms", allow_hyphen_values = true, value_parser = parse_duration, env = "BANK_RETRY_BASE")]
     pub retry_base: Duration,
     /// Longest backoff between two attempts (e.g. 1s)
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, env = "BANK_RETRY_CAP")]
+    #[arg(long, value_name = "DURATION", default_value = "1s", allow_hyphen_values = true, value_parser = parse_duration, env = "BANK_RETRY_CAP")]
     pub retry_cap: Duration,
     /// Deadline for one transfer, all attempts included; one that may have reached COMMIT by
     /// then ends with an unknown outcome (exit 3), else as not applied (e.g. 30s, 500ms)
@@ -328,7 +328,7 @@ pub struct WorkloadArgs {
     #[arg(long, value_name = "C", default_value_t = 8, allow_negative_numbers = true, value_parser = whole::<1, 512>)]
     pub concurrency: u64,
     /// How long to run (e.g. 30s, 2m)
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "transfers", required_unless_present = "transfers")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_run_duration, conflicts_with = "transfers", required_unless_present = "transfers")]
     pub duration: Option<Duration>,
     /// How many transfers to attempt in all
     #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = whole::<1, { u64::MAX }>)]
@@ -408,6 +408,9 @@ const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A duration ("250ms", "2min", "1h 30m"), at most `LONGEST`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("must not be negative, got {}", s.trim()));
+    }
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d > LONGEST {
         return Err(format!("must be at most 365 days, got {}", s.trim()));
@@ -415,10 +418,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    if s.trim_start().starts_with('-') {
-        return Err(format!("must not be negative, got {}", s.trim()));
+/// A run's length: longer than nothing (a workload of no time created its accounts, ran nothing
+/// and said ok).
+fn parse_run_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be longer than 0".into());
     }
+    Ok(d)
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
         return Err("must be longer than 0".into());

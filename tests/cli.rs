@@ -702,6 +702,24 @@ fn numeric_flags_say_their_bounds() {
             vec!["workload", "--transfers", "-1"],
             "must be a whole number at least 1, got -1",
         ),
+        // clap took these for unknown flags ("unexpected argument '-1s' found"); a workload of
+        // no time created its accounts and reported ok (found by a reviewer).
+        (
+            vec!["workload", "--duration", "-1s"],
+            "must not be negative, got -1s",
+        ),
+        (
+            vec!["workload", "--duration", "0s"],
+            "must be longer than 0",
+        ),
+        (
+            vec!["workload", "--duration", "5s", "--retry-base", "-1ms"],
+            "must not be negative, got -1ms",
+        ),
+        (
+            vec!["workload", "--duration", "5s", "--retry-cap", "-1s"],
+            "must not be negative, got -1s",
+        ),
     ] {
         db.bank().args(&args).run().fails_with(2, message);
     }
