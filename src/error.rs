@@ -249,6 +249,16 @@ pub enum Error {
         created: u64,
         total: u64,
     },
+    /// `workload` stopped while it created its accounts (exit 1): those created stay.
+    #[error(
+        "{why}, so the workload stopped while creating its accounts: {created} of {total} \
+         created, which stay (`bank reset` deletes every account)"
+    )]
+    WorkloadSetupStopped {
+        why: String,
+        created: u64,
+        total: u64,
+    },
     /// `init` on a database whose migrations are all another application's.
     #[error(
         "the database holds another application's migrations ({0}) and none of bank's: give \

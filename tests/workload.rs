@@ -600,3 +600,35 @@ fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
         );
     }
 }
+
+/// Ctrl-C while the workload creates its accounts: it went on until every one existed (400,000:
+/// 17 s) and then reported an interrupted run (found by a reviewer). It stops between two
+/// statements and says how many it created, which are the accounts left in the database.
+#[test]
+fn ctrl_c_while_the_workload_creates_its_accounts_stops_it() {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let db = ScratchDb::migrated();
+    let child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "workload"])
+        .args(["--accounts", "2000000", "--duration", "5s"])
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bank");
+    thread::sleep(Duration::from_millis(1200));
+    let started = Instant::now();
+    crate::support::interrupt(child.id());
+    let out = child.wait_with_output().expect("wait");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(3), "took {took:?}: {stderr}");
+    let created = db.state().0.len();
+    assert!(created < 2_000_000, "{created}");
+    assert!(
+        stderr.contains(&format!("{created} of 2000000 created")),
+        "{created}: {stderr}"
+    );
+}
