@@ -1800,15 +1800,7 @@ fn a_file_over_an_account_a_trigger_leaves_unchanged_applies_every_other_line() 
     for iso in Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
         let ids = db.accounts(&[1000, 1000, 1000]);
-        db.conn()
-            .batch_execute(&format!(
-                "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$BEGIN IF OLD.id = '{}' THEN RETURN NULL; END IF; RETURN NEW; END$$; \
-                 CREATE TRIGGER frozen BEFORE UPDATE ON accounts FOR EACH ROW \
-                 EXECUTE FUNCTION frozen()",
-                ids[2]
-            ))
-            .expect("trigger");
+        db.leave_unchanged(ids[2]);
         let t = |from: usize, to: usize| T {
             id: Uuid::new_v4(),
             from: ids[from],

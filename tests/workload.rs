@@ -566,13 +566,17 @@ fn a_batch_that_outlives_the_run_counts_what_it_decided() {
 /// decided is counted (it was all "given up", and the ledger check failed).
 #[test]
 fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
-    use std::process::{Command, Stdio};
     for iso in crate::support::Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
-        let child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
-            .args(["--database-url", db.url.expose(), "workload"])
-            .args(["--accounts", "10", "--balance", "100", "--concurrency", "1"])
-            .args([
+        let run = interrupted_workload(
+            &db,
+            &[
+                "--accounts",
+                "10",
+                "--balance",
+                "100",
+                "--concurrency",
+                "1",
                 "--batch",
                 "3000",
                 "--duration",
@@ -580,18 +584,11 @@ fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
                 "--timeout",
                 "2s",
                 "--json",
-            ])
-            .env_remove("DATABASE_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn bank");
-        thread::sleep(Duration::from_millis(1500));
-        crate::support::interrupt(child.id());
-        let out = child.wait_with_output().expect("wait");
-        let j: serde_json::Value =
-            serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).expect("JSON report");
-        assert_eq!(out.status.code(), Some(0), "{iso:?}: {j}");
+            ],
+            Duration::from_millis(1500),
+        );
+        let j = run.json();
+        assert_eq!(run.code, 0, "{iso:?}: {j}");
         assert_eq!(j["ok"], true, "{iso:?}: {j}");
         assert_eq!(j["interrupted"], true, "{iso:?}: {j}");
         assert_eq!(
@@ -601,34 +598,37 @@ fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
     }
 }
 
+/// `bank workload` with `args` on `db`, interrupted (SIGINT) `after` it started.
+fn interrupted_workload(db: &ScratchDb, args: &[&str], after: Duration) -> crate::support::Run {
+    let mut all = vec!["--database-url", db.url.expose(), "workload"];
+    all.extend_from_slice(args);
+    let child = crate::support::spawn_bank(&all);
+    thread::sleep(after);
+    crate::support::interrupt(child.id());
+    crate::support::Run::from(child.wait_with_output().expect("wait"))
+}
+
 /// Ctrl-C while the workload creates its accounts: it went on until every one existed (400,000:
 /// 17 s) and then reported an interrupted run (found by a reviewer). It stops between two
 /// statements and says how many it created, which are the accounts left in the database.
 #[test]
 fn ctrl_c_while_the_workload_creates_its_accounts_stops_it() {
-    use std::process::{Command, Stdio};
     use std::time::Instant;
     let db = ScratchDb::migrated();
-    let child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
-        .args(["--database-url", db.url.expose(), "workload"])
-        .args(["--accounts", "2000000", "--duration", "5s"])
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bank");
-    thread::sleep(Duration::from_millis(1200));
     let started = Instant::now();
-    crate::support::interrupt(child.id());
-    let out = child.wait_with_output().expect("wait");
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(took < Duration::from_secs(3), "took {took:?}: {stderr}");
+    let run = interrupted_workload(
+        &db,
+        &["--accounts", "2000000", "--duration", "5s"],
+        Duration::from_millis(1200),
+    );
+    let took = started.elapsed() - Duration::from_millis(1200);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}: {run:?}");
     let created = db.state().0.len();
     assert!(created < 2_000_000, "{created}");
     assert!(
-        stderr.contains(&format!("{created} of 2000000 created")),
-        "{created}: {stderr}"
+        run.stderr
+            .contains(&format!("{created} of 2000000 created")),
+        "{created}: {run:?}"
     );
 }

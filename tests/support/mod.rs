@@ -149,6 +149,18 @@ impl ScratchDb {
         (role, url.to_string())
     }
 
+    /// A DBA's trigger that leaves `account` unchanged: `BEFORE UPDATE … RETURN NULL`.
+    pub fn leave_unchanged(&self, account: Uuid) {
+        self.conn()
+            .batch_execute(&format!(
+                "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF OLD.id = '{account}' THEN RETURN NULL; END IF; RETURN NEW; END$$; \
+                 CREATE TRIGGER frozen BEFORE UPDATE ON accounts FOR EACH ROW \
+                 EXECUTE FUNCTION frozen()"
+            ))
+            .expect("trigger");
+    }
+
     /// Creates committed accounts with these balances; returns their ids.
     pub fn accounts(&self, balances: &[i64]) -> Vec<Uuid> {
         let new: Vec<NewAccount> = balances
