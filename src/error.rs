@@ -48,6 +48,12 @@ impl ConnectError {
             || (m.contains("invalid ") && m.contains(" value"))
     }
 
+    /// The server has no database of that name: no earlier run can have a transfer on its way
+    /// to it.
+    pub fn is_no_such_database(&self) -> bool {
+        self.message.contains("database \"") && self.message.contains("does not exist")
+    }
+
     pub fn is_transient(&self) -> bool {
         const PERMANENT: [&str; 12] = [
             "authentication failed",
@@ -375,12 +381,9 @@ impl From<crate::batch::Fatal> for Error {
     fn from(f: crate::batch::Fatal) -> Self {
         match f {
             crate::batch::Fatal::NotMigrated => Error::NotMigrated,
-            // A URL libpq refuses is bad input (exit 2): nothing could have run with it.
-            crate::batch::Fatal::Connect(e) if e.is_malformed() => Error::Connect(e),
-            // No such database: no earlier run can have a transfer on its way to it.
-            crate::batch::Fatal::Connect(e)
-                if e.message.contains("database \"") && e.message.contains("does not exist") =>
-            {
+            // A URL libpq refuses (bad input, exit 2) or a database that is not there: nothing
+            // of an earlier run can be on its way to commit through it.
+            crate::batch::Fatal::Connect(e) if e.is_malformed() || e.is_no_such_database() => {
                 Error::Connect(e)
             }
             crate::batch::Fatal::Connect(e) => Error::FileNotStarted(e),

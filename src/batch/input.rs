@@ -173,10 +173,10 @@ pub(crate) fn shown(value: &str) -> String {
     out
 }
 
-/// `value` whole, its control characters escaped and a password hidden: a file's name as
-/// messages show it.
+/// `value` whole, its control characters escaped: a file's name as messages show it (a password
+/// in it is hidden as every stderr line's is, by `say`).
 pub(crate) fn escaped(value: &str) -> String {
-    crate::db::redact_message(value)
+    value
         .chars()
         .flat_map(|c| {
             let escaped: Vec<char> = if c.is_control() {
