@@ -730,6 +730,25 @@ fn a_rerun_refused_before_the_locks_while_an_orphan_may_commit_is_unknown() {
         let cannot = rerun(&url, &["--id", &id.to_string()]);
         assert_eq!(cannot.code, 3, "{case}: {cannot:?}");
         assert!(cannot.stderr.contains("log in"), "{case}: {cannot:?}");
+        // The same id as a file's line: the file said exit 1 before any line (found by a
+        // reviewer), and the orphan then committed it. Nothing attempted, unknown: exit 3.
+        let file = Bank::new();
+        let path = file.dir.path().join("f.csv");
+        std::fs::write(
+            &path,
+            format!("id,from,to,amount\n{id},{},{},100\n", s.from, s.to),
+        )
+        .expect("file");
+        let cannot = file
+            .args(["--database-url", &url, "transfer", "--file"])
+            .args([path.as_os_str()])
+            .args(["--timeout", "1s"])
+            .run();
+        assert_eq!(cannot.code, 3, "{case}: {cannot:?}");
+        assert!(
+            cannot.stderr.contains("no line was attempted"),
+            "{case}: {cannot:?}"
+        );
         let _ = s.db.conn().batch_execute(&format!("DROP ROLE {role}"));
         s.settled_once_the_orphan_commits(|| {
             rerun(s.db.url.expose(), &["--id", &id.to_string(), "--json"])
