@@ -54,6 +54,27 @@ impl ConnectError {
         self.message.contains("database \"") && self.message.contains("does not exist")
     }
 
+    /// A URL libpq refuses, or one naming a database the server does not have: no run can have
+    /// sent anything through it, so nothing of an earlier attempt can be on its way to commit.
+    pub fn reaches_no_database(&self) -> bool {
+        self.is_malformed() || self.is_no_such_database()
+    }
+
+    /// The server (or a pooler in front of it) has no connection to spare for this login: a
+    /// role's or a database's `CONNECTION LIMIT`, `max_connections`, PgBouncer's
+    /// `max_client_conn`. Transient for a run's first connection (others may close theirs), but
+    /// a run that already holds one may go on with the connections it has.
+    pub fn is_connection_limit(&self) -> bool {
+        const LIMIT: [&str; 4] = [
+            "too many connections",
+            "too many clients",
+            "connection slots are reserved",
+            "no more connections allowed",
+        ];
+        let m = self.message.to_ascii_lowercase();
+        LIMIT.iter().any(|p| m.contains(p))
+    }
+
     pub fn is_transient(&self) -> bool {
         const PERMANENT: [&str; 12] = [
             "authentication failed",
@@ -383,9 +404,7 @@ impl From<crate::batch::Fatal> for Error {
             crate::batch::Fatal::NotMigrated => Error::NotMigrated,
             // A URL libpq refuses (bad input, exit 2) or a database that is not there: nothing
             // of an earlier run can be on its way to commit through it.
-            crate::batch::Fatal::Connect(e) if e.is_malformed() || e.is_no_such_database() => {
-                Error::Connect(e)
-            }
+            crate::batch::Fatal::Connect(e) if e.reaches_no_database() => Error::Connect(e),
             crate::batch::Fatal::Connect(e) => Error::FileNotStarted(e),
         }
     }

@@ -1613,6 +1613,53 @@ fn a_server_frozen_before_a_chunk_commit_leaves_its_lines_unknown() {
     }
 }
 
+/// A role allowed fewer connections than `--connections` (`CONNECTION LIMIT 1`, a DBA's quota):
+/// the second connection is refused at login ("too many connections for role"), and the group
+/// given to it was retried for the whole deadline, then reported `unknown` with a reason that
+/// blamed an earlier run, on every rerun too (found by a reviewer). Nothing of that group was
+/// sent: the file is applied on the connections that could be made, and a warning says how many.
+#[test]
+fn a_role_allowed_fewer_connections_than_asked_for_applies_the_file_on_those_it_has() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 400, 400, 12);
+        let (role, url) = db.role(
+            "LOGIN CONNECTION LIMIT 1",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
+             __diesel_schema_migrations TO {role}",
+        );
+        let run = run_file(
+            &url,
+            "f.csv",
+            &csv(&lines),
+            &["--connections", "2", "--batch", "10", "--timeout", "5s"],
+        );
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        assert!(
+            outcomes(&run).iter().all(|(_, o)| o == "applied"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            lines.len() as i64
+        );
+        let warning = run
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("bank: warning: "))
+            .unwrap_or_else(|| panic!("{iso:?}: a warning: {run:?}"));
+        assert!(
+            warning.contains("1 connection of 2") && warning.contains("too many connections"),
+            "{iso:?}: {warning}"
+        );
+        run.no_password();
+        let _ = db.conn().batch_execute(&format!(
+            "REVOKE ALL ON accounts, transfers, transfer_claims, __diesel_schema_migrations \
+             FROM {role}; DROP ROLE {role}"
+        ));
+    }
+}
+
 /// The connection is lost mid-file and cannot be made again (the role's CONNECT revoked, as a
 /// password rotation would do): the statements that had committed in that group were never
 /// reported, nor any line after them, and the run ended with only "cannot connect". Every line

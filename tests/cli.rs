@@ -1448,6 +1448,52 @@ fn url_parameters_libpq_refuses_are_usage_errors_and_a_trailing_separator_is_fin
     }
 }
 
+/// A URL libpq refuses reaches no database, and nor does one naming a database that is not
+/// there: nothing of an earlier run can be on its way to commit through either. A transfer with
+/// `--id` said "may or may not have been applied" (exit 3, "the database refused it") of both
+/// (found by a reviewer); it is a usage error (exit 2) and a failure (exit 1), as without `--id`
+/// and as a file says.
+#[test]
+fn a_url_that_reaches_no_database_is_no_unknown_outcome_with_an_id() {
+    let db = ScratchDb::migrated();
+    let url = db.url.expose().to_string();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let id = Uuid::new_v4().to_string();
+    let mut missing = url::Url::parse(&url).expect("url");
+    missing.set_path("/no_such_database_here");
+    for (bad, code) in [
+        (format!("{url}{sep}sslmode=bogus"), 2),
+        (format!("{url}{sep}connect_timeout=abc"), 2),
+        (missing.to_string(), 1),
+    ] {
+        for mode in ["transaction", "single-statement"] {
+            for with_id in [false, true] {
+                let mut args = vec!["--database-url".to_string(), bad.clone()];
+                args.extend(["transfer", "--mode", mode, "--retry-base", "1ms"].map(String::from));
+                args.extend(["--from".into(), a.to_string(), "--to".into(), b.to_string()]);
+                args.extend(["--amount", "1"].map(String::from));
+                if with_id {
+                    args.extend(["--id".to_string(), id.clone()]);
+                }
+                let run = Bank::new().args(&args).run();
+                assert_eq!(run.code, code, "{bad} {mode} id={with_id}: {run:?}");
+                assert_eq!(run.stderr.lines().count(), 1, "{bad}: {run:?}");
+                assert!(!run.stderr.contains("may or may not"), "{bad}: {run:?}");
+                run.no_password();
+            }
+        }
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, format!("id,from,to,amount\n{id},{a},{b},1\n")).expect("file");
+        let run = bank
+            .args(["--database-url", &bad, "transfer", "--file"])
+            .args([path.to_str().expect("utf-8")])
+            .run();
+        assert_eq!(run.code, code, "{bad} file: {run:?}");
+    }
+}
+
 /// `reset --yes` while another client writes transfers: a transfer landing between the drain
 /// of the ledger and the delete of the accounts failed it with the raw foreign-key error. It
 /// drains again and finishes; never the raw error.

@@ -49,6 +49,9 @@ pub struct Summary {
     pub not_attempted: u64,
     pub retries: RetryCounts,
     pub elapsed: Duration,
+    /// Connections that applied the file, when fewer than asked for: the database refused the
+    /// others at login for want of a connection slot (its error).
+    pub fewer_connections: Option<(usize, String)>,
 }
 
 impl Summary {
@@ -71,6 +74,9 @@ struct Done {
     seq: u64,
     result: Result<Vec<Verdict>, Fatal>,
     retries: RetryCounts,
+    /// The job was not run: this worker's first connection was refused for want of a
+    /// connection slot (the error), so it ends and its group goes to another.
+    retired: Option<String>,
 }
 
 struct Worker {
@@ -193,8 +199,14 @@ where
     let mut windows: BTreeMap<u64, Window> = BTreeMap::new();
     let mut queue: VecDeque<Group> = VecDeque::new();
     let mut in_flight: Vec<InFlight> = Vec::new();
-    let mut idle: Vec<usize> = (0..workers.len()).rev().collect();
+    // The first worker alone until it has finished a group: the others then connect while it
+    // holds its connection, so that a database with a single slot for this role gives it to the
+    // first (see `spawn`).
+    let mut idle: Vec<usize> = vec![0];
+    let mut others_idle = false;
     let mut stopping: Option<String> = None;
+    // Workers that ended before their first statement (`Done::retired`).
+    let mut retired = 0usize;
     // Whether any group has come back decided: until then a fatal error ends the run as one.
     let mut any_done = false;
     let mut record = |summary: &mut Summary, l: &Line, v: &Verdict| {
@@ -299,6 +311,18 @@ where
                 };
                 let f = in_flight.swap_remove(at);
                 summary.retries += done.retries;
+                if !others_idle {
+                    others_idle = true;
+                    idle.extend((1..workers.len()).rev());
+                }
+                if let Some(refused) = done.retired {
+                    // Nothing of the group was sent: it goes first to the next worker free, and
+                    // the groups behind it in the queue still wait for it.
+                    retired += 1;
+                    summary.fewer_connections = Some((workers.len() - retired, refused));
+                    queue.push_front(f.group);
+                    continue;
+                }
                 idle.push(done.worker);
                 let verdicts = match done.result {
                     Ok(v) => {
@@ -457,6 +481,27 @@ fn spawn(url: &DbUrl, options: &Options, n: usize, done: mpsc::Sender<Done>) -> 
     let watch = runner.watch.clone();
     let thread = thread::spawn(move || {
         for job in rx {
+            // A connection the database has no slot for (a role's CONNECTION LIMIT) while the
+            // first worker holds one (it finishes a group before any other worker starts): the
+            // file goes on with the connections it has, where retrying this one until the
+            // deadline left its group unknown, on every rerun. The first worker's connection is
+            // retried as any failure to connect (a slot may free up), and so is one lost mid-file.
+            if n > 0 && runner.session.connects == 0 {
+                if let Err(e) = runner.session.conn().map(|_| ()) {
+                    if e.is_connection_limit() {
+                        let _ = done.send(Done {
+                            worker: n,
+                            seq: job.seq,
+                            result: Ok(Vec::new()),
+                            retries: RetryCounts::default(),
+                            retired: Some(e.to_string()),
+                        });
+                        break;
+                    }
+                    // Retried in `apply`, as any failure to connect.
+                    log::debug!("connection {n}: {e}");
+                }
+            }
             let result = runner.apply(&job.lines);
             let retries = std::mem::take(&mut runner.retries);
             let stop = result.is_err();
@@ -466,6 +511,7 @@ fn spawn(url: &DbUrl, options: &Options, n: usize, done: mpsc::Sender<Done>) -> 
                     seq: job.seq,
                     result,
                     retries,
+                    retired: None,
                 })
                 .is_err()
                 || stop

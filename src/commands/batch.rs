@@ -70,6 +70,13 @@ pub(super) fn transfer_file(
         Ok::<(), Error>(())
     })?;
     results.flush();
+    if let Some((used, refused)) = &summary.fewer_connections {
+        crate::say(format_args!(
+            "bank: warning: applied on {used} connection{} of {connections}: the database had \
+             no slot for another ({refused})",
+            if *used == 1 { "" } else { "s" }
+        ));
+    }
     crate::say(format_args!("{}", summary_line(&summary)));
     let total = summary.total();
     let unknown = summary.count(Outcome::Unknown);

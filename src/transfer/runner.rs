@@ -130,7 +130,8 @@ impl Runner {
             // earlier attempt then committed.
             Err(Stop::Failed(e))
                 if self.id_given
-                    && (refused_by_the_database(&e) || matches!(e, TransferError::Connect(_))) =>
+                    && (refused_by_the_database(&e)
+                        || matches!(&e, TransferError::Connect(c) if !c.reaches_no_database())) =>
             {
                 let refused = format!("the database refused it ({e})");
                 Err(self.settle(t, refused, e))
@@ -602,8 +603,7 @@ fn says_not_applied(e: &TransferError) -> bool {
             | TransferError::NoLedgerRow
             | TransferError::AccountNotUpdated(_)
             | TransferError::Database(_)
-            | TransferError::Connect(_)
-    )
+    ) || matches!(e, TransferError::Connect(c) if !c.reaches_no_database())
 }
 
 /// A refusal of the database's own (a DBA's trigger or CHECK, a skipped ledger row), not one of
