@@ -343,7 +343,12 @@ fn keyword_passwords(raw: &str) -> Vec<String> {
         let value = value.trim_start();
         let value = match value.strip_prefix('\'') {
             Some(quoted) => quoted.split('\'').next().unwrap_or(quoted),
-            None => value.split([' ', '&', '\t']).next().unwrap_or(value),
+            // Unquoted, it ends at a space; a colon before that space is the separator of a
+            // message quoting a URL (`URL?password=x: error`), not the password's.
+            None => {
+                let word = value.split([' ', '&', '\t']).next().unwrap_or(value);
+                word.strip_suffix(':').unwrap_or(word)
+            }
         };
         found.push(value.to_string());
     }
@@ -369,6 +374,8 @@ pub fn redact_message(text: &str) -> String {
         .split_whitespace()
         .filter(|word| word.contains("://"))
         .map(|word| word.trim_matches(|c| matches!(c, '\'' | '"' | '`' | '(' | ')' | ',')))
+        // A URL followed by ": " and an error: the colon is no part of a password at its end.
+        .map(|word| word.strip_suffix(':').unwrap_or(word))
         .flat_map(secrets_of)
         .collect();
     if text.to_ascii_lowercase().contains("password") {
@@ -586,5 +593,21 @@ mod tests {
             url.with_database("other").expose(),
             "postgres://bank:pw@db:5432/other?sslmode=disable"
         );
+    }
+
+    /// A URL followed by ": " and the error (`cannot connect to URL: ...`) with `password=` as
+    /// its last parameter: the colon was taken for the password's last character and hidden
+    /// with it, whether the URL was shown redacted already or not (found by a reviewer).
+    #[test]
+    fn the_colon_after_a_url_s_last_password_parameter_stays() {
+        for raw in ["wrong", "***"] {
+            let line = format!("cannot connect to postgres://bank@db/bank?password={raw}: refused");
+            assert_eq!(
+                redact_message(&line),
+                "cannot connect to postgres://bank@db/bank?password=***: refused"
+            );
+        }
+        let ends = redact_message("postgres://bank:a:b@db/bank?password=x:y");
+        assert!(!ends.contains("x:y") && !ends.contains("a:b"), "{ends}");
     }
 }
