@@ -149,7 +149,7 @@ pub enum TransferError {
     Abandoned,
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("database error: {0}")]
+    #[error("database error: {}{}", .0, pooler_hint(.0))]
     Database(diesel::result::Error),
 }
 
@@ -190,7 +190,7 @@ pub enum Error {
     NoTransfer(Uuid),
     #[error("migration failed")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("database error: {0}")]
+    #[error("database error: {}{}", .0, pooler_hint(.0))]
     Database(diesel::result::Error),
     #[error(
         "verification failed: {negative} negative balances, {mismatched} balances disagree \
@@ -464,6 +464,23 @@ fn batch_unknown(stopped: Option<&str>, unknown: u64, not_attempted: u64, total:
         "{stopped}{unknown} of {total} transfers may or may not have been applied (outcome \
          unknown{never}): run the same file again to settle them"
     )
+}
+
+/// Bank's prepared statements met another client's, or lost their own, on one server
+/// connection: a pooler in transaction mode (PgBouncer's `pool_mode = transaction`) gives each
+/// transaction whichever server connection is free, and bank names its prepared statements and
+/// sets its timeouts once per session. Said where the error is, since "prepared statement
+/// \"__diesel_stmt_1\" already exists" names neither the cause nor the fix (found by a reviewer).
+fn pooler_hint(e: &diesel::result::Error) -> &'static str {
+    let m = e.to_string();
+    let ours = m.contains("prepared statement \"__diesel_stmt_");
+    if ours && (m.contains("already exists") || m.contains("does not exist")) {
+        " (a pooler in transaction mode, such as PgBouncer's pool_mode = transaction, shares \
+         one server connection among clients; bank needs a session of its own: use session \
+         pooling or connect to the database directly)"
+    } else {
+        ""
+    }
 }
 
 #[cfg(test)]

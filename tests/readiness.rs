@@ -905,3 +905,25 @@ fn another_applications_database_is_named_and_left_alone() {
     assert_eq!(j["pending_migrations"], 6, "{j}");
     assert!(j["accounts"].is_null() && j["transfers"].is_null(), "{j}");
 }
+
+/// Behind a pooler in transaction mode (PgBouncer's `pool_mode = transaction`) one server
+/// connection serves many clients, and bank's named prepared statements meet another client's:
+/// every command then failed with only `prepared statement "__diesel_stmt_0" already exists`
+/// (found by a reviewer through PgBouncer). The server connection a pooler would hand over is
+/// made here by preparing those names first; the error now says what the cause is and what to do.
+#[test]
+fn a_prepared_statement_left_by_another_client_names_the_pooler() {
+    let db = ScratchDb::migrated();
+    let mut conn = db.conn();
+    for n in 0..20 {
+        conn.batch_execute(&format!("PREPARE __diesel_stmt_{n} AS SELECT 1"))
+            .expect("prepare");
+    }
+    let e = repo::find_transfer(&mut conn, Uuid::new_v4()).expect_err("the name is taken");
+    let message = bank::error::TransferError::from(e).to_string();
+    assert!(message.contains("already exists"), "{message}");
+    assert!(
+        message.contains("pooler in transaction mode") && message.contains("session"),
+        "{message}"
+    );
+}
