@@ -114,8 +114,8 @@ pub fn watch_reads(timeout: std::time::Duration) {
         }
         if started.elapsed().saturating_sub(last) > timeout {
             crate::say(format_args!(
-                "bank: error: no answer from the database within {}: the server may be frozen \
-                 or unreachable (--timeout sets how long a read may wait)",
+                "bank: error: no answer from the database within {}: the read is slower than \
+                 that (a large ledger: raise --timeout), or the server is frozen or unreachable",
                 humantime::format_duration(timeout)
             ));
             std::process::exit(i32::from(crate::exit_code::ExitCode::Failure));
