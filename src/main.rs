@@ -78,11 +78,50 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         .trim_start_matches("error: ");
     // clap quotes the argument it did not expect: a URL given without --database-url.
     bank::say(format_args!(
-        "bank: error: {}{} (see bank --help)",
+        "bank: error: {}{}{} (see {} --help)",
         bank::db::redact_message(&squash(message)),
-        from_environment(e)
+        from_environment(e),
+        did_you_mean(e),
+        command_of(&text)
     ));
     Code::Usage.into()
+}
+
+/// clap's suggestion for a mistyped command or flag, which its message gives in a later
+/// paragraph, cut with the usage block.
+fn did_you_mean(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let mut similar = Vec::new();
+    for kind in [ContextKind::SuggestedSubcommand, ContextKind::SuggestedArg] {
+        match e.get(kind) {
+            Some(ContextValue::String(s)) => similar.push(s.clone()),
+            Some(ContextValue::Strings(s)) => similar.extend(s.iter().cloned()),
+            _ => {}
+        }
+    }
+    match similar.is_empty() {
+        true => String::new(),
+        false => format!(" (did you mean '{}'?)", similar.join("' or '")),
+    }
+}
+
+/// The command whose help lists what went wrong (`bank transfer`), read off clap's usage line:
+/// `bank --help` does not list a command's flags.
+fn command_of(text: &str) -> String {
+    let words: Vec<&str> = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("Usage: "))
+        .map(|usage| {
+            usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['[', '<', '-', '(']))
+                .collect()
+        })
+        .unwrap_or_default();
+    match words.first() {
+        Some(&"bank") => words.join(" "),
+        _ => "bank".to_string(),
+    }
 }
 
 /// Where a refused value came from when the user did not type the flag clap names: one of the

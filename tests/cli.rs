@@ -1628,3 +1628,31 @@ fn a_bad_value_from_the_environment_names_its_variable() {
     assert_eq!(run.code, 2, "{run:?}");
     assert!(!run.stderr.contains("BANK_READ_TIMEOUT"), "{run:?}");
 }
+
+/// A typo in a command or a flag: clap's "did you mean" was cut with the rest of its message,
+/// and every usage error sent the user to `bank --help`, which does not list a command's flags
+/// (found by a reviewer). One line still, with the suggestion and the command's own help.
+#[test]
+fn a_typo_gets_the_suggestion_and_the_command_s_help() {
+    for (args, wanted) in [
+        (
+            vec!["balanse"],
+            ["did you mean 'balances'?", "(see bank --help)"],
+        ),
+        (
+            vec!["transfer", "--frm", "x"],
+            ["did you mean '--from'?", "(see bank transfer --help)"],
+        ),
+        (
+            vec!["seed", "--balance", "5"],
+            ["--accounts", "(see bank seed --help)"],
+        ),
+    ] {
+        let run = Bank::new().args(&args).run();
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {run:?}");
+        for w in wanted {
+            assert!(run.stderr.contains(w), "{args:?} wants {w}: {run:?}");
+        }
+    }
+}
