@@ -927,3 +927,35 @@ fn a_prepared_statement_left_by_another_client_names_the_pooler() {
         "{message}"
     );
 }
+
+/// `doctor` on a database where `init` would refuse (another application's `transfers`): it
+/// said "not migrated (run `bank init`)", and init, which it advised, refused, in a loop (found
+/// by a reviewer). It names what is in the way, in text and in `--json` (`init_blocked_by`).
+#[test]
+fn doctor_does_not_advise_an_init_that_would_refuse() {
+    let db = ScratchDb::empty();
+    db.conn()
+        .batch_execute("CREATE TABLE transfers (id INT PRIMARY KEY)")
+        .expect("someone else's table");
+    let run = db.bank().args(["doctor"]).run();
+    let schema = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("schema:"))
+        .unwrap_or_else(|| panic!("a schema line: {run:?}"));
+    assert!(!schema.contains("run `bank init`"), "{schema}");
+    assert!(
+        schema.contains("transfers") && schema.contains("would refuse"),
+        "{schema}"
+    );
+    let json = db.bank().args(["doctor", "--json"]).run().json();
+    assert_eq!(json["migrated"], false, "{json}");
+    let blocked = json["init_blocked_by"].as_array().expect("a list");
+    assert!(blocked.iter().any(|n| n == "transfers"), "{json}");
+    // Where init would work, it is still advised, and nothing is in the way.
+    let fresh = ScratchDb::empty();
+    let run = fresh.bank().args(["doctor"]).run();
+    assert!(run.stdout.contains("run `bank init`"), "{run:?}");
+    let json = fresh.bank().args(["doctor", "--json"]).run().json();
+    assert_eq!(json["init_blocked_by"], serde_json::json!([]), "{json}");
+}

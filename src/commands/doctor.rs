@@ -28,6 +28,9 @@ struct Report {
     pending_migrations: usize,
     /// Applied migrations this bank does not have (a newer bank migrated the database).
     unknown_migrations: Vec<String>,
+    /// Relations that bank's pending migrations would create and the schema already has
+    /// (another application's): `init` refuses while there are any.
+    init_blocked_by: Vec<String>,
     /// Server-side settings of this session.
     settings: BTreeMap<String, Option<String>>,
     /// Whether this connection is encrypted; `None` when the server does not say.
@@ -98,6 +101,17 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     let applied_set: HashSet<&String> = applied.iter().collect();
     let pending_migrations = embedded.iter().filter(|v| !applied_set.contains(v)).count();
     let migrated = !applied.is_empty() && pending_migrations == 0;
+    // What `init` would find in the way: advised to a database it would refuse, it sent the
+    // user round in a loop.
+    let pending: Vec<String> = embedded
+        .iter()
+        .filter(|v| !applied_set.contains(v))
+        .cloned()
+        .collect();
+    let init_blocked_by = match migrations_readable {
+        true => db::in_the_way(&mut conn, &pending)?,
+        false => Vec::new(),
+    };
     // Counted only when the schema is bank's whole: a partly migrated database, or another
     // application's, may lack either table, and doctor is there to report it, not to fail.
     let (accounts, transfers) = if migrated {
@@ -137,6 +151,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         migration_version: applied.iter().max().cloned(),
         pending_migrations,
         unknown_migrations,
+        init_blocked_by,
         settings,
         tls,
         client,
@@ -168,6 +183,12 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
             out,
             "schema: another application's (its migrations: {}; none of bank's)",
             report.unknown_migrations.join(", ")
+        )?,
+        _ if !report.init_blocked_by.is_empty() => writeln!(
+            out,
+            "schema: not migrated, and `bank init` would refuse: the database already has {} \
+             (another application's?); give bank a database or schema of its own",
+            report.init_blocked_by.join(", ")
         )?,
         (None, _) => writeln!(out, "schema: not migrated (run `bank init`)")?,
         (Some(_), true) if !report.unknown_migrations.is_empty() => writeln!(
