@@ -456,7 +456,7 @@ fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], M
     {
         return Err(malformed(
             line,
-            "this looks like JSON Lines, not CSV: name the file .jsonl or pass --format jsonl",
+            "this looks like JSON Lines, not CSV: pass --format jsonl (or name the file .jsonl, without --format csv)",
         ));
     }
     let separators = [';', '\t', '|'];
