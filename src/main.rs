@@ -183,23 +183,46 @@ fn one_line(e: &dyn std::error::Error) -> String {
         if !line.contains(&format!("due to {what}")) {
             continue;
         }
-        match bank::db::own_statement_timeout().filter(|_| setting == "statement_timeout") {
-            // bank's deadline, which it sets as its sessions' statement_timeout.
-            Some(own) => line.push_str(&format!(
-                " (bank's --timeout {})",
-                humantime::format_duration(own)
-            )),
-            None => line.push_str(&format!(
-                " (a {setting} set for this role or database, or by the URL's options; \
+        let said =
+            match bank::db::own_statement_timeout().filter(|_| setting == "statement_timeout") {
+                // bank's deadline, which it sets as its sessions' statement_timeout.
+                Some(own) => format!(" (bank's --timeout {})", humantime::format_duration(own)),
+                None => format!(
+                    " (a {setting} set for this role or database, or by the URL's options; \
                  PGOPTIONS='-c {setting}=0' lifts one set on the server for one run)"
-            )),
-        }
+                ),
+            };
+        // Next to the words it explains, not at the end of a long line about something else.
+        let at = line
+            .find(&format!("due to {what}"))
+            .map_or(line.len(), |i| i + "due to ".len() + what.len());
+        line.insert_str(at, &said);
     }
     squash(&line)
 }
 
+/// One line: libpq's messages span several ("... failed: Connection refused\n\tIs the server
+/// running ...?"), and became one run-on sentence; its lines are joined with "; ", and a line
+/// that starts with punctuation (", so the seed stopped") is joined without a space.
 fn squash(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    let mut out = String::new();
+    for l in text.lines() {
+        let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+        if l.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            let glued = l.starts_with([',', ';', ':', '.', ')']);
+            let sep = match (glued, out.ends_with([':', ';', ',', '('])) {
+                (true, _) => "",
+                (false, true) => " ",
+                (false, false) => "; ",
+            };
+            out.push_str(sep);
+        }
+        out.push_str(&l);
+    }
+    out
 }
 
 fn init_logging(verbosity: u8) {
@@ -225,4 +248,25 @@ fn init_logging(verbosity: u8) {
         })
         .target(env_logger::Target::Stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::squash;
+
+    /// libpq's two-line refusal read as a run-on sentence ("Connection refused Is the server
+    /// running ..."), and a reason ending in a line break left "server , so the seed stopped"
+    /// (found by a reviewer).
+    #[test]
+    fn lines_are_joined_as_sentences() {
+        assert_eq!(
+            squash("port 1 failed: Connection refused\n\tIs the server running?\n"),
+            "port 1 failed: Connection refused; Is the server running?"
+        );
+        assert_eq!(
+            squash("no connection to the server\n, so the seed stopped"),
+            "no connection to the server, so the seed stopped"
+        );
+        assert_eq!(squash("a:\n  b   c"), "a: b c");
+    }
 }

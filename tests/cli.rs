@@ -1184,9 +1184,9 @@ fn a_transfer_cancelled_by_its_own_deadline_does_not_blame_the_server() {
     let own = transfer("1s");
     assert_eq!(own.code, 1, "{own:?}");
     assert!(
+        // Next to the cancel it explains (it came at the end of the line, after the advice).
         own.stderr
-            .contains("canceling statement due to statement timeout")
-            && own.stderr.contains("(bank's --timeout 1s)")
+            .contains("canceling statement due to statement timeout (bank's --timeout 1s)")
             && !own.stderr.contains("PGOPTIONS")
             && !own.stderr.contains("role or database"),
         "{own:?}"
