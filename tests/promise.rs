@@ -670,3 +670,40 @@ fn ctrl_c_on_a_transfer_names_its_id_and_tells_the_truth() {
         }
     }
 }
+
+/// The database's own refusal of a transfer without `--id` (a DBA's trigger, a read-only
+/// database): the line said only "database error: ...", so the id bank made up for it was never
+/// shown and nothing said it was not applied (found by a reviewer). Both modes, both levels.
+#[test]
+fn a_transfer_the_database_refuses_is_named_and_not_applied() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION no13() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN IF NEW.amount = 13 THEN RAISE EXCEPTION 'amount 13 is unlucky'; \
+                 END IF; RETURN NEW; END$$; \
+                 CREATE TRIGGER t13 BEFORE INSERT ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION no13()",
+            )
+            .expect("trigger");
+        let ids = db.accounts(&[1000, 0]);
+        for mode in ["transaction", "single-statement"] {
+            let run = db
+                .transfer(ids[0], ids[1], 13)
+                .args(["--mode", mode, "--timeout", "5s"])
+                .run();
+            run.fails_with(1, "amount 13 is unlucky");
+            assert!(
+                run.stderr.starts_with("bank: error: transfer ")
+                    && run.stderr.contains(" not applied: "),
+                "{iso:?} {mode}: {run:?}"
+            );
+        }
+        assert_eq!(
+            (db.balance(ids[0]), db.balance(ids[1])),
+            (1000, 0),
+            "{iso:?}"
+        );
+    }
+}
