@@ -959,3 +959,17 @@ fn doctor_does_not_advise_an_init_that_would_refuse() {
     let json = fresh.bank().args(["doctor", "--json"]).run().json();
     assert_eq!(json["init_blocked_by"], serde_json::json!([]), "{json}");
 }
+
+/// `doctor`'s client parameters are the ones a transfer connects with: its deadline (`--timeout`,
+/// `BANK_TIMEOUT`, 30 s) sets `tcp_user_timeout`; doctor showed 5000 whatever the deadline was
+/// (found by a reviewer).
+#[test]
+fn doctor_shows_the_parameters_a_transfer_connects_with() {
+    let db = ScratchDb::migrated();
+    let json = db.bank().args(["doctor", "--json"]).run().json();
+    assert_eq!(json["client"]["tcp_user_timeout"], "30000", "{json}");
+    let mut run = db.bank().args(["doctor", "--json"]);
+    run.cmd.env("BANK_TIMEOUT", "7s");
+    let json = run.run().json();
+    assert_eq!(json["client"]["tcp_user_timeout"], "7000", "{json}");
+}

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write};
-use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Nullable, Text};
@@ -136,8 +135,14 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
                 .ok()
         })
         .flatten();
+    // What a transfer connects with: its deadline (`--timeout`, else `BANK_TIMEOUT`, else 30 s)
+    // sets tcp_user_timeout and the keepalives (doctor showed those of a 5 s deadline).
+    let deadline = std::env::var("BANK_TIMEOUT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(v.trim()).ok())
+        .unwrap_or(crate::retry::RetryPolicy::default().timeout);
     let client = url
-        .client_parameters("bank", Duration::from_secs(5))
+        .client_parameters("bank", deadline)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
