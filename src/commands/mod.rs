@@ -33,7 +33,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             return Ok(());
         }
         Command::Man(args) => {
-            let mut cmd = Cli::command();
+            // clap's own `help` has no page (`bank man help` is refused), so the pages do not
+            // name one either (bank-help(1) was listed).
+            let mut cmd = Cli::command().disable_help_subcommand(true);
             // Built, every subcommand has its full name (bank-seed) and its help flags.
             cmd.build();
             let page = match &args.command {
