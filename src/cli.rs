@@ -151,7 +151,7 @@ pub struct BalancesArgs {
 #[derive(Debug, Args)]
 pub struct HistoryArgs {
     /// The account
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", value_parser = parse_uuid)]
     pub account: Uuid,
     /// At most this many entries
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, { i64::MAX as u64 }>)]
@@ -170,7 +170,7 @@ pub struct HistoryArgs {
 #[derive(Debug, Args)]
 pub struct LookupArgs {
     /// The transfer's id
-    #[arg(value_name = "TRANSFER_ID")]
+    #[arg(value_name = "TRANSFER_ID", value_parser = parse_uuid)]
     pub id: Uuid,
     /// Print JSON
     #[arg(long)]
@@ -210,17 +210,17 @@ pub enum SeedMethod {
 #[derive(Debug, Args)]
 pub struct TransferArgs {
     /// Account to debit
-    #[arg(long, value_name = "UUID", required_unless_present = "file")]
+    #[arg(long, value_name = "UUID", value_parser = parse_uuid, required_unless_present = "file")]
     pub from: Option<Uuid>,
     /// Account to credit
-    #[arg(long, value_name = "UUID", required_unless_present = "file")]
+    #[arg(long, value_name = "UUID", value_parser = parse_uuid, required_unless_present = "file")]
     pub to: Option<Uuid>,
     /// Amount to move: a positive whole number
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_amount, required_unless_present = "file")]
     pub amount: Option<i64>,
     /// Transfer id (idempotency key): running a transfer again with the same id applies it once
     /// [default: a random id]
-    #[arg(long, value_name = "UUID")]
+    #[arg(long, value_name = "UUID", value_parser = parse_uuid)]
     pub id: Option<Uuid>,
     /// Apply a file of transfers (`-`: standard input), CSV with the header id,from,to,amount
     /// or JSON Lines; each line gets its own outcome, exactly as if applied one at a time in file
@@ -427,6 +427,14 @@ fn parse_run_duration(s: &str) -> Result<Duration, String> {
         return Err("must be longer than 0".into());
     }
     Ok(d)
+}
+
+/// A UUID, or a reason that says one was expected: the uuid crate's own ("invalid length:
+/// found 1") did not say what the value should have been.
+fn parse_uuid(s: &str) -> Result<Uuid, String> {
+    Uuid::parse_str(s.trim()).map_err(|e| {
+        format!("not a UUID ({e}); one looks like 06bbabc7-736f-4f64-b8ff-46f84023f4f6")
+    })
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {

@@ -1649,6 +1649,12 @@ fn a_typo_gets_the_suggestion_and_the_command_s_help() {
             vec!["seed", "--balance", "5"],
             ["--accounts", "(see bank seed --help)"],
         ),
+        // The uuid crate's reason alone ("invalid length: found 1") did not say a UUID was due.
+        (
+            vec!["transfer", "--from", "a", "--to", "b", "--amount", "1"],
+            ["not a UUID", "one looks like"],
+        ),
+        (vec!["history", "xyz"], ["not a UUID", "one looks like"]),
     ] {
         let run = Bank::new().args(&args).run();
         assert_eq!(run.code, 2, "{args:?}: {run:?}");
