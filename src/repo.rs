@@ -335,7 +335,14 @@ pub fn find_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Tr
 /// applied, so that a single statement of an earlier attempt at it that comes late fails on the
 /// claim (see the migration). An insert, not a lookup: it waits for a statement still writing its
 /// claim, so the ledger asked afterwards has the last word.
+///
+/// In key order, as transfers lock their accounts: two runs claiming the same ids in different
+/// orders deadlocked (found by a reviewer). Callers retry it (`retry::retry_transaction`): at
+/// SERIALIZABLE, a claim that meets one committed after its snapshot is a serialization failure.
 pub fn claim_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<usize> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
     let rows: Vec<_> = ids.iter().map(|id| transfer_claims::id.eq(*id)).collect();
     diesel::insert_into(transfer_claims::table)
         .values(rows)

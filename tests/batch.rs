@@ -1613,6 +1613,58 @@ fn a_server_frozen_before_a_chunk_commit_leaves_its_lines_unknown() {
     }
 }
 
+/// Two runs of one file at once whose lines are all refused (an account that does not exist),
+/// the second run's lines in the other order: each claims the refused ids (`transfer_claims`),
+/// and the two claims collided, a serialization failure at SERIALIZABLE and a deadlock at READ
+/// COMMITTED, which nothing retried, so one run reported every line `unknown` (exit 3) and gave
+/// up the rest of the file (found by a reviewer). Claims are now made in key order and retried.
+#[test]
+fn two_runs_claiming_the_same_refused_ids_at_once_both_say_so() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let to = db.accounts(&[0])[0];
+        let ghost = Uuid::new_v4();
+        let lines: Vec<T> = (0..3000)
+            .map(|_| T {
+                id: Uuid::new_v4(),
+                from: ghost,
+                to,
+                amount: 1,
+            })
+            .collect();
+        let reversed: Vec<T> = lines.iter().rev().cloned().collect();
+        let dir = tempfile::tempdir().expect("dir");
+        let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
+        std::fs::write(&a, csv(&lines)).expect("file");
+        std::fs::write(&b, csv(&reversed)).expect("file");
+        let spawn = |path: &std::path::Path| {
+            std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+                .args(["--database-url", db.url.expose(), "transfer", "--file"])
+                .arg(path)
+                .args(["--json", "--batch", "1000", "--timeout", "20s"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn bank")
+        };
+        let runs: Vec<Run> = [spawn(&a), spawn(&b)]
+            .into_iter()
+            .map(|child| Run::from(child.wait_with_output().expect("wait")))
+            .collect();
+        for run in &runs {
+            assert_eq!(run.code, 1, "{iso:?}: {}", run.stderr);
+            let got = outcomes(run);
+            assert_eq!(got.len(), lines.len(), "{iso:?}: {}", run.stderr);
+            assert!(
+                got.iter().all(|(_, o)| o == "unknown_account"),
+                "{iso:?}: {:?}",
+                got.iter().find(|(_, o)| o != "unknown_account")
+            );
+        }
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
+    }
+}
+
 /// A role allowed fewer connections than `--connections` (`CONNECTION LIMIT 1`, a DBA's quota):
 /// the second connection is refused at login ("too many connections for role"), and the group
 /// given to it was retried for the whole deadline, then reported `unknown` with a reason that

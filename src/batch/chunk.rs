@@ -25,7 +25,8 @@ use crate::guard::Ticket;
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
+    classify, retry, retry_transaction, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
+    SharedRetryCounts, Stop,
 };
 use crate::transfer::{after_step, connection};
 
@@ -331,9 +332,13 @@ impl ChunkRunner {
             return;
         }
         let ledger = match self.session.conn() {
-            Ok(conn) => repo::claim_ids(conn, &ids)
-                .and_then(|_| repo::find_transfers(conn, &ids))
-                .map_err(|e| e.to_string()),
+            // Retried: another run claiming the same ids at once is a conflict, not a reason
+            // to call the lines unknown.
+            Ok(conn) => retry_transaction(&self.policy, || {
+                repo::claim_ids(conn, &ids)?;
+                repo::find_transfers(conn, &ids)
+            })
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let _ = self.watch.ticket.finish();
@@ -354,8 +359,8 @@ impl ChunkRunner {
                     *v = Verdict {
                         outcome: Outcome::Unknown,
                         error: Some(format!(
-                            "refused ({was}), but its id could not be claimed ({e}), so an \
-                             earlier run's attempt at it may still commit"
+                            "not applied ({was}), but its id could not be claimed ({e}), so \
+                             an earlier run's attempt at it may still commit"
                         )),
                     };
                 }

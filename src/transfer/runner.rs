@@ -20,8 +20,8 @@ use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
-    SharedRetryCounts, Stop,
+    classify, retry, retry_transaction, stop_injecting, Attempt, Cause, Phase, RetryCounts,
+    RetryPolicy, SharedRetryCounts, Stop,
 };
 
 /// How long a caller waits past the deadline for the runner's own answer.
@@ -188,10 +188,14 @@ impl Runner {
         attempts: u32,
         retries: RetryCounts,
     ) -> Result<Receipt, TransferError> {
+        let policy = self.policy;
         let ledger = match self.session.conn() {
-            Ok(conn) => repo::claim_ids(conn, &[t.id])
-                .and_then(|_| repo::find_transfer(conn, t.id))
-                .map_err(|e| e.to_string()),
+            // Retried: another run claiming the id at once is a conflict, not an unknown.
+            Ok(conn) => retry_transaction(&policy, || {
+                repo::claim_ids(conn, &[t.id])?;
+                repo::find_transfer(conn, t.id)
+            })
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let found = match ledger {
