@@ -76,6 +76,18 @@ pub(super) fn transfer_cmd(
     let receipt = match runner.run_guarded(&t) {
         Ok(receipt) => receipt,
         Err(e) => {
+            // The database's own refusal (a DBA's trigger, a read-only database) is named as the
+            // transfer it refused, not applied: the line said only "database error: ...", and
+            // never showed the id this run made up. (The runner keeps the error's type: a
+            // file's one-by-one oracle tells refusals apart by it.)
+            let e = match e {
+                e @ (TransferError::Database(diesel::result::Error::DatabaseError(..))
+                | TransferError::NoLedgerRow) => TransferError::NotApplied {
+                    id: t.id,
+                    reason: format!("the database refused it ({e})"),
+                },
+                e => e,
+            };
             if args.json {
                 let outcome = match e {
                     TransferError::OutcomeUnknown { .. } => "unknown",

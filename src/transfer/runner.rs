@@ -136,13 +136,6 @@ impl Runner {
                 let refused = format!("the database refused it ({e})");
                 Err(self.settle(t, refused, e))
             }
-            // Without an id given, the database's own refusal is named as the transfer it
-            // refused, not applied: the line said only "database error: ...", and never showed
-            // the id this run made up.
-            Err(Stop::Failed(e)) if refused_by_the_database(&e) => Err(TransferError::NotApplied {
-                id: t.id,
-                reason: format!("the database refused it ({e})"),
-            }),
             Err(Stop::Failed(e)) => Err(e),
             Err(Stop::Exhausted {
                 attempts,
