@@ -57,7 +57,10 @@ impl ConnectError {
     /// A URL libpq refuses, or one naming a database the server does not have: no run can have
     /// sent anything through it, so nothing of an earlier attempt can be on its way to commit.
     pub fn reaches_no_database(&self) -> bool {
-        self.is_malformed() || self.is_no_such_database()
+        // libpq tries a multi-host URL's hosts in turn, and its message is about the host that
+        // answered: an earlier run may have reached another (found by a reviewer). A comma
+        // anywhere in the URL is taken for several hosts, on the safe side.
+        self.is_malformed() || (self.is_no_such_database() && !self.url.contains(','))
     }
 
     /// The server (or a pooler in front of it) has no connection to spare for this login: a

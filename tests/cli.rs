@@ -1494,6 +1494,36 @@ fn a_url_that_reaches_no_database_is_no_unknown_outcome_with_an_id() {
             .run();
         assert_eq!(run.code, code, "{bad} file: {run:?}");
     }
+    // A multi-host URL's "does not exist" is about the host that answered: an earlier run may
+    // have reached another, so with an id it stays unknown (found by a reviewer).
+    let host = missing.host_str().expect("host").to_string();
+    let port = missing.port().unwrap_or(5432);
+    let several = missing.as_str().replacen(
+        &format!("{host}:{port}"),
+        &format!("{host}:{port},{host}:{port}"),
+        1,
+    );
+    assert!(several.contains(','), "{several}");
+    let run = Bank::new()
+        .args([
+            "--database-url",
+            &several,
+            "transfer",
+            "--retry-base",
+            "1ms",
+        ])
+        .args([
+            "--from",
+            &a.to_string(),
+            "--to",
+            &b.to_string(),
+            "--amount",
+            "1",
+        ])
+        .args(["--id", &id, "--timeout", "3s"])
+        .run();
+    assert_eq!(run.code, 3, "{several}: {run:?}");
+    run.no_password();
 }
 
 /// `reset --yes` while another client writes transfers: a transfer landing between the drain

@@ -205,8 +205,10 @@ where
     let mut idle: Vec<usize> = vec![0];
     let mut others_idle = false;
     let mut stopping: Option<String> = None;
-    // Workers that ended before their first statement (`Done::retired`).
-    let mut retired = 0usize;
+    // Why a worker ended before its first statement (`Done::retired`), and the workers that
+    // applied a group: the warning counts those, not the ones that merely never had to retire.
+    let mut fewer: Option<String> = None;
+    let mut used: HashSet<usize> = HashSet::new();
     // Whether any group has come back decided: until then a fatal error ends the run as one.
     let mut any_done = false;
     let mut record = |summary: &mut Summary, l: &Line, v: &Verdict| {
@@ -318,11 +320,11 @@ where
                 if let Some(refused) = done.retired {
                     // Nothing of the group was sent: it goes first to the next worker free, and
                     // the groups behind it in the queue still wait for it.
-                    retired += 1;
-                    summary.fewer_connections = Some((workers.len() - retired, refused));
+                    fewer.get_or_insert(refused);
                     queue.push_front(f.group);
                     continue;
                 }
+                used.insert(done.worker);
                 idle.push(done.worker);
                 let verdicts = match done.result {
                     Ok(v) => {
@@ -415,6 +417,7 @@ where
         }
     }
     summary.elapsed = started.elapsed();
+    summary.fewer_connections = fewer.map(|refused| (used.len().max(1), refused));
     Ok(summary)
 }
 

@@ -343,12 +343,7 @@ fn keyword_passwords(raw: &str) -> Vec<String> {
         let value = value.trim_start();
         let value = match value.strip_prefix('\'') {
             Some(quoted) => quoted.split('\'').next().unwrap_or(quoted),
-            // Unquoted, it ends at a space; a colon before that space is the separator of a
-            // message quoting a URL (`URL?password=x: error`), not the password's.
-            None => {
-                let word = value.split([' ', '&', '\t']).next().unwrap_or(value);
-                word.strip_suffix(':').unwrap_or(word)
-            }
+            None => value.split([' ', '&', '\t']).next().unwrap_or(value),
         };
         found.push(value.to_string());
     }
@@ -374,14 +369,15 @@ pub fn redact_message(text: &str) -> String {
         .split_whitespace()
         .filter(|word| word.contains("://"))
         .map(|word| word.trim_matches(|c| matches!(c, '\'' | '"' | '`' | '(' | ')' | ',')))
-        // A URL followed by ": " and an error: the colon is no part of a password at its end.
-        .map(|word| word.strip_suffix(':').unwrap_or(word))
         .flat_map(secrets_of)
         .collect();
     if text.to_ascii_lowercase().contains("password") {
         secrets.extend(keyword_passwords(text));
     }
-    secrets.retain(|s| !s.is_empty() && s != "***");
+    // A URL already shown redacted and followed by ": " and an error reads as the secret
+    // "***:", and hiding it took the colon with it. Nothing is cut from a secret itself: a
+    // password that ends in ':' is hidden whole (cutting the colon showed it).
+    secrets.retain(|s| !s.is_empty() && s.trim_end_matches(':') != "***");
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets.dedup();
     redact(text, &secrets)
@@ -595,19 +591,27 @@ mod tests {
         );
     }
 
-    /// A URL followed by ": " and the error (`cannot connect to URL: ...`) with `password=` as
-    /// its last parameter: the colon was taken for the password's last character and hidden
-    /// with it, whether the URL was shown redacted already or not (found by a reviewer).
+    /// A URL shown redacted and followed by ": " and the error (`cannot connect to URL: ...`)
+    /// with `password=` as its last parameter: the colon was taken for part of the secret and
+    /// hidden with it (found by two reviewers). And a password that ends in ':' is hidden
+    /// whole: cutting that colon, as a first fix did, printed it (`password=:` whole, `sec:`
+    /// as `***:`; found by a reviewer).
     #[test]
-    fn the_colon_after_a_url_s_last_password_parameter_stays() {
-        for raw in ["wrong", "***"] {
-            let line = format!("cannot connect to postgres://bank@db/bank?password={raw}: refused");
-            assert_eq!(
-                redact_message(&line),
-                "cannot connect to postgres://bank@db/bank?password=***: refused"
-            );
-        }
+    fn the_colon_after_a_url_stays_and_a_password_s_own_colon_is_hidden() {
+        let line = "cannot connect to postgres://bank@db/bank?password=***: refused";
+        assert_eq!(redact_message(line), line);
+        let raw = redact_message("cannot connect to postgres://bank@db/bank?password=wrong: no");
+        assert!(!raw.contains("wrong"), "{raw}");
         let ends = redact_message("postgres://bank:a:b@db/bank?password=x:y");
         assert!(!ends.contains("x:y") && !ends.contains("a:b"), "{ends}");
+        for (text, secret) in [
+            ("host=db password=sec: dbname=bank", "sec:"),
+            ("host=db password=: dbname=bank", "password=:"),
+            ("postgres://u@db/bank?password=sec:", "sec:"),
+            ("postgres://u:sec:@db/bank", "sec:"),
+        ] {
+            let shown = redact_message(text);
+            assert!(!shown.contains(secret), "{text} -> {shown}");
+        }
     }
 }
