@@ -437,7 +437,7 @@ fn parse_uuid(s: &str) -> Result<Uuid, String> {
     })
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
         return Err("must be longer than 0".into());

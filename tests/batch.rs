@@ -159,11 +159,18 @@ fn run_file(url: &str, name: &str, text: &str, extra: &[&str]) -> Run {
 /// `bank transfer --file PATH --json --batch 10 --connections 1` and `extra`, started in the
 /// background, its output captured.
 fn spawn_file(url: &str, path: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let mut args = vec!["--batch", "10", "--connections", "1"];
+    args.extend_from_slice(extra);
+    spawn_file_with(url, path, &args)
+}
+
+/// `bank transfer --file PATH --json` and `args` only, started in the background.
+fn spawn_file_with(url: &str, path: &std::path::Path, args: &[&str]) -> std::process::Child {
     std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
         .args(["--database-url", url, "transfer", "--file"])
         .arg(path)
-        .args(["--json", "--batch", "10", "--connections", "1"])
-        .args(extra)
+        .arg("--json")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1637,15 +1644,12 @@ fn two_runs_claiming_the_same_refused_ids_at_once_both_say_so() {
         let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
         std::fs::write(&a, csv(&lines)).expect("file");
         std::fs::write(&b, csv(&reversed)).expect("file");
-        let spawn = |path: &std::path::Path| {
-            std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
-                .args(["--database-url", db.url.expose(), "transfer", "--file"])
-                .arg(path)
-                .args(["--json", "--batch", "1000", "--timeout", "20s"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn bank")
+        let spawn = |path| {
+            spawn_file_with(
+                db.url.expose(),
+                path,
+                &["--batch", "1000", "--timeout", "20s"],
+            )
         };
         let runs: Vec<Run> = [spawn(&a), spawn(&b)]
             .into_iter()

@@ -1,7 +1,7 @@
 //! `doctor`: what a user checks before anything else. Which server this is, whether the schema
 //! is there, the connection settings in force, and how many rows there are. Reads only.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use diesel::prelude::*;
@@ -95,18 +95,12 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         }
         Err(e) => return Err(e.into()),
     };
-    let embedded = db::known_migrations()?;
     let unknown_migrations = db::unknown_migrations(&applied)?;
-    let applied_set: HashSet<&String> = applied.iter().collect();
-    let pending_migrations = embedded.iter().filter(|v| !applied_set.contains(v)).count();
+    let pending = db::pending_migrations(&applied)?;
+    let pending_migrations = pending.len();
     let migrated = !applied.is_empty() && pending_migrations == 0;
     // What `init` would find in the way: advised to a database it would refuse, it sent the
     // user round in a loop.
-    let pending: Vec<String> = embedded
-        .iter()
-        .filter(|v| !applied_set.contains(v))
-        .cloned()
-        .collect();
     let init_blocked_by = match migrations_readable {
         true => db::in_the_way(&mut conn, &pending)?,
         false => Vec::new(),
@@ -139,7 +133,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     // sets tcp_user_timeout and the keepalives (doctor showed those of a 5 s deadline).
     let deadline = std::env::var("BANK_TIMEOUT")
         .ok()
-        .and_then(|v| humantime::parse_duration(v.trim()).ok())
+        .and_then(|v| crate::cli::parse_timeout(&v).ok())
         .unwrap_or(crate::retry::RetryPolicy::default().timeout);
     let client = url
         .client_parameters("bank", deadline)

@@ -132,10 +132,7 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     }
     // Up to date: nothing to run, and Diesel's harness, which creates its table first, would
     // need a CREATE privilege that a role using the tables may well not have.
-    let pending: Vec<String> = db::known_migrations()?
-        .into_iter()
-        .filter(|v| !applied.contains(v))
-        .collect();
+    let pending = db::pending_migrations(&applied)?;
     let taken = db::in_the_way(&mut conn, &pending)?;
     if !taken.is_empty() {
         return Err(Error::InitBlocked(taken.join(", ")));

@@ -258,6 +258,14 @@ pub fn is_foreign(applied: &[String], unknown: &[String]) -> bool {
 
 /// Applied migrations that are not this bank's, in version order: a newer bank migrated the
 /// database (or something else wrote Diesel's table).
+/// This bank's migrations not among `applied`, oldest first: what `init` would run.
+pub fn pending_migrations(applied: &[String]) -> Result<Vec<String>, crate::error::Error> {
+    Ok(known_migrations()?
+        .into_iter()
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
 pub fn unknown_migrations(applied: &[String]) -> Result<Vec<String>, crate::error::Error> {
     let known = known_migrations()?;
     Ok(applied
