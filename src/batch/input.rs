@@ -249,13 +249,16 @@ fn amount_text(value: Option<&str>) -> Result<i64, String> {
     let digits = value.strip_prefix('+').unwrap_or(value);
     let digits_only = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if digits_only(digits) || digits.strip_prefix('-').is_some_and(digits_only) {
-        digits.parse::<i64>().map_err(|_| {
-            format!(
-                "amount {} is out of range (at most {})",
-                shown(value),
-                i64::MAX
-            )
-        })
+        digits
+            .parse::<i64>()
+            .map_err(|_| match digits.starts_with('-') {
+                true => format!("amount must be positive, got {}", shown(value)),
+                false => format!(
+                    "amount {} is out of range (at most {})",
+                    shown(value),
+                    i64::MAX
+                ),
+            })
     } else {
         Err(format!("amount '{}' is not a whole number", shown(value)))
     }
@@ -398,7 +401,25 @@ impl<R: Read> CsvLines<R> {
                 read: 0,
                 index: Rc::clone(&lines),
             });
-        let header = reader.headers().cloned();
+        let mut header = reader.headers().cloned();
+        // A line of spaces is blank, before the header as after it; the csv crate skips only
+        // empty lines before the header, and took it for the header ("no id column").
+        let blank = |r: &csv::StringRecord| r.len() == 1 && r[0].is_empty();
+        if header.as_ref().is_ok_and(blank) {
+            let mut record = csv::StringRecord::new();
+            header = loop {
+                match reader.read_record(&mut record) {
+                    Ok(true) if blank(&record) => continue,
+                    Ok(true) => {
+                        // The width every line is checked against.
+                        reader.set_headers(record.clone());
+                        break Ok(record);
+                    }
+                    Ok(false) => break Ok(csv::StringRecord::new()),
+                    Err(e) => break Err(e),
+                }
+            };
+        }
         let end = reader.position().byte();
         let columns = match header {
             Err(e) => Err(Some(csv_error(&lines, &e))),
@@ -594,11 +615,17 @@ fn amount_json(raw: Option<&serde_json::value::RawValue>) -> Result<i64, String>
         Ok(serde_json::Value::Null) => Err("no amount".into()),
         Ok(serde_json::Value::Number(n)) => match n.as_i64() {
             Some(a) => Ok(a),
-            None if n.is_u64() || n.as_f64().is_some_and(|f| f.abs() >= 9.3e18) => Err(format!(
-                "amount {} is out of range (at most {})",
-                shown(written),
-                i64::MAX
-            )),
+            // Below i64's range: negative before it is anything else.
+            None if n.as_f64().is_some_and(|f| f < 0.0) => {
+                Err(format!("amount must be positive, got {}", shown(written)))
+            }
+            None if n.is_u64() || n.as_f64().is_some_and(|f| f >= 9_223_372_036_854_775_808.0) => {
+                Err(format!(
+                    "amount {} is out of range (at most {})",
+                    shown(written),
+                    i64::MAX
+                ))
+            }
             // -0 (a float to serde_json) or 0.0.
             None if n.as_f64() == Some(0.0) => Err("amount must be positive, got 0".into()),
             // 5e2 or 7.0: whole, perhaps, but written the way a float is, which an amount of
@@ -657,8 +684,20 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                      to and amount",
                 )));
             }
+            // Without its line end, and serde's position given as a column: serde counts the
+            // lines of the text it is given ("line 3: … at line 2 column 0").
+            let text = text.trim_end_matches(['\n', '\r']);
             return Some(match serde_json::from_str::<JsonTransfer>(text) {
-                Err(e) => Err(malformed(line, format!("not a JSON transfer object: {e}"))),
+                Err(e) => {
+                    let full = e.to_string();
+                    let what = full
+                        .rsplit_once(" at line ")
+                        .map_or(full.as_str(), |(w, _)| w);
+                    Err(malformed(
+                        line,
+                        format!("not a JSON transfer object: {what} (column {})", e.column()),
+                    ))
+                }
                 Ok(j) => transfer(
                     line,
                     j.id.as_deref(),
@@ -1003,6 +1042,50 @@ mod tests {
         assert!(why("1e30").contains("out of range"));
         assert!(why("-0").contains("must be positive"), "{}", why("-0"));
         assert!(why("5e2").contains("decimal"));
+    }
+
+    #[test]
+    fn an_amount_below_the_range_is_refused_for_being_negative() {
+        // It was "written as a decimal number" (JSON) or "out of range (at most …)" (CSV).
+        let amount = "-9223372036854775809";
+        let json =
+            format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":{amount}}}\n");
+        let csv = format!("id,from,to,amount\n{X},{A},{B},{amount}\n");
+        for (text, format) in [(json, Format::Jsonl), (csv, Format::Csv)] {
+            let why = reason(&all(&text, format)[0]).1;
+            assert!(why.contains("must be positive"), "{format:?}: {why}");
+        }
+    }
+
+    #[test]
+    fn a_line_of_spaces_before_the_header_is_blank() {
+        // It was taken for the header: "line 2: no id column" about a good header.
+        for lead in [" \n", "\t\n", " \t\r\n", "\n  \n\n"] {
+            let got = all(
+                &format!("{lead}id,from,to,amount\n{X},{A},{B},5\n"),
+                Format::Csv,
+            );
+            assert_eq!(got.len(), 1, "{lead:?}: {got:?}");
+            let line = got[0].as_ref().map(|l| l.line);
+            assert_eq!(
+                line.ok(),
+                Some(lead.matches('\n').count() as u64 + 2),
+                "{lead:?}: {got:?}"
+            );
+        }
+        // Nothing but such lines: no header.
+        let got = all(" \n\t\n", Format::Csv);
+        assert!(reason(&got[0]).1.contains("no header"), "{got:?}");
+    }
+
+    #[test]
+    fn a_json_line_s_syntax_error_names_its_column_not_a_line_of_its_own() {
+        // serde counts lines inside the text it is given: "line 3: … at line 2 column 0".
+        let text = format!("\n\n{{\"id\":\"{X}\",\"from\":\"{A}\"\n");
+        let (line, why) = reason(&all(&text, Format::Jsonl)[0]);
+        assert_eq!(line, 3);
+        assert!(!why.contains("at line"), "{why}");
+        assert!(why.contains("column"), "{why}");
     }
 
     #[test]
