@@ -688,6 +688,12 @@ impl<R: BufRead> Iterator for JsonLines<R> {
             // lines of the text it is given ("line 3: … at line 2 column 0").
             let text = text.trim_end_matches(['\n', '\r']);
             return Some(match serde_json::from_str::<JsonTransfer>(text) {
+                // Classic Mac line ends: the whole file reads as one line.
+                Err(_) if text.trim_end().contains('\r') => Err(malformed(
+                    line,
+                    "lines end with a carriage return alone: JSON Lines ends each line with \\n \
+                     (or \\r\\n)",
+                )),
                 Err(e) => {
                     let full = e.to_string();
                     let what = full
@@ -1086,6 +1092,18 @@ mod tests {
         assert_eq!(line, 3);
         assert!(!why.contains("at line"), "{why}");
         assert!(why.contains("column"), "{why}");
+    }
+
+    #[test]
+    fn json_lines_ended_by_a_carriage_return_alone_say_so() {
+        let line = format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}");
+        let (n, why) = reason(&all(&format!("{line}\r{line}\r"), Format::Jsonl)[0]);
+        assert_eq!(n, 1);
+        assert!(why.contains("carriage return"), "{why}");
+        // \r\n line ends are fine.
+        assert!(all(&format!("{line}\r\n{line}\r\n"), Format::Jsonl)
+            .iter()
+            .all(Result::is_ok));
     }
 
     #[test]
