@@ -302,6 +302,17 @@ fn secrets_of(raw: &str) -> Vec<String> {
         if let Some((_, password)) = userinfo.split_once(':') {
             secrets.push(password.to_string());
         }
+    } else {
+        // No '@': what sits where a port goes and is none may be a password whose '@host' was
+        // left out (or encoded, or cut off by a .env comment): it is not shown.
+        for host_port in authority_of(rest).split(',') {
+            match host_port.split_once(':') {
+                Some((_, tail)) if !host_port.starts_with('[') && !is_port(tail) => {
+                    secrets.push(tail.to_string())
+                }
+                _ => {}
+            }
+        }
     }
     if let Some((_, query)) = rest.split_once('?') {
         for pair in query.split('&') {
@@ -491,6 +502,28 @@ mod tests {
         assert!(DbUrl::parse("postgres://bank@db/bank?port=5433").is_ok());
         assert!(DbUrl::parse("postgres://bank@db1,db2/bank?port=,5433").is_ok());
         assert!(DbUrl::parse("postgres://[::1]/bank?port=5433&application_name=a@b").is_ok());
+    }
+
+    #[test]
+    fn a_password_without_its_at_host_is_not_shown_as_a_port() {
+        // "bank:Sekr3t/bank" (the '@host' forgotten, or the '@' encoded, or a .env line cut at
+        // " #"): the password sat where a port goes, and the message about the port showed it.
+        for (raw, secret) in [
+            ("postgres://bank:Sekr3t/bank", "Sekr3t"),
+            ("postgres://bank:Sekr3t%40127.0.0.1/bank", "Sekr3t"),
+            ("postgres://bank:Sekr3t,h2/bank", "Sekr3t"),
+            ("postgres://sp:Se", "Se"),
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            let e = e.unwrap_or_default();
+            assert!(e.contains("malformed"), "{raw}: {e}");
+            assert!(!e.contains(secret), "{raw}: {e}");
+        }
+        // The host stays visible; a port out of range is hidden too (digits can be a password).
+        let e = DbUrl::parse("postgres://db:99999/bank")
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("postgres://db:***/bank")));
     }
 
     #[test]
