@@ -803,6 +803,74 @@ fn a_partly_migrated_database_is_refused_by_every_command_that_needs_the_schema(
     assert_eq!(count(), 1);
 }
 
+/// A database without only the newest migration (`transfer_claims`): what a binary upgraded
+/// without `bank init` meets. `transfer` applied in transaction mode, failed with a raw
+/// "relation does not exist" in single-statement mode, and left a refused `--id` transfer or file
+/// line `unknown` (exit 3) on every rerun, its claim impossible. Every way of transferring now
+/// refuses up front, as `seed` and `balances` do, and moves nothing.
+#[test]
+fn a_database_missing_the_newest_migration_is_refused_by_transfers() {
+    use diesel_migrations::MigrationHarness;
+    let db = ScratchDb::empty();
+    {
+        let mut conn = db.conn();
+        let all = MigrationHarness::pending_migrations(&mut conn, bank::db::MIGRATIONS)
+            .expect("migrations")
+            .len();
+        for _ in 0..all - 1 {
+            conn.run_next_migration(bank::db::MIGRATIONS)
+                .expect("a migration");
+        }
+    }
+    let ids = db.accounts(&[100, 0]);
+    let (a, b) = (ids[0].to_string(), ids[1].to_string());
+    let before = db.state();
+    let file = std::env::temp_dir().join(format!("bank-unmigrated-{}.csv", Uuid::new_v4()));
+    std::fs::write(
+        &file,
+        format!(
+            "id,from,to,amount\n{},{a},{b},5\n{},{b},{a},5\n",
+            Uuid::new_v4(),
+            Uuid::new_v4()
+        ),
+    )
+    .expect("file");
+    let file = file.to_string_lossy().into_owned();
+    let id = Uuid::new_v4().to_string();
+    for args in [
+        &["transfer", "--from", &a, "--to", &b, "--amount", "5"][..],
+        &[
+            "transfer", "--id", &id, "--from", &a, "--to", &b, "--amount", "5",
+        ],
+        &[
+            "transfer", "--id", &id, "--from", &b, "--to", &a, "--amount", "5",
+        ],
+        &[
+            "transfer",
+            "--mode",
+            "single-statement",
+            "--from",
+            &a,
+            "--to",
+            &b,
+            "--amount",
+            "5",
+        ],
+        &["transfer", "--file", &file],
+        &["transfer", "--file", &file, "--json"],
+    ] {
+        let run = db.bank().args(args).run();
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("database not migrated: run `bank init` first"),
+            "{args:?}: {run:?}"
+        );
+        assert_eq!(db.state(), before, "{args:?}");
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
 /// `init` on another application's database (its own `accounts`): refused, and nothing of
 /// bank's is left behind (Diesel's harness created its migrations table first, and it stayed).
 /// And `init` on a database that is up to date needs no CREATE privilege: it said "permission

@@ -475,7 +475,9 @@ fn emit_ready<E>(
 fn spawn(url: &DbUrl, options: &Options, n: usize, done: mpsc::Sender<Done>) -> Worker {
     let (jobs, rx) = mpsc::channel::<Job>();
     let policy = options.policy;
-    let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
+    let session = Session::new(url.clone(), "bank")
+        .with_timeout(policy.timeout)
+        .checking_schema();
     // A group holds up to a window's lines (--batch per connection); a statement, --batch.
     let mut runner = ChunkRunner::new(session, policy)
         .at_most(options.batch.max(1))

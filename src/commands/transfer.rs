@@ -68,7 +68,9 @@ pub(super) fn transfer_cmd(
     // Checked before connecting: bad input never reaches the database.
     transfer::validate(&t)?;
     let policy = args.run.policy();
-    let session = Session::new(url.clone(), "bank").with_timeout(policy.timeout);
+    let session = Session::new(url.clone(), "bank")
+        .with_timeout(policy.timeout)
+        .checking_schema();
     let mut runner = Runner::new(session, args.run.mode(), policy);
     runner.id_given = args.id.is_some();
     // A first Ctrl-C ends the wait with the outcome as far as it is known (see `run_guarded`).

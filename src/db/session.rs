@@ -151,6 +151,10 @@ pub struct Session {
     conn: Option<PgConnection>,
     /// Connections opened so far (the first one included).
     pub connects: u64,
+    /// Whether the schema is checked on this session's first connection (`require_migrated`),
+    /// and whether that check has passed.
+    check_schema: bool,
+    schema_checked: bool,
 }
 
 #[derive(QueryableByName)]
@@ -169,7 +173,25 @@ impl Session {
             timeout: crate::retry::RetryPolicy::default().timeout,
             conn: None,
             connects: 0,
+            check_schema: false,
+            schema_checked: false,
         }
+    }
+
+    /// Checks the schema on the first connection (`schema_unchecked`): for commands that write,
+    /// which on a database missing a migration applied what they could and failed the rest.
+    pub fn checking_schema(mut self) -> Session {
+        self.check_schema = true;
+        self
+    }
+
+    /// Whether the schema is still to be checked before this session's first use.
+    pub fn schema_unchecked(&self) -> bool {
+        self.check_schema && !self.schema_checked
+    }
+
+    pub fn schema_checked(&mut self) {
+        self.schema_checked = true;
     }
 
     /// How long one call may take: the TCP and server-side timeouts of its connections.

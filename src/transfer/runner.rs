@@ -336,7 +336,7 @@ pub fn gave_up(t: &NewTransfer, how: GaveUp, reason: String) -> TransferError {
 pub(crate) fn connection<T>(
     session: &mut Session,
 ) -> Result<&mut PgConnection, Attempt<T, TransferError>> {
-    session.conn().map_err(|e| {
+    let failed = |e: crate::error::ConnectError| {
         if e.is_transient() {
             Attempt::Retry {
                 cause: Cause::ConnectionLost,
@@ -345,7 +345,26 @@ pub(crate) fn connection<T>(
         } else {
             Attempt::Fail(TransferError::Connect(e))
         }
-    })
+    };
+    // Before anything is sent: a database missing one of this bank's migrations is refused
+    // here, as other commands refuse it.
+    if session.schema_unchecked() {
+        let conn = session.conn().map_err(failed)?;
+        match crate::db::require_migrated(conn) {
+            Ok(()) => session.schema_checked(),
+            Err(crate::error::Error::NotMigrated) => {
+                return Err(Attempt::Fail(TransferError::NotMigrated))
+            }
+            // Nothing of the transfer was sent: the check is made again on a new connection.
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    cause: Cause::ConnectionLost,
+                    message: format!("the schema could not be checked: {e}"),
+                })
+            }
+        }
+    }
+    session.conn().map_err(failed)
 }
 
 /// What every runner (one transfer, a chunk of a file) does with an attempt's transient failure:
