@@ -119,8 +119,17 @@ fn command_of(text: &str) -> String {
         })
         .unwrap_or_default();
     match words.first() {
-        Some(&"bank") => words.join(" "),
-        _ => "bank".to_string(),
+        Some(&"bank") if words.len() > 1 => words.join(" "),
+        // A bad value: clap's message has no usage block. The command is the first argument
+        // that names one.
+        _ => {
+            use clap::CommandFactory;
+            let cli = bank::cli::Cli::command();
+            std::env::args()
+                .skip(1)
+                .find(|a| cli.get_subcommands().any(|c| c.get_name() == a))
+                .map_or_else(|| "bank".to_string(), |c| format!("bank {c}"))
+        }
     }
 }
 

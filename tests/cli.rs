@@ -1685,6 +1685,23 @@ fn a_typo_gets_the_suggestion_and_the_command_s_help() {
             ["not a UUID", "one looks like"],
         ),
         (vec!["history", "xyz"], ["not a UUID", "one looks like"]),
+        // A bad value (clap's message has no usage block) sent the user to `bank --help`.
+        (
+            vec![
+                "transfer",
+                "--from",
+                "00000000-0000-4000-8000-000000000001",
+                "--to",
+                "00000000-0000-4000-8000-000000000002",
+                "--amount",
+                "0",
+            ],
+            ["--amount", "(see bank transfer --help)"],
+        ),
+        (
+            vec!["--verbose", "seed", "--accounts", "x"],
+            ["--accounts", "(see bank seed --help)"],
+        ),
     ] {
         let run = Bank::new().args(&args).run();
         assert_eq!(run.code, 2, "{args:?}: {run:?}");
