@@ -1483,6 +1483,14 @@ fn a_url_that_reaches_no_database_is_no_unknown_outcome_with_an_id() {
                 assert_eq!(run.stderr.lines().count(), 1, "{bad}: {run:?}");
                 assert!(!run.stderr.contains("may or may not"), "{bad}: {run:?}");
                 run.no_password();
+                // With --json, a usage error (exit 2) prints nothing on stdout, as the README
+                // says; a JSON line said "failed" (found by a reviewer).
+                args.push("--json".into());
+                let run = Bank::new().args(&args).run();
+                assert_eq!(run.code, code, "{bad} {mode} --json: {run:?}");
+                if code == 2 {
+                    assert_eq!(run.stdout, "", "{bad} {mode} --json: {run:?}");
+                }
             }
         }
         let bank = Bank::new();

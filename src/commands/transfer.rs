@@ -90,7 +90,13 @@ pub(super) fn transfer_cmd(
                 },
                 e => e,
             };
-            if args.json {
+            // A usage error (a URL libpq refuses) prints nothing on stdout, as exit 2 promises.
+            let usage = Error::from(e);
+            let usage_error = usage.exit_code() == crate::exit_code::ExitCode::Usage;
+            let Error::Transfer(e) = usage else {
+                return Err(usage);
+            };
+            if args.json && !usage_error {
                 let outcome = match e {
                     TransferError::OutcomeUnknown { .. } => "unknown",
                     _ => "failed",
