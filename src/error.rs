@@ -45,6 +45,9 @@ impl ConnectError {
             || m.contains("invalid uri query parameter")
             || m.contains("key/value separator")
             || m.contains("forbidden value")
+            // libpq's URI parser: "... in IPv6 host address in URI", "unexpected character ...
+            // in URI".
+            || m.contains(" in uri")
             || (m.contains("invalid ") && m.contains(" value"))
     }
 
@@ -94,7 +97,7 @@ impl ConnectError {
             "not permitted",
         ];
         let m = self.message.to_ascii_lowercase();
-        !PERMANENT.iter().any(|p| m.contains(p))
+        !self.is_malformed() && !PERMANENT.iter().any(|p| m.contains(p))
     }
 }
 
@@ -524,6 +527,9 @@ mod tests {
             "invalid connection option \"bogus\"",
             "invalid integer value \"abc\" for connection option \"connect_timeout\"",
             "invalid percent-encoded token: \"%ZZ\"",
+            "end of string reached when looking for matching \"]\" in IPv6 host address in \
+             URI: \"postgres://bank@h:1,[::1/bank\"",
+            "unexpected character \"x\" at position 20 in URI (expected \":\" or \"/\")",
         ] {
             assert!(connect_error(m).is_malformed(), "{m}");
         }

@@ -84,11 +84,13 @@ impl DbUrl {
         application_name: &str,
         timeout: Duration,
     ) -> Result<PgConnection, ConnectError> {
-        let mut conn = PgConnection::establish(&self.connect_string(application_name, timeout))
-            .map_err(|e| ConnectError {
-                url: self.to_string(),
-                message: self.redact_text(e.to_string().trim()),
-            })?;
+        let connect_string = self.connect_string(application_name, timeout);
+        let mut conn = PgConnection::establish(&connect_string).map_err(|e| ConnectError {
+            url: self.to_string(),
+            // libpq quotes a URL it cannot parse: the user's, not the one with bank's
+            // parameters appended, which the user never wrote.
+            message: self.redact_text(e.to_string().replace(&connect_string, &self.full).trim()),
+        })?;
         if log::log_enabled!(target: "bank::sql", log::Level::Trace) {
             conn.set_instrumentation(SqlLogger);
         }

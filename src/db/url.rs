@@ -71,6 +71,17 @@ impl DbUrl {
         // Unix socket), as for psql; `postgresql://user@/db` is refused by the url crate, so such
         // a URL is checked as text, as the multi-host form.
         let no_host = hosts.is_empty();
+        // "bank:pa/ss@host": an unencoded '/', '?' or '#' ends the authority for libpq and the url
+        // crate, so the host became "bank" and the port "pa": the message blamed the port, and
+        // libpq's own quoted "pa", a piece of the password.
+        if let Some((userinfo, _)) = authority.rsplit_once('@') {
+            if userinfo.contains(['/', '?', '#']) {
+                return Err(malformed(
+                    "the user or password contains '/', '?' or '#': write them \
+                     percent-encoded, as %2F, %3F and %23",
+                ));
+            }
+        }
         let parsed = if hosts.contains(',') || no_host {
             // libpq's list of hosts: each host:port must be sound.
             for host_port in hosts.split(',') {
@@ -78,18 +89,6 @@ impl DbUrl {
             }
             None
         } else {
-            // "bank:pa/ss@host": an unencoded '/', '?' or '#' ends the authority, so the host
-            // became "bank" and the port "pa", and the message blamed the port.
-            let first = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-            // (An IPv6 literal has colons of its own, and an '@' may sit in the query.)
-            let cut_short =
-                !first.contains('@') && !first.starts_with('[') && authority.contains('@');
-            if cut_short && first.rsplit_once(':').is_some_and(|(_, p)| !is_port(p)) {
-                return Err(malformed(
-                    "the user or password contains '/', '?' or '#': write them \
-                     percent-encoded, as %2F, %3F and %23",
-                ));
-            }
             let url = url::Url::parse(raw).map_err(|e| match e {
                 url::ParseError::InvalidPort => malformed(PORT),
                 e => malformed(&e.to_string()),
@@ -231,17 +230,27 @@ impl fmt::Debug for DbUrl {
 
 /// `user:password@host…`: the part after `scheme://` up to the path or query.
 fn authority_of(rest: &str) -> &str {
-    // The userinfo ends at the last `@`, so an unencoded `/` or `?` in a password is still
-    // inside it.
-    let (userinfo, after) = match rest.rsplit_once('@') {
-        Some((u, a)) => (Some(u), a),
-        None => (None, rest),
-    };
-    let end = after.find(['/', '?']).unwrap_or(after.len());
-    match userinfo {
-        Some(u) => &rest[..u.len() + 1 + end],
-        None => &rest[..end],
+    // The userinfo ends at the last '@' that is not in a parameter's value, so an unencoded
+    // '/' or '?' in a password is still inside it, and "?user=a@b" is not.
+    let end = |s: &str| s.find(['/', '?']).unwrap_or(s.len());
+    let at = rest
+        .match_indices('@')
+        .map(|(i, _)| i)
+        .rfind(|&i| !in_query(&rest[..i]));
+    match at {
+        Some(i) => &rest[..i + 1 + end(&rest[i + 1..])],
+        None => &rest[..end(rest)],
     }
+}
+
+/// Whether an '@' that follows `before` sits in the query: after a path or '?', a '?' and
+/// then a `key=`. (A password with '/', '?' and '=' in that order reads as a query; libpq
+/// would read it so too.)
+fn in_query(before: &str) -> bool {
+    before
+        .find(['/', '?'])
+        .and_then(|cut| before[cut..].find('?').map(|q| &before[cut + q..]))
+        .is_some_and(|query| query.contains('='))
 }
 
 /// One `host:port` of a URL: the port, if any, must be a number (an IPv6 `[…]` has colons).
@@ -253,6 +262,11 @@ fn is_port(port: &str) -> bool {
 }
 
 fn check_port(host_port: &str) -> Result<(), &'static str> {
+    // libpq reads up to the ']' and, without one, refuses the URL; that is bad input, not a
+    // connection to retry.
+    if host_port.starts_with('[') && !host_port.contains(']') {
+        return Err("an IPv6 address in [...] has no closing ']'");
+    }
     if let Some((_, port)) = host_port.rsplit_once(':') {
         if !port.is_empty() && !host_port.ends_with(']') && !is_port(port) {
             return Err(PORT);
@@ -298,14 +312,17 @@ fn redact_structurally(raw: &str) -> String {
 fn secrets_of(raw: &str) -> Vec<String> {
     let mut secrets = Vec::new();
     let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
-    if let Some((userinfo, _)) = rest.rsplit_once('@') {
+    if let Some((userinfo, _)) = authority_of(rest).rsplit_once('@') {
         if let Some((_, password)) = userinfo.split_once(':') {
             secrets.push(password.to_string());
         }
-    } else {
-        // No '@': what sits where a port goes and is none may be a password whose '@host' was
-        // left out (or encoded, or cut off by a .env comment): it is not shown.
-        for host_port in authority_of(rest).split(',') {
+    }
+    // What libpq reads: its userinfo ends at the first '/', and without an '@' before it, the
+    // password sits where a port goes ("bank:pa/ss@h", "bank:Sekr3t/bank" with the '@host'
+    // left out or cut off by a .env comment). What is there and is no port is not shown.
+    let head = &rest[..rest.find('/').unwrap_or(rest.len())];
+    if !head.contains('@') {
+        for host_port in head[..head.find('?').unwrap_or(head.len())].split(',') {
             match host_port.split_once(':') {
                 Some((_, tail)) if !host_port.starts_with('[') && !is_port(tail) => {
                     secrets.push(tail.to_string())
@@ -534,6 +551,11 @@ mod tests {
             "postgres://bank:pa/ss@127.0.0.1:54342/r1",
             "postgres://bank:pa?ss@127.0.0.1:54342/r1",
             "postgres://bank:pa#ss@127.0.0.1:54342/r1",
+            // Several hosts: libpq read "bank:SEKa" as host and port, and its message quoted
+            // "SEKa" (a reviewer).
+            "postgres://bank:pa/ss@127.0.0.1:1,127.0.0.1:2/bank",
+            // A piece that reads as a port: libpq would connect to host "bank", port 12.
+            "postgres://bank:12/ss@127.0.0.1:54342/r1",
         ] {
             let e = DbUrl::parse(raw).err().map(|e| e.to_string());
             assert!(
@@ -542,6 +564,44 @@ mod tests {
             );
             assert!(!e.unwrap_or_default().contains("ss@"), "{raw}");
         }
+    }
+
+    #[test]
+    fn an_at_sign_in_a_parameter_is_no_password() {
+        for raw in [
+            "postgres://db/bank?user=a@b",
+            "postgres://db?user=a@b",
+            "postgres://u:p@db:5432/bank?options=x@y",
+        ] {
+            assert!(DbUrl::parse(raw).is_ok(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn what_libpq_reads_as_a_port_is_hidden_from_its_messages() {
+        // Refused before libpq sees it, but a message quoting such a URL, or libpq's own words
+        // about the piece it took for a port, must not show it.
+        let text = redact_message(
+            "cannot connect to postgres://bank:SEKa/SEKb@127.0.0.1:1,127.0.0.1:2/bank: \
+             invalid integer value \"SEKa\" for connection option \"port\"",
+        );
+        assert!(!text.contains("SEK"), "{text}");
+    }
+
+    #[test]
+    fn an_ipv6_host_without_its_closing_bracket_is_refused() {
+        for raw in [
+            "postgres://bank@127.0.0.1:5432,[::1/bank",
+            "postgres://bank@[::1/bank",
+            "postgres://bank@[::1:5432",
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("malformed")),
+                "{raw}: {e:?}"
+            );
+        }
+        assert!(DbUrl::parse("postgres://bank@127.0.0.1:5432,[::1]:5433/bank").is_ok());
     }
 
     #[test]
