@@ -195,6 +195,29 @@ fn reset_with_yes_deletes_everything() {
 }
 
 #[test]
+fn reset_counts_the_claims_it_deletes() {
+    // A refused `--id` transfer claims its id (so that a late attempt of it cannot apply): a
+    // row in transfer_claims, which reset deleted without saying so (a reviewer).
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 10]);
+    let id = Uuid::new_v4().to_string();
+    let refused = db.transfer(ids[0], ids[1], 11).args(["--id", &id]).run();
+    assert_eq!(refused.code, 1, "{refused:?}");
+    let run = db.bank().args(["reset", "--yes"]).run();
+    run.success();
+    assert_eq!(
+        run.stdout,
+        "deleted 2 accounts and 0 transfers, and 1 claimed transfer id\n"
+    );
+    let mut conn = db.conn();
+    conn.batch_execute(
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM transfer_claims) THEN RAISE 'left'; END IF; END $$",
+    )
+    .expect("no claim left");
+}
+
+#[test]
 fn verify_reports_ok_and_json() {
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[10, 10]);

@@ -318,21 +318,30 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         return Err(Error::ResetNotAllowed(denied.join(" and ")));
     }
     let mut deleted = (0, 0);
-    if let Err(e) = delete_in_batches(&mut conn, repo::DELETE_BATCH, &mut deleted) {
-        return Err(match deleted {
-            (0, 0) => e,
-            (accounts, transfers) => Error::ResetStopped {
-                accounts,
-                transfers,
-                source: Box::new(e),
-            },
-        });
-    }
+    let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &mut deleted) {
+        Ok(claims) => claims,
+        Err(e) => {
+            return Err(match deleted {
+                (0, 0) => e,
+                (accounts, transfers) => Error::ResetStopped {
+                    accounts,
+                    transfers,
+                    source: Box::new(e),
+                },
+            })
+        }
+    };
     let (accounts, transfers) = deleted;
-    log::debug!("reset: deleted {accounts} accounts and {transfers} transfers");
+    log::debug!("reset: deleted {accounts} accounts, {transfers} transfers, {claims} claims");
+    // Claims are rows too (a refused `--id` run writes one): said when there were any.
+    let claims = match claims {
+        0 => String::new(),
+        1 => ", and 1 claimed transfer id".to_string(),
+        n => format!(", and {n} claimed transfer ids"),
+    };
     super::report_done(
         out,
-        &format!("deleted {accounts} accounts and {transfers} transfers"),
+        &format!("deleted {accounts} accounts and {transfers} transfers{claims}"),
     )
 }
 
@@ -343,11 +352,12 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
 /// it. Ledger rows are drained again before each batch of accounts, in case a client added
 /// some meanwhile (the foreign keys refuse to delete an account that has any). Counts the
 /// (accounts, transfers) deleted in `deleted`, as it goes: a failure part-way says how far it got.
+/// Returns the number of transfer claims deleted last.
 fn delete_in_batches(
     conn: &mut diesel::PgConnection,
     batch: i64,
     deleted: &mut (usize, usize),
-) -> Result<(), Error> {
+) -> Result<usize, Error> {
     let policy = RetryPolicy::default();
     let (accounts, transfers) = deleted;
     loop {
@@ -373,8 +383,13 @@ fn delete_in_batches(
     }
     // The ids claimed by single-statement transfers and by reruns' "not applied": with their
     // transfers gone, nothing is left for a claim to protect.
-    while retry_transaction(&policy, || repo::delete_claims_batch(conn, batch))? > 0 {}
-    Ok(())
+    let mut claims = 0;
+    loop {
+        match retry_transaction(&policy, || repo::delete_claims_batch(conn, batch))? {
+            0 => return Ok(claims),
+            n => claims += n,
+        }
+    }
 }
 
 fn confirm(prompt: &str) -> Result<bool, Error> {
