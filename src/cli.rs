@@ -314,6 +314,8 @@ impl RunArgs {
 }
 
 #[derive(Debug, Args)]
+// One of --duration and --transfers: an error without either names both.
+#[command(group(clap::ArgGroup::new("length").required(true).multiple(false)))]
 pub struct WorkloadArgs {
     /// Accounts to transfer between
     #[arg(long, value_name = "N", default_value_t = 100, allow_negative_numbers = true, value_parser = whole::<2, 10_000_000>)]
@@ -323,16 +325,16 @@ pub struct WorkloadArgs {
     #[arg(long)]
     pub reuse_accounts: bool,
     /// Opening balance of each created account
-    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, allow_negative_numbers = true, value_parser = parse_balance)]
+    #[arg(long, value_name = "AMOUNT", default_value_t = 1000, allow_negative_numbers = true, value_parser = parse_balance, conflicts_with = "reuse_accounts")]
     pub balance: i64,
     /// Workers, each with its own connection
     #[arg(long, value_name = "C", default_value_t = 8, allow_negative_numbers = true, value_parser = whole::<1, 512>)]
     pub concurrency: u64,
     /// How long to run (e.g. 30s, 2m)
-    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_run_duration, conflicts_with = "transfers", required_unless_present = "transfers")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_run_duration, group = "length")]
     pub duration: Option<Duration>,
     /// How many transfers to attempt in all
-    #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = whole::<1, { u64::MAX }>)]
+    #[arg(long, value_name = "T", allow_negative_numbers = true, value_parser = whole::<1, { u64::MAX }>, group = "length")]
     pub transfers: Option<u64>,
     /// Largest amount of one transfer (amounts are uniform in 1..=A)
     #[arg(long, value_name = "A", default_value_t = 100, allow_negative_numbers = true, value_parser = parse_amount)]

@@ -49,21 +49,31 @@ fn main() -> ExitCode {
 /// Help and version go to stdout with status 0; a usage error becomes one line on stderr.
 fn usage_error(e: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
+    // `bank` alone: one line that names the commands, as for any other usage error (clap
+    // printed the whole help on stderr).
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        use clap::CommandFactory;
+        let cli = bank::cli::Cli::command();
+        let names: Vec<&str> = cli
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set())
+            .map(|c| c.get_name())
+            .collect();
+        bank::say(format_args!(
+            "bank: error: no command given: one of {} (see bank --help)",
+            names.join(", ")
+        ));
+        return Code::Usage.into();
+    }
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         use std::io::Write;
         // A help that could not be written (a full disk) is a failure, as for `bank man`.
         let written = e.print().and_then(|()| std::io::stdout().flush());
-        return match (written, e.kind()) {
-            (_, ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => Code::Usage.into(),
-            (Ok(()), _) => Code::Success.into(),
+        return match written {
+            Ok(()) => Code::Success.into(),
             // The reader went away (`bank --help | head -1`): a normal end.
-            (Err(why), _) if why.kind() == std::io::ErrorKind::BrokenPipe => Code::Success.into(),
-            (Err(why), _) => {
+            Err(why) if why.kind() == std::io::ErrorKind::BrokenPipe => Code::Success.into(),
+            Err(why) => {
                 bank::say(format_args!("bank: error: cannot write output: {why}"));
                 Code::Failure.into()
             }

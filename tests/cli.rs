@@ -1740,6 +1740,27 @@ fn a_typo_gets_the_suggestion_and_the_command_s_help() {
             vec!["--verbose", "seed", "--accounts", "x"],
             ["--accounts", "(see bank seed --help)"],
         ),
+        // Found by a reviewer: no command printed the whole help on stderr; a workload without
+        // its length named only --duration; --balance was ignored with --reuse-accounts.
+        (
+            vec![],
+            [
+                "no command given: one of demo, init, seed",
+                "(see bank --help)",
+            ],
+        ),
+        (vec!["workload"], ["--duration", "--transfers"]),
+        (
+            vec![
+                "workload",
+                "--reuse-accounts",
+                "--balance",
+                "5",
+                "--transfers",
+                "1",
+            ],
+            ["--balance", "--reuse-accounts"],
+        ),
     ] {
         let run = Bank::new().args(&args).run();
         assert_eq!(run.code, 2, "{args:?}: {run:?}");
