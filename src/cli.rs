@@ -207,6 +207,17 @@ pub enum SeedMethod {
     Insert,
 }
 
+/// The name `--method` takes, for logs.
+impl std::fmt::Display for SeedMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TransferArgs {
     /// Account to debit

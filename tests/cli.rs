@@ -288,6 +288,11 @@ fn verbose_logs_attempts_and_very_verbose_the_sql() {
     let v = transfer("-v");
     v.success().no_password();
     assert!(v.stderr.contains("attempt 1"), "{v:?}");
+    // The flag's own words, not Rust's names (`Transaction`, `Copy`: a reviewer).
+    assert!(v.stderr.contains("attempt 1 (transaction)"), "{v:?}");
+    let seed = db.bank().args(["-v", "seed", "--accounts", "3"]).run();
+    seed.success();
+    assert!(seed.stderr.contains("(copy)"), "{seed:?}");
     assert!(v.stderr.contains("1 ledger rows inserted"), "{v:?}");
     assert!(!v.stderr.contains("UPDATE accounts"), "{v:?}");
     let vv = transfer("-vv");

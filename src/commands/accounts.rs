@@ -98,7 +98,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             }
         };
         created += n as u64;
-        log::debug!("seed: loaded {n} accounts ({method:?})");
+        log::debug!("seed: loaded {n} accounts ({method})");
         bar.inc(n as u64);
     }
     bar.finish_and_clear();

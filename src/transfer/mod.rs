@@ -25,6 +25,16 @@ pub enum Mode {
     SingleStatement,
 }
 
+/// The name `--mode` takes, for logs and messages.
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Transaction => "transaction",
+            Mode::SingleStatement => "single-statement",
+        })
+    }
+}
+
 /// Checks a request before it reaches the database.
 pub fn validate(t: &NewTransfer) -> Result<(), TransferError> {
     if t.amount <= 0 {

@@ -89,7 +89,7 @@ impl Runner {
                 // Whatever happens now is nobody's result: stop touching the database.
                 return Attempt::Fail(TransferError::Abandoned);
             }
-            log::debug!("transfer {}: attempt {n} ({mode:?})", t.id);
+            log::debug!("transfer {}: attempt {n} ({mode})", t.id);
             // A connection that was open before this attempt may have died while idle (a
             // server restart, a killed backend); losing it before COMMIT says nothing.
             let reused = session.is_connected();

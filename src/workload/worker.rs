@@ -340,7 +340,11 @@ pub(super) fn tally_verdict(tally: &mut Tally, live: &Live, l: Option<&Line>, v:
             live.errors.fetch_add(1, Ordering::Relaxed);
         }
         Outcome::NotApplied => {
-            log::debug!("workload: transfer {} not applied: {:?}", id(), v.error);
+            log::debug!(
+                "workload: transfer {} not applied: {}",
+                id(),
+                v.error.as_deref().unwrap_or("no reason given")
+            );
             tally.given_up += 1
         }
         Outcome::Unknown if v.is_not_attempted() => {}
