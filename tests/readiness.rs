@@ -1040,4 +1040,20 @@ fn doctor_shows_the_parameters_a_transfer_connects_with() {
     run.cmd.env("BANK_TIMEOUT", "7s");
     let json = run.run().json();
     assert_eq!(json["client"]["tcp_user_timeout"], "7000", "{json}");
+    // One that every transfer refuses is said, not passed over for the default (a reviewer).
+    for json in [true, false] {
+        let mut run = db.bank().args(["doctor"]);
+        if json {
+            run = run.args(["--json"]);
+        }
+        run.cmd.env("BANK_TIMEOUT", "abc");
+        let run = run.run();
+        run.success();
+        assert!(
+            run.stderr.starts_with("bank: warning: BANK_TIMEOUT=abc")
+                && run.stderr.contains("transfers refuse it")
+                && run.stderr.lines().count() == 1,
+            "{run:?}"
+        );
+    }
 }

@@ -131,10 +131,21 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         .flatten();
     // What a transfer connects with: its deadline (`--timeout`, else `BANK_TIMEOUT`, else 30 s)
     // sets tcp_user_timeout and the keepalives (doctor showed those of a 5 s deadline).
-    let deadline = std::env::var("BANK_TIMEOUT")
-        .ok()
-        .and_then(|v| crate::cli::parse_timeout(&v).ok())
-        .unwrap_or(crate::retry::RetryPolicy::default().timeout);
+    let default = crate::retry::RetryPolicy::default().timeout;
+    let deadline = match std::env::var("BANK_TIMEOUT") {
+        Ok(v) => crate::cli::parse_timeout(&v).unwrap_or_else(|why| {
+            // Every transfer refuses it: doctor says so rather than show the default as if it
+            // were in force.
+            crate::say(format_args!(
+                "bank: warning: BANK_TIMEOUT={} is no --timeout ({why}): transfers refuse it; \
+                 shown here with the default, {}s",
+                v.escape_debug(),
+                default.as_secs()
+            ));
+            default
+        }),
+        Err(_) => default,
+    };
     let client = url
         .client_parameters("bank", deadline)
         .into_iter()
