@@ -39,3 +39,49 @@ pub fn say(args: std::fmt::Arguments<'_>) {
     let line = db::redact_message(&args.to_string());
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
+
+/// Text on one line, as every output shows a message (stderr, `--json`, a file's results):
+/// libpq's messages span several ("... failed: Connection refused\n\tIs the server
+/// running ...?"), and became one run-on sentence; its lines are joined with "; ", and a line
+/// that starts with punctuation (", so the seed stopped") is joined without a space.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for l in text.lines() {
+        let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+        if l.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            let glued = l.starts_with([',', ';', ':', '.', ')']);
+            let sep = match (glued, out.ends_with([':', ';', ',', '('])) {
+                (true, _) => "",
+                (false, true) => " ",
+                (false, false) => "; ",
+            };
+            out.push_str(sep);
+        }
+        out.push_str(&l);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    /// libpq's two-line refusal read as a run-on sentence ("Connection refused Is the server
+    /// running ..."), and a reason ending in a line break left "server , so the seed stopped"
+    /// (found by a reviewer).
+    #[test]
+    fn lines_are_joined_as_sentences() {
+        assert_eq!(
+            one_line("port 1 failed: Connection refused\n\tIs the server running?\n"),
+            "port 1 failed: Connection refused; Is the server running?"
+        );
+        assert_eq!(
+            one_line("no connection to the server\n, so the seed stopped"),
+            "no connection to the server, so the seed stopped"
+        );
+        assert_eq!(one_line("a:\n  b   c"), "a: b c");
+    }
+}

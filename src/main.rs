@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         if cli.database_url.is_some() || std::env::var_os("DATABASE_URL").is_some() {
             bank::say(format_args!(
                 "bank: warning: {}; its settings are ignored",
-                one_line(e)
+                error_line(e)
             ));
         }
     }
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
                 Code::Success => "warning",
                 _ => "error",
             };
-            bank::say(format_args!("bank: {what}: {}", one_line(&e)));
+            bank::say(format_args!("bank: {what}: {}", error_line(&e)));
             code.into()
         }
     }
@@ -89,7 +89,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     // clap quotes the argument it did not expect: a URL given without --database-url.
     bank::say(format_args!(
         "bank: error: {}{}{} (see {} --help)",
-        bank::db::redact_message(&squash(message)),
+        bank::db::redact_message(&bank::one_line(message)),
         from_environment(e),
         did_you_mean(e),
         command_of(&text)
@@ -179,7 +179,7 @@ fn from_environment(e: &clap::Error) -> String {
 }
 
 /// The error and its sources on one line, each said once.
-fn one_line(e: &dyn std::error::Error) -> String {
+fn error_line(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -217,31 +217,7 @@ fn one_line(e: &dyn std::error::Error) -> String {
             .map_or(line.len(), |i| i + "due to ".len() + what.len());
         line.insert_str(at, &said);
     }
-    squash(&line)
-}
-
-/// One line: libpq's messages span several ("... failed: Connection refused\n\tIs the server
-/// running ...?"), and became one run-on sentence; its lines are joined with "; ", and a line
-/// that starts with punctuation (", so the seed stopped") is joined without a space.
-fn squash(text: &str) -> String {
-    let mut out = String::new();
-    for l in text.lines() {
-        let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
-        if l.is_empty() {
-            continue;
-        }
-        if !out.is_empty() {
-            let glued = l.starts_with([',', ';', ':', '.', ')']);
-            let sep = match (glued, out.ends_with([':', ';', ',', '('])) {
-                (true, _) => "",
-                (false, true) => " ",
-                (false, false) => "; ",
-            };
-            out.push_str(sep);
-        }
-        out.push_str(&l);
-    }
-    out
+    bank::one_line(&line)
 }
 
 fn init_logging(verbosity: u8) {
@@ -267,25 +243,4 @@ fn init_logging(verbosity: u8) {
         })
         .target(env_logger::Target::Stderr)
         .init();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::squash;
-
-    /// libpq's two-line refusal read as a run-on sentence ("Connection refused Is the server
-    /// running ..."), and a reason ending in a line break left "server , so the seed stopped"
-    /// (found by a reviewer).
-    #[test]
-    fn lines_are_joined_as_sentences() {
-        assert_eq!(
-            squash("port 1 failed: Connection refused\n\tIs the server running?\n"),
-            "port 1 failed: Connection refused; Is the server running?"
-        );
-        assert_eq!(
-            squash("no connection to the server\n, so the seed stopped"),
-            "no connection to the server, so the seed stopped"
-        );
-        assert_eq!(squash("a:\n  b   c"), "a: b c");
-    }
 }

@@ -1478,6 +1478,53 @@ fn url_parameters_libpq_refuses_are_usage_errors_and_a_trailing_separator_is_fin
     }
 }
 
+/// libpq's message, which spans lines ("Connection refused\n\tIs the server running…"), reads
+/// the same on stderr, in `transfer --json`, and in a file's text and JSON lines: it was worded
+/// three ways, the file's JSON with the raw line end (a reviewer).
+#[test]
+fn a_server_message_reads_the_same_in_every_output() {
+    let (a, b, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let closed = "postgres://bank:pw@127.0.0.1:1/bank";
+    let quick = ["--timeout", "300ms", "--retry-base", "1ms"];
+    let bank = Bank::new();
+    let path = bank.dir.path().join("f.csv");
+    std::fs::write(&path, format!("id,from,to,amount\n{id},{a},{b},1\n")).expect("file");
+    let path = path.to_str().expect("utf-8").to_string();
+    let one = ["transfer", "--from", &a.to_string(), "--to", &b.to_string()]
+        .map(String::from)
+        .to_vec();
+    let one = [
+        one,
+        ["--amount", "1", "--id", &id.to_string()]
+            .map(String::from)
+            .to_vec(),
+    ]
+    .concat();
+    let wanted = "Connection refused; Is the server running";
+    for (args, on_stdout) in [
+        (one.clone(), false),
+        ([one, vec!["--json".into()]].concat(), true),
+        (vec!["transfer".into(), "--file".into(), path.clone()], true),
+        (
+            vec!["transfer".into(), "--file".into(), path, "--json".into()],
+            true,
+        ),
+    ] {
+        let run = Bank::new()
+            .args(["--database-url", closed])
+            .args(&args)
+            .args(quick)
+            .run();
+        assert_eq!(run.code, 3, "{args:?}: {run:?}");
+        let text = if on_stdout { &run.stdout } else { &run.stderr };
+        assert!(text.contains(wanted), "{args:?}: {run:?}");
+        assert!(
+            !text.contains("\\n") && !text.contains('\t'),
+            "{args:?}: {run:?}"
+        );
+    }
+}
+
 /// A URL libpq refuses reaches no database, and nor does one naming a database that is not
 /// there: nothing of an earlier run can be on its way to commit through either. A transfer with
 /// `--id` said "may or may not have been applied" (exit 3, "the database refused it") of both

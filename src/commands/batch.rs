@@ -211,6 +211,8 @@ fn connections_for(cockroachdb: bool, default_isolation: &str) -> usize {
 }
 
 fn write_line(out: &mut impl Write, json: bool, l: &Line, v: &Verdict) -> io::Result<()> {
+    // A server's message may hold line ends (libpq's do): one result, one line.
+    let error = v.error.as_deref().map(crate::one_line);
     if json {
         serde_json::to_writer(
             &mut *out,
@@ -218,20 +220,19 @@ fn write_line(out: &mut impl Write, json: bool, l: &Line, v: &Verdict) -> io::Re
                 line: l.line,
                 id: l.transfer.id,
                 outcome: v.outcome,
-                error: v.error.as_deref(),
+                error: error.as_deref(),
             },
         )?;
         writeln!(out)
     } else {
-        match &v.error {
-            // A server's message may hold line ends (libpq's do): one result, one line.
+        match &error {
             Some(e) => writeln!(
                 out,
                 "line {}: {} {}: {}",
                 l.line,
                 l.transfer.id,
                 v.outcome.as_str(),
-                e.split_whitespace().collect::<Vec<_>>().join(" ")
+                e
             ),
             None => writeln!(
                 out,

@@ -101,11 +101,7 @@ pub(super) fn transfer_cmd(
                     TransferError::OutcomeUnknown { .. } => "unknown",
                     _ => "failed",
                 };
-                let error = e
-                    .to_string()
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ");
+                let error = crate::one_line(&e.to_string());
                 serde_json::to_writer(
                     &mut *out,
                     &TransferFailureJson {
