@@ -680,6 +680,47 @@ fn the_timeout_comes_from_dotenv_too() {
     assert_eq!(db.balance(a), 10);
 }
 
+/// An unquoted `$` in `.env` starts a variable, as in a shell: `pa$word` became `pa` when `word`
+/// is not set, and the server's refusal was all the user saw (a reviewer). Said, without the
+/// piece of password that reads as a variable's name.
+#[test]
+fn a_dollar_in_a_dotenv_url_that_expands_to_nothing_is_said() {
+    for (line, warned) in [
+        (
+            "DATABASE_URL=postgres://bank:pa$wordX9@127.0.0.1:1/bank",
+            true,
+        ),
+        (
+            "DATABASE_URL=\"postgres://bank:pa${wordX9}@127.0.0.1:1/bank\"",
+            true,
+        ),
+        (
+            "DATABASE_URL='postgres://bank:pa$wordX9@127.0.0.1:1/bank'",
+            false,
+        ),
+        (
+            "DATABASE_URL=postgres://bank:pa\\$wordX9@127.0.0.1:1/bank",
+            false,
+        ),
+        (
+            "PW=x\nDATABASE_URL=postgres://bank:$PW@127.0.0.1:1/bank",
+            false,
+        ),
+        ("DATABASE_URL=postgres://bank:pa$@127.0.0.1:1/bank", false),
+    ] {
+        let run = Bank::new().args(["balances"]);
+        std::fs::write(run.dir.path().join(".env"), format!("{line}\n")).expect(".env");
+        let run = run.run();
+        assert_eq!(run.code, 1, "{line}: {run:?}");
+        assert_eq!(
+            run.stderr.contains("single quotes"),
+            warned,
+            "{line}: {run:?}"
+        );
+        assert!(!run.stderr.contains("wordX9"), "{line}: {run:?}");
+    }
+}
+
 /// `bank balances | head -1`: the reader leaves early; `bank` ends quietly with status 0.
 #[test]
 fn a_closed_pipe_is_a_normal_end() {

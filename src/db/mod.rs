@@ -47,10 +47,21 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     let parsed = dotenvy::from_read_iter(text).collect::<Result<Vec<_>, _>>();
     match parsed {
         Ok(vars) => {
+            let defined = |name: &str| {
+                std::env::var_os(name).is_some() || vars.iter().any(|(k, _)| k == name)
+            };
+            let url_expands_to_nothing = std::env::var_os("DATABASE_URL").is_none()
+                && String::from_utf8_lossy(text)
+                    .lines()
+                    .filter(|l| dotenv_key(l) == Some("DATABASE_URL"))
+                    .any(|l| refers_to_unset(l, &defined));
             for (key, value) in vars {
                 if std::env::var_os(&key).is_none() {
                     std::env::set_var(key, value);
                 }
+            }
+            if url_expands_to_nothing {
+                let _ = DOTENV_URL_SHORTENED.set(());
             }
             Ok(())
         }
@@ -98,6 +109,51 @@ fn dotenv_key(line: &str) -> Option<&str> {
         .unwrap_or(line.len());
     let (key, rest) = line.split_at(end);
     (!key.is_empty() && rest.trim_start().starts_with('=')).then_some(key)
+}
+
+/// Whether the `.env` line `KEY=value` refers to a variable (`$name`, `${name}`) that is not
+/// `defined`, which dotenvy replaces by nothing, as a shell does. A single-quoted value is taken
+/// as written, and `\$` is a dollar sign.
+fn refers_to_unset(line: &str, defined: &dyn Fn(&str) -> bool) -> bool {
+    let Some((_, value)) = line.split_once('=') else {
+        return false;
+    };
+    let value = value.trim_start();
+    if value.starts_with('\'') {
+        return false;
+    }
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '$' => {
+                let braced = chars.next_if_eq(&'{').is_some();
+                let mut name = String::new();
+                while let Some(c) = chars.next_if(|c| c.is_ascii_alphanumeric() || *c == '_') {
+                    name.push(c);
+                }
+                if !name.is_empty() && !defined(&name) {
+                    return true;
+                }
+                if braced {
+                    chars.next_if_eq(&'}');
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Set when `.env`'s `DATABASE_URL` refers to a variable that is not set (`load_dotenv`).
+static DOTENV_URL_SHORTENED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+
+/// Whether the URL in the environment came from a `.env` line with a `$name` that expanded to
+/// nothing: most likely a '$' in the password, which the server then refuses.
+pub(crate) fn dotenv_url_shortened() -> bool {
+    DOTENV_URL_SHORTENED.get().is_some()
 }
 
 /// Why `.env` could not be read, kept for the one command that needs it: a malformed `.env`

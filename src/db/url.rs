@@ -30,7 +30,17 @@ impl DbUrl {
             return DbUrl::parse(url);
         }
         match std::env::var("DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => DbUrl::parse(&url),
+            Ok(url) if !url.trim().is_empty() => {
+                if super::dotenv_url_shortened() {
+                    // Not the name: it may be the rest of the password.
+                    crate::say(format_args!(
+                        "bank: warning: DATABASE_URL in .env has a '$' followed by a name that \
+                         is not set, which .env replaces by nothing, as a shell does: if the '$' \
+                         is part of the password, put the URL in single quotes"
+                    ));
+                }
+                DbUrl::parse(&url)
+            }
             Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::MalformedUrl {
                 url: "in DATABASE_URL".into(),
                 reason: "it is not valid UTF-8".into(),
