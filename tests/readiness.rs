@@ -306,7 +306,7 @@ fn seed_with_insert_forced_loads_past_one_statement() {
     let run = seed_as(db.url.expose(), Some("insert"), n);
     run.success();
     assert!(
-        run.stderr.contains("(Insert)") && !run.stderr.contains("COPY refused"),
+        run.stderr.contains("(insert)") && !run.stderr.contains("COPY refused"),
         "{}",
         run.stderr
     );
