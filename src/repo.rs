@@ -330,8 +330,8 @@ pub fn find_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Tr
     find_transfer_query(id).get_result(conn).optional()
 }
 
-/// Claims these transfer ids (`transfer_claims`), committed on return (no transaction open), those
-/// claimed already included: what a run does before it says a transfer with a given id was not
+/// Claims these transfer ids (`transfer_claims`), those claimed already included (see
+/// `claim_and_find`, which runs it): what a run does before it says a transfer with a given id was not
 /// applied, so that a single statement of an earlier attempt at it that comes late fails on the
 /// claim (see the migration). An insert, not a lookup: it waits for a statement still writing its
 /// claim, so the ledger asked afterwards has the last word.
@@ -344,10 +344,45 @@ pub fn claim_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<usize> {
     ids.sort_unstable();
     ids.dedup();
     let rows: Vec<_> = ids.iter().map(|id| transfer_claims::id.eq(*id)).collect();
+    // A claim already there is answered again: its generation moves, which a run still
+    // retrying since before this answer sees (`claim_generations`).
     diesel::insert_into(transfer_claims::table)
         .values(rows)
-        .on_conflict_do_nothing()
+        .on_conflict(transfer_claims::id)
+        .do_update()
+        .set(transfer_claims::generation.eq(transfer_claims::generation + 1))
         .execute(conn)
+}
+
+/// The claims of these ids, as (id, generation): which of them another run has answered "not
+/// applied", and how many times. A run that retries compares them with what its first attempt
+/// read.
+pub fn claim_generations(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<(Uuid, i64)>> {
+    transfer_claims::table
+        .filter(transfer_claims::id.eq_any(ids))
+        .select((transfer_claims::id, transfer_claims::generation))
+        .order(transfer_claims::id)
+        .load(conn)
+}
+
+/// Claims `ids` as a run does before it answers "not applied" (`claim_ids`), then reads their
+/// ledger rows, once no transaction holds `accounts` any more: run at SERIALIZABLE, in a
+/// transaction of its own. The locks wait for an attempt of these ids still under way in
+/// another run; SERIALIZABLE makes an attempt whose snapshot missed the claim fail instead of
+/// commit (see `claim_generations`).
+pub fn claim_and_find(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    accounts: &[Uuid],
+) -> QueryResult<Vec<Transfer>> {
+    conn.build_transaction().serializable().run(|c| {
+        let mut accounts = accounts.to_vec();
+        accounts.sort_unstable();
+        accounts.dedup();
+        lock_accounts(c, &accounts)?;
+        claim_ids(c, ids)?;
+        find_transfers(c, ids)
+    })
 }
 
 /// The ledger rows of these ids.

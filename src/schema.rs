@@ -13,6 +13,7 @@ diesel::table! {
 diesel::table! {
     transfer_claims (id) {
         id -> Uuid,
+        generation -> Int8,
     }
 }
 

@@ -30,7 +30,7 @@ fn init_creates_the_schema_once() {
     assert_eq!(
         first.stdout,
         "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n\
-         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\napplied migration 20261125000001\n"
+         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\napplied migration 20261125000001\napplied migration 20261205000001\n"
     );
     let again = db.bank().args(["init"]).run();
     again.success();
@@ -549,7 +549,7 @@ fn an_unmigrated_database_asks_for_init() {
     assert_eq!(
         init.stdout,
         "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n\
-         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\napplied migration 20261125000001\n"
+         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\napplied migration 20261125000001\napplied migration 20261205000001\n"
     );
 }
 

@@ -928,6 +928,80 @@ fn a_run_still_waiting_on_its_late_statement_honours_a_rerun_s_no() {
     }
 }
 
+/// The limit the README named: a first run still alive, retrying in transaction mode, applied
+/// its id after a concurrent rerun refused it (insufficient funds, then the account was
+/// funded again). A rerun's answer now stops every attempt that began before it: the first
+/// run's retry finds the id answered since its first attempt and applies nothing.
+#[test]
+fn a_first_run_still_retrying_honours_a_rerun_s_no() {
+    for iso in Iso::BOTH {
+        let s = setup_with(iso, At::Commit, &[100, 0]);
+        let [elsewhere] = s.db.accounts(&[0])[..] else {
+            panic!("one account")
+        };
+        let id = Uuid::new_v4();
+        // The first attempt is rolled back at COMMIT; the retry comes 3 s later.
+        s.arm(Fault::Retry40001);
+        let url = s.proxy.url_for(&s.db.url);
+        let (from, to, id_text) = (s.from.to_string(), s.to.to_string(), id.to_string());
+        let first = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--amount",
+            "100",
+            "--id",
+            &id_text,
+            "--json",
+            "--retry-base",
+            "3s",
+            "--retry-cap",
+            "3s",
+            "--timeout",
+            "20s",
+        ]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.proxy.commits() < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{iso:?}: no COMMIT came"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let move_all = |from: Uuid, to: Uuid| {
+            Bank::new()
+                .args(["--database-url", s.db.url.expose(), "transfer"])
+                .args(["--from", &from.to_string(), "--to", &to.to_string()])
+                .args(["--amount", "100"])
+                .run()
+                .success();
+        };
+        move_all(s.from, elsewhere);
+        let rerun =
+            s.db.transfer(s.from, s.to, 100)
+                .args(["--id", &id_text])
+                .run();
+        assert_eq!(rerun.code, 1, "{iso:?}: {rerun:?}");
+        assert!(
+            rerun.stderr.contains("insufficient funds"),
+            "{iso:?}: {rerun:?}"
+        );
+        move_all(elsewhere, s.from);
+        let first = crate::support::Run::from(first.wait_with_output().expect("wait"));
+        assert!(
+            !s.ledger_has(id),
+            "{iso:?}: applied after the rerun said no: {first:?}"
+        );
+        assert_eq!(first.code, 1, "{iso:?}: {first:?}");
+        assert_eq!(s.balances(), (100, 0), "{iso:?}");
+        s.verify_passes();
+    }
+}
+
 /// A file's line never attempted (Ctrl-C came first) whose id an earlier single statement,
 /// held in the network, still carried: the file said `not_applied` and the statement applied
 /// after it (found by a reviewer). A line this run never sent is `unknown` (exit 3), and the

@@ -557,7 +557,7 @@ fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     let j = run.json();
     assert_eq!(
         (j["migrated"].as_bool(), j["pending_migrations"].as_u64()),
-        (Some(false), Some(7))
+        (Some(false), Some(8))
     );
     assert!(
         j["accounts"].is_null() && j["migration_version"].is_null(),
@@ -970,7 +970,7 @@ fn another_applications_database_is_named_and_left_alone() {
     let doctor = db.bank().args(["doctor", "--json"]).run();
     doctor.success();
     let j = doctor.json();
-    assert_eq!(j["pending_migrations"], 6, "{j}");
+    assert_eq!(j["pending_migrations"], 7, "{j}");
     assert!(j["accounts"].is_null() && j["transfers"].is_null(), "{j}");
 }
 

@@ -292,7 +292,7 @@ impl ChunkRunner {
     /// `unknown`. The watcher keeps seeing the verdicts as they were until this is done.
     fn claim_refused(&mut self, lines: &[Line]) {
         // Read in place: most chunks refuse nothing, and this runs after every one.
-        let (ids, refused): (Vec<Uuid>, Vec<usize>) = {
+        let (ids, refused, accounts): (Vec<Uuid>, Vec<usize>, Vec<Uuid>) = {
             let progress = self.watch.lock();
             let decided = &progress.decided;
             let says_no = |v: &Verdict| {
@@ -316,13 +316,17 @@ impl ChunkRunner {
                 .filter(|(_, v)| v.outcome == Outcome::Applied)
                 .map(|(l, _)| l.transfer.id)
                 .collect();
-            lines
-                .iter()
-                .zip(decided)
-                .enumerate()
-                .filter(|(_, (l, v))| says_no(v) && !applied_here.contains(&l.transfer.id))
-                .map(|(i, (l, _))| (l.transfer.id, i))
-                .unzip()
+            let mut ids = Vec::new();
+            let mut refused = Vec::new();
+            let mut accounts = Vec::new();
+            for (i, (l, v)) in lines.iter().zip(decided).enumerate() {
+                if says_no(v) && !applied_here.contains(&l.transfer.id) {
+                    ids.push(l.transfer.id);
+                    refused.push(i);
+                    accounts.extend([l.transfer.from_id, l.transfer.to_id]);
+                }
+            }
+            (ids, refused, accounts)
         };
         if ids.is_empty() {
             return;
@@ -334,11 +338,10 @@ impl ChunkRunner {
         let ledger = match self.session.conn() {
             // Retried: another run claiming the same ids at once is a conflict, not a reason
             // to call the lines unknown.
-            Ok(conn) => retry_transaction(&self.policy, || {
-                repo::claim_ids(conn, &ids)?;
-                repo::find_transfers(conn, &ids)
-            })
-            .map_err(|e| e.to_string()),
+            Ok(conn) => {
+                retry_transaction(&self.policy, || repo::claim_and_find(conn, &ids, &accounts))
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         let _ = self.watch.ticket.finish();

@@ -83,6 +83,9 @@ impl Runner {
         let mut made = 0;
         let (session, ticket, mode) = (&mut self.session, &self.ticket, self.mode);
         let live_retries = self.live_retries.as_deref();
+        // A given id may be answered by another run while this one retries: its claim, as the
+        // first attempt read it (see `answered_since`). A made-up id is nobody else's.
+        let mut claim = self.id_given.then_some(ClaimSeen::NotRead);
         let result = retry(&self.policy, &mut retries, |n| {
             made = n;
             if ticket.is_abandoned() {
@@ -93,7 +96,7 @@ impl Runner {
             // A connection that was open before this attempt may have died while idle (a
             // server restart, a killed backend); losing it before COMMIT says nothing.
             let reused = session.is_connected();
-            let step = attempt(session, t, mode, ambiguous, ticket);
+            let step = attempt(session, t, mode, ambiguous, ticket, claim.as_mut());
             let step = after_step(step, n, reused, session, ticket, live_retries);
             if let Attempt::Retry {
                 cause: Cause::Ambiguous,
@@ -185,8 +188,8 @@ impl Runner {
         let ledger = match self.session.conn() {
             // Retried: another run claiming the id at once is a conflict, not an unknown.
             Ok(conn) => retry_transaction(&policy, || {
-                repo::claim_ids(conn, &[t.id])?;
-                repo::find_transfer(conn, t.id)
+                repo::claim_and_find(conn, &[t.id], &[t.from_id, t.to_id])
+                    .map(|found| found.into_iter().next())
             })
             .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -403,12 +406,52 @@ pub(crate) fn after_step<T>(
 }
 
 /// One attempt. `Done(true)` when the ledger already had the transfer from an earlier run.
+/// A given id's claim as a run's first attempt read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimSeen {
+    NotRead,
+    /// Its generation then, or `None`: not claimed.
+    Read(Option<i64>),
+}
+
+/// Inside an attempt's transaction, once it holds the accounts: whether another run has answered
+/// this id "not applied" since this run's first attempt (its claim's generation moved). That
+/// answer was final for every run that began before it, so this attempt must not commit: a run
+/// still retrying applied the id after a concurrent rerun refused it (the README's limit until
+/// then). The first attempt that gets here records what it saw. At SERIALIZABLE a claim
+/// committed after this transaction's snapshot is not seen here, but the claiming run read the
+/// ledger at SERIALIZABLE too (`repo::claim_and_find`), so one of the two fails to commit.
+fn answered_since(
+    conn: &mut PgConnection,
+    t: &NewTransfer,
+    seen: &mut ClaimSeen,
+) -> Result<(), BodyError> {
+    let now = repo::claim_generations(conn, &[t.id])
+        .map_err(BodyError::Database)?
+        .first()
+        .map(|(_, g)| *g);
+    match *seen {
+        ClaimSeen::NotRead => {
+            *seen = ClaimSeen::Read(now);
+            Ok(())
+        }
+        ClaimSeen::Read(then) if then == now => Ok(()),
+        ClaimSeen::Read(_) => Err(BodyError::Final(TransferError::NotApplied {
+            id: t.id,
+            reason: "another run answered this id \"not applied\" while this one was retrying, \
+                     and that answer stands"
+                .into(),
+        })),
+    }
+}
+
 fn attempt(
     session: &mut Session,
     t: &NewTransfer,
     mode: Mode,
     after_ambiguous: bool,
     ticket: &Ticket,
+    mut claim: Option<&mut ClaimSeen>,
 ) -> Attempt<bool, TransferError> {
     let conn = match connection(session) {
         Ok(conn) => conn,
@@ -428,6 +471,9 @@ fn attempt(
     let result = match mode {
         Mode::Transaction => conn.build_transaction().serializable().run(|c| {
             apply(c, t)?;
+            if let Some(seen) = claim.as_mut() {
+                answered_since(c, t, seen)?;
+            }
             if !ticket.enter_commit() {
                 return Err(BodyError::Abandoned);
             }

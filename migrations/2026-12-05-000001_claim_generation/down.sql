@@ -1,0 +1,1 @@
+ALTER TABLE transfer_claims DROP COLUMN generation;
