@@ -1730,7 +1730,7 @@ fn a_connection_that_cannot_be_made_again_mid_file_loses_no_outcome() {
         let lines = solvent_file(&db, 20, 6000, 11);
         let (role, url) = db.role(
             "LOGIN",
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, \
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
              __diesel_schema_migrations TO {role}",
         );
         let dir = tempfile::tempdir().expect("dir");

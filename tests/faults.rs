@@ -928,34 +928,42 @@ fn a_run_still_waiting_on_its_late_statement_honours_a_rerun_s_no() {
     }
 }
 
-/// The limit the README named: a first run still alive, retrying in transaction mode, applied
+/// The limit the README named: a first run still alive, retrying in a transaction, applied
 /// its id after a concurrent rerun refused it (insufficient funds, then the account was
 /// funded again). A rerun's answer now stops every attempt that began before it: the first
-/// run's retry finds the id answered since its first attempt and applies nothing.
+/// run's retry finds the id answered since its first attempt and applies nothing. The first
+/// run is `bank transfer --id` and, then, a file holding the id.
 #[test]
 fn a_first_run_still_retrying_honours_a_rerun_s_no() {
-    for iso in Iso::BOTH {
+    for (iso, file) in [
+        (Iso::ReadCommitted, false),
+        (Iso::Serializable, false),
+        (Iso::ReadCommitted, true),
+        (Iso::Serializable, true),
+    ] {
         let s = setup_with(iso, At::Commit, &[100, 0]);
-        let [elsewhere] = s.db.accounts(&[0])[..] else {
-            panic!("one account")
+        let [elsewhere, payer] = s.db.accounts(&[0, 5])[..] else {
+            panic!("two accounts")
         };
-        let id = Uuid::new_v4();
+        let (id, before) = (Uuid::new_v4(), Uuid::new_v4());
         // The first attempt is rolled back at COMMIT; the retry comes 3 s later.
         s.arm(Fault::Retry40001);
         let url = s.proxy.url_for(&s.db.url);
         let (from, to, id_text) = (s.from.to_string(), s.to.to_string(), id.to_string());
-        let first = crate::support::spawn_bank(&[
-            "--database-url",
-            &url,
-            "transfer",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--amount",
-            "100",
-            "--id",
-            &id_text,
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        // In the file, a line before it in the same statement: it goes again alone, applied.
+        let text = format!("id,from,to,amount\n{before},{payer},{to},5\n{id},{from},{to},100\n");
+        std::fs::write(&path, text).expect("file");
+        let path = path.to_string_lossy().to_string();
+        let mut args = vec!["--database-url", &url, "transfer"];
+        match file {
+            true => args.extend(["--file", &path, "--batch", "10", "--connections", "1"]),
+            false => args.extend([
+                "--from", &from, "--to", &to, "--amount", "100", "--id", &id_text,
+            ]),
+        }
+        args.extend([
             "--json",
             "--retry-base",
             "3s",
@@ -964,6 +972,7 @@ fn a_first_run_still_retrying_honours_a_rerun_s_no() {
             "--timeout",
             "20s",
         ]);
+        let first = crate::support::spawn_bank(&args);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while s.proxy.commits() < 1 {
             assert!(
@@ -992,12 +1001,24 @@ fn a_first_run_still_retrying_honours_a_rerun_s_no() {
         );
         move_all(elsewhere, s.from);
         let first = crate::support::Run::from(first.wait_with_output().expect("wait"));
+        let case = format!("{iso:?} file={file}");
         assert!(
             !s.ledger_has(id),
-            "{iso:?}: applied after the rerun said no: {first:?}"
+            "{case}: applied after the rerun said no: {first:?}"
         );
-        assert_eq!(first.code, 1, "{iso:?}: {first:?}");
-        assert_eq!(s.balances(), (100, 0), "{iso:?}");
+        assert_eq!(first.code, 1, "{case}: {first:?}");
+        if file {
+            let outcomes: Vec<String> = first
+                .stdout
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+                .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
+                .collect();
+            assert_eq!(outcomes, ["applied", "not_applied"], "{case}: {first:?}");
+            assert!(s.ledger_has(before), "{case}");
+        }
+        let paid = if file { 5 } else { 0 };
+        assert_eq!(s.balances(), (100, paid), "{case}");
         s.verify_passes();
     }
 }

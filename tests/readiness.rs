@@ -81,6 +81,22 @@ fn reset_without_a_privilege_it_needs_changes_nothing() {
     let _ = db.conn().batch_execute(&format!(
         "REVOKE ALL ON accounts, transfers, __diesel_schema_migrations FROM {role}; DROP ROLE {role}"
     ));
+    // Since migration 8 a claim is an upsert: INSERT alone is not enough.
+    let (role, url) = db.role(
+        "LOGIN",
+        "GRANT SELECT, INSERT, UPDATE ON accounts, transfers TO {role}; \
+         GRANT SELECT, INSERT ON transfer_claims TO {role}; \
+         GRANT SELECT ON __diesel_schema_migrations TO {role}",
+    );
+    let j = Bank::new()
+        .args(["--database-url", &url, "doctor", "--json"])
+        .run()
+        .json();
+    assert_eq!(j["claims_writable"], false, "{j}");
+    let _ = db.conn().batch_execute(&format!(
+        "REVOKE ALL ON accounts, transfers, transfer_claims, __diesel_schema_migrations \
+         FROM {role}; DROP ROLE {role}"
+    ));
 }
 
 /// 25,000 accounts: `bank reset` deletes them in three statements of at most 10,000

@@ -144,6 +144,10 @@ pub struct ChunkRunner {
     /// The lines' ids come from the caller (a file), so an earlier run's attempt at them may
     /// exist: see `nobody_else_can_commit`. The workload's ids are its own.
     ids_given: bool,
+    /// With `ids_given`: each undecided line's claim generation (`None`: not claimed) as the
+    /// first attempt at it read it, kept across the statements it goes through (see
+    /// `answered_since`); dropped once its line is decided.
+    first_claims: HashMap<Uuid, Option<i64>>,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -169,6 +173,7 @@ impl ChunkRunner {
             limit: usize::MAX,
             size: usize::MAX,
             ids_given: false,
+            first_claims: HashMap::new(),
         }
     }
 
@@ -235,6 +240,26 @@ impl ChunkRunner {
                 // refuses is alone; that one is `refused`, and the others get their one-by-one
                 // outcomes. The statement holding it failed whole, and it and every line after it
                 // were `not_applied`, on every rerun too.
+                // Another run answered one line "not applied" while this statement was being
+                // retried: the lines before it go again alone (their outcomes do not depend on
+                // it), then it is `not_applied`, and the rest follow as after any refusal.
+                Err(Failed {
+                    answered: Some(line),
+                    reason,
+                    ..
+                }) => match rest.iter().position(|l| l.line == line) {
+                    Some(i) if i > 0 => {
+                        self.size = i;
+                        continue;
+                    }
+                    _ => {
+                        self.size = 2;
+                        vec![Verdict {
+                            outcome: Outcome::NotApplied,
+                            error: Some(reason),
+                        }]
+                    }
+                },
                 Err(failed) if failed.outcome == Outcome::Refused && rest.len() > 1 => {
                     self.size = (rest.len() / 2).max(1);
                     continue;
@@ -274,6 +299,9 @@ impl ChunkRunner {
                     given
                 }
             };
+            for line in &lines[start..(start + given.len()).min(lines.len())] {
+                self.first_claims.remove(&line.transfer.id);
+            }
             start += given.len();
             self.watch.lock().decided.extend(given);
         }
@@ -438,6 +466,10 @@ impl ChunkRunner {
         let (session, ticket) = (&mut self.session, &self.watch.ticket);
         let live_retries = self.live_retries.as_deref();
         let mut too_long = false;
+        // The line found answered since the first attempt at it, if any (`answered_since`).
+        let mut answered: Option<u64> = None;
+        let ids_given = self.ids_given;
+        let first_claims = &mut self.first_claims;
         let result = retry(&self.policy, &mut retries, |n| {
             if ticket.is_abandoned() {
                 return Attempt::Fail(TransferError::Abandoned);
@@ -460,11 +492,13 @@ impl ChunkRunner {
                 locked_all = true;
                 let rows = chunk.statement(&locked).load::<(i64, String)>(c)?;
                 let decided = read_rows(lines, rows)?;
-                seen = Some(
-                    applied(lines, &decided)
-                        .map(|l| l.line)
-                        .collect::<Vec<u64>>(),
-                );
+                let applying: Vec<&Line> = applied(lines, &decided).collect();
+                if ids_given {
+                    if let Some(line) = answered_since(c, &applying, first_claims)? {
+                        return Err(Rollback::AnsweredSince(line));
+                    }
+                }
+                seen = Some(applying.iter().map(|l| l.line).collect::<Vec<u64>>());
                 if !ticket.enter_commit() {
                     return Err(Rollback::Abandoned);
                 }
@@ -479,6 +513,10 @@ impl ChunkRunner {
                 )),
                 Err(Rollback::NoLedgerRow) => Attempt::Fail(TransferError::NoLedgerRow),
                 Err(Rollback::NotUpdated) => Attempt::Fail(TransferError::AccountNotUpdated(None)),
+                Err(Rollback::AnsweredSince(line)) => {
+                    answered = Some(line);
+                    Attempt::Fail(TransferError::Abandoned)
+                }
                 // Cancelled by a timeout once its locks were held: the statement itself
                 // outlasted the server's statement_timeout, and a retry of the same lines would
                 // too. (Waiting for locks, a retry may well get them.)
@@ -536,6 +574,17 @@ impl ChunkRunner {
                 outcome: Outcome::NotApplied,
                 reason: "cancelled by the server's statement_timeout".into(),
                 split: true,
+                answered: None,
+            }));
+        }
+        if let Some(line) = answered {
+            return Ok(Err(Failed {
+                outcome: Outcome::NotApplied,
+                reason: "another run answered this id \"not applied\" while this one was \
+                         retrying it, and that answer stands"
+                    .into(),
+                split: false,
+                answered: Some(line),
             }));
         }
         let fail = |outcome, reason: String| {
@@ -543,6 +592,7 @@ impl ChunkRunner {
                 outcome,
                 reason,
                 split: false,
+                answered: None,
             }))
         };
         match result {
@@ -604,6 +654,31 @@ impl ChunkRunner {
     }
 }
 
+/// Inside a statement's transaction, its accounts held and its verdicts read: the first of
+/// `applying` (the lines it would apply) whose id another run has answered "not applied" since
+/// the first attempt at that line (its claim's generation moved), as `bank transfer --id`
+/// checks (`transfer::runner`). That answer stands for every run that began before it. The
+/// first attempt at a line records what it saw in `first`, kept until the line is decided (a
+/// line may go through several statements: a split, a refusal before it). Lines the ledger has
+/// are no concern (a rerun's claim moves the generation even when it then finds them applied).
+fn answered_since(
+    conn: &mut PgConnection,
+    applying: &[&Line],
+    first: &mut HashMap<Uuid, Option<i64>>,
+) -> Result<Option<u64>, Rollback> {
+    let ids: Vec<Uuid> = applying.iter().map(|l| l.transfer.id).collect();
+    let now: HashMap<Uuid, i64> = repo::claim_generations(conn, &ids)?.into_iter().collect();
+    let mut moved = None;
+    for l in applying {
+        let generation = now.get(&l.transfer.id).copied();
+        let then = *first.entry(l.transfer.id).or_insert(generation);
+        if then != generation && moved.is_none() {
+            moved = Some(l.line);
+        }
+    }
+    Ok(moved)
+}
+
 /// A statement that could not be settled: its lines are `unknown` or `not_applied`.
 struct Failed {
     outcome: Outcome,
@@ -611,6 +686,9 @@ struct Failed {
     /// Cancelled by the server's statement_timeout before COMMIT: the lines can go again in
     /// smaller statements.
     split: bool,
+    /// The line whose id another run answered "not applied" since this statement's first
+    /// attempt (`Rollback::AnsweredSince`).
+    answered: Option<u64>,
 }
 
 /// Why a statement's transaction was rolled back.
@@ -623,6 +701,8 @@ enum Rollback {
     NoLedgerRow,
     /// The statement moved fewer accounts than its lines touch.
     NotUpdated,
+    /// Another run answered this line's id "not applied" since the first attempt (`answered`).
+    AnsweredSince(u64),
 }
 
 impl From<DieselError> for Rollback {

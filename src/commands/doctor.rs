@@ -120,13 +120,19 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     } else {
         (None, None)
     };
-    // A role provisioned before migration 7 was granted the two other tables only.
+    // A role provisioned before migration 7 was granted the two other tables only; since
+    // migration 8 a claim is an upsert (UPDATE) and every retried attempt reads claims (SELECT).
+    // (One call with a list of privileges is true when any one is held.)
     let claims_writable = (migrated || !migrations_readable)
         .then(|| {
-            diesel::sql_query("SELECT has_table_privilege('transfer_claims', 'INSERT') AS allowed")
-                .get_result::<Allowed>(&mut conn)
-                .map(|a| a.allowed)
-                .ok()
+            diesel::sql_query(
+                "SELECT has_table_privilege('transfer_claims', 'INSERT') \
+                 AND has_table_privilege('transfer_claims', 'UPDATE') \
+                 AND has_table_privilege('transfer_claims', 'SELECT') AS allowed",
+            )
+            .get_result::<Allowed>(&mut conn)
+            .map(|a| a.allowed)
+            .ok()
         })
         .flatten();
     // What a transfer connects with: its deadline (`--timeout`, else `BANK_TIMEOUT`, else 30 s)
@@ -239,9 +245,10 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     if claims_writable == Some(false) {
         writeln!(
             out,
-            "warning: this role cannot insert into transfer_claims: grant it INSERT as on the \
-             other tables, or a refused transfer with --id stays of unknown outcome and \
-             single-statement transfers fail"
+            "warning: this role cannot insert into transfer_claims (or lacks SELECT or UPDATE \
+             on it): grant it SELECT, INSERT, UPDATE and DELETE as on the other tables, or a \
+             refused transfer with --id stays of unknown outcome, and single-statement \
+             transfers, transfers with --id and files fail"
         )?;
     }
     Ok(())
