@@ -217,6 +217,13 @@ fn error_line(e: &dyn std::error::Error) -> String {
             .map_or(line.len(), |i| i + "due to ".len() + what.len());
         line.insert_str(at, &said);
     }
+    // A role provisioned before migrations 7 and 8: what to grant, once.
+    if line.contains("permission denied for table transfer_claims") {
+        line.push_str(
+            " (grant this role SELECT, INSERT, UPDATE and DELETE on transfer_claims, as on the \
+             other tables; bank doctor checks it)",
+        );
+    }
     bank::one_line(&line)
 }
 

@@ -93,6 +93,31 @@ fn reset_without_a_privilege_it_needs_changes_nothing() {
         .run()
         .json();
     assert_eq!(j["claims_writable"], false, "{j}");
+    // A transfer with --id says what to grant.
+    let ids = db.accounts(&[10, 0]);
+    let run = Bank::new()
+        .args([
+            "--database-url",
+            &url,
+            "transfer",
+            "--id",
+            &Uuid::new_v4().to_string(),
+        ])
+        .args([
+            "--from",
+            &ids[0].to_string(),
+            "--to",
+            &ids[1].to_string(),
+            "--amount",
+            "20",
+        ])
+        .run();
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("grant this role SELECT, INSERT, UPDATE"),
+        "{run:?}"
+    );
     let _ = db.conn().batch_execute(&format!(
         "REVOKE ALL ON accounts, transfers, transfer_claims, __diesel_schema_migrations \
          FROM {role}; DROP ROLE {role}"
