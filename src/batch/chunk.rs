@@ -513,9 +513,14 @@ impl ChunkRunner {
                 )),
                 Err(Rollback::NoLedgerRow) => Attempt::Fail(TransferError::NoLedgerRow),
                 Err(Rollback::NotUpdated) => Attempt::Fail(TransferError::AccountNotUpdated(None)),
+                // Final for this statement: reported below as that line's verdict (`answered`).
                 Err(Rollback::AnsweredSince(line)) => {
                     answered = Some(line);
-                    Attempt::Fail(TransferError::Abandoned)
+                    let id = lines.iter().find(|l| l.line == line).map(|l| l.transfer.id);
+                    Attempt::Fail(TransferError::NotApplied {
+                        id: id.unwrap_or_default(),
+                        reason: ANSWERED_SINCE.into(),
+                    })
                 }
                 // Cancelled by a timeout once its locks were held: the statement itself
                 // outlasted the server's statement_timeout, and a retry of the same lines would
@@ -580,9 +585,7 @@ impl ChunkRunner {
         if let Some(line) = answered {
             return Ok(Err(Failed {
                 outcome: Outcome::NotApplied,
-                reason: "another run answered this id \"not applied\" while this one was \
-                         retrying it, and that answer stands"
-                    .into(),
+                reason: ANSWERED_SINCE.into(),
                 split: false,
                 answered: Some(line),
             }));
@@ -653,6 +656,11 @@ impl ChunkRunner {
         }
     }
 }
+
+/// Why a line another run answered since this run's first attempt at it is `not_applied`.
+const ANSWERED_SINCE: &str =
+    "another run answered this id \"not applied\" while this one was retrying it, and that \
+     answer stands";
 
 /// Inside a statement's transaction, its accounts held and its verdicts read: the first of
 /// `applying` (the lines it would apply) whose id another run has answered "not applied" since
