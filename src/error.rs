@@ -326,8 +326,9 @@ pub enum Error {
     ResetNotAllowed(String),
     /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).
     #[error(
-        "reset stopped after deleting {accounts} accounts and {transfers} transfers: {source}; \
-         run it again to finish"
+        "reset stopped after deleting {} and {}: {source}; run it again to finish",
+        crate::counted(*accounts as u64, "account"),
+        crate::counted(*transfers as u64, "transfer")
     )]
     ResetStopped {
         accounts: usize,
@@ -360,7 +361,8 @@ pub enum WorkloadError {
     #[error("an invariant does not hold (see the report)")]
     InvariantViolated,
     #[error(
-        "every invariant holds, but {count} transfers failed with an error (the last: {last})"
+        "every invariant holds, but {} failed with an error (the last: {last})",
+        crate::counted(*count, "transfer")
     )]
     Errors { count: u64, last: String },
     #[error("the final check could not run ({0}); see the report")]

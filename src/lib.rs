@@ -40,6 +40,14 @@ pub fn say(args: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
+/// "1 transfer", "2 transfers": a count with its noun, for messages a person reads.
+pub fn counted(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// Text on one line, as every output shows a message (stderr, `--json`, a file's results):
 /// libpq's messages span several ("... failed: Connection refused\n\tIs the server
 /// running ...?"), and became one run-on sentence; its lines are joined with "; ", and a line

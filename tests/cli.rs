@@ -190,7 +190,7 @@ fn reset_with_yes_deletes_everything() {
     db.transfer(ids[0], ids[1], 1).run().success();
     let run = db.bank().args(["reset", "--yes"]).run();
     run.success();
-    assert_eq!(run.stdout, "deleted 2 accounts and 1 transfers\n");
+    assert_eq!(run.stdout, "deleted 2 accounts and 1 transfer\n");
     assert_eq!(db.state(), (vec![], 0));
 }
 

@@ -341,7 +341,11 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     };
     super::report_done(
         out,
-        &format!("deleted {accounts} accounts and {transfers} transfers{claims}"),
+        &format!(
+            "deleted {} and {}{claims}",
+            crate::counted(accounts as u64, "account"),
+            crate::counted(transfers as u64, "transfer")
+        ),
     )
 }
 

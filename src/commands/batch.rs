@@ -258,8 +258,8 @@ fn summary_line(s: &Summary) -> String {
     // no time, and counted, `| head -2` made a file look 40 times faster (found by a reviewer).
     let sent = s.total().saturating_sub(s.not_attempted);
     let mut line = format!(
-        "{} transfers in {secs:.2}s ({:.0}/s): {}",
-        s.total(),
+        "{} in {secs:.2}s ({:.0}/s): {}",
+        crate::counted(s.total(), "transfer"),
         sent as f64 / secs,
         if counts.is_empty() {
             "nothing to do".to_string()
@@ -465,6 +465,13 @@ mod tests {
         assert_eq!(
             super::summary_line(&s),
             "20000 transfers in 2.00s (2000/s): 4000 applied, 16000 unknown"
+        );
+        let mut one = super::Summary::default();
+        one.counts.insert(super::Outcome::Applied, 1);
+        one.elapsed = std::time::Duration::from_secs(1);
+        assert_eq!(
+            super::summary_line(&one),
+            "1 transfer in 1.00s (1/s): 1 applied"
         );
     }
 
