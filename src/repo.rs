@@ -526,6 +526,14 @@ pub fn accounts_free(conn: &mut PgConnection, ids: &[Uuid]) -> bool {
     matches!(probe, Err(diesel::result::Error::RollbackTransaction))
 }
 
+/// Which of these ids the ledger holds.
+pub fn ids_in_ledger(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Uuid>> {
+    transfers::table
+        .filter(transfers::id.eq_any(ids))
+        .select(transfers::id)
+        .load(conn)
+}
+
 /// How many of these ids the ledger holds.
 pub fn count_transfers_with_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
     transfers::table

@@ -1,8 +1,8 @@
 //! Applying one chunk of a transfer file: the chunk statement, run until every line has its
 //! verdict, each statement in a transaction of its own through `retry::retry`.
 //!
-//! A statement decides the lines up to the first refused one; the runner sends the lines after
-//! it as the next statement. Each statement runs inside BEGIN … COMMIT (at the server's default
+//! A statement decides the lines up to the first refused one that the runner did not guess
+//! (`Chunk::guess_short`); the runner sends the lines after it as the next statement. Each statement runs inside BEGIN … COMMIT (at the server's default
 //! isolation level: the statement locks what it reads, so it is exact at READ COMMITTED too),
 //! so that its verdicts are back before COMMIT is sent: when the COMMIT's answer is lost, the
 //! runner knows which lines that attempt applied, and when the ledger later holds them it reports
@@ -148,6 +148,15 @@ pub struct ChunkRunner {
     /// first attempt at it read it, kept across the statements it goes through (see
     /// `answered_since`); dropped once its line is decided.
     first_claims: HashMap<Uuid, Option<i64>>,
+    /// Whether the next statement takes the runner's guesses of the lines refused for
+    /// insufficient funds (`Chunk::guess_short`), so that it decides them without stopping at
+    /// each. Guesses from the locked balances alone are wrong only where a line's id is in
+    /// the ledger already (a rerun): after the first wrong one, `ledger_guesses` reads the
+    /// ledger for the lines' ids too (one indexed read per line, paid only then); wrong even
+    /// so (another client wrote one of the ids meanwhile), no more guesses in this chunk, and
+    /// its statements stop at each refusal.
+    guessing: bool,
+    ledger_guesses: bool,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -157,6 +166,8 @@ struct Decided {
     refused: Option<u64>,
     /// Lines refused because their `to` account does not exist (else it is `from`).
     unknown_to: HashSet<u64>,
+    /// `refused` is a line the runner guessed short that is not: undecided, it goes again.
+    wrong_guess: bool,
 }
 
 impl ChunkRunner {
@@ -174,6 +185,8 @@ impl ChunkRunner {
             size: usize::MAX,
             ids_given: false,
             first_claims: HashMap::new(),
+            guessing: true,
+            ledger_guesses: false,
         }
     }
 
@@ -193,6 +206,7 @@ impl ChunkRunner {
     pub fn apply(&mut self, lines: &[Line]) -> Result<Vec<Verdict>, Fatal> {
         self.watch.lock().decided.clear();
         self.size = self.limit;
+        self.guessing = true;
         let mut start = 0;
         while start < lines.len() {
             let interrupted = self.interruptible && crate::interrupt::interrupted();
@@ -275,8 +289,26 @@ impl ChunkRunner {
                         .and_then(|r| rest.iter().position(|l| l.line == r));
                     let end = refused.map_or(rest.len(), |i| i + 1);
                     self.size = match refused {
+                        // Undecided, it starts the next statement, which guesses nothing.
+                        Some(i) if decided.wrong_guess => {
+                            log::debug!(
+                                "line {} is not short as guessed: {}",
+                                rest[i].line,
+                                match self.ledger_guesses {
+                                    false => "guesses read the ledger from now on",
+                                    true => "no more guesses in this chunk",
+                                }
+                            );
+                            self.guessing = !self.ledger_guesses;
+                            self.ledger_guesses = true;
+                            rest.len()
+                        }
                         Some(_) => end.saturating_mul(2),
                         None => size.saturating_mul(2),
+                    };
+                    let end = match decided.wrong_guess {
+                        true => end - 1,
+                        false => end,
                     };
                     rest[..end].iter().map(|l| verdict(l, &decided)).collect()
                 }
@@ -469,6 +501,7 @@ impl ChunkRunner {
         // The line found answered since the first attempt at it, if any (`answered_since`).
         let mut answered: Option<u64> = None;
         let ids_given = self.ids_given;
+        let (guessing, ledger_guesses) = (self.guessing, self.ledger_guesses);
         let first_claims = &mut self.first_claims;
         let result = retry(&self.policy, &mut retries, |n| {
             if ticket.is_abandoned() {
@@ -490,7 +523,16 @@ impl ChunkRunner {
                 // `a_batched_workload_keeps_every_invariant_at_both_isolation_levels`).
                 let locked = repo::lock_accounts(c, &accounts)?;
                 locked_all = true;
-                let rows = chunk.statement(&locked).load::<(i64, String)>(c)?;
+                let short = match (guessing, ledger_guesses) {
+                    (false, _) => vec![false; lines.len()],
+                    (true, false) => chunk.guess_short(&locked, &HashSet::new()),
+                    (true, true) => {
+                        let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
+                        let found = repo::ids_in_ledger(c, &ids)?;
+                        chunk.guess_short(&locked, &found.into_iter().collect())
+                    }
+                };
+                let rows = chunk.statement(&locked, short).load::<(i64, String)>(c)?;
                 let decided = read_rows(lines, rows)?;
                 let applying: Vec<&Line> = applied(lines, &decided).collect();
                 if ids_given {
@@ -788,6 +830,7 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
     let mut verdicts = HashMap::new();
     let mut refused = None;
     let mut unknown_to = HashSet::new();
+    let mut wrong_guess = false;
     let (mut inserted, mut moved) = (None, None);
     for (n, word) in rows {
         let line = u64::try_from(n).unwrap_or_default();
@@ -809,6 +852,16 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
             }
             "insufficient_funds" => Outcome::InsufficientFunds,
             "balance_overflow" => Outcome::BalanceOverflow,
+            // A guess the statement confirmed: decided, and the statement went on.
+            "short" => {
+                verdicts.insert(line, Outcome::InsufficientFunds);
+                continue;
+            }
+            "not_short" => {
+                refused = Some(line);
+                wrong_guess = true;
+                continue;
+            }
             other => return Err(Rollback::Bug(format!("unexpected verdict {other:?}"))),
         };
         if matches!(
@@ -823,6 +876,7 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
         verdicts,
         refused,
         unknown_to,
+        wrong_guess,
     };
     let mut transfers = 0;
     let mut accounts = HashSet::new();
