@@ -270,11 +270,8 @@ const TAIL: &str = "
 SELECT v.ord, v.verdict FROM verdicts v
 WHERE v.verdict IS NOT NULL AND NOT EXISTS (SELECT 1 FROM refused s WHERE v.ord >= s.ord)
 UNION ALL
-SELECT r.ord, 'unknown_to' FROM running r
-WHERE r.kind = 'probe' AND NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
-UNION ALL
-SELECT r.ord, 'short' FROM running r
-WHERE r.kind = 'short' AND NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
+SELECT r.ord, CASE WHEN r.kind = 'probe' THEN 'unknown_to' ELSE 'short' END FROM running r
+WHERE r.kind IN ('probe', 'short') AND NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
 UNION ALL
 SELECT ord, CASE WHEN wrong_guess THEN 'not_short' WHEN short THEN 'insufficient_funds'
   ELSE 'balance_overflow' END FROM refused
