@@ -674,6 +674,66 @@ fn a_lost_or_ambiguous_chunk_commit_is_settled_through_the_ledger_and_reported_a
 }
 
 #[test]
+fn a_lost_or_late_commit_of_a_statement_with_guessed_refusals_gives_one_by_one_outcomes() {
+    // The runner guesses a statement's refused lines from the balances it locked. When that
+    // statement's COMMIT is lost after the server applied it, or comes late while the runner
+    // retries, the retry locks balances that already hold its moves and finds its ids in the
+    // ledger: its guesses are wrong, and the outcomes must still be one-by-one's, the lines
+    // this run applied reported `applied`.
+    for iso in Iso::BOTH {
+        for fault in [
+            Fault::CutAfterCommit,
+            Fault::Ambiguous40003,
+            Fault::LateCommit(Duration::from_millis(500)),
+        ] {
+            let case = format!("{iso:?} {fault:?}");
+            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+            let mut rng = StdRng::seed_from_u64(5);
+            let accounts: Vec<(Uuid, i64)> = (0..4)
+                .map(|_| (Uuid::new_v4(), rng.random_range(0..30)))
+                .collect();
+            for db in [&batched, &oracle] {
+                accounts_with_ids(db, &accounts);
+            }
+            let lines: Vec<T> = (0..60)
+                .map(|_| {
+                    let from = rng.random_range(0..accounts.len());
+                    let to = (from + rng.random_range(1..accounts.len())) % accounts.len();
+                    T {
+                        id: Uuid::new_v4(),
+                        from: accounts[from].0,
+                        to: accounts[to].0,
+                        amount: rng.random_range(1..=20),
+                    }
+                })
+                .collect();
+            let expected = one_by_one(&oracle, &lines);
+            let proxy = Proxy::start(upstream_of(&batched.url));
+            proxy.arm_at(At::Commit, fault);
+            let run = run_file(
+                &proxy.url_for(&batched.url),
+                "f.csv",
+                &csv(&lines),
+                &["--batch", "1000", "--connections", "1", "-v"],
+            );
+            assert_eq!(proxy.injected(), 1, "{case}");
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
+            assert_eq!(got, expected, "{case}");
+            assert!(
+                expected
+                    .iter()
+                    .filter(|o| *o == "insufficient_funds")
+                    .count()
+                    > 5,
+                "{case}: the file should overdraw: {expected:?}"
+            );
+            assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
+        }
+    }
+}
+
+#[test]
 fn an_ambiguous_chunk_with_no_retries_left_is_unknown_and_a_rerun_settles_it() {
     for iso in Iso::BOTH {
         let (db, lines, run, _proxy) =

@@ -161,6 +161,7 @@ pub struct ChunkRunner {
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
 /// refused), and the refused line if any.
+#[derive(Clone)]
 struct Decided {
     verdicts: HashMap<u64, Outcome>,
     refused: Option<u64>,
@@ -488,6 +489,8 @@ impl ChunkRunner {
         // Lines that an attempt whose COMMIT went unanswered applied: if the ledger holds them
         // afterwards, it was that attempt, i.e. this run, that applied them.
         let mut ours: HashSet<u64> = HashSet::new();
+        // Each attempt whose COMMIT went unanswered: the ids it applied, and its verdicts.
+        let mut unanswered: Vec<(Vec<Uuid>, Decided)> = Vec::new();
         let chunk = Chunk::new(lines);
         let mut accounts: Vec<Uuid> = lines
             .iter()
@@ -513,6 +516,7 @@ impl ChunkRunner {
                 Err(step) => return step,
             };
             let mut seen = None;
+            let mut last: Option<Decided> = None;
             let mut committing = false;
             let mut locked_all = false;
             let result = conn.build_transaction().run(|c| {
@@ -523,6 +527,19 @@ impl ChunkRunner {
                 // `a_batched_workload_keeps_every_invariant_at_both_isolation_levels`).
                 let locked = repo::lock_accounts(c, &accounts)?;
                 locked_all = true;
+                // Holding the accounts, so an attempt whose COMMIT is late has landed or never
+                // will. If one committed, its verdicts stand: a line it refused (guessed short)
+                // before lines it applied would be judged again against balances that hold those
+                // later lines' moves (found with a cut COMMIT: a refused line came back applied).
+                if let Some(done) = committed_attempt(c, &unanswered)? {
+                    seen = Some(applied(lines, &done).map(|l| l.line).collect());
+                    last = Some(done.clone());
+                    if !ticket.enter_commit() {
+                        return Err(Rollback::Abandoned);
+                    }
+                    committing = true;
+                    return Ok(done);
+                }
                 let short = match (guessing, ledger_guesses) {
                     (false, _) => vec![false; lines.len()],
                     (true, false) => chunk.guess_short(&locked, &HashSet::new()),
@@ -541,6 +558,7 @@ impl ChunkRunner {
                     }
                 }
                 seen = Some(applying.iter().map(|l| l.line).collect::<Vec<u64>>());
+                last = Some(decided.clone());
                 if !ticket.enter_commit() {
                     return Err(Rollback::Abandoned);
                 }
@@ -606,7 +624,16 @@ impl ChunkRunner {
             } = &step
             {
                 ambiguous = true;
-                ours.extend(seen.into_iter().flatten());
+                let applied_lines: HashSet<u64> = seen.into_iter().flatten().collect();
+                if let Some(decided) = last {
+                    let ids = lines
+                        .iter()
+                        .filter(|l| applied_lines.contains(&l.line))
+                        .map(|l| l.transfer.id)
+                        .collect();
+                    unanswered.push((ids, decided));
+                }
+                ours.extend(applied_lines);
             }
             step
         });
@@ -697,6 +724,21 @@ impl ChunkRunner {
             }
         }
     }
+}
+
+/// The verdicts of the attempt among `unanswered` (those whose COMMIT went unanswered) that
+/// committed, if one did: the ledger holds the ids it applied. One that applied nothing moved
+/// nothing, and deciding its lines again gives the same verdicts.
+fn committed_attempt(
+    conn: &mut PgConnection,
+    unanswered: &[(Vec<Uuid>, Decided)],
+) -> Result<Option<Decided>, Rollback> {
+    for (ids, decided) in unanswered {
+        if !ids.is_empty() && repo::count_transfers_with_ids(conn, ids)? == ids.len() as i64 {
+            return Ok(Some(decided.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// Why a line another run answered since this run's first attempt at it is `not_applied`.
