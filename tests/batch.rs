@@ -1092,38 +1092,23 @@ fn every_guess_of_a_short_line_is_checked_by_the_statement() {
         rows.sort();
         rows
     };
+    let want = |rows: &[(i64, &str)]| -> Vec<(i64, String)> {
+        rows.iter().map(|(n, w)| (*n, w.to_string())).collect()
+    };
     // Right: the short line decided, the others applied.
-    let right = run(&mut conn, vec![false, true, false, false]);
-    assert_eq!(
-        right,
-        vec![
-            (3, "inserted".to_string()),
-            (3, "moved".to_string()),
-            (3, "short".to_string()),
-        ],
-        "{right:?}"
-    );
+    let rows = run(&mut conn, vec![false, true, false, false]);
+    assert_eq!(rows, want(&[(3, "inserted"), (3, "moved"), (3, "short")]));
     // Wrong, guessed short: the statement stops before the first line, deciding nothing.
     let rows = run(&mut conn, vec![true, true, false, false]);
     assert_eq!(
         rows,
-        vec![
-            (0, "inserted".to_string()),
-            (0, "moved".to_string()),
-            (2, "not_short".to_string()),
-        ],
-        "{rows:?}"
+        want(&[(0, "inserted"), (0, "moved"), (2, "not_short")])
     );
     // Wrong, guessed not short: the line is refused where it is, as without guesses.
     let rows = run(&mut conn, vec![false, false, false, false]);
     assert_eq!(
         rows,
-        vec![
-            (1, "inserted".to_string()),
-            (2, "moved".to_string()),
-            (3, "insufficient_funds".to_string()),
-        ],
-        "{rows:?}"
+        want(&[(1, "inserted"), (2, "moved"), (3, "insufficient_funds")])
     );
     // A line after a wrong guess is never decided, even a right guess of it.
     let rows = run(&mut conn, vec![false, true, true, true]);

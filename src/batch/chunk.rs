@@ -148,15 +148,21 @@ pub struct ChunkRunner {
     /// first attempt at it read it, kept across the statements it goes through (see
     /// `answered_since`); dropped once its line is decided.
     first_claims: HashMap<Uuid, Option<i64>>,
-    /// Whether the next statement takes the runner's guesses of the lines refused for
-    /// insufficient funds (`Chunk::guess_short`), so that it decides them without stopping at
-    /// each. Guesses from the locked balances alone are wrong only where a line's id is in
-    /// the ledger already (a rerun): after the first wrong one, `ledger_guesses` reads the
-    /// ledger for the lines' ids too (one indexed read per line, paid only then); wrong even
-    /// so (another client wrote one of the ids meanwhile), no more guesses in this chunk, and
-    /// its statements stop at each refusal.
-    guessing: bool,
-    ledger_guesses: bool,
+    /// How the next statement's refused lines are guessed (`Chunk::guess_short`).
+    guesses: Guesses,
+}
+
+/// How a runner guesses the lines a statement refuses for insufficient funds, so that the
+/// statement decides them without stopping at each. Guesses from the locked balances alone are
+/// wrong only where a line's id is in the ledger already (a rerun): after the first wrong one,
+/// they also read the ledger for the lines' ids (one indexed read per line, paid only then),
+/// for the rest of the run; wrong even so (another client wrote one of the ids meanwhile), no
+/// more guesses in this chunk, whose statements then stop at each refusal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Guesses {
+    FromBalances,
+    WithLedger,
+    NoneInThisChunk,
 }
 
 /// One statement's verdicts: by line, for the lines it decided (all of them when nothing was
@@ -186,8 +192,7 @@ impl ChunkRunner {
             size: usize::MAX,
             ids_given: false,
             first_claims: HashMap::new(),
-            guessing: true,
-            ledger_guesses: false,
+            guesses: Guesses::FromBalances,
         }
     }
 
@@ -207,7 +212,9 @@ impl ChunkRunner {
     pub fn apply(&mut self, lines: &[Line]) -> Result<Vec<Verdict>, Fatal> {
         self.watch.lock().decided.clear();
         self.size = self.limit;
-        self.guessing = true;
+        if self.guesses == Guesses::NoneInThisChunk {
+            self.guesses = Guesses::WithLedger;
+        }
         let mut start = 0;
         while start < lines.len() {
             let interrupted = self.interruptible && crate::interrupt::interrupted();
@@ -288,28 +295,23 @@ impl ChunkRunner {
                     let refused = decided
                         .refused
                         .and_then(|r| rest.iter().position(|l| l.line == r));
-                    let end = refused.map_or(rest.len(), |i| i + 1);
+                    // A line wrongly guessed short is undecided: it starts the next statement.
+                    let end = refused.map_or(rest.len(), |i| i + usize::from(!decided.wrong_guess));
                     self.size = match refused {
-                        // Undecided, it starts the next statement, which guesses nothing.
                         Some(i) if decided.wrong_guess => {
+                            self.guesses = match self.guesses {
+                                Guesses::FromBalances => Guesses::WithLedger,
+                                _ => Guesses::NoneInThisChunk,
+                            };
                             log::debug!(
-                                "line {} is not short as guessed: {}",
+                                "line {} is not short as guessed: guesses now {:?}",
                                 rest[i].line,
-                                match self.ledger_guesses {
-                                    false => "guesses read the ledger from now on",
-                                    true => "no more guesses in this chunk",
-                                }
+                                self.guesses
                             );
-                            self.guessing = !self.ledger_guesses;
-                            self.ledger_guesses = true;
                             rest.len()
                         }
                         Some(_) => end.saturating_mul(2),
                         None => size.saturating_mul(2),
-                    };
-                    let end = match decided.wrong_guess {
-                        true => end - 1,
-                        false => end,
                     };
                     rest[..end].iter().map(|l| verdict(l, &decided)).collect()
                 }
@@ -504,7 +506,7 @@ impl ChunkRunner {
         // The line found answered since the first attempt at it, if any (`answered_since`).
         let mut answered: Option<u64> = None;
         let ids_given = self.ids_given;
-        let (guessing, ledger_guesses) = (self.guessing, self.ledger_guesses);
+        let guesses = self.guesses;
         let first_claims = &mut self.first_claims;
         let result = retry(&self.policy, &mut retries, |n| {
             if ticket.is_abandoned() {
@@ -540,10 +542,10 @@ impl ChunkRunner {
                     committing = true;
                     return Ok(done);
                 }
-                let short = match (guessing, ledger_guesses) {
-                    (false, _) => vec![false; lines.len()],
-                    (true, false) => chunk.guess_short(&locked, &HashSet::new()),
-                    (true, true) => {
+                let short = match guesses {
+                    Guesses::NoneInThisChunk => vec![false; lines.len()],
+                    Guesses::FromBalances => chunk.guess_short(&locked, &HashSet::new()),
+                    Guesses::WithLedger => {
                         let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
                         let found = repo::ids_in_ledger(c, &ids)?;
                         chunk.guess_short(&locked, &found.into_iter().collect())

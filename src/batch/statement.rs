@@ -285,10 +285,6 @@ mod tests {
     use super::*;
     use diesel::query_builder::QueryFragment;
 
-    /// A statement Diesel may cache is prepared under a name, and PostgreSQL then plans it
-    /// generically from its sixth run on (seen with auto_explain: 86 of a 100,000-line file's
-    /// 96 chunks ran a plan that expected 10 lines). Uncached, each chunk is planned for its
-    /// own arrays.
     #[test]
     fn guesses_play_the_lines_as_the_statement_does() {
         let [a, b, ghost, x, y] = [1u128, 2, 3, 4, 5].map(Uuid::from_u128);
@@ -342,6 +338,10 @@ mod tests {
         assert_eq!(rich, [false; 8]);
     }
 
+    /// A statement Diesel may cache is prepared under a name, and PostgreSQL then plans it
+    /// generically from its sixth run on (seen with auto_explain: 86 of a 100,000-line file's
+    /// 96 chunks ran a plan that expected 10 lines). Uncached, each chunk is planned for its
+    /// own arrays.
     #[test]
     fn the_chunk_statement_is_never_cached() {
         let chunk = Chunk::new(&[]);
