@@ -673,6 +673,77 @@ fn a_lost_or_ambiguous_chunk_commit_is_settled_through_the_ledger_and_reported_a
     }
 }
 
+/// `n` transfers between random pairs of `accounts`, amounts 1 to `most`: with small balances,
+/// many lines are refused for insufficient funds, spread over the file.
+fn overdrawing_file(rng: &mut StdRng, accounts: &[(Uuid, i64)], n: usize, most: i64) -> Vec<T> {
+    (0..n)
+        .map(|_| {
+            let from = rng.random_range(0..accounts.len());
+            let to = (from + rng.random_range(1..accounts.len())) % accounts.len();
+            T {
+                id: Uuid::new_v4(),
+                from: accounts[from].0,
+                to: accounts[to].0,
+                amount: rng.random_range(1..=most),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_server_frozen_at_a_commit_with_guessed_refusals_then_reruns_give_one_by_one_state() {
+    // The statement whose COMMIT the frozen server holds decided refused lines between lines
+    // it applied. Unknown within the deadline; once the server answers, that COMMIT may land
+    // late, and reruns of the file must end in the one-by-one state, each refused line refused.
+    for iso in Iso::BOTH {
+        let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+        let mut rng = StdRng::seed_from_u64(9);
+        let accounts: Vec<(Uuid, i64)> = (0..4)
+            .map(|_| (Uuid::new_v4(), rng.random_range(0..30)))
+            .collect();
+        for db in [&batched, &oracle] {
+            accounts_with_ids(db, &accounts);
+        }
+        let lines = overdrawing_file(&mut rng, &accounts, 60, 20);
+        let expected = one_by_one(&oracle, &lines);
+        let proxy = Proxy::start(upstream_of(&batched.url));
+        proxy.arm_at(At::Commit, Fault::Freeze);
+        let run = run_file(
+            &proxy.url_for(&batched.url),
+            "f.csv",
+            &csv(&lines),
+            &["--batch", "1000", "--connections", "1", "--timeout", "1s"],
+        );
+        ended(&run, 3, "may or may not have been applied");
+        proxy.thaw_all();
+        drop(proxy);
+        let started = Instant::now();
+        let rerun = loop {
+            let rerun = run_file(batched.url.expose(), "f.csv", &csv(&lines), &[]);
+            if rerun.code != 3 {
+                break rerun;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "{rerun:?}");
+            thread::sleep(Duration::from_millis(100));
+        };
+        let got: Vec<String> = outcomes(&rerun).into_iter().map(|(_, o)| o).collect();
+        for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+            // The held COMMIT may have landed: this rerun then finds those lines applied.
+            let same = got == want || (got == "already_applied" && want == "applied");
+            assert!(same, "{iso:?}: line {i}: {got} against {want}");
+        }
+        assert!(
+            expected
+                .iter()
+                .filter(|o| *o == "insufficient_funds")
+                .count()
+                > 5,
+            "{iso:?}: the file should overdraw: {expected:?}"
+        );
+        assert_eq!(full_state(&batched), full_state(&oracle), "{iso:?}");
+    }
+}
+
 #[test]
 fn a_lost_or_late_commit_of_a_statement_with_guessed_refusals_gives_one_by_one_outcomes() {
     // The runner guesses a statement's refused lines from the balances it locked. When that
@@ -695,18 +766,7 @@ fn a_lost_or_late_commit_of_a_statement_with_guessed_refusals_gives_one_by_one_o
             for db in [&batched, &oracle] {
                 accounts_with_ids(db, &accounts);
             }
-            let lines: Vec<T> = (0..60)
-                .map(|_| {
-                    let from = rng.random_range(0..accounts.len());
-                    let to = (from + rng.random_range(1..accounts.len())) % accounts.len();
-                    T {
-                        id: Uuid::new_v4(),
-                        from: accounts[from].0,
-                        to: accounts[to].0,
-                        amount: rng.random_range(1..=20),
-                    }
-                })
-                .collect();
+            let lines = overdrawing_file(&mut rng, &accounts, 60, 20);
             let expected = one_by_one(&oracle, &lines);
             let proxy = Proxy::start(upstream_of(&batched.url));
             proxy.arm_at(At::Commit, fault);
@@ -2149,18 +2209,7 @@ fn refused_lines_scattered_through_a_file_do_not_each_end_a_statement() {
         for db in [&batched, &oracle] {
             accounts_with_ids(db, &accounts);
         }
-        let lines: Vec<T> = (0..400)
-            .map(|_| {
-                let from = rng.random_range(0..accounts.len());
-                let to = (from + rng.random_range(1..accounts.len())) % accounts.len();
-                T {
-                    id: Uuid::new_v4(),
-                    from: accounts[from].0,
-                    to: accounts[to].0,
-                    amount: rng.random_range(1..=30),
-                }
-            })
-            .collect();
+        let lines = overdrawing_file(&mut rng, &accounts, 400, 30);
         let expected = one_by_one(&oracle, &lines);
         let refused = expected
             .iter()
