@@ -232,8 +232,10 @@ pub enum Error {
     FileNotStarted(ConnectError),
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error(
-        "{}{failed} of {total} transfers were not applied (each line's outcome is above)",
-        if *interrupted { "interrupted (Ctrl-C or SIGTERM): " } else { "" }
+        "{}{} {} not applied (each line's outcome is above)",
+        if *interrupted { "interrupted (Ctrl-C or SIGTERM): " } else { "" },
+        crate::of_total(*failed, *total, "transfer"),
+        if *failed == 1 { "was" } else { "were" }
     )]
     BatchFailed {
         failed: u64,
@@ -345,12 +347,15 @@ pub enum Error {
 fn seed_stopped(created: u64, total: u64) -> String {
     match created {
         0 => format!(
-            "none of the {total} accounts was created (any id written belongs to a chunk that \
-             was rolled back)"
+            "none of the {} was created (any id written belongs to a chunk that was rolled \
+             back)",
+            crate::counted(total, "account")
         ),
         n => format!(
-            "{n} of {total} accounts were created, those of the first {n} ids written (any id \
-             written after them belongs to a chunk that was rolled back)"
+            "{} {} created, those of the first {n} ids written (any id written after them \
+             belongs to a chunk that was rolled back)",
+            crate::of_total(n, total, "account"),
+            if n == 1 { "was" } else { "were" }
         ),
     }
 }
@@ -469,8 +474,9 @@ fn batch_unknown(stopped: Option<&str>, unknown: u64, not_attempted: u64, total:
         n => format!(", {n} of them not attempted by this run"),
     };
     format!(
-        "{stopped}{unknown} of {total} transfers may or may not have been applied (outcome \
-         unknown{never}): run the same file again to settle them"
+        "{stopped}{} may or may not have been applied (outcome unknown{never}): run the same \
+         file again to settle them",
+        crate::of_total(unknown, total, "transfer")
     )
 }
 

@@ -48,6 +48,11 @@ pub fn counted(n: impl Into<u64>, noun: &str) -> String {
     }
 }
 
+/// "1 of 1 transfer", "3 of 5 transfers": a part of a whole, the noun agreeing with the whole.
+pub fn of_total(part: u64, total: u64, noun: &str) -> String {
+    format!("{part} of {}", counted(total, noun))
+}
+
 /// Text on one line, as every output shows a message (stderr, `--json`, a file's results):
 /// libpq's messages span several ("... failed: Connection refused\n\tIs the server
 /// running ...?"), and became one run-on sentence; its lines are joined with "; ", and a line

@@ -492,7 +492,7 @@ fn standard_input_works_as_a_file_and_text_output_names_each_line() {
         .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
         .write_stdin(jsonl(&lines));
     let run = Run::from(bank.cmd.output().expect("run"));
-    ended(&run, 1, "1 of 2 transfers were not applied");
+    ended(&run, 1, "1 of 2 transfers was not applied");
     let out: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(out.len(), 2, "{run:?}");
     assert_eq!(out[0], format!("line 1: {} applied", lines[0].id));
