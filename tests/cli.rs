@@ -553,6 +553,34 @@ fn an_unmigrated_database_asks_for_init() {
     );
 }
 
+/// `script -qec CMD /dev/null`: runs CMD on a pseudo-terminal. Checked once first, so that a
+/// machine without one (a chroot without devpts) fails these tests with the reason, not with
+/// an empty output.
+fn script(cmd: &str) -> std::process::Command {
+    static CHECKED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let out = std::process::Command::new("script")
+            .args(["-qec", "true", "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!(
+                "these tests run bank on a pseudo-terminal with script(1), which failed: {} \
+                 (in a chroot, mount devpts: mount -t devpts devpts /dev/pts)",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => panic!(
+                "these tests run bank on a pseudo-terminal with script(1) (util-linux), which \
+                 could not be run: {e}"
+            ),
+        }
+    });
+    let mut command = std::process::Command::new("script");
+    command.args(["-qec", cmd, "/dev/null"]);
+    command
+}
+
 /// Runs `bank args` on a pseudo-terminal (`script`), typing `input`; returns what it showed.
 fn on_terminal(db: &ScratchDb, args: &str, input: &str) -> String {
     on_terminal_with_status(db, args, input).0
@@ -561,15 +589,14 @@ fn on_terminal(db: &ScratchDb, args: &str, input: &str) -> String {
 /// `on_terminal`, with bank's exit code (`script -e` passes it on).
 fn on_terminal_with_status(db: &ScratchDb, args: &str, input: &str) -> (String, Option<i32>) {
     use std::io::Write;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let bank = assert_cmd::cargo::cargo_bin("bank");
     let cmd = format!(
         "{} --database-url '{}' {args}",
         bank.display(),
         db.url.expose()
     );
-    let out = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
+    let out = script(&cmd)
         .env_remove("DATABASE_URL")
         // A terminal user's TERM: CI may run with none, or "dumb", where no live line is drawn.
         .env("TERM", "xterm-256color")
@@ -914,17 +941,10 @@ fn completions_and_the_man_page_need_no_database() {
 /// Colour only on a terminal, and never with NO_COLOR (https://no-color.org).
 #[test]
 fn no_color_is_respected() {
-    use std::process::Command;
     let bank = assert_cmd::cargo::cargo_bin("bank");
     let help = |no_color: bool| {
-        let mut cmd = Command::new("script");
-        cmd.args([
-            "-qec",
-            &format!("{} workload --help", bank.display()),
-            "/dev/null",
-        ])
-        .env("TERM", "xterm-256color")
-        .env_remove("NO_COLOR");
+        let mut cmd = script(&format!("{} workload --help", bank.display()));
+        cmd.env("TERM", "xterm-256color").env_remove("NO_COLOR");
         if no_color {
             cmd.env("NO_COLOR", "1");
         }
@@ -1704,7 +1724,7 @@ fn reset_during_transfers(iso: crate::support::Iso) {
 #[test]
 fn one_ctrl_d_ends_an_empty_file_typed_on_a_terminal() {
     use std::io::Write;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let db = ScratchDb::migrated();
     let bank = assert_cmd::cargo::cargo_bin("bank");
     let cmd = format!(
@@ -1712,8 +1732,7 @@ fn one_ctrl_d_ends_an_empty_file_typed_on_a_terminal() {
         bank.display(),
         db.url.expose()
     );
-    let mut child = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
+    let mut child = script(&cmd)
         .env_remove("DATABASE_URL")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
