@@ -15,13 +15,13 @@ use bank::retry::RetryPolicy;
 use bank::transfer::{Mode, Runner};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 use crate::support::proxy::{upstream_of, At, Fault, Proxy};
-use crate::support::{count_transfers, wait_for_lock_wait, Bank, Iso, Run, ScratchDb};
+use crate::support::{count_transfers, wait_for_lock_wait, Bank, Iso, OwnCluster, Run, ScratchDb};
 
 /// One line of a test file.
 #[derive(Debug, Clone, Copy)]
@@ -741,6 +741,130 @@ fn a_server_frozen_at_a_commit_with_guessed_refusals_then_reruns_give_one_by_one
             "{iso:?}: the file should overdraw: {expected:?}"
         );
         assert_eq!(full_state(&batched), full_state(&oracle), "{iso:?}");
+    }
+}
+
+/// `to` gets `from`'s accounts (balance and version) and ledger rows, so that the one-by-one
+/// runner can go on from the state a faulty run left.
+fn copy_state(from: &ScratchDb, to: &ScratchDb) {
+    let (accounts, entries) = full_state(from);
+    let mut conn = to.conn();
+    let column = |f: fn(&Entry) -> i64| entries.iter().map(f).collect::<Vec<i64>>();
+    let uuids = |f: fn(&Entry) -> Uuid| entries.iter().map(f).collect::<Vec<Uuid>>();
+    diesel::sql_query(
+        "INSERT INTO accounts (id, balance, opening_balance, version) \
+         SELECT id, balance, balance, version FROM unnest($1, $2, $3) AS a (id, balance, version)",
+    )
+    .bind::<Array<SqlUuid>, _>(accounts.iter().map(|a| a.id).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(accounts.iter().map(|a| a.balance).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(accounts.iter().map(|a| a.version).collect::<Vec<_>>())
+    .execute(&mut conn)
+    .expect("copy accounts");
+    diesel::sql_query(
+        "INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, \
+         to_version, to_balance_after) SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind::<Array<SqlUuid>, _>(uuids(|e| e.id))
+    .bind::<Array<SqlUuid>, _>(uuids(|e| e.from_id))
+    .bind::<Array<SqlUuid>, _>(uuids(|e| e.to_id))
+    .bind::<Array<BigInt>, _>(column(|e| e.amount))
+    .bind::<Array<BigInt>, _>(column(|e| e.from_version))
+    .bind::<Array<BigInt>, _>(column(|e| e.from_balance_after))
+    .bind::<Array<BigInt>, _>(column(|e| e.to_version))
+    .bind::<Array<BigInt>, _>(column(|e| e.to_balance_after))
+    .execute(&mut conn)
+    .expect("copy the ledger");
+}
+
+/// Waits until no other `bank` session of `db` is left (a test's own connections count as
+/// `bank`'s): a frozen run's transactions, thawed, end once their server notices that the
+/// client is gone.
+fn wait_for_no_bank_session(db: &ScratchDb) {
+    let started = Instant::now();
+    loop {
+        let left: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+            "(SELECT COUNT(*) FROM pg_stat_activity \
+              WHERE datname = current_database() AND application_name = 'bank' \
+                AND pid <> pg_backend_pid())",
+        ))
+        .get_result(&mut db.conn())
+        .expect("pg_stat_activity");
+        if left == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{left} sessions left"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
+    // The whole server (postmaster and every backend) gets SIGSTOP in the middle of a file
+    // whose refusals the runner guesses, on 2 connections, statements of 20 lines: whatever
+    // each connection was doing (a lock statement, a chunk statement, a COMMIT not yet read)
+    // stays undone while the run gives up at its deadline. Thawed, those transactions end
+    // (committed or not), and a rerun must then give exactly what one-by-one application
+    // gives from the state they left.
+    let cluster = OwnCluster::start();
+    for iso in Iso::BOTH {
+        let case = format!("{iso:?}");
+        let batched = ScratchDb::migrated_on(cluster.server(), iso);
+        let mut rng = StdRng::seed_from_u64(17);
+        let accounts: Vec<(Uuid, i64)> = (0..8)
+            .map(|_| (Uuid::new_v4(), rng.random_range(0..60)))
+            .collect();
+        accounts_with_ids(&batched, &accounts);
+        let lines = overdrawing_file(&mut rng, &accounts, 2000, 20);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write file");
+        let args = ["--batch", "20", "--connections", "2", "--timeout", "1s"];
+        let child = spawn_file_with(batched.url.expose(), &path, &args);
+        let mut conn = batched.conn();
+        while count_transfers(&mut conn).expect("count") == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        cluster.freeze();
+        let frozen = Instant::now();
+        drop(conn);
+        let first = Run::from(child.wait_with_output().expect("wait"));
+        let took = frozen.elapsed();
+        cluster.thaw();
+        assert!(took < Duration::from_secs(5), "{case}: {took:?}");
+        assert_eq!(first.code, 3, "{case}: {first:?}");
+        let first_outcomes = outcomes(&first);
+        assert_eq!(first_outcomes.len(), lines.len(), "{case}");
+        assert!(
+            first_outcomes
+                .iter()
+                .any(|(_, o)| o == "insufficient_funds"),
+            "{case}: the run refused lines before the freeze: {first_outcomes:?}"
+        );
+        wait_for_no_bank_session(&batched);
+        // What the first run reported decided holds in the ledger.
+        let in_ledger: std::collections::HashSet<Uuid> =
+            full_state(&batched).1.iter().map(|e| e.id).collect();
+        for (line, outcome) in &first_outcomes {
+            let id = lines[*line as usize - 2].id;
+            match outcome.as_str() {
+                "applied" => assert!(in_ledger.contains(&id), "{case}: line {line}"),
+                "unknown" => {}
+                _ => assert!(!in_ledger.contains(&id), "{case}: line {line}: {outcome}"),
+            }
+        }
+        let oracle = ScratchDb::migrated_at(iso);
+        copy_state(&batched, &oracle);
+        let expected = one_by_one(&oracle, &lines);
+        let rerun = run_file(batched.url.expose(), "f.csv", &csv(&lines), &[]);
+        assert_ne!(rerun.code, 3, "{case}: {rerun:?}");
+        let got: Vec<String> = outcomes(&rerun).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, expected, "{case}");
+        assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
+        let report = bank::verify::verify(&mut batched.conn()).expect("verify");
+        assert!(report.ok, "{case}: {report:?}");
     }
 }
 

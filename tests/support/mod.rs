@@ -56,6 +56,8 @@ pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
 pub struct ScratchDb {
     pub name: String,
     pub url: DbUrl,
+    /// The server it is on: the test server, or a test's `OwnCluster`.
+    server: DbUrl,
 }
 
 /// The isolation level a scratch database gives its transactions by default (the test server's
@@ -90,14 +92,21 @@ impl ScratchDb {
 
     /// A migrated database whose transactions default to `iso`.
     pub fn migrated_at(iso: Iso) -> ScratchDb {
-        let db = ScratchDb::migrated();
+        ScratchDb::migrated_on(server_url(), iso)
+    }
+
+    /// `migrated_at` on another server (an `OwnCluster`).
+    pub fn migrated_on(server: DbUrl, iso: Iso) -> ScratchDb {
+        let db = ScratchDb::empty_on(server);
+        bank::db::run_migrations(&mut db.conn()).expect("migrations run");
         db.alter(&format!("default_transaction_isolation = '{}'", iso.sql()));
         db
     }
 
     /// `ALTER DATABASE <this> SET <setting>`: a server-side setting every new session gets.
     pub fn alter(&self, setting: &str) {
-        let mut admin = server_url()
+        let mut admin = self
+            .server
             .with_database("postgres")
             .connect()
             .expect("connect as admin");
@@ -108,7 +117,10 @@ impl ScratchDb {
 
     /// A new database without any tables.
     pub fn empty() -> ScratchDb {
-        let server = server_url();
+        ScratchDb::empty_on(server_url())
+    }
+
+    fn empty_on(server: DbUrl) -> ScratchDb {
         let name = format!("bank_test_{}", Uuid::new_v4().simple());
         let mut admin = server
             .with_database("postgres")
@@ -118,7 +130,7 @@ impl ScratchDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("create scratch database");
         let url = server.with_database(&name);
-        ScratchDb { name, url }
+        ScratchDb { name, url, server }
     }
 
     pub fn conn(&self) -> PgConnection {
@@ -213,7 +225,7 @@ impl ScratchDb {
 
 impl Drop for ScratchDb {
     fn drop(&mut self) {
-        if let Ok(mut admin) = server_url().with_database("postgres").connect() {
+        if let Ok(mut admin) = self.server.with_database("postgres").connect() {
             let _ = admin.batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
@@ -383,5 +395,72 @@ pub fn wait_for_lock_wait(db: &ScratchDb) {
             "the transfer never waited on a lock"
         );
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A PostgreSQL cluster of one test's own (`scripts/pg` on a free port, in a directory of its
+/// own), for faults that would stop every other test on the shared server: `freeze` sends
+/// SIGSTOP to the postmaster and every server process, as a VM pause or `kill -STOP` does.
+/// Stopped and deleted when dropped.
+pub struct OwnCluster {
+    port: u16,
+    dir: String,
+}
+
+impl OwnCluster {
+    pub fn start() -> OwnCluster {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let cluster = OwnCluster {
+            port,
+            dir: format!("/tmp/bank-pg-test-{}", Uuid::new_v4().simple()),
+        };
+        cluster.pg(&["start"]);
+        cluster
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"));
+        command
+            .args(args)
+            .env("BANK_PG_PORT", self.port.to_string())
+            .env("BANK_PG_DIR", &self.dir);
+        command
+    }
+
+    /// `scripts/pg ARGS` for this cluster; its output.
+    fn pg(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().expect("run scripts/pg");
+        assert!(
+            out.status.success(),
+            "scripts/pg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The URL of its `postgres` database, to make scratch databases on.
+    pub fn server(&self) -> DbUrl {
+        DbUrl::parse(&self.pg(&["url", "postgres"])).expect("scripts/pg url")
+    }
+
+    pub fn freeze(&self) {
+        self.pg(&["freeze"]);
+    }
+
+    pub fn thaw(&self) {
+        self.pg(&["thaw"]);
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        // A failed test may leave it frozen, and a frozen server does not stop.
+        let _ = self.command(&["thaw"]).output();
+        let _ = self.command(&["stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
