@@ -690,22 +690,52 @@ fn overdrawing_file(rng: &mut StdRng, accounts: &[(Uuid, i64)], n: usize, most: 
         .collect()
 }
 
+/// `n_accounts` accounts with balances below `richest`, and `n` lines between them with
+/// amounts 1 to `most` (`overdrawing_file`), all drawn from `seed`.
+fn overdrawing_case(
+    seed: u64,
+    n_accounts: usize,
+    richest: i64,
+    n: usize,
+    most: i64,
+) -> (Vec<(Uuid, i64)>, Vec<T>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let accounts: Vec<(Uuid, i64)> = (0..n_accounts)
+        .map(|_| (Uuid::new_v4(), rng.random_range(0..richest)))
+        .collect();
+    let lines = overdrawing_file(&mut rng, &accounts, n, most);
+    (accounts, lines)
+}
+
+/// The database for the file, the oracle's, the accounts in both, the lines, and their
+/// one-by-one outcomes.
+type Twins = (ScratchDb, ScratchDb, Vec<(Uuid, i64)>, Vec<T>, Vec<String>);
+
+/// `overdrawing_case` on twin databases at `iso`, the lines applied one by one on the oracle's.
+fn overdrawn_twins(
+    iso: Iso,
+    seed: u64,
+    n_accounts: usize,
+    richest: i64,
+    n: usize,
+    most: i64,
+) -> Twins {
+    let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+    let (accounts, lines) = overdrawing_case(seed, n_accounts, richest, n, most);
+    for db in [&batched, &oracle] {
+        accounts_with_ids(db, &accounts);
+    }
+    let expected = one_by_one(&oracle, &lines);
+    (batched, oracle, accounts, lines, expected)
+}
+
 #[test]
 fn a_server_frozen_at_a_commit_with_guessed_refusals_then_reruns_give_one_by_one_state() {
     // The statement whose COMMIT the frozen server holds decided refused lines between lines
     // it applied. Unknown within the deadline; once the server answers, that COMMIT may land
     // late, and reruns of the file must end in the one-by-one state, each refused line refused.
     for iso in Iso::BOTH {
-        let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
-        let mut rng = StdRng::seed_from_u64(9);
-        let accounts: Vec<(Uuid, i64)> = (0..4)
-            .map(|_| (Uuid::new_v4(), rng.random_range(0..30)))
-            .collect();
-        for db in [&batched, &oracle] {
-            accounts_with_ids(db, &accounts);
-        }
-        let lines = overdrawing_file(&mut rng, &accounts, 60, 20);
-        let expected = one_by_one(&oracle, &lines);
+        let (batched, oracle, _, lines, expected) = overdrawn_twins(iso, 9, 4, 30, 60, 20);
         let proxy = Proxy::start(upstream_of(&batched.url));
         proxy.arm_at(At::Commit, Fault::Freeze);
         let run = run_file(
@@ -810,14 +840,9 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
     // gives from the state they left.
     let cluster = OwnCluster::start();
     for iso in Iso::BOTH {
-        let case = format!("{iso:?}");
         let batched = ScratchDb::migrated_on(cluster.server(), iso);
-        let mut rng = StdRng::seed_from_u64(17);
-        let accounts: Vec<(Uuid, i64)> = (0..8)
-            .map(|_| (Uuid::new_v4(), rng.random_range(0..60)))
-            .collect();
+        let (accounts, lines) = overdrawing_case(17, 8, 60, 2000, 20);
         accounts_with_ids(&batched, &accounts);
-        let lines = overdrawing_file(&mut rng, &accounts, 2000, 20);
         let bank = Bank::new();
         let path = bank.dir.path().join("f.csv");
         std::fs::write(&path, csv(&lines)).expect("write file");
@@ -833,15 +858,15 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
         let first = Run::from(child.wait_with_output().expect("wait"));
         let took = frozen.elapsed();
         cluster.thaw();
-        assert!(took < Duration::from_secs(5), "{case}: {took:?}");
-        assert_eq!(first.code, 3, "{case}: {first:?}");
+        assert!(took < Duration::from_secs(5), "{iso:?}: {took:?}");
+        assert_eq!(first.code, 3, "{iso:?}: {first:?}");
         let first_outcomes = outcomes(&first);
-        assert_eq!(first_outcomes.len(), lines.len(), "{case}");
+        assert_eq!(first_outcomes.len(), lines.len(), "{iso:?}");
         assert!(
             first_outcomes
                 .iter()
                 .any(|(_, o)| o == "insufficient_funds"),
-            "{case}: the run refused lines before the freeze: {first_outcomes:?}"
+            "{iso:?}: the run refused lines before the freeze: {first_outcomes:?}"
         );
         wait_for_no_bank_session(&batched);
         // What the first run reported decided holds in the ledger.
@@ -850,21 +875,21 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
         for (line, outcome) in &first_outcomes {
             let id = lines[*line as usize - 2].id;
             match outcome.as_str() {
-                "applied" => assert!(in_ledger.contains(&id), "{case}: line {line}"),
+                "applied" => assert!(in_ledger.contains(&id), "{iso:?}: line {line}"),
                 "unknown" => {}
-                _ => assert!(!in_ledger.contains(&id), "{case}: line {line}: {outcome}"),
+                _ => assert!(!in_ledger.contains(&id), "{iso:?}: line {line}: {outcome}"),
             }
         }
         let oracle = ScratchDb::migrated_at(iso);
         copy_state(&batched, &oracle);
         let expected = one_by_one(&oracle, &lines);
         let rerun = run_file(batched.url.expose(), "f.csv", &csv(&lines), &[]);
-        assert_ne!(rerun.code, 3, "{case}: {rerun:?}");
+        assert_ne!(rerun.code, 3, "{iso:?}: {rerun:?}");
         let got: Vec<String> = outcomes(&rerun).into_iter().map(|(_, o)| o).collect();
-        assert_eq!(got, expected, "{case}");
-        assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
+        assert_eq!(got, expected, "{iso:?}");
+        assert_eq!(full_state(&batched), full_state(&oracle), "{iso:?}");
         let report = bank::verify::verify(&mut batched.conn()).expect("verify");
-        assert!(report.ok, "{case}: {report:?}");
+        assert!(report.ok, "{iso:?}: {report:?}");
     }
 }
 
@@ -882,16 +907,7 @@ fn a_lost_or_late_commit_of_a_statement_with_guessed_refusals_gives_one_by_one_o
             Fault::LateCommit(Duration::from_millis(500)),
         ] {
             let case = format!("{iso:?} {fault:?}");
-            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
-            let mut rng = StdRng::seed_from_u64(5);
-            let accounts: Vec<(Uuid, i64)> = (0..4)
-                .map(|_| (Uuid::new_v4(), rng.random_range(0..30)))
-                .collect();
-            for db in [&batched, &oracle] {
-                accounts_with_ids(db, &accounts);
-            }
-            let lines = overdrawing_file(&mut rng, &accounts, 60, 20);
-            let expected = one_by_one(&oracle, &lines);
+            let (batched, oracle, _, lines, expected) = overdrawn_twins(iso, 5, 4, 30, 60, 20);
             let proxy = Proxy::start(upstream_of(&batched.url));
             proxy.arm_at(At::Commit, fault);
             let run = run_file(
@@ -2325,16 +2341,7 @@ fn refused_lines_scattered_through_a_file_do_not_each_end_a_statement() {
     // 10.9k/s for the single-statement workload). The runner now tells the statement which
     // lines the balances it just locked leave short, and the statement checks each guess.
     for iso in Iso::BOTH {
-        let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
-        let mut rng = StdRng::seed_from_u64(41);
-        let accounts: Vec<(Uuid, i64)> = (0..6)
-            .map(|_| (Uuid::new_v4(), rng.random_range(0..40)))
-            .collect();
-        for db in [&batched, &oracle] {
-            accounts_with_ids(db, &accounts);
-        }
-        let lines = overdrawing_file(&mut rng, &accounts, 400, 30);
-        let expected = one_by_one(&oracle, &lines);
+        let (batched, oracle, accounts, lines, expected) = overdrawn_twins(iso, 41, 6, 40, 400, 30);
         let refused = expected
             .iter()
             .filter(|o| *o == "insufficient_funds")
