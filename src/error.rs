@@ -235,7 +235,7 @@ pub enum Error {
         "{}{} {} not applied (each line's outcome is above)",
         if *interrupted { "interrupted (Ctrl-C or SIGTERM): " } else { "" },
         crate::of_total(*failed, *total, "transfer"),
-        if *failed == 1 { "was" } else { "were" }
+        crate::was_or_were(*failed)
     )]
     BatchFailed {
         failed: u64,
@@ -355,7 +355,7 @@ fn seed_stopped(created: u64, total: u64) -> String {
             "{} {} created, those of the first {n} ids written (any id written after them \
              belongs to a chunk that was rolled back)",
             crate::of_total(n, total, "account"),
-            if n == 1 { "was" } else { "were" }
+            crate::was_or_were(n)
         ),
     }
 }

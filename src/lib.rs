@@ -53,6 +53,15 @@ pub fn of_total(part: u64, total: u64, noun: &str) -> String {
     format!("{part} of {}", counted(total, noun))
 }
 
+/// The verb after `of_total`, agreeing with the part: "1 of 5 transfers was", "3 of 5 … were".
+pub fn was_or_were(part: u64) -> &'static str {
+    if part == 1 {
+        "was"
+    } else {
+        "were"
+    }
+}
+
 /// Text on one line, as every output shows a message (stderr, `--json`, a file's results):
 /// libpq's messages span several ("... failed: Connection refused\n\tIs the server
 /// running ...?"), and became one run-on sentence; its lines are joined with "; ", and a line

@@ -517,7 +517,7 @@ impl ChunkRunner {
                 Ok(conn) => conn,
                 Err(step) => return step,
             };
-            let mut seen = None;
+            // This attempt's verdicts, once it has them.
             let mut last: Option<Decided> = None;
             let mut committing = false;
             let mut locked_all = false;
@@ -534,7 +534,6 @@ impl ChunkRunner {
                 // before lines it applied would be judged again against balances that hold those
                 // later lines' moves (found with a cut COMMIT: a refused line came back applied).
                 if let Some(done) = committed_attempt(c, &unanswered)? {
-                    seen = Some(applied(lines, &done).map(|l| l.line).collect());
                     last = Some(done.clone());
                     if !ticket.enter_commit() {
                         return Err(Rollback::Abandoned);
@@ -559,7 +558,6 @@ impl ChunkRunner {
                         return Err(Rollback::AnsweredSince(line));
                     }
                 }
-                seen = Some(applying.iter().map(|l| l.line).collect::<Vec<u64>>());
                 last = Some(decided.clone());
                 if !ticket.enter_commit() {
                     return Err(Rollback::Abandoned);
@@ -603,7 +601,7 @@ impl ChunkRunner {
                 // back. Taken for ambiguous, it was retried until the deadline and its lines
                 // ended "unknown", on every rerun too.
                 Err(Rollback::Database(e))
-                    if committing && commit_refused(conn, &e, lines, seen.as_deref()) =>
+                    if committing && commit_refused(conn, &e, lines, last.as_ref()) =>
                 {
                     Attempt::Fail(TransferError::from(e))
                 }
@@ -626,16 +624,11 @@ impl ChunkRunner {
             } = &step
             {
                 ambiguous = true;
-                let applied_lines: HashSet<u64> = seen.into_iter().flatten().collect();
                 if let Some(decided) = last {
-                    let ids = lines
-                        .iter()
-                        .filter(|l| applied_lines.contains(&l.line))
-                        .map(|l| l.transfer.id)
-                        .collect();
-                    unanswered.push((ids, decided));
+                    let applying: Vec<&Line> = applied(lines, &decided).collect();
+                    ours.extend(applying.iter().map(|l| l.line));
+                    unanswered.push((applying.iter().map(|l| l.transfer.id).collect(), decided));
                 }
-                ours.extend(applied_lines);
             }
             step
         });
@@ -805,24 +798,21 @@ impl From<DieselError> for Rollback {
     }
 }
 
-/// An error of the statement or its COMMIT, as a step of the retry loop.
 /// Whether a COMMIT that failed with `e` surely rolled back: the server answered it with an error
 /// nobody classified (not a lost connection, not CockroachDB's ambiguous result), and the ledger
-/// has none of the lines (`applied`, by number) that the attempt would have written.
+/// has none of the lines that the attempt (its verdicts: `decided`) would have written.
 fn commit_refused(
     conn: &mut PgConnection,
     e: &DieselError,
     lines: &[Line],
-    applied: Option<&[u64]>,
+    decided: Option<&Decided>,
 ) -> bool {
     if !matches!(e, DieselError::DatabaseError(..)) || classify(e, Phase::Commit).is_some() {
         return false;
     }
-    let ids: Vec<Uuid> = lines
-        .iter()
-        .filter(|l| applied.is_some_and(|a| a.contains(&l.line)))
-        .map(|l| l.transfer.id)
-        .collect();
+    let ids: Vec<Uuid> = decided
+        .map(|d| applied(lines, d).map(|l| l.transfer.id).collect())
+        .unwrap_or_default();
     !ids.is_empty() && repo::count_transfers_with_ids(conn, &ids) == Ok(0)
 }
 
@@ -837,6 +827,7 @@ fn cancelled_by_statement_timeout(e: &DieselError) -> bool {
         if info.message().to_ascii_lowercase().contains("due to statement timeout"))
 }
 
+/// An error of the statement or its COMMIT, as a step of the retry loop.
 fn failure(e: DieselError, committing: bool) -> Attempt<Decided, TransferError> {
     let phase = if committing {
         Phase::Commit
