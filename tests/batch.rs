@@ -830,27 +830,74 @@ fn wait_for_no_bank_session(db: &ScratchDb) {
     }
 }
 
+/// A test's own deferred trigger on the ledger: the next COMMIT that writes ledger rows takes
+/// the row of `slow_commit` and sleeps a second before it commits.
+const SLOW_COMMIT: &str = "CREATE TABLE slow_commit (n INT); INSERT INTO slow_commit VALUES (1); \
+    CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+      IF EXISTS (SELECT 1 FROM slow_commit) THEN \
+        DELETE FROM slow_commit; PERFORM pg_sleep(1); \
+      END IF; RETURN NULL; END $$; \
+    CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfers \
+      DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()";
+
+/// Whether a `bank` session of this database is in its COMMIT, asleep in `SLOW_COMMIT`.
+fn committing(conn: &mut PgConnection) -> bool {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+        "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'bank' AND pid <> pg_backend_pid() \
+         AND query = 'COMMIT' AND wait_event = 'PgSleep')",
+    ))
+    .get_result(conn)
+    .expect("pg_stat_activity")
+}
+
 #[test]
 fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
     // The whole server (postmaster and every backend) gets SIGSTOP in the middle of a file
-    // whose refusals the runner guesses, on 2 connections, statements of 20 lines: whatever
-    // each connection was doing (a lock statement, a chunk statement, a COMMIT not yet read)
-    // stays undone while the run gives up at its deadline. Thawed, those transactions end
-    // (committed or not), and a rerun must then give exactly what one-by-one application
-    // gives from the state they left.
+    // whose refusals the runner guesses, statements of 20 lines, while the run gives up at its
+    // deadline. Two moments: right after the first commit, on 2 connections (whatever is in
+    // flight then; seen: a COMMIT whose 17 lines landed once thawed); and, for certain, on 1
+    // connection while a COMMIT is being made (a deferred trigger of the test's sleeps in it
+    // once), so that the outcome is not settled when the run gives up: thawed, that COMMIT
+    // lands after the run said "unknown". A rerun must then give exactly what one-by-one
+    // application gives from the state the frozen transactions left.
     let cluster = OwnCluster::start();
-    for iso in Iso::BOTH {
+    for (iso, at_commit) in Iso::BOTH
+        .into_iter()
+        .flat_map(|iso| [(iso, false), (iso, true)])
+    {
+        let case = format!("{iso:?}, frozen at a COMMIT: {at_commit}");
         let batched = ScratchDb::migrated_on(cluster.server(), iso);
         let (accounts, lines) = overdrawing_case(17, 8, 60, 2000, 20);
         accounts_with_ids(&batched, &accounts);
+        let mut conn = batched.conn();
         let bank = Bank::new();
         let path = bank.dir.path().join("f.csv");
         std::fs::write(&path, csv(&lines)).expect("write file");
-        let args = ["--batch", "20", "--connections", "2", "--timeout", "1s"];
+        let connections = if at_commit { "1" } else { "2" };
+        let args = [
+            "--batch",
+            "20",
+            "--connections",
+            connections,
+            "--timeout",
+            "1s",
+        ];
         let child = spawn_file_with(batched.url.expose(), &path, &args);
-        let mut conn = batched.conn();
         while count_transfers(&mut conn).expect("count") == 0 {
             thread::sleep(Duration::from_millis(1));
+        }
+        if at_commit {
+            conn.batch_execute(SLOW_COMMIT)
+                .expect("slow commit trigger");
+            let started = Instant::now();
+            while !committing(&mut conn) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{case}: no slow COMMIT"
+                );
+                thread::sleep(Duration::from_millis(1));
+            }
         }
         cluster.freeze();
         let frozen = Instant::now();
@@ -858,38 +905,54 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
         let first = Run::from(child.wait_with_output().expect("wait"));
         let took = frozen.elapsed();
         cluster.thaw();
-        assert!(took < Duration::from_secs(5), "{iso:?}: {took:?}");
-        assert_eq!(first.code, 3, "{iso:?}: {first:?}");
+        assert!(took < Duration::from_secs(5), "{case}: {took:?}");
+        assert_eq!(first.code, 3, "{case}: {first:?}");
         let first_outcomes = outcomes(&first);
-        assert_eq!(first_outcomes.len(), lines.len(), "{iso:?}");
+        assert_eq!(first_outcomes.len(), lines.len(), "{case}");
         assert!(
             first_outcomes
                 .iter()
                 .any(|(_, o)| o == "insufficient_funds"),
-            "{iso:?}: the run refused lines before the freeze: {first_outcomes:?}"
+            "{case}: the run refused lines before the freeze: {first_outcomes:?}"
         );
         wait_for_no_bank_session(&batched);
+        if at_commit {
+            // It slows every COMMIT (its check runs for each ledger row).
+            conn = batched.conn();
+            conn.batch_execute("DROP TRIGGER slow_commit ON transfers")
+                .expect("drop the trigger");
+        }
         // What the first run reported decided holds in the ledger.
         let in_ledger: std::collections::HashSet<Uuid> =
             full_state(&batched).1.iter().map(|e| e.id).collect();
+        let landed_late = first_outcomes
+            .iter()
+            .filter(|(line, o)| o == "unknown" && in_ledger.contains(&lines[*line as usize - 2].id))
+            .count();
+        // The COMMIT held in the frozen server landed once it was thawed (after the first
+        // commit, too, it may: the freeze often catches the next one in flight).
+        assert!(
+            !at_commit || landed_late > 0,
+            "{case}: no unknown line committed late"
+        );
         for (line, outcome) in &first_outcomes {
             let id = lines[*line as usize - 2].id;
             match outcome.as_str() {
-                "applied" => assert!(in_ledger.contains(&id), "{iso:?}: line {line}"),
+                "applied" => assert!(in_ledger.contains(&id), "{case}: line {line}"),
                 "unknown" => {}
-                _ => assert!(!in_ledger.contains(&id), "{iso:?}: line {line}: {outcome}"),
+                _ => assert!(!in_ledger.contains(&id), "{case}: line {line}: {outcome}"),
             }
         }
         let oracle = ScratchDb::migrated_at(iso);
         copy_state(&batched, &oracle);
         let expected = one_by_one(&oracle, &lines);
         let rerun = run_file(batched.url.expose(), "f.csv", &csv(&lines), &[]);
-        assert_ne!(rerun.code, 3, "{iso:?}: {rerun:?}");
+        assert_ne!(rerun.code, 3, "{case}: {rerun:?}");
         let got: Vec<String> = outcomes(&rerun).into_iter().map(|(_, o)| o).collect();
-        assert_eq!(got, expected, "{iso:?}");
-        assert_eq!(full_state(&batched), full_state(&oracle), "{iso:?}");
+        assert_eq!(got, expected, "{case}");
+        assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
         let report = bank::verify::verify(&mut batched.conn()).expect("verify");
-        assert!(report.ok, "{iso:?}: {report:?}");
+        assert!(report.ok, "{case}: {report:?}");
     }
 }
 
