@@ -1189,6 +1189,90 @@ fn batch_with_single_statement_mode_is_refused() {
     drop(before);
 }
 
+/// Three runs of one file at once, each with its own statement size and connections (a cron job
+/// that overlapped the one before it, run by hand meanwhile): whatever the interleaving, each id
+/// is in the ledger at most once, exactly one line of one run reports each ledger row `applied`
+/// (with that row's details), every `already_applied` and `id_conflict` names a row that is
+/// there with the same or with other details, nothing is `unknown`, and `verify` holds.
+#[test]
+fn runs_of_one_file_at_once_apply_each_transfer_once_and_agree_on_which_applied_it() {
+    let mut rng = StdRng::seed_from_u64(0x7e1ce);
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let accounts: Vec<(Uuid, i64)> = (0..6)
+            .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
+            .collect();
+        accounts_with_ids(&db, &accounts);
+        let ids: Vec<Uuid> = accounts.iter().map(|a| a.0).collect();
+        let lines = random_file(&mut rng, &ids, 1500);
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("file");
+        let shapes: [&[&str]; 3] = [
+            &["--batch", "20", "--connections", "1"],
+            &["--batch", "7", "--connections", "2"],
+            &["--batch", "1000"],
+        ];
+        let children: Vec<_> = shapes
+            .iter()
+            .map(|shape| {
+                let mut args = shape.to_vec();
+                args.extend_from_slice(&["--timeout", "30s", "--retry-base", "1ms"]);
+                spawn_file_with(db.url.expose(), &path, &args)
+            })
+            .collect();
+        let runs: Vec<Run> = children
+            .into_iter()
+            .map(|child| Run::from(child.wait_with_output().expect("wait")))
+            .collect();
+        let (_, entries) = full_state(&db);
+        let ledger: BTreeMap<Uuid, &Entry> = entries.iter().map(|e| (e.id, e)).collect();
+        let mut applied_by: BTreeMap<Uuid, usize> = BTreeMap::new();
+        for (r, run) in runs.iter().enumerate() {
+            let case = format!("{iso:?} run {r} {:?}", shapes[r]);
+            assert_eq!(run.code, 1, "{case}: some lines overdraw: {}", run.stderr);
+            let got = outcomes(run);
+            assert_eq!(got.len(), lines.len(), "{case}: {}", run.stderr);
+            for (line, outcome) in &got {
+                let t = &lines[*line as usize - 2];
+                let row = ledger.get(&t.id);
+                let same =
+                    row.is_some_and(|e| (e.from_id, e.to_id, e.amount) == (t.from, t.to, t.amount));
+                match outcome.as_str() {
+                    "applied" => {
+                        assert!(
+                            same,
+                            "{case}: line {line} applied, not in the ledger: {t:?}"
+                        );
+                        *applied_by.entry(t.id).or_default() += 1;
+                    }
+                    "already_applied" => assert!(same, "{case}: line {line}: {t:?} {row:?}"),
+                    "id_conflict" => {
+                        assert!(row.is_some() && !same, "{case}: line {line}: {t:?} {row:?}")
+                    }
+                    "insufficient_funds" | "unknown_account" => {}
+                    other => panic!("{case}: line {line}: {other}: {}", run.stderr),
+                }
+            }
+        }
+        for id in ledger.keys() {
+            assert_eq!(
+                applied_by.get(id),
+                Some(&1),
+                "{iso:?}: ledger row {id} reported applied by one line of one run"
+            );
+        }
+        assert!(ledger.len() > 100, "{iso:?}: {} rows", ledger.len());
+        let applying = runs
+            .iter()
+            .filter(|run| outcomes(run).iter().any(|(_, o)| o == "applied"))
+            .count();
+        assert!(applying >= 2, "{iso:?}: the runs did not overlap: {runs:?}");
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{iso:?}: {report:?}");
+    }
+}
+
 #[test]
 fn a_rerun_after_the_funds_were_spent_says_already_applied() {
     // Applied once, then the debited account is drained by another transfer: on a rerun of the
