@@ -191,11 +191,15 @@ fn rerun_until_settled(db: &ScratchDb, lines: &[T]) -> Run {
     }
 }
 
-/// A connection holding every account's row lock until it rolls back.
+/// A connection holding every account's row lock until it rolls back. In key order, as runs
+/// lock, and at READ COMMITTED, so that rows a run is moving meanwhile are waited for, not a
+/// deadlock or a serialization failure.
 fn hold_every_account(db: &ScratchDb) -> PgConnection {
     let mut holder = db.conn();
-    holder.batch_execute("BEGIN").expect("begin");
-    diesel::sql_query("SELECT id FROM accounts FOR UPDATE")
+    holder
+        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .expect("begin");
+    diesel::sql_query("SELECT id FROM accounts ORDER BY id FOR UPDATE")
         .execute(&mut holder)
         .expect("lock");
     holder
@@ -949,6 +953,91 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
         let rerun = run_file(batched.url.expose(), "f.csv", &csv(&lines), &[]);
         assert_ne!(rerun.code, 3, "{case}: {rerun:?}");
         let got: Vec<String> = outcomes(&rerun).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, expected, "{case}");
+        assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
+        let report = bank::verify::verify(&mut batched.conn()).expect("verify");
+        assert!(report.ok, "{case}: {report:?}");
+    }
+}
+
+#[test]
+fn a_server_crash_mid_file_loses_no_outcome_and_the_run_gives_one_by_one_outcomes() {
+    // The server is killed as a crash kills it (immediate shutdown, then recovery from the WAL)
+    // in the middle of a file whose refusals the runner guesses. Two moments: after the first
+    // commit, on 2 connections, both waiting for accounts the test holds (so that the crash
+    // finds the run under way, however fast it goes); and while a COMMIT is being made (the
+    // test's deferred trigger sleeps in it), so that the COMMIT's fate is unknown to the run
+    // when its connection dies. Nothing committed is lost and nothing uncommitted survives, so the run, which
+    // reconnects within its deadline and settles the lost COMMIT through the ledger, must end
+    // with exactly the outcomes, balances and ledger of one-by-one application.
+    let cluster = OwnCluster::start();
+    for (iso, at_commit) in Iso::BOTH
+        .into_iter()
+        .flat_map(|iso| [(iso, false), (iso, true)])
+    {
+        let case = format!("{iso:?}, crashed at a COMMIT: {at_commit}");
+        let (batched, oracle) = (
+            ScratchDb::migrated_on(cluster.server(), iso),
+            ScratchDb::migrated_at(iso),
+        );
+        let (accounts, lines) = overdrawing_case(23, 8, 60, 2000, 20);
+        for db in [&batched, &oracle] {
+            accounts_with_ids(db, &accounts);
+        }
+        let expected = one_by_one(&oracle, &lines);
+        let mut conn = batched.conn();
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write file");
+        let connections = if at_commit { "1" } else { "2" };
+        let args = [
+            "--batch",
+            "20",
+            "--connections",
+            connections,
+            "--timeout",
+            "20s",
+        ];
+        let child = spawn_file_with(batched.url.expose(), &path, &args);
+        while count_transfers(&mut conn).expect("count") == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        // Dies in the crash with every other session.
+        let mut holder = None;
+        if at_commit {
+            conn.batch_execute(SLOW_COMMIT)
+                .expect("slow commit trigger");
+            let started = Instant::now();
+            while !committing(&mut conn) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{case}: no slow COMMIT"
+                );
+                thread::sleep(Duration::from_millis(1));
+            }
+        } else {
+            holder = Some(hold_every_account(&batched));
+            crate::support::wait_for_lock_wait(&batched);
+        }
+        drop(conn);
+        cluster.crash();
+        drop(holder);
+        if at_commit {
+            // Its sleep was rolled back with the COMMIT it was in; one more would only slow
+            // the run.
+            batched
+                .conn()
+                .batch_execute("DROP TRIGGER slow_commit ON transfers")
+                .expect("drop the trigger");
+        }
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 1, "{case}: {run:?}");
+        assert!(
+            run.stderr.contains("connection_lost"),
+            "{case}: the crash did not reach the run: {}",
+            run.stderr
+        );
+        let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
         assert_eq!(got, expected, "{case}");
         assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
         let report = bank::verify::verify(&mut batched.conn()).expect("verify");

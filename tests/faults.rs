@@ -1300,6 +1300,89 @@ fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
     let _ = settled;
 }
 
+/// A refusal's claim (what a run writes before it says "not applied") whose connection is lost,
+/// as a server crash loses it: the claim is safe to make again, so it is made again on a new
+/// connection, and the refusal is reported (exit 1), not an unknown outcome. Found with a crash
+/// in the middle of a file: lines refused just before it came back `unknown` ("its id could not
+/// be claimed"), although the server was back long before the deadline. (Single-statement mode
+/// writes its claim in the transfer's own statement, so an earlier claim of the id changes its
+/// path; it is left out here.)
+#[test]
+fn a_refusal_whose_claim_loses_its_connection_claims_again_and_is_reported_refused() {
+    use diesel::RunQueryDsl;
+    for iso in Iso::BOTH {
+        for how in ["transaction", "file"] {
+            let case = format!("{iso:?} {how}");
+            let db = ScratchDb::migrated_at(iso);
+            let ids = db.accounts(&[5, 0]);
+            let (from, to, id) = (ids[0], ids[1], Uuid::new_v4());
+            // An earlier run's claim of the id, its row held: the run's claim waits on it.
+            let mut holder = db.conn();
+            // Two calls: in one, the INSERT would join the transaction the BEGIN opens.
+            holder
+                .batch_execute(&format!("INSERT INTO transfer_claims (id) VALUES ('{id}')"))
+                .expect("claim");
+            holder
+                .batch_execute(&format!(
+                    "BEGIN; SELECT id FROM transfer_claims WHERE id = '{id}' FOR UPDATE"
+                ))
+                .expect("hold the claim");
+            let holder_pid = backend_pid(&mut holder);
+            let dir = tempfile::tempdir().expect("dir");
+            let file = dir.path().join("f.csv");
+            std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},7\n"))
+                .expect("file");
+            let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"));
+            command.args([
+                "--database-url",
+                db.url.expose(),
+                "transfer",
+                "--timeout",
+                "20s",
+            ]);
+            if how == "file" {
+                command.arg("--file").arg(&file).arg("--json");
+            } else {
+                command.args(["--amount", "7", "--id", &id.to_string()]);
+                command.args(["--from", &from.to_string(), "--to", &to.to_string()]);
+            }
+            let run = command
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn bank");
+            crate::support::wait_for_lock_wait(&db);
+            // The test's own sessions go by `bank` too.
+            diesel::sql_query(format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'bank' \
+                 AND pid NOT IN ({holder_pid}, pg_backend_pid())"
+            ))
+            .execute(&mut db.conn())
+            .expect("terminate");
+            holder.batch_execute("ROLLBACK").expect("rollback");
+            let run = Run::from(run.wait_with_output().expect("wait"));
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            let said = if how == "file" {
+                &run.stdout
+            } else {
+                &run.stderr
+            };
+            assert!(
+                said.contains("insufficient_funds") || said.contains("insufficient funds"),
+                "{case}: {run:?}"
+            );
+            assert_eq!(db.balance(from), 5, "{case}");
+            let generation: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                &format!("(SELECT generation FROM transfer_claims WHERE id = '{id}')"),
+            ))
+            .get_result(&mut db.conn())
+            .expect("generation");
+            assert!(generation >= 2, "{case}: the claim was made: {generation}");
+        }
+    }
+}
+
 fn backend_pid(conn: &mut diesel::PgConnection) -> i32 {
     use diesel::RunQueryDsl;
     #[derive(diesel::QueryableByName)]

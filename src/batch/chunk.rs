@@ -25,10 +25,9 @@ use crate::guard::Ticket;
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, retry_transaction, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
-    SharedRetryCounts, Stop,
+    classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
 };
-use crate::transfer::{after_step, connection};
+use crate::transfer::{after_step, claim_and_find, connection};
 
 /// What a runner shares with whoever watches it for a frozen server: the ticket of the
 /// statement under way, when that statement started, and the verdicts already given.
@@ -398,15 +397,13 @@ impl ChunkRunner {
         if !self.watch.ticket.begin() {
             return;
         }
-        let ledger = match self.session.conn() {
-            // Retried: another run claiming the same ids at once is a conflict, not a reason
-            // to call the lines unknown.
-            Ok(conn) => {
-                retry_transaction(&self.policy, || repo::claim_and_find(conn, &ids, &accounts))
-                    .map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        };
+        let ledger = claim_and_find(
+            &mut self.session,
+            &self.policy,
+            &self.watch.ticket,
+            &ids,
+            &accounts,
+        );
         let _ = self.watch.ticket.finish();
         let mut progress = self.watch.lock();
         for &i in &refused {

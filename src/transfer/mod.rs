@@ -4,7 +4,7 @@
 mod runner;
 mod statement;
 
-pub(crate) use runner::{after_step, connection};
+pub(crate) use runner::{after_step, claim_and_find, connection};
 pub use runner::{gave_up, Receipt, Runner, GRACE};
 pub use statement::{apply, apply_claiming, BodyError, TransferStatement};
 

@@ -20,8 +20,8 @@ use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, retry_transaction, stop_injecting, Attempt, Cause, Phase, RetryCounts,
-    RetryPolicy, SharedRetryCounts, Stop,
+    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
+    SharedRetryCounts, Stop,
 };
 
 /// How long a caller waits past the deadline for the runner's own answer.
@@ -185,15 +185,14 @@ impl Runner {
         retries: RetryCounts,
     ) -> Result<Receipt, TransferError> {
         let policy = self.policy;
-        let ledger = match self.session.conn() {
-            // Retried: another run claiming the id at once is a conflict, not an unknown.
-            Ok(conn) => retry_transaction(&policy, || {
-                repo::claim_and_find(conn, &[t.id], &[t.from_id, t.to_id])
-                    .map(|found| found.into_iter().next())
-            })
-            .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let ledger = claim_and_find(
+            &mut self.session,
+            &policy,
+            &self.ticket,
+            &[t.id],
+            &[t.from_id, t.to_id],
+        )
+        .map(|found| found.into_iter().next());
         let found = match ledger {
             Ok(found) => found,
             Err(e) => {
@@ -368,6 +367,53 @@ pub(crate) fn connection<T>(
         }
     }
     session.conn().map_err(failed)
+}
+
+/// Claims `ids` and reads their ledger rows (`repo::claim_and_find`), as a run does before it
+/// says "not applied", until that is done or `policy` gives up; the error's text otherwise.
+/// Retried: another run claiming the same ids at once is a conflict, not an unknown. Running the
+/// claim again is safe (a claim made twice only moves its generation twice, and the rest is a
+/// read), so a connection lost on the way, even in its COMMIT, is retried on a new connection:
+/// a server that crashed and came back within the deadline left the answer unknown. Not once
+/// `ticket`'s caller has given up: the answer would be nobody's.
+pub(crate) fn claim_and_find(
+    session: &mut Session,
+    policy: &RetryPolicy,
+    ticket: &Ticket,
+    ids: &[uuid::Uuid],
+    accounts: &[uuid::Uuid],
+) -> Result<Vec<Transfer>, String> {
+    let result = retry(policy, &mut RetryCounts::default(), |_| {
+        if ticket.is_abandoned() {
+            return Attempt::Fail(TransferError::Abandoned);
+        }
+        let conn = match connection(session) {
+            Ok(conn) => conn,
+            Err(step) => return step,
+        };
+        match repo::claim_and_find(conn, ids, accounts) {
+            Ok(found) => Attempt::Done(found),
+            Err(e) => match classify(&e, Phase::BeforeCommit) {
+                Some(cause) => {
+                    if cause.needs_reconnect() {
+                        session.reset();
+                    }
+                    Attempt::Retry {
+                        cause,
+                        message: e.to_string(),
+                    }
+                }
+                None => Attempt::Fail(TransferError::from(e)),
+            },
+        }
+    });
+    match result {
+        Ok(found) => Ok(found),
+        // The database's own words, as the claim's callers quote them.
+        Err(Stop::Failed(TransferError::Database(e))) => Err(e.to_string()),
+        Err(Stop::Failed(e)) => Err(e.to_string()),
+        Err(Stop::Exhausted { last, .. }) => Err(last),
+    }
 }
 
 /// What every runner (one transfer, a chunk of a file) does with an attempt's transient failure:

@@ -454,6 +454,12 @@ impl OwnCluster {
     pub fn thaw(&self) {
         self.pg(&["thaw"]);
     }
+
+    /// Kills the server as a crash does (`pg_ctl stop -m immediate`: no checkpoint, every
+    /// backend gone at once), then starts it again; it recovers from its WAL.
+    pub fn crash(&self) {
+        self.pg(&["restart"]);
+    }
 }
 
 impl Drop for OwnCluster {
