@@ -373,9 +373,9 @@ pub(crate) fn connection<T>(
 /// says "not applied", until that is done or `policy` gives up; the error's text otherwise.
 /// Retried: another run claiming the same ids at once is a conflict, not an unknown. Running the
 /// claim again is safe (a claim made twice only moves its generation twice, and the rest is a
-/// read), so a connection lost on the way, even in its COMMIT, is retried on a new connection:
-/// a server that crashed and came back within the deadline left the answer unknown. Not once
-/// `ticket`'s caller has given up: the answer would be nobody's.
+/// read), so a connection lost on the way, even in its COMMIT, is retried on a new connection
+/// (tried once, a server that crashed and came back well within the deadline left the answer
+/// unknown). Not once `ticket`'s caller has given up: the answer would be nobody's.
 pub(crate) fn claim_and_find(
     session: &mut Session,
     policy: &RetryPolicy,
