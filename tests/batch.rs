@@ -21,7 +21,10 @@ use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 use crate::support::proxy::{upstream_of, At, Fault, Proxy};
-use crate::support::{count_transfers, wait_for_lock_wait, Bank, Iso, OwnCluster, Run, ScratchDb};
+use crate::support::{
+    count_transfers, slow_down_the_next_commit, wait_for_a_commit_asleep, wait_for_lock_wait, Bank,
+    Iso, OwnCluster, Run, ScratchDb,
+};
 
 /// One line of a test file.
 #[derive(Debug, Clone, Copy)]
@@ -834,27 +837,6 @@ fn wait_for_no_bank_session(db: &ScratchDb) {
     }
 }
 
-/// A test's own deferred trigger on the ledger: the next COMMIT that writes ledger rows takes
-/// the row of `slow_commit` and sleeps a second before it commits.
-const SLOW_COMMIT: &str = "CREATE TABLE slow_commit (n INT); INSERT INTO slow_commit VALUES (1); \
-    CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-      IF EXISTS (SELECT 1 FROM slow_commit) THEN \
-        DELETE FROM slow_commit; PERFORM pg_sleep(1); \
-      END IF; RETURN NULL; END $$; \
-    CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfers \
-      DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()";
-
-/// Whether a `bank` session of this database is in its COMMIT, asleep in `SLOW_COMMIT`.
-fn committing(conn: &mut PgConnection) -> bool {
-    diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
-        "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'bank' AND pid <> pg_backend_pid() \
-         AND query = 'COMMIT' AND wait_event = 'PgSleep')",
-    ))
-    .get_result(conn)
-    .expect("pg_stat_activity")
-}
-
 #[test]
 fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
     // The whole server (postmaster and every backend) gets SIGSTOP in the middle of a file
@@ -892,16 +874,8 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
             thread::sleep(Duration::from_millis(1));
         }
         if at_commit {
-            conn.batch_execute(SLOW_COMMIT)
-                .expect("slow commit trigger");
-            let started = Instant::now();
-            while !committing(&mut conn) {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "{case}: no slow COMMIT"
-                );
-                thread::sleep(Duration::from_millis(1));
-            }
+            slow_down_the_next_commit(&mut conn);
+            wait_for_a_commit_asleep(&mut conn);
         }
         cluster.freeze();
         let frozen = Instant::now();
@@ -1005,16 +979,8 @@ fn a_server_crash_mid_file_loses_no_outcome_and_the_run_gives_one_by_one_outcome
         // Dies in the crash with every other session.
         let mut holder = None;
         if at_commit {
-            conn.batch_execute(SLOW_COMMIT)
-                .expect("slow commit trigger");
-            let started = Instant::now();
-            while !committing(&mut conn) {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "{case}: no slow COMMIT"
-                );
-                thread::sleep(Duration::from_millis(1));
-            }
+            slow_down_the_next_commit(&mut conn);
+            wait_for_a_commit_asleep(&mut conn);
         } else {
             holder = Some(hold_every_account(&batched));
             crate::support::wait_for_lock_wait(&batched);

@@ -1300,6 +1300,66 @@ fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
     let _ = settled;
 }
 
+/// The server crashes (immediate shutdown, then recovery from the WAL) while a transfer's COMMIT
+/// is being made (a deferred trigger of the test's sleeps in it): the connection dies with the
+/// COMMIT unanswered, so the run cannot know its outcome; the crash rolled it back. Within its
+/// deadline the run reconnects, finds the ledger without the id, applies the transfer again and
+/// reports it applied, once; in both modes (in single-statement mode the statement is the
+/// COMMIT) and at both levels.
+#[test]
+fn a_server_crash_in_a_commit_is_settled_by_the_ledger_and_applied_once() {
+    use crate::support::{slow_down_the_next_commit, wait_for_a_commit_asleep, OwnCluster};
+    let cluster = OwnCluster::start();
+    for iso in Iso::BOTH {
+        for mode in ["transaction", "single-statement"] {
+            let case = format!("{iso:?} {mode}");
+            let db = ScratchDb::migrated_on(cluster.server(), iso);
+            let ids = db.accounts(&[100, 0]);
+            let (from, to, id) = (ids[0], ids[1], Uuid::new_v4());
+            let mut conn = db.conn();
+            slow_down_the_next_commit(&mut conn);
+            let run = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+                .args([
+                    "--database-url",
+                    db.url.expose(),
+                    "transfer",
+                    "--mode",
+                    mode,
+                ])
+                .args(["--amount", "7", "--id", &id.to_string(), "--timeout", "20s"])
+                .args([
+                    "--from",
+                    &from.to_string(),
+                    "--to",
+                    &to.to_string(),
+                    "--json",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn bank");
+            wait_for_a_commit_asleep(&mut conn);
+            drop(conn);
+            cluster.crash();
+            // The crash rolled its sleep back with the COMMIT; another would only slow the run.
+            db.conn()
+                .batch_execute("DROP TRIGGER slow_commit ON transfers")
+                .expect("drop the trigger");
+            let run = Run::from(run.wait_with_output().expect("wait"));
+            assert_eq!(run.code, 0, "{case}: {run:?}");
+            let receipt: serde_json::Value =
+                serde_json::from_str(run.stdout.trim()).expect("one JSON receipt");
+            assert_eq!(receipt["outcome"], "applied", "{case}: {run:?}");
+            assert!(
+                receipt["attempts"].as_u64().is_some_and(|n| n >= 2),
+                "{case}: the crash reached the run: {run:?}"
+            );
+            assert_eq!(db.balance(from), 93, "{case}");
+            assert_eq!(db.balance(to), 7, "{case}");
+        }
+    }
+}
+
 /// A refusal's claim (what a run writes before it says "not applied") whose connection is lost,
 /// as a server crash loses it: the claim is safe to make again, so it is made again on a new
 /// connection, and the refusal is reported (exit 1), not an unknown outcome. Found with a crash

@@ -398,6 +398,46 @@ pub fn wait_for_lock_wait(db: &ScratchDb) {
     }
 }
 
+/// A deferred trigger of the test's own on the ledger: the next COMMIT that writes ledger rows
+/// (a transaction's, or a single statement's own) takes the row of `slow_commit` and sleeps a
+/// second before it commits. Every COMMIT that writes ledger rows runs its check, so tests drop
+/// it (`DROP TRIGGER slow_commit ON transfers`) once it has served.
+pub fn slow_down_the_next_commit(conn: &mut PgConnection) {
+    conn.batch_execute(
+        "CREATE TABLE slow_commit (n INT); INSERT INTO slow_commit VALUES (1); \
+         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF EXISTS (SELECT 1 FROM slow_commit) THEN \
+             DELETE FROM slow_commit; PERFORM pg_sleep(1); \
+           END IF; RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfers \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    )
+    .expect("slow commit trigger");
+}
+
+/// Waits until a `bank` session of this database (not the caller's) is asleep in the COMMIT
+/// that `slow_down_the_next_commit` slowed down: its outcome is then unsettled.
+pub fn wait_for_a_commit_asleep(conn: &mut PgConnection) {
+    let started = Instant::now();
+    loop {
+        let asleep: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'bank' AND pid <> pg_backend_pid() \
+             AND wait_event = 'PgSleep')",
+        ))
+        .get_result(conn)
+        .expect("pg_stat_activity");
+        if asleep {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no COMMIT fell asleep"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A PostgreSQL cluster of one test's own (`scripts/pg` on a free port, in a directory of its
 /// own), for faults that would stop every other test on the shared server: `freeze` sends
 /// SIGSTOP to the postmaster and every server process, as a VM pause or `kill -STOP` does.
