@@ -152,12 +152,17 @@ pub struct BatchStatement<'a> {
     versions: Vec<i64>,
 }
 
+/// Chunks of at most this many lines are the exception to the rule below: parsing and planning
+/// were most of a one-line statement's time on the server (BENCHMARKS.md, `workload --batch 1`),
+/// and a generic plan, which expects 10 lines, fits them.
+const CACHED_UP_TO: usize = 10;
+
 /// Not cached as a prepared statement, on purpose: PostgreSQL's generic plan for it (which a
 /// cached statement gets after five runs) cannot know the arrays' lengths and took twice as long
 /// per chunk as a plan made for each chunk's values (8.1k against 4.6k transfers/s, measured with
 /// `plan_cache_mode = force_custom_plan`). Planning once per chunk costs little against the
 /// chunk's thousand transfers. A query id alone does not keep Diesel from caching it (it then
-/// caches by SQL text): `walk_ast` says so too.
+/// caches by SQL text): `walk_ast` says so too, except for a short chunk (`CACHED_UP_TO`).
 impl QueryId for BatchStatement<'_> {
     type QueryId = ();
     const HAS_STATIC_QUERY_ID: bool = false;
@@ -170,8 +175,10 @@ impl Query for BatchStatement<'_> {
 
 impl QueryFragment<Pg> for BatchStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.unsafe_to_cache_prepared();
         let chunk = self.chunk;
+        if chunk.lines.len() > CACHED_UP_TO {
+            out.unsafe_to_cache_prepared();
+        }
         out.push_sql("WITH input AS (\n  SELECT * FROM unnest(");
         out.push_bind_param::<Array<BigInt>, _>(&chunk.lines)?;
         out.push_sql(", ");
@@ -341,11 +348,27 @@ mod tests {
     /// A statement Diesel may cache is prepared under a name, and PostgreSQL then plans it
     /// generically from its sixth run on (seen with auto_explain: 86 of a 100,000-line file's
     /// 96 chunks ran a plan that expected 10 lines). Uncached, each chunk is planned for its
-    /// own arrays.
+    /// own arrays; only short chunks, which such a plan fits, are cached.
     #[test]
-    fn the_chunk_statement_is_never_cached() {
-        let chunk = Chunk::new(&[]);
-        let statement = chunk.statement(&[], Vec::new());
-        assert_eq!(statement.is_safe_to_cache_prepared(&Pg).ok(), Some(false));
+    fn only_a_short_chunk_statement_is_cached() {
+        let lines: Vec<Line> = (0..=CACHED_UP_TO as u64)
+            .map(|n| Line {
+                line: n + 1,
+                transfer: crate::models::NewTransfer {
+                    id: Uuid::from_u128(n.into()),
+                    from_id: Uuid::from_u128(1000),
+                    to_id: Uuid::from_u128(1001),
+                    amount: 1,
+                },
+            })
+            .collect();
+        let cached = |n: usize| {
+            let chunk = Chunk::new(&lines[..n]);
+            let statement = chunk.statement(&[], vec![false; n]);
+            statement.is_safe_to_cache_prepared(&Pg).ok()
+        };
+        assert_eq!(cached(1), Some(true));
+        assert_eq!(cached(CACHED_UP_TO), Some(true));
+        assert_eq!(cached(CACHED_UP_TO + 1), Some(false));
     }
 }
