@@ -22,8 +22,8 @@ use uuid::Uuid;
 
 use crate::support::proxy::{upstream_of, At, Fault, Proxy};
 use crate::support::{
-    count_transfers, slow_down_the_next_commit, wait_for_a_commit_asleep, wait_for_lock_wait, Bank,
-    Iso, OwnCluster, Run, ScratchDb,
+    count_transfers, slow_down_the_next_commit, stop_slowing_commits, wait_for_a_commit_asleep,
+    wait_for_lock_wait, Bank, Iso, OwnCluster, Run, ScratchDb,
 };
 
 /// One line of a test file.
@@ -837,6 +837,83 @@ fn wait_for_no_bank_session(db: &ScratchDb) {
     }
 }
 
+/// Where a file under way is when a test stops or crashes the whole server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Moment {
+    /// Right after its first commit, on 2 connections: whatever is in flight then.
+    AfterFirstCommit,
+    /// On 1 connection, asleep in a COMMIT (`slow_down_the_next_commit`) after the first
+    /// commit: that COMMIT's outcome is unsettled when the server goes.
+    InCommit,
+    /// On 2 connections, waiting for an account the test held before the run began: however
+    /// fast the run goes, the server goes while it is under way (a lock taken after the first
+    /// commit could come only once the run had finished).
+    Blocked,
+}
+
+/// A file under way on `cluster` at `moment`: `overdrawing_case(seed, 8, 60, 2000, 20)` on a
+/// database at `iso`, in statements of 20 lines with `--timeout`.
+struct MidFile {
+    batched: ScratchDb,
+    accounts: Vec<(Uuid, i64)>,
+    lines: Vec<T>,
+    child: std::process::Child,
+    /// `Moment::Blocked`'s lock, held until the connection goes.
+    holder: Option<PgConnection>,
+    /// Holds the file.
+    _bank: Bank,
+}
+
+fn mid_file(cluster: &OwnCluster, iso: Iso, seed: u64, moment: Moment, timeout: &str) -> MidFile {
+    let batched = ScratchDb::migrated_on(cluster.server(), iso);
+    let (accounts, lines) = overdrawing_case(seed, 8, 60, 2000, 20);
+    accounts_with_ids(&batched, &accounts);
+    let mut conn = batched.conn();
+    let bank = Bank::new();
+    let path = bank.dir.path().join("f.csv");
+    std::fs::write(&path, csv(&lines)).expect("write file");
+    // One account, which nearly every statement touches.
+    let holder = (moment == Moment::Blocked).then(|| {
+        let mut holder = batched.conn();
+        holder
+            .batch_execute(&format!(
+                "BEGIN; SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
+                accounts[0].0
+            ))
+            .expect("hold an account");
+        holder
+    });
+    let connections = if moment == Moment::InCommit { "1" } else { "2" };
+    let args = [
+        "--batch",
+        "20",
+        "--connections",
+        connections,
+        "--timeout",
+        timeout,
+    ];
+    let child = spawn_file_with(batched.url.expose(), &path, &args);
+    if moment == Moment::Blocked {
+        wait_for_lock_wait(&batched);
+    } else {
+        while count_transfers(&mut conn).expect("count") == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    if moment == Moment::InCommit {
+        slow_down_the_next_commit(&mut conn);
+        wait_for_a_commit_asleep(&mut conn);
+    }
+    MidFile {
+        batched,
+        accounts,
+        lines,
+        child,
+        holder,
+        _bank: bank,
+    }
+}
+
 #[test]
 fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
     // The whole server (postmaster and every backend) gets SIGSTOP in the middle of a file
@@ -853,33 +930,21 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
         .flat_map(|iso| [(iso, false), (iso, true)])
     {
         let case = format!("{iso:?}, frozen at a COMMIT: {at_commit}");
-        let batched = ScratchDb::migrated_on(cluster.server(), iso);
-        let (accounts, lines) = overdrawing_case(17, 8, 60, 2000, 20);
-        accounts_with_ids(&batched, &accounts);
-        let mut conn = batched.conn();
-        let bank = Bank::new();
-        let path = bank.dir.path().join("f.csv");
-        std::fs::write(&path, csv(&lines)).expect("write file");
-        let connections = if at_commit { "1" } else { "2" };
-        let args = [
-            "--batch",
-            "20",
-            "--connections",
-            connections,
-            "--timeout",
-            "1s",
-        ];
-        let child = spawn_file_with(batched.url.expose(), &path, &args);
-        while count_transfers(&mut conn).expect("count") == 0 {
-            thread::sleep(Duration::from_millis(1));
-        }
-        if at_commit {
-            slow_down_the_next_commit(&mut conn);
-            wait_for_a_commit_asleep(&mut conn);
-        }
+        let moment = if at_commit {
+            Moment::InCommit
+        } else {
+            Moment::AfterFirstCommit
+        };
+        // `_bank` holds the file until the end.
+        let MidFile {
+            batched,
+            lines,
+            child,
+            _bank,
+            ..
+        } = mid_file(&cluster, iso, 17, moment, "1s");
         cluster.freeze();
         let frozen = Instant::now();
-        drop(conn);
         let first = Run::from(child.wait_with_output().expect("wait"));
         let took = frozen.elapsed();
         cluster.thaw();
@@ -895,10 +960,7 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
         );
         wait_for_no_bank_session(&batched);
         if at_commit {
-            // It slows every COMMIT (its check runs for each ledger row).
-            conn = batched.conn();
-            conn.batch_execute("DROP TRIGGER slow_commit ON transfers")
-                .expect("drop the trigger");
+            stop_slowing_commits(&batched);
         }
         // What the first run reported decided holds in the ledger.
         let in_ledger: std::collections::HashSet<Uuid> =
@@ -937,9 +999,9 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
 #[test]
 fn a_server_crash_mid_file_loses_no_outcome_and_the_run_gives_one_by_one_outcomes() {
     // The server is killed as a crash kills it (immediate shutdown, then recovery from the WAL)
-    // in the middle of a file whose refusals the runner guesses. Two moments: after the first
-    // commit, on 2 connections, both waiting for accounts the test holds (so that the crash
-    // finds the run under way, however fast it goes); and while a COMMIT is being made (the
+    // in the middle of a file whose refusals the runner guesses. Two moments: on 2 connections
+    // waiting for an account the test holds (so that the crash finds the run under way, however
+    // fast it goes); and while a COMMIT is being made (the
     // test's deferred trigger sleeps in it), so that the COMMIT's fate is unknown to the run
     // when its connection dies. Nothing committed is lost and nothing uncommitted survives, so the run, which
     // reconnects within its deadline and settles the lost COMMIT through the ledger, must end
@@ -950,52 +1012,27 @@ fn a_server_crash_mid_file_loses_no_outcome_and_the_run_gives_one_by_one_outcome
         .flat_map(|iso| [(iso, false), (iso, true)])
     {
         let case = format!("{iso:?}, crashed at a COMMIT: {at_commit}");
-        let (batched, oracle) = (
-            ScratchDb::migrated_on(cluster.server(), iso),
-            ScratchDb::migrated_at(iso),
-        );
-        let (accounts, lines) = overdrawing_case(23, 8, 60, 2000, 20);
-        for db in [&batched, &oracle] {
-            accounts_with_ids(db, &accounts);
-        }
-        let expected = one_by_one(&oracle, &lines);
-        let mut conn = batched.conn();
-        let bank = Bank::new();
-        let path = bank.dir.path().join("f.csv");
-        std::fs::write(&path, csv(&lines)).expect("write file");
-        let connections = if at_commit { "1" } else { "2" };
-        let args = [
-            "--batch",
-            "20",
-            "--connections",
-            connections,
-            "--timeout",
-            "20s",
-        ];
-        let child = spawn_file_with(batched.url.expose(), &path, &args);
-        while count_transfers(&mut conn).expect("count") == 0 {
-            thread::sleep(Duration::from_millis(1));
-        }
-        // Dies in the crash with every other session.
-        let mut holder = None;
-        if at_commit {
-            slow_down_the_next_commit(&mut conn);
-            wait_for_a_commit_asleep(&mut conn);
+        let moment = if at_commit {
+            Moment::InCommit
         } else {
-            holder = Some(hold_every_account(&batched));
-            crate::support::wait_for_lock_wait(&batched);
-        }
-        drop(conn);
+            Moment::Blocked
+        };
+        let MidFile {
+            batched,
+            accounts,
+            lines,
+            child,
+            holder,
+            _bank,
+        } = mid_file(&cluster, iso, 23, moment, "20s");
         cluster.crash();
         drop(holder);
         if at_commit {
-            // Its sleep was rolled back with the COMMIT it was in; one more would only slow
-            // the run.
-            batched
-                .conn()
-                .batch_execute("DROP TRIGGER slow_commit ON transfers")
-                .expect("drop the trigger");
+            stop_slowing_commits(&batched);
         }
+        let oracle = ScratchDb::migrated_at(iso);
+        accounts_with_ids(&oracle, &accounts);
+        let expected = one_by_one(&oracle, &lines);
         let run = Run::from(child.wait_with_output().expect("wait"));
         assert_eq!(run.code, 1, "{case}: {run:?}");
         assert!(

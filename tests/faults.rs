@@ -1308,7 +1308,9 @@ fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
 /// COMMIT) and at both levels.
 #[test]
 fn a_server_crash_in_a_commit_is_settled_by_the_ledger_and_applied_once() {
-    use crate::support::{slow_down_the_next_commit, wait_for_a_commit_asleep, OwnCluster};
+    use crate::support::{
+        slow_down_the_next_commit, stop_slowing_commits, wait_for_a_commit_asleep, OwnCluster,
+    };
     let cluster = OwnCluster::start();
     for iso in Iso::BOTH {
         for mode in ["transaction", "single-statement"] {
@@ -1318,33 +1320,30 @@ fn a_server_crash_in_a_commit_is_settled_by_the_ledger_and_applied_once() {
             let (from, to, id) = (ids[0], ids[1], Uuid::new_v4());
             let mut conn = db.conn();
             slow_down_the_next_commit(&mut conn);
-            let run = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
-                .args([
-                    "--database-url",
-                    db.url.expose(),
-                    "transfer",
-                    "--mode",
-                    mode,
-                ])
-                .args(["--amount", "7", "--id", &id.to_string(), "--timeout", "20s"])
-                .args([
-                    "--from",
-                    &from.to_string(),
-                    "--to",
-                    &to.to_string(),
-                    "--json",
-                ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn bank");
+            let (id_arg, from_arg, to_arg) = (id.to_string(), from.to_string(), to.to_string());
+            let run = crate::support::spawn_bank(&[
+                "--database-url",
+                db.url.expose(),
+                "transfer",
+                "--mode",
+                mode,
+                "--amount",
+                "7",
+                "--id",
+                &id_arg,
+                "--timeout",
+                "20s",
+                "--from",
+                &from_arg,
+                "--to",
+                &to_arg,
+                "--json",
+            ]);
             wait_for_a_commit_asleep(&mut conn);
             drop(conn);
             cluster.crash();
             // The crash rolled its sleep back with the COMMIT; another would only slow the run.
-            db.conn()
-                .batch_execute("DROP TRIGGER slow_commit ON transfers")
-                .expect("drop the trigger");
+            stop_slowing_commits(&db);
             let run = Run::from(run.wait_with_output().expect("wait"));
             assert_eq!(run.code, 0, "{case}: {run:?}");
             let receipt: serde_json::Value =
@@ -1392,25 +1391,18 @@ fn a_refusal_whose_claim_loses_its_connection_claims_again_and_is_reported_refus
             let file = dir.path().join("f.csv");
             std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},7\n"))
                 .expect("file");
-            let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"));
-            command.args([
-                "--database-url",
-                db.url.expose(),
-                "transfer",
-                "--timeout",
-                "20s",
-            ]);
+            let file = file.to_string_lossy();
+            let (id_arg, from_arg, to_arg) = (id.to_string(), from.to_string(), to.to_string());
+            let mut args = vec!["--database-url", db.url.expose(), "transfer"];
+            args.extend(["--timeout", "20s"]);
             if how == "file" {
-                command.arg("--file").arg(&file).arg("--json");
+                args.extend(["--file", &file, "--json"]);
             } else {
-                command.args(["--amount", "7", "--id", &id.to_string()]);
-                command.args(["--from", &from.to_string(), "--to", &to.to_string()]);
+                args.extend([
+                    "--amount", "7", "--id", &id_arg, "--from", &from_arg, "--to", &to_arg,
+                ]);
             }
-            let run = command
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn bank");
+            let run = crate::support::spawn_bank(&args);
             crate::support::wait_for_lock_wait(&db);
             // The test's own sessions go by `bank` too.
             diesel::sql_query(format!(

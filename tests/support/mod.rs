@@ -400,8 +400,7 @@ pub fn wait_for_lock_wait(db: &ScratchDb) {
 
 /// A deferred trigger of the test's own on the ledger: the next COMMIT that writes ledger rows
 /// (a transaction's, or a single statement's own) takes the row of `slow_commit` and sleeps a
-/// second before it commits. Every COMMIT that writes ledger rows runs its check, so tests drop
-/// it (`DROP TRIGGER slow_commit ON transfers`) once it has served.
+/// second before it commits (`stop_slowing_commits` drops it).
 pub fn slow_down_the_next_commit(conn: &mut PgConnection) {
     conn.batch_execute(
         "CREATE TABLE slow_commit (n INT); INSERT INTO slow_commit VALUES (1); \
@@ -413,6 +412,14 @@ pub fn slow_down_the_next_commit(conn: &mut PgConnection) {
            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
     )
     .expect("slow commit trigger");
+}
+
+/// Drops `slow_down_the_next_commit`'s trigger: it runs its check at every COMMIT that writes
+/// ledger rows (about 6.7 ms per row), and after a crash its sleep, rolled back, is armed again.
+pub fn stop_slowing_commits(db: &ScratchDb) {
+    db.conn()
+        .batch_execute("DROP TRIGGER slow_commit ON transfers")
+        .expect("drop the slow-commit trigger");
 }
 
 /// Waits until a `bank` session of this database (not the caller's) is asleep in the COMMIT
