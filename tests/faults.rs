@@ -1359,6 +1359,33 @@ fn a_server_crash_in_a_commit_is_settled_by_the_ledger_and_applied_once() {
     }
 }
 
+/// The claim a refused transfer writes before it says "not applied", its COMMIT cut after the
+/// server committed it: the run cannot know whether the claim is there. It makes the claim
+/// again (its generation moves twice) and reports the refusal, exit 1; before, this was "outcome
+/// unknown", exit 3. In transaction mode the refused attempt ends in a ROLLBACK, so the claim's
+/// is the first COMMIT the proxy sees.
+#[test]
+fn a_refusal_whose_claim_commit_is_cut_after_it_committed_claims_again_and_is_reported_refused() {
+    use diesel::RunQueryDsl;
+    for iso in Iso::BOTH {
+        let s = setup_with(iso, At::Commit, &[50, 0]);
+        s.arm(Fault::CutAfterCommit);
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &[]);
+        assert_eq!(run.code, 1, "{}: {run:?}", s.case());
+        assert_eq!(run.json()["outcome"], "failed", "{}: {run:?}", s.case());
+        assert!(run.stderr.contains("insufficient funds"), "{run:?}");
+        assert_eq!(s.balances(), (50, 0), "{}", s.case());
+        assert!(!s.ledger_has(id), "{}", s.case());
+        let generation: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            &format!("(SELECT generation FROM transfer_claims WHERE id = '{id}')"),
+        ))
+        .get_result(&mut s.db.conn())
+        .expect("generation");
+        assert_eq!(generation, 2, "{}: the cut claim had committed", s.case());
+    }
+}
+
 /// A refusal's claim (what a run writes before it says "not applied") whose connection is lost,
 /// as a server crash loses it: the claim is safe to make again, so it is made again on a new
 /// connection, and the refusal is reported (exit 1), not an unknown outcome. Found with a crash
