@@ -22,6 +22,33 @@ pub enum ConfigError {
     DotEnv { path: String, why: String },
 }
 
+/// Why the schema is not there: never migrated, or migrated in schemas that this connection's
+/// search_path does not name, where `bank init` is the wrong advice (it fails with "no schema
+/// has been selected to create in", or builds a second, empty bank).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unmigrated {
+    /// Schemas off the search_path that hold bank's tables (none: never migrated).
+    pub elsewhere: Vec<String>,
+    /// The connection's `search_path`, as the server shows it.
+    pub search_path: String,
+}
+
+impl std::fmt::Display for Unmigrated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.elsewhere.first() {
+            None => f.write_str("database not migrated: run `bank init` first"),
+            Some(first) => write!(
+                f,
+                "database not migrated on this connection's search_path ({}): bank's tables are \
+                 in schema {}; add it to the search_path (e.g. `options=-csearch_path%3D{first}` \
+                 in the URL, or the role's `ALTER ROLE ... SET search_path`)",
+                self.search_path,
+                self.elsewhere.join(", schema ")
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 #[error("cannot connect to {url}: {message}")]
 pub struct ConnectError {
@@ -134,8 +161,8 @@ pub enum TransferError {
     /// when which one is not known (a file's statement, which moves many).
     #[error("{}", not_updated(*.0))]
     AccountNotUpdated(Option<Uuid>),
-    #[error("database not migrated: run `bank init` first")]
-    NotMigrated,
+    #[error("{0}")]
+    NotMigrated(Unmigrated),
     #[error(
         "account {account} cannot receive {amount}: its balance would exceed the largest \
          amount an account can hold ({max})", max = i64::MAX
@@ -169,7 +196,7 @@ impl TransferError {
                 | TransferError::UnknownAccount(_)
                 | TransferError::BalanceOverflow { .. }
                 | TransferError::IdConflict { .. }
-                | TransferError::NotMigrated
+                | TransferError::NotMigrated(_)
         )
     }
 }
@@ -185,8 +212,8 @@ pub enum Error {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Transfer(#[from] TransferError),
-    #[error("database not migrated: run `bank init` first")]
-    NotMigrated,
+    #[error("{0}")]
+    NotMigrated(Unmigrated),
     #[error("account {0} does not exist")]
     UnknownAccount(Uuid),
     #[error(
@@ -309,6 +336,23 @@ pub enum Error {
          (options=-csearch_path%3D{theirs}); nothing was changed"
     )]
     SchemaInFront { theirs: String, first: String },
+    /// `init` on a connection whose search_path names no schema that exists, or none but the
+    /// session's temporary one (exit 1).
+    #[error(
+        "no schema to create bank's tables in: this connection's search_path ({search_path}) \
+         names {}; name one in the URL (e.g. options=-csearch_path%3Dpublic) or the role's \
+         search_path; nothing was changed",
+        if *temporary {
+            "none that exists but the session's temporary schema, where tables vanish when it \
+             disconnects"
+        } else {
+            "none that exists"
+        }
+    )]
+    NoSchemaToCreateIn {
+        search_path: String,
+        temporary: bool,
+    },
     /// `init` whose migrations would create relations the database already has (exit 1).
     #[error(
         "the database already has {0}, which bank's migrations would create: nothing was \
@@ -414,7 +458,7 @@ impl Error {
 impl From<crate::batch::Fatal> for Error {
     fn from(f: crate::batch::Fatal) -> Self {
         match f {
-            crate::batch::Fatal::NotMigrated => Error::NotMigrated,
+            crate::batch::Fatal::NotMigrated(u) => Error::NotMigrated(u),
             // A URL libpq refuses (bad input, exit 2) or a database that is not there: nothing
             // of an earlier run can be on its way to commit through it.
             crate::batch::Fatal::Connect(e) if e.reaches_no_database() => Error::Connect(e),
@@ -437,7 +481,7 @@ impl From<diesel::result::Error> for TransferError {
             _ => false,
         };
         if not_migrated {
-            TransferError::NotMigrated
+            TransferError::NotMigrated(Unmigrated::default())
         } else {
             TransferError::Database(e)
         }
@@ -448,7 +492,8 @@ impl From<diesel::result::Error> for Error {
     fn from(e: diesel::result::Error) -> Self {
         match TransferError::from(e) {
             TransferError::Database(e) => Error::Database(e),
-            _ => Error::NotMigrated,
+            TransferError::NotMigrated(u) => Error::NotMigrated(u),
+            _ => Error::NotMigrated(Unmigrated::default()),
         }
     }
 }
@@ -520,7 +565,7 @@ mod tests {
         ] {
             let e = crate::retry::tests::db(DatabaseErrorKind::Unknown, m);
             assert!(
-                matches!(TransferError::from(e), TransferError::NotMigrated),
+                matches!(TransferError::from(e), TransferError::NotMigrated(_)),
                 "{m}"
             );
         }

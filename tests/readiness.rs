@@ -566,6 +566,65 @@ fn a_schema_in_front_of_bank_s_tables_is_not_taken_for_an_empty_database() {
     assert_eq!(balances.stdout.lines().count(), 3, "{balances:?}");
 }
 
+/// bank's tables in `public`, and a connection whose search_path does not name it (a role's
+/// `search_path` set to another schema, or to one that does not exist): every command said
+/// "database not migrated: run `bank init` first", and init, so advised, then failed ("no
+/// schema has been selected to create in"). They name the schema the tables are in and the
+/// search_path that misses it, and so do init and doctor.
+#[test]
+fn bank_s_tables_off_the_search_path_are_named_not_called_unmigrated() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[10, 20]);
+    let (a, b) = (ids[0], ids[1]);
+    for path in ["nowhere", "nowhere,pg_temp"] {
+        let url = format!("{}?options=-csearch_path%3D{path}", db.url.expose());
+        let bank = |args: &[&str]| Bank::new().args(["--database-url", &url]).args(args).run();
+        for args in [
+            vec!["balances"],
+            vec!["verify"],
+            vec![
+                "transfer",
+                "--from",
+                &a.to_string(),
+                "--to",
+                &b.to_string(),
+                "--amount",
+                "1",
+            ],
+        ] {
+            let run = bank(&args);
+            run.fails_with(1, "in schema public");
+            assert!(
+                run.stderr.contains("search_path (nowhere") && !run.stderr.contains("bank init"),
+                "{run:?}"
+            );
+        }
+        // No schema to create in: init says where the tables are, too.
+        bank(&["init"]).fails_with(1, "in schema public");
+        let doctor = bank(&["doctor", "--json"]);
+        doctor.success();
+        let j = doctor.json();
+        assert_eq!(j["migrated"], false, "{j}");
+        assert_eq!(
+            j["tables_off_search_path"],
+            serde_json::json!(["public"]),
+            "{j}"
+        );
+        let text = bank(&["doctor"]);
+        assert!(
+            text.stdout.contains("in schema public") && !text.stdout.contains("run `bank init`"),
+            "{text:?}"
+        );
+    }
+    // Nothing moved.
+    let balances = db.bank().args(["balances", "--json"]).run();
+    balances.success();
+    assert!(
+        balances.stdout.contains(":10}") && balances.stdout.contains(":20}"),
+        "{balances:?}"
+    );
+}
+
 /// Another application's Diesel table in `public`, and bank given a schema of its own in front of
 /// it (as the refusals advise): init refused it as "a second bank that hides the first" (a
 /// reviewer's finding on the check above). It migrates into bank's schema.
@@ -609,6 +668,28 @@ fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     assert!(again.stdout.contains("schema: not migrated"), "{again:?}");
     let tables = public_tables(&db);
     assert!(tables.is_empty(), "{tables:?}");
+}
+
+/// A search_path that names no schema but the session's temporary one (`nowhere,pg_temp`):
+/// `init` created every table as a temporary table, said "applied migration" eight times and
+/// exited 0, and the tables vanished when it disconnected, so every command then said "run
+/// `bank init`" again. It refuses, says why, and leaves nothing behind.
+#[test]
+fn init_refuses_to_build_the_bank_in_the_session_s_temporary_schema() {
+    let db = ScratchDb::empty();
+    for path in ["nowhere,pg_temp", "pg_temp"] {
+        let url = format!("{}?options=-csearch_path%3D{path}", db.url.expose());
+        let run = Bank::new().args(["--database-url", &url, "init"]).run();
+        run.fails_with(1, "temporary");
+        assert!(
+            run.stderr.contains("search_path (") && run.stderr.contains("pg_temp)"),
+            "{run:?}"
+        );
+    }
+    let tables = public_tables(&db);
+    assert!(tables.is_empty(), "{tables:?}");
+    // The same database with a schema on its search_path migrates as before.
+    db.bank().args(["init"]).run().success();
 }
 
 /// A database a newer bank migrated (a migration this bank does not have): `doctor` names it,

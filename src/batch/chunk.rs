@@ -102,14 +102,14 @@ impl Watch {
 /// Why a chunk could not go on at all: nothing about its lines can be said.
 #[derive(Debug)]
 pub enum Fatal {
-    NotMigrated,
+    NotMigrated(crate::error::Unmigrated),
     Connect(ConnectError),
 }
 
 impl std::fmt::Display for Fatal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Fatal::NotMigrated => f.write_str("database not migrated: run `bank init` first"),
+            Fatal::NotMigrated(u) => write!(f, "{u}"),
             Fatal::Connect(e) => write!(f, "{e}"),
         }
     }
@@ -668,7 +668,7 @@ impl ChunkRunner {
                 }
                 Ok(Ok(decided))
             }
-            Err(Stop::Failed(TransferError::NotMigrated)) => Err(Fatal::NotMigrated),
+            Err(Stop::Failed(TransferError::NotMigrated(u))) => Err(Fatal::NotMigrated(u)),
             Err(Stop::Failed(TransferError::Connect(e))) => Err(Fatal::Connect(e)),
             Err(Stop::Failed(e)) if ambiguous => fail(
                 Outcome::Unknown,

@@ -30,6 +30,9 @@ struct Report {
     /// Relations that bank's pending migrations would create and the schema already has
     /// (another application's): `init` refuses while there are any.
     init_blocked_by: Vec<String>,
+    /// Schemas off this connection's search_path that hold bank's tables, when none is on it:
+    /// the search_path to fix, not `init` to run.
+    tables_off_search_path: Vec<String>,
     /// Server-side settings of this session.
     settings: BTreeMap<String, Option<String>>,
     /// Whether this connection is encrypted; `None` when the server does not say.
@@ -105,6 +108,10 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         true => db::in_the_way(&mut conn, &pending)?,
         false => Vec::new(),
     };
+    let off_path = match (applied.is_empty(), migrations_readable) {
+        (true, true) => db::unmigrated(&mut conn),
+        _ => Default::default(),
+    };
     // Counted only when the schema is bank's whole: a partly migrated database, or another
     // application's, may lack either table, and doctor is there to report it, not to fail.
     let (accounts, transfers) = if migrated {
@@ -168,6 +175,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         pending_migrations,
         unknown_migrations,
         init_blocked_by,
+        tables_off_search_path: off_path.elsewhere.clone(),
         settings,
         tls,
         client,
@@ -200,6 +208,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
             "schema: another application's (its migrations: {}; none of bank's)",
             report.unknown_migrations.join(", ")
         )?,
+        _ if !off_path.elsewhere.is_empty() => writeln!(out, "schema: {off_path}")?,
         _ if !report.init_blocked_by.is_empty() => writeln!(
             out,
             "schema: not migrated, and `bank init` would refuse: the database already has {} \

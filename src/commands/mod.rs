@@ -137,6 +137,24 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     if !taken.is_empty() {
         return Err(Error::InitBlocked(taken.join(", ")));
     }
+    // Where the tables would go: nowhere (a search_path naming no schema that exists: "no schema
+    // has been selected to create in"), or the session's temporary schema (one naming pg_temp
+    // and no other that exists), where init said "applied" and the tables vanished at
+    // disconnect. If bank's tables are in a schema the search_path misses, that is the fix.
+    if !pending.is_empty() {
+        let target = db::creation_schema(&mut conn)?;
+        if target.as_deref().is_none_or(|s| s.starts_with("pg_temp")) {
+            let off_path = db::unmigrated(&mut conn);
+            if applied.is_empty() && !off_path.elsewhere.is_empty() {
+                return Err(Error::NotMigrated(off_path));
+            }
+            let temporary = target.is_some() || off_path.search_path.contains("pg_temp");
+            return Err(Error::NoSchemaToCreateIn {
+                search_path: off_path.search_path,
+                temporary,
+            });
+        }
+    }
     let ran = match !pending.is_empty() {
         false => Vec::new(),
         true => db::run_migrations(&mut conn).inspect_err(|_| {

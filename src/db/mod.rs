@@ -14,7 +14,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, Unmigrated};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -331,6 +331,39 @@ pub fn unknown_migrations(applied: &[String]) -> Result<Vec<String>, crate::erro
         .collect())
 }
 
+/// Schemas that the search_path does not name but that hold bank's tables (Diesel's migrations
+/// table and `transfers`), and the search_path itself: what to say instead of "run `bank init`"
+/// when a role's or URL's search_path misses them. Best effort: if the catalog cannot be read,
+/// nothing is found.
+pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let elsewhere = diesel::sql_query(
+        "SELECT n.nspname AS name FROM pg_catalog.pg_namespace n \
+         WHERE NOT (n.nspname = ANY(current_schemas(false))) \
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+                       WHERE c.relnamespace = n.oid AND c.relname = $1) \
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+                       WHERE c.relnamespace = n.oid AND c.relname = $2) \
+         ORDER BY n.nspname",
+    )
+    .bind::<Text, _>("__diesel_schema_migrations")
+    .bind::<Text, _>("transfers")
+    .load::<Name>(conn);
+    let search_path =
+        diesel::sql_query("SELECT current_setting('search_path') AS name").get_result::<Name>(conn);
+    match (elsewhere, search_path) {
+        (Ok(elsewhere), Ok(path)) => Unmigrated {
+            elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
+            search_path: path.name,
+        },
+        _ => Unmigrated::default(),
+    }
+}
+
 /// Refuses a database that lacks any of this bank's migrations, before a command reads or
 /// writes it: on a partly migrated one `seed` wrote, `balances` listed and `verify` failed with a
 /// raw "column does not exist". One query: how many of the known versions are applied.
@@ -349,12 +382,12 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
     .get_result::<Count>(conn);
     match applied {
         Ok(c) if c.n as usize >= known.len() => Ok(()),
-        Ok(_) => Err(crate::error::Error::NotMigrated),
-        // No migrations table: never migrated.
+        Ok(_) => Err(crate::error::Error::NotMigrated(Unmigrated::default())),
+        // No migrations table on the search_path: never migrated, or migrated elsewhere.
         Err(diesel::result::Error::DatabaseError(_, info))
             if info.message().contains("does not exist") =>
         {
-            Err(crate::error::Error::NotMigrated)
+            Err(crate::error::Error::NotMigrated(unmigrated(conn)))
         }
         // A role granted only the application's tables: the check cannot be made, and a schema
         // too old still fails the command's own statement as not migrated.

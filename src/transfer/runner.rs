@@ -354,8 +354,8 @@ pub(crate) fn connection<T>(
         let conn = session.conn().map_err(failed)?;
         match crate::db::require_migrated(conn) {
             Ok(()) => session.schema_checked(),
-            Err(crate::error::Error::NotMigrated) => {
-                return Err(Attempt::Fail(TransferError::NotMigrated))
+            Err(crate::error::Error::NotMigrated(u)) => {
+                return Err(Attempt::Fail(TransferError::NotMigrated(u)))
             }
             // Nothing of the transfer was sent: the check is made again on a new connection.
             Err(e) => {

@@ -205,7 +205,7 @@ impl Worker {
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
                     // Whatever it was, do not reuse the connection it happened on.
                     self.runner.session.reset();
-                    if matches!(e, TransferError::NotMigrated) {
+                    if matches!(e, TransferError::NotMigrated(_)) {
                         break;
                     }
                 }
