@@ -31,21 +31,46 @@ pub struct Unmigrated {
     pub elsewhere: Vec<String>,
     /// The connection's `search_path`, as the server shows it.
     pub search_path: String,
+    /// Where `init` would create bank's tables (`current_schema()`), unless that is nowhere or
+    /// the session's temporary schema: a second bank there may be what is wanted (a tenant).
+    pub creation_schema: Option<String>,
 }
 
 impl std::fmt::Display for Unmigrated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.elsewhere.first() {
             None => f.write_str("database not migrated: run `bank init` first"),
-            Some(first) => write!(
-                f,
-                "database not migrated on this connection's search_path ({}): bank's tables are \
-                 in schema {}; add it to the search_path (e.g. `options=-csearch_path%3D{first}` \
-                 in the URL, or the role's `ALTER ROLE ... SET search_path`)",
-                self.search_path,
-                self.elsewhere.join(", schema ")
-            ),
+            Some(first) => {
+                write!(
+                    f,
+                    "database not migrated on this connection's search_path ({}): bank's tables \
+                     are in schema {}; add it to the search_path (e.g. \
+                     `options=-csearch_path%3D{}` in the URL, or the role's `ALTER ROLE ... SET \
+                     search_path`)",
+                    self.search_path,
+                    self.elsewhere.join(", schema "),
+                    quote_ident(first)
+                )?;
+                match &self.creation_schema {
+                    Some(here) => write!(
+                        f,
+                        ", or run `bank init` to create a separate bank in schema {here}"
+                    ),
+                    None => Ok(()),
+                }
+            }
         }
+    }
+}
+
+/// A schema name as a search_path takes it: bare when PostgreSQL would not fold or split it.
+fn quote_ident(name: &str) -> String {
+    let bare = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    match bare && !name.is_empty() {
+        true => name.to_string(),
+        false => format!("\"{}\"", name.replace('"', "\"\"")),
     }
 }
 
@@ -336,22 +361,16 @@ pub enum Error {
          (options=-csearch_path%3D{theirs}); nothing was changed"
     )]
     SchemaInFront { theirs: String, first: String },
-    /// `init` on a connection whose search_path names no schema that exists, or none but the
-    /// session's temporary one (exit 1).
+    /// `init` on a connection whose search_path names no schema that exists, or puts the
+    /// session's temporary one first (exit 1). `why` says which.
     #[error(
         "no schema to create bank's tables in: this connection's search_path ({search_path}) \
-         names {}; name one in the URL (e.g. options=-csearch_path%3Dpublic) or the role's \
-         search_path; nothing was changed",
-        if *temporary {
-            "none that exists but the session's temporary schema, where tables vanish when it \
-             disconnects"
-        } else {
-            "none that exists"
-        }
+         {why}; name one in the URL (e.g. options=-csearch_path%3Dpublic) or the role's \
+         search_path; nothing was changed"
     )]
     NoSchemaToCreateIn {
         search_path: String,
-        temporary: bool,
+        why: &'static str,
     },
     /// `init` whose migrations would create relations the database already has (exit 1).
     #[error(

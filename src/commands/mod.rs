@@ -148,10 +148,26 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
             if applied.is_empty() && !off_path.elsewhere.is_empty() {
                 return Err(Error::NotMigrated(off_path));
             }
-            let temporary = target.is_some() || off_path.search_path.contains("pg_temp");
+            // current_schema() is NULL before the session's temporary schema exists, though a
+            // CREATE would then make it and put the tables there.
+            let lists_temp = off_path
+                .search_path
+                .split(',')
+                .any(|s| s.trim().trim_matches('"') == "pg_temp");
+            let why = match target {
+                Some(_) => {
+                    "puts the session's temporary schema first, where tables vanish when it \
+                     disconnects"
+                }
+                None if lists_temp => {
+                    "names none that exists but the session's temporary schema, where tables \
+                     vanish when it disconnects"
+                }
+                None => "names none that exists",
+            };
             return Err(Error::NoSchemaToCreateIn {
                 search_path: off_path.search_path,
-                temporary,
+                why,
             });
         }
     }

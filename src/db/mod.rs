@@ -355,10 +355,12 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
     .load::<Name>(conn);
     let search_path =
         diesel::sql_query("SELECT current_setting('search_path') AS name").get_result::<Name>(conn);
-    match (elsewhere, search_path) {
-        (Ok(elsewhere), Ok(path)) => Unmigrated {
+    let here = creation_schema(conn).map(|s| s.filter(|s| !s.starts_with("pg_temp")));
+    match (elsewhere, search_path, here) {
+        (Ok(elsewhere), Ok(path), Ok(creation_schema)) => Unmigrated {
             elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
             search_path: path.name,
+            creation_schema,
         },
         _ => Unmigrated::default(),
     }
