@@ -383,29 +383,25 @@ pub(crate) fn claim_and_find(
     ids: &[uuid::Uuid],
     accounts: &[uuid::Uuid],
 ) -> Result<Vec<Transfer>, String> {
-    let result = retry(policy, &mut RetryCounts::default(), |_| {
+    let result = retry(policy, &mut RetryCounts::default(), |n| {
         if ticket.is_abandoned() {
             return Attempt::Fail(TransferError::Abandoned);
         }
-        let conn = match connection(session) {
-            Ok(conn) => conn,
-            Err(step) => return step,
-        };
-        match repo::claim_and_find(conn, ids, accounts) {
-            Ok(found) => Attempt::Done(found),
-            Err(e) => match classify(&e, Phase::BeforeCommit) {
-                Some(cause) => {
-                    if cause.needs_reconnect() {
-                        session.reset();
-                    }
-                    Attempt::Retry {
-                        cause,
-                        message: e.to_string(),
-                    }
-                }
+        let reused = session.is_connected();
+        let step = match connection(session).map(|conn| repo::claim_and_find(conn, ids, accounts)) {
+            Err(step) => step,
+            Ok(Ok(found)) => Attempt::Done(found),
+            Ok(Err(e)) => match classify(&e, Phase::BeforeCommit) {
+                Some(cause) => Attempt::Retry {
+                    cause,
+                    message: e.to_string(),
+                },
                 None => Attempt::Fail(TransferError::from(e)),
             },
-        }
+        };
+        // Counted nowhere (the claim is not the transfer's attempt); BeforeCommit: never
+        // ambiguous, so the ticket is not marked.
+        after_step(step, n, reused, session, ticket, None)
     });
     match result {
         Ok(found) => Ok(found),
