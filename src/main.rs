@@ -217,11 +217,21 @@ fn error_line(e: &dyn std::error::Error) -> String {
             .map_or(line.len(), |i| i + "due to ".len() + what.len());
         line.insert_str(at, &said);
     }
-    // A role provisioned before migrations 7 and 8: what to grant, once.
+    // What to grant, once: a role provisioned before migrations 7 and 8 lacks transfer_claims
+    // alone; one made for another application, bank's tables altogether (and a rerun, which an
+    // unknown outcome advises, fails the same way until it has them).
     if line.contains("permission denied for table transfer_claims") {
         line.push_str(
             " (grant this role SELECT, INSERT, UPDATE and DELETE on transfer_claims, as on the \
              other tables; bank doctor checks it)",
+        );
+    } else if ["accounts", "transfers"]
+        .iter()
+        .any(|t| line.contains(&format!("permission denied for table {t}")))
+    {
+        line.push_str(
+            " (grant this role SELECT, INSERT, UPDATE and DELETE on accounts, transfers and \
+             transfer_claims; bank doctor lists what it lacks)",
         );
     }
     bank::one_line(&line)

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::db::{self, DbUrl, Engine};
 use crate::error::Error;
+use crate::repo;
 use crate::schema::{accounts, transfers};
 
 #[derive(Serialize)]
@@ -45,6 +46,10 @@ struct Report {
     /// refused `--id` transfer stays unknown and single-statement transfers fail. `None` when
     /// not migrated, or the server cannot say.
     claims_writable: Option<bool>,
+    /// Of the privileges bank's commands take on its tables (SELECT, INSERT, UPDATE and DELETE
+    /// on each), those this role lacks, as "INSERT on accounts"; empty when not migrated or the
+    /// server cannot say.
+    missing_privileges: Vec<String>,
 }
 
 #[derive(QueryableByName)]
@@ -114,10 +119,12 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     };
     // Counted only when the schema is bank's whole: a partly migrated database, or another
     // application's, may lack either table, and doctor is there to report it, not to fail.
+    // A role that may not read them is what doctor is there to report (it failed with
+    // "permission denied" instead).
     let (accounts, transfers) = if migrated {
         (
-            Some(accounts::table.count().get_result(&mut conn)?),
-            Some(transfers::table.count().get_result(&mut conn)?),
+            unless_denied(accounts::table.count().get_result(&mut conn))?,
+            unless_denied(transfers::table.count().get_result(&mut conn))?,
         )
     } else if !migrations_readable {
         (
@@ -142,6 +149,13 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
             .ok()
         })
         .flatten();
+    // Every one of them: reset deletes from all three, a transfer's probe of a held-up earlier
+    // attempt takes UPDATE's locks on both ledger tables, and a role made for another
+    // application has none (its transfers then ended "unknown", and a rerun the same way).
+    let missing_privileges = match migrated || !migrations_readable {
+        true => missing_privileges(&mut conn),
+        false => Vec::new(),
+    };
     // What a transfer connects with: its deadline (`--timeout`, else `BANK_TIMEOUT`, else 30 s)
     // sets tcp_user_timeout and the keepalives (doctor showed those of a 5 s deadline).
     let default = crate::retry::RetryPolicy::default().timeout;
@@ -182,6 +196,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         accounts,
         transfers,
         claims_writable,
+        missing_privileges,
     };
     if json {
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
@@ -260,7 +275,46 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
              transfers, transfers with --id and files fail"
         )?;
     }
+    if !report.missing_privileges.is_empty() {
+        writeln!(
+            out,
+            "warning: this role lacks {}: bank's commands need SELECT, INSERT, UPDATE and DELETE \
+             on accounts, transfers and transfer_claims",
+            report.missing_privileges.join(", ")
+        )?;
+    }
     Ok(())
+}
+
+/// `None` for a query this role may not run; other errors stand.
+fn unless_denied<T>(result: QueryResult<T>) -> Result<Option<T>, Error> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if info.message().contains("permission denied") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Of SELECT, INSERT, UPDATE and DELETE on each of bank's tables, those this role lacks, by
+/// table; none when the server cannot say.
+fn missing_privileges(conn: &mut PgConnection) -> Vec<String> {
+    const TABLES: [&str; 3] = ["accounts", "transfers", "transfer_claims"];
+    let mut missing = Vec::new();
+    for privilege in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
+        let Ok(tables) = repo::tables_without(conn, &TABLES, privilege) else {
+            return Vec::new();
+        };
+        missing.extend(tables.into_iter().map(|t| (t, privilege)));
+    }
+    missing.sort_by_key(|(t, _)| TABLES.iter().position(|known| known == t));
+    missing
+        .into_iter()
+        .map(|(t, privilege)| format!("{privilege} on {t}"))
+        .collect()
 }
 
 /// A server setting of this session, or `None` when the server does not have it.
