@@ -15,6 +15,14 @@ use crate::exit_code::ExitCode;
 pub enum ConfigError {
     #[error("no database URL: pass --database-url URL or set DATABASE_URL (in the environment or in .env)")]
     MissingUrl,
+    /// `.env`'s `DATABASE_URL` is made of variables that are not set (`${DB_URL}`), replaced by
+    /// nothing as a shell does.
+    #[error(
+        "no database URL: DATABASE_URL in .env refers to a variable that is not set, which .env \
+         replaces by nothing, as a shell does: set it in the environment, or write the URL there \
+         (in single quotes if it holds a '$')"
+    )]
+    DotEnvUrlEmpty,
     #[error("malformed database URL {url}: {reason}")]
     MalformedUrl { url: String, reason: String },
     /// `path` is the `.env` found (in the working directory or a parent).
@@ -101,6 +109,10 @@ impl ConnectError {
             // in URI".
             || m.contains(" in uri")
             || (m.contains("invalid ") && m.contains(" value"))
+            // `?service=` naming no service (or a PGSERVICEFILE that is not there): a setting
+            // to fix, as `sslmode=bogus` is.
+            || (m.contains("definition of service") && m.contains("not found"))
+            || (m.contains("service file") && m.contains("not found"))
     }
 
     /// The server has no database of that name: no earlier run can have a transfer on its way
@@ -602,6 +614,8 @@ mod tests {
             "end of string reached when looking for matching \"]\" in IPv6 host address in \
              URI: \"postgres://bank@h:1,[::1/bank\"",
             "unexpected character \"x\" at position 20 in URI (expected \":\" or \"/\")",
+            "definition of service \"nosuch\" not found",
+            "service file \"/nonexistent\" not found",
         ] {
             assert!(connect_error(m).is_malformed(), "{m}");
         }

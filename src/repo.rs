@@ -218,15 +218,19 @@ pub fn server_now(conn: &mut PgConnection) -> QueryResult<DateTime<Utc>> {
     diesel::select(diesel::dsl::sql::<Timestamptz>("now()")).get_result(conn)
 }
 
-/// When the oldest transaction still open in this database (other than this session's) began,
-/// if any: an entry it writes is timed after that, so balances as of an earlier time are final.
-/// PostgreSQL's `pg_stat_activity`, which shows only the sessions this role may see (all of them
-/// with `pg_read_all_stats`).
+/// When the oldest transaction still open in this database (other than this session's) that has
+/// written or locked a row began, if any: an entry it writes is timed after that, so balances as
+/// of an earlier time are final. Only a client's transaction with a transaction id: bank times
+/// an entry once its transaction holds its locks, and locking a row takes an id, so one without
+/// an id now (a read left open, `bank balances | less`) will time any entry after now; a
+/// background worker (autovacuum) writes none. PostgreSQL's `pg_stat_activity`, which shows only
+/// the sessions this role may see (all of them with `pg_read_all_stats`).
 pub fn oldest_open_transaction(conn: &mut PgConnection) -> QueryResult<Option<DateTime<Utc>>> {
     diesel::select(
         diesel::dsl::sql::<diesel::sql_types::Nullable<Timestamptz>>(
             "(SELECT MIN(xact_start) FROM pg_stat_activity WHERE datname = current_database() \
-         AND pid <> pg_backend_pid() AND xact_start IS NOT NULL)",
+         AND pid <> pg_backend_pid() AND xact_start IS NOT NULL \
+         AND backend_type = 'client backend' AND backend_xid IS NOT NULL)",
         ),
     )
     .get_result(conn)

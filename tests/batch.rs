@@ -1285,7 +1285,9 @@ fn batch_with_single_statement_mode_is_refused() {
 /// that overlapped the one before it, run by hand meanwhile): whatever the interleaving, each id
 /// is in the ledger at most once, exactly one line of one run reports each ledger row `applied`
 /// (with that row's details), every `already_applied` and `id_conflict` names a row that is
-/// there with the same or with other details, nothing is `unknown`, and `verify` holds.
+/// there with the same or with other details, nothing is `unknown`, and `verify` holds. A line
+/// another run refused while this one was at it is `not_applied` (that answer stands for every
+/// run that began before it), and not applied by this run.
 #[test]
 fn runs_of_one_file_at_once_apply_each_transfer_once_and_agree_on_which_applied_it() {
     let mut rng = StdRng::seed_from_u64(0x7e1ce);
@@ -1342,9 +1344,12 @@ fn runs_of_one_file_at_once_apply_each_transfer_once_and_agree_on_which_applied_
                     "id_conflict" => {
                         assert!(row.is_some() && !same, "{case}: line {line}: {t:?} {row:?}")
                     }
-                    "insufficient_funds" | "unknown_account" => {}
+                    "insufficient_funds" | "unknown_account" | "not_applied" => {}
                     other => panic!("{case}: line {line}: {other}: {}", run.stderr),
                 }
+            }
+            for l in run.stdout.lines().filter(|l| l.contains("\"not_applied\"")) {
+                assert!(l.contains("another run answered this id"), "{case}: {l}");
             }
         }
         for id in ledger.keys() {

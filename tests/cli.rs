@@ -748,6 +748,47 @@ fn a_dollar_in_a_dotenv_url_that_expands_to_nothing_is_said() {
     }
 }
 
+/// A `.env` URL made of nothing but a variable that is not set (`DATABASE_URL=${DB_URL}`, the
+/// variable meant to come from elsewhere): "no database URL … or set DATABASE_URL (in the
+/// environment or in .env)", which it is (found by a reviewer). It names the line's variable
+/// problem instead, and still exits 2.
+#[test]
+fn a_dotenv_url_that_expands_to_nothing_at_all_is_said() {
+    for line in ["DATABASE_URL=${DB_URL_X9}", "DATABASE_URL=$DBURLX9"] {
+        let run = Bank::new().args(["balances"]);
+        std::fs::write(run.dir.path().join(".env"), format!("{line}\n")).expect(".env");
+        let run = run.run();
+        run.fails_with(2, "DATABASE_URL in .env");
+        assert!(run.stderr.contains("not set"), "{line}: {run:?}");
+    }
+}
+
+/// A `.env` that sets `DATABASE_URL` twice (an edit appended below the old line): the first
+/// was used, silently, where a shell sourcing the file (`set -a; . ./.env`) and docker's
+/// env files take the last (found by a reviewer). The last is used, and a warning names the key.
+#[test]
+fn a_dotenv_key_set_twice_takes_the_last_and_says_so() {
+    let db = ScratchDb::migrated();
+    let run = Bank::new().args(["balances"]);
+    std::fs::write(
+        run.dir.path().join(".env"),
+        format!(
+            "DATABASE_URL=postgres://bank:SECRET_X9@127.0.0.1:1/bank\nDATABASE_URL={}\n",
+            db.url.expose()
+        ),
+    )
+    .expect(".env");
+    let run = run.run();
+    run.success();
+    assert!(
+        run.stderr.contains("warning")
+            && run.stderr.contains("DATABASE_URL")
+            && run.stderr.contains("last"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("SECRET_X9"), "{run:?}");
+}
+
 /// `bank balances | head -1`: the reader leaves early; `bank` ends quietly with status 0.
 #[test]
 fn a_closed_pipe_is_a_normal_end() {

@@ -1023,6 +1023,200 @@ fn a_first_run_still_retrying_honours_a_rerun_s_no() {
     }
 }
 
+/// The same when the first run's first attempt failed before it got the accounts (a lock
+/// timeout while another transaction held one; a killed backend does the same): the first
+/// attempt recorded no claim generation, so the retry took the one the rerun had moved for its
+/// starting point and applied the id after the rerun said "insufficient funds" (found by a
+/// reviewer, with `bank transfer --id` and with a file). Each run now reads its ids' claims as
+/// the first thing its first attempt does on the server.
+#[test]
+fn a_first_run_whose_first_attempt_failed_early_honours_a_rerun_s_no() {
+    use diesel::RunQueryDsl;
+    for (iso, file) in [
+        (Iso::ReadCommitted, false),
+        (Iso::Serializable, false),
+        (Iso::ReadCommitted, true),
+        (Iso::Serializable, true),
+    ] {
+        let case = format!("{iso:?} file={file}");
+        let db = ScratchDb::migrated_at(iso);
+        let [from, to, funder, other] = db.accounts(&[50, 0, 1000, 0])[..] else {
+            panic!("four accounts")
+        };
+        let (id, after) = (Uuid::new_v4(), Uuid::new_v4());
+        let (from_text, to_text, id_text) = (from.to_string(), to.to_string(), id.to_string());
+        // Another transaction holds the debited account; the first run's wait for it ends at
+        // the server's lock_timeout, and it retries 3 s later.
+        let mut holder = db.conn();
+        holder.batch_execute("BEGIN").expect("begin");
+        diesel::sql_query(format!(
+            "SELECT id FROM accounts WHERE id = '{from}' FOR UPDATE"
+        ))
+        .execute(&mut holder)
+        .expect("lock");
+        let url = format!("{}?options=-c%20lock_timeout%3D300", db.url.expose());
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        // In the file, a line after it that shares nothing with it, waiting for the one
+        // connection: it goes on, as after any refusal (the rest of the file ended `unknown`,
+        // not attempted).
+        let text = format!("id,from,to,amount\n{id},{from},{to},100\n{after},{funder},{other},1\n");
+        std::fs::write(&path, text).expect("file");
+        let path = path.to_string_lossy().to_string();
+        let mut args = vec!["--database-url", &url, "transfer"];
+        match file {
+            true => args.extend([
+                "--file",
+                &path,
+                "--batch",
+                "1",
+                "--connections",
+                "1",
+                "--json",
+            ]),
+            false => args.extend([
+                "--from", &from_text, "--to", &to_text, "--amount", "100", "--id", &id_text,
+            ]),
+        }
+        args.extend([
+            "--retry-base",
+            "3s",
+            "--retry-cap",
+            "3s",
+            "--timeout",
+            "20s",
+        ]);
+        let first = crate::support::spawn_bank(&args);
+        crate::support::wait_for_lock_wait(&db);
+        // The lock timeout ends the first attempt; the run backs off.
+        thread::sleep(Duration::from_millis(800));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let rerun = db.transfer(from, to, 100).args(["--id", &id_text]).run();
+        assert_eq!(rerun.code, 1, "{case}: {rerun:?}");
+        assert!(
+            rerun.stderr.contains("insufficient funds"),
+            "{case}: {rerun:?}"
+        );
+        db.transfer(funder, from, 100).run().success();
+        let first = Run::from(first.wait_with_output().expect("wait"));
+        assert!(
+            bank::repo::find_transfer(&mut db.conn(), id)
+                .expect("query")
+                .is_none(),
+            "{case}: applied after the rerun said no: {first:?}"
+        );
+        assert_eq!(first.code, 1, "{case}: {first:?}");
+        assert!(
+            format!("{}{}", first.stdout, first.stderr).contains("another run answered this id"),
+            "{case}: {first:?}"
+        );
+        if file {
+            let outcomes: Vec<String> = first
+                .stdout
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+                .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
+                .collect();
+            assert_eq!(outcomes, ["not_applied", "applied"], "{case}: {first:?}");
+        }
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{case}: {report:?}");
+    }
+}
+
+/// A file's statement whose COMMIT was cut before it reached the server (rolled back, which the
+/// run cannot know), and, while the run backed off, its id applied by another run with other
+/// details: the run took the ledger's having every id it applied for its own commit and said
+/// `applied` (exit 0) for a transfer that never committed (found by a reviewer; `bank transfer
+/// --id` said "different details"). The ledger's rows must be the lines' own: it now says
+/// `id_conflict` (exit 1). Also a line the attempt refused that another run applied since: its
+/// verdict is the ledger's, not the lost attempt's refusal.
+#[test]
+fn a_file_s_lost_commit_is_not_taken_for_another_run_s_row_with_its_id() {
+    for (iso, same) in Iso::BOTH
+        .into_iter()
+        .flat_map(|iso| [(iso, false), (iso, true)])
+    {
+        let case = format!("{iso:?}, the other run's row with the same details: {same}");
+        let s = setup_with(iso, At::Commit, &[1000, 0]);
+        let [other, poor] = s.db.accounts(&[1000, 5])[..] else {
+            panic!("two accounts")
+        };
+        let (id, short) = (Uuid::new_v4(), Uuid::new_v4());
+        // Line 2 applies; line 3 is refused (5 < 50) in the same statement.
+        let text = format!(
+            "id,from,to,amount\n{id},{a},{b},10\n{short},{poor},{b},50\n",
+            a = s.from,
+            b = s.to
+        );
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, text).expect("file");
+        let path = path.to_string_lossy().to_string();
+        s.arm(Fault::CutBeforeCommit);
+        let url = s.proxy.url_for(&s.db.url);
+        let first = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--file",
+            &path,
+            "--json",
+            "--retry-base",
+            "3s",
+            "--retry-cap",
+            "3s",
+            "--timeout",
+            "20s",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.proxy.commits() < 1 {
+            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
+            thread::sleep(Duration::from_millis(20));
+        }
+        // While the run backs off: the id with other details, and the refused line funded and
+        // applied, by other runs.
+        let (payer, amount) = if same { (s.from, 10) } else { (other, 20) };
+        s.db.transfer(payer, s.to, amount)
+            .args(["--id", &id.to_string()])
+            .run()
+            .success();
+        s.db.transfer(other, poor, 100).run().success();
+        s.db.transfer(poor, s.to, 50)
+            .args(["--id", &short.to_string()])
+            .run()
+            .success();
+        let first = Run::from(first.wait_with_output().expect("wait"));
+        let outcomes: Vec<String> = first
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
+            .collect();
+        // With the same details, line 2 is applied, by whichever run: the rows are alike but
+        // for their time, and the run takes it for its own, as `bank transfer --id` does. Line
+        // 3 is what the ledger says, not the refusal the lost attempt made of it (its claim
+        // finds it there).
+        let expected = if same {
+            ["applied", "already_applied"]
+        } else {
+            ["id_conflict", "already_applied"]
+        };
+        assert_eq!(outcomes, expected, "{case}: {first:?}");
+        assert_eq!(first.code, if same { 0 } else { 1 }, "{case}: {first:?}");
+        let found = bank::repo::find_transfer(&mut s.db.conn(), id)
+            .expect("query")
+            .expect("the other run's row");
+        assert_eq!((found.from_id, found.amount), (payer, amount), "{case}");
+        assert_eq!(
+            s.balances(),
+            (if same { 990 } else { 1000 }, amount + 50),
+            "{case}"
+        );
+        s.verify_passes();
+    }
+}
+
 /// A file's line never attempted (Ctrl-C came first) whose id an earlier single statement,
 /// held in the network, still carried: the file said `not_applied` and the statement applied
 /// after it (found by a reviewer). A line this run never sent is `unknown` (exit 3), and the

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::input::Line;
 use super::statement::Chunk;
-use super::{Outcome, Verdict};
+use super::{Outcome, Verdict, ANSWERED_SINCE};
 use crate::db::Session;
 use crate::error::{ConnectError, TransferError};
 use crate::guard::Ticket;
@@ -266,7 +266,6 @@ impl ChunkRunner {
                 // it), then it is `not_applied`, and the rest follow as after any refusal.
                 Err(Failed {
                     answered: Some(line),
-                    reason,
                     ..
                 }) => match rest.iter().position(|l| l.line == line) {
                     Some(i) if i > 0 => {
@@ -275,10 +274,7 @@ impl ChunkRunner {
                     }
                     _ => {
                         self.size = 2;
-                        vec![Verdict {
-                            outcome: Outcome::NotApplied,
-                            error: Some(reason),
-                        }]
+                        vec![Verdict::answered_elsewhere()]
                     }
                 },
                 Err(failed) if failed.outcome == Outcome::Refused && rest.len() > 1 => {
@@ -488,8 +484,8 @@ impl ChunkRunner {
         // Lines that an attempt whose COMMIT went unanswered applied: if the ledger holds them
         // afterwards, it was that attempt, i.e. this run, that applied them.
         let mut ours: HashSet<u64> = HashSet::new();
-        // Each attempt whose COMMIT went unanswered: the ids it applied, and its verdicts.
-        let mut unanswered: Vec<(Vec<Uuid>, Decided)> = Vec::new();
+        // The verdicts of each attempt whose COMMIT went unanswered.
+        let mut unanswered: Vec<Decided> = Vec::new();
         let chunk = Chunk::new(lines);
         let mut accounts: Vec<Uuid> = lines
             .iter()
@@ -519,6 +515,13 @@ impl ChunkRunner {
             let mut committing = false;
             let mut locked_all = false;
             let result = conn.build_transaction().run(|c| {
+                // The claims of lines no attempt has read yet, first of all: an attempt that
+                // failed before its verdicts (a lock timeout, a killed backend) recorded none,
+                // and a retry took the generation a rerun had moved meanwhile for its starting
+                // point (`answered_since`).
+                if ids_given {
+                    first_claims_of(c, lines, first_claims)?;
+                }
                 // Locked by a statement of its own, which returns the balances the chunk
                 // statement starts from. Locked inside the chunk statement, at READ COMMITTED,
                 // balances read by its CTE could be older than the rows its UPDATE moved (a CHECK
@@ -530,7 +533,7 @@ impl ChunkRunner {
                 // will. If one committed, its verdicts stand: a line it refused (guessed short)
                 // before lines it applied would be judged again against balances that hold those
                 // later lines' moves (found with a cut COMMIT: a refused line came back applied).
-                if let Some(done) = committed_attempt(c, &unanswered)? {
+                if let Some(done) = committed_attempt(c, lines, &unanswered)? {
                     last = Some(done.clone());
                     if !ticket.enter_commit() {
                         return Err(Rollback::Abandoned);
@@ -624,7 +627,7 @@ impl ChunkRunner {
                 if let Some(decided) = last {
                     let applying: Vec<&Line> = applied(lines, &decided).collect();
                     ours.extend(applying.iter().map(|l| l.line));
-                    unanswered.push((applying.iter().map(|l| l.transfer.id).collect(), decided));
+                    unanswered.push(decided);
                 }
             }
             step
@@ -719,30 +722,46 @@ impl ChunkRunner {
 }
 
 /// The verdicts of the attempt among `unanswered` (those whose COMMIT went unanswered) that
-/// committed, if one did: the ledger holds the ids it applied. One that applied nothing moved
-/// nothing, and deciding its lines again gives the same verdicts.
+/// committed, if one did: the ledger holds each line it applied, with that line's details. An
+/// id there with other details is another run's doing: a count of ids alone took another run's
+/// row for this run's commit, and said `applied` for a line that never committed. (Another
+/// run's rows with the same details are alike but for their time: taken for this run's, as
+/// `bank transfer --id` takes them; the lines it refused are then claimed, and any the ledger
+/// holds get its verdict, `claim_refused`.) One that applied nothing moved nothing, and
+/// deciding its lines again gives the same verdicts.
 fn committed_attempt(
     conn: &mut PgConnection,
-    unanswered: &[(Vec<Uuid>, Decided)],
+    lines: &[Line],
+    unanswered: &[Decided],
 ) -> Result<Option<Decided>, Rollback> {
-    for (ids, decided) in unanswered {
-        if !ids.is_empty() && repo::count_transfers_with_ids(conn, ids)? == ids.len() as i64 {
+    if unanswered.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
+    let ledger: HashMap<Uuid, Transfer> = repo::find_transfers(conn, &ids)?
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect();
+    for decided in unanswered {
+        let mut applying = applied(lines, decided).peekable();
+        if applying.peek().is_some()
+            && applying.all(|l| {
+                ledger
+                    .get(&l.transfer.id)
+                    .is_some_and(|found| l.transfer.matches(found))
+            })
+        {
             return Ok(Some(decided.clone()));
         }
     }
     Ok(None)
 }
 
-/// Why a line another run answered since this run's first attempt at it is `not_applied`.
-const ANSWERED_SINCE: &str =
-    "another run answered this id \"not applied\" while this one was retrying it, and that \
-     answer stands";
-
 /// Inside a statement's transaction, its accounts held and its verdicts read: the first of
 /// `applying` (the lines it would apply) whose id another run has answered "not applied" since
 /// the first attempt at that line (its claim's generation moved), as `bank transfer --id`
 /// checks (`transfer::runner`). That answer stands for every run that began before it. The
-/// first attempt at a line records what it saw in `first`, kept until the line is decided (a
+/// first attempt at a line records what it saw in `first` (`first_claims_of`), kept until the line is decided (a
 /// line may go through several statements: a split, a refusal before it). Lines the ledger has
 /// are no concern (a rerun's claim moves the generation even when it then finds them applied).
 fn answered_since(
@@ -761,6 +780,28 @@ fn answered_since(
         }
     }
     Ok(moved)
+}
+
+/// Records in `first` the claim generation (`None`: not claimed) of each of `lines` that has
+/// none there yet, read now, before this attempt asks for the accounts.
+fn first_claims_of(
+    conn: &mut PgConnection,
+    lines: &[Line],
+    first: &mut HashMap<Uuid, Option<i64>>,
+) -> Result<(), Rollback> {
+    let ids: Vec<Uuid> = lines
+        .iter()
+        .map(|l| l.transfer.id)
+        .filter(|id| !first.contains_key(id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let now: HashMap<Uuid, i64> = repo::claim_generations(conn, &ids)?.into_iter().collect();
+    for id in ids {
+        first.insert(id, now.get(&id).copied());
+    }
+    Ok(())
 }
 
 /// A statement that could not be settled: its lines are `unknown` or `not_applied`.

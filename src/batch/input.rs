@@ -626,8 +626,19 @@ fn amount_json(raw: Option<&serde_json::value::RawValue>) -> Result<i64, String>
                     i64::MAX
                 ))
             }
-            // -0 (a float to serde_json) or 0.0.
-            None if n.as_f64() == Some(0.0) => Err("amount must be positive, got 0".into()),
+            // -0 (a float to serde_json) or 0.0; but 1e-400 is 0.0 to serde_json too, and not
+            // a zero as written (it said "got 0").
+            None if n.as_f64() == Some(0.0) => Err(if written.trim_start().starts_with('-') {
+                format!("amount must be positive, got {}", shown(written))
+            } else if written
+                .split(['e', 'E'])
+                .next()
+                .is_some_and(|mantissa| mantissa.chars().any(|c| ('1'..='9').contains(&c)))
+            {
+                format!("amount {} is not a whole number", shown(written))
+            } else {
+                "amount must be positive, got 0".into()
+            }),
             // 5e2 or 7.0: whole, perhaps, but written the way a float is, which an amount of
             // money is not.
             None if n.as_f64().is_some_and(|f| f.fract() == 0.0) => Err(format!(
@@ -1047,6 +1058,11 @@ mod tests {
         );
         assert!(why("1e30").contains("out of range"));
         assert!(why("-0").contains("must be positive"), "{}", why("-0"));
+        assert_eq!(why("0.0"), "amount must be positive, got 0");
+        // Zero to serde_json, not as written.
+        assert_eq!(why("-1e-400"), "amount must be positive, got -1e-400");
+        assert_eq!(why("1e-400"), "amount 1e-400 is not a whole number");
+        assert_eq!(why("0e5"), "amount must be positive, got 0");
         assert!(why("5e2").contains("decimal"));
     }
 

@@ -88,6 +88,11 @@ pub struct Verdict {
     pub error: Option<String>,
 }
 
+/// Why a line another run answered since this run's first attempt at it is `not_applied`.
+pub(crate) const ANSWERED_SINCE: &str =
+    "another run answered this id \"not applied\" while this one was retrying it, and that \
+     answer stands";
+
 /// How the reason of a line this run never sent begins.
 const NOT_ATTEMPTED: &str = "not attempted: ";
 
@@ -103,6 +108,20 @@ impl Verdict {
             outcome: Outcome::Unknown,
             error: Some(format!("{NOT_ATTEMPTED}{why}")),
         }
+    }
+
+    /// A line whose id another run answered "not applied" while this run was at it: decided,
+    /// as a refusal is (this run never applies it, and the lines after it are judged without
+    /// it), so the rest of the file goes on.
+    pub fn answered_elsewhere() -> Verdict {
+        Verdict {
+            outcome: Outcome::NotApplied,
+            error: Some(ANSWERED_SINCE.into()),
+        }
+    }
+
+    pub fn is_answered_elsewhere(&self) -> bool {
+        self.outcome == Outcome::NotApplied && self.error.as_deref() == Some(ANSWERED_SINCE)
     }
 
     pub fn is_not_attempted(&self) -> bool {

@@ -12,7 +12,7 @@
 //!
 //! A frozen server is watched for: a statement that outlives its deadline (plus `GRACE`) is given
 //! up, its lines reported `unknown` (see `guard`). After any line ends `unknown` or
-//! `not_applied`, no new group starts (later lines may depend on it): the rest of the file is
+//! `not_applied` (but for one another run answered, `Verdict::answered_elsewhere`), no new group starts (later lines may depend on it): the rest of the file is
 //! reported `unknown`, not attempted (`Verdict::not_attempted`), and a rerun of the same file
 //! settles everything.
 
@@ -351,11 +351,12 @@ where
                         verdicts
                     }
                 };
-                // A line merely not attempted (Ctrl-C) is no chunk that could not be settled.
-                if let Some(v) = verdicts
-                    .iter()
-                    .find(|v| v.outcome.is_unsettled() && !v.is_not_attempted())
-                {
+                // A line merely not attempted (Ctrl-C) is no chunk that could not be settled,
+                // nor one another run answered (found with runs of one file at once: the rest of
+                // the file ended `unknown`).
+                if let Some(v) = verdicts.iter().find(|v| {
+                    v.outcome.is_unsettled() && !v.is_not_attempted() && !v.is_answered_elsewhere()
+                }) {
                     stopping.get_or_insert_with(|| {
                         format!(
                             "another chunk could not be settled ({})",

@@ -242,8 +242,8 @@ pub(super) fn balances(
 
 /// An entry is timed once its transfer holds its locks, and committed a moment later (a file's
 /// chunk: up to its statement's length): balances as of a time that a transaction still open
-/// began before may still change. So the read waits until every transaction begun by then has
-/// ended, for at most half the read's timeout (5 s at most), and says so if one stays open,
+/// began before may still change. So the read waits until every transaction begun by then that
+/// holds a lock (`repo::oldest_open_transaction`) has ended, for at most half the read's timeout (5 s at most), and says so if one stays open,
 /// rather than answer without its entries. Best effort: a server without `pg_stat_activity`
 /// (or one that hides other roles' sessions) is not waited for.
 fn wait_for_transactions_begun_before(

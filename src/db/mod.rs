@@ -55,10 +55,31 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
                     .lines()
                     .filter(|l| dotenv_key(l) == Some("DATABASE_URL"))
                     .any(|l| refers_to_unset(l, &defined));
+            // The environment wins over the file; within the file the last line for a key wins,
+            // as when a shell sources it (`set -a; . ./.env`) and in docker's env files, where
+            // dotenvy kept the first (an edit appended below the old line went unused). Said, by
+            // key only: the values may hold passwords.
+            let preset: std::collections::HashSet<String> = vars
+                .iter()
+                .filter(|(k, _)| std::env::var_os(k).is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            let mut twice = std::collections::BTreeSet::new();
             for (key, value) in vars {
-                if std::env::var_os(&key).is_none() {
-                    std::env::set_var(key, value);
+                if preset.contains(&key) {
+                    continue;
                 }
+                if !seen.insert(key.clone()) {
+                    twice.insert(key.clone());
+                }
+                std::env::set_var(key, value);
+            }
+            for key in twice {
+                crate::say(format_args!(
+                    "bank: warning: {} sets {key} more than once; the last one is used",
+                    path.display()
+                ));
             }
             if url_expands_to_nothing {
                 let _ = DOTENV_URL_SHORTENED.set(());

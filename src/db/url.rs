@@ -46,7 +46,13 @@ impl DbUrl {
                 reason: "it is not valid UTF-8".into(),
             }),
             // The URL was to come from .env, which could not be read: that is the error.
-            _ => Err(super::dotenv_error().unwrap_or(ConfigError::MissingUrl)),
+            _ => Err(
+                super::dotenv_error().unwrap_or(if super::dotenv_url_shortened() {
+                    ConfigError::DotEnvUrlEmpty
+                } else {
+                    ConfigError::MissingUrl
+                }),
+            ),
         }
     }
 
@@ -92,7 +98,10 @@ impl DbUrl {
                 ));
             }
         }
-        let parsed = if hosts.contains(',') || no_host {
+        // An IPv6 address with its zone (`[fe80::1%25eth0]`, a link-local address) is libpq's
+        // to read: the url crate refuses zones ("invalid IPv6 address"), psql takes them.
+        let zoned = hosts.starts_with('[') && hosts.contains('%');
+        let parsed = if hosts.contains(',') || no_host || zoned {
             // libpq's list of hosts: each host:port must be sound.
             for host_port in hosts.split(',') {
                 check_port(host_port).map_err(&malformed)?;
@@ -630,6 +639,15 @@ mod tests {
              invalid integer value \"SEKa\" for connection option \"port\"",
         );
         assert!(!text.contains("SEK"), "{text}");
+    }
+
+    /// A link-local address with its zone: refused as "invalid IPv6 address" (the url crate's
+    /// word), though libpq and psql take it (found by a reviewer).
+    #[test]
+    fn an_ipv6_host_with_its_zone_is_libpq_s_to_read() {
+        let url = DbUrl::parse("postgres://u:SEKRIT@[fe80::1%25eth0]:5432/d").expect("a URL");
+        assert_eq!(url.to_string(), "postgres://u:***@[fe80::1%25eth0]:5432/d");
+        assert!(DbUrl::parse("postgres://u@[fe80::1%25eth0]:x/d").is_err());
     }
 
     #[test]

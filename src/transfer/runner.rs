@@ -460,8 +460,8 @@ enum ClaimSeen {
 /// this id "not applied" since this run's first attempt (its claim's generation moved). That
 /// answer was final for every run that began before it, so this attempt must not commit: a run
 /// still retrying applied the id after a concurrent rerun refused it (the README's limit until
-/// then). The first attempt that gets here records what it saw. At SERIALIZABLE a claim
-/// committed after this transaction's snapshot is not seen here, but the claiming run read the
+/// then). The first attempt records what it saw first of all, before it asks for the accounts.
+/// At SERIALIZABLE a claim committed after this transaction's snapshot is not seen here, but the claiming run read the
 /// ledger at SERIALIZABLE too (`repo::claim_and_find`), so one of the two fails to commit.
 fn answered_since(
     conn: &mut PgConnection,
@@ -512,6 +512,12 @@ fn attempt(
     let mut committing = false;
     let result = match mode {
         Mode::Transaction => conn.build_transaction().serializable().run(|c| {
+            // Read first, before anything that can fail on the way to the accounts (a lock
+            // timeout, a killed backend): an attempt that failed there recorded nothing, and
+            // the retry took the generation a rerun had moved meanwhile for its starting point.
+            if let Some(seen) = claim.as_mut().filter(|s| ***s == ClaimSeen::NotRead) {
+                answered_since(c, t, seen)?;
+            }
             apply(c, t)?;
             if let Some(seen) = claim.as_mut() {
                 answered_since(c, t, seen)?;
