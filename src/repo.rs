@@ -484,6 +484,76 @@ fn totals_of(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i128, i64)> 
     ))
 }
 
+/// The given accounts' total and each one's version, read in one snapshot (as
+/// `snapshot_totals`): where the workload starts, so that what other clients' ledger rows move
+/// in or out afterwards can be told (`moved_in_by_others`).
+pub fn totals_and_versions(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> QueryResult<(i128, Vec<(Uuid, i64)>)> {
+    conn.build_transaction()
+        .repeatable_read()
+        .read_only()
+        .run(|c| {
+            let total = total_balance(c, ids)?;
+            let mut versions = Vec::with_capacity(ids.len());
+            for part in ids.chunks(MAX_IDS_PER_STATEMENT) {
+                versions.extend(
+                    accounts::table
+                        .filter(accounts::id.eq_any(part))
+                        .select((accounts::id, accounts::version))
+                        .load::<(Uuid, i64)>(c)?,
+                );
+            }
+            Ok((total, versions))
+        })
+}
+
+/// The net amount that ledger rows with ids outside `low..=high` (not the workload's own) moved
+/// into these accounts after the given versions: a transfer between two of them moves nothing
+/// in, one with an account outside moves its amount in or out. Each side is one range of its
+/// (account, version) index.
+pub fn moved_in_by_others(
+    conn: &mut PgConnection,
+    since: &[(Uuid, i64)],
+    low: Uuid,
+    high: Uuid,
+) -> QueryResult<i128> {
+    #[derive(QueryableByName)]
+    struct Moved {
+        #[diesel(sql_type = Nullable<Text>)]
+        moved: Option<String>,
+    }
+    let mut total = 0i128;
+    for part in since.chunks(MAX_IDS_PER_STATEMENT) {
+        let ids: Vec<Uuid> = part.iter().map(|(id, _)| *id).collect();
+        let versions: Vec<i64> = part.iter().map(|(_, v)| *v).collect();
+        let moved: Moved = diesel::sql_query(
+            "SELECT CAST(SUM(d) AS TEXT) AS moved FROM ( \
+               SELECT -t.amount AS d FROM unnest(CAST($1 AS UUID[]), CAST($2 AS INT8[])) AS s (id, v) \
+               JOIN transfers t ON t.from_id = s.id AND t.from_version > s.v \
+               WHERE t.id NOT BETWEEN $3 AND $4 \
+               UNION ALL \
+               SELECT t.amount FROM unnest(CAST($1 AS UUID[]), CAST($2 AS INT8[])) AS s (id, v) \
+               JOIN transfers t ON t.to_id = s.id AND t.to_version > s.v \
+               WHERE t.id NOT BETWEEN $3 AND $4 \
+             ) AS e",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
+        .bind::<diesel::sql_types::Array<BigInt>, _>(&versions)
+        .bind::<diesel::sql_types::Uuid, _>(low)
+        .bind::<diesel::sql_types::Uuid, _>(high)
+        .get_result(conn)?;
+        total += moved
+            .moved
+            .as_deref()
+            .map(whole_number)
+            .transpose()?
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// A sum of INT8 as the database writes it: "123" on PostgreSQL (NUMERIC), possibly "123.0" on
 /// CockroachDB (DECIMAL keeps a scale).
 pub fn whole_number(text: &str) -> QueryResult<i128> {

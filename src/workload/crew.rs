@@ -29,6 +29,9 @@ use super::worker::tally_verdict;
 pub(super) struct Crew {
     pub(super) url: DbUrl,
     pub(super) ids: Arc<Vec<Uuid>>,
+    /// Each account's version when the starting total was read (`repo::totals_and_versions`):
+    /// what other clients' ledger rows moved in or out since is part of the expected total.
+    pub(super) since: Arc<Vec<(Uuid, i64)>>,
     pub(super) live: Arc<Live>,
     pub(super) prefix: IdPrefix,
     pub(super) config: Config,
@@ -237,12 +240,14 @@ impl Crew {
                 Arc::clone(&readers.wrong),
                 Arc::clone(&readers.running),
             );
-            let (url, ids, timeout, live) = (
+            let (url, ids, since, timeout, live) = (
                 self.url.clone(),
                 Arc::clone(&self.ids),
+                Arc::clone(&self.since),
                 self.config.policy.timeout,
                 Arc::clone(&self.live),
             );
+            let (low, high) = self.prefix.range();
             thread::spawn(move || {
                 let mut conn = None;
                 while !stop.load(Ordering::SeqCst) {
@@ -262,15 +267,15 @@ impl Crew {
                     let Some(c) = conn.as_mut() else {
                         continue;
                     };
-                    match crate::repo::snapshot_totals(c, &ids) {
-                        Ok((sum, negative)) => {
+                    match read_totals(c, &ids, &since, total, (low, high), false) {
+                        Ok((sum, expected, negative)) => {
                             if stop.load(Ordering::SeqCst) {
                                 break;
                             }
                             reads.fetch_add(1, Ordering::SeqCst);
                             live.read_total(Instant::now(), sum);
-                            if sum != total || negative != 0 {
-                                log::warn!("workload: a read saw total {sum} (expected {total}) and {negative} negative balances");
+                            if sum != expected || negative != 0 {
+                                log::warn!("workload: a read saw total {sum} (expected {expected}) and {negative} negative balances");
                                 wrong.fetch_add(1, Ordering::SeqCst);
                             }
                         }
@@ -355,6 +360,33 @@ impl Crew {
                 .transfers
                 .is_some_and(|n| self.live.issued.load(Ordering::Relaxed) < n)
     }
+}
+
+/// One snapshot of the workload's accounts: their total, the total expected there (the starting
+/// total, plus what other clients' ledger rows moved in or out since, `repo::moved_in_by_others`),
+/// and how many are negative. Other clients may use the same accounts (`--reuse-accounts`):
+/// their transfers through the ledger are no violation, money without a ledger row is. With
+/// `always` false the ledger is asked only when the total is not the starting one (a reader's
+/// every read would otherwise scan each account's new entries); the final check asks always.
+pub(super) fn read_totals(
+    conn: &mut diesel::PgConnection,
+    ids: &[Uuid],
+    since: &[(Uuid, i64)],
+    starting_total: i128,
+    (low, high): (Uuid, Uuid),
+    always: bool,
+) -> diesel::QueryResult<(i128, i128, i64)> {
+    conn.build_transaction()
+        .repeatable_read()
+        .read_only()
+        .run(|c| {
+            let (sum, negative) = crate::repo::snapshot_totals(c, ids)?;
+            let moved = match always || sum != starting_total {
+                true => crate::repo::moved_in_by_others(c, since, low, high)?,
+                false => 0,
+            };
+            Ok((sum, starting_total + moved, negative))
+        })
 }
 
 /// How often the probe asks, and how long an answer may take before the server counts as not

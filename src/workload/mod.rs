@@ -103,7 +103,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     crate::interrupt::catch();
     let mut setup = url.connect_migrated()?;
     let ids = prepare_accounts(&mut setup, config)?;
-    let starting_total = repo::total_balance(&mut setup, &ids)?;
+    let (starting_total, since) = repo::totals_and_versions(&mut setup, &ids)?;
     drop(setup);
 
     let started = Instant::now();
@@ -125,6 +125,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let crew = Crew {
         url: url.clone(),
         ids: Arc::new(ids),
+        since: Arc::new(since),
         live: Arc::new(Live::new(started)?),
         // Never from `--seed`: the prefix tells this run's ledger rows from every other run's,
         // the same seed's included.
@@ -154,7 +155,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     // ledger grows: a read's timeout, not what was left of the transfers' deadline (with
     // --timeout 300ms it gave up on a healthy server).
     let budget = config.check_timeout;
-    let check = final_check(url, &policy, budget, &crew.ids, crew.prefix);
+    let check = final_check(url, &policy, budget, &crew, starting_total);
     let mut tally = watchdog.tally;
     for slot in &slots {
         tally += &*slot.tally.lock().map_err(|_| WorkloadError::Panicked)?;
@@ -264,11 +265,16 @@ fn final_check(
     url: &DbUrl,
     policy: &RetryPolicy,
     budget: Duration,
-    ids: &Arc<Vec<Uuid>>,
-    prefix: IdPrefix,
+    crew: &Crew,
+    starting_total: i128,
 ) -> Result<FinalCheck, String> {
     let (tx, rx) = mpsc::channel();
-    let (url, ids) = (url.clone(), Arc::clone(ids));
+    let (url, ids, since, prefix) = (
+        url.clone(),
+        Arc::clone(&crew.ids),
+        Arc::clone(&crew.since),
+        crew.prefix,
+    );
     let policy = RetryPolicy {
         timeout: budget,
         ..*policy
@@ -277,9 +283,12 @@ fn final_check(
         let (low, high) = prefix.range();
         let result = retry(&policy, &mut RetryCounts::default(), |_| {
             let read = |conn: &mut PgConnection| -> diesel::QueryResult<FinalCheck> {
+                let (total, expected, _) =
+                    crew::read_totals(conn, &ids, &since, starting_total, (low, high), true)?;
                 Ok(FinalCheck {
                     verify: verify::verify(conn)?,
-                    total: repo::total_balance(conn, &ids)?,
+                    total,
+                    moved_by_others: expected - starting_total,
                     ledger_rows: repo::count_transfers_between(conn, low, high)?,
                 })
             };

@@ -75,6 +75,9 @@ pub struct FinalCheck {
     pub verify: VerifyReport,
     /// The workload's accounts' total.
     pub total: i128,
+    /// What other clients' ledger rows moved into those accounts during the run (negative:
+    /// out), read in the same snapshot as `total`.
+    pub moved_by_others: i128,
     /// Ledger rows of this run's own transfers.
     pub ledger_rows: i64,
 }
@@ -107,6 +110,9 @@ pub struct Report {
     pub starting_total: i128,
     /// `null` when the final check could not run (see `final_check_error`).
     pub final_total: Option<i128>,
+    /// What other clients' transfers moved into the workload's accounts during the run
+    /// (negative: out; `--reuse-accounts` on a database in use): part of the expected total.
+    pub moved_by_other_clients: Option<i128>,
     /// Ledger rows of this run's own transfers (ids carry the run's prefix), so other clients
     /// writing to the same database cause no false alarm.
     pub ledger_rows_added: Option<i64>,
@@ -166,7 +172,7 @@ impl Report {
         };
         let invariants = match &check {
             Some(c) => Invariants {
-                total_conserved: Some(c.total == run.starting_total),
+                total_conserved: Some(c.total == run.starting_total + c.moved_by_others),
                 no_negative_balance: Some(c.verify.negative_balances == 0),
                 ledger_matches_committed: Some(
                     c.ledger_rows >= committed
@@ -211,6 +217,7 @@ impl Report {
             },
             starting_total: run.starting_total,
             final_total: check.as_ref().map(|c| c.total),
+            moved_by_other_clients: check.as_ref().map(|c| c.moved_by_others),
             ledger_rows_added: check.as_ref().map(|c| c.ledger_rows),
             invariants,
             verify: check.map(|c| c.verify),
@@ -327,9 +334,13 @@ impl fmt::Display for Report {
         if let Some(e) = &self.final_check_error {
             writeln!(f, "  the final check could not run: {e}")?;
         }
+        let others = match self.moved_by_other_clients {
+            Some(0) | None => String::new(),
+            Some(n) => format!(" {n:+} moved by other clients' transfers"),
+        };
         writeln!(
             f,
-            "  total {} = starting total {}: {}",
+            "  total {} = starting total {}{others}: {}",
             known(self.final_total),
             self.starting_total,
             mark(self.invariants.total_conserved)
