@@ -10,6 +10,27 @@ use uuid::Uuid;
 
 use crate::exit_code::ExitCode;
 
+/// Whether a database error is a missing privilege: PostgreSQL says "permission denied for table
+/// accounts", CockroachDB "user bank does not have SELECT privilege on relation accounts".
+pub fn is_privilege_denied(message: &str) -> bool {
+    message.contains("permission denied")
+        || (message.contains("does not have") && message.contains(" privilege on "))
+}
+
+/// Which of bank's tables a missing-privilege error names, if one (`is_privilege_denied`).
+pub fn table_denied(message: &str) -> Option<&'static str> {
+    if !is_privilege_denied(message) {
+        return None;
+    }
+    ["accounts", "transfers", "transfer_claims"]
+        .into_iter()
+        .find(|t| {
+            message.contains(&format!("for table {t}"))
+                || message.contains(&format!("on relation {t}"))
+                || message.contains(&format!(".{t}"))
+        })
+}
+
 /// Where the database is: problems found before connecting.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -602,6 +623,31 @@ mod tests {
         }
         let e = crate::retry::tests::db(DatabaseErrorKind::Unknown, "column \"x\" does not exist");
         assert!(matches!(TransferError::from(e), TransferError::Database(_)));
+    }
+
+    #[test]
+    fn a_missing_privilege_is_told_on_both_engines() {
+        for (m, table) in [
+            ("permission denied for table accounts", Some("accounts")),
+            (
+                "permission denied for table transfer_claims",
+                Some("transfer_claims"),
+            ),
+            (
+                "user bank does not have SELECT privilege on relation transfers",
+                Some("transfers"),
+            ),
+            (
+                "user bank does not have INSERT privilege on relation bank.public.transfer_claims",
+                Some("transfer_claims"),
+            ),
+            ("permission denied for schema public", None),
+            ("relation \"accounts\" does not exist", None),
+        ] {
+            assert_eq!(table_denied(m), table, "{m}");
+        }
+        assert!(is_privilege_denied("permission denied for schema public"));
+        assert!(!is_privilege_denied("relation \"accounts\" does not exist"));
     }
 
     #[test]

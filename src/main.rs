@@ -220,10 +220,7 @@ fn error_line(e: &dyn std::error::Error) -> String {
     // What to grant, once: a role provisioned before migrations 7 and 8 lacks transfer_claims
     // alone; one made for another application, bank's tables altogether (and a rerun, which an
     // unknown outcome advises, fails the same way until it has them).
-    if ["accounts", "transfers", "transfer_claims"]
-        .iter()
-        .any(|t| line.contains(&format!("permission denied for table {t}")))
-    {
+    if bank::error::table_denied(&line).is_some() {
         line.push_str(
             " (grant this role SELECT, INSERT, UPDATE and DELETE on accounts, transfers and \
              transfer_claims; bank doctor lists what it lacks)",

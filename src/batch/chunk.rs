@@ -147,6 +147,11 @@ pub struct ChunkRunner {
     /// first attempt at it read it, kept across the statements it goes through (see
     /// `answered_since`); dropped once its line is decided.
     first_claims: HashMap<Uuid, Option<i64>>,
+    /// Ids another run answered "not applied" while this run was at them (a line decided
+    /// `Verdict::answered_elsewhere`), shared by the run's runners: a later line with one of
+    /// them, whose claim's first reading would come after that answer, is answered so too (it
+    /// applied the id after the answer; found by a reviewer).
+    barred: Arc<Mutex<HashSet<Uuid>>>,
     /// How the next statement's refused lines are guessed (`Chunk::guess_short`).
     guesses: Guesses,
 }
@@ -191,8 +196,15 @@ impl ChunkRunner {
             size: usize::MAX,
             ids_given: false,
             first_claims: HashMap::new(),
+            barred: Arc::default(),
             guesses: Guesses::FromBalances,
         }
+    }
+
+    /// Shares the ids answered elsewhere (`barred`) with the run's other runners.
+    pub fn barring(mut self, barred: Arc<Mutex<HashSet<Uuid>>>) -> ChunkRunner {
+        self.barred = barred;
+        self
     }
 
     /// The lines' ids come from the caller, as `Runner::id_given`.
@@ -274,6 +286,9 @@ impl ChunkRunner {
                     }
                     _ => {
                         self.size = 2;
+                        if let Ok(mut barred) = self.barred.lock() {
+                            barred.insert(rest[0].transfer.id);
+                        }
                         vec![Verdict::answered_elsewhere()]
                     }
                 },
@@ -481,10 +496,10 @@ impl ChunkRunner {
         let started = Instant::now();
         let mut retries = RetryCounts::default();
         let mut ambiguous = false;
-        // Lines that an attempt whose COMMIT went unanswered applied: if the ledger holds them
-        // afterwards, it was that attempt, i.e. this run, that applied them.
-        let mut ours: HashSet<u64> = HashSet::new();
-        // The verdicts of each attempt whose COMMIT went unanswered.
+        // The verdicts of each attempt whose COMMIT went unanswered. Each later attempt, holding
+        // the accounts, asks whether one of them committed (`committed_attempt`): if one did, its
+        // verdicts are the statement's; if none did, a line the ledger now has is another run's
+        // doing, `already_applied` (it was taken for this run's, `applied`, found by a reviewer).
         let mut unanswered: Vec<Decided> = Vec::new();
         let chunk = Chunk::new(lines);
         let mut accounts: Vec<Uuid> = lines
@@ -501,6 +516,7 @@ impl ChunkRunner {
         let ids_given = self.ids_given;
         let guesses = self.guesses;
         let first_claims = &mut self.first_claims;
+        let barred = Arc::clone(&self.barred);
         let result = retry(&self.policy, &mut retries, |n| {
             if ticket.is_abandoned() {
                 return Attempt::Fail(TransferError::Abandoned);
@@ -554,7 +570,7 @@ impl ChunkRunner {
                 let decided = read_rows(lines, rows)?;
                 let applying: Vec<&Line> = applied(lines, &decided).collect();
                 if ids_given {
-                    if let Some(line) = answered_since(c, &applying, first_claims)? {
+                    if let Some(line) = answered_since(c, &applying, first_claims, &barred)? {
                         return Err(Rollback::AnsweredSince(line));
                     }
                 }
@@ -625,8 +641,6 @@ impl ChunkRunner {
             {
                 ambiguous = true;
                 if let Some(decided) = last {
-                    let applying: Vec<&Line> = applied(lines, &decided).collect();
-                    ours.extend(applying.iter().map(|l| l.line));
                     unanswered.push(decided);
                 }
             }
@@ -663,14 +677,7 @@ impl ChunkRunner {
             }))
         };
         match result {
-            Ok(mut decided) => {
-                for (line, outcome) in decided.verdicts.iter_mut() {
-                    if *outcome == Outcome::AlreadyApplied && ours.contains(line) {
-                        *outcome = Outcome::Applied;
-                    }
-                }
-                Ok(Ok(decided))
-            }
+            Ok(decided) => Ok(Ok(decided)),
             Err(Stop::Failed(TransferError::NotMigrated(u))) => Err(Fatal::NotMigrated(u)),
             Err(Stop::Failed(TransferError::Connect(e))) => Err(Fatal::Connect(e)),
             Err(Stop::Failed(e)) if ambiguous => fail(
@@ -768,14 +775,18 @@ fn answered_since(
     conn: &mut PgConnection,
     applying: &[&Line],
     first: &mut HashMap<Uuid, Option<i64>>,
+    barred: &Mutex<HashSet<Uuid>>,
 ) -> Result<Option<u64>, Rollback> {
     let ids: Vec<Uuid> = applying.iter().map(|l| l.transfer.id).collect();
     let now: HashMap<Uuid, i64> = repo::claim_generations(conn, &ids)?.into_iter().collect();
+    let barred = barred
+        .lock()
+        .map_err(|_| Rollback::Bug("a runner panicked".into()))?;
     let mut moved = None;
     for l in applying {
         let generation = now.get(&l.transfer.id).copied();
         let then = *first.entry(l.transfer.id).or_insert(generation);
-        if then != generation && moved.is_none() {
+        if (then != generation || barred.contains(&l.transfer.id)) && moved.is_none() {
             moved = Some(l.line);
         }
     }

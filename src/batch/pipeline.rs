@@ -184,8 +184,11 @@ where
     let started = Instant::now();
     let connections = options.connections.max(1);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
+    // Ids another run answered "not applied" while this one was at them: no line of any
+    // connection applies one afterwards (`ChunkRunner::barring`).
+    let barred = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
     let mut workers: Vec<Worker> = (0..connections)
-        .map(|n| spawn(url, &options, n, done_tx.clone()))
+        .map(|n| spawn(url, &options, n, done_tx.clone(), &barred))
         .collect();
     drop(done_tx);
 
@@ -353,7 +356,10 @@ where
                 };
                 // A line merely not attempted (Ctrl-C) is no chunk that could not be settled,
                 // nor one another run answered (found with runs of one file at once: the rest of
-                // the file ended `unknown`).
+                // the file ended `unknown`): this run never applies that id, so the lines after
+                // it are judged as after a refusal. (Only a run of its own can have answered it,
+                // so file order across reruns, which stopping keeps for this run's own failures,
+                // is already shared with another run.)
                 if let Some(v) = verdicts.iter().find(|v| {
                     v.outcome.is_unsettled() && !v.is_not_attempted() && !v.is_answered_elsewhere()
                 }) {
@@ -473,7 +479,13 @@ fn emit_ready<E>(
     Ok(())
 }
 
-fn spawn(url: &DbUrl, options: &Options, n: usize, done: mpsc::Sender<Done>) -> Worker {
+fn spawn(
+    url: &DbUrl,
+    options: &Options,
+    n: usize,
+    done: mpsc::Sender<Done>,
+    barred: &std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>>,
+) -> Worker {
     let (jobs, rx) = mpsc::channel::<Job>();
     let policy = options.policy;
     let session = Session::new(url.clone(), "bank")
@@ -482,7 +494,8 @@ fn spawn(url: &DbUrl, options: &Options, n: usize, done: mpsc::Sender<Done>) -> 
     // A group holds up to a window's lines (--batch per connection); a statement, --batch.
     let mut runner = ChunkRunner::new(session, policy)
         .at_most(options.batch.max(1))
-        .ids_given();
+        .ids_given()
+        .barring(std::sync::Arc::clone(barred));
     runner.interruptible = true;
     let watch = runner.watch.clone();
     let thread = thread::spawn(move || {

@@ -46,9 +46,25 @@ pub(super) fn transfer_file(
     let source = Source::open(path, args.format)?;
     let format = source.format;
     let input = source.check()?;
-    let connections = match args.connections {
-        Some(n) => usize::try_from(n).unwrap_or(1),
-        None => default_connections(url, args.run.policy().timeout),
+    let server = ask_server(url, args.run.policy().timeout);
+    let connections = match (args.connections, &server) {
+        (Some(n), _) => usize::try_from(n).unwrap_or(1),
+        (None, Some((cockroachdb, isolation))) => connections_for(*cockroachdb, isolation),
+        (None, None) => 1,
+    };
+    // REPEATABLE READ as the database's default: a snapshot taken before a rerun claimed a line's
+    // id hides that claim from the check made once the accounts are held, and locks taken by the
+    // rerun meanwhile raise no conflict there, so the line could apply after the rerun said "not
+    // applied" (found by a reviewer). SERIALIZABLE makes one of the two fail instead, and
+    // READ COMMITTED reads the claims afresh; the file runs at SERIALIZABLE then.
+    let url = &match &server {
+        Some((_, isolation)) if isolation.eq_ignore_ascii_case("repeatable read") => {
+            log::debug!(
+                "transfer --file: the database's default is REPEATABLE READ: run at SERIALIZABLE"
+            );
+            url.with_session_setting("default_transaction_isolation", "serializable")
+        }
+        _ => url.clone(),
     };
     let options = batch::Options {
         batch: usize::try_from(args.batch.unwrap_or(batch::DEFAULT_BATCH)).unwrap_or(usize::MAX),
@@ -159,34 +175,35 @@ fn is_closed(e: &io::Error) -> bool {
 /// abort each other, and one connection was faster there (12.4–13.9k against 9.5–11.7k
 /// transfers/s, BENCHMARKS.md). CockroachDB's serializable transactions conflict on rows only.
 ///
-/// Asked on a thread of its own for at most a quarter of `timeout` (from 250 ms to 2 s: the run's
-/// own deadline follows, and a slow answer costs only the second connection); a server that
-/// cannot be asked (down,
-/// refusing the role, frozen once connected) gets one connection, and the run meets the trouble
-/// itself, with the promise's answers (`unknown` while an earlier run may still commit). Asked
-/// here, such a server ended the run before any line with exit 1, or kept it waiting forever
-/// when it froze after the connection was made (found by a reviewer).
-fn default_connections(url: &DbUrl, timeout: Duration) -> usize {
+/// The engine and default isolation are asked on a thread of their own for at most a quarter of
+/// `timeout` (from 250 ms to 2 s: the run's own deadline follows, and a slow answer costs only
+/// the second connection); a server that cannot be asked (down, refusing the role, frozen once
+/// connected) gets one connection, and the run meets the trouble itself, with the promise's
+/// answers (`unknown` while an earlier run may still commit). Asked here, such a server ended
+/// the run before any line with exit 1, or kept it waiting forever when it froze after the
+/// connection was made (found by a reviewer).
+fn ask_server(url: &DbUrl, timeout: Duration) -> Option<(bool, String)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let url = url.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(ask_connections(&url, timeout));
+        let _ = tx.send(ask_isolation(&url, timeout));
     });
     let budget = (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
     match rx.recv_timeout(budget) {
-        Ok(Ok(n)) => n,
+        Ok(Ok(found)) => Some(found),
         Ok(Err(e)) => {
-            log::debug!("--connections: the default isolation level is not known ({e}): 1");
-            1
+            log::debug!("transfer --file: the default isolation level is not known ({e})");
+            None
         }
         Err(_) => {
-            log::debug!("--connections: no answer within {budget:?}: 1");
-            1
+            log::debug!("transfer --file: no answer within {budget:?} about the isolation level");
+            None
         }
     }
 }
 
-fn ask_connections(url: &DbUrl, timeout: Duration) -> Result<usize, Error> {
+/// Whether the server is CockroachDB, and its default isolation level.
+fn ask_isolation(url: &DbUrl, timeout: Duration) -> Result<(bool, String), Error> {
     #[derive(diesel::QueryableByName)]
     struct Isolation {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -199,7 +216,7 @@ fn ask_connections(url: &DbUrl, timeout: Duration) -> Result<usize, Error> {
         &mut conn,
     )
     .map_err(Error::from)?;
-    Ok(connections_for(server.is_cockroachdb(), &iso.isolation))
+    Ok((server.is_cockroachdb(), iso.isolation))
 }
 
 fn connections_for(cockroachdb: bool, default_isolation: &str) -> usize {

@@ -97,7 +97,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     let (applied, migrations_readable) = match db::applied_migrations(&mut conn) {
         Ok(applied) => (applied, true),
         Err(diesel::result::Error::DatabaseError(_, info))
-            if info.message().contains("permission denied") =>
+            if crate::error::is_privilege_denied(info.message()) =>
         {
             (Vec::new(), false)
         }
@@ -286,12 +286,12 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     Ok(())
 }
 
-/// `None` for a query this role may not run; other errors stand.
+/// `None` for a query this role may not run (either engine's words); other errors stand.
 fn unless_denied<T>(result: QueryResult<T>) -> Result<Option<T>, Error> {
     match result {
         Ok(value) => Ok(Some(value)),
         Err(diesel::result::Error::DatabaseError(_, info))
-            if info.message().contains("permission denied") =>
+            if crate::error::is_privilege_denied(info.message()) =>
         {
             Ok(None)
         }

@@ -456,7 +456,8 @@ enum ClaimSeen {
     Read(Option<i64>),
 }
 
-/// Inside an attempt's transaction, once it holds the accounts: whether another run has answered
+/// Inside an attempt's transaction (first thing in the first attempt, then once it holds the
+/// accounts, where READ COMMITTED reads the claim afresh): whether another run has answered
 /// this id "not applied" since this run's first attempt (its claim's generation moved). That
 /// answer was final for every run that began before it, so this attempt must not commit: a run
 /// still retrying applied the id after a concurrent rerun refused it (the README's limit until
