@@ -397,6 +397,15 @@ pub fn find_transfers(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<
         .load(conn)
 }
 
+/// The time the ledger row `id` carries (its `created_at`), read exactly (binary, to the
+/// microsecond): a file's statement reads its own back before it commits.
+pub fn created_at(conn: &mut PgConnection, id: Uuid) -> QueryResult<DateTime<Utc>> {
+    transfers::table
+        .find(id)
+        .select(transfers::created_at)
+        .first(conn)
+}
+
 /// The SQL `find_transfer` sends, for tests that pin it.
 pub fn find_transfer_query(
     id: Uuid,

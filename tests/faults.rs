@@ -1202,12 +1202,11 @@ fn a_file_s_lost_commit_is_not_taken_for_another_run_s_row_with_its_id() {
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
             .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
             .collect();
-        // With the same details, line 2 is applied, by whichever run: the rows are alike but
-        // for their time, and the run takes it for its own, as `bank transfer --id` does. Line
-        // 3 is what the ledger says, not the refusal the lost attempt made of it (its claim
-        // finds it there).
+        // With the same details, line 2 is another run's too: its row carries another time than
+        // the lost attempt's. Line 3 is what the ledger says, not the refusal the lost attempt
+        // made of it.
         let expected = if same {
-            ["applied", "already_applied"]
+            ["already_applied", "already_applied"]
         } else {
             ["id_conflict", "already_applied"]
         };
@@ -1289,6 +1288,205 @@ fn a_file_s_lost_commit_takes_no_other_run_s_row_for_its_own() {
         );
         assert_eq!(run.code, 1, "{case}: {run:?}");
         assert_eq!(s.balances(), (993, 7), "{case}");
+        s.verify_passes();
+    }
+}
+
+/// Two lost COMMITs in a row: the first attempt (rolled back) applied lines 2 and 4 and found
+/// line 3 short; the account was funded; the second (committed, its answer lost) applied all
+/// three. Both attempts' lines are in the ledger, and the run took the first for the one that
+/// committed: line 3 was then `already_applied`, though this run had applied it (found by a
+/// reviewer). The attempt that applied the most is the one.
+#[test]
+fn of_two_lost_commits_the_one_that_committed_is_taken() {
+    for iso in Iso::BOTH {
+        let case = format!("{iso:?}");
+        let s = setup_with(iso, At::Commit, &[1000, 0]);
+        let [other, poor] = s.db.accounts(&[1000, 5])[..] else {
+            panic!("two accounts")
+        };
+        let text = format!(
+            "id,from,to,amount\n{},{a},{b},10\n{},{poor},{b},50\n{},{a},{b},7\n",
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            a = s.from,
+            b = s.to
+        );
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, text).expect("file");
+        let path = path.to_string_lossy().to_string();
+        s.arm(Fault::CutBeforeCommit);
+        s.arm(Fault::CutAfterCommit);
+        let url = s.proxy.url_for(&s.db.url);
+        let run = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--file",
+            &path,
+            "--json",
+            "--retry-base",
+            "3s",
+            "--retry-cap",
+            "3s",
+            "--timeout",
+            "30s",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.proxy.commits() < 1 {
+            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
+            thread::sleep(Duration::from_millis(20));
+        }
+        s.db.transfer(other, poor, 100).run().success();
+        let run = Run::from(run.wait_with_output().expect("wait"));
+        let outcomes: Vec<String> = run
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["applied", "applied", "applied"],
+            "{case}: {run:?}"
+        );
+        assert_eq!(run.code, 0, "{case}: {run:?}");
+        assert_eq!(s.balances(), (983, 67), "{case}");
+        s.verify_passes();
+    }
+}
+
+/// The file's COMMIT is cut before it reaches the server (rolled back); while the run backs
+/// off, a second run of the same file applies every line, from the same balances, so its rows
+/// are the first run's to the last detail but their time. The first run said `applied` for rows
+/// it never wrote, and both runs claimed every row (found by a reviewer). Each statement now
+/// reads back the time its rows carry before it commits: rows of another time are another run's,
+/// `already_applied`.
+#[test]
+fn a_file_s_lost_commit_is_not_taken_for_a_second_run_of_the_same_file() {
+    for iso in Iso::BOTH {
+        let case = format!("{iso:?}");
+        let s = setup_with(iso, At::Commit, &[1000, 0]);
+        let text = format!(
+            "id,from,to,amount\n{},{a},{b},10\n{},{a},{b},7\n",
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            a = s.from,
+            b = s.to
+        );
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, text).expect("file");
+        let path = path.to_string_lossy().to_string();
+        s.arm(Fault::CutBeforeCommit);
+        let url = s.proxy.url_for(&s.db.url);
+        let first = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--file",
+            &path,
+            "--json",
+            "--retry-base",
+            "3s",
+            "--retry-cap",
+            "3s",
+            "--timeout",
+            "20s",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.proxy.commits() < 1 {
+            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let second = Bank::new()
+            .args([
+                "--database-url",
+                s.db.url.expose(),
+                "transfer",
+                "--file",
+                &path,
+            ])
+            .args(["--json"])
+            .run();
+        let first = Run::from(first.wait_with_output().expect("wait"));
+        let outcomes = |run: &Run| -> Vec<String> {
+            run.stdout
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+                .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        assert_eq!(
+            outcomes(&second),
+            ["applied", "applied"],
+            "{case}: {second:?}"
+        );
+        assert_eq!(
+            outcomes(&first),
+            ["already_applied", "already_applied"],
+            "{case}: {first:?}"
+        );
+        assert_eq!(first.code, 0, "{case}: {first:?}");
+        assert_eq!(s.balances(), (983, 17), "{case}");
+        s.verify_passes();
+    }
+}
+
+/// `bank transfer --id` whose COMMIT is cut before it reaches the server (rolled back); while it
+/// backs off, a second run of the same transfer applies it. The first run said it had applied
+/// it, as the second did: two runs claimed one ledger row (found by a reviewer). It reads back
+/// the time its attempt gave the row, and a row of another time is `already_applied`.
+#[test]
+fn a_transfer_s_lost_commit_is_not_taken_for_a_second_run_s() {
+    for iso in Iso::BOTH {
+        let case = format!("{iso:?}");
+        let s = setup_with(iso, At::Commit, &[1000, 0]);
+        let id = Uuid::new_v4();
+        s.arm(Fault::CutBeforeCommit);
+        let url = s.proxy.url_for(&s.db.url);
+        let (from, to, id_text) = (s.from.to_string(), s.to.to_string(), id.to_string());
+        let first = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--amount",
+            "10",
+            "--id",
+            &id_text,
+            "--json",
+            "--retry-base",
+            "3s",
+            "--retry-cap",
+            "3s",
+            "--timeout",
+            "20s",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.proxy.commits() < 1 {
+            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let second =
+            s.db.transfer(s.from, s.to, 10)
+                .args(["--id", &id_text, "--json"])
+                .run();
+        second.success();
+        assert_eq!(
+            second.json()["already_applied"],
+            false,
+            "{case}: {second:?}"
+        );
+        let first = Run::from(first.wait_with_output().expect("wait"));
+        assert_eq!(first.code, 0, "{case}: {first:?}");
+        assert_eq!(first.json()["already_applied"], true, "{case}: {first:?}");
+        assert_eq!(s.balances(), (990, 10), "{case}");
         s.verify_passes();
     }
 }

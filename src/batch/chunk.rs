@@ -500,7 +500,7 @@ impl ChunkRunner {
         // the accounts, asks whether one of them committed (`committed_attempt`): if one did, its
         // verdicts are the statement's; if none did, a line the ledger now has is another run's
         // doing, `already_applied` (it was taken for this run's, `applied`, found by a reviewer).
-        let mut unanswered: Vec<Decided> = Vec::new();
+        let mut unanswered: Vec<Attempted> = Vec::new();
         let chunk = Chunk::new(lines);
         let mut accounts: Vec<Uuid> = lines
             .iter()
@@ -527,7 +527,7 @@ impl ChunkRunner {
                 Err(step) => return step,
             };
             // This attempt's verdicts, once it has them.
-            let mut last: Option<Decided> = None;
+            let mut last: Option<Attempted> = None;
             let mut committing = false;
             let mut locked_all = false;
             let result = conn.build_transaction().run(|c| {
@@ -555,7 +555,7 @@ impl ChunkRunner {
                         return Err(Rollback::Abandoned);
                     }
                     committing = true;
-                    return Ok(done);
+                    return Ok(done.decided);
                 }
                 let short = match guesses {
                     Guesses::NoneInThisChunk => vec![false; lines.len()],
@@ -574,7 +574,17 @@ impl ChunkRunner {
                         return Err(Rollback::AnsweredSince(line));
                     }
                 }
-                last = Some(decided.clone());
+                // The time this statement's rows carry (one `clock_timestamp()` for all): after
+                // a lost COMMIT, rows of another time are another run's, though alike to the
+                // last detail (a second run of the same file from the same balances).
+                let at = match (ids_given, applying.first()) {
+                    (true, Some(l)) => Some(repo::created_at(c, l.transfer.id)?),
+                    _ => None,
+                };
+                last = Some(Attempted {
+                    decided: decided.clone(),
+                    at,
+                });
                 if !ticket.enter_commit() {
                     return Err(Rollback::Abandoned);
                 }
@@ -617,7 +627,8 @@ impl ChunkRunner {
                 // back. Taken for ambiguous, it was retried until the deadline and its lines
                 // ended "unknown", on every rerun too.
                 Err(Rollback::Database(e))
-                    if committing && commit_refused(conn, &e, lines, last.as_ref()) =>
+                    if committing
+                        && commit_refused(conn, &e, lines, last.as_ref().map(|a| &a.decided)) =>
                 {
                     Attempt::Fail(TransferError::from(e))
                 }
@@ -640,8 +651,8 @@ impl ChunkRunner {
             } = &step
             {
                 ambiguous = true;
-                if let Some(decided) = last {
-                    unanswered.push(decided);
+                if let Some(attempted) = last {
+                    unanswered.push(attempted);
                 }
             }
             step
@@ -728,19 +739,25 @@ impl ChunkRunner {
     }
 }
 
-/// The verdicts of the attempt among `unanswered` (those whose COMMIT went unanswered) that
-/// committed, if one did: the ledger holds each line it applied, with that line's details. An
-/// id there with other details is another run's doing: a count of ids alone took another run's
-/// row for this run's commit, and said `applied` for a line that never committed. (Another
-/// run's rows with the same details are alike but for their time: taken for this run's, as
-/// `bank transfer --id` takes them; the lines it refused are then claimed, and any the ledger
-/// holds get its verdict, `claim_refused`.) One that applied nothing moved nothing, and
-/// deciding its lines again gives the same verdicts.
+/// An attempt whose COMMIT went unanswered: its verdicts, and the time its ledger rows carry
+/// (`None`: it applied nothing, or its ids are the run's own, as the workload's).
+#[derive(Clone)]
+struct Attempted {
+    decided: Decided,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The attempt among `unanswered` (those whose COMMIT went unanswered) that committed, if one
+/// did: the ledger holds each line it applied, with that line's details and that attempt's time.
+/// Rows with other details, or of another time, are another run's doing: a count of ids alone
+/// took another run's rows for this run's commit, and said `applied` for lines that never
+/// committed (found by a reviewer). One that applied nothing moved nothing, and deciding its
+/// lines again gives the same verdicts.
 fn committed_attempt(
     conn: &mut PgConnection,
     lines: &[Line],
-    unanswered: &[Decided],
-) -> Result<Option<Decided>, Rollback> {
+    unanswered: &[Attempted],
+) -> Result<Option<Attempted>, Rollback> {
     if unanswered.is_empty() {
         return Ok(None);
     }
@@ -749,19 +766,24 @@ fn committed_attempt(
         .into_iter()
         .map(|t| (t.id, t))
         .collect();
-    for decided in unanswered {
-        let mut applying = applied(lines, decided).peekable();
-        if applying.peek().is_some()
-            && applying.all(|l| {
-                ledger
-                    .get(&l.transfer.id)
-                    .is_some_and(|found| l.transfer.matches(found))
+    // At most one attempt committed (each later one asks this first, holding the accounts), and
+    // the ledger holds its rows. Without the time (the workload's own ids), an earlier attempt
+    // that applied some of the same lines matches too, so the one that applied the most is it
+    // (the oldest first took one that stopped at a refusal for the one that went on past it,
+    // found by a reviewer); equal, the newest.
+    let mut found: Option<(usize, &Attempted)> = None;
+    for attempted in unanswered {
+        let applying: Vec<&Line> = applied(lines, &attempted.decided).collect();
+        let all_there = applying.iter().all(|l| {
+            ledger.get(&l.transfer.id).is_some_and(|row| {
+                l.transfer.matches(row) && attempted.at.is_none_or(|at| row.created_at == at)
             })
-        {
-            return Ok(Some(decided.clone()));
+        });
+        if !applying.is_empty() && all_there && found.is_none_or(|(n, _)| applying.len() >= n) {
+            found = Some((applying.len(), attempted));
         }
     }
-    Ok(None)
+    Ok(found.map(|(_, attempted)| attempted.clone()))
 }
 
 /// Inside a statement's transaction, its accounts held and its verdicts read: the first of

@@ -46,25 +46,11 @@ pub(super) fn transfer_file(
     let source = Source::open(path, args.format)?;
     let format = source.format;
     let input = source.check()?;
-    let server = ask_server(url, args.run.policy().timeout);
-    let connections = match (args.connections, &server) {
-        (Some(n), _) => usize::try_from(n).unwrap_or(1),
-        (None, Some((cockroachdb, isolation))) => connections_for(*cockroachdb, isolation),
-        (None, None) => 1,
-    };
-    // REPEATABLE READ as the database's default: a snapshot taken before a rerun claimed a line's
-    // id hides that claim from the check made once the accounts are held, and locks taken by the
-    // rerun meanwhile raise no conflict there, so the line could apply after the rerun said "not
-    // applied" (found by a reviewer). SERIALIZABLE makes one of the two fail instead, and
-    // READ COMMITTED reads the claims afresh; the file runs at SERIALIZABLE then.
-    let url = &match &server {
-        Some((_, isolation)) if isolation.eq_ignore_ascii_case("repeatable read") => {
-            log::debug!(
-                "transfer --file: the database's default is REPEATABLE READ: run at SERIALIZABLE"
-            );
-            url.with_session_setting("default_transaction_isolation", "serializable")
-        }
-        _ => url.clone(),
+    let connections = match args.connections {
+        Some(n) => usize::try_from(n).unwrap_or(1),
+        None => ask_server(url, args.run.policy().timeout).map_or(1, |(cockroachdb, isolation)| {
+            connections_for(cockroachdb, &isolation)
+        }),
     };
     let options = batch::Options {
         batch: usize::try_from(args.batch.unwrap_or(batch::DEFAULT_BATCH)).unwrap_or(usize::MAX),
@@ -219,8 +205,13 @@ fn ask_isolation(url: &DbUrl, timeout: Duration) -> Result<(bool, String), Error
     Ok((server.is_cockroachdb(), iso.isolation))
 }
 
+/// REPEATABLE READ counts as SERIALIZABLE: bank's sessions run at SERIALIZABLE there
+/// (`db::session::tune`).
 fn connections_for(cockroachdb: bool, default_isolation: &str) -> usize {
-    if !cockroachdb && default_isolation.eq_ignore_ascii_case("serializable") {
+    let serializable = ["serializable", "repeatable read"]
+        .iter()
+        .any(|level| default_isolation.eq_ignore_ascii_case(level));
+    if !cockroachdb && serializable {
         1
     } else {
         2
@@ -496,7 +487,7 @@ mod tests {
     fn one_connection_on_a_serializable_postgresql_else_two() {
         assert_eq!(connections_for(false, "serializable"), 1);
         assert_eq!(connections_for(false, "read committed"), 2);
-        assert_eq!(connections_for(false, "repeatable read"), 2);
+        assert_eq!(connections_for(false, "repeatable read"), 1);
         assert_eq!(connections_for(true, "serializable"), 2);
     }
 }

@@ -165,6 +165,8 @@ struct Timeouts {
     statement: String,
     #[diesel(sql_type = Text)]
     idle_in_transaction: String,
+    #[diesel(sql_type = Text)]
+    isolation: String,
 }
 
 impl Session {
@@ -270,7 +272,8 @@ pub fn own_statement_timeout() -> Option<Duration> {
 fn tune(conn: &mut PgConnection, timeout: Duration) -> QueryResult<()> {
     let current: Timeouts = diesel::sql_query(
         "SELECT current_setting('statement_timeout') AS statement, \
-         current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction",
+         current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction, \
+         current_setting('default_transaction_isolation') AS isolation",
     )
     .get_result(conn)?;
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
@@ -289,6 +292,15 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> QueryResult<()> {
                 OWN_STATEMENT_TIMEOUT_MS.store(ms as u64, Ordering::Relaxed);
             }
         }
+    }
+    // REPEATABLE READ as the default (the role's or the database's): a snapshot taken before a
+    // rerun claimed an id hides that claim from the check a run makes once it holds the
+    // accounts, and the rerun's locks raise no conflict there, so a file's line could apply
+    // after the rerun said "not applied" (found by a reviewer). SERIALIZABLE makes one of the
+    // two fail instead (READ COMMITTED reads the claims afresh). Every session, so that a
+    // reconnect keeps it.
+    if current.isolation.eq_ignore_ascii_case("repeatable read") {
+        sql.push_str("SET default_transaction_isolation = 'serializable'; ");
     }
     sql.push_str("SET enable_seqscan = off");
     conn.batch_execute(&sql)

@@ -86,6 +86,11 @@ impl Runner {
         // A given id may be answered by another run while this one retries: its claim, as the
         // first attempt read it (see `answered_since`). A made-up id is nobody else's.
         let mut claim = self.id_given.then_some(ClaimSeen::NotRead);
+        // The times this run's attempts gave the transfer's ledger row (transaction mode, a
+        // given id): after a lost COMMIT, a row of another time is another run's, though alike
+        // to the last detail (found by a reviewer: two runs said "applied" for one row).
+        let mut times: Option<Vec<chrono::DateTime<chrono::Utc>>> =
+            (self.id_given && mode == Mode::Transaction).then(Vec::new);
         let result = retry(&self.policy, &mut retries, |n| {
             made = n;
             if ticket.is_abandoned() {
@@ -96,7 +101,15 @@ impl Runner {
             // A connection that was open before this attempt may have died while idle (a
             // server restart, a killed backend); losing it before COMMIT says nothing.
             let reused = session.is_connected();
-            let step = attempt(session, t, mode, ambiguous, ticket, claim.as_mut());
+            let step = attempt(
+                session,
+                t,
+                mode,
+                ambiguous,
+                ticket,
+                claim.as_mut(),
+                times.as_mut(),
+            );
             let step = after_step(step, n, reused, session, ticket, live_retries);
             if let Attempt::Retry {
                 cause: Cause::Ambiguous,
@@ -495,6 +508,7 @@ fn attempt(
     after_ambiguous: bool,
     ticket: &Ticket,
     mut claim: Option<&mut ClaimSeen>,
+    mut times: Option<&mut Vec<chrono::DateTime<chrono::Utc>>>,
 ) -> Attempt<bool, TransferError> {
     let conn = match connection(session) {
         Ok(conn) => conn,
@@ -503,8 +517,19 @@ fn attempt(
     if after_ambiguous {
         match lookup(conn, t) {
             Ok(Some(found)) => {
-                log::debug!("transfer {}: found in the ledger, it committed", t.id);
-                return resolve_duplicate(t, &found, false);
+                // Known times and none of them its: another run's row.
+                let others = times
+                    .as_deref()
+                    .is_some_and(|times| !times.is_empty() && !times.contains(&found.created_at));
+                log::debug!(
+                    "transfer {}: found in the ledger, {}",
+                    t.id,
+                    match others {
+                        true => "written by another run",
+                        false => "it committed",
+                    }
+                );
+                return resolve_duplicate(t, &found, others);
             }
             Ok(None) => log::debug!("transfer {}: not in the ledger, running it again", t.id),
             Err(step) => return step,
@@ -522,6 +547,9 @@ fn attempt(
             apply(c, t)?;
             if let Some(seen) = claim.as_mut() {
                 answered_since(c, t, seen)?;
+            }
+            if let Some(times) = times.as_mut() {
+                times.push(repo::created_at(c, t.id).map_err(BodyError::Database)?);
             }
             if !ticket.enter_commit() {
                 return Err(BodyError::Abandoned);
