@@ -1458,8 +1458,11 @@ fn a_stale_locked_balance_moves_nothing() {
     let rows = |conn: &mut PgConnection, locked: &[bank::models::LockedAccount]| {
         chunk
             .statement(locked, vec![false])
-            .load::<(i64, String)>(conn)
+            .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(conn)
             .expect("chunk statement")
+            .into_iter()
+            .map(|(n, word, _)| (n, word))
+            .collect::<Vec<_>>()
     };
     let mut locked = bank::repo::lock_accounts(&mut conn, &[a, b]).expect("lock");
     assert_eq!(locked.len(), 2);
@@ -1528,8 +1531,11 @@ fn every_guess_of_a_short_line_is_checked_by_the_statement() {
         let rolled_back = conn.transaction::<(), diesel::result::Error, _>(|conn| {
             rows = chunk
                 .statement(&locked, short)
-                .load::<(i64, String)>(conn)
-                .expect("chunk statement");
+                .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(conn)
+                .expect("chunk statement")
+                .into_iter()
+                .map(|(n, word, _)| (n, word))
+                .collect();
             Err(diesel::result::Error::RollbackTransaction)
         });
         assert!(rolled_back.is_err());

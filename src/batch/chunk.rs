@@ -566,21 +566,22 @@ impl ChunkRunner {
                         chunk.guess_short(&locked, &found.into_iter().collect())
                     }
                 };
-                let rows = chunk.statement(&locked, short).load::<(i64, String)>(c)?;
-                let decided = read_rows(lines, rows)?;
+                let rows = chunk.statement(&locked, short).load::<(
+                    i64,
+                    String,
+                    Option<chrono::DateTime<chrono::Utc>>,
+                )>(c)?;
+                let (decided, at) = read_rows(lines, rows)?;
                 let applying: Vec<&Line> = applied(lines, &decided).collect();
                 if ids_given {
                     if let Some(line) = answered_since(c, &applying, first_claims, &barred)? {
                         return Err(Rollback::AnsweredSince(line));
                     }
                 }
-                // The time this statement's rows carry (one `clock_timestamp()` for all): after
-                // a lost COMMIT, rows of another time are another run's, though alike to the
-                // last detail (a second run of the same file from the same balances).
-                let at = match (ids_given, applying.first()) {
-                    (true, Some(l)) => Some(repo::created_at(c, l.transfer.id)?),
-                    _ => None,
-                };
+                // The time this statement's rows carry (one `clock_timestamp()` for all, from
+                // the statement's result): after a lost COMMIT, rows of another time are
+                // another run's, though alike to the last detail (a second run of the same file
+                // from the same balances).
                 last = Some(Attempted {
                     decided: decided.clone(),
                     at,
@@ -740,7 +741,7 @@ impl ChunkRunner {
 }
 
 /// An attempt whose COMMIT went unanswered: its verdicts, and the time its ledger rows carry
-/// (`None`: it applied nothing, or its ids are the run's own, as the workload's).
+/// (`None`: it wrote none).
 #[derive(Clone)]
 struct Attempted {
     decided: Decided,
@@ -767,10 +768,10 @@ fn committed_attempt(
         .map(|t| (t.id, t))
         .collect();
     // At most one attempt committed (each later one asks this first, holding the accounts), and
-    // the ledger holds its rows. Without the time (the workload's own ids), an earlier attempt
-    // that applied some of the same lines matches too, so the one that applied the most is it
-    // (the oldest first took one that stopped at a refusal for the one that went on past it,
-    // found by a reviewer); equal, the newest.
+    // the ledger holds its rows, of its time. Should two attempts' rows ever carry one time, an
+    // earlier attempt that applied some of the same lines would match too, so the one that
+    // applied the most is it (the oldest first took one that stopped at a refusal for the one
+    // that went on past it, found by a reviewer, before times were compared); equal, the newest.
     let mut found: Option<(usize, &Attempted)> = None;
     for attempted in unanswered {
         let applying: Vec<&Line> = applied(lines, &attempted.decided).collect();
@@ -932,17 +933,22 @@ fn failure(e: DieselError, committing: bool) -> Attempt<Decided, TransferError> 
 }
 
 /// The statement's rows as verdicts, checked against its counts.
-fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollback> {
+/// The statement's verdicts, and the time its ledger rows carry (none when it wrote none).
+fn read_rows(
+    lines: &[Line],
+    rows: Vec<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>,
+) -> Result<(Decided, Option<chrono::DateTime<chrono::Utc>>), Rollback> {
     let mut verdicts = HashMap::new();
     let mut refused = None;
     let mut unknown_to = HashSet::new();
     let mut wrong_guess = false;
-    let (mut inserted, mut moved) = (None, None);
-    for (n, word) in rows {
+    let (mut inserted, mut moved, mut at) = (None, None, None);
+    for (n, word, time) in rows {
         let line = u64::try_from(n).unwrap_or_default();
         let outcome = match word.as_str() {
             "inserted" => {
                 inserted = Some(n);
+                at = time;
                 continue;
             }
             "moved" => {
@@ -1009,7 +1015,7 @@ fn read_rows(lines: &[Line], rows: Vec<(i64, String)>) -> Result<Decided, Rollba
             accounts.len()
         )));
     }
-    Ok(decided)
+    Ok((decided, at))
 }
 
 /// The verdict of a line whose id the ledger has: the same transfer, or another one.

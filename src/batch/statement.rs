@@ -42,7 +42,8 @@
 //! the statement did not compute: the runner sends them again as the next statement. A chunk
 //! whose refusals were all guessed is one statement (each refusal ended a statement before
 //! the guesses: a file with one line in ten refused ran at a tenth of the speed). The result is one row per decided line (its verdict), plus two rows counting the
-//! ledger rows inserted and the accounts moved, which the runner checks.
+//! ledger rows inserted and the accounts moved, which the runner checks; the first also gives
+//! the time the rows carry.
 //!
 //! Shaped for the planner, which cannot estimate the CTEs' row counts: each ledger row's two
 //! sides are gathered by `GROUP BY` rather than a self-join (which became a nested loop over the
@@ -58,7 +59,7 @@ use std::collections::{HashMap, HashSet};
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Bool, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use super::input::Line;
@@ -169,8 +170,10 @@ impl QueryId for BatchStatement<'_> {
 }
 
 impl Query for BatchStatement<'_> {
-    /// (line, verdict), or (count, "inserted" | "moved").
-    type SqlType = (BigInt, Text);
+    /// (line, verdict, NULL), or (count, "inserted" | "moved", and for "inserted" the time the
+    /// ledger rows carry: a run tells its own rows from another run's by it after a lost
+    /// COMMIT).
+    type SqlType = (BigInt, Text, Nullable<Timestamptz>);
 }
 
 impl QueryFragment<Pg> for BatchStatement<'_> {
@@ -272,20 +275,21 @@ const TAIL: &str = "
          CAST(MAX(CASE WHEN kind = 'credit' THEN balance_after END) AS INT8),
          (SELECT clock_timestamp())
   FROM applied GROUP BY ord, id, from_id, to_id, amount
-  RETURNING id
+  RETURNING id, created_at
 )
-SELECT v.ord, v.verdict FROM verdicts v
+SELECT v.ord, v.verdict, CAST(NULL AS TIMESTAMPTZ) FROM verdicts v
 WHERE v.verdict IS NOT NULL AND NOT EXISTS (SELECT 1 FROM refused s WHERE v.ord >= s.ord)
 UNION ALL
-SELECT r.ord, CASE WHEN r.kind = 'probe' THEN 'unknown_to' ELSE 'short' END FROM running r
+SELECT r.ord, CASE WHEN r.kind = 'probe' THEN 'unknown_to' ELSE 'short' END,
+  CAST(NULL AS TIMESTAMPTZ) FROM running r
 WHERE r.kind IN ('probe', 'short') AND NOT EXISTS (SELECT 1 FROM refused s WHERE r.ord >= s.ord)
 UNION ALL
 SELECT ord, CASE WHEN wrong_guess THEN 'not_short' WHEN short THEN 'insufficient_funds'
-  ELSE 'balance_overflow' END FROM refused
+  ELSE 'balance_overflow' END, CAST(NULL AS TIMESTAMPTZ) FROM refused
 UNION ALL
-SELECT (SELECT COUNT(*) FROM inserted), 'inserted'
+SELECT (SELECT COUNT(*) FROM inserted), 'inserted', (SELECT MIN(created_at) FROM inserted)
 UNION ALL
-SELECT (SELECT COUNT(*) FROM moved), 'moved'";
+SELECT (SELECT COUNT(*) FROM moved), 'moved', CAST(NULL AS TIMESTAMPTZ)";
 
 #[cfg(test)]
 mod tests {
