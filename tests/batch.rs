@@ -2698,3 +2698,63 @@ struct Name {
     #[diesel(sql_type = diesel::sql_types::Text)]
     name: String,
 }
+
+/// The chunk statement's "inserted" row gives the one time every ledger row it wrote carries:
+/// a run tells its own rows from another run's by it after a lost COMMIT
+/// (`faults::a_file_s_lost_commit_is_not_taken_for_a_second_run_of_the_same_file`). Rows of
+/// more than one time (a trigger of the database's setting `created_at`) give none, and the
+/// run then knows its rows by their details alone.
+#[test]
+fn the_chunk_statement_gives_the_time_of_its_rows() {
+    for trigger in [false, true] {
+        let db = ScratchDb::migrated();
+        let ids = db.accounts(&[100, 100, 100]);
+        let mut conn = db.test_conn();
+        if trigger {
+            conn.batch_execute(
+                "CREATE FUNCTION spread() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN NEW.created_at := NEW.created_at + random() * interval '1 second'; \
+                 RETURN NEW; END $$; \
+                 CREATE TRIGGER spread BEFORE INSERT ON transfers \
+                 FOR EACH ROW EXECUTE FUNCTION spread()",
+            )
+            .expect("trigger");
+        }
+        let lines: Vec<bank::batch::Line> = (0..3u64)
+            .map(|n| bank::batch::Line {
+                line: n + 2,
+                transfer: bank::models::NewTransfer {
+                    id: Uuid::new_v4(),
+                    from_id: ids[n as usize],
+                    to_id: ids[(n as usize + 1) % 3],
+                    amount: 5,
+                },
+            })
+            .collect();
+        let chunk = bank::batch::Chunk::new(&lines);
+        let locked = bank::repo::lock_accounts(&mut conn, &ids).expect("lock");
+        let rows = chunk
+            .statement(&locked, vec![false; 3])
+            .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(&mut conn)
+            .expect("chunk statement");
+        let at = rows
+            .iter()
+            .find(|(_, word, _)| word == "inserted")
+            .map(|(_, _, at)| *at)
+            .expect("an inserted row");
+        let written: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
+        let times: Vec<_> = bank::repo::find_transfers(&mut conn, &written)
+            .expect("ledger")
+            .into_iter()
+            .map(|t| t.created_at)
+            .collect();
+        assert_eq!(times.len(), 3);
+        match trigger {
+            false => assert!(
+                at.is_some() && times.iter().all(|t| Some(*t) == at),
+                "{at:?} {times:?}"
+            ),
+            true => assert_eq!(at, None, "{times:?}"),
+        }
+    }
+}

@@ -172,7 +172,8 @@ impl QueryId for BatchStatement<'_> {
 impl Query for BatchStatement<'_> {
     /// (line, verdict, NULL), or (count, "inserted" | "moved", and for "inserted" the time the
     /// ledger rows carry: a run tells its own rows from another run's by it after a lost
-    /// COMMIT).
+    /// COMMIT). NULL when they carry more than one (a trigger of the database's setting
+    /// `created_at`): the run then knows its rows by their details alone.
     type SqlType = (BigInt, Text, Nullable<Timestamptz>);
 }
 
@@ -287,7 +288,8 @@ UNION ALL
 SELECT ord, CASE WHEN wrong_guess THEN 'not_short' WHEN short THEN 'insufficient_funds'
   ELSE 'balance_overflow' END, CAST(NULL AS TIMESTAMPTZ) FROM refused
 UNION ALL
-SELECT (SELECT COUNT(*) FROM inserted), 'inserted', (SELECT MIN(created_at) FROM inserted)
+SELECT (SELECT COUNT(*) FROM inserted), 'inserted',
+  (SELECT CASE WHEN MIN(created_at) = MAX(created_at) THEN MIN(created_at) END FROM inserted)
 UNION ALL
 SELECT (SELECT COUNT(*) FROM moved), 'moved', CAST(NULL AS TIMESTAMPTZ)";
 

@@ -517,19 +517,8 @@ fn attempt(
     if after_ambiguous {
         match lookup(conn, t) {
             Ok(Some(found)) => {
-                // Known times and none of them its: another run's row.
-                let others = times
-                    .as_deref()
-                    .is_some_and(|times| !times.is_empty() && !times.contains(&found.created_at));
-                log::debug!(
-                    "transfer {}: found in the ledger, {}",
-                    t.id,
-                    match others {
-                        true => "written by another run",
-                        false => "it committed",
-                    }
-                );
-                return resolve_duplicate(t, &found, others);
+                log::debug!("transfer {}: found in the ledger", t.id);
+                return resolve_found(t, &found, true, times.as_deref().map(Vec::as_slice));
             }
             Ok(None) => log::debug!("transfer {}: not in the ledger, running it again", t.id),
             Err(step) => return step,
@@ -572,7 +561,12 @@ fn attempt(
     // nothing and is never late, so the message says to use one.
     let step = match result {
         Err(BodyError::Claimed) => match lookup(conn, t) {
-            Ok(Some(found)) => resolve_duplicate(t, &found, !after_ambiguous),
+            Ok(Some(found)) => resolve_found(
+                t,
+                &found,
+                after_ambiguous,
+                times.as_deref().map(Vec::as_slice),
+            ),
             Ok(None) => Attempt::Fail(TransferError::NotApplied {
                 id: t.id,
                 reason: "its id is claimed by a run that said it was not applied, so a single \
@@ -589,7 +583,12 @@ fn attempt(
         Err(BodyError::Refused(e)) => match lookup(conn, t) {
             Ok(Some(found)) => {
                 log::debug!("transfer {}: refused ({e}), but the ledger has it", t.id);
-                resolve_duplicate(t, &found, !after_ambiguous)
+                resolve_found(
+                    t,
+                    &found,
+                    after_ambiguous,
+                    times.as_deref().map(Vec::as_slice),
+                )
             }
             // Only a credit past INT8 can hide an earlier reason: the credited row may be
             // updated before the debited one. Insufficient funds means the debited row exists
@@ -608,21 +607,37 @@ fn attempt(
             Err(step) => step,
         },
         Err(BodyError::DuplicateId) => match lookup(conn, t) {
-            Ok(Some(found)) => resolve_duplicate(t, &found, !after_ambiguous),
+            Ok(Some(found)) => resolve_found(
+                t,
+                &found,
+                after_ambiguous,
+                times.as_deref().map(Vec::as_slice),
+            ),
             Ok(None) => Attempt::Retry {
                 cause: Cause::Serialization,
                 message: format!("transfer {} was reported a duplicate but is absent", t.id),
             },
             Err(step) => step,
         },
-        Err(BodyError::Database(e)) => database_failure(conn, t, mode, committing, e),
+        Err(BodyError::Database(e)) => database_failure(
+            conn,
+            t,
+            mode,
+            committing,
+            e,
+            times.as_deref().map(Vec::as_slice),
+        ),
     };
     let step = match step {
         // The server's own answer, so nothing was applied (a COMMIT it refused included; one
         // whose row the ledger has is not a failure by now).
-        Attempt::Fail(e) if refused_by_the_database(&e) => {
-            own_reason_first(conn, t, e, after_ambiguous)
-        }
+        Attempt::Fail(e) if refused_by_the_database(&e) => own_reason_first(
+            conn,
+            t,
+            e,
+            after_ambiguous,
+            times.as_deref().map(Vec::as_slice),
+        ),
         step => step,
     };
     if committing {
@@ -646,6 +661,7 @@ fn database_failure(
     mode: Mode,
     committing: bool,
     e: DieselError,
+    times: Option<&[chrono::DateTime<chrono::Utc>]>,
 ) -> Attempt<bool, TransferError> {
     // A COMMIT (or the statement that is its own commit) whose answer was lost may have been
     // applied; so may a COMMIT that failed in a way the classifier does not know.
@@ -681,7 +697,7 @@ fn database_failure(
         TransferError::Database(e) if committing => match lookup(conn, t) {
             Ok(Some(found)) => {
                 log::debug!("transfer {}: failed ({e}), but the ledger has it", t.id);
-                resolve_duplicate(t, &found, false)
+                resolve_found(t, &found, true, times)
             }
             Ok(None) => Attempt::Fail(TransferError::Database(e)),
             Err(step) => step,
@@ -770,12 +786,28 @@ fn own_reason_first(
     t: &NewTransfer,
     refused: TransferError,
     after_ambiguous: bool,
+    times: Option<&[chrono::DateTime<chrono::Utc>]>,
 ) -> Attempt<bool, TransferError> {
     match lookup(conn, t) {
-        Ok(Some(found)) => resolve_duplicate(t, &found, !after_ambiguous),
+        Ok(Some(found)) => resolve_found(t, &found, after_ambiguous, times),
         Ok(None) => Attempt::Fail(first_reason(conn, t, refused)),
         Err(_) => Attempt::Fail(refused),
     }
+}
+
+/// `found`, the ledger's row of `t`'s id, as this run's answer. Before any attempt of this run may
+/// have committed, an earlier run's (`already_applied`); after one whose outcome was lost
+/// (`may_be_ours`), this run's, unless the times this run's attempts gave the row are known and
+/// its is none of them: another run's, though alike to the last detail (a second run of the same
+/// transfer while this one backed off; found by a reviewer, two runs said "applied").
+fn resolve_found(
+    t: &NewTransfer,
+    found: &Transfer,
+    may_be_ours: bool,
+    times: Option<&[chrono::DateTime<chrono::Utc>]>,
+) -> Attempt<bool, TransferError> {
+    let others = times.is_some_and(|ts| !ts.is_empty() && !ts.contains(&found.created_at));
+    resolve_duplicate(t, found, !may_be_ours || others)
 }
 
 fn resolve_duplicate(
