@@ -206,6 +206,40 @@ impl Setup {
         (bank, child)
     }
 
+    /// `bank transfer --file` of `text` through the proxy, `--json`, backing off 3 s after a
+    /// failed attempt (time for the test to act meanwhile), with `timeout` for its deadline.
+    fn spawn_file_backing_off(&self, text: &str, timeout: &str) -> (Bank, std::process::Child) {
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, text).expect("file");
+        let path = path.to_string_lossy().to_string();
+        let url = self.proxy.url_for(&self.db.url);
+        let child = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--file",
+            &path,
+            "--json",
+            "--retry-base",
+            "3s",
+            "--retry-cap",
+            "3s",
+            "--timeout",
+            timeout,
+        ]);
+        (bank, child)
+    }
+
+    /// Waits until the proxy has seen `n` COMMITs.
+    fn wait_for_commits(&self, n: u64, case: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.proxy.commits() < n {
+            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A rerun of the file in `bank` settles every line (exit 0) and the transfer `id` is in
     /// the ledger once; the books balance.
     fn file_settles_once(&self, bank: &Bank, id: Uuid, case: &str) {
@@ -1008,12 +1042,7 @@ fn a_first_run_still_retrying_honours_a_rerun_s_no() {
         );
         assert_eq!(first.code, 1, "{case}: {first:?}");
         if file {
-            let outcomes: Vec<String> = first
-                .stdout
-                .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-                .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
-                .collect();
+            let outcomes = json_outcomes(&first);
             assert_eq!(outcomes, ["applied", "not_applied"], "{case}: {first:?}");
             assert!(s.ledger_has(before), "{case}");
         }
@@ -1113,12 +1142,7 @@ fn a_first_run_whose_first_attempt_failed_early_honours_a_rerun_s_no() {
             "{case}: {first:?}"
         );
         if file {
-            let outcomes: Vec<String> = first
-                .stdout
-                .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-                .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
-                .collect();
+            let outcomes = json_outcomes(&first);
             // The id again, later in the file: still the rerun's "no" (it was applied: the
             // line's baseline went with the first line's verdict, and the next read took the
             // moved generation for its start; found by a reviewer).
@@ -1158,31 +1182,9 @@ fn a_file_s_lost_commit_is_not_taken_for_another_run_s_row_with_its_id() {
             a = s.from,
             b = s.to
         );
-        let bank = Bank::new();
-        let path = bank.dir.path().join("f.csv");
-        std::fs::write(&path, text).expect("file");
-        let path = path.to_string_lossy().to_string();
         s.arm(Fault::CutBeforeCommit);
-        let url = s.proxy.url_for(&s.db.url);
-        let first = crate::support::spawn_bank(&[
-            "--database-url",
-            &url,
-            "transfer",
-            "--file",
-            &path,
-            "--json",
-            "--retry-base",
-            "3s",
-            "--retry-cap",
-            "3s",
-            "--timeout",
-            "20s",
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while s.proxy.commits() < 1 {
-            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
-            thread::sleep(Duration::from_millis(20));
-        }
+        let (_bank, first) = s.spawn_file_backing_off(&text, "20s");
+        s.wait_for_commits(1, &case);
         // While the run backs off: the id with other details, and the refused line funded and
         // applied, by other runs.
         let (payer, amount) = if same { (s.from, 10) } else { (other, 20) };
@@ -1196,12 +1198,7 @@ fn a_file_s_lost_commit_is_not_taken_for_another_run_s_row_with_its_id() {
             .run()
             .success();
         let first = Run::from(first.wait_with_output().expect("wait"));
-        let outcomes: Vec<String> = first
-            .stdout
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-            .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
-            .collect();
+        let outcomes = json_outcomes(&first);
         // With the same details, line 2 is another run's too: its row carries another time than
         // the lost attempt's. Line 3 is what the ledger says, not the refusal the lost attempt
         // made of it.
@@ -1241,31 +1238,9 @@ fn a_file_s_lost_commit_takes_no_other_run_s_row_for_its_own() {
             a = s.from,
             b = s.to
         );
-        let bank = Bank::new();
-        let path = bank.dir.path().join("f.csv");
-        std::fs::write(&path, text).expect("file");
-        let path = path.to_string_lossy().to_string();
         s.arm(Fault::CutBeforeCommit);
-        let url = s.proxy.url_for(&s.db.url);
-        let run = crate::support::spawn_bank(&[
-            "--database-url",
-            &url,
-            "transfer",
-            "--file",
-            &path,
-            "--json",
-            "--retry-base",
-            "3s",
-            "--retry-cap",
-            "3s",
-            "--timeout",
-            "20s",
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while s.proxy.commits() < 1 {
-            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
-            thread::sleep(Duration::from_millis(20));
-        }
+        let (_bank, run) = s.spawn_file_backing_off(&text, "20s");
+        s.wait_for_commits(1, &case);
         s.db.transfer(s.from, s.to, 10)
             .args(["--id", &first.to_string()])
             .run()
@@ -1275,12 +1250,7 @@ fn a_file_s_lost_commit_takes_no_other_run_s_row_for_its_own() {
             .run()
             .success();
         let run = Run::from(run.wait_with_output().expect("wait"));
-        let outcomes: Vec<String> = run
-            .stdout
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-            .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
-            .collect();
+        let outcomes = json_outcomes(&run);
         assert_eq!(
             outcomes,
             ["already_applied", "id_conflict"],
@@ -1313,40 +1283,13 @@ fn of_two_lost_commits_the_one_that_committed_is_taken() {
             a = s.from,
             b = s.to
         );
-        let bank = Bank::new();
-        let path = bank.dir.path().join("f.csv");
-        std::fs::write(&path, text).expect("file");
-        let path = path.to_string_lossy().to_string();
         s.arm(Fault::CutBeforeCommit);
         s.arm(Fault::CutAfterCommit);
-        let url = s.proxy.url_for(&s.db.url);
-        let run = crate::support::spawn_bank(&[
-            "--database-url",
-            &url,
-            "transfer",
-            "--file",
-            &path,
-            "--json",
-            "--retry-base",
-            "3s",
-            "--retry-cap",
-            "3s",
-            "--timeout",
-            "30s",
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while s.proxy.commits() < 1 {
-            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
-            thread::sleep(Duration::from_millis(20));
-        }
+        let (_bank, run) = s.spawn_file_backing_off(&text, "30s");
+        s.wait_for_commits(1, &case);
         s.db.transfer(other, poor, 100).run().success();
         let run = Run::from(run.wait_with_output().expect("wait"));
-        let outcomes: Vec<String> = run
-            .stdout
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-            .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
-            .collect();
+        let outcomes = json_outcomes(&run);
         assert_eq!(
             outcomes,
             ["applied", "applied", "applied"],
@@ -1376,31 +1319,10 @@ fn a_file_s_lost_commit_is_not_taken_for_a_second_run_of_the_same_file() {
             a = s.from,
             b = s.to
         );
-        let bank = Bank::new();
-        let path = bank.dir.path().join("f.csv");
-        std::fs::write(&path, text).expect("file");
-        let path = path.to_string_lossy().to_string();
         s.arm(Fault::CutBeforeCommit);
-        let url = s.proxy.url_for(&s.db.url);
-        let first = crate::support::spawn_bank(&[
-            "--database-url",
-            &url,
-            "transfer",
-            "--file",
-            &path,
-            "--json",
-            "--retry-base",
-            "3s",
-            "--retry-cap",
-            "3s",
-            "--timeout",
-            "20s",
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while s.proxy.commits() < 1 {
-            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
-            thread::sleep(Duration::from_millis(20));
-        }
+        let (bank, first) = s.spawn_file_backing_off(&text, "20s");
+        s.wait_for_commits(1, &case);
+        let path = bank.dir.path().join("f.csv").to_string_lossy().to_string();
         let second = Bank::new()
             .args([
                 "--database-url",
@@ -1412,20 +1334,13 @@ fn a_file_s_lost_commit_is_not_taken_for_a_second_run_of_the_same_file() {
             .args(["--json"])
             .run();
         let first = Run::from(first.wait_with_output().expect("wait"));
-        let outcomes = |run: &Run| -> Vec<String> {
-            run.stdout
-                .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-                .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
-                .collect()
-        };
         assert_eq!(
-            outcomes(&second),
+            json_outcomes(&second),
             ["applied", "applied"],
             "{case}: {second:?}"
         );
         assert_eq!(
-            outcomes(&first),
+            json_outcomes(&first),
             ["already_applied", "already_applied"],
             "{case}: {first:?}"
         );
@@ -1468,11 +1383,7 @@ fn a_transfer_s_lost_commit_is_not_taken_for_a_second_run_s() {
             "--timeout",
             "20s",
         ]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while s.proxy.commits() < 1 {
-            assert!(Instant::now() < deadline, "{case}: no COMMIT came");
-            thread::sleep(Duration::from_millis(20));
-        }
+        s.wait_for_commits(1, &case);
         let second =
             s.db.transfer(s.from, s.to, 10)
                 .args(["--id", &id_text, "--json"])
@@ -1941,4 +1852,13 @@ fn backend_pid(conn: &mut diesel::PgConnection) -> i32 {
         .get_result::<Pid>(conn)
         .expect("pid")
         .pid
+}
+
+/// Each line's `outcome` in a `--json` run's output.
+fn json_outcomes(run: &Run) -> Vec<String> {
+    run.stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
