@@ -59,12 +59,6 @@ struct Setting {
 }
 
 #[derive(QueryableByName)]
-struct Allowed {
-    #[diesel(sql_type = Bool)]
-    allowed: bool,
-}
-
-#[derive(QueryableByName)]
 struct Tls {
     #[diesel(sql_type = Bool)]
     ssl: bool,
@@ -134,28 +128,25 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     } else {
         (None, None)
     };
-    // A role provisioned before migration 7 was granted the two other tables only; since
-    // migration 8 a claim is an upsert (UPDATE) and every retried attempt reads claims (SELECT).
-    // (One call with a list of privileges is true when any one is held.)
-    let claims_writable = (migrated || !migrations_readable)
-        .then(|| {
-            diesel::sql_query(
-                "SELECT has_table_privilege('transfer_claims', 'INSERT') \
-                 AND has_table_privilege('transfer_claims', 'UPDATE') \
-                 AND has_table_privilege('transfer_claims', 'SELECT') AS allowed",
-            )
-            .get_result::<Allowed>(&mut conn)
-            .map(|a| a.allowed)
-            .ok()
-        })
+    // Every privilege bank's commands take: reset deletes from all three tables, a transfer's
+    // probe of a held-up earlier attempt takes UPDATE's locks on both ledger tables, and a role
+    // made for another application has none (its transfers then ended "unknown", and a rerun
+    // the same way). A role provisioned before migration 7 was granted the two other tables
+    // only; since migration 8 a claim is an upsert (UPDATE) and every retried attempt reads
+    // claims (SELECT): `claims_writable`, from the same reading.
+    let missing = (migrated || !migrations_readable)
+        .then(|| missing_privileges(&mut conn))
         .flatten();
-    // Every one of them: reset deletes from all three, a transfer's probe of a held-up earlier
-    // attempt takes UPDATE's locks on both ledger tables, and a role made for another
-    // application has none (its transfers then ended "unknown", and a rerun the same way).
-    let missing_privileges = match migrated || !migrations_readable {
-        true => missing_privileges(&mut conn),
-        false => Vec::new(),
-    };
+    let claims_writable = missing.as_ref().map(|missing| {
+        !missing
+            .iter()
+            .any(|(table, privilege)| *table == "transfer_claims" && *privilege != "DELETE")
+    });
+    let missing_privileges = missing
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(table, privilege)| format!("{privilege} on {table}"))
+        .collect();
     // What a transfer connects with: its deadline (`--timeout`, else `BANK_TIMEOUT`, else 30 s)
     // sets tcp_user_timeout and the keepalives (doctor showed those of a 5 s deadline).
     let default = crate::retry::RetryPolicy::default().timeout;
@@ -299,22 +290,17 @@ fn unless_denied<T>(result: QueryResult<T>) -> Result<Option<T>, Error> {
     }
 }
 
-/// Of SELECT, INSERT, UPDATE and DELETE on each of bank's tables, those this role lacks, by
-/// table; none when the server cannot say.
-fn missing_privileges(conn: &mut PgConnection) -> Vec<String> {
+/// Of SELECT, INSERT, UPDATE and DELETE on each of bank's tables, those this role lacks, as
+/// (table, privilege), by table; `None` when the server cannot say.
+fn missing_privileges(conn: &mut PgConnection) -> Option<Vec<(String, &'static str)>> {
     const TABLES: [&str; 3] = ["accounts", "transfers", "transfer_claims"];
     let mut missing = Vec::new();
     for privilege in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
-        let Ok(tables) = repo::tables_without(conn, &TABLES, privilege) else {
-            return Vec::new();
-        };
+        let tables = repo::tables_without(conn, &TABLES, privilege).ok()?;
         missing.extend(tables.into_iter().map(|t| (t, privilege)));
     }
     missing.sort_by_key(|(t, _)| TABLES.iter().position(|known| known == t));
-    missing
-        .into_iter()
-        .map(|(t, privilege)| format!("{privilege} on {t}"))
-        .collect()
+    Some(missing)
 }
 
 /// A server setting of this session, or `None` when the server does not have it.
