@@ -369,6 +369,18 @@ pub fn claim_generations(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<V
         .load(conn)
 }
 
+/// The mark of `id`'s claim (`None` when unclaimed or claimed unmarked): a single statement marks
+/// the claim it writes with its run's own (`transfer::statement::apply_claiming`), so the run
+/// that finds the id's row after its answer was lost can tell whether the row is its own.
+pub fn claim_mark(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Uuid>> {
+    transfer_claims::table
+        .find(id)
+        .select(transfer_claims::claimed_by)
+        .first::<Option<Uuid>>(conn)
+        .optional()
+        .map(Option::flatten)
+}
+
 /// Claims `ids` as a run does before it answers "not applied" (`claim_ids`), then reads their
 /// ledger rows, once no transaction holds `accounts` any more: run at SERIALIZABLE, in a
 /// transaction of its own. The locks wait for an attempt of these ids still under way in

@@ -14,6 +14,7 @@ diesel::table! {
     transfer_claims (id) {
         id -> Uuid,
         generation -> Int8,
+        claimed_by -> Nullable<Uuid>,
     }
 }
 

@@ -27,11 +27,7 @@ fn init_creates_the_schema_once() {
     let db = ScratchDb::empty();
     let first = db.bank().args(["init"]).run();
     first.success();
-    assert_eq!(
-        first.stdout,
-        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n\
-         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\napplied migration 20261125000001\napplied migration 20261205000001\n"
-    );
+    assert_eq!(first.stdout, crate::support::all_migrations_applied());
     let again = db.bank().args(["init"]).run();
     again.success();
     assert_eq!(again.stdout, "schema is up to date\n");
@@ -546,11 +542,7 @@ fn an_unmigrated_database_asks_for_init() {
     // Nothing was created: the schema is still entirely missing.
     let init = db.bank().args(["init"]).run();
     init.success();
-    assert_eq!(
-        init.stdout,
-        "applied migration 20261124000001\napplied migration 20261124000002\napplied migration 20261124000003\n\
-         applied migration 20261124000004\napplied migration 20261124000005\napplied migration 20261124000006\napplied migration 20261125000001\napplied migration 20261205000001\n"
-    );
+    assert_eq!(init.stdout, crate::support::all_migrations_applied());
 }
 
 /// `script -qec CMD /dev/null`: runs CMD on a pseudo-terminal. Checked once first, so that a

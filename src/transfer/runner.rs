@@ -8,6 +8,7 @@
 
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 use diesel::pg::PgConnection;
 use diesel::result::Error as DieselError;
@@ -86,11 +87,13 @@ impl Runner {
         // A given id may be answered by another run while this one retries: its claim, as the
         // first attempt read it (see `answered_since`). A made-up id is nobody else's.
         let mut claim = self.id_given.then_some(ClaimSeen::NotRead);
-        // The times this run's attempts gave the transfer's ledger row (transaction mode, a
-        // given id): after a lost COMMIT, a row of another time is another run's, though alike
-        // to the last detail (found by a reviewer: two runs said "applied" for one row).
-        let mut times: Option<Vec<chrono::DateTime<chrono::Utc>>> =
-            (self.id_given && mode == Mode::Transaction).then(Vec::new);
+        // How this run knows its own ledger row: after a lost COMMIT, a row alike to the last
+        // detail may be another run's (found by a reviewer: two runs said "applied" for one row).
+        let mut own = match mode {
+            Mode::Transaction if self.id_given => Own::Times(Vec::new()),
+            Mode::Transaction => Own::Any,
+            Mode::SingleStatement => Own::Mark(Uuid::new_v4()),
+        };
         let result = retry(&self.policy, &mut retries, |n| {
             made = n;
             if ticket.is_abandoned() {
@@ -108,7 +111,7 @@ impl Runner {
                 ambiguous,
                 ticket,
                 claim.as_mut(),
-                times.as_mut(),
+                &mut own,
             );
             let step = after_step(step, n, reused, session, ticket, live_retries);
             if let Attempt::Retry {
@@ -508,7 +511,7 @@ fn attempt(
     after_ambiguous: bool,
     ticket: &Ticket,
     mut claim: Option<&mut ClaimSeen>,
-    mut times: Option<&mut Vec<chrono::DateTime<chrono::Utc>>>,
+    own: &mut Own,
 ) -> Attempt<bool, TransferError> {
     let conn = match connection(session) {
         Ok(conn) => conn,
@@ -518,7 +521,7 @@ fn attempt(
         match lookup(conn, t) {
             Ok(Some(found)) => {
                 log::debug!("transfer {}: found in the ledger", t.id);
-                return resolve_found(t, &found, true, times.as_deref().map(Vec::as_slice));
+                return resolve_found(conn, t, &found, true, own);
             }
             Ok(None) => log::debug!("transfer {}: not in the ledger, running it again", t.id),
             Err(step) => return step,
@@ -537,7 +540,7 @@ fn attempt(
             if let Some(seen) = claim.as_mut() {
                 answered_since(c, t, seen)?;
             }
-            if let Some(times) = times.as_mut() {
+            if let Own::Times(times) = &mut *own {
                 times.push(repo::created_at(c, t.id).map_err(BodyError::Database)?);
             }
             if !ticket.enter_commit() {
@@ -551,7 +554,7 @@ fn attempt(
                 return Attempt::Fail(TransferError::Abandoned);
             }
             committing = true;
-            apply_claiming(conn, t)
+            apply_claiming(conn, t, own.mark())
         }
     };
     // Single-statement mode found its id claimed: by a run that said "not applied" (or by an
@@ -561,12 +564,7 @@ fn attempt(
     // nothing and is never late, so the message says to use one.
     let step = match result {
         Err(BodyError::Claimed) => match lookup(conn, t) {
-            Ok(Some(found)) => resolve_found(
-                t,
-                &found,
-                after_ambiguous,
-                times.as_deref().map(Vec::as_slice),
-            ),
+            Ok(Some(found)) => resolve_found(conn, t, &found, after_ambiguous, own),
             Ok(None) => Attempt::Fail(TransferError::NotApplied {
                 id: t.id,
                 reason: "its id is claimed by a run that said it was not applied, so a single \
@@ -583,12 +581,7 @@ fn attempt(
         Err(BodyError::Refused(e)) => match lookup(conn, t) {
             Ok(Some(found)) => {
                 log::debug!("transfer {}: refused ({e}), but the ledger has it", t.id);
-                resolve_found(
-                    t,
-                    &found,
-                    after_ambiguous,
-                    times.as_deref().map(Vec::as_slice),
-                )
+                resolve_found(conn, t, &found, after_ambiguous, own)
             }
             // Only a credit past INT8 can hide an earlier reason: the credited row may be
             // updated before the debited one. Insufficient funds means the debited row exists
@@ -607,37 +600,21 @@ fn attempt(
             Err(step) => step,
         },
         Err(BodyError::DuplicateId) => match lookup(conn, t) {
-            Ok(Some(found)) => resolve_found(
-                t,
-                &found,
-                after_ambiguous,
-                times.as_deref().map(Vec::as_slice),
-            ),
+            Ok(Some(found)) => resolve_found(conn, t, &found, after_ambiguous, own),
             Ok(None) => Attempt::Retry {
                 cause: Cause::Serialization,
                 message: format!("transfer {} was reported a duplicate but is absent", t.id),
             },
             Err(step) => step,
         },
-        Err(BodyError::Database(e)) => database_failure(
-            conn,
-            t,
-            mode,
-            committing,
-            e,
-            times.as_deref().map(Vec::as_slice),
-        ),
+        Err(BodyError::Database(e)) => database_failure(conn, t, mode, committing, e, own),
     };
     let step = match step {
         // The server's own answer, so nothing was applied (a COMMIT it refused included; one
         // whose row the ledger has is not a failure by now).
-        Attempt::Fail(e) if refused_by_the_database(&e) => own_reason_first(
-            conn,
-            t,
-            e,
-            after_ambiguous,
-            times.as_deref().map(Vec::as_slice),
-        ),
+        Attempt::Fail(e) if refused_by_the_database(&e) => {
+            own_reason_first(conn, t, e, after_ambiguous, own)
+        }
         step => step,
     };
     if committing {
@@ -661,7 +638,7 @@ fn database_failure(
     mode: Mode,
     committing: bool,
     e: DieselError,
-    times: Option<&[chrono::DateTime<chrono::Utc>]>,
+    own: &Own,
 ) -> Attempt<bool, TransferError> {
     // A COMMIT (or the statement that is its own commit) whose answer was lost may have been
     // applied; so may a COMMIT that failed in a way the classifier does not know.
@@ -697,7 +674,7 @@ fn database_failure(
         TransferError::Database(e) if committing => match lookup(conn, t) {
             Ok(Some(found)) => {
                 log::debug!("transfer {}: failed ({e}), but the ledger has it", t.id);
-                resolve_found(t, &found, true, times)
+                resolve_found(conn, t, &found, true, own)
             }
             Ok(None) => Attempt::Fail(TransferError::Database(e)),
             Err(step) => step,
@@ -712,13 +689,19 @@ fn lookup(
     conn: &mut PgConnection,
     t: &NewTransfer,
 ) -> Result<Option<Transfer>, Attempt<bool, TransferError>> {
-    repo::find_transfer(conn, t.id).map_err(|e| match classify(&e, Phase::BeforeCommit) {
+    repo::find_transfer(conn, t.id).map_err(looked_up_again)
+}
+
+/// A lookup that failed: retried when transient, since until the ledger answers no verdict can
+/// be given.
+fn looked_up_again<T>(e: DieselError) -> Attempt<T, TransferError> {
+    match classify(&e, Phase::BeforeCommit) {
         Some(cause) => Attempt::Retry {
             cause,
             message: e.to_string(),
         },
         None => Attempt::Fail(TransferError::from(e)),
-    })
+    }
 }
 
 /// A transfer that fails for more than one reason at once fails for the first, in the order
@@ -786,27 +769,63 @@ fn own_reason_first(
     t: &NewTransfer,
     refused: TransferError,
     after_ambiguous: bool,
-    times: Option<&[chrono::DateTime<chrono::Utc>]>,
+    own: &Own,
 ) -> Attempt<bool, TransferError> {
     match lookup(conn, t) {
-        Ok(Some(found)) => resolve_found(t, &found, after_ambiguous, times),
+        Ok(Some(found)) => resolve_found(conn, t, &found, after_ambiguous, own),
         Ok(None) => Attempt::Fail(first_reason(conn, t, refused)),
         Err(_) => Attempt::Fail(refused),
     }
 }
 
+/// How a run tells its own ledger row from another run's with the same id and details (a second
+/// run of the same transfer, while this one backed off after a lost answer).
+#[derive(Debug)]
+enum Own {
+    /// No way: a transaction with an id this run made up, which nobody else has.
+    Any,
+    /// The times this run's attempts gave the row (transaction mode, a given id), read back
+    /// before each COMMIT.
+    Times(Vec<chrono::DateTime<chrono::Utc>>),
+    /// The mark this run's statements put on the id's claim (single-statement mode: a statement
+    /// is its own commit, so its row's time would come back only with the answer that was lost;
+    /// its claim, written by the same statement, carries the mark instead).
+    Mark(Uuid),
+}
+
+impl Own {
+    fn mark(&self) -> Uuid {
+        match self {
+            Own::Mark(mark) => *mark,
+            Own::Any | Own::Times(_) => Uuid::nil(),
+        }
+    }
+}
+
 /// `found`, the ledger's row of `t`'s id, as this run's answer. Before any attempt of this run may
 /// have committed, an earlier run's (`already_applied`); after one whose outcome was lost
-/// (`may_be_ours`), this run's, unless the times this run's attempts gave the row are known and
-/// its is none of them: another run's, though alike to the last detail (a second run of the same
-/// transfer while this one backed off; found by a reviewer, two runs said "applied").
+/// (`may_be_ours`), this run's, unless `own` shows it is another run's, though alike to the last
+/// detail (a second run of the same transfer while this one backed off; found by a reviewer, two
+/// runs said "applied").
 fn resolve_found(
+    conn: &mut PgConnection,
     t: &NewTransfer,
     found: &Transfer,
     may_be_ours: bool,
-    times: Option<&[chrono::DateTime<chrono::Utc>]>,
+    own: &Own,
 ) -> Attempt<bool, TransferError> {
-    let others = times.is_some_and(|ts| !ts.is_empty() && !ts.contains(&found.created_at));
+    let others = may_be_ours
+        && t.matches(found)
+        && match own {
+            Own::Any => false,
+            Own::Times(ts) => !ts.is_empty() && !ts.contains(&found.created_at),
+            // The claim and the row are written by one statement: a row without this run's
+            // mark on its claim is another run's.
+            Own::Mark(mark) => match repo::claim_mark(conn, t.id) {
+                Ok(claimed_by) => claimed_by != Some(*mark),
+                Err(e) => return looked_up_again(e),
+            },
+        };
     resolve_duplicate(t, found, !may_be_ours || others)
 }
 

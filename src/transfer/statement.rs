@@ -34,6 +34,8 @@ use crate::models::NewTransfer;
 #[derive(Debug, Clone, Copy)]
 pub struct TransferStatement<const CLAIM: bool = false> {
     t: NewTransfer,
+    /// What the claim is marked with (`CLAIM` only): the run's own mark.
+    mark: uuid::Uuid,
 }
 
 impl<const CLAIM: bool> QueryId for TransferStatement<CLAIM> {
@@ -43,7 +45,10 @@ impl<const CLAIM: bool> QueryId for TransferStatement<CLAIM> {
 
 impl<const CLAIM: bool> TransferStatement<CLAIM> {
     pub fn new(t: &NewTransfer) -> Self {
-        TransferStatement { t: *t }
+        TransferStatement {
+            t: *t,
+            mark: uuid::Uuid::nil(),
+        }
     }
 }
 
@@ -101,8 +106,10 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         // transfer_claims_pkey) if it reaches the server after a rerun claimed the id to say
         // "not applied" (see the migration). Unread, so it runs after the rest, locks held.
         if CLAIM {
-            out.push_sql(", claimed AS (INSERT INTO transfer_claims (id) VALUES (");
+            out.push_sql(", claimed AS (INSERT INTO transfer_claims (id, claimed_by) VALUES (");
             out.push_bind_param::<SqlUuid, _>(&t.id)?;
+            out.push_sql(", ");
+            out.push_bind_param::<SqlUuid, _>(&self.mark)?;
             out.push_sql(") RETURNING id) ");
         }
         out.push_sql("SELECT CAST(CASE WHEN COUNT(*) = 1 THEN '1' ELSE '");
@@ -126,9 +133,15 @@ pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> 
 }
 
 /// `apply` as single-statement mode sends it, outside any transaction: the statement also claims
-/// its id, and fails with `BodyError::Claimed` if a rerun has claimed it first.
-pub fn apply_claiming(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> {
-    let rows = TransferStatement::<true>::new(t)
+/// its id, marked with `mark` (its run's: `repo::claim_mark` tells the run's own row from another
+/// run's after the answer was lost), and fails with `BodyError::Claimed` if a rerun has claimed
+/// it first.
+pub fn apply_claiming(
+    conn: &mut PgConnection,
+    t: &NewTransfer,
+    mark: uuid::Uuid,
+) -> Result<(), BodyError> {
+    let rows = TransferStatement::<true> { t: *t, mark }
         .execute(conn)
         .map_err(|e| BodyError::from_db(e, t))?;
     checked(t, rows)
@@ -294,8 +307,8 @@ mod tests {
         let sql = debug_query::<Pg, _>(&TransferStatement::<true>::new(&t)).to_string();
         assert!(
             sql.contains(
-                "RETURNING 1 AS one) , claimed AS (INSERT INTO transfer_claims (id) VALUES ($12) \
-                 RETURNING id) SELECT CAST"
+                "RETURNING 1 AS one) , claimed AS (INSERT INTO transfer_claims (id, claimed_by) \
+                 VALUES ($12, $13) RETURNING id) SELECT CAST"
             ),
             "{sql}"
         );

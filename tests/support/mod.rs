@@ -517,3 +517,28 @@ impl Drop for OwnCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The versions of the migrations in `migrations/`, in order (`2026-11-24-000001_…` is
+/// `20261124000001`), as `bank init` reports them.
+pub fn migration_versions() -> Vec<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut versions: Vec<String> = std::fs::read_dir(&dir)
+        .expect("the migrations directory")
+        .map(|e| {
+            let name = e.expect("a migration").file_name();
+            let name = name.to_string_lossy();
+            let (date, _) = name.split_once('_').expect("a migration's name");
+            date.replace('-', "")
+        })
+        .collect();
+    versions.sort();
+    versions
+}
+
+/// What `bank init` prints on a database that has none of them.
+pub fn all_migrations_applied() -> String {
+    migration_versions()
+        .iter()
+        .map(|v| format!("applied migration {v}\n"))
+        .collect()
+}

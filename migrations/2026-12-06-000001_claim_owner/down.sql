@@ -1,0 +1,1 @@
+ALTER TABLE transfer_claims DROP COLUMN claimed_by;
