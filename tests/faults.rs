@@ -1879,3 +1879,32 @@ fn json_outcomes(run: &Run) -> Vec<String> {
         .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
         .collect()
 }
+
+/// A file's refusal is final only once its id is claimed: a frozen server (here the proxy
+/// relaying nothing) while the claim waits made the run give up and report the line
+/// `insufficient_funds`, exit 1, with no claim written, so an earlier run's single statement
+/// still in the network could apply it afterwards (found by a reviewer). It is `unknown`.
+#[test]
+fn a_file_s_refusal_is_not_final_before_its_id_is_claimed() {
+    use diesel::RunQueryDsl;
+    for iso in Iso::BOTH {
+        let case = format!("{iso:?}");
+        let s = setup_with(iso, At::Commit, &[50, 0]);
+        let id = Uuid::new_v4();
+        // Another session writing the same claim: the file's claim waits for it.
+        let mut holder = s.db.conn();
+        holder.batch_execute("BEGIN").expect("begin");
+        diesel::sql_query(format!("INSERT INTO transfer_claims (id) VALUES ('{id}')"))
+            .execute(&mut holder)
+            .expect("claim");
+        let text = format!("id,from,to,amount\n{id},{},{},100\n", s.from, s.to);
+        let (_bank, child) = s.spawn_file_backing_off(&text, "3s");
+        crate::support::wait_for_lock_wait(&s.db);
+        s.proxy.freeze_all();
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        s.proxy.thaw_all();
+        assert_eq!(run.code, 3, "{case}: {run:?}");
+        assert_eq!(json_outcomes(&run), ["unknown"], "{case}: {run:?}");
+    }
+}

@@ -707,3 +707,36 @@ fn a_transfer_the_database_refuses_is_named_and_not_applied() {
         );
     }
 }
+
+/// A rerun the database refuses before it writes anything (a read-only database here) finds the
+/// earlier run's row: that row is not the rerun's, in either mode (found by a reviewer: in
+/// single-statement mode the rerun said "applied", so two runs reported one row applied).
+#[test]
+fn a_rerun_the_database_refuses_does_not_take_an_earlier_run_s_row_for_its_own() {
+    for iso in Iso::BOTH {
+        for first_mode in MODES {
+            for mode in MODES {
+                let case = format!("{iso:?}, first {first_mode}, rerun {mode}");
+                let db = ScratchDb::migrated_at(iso);
+                let [a, b] = db.accounts(&[1000, 0])[..] else {
+                    panic!("two accounts")
+                };
+                let id = Uuid::new_v4().to_string();
+                let first = db
+                    .transfer(a, b, 100)
+                    .args(["--id", &id, "--json", "--mode", first_mode])
+                    .run();
+                first.success();
+                assert_eq!(first.json()["already_applied"], false, "{case}: {first:?}");
+                db.alter("default_transaction_read_only = on");
+                let again = db
+                    .transfer(a, b, 100)
+                    .args(["--id", &id, "--json", "--mode", mode])
+                    .run();
+                db.alter("default_transaction_read_only = off");
+                again.success();
+                assert_eq!(again.json()["already_applied"], true, "{case}: {again:?}");
+            }
+        }
+    }
+}

@@ -362,11 +362,12 @@ impl ChunkRunner {
     /// statement of an earlier run's attempt at one of them that comes late then fails on its
     /// claim. A refused line the ledger has by then (such a statement committed while the claim
     /// waited for it) gets the ledger's answer; a claim that cannot be written leaves the lines
-    /// `unknown`. The watcher keeps seeing the verdicts as they were until this is done.
+    /// `unknown`. Until this is done the watcher sees these lines `unknown`: a run given up
+    /// meanwhile (a frozen server) reported the refusals, with no claim written.
     fn claim_refused(&mut self, lines: &[Line]) {
         // Read in place: most chunks refuse nothing, and this runs after every one.
-        let (ids, refused, accounts): (Vec<Uuid>, Vec<usize>, Vec<Uuid>) = {
-            let progress = self.watch.lock();
+        let (ids, refused, accounts, verdicts): (Vec<Uuid>, Vec<usize>, Vec<Uuid>, Vec<Verdict>) = {
+            let mut progress = self.watch.lock();
             let decided = &progress.decided;
             let says_no = |v: &Verdict| {
                 matches!(
@@ -399,7 +400,21 @@ impl ChunkRunner {
                     accounts.extend([l.transfer.from_id, l.transfer.to_id]);
                 }
             }
-            (ids, refused, accounts)
+            let mut verdicts = Vec::with_capacity(refused.len());
+            for &i in &refused {
+                if let Some(v) = progress.decided.get_mut(i) {
+                    let was = v.error.clone().unwrap_or_else(|| v.outcome.as_str().into());
+                    let claiming = Verdict {
+                        outcome: Outcome::Unknown,
+                        error: Some(format!(
+                            "not applied ({was}), but the run stopped while it claimed the id, \
+                             so an earlier run's attempt at it may still commit"
+                        )),
+                    };
+                    verdicts.push(std::mem::replace(v, claiming));
+                }
+            }
+            (ids, refused, accounts, verdicts)
         };
         if ids.is_empty() {
             return;
@@ -417,19 +432,23 @@ impl ChunkRunner {
         );
         let _ = self.watch.ticket.finish();
         let mut progress = self.watch.lock();
-        for &i in &refused {
+        for (&i, before) in refused.iter().zip(verdicts) {
             let (Some(line), Some(v)) = (lines.get(i), progress.decided.get_mut(i)) else {
                 continue;
             };
             let t = &line.transfer;
             match &ledger {
                 Ok(found) => {
-                    if let Some(f) = found.iter().find(|f| f.id == t.id) {
-                        *v = ledger_verdict(t, f);
-                    }
+                    *v = match found.iter().find(|f| f.id == t.id) {
+                        Some(f) => ledger_verdict(t, f),
+                        None => before,
+                    };
                 }
                 Err(e) => {
-                    let was = v.error.clone().unwrap_or_else(|| v.outcome.as_str().into());
+                    let was = before
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| before.outcome.as_str().into());
                     *v = Verdict {
                         outcome: Outcome::Unknown,
                         error: Some(format!(

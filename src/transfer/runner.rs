@@ -180,7 +180,7 @@ impl Runner {
         // has this run's own, once an attempt was ambiguous (a statement held in the network).
         match answer {
             Err(e) if (self.id_given || ambiguous) && says_not_applied(&e) => {
-                self.claim_first(t, e, made, retries)
+                self.claim_first(t, e, made, retries, ambiguous, &own)
             }
             answer => answer,
         }
@@ -192,13 +192,17 @@ impl Runner {
     /// fails on the claim when it arrives, where it applied after this answer. The ledger is then
     /// asked once more: the claim waited for such a statement still being written, and if it
     /// committed, its outcome is the answer. A claim that cannot be written (a read-only
-    /// database) leaves the outcome unknown.
+    /// database) leaves the outcome unknown. A row found is this run's own only after an
+    /// ambiguous attempt, and then only if `own` does not show it is another run's: its own
+    /// statement that came late was reported "already applied", so no run said it applied it.
     fn claim_first(
         &mut self,
         t: &NewTransfer,
         no: TransferError,
         attempts: u32,
         retries: RetryCounts,
+        ambiguous: bool,
+        own: &Own,
     ) -> Result<Receipt, TransferError> {
         let policy = self.policy;
         let ledger = claim_and_find(
@@ -221,7 +225,16 @@ impl Runner {
         let Some(found) = found else {
             return Err(no);
         };
-        match resolve_duplicate(t, &found, true) {
+        let step = match self.session.conn() {
+            Ok(conn) => resolve_found(conn, t, &found, ambiguous, own),
+            Err(e) => {
+                return Err(held_up(
+                    t,
+                    format!("it could not ask whose the row is ({e}) after: {no}"),
+                ))
+            }
+        };
+        match step {
             Attempt::Done(already_applied) => Ok(Receipt {
                 transfer: *t,
                 attempts,
