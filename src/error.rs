@@ -254,7 +254,6 @@ impl TransferError {
                 | TransferError::UnknownAccount(_)
                 | TransferError::BalanceOverflow { .. }
                 | TransferError::IdConflict { .. }
-                | TransferError::NotMigrated(_)
         )
     }
 }

@@ -2758,3 +2758,43 @@ fn the_chunk_statement_gives_the_time_of_its_rows() {
         }
     }
 }
+
+/// A file whose line meets an account with a version a DBA set back by hand (its next entry's
+/// version is taken): that line is refused with the database's words, and the file goes on.
+/// It was retried as a serialization failure until the deadline, then `not_applied`, and the
+/// rest of the file was never sent (found by a reviewer).
+#[test]
+fn a_version_set_back_by_hand_refuses_its_line_and_the_file_goes_on() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 0, 1000, 0]);
+        db.transfer(ids[0], ids[1], 1).run().success();
+        db.conn()
+            .batch_execute(&format!(
+                "UPDATE accounts SET version = 0 WHERE id = '{}'",
+                ids[0]
+            ))
+            .expect("edit");
+        let text = format!(
+            "id,from,to,amount\n{},{},{},1\n{},{},{},5\n",
+            Uuid::new_v4(),
+            ids[0],
+            ids[1],
+            Uuid::new_v4(),
+            ids[2],
+            ids[3]
+        );
+        let run = run_file(db.url.expose(), "f.csv", &text, &["--timeout", "20s"]);
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert_eq!(
+            outcomes(&run),
+            [(2, "refused".to_string()), (3, "applied".to_string())],
+            "{iso:?}: {run:?}"
+        );
+        assert!(
+            run.stdout.contains("transfers_from_id_from_version_key"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(db.balance(ids[3]), 5, "{iso:?}");
+    }
+}

@@ -740,3 +740,41 @@ fn a_rerun_the_database_refuses_does_not_take_an_earlier_run_s_row_for_its_own()
         }
     }
 }
+
+/// An account whose version a DBA set back by hand: its next entry's version is taken, and the
+/// ledger's unique (account, version) index refuses it. That was taken for a reused transfer id
+/// and retried as a serialization failure until the deadline ("timed out … reported a duplicate
+/// but is absent"; found by a reviewer). It is the database's refusal, named, at once.
+#[test]
+fn a_version_set_back_by_hand_is_the_database_s_refusal_not_a_retry() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let case = format!("{iso:?} {mode}");
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, 0])[..] else {
+                panic!("two accounts")
+            };
+            db.transfer(a, b, 1).run().success();
+            db.conn()
+                .batch_execute(&format!("UPDATE accounts SET version = 0 WHERE id = '{a}'"))
+                .expect("edit");
+            let started = std::time::Instant::now();
+            let run = db
+                .transfer(a, b, 1)
+                .args(["--mode", mode, "--id", &Uuid::new_v4().to_string()])
+                .args(["--timeout", "20s"])
+                .run();
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            assert!(
+                run.stderr.contains("transfers_from_id_from_version_key"),
+                "{case}: {run:?}"
+            );
+            assert!(!run.stderr.contains("timed out"), "{case}: {run:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{case}: {run:?}"
+            );
+            assert_eq!((db.balance(a), db.balance(b)), (999, 1), "{case}");
+        }
+    }
+}

@@ -709,12 +709,15 @@ impl ChunkRunner {
         };
         match result {
             Ok(decided) => Ok(Ok(decided)),
-            Err(Stop::Failed(TransferError::NotMigrated(u))) => Err(Fatal::NotMigrated(u)),
-            Err(Stop::Failed(TransferError::Connect(e))) => Err(Fatal::Connect(e)),
+            // First: after a COMMIT that went unanswered, even a schema missing or a server
+            // that cannot be reached (a failover to another host) leaves these lines unknown;
+            // the next statement meets the same and ends the run.
             Err(Stop::Failed(e)) if ambiguous => fail(
                 Outcome::Unknown,
                 format!("an attempt's COMMIT went unanswered, then: {e}"),
             ),
+            Err(Stop::Failed(TransferError::NotMigrated(u))) => Err(Fatal::NotMigrated(u)),
+            Err(Stop::Failed(TransferError::Connect(e))) => Err(Fatal::Connect(e)),
             // The server's own refusal, settled (nothing of the statement applied).
             Err(Stop::Failed(TransferError::Database(e @ DieselError::DatabaseError(..)))) => {
                 fail(Outcome::Refused, TransferError::Database(e).to_string())
@@ -934,7 +937,13 @@ fn failure(e: DieselError, committing: bool) -> Attempt<Decided, TransferError> 
     match &e {
         // Another client wrote one of the chunk's ids after this statement read the ledger:
         // the next attempt reads it.
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) if !committing => {
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+            if !committing
+                && !crate::transfer::other_unique_index(
+                    info.constraint_name().unwrap_or_default(),
+                    info.message(),
+                ) =>
+        {
             return Attempt::Retry {
                 cause: Cause::Serialization,
                 message: e.to_string(),

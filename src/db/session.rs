@@ -146,6 +146,7 @@ impl Instrumentation for SqlLogger {
 ///   primary key (BENCHMARKS.md has the figures). CockroachDB accepts it as a no-op.
 ///
 /// A failure of these settings is logged and ignored: they tune, they do not decide correctness.
+/// (Raising REPEATABLE READ to SERIALIZABLE, in `tune`, does; its failure fails the connection.)
 pub struct Session {
     url: DbUrl,
     application_name: &'static str,
@@ -212,8 +213,21 @@ impl Session {
                     .url
                     .connect_within(self.application_name, self.timeout)?;
                 self.connects += 1;
-                if let Err(e) = tune(&mut conn, self.timeout) {
-                    log::debug!("tuning the session failed (ignored): {e}");
+                match tune(&mut conn, self.timeout) {
+                    Ok(()) => {}
+                    Err(Untuned::Tuning(e)) => {
+                        log::debug!("tuning the session failed (ignored): {e}")
+                    }
+                    // Not a tuning: a file's lines rely on it (see `tune`).
+                    Err(Untuned::Isolation(e)) => {
+                        return Err(ConnectError {
+                            url: self.url.to_string(),
+                            message: format!(
+                                "the session's default isolation is REPEATABLE READ, and raising \
+                                 it to SERIALIZABLE failed: {e}"
+                            ),
+                        })
+                    }
                 }
                 // Asked for by the user (`--inject-retries`), so a failure is an error.
                 for (name, value) in &self.url.session_settings {
@@ -268,14 +282,21 @@ pub fn own_statement_timeout() -> Option<Duration> {
     }
 }
 
+/// Why `tune` fell short: a tuning, ignored; or the one setting that is not a tuning.
+enum Untuned {
+    Tuning(diesel::result::Error),
+    Isolation(diesel::result::Error),
+}
+
 /// See `Session`. The timeouts are whole milliseconds that `bank` computed, not user text.
-fn tune(conn: &mut PgConnection, timeout: Duration) -> QueryResult<()> {
+fn tune(conn: &mut PgConnection, timeout: Duration) -> Result<(), Untuned> {
     let current: Timeouts = diesel::sql_query(
         "SELECT current_setting('statement_timeout') AS statement, \
          current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction, \
          current_setting('default_transaction_isolation') AS isolation",
     )
-    .get_result(conn)?;
+    .get_result(conn)
+    .map_err(Untuned::Tuning)?;
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
     let mut sql = String::new();
     for (name, value) in [
@@ -298,12 +319,14 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> QueryResult<()> {
     // accounts, and the rerun's locks raise no conflict there, so a file's line could apply
     // after the rerun said "not applied" (found by a reviewer). SERIALIZABLE makes one of the
     // two fail instead (READ COMMITTED reads the claims afresh). Every session, so that a
-    // reconnect keeps it.
+    // reconnect keeps it. A statement of its own, so that no tuning's failure skips it, and a
+    // failure of its own fails the connection.
     if current.isolation.eq_ignore_ascii_case("repeatable read") {
-        sql.push_str("SET default_transaction_isolation = 'serializable'; ");
+        conn.batch_execute("SET default_transaction_isolation = 'serializable'")
+            .map_err(Untuned::Isolation)?;
     }
     sql.push_str("SET enable_seqscan = off");
-    conn.batch_execute(&sql)
+    conn.batch_execute(&sql).map_err(Untuned::Tuning)
 }
 
 /// A time setting as `SHOW` prints it ("0", "500ms", "5s", "1min", "2h", "1d"; a bare number

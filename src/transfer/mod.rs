@@ -6,6 +6,7 @@ mod statement;
 
 pub(crate) use runner::{after_step, claim_and_find, connection};
 pub use runner::{gave_up, Receipt, Runner, GRACE};
+pub(crate) use statement::other_unique_index;
 pub use statement::{apply, apply_claiming, BodyError, TransferStatement};
 
 use serde::Serialize;

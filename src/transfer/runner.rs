@@ -690,7 +690,13 @@ fn database_failure(
                 resolve_found(conn, t, &found, true, own)
             }
             Ok(None) => Attempt::Fail(TransferError::Database(e)),
-            Err(step) => step,
+            // The COMMIT may have landed, whatever kept the ledger from answering: the run stays
+            // ambiguous (a reviewer's find: taken for a lost connection, a run out of retries
+            // said "not applied", or later took its own row for an earlier run's).
+            Err(_) => Attempt::Retry {
+                cause: Cause::Ambiguous,
+                message: format!("COMMIT failed ({e}) and the ledger could not be asked"),
+            },
         },
         domain => Attempt::Fail(domain),
     }
@@ -834,9 +840,15 @@ fn resolve_found(
             Own::Times(ts) => !ts.is_empty() && !ts.contains(&found.created_at),
             // The claim and the row are written by one statement: a row without this run's
             // mark on its claim is another run's.
+            // Asked only after an attempt whose outcome was lost: it stays so until answered.
             Own::Mark(mark) => match repo::claim_mark(conn, t.id) {
                 Ok(claimed_by) => claimed_by != Some(*mark),
-                Err(e) => return looked_up_again(e),
+                Err(e) => {
+                    return Attempt::Retry {
+                        cause: Cause::Ambiguous,
+                        message: format!("the ledger could not say whose the row is: {e}"),
+                    }
+                }
             },
         };
     resolve_duplicate(t, found, !may_be_ours || others)

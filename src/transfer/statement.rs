@@ -162,6 +162,15 @@ fn checked(t: &NewTransfer, rows: usize) -> Result<(), BodyError> {
     Ok(())
 }
 
+/// A unique violation that names an index other than the ledger's primary key: each account's
+/// (account, version) index (a version set back by hand), or a DBA's own. Not a reused id, which
+/// the ledger would show: taken for one, it was retried until the deadline. One that names no
+/// index is still taken for the id, as before names were read.
+pub(crate) fn other_unique_index(constraint: &str, text: &str) -> bool {
+    let named = !constraint.is_empty() || text.contains("unique constraint \"");
+    named && constraint != "transfers_pkey" && !text.contains("\"transfers_pkey\"")
+}
+
 /// What the body can fail with: the database refusing the transfer on its merits (final only
 /// once the ledger has been asked about the id), another final error, the ledger saying the id
 /// is taken, or a database error for the runner to classify.
@@ -192,6 +201,9 @@ impl BodyError {
         match kind {
             DatabaseErrorKind::UniqueViolation if names("transfer_claims_pkey") => {
                 BodyError::Claimed
+            }
+            DatabaseErrorKind::UniqueViolation if other_unique_index(constraint, &text) => {
+                BodyError::Final(TransferError::Database(e))
             }
             DatabaseErrorKind::UniqueViolation => BodyError::DuplicateId,
             DatabaseErrorKind::CheckViolation if names("transfers_amount_positive") => {
