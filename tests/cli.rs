@@ -1524,6 +1524,70 @@ fn no_password_is_shown_by_usage_errors_or_other_password_parameters() {
     }
 }
 
+/// Passwords that were printed (a reviewer): under a percent-encoded key (`pass%77ord=`, which
+/// libpq decodes) in a URL redacted as text; with a space, in clap's quote of the argument; and
+/// in keyword/value strings read otherwise than libpq reads them (quotes and backslashes, no `&`).
+#[test]
+fn no_password_is_shown_however_it_is_written() {
+    let urls = [
+        (
+            "postgres://u@127.0.0.1:1,127.0.0.1:2/db?pass%77ord=SEKRET1",
+            &["SEKRET1"][..],
+        ),
+        (
+            "postgres://u@/db?host=/nonexistent&pass%77ord=SEKRET5",
+            &["SEKRET5"],
+        ),
+        (
+            "postgres://u@127.0.0.1:1,127.0.0.1:2/db?PASS%57ORD=SEKRETKEY",
+            &["SEKRETKEY"],
+        ),
+        (
+            "postgres://u@127.0.0.1:1/db?password=SEK#RET9",
+            &["SEK", "RET9"],
+        ),
+        (
+            "postgres://u:p%40ssSEKRET@127.0.0.1:1,127.0.0.1:2/db",
+            &["ssSEKRET"],
+        ),
+        (
+            r"host=127.0.0.1 password='SEKa\'SEKb SEKc'",
+            &["SEKa", "SEKb", "SEKc"],
+        ),
+        (r"host=127.0.0.1 password=SEKa\ SEKb", &["SEKa", "SEKb"]),
+        ("host=127.0.0.1 password=SEKa&SEKb", &["SEKa", "SEKb"]),
+        ("host=127.0.0.1 password = 'SEKa SEKb'", &["SEKa", "SEKb"]),
+    ];
+    let shows = |run: &crate::support::Run, what: &str, secrets: &[&str]| {
+        for secret in secrets {
+            assert!(!run.stderr.contains(secret), "{what}: {run:?}");
+            assert!(!run.stdout.contains(secret), "{what}: {run:?}");
+        }
+        assert!(run.stderr.contains("***"), "{what}: {run:?}");
+    };
+    for (url, secrets) in urls {
+        for args in [
+            vec!["--database-url", url, "doctor"],
+            vec!["--database-url", url, "doctor", "--json"],
+            vec!["--database-url", url, "-vv", "verify"],
+        ] {
+            let run = Bank::new().args(&args).run();
+            assert_ne!(run.code, 0, "{args:?}: {run:?}");
+            shows(&run, url, secrets);
+        }
+    }
+    let spaced = "postgres://u:SEKRET with space@127.0.0.1:1/db";
+    for args in [vec![spaced], vec!["doctor", spaced], vec!["man", spaced]] {
+        let run = Bank::new().args(&args).run();
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        shows(&run, spaced, &["SEKRET", "with space"]);
+        assert!(
+            run.stderr.contains("postgres://u:***@127.0.0.1:1/db"),
+            "{run:?}"
+        );
+    }
+}
+
 /// A URL typed where another value goes reached stderr whole when bank, not clap, refused the
 /// value: `bank man URL` ("no command …") and `transfer --file URL` ("cannot read …"). Every
 /// line bank writes to stderr now has passwords hidden.
