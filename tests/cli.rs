@@ -1550,6 +1550,12 @@ fn no_password_is_shown_however_it_is_written() {
             "postgres://u:p%40ssSEKRET@127.0.0.1:1,127.0.0.1:2/db",
             &["ssSEKRET"],
         ),
+        // The '=' left out: libpq quotes the key, as written.
+        ("postgres://u@127.0.0.1:1/db?passwordSEKRET", &["SEKRET"]),
+        (
+            "postgres://u@127.0.0.1:1,127.0.0.1:2/db?pass%77ordSEK%52ET",
+            &["SEK"],
+        ),
         (
             r"host=127.0.0.1 password='SEKa\'SEKb SEKc'",
             &["SEKa", "SEKb", "SEKc"],

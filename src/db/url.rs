@@ -232,9 +232,13 @@ impl fmt::Display for DbUrl {
         if url.query_pairs().any(|(k, _)| is_password_key(&k)) {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
-                .map(|(k, v)| {
-                    let v = if is_password_key(&k) { "***".into() } else { v };
-                    (k.into_owned(), v.into_owned())
+                .map(|(k, v)| match is_password_key(&k) {
+                    // No value: the '=' was left out, and the key holds the password.
+                    true if v.is_empty() && !secrets_in_key(&k).is_empty() => {
+                        (password_prefix(&k).to_string(), "***".to_string())
+                    }
+                    true => (k.into_owned(), "***".to_string()),
+                    false => (k.into_owned(), v.into_owned()),
                 })
                 .collect();
             shown.query_pairs_mut().clear().extend_pairs(pairs);
@@ -318,6 +322,9 @@ fn redact_structurally(raw: &str) -> String {
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
                     Some((key, _)) if is_password_key(key) => format!("{key}=***"),
+                    None if !secrets_in_key(pair).is_empty() => {
+                        format!("{}***", password_prefix(pair))
+                    }
                     _ => pair.to_string(),
                 })
                 .collect();
@@ -357,7 +364,8 @@ fn secrets_of(raw: &str) -> Vec<String> {
         for pair in query.split('&') {
             match pair.split_once('=') {
                 Some((key, value)) if is_password_key(key) => secrets.push(value.to_string()),
-                _ => {}
+                Some(_) => {}
+                None => secrets.extend(secrets_in_key(pair)),
             }
         }
     }
@@ -466,6 +474,29 @@ fn is_conninfo_space(c: char) -> bool {
 fn is_password_key(key: &str) -> bool {
     let key = percent_decoded(key).to_ascii_lowercase();
     key.contains("password") || key.ends_with("secret")
+}
+
+/// What follows the word `password` in a parameter with no '=' (`?passwordSEKRET`,
+/// `?PASSWORD:SEKRET`): the '=' left out, that is the password, and libpq's refusal quotes the
+/// key whole, as written. Percent-decoded, and as written: the whole key when the word itself
+/// is encoded (`pass%77ordSEKRET`).
+fn secrets_in_key(key: &str) -> Vec<String> {
+    let tail = |key: &str| {
+        // ASCII lower-casing keeps every byte where it was.
+        let at = key.to_ascii_lowercase().find("password")? + "password".len();
+        Some(key[at..].trim().to_string()).filter(|t| !t.is_empty())
+    };
+    let Some(decoded) = tail(&percent_decoded(key)) else {
+        return Vec::new();
+    };
+    vec![decoded, tail(key).unwrap_or_else(|| key.to_string())]
+}
+
+/// A key up to the end of the word `password` in it; empty when the word is percent-encoded.
+fn password_prefix(key: &str) -> &str {
+    key.to_ascii_lowercase()
+        .find("password")
+        .map_or("", |at| &key[..at + "password".len()])
 }
 
 /// Any text that may quote a URL or a keyword/value string the user typed (clap's "unexpected
@@ -1065,5 +1096,36 @@ mod tests {
         assert_eq!(text, "postgres://u@h/db?password=***");
         let line = redact_message("cannot connect to postgres://u@h/db?password=***: refused");
         assert!(line.contains("***: refused"), "{line}");
+    }
+
+    /// `?passwordSEKRET`, the '=' left out: libpq refuses the parameter and quotes its key,
+    /// which holds the password; the URL showed it too (`passwordSEKRET=***`).
+    #[test]
+    fn a_password_parameter_without_its_equals_sign_is_hidden() {
+        for (raw, key) in [
+            ("postgres://u@h/db?passwordSEKRET", "passwordSEKRET"),
+            ("postgres://u@h1,h2/db?passwordSEKRET", "passwordSEKRET"),
+            (
+                "postgres://u@h1,h2/db?sslmode=disable&PASSWORD:SEKRET",
+                "PASSWORD:SEKRET",
+            ),
+            ("postgres://u@h/db?pass%77ordSEKRET", "passwordSEKRET"),
+            // libpq quotes the key as written, not decoded.
+            ("postgres://u@h/db?pass%77ordSEK%52ET", "pass%77ordSEK%52ET"),
+        ] {
+            let url = DbUrl::parse(raw).expect("valid");
+            assert!(!url.to_string().contains("SEKRET"), "{raw} -> {url}");
+            let refusal =
+                format!("missing key/value separator \"=\" in URI query parameter: \"{key}\"");
+            assert!(!url.redact_text(&refusal).contains("SEKRET"), "{raw}");
+            let line = redact_message(&format!("cannot connect to {raw}: {refusal}"));
+            assert!(!line.contains("SEKRET"), "{raw} -> {line}");
+        }
+        // The word alone is no secret: messages keep it.
+        let url = DbUrl::parse("postgres://u@h/db?password").expect("valid");
+        assert_eq!(
+            url.redact_text("password authentication failed"),
+            "password authentication failed"
+        );
     }
 }
