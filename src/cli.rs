@@ -415,7 +415,6 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| format!("must be a time in RFC 3339 such as 2026-11-24T10:00:00Z ({e})"))
 }
 
-/// A deadline: a positive duration.
 /// The longest duration any option takes. Deadlines are added to the present and to a grace
 /// period: near `Duration::MAX` that overflowed, a panic after the work was done.
 const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -460,6 +459,7 @@ fn parse_uuid(s: &str) -> Result<Uuid, String> {
     })
 }
 
+/// A deadline: a positive duration.
 pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {

@@ -960,8 +960,8 @@ fn failure(e: DieselError, committing: bool) -> Attempt<Decided, TransferError> 
     }
 }
 
-/// The statement's rows as verdicts, checked against its counts.
-/// The statement's verdicts, and the time its ledger rows carry (none when it wrote none).
+/// The statement's verdicts, checked against its counts, and the time its ledger rows carry
+/// (none when it wrote none).
 fn read_rows(
     lines: &[Line],
     rows: Vec<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>,

@@ -428,7 +428,6 @@ where
     Ok(summary)
 }
 
-/// Files a group's verdicts in its window; a line without one was never attempted.
 /// The verdicts of a group whose worker stopped short (a frozen server, a connection that
 /// could not be made again): those decided so far, then `unknown` (with `in_hand`) for the
 /// statement under way, which may have reached its COMMIT, and `not_applied` for the lines after
@@ -445,6 +444,7 @@ fn cut_short(watch: &Watch, group: &Group, in_hand: &str, error: &str) -> Vec<Ve
     verdicts
 }
 
+/// Files a group's verdicts in its window; a line without one was never attempted.
 fn finish_group(windows: &mut BTreeMap<u64, Window>, group: &Group, verdicts: Vec<Verdict>) {
     let Some(w) = windows.get_mut(&group.window) else {
         return;

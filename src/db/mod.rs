@@ -333,8 +333,6 @@ pub fn is_foreign(applied: &[String], unknown: &[String]) -> bool {
     !applied.is_empty() && applied.len() == unknown.len()
 }
 
-/// Applied migrations that are not this bank's, in version order: a newer bank migrated the
-/// database (or something else wrote Diesel's table).
 /// This bank's migrations not among `applied`, oldest first: what `init` would run.
 pub fn pending_migrations(applied: &[String]) -> Result<Vec<String>, crate::error::Error> {
     Ok(known_migrations()?
@@ -343,6 +341,8 @@ pub fn pending_migrations(applied: &[String]) -> Result<Vec<String>, crate::erro
         .collect())
 }
 
+/// Applied migrations that are not this bank's, in version order: a newer bank migrated the
+/// database (or something else wrote Diesel's table).
 pub fn unknown_migrations(applied: &[String]) -> Result<Vec<String>, crate::error::Error> {
     let known = known_migrations()?;
     Ok(applied

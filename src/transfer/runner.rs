@@ -476,7 +476,6 @@ pub(crate) fn after_step<T>(
     }
 }
 
-/// One attempt. `Done(true)` when the ledger already had the transfer from an earlier run.
 /// A given id's claim as a run's first attempt read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClaimSeen {
@@ -517,6 +516,7 @@ fn answered_since(
     }
 }
 
+/// One attempt. `Done(true)` when the ledger already had the transfer from an earlier run.
 fn attempt(
     session: &mut Session,
     t: &NewTransfer,
