@@ -2,7 +2,10 @@
 //! under contention and failure, and a workload that proves it.
 //!
 //! Data flows down, and each layer is found by its file name:
-//! - `cli` (clap types only) and `commands/` (one file per job: prints, never decides);
+//! - `cli` (clap types only) and `commands/` (one file per job: reads its input, calls the layers
+//!   below, prints; `batch.rs` also keeps the file's copy, and `mod.rs` the `init` checks);
+//! - `batch/`: `transfer --file` (`input.rs` reads lines, `statement.rs` is the chunk statement,
+//!   `chunk.rs` runs one chunk exactly once, `pipeline.rs` spreads chunks over connections);
 //! - `transfer/`: `statement.rs` (the one statement that moves money) and `runner.rs` (exactly
 //!   once: attempts, the ledger's last word, the deadline), with `guard` (giving up on a
 //!   transfer stuck on a frozen server);

@@ -1,6 +1,8 @@
-//! Queries on accounts and the ledger. Every function takes a connection and opens no
-//! transaction, so callers compose them inside their own transactions (and tests inside a test
-//! transaction).
+//! Queries on accounts, the ledger and the claims. Each function takes a connection; most open
+//! no transaction, so callers compose them inside their own (and tests inside a test
+//! transaction). Those that need a snapshot or an isolation level of their own say so and open
+//! it: `claim_and_find`, `accounts_free`, `delete_accounts_batch`, `totals_and_versions`,
+//! `snapshot_totals_in_chunks`.
 
 use std::io::{BufWriter, Write};
 
