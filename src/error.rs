@@ -360,6 +360,14 @@ pub enum Error {
     },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
+    /// The copy of standard input `transfer --file -` reads twice could not be made or written
+    /// (a temporary directory missing or full): the machine's failure, not bad input (exit 1).
+    #[error("cannot {what}: {source}")]
+    Spool {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// `seed` stopped before every account was created (exit 1); each one created had its id
     /// written.
     #[error("{why}, so the seed stopped: {}", seed_stopped(*created, *total))]

@@ -2798,3 +2798,28 @@ fn a_version_set_back_by_hand_refuses_its_line_and_the_file_goes_on() {
         assert_eq!(db.balance(ids[3]), 5, "{iso:?}");
     }
 }
+
+/// A temporary directory that cannot hold the copy of standard input is the machine's failure,
+/// not bad input: exit 1 with one line, not the usage code 2 (a reviewer's find).
+#[test]
+fn an_unusable_temporary_directory_is_no_usage_error() {
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 3, 5, 13);
+    let output = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+        .env("TMPDIR", "/nonexistent/bank-tmp")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = std::io::Write::write_all(&mut stdin, csv(&lines).as_bytes());
+            }
+            child.wait_with_output()
+        })
+        .expect("run bank");
+    let run = Run::from(output);
+    run.fails_with(1, "temporary copy of the input");
+    assert_eq!(db.state().1, 0, "nothing applied: {run:?}");
+}

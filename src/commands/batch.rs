@@ -432,17 +432,21 @@ struct Spool {
 
 impl Spool {
     fn create() -> Result<Spool, Error> {
-        let file = tempfile::tempfile().map_err(|e| {
-            Error::Usage(format!(
-                "cannot make a temporary copy of the input in {}: {e}",
+        let file = tempfile::tempfile().map_err(|source| Error::Spool {
+            what: format!(
+                "make a temporary copy of the input in {}",
                 std::env::temp_dir().display()
-            ))
+            ),
+            source,
         })?;
         Ok(Spool { file })
     }
 
     fn cannot(e: io::Error) -> Error {
-        Error::Usage(format!("cannot copy the input to a temporary file: {e}"))
+        Error::Spool {
+            what: "copy the input to a temporary file".into(),
+            source: e,
+        }
     }
 
     fn writer(&self) -> Result<io::BufWriter<File>, Error> {
