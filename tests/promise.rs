@@ -778,3 +778,64 @@ fn a_version_set_back_by_hand_is_the_database_s_refusal_not_a_retry() {
         }
     }
 }
+
+/// A rerun of an id an earlier run applied and reported, whose own attempt then goes unanswered
+/// (its backend terminated while it waits on the accounts' locks: a DBA, a failover): it finds
+/// the earlier row and must not take it for its own (found by a fault-testing helper: in
+/// single-statement mode the rerun said "applied" too).
+#[test]
+fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let case = format!("{iso:?}, rerun {mode}");
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, 0])[..] else {
+                panic!("two accounts")
+            };
+            let id = Uuid::new_v4().to_string();
+            db.transfer(a, b, 100)
+                .args(["--id", &id, "--json"])
+                .run()
+                .success();
+            let mut holder = db.conn();
+            holder.batch_execute("BEGIN").expect("begin");
+            diesel::sql_query(format!(
+                "SELECT id FROM accounts WHERE id IN ('{a}', '{b}') FOR UPDATE"
+            ))
+            .execute(&mut holder)
+            .expect("lock");
+            let (from, to) = (a.to_string(), b.to_string());
+            let url = db.url.expose().to_string();
+            let rerun = crate::support::spawn_bank(&[
+                "--database-url",
+                &url,
+                "transfer",
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--amount",
+                "100",
+                "--id",
+                &id,
+                "--mode",
+                mode,
+                "--json",
+                "--timeout",
+                "20s",
+            ]);
+            wait_for_lock_wait(&db);
+            db.conn()
+                .batch_execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'bank' AND wait_event_type = 'Lock'",
+                )
+                .expect("terminate");
+            holder.batch_execute("ROLLBACK").expect("rollback");
+            let rerun = crate::support::Run::from(rerun.wait_with_output().expect("wait"));
+            rerun.success();
+            assert_eq!(rerun.json()["already_applied"], true, "{case}: {rerun:?}");
+            assert_eq!((db.balance(a), db.balance(b)), (900, 100), "{case}");
+        }
+    }
+}
