@@ -442,3 +442,206 @@ fn balances_as_of_a_time_does_not_wait_for_sessions_that_wrote_nothing() {
         reader.batch_execute("COMMIT").expect("commit");
     }
 }
+
+/// `bank verify` after a DBA's edit: exit 1 with its report on stdout (text and JSON alike) and
+/// "verification failed" on stderr, never a database error. Returns the JSON report.
+#[track_caller]
+fn verify_reports_violation(db: &ScratchDb, edit: &str) -> serde_json::Value {
+    db.conn().batch_execute(edit).expect("the DBA's edit");
+    let text = db.bank().args(["verify"]).run();
+    assert_eq!(text.code, 1, "{edit}: {text:?}");
+    assert!(
+        text.stdout.ends_with("verify: FAILED\n"),
+        "{edit}: {text:?}"
+    );
+    assert!(
+        text.stderr.starts_with("bank: error: verification failed"),
+        "{edit}: {text:?}"
+    );
+    let run = db.bank().args(["verify", "--json"]).run();
+    assert_eq!(run.code, 1, "{edit}: {run:?}");
+    assert!(
+        run.stderr.starts_with("bank: error: verification failed"),
+        "{edit}: {run:?}"
+    );
+    let j = run.json();
+    assert_eq!(j["ok"], false, "{edit}: {j}");
+    // The report keeps its shape whatever the edit.
+    for field in [
+        "accounts",
+        "transfers",
+        "total_balance",
+        "total_opening_balance",
+        "negative_balances",
+        "mismatched_accounts",
+        "broken_chains",
+    ] {
+        assert!(j[field].is_number(), "{edit}: {field}: {j}");
+    }
+    j
+}
+
+/// An amount edited to INT8's maximum: verify added it to balances in INT8 and failed with
+/// "bigint out of range" instead of reporting the account it no longer explains.
+#[test]
+fn verify_reports_an_amount_edited_to_the_largest_there_is() {
+    let db = ScratchDb::migrated();
+    let (a, b, ids) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "UPDATE transfers SET amount = {} WHERE id = '{}'",
+            i64::MAX,
+            ids[1]
+        ),
+    );
+    assert_eq!(j["mismatched_accounts"], 2, "{j}");
+    assert_eq!(j["broken_chains"], 2, "{j}");
+    // b was credited INT8's maximum on top of 100 and the rest: past INT8, stated exactly.
+    let listed = j["violations"].as_array().expect("violations");
+    assert_eq!(listed.len(), 2, "{j}");
+    let b_expected = 1000 - 475 - 200 + i128::from(i64::MAX);
+    let a_expected = 475 + 200 - i128::from(i64::MAX);
+    for v in listed {
+        let expected: i128 = v["expected"].to_string().parse().expect("a whole number");
+        if v["id"] == b.to_string() {
+            assert_eq!(expected, b_expected, "{j}");
+        } else {
+            assert_eq!(v["id"], a.to_string(), "{j}");
+            assert_eq!(expected, a_expected, "{j}");
+        }
+        assert_eq!(v["chain_ok"], false, "{j}");
+    }
+}
+
+/// The other edits a DBA might make by hand: each is a report, exit 1, never a database error.
+#[test]
+fn verify_reports_hand_edits_of_accounts_and_chains() {
+    let max = i64::MAX;
+    // Two balances at INT8's maximum: their total leaves INT8, and neither is explained.
+    let db = ScratchDb::migrated();
+    let (a, b, _) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!("UPDATE accounts SET balance = {max} WHERE id IN ('{a}', '{b}')"),
+    );
+    assert_eq!(
+        j["total_balance"].to_string(),
+        (2 * i128::from(max)).to_string()
+    );
+    assert_eq!(j["mismatched_accounts"], 2, "{j}");
+    assert_eq!(j["broken_chains"], 2, "{j}");
+
+    // No opening balance (its NOT NULL dropped first): nothing explains the balance. Counted
+    // and listed, not passed over because a comparison with NULL is neither true nor false.
+    let db = ScratchDb::migrated();
+    let (a, _, _) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "ALTER TABLE accounts ALTER COLUMN opening_balance DROP NOT NULL; \
+             UPDATE accounts SET opening_balance = NULL WHERE id = '{a}'"
+        ),
+    );
+    assert_eq!(j["mismatched_accounts"], 1, "{j}");
+    assert_eq!(j["broken_chains"], 1, "{j}");
+    assert_eq!(j["violations"][0]["id"], a.to_string(), "{j}");
+    assert_eq!(j["violations"][0]["chain_ok"], false, "{j}");
+    // The same for an account without transfers.
+    let db = ScratchDb::migrated();
+    let [c] = db.accounts(&[0])[..] else {
+        panic!("one account")
+    };
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "ALTER TABLE accounts ALTER COLUMN opening_balance DROP NOT NULL; \
+             UPDATE accounts SET opening_balance = NULL WHERE id = '{c}'"
+        ),
+    );
+    assert_eq!(j["mismatched_accounts"], 1, "{j}");
+    assert_eq!(j["violations"][0]["id"], c.to_string(), "{j}");
+    assert!(j["violations"][0]["expected"].is_null(), "{j}");
+    // No balance either: two NULLs are not a match.
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "ALTER TABLE accounts ALTER COLUMN balance DROP NOT NULL; \
+             UPDATE accounts SET balance = NULL WHERE id = '{c}'"
+        ),
+    );
+    assert_eq!(j["mismatched_accounts"], 1, "{j}");
+    assert!(j["violations"][0]["balance"].is_null(), "{j}");
+
+    // A negative version, with and without entries.
+    let db = ScratchDb::migrated();
+    let (a, _, _) = five_transfers(&db);
+    let [c] = db.accounts(&[7])[..] else {
+        panic!("one account")
+    };
+    let j = verify_reports_violation(
+        &db,
+        &format!("UPDATE accounts SET version = -{max} WHERE id IN ('{a}', '{c}')"),
+    );
+    assert_eq!(j["broken_chains"], 2, "{j}");
+    assert_eq!(j["mismatched_accounts"], 0, "{j}");
+
+    // Versions at both ends of INT8 in the middle of a chain.
+    for version in [max, -max - 1] {
+        let db = ScratchDb::migrated();
+        let (_, _, ids) = five_transfers(&db);
+        let j = verify_reports_violation(
+            &db,
+            &format!(
+                "UPDATE transfers SET from_version = {version} WHERE id = '{}'",
+                ids[1]
+            ),
+        );
+        assert_eq!(j["broken_chains"], 1, "{version}: {j}");
+        assert_eq!(j["mismatched_accounts"], 0, "{version}: {j}");
+    }
+
+    // Balances-after at both ends of INT8.
+    for after in [max, -max - 1] {
+        let db = ScratchDb::migrated();
+        let (_, _, ids) = five_transfers(&db);
+        let j = verify_reports_violation(
+            &db,
+            &format!(
+                "UPDATE transfers SET from_balance_after = {after}, to_balance_after = {after} \
+                 WHERE id = '{}'",
+                ids[2]
+            ),
+        );
+        assert_eq!(j["broken_chains"], 2, "{after}: {j}");
+    }
+
+    // A row deleted from the middle of both chains.
+    let db = ScratchDb::migrated();
+    let (_, _, ids) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!("DELETE FROM transfers WHERE id = '{}'", ids[2]),
+    );
+    assert_eq!(j["broken_chains"], 2, "{j}");
+    assert_eq!(j["mismatched_accounts"], 2, "{j}");
+    assert_eq!(j["transfers"], 4, "{j}");
+}
+
+/// A ledger row's time moved into the future: verify's invariants are about amounts, versions
+/// and balances, not times, so it still checks (and passes) rather than failing on the edit.
+#[test]
+fn verify_checks_a_ledger_with_a_time_in_the_future() {
+    let db = ScratchDb::migrated();
+    let (_, _, ids) = five_transfers(&db);
+    db.conn()
+        .batch_execute(&format!(
+            "UPDATE transfers SET created_at = TIMESTAMPTZ '9999-12-31 23:59:59+00' \
+             WHERE id = '{}'",
+            ids[2]
+        ))
+        .expect("the DBA's edit");
+    let run = db.bank().args(["verify", "--json"]).run();
+    run.success();
+    assert_eq!(run.json()["transfers"], 5);
+}
