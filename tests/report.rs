@@ -297,3 +297,37 @@ fn leaves(json: &Value) -> BTreeMap<String, String> {
     walk(String::new(), json, &mut out);
     out
 }
+
+/// Balances at INT8's maximum: the readers' total chart spans about 10^19, and the page panicked
+/// (exit 101, no report) turning that span into a count of decades, a figure only a log chart
+/// uses, with `as usize + 1`.
+#[test]
+fn the_html_report_draws_totals_past_int8() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("report.html");
+    let run = db
+        .bank()
+        .args(["workload", "--accounts", "100", "--concurrency", "2"])
+        .args(["--balance", &i64::MAX.to_string(), "--readers", "1"])
+        .args(["--duration", "1s", "--json"])
+        .args(["--report", path.to_str().expect("utf-8 path")])
+        .run();
+    run.success();
+    let total = (100 * i128::from(i64::MAX)).to_string();
+    assert!(
+        run.stdout.contains(&format!("\"starting_total\":{total},")),
+        "{run:?}"
+    );
+    let html = std::fs::read_to_string(&path).expect("the report");
+    self_contained(&html);
+    let svgs: Vec<&str> = html.split("<svg").skip(1).collect();
+    assert_eq!(svgs.len(), CHARTS.len(), "{html}");
+    assert!(svgs[3].contains(CHARTS[3]), "{html}");
+    // The table says what --json says, to the last digit (it said 9.223372036854776e+20).
+    let table = table(&html);
+    assert_eq!(table["ok"], "true", "{html}");
+    for field in ["starting_total", "final_total", "verify.total_balance"] {
+        assert_eq!(table[field], total, "{field}: {html}");
+    }
+}

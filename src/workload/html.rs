@@ -3,13 +3,14 @@
 //! string put into the page goes through `escape`; the charts' own text is escaped by
 //! `plotters`' SVG backend.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::ops::Range;
 
 use plotters::prelude::*;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::report::Report;
 use super::timeline::Timeline;
@@ -167,42 +168,66 @@ td{font-family:monospace}tr.bad td,tr.bad th{background:#fde8e8}";
 
 /// The report's fields as `--json` prints them, nested ones by their dotted path (`retries.
 /// serialization`, `verify.violations.0.id`), in the report's order; strings without their
-/// quotes.
+/// quotes, whole numbers as `--json` writes them.
 pub(super) fn rows(report: &Report) -> Result<Vec<(String, String)>, serde_json::Error> {
-    // serde_json's Value sorts its keys; the struct's order is kept by reading the text once
-    // for the order of the top-level keys.
     let text = serde_json::to_string(report)?;
-    let value: Value = serde_json::from_str(&text)?;
-    let mut order: Vec<(usize, &String)> = match &value {
-        Value::Object(m) => m
-            .keys()
-            .map(|k| (text.find(&format!("\"{k}\":")).unwrap_or(usize::MAX), k))
-            .collect(),
-        _ => Vec::new(),
-    };
-    order.sort();
     let mut rows = Vec::new();
-    for (_, key) in order {
-        flatten(key, &value[key.as_str()], &mut rows);
-    }
+    flatten("", serde_json::from_str(&text)?, &mut rows)?;
     Ok(rows)
 }
 
-fn flatten(key: &str, value: &Value, rows: &mut Vec<(String, String)>) {
-    match value {
-        Value::Object(m) if !m.is_empty() => {
-            for (k, v) in m {
-                flatten(&format!("{key}.{k}"), v, rows);
+/// Walks the report's own text: a `serde_json::Value` keeps a number only as an i64, a u64 or
+/// an f64, so the totals past INT8 (balances at its maximum) showed as 9.223372036854776e+20.
+fn flatten(
+    key: &str,
+    raw: &RawValue,
+    rows: &mut Vec<(String, String)>,
+) -> Result<(), serde_json::Error> {
+    let join = |k: &str| {
+        if key.is_empty() {
+            k.to_string()
+        } else {
+            format!("{key}.{k}")
+        }
+    };
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'{') if text != "{}" => {
+            for (k, v) in ordered(text)? {
+                flatten(&join(&k), v, rows)?;
             }
         }
-        Value::Array(a) if !a.is_empty() => {
-            for (i, v) in a.iter().enumerate() {
-                flatten(&format!("{key}.{i}"), v, rows);
+        Some(b'[') if text != "[]" => {
+            let items: Vec<&RawValue> = serde_json::from_str(text)?;
+            for (i, v) in items.into_iter().enumerate() {
+                flatten(&join(&i.to_string()), v, rows)?;
             }
         }
-        Value::String(s) => rows.push((key.to_string(), s.clone())),
-        v => rows.push((key.to_string(), v.to_string())),
+        Some(b'"') => rows.push((key.to_string(), serde_json::from_str::<String>(text)?)),
+        // Fractions as before, through a `Value`: the page then agrees with `--json` read by
+        // serde_json's default parser, which can land one ulp off the text.
+        _ if text.contains(['.', 'e', 'E']) => {
+            let value: serde_json::Value = serde_json::from_str(text)?;
+            rows.push((key.to_string(), value.to_string()))
+        }
+        _ => rows.push((key.to_string(), text.to_string())),
     }
+    Ok(())
+}
+
+/// An object's fields in the order of its text.
+fn ordered(text: &str) -> Result<Vec<(String, &RawValue)>, serde_json::Error> {
+    let map: BTreeMap<String, &RawValue> = serde_json::from_str(text)?;
+    let mut fields: Vec<(usize, String, &RawValue)> = map
+        .into_iter()
+        .map(|(k, v)| {
+            // A value is a slice of `text`: its place there is the field's.
+            let at = (v.get().as_ptr() as usize).saturating_sub(text.as_ptr() as usize);
+            (at, k, v)
+        })
+        .collect();
+    fields.sort_by_key(|(at, _, _)| *at);
+    Ok(fields.into_iter().map(|(_, k, v)| (k, v)).collect())
 }
 
 /// One chart: lines of one value per second (`None`: no value that second).
@@ -409,12 +434,20 @@ fn draw_into(
             format!("{v:.1}")
         }
     };
-    let decades = (chart.y.end - chart.y.start).round() as usize + 1;
+    // One label per decade on a log chart. Only a log chart's span counts decades: a linear
+    // one's can be 10^19 (balances at INT8's maximum), and `as usize + 1` on that overflowed.
+    // A log chart spans milliseconds from 0.001 to a year's worth: never 20 decades.
+    let y_labels = if log {
+        let decades = (chart.y.end - chart.y.start).round().clamp(0.0, 20.0) as usize;
+        decades.saturating_add(1).max(2)
+    } else {
+        6
+    };
     c.configure_mesh()
         .x_desc("seconds since the start")
         .y_desc(chart.y_desc)
         .x_labels((t.len() + 1).min(16))
-        .y_labels(if log { decades.max(2) } else { 6 })
+        .y_labels(y_labels)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&label_y)
         .light_line_style(RGBColor(0xee, 0xee, 0xee))
