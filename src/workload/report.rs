@@ -44,10 +44,39 @@ impl Tally {
             errors: 0,
             retries: RetryCounts::default(),
             reconnects: 0,
-            // Up to 10 minutes, 3 significant digits.
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
+            latency_us: latency_histogram()?,
             last_error: None,
         })
+    }
+}
+
+impl Tally {
+    /// One committed transfer's (or batch's) latency.
+    pub(super) fn record_latency(&mut self, micros: u64) {
+        record_latency(&mut self.latency_us, micros);
+    }
+}
+
+/// The longest latency told apart, in microseconds: two years. `--timeout` allows a year, and
+/// the watchdog gives a transfer a grace period past it.
+const LATENCY_CEILING_US: u64 = 2 * 365 * 24 * 3600 * 1_000_000;
+
+/// A latency histogram: microseconds, 3 significant digits. Sized for 10 minutes, which most
+/// runs never pass, and growing past it on demand: fixed at 10 minutes it refused every longer
+/// latency, and the report's p99 and max left out the slowest transfers.
+pub(super) fn latency_histogram() -> Result<Histogram<u64>, WorkloadError> {
+    let mut h = Histogram::new_with_bounds(1, 600_000_000, 3)?;
+    h.auto(true);
+    Ok(h)
+}
+
+/// Records `micros` in a histogram of `latency_histogram`: a value past the ceiling counts at
+/// the ceiling rather than not at all.
+pub(super) fn record_latency(h: &mut Histogram<u64>, micros: u64) {
+    let micros = micros.clamp(1, LATENCY_CEILING_US);
+    if h.record(micros).is_err() {
+        // Growing failed (memory): the largest value the histogram holds still counts it.
+        h.saturating_record(micros);
     }
 }
 
@@ -61,7 +90,7 @@ impl AddAssign<&Tally> for Tally {
         self.errors += other.errors;
         self.retries += other.retries;
         self.reconnects += other.reconnects;
-        // Same bounds on both sides, so the only failure (a value out of range) cannot happen.
+        // Both grow on demand, so the only failure (a value out of range) cannot happen.
         let _ = self.latency_us.add(&other.latency_us);
         if self.last_error.is_none() {
             self.last_error.clone_from(&other.last_error);
@@ -388,6 +417,43 @@ impl fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run() -> Run {
+        Run {
+            mode: Mode::Transaction,
+            accounts: 10,
+            concurrency: 2,
+            elapsed_secs: 1.0,
+            starting_total: 10_000,
+            stuck_workers: 0,
+            interrupted: false,
+            reads: 0,
+            wrong_total_reads: 0,
+        }
+    }
+
+    /// A transfer may take as long as `--timeout` allows (up to 365 days): one that took longer
+    /// than 10 minutes was dropped from the histogram, so p99 and max left it out.
+    #[test]
+    fn latencies_past_ten_minutes_count_in_the_report() {
+        const DAY_US: u64 = 24 * 3600 * 1_000_000;
+        let mut tally = Tally::new().expect("tally");
+        tally.record_latency(1_000);
+        tally.record_latency(11 * 60 * 1_000_000);
+        let mut other = Tally::new().expect("tally");
+        other.record_latency(365 * DAY_US);
+        // Past any deadline there is: counted, at the largest value the histogram holds.
+        other.record_latency(u64::MAX);
+        tally += &other;
+        assert_eq!(tally.latency_us.len(), 4);
+        let report = Report::new(run(), tally, Err("not checked".into()));
+        let day_ms = (DAY_US / 1000) as f64;
+        assert!(report.latency_ms.max >= 365.0 * day_ms, "{report:?}");
+        assert!(
+            report.latency_ms.p50 >= 11.0 * 60_000.0 * 0.999,
+            "{report:?}"
+        );
+    }
 
     #[test]
     fn invariants_that_the_final_check_could_not_look_at_are_not_called_violated() {

@@ -10,7 +10,7 @@ use rand::Rng;
 use uuid::Uuid;
 
 use super::crew::Slot;
-use super::report::Tally;
+use super::report::{latency_histogram, record_latency, Tally};
 use hdrhistogram::Histogram;
 
 use crate::batch::{ChunkRunner, Line, Outcome, Verdict};
@@ -51,8 +51,8 @@ impl Live {
             retries: Arc::new(SharedRetryCounts::default()),
             errors: AtomicU64::new(0),
             issued: AtomicU64::new(0),
-            interval: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3)?),
-            second: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3)?),
+            interval: Mutex::new(latency_histogram()?),
+            second: Mutex::new(latency_histogram()?),
             started,
             marks: Mutex::new(Marks::default()),
         })
@@ -61,7 +61,7 @@ impl Live {
     fn record(&self, micros: u64) {
         for h in [&self.interval, &self.second] {
             if let Ok(mut h) = h.lock() {
-                let _ = h.record(micros.max(1));
+                record_latency(&mut h, micros);
             }
         }
     }
@@ -191,7 +191,7 @@ impl Worker {
                         tally.committed += 1;
                         self.live.committed.fetch_add(1, Ordering::Relaxed);
                         self.live.record(micros);
-                        let _ = tally.latency_us.record(micros.max(1));
+                        tally.record_latency(micros);
                     }
                 }
                 Err(TransferError::InsufficientFunds { .. }) => tally.insufficient_funds += 1,
@@ -282,7 +282,7 @@ impl Worker {
             }
             if applied > 0 {
                 self.live.record(micros);
-                let _ = tally.latency_us.record(micros.max(1));
+                tally.record_latency(micros);
             }
         }
         let slot = Arc::clone(&self.slot);
@@ -357,4 +357,24 @@ pub(super) fn tally_verdict(tally: &mut Tally, live: &Live, l: Option<&Line>, v:
         }
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The live histograms (the progress line, `--histogram`, `--report`) dropped a latency past
+    /// 10 minutes, which `--timeout` allows.
+    #[test]
+    fn live_latencies_past_ten_minutes_are_kept() {
+        let live = Live::new(Instant::now()).expect("live");
+        let year_us = 365 * 24 * 3600 * 1_000_000;
+        live.record(11 * 60 * 1_000_000);
+        live.record(year_us);
+        for h in [live.take_interval(), live.take_second()] {
+            let h = h.expect("a histogram");
+            assert_eq!(h.len(), 2);
+            assert!(h.max() >= year_us * 999 / 1000, "{}", h.max());
+        }
+    }
 }
