@@ -25,6 +25,9 @@ use crate::transfer::{Runner, GRACE};
 
 use super::worker::tally_verdict;
 
+/// How often the watch loop looks at the workers, the clock and the progress display.
+const LOOK_EVERY: Duration = Duration::from_millis(20);
+
 /// Everything workers are made from.
 pub(super) struct Crew {
     pub(super) url: DbUrl,
@@ -220,7 +223,7 @@ impl Crew {
             if let Some(p) = probe {
                 p.check(now, &self.live);
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(LOOK_EVERY);
         }
     }
 
@@ -525,7 +528,7 @@ impl LiveLine {
         let errors = live.errors.load(Ordering::Relaxed);
         let retries = live.retries.snapshot().total();
         let elapsed = self.started.elapsed().as_secs_f64();
-        let rate = committed.saturating_sub(last.committed) as f64 / since.as_secs_f64();
+        let rate = per_second(committed.saturating_sub(last.committed), since);
         match &self.bar {
             Some(bar) => bar.set_message(format!(
                 "{elapsed:>5.0}s  {rate:>8.0} transfers/s  {committed} committed  {retries} retries  {errors} errors"
@@ -569,5 +572,32 @@ impl LiveLine {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// `count` over `since`, as a rate per second. The last interval ends with the run, however
+/// soon after the one before: over next to no time the rate was a huge number, or NaN (0 / 0).
+/// The watch loop looks every `LOOK_EVERY`, so no interval is measured finer than that.
+fn per_second(count: u64, since: Duration) -> f64 {
+    count as f64 / since.max(LOOK_EVERY).as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_over_next_to_no_time_is_finite() {
+        for since in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_micros(50),
+        ] {
+            assert_eq!(per_second(0, since), 0.0, "{since:?}");
+            let rate = per_second(3, since);
+            assert!(rate.is_finite() && rate <= 3.0 / 0.02, "{since:?}: {rate}");
+        }
+        assert_eq!(per_second(50, Duration::from_millis(500)), 100.0);
+        assert_eq!(per_second(3, Duration::from_millis(20)), 150.0);
     }
 }
