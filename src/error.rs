@@ -440,6 +440,12 @@ pub enum Error {
         transfers: usize,
         source: Box<Error>,
     },
+    /// `demo` that failed or was stopped part-way, and what became of the rows it created.
+    #[error("{source}; the demo {cleanup}")]
+    DemoStopped { source: Box<Error>, cleanup: String },
+    /// A command that writes in steps stopped between two (Ctrl-C, SIGTERM): why.
+    #[error("{0}")]
+    Stopped(&'static str),
     /// The user answered no to a confirmation (exit 1: what was asked was not done).
     #[error("{0} cancelled: nothing deleted")]
     Cancelled(&'static str),

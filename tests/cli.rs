@@ -1985,3 +1985,67 @@ fn a_typo_gets_the_suggestion_and_the_command_s_help() {
         }
     }
 }
+
+/// Ctrl-C (or SIGTERM) during a reset: it deletes in committed batches, so stopped part-way it
+/// must say how far it got and that running it again finishes it, as its README promises. It
+/// was killed without a word, the ledger gone and the accounts left (found by a helper playing
+/// a new user). Here the reset waits on an account another session holds; Ctrl-C comes; the
+/// holder lets go; the reset stops after that batch.
+#[test]
+fn reset_stopped_by_ctrl_c_says_how_far_it_got() {
+    use diesel::connection::SimpleConnection;
+    use diesel::RunQueryDsl;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 100]);
+    db.transfer(ids[0], ids[1], 10).run().success();
+    let mut holder = db.conn();
+    holder.batch_execute("BEGIN").expect("begin");
+    diesel::sql_query(format!(
+        "SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
+        ids[0]
+    ))
+    .execute(&mut holder)
+    .expect("lock");
+    let url = db.url.expose().to_string();
+    let child = crate::support::spawn_bank(&["--database-url", &url, "reset", "--yes"]);
+    crate::support::wait_for_lock_wait(&db);
+    crate::support::interrupt(child.id());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+    run.fails_with(1, "reset stopped after deleting");
+    assert!(run.stderr.contains("run it again to finish"), "{run:?}");
+    assert!(run.stderr.contains("interrupted"), "{run:?}");
+    db.bank().args(["reset", "--yes"]).run().success();
+    assert_eq!(db.state(), (vec![], 0));
+}
+
+/// Ctrl-C while the demo's transfer waits (another session holds the ledger): the demo removes
+/// the accounts it created and says so. It was killed without a word and left them, 1,250 of
+/// opening money nobody could find (found by a helper playing a new user).
+#[test]
+fn demo_stopped_by_ctrl_c_removes_what_it_created() {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    let before = db.state();
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE transfers IN EXCLUSIVE MODE")
+        .expect("lock");
+    let url = db.url.expose().to_string();
+    let child = crate::support::spawn_bank(&["--database-url", &url, "demo"]);
+    crate::support::wait_for_lock_wait(&db);
+    crate::support::interrupt(child.id());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("Created accounts"), "{run:?}");
+    let err: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(err.len(), 1, "{run:?}");
+    assert!(
+        err[0].contains("interrupted") && err[0].contains("removed"),
+        "{run:?}"
+    );
+    assert_eq!(db.state(), before, "{run:?}");
+}

@@ -307,6 +307,9 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         }
     }
     let mut conn = url.connect_migrated()?;
+    // Stopped between batches, it says how far it got (killed, it said nothing, the ledger gone
+    // and the accounts left); a statement in flight finishes first.
+    crate::interrupt::catch();
     // Asked first: the batches commit as they go, and a refusal at the last table left every
     // account and transfer deleted behind an error that did not say so.
     let denied = repo::tables_without(
@@ -364,8 +367,13 @@ fn delete_in_batches(
 ) -> Result<usize, Error> {
     let policy = RetryPolicy::default();
     let (accounts, transfers) = deleted;
+    let go_on = || match crate::interrupt::interrupted() {
+        true => Err(Error::Stopped(crate::interrupt::reason())),
+        false => Ok(()),
+    };
     loop {
         loop {
+            go_on()?;
             let n = retry_transaction(&policy, || repo::delete_transfers_batch(conn, batch))?;
             *transfers += n;
             log::debug!("reset: deleted {n} transfers ({transfers} so far)");
@@ -373,6 +381,7 @@ fn delete_in_batches(
                 break;
             }
         }
+        go_on()?;
         let (n, stragglers) =
             retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
         *accounts += n;

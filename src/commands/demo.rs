@@ -30,15 +30,44 @@ pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
         .collect();
     let ids: Vec<Uuid> = created.iter().map(|a| a.id).collect();
     let transfer_id = Uuid::new_v4();
-    let flow = demo_flow(&mut runner, &created, transfer_id, out);
+    // A first Ctrl-C (or SIGTERM) stops the flow, not the process: killed, the demo left its
+    // accounts behind and said nothing. What is in flight finishes, then the cleanup runs.
+    crate::interrupt::catch();
+    let flow = demo_flow(&mut runner, &created, transfer_id, out)
+        .and_then(|()| match crate::interrupt::interrupted() {
+            true => Err(Error::Stopped(crate::interrupt::reason())),
+            false => Ok(()),
+        });
+    let _ = out.flush();
     let cleanup = demo_cleanup(&mut runner.session, &ids, transfer_id);
-    flow?;
-    let (accounts, transfers) = cleanup?;
-    writeln!(
-        out,
-        "Removed the demo's {accounts} accounts and {transfers} transfer"
-    )?;
-    Ok(())
+    let removed = |(accounts, transfers): (usize, usize)| {
+        format!(
+            "{} and {}",
+            crate::counted(accounts as u64, "account"),
+            crate::counted(transfers as u64, "transfer")
+        )
+    };
+    match (flow, cleanup) {
+        (Ok(()), Ok(done)) => {
+            writeln!(out, "Removed the demo's {}", removed(done))?;
+            Ok(())
+        }
+        (Err(e), Ok(done)) => Err(Error::DemoStopped {
+            source: Box::new(e),
+            cleanup: format!("removed what it created: {}", removed(done)),
+        }),
+        (Ok(()), Err(e)) => Err(e),
+        (Err(e), Err(cleanup)) => Err(Error::DemoStopped {
+            source: Box::new(e),
+            cleanup: format!(
+                "could not remove what it created ({cleanup}): accounts {}",
+                ids.iter()
+                    .map(Uuid::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        }),
+    }
 }
 
 fn demo_flow(
@@ -55,6 +84,9 @@ fn demo_flow(
     let [from, to] = [created[0].id, created[1].id];
     writeln!(out, "Created accounts {from} and {to}")?;
     print_demo_balances(conn, &[from, to], out)?;
+    if crate::interrupt::interrupted() {
+        return Err(Error::Stopped(crate::interrupt::reason()));
+    }
     let t = NewTransfer {
         id: transfer_id,
         from_id: from,

@@ -382,7 +382,7 @@ pub fn wait_for_lock_wait(db: &ScratchDb) {
     loop {
         let c: Count = diesel::sql_query(
             "SELECT CAST(COUNT(*) AS INT8) AS n FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = 'bank' AND wait_event_type = 'Lock'",
+             WHERE datname = $1 AND application_name LIKE 'bank%' AND wait_event_type = 'Lock'",
         )
         .bind::<Text, _>(&db.name)
         .get_result(&mut conn)
