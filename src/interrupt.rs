@@ -1,4 +1,5 @@
-//! Ctrl-C (SIGINT) and SIGTERM for `transfer`, `seed`, `workload` and `transfer --file`: the
+//! Ctrl-C (SIGINT) and SIGTERM for `transfer`, `seed`, `workload`, `transfer --file`, `reset` and
+//! `demo` (which stop between their steps, the demo removing what it created): the
 //! first one stops the run gracefully (nothing new starts, what is in flight finishes and is
 //! reported; one `transfer` stops waiting, as at its deadline, and says what it knows), a second
 //! one exits at once (130). `transfer --file` stops the same way when its results cannot be
