@@ -17,6 +17,26 @@ pub fn is_privilege_denied(message: &str) -> bool {
         || (message.contains("does not have") && message.contains(" privilege on "))
 }
 
+/// Whether a database error says the server is out of disk or memory (SQLSTATE 53100, 53200, or
+/// an I/O error writing a file): no statement's line is at fault, and none will pass until an
+/// operator acts. Diesel exposes no SQLSTATE, so the words decide: PostgreSQL's ("could not
+/// extend file …: No space left on device", "out of memory") and CockroachDB's ("disk full",
+/// "insufficient disk space", "memory budget exceeded").
+pub fn is_out_of_resources(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "no space left on device",
+        "could not extend file",
+        "disk full",
+        "insufficient disk space",
+        "disk quota exceeded",
+        "out of memory",
+        "memory budget exceeded",
+    ]
+    .iter()
+    .any(|w| m.contains(w))
+}
+
 /// Which of bank's tables a missing-privilege error names, if one (`is_privilege_denied`).
 pub fn table_denied(message: &str) -> Option<&'static str> {
     if !is_privilege_denied(message) {

@@ -2823,3 +2823,40 @@ fn an_unusable_temporary_directory_is_no_usage_error() {
     run.fails_with(1, "temporary copy of the input");
     assert_eq!(db.state().1, 0, "nothing applied: {run:?}");
 }
+
+/// A server out of disk (here a trigger raising PostgreSQL's own error for it, 53100): no line
+/// is at fault, so none is `refused` and the file stops. Each line was refused alone in turn,
+/// two statements and a claim per line: 100,000 lines took ten minutes against a full disk
+/// (found by a helper playing a new user, with a 3 MB tablespace).
+#[test]
+fn a_full_disk_stops_the_file_instead_of_refusing_every_line() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 4, 200, 7);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN RAISE EXCEPTION USING ERRCODE = 'disk_full', MESSAGE = \
+                 'could not extend file \"base/1/2\": No space left on device'; END$$; \
+                 CREATE TRIGGER full_disk BEFORE INSERT ON transfers \
+                 FOR EACH ROW EXECUTE FUNCTION full_disk()",
+            )
+            .expect("trigger");
+        let run = run_file(db.url.expose(), "f.csv", &csv(&lines), &["--batch", "50"]);
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        let outcomes = outcomes(&run);
+        assert_eq!(outcomes.len(), 200, "{iso:?}: {run:?}");
+        assert!(
+            outcomes
+                .iter()
+                .all(|(_, o)| o == "not_applied" || o == "unknown"),
+            "{iso:?}: {run:?}"
+        );
+        assert!(
+            outcomes.iter().filter(|(_, o)| o == "not_applied").count() <= 100,
+            "{iso:?}: {run:?}"
+        );
+        assert!(run.stdout.contains("No space left on device"), "{iso:?}");
+        assert_eq!(db.state().1, 0, "{iso:?}");
+    }
+}

@@ -33,11 +33,12 @@ pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     // A first Ctrl-C (or SIGTERM) stops the flow, not the process: killed, the demo left its
     // accounts behind and said nothing. What is in flight finishes, then the cleanup runs.
     crate::interrupt::catch();
-    let flow = demo_flow(&mut runner, &created, transfer_id, out)
-        .and_then(|()| match crate::interrupt::interrupted() {
+    let flow = demo_flow(&mut runner, &created, transfer_id, out).and_then(|()| {
+        match crate::interrupt::interrupted() {
             true => Err(Error::Stopped(crate::interrupt::reason())),
             false => Ok(()),
-        });
+        }
+    });
     let _ = out.flush();
     let cleanup = demo_cleanup(&mut runner.session, &ids, transfer_id);
     let removed = |(accounts, transfers): (usize, usize)| {
