@@ -225,6 +225,14 @@ fn error_line(e: &dyn std::error::Error) -> String {
             " (grant this role SELECT, INSERT, UPDATE and DELETE on accounts, transfers and \
              transfer_claims; bank doctor lists what it lacks)",
         );
+    } else if bank::error::is_privilege_denied(&line) && line.contains("__diesel_schema_migrations")
+    {
+        // `init` on a database already migrated only reads Diesel's table; migrating needs the
+        // role that owns bank's tables.
+        line.push_str(
+            " (GRANT SELECT ON __diesel_schema_migrations to this role to let it check the \
+             schema, or run `bank init` as the role that owns bank's tables)",
+        );
     }
     bank::one_line(&line)
 }

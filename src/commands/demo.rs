@@ -53,6 +53,8 @@ pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
             writeln!(out, "Removed the demo's {}", removed(done))?;
             Ok(())
         }
+        // Nothing created (a schema missing, say): the error alone.
+        (Err(e), Ok((0, 0))) => Err(e),
         (Err(e), Ok(done)) => Err(Error::DemoStopped {
             source: Box::new(e),
             cleanup: format!("removed what it created: {}", removed(done)),

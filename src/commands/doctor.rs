@@ -19,13 +19,14 @@ struct Report {
     release: String,
     version: String,
     default_isolation: Option<String>,
-    migrated: bool,
-    /// Whether this role may read Diesel's migrations table; when not, `migrated` is false
-    /// because it cannot be told.
+    /// `None` (null) when it cannot be told (`migrations_readable` false).
+    migrated: Option<bool>,
+    /// Whether this role may read Diesel's migrations table; when not, `migrated` and
+    /// `pending_migrations` are null (they said false and every migration pending).
     migrations_readable: bool,
     /// The newest migration applied (its version), if any.
     migration_version: Option<String>,
-    pending_migrations: usize,
+    pending_migrations: Option<usize>,
     /// Applied migrations this bank does not have (a newer bank migrated the database).
     unknown_migrations: Vec<String>,
     /// Relations that bank's pending migrations would create and the schema already has
@@ -174,10 +175,10 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         release: server.release.clone(),
         version: server.version.clone(),
         default_isolation,
-        migrated,
+        migrated: migrations_readable.then_some(migrated),
         migrations_readable,
         migration_version: applied.iter().max().cloned(),
-        pending_migrations,
+        pending_migrations: migrations_readable.then_some(pending_migrations),
         unknown_migrations,
         init_blocked_by,
         tables_off_search_path: off_path.elsewhere.clone(),
