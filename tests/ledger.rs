@@ -645,3 +645,31 @@ fn verify_checks_a_ledger_with_a_time_in_the_future() {
     run.success();
     assert_eq!(run.json()["transfers"], 5);
 }
+
+/// `verify --json` lists at most 20 violations; it says whether there are more
+/// (`violations_truncated`): with 30 broken chains it listed 20 and nothing said so (found by a
+/// helper playing a new user).
+#[test]
+fn verify_says_when_its_list_of_violations_is_cut() {
+    use diesel::connection::SimpleConnection;
+    for (bad, cut) in [(20, false), (21, true), (25, true)] {
+        let db = ScratchDb::migrated();
+        let ids = db.accounts(&vec![100; bad]);
+        let list = ids
+            .iter()
+            .map(|id| format!("'{id}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        db.conn()
+            .batch_execute(&format!(
+                "UPDATE accounts SET balance = balance + 1 WHERE id IN ({list})"
+            ))
+            .expect("edit");
+        let run = db.bank().args(["verify", "--json"]).run();
+        assert_eq!(run.code, 1, "{run:?}");
+        let j = run.json();
+        assert_eq!(j["violations"].as_array().map(Vec::len), Some(20), "{j}");
+        assert_eq!(j["violations_truncated"], cut, "{bad}: {j}");
+        assert_eq!(j["mismatched_accounts"], bad, "{j}");
+    }
+}
