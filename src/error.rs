@@ -303,8 +303,14 @@ pub enum Error {
     #[error("database error: {}{}", .0, pooler_hint(.0))]
     Database(diesel::result::Error),
     #[error(
-        "verification failed: {negative} negative balances, {mismatched} balances disagree \
-         with the ledger, {broken} broken chains of entries, total {total} vs opening {opening}"
+        "verification failed: {}, {} with the ledger, {} of entries, total {total} vs opening \
+         {opening}",
+        crate::counted(count(*negative), "negative balance"),
+        match *mismatched {
+            1 => "1 balance disagrees".to_string(),
+            n => format!("{n} balances disagree"),
+        },
+        crate::counted(count(*broken), "broken chain")
     )]
     Verify {
         negative: i64,
@@ -390,11 +396,13 @@ pub enum Error {
     },
     /// `seed` stopped before every account was created (exit 1); each one created had its id
     /// written.
-    #[error("{why}, so the seed stopped: {}", seed_stopped(*created, *total))]
+    #[error("{}, so the seed stopped: {}", clause(why), seed_stopped(*created, *total, *unsettled))]
     SeedStopped {
         why: String,
         created: u64,
         total: u64,
+        /// Ids written whose chunk's COMMIT went unanswered: created or not, nobody can say.
+        unsettled: usize,
     },
     /// `workload` stopped while it created its accounts (exit 1): those created stay.
     #[error(
@@ -451,9 +459,10 @@ pub enum Error {
     ResetNotAllowed(String),
     /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).
     #[error(
-        "reset stopped after deleting {} and {}: {source}; run it again to finish",
+        "reset stopped after deleting {} and {}: {}; run it again to finish",
         crate::counted(*accounts as u64, "account"),
-        crate::counted(*transfers as u64, "transfer")
+        crate::counted(*transfers as u64, "transfer"),
+        clause(&source.to_string())
     )]
     ResetStopped {
         accounts: usize,
@@ -471,9 +480,36 @@ pub enum Error {
     Cancelled(&'static str),
 }
 
+/// A count from the database (never negative) as `counted` takes it.
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or_default()
+}
+
+/// A message as a clause inside a longer one: libpq's end with a full stop ("… processing the
+/// request.") and read "request., so".
+fn clause(message: &str) -> &str {
+    message.trim_end().trim_end_matches('.')
+}
+
 /// What a stopped seed created: the accounts of the first ids written, never those written
-/// after them (their chunk was rolled back).
-fn seed_stopped(created: u64, total: u64) -> String {
+/// after them (their chunk was rolled back), unless the last chunk's COMMIT went unanswered.
+fn seed_stopped(created: u64, total: u64, unsettled: usize) -> String {
+    if unsettled > 0 && created == 0 {
+        return format!(
+            "none of the {} was created for sure; the {unsettled} ids written last may or may \
+             not have been (their COMMIT went unanswered: `bank balances` shows which exist)",
+            crate::counted(total, "account")
+        );
+    }
+    if unsettled > 0 {
+        return format!(
+            "{} {} created for sure, those of the first {created} ids written; the {unsettled} \
+             written after them may or may not have been (their COMMIT went unanswered: \
+             `bank balances` shows which exist)",
+            crate::of_total(created, total, "account"),
+            crate::was_or_were(created)
+        );
+    }
     match created {
         0 => format!(
             "none of the {} was created (any id written belongs to a chunk that was rolled \

@@ -346,7 +346,7 @@ fn verify_catches_a_tampered_ledger_row() {
     assert_eq!(j["broken_chains"], 1, "{j}");
     assert_eq!(j["violations"][0]["id"], a.to_string(), "{j}");
     assert_eq!(j["violations"][0]["chain_ok"], false, "{j}");
-    assert!(run.stderr.contains("1 broken chains"), "{run:?}");
+    assert!(run.stderr.contains("1 broken chain of entries"), "{run:?}");
 }
 
 /// A transfer refused for two reasons at once is refused for the same one whatever the order

@@ -44,6 +44,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
         why,
         created,
         total,
+        unsettled: 0,
     };
     // One COPY per chunk, each its own transaction: a huge seed never builds one huge
     // transaction (CockroachDB limits their size), and the progress bar moves per chunk.
@@ -87,14 +88,12 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             Err(Stop::Database(e)) if created == 0 && !written => return Err(e.into()),
             Err(Stop::Database(e)) => {
                 // Its COMMIT failed after its ids were written: they may or may not exist.
-                let why = match written {
-                    true => format!(
-                        "{e} (the last {} ids written may or may not have been created)",
-                        chunk.len()
-                    ),
-                    false => e.to_string(),
-                };
-                return Err(stopped(why, created));
+                return Err(Error::SeedStopped {
+                    why: e.to_string(),
+                    created,
+                    total,
+                    unsettled: if written { chunk.len() } else { 0 },
+                });
             }
         };
         created += n as u64;
