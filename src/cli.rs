@@ -262,6 +262,10 @@ pub struct ResetArgs {
     /// Do not ask for confirmation (required when stdin is not a terminal)
     #[arg(long)]
     pub yes: bool,
+    /// Give up on the database after this long without an answer (a frozen server), saying
+    /// how far the reset got (e.g. 30s, 10min)
+    #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
+    pub timeout: Duration,
 }
 
 /// How transfers run: the mode and the retry policy.

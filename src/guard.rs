@@ -101,6 +101,16 @@ impl Ticket {
 /// progress: see `tick`) ends the process, exit 1, with one line; the frozen server's kernel
 /// would otherwise keep it waiting forever.
 pub fn watch_reads(timeout: std::time::Duration) {
+    watch(timeout, || {
+        "the read is slower than that (a large ledger: raise --timeout), or the server is frozen \
+         or unreachable"
+            .to_string()
+    });
+}
+
+/// `watch_reads` for a command that writes in committed steps (`reset`): `then` says how far it
+/// got, in the one line it exits with.
+pub fn watch(timeout: std::time::Duration, then: impl Fn() -> String + Send + 'static) {
     use std::time::{Duration, Instant};
     let started = *READS_STARTED.get_or_init(Instant::now);
     tick();
@@ -114,9 +124,9 @@ pub fn watch_reads(timeout: std::time::Duration) {
         }
         if started.elapsed().saturating_sub(last) > timeout {
             crate::say(format_args!(
-                "bank: error: no answer from the database within {}: the read is slower than \
-                 that (a large ledger: raise --timeout), or the server is frozen or unreachable",
-                humantime::format_duration(timeout)
+                "bank: error: no answer from the database within {}: {}",
+                humantime::format_duration(timeout),
+                then()
             ));
             std::process::exit(i32::from(crate::exit_code::ExitCode::Failure));
         }

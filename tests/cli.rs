@@ -2049,3 +2049,36 @@ fn demo_stopped_by_ctrl_c_removes_what_it_created() {
     );
     assert_eq!(db.state(), before, "{run:?}");
 }
+
+/// A reset that hears nothing from the database (a frozen server; here a batch waiting on a row
+/// another session holds, which looks the same from the client) gives up after `--timeout` and
+/// says how far it got. It waited forever on a SIGSTOPped server (found by a helper playing a
+/// new user).
+#[test]
+fn reset_gives_up_on_a_database_that_does_not_answer() {
+    use diesel::connection::SimpleConnection;
+    use diesel::RunQueryDsl;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 100]);
+    let mut holder = db.conn();
+    holder.batch_execute("BEGIN").expect("begin");
+    diesel::sql_query(format!(
+        "SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
+        ids[0]
+    ))
+    .execute(&mut holder)
+    .expect("lock");
+    let started = std::time::Instant::now();
+    let run = db.bank().args(["reset", "--yes", "--timeout", "1s"]).run();
+    let took = started.elapsed();
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    run.fails_with(1, "no answer from the database within 1s");
+    assert!(
+        run.stderr
+            .contains("reset stopped after deleting 0 accounts and 0 transfers")
+            && run.stderr.contains("run it again to finish"),
+        "{run:?}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    assert_eq!(db.state().0.len(), 2);
+}

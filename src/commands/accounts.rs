@@ -1,6 +1,8 @@
 //! `seed`, `balances` and `reset`: accounts in bulk.
 
 use std::io::{self, IsTerminal, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use chrono::{SecondsFormat, Utc};
 use diesel::{Connection, PgConnection};
@@ -319,8 +321,26 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     if !denied.is_empty() {
         return Err(Error::ResetNotAllowed(denied.join(" and ")));
     }
+    // A frozen server keeps a batch waiting forever (its kernel acknowledges every packet):
+    // given up on after `--timeout` without a batch done, saying how far it got.
+    let progress = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let seen = Arc::clone(&progress);
+    crate::guard::watch(args.timeout, move || {
+        format!(
+            "the server is frozen or unreachable, or a batch waits on a lock; reset stopped \
+             after deleting {} and {} (the batch in flight may or may not have been deleted); \
+             run it again to finish",
+            crate::counted(seen.0.load(Ordering::Relaxed) as u64, "account"),
+            crate::counted(seen.1.load(Ordering::Relaxed) as u64, "transfer")
+        )
+    });
     let mut deleted = (0, 0);
-    let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &mut deleted) {
+    let done = |(accounts, transfers): (usize, usize)| {
+        crate::guard::tick();
+        progress.0.store(accounts, Ordering::Relaxed);
+        progress.1.store(transfers, Ordering::Relaxed);
+    };
+    let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &mut deleted, &done) {
         Ok(claims) => claims,
         Err(e) => {
             return Err(match deleted {
@@ -363,6 +383,7 @@ fn delete_in_batches(
     conn: &mut diesel::PgConnection,
     batch: i64,
     deleted: &mut (usize, usize),
+    done: &dyn Fn((usize, usize)),
 ) -> Result<usize, Error> {
     let policy = RetryPolicy::default();
     let (accounts, transfers) = deleted;
@@ -375,6 +396,7 @@ fn delete_in_batches(
             go_on()?;
             let n = retry_transaction(&policy, || repo::delete_transfers_batch(conn, batch))?;
             *transfers += n;
+            done((*accounts, *transfers));
             log::debug!("reset: deleted {n} transfers ({transfers} so far)");
             if n == 0 {
                 break;
@@ -385,6 +407,7 @@ fn delete_in_batches(
             retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
         *accounts += n;
         *transfers += stragglers;
+        done((*accounts, *transfers));
         log::debug!(
             "reset: deleted {n} accounts ({accounts} so far) and {stragglers} transfers written \
              since the ledger was drained"
@@ -397,10 +420,12 @@ fn delete_in_batches(
     // transfers gone, nothing is left for a claim to protect.
     let mut claims = 0;
     loop {
+        go_on()?;
         match retry_transaction(&policy, || repo::delete_claims_batch(conn, batch))? {
             0 => return Ok(claims),
             n => claims += n,
         }
+        done((*accounts, *transfers));
     }
 }
 
