@@ -2082,3 +2082,19 @@ fn reset_gives_up_on_a_database_that_does_not_answer() {
     assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     assert_eq!(db.state().0.len(), 2);
 }
+
+/// A demo that stops before it creates anything (no schema, no server) says only why: it said
+/// it "could not remove" two accounts it never made, and named them (found by a reviewer).
+#[test]
+fn a_demo_that_created_nothing_names_no_accounts() {
+    let db = ScratchDb::empty();
+    db.bank()
+        .args(["demo"])
+        .run()
+        .fails_with(1, "database not migrated: run `bank init` first");
+    let run = Bank::new()
+        .args(["--database-url", "postgres://u:p@127.0.0.1:1/x", "demo"])
+        .run();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(!run.stderr.contains("accounts"), "{run:?}");
+}

@@ -33,13 +33,19 @@ pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     // A first Ctrl-C (or SIGTERM) stops the flow, not the process: killed, the demo left its
     // accounts behind and said nothing. What is in flight finishes, then the cleanup runs.
     crate::interrupt::catch();
-    let flow = demo_flow(&mut runner, &created, transfer_id, out).and_then(|()| {
+    let mut creating = false;
+    let flow = demo_flow(&mut runner, &created, transfer_id, &mut creating, out).and_then(|()| {
         match crate::interrupt::interrupted() {
             true => Err(Error::Stopped(crate::interrupt::reason())),
             false => Ok(()),
         }
     });
     let _ = out.flush();
+    // Stopped before it created anything (no server, no schema): nothing to remove, and a
+    // cleanup that failed the same way said it "could not remove" accounts never made.
+    if !creating {
+        return flow;
+    }
     let cleanup = demo_cleanup(&mut runner.session, &ids, transfer_id);
     let removed = |(accounts, transfers): (usize, usize)| {
         format!(
@@ -53,7 +59,6 @@ pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
             writeln!(out, "Removed the demo's {}", removed(done))?;
             Ok(())
         }
-        // Nothing created (a schema missing, say): the error alone.
         (Err(e), Ok((0, 0))) => Err(e),
         (Err(e), Ok(done)) => Err(Error::DemoStopped {
             source: Box::new(e),
@@ -77,10 +82,12 @@ fn demo_flow(
     runner: &mut Runner,
     created: &[NewAccount],
     transfer_id: Uuid,
+    creating: &mut bool,
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let conn = runner.session.conn()?;
     crate::db::require_migrated(conn)?;
+    *creating = true;
     for account in created {
         repo::create(conn, account)?;
     }
