@@ -1936,3 +1936,67 @@ fn a_seed_whose_commit_goes_unanswered_says_what_it_cannot_know() {
     // It did commit: the two accounts of the setup and the five.
     assert_eq!(s.db.state().0.len(), 7);
 }
+
+/// The same for a refusal decided by an earlier statement of the chunk: the server froze while
+/// a later statement waited, the run gave up, and the refusal was reported from what the chunk
+/// had decided, with no claim written (found by a reviewer of the fix above). It is `unknown`.
+#[test]
+fn a_file_s_refusal_is_not_final_before_its_id_is_claimed_even_from_an_earlier_statement() {
+    use diesel::RunQueryDsl;
+    for iso in Iso::BOTH {
+        let case = format!("{iso:?}");
+        let s = setup_with(iso, At::Commit, &[0, 100, 0]);
+        let accounts = s.db.state().0;
+        let rich = accounts
+            .iter()
+            .find(|(_, balance)| *balance == 100)
+            .map(|(id, _)| *id)
+            .expect("the funded account");
+        let poor_to = accounts
+            .iter()
+            .map(|(id, _)| *id)
+            .find(|id| *id != rich && *id != s.from)
+            .expect("a third account");
+        let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+        let text = format!(
+            "id,from,to,amount\n{x},{},{poor_to},50\n{y},{rich},{poor_to},10\n",
+            s.from
+        );
+        let mut holder = s.db.conn();
+        holder.batch_execute("BEGIN").expect("begin");
+        diesel::sql_query(format!(
+            "SELECT id FROM accounts WHERE id = '{rich}' FOR UPDATE"
+        ))
+        .execute(&mut holder)
+        .expect("lock");
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, &text).expect("file");
+        let url = s.proxy.url_for(&s.db.url);
+        let child = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--file",
+            &path.to_string_lossy(),
+            "--json",
+            "--batch",
+            "1",
+            "--connections",
+            "1",
+            "--timeout",
+            "3s",
+        ]);
+        crate::support::wait_for_lock_wait(&s.db);
+        s.proxy.freeze_all();
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        s.proxy.thaw_all();
+        assert_eq!(run.code, 3, "{case}: {run:?}");
+        assert_eq!(
+            json_outcomes(&run),
+            ["unknown", "unknown"],
+            "{case}: {run:?}"
+        );
+    }
+}

@@ -365,7 +365,9 @@ fn other_clients_transfers_are_no_false_alarm() {
                 thread::sleep(Duration::from_millis(900));
                 crate::support::Bank::new()
                     .args(["--database-url", &db_url, "transfer"])
-                    .args(["--from", &lowest.to_string(), "--to", &highest.to_string()])
+                    // Into the workload, from the account outside it: the workload may have
+                    // drained its own below the amount by then (a flaky refusal otherwise).
+                    .args(["--from", &highest.to_string(), "--to", &lowest.to_string()])
                     .args(["--amount", "100"])
                     .run()
                     .success();
@@ -387,7 +389,7 @@ fn other_clients_transfers_are_no_false_alarm() {
         let j = run.json();
         assert_eq!(run.code, 0, "{iso:?}: {run:?}");
         assert_eq!(j["invariants"]["total_conserved"], true, "{iso:?}: {j}");
-        assert_eq!(j["moved_by_other_clients"], -100, "{iso:?}: {j}");
+        assert_eq!(j["moved_by_other_clients"], 100, "{iso:?}: {j}");
         assert_eq!(j["wrong_total_reads"], 0, "{iso:?}: {j}");
         assert!(j["reads"].as_u64() > Some(0), "{iso:?}: {j}");
     }

@@ -222,6 +222,8 @@ impl ChunkRunner {
     /// One verdict per line of `lines`, in order.
     pub fn apply(&mut self, lines: &[Line]) -> Result<Vec<Verdict>, Fatal> {
         self.watch.lock().decided.clear();
+        // The chunk's verdicts as they are; the watcher sees them as `shown`.
+        let mut decided: Vec<Verdict> = Vec::with_capacity(lines.len());
         self.size = self.limit;
         if self.guesses == Guesses::NoneInThisChunk {
             self.guesses = Guesses::WithLedger;
@@ -236,6 +238,7 @@ impl ChunkRunner {
                     false => "the run's time was up",
                 });
                 let rest = lines.len() - start;
+                decided.extend(vec![never.clone(); rest]);
                 self.watch.lock().decided.extend(vec![never; rest]);
                 break;
             }
@@ -348,74 +351,47 @@ impl ChunkRunner {
                 self.first_claims.remove(&line.transfer.id);
             }
             start += given.len();
-            self.watch.lock().decided.extend(given);
+            let shown: Vec<Verdict> = given.iter().map(|v| self.shown(v)).collect();
+            decided.extend(given);
+            self.watch.lock().decided.extend(shown);
         }
         if self.ids_given {
-            self.claim_refused(lines);
+            self.claim_refused(lines, &mut decided);
         }
-        Ok(std::mem::take(&mut self.watch.lock().decided))
+        self.watch.lock().decided.clear();
+        Ok(decided)
     }
 
     /// Claims the ids of the lines refused on their merits or by the database, or not applied
-    /// (held up and settled) (`repo::claim_ids`), as
-    /// `bank transfer --id` does before it says "not applied": a single
-    /// statement of an earlier run's attempt at one of them that comes late then fails on its
-    /// claim. A refused line the ledger has by then (such a statement committed while the claim
-    /// waited for it) gets the ledger's answer; a claim that cannot be written leaves the lines
-    /// `unknown`. Until this is done the watcher sees these lines `unknown`: a run given up
-    /// meanwhile (a frozen server) reported the refusals, with no claim written.
-    fn claim_refused(&mut self, lines: &[Line]) {
-        // Read in place: most chunks refuse nothing, and this runs after every one.
-        let (ids, refused, accounts, verdicts): (Vec<Uuid>, Vec<usize>, Vec<Uuid>, Vec<Verdict>) = {
-            let mut progress = self.watch.lock();
-            let decided = &progress.decided;
-            let says_no = |v: &Verdict| {
-                matches!(
-                    v.outcome,
-                    Outcome::InsufficientFunds
-                        | Outcome::UnknownAccount
-                        | Outcome::BalanceOverflow
-                        | Outcome::Refused
-                        | Outcome::NotApplied
-                )
-            };
-            if !decided.iter().any(says_no) {
-                return;
+    /// (held up and settled) (`repo::claim_ids`), as `bank transfer --id` does before it says
+    /// "not applied": a single statement of an earlier run's attempt at one of them that comes
+    /// late then fails on its claim. A refused line the ledger has by then (such a statement
+    /// committed while the claim waited for it) gets the ledger's answer; a claim that cannot be
+    /// written leaves the lines `unknown`. `decided` holds the chunk's verdicts as they are; the
+    /// watcher has seen these lines `unknown` since each was decided (`shown`), and sees them
+    /// as they are once this is done.
+    fn claim_refused(&mut self, lines: &[Line], decided: &mut [Verdict]) {
+        if !decided.iter().any(says_no) {
+            return;
+        }
+        // An id that a later line of these (the same id, funded by then) applied is in the
+        // ledger by this run's doing: its refused line keeps its one-by-one verdict.
+        let applied_here: HashSet<Uuid> = lines
+            .iter()
+            .zip(decided.iter())
+            .filter(|(_, v)| v.outcome == Outcome::Applied)
+            .map(|(l, _)| l.transfer.id)
+            .collect();
+        let mut ids = Vec::new();
+        let mut refused = Vec::new();
+        let mut accounts = Vec::new();
+        for (i, (l, v)) in lines.iter().zip(decided.iter()).enumerate() {
+            if says_no(v) && !applied_here.contains(&l.transfer.id) {
+                ids.push(l.transfer.id);
+                refused.push(i);
+                accounts.extend([l.transfer.from_id, l.transfer.to_id]);
             }
-            // An id that a later line of these (the same id, funded by then) applied is in the
-            // ledger by this run's doing: its refused line keeps its one-by-one verdict.
-            let applied_here: HashSet<Uuid> = lines
-                .iter()
-                .zip(decided)
-                .filter(|(_, v)| v.outcome == Outcome::Applied)
-                .map(|(l, _)| l.transfer.id)
-                .collect();
-            let mut ids = Vec::new();
-            let mut refused = Vec::new();
-            let mut accounts = Vec::new();
-            for (i, (l, v)) in lines.iter().zip(decided).enumerate() {
-                if says_no(v) && !applied_here.contains(&l.transfer.id) {
-                    ids.push(l.transfer.id);
-                    refused.push(i);
-                    accounts.extend([l.transfer.from_id, l.transfer.to_id]);
-                }
-            }
-            let mut verdicts = Vec::with_capacity(refused.len());
-            for &i in &refused {
-                if let Some(v) = progress.decided.get_mut(i) {
-                    let was = v.error.clone().unwrap_or_else(|| v.outcome.as_str().into());
-                    let claiming = Verdict {
-                        outcome: Outcome::Unknown,
-                        error: Some(format!(
-                            "not applied ({was}), but the run stopped while it claimed the id, \
-                             so an earlier run's attempt at it may still commit"
-                        )),
-                    };
-                    verdicts.push(std::mem::replace(v, claiming));
-                }
-            }
-            (ids, refused, accounts, verdicts)
-        };
+        }
         if ids.is_empty() {
             return;
         }
@@ -431,24 +407,19 @@ impl ChunkRunner {
             &accounts,
         );
         let _ = self.watch.ticket.finish();
-        let mut progress = self.watch.lock();
-        for (&i, before) in refused.iter().zip(verdicts) {
-            let (Some(line), Some(v)) = (lines.get(i), progress.decided.get_mut(i)) else {
+        for &i in &refused {
+            let (Some(line), Some(v)) = (lines.get(i), decided.get_mut(i)) else {
                 continue;
             };
             let t = &line.transfer;
             match &ledger {
                 Ok(found) => {
-                    *v = match found.iter().find(|f| f.id == t.id) {
-                        Some(f) => ledger_verdict(t, f),
-                        None => before,
-                    };
+                    if let Some(f) = found.iter().find(|f| f.id == t.id) {
+                        *v = ledger_verdict(t, f);
+                    }
                 }
                 Err(e) => {
-                    let was = before
-                        .error
-                        .clone()
-                        .unwrap_or_else(|| before.outcome.as_str().into());
+                    let was = v.error.clone().unwrap_or_else(|| v.outcome.as_str().into());
                     *v = Verdict {
                         outcome: Outcome::Unknown,
                         error: Some(format!(
@@ -458,6 +429,25 @@ impl ChunkRunner {
                     };
                 }
             }
+        }
+    }
+
+    /// A verdict as the watcher is to see it until the chunk is done: with ids given, a line
+    /// this run says no to is `unknown` until its id is claimed (`claim_refused`). A run given
+    /// up before that (a frozen server, a connection that could not be made again) reported the
+    /// refusal with no claim written, and an earlier run's late statement could still apply it
+    /// (found by reviewers, twice).
+    fn shown(&self, v: &Verdict) -> Verdict {
+        if !self.ids_given || !says_no(v) {
+            return v.clone();
+        }
+        let was = v.error.clone().unwrap_or_else(|| v.outcome.as_str().into());
+        Verdict {
+            outcome: Outcome::Unknown,
+            error: Some(format!(
+                "not applied ({was}), but the run stopped before it claimed the id, so an \
+                 earlier run's attempt at it may still commit"
+            )),
         }
     }
 
@@ -927,6 +917,19 @@ fn commit_refused(
 fn cancelled_by_statement_timeout(e: &DieselError) -> bool {
     matches!(e, DieselError::DatabaseError(_, info)
         if info.message().to_ascii_lowercase().contains("due to statement timeout"))
+}
+
+/// A verdict that says this run did not apply the line: its id is claimed before it is final
+/// (`ChunkRunner::claim_refused`).
+fn says_no(v: &Verdict) -> bool {
+    matches!(
+        v.outcome,
+        Outcome::InsufficientFunds
+            | Outcome::UnknownAccount
+            | Outcome::BalanceOverflow
+            | Outcome::Refused
+            | Outcome::NotApplied
+    )
 }
 
 /// An error of the statement or its COMMIT, as a step of the retry loop.
