@@ -380,30 +380,13 @@ fn secrets_of(raw: &str) -> Vec<String> {
     secrets
 }
 
-/// `s` with each `%XX` decoded, as libpq decodes every part of a URL, keys included. A '%'
-/// without two hex digits is kept: libpq refuses it, and its refusal quotes the text as written.
+/// `s` with each `%XX` decoded, as libpq decodes every part of a URL, keys included (a '+'
+/// stays a '+', unlike form data). A '%' without two hex digits is kept: libpq refuses it, and
+/// its refusal quotes the text as written.
 fn percent_decoded(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// The secret values of libpq's keyword/value form (`host=h password=x`), which is no URL and is
