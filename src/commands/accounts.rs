@@ -323,27 +323,22 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     }
     // A frozen server keeps a batch waiting forever (its kernel acknowledges every packet):
     // given up on after `--timeout` without a batch done, saying how far it got.
-    let progress = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
-    let seen = Arc::clone(&progress);
+    let deleted = Arc::new(Deleted::default());
+    let seen = Arc::clone(&deleted);
     crate::guard::watch(args.timeout, move || {
+        let (accounts, transfers) = seen.counts();
         format!(
             "the server is frozen or unreachable, or a batch waits on a lock; reset stopped \
              after deleting {} and {} (the batch in flight may or may not have been deleted); \
              run it again to finish",
-            crate::counted(seen.0.load(Ordering::Relaxed) as u64, "account"),
-            crate::counted(seen.1.load(Ordering::Relaxed) as u64, "transfer")
+            crate::counted(accounts as u64, "account"),
+            crate::counted(transfers as u64, "transfer")
         )
     });
-    let mut deleted = (0, 0);
-    let done = |(accounts, transfers): (usize, usize)| {
-        crate::guard::tick();
-        progress.0.store(accounts, Ordering::Relaxed);
-        progress.1.store(transfers, Ordering::Relaxed);
-    };
-    let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &mut deleted, &done) {
+    let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &deleted) {
         Ok(claims) => claims,
         Err(e) => {
-            return Err(match deleted {
+            return Err(match deleted.counts() {
                 (0, 0) => e,
                 (accounts, transfers) => Error::ResetStopped {
                     accounts,
@@ -353,7 +348,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
             })
         }
     };
-    let (accounts, transfers) = deleted;
+    let (accounts, transfers) = deleted.counts();
     log::debug!("reset: deleted {accounts} accounts, {transfers} transfers, {claims} claims");
     // Claims are rows too (a refused `--id` run writes one): said when there were any.
     let claims = match claims {
@@ -376,17 +371,15 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
 /// transaction size limits (and hold every lock until the end on both engines). A reset is
 /// therefore not atomic: stopped halfway, it leaves some rows, and running it again finishes
 /// it. Ledger rows are drained again before each batch of accounts, in case a client added
-/// some meanwhile (the foreign keys refuse to delete an account that has any). Counts the
-/// (accounts, transfers) deleted in `deleted`, as it goes: a failure part-way says how far it got.
+/// some meanwhile (the foreign keys refuse to delete an account that has any). Counts what it
+/// deletes in `deleted`, as it goes: a failure part-way says how far it got.
 /// Returns the number of transfer claims deleted last.
 fn delete_in_batches(
     conn: &mut diesel::PgConnection,
     batch: i64,
-    deleted: &mut (usize, usize),
-    done: &dyn Fn((usize, usize)),
+    deleted: &Deleted,
 ) -> Result<usize, Error> {
     let policy = RetryPolicy::default();
-    let (accounts, transfers) = deleted;
     let go_on = || match crate::interrupt::interrupted() {
         true => Err(Error::Stopped(crate::interrupt::reason())),
         false => Ok(()),
@@ -395,9 +388,11 @@ fn delete_in_batches(
         loop {
             go_on()?;
             let n = retry_transaction(&policy, || repo::delete_transfers_batch(conn, batch))?;
-            *transfers += n;
-            done((*accounts, *transfers));
-            log::debug!("reset: deleted {n} transfers ({transfers} so far)");
+            deleted.add(0, n);
+            log::debug!(
+                "reset: deleted {n} transfers ({} so far)",
+                deleted.counts().1
+            );
             if n == 0 {
                 break;
             }
@@ -405,12 +400,11 @@ fn delete_in_batches(
         go_on()?;
         let (n, stragglers) =
             retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
-        *accounts += n;
-        *transfers += stragglers;
-        done((*accounts, *transfers));
+        deleted.add(n, stragglers);
         log::debug!(
-            "reset: deleted {n} accounts ({accounts} so far) and {stragglers} transfers written \
-             since the ledger was drained"
+            "reset: deleted {n} accounts ({} so far) and {stragglers} transfers written since \
+             the ledger was drained",
+            deleted.counts().0
         );
         if n == 0 {
             break;
@@ -425,7 +419,30 @@ fn delete_in_batches(
             0 => return Ok(claims),
             n => claims += n,
         }
-        done((*accounts, *transfers));
+        crate::guard::tick();
+    }
+}
+
+/// What a reset has deleted so far (accounts, transfers), read by its watchdog too. Each batch
+/// counted is a sign of life from the database (`guard::tick`).
+#[derive(Default)]
+struct Deleted {
+    accounts: AtomicUsize,
+    transfers: AtomicUsize,
+}
+
+impl Deleted {
+    fn add(&self, accounts: usize, transfers: usize) {
+        self.accounts.fetch_add(accounts, Ordering::Relaxed);
+        self.transfers.fetch_add(transfers, Ordering::Relaxed);
+        crate::guard::tick();
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        (
+            self.accounts.load(Ordering::Relaxed),
+            self.transfers.load(Ordering::Relaxed),
+        )
     }
 }
 
