@@ -873,16 +873,7 @@ fn mid_file(cluster: &OwnCluster, iso: Iso, seed: u64, moment: Moment, timeout: 
     let path = bank.dir.path().join("f.csv");
     std::fs::write(&path, csv(&lines)).expect("write file");
     // One account, which nearly every statement touches.
-    let holder = (moment == Moment::Blocked).then(|| {
-        let mut holder = batched.conn();
-        holder
-            .batch_execute(&format!(
-                "BEGIN; SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
-                accounts[0].0
-            ))
-            .expect("hold an account");
-        holder
-    });
+    let holder = (moment == Moment::Blocked).then(|| batched.hold(&[accounts[0].0]));
     let connections = if moment == Moment::InCommit { "1" } else { "2" };
     let args = [
         "--batch",

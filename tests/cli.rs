@@ -1292,13 +1292,7 @@ fn a_transfer_cancelled_by_its_own_deadline_does_not_blame_the_server() {
     use diesel::connection::SimpleConnection;
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[10, 0]);
-    let mut holder = db.conn();
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
-            ids[0]
-        ))
-        .expect("lock");
+    let mut holder = db.hold(&[ids[0]]);
     let transfer = |timeout: &str| {
         db.bank()
             .args(["transfer", "--amount", "1", "--timeout", timeout])
@@ -1994,18 +1988,10 @@ fn a_typo_gets_the_suggestion_and_the_command_s_help() {
 #[test]
 fn reset_stopped_by_ctrl_c_says_how_far_it_got() {
     use diesel::connection::SimpleConnection;
-    use diesel::RunQueryDsl;
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[100, 100]);
     db.transfer(ids[0], ids[1], 10).run().success();
-    let mut holder = db.conn();
-    holder.batch_execute("BEGIN").expect("begin");
-    diesel::sql_query(format!(
-        "SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
-        ids[0]
-    ))
-    .execute(&mut holder)
-    .expect("lock");
+    let mut holder = db.hold(&[ids[0]]);
     let url = db.url.expose().to_string();
     let child = crate::support::spawn_bank(&["--database-url", &url, "reset", "--yes"]);
     crate::support::wait_for_lock_wait(&db);
@@ -2057,17 +2043,9 @@ fn demo_stopped_by_ctrl_c_removes_what_it_created() {
 #[test]
 fn reset_gives_up_on_a_database_that_does_not_answer() {
     use diesel::connection::SimpleConnection;
-    use diesel::RunQueryDsl;
     let db = ScratchDb::migrated();
     let ids = db.accounts(&[100, 100]);
-    let mut holder = db.conn();
-    holder.batch_execute("BEGIN").expect("begin");
-    diesel::sql_query(format!(
-        "SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
-        ids[0]
-    ))
-    .execute(&mut holder)
-    .expect("lock");
+    let mut holder = db.hold(&[ids[0]]);
     let started = std::time::Instant::now();
     let run = db.bank().args(["reset", "--yes", "--timeout", "1s"]).run();
     let took = started.elapsed();

@@ -231,6 +231,23 @@ impl Setup {
         (bank, child)
     }
 
+    /// A file's run ended with these outcomes, line by line, and `code`; the accounts hold
+    /// `balances` and the books balance.
+    #[track_caller]
+    fn file_ended(
+        &self,
+        run: &Run,
+        outcomes: &[&str],
+        code: i32,
+        balances: (i64, i64),
+        case: &str,
+    ) {
+        assert_eq!(json_outcomes(run), outcomes, "{case}: {run:?}");
+        assert_eq!(run.code, code, "{case}: {run:?}");
+        assert_eq!(self.balances(), balances, "{case}");
+        self.verify_passes();
+    }
+
     /// Waits until the proxy has seen `n` COMMITs.
     fn wait_for_commits(&self, n: u64, case: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1060,7 +1077,6 @@ fn a_first_run_still_retrying_honours_a_rerun_s_no() {
 /// the first thing its first attempt does on the server.
 #[test]
 fn a_first_run_whose_first_attempt_failed_early_honours_a_rerun_s_no() {
-    use diesel::RunQueryDsl;
     for (iso, file) in [
         (Iso::ReadCommitted, false),
         (Iso::Serializable, false),
@@ -1076,13 +1092,7 @@ fn a_first_run_whose_first_attempt_failed_early_honours_a_rerun_s_no() {
         let (from_text, to_text, id_text) = (from.to_string(), to.to_string(), id.to_string());
         // Another transaction holds the debited account; the first run's wait for it ends at
         // the server's lock_timeout, and it retries 3 s later.
-        let mut holder = db.conn();
-        holder.batch_execute("BEGIN").expect("begin");
-        diesel::sql_query(format!(
-            "SELECT id FROM accounts WHERE id = '{from}' FOR UPDATE"
-        ))
-        .execute(&mut holder)
-        .expect("lock");
+        let mut holder = db.hold(&[from]);
         let url = format!("{}?options=-c%20lock_timeout%3D300", db.url.expose());
         let bank = Bank::new();
         let path = bank.dir.path().join("f.csv");
@@ -1250,15 +1260,13 @@ fn a_file_s_lost_commit_takes_no_other_run_s_row_for_its_own() {
             .run()
             .success();
         let run = Run::from(run.wait_with_output().expect("wait"));
-        let outcomes = json_outcomes(&run);
-        assert_eq!(
-            outcomes,
-            ["already_applied", "id_conflict"],
-            "{case}: {run:?}"
+        s.file_ended(
+            &run,
+            &["already_applied", "id_conflict"],
+            1,
+            (993, 7),
+            &case,
         );
-        assert_eq!(run.code, 1, "{case}: {run:?}");
-        assert_eq!(s.balances(), (993, 7), "{case}");
-        s.verify_passes();
     }
 }
 
@@ -1289,15 +1297,13 @@ fn of_two_lost_commits_the_one_that_committed_is_taken() {
         s.wait_for_commits(1, &case);
         s.db.transfer(other, poor, 100).run().success();
         let run = Run::from(run.wait_with_output().expect("wait"));
-        let outcomes = json_outcomes(&run);
-        assert_eq!(
-            outcomes,
-            ["applied", "applied", "applied"],
-            "{case}: {run:?}"
+        s.file_ended(
+            &run,
+            &["applied", "applied", "applied"],
+            0,
+            (983, 67),
+            &case,
         );
-        assert_eq!(run.code, 0, "{case}: {run:?}");
-        assert_eq!(s.balances(), (983, 67), "{case}");
-        s.verify_passes();
     }
 }
 
@@ -1339,14 +1345,13 @@ fn a_file_s_lost_commit_is_not_taken_for_a_second_run_of_the_same_file() {
             ["applied", "applied"],
             "{case}: {second:?}"
         );
-        assert_eq!(
-            json_outcomes(&first),
-            ["already_applied", "already_applied"],
-            "{case}: {first:?}"
+        s.file_ended(
+            &first,
+            &["already_applied", "already_applied"],
+            0,
+            (983, 17),
+            &case,
         );
-        assert_eq!(first.code, 0, "{case}: {first:?}");
-        assert_eq!(s.balances(), (983, 17), "{case}");
-        s.verify_passes();
     }
 }
 
@@ -1425,7 +1430,6 @@ fn a_transfer_s_lost_commit_is_not_taken_for_a_second_run_s() {
 /// rerun once the statement landed settles it: applied exactly once.
 #[test]
 fn a_file_s_line_never_attempted_is_unknown_while_a_late_statement_may_land() {
-    use diesel::RunQueryDsl;
     for iso in Iso::BOTH {
         let s = setup(iso, At::Statement);
         let id = Uuid::new_v4();
@@ -1440,14 +1444,7 @@ fn a_file_s_line_never_attempted_is_unknown_while_a_late_statement_may_land() {
             a = s.from,
             b = s.to
         );
-        let mut holder = s.db.conn();
-        holder.batch_execute("BEGIN").expect("begin");
-        diesel::sql_query(format!(
-            "SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
-            s.from
-        ))
-        .execute(&mut holder)
-        .expect("lock");
+        let mut holder = s.db.hold(&[s.from]);
         let (bank, child) = s.spawn_file(&text);
         crate::support::wait_for_lock_wait(&s.db);
         crate::support::interrupt(child.id());
@@ -1586,12 +1583,7 @@ fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
     let ids = db.accounts(&[1000, 0]);
     let (from, to, id) = (ids[0], ids[1], Uuid::new_v4());
     // Holds the debited account, so that the first attempt waits (and holds its table locks).
-    let mut row_holder = db.conn();
-    row_holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT id FROM accounts WHERE id = '{from}' FOR UPDATE"
-        ))
-        .expect("row lock");
+    let mut row_holder = db.hold(&[from]);
     let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
         .args(["--database-url", db.url.expose(), "transfer", "--mode"])
         .args(["single-statement", "--amount", "7", "--id", &id.to_string()])
@@ -1942,7 +1934,6 @@ fn a_seed_whose_commit_goes_unanswered_says_what_it_cannot_know() {
 /// had decided, with no claim written (found by a reviewer of the fix above). It is `unknown`.
 #[test]
 fn a_file_s_refusal_is_not_final_before_its_id_is_claimed_even_from_an_earlier_statement() {
-    use diesel::RunQueryDsl;
     for iso in Iso::BOTH {
         let case = format!("{iso:?}");
         let s = setup_with(iso, At::Commit, &[0, 100, 0]);
@@ -1962,13 +1953,7 @@ fn a_file_s_refusal_is_not_final_before_its_id_is_claimed_even_from_an_earlier_s
             "id,from,to,amount\n{x},{},{poor_to},50\n{y},{rich},{poor_to},10\n",
             s.from
         );
-        let mut holder = s.db.conn();
-        holder.batch_execute("BEGIN").expect("begin");
-        diesel::sql_query(format!(
-            "SELECT id FROM accounts WHERE id = '{rich}' FOR UPDATE"
-        ))
-        .execute(&mut holder)
-        .expect("lock");
+        let mut holder = s.db.hold(&[rich]);
         let bank = Bank::new();
         let path = bank.dir.path().join("f.csv");
         std::fs::write(&path, &text).expect("file");
@@ -1998,5 +1983,65 @@ fn a_file_s_refusal_is_not_final_before_its_id_is_claimed_even_from_an_earlier_s
             ["unknown", "unknown"],
             "{case}: {run:?}"
         );
+    }
+}
+
+/// The claim's mark with an outcome not settled when the runs look: the first run's single
+/// statement is held in the network (it lands 3 s later and fails on the claim), its client
+/// cut off; a second run of the same transfer applies it meanwhile. The first run, back from
+/// its backoff, finds a row alike to the last detail: not its own, since its claim does not
+/// carry the row (`already_applied`); before the mark it said "applied" too.
+#[test]
+fn a_late_single_statement_does_not_take_a_second_run_s_row_for_its_own() {
+    for iso in Iso::BOTH {
+        let s = setup_with(iso, At::Statement, &[1000, 0]);
+        let case = s.case();
+        let id = Uuid::new_v4().to_string();
+        s.arm(Fault::LateStatement(Duration::from_secs(3)));
+        let url = s.proxy.url_for(&s.db.url);
+        let (from, to) = (s.from.to_string(), s.to.to_string());
+        let first = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--amount",
+            "10",
+            "--id",
+            &id,
+            "--mode",
+            "single-statement",
+            "--json",
+            "--retry-base",
+            "5s",
+            "--retry-cap",
+            "5s",
+            "--timeout",
+            "30s",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.proxy.injected() == 0 {
+            assert!(Instant::now() < deadline, "{case}: no statement came");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let second =
+            s.db.transfer(s.from, s.to, 10)
+                .args(["--id", &id, "--json", "--mode", "single-statement"])
+                .run();
+        second.success();
+        assert_eq!(
+            second.json()["already_applied"],
+            false,
+            "{case}: {second:?}"
+        );
+        s.wait_for_late_commit();
+        let first = Run::from(first.wait_with_output().expect("wait"));
+        assert_eq!(first.code, 0, "{case}: {first:?}");
+        assert_eq!(first.json()["already_applied"], true, "{case}: {first:?}");
+        assert_eq!(s.balances(), (990, 10), "{case}");
+        s.verify_passes();
     }
 }

@@ -14,6 +14,15 @@ use crate::support::{wait_for_lock_wait, Iso, ScratchDb};
 
 const MODES: [&str; 2] = ["transaction", "single-statement"];
 
+/// A database at `iso` with two accounts, holding 1000 and 0.
+fn two_accounts(iso: Iso) -> (ScratchDb, Uuid, Uuid) {
+    let db = ScratchDb::migrated_at(iso);
+    let [a, b] = db.accounts(&[1000, 0])[..] else {
+        panic!("two accounts")
+    };
+    (db, a, b)
+}
+
 /// Case 1 of the issue: X moved 600 of A's 1000; A now has 400, so running X again can only be
 /// refused for insufficient funds if the ledger is not asked first. It must say "already applied".
 #[test]
@@ -615,10 +624,7 @@ fn ctrl_c_on_a_transfer_names_its_id_and_tells_the_truth() {
             ("transaction", 1, "failed"),
             ("single-statement", 3, "unknown"),
         ] {
-            let db = ScratchDb::migrated_at(iso);
-            let [a, b] = db.accounts(&[1000, 0])[..] else {
-                panic!("two accounts")
-            };
+            let (db, a, b) = two_accounts(iso);
             let mut holder = db.conn();
             holder.batch_execute("BEGIN").expect("begin");
             lock(&mut holder, a, false).expect("lock");
@@ -717,10 +723,7 @@ fn a_rerun_the_database_refuses_does_not_take_an_earlier_run_s_row_for_its_own()
         for first_mode in MODES {
             for mode in MODES {
                 let case = format!("{iso:?}, first {first_mode}, rerun {mode}");
-                let db = ScratchDb::migrated_at(iso);
-                let [a, b] = db.accounts(&[1000, 0])[..] else {
-                    panic!("two accounts")
-                };
+                let (db, a, b) = two_accounts(iso);
                 let id = Uuid::new_v4().to_string();
                 let first = db
                     .transfer(a, b, 100)
@@ -750,10 +753,7 @@ fn a_version_set_back_by_hand_is_the_database_s_refusal_not_a_retry() {
     for iso in Iso::BOTH {
         for mode in MODES {
             let case = format!("{iso:?} {mode}");
-            let db = ScratchDb::migrated_at(iso);
-            let [a, b] = db.accounts(&[1000, 0])[..] else {
-                panic!("two accounts")
-            };
+            let (db, a, b) = two_accounts(iso);
             db.transfer(a, b, 1).run().success();
             db.conn()
                 .batch_execute(&format!("UPDATE accounts SET version = 0 WHERE id = '{a}'"))
@@ -788,22 +788,13 @@ fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own()
     for iso in Iso::BOTH {
         for mode in MODES {
             let case = format!("{iso:?}, rerun {mode}");
-            let db = ScratchDb::migrated_at(iso);
-            let [a, b] = db.accounts(&[1000, 0])[..] else {
-                panic!("two accounts")
-            };
+            let (db, a, b) = two_accounts(iso);
             let id = Uuid::new_v4().to_string();
             db.transfer(a, b, 100)
                 .args(["--id", &id, "--json"])
                 .run()
                 .success();
-            let mut holder = db.conn();
-            holder.batch_execute("BEGIN").expect("begin");
-            diesel::sql_query(format!(
-                "SELECT id FROM accounts WHERE id IN ('{a}', '{b}') FOR UPDATE"
-            ))
-            .execute(&mut holder)
-            .expect("lock");
+            let mut holder = db.hold(&[a, b]);
             let (from, to) = (a.to_string(), b.to_string());
             let url = db.url.expose().to_string();
             let rerun = crate::support::spawn_bank(&[

@@ -161,6 +161,18 @@ impl ScratchDb {
         (role, url.to_string())
     }
 
+    /// A session of its own holding these accounts' rows (`FOR UPDATE`, in key order) until it
+    /// rolls back or is dropped: another transaction in bank's way.
+    pub fn hold(&self, ids: &[Uuid]) -> PgConnection {
+        let mut holder = self.conn();
+        holder.batch_execute("BEGIN").expect("begin");
+        diesel::sql_query("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(ids)
+            .execute(&mut holder)
+            .expect("hold the accounts");
+        holder
+    }
+
     /// A DBA's trigger that leaves `account` unchanged: `BEFORE UPDATE … RETURN NULL`.
     pub fn leave_unchanged(&self, account: Uuid) {
         self.conn()
