@@ -417,6 +417,41 @@ fn init_migrates_and_is_idempotent() {
     assert_eq!(again.stdout, "schema is up to date\n");
 }
 
+/// Several `init`s at once (every host of a deployment migrating at start): one applied the
+/// migrations and the others failed, each its own way ("the database already has
+/// transfers_pkey …: give bank a database of its own", a duplicate key in `pg_type`, and once
+/// the winner's own "__diesel_schema_migrations does not exist", a loser having dropped the
+/// table it took for its own empty one). Every one must succeed and the schema end complete.
+#[test]
+fn inits_run_at_once_all_succeed() {
+    for round in 0..4 {
+        let db = ScratchDb::empty();
+        let runs: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..5)
+                .map(|_| s.spawn(|| db.bank().args(["init"]).run()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("an init thread"))
+                .collect()
+        });
+        for run in &runs {
+            assert_eq!(run.code, 0, "round {round}: {run:?}");
+        }
+        let again = db.bank().args(["init"]).run();
+        assert_eq!(
+            again.stdout, "schema is up to date\n",
+            "round {round}: {again:?}"
+        );
+        let doctor = db.bank().args(["doctor", "--json"]).run();
+        assert_eq!(
+            doctor.json()["pending_migrations"],
+            0,
+            "round {round}: {doctor:?}"
+        );
+    }
+}
+
 // ---- item 7: doctor ----
 
 #[test]

@@ -12,6 +12,7 @@ mod verify;
 use std::io::{self, BufWriter, Write};
 
 use clap::CommandFactory;
+use diesel::pg::PgConnection;
 
 use crate::cli::{Cli, Command};
 use crate::db::{self, DbUrl};
@@ -99,13 +100,70 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
-    let mut applied = db::applied_migrations(&mut conn)?;
+    // Every host of a deployment may run `init` as it starts. Each migration commits on its own,
+    // so another init's progress between this one's reads and writes made it fail, in a way of
+    // the moment: a relation it was about to create now "in the way", a duplicate key in the
+    // catalog, a column already added. The database having moved on since the attempt began
+    // tells those apart from a failure of this init's own, and the next attempt starts from
+    // where the database now is. Each retry needs such progress, so there are few.
+    let started = migration_state(&mut conn)?;
+    let mut before = started.clone();
+    let mut attempts = 1;
+    let ran = loop {
+        match migrate(&mut conn) {
+            Ok(ran) => break ran,
+            Err(e) => {
+                // Another init's migration commits when this one's ends: give it that moment.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let now = migration_state(&mut conn).ok();
+                if attempts < 20 && now.as_ref().is_some_and(|now| *now != before) {
+                    log::info!("init: another init moved the schema on ({e}); starting again");
+                    before = now.unwrap_or_default();
+                    attempts += 1;
+                    continue;
+                }
+                if started.applied.is_empty() {
+                    // Nothing of bank's was there (another application's database, say): leave
+                    // nothing of it behind, the harness's own table included. Only once this
+                    // init gives up: while another init runs, the table is that one's.
+                    db::drop_empty_migrations_table(&mut conn);
+                }
+                return Err(e);
+            }
+        }
+    };
+    let done: Vec<String> = match ran.is_empty() {
+        true => vec!["schema is up to date".to_string()],
+        false => ran
+            .iter()
+            .map(|n| format!("applied migration {n}"))
+            .collect(),
+    };
+    report_done(out, &done.join("\n"))
+}
+
+/// What `init` sees of the migrations: whether their table is there, and which have run.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct MigrationState {
+    table: Option<String>,
+    applied: Vec<String>,
+}
+
+fn migration_state(conn: &mut PgConnection) -> Result<MigrationState, Error> {
+    Ok(MigrationState {
+        table: db::migrations_schema(conn)?,
+        applied: db::applied_migrations(conn)?,
+    })
+}
+
+/// One attempt at `init`: checks where the tables would go, then runs the pending migrations;
+/// returns their names.
+fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, Error> {
+    let mut applied = db::applied_migrations(conn)?;
     let mut unknown = db::unknown_migrations(&applied)?;
     // The migrations table the statements read is in a schema behind the one new tables go to.
-    if let (Some(theirs), Some(first)) = (
-        db::migrations_schema(&mut conn)?,
-        db::creation_schema(&mut conn)?,
-    ) {
+    if let (Some(theirs), Some(first)) = (db::migrations_schema(conn)?, db::creation_schema(conn)?)
+    {
         if theirs != first {
             // bank's (a schema named like the role, first on the default search_path): the
             // migrations would build a second, empty bank in front of it.
@@ -133,7 +191,7 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     // Up to date: nothing to run, and Diesel's harness, which creates its table first, would
     // need a CREATE privilege that a role using the tables may well not have.
     let pending = db::pending_migrations(&applied)?;
-    let taken = db::in_the_way(&mut conn, &pending)?;
+    let taken = db::in_the_way(conn, &pending)?;
     if !taken.is_empty() {
         return Err(Error::InitBlocked(taken.join(", ")));
     }
@@ -142,9 +200,9 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     // and no other that exists), where init said "applied" and the tables vanished at
     // disconnect. If bank's tables are in a schema the search_path misses, that is the fix.
     if !pending.is_empty() {
-        let target = db::creation_schema(&mut conn)?;
+        let target = db::creation_schema(conn)?;
         if target.as_deref().is_none_or(|s| s.starts_with("pg_temp")) {
-            let off_path = db::unmigrated(&mut conn);
+            let off_path = db::unmigrated(conn);
             if applied.is_empty() && !off_path.elsewhere.is_empty() {
                 return Err(Error::NotMigrated(off_path));
             }
@@ -171,24 +229,10 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
             });
         }
     }
-    let ran = match !pending.is_empty() {
-        false => Vec::new(),
-        true => db::run_migrations(&mut conn).inspect_err(|_| {
-            if applied.is_empty() {
-                // Nothing of bank's was there (another application's database, say): leave
-                // nothing of it behind, the harness's own table included.
-                db::drop_empty_migrations_table(&mut conn);
-            }
-        })?,
-    };
-    let done: Vec<String> = match ran.is_empty() {
-        true => vec!["schema is up to date".to_string()],
-        false => ran
-            .iter()
-            .map(|n| format!("applied migration {n}"))
-            .collect(),
-    };
-    report_done(out, &done.join("\n"))
+    match pending.is_empty() {
+        true => Ok(Vec::new()),
+        false => db::run_migrations(conn),
+    }
 }
 
 /// What a command did, written once it is done (committed). Its report that cannot be written
