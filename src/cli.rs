@@ -50,7 +50,7 @@ pub enum Command {
     /// Run the tutorial's whole flow: create two accounts, show balances, transfer 100, show
     /// balances, remove what it created
     #[command(after_help = "Example:\n  bank demo")]
-    Demo,
+    Demo(DemoArgs),
     /// Create the schema: run the migrations that have not run yet (idempotent)
     #[command(after_help = "Example:\n  bank --database-url postgres://bank@localhost/bank init")]
     Init,
@@ -265,6 +265,14 @@ pub struct ResetArgs {
     /// Give up on the database after this long without an answer (a frozen server), saying
     /// how far the reset got (e.g. 30s, 10min)
     #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Deadline for the demo's transfer, and how long any other step may go without an answer
+    /// from the database (a frozen server) before the demo gives up and names what it left
+    #[arg(long, value_name = "DURATION", default_value = "30s", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_TIMEOUT")]
     pub timeout: Duration,
 }
 

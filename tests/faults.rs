@@ -621,6 +621,70 @@ fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
     assert!(run.stderr.contains("final check could not run"), "{run:?}");
 }
 
+/// The demo on a server that freezes (a SIGSTOPped server, whose kernel still acknowledges):
+/// before, only its transfer had a deadline, and a statement outside it waited forever (found by
+/// a helper playing a new user). Now, with `--timeout 1s`: frozen as the demo's session starts,
+/// it ends within its deadline and says it created nothing; frozen once it has created its
+/// accounts (its transfer waits on the ledger, held by another session), it ends and names
+/// them, since it cannot remove them.
+#[test]
+fn a_demo_on_a_frozen_server_ends_by_its_deadline_and_names_what_it_left() {
+    let db = ScratchDb::migrated();
+    let before = db.state();
+    let timed = |bank: Bank| {
+        thread::spawn(move || {
+            let started = Instant::now();
+            (bank.run(), started.elapsed())
+        })
+    };
+    let demo = |proxy: &Proxy| {
+        Bank::new().args([
+            "--database-url",
+            &proxy.url_for(&db.url),
+            "demo",
+            "--timeout",
+            "1s",
+        ])
+    };
+
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.freeze_queries();
+    let (run, took) = timed(demo(&proxy)).join().expect("demo thread");
+    proxy.thaw_all();
+    drop(proxy);
+    assert!(took < Duration::from_secs(8), "took {took:?}: {run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(
+        run.stderr.contains("no answer from the database within 1s")
+            && run.stderr.contains("created nothing"),
+        "{run:?}"
+    );
+    assert_eq!(db.state(), before);
+
+    let proxy = Proxy::start(upstream_of(&db.url));
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE transfers IN EXCLUSIVE MODE")
+        .expect("lock");
+    let demo = timed(demo(&proxy));
+    crate::support::wait_for_lock_wait(&db);
+    proxy.freeze_all();
+    let (run, took) = demo.join().expect("demo thread");
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    proxy.thaw_all();
+    drop(proxy);
+    assert!(took < Duration::from_secs(15), "took {took:?}: {run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    let (accounts, _) = db.state();
+    let left: Vec<_> = accounts.iter().filter(|a| !before.0.contains(a)).collect();
+    assert_eq!(left.len(), 2, "{run:?}");
+    for (id, _) in left {
+        assert!(run.stderr.contains(&id.to_string()), "{id}: {run:?}");
+    }
+}
+
 /// CockroachDB's retry errors, in its own words (40001 ReadWithinUncertaintyIntervalError and
 /// RETRY_SERIALIZABLE, and the former CR000), at each commit point: nothing committed, so the
 /// transfer is retried (CockroachDB's docs: retry on 40001) and applied once.

@@ -1,12 +1,15 @@
 //! `demo`: the tutorial's flow.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use diesel::pg::PgConnection;
 use uuid::Uuid;
 
 use super::accounts::{write_balances, TUTORIAL_BALANCES};
 use super::transfer::receipt_line;
+use crate::cli::DemoArgs;
 use crate::db::{DbUrl, Session};
 use crate::error::Error;
 use crate::models::{NewAccount, NewTransfer};
@@ -16,29 +19,77 @@ use crate::transfer::{Mode, Runner};
 
 const DEMO_AMOUNT: i64 = 100;
 
+/// How far the demo got, for the one line it exits with when the database stops answering.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Stage {
+    Starting,
+    Creating,
+    Created,
+    Transferring,
+    Transferred,
+}
+
 /// The tutorial's flow, cleaning up after itself: only the rows it created are removed, even
 /// when a step fails halfway.
-pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
-    let mut runner = Runner::new(
-        Session::new(url.clone(), "bank-demo"),
-        Mode::Transaction,
-        RetryPolicy::default(),
-    );
+pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result<(), Error> {
+    let policy = RetryPolicy {
+        timeout: args.timeout,
+        ..RetryPolicy::default()
+    };
+    let session = || Session::new(url.clone(), "bank-demo").with_timeout(args.timeout);
+    // The transfer has a runner and a connection of its own, given up at its deadline even on
+    // a frozen server (`run_guarded`); the other steps share one.
+    let runner = Runner::new(session(), Mode::Transaction, policy);
+    let mut steps = session();
     let created: Vec<NewAccount> = TUTORIAL_BALANCES
         .into_iter()
         .map(NewAccount::with_balance)
         .collect();
     let ids: Vec<Uuid> = created.iter().map(|a| a.id).collect();
     let transfer_id = Uuid::new_v4();
+    // A frozen server (SIGSTOP, a paused VM) answers no statement, and its kernel keeps the
+    // connection open: only the transfer had a deadline, and the demo waited forever elsewhere.
+    // Now each step may go `--timeout` without an answer; then the demo ends, naming what it
+    // leaves behind, since it cannot remove it.
+    let stage = Arc::new(AtomicU8::new(Stage::Starting as u8));
+    let seen = Arc::clone(&stage);
+    let names = ids
+        .iter()
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ");
+    crate::guard::watch(args.timeout, move || {
+        let ours = match seen.load(Ordering::SeqCst) {
+            s if s == Stage::Starting as u8 => return "the demo created nothing".to_string(),
+            s if s == Stage::Creating as u8 => format!("accounts {names}, if it created them"),
+            s if s == Stage::Created as u8 => format!("accounts {names}"),
+            s if s == Stage::Transferring as u8 => {
+                format!("accounts {names}, and its transfer {transfer_id} if that committed")
+            }
+            _ => format!("accounts {names}, and its transfer {transfer_id}"),
+        };
+        format!(
+            "the server is frozen or unreachable; the demo could not remove what it created: \
+             {ours}"
+        )
+    });
     // A first Ctrl-C (or SIGTERM) stops the flow, not the process: killed, the demo left its
     // accounts behind and said nothing. What is in flight finishes, then the cleanup runs.
     crate::interrupt::catch();
     let mut creating = false;
-    let flow = demo_flow(&mut runner, &created, transfer_id, &mut creating, out).and_then(|()| {
-        match crate::interrupt::interrupted() {
-            true => Err(Error::Stopped(crate::interrupt::reason())),
-            false => Ok(()),
-        }
+    let flow = demo_flow(
+        &mut steps,
+        runner,
+        &created,
+        transfer_id,
+        &stage,
+        &mut creating,
+        out,
+    )
+    .and_then(|()| match crate::interrupt::interrupted() {
+        true => Err(Error::Stopped(crate::interrupt::reason())),
+        false => Ok(()),
     });
     let _ = out.flush();
     // Stopped before it created anything (no server, no schema): nothing to remove, and a
@@ -46,7 +97,7 @@ pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     if !creating {
         return flow;
     }
-    let cleanup = demo_cleanup(&mut runner.session, &ids, transfer_id);
+    let cleanup = demo_cleanup(&mut steps, &ids, transfer_id);
     let removed = |(accounts, transfers): (usize, usize)| {
         format!(
             "{} and {}",
@@ -79,21 +130,30 @@ pub(super) fn demo(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
 }
 
 fn demo_flow(
-    runner: &mut Runner,
+    session: &mut Session,
+    runner: Runner,
     created: &[NewAccount],
     transfer_id: Uuid,
+    stage: &AtomicU8,
     creating: &mut bool,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    let conn = runner.session.conn()?;
+    let reached = |s: Stage| {
+        stage.store(s as u8, Ordering::SeqCst);
+        crate::guard::tick();
+    };
+    let conn = session.conn()?;
     crate::db::require_migrated(conn)?;
     *creating = true;
+    reached(Stage::Creating);
     for account in created {
         repo::create(conn, account)?;
     }
+    reached(Stage::Created);
     let [from, to] = [created[0].id, created[1].id];
     writeln!(out, "Created accounts {from} and {to}")?;
     print_demo_balances(conn, &[from, to], out)?;
+    crate::guard::tick();
     if crate::interrupt::interrupted() {
         return Err(Error::Stopped(crate::interrupt::reason()));
     }
@@ -103,9 +163,13 @@ fn demo_flow(
         to_id: to,
         amount: DEMO_AMOUNT,
     };
-    let receipt = runner.run(&t)?;
+    reached(Stage::Transferring);
+    // The transfer keeps its own deadline (the same `--timeout`) and says how it ended.
+    let receipt = crate::guard::untimed(|| runner.run_guarded(&t))?;
+    reached(Stage::Transferred);
     writeln!(out, "{}", receipt_line(&receipt))?;
-    print_demo_balances(runner.session.conn()?, &[from, to], out)?;
+    print_demo_balances(session.conn()?, &[from, to], out)?;
+    crate::guard::tick();
     Ok(())
 }
 

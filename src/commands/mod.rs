@@ -77,7 +77,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     }
     let result = match cli.command {
         Command::Completions(_) | Command::Man(_) => Ok(()),
-        Command::Demo => demo::demo(&url, &mut out),
+        Command::Demo(args) => demo::demo(&url, &args, &mut out),
         Command::Init => init(&url, &mut out),
         Command::Seed(args) => accounts::seed(&url, &args, &mut out),
         Command::Transfer(args) => with_injection(&url, &args.run)
