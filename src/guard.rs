@@ -128,7 +128,7 @@ pub fn watch(timeout: std::time::Duration, then: impl Fn() -> String + Send + 's
                 humantime::format_duration(timeout),
                 then()
             ));
-            std::process::exit(i32::from(crate::exit_code::ExitCode::Failure));
+            crate::exit_now(i32::from(crate::exit_code::ExitCode::Failure));
         }
     });
 }

@@ -37,7 +37,7 @@ pub fn reason() -> &'static str {
 pub fn catch() {
     let installed = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+            crate::exit_now(130);
         }
     });
     if let Err(e) = installed {
