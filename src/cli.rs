@@ -381,11 +381,13 @@ pub struct WorkloadArgs {
     #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
     pub check_timeout: std::time::Duration,
     /// Write each interval's latency histogram to FILE in HdrHistogram's interval-log format
-    /// (microseconds; HdrHistogram's plotters read it)
+    /// (microseconds; HdrHistogram's plotters read it). FILE is replaced once the run is over;
+    /// a run that does not start leaves it as it was
     #[arg(long, value_name = "FILE")]
     pub histogram: Option<std::path::PathBuf>,
     /// Write a self-contained HTML report to FILE: transfers/s, latency and retries by cause
-    /// per second, the readers' totals, the seconds of lost connections shaded, the final report
+    /// per second, the readers' totals, the seconds of lost connections shaded, the final report.
+    /// FILE is replaced once the run is over; a run that does not start leaves it as it was
     #[arg(long, value_name = "FILE")]
     pub report: Option<std::path::PathBuf>,
     /// Each worker applies N random transfers at a time, through the chunk statement of

@@ -545,10 +545,9 @@ pub enum WorkloadError {
     HistogramMerge(#[from] hdrhistogram::AdditionError),
     #[error("a worker thread panicked")]
     Panicked,
-    #[error("cannot write the report {0}")]
-    Report(String),
-    #[error("cannot write --histogram {0}")]
-    HistogramLog(String),
+    /// `--report` or `--histogram` could not be written once the run was over.
+    #[error("{0}")]
+    OutputsLost(String),
 }
 
 impl Error {

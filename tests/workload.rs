@@ -1,5 +1,7 @@
 //! `bank workload` end to end, quiet and with backend connections killed from outside.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
-use crate::support::{Iso, ScratchDb};
+use crate::support::{Iso, Run, ScratchDb};
 
 #[test]
 fn a_workload_by_count_keeps_every_invariant() {
@@ -509,21 +511,34 @@ fn credits_that_would_pass_the_largest_balance_are_refusals_not_errors() {
 
 #[test]
 fn a_histogram_log_that_cannot_be_written_loses_no_report() {
-    // --histogram on a full disk: the run went to its end and printed only "cannot write
-    // output: No space left on device", without the report or which file it was.
+    // --histogram on a disk that fills up during the run: the run went to its end and printed
+    // only "cannot write output: No space left on device", without the report or which file it
+    // was. (This ran on /dev/full, which is now refused before the run; a file size limit
+    // stands in for the disk.)
     let db = ScratchDb::migrated();
-    let run = db
-        .bank()
-        .args(["workload", "--accounts", "10", "--concurrency", "2"])
-        .args(["--duration", "1200ms", "--display-every", "500ms", "--json"])
-        .args(["--histogram", "/dev/full"])
-        .run();
+    let dir = tempfile::tempdir().expect("dir");
+    let args = [
+        "workload",
+        "--accounts",
+        "10",
+        "--concurrency",
+        "2",
+        "--duration",
+        "2s",
+        "--display-every",
+        "50ms",
+        "--json",
+        "--histogram",
+        "latency.hlog",
+    ];
+    let run = bank_with_files_up_to(&db, dir.path(), ROOM_FOR_THE_CHECK, &args);
     assert_eq!(run.code, 1, "{run:?}");
     assert!(
         run.json()["transfers_committed"].as_u64() > Some(0),
         "{run:?}"
     );
-    assert!(run.stderr.contains("--histogram /dev/full"), "{run:?}");
+    assert!(run.stderr.contains("--histogram latency.hlog"), "{run:?}");
+    assert!(files(dir.path()).is_empty(), "no file was made");
 }
 
 /// The final check is a read, with a read's timeout (`--check-timeout`, default 2min), not the
@@ -708,4 +723,292 @@ fn ctrl_c_while_the_workload_creates_its_accounts_stops_it() {
             .contains(&format!("{created} of 2000000 created")),
         "{created}: {run:?}"
     );
+}
+
+/// `bank` on `db`, run from `dir`, so that relative paths name files there.
+fn bank_in(db: &ScratchDb, dir: &Path) -> crate::support::Bank {
+    let mut bank = db.bank();
+    bank.cmd.current_dir(dir);
+    bank
+}
+
+/// Every entry in `dir` (hidden ones too, so that a temporary file left behind shows) with its
+/// content, a directory as `<dir>` and a symbolic link as `-> target`.
+fn files(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|entry| {
+            let entry = entry.expect("entry");
+            let kind = entry.file_type().expect("file type");
+            let content = if kind.is_symlink() {
+                let target = std::fs::read_link(entry.path()).expect("read link");
+                format!("-> {}", target.display())
+            } else if kind.is_dir() {
+                "<dir>".to_string()
+            } else {
+                String::from_utf8_lossy(&std::fs::read(entry.path()).expect("read")).into_owned()
+            };
+            (entry.file_name().to_string_lossy().into_owned(), content)
+        })
+        .collect()
+}
+
+/// Room for the block the up-front check writes (4 KiB) and little more: the log of a short
+/// run at `--display-every 50ms` and any page outgrow it.
+const ROOM_FOR_THE_CHECK: u64 = 4096 + 512;
+
+/// `bank --database-url … ARGS` run from `dir` with its files limited to `bytes` (RLIMIT_FSIZE,
+/// SIGXFSZ ignored): a write past the limit fails with EFBIG, as a write to a full disk fails
+/// with ENOSPC, while the run itself goes on.
+fn bank_with_files_up_to(db: &ScratchDb, dir: &Path, bytes: u64, args: &[&str]) -> Run {
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"trap '' XFSZ; limit=$1; shift; exec prlimit --fsize="$limit" -- "$@""#)
+        .arg("sh")
+        .arg(bytes.to_string())
+        .arg(env!("CARGO_BIN_EXE_bank"))
+        .args(["--database-url", db.url.expose()])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("BANK_MAX_RETRIES")
+        .env_remove("BANK_RETRY_BASE")
+        .env_remove("BANK_RETRY_CAP")
+        .env_remove("BANK_TIMEOUT")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run bank under prlimit");
+    Run::from(output)
+}
+
+/// `--report` and `--histogram` naming one file were refused (exit 2), but only after the
+/// histogram had truncated it: `echo precious > r.html` ended as an empty r.html. Refused now
+/// with the file as it was, in either order, under any spelling of the same file, and without
+/// creating the file when it did not exist.
+#[test]
+fn outputs_naming_one_file_are_refused_with_the_file_as_it_was() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("r.html"), "precious").expect("write");
+    std::os::unix::fs::symlink("r.html", d.join("link.html")).expect("symlink");
+    std::fs::hard_link(d.join("r.html"), d.join("hard.html")).expect("hard link");
+    std::fs::create_dir(d.join("sub")).expect("mkdir");
+    std::os::unix::fs::symlink("new.html", d.join("dangling.html")).expect("symlink");
+    let absolute = d.join("r.html");
+    let absolute = absolute.to_str().expect("utf-8");
+    let before = (db.state(), files(d));
+    let pairs = [
+        ("r.html", "r.html"),
+        ("./r.html", "r.html"),
+        ("r.html", absolute),
+        ("sub/../r.html", "r.html"),
+        ("link.html", "r.html"),
+        ("hard.html", "r.html"),
+        // Neither exists: refused without creating it.
+        ("new.html", "./new.html"),
+        ("dangling.html", "new.html"),
+    ];
+    for (a, b) in pairs {
+        for (report, histogram) in [(a, b), (b, a)] {
+            let run = bank_in(&db, d)
+                .args(["workload", "--accounts", "10", "--transfers", "5"])
+                .args(["--report", report, "--histogram", histogram])
+                .run();
+            run.fails_with(2, "--report and --histogram name the same file");
+            assert_eq!(
+                (db.state(), files(d)),
+                before,
+                "{report} {histogram}: {run:?}"
+            );
+        }
+    }
+}
+
+/// A path that opens but cannot be written (`/dev/full`, a full disk) passed the check that
+/// opened it: the run created its accounts and made its transfers, then failed (exit 1). Such a
+/// path is bad input, refused before anything changes (exit 2), for either output, whatever the
+/// other one names; so are a directory and a path in a missing directory.
+#[test]
+fn an_output_path_that_cannot_be_written_is_refused_before_anything_changes() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("r.html"), "precious").expect("write");
+    std::fs::write(d.join("h.log"), "precious too").expect("write");
+    std::fs::create_dir(d.join("sub")).expect("mkdir");
+    let before = (db.state(), files(d));
+    let unwritable = [
+        ("/dev/full", "not a regular file"),
+        ("sub", "is a directory"),
+        ("sub/", "is a directory"),
+        ("missing/r.html", "does not exist"),
+        ("r.html/x", "not a directory"),
+        ("r.html/", "names a directory"),
+    ];
+    for (path, why) in unwritable {
+        for (flag, other_flag, other) in [
+            ("--report", "--histogram", "h.log"),
+            ("--histogram", "--report", "r.html"),
+        ] {
+            let run = bank_in(&db, d)
+                .args(["workload", "--accounts", "10", "--transfers", "5"])
+                .args([other_flag, other, flag, path])
+                .run();
+            run.fails_with(2, &format!("cannot write {flag} {path}"));
+            assert!(run.stderr.contains(why), "{why}: {run:?}");
+            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
+        }
+    }
+    // A disk that takes no more data: the check writes to it before the run.
+    for flag in ["--report", "--histogram"] {
+        let target = if flag == "--report" {
+            "r.html"
+        } else {
+            "h.log"
+        };
+        let run = bank_with_files_up_to(
+            &db,
+            d,
+            1024,
+            &[
+                "workload",
+                "--accounts",
+                "10",
+                "--transfers",
+                "5",
+                flag,
+                target,
+            ],
+        );
+        run.fails_with(2, &format!("cannot write {flag} {target}"));
+        assert_eq!((db.state(), files(d)), before, "{flag}: {run:?}");
+    }
+}
+
+/// A workload that could not start (the server unreachable, the database not migrated) left
+/// `--report` and `--histogram` files at 0 bytes, having written nothing in them. A run that
+/// never started writes no page and no log, and leaves the files as they were.
+#[test]
+fn a_workload_that_cannot_start_leaves_its_output_files_as_they_were() {
+    let unmigrated = ScratchDb::empty();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("r.html"), "precious").expect("write");
+    std::fs::write(d.join("h.log"), "precious too").expect("write");
+    let before = files(d);
+    let outputs = ["--report", "r.html", "--histogram", "h.log"];
+    let run = crate::support::Bank::new()
+        .args(["--database-url", "postgres://bank:pw@127.0.0.1:1/bank"])
+        .args(["workload", "--transfers", "5"])
+        .args(outputs.map(|a| {
+            if a.starts_with("--") {
+                a.to_string()
+            } else {
+                d.join(a).to_string_lossy().into_owned()
+            }
+        }))
+        .run();
+    run.fails_with(1, "cannot connect");
+    assert_eq!(files(d), before, "{run:?}");
+    let run = bank_in(&unmigrated, d)
+        .args(["workload", "--transfers", "5"])
+        .args(outputs)
+        .run();
+    run.fails_with(1, "bank init");
+    assert_eq!(files(d), before, "{run:?}");
+}
+
+/// A report that passed the check and still could not be written once the run was over (the
+/// disk filled up during the run): `/dev/full` ended the run with "cannot write the report",
+/// silent on the run's transfers, which were committed. Exit 1, one line that says the run's
+/// work is committed and its report is on stdout; the files are as they were.
+#[test]
+fn outputs_that_cannot_be_written_after_the_run_leave_the_files_as_they_were() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("r.html"), "precious").expect("write");
+    std::fs::write(d.join("h.log"), "precious too").expect("write");
+    let before = files(d);
+    // The check's write fits; the page (tens of KiB) and a log of 40 intervals do not.
+    let run = bank_with_files_up_to(
+        &db,
+        d,
+        ROOM_FOR_THE_CHECK,
+        &[
+            "workload",
+            "--accounts",
+            "10",
+            "--concurrency",
+            "2",
+            "--duration",
+            "2s",
+            "--display-every",
+            "50ms",
+            "--json",
+            "--report",
+            "r.html",
+            "--histogram",
+            "h.log",
+        ],
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    let committed = run.json()["transfers_committed"].as_u64().expect("n");
+    assert!(committed > 0, "{run:?}");
+    assert_eq!(db.state().1 as u64, committed, "the run's transfers stay");
+    // Below the progress table, one line.
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("bank: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{run:?}");
+    for needle in ["--report r.html", "--histogram h.log", "committed"] {
+        assert!(errors[0].contains(needle), "{needle}: {run:?}");
+    }
+    assert_eq!(files(d), before, "{run:?}");
+}
+
+/// The page and the log replace a file that was there, through a symbolic link too (the link
+/// stays and its target gets the page), keeping the file's permissions, and leave nothing
+/// else behind.
+#[test]
+fn outputs_replace_the_files_they_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("real.html"), "old").expect("write");
+    std::fs::set_permissions(d.join("real.html"), std::fs::Permissions::from_mode(0o640))
+        .expect("chmod");
+    std::os::unix::fs::symlink("real.html", d.join("r.html")).expect("symlink");
+    std::fs::write(d.join("h.log"), "old").expect("write");
+    bank_in(&db, d)
+        .args([
+            "workload",
+            "--accounts",
+            "10",
+            "--transfers",
+            "20",
+            "--json",
+        ])
+        .args(["--report", "r.html", "--histogram", "h.log"])
+        .run()
+        .success();
+    let after = files(d);
+    let names: Vec<&str> = after.keys().map(String::as_str).collect();
+    assert_eq!(names, ["h.log", "r.html", "real.html"], "{after:?}");
+    assert_eq!(after["r.html"], "-> real.html");
+    assert!(
+        after["real.html"].starts_with("<!DOCTYPE html>"),
+        "{after:?}"
+    );
+    assert!(after["h.log"].contains("StartTime"), "{after:?}");
+    let mode = std::fs::metadata(d.join("real.html"))
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640);
 }

@@ -6,6 +6,7 @@
 mod crew;
 mod histogram_log;
 mod html;
+mod output;
 mod report;
 mod timeline;
 mod worker;
@@ -29,6 +30,7 @@ use crate::retry::{classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPol
 use crate::transfer::Mode;
 use crate::verify;
 use crew::Crew;
+use output::Output;
 use report::FinalCheck;
 use timeline::Timeline;
 use worker::{IdPrefix, Live};
@@ -74,32 +76,10 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
                 .into(),
         ));
     }
-    // Opened first: a path that cannot be written is refused before anything changes.
-    let histogram = match &config.histogram {
-        Some(path) => Some(std::fs::File::create(path).map_err(|e| {
-            Error::Usage(format!("cannot write --histogram {}: {e}", path.display()))
-        })?),
-        None => None,
-    };
-    // Both naming one file, the report overwrote the histogram's log without a word. The log
-    // exists by now, so a path to it resolves to the same place however it is spelt.
-    if let (Some(log), Some(report)) = (&config.histogram, &config.report) {
-        let same = std::fs::canonicalize(log)
-            .and_then(|l| std::fs::canonicalize(report).map(|r| l == r))
-            .unwrap_or(false);
-        if same {
-            return Err(Error::Usage(
-                "--report and --histogram name the same file: give each its own".into(),
-            ));
-        }
-    }
-    let html =
-        match &config.report {
-            Some(path) => Some(std::fs::File::create(path).map_err(|e| {
-                Error::Usage(format!("cannot write --report {}: {e}", path.display()))
-            })?),
-            None => None,
-        };
+    // Checked first: a path that cannot be written is refused before anything changes.
+    let (report_out, histogram_out) =
+        output::prepare(config.report.as_deref(), config.histogram.as_deref())?;
+    let histogram = histogram_out.as_ref().map(Output::writer).transpose()?;
     crate::interrupt::catch();
     let mut setup = url.connect_migrated()?;
     let ids = prepare_accounts(&mut setup, config)?;
@@ -148,7 +128,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let reads = readers.stop();
     // A log that could not be written fails the run, after its report: the run itself is the
     // thing worth seeing.
-    let histogram_result = histogram_written.map(|w| w.wait()).transpose();
+    let histogram_result = histogram_written.map(|w| w.wait());
     let elapsed = started.elapsed();
 
     // The final check reads every balance and the whole ledger, which takes longer as the
@@ -175,41 +155,60 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         tally,
         check,
     );
-    if config.json {
-        serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
-        writeln!(out)?;
+    let printed = if config.json {
+        serde_json::to_writer(&mut *out, &report)
+            .map_err(io::Error::from)
+            .and_then(|()| writeln!(out))
     } else {
-        write!(out, "{report}")?;
-    }
-    // Written whatever the verdict: a failed or interrupted run is the one worth looking at.
-    if let (Some(file), Some(seconds)) = (html, watchdog.seconds) {
+        write!(out, "{report}")
+    };
+    // Written whatever the verdict (a failed or interrupted run is the one worth looking at),
+    // and whatever became of standard output: the page is the fuller account.
+    let mut lost = Vec::new();
+    if let (Some(page), Some(seconds)) = (report_out, watchdog.seconds) {
         let timeline = Timeline::new(seconds, crew.live.marks(), config.readers, starting_total);
-        html::write(file, &report, &timeline).map_err(|e| {
-            let path = config.report.as_deref().unwrap_or(std::path::Path::new(""));
-            WorkloadError::Report(format!("{}: {e}", path.display()))
-        })?;
+        let written = page
+            .writer()
+            .and_then(|file| html::write(file, &report, &timeline));
+        lost.extend(page.finish(written).err());
     }
-    if let Err(e) = histogram_result {
-        let path = config
-            .histogram
-            .as_deref()
-            .unwrap_or(std::path::Path::new(""));
-        return Err(WorkloadError::HistogramLog(format!("{}: {e}", path.display())).into());
+    if let (Some(log), Some(written)) = (histogram_out, histogram_result) {
+        lost.extend(log.finish(written).err());
     }
+    printed?;
+    let verdict = verdict(report);
+    if lost.is_empty() {
+        return verdict.map_or(Ok(()), |e| Err(e.into()));
+    }
+    // The run is over and its work committed: a lost output is no usage error, and the line
+    // has to say so, or a rerun would repeat what is already done.
+    let verdict = verdict.map_or_else(
+        || "every check passed, but".to_string(),
+        |e| format!("{e}, and"),
+    );
+    Err(WorkloadError::OutputsLost(format!(
+        "{verdict} cannot write {}: what the run did is committed and its report is on \
+         standard output",
+        lost.join(" nor ")
+    ))
+    .into())
+}
+
+/// What failed the run, if anything did.
+fn verdict(report: Report) -> Option<WorkloadError> {
     if report.ok {
-        Ok(())
+        None
     } else if let Some(e) = report.final_check_error {
-        Err(WorkloadError::FinalCheck(e).into())
+        Some(WorkloadError::FinalCheck(e))
     } else if report.invariants_hold() {
         // Only errors made the run fail: saying an invariant broke would send the reader after
         // the wrong thing.
-        Err(WorkloadError::Errors {
+        Some(WorkloadError::Errors {
             count: report.errors,
             last: report.last_error.unwrap_or_default(),
-        }
-        .into())
+        })
     } else {
-        Err(WorkloadError::InvariantViolated.into())
+        Some(WorkloadError::InvariantViolated)
     }
 }
 

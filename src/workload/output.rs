@@ -1,0 +1,258 @@
+//! `--report FILE` and `--histogram FILE`. Each is written to a temporary file beside FILE and
+//! moved over it once complete: opening FILE itself truncated it before the run, so a run that
+//! was refused, could not start or could not write left the user's file empty. FILE changes
+//! only when a whole page (or log) is there to replace it.
+//!
+//! What is checked before the run, so that bad input changes nothing: the directory exists, FILE
+//! is a regular file the user may write (or is new), the two outputs are not one file, and a
+//! block written to the temporary file reaches the disk. What no check can promise is that the
+//! disk still has room at the end of the run; that failure is reported after the run.
+
+use std::fs::{self, File};
+use std::io::{self, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use tempfile::TempPath;
+
+use crate::error::Error;
+
+/// Written and synced before the run: a file system that takes no more data (full, over quota)
+/// refuses a block as it would refuse the page.
+const PROBE_BYTES: usize = 4096;
+
+/// As the kernel's own limit on a path's symbolic links (ELOOP).
+const MAX_LINKS: usize = 40;
+
+/// An output checked and ready: a temporary file beside its target, removed when dropped.
+pub(super) struct Output {
+    flag: &'static str,
+    /// As the user spelt it, for messages.
+    given: PathBuf,
+    target: PathBuf,
+    /// Whether there was a file to keep as it was.
+    existed: bool,
+    file: File,
+    temp: TempPath,
+}
+
+/// Where an output goes, checked, with nothing created yet.
+struct Target {
+    flag: &'static str,
+    given: PathBuf,
+    /// The path with its directory and any symbolic link at its end resolved: the rename then
+    /// replaces the file the link points to and the link stays.
+    target: PathBuf,
+    existing: Option<fs::Metadata>,
+}
+
+/// Checks `--report` and `--histogram` and makes their temporary files; any refusal is a usage
+/// error, given before anything (database or file) changes.
+pub(super) fn prepare(
+    report: Option<&Path>,
+    histogram: Option<&Path>,
+) -> Result<(Option<Output>, Option<Output>), Error> {
+    let report = report.map(|p| Target::resolve("--report", p)).transpose()?;
+    let histogram = histogram
+        .map(|p| Target::resolve("--histogram", p))
+        .transpose()?;
+    if let (Some(r), Some(h)) = (&report, &histogram) {
+        if r.is_same_file(h) {
+            return Err(Error::Usage(
+                "--report and --histogram name the same file: give each its own".into(),
+            ));
+        }
+    }
+    Ok((
+        report.map(Target::create).transpose()?,
+        histogram.map(Target::create).transpose()?,
+    ))
+}
+
+fn refusal(flag: &str, given: &Path, why: impl std::fmt::Display) -> Error {
+    Error::Usage(format!("cannot write {flag} {}: {why}", given.display()))
+}
+
+impl Target {
+    fn resolve(flag: &'static str, given: &Path) -> Result<Target, Error> {
+        let refuse = |why: String| refusal(flag, given, why);
+        let mut path = given.to_path_buf();
+        for _ in 0..MAX_LINKS {
+            let Some(name) = path.file_name().map(ToOwned::to_owned) else {
+                // "..", "/", "": no name to give a file.
+                return Err(refuse(if path.is_dir() {
+                    "is a directory".into()
+                } else {
+                    "names no file".into()
+                }));
+            };
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let dir = fs::canonicalize(&parent).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    refuse(format!("its directory {} does not exist", parent.display()))
+                }
+                _ => refuse(format!("its directory {}: {e}", parent.display())),
+            })?;
+            if !dir.is_dir() {
+                return Err(refuse(format!("{} is not a directory", parent.display())));
+            }
+            let full = dir.join(&name);
+            let existing = match fs::symlink_metadata(&full) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let link = fs::read_link(&full).map_err(|e| refuse(e.to_string()))?;
+                    path = dir.join(link);
+                    continue;
+                }
+                Ok(m) => Some(m),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(refuse(e.to_string())),
+            };
+            let target = Target {
+                flag,
+                given: given.to_path_buf(),
+                target: full,
+                existing,
+            };
+            return target.check();
+        }
+        Err(refuse("too many levels of symbolic links".into()))
+    }
+
+    fn check(self) -> Result<Target, Error> {
+        let refuse = |why: String| refusal(self.flag, &self.given, why);
+        // Path::file_name drops a trailing slash, which File::create would have refused.
+        let names_a_directory = self
+            .given
+            .to_string_lossy()
+            .ends_with(std::path::MAIN_SEPARATOR);
+        match &self.existing {
+            Some(m) if m.is_dir() => Err(refuse("is a directory".into())),
+            _ if names_a_directory => Err(refuse("names a directory (it ends in /)".into())),
+            // A device or a pipe cannot be replaced by a rename, and the only check of whether
+            // one takes data (/dev/full does not) is to write to it.
+            Some(m) if !m.is_file() => Err(refuse(
+                "not a regular file (a device, a pipe or a socket)".into(),
+            )),
+            // Opened without truncating: proves the permission and changes nothing.
+            Some(_) => match fs::OpenOptions::new().write(true).open(&self.target) {
+                Ok(_) => Ok(self),
+                Err(e) => Err(refuse(e.to_string())),
+            },
+            None => Ok(self),
+        }
+    }
+
+    fn is_same_file(&self, other: &Target) -> bool {
+        let same_inode = match (&self.existing, &other.existing) {
+            (Some(a), Some(b)) => same_inode(a, b),
+            _ => false,
+        };
+        same_inode || self.target == other.target
+    }
+
+    fn create(self) -> Result<Output, Error> {
+        let refuse = |why: String| refusal(self.flag, &self.given, why);
+        let (dir, name) = match (self.target.parent(), self.target.file_name()) {
+            (Some(dir), Some(name)) => (dir, name),
+            _ => return Err(refuse("names no file".into())),
+        };
+        let prefix = format!(".{}.", name.to_string_lossy());
+        let temp = new_file_permissions(tempfile::Builder::new().prefix(&prefix).suffix(".tmp"))
+            .tempfile_in(dir)
+            .map_err(|e| refuse(format!("cannot create a file in {}: {e}", dir.display())))?;
+        let (mut file, temp) = temp.into_parts();
+        if let Some(m) = &self.existing {
+            keep_owner_and_mode(&file, m).map_err(|e| refuse(e.to_string()))?;
+        }
+        let probe = |file: &mut File| -> io::Result<()> {
+            file.write_all(&[0; PROBE_BYTES])?;
+            file.sync_all()?;
+            file.set_len(0)?;
+            file.rewind()
+        };
+        probe(&mut file).map_err(|e| refuse(e.to_string()))?;
+        Ok(Output {
+            flag: self.flag,
+            given: self.given,
+            existed: self.existing.is_some(),
+            target: self.target,
+            file,
+            temp,
+        })
+    }
+}
+
+impl Output {
+    /// The temporary file, to write the output into.
+    pub(super) fn writer(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Moves the output, once `written`, over its target: on disk first, so that a crash cannot
+    /// leave an empty file where the old one was. On failure the target is as it was and the
+    /// error names the output.
+    pub(super) fn finish(self, written: io::Result<()>) -> Result<(), String> {
+        let Output {
+            flag,
+            given,
+            target,
+            existed,
+            file,
+            temp,
+        } = self;
+        let kept = if existed {
+            format!("{} is as it was", given.display())
+        } else {
+            "no file was made".to_string()
+        };
+        written
+            .and_then(|()| file.sync_all())
+            .and_then(|()| temp.persist(&target).map_err(|e| e.error))
+            .map_err(|e| format!("{flag} {} ({e}; {kept})", given.display()))
+    }
+}
+
+/// Hard links are one file under two names.
+#[cfg(unix)]
+fn same_inode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_inode(_: &fs::Metadata, _: &fs::Metadata) -> bool {
+    false
+}
+
+/// 0666 less the umask, as `File::create` would make it (tempfile's default is 0600).
+#[cfg(unix)]
+fn new_file_permissions<'a, 'b>(
+    builder: &'b mut tempfile::Builder<'a, 'a>,
+) -> &'b mut tempfile::Builder<'a, 'a> {
+    use std::os::unix::fs::PermissionsExt;
+    builder.permissions(fs::Permissions::from_mode(0o666))
+}
+
+#[cfg(not(unix))]
+fn new_file_permissions<'a, 'b>(
+    builder: &'b mut tempfile::Builder<'a, 'a>,
+) -> &'b mut tempfile::Builder<'a, 'a> {
+    builder
+}
+
+/// The replacement keeps what the user set on the file it replaces.
+#[cfg(unix)]
+fn keep_owner_and_mode(file: &File, old: &fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::PermissionsExt;
+    // A user who is not root cannot give a file away: it is then theirs, as a new file would be.
+    let _ = std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()));
+    file.set_permissions(fs::Permissions::from_mode(old.mode() & 0o7777))
+}
+
+#[cfg(not(unix))]
+fn keep_owner_and_mode(file: &File, old: &fs::Metadata) -> io::Result<()> {
+    file.set_permissions(old.permissions())
+}
