@@ -86,55 +86,87 @@ pub fn read<'a, R: BufRead + 'a>(
         inner: input,
         line: 1,
         length: 0,
+        after_cr: false,
     };
     match format {
         Format::Csv => Box::new(CsvLines::new(input)),
         Format::Jsonl => Box::new(JsonLines {
             input: std::io::BufReader::new(input),
             line: 0,
+            after_cr: false,
             done: false,
         }),
     }
 }
 
-/// The longest line read: a transfer takes about 150 bytes. Both readers hold a whole line, so
-/// without a bound a file with no newlines (a JSON array on one line, say) was held whole: 235 MB
-/// of memory for a 231 MB array, before it was refused.
+/// The longest line, or CSV record, read: a transfer takes about 150 bytes. Both readers hold a
+/// whole line (the csv reader a whole record), so without a bound a file with no newlines (a JSON
+/// array on one line, say) was held whole: 235 MB of memory for a 231 MB array, before it was
+/// refused; and a quoted CSV field over many lines as well: 88 MB for a 30 MB field.
 const MAX_LINE: usize = 1 << 20;
 
-/// A reader that fails, with `TooLong`, once a line outgrows `MAX_LINE`.
+/// A reader that fails, with `TooLong`, once a line outgrows `MAX_LINE`. A line ends at LF, CRLF
+/// or CR alone, as for both readers: counting LF alone, a file of CR-ended lines was one line,
+/// refused once past 1 MiB.
 struct LineLimit<R> {
     inner: R,
     /// The line being read, 1-based.
     line: u64,
-    /// Its bytes so far.
+    /// Its bytes so far, its line end left out.
     length: usize,
+    /// The byte before was a CR: an LF now is the second half of CRLF, not a line of its own.
+    after_cr: bool,
 }
 
 #[derive(Debug, Error)]
-#[error(
-    "longer than 1 MiB, where a transfer takes about 150 bytes: JSON Lines has one object per \
-     line (not a JSON array), and CSV one transfer per line"
-)]
-struct TooLong {
-    line: u64,
+enum TooLong {
+    #[error(
+        "longer than 1 MiB, where a transfer takes about 150 bytes: JSON Lines has one object \
+         per line (not a JSON array), and CSV one transfer per line"
+    )]
+    Line { line: u64 },
+    #[error(
+        "a quote opens a field here that runs past 1 MiB, where a transfer takes about 150 \
+         bytes: if the quote is never closed, every line after it is part of that field"
+    )]
+    Quoted { line: u64 },
+    #[error(
+        "a transfer over several lines (a quoted field holds line ends) runs past 1 MiB, where \
+         one takes about 150 bytes"
+    )]
+    Record { line: u64 },
+}
+
+impl TooLong {
+    fn line(&self) -> u64 {
+        match self {
+            TooLong::Line { line } | TooLong::Quoted { line } | TooLong::Record { line } => *line,
+        }
+    }
+
+    fn into_io(self) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, self)
+    }
 }
 
 impl<R: Read> LineLimit<R> {
     fn check(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        for chunk in bytes.split_inclusive(|b| *b == b'\n') {
-            self.length += chunk.len();
-            if self.length > MAX_LINE + 1 {
-                let line = self.line;
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    TooLong { line },
-                ));
+        for &b in bytes {
+            match b {
+                b'\n' if self.after_cr => {}
+                b'\n' | b'\r' => {
+                    self.line += 1;
+                    self.length = 0;
+                }
+                _ => {
+                    self.length += 1;
+                    if self.length > MAX_LINE {
+                        let line = self.line;
+                        return Err(TooLong::Line { line }.into_io());
+                    }
+                }
             }
-            if chunk.ends_with(b"\n") {
-                self.line += 1;
-                self.length = 0;
-            }
+            self.after_cr = b == b'\r';
         }
         Ok(())
     }
@@ -154,7 +186,7 @@ fn read_error(line: u64, e: &std::io::Error) -> Malformed {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<TooLong>())
     {
-        Some(too_long) => malformed(too_long.line, too_long.to_string()),
+        Some(too_long) => malformed(too_long.line(), too_long.to_string()),
         None => malformed(line, format!("cannot read: {e}")),
     }
 }
@@ -272,33 +304,56 @@ struct CsvLines<R: Read> {
     lines: Rc<RefCell<LineIndex>>,
 }
 
-/// A reader that notes where its newlines are, so that a byte offset gives its line number
-/// (the csv crate's own count leaves out blank lines). Records are read in order, so the offsets
-/// already passed are dropped: it holds no more than the csv reader's buffer.
+/// A reader that notes where each record begins and on which line, so that a record's byte
+/// offset gives its line number (the csv crate's own count leaves out blank lines); and that
+/// fails, with `TooLong`, once a record outgrows `MAX_LINE`, as a line does.
 struct Newlines<R> {
     inner: R,
     read: u64,
     index: Rc<RefCell<LineIndex>>,
 }
 
-#[derive(Default)]
 struct LineIndex {
-    /// Each line end's offset, and the offset of the last byte other than a space before it on
-    /// its line (none: the line is blank).
-    newlines: VecDeque<(u64, Option<u64>)>,
-    passed: u64,
-    /// The last byte other than a space on the line being read.
-    text: Option<u64>,
+    /// Each record read and not yet given by the csv reader: its line and where it ends
+    /// (`u64::MAX` while it has not). Records are given in order and the csv reader reads ahead
+    /// by no more than its buffer, so this holds few. An entry per line end instead took 1.18 GB
+    /// for a file of 50 M blank lines (the csv reader skips them, so nothing asked for them and
+    /// nothing dropped them), and 754 MB for a quoted field of 30 M line ends.
+    records: VecDeque<Record>,
+    /// The line being read, 1-based.
+    line: u64,
     /// The byte before was a carriage return: a line end of its own (as the csv crate takes it),
     /// or the first half of CRLF.
     after_cr: bool,
+    /// The record being read has its first byte other than a space at this offset.
+    begun: Option<u64>,
     /// Where the bytes read so far leave a field, as the csv crate reads them (RFC 4180).
     field: Field,
-    /// Where the quoted field being read opened.
-    opened: u64,
-    /// At the end of the input, the offset of a quote still open: the csv crate then ends the
-    /// field there, so the rest of the file (however many lines) is one field, and no error.
-    unclosed: Option<u64>,
+    /// Where the quoted field being read opened, and on which line.
+    opened: (u64, u64),
+    /// At the end of the input, the offset and line of a quote still open: the csv crate then
+    /// ends the field there, so the rest of the file (however many lines) is one field, and no
+    /// error.
+    unclosed: Option<(u64, u64)>,
+}
+
+struct Record {
+    line: u64,
+    end: u64,
+}
+
+impl Default for LineIndex {
+    fn default() -> Self {
+        LineIndex {
+            records: VecDeque::new(),
+            line: 1,
+            after_cr: false,
+            begun: None,
+            field: Field::Start,
+            opened: (0, 1),
+            unclosed: None,
+        }
+    }
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -312,15 +367,29 @@ enum Field {
 }
 
 impl LineIndex {
-    fn byte(&mut self, at: u64, b: u8) {
+    fn byte(&mut self, at: u64, b: u8) -> Result<(), TooLong> {
+        // Inside a quoted field a line end is part of the field, not the end of the record.
+        let quoted = self.field == Field::Quoted;
         match b {
             b'\n' if self.after_cr => {}
             b'\n' | b'\r' => {
-                let text = self.text.take();
-                self.newlines.push_back((at, text));
+                self.line += 1;
+                if !quoted && self.begun.take().is_some() {
+                    if let Some(r) = self.records.back_mut() {
+                        r.end = at;
+                    }
+                }
             }
-            b' ' | b'\t' => {}
-            _ => self.text = Some(at),
+            // What the csv crate trims: a line of these alone is a blank line.
+            b' ' | b'\t' | b'\x0c' => {}
+            _ if self.begun.is_none() => {
+                self.begun = Some(at);
+                self.records.push_back(Record {
+                    line: self.line,
+                    end: u64::MAX,
+                });
+            }
+            _ => {}
         }
         self.after_cr = b == b'\r';
         self.field = match (self.field, b) {
@@ -328,12 +397,26 @@ impl LineIndex {
             (Field::Quoted, _) => Field::Quoted,
             (Field::QuoteInQuoted, b'"') => Field::Quoted,
             (Field::Start, b'"') => {
-                self.opened = at;
+                self.opened = (at, self.line);
                 Field::Quoted
             }
             (_, b',' | b'\n' | b'\r') => Field::Start,
             _ => Field::Unquoted,
         };
+        // A record on one line is bounded by `LineLimit` already; one over several lines (a
+        // quoted field holding line ends) is bounded here, blank lines before it left out.
+        match self.begun {
+            Some(begun) if at - begun >= MAX_LINE as u64 => {
+                let line = self.records.back().map_or(self.line, |r| r.line);
+                Err(match self.field {
+                    Field::Quoted => TooLong::Quoted {
+                        line: self.opened.1,
+                    },
+                    _ => TooLong::Record { line },
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn end(&mut self) {
@@ -345,29 +428,24 @@ impl LineIndex {
 
 /// A record that holds a quote never closed, with the line that quote opens on.
 fn unclosed(lines: &RefCell<LineIndex>, start: u64, end: u64) -> Option<Malformed> {
-    let mut index = lines.borrow_mut();
-    let quote = index.unclosed.filter(|q| (start..end).contains(q))?;
+    let index = lines.borrow();
+    let (_, line) = index.unclosed.filter(|(q, _)| (start..end).contains(q))?;
     Some(malformed(
-        index.line_at(quote),
+        line,
         "a quote opens a field here and is never closed, so every line after it would be \
          part of that field",
     ))
 }
 
 impl LineIndex {
-    /// The 1-based line of the first byte other than a space at or after `offset` (the csv
-    /// crate starts a record at the line ends and blank lines before it); offsets must not go
-    /// backwards.
+    /// The 1-based line of the record the csv crate says starts at `offset` (it starts a record
+    /// at the line ends and blank lines before it); offsets must not go backwards. Records
+    /// before it are forgotten.
     fn line_at(&mut self, offset: u64) -> u64 {
-        while self
-            .newlines
-            .front()
-            .is_some_and(|(n, text)| *n < offset || text.is_none_or(|t| t < offset))
-        {
-            self.newlines.pop_front();
-            self.passed += 1;
+        while self.records.front().is_some_and(|r| r.end < offset) {
+            self.records.pop_front();
         }
-        self.passed + 1
+        self.records.front().map_or(self.line, |r| r.line)
     }
 }
 
@@ -376,7 +454,9 @@ impl<R: Read> Read for Newlines<R> {
         let n = self.inner.read(buf)?;
         let mut index = self.index.borrow_mut();
         for (i, b) in buf[..n].iter().enumerate() {
-            index.byte(self.read + i as u64, *b);
+            index
+                .byte(self.read + i as u64, *b)
+                .map_err(TooLong::into_io)?;
         }
         if n == 0 && !buf.is_empty() {
             index.end();
@@ -409,7 +489,11 @@ impl<R: Read> CsvLines<R> {
             let mut record = csv::StringRecord::new();
             header = loop {
                 match reader.read_record(&mut record) {
-                    Ok(true) if blank(&record) => continue,
+                    Ok(true) if blank(&record) => {
+                        // Not asked for, so its entry would stay (a line of U+3000, say).
+                        lines.borrow_mut().line_at(reader.position().byte());
+                        continue;
+                    }
                     Ok(true) => {
                         // The width every line is checked against.
                         reader.set_headers(record.clone());
@@ -520,7 +604,7 @@ fn csv_error(lines: &RefCell<LineIndex>, e: &csv::Error) -> Malformed {
     let mut index = lines.borrow_mut();
     let line = match e.position() {
         Some(p) => index.line_at(p.byte()),
-        None => index.passed + 1,
+        None => index.line,
     };
     match e.kind() {
         csv::ErrorKind::UnequalLengths {
@@ -565,11 +649,15 @@ impl<R: Read> Iterator for CsvLines<R> {
             }
             // A blank line (or one of spaces); a line of empty fields is a transfer without id.
             if r.len() == 1 && r[0].is_empty() {
+                // Not asked for, so its entry would stay (a line of U+3000, say).
+                self.lines
+                    .borrow_mut()
+                    .line_at(self.reader.position().byte());
                 continue;
             }
             let line = match r.position() {
                 Some(p) => self.lines.borrow_mut().line_at(p.byte()),
-                None => self.lines.borrow().passed + 1,
+                None => self.lines.borrow().line,
             };
             let width = self.reader.headers().map(|h| h.len()).unwrap_or_default();
             if r.len() != width {
@@ -589,12 +677,50 @@ impl<R: Read> Iterator for CsvLines<R> {
     }
 }
 
-/// JSON Lines; blank lines are skipped and unknown fields ignored.
+/// JSON Lines; blank lines are skipped and unknown fields ignored. A line ends at LF, CRLF or
+/// CR alone, as in CSV: a file saved with classic Mac OS line ends was one line, refused.
 struct JsonLines<R> {
     input: R,
     line: u64,
+    /// The last line ended with a CR: an LF now is the second half of CRLF.
+    after_cr: bool,
     /// Reading failed: the rest of the input cannot be trusted.
     done: bool,
+}
+
+impl<R: BufRead> JsonLines<R> {
+    /// The next line into `text`, its line end left out; false at the end of the input.
+    fn read_line(&mut self, text: &mut Vec<u8>) -> std::io::Result<bool> {
+        let mut any = false;
+        loop {
+            let available = match self.input.fill_buf() {
+                Ok(a) => a,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let Some(&first) = available.first() else {
+                return Ok(any);
+            };
+            if std::mem::take(&mut self.after_cr) && first == b'\n' {
+                self.input.consume(1);
+                continue;
+            }
+            match available.iter().position(|b| matches!(b, b'\n' | b'\r')) {
+                Some(end) => {
+                    text.extend_from_slice(&available[..end]);
+                    self.after_cr = available[end] == b'\r';
+                    self.input.consume(end + 1);
+                    return Ok(true);
+                }
+                None => {
+                    let n = available.len();
+                    text.extend_from_slice(available);
+                    self.input.consume(n);
+                    any = true;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -660,22 +786,25 @@ impl<R: BufRead> Iterator for JsonLines<R> {
         if self.done {
             return None;
         }
-        let mut text = String::new();
+        let mut bytes = Vec::new();
         loop {
-            text.clear();
+            bytes.clear();
             self.line += 1;
             let line = self.line;
-            match self.input.read_line(&mut text) {
-                Ok(0) => return None,
-                Ok(_) => {}
+            match self.read_line(&mut bytes) {
+                Ok(false) => return None,
+                Ok(true) => {}
                 Err(e) => {
                     self.done = true;
                     return Some(Err(read_error(line, &e)));
                 }
             }
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                return Some(Err(malformed(line, "not UTF-8 text")));
+            };
             let text = match line {
-                1 => text.strip_prefix(BOM).unwrap_or(&text),
-                _ => &text,
+                1 => text.strip_prefix(BOM).unwrap_or(text),
+                _ => text,
             };
             if text.trim().is_empty() {
                 continue;
@@ -695,16 +824,9 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                      to and amount",
                 )));
             }
-            // Without its line end, and serde's position given as a column: serde counts the
-            // lines of the text it is given ("line 3: … at line 2 column 0").
-            let text = text.trim_end_matches(['\n', '\r']);
+            // serde's position is given as a column: serde counts the lines of the text it is
+            // given ("line 3: … at line 2 column 0").
             return Some(match serde_json::from_str::<JsonTransfer>(text) {
-                // Classic Mac line ends: the whole file reads as one line.
-                Err(_) if text.trim_end().contains('\r') => Err(malformed(
-                    line,
-                    "lines end with a carriage return alone: JSON Lines ends each line with \\n \
-                     (or \\r\\n)",
-                )),
                 Err(e) => {
                     let full = e.to_string();
                     let what = full
@@ -1111,15 +1233,17 @@ mod tests {
     }
 
     #[test]
-    fn json_lines_ended_by_a_carriage_return_alone_say_so() {
+    fn json_lines_ended_by_a_carriage_return_alone_count_as_lines() {
+        // As in CSV: the whole file was one line, refused ("line 1"), however many it held.
         let line = format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}");
-        let (n, why) = reason(&all(&format!("{line}\r{line}\r"), Format::Jsonl)[0]);
-        assert_eq!(n, 1);
-        assert!(why.contains("carriage return"), "{why}");
-        // \r\n line ends are fine.
-        assert!(all(&format!("{line}\r\n{line}\r\n"), Format::Jsonl)
-            .iter()
-            .all(Result::is_ok));
+        let bad = line.replace('5', "x");
+        for end in ["\r", "\n", "\r\n"] {
+            let got = all(&format!("{line}{end}{end}{bad}{end}{line}"), Format::Jsonl);
+            assert_eq!(got.len(), 3, "{end:?}");
+            assert_eq!(got[0].as_ref().map(|l| l.line), Ok(1), "{end:?}");
+            assert_eq!(reason(&got[1]).0, 3, "{end:?}");
+            assert_eq!(got[2].as_ref().map(|l| l.line), Ok(4), "{end:?}");
+        }
     }
 
     #[test]
@@ -1253,6 +1377,111 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_file_past_a_mebibyte_with_lines_ended_by_a_carriage_return_alone_is_read_line_by_line() {
+        // Only \n ended a line for the 1 MiB bound: "line 1: longer than 1 MiB".
+        let csv = numbered(10_000).replace('\n', "\r");
+        assert!(csv.len() > MAX_LINE);
+        let got: Vec<_> = all(&csv, Format::Csv)
+            .into_iter()
+            .map(|l| l.map(|l| l.line))
+            .collect();
+        assert_eq!(got, (2..10_002).map(Ok).collect::<Vec<_>>());
+        let jsonl: String = (1..=10_000)
+            .map(|k| {
+                format!(
+                    "{{\"id\":\"{}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":{k}}}\r",
+                    Uuid::from_u128(k)
+                )
+            })
+            .collect();
+        assert!(jsonl.len() > MAX_LINE);
+        let got: Vec<_> = all(&jsonl, Format::Jsonl)
+            .into_iter()
+            .map(|l| l.map(|l| l.line))
+            .collect();
+        assert_eq!(got, (1..10_001).map(Ok).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_csv_record_over_many_lines_is_bounded_as_a_line_is() {
+        // The bound counted lines: a quoted field of 30 MB over many lines was held whole, and an
+        // unclosed quote took every line after it, blank ones included, before it was refused.
+        let y = "00000000-0000-0000-0000-000000000002";
+        let head = format!("id,from,to,amount,memo\n{X},{A},{B},1,pay\n");
+        let many = "memo\n".repeat(300_000);
+        for (text, line) in [
+            (
+                format!("{head}{y},{A},{B},2,\"{many}\"\n{y},{A},{B},3,x\n"),
+                3,
+            ),
+            (
+                format!("{head}\n\n{y},{A},{B},2,\"pay\n{}", "\n".repeat(3 << 20)),
+                5,
+            ),
+            (format!("{head}{y},{A},{B},2,\"a\nb\",\"{many}\"\n"), 4),
+            (format!("\"id\n{many}\",from,to,amount\n"), 1),
+        ] {
+            let got = all(&text, Format::Csv);
+            let refused = got.iter().find(|r| r.is_err()).map(reason);
+            let (at, why) = refused.unwrap_or_default();
+            assert_eq!(at, line, "{why}");
+            assert!(why.contains("1 MiB") && why.contains("quote"), "{why}");
+            assert!(got.len() <= 2, "nothing is read past it");
+        }
+        // Under the bound, a quoted field holds as many line ends as it likes.
+        let text = format!(
+            "{head}{y},{A},{B},2,\"{}\"\n{y},{A},{B},3,x\n",
+            "\n".repeat(1000)
+        );
+        let got: Vec<_> = all(&text, Format::Csv)
+            .into_iter()
+            .map(|l| l.map(|l| l.line))
+            .collect();
+        assert_eq!(got, [Ok(2), Ok(3), Ok(1004)]);
+    }
+
+    #[test]
+    fn blank_lines_count_toward_no_bound() {
+        for blank in ["\n", "\r", "\r\n"] {
+            // Past the bound either side of the header, so that a bound counting them would refuse it.
+            let lines = MAX_LINE / blank.len() + 1000;
+            let text = format!(
+                "{}id,from,to,amount\n{}{X},{A},{B},5",
+                blank.repeat(lines),
+                blank.repeat(lines)
+            );
+            let got = all(&text, Format::Csv);
+            assert_eq!(got.len(), 1, "{blank:?}");
+            assert_eq!(
+                got[0].as_ref().map(|l| l.line),
+                Ok(2 * lines as u64 + 2),
+                "{blank:?}"
+            );
+            let text = format!(
+                "{}{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}",
+                blank.repeat(lines)
+            );
+            let got = all(&text, Format::Jsonl);
+            assert_eq!(got.len(), 1, "{blank:?}");
+            assert_eq!(
+                got[0].as_ref().map(|l| l.line),
+                Ok(lines as u64 + 1),
+                "{blank:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_json_line_that_is_not_utf8_is_one_malformed_line() {
+        // As in CSV; it ended the reading, and its reason was std's "stream did not contain …".
+        let line = format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}\n");
+        let text = [line.as_bytes(), b"{\"id\":\"\xff\"}\n", line.as_bytes()].concat();
+        let got: Vec<_> = read(&text[..], Format::Jsonl).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(reason(&got[1]), (2, "not UTF-8 text".to_string()));
+        assert_eq!(got[2].as_ref().map(|l| l.line), Ok(3));
+    }
     /// A CSV file of `n` transfers (lines 2..=n+1), line k moving k.
     fn numbered(n: usize) -> String {
         let mut s = String::from("id,from,to,amount\n");
