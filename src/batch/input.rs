@@ -211,7 +211,7 @@ pub(crate) fn escaped(value: &str) -> String {
     value
         .chars()
         .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
+            let escaped: Vec<char> = if c.is_control() || invisible(c) {
                 c.escape_default().collect()
             } else {
                 vec![c]
@@ -219,6 +219,24 @@ pub(crate) fn escaped(value: &str) -> String {
             escaped
         })
         .collect()
+}
+
+/// Characters a terminal shows as nothing, or that reorder what follows (Unicode's format
+/// characters that text of a file may hold): a byte order mark inside a file made "id 'e6dc…' is
+/// not a UUID" about what looked like one.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+    )
 }
 
 /// Checks one transfer's fields, as text or as JSON values.
@@ -723,7 +741,9 @@ impl<R: BufRead> JsonLines<R> {
     }
 }
 
-#[derive(Deserialize)]
+/// Its keys are matched in any case, as a CSV header's names are: "ID" was an unknown key,
+/// ignored, and the line refused for having no id.
+#[derive(Default)]
 struct JsonTransfer {
     id: Option<String>,
     from: Option<String>,
@@ -731,6 +751,48 @@ struct JsonTransfer {
     /// As written, so that a message quotes it as the file has it (serde_json's number would
     /// print 5e2 as 500.0).
     amount: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl<'de> Deserialize<'de> for JsonTransfer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(JsonTransferVisitor)
+    }
+}
+
+struct JsonTransferVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonTransferVisitor {
+    type Value = JsonTransfer;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with the keys id, from, to and amount")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<JsonTransfer, M::Error> {
+        let mut t = JsonTransfer::default();
+        // Which keys were given, null ones included: {"id": null, "ID": "…"} names id twice too.
+        let mut seen = [false; 4];
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let Some(at) = COLUMNS.iter().position(|c| key.eq_ignore_ascii_case(c)) else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            };
+            if std::mem::replace(&mut seen[at], true) {
+                return Err(serde::de::Error::custom(format!(
+                    "the object names {} twice (in any case): which one holds the transfer's {0} \
+                     is not clear",
+                    COLUMNS[at]
+                )));
+            }
+            match at {
+                0 => t.id = map.next_value()?,
+                1 => t.from = map.next_value()?,
+                2 => t.to = map.next_value()?,
+                _ => t.amount = map.next_value()?,
+            }
+        }
+        Ok(t)
+    }
 }
 
 fn amount_json(raw: Option<&serde_json::value::RawValue>) -> Result<i64, String> {
@@ -1470,6 +1532,40 @@ mod tests {
                 "{blank:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_inside_the_file_is_shown_in_the_reason() {
+        // Two files joined with `cat`: the second one's mark went to the terminal as nothing,
+        // "id 'e6dc…' is not a UUID" about what looked like a UUID.
+        let text = format!("id,from,to,amount\n{X},{A},{B},5\n\u{feff}{X},{A},{B},5\n");
+        let got = all(&text, Format::Csv);
+        let (line, why) = reason(&got[1]);
+        assert_eq!(line, 3);
+        assert!(why.contains("'\\u{feff}0000"), "{why}");
+        // Other characters that show as nothing, or reorder what follows, are shown too.
+        for c in ['\u{200b}', '\u{202e}', '\u{2066}'] {
+            let escaped: String = c.escape_default().collect();
+            assert_eq!(shown(&format!("a{c}b")), format!("a{escaped}b"));
+        }
+    }
+
+    #[test]
+    fn json_keys_are_matched_in_any_case_as_csv_headers_are() {
+        // "ID" was an unknown key, ignored: "no id" about a line that has one.
+        let text = format!("{{\"ID\":\"{X}\",\"From\":\"{A}\",\"TO\":\"{B}\",\"Amount\":5}}\n");
+        let got = all(&text, Format::Jsonl);
+        let l = got[0].as_ref().expect("parsed");
+        assert_eq!(
+            (l.transfer.id.to_string(), l.transfer.amount),
+            (X.to_string(), 5)
+        );
+        // Two keys for one field: which was meant cannot be known, as for a CSV header.
+        let text = format!(
+            "{{\"id\":\"{X}\",\"Id\":\"{A}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}\n"
+        );
+        let (_, why) = reason(&all(&text, Format::Jsonl)[0]);
+        assert!(why.contains("id") && why.contains("twice"), "{why}");
     }
 
     #[test]
