@@ -174,8 +174,9 @@ fn writing<T>(write: impl FnOnce() -> T) -> T {
     tick();
     WRITING.store(true, Ordering::Relaxed);
     let result = write();
-    WRITING.store(false, Ordering::Relaxed);
+    // Before the watch resumes: a poll between the two saw the old sign of life.
     tick();
+    WRITING.store(false, Ordering::Relaxed);
     result
 }
 
