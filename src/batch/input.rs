@@ -221,21 +221,32 @@ pub(crate) fn escaped(value: &str) -> String {
         .collect()
 }
 
-/// Characters a terminal shows as nothing, or that reorder what follows (Unicode's format
-/// characters that text of a file may hold): a byte order mark inside a file made "id 'e6dc…' is
-/// not a UUID" about what looked like one.
+/// Characters a terminal shows as nothing, or that reorder or break what follows: Unicode's
+/// Default_Ignorable_Code_Point list (DerivedCoreProperties.txt, Unicode 15.1: the code points
+/// renderers are told to show as nothing), the line and paragraph separators, and the
+/// interlinear annotation marks. A byte order mark inside a file made "id 'e6dc…' is not a UUID"
+/// about what looked like one. Written out rather than taken from a crate: the list is short,
+/// Unicode keeps it stable, and no crate already built here carries the property.
 fn invisible(c: char) -> bool {
     matches!(
         c,
         '\u{ad}'
+            | '\u{34f}'
             | '\u{61c}'
-            | '\u{180e}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'..='\u{200f}'
-            | '\u{202a}'..='\u{202e}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{206f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
-            | '\u{fff9}'..='\u{fffb}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fffb}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e0fff}'
     )
 }
 
@@ -1556,7 +1567,31 @@ mod tests {
         assert_eq!(line, 3);
         assert!(why.contains("'\\u{feff}0000"), "{why}");
         // Other characters that show as nothing, or reorder what follows, are shown too.
-        for c in ['\u{200b}', '\u{202e}', '\u{2066}'] {
+        // Every default-ignorable code point (Unicode's list of what renderers show as
+        // nothing), and the line and paragraph separators that break a terminal's line: tag
+        // characters, variation selectors, the Hangul fillers were shown as nothing.
+        for c in [
+            '\u{200b}',
+            '\u{202e}',
+            '\u{2066}',
+            '\u{34f}',
+            '\u{115f}',
+            '\u{17b4}',
+            '\u{180b}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{3164}',
+            '\u{fe00}',
+            '\u{fe0f}',
+            '\u{ffa0}',
+            '\u{fff0}',
+            '\u{1bca0}',
+            '\u{1d173}',
+            '\u{e0001}',
+            '\u{e0041}',
+            '\u{e0100}',
+            '\u{e0fff}',
+        ] {
             let escaped: String = c.escape_default().collect();
             assert_eq!(shown(&format!("a{c}b")), format!("a{escaped}b"));
         }
