@@ -417,6 +417,20 @@ fn init_migrates_and_is_idempotent() {
     assert_eq!(again.stdout, "schema is up to date\n");
 }
 
+/// `inits` runs of `bank init` at once on `db`, `meanwhile` run while they are under way.
+fn inits_at_once(db: &ScratchDb, inits: usize, meanwhile: impl FnOnce()) -> Vec<support::Run> {
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..inits)
+            .map(|_| s.spawn(|| db.bank().args(["init"]).run()))
+            .collect();
+        meanwhile();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("an init thread"))
+            .collect()
+    })
+}
+
 /// Several `init`s at once (every host of a deployment migrating at start): one applied the
 /// migrations and the others failed, each its own way ("the database already has
 /// transfers_pkey …: give bank a database of its own", a duplicate key in `pg_type`, and once
@@ -426,15 +440,7 @@ fn init_migrates_and_is_idempotent() {
 fn inits_run_at_once_all_succeed() {
     for round in 0..4 {
         let db = ScratchDb::empty();
-        let runs: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..5)
-                .map(|_| s.spawn(|| db.bank().args(["init"]).run()))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("an init thread"))
-                .collect()
-        });
+        let runs = inits_at_once(&db, 5, || {});
         for run in &runs {
             assert_eq!(run.code, 0, "round {round}: {run:?}");
         }
@@ -450,6 +456,92 @@ fn inits_run_at_once_all_succeed() {
             "round {round}: {doctor:?}"
         );
     }
+}
+
+/// An init that gives up drops the migrations table it found empty, but only if it still is
+/// once nothing else can write it: another init's first migration, uncommitted when the table
+/// was read, committed while the DROP waited for its lock, and the DROP took it (and the
+/// record of the migration) away.
+#[test]
+fn an_init_giving_up_leaves_the_migrations_another_init_is_committing() {
+    let db = ScratchDb::empty();
+    let mut other = db.conn();
+    other
+        .batch_execute(
+            "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, \
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .expect("another init's migrations table");
+    other
+        .batch_execute(
+            "BEGIN; INSERT INTO __diesel_schema_migrations (version) VALUES ('20261124000001')",
+        )
+        .expect("another init's migration, not yet committed");
+    let dropping = {
+        let db = &db;
+        thread::scope(|s| {
+            let h = s.spawn(move || bank::db::drop_empty_migrations_table(&mut db.conn()));
+            support::wait_for_lock_wait(db);
+            other.batch_execute("COMMIT").expect("commit");
+            h.join().is_ok()
+        })
+    };
+    assert!(dropping);
+    let versions = bank::db::applied_migrations(&mut db.conn()).expect("the migrations table");
+    assert_eq!(versions, ["20261124000001"]);
+    // Found empty once no one writes it, it goes.
+    let empty = ScratchDb::empty();
+    empty
+        .conn()
+        .batch_execute(
+            "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, \
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .expect("an empty migrations table");
+    bank::db::drop_empty_migrations_table(&mut empty.conn());
+    assert_eq!(
+        bank::db::migrations_schema(&mut empty.conn()).expect("catalog"),
+        None
+    );
+}
+
+/// Inits at once on a database a newer bank migrated, one of this bank's migrations undone: one
+/// applies it, the others start again; each warns of the newer migration once, not once per
+/// attempt.
+#[test]
+fn inits_at_once_warn_of_a_newer_bank_once_each() {
+    let last = support::migration_versions().pop().expect("a migration");
+    let dir = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations")
+        .map(|e| e.expect("a migration").path())
+        .max()
+        .expect("the last migration");
+    let down = std::fs::read_to_string(dir.join("down.sql")).expect("its down.sql");
+    let mut warnings = Vec::new();
+    for round in 0..3 {
+        let db = ScratchDb::migrated();
+        db.conn()
+            .batch_execute(&format!(
+                "{down}; DELETE FROM __diesel_schema_migrations WHERE version = '{last}'; \
+                 INSERT INTO __diesel_schema_migrations (version) VALUES ('29990101000001')"
+            ))
+            .expect("the last migration undone, a newer one recorded");
+        // The table held until all five wait for it: all five read the schema before any
+        // migrates it, so four fail on the column the fifth added, and start again.
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; SELECT 1 FROM transfer_claims LIMIT 1")
+            .expect("the table held");
+        let runs = inits_at_once(&db, 5, || {
+            support::wait_for_lock_waits(&db, 5);
+            holder.batch_execute("COMMIT").expect("the table let go");
+        });
+        for run in &runs {
+            assert_eq!(run.code, 0, "round {round}: {run:?}");
+            warnings.push(run.stderr.matches("migrated by a newer bank").count());
+        }
+    }
+    assert!(warnings.iter().all(|&n| n == 1), "{warnings:?}");
 }
 
 // ---- item 7: doctor ----

@@ -109,8 +109,10 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let started = migration_state(&mut conn)?;
     let mut before = started.clone();
     let mut attempts = 1;
+    // A warning is said once, however many attempts it takes.
+    let mut warned = false;
     let ran = loop {
-        match migrate(&mut conn) {
+        match migrate(&mut conn, &before, &mut warned) {
             Ok(ran) => break ran,
             Err(e) => {
                 // Another init's migration commits when this one's ends: give it that moment.
@@ -156,14 +158,17 @@ fn migration_state(conn: &mut PgConnection) -> Result<MigrationState, Error> {
     })
 }
 
-/// One attempt at `init`: checks where the tables would go, then runs the pending migrations;
-/// returns their names.
-fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, Error> {
-    let mut applied = db::applied_migrations(conn)?;
+/// One attempt at `init`, from `state` as just read: checks where the tables would go, then runs
+/// the pending migrations; returns their names.
+fn migrate(
+    conn: &mut PgConnection,
+    state: &MigrationState,
+    warned: &mut bool,
+) -> Result<Vec<String>, Error> {
+    let mut applied = state.applied.clone();
     let mut unknown = db::unknown_migrations(&applied)?;
     // The migrations table the statements read is in a schema behind the one new tables go to.
-    if let (Some(theirs), Some(first)) = (db::migrations_schema(conn)?, db::creation_schema(conn)?)
-    {
+    if let (Some(theirs), Some(first)) = (state.table.clone(), db::creation_schema(conn)?) {
         if theirs != first {
             // bank's (a schema named like the role, first on the default search_path): the
             // migrations would build a second, empty bank in front of it.
@@ -179,7 +184,7 @@ fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, Error> {
     if db::is_foreign(&applied, &unknown) {
         return Err(Error::ForeignDatabase(unknown.join(", ")));
     }
-    if !unknown.is_empty() {
+    if !unknown.is_empty() && !std::mem::replace(warned, true) {
         // Not refused: putting the older binary back after an upgrade must still start; but
         // this bank's statements may not be what the newer schema expects.
         crate::say(format_args!(

@@ -429,14 +429,43 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
 
 /// Drops Diesel's migrations table if it records nothing: what a first `bank init` that failed
 /// left behind. Best effort: a failure leaves it, as before.
+///
+/// Read, then dropped, the table could be another init's whose first migration committed in
+/// between (the DROP waited for that very transaction's lock, then took its record away). So
+/// the table is first made this transaction's alone, by a rename (the one lock-taking statement
+/// both engines accept; LOCK TABLE is PostgreSQL's), and read only then, at READ COMMITTED so that
+/// the read sees what committed while the rename waited.
 pub fn drop_empty_migrations_table(conn: &mut PgConnection) {
-    let empty = applied_migrations(conn).is_ok_and(|a| a.is_empty());
-    if empty {
-        if let Err(e) =
-            diesel::sql_query("DROP TABLE IF EXISTS __diesel_schema_migrations").execute(conn)
-        {
-            log::debug!("init: the empty migrations table stays ({e})");
-        }
+    const HELD: &str = "__bank_dropping_diesel_schema_migrations";
+    let dropped = conn
+        .build_transaction()
+        .read_committed()
+        .run(|conn| -> QueryResult<bool> {
+            if migrations_schema(conn)?.is_none() {
+                return Ok(false);
+            }
+            diesel::sql_query(format!(
+                "ALTER TABLE __diesel_schema_migrations RENAME TO {HELD}"
+            ))
+            .execute(conn)?;
+            #[derive(QueryableByName)]
+            struct Count {
+                #[diesel(sql_type = BigInt)]
+                n: i64,
+            }
+            let rows = diesel::sql_query(format!("SELECT CAST(COUNT(*) AS INT8) AS n FROM {HELD}"))
+                .get_result::<Count>(conn)?
+                .n;
+            if rows > 0 {
+                // Someone else's migrations: the rename goes with the rollback.
+                return Err(diesel::result::Error::RollbackTransaction);
+            }
+            diesel::sql_query(format!("DROP TABLE {HELD}")).execute(conn)?;
+            Ok(true)
+        });
+    match dropped {
+        Ok(_) | Err(diesel::result::Error::RollbackTransaction) => {}
+        Err(e) => log::debug!("init: the empty migrations table stays ({e})"),
     }
 }
 

@@ -389,6 +389,11 @@ struct Count {
 
 /// Waits until a `bank` session of this database waits on a lock.
 pub fn wait_for_lock_wait(db: &ScratchDb) {
+    wait_for_lock_waits(db, 1)
+}
+
+/// Waits until `sessions` `bank` sessions of this database wait on a lock.
+pub fn wait_for_lock_waits(db: &ScratchDb, sessions: i64) {
     let mut conn = db.conn();
     let started = Instant::now();
     loop {
@@ -399,12 +404,13 @@ pub fn wait_for_lock_wait(db: &ScratchDb) {
         .bind::<Text, _>(&db.name)
         .get_result(&mut conn)
         .expect("pg_stat_activity");
-        if c.n > 0 {
+        if c.n >= sessions {
             return;
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "the transfer never waited on a lock"
+            "{} of {sessions} bank sessions waited on a lock",
+            c.n
         );
         thread::sleep(Duration::from_millis(20));
     }
