@@ -683,6 +683,9 @@ fn a_demo_on_a_frozen_server_ends_by_its_deadline_and_names_what_it_left() {
     for (id, _) in left {
         assert!(run.stderr.contains(&id.to_string()), "{id}: {run:?}");
     }
+    // Its transfer was given up before its COMMIT was sent: nothing of it can commit, and the
+    // line does not make the user look for it ("its transfer … if that committed").
+    assert!(!run.stderr.contains("its transfer"), "{run:?}");
 }
 
 /// CockroachDB's retry errors, in its own words (40001 ReadWithinUncertaintyIntervalError and

@@ -11,7 +11,7 @@ use super::accounts::{write_balances, TUTORIAL_BALANCES};
 use super::transfer::receipt_line;
 use crate::cli::DemoArgs;
 use crate::db::{DbUrl, Session};
-use crate::error::Error;
+use crate::error::{Error, TransferError};
 use crate::models::{NewAccount, NewTransfer};
 use crate::repo;
 use crate::retry::RetryPolicy;
@@ -165,7 +165,13 @@ fn demo_flow(
     };
     reached(Stage::Transferring);
     // The transfer keeps its own deadline (the same `--timeout`) and says how it ended.
-    let receipt = crate::guard::untimed(|| runner.run_guarded(&t))?;
+    let receipt = crate::guard::untimed(|| runner.run_guarded(&t)).inspect_err(|e| {
+        // Refused, or given up before its COMMIT was sent: nothing of it can commit, and the
+        // line a frozen server ends with must not send the user looking for it.
+        if !matches!(e, TransferError::OutcomeUnknown { .. }) {
+            reached(Stage::Created);
+        }
+    })?;
     reached(Stage::Transferred);
     writeln!(out, "{}", receipt_line(&receipt))?;
     print_demo_balances(session.conn()?, &[from, to], out)?;
