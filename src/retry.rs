@@ -307,6 +307,21 @@ pub enum Attempt<T, E> {
     },
 }
 
+impl<T, E> Attempt<T, E> {
+    /// The retry a statement's error calls for, if `classify` finds it transient; `committing`:
+    /// the error came from a COMMIT (or a statement that is its own commit).
+    pub fn retry_for(e: &DieselError, committing: bool) -> Option<Self> {
+        let phase = match committing {
+            true => Phase::Commit,
+            false => Phase::BeforeCommit,
+        };
+        classify(e, phase).map(|cause| Attempt::Retry {
+            cause,
+            message: e.to_string(),
+        })
+    }
+}
+
 /// Why the loop stopped without a result.
 #[derive(Debug)]
 pub enum Stop<E> {

@@ -222,6 +222,35 @@ fn outcomes(run: &Run) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// `run`'s outcomes are `expected` (one-by-one application's), and its database ends as the
+/// oracle that applied them one by one: balances, ledger, and a chain `verify` finds whole.
+fn same_as_one_by_one(
+    case: &str,
+    run: &Run,
+    expected: &[String],
+    batched: &ScratchDb,
+    oracle: &ScratchDb,
+) {
+    let got: Vec<String> = outcomes(run).into_iter().map(|(_, o)| o).collect();
+    assert_eq!(got, expected, "{case}");
+    assert_eq!(full_state(batched), full_state(oracle), "{case}");
+    let report = bank::verify::verify(&mut batched.conn()).expect("verify");
+    assert!(report.ok, "{case}: {report:?}");
+}
+
+/// The file's one-by-one outcomes refuse lines for want of funds: a file meant to overdraw
+/// does, or the test proves nothing about refusals.
+fn overdraws(case: &str, expected: &[String]) {
+    let refused = expected
+        .iter()
+        .filter(|o| *o == "insufficient_funds")
+        .count();
+    assert!(
+        refused > 5,
+        "{case}: the file should overdraw: {expected:?}"
+    );
+}
+
 /// A file's run that ended with `code`: the summary, then the one error line with `needle`.
 #[track_caller]
 fn ended(run: &Run, code: i32, needle: &str) {
@@ -329,17 +358,8 @@ fn a_file_gives_exactly_the_one_by_one_outcomes_balances_and_chains() {
                 .iter()
                 .any(|o| o != "applied" && o != "already_applied");
             assert_eq!(run.code, if refused { 1 } else { 0 }, "{case}: {run:?}");
-            assert!(
-                expected
-                    .iter()
-                    .filter(|o| *o == "insufficient_funds")
-                    .count()
-                    > 5,
-                "{case}: the file should overdraw: {expected:?}"
-            );
-            assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
-            let report = bank::verify::verify(&mut batched.conn()).expect("verify");
-            assert!(report.ok, "{case}: {report:?}");
+            overdraws(&case, &expected);
+            same_as_one_by_one(&case, &run, &expected, &batched, &oracle);
         }
     }
 }
@@ -769,14 +789,7 @@ fn a_server_frozen_at_a_commit_with_guessed_refusals_then_reruns_give_one_by_one
             let same = got == want || (got == "already_applied" && want == "applied");
             assert!(same, "{iso:?}: line {i}: {got} against {want}");
         }
-        assert!(
-            expected
-                .iter()
-                .filter(|o| *o == "insufficient_funds")
-                .count()
-                > 5,
-            "{iso:?}: the file should overdraw: {expected:?}"
-        );
+        overdraws(&format!("{iso:?}"), &expected);
         assert_eq!(full_state(&batched), full_state(&oracle), "{iso:?}");
     }
 }
@@ -851,6 +864,15 @@ enum Moment {
     Blocked,
 }
 
+impl Moment {
+    /// Both levels, each at `other` and at a COMMIT.
+    fn with_commit(other: Moment) -> impl Iterator<Item = (Iso, Moment)> {
+        Iso::BOTH
+            .into_iter()
+            .flat_map(move |iso| [(iso, other), (iso, Moment::InCommit)])
+    }
+}
+
 /// A file under way on `cluster` at `moment`: `overdrawing_case(seed, 8, 60, 2000, 20)` on a
 /// database at `iso`, in statements of 20 lines with `--timeout`.
 struct MidFile {
@@ -916,16 +938,9 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
     // lands after the run said "unknown". A rerun must then give exactly what one-by-one
     // application gives from the state the frozen transactions left.
     let cluster = OwnCluster::start();
-    for (iso, at_commit) in Iso::BOTH
-        .into_iter()
-        .flat_map(|iso| [(iso, false), (iso, true)])
-    {
+    for (iso, moment) in Moment::with_commit(Moment::AfterFirstCommit) {
+        let at_commit = moment == Moment::InCommit;
         let case = format!("{iso:?}, frozen at a COMMIT: {at_commit}");
-        let moment = if at_commit {
-            Moment::InCommit
-        } else {
-            Moment::AfterFirstCommit
-        };
         // `_bank` holds the file until the end.
         let MidFile {
             batched,
@@ -982,11 +997,7 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
         let expected = one_by_one(&oracle, &lines);
         let rerun = run_file(batched.url.expose(), "f.csv", &csv(&lines), &[]);
         assert_ne!(rerun.code, 3, "{case}: {rerun:?}");
-        let got: Vec<String> = outcomes(&rerun).into_iter().map(|(_, o)| o).collect();
-        assert_eq!(got, expected, "{case}");
-        assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
-        let report = bank::verify::verify(&mut batched.conn()).expect("verify");
-        assert!(report.ok, "{case}: {report:?}");
+        same_as_one_by_one(&case, &rerun, &expected, &batched, &oracle);
     }
 }
 
@@ -1001,16 +1012,9 @@ fn a_server_crash_mid_file_loses_no_outcome_and_the_run_gives_one_by_one_outcome
     // reconnects within its deadline and settles the lost COMMIT through the ledger, must end
     // with exactly the outcomes, balances and ledger of one-by-one application.
     let cluster = OwnCluster::start();
-    for (iso, at_commit) in Iso::BOTH
-        .into_iter()
-        .flat_map(|iso| [(iso, false), (iso, true)])
-    {
+    for (iso, moment) in Moment::with_commit(Moment::Blocked) {
+        let at_commit = moment == Moment::InCommit;
         let case = format!("{iso:?}, crashed at a COMMIT: {at_commit}");
-        let moment = if at_commit {
-            Moment::InCommit
-        } else {
-            Moment::Blocked
-        };
         let MidFile {
             batched,
             accounts,
@@ -1034,11 +1038,7 @@ fn a_server_crash_mid_file_loses_no_outcome_and_the_run_gives_one_by_one_outcome
             "{case}: the crash did not reach the run: {}",
             run.stderr
         );
-        let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
-        assert_eq!(got, expected, "{case}");
-        assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
-        let report = bank::verify::verify(&mut batched.conn()).expect("verify");
-        assert!(report.ok, "{case}: {report:?}");
+        same_as_one_by_one(&case, &run, &expected, &batched, &oracle);
     }
 }
 
@@ -1067,17 +1067,8 @@ fn a_lost_or_late_commit_of_a_statement_with_guessed_refusals_gives_one_by_one_o
             );
             assert_eq!(proxy.injected(), 1, "{case}");
             assert_eq!(run.code, 1, "{case}: {run:?}");
-            let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
-            assert_eq!(got, expected, "{case}");
-            assert!(
-                expected
-                    .iter()
-                    .filter(|o| *o == "insufficient_funds")
-                    .count()
-                    > 5,
-                "{case}: the file should overdraw: {expected:?}"
-            );
-            assert_eq!(full_state(&batched), full_state(&oracle), "{case}");
+            overdraws(&case, &expected);
+            same_as_one_by_one(&case, &run, &expected, &batched, &oracle);
         }
     }
 }
@@ -2598,9 +2589,7 @@ fn refused_lines_scattered_through_a_file_do_not_each_end_a_statement() {
             &["--batch", "1000", "--connections", "1", "-v"],
         );
         assert_eq!(run.code, 1, "{iso:?}: {run:?}");
-        let got: Vec<String> = outcomes(&run).into_iter().map(|(_, o)| o).collect();
-        assert_eq!(got, expected, "{iso:?}");
-        assert_eq!(full_state(&batched), full_state(&oracle), "{iso:?}");
+        same_as_one_by_one(&format!("{iso:?}"), &run, &expected, &batched, &oracle);
         let statements = run.stderr.matches("chunk statement of ").count();
         assert!(
             statements <= 2,

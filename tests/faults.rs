@@ -1005,24 +1005,19 @@ fn a_run_still_waiting_on_its_late_statement_honours_a_rerun_s_no() {
         let id = Uuid::new_v4();
         s.arm(Fault::HeldStatement(Duration::from_secs(3)));
         let url = s.proxy.url_for(&s.db.url);
-        let (from, to, id_text) = (s.from.to_string(), s.to.to_string(), id.to_string());
-        let first = crate::support::spawn_bank(&[
-            "--database-url",
+        let id_text = id.to_string();
+        let first = crate::support::spawn_transfer(
             &url,
-            "transfer",
-            "--mode",
-            "single-statement",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--amount",
-            "100",
-            "--id",
-            &id_text,
-            "--timeout",
-            "20s",
-        ]);
+            (s.from, s.to, 100),
+            &[
+                "--mode",
+                "single-statement",
+                "--id",
+                &id_text,
+                "--timeout",
+                "20s",
+            ],
+        );
         thread::sleep(Duration::from_millis(500));
         let rerun =
             s.db.transfer(s.from, s.to, 100)
@@ -1442,29 +1437,24 @@ fn a_transfer_s_lost_commit_is_not_taken_for_a_second_run_s() {
         let id = Uuid::new_v4();
         s.arm(Fault::CutBeforeCommit);
         let url = s.proxy.url_for(&s.db.url);
-        let (from, to, id_text) = (s.from.to_string(), s.to.to_string(), id.to_string());
-        let first = crate::support::spawn_bank(&[
-            "--database-url",
+        let id_text = id.to_string();
+        let first = crate::support::spawn_transfer(
             &url,
-            "transfer",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--amount",
-            "10",
-            "--id",
-            &id_text,
-            "--mode",
-            s.mode,
-            "--json",
-            "--retry-base",
-            "3s",
-            "--retry-cap",
-            "3s",
-            "--timeout",
-            "20s",
-        ]);
+            (s.from, s.to, 10),
+            &[
+                "--id",
+                &id_text,
+                "--mode",
+                s.mode,
+                "--json",
+                "--retry-base",
+                "3s",
+                "--retry-cap",
+                "3s",
+                "--timeout",
+                "20s",
+            ],
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while s.proxy.injected() == 0 {
             assert!(Instant::now() < deadline, "{case}: no commit point came");
@@ -2066,29 +2056,23 @@ fn a_late_single_statement_does_not_take_a_second_run_s_row_for_its_own() {
         let id = Uuid::new_v4().to_string();
         s.arm(Fault::LateStatement(Duration::from_secs(3)));
         let url = s.proxy.url_for(&s.db.url);
-        let (from, to) = (s.from.to_string(), s.to.to_string());
-        let first = crate::support::spawn_bank(&[
-            "--database-url",
+        let first = crate::support::spawn_transfer(
             &url,
-            "transfer",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--amount",
-            "10",
-            "--id",
-            &id,
-            "--mode",
-            "single-statement",
-            "--json",
-            "--retry-base",
-            "5s",
-            "--retry-cap",
-            "5s",
-            "--timeout",
-            "30s",
-        ]);
+            (s.from, s.to, 10),
+            &[
+                "--id",
+                &id,
+                "--mode",
+                "single-statement",
+                "--json",
+                "--retry-base",
+                "5s",
+                "--retry-cap",
+                "5s",
+                "--timeout",
+                "30s",
+            ],
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while s.proxy.injected() == 0 {
             assert!(Instant::now() < deadline, "{case}: no statement came");

@@ -628,23 +628,11 @@ fn ctrl_c_on_a_transfer_names_its_id_and_tells_the_truth() {
             let mut holder = db.conn();
             holder.batch_execute("BEGIN").expect("begin");
             lock(&mut holder, a, false).expect("lock");
-            let (from, to) = (a.to_string(), b.to_string());
-            let child = crate::support::spawn_bank(&[
-                "--database-url",
+            let child = crate::support::spawn_transfer(
                 db.url.expose(),
-                "transfer",
-                "--from",
-                &from,
-                "--to",
-                &to,
-                "--amount",
-                "10",
-                "--mode",
-                mode,
-                "--json",
-                "--timeout",
-                "20s",
-            ]);
+                (a, b, 10),
+                &["--mode", mode, "--json", "--timeout", "20s"],
+            );
             wait_for_lock_wait(&db);
             crate::support::interrupt(child.id());
             let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
@@ -795,26 +783,12 @@ fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own()
                 .run()
                 .success();
             let mut holder = db.hold(&[a, b]);
-            let (from, to) = (a.to_string(), b.to_string());
             let url = db.url.expose().to_string();
-            let rerun = crate::support::spawn_bank(&[
-                "--database-url",
+            let rerun = crate::support::spawn_transfer(
                 &url,
-                "transfer",
-                "--from",
-                &from,
-                "--to",
-                &to,
-                "--amount",
-                "100",
-                "--id",
-                &id,
-                "--mode",
-                mode,
-                "--json",
-                "--timeout",
-                "20s",
-            ]);
+                (a, b, 100),
+                &["--id", &id, "--mode", mode, "--json", "--timeout", "20s"],
+            );
             wait_for_lock_wait(&db);
             db.conn()
                 .batch_execute(

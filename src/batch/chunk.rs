@@ -934,16 +934,8 @@ fn says_no(v: &Verdict) -> bool {
 
 /// An error of the statement or its COMMIT, as a step of the retry loop.
 fn failure(e: DieselError, committing: bool) -> Attempt<Decided, TransferError> {
-    let phase = if committing {
-        Phase::Commit
-    } else {
-        Phase::BeforeCommit
-    };
-    if let Some(cause) = classify(&e, phase) {
-        return Attempt::Retry {
-            cause,
-            message: e.to_string(),
-        };
+    if let Some(retry) = Attempt::retry_for(&e, committing) {
+        return retry;
     }
     match &e {
         // Another client wrote one of the chunk's ids after this statement read the ledger:

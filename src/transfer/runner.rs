@@ -655,16 +655,8 @@ fn database_failure(
 ) -> Attempt<bool, TransferError> {
     // A COMMIT (or the statement that is its own commit) whose answer was lost may have been
     // applied; so may a COMMIT that failed in a way the classifier does not know.
-    let phase = if committing {
-        Phase::Commit
-    } else {
-        Phase::BeforeCommit
-    };
-    if let Some(cause) = classify(&e, phase) {
-        return Attempt::Retry {
-            cause,
-            message: e.to_string(),
-        };
+    if let Some(retry) = Attempt::retry_for(&e, committing) {
+        return retry;
     }
     match TransferError::from(e) {
         // Not the server's answer (a COMMIT whose ROLLBACK failed too, a broken connection):

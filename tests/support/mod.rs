@@ -371,6 +371,29 @@ pub fn spawn_bank(args: &[&str]) -> std::process::Child {
         .expect("spawn bank")
 }
 
+/// `bank transfer` of (from, to, amount) on `url`, started and left running; `extra` holds its
+/// other flags (`--id`, `--mode`, deadlines).
+pub fn spawn_transfer(
+    url: &str,
+    (from, to, amount): (Uuid, Uuid, i64),
+    extra: &[&str],
+) -> std::process::Child {
+    let (from, to, amount) = (from.to_string(), to.to_string(), amount.to_string());
+    let mut args = vec![
+        "--database-url",
+        url,
+        "transfer",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--amount",
+        &amount,
+    ];
+    args.extend_from_slice(extra);
+    spawn_bank(&args)
+}
+
 /// Sends SIGINT to `pid` through the shell's own `kill` (a minimal Debian has no `kill` binary:
 /// procps is not installed; every POSIX shell has the builtin).
 pub fn interrupt(pid: u32) {
