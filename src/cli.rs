@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
+use crate::error::Error;
 use crate::retry::RetryPolicy;
 use crate::transfer::Mode;
 use crate::workload;
@@ -324,13 +325,27 @@ impl RunArgs {
         self.mode.into()
     }
 
+    /// Refuses a first backoff longer than the longest (`--retry-base` above `--retry-cap`, from
+    /// the command line, the environment or the defaults): the cap was raised to it, silently,
+    /// and the user's limit did not hold.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.retry_base > self.retry_cap {
+            return Err(Error::Usage(format!(
+                "--retry-base {:?} is longer than --retry-cap {:?}, the longest backoff: lower \
+                 the one or raise the other",
+                self.retry_base, self.retry_cap
+            )));
+        }
+        Ok(())
+    }
+
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_attempts: u32::try_from(self.max_retries)
                 .unwrap_or(u32::MAX)
                 .saturating_add(1),
             base: self.retry_base,
-            cap: self.retry_cap.max(self.retry_base),
+            cap: self.retry_cap,
             timeout: self.timeout,
         }
     }

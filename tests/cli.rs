@@ -849,10 +849,40 @@ fn numeric_flags_say_their_bounds() {
             vec!["workload", "--duration", "5s", "--retry-cap", "-1s"],
             "must not be negative, got -1s",
         ),
+        // A first backoff longer than the longest: the cap was raised to it, silently.
+        (
+            vec![
+                "workload",
+                "--duration",
+                "5s",
+                "--retry-base",
+                "2s",
+                "--retry-cap",
+                "500ms",
+            ],
+            "--retry-base 2s is longer than --retry-cap 500ms",
+        ),
+        (
+            vec!["workload", "--duration", "5s", "--retry-base", "3s"],
+            "--retry-base 3s is longer than --retry-cap 1s",
+        ),
     ] {
         db.bank().args(&args).run().fails_with(2, message);
     }
-    assert_eq!(db.state(), (vec![], 0));
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    let before = db.state();
+    db.transfer(a, b, 5)
+        .args(["--retry-base", "1500ms", "--retry-cap", "1s"])
+        .run()
+        .fails_with(2, "--retry-base 1.5s is longer than --retry-cap 1s");
+    let mut from_env = db.transfer(a, b, 5);
+    from_env.cmd.env("BANK_RETRY_BASE", "2s");
+    from_env
+        .run()
+        .fails_with(2, "--retry-base 2s is longer than --retry-cap 1s");
+    assert_eq!(db.state(), before);
 }
 
 /// libpq's multi-host URL (CockroachDB failover): the first host refuses, the second answers.

@@ -252,10 +252,11 @@ pub(super) fn report_done(out: &mut impl Write, done: &str) -> Result<(), Error>
         })
 }
 
-/// `--inject-retries`: the URL whose transfer sessions turn on CockroachDB's
-/// `inject_retry_errors_enabled`; refused (exit 2, nothing changed) on any other engine, which
-/// has no such variable.
+/// The run's flags checked (`RunArgs::check`), and for `--inject-retries` the URL whose transfer
+/// sessions turn on CockroachDB's `inject_retry_errors_enabled`; refused (exit 2, nothing
+/// changed) on any other engine, which has no such variable.
 fn with_injection(url: &DbUrl, run: &crate::cli::RunArgs) -> Result<DbUrl, Error> {
+    run.check()?;
     if !run.inject_retries {
         return Ok(url.clone());
     }
