@@ -1012,3 +1012,171 @@ fn outputs_replace_the_files_they_name() {
         .mode();
     assert_eq!(mode & 0o777, 0o640);
 }
+
+/// `bank --database-url … ` run from `dir` with stdin closed, through `wrapper` (a command that
+/// runs the rest, such as `setpriv …`) unless it is empty; as `Bank` runs it otherwise.
+fn bank_command(db: &ScratchDb, dir: &Path, wrapper: &[&str]) -> std::process::Command {
+    let bank = env!("CARGO_BIN_EXE_bank");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(bank);
+            c
+        }
+        None => std::process::Command::new(bank),
+    };
+    command
+        .args(["--database-url", db.url.expose()])
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("BANK_MAX_RETRIES")
+        .env_remove("BANK_RETRY_BASE")
+        .env_remove("BANK_RETRY_CAP")
+        .env_remove("BANK_TIMEOUT")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// `--histogram /dev/stdout` with standard output a pipe was refused with "cannot create a file
+/// in /proc/18449/fd: No such file or directory … .pipe:[395541].LYRvyQ.tmp": the link's text
+/// read as a file's name. It is refused as what it is, a pipe.
+#[test]
+fn an_output_path_that_opens_a_pipe_is_refused_as_one() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    let before = (db.state(), files(d));
+    for path in ["/dev/stdout", "/proc/self/fd/1"] {
+        for flag in ["--report", "--histogram"] {
+            // Run's stdout is a pipe.
+            let run = bank_in(&db, d)
+                .args([
+                    "workload",
+                    "--accounts",
+                    "10",
+                    "--transfers",
+                    "5",
+                    flag,
+                    path,
+                ])
+                .run();
+            run.fails_with(
+                2,
+                &format!("cannot write {flag} {path}: not a regular file (a pipe)"),
+            );
+            assert!(run.stderr.contains("name a file"), "{run:?}");
+            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
+        }
+    }
+}
+
+/// `--report nodir/.` made a file named `nodir`, and `--report r.html/.` replaced the file
+/// r.html (exit 0): the file's name was taken from the path without its `.`. A path that ends
+/// in `/`, `/.` or `/..` names a directory: refused, with nothing created or changed.
+#[test]
+fn an_output_path_that_names_a_directory_is_refused() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("r.html"), "precious").expect("write");
+    std::fs::create_dir(d.join("sub")).expect("mkdir");
+    let before = (db.state(), files(d));
+    let paths = [
+        "nodir/.",
+        "nodir/..",
+        "nodir/",
+        "r.html/.",
+        "r.html/..",
+        "sub/.",
+        "sub/..",
+        "sub/./",
+        ".",
+        "..",
+        "/",
+    ];
+    for path in paths {
+        for flag in ["--report", "--histogram"] {
+            let run = bank_in(&db, d)
+                .args([
+                    "workload",
+                    "--accounts",
+                    "10",
+                    "--transfers",
+                    "5",
+                    flag,
+                    path,
+                ])
+                .run();
+            run.fails_with(2, &format!("cannot write {flag} {path}"));
+            assert!(run.stderr.contains("directory"), "{run:?}");
+            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
+        }
+    }
+}
+
+/// Paths whose file the check took to be another than the one the kernel opens: a symbolic link
+/// to `new.html/` (a directory's name) made a file new.html, and one to `r.html/.` replaced
+/// r.html; `/dev/stdout` sent to a file replaced that file while the run's own output went on
+/// into the old one, left without a name; `/proc/self/fd/1` open on a deleted file made a file
+/// named "gone.txt (deleted)". Each is refused now, with nothing created or changed.
+#[test]
+fn an_output_path_is_the_file_the_kernel_opens() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("r.html"), "precious").expect("write");
+    std::os::unix::fs::symlink("new.html/", d.join("to-dir.html")).expect("symlink");
+    std::os::unix::fs::symlink("r.html/.", d.join("to-dot.html")).expect("symlink");
+    std::fs::write(d.join("out.txt"), "").expect("write");
+    let before = (db.state(), files(d));
+    let run_with_stdout = |stdout: std::fs::File, flag: &str, path: &str| {
+        Run::from(
+            bank_command(&db, d, &[])
+                .args([
+                    "workload",
+                    "--accounts",
+                    "10",
+                    "--transfers",
+                    "5",
+                    flag,
+                    path,
+                ])
+                .stdout(stdout)
+                .output()
+                .expect("run bank"),
+        )
+    };
+    for flag in ["--report", "--histogram"] {
+        for path in ["to-dir.html", "to-dot.html"] {
+            let run = bank_in(&db, d)
+                .args([
+                    "workload",
+                    "--accounts",
+                    "10",
+                    "--transfers",
+                    "5",
+                    flag,
+                    path,
+                ])
+                .run();
+            run.fails_with(2, &format!("cannot write {flag} {path}"));
+            assert!(run.stderr.contains("names a directory"), "{run:?}");
+            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
+        }
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.join("out.txt"))
+            .expect("open");
+        let run = run_with_stdout(out, flag, "/dev/stdout");
+        run.fails_with(2, &format!("cannot write {flag} /dev/stdout"));
+        assert!(run.stderr.contains("open file"), "{run:?}");
+        assert_eq!((db.state(), files(d)), before, "{flag}: {run:?}");
+
+        let gone = std::fs::File::create(d.join("gone.txt")).expect("create");
+        std::fs::remove_file(d.join("gone.txt")).expect("rm");
+        let run = run_with_stdout(gone, flag, "/proc/self/fd/1");
+        run.fails_with(2, &format!("cannot write {flag} /proc/self/fd/1"));
+        assert_eq!((db.state(), files(d)), before, "{flag}: {run:?}");
+    }
+}

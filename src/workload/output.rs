@@ -75,15 +75,32 @@ fn refusal(flag: &str, given: &Path, why: impl std::fmt::Display) -> Error {
 impl Target {
     fn resolve(flag: &'static str, given: &Path) -> Result<Target, Error> {
         let refuse = |why: String| refusal(flag, given, why);
+        // What the kernel opens under this path, following every link, those in /proc/PID/fd
+        // too (whose text, "pipe:[1234]", names no file): the file the rename is to replace.
+        let opens = match fs::metadata(given) {
+            Ok(m) if m.is_dir() => return Err(refuse("is a directory".into())),
+            Ok(m) if !m.is_file() => return Err(refuse(not_a_file(&m))),
+            Ok(m) => Some(m),
+            // Not there, or not reachable: the walk below says why in its own words.
+            Err(_) => None,
+        };
         let mut path = given.to_path_buf();
+        let mut link: Option<PathBuf> = None;
+        let mut through_proc = false;
         for _ in 0..MAX_LINKS {
-            let Some(name) = path.file_name().map(ToOwned::to_owned) else {
-                // "..", "/", "": no name to give a file.
-                return Err(refuse(if path.is_dir() {
-                    "is a directory".into()
-                } else {
-                    "names no file".into()
+            // Path::file_name skips a trailing "/" and "/.", so "nodir/." would name "nodir".
+            if names_a_directory(&path) {
+                return Err(refuse(match &link {
+                    _ if path.is_dir() => "is a directory".into(),
+                    None => "names a directory (it ends in /, /. or /..), not a file".into(),
+                    Some(text) => format!(
+                        "its symbolic link points to {}, which names a directory, not a file",
+                        text.display()
+                    ),
                 }));
+            }
+            let Some(name) = path.file_name().map(ToOwned::to_owned) else {
+                return Err(refuse("names no file".into()));
             };
             let parent = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -101,14 +118,38 @@ impl Target {
             let full = dir.join(&name);
             let existing = match fs::symlink_metadata(&full) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    let link = fs::read_link(&full).map_err(|e| refuse(e.to_string()))?;
-                    path = dir.join(link);
+                    let text = fs::read_link(&full).map_err(|e| refuse(e.to_string()))?;
+                    through_proc |= dir.starts_with("/proc");
+                    path = dir.join(&text);
+                    link = Some(text);
                     continue;
                 }
                 Ok(m) => Some(m),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => return Err(refuse(e.to_string())),
             };
+            // /dev/stdout sent to a file: the rename would replace the file under its name,
+            // while what the descriptor writes (the run's own output) went on into the old one.
+            if through_proc {
+                return Err(refuse(
+                    "a link to an open file descriptor (as /dev/stdout, /proc/self/fd/N): \
+                     the finished output replaces a file by its name, not the descriptor's \
+                     file; name the file itself"
+                        .into(),
+                ));
+            }
+            let same = match (&opens, &existing) {
+                (Some(a), Some(b)) => same_inode(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                return Err(refuse(format!(
+                    "it opens another file than {}, the one a rename would replace; \
+                     name the file itself",
+                    full.display()
+                )));
+            }
             let target = Target {
                 flag,
                 given: given.to_path_buf(),
@@ -122,19 +163,11 @@ impl Target {
 
     fn check(self) -> Result<Target, Error> {
         let refuse = |why: String| refusal(self.flag, &self.given, why);
-        // Path::file_name drops a trailing slash, which File::create would have refused.
-        let names_a_directory = self
-            .given
-            .to_string_lossy()
-            .ends_with(std::path::MAIN_SEPARATOR);
         match &self.existing {
             Some(m) if m.is_dir() => Err(refuse("is a directory".into())),
-            _ if names_a_directory => Err(refuse("names a directory (it ends in /)".into())),
             // A device or a pipe cannot be replaced by a rename, and the only check of whether
             // one takes data (/dev/full does not) is to write to it.
-            Some(m) if !m.is_file() => Err(refuse(
-                "not a regular file (a device, a pipe or a socket)".into(),
-            )),
+            Some(m) if !m.is_file() => Err(refuse(not_a_file(m))),
             // Opened without truncating: proves the permission and changes nothing.
             Some(_) => match fs::OpenOptions::new().write(true).open(&self.target) {
                 Ok(_) => Ok(self),
@@ -212,6 +245,43 @@ impl Output {
             .and_then(|()| temp.persist(&target).map_err(|e| e.error))
             .map_err(|e| format!("{flag} {} ({e}; {kept})", given.display()))
     }
+}
+
+/// Whether a path as spelt names a directory: it ends in "/", "/." or "/.." (or is "." or
+/// ".."), whatever is there. The kernel then opens no file under it, and refuses to make one.
+fn names_a_directory(path: &Path) -> bool {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let separator = |b: &u8| b.is_ascii() && std::path::is_separator(char::from(*b));
+    !bytes.is_empty() && matches!(bytes.rsplit(separator).next(), Some(b"" | b"." | b".."))
+}
+
+/// Why a path that is not a regular file, a directory aside, cannot be an output.
+fn not_a_file(m: &fs::Metadata) -> String {
+    format!(
+        "not a regular file ({}): only a file can be replaced by the finished output; \
+         name a file and read it from there",
+        kind(m)
+    )
+}
+
+#[cfg(unix)]
+fn kind(m: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_fifo() {
+        "a pipe"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "a device, a pipe or a socket"
+    }
+}
+
+#[cfg(not(unix))]
+fn kind(_: &fs::Metadata) -> &'static str {
+    "a device, a pipe or a socket"
 }
 
 /// Hard links are one file under two names.
