@@ -1038,6 +1038,30 @@ fn bank_command(db: &ScratchDb, dir: &Path, wrapper: &[&str]) -> std::process::C
     command
 }
 
+/// A file name of 244 to 255 bytes (NAME_MAX is 255) was refused: "File name too long", the
+/// temporary file's name (`.NAME.XXXXXX.tmp`) being 12 bytes longer. Such names are written now,
+/// ASCII or not.
+#[test]
+fn outputs_with_names_of_up_to_255_bytes_are_written() {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    let report = format!("{}.html", "r".repeat(250));
+    // 'é' is two bytes: a name cut at 243 bytes would split one.
+    let histogram = format!("{}.hlog", "é".repeat(125));
+    assert_eq!((report.len(), histogram.len()), (255, 255));
+    std::fs::write(d.join(&report), "old").expect("write");
+    bank_in(&db, d)
+        .args(["workload", "--accounts", "10", "--transfers", "5", "--json"])
+        .args(["--report", &report, "--histogram", &histogram])
+        .run()
+        .success();
+    let after = files(d);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(after[&report].starts_with("<!DOCTYPE html>"), "{after:?}");
+    assert!(after[&histogram].contains("StartTime"), "{after:?}");
+}
+
 /// `--histogram /dev/stdout` with standard output a pipe was refused with "cannot create a file
 /// in /proc/18449/fd: No such file or directory … .pipe:[395541].LYRvyQ.tmp": the link's text
 /// read as a file's name. It is refused as what it is, a pipe.

@@ -23,6 +23,25 @@ const PROBE_BYTES: usize = 4096;
 /// As the kernel's own limit on a path's symbolic links (ELOOP).
 const MAX_LINKS: usize = 40;
 
+/// The longest file name (Linux's NAME_MAX, and most file systems' elsewhere).
+const NAME_MAX: usize = 255;
+
+/// The temporary file is `.NAME.` then this many random characters then this suffix.
+const TEMP_RANDOM: usize = 6;
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// `name`, cut to fit the temporary file's name within NAME_MAX: a name the user may give
+/// (up to 255 bytes) made a temporary name 12 bytes too long. The temporary name need only be
+/// recognisable, and it is cut between characters.
+fn shortened(name: &str) -> &str {
+    let room = NAME_MAX - ".".len() - ".".len() - TEMP_RANDOM - TEMP_SUFFIX.len();
+    let mut end = name.len().min(room);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// An output checked and ready: a temporary file beside its target, removed when dropped.
 pub(super) struct Output {
     flag: &'static str,
@@ -191,8 +210,13 @@ impl Target {
             (Some(dir), Some(name)) => (dir, name),
             _ => return Err(refuse("names no file".into())),
         };
-        let prefix = format!(".{}.", name.to_string_lossy());
-        let temp = new_file_permissions(tempfile::Builder::new().prefix(&prefix).suffix(".tmp"))
+        let prefix = format!(".{}.", shortened(&name.to_string_lossy()));
+        let mut builder = tempfile::Builder::new();
+        builder
+            .prefix(&prefix)
+            .rand_bytes(TEMP_RANDOM)
+            .suffix(TEMP_SUFFIX);
+        let temp = new_file_permissions(&mut builder)
             .tempfile_in(dir)
             .map_err(|e| refuse(format!("cannot create a file in {}: {e}", dir.display())))?;
         let (mut file, temp) = temp.into_parts();
