@@ -1038,6 +1038,80 @@ fn bank_command(db: &ScratchDb, dir: &Path, wrapper: &[&str]) -> std::process::C
     command
 }
 
+/// Whether the tests run as root: a test that needs another user, or a mount, cannot run
+/// otherwise.
+fn running_as_root(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).expect("stat").uid() == 0
+}
+
+/// A file of another user's that anyone may write (0666), in a sticky directory (1777, as
+/// /tmp): the check opened it for writing and passed, the run committed its transfers, and then
+/// the rename over the file failed (EPERM: in a sticky directory only the file's or the
+/// directory's owner may replace it), exit 1. Refused before the run now, saying why; the same
+/// user's own file there is replaced as before. Root is exempt from the sticky rule: the runs
+/// are made as `nobody`.
+#[test]
+fn an_output_that_a_sticky_directory_keeps_from_being_replaced_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    if !running_as_root(dir.path()) {
+        eprintln!("skipped: only root can make a file of another user's and run bank as nobody");
+        return;
+    }
+    let mode = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    mode(dir.path(), 0o755);
+    let d = dir.path().join("sticky");
+    std::fs::create_dir(&d).expect("mkdir");
+    mode(&d, 0o1777);
+    for name in ["r.html", "h.log", "mine.html"] {
+        std::fs::write(d.join(name), "precious").expect("write");
+        mode(&d.join(name), 0o666);
+    }
+    std::os::unix::fs::chown(d.join("mine.html"), Some(65534), Some(65534)).expect("chown");
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ];
+    let before = (db.state(), files(&d));
+    for (flag, path) in [("--report", "r.html"), ("--histogram", "h.log")] {
+        let run = Run::from(
+            bank_command(&db, &d, &nobody)
+                .args([
+                    "workload",
+                    "--accounts",
+                    "10",
+                    "--transfers",
+                    "5",
+                    flag,
+                    path,
+                ])
+                .output()
+                .expect("run bank as nobody"),
+        );
+        run.fails_with(2, &format!("cannot write {flag} {path}"));
+        assert!(run.stderr.contains("sticky"), "{run:?}");
+        assert_eq!((db.state(), files(&d)), before, "{flag}: {run:?}");
+    }
+    let run = Run::from(
+        bank_command(&db, &d, &nobody)
+            .args(["workload", "--accounts", "10", "--transfers", "5"])
+            .args(["--report", "mine.html"])
+            .output()
+            .expect("run bank as nobody"),
+    );
+    run.success();
+    let after = files(&d);
+    assert!(after["mine.html"].starts_with("<!DOCTYPE html>"), "{run:?}");
+    assert_eq!(after.len(), 3, "{after:?}");
+}
+
 /// A file name of 244 to 255 bytes (NAME_MAX is 255) was refused: "File name too long", the
 /// temporary file's name (`.NAME.XXXXXX.tmp`) being 12 bytes longer. Such names are written now,
 /// ASCII or not.
@@ -1201,6 +1275,52 @@ fn an_output_path_is_the_file_the_kernel_opens() {
         std::fs::remove_file(d.join("gone.txt")).expect("rm");
         let run = run_with_stdout(gone, flag, "/proc/self/fd/1");
         run.fails_with(2, &format!("cannot write {flag} /proc/self/fd/1"));
+        assert_eq!((db.state(), files(d)), before, "{flag}: {run:?}");
+    }
+}
+
+/// A file that is a mount point (`mount --bind`): the check opened it for writing, the run
+/// committed its transfers, and the rename over it failed (EBUSY), exit 1. Refused before the
+/// run now. Needs root and a mount namespace that allows it (skipped otherwise).
+#[test]
+fn an_output_file_that_is_a_mount_point_is_refused() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    std::fs::write(d.join("r.html"), "precious").expect("write");
+    std::fs::write(d.join("elsewhere"), "elsewhere").expect("write");
+    let mounted = running_as_root(d)
+        && std::process::Command::new("mount")
+            .arg("--bind")
+            .args([d.join("elsewhere"), d.join("r.html")])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot bind-mount a file here");
+        return;
+    }
+    let _unmount = Unmount(d.join("r.html"));
+    let before = (db.state(), files(d));
+    for flag in ["--report", "--histogram"] {
+        let run = bank_in(&db, d)
+            .args([
+                "workload",
+                "--accounts",
+                "10",
+                "--transfers",
+                "5",
+                flag,
+                "r.html",
+            ])
+            .run();
+        run.fails_with(2, &format!("cannot write {flag} r.html"));
+        assert!(run.stderr.contains("mount point"), "{run:?}");
         assert_eq!((db.state(), files(d)), before, "{flag}: {run:?}");
     }
 }

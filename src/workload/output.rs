@@ -221,6 +221,8 @@ impl Target {
             .map_err(|e| refuse(format!("cannot create a file in {}: {e}", dir.display())))?;
         let (mut file, temp) = temp.into_parts();
         if let Some(m) = &self.existing {
+            let mine = file.metadata().map_err(|e| refuse(e.to_string()))?;
+            replaceable(&self.target, dir, m, &mine).map_err(refuse)?;
             keep_owner_and_mode(&file, m).map_err(|e| refuse(e.to_string()))?;
         }
         let probe = |file: &mut File| -> io::Result<()> {
@@ -318,6 +320,90 @@ fn same_inode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
 #[cfg(not(unix))]
 fn same_inode(_: &fs::Metadata, _: &fs::Metadata) -> bool {
     false
+}
+
+/// Whether a rename of the temporary file (whose metadata is `temp`) may replace `target`
+/// (`old`): writing to the file proves nothing of it, and a rename refused at the end comes after
+/// the run's work is committed.
+#[cfg(unix)]
+fn replaceable(
+    target: &Path,
+    dir: &Path,
+    old: &fs::Metadata,
+    temp: &fs::Metadata,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // A rename moves a name within one mount: a file mounted over the name (`mount --bind`,
+    // from the same file system or another) is in its way (EBUSY, EXDEV).
+    if old.dev() != temp.dev() || is_mount_point(target) {
+        return Err(
+            "is a mount point, which a file cannot be moved over; name the file it is mounted from"
+                .into(),
+        );
+    }
+    // In a sticky directory (mode 1777, as /tmp) only the file's owner or the directory's may
+    // replace it. The temporary file is ours: its owner is who the kernel checks. Root is taken
+    // to hold CAP_FOWNER, which exempts it.
+    const STICKY: u32 = 0o1000;
+    let me = temp.uid();
+    let d = fs::metadata(dir).map_err(|e| format!("its directory {}: {e}", dir.display()))?;
+    if d.mode() & STICKY != 0 && me != 0 && old.uid() != me && d.uid() != me {
+        return Err(format!(
+            "it belongs to another user, in a sticky directory ({}) where only its owner may \
+             replace it; name a file of your own",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn replaceable(_: &Path, _: &Path, _: &fs::Metadata, _: &fs::Metadata) -> Result<(), String> {
+    Ok(())
+}
+
+/// Whether `path` is where something is mounted, by the process's mount table (a bind mount of
+/// a file shares the device of its directory: only the table tells). Without /proc: taken not.
+#[cfg(target_os = "linux")]
+fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(table) = fs::read("/proc/self/mountinfo") else {
+        return false;
+    };
+    let path = path.as_os_str().as_bytes();
+    table
+        .split(|b| *b == b'\n')
+        .filter_map(|line| line.split(|b| *b == b' ').nth(4))
+        .any(|mount_point| unescape_octal(mount_point) == path)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn is_mount_point(_: &Path) -> bool {
+    false
+}
+
+/// The mount table writes a space, tab, newline and backslash in a path as `\ooo`.
+#[cfg(target_os = "linux")]
+fn unescape_octal(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut rest = field;
+    while let Some((&b, tail)) = rest.split_first() {
+        let code = tail.get(..3).filter(|_| b == b'\\').and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match code {
+            Some(c) => {
+                out.push(c);
+                rest = tail.get(3..).unwrap_or_default();
+            }
+            None => {
+                out.push(b);
+                rest = tail;
+            }
+        }
+    }
+    out
 }
 
 /// 0666 less the umask, as `File::create` would make it (tempfile's default is 0600).
