@@ -4,9 +4,11 @@
 //! only when a whole page (or log) is there to replace it.
 //!
 //! What is checked before the run, so that bad input changes nothing: the directory exists, FILE
-//! is a regular file the user may write (or is new), the two outputs are not one file, and a
-//! block written to the temporary file reaches the disk. What no check can promise is that the
-//! disk still has room at the end of the run; that failure is reported after the run.
+//! is a regular file the user may write (or is new) as the kernel opens the path, the path does
+//! not name a directory ("dir/."), a rename may replace FILE (not a mount point, not another
+//! user's file in a sticky directory), the two outputs are not one file, and a block written to
+//! the temporary file reaches the disk. What no check can promise is that the disk still has
+//! room at the end of the run; that failure is reported after the run.
 
 use std::fs::{self, File};
 use std::io::{self, Seek, Write};
