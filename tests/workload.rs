@@ -436,7 +436,7 @@ fn the_latency_histogram_log_reads_back() {
     assert_eq!(count, committed);
     let before = db.state();
     db.bank()
-        .args(["workload", "--accounts", "10", "--transfers", "5"])
+        .args(SMALL)
         .args(["--histogram", "/nonexistent/dir/latency.hlog"])
         .run()
         .fails_with(2, "cannot write --histogram");
@@ -732,6 +732,39 @@ fn bank_in(db: &ScratchDb, dir: &Path) -> crate::support::Bank {
     bank
 }
 
+/// A migrated database and a directory holding the files `precious` names (each with content
+/// of its own), as the output tests start.
+fn output_fixture(precious: &[&str]) -> (ScratchDb, tempfile::TempDir) {
+    let db = ScratchDb::migrated();
+    let dir = tempfile::tempdir().expect("dir");
+    for name in precious {
+        std::fs::write(dir.path().join(name), format!("precious {name}")).expect("write");
+    }
+    (db, dir)
+}
+
+/// The smallest workload the output tests run: what matters is whether it changes anything.
+const SMALL: [&str; 5] = ["workload", "--accounts", "10", "--transfers", "5"];
+
+/// The database's accounts and ledger count, and a directory's entries: what a refused run must
+/// leave as it was.
+type Snapshot = ((Vec<(uuid::Uuid, i64)>, i64), BTreeMap<String, String>);
+
+/// `run` refused its output `flag path` (exit 2, one line saying `why`), and left the database
+/// and the directory `d` as `before`.
+#[track_caller]
+fn refused(
+    run: &Run,
+    (flag, path): (&str, &str),
+    why: &str,
+    (db, d): (&ScratchDb, &Path),
+    before: &Snapshot,
+) {
+    run.fails_with(2, &format!("cannot write {flag} {path}"));
+    assert!(run.stderr.contains(why), "{why}: {run:?}");
+    assert_eq!(&(db.state(), files(d)), before, "{flag} {path}: {run:?}");
+}
+
 /// Every entry in `dir` (hidden ones too, so that a temporary file left behind shows) with its
 /// content, a directory as `<dir>` and a symbolic link as `-> target`.
 fn files(dir: &Path) -> BTreeMap<String, String> {
@@ -761,22 +794,16 @@ const ROOM_FOR_THE_CHECK: u64 = 4096 + 512;
 /// SIGXFSZ ignored): a write past the limit fails with EFBIG, as a write to a full disk fails
 /// with ENOSPC, while the run itself goes on.
 fn bank_with_files_up_to(db: &ScratchDb, dir: &Path, bytes: u64, args: &[&str]) -> Run {
-    let output = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"trap '' XFSZ; limit=$1; shift; exec prlimit --fsize="$limit" -- "$@""#)
-        .arg("sh")
-        .arg(bytes.to_string())
-        .arg(env!("CARGO_BIN_EXE_bank"))
-        .args(["--database-url", db.url.expose()])
+    let limit = bytes.to_string();
+    let under_prlimit = [
+        "sh",
+        "-c",
+        r#"trap '' XFSZ; limit=$1; shift; exec prlimit --fsize="$limit" -- "$@""#,
+        "sh",
+        &limit,
+    ];
+    let output = bank_command(db, dir, &under_prlimit)
         .args(args)
-        .current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("BANK_MAX_RETRIES")
-        .env_remove("BANK_RETRY_BASE")
-        .env_remove("BANK_RETRY_CAP")
-        .env_remove("BANK_TIMEOUT")
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
         .output()
         .expect("run bank under prlimit");
     Run::from(output)
@@ -788,10 +815,8 @@ fn bank_with_files_up_to(db: &ScratchDb, dir: &Path, bytes: u64, args: &[&str]) 
 /// creating the file when it did not exist.
 #[test]
 fn outputs_naming_one_file_are_refused_with_the_file_as_it_was() {
-    let db = ScratchDb::migrated();
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, dir) = output_fixture(&["r.html"]);
     let d = dir.path();
-    std::fs::write(d.join("r.html"), "precious").expect("write");
     std::os::unix::fs::symlink("r.html", d.join("link.html")).expect("symlink");
     std::fs::hard_link(d.join("r.html"), d.join("hard.html")).expect("hard link");
     std::fs::create_dir(d.join("sub")).expect("mkdir");
@@ -813,7 +838,7 @@ fn outputs_naming_one_file_are_refused_with_the_file_as_it_was() {
     for (a, b) in pairs {
         for (report, histogram) in [(a, b), (b, a)] {
             let run = bank_in(&db, d)
-                .args(["workload", "--accounts", "10", "--transfers", "5"])
+                .args(SMALL)
                 .args(["--report", report, "--histogram", histogram])
                 .run();
             run.fails_with(2, "--report and --histogram name the same file");
@@ -832,11 +857,8 @@ fn outputs_naming_one_file_are_refused_with_the_file_as_it_was() {
 /// other one names; so are a directory and a path in a missing directory.
 #[test]
 fn an_output_path_that_cannot_be_written_is_refused_before_anything_changes() {
-    let db = ScratchDb::migrated();
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, dir) = output_fixture(&["r.html", "h.log"]);
     let d = dir.path();
-    std::fs::write(d.join("r.html"), "precious").expect("write");
-    std::fs::write(d.join("h.log"), "precious too").expect("write");
     std::fs::create_dir(d.join("sub")).expect("mkdir");
     let before = (db.state(), files(d));
     let unwritable = [
@@ -853,12 +875,10 @@ fn an_output_path_that_cannot_be_written_is_refused_before_anything_changes() {
             ("--histogram", "--report", "r.html"),
         ] {
             let run = bank_in(&db, d)
-                .args(["workload", "--accounts", "10", "--transfers", "5"])
+                .args(SMALL)
                 .args([other_flag, other, flag, path])
                 .run();
-            run.fails_with(2, &format!("cannot write {flag} {path}"));
-            assert!(run.stderr.contains(why), "{why}: {run:?}");
-            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
+            refused(&run, (flag, path), why, (&db, d), &before);
         }
     }
     // A disk that takes no more data: the check writes to it before the run.
@@ -926,11 +946,8 @@ fn a_workload_that_cannot_start_leaves_its_output_files_as_they_were() {
 /// work is committed and its report is on stdout; the files are as they were.
 #[test]
 fn outputs_that_cannot_be_written_after_the_run_leave_the_files_as_they_were() {
-    let db = ScratchDb::migrated();
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, dir) = output_fixture(&["r.html", "h.log"]);
     let d = dir.path();
-    std::fs::write(d.join("r.html"), "precious").expect("write");
-    std::fs::write(d.join("h.log"), "precious too").expect("write");
     let before = files(d);
     // The check's write fits; the page (tens of KiB) and a log of 40 intervals do not.
     let run = bank_with_files_up_to(
@@ -977,10 +994,8 @@ fn outputs_that_cannot_be_written_after_the_run_leave_the_files_as_they_were() {
 #[test]
 fn outputs_replace_the_files_they_name() {
     use std::os::unix::fs::PermissionsExt;
-    let db = ScratchDb::migrated();
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, dir) = output_fixture(&["real.html"]);
     let d = dir.path();
-    std::fs::write(d.join("real.html"), "old").expect("write");
     std::fs::set_permissions(d.join("real.html"), std::fs::Permissions::from_mode(0o640))
         .expect("chmod");
     std::os::unix::fs::symlink("real.html", d.join("r.html")).expect("symlink");
@@ -1083,25 +1098,16 @@ fn an_output_that_a_sticky_directory_keeps_from_being_replaced_is_refused() {
     for (flag, path) in [("--report", "r.html"), ("--histogram", "h.log")] {
         let run = Run::from(
             bank_command(&db, &d, &nobody)
-                .args([
-                    "workload",
-                    "--accounts",
-                    "10",
-                    "--transfers",
-                    "5",
-                    flag,
-                    path,
-                ])
+                .args(SMALL)
+                .args([flag, path])
                 .output()
                 .expect("run bank as nobody"),
         );
-        run.fails_with(2, &format!("cannot write {flag} {path}"));
-        assert!(run.stderr.contains("sticky"), "{run:?}");
-        assert_eq!((db.state(), files(&d)), before, "{flag}: {run:?}");
+        refused(&run, (flag, path), "sticky", (&db, &d), &before);
     }
     let run = Run::from(
         bank_command(&db, &d, &nobody)
-            .args(["workload", "--accounts", "10", "--transfers", "5"])
+            .args(SMALL)
             .args(["--report", "mine.html"])
             .output()
             .expect("run bank as nobody"),
@@ -1148,23 +1154,10 @@ fn an_output_path_that_opens_a_pipe_is_refused_as_one() {
     for path in ["/dev/stdout", "/proc/self/fd/1"] {
         for flag in ["--report", "--histogram"] {
             // Run's stdout is a pipe.
-            let run = bank_in(&db, d)
-                .args([
-                    "workload",
-                    "--accounts",
-                    "10",
-                    "--transfers",
-                    "5",
-                    flag,
-                    path,
-                ])
-                .run();
-            run.fails_with(
-                2,
-                &format!("cannot write {flag} {path}: not a regular file (a pipe)"),
-            );
+            let run = bank_in(&db, d).args(SMALL).args([flag, path]).run();
+            let why = format!("cannot write {flag} {path}: not a regular file (a pipe)");
+            refused(&run, (flag, path), &why, (&db, d), &before);
             assert!(run.stderr.contains("name a file"), "{run:?}");
-            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
         }
     }
 }
@@ -1174,10 +1167,8 @@ fn an_output_path_that_opens_a_pipe_is_refused_as_one() {
 /// in `/`, `/.` or `/..` names a directory: refused, with nothing created or changed.
 #[test]
 fn an_output_path_that_names_a_directory_is_refused() {
-    let db = ScratchDb::migrated();
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, dir) = output_fixture(&["r.html"]);
     let d = dir.path();
-    std::fs::write(d.join("r.html"), "precious").expect("write");
     std::fs::create_dir(d.join("sub")).expect("mkdir");
     let before = (db.state(), files(d));
     let paths = [
@@ -1195,20 +1186,8 @@ fn an_output_path_that_names_a_directory_is_refused() {
     ];
     for path in paths {
         for flag in ["--report", "--histogram"] {
-            let run = bank_in(&db, d)
-                .args([
-                    "workload",
-                    "--accounts",
-                    "10",
-                    "--transfers",
-                    "5",
-                    flag,
-                    path,
-                ])
-                .run();
-            run.fails_with(2, &format!("cannot write {flag} {path}"));
-            assert!(run.stderr.contains("directory"), "{run:?}");
-            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
+            let run = bank_in(&db, d).args(SMALL).args([flag, path]).run();
+            refused(&run, (flag, path), "directory", (&db, d), &before);
         }
     }
 }
@@ -1220,10 +1199,8 @@ fn an_output_path_that_names_a_directory_is_refused() {
 /// named "gone.txt (deleted)". Each is refused now, with nothing created or changed.
 #[test]
 fn an_output_path_is_the_file_the_kernel_opens() {
-    let db = ScratchDb::migrated();
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, dir) = output_fixture(&["r.html"]);
     let d = dir.path();
-    std::fs::write(d.join("r.html"), "precious").expect("write");
     std::os::unix::fs::symlink("new.html/", d.join("to-dir.html")).expect("symlink");
     std::os::unix::fs::symlink("r.html/.", d.join("to-dot.html")).expect("symlink");
     std::fs::write(d.join("out.txt"), "").expect("write");
@@ -1231,15 +1208,8 @@ fn an_output_path_is_the_file_the_kernel_opens() {
     let run_with_stdout = |stdout: std::fs::File, flag: &str, path: &str| {
         Run::from(
             bank_command(&db, d, &[])
-                .args([
-                    "workload",
-                    "--accounts",
-                    "10",
-                    "--transfers",
-                    "5",
-                    flag,
-                    path,
-                ])
+                .args(SMALL)
+                .args([flag, path])
                 .stdout(stdout)
                 .output()
                 .expect("run bank"),
@@ -1247,20 +1217,8 @@ fn an_output_path_is_the_file_the_kernel_opens() {
     };
     for flag in ["--report", "--histogram"] {
         for path in ["to-dir.html", "to-dot.html"] {
-            let run = bank_in(&db, d)
-                .args([
-                    "workload",
-                    "--accounts",
-                    "10",
-                    "--transfers",
-                    "5",
-                    flag,
-                    path,
-                ])
-                .run();
-            run.fails_with(2, &format!("cannot write {flag} {path}"));
-            assert!(run.stderr.contains("names a directory"), "{run:?}");
-            assert_eq!((db.state(), files(d)), before, "{flag} {path}: {run:?}");
+            let run = bank_in(&db, d).args(SMALL).args([flag, path]).run();
+            refused(&run, (flag, path), "names a directory", (&db, d), &before);
         }
         let out = std::fs::OpenOptions::new()
             .append(true)
@@ -1290,11 +1248,8 @@ fn an_output_file_that_is_a_mount_point_is_refused() {
             let _ = std::process::Command::new("umount").arg(&self.0).status();
         }
     }
-    let db = ScratchDb::migrated();
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, dir) = output_fixture(&["r.html", "elsewhere"]);
     let d = dir.path();
-    std::fs::write(d.join("r.html"), "precious").expect("write");
-    std::fs::write(d.join("elsewhere"), "elsewhere").expect("write");
     let mounted = running_as_root(d)
         && std::process::Command::new("mount")
             .arg("--bind")
@@ -1308,17 +1263,7 @@ fn an_output_file_that_is_a_mount_point_is_refused() {
     let _unmount = Unmount(d.join("r.html"));
     let before = (db.state(), files(d));
     for flag in ["--report", "--histogram"] {
-        let run = bank_in(&db, d)
-            .args([
-                "workload",
-                "--accounts",
-                "10",
-                "--transfers",
-                "5",
-                flag,
-                "r.html",
-            ])
-            .run();
+        let run = bank_in(&db, d).args(SMALL).args([flag, "r.html"]).run();
         run.fails_with(2, &format!("cannot write {flag} r.html"));
         assert!(run.stderr.contains("mount point"), "{run:?}");
         assert_eq!((db.state(), files(d)), before, "{flag}: {run:?}");
