@@ -5,6 +5,7 @@
 //! one exits at once (130). `transfer --file` stops the same way when its results cannot be
 //! written.
 
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -38,6 +39,15 @@ pub fn catch() {
     let installed = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             crate::exit_now(130);
+        }
+        // Someone at a terminal pressed Ctrl-C and sees nothing happen while what is in flight
+        // finishes (on a frozen server, up to its deadline): the run seemed stuck. Said on a
+        // terminal only: a script reads the run's one closing line.
+        if std::io::stderr().is_terminal() {
+            crate::say(format_args!(
+                "bank: stopping: nothing new starts (Ctrl-C again to quit at once, leaving what \
+                 is in flight unknown)"
+            ));
         }
     });
     if let Err(e) = installed {

@@ -2123,3 +2123,55 @@ fn a_demo_that_created_nothing_names_no_accounts() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(!run.stderr.contains("accounts"), "{run:?}");
 }
+
+/// A Ctrl-C typed at a terminal while a file waits (here on a lock; on a frozen server, up to
+/// its --timeout): the run said nothing and seemed stuck, what is in flight finishing first.
+/// It now says so at once, and that a second Ctrl-C quits. `script` (util-linux, in every
+/// Debian) gives the run a terminal, and the Ctrl-C goes in as the byte a keyboard sends.
+#[test]
+fn a_ctrl_c_at_a_terminal_says_what_the_run_waits_for() {
+    use std::io::Write;
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    let bank = Bank::new();
+    let file = bank.dir.path().join("pay.csv");
+    std::fs::write(
+        &file,
+        format!("id,from,to,amount\n{},{a},{b},5\n", Uuid::new_v4()),
+    )
+    .expect("write the file");
+    let command = format!(
+        "exec '{}' --database-url '{}' transfer --file '{}' --timeout 20s",
+        env!("CARGO_BIN_EXE_bank"),
+        db.url.expose(),
+        file.display()
+    );
+    let holder = db.hold(&[a]);
+    let mut child = std::process::Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .env_remove("DATABASE_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    crate::support::wait_for_lock_wait(&db);
+    let mut keyboard = child.stdin.take().expect("stdin");
+    keyboard.write_all(b"\x03").expect("Ctrl-C");
+    keyboard.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(holder);
+    let out = child.wait_with_output();
+    drop(keyboard);
+    let out = out.expect("wait");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("what is in flight") && screen.contains("Ctrl-C again"),
+        "{screen:?}"
+    );
+    // What was in flight finished: the line was applied, and said so.
+    assert!(screen.contains("applied"), "{screen:?}");
+    assert_eq!(db.balance(b), 5);
+}
