@@ -434,7 +434,9 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
 /// between (the DROP waited for that very transaction's lock, then took its record away). So
 /// the table is first made this transaction's alone, by a rename (the one lock-taking statement
 /// both engines accept; LOCK TABLE is PostgreSQL's), and read only then, at READ COMMITTED so that
-/// the read sees what committed while the rename waited.
+/// the read sees what committed while the rename waited. `conn` must be a migration session
+/// (`engine::prepare_migration_session`): with CockroachDB's `autocommit_before_ddl` on, the
+/// rename would commit on its own, and a table found in use would keep its new name.
 pub fn drop_empty_migrations_table(conn: &mut PgConnection) {
     const HELD: &str = "__bank_dropping_diesel_schema_migrations";
     let dropped = conn
