@@ -195,6 +195,10 @@ pub struct SeedArgs {
     /// COPY (CockroachDB lets only `admin` members run it), or either one forced
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = SeedMethod::Auto, env = "BANK_SEED_METHOD")]
     pub method: SeedMethod,
+    /// Give up on the database after this long without an answer (a frozen server, a lock held
+    /// elsewhere), saying how far the seed got (e.g. 30s, 10min)
+    #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
+    pub timeout: Duration,
 }
 
 /// `seed --method` (`BANK_SEED_METHOD`).

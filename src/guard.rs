@@ -117,6 +117,9 @@ pub fn watch(timeout: std::time::Duration, then: impl Fn() -> String + Send + 's
     let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
     std::thread::spawn(move || loop {
         std::thread::sleep(every);
+        if STOPPED.load(Ordering::Relaxed) {
+            return;
+        }
         let last = Duration::from_millis(LAST_TICK.load(Ordering::Relaxed));
         // A write that blocks waits on the reader of the output (`| less`), not the database.
         if WRITING.load(Ordering::Relaxed) {
@@ -133,6 +136,13 @@ pub fn watch(timeout: std::time::Duration, then: impl Fn() -> String + Send + 's
     });
 }
 
+/// Ends the watch: the steps it covered are done, and what follows has deadlines of its own (a
+/// workload's transfers and final check).
+pub fn stop_watch() {
+    STOPPED.store(true, Ordering::Relaxed);
+}
+
+static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static READS_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 /// Milliseconds from `READS_STARTED` to the read's last sign of life.
 static LAST_TICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -2096,3 +2096,94 @@ fn a_late_single_statement_does_not_take_a_second_run_s_row_for_its_own() {
         s.verify_passes();
     }
 }
+
+/// `bank ARGS` against `url`, given `limit` to end by itself: killed and failed past it (a
+/// run that waits forever must fail the test, not hang the suite). Returns the run and its time.
+fn ends_within(url: &str, args: &[&str], limit: Duration) -> (Run, Duration) {
+    let mut all = vec!["--database-url", url];
+    all.extend_from_slice(args);
+    let mut child = crate::support::spawn_bank(&all);
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let run = Run::from(child.wait_with_output().expect("wait"));
+            panic!("{args:?} still waited after {limit:?}: {run:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    (Run::from(child.wait_with_output().expect("wait")), took)
+}
+
+/// The commands that write in steps (`reset`, `seed`, `workload`) before their first step:
+/// their `--timeout` held only once that step was under way. Waiting on a lock another session
+/// holds (the migrations table that every command reads first, the accounts table that a seed
+/// and a workload's setup write), or on a server frozen as the session starts, `reset` waited
+/// 5 s for a 500 ms deadline (the connect timeout) or forever, `workload` forever, and `seed`,
+/// which had no deadline, forever. Each now ends by its deadline with one line, changing
+/// nothing.
+#[test]
+fn commands_that_write_end_by_their_deadline_before_their_first_step() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[100, 50]);
+    let before = db.state();
+    let commands: [&[&str]; 3] = [
+        &["reset", "--yes", "--timeout", "1s"],
+        &["seed", "--accounts", "3", "--timeout", "1s"],
+        &[
+            "workload",
+            "--accounts",
+            "10",
+            "--transfers",
+            "5",
+            "--timeout",
+            "1s",
+            "--check-timeout",
+            "1s",
+        ],
+    ];
+    for table in ["__diesel_schema_migrations", "accounts"] {
+        for args in commands {
+            let case = format!("{table} locked: {args:?}");
+            let mut holder = db.conn();
+            holder
+                .batch_execute(&format!(
+                    "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+                ))
+                .expect("lock");
+            let (run, took) = ends_within(db.url.expose(), args, Duration::from_secs(15));
+            holder.batch_execute("ROLLBACK").expect("rollback");
+            assert!(
+                took < Duration::from_secs(6),
+                "{case}: took {took:?}: {run:?}"
+            );
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            let errors = run
+                .stderr
+                .lines()
+                .filter(|l| l.starts_with("bank: "))
+                .count();
+            assert_eq!(errors, 1, "{case}: {run:?}");
+            assert!(run.stderr.contains("within 1s"), "{case}: {run:?}");
+            assert_eq!(db.state(), before, "{case}");
+        }
+    }
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.freeze_queries();
+    for args in commands {
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "1s" { "500ms" } else { a })
+            .collect();
+        let (run, took) = ends_within(&proxy.url_for(&db.url), &args, Duration::from_secs(15));
+        assert!(
+            took < Duration::from_secs(4),
+            "{args:?}: took {took:?}: {run:?}"
+        );
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+    }
+    proxy.thaw_all();
+    drop(proxy);
+    assert_eq!(db.state(), before);
+}

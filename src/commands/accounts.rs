@@ -1,7 +1,7 @@
 //! `seed`, `balances` and `reset`: accounts in bulk.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{SecondsFormat, Utc};
@@ -29,14 +29,28 @@ struct AccountJson {
 }
 
 pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result<(), Error> {
-    let mut conn = url.connect_migrated()?;
     // Ctrl-C stops the seed between chunks, not in the middle of one (see below).
     crate::interrupt::catch();
+    let total = args.accounts.unwrap_or(TUTORIAL_BALANCES.len() as u64);
+    // A frozen server, or a lock held elsewhere, kept a chunk (or the connection) waiting
+    // forever: given up on after `--timeout` without a chunk done, saying how far it got.
+    let progress = Arc::new((AtomicU64::new(0), AtomicUsize::new(0)));
+    let seen = Arc::clone(&progress);
+    crate::guard::watch(args.timeout, move || {
+        Error::SeedStopped {
+            why: "the server is frozen or unreachable, or the seed waits on a lock".into(),
+            created: seen.0.load(Ordering::Relaxed),
+            total,
+            unsettled: seen.1.load(Ordering::Relaxed),
+        }
+        .to_string()
+    });
+    let mut conn = url.connect_migrated()?;
+    crate::guard::tick();
     let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
         None => Box::new(TUTORIAL_BALANCES.into_iter()),
         Some(n) => Box::new(std::iter::repeat_n(args.balance, n as usize)),
     };
-    let total = args.accounts.unwrap_or(TUTORIAL_BALANCES.len() as u64);
     let bar = progress_bar(total);
     let mut balances = balances.peekable();
     let mut list = AccountList::start(out, args.json, None)?;
@@ -71,6 +85,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                 .and_then(|()| out.flush())
                 .map_err(Stop::Output)?;
             written = true;
+            progress.1.store(chunk.len(), Ordering::Relaxed);
             Ok(n)
         });
         let n = match step {
@@ -99,6 +114,8 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             }
         };
         created += n as u64;
+        progress.0.store(created, Ordering::Relaxed);
+        progress.1.store(0, Ordering::Relaxed);
         log::debug!("seed: loaded {n} accounts ({method})");
         bar.inc(n as u64);
     }
@@ -307,10 +324,27 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
             return Err(Error::Cancelled("reset"));
         }
     }
-    let mut conn = url.connect_migrated()?;
     // Stopped between batches, it says how far it got (killed, it said nothing, the ledger gone
     // and the accounts left); a statement in flight finishes first.
     crate::interrupt::catch();
+    // A frozen server keeps a step waiting forever (its kernel acknowledges every packet), and
+    // a lock another session holds as long as it likes: given up on after `--timeout` without
+    // a step done, saying how far it got. From the start: the connection and the schema's
+    // check wait like any batch (5 s for a 500 ms deadline, or forever on a lock).
+    let deleted = Arc::new(Deleted::default());
+    let seen = Arc::clone(&deleted);
+    crate::guard::watch(args.timeout, move || {
+        let (accounts, transfers) = seen.counts();
+        format!(
+            "the server is frozen or unreachable, or a step waits on a lock; reset stopped \
+             after deleting {} and {} (the batch in flight, if any, may or may not have been \
+             deleted); run it again to finish",
+            crate::counted(accounts as u64, "account"),
+            crate::counted(transfers as u64, "transfer")
+        )
+    });
+    let mut conn = url.connect_migrated()?;
+    crate::guard::tick();
     // Asked first: the batches commit as they go, and a refusal at the last table left every
     // account and transfer deleted behind an error that did not say so.
     let denied = repo::tables_without(
@@ -321,20 +355,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     if !denied.is_empty() {
         return Err(Error::ResetNotAllowed(denied.join(" and ")));
     }
-    // A frozen server keeps a batch waiting forever (its kernel acknowledges every packet):
-    // given up on after `--timeout` without a batch done, saying how far it got.
-    let deleted = Arc::new(Deleted::default());
-    let seen = Arc::clone(&deleted);
-    crate::guard::watch(args.timeout, move || {
-        let (accounts, transfers) = seen.counts();
-        format!(
-            "the server is frozen or unreachable, or a batch waits on a lock; reset stopped \
-             after deleting {} and {} (the batch in flight may or may not have been deleted); \
-             run it again to finish",
-            crate::counted(accounts as u64, "account"),
-            crate::counted(transfers as u64, "transfer")
-        )
-    });
+    crate::guard::tick();
     let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &deleted) {
         Ok(claims) => claims,
         Err(e) => {

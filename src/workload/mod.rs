@@ -14,11 +14,13 @@ mod worker;
 pub use report::{Invariants, Latency, Report};
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use diesel::pg::PgConnection;
+use diesel::Connection;
 use rand::Rng;
 use uuid::Uuid;
 
@@ -81,10 +83,37 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         output::prepare(config.report.as_deref(), config.histogram.as_deref())?;
     let histogram = histogram_out.as_ref().map(Output::writer).transpose()?;
     crate::interrupt::catch();
+    // The setup's statements have no deadline of their own: on a frozen server, or a lock held
+    // elsewhere, the workload waited forever before its first transfer. Each step (the
+    // connection, a chunk of accounts, the totals) may take `--timeout`; the transfers and the
+    // final check that follow keep their own deadlines.
+    let made = Arc::new(Made::default());
+    let seen = Arc::clone(&made);
+    let total = config.accounts;
+    crate::guard::watch(policy.timeout, move || {
+        let (created, committing) = (
+            seen.created.load(Ordering::Relaxed),
+            seen.committing.load(Ordering::Relaxed),
+        );
+        format!(
+            "the server is frozen or unreachable, or the setup waits on a lock; the workload \
+             stopped before its first transfer ({}{})",
+            match created {
+                0 => "it created no account".to_string(),
+                n => format!("{n} of its {total} accounts created, which stay"),
+            },
+            match committing {
+                0 => String::new(),
+                n => format!("; {n} more, whose COMMIT was under way, may or may not have been"),
+            }
+        )
+    });
     let mut setup = url.connect_migrated()?;
-    let ids = prepare_accounts(&mut setup, config)?;
+    crate::guard::tick();
+    let ids = prepare_accounts(&mut setup, config, &made)?;
     let (starting_total, since) = repo::totals_and_versions(&mut setup, &ids)?;
     drop(setup);
+    crate::guard::stop_watch();
 
     let started = Instant::now();
     let (histogram_log, histogram_written) = match histogram {
@@ -212,7 +241,21 @@ fn verdict(report: Report) -> Option<WorkloadError> {
     }
 }
 
-fn prepare_accounts(conn: &mut PgConnection, config: &Config) -> Result<Vec<Uuid>, Error> {
+/// How far the workload's setup got, for the line it ends with when given up on.
+#[derive(Default)]
+struct Made {
+    /// Accounts created.
+    created: AtomicU64,
+    /// Accounts of the chunk whose COMMIT is under way.
+    committing: AtomicU64,
+}
+
+/// `made` counts the accounts as they are created.
+fn prepare_accounts(
+    conn: &mut PgConnection,
+    config: &Config,
+    made: &Made,
+) -> Result<Vec<Uuid>, Error> {
     let n = usize::try_from(config.accounts)
         .map_err(|_| Error::Usage(format!("--accounts {} is too large", config.accounts)))?;
     if config.reuse_accounts {
@@ -249,8 +292,21 @@ fn prepare_accounts(conn: &mut PgConnection, config: &Config) -> Result<Vec<Uuid
         let chunk: Vec<NewAccount> = (0..repo::INSERT_CHUNK.min(n - ids.len()))
             .map(|_| NewAccount::with_balance(config.balance))
             .collect();
-        match repo::create_many(conn, &chunk) {
-            Ok(_) => ids.extend(chunk.iter().map(|a| a.id)),
+        // In a transaction of its own: a chunk given up on while it waits for a lock held
+        // elsewhere was created once that lock went, after the run had said it was not (its
+        // server does not notice a client gone while it waits). Its COMMIT is never sent now.
+        let step = conn.transaction(|c| {
+            let n = repo::create_many(c, &chunk)?;
+            made.committing.store(n as u64, Ordering::Relaxed);
+            Ok::<_, diesel::result::Error>(n)
+        });
+        match step {
+            Ok(_) => {
+                ids.extend(chunk.iter().map(|a| a.id));
+                made.created.store(ids.len() as u64, Ordering::Relaxed);
+                made.committing.store(0, Ordering::Relaxed);
+                crate::guard::tick();
+            }
             Err(e) if ids.is_empty() => return Err(e.into()),
             Err(e) => return Err(stopped(e.to_string(), ids.len())),
         }
