@@ -2187,3 +2187,36 @@ fn commands_that_write_end_by_their_deadline_before_their_first_step() {
     drop(proxy);
     assert_eq!(db.state(), before);
 }
+
+/// A demo whose accounts could not be created (a lock held elsewhere outlasted its
+/// `--timeout`, and the server cancelled the INSERT): it said it "could not remove what it
+/// created" and named two accounts that never existed (found by a helper playing a new user).
+/// What it names must exist, or be said to be uncertain.
+#[test]
+fn a_demo_that_could_not_create_its_accounts_names_none() {
+    let db = ScratchDb::migrated();
+    let before = db.state();
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .expect("lock");
+    let (run, _) = ends_within(
+        db.url.expose(),
+        &["demo", "--timeout", "1s"],
+        Duration::from_secs(20),
+    );
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(db.state(), before, "{run:?}");
+    let uuid = regex_lite_uuid(&run.stderr);
+    assert!(
+        uuid.is_none() || run.stderr.contains("if it created them"),
+        "names {uuid:?}, which it never created: {run:?}"
+    );
+}
+
+/// The first UUID in `text`, if any.
+fn regex_lite_uuid(text: &str) -> Option<Uuid> {
+    text.split(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
+        .find_map(|w| (w.len() == 36).then(|| w.parse().ok()).flatten())
+}

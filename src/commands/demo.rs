@@ -14,7 +14,7 @@ use crate::db::{DbUrl, Session};
 use crate::error::{Error, TransferError};
 use crate::models::{NewAccount, NewTransfer};
 use crate::repo;
-use crate::retry::RetryPolicy;
+use crate::retry::{classify, Cause, Phase, RetryPolicy};
 use crate::transfer::{Mode, Runner};
 
 const DEMO_AMOUNT: i64 = 100;
@@ -77,14 +77,14 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
     // A first Ctrl-C (or SIGTERM) stops the flow, not the process: killed, the demo left its
     // accounts behind and said nothing. What is in flight finishes, then the cleanup runs.
     crate::interrupt::catch();
-    let mut creating = false;
+    let mut made = Made::default();
     let flow = demo_flow(
         &mut steps,
         runner,
         &created,
         transfer_id,
         &stage,
-        &mut creating,
+        &mut made,
         out,
     )
     .and_then(|()| match crate::interrupt::interrupted() {
@@ -92,9 +92,10 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
         false => Ok(()),
     });
     let _ = out.flush();
-    // Stopped before it created anything (no server, no schema): nothing to remove, and a
-    // cleanup that failed the same way said it "could not remove" accounts never made.
-    if !creating {
+    // Stopped before it created anything (no server, no schema, an INSERT the server
+    // refused or cancelled): nothing to remove, and a cleanup that failed the same way said it
+    // "could not remove" accounts never made.
+    if made.created == 0 && !made.unsure {
         return flow;
     }
     let cleanup = demo_cleanup(&mut steps, &ids, transfer_id);
@@ -119,13 +120,32 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
         (Err(e), Err(cleanup)) => Err(Error::DemoStopped {
             source: Box::new(e),
             cleanup: format!(
-                "could not remove what it created ({cleanup}): accounts {}",
-                ids.iter()
-                    .map(Uuid::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" and ")
+                "could not remove what it created ({cleanup}): {}",
+                made.named(&ids)
             ),
         }),
+    }
+}
+
+/// How many of its accounts the demo created, for what it says it could not remove.
+#[derive(Default)]
+struct Made {
+    created: usize,
+    /// The next one's INSERT was under way when its connection went: it may exist.
+    unsure: bool,
+}
+
+impl Made {
+    /// "accounts A and B", "account A", or "account A, and B if it was created".
+    fn named(&self, ids: &[Uuid]) -> String {
+        let sure: Vec<String> = ids.iter().take(self.created).map(Uuid::to_string).collect();
+        let maybe = ids.get(self.created).filter(|_| self.unsure);
+        match (sure.as_slice(), maybe) {
+            ([], Some(m)) => format!("account {m}, if it was created"),
+            ([one], None) => format!("account {one}"),
+            ([one], Some(m)) => format!("account {one}, and {m} if it was created"),
+            (all, _) => format!("accounts {}", all.join(" and ")),
+        }
     }
 }
 
@@ -135,7 +155,7 @@ fn demo_flow(
     created: &[NewAccount],
     transfer_id: Uuid,
     stage: &AtomicU8,
-    creating: &mut bool,
+    made: &mut Made,
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let reached = |s: Stage| {
@@ -144,10 +164,15 @@ fn demo_flow(
     };
     let conn = session.conn()?;
     crate::db::require_migrated(conn)?;
-    *creating = true;
     reached(Stage::Creating);
     for account in created {
-        repo::create(conn, account)?;
+        if let Err(e) = repo::create(conn, account) {
+            // A statement that is its own commit: an error the server gave (a timeout, a
+            // refusal) created nothing; a connection lost meanwhile may have.
+            made.unsure = classify(&e, Phase::Commit) == Some(Cause::Ambiguous);
+            return Err(e.into());
+        }
+        made.created += 1;
     }
     reached(Stage::Created);
     let [from, to] = [created[0].id, created[1].id];
