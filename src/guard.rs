@@ -102,8 +102,8 @@ impl Ticket {
 /// would otherwise keep it waiting forever.
 pub fn watch_reads(timeout: std::time::Duration) {
     watch(timeout, || {
-        "the read is slower than that (a large ledger: raise --timeout), or the server is frozen \
-         or unreachable"
+        "the read is slower than that (a large ledger: raise --timeout), waits on a lock another \
+         session holds, or the server is frozen or unreachable"
             .to_string()
     });
 }

@@ -2220,3 +2220,23 @@ fn regex_lite_uuid(text: &str) -> Option<Uuid> {
     text.split(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
         .find_map(|w| (w.len() == 36).then(|| w.parse().ok()).flatten())
 }
+
+/// A read held up by a lock another session holds (`LOCK TABLE`, a migration under way) said
+/// only "a large ledger" or "the server is frozen or unreachable" (found by a helper playing a
+/// new user): it names the lock too.
+#[test]
+fn a_read_waiting_on_a_lock_says_so() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[5]);
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .expect("lock");
+    let (run, _) = ends_within(
+        db.url.expose(),
+        &["balances", "--timeout", "1s"],
+        Duration::from_secs(10),
+    );
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    run.fails_with(1, "waits on a lock another session holds");
+}
