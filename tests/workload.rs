@@ -1269,3 +1269,26 @@ fn an_output_file_that_is_a_mount_point_is_refused() {
         assert_eq!((db.state(), files(d)), before, "{flag}: {run:?}");
     }
 }
+
+/// A workload whose every transfer fails the same way (a database set read-only) printed one
+/// warning per transfer: 5,000 identical lines for 5,000 transfers (found by a helper playing a
+/// new user). Each kind of failure is shown once; the summary counts them all.
+#[test]
+fn a_failure_repeated_by_every_transfer_is_shown_once() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[1000, 1000, 1000]);
+    db.alter("default_transaction_read_only = on");
+    let run = db
+        .bank()
+        .args(["workload", "--reuse-accounts", "--accounts", "3"])
+        .args(["--transfers", "300", "--concurrency", "2", "--json"])
+        .run();
+    assert_ne!(run.code, 0, "{run:?}");
+    let shown = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("read-only transaction"))
+        .count();
+    assert_eq!(shown, 1, "{}", run.stderr);
+    assert_eq!(run.json()["errors"], 300, "{}", run.stdout);
+}

@@ -199,7 +199,7 @@ impl Worker {
                 Err(TransferError::NotApplied { .. }) => tally.given_up += 1,
                 Err(TransferError::OutcomeUnknown { .. }) => tally.indeterminate += 1,
                 Err(e) => {
-                    log::warn!("workload: transfer {} failed: {e}", t.id);
+                    warn_once(t.id, &e);
                     tally.errors += 1;
                     tally.last_error = Some(e.to_string());
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
@@ -376,5 +376,30 @@ mod tests {
             assert_eq!(h.len(), 2);
             assert!(h.max() >= year_us * 999 / 1000, "{}", h.max());
         }
+    }
+}
+
+/// Failures already shown, each without its transfer's id.
+static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Shows a failure the first time one like it comes: a database that refuses every transfer
+/// the same way (set read-only, a missing privilege) printed a line per transfer, thousands of
+/// them. The summary counts them all, and gives the last.
+fn warn_once(id: Uuid, e: &TransferError) {
+    let text = e.to_string();
+    let kind = text.replace(&id.to_string(), "");
+    let first = match SHOWN.lock() {
+        Ok(shown) if shown.contains(&kind) => false,
+        Ok(mut shown) => {
+            shown.push(kind);
+            true
+        }
+        // A worker panicked holding it: show rather than hide.
+        Err(_) => true,
+    };
+    if first {
+        log::warn!(
+            "workload: transfer {id} failed: {text} (failures like it are counted, not shown)"
+        );
     }
 }
