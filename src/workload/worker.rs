@@ -359,26 +359,6 @@ pub(super) fn tally_verdict(tally: &mut Tally, live: &Live, l: Option<&Line>, v:
     0
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The live histograms (the progress line, `--histogram`, `--report`) dropped a latency past
-    /// 10 minutes, which `--timeout` allows.
-    #[test]
-    fn live_latencies_past_ten_minutes_are_kept() {
-        let live = Live::new(Instant::now()).expect("live");
-        let year_us = 365 * 24 * 3600 * 1_000_000;
-        live.record(11 * 60 * 1_000_000);
-        live.record(year_us);
-        for h in [live.take_interval(), live.take_second()] {
-            let h = h.expect("a histogram");
-            assert_eq!(h.len(), 2);
-            assert!(h.max() >= year_us * 999 / 1000, "{}", h.max());
-        }
-    }
-}
-
 /// Failures already shown, each without its transfer's id.
 static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
@@ -401,5 +381,25 @@ fn warn_once(id: Uuid, e: &TransferError) {
         log::warn!(
             "workload: transfer {id} failed: {text} (failures like it are counted, not shown)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The live histograms (the progress line, `--histogram`, `--report`) dropped a latency past
+    /// 10 minutes, which `--timeout` allows.
+    #[test]
+    fn live_latencies_past_ten_minutes_are_kept() {
+        let live = Live::new(Instant::now()).expect("live");
+        let year_us = 365 * 24 * 3600 * 1_000_000;
+        live.record(11 * 60 * 1_000_000);
+        live.record(year_us);
+        for h in [live.take_interval(), live.take_second()] {
+            let h = h.expect("a histogram");
+            assert_eq!(h.len(), 2);
+            assert!(h.max() >= year_us * 999 / 1000, "{}", h.max());
+        }
     }
 }
