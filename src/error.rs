@@ -641,7 +641,7 @@ fn batch_unknown(stopped: Option<&str>, unknown: u64, not_attempted: u64, total:
     let never = match not_attempted {
         0 => String::new(),
         n if n == unknown => ", none of them attempted by this run, but an earlier run of the \
-                               file may still apply them"
+                               file, if one was cut short, may still apply them"
             .to_string(),
         n => format!(", {n} of them not attempted by this run"),
     };

@@ -2969,3 +2969,47 @@ fn a_csv_file_s_memory_stays_bounded_whatever_its_line_ends_or_quotes_hold() {
         assert_eq!(full_state(&db), before, "case {i}: nothing changed");
     }
 }
+
+/// A file on a server that froze at its first chunk's COMMIT: the lines never sent said "not
+/// attempted: no answer from the database within 1.5s, after its COMMIT was sent", another
+/// statement's reason as if it were theirs (found by a fault-testing helper). The chunk in hand
+/// keeps that reason; the lines never sent say the run stopped, and why.
+#[test]
+fn lines_never_sent_say_why_the_run_stopped_not_what_another_statement_met() {
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 6, 30, 17);
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.arm_at(At::Commit, Fault::Freeze);
+    let run = run_file(
+        &proxy.url_for(&db.url),
+        "f.csv",
+        &csv(&lines),
+        &["--batch", "10", "--connections", "1", "--timeout", "1s"],
+    );
+    proxy.thaw_all();
+    drop(proxy);
+    assert_eq!(run.code, 3, "{run:?}");
+    let errors: Vec<String> = run
+        .stdout
+        .lines()
+        .map(|l| {
+            let j: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            j["error"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(errors.len(), 30, "{run:?}");
+    for (i, e) in errors.iter().enumerate() {
+        let in_hand = i < 10;
+        assert_eq!(
+            e.contains("after its COMMIT was sent"),
+            in_hand,
+            "line {i}: {e}"
+        );
+        assert_eq!(
+            e.starts_with("not attempted: the run stopped"),
+            !in_hand,
+            "line {i}: {e}"
+        );
+    }
+    rerun_until_settled(&db, &lines);
+}

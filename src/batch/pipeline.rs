@@ -349,8 +349,9 @@ where
                         let in_hand = format!(
                             "the connection was lost and could not be made again ({error})"
                         );
-                        let verdicts = cut_short(&worker.watch, &f.group, &in_hand, &error);
-                        stopping.get_or_insert(error);
+                        let stop = format!("the run stopped: {in_hand}");
+                        let verdicts = cut_short(&worker.watch, &f.group, &in_hand, &stop);
+                        stopping.get_or_insert(stop);
                         verdicts
                     }
                 };
@@ -407,8 +408,14 @@ where
                 "no answer from the database within {:.1}s, {what}",
                 wait.as_secs_f64()
             );
-            let verdicts = cut_short(&workers[f.worker].watch, &f.group, &error, &error);
-            stopping.get_or_insert(error);
+            // The lines never sent are told why the run stopped, not what the statement in
+            // hand met ("after its COMMIT was sent" read as theirs).
+            let stop = format!(
+                "the run stopped: a statement got no answer from the database within {:.1}s",
+                wait.as_secs_f64()
+            );
+            let verdicts = cut_short(&workers[f.worker].watch, &f.group, &error, &stop);
+            stopping.get_or_insert(stop);
             finish_group(&mut windows, &f.group, verdicts);
         }
         emit_ready(&mut windows, &mut summary, &mut record)?;
