@@ -41,7 +41,7 @@ Exit status:
 Environment (also read from .env; the command line wins):
   DATABASE_URL       the database, when --database-url is not given
   BANK_TIMEOUT       --timeout of transfer and workload (default 30s)
-  BANK_READ_TIMEOUT  --timeout of reads, --check-timeout of workload (default 2min)
+  BANK_READ_TIMEOUT  --timeout of reads, seed and reset, --check-timeout of workload (default 2min)
   BANK_MAX_RETRIES, BANK_RETRY_BASE, BANK_RETRY_CAP   the retry policy
   BANK_SEED_METHOD   seed --method (auto, copy, insert)
   NO_COLOR           no colour in help and logs";
@@ -335,8 +335,9 @@ impl RunArgs {
     pub fn check(&self) -> Result<(), Error> {
         if self.retry_base > self.retry_cap {
             return Err(Error::Usage(format!(
-                "--retry-base {:?} is longer than --retry-cap {:?}, the longest backoff: lower \
-                 the one or raise the other",
+                "--retry-base {:?} is longer than --retry-cap {:?}, the longest backoff (each from \
+                 its flag, else BANK_RETRY_BASE or BANK_RETRY_CAP, else its default): lower the \
+                 one or raise the other",
                 self.retry_base, self.retry_cap
             )));
         }

@@ -45,7 +45,7 @@ pub fn catch() {
         // terminal only: a script reads the run's one closing line.
         if std::io::stderr().is_terminal() {
             crate::say(format_args!(
-                "bank: stopping: nothing new starts (Ctrl-C again to quit at once, leaving what \
+                "bank: stopping: nothing new starts (a second Ctrl-C quits at once, leaving what \
                  is in flight unknown)"
             ));
         }

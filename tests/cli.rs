@@ -2149,14 +2149,13 @@ fn a_ctrl_c_at_a_terminal_says_what_the_run_waits_for() {
         file.display()
     );
     let holder = db.hold(&[a]);
-    let mut child = std::process::Command::new("script")
-        .args(["-qefc", &command, "/dev/null"])
+    let mut child = script(&command)
         .env_remove("DATABASE_URL")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("script (util-linux)");
+        .expect("script");
     crate::support::wait_for_lock_wait(&db);
     let mut keyboard = child.stdin.take().expect("stdin");
     keyboard.write_all(b"\x03").expect("Ctrl-C");
@@ -2168,7 +2167,7 @@ fn a_ctrl_c_at_a_terminal_says_what_the_run_waits_for() {
     let out = out.expect("wait");
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(
-        screen.contains("what is in flight") && screen.contains("Ctrl-C again"),
+        screen.contains("what is in flight") && screen.contains("a second Ctrl-C quits"),
         "{screen:?}"
     );
     // What was in flight finished: the line was applied, and said so.

@@ -36,14 +36,25 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     // forever: given up on after `--timeout` without a chunk done, saying how far it got.
     let progress = Arc::new((AtomicU64::new(0), AtomicUsize::new(0)));
     let seen = Arc::clone(&progress);
+    let json = args.json;
     crate::guard::watch(args.timeout, move || {
-        Error::SeedStopped {
-            why: "the server is frozen or unreachable, or the seed waits on a lock".into(),
-            created: seen.0.load(Ordering::Relaxed),
+        // In the order opposite to the writes': a chunk that committed meanwhile is then at
+        // worst said uncertain, never left out.
+        let unsettled = seen.1.load(Ordering::SeqCst);
+        let created = seen.0.load(Ordering::SeqCst);
+        let stopped = Error::SeedStopped {
+            why: "a chunk is slower than that (raise --timeout), waits on a lock another \
+                  session holds, or the server is frozen or unreachable"
+                .into(),
+            created,
             total,
-            unsettled: seen.1.load(Ordering::Relaxed),
+            unsettled,
+        };
+        // The process ends here, on another thread than the one writing standard output.
+        match json {
+            true => format!("{stopped}; the JSON array on standard output is left unclosed"),
+            false => stopped.to_string(),
         }
-        .to_string()
     });
     let mut conn = url.connect_migrated()?;
     crate::guard::tick();
@@ -85,7 +96,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                 .and_then(|()| out.flush())
                 .map_err(Stop::Output)?;
             written = true;
-            progress.1.store(chunk.len(), Ordering::Relaxed);
+            progress.1.store(chunk.len(), Ordering::SeqCst);
             Ok(n)
         });
         let n = match step {
@@ -114,8 +125,8 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             }
         };
         created += n as u64;
-        progress.0.store(created, Ordering::Relaxed);
-        progress.1.store(0, Ordering::Relaxed);
+        progress.0.store(created, Ordering::SeqCst);
+        progress.1.store(0, Ordering::SeqCst);
         log::debug!("seed: loaded {n} accounts ({method})");
         bar.inc(n as u64);
     }
@@ -336,7 +347,8 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     crate::guard::watch(args.timeout, move || {
         let (accounts, transfers) = seen.counts();
         format!(
-            "the server is frozen or unreachable, or a step waits on a lock; reset stopped \
+            "a batch is slower than that (raise --timeout), waits on a lock another session \
+             holds, or the server is frozen or unreachable; reset stopped \
              after deleting {} and {} (the batch in flight, if any, may or may not have been \
              deleted); run it again to finish",
             crate::counted(accounts as u64, "account"),

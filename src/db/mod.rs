@@ -432,22 +432,25 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
 ///
 /// Read, then dropped, the table could be another init's whose first migration committed in
 /// between (the DROP waited for that very transaction's lock, then took its record away). So
-/// the table is first made this transaction's alone, by a rename (the one lock-taking statement
-/// both engines accept; LOCK TABLE is PostgreSQL's), and read only then, at READ COMMITTED so that
-/// the read sees what committed while the rename waited. `conn` must be a migration session
+/// the transaction's first statement renames it (the one lock-taking statement both engines
+/// accept; LOCK TABLE is PostgreSQL's), and reads it only then. On PostgreSQL the rename's lock
+/// makes the table this transaction's alone, and READ COMMITTED lets the read see what
+/// committed while the rename waited. CockroachDB runs a READ COMMITTED transaction whose first
+/// statement is a schema change as SERIALIZABLE (and refuses one that changes the schema after a
+/// read), which protects the count there. `conn` must be a migration session
 /// (`engine::prepare_migration_session`): with CockroachDB's `autocommit_before_ddl` on, the
 /// rename would commit on its own, and a table found in use would keep its new name.
 pub fn drop_empty_migrations_table(conn: &mut PgConnection) {
     const HELD: &str = "__bank_dropping_diesel_schema_migrations";
+    if !migrations_schema(conn).is_ok_and(|s| s.is_some()) {
+        return;
+    }
     let dropped = conn
         .build_transaction()
         .read_committed()
         .run(|conn| -> QueryResult<bool> {
-            if migrations_schema(conn)?.is_none() {
-                return Ok(false);
-            }
             diesel::sql_query(format!(
-                "ALTER TABLE __diesel_schema_migrations RENAME TO {HELD}"
+                "ALTER TABLE IF EXISTS __diesel_schema_migrations RENAME TO {HELD}"
             ))
             .execute(conn)?;
             #[derive(QueryableByName)]

@@ -85,18 +85,22 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     crate::interrupt::catch();
     // The setup's statements have no deadline of their own: on a frozen server, or a lock held
     // elsewhere, the workload waited forever before its first transfer. Each step (the
-    // connection, a chunk of accounts, the totals) may take `--timeout`; the transfers and the
+    // connection, a chunk of accounts, the totals, which read every account) may take what a
+    // read may, `--check-timeout`, or the transfers' `--timeout` if longer: a run made to study
+    // tight deadlines (`--timeout 2ms`) could not get past its setup. The transfers and the
     // final check that follow keep their own deadlines.
     let made = Arc::new(Made::default());
     let seen = Arc::clone(&made);
     let total = config.accounts;
-    crate::guard::watch(policy.timeout, move || {
-        let (created, committing) = (
-            seen.created.load(Ordering::Relaxed),
-            seen.committing.load(Ordering::Relaxed),
-        );
+    let setup_timeout = config.check_timeout.max(policy.timeout);
+    crate::guard::watch(setup_timeout, move || {
+        // In the order opposite to the writes': a chunk that committed meanwhile is then at
+        // worst said uncertain, never left out.
+        let committing = seen.committing.load(Ordering::SeqCst);
+        let created = seen.created.load(Ordering::SeqCst);
         format!(
-            "the server is frozen or unreachable, or the setup waits on a lock; the workload \
+            "a step of the setup is slower than that (raise --check-timeout), waits on a lock \
+             another session holds, or the server is frozen or unreachable; the workload \
              stopped before its first transfer ({}{})",
             match created {
                 0 => "it created no account".to_string(),
@@ -297,14 +301,14 @@ fn prepare_accounts(
         // server does not notice a client gone while it waits). Its COMMIT is never sent now.
         let step = conn.transaction(|c| {
             let n = repo::create_many(c, &chunk)?;
-            made.committing.store(n as u64, Ordering::Relaxed);
+            made.committing.store(n as u64, Ordering::SeqCst);
             Ok::<_, diesel::result::Error>(n)
         });
         match step {
             Ok(_) => {
                 ids.extend(chunk.iter().map(|a| a.id));
-                made.created.store(ids.len() as u64, Ordering::Relaxed);
-                made.committing.store(0, Ordering::Relaxed);
+                made.created.store(ids.len() as u64, Ordering::SeqCst);
+                made.committing.store(0, Ordering::SeqCst);
                 crate::guard::tick();
             }
             Err(e) if ids.is_empty() => return Err(e.into()),

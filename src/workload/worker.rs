@@ -359,7 +359,9 @@ pub(super) fn tally_verdict(tally: &mut Tally, live: &Live, l: Option<&Line>, v:
     0
 }
 
-/// Failures already shown, each without its transfer's id.
+/// The kinds of failure already shown: a database error by its message without the transfer's
+/// id, any other by its kind alone (an unknown account's names the account: a reset under way
+/// printed one line per account).
 static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// Shows a failure the first time one like it comes: a database that refuses every transfer
@@ -367,7 +369,10 @@ static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 /// them. The summary counts them all, and gives the last.
 fn warn_once(id: Uuid, e: &TransferError) {
     let text = e.to_string();
-    let kind = text.replace(&id.to_string(), "");
+    let kind = match e {
+        TransferError::Database(_) => text.replace(&id.to_string(), ""),
+        other => format!("{:?}", std::mem::discriminant(other)),
+    };
     let first = match SHOWN.lock() {
         Ok(shown) if shown.contains(&kind) => false,
         Ok(mut shown) => {
