@@ -89,7 +89,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     // clap quotes the argument it did not expect: a URL given without --database-url.
     bank::say(format_args!(
         "bank: error: {}{}{} (see {} --help)",
-        bank::db::redact_message(&bank::one_line(message)),
+        bank::batch::input::escaped(&bank::db::redact_message(&bank::one_line(message))),
         from_environment(e),
         did_you_mean(e),
         command_of(&text)

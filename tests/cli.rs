@@ -2174,3 +2174,18 @@ fn a_ctrl_c_at_a_terminal_says_what_the_run_waits_for() {
     assert!(screen.contains("applied"), "{screen:?}");
     assert_eq!(db.balance(b), 5);
 }
+
+/// A character a terminal shows as nothing, typed into a flag's value, went to stderr as it was
+/// (clap's message quotes the value, and uuid's names the character): "found `` at 0" about
+/// a value that looked empty (found by a helper playing a new user). It is shown escaped, as a
+/// file's values are.
+#[test]
+fn an_invisible_character_in_a_flag_s_value_is_shown_escaped() {
+    let run = Bank::new()
+        .args([
+            "transfer", "--from", "\u{200b}", "--to", "x", "--amount", "5",
+        ])
+        .run();
+    run.fails_with(2, "'\\u{200b}'");
+    assert!(!run.stderr.contains('\u{200b}'), "{run:?}");
+}

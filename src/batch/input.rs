@@ -207,7 +207,7 @@ pub(crate) fn shown(value: &str) -> String {
 
 /// `value` whole, its control characters escaped: a file's name as messages show it (a password
 /// in it is hidden as every stderr line's is, by `say`).
-pub(crate) fn escaped(value: &str) -> String {
+pub fn escaped(value: &str) -> String {
     value
         .chars()
         .flat_map(|c| {
