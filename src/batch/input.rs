@@ -793,7 +793,11 @@ impl<'de> serde::de::Visitor<'de> for JsonTransferVisitor {
         // Which keys were given, null ones included: {"id": null, "ID": "…"} names id twice too.
         let mut seen = [false; 4];
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            let Some(at) = COLUMNS.iter().position(|c| key.eq_ignore_ascii_case(c)) else {
+            // As a CSV header's names: in any case, spaces around them aside.
+            let Some(at) = COLUMNS
+                .iter()
+                .position(|c| key.trim().eq_ignore_ascii_case(c))
+            else {
                 map.next_value::<serde::de::IgnoredAny>()?;
                 continue;
             };
@@ -1613,6 +1617,16 @@ mod tests {
         );
         let (_, why) = reason(&all(&text, Format::Jsonl)[0]);
         assert!(why.contains("id") && why.contains("twice"), "{why}");
+        // Spaces around a key, as around a CSV header's names ("ID , From"): "amount " was an
+        // unknown key, ignored, and the line had "no amount" (found by a helper playing a new
+        // user).
+        let text = format!("{{\" id\":\"{X}\",\"from \":\"{A}\",\"to\":\"{B}\",\" Amount \":5}}\n");
+        let got = all(&text, Format::Jsonl);
+        let l = got[0].as_ref().expect("parsed");
+        assert_eq!(
+            (l.transfer.id.to_string(), l.transfer.amount),
+            (X.to_string(), 5)
+        );
     }
 
     #[test]
