@@ -407,12 +407,18 @@ pub enum Error {
     /// `workload` stopped while it created its accounts (exit 1): those created stay.
     #[error(
         "{why}, so the workload stopped while creating its accounts: {created} of {total} \
-         created, which stay (`bank reset` deletes every account)"
+         created, which stay{} (`bank reset` deletes every account)",
+        match unsettled {
+            0 => String::new(),
+            n => format!(", and {n} more whose COMMIT went unanswered may or may not have been"),
+        }
     )]
     WorkloadSetupStopped {
         why: String,
         created: u64,
         total: u64,
+        /// Accounts of the chunk whose COMMIT's answer was lost: created or not, nobody knows.
+        unsettled: u64,
     },
     /// `init` on a database whose migrations are all another application's.
     #[error(

@@ -2240,3 +2240,23 @@ fn a_read_waiting_on_a_lock_says_so() {
     holder.batch_execute("ROLLBACK").expect("rollback");
     run.fails_with(1, "waits on a lock another session holds");
 }
+
+/// The COMMIT of a chunk of the workload's accounts, applied by the server but its answer lost
+/// (the connection cut): the run said "0 of 10 created", or gave the bare connection error,
+/// while the 10 were there. It says they may or may not be.
+#[test]
+fn a_workload_setup_chunk_whose_commit_answer_is_lost_is_said_uncertain() {
+    let db = ScratchDb::migrated();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.arm_at(At::Commit, Fault::CutAfterCommit);
+    let run = Bank::new()
+        .args(["--database-url", &proxy.url_for(&db.url)])
+        .args(["workload", "--accounts", "10", "--transfers", "5"])
+        .run();
+    assert_eq!(proxy.injected(), 1, "{run:?}");
+    assert_eq!(db.state().0.len(), 10, "the chunk committed: {run:?}");
+    run.fails_with(
+        1,
+        "10 more whose COMMIT went unanswered may or may not have been",
+    );
+}

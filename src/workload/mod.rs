@@ -284,14 +284,19 @@ fn prepare_accounts(
     // made just before its statement: made all at once first, 2,000,000 accounts kept a Ctrl-C
     // waiting for seconds before the first statement (a test's bound missed under load).
     let mut ids: Vec<Uuid> = Vec::new();
-    let stopped = |why: String, created: usize| Error::WorkloadSetupStopped {
+    let stopped = |why: String, created: usize, unsettled: u64| Error::WorkloadSetupStopped {
         why,
         created: created as u64,
         total: n as u64,
+        unsettled,
     };
     while ids.len() < n {
         if crate::interrupt::interrupted() {
-            return Err(stopped(crate::interrupt::reason().to_string(), ids.len()));
+            return Err(stopped(
+                crate::interrupt::reason().to_string(),
+                ids.len(),
+                0,
+            ));
         }
         let chunk: Vec<NewAccount> = (0..repo::INSERT_CHUNK.min(n - ids.len()))
             .map(|_| NewAccount::with_balance(config.balance))
@@ -311,8 +316,19 @@ fn prepare_accounts(
                 made.committing.store(0, Ordering::SeqCst);
                 crate::guard::tick();
             }
-            Err(e) if ids.is_empty() => return Err(e.into()),
-            Err(e) => return Err(stopped(e.to_string(), ids.len())),
+            Err(e) => {
+                // Failed at its COMMIT with the answer lost (the connection went): the chunk
+                // may be there. Any other failure rolled it back.
+                let committing = made.committing.swap(0, Ordering::SeqCst);
+                let unsettled = match classify(&e, Phase::Commit) {
+                    Some(Cause::Ambiguous) if committing > 0 => committing,
+                    _ => 0,
+                };
+                if ids.is_empty() && unsettled == 0 {
+                    return Err(e.into());
+                }
+                return Err(stopped(e.to_string(), ids.len(), unsettled));
+            }
         }
     }
     log::debug!("workload: created {n} accounts");
