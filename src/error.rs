@@ -406,11 +406,18 @@ pub enum Error {
     },
     /// `workload` stopped while it created its accounts (exit 1): those created stay.
     #[error(
-        "{why}, so the workload stopped while creating its accounts: {created} of {total} \
-         created, which stay{} (`bank reset` deletes every account)",
-        match unsettled {
-            0 => String::new(),
-            n => format!(", and {n} more whose COMMIT went unanswered may or may not have been"),
+        "{why}, so the workload stopped while creating its accounts: {} (`bank reset` deletes \
+         every account)",
+        match (created, unsettled) {
+            (c, 0) => format!("{c} of {total} created, which stay"),
+            (0, u) => format!(
+                "none of {total} created for sure; {u} whose COMMIT went unanswered may or may \
+                 not have been, and stay if so"
+            ),
+            (c, u) => format!(
+                "{c} of {total} created, which stay, and {u} more whose COMMIT went unanswered \
+                 may or may not have been"
+            ),
         }
     )]
     WorkloadSetupStopped {

@@ -803,8 +803,8 @@ impl<'de> serde::de::Visitor<'de> for JsonTransferVisitor {
             };
             if std::mem::replace(&mut seen[at], true) {
                 return Err(serde::de::Error::custom(format!(
-                    "the object names {} twice (in any case): which one holds the transfer's {0} \
-                     is not clear",
+                    "the object names {} twice (in any case, spaces aside): which one holds the \
+                     transfer's {0} is not clear",
                     COLUMNS[at]
                 )));
             }

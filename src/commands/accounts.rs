@@ -34,7 +34,13 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     let total = args.accounts.unwrap_or(TUTORIAL_BALANCES.len() as u64);
     // A frozen server, or a lock held elsewhere, kept a chunk (or the connection) waiting
     // forever: given up on after `--timeout` without a chunk done, saying how far it got.
-    let progress = Arc::new((AtomicU64::new(0), AtomicUsize::new(0)));
+    // Accounts created, ids written whose chunk is not committed yet, and whether the JSON
+    // array has opened (with its first row).
+    let progress = Arc::new((
+        AtomicU64::new(0),
+        AtomicUsize::new(0),
+        std::sync::atomic::AtomicBool::new(false),
+    ));
     let seen = Arc::clone(&progress);
     let json = args.json;
     crate::guard::watch(args.timeout, move || {
@@ -43,15 +49,15 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
         let unsettled = seen.1.load(Ordering::SeqCst);
         let created = seen.0.load(Ordering::SeqCst);
         let stopped = Error::SeedStopped {
-            why: "a chunk is slower than that (raise --timeout), waits on a lock another \
-                  session holds, or the server is frozen or unreachable"
+            why: "a step (the connection, a chunk) is slower than that (raise --timeout), waits \
+                  on a lock another session holds, or the server is frozen or unreachable"
                 .into(),
             created,
             total,
             unsettled,
         };
         // The process ends here, on another thread than the one writing standard output.
-        match json {
+        match json && seen.2.load(Ordering::SeqCst) {
             true => format!("{stopped}; the JSON array on standard output is left unclosed"),
             false => stopped.to_string(),
         }
@@ -97,6 +103,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                 .map_err(Stop::Output)?;
             written = true;
             progress.1.store(chunk.len(), Ordering::SeqCst);
+            progress.2.store(true, Ordering::SeqCst);
             Ok(n)
         });
         let n = match step {

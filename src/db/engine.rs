@@ -61,9 +61,10 @@ impl Server {
     /// transaction first commits the transaction. Diesel runs each migration, and the row that
     /// records it, in one BEGIN … COMMIT, so with the setting on the DDL could commit apart from
     /// its bookkeeping; off, they commit together (as on PostgreSQL and older CockroachDB). And
-    /// with that setting off, CockroachDB aborts a schema change in an explicit READ COMMITTED
-    /// transaction (read-committed-limitations), which a cluster or role whose default is READ
-    /// COMMITTED would make every migration: migrations run SERIALIZABLE.
+    /// with that setting off, CockroachDB aborts a schema change that follows another statement
+    /// in an explicit READ COMMITTED transaction (read-committed-limitations), which a cluster or
+    /// role whose default is READ COMMITTED would make every migration: migrations run
+    /// SERIALIZABLE.
     pub fn migration_session_sql(&self) -> &'static [&'static str] {
         match self.is_cockroachdb() {
             true => &[

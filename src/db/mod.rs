@@ -435,11 +435,10 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
 /// the transaction's first statement renames it (the one lock-taking statement both engines
 /// accept; LOCK TABLE is PostgreSQL's), and reads it only then. On PostgreSQL the rename's lock
 /// makes the table this transaction's alone, and READ COMMITTED lets the read see what
-/// committed while the rename waited. CockroachDB runs a READ COMMITTED transaction whose first
-/// statement is a schema change as SERIALIZABLE (and refuses one that changes the schema after a
-/// read), which protects the count there. `conn` must be a migration session
-/// (`engine::prepare_migration_session`): with CockroachDB's `autocommit_before_ddl` on, the
-/// rename would commit on its own, and a table found in use would keep its new name.
+/// committed while the rename waited. The statements are valid on CockroachDB (which runs a
+/// READ COMMITTED transaction whose first statement is a schema change as SERIALIZABLE, and
+/// refuses a schema change after a read), but its rename takes no lock, so `init` does not call
+/// this there. `conn` must be a migration session (`engine::prepare_migration_session`).
 pub fn drop_empty_migrations_table(conn: &mut PgConnection) {
     const HELD: &str = "__bank_dropping_diesel_schema_migrations";
     if !migrations_schema(conn).is_ok_and(|s| s.is_some()) {

@@ -93,15 +93,19 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let seen = Arc::clone(&made);
     let total = config.accounts;
     let setup_timeout = config.check_timeout.max(policy.timeout);
+    let raise = match config.check_timeout >= policy.timeout {
+        true => "--check-timeout",
+        false => "--timeout",
+    };
     crate::guard::watch(setup_timeout, move || {
         // In the order opposite to the writes': a chunk that committed meanwhile is then at
         // worst said uncertain, never left out.
         let committing = seen.committing.load(Ordering::SeqCst);
         let created = seen.created.load(Ordering::SeqCst);
         format!(
-            "a step of the setup is slower than that (raise --check-timeout), waits on a lock \
-             another session holds, or the server is frozen or unreachable; the workload \
-             stopped before its first transfer ({}{})",
+            "a step of the setup is slower than that (raise {raise}), waits on a lock another \
+             session holds, or the server is frozen or unreachable; the workload stopped \
+             before its first transfer ({}{})",
             match created {
                 0 => "it created no account".to_string(),
                 n => format!("{n} of its {total} accounts created, which stay"),
@@ -318,11 +322,13 @@ fn prepare_accounts(
             }
             Err(e) => {
                 // Failed at its COMMIT with the answer lost (the connection went): the chunk
-                // may be there. Any other failure rolled it back.
+                // may be there.
                 let committing = made.committing.swap(0, Ordering::SeqCst);
+                // Only a failure known to roll back is taken to have: a COMMIT that failed
+                // in a way the classifier does not know may have taken effect.
                 let unsettled = match classify(&e, Phase::Commit) {
-                    Some(Cause::Ambiguous) if committing > 0 => committing,
-                    _ => 0,
+                    Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout) => 0,
+                    _ => committing,
                 };
                 if ids.is_empty() && unsettled == 0 {
                     return Err(e.into());
