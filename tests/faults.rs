@@ -2116,6 +2116,20 @@ fn ends_within(url: &str, args: &[&str], limit: Duration) -> (Run, Duration) {
     (Run::from(child.wait_with_output().expect("wait")), took)
 }
 
+/// `ends_within` on `db` while another session holds `table` in ACCESS EXCLUSIVE mode; the lock
+/// goes once the run has ended.
+fn under_lock(db: &ScratchDb, table: &str, args: &[&str], limit: Duration) -> (Run, Duration) {
+    let mut holder = db.conn();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .expect("lock");
+    let ended = ends_within(db.url.expose(), args, limit);
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    ended
+}
+
 /// The commands that write in steps (`reset`, `seed`, `workload`) before their first step:
 /// their `--timeout` held only once that step was under way. Waiting on a lock another session
 /// holds (the migrations table that every command reads first, the accounts table that a seed
@@ -2146,14 +2160,7 @@ fn commands_that_write_end_by_their_deadline_before_their_first_step() {
     for table in ["__diesel_schema_migrations", "accounts"] {
         for args in commands {
             let case = format!("{table} locked: {args:?}");
-            let mut holder = db.conn();
-            holder
-                .batch_execute(&format!(
-                    "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
-                ))
-                .expect("lock");
-            let (run, took) = ends_within(db.url.expose(), args, Duration::from_secs(15));
-            holder.batch_execute("ROLLBACK").expect("rollback");
+            let (run, took) = under_lock(&db, table, args, Duration::from_secs(15));
             assert!(
                 took < Duration::from_secs(6),
                 "{case}: took {took:?}: {run:?}"
@@ -2199,16 +2206,12 @@ fn a_demo_that_could_not_create_its_accounts_names_none() {
     // the INSERT (and then the cleanup's DELETE) before the demo gives up on its own.
     db.alter("statement_timeout = '300ms'");
     let before = db.state();
-    let mut holder = db.conn();
-    holder
-        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-        .expect("lock");
-    let (run, _) = ends_within(
-        db.url.expose(),
+    let (run, _) = under_lock(
+        &db,
+        "accounts",
         &["demo", "--timeout", "5s"],
         Duration::from_secs(20),
     );
-    holder.batch_execute("ROLLBACK").expect("rollback");
     run.fails_with(1, "canceling statement due to statement timeout");
     assert_eq!(db.state(), before, "{run:?}");
     let named = regex_lite_uuid(&run.stderr);
@@ -2228,16 +2231,12 @@ fn regex_lite_uuid(text: &str) -> Option<Uuid> {
 fn a_read_waiting_on_a_lock_says_so() {
     let db = ScratchDb::migrated();
     db.accounts(&[5]);
-    let mut holder = db.conn();
-    holder
-        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-        .expect("lock");
-    let (run, _) = ends_within(
-        db.url.expose(),
+    let (run, _) = under_lock(
+        &db,
+        "accounts",
         &["balances", "--timeout", "1s"],
         Duration::from_secs(10),
     );
-    holder.batch_execute("ROLLBACK").expect("rollback");
     run.fails_with(1, "waits on a lock another session holds");
 }
 
