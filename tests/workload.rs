@@ -363,8 +363,19 @@ fn other_clients_transfers_are_no_false_alarm() {
         );
         let outsider = {
             let db_url = db.url.expose().to_string();
+            let mut conn = db.conn();
             thread::spawn(move || {
-                thread::sleep(Duration::from_millis(900));
+                // Once the workload's own transfers are landing: its setup has read the
+                // starting totals by then (a fixed 900 ms came before that once, under load,
+                // and the move was counted as the workload's starting state).
+                let started = std::time::Instant::now();
+                while crate::support::count_transfers(&mut conn).expect("count") == 0 {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "no workload transfer"
+                    );
+                    thread::sleep(Duration::from_millis(20));
+                }
                 crate::support::Bank::new()
                     .args(["--database-url", &db_url, "transfer"])
                     // Into the workload, from the account outside it: the workload may have
