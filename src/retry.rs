@@ -105,6 +105,18 @@ pub fn classify(err: &DieselError, phase: Phase) -> Option<Cause> {
     }
 }
 
+/// Whether a statement at a commit point (a COMMIT, or a statement that is its own commit) that
+/// failed with `e` may have taken effect. Only failures known to roll back say it did not: a
+/// lost answer may hide a commit, and so may an error nobody classified (a middlebox's, sent
+/// after the server committed). Callers that can ask the database (the ledger, the rows' ids)
+/// should; the rest say "may have".
+pub fn may_have_committed(e: &DieselError) -> bool {
+    !matches!(
+        classify(e, Phase::Commit),
+        Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout)
+    )
+}
+
 fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Option<Cause> {
     match kind {
         DatabaseErrorKind::SerializationFailure => Some(Cause::Serialization),
@@ -708,6 +720,39 @@ pub(crate) mod tests {
             commit_error: Box::new(db(DatabaseErrorKind::ClosedConnection, "lost")),
         };
         assert_eq!(classify(&e, Phase::Commit), Some(Cause::Ambiguous));
+    }
+
+    #[test]
+    fn a_commit_point_failure_may_have_landed_unless_known_to_roll_back() {
+        for (e, may) in [
+            (
+                db(
+                    DatabaseErrorKind::SerializationFailure,
+                    "could not serialize access",
+                ),
+                false,
+            ),
+            (db(DatabaseErrorKind::Unknown, "deadlock detected"), false),
+            (
+                db(
+                    DatabaseErrorKind::Unknown,
+                    "canceling statement due to lock timeout",
+                ),
+                false,
+            ),
+            (
+                db(
+                    DatabaseErrorKind::ClosedConnection,
+                    "server closed the connection",
+                ),
+                true,
+            ),
+            (db(DatabaseErrorKind::Unknown, "result is ambiguous"), true),
+            (db(DatabaseErrorKind::Unknown, "server conn crashed?"), true),
+            (DieselError::BrokenTransactionManager, true),
+        ] {
+            assert_eq!(may_have_committed(&e), may, "{e}");
+        }
     }
 
     #[test]

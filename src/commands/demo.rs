@@ -14,7 +14,7 @@ use crate::db::{DbUrl, Session};
 use crate::error::{Error, TransferError};
 use crate::models::{NewAccount, NewTransfer};
 use crate::repo;
-use crate::retry::{classify, Cause, Phase, RetryPolicy};
+use crate::retry::{may_have_committed, RetryPolicy};
 use crate::transfer::{Mode, Runner};
 
 const DEMO_AMOUNT: i64 = 100;
@@ -167,9 +167,9 @@ fn demo_flow(
     reached(Stage::Creating);
     for account in created {
         if let Err(e) = repo::create(conn, account) {
-            // A statement that is its own commit: an error the server gave (a timeout, a
-            // refusal) created nothing; a connection lost meanwhile may have.
-            made.unsure = classify(&e, Phase::Commit) == Some(Cause::Ambiguous);
+            // A statement that is its own commit: a timeout or a conflict created nothing; a
+            // connection lost meanwhile, or an error nobody classified, may have.
+            made.unsure = may_have_committed(&e);
             return Err(e.into());
         }
         made.created += 1;

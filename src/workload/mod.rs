@@ -28,7 +28,9 @@ use crate::db::DbUrl;
 use crate::error::{ConnectError, Error, WorkloadError};
 use crate::models::NewAccount;
 use crate::repo;
-use crate::retry::{classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop};
+use crate::retry::{
+    classify, may_have_committed, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop,
+};
 use crate::transfer::Mode;
 use crate::verify;
 use crew::Crew;
@@ -324,11 +326,9 @@ fn prepare_accounts(
                 // Failed at its COMMIT with the answer lost (the connection went): the chunk
                 // may be there.
                 let committing = made.committing.swap(0, Ordering::SeqCst);
-                // Only a failure known to roll back is taken to have: a COMMIT that failed
-                // in a way the classifier does not know may have taken effect.
-                let unsettled = match classify(&e, Phase::Commit) {
-                    Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout) => 0,
-                    _ => committing,
+                let unsettled = match may_have_committed(&e) {
+                    true => committing,
+                    false => 0,
                 };
                 if ids.is_empty() && unsettled == 0 {
                     return Err(e.into());
