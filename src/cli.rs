@@ -41,7 +41,7 @@ Exit status:
 Environment (also read from .env; the command line wins):
   DATABASE_URL       the database, when --database-url is not given
   BANK_TIMEOUT       --timeout of transfer and workload (default 30s)
-  BANK_READ_TIMEOUT  --timeout of reads, seed and reset, --check-timeout of workload (default 2min)
+  BANK_READ_TIMEOUT  --timeout of reads, init, seed and reset, --check-timeout of workload (default 2min)
   BANK_MAX_RETRIES, BANK_RETRY_BASE, BANK_RETRY_CAP   the retry policy
   BANK_SEED_METHOD   seed --method (auto, copy, insert)
   NO_COLOR           no colour in help and logs";
@@ -54,7 +54,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Create the schema: run the migrations that have not run yet (idempotent)
     #[command(after_help = "Example:\n  bank --database-url postgres://bank@localhost/bank init")]
-    Init,
+    Init(InitArgs),
     /// Create accounts: the tutorial's two (1000 and 250) by default
     #[command(after_help = "Example:\n  bank seed --accounts 1000 --balance 500 --json")]
     Seed(SeedArgs),
@@ -197,6 +197,14 @@ pub struct SeedArgs {
     pub method: SeedMethod,
     /// Give up on the database after this long without an answer (a frozen server, a lock held
     /// elsewhere), saying how far the seed got (e.g. 30s, 10min)
+    #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Give up after this long without progress (a frozen server, a lock held elsewhere that its
+    /// migration needs); the migrations already applied stay (e.g. 30s, 10min)
     #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
     pub timeout: Duration,
 }

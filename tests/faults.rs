@@ -2195,6 +2195,36 @@ fn commands_that_write_end_by_their_deadline_before_their_first_step() {
     assert_eq!(db.state(), before);
 }
 
+/// `init` on a server frozen as its session starts, or while another session holds the
+/// migrations table that it reads first: it waited forever. It ends by its `--timeout` now, with
+/// one line, changing nothing.
+#[test]
+fn init_ends_by_its_deadline_on_a_frozen_server_or_a_held_migrations_table() {
+    let db = ScratchDb::migrated();
+    let before = db.state();
+    let (run, took) = under_lock(
+        &db,
+        "__diesel_schema_migrations",
+        &["init", "--timeout", "1s"],
+        Duration::from_secs(15),
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}: {run:?}");
+    run.fails_with(1, "within 1s");
+    assert!(run.stderr.contains("bank init` again"), "{run:?}");
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.freeze_queries();
+    let (run, took) = ends_within(
+        &proxy.url_for(&db.url),
+        &["init", "--timeout", "500ms"],
+        Duration::from_secs(15),
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}: {run:?}");
+    run.fails_with(1, "within 500ms");
+    proxy.thaw_all();
+    drop(proxy);
+    assert_eq!(db.state(), before);
+}
+
 /// A demo whose accounts could not be created (the server cancelled the INSERT: its statement
 /// timeout, shorter than the demo's `--timeout`, ran out while a lock held elsewhere kept it
 /// waiting): it said it "could not remove what it created" and named two accounts that never

@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use bank::models::{NewAccount, NewTransfer};
 use bank::repo;
@@ -417,6 +418,106 @@ fn init_migrates_and_is_idempotent() {
     assert_eq!(again.stdout, "schema is up to date\n");
 }
 
+/// A migrated database with its last migration undone (its down.sql run, its record deleted):
+/// what an upgrade finds. Returns the database and the undone migration's version.
+fn one_migration_behind() -> ScratchDb {
+    let last = support::migration_versions().pop().expect("a migration");
+    let dir = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations")
+        .map(|e| e.expect("a migration").path())
+        .max()
+        .expect("the last migration");
+    let down = std::fs::read_to_string(dir.join("down.sql")).expect("its down.sql");
+    let db = ScratchDb::migrated();
+    db.conn()
+        .batch_execute(&format!(
+            "{down}; DELETE FROM __diesel_schema_migrations WHERE version = '{last}'"
+        ))
+        .expect("the last migration undone");
+    db
+}
+
+/// Whether `db` has its last migration applied.
+fn has_last_migration(db: &ScratchDb) -> bool {
+    let last = support::migration_versions().pop().expect("a migration");
+    let c: support::Count = diesel::sql_query(
+        "SELECT CAST(COUNT(*) AS INT8) AS n FROM __diesel_schema_migrations WHERE version = $1",
+    )
+    .bind::<diesel::sql_types::Text, _>(&last)
+    .get_result(&mut db.conn())
+    .expect("the migrations table");
+    c.n == 1
+}
+
+/// `bank init --timeout timeout` on `db`, on a thread, once it waits on a lock.
+fn init_waiting_on_a_lock(
+    db: &ScratchDb,
+    timeout: &str,
+) -> thread::JoinHandle<std::process::Output> {
+    let url = db.url.expose().to_string();
+    let timeout = timeout.to_string();
+    let init = thread::spawn(move || {
+        support::spawn_bank(&["--database-url", &url, "init", "--timeout", &timeout])
+            .wait_with_output()
+            .expect("init")
+    });
+    support::wait_for_lock_waits(db, 1);
+    init
+}
+
+/// `init` waited forever for a lock another session held on a table its migration alters (a
+/// long report's transaction), and every session that came to that table after it queued
+/// behind its request, transfers included: an upgrade stalled the bank. Each try now gives way
+/// after a short lock timeout, so the others go on, and tries again until `--timeout` passes
+/// without progress; then it ends with one line, the migration not applied.
+#[test]
+fn init_gives_way_to_a_lock_held_elsewhere_and_ends_by_its_deadline() {
+    let db = one_migration_behind();
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM transfer_claims LIMIT 1")
+        .expect("the table held");
+    let started = Instant::now();
+    let init = init_waiting_on_a_lock(&db, "3s");
+    // Another reader of the table, which the holder's lock lets through, is not kept waiting
+    // behind init's request for long.
+    let mut reader = db.conn();
+    reader
+        .batch_execute("SET statement_timeout = '2500ms'")
+        .expect("statement_timeout");
+    let read = reader.batch_execute("SELECT 1 FROM transfer_claims LIMIT 1");
+    assert!(read.is_ok(), "a reader waited behind init: {read:?}");
+    let run = support::Run::from(init.join().expect("the init thread"));
+    let took = started.elapsed();
+    holder.batch_execute("COMMIT").expect("the table let go");
+    assert!(took < Duration::from_secs(8), "took {took:?}: {run:?}");
+    run.fails_with(1, "within 3s");
+    assert!(run.stderr.contains("lock"), "{run:?}");
+    assert!(!has_last_migration(&db));
+    // Once the lock goes, the next init applies it.
+    let again = db.bank().args(["init", "--timeout", "5s"]).run();
+    again.success();
+    assert!(has_last_migration(&db));
+}
+
+/// An init waiting on a lock held for less than its deadline waits for it and applies the
+/// migration: giving way is not giving up.
+#[test]
+fn init_applies_the_migration_once_a_lock_held_elsewhere_goes() {
+    let db = one_migration_behind();
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM transfer_claims LIMIT 1")
+        .expect("the table held");
+    let init = init_waiting_on_a_lock(&db, "20s");
+    thread::sleep(Duration::from_millis(2500));
+    holder.batch_execute("COMMIT").expect("the table let go");
+    let run = support::Run::from(init.join().expect("the init thread"));
+    run.success();
+    assert!(run.stdout.contains("applied migration"), "{run:?}");
+    assert!(has_last_migration(&db));
+}
+
 /// `inits` runs of `bank init` at once on `db`, `meanwhile` run while they are under way.
 fn inits_at_once(db: &ScratchDb, inits: usize, meanwhile: impl FnOnce()) -> Vec<support::Run> {
     thread::scope(|s| {
@@ -510,22 +611,14 @@ fn an_init_giving_up_leaves_the_migrations_another_init_is_committing() {
 /// attempt.
 #[test]
 fn inits_at_once_warn_of_a_newer_bank_once_each() {
-    let last = support::migration_versions().pop().expect("a migration");
-    let dir = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
-        .expect("migrations")
-        .map(|e| e.expect("a migration").path())
-        .max()
-        .expect("the last migration");
-    let down = std::fs::read_to_string(dir.join("down.sql")).expect("its down.sql");
     let mut warnings = Vec::new();
     for round in 0..3 {
-        let db = ScratchDb::migrated();
+        let db = one_migration_behind();
         db.conn()
-            .batch_execute(&format!(
-                "{down}; DELETE FROM __diesel_schema_migrations WHERE version = '{last}'; \
-                 INSERT INTO __diesel_schema_migrations (version) VALUES ('29990101000001')"
-            ))
-            .expect("the last migration undone, a newer one recorded");
+            .batch_execute(
+                "INSERT INTO __diesel_schema_migrations (version) VALUES ('29990101000001')",
+            )
+            .expect("a newer migration recorded");
         // The table held until all five wait for it: all five read the schema before any
         // migrates it, so four fail on the column the fifth added, and start again.
         let mut holder = db.conn();

@@ -14,7 +14,7 @@ use std::io::{self, BufWriter, Write};
 use clap::CommandFactory;
 use diesel::pg::PgConnection;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, InitArgs};
 use crate::db::{self, DbUrl};
 use crate::error::Error;
 use crate::workload;
@@ -78,7 +78,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     let result = match cli.command {
         Command::Completions(_) | Command::Man(_) => Ok(()),
         Command::Demo(args) => demo::demo(&url, &args, &mut out),
-        Command::Init => init(&url, &mut out),
+        Command::Init(args) => init(&url, &args, &mut out),
         Command::Seed(args) => accounts::seed(&url, &args, &mut out),
         Command::Transfer(args) => with_injection(&url, &args.run)
             .and_then(|url| transfer::transfer_cmd(&url, &args, &mut out)),
@@ -96,7 +96,16 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     result.and(flushed.map_err(Error::from))
 }
 
-fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
+fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error> {
+    // A frozen server, or a lock its migration needs held elsewhere for longer than the
+    // deadline: it waited forever. Each migration commits on its own, so what was applied stays
+    // and the next init runs the rest.
+    crate::guard::watch(args.timeout, || {
+        "a migration waits on a lock another session holds (a long transaction on bank's \
+         tables), or the server is frozen or unreachable; the migrations applied so far stay: \
+         run `bank init` again"
+            .to_string()
+    });
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
@@ -106,7 +115,7 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     // catalog, a column already added. The database having moved on since the attempt began
     // tells those apart from a failure of this init's own, and the next attempt starts from
     // where the database now is. Each retry needs such progress, so there are few.
-    let started = migration_state(&mut conn)?;
+    let started = settled_state(&mut conn)?;
     let mut before = started.clone();
     let mut attempts = 1;
     // A warning is said once, however many attempts it takes.
@@ -114,6 +123,14 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
     let ran = loop {
         match migrate(&mut conn, &before, &mut warned) {
             Ok(ran) => break ran,
+            // It gave way to a lock held elsewhere (`MIGRATION_LOCK_TIMEOUT`), its transaction
+            // rolled back: wait, and queue again. The watch ends it when the lock outlasts
+            // `--timeout`.
+            Err(e) if waited_for_a_lock(&e) => {
+                log::info!("init: a lock held elsewhere; trying again ({e})");
+                give_way();
+                before = settled_state(&mut conn)?;
+            }
             Err(e) => {
                 // Another init's migration commits when this one's ends: give it that moment.
                 std::thread::sleep(std::time::Duration::from_millis(100));
@@ -146,6 +163,36 @@ fn init(url: &DbUrl, out: &mut impl Write) -> Result<(), Error> {
             .collect(),
     };
     report_done(out, &done.join("\n"))
+}
+
+/// `migration_state`, read again after a pause whenever it gives way to a lock held elsewhere
+/// (on the migrations table).
+fn settled_state(conn: &mut PgConnection) -> Result<MigrationState, Error> {
+    loop {
+        match migration_state(conn) {
+            Err(e) if waited_for_a_lock(&e) => give_way(),
+            read => return read,
+        }
+    }
+}
+
+/// The pause before a step that gave way to a lock queues for it again: others get through.
+fn give_way() {
+    std::thread::sleep(std::time::Duration::from_millis(rand::random_range(
+        100..400,
+    )));
+}
+
+/// Whether `e`, or an error under it, is a lock timeout: a migration gave way.
+fn waited_for_a_lock(e: &Error) -> bool {
+    let mut next: Option<&dyn std::error::Error> = Some(e);
+    while let Some(e) = next {
+        if e.to_string().contains("lock timeout") {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// What `init` sees of the migrations: whether their table is there, and which have run.

@@ -102,11 +102,19 @@ pub fn detect(conn: &mut PgConnection) -> QueryResult<Server> {
     Ok(Server::parse(&v.version))
 }
 
-/// Prepares `conn` for running migrations on `server` (see `Server::migration_session_sql`).
+/// How long one statement of a migration waits for a lock before it gives way (55P03). A schema
+/// change queued behind another session's lock (a long report on `transfers`) holds up every
+/// session that comes to the table after it, transfers included: an upgrade stalled the bank
+/// for as long as that report ran. `init` tries again after a pause, until its `--timeout`.
+pub const MIGRATION_LOCK_TIMEOUT: &str = "SET lock_timeout = '1s'";
+
+/// Prepares `conn` for running migrations on `server` (see `Server::migration_session_sql`,
+/// and `MIGRATION_LOCK_TIMEOUT`).
 /// A server that does not know the setting (CockroachDB before v24.3) commits nothing early,
 /// so "unrecognized configuration parameter" is fine.
 pub fn prepare_migration_session(conn: &mut PgConnection, server: &Server) -> QueryResult<()> {
-    for sql in server.migration_session_sql() {
+    let common = [MIGRATION_LOCK_TIMEOUT];
+    for sql in server.migration_session_sql().iter().chain(&common) {
         match conn.batch_execute(sql) {
             Err(diesel::result::Error::DatabaseError(_, info))
                 if is_unknown_setting(info.message()) =>

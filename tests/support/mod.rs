@@ -405,9 +405,9 @@ pub fn interrupt(pid: u32) {
 }
 
 #[derive(QueryableByName)]
-struct Count {
+pub struct Count {
     #[diesel(sql_type = BigInt)]
-    n: i64,
+    pub n: i64,
 }
 
 /// Waits until a `bank` session of this database waits on a lock.
