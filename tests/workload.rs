@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
@@ -1302,4 +1303,42 @@ fn a_failure_repeated_by_every_transfer_is_shown_once() {
         .count();
     assert_eq!(shown, 1, "{}", run.stderr);
     assert_eq!(run.json()["errors"], 300, "{}", run.stdout);
+}
+
+/// A chunk of the setup's accounts rolled back by a serialization failure ended the run before
+/// its first transfer. On CockroachDB any transaction may meet one (and, since the chunks run in
+/// transactions of their own, CockroachDB no longer retries them for the client), and a chunk
+/// rolled back can simply run again. Here a trigger fails the first chunk's INSERT once with
+/// 40001.
+#[test]
+fn a_setup_chunk_rolled_back_by_a_serialization_failure_runs_again() {
+    for iso in [Iso::ReadCommitted, Iso::Serializable] {
+        let db = ScratchDb::migrated_at(iso);
+        db.conn()
+            .batch_execute(
+                "CREATE SEQUENCE fail_once; \
+                 CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF nextval('fail_once') = 1 THEN \
+                     RAISE EXCEPTION 'could not serialize access due to concurrent update' \
+                       USING ERRCODE = 'serialization_failure'; \
+                   END IF; RETURN NULL; END $$; \
+                 CREATE TRIGGER fail_once AFTER INSERT ON accounts \
+                   FOR EACH STATEMENT EXECUTE FUNCTION fail_once()",
+            )
+            .expect("the trigger");
+        let run = db
+            .bank()
+            .args([
+                "workload",
+                "--accounts",
+                "10",
+                "--transfers",
+                "20",
+                "--json",
+            ])
+            .run();
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        assert_eq!(run.json()["transfers_committed"], 20, "{iso:?}: {}", run.stdout);
+        assert_eq!(db.state().0.len(), 10, "{iso:?}: {run:?}");
+    }
 }

@@ -29,7 +29,8 @@ use crate::error::{ConnectError, Error, WorkloadError};
 use crate::models::NewAccount;
 use crate::repo;
 use crate::retry::{
-    classify, may_have_committed, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, Stop,
+    classify, may_have_committed, retry, retry_transaction, Attempt, Cause, Phase, RetryCounts,
+    RetryPolicy, Stop,
 };
 use crate::transfer::Mode;
 use crate::verify;
@@ -310,10 +311,15 @@ fn prepare_accounts(
         // In a transaction of its own: a chunk given up on while it waits for a lock held
         // elsewhere was created once that lock went, after the run had said it was not (its
         // server does not notice a client gone while it waits). Its COMMIT is never sent now.
-        let step = conn.transaction(|c| {
-            let n = repo::create_many(c, &chunk)?;
-            made.committing.store(n as u64, Ordering::SeqCst);
-            Ok::<_, diesel::result::Error>(n)
+        // One rolled back by a conflict (a serialization failure, which CockroachDB may give
+        // any transaction and no longer retries for the client once the INSERT has answered)
+        // runs again.
+        let step = retry_transaction(&config.policy, || {
+            conn.transaction(|c| {
+                let n = repo::create_many(c, &chunk)?;
+                made.committing.store(n as u64, Ordering::SeqCst);
+                Ok::<_, diesel::result::Error>(n)
+            })
         });
         match step {
             Ok(_) => {
