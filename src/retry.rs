@@ -105,6 +105,15 @@ pub fn classify(err: &DieselError, phase: Phase) -> Option<Cause> {
     }
 }
 
+/// Whether `e` rolled its transaction back for a conflict of the moment (a serialization
+/// failure, a deadlock, a lock or statement timeout): the same work may simply run again.
+pub fn rolled_back_by_conflict(e: &DieselError) -> bool {
+    matches!(
+        classify(e, Phase::BeforeCommit),
+        Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout)
+    )
+}
+
 /// Whether a statement at a commit point (a COMMIT, or a statement that is its own commit) that
 /// failed with `e` may have taken effect. Only failures known to roll back say it did not: a
 /// lost answer may hide a commit, and so may an error nobody classified (a middlebox's, sent

@@ -328,6 +328,27 @@ fn seed_falls_back_to_insert_when_copy_is_refused() {
     assert_eq!(repo::total_balance(conn, &ids).expect("total"), 3000);
 }
 
+/// A seed's chunk rolled back by a serialization failure ended the seed with the error, though
+/// nothing of it had been written or committed and it could simply run again (CockroachDB may
+/// give any transaction one). Each load method, at both isolation levels.
+#[test]
+fn a_seed_chunk_rolled_back_by_a_serialization_failure_runs_again() {
+    for iso in [support::Iso::ReadCommitted, support::Iso::Serializable] {
+        for method in ["copy", "insert"] {
+            let db = ScratchDb::migrated_at(iso);
+            support::fail_the_first_insert_into_accounts(&db);
+            let run = db
+                .bank()
+                .args(["seed", "--accounts", "5", "--json", "--method", method])
+                .run();
+            run.success();
+            let listed = run.json().as_array().map_or(0, Vec::len);
+            assert_eq!(listed, 5, "{iso:?} {method}: {run:?}");
+            assert_eq!(db.state().0.len(), 5, "{iso:?} {method}: {run:?}");
+        }
+    }
+}
+
 #[test]
 fn seed_with_copy_forced_fails_in_one_line_and_changes_nothing() {
     let role;

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
-use crate::support::{Iso, Run, ScratchDb};
+use crate::support::{self, Iso, Run, ScratchDb};
 
 #[test]
 fn a_workload_by_count_keeps_every_invariant() {
@@ -1314,18 +1313,7 @@ fn a_failure_repeated_by_every_transfer_is_shown_once() {
 fn a_setup_chunk_rolled_back_by_a_serialization_failure_runs_again() {
     for iso in [Iso::ReadCommitted, Iso::Serializable] {
         let db = ScratchDb::migrated_at(iso);
-        db.conn()
-            .batch_execute(
-                "CREATE SEQUENCE fail_once; \
-                 CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                   IF nextval('fail_once') = 1 THEN \
-                     RAISE EXCEPTION 'could not serialize access due to concurrent update' \
-                       USING ERRCODE = 'serialization_failure'; \
-                   END IF; RETURN NULL; END $$; \
-                 CREATE TRIGGER fail_once AFTER INSERT ON accounts \
-                   FOR EACH STATEMENT EXECUTE FUNCTION fail_once()",
-            )
-            .expect("the trigger");
+        support::fail_the_first_insert_into_accounts(&db);
         let run = db
             .bank()
             .args([
@@ -1338,7 +1326,12 @@ fn a_setup_chunk_rolled_back_by_a_serialization_failure_runs_again() {
             ])
             .run();
         assert_eq!(run.code, 0, "{iso:?}: {run:?}");
-        assert_eq!(run.json()["transfers_committed"], 20, "{iso:?}: {}", run.stdout);
+        assert_eq!(
+            run.json()["transfers_committed"],
+            20,
+            "{iso:?}: {}",
+            run.stdout
+        );
         assert_eq!(db.state().0.len(), 10, "{iso:?}: {run:?}");
     }
 }

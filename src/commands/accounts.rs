@@ -15,7 +15,7 @@ use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
 use crate::repo;
-use crate::retry::{retry_transaction, RetryPolicy};
+use crate::retry::{retry_transaction, rolled_back_by_conflict, RetryPolicy};
 
 /// The tutorial's two accounts.
 pub(super) const TUTORIAL_BALANCES: [i64; 2] = [1000, 250];
@@ -87,25 +87,41 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             .take(SEED_CHUNK)
             .map(NewAccount::with_balance)
             .collect();
-        let mut written = false;
-        let step = conn.transaction(|c| {
-            let n = load_chunk(c, &chunk, &mut method)?;
-            // The ids are written before the COMMIT, and a chunk whose ids cannot be written (a
-            // full disk, a reader gone) or that Ctrl-C came before is rolled back: every account
-            // created has its id written, so none is created that nobody is told of.
-            if crate::interrupt::interrupted() {
-                return Err(Stop::Interrupted);
+        // A chunk rolled back by a conflict before its ids were written runs again (a
+        // serialization failure, which CockroachDB may give any transaction); once they are
+        // written, it cannot without listing them twice.
+        let mut conflicts = 0;
+        let (step, written) = loop {
+            let mut written = false;
+            let step = conn.transaction(|c| {
+                let n = load_chunk(c, &chunk, &mut method)?;
+                // The ids are written before the COMMIT, and a chunk whose ids cannot be written (a
+                // full disk, a reader gone) or that Ctrl-C came before is rolled back: every account
+                // created has its id written, so none is created that nobody is told of.
+                if crate::interrupt::interrupted() {
+                    return Err(Stop::Interrupted);
+                }
+                chunk
+                    .iter()
+                    .try_for_each(|a| list.row(out, a.id, a.balance))
+                    .and_then(|()| out.flush())
+                    .map_err(Stop::Output)?;
+                written = true;
+                progress.1.store(chunk.len(), Ordering::SeqCst);
+                progress.2.store(true, Ordering::SeqCst);
+                Ok(n)
+            });
+            match step {
+                Err(Stop::Database(e))
+                    if !written && conflicts < 10 && rolled_back_by_conflict(&e) =>
+                {
+                    conflicts += 1;
+                    log::debug!("seed: chunk rolled back ({e}); running it again");
+                    std::thread::sleep(RetryPolicy::default().backoff(conflicts, &mut rand::rng()));
+                }
+                step => break (step, written),
             }
-            chunk
-                .iter()
-                .try_for_each(|a| list.row(out, a.id, a.balance))
-                .and_then(|()| out.flush())
-                .map_err(Stop::Output)?;
-            written = true;
-            progress.1.store(chunk.len(), Ordering::SeqCst);
-            progress.2.store(true, Ordering::SeqCst);
-            Ok(n)
-        });
+        };
         let n = match step {
             Ok(n) => n,
             Err(Stop::Interrupted) => {

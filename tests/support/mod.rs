@@ -583,3 +583,20 @@ pub fn all_migrations_applied() -> String {
         .map(|v| format!("applied migration {v}\n"))
         .collect()
 }
+
+/// Makes the next INSERT into `db`'s accounts fail once with a serialization failure (40001),
+/// rolled back as a real one is: a trigger counting with a sequence, which no rollback undoes.
+pub fn fail_the_first_insert_into_accounts(db: &ScratchDb) {
+    db.conn()
+        .batch_execute(
+            "CREATE SEQUENCE fail_once; \
+             CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF nextval('fail_once') = 1 THEN \
+                 RAISE EXCEPTION 'could not serialize access due to concurrent update' \
+                   USING ERRCODE = 'serialization_failure'; \
+               END IF; RETURN NULL; END $$; \
+             CREATE TRIGGER fail_once AFTER INSERT ON accounts \
+               FOR EACH STATEMENT EXECUTE FUNCTION fail_once()",
+        )
+        .expect("the trigger");
+}
