@@ -402,7 +402,7 @@ pub enum Error {
         created: u64,
         total: u64,
         /// Ids written whose chunk's COMMIT went unanswered: created or not, nobody can say.
-        unsettled: usize,
+        unsettled: u64,
     },
     /// `workload` stopped while it created its accounts (exit 1): those created stay.
     #[error(
@@ -506,7 +506,7 @@ fn clause(message: &str) -> &str {
 
 /// What a stopped seed created: the accounts of the first ids written, never those written
 /// after them (their chunk was rolled back), unless the last chunk's COMMIT went unanswered.
-fn seed_stopped(created: u64, total: u64, unsettled: usize) -> String {
+fn seed_stopped(created: u64, total: u64, unsettled: u64) -> String {
     if unsettled > 0 && created == 0 {
         return format!(
             "none of the {} was created for sure; the {unsettled} ids written last may or may \

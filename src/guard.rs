@@ -159,6 +159,43 @@ pub fn tick() {
     }
 }
 
+/// How far a command that creates rows in chunks, each committed on its own (`seed`, a
+/// workload's setup), has got: for the line its watch ends it with, read on the watch's thread.
+#[derive(Debug, Default)]
+pub struct Created {
+    /// Rows committed.
+    done: std::sync::atomic::AtomicU64,
+    /// Rows of the chunk whose COMMIT is under way: they may or may not exist if it goes
+    /// unanswered.
+    committing: std::sync::atomic::AtomicU64,
+}
+
+impl Created {
+    /// A chunk of `n` rows is about to commit.
+    pub fn committing(&self, n: u64) {
+        self.committing.store(n, Ordering::SeqCst);
+    }
+
+    /// The chunk committed, `done` rows in all now: a sign of life (`tick`).
+    pub fn committed(&self, done: u64) {
+        self.done.store(done, Ordering::SeqCst);
+        self.committing.store(0, Ordering::SeqCst);
+        tick();
+    }
+
+    /// The chunk's COMMIT failed: how many rows it held.
+    pub fn failed(&self) -> u64 {
+        self.committing.swap(0, Ordering::SeqCst)
+    }
+
+    /// (committed, committing), read in the order opposite to the writes': a chunk that
+    /// committed meanwhile is then at worst said uncertain, never left out.
+    pub fn read(&self) -> (u64, u64) {
+        let committing = self.committing.load(Ordering::SeqCst);
+        (self.done.load(Ordering::SeqCst), committing)
+    }
+}
+
 /// Output that counts as a sign of life (`tick`) each time it is written.
 pub struct Ticking<W>(pub W);
 

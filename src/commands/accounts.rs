@@ -1,7 +1,7 @@
 //! `seed`, `balances` and `reset`: accounts in bulk.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{SecondsFormat, Utc};
@@ -34,20 +34,16 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     let total = args.accounts.unwrap_or(TUTORIAL_BALANCES.len() as u64);
     // A frozen server, or a lock held elsewhere, kept a chunk (or the connection) waiting
     // forever: given up on after `--timeout` without a chunk done, saying how far it got.
-    // Accounts created, ids written whose chunk is not committed yet, and whether the JSON
-    // array has opened (with its first row).
+    // Accounts created, those whose ids are written but whose chunk is not committed yet, and
+    // whether the JSON array has opened (with its first row).
     let progress = Arc::new((
-        AtomicU64::new(0),
-        AtomicUsize::new(0),
+        crate::guard::Created::default(),
         std::sync::atomic::AtomicBool::new(false),
     ));
     let seen = Arc::clone(&progress);
     let json = args.json;
     crate::guard::watch(args.timeout, move || {
-        // In the order opposite to the writes': a chunk that committed meanwhile is then at
-        // worst said uncertain, never left out.
-        let unsettled = seen.1.load(Ordering::SeqCst);
-        let created = seen.0.load(Ordering::SeqCst);
+        let (created, unsettled) = seen.0.read();
         let stopped = Error::SeedStopped {
             why: "a step (the connection, a chunk) is slower than that (raise --timeout), waits \
                   on a lock another session holds, or the server is frozen or unreachable"
@@ -57,7 +53,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             unsettled,
         };
         // The process ends here, on another thread than the one writing standard output.
-        match json && seen.2.load(Ordering::SeqCst) {
+        match json && seen.1.load(Ordering::SeqCst) {
             true => format!("{stopped}; the JSON array on standard output is left unclosed"),
             false => stopped.to_string(),
         }
@@ -107,8 +103,8 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     .and_then(|()| out.flush())
                     .map_err(Stop::Output)?;
                 written = true;
-                progress.1.store(chunk.len(), Ordering::SeqCst);
-                progress.2.store(true, Ordering::SeqCst);
+                progress.0.committing(chunk.len() as u64);
+                progress.1.store(true, Ordering::SeqCst);
                 Ok(n)
             });
             match step {
@@ -143,13 +139,12 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     why: e.to_string(),
                     created,
                     total,
-                    unsettled: if written { chunk.len() } else { 0 },
+                    unsettled: if written { chunk.len() as u64 } else { 0 },
                 });
             }
         };
         created += n as u64;
-        progress.0.store(created, Ordering::SeqCst);
-        progress.1.store(0, Ordering::SeqCst);
+        progress.0.committed(created);
         log::debug!("seed: loaded {n} accounts ({method})");
         bar.inc(n as u64);
     }

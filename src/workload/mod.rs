@@ -14,7 +14,6 @@ mod worker;
 pub use report::{Invariants, Latency, Report};
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -92,7 +91,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     // read may, `--check-timeout`, or the transfers' `--timeout` if longer: a run made to study
     // tight deadlines (`--timeout 2ms`) could not get past its setup. The transfers and the
     // final check that follow keep their own deadlines.
-    let made = Arc::new(Made::default());
+    let made = Arc::new(crate::guard::Created::default());
     let seen = Arc::clone(&made);
     let total = config.accounts;
     let setup_timeout = config.check_timeout.max(policy.timeout);
@@ -101,10 +100,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         false => "--timeout",
     };
     crate::guard::watch(setup_timeout, move || {
-        // In the order opposite to the writes': a chunk that committed meanwhile is then at
-        // worst said uncertain, never left out.
-        let committing = seen.committing.load(Ordering::SeqCst);
-        let created = seen.created.load(Ordering::SeqCst);
+        let (created, committing) = seen.read();
         format!(
             "a step of the setup is slower than that (raise {raise}), waits on a lock another \
              session holds, or the server is frozen or unreachable; the workload stopped \
@@ -252,20 +248,11 @@ fn verdict(report: Report) -> Option<WorkloadError> {
     }
 }
 
-/// How far the workload's setup got, for the line it ends with when given up on.
-#[derive(Default)]
-struct Made {
-    /// Accounts created.
-    created: AtomicU64,
-    /// Accounts of the chunk whose COMMIT is under way.
-    committing: AtomicU64,
-}
-
 /// `made` counts the accounts as they are created.
 fn prepare_accounts(
     conn: &mut PgConnection,
     config: &Config,
-    made: &Made,
+    made: &crate::guard::Created,
 ) -> Result<Vec<Uuid>, Error> {
     let n = usize::try_from(config.accounts)
         .map_err(|_| Error::Usage(format!("--accounts {} is too large", config.accounts)))?;
@@ -317,21 +304,19 @@ fn prepare_accounts(
         let step = retry_transaction(&config.policy, || {
             conn.transaction(|c| {
                 let n = repo::create_many(c, &chunk)?;
-                made.committing.store(n as u64, Ordering::SeqCst);
+                made.committing(n as u64);
                 Ok::<_, diesel::result::Error>(n)
             })
         });
         match step {
             Ok(_) => {
                 ids.extend(chunk.iter().map(|a| a.id));
-                made.created.store(ids.len() as u64, Ordering::SeqCst);
-                made.committing.store(0, Ordering::SeqCst);
-                crate::guard::tick();
+                made.committed(ids.len() as u64);
             }
             Err(e) => {
                 // Failed at its COMMIT with the answer lost (the connection went): the chunk
                 // may be there.
-                let committing = made.committing.swap(0, Ordering::SeqCst);
+                let committing = made.failed();
                 let unsettled = match may_have_committed(&e) {
                     true => committing,
                     false => 0,
