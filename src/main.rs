@@ -135,9 +135,16 @@ fn command_of(text: &str) -> String {
         _ => {
             use clap::CommandFactory;
             let cli = bank::cli::Cli::command();
-            std::env::args()
+            // `args_os`: `args` panics on an argument that is not UTF-8, and the panic printed
+            // it raw, a URL's password with it.
+            std::env::args_os()
                 .skip(1)
-                .find(|a| cli.get_subcommands().any(|c| c.get_name() == a))
+                .find_map(|a| {
+                    let a = a.to_str()?;
+                    cli.get_subcommands()
+                        .any(|c| c.get_name() == a)
+                        .then(|| a.to_string())
+                })
                 .map_or_else(|| "bank".to_string(), |c| format!("bank {c}"))
         }
     }
@@ -155,7 +162,8 @@ fn from_environment(e: &clap::Error) -> String {
         return String::new();
     };
     let flag = arg.split_whitespace().next().unwrap_or_default();
-    if std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+    let typed = |a: &str| a == flag || a.starts_with(&format!("{flag}="));
+    if std::env::args_os().any(|a| a.to_str().is_some_and(typed)) {
         return String::new();
     }
     // The variables the flag reads, as the clap definitions name them (`env = "BANK_…"`).

@@ -2189,3 +2189,44 @@ fn an_invisible_character_in_a_flag_s_value_is_shown_escaped() {
     run.fails_with(2, "'\\u{200b}'");
     assert!(!run.stderr.contains('\u{200b}'), "{run:?}");
 }
+
+/// An argument that is not UTF-8 next to a usage error (a Latin-1 file name, a stray byte in a
+/// URL) panicked, exit 101, and the panic printed the argument raw: a URL's password with it
+/// (found by a helper playing a new user). It is a usage error, one line, exit 2.
+#[test]
+fn an_argument_that_is_not_utf8_is_a_usage_error_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let secret = "TopSecret99";
+    let url = format!("postgres://bank:{secret}@127.0.0.1:1/bank\u{ff}");
+    let mut url = url.into_bytes();
+    // The last character as the single Latin-1 byte 0xff, not UTF-8.
+    url.truncate(url.len() - 2);
+    url.push(0xff);
+    let bytes: [&[u8]; 3] = [&url, b"\xff", b"/tmp/x\xff.csv"];
+    let [url, byte, path] = bytes.map(|b| std::ffi::OsStr::from_bytes(b).to_os_string());
+    let cases: [Vec<std::ffi::OsString>; 4] = [
+        vec!["--database-url".into(), url.clone(), "verify".into()],
+        vec![byte.clone()],
+        vec![
+            "transfer".into(),
+            "--file".into(),
+            path.clone(),
+            "--timeout".into(),
+            "abc".into(),
+        ],
+        vec![
+            "workload".into(),
+            "--report".into(),
+            path,
+            "--accounts".into(),
+            "1".into(),
+        ],
+    ];
+    for args in cases {
+        let run = Bank::new().args(&args).run();
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {run:?}");
+        assert!(!run.stderr.contains(secret), "{args:?}: {run:?}");
+        assert!(!run.stderr.contains("panicked"), "{args:?}: {run:?}");
+    }
+}
