@@ -255,7 +255,7 @@ fn init_logging(verbosity: u8) {
         .filter_level(log::LevelFilter::Warn)
         .filter_module("bank", level)
         .format_timestamp_millis()
-        // env_logger's layout, with passwords hidden in whatever a log line quotes.
+        // env_logger's layout, shown as every stderr line is (`for_stderr`).
         .format(|buf, record| {
             use std::io::Write;
             writeln!(
@@ -263,7 +263,7 @@ fn init_logging(verbosity: u8) {
                 "[{:<5} {}] {}",
                 record.level(),
                 record.target(),
-                bank::db::redact_message(&record.args().to_string())
+                bank::for_stderr(&record.args().to_string())
             )
         })
         .target(env_logger::Target::Stderr)

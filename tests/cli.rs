@@ -2230,3 +2230,34 @@ fn an_argument_that_is_not_utf8_is_a_usage_error_not_a_panic() {
         assert!(!run.stderr.contains("panicked"), "{args:?}: {run:?}");
     }
 }
+
+/// The server's own words reached stderr raw: a trigger's exception with an escape sequence
+/// recoloured the terminal, and a right-to-left override reordered the rest of the line
+/// (found by a helper playing a new user; `--json` escaped them). Every stderr line, the
+/// error's and `-v`'s log lines, shows them escaped, as a file's values are.
+#[test]
+fn control_characters_in_the_server_s_words_are_shown_escaped() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut db.conn(),
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION E'no \\x1b[31mred\\x1b[0m here \\u202Eevil'; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT ON transfers \
+           FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
+    .expect("the trigger");
+    let (a, b) = (a.to_string(), b.to_string());
+    let run = db
+        .bank()
+        .args(["-v", "transfer", "--from", &a, "--to", &b, "--amount", "5"])
+        .run();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("no \\u{1b}[31mred"), "{run:?}");
+    assert!(
+        !run.stderr.contains('\u{1b}') && !run.stderr.contains('\u{202e}'),
+        "{run:?}"
+    );
+}
