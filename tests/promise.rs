@@ -57,6 +57,58 @@ fn a_rerun_after_the_funds_were_spent_is_already_applied() {
     }
 }
 
+/// A rerun of a transfer applied long ago, while another session holds one of its accounts (a
+/// report, a DBA's transaction): its attempts wait on the lock until the deadline, and it said
+/// "unknown" (exit 3), though the ledger had the row all along (found by a helper playing a new
+/// user). The row is read without locks: already applied, exit 0; other details, an id conflict.
+/// A single transfer in both modes, and a file's line, at both isolation levels.
+#[test]
+fn a_rerun_held_up_by_a_lock_answers_from_the_ledger() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, 250])[..] else {
+                panic!("two accounts")
+            };
+            let id = Uuid::new_v4().to_string();
+            let run = |amount: i64| {
+                db.transfer(a, b, amount)
+                    .args(["--id", &id, "--json", "--mode", mode, "--timeout", "1s"])
+                    .run()
+            };
+            run(600).success();
+            let holder = db.hold(&[b]);
+            let again = run(600);
+            let conflict = run(7);
+            let bank = db.bank();
+            let file = bank.dir.path().join("again.csv");
+            std::fs::write(&file, format!("id,from,to,amount\n{id},{a},{b},600\n"))
+                .expect("write the file");
+            let line = bank
+                .args(["transfer", "--json", "--timeout", "1s", "--file"])
+                .args([&file])
+                .run();
+            drop(holder);
+            let case = format!("{iso:?} {mode}");
+            again.success();
+            assert_eq!(
+                again.json()["outcome"],
+                "already_applied",
+                "{case}: {again:?}"
+            );
+            assert_eq!(conflict.code, 1, "{case}: {conflict:?}");
+            assert!(
+                conflict.stderr.contains("different details"),
+                "{case}: {conflict:?}"
+            );
+            assert_eq!(line.code, 0, "{case}: {line:?}");
+            assert!(line.stdout.contains("already_applied"), "{case}: {line:?}");
+            assert_eq!((db.balance(a), db.balance(b)), (400, 850), "{case}");
+            assert_eq!(db.state().1, 1, "{case}");
+        }
+    }
+}
+
 /// The same id with other details, once the funds are gone: an id conflict, not "insufficient
 /// funds", whatever order the engine checks its constraints in.
 #[test]

@@ -330,12 +330,24 @@ impl ChunkRunner {
                 }
                 // Not settled: every line of this statement shares its fate, and the chunk's
                 // lines after it were never sent.
+                // A line whose id the ledger has, after attempts that only waited on others'
+                // locks, is answered from its row: committed, whoever holds the accounts now (a
+                // rerun of lines applied long ago said "unknown" while a report held one
+                // account; found by a helper playing a new user). Not after an attempt whose
+                // COMMIT went unanswered: the row may be this run's own.
                 Err(failed) => {
+                    let ledger = match failed.held_up {
+                        true => self.ledger_rows(rest),
+                        false => HashMap::new(),
+                    };
                     let mut given: Vec<Verdict> = rest
                         .iter()
-                        .map(|_| Verdict {
-                            outcome: failed.outcome,
-                            error: Some(failed.reason.clone()),
+                        .map(|l| match ledger.get(&l.transfer.id) {
+                            Some(row) => ledger_verdict(&l.transfer, row),
+                            None => Verdict {
+                                outcome: failed.outcome,
+                                error: Some(failed.reason.clone()),
+                            },
                         })
                         .collect();
                     given.extend(lines[start + rest.len()..].iter().map(|_| {
@@ -466,6 +478,18 @@ impl ChunkRunner {
         }
         let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
         repo::count_transfers_with_ids(conn, &ids) == Ok(0)
+    }
+
+    /// The ledger rows of `lines`' ids, read without locks; none when the ledger cannot be
+    /// asked.
+    fn ledger_rows(&mut self, lines: &[Line]) -> HashMap<Uuid, Transfer> {
+        let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
+        let Ok(conn) = self.session.conn() else {
+            return HashMap::new();
+        };
+        repo::find_transfers(conn, &ids)
+            .map(|rows| rows.into_iter().map(|t| (t.id, t)).collect())
+            .unwrap_or_default()
     }
 
     /// A line the database refused alone with an error of its own (a DBA's trigger or CHECK, a
@@ -679,6 +703,7 @@ impl ChunkRunner {
                 reason: "cancelled by the server's statement_timeout".into(),
                 split: true,
                 answered: None,
+                held_up: false,
             }));
         }
         if let Some(line) = answered {
@@ -687,6 +712,7 @@ impl ChunkRunner {
                 reason: ANSWERED_SINCE.into(),
                 split: false,
                 answered: Some(line),
+                held_up: false,
             }));
         }
         let fail = |outcome, reason: String| {
@@ -695,6 +721,7 @@ impl ChunkRunner {
                 reason,
                 split: false,
                 answered: None,
+                held_up: false,
             }))
         };
         match result {
@@ -744,14 +771,17 @@ impl ChunkRunner {
                 if ambiguous {
                     fail(Outcome::Unknown, reason)
                 } else if held && self.ids_given && !self.nobody_else_can_commit(&accounts, lines) {
-                    fail(
-                        Outcome::Unknown,
-                        format!(
+                    Ok(Err(Failed {
+                        outcome: Outcome::Unknown,
+                        reason: format!(
                             "this run applied nothing, but it was held up ({reason}) and cannot \
                              tell whether an earlier run's attempt at these lines is still about \
                              to commit"
                         ),
-                    )
+                        split: false,
+                        answered: None,
+                        held_up: true,
+                    }))
                 } else {
                     fail(Outcome::NotApplied, reason)
                 }
@@ -868,6 +898,9 @@ struct Failed {
     /// The line whose id another run answered "not applied" since this statement's first
     /// attempt (`Rollback::AnsweredSince`).
     answered: Option<u64>,
+    /// Held up by locks another transaction holds, no attempt having reached its COMMIT: a
+    /// line whose id the ledger already has is answered from its row.
+    held_up: bool,
 }
 
 /// Why a statement's transaction was rolled back.

@@ -153,7 +153,12 @@ impl Runner {
                         || matches!(&e, TransferError::Connect(c) if !c.reaches_no_database())) =>
             {
                 let refused = format!("the database refused it ({e})");
-                Err(self.settle(t, refused, e))
+                let ended = Ended {
+                    attempts: made,
+                    retries,
+                    ambiguous,
+                };
+                self.settle(t, refused, e, ended, &own)
             }
             Err(Stop::Failed(e)) => Err(e),
             Err(Stop::Exhausted {
@@ -170,7 +175,18 @@ impl Runner {
                         id: t.id,
                         reason: reason.clone(),
                     };
-                    Err(self.settle(t, format!("it was held up ({reason})"), not_applied))
+                    let ended = Ended {
+                        attempts: made,
+                        retries,
+                        ambiguous,
+                    };
+                    self.settle(
+                        t,
+                        format!("it was held up ({reason})"),
+                        not_applied,
+                        ended,
+                        &own,
+                    )
                 } else {
                     Err(TransferError::NotApplied { id: t.id, reason })
                 }
@@ -225,8 +241,28 @@ impl Runner {
         let Some(found) = found else {
             return Err(no);
         };
+        let ended = Ended {
+            attempts,
+            retries,
+            ambiguous,
+        };
+        self.answer_found(t, &found, ended, own, no.to_string())
+    }
+
+    /// The answer for `t` once its ledger row is `found`: committed, whoever wrote it, so
+    /// applied (by this run, after an ambiguous attempt, unless `own` shows it is another's),
+    /// already applied, or an id conflict. `no`: what the run would have said otherwise, for
+    /// the line that says the row's owner could not be asked.
+    fn answer_found(
+        &mut self,
+        t: &NewTransfer,
+        found: &Transfer,
+        ended: Ended,
+        own: &Own,
+        no: String,
+    ) -> Result<Receipt, TransferError> {
         let step = match self.session.conn() {
-            Ok(conn) => resolve_found(conn, t, &found, ambiguous, own),
+            Ok(conn) => resolve_found(conn, t, found, ended.ambiguous, own),
             Err(e) => {
                 return Err(held_up(
                     t,
@@ -237,12 +273,12 @@ impl Runner {
         match step {
             Attempt::Done(already_applied) => Ok(Receipt {
                 transfer: *t,
-                attempts,
+                attempts: ended.attempts,
                 already_applied,
-                retries,
+                retries: ended.retries,
             }),
             Attempt::Fail(e) => Err(e),
-            _ => Err(held_up(t, no.to_string())),
+            _ => Err(held_up(t, no)),
         }
     }
 
@@ -251,15 +287,34 @@ impl Runner {
     /// keeps a transfer out of the tables now (`repo::accounts_free`), any earlier attempt of
     /// this id has ended, and `absent` goes on to `claim_first`, where the ledger has the last
     /// word; otherwise, or when the accounts cannot even be probed, nobody can know yet.
-    fn settle(&mut self, t: &NewTransfer, why: String, absent: TransferError) -> TransferError {
+    ///
+    /// Unless the ledger already has the id's row: committed, that is the answer, whoever holds
+    /// the accounts (a rerun of a transfer applied long ago said "unknown" while a report held
+    /// one of its accounts; found by a helper playing a new user). The row is read without
+    /// locks, so that read does not wait on them.
+    fn settle(
+        &mut self,
+        t: &NewTransfer,
+        why: String,
+        absent: TransferError,
+        ended: Ended,
+        own: &Own,
+    ) -> Result<Receipt, TransferError> {
         let free = self
             .session
             .conn()
             .is_ok_and(|conn| repo::accounts_free(conn, &[t.from_id, t.to_id]));
         if free {
-            absent
-        } else {
-            held_up(t, why)
+            return Err(absent);
+        }
+        let found = self
+            .session
+            .conn()
+            .ok()
+            .and_then(|conn| repo::find_transfer(conn, t.id).ok().flatten());
+        match found {
+            Some(found) => self.answer_found(t, &found, ended, own, why),
+            None => Err(held_up(t, why)),
         }
     }
 
@@ -311,6 +366,14 @@ impl Runner {
             Some(how) => Err(gave_up(&t, how, why)),
         }
     }
+}
+
+/// How a run's attempts ended, for the answer given from a ledger row found afterwards.
+struct Ended {
+    attempts: u32,
+    retries: RetryCounts,
+    /// An attempt's outcome was ambiguous: the row may be this run's own.
+    ambiguous: bool,
 }
 
 /// This run's attempts were rolled back, but it was held up (waiting on another transaction's
