@@ -83,10 +83,25 @@ pub struct Unmigrated {
     /// Where `init` would create bank's tables (`current_schema()`), unless that is nowhere or
     /// the session's temporary schema: a second bank there may be what is wanted (a tenant).
     pub creation_schema: Option<String>,
+    /// Migrated, but some of bank's tables are found first in another schema than bank's (the
+    /// schema named here), each as "accounts in schema other" (`db::shadowed_tables`).
+    pub shadowed: Option<Box<(String, Vec<String>)>>,
 }
 
 impl std::fmt::Display for Unmigrated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some((bank, shadowed)) = self.shadowed.as_deref() {
+            return write!(
+                f,
+                "bank's tables are in schema {bank}, but this connection's search_path ({}) \
+                 finds {} first: a transfer would move the money there and write its ledger in \
+                 schema {bank}; put schema {bank} first (e.g. `options=-csearch_path%3D{}` in \
+                 the URL), or rename the other table",
+                self.search_path,
+                shadowed.join(" and "),
+                quote_ident(bank)
+            );
+        }
         match self.elsewhere.first() {
             None => f.write_str("database not migrated: run `bank init` first"),
             Some(first) => {

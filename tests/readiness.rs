@@ -820,6 +820,65 @@ fn a_schema_in_front_of_bank_s_tables_is_not_taken_for_an_empty_database() {
 /// "database not migrated: run `bank init` first", and init, so advised, then failed ("no
 /// schema has been selected to create in"). They name the schema the tables are in and the
 /// search_path that misses it, and so do init and doctor.
+/// Another application's table named `accounts` in a schema before bank's on the search_path:
+/// transfers moved the money in that table and wrote their ledger rows in bank's `transfers`,
+/// `verify` then failed, and `doctor` said all was well (found by a helper playing a new user).
+/// Every command that needs the schema refuses such a connection now, naming where each table
+/// resolves, and changes nothing; `doctor` names the split.
+#[test]
+fn a_table_of_bank_s_name_in_a_schema_before_bank_s_is_refused() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[1000, 250]);
+    let (a, b) = (ids[0].to_string(), ids[1].to_string());
+    db.conn()
+        .batch_execute(
+            "CREATE SCHEMA other; \
+             CREATE TABLE other.accounts (id UUID PRIMARY KEY, balance INT8 NOT NULL, \
+               opening_balance INT8 NOT NULL, version INT8 NOT NULL DEFAULT 0); \
+             INSERT INTO other.accounts SELECT id, 5000, 5000, 50 FROM public.accounts",
+        )
+        .expect("the other application's table");
+    let before = db.state();
+    let url = format!("{}?options=-csearch_path%3Dother,public", db.url.expose());
+    let bank = |args: &[&str]| Bank::new().args(["--database-url", &url]).args(args).run();
+    let file = tempfile::NamedTempFile::new().expect("a file");
+    std::fs::write(
+        file.path(),
+        format!("id,from,to,amount\n{},{a},{b},5\n", Uuid::new_v4()),
+    )
+    .expect("write the file");
+    let path = file.path().to_str().expect("a UTF-8 path").to_string();
+    for args in [
+        vec!["transfer", "--from", &a, "--to", &b, "--amount", "100"],
+        vec!["transfer", "--file", &path, "--format", "csv"],
+        vec!["balances"],
+        vec!["seed"],
+        vec!["verify"],
+    ] {
+        let run = bank(&args);
+        run.fails_with(1, "finds accounts in schema other first");
+        assert!(
+            run.stderr.contains("tables are in schema public"),
+            "{run:?}"
+        );
+    }
+    assert_eq!(db.state(), before);
+    let balance: support::Count =
+        diesel::sql_query("SELECT CAST(SUM(balance) AS INT8) AS n FROM other.accounts")
+            .get_result(&mut db.conn())
+            .expect("the other table");
+    assert_eq!(balance.n, 10_000);
+    let doctor = bank(&["doctor", "--json"]);
+    doctor.success();
+    let j = doctor.json();
+    assert_eq!(j["migrated"], false, "{j}");
+    assert_eq!(
+        j["tables_in_other_schemas"],
+        serde_json::json!(["accounts in schema other"]),
+        "{j}"
+    );
+}
+
 #[test]
 fn bank_s_tables_off_the_search_path_are_named_not_called_unmigrated() {
     let db = ScratchDb::migrated();

@@ -35,6 +35,9 @@ struct Report {
     /// Schemas off this connection's search_path that hold bank's tables, when none is on it:
     /// the search_path to fix, not `init` to run.
     tables_off_search_path: Vec<String>,
+    /// Bank's tables this connection finds first in another schema than bank's (another
+    /// application's table of the same name): every command that needs the schema refuses it.
+    tables_in_other_schemas: Vec<String>,
     /// Server-side settings of this session.
     settings: BTreeMap<String, Option<String>>,
     /// Whether this connection is encrypted; `None` when the server does not say.
@@ -101,7 +104,11 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     let unknown_migrations = db::unknown_migrations(&applied)?;
     let pending = db::pending_migrations(&applied)?;
     let pending_migrations = pending.len();
-    let migrated = !applied.is_empty() && pending_migrations == 0;
+    let shadowed = match migrations_readable && !applied.is_empty() {
+        true => db::shadowed_tables(&mut conn).ok().flatten(),
+        false => None,
+    };
+    let migrated = !applied.is_empty() && pending_migrations == 0 && shadowed.is_none();
     // What `init` would find in the way: advised to a database it would refuse, it sent the
     // user round in a loop.
     let init_blocked_by = match migrations_readable {
@@ -182,6 +189,10 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         unknown_migrations,
         init_blocked_by,
         tables_off_search_path: off_path.elsewhere.clone(),
+        tables_in_other_schemas: shadowed
+            .as_ref()
+            .map(|(_, tables)| tables.clone())
+            .unwrap_or_default(),
         settings,
         tls,
         client,
@@ -216,6 +227,14 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
             report.unknown_migrations.join(", ")
         )?,
         _ if !off_path.elsewhere.is_empty() => writeln!(out, "schema: {off_path}")?,
+        _ if shadowed.is_some() => {
+            let split = crate::error::Unmigrated {
+                search_path: db::search_path(&mut conn).unwrap_or_default(),
+                shadowed: shadowed.clone().map(Box::new),
+                ..Default::default()
+            };
+            writeln!(out, "schema: {split}")?
+        }
         _ if !report.init_blocked_by.is_empty() => writeln!(
             out,
             "schema: not migrated, and `bank init` would refuse: the database already has {} \

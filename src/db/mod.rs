@@ -382,9 +382,69 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
             elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
             search_path: path.name,
             creation_schema,
+            shadowed: None,
         },
         _ => Unmigrated::default(),
     }
+}
+
+/// The tables bank's statements name, as this connection's search_path finds them.
+const BANK_TABLES: [&str; 4] = [
+    "__diesel_schema_migrations",
+    "accounts",
+    "transfers",
+    "transfer_claims",
+];
+
+/// Bank's schema (its migrations table's) and those of its tables that this connection's
+/// search_path finds first in another schema, each as "accounts in schema other"; `None` when
+/// all are in one. Another application's table named `accounts` in a schema before bank's made
+/// transfers move the money in it and write their ledger rows in bank's `transfers` (found by a
+/// helper playing a new user).
+pub fn shadowed_tables(conn: &mut PgConnection) -> QueryResult<Option<(String, Vec<String>)>> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = Text)]
+        table_name: String,
+        #[diesel(sql_type = Text)]
+        schema_name: String,
+    }
+    let found = diesel::sql_query(
+        "SELECT DISTINCT ON (c.relname) c.relname AS table_name, n.nspname AS schema_name \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relname = ANY($1) AND c.relkind IN ('r', 'p', 'v', 'm', 'f') \
+           AND n.nspname = ANY(current_schemas(false)) \
+         ORDER BY c.relname, array_position(current_schemas(false), n.nspname)",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&BANK_TABLES[..])
+    .load::<Found>(conn)?;
+    let Some(bank) = found
+        .iter()
+        .find(|f| f.table_name == BANK_TABLES[0])
+        .map(|f| f.schema_name.clone())
+    else {
+        return Ok(None);
+    };
+    let shadowed: Vec<String> = found
+        .iter()
+        .filter(|f| f.schema_name != bank)
+        .map(|f| format!("{} in schema {}", f.table_name, f.schema_name))
+        .collect();
+    Ok((!shadowed.is_empty()).then_some((bank, shadowed)))
+}
+
+/// The connection's `search_path`, as the server shows it.
+pub fn search_path(conn: &mut PgConnection) -> QueryResult<String> {
+    #[derive(QueryableByName)]
+    struct Path {
+        #[diesel(sql_type = Text)]
+        path: String,
+    }
+    Ok(
+        diesel::sql_query("SELECT current_setting('search_path') AS path")
+            .get_result::<Path>(conn)?
+            .path,
+    )
 }
 
 /// Refuses a database that lacks any of this bank's migrations, before a command reads or
@@ -404,7 +464,15 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
     .bind::<diesel::sql_types::Array<Text>, _>(&known)
     .get_result::<Count>(conn);
     match applied {
-        Ok(c) if c.n as usize >= known.len() => Ok(()),
+        Ok(c) if c.n as usize >= known.len() => match shadowed_tables(conn) {
+            Ok(Some(shadowed)) => Err(crate::error::Error::NotMigrated(Unmigrated {
+                search_path: search_path(conn).unwrap_or_default(),
+                shadowed: Some(Box::new(shadowed)),
+                ..Unmigrated::default()
+            })),
+            // Not readable (a catalog a role may not read): the migrations' check stands.
+            _ => Ok(()),
+        },
         Ok(_) => Err(crate::error::Error::NotMigrated(Unmigrated::default())),
         // No migrations table on the search_path: never migrated, or migrated elsewhere.
         Err(diesel::result::Error::DatabaseError(_, info))
