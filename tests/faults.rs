@@ -2248,6 +2248,64 @@ fn a_demo_that_could_not_create_its_accounts_names_none() {
     assert!(named.is_none(), "names {named:?}, never created: {run:?}");
 }
 
+/// A demo whose connection the server closed while it sat idle (the server's
+/// `idle_session_timeout`, shorter than the transfer's wait on a lock) failed after its
+/// transfer, and its cleanup failed too on the dead connection ("the transaction manager is
+/// broken"): the accounts and the transfer stayed, and only the accounts were named (found by a
+/// helper playing a new user). The demo opens a new connection for its last steps now, and
+/// removes what it created.
+#[test]
+fn a_demo_whose_idle_connection_the_server_closed_cleans_up() {
+    let db = ScratchDb::migrated();
+    db.alter("idle_session_timeout = '500ms'");
+    let before = db.state();
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE transfers IN ACCESS EXCLUSIVE MODE")
+        .expect("lock");
+    let url = db.url.expose().to_string();
+    let demo = thread::spawn(move || {
+        ends_within(&url, &["demo", "--timeout", "10s"], Duration::from_secs(20)).0
+    });
+    // Longer than the server lets the demo's other connection sit idle.
+    thread::sleep(Duration::from_millis(1500));
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    let run = demo.join().expect("the demo");
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout
+            .contains("Removed the demo's 2 accounts and 1 transfer"),
+        "{run:?}"
+    );
+    assert_eq!(db.state(), before, "{run:?}");
+}
+
+/// A demo whose flow went through but whose cleanup the database refused (a DBA's trigger
+/// forbidding deletes) said only the database's error: what it left behind, the transfer
+/// among it, went unnamed. It names the accounts and the transfer now.
+#[test]
+fn a_demo_that_could_not_clean_up_names_its_accounts_and_transfer() {
+    let db = ScratchDb::migrated();
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION 'deletes are audited: ask the DBA'; END $$; \
+             CREATE TRIGGER keep BEFORE DELETE ON accounts \
+               FOR EACH ROW EXECUTE FUNCTION keep()",
+        )
+        .expect("the trigger");
+    let run = db.bank().args(["demo"]).run();
+    assert_eq!(run.code, 1, "{run:?}");
+    let left = db.state();
+    assert_eq!((left.0.len(), left.1), (2, 1), "{run:?}");
+    let stderr = &run.stderr;
+    assert!(stderr.contains("deletes are audited"), "{run:?}");
+    for (id, _) in &left.0 {
+        assert!(stderr.contains(&id.to_string()), "{run:?}");
+    }
+    assert!(stderr.contains("and its transfer "), "{run:?}");
+}
+
 /// The first UUID in `text`, if any.
 fn regex_lite_uuid(text: &str) -> Option<Uuid> {
     text.split(|c: char| !(c.is_ascii_hexdigit() || c == '-'))

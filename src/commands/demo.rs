@@ -14,7 +14,7 @@ use crate::db::{DbUrl, Session};
 use crate::error::{Error, TransferError};
 use crate::models::{NewAccount, NewTransfer};
 use crate::repo;
-use crate::retry::{may_have_committed, RetryPolicy};
+use crate::retry::{classify, may_have_committed, Cause, Phase, RetryPolicy};
 use crate::transfer::{Mode, Runner};
 
 const DEMO_AMOUNT: i64 = 100;
@@ -60,14 +60,11 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
         .collect::<Vec<_>>()
         .join(" and ");
     crate::guard::watch(args.timeout, move || {
-        let ours = match seen.load(Ordering::SeqCst) {
+        let stage = seen.load(Ordering::SeqCst);
+        let ours = match stage {
             s if s == Stage::Starting as u8 => return "the demo created nothing".to_string(),
             s if s == Stage::Creating as u8 => format!("accounts {names}, if it created them"),
-            s if s == Stage::Created as u8 => format!("accounts {names}"),
-            s if s == Stage::Transferring as u8 => {
-                format!("accounts {names}, and its transfer {transfer_id} if that committed")
-            }
-            _ => format!("accounts {names}, and its transfer {transfer_id}"),
+            _ => format!("accounts {names}{}", transfer_left(stage, transfer_id)),
         };
         format!(
             "the server is frozen or unreachable; the demo could not remove what it created: \
@@ -116,14 +113,34 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
             source: Box::new(e),
             cleanup: format!("removed what it created: {}", removed(done)),
         }),
-        (Ok(()), Err(e)) => Err(e),
-        (Err(e), Err(cleanup)) => Err(Error::DemoStopped {
-            source: Box::new(e),
-            cleanup: format!(
-                "could not remove what it created ({cleanup}): {}",
-                made.named(&ids)
-            ),
-        }),
+        // What is left is named, the transfer too once it committed or may have: a cleanup
+        // that failed after a flow that went through said only the database's error.
+        (flow, Err(cleanup)) => {
+            let transfer = transfer_left(stage.load(Ordering::SeqCst), transfer_id);
+            let left = format!("{}{transfer}", made.named(&ids));
+            Err(match flow {
+                Ok(()) => Error::DemoStopped {
+                    source: Box::new(cleanup),
+                    cleanup: format!("could not remove what it created: {left}"),
+                },
+                Err(e) => Error::DemoStopped {
+                    source: Box::new(e),
+                    cleanup: format!("could not remove what it created ({cleanup}): {left}"),
+                },
+            })
+        }
+    }
+}
+
+/// The demo's transfer among what it leaves behind at `stage`: named once it committed, or may
+/// have.
+fn transfer_left(stage: u8, transfer_id: Uuid) -> String {
+    match stage {
+        s if s == Stage::Transferred as u8 => format!(", and its transfer {transfer_id}"),
+        s if s == Stage::Transferring as u8 => {
+            format!(", and its transfer {transfer_id} if that committed")
+        }
+        _ => String::new(),
     }
 }
 
@@ -199,7 +216,9 @@ fn demo_flow(
     })?;
     reached(Stage::Transferred);
     writeln!(out, "{}", receipt_line(&receipt))?;
-    print_demo_balances(session.conn()?, &[from, to], out)?;
+    again_if_lost(session, |conn, _| {
+        print_demo_balances(conn, &[from, to], &mut *out)
+    })?;
     crate::guard::tick();
     Ok(())
 }
@@ -213,13 +232,47 @@ fn print_demo_balances(
     write_balances(accounts.into_iter().map(Ok), false, out)
 }
 
+/// Runs `step` on `session`'s connection, and once more on a new one if the first was found
+/// lost before `step` reached a COMMIT (`step` sets its flag as it is about to commit). The
+/// demo's steps share a connection that sits idle while the transfer runs on its own: a server
+/// that closes idle sessions (`idle_session_timeout`), or a restart meanwhile, left the last
+/// steps and the cleanup failing on it, and the demo's rows behind.
+fn again_if_lost<T>(
+    session: &mut Session,
+    mut step: impl FnMut(&mut PgConnection, &mut bool) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let mut committing = false;
+    let first = step(session.conn()?, &mut committing);
+    match first {
+        Err(Error::Database(e))
+            if !committing && classify(&e, Phase::BeforeCommit) == Some(Cause::ConnectionLost) =>
+        {
+            log::debug!("demo: the connection was lost ({e}); again on a new one");
+            session.reset();
+            step(session.conn()?, &mut false)
+        }
+        first => first,
+    }
+}
+
 /// Deletes the demo's transfer (if it was made) and accounts; returns how many of each.
 fn demo_cleanup(
     session: &mut Session,
     ids: &[Uuid],
     transfer_id: Uuid,
 ) -> Result<(usize, usize), Error> {
-    let conn = session.conn()?;
+    again_if_lost(session, |conn, committing| {
+        remove_demo_rows(conn, ids, transfer_id, committing)
+    })
+}
+
+/// `demo_cleanup` on one connection; `committing` is set as its COMMIT is about to be sent.
+fn remove_demo_rows(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    transfer_id: Uuid,
+    committing: &mut bool,
+) -> Result<(usize, usize), Error> {
     let result = conn.build_transaction().serializable().run(|conn| {
         let transfers = match repo::delete_transfer(conn, transfer_id) {
             Ok(()) => 1,
@@ -234,6 +287,7 @@ fn demo_cleanup(
                 Err(e) => return Err(e),
             }
         }
+        *committing = true;
         Ok((accounts, transfers))
     })?;
     Ok(result)
