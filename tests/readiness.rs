@@ -349,6 +349,35 @@ fn a_seed_chunk_rolled_back_by_a_serialization_failure_runs_again() {
     }
 }
 
+/// A seed whose COMMIT the server refused (a deferred constraint trigger raising at COMMIT)
+/// said its accounts "may or may not have been" created and that the COMMIT "went unanswered",
+/// and left its JSON array unclosed (found by a helper playing a new user). The server answered:
+/// the seed asks which exist, says none was created, and closes the array.
+#[test]
+fn a_seed_whose_commit_the_server_refuses_says_nothing_was_created() {
+    let db = ScratchDb::migrated();
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION 'accounts are opened by the back office'; END $$; \
+             CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON accounts \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+        .expect("the trigger");
+    let before = db.state();
+    let run = db.bank().args(["seed", "--json"]).run();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(
+        run.stderr.contains("none of the 2 accounts was created"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("unanswered"), "{run:?}");
+    let listed: serde_json::Value = serde_json::from_str(&run.stdout).expect("a JSON array");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{run:?}");
+    assert_eq!(db.state(), before);
+}
+
 #[test]
 fn seed_with_copy_forced_fails_in_one_line_and_changes_nothing() {
     let role;

@@ -134,12 +134,28 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             }
             Err(Stop::Database(e)) if created == 0 && !written => return Err(e.into()),
             Err(Stop::Database(e)) => {
-                // Its COMMIT failed after its ids were written: they may or may not exist.
+                // Its COMMIT failed after its ids were written. The server may have answered
+                // (a deferred trigger refusing at COMMIT): then the database says whether they
+                // exist, and the array they are listed in is closed as it is for Ctrl-C, the
+                // message saying which were rolled back. Otherwise they may or may not.
+                let ids: Vec<Uuid> = chunk.iter().map(|a| a.id).collect();
+                let found = match written {
+                    true => repo::list_ids(&mut conn, &ids).ok().map(|rows| rows.len()),
+                    false => Some(0),
+                };
+                let (created, unsettled) = match found {
+                    Some(0) => (created, 0),
+                    Some(n) if n == ids.len() => (created + n as u64, 0),
+                    _ => (created, ids.len() as u64),
+                };
+                if unsettled == 0 && written {
+                    let _ = list.finish(out).and_then(|_| out.flush());
+                }
                 return Err(Error::SeedStopped {
                     why: e.to_string(),
                     created,
                     total,
-                    unsettled: if written { chunk.len() as u64 } else { 0 },
+                    unsettled,
                 });
             }
         };
