@@ -238,6 +238,16 @@ pub fn oldest_open_transaction(conn: &mut PgConnection) -> QueryResult<Option<Da
     .get_result(conn)
 }
 
+/// Whether this role sees every session's open transaction in `pg_stat_activity`
+/// (`oldest_open_transaction`): a superuser or a member of `pg_read_all_stats` does; another
+/// role sees its own sessions' only.
+pub fn sees_all_sessions(conn: &mut PgConnection) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+        "pg_has_role('pg_read_all_stats', 'USAGE')",
+    ))
+    .get_result(conn)
+}
+
 /// Deletes one account; `NotFound` when there is none with this id.
 pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<()> {
     match diesel::delete(accounts::table.find(id)).execute(conn)? {

@@ -282,11 +282,21 @@ pub(super) fn balances(
     }
     // CockroachDB's pg_stat_activity is empty: the open transactions cannot be seen there, so
     // a time in the last moments may not be settled yet, and the answer is not waited for.
+    // Nor on PostgreSQL for a role that sees only its own sessions there (without
+    // pg_read_all_stats): another role's transfer about to commit went unseen, and the answer
+    // changed a moment later without a word.
     let server = crate::db::engine::detect(&mut conn)?;
-    if server.is_cockroachdb() && now.signed_duration_since(at) < chrono::Duration::seconds(60) {
+    let recent = now.signed_duration_since(at) < chrono::Duration::seconds(60);
+    if server.is_cockroachdb() && recent {
         crate::say(format_args!(
             "bank: warning: {server} does not show other sessions' open transactions \
              (pg_stat_activity is empty there): balances as of the last minute may still change"
+        ));
+    } else if recent && !repo::sees_all_sessions(&mut conn).unwrap_or(true) {
+        crate::say(format_args!(
+            "bank: warning: this role sees only its own sessions' open transactions (it is not \
+             granted pg_read_all_stats): balances as of the last minute may still change while \
+             another role's transfer commits"
         ));
     }
     wait_for_transactions_begun_before(&mut conn, at, args.read.timeout)?;
