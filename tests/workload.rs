@@ -1335,3 +1335,27 @@ fn a_setup_chunk_rolled_back_by_a_serialization_failure_runs_again() {
         assert_eq!(db.state().0.len(), 10, "{iso:?}: {run:?}");
     }
 }
+
+/// Workers the database never let connect (a role's CONNECTION LIMIT, max_connections reached)
+/// had their refused logins counted as lost connections, and the run said "ok" with no word
+/// that it ran on fewer workers than asked (found by a helper playing a new user). It says how
+/// many never connected, on stderr and in `--json`.
+#[test]
+fn workers_the_database_never_let_connect_are_named() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[1000, 1000, 1000, 1000]);
+    let (_, url) = db.role(
+        "LOGIN CONNECTION LIMIT 2",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims TO {role}; \
+         GRANT SELECT ON __diesel_schema_migrations TO {role}",
+    );
+    let run = crate::support::Bank::new()
+        .args(["--database-url", &url, "workload", "--reuse-accounts"])
+        .args(["--accounts", "4", "--concurrency", "4"])
+        .args(["--duration", "2s", "--timeout", "1s", "--json"])
+        .run();
+    let j = run.json();
+    let never = j["workers_never_connected"].as_u64();
+    assert!(never.is_some_and(|n| n >= 1), "{run:?}");
+    assert!(run.stderr.contains("never connected"), "{run:?}");
+}

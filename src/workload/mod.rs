@@ -212,6 +212,16 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         lost.extend(log.finish(written).err());
     }
     printed?;
+    // Not a failure (every invariant may hold), but not the run asked for either: the refused
+    // logins were only counted among lost connections.
+    if report.workers_never_connected > 0 {
+        crate::say(format_args!(
+            "bank: warning: {} of {} workers never connected (the database refused their \
+             connections: a role's CONNECTION LIMIT or max_connections; -v shows why): the run \
+             had fewer workers than asked",
+            report.workers_never_connected, report.concurrency
+        ));
+    }
     let verdict = verdict(report);
     if lost.is_empty() {
         return verdict.map_or(Ok(()), |e| Err(e.into()));

@@ -28,6 +28,9 @@ pub struct Tally {
     pub errors: u64,
     pub retries: RetryCounts,
     pub reconnects: u64,
+    /// 1 for a worker whose transfers all ended without its ever getting a connection (a
+    /// role's CONNECTION LIMIT, max_connections reached); summed over the workers.
+    pub never_connected: u64,
     /// Latency of committed transfers, in microseconds.
     pub latency_us: Histogram<u64>,
     pub last_error: Option<String>,
@@ -44,6 +47,7 @@ impl Tally {
             errors: 0,
             retries: RetryCounts::default(),
             reconnects: 0,
+            never_connected: 0,
             latency_us: latency_histogram()?,
             last_error: None,
         })
@@ -90,6 +94,7 @@ impl AddAssign<&Tally> for Tally {
         self.errors += other.errors;
         self.retries += other.retries;
         self.reconnects += other.reconnects;
+        self.never_connected += other.never_connected;
         // Both grow on demand, so the only failure (a value out of range) cannot happen.
         let _ = self.latency_us.add(&other.latency_us);
         if self.last_error.is_none() {
@@ -128,6 +133,9 @@ pub struct Report {
     pub indeterminate: u64,
     pub errors: u64,
     pub reconnects: u64,
+    /// Workers that tried transfers but never got a connection: the run ran on fewer workers
+    /// than asked.
+    pub workers_never_connected: u64,
     /// Workers given up on because a transfer of theirs outlived its deadline (and replaced).
     pub stuck_workers: u64,
     /// Snapshot reads by `--readers`, and those whose total was not the opening total or that
@@ -234,6 +242,7 @@ impl Report {
             indeterminate: tally.indeterminate,
             errors: tally.errors,
             reconnects: tally.reconnects,
+            workers_never_connected: tally.never_connected,
             stuck_workers: run.stuck_workers,
             reads: run.reads,
             wrong_total_reads: run.wrong_total_reads,
@@ -338,6 +347,13 @@ impl fmt::Display for Report {
         )?;
         writeln!(f, "other errors: {}", self.errors)?;
         writeln!(f, "reconnects: {}", self.reconnects)?;
+        if self.workers_never_connected > 0 {
+            writeln!(
+                f,
+                "workers that never connected: {} of {}",
+                self.workers_never_connected, self.concurrency
+            )?;
+        }
         if self.stuck_workers > 0 {
             writeln!(
                 f,

@@ -181,6 +181,7 @@ impl Worker {
             };
             tally.retries = self.runner.retries;
             tally.reconnects = self.runner.session.connects.saturating_sub(1);
+            tally.never_connected = u64::from(self.runner.session.connects == 0);
             match result {
                 Ok(receipt) => {
                     // Random v4 ids never repeat, so "already applied" would be a bug.
@@ -267,6 +268,7 @@ impl Worker {
             };
             tally.retries = chunk.retries;
             tally.reconnects = chunk.session.connects.saturating_sub(1);
+            tally.never_connected = u64::from(chunk.session.connects == 0);
             let verdicts = match result {
                 Ok(v) => v,
                 Err(fatal) => {
