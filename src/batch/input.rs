@@ -615,12 +615,29 @@ fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], M
             ));
         }
     }
+    // A name holding a character that shows as nothing (a second byte order mark, a
+    // zero-width space) looks like the column it misses: the names are shown as they are.
+    let hidden: Vec<String> = header
+        .iter()
+        .filter(|f| escaped(f) != *f)
+        .map(|f| format!("'{}'", shown(f)))
+        .collect();
+    let hidden = match hidden.is_empty() {
+        true => String::new(),
+        false => format!(
+            " (the header's {} {} characters that show as nothing)",
+            hidden.join(", "),
+            if hidden.len() == 1 { "holds" } else { "hold" }
+        ),
+    };
     if found[0].is_none() {
         return Err(malformed(
             line,
-            "no id column: every transfer needs its own id (a UUID), which is what makes a \
-             rerun of the file apply each transfer once; the header must name id, from, to and \
-             amount",
+            format!(
+                "no id column{hidden}: every transfer needs its own id (a UUID), which is what \
+                 makes a rerun of the file apply each transfer once; the header must name id, \
+                 from, to and amount"
+            ),
         ));
     }
     let missing: Vec<&str> = COLUMNS
@@ -632,7 +649,7 @@ fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], M
     Err(malformed(
         line,
         format!(
-            "no {} column: the header must name id, from, to and amount",
+            "no {} column{hidden}: the header must name id, from, to and amount",
             missing.join(", no ")
         ),
     ))
@@ -1106,6 +1123,22 @@ mod tests {
         let (line, why) = reason(&got[0]);
         assert_eq!(line, 1);
         assert!(why.contains("--format jsonl"), "{why}");
+    }
+
+    /// A header opening with two byte order marks (one stripped as the file's, one left in
+    /// the first name) got "no id column" with nothing shown: the user sees an `id` column.
+    #[test]
+    fn a_header_name_holding_an_invisible_character_is_shown() {
+        let got = all(
+            &format!("\u{feff}\u{feff}id,from,to\u{200b},amount\n{X},{A},{B},5\n"),
+            Format::Csv,
+        );
+        let (line, why) = reason(&got[0]);
+        assert_eq!(line, 1);
+        assert!(
+            why.contains("'\\u{feff}id'") && why.contains("'to\\u{200b}'"),
+            "{why}"
+        );
     }
 
     #[test]
