@@ -356,18 +356,29 @@ impl Source {
             Some(w) => Box::new(BufReader::new(Tee { input, copy: w })),
             None => input,
         };
+        // Input read once (standard input, a pipe) is read no further than its first malformed
+        // line: nothing of it will be applied, and counting the rest copied all of it to the
+        // temporary file first (3 GB of random bytes filled /tmp before one line was said), or
+        // never ended on a producer that does not stop.
+        let once = spool.is_some();
         let mut first: Option<Malformed> = None;
         let mut more = 0u64;
         let mut fingerprint = Fingerprint::default();
         for r in batch::input::read(reader, format) {
             match r {
                 Ok(line) => fingerprint.add(&line),
-                Err(m) if first.is_none() => first = Some(m),
+                Err(m) if first.is_none() => {
+                    first = Some(m);
+                    if once {
+                        break;
+                    }
+                }
                 Err(_) => more += 1,
             }
         }
         if let Some(m) = first {
             let also = match more {
+                _ if once => " (the rest was not read)".to_string(),
                 0 => String::new(),
                 1 => " (and 1 more malformed line)".to_string(),
                 n => format!(" (and {n} more malformed lines)"),
