@@ -76,14 +76,6 @@ impl Watch {
         p.statement = lines;
     }
 
-    /// The database answered (an error of its own, as a lock or statement timeout): it is not
-    /// frozen, and what the statement asks it next (whether an earlier run holds the lines'
-    /// accounts) gets a deadline of its own. Under load that probe outlasted the little grace
-    /// left after the deadline, and the line said "no answer from the database".
-    fn answered(&self) {
-        self.lock().since = Instant::now();
-    }
-
     /// Lines in the statement under way: those after the verdicts given so far that may have
     /// been sent.
     pub fn in_statement(&self) -> usize {
@@ -776,9 +768,6 @@ impl ChunkRunner {
                 };
                 let reason = format!("{how}; last error: {last}");
                 let held = cause.is_some_and(Cause::is_held_up);
-                if cause == Some(Cause::Timeout) {
-                    self.watch.answered();
-                }
                 if ambiguous {
                     fail(Outcome::Unknown, reason)
                 } else if held && self.ids_given && !self.nobody_else_can_commit(&accounts, lines) {
