@@ -863,3 +863,46 @@ fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own()
         }
     }
 }
+
+/// A DBA's trigger that fails on a table of its own with a value out of range (22003: an audit
+/// counter in an INT4 column) or a NULL it refuses (23502): `transfer` took the first for a
+/// credit past INT8 ("cannot receive …: its balance would exceed …", balances of 1000) and the
+/// second for an account left unchanged, hiding the database's words, where `transfer --file`
+/// gave them (found by a fault-injecting helper). Both modes give the database's words now,
+/// exit 1, nothing applied.
+#[test]
+fn a_dba_s_trigger_failing_on_its_own_table_is_not_taken_for_bank_s_reason() {
+    for (sql, words) in [
+        (
+            "CREATE TABLE audit (n INT4 NOT NULL); \
+             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$BEGIN INSERT INTO audit VALUES (2147483647 + NEW.amount); RETURN NEW; END$$; \
+             CREATE TRIGGER audit BEFORE INSERT ON transfers FOR EACH ROW \
+             EXECUTE FUNCTION audit()",
+            "integer out of range",
+        ),
+        (
+            "CREATE TABLE audit (approved_by TEXT NOT NULL); \
+             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$BEGIN INSERT INTO audit VALUES (NULL); RETURN NEW; END$$; \
+             CREATE TRIGGER audit BEFORE INSERT ON transfers FOR EACH ROW \
+             EXECUTE FUNCTION audit()",
+            "null value in column \"approved_by\"",
+        ),
+    ] {
+        let db = ScratchDb::migrated();
+        db.conn().batch_execute(sql).expect("the trigger");
+        let [a, b] = db.accounts(&[1000, 1000])[..] else {
+            panic!("two accounts")
+        };
+        for mode in MODES {
+            let run = db.transfer(a, b, 10).args(["--mode", mode]).run();
+            run.fails_with(1, words);
+            assert!(
+                !run.stderr.contains("cannot receive") && !run.stderr.contains("unchanged"),
+                "{mode}: {run:?}"
+            );
+        }
+        assert_eq!(db.state().1, 0);
+    }
+}

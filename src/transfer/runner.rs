@@ -675,6 +675,33 @@ fn attempt(
             Ok(None) => Attempt::Fail(e),
             Err(step) => step,
         },
+        // The balances say whether it was the credit past INT8; if they show no reason of
+        // bank's, a DBA's trigger overflowed a column of its own, and its words are the answer
+        // (a false "balance would exceed" was given; found by a fault-injecting helper).
+        Err(BodyError::OutOfRange(e)) => match lookup(conn, t) {
+            Ok(Some(found)) => resolve_found(conn, t, &found, after_ambiguous, own),
+            Ok(None) => {
+                let overflow = TransferError::BalanceOverflow {
+                    account: t.to_id,
+                    amount: t.amount,
+                };
+                match repo::list_ids(conn, &[t.from_id, t.to_id]) {
+                    Ok(accounts)
+                        if accounts.len() == 2
+                            && accounts.iter().all(|a| {
+                                a.id != t.to_id || a.balance.checked_add(t.amount).is_some()
+                            })
+                            && accounts
+                                .iter()
+                                .all(|a| a.id != t.from_id || a.balance >= t.amount) =>
+                    {
+                        Attempt::Fail(TransferError::Database(e))
+                    }
+                    _ => Attempt::Fail(first_reason(conn, t, overflow)),
+                }
+            }
+            Err(step) => step,
+        },
         Err(BodyError::DuplicateId) => match lookup(conn, t) {
             Ok(Some(found)) => resolve_found(conn, t, &found, after_ambiguous, own),
             Ok(None) => Attempt::Retry {
