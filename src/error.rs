@@ -31,6 +31,10 @@ pub fn is_out_of_resources(message: &str) -> bool {
         "insufficient disk space",
         "disk quota exceeded",
         "out of memory",
+        // 53200 of the lock tables (predicate locks at SERIALIZABLE, max_locks_per_transaction):
+        // each line of a file met it in turn, refused one by one (found by a fault-injecting
+        // helper).
+        "out of shared memory",
         "memory budget exceeded",
     ]
     .iter()
@@ -699,6 +703,14 @@ fn pooler_hint(e: &diesel::result::Error) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_full_lock_table_is_out_of_resources() {
+        assert!(super::is_out_of_resources(
+            "out of shared memory (HINT: You might need to increase max_pred_locks_per_transaction.)"
+        ));
+        assert!(!super::is_out_of_resources("integer out of range"));
+    }
+
     use super::*;
 
     fn connect_error(message: &str) -> ConnectError {
