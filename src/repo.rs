@@ -421,6 +421,17 @@ pub fn find_transfers(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<
         .load(conn)
 }
 
+/// `find_transfers`, by id.
+pub fn transfers_by_id(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> QueryResult<std::collections::HashMap<Uuid, Transfer>> {
+    Ok(find_transfers(conn, ids)?
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect())
+}
+
 /// The time the ledger row `id` carries (its `created_at`), read exactly (binary, to the
 /// microsecond): a file's statement reads its own back before it commits.
 pub fn created_at(conn: &mut PgConnection, id: Uuid) -> QueryResult<DateTime<Utc>> {

@@ -487,9 +487,7 @@ impl ChunkRunner {
         let Ok(conn) = self.session.conn() else {
             return HashMap::new();
         };
-        repo::find_transfers(conn, &ids)
-            .map(|rows| rows.into_iter().map(|t| (t.id, t)).collect())
-            .unwrap_or_default()
+        repo::transfers_by_id(conn, &ids).unwrap_or_default()
     }
 
     /// A line the database refused alone with an error of its own (a DBA's trigger or CHECK, a
@@ -813,10 +811,7 @@ fn committed_attempt(
         return Ok(None);
     }
     let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
-    let ledger: HashMap<Uuid, Transfer> = repo::find_transfers(conn, &ids)?
-        .into_iter()
-        .map(|t| (t.id, t))
-        .collect();
+    let ledger = repo::transfers_by_id(conn, &ids)?;
     // At most one attempt committed (each later one asks this first, holding the accounts), and
     // the ledger holds its rows, of its time. Should two attempts' rows ever carry one time, an
     // earlier attempt that applied some of the same lines would match too, so the one that

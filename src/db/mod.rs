@@ -374,13 +374,12 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
     .bind::<Text, _>("__diesel_schema_migrations")
     .bind::<Text, _>("transfers")
     .load::<Name>(conn);
-    let search_path =
-        diesel::sql_query("SELECT current_setting('search_path') AS name").get_result::<Name>(conn);
+    let search_path = search_path(conn);
     let here = creation_schema(conn).map(|s| s.filter(|s| !s.starts_with("pg_temp")));
     match (elsewhere, search_path, here) {
         (Ok(elsewhere), Ok(path), Ok(creation_schema)) => Unmigrated {
             elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
-            search_path: path.name,
+            search_path: path,
             creation_schema,
             shadowed: None,
         },

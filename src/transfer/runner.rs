@@ -680,26 +680,15 @@ fn attempt(
         // (a false "balance would exceed" was given; found by a fault-injecting helper).
         Err(BodyError::OutOfRange(e)) => match lookup(conn, t) {
             Ok(Some(found)) => resolve_found(conn, t, &found, after_ambiguous, own),
-            Ok(None) => {
-                let overflow = TransferError::BalanceOverflow {
+            Ok(None) => Attempt::Fail(match reason_in_balances(conn, t) {
+                Ok(Some(reason)) => reason,
+                Ok(None) => TransferError::Database(e),
+                // Unread, the statement's own reading stands.
+                Err(()) => TransferError::BalanceOverflow {
                     account: t.to_id,
                     amount: t.amount,
-                };
-                match repo::list_ids(conn, &[t.from_id, t.to_id]) {
-                    Ok(accounts)
-                        if accounts.len() == 2
-                            && accounts.iter().all(|a| {
-                                a.id != t.to_id || a.balance.checked_add(t.amount).is_some()
-                            })
-                            && accounts
-                                .iter()
-                                .all(|a| a.id != t.from_id || a.balance >= t.amount) =>
-                    {
-                        Attempt::Fail(TransferError::Database(e))
-                    }
-                    _ => Attempt::Fail(first_reason(conn, t, overflow)),
-                }
-            }
+                },
+            }),
             Err(step) => step,
         },
         Err(BodyError::DuplicateId) => match lookup(conn, t) {
@@ -813,28 +802,41 @@ fn looked_up_again<T>(e: DieselError) -> Attempt<T, TransferError> {
 /// reason that read shows first is given; when it shows none (another transfer moved them since),
 /// the statement's own.
 fn first_reason(conn: &mut PgConnection, t: &NewTransfer, refused: TransferError) -> TransferError {
-    let Ok(accounts) = repo::list_ids(conn, &[t.from_id, t.to_id]) else {
-        return refused;
-    };
-    let balance = |id| accounts.iter().find(|a| a.id == id).map(|a| a.balance);
-    match (balance(t.from_id), balance(t.to_id)) {
-        (None, _) => TransferError::UnknownAccount(t.from_id),
-        (Some(from), _) if from < t.amount => TransferError::InsufficientFunds {
-            account: t.from_id,
-            amount: t.amount,
-        },
-        (_, None) => TransferError::UnknownAccount(t.to_id),
-        (_, Some(to)) if to.checked_add(t.amount).is_none() => TransferError::BalanceOverflow {
-            account: t.to_id,
-            amount: t.amount,
-        },
+    match reason_in_balances(conn, t) {
+        Ok(Some(reason)) => reason,
         // Both accounts are there: the one the statement found missing was left unchanged by
         // the database (a trigger), not absent; "does not exist" sent the user looking for it.
-        _ => match refused {
+        Ok(None) => match refused {
             TransferError::UnknownAccount(id) => TransferError::AccountNotUpdated(Some(id)),
             other => other,
         },
+        Err(()) => refused,
     }
+}
+
+/// The first of bank's reasons to refuse `t` that the accounts show now, in `transfer --file`'s
+/// order; `None` when they show none, `Err` when they cannot be read.
+fn reason_in_balances(
+    conn: &mut PgConnection,
+    t: &NewTransfer,
+) -> Result<Option<TransferError>, ()> {
+    let accounts = repo::list_ids(conn, &[t.from_id, t.to_id]).map_err(|_| ())?;
+    let balance = |id| accounts.iter().find(|a| a.id == id).map(|a| a.balance);
+    Ok(match (balance(t.from_id), balance(t.to_id)) {
+        (None, _) => Some(TransferError::UnknownAccount(t.from_id)),
+        (Some(from), _) if from < t.amount => Some(TransferError::InsufficientFunds {
+            account: t.from_id,
+            amount: t.amount,
+        }),
+        (_, None) => Some(TransferError::UnknownAccount(t.to_id)),
+        (_, Some(to)) if to.checked_add(t.amount).is_none() => {
+            Some(TransferError::BalanceOverflow {
+                account: t.to_id,
+                amount: t.amount,
+            })
+        }
+        _ => None,
+    })
 }
 
 /// An answer that says the transfer was not applied, and that a statement of an earlier attempt
