@@ -16,8 +16,13 @@ const MODES: [&str; 2] = ["transaction", "single-statement"];
 
 /// A database at `iso` with two accounts, holding 1000 and 0.
 fn two_accounts(iso: Iso) -> (ScratchDb, Uuid, Uuid) {
+    two_accounts_holding(iso, [1000, 0])
+}
+
+/// A database at `iso` with two accounts holding `balances`.
+fn two_accounts_holding(iso: Iso, balances: [i64; 2]) -> (ScratchDb, Uuid, Uuid) {
     let db = ScratchDb::migrated_at(iso);
-    let [a, b] = db.accounts(&[1000, 0])[..] else {
+    let [a, b] = db.accounts(&balances)[..] else {
         panic!("two accounts")
     };
     (db, a, b)
@@ -29,10 +34,7 @@ fn two_accounts(iso: Iso) -> (ScratchDb, Uuid, Uuid) {
 fn a_rerun_after_the_funds_were_spent_is_already_applied() {
     for iso in Iso::BOTH {
         for mode in MODES {
-            let db = ScratchDb::migrated_at(iso);
-            let [a, b] = db.accounts(&[1000, 250])[..] else {
-                panic!("two accounts")
-            };
+            let (db, a, b) = two_accounts_holding(iso, [1000, 250]);
             let id = Uuid::new_v4();
             let run = || {
                 db.transfer(a, b, 600)
@@ -58,19 +60,17 @@ fn a_rerun_after_the_funds_were_spent_is_already_applied() {
 }
 
 /// A rerun of a transfer applied long ago, while another session holds one of its accounts (a
-/// report, a DBA's transaction): its attempts wait on the lock until the deadline, and it said
+/// report, a DBA's transaction): its attempts waited on the lock until the deadline, and it said
 /// "unknown" (exit 3), though the ledger had the row all along (found by a helper playing a new
 /// user). The row is read without locks: already applied, exit 0; other details, an id conflict.
-/// A single transfer in both modes, and a file's line, at both isolation levels.
+/// A single transfer in both modes, and a file's line (which reads it after the lock wait), at
+/// both isolation levels.
 #[test]
 fn a_rerun_held_up_by_a_lock_answers_from_the_ledger() {
     let mut from_the_ledger = 0;
     for iso in Iso::BOTH {
         for mode in MODES {
-            let db = ScratchDb::migrated_at(iso);
-            let [a, b] = db.accounts(&[1000, 250])[..] else {
-                panic!("two accounts")
-            };
+            let (db, a, b) = two_accounts_holding(iso, [1000, 250]);
             let id = Uuid::new_v4().to_string();
             let run = |amount: i64| {
                 db.transfer(a, b, amount)
@@ -91,20 +91,22 @@ fn a_rerun_held_up_by_a_lock_answers_from_the_ledger() {
                 .run();
             drop(holder);
             let case = format!("{iso:?} {mode}");
-            // A run gives up on a statement that has no answer by its deadline plus 200 ms, to
-            // bound a frozen server: on a loaded machine the lock wait, which ends at the
-            // deadline, and the ledger's read after it can outlast that, and the answer is then,
-            // truthfully, unknown (seen in three full-suite runs). Each answer is either that or
-            // the ledger's, and the ledger's must come at least once.
+            // A single transfer reads the ledger before it waits on the accounts, so its answer
+            // is the ledger's. A file's line waits on them first: a run gives up on a statement
+            // that has no answer by its deadline plus 200 ms, to bound a frozen server, and on a
+            // loaded machine the lock wait, which ends at the deadline, and the ledger's read
+            // after it can outlast that; the line's answer is then, truthfully, unknown (seen in
+            // three full-suite runs). So a line's answer is either that or the ledger's, and the
+            // ledger's must come at least once.
             let timed_out = |r: &crate::support::Run| {
                 r.code == 3 && r.stdout.contains("no answer from the database")
             };
-            for (r, code, words) in [
-                (&again, 0, "already_applied"),
-                (&conflict, 1, "different details"),
-                (&line, 0, "already_applied"),
+            for (r, code, words, file) in [
+                (&again, 0, "already_applied", false),
+                (&conflict, 1, "different details", false),
+                (&line, 0, "already_applied", true),
             ] {
-                if timed_out(r) {
+                if file && timed_out(r) {
                     continue;
                 }
                 assert_eq!(r.code, code, "{case}: {r:?}");
@@ -118,7 +120,48 @@ fn a_rerun_held_up_by_a_lock_answers_from_the_ledger() {
             assert_eq!(db.state().1, 1, "{case}");
         }
     }
-    assert!(from_the_ledger > 0, "no answer came from the ledger");
+    assert!(from_the_ledger > 8, "no line's answer came from the ledger");
+}
+
+/// A rerun of a transfer the ledger already has does not wait for its accounts at all: the row
+/// is committed, so it is the answer whoever holds them. It waited on the lock until its
+/// deadline, and on a loaded machine the ledger's read after that wait could miss the
+/// deadline's grace and say "unknown" (seen in full-suite runs). Both modes, both isolation
+/// levels, the same details (already applied) and others (an id conflict), each well before the
+/// deadline that the held lock would otherwise use up.
+#[test]
+fn a_rerun_of_a_transfer_in_the_ledger_does_not_wait_for_its_accounts() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let (db, a, b) = two_accounts_holding(iso, [1000, 250]);
+            let id = Uuid::new_v4().to_string();
+            let run = |amount: i64| {
+                let started = std::time::Instant::now();
+                let r = db
+                    .transfer(a, b, amount)
+                    .args(["--id", &id, "--json", "--mode", mode, "--timeout", "5s"])
+                    .run();
+                (r, started.elapsed())
+            };
+            run(600).0.success();
+            let holder = db.hold(&[b]);
+            let case = format!("{iso:?} {mode}");
+            let (again, took) = run(600);
+            assert_eq!(again.code, 0, "{case}: {again:?}");
+            assert_eq!(again.json()["outcome"], "already_applied", "{case}");
+            assert!(took < Duration::from_secs(4), "{case}: waited {took:?}");
+            let (conflict, took) = run(7);
+            assert_eq!(conflict.code, 1, "{case}: {conflict:?}");
+            assert!(
+                conflict.stderr.contains("different details"),
+                "{case}: {conflict:?}"
+            );
+            assert!(took < Duration::from_secs(4), "{case}: waited {took:?}");
+            drop(holder);
+            assert_eq!((db.balance(a), db.balance(b)), (400, 850), "{case}");
+            assert_eq!(db.state().1, 1, "{case}");
+        }
+    }
 }
 
 /// The same id with other details, once the funds are gone: an id conflict, not "insufficient
@@ -127,10 +170,7 @@ fn a_rerun_held_up_by_a_lock_answers_from_the_ledger() {
 fn a_reused_id_after_the_funds_were_spent_is_an_id_conflict() {
     for iso in Iso::BOTH {
         for mode in MODES {
-            let db = ScratchDb::migrated_at(iso);
-            let [a, b] = db.accounts(&[1000, 250])[..] else {
-                panic!("two accounts")
-            };
+            let (db, a, b) = two_accounts_holding(iso, [1000, 250]);
             let id = Uuid::new_v4().to_string();
             db.transfer(a, b, 600)
                 .args(["--id", &id, "--mode", mode])
@@ -831,10 +871,12 @@ fn a_version_set_back_by_hand_is_the_database_s_refusal_not_a_retry() {
     }
 }
 
-/// A rerun of an id an earlier run applied and reported, whose own attempt then goes unanswered
-/// (its backend terminated while it waits on the accounts' locks: a DBA, a failover): it finds
-/// the earlier row and must not take it for its own (found by a fault-testing helper: in
-/// single-statement mode the rerun said "applied" too).
+/// A rerun of an id whose earlier run commits while the rerun waits on the accounts' locks,
+/// and whose own attempt then goes unanswered (its backend terminated while it waits: a DBA, a
+/// failover): it finds the earlier row and must not take it for its own (found by a
+/// fault-testing helper: in single-statement mode the rerun said "applied" too). The earlier
+/// run is asleep in its COMMIT when the rerun starts, so the rerun's first look at the ledger
+/// finds nothing and it goes on to the locks.
 #[test]
 fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own() {
     for iso in Iso::BOTH {
@@ -842,12 +884,10 @@ fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own()
             let case = format!("{iso:?}, rerun {mode}");
             let (db, a, b) = two_accounts(iso);
             let id = Uuid::new_v4().to_string();
-            db.transfer(a, b, 100)
-                .args(["--id", &id, "--json"])
-                .run()
-                .success();
-            let mut holder = db.hold(&[a, b]);
+            crate::support::slow_down_the_next_commit_by(&mut db.conn(), 3);
             let url = db.url.expose().to_string();
+            let first = crate::support::spawn_transfer(&url, (a, b, 100), &["--id", &id, "--json"]);
+            crate::support::wait_for_a_commit_asleep(&mut db.conn());
             let rerun = crate::support::spawn_transfer(
                 &url,
                 (a, b, 100),
@@ -860,7 +900,9 @@ fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own()
                      WHERE application_name = 'bank' AND wait_event_type = 'Lock'",
                 )
                 .expect("terminate");
-            holder.batch_execute("ROLLBACK").expect("rollback");
+            let first = crate::support::Run::from(first.wait_with_output().expect("wait"));
+            first.success();
+            assert_eq!(first.json()["outcome"], "applied", "{case}: {first:?}");
             let rerun = crate::support::Run::from(rerun.wait_with_output().expect("wait"));
             rerun.success();
             assert_eq!(rerun.json()["already_applied"], true, "{case}: {rerun:?}");

@@ -86,7 +86,12 @@ impl Runner {
         let live_retries = self.live_retries.as_deref();
         // A given id may be answered by another run while this one retries: its claim, as the
         // first attempt read it (see `answered_since`). A made-up id is nobody else's.
-        let mut claim = self.id_given.then_some(ClaimSeen::NotRead);
+        // A given id may also be in the ledger already (a rerun): then the row is the answer,
+        // read before any attempt waits on the accounts' locks (see `attempt`).
+        let mut given = self.id_given.then_some(GivenId {
+            claim: ClaimSeen::NotRead,
+            ledger_unread: true,
+        });
         // How this run knows its own ledger row: after a lost COMMIT, a row alike to the last
         // detail may be another run's (found by a reviewer: two runs said "applied" for one row).
         let mut own = match mode {
@@ -110,7 +115,7 @@ impl Runner {
                 mode,
                 ambiguous,
                 ticket,
-                claim.as_mut(),
+                given.as_mut(),
                 &mut own,
             );
             let step = after_step(step, n, reused, session, ticket, live_retries);
@@ -539,6 +544,13 @@ pub(crate) fn after_step<T>(
     }
 }
 
+/// What a run with a given id keeps across its attempts.
+struct GivenId {
+    claim: ClaimSeen,
+    /// The ledger has not yet been asked for the id's row (before the first attempt).
+    ledger_unread: bool,
+}
+
 /// A given id's claim as a run's first attempt read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClaimSeen {
@@ -586,13 +598,32 @@ fn attempt(
     mode: Mode,
     after_ambiguous: bool,
     ticket: &Ticket,
-    mut claim: Option<&mut ClaimSeen>,
+    given: Option<&mut GivenId>,
     own: &mut Own,
 ) -> Attempt<bool, TransferError> {
     let conn = match connection(session) {
         Ok(conn) => conn,
         Err(step) => return step,
     };
+    let (mut claim, ledger_unread) = match given {
+        Some(GivenId {
+            claim,
+            ledger_unread,
+        }) => (Some(claim), Some(ledger_unread)),
+        None => (None, None),
+    };
+    // A rerun of a transfer the ledger has: its committed row is the answer, whoever holds the
+    // accounts now. Read without locks, before the attempt waits on them: a rerun while a
+    // report held one account waited until its deadline, and on a loaded machine the ledger's
+    // read after that wait came too late to answer (it said "unknown"). Nothing of this run
+    // exists yet, so a row found is an earlier run's.
+    if let Some(unread) = ledger_unread.filter(|u| **u && !after_ambiguous) {
+        match lookup(conn, t) {
+            Ok(Some(found)) => return resolve_found(conn, t, &found, false, own),
+            Ok(None) => *unread = false,
+            Err(step) => return step,
+        }
+    }
     if after_ambiguous {
         match lookup(conn, t) {
             Ok(Some(found)) => {

@@ -443,15 +443,20 @@ pub fn wait_for_lock_waits(db: &ScratchDb, sessions: i64) {
 /// (a transaction's, or a single statement's own) takes the row of `slow_commit` and sleeps a
 /// second before it commits (`stop_slowing_commits` drops it).
 pub fn slow_down_the_next_commit(conn: &mut PgConnection) {
-    conn.batch_execute(
+    slow_down_the_next_commit_by(conn, 1)
+}
+
+/// `slow_down_the_next_commit`, asleep for `seconds`.
+pub fn slow_down_the_next_commit_by(conn: &mut PgConnection, seconds: u32) {
+    conn.batch_execute(&format!(
         "CREATE TABLE slow_commit (n INT); INSERT INTO slow_commit VALUES (1); \
          CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
            IF EXISTS (SELECT 1 FROM slow_commit) THEN \
-             DELETE FROM slow_commit; PERFORM pg_sleep(1); \
+             DELETE FROM slow_commit; PERFORM pg_sleep({seconds}); \
            END IF; RETURN NULL; END $$; \
          CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfers \
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
-    )
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+    ))
     .expect("slow commit trigger");
 }
 
