@@ -2104,6 +2104,78 @@ fn a_server_frozen_once_connected_before_the_first_chunk_is_bounded_by_the_timeo
     }
 }
 
+/// A server that freezes while a rerun, held up by a lock until its deadline, reads the ledger
+/// for its lines: that read came after the statement's watch had ended, so nothing gave up on
+/// it and the run waited forever (a frozen server's kernel still acknowledges every packet).
+/// The read is made to wait on a table lock, so that the server is seen inside it, then the
+/// proxy freezes. Now the run gives up on the read as on any statement: the line `unknown`,
+/// exit 3, within seconds.
+#[test]
+fn a_server_frozen_while_a_held_up_rerun_reads_the_ledger_is_given_up_on() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 2, 1, 23);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write file");
+        let first = run_file(db.url.expose(), "f.csv", &csv(&lines), &[]);
+        assert_eq!(first.code, 0, "{iso:?}: {first:?}");
+        let holder = db.hold(&[lines[0].to]);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        let mut rerun = spawn_file_with(&proxy.url_for(&db.url), &path, &["--timeout", "1s"]);
+        wait_for_lock_wait(&db);
+        // The rerun waits on the row lock until its deadline; its read of the ledger after
+        // that then waits on this table lock.
+        let mut table = db.conn();
+        table
+            .batch_execute("BEGIN; LOCK TABLE transfers IN ACCESS EXCLUSIVE MODE")
+            .expect("lock the ledger");
+        let started = Instant::now();
+        let mut conn = db.conn();
+        loop {
+            let reading: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'bank%' AND wait_event = 'relation' \
+                 AND query LIKE 'SELECT %FROM \"transfers\" %')",
+            ))
+            .get_result(&mut conn)
+            .expect("pg_stat_activity");
+            if reading {
+                break;
+            }
+            if let Ok(Some(_)) = rerun.try_wait() {
+                panic!("{iso:?}: ended early: {:?}", rerun.wait_with_output());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{iso:?}: never read the ledger"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        proxy.freeze_all();
+        table.batch_execute("ROLLBACK").expect("unlock");
+        drop(holder);
+        let frozen = Instant::now();
+        while rerun.try_wait().expect("try_wait").is_none() {
+            if frozen.elapsed() > Duration::from_secs(15) {
+                let _ = rerun.kill();
+                proxy.thaw_all();
+                panic!("{iso:?}: still waiting 15 s after the server froze");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let run = Run::from(rerun.wait_with_output().expect("wait"));
+        proxy.thaw_all();
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        assert!(run.stdout.contains("\"unknown\""), "{iso:?}: {run:?}");
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            1,
+            "{iso:?}"
+        );
+    }
+}
+
 #[test]
 fn a_rerun_of_a_file_held_up_by_an_orphan_still_committing_does_not_say_not_applied() {
     // The first run's chunk COMMIT is 5 s late and the run gives up (unknown, exit 3). A rerun in

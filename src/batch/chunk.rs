@@ -302,7 +302,10 @@ impl ChunkRunner {
                 Err(failed) if failed.outcome == Outcome::Refused => {
                     // Back to larger statements after it, doubling as after any refusal.
                     self.size = 2;
-                    vec![self.settle_refused(&rest[0], failed.reason)]
+                    match self.watched(1, |r| r.settle_refused(&rest[0], failed.reason)) {
+                        Some(v) => vec![v],
+                        None => return Ok(Vec::new()),
+                    }
                 }
                 Ok(decided) => {
                     let refused = decided
@@ -337,7 +340,10 @@ impl ChunkRunner {
                 // COMMIT went unanswered: the row may be this run's own.
                 Err(failed) => {
                     let ledger = match failed.held_up {
-                        true => self.ledger_rows(rest),
+                        true => match self.watched(rest.len(), |r| r.ledger_rows(rest)) {
+                            Some(rows) => rows,
+                            None => return Ok(Vec::new()),
+                        },
                         false => HashMap::new(),
                     };
                     let mut given: Vec<Verdict> = rest
@@ -470,6 +476,10 @@ impl ChunkRunner {
     /// (`repo::accounts_free`) and the ledger has none of the ids is "not applied" the truth;
     /// the same rule as `bank transfer --id` (`Runner`).
     fn nobody_else_can_commit(&mut self, accounts: &[Uuid], lines: &[Line]) -> bool {
+        // Statements of their own, watched from now: run at the end of the held-up statement's
+        // time, they had a mere grace left, and on a loaded machine the lines were given up
+        // "no answer from the database" though the server had answered.
+        self.watch.start_statement(lines.len());
         let Ok(conn) = self.session.conn() else {
             return false;
         };
@@ -478,6 +488,23 @@ impl ChunkRunner {
         }
         let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
         repo::count_transfers_with_ids(conn, &ids) == Ok(0)
+    }
+
+    /// Runs `read`, the reads that settle a statement's `lines` once it has ended (a held-up
+    /// statement's ledger rows, a refused line's probe), watched as a statement is: they ran
+    /// after the watch had ended, so a server that froze in them kept the run waiting forever
+    /// (its kernel still acknowledges every packet). `None` when the watcher gave up on them:
+    /// it reports the chunk.
+    fn watched<T>(&mut self, lines: usize, read: impl FnOnce(&mut Self) -> T) -> Option<T> {
+        self.watch.start_statement(lines);
+        if let Some(hook) = &self.on_statement {
+            hook();
+        }
+        if !self.watch.ticket.begin() {
+            return None;
+        }
+        let out = read(self);
+        self.watch.ticket.finish().then_some(out)
     }
 
     /// The ledger rows of `lines`' ids, read without locks; none when the ledger cannot be
