@@ -2271,13 +2271,37 @@ fn a_demo_whose_idle_connection_the_server_closed_cleans_up() {
     thread::sleep(Duration::from_millis(1500));
     holder.batch_execute("ROLLBACK").expect("rollback");
     let run = demo.join().expect("the demo");
+    went_through_and_cleaned_up(&run, &db, &before);
+}
+
+/// The demo exited 0 having removed its two accounts and its transfer: the database is as
+/// `before` it.
+fn went_through_and_cleaned_up(run: &Run, db: &ScratchDb, before: &(Vec<(Uuid, i64)>, i64)) {
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
         run.stdout
             .contains("Removed the demo's 2 accounts and 1 transfer"),
         "{run:?}"
     );
-    assert_eq!(db.state(), before, "{run:?}");
+    assert_eq!(&db.state(), before, "{run:?}");
+}
+
+/// A role allowed one connection (`CONNECTION LIMIT 1`, a DBA's quota): the demo held its
+/// steps' connection open while its transfer asked for a second, which the server refused at
+/// login until the deadline ("too many connections for role"); the transfer was not applied
+/// and the demo failed (found by a helper playing a new user). It holds one connection at a
+/// time now, and goes through.
+#[test]
+fn a_demo_for_a_role_allowed_one_connection_goes_through() {
+    let db = ScratchDb::migrated();
+    let before = db.state();
+    let (_, url) = db.role(
+        "LOGIN CONNECTION LIMIT 1",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
+         __diesel_schema_migrations TO {role}",
+    );
+    let (run, _) = ends_within(&url, &["demo", "--timeout", "10s"], Duration::from_secs(20));
+    went_through_and_cleaned_up(&run, &db, &before);
 }
 
 /// A demo whose flow went through but whose cleanup the database refused (a DBA's trigger

@@ -39,7 +39,8 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
     };
     let session = || Session::new(url.clone(), "bank-demo").with_timeout(args.timeout);
     // The transfer has a runner and a connection of its own, given up at its deadline even on
-    // a frozen server (`run_guarded`); the other steps share one.
+    // a frozen server (`run_guarded`); the other steps share one, closed while the transfer
+    // runs (see `demo_flow`).
     let runner = Runner::new(session(), Mode::Transaction, policy);
     let mut steps = session();
     let created: Vec<NewAccount> = TUTORIAL_BALANCES
@@ -205,6 +206,9 @@ fn demo_flow(
         to_id: to,
         amount: DEMO_AMOUNT,
     };
+    // One connection at a time: a role may be allowed only one (`CONNECTION LIMIT 1`), and the
+    // transfer's was refused at login until its deadline while this one sat idle.
+    session.reset();
     reached(Stage::Transferring);
     // The transfer keeps its own deadline (the same `--timeout`) and says how it ended.
     let receipt = crate::guard::untimed(|| runner.run_guarded(&t)).inspect_err(|e| {
@@ -242,18 +246,38 @@ fn again_if_lost<T>(
     mut step: impl FnMut(&mut PgConnection, &mut bool) -> Result<T, Error>,
 ) -> Result<T, Error> {
     let mut committing = false;
-    let first = step(session.conn()?, &mut committing);
+    let first = step(connected(session)?, &mut committing);
     match first {
         Err(Error::Database(e))
             if !committing && classify(&e, Phase::BeforeCommit) == Some(Cause::ConnectionLost) =>
         {
             log::debug!("demo: the connection was lost ({e}); again on a new one");
             session.reset();
-            step(session.conn()?, &mut false)
+            step(connected(session)?, &mut false)
         }
         first => first,
     }
 }
+
+/// `session`'s connection, opened if need be. The transfer's connection, closed a moment ago,
+/// may still count against the role's limit on the server, so a login refused for a reason
+/// that may pass is tried again for up to a second.
+fn connected(session: &mut Session) -> Result<&mut PgConnection, Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match session.conn() {
+            Ok(_) => break,
+            Err(e) if e.is_transient() && started.elapsed() < LOGIN_AGAIN_FOR => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(session.conn()?)
+}
+
+/// How long the demo tries again a login refused for a reason that may pass (`connected`).
+const LOGIN_AGAIN_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Deletes the demo's transfer (if it was made) and accounts; returns how many of each.
 fn demo_cleanup(
