@@ -476,10 +476,15 @@ impl ChunkRunner {
     /// (`repo::accounts_free`) and the ledger has none of the ids is "not applied" the truth;
     /// the same rule as `bank transfer --id` (`Runner`).
     fn nobody_else_can_commit(&mut self, accounts: &[Uuid], lines: &[Line]) -> bool {
-        // Statements of their own, watched from now: run at the end of the held-up statement's
+        // Statements of their own, watched from now when the server has just answered on this
+        // connection (a lock or statement timeout): run at the end of the held-up statement's
         // time, they had a mere grace left, and on a loaded machine the lines were given up
-        // "no answer from the database" though the server had answered.
-        self.watch.start_statement(lines.len());
+        // "no answer from the database" though the server had answered. Not after a connection
+        // that failed (a server that never answers a login): each restart let a new connect
+        // wait again, and the run took three times its deadline.
+        if self.session.is_connected() {
+            self.watch.start_statement(lines.len());
+        }
         let Ok(conn) = self.session.conn() else {
             return false;
         };
@@ -496,7 +501,11 @@ impl ChunkRunner {
     /// (its kernel still acknowledges every packet). `None` when the watcher gave up on them:
     /// it reports the chunk.
     fn watched<T>(&mut self, lines: usize, read: impl FnOnce(&mut Self) -> T) -> Option<T> {
-        self.watch.start_statement(lines);
+        // From now only on a connection the server has just answered on (see
+        // `nobody_else_can_commit`); otherwise the statement's own deadline goes on.
+        if self.session.is_connected() {
+            self.watch.start_statement(lines);
+        }
         if let Some(hook) = &self.on_statement {
             hook();
         }
