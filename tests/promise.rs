@@ -911,6 +911,46 @@ fn a_rerun_whose_answer_is_lost_does_not_take_an_earlier_run_s_row_for_its_own()
     }
 }
 
+/// A run whose attempts fail with "result is ambiguous" before any COMMIT (CockroachDB's 40003
+/// on a statement; here a trigger's words) while another run commits the same transfer: no
+/// attempt of the first run reached its COMMIT, so the row it then finds is the other run's,
+/// already applied. It said "applied", and two runs reported one row applied (found by a
+/// reviewer). The other run connects with a setting the trigger lets through.
+#[test]
+fn a_run_whose_attempts_were_ambiguous_before_any_commit_does_not_take_another_s_row() {
+    for iso in Iso::BOTH {
+        let (db, a, b) = two_accounts(iso);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION ambiguous() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                   IF current_setting('bank_test.through', true) IS DISTINCT FROM 'on' THEN \
+                     RAISE EXCEPTION 'result is ambiguous (a test''s trigger)'; \
+                   END IF; RETURN NEW; END$$; \
+                 CREATE TRIGGER ambiguous BEFORE INSERT ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION ambiguous()",
+            )
+            .expect("the trigger");
+        let id = Uuid::new_v4().to_string();
+        let url = db.url.expose().to_string();
+        let first = crate::support::spawn_transfer(
+            &url,
+            (a, b, 100),
+            &["--id", &id, "--json", "--timeout", "4s"],
+        );
+        // Its first attempts fail, ambiguous, before the other run commits.
+        thread::sleep(Duration::from_millis(800));
+        let through = format!("{url}?options=-c%20bank_test.through%3Don");
+        let other = crate::support::spawn_transfer(&through, (a, b, 100), &["--id", &id, "--json"]);
+        let other = crate::support::Run::from(other.wait_with_output().expect("wait"));
+        other.success();
+        assert_eq!(other.json()["outcome"], "applied", "{iso:?}: {other:?}");
+        let first = crate::support::Run::from(first.wait_with_output().expect("wait"));
+        assert_eq!(first.code, 0, "{iso:?}: {first:?}");
+        assert_eq!(first.json()["already_applied"], true, "{iso:?}: {first:?}");
+        assert_eq!((db.balance(a), db.balance(b)), (900, 100), "{iso:?}");
+    }
+}
+
 /// A DBA's trigger that fails on a table of its own with a value out of range (22003: an audit
 /// counter in an INT4 column) or a NULL it refuses (23502): `transfer` took the first for a
 /// credit past INT8 ("cannot receive …: its balance would exceed …", balances of 1000) and the

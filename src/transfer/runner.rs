@@ -952,7 +952,10 @@ fn resolve_found(
         && t.matches(found)
         && match own {
             Own::Any => false,
-            Own::Times(ts) => !ts.is_empty() && !ts.contains(&found.created_at),
+            // None at all: no attempt of this run reached its COMMIT (an answer taken for
+            // ambiguous came before it, CockroachDB's 40003 on a statement), so the row is
+            // another run's (it said "applied" too; found by a reviewer).
+            Own::Times(ts) => !ts.contains(&found.created_at),
             // The claim and the row are written by one statement: a row without this run's
             // mark on its claim is another run's.
             // Asked only after an attempt whose outcome was lost: it stays so until answered.
