@@ -39,15 +39,16 @@ pub use commands::run;
 /// goes reached stderr whole from messages that did not expect one.
 pub fn say(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let line = for_stderr(&args.to_string());
+    let line = for_terminal(&args.to_string());
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// `text` as every stderr line shows it, log lines included: passwords hidden, and control and
-/// invisible characters escaped line by line. The server's own words (a trigger's exception, a
-/// database name from the URL) may hold an escape sequence that recolours the terminal, or a
-/// right-to-left override that reorders the rest of the line.
-pub fn for_stderr(text: &str) -> String {
+/// `text` as every stderr line shows it, log lines included, and as text results on stdout show
+/// the server's words (a file's lines, the workload's report, `doctor`): passwords hidden, and
+/// control and invisible characters escaped line by line. The server's own words (a trigger's
+/// exception, a database name from the URL) may hold an escape sequence that recolours the
+/// terminal, or a right-to-left override that reorders the rest of the line.
+pub fn for_terminal(text: &str) -> String {
     db::redact_message(text)
         .split('\n')
         .map(batch::input::escaped)

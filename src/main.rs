@@ -264,7 +264,7 @@ fn init_logging(verbosity: u8) {
         .filter_level(log::LevelFilter::Warn)
         .filter_module("bank", level)
         .format_timestamp_millis()
-        // env_logger's layout, shown as every stderr line is (`for_stderr`).
+        // env_logger's layout, shown as every stderr line is (`for_terminal`).
         .format(|buf, record| {
             use std::io::Write;
             writeln!(
@@ -272,7 +272,7 @@ fn init_logging(verbosity: u8) {
                 "[{:<5} {}] {}",
                 record.level(),
                 record.target(),
-                bank::for_stderr(&record.args().to_string())
+                bank::for_terminal(&record.args().to_string())
             )
         })
         .target(env_logger::Target::Stderr)

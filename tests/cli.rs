@@ -2260,4 +2260,25 @@ fn control_characters_in_the_server_s_words_are_shown_escaped() {
         !run.stderr.contains('\u{1b}') && !run.stderr.contains('\u{202e}'),
         "{run:?}"
     );
+    // The same words in the results written to stdout as text: a file's lines, the workload's
+    // report (they reached the terminal raw; found by a reviewer).
+    let bank = db.bank();
+    let file = bank.dir.path().join("f.csv");
+    std::fs::write(
+        &file,
+        format!("id,from,to,amount\n{},{a},{b},5\n", uuid::Uuid::new_v4()),
+    )
+    .expect("the file");
+    let lines = bank.args(["transfer", "--file"]).args([&file]).run();
+    let workload = db
+        .bank()
+        .args(["workload", "--accounts", "2", "--duration", "300ms"])
+        .run();
+    for run in [lines, workload] {
+        assert!(run.stdout.contains("no \\u{1b}[31mred"), "{run:?}");
+        assert!(
+            !run.stdout.contains('\u{1b}') && !run.stdout.contains('\u{202e}'),
+            "{run:?}"
+        );
+    }
 }

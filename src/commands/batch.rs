@@ -240,7 +240,7 @@ fn write_line(out: &mut impl Write, json: bool, l: &Line, v: &Verdict) -> io::Re
                 l.line,
                 l.transfer.id,
                 v.outcome.as_str(),
-                e
+                crate::for_terminal(e)
             ),
             None => writeln!(
                 out,

@@ -206,6 +206,11 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         writeln!(out)?;
         return Ok(());
     }
+    // Rendered first, then shown as stderr lines are (`for_terminal`): the server's words (its
+    // version string, a schema's name, a setting) may hold control characters.
+    let shown = out;
+    let mut text: Vec<u8> = Vec::new();
+    let out = &mut text;
     let unknown = || "unknown".to_string();
     writeln!(out, "server: {server}")?;
     writeln!(out, "version(): {}", report.version)?;
@@ -294,6 +299,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
             report.missing_privileges.join(", ")
         )?;
     }
+    shown.write_all(crate::for_terminal(&String::from_utf8_lossy(&text)).as_bytes())?;
     Ok(())
 }
 
