@@ -361,6 +361,11 @@ impl Runner {
                 Err(_) => break no_answer(started),
             }
         };
+        // An answer sent just as the deadline came is the answer (a reviewer's point: the
+        // runner never finishes its ticket, so `abandon` alone would take it for none).
+        if let Ok(result) = rx.try_recv() {
+            return result;
+        }
         match ticket.abandon() {
             None => rx
                 .recv()
@@ -572,10 +577,7 @@ fn answered_since(
     t: &NewTransfer,
     seen: &mut ClaimSeen,
 ) -> Result<(), BodyError> {
-    let now = repo::claim_generations(conn, &[t.id])
-        .map_err(BodyError::Database)?
-        .first()
-        .map(|(_, g)| *g);
+    let now = claim_now(conn, t).map_err(BodyError::Database)?;
     match *seen {
         ClaimSeen::NotRead => {
             *seen = ClaimSeen::Read(now);
@@ -589,6 +591,13 @@ fn answered_since(
                 .into(),
         })),
     }
+}
+
+/// `t`'s claim generation now (`None`: not claimed).
+fn claim_now(conn: &mut PgConnection, t: &NewTransfer) -> diesel::QueryResult<Option<i64>> {
+    Ok(repo::claim_generations(conn, &[t.id])?
+        .first()
+        .map(|(_, g)| *g))
 }
 
 /// One attempt. `Done(true)` when the ledger already had the transfer from an earlier run.
@@ -618,6 +627,17 @@ fn attempt(
     // read after that wait came too late to answer (it said "unknown"). Nothing of this run
     // exists yet, so a row found is an earlier run's.
     if let Some(unread) = ledger_unread.filter(|u| **u && !after_ambiguous) {
+        // The claim's first reading comes first of all (see `answered_since`): the ledger's
+        // read may wait (on CockroachDB, on another transaction's intent), and a rerun that
+        // answered "not applied" meanwhile would have been taken for the starting point. (A
+        // single statement checks the claim itself.)
+        let first_claim = claim.as_mut().filter(|s| ***s == ClaimSeen::NotRead);
+        if let Some(seen) = first_claim.filter(|_| mode == Mode::Transaction) {
+            match claim_now(conn, t) {
+                Ok(now) => **seen = ClaimSeen::Read(now),
+                Err(e) => return looked_up_again(e),
+            }
+        }
         match lookup(conn, t) {
             Ok(Some(found)) => return resolve_found(conn, t, &found, false, own),
             Ok(None) => *unread = false,
