@@ -90,6 +90,9 @@ pub struct Unmigrated {
     /// Migrated, but some of bank's tables are found first in another schema than bank's (the
     /// schema named here), each as "accounts in schema other" (`db::shadowed_tables`).
     pub shadowed: Option<Box<(String, Vec<String>)>>,
+    /// The server's words when a statement met a table or column of bank's missing (the
+    /// command's own statement, after the migrations' check passed or could not be made).
+    pub missing: Option<String>,
 }
 
 impl std::fmt::Display for Unmigrated {
@@ -107,7 +110,18 @@ impl std::fmt::Display for Unmigrated {
             );
         }
         match self.elsewhere.first() {
-            None => f.write_str("database not migrated: run `bank init` first"),
+            // Every migration may be recorded (then `init` says the schema is up to date, and
+            // sending the user there went in a circle): what is missing is named.
+            None => match &self.missing {
+                Some(missing) => write!(
+                    f,
+                    "database not migrated, or changed by hand since its migrations ran: \
+                     {missing}; run `bank init`, and if it says the schema is up to date, \
+                     restore what is missing (the migration's up.sql under migrations/ made it) \
+                     or use a fresh database"
+                ),
+                None => f.write_str("database not migrated: run `bank init` first"),
+            },
             Some(first) => {
                 write!(
                     f,
@@ -640,7 +654,14 @@ impl From<diesel::result::Error> for TransferError {
             _ => false,
         };
         if not_migrated {
-            TransferError::NotMigrated(Unmigrated::default())
+            let missing = match &e {
+                diesel::result::Error::DatabaseError(_, info) => Some(info.message().to_string()),
+                _ => None,
+            };
+            TransferError::NotMigrated(Unmigrated {
+                missing,
+                ..Unmigrated::default()
+            })
         } else {
             TransferError::Database(e)
         }

@@ -381,7 +381,7 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
             elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
             search_path: path,
             creation_schema,
-            shadowed: None,
+            ..Unmigrated::default()
         },
         _ => Unmigrated::default(),
     }
