@@ -307,9 +307,13 @@ fn amount_text(value: Option<&str>) -> Result<i64, String> {
     if value.is_empty() {
         return Err("no amount".into());
     }
-    let digits = value.strip_prefix('+').unwrap_or(value);
+    // One sign at most: `+-5` is no number (it was read as -5).
+    let (plus, digits) = match value.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
     let digits_only = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if digits_only(digits) || digits.strip_prefix('-').is_some_and(digits_only) {
+    if digits_only(digits) || (!plus && digits.strip_prefix('-').is_some_and(digits_only)) {
         digits
             .parse::<i64>()
             .map_err(|_| match digits.starts_with('-') {
@@ -1318,6 +1322,20 @@ mod tests {
             let why = reason(&all(&text, format)[0]).1;
             assert!(why.contains("must be positive"), "{format:?}: {why}");
         }
+    }
+
+    #[test]
+    fn a_sign_after_a_plus_is_not_a_whole_number() {
+        // `+-5` was read as -5: "amount must be positive, got -5", a value the file does not
+        // hold (found by a helper playing a new user); `--amount +-5` says it is no number.
+        let csv = format!("id,from,to,amount\n{X},{A},{B},+-5\n");
+        let json =
+            format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":\"+-5\"}}\n");
+        for (text, format) in [(csv, Format::Csv), (json, Format::Jsonl)] {
+            let why = reason(&all(&text, format)[0]).1;
+            assert_eq!(why, "amount '+-5' is not a whole number", "{format:?}");
+        }
+        assert_eq!(amount_text(Some("+5")), Ok(5));
     }
 
     #[test]
