@@ -116,14 +116,33 @@ pub fn rolled_back_by_conflict(e: &DieselError) -> bool {
 
 /// Whether a statement at a commit point (a COMMIT, or a statement that is its own commit) that
 /// failed with `e` may have taken effect. Only failures known to roll back say it did not: a
-/// lost answer may hide a commit, and so may an error nobody classified (a middlebox's, sent
-/// after the server committed). Callers that can ask the database (the ledger, the rows' ids)
-/// should; the rest say "may have".
+/// conflict (serialization, deadlock, a lock or statement timeout), and the server's own
+/// refusals of the statement (a CHECK, NOT NULL or foreign key, a read-only transaction, a
+/// missing privilege: a demo refused its INSERT by a SELECT-only role named accounts "if it
+/// created them"). A lost answer may hide a commit, and so may an error nobody classified (a
+/// middlebox's, sent after the server committed). Callers that can ask the database (the
+/// ledger, the rows' ids) should; the rest say "may have".
 pub fn may_have_committed(e: &DieselError) -> bool {
-    !matches!(
-        classify(e, Phase::Commit),
-        Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout)
-    )
+    let refused = match e {
+        DieselError::DatabaseError(kind, info) => {
+            // Not a unique violation: a retry of work whose first COMMIT landed unanswered
+            // meets its own rows (the workload's setup runs a chunk again with the same ids).
+            matches!(
+                kind,
+                DatabaseErrorKind::ForeignKeyViolation
+                    | DatabaseErrorKind::CheckViolation
+                    | DatabaseErrorKind::NotNullViolation
+                    | DatabaseErrorKind::RestrictViolation
+                    | DatabaseErrorKind::ReadOnlyTransaction
+            ) || crate::error::is_privilege_denied(info.message())
+        }
+        _ => false,
+    };
+    !refused
+        && !matches!(
+            classify(e, Phase::Commit),
+            Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout)
+        )
 }
 
 fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Option<Cause> {
@@ -759,6 +778,24 @@ pub(crate) mod tests {
             (db(DatabaseErrorKind::Unknown, "result is ambiguous"), true),
             (db(DatabaseErrorKind::Unknown, "server conn crashed?"), true),
             (DieselError::BrokenTransactionManager, true),
+            (
+                db(
+                    DatabaseErrorKind::Unknown,
+                    "permission denied for table accounts",
+                ),
+                false,
+            ),
+            (
+                db(
+                    DatabaseErrorKind::ReadOnlyTransaction,
+                    "cannot execute INSERT in a read-only transaction",
+                ),
+                false,
+            ),
+            (
+                db(DatabaseErrorKind::UniqueViolation, "duplicate key"),
+                true,
+            ),
         ] {
             assert_eq!(may_have_committed(&e), may, "{e}");
         }

@@ -2248,6 +2248,34 @@ fn a_demo_that_could_not_create_its_accounts_names_none() {
     assert!(named.is_none(), "names {named:?}, never created: {run:?}");
 }
 
+/// A demo whose INSERT the server refused outright (a role granted only SELECT, or a read-only
+/// database): nothing was created, but the refusal was taken for an answer that may hide a
+/// commit, and the demo, unable to delete either, ended "could not remove what it created:
+/// accounts …, if it created them" (found by a helper playing a new user). A permission or
+/// read-only refusal is the server's own answer: the demo names nothing.
+#[test]
+fn a_demo_refused_by_the_server_names_no_accounts() {
+    let db = ScratchDb::migrated();
+    let before = db.state();
+    let (_, select_only) = db.role(
+        "LOGIN",
+        "GRANT SELECT ON accounts, transfers, transfer_claims, __diesel_schema_migrations \
+         TO {role}",
+    );
+    let run = Bank::new()
+        .args(["--database-url", &select_only, "demo"])
+        .run();
+    run.fails_with(1, "permission denied");
+    assert!(!run.stderr.contains("could not remove"), "{run:?}");
+    assert!(regex_lite_uuid(&run.stderr).is_none(), "{run:?}");
+    db.alter("default_transaction_read_only = on");
+    let run = db.bank().args(["demo"]).run();
+    run.fails_with(1, "read-only transaction");
+    assert!(!run.stderr.contains("could not remove"), "{run:?}");
+    assert!(regex_lite_uuid(&run.stderr).is_none(), "{run:?}");
+    assert_eq!(db.state(), before, "{run:?}");
+}
+
 /// A demo whose connection the server closed while it sat idle (the server's
 /// `idle_session_timeout`, shorter than the transfer's wait on a lock) failed after its
 /// transfer, and its cleanup failed too on the dead connection ("the transaction manager is
