@@ -1648,3 +1648,22 @@ fn a_column_dropped_by_hand_is_named_not_sent_to_init() {
     assert!(init.stdout.contains("schema is up to date"), "{init:?}");
     assert_eq!(db.balance(a), 100);
 }
+
+/// A reset the database refuses at its first batch (a read-only database): it gave only the
+/// database's error, where the README promises that a reset stopped by an error says how many
+/// accounts and transfers it deleted (found by a helper playing a new user). It says none.
+#[test]
+fn a_reset_refused_at_once_says_it_deleted_nothing() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[100, 0]);
+    let before = db.state();
+    db.alter("default_transaction_read_only = on");
+    let run = db.bank().args(["reset", "--yes"]).run();
+    run.fails_with(1, "read-only transaction");
+    assert!(
+        run.stderr
+            .contains("after deleting 0 accounts and 0 transfers"),
+        "{run:?}"
+    );
+    assert_eq!(db.state(), before);
+}

@@ -414,15 +414,14 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     crate::guard::tick();
     let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &deleted) {
         Ok(claims) => claims,
+        // How far it got, none included: the bare error left the user to guess.
         Err(e) => {
-            return Err(match deleted.counts() {
-                (0, 0) => e,
-                (accounts, transfers) => Error::ResetStopped {
-                    accounts,
-                    transfers,
-                    source: Box::new(e),
-                },
-            })
+            let (accounts, transfers) = deleted.counts();
+            return Err(Error::ResetStopped {
+                accounts,
+                transfers,
+                source: Box::new(e),
+            });
         }
     };
     let (accounts, transfers) = deleted.counts();
