@@ -101,9 +101,9 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
     // deadline: it waited forever. Each migration commits on its own, so what was applied stays
     // and the next init runs the rest.
     crate::guard::watch(args.timeout, || {
-        "a migration waits on a lock another session holds (a long transaction on bank's \
-         tables), or the server is frozen or unreachable; the migrations applied so far stay: \
-         run `bank init` again"
+        "a migration may be waiting on a lock another session holds (a long transaction on \
+         bank's tables), or the server is frozen, unreachable or slower than that; the \
+         migrations applied so far stay: run `bank init` again"
             .to_string()
     });
     let mut conn = url.connect()?;
