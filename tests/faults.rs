@@ -2377,7 +2377,7 @@ fn a_read_waiting_on_a_lock_says_so() {
         &["balances", "--timeout", "1s"],
         Duration::from_secs(10),
     );
-    run.fails_with(1, "waiting on a lock another session holds");
+    run.fails_with(1, "waits on a lock another session holds");
 }
 
 /// The COMMIT of a chunk of the workload's accounts, applied by the server but its answer lost
