@@ -21,7 +21,7 @@ use super::statement::Chunk;
 use super::{Outcome, Verdict, ANSWERED_SINCE};
 use crate::db::Session;
 use crate::error::{ConnectError, TransferError};
-use crate::guard::Ticket;
+use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
@@ -82,9 +82,16 @@ impl Watch {
         self.lock().statement
     }
 
-    /// When the statement under way started.
-    pub fn since(&self) -> Instant {
-        self.lock().since
+    /// Gives up on the statement under way if it started `wait` ago or more (`Ticket::abandon`);
+    /// `None` when it did not, or when it had finished. Checked and given up under the lock that
+    /// `start_statement` takes: read apart, a statement that had just started after a slow one
+    /// could be given up on for the slow one's time (a reviewer's point).
+    pub fn give_up_if_older(&self, wait: std::time::Duration) -> Option<GaveUp> {
+        let p = self.lock();
+        if p.since.elapsed() < wait {
+            return None;
+        }
+        self.ticket.abandon()
     }
 
     /// The verdicts given so far in the chunk under way.

@@ -382,11 +382,7 @@ where
         let mut i = 0;
         while i < in_flight.len() {
             let w = &workers[in_flight[i].worker];
-            if w.watch.since().elapsed() < wait {
-                i += 1;
-                continue;
-            }
-            let Some(how) = w.watch.ticket.abandon() else {
+            let Some(how) = w.watch.give_up_if_older(wait) else {
                 i += 1;
                 continue;
             };
