@@ -90,9 +90,19 @@ pub struct Unmigrated {
     /// Migrated, but some of bank's tables are found first in another schema than bank's (the
     /// schema named here), each as "accounts in schema other" (`db::shadowed_tables`).
     pub shadowed: Option<Box<(String, Vec<String>)>>,
-    /// The server's words when a statement met a table or column of bank's missing (the
-    /// command's own statement, after the migrations' check passed or could not be made).
-    pub missing: Option<String>,
+    /// A statement met a table or column of bank's missing (the command's own statement, after
+    /// the migrations' check passed or could not be made).
+    pub missing: Option<Box<Missing>>,
+}
+
+/// What a statement found missing (`Unmigrated::missing`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Missing {
+    /// The server's words.
+    pub words: String,
+    /// bank's tables found in schemas the search_path does not name, each as "accounts in
+    /// schema other" (`db::tables_off_the_search_path`).
+    pub moved: Vec<String>,
 }
 
 impl std::fmt::Display for Unmigrated {
@@ -109,16 +119,26 @@ impl std::fmt::Display for Unmigrated {
                 quote_ident(bank)
             );
         }
+        if let Some(m) = self.missing.as_deref().filter(|m| !m.moved.is_empty()) {
+            return write!(
+                f,
+                "{}: this connection's search_path ({}) does not reach {}; put that schema on \
+                 the search_path (e.g. `options=-csearch_path%3D<schema>,public` in the URL, or \
+                 the role's `ALTER ROLE ... SET search_path`), or move the tables back",
+                m.words,
+                self.search_path,
+                m.moved.join(" and ")
+            );
+        }
         match self.elsewhere.first() {
             // Every migration may be recorded (then `init` says the schema is up to date, and
             // sending the user there went in a circle): what is missing is named.
-            None => match &self.missing {
+            None => match self.missing.as_deref().map(|m| &m.words) {
                 Some(missing) => write!(
                     f,
                     "database not migrated, or changed by hand since its migrations ran: \
                      {missing}; run `bank init`, and if it says the schema is up to date, \
-                     restore what is missing (the migration's up.sql under migrations/ made it) \
-                     or use a fresh database"
+                     restore what is missing (the migration's up.sql under migrations/ made it)"
                 ),
                 None => f.write_str("database not migrated: run `bank init` first"),
             },
@@ -655,7 +675,10 @@ impl From<diesel::result::Error> for TransferError {
         };
         if not_migrated {
             let missing = match &e {
-                diesel::result::Error::DatabaseError(_, info) => Some(info.message().to_string()),
+                diesel::result::Error::DatabaseError(_, info) => Some(Box::new(Missing {
+                    words: info.message().to_string(),
+                    moved: Vec::new(),
+                })),
                 _ => None,
             };
             TransferError::NotMigrated(Unmigrated {

@@ -1667,3 +1667,29 @@ fn a_reset_refused_at_once_says_it_deleted_nothing() {
     );
     assert_eq!(db.state(), before);
 }
+
+/// bank's tables moved by hand to a schema off the search_path, its migrations table left
+/// behind: every migration is recorded, and the statement that met the missing table advised
+/// restoring it "or use a fresh database", for data that is intact (found by a reviewer). The
+/// schema that holds them is named, and nothing else is advised.
+#[test]
+fn tables_moved_off_the_search_path_are_found() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    db.conn()
+        .batch_execute(
+            "CREATE SCHEMA other; ALTER TABLE accounts SET SCHEMA other; \
+             ALTER TABLE transfers SET SCHEMA other; ALTER TABLE transfer_claims SET SCHEMA other",
+        )
+        .expect("move the tables");
+    for run in [
+        db.bank().args(["balances"]).run(),
+        db.transfer(a, b, 5).run(),
+    ] {
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(run.stderr.contains("accounts in schema other"), "{run:?}");
+        assert!(!run.stderr.contains("fresh database"), "{run:?}");
+    }
+}

@@ -387,6 +387,29 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
     }
 }
 
+/// bank's tables (`accounts`, `transfers`, `transfer_claims`) in schemas this connection's
+/// search_path does not name, each as "accounts in schema other": where a table a statement
+/// found missing may have been moved.
+pub fn tables_off_the_search_path(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = Text)]
+        found: String,
+    }
+    Ok(diesel::sql_query(
+        "SELECT c.relname || ' in schema ' || n.nspname AS found \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relname = ANY($1) AND c.relkind = 'r' \
+           AND NOT (n.nspname = ANY(current_schemas(true))) \
+         ORDER BY n.nspname, c.relname",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(vec!["accounts", "transfers", "transfer_claims"])
+    .load::<Found>(conn)?
+    .into_iter()
+    .map(|f| f.found)
+    .collect())
+}
+
 /// The tables bank's statements name, as this connection's search_path finds them.
 const BANK_TABLES: [&str; 4] = [
     "__diesel_schema_migrations",
