@@ -138,11 +138,13 @@ pub fn may_have_committed(e: &DieselError) -> bool {
         }
         _ => false,
     };
-    !refused
-        && !matches!(
-            classify(e, Phase::Commit),
-            Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout)
-        )
+    match classify(e, Phase::Commit) {
+        Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout) => false,
+        // Ambiguous or lost first, whatever words it quotes: CockroachDB's 40003 may wrap a
+        // network error that reads "permission denied" (a reviewer's point).
+        Some(_) => true,
+        None => !refused,
+    }
 }
 
 fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Option<Cause> {
@@ -777,6 +779,13 @@ pub(crate) mod tests {
             ),
             (db(DatabaseErrorKind::Unknown, "result is ambiguous"), true),
             (db(DatabaseErrorKind::Unknown, "server conn crashed?"), true),
+            (
+                db(
+                    DatabaseErrorKind::Unknown,
+                    "result is ambiguous (dial tcp 10.0.0.1:26257: connect: permission denied)",
+                ),
+                true,
+            ),
             (DieselError::BrokenTransactionManager, true),
             (
                 db(
