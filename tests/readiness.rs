@@ -1693,3 +1693,27 @@ fn tables_moved_off_the_search_path_are_found() {
         assert!(!run.stderr.contains("fresh database"), "{run:?}");
     }
 }
+
+/// A reset whose batch failed with an answer that may hide its commit (CockroachDB's "result is
+/// ambiguous"; here a trigger's words): it said "after deleting 0 accounts and 0 transfers",
+/// though that batch may have been deleted (found by a reviewer). It says the batch in flight
+/// may or may not have been.
+#[test]
+fn a_reset_whose_batch_went_unanswered_says_it_may_have_deleted_it() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    db.transfer(a, b, 5).run().success();
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION lost() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+               RAISE EXCEPTION 'result is ambiguous (context canceled)'; END$$; \
+             CREATE TRIGGER lost AFTER DELETE ON transfers FOR EACH STATEMENT \
+             EXECUTE FUNCTION lost()",
+        )
+        .expect("the trigger");
+    let run = db.bank().args(["reset", "--yes"]).run();
+    run.fails_with(1, "result is ambiguous");
+    assert!(run.stderr.contains("may or may not"), "{run:?}");
+}

@@ -417,9 +417,16 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         // How far it got, none included: the bare error left the user to guess.
         Err(e) => {
             let (accounts, transfers) = deleted.counts();
+            // Each batch is a statement that is its own commit: one whose answer was lost may
+            // have deleted its rows, uncounted (it said "after deleting 0", found by a reviewer).
+            let in_flight = match &e {
+                Error::Database(d) => crate::retry::may_have_committed(d),
+                _ => false,
+            };
             return Err(Error::ResetStopped {
                 accounts,
                 transfers,
+                in_flight,
                 source: Box::new(e),
             });
         }
