@@ -196,7 +196,9 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             .map_err(io::Error::from)
             .and_then(|()| writeln!(out))
     } else {
-        write!(out, "{report}")
+        // Shown as stderr lines are: the server's words (the last error, why the final check
+        // could not run) may hold control characters.
+        write!(out, "{}", crate::for_terminal(&report.to_string()))
     };
     // Written whatever the verdict (a failed or interrupted run is the one worth looking at),
     // and whatever became of standard output: the page is the fuller account.

@@ -419,7 +419,7 @@ impl fmt::Display for Report {
             writeln!(f, "  every read's total = starting total: {read_ok}")?;
         }
         if let Some(e) = &self.last_error {
-            writeln!(f, "last error: {}", crate::for_terminal(e))?;
+            writeln!(f, "last error: {e}")?;
         }
         let verdict = if self.ok {
             "workload: ok"
