@@ -483,18 +483,17 @@ impl ChunkRunner {
     /// (`repo::accounts_free`) and the ledger has none of the ids is "not applied" the truth;
     /// the same rule as `bank transfer --id` (`Runner`).
     fn nobody_else_can_commit(&mut self, accounts: &[Uuid], lines: &[Line]) -> bool {
-        // Statements of their own, watched from now when the server has just answered on this
-        // connection (a lock or statement timeout): run at the end of the held-up statement's
-        // time, they had a mere grace left, and on a loaded machine the lines were given up
-        // "no answer from the database" though the server had answered. Not after a connection
-        // that failed (a server that never answers a login): each restart let a new connect
-        // wait again, and the run took three times its deadline.
-        if self.session.is_connected() {
-            self.watch.start_statement(lines.len());
-        }
+        // Statements of their own, watched from the moment a connection is there (the held-up
+        // statement's, on which the server has just answered, or a new one): run at the end of
+        // the held-up statement's time, they had a mere grace left, and on a loaded machine the
+        // lines were given up "no answer from the database" though the server had answered. A
+        // new connection is made under the statement's own deadline: restarted before it, a
+        // server that never answers a login made each restart wait again, and the run took
+        // three times its deadline.
         let Ok(conn) = self.session.conn() else {
             return false;
         };
+        self.watch.start_statement(lines.len());
         if !repo::accounts_free(conn, accounts) {
             return false;
         }
@@ -508,9 +507,10 @@ impl ChunkRunner {
     /// (its kernel still acknowledges every packet). `None` when the watcher gave up on them:
     /// it reports the chunk.
     fn watched<T>(&mut self, lines: usize, read: impl FnOnce(&mut Self) -> T) -> Option<T> {
-        // From now only on a connection the server has just answered on (see
-        // `nobody_else_can_commit`); otherwise the statement's own deadline goes on.
-        if self.session.is_connected() {
+        // Watched from the moment a connection is there; a new one is made under the
+        // statement's own deadline (see `nobody_else_can_commit`).
+        let connected = self.session.is_connected();
+        if connected {
             self.watch.start_statement(lines);
         }
         if let Some(hook) = &self.on_statement {
@@ -518,6 +518,9 @@ impl ChunkRunner {
         }
         if !self.watch.ticket.begin() {
             return None;
+        }
+        if !connected && self.session.conn().is_ok() {
+            self.watch.start_statement(lines);
         }
         let out = read(self);
         self.watch.ticket.finish().then_some(out)
