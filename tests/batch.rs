@@ -3128,3 +3128,58 @@ fn endless_standard_input_is_refused_at_its_first_malformed_line() {
     run.fails_with(2, "line 2");
     assert_eq!(db.state().1, 0);
 }
+
+/// A statement the server fails whole for want of resources (a full disk, "out of shared
+/// memory") after an earlier statement of the run applied an id that a line of it repeats: the
+/// repeated line was reported `not_applied` though its id is in the ledger by this run's doing,
+/// where one-by-one gives `already_applied` (found by a fault-injecting helper filling the
+/// disk). It gets its one-by-one outcome, with other details an id conflict.
+#[test]
+fn a_repeated_id_in_a_statement_the_server_fails_keeps_its_one_by_one_outcome() {
+    for iso in Iso::BOTH {
+        for (again, expected) in [(5, "already_applied"), (9, "id_conflict")] {
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, 1000])[..] else {
+                panic!("two accounts")
+            };
+            db.conn()
+                .batch_execute(
+                    "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                       IF NEW.amount = 7 THEN \
+                         RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; \
+                       END IF; RETURN NEW; END$$; \
+                     CREATE TRIGGER full_disk BEFORE INSERT ON transfers FOR EACH ROW \
+                     EXECUTE FUNCTION full_disk()",
+                )
+                .expect("the trigger");
+            let x = Uuid::new_v4();
+            let t = |id, amount| T {
+                id,
+                from: a,
+                to: b,
+                amount,
+            };
+            // Statements of two lines: x and another applied, then x again beside a line the
+            // server fails.
+            let lines = [
+                t(x, 5),
+                t(Uuid::new_v4(), 6),
+                t(x, again),
+                t(Uuid::new_v4(), 7),
+            ];
+            let run = run_file(
+                db.url.expose(),
+                "f.csv",
+                &csv(&lines),
+                &["--batch", "2", "--connections", "1"],
+            );
+            let case = format!("{iso:?} {expected}");
+            let got = outcomes(&run);
+            assert_eq!(got[0], (2, "applied".to_string()), "{case}: {run:?}");
+            assert_eq!(got[1], (3, "applied".to_string()), "{case}: {run:?}");
+            assert_eq!(got[2], (4, expected.to_string()), "{case}: {run:?}");
+            assert_eq!(got[3], (5, "not_applied".to_string()), "{case}: {run:?}");
+            assert_eq!(db.balance(a), 1000 - 11, "{case}");
+        }
+    }
+}

@@ -399,6 +399,24 @@ impl ChunkRunner {
         if !decided.iter().any(says_no) {
             return;
         }
+        // A line an earlier line of these applied the id of (its statement committed) has the
+        // one-by-one verdict of a repeat: already applied, or an id conflict. A statement the
+        // server failed whole (a full disk) said "not applied" of such a line too, its id in
+        // the ledger by this run's doing (found by a fault-injecting helper).
+        let mut applied_before: HashMap<Uuid, NewTransfer> = HashMap::new();
+        for (l, v) in lines.iter().zip(decided.iter_mut()) {
+            match applied_before.get(&l.transfer.id) {
+                Some(first) if says_no(v) => *v = repeat_verdict(&l.transfer, first),
+                Some(_) => {}
+                None if v.outcome == Outcome::Applied => {
+                    applied_before.insert(l.transfer.id, l.transfer);
+                }
+                None => {}
+            }
+        }
+        if !decided.iter().any(says_no) {
+            return;
+        }
         // An id that a later line of these (the same id, funded by then) applied is in the
         // ledger by this run's doing: its refused line keeps its one-by-one verdict.
         let applied_here: HashSet<Uuid> = lines
@@ -1126,6 +1144,21 @@ fn read_rows(
 /// The verdict of a line whose id the ledger has: the same transfer, or another one.
 fn ledger_verdict(t: &NewTransfer, found: &Transfer) -> Verdict {
     if t.matches(found) {
+        Verdict {
+            outcome: Outcome::AlreadyApplied,
+            error: None,
+        }
+    } else {
+        Verdict {
+            outcome: Outcome::IdConflict,
+            error: Some(id_conflict(t.id)),
+        }
+    }
+}
+
+/// The one-by-one verdict of a line whose id an earlier line, `first`, applied.
+fn repeat_verdict(t: &NewTransfer, first: &NewTransfer) -> Verdict {
+    if t == first {
         Verdict {
             outcome: Outcome::AlreadyApplied,
             error: None,
