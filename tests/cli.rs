@@ -2282,3 +2282,51 @@ fn control_characters_in_the_server_s_words_are_shown_escaped() {
         );
     }
 }
+
+/// A file-size limit on the output (`ulimit -f`, a scheduler's quota): the kernel killed bank
+/// with SIGXFSZ at its first write, after the transfers committed and before a word was said,
+/// exit 153 (found by a fault-injecting helper). The write now fails as on a full disk: a
+/// transfer says it was applied and its receipt could not be written, a file says its results
+/// could not be written, each with its exit code.
+#[test]
+fn a_file_size_limit_on_the_output_is_said_not_a_kill() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    let bank = Bank::new();
+    let file = bank.dir.path().join("f.csv");
+    std::fs::write(
+        &file,
+        format!("id,from,to,amount\n{},{a},{b},5\n", uuid::Uuid::new_v4()),
+    )
+    .expect("the file");
+    let out = bank.dir.path().join("out");
+    let limited = |args: &[&str]| -> crate::support::Run {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -f 0; exec \"$0\" \"$@\" > \"$OUT\"")
+            .arg(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose()])
+            .args(args)
+            .env("OUT", &out)
+            .output()
+            .expect("sh")
+            .into()
+    };
+    let (a, b) = (a.to_string(), b.to_string());
+    let one = limited(&["transfer", "--from", &a, "--to", &b, "--amount", "5"]);
+    assert_eq!(one.code, 0, "{one:?}");
+    assert!(
+        one.stderr.contains("receipt could not be written"),
+        "{one:?}"
+    );
+    let path = file.to_str().expect("utf-8 path");
+    let lines = limited(&["transfer", "--file", path, "--json"]);
+    assert_eq!(lines.code, 1, "{lines:?}");
+    assert!(
+        lines.stderr.contains("cannot write the results"),
+        "{lines:?}"
+    );
+    assert_eq!(db.balance(uuid::Uuid::parse_str(&a).expect("uuid")), 90);
+}
