@@ -3183,3 +3183,36 @@ fn a_repeated_id_in_a_statement_the_server_fails_keeps_its_one_by_one_outcome() 
         }
     }
 }
+
+/// Standard input whose temporary copy cannot be written (a full or limited temporary
+/// directory; here `ulimit -f`): it said "line N: cannot read: …", exit 2, as if the input were
+/// malformed (found by a fault-injecting helper). It is the machine's failure, exit 1, and says
+/// it could not copy the input; nothing is applied.
+#[test]
+fn standard_input_whose_copy_cannot_be_written_is_not_called_malformed() {
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 4, 200, 31);
+    let run = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 4; exec \"$0\" \"$@\"")
+        .arg(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            // The reader may stop early; a broken pipe then is no matter.
+            let _ = stdin.write_all(csv(&lines).as_bytes());
+            drop(stdin);
+            child.wait_with_output()
+        })
+        .expect("sh");
+    let run = Run::from(run);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("temporary"), "{run:?}");
+    assert!(!run.stderr.contains("cannot read"), "{run:?}");
+    assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
+}

@@ -352,8 +352,15 @@ impl Source {
             path,
         } = self;
         let mut copy = spool.as_ref().map(|s| s.writer()).transpose()?;
+        // Why the copy failed, if it did: the machine's failure, not a malformed line (it was
+        // "line 1: cannot read: File too large", exit 2; found by a fault-injecting helper).
+        let copy_failed = std::rc::Rc::new(std::cell::RefCell::new(None));
         let reader: Box<dyn BufRead> = match copy.take() {
-            Some(w) => Box::new(BufReader::new(Tee { input, copy: w })),
+            Some(w) => Box::new(BufReader::new(Tee {
+                input,
+                copy: w,
+                failed: std::rc::Rc::clone(&copy_failed),
+            })),
             None => input,
         };
         // Input read once (standard input, a pipe) is read no further than its first malformed
@@ -375,6 +382,9 @@ impl Source {
                 }
                 Err(_) => more += 1,
             }
+        }
+        if let Some(e) = copy_failed.borrow_mut().take() {
+            return Err(Spool::cannot(e));
         }
         if let Some(m) = first {
             let also = match more {
@@ -417,18 +427,28 @@ impl Checked {
     }
 }
 
-/// Copies what is read to a file.
+/// Copies what is read to a file; a failure to write the copy is kept in `failed` (the read
+/// fails too, and the caller tells the two apart).
 struct Tee<R, W> {
     input: R,
     copy: W,
+    failed: std::rc::Rc<std::cell::RefCell<Option<io::Error>>>,
 }
 
 impl<R: Read, W: Write> Read for Tee<R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.input.read(buf)?;
-        self.copy.write_all(&buf[..n])?;
-        if n == 0 {
-            self.copy.flush()?;
+        let copied = match self.copy.write_all(&buf[..n]) {
+            Ok(()) if n == 0 => self.copy.flush(),
+            done => done,
+        };
+        if let Err(e) = copied {
+            let kind = e.kind();
+            *self.failed.borrow_mut() = Some(e);
+            return Err(io::Error::new(
+                kind,
+                "the temporary copy could not be written",
+            ));
         }
         Ok(n)
     }
