@@ -40,7 +40,7 @@ Exit status:
 
 Environment (also read from .env; the command line wins):
   DATABASE_URL       the database, when --database-url is not given
-  BANK_TIMEOUT       --timeout of transfer and workload (default 30s)
+  BANK_TIMEOUT       --timeout of transfer, workload and demo (default 30s)
   BANK_READ_TIMEOUT  --timeout of reads, init, seed and reset, --check-timeout of workload (default 2min)
   BANK_MAX_RETRIES, BANK_RETRY_BASE, BANK_RETRY_CAP   the retry policy
   BANK_SEED_METHOD   seed --method (auto, copy, insert)

@@ -278,16 +278,16 @@ fn init_logging(verbosity: u8) {
         .filter_level(log::LevelFilter::Warn)
         .filter_module("bank", level)
         .format_timestamp_millis()
-        // env_logger's layout, shown as every stderr line is (`for_terminal`).
+        // env_logger's layout, shown as every stderr line is (`for_terminal`); a warning as
+        // every other warning of bank's reads (the workload's came out as "[WARN  bank::…]"
+        // without -v; a helper playing a new user).
         .format(|buf, record| {
             use std::io::Write;
-            writeln!(
-                buf,
-                "[{:<5} {}] {}",
-                record.level(),
-                record.target(),
-                bank::for_terminal(&record.args().to_string())
-            )
+            let text = bank::for_terminal(&record.args().to_string());
+            if record.level() == log::Level::Warn {
+                return writeln!(buf, "bank: warning: {text}");
+            }
+            writeln!(buf, "[{:<5} {}] {}", record.level(), record.target(), text)
         })
         .target(env_logger::Target::Stderr)
         .init();

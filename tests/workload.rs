@@ -1298,7 +1298,7 @@ fn a_failure_repeated_by_every_transfer_is_shown_once() {
     let shown = run
         .stderr
         .lines()
-        .filter(|l| l.contains("WARN") && l.contains("read-only transaction"))
+        .filter(|l| l.starts_with("bank: warning: ") && l.contains("read-only transaction"))
         .count();
     assert_eq!(shown, 1, "{}", run.stderr);
     assert_eq!(run.json()["errors"], 300, "{}", run.stdout);
