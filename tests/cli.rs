@@ -2330,3 +2330,23 @@ fn a_file_size_limit_on_the_output_is_said_not_a_kill() {
     );
     assert_eq!(db.balance(uuid::Uuid::parse_str(&a).expect("uuid")), 90);
 }
+
+/// A man page's examples and notes came out justified and hyphenated under a heading named
+/// EXTRA: `--histogram la-` / `tency.hlog`, which cannot be copied (found by a helper playing a
+/// new user). They are set as typed (no fill, minus signs as such) under EXAMPLES or NOTES.
+#[test]
+fn man_pages_show_examples_as_typed() {
+    let page = Bank::new().args(["man", "workload"]).run();
+    page.success();
+    assert!(!page.stdout.contains(".SH EXTRA"), "{}", page.stdout);
+    let examples = page
+        .stdout
+        .split(".SH EXAMPLES")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no EXAMPLES section: {}", page.stdout));
+    assert!(examples.trim_start().starts_with(".nf"), "{examples}");
+    assert!(examples.contains("\\-\\-histogram"), "{examples}");
+    let root = Bank::new().args(["man"]).run();
+    assert!(root.stdout.contains(".SH NOTES"), "{}", root.stdout);
+    assert!(!root.stdout.contains(".SH EXTRA"), "{}", root.stdout);
+}

@@ -54,11 +54,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                         ))
                     })?,
             };
-            // The footer names the program for every page; clap_mangen's default is the
-            // command's own name ("seed 0.1.0").
-            clap_mangen::Man::new(page)
-                .source(format!("bank {}", env!("CARGO_PKG_VERSION")))
-                .render(&mut out)?;
+            render_man(page, &mut out)?;
             out.flush()?;
             return Ok(());
         }
@@ -131,6 +127,60 @@ fn locate(url: &DbUrl, u: &mut crate::error::Unmigrated) {
     });
     if !m.moved.is_empty() {
         u.search_path = db::search_path(&mut conn).unwrap_or_default();
+    }
+}
+
+/// `page` as clap_mangen renders it, but for the text after the options: clap_mangen fills it
+/// as prose under a heading named EXTRA, so examples came out justified and hyphenated
+/// (`--histogram la-` / `tency.hlog`) and could not be copied (a helper playing a new user).
+/// It is set as typed instead, under EXAMPLES (a command's) or NOTES (the exit codes and
+/// environment of `bank`'s own page).
+fn render_man(page: clap::Command, out: &mut impl Write) -> io::Result<()> {
+    let after = page
+        .get_after_long_help()
+        .or_else(|| page.get_after_help())
+        .map(|text| text.to_string());
+    // The footer names the program for every page; clap_mangen's default is the command's own
+    // name ("seed 0.1.0").
+    let version = format!("bank {}", env!("CARGO_PKG_VERSION"));
+    let man = clap_mangen::Man::new(page.clone()).source(version);
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    if page.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(out)?;
+    }
+    if page.has_subcommands() {
+        man.render_subcommands_section(out)?;
+    }
+    if let Some(text) = after {
+        let heading = if text.starts_with("Example") {
+            "EXAMPLES"
+        } else {
+            "NOTES"
+        };
+        writeln!(out, ".SH {heading}\n.nf")?;
+        for line in text.lines() {
+            writeln!(out, "{}", roff_literal(line))?;
+        }
+        writeln!(out, ".fi")?;
+    }
+    if page.get_version().is_some() {
+        man.render_version_section(out)?;
+    }
+    Ok(())
+}
+
+/// A line of text as roff shows it literally: backslashes and minus signs escaped (a bare `-`
+/// may print as a hyphen, which a shell does not take for an option's), and a leading `.` or
+/// `'` kept from being read as a request.
+fn roff_literal(line: &str) -> String {
+    let escaped = line.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with(['.', '\'']) {
+        format!("\\&{escaped}")
+    } else {
+        escaped
     }
 }
 
