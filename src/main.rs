@@ -4,10 +4,6 @@ use bank::exit_code::ExitCode as Code;
 
 use clap::Parser;
 
-/// Ends through `exit_now` once standard output is flushed: the C library's exit handlers
-/// (OpenSSL's, loaded by libpq) raced a thread still closing a connection, and a run that had
-/// printed its one correct line was seen to die by a signal (exit -1 to its caller, 1 in about
-/// 600 runs of the suite, not reproduced on demand). `_exit` runs none of them.
 /// A file-size limit on the output (`ulimit -f`) makes the kernel kill the process with SIGXFSZ
 /// at the write that passes it: transfers committed, and not a word said (found by a
 /// fault-injecting helper). Ignored, the write fails with EFBIG instead, and bank says so as on
@@ -21,6 +17,10 @@ fn ignore_file_size_limit() {
     }
 }
 
+/// Ends through `exit_now` once standard output is flushed: the C library's exit handlers
+/// (OpenSSL's, loaded by libpq) raced a thread still closing a connection, and a run that had
+/// printed its one correct line was seen to die by a signal (exit -1 to its caller, 1 in about
+/// 600 runs of the suite, not reproduced on demand). `_exit` runs none of them.
 fn main() {
     let code = bank_main();
     use std::io::Write;
