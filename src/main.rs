@@ -278,13 +278,13 @@ fn init_logging(verbosity: u8) {
         .filter_level(log::LevelFilter::Warn)
         .filter_module("bank", level)
         .format_timestamp_millis()
-        // env_logger's layout, shown as every stderr line is (`for_terminal`); a warning as
-        // every other warning of bank's reads (the workload's came out as "[WARN  bank::…]"
-        // without -v; a helper playing a new user).
+        // env_logger's layout, shown as every stderr line is (`for_terminal`); a warning of
+        // bank's own as its other warnings read (the workload's came out as "[WARN  bank::…]"
+        // without -v; a helper playing a new user), a library's still under its name.
         .format(|buf, record| {
             use std::io::Write;
             let text = bank::for_terminal(&record.args().to_string());
-            if record.level() == log::Level::Warn {
+            if record.level() == log::Level::Warn && record.target().starts_with("bank") {
                 return writeln!(buf, "bank: warning: {text}");
             }
             writeln!(buf, "[{:<5} {}] {}", record.level(), record.target(), text)
