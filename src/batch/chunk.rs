@@ -406,7 +406,7 @@ impl ChunkRunner {
         let mut applied_before: HashMap<Uuid, NewTransfer> = HashMap::new();
         for (l, v) in lines.iter().zip(decided.iter_mut()) {
             match applied_before.get(&l.transfer.id) {
-                Some(first) if says_no(v) => *v = repeat_verdict(&l.transfer, first),
+                Some(first) if says_no(v) => *v = repeat_verdict(&l.transfer, l.transfer == *first),
                 Some(_) => {}
                 None if v.outcome == Outcome::Applied => {
                     applied_before.insert(l.transfer.id, l.transfer);
@@ -418,18 +418,13 @@ impl ChunkRunner {
             return;
         }
         // An id that a later line of these (the same id, funded by then) applied is in the
-        // ledger by this run's doing: its refused line keeps its one-by-one verdict.
-        let applied_here: HashSet<Uuid> = lines
-            .iter()
-            .zip(decided.iter())
-            .filter(|(_, v)| v.outcome == Outcome::Applied)
-            .map(|(l, _)| l.transfer.id)
-            .collect();
+        // ledger by this run's doing: its refused line keeps its one-by-one verdict. (Every id
+        // a line of these applied is in `applied_before` by now.)
         let mut ids = Vec::new();
         let mut refused = Vec::new();
         let mut accounts = Vec::new();
         for (i, (l, v)) in lines.iter().zip(decided.iter()).enumerate() {
-            if says_no(v) && !applied_here.contains(&l.transfer.id) {
+            if says_no(v) && !applied_before.contains_key(&l.transfer.id) {
                 ids.push(l.transfer.id);
                 refused.push(i);
                 accounts.extend([l.transfer.from_id, l.transfer.to_id]);
@@ -1143,22 +1138,13 @@ fn read_rows(
 
 /// The verdict of a line whose id the ledger has: the same transfer, or another one.
 fn ledger_verdict(t: &NewTransfer, found: &Transfer) -> Verdict {
-    if t.matches(found) {
-        Verdict {
-            outcome: Outcome::AlreadyApplied,
-            error: None,
-        }
-    } else {
-        Verdict {
-            outcome: Outcome::IdConflict,
-            error: Some(id_conflict(t.id)),
-        }
-    }
+    repeat_verdict(t, t.matches(found))
 }
 
-/// The one-by-one verdict of a line whose id an earlier line, `first`, applied.
-fn repeat_verdict(t: &NewTransfer, first: &NewTransfer) -> Verdict {
-    if t == first {
+/// The one-by-one verdict of a line whose id was applied before it: already applied when
+/// `same` (the same transfer), else an id conflict.
+fn repeat_verdict(t: &NewTransfer, same: bool) -> Verdict {
+    if same {
         Verdict {
             outcome: Outcome::AlreadyApplied,
             error: None,

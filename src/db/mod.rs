@@ -403,7 +403,7 @@ pub fn tables_off_the_search_path(conn: &mut PgConnection) -> QueryResult<Vec<St
            AND NOT (n.nspname = ANY(current_schemas(true))) \
          ORDER BY n.nspname, c.relname",
     )
-    .bind::<diesel::sql_types::Array<Text>, _>(vec!["accounts", "transfers", "transfer_claims"])
+    .bind::<diesel::sql_types::Array<Text>, _>(&BANK_TABLES[1..])
     .load::<Found>(conn)?
     .into_iter()
     .map(|f| f.found)
