@@ -352,60 +352,83 @@ fn readers_check_every_snapshot_total() {
 /// counted wrong totals, though nothing was wrong. The money other clients' ledger rows moved
 /// in or out is part of the expected total (`moved_by_other_clients`), at both isolation levels;
 /// money that appears without a ledger row still fails the run (the test above).
+///
+/// The outsider's row must land while the workload runs. Over 2 accounts it often did not (CI
+/// once; 6 tries in 16 here): PostgreSQL does not queue row locks fairly, and a worker that
+/// commits and at once locks the account again can keep the outsider waiting until the run
+/// ends (a worker of the workload's own waited 2.1 s of a 2 s run, the same way). Over 8
+/// accounts the outsider's is free most of the time. A run in which it still landed after the
+/// final check shows it (the ledger the check verified holds only the workload's rows) and
+/// proves nothing: the test tries again, three times at most.
 #[test]
 fn other_clients_transfers_are_no_false_alarm() {
     for iso in Iso::BOTH {
-        let db = ScratchDb::migrated_at(iso);
-        let ids = db.accounts(&[1000; 4]);
-        let (lowest, highest) = (
-            *ids.iter().min().expect("ids"),
-            *ids.iter().max().expect("ids"),
-        );
-        let outsider = {
-            let db_url = db.url.expose().to_string();
-            let mut conn = db.conn();
-            thread::spawn(move || {
-                // Once the workload's own transfers are landing: its setup has read the
-                // starting totals by then (a fixed 900 ms came before that once, under load,
-                // and the move was counted as the workload's starting state).
-                let started = std::time::Instant::now();
-                while crate::support::count_transfers(&mut conn).expect("count") == 0 {
-                    assert!(
-                        started.elapsed() < Duration::from_secs(10),
-                        "no workload transfer"
-                    );
-                    thread::sleep(Duration::from_millis(20));
-                }
-                crate::support::Bank::new()
-                    .args(["--database-url", &db_url, "transfer"])
-                    // Into the workload, from the account outside it: the workload may have
-                    // drained its own below the amount by then (a flaky refusal otherwise).
-                    .args(["--from", &highest.to_string(), "--to", &lowest.to_string()])
-                    .args(["--amount", "100"])
-                    .run()
-                    .success();
-            })
+        let mut tries = 0;
+        let j = loop {
+            tries += 1;
+            let (run, j) = workload_with_an_outsider(iso);
+            let verified = j["verify"]["transfers"].as_u64();
+            if verified == j["ledger_rows_added"].as_u64() && tries < 3 {
+                eprintln!("{iso:?}: the outsider landed after the check; again");
+                continue;
+            }
+            assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+            break j;
         };
-        let run = db
-            .bank()
-            .args([
-                "workload",
-                "--accounts",
-                "2",
-                "--reuse-accounts",
-                "--concurrency",
-                "2",
-            ])
-            .args(["--readers", "1", "--duration", "2s", "--json"])
-            .run();
-        outsider.join().expect("outsider");
-        let j = run.json();
-        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
         assert_eq!(j["invariants"]["total_conserved"], true, "{iso:?}: {j}");
         assert_eq!(j["moved_by_other_clients"], 100, "{iso:?}: {j}");
         assert_eq!(j["wrong_total_reads"], 0, "{iso:?}: {j}");
         assert!(j["reads"].as_u64() > Some(0), "{iso:?}: {j}");
     }
+}
+
+fn workload_with_an_outsider(iso: Iso) -> (Run, serde_json::Value) {
+    let db = ScratchDb::migrated_at(iso);
+    let ids = db.accounts(&[1000; 10]);
+    let (lowest, highest) = (
+        *ids.iter().min().expect("ids"),
+        *ids.iter().max().expect("ids"),
+    );
+    let outsider = {
+        let db_url = db.url.expose().to_string();
+        let mut conn = db.conn();
+        thread::spawn(move || {
+            // Once the workload's own transfers are landing: its setup has read the
+            // starting totals by then (a fixed 900 ms came before that once, under load,
+            // and the move was counted as the workload's starting state).
+            let started = std::time::Instant::now();
+            while crate::support::count_transfers(&mut conn).expect("count") == 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "no workload transfer"
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+            crate::support::Bank::new()
+                .args(["--database-url", &db_url, "transfer"])
+                // Into the workload, from the account outside it: the workload may have
+                // drained its own below the amount by then (a flaky refusal otherwise).
+                .args(["--from", &highest.to_string(), "--to", &lowest.to_string()])
+                .args(["--amount", "100"])
+                .run()
+                .success();
+        })
+    };
+    let run = db
+        .bank()
+        .args([
+            "workload",
+            "--accounts",
+            "8",
+            "--reuse-accounts",
+            "--concurrency",
+            "2",
+        ])
+        .args(["--readers", "1", "--duration", "2s", "--json"])
+        .run();
+    outsider.join().expect("outsider");
+    let j = run.json();
+    (run, j)
 }
 
 /// `--histogram FILE`: one latency histogram per interval in HdrHistogram's interval-log format,
