@@ -10,7 +10,7 @@ mod statement;
 
 pub use chunk::{ChunkRunner, Fatal, Watch};
 pub use input::{Format, Line, Malformed};
-pub use pipeline::{apply, Options, Summary};
+pub use pipeline::{apply, Connections, Options, Summary};
 pub use statement::Chunk;
 
 use serde::Serialize;

@@ -32,13 +32,24 @@ use crate::retry::{RetryCounts, RetryPolicy};
 use crate::transfer::GRACE;
 
 /// How a file is applied.
-#[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Lines per chunk (per statement when none is refused).
     pub batch: usize,
     /// Connections applying chunks at once.
-    pub connections: usize,
+    pub connections: Connections,
     pub policy: RetryPolicy,
+}
+
+/// How many connections apply the file.
+pub enum Connections {
+    /// As many as asked for (`--connections`).
+    Given(usize),
+    /// As many as the answer says, once it comes. The first connection works alone until it has
+    /// finished a group anyway (see `spawn`); the question is asked then, on a thread of its
+    /// own, and the others join when it is answered. Asked before the first group, its round
+    /// trips came before every file's first statement, and a frozen server cost the run a
+    /// quarter of `--timeout` more than its deadline.
+    Asked(Box<dyn FnOnce() -> usize + Send>),
 }
 
 /// Counts per outcome, retries, elapsed time.
@@ -49,9 +60,9 @@ pub struct Summary {
     pub not_attempted: u64,
     pub retries: RetryCounts,
     pub elapsed: Duration,
-    /// Connections that applied the file, when fewer than asked for: the database refused the
-    /// others at login for want of a connection slot (its error).
-    pub fewer_connections: Option<(usize, String)>,
+    /// Connections that applied the file and connections meant to, when fewer: the database
+    /// refused the others at login for want of a connection slot (its error).
+    pub fewer_connections: Option<(usize, usize, String)>,
 }
 
 impl Summary {
@@ -182,19 +193,29 @@ where
     E: From<Fatal>,
 {
     let started = Instant::now();
-    let connections = options.connections.max(1);
+    let (batch, policy) = (options.batch, options.policy);
+    let (connections, mut ask) = match options.connections {
+        Connections::Given(n) => (n.max(1), None),
+        Connections::Asked(ask) => (1, Some(ask)),
+    };
+    // The answer about how many connections, while it is awaited.
+    let mut answer: Option<mpsc::Receiver<usize>> = None;
     let (done_tx, done_rx) = mpsc::channel::<Done>();
     // Ids another run answered "not applied" while this one was at them: no line of any
     // connection applies one afterwards (`ChunkRunner::barring`).
     let barred = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
     let mut workers: Vec<Worker> = (0..connections)
-        .map(|n| spawn(url, &options, n, done_tx.clone(), &barred))
+        .map(|n| spawn(url, batch, policy, n, done_tx.clone(), &barred))
         .collect();
-    drop(done_tx);
+    // Kept for the workers an answer adds.
+    let mut done_tx = ask.is_some().then_some(done_tx);
 
-    let groups_per_window = connections.saturating_mul(GROUPS_PER_CONNECTION);
-    let window_size = options.batch.max(1).saturating_mul(groups_per_window);
-    let wait = options.policy.timeout + GRACE;
+    let windows_for = |connections: usize| {
+        let groups = connections.saturating_mul(GROUPS_PER_CONNECTION);
+        (groups, batch.max(1).saturating_mul(groups))
+    };
+    let (mut groups_per_window, mut window_size) = windows_for(connections);
+    let wait = policy.timeout + GRACE;
     let mut lines = lines.peekable();
     let mut summary = Summary::default();
     let mut next_seq = 0u64;
@@ -226,6 +247,24 @@ where
                 "{}; run the file again to apply the rest",
                 crate::interrupt::reason()
             ));
+        }
+        if let Some(rx) = &answer {
+            match rx.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => answer = None,
+                Ok(n) => {
+                    answer = None;
+                    log::debug!("transfer --file: the server's answer: {n} connection(s)");
+                    if let (None, Some(tx)) = (&stopping, done_tx.take()) {
+                        let from = workers.len();
+                        for k in from..n {
+                            workers.push(spawn(url, batch, policy, k, tx.clone(), &barred));
+                        }
+                        idle.extend((from..workers.len()).rev());
+                        (groups_per_window, window_size) = windows_for(workers.len());
+                    }
+                }
+            }
         }
         // Start every group that may start.
         while stopping.is_none() && !idle.is_empty() {
@@ -319,6 +358,13 @@ where
                 if !others_idle {
                     others_idle = true;
                     idle.extend((1..workers.len()).rev());
+                    if let Some(ask) = ask.take() {
+                        let (tx, rx) = mpsc::channel();
+                        thread::spawn(move || {
+                            let _ = tx.send(ask());
+                        });
+                        answer = Some(rx);
+                    }
                 }
                 if let Some(refused) = done.retired {
                     // Nothing of the group was sent: it goes first to the next worker free, and
@@ -420,6 +466,7 @@ where
     // closing its connection while the process exits (libpq's and OpenSSL's exit handlers then
     // race it: a run killed by a signal after printing every line was seen). Lost (frozen) ones
     // are left behind.
+    let meant = workers.len();
     for w in workers.drain(..) {
         drop(w.jobs);
         if !w.lost {
@@ -427,7 +474,7 @@ where
         }
     }
     summary.elapsed = started.elapsed();
-    summary.fewer_connections = fewer.map(|refused| (used.len().max(1), refused));
+    summary.fewer_connections = fewer.map(|refused| (used.len().max(1), meant, refused));
     Ok(summary)
 }
 
@@ -484,19 +531,19 @@ fn emit_ready<E>(
 
 fn spawn(
     url: &DbUrl,
-    options: &Options,
+    batch: usize,
+    policy: RetryPolicy,
     n: usize,
     done: mpsc::Sender<Done>,
     barred: &std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>>,
 ) -> Worker {
     let (jobs, rx) = mpsc::channel::<Job>();
-    let policy = options.policy;
     let session = Session::new(url.clone(), "bank")
         .with_timeout(policy.timeout)
         .checking_schema();
     // A group holds up to a window's lines (--batch per connection); a statement, --batch.
     let mut runner = ChunkRunner::new(session, policy)
-        .at_most(options.batch.max(1))
+        .at_most(batch.max(1))
         .ids_given()
         .barring(std::sync::Arc::clone(barred));
     runner.interruptible = true;

@@ -47,10 +47,11 @@ pub(super) fn transfer_file(
     let format = source.format;
     let input = source.check()?;
     let connections = match args.connections {
-        Some(n) => usize::try_from(n).unwrap_or(1),
-        None => ask_server(url, args.run.policy().timeout).map_or(1, |(cockroachdb, isolation)| {
-            connections_for(cockroachdb, &isolation)
-        }),
+        Some(n) => batch::Connections::Given(usize::try_from(n).unwrap_or(1)),
+        None => {
+            let (url, timeout) = (url.clone(), args.run.policy().timeout);
+            batch::Connections::Asked(Box::new(move || connections_asked(&url, timeout)))
+        }
     };
     let options = batch::Options {
         batch: usize::try_from(args.batch.unwrap_or(batch::DEFAULT_BATCH)).unwrap_or(usize::MAX),
@@ -72,7 +73,7 @@ pub(super) fn transfer_file(
         Ok::<(), Error>(())
     })?;
     results.flush();
-    if let Some((used, refused)) = &summary.fewer_connections {
+    if let Some((used, connections, refused)) = &summary.fewer_connections {
         crate::say(format_args!(
             "bank: warning: applied on {used} connection{} of {connections}: the database had \
              no slot for another ({refused})",
@@ -161,29 +162,18 @@ fn is_closed(e: &io::Error) -> bool {
 /// abort each other, and one connection was faster there (12.4–13.9k against 9.5–11.7k
 /// transfers/s, BENCHMARKS.md). CockroachDB's serializable transactions conflict on rows only.
 ///
-/// The engine and default isolation are asked on a thread of their own for at most a quarter of
-/// `timeout` (from 250 ms to 2 s: the run's own deadline follows, and a slow answer costs only
-/// the second connection); a server that cannot be asked (down, refusing the role, frozen once
-/// connected) gets one connection, and the run meets the trouble itself, with the promise's
-/// answers (`unknown` while an earlier run may still commit). Asked here, such a server ended
-/// the run before any line with exit 1, or kept it waiting forever when it froze after the
-/// connection was made (found by a reviewer).
-fn ask_server(url: &DbUrl, timeout: Duration) -> Option<(bool, String)> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let url = url.clone();
-    std::thread::spawn(move || {
-        let _ = tx.send(ask_isolation(&url, timeout));
-    });
-    let budget = (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
-    match rx.recv_timeout(budget) {
-        Ok(Ok(found)) => Some(found),
-        Ok(Err(e)) => {
+/// A server that cannot be asked (refusing a second connection for this role, frozen) gets
+/// one connection: the file goes on with the one it has. The question comes once the first
+/// group is done (`batch::Connections::Asked`), off the run's path. Asked before the first line,
+/// such a server ended the run with exit 1, or kept it waiting forever when it froze after the
+/// connection was made (found by a reviewer); then, bounded by a quarter of `--timeout`, it still
+/// came on top of the first statement's deadline.
+fn connections_asked(url: &DbUrl, timeout: Duration) -> usize {
+    match ask_isolation(url, timeout) {
+        Ok((cockroachdb, isolation)) => connections_for(cockroachdb, &isolation),
+        Err(e) => {
             log::debug!("transfer --file: the default isolation level is not known ({e})");
-            None
-        }
-        Err(_) => {
-            log::debug!("transfer --file: no answer within {budget:?} about the isolation level");
-            None
+            1
         }
     }
 }
