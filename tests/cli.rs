@@ -1475,13 +1475,13 @@ fn a_dotenv_with_a_byte_order_mark_is_read() {
 }
 
 /// `bank man help` printed a page for clap's `help` that named pages that do not exist
-/// (bank-help-demo(1)): refused as no command of bank's.
+/// (bank-help-demo(1)): refused. It said "no command help: `bank --help` lists them", and
+/// `bank --help` lists `help`: it now says where the help is.
 #[test]
 fn man_has_no_page_for_help() {
-    Bank::new()
-        .args(["man", "help"])
-        .run()
-        .fails_with(2, "no command help");
+    let run = Bank::new().args(["man", "help"]).run();
+    run.fails_with(2, "`help` has no page of its own");
+    assert!(run.stderr.contains("`bank man` prints bank(1)"), "{run:?}");
 }
 
 /// A `.env` with a malformed line is not used at all: dotenvy had set the lines above it, so

@@ -39,21 +39,23 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             let mut cmd = Cli::command().disable_help_subcommand(true);
             // Built, every subcommand has its full name (bank-seed) and its help flags.
             cmd.build();
-            let page = match &args.command {
-                None => cmd,
-                // clap's own `help` is no command of bank's: its page named pages that do not
-                // exist (bank-help-demo(1)).
-                Some(name) => cmd
-                    .find_subcommand(name)
-                    .filter(|c| c.get_name() != "help")
-                    .cloned()
-                    .ok_or_else(|| {
+            let page =
+                match &args.command {
+                    None => cmd,
+                    // clap's own `help` is no command of bank's: its page named pages that do not
+                    // exist (bank-help-demo(1)).
+                    Some(name) if name == "help" => return Err(Error::Usage(
+                        "`help` has no page of its own: `bank man` prints bank(1), which names \
+                         every command's page"
+                            .into(),
+                    )),
+                    Some(name) => cmd.find_subcommand(name).cloned().ok_or_else(|| {
                         Error::Usage(format!(
                             "no command {}: `bank --help` lists them",
                             crate::batch::input::shown(name)
                         ))
                     })?,
-            };
+                };
             render_man(page, &mut out)?;
             out.flush()?;
             return Ok(());
