@@ -240,8 +240,18 @@ impl ConnectError {
     }
 
     pub fn is_transient(&self) -> bool {
-        const PERMANENT: [&str; 12] = [
+        // Refusals of this login that another attempt meets again: retried, they took the whole
+        // deadline (31 attempts) and ended "may or may not have been applied".
+        const PERMANENT: [&str; 17] = [
             "authentication failed",
+            // libpq's fe_sendauth: the server asks a password the URL does not give.
+            "no password supplied",
+            "pg_hba.conf rejects",
+            // A setting in `options=-c …` the server does not know, or without a value, or one
+            // it fixes at start (`shared_buffers`).
+            "unrecognized configuration parameter",
+            "requires a value",
+            "cannot be changed",
             "does not exist",
             "no pg_hba.conf entry",
             "permission denied",
@@ -854,6 +864,12 @@ mod tests {
             "FATAL: password authentication failed for user \"bank\"",
             "FATAL: database \"nope\" does not exist",
             "could not translate host name \"nohost\" to address",
+            "connection to server at \"127.0.0.1\", port 5432 failed: fe_sendauth: no password \
+             supplied",
+            "FATAL: pg_hba.conf rejects connection for host \"127.0.0.1\", user \"u\"",
+            "FATAL: unrecognized configuration parameter \"bogus\"",
+            "FATAL: -c bogus requires a value",
+            "FATAL: parameter \"shared_buffers\" cannot be changed without restarting the server",
         ] {
             assert!(!connect_error(m).is_transient(), "{m}");
         }

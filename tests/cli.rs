@@ -517,6 +517,75 @@ fn an_unreachable_server_fails_within_seconds() {
     assert!(started.elapsed() < Duration::from_secs(2), "{run:?}");
 }
 
+/// Login refusals that no retry can cure were retried for the whole deadline (31 attempts,
+/// 16–22 s), then reported as "gave up", or as "may or may not have been applied" with `--id`
+/// and for a file's lines (found by a helper playing a new user): a URL without the password
+/// the server asks for, a setting the server does not know, one without a value, one it cannot
+/// change for a session. They fail at once now, as a wrong password did, in the server's words:
+/// exit 1, or 3 where an id is given (an earlier run of that id, through another URL, may still
+/// be about to commit: this run cannot ask).
+#[test]
+fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 100]);
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    // libpq decodes %20, not the `+` of a form's encoding.
+    let with_options = |o: &str| {
+        let url = db.url.expose();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let o = o.replace(' ', "%20").replace('=', "%3D");
+        format!("{url}{sep}options={o}")
+    };
+    let no_password = {
+        let (_, url) = db.role("LOGIN", "");
+        let mut url = url::Url::parse(&url).expect("role URL");
+        url.set_password(None).expect("no password");
+        url.to_string()
+    };
+    let cases = [
+        (no_password, "no password supplied"),
+        (
+            with_options("-c bogus=1"),
+            "unrecognized configuration parameter",
+        ),
+        (with_options("-cbogus"), "requires a value"),
+        (with_options("-c shared_buffers=1MB"), "cannot be changed"),
+    ];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("one.csv");
+    std::fs::write(
+        &file,
+        format!("id,from,to,amount\n{},{from},{to},1\n", Uuid::new_v4()),
+    )
+    .expect("write file");
+    let file = file.to_str().expect("utf-8 path").to_string();
+    for (url, words) in &cases {
+        let id = Uuid::new_v4().to_string();
+        let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
+        let runs: [(Vec<&str>, i32); 3] = [
+            (one.to_vec(), 1),
+            ([&one[..], &["--id", &id]].concat(), 3),
+            (vec!["transfer", "--file", &file], 3),
+        ];
+        for (args, code) in runs {
+            let started = Instant::now();
+            let run = Bank::new()
+                .args(["--database-url", url.as_str()])
+                .args(&args)
+                .run();
+            let took = started.elapsed();
+            assert_eq!(run.code, code, "{words}: {args:?}: {run:?}");
+            assert!(run.stderr.contains(words), "{words}: {args:?}: {run:?}");
+            assert!(
+                took < Duration::from_secs(3),
+                "{words}: {args:?} took {took:?}"
+            );
+            run.no_password();
+        }
+    }
+    assert_eq!(db.state().1, 0, "nothing applied");
+}
+
 #[test]
 fn an_unmigrated_database_asks_for_init() {
     let db = ScratchDb::empty();
