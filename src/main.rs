@@ -104,20 +104,39 @@ fn usage_error(e: &clap::Error) -> Code {
     }
     let text = e.to_string();
     // clap's message, without the usage block and the "try --help" tip that follow it.
-    let message = text
-        .split("\n\n")
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches("error: ");
+    let message = refused_value(e).unwrap_or_else(|| {
+        text.split("\n\n")
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ")
+            .to_string()
+    });
     // clap quotes the argument it did not expect: a URL given without --database-url.
     bank::say(format_args!(
         "bank: error: {}{}{} (see {} --help)",
-        bank::batch::input::escaped(&bank::db::redact_message(&bank::one_line(message))),
+        bank::batch::input::escaped(&bank::db::redact_message(&bank::one_line(&message))),
         from_environment(e),
         did_you_mean(e),
         command_of(&text)
     ));
     Code::Usage
+}
+
+/// A value a parser refused, in clap's words but from its parts: clap's rendering strips escape
+/// sequences, the value's and the parser's message's, so that `--amount $'\e[31m5'` read
+/// "invalid value '5' … got '5'". They are escaped afterwards, as everywhere.
+fn refused_value(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value)), Some(why)) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+        e.source(),
+    ) else {
+        return None;
+    };
+    (e.kind() == ErrorKind::ValueValidation)
+        .then(|| format!("invalid value '{value}' for '{arg}': {why}"))
 }
 
 /// clap's suggestion for a mistyped command or flag, which its message gives in a later

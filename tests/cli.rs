@@ -586,6 +586,28 @@ fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
     assert_eq!(db.state().1, 0, "nothing applied");
 }
 
+/// A value clap refuses is shown escaped, as the file's values are: clap's own rendering strips
+/// escape sequences, and `--amount $'\e[31m5'` read "invalid value '5' … got '5'" (found by a
+/// helper playing a new user).
+#[test]
+fn control_characters_in_a_refused_argument_are_shown_escaped() {
+    let (a, b) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    let run = Bank::new()
+        .args([
+            "transfer",
+            "--from",
+            &a,
+            "--to",
+            &b,
+            "--amount",
+            "\u{1b}[31m5",
+        ])
+        .run();
+    run.fails_with(2, "invalid value '\\u{1b}[31m5' for '--amount <N>'");
+    assert!(!run.stderr.contains('\u{1b}'), "{run:?}");
+    assert!(run.stderr.contains("got '\\u{1b}[31m5'"), "{run:?}");
+}
+
 #[test]
 fn an_unmigrated_database_asks_for_init() {
     let db = ScratchDb::empty();
