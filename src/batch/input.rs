@@ -925,10 +925,18 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                 )));
             }
             if !text_start.starts_with('{') {
+                // Its start shown: an invisible character before the `{` (a byte order mark
+                // where two files were joined) is all that is wrong with a line that looks right.
+                let rest = text_start.trim_end();
+                let start: String = rest.chars().take(12).collect();
+                let more = if start.len() < rest.len() { "…" } else { "" };
                 return Some(Err(malformed(
                     line,
-                    "not a JSON object: each line must be one object with the keys id, from, \
-                     to and amount",
+                    format!(
+                        "not a JSON object ('{}{more}'): each line must be one object with the \
+                         keys id, from, to and amount",
+                        shown(&start)
+                    ),
                 )));
             }
             // serde's position is given as a column: serde counts the lines of the text it is
@@ -1127,6 +1135,18 @@ mod tests {
         let (line, why) = reason(&got[0]);
         assert_eq!(line, 1);
         assert!(why.contains("--format jsonl"), "{why}");
+    }
+
+    /// A byte order mark at a later line's start (two Windows files joined with `cat`) got "not
+    /// a JSON object" with nothing shown: the user sees an object (found by a helper playing a
+    /// new user). The line's start is shown, escaped.
+    #[test]
+    fn a_json_line_opening_with_an_invisible_character_is_shown() {
+        let line = format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}");
+        let got = all(&format!("{line}\n\u{feff}{line}\n"), Format::Jsonl);
+        let (n, why) = reason(&got[1]);
+        assert_eq!(n, 2);
+        assert!(why.contains("'\\u{feff}{\"id\""), "{why}");
     }
 
     /// A header opening with two byte order marks (one stripped as the file's, one left in
