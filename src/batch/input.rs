@@ -668,10 +668,7 @@ fn csv_error(lines: &RefCell<LineIndex>, e: &csv::Error) -> Malformed {
     match e.kind() {
         csv::ErrorKind::UnequalLengths {
             expected_len, len, ..
-        } => malformed(
-            line,
-            format!("{len} fields where the header has {expected_len}"),
-        ),
+        } => malformed(line, fields_where_the_header_has(*len, *expected_len)),
         csv::ErrorKind::Utf8 { .. } => malformed(line, "not UTF-8 text"),
         csv::ErrorKind::Io(e) => read_error(line, e),
         _ => malformed(line, e.to_string()),
@@ -722,7 +719,7 @@ impl<R: Read> Iterator for CsvLines<R> {
             if r.len() != width {
                 return Some(Err(malformed(
                     line,
-                    format!("{} fields where the header has {width}", r.len()),
+                    fields_where_the_header_has(r.len() as u64, width as u64),
                 )));
             }
             return Some(transfer(
@@ -1085,6 +1082,12 @@ impl<I: Iterator<Item = Result<Line, Malformed>>> Iterator for Unchanged<I> {
     }
 }
 
+/// "1 field where the header has 4", not "1 fields".
+fn fields_where_the_header_has(len: u64, expected: u64) -> String {
+    let s = if len == 1 { "" } else { "s" };
+    format!("{len} field{s} where the header has {expected}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1186,7 +1189,7 @@ mod tests {
     #[test]
     fn bad_fields_name_their_line_and_reason() {
         let text = format!(
-            "id,from,to,amount\n{X},{A},{B},0\n{X},{A},{B},1.5\n{X},nope,{B},3\n{X},{A},{B},-2\n{X},{A},{B}\n{X},{A},{B},99999999999999999999\n"
+            "id,from,to,amount\n{X},{A},{B},0\n{X},{A},{B},1.5\n{X},nope,{B},3\n{X},{A},{B},-2\n{X},{A},{B}\n{X},{A},{B},99999999999999999999\n{X}\n"
         );
         let got: Vec<_> = all(&text, Format::Csv).iter().map(reason).collect();
         assert_eq!(
@@ -1204,6 +1207,7 @@ mod tests {
                         i64::MAX
                     )
                 ),
+                (8, "1 field where the header has 4".to_string()),
             ]
         );
     }
