@@ -772,6 +772,25 @@ fn doctor_reports_engine_schema_settings_and_counts() {
 /// migrated (run bank init)" (information_schema hides a table the role may not use), which init
 /// then could not do, and it left out the transfer_claims warning (found by a reviewer). It
 /// says it cannot tell, and still warns.
+/// `PGAPPNAME` names the sessions, as for psql: bank's `application_name=bank` replaced it
+/// (found by a helper playing a new user). The URL's own still comes first.
+#[test]
+fn pgappname_names_the_sessions() {
+    let db = ScratchDb::migrated();
+    let mut run = db.bank().args(["doctor", "--json"]);
+    run.cmd.env("PGAPPNAME", "payroll");
+    let run = run.run();
+    run.success();
+    let j = run.json();
+    assert_eq!(j["settings"]["application_name"], "payroll", "{j}");
+    assert_eq!(j["client"]["application_name"], "payroll", "{j}");
+    let url = format!("{}?application_name=nightly", db.url.expose());
+    let mut run = Bank::new().args(["--database-url", &url, "doctor", "--json"]);
+    run.cmd.env("PGAPPNAME", "payroll");
+    let j = run.run().json();
+    assert_eq!(j["settings"]["application_name"], "nightly", "{j}");
+}
+
 #[test]
 fn doctor_for_a_role_that_cannot_read_the_migrations_says_so() {
     let db = ScratchDb::migrated();

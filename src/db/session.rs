@@ -30,7 +30,7 @@ impl DbUrl {
             url.pop();
         }
         for (name, value) in bank_defaults(application_name, timeout) {
-            if url.contains(&format!("{name}=")) {
+            if url.contains(&format!("{name}=")) || (name == "application_name" && appname_set()) {
                 continue;
             }
             let sep = if url.contains('?') { '&' } else { '?' };
@@ -54,7 +54,13 @@ impl DbUrl {
                 let set = query
                     .split('&')
                     .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
-                (name, set.map_or(default, str::to_string))
+                let from_env = (name == "application_name" && appname_set())
+                    .then(|| std::env::var("PGAPPNAME").ok())
+                    .flatten();
+                (
+                    name,
+                    set.map(str::to_string).or(from_env).unwrap_or(default),
+                )
             })
             .collect()
     }
@@ -96,6 +102,13 @@ impl DbUrl {
         }
         Ok(conn)
     }
+}
+
+/// `PGAPPNAME` names the sessions, as it does psql's: libpq reads it when the URL sets no
+/// `application_name`. bank's own name replaced it. (`PGCONNECT_TIMEOUT` does not replace bank's
+/// connect timeout: the deadlines depend on it.)
+fn appname_set() -> bool {
+    std::env::var_os("PGAPPNAME").is_some_and(|v| !v.is_empty())
 }
 
 /// What `bank` adds to a URL that does not set it: a connect timeout, an application name, and
