@@ -132,34 +132,32 @@ fn dotenv_key(line: &str) -> Option<&str> {
     (!key.is_empty() && rest.trim_start().starts_with('=')).then_some(key)
 }
 
-/// Whether the `.env` line `KEY=value` refers to a variable (`$name`, `${name}`) that is not
-/// `defined`, which dotenvy replaces by nothing, as a shell does. A single-quoted value is taken
-/// as written, and `\$` is a dollar sign.
+/// Whether the `.env` line `KEY=value` has a `$` that dotenvy (0.15) replaces by nothing: one
+/// naming a variable that is not `defined`, or naming none (`pa$@host`: the `$` goes). Its rules,
+/// not a shell's: an unbraced name is letters and digits only, so `$FOO_BAR` is `$FOO` then
+/// `_BAR`; `${…}` names everything up to `}`; single-quoted text and `\$` are taken as written.
 fn refers_to_unset(line: &str, defined: &dyn Fn(&str) -> bool) -> bool {
     let Some((_, value)) = line.split_once('=') else {
         return false;
     };
-    let value = value.trim_start();
-    if value.starts_with('\'') {
-        return false;
-    }
-    let mut chars = value.chars().peekable();
+    let mut chars = value.trim_start().chars().peekable();
+    let (mut single, mut double) = (false, false);
     while let Some(c) = chars.next() {
         match c {
+            '\'' if !double => single = !single,
+            _ if single => {}
+            '"' => double = !double,
             '\\' => {
                 chars.next();
             }
             '$' => {
-                let braced = chars.next_if_eq(&'{').is_some();
-                let mut name = String::new();
-                while let Some(c) = chars.next_if(|c| c.is_ascii_alphanumeric() || *c == '_') {
-                    name.push(c);
-                }
-                if !name.is_empty() && !defined(&name) {
+                let name: String = if chars.next_if_eq(&'{').is_some() {
+                    chars.by_ref().take_while(|c| *c != '}').collect()
+                } else {
+                    std::iter::from_fn(|| chars.next_if(|c| c.is_alphanumeric())).collect()
+                };
+                if name.is_empty() || !defined(&name) {
                     return true;
-                }
-                if braced {
-                    chars.next_if_eq(&'}');
                 }
             }
             _ => {}

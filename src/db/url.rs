@@ -34,9 +34,10 @@ impl DbUrl {
                 if super::dotenv_url_shortened() {
                     // Not the name: it may be the rest of the password.
                     crate::say(format_args!(
-                        "bank: warning: DATABASE_URL in .env has a '$' followed by a name that \
-                         is not set, which .env replaces by nothing, as a shell does: if the '$' \
-                         is part of the password, put the URL in single quotes"
+                        "bank: warning: DATABASE_URL in .env has a '$' that .env replaces, \
+                         with the name after it (letters and digits), by nothing, since no such \
+                         variable is set: if the '$' is part of the password, put the URL in \
+                         single quotes"
                     ));
                 }
                 DbUrl::parse(&url)
