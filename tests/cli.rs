@@ -327,7 +327,7 @@ fn the_url_comes_from_the_environment_or_dotenv() {
     .expect("write .env");
     broken
         .run()
-        .fails_with(2, "/.env: malformed line for DATABASE_URL");
+        .fails_with(2, "/.env: malformed line for DATABASE_URL (line 1)");
 }
 
 // ---- bad input: one line on stderr, non-zero exit, nothing changed --------------------------
@@ -1550,12 +1550,13 @@ fn a_malformed_dotenv_is_named_by_its_path() {
     let mut run = Bank::new().args(["balances"]);
     let sub = run.dir.path().join("project").join("src");
     std::fs::create_dir_all(&sub).expect("mkdir");
-    std::fs::write(run.dir.path().join(".env"), "not a line\n").expect("write .env");
+    std::fs::write(run.dir.path().join(".env"), "A=1\n\nnot a line\n").expect("write .env");
     run.cmd.current_dir(&sub);
     let path = run.dir.path().join(".env");
+    // Which line, by its number (found by a helper playing a new user), not its text.
     run.run().fails_with(
         2,
-        &format!("cannot read {}: a malformed line", path.display()),
+        &format!("cannot read {}: a malformed line (line 3)", path.display()),
     );
 }
 

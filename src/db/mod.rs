@@ -88,12 +88,21 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
         }
         // dotenvy's message quotes the line (or the rest of it), which may hold a password:
         // name the key only, when the text starts with one.
-        Err(dotenvy::Error::LineParse(line, _)) => Err(failed(match dotenv_key(&line) {
-            Some(key) => format!("malformed line for {key}"),
-            None => "a malformed line (not shown: it may hold a password); each line \
+        // Its number, found by its text, so that the user can look at it.
+        Err(dotenvy::Error::LineParse(line, _)) => {
+            let first = line.lines().next().unwrap_or_default().trim();
+            let number = String::from_utf8_lossy(text)
+                .lines()
+                .position(|l| !first.is_empty() && l.trim() == first)
+                .map_or_else(String::new, |i| format!(" (line {})", i + 1));
+            Err(failed(match dotenv_key(&line) {
+                Some(key) => format!("malformed line for {key}{number}"),
+                None => format!(
+                    "a malformed line{number}, not shown: it may hold a password; each line \
                      must be KEY=value"
-                .to_string(),
-        })),
+                ),
+            }))
+        }
         Err(e) => Err(failed(e.to_string())),
     }
 }
