@@ -112,12 +112,17 @@ fn usage_error(e: &clap::Error) -> Code {
             .to_string()
     });
     // clap quotes the argument it did not expect: a URL given without --database-url.
+    let command = command_of(&text);
+    // `bank transfer` alone named --from, --to and --amount only: a file is the other way.
+    let or_file = match (command.as_str(), e.kind()) {
+        ("bank transfer", ErrorKind::MissingRequiredArgument) => " (or --file PATH)",
+        _ => "",
+    };
     bank::say(format_args!(
-        "bank: error: {}{}{} (see {} --help)",
+        "bank: error: {}{or_file}{}{} (see {command} --help)",
         bank::batch::input::escaped(&bank::db::redact_message(&bank::one_line(&message))),
         from_environment(e),
         did_you_mean(e),
-        command_of(&text)
     ));
     Code::Usage
 }

@@ -1577,6 +1577,16 @@ fn a_dotenv_with_a_byte_order_mark_is_read() {
     assert_eq!(run.json()[0]["balance"], 3, "{run:?}");
 }
 
+/// `bank transfer` alone named --from, --to and --amount only; a file of transfers is the
+/// other way (found by a helper playing a new user).
+#[test]
+fn transfer_alone_names_the_file_way_too() {
+    Bank::new()
+        .args(["transfer"])
+        .run()
+        .fails_with(2, "--amount <N> (or --file PATH)");
+}
+
 /// `bank man help` printed a page for clap's `help` that named pages that do not exist
 /// (bank-help-demo(1)): refused. It said "no command help: `bank --help` lists them", and
 /// `bank --help` lists `help`: it now says where the help is.

@@ -79,9 +79,20 @@ fn malformed(line: u64, reason: impl Into<String>) -> Malformed {
 
 /// The transfers of `input`, in file order; a malformed line is an `Err` and reading goes on.
 pub fn read<'a, R: BufRead + 'a>(
-    input: R,
+    mut input: R,
     format: Format,
 ) -> Box<dyn Iterator<Item = Result<Line, Malformed>> + 'a> {
+    // UTF-16 (Windows' "Unicode"), by its byte order mark: named, where "not UTF-8 text" left
+    // the user guessing.
+    if input
+        .fill_buf()
+        .is_ok_and(|b| b.starts_with(b"\xff\xfe") || b.starts_with(b"\xfe\xff"))
+    {
+        return Box::new(std::iter::once(Err(malformed(
+            1,
+            "UTF-16 text, not UTF-8: save the file as UTF-8",
+        ))));
+    }
     let input = LineLimit {
         inner: input,
         line: 1,
@@ -927,11 +938,23 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                 let rest = text_start.trim_end();
                 let start: String = rest.chars().take(12).collect();
                 let more = if start.len() < rest.len() { "…" } else { "" };
+                // A CSV file named .json or given --format jsonl: said, as the reverse is.
+                let names: Vec<String> = rest
+                    .split(',')
+                    .map(|n| n.trim().trim_matches('"').to_ascii_lowercase())
+                    .collect();
+                let csv = ["id", "from", "to", "amount"]
+                    .iter()
+                    .all(|c| names.iter().any(|n| n == c));
+                let hint = match csv {
+                    true => "; this looks like CSV: pass --format csv (or name the file .csv)",
+                    false => "",
+                };
                 return Some(Err(malformed(
                     line,
                     format!(
                         "not a JSON object ('{}{more}'): each line must be one object with the \
-                         keys id, from, to and amount",
+                         keys id, from, to and amount{hint}",
                         shown(&start)
                     ),
                 )));
@@ -1150,6 +1173,26 @@ mod tests {
         let (n, why) = reason(&got[1]);
         assert_eq!(n, 2);
         assert!(why.contains("'\\u{feff}{\"id\""), "{why}");
+    }
+
+    /// UTF-16 files are named as such; CSV given as JSON Lines is named as CSV (found by a
+    /// helper playing a new user).
+    #[test]
+    fn utf16_and_csv_as_json_lines_are_named() {
+        for format in [Format::Csv, Format::Jsonl] {
+            let got: Vec<_> = read(&b"\xff\xfei\x00d\x00\n\x00"[..], format).collect();
+            assert_eq!(
+                reason(&got[0]),
+                (1, "UTF-16 text, not UTF-8: save the file as UTF-8".into())
+            );
+        }
+        let (_, why) = reason(
+            &all(
+                &format!("id,from,to,amount\n{X},{A},{B},5\n"),
+                Format::Jsonl,
+            )[0],
+        );
+        assert!(why.contains("looks like CSV: pass --format csv"), "{why}");
     }
 
     /// A header opening with two byte order marks (one stripped as the file's, one left in
