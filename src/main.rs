@@ -120,7 +120,7 @@ fn usage_error(e: &clap::Error) -> Code {
     };
     bank::say(format_args!(
         "bank: error: {}{or_file}{}{} (see {command} --help)",
-        bank::batch::input::escaped(&bank::db::redact_message(&bank::one_line(&message))),
+        bank::text::escaped(&bank::db::redact_message(&bank::one_line(&message))),
         from_environment(e),
         did_you_mean(e),
     ));

@@ -294,7 +294,7 @@ impl Source {
         let name = if stdin {
             "standard input".to_string()
         } else {
-            crate::batch::input::escaped(&path.display().to_string())
+            crate::text::escaped(&path.display().to_string())
         };
         // A pipe (`--file <(command)`, a FIFO, /dev/stdin) can be read only once: like standard
         // input, it is copied as it is checked, and the copy is applied.

@@ -52,7 +52,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     Some(name) => cmd.find_subcommand(name).cloned().ok_or_else(|| {
                         Error::Usage(format!(
                             "no command {}: `bank --help` lists them",
-                            crate::batch::input::shown(name)
+                            crate::text::shown(name)
                         ))
                     })?,
                 };

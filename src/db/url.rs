@@ -222,9 +222,7 @@ impl fmt::Display for DbUrl {
         let Some(url) = parsed else {
             // Taken as text: a control character in it would reach the terminal raw (the url
             // crate percent-encodes what it parses).
-            return f.write_str(&crate::batch::input::escaped(&redact_structurally(
-                &self.full,
-            )));
+            return f.write_str(&crate::text::escaped(&redact_structurally(&self.full)));
         };
         let mut shown = url.clone();
         if shown.password().is_some() {

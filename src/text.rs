@@ -1,0 +1,156 @@
+//! How messages are shown: every stderr line, and the server's words on stdout. Passwords hidden,
+//! control and invisible characters escaped (a file's value, a trigger's exception or a database
+//! name may hold an escape sequence or a direction override), libpq's several lines made one,
+//! and counts with their nouns.
+
+use crate::db;
+
+/// A line on stderr that cannot fail the process: `eprintln!` panics when stderr cannot be
+/// written (a full disk, a closed pipe), which turned every exit code into 101.
+/// Passwords are hidden here once more, whatever the line quotes: a URL typed where another value
+/// goes reached stderr whole from messages that did not expect one.
+pub fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let line = for_terminal(&args.to_string());
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// `text` as every stderr line shows it, log lines included, and as text results on stdout show
+/// the server's words (a file's lines, the workload's report, `doctor`): passwords hidden, and
+/// control and invisible characters escaped line by line. The server's own words (a trigger's
+/// exception, a database name from the URL) may hold an escape sequence that recolours the
+/// terminal, or a right-to-left override that reorders the rest of the line.
+pub fn for_terminal(text: &str) -> String {
+    db::redact_message(text)
+        .split('\n')
+        .map(escaped)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// "1 transfer", "2 transfers": a count with its noun, for messages a person reads.
+pub fn counted(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+/// "1 of 1 transfer", "3 of 5 transfers": a part of a whole, the noun agreeing with the whole.
+pub fn of_total(part: u64, total: u64, noun: &str) -> String {
+    format!("{part} of {}", counted(total, noun))
+}
+
+/// The verb after `of_total`, agreeing with the part: "1 of 5 transfers was", "3 of 5 … were".
+pub fn was_or_were(part: u64) -> &'static str {
+    if part == 1 {
+        "was"
+    } else {
+        "were"
+    }
+}
+
+/// Text on one line, as every output shows a message (stderr, `--json`, a file's results):
+/// libpq's messages span several ("... failed: Connection refused\n\tIs the server
+/// running ...?"), and became one run-on sentence; its lines are joined with "; ", and a line
+/// that starts with punctuation (", so the seed stopped") is joined without a space.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for l in text.lines() {
+        let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+        if l.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            let glued = l.starts_with([',', ';', ':', '.', ')']);
+            let sep = match (glued, out.ends_with([':', ';', ',', '('])) {
+                (true, _) => "",
+                (false, true) => " ",
+                (false, false) => "; ",
+            };
+            out.push_str(sep);
+        }
+        out.push_str(&l);
+    }
+    out
+}
+
+/// A value of the file as a reason quotes it: at most 40 characters, control characters
+/// escaped, so that a file cannot send escape sequences to a terminal or a line of a megabyte;
+/// and a password hidden, before it is cut (a URL typed where a value goes: `bank man URL`).
+pub fn shown(value: &str) -> String {
+    const MAX: usize = 40;
+    let value = &crate::db::redact_message(value);
+    let head: String = value.chars().take(MAX).collect();
+    let mut out = escaped(&head);
+    if value.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// `value` whole, its control characters escaped: a file's name as messages show it (a password
+/// in it is hidden as every stderr line's is, by `say`).
+pub fn escaped(value: &str) -> String {
+    value
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() || invisible(c) {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
+/// Characters a terminal shows as nothing, or that reorder or break what follows: Unicode's
+/// Default_Ignorable_Code_Point list (DerivedCoreProperties.txt, Unicode 15.1: the code points
+/// renderers are told to show as nothing), the line and paragraph separators, and the
+/// interlinear annotation marks. A byte order mark inside a file made "id 'e6dc…' is not a UUID"
+/// about what looked like one. Written out rather than taken from a crate: the list is short,
+/// Unicode keeps it stable, and no crate already built here carries the property.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{34f}'
+            | '\u{61c}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
+            | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fffb}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e0fff}'
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    /// libpq's two-line refusal read as a run-on sentence ("Connection refused Is the server
+    /// running ..."), and a reason ending in a line break left "server , so the seed stopped"
+    /// (found by a reviewer).
+    #[test]
+    fn lines_are_joined_as_sentences() {
+        assert_eq!(
+            one_line("port 1 failed: Connection refused\n\tIs the server running?\n"),
+            "port 1 failed: Connection refused; Is the server running?"
+        );
+        assert_eq!(
+            one_line("no connection to the server\n, so the seed stopped"),
+            "no connection to the server, so the seed stopped"
+        );
+        assert_eq!(one_line("a:\n  b   c"), "a: b c");
+    }
+}
