@@ -1745,6 +1745,64 @@ fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
     let _ = settled;
 }
 
+/// `synchronous_commit = off` on the database (or the role, as anyone may set it): the server
+/// answers a COMMIT before its WAL is written, and a crash then takes the transfer back. `bank
+/// transfer` said "applied" for it, and a rerun of its id applied it again (found by a
+/// fault-injecting helper, 3 of 3). bank's sessions commit synchronously whatever the default:
+/// here the WAL writer is made to wait 10 s, so without that every transfer is lost.
+#[test]
+fn an_asynchronous_commit_default_does_not_make_applied_untrue() {
+    use crate::support::OwnCluster;
+    let cluster = OwnCluster::start();
+    let mut admin = cluster.server().connect().expect("admin");
+    // Two statements: ALTER SYSTEM may not run in the implicit transaction of a batch.
+    for sql in [
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).expect("a slow WAL writer");
+    }
+    for iso in Iso::BOTH {
+        for args in [
+            vec!["--mode", "transaction"],
+            vec!["--mode", "single-statement"],
+            vec!["--connections", "1"],
+        ] {
+            let case = format!("{iso:?} {args:?}");
+            let db = ScratchDb::migrated_on(cluster.server(), iso);
+            db.alter("synchronous_commit = off");
+            let doctor = db.bank().args(["doctor", "--json"]).run().json();
+            assert_eq!(doctor["settings"]["synchronous_commit"], "off", "{doctor}");
+            let ids = db.accounts(&[100, 0]);
+            let (from, to, id) = (ids[0].to_string(), ids[1].to_string(), Uuid::new_v4());
+            let run = if args[0] == "--mode" {
+                db.bank()
+                    .args(["transfer", "--from", &from, "--to", &to, "--amount", "7"])
+                    .args(["--id", &id.to_string()])
+                    .args(&args)
+                    .run()
+            } else {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let file = dir.path().join("one.csv");
+                std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},7\n"))
+                    .expect("write");
+                db.bank()
+                    .args(["transfer", "--file", file.to_str().expect("utf-8")])
+                    .args(&args)
+                    .run()
+            };
+            run.success();
+            cluster.crash();
+            assert_eq!(
+                crate::support::count_transfers(&mut db.conn()).expect("count"),
+                1,
+                "{case}: said applied, and the crash took it back: {run:?}"
+            );
+            assert_eq!(db.balance(ids[1]), 7, "{case}");
+        }
+    }
+}
+
 /// The server crashes (immediate shutdown, then recovery from the WAL) while a transfer's COMMIT
 /// is being made (a deferred trigger of the test's sleeps in it): the connection dies with the
 /// COMMIT unanswered, so the run cannot know its outcome; the crash rolled it back. Within its

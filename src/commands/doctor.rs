@@ -68,13 +68,16 @@ struct Tls {
     ssl: bool,
 }
 
-/// The server settings `doctor` shows: the timeouts that bound a stuck transaction and the
-/// name the session goes by.
-const SETTINGS: [&str; 4] = [
+/// The server settings `doctor` shows: the timeouts that bound a stuck transaction, the name the
+/// session goes by, and whether a COMMIT's answer waits for its WAL.
+const SETTINGS: [&str; 5] = [
     "statement_timeout",
     "lock_timeout",
     "idle_in_transaction_session_timeout",
     "application_name",
+    // `off` is the database's or the role's choice, which bank's sessions override (see
+    // `db::session::tune`); shown, since other clients of the database lose commits to a crash.
+    "synchronous_commit",
 ];
 
 pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {

@@ -158,8 +158,12 @@ impl Instrumentation for SqlLogger {
 ///   conflict and one is aborted (40001); on a small table the planner prefers that scan to the
 ///   primary key (BENCHMARKS.md has the figures). CockroachDB accepts it as a no-op.
 ///
-/// A failure of these settings is logged and ignored: they tune, they do not decide correctness.
-/// (Raising REPEATABLE READ to SERIALIZABLE, in `tune`, does; its failure fails the connection.)
+/// - `synchronous_commit = on` where the server's default is `off`: a COMMIT answered before
+///   its WAL is written is undone by a crash, and "applied" would be untrue.
+///
+/// A failure of the timeouts and `enable_seqscan` is logged and ignored: they tune, they do not
+/// decide correctness. (Raising REPEATABLE READ to SERIALIZABLE and asynchronous commit to
+/// synchronous, in `tune`, do; their failure fails the connection.)
 pub struct Session {
     url: DbUrl,
     application_name: &'static str,
@@ -181,6 +185,9 @@ struct Timeouts {
     idle_in_transaction: String,
     #[diesel(sql_type = Text)]
     isolation: String,
+    /// None where the engine has no such setting.
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    synchronous_commit: Option<String>,
 }
 
 impl Session {
@@ -241,6 +248,15 @@ impl Session {
                             ),
                         })
                     }
+                    Err(Untuned::Durability(e)) => {
+                        return Err(ConnectError {
+                            url: self.url.to_string(),
+                            message: format!(
+                                "the session commits asynchronously (synchronous_commit = off), \
+                                 and making it commit synchronously failed: {e}"
+                            ),
+                        })
+                    }
                 }
                 // Asked for by the user (`--inject-retries`), so a failure is an error.
                 for (name, value) in &self.url.session_settings {
@@ -295,10 +311,11 @@ pub fn own_statement_timeout() -> Option<Duration> {
     }
 }
 
-/// Why `tune` fell short: a tuning, ignored; or the one setting that is not a tuning.
+/// Why `tune` fell short: a tuning, ignored; or one of the settings that are not tunings.
 enum Untuned {
     Tuning(diesel::result::Error),
     Isolation(diesel::result::Error),
+    Durability(diesel::result::Error),
 }
 
 /// See `Session`. The timeouts are whole milliseconds that `bank` computed, not user text.
@@ -306,7 +323,8 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> Result<(), Untuned> {
     let current: Timeouts = diesel::sql_query(
         "SELECT current_setting('statement_timeout') AS statement, \
          current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction, \
-         current_setting('default_transaction_isolation') AS isolation",
+         current_setting('default_transaction_isolation') AS isolation, \
+         current_setting('synchronous_commit', true) AS synchronous_commit",
     )
     .get_result(conn)
     .map_err(Untuned::Tuning)?;
@@ -337,6 +355,20 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> Result<(), Untuned> {
     if current.isolation.eq_ignore_ascii_case("repeatable read") {
         conn.batch_execute("SET default_transaction_isolation = 'serializable'")
             .map_err(Untuned::Isolation)?;
+    }
+    // Asynchronous commit (the database's or the role's default; anyone may set it): the server
+    // answers COMMIT before its WAL is written, and a crash then takes the transfer back. bank
+    // said "applied" for transfers that a crash undid, and a rerun applied them again (found by
+    // a fault-injecting helper). `local` and the stronger levels are kept: the WAL is on this
+    // server's disk before the answer. Like the isolation, decided here, and a failure fails the
+    // connection.
+    if current
+        .synchronous_commit
+        .as_deref()
+        .is_some_and(|v| v.eq_ignore_ascii_case("off"))
+    {
+        conn.batch_execute("SET synchronous_commit = on")
+            .map_err(Untuned::Durability)?;
     }
     sql.push_str("SET enable_seqscan = off");
     conn.batch_execute(&sql).map_err(Untuned::Tuning)
