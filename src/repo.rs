@@ -397,13 +397,23 @@ pub fn claim_mark(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Uuid>
 /// ledger rows, once no transaction holds `accounts` any more: run at SERIALIZABLE, in a
 /// transaction of its own. The locks wait for an attempt of these ids still under way in
 /// another run; SERIALIZABLE makes an attempt whose snapshot missed the claim fail instead of
-/// commit (see `claim_generations`).
+/// commit (see `claim_generations`). `wait` bounds each of its statements (the session's own
+/// `statement_timeout` otherwise): a file's claim has what is left of a deadline.
 pub fn claim_and_find(
     conn: &mut PgConnection,
     ids: &[Uuid],
     accounts: &[Uuid],
+    wait: Option<std::time::Duration>,
 ) -> QueryResult<Vec<Transfer>> {
     conn.build_transaction().serializable().run(|c| {
+        if let Some(wait) = wait {
+            // Whole milliseconds bank computed, not user text.
+            let ms = wait.as_millis().clamp(1, i32::MAX as u128);
+            diesel::connection::SimpleConnection::batch_execute(
+                c,
+                &format!("SET LOCAL statement_timeout = {ms}"),
+            )?;
+        }
         let mut accounts = accounts.to_vec();
         accounts.sort_unstable();
         accounts.dedup();

@@ -2072,6 +2072,79 @@ fn a_frozen_server_before_the_first_chunk_is_bounded_by_the_timeout() {
     assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
 }
 
+/// A line refused on its merits, then another held up by a session that took the refused
+/// line's account meanwhile: the run claimed the refused line's id after the held-up statement,
+/// and the claim waited on the same lock for a deadline of its own: 5.0 s for `--timeout 2s`
+/// (found by a fault-injecting helper). The claim now has what is left of the deadline of the
+/// statement that refused the line, and at least a moment for a lock freed just then: the
+/// refused line is `unknown` (its id could not be claimed), and the run ends within the held-up
+/// statement's deadline and a moment. A rerun once the lock is gone settles both.
+///
+/// The timing, as the helper made it: the first statement's COMMIT sleeps 1 s in a deferred
+/// trigger; the other session asks for the account 0.5 s in, so it has it once that COMMIT is
+/// done, before the next statement.
+#[test]
+fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 250, 0]);
+        let (k1, k2, k3) = (ids[0], ids[1], ids[2]);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION slow_seven() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF NEW.amount = 7 THEN PERFORM pg_sleep(1); END IF; RETURN NULL; END $$; \
+                 CREATE CONSTRAINT TRIGGER slow_seven AFTER INSERT ON transfers \
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_seven()",
+            )
+            .expect("the trigger");
+        let lines = [(k1, k3, 7), (k2, k3, 500), (k1, k2, 1)].map(|(from, to, amount)| T {
+            id: Uuid::new_v4(),
+            from,
+            to,
+            amount,
+        });
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let db_url = db.url.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(500));
+                let mut conn = db_url.connect().expect("connect");
+                conn.batch_execute("BEGIN").expect("begin");
+                diesel::sql_query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+                    .bind::<diesel::sql_types::Uuid, _>(k2)
+                    .execute(&mut conn)
+                    .expect("hold");
+                let _ = released.recv_timeout(Duration::from_secs(30));
+            })
+        };
+        let started = Instant::now();
+        let run = run_file(
+            db.url.expose(),
+            "f.csv",
+            &csv(&lines),
+            &["--timeout", "2s", "--connections", "1", "--batch", "2"],
+        );
+        let took = started.elapsed();
+        let _ = release.send(());
+        holder.join().expect("holder");
+        let got = outcomes(&run);
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        assert_eq!(got[0].1, "applied", "{iso:?}: {run:?}");
+        assert_eq!(got[1].1, "unknown", "{iso:?}: {run:?}");
+        assert_eq!(got[2].1, "unknown", "{iso:?}: {run:?}");
+        // 1 s of trigger, 2 s held up, a moment; not another 2 s.
+        assert!(
+            took < Duration::from_millis(4000),
+            "{iso:?}: took {took:?}: {run:?}"
+        );
+        let again = run_file(db.url.expose(), "f.csv", &csv(&lines), &[]);
+        let got = outcomes(&again);
+        assert_eq!(got[0].1, "already_applied", "{iso:?}: {again:?}");
+        assert_eq!(got[1].1, "insufficient_funds", "{iso:?}: {again:?}");
+        assert_eq!(got[2].1, "applied", "{iso:?}: {again:?}");
+    }
+}
+
 /// Without --connections: two at READ COMMITTED, one on a PostgreSQL that runs SERIALIZABLE by
 /// default (its predicate locks make two connections slower there). The question is asked once
 /// the first group is done; its answer still decides, and every line is applied.

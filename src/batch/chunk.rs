@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -28,6 +28,10 @@ use crate::retry::{
     classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
 };
 use crate::transfer::{after_step, claim_and_find, connection};
+
+/// The least a claim after a refusal is given, its statement's deadline spent: enough for a claim
+/// on accounts nobody holds (a few round trips), not for a lock wait.
+const CLAIM_AT_LEAST: Duration = Duration::from_millis(250);
 
 /// What a runner shares with whoever watches it for a frozen server: the ticket of the
 /// statement under way, when that statement started, and the verdicts already given.
@@ -236,6 +240,9 @@ impl ChunkRunner {
             self.guesses = Guesses::WithLedger;
         }
         let mut start = 0;
+        // The latest deadline of a statement that said no to a line: the claim of those lines
+        // has what is left of it (`claim_refused`).
+        let mut claim_by: Option<Instant> = None;
         while start < lines.len() {
             let interrupted = self.interruptible && crate::interrupt::interrupted();
             let over = self.stop_at.is_some_and(|t| Instant::now() >= t);
@@ -257,6 +264,7 @@ impl ChunkRunner {
                 rest.first().map_or(0, |l| l.line)
             );
             self.watch.start_statement(rest.len());
+            let deadline = Instant::now() + self.policy.timeout;
             if let Some(hook) = &self.on_statement {
                 hook();
             }
@@ -375,13 +383,16 @@ impl ChunkRunner {
             for line in &lines[start..(start + given.len()).min(lines.len())] {
                 self.first_claims.remove(&line.transfer.id);
             }
+            if given.iter().any(says_no) {
+                claim_by = Some(claim_by.map_or(deadline, |t| t.max(deadline)));
+            }
             start += given.len();
             let shown: Vec<Verdict> = given.iter().map(|v| self.shown(v)).collect();
             decided.extend(given);
             self.watch.lock().decided.extend(shown);
         }
         if self.ids_given {
-            self.claim_refused(lines, &mut decided);
+            self.claim_refused(lines, &mut decided, claim_by);
         }
         self.watch.lock().decided.clear();
         Ok(decided)
@@ -395,7 +406,18 @@ impl ChunkRunner {
     /// written leaves the lines `unknown`. `decided` holds the chunk's verdicts as they are; the
     /// watcher has seen these lines `unknown` since each was decided (`shown`), and sees them
     /// as they are once this is done.
-    fn claim_refused(&mut self, lines: &[Line], decided: &mut [Verdict]) {
+    ///
+    /// The claim has what is left of `claim_by`, the deadline of the statement that said no
+    /// (at least `CLAIM_AT_LEAST`, for a lock freed just then): after a statement held up by
+    /// another session's lock until its deadline, the claim waited on the same lock for a
+    /// deadline of its own, and the run took twice `--timeout` (found by a fault-injecting
+    /// helper).
+    fn claim_refused(
+        &mut self,
+        lines: &[Line],
+        decided: &mut [Verdict],
+        claim_by: Option<Instant>,
+    ) {
         if !decided.iter().any(says_no) {
             return;
         }
@@ -437,12 +459,21 @@ impl ChunkRunner {
         if !self.watch.ticket.begin() {
             return;
         }
+        let left = claim_by.map_or(self.policy.timeout, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        let wait = left.max(CLAIM_AT_LEAST).min(self.policy.timeout);
+        let policy = RetryPolicy {
+            timeout: wait,
+            ..self.policy
+        };
         let ledger = claim_and_find(
             &mut self.session,
-            &self.policy,
+            &policy,
             &self.watch.ticket,
             &ids,
             &accounts,
+            Some(wait),
         );
         let _ = self.watch.ticket.finish();
         for &i in &refused {

@@ -232,6 +232,7 @@ impl Runner {
             &self.ticket,
             &[t.id],
             &[t.from_id, t.to_id],
+            None,
         )
         .map(|found| found.into_iter().next());
         let found = match ledger {
@@ -484,23 +485,25 @@ pub(crate) fn claim_and_find(
     ticket: &Ticket,
     ids: &[uuid::Uuid],
     accounts: &[uuid::Uuid],
+    wait: Option<std::time::Duration>,
 ) -> Result<Vec<Transfer>, String> {
     let result = retry(policy, &mut RetryCounts::default(), |n| {
         if ticket.is_abandoned() {
             return Attempt::Fail(TransferError::Abandoned);
         }
         let reused = session.is_connected();
-        let step = match connection(session).map(|conn| repo::claim_and_find(conn, ids, accounts)) {
-            Err(step) => step,
-            Ok(Ok(found)) => Attempt::Done(found),
-            Ok(Err(e)) => match classify(&e, Phase::BeforeCommit) {
-                Some(cause) => Attempt::Retry {
-                    cause,
-                    message: e.to_string(),
+        let step =
+            match connection(session).map(|conn| repo::claim_and_find(conn, ids, accounts, wait)) {
+                Err(step) => step,
+                Ok(Ok(found)) => Attempt::Done(found),
+                Ok(Err(e)) => match classify(&e, Phase::BeforeCommit) {
+                    Some(cause) => Attempt::Retry {
+                        cause,
+                        message: e.to_string(),
+                    },
+                    None => Attempt::Fail(TransferError::from(e)),
                 },
-                None => Attempt::Fail(TransferError::from(e)),
-            },
-        };
+            };
         // Counted nowhere (the claim is not the transfer's attempt); BeforeCommit: never
         // ambiguous, so the ticket is not marked.
         after_step(step, n, reused, session, ticket, None)
