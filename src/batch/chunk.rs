@@ -505,7 +505,8 @@ impl ChunkRunner {
     /// this run says no to is `unknown` until its id is claimed (`claim_refused`). A run given
     /// up before that (a frozen server, a connection that could not be made again) reported the
     /// refusal with no claim written, and an earlier run's late statement could still apply it
-    /// (found by reviewers, twice).
+    /// (found by reviewers, twice). "Confirmed": the claim's COMMIT may have been sent, its answer
+    /// lost ("before it claimed the id" was untrue then; found by a fault-injecting helper).
     fn shown(&self, v: &Verdict) -> Verdict {
         if !self.ids_given || !says_no(v) {
             return v.clone();
@@ -514,8 +515,8 @@ impl ChunkRunner {
         Verdict {
             outcome: Outcome::Unknown,
             error: Some(format!(
-                "not applied ({was}), but the run stopped before it claimed the id, so an \
-                 earlier run's attempt at it may still commit"
+                "not applied ({was}), but the run stopped before its claim of the id was \
+                 confirmed, so an earlier run's attempt at it may still commit"
             )),
         }
     }
