@@ -964,7 +964,9 @@ fn a_server_stopped_by_sigstop_mid_file_then_reruns_give_one_by_one_outcomes() {
             first_outcomes
                 .iter()
                 .any(|(_, o)| o == "insufficient_funds")
-                || first.stdout.contains("before its claim of the id was confirmed"),
+                || first
+                    .stdout
+                    .contains("before its claim of the id was confirmed"),
             "{case}: the run refused lines before the freeze: {first_outcomes:?}"
         );
         wait_for_no_bank_session(&batched);

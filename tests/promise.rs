@@ -600,6 +600,42 @@ fn a_check_of_someone_elses_is_not_called_insufficient_funds() {
     }
 }
 
+/// The balance CHECK dropped by hand (`ALTER TABLE accounts DROP CONSTRAINT
+/// accounts_balance_nonnegative`): the transfer statement relied on it to refuse an overdraft,
+/// and `bank transfer` moved 2000 out of 250 (found by a fault-injecting helper), where a file's
+/// line said `insufficient_funds`. The statement checks the debited balance itself now: refused,
+/// nothing moved, in both modes, at both levels, as a file's line is.
+#[test]
+fn an_overdraft_is_refused_without_the_balance_check() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[250, 0]);
+        db.conn()
+            .batch_execute("ALTER TABLE accounts DROP CONSTRAINT accounts_balance_nonnegative")
+            .expect("drop the check");
+        for mode in MODES {
+            let run = db
+                .transfer(ids[0], ids[1], 2000)
+                .args(["--mode", mode, "--id", &Uuid::new_v4().to_string()])
+                .run();
+            run.fails_with(1, "insufficient funds");
+        }
+        assert_eq!(
+            (db.balance(ids[0]), db.balance(ids[1])),
+            (250, 0),
+            "{iso:?}"
+        );
+        assert_eq!(db.state().1, 0, "{iso:?}");
+        // A transfer the balance covers still goes through.
+        db.transfer(ids[0], ids[1], 250).run().success();
+        assert_eq!(
+            (db.balance(ids[0]), db.balance(ids[1])),
+            (0, 250),
+            "{iso:?}"
+        );
+    }
+}
+
 /// A COMMIT the server refuses (a deferred trigger raising at commit): the server said the
 /// transaction rolled back, yet bank took every unclassified COMMIT error for an ambiguous one,
 /// retried until its deadline and said "unknown" (exit 3), and so did every rerun. Now it is

@@ -10,7 +10,8 @@
 //! 3. the `INSERT` writes the ledger row with each side's version and balance after, so every
 //!    entry describes itself and each account's entries form an exact chain.
 //!
-//! Constraints check the rest: `CHECK (balance >= 0)` (23514), the ledger's primary key
+//! Constraints check the rest: `CHECK (balance >= 0)` (23514; the statement checks the debited
+//! balance itself too, in case the CHECK was dropped), the ledger's primary key
 //! (23505), NOT NULL on an entry's side when its account does not exist (23502), INT8's range
 //! (22003). The engine may check them in any order, so a refusal is never final until the ledger
 //! has been asked whether this transfer id is already there (see `runner`). CockroachDB refuses
@@ -101,7 +102,7 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         // commit without it: a trigger on `transfers` that skips the row (BEFORE INSERT returning
         // NULL) left the money moved in single-statement mode, and every rerun of the id moved
         // it again. The failure is a cast both engines refuse (22P02), naming the reason.
-        out.push_sql(" RETURNING 1 AS one) ");
+        out.push_sql(" RETURNING from_balance_after AS debited) ");
         // 5. Single-statement mode: the id claimed, so that this statement fails (23505 on
         // transfer_claims_pkey) if it reaches the server after a rerun claimed the id to say
         // "not applied" (see the migration). Unread, so it runs after the rest, locks held.
@@ -112,7 +113,11 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
             out.push_bind_param::<SqlUuid, _>(&self.mark)?;
             out.push_sql(") RETURNING id) ");
         }
-        out.push_sql("SELECT CAST(CASE WHEN COUNT(*) = 1 THEN '1' ELSE '");
+        // 6. Nor with the debited balance below zero: the CHECK on `accounts` refuses that first,
+        // but one dropped by hand let a transfer overdraw (found by a fault-injecting helper).
+        out.push_sql("SELECT CAST(CASE WHEN MIN(debited) < 0 THEN '");
+        out.push_sql(BELOW_ZERO);
+        out.push_sql("' WHEN COUNT(*) = 1 THEN '1' ELSE '");
         out.push_sql(NO_LEDGER_ROW);
         out.push_sql("' END AS INT8) FROM inserted");
         Ok(())
@@ -123,6 +128,9 @@ impl<const CLAIM: bool> RunQueryDsl<PgConnection> for TransferStatement<CLAIM> {
 
 /// The text of the error the statement raises when its ledger row was not written.
 const NO_LEDGER_ROW: &str = "the ledger row was not written";
+
+/// The text of the error the statement raises when the debit took a balance below zero.
+const BELOW_ZERO: &str = "the debited balance would be below zero";
 
 /// The transfer body: applies `t` on `conn` in whatever transaction `conn` is in. Opens none.
 pub fn apply(conn: &mut PgConnection, t: &NewTransfer) -> Result<(), BodyError> {
@@ -255,6 +263,12 @@ impl BodyError {
             _ if info.message().contains(NO_LEDGER_ROW) => {
                 BodyError::Final(TransferError::NoLedgerRow)
             }
+            _ if info.message().contains(BELOW_ZERO) => {
+                BodyError::Refused(TransferError::InsufficientFunds {
+                    account: t.from_id,
+                    amount: t.amount,
+                })
+            }
             // 22003: of the statement's values only the credited balance can leave INT8's range
             // (the debit is checked).
             _ if info.message().contains("out of range") => BodyError::OutOfRange(e),
@@ -305,8 +319,9 @@ mod tests {
                  from_balance_after, to_version, to_balance_after, created_at) \
                  SELECT $6, $7, $8, $9, f.version, f.balance, t.version, t.balance, \
                  clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $10 \
-                 LEFT JOIN moved t ON t.id = $11 RETURNING 1 AS one) \
-                 SELECT CAST(CASE WHEN COUNT(*) = 1 THEN '1' ELSE 'the ledger row was not \
+                 LEFT JOIN moved t ON t.id = $11 RETURNING from_balance_after AS debited) \
+                 SELECT CAST(CASE WHEN MIN(debited) < 0 THEN 'the debited balance would be \
+                 below zero' WHEN COUNT(*) = 1 THEN '1' ELSE 'the ledger row was not \
                  written' END AS INT8) FROM inserted \
                  -- binds: [{a}, {b}, {a}, 100, 100, 00000000-0000-0000-0000-000000000000, \
                  {a}, {b}, 100, {a}, {b}]"
@@ -328,7 +343,8 @@ mod tests {
         let sql = debug_query::<Pg, _>(&TransferStatement::<true>::new(&t)).to_string();
         assert!(
             sql.contains(
-                "RETURNING 1 AS one) , claimed AS (INSERT INTO transfer_claims (id, claimed_by) \
+                "RETURNING from_balance_after AS debited) , claimed AS (INSERT INTO \
+                 transfer_claims (id, claimed_by) \
                  VALUES ($12, $13) RETURNING id) SELECT CAST"
             ),
             "{sql}"
