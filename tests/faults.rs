@@ -602,13 +602,18 @@ fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
                 "--json",
             ]);
         thread::spawn(move || {
-            let started = Instant::now();
-            (bank.run(), started.elapsed())
+            let run = bank.run();
+            (run, Instant::now())
         })
     };
-    thread::sleep(Duration::from_millis(1200));
+    // Mid-run: once its transfers land (a fixed 1.2 s after the spawn froze its setup on a
+    // loaded machine), and timed from the freeze.
+    crate::support::wait_for_transfers_past(&mut db.conn(), 0);
     proxy.freeze_all();
-    let (run, took) = run.join().expect("workload thread");
+    let frozen = Instant::now();
+    let (run, ended) = run.join().expect("workload thread");
+    let took = ended.saturating_duration_since(frozen);
+    // The rest of its 2 s, its 1 s deadline and the 1 s final check: 3.4 s measured.
     assert!(took < Duration::from_secs(5), "took {took:?}: {run:?}");
     assert_eq!(run.code, 1, "{run:?}");
     let j = run.json();

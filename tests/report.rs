@@ -169,7 +169,8 @@ fn the_html_report_is_written_on_ctrl_c() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn bank");
-    thread::sleep(Duration::from_millis(1500));
+    // Once its transfers land: a fixed 1.5 s could come during its setup on a loaded machine.
+    crate::support::wait_for_transfers_past(&mut db.conn(), 0);
     crate::support::interrupt(child.id());
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(0), "{out:?}");

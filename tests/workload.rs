@@ -241,7 +241,8 @@ fn a_workload_interrupted_by_sigint_reports_and_checks() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn bank");
-    thread::sleep(Duration::from_millis(1500));
+    // Once its transfers land (a fixed 1.5 s could come during its setup on a loaded machine).
+    crate::support::wait_for_transfers_past(&mut db.conn(), 0);
     crate::support::interrupt(child.id());
     let out = child.wait_with_output().expect("wait");
     let took = started.elapsed();
@@ -315,10 +316,13 @@ fn readers_check_every_snapshot_total() {
     assert!(j["reads"].as_u64() > Some(10), "{j}");
     assert_eq!(j["wrong_total_reads"], 0, "{j}");
     // Now a balance is raised by hand during the run: the total is no longer the opening total.
+    // Once the run's own transfers land, so that its starting totals were read before (a fixed
+    // 800 ms could come before them on a loaded machine).
+    let rows = crate::support::count_transfers(&mut db.conn()).expect("count");
     let tamper = {
         let mut conn = db.conn();
         thread::spawn(move || {
-            thread::sleep(Duration::from_millis(800));
+            crate::support::wait_for_transfers_past(&mut conn, rows);
             // One account at READ COMMITTED: the update waits for the row and lands. Every
             // account at the database's SERIALIZABLE failed with 40001 again and again under
             // load, and landed after the run had ended (the run then passed).
@@ -353,82 +357,61 @@ fn readers_check_every_snapshot_total() {
 /// in or out is part of the expected total (`moved_by_other_clients`), at both isolation levels;
 /// money that appears without a ledger row still fails the run (the test above).
 ///
-/// The outsider's row must land while the workload runs. Over 2 accounts it often did not (CI
-/// once; 6 tries in 16 here): PostgreSQL does not queue row locks fairly, and a worker that
-/// commits and at once locks the account again can keep the outsider waiting until the run
-/// ends (a worker of the workload's own waited 2.1 s of a 2 s run, the same way). Over 8
-/// accounts the outsider's is free most of the time. A run in which it still landed after the
-/// final check shows it (the ledger the check verified holds only the workload's rows) and
-/// proves nothing: the test tries again, three times at most.
+/// The outsider's row must land while the workload runs. With a fixed 2 s run over 2 accounts
+/// it often did not (CI once; 6 tries in 16 here): PostgreSQL does not queue row locks fairly,
+/// and a worker that commits and at once locks the account again can keep the outsider waiting
+/// until the run ends (a worker of the workload's own waited 2.1 s of a 2 s run, the same way).
+/// So the run is long, over 8 accounts, and stopped (Ctrl-C) once the outsider's transfer has
+/// committed: its final check then always sees the row.
 #[test]
 fn other_clients_transfers_are_no_false_alarm() {
     for iso in Iso::BOTH {
-        let mut tries = 0;
-        let j = loop {
-            tries += 1;
-            let (run, j) = workload_with_an_outsider(iso);
-            let verified = j["verify"]["transfers"].as_u64();
-            if verified == j["ledger_rows_added"].as_u64() && tries < 3 {
-                eprintln!("{iso:?}: the outsider landed after the check; again");
-                continue;
-            }
-            assert_eq!(run.code, 0, "{iso:?}: {run:?}");
-            break j;
-        };
-        assert_eq!(j["invariants"]["total_conserved"], true, "{iso:?}: {j}");
-        assert_eq!(j["moved_by_other_clients"], 100, "{iso:?}: {j}");
-        assert_eq!(j["wrong_total_reads"], 0, "{iso:?}: {j}");
-        assert!(j["reads"].as_u64() > Some(0), "{iso:?}: {j}");
-    }
-}
-
-fn workload_with_an_outsider(iso: Iso) -> (Run, serde_json::Value) {
-    let db = ScratchDb::migrated_at(iso);
-    let ids = db.accounts(&[1000; 10]);
-    let (lowest, highest) = (
-        *ids.iter().min().expect("ids"),
-        *ids.iter().max().expect("ids"),
-    );
-    let outsider = {
-        let db_url = db.url.expose().to_string();
-        let mut conn = db.conn();
-        thread::spawn(move || {
-            // Once the workload's own transfers are landing: its setup has read the
-            // starting totals by then (a fixed 900 ms came before that once, under load,
-            // and the move was counted as the workload's starting state).
-            let started = std::time::Instant::now();
-            while crate::support::count_transfers(&mut conn).expect("count") == 0 {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "no workload transfer"
-                );
-                thread::sleep(Duration::from_millis(20));
-            }
-            crate::support::Bank::new()
-                .args(["--database-url", &db_url, "transfer"])
-                // Into the workload, from the account outside it: the workload may have
-                // drained its own below the amount by then (a flaky refusal otherwise).
-                .args(["--from", &highest.to_string(), "--to", &lowest.to_string()])
-                .args(["--amount", "100"])
-                .run()
-                .success();
-        })
-    };
-    let run = db
-        .bank()
-        .args([
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000; 10]);
+        let (lowest, highest) = (
+            *ids.iter().min().expect("ids"),
+            *ids.iter().max().expect("ids"),
+        );
+        let workload = crate::support::spawn_bank(&[
+            "--database-url",
+            db.url.expose(),
             "workload",
             "--accounts",
             "8",
             "--reuse-accounts",
             "--concurrency",
             "2",
-        ])
-        .args(["--readers", "1", "--duration", "2s", "--json"])
-        .run();
-    outsider.join().expect("outsider");
-    let j = run.json();
-    (run, j)
+            "--readers",
+            "1",
+            "--duration",
+            "60s",
+            "--json",
+        ]);
+        // Once the workload's own transfers are landing: its setup has read the starting totals
+        // by then (a fixed 900 ms came before that once, under load, and the move was counted
+        // as the workload's starting state).
+        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+        crate::support::Bank::new()
+            .args(["--database-url", db.url.expose(), "transfer"])
+            // Into the workload, from the account outside it: the workload may have drained
+            // its own below the amount by then (a flaky refusal otherwise).
+            .args(["--from", &highest.to_string(), "--to", &lowest.to_string()])
+            .args(["--amount", "100"])
+            .run()
+            .success();
+        // And some more of its own, so that its readers have read since.
+        let rows = crate::support::count_transfers(&mut db.conn()).expect("count");
+        crate::support::wait_for_transfers_past(&mut db.conn(), rows + 300);
+        crate::support::interrupt(workload.id());
+        let run = Run::from(workload.wait_with_output().expect("wait"));
+        let j = run.json();
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        assert_eq!(j["interrupted"], true, "{iso:?}: {j}");
+        assert_eq!(j["invariants"]["total_conserved"], true, "{iso:?}: {j}");
+        assert_eq!(j["moved_by_other_clients"], 100, "{iso:?}: {j}");
+        assert_eq!(j["wrong_total_reads"], 0, "{iso:?}: {j}");
+        assert!(j["reads"].as_u64() > Some(0), "{iso:?}: {j}");
+    }
 }
 
 /// `--histogram FILE`: one latency histogram per interval in HdrHistogram's interval-log format,
@@ -694,7 +677,7 @@ fn a_batch_that_outlives_the_run_counts_what_it_decided() {
 fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
     for iso in crate::support::Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
-        let run = interrupted_workload(
+        let (run, _) = interrupted_workload(
             &db,
             &[
                 "--accounts",
@@ -711,7 +694,7 @@ fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
                 "2s",
                 "--json",
             ],
-            Duration::from_millis(1500),
+            |conn| crate::support::wait_for_transfers_past(conn, 0),
         );
         let j = run.json();
         assert_eq!(run.code, 0, "{iso:?}: {j}");
@@ -724,14 +707,24 @@ fn a_batch_interrupted_by_sigint_counts_what_it_decided() {
     }
 }
 
-/// `bank workload` with `args` on `db`, interrupted (SIGINT) `after` it started.
-fn interrupted_workload(db: &ScratchDb, args: &[&str], after: Duration) -> crate::support::Run {
+/// `bank workload` with `args` on `db`, interrupted (SIGINT) once `ready` returns (it waits on
+/// the database: a fixed sleep could come before the run's setup was done, on a loaded machine),
+/// and when that was.
+fn interrupted_workload(
+    db: &ScratchDb,
+    args: &[&str],
+    ready: impl FnOnce(&mut diesel::PgConnection),
+) -> (crate::support::Run, std::time::Instant) {
     let mut all = vec!["--database-url", db.url.expose(), "workload"];
     all.extend_from_slice(args);
     let child = crate::support::spawn_bank(&all);
-    thread::sleep(after);
+    ready(&mut db.conn());
+    let at = std::time::Instant::now();
     crate::support::interrupt(child.id());
-    crate::support::Run::from(child.wait_with_output().expect("wait"))
+    (
+        crate::support::Run::from(child.wait_with_output().expect("wait")),
+        at,
+    )
 }
 
 /// Ctrl-C while the workload creates its accounts: it went on until every one existed (400,000:
@@ -741,13 +734,19 @@ fn interrupted_workload(db: &ScratchDb, args: &[&str], after: Duration) -> crate
 fn ctrl_c_while_the_workload_creates_its_accounts_stops_it() {
     use std::time::Instant;
     let db = ScratchDb::migrated();
-    let started = Instant::now();
-    let run = interrupted_workload(
+    // While it creates them: once the first chunk is there.
+    let (run, at) = interrupted_workload(
         &db,
         &["--accounts", "2000000", "--duration", "5s"],
-        Duration::from_millis(1200),
+        |conn| {
+            let started = Instant::now();
+            while crate::support::count_accounts(conn).expect("count") == 0 {
+                assert!(started.elapsed() < Duration::from_secs(20), "no account");
+                thread::sleep(Duration::from_millis(10));
+            }
+        },
     );
-    let took = started.elapsed() - Duration::from_millis(1200);
+    let took = at.elapsed();
     assert_eq!(run.code, 1, "{run:?}");
     assert!(took < Duration::from_secs(3), "took {took:?}: {run:?}");
     let created = db.state().0.len();

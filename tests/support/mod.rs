@@ -52,6 +52,20 @@ pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
     transfers::table.count().get_result(conn)
 }
 
+/// Waits until the ledger holds more than `rows` rows: a run's own transfers are landing, so its
+/// setup (connections, accounts, starting totals) is done. A fixed sleep in its place came
+/// before that on a loaded machine, or after the run. Panics after 20 s.
+pub fn wait_for_transfers_past(conn: &mut PgConnection, rows: i64) {
+    let started = std::time::Instant::now();
+    while count_transfers(conn).expect("count transfers") <= rows {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no transfer landed within 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// A database of its own for one test, dropped when the test ends.
 pub struct ScratchDb {
     pub name: String,
