@@ -1023,7 +1023,12 @@ fn a_run_still_waiting_on_its_late_statement_honours_a_rerun_s_no() {
                 "20s",
             ],
         );
-        thread::sleep(Duration::from_millis(500));
+        // Once its statement is held (a fixed 500 ms could come before it under load).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.proxy.injected() == 0 {
+            assert!(Instant::now() < deadline, "no statement held");
+            thread::sleep(Duration::from_millis(20));
+        }
         let rerun =
             s.db.transfer(s.from, s.to, 100)
                 .args(["--id", &id.to_string()])
@@ -1669,7 +1674,25 @@ fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
         let _ = released.recv();
         table_holder.batch_execute("COMMIT").expect("commit");
     });
-    thread::sleep(Duration::from_millis(300));
+    // Until the table lock is queued (a fixed 300 ms could come before it on a loaded machine,
+    // and the cancelled attempt's retry then took the lock first).
+    let started = Instant::now();
+    loop {
+        let queued: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
+            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {} AND wait_event_type = 'Lock')",
+            ours[1]
+        )))
+        .get_result(&mut db.conn())
+        .expect("pg_stat_activity");
+        if queued {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{case}: never queued"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     // The test's own sessions go by `bank` too.
     diesel::sql_query(format!(
         "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
