@@ -133,15 +133,23 @@ fn usage_error(e: &clap::Error) -> Code {
 fn refused_value(e: &clap::Error) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     use std::error::Error as _;
-    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value)), Some(why)) = (
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
         e.get(ContextKind::InvalidArg),
         e.get(ContextKind::InvalidValue),
-        e.source(),
     ) else {
         return None;
     };
-    (e.kind() == ErrorKind::ValueValidation)
-        .then(|| format!("invalid value '{value}' for '{arg}': {why}"))
+    match (e.kind(), e.source(), e.get(ContextKind::ValidValue)) {
+        (ErrorKind::ValueValidation, Some(why), _) => {
+            Some(format!("invalid value '{value}' for '{arg}': {why}"))
+        }
+        // A value outside a list (`--mode`, `--format`; found by a reviewer).
+        (ErrorKind::InvalidValue, _, Some(ContextValue::Strings(valid))) => Some(format!(
+            "invalid value '{value}' for '{arg}' [possible values: {}]",
+            valid.join(", ")
+        )),
+        _ => None,
+    }
 }
 
 /// clap's suggestion for a mistyped command or flag, which its message gives in a later

@@ -2111,7 +2111,10 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
             thread::spawn(move || {
                 thread::sleep(Duration::from_millis(500));
                 let mut conn = db_url.connect().expect("connect");
-                conn.batch_execute("BEGIN").expect("begin");
+                // READ COMMITTED: at SERIALIZABLE the lock, granted after a concurrent update,
+                // fails with 40001.
+                conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                    .expect("begin");
                 diesel::sql_query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
                     .bind::<diesel::sql_types::Uuid, _>(k2)
                     .execute(&mut conn)
@@ -2147,9 +2150,67 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
     }
 }
 
+/// The other side of the test above (found by a reviewer of its first fix, which gave every
+/// claim only what was left of the refusing statement's deadline): a line refused at once, then
+/// a slow statement that commits within its deadline, and a session that holds the refused
+/// line's account for a while after. No line is `unknown`, so the claim has a deadline of its
+/// own and the refused line keeps its verdict: `insufficient_funds`, not `unknown`.
+#[test]
+fn a_claim_after_a_slow_statement_that_committed_has_its_own_deadline() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 250, 0]);
+        let (k1, k2, k3) = (ids[0], ids[1], ids[2]);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION slow_seven() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF NEW.amount = 7 THEN PERFORM pg_sleep(2); END IF; RETURN NULL; END $$; \
+                 CREATE CONSTRAINT TRIGGER slow_seven AFTER INSERT ON transfers \
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_seven()",
+            )
+            .expect("the trigger");
+        let lines = [(k2, k3, 500), (k1, k3, 7)].map(|(from, to, amount)| T {
+            id: Uuid::new_v4(),
+            from,
+            to,
+            amount,
+        });
+        let holder = {
+            let db_url = db.url.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(500));
+                let mut conn = db_url.connect().expect("connect");
+                // READ COMMITTED: at SERIALIZABLE the lock, granted after a concurrent update,
+                // fails with 40001.
+                conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                    .expect("begin");
+                // Granted once the slow COMMIT is done; held 1.5 s more.
+                diesel::sql_query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+                    .bind::<diesel::sql_types::Uuid, _>(k3)
+                    .execute(&mut conn)
+                    .expect("hold");
+                thread::sleep(Duration::from_millis(1500));
+                conn.batch_execute("COMMIT").expect("commit");
+            })
+        };
+        let run = run_file(
+            db.url.expose(),
+            "f.csv",
+            &csv(&lines),
+            &["--timeout", "3s", "--connections", "1", "--batch", "1"],
+        );
+        holder.join().expect("holder");
+        let got = outcomes(&run);
+        assert_eq!(got[0].1, "insufficient_funds", "{iso:?}: {run:?}");
+        assert_eq!(got[1].1, "applied", "{iso:?}: {run:?}");
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+    }
+}
+
 /// Without --connections: two at READ COMMITTED, one on a PostgreSQL that runs SERIALIZABLE by
 /// default (its predicate locks make two connections slower there). The question is asked once
-/// the first group is done; its answer still decides, and every line is applied.
+/// the first group is done; its answer still decides (the second connection applies groups),
+/// and every line is applied.
 #[test]
 fn the_server_s_default_isolation_decides_the_connections() {
     for (iso, want) in [(Iso::ReadCommitted, 2), (Iso::Serializable, 1)] {
@@ -2166,6 +2227,14 @@ fn the_server_s_default_isolation_decides_the_connections() {
         assert!(
             run.stderr
                 .contains(&format!("the server's answer: {want} connection(s)")),
+            "{iso:?}: {}",
+            run.stderr
+        );
+        // And the second connection applied groups, or did not (the answer alone proved
+        // nothing: a reviewer kept the new worker idle and this test still passed).
+        assert_eq!(
+            run.stderr.contains("connection 1: a group of"),
+            want == 2,
             "{iso:?}: {}",
             run.stderr
         );

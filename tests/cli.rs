@@ -606,6 +606,16 @@ fn control_characters_in_a_refused_argument_are_shown_escaped() {
     run.fails_with(2, "invalid value '\\u{1b}[31m5' for '--amount <N>'");
     assert!(!run.stderr.contains('\u{1b}'), "{run:?}");
     assert!(run.stderr.contains("got '\\u{1b}[31m5'"), "{run:?}");
+    // A value outside a list too (a reviewer's case).
+    let run = Bank::new()
+        .args(["transfer", "--from", &a, "--to", &b, "--amount", "5"])
+        .args(["--mode", "\u{1b}[31mx"])
+        .run();
+    run.fails_with(2, "invalid value '\\u{1b}[31mx' for '--mode <MODE>'");
+    assert!(
+        run.stderr.contains("possible values: transaction"),
+        "{run:?}"
+    );
 }
 
 #[test]

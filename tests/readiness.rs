@@ -768,10 +768,6 @@ fn doctor_reports_engine_schema_settings_and_counts() {
     ));
 }
 
-/// A role granted the application's tables but not Diesel's migrations table: doctor said "not
-/// migrated (run bank init)" (information_schema hides a table the role may not use), which init
-/// then could not do, and it left out the transfer_claims warning (found by a reviewer). It
-/// says it cannot tell, and still warns.
 /// `PGAPPNAME` names the sessions, as for psql: bank's `application_name=bank` replaced it
 /// (found by a helper playing a new user). The URL's own still comes first.
 #[test]
@@ -791,6 +787,10 @@ fn pgappname_names_the_sessions() {
     assert_eq!(j["settings"]["application_name"], "nightly", "{j}");
 }
 
+/// A role granted the application's tables but not Diesel's migrations table: doctor said "not
+/// migrated (run bank init)" (information_schema hides a table the role may not use), which init
+/// then could not do, and it left out the transfer_claims warning (found by a reviewer). It
+/// says it cannot tell, and still warns.
 #[test]
 fn doctor_for_a_role_that_cannot_read_the_migrations_says_so() {
     let db = ScratchDb::migrated();

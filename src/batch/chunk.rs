@@ -29,8 +29,8 @@ use crate::retry::{
 };
 use crate::transfer::{after_step, claim_and_find, connection};
 
-/// The least a claim after a refusal is given, its statement's deadline spent: enough for a claim
-/// on accounts nobody holds (a few round trips), not for a lock wait.
+/// What a claim after a refusal is given when the run ends with an `unknown` anyway: enough for a
+/// claim on accounts nobody holds (a few round trips), not for a lock wait.
 const CLAIM_AT_LEAST: Duration = Duration::from_millis(250);
 
 /// What a runner shares with whoever watches it for a frozen server: the ticket of the
@@ -240,9 +240,6 @@ impl ChunkRunner {
             self.guesses = Guesses::WithLedger;
         }
         let mut start = 0;
-        // The latest deadline of a statement that said no to a line: the claim of those lines
-        // has what is left of it (`claim_refused`).
-        let mut claim_by: Option<Instant> = None;
         while start < lines.len() {
             let interrupted = self.interruptible && crate::interrupt::interrupted();
             let over = self.stop_at.is_some_and(|t| Instant::now() >= t);
@@ -264,7 +261,6 @@ impl ChunkRunner {
                 rest.first().map_or(0, |l| l.line)
             );
             self.watch.start_statement(rest.len());
-            let deadline = Instant::now() + self.policy.timeout;
             if let Some(hook) = &self.on_statement {
                 hook();
             }
@@ -383,16 +379,13 @@ impl ChunkRunner {
             for line in &lines[start..(start + given.len()).min(lines.len())] {
                 self.first_claims.remove(&line.transfer.id);
             }
-            if given.iter().any(says_no) {
-                claim_by = Some(claim_by.map_or(deadline, |t| t.max(deadline)));
-            }
             start += given.len();
             let shown: Vec<Verdict> = given.iter().map(|v| self.shown(v)).collect();
             decided.extend(given);
             self.watch.lock().decided.extend(shown);
         }
         if self.ids_given {
-            self.claim_refused(lines, &mut decided, claim_by);
+            self.claim_refused(lines, &mut decided);
         }
         self.watch.lock().decided.clear();
         Ok(decided)
@@ -407,17 +400,15 @@ impl ChunkRunner {
     /// watcher has seen these lines `unknown` since each was decided (`shown`), and sees them
     /// as they are once this is done.
     ///
-    /// The claim has what is left of `claim_by`, the deadline of the statement that said no
-    /// (at least `CLAIM_AT_LEAST`, for a lock freed just then): after a statement held up by
-    /// another session's lock until its deadline, the claim waited on the same lock for a
-    /// deadline of its own, and the run took twice `--timeout` (found by a fault-injecting
-    /// helper).
-    fn claim_refused(
-        &mut self,
-        lines: &[Line],
-        decided: &mut [Verdict],
-        claim_by: Option<Instant>,
-    ) {
+    /// The claim is a statement with a deadline of its own, but for one case: when a line of
+    /// the chunk is `unknown` (a statement held up until its deadline, say), the run ends with
+    /// exit 3 and a rerun settles every line anyway, and the claim has `CLAIM_AT_LEAST` (for a
+    /// lock freed just then). After a statement held up by another session's lock until its
+    /// deadline, the claim waited on the same lock for a full deadline more, and the run took
+    /// twice `--timeout` (found by a fault-injecting helper). Cut short whatever the chunk's other
+    /// lines met, a line refused at once ended `unknown` where a claim in its own time would
+    /// have settled it (found by a reviewer).
+    fn claim_refused(&mut self, lines: &[Line], decided: &mut [Verdict]) {
         if !decided.iter().any(says_no) {
             return;
         }
@@ -459,10 +450,11 @@ impl ChunkRunner {
         if !self.watch.ticket.begin() {
             return;
         }
-        let left = claim_by.map_or(self.policy.timeout, |t| {
-            t.saturating_duration_since(Instant::now())
-        });
-        let wait = left.max(CLAIM_AT_LEAST).min(self.policy.timeout);
+        let stopping = decided.iter().any(|v| v.outcome == Outcome::Unknown);
+        let wait = match stopping {
+            true => CLAIM_AT_LEAST.min(self.policy.timeout),
+            false => self.policy.timeout,
+        };
         let policy = RetryPolicy {
             timeout: wait,
             ..self.policy
@@ -473,7 +465,12 @@ impl ChunkRunner {
             &self.watch.ticket,
             &ids,
             &accounts,
-            Some(wait),
+            // Its statements' own bound, lowered only where bank set the session's: a server's
+            // stricter statement_timeout is kept (raised, a claim could wait past it; found by
+            // a reviewer).
+            crate::db::own_statement_timeout()
+                .filter(|own| wait < *own)
+                .map(|_| wait),
         );
         let _ = self.watch.ticket.finish();
         for &i in &refused {

@@ -571,6 +571,7 @@ fn spawn(
                     log::debug!("connection {n}: {e}");
                 }
             }
+            log::debug!("connection {n}: a group of {} lines", job.lines.len());
             let result = runner.apply(&job.lines);
             let retries = std::mem::take(&mut runner.retries);
             let stop = result.is_err();
