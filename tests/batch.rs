@@ -2074,13 +2074,29 @@ fn a_frozen_server_before_the_first_chunk_is_bounded_by_the_timeout() {
     assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
 }
 
+/// A database at `iso` with accounts holding 1000, 250 and 0, where a COMMIT that writes a
+/// transfer of 7 sleeps `seconds` (a deferred trigger).
+fn sevens_commit_slowly(iso: Iso, seconds: u32) -> (ScratchDb, [Uuid; 3]) {
+    let db = ScratchDb::migrated_at(iso);
+    let ids = db.accounts(&[1000, 250, 0]);
+    db.conn()
+        .batch_execute(&format!(
+            "CREATE FUNCTION slow_seven() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF NEW.amount = 7 THEN PERFORM pg_sleep({seconds}); END IF; RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow_seven AFTER INSERT ON transfers \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_seven()"
+        ))
+        .expect("the trigger");
+    (db, [ids[0], ids[1], ids[2]])
+}
+
 /// A line refused on its merits, then another held up by a session that took the refused
 /// line's account meanwhile: the run claimed the refused line's id after the held-up statement,
 /// and the claim waited on the same lock for a deadline of its own: 5.0 s for `--timeout 2s`
-/// (found by a fault-injecting helper). The claim now has what is left of the deadline of the
-/// statement that refused the line, and at least a moment for a lock freed just then: the
-/// refused line is `unknown` (its id could not be claimed), and the run ends within the held-up
-/// statement's deadline and a moment. A rerun once the lock is gone settles both.
+/// (found by a fault-injecting helper). With a line `unknown`, the claim now has a moment only
+/// (for a lock freed just then): the refused line is `unknown` too (its id could not be
+/// claimed), and the run ends within the held-up statement's deadline and a moment. A rerun
+/// once the lock is gone settles both.
 ///
 /// The timing, as the helper made it: the first statement's COMMIT sleeps 1 s in a deferred
 /// trigger; the other session asks for the account 0.5 s in, so it has it once that COMMIT is
@@ -2088,17 +2104,7 @@ fn a_frozen_server_before_the_first_chunk_is_bounded_by_the_timeout() {
 #[test]
 fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
     for iso in Iso::BOTH {
-        let db = ScratchDb::migrated_at(iso);
-        let ids = db.accounts(&[1000, 250, 0]);
-        let (k1, k2, k3) = (ids[0], ids[1], ids[2]);
-        db.conn()
-            .batch_execute(
-                "CREATE FUNCTION slow_seven() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                   IF NEW.amount = 7 THEN PERFORM pg_sleep(1); END IF; RETURN NULL; END $$; \
-                 CREATE CONSTRAINT TRIGGER slow_seven AFTER INSERT ON transfers \
-                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_seven()",
-            )
-            .expect("the trigger");
+        let (db, [k1, k2, k3]) = sevens_commit_slowly(iso, 1);
         let lines = [(k1, k3, 7), (k2, k3, 500), (k1, k2, 1)].map(|(from, to, amount)| T {
             id: Uuid::new_v4(),
             from,
@@ -2158,17 +2164,7 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
 #[test]
 fn a_claim_after_a_slow_statement_that_committed_has_its_own_deadline() {
     for iso in Iso::BOTH {
-        let db = ScratchDb::migrated_at(iso);
-        let ids = db.accounts(&[1000, 250, 0]);
-        let (k1, k2, k3) = (ids[0], ids[1], ids[2]);
-        db.conn()
-            .batch_execute(
-                "CREATE FUNCTION slow_seven() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                   IF NEW.amount = 7 THEN PERFORM pg_sleep(2); END IF; RETURN NULL; END $$; \
-                 CREATE CONSTRAINT TRIGGER slow_seven AFTER INSERT ON transfers \
-                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_seven()",
-            )
-            .expect("the trigger");
+        let (db, [k1, k2, k3]) = sevens_commit_slowly(iso, 2);
         let lines = [(k2, k3, 500), (k1, k3, 7)].map(|(from, to, amount)| T {
             id: Uuid::new_v4(),
             from,
