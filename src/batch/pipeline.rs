@@ -358,7 +358,11 @@ where
                 if !others_idle {
                     others_idle = true;
                     idle.extend((1..workers.len()).rev());
-                    if let Some(ask) = ask.take() {
+                    // Not for a file whose lines are all under way: its only use is more
+                    // connections for what remains, and a login then abandoned at exit is all
+                    // a small file got of it (found by a reviewer).
+                    let more = !queue.is_empty() || lines.peek().is_some();
+                    if let Some(ask) = ask.take().filter(|_| more) {
                         let (tx, rx) = mpsc::channel();
                         thread::spawn(move || {
                             let _ = tx.send(ask());
