@@ -958,8 +958,10 @@ fn a_run_whose_attempts_were_ambiguous_before_any_commit_does_not_take_another_s
         let (db, a, b) = two_accounts(iso);
         db.conn()
             .batch_execute(
-                "CREATE FUNCTION ambiguous() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                "CREATE SEQUENCE refusals; \
+                 CREATE FUNCTION ambiguous() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
                    IF current_setting('bank_test.through', true) IS DISTINCT FROM 'on' THEN \
+                     PERFORM nextval('refusals'); \
                      RAISE EXCEPTION 'result is ambiguous (a test''s trigger)'; \
                    END IF; RETURN NEW; END$$; \
                  CREATE TRIGGER ambiguous BEFORE INSERT ON transfers FOR EACH ROW \
@@ -973,8 +975,25 @@ fn a_run_whose_attempts_were_ambiguous_before_any_commit_does_not_take_another_s
             (a, b, 100),
             &["--id", &id, "--json", "--timeout", "4s"],
         );
-        // Its first attempts fail, ambiguous, before the other run commits.
-        thread::sleep(Duration::from_millis(800));
+        // Its first attempts fail, ambiguous, before the other run commits: once the trigger
+        // has refused one (a sequence counts them, outside any transaction). A fixed 800 ms
+        // could come before that, and the test then passed without its case.
+        let started = std::time::Instant::now();
+        loop {
+            let refused: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "(SELECT is_called FROM refusals)",
+            ))
+            .get_result(&mut db.conn())
+            .expect("the count of refusals");
+            if refused {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{iso:?}: no refusal"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
         let through = format!("{url}?options=-c%20bank_test.through%3Don");
         let other = crate::support::spawn_transfer(&through, (a, b, 100), &["--id", &id, "--json"]);
         let other = crate::support::Run::from(other.wait_with_output().expect("wait"));
@@ -983,6 +1002,10 @@ fn a_run_whose_attempts_were_ambiguous_before_any_commit_does_not_take_another_s
         let first = crate::support::Run::from(first.wait_with_output().expect("wait"));
         assert_eq!(first.code, 0, "{iso:?}: {first:?}");
         assert_eq!(first.json()["already_applied"], true, "{iso:?}: {first:?}");
+        assert!(
+            first.json()["retries"]["ambiguous"].as_u64() > Some(0),
+            "{iso:?}: {first:?}"
+        );
         assert_eq!((db.balance(a), db.balance(b)), (900, 100), "{iso:?}");
     }
 }
