@@ -59,6 +59,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
         }
     });
     let mut conn = url.connect_migrated()?;
+    crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
         None => Box::new(TUTORIAL_BALANCES.into_iter()),
@@ -400,6 +401,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         )
     });
     let mut conn = url.connect_migrated()?;
+    crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     // Asked first: the batches commit as they go, and a refusal at the last table left every
     // account and transfer deleted behind an error that did not say so.

@@ -6,7 +6,7 @@ mod session;
 mod url;
 
 pub use engine::{Engine, Server};
-pub use session::{own_statement_timeout, Session};
+pub use session::{commit_synchronously, own_statement_timeout, Session};
 pub use url::{redact_message, DbUrl};
 
 use diesel::migration::MigrationSource;

@@ -318,6 +318,28 @@ enum Untuned {
     Durability(diesel::result::Error),
 }
 
+/// `synchronous_commit = on` for a connection of its own (`seed`, `reset`, the workload's setup)
+/// where the server's default is `off`, as `tune` does for the transfer sessions: rows a command
+/// reported created were lost to a crash (found by a reviewer: accounts `seed` printed).
+pub fn commit_synchronously(conn: &mut PgConnection) -> diesel::QueryResult<()> {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        value: Option<String>,
+    }
+    let current: Setting =
+        diesel::sql_query("SELECT current_setting('synchronous_commit', true) AS value")
+            .get_result(conn)?;
+    if current
+        .value
+        .as_deref()
+        .is_some_and(|v| v.eq_ignore_ascii_case("off"))
+    {
+        conn.batch_execute("SET synchronous_commit = on")?;
+    }
+    Ok(())
+}
+
 /// See `Session`. The timeouts are whole milliseconds that `bank` computed, not user text.
 fn tune(conn: &mut PgConnection, timeout: Duration) -> Result<(), Untuned> {
     let current: Timeouts = diesel::sql_query(

@@ -116,6 +116,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         )
     });
     let mut setup = url.connect_migrated()?;
+    crate::db::commit_synchronously(&mut setup)?;
     crate::guard::tick();
     let ids = prepare_accounts(&mut setup, config, &made)?;
     let (starting_total, since) = repo::totals_and_versions(&mut setup, &ids)?;
