@@ -1676,23 +1676,14 @@ fn orphan_behind_a_table_lock(iso: Iso, rerun: &str) {
     });
     // Until the table lock is queued (a fixed 300 ms could come before it on a loaded machine,
     // and the cancelled attempt's retry then took the lock first).
-    let started = Instant::now();
-    loop {
-        let queued: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
+    crate::support::wait_until(
+        &mut db.conn(),
+        &format!(
             "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {} AND wait_event_type = 'Lock')",
             ours[1]
-        )))
-        .get_result(&mut db.conn())
-        .expect("pg_stat_activity");
-        if queued {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{case}: never queued"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+        ),
+        &format!("{case}: never queued"),
+    );
     // The test's own sessions go by `bank` too.
     diesel::sql_query(format!(
         "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \

@@ -978,22 +978,11 @@ fn a_run_whose_attempts_were_ambiguous_before_any_commit_does_not_take_another_s
         // Its first attempts fail, ambiguous, before the other run commits: once the trigger
         // has refused one (a sequence counts them, outside any transaction). A fixed 800 ms
         // could come before that, and the test then passed without its case.
-        let started = std::time::Instant::now();
-        loop {
-            let refused: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
-                "(SELECT is_called FROM refusals)",
-            ))
-            .get_result(&mut db.conn())
-            .expect("the count of refusals");
-            if refused {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{iso:?}: no refusal"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        crate::support::wait_until(
+            &mut db.conn(),
+            "(SELECT is_called FROM refusals)",
+            &format!("{iso:?}: no refusal"),
+        );
         let through = format!("{url}?options=-c%20bank_test.through%3Don");
         let other = crate::support::spawn_transfer(&through, (a, b, 100), &["--id", &id, "--json"]);
         let other = crate::support::Run::from(other.wait_with_output().expect("wait"));

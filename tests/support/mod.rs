@@ -482,27 +482,32 @@ pub fn stop_slowing_commits(db: &ScratchDb) {
         .expect("drop the slow-commit trigger");
 }
 
+/// Waits until `condition` (SQL, a boolean) holds on `conn`, polling every few milliseconds;
+/// panics with `what` after 10 s. What a test waits for instead of a fixed sleep.
+pub fn wait_until(conn: &mut PgConnection, condition: &str, what: &str) {
+    let started = Instant::now();
+    loop {
+        let holds: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(condition))
+            .get_result(conn)
+            .expect("the condition");
+        if holds {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits until a `bank` session of this database (not the caller's) is asleep in the COMMIT
 /// that `slow_down_the_next_commit` slowed down: its outcome is then unsettled.
 pub fn wait_for_a_commit_asleep(conn: &mut PgConnection) {
-    let started = Instant::now();
-    loop {
-        let asleep: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
-            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name = 'bank' AND pid <> pg_backend_pid() \
-             AND wait_event = 'PgSleep')",
-        ))
-        .get_result(conn)
-        .expect("pg_stat_activity");
-        if asleep {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no COMMIT fell asleep"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(
+        conn,
+        "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'bank' AND pid <> pg_backend_pid() \
+         AND wait_event = 'PgSleep')",
+        "no COMMIT fell asleep",
+    );
 }
 
 /// A PostgreSQL cluster of one test's own (`scripts/pg` on a free port, in a directory of its
