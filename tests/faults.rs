@@ -1828,6 +1828,17 @@ fn an_asynchronous_commit_default_does_not_make_applied_untrue() {
     seeded.success();
     cluster.crash();
     assert_eq!(db.state().0.len(), 3, "seed said so: {seeded:?}");
+    // `init`'s migrations: it said the schema was ready, and the crash took the tables back.
+    let db = ScratchDb::empty_on(cluster.server());
+    db.alter("synchronous_commit = off");
+    let init = db.bank().args(["init"]).run();
+    init.success();
+    cluster.crash();
+    assert_eq!(
+        bank::db::applied_migrations(&mut db.conn()).expect("read the migrations"),
+        bank::db::known_migrations().expect("bank's migrations"),
+        "init said so: {init:?}"
+    );
 }
 
 /// The server crashes (immediate shutdown, then recovery from the WAL) while a transfer's COMMIT

@@ -199,6 +199,8 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
+    // "applied migration" is said of a migration that a crash cannot take back.
+    db::commit_synchronously(&mut conn)?;
     // Every host of a deployment may run `init` as it starts. Each migration commits on its own,
     // so another init's progress between this one's reads and writes made it fail, in a way of
     // the moment: a relation it was about to create now "in the way", a duplicate key in the

@@ -134,7 +134,8 @@ impl ScratchDb {
         ScratchDb::empty_on(server_url())
     }
 
-    fn empty_on(server: DbUrl) -> ScratchDb {
+    /// `empty` on another server (an `OwnCluster`).
+    pub fn empty_on(server: DbUrl) -> ScratchDb {
         let name = format!("bank_test_{}", Uuid::new_v4().simple());
         let mut admin = server
             .with_database("postgres")
