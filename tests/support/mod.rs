@@ -456,7 +456,10 @@ pub fn wait_for_lock_waits(db: &ScratchDb, sessions: i64) {
 
 /// A deferred trigger of the test's own on the ledger: the next COMMIT that writes ledger rows
 /// (a transaction's, or a single statement's own) takes the row of `slow_commit` and sleeps a
-/// second before it commits (`stop_slowing_commits` drops it).
+/// second before it commits (`stop_slowing_commits` drops it). Without JIT: bank's sessions
+/// disable sequential scans, and the planner's cost for the one left here (the table has no
+/// index) then had each row's check compiled, about 7 ms a row, so that a 20-line COMMIT took
+/// longer than a test's deadline before it even reached the sleep.
 pub fn slow_down_the_next_commit(conn: &mut PgConnection) {
     slow_down_the_next_commit_by(conn, 1)
 }
@@ -465,7 +468,7 @@ pub fn slow_down_the_next_commit(conn: &mut PgConnection) {
 pub fn slow_down_the_next_commit_by(conn: &mut PgConnection, seconds: u32) {
     conn.batch_execute(&format!(
         "CREATE TABLE slow_commit (n INT); INSERT INTO slow_commit VALUES (1); \
-         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$ BEGIN \
            IF EXISTS (SELECT 1 FROM slow_commit) THEN \
              DELETE FROM slow_commit; PERFORM pg_sleep({seconds}); \
            END IF; RETURN NULL; END $$; \
@@ -475,8 +478,31 @@ pub fn slow_down_the_next_commit_by(conn: &mut PgConnection, seconds: u32) {
     .expect("slow commit trigger");
 }
 
+/// `slow_down_the_next_commit`, armed before a run starts for the first transaction that
+/// writes ledger rows after `skip` others did: a test that arms it once a run is under way can
+/// miss the run's last COMMIT on a slow machine. Transactions are counted by their ids, one at
+/// a time (for runs on one connection: concurrent ones would wait on `slow_commit`'s row).
+/// Asleep for `seconds`: a server's `statement_timeout` does not cut a COMMIT short.
+pub fn slow_down_a_commit_after(conn: &mut PgConnection, skip: u32, seconds: u32) {
+    conn.batch_execute(&format!(
+        "CREATE TABLE slow_commit (skip INT, last_tx BIGINT); \
+         INSERT INTO slow_commit VALUES ({skip}, NULL); \
+         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$ BEGIN \
+           IF EXISTS (SELECT 1 FROM slow_commit WHERE last_tx = txid_current()) THEN \
+             NULL; \
+           ELSIF EXISTS (SELECT 1 FROM slow_commit WHERE skip > 0) THEN \
+             UPDATE slow_commit SET skip = skip - 1, last_tx = txid_current(); \
+           ELSIF EXISTS (SELECT 1 FROM slow_commit) THEN \
+             DELETE FROM slow_commit; PERFORM pg_sleep({seconds}); \
+           END IF; RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfers \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+    ))
+    .expect("slow commit trigger");
+}
+
 /// Drops `slow_down_the_next_commit`'s trigger: it runs its check at every COMMIT that writes
-/// ledger rows (about 6.7 ms per row), and after a crash its sleep, rolled back, is armed again.
+/// ledger rows, and after a crash its sleep, rolled back, is armed again.
 pub fn stop_slowing_commits(db: &ScratchDb) {
     db.conn()
         .batch_execute("DROP TRIGGER slow_commit ON transfers")
@@ -509,6 +535,35 @@ pub fn wait_for_a_commit_asleep(conn: &mut PgConnection) {
          AND wait_event = 'PgSleep')",
         "no COMMIT fell asleep",
     );
+}
+
+/// `wait_for_a_commit_asleep`, unless `child` exits first (false then): a run that a slow
+/// machine took past its deadline before its COMMIT.
+pub fn wait_for_a_commit_asleep_or_exit(
+    conn: &mut PgConnection,
+    child: &mut std::process::Child,
+) -> bool {
+    let started = Instant::now();
+    loop {
+        let asleep: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'bank' AND pid <> pg_backend_pid() \
+             AND wait_event = 'PgSleep')",
+        ))
+        .get_result(conn)
+        .expect("pg_stat_activity");
+        if asleep {
+            return true;
+        }
+        if child.try_wait().expect("the run's status").is_some() {
+            return false;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no COMMIT fell asleep"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// A PostgreSQL cluster of one test's own (`scripts/pg` on a free port, in a directory of its
