@@ -616,6 +616,12 @@ pub enum WorkloadError {
     Errors { count: u64, last: String },
     #[error("the final check could not run ({0}); see the report")]
     FinalCheck(String),
+    /// `--readers`, none of whose reads finished: its check did not run.
+    #[error(
+        "no reader finished a read ({} asked for), so the readers' check did not run ({why})",
+        crate::counted(*readers, "reader")
+    )]
+    NoReads { readers: u64, why: String },
     #[error("--reuse-accounts needs at least 2 existing accounts, found {0}")]
     TooFewAccounts(usize),
     #[error("cannot make a latency histogram")]

@@ -235,13 +235,15 @@ impl Crew {
             reads: Arc::new(AtomicU64::new(0)),
             wrong: Arc::new(AtomicU64::new(0)),
             running: Arc::new(AtomicU64::new(n)),
+            failure: Arc::new(Mutex::new(None)),
         };
         for _ in 0..n {
-            let (stop, reads, wrong, running) = (
+            let (stop, reads, wrong, running, failure) = (
                 Arc::clone(&readers.stop),
                 Arc::clone(&readers.reads),
                 Arc::clone(&readers.wrong),
                 Arc::clone(&readers.running),
+                Arc::clone(&readers.failure),
             );
             let (url, ids, since, timeout, live) = (
                 self.url.clone(),
@@ -262,6 +264,7 @@ impl Crew {
                                 if e.is_transient() {
                                     live.mark_fault(began, Instant::now());
                                 }
+                                note(&failure, format_args!("could not connect: {e}"));
                                 thread::sleep(Duration::from_millis(50));
                                 continue;
                             }
@@ -272,11 +275,13 @@ impl Crew {
                     };
                     match read_totals(c, &ids, &since, total, (low, high), false) {
                         Ok((sum, expected, negative)) => {
-                            if stop.load(Ordering::SeqCst) {
-                                break;
-                            }
+                            // A read that ends after the run still read one snapshot: it
+                            // counts (over many accounts, it may be the only one), though the
+                            // chart's seconds are over.
                             reads.fetch_add(1, Ordering::SeqCst);
-                            live.read_total(Instant::now(), sum);
+                            if !stop.load(Ordering::SeqCst) {
+                                live.read_total(Instant::now(), sum);
+                            }
                             if sum != expected || negative != 0 {
                                 log::warn!("workload: a read saw total {sum} (expected {expected}) and {negative} negative balances");
                                 wrong.fetch_add(1, Ordering::SeqCst);
@@ -285,6 +290,7 @@ impl Crew {
                         // A lost connection or a conflict says nothing about the bank: read again.
                         Err(e) => {
                             log::debug!("workload: a read failed ({e})");
+                            note(&failure, format_args!("a read failed: {e}"));
                             if classify(&e, Phase::BeforeCommit) == Some(Cause::ConnectionLost) {
                                 live.mark_fault(began, Instant::now());
                             }
@@ -434,12 +440,23 @@ pub(super) struct Readers {
     wrong: Arc<AtomicU64>,
     /// Readers that have not yet closed their connection.
     running: Arc<AtomicU64>,
+    /// The last reason a reader could not read.
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+/// Keeps `what` as the readers' last failure.
+fn note(failure: &Mutex<Option<String>>, what: std::fmt::Arguments<'_>) {
+    if let Ok(mut last) = failure.lock() {
+        *last = Some(what.to_string());
+    }
 }
 
 /// What the readers saw.
 pub(super) struct Reads {
     pub(super) reads: u64,
     pub(super) wrong: u64,
+    /// Why a reader last could not read, if one could not.
+    pub(super) failure: Option<String>,
 }
 
 impl Readers {
@@ -459,6 +476,7 @@ impl Readers {
         Reads {
             reads: self.reads.load(Ordering::SeqCst),
             wrong: self.wrong.load(Ordering::SeqCst),
+            failure: self.failure.lock().ok().and_then(|mut f| f.take()),
         }
     }
 }

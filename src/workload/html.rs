@@ -73,13 +73,12 @@ fn page(report: &Report, timeline: &Timeline) -> Result<String, String> {
     );
     let _ = writeln!(
         w,
-        "<p>{} accounts, {} workers, mode {mode}, {:.1} s, {} readers; {} transfers committed, \
-         {:.0} transfers/s.</p>",
-        report.accounts,
-        report.concurrency,
+        "<p>{}, {}, mode {mode}, {:.1} s, {}; {} committed, {:.0} transfers/s.</p>",
+        crate::counted(report.accounts as u64, "account"),
+        crate::counted(report.concurrency, "worker"),
         report.elapsed_secs,
-        timeline.readers,
-        report.transfers_committed,
+        crate::counted(timeline.readers, "reader"),
+        crate::counted(report.transfers_committed, "transfer"),
         report.throughput_per_sec
     );
     if report.interrupted {

@@ -186,8 +186,10 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             starting_total,
             stuck_workers: watchdog.stuck_workers,
             interrupted: crate::interrupt::interrupted(),
+            readers: config.readers,
             reads: reads.reads,
             wrong_total_reads: reads.wrong,
+            read_error: reads.failure,
         },
         tally,
         check,
@@ -249,15 +251,23 @@ fn verdict(report: Report) -> Option<WorkloadError> {
         None
     } else if let Some(e) = report.final_check_error {
         Some(WorkloadError::FinalCheck(e))
-    } else if report.invariants_hold() {
+    } else if !report.invariants_hold() {
+        Some(WorkloadError::InvariantViolated)
+    } else if report.readers_never_read() {
+        Some(WorkloadError::NoReads {
+            readers: report.readers,
+            why: match report.read_error {
+                Some(e) => format!("the last attempt: {e}"),
+                None => "a read of every workload account took longer than the run".into(),
+            },
+        })
+    } else {
         // Only errors made the run fail: saying an invariant broke would send the reader after
         // the wrong thing.
         Some(WorkloadError::Errors {
             count: report.errors,
             last: report.last_error.unwrap_or_default(),
         })
-    } else {
-        Some(WorkloadError::InvariantViolated)
     }
 }
 

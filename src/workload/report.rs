@@ -138,10 +138,15 @@ pub struct Report {
     pub workers_never_connected: u64,
     /// Workers given up on because a transfer of theirs outlived its deadline (and replaced).
     pub stuck_workers: u64,
-    /// Snapshot reads by `--readers`, and those whose total was not the opening total or that
-    /// showed a negative balance.
+    /// `--readers`; snapshot reads by them, and those whose total was not the opening total or
+    /// that showed a negative balance. Readers none of whose reads finished fail the run: the
+    /// check asked for did not run.
+    pub readers: u64,
     pub reads: u64,
     pub wrong_total_reads: u64,
+    /// Why a reader last could not read (a lost connection, a refusal), if one could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_error: Option<String>,
     pub throughput_per_sec: f64,
     pub latency_ms: Latency,
     pub starting_total: i128,
@@ -193,8 +198,10 @@ pub struct Run {
     pub starting_total: i128,
     pub stuck_workers: u64,
     pub interrupted: bool,
+    pub readers: u64,
     pub reads: u64,
     pub wrong_total_reads: u64,
+    pub read_error: Option<String>,
 }
 
 impl Report {
@@ -226,7 +233,8 @@ impl Report {
                 verify_ok: None,
             },
         };
-        let ok = invariants.all() && run.wrong_total_reads == 0 && tally.errors == 0;
+        let read = run.readers == 0 || run.reads > 0;
+        let ok = invariants.all() && run.wrong_total_reads == 0 && read && tally.errors == 0;
         Report {
             ok,
             mode: run.mode,
@@ -244,8 +252,10 @@ impl Report {
             reconnects: tally.reconnects,
             workers_never_connected: tally.never_connected,
             stuck_workers: run.stuck_workers,
+            readers: run.readers,
             reads: run.reads,
             wrong_total_reads: run.wrong_total_reads,
+            read_error: run.read_error.map(|e| crate::text::one_line(&e)),
             throughput_per_sec: tally.committed as f64 / run.elapsed_secs.max(1e-9),
             latency_ms: Latency {
                 p50: ms(0.50),
@@ -259,8 +269,10 @@ impl Report {
             ledger_rows_added: check.as_ref().map(|c| c.ledger_rows),
             invariants,
             verify: check.map(|c| c.verify),
-            final_check_error,
-            last_error: tally.last_error,
+            // One line each, as every message bank prints: a server's error may span several
+            // (a trigger's RAISE with a newline split the report's line).
+            final_check_error: final_check_error.map(|e| crate::text::one_line(&e)),
+            last_error: tally.last_error.map(|e| crate::text::one_line(&e)),
         }
     }
 }
@@ -287,6 +299,11 @@ impl Report {
     pub fn invariants_hold(&self) -> bool {
         self.invariants.all() && self.wrong_total_reads == 0
     }
+
+    /// `--readers` asked for a check that no read made.
+    pub fn readers_never_read(&self) -> bool {
+        self.readers > 0 && self.reads == 0
+    }
 }
 
 impl fmt::Display for Report {
@@ -307,8 +324,10 @@ impl fmt::Display for Report {
         };
         writeln!(
             f,
-            "workload: {} accounts, {} workers, mode {mode}, {:.1}s",
-            self.accounts, self.concurrency, self.elapsed_secs
+            "workload: {}, {}, mode {mode}, {:.1}s",
+            crate::counted(self.accounts as u64, "account"),
+            crate::counted(self.concurrency, "worker"),
+            self.elapsed_secs
         )?;
         if self.interrupted {
             writeln!(
@@ -361,11 +380,13 @@ impl fmt::Display for Report {
                 self.stuck_workers
             )?;
         }
-        if self.reads > 0 {
+        if self.readers > 0 {
             writeln!(
                 f,
-                "reads: {} (wrong total or negative balance: {})",
-                self.reads, self.wrong_total_reads
+                "reads: {} by {} (wrong total or negative balance: {})",
+                self.reads,
+                crate::counted(self.readers, "reader"),
+                self.wrong_total_reads
             )?;
         }
         writeln!(f, "throughput: {:.0} transfers/s", self.throughput_per_sec)?;
@@ -409,14 +430,19 @@ impl fmt::Display for Report {
             mark(self.invariants.chains_exact)
         )?;
         writeln!(f, "  verify: {}", mark(self.invariants.verify_ok))?;
-        if self.reads > 0 {
+        if self.readers > 0 {
             // The readers' own checks, made during the run.
-            let read_ok = if self.wrong_total_reads == 0 {
-                "ok"
-            } else {
+            let read_ok = if self.wrong_total_reads > 0 {
                 "VIOLATED"
+            } else if self.reads == 0 {
+                "not checked (no read finished)"
+            } else {
+                "ok"
             };
             writeln!(f, "  every read's total = starting total: {read_ok}")?;
+        }
+        if let (0, Some(e)) = (self.reads, &self.read_error) {
+            writeln!(f, "last read error: {e}")?;
         }
         if let Some(e) = &self.last_error {
             writeln!(f, "last error: {e}")?;
@@ -443,8 +469,10 @@ mod tests {
             starting_total: 10_000,
             stuck_workers: 0,
             interrupted: false,
+            readers: 0,
             reads: 0,
             wrong_total_reads: 0,
+            read_error: None,
         }
     }
 
@@ -471,6 +499,21 @@ mod tests {
         );
     }
 
+    /// "1 workers" (found by a helper).
+    #[test]
+    fn one_worker_is_one_worker() {
+        let run = Run {
+            concurrency: 1,
+            ..run()
+        };
+        let report = Report::new(run, Tally::new().expect("tally"), Err("-".into()));
+        let text = report.to_string();
+        assert!(
+            text.starts_with("workload: 10 accounts, 1 worker, mode"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn invariants_that_the_final_check_could_not_look_at_are_not_called_violated() {
         let run = Run {
@@ -481,8 +524,10 @@ mod tests {
             starting_total: 10_000,
             stuck_workers: 1,
             interrupted: false,
+            readers: 1,
             reads: 3,
             wrong_total_reads: 0,
+            read_error: None,
         };
         let tally = Tally::new().expect("tally");
         let report = Report::new(run, tally, Err("no answer within 400ms".into()));

@@ -392,7 +392,8 @@ static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 /// the same way (set read-only, a missing privilege) printed a line per transfer, thousands of
 /// them. The summary counts them all, and gives the last.
 fn warn_once(id: Uuid, e: &TransferError) {
-    let text = e.to_string();
+    // On one line, as every line bank writes to stderr: a server's error may span several.
+    let text = crate::text::one_line(&e.to_string());
     let kind = match e {
         TransferError::Database(_) => text.replace(&id.to_string(), ""),
         other => format!("{:?}", std::mem::discriminant(other)),

@@ -466,16 +466,7 @@ pub fn slow_down_the_next_commit(conn: &mut PgConnection) {
 
 /// `slow_down_the_next_commit`, asleep for `seconds`.
 pub fn slow_down_the_next_commit_by(conn: &mut PgConnection, seconds: u32) {
-    conn.batch_execute(&format!(
-        "CREATE TABLE slow_commit (n INT); INSERT INTO slow_commit VALUES (1); \
-         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$ BEGIN \
-           IF EXISTS (SELECT 1 FROM slow_commit) THEN \
-             DELETE FROM slow_commit; PERFORM pg_sleep({seconds}); \
-           END IF; RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfers \
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
-    ))
-    .expect("slow commit trigger");
+    slow_down_a_commit_after(conn, 0, seconds)
 }
 
 /// `slow_down_the_next_commit`, armed before a run starts for the first transaction that
