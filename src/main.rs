@@ -144,10 +144,16 @@ fn refused_value(e: &clap::Error) -> Option<String> {
             Some(format!("invalid value '{value}' for '{arg}': {why}"))
         }
         // A value outside a list (`--mode`, `--format`; found by a reviewer).
-        (ErrorKind::InvalidValue, _, Some(ContextValue::Strings(valid))) => Some(format!(
-            "invalid value '{value}' for '{arg}' [possible values: {}]",
-            valid.join(", ")
-        )),
+        (ErrorKind::InvalidValue, _, Some(ContextValue::Strings(valid))) if !valid.is_empty() => {
+            Some(format!(
+                "invalid value '{value}' for '{arg}' [possible values: {}]",
+                valid.join(", ")
+            ))
+        }
+        // An empty path (clap refuses it with an empty list of possible values).
+        (ErrorKind::InvalidValue, _, _) if value.is_empty() => {
+            Some(format!("invalid value '' for '{arg}': it is empty"))
+        }
         _ => None,
     }
 }

@@ -616,6 +616,17 @@ fn control_characters_in_a_refused_argument_are_shown_escaped() {
         run.stderr.contains("possible values: transaction"),
         "{run:?}"
     );
+    // An empty path: "[possible values: ]" named no list (found by a helper).
+    for args in [
+        vec!["transfer", "--file", ""],
+        vec!["workload", "--report", ""],
+        vec!["workload", "--histogram", ""],
+    ] {
+        let run = Bank::new().args(&args).run();
+        run.fails_with(2, &format!("invalid value '' for '{} <", args[1]));
+        assert!(run.stderr.contains("': it is empty"), "{run:?}");
+        assert!(!run.stderr.contains("possible values"), "{run:?}");
+    }
 }
 
 #[test]
@@ -1107,6 +1118,11 @@ fn completions_and_the_man_page_need_no_database() {
         .args(["man", "sede"])
         .run()
         .fails_with(2, "no command sede");
+    // An empty name is quoted, not a gap ("no command : …"; found by a helper).
+    Bank::new()
+        .args(["man", ""])
+        .run()
+        .fails_with(2, "no command '': `bank --help` lists them");
     Bank::new()
         .args(["completions", "tcsh"])
         .run()

@@ -1841,6 +1841,45 @@ fn an_asynchronous_commit_default_does_not_make_applied_untrue() {
     );
 }
 
+/// The read of the session's settings that decides `synchronous_commit = on` (and the raise of
+/// REPEATABLE READ) failing: the connection was kept untuned, so a transfer committed
+/// asynchronously and was reported applied (found by a reviewer; there, one run in 30 under a
+/// role's `statement_timeout = 2ms`). Here a `current_setting` of the database's own, first on
+/// its search path, fails that read every time: the run must not apply anything it cannot
+/// vouch for, and says why.
+#[test]
+fn a_session_whose_settings_cannot_be_read_is_not_used() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION public.current_setting(text) RETURNS text LANGUAGE plpgsql AS \
+               $$ BEGIN RAISE EXCEPTION 'shadowed current_setting'; END $$; \
+             CREATE FUNCTION public.current_setting(text, boolean) RETURNS text \
+               LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'shadowed current_setting'; END $$",
+        )
+        .expect("a current_setting of the database's own");
+    db.alter("synchronous_commit = off");
+    db.alter("search_path = public, pg_catalog");
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    let run = db
+        .bank()
+        .args(["transfer", "--from", &from, "--to", &to, "--amount", "7"])
+        .args(["--timeout", "1s"])
+        .run();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("the session's settings could not be read")
+            && run.stderr.contains("shadowed current_setting"),
+        "{run:?}"
+    );
+    assert_eq!(
+        crate::support::count_transfers(&mut db.conn()).expect("count"),
+        0
+    );
+}
+
 /// The server crashes (immediate shutdown, then recovery from the WAL) while a transfer's COMMIT
 /// is being made (a deferred trigger of the test's sleeps in it): the connection dies with the
 /// COMMIT unanswered, so the run cannot know its outcome; the crash rolled it back. Within its

@@ -50,10 +50,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                             .into(),
                     )),
                     Some(name) => cmd.find_subcommand(name).cloned().ok_or_else(|| {
-                        Error::Usage(format!(
-                            "no command {}: `bank --help` lists them",
-                            crate::text::shown(name)
-                        ))
+                        let name = match name.is_empty() {
+                            true => "''".to_string(),
+                            false => crate::text::shown(name),
+                        };
+                        Error::Usage(format!("no command {name}: `bank --help` lists them"))
                     })?,
                 };
             render_man(page, &mut out)?;

@@ -238,6 +238,16 @@ impl Session {
                     Err(Untuned::Tuning(e)) => {
                         log::debug!("tuning the session failed (ignored): {e}")
                     }
+                    Err(Untuned::Unread(e)) => {
+                        return Err(ConnectError {
+                            url: self.url.to_string(),
+                            message: format!(
+                                "the session's settings could not be read, so whether its \
+                                 commits are durable (synchronous_commit) and its isolation safe \
+                                 is unknown: {e}"
+                            ),
+                        })
+                    }
                     // Not a tuning: a file's lines rely on it (see `tune`).
                     Err(Untuned::Isolation(e)) => {
                         return Err(ConnectError {
@@ -313,6 +323,10 @@ pub fn own_statement_timeout() -> Option<Duration> {
 
 /// Why `tune` fell short: a tuning, ignored; or one of the settings that are not tunings.
 enum Untuned {
+    /// The settings could not be read, so whether the two below were needed is unknown: the
+    /// connection is not used (it was kept, and a transfer committed asynchronously was
+    /// reported applied; found by a reviewer).
+    Unread(diesel::result::Error),
     Tuning(diesel::result::Error),
     Isolation(diesel::result::Error),
     Durability(diesel::result::Error),
@@ -349,7 +363,7 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> Result<(), Untuned> {
          current_setting('synchronous_commit', true) AS synchronous_commit",
     )
     .get_result(conn)
-    .map_err(Untuned::Tuning)?;
+    .map_err(Untuned::Unread)?;
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
     let mut sql = String::new();
     for (name, value) in [
