@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::support::proxy::{upstream_of, At, Fault, Proxy};
 use crate::support::{
-    count_transfers, slow_down_a_commit_after, stop_slowing_commits,
+    count_transfers, slow_down_a_commit_after, stop_slowing_commits, wait_for_a_commit_asleep,
     wait_for_a_commit_asleep_or_exit, wait_for_lock_wait, Bank, Iso, OwnCluster, Run, ScratchDb,
 };
 
@@ -943,6 +943,64 @@ fn mid_file(cluster: &OwnCluster, iso: Iso, seed: u64, moment: Moment, timeout: 
         );
     }
     panic!("three runs ended before their second COMMIT");
+}
+
+/// A schema named after the role, with tables named as bank's, made while a file is under way:
+/// `"$user"` comes first on the default search_path, and PostgreSQL resolves the names of the
+/// connections already open again, so the run's later statements wrote their ledger rows and
+/// claims there: a rerun applied the same ids again (found by a fault-injecting helper: 6,386
+/// ids reported applied twice, exit 0). bank's connections keep the search path the run's
+/// first connection found (and checked).
+#[test]
+fn a_schema_put_first_on_the_search_path_mid_run_does_not_take_the_ledger() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 20, 200, 31);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write file");
+        let holder = db.hold(&[lines[0].from]);
+        let child = spawn_file_with(
+            db.url.expose(),
+            &path,
+            &["--batch", "20", "--connections", "1", "--timeout", "20s"],
+        );
+        wait_for_lock_wait(&db);
+        let mut conn = db.conn();
+        let user: String = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+            "CAST(current_user AS TEXT)",
+        ))
+        .get_result(&mut conn)
+        .expect("current_user");
+        conn.batch_execute(&format!(
+            "CREATE SCHEMA \"{user}\"; \
+             CREATE TABLE \"{user}\".transfers (LIKE public.transfers INCLUDING ALL); \
+             CREATE TABLE \"{user}\".transfer_claims (LIKE public.transfer_claims INCLUDING ALL)"
+        ))
+        .expect("a schema named after the role");
+        drop(holder);
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        let count = |table: &str| -> i64 {
+            diesel::select(diesel::dsl::sql::<BigInt>(&format!(
+                "(SELECT COUNT(*) FROM {table})"
+            )))
+            .get_result(&mut db.conn())
+            .expect("count")
+        };
+        assert_eq!(count(&format!("\"{user}\".transfers")), 0, "{iso:?}");
+        assert_eq!(count("public.transfers"), lines.len() as i64, "{iso:?}");
+        // And the balances moved once each: the ledger's chains are exact in public.
+        let sum: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+            "(SELECT CAST(COUNT(*) AS INT8) FROM public.accounts a WHERE a.balance <> \
+               a.opening_balance \
+               + COALESCE((SELECT SUM(amount) FROM public.transfers WHERE to_id = a.id), 0) \
+               - COALESCE((SELECT SUM(amount) FROM public.transfers WHERE from_id = a.id), 0))",
+        ))
+        .get_result(&mut db.conn())
+        .expect("balances against the ledger");
+        assert_eq!(sum, 0, "{iso:?}: balances that disagree with the ledger");
+    }
 }
 
 #[test]
@@ -2133,8 +2191,10 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
         let holder = {
             let db_url = db.url.clone();
             thread::spawn(move || {
-                thread::sleep(Duration::from_millis(500));
                 let mut conn = db_url.connect().expect("connect");
+                // While the first COMMIT sleeps in the trigger: a fixed 500 ms came after it on a
+                // loaded machine, and the held-up statement was not held up.
+                wait_for_a_commit_asleep(&mut conn);
                 // READ COMMITTED: at SERIALIZABLE the lock, granted after a concurrent update,
                 // fails with 40001.
                 conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
@@ -2174,6 +2234,61 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
     }
 }
 
+/// `transfer_claims` locked by another session (`LOCK TABLE`, a `VACUUM FULL`) for longer than
+/// `--timeout`: the statements waited their deadline, the lines were settled "not applied" (no
+/// session holds their accounts or ledger rows), and the claim of their ids then waited a
+/// deadline more on the same lock: 4.05 s for `--timeout 2s`, 10.1 s for 5s (found by a
+/// fault-injecting helper). A line whose deadline is spent gets a claim of `CLAIM_AT_LEAST`.
+#[test]
+fn a_locked_claims_table_does_not_take_a_file_past_its_deadline() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 10, 30, 47);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let db_url = db.url.clone();
+            thread::spawn(move || {
+                let mut conn = db_url.connect().expect("connect");
+                conn.batch_execute("BEGIN; LOCK TABLE transfer_claims IN ACCESS EXCLUSIVE MODE")
+                    .expect("lock the claims");
+                let _ = locked.send(());
+                let _ = released.recv_timeout(Duration::from_secs(30));
+            })
+        };
+        is_locked.recv().expect("locked");
+        let started = Instant::now();
+        let run = run_file(
+            db.url.expose(),
+            "f.csv",
+            &csv(&lines),
+            &["--timeout", "2s", "--connections", "1"],
+        );
+        let took = started.elapsed();
+        let _ = release.send(());
+        holder.join().expect("holder");
+        assert_ne!(run.code, 0, "{iso:?}: {run:?}");
+        assert!(
+            outcomes(&run).iter().all(|(_, o)| o != "applied"),
+            "{iso:?}: {run:?}"
+        );
+        assert!(
+            took < Duration::from_millis(3200),
+            "{iso:?}: took {took:?}: {run:?}"
+        );
+        let again = run_file(db.url.expose(), "f.csv", &csv(&lines), &[]);
+        assert_eq!(again.code, 0, "{iso:?}: {again:?}");
+        assert!(
+            outcomes(&again).iter().all(|(_, o)| o == "applied"),
+            "{iso:?}: {again:?}"
+        );
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            lines.len() as i64
+        );
+    }
+}
+
 /// The other side of the test above (found by a reviewer of its first fix, which gave every
 /// claim only what was left of the refusing statement's deadline): a line refused at once, then
 /// a slow statement that commits within its deadline, and a session that holds the refused
@@ -2192,8 +2307,10 @@ fn a_claim_after_a_slow_statement_that_committed_has_its_own_deadline() {
         let holder = {
             let db_url = db.url.clone();
             thread::spawn(move || {
-                thread::sleep(Duration::from_millis(500));
                 let mut conn = db_url.connect().expect("connect");
+                // While the first COMMIT sleeps in the trigger: a fixed 500 ms came after it on a
+                // loaded machine, and the held-up statement was not held up.
+                wait_for_a_commit_asleep(&mut conn);
                 // READ COMMITTED: at SERIALIZABLE the lock, granted after a concurrent update,
                 // fails with 40001.
                 conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")

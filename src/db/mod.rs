@@ -462,8 +462,13 @@ pub fn shadowed_tables(conn: &mut PgConnection) -> QueryResult<Option<(String, V
     Ok((!shadowed.is_empty()).then_some((bank, shadowed)))
 }
 
-/// The connection's `search_path`, as the server shows it.
+/// The connection's `search_path` as the run found it (`session::search_path_as_found`).
 pub fn search_path(conn: &mut PgConnection) -> QueryResult<String> {
+    Ok(session::search_path_as_found(shown_search_path(conn)?))
+}
+
+/// The connection's `search_path`, as the server shows it.
+fn shown_search_path(conn: &mut PgConnection) -> QueryResult<String> {
     #[derive(QueryableByName)]
     struct Path {
         #[diesel(sql_type = Text)]

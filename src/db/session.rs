@@ -100,8 +100,100 @@ impl DbUrl {
         if log::log_enabled!(target: "bank::sql", log::Level::Trace) {
             conn.set_instrumentation(SqlLogger);
         }
+        keep_search_path(&mut conn, &self.full).map_err(|e| ConnectError {
+            url: self.to_string(),
+            message: format!("the session's search_path could not be kept: {e}"),
+        })?;
         Ok(conn)
     }
+}
+
+/// What the first connection of this run to each URL found on its search_path (see
+/// `keep_search_path`). A run has one URL; the tests, many.
+struct KeptPath {
+    url: String,
+    /// The setting as the server showed it, before it was kept.
+    found: String,
+    /// The schemas it named that exist, as a `SET` takes them; empty when none does.
+    kept: String,
+    /// The setting as the server shows it once kept.
+    shown: String,
+}
+
+static SEARCH_PATHS: std::sync::Mutex<Vec<KeptPath>> = std::sync::Mutex::new(Vec::new());
+
+/// The search_path the run found, for a session whose setting `keep_search_path` replaced
+/// (`shown`): messages name the user's setting ("nowhere, pg_temp"), not bank's.
+pub fn search_path_as_found(shown: String) -> String {
+    let paths = SEARCH_PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    match paths
+        .iter()
+        .find(|p| p.shown == shown && !p.kept.is_empty())
+    {
+        Some(p) => p.found.clone(),
+        None => shown,
+    }
+}
+
+/// Sets the session's search_path to the schemas the run's first connection found on it, so
+/// that bank's table names mean, for the whole run, the tables that connection saw (and that
+/// `require_migrated` checked). PostgreSQL resolves names again whenever the schemas a path
+/// names change: a schema named after the role made mid-run (`"$user"` comes first on the
+/// default path), or `ALTER SYSTEM SET search_path` with a reload, took the ledger and the
+/// claims of the connections already open to another schema's tables, and a rerun applied the
+/// same ids again (found by a fault-injecting helper). A schema name is the server's, written
+/// as a quoted identifier (a `SET` takes no bind parameters); the session's own temporary
+/// schema is `pg_temp`, whatever its number. Nothing is kept where no schema of the path
+/// exists: no table of bank's resolves then either.
+fn keep_search_path(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Array<Text>)]
+        schemas: Vec<String>,
+        #[diesel(sql_type = Text)]
+        path: String,
+    }
+    let kept = |paths: &[KeptPath]| paths.iter().find(|p| p.url == url).map(|p| p.kept.clone());
+    // A poisoned lock (a thread panicked holding it) still holds what was kept.
+    let known = kept(&SEARCH_PATHS.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(path) = known {
+        if !path.is_empty() {
+            conn.batch_execute(&format!("SET search_path = {path}"))?;
+        }
+        return Ok(());
+    }
+    let found: Found = diesel::sql_query(
+        "SELECT current_schemas(false) AS schemas, current_setting('search_path') AS path",
+    )
+    .get_result(conn)?;
+    let path = found
+        .schemas
+        .iter()
+        .map(|name| match name.starts_with("pg_temp_") {
+            true => "pg_temp".to_string(),
+            false => format!("\"{}\"", name.replace('"', "\"\"")),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !path.is_empty() {
+        conn.batch_execute(&format!("SET search_path = {path}"))?;
+    }
+    let shown = super::shown_search_path(conn)?;
+    let mut paths = SEARCH_PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    // Another connection of the run may have kept one meanwhile: the first stands.
+    match kept(&paths) {
+        Some(first) if first != path && !first.is_empty() => {
+            conn.batch_execute(&format!("SET search_path = {first}"))?;
+        }
+        Some(_) => {}
+        None => paths.push(KeptPath {
+            url: url.to_string(),
+            found: found.path,
+            kept: path,
+            shown,
+        }),
+    }
+    Ok(())
 }
 
 /// `PGAPPNAME` names the sessions, as it does psql's: libpq reads it when the URL sets no
