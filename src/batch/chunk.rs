@@ -165,6 +165,8 @@ pub struct ChunkRunner {
     barred: Arc<Mutex<HashSet<Uuid>>>,
     /// How the next statement's refused lines are guessed (`Chunk::guess_short`).
     guesses: Guesses,
+    /// A statement of the chunk under way ran until its deadline (see `claim_refused`).
+    deadline_spent: bool,
 }
 
 /// How a runner guesses the lines a statement refuses for insufficient funds, so that the
@@ -209,6 +211,7 @@ impl ChunkRunner {
             first_claims: HashMap::new(),
             barred: Arc::default(),
             guesses: Guesses::FromBalances,
+            deadline_spent: false,
         }
     }
 
@@ -236,6 +239,7 @@ impl ChunkRunner {
         // The chunk's verdicts as they are; the watcher sees them as `shown`.
         let mut decided: Vec<Verdict> = Vec::with_capacity(lines.len());
         self.size = self.limit;
+        self.deadline_spent = false;
         if self.guesses == Guesses::NoneInThisChunk {
             self.guesses = Guesses::WithLedger;
         }
@@ -450,7 +454,12 @@ impl ChunkRunner {
         if !self.watch.ticket.begin() {
             return;
         }
-        let stopping = decided.iter().any(|v| v.outcome == Outcome::Unknown);
+        // Lines whose statement ran until its deadline spent their time already: a claim
+        // waiting a deadline more, on a lock the statement met (`transfer_claims` locked by
+        // another session, which the check for other sessions' locks on the accounts and the
+        // ledger does not see), took the run to twice `--timeout` (found by a fault-injecting
+        // helper).
+        let stopping = self.deadline_spent || decided.iter().any(|v| v.outcome == Outcome::Unknown);
         let wait = match stopping {
             true => CLAIM_AT_LEAST.min(self.policy.timeout),
             false => self.policy.timeout,
@@ -843,6 +852,7 @@ impl ChunkRunner {
                 timed_out,
                 cause,
             }) => {
+                self.deadline_spent |= timed_out;
                 let how = if timed_out {
                     format!(
                         "timed out after {:.1}s ({})",
