@@ -1841,6 +1841,60 @@ fn an_asynchronous_commit_default_does_not_make_applied_untrue() {
     );
 }
 
+/// A server that writes its messages in another language (`lc_messages` of the role or the
+/// database): bank tells the errors it retries by their English words, and under German ones a
+/// lock timeout was reported as the database's refusal, not retried (found by a
+/// fault-injecting helper). bank's sessions set `lc_messages = 'C'`; a role that may not is
+/// warned (only where the language is not English). Here `C.utf8`, the one other locale every
+/// machine has: the session a transfer ran in says `C`.
+#[test]
+fn bank_s_sessions_have_the_server_speak_english() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE seen (messages TEXT); \
+             CREATE FUNCTION seen() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               INSERT INTO seen VALUES (current_setting('lc_messages')); RETURN NULL; END $$; \
+             CREATE TRIGGER seen AFTER INSERT ON transfers \
+               FOR EACH ROW EXECUTE FUNCTION seen()",
+        )
+        .expect("a trigger that notes the session's lc_messages");
+    db.alter("lc_messages = 'C.utf8'");
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    db.bank()
+        .args(["transfer", "--from", &from, "--to", &to, "--amount", "7"])
+        .run()
+        .success();
+    use diesel::RunQueryDsl;
+    let seen: String = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+        "(SELECT messages FROM seen)",
+    ))
+    .get_result(&mut db.conn())
+    .expect("seen");
+    assert_eq!(seen, "C");
+    // A role that may not set it goes on, and is not warned of English by another name.
+    let (_, url) = db.role(
+        "LOGIN",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, seen, \
+         __diesel_schema_migrations TO {role}",
+    );
+    let run = crate::support::Bank::new()
+        .args([
+            "--database-url",
+            &url,
+            "transfer",
+            "--from",
+            &from,
+            "--to",
+            &to,
+        ])
+        .args(["--amount", "7"])
+        .run();
+    run.success();
+    assert_eq!(run.stderr, "", "{run:?}");
+}
+
 /// The read of the session's settings that decides `synchronous_commit = on` (and the raise of
 /// REPEATABLE READ) failing: the connection was kept untuned, so a transfer committed
 /// asynchronously and was reported applied (found by a reviewer; there, one run in 30 under a

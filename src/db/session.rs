@@ -104,7 +104,88 @@ impl DbUrl {
             url: self.to_string(),
             message: format!("the session's search_path could not be kept: {e}"),
         })?;
+        messages_in_english(&mut conn, &self.full);
         Ok(conn)
+    }
+}
+
+/// Per URL, the server's `lc_messages` where it is not `C` (see `messages_in_english`).
+struct Messages {
+    url: String,
+    /// `None`: in English already.
+    language: Option<String>,
+    /// This role may set it (until a `SET` says otherwise).
+    may_set: bool,
+}
+
+static MESSAGES: std::sync::Mutex<Vec<Messages>> = std::sync::Mutex::new(Vec::new());
+
+/// Has the server write its messages in English (`lc_messages = 'C'`) where they are in another
+/// language: the errors bank retries (a lock or statement timeout, a deadlock, a cancellation,
+/// a terminated connection) and the ones it explains (a full disk, a missing privilege) are
+/// told apart by their words, Diesel giving no SQLSTATE for them. Under a role's
+/// `lc_messages = 'de_DE.UTF-8'` a lock timeout was reported as the database's refusal and not
+/// retried (found by a fault-injecting helper). Outcomes stay true either way (an error bank
+/// does not know is no proof of anything), so a role that may not set it (superusers may, or
+/// `GRANT SET ON PARAMETER lc_messages`) is warned once and goes on.
+fn messages_in_english(conn: &mut PgConnection, url: &str) {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        messages: Option<String>,
+    }
+    let known = MESSAGES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|m| m.url == url)
+        .map(|m| (m.language.clone(), m.may_set));
+    let language = match known {
+        Some((Some(language), true)) => language,
+        Some(_) => return,
+        None => {
+            let found =
+                diesel::sql_query("SELECT current_setting('lc_messages', true) AS messages")
+                    .get_result::<Found>(conn)
+                    .ok()
+                    .and_then(|f| f.messages)
+                    .filter(|m| !matches!(m.as_str(), "C" | "POSIX" | ""));
+            MESSAGES
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Messages {
+                    url: url.to_string(),
+                    language: found.clone(),
+                    may_set: true,
+                });
+            match found {
+                Some(language) => language,
+                None => return,
+            }
+        }
+    };
+    if let Err(e) = conn.batch_execute("SET lc_messages = 'C'") {
+        // Said once, by the connection that found out (a file's workers connect together).
+        let mut first = false;
+        for m in MESSAGES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            if m.url == url {
+                first |= std::mem::replace(&mut m.may_set, false);
+            }
+        }
+        // English in all but name ("en_US.UTF-8", "C.UTF-8"): nothing to say.
+        if first && !(language.starts_with("en") || language.starts_with("C.")) {
+            log::warn!(
+                "the server writes its messages in {language} (lc_messages) and this role may not \
+                 set them to English ({e}): bank tells lock timeouts, deadlocks and cancellations \
+                 apart by their words, so it may report them as refusals instead of retrying; a \
+                 superuser can run ALTER ROLE … SET lc_messages = 'C', or GRANT SET ON PARAMETER \
+                 lc_messages TO the role"
+            );
+        }
     }
 }
 
