@@ -111,12 +111,19 @@ impl std::fmt::Display for Unmigrated {
             return write!(
                 f,
                 "bank's tables are in schema {bank}, but this connection's search_path ({}) \
-                 finds {} first: a transfer would move the money there and write its ledger in \
-                 schema {bank}; put schema {bank} first (e.g. `options=-csearch_path%3D{}` in \
-                 the URL), or rename the other table",
+                 finds {} first: a transfer would use {} with bank's others in schema {bank}, \
+                 moving money or writing its ledger and claims where bank does not look; put \
+                 schema {bank} first (e.g. `options=-csearch_path%3D{}` in the URL), or rename \
+                 the other {}",
                 self.search_path,
                 shadowed.join(" and "),
-                quote_ident(bank)
+                if shadowed.len() == 1 { "it" } else { "them" },
+                quote_ident(bank),
+                if shadowed.len() == 1 {
+                    "table"
+                } else {
+                    "tables"
+                }
             );
         }
         if let Some(m) = self.missing.as_deref().filter(|m| !m.moved.is_empty()) {
@@ -775,6 +782,26 @@ mod tests {
     }
 
     use super::*;
+
+    /// With the ledger shadowed, "a transfer would move the money there and write its ledger in
+    /// schema public" said the reverse of what happens (found by a fault-injecting helper).
+    #[test]
+    fn a_shadowed_ledger_is_not_said_to_move_the_money() {
+        let u = Unmigrated {
+            search_path: "bank, public".into(),
+            shadowed: Some(Box::new((
+                "public".into(),
+                vec!["transfers in schema bank".into()],
+            ))),
+            ..Unmigrated::default()
+        };
+        let text = u.to_string();
+        assert!(!text.contains("move the money there"), "{text}");
+        assert!(
+            text.contains("finds transfers in schema bank first: a transfer would use it with"),
+            "{text}"
+        );
+    }
 
     fn connect_error(message: &str) -> ConnectError {
         ConnectError {

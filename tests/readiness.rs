@@ -744,6 +744,21 @@ fn doctor_reports_engine_schema_settings_and_counts() {
     }
     assert_eq!(j["claims_writable"], true, "{j}");
     assert!(!text.stdout.contains("warning"), "{}", text.stdout);
+    assert_eq!(j["settings"]["transaction_read_only"], "off", "{j}");
+    assert!(!text.stdout.contains("read only:"), "{}", text.stdout);
+    // A read-only connection (a hot standby, or default_transaction_read_only), where every
+    // transfer fails: doctor said nothing of it (found by a fault-injecting helper).
+    db.alter("default_transaction_read_only = on");
+    let j = db.bank().args(["doctor", "--json"]).run().json();
+    assert_eq!(j["settings"]["transaction_read_only"], "on", "{j}");
+    let text = db.bank().args(["doctor"]).run();
+    assert!(
+        text.stdout
+            .contains("read only: transfers, seed, init and reset fail"),
+        "{}",
+        text.stdout
+    );
+    db.alter("default_transaction_read_only = off");
 
     // A role granted the two tables only, as provisioned before transfer_claims existed: every
     // refused transfer with --id stayed unknown and single statements failed, and doctor said

@@ -70,7 +70,7 @@ struct Tls {
 
 /// The server settings `doctor` shows: the timeouts that bound a stuck transaction, the name the
 /// session goes by, and whether a COMMIT's answer waits for its WAL.
-const SETTINGS: [&str; 5] = [
+const SETTINGS: [&str; 6] = [
     "statement_timeout",
     "lock_timeout",
     "idle_in_transaction_session_timeout",
@@ -78,6 +78,9 @@ const SETTINGS: [&str; 5] = [
     // `off` is the database's or the role's choice, which bank's sessions override (see
     // `db::session::tune`); shown, since other clients of the database lose commits to a crash.
     "synchronous_commit",
+    // `on` on a hot standby (or with `default_transaction_read_only`): every transfer fails
+    // there, and doctor said nothing of it (found by a fault-injecting helper).
+    "transaction_read_only",
 ];
 
 pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
@@ -268,6 +271,17 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     }
     for (name, value) in &report.settings {
         writeln!(out, "{name}: {}", value.clone().unwrap_or_else(unknown))?;
+    }
+    if report
+        .settings
+        .get("transaction_read_only")
+        .is_some_and(|v| v.as_deref() == Some("on"))
+    {
+        writeln!(
+            out,
+            "read only: transfers, seed, init and reset fail on this connection (a hot standby, \
+             or default_transaction_read_only); connect to the primary"
+        )?;
     }
     let tls = match report.tls {
         Some(true) => "yes",
