@@ -275,6 +275,10 @@ fn error_line(e: &dyn std::error::Error) -> String {
             match bank::db::own_statement_timeout().filter(|_| setting == "statement_timeout") {
                 // bank's deadline, which it sets as its sessions' statement_timeout.
                 Some(own) => format!(" (bank's --timeout {})", humantime::format_duration(own)),
+                // PGOPTIONS set it: lifting it with PGOPTIONS is no advice.
+                None if std::env::var("PGOPTIONS").is_ok_and(|o| o.contains(setting)) => {
+                    format!(" (a {setting} set by PGOPTIONS in the environment)")
+                }
                 None => format!(
                     " (a {setting} set for this role or database, or by the URL's options; \
                  PGOPTIONS='-c {setting}=0' lifts one set on the server for one run)"

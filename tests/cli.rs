@@ -1439,6 +1439,18 @@ fn a_read_cancelled_by_the_servers_statement_timeout_says_how_to_lift_it() {
     lifted.cmd.env("PGOPTIONS", "-c statement_timeout=0");
     assert_eq!(lifted.run().success().stdout.lines().count(), 20_001);
     db.alter("statement_timeout = 0");
+    // Set by PGOPTIONS itself: the advice to set PGOPTIONS was no advice (found by a helper).
+    let mut own = db.bank().args(["balances"]);
+    own.cmd.env("PGOPTIONS", "-c statement_timeout=1");
+    let own = own.run();
+    assert_eq!(own.code, 1, "{own:?}");
+    assert!(
+        own.stderr
+            .contains("statement timeout (a statement_timeout set by PGOPTIONS in the environment")
+            && !own.stderr.contains("lifts one"),
+        "{}",
+        own.stderr
+    );
 }
 
 /// A transfer that waits on a lock until its own deadline is cancelled by the statement_timeout
