@@ -460,7 +460,8 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 
 /// The longest duration any option takes. Deadlines are added to the present and to a grace
 /// period: near `Duration::MAX` that overflowed, a panic after the work was done.
-const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A leap year's days: a year as humantime counts it (`1y`, 365.25 days) is within it.
+const LONGEST: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// A duration ("250ms", "2min", "1h 30m"), at most `LONGEST`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -469,7 +470,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d > LONGEST {
-        return Err(format!("must be at most 365 days, got {}", s.trim()));
+        return Err(format!("must be at most 366 days, got {}", s.trim()));
     }
     Ok(d)
 }

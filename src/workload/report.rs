@@ -476,7 +476,7 @@ mod tests {
         }
     }
 
-    /// A transfer may take as long as `--timeout` allows (up to 365 days): one that took longer
+    /// A transfer may take as long as `--timeout` allows (up to 366 days): one that took longer
     /// than 10 minutes was dropped from the histogram, so p99 and max left it out.
     #[test]
     fn latencies_past_ten_minutes_count_in_the_report() {
