@@ -93,6 +93,9 @@ pub struct Unmigrated {
     /// A statement met a table or column of bank's missing (the command's own statement, after
     /// the migrations' check passed or could not be made).
     pub missing: Option<Box<Missing>>,
+    /// Never migrated, and relations bank's migrations would create are there already (another
+    /// application's): `init` refuses, so it is no advice.
+    pub in_the_way: Vec<String>,
 }
 
 /// What a statement found missing (`Unmigrated::missing`).
@@ -146,6 +149,13 @@ impl std::fmt::Display for Unmigrated {
                     "database not migrated, or changed by hand since its migrations ran: \
                      {missing}; run `bank init`, and if it says the schema is up to date, \
                      restore what is missing (the migration's up.sql under migrations/ made it)"
+                ),
+                None if !self.in_the_way.is_empty() => write!(
+                    f,
+                    "database not migrated, and it already has {}, which bank's migrations would \
+                     create, so `bank init` would refuse: give bank a database (or schema) of \
+                     its own",
+                    self.in_the_way.join(", ")
                 ),
                 None => f.write_str("database not migrated: run `bank init` first"),
             },

@@ -655,6 +655,28 @@ fn an_unmigrated_database_asks_for_init() {
     let init = db.bank().args(["init"]).run();
     init.success();
     assert_eq!(init.stdout, crate::support::all_migrations_applied());
+    // Another application's `transfers` there, where init refuses: advising it sent the user
+    // in a circle (found by a helper).
+    let other = ScratchDb::empty();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut other.conn(),
+        "CREATE TABLE transfers (id INT PRIMARY KEY)",
+    )
+    .expect("another application's table");
+    for args in [
+        vec!["balances"],
+        vec!["verify"],
+        vec!["transfer", "--from", &a, "--to", &b, "--amount", "1"],
+    ] {
+        let run = other.bank().args(&args).run();
+        run.fails_with(1, "database not migrated, and it already has transfers");
+        assert!(!run.stderr.contains("run `bank init` first"), "{run:?}");
+    }
+    other
+        .bank()
+        .args(["init"])
+        .run()
+        .fails_with(1, "already has transfers");
 }
 
 /// `script -qec CMD /dev/null`: runs CMD on a pseudo-terminal. Checked once first, so that a

@@ -383,11 +383,18 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
     .load::<Name>(conn);
     let search_path = search_path(conn);
     let here = creation_schema(conn).map(|s| s.filter(|s| !s.starts_with("pg_temp")));
+    // What init would find in the way (another application's `transfers`, say): "run `bank
+    // init` first" sent the user to a command that refuses (found by a helper).
+    let in_the_way = known_migrations()
+        .ok()
+        .and_then(|all| in_the_way(conn, &all).ok())
+        .unwrap_or_default();
     match (elsewhere, search_path, here) {
         (Ok(elsewhere), Ok(path), Ok(creation_schema)) => Unmigrated {
             elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
             search_path: path,
             creation_schema,
+            in_the_way,
             ..Unmigrated::default()
         },
         _ => Unmigrated::default(),
