@@ -1907,10 +1907,15 @@ fn a_session_whose_settings_cannot_be_read_is_not_used() {
     let ids = db.accounts(&[100, 0]);
     db.conn()
         .batch_execute(
-            // The form with `missing_ok` only, which the settings' read uses (the search_path's
-            // read before it, the other form: it fails the connection too, in its own words).
-            "CREATE FUNCTION public.current_setting(text, boolean) RETURNS text \
-               LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'shadowed current_setting'; END $$",
+            // For synchronous_commit only, which the settings' read asks (the read of what a
+            // connection keeps comes before it: failing, it fails the connection too, in its
+            // own words).
+            "CREATE FUNCTION public.current_setting(name text, missing_ok boolean) \
+               RETURNS text LANGUAGE plpgsql AS $$ BEGIN \
+                 IF name = 'synchronous_commit' THEN \
+                   RAISE EXCEPTION 'shadowed current_setting'; \
+                 END IF; \
+                 RETURN pg_catalog.current_setting(name, missing_ok); END $$",
         )
         .expect("a current_setting of the database's own");
     db.alter("synchronous_commit = off");

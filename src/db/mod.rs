@@ -1,7 +1,9 @@
 //! Where the database is and how to reach it: `url` (parsing and redaction), `session`
-//! (connecting, session settings, reconnecting), `.env`, and the embedded migrations.
+//! (connecting, session settings, reconnecting), `kept` (what every connection of a run keeps
+//! from its first: the search_path, messages in English), `.env`, and the embedded migrations.
 
 pub mod engine;
+mod kept;
 mod session;
 mod url;
 
@@ -469,9 +471,9 @@ pub fn shadowed_tables(conn: &mut PgConnection) -> QueryResult<Option<(String, V
     Ok((!shadowed.is_empty()).then_some((bank, shadowed)))
 }
 
-/// The connection's `search_path` as the run found it (`session::search_path_as_found`).
+/// The connection's `search_path` as the run found it (`kept::search_path_as_found`).
 pub fn search_path(conn: &mut PgConnection) -> QueryResult<String> {
-    Ok(session::search_path_as_found(shown_search_path(conn)?))
+    Ok(kept::search_path_as_found(shown_search_path(conn)?))
 }
 
 /// The connection's `search_path`, as the server shows it.

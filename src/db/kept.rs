@@ -1,0 +1,161 @@
+//! What every connection of a run keeps from the run's first: the search_path that connection
+//! found (and `require_migrated` checked), and the server's messages in English.
+//!
+//! The search_path: PostgreSQL resolves names again whenever the schemas a path names change: a
+//! schema named after the role made mid-run (`"$user"` comes first on the default path), or
+//! `ALTER SYSTEM SET search_path` with a reload, took the ledger and the claims of the
+//! connections already open to another schema's tables, and a rerun applied the same ids again
+//! (found by a fault-injecting helper). Each connection sets the schemas the first one found
+//! (those of its path that exist), as quoted identifiers (a `SET` takes no bind parameters; the
+//! names are the server's); the session's own temporary schema is `pg_temp`, whatever its
+//! number. Nothing is set where no schema of the path exists: no table of bank's resolves then
+//! either.
+//!
+//! The messages: the errors bank retries (a lock or statement timeout, a deadlock, a
+//! cancellation, a terminated connection) and the ones it explains (a full disk, a missing
+//! privilege) are told apart by their words, Diesel giving no SQLSTATE for them. Under a role's
+//! `lc_messages = 'de_DE.UTF-8'` a lock timeout was reported as the database's refusal and not
+//! retried (found by a fault-injecting helper). Where `lc_messages` is not `C`, each session
+//! sets it so; a role that may not (superusers may, or `GRANT SET ON PARAMETER lc_messages`) is
+//! warned once and goes on: outcomes stay true either way (an error bank does not know is no
+//! proof of anything).
+
+use std::sync::{Mutex, MutexGuard};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, Nullable, Text};
+
+/// What the first connection of this run to one URL found. A run has one URL; the tests, many.
+struct Kept {
+    url: String,
+    /// The search_path as the server showed it, before it was kept: what messages name.
+    found: String,
+    /// The schemas it named that exist, as a `SET` takes them; empty when none does.
+    path: String,
+    /// Each session sets `lc_messages = 'C'` (the server's is another, and this role may).
+    english: bool,
+}
+
+static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+
+/// A poisoned lock (a thread panicked holding it) still holds what was kept.
+fn kept() -> MutexGuard<'static, Vec<Kept>> {
+    KEPT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sets what the run's first connection to `url` found on `conn` (see the module's comment);
+/// the first connection finds it. An error fails the connection: the names could resolve
+/// elsewhere.
+pub(super) fn keep(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
+    let known = kept()
+        .iter()
+        .find(|k| k.url == url)
+        .map(|k| (k.path.clone(), k.english));
+    let Some((path, english)) = known else {
+        return first(conn, url);
+    };
+    if !path.is_empty() {
+        conn.batch_execute(&format!("SET search_path = {path}"))?;
+    }
+    if english {
+        // Allowed on the first connection; a refusal now costs the words, not the session.
+        if let Err(e) = conn.batch_execute("SET lc_messages = 'C'") {
+            log::debug!("lc_messages could not be set: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = Array<Text>)]
+        schemas: Vec<String>,
+        #[diesel(sql_type = Text)]
+        path: String,
+        /// `None` where the engine has no such setting.
+        #[diesel(sql_type = Nullable<Text>)]
+        messages: Option<String>,
+    }
+    let found: Found = diesel::sql_query(
+        "SELECT current_schemas(false) AS schemas, current_setting('search_path') AS path, \
+         current_setting('lc_messages', true) AS messages",
+    )
+    .get_result(conn)?;
+    let path = found
+        .schemas
+        .iter()
+        .map(|name| match name.starts_with("pg_temp_") {
+            true => "pg_temp".to_string(),
+            false => format!("\"{}\"", name.replace('"', "\"\"")),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !path.is_empty() {
+        conn.batch_execute(&format!("SET search_path = {path}"))?;
+    }
+    let language = found
+        .messages
+        .filter(|m| !matches!(m.as_str(), "C" | "POSIX" | ""));
+    let english = match language {
+        None => false,
+        Some(language) => match conn.batch_execute("SET lc_messages = 'C'") {
+            Ok(()) => true,
+            Err(e) => {
+                // English in all but name ("en_US.UTF-8", "C.UTF-8"): nothing to say.
+                if !(language.starts_with("en") || language.starts_with("C.")) {
+                    warn_once(url, &language, &e);
+                }
+                false
+            }
+        },
+    };
+    let mut all = kept();
+    match all.iter().find(|k| k.url == url) {
+        // Another connection of the run kept one meanwhile: the first stands.
+        Some(k) if k.path != path && !k.path.is_empty() => {
+            conn.batch_execute(&format!("SET search_path = {}", k.path))?;
+        }
+        Some(_) => {}
+        None => all.push(Kept {
+            url: url.to_string(),
+            found: found.path,
+            path,
+            english,
+        }),
+    }
+    Ok(())
+}
+
+/// The warning that the server's messages stay in `language`, once per URL (a file's workers
+/// connect together).
+fn warn_once(url: &str, language: &str, e: &diesel::result::Error) {
+    static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.iter().any(|u| u == url) {
+        return;
+    }
+    warned.push(url.to_string());
+    log::warn!(
+        "the server writes its messages in {language} (lc_messages) and this role may not set \
+         them to English ({e}): bank tells lock timeouts, deadlocks and cancellations apart by \
+         their words, so it may report them as refusals instead of retrying; a superuser can run \
+         ALTER ROLE … SET lc_messages = 'C', or GRANT SET ON PARAMETER lc_messages TO the role"
+    );
+}
+
+/// The search_path the run found, for a session whose setting `keep` replaced (`shown`, as the
+/// server shows it): messages name the user's setting ("nowhere, pg_temp"), not bank's.
+pub(super) fn search_path_as_found(shown: String) -> String {
+    // As the server shows a path: quotes only where a name needs them.
+    let bare = |p: &str| p.replace(['"', ' '], "");
+    let all = kept();
+    match all
+        .iter()
+        .find(|k| !k.path.is_empty() && bare(&k.path) == bare(&shown))
+    {
+        Some(k) => k.found.clone(),
+        None => shown,
+    }
+}
