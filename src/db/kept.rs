@@ -55,16 +55,27 @@ pub(super) fn keep(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     let Some((path, english)) = known else {
         return first(conn, url);
     };
-    if !path.is_empty() {
-        conn.batch_execute(&format!("SET search_path = {path}"))?;
-    }
+    set(conn, &path, english).map(|_| ())
+}
+
+/// `SET search_path = path` (unless empty) and, with `english`, `lc_messages = 'C'`, in one
+/// round trip; whether the second was set. A refused `lc_messages` (the privilege revoked
+/// since) costs the words, not the session: the search_path is set again alone.
+fn set(conn: &mut PgConnection, path: &str, english: bool) -> QueryResult<bool> {
+    let path_sql = match path.is_empty() {
+        true => String::new(),
+        false => format!("SET search_path = {path}; "),
+    };
     if english {
-        // Allowed on the first connection; a refusal now costs the words, not the session.
-        if let Err(e) = conn.batch_execute("SET lc_messages = 'C'") {
-            log::debug!("lc_messages could not be set: {e}");
+        match conn.batch_execute(&format!("{path_sql}SET lc_messages = 'C'")) {
+            Ok(()) => return Ok(true),
+            Err(e) => log::debug!("lc_messages could not be set: {e}"),
         }
     }
-    Ok(())
+    if !path_sql.is_empty() {
+        conn.batch_execute(&path_sql)?;
+    }
+    Ok(false)
 }
 
 fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
@@ -92,25 +103,16 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
         })
         .collect::<Vec<_>>()
         .join(", ");
-    if !path.is_empty() {
-        conn.batch_execute(&format!("SET search_path = {path}"))?;
-    }
     let language = found
         .messages
         .filter(|m| !matches!(m.as_str(), "C" | "POSIX" | ""));
-    let english = match language {
-        None => false,
-        Some(language) => match conn.batch_execute("SET lc_messages = 'C'") {
-            Ok(()) => true,
-            Err(e) => {
-                // English in all but name ("en_US.UTF-8", "C.UTF-8"): nothing to say.
-                if !(language.starts_with("en") || language.starts_with("C.")) {
-                    warn_once(url, &language, &e);
-                }
-                false
-            }
-        },
-    };
+    let english = set(conn, &path, language.is_some())?;
+    if let (Some(language), false) = (&language, english) {
+        // English in all but name ("en_US.UTF-8", "C.UTF-8"): nothing to say.
+        if !(language.starts_with("en") || language.starts_with("C.")) {
+            warn_once(url, language);
+        }
+    }
     let mut all = kept();
     match all.iter().find(|k| k.url == url) {
         // Another connection of the run kept one meanwhile: the first stands.
@@ -130,7 +132,7 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
 
 /// The warning that the server's messages stay in `language`, once per URL (a file's workers
 /// connect together).
-fn warn_once(url: &str, language: &str, e: &diesel::result::Error) {
+fn warn_once(url: &str, language: &str) {
     static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
     if warned.iter().any(|u| u == url) {
@@ -139,7 +141,7 @@ fn warn_once(url: &str, language: &str, e: &diesel::result::Error) {
     warned.push(url.to_string());
     log::warn!(
         "the server writes its messages in {language} (lc_messages) and this role may not set \
-         them to English ({e}): bank tells lock timeouts, deadlocks and cancellations apart by \
+         them to English: bank tells lock timeouts, deadlocks and cancellations apart by \
          their words, so it may report them as refusals instead of retrying; a superuser can run \
          ALTER ROLE … SET lc_messages = 'C', or GRANT SET ON PARAMETER lc_messages TO the role"
     );
