@@ -550,6 +550,13 @@ pub enum Error {
     /// `reset` as a role that may not delete from every table it empties (exit 1).
     #[error("reset needs DELETE on {0}, which this role has not: grant it; nothing was deleted")]
     ResetNotAllowed(String),
+    /// `reset` on a connection that may not write (a hot standby, `default_transaction_read_only`)
+    /// before it deleted anything: "run it again to finish" was no advice (found by a helper).
+    #[error(
+        "the database is read-only on this connection (a hot standby, or \
+         default_transaction_read_only): nothing was deleted; reset on the primary"
+    )]
+    ResetReadOnly,
     /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).
     #[error(
         "reset stopped after deleting {} and {}{}: {}; run it again to finish",

@@ -419,6 +419,16 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         // How far it got, none included: the bare error left the user to guess.
         Err(e) => {
             let (accounts, transfers) = deleted.counts();
+            let read_only = matches!(
+                &e,
+                Error::Database(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::ReadOnlyTransaction,
+                    _
+                ))
+            );
+            if read_only && accounts == 0 && transfers == 0 {
+                return Err(Error::ResetReadOnly);
+            }
             // Each batch is a statement that is its own commit: one whose answer was lost may
             // have deleted its rows, uncounted (it said "after deleting 0", found by a reviewer).
             let in_flight = match &e {
