@@ -259,55 +259,7 @@ fn error_line(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    // A statement cancelled by a timeout: bank's own deadline (it sets statement_timeout from
-    // --timeout on transfer sessions), or the server's limit, set for the role or the database:
-    // say which, and how one run can lift the server's (libpq passes PGOPTIONS at connect).
-    for (what, setting) in [
-        ("statement timeout", "statement_timeout"),
-        ("lock timeout", "lock_timeout"),
-    ] {
-        // PostgreSQL's "canceling statement due to …", CockroachDB's "query execution canceled
-        // due to …".
-        if !line.contains(&format!("due to {what}")) {
-            continue;
-        }
-        let said =
-            match bank::db::own_statement_timeout().filter(|_| setting == "statement_timeout") {
-                // bank's deadline, which it sets as its sessions' statement_timeout.
-                Some(own) => format!(" (bank's --timeout {})", humantime::format_duration(own)),
-                // PGOPTIONS set it: lifting it with PGOPTIONS is no advice.
-                None if std::env::var("PGOPTIONS").is_ok_and(|o| o.contains(setting)) => {
-                    format!(" (a {setting} set by PGOPTIONS in the environment)")
-                }
-                None => format!(
-                    " (a {setting} set for this role or database, or by the URL's options; \
-                 PGOPTIONS='-c {setting}=0' lifts one set on the server for one run)"
-                ),
-            };
-        // Next to the words it explains, not at the end of a long line about something else.
-        let at = line
-            .find(&format!("due to {what}"))
-            .map_or(line.len(), |i| i + "due to ".len() + what.len());
-        line.insert_str(at, &said);
-    }
-    // What to grant, once: a role provisioned before migrations 7 and 8 lacks transfer_claims
-    // alone; one made for another application, bank's tables altogether (and a rerun, which an
-    // unknown outcome advises, fails the same way until it has them).
-    if bank::error::table_denied(&line).is_some() {
-        line.push_str(
-            " (grant this role SELECT, INSERT, UPDATE and DELETE on accounts, transfers and \
-             transfer_claims; bank doctor lists what it lacks)",
-        );
-    } else if bank::error::is_privilege_denied(&line) && line.contains("__diesel_schema_migrations")
-    {
-        // `init` on a database already migrated only reads Diesel's table; migrating needs the
-        // role that owns bank's tables.
-        line.push_str(
-            " (GRANT SELECT ON __diesel_schema_migrations to this role to let it check the \
-             schema, or run `bank init` as the role that owns bank's tables)",
-        );
-    }
-    bank::one_line(&line)
+    bank::one_line(&bank::error::with_hints(line))
 }
 
 fn init_logging(verbosity: u8) {

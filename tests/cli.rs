@@ -1508,6 +1508,19 @@ fn a_transfer_cancelled_by_its_own_deadline_does_not_blame_the_server() {
             && !own.stderr.contains("role or database"),
         "{own:?}"
     );
+    // `--json`'s "error" gives the same hint (it had the bare words; found by a helper).
+    let json = db
+        .bank()
+        .args(["transfer", "--amount", "1", "--timeout", "1s", "--json"])
+        .args(["--from", &ids[0].to_string(), "--to", &ids[1].to_string()])
+        .run();
+    assert_eq!(json.code, 1, "{json:?}");
+    assert!(
+        json.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("statement timeout (bank's --timeout 1s)")),
+        "{json:?}"
+    );
     db.alter("statement_timeout = '300ms'");
     // One attempt: retried until the deadline, the last one could still be waiting when the
     // watchdog gave up ("no answer from the database").

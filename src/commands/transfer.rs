@@ -101,7 +101,8 @@ pub(super) fn transfer_cmd(
                     TransferError::OutcomeUnknown { .. } => "unknown",
                     _ => "failed",
                 };
-                let error = crate::one_line(&e.to_string());
+                // With the hints stderr gives (whose timeout, what to grant).
+                let error = crate::one_line(&crate::error::with_hints(e.to_string()));
                 serde_json::to_writer(
                     &mut *out,
                     &TransferFailureJson {
