@@ -104,7 +104,7 @@ fn usage_error(e: &clap::Error) -> Code {
     }
     let text = e.to_string();
     // clap's message, without the usage block and the "try --help" tip that follow it.
-    let message = refused_value(e).unwrap_or_else(|| {
+    let message = refused_value(e).or_else(|| not_utf8(e)).unwrap_or_else(|| {
         text.split("\n\n")
             .next()
             .unwrap_or_default()
@@ -125,6 +125,23 @@ fn usage_error(e: &clap::Error) -> Code {
         did_you_mean(e),
     ));
     Code::Usage
+}
+
+/// Which argument is not UTF-8: clap says only "invalid UTF-8 was detected in one or more
+/// arguments" (found by a helper). Its bytes are shown as Rust escapes them.
+fn not_utf8(e: &clap::Error) -> Option<String> {
+    if e.kind() != clap::error::ErrorKind::InvalidUtf8 {
+        return None;
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let at = args.iter().position(|a| a.to_str().is_none())?;
+    let shown = format!("{:?}", args[at]);
+    Some(match args[..at].last().and_then(|a| a.to_str()) {
+        Some(flag) if flag.starts_with('-') && at > 1 => {
+            format!("the value of '{flag}' is not valid UTF-8: {shown}")
+        }
+        _ => format!("argument {at} is not valid UTF-8: {shown}"),
+    })
 }
 
 /// A value a parser refused, in clap's words but from its parts: clap's rendering strips escape

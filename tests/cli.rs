@@ -2422,6 +2422,16 @@ fn an_argument_that_is_not_utf8_is_a_usage_error_not_a_panic() {
         assert!(!run.stderr.contains(secret), "{args:?}: {run:?}");
         assert!(!run.stderr.contains("panicked"), "{args:?}: {run:?}");
     }
+    // Which argument: clap said only "invalid UTF-8 was detected in one or more arguments"
+    // (found by a helper).
+    let run = Bank::new()
+        .args([
+            std::ffi::OsStr::new("transfer"),
+            std::ffi::OsStr::new("--from"),
+            &byte,
+        ])
+        .run();
+    run.fails_with(2, "the value of '--from' is not valid UTF-8: \"\\xFF\"");
 }
 
 /// The server's own words reached stderr raw: a trigger's exception with an escape sequence
