@@ -72,6 +72,9 @@ pub struct ScratchDb {
     pub url: DbUrl,
     /// The server it is on: the test server, or a test's `OwnCluster`.
     server: DbUrl,
+    /// Roles `role` made for it, dropped with it: they can log in (password `pw`) to every
+    /// database of the server, the user's own included (found by a helper: ten left per run).
+    roles: std::sync::Mutex<Vec<String>>,
 }
 
 /// The isolation level a scratch database gives its transactions by default (the test server's
@@ -145,7 +148,12 @@ impl ScratchDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("create scratch database");
         let url = server.with_database(&name);
-        ScratchDb { name, url, server }
+        ScratchDb {
+            name,
+            url,
+            server,
+            roles: std::sync::Mutex::default(),
+        }
     }
 
     pub fn conn(&self) -> PgConnection {
@@ -170,6 +178,10 @@ impl ScratchDb {
                 grants.replace("{role}", &role)
             ))
             .expect("create the role");
+        self.roles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(role.clone());
         let mut url = url::Url::parse(self.url.expose()).expect("one-host URL");
         url.set_username(&role).expect("user");
         url.set_password(Some("pw")).expect("password");
@@ -257,6 +269,12 @@ impl Drop for ScratchDb {
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
             ));
+            // Its grants went with the database; what it was granted elsewhere (a membership)
+            // goes with the role.
+            let roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+            for role in roles.iter() {
+                let _ = admin.batch_execute(&format!("DROP ROLE IF EXISTS {role}"));
+            }
         }
     }
 }
