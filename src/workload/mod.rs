@@ -258,7 +258,7 @@ fn verdict(report: Report) -> Option<WorkloadError> {
             readers: report.readers,
             why: match report.read_error {
                 Some(e) => format!("the last attempt: {e}"),
-                None => "a read of every workload account took longer than the run".into(),
+                None => "none ended within the run and the moment given after it".into(),
             },
         })
     } else {
