@@ -521,29 +521,44 @@ pub fn stop_slowing_commits(db: &ScratchDb) {
 /// Waits until `condition` (SQL, a boolean) holds on `conn`, polling every few milliseconds;
 /// panics with `what` after 10 s. What a test waits for instead of a fixed sleep.
 pub fn wait_until(conn: &mut PgConnection, condition: &str, what: &str) {
+    wait_until_unless(conn, condition, what, Duration::from_secs(10), || false);
+}
+
+/// `wait_until` for up to `limit`, unless `gone` says first that it will never hold (false
+/// then).
+fn wait_until_unless(
+    conn: &mut PgConnection,
+    condition: &str,
+    what: &str,
+    limit: Duration,
+    mut gone: impl FnMut() -> bool,
+) -> bool {
     let started = Instant::now();
     loop {
         let holds: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(condition))
             .get_result(conn)
             .expect("the condition");
         if holds {
-            return;
+            return true;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        if gone() {
+            return false;
+        }
+        assert!(started.elapsed() < limit, "{what}");
         thread::sleep(Duration::from_millis(2));
     }
 }
 
+/// A `bank` session of this database (not the caller's) asleep in a COMMIT that
+/// `slow_down_the_next_commit` slowed down.
+const A_COMMIT_ASLEEP: &str = "EXISTS (SELECT 1 FROM pg_stat_activity \
+    WHERE datname = current_database() AND application_name = 'bank' \
+    AND pid <> pg_backend_pid() AND wait_event = 'PgSleep')";
+
 /// Waits until a `bank` session of this database (not the caller's) is asleep in the COMMIT
 /// that `slow_down_the_next_commit` slowed down: its outcome is then unsettled.
 pub fn wait_for_a_commit_asleep(conn: &mut PgConnection) {
-    wait_until(
-        conn,
-        "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'bank' AND pid <> pg_backend_pid() \
-         AND wait_event = 'PgSleep')",
-        "no COMMIT fell asleep",
-    );
+    wait_until(conn, A_COMMIT_ASLEEP, "no COMMIT fell asleep");
 }
 
 /// `wait_for_a_commit_asleep`, unless `child` exits first (false then): a run that a slow
@@ -552,27 +567,13 @@ pub fn wait_for_a_commit_asleep_or_exit(
     conn: &mut PgConnection,
     child: &mut std::process::Child,
 ) -> bool {
-    let started = Instant::now();
-    loop {
-        let asleep: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
-            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name = 'bank' AND pid <> pg_backend_pid() \
-             AND wait_event = 'PgSleep')",
-        ))
-        .get_result(conn)
-        .expect("pg_stat_activity");
-        if asleep {
-            return true;
-        }
-        if child.try_wait().expect("the run's status").is_some() {
-            return false;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no COMMIT fell asleep"
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
+    wait_until_unless(
+        conn,
+        A_COMMIT_ASLEEP,
+        "no COMMIT fell asleep",
+        Duration::from_secs(20),
+        || child.try_wait().expect("the run's status").is_some(),
+    )
 }
 
 /// A PostgreSQL cluster of one test's own (`scripts/pg` on a free port, in a directory of its
