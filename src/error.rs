@@ -789,8 +789,9 @@ fn pooler_hint(e: &diesel::result::Error) -> &'static str {
 }
 
 /// `line` (an error's words) with what helps act on them, as stderr and `--json` show it: whose
-/// timeout cancelled a statement (bank's own `--timeout`, the server's, or PGOPTIONS's), and
-/// what to grant a role refused a table.
+/// timeout cancelled a statement (bank's own `--timeout`, the server's, or PGOPTIONS's), what to
+/// grant a role refused a table, and what to change where a row-level security policy is in the
+/// way.
 pub fn with_hints(mut line: String) -> String {
     // A statement cancelled by a timeout: bank's own deadline (it sets statement_timeout from
     // --timeout on transfer sessions), or the server's limit, set for the role or the database:
@@ -837,6 +838,14 @@ pub fn with_hints(mut line: String) -> String {
         line.push_str(
             " (GRANT SELECT ON __diesel_schema_migrations to this role to let it check the \
              schema, or run `bank init` as the role that owns bank's tables)",
+        );
+    }
+    // bank's sessions refuse to see part of a table (see `db::kept`): a rerun cannot settle
+    // anything until the policy stops applying to the role.
+    if line.contains("would be affected by row-level security policy") {
+        line.push_str(
+            " (bank must see every row of its tables: drop or disable the policy on bank's \
+             tables, or ALTER ROLE … BYPASSRLS; until then no rerun can settle an outcome)",
         );
     }
     line

@@ -59,17 +59,47 @@ pub fn copy_accounts(conn: &mut PgConnection, accounts: &[NewAccount]) -> QueryR
             },
         )
         .execute(conn)
+        .map_err(reason_lost)
 }
+
+/// What a COPY the server stopped midway says: Diesel 2.3 ends it on libpq's empty message and
+/// leaves the server's unread, so "database error:" was all a seed said when a DBA's trigger
+/// refused COPY (found writing a test for it). Said so, `seed` falls back to INSERT, which gets
+/// the server's words, or works.
+pub fn reason_lost(e: diesel::result::Error) -> diesel::result::Error {
+    match copy_reason_lost(&e) {
+        true => diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new(COPY_REASON_LOST.to_string()),
+        ),
+        false => e,
+    }
+}
+
+/// Whether `e`, from a COPY or from the rollback after one, is Diesel's error without the
+/// server's words (see `reason_lost`).
+pub fn copy_reason_lost(e: &diesel::result::Error) -> bool {
+    matches!(e, diesel::result::Error::DatabaseError(_, info)
+        if info.message().trim().is_empty() || info.message() == COPY_REASON_LOST)
+}
+
+const COPY_REASON_LOST: &str =
+    "the server refused COPY and the driver lost its reason (a trigger, \
+                                a rule or a constraint on accounts?); --method insert shows it";
 
 /// Whether `copy_accounts` failed because the server will not let this user COPY, where a
 /// multi-row INSERT may still work: CockroachDB lets only members of `admin` run COPY
 /// (42501, "only users with the admin role …"), PostgreSQL refuses COPY FROM into a table under
 /// row-level security (0A000, "COPY FROM not supported with row-level security"), and either
-/// may say "permission denied". Diesel exposes no SQLSTATE, so the message decides.
+/// may say "permission denied". Diesel exposes no SQLSTATE, so the message decides; one Diesel
+/// lost (`reason_lost`) counts: INSERT then tells.
 pub fn is_copy_refused(e: &diesel::result::Error) -> bool {
     let diesel::result::Error::DatabaseError(_, info) = e else {
         return false;
     };
+    if info.message() == COPY_REASON_LOST {
+        return true;
+    }
     let m = info.message().to_ascii_lowercase();
     [
         "admin role",

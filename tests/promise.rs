@@ -1041,3 +1041,68 @@ fn a_dba_s_trigger_failing_on_its_own_table_is_not_taken_for_bank_s_reason() {
         assert_eq!(db.state().1, 0);
     }
 }
+
+/// A row-level security policy of the DBA's that hides ledger rows from bank's role: a rerun of
+/// a committed id found no row, was refused a duplicate, took that for a race, and said "not
+/// applied" (exit 1) at every rerun, and a file's rerun did the same (found by a
+/// fault-injecting helper). bank must see every row of its tables: a hidden row is an error,
+/// never an absence, and nothing can say "not applied" for an id the ledger may hold. Both
+/// modes, a file, both levels; a policy on the claims too.
+#[test]
+fn a_policy_hiding_ledger_rows_never_makes_a_committed_id_not_applied() {
+    for iso in Iso::BOTH {
+        for table in ["transfers", "transfer_claims"] {
+            let (db, a, b) = two_accounts(iso);
+            let (role, url) = db.role(
+                "LOGIN",
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
+                 __diesel_schema_migrations TO {role}",
+            );
+            let id = Uuid::new_v4();
+            let bank = || {
+                crate::support::Bank::new().args([
+                    "--database-url",
+                    &url,
+                    "transfer",
+                    "--json",
+                    "--timeout",
+                    "2s",
+                ])
+            };
+            let transfer = |mode: &str| {
+                bank()
+                    .args(["--from", &a.to_string(), "--to", &b.to_string()])
+                    .args(["--amount", "10", "--id", &id.to_string(), "--mode", mode])
+                    .run()
+            };
+            transfer("single-statement").success();
+            db.conn()
+                .batch_execute(&format!(
+                    "ALTER TABLE {table} ENABLE ROW LEVEL SECURITY; \
+                     CREATE POLICY hide ON {table} TO {role} USING (false) WITH CHECK (true)"
+                ))
+                .expect("the policy");
+            for mode in MODES {
+                let again = transfer(mode);
+                assert_ne!(again.code, 1, "{iso:?} {table} {mode}: {again:?}");
+                assert!(
+                    again.code == 0 || (again.code == 3 && again.stderr.contains("BYPASSRLS")),
+                    "{iso:?} {table} {mode}: {again:?}"
+                );
+            }
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().join("f.csv");
+            std::fs::write(&path, format!("id,from,to,amount\n{id},{a},{b},10\n")).expect("file");
+            let file = bank().args(["--file", path.to_str().expect("utf-8")]).run();
+            assert_ne!(file.code, 1, "{iso:?} {table}: {file:?}");
+            assert!(
+                !file.stdout.contains("not_applied") && !file.stdout.contains("insufficient"),
+                "{iso:?} {table}: {file:?}"
+            );
+            assert_eq!((db.balance(a), db.balance(b)), (990, 10), "{iso:?} {table}");
+            db.conn()
+                .batch_execute(&format!("DROP POLICY hide ON {table}"))
+                .expect("drop the policy");
+        }
+    }
+}

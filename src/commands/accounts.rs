@@ -116,6 +116,20 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     log::debug!("seed: chunk rolled back ({e}); running it again");
                     std::thread::sleep(RetryPolicy::default().backoff(conflicts, &mut rand::rng()));
                 }
+                // COPY stopped midway: Diesel lost the server's words, left its results unread
+                // (the savepoint's rollback failed on them, and the next INSERT read the COPY's
+                // result for its own: 0 rows), so the connection is closed. The chunk runs again
+                // with INSERT on a new one, which works or gets the words.
+                Err(Stop::Database(e))
+                    if !written
+                        && matches!(method, SeedMethod::Auto)
+                        && repo::copy_reason_lost(&e) =>
+                {
+                    log::info!("seed: COPY refused ({COPY_LOST}); loading with INSERT instead");
+                    method = SeedMethod::Insert;
+                    conn = url.connect_migrated()?;
+                    crate::db::commit_synchronously(&mut conn)?;
+                }
                 step => break (step, written),
             }
         };
@@ -133,7 +147,9 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             Err(Stop::Output(e)) => {
                 return Err(stopped(format!("cannot write the ids ({e})"), created));
             }
-            Err(Stop::Database(e)) if created == 0 && !written => return Err(e.into()),
+            Err(Stop::Database(e)) if created == 0 && !written => {
+                return Err(repo::reason_lost(e).into())
+            }
             Err(Stop::Database(e)) => {
                 // Its COMMIT failed after its ids were written. The server may have answered
                 // (a deferred trigger refusing at COMMIT): then the database says whether they
@@ -169,6 +185,9 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     list.finish(out)?;
     Ok(())
 }
+
+/// What a COPY that Diesel lost the server's words for is logged as.
+const COPY_LOST: &str = "the driver lost the server's reason";
 
 /// Why a chunk of the seed was rolled back.
 enum Stop {

@@ -1,5 +1,6 @@
 //! What every connection of a run keeps from the run's first: the search_path that connection
-//! found (and `require_migrated` checked), and the server's messages in English.
+//! found (and `require_migrated` checked), the server's messages in English, and every row of
+//! bank's tables in sight.
 //!
 //! The search_path: PostgreSQL resolves names again whenever the schemas a path names change: a
 //! schema named after the role made mid-run (`"$user"` comes first on the default path), or
@@ -19,6 +20,13 @@
 //! sets it so; a role that may not (superusers may, or `GRANT SET ON PARAMETER lc_messages`) is
 //! warned once and goes on: outcomes stay true either way (an error bank does not know is no
 //! proof of anything).
+//!
+//! The rows: a DBA's row-level security policy that hid ledger rows from bank's role made a
+//! committed id look absent, and its rerun said "not applied" (found by a fault-injecting
+//! helper); hidden accounts make `verify` report violations that are not there. Each session
+//! sets `row_security = off`, as pg_dump does: a query a policy would filter fails instead, and
+//! a run that cannot read the ledger says its outcome is unknown. Where the engine has no such
+//! setting, nothing is set.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -35,6 +43,8 @@ struct Kept {
     path: String,
     /// Each session sets `lc_messages = 'C'` (the server's is another, and this role may).
     english: bool,
+    /// Each session sets `row_security = off` (the engine has the setting, and it is on).
+    all_rows: bool,
 }
 
 static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
@@ -51,29 +61,33 @@ pub(super) fn keep(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     let known = kept()
         .iter()
         .find(|k| k.url == url)
-        .map(|k| (k.path.clone(), k.english));
-    let Some((path, english)) = known else {
+        .map(|k| (k.path.clone(), k.english, k.all_rows));
+    let Some((path, english, all_rows)) = known else {
         return first(conn, url);
     };
-    set(conn, &path, english).map(|_| ())
+    set(conn, &path, english, all_rows).map(|_| ())
 }
 
-/// `SET search_path = path` (unless empty) and, with `english`, `lc_messages = 'C'`, in one
-/// round trip; whether the second was set. A refused `lc_messages` (the privilege revoked
-/// since) costs the words, not the session: the search_path is set again alone.
-fn set(conn: &mut PgConnection, path: &str, english: bool) -> QueryResult<bool> {
-    let path_sql = match path.is_empty() {
+/// `SET search_path = path` (unless empty), with `all_rows` `row_security = off`, and with
+/// `english` `lc_messages = 'C'`, in one round trip; whether the last was set. A refused
+/// `lc_messages` (the privilege revoked since) costs the words, not the session: the others are
+/// set again alone.
+fn set(conn: &mut PgConnection, path: &str, english: bool, all_rows: bool) -> QueryResult<bool> {
+    let mut sql = match path.is_empty() {
         true => String::new(),
         false => format!("SET search_path = {path}; "),
     };
+    if all_rows {
+        sql.push_str("SET row_security = off; ");
+    }
     if english {
-        match conn.batch_execute(&format!("{path_sql}SET lc_messages = 'C'")) {
+        match conn.batch_execute(&format!("{sql}SET lc_messages = 'C'")) {
             Ok(()) => return Ok(true),
             Err(e) => log::debug!("lc_messages could not be set: {e}"),
         }
     }
-    if !path_sql.is_empty() {
-        conn.batch_execute(&path_sql)?;
+    if !sql.is_empty() {
+        conn.batch_execute(&sql)?;
     }
     Ok(false)
 }
@@ -88,10 +102,14 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
         /// `None` where the engine has no such setting.
         #[diesel(sql_type = Nullable<Text>)]
         messages: Option<String>,
+        /// `None` where the engine has no such setting.
+        #[diesel(sql_type = Nullable<Text>)]
+        row_security: Option<String>,
     }
     let found: Found = diesel::sql_query(
         "SELECT current_schemas(false) AS schemas, current_setting('search_path') AS path, \
-         current_setting('lc_messages', true) AS messages",
+         current_setting('lc_messages', true) AS messages, \
+         current_setting('row_security', true) AS row_security",
     )
     .get_result(conn)?;
     let path = found
@@ -106,7 +124,8 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     let language = found
         .messages
         .filter(|m| !matches!(m.as_str(), "C" | "POSIX" | ""));
-    let english = set(conn, &path, language.is_some())?;
+    let all_rows = found.row_security.is_some_and(|r| r != "off");
+    let english = set(conn, &path, language.is_some(), all_rows)?;
     if let (Some(language), false) = (&language, english) {
         // English in all but name ("en_US.UTF-8", "C.UTF-8"): nothing to say.
         if !(language.starts_with("en") || language.starts_with("C.")) {
@@ -125,6 +144,7 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
             found: found.path,
             path,
             english,
+            all_rows,
         }),
     }
     Ok(())
