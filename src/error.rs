@@ -307,11 +307,11 @@ pub enum TransferError {
         to: Uuid,
         amount: i64,
     },
-    /// The statement wrote no ledger row (a trigger on `transfers` skipped it), so it failed and
-    /// applied nothing.
+    /// The statement wrote no ledger row as asked (a trigger on `transfers` skipped it, or
+    /// changed its id or details), so it failed and applied nothing.
     #[error(
-        "the transfer statement wrote no ledger row (a trigger on transfers may have skipped it), \
-         so it applied nothing"
+        "the transfer statement wrote no ledger row as asked (a trigger on transfers may have \
+         skipped or changed it), so it applied nothing"
     )]
     NoLedgerRow,
     /// An account the transfer moves exists, but the database left it unchanged (a trigger of

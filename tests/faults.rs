@@ -2593,3 +2593,36 @@ fn a_workload_setup_chunk_whose_commit_answer_is_lost_is_said_uncertain() {
         "none of 10 created for sure; 10 whose COMMIT went unanswered may or may not have been",
     );
 }
+
+/// A single statement whose answer is lost, where the claim it writes in the same statement
+/// does not keep its run's mark (a DBA's trigger blanking `claimed_by`, or skipping the claim
+/// row, as a truncated table would leave it): the run found its own row, took it for another
+/// run's, and said "already applied; nothing changed" for the money it had just moved (found
+/// by a reviewer). Without its mark, whose row it is cannot be known: unknown (exit 3), and the
+/// rerun says already applied. Both levels.
+#[test]
+fn a_lost_answer_whose_claim_lost_its_mark_is_unknown_not_already_applied() {
+    for iso in Iso::BOTH {
+        for tamper in ["NEW.claimed_by := NULL; RETURN NEW;", "RETURN NULL;"] {
+            let s = setup(iso, At::Statement);
+            let case = format!("{} {tamper}", s.case());
+            s.db.conn()
+                .batch_execute(&format!(
+                    "CREATE FUNCTION tamper() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                       {tamper} END $$; \
+                     CREATE TRIGGER tamper BEFORE INSERT ON transfer_claims FOR EACH ROW \
+                       EXECUTE FUNCTION tamper()"
+                ))
+                .expect("the trigger");
+            let id = Uuid::new_v4();
+            s.arm(Fault::CutAfterCommit);
+            let first = s.transfer(id, &[]);
+            assert_eq!(first.code, 3, "{case}: {first:?}");
+            assert_eq!(first.json()["outcome"], "unknown", "{case}: {first:?}");
+            let again = s.transfer(id, &[]);
+            again.success();
+            assert_eq!(again.json()["already_applied"], true, "{case}: {again:?}");
+            assert_eq!(s.balances(), (900, 100), "{case}");
+        }
+    }
+}

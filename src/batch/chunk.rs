@@ -1153,8 +1153,9 @@ fn read_rows(
         transfers += 1;
         accounts.extend([l.transfer.from_id, l.transfer.to_id]);
     }
-    // Fewer ledger rows than lines applied: a trigger on `transfers` skipped some (BEFORE
-    // INSERT returning NULL). Rolled back, and the lines go again in smaller statements until
+    // Fewer ledger rows as asked than lines applied: a trigger on `transfers` skipped some
+    // (BEFORE INSERT returning NULL), or changed them (another amount, another id: a rerun
+    // took the id for taken, or applied it again). Rolled back, and the lines go again in smaller statements until
     // the skipped one is alone (`refused`), as for any refusal of the database's own.
     if inserted.is_some_and(|n| n < transfers as i64) {
         return Err(Rollback::NoLedgerRow);

@@ -276,7 +276,7 @@ const TAIL: &str = "
          CAST(MAX(CASE WHEN kind = 'credit' THEN balance_after END) AS INT8),
          (SELECT clock_timestamp())
   FROM applied GROUP BY ord, id, from_id, to_id, amount
-  RETURNING id, created_at
+  RETURNING id, from_id, to_id, amount, created_at
 )
 SELECT v.ord, v.verdict, CAST(NULL AS TIMESTAMPTZ) FROM verdicts v
 WHERE v.verdict IS NOT NULL AND NOT EXISTS (SELECT 1 FROM refused s WHERE v.ord >= s.ord)
@@ -288,7 +288,9 @@ UNION ALL
 SELECT ord, CASE WHEN wrong_guess THEN 'not_short' WHEN short THEN 'insufficient_funds'
   ELSE 'balance_overflow' END, CAST(NULL AS TIMESTAMPTZ) FROM refused
 UNION ALL
-SELECT (SELECT COUNT(*) FROM inserted), 'inserted',
+SELECT (SELECT COUNT(*) FROM inserted i WHERE EXISTS (SELECT 1 FROM applied a
+          WHERE a.kind = 'debit' AND a.id = i.id AND a.from_id = i.from_id AND a.to_id = i.to_id
+            AND a.amount = i.amount)), 'inserted',
   (SELECT CASE WHEN MIN(created_at) = MAX(created_at) THEN MIN(created_at) END FROM inserted)
 UNION ALL
 SELECT (SELECT COUNT(*) FROM moved), 'moved', CAST(NULL AS TIMESTAMPTZ)";

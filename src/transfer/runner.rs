@@ -140,7 +140,10 @@ impl Runner {
             Err(Stop::Failed(e))
                 if ambiguous
                     && !e.is_refusal()
-                    && !matches!(e, TransferError::NotApplied { .. }) =>
+                    && !matches!(
+                        e,
+                        TransferError::NotApplied { .. } | TransferError::OutcomeUnknown { .. }
+                    ) =>
             {
                 Err(TransferError::OutcomeUnknown {
                     id: t.id,
@@ -979,11 +982,25 @@ fn resolve_found(
             // ambiguous came before it, CockroachDB's 40003 on a statement), so the row is
             // another run's (it said "applied" too; found by a reviewer).
             Own::Times(ts) => !ts.contains(&found.created_at),
-            // The claim and the row are written by one statement: a row without this run's
-            // mark on its claim is another run's.
+            // The claim and the row are written by one statement: a row whose claim carries
+            // another mark is another run's. A claim without a mark, or none, is written by
+            // no statement of this run's, unless the database blanked or skipped it (a
+            // trigger, a truncated table): the run took its own row for another's and said
+            // "already applied" for money it had just moved (found by a reviewer). Whose row
+            // it is cannot be told then.
             // Asked only after an attempt whose outcome was lost: it stays so until answered.
             Own::Mark(mark) => match repo::claim_mark(conn, t.id) {
-                Ok(claimed_by) => claimed_by != Some(*mark),
+                Ok(Some(claimed_by)) => claimed_by != *mark,
+                Ok(None) => {
+                    return Attempt::Fail(TransferError::OutcomeUnknown {
+                        id: t.id,
+                        reason: "the answer to its statement was lost, and the ledger has the \
+                                 transfer, but the id's claim carries no run's mark (missing or \
+                                 blank: a trigger, or a table emptied by hand), so whether this \
+                                 run or another applied it cannot be told"
+                            .into(),
+                    })
+                }
                 Err(e) => {
                     return Attempt::Retry {
                         cause: Cause::Ambiguous,

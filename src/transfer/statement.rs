@@ -101,8 +101,19 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         // 4. The statement fails unless its ledger row was written, so that its balances never
         // commit without it: a trigger on `transfers` that skips the row (BEFORE INSERT returning
         // NULL) left the money moved in single-statement mode, and every rerun of the id moved
-        // it again. The failure is a cast both engines refuse (22P02), naming the reason.
-        out.push_sql(" RETURNING from_balance_after AS debited) ");
+        // it again. The failure is a cast both engines refuse (22P02), naming the reason. A row
+        // a trigger changed (another amount, another id) counts as none: bank said "moved 5"
+        // where the ledger said 10, and a rerun then called the id taken, or with another id
+        // applied it again (found by a fault-injecting helper).
+        out.push_sql(" RETURNING from_balance_after AS debited, (id = ");
+        out.push_bind_param::<SqlUuid, _>(&t.id)?;
+        out.push_sql(" AND from_id = ");
+        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+        out.push_sql(" AND to_id = ");
+        out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
+        out.push_sql(" AND amount = ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(") AS as_asked) ");
         // 5. Single-statement mode: the id claimed, so that this statement fails (23505 on
         // transfer_claims_pkey) if it reaches the server after a rerun claimed the id to say
         // "not applied" (see the migration). Unread, so it runs after the rest, locks held.
@@ -117,7 +128,9 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         // but one dropped by hand let a transfer overdraw (found by a fault-injecting helper).
         out.push_sql("SELECT CAST(CASE WHEN MIN(debited) < 0 THEN '");
         out.push_sql(BELOW_ZERO);
-        out.push_sql("' WHEN COUNT(*) = 1 THEN '1' ELSE '");
+        out.push_sql(
+            "' WHEN COUNT(*) = 1 AND MIN(CASE WHEN as_asked THEN 1 ELSE 0 END) = 1 THEN '1' ELSE '",
+        );
         out.push_sql(NO_LEDGER_ROW);
         out.push_sql("' END AS INT8) FROM inserted");
         Ok(())
@@ -319,12 +332,13 @@ mod tests {
                  from_balance_after, to_version, to_balance_after, created_at) \
                  SELECT $6, $7, $8, $9, f.version, f.balance, t.version, t.balance, \
                  clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $10 \
-                 LEFT JOIN moved t ON t.id = $11 RETURNING from_balance_after AS debited) \
+                 LEFT JOIN moved t ON t.id = $11 RETURNING from_balance_after AS debited, \
+                 (id = $12 AND from_id = $13 AND to_id = $14 AND amount = $15) AS as_asked) \
                  SELECT CAST(CASE WHEN MIN(debited) < 0 THEN 'the debited balance would be \
-                 below zero' WHEN COUNT(*) = 1 THEN '1' ELSE 'the ledger row was not \
-                 written' END AS INT8) FROM inserted \
+                 below zero' WHEN COUNT(*) = 1 AND MIN(CASE WHEN as_asked THEN 1 ELSE 0 END) = 1 \
+                 THEN '1' ELSE 'the ledger row was not written' END AS INT8) FROM inserted \
                  -- binds: [{a}, {b}, {a}, 100, 100, 00000000-0000-0000-0000-000000000000, \
-                 {a}, {b}, 100, {a}, {b}]"
+                 {a}, {b}, 100, {a}, {b}, 00000000-0000-0000-0000-000000000000, {a}, {b}, 100]"
             )
         );
         // One modification per table: CockroachDB refuses two on the same table.
@@ -343,9 +357,8 @@ mod tests {
         let sql = debug_query::<Pg, _>(&TransferStatement::<true>::new(&t)).to_string();
         assert!(
             sql.contains(
-                "RETURNING from_balance_after AS debited) , claimed AS (INSERT INTO \
-                 transfer_claims (id, claimed_by) \
-                 VALUES ($12, $13) RETURNING id) SELECT CAST"
+                "AS as_asked) , claimed AS (INSERT INTO transfer_claims (id, claimed_by) \
+                 VALUES ($16, $17) RETURNING id) SELECT CAST"
             ),
             "{sql}"
         );
