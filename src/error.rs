@@ -553,8 +553,9 @@ pub enum Error {
     /// `reset` on a connection that may not write (a hot standby, `default_transaction_read_only`)
     /// before it deleted anything: "run it again to finish" was no advice (found by a helper).
     #[error(
-        "the database is read-only on this connection (a hot standby, or \
-         default_transaction_read_only): nothing was deleted; reset on the primary"
+        "the database is read-only on this connection (a hot standby: reset on the primary; or \
+         default_transaction_read_only: turn it off for this role or database): nothing was \
+         deleted"
     )]
     ResetReadOnly,
     /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).

@@ -137,11 +137,27 @@ fn not_utf8(e: &clap::Error) -> Option<String> {
     let at = args.iter().position(|a| a.to_str().is_none())?;
     let shown = format!("{:?}", args[at]);
     Some(match args[..at].last().and_then(|a| a.to_str()) {
-        Some(flag) if flag.starts_with('-') && at > 1 => {
+        Some(flag) if flag.starts_with('-') && at > 1 && takes_a_value(flag) => {
             format!("the value of '{flag}' is not valid UTF-8: {shown}")
         }
         _ => format!("argument {at} is not valid UTF-8: {shown}"),
     })
+}
+
+/// Whether `flag` (`--from`, `-v`) takes a value in any of bank's commands: a flag that takes
+/// none (`-v`) was named as the owner of the argument after it (found by a helper).
+fn takes_a_value(flag: &str) -> bool {
+    use clap::CommandFactory;
+    fn any(cmd: &clap::Command, flag: &str) -> bool {
+        cmd.get_arguments().any(|a| {
+            let named = match flag.strip_prefix("--") {
+                Some(long) => a.get_long() == Some(long),
+                None => flag.len() == 2 && a.get_short() == flag.chars().nth(1),
+            };
+            named && a.get_action().takes_values()
+        }) || cmd.get_subcommands().any(|c| any(c, flag))
+    }
+    any(&bank::cli::Cli::command(), flag)
 }
 
 /// A value a parser refused, in clap's words but from its parts: clap's rendering strips escape

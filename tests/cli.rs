@@ -2432,6 +2432,15 @@ fn an_argument_that_is_not_utf8_is_a_usage_error_not_a_panic() {
         ])
         .run();
     run.fails_with(2, "the value of '--from' is not valid UTF-8: \"\\xFF\"");
+    // After a flag that takes no value, the argument is not its value (`-v` was named).
+    let run = Bank::new()
+        .args([
+            std::ffi::OsStr::new("man"),
+            std::ffi::OsStr::new("-v"),
+            &byte,
+        ])
+        .run();
+    run.fails_with(2, "argument 3 is not valid UTF-8: \"\\xFF\"");
 }
 
 /// The server's own words reached stderr raw: a trigger's exception with an escape sequence

@@ -279,8 +279,9 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     {
         writeln!(
             out,
-            "read only: transfers, seed, init and reset fail on this connection (a hot standby, \
-             or default_transaction_read_only); connect to the primary"
+            "read only: transfers, seed, init and reset fail on this connection (a hot standby: \
+             connect to the primary; or default_transaction_read_only: turn it off for this \
+             role or database)"
         )?;
     }
     let tls = match report.tls {
