@@ -2166,6 +2166,39 @@ fn sevens_commit_slowly(iso: Iso, seconds: u32) -> (ScratchDb, [Uuid; 3]) {
     (db, [ids[0], ids[1], ids[2]])
 }
 
+/// `lines` run as a file (`--timeout timeout`, one connection, 2 lines per statement) while
+/// another session, once the first COMMIT sleeps in the trigger (a fixed 500 ms came after it
+/// on a loaded machine, and the held-up statement was not held up), runs `hold` and keeps its
+/// transaction open until the file is done. The run and how long it took.
+fn run_file_while_held(
+    db: &ScratchDb,
+    lines: &[T],
+    timeout: &str,
+    hold: impl FnOnce(&mut PgConnection) + Send + 'static,
+) -> (Run, Duration) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let db_url = db.url.clone();
+        thread::spawn(move || {
+            let mut conn = db_url.connect().expect("connect");
+            wait_for_a_commit_asleep(&mut conn);
+            hold(&mut conn);
+            let _ = released.recv_timeout(Duration::from_secs(30));
+        })
+    };
+    let started = Instant::now();
+    let run = run_file(
+        db.url.expose(),
+        "f.csv",
+        &csv(lines),
+        &["--timeout", timeout, "--connections", "1", "--batch", "2"],
+    );
+    let took = started.elapsed();
+    let _ = release.send(());
+    holder.join().expect("holder");
+    (run, took)
+}
+
 /// A line refused on its merits, then another held up by a session that took the refused
 /// line's account meanwhile: the run claimed the refused line's id after the held-up statement,
 /// and the claim waited on the same lock for a deadline of its own: 5.0 s for `--timeout 2s`
@@ -2187,35 +2220,16 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
             to,
             amount,
         });
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let holder = {
-            let db_url = db.url.clone();
-            thread::spawn(move || {
-                let mut conn = db_url.connect().expect("connect");
-                // While the first COMMIT sleeps in the trigger: a fixed 500 ms came after it on a
-                // loaded machine, and the held-up statement was not held up.
-                wait_for_a_commit_asleep(&mut conn);
-                // READ COMMITTED: at SERIALIZABLE the lock, granted after a concurrent update,
-                // fails with 40001.
-                conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                    .expect("begin");
-                diesel::sql_query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
-                    .bind::<diesel::sql_types::Uuid, _>(k2)
-                    .execute(&mut conn)
-                    .expect("hold");
-                let _ = released.recv_timeout(Duration::from_secs(30));
-            })
-        };
-        let started = Instant::now();
-        let run = run_file(
-            db.url.expose(),
-            "f.csv",
-            &csv(&lines),
-            &["--timeout", "2s", "--connections", "1", "--batch", "2"],
-        );
-        let took = started.elapsed();
-        let _ = release.send(());
-        holder.join().expect("holder");
+        let (run, took) = run_file_while_held(&db, &lines, "2s", move |conn| {
+            // READ COMMITTED: at SERIALIZABLE the lock, granted after a concurrent update,
+            // fails with 40001.
+            conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                .expect("begin");
+            diesel::sql_query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind::<diesel::sql_types::Uuid, _>(k2)
+                .execute(conn)
+                .expect("hold");
+        });
         let got = outcomes(&run);
         assert_eq!(run.code, 3, "{iso:?}: {run:?}");
         assert_eq!(got[0].1, "applied", "{iso:?}: {run:?}");
@@ -2231,6 +2245,44 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
         assert_eq!(got[0].1, "already_applied", "{iso:?}: {again:?}");
         assert_eq!(got[1].1, "insufficient_funds", "{iso:?}: {again:?}");
         assert_eq!(got[2].1, "applied", "{iso:?}: {again:?}");
+    }
+}
+
+/// A statement that refused one line and applied another, whose COMMIT took most of the
+/// deadline (a deferred trigger sleeping here; an unanswered COMMIT settled after a link went
+/// down, as a fault-injecting helper saw it), then a claim of the refused line's id that waits
+/// on `transfer_claims` locked by another session: the claim had a whole deadline of its own,
+/// and the run ended near twice `--timeout`. It has what the statement left of its deadline
+/// (and a moment at least): the refused line is `unknown` (its id could not be claimed), the
+/// run ends within about one deadline, and a rerun once the lock is gone settles it.
+#[test]
+fn a_claim_after_a_slow_statement_that_refused_a_line_has_what_is_left_of_its_deadline() {
+    for iso in Iso::BOTH {
+        let (db, [k1, k2, k3]) = sevens_commit_slowly(iso, 2);
+        let lines = [(k1, k3, 7), (k2, k3, 500)].map(|(from, to, amount)| T {
+            id: Uuid::new_v4(),
+            from,
+            to,
+            amount,
+        });
+        // Granted once the slow COMMIT is done (it read the claims), before the claim.
+        let (run, took) = run_file_while_held(&db, &lines, "3s", |conn| {
+            conn.batch_execute("BEGIN; LOCK TABLE transfer_claims IN ACCESS EXCLUSIVE MODE")
+                .expect("lock the claims");
+        });
+        let got = outcomes(&run);
+        assert_eq!(got[0].1, "applied", "{iso:?}: {run:?}");
+        assert_eq!(got[1].1, "unknown", "{iso:?}: {run:?}");
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        // 2 s of trigger, what is left of 3 s; not another 3 s.
+        assert!(
+            took < Duration::from_millis(4200),
+            "{iso:?}: took {took:?}: {run:?}"
+        );
+        let again = run_file(db.url.expose(), "f.csv", &csv(&lines), &[]);
+        let got = outcomes(&again);
+        assert_eq!(got[0].1, "already_applied", "{iso:?}: {again:?}");
+        assert_eq!(got[1].1, "insufficient_funds", "{iso:?}: {again:?}");
     }
 }
 

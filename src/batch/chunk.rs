@@ -165,8 +165,9 @@ pub struct ChunkRunner {
     barred: Arc<Mutex<HashSet<Uuid>>>,
     /// How the next statement's refused lines are guessed (`Chunk::guess_short`).
     guesses: Guesses,
-    /// A statement of the chunk under way ran until its deadline (see `claim_refused`).
-    deadline_spent: bool,
+    /// The longest that a statement of the chunk under way which said no to a line took,
+    /// retries and settling included (see `claim_refused`).
+    spent: Duration,
 }
 
 /// How a runner guesses the lines a statement refuses for insufficient funds, so that the
@@ -211,7 +212,7 @@ impl ChunkRunner {
             first_claims: HashMap::new(),
             barred: Arc::default(),
             guesses: Guesses::FromBalances,
-            deadline_spent: false,
+            spent: Duration::ZERO,
         }
     }
 
@@ -239,7 +240,7 @@ impl ChunkRunner {
         // The chunk's verdicts as they are; the watcher sees them as `shown`.
         let mut decided: Vec<Verdict> = Vec::with_capacity(lines.len());
         self.size = self.limit;
-        self.deadline_spent = false;
+        self.spent = Duration::ZERO;
         if self.guesses == Guesses::NoneInThisChunk {
             self.guesses = Guesses::WithLedger;
         }
@@ -272,7 +273,9 @@ impl ChunkRunner {
                 // The watcher gave up on this runner: it reports the chunk itself.
                 return Ok(Vec::new());
             }
+            let sent = Instant::now();
             let step = self.statement(rest);
+            let took = sent.elapsed();
             if !self.watch.ticket.finish() {
                 // Given up on while the statement ran: the watcher counted its lines from what
                 // was decided before it, so they are not added now (counted twice otherwise).
@@ -380,6 +383,10 @@ impl ChunkRunner {
                     given
                 }
             };
+            // The lines a statement says no to are claimed with what is left of its deadline.
+            if given.iter().any(says_no) {
+                self.spent = self.spent.max(took);
+            }
             for line in &lines[start..(start + given.len()).min(lines.len())] {
                 self.first_claims.remove(&line.transfer.id);
             }
@@ -404,14 +411,16 @@ impl ChunkRunner {
     /// watcher has seen these lines `unknown` since each was decided (`shown`), and sees them
     /// as they are once this is done.
     ///
-    /// The claim is a statement with a deadline of its own, but for one case: when a line of
-    /// the chunk is `unknown` (a statement held up until its deadline, say), the run ends with
-    /// exit 3 and a rerun settles every line anyway, and the claim has `CLAIM_AT_LEAST` (for a
-    /// lock freed just then). After a statement held up by another session's lock until its
-    /// deadline, the claim waited on the same lock for a full deadline more, and the run took
-    /// twice `--timeout` (found by a fault-injecting helper). Cut short whatever the chunk's other
-    /// lines met, a line refused at once ended `unknown` where a claim in its own time would
-    /// have settled it (found by a reviewer).
+    /// The claim is a statement with what is left of the deadline that the slowest statement
+    /// refusing one of its lines spent, and at least `CLAIM_AT_LEAST` (for a lock freed just
+    /// then); when a line
+    /// of the chunk is `unknown` already, the run ends with exit 3 and a rerun settles every
+    /// line anyway, and the claim has `CLAIM_AT_LEAST`. After a statement held up by another
+    /// session's lock until its deadline, the claim waited on the same lock for a full deadline
+    /// more, and the run took twice `--timeout` (found by a fault-injecting helper). Cut short
+    /// whatever the chunk's other lines met, a line refused at once ended `unknown` where a
+    /// claim in its own time would have settled it (found by a reviewer): lines refused by
+    /// quick statements get a whole deadline, however slow the chunk's other statements.
     fn claim_refused(&mut self, lines: &[Line], decided: &mut [Verdict]) {
         if !decided.iter().any(says_no) {
             return;
@@ -454,16 +463,20 @@ impl ChunkRunner {
         if !self.watch.ticket.begin() {
             return;
         }
-        // Lines whose statement ran until its deadline spent their time already: a claim
-        // waiting a deadline more, on a lock the statement met (`transfer_claims` locked by
-        // another session, which the check for other sessions' locks on the accounts and the
-        // ledger does not see), took the run to twice `--timeout` (found by a fault-injecting
-        // helper).
-        let stopping = self.deadline_spent || decided.iter().any(|v| v.outcome == Outcome::Unknown);
-        let wait = match stopping {
-            true => CLAIM_AT_LEAST.min(self.policy.timeout),
-            false => self.policy.timeout,
-        };
+        // What a statement of the chunk spent of its deadline, the claim does not get again: a
+        // claim waiting a deadline more, on a lock the statement met (`transfer_claims` locked
+        // by another session, which the check for other sessions' locks on the accounts and
+        // the ledger does not see), or on a link that went down while an unanswered COMMIT was
+        // being settled, took the run to twice `--timeout` (found by fault-injecting helpers).
+        let wait = match decided.iter().any(|v| v.outcome == Outcome::Unknown) {
+            true => CLAIM_AT_LEAST,
+            false => self
+                .policy
+                .timeout
+                .saturating_sub(self.spent)
+                .max(CLAIM_AT_LEAST),
+        }
+        .min(self.policy.timeout);
         let policy = RetryPolicy {
             timeout: wait,
             ..self.policy
@@ -852,7 +865,6 @@ impl ChunkRunner {
                 timed_out,
                 cause,
             }) => {
-                self.deadline_spent |= timed_out;
                 let how = if timed_out {
                     format!(
                         "timed out after {:.1}s ({})",
