@@ -86,7 +86,7 @@ pub struct Unmigrated {
     pub search_path: String,
     /// Where `init` would create bank's tables (`current_schema()`), unless that is nowhere or
     /// the session's temporary schema: a second bank there may be what is wanted (a tenant).
-    pub creation_schema: Option<String>,
+    pub creation_schema: Option<Box<str>>,
     /// Migrated, but some of bank's tables are found first in another schema than bank's (the
     /// schema named here), each as "accounts in schema other" (`db::shadowed_tables`).
     pub shadowed: Option<Box<(String, Vec<String>)>>,
@@ -96,6 +96,10 @@ pub struct Unmigrated {
     /// Never migrated, and relations bank's migrations would create are there already (another
     /// application's): `init` refuses, so it is no advice.
     pub in_the_way: Vec<String>,
+    /// Migrated, but bank's tables were changed since in ways its promise cannot survive (a
+    /// rule, a key made deferrable, a trigger on the claims, UNLOGGED), each with how to undo it
+    /// (`db::unsafe_changes`).
+    pub unsafe_changes: Option<Box<Vec<String>>>,
 }
 
 /// What a statement found missing (`Unmigrated::missing`).
@@ -110,6 +114,14 @@ pub struct Missing {
 
 impl std::fmt::Display for Unmigrated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(changes) = self.unsafe_changes.as_deref() {
+            return write!(
+                f,
+                "bank's tables were changed in a way that could apply a transfer twice or report \
+                 it wrongly, so nothing was sent: {}",
+                changes.join("; ")
+            );
+        }
         if let Some((bank, shadowed)) = self.shadowed.as_deref() {
             return write!(
                 f,

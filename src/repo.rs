@@ -448,7 +448,24 @@ pub fn claim_and_find(
         accounts.sort_unstable();
         accounts.dedup();
         lock_accounts(c, &accounts)?;
-        claim_ids(c, ids)?;
+        // Fewer rows than ids: the database dropped some claims without an error (a rule, a
+        // trigger returning NULL; found by a fault-injecting helper), and a run's "not applied"
+        // was then overturned by an earlier attempt still retrying. Rolled back: the claim is
+        // not made, and the caller's answer is unknown.
+        let mut distinct = ids.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let claimed = claim_ids(c, &distinct)?;
+        if claimed < distinct.len() {
+            return Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new(format!(
+                    "the database wrote {claimed} of {} claims without an error (a rule or a \
+                     trigger on transfer_claims?)",
+                    distinct.len()
+                )),
+            ));
+        }
         find_transfers(c, ids)
     })
 }

@@ -1789,3 +1789,67 @@ fn a_reset_whose_batch_went_unanswered_says_it_may_have_deleted_it() {
     run.fails_with(1, "result is ambiguous");
     assert!(run.stderr.contains("may or may not"), "{run:?}");
 }
+
+/// A DBA's change to bank's tables that its promise cannot survive, each found by a
+/// fault-injecting helper: a rule redirecting the ledger's inserts (a file's rerun applied the
+/// same lines again, every time), the ledger's or the claims' primary key made DEFERRABLE or
+/// dropped (two runs of one id both said "moved"; dropped, the money moved twice), a trigger on
+/// the claims (rewriting a run's mark: "already applied" for its own apply; or dropping a claim:
+/// a rerun's "not applied" overturned), the ledger UNLOGGED (a crash emptied it, and a rerun
+/// moved the money again). Each is refused before anything is sent, naming the change and how
+/// to undo it, in a transfer and a file, at both levels; nothing moves.
+#[test]
+fn a_schema_change_the_promise_cannot_survive_is_refused() {
+    let changes = [
+        (
+            "CREATE TABLE ledger_copy (LIKE transfers); CREATE RULE redirect AS ON INSERT TO \
+             transfers DO INSTEAD INSERT INTO ledger_copy VALUES (NEW.*) RETURNING ledger_copy.*",
+            "rule",
+        ),
+        (
+            "ALTER TABLE transfers DROP CONSTRAINT transfers_pkey, ADD CONSTRAINT transfers_pkey \
+             PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED",
+            "unique index on id",
+        ),
+        (
+            "ALTER TABLE transfer_claims DROP CONSTRAINT transfer_claims_pkey",
+            "unique index on id",
+        ),
+        (
+            "CREATE FUNCTION remark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               NEW.claimed_by := gen_random_uuid(); RETURN NEW; END $$; \
+             CREATE TRIGGER remark BEFORE INSERT ON transfer_claims FOR EACH ROW \
+               EXECUTE FUNCTION remark()",
+            "trigger",
+        ),
+        ("ALTER TABLE transfers SET UNLOGGED", "UNLOGGED"),
+    ];
+    for iso in support::Iso::BOTH {
+        for (change, named) in changes {
+            let case = format!("{iso:?} {change}");
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, 0])[..] else {
+                panic!("two accounts")
+            };
+            db.conn().batch_execute(change).expect("the change");
+            let id = Uuid::new_v4().to_string();
+            for mode in ["transaction", "single-statement"] {
+                let run = db
+                    .transfer(a, b, 10)
+                    .args(["--id", &id, "--mode", mode])
+                    .run();
+                run.fails_with(1, named);
+            }
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().join("f.csv");
+            std::fs::write(&path, format!("id,from,to,amount\n{id},{a},{b},10\n")).expect("file");
+            let file = db
+                .bank()
+                .args(["transfer", "--file", path.to_str().expect("utf-8")])
+                .run();
+            assert_eq!(file.code, 1, "{case}: {file:?}");
+            assert!(file.stderr.contains(named), "{case}: {file:?}");
+            assert_eq!((db.balance(a), db.balance(b)), (1000, 0), "{case}");
+        }
+    }
+}

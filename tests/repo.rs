@@ -130,3 +130,38 @@ fn delete_all_removes_accounts_and_transfers() -> Result<(), Box<dyn std::error:
     assert_eq!(support::count_transfers(conn)?, 0);
     Ok(())
 }
+
+/// A claim the database drops without an error (a trigger returning NULL here, or a rule doing
+/// nothing instead) was taken for made: a rerun said "not applied", and an earlier attempt
+/// still retrying then applied the id (found by a fault-injecting helper). `db::unsafe_changes`
+/// refuses such a schema on PostgreSQL; `claim_and_find` fails too, and writes nothing.
+#[test]
+fn a_claim_the_database_drops_is_an_error() {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    let mut conn = db.conn();
+    conn.batch_execute(
+        "CREATE FUNCTION eat() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.id = '00000000-0000-0000-0000-000000000002' THEN RETURN NULL; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER eat BEFORE INSERT ON transfer_claims FOR EACH ROW EXECUTE FUNCTION eat()",
+    )
+    .expect("the trigger");
+    let ids = [1u128, 2].map(Uuid::from_u128);
+    let claimed = repo::claim_and_find(&mut conn, &ids, &[], None);
+    let Err(DieselError::DatabaseError(_, info)) = &claimed else {
+        panic!("claimed: {claimed:?}")
+    };
+    assert!(
+        info.message().contains("1 of 2 claims"),
+        "{}",
+        info.message()
+    );
+    assert_eq!(repo::claim_generations(&mut conn, &ids).expect("read"), []);
+    // Every claim written: claimed.
+    let fine = [1u128, 3].map(Uuid::from_u128);
+    assert_eq!(
+        repo::claim_and_find(&mut conn, &fine, &[], None).expect("claimed"),
+        []
+    );
+}

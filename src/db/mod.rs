@@ -395,7 +395,7 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
         (Ok(elsewhere), Ok(path), Ok(creation_schema)) => Unmigrated {
             elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
             search_path: path,
-            creation_schema,
+            creation_schema: creation_schema.map(String::into_boxed_str),
             in_the_way,
             ..Unmigrated::default()
         },
@@ -471,6 +471,62 @@ pub fn shadowed_tables(conn: &mut PgConnection) -> QueryResult<Option<(String, V
     Ok((!shadowed.is_empty()).then_some((bank, shadowed)))
 }
 
+/// Changes a DBA made to bank's tables (as this connection's search_path finds them) that its
+/// promise cannot survive, each said with how to undo it; found by a fault-injecting helper:
+/// - a rule on one of them rewrites bank's statements (one redirecting the ledger's inserts made
+///   every rerun of a file apply its lines again);
+/// - no immediate unique index on `id` alone (a primary key made DEFERRABLE let two runs of one
+///   id both say "moved"; dropped, the money moved twice);
+/// - a trigger on `transfer_claims` (rewriting a run's mark made it call its own apply another
+///   run's; dropping a claim overturned a rerun's "not applied");
+/// - an UNLOGGED table (a crash empties it, and a rerun moved the money again);
+/// - a view or a foreign table in a table's place.
+///
+/// PostgreSQL's catalogs: CockroachDB has no rules, unlogged tables or deferrable keys, and a
+/// catalog it lacks fails the query, which the caller takes for nothing found.
+pub fn unsafe_changes(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Change {
+        #[diesel(sql_type = Text)]
+        change: String,
+    }
+    Ok(diesel::sql_query(
+        "WITH r AS (SELECT t.name, to_regclass(t.name) AS oid FROM unnest(CAST($1 AS TEXT[])) AS t(name)) \
+         SELECT r.name || ' has a rule (' || quote_ident(w.rulename) || ') that rewrites bank''s \
+           statements: DROP RULE ' || quote_ident(w.rulename) || ' ON ' || r.name AS change \
+         FROM r JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.oid WHERE w.rulename <> '_RETURN' \
+         UNION ALL \
+         SELECT r.name || ' is a ' || CASE c.relkind WHEN 'v' THEN 'view' WHEN 'f' THEN \
+           'foreign table' WHEN 'm' THEN 'materialized view' ELSE 'relation of another kind' END \
+           || ', not a table: give bank its table back' \
+         FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid WHERE c.relkind NOT IN ('r', 'p') \
+         UNION ALL \
+         SELECT r.name || ' is UNLOGGED (a crash empties it): ALTER TABLE ' || r.name \
+           || ' SET LOGGED' \
+         FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid WHERE c.relpersistence = 'u' \
+         UNION ALL \
+         SELECT r.name || ' has no immediate unique index on id alone (its primary key was \
+           dropped, or made DEFERRABLE), so one id could be applied twice: restore its PRIMARY \
+           KEY (id)' \
+         FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid WHERE c.relkind IN ('r', 'p') \
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attname = 'id' \
+             WHERE i.indrelid = r.oid AND i.indisunique AND i.indimmediate AND i.indisvalid \
+               AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum AND i.indpred IS NULL) \
+         UNION ALL \
+         SELECT 'transfer_claims has a trigger (' || quote_ident(g.tgname) || ') that may change \
+           or drop the claims bank writes: DROP TRIGGER ' || quote_ident(g.tgname) \
+           || ' ON transfer_claims' \
+         FROM r JOIN pg_catalog.pg_trigger g ON g.tgrelid = r.oid \
+         WHERE r.name = 'transfer_claims' AND NOT g.tgisinternal AND g.tgenabled <> 'D'",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&BANK_TABLES[1..])
+    .load::<Change>(conn)?
+    .into_iter()
+    .map(|c| c.change)
+    .collect())
+}
+
 /// The connection's `search_path` as the run found it (`kept::search_path_as_found`).
 pub fn search_path(conn: &mut PgConnection) -> QueryResult<String> {
     Ok(kept::search_path_as_found(shown_search_path(conn)?))
@@ -513,8 +569,21 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
                 shadowed: Some(Box::new(shadowed)),
                 ..Unmigrated::default()
             })),
+            Ok(None) => match unsafe_changes(conn) {
+                Ok(changes) if !changes.is_empty() => {
+                    Err(crate::error::Error::NotMigrated(Unmigrated {
+                        unsafe_changes: Some(Box::new(changes)),
+                        ..Unmigrated::default()
+                    }))
+                }
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    log::debug!("bank's tables could not be checked for changes ({e})");
+                    Ok(())
+                }
+            },
             // Not readable (a catalog a role may not read): the migrations' check stands.
-            _ => Ok(()),
+            Err(_) => Ok(()),
         },
         Ok(_) => Err(crate::error::Error::NotMigrated(Unmigrated::default())),
         // No migrations table on the search_path: never migrated, or migrated elsewhere.
@@ -525,8 +594,9 @@ pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Err
         }
         // A role granted only the application's tables: the check cannot be made, and a schema
         // too old still fails the command's own statement as not migrated.
+        // (CockroachDB's words: "user … does not have SELECT privilege on relation …".)
         Err(diesel::result::Error::DatabaseError(_, info))
-            if info.message().contains("permission denied") =>
+            if crate::error::is_privilege_denied(info.message()) =>
         {
             log::debug!(
                 "the migrations cannot be read ({}); not checked",
