@@ -1850,6 +1850,11 @@ fn a_schema_change_the_promise_cannot_survive_is_refused() {
             assert_eq!(file.code, 1, "{case}: {file:?}");
             assert!(file.stderr.contains(named), "{case}: {file:?}");
             assert_eq!((db.balance(a), db.balance(b)), (1000, 0), "{case}");
+            // doctor names it too (it said "migrated" and nothing more).
+            let doctor = db.bank().args(["doctor", "--json"]).run();
+            doctor.success();
+            let changes = doctor.json()["unsafe_changes"].to_string();
+            assert!(changes.contains(named), "{case}: {doctor:?}");
         }
     }
 }

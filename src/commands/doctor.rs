@@ -38,6 +38,9 @@ struct Report {
     /// Bank's tables this connection finds first in another schema than bank's (another
     /// application's table of the same name): every command that needs the schema refuses it.
     tables_in_other_schemas: Vec<String>,
+    /// Changes to bank's tables its promise cannot survive, each with its undo
+    /// (`db::unsafe_changes`): every command that needs the schema refuses it.
+    unsafe_changes: Vec<String>,
     /// Server-side settings of this session.
     settings: BTreeMap<String, Option<String>>,
     /// Whether this connection is encrypted; `None` when the server does not say.
@@ -115,6 +118,10 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         false => None,
     };
     let migrated = !applied.is_empty() && pending_migrations == 0 && shadowed.is_none();
+    let unsafe_changes = match migrated {
+        true => db::unsafe_changes(&mut conn).unwrap_or_default(),
+        false => Vec::new(),
+    };
     // What `init` would find in the way: advised to a database it would refuse, it sent the
     // user round in a loop.
     let init_blocked_by = match migrations_readable {
@@ -195,6 +202,7 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         unknown_migrations,
         init_blocked_by,
         tables_off_search_path: off_path.elsewhere.clone(),
+        unsafe_changes,
         tables_in_other_schemas: shadowed
             .as_ref()
             .map(|(_, tables)| tables.clone())
@@ -268,6 +276,13 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
                 "migrations"
             }
         )?,
+    }
+    if !report.unsafe_changes.is_empty() {
+        writeln!(
+            out,
+            "unsafe changes (every command that needs the schema refuses it): {}",
+            report.unsafe_changes.join("; ")
+        )?;
     }
     for (name, value) in &report.settings {
         writeln!(out, "{name}: {}", value.clone().unwrap_or_else(unknown))?;
