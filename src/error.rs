@@ -762,9 +762,12 @@ fn not_updated(account: Option<Uuid>) -> String {
         Some(id) => format!("account {id} exists, but the database"),
         None => "the database".to_string(),
     };
+    let what = match account {
+        Some(_) => "left it unchanged",
+        None => "left an account unchanged, or changed it otherwise than asked",
+    };
     format!(
-        "{which} left it unchanged (a trigger or rule of the database's own), so the transfer \
-         applied nothing"
+        "{which} {what} (a trigger or rule of the database's own), so the transfer applied nothing"
     )
 }
 

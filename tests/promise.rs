@@ -1199,3 +1199,70 @@ fn a_ledger_row_a_trigger_changes_applies_nothing() {
         }
     }
 }
+
+/// A DBA's trigger that writes an account otherwise than asked (it keeps the old balance for
+/// moves of 3): bank said "moved" (exit 0), in both modes and in a file, while no money moved
+/// and the ledger said it had (found by a fault-injecting helper). A row not written as asked
+/// applies nothing: the transfer is refused, and a file's other lines apply. Both levels.
+#[test]
+fn an_account_a_trigger_writes_otherwise_applies_nothing() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION keep3() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                   IF abs(NEW.balance - OLD.balance) = 3 THEN NEW.balance := OLD.balance; END IF; \
+                   RETURN NEW; END$$; \
+                 CREATE TRIGGER keep3 BEFORE UPDATE ON accounts FOR EACH ROW \
+                 EXECUTE FUNCTION keep3()",
+            )
+            .expect("trigger");
+        let [a, b, c, d] = db.accounts(&[1000, 0, 1000, 0])[..] else {
+            panic!("four accounts")
+        };
+        for mode in MODES {
+            let run = db
+                .transfer(a, b, 3)
+                .args(["--mode", mode, "--id", &Uuid::new_v4().to_string()])
+                .run();
+            assert_eq!(run.code, 1, "{iso:?} {mode}: {run:?}");
+            assert!(
+                run.stderr.contains("otherwise than asked"),
+                "{iso:?} {mode}: {run:?}"
+            );
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("f.csv");
+        let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+        std::fs::write(
+            &path,
+            format!("id,from,to,amount\n{x},{c},{d},5\n{y},{a},{b},3\n"),
+        )
+        .expect("file");
+        let file = db
+            .bank()
+            .args([
+                "transfer",
+                "--json",
+                "--file",
+                path.to_str().expect("utf-8"),
+            ])
+            .run();
+        assert_eq!(file.code, 1, "{iso:?}: {file:?}");
+        let outcomes: Vec<String> = file
+            .stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("json")["outcome"].to_string()
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["\"applied\"", "\"refused\""],
+            "{iso:?}: {file:?}"
+        );
+        assert_eq!((db.balance(a), db.balance(b)), (1000, 0), "{iso:?}");
+        assert_eq!((db.balance(c), db.balance(d)), (995, 5), "{iso:?}");
+        db.bank().args(["verify"]).run().success();
+    }
+}

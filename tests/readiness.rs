@@ -1858,3 +1858,40 @@ fn a_schema_change_the_promise_cannot_survive_is_refused() {
         }
     }
 }
+
+/// A role that may not read the catalogs `db::unsafe_changes` reads: each connection's check is
+/// skipped (a log line at -v only), and `doctor` said "schema: migrated" and nothing more (found
+/// by a fault-injecting helper). It says the check was not made (`unsafe_changes` null).
+#[test]
+fn doctor_says_when_the_schema_changes_cannot_be_checked() {
+    let db = ScratchDb::migrated();
+    let (_, url) = db.role(
+        "LOGIN",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
+         __diesel_schema_migrations TO {role}; REVOKE SELECT ON pg_catalog.pg_trigger FROM PUBLIC",
+    );
+    let doctor = |json: bool| {
+        let bank = Bank::new().args(["--database-url", &url, "doctor"]);
+        match json {
+            true => bank.args(["--json"]).run(),
+            false => bank.run(),
+        }
+    };
+    let j = doctor(true);
+    j.success();
+    assert_eq!(j.json()["unsafe_changes"], serde_json::Value::Null, "{j:?}");
+    let text = doctor(false);
+    text.success();
+    assert!(
+        text.stdout
+            .contains("unsafe changes: not checked (permission denied"),
+        "{text:?}"
+    );
+    // Readable, none: an empty list, and no line.
+    let owner = db.bank().args(["doctor", "--json"]).run();
+    assert_eq!(
+        owner.json()["unsafe_changes"],
+        serde_json::json!([]),
+        "{owner:?}"
+    );
+}

@@ -1172,8 +1172,9 @@ fn read_rows(
     if inserted.is_some_and(|n| n < transfers as i64) {
         return Err(Rollback::NoLedgerRow);
     }
-    // Fewer accounts moved than the lines applied touch: a trigger on `accounts` left one
-    // unchanged (BEFORE UPDATE returning NULL). The same: rolled back, and split until the line
+    // Fewer accounts moved as asked than the lines applied touch: a trigger on `accounts` left
+    // one unchanged (BEFORE UPDATE returning NULL), or wrote it otherwise (keeping the old
+    // balance: "applied" while no money moved). The same: rolled back, and split until the line
     // is alone (it was rolled back whole as a bug, and no line of the statement ever applied).
     if moved.is_some_and(|n| n < accounts.len() as i64) && inserted == Some(transfers as i64) {
         return Err(Rollback::NotUpdated);

@@ -266,7 +266,8 @@ const TAIL: &str = "
                CAST(SUM(delta) AS INT8) AS delta, COUNT(*) AS n
         FROM applied GROUP BY account) AS d
   WHERE accounts.id = d.account AND accounts.balance = d.balance AND accounts.version = d.version
-  RETURNING accounts.id
+  RETURNING accounts.id,
+    (accounts.balance = d.balance + d.delta AND accounts.version = d.version + d.n) AS as_asked
 ), inserted AS (
   INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, to_version, to_balance_after, created_at)
   SELECT id, from_id, to_id, amount,
@@ -293,7 +294,7 @@ SELECT (SELECT COUNT(*) FROM inserted i WHERE EXISTS (SELECT 1 FROM applied a
             AND a.amount = i.amount)), 'inserted',
   (SELECT CASE WHEN MIN(created_at) = MAX(created_at) THEN MIN(created_at) END FROM inserted)
 UNION ALL
-SELECT (SELECT COUNT(*) FROM moved), 'moved', CAST(NULL AS TIMESTAMPTZ)";
+SELECT (SELECT COUNT(*) FROM moved WHERE as_asked), 'moved', CAST(NULL AS TIMESTAMPTZ)";
 
 #[cfg(test)]
 mod tests {

@@ -39,8 +39,9 @@ struct Report {
     /// application's table of the same name): every command that needs the schema refuses it.
     tables_in_other_schemas: Vec<String>,
     /// Changes to bank's tables its promise cannot survive, each with its undo
-    /// (`db::unsafe_changes`): every command that needs the schema refuses it.
-    unsafe_changes: Vec<String>,
+    /// (`db::unsafe_changes`): every command that needs the schema refuses it. `None` (null)
+    /// when the catalogs could not be read (then nothing refuses them: said, not hidden).
+    unsafe_changes: Option<Vec<String>>,
     /// Server-side settings of this session.
     settings: BTreeMap<String, Option<String>>,
     /// Whether this connection is encrypted; `None` when the server does not say.
@@ -118,9 +119,12 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
         false => None,
     };
     let migrated = !applied.is_empty() && pending_migrations == 0 && shadowed.is_none();
-    let unsafe_changes = match migrated {
-        true => db::unsafe_changes(&mut conn).unwrap_or_default(),
-        false => Vec::new(),
+    let (unsafe_changes, unchecked) = match migrated {
+        true => match db::unsafe_changes(&mut conn) {
+            Ok(changes) => (Some(changes), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        false => (Some(Vec::new()), None),
     };
     // What `init` would find in the way: advised to a database it would refuse, it sent the
     // user round in a loop.
@@ -277,12 +281,20 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
             }
         )?,
     }
-    if !report.unsafe_changes.is_empty() {
-        writeln!(
+    match (&report.unsafe_changes, unchecked) {
+        (Some(changes), _) if !changes.is_empty() => writeln!(
             out,
             "unsafe changes (every command that needs the schema refuses it): {}",
-            report.unsafe_changes.join("; ")
-        )?;
+            changes.join("; ")
+        )?,
+        // A role that may not read the catalogs: the check every connection makes is skipped.
+        (None, Some(why)) => writeln!(
+            out,
+            "unsafe changes: not checked ({}): rules, keys, triggers on transfer_claims and \
+             UNLOGGED tables go unnoticed for this role",
+            crate::one_line(&why)
+        )?,
+        _ => {}
     }
     for (name, value) in &report.settings {
         writeln!(out, "{name}: {}", value.clone().unwrap_or_else(unknown))?;

@@ -674,7 +674,12 @@ fn attempt(
                 answered_since(c, t, seen)?;
             }
             if let Own::Times(times) = &mut *own {
-                times.push(repo::created_at(c, t.id).map_err(BodyError::Database)?);
+                // Gone already, within this transaction: a DBA's trigger moved it elsewhere (it
+                // said "database error: Record not found"; found by a fault-injecting helper).
+                times.push(repo::created_at(c, t.id).map_err(|e| match e {
+                    DieselError::NotFound => BodyError::Final(TransferError::NoLedgerRow),
+                    e => BodyError::Database(e),
+                })?);
             }
             if !ticket.enter_commit() {
                 return Err(BodyError::Abandoned);

@@ -57,7 +57,7 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let t = &self.t;
         // 1. Both rows locked, in key order.
-        out.push_sql("WITH locked AS (SELECT id FROM accounts WHERE id IN (");
+        out.push_sql("WITH locked AS (SELECT id, balance, version FROM accounts WHERE id IN (");
         out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
         out.push_sql(", ");
         out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
@@ -71,10 +71,22 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         out.push_bind_param::<BigInt, _>(&t.amount)?;
         out.push_sql(" ELSE ");
         out.push_bind_param::<BigInt, _>(&t.amount)?;
+        // Whether each row was written as asked: a DBA's trigger that kept the old balance
+        // (`NEW.balance := OLD.balance`) let bank say "moved" while no money moved (found by a
+        // fault-injecting helper). `locked` holds the row as locked, the latest version at
+        // READ COMMITTED as the update's own.
         out.push_sql(
             " END, version = accounts.version + 1 FROM locked WHERE accounts.id = locked.id \
-             RETURNING accounts.id, accounts.balance, accounts.version), ",
+             RETURNING accounts.id, accounts.balance, accounts.version, \
+             (accounts.version = locked.version + 1 AND accounts.balance = locked.balance + \
+             CASE WHEN accounts.id = ",
         );
+        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+        out.push_sql(" THEN -");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" ELSE ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" END) AS as_asked), ");
         // 3. The ledger row, with both sides' version and balance after. An unknown account has
         // no `moved` row: its side is NULL, which the NOT NULL columns refuse. Its time is taken
         // once both rows are locked (`clock_timestamp()`, not the transaction's start, `now()`):
@@ -128,6 +140,8 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         // but one dropped by hand let a transfer overdraw (found by a fault-injecting helper).
         out.push_sql("SELECT CAST(CASE WHEN MIN(debited) < 0 THEN '");
         out.push_sql(BELOW_ZERO);
+        out.push_sql("' WHEN EXISTS (SELECT 1 FROM moved WHERE NOT as_asked) THEN '");
+        out.push_sql(BALANCES_NOT_AS_ASKED);
         out.push_sql(
             "' WHEN COUNT(*) = 1 AND MIN(CASE WHEN as_asked THEN 1 ELSE 0 END) = 1 THEN '1' ELSE '",
         );
@@ -141,6 +155,9 @@ impl<const CLAIM: bool> RunQueryDsl<PgConnection> for TransferStatement<CLAIM> {
 
 /// The text of the error the statement raises when its ledger row was not written.
 const NO_LEDGER_ROW: &str = "the ledger row was not written";
+
+/// The text of the error the statement raises when an account's row was not written as asked.
+const BALANCES_NOT_AS_ASKED: &str = "the balances were not written as asked";
 
 /// The text of the error the statement raises when the debit took a balance below zero.
 const BELOW_ZERO: &str = "the debited balance would be below zero";
@@ -276,6 +293,9 @@ impl BodyError {
             _ if info.message().contains(NO_LEDGER_ROW) => {
                 BodyError::Final(TransferError::NoLedgerRow)
             }
+            _ if info.message().contains(BALANCES_NOT_AS_ASKED) => {
+                BodyError::Final(TransferError::AccountNotUpdated(None))
+            }
             _ if info.message().contains(BELOW_ZERO) => {
                 BodyError::Refused(TransferError::InsufficientFunds {
                     account: t.from_id,
@@ -322,23 +342,28 @@ mod tests {
         assert_eq!(
             sql,
             format!(
-                "WITH locked AS (SELECT id FROM accounts WHERE id IN ($1, $2) \
+                "WITH locked AS (SELECT id, balance, version FROM accounts WHERE id IN ($1, $2) \
                  ORDER BY id FOR UPDATE), \
                  moved AS (UPDATE accounts SET balance = accounts.balance + CASE WHEN \
                  accounts.id = $3 THEN -$4 ELSE $5 END, version = accounts.version + 1 \
                  FROM locked WHERE accounts.id = locked.id \
-                 RETURNING accounts.id, accounts.balance, accounts.version), \
+                 RETURNING accounts.id, accounts.balance, accounts.version, \
+                 (accounts.version = locked.version + 1 AND accounts.balance = locked.balance + \
+                 CASE WHEN accounts.id = $6 THEN -$7 ELSE $8 END) AS as_asked), \
                  inserted AS (INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
                  from_balance_after, to_version, to_balance_after, created_at) \
-                 SELECT $6, $7, $8, $9, f.version, f.balance, t.version, t.balance, \
-                 clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $10 \
-                 LEFT JOIN moved t ON t.id = $11 RETURNING from_balance_after AS debited, \
-                 (id = $12 AND from_id = $13 AND to_id = $14 AND amount = $15) AS as_asked) \
+                 SELECT $9, $10, $11, $12, f.version, f.balance, t.version, t.balance, \
+                 clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $13 \
+                 LEFT JOIN moved t ON t.id = $14 RETURNING from_balance_after AS debited, \
+                 (id = $15 AND from_id = $16 AND to_id = $17 AND amount = $18) AS as_asked) \
                  SELECT CAST(CASE WHEN MIN(debited) < 0 THEN 'the debited balance would be \
-                 below zero' WHEN COUNT(*) = 1 AND MIN(CASE WHEN as_asked THEN 1 ELSE 0 END) = 1 \
-                 THEN '1' ELSE 'the ledger row was not written' END AS INT8) FROM inserted \
-                 -- binds: [{a}, {b}, {a}, 100, 100, 00000000-0000-0000-0000-000000000000, \
-                 {a}, {b}, 100, {a}, {b}, 00000000-0000-0000-0000-000000000000, {a}, {b}, 100]"
+                 below zero' WHEN EXISTS (SELECT 1 FROM moved WHERE NOT as_asked) THEN 'the \
+                 balances were not written as asked' WHEN COUNT(*) = 1 AND MIN(CASE WHEN \
+                 as_asked THEN 1 ELSE 0 END) = 1 THEN '1' ELSE 'the ledger row was not written' \
+                 END AS INT8) FROM inserted \
+                 -- binds: [{a}, {b}, {a}, 100, 100, {a}, 100, 100, \
+                 00000000-0000-0000-0000-000000000000, {a}, {b}, 100, {a}, {b}, \
+                 00000000-0000-0000-0000-000000000000, {a}, {b}, 100]"
             )
         );
         // One modification per table: CockroachDB refuses two on the same table.
@@ -358,7 +383,7 @@ mod tests {
         assert!(
             sql.contains(
                 "AS as_asked) , claimed AS (INSERT INTO transfer_claims (id, claimed_by) \
-                 VALUES ($16, $17) RETURNING id) SELECT CAST"
+                 VALUES ($19, $20) RETURNING id) SELECT CAST"
             ),
             "{sql}"
         );
