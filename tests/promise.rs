@@ -1266,3 +1266,32 @@ fn an_account_a_trigger_writes_otherwise_applies_nothing() {
         db.bank().args(["verify"]).run().success();
     }
 }
+
+/// A single statement's transfer whose ledger row was deleted since (by hand, or by a DBA's
+/// "archiving" trigger): its rerun in single-statement mode found the id claimed and advised
+/// "run it with --mode transaction to apply it now", which moved the money a second time (found
+/// by a fault-injecting helper). The claim carries the mark of the statement that applied it:
+/// the rerun says the row is gone, and advises no second apply. Both levels.
+#[test]
+fn a_rerun_of_an_id_whose_ledger_row_was_deleted_does_not_advise_a_second_apply() {
+    for iso in Iso::BOTH {
+        let (db, a, b) = two_accounts(iso);
+        let id = Uuid::new_v4().to_string();
+        let run = || {
+            db.transfer(a, b, 10)
+                .args(["--id", &id, "--mode", "single-statement"])
+                .run()
+        };
+        run().success();
+        db.conn()
+            .batch_execute(&format!("DELETE FROM transfers WHERE id = '{id}'"))
+            .expect("delete the row");
+        let again = run();
+        again.fails_with(1, "its ledger row is gone");
+        assert!(
+            !again.stderr.contains("--mode transaction"),
+            "{iso:?}: {again:?}"
+        );
+        assert_eq!((db.balance(a), db.balance(b)), (990, 10), "{iso:?}");
+    }
+}

@@ -703,6 +703,19 @@ fn attempt(
     let step = match result {
         Err(BodyError::Claimed) => match lookup(conn, t) {
             Ok(Some(found)) => resolve_found(conn, t, &found, after_ambiguous, own),
+            // A marked claim is a single statement's that committed, with its ledger row: the
+            // row is gone since (deleted by hand, or by a DBA's trigger), and "run it with
+            // --mode transaction" moved the money a second time (found by a fault-injecting
+            // helper).
+            Ok(None) if repo::claim_mark(conn, t.id).is_ok_and(|m| m.is_some()) => {
+                Attempt::Fail(TransferError::NotApplied {
+                    id: t.id,
+                    reason: "a single statement applied this id earlier (its claim says so), but \
+                             its ledger row is gone (deleted since?): applying it again could \
+                             move the money twice; restore the row, and see `bank verify`"
+                        .into(),
+                })
+            }
             Ok(None) => Attempt::Fail(TransferError::NotApplied {
                 id: t.id,
                 reason: "its id is claimed by a run that said it was not applied, so a single \
