@@ -841,6 +841,11 @@ impl ChunkRunner {
                 Outcome::Unknown,
                 format!("an attempt's COMMIT went unanswered, then: {e}"),
             ),
+            // Changed in ways bank refuses: nothing was sent, but whether an earlier run applied
+            // these lines cannot be learned until the change is undone (as for `--id`).
+            Err(Stop::Failed(TransferError::NotMigrated(u))) if u.unsafe_changes.is_some() => {
+                fail(Outcome::Unknown, u.to_string())
+            }
             Err(Stop::Failed(TransferError::NotMigrated(u))) => Err(Fatal::NotMigrated(u)),
             Err(Stop::Failed(TransferError::Connect(e))) => Err(Fatal::Connect(e)),
             // Out of disk or memory: no line is at fault, and halving the statement until one

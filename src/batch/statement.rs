@@ -289,9 +289,9 @@ UNION ALL
 SELECT ord, CASE WHEN wrong_guess THEN 'not_short' WHEN short THEN 'insufficient_funds'
   ELSE 'balance_overflow' END, CAST(NULL AS TIMESTAMPTZ) FROM refused
 UNION ALL
-SELECT (SELECT COUNT(*) FROM inserted i WHERE EXISTS (SELECT 1 FROM applied a
-          WHERE a.kind = 'debit' AND a.id = i.id AND a.from_id = i.from_id AND a.to_id = i.to_id
-            AND a.amount = i.amount)), 'inserted',
+SELECT (SELECT COUNT(*) FROM (SELECT id, from_id, to_id, amount FROM inserted
+          INTERSECT SELECT id, from_id, to_id, amount FROM applied WHERE kind = 'debit') AS x),
+  'inserted',
   (SELECT CASE WHEN MIN(created_at) = MAX(created_at) THEN MIN(created_at) END FROM inserted)
 UNION ALL
 SELECT (SELECT COUNT(*) FROM moved WHERE as_asked), 'moved', CAST(NULL AS TIMESTAMPTZ)";

@@ -58,7 +58,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             false => stopped.to_string(),
         }
     });
-    let mut conn = url.connect_migrated()?;
+    let mut conn = url.connect_to_write()?;
     crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
@@ -127,7 +127,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                 {
                     log::info!("seed: COPY refused ({COPY_LOST}); loading with INSERT instead");
                     method = SeedMethod::Insert;
-                    conn = url.connect_migrated()?;
+                    conn = url.connect_to_write()?;
                     crate::db::commit_synchronously(&mut conn)?;
                 }
                 step => break (step, written),
@@ -419,7 +419,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
             crate::counted(transfers as u64, "transfer")
         )
     });
-    let mut conn = url.connect_migrated()?;
+    let mut conn = url.connect_to_write()?;
     crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     // Asked first: the batches commit as they go, and a refusal at the last table left every

@@ -182,6 +182,7 @@ fn demo_flow(
     };
     let conn = session.conn()?;
     crate::db::require_migrated(conn)?;
+    crate::db::require_unchanged(conn)?;
     reached(Stage::Creating);
     for account in created {
         if let Err(e) = repo::create(conn, account) {

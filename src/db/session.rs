@@ -77,6 +77,14 @@ impl DbUrl {
         Ok(conn)
     }
 
+    /// `connect_migrated`, for a command that writes: also refused when bank's tables were
+    /// changed in ways its promise cannot survive (`db::require_unchanged`).
+    pub fn connect_to_write(&self) -> Result<PgConnection, crate::error::Error> {
+        let mut conn = self.connect_migrated()?;
+        super::require_unchanged(&mut conn)?;
+        Ok(conn)
+    }
+
     pub fn connect_as(&self, application_name: &str) -> Result<PgConnection, ConnectError> {
         self.connect_within(
             application_name,

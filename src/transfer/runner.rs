@@ -150,6 +150,19 @@ impl Runner {
                     reason: format!("an attempt's outcome was ambiguous, then: {e}"),
                 })
             }
+            // bank's tables changed in ways it refuses (`db::require_unchanged`): nothing was
+            // sent, but a rerun of a given id cannot learn whether it was applied before, and
+            // "failed" (exit 1) was said of an id the ledger held (found by a reviewer).
+            Err(Stop::Failed(TransferError::NotMigrated(u)))
+                if self.id_given && u.unsafe_changes.is_some() =>
+            {
+                Err(TransferError::OutcomeUnknown {
+                    id: t.id,
+                    reason: format!(
+                        "{u}; once it is undone, run it again (or `bank lookup`) to settle it"
+                    ),
+                })
+            }
             // A refusal of the database's own may have come before the accounts were locked (a
             // read-only database, a revoked privilege), or the database could not be reached at
             // all (a role that may no longer log in): an earlier attempt of a given id may still
@@ -458,7 +471,7 @@ pub(crate) fn connection<T>(
     // here, as other commands refuse it.
     if session.schema_unchecked() {
         let conn = session.conn().map_err(failed)?;
-        match crate::db::require_migrated(conn) {
+        match crate::db::require_migrated(conn).and_then(|()| crate::db::require_unchanged(conn)) {
             Ok(()) => session.schema_checked(),
             Err(crate::error::Error::NotMigrated(u)) => {
                 return Err(Attempt::Fail(TransferError::NotMigrated(u)))
