@@ -419,8 +419,10 @@ impl ChunkRunner {
     /// session's lock until its deadline, the claim waited on the same lock for a full deadline
     /// more, and the run took twice `--timeout` (found by a fault-injecting helper). Cut short
     /// whatever the chunk's other lines met, a line refused at once ended `unknown` where a
-    /// claim in its own time would have settled it (found by a reviewer): lines refused by
-    /// quick statements get a whole deadline, however slow the chunk's other statements.
+    /// claim in its own time would have settled it (found by a reviewer): a chunk whose refusing
+    /// statements were quick gives its claim a whole deadline, however slow the statements that
+    /// refused nothing. (One claim serves the chunk: a line refused quickly shares the wait of
+    /// one refused by a slow statement.)
     fn claim_refused(&mut self, lines: &[Line], decided: &mut [Verdict]) {
         if !decided.iter().any(says_no) {
             return;
