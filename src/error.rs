@@ -432,6 +432,14 @@ pub enum Error {
          (outcome unknown): run the same file again to settle them"
     )]
     FileNotStarted(ConnectError),
+    /// `transfer --file` interrupted (Ctrl-C, SIGTERM) while its lines were being checked: none
+    /// was sent, but an earlier run of the file may still apply some, as for `FileNotStarted`
+    /// (exit 3). `{0}`: how it was interrupted.
+    #[error(
+        "{0} while the file was being checked: no line was attempted, but an earlier run of this \
+         file may still apply some (outcome unknown): run the same file again to settle them"
+    )]
+    FileCheckInterrupted(String),
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error(
         "{}{} {} not applied (each line's outcome is above)",
@@ -690,7 +698,8 @@ impl Error {
             ) => ExitCode::Usage,
             Error::Transfer(TransferError::OutcomeUnknown { .. })
             | Error::BatchUnknown { .. }
-            | Error::FileNotStarted(_) => ExitCode::OutcomeUnknown,
+            | Error::FileNotStarted(_)
+            | Error::FileCheckInterrupted(_) => ExitCode::OutcomeUnknown,
             Error::ReceiptLost { .. } | Error::ReportLost { .. } => ExitCode::Success,
             _ => ExitCode::Failure,
         }

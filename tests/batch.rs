@@ -3575,3 +3575,40 @@ fn standard_input_whose_copy_cannot_be_written_is_not_called_malformed() {
     assert!(!run.stderr.contains("cannot read"), "{run:?}");
     assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
 }
+
+/// Ctrl-C (or SIGTERM) while the file was still being checked killed bank at once: no word on
+/// stderr, and exit 130, which `--help` does not list (found by a helper playing a new user).
+/// Nothing was sent; an earlier run of the same file may still apply some lines, as when a file
+/// cannot connect: one line, exit 3, and nothing changed. Standard input here, held open after
+/// a few lines, so that the check is surely under way when the signal comes.
+#[test]
+fn a_file_interrupted_while_checked_says_so_and_sends_nothing() {
+    use std::io::Write as _;
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 10, 100, 3);
+    let text = csv(&lines);
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn bank");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let half = text[text.len() / 2..]
+        .find('\n')
+        .map_or(text.len(), |i| text.len() / 2 + i + 1);
+    let (head, rest) = text.split_at(half);
+    stdin.write_all(head.as_bytes()).expect("write");
+    stdin.flush().expect("flush");
+    // The handler is installed before the file is opened; this leaves bank time to start.
+    thread::sleep(Duration::from_millis(1000));
+    crate::support::interrupt(child.id());
+    thread::sleep(Duration::from_millis(200));
+    // More lines: the check reads on, and sees the signal.
+    let _ = stdin.write_all(rest.as_bytes());
+    drop(stdin);
+    let run = Run::from(child.wait_with_output().expect("wait"));
+    run.fails_with(3, "while the file was being checked");
+    assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
+}

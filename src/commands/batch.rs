@@ -43,6 +43,10 @@ pub(super) fn transfer_file(
                 .into(),
         ));
     }
+    // Ctrl-C: no new chunk starts, those under way finish, the rest is reported unknown (not
+    // attempted). From the start: during the file's check it killed bank at once, with no word
+    // and exit 130 (found by a helper playing a new user).
+    crate::interrupt::catch();
     let source = Source::open(path, args.format)?;
     let format = source.format;
     let input = source.check()?;
@@ -58,9 +62,6 @@ pub(super) fn transfer_file(
         connections,
         policy: args.run.policy(),
     };
-    // Ctrl-C: no new chunk starts, those under way finish, the rest is reported unknown (not
-    // attempted).
-    crate::interrupt::catch();
     let reader = input.reader()?;
     let (lines, changed) = input.fingerprint.verify(batch::input::read(reader, format));
     let mut results = Results {
@@ -362,6 +363,11 @@ impl Source {
         let mut more = 0u64;
         let mut fingerprint = Fingerprint::default();
         for r in batch::input::read(reader, format) {
+            if crate::interrupt::interrupted() {
+                return Err(Error::FileCheckInterrupted(
+                    crate::interrupt::reason().to_string(),
+                ));
+            }
             match r {
                 Ok(line) => fingerprint.add(&line),
                 Err(m) if first.is_none() => {
