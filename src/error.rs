@@ -865,6 +865,24 @@ pub fn with_hints(mut line: String) -> String {
              schema, or run `bank init` as the role that owns bank's tables)",
         );
     }
+    // `init` as a role that may not create in the schema (PostgreSQL 15 grants CREATE on
+    // `public` to its owner alone): the words named the schema, not what to grant.
+    if let Some(at) = line.find("permission denied for schema ") {
+        let rest = &line[at + "permission denied for schema ".len()..];
+        let schema = rest.split_whitespace().next().unwrap_or("").to_string();
+        line.push_str(&format!(
+            " (bank init creates bank's tables: GRANT CREATE ON SCHEMA {schema} to this role, \
+             or run init as the schema's owner)"
+        ));
+    }
+    // A write on a read-only connection: `seed` gave the server's words alone, where `reset`
+    // said what to change (found by a helper playing a new user).
+    if line.contains("in a read-only transaction") {
+        line.push_str(
+            " (a hot standby: connect to the primary; or default_transaction_read_only: turn it \
+             off for this role or database)",
+        );
+    }
     // bank's sessions refuse to see part of a table (see `db::kept`): a rerun cannot settle
     // anything until the policy stops applying to the role.
     if line.contains("would be affected by row-level security policy") {

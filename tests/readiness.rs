@@ -1906,3 +1906,21 @@ fn doctor_says_when_the_schema_changes_cannot_be_checked() {
         "{owner:?}"
     );
 }
+
+/// Two refusals that gave the server's words alone (found by a helper playing a new user):
+/// `init` as a role that may not create in the schema (PostgreSQL 15's `public` by default),
+/// and `seed` on a read-only database (where `reset` already said what to change). Each now
+/// says what to grant or turn off, in one line, and changes nothing.
+#[test]
+fn init_without_create_and_seed_on_a_read_only_database_say_what_to_change() {
+    let db = ScratchDb::empty();
+    let (_, url) = db.role("LOGIN", "");
+    let init = Bank::new().args(["--database-url", &url, "init"]).run();
+    init.fails_with(1, "GRANT CREATE ON SCHEMA public to this role");
+    let db = ScratchDb::migrated();
+    db.alter("default_transaction_read_only = on");
+    let seed = db.bank().args(["seed", "--accounts", "3"]).run();
+    seed.fails_with(1, "turn it off for this role or database");
+    db.alter("default_transaction_read_only = off");
+    assert_eq!(db.state(), (vec![], 0));
+}
