@@ -390,6 +390,19 @@ pub enum Error {
          commit, and only `bank transfer --id {0}` with the same accounts and amount settles it)"
     )]
     NoTransfer(Uuid),
+    /// `lookup` of an id a run answered "not applied" and claimed: nothing can commit it late.
+    #[error(
+        "no transfer {0} in the ledger: a run said it was not applied and claimed its id, so no \
+         earlier attempt of it can still commit"
+    )]
+    NoTransferClaimed(Uuid),
+    /// `lookup` of an id whose claim a single statement marked: it committed, and its ledger
+    /// row is gone since (deleted by hand, or by a DBA's trigger).
+    #[error(
+        "no transfer {0} in the ledger, but a single statement applied it earlier (its claim \
+         says so): its ledger row is gone since; restore it, and see `bank verify`"
+    )]
+    NoTransferRowGone(Uuid),
     #[error("migration failed")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("database error: {}{}", .0, pooler_hint(.0))]

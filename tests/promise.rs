@@ -1295,3 +1295,37 @@ fn a_rerun_of_an_id_whose_ledger_row_was_deleted_does_not_advise_a_second_apply(
         assert_eq!((db.balance(a), db.balance(b)), (990, 10), "{iso:?}");
     }
 }
+
+/// `lookup` of an id a run answered "not applied" (and so claimed) said an earlier attempt "may
+/// still commit", which the claim rules out (found by a helper playing a new user); of an id a
+/// single statement applied whose row was deleted since, it said nothing of that. Each now says
+/// what the claim shows; an id never seen keeps the cautious words.
+#[test]
+fn lookup_says_what_an_id_s_claim_shows() {
+    for iso in Iso::BOTH {
+        let (db, a, b) = two_accounts_holding(iso, [5, 0]);
+        let refused = Uuid::new_v4().to_string();
+        let run = db.transfer(a, b, 10).args(["--id", &refused]).run();
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        db.bank()
+            .args(["lookup", &refused])
+            .run()
+            .fails_with(1, "a run said it was not applied and claimed its id");
+        let gone = Uuid::new_v4().to_string();
+        db.transfer(a, b, 1)
+            .args(["--id", &gone, "--mode", "single-statement"])
+            .run()
+            .success();
+        db.conn()
+            .batch_execute(&format!("DELETE FROM transfers WHERE id = '{gone}'"))
+            .expect("delete the row");
+        db.bank()
+            .args(["lookup", &gone])
+            .run()
+            .fails_with(1, "its ledger row is gone since");
+        db.bank()
+            .args(["lookup", &Uuid::new_v4().to_string()])
+            .run()
+            .fails_with(1, "may still commit");
+    }
+}

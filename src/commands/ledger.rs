@@ -124,7 +124,21 @@ struct LookupJson {
 /// One transfer from the ledger, or "no transfer <id>" (exit 1).
 pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect_migrated()?;
-    let t = repo::find_transfer(&mut conn, args.id)?.ok_or(Error::NoTransfer(args.id))?;
+    let Some(t) = repo::find_transfer(&mut conn, args.id)? else {
+        // A claimed id: a run said "not applied" and claimed it, and no earlier attempt can
+        // commit after that; the hint that one still might was stale (found by a helper playing
+        // a new user). A claim a single statement marked is that statement's, committed: its
+        // row is gone since. A claim that cannot be read leaves the cautious hint.
+        let claimed = repo::claim_generations(&mut conn, &[args.id])
+            .ok()
+            .filter(|c| !c.is_empty())
+            .map(|_| repo::claim_mark(&mut conn, args.id).is_ok_and(|m| m.is_some()));
+        return Err(match claimed {
+            Some(true) => Error::NoTransferRowGone(args.id),
+            Some(false) => Error::NoTransferClaimed(args.id),
+            None => Error::NoTransfer(args.id),
+        });
+    };
     if args.json {
         let json = LookupJson {
             id: t.id,
