@@ -883,9 +883,10 @@ pub fn with_hints(mut line: String) -> String {
     if let Some(at) = line.find("permission denied for schema ") {
         let rest = &line[at + "permission denied for schema ".len()..];
         let schema = rest.split_whitespace().next().unwrap_or("").to_string();
+        // The same words for a missing USAGE (any command) as for a missing CREATE (init).
         line.push_str(&format!(
-            " (bank init creates bank's tables: GRANT CREATE ON SCHEMA {schema} to this role, \
-             or run init as the schema's owner)"
+            " (GRANT USAGE ON SCHEMA {schema} to this role, and CREATE for bank init, which \
+             creates bank's tables; or run init as the schema's owner)"
         ));
     }
     // A write on a read-only connection: `seed` gave the server's words alone, where `reset`

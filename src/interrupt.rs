@@ -10,6 +10,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
+/// Set while a file is opened and checked (`before_sending`): nothing has been sent yet.
+static NOTHING_SENT: AtomicBool = AtomicBool::new(false);
+
+/// Runs `f` (opening and checking a file) with the first signal ending the run at once, with
+/// one line and exit 3: nothing was sent, and the handler cannot interrupt a read blocked on a
+/// pipe whose writer is silent (a first SIGTERM from `timeout` was left waiting for the
+/// writer; found by a reviewer).
+pub fn before_sending<T>(f: impl FnOnce() -> T) -> T {
+    NOTHING_SENT.store(true, Ordering::SeqCst);
+    let result = f();
+    NOTHING_SENT.store(false, Ordering::SeqCst);
+    result
+}
 
 /// Whether the run is to stop: a first Ctrl-C or SIGTERM has come, or its results could not be
 /// written.
@@ -39,6 +52,11 @@ pub fn catch() {
     let installed = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             crate::exit_now(130);
+        }
+        if NOTHING_SENT.load(Ordering::SeqCst) {
+            let e = crate::error::Error::FileCheckInterrupted(reason().to_string());
+            crate::say(format_args!("bank: error: {e}"));
+            crate::exit_now(i32::from(crate::exit_code::ExitCode::OutcomeUnknown));
         }
         // Someone at a terminal pressed Ctrl-C and sees nothing happen while what is in flight
         // finishes (on a frozen server, up to its deadline): the run seemed stuck. Said on a

@@ -3580,7 +3580,8 @@ fn standard_input_whose_copy_cannot_be_written_is_not_called_malformed() {
 /// stderr, and exit 130, which `--help` does not list (found by a helper playing a new user).
 /// Nothing was sent; an earlier run of the same file may still apply some lines, as when a file
 /// cannot connect: one line, exit 3, and nothing changed. Standard input here, held open after
-/// a few lines, so that the check is surely under way when the signal comes.
+/// a few lines, so that the check is surely under way when the signal comes, and silent
+/// afterwards.
 #[test]
 fn a_file_interrupted_while_checked_says_so_and_sends_nothing() {
     use std::io::Write as _;
@@ -3604,8 +3605,17 @@ fn a_file_interrupted_while_checked_says_so_and_sends_nothing() {
     // The handler is installed before the file is opened; this leaves bank time to start.
     thread::sleep(Duration::from_millis(1000));
     crate::support::interrupt(child.id());
-    thread::sleep(Duration::from_millis(200));
-    // More lines: the check reads on, and sees the signal.
+    // The writer stays silent: the read it waits in is not interrupted, so the run ends from the
+    // signal's handler (a first SIGTERM from `timeout` waited for the writer; found by a
+    // reviewer). It ends without another line.
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still waiting for the silent writer"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let _ = stdin.write_all(rest.as_bytes());
     drop(stdin);
     let run = Run::from(child.wait_with_output().expect("wait"));

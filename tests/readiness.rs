@@ -1916,7 +1916,7 @@ fn init_without_create_and_seed_on_a_read_only_database_say_what_to_change() {
     let db = ScratchDb::empty();
     let (_, url) = db.role("LOGIN", "");
     let init = Bank::new().args(["--database-url", &url, "init"]).run();
-    init.fails_with(1, "GRANT CREATE ON SCHEMA public to this role");
+    init.fails_with(1, "and CREATE for bank init");
     let db = ScratchDb::migrated();
     db.alter("default_transaction_read_only = on");
     let seed = db.bank().args(["seed", "--accounts", "3"]).run();

@@ -47,9 +47,11 @@ pub(super) fn transfer_file(
     // attempted). From the start: during the file's check it killed bank at once, with no word
     // and exit 130 (found by a helper playing a new user).
     crate::interrupt::catch();
-    let source = Source::open(path, args.format)?;
-    let format = source.format;
-    let input = source.check()?;
+    let (format, input) = crate::interrupt::before_sending(|| {
+        let source = Source::open(path, args.format)?;
+        let format = source.format;
+        source.check().map(|input| (format, input))
+    })?;
     let connections = match args.connections {
         Some(n) => batch::Connections::Given(usize::try_from(n).unwrap_or(1)),
         None => {
