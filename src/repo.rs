@@ -392,12 +392,27 @@ pub fn claim_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<usize> {
     let rows: Vec<_> = ids.iter().map(|id| transfer_claims::id.eq(*id)).collect();
     // A claim already there is answered again: its generation moves, which a run still
     // retrying since before this answer sees (`claim_generations`).
-    diesel::insert_into(transfer_claims::table)
+    let claimed = diesel::insert_into(transfer_claims::table)
         .values(rows)
         .on_conflict(transfer_claims::id)
         .do_update()
         .set(transfer_claims::generation.eq(transfer_claims::generation + 1))
-        .execute(conn)
+        .execute(conn)?;
+    // Fewer rows than ids: the database dropped some claims without an error (a rule, a
+    // trigger returning NULL; found by a fault-injecting helper), and a run's "not applied" was
+    // then overturned by an earlier attempt still retrying. The caller's transaction is rolled
+    // back: the claim is not made, and its answer is unknown.
+    if claimed < ids.len() {
+        return Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new(format!(
+                "the database wrote {claimed} of {} claims without an error (a rule or a \
+                 trigger on transfer_claims?)",
+                ids.len()
+            )),
+        ));
+    }
+    Ok(claimed)
 }
 
 /// The claims of these ids, as (id, generation): which of them another run has answered "not
@@ -448,24 +463,7 @@ pub fn claim_and_find(
         accounts.sort_unstable();
         accounts.dedup();
         lock_accounts(c, &accounts)?;
-        // Fewer rows than ids: the database dropped some claims without an error (a rule, a
-        // trigger returning NULL; found by a fault-injecting helper), and a run's "not applied"
-        // was then overturned by an earlier attempt still retrying. Rolled back: the claim is
-        // not made, and the caller's answer is unknown.
-        let mut distinct = ids.to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let claimed = claim_ids(c, &distinct)?;
-        if claimed < distinct.len() {
-            return Err(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::Unknown,
-                Box::new(format!(
-                    "the database wrote {claimed} of {} claims without an error (a rule or a \
-                     trigger on transfer_claims?)",
-                    distinct.len()
-                )),
-            ));
-        }
+        claim_ids(c, ids)?;
         find_transfers(c, ids)
     })
 }

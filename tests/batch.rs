@@ -22,8 +22,9 @@ use uuid::Uuid;
 
 use crate::support::proxy::{upstream_of, At, Fault, Proxy};
 use crate::support::{
-    count_transfers, slow_down_a_commit_after, stop_slowing_commits, wait_for_a_commit_asleep,
-    wait_for_a_commit_asleep_or_exit, wait_for_lock_wait, Bank, Iso, OwnCluster, Run, ScratchDb,
+    count_transfers, run_file, slow_down_a_commit_after, stop_slowing_commits,
+    wait_for_a_commit_asleep, wait_for_a_commit_asleep_or_exit, wait_for_lock_wait, Bank, Iso,
+    OwnCluster, Run, ScratchDb,
 };
 
 /// One line of a test file.
@@ -140,23 +141,6 @@ fn one_by_one(db: &ScratchDb, lines: &[T]) -> Vec<String> {
             .to_string()
         })
         .collect()
-}
-
-/// `bank transfer --file PATH --json` with extra arguments; the file is written to the run's
-/// own directory.
-fn run_file(url: &str, name: &str, text: &str, extra: &[&str]) -> Run {
-    let bank = Bank::new();
-    let path = bank.dir.path().join(name);
-    std::fs::write(&path, text).expect("write file");
-    bank.args(["--database-url", url, "transfer", "--file"])
-        .args([
-            path.to_str().expect("utf-8 path"),
-            "--json",
-            "--retry-base",
-            "1ms",
-        ])
-        .args(extra)
-        .run()
 }
 
 /// `bank transfer --file PATH --json --batch 10 --connections 1` and `extra`, started in the

@@ -16,7 +16,7 @@ use crate::support::proxy::{
     DRAINING, RETRY_SERIALIZABLE, SHUTTING_DOWN_COMMITTED, SHUTTING_DOWN_NOT_COMMITTED,
     STATEMENT_TIMEOUT_COMMITTED, STATEMENT_TIMEOUT_NOT_COMMITTED, UNCERTAINTY,
 };
-use crate::support::{Bank, Iso, Run, ScratchDb};
+use crate::support::{json_outcomes, Bank, Iso, Run, ScratchDb};
 
 /// CockroachDB's errors at the commit point, each when the commit did and did not take effect
 /// (the client cannot tell which). A statement timeout at the commit point was once taken for
@@ -2117,15 +2117,6 @@ fn backend_pid(conn: &mut diesel::PgConnection) -> i32 {
         .get_result::<Pid>(conn)
         .expect("pid")
         .pid
-}
-
-/// Each line's `outcome` in a `--json` run's output.
-fn json_outcomes(run: &Run) -> Vec<String> {
-    run.stdout
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-        .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
-        .collect()
 }
 
 /// A file's refusal is final only once its id is claimed: a frozen server (here the proxy

@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use uuid::Uuid;
 
-use crate::support::{wait_for_lock_wait, Iso, ScratchDb};
+use crate::support::{json_outcomes, run_file, wait_for_lock_wait, Iso, ScratchDb};
 
 const MODES: [&str; 2] = ["transaction", "single-statement"];
 
@@ -1112,10 +1112,8 @@ fn a_policy_hiding_ledger_rows_never_makes_a_committed_id_not_applied() {
                     "{iso:?} {table} {mode}: {again:?}"
                 );
             }
-            let dir = tempfile::tempdir().expect("dir");
-            let path = dir.path().join("f.csv");
-            std::fs::write(&path, format!("id,from,to,amount\n{id},{a},{b},10\n")).expect("file");
-            let file = bank().args(["--file", path.to_str().expect("utf-8")]).run();
+            let text = format!("id,from,to,amount\n{id},{a},{b},10\n");
+            let file = run_file(&url, "f.csv", &text, &["--timeout", "2s"]);
             assert_ne!(file.code, 1, "{iso:?} {table}: {file:?}");
             assert!(
                 !file.stdout.contains("not_applied") && !file.stdout.contains("insufficient"),
@@ -1167,32 +1165,14 @@ fn a_ledger_row_a_trigger_changes_applies_nothing() {
                     assert!(!run.stderr.contains("another id"), "{case} {mode}: {run:?}");
                 }
             }
-            let dir = tempfile::tempdir().expect("dir");
-            let path = dir.path().join("f.csv");
             let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
-            std::fs::write(
-                &path,
-                format!("id,from,to,amount\n{x},{a},{b},5\n{y},{a},{b},7\n"),
-            )
-            .expect("file");
+            let text = format!("id,from,to,amount\n{x},{a},{b},5\n{y},{a},{b},7\n");
             for _ in 0..2 {
-                let file = db
-                    .bank()
-                    .args([
-                        "transfer",
-                        "--json",
-                        "--file",
-                        path.to_str().expect("utf-8"),
-                    ])
-                    .run();
+                let file = run_file(db.url.expose(), "f.csv", &text, &[]);
                 assert_eq!(file.code, 1, "{case}: {file:?}");
-                let lines: Vec<serde_json::Value> = file
-                    .stdout
-                    .lines()
-                    .map(|l| serde_json::from_str(l).expect("json"))
-                    .collect();
-                assert_ne!(lines[1]["outcome"], "applied", "{case}: {file:?}");
-                assert_ne!(lines[1]["outcome"], "id_conflict", "{case}: {file:?}");
+                let outcomes = json_outcomes(&file);
+                assert_ne!(outcomes[1], "applied", "{case}: {file:?}");
+                assert_ne!(outcomes[1], "id_conflict", "{case}: {file:?}");
             }
             assert_eq!((db.balance(a), db.balance(b)), (995, 5), "{case}");
             db.bank().args(["verify"]).run().success();
@@ -1231,34 +1211,13 @@ fn an_account_a_trigger_writes_otherwise_applies_nothing() {
                 "{iso:?} {mode}: {run:?}"
             );
         }
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("f.csv");
         let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
-        std::fs::write(
-            &path,
-            format!("id,from,to,amount\n{x},{c},{d},5\n{y},{a},{b},3\n"),
-        )
-        .expect("file");
-        let file = db
-            .bank()
-            .args([
-                "transfer",
-                "--json",
-                "--file",
-                path.to_str().expect("utf-8"),
-            ])
-            .run();
+        let text = format!("id,from,to,amount\n{x},{c},{d},5\n{y},{a},{b},3\n");
+        let file = run_file(db.url.expose(), "f.csv", &text, &[]);
         assert_eq!(file.code, 1, "{iso:?}: {file:?}");
-        let outcomes: Vec<String> = file
-            .stdout
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).expect("json")["outcome"].to_string()
-            })
-            .collect();
         assert_eq!(
-            outcomes,
-            ["\"applied\"", "\"refused\""],
+            json_outcomes(&file),
+            ["applied", "refused"],
             "{iso:?}: {file:?}"
         );
         assert_eq!((db.balance(a), db.balance(b)), (1000, 0), "{iso:?}");

@@ -63,30 +63,19 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
         out.push_sql(") ORDER BY id FOR UPDATE), ");
         // 2. Both balances move and both versions advance; the new values come back.
-        out.push_sql(
-            "moved AS (UPDATE accounts SET balance = accounts.balance + CASE WHEN accounts.id = ",
-        );
-        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
-        out.push_sql(" THEN -");
-        out.push_bind_param::<BigInt, _>(&t.amount)?;
-        out.push_sql(" ELSE ");
-        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql("moved AS (UPDATE accounts SET balance = accounts.balance + ");
+        push_move(&mut out, t)?;
         // Whether each row was written as asked: a DBA's trigger that kept the old balance
         // (`NEW.balance := OLD.balance`) let bank say "moved" while no money moved (found by a
         // fault-injecting helper). `locked` holds the row as locked, the latest version at
         // READ COMMITTED as the update's own.
         out.push_sql(
-            " END, version = accounts.version + 1 FROM locked WHERE accounts.id = locked.id \
+            ", version = accounts.version + 1 FROM locked WHERE accounts.id = locked.id \
              RETURNING accounts.id, accounts.balance, accounts.version, \
-             (accounts.version = locked.version + 1 AND accounts.balance = locked.balance + \
-             CASE WHEN accounts.id = ",
+             (accounts.version = locked.version + 1 AND accounts.balance = locked.balance + ",
         );
-        out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
-        out.push_sql(" THEN -");
-        out.push_bind_param::<BigInt, _>(&t.amount)?;
-        out.push_sql(" ELSE ");
-        out.push_bind_param::<BigInt, _>(&t.amount)?;
-        out.push_sql(" END) AS as_asked), ");
+        push_move(&mut out, t)?;
+        out.push_sql(") AS as_asked), ");
         // 3. The ledger row, with both sides' version and balance after. An unknown account has
         // no `moved` row: its side is NULL, which the NOT NULL columns refuse. Its time is taken
         // once both rows are locked (`clock_timestamp()`, not the transaction's start, `now()`):
@@ -152,6 +141,19 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
 }
 
 impl<const CLAIM: bool> RunQueryDsl<PgConnection> for TransferStatement<CLAIM> {}
+
+/// What `t` adds to the balance of the account row at hand: `-amount` to the debited one,
+/// `amount` to the credited one. Written where the balance moves and where that is checked.
+fn push_move<'b>(out: &mut AstPass<'_, 'b, Pg>, t: &'b NewTransfer) -> QueryResult<()> {
+    out.push_sql("CASE WHEN accounts.id = ");
+    out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+    out.push_sql(" THEN -");
+    out.push_bind_param::<BigInt, _>(&t.amount)?;
+    out.push_sql(" ELSE ");
+    out.push_bind_param::<BigInt, _>(&t.amount)?;
+    out.push_sql(" END");
+    Ok(())
+}
 
 /// The text of the error the statement raises when its ledger row was not written.
 const NO_LEDGER_ROW: &str = "the ledger row was not written";

@@ -699,3 +699,29 @@ pub fn fail_the_first_insert_into_accounts(db: &ScratchDb) {
         )
         .expect("the trigger");
 }
+
+/// `bank transfer --file PATH --json` with extra arguments; the file is written to the run's
+/// own directory.
+pub fn run_file(url: &str, name: &str, text: &str, extra: &[&str]) -> Run {
+    let bank = Bank::new();
+    let path = bank.dir.path().join(name);
+    std::fs::write(&path, text).expect("write file");
+    bank.args(["--database-url", url, "transfer", "--file"])
+        .args([
+            path.to_str().expect("utf-8 path"),
+            "--json",
+            "--retry-base",
+            "1ms",
+        ])
+        .args(extra)
+        .run()
+}
+
+/// Each line's `outcome` in a `--json` run's output.
+pub fn json_outcomes(run: &Run) -> Vec<String> {
+    run.stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .map(|j| j["outcome"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
