@@ -22,6 +22,18 @@ pub fn is_privilege_denied(message: &str) -> bool {
 /// operator acts. Diesel exposes no SQLSTATE, so the words decide: PostgreSQL's ("could not
 /// extend file …: No space left on device", "out of memory") and CockroachDB's ("disk full",
 /// "insufficient disk space", "memory budget exceeded").
+/// The server (or a pooler in front of it) refused a login for want of a connection slot.
+pub fn is_connection_limit(message: &str) -> bool {
+    const LIMIT: [&str; 4] = [
+        "too many connections",
+        "too many clients",
+        "connection slots are reserved",
+        "no more connections allowed",
+    ];
+    let m = message.to_ascii_lowercase();
+    LIMIT.iter().any(|p| m.contains(p))
+}
+
 pub fn is_out_of_resources(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     [
@@ -258,14 +270,7 @@ impl ConnectError {
     /// `max_client_conn`. Transient for a run's first connection (others may close theirs), but
     /// a run that already holds one may go on with the connections it has.
     pub fn is_connection_limit(&self) -> bool {
-        const LIMIT: [&str; 4] = [
-            "too many connections",
-            "too many clients",
-            "connection slots are reserved",
-            "no more connections allowed",
-        ];
-        let m = self.message.to_ascii_lowercase();
-        LIMIT.iter().any(|p| m.contains(p))
+        is_connection_limit(&self.message)
     }
 
     pub fn is_transient(&self) -> bool {
@@ -895,6 +900,15 @@ pub fn with_hints(mut line: String) -> String {
         line.push_str(
             " (a hot standby: connect to the primary; or default_transaction_read_only: turn it \
              off for this role or database)",
+        );
+    }
+    // A login the server had no slot for: libpq's words name neither the setting nor the cure
+    // (found by a helper playing a new user).
+    if is_connection_limit(&line) {
+        line.push_str(
+            " (every connection this login may open is taken: close idle sessions (see \
+             pg_stat_activity), or raise the role's or database's CONNECTION LIMIT or the \
+             server's max_connections)",
         );
     }
     // bank's sessions refuse to see part of a table (see `db::kept`): a rerun cannot settle

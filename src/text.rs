@@ -28,6 +28,15 @@ pub fn for_terminal(text: &str) -> String {
         .join("\n")
 }
 
+/// A time a run took or waited, as messages show it: tenths of a second, or milliseconds below
+/// a tenth ("timed out after 0.0s" was printed for `--timeout 1ms`).
+pub fn seconds(d: std::time::Duration) -> String {
+    match d.as_millis() {
+        ms @ 0..=99 => format!("{ms}ms"),
+        _ => format!("{:.1}s", d.as_secs_f64()),
+    }
+}
+
 /// "1 transfer", "2 transfers": a count with its noun, for messages a person reads.
 pub fn counted(n: impl Into<u64>, noun: &str) -> String {
     match n.into() {
@@ -136,7 +145,16 @@ fn invisible(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{one_line, seconds};
+    use std::time::Duration;
+
+    #[test]
+    fn times_below_a_tenth_of_a_second_are_milliseconds() {
+        assert_eq!(seconds(Duration::from_micros(1_400)), "1ms");
+        assert_eq!(seconds(Duration::from_millis(99)), "99ms");
+        assert_eq!(seconds(Duration::from_millis(100)), "0.1s");
+        assert_eq!(seconds(Duration::from_millis(2_049)), "2.0s");
+    }
 
     /// libpq's two-line refusal read as a run-on sentence ("Connection refused Is the server
     /// running ..."), and a reason ending in a line break left "server , so the seed stopped"

@@ -2659,11 +2659,7 @@ fn a_role_allowed_fewer_connections_than_asked_for_applies_the_file_on_those_it_
     for iso in Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
         let lines = solvent_file(&db, 400, 400, 12);
-        let (role, url) = db.role(
-            "LOGIN CONNECTION LIMIT 1",
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
-             __diesel_schema_migrations TO {role}",
-        );
+        let (role, url) = db.teller("LOGIN CONNECTION LIMIT 1");
         let run = run_file(
             &url,
             "f.csv",
@@ -2708,11 +2704,7 @@ fn a_connection_that_cannot_be_made_again_mid_file_loses_no_outcome() {
     for iso in Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
         let lines = solvent_file(&db, 20, 6000, 11);
-        let (role, url) = db.role(
-            "LOGIN",
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
-             __diesel_schema_migrations TO {role}",
-        );
+        let (role, url) = db.teller("LOGIN");
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("f.csv");
         std::fs::write(&path, csv(&lines)).expect("file");

@@ -2513,11 +2513,7 @@ fn went_through_and_cleaned_up(run: &Run, db: &ScratchDb, before: &(Vec<(Uuid, i
 fn a_demo_for_a_role_allowed_one_connection_goes_through() {
     let db = ScratchDb::migrated();
     let before = db.state();
-    let (_, url) = db.role(
-        "LOGIN CONNECTION LIMIT 1",
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
-         __diesel_schema_migrations TO {role}",
-    );
+    let (_, url) = db.teller("LOGIN CONNECTION LIMIT 1");
     let (run, _) = ends_within(&url, &["demo", "--timeout", "10s"], Duration::from_secs(20));
     went_through_and_cleaned_up(&run, &db, &before);
 }

@@ -333,6 +333,28 @@ fn seed_falls_back_to_insert_when_copy_is_refused() {
     assert_eq!(repo::total_balance(conn, &ids).expect("total"), 3000);
 }
 
+/// A role allowed one connection (a DBA's quota): when Diesel lost a refused COPY's words, the
+/// seed opened its new connection before closing the old one, was refused it ("too many
+/// connections"), and created nothing. The old one is closed first now.
+#[test]
+fn seed_falls_back_to_insert_for_a_role_allowed_one_connection() {
+    let db = ScratchDb::migrated();
+    refuse_copy(&db);
+    let (_, url) = db.teller("LOGIN CONNECTION LIMIT 1");
+    let mut reconnected = 0;
+    for round in 1..=6 {
+        let run = seed_as(&url, None, 100);
+        run.success();
+        reconnected += usize::from(run.stderr.contains("the driver lost the server's reason"));
+        assert_eq!(
+            support::count_accounts(&mut db.conn()).expect("count"),
+            100 * round
+        );
+    }
+    // Diesel loses the words most times: the test is about those.
+    assert!(reconnected > 0, "no COPY lost its reason in 6 seeds");
+}
+
 /// COPY refused as a proxy or an engine refuses it, INSERT allowed (a row-level security policy
 /// used to refuse it in these tests; bank's sessions now refuse to run under one).
 fn refuse_copy(db: &ScratchDb) {
@@ -1207,6 +1229,25 @@ fn doctor_exits_1_with_one_line_when_the_database_is_unreachable() {
     );
     let run = Bank::new().args(["--database-url", &url, "doctor"]).run();
     run.fails_with(1, "cannot connect");
+}
+
+/// A login the server has no slot for ("too many connections for role", a role's `CONNECTION
+/// LIMIT` or the server's `max_connections` reached) showed libpq's words alone (found by a
+/// helper playing a new user): they name neither the setting nor what to do.
+#[test]
+fn a_login_refused_for_want_of_a_connection_slot_says_what_to_change() {
+    let db = ScratchDb::migrated();
+    let before = db.state();
+    let (_, url) = db.teller("LOGIN CONNECTION LIMIT 0");
+    for args in [&["balances"][..], &["doctor"], &["seed", "--accounts", "2"]] {
+        let run = Bank::new().args(["--database-url", &url]).args(args).run();
+        run.fails_with(1, "too many connections");
+        assert!(
+            run.stderr.contains("CONNECTION LIMIT") && run.stderr.contains("max_connections"),
+            "{run:?}"
+        );
+    }
+    assert_eq!(db.state(), before);
 }
 
 // ---- item 8: a multi-host URL fails over (libpq) ----

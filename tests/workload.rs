@@ -341,11 +341,7 @@ fn a_server_error_of_several_lines_is_one_line_of_the_report() {
 fn readers_that_never_finished_a_read_fail_the_run() {
     let db = ScratchDb::migrated();
     db.accounts(&[1000; 10]);
-    let (role, url) = db.role(
-        "LOGIN",
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
-         __diesel_schema_migrations TO {role}",
-    );
+    let (role, url) = db.teller("LOGIN");
     // A SUM of the DBA's ahead of pg_catalog's on the role's search_path, failing for the
     // readers' sessions alone (a row-level security policy would fail every session of bank's:
     // see `db::kept`).

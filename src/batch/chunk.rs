@@ -874,8 +874,8 @@ impl ChunkRunner {
             }) => {
                 let how = if timed_out {
                     format!(
-                        "timed out after {:.1}s ({})",
-                        started.elapsed().as_secs_f64(),
+                        "timed out after {} ({})",
+                        crate::text::seconds(started.elapsed()),
                         crate::retry::attempts(attempts)
                     )
                 } else {

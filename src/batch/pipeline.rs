@@ -451,14 +451,14 @@ where
                 GaveUp::Unknown => "after its COMMIT was sent",
             };
             let error = format!(
-                "no answer from the database within {:.1}s, {what}",
-                wait.as_secs_f64()
+                "no answer from the database within {}, {what}",
+                crate::text::seconds(wait)
             );
             // The lines never sent are told why the run stopped, not what the statement in
             // hand met ("after its COMMIT was sent" read as theirs).
             let stop = format!(
-                "the run stopped: a statement got no answer from the database within {:.1}s",
-                wait.as_secs_f64()
+                "the run stopped: a statement got no answer from the database within {}",
+                crate::text::seconds(wait)
             );
             let verdicts = cut_short(&workers[f.worker].watch, &f.group, &error, &stop);
             stopping.get_or_insert(stop);

@@ -127,6 +127,10 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                 {
                     log::info!("seed: COPY refused ({COPY_LOST}); loading with INSERT instead");
                     method = SeedMethod::Insert;
+                    // Closed first: a role allowed one connection (a DBA's quota) was refused
+                    // the second. Only the first chunk loads by `Auto`: nothing is created yet,
+                    // so a failure here is told as it is, not as a seed stopped midway.
+                    drop(conn);
                     conn = url.connect_to_write()?;
                     crate::db::commit_synchronously(&mut conn)?;
                 }

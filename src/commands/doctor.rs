@@ -39,7 +39,8 @@ struct Report {
     /// application's table of the same name): every command that needs the schema refuses it.
     tables_in_other_schemas: Vec<String>,
     /// Changes to bank's tables its promise cannot survive, each with its undo
-    /// (`db::unsafe_changes`): every command that needs the schema refuses it. `None` (null)
+    /// (`db::unsafe_changes`): every command that writes refuses them (reads go on, and
+    /// `migrated` stays true: the schema is bank's, altered). `None` (null)
     /// when the catalogs could not be read (then nothing refuses them: said, not hidden).
     unsafe_changes: Option<Vec<String>>,
     /// Server-side settings of this session.
@@ -284,7 +285,8 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     match (&report.unsafe_changes, unchecked) {
         (Some(changes), _) if !changes.is_empty() => writeln!(
             out,
-            "unsafe changes (every command that needs the schema refuses it): {}",
+            "unsafe changes (every command that writes refuses them; lookup, balances, history \
+             and verify go on): {}",
             changes.join("; ")
         )?,
         // A role that may not read the catalogs: the check every connection makes is skipped.

@@ -369,9 +369,9 @@ impl Runner {
                 Ok(result) => return result,
                 Err(mpsc::RecvTimeoutError::Timeout) if crate::interrupt::interrupted() => {
                     break format!(
-                        "{} after {:.1}s",
+                        "{} after {}",
                         crate::interrupt::reason(),
-                        started.elapsed().as_secs_f64()
+                        crate::text::seconds(started.elapsed())
                     );
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => continue,
@@ -423,8 +423,8 @@ fn held_up(t: &NewTransfer, why: String) -> TransferError {
 /// Why a caller gave up on a transfer the database did not answer.
 fn no_answer(started: Instant) -> String {
     format!(
-        "no answer from the database within {:.1}s",
-        started.elapsed().as_secs_f64()
+        "no answer from the database within {}",
+        crate::text::seconds(started.elapsed())
     )
 }
 
@@ -432,8 +432,8 @@ fn no_answer(started: Instant) -> String {
 fn exhausted(attempts: u32, last: &str, timed_out: bool, elapsed: Duration) -> String {
     if timed_out {
         format!(
-            "timed out after {:.1}s ({}); last error: {last}",
-            elapsed.as_secs_f64(),
+            "timed out after {} ({}); last error: {last}",
+            crate::text::seconds(elapsed),
             crate::retry::attempts(attempts)
         )
     } else {

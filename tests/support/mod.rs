@@ -197,6 +197,16 @@ impl ScratchDb {
         (role, url.to_string())
     }
 
+    /// A role with these `options` (`LOGIN CONNECTION LIMIT 1`) and the privileges bank's
+    /// commands need, as a DBA would provision a teller: (its name, a URL logging in as it).
+    pub fn teller(&self, options: &str) -> (String, String) {
+        self.role(
+            options,
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims, \
+             __diesel_schema_migrations TO {role}",
+        )
+    }
+
     /// A session of its own holding these accounts' rows (`FOR UPDATE`, in key order) until it
     /// rolls back or is dropped: another transaction in bank's way.
     pub fn hold(&self, ids: &[Uuid]) -> PgConnection {
