@@ -553,7 +553,7 @@ fn killed_mid_file_then_rerun_applies_every_transfer_exactly_once() {
             .expect("spawn");
         let started = Instant::now();
         let mut conn = db.conn();
-        while count_transfers(&mut conn).expect("count") < 2_000 {
+        while crate::support::transfers_so_far(&mut conn) < 2_000 {
             assert!(started.elapsed() < Duration::from_secs(60), "no progress");
             thread::sleep(Duration::from_millis(5));
         }
@@ -904,7 +904,7 @@ fn mid_file(cluster: &OwnCluster, iso: Iso, seed: u64, moment: Moment, timeout: 
                 true
             }
             Moment::AfterFirstCommit => {
-                while count_transfers(&mut conn).expect("count") == 0 {
+                while crate::support::transfers_so_far(&mut conn) == 0 {
                     thread::sleep(Duration::from_millis(1));
                 }
                 true
@@ -2711,7 +2711,7 @@ fn a_connection_that_cannot_be_made_again_mid_file_loses_no_outcome() {
         let mut child = spawn_file(&url, &path, &[]);
         let mut conn = db.conn();
         let started = Instant::now();
-        while count_transfers(&mut conn).expect("count") < 500 {
+        while crate::support::transfers_so_far(&mut conn) < 500 {
             if let Ok(Some(_)) = child.try_wait() {
                 panic!("{iso:?}: ended early: {:?}", child.wait_with_output());
             }

@@ -2025,7 +2025,7 @@ fn reset_during_transfers(iso: crate::support::Iso) {
         std::thread::spawn(move || bank.run())
     };
     let mut conn = db.conn();
-    while crate::support::count_transfers(&mut conn).expect("count") < 100 {
+    while crate::support::transfers_so_far(&mut conn) < 100 {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let run = db.bank().args(["reset", "--yes"]).run();

@@ -12,8 +12,9 @@
 //!
 //! Constraints check the rest: `CHECK (balance >= 0)` (23514; the statement checks the debited
 //! balance itself too, in case the CHECK was dropped), the ledger's primary key
-//! (23505), NOT NULL on an entry's side when its account does not exist (23502), INT8's range
-//! (22003). The engine may check them in any order, so a refusal is never final until the ledger
+//! (23505), NOT NULL on an entry's side when its account does not exist (23502). A credit past
+//! INT8's range fails by a cast naming it (22P02), since the engine's own overflow (22003) names
+//! no column. The engine may check them in any order, so a refusal is never final until the ledger
 //! has been asked whether this transfer id is already there (see `runner`). CockroachDB refuses
 //! two modifications of one table in a statement; this one modifies `accounts` once and
 //! `transfers` once (and, in single-statement mode, `transfer_claims` once).
@@ -64,7 +65,7 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         out.push_sql(") ORDER BY id FOR UPDATE), ");
         // 2. Both balances move and both versions advance; the new values come back.
         out.push_sql("moved AS (UPDATE accounts SET balance = accounts.balance + ");
-        push_move(&mut out, t)?;
+        push_move_within_range(&mut out, t)?;
         // Whether each row was written as asked: a DBA's trigger that kept the old balance
         // (`NEW.balance := OLD.balance`) let bank say "moved" while no money moved (found by a
         // fault-injecting helper). `locked` holds the row as locked, the latest version at
@@ -155,6 +156,32 @@ fn push_move<'b>(out: &mut AstPass<'_, 'b, Pg>, t: &'b NewTransfer) -> QueryResu
     Ok(())
 }
 
+/// `push_move`, failing with `PAST_MAX` where the credit would take the balance past INT8's
+/// largest value. The engine's own overflow (22003) named no reason: the runner read the
+/// balances again to find one, and another client had often moved them since, so a refusal was
+/// reported as the database's "bigint out of range" (found by a helper playing a new user).
+/// Non-constant (it names the row), so that no engine folds the failing cast when it plans.
+fn push_move_within_range<'b>(
+    out: &mut AstPass<'_, 'b, Pg>,
+    t: &'b NewTransfer,
+) -> QueryResult<()> {
+    out.push_sql("CASE WHEN accounts.id = ");
+    out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
+    out.push_sql(" THEN -");
+    out.push_bind_param::<BigInt, _>(&t.amount)?;
+    out.push_sql(" WHEN accounts.balance <= 9223372036854775807 - ");
+    out.push_bind_param::<BigInt, _>(&t.amount)?;
+    out.push_sql(" THEN ");
+    out.push_bind_param::<BigInt, _>(&t.amount)?;
+    out.push_sql(" ELSE CAST('");
+    out.push_sql(PAST_MAX);
+    out.push_sql(" ' || CAST(accounts.id AS TEXT) AS INT8) END");
+    Ok(())
+}
+
+/// The text of the error the statement raises when the credit would pass the largest balance.
+const PAST_MAX: &str = "the credited balance would pass the largest one";
+
 /// The text of the error the statement raises when its ledger row was not written.
 const NO_LEDGER_ROW: &str = "the ledger row was not written";
 
@@ -217,9 +244,9 @@ pub(crate) fn other_unique_index(constraint: &str, text: &str) -> bool {
 #[derive(Debug)]
 pub enum BodyError {
     Refused(TransferError),
-    /// 22003, a value out of range: the credited balance past INT8, or a DBA's trigger
-    /// overflowing a column of its own ("integer out of range", as CockroachDB words INT8's
-    /// too). The balances read afterwards tell which.
+    /// 22003, a value out of range: a DBA's trigger overflowing a column of its own ("integer
+    /// out of range", as CockroachDB words INT8's too). The statement names its own credit
+    /// past INT8 (`PAST_MAX`); the balances read afterwards are asked all the same.
     OutOfRange(DieselError),
     Final(TransferError),
     DuplicateId,
@@ -298,14 +325,19 @@ impl BodyError {
             _ if info.message().contains(BALANCES_NOT_AS_ASKED) => {
                 BodyError::Final(TransferError::AccountNotUpdated(None))
             }
+            _ if info.message().contains(PAST_MAX) => {
+                BodyError::Refused(TransferError::BalanceOverflow {
+                    account: t.to_id,
+                    amount: t.amount,
+                })
+            }
             _ if info.message().contains(BELOW_ZERO) => {
                 BodyError::Refused(TransferError::InsufficientFunds {
                     account: t.from_id,
                     amount: t.amount,
                 })
             }
-            // 22003: of the statement's values only the credited balance can leave INT8's range
-            // (the debit is checked).
+            // 22003: none of the statement's own values (the credit is checked, as the debit).
             _ if info.message().contains("out of range") => BodyError::OutOfRange(e),
             _ => match TransferError::from(e) {
                 TransferError::Database(e) => BodyError::Database(e),
@@ -347,23 +379,25 @@ mod tests {
                 "WITH locked AS (SELECT id, balance, version FROM accounts WHERE id IN ($1, $2) \
                  ORDER BY id FOR UPDATE), \
                  moved AS (UPDATE accounts SET balance = accounts.balance + CASE WHEN \
-                 accounts.id = $3 THEN -$4 ELSE $5 END, version = accounts.version + 1 \
+                 accounts.id = $3 THEN -$4 WHEN accounts.balance <= 9223372036854775807 - $5 \
+                 THEN $6 ELSE CAST('the credited balance would pass the largest one ' || \
+                 CAST(accounts.id AS TEXT) AS INT8) END, version = accounts.version + 1 \
                  FROM locked WHERE accounts.id = locked.id \
                  RETURNING accounts.id, accounts.balance, accounts.version, \
                  (accounts.version = locked.version + 1 AND accounts.balance = locked.balance + \
-                 CASE WHEN accounts.id = $6 THEN -$7 ELSE $8 END) AS as_asked), \
+                 CASE WHEN accounts.id = $7 THEN -$8 ELSE $9 END) AS as_asked), \
                  inserted AS (INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
                  from_balance_after, to_version, to_balance_after, created_at) \
-                 SELECT $9, $10, $11, $12, f.version, f.balance, t.version, t.balance, \
-                 clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $13 \
-                 LEFT JOIN moved t ON t.id = $14 RETURNING from_balance_after AS debited, \
-                 (id = $15 AND from_id = $16 AND to_id = $17 AND amount = $18) AS as_asked) \
+                 SELECT $10, $11, $12, $13, f.version, f.balance, t.version, t.balance, \
+                 clock_timestamp() FROM (SELECT 1) AS one LEFT JOIN moved f ON f.id = $14 \
+                 LEFT JOIN moved t ON t.id = $15 RETURNING from_balance_after AS debited, \
+                 (id = $16 AND from_id = $17 AND to_id = $18 AND amount = $19) AS as_asked) \
                  SELECT CAST(CASE WHEN MIN(debited) < 0 THEN 'the debited balance would be \
                  below zero' WHEN EXISTS (SELECT 1 FROM moved WHERE NOT as_asked) THEN 'the \
                  balances were not written as asked' WHEN COUNT(*) = 1 AND MIN(CASE WHEN \
                  as_asked THEN 1 ELSE 0 END) = 1 THEN '1' ELSE 'the ledger row was not written' \
                  END AS INT8) FROM inserted \
-                 -- binds: [{a}, {b}, {a}, 100, 100, {a}, 100, 100, \
+                 -- binds: [{a}, {b}, {a}, 100, 100, 100, {a}, 100, 100, \
                  00000000-0000-0000-0000-000000000000, {a}, {b}, 100, {a}, {b}, \
                  00000000-0000-0000-0000-000000000000, {a}, {b}, 100]"
             )
@@ -385,7 +419,7 @@ mod tests {
         assert!(
             sql.contains(
                 "AS as_asked) , claimed AS (INSERT INTO transfer_claims (id, claimed_by) \
-                 VALUES ($19, $20) RETURNING id) SELECT CAST"
+                 VALUES ($20, $21) RETURNING id) SELECT CAST"
             ),
             "{sql}"
         );

@@ -57,21 +57,27 @@ pub fn count_transfers(conn: &mut PgConnection) -> QueryResult<i64> {
 /// before that on a loaded machine, or after the run. Panics after 20 s.
 pub fn wait_for_transfers_past(conn: &mut PgConnection, rows: i64) {
     let started = std::time::Instant::now();
-    // At SERIALIZABLE a read among the run's writes may itself be the one aborted (40001):
-    // that is no answer yet, not a failure (it failed a full suite run once).
-    let landed = |conn: &mut PgConnection| match count_transfers(conn) {
-        Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::SerializationFailure,
-            _,
-        )) => false,
-        n => n.expect("count transfers") > rows,
-    };
-    while !landed(conn) {
+    while transfers_so_far(conn) <= rows {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
             "no transfer landed within 20 s"
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The ledger's rows, counted while a run writes: at SERIALIZABLE the count may itself be the
+/// transaction aborted (40001), which is no answer yet, not a failure (it failed full suite
+/// runs twice), so it is read again.
+pub fn transfers_so_far(conn: &mut PgConnection) -> i64 {
+    loop {
+        match count_transfers(conn) {
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::SerializationFailure,
+                _,
+            )) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            n => return n.expect("count transfers"),
+        }
     }
 }
 
