@@ -228,6 +228,9 @@ impl fmt::Display for DbUrl {
         if shown.password().is_some() {
             let _ = shown.set_password(Some("***"));
         }
+        if let Some((at, _)) = secret_in_user(url.username()) {
+            let _ = shown.set_username(&format!("{}***", &url.username()[..at]));
+        }
         if url.query_pairs().any(|(k, _)| is_password_key(&k)) {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
@@ -341,8 +344,9 @@ fn secrets_of(raw: &str) -> Vec<String> {
     let mut secrets = Vec::new();
     let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
     if let Some((userinfo, _)) = authority_of(rest).rsplit_once('@') {
-        if let Some((_, password)) = userinfo.split_once(':') {
-            secrets.push(password.to_string());
+        match userinfo.split_once(':') {
+            Some((_, password)) => secrets.push(password.to_string()),
+            None => secrets.extend(secret_in_user(userinfo).map(|(_, s)| s).unwrap_or_default()),
         }
     }
     // What libpq reads: its userinfo ends at the first '/', and without an '@' before it, the
@@ -455,7 +459,18 @@ fn is_conninfo_space(c: char) -> bool {
 /// its refusal quotes it) and percent-decoded (libpq decodes a URL's keys: `pass%77ord`).
 fn is_password_key(key: &str) -> bool {
     let key = percent_decoded(key).to_ascii_lowercase();
-    key.contains("password") || key.ends_with("secret")
+    // "pass" and "pwd" too: a misspelt `passwd=` is refused by libpq, which quotes its value.
+    // `passfile` names a file, no secret.
+    (key.contains("pass") && key != "passfile") || key.contains("pwd") || key.ends_with("secret")
+}
+
+/// The user name's tail after a percent-encoded colon (`weird%3AS3cr3t@`): libpq decodes it
+/// into the user name it sends, and its messages show it; the tail is the password typed
+/// there. As written, and decoded.
+fn secret_in_user(user: &str) -> Option<(usize, Vec<String>)> {
+    let at = user.to_ascii_lowercase().find("%3a")?;
+    let tail = &user[at + 3..];
+    Some((at + 3, vec![tail.to_string(), percent_decoded(tail)]))
 }
 
 /// What follows the word `password` in a parameter with no '=' (`?passwordSEKRET`,
@@ -646,6 +661,29 @@ mod tests {
             let text = shown(raw);
             assert!(!text.contains("s3"), "{raw} -> {text}");
         }
+    }
+
+    /// Two typos that put a password where bank did not look (found by a helper playing a new
+    /// user): a parameter misspelt (`passwd=`, which libpq refuses, quoting it) and the colon
+    /// percent-encoded, which libpq decodes into the user name it sends and shows.
+    #[test]
+    fn passwords_in_misspelt_places_are_hidden_too() {
+        for raw in [
+            "postgres://u:x@db/bank?passwd=S3cr3t",
+            "postgres://u@db/bank?pwd=S3cr3t",
+            "postgres://weird%3AS3cr3t@db/bank",
+            "postgres://weird%3aS3cr3t@db/bank",
+        ] {
+            let text = shown(raw);
+            assert!(!text.contains("S3cr3t"), "{raw} -> {text}");
+            let url = DbUrl::parse(raw).expect("valid");
+            let said = url.redact_text("user \"weird:S3cr3t\": invalid \"S3cr3t\"");
+            assert!(!said.contains("S3cr3t"), "{raw} -> {said}");
+        }
+        assert_eq!(
+            shown("postgres://weird%3AS3cr3t@db/bank"),
+            "postgres://weird%3A***@db/bank"
+        );
     }
 
     #[test]
