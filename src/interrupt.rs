@@ -3,7 +3,8 @@
 //! first one stops the run gracefully (nothing new starts, what is in flight finishes and is
 //! reported; one `transfer` stops waiting, as at its deadline, and says what it knows), a second
 //! one exits at once (130). `transfer --file` stops the same way when its results cannot be
-//! written.
+//! written. The commands that only read end at the first signal, with one line
+//! (`while_reading`).
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,22 @@ pub fn reason() -> &'static str {
         "the results could not be written"
     } else {
         "interrupted (Ctrl-C or SIGTERM)"
+    }
+}
+
+/// For the commands that only read (`balances`, `history`, `lookup`, `verify`, `doctor`): the
+/// first signal ends the run with one line and exit 130. They were killed by it with no word,
+/// where every other command says what it did (found by a helper playing a new user).
+pub fn while_reading() {
+    let installed = ctrlc::set_handler(|| {
+        crate::say(format_args!(
+            "bank: error: interrupted (Ctrl-C or SIGTERM): nothing was changed; what was \
+             printed is incomplete"
+        ));
+        crate::exit_now(130);
+    });
+    if let Err(e) = installed {
+        log::debug!("no Ctrl-C handler ({e})");
     }
 }
 

@@ -2562,3 +2562,43 @@ fn man_pages_show_examples_as_typed() {
     assert!(root.stdout.contains(".SH NOTES"), "{}", root.stdout);
     assert!(!root.stdout.contains(".SH EXTRA"), "{}", root.stdout);
 }
+
+/// Ctrl-C on a command that only reads (here `balances` writing into a pipe nobody reads) killed
+/// it with no word, exit 130, where every other command says what it did (found by a helper
+/// playing a new user). One line now, the same exit code, nothing changed.
+#[test]
+fn ctrl_c_on_a_read_says_so_in_one_line() {
+    use std::process::{Command, Stdio};
+    let db = ScratchDb::migrated();
+    db.bank()
+        .args(["seed", "--accounts", "20000"])
+        .run()
+        .success();
+    let before = db.state();
+    for args in [&["balances"][..], &["balances", "--json"]] {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose()])
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bank");
+        // Its output fills the pipe (20,000 rows), and it waits to write the rest.
+        std::thread::sleep(Duration::from_millis(1500));
+        crate::support::interrupt(child.id());
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.code(), Some(130), "{args:?}: {status:?} {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{args:?}: {stderr}");
+    }
+    assert_eq!(db.state(), before);
+}

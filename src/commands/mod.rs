@@ -73,6 +73,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     };
     if let Some(read) = read {
         crate::guard::watch_reads(read.timeout);
+        crate::interrupt::while_reading();
     }
     let result = match cli.command {
         Command::Completions(_) | Command::Man(_) => Ok(()),
