@@ -468,7 +468,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim_start().starts_with('-') {
         return Err(format!("must not be negative, got {}", s.trim()));
     }
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    // humantime's own words ("expected number at 0", its list of units "and few variations")
+    // name its parser, not what to type (found by a helper playing a new user).
+    let d = humantime::parse_duration(s).map_err(|_| {
+        "not a duration: a number and a unit, as in 500ms, 5s, 2min or 1h 30m".to_string()
+    })?;
     if d > LONGEST {
         return Err(format!("must be at most 366 days, got {}", s.trim()));
     }
