@@ -34,7 +34,7 @@ Exit status:
   0  success (a transfer applied, or already applied with the same details)
   1  failed: a transfer not applied (refused, not migrated, unreachable without --id); a
      file with lines refused or not applied (the others applied); verify or workload found
-     a violation
+     a violation, or could not check
   2  bad usage or input: nothing was changed
   3  a transfer's outcome is unknown: run the same `bank transfer --id` (or file) again
 

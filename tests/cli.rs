@@ -789,7 +789,10 @@ fn bad_timeouts_are_refused() {
         ("0s", "must be longer than 0"),
         ("soon", "--timeout"),
         // humantime's words ("expected number at 0") named its parser, not what to type.
-        ("soon", "not a duration: a number and a unit, as in 500ms, 5s"),
+        (
+            "soon",
+            "not a duration: a number and a unit, as in 500ms, 5s",
+        ),
         ("1e3s", "not a duration: a number and a unit"),
         ("1us", "must be at least 1ms"),
         ("999us", "must be at least 1ms"),

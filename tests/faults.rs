@@ -2653,3 +2653,44 @@ fn a_lost_commit_then_a_schema_gone_is_unknown_not_not_migrated() {
         assert_eq!(s.balances(), (900, 100), "{case}");
     }
 }
+
+/// A run whose first connection took bank's `--timeout` as its statement_timeout, and whose
+/// later one (a reconnect) found the database's stricter one, said "statement timeout (bank's
+/// --timeout 3s)" for cancellations the database's 50 ms made: the user was told their own
+/// deadline fired, and not how to lift the server's (found by a fault-injecting helper). The
+/// server's setting is named now. The outcome stays unknown (exit 3): the run was held up.
+#[test]
+fn a_server_timeout_met_after_a_reconnect_is_not_called_bank_s() {
+    use diesel::RunQueryDsl;
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 0]);
+        let mut holder = db.hold(&ids[..1]);
+        let holder_pid = backend_pid(&mut holder);
+        let id = Uuid::new_v4().to_string();
+        let child = crate::support::spawn_transfer(
+            db.url.expose(),
+            (ids[0], ids[1], 7),
+            &["--id", &id, "--timeout", "3s"],
+        );
+        crate::support::wait_for_lock_wait(&db);
+        db.alter("statement_timeout = '50ms'");
+        diesel::sql_query(format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'bank' \
+             AND pid NOT IN ({holder_pid}, pg_backend_pid())"
+        ))
+        .execute(&mut db.conn())
+        .expect("terminate");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        drop(holder);
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("statement timeout (a statement_timeout set for this role")
+                && !run.stderr.contains("bank's --timeout"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(db.state().1, 0, "{iso:?}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Connections: what `bank` adds to the user's URL (timeouts, keepalives, an application name),
 //! and the `Session` that transfers run on (tuned on connect, reopened after a loss).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
@@ -323,10 +323,19 @@ impl Session {
 /// it set none (the server's own was shorter, or no transfer session was opened).
 static OWN_STATEMENT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
 
-/// The `--timeout` that `bank` set as its sessions' statement_timeout, if it set one: a
-/// statement cancelled for a statement timeout was then cancelled by `bank`'s own deadline, not
-/// by a setting of the server's.
+/// Set when a session of this run kept the server's statement_timeout, stricter than bank's:
+/// a cancellation may then be the server's, whichever session it came from.
+static SERVER_STATEMENT_TIMEOUT_KEPT: AtomicBool = AtomicBool::new(false);
+
+/// The `--timeout` that `bank` set as its sessions' statement_timeout, if it set one and no
+/// session of the run kept a stricter one of the server's: a statement cancelled for a
+/// statement timeout was then cancelled by `bank`'s own deadline, not by a setting of the
+/// server's. A reconnect that found the database's setting made stricter mid-run was credited to
+/// bank's deadline (found by a fault-injecting helper).
 pub fn own_statement_timeout() -> Option<Duration> {
+    if SERVER_STATEMENT_TIMEOUT_KEPT.load(Ordering::Relaxed) {
+        return None;
+    }
     match OWN_STATEMENT_TIMEOUT_MS.load(Ordering::Relaxed) {
         0 => None,
         ms => Some(Duration::from_millis(ms)),
@@ -386,11 +395,15 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> Result<(), Untuned> {
         ),
     ] {
         let stricter = parse_setting_ms(value).is_some_and(|v| v > 0 && v <= ms);
-        if !stricter {
-            sql.push_str(&format!("SET {name} = {ms}; "));
-            if name == "statement_timeout" {
-                OWN_STATEMENT_TIMEOUT_MS.store(ms as u64, Ordering::Relaxed);
+        match (stricter, name == "statement_timeout") {
+            (false, own) => {
+                sql.push_str(&format!("SET {name} = {ms}; "));
+                if own {
+                    OWN_STATEMENT_TIMEOUT_MS.store(ms as u64, Ordering::Relaxed);
+                }
             }
+            (true, true) => SERVER_STATEMENT_TIMEOUT_KEPT.store(true, Ordering::Relaxed),
+            (true, false) => {}
         }
     }
     // REPEATABLE READ as the default (the role's or the database's): a snapshot taken before a
