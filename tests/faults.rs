@@ -2075,14 +2075,7 @@ fn a_refusal_whose_claim_loses_its_connection_claims_again_and_is_reported_refus
             }
             let run = crate::support::spawn_bank(&args);
             crate::support::wait_for_lock_wait(&db);
-            // The test's own sessions go by `bank` too.
-            diesel::sql_query(format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND application_name = 'bank' \
-                 AND pid NOT IN ({holder_pid}, pg_backend_pid())"
-            ))
-            .execute(&mut db.conn())
-            .expect("terminate");
+            terminate_bank_sessions(&db, holder_pid);
             holder.batch_execute("ROLLBACK").expect("rollback");
             let run = Run::from(run.wait_with_output().expect("wait"));
             assert_eq!(run.code, 1, "{case}: {run:?}");
@@ -2104,6 +2097,19 @@ fn a_refusal_whose_claim_loses_its_connection_claims_again_and_is_reported_refus
             assert!(generation >= 2, "{case}: the claim was made: {generation}");
         }
     }
+}
+
+/// Terminates the sessions of `bank` runs on `db`, but not `holder_pid` (the test's own
+/// sessions go by `bank` too).
+fn terminate_bank_sessions(db: &ScratchDb, holder_pid: i32) {
+    use diesel::RunQueryDsl;
+    diesel::sql_query(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'bank' \
+         AND pid NOT IN ({holder_pid}, pg_backend_pid())"
+    ))
+    .execute(&mut db.conn())
+    .expect("terminate");
 }
 
 fn backend_pid(conn: &mut diesel::PgConnection) -> i32 {
@@ -2661,7 +2667,6 @@ fn a_lost_commit_then_a_schema_gone_is_unknown_not_not_migrated() {
 /// server's setting is named now. The outcome stays unknown (exit 3): the run was held up.
 #[test]
 fn a_server_timeout_met_after_a_reconnect_is_not_called_bank_s() {
-    use diesel::RunQueryDsl;
     for iso in Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
         let ids = db.accounts(&[100, 0]);
@@ -2675,13 +2680,7 @@ fn a_server_timeout_met_after_a_reconnect_is_not_called_bank_s() {
         );
         crate::support::wait_for_lock_wait(&db);
         db.alter("statement_timeout = '50ms'");
-        diesel::sql_query(format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'bank' \
-             AND pid NOT IN ({holder_pid}, pg_backend_pid())"
-        ))
-        .execute(&mut db.conn())
-        .expect("terminate");
+        terminate_bank_sessions(&db, holder_pid);
         let run = Run::from(child.wait_with_output().expect("wait"));
         drop(holder);
         assert_eq!(run.code, 3, "{iso:?}: {run:?}");
