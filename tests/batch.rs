@@ -3598,3 +3598,139 @@ fn a_file_interrupted_while_checked_says_so_and_sends_nothing() {
     run.fails_with(3, "while the file was being checked");
     assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
 }
+
+/// Whether `transfer_claims` holds `id`.
+fn claimed(db: &ScratchDb, id: Uuid) -> bool {
+    diesel::sql_query("SELECT CAST(1 AS INT8) AS n FROM transfer_claims WHERE id = $1")
+        .bind::<SqlUuid, _>(id)
+        .load::<crate::support::Count>(&mut db.conn())
+        .expect("claims")
+        .len()
+        == 1
+}
+
+/// A line rolled back and settled `not_applied` (a 40001 at its chunk's COMMIT, no retries
+/// left) has its id claimed, as `bank transfer --id` claims before it says "not applied": an
+/// earlier run's single statement of that id, held in the network, then cannot apply after the
+/// file said no. No test pinned it: taking `not_applied` out of the lines the run claims passed
+/// every test (found by a reviewer mutating the promise path).
+#[test]
+fn a_line_settled_not_applied_has_its_id_claimed() {
+    for iso in Iso::BOTH {
+        let (db, lines, run, proxy) = with_fault(iso, Fault::Retry40001, &["--max-retries", "0"]);
+        let case = format!("{iso:?}");
+        assert_eq!(proxy.injected(), 1, "{case}");
+        assert_ne!(run.code, 0, "{case}: {run:?}");
+        let got = outcomes(&run);
+        let not_applied: Vec<Uuid> = got
+            .iter()
+            .filter(|(_, o)| o == "not_applied")
+            .map(|(line, _)| lines[*line as usize - 2].id)
+            .collect();
+        assert!(!not_applied.is_empty(), "{case}: {got:?}");
+        for id in not_applied {
+            assert!(claimed(&db, id), "{case}: {id} not claimed");
+        }
+    }
+}
+
+/// A line refused for insufficient funds whose id an earlier run's late statement applies
+/// before this run claims it: the claim waits for that statement and then finds its row, so
+/// the line is `already_applied`, not the refusal (the ledger holds the transfer). No test
+/// pinned it: dropping the row the claim found kept "insufficient funds" and passed every test
+/// (found by a reviewer mutating the promise path).
+#[test]
+fn a_refused_line_whose_id_lands_before_its_claim_is_already_applied() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[5, 0, 100]);
+        let (a, b, c) = (ids[0], ids[1], ids[2]);
+        let line = |line, id, from_id, to_id, amount| bank::batch::Line {
+            line,
+            transfer: bank::models::NewTransfer {
+                id,
+                from_id,
+                to_id,
+                amount,
+            },
+        };
+        let x = Uuid::new_v4();
+        let lines = [line(2, x, a, b, 7), line(3, Uuid::new_v4(), c, b, 1)];
+        let mut runner = bank::batch::ChunkRunner::new(
+            Session::new(db.url.clone(), "bank"),
+            RetryPolicy::default(),
+        )
+        .ids_given()
+        .at_most(1);
+        // Before the second statement, the first line refused: a deposit, and an earlier run's
+        // attempt at X that lands now.
+        let statements = Arc::new(AtomicUsize::new(0));
+        let (url, seen) = (db.url.clone(), Arc::clone(&statements));
+        runner.on_statement = Some(Arc::new(move || {
+            if seen.fetch_add(1, Ordering::SeqCst) != 1 {
+                return;
+            }
+            let mut conn = url.connect().expect("connect");
+            conn.batch_execute(&format!(
+                "UPDATE accounts SET balance = balance + 10, opening_balance = \
+                 opening_balance + 10 WHERE id = '{a}'"
+            ))
+            .expect("deposit");
+            let mut other = Runner::new(
+                Session::new(url.clone(), "earlier-run"),
+                Mode::Transaction,
+                RetryPolicy::default(),
+            );
+            other
+                .run(&bank::models::NewTransfer {
+                    id: x,
+                    from_id: a,
+                    to_id: b,
+                    amount: 7,
+                })
+                .expect("the earlier run's attempt");
+        }));
+        let verdicts = runner.apply(&lines).expect("apply");
+        let got: Vec<&str> = verdicts.iter().map(|v| v.outcome.as_str()).collect();
+        assert_eq!(got, ["already_applied", "applied"], "{iso:?}: {verdicts:?}");
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 2);
+    }
+}
+
+/// A line refused on its merits whose id cannot be claimed (the role may read
+/// `transfer_claims` but not write it) is `unknown`, exit 3: an earlier run's attempt at it
+/// may still commit. No test pinned it: keeping the refusal passed every test (found by a
+/// reviewer mutating the promise path).
+#[test]
+fn a_refused_line_whose_claim_cannot_be_written_is_unknown() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[5, 0]);
+        let (_, url) = db.role(
+            "LOGIN",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers TO {role}; \
+             GRANT SELECT ON transfer_claims, __diesel_schema_migrations TO {role}",
+        );
+        let refused = Uuid::new_v4();
+        let text = format!(
+            "id,from,to,amount\n{refused},{a},{b},7\n{},{a},{b},2\n",
+            Uuid::new_v4(),
+            a = ids[0],
+            b = ids[1]
+        );
+        let run = crate::support::run_file(&url, "f.csv", &text, &[]);
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        let got = outcomes(&run);
+        assert_eq!(
+            got,
+            [(2, "unknown".to_string()), (3, "applied".to_string())],
+            "{iso:?}: {run:?}"
+        );
+        assert!(
+            run.stdout.contains("could not be claimed"),
+            "{iso:?}: {run:?}"
+        );
+    }
+}

@@ -165,3 +165,54 @@ fn a_claim_the_database_drops_is_an_error() {
         []
     );
 }
+
+/// A claim waits for the transactions that hold the transfer's accounts, then reads the ledger:
+/// an attempt in transaction mode (which writes no claim) that has written its row but not yet
+/// committed is found once it commits, not answered "not applied" before it does. No test
+/// pinned the wait: a claim without it passed every test (found by a reviewer mutating the
+/// promise path). At both isolation levels (the claim itself runs at SERIALIZABLE).
+#[test]
+fn a_claim_waits_for_an_attempt_holding_the_accounts_and_finds_its_row() {
+    use diesel::connection::SimpleConnection;
+    use std::time::{Duration, Instant};
+    for iso in support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 0]);
+        let t = bank::models::NewTransfer {
+            id: Uuid::new_v4(),
+            from_id: ids[0],
+            to_id: ids[1],
+            amount: 7,
+        };
+        let mut attempt = db.conn();
+        attempt.batch_execute("BEGIN").expect("begin");
+        bank::transfer::apply(&mut attempt, &t).expect("the attempt's statement");
+        let url = db.url.clone();
+        let claim = std::thread::spawn(move || {
+            let mut conn = url.connect().expect("connect");
+            let started = Instant::now();
+            // Retried after a 40001, as the runners retry it: the lock, once granted, comes
+            // after a snapshot taken before the attempt committed.
+            let found = loop {
+                match repo::claim_and_find(&mut conn, &[t.id], &[t.from_id, t.to_id], None) {
+                    Err(DieselError::DatabaseError(
+                        diesel::result::DatabaseErrorKind::SerializationFailure,
+                        _,
+                    )) => continue,
+                    found => break found,
+                }
+            };
+            (found, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        attempt.batch_execute("COMMIT").expect("commit");
+        let (found, waited) = claim.join().expect("the claim");
+        let found = found.expect("claim and find");
+        assert_eq!(
+            found.iter().map(|f| f.id).collect::<Vec<_>>(),
+            [t.id],
+            "{iso:?}: the committed attempt's row, found after {waited:?}"
+        );
+        assert!(waited >= Duration::from_millis(400), "{iso:?}: {waited:?}");
+    }
+}
