@@ -343,10 +343,15 @@ impl RunArgs {
     pub fn check(&self) -> Result<(), Error> {
         if self.retry_base > self.retry_cap {
             return Err(Error::Usage(format!(
-                "--retry-base {:?} is longer than --retry-cap {:?}, the longest backoff (each from \
+                "--retry-base {:?} is longer than --retry-cap {}, the longest backoff (each from \
                  its flag, else BANK_RETRY_BASE or BANK_RETRY_CAP, else its default): lower the \
                  one or raise the other",
-                self.retry_base, self.retry_cap
+                self.retry_base,
+                // As typed: `0s`, which Debug shows as "0ns" (found by a helper).
+                match self.retry_cap.is_zero() {
+                    true => "0s".to_string(),
+                    false => format!("{:?}", self.retry_cap),
+                }
             )));
         }
         Ok(())

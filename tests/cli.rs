@@ -1024,6 +1024,11 @@ fn numeric_flags_say_their_bounds() {
             vec!["workload", "--duration", "5s", "--retry-base", "3s"],
             "--retry-base 3s is longer than --retry-cap 1s",
         ),
+        // Debug's "0ns" for the `0s` typed.
+        (
+            vec!["workload", "--duration", "5s", "--retry-cap", "0s"],
+            "--retry-base 2ms is longer than --retry-cap 0s,",
+        ),
     ] {
         db.bank().args(&args).run().fails_with(2, message);
     }
