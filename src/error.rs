@@ -850,7 +850,14 @@ pub fn with_hints(mut line: String) -> String {
         }
         let said =
             match crate::db::own_statement_timeout().filter(|_| setting == "statement_timeout") {
-                // bank's deadline, which it sets as its sessions' statement_timeout.
+                // bank's deadline, which it sets as its sessions' statement_timeout; or, where
+                // some sessions of the run kept the server's stricter one, either.
+                Some(own) if crate::db::server_statement_timeout_kept() => format!(
+                    " (bank's --timeout {}, or a stricter statement_timeout set for this role \
+                     or database, which some of this run's connections kept; \
+                     PGOPTIONS='-c statement_timeout=0' lifts that one for one run)",
+                    humantime::format_duration(own)
+                ),
                 Some(own) => format!(" (bank's --timeout {})", humantime::format_duration(own)),
                 // PGOPTIONS set it: lifting it with PGOPTIONS is no advice.
                 None if std::env::var("PGOPTIONS").is_ok_and(|o| o.contains(setting)) => {

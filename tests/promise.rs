@@ -299,6 +299,41 @@ fn hot_rows_at_serializable_neither_deadlock_nor_give_up() {
 
 /// Case 6: a credit past INT8's range names the account, changes nothing, and is not "a
 /// database error".
+/// A credit that fits the balance it meets once it holds the account: another transaction had
+/// just debited the account from INT8's largest value, and at READ COMMITTED the statement's
+/// check read the row as its snapshot had it, before the update it waited for. Single-statement
+/// mode said "its balance would exceed the largest amount" (exit 1) for a credit that fit, and
+/// before that check the stale sum overflowed into the database's "bigint out of range" (found
+/// by a reviewer). Both modes, both levels: the transfer applies.
+#[test]
+fn a_credit_that_fits_the_balance_it_waited_for_is_applied() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let (db, a, m) = two_accounts_holding(iso, [1000, i64::MAX]);
+            let mut debit = db.conn();
+            debit
+                .batch_execute(&format!(
+                    "BEGIN; UPDATE accounts SET balance = balance - 100 WHERE id = '{m}'"
+                ))
+                .expect("a debit of m under way");
+            let child = crate::support::spawn_transfer(
+                db.url.expose(),
+                (a, m, 50),
+                &["--mode", mode, "--timeout", "20s"],
+            );
+            crate::support::wait_for_lock_wait(&db);
+            debit.batch_execute("COMMIT").expect("commit the debit");
+            let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+            run.success();
+            assert_eq!(
+                (db.balance(a), db.balance(m)),
+                (950, i64::MAX - 50),
+                "{iso:?} {mode}: {run:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_balance_overflow_names_the_credited_account() {
     for mode in MODES {

@@ -342,7 +342,7 @@ fn seed_falls_back_to_insert_for_a_role_allowed_one_connection() {
     refuse_copy(&db);
     let (_, url) = db.teller("LOGIN CONNECTION LIMIT 1");
     let mut reconnected = 0;
-    for round in 1..=6 {
+    for round in 1..=10 {
         let run = seed_as(&url, None, 100);
         run.success();
         reconnected += usize::from(run.stderr.contains("the driver lost the server's reason"));
@@ -351,8 +351,8 @@ fn seed_falls_back_to_insert_for_a_role_allowed_one_connection() {
             100 * round
         );
     }
-    // Diesel loses the words most times: the test is about those.
-    assert!(reconnected > 0, "no COPY lost its reason in 6 seeds");
+    // Diesel loses the words most times (22 seeds in 30, measured): the test is about those.
+    assert!(reconnected > 0, "no COPY lost its reason in 10 seeds");
 }
 
 /// COPY refused as a proxy or an engine refuses it, INSERT allowed (a row-level security policy

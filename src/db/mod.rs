@@ -8,7 +8,9 @@ mod session;
 mod url;
 
 pub use engine::{Engine, Server};
-pub use session::{commit_synchronously, own_statement_timeout, Session};
+pub use session::{
+    commit_synchronously, own_statement_timeout, server_statement_timeout_kept, Session,
+};
 pub use url::{redact_message, DbUrl};
 
 use diesel::migration::MigrationSource;

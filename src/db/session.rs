@@ -323,23 +323,25 @@ impl Session {
 /// it set none (the server's own was shorter, or no transfer session was opened).
 static OWN_STATEMENT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
 
-/// Set when a session of this run kept the server's statement_timeout, stricter than bank's:
-/// a cancellation may then be the server's, whichever session it came from.
+/// Set when a session of this run kept the server's statement_timeout, stricter than bank's.
 static SERVER_STATEMENT_TIMEOUT_KEPT: AtomicBool = AtomicBool::new(false);
 
-/// The `--timeout` that `bank` set as its sessions' statement_timeout, if it set one and no
-/// session of the run kept a stricter one of the server's: a statement cancelled for a
-/// statement timeout was then cancelled by `bank`'s own deadline, not by a setting of the
-/// server's. A reconnect that found the database's setting made stricter mid-run was credited to
-/// bank's deadline (found by a fault-injecting helper).
+/// The `--timeout` that `bank` set as its sessions' statement_timeout, if it set one: a
+/// statement cancelled for a statement timeout was then cancelled by `bank`'s own deadline, not
+/// by a setting of the server's, unless `server_statement_timeout_kept`.
 pub fn own_statement_timeout() -> Option<Duration> {
-    if SERVER_STATEMENT_TIMEOUT_KEPT.load(Ordering::Relaxed) {
-        return None;
-    }
     match OWN_STATEMENT_TIMEOUT_MS.load(Ordering::Relaxed) {
         0 => None,
         ms => Some(Duration::from_millis(ms)),
     }
+}
+
+/// Whether a session of this run kept the server's statement_timeout, stricter than bank's
+/// `--timeout` (the role's or database's setting made stricter mid-run, met by a reconnect): a
+/// cancellation may then be the server's, and was credited to bank's deadline alone (found by a
+/// fault-injecting helper).
+pub fn server_statement_timeout_kept() -> bool {
+    SERVER_STATEMENT_TIMEOUT_KEPT.load(Ordering::Relaxed)
 }
 
 /// Why `tune` fell short: a tuning, ignored; or one of the settings that are not tunings.

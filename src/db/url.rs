@@ -231,7 +231,10 @@ impl fmt::Display for DbUrl {
         if let Some((at, _)) = secret_in_user(url.username()) {
             let _ = shown.set_username(&format!("{}***", &url.username()[..at]));
         }
-        if url.query_pairs().any(|(k, _)| is_password_key(&k)) {
+        if url
+            .query_pairs()
+            .any(|(k, v)| is_password_key(&k) || user_with_secret(&k, &v).is_some())
+        {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| match is_password_key(&k) {
@@ -240,7 +243,10 @@ impl fmt::Display for DbUrl {
                         (password_prefix(&k).to_string(), "***".to_string())
                     }
                     true => (k.into_owned(), "***".to_string()),
-                    false => (k.into_owned(), v.into_owned()),
+                    false => match user_with_secret(&k, &v) {
+                        Some(user) => (k.into_owned(), format!("{user}:***")),
+                        None => (k.into_owned(), v.into_owned()),
+                    },
                 })
                 .collect();
             shown.query_pairs_mut().clear().extend_pairs(pairs);
@@ -324,6 +330,13 @@ fn redact_structurally(raw: &str) -> String {
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
                     Some((key, _)) if is_password_key(key) => format!("{key}=***"),
+                    Some((key, value)) if key.eq_ignore_ascii_case("user") => {
+                        match (value.split_once(':'), secret_in_user(value)) {
+                            (Some((user, _)), _) => format!("{key}={user}:***"),
+                            (None, Some((at, _))) => format!("{key}={}***", &value[..at]),
+                            (None, None) => pair.to_string(),
+                        }
+                    }
                     None if !secrets_in_key(pair).is_empty() => {
                         format!("{}***", password_prefix(pair))
                     }
@@ -367,6 +380,13 @@ fn secrets_of(raw: &str) -> Vec<String> {
         for pair in query.split('&') {
             match pair.split_once('=') {
                 Some((key, value)) if is_password_key(key) => secrets.push(value.to_string()),
+                // `user=name:secret`, the colon written or encoded: the part after it.
+                Some((key, value)) if key.eq_ignore_ascii_case("user") => {
+                    if let Some((_, tail)) = percent_decoded(value).split_once(':') {
+                        secrets.push(tail.to_string());
+                    }
+                    secrets.extend(secret_in_user(value).map(|(_, s)| s).unwrap_or_default());
+                }
                 Some(_) => {}
                 None => secrets.extend(secrets_in_key(pair)),
             }
@@ -462,6 +482,15 @@ fn is_password_key(key: &str) -> bool {
     // "pass" and "pwd" too: a misspelt `passwd=` is refused by libpq, which quotes its value.
     // `passfile` names a file, no secret.
     (key.contains("pass") && key != "passfile") || key.contains("pwd") || key.ends_with("secret")
+}
+
+/// A `user=` parameter whose value holds a ':' (`?user=weird%3AS3cr3t`, the password typed
+/// after the user, as in a URL's userinfo): the name before it. Decoded key and value.
+fn user_with_secret<'a>(key: &str, value: &'a str) -> Option<&'a str> {
+    match key.eq_ignore_ascii_case("user") {
+        true => value.split_once(':').map(|(user, _)| user),
+        false => None,
+    }
 }
 
 /// The user name's tail after a percent-encoded colon (`weird%3AS3cr3t@`): libpq decodes it
@@ -673,6 +702,8 @@ mod tests {
             "postgres://u@db/bank?pwd=S3cr3t",
             "postgres://weird%3AS3cr3t@db/bank",
             "postgres://weird%3aS3cr3t@db/bank",
+            "postgresql:///bank?host=db&user=weird%3AS3cr3t",
+            "postgresql:///bank?host=db&user=weird:S3cr3t",
         ] {
             let text = shown(raw);
             assert!(!text.contains("S3cr3t"), "{raw} -> {text}");

@@ -64,7 +64,11 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         out.push_bind_param::<SqlUuid, _>(&t.to_id)?;
         out.push_sql(") ORDER BY id FOR UPDATE), ");
         // 2. Both balances move and both versions advance; the new values come back.
-        out.push_sql("moved AS (UPDATE accounts SET balance = accounts.balance + ");
+        // From the balance `locked` returned: at READ COMMITTED the UPDATE computes its SET on
+        // the row as the statement's snapshot had it, before the update it waited for, and a
+        // credit that fit the balance it met was refused, or its stale sum overflowed (found by a
+        // reviewer). The lock keeps the row as `locked` returned it.
+        out.push_sql("moved AS (UPDATE accounts SET balance = locked.balance + ");
         push_move_within_range(&mut out, t)?;
         // Whether each row was written as asked: a DBA's trigger that kept the old balance
         // (`NEW.balance := OLD.balance`) let bank say "moved" while no money moved (found by a
@@ -169,7 +173,7 @@ fn push_move_within_range<'b>(
     out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
     out.push_sql(" THEN -");
     out.push_bind_param::<BigInt, _>(&t.amount)?;
-    out.push_sql(" WHEN accounts.balance <= 9223372036854775807 - ");
+    out.push_sql(" WHEN locked.balance <= 9223372036854775807 - ");
     out.push_bind_param::<BigInt, _>(&t.amount)?;
     out.push_sql(" THEN ");
     out.push_bind_param::<BigInt, _>(&t.amount)?;
@@ -378,8 +382,8 @@ mod tests {
             format!(
                 "WITH locked AS (SELECT id, balance, version FROM accounts WHERE id IN ($1, $2) \
                  ORDER BY id FOR UPDATE), \
-                 moved AS (UPDATE accounts SET balance = accounts.balance + CASE WHEN \
-                 accounts.id = $3 THEN -$4 WHEN accounts.balance <= 9223372036854775807 - $5 \
+                 moved AS (UPDATE accounts SET balance = locked.balance + CASE WHEN \
+                 accounts.id = $3 THEN -$4 WHEN locked.balance <= 9223372036854775807 - $5 \
                  THEN $6 ELSE CAST('the credited balance would pass the largest one ' || \
                  CAST(accounts.id AS TEXT) AS INT8) END, version = accounts.version + 1 \
                  FROM locked WHERE accounts.id = locked.id \
