@@ -544,4 +544,120 @@ mod tests {
         }
         assert_eq!(json["ok"], false);
     }
+
+    /// A final check that read a healthy ledger: 5 transfers committed, 5 rows, nothing wrong.
+    fn healthy() -> FinalCheck {
+        FinalCheck {
+            verify: VerifyReport {
+                ok: true,
+                accounts: 10,
+                transfers: 5,
+                total_balance: 10_000,
+                total_opening_balance: 10_000,
+                negative_balances: 0,
+                mismatched_accounts: 0,
+                broken_chains: 0,
+                violations: Vec::new(),
+                violations_truncated: false,
+            },
+            total: 10_000,
+            moved_by_others: 0,
+            ledger_rows: 5,
+        }
+    }
+
+    /// Each invariant the final check judges, broken alone, fails the run and is named: no test
+    /// broke one (every workload test ran a healthy ledger), and turning any of five off passed
+    /// every test (found by a reviewer mutating the checks). Rows between committed and
+    /// committed + indeterminate are the bound, not a violation.
+    #[test]
+    fn each_invariant_broken_alone_fails_the_run_and_is_named() {
+        let judged = |committed: u64, indeterminate: u64, check: FinalCheck| {
+            let mut tally = Tally::new().expect("tally");
+            tally.committed = committed;
+            tally.indeterminate = indeterminate;
+            Report::new(run(), tally, Ok(check))
+        };
+        let healthy_report = judged(5, 0, healthy());
+        assert!(healthy_report.ok, "{healthy_report:?}");
+        // Up to the indeterminate ones may have committed unseen.
+        let bound = judged(
+            5,
+            2,
+            FinalCheck {
+                ledger_rows: 7,
+                ..healthy()
+            },
+        );
+        assert!(bound.ok, "{bound:?}");
+        let broken: [(&str, FinalCheck, u64); 6] = [
+            // A transfer reported committed that the ledger does not hold.
+            (
+                "ledger_matches_committed",
+                FinalCheck {
+                    ledger_rows: 4,
+                    ..healthy()
+                },
+                0,
+            ),
+            // A row more than committed and indeterminate can explain: applied twice.
+            (
+                "ledger_matches_committed",
+                FinalCheck {
+                    ledger_rows: 8,
+                    ..healthy()
+                },
+                2,
+            ),
+            (
+                "total_conserved",
+                FinalCheck {
+                    total: 9_999,
+                    ..healthy()
+                },
+                0,
+            ),
+            (
+                "no_negative_balance",
+                FinalCheck {
+                    verify: VerifyReport {
+                        negative_balances: 1,
+                        ..healthy().verify
+                    },
+                    ..healthy()
+                },
+                0,
+            ),
+            (
+                "chains_exact",
+                FinalCheck {
+                    verify: VerifyReport {
+                        broken_chains: 1,
+                        ..healthy().verify
+                    },
+                    ..healthy()
+                },
+                0,
+            ),
+            (
+                "verify_ok",
+                FinalCheck {
+                    verify: VerifyReport {
+                        ok: false,
+                        ..healthy().verify
+                    },
+                    ..healthy()
+                },
+                0,
+            ),
+        ];
+        for (name, check, indeterminate) in broken {
+            let report = judged(5, indeterminate, check);
+            assert!(!report.ok, "{name}: {report:?}");
+            let json = serde_json::to_value(&report).expect("json");
+            assert_eq!(json["invariants"][name], false, "{name}: {json}");
+            let text = report.to_string();
+            assert!(text.contains("VIOLATED"), "{name}: {text}");
+        }
+    }
 }
