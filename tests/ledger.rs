@@ -706,3 +706,84 @@ fn balances_as_of_for_a_role_that_cannot_see_other_sessions_says_so() {
     run.success();
     assert_eq!(run.stderr, "", "{run:?}");
 }
+
+/// Each rule of verify broken alone, every other one holding (found by a reviewer mutating
+/// verify: each of these rules could be turned off and every test passed, since each hand edit
+/// the tests made broke two rules at once): a negative balance that the ledger explains (the
+/// CHECKs dropped), a gap in an account's versions, a chain that starts at 2, and one version
+/// used twice, each with every balance-after still chained.
+#[test]
+fn verify_reports_each_rule_broken_alone() {
+    let negative = Uuid::new_v4();
+    let db = ScratchDb::migrated();
+    five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "ALTER TABLE accounts DROP CONSTRAINT accounts_balance_nonnegative, \
+             DROP CONSTRAINT accounts_opening_balance_nonnegative; \
+             INSERT INTO accounts (id, balance, opening_balance, version) \
+             VALUES ('{negative}', -1, -1, 0)"
+        ),
+    );
+    assert_eq!(
+        (
+            &j["negative_balances"],
+            &j["mismatched_accounts"],
+            &j["broken_chains"]
+        ),
+        (&1.into(), &0.into(), &0.into()),
+        "{j}"
+    );
+    assert_eq!(j["violations"][0]["id"], negative.to_string(), "{j}");
+
+    // b's entries: credits 100, 200, 300 (versions 1 to 3), debits 50, 25 (4 and 5). Shifted in
+    // two steps, so that no step meets the (account, version) unique indexes.
+    let shift = |b: Uuid, from: i64, by: i64| {
+        format!(
+            "UPDATE transfers SET to_version = to_version + {big} WHERE to_id = '{b}' \
+               AND to_version >= {from}; \
+             UPDATE transfers SET from_version = from_version + {big} WHERE from_id = '{b}' \
+               AND from_version >= {from}; \
+             UPDATE transfers SET to_version = to_version - {back} WHERE to_id = '{b}' \
+               AND to_version >= {from} + {big}; \
+             UPDATE transfers SET from_version = from_version - {back} WHERE from_id = '{b}' \
+               AND from_version >= {from} + {big}; \
+             UPDATE accounts SET version = version + {by} WHERE id = '{b}'",
+            big = 100,
+            back = 100 - by
+        )
+    };
+    for (what, edit) in [
+        ("a gap after version 2", (3, 1)),
+        ("a chain that starts at 2", (1, 1)),
+    ] {
+        let db = ScratchDb::migrated();
+        let (_, b, _) = five_transfers(&db);
+        let j = verify_reports_violation(&db, &shift(b, edit.0, edit.1));
+        assert_eq!(
+            (&j["mismatched_accounts"], &j["broken_chains"]),
+            (&0.into(), &1.into()),
+            "{what}: {j}"
+        );
+        assert_eq!(j["violations"][0]["id"], b.to_string(), "{what}: {j}");
+    }
+    // The debit of 50 takes version 3, the credit's; the debit of 25 then 4, the account's.
+    let db = ScratchDb::migrated();
+    let (_, b, _) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "UPDATE transfers SET from_version = from_version - 1 WHERE from_id = '{b}' \
+               AND from_version = 4; \
+             UPDATE transfers SET from_version = from_version - 1 WHERE from_id = '{b}' \
+               AND from_version = 5; \
+             UPDATE accounts SET version = 4 WHERE id = '{b}'"
+        ),
+    );
+    assert_eq!(
+        (&j["mismatched_accounts"], &j["broken_chains"]),
+        (&0.into(), &1.into()),
+        "one version twice: {j}"
+    );
+}
