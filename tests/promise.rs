@@ -347,6 +347,10 @@ fn a_balance_overflow_names_the_credited_account() {
             .fails_with(1, &format!("account {b} cannot receive 100"));
         assert_eq!((db.balance(a), db.balance(b)), (1000, i64::MAX - 10));
         assert_eq!(db.state().1, 0);
+        // Up to the largest exactly: applied (`<` for `<=` passed every test, found by a
+        // reviewer mutating the statement's checks).
+        db.transfer(a, b, 10).args(["--mode", mode]).run().success();
+        assert_eq!((db.balance(a), db.balance(b)), (990, i64::MAX));
     }
 }
 
@@ -648,9 +652,11 @@ fn an_overdraft_is_refused_without_the_balance_check() {
         db.conn()
             .batch_execute("ALTER TABLE accounts DROP CONSTRAINT accounts_balance_nonnegative")
             .expect("drop the check");
-        for mode in MODES {
+        // By much, and by one (a boundary no test held: `< -1` passed every test, found by a
+        // reviewer mutating the statement's checks).
+        for (mode, amount) in MODES.iter().flat_map(|m| [(*m, 2000), (*m, 251)]) {
             let run = db
-                .transfer(ids[0], ids[1], 2000)
+                .transfer(ids[0], ids[1], amount)
                 .args(["--mode", mode, "--id", &Uuid::new_v4().to_string()])
                 .run();
             run.fails_with(1, "insufficient funds");
@@ -1167,9 +1173,14 @@ fn a_policy_hiding_ledger_rows_never_makes_a_committed_id_not_applied() {
 #[test]
 fn a_ledger_row_a_trigger_changes_applies_nothing() {
     for iso in Iso::BOTH {
+        // The accounts too, to a third one (no test changed them: a check of the amount and id
+        // alone passed every test, found by a reviewer mutating the statement's checks).
+        let third = "(SELECT id FROM accounts WHERE id NOT IN (NEW.from_id, NEW.to_id) LIMIT 1)";
         for change in [
-            "NEW.amount := NEW.amount * 2",
-            "NEW.id := gen_random_uuid()",
+            "NEW.amount := NEW.amount * 2".to_string(),
+            "NEW.id := gen_random_uuid()".to_string(),
+            format!("NEW.to_id := {third}"),
+            format!("NEW.from_id := {third}"),
         ] {
             let case = format!("{iso:?} {change}");
             let db = ScratchDb::migrated_at(iso);
@@ -1181,8 +1192,8 @@ fn a_ledger_row_a_trigger_changes_applies_nothing() {
                      EXECUTE FUNCTION change7()"
                 ))
                 .expect("trigger");
-            let [a, b] = db.accounts(&[1000, 0])[..] else {
-                panic!("two accounts")
+            let [a, b, _] = db.accounts(&[1000, 0, 0])[..] else {
+                panic!("three accounts")
             };
             for mode in MODES {
                 let id = Uuid::new_v4().to_string();
@@ -1215,19 +1226,25 @@ fn a_ledger_row_a_trigger_changes_applies_nothing() {
 /// moves of 3): bank said "moved" (exit 0), in both modes and in a file, while no money moved
 /// and the ledger said it had (found by a fault-injecting helper). A row not written as asked
 /// applies nothing: the transfer is refused, and a file's other lines apply. Both levels.
+/// The version kept too (no test kept it: a check of the balance alone passed every test, found
+/// by a reviewer mutating the statements' checks): the account's chain of entries would break.
 #[test]
 fn an_account_a_trigger_writes_otherwise_applies_nothing() {
-    for iso in Iso::BOTH {
+    for (iso, keep) in Iso::BOTH
+        .into_iter()
+        .flat_map(|iso| [(iso, "balance"), (iso, "version")])
+    {
         let db = ScratchDb::migrated_at(iso);
         db.conn()
-            .batch_execute(
+            .batch_execute(&format!(
                 "CREATE FUNCTION keep3() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
-                   IF abs(NEW.balance - OLD.balance) = 3 THEN NEW.balance := OLD.balance; END IF; \
+                   IF abs(NEW.balance - OLD.balance) = 3 THEN NEW.{keep} := OLD.{keep}; END IF; \
                    RETURN NEW; END$$; \
                  CREATE TRIGGER keep3 BEFORE UPDATE ON accounts FOR EACH ROW \
                  EXECUTE FUNCTION keep3()",
-            )
+            ))
             .expect("trigger");
+        let iso = format!("{iso:?} {keep}");
         let [a, b, c, d] = db.accounts(&[1000, 0, 1000, 0])[..] else {
             panic!("four accounts")
         };

@@ -1864,6 +1864,19 @@ fn a_schema_change_the_promise_cannot_survive_is_refused() {
             "trigger",
         ),
         ("ALTER TABLE transfers SET UNLOGGED", "UNLOGGED"),
+        // The key replaced by a unique index that does not make `id` unique alone: partial,
+        // or over more columns (neither was tried: the check's conditions for them could be
+        // dropped with every test passing, found by a reviewer mutating the checks).
+        (
+            "ALTER TABLE transfers DROP CONSTRAINT transfers_pkey; \
+             CREATE UNIQUE INDEX transfers_small_id ON transfers (id) WHERE amount < 100",
+            "unique index on id",
+        ),
+        (
+            "ALTER TABLE transfers DROP CONSTRAINT transfers_pkey; \
+             CREATE UNIQUE INDEX transfers_id_amount ON transfers (id, amount)",
+            "unique index on id",
+        ),
     ];
     for iso in support::Iso::BOTH {
         for (change, named) in changes {
