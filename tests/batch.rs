@@ -2218,7 +2218,14 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
         assert_eq!(run.code, 3, "{iso:?}: {run:?}");
         assert_eq!(got[0].1, "applied", "{iso:?}: {run:?}");
         assert_eq!(got[1].1, "unknown", "{iso:?}: {run:?}");
-        assert_eq!(got[2].1, "unknown", "{iso:?}: {run:?}");
+        // On a loaded machine the other session may ask for the account only after the third
+        // line's statement (it failed a full suite run so): applied then, and the claim of the
+        // second line still meets the lock.
+        let third_first = got[2].1.clone();
+        assert!(
+            ["unknown", "applied"].contains(&third_first.as_str()),
+            "{iso:?}: {run:?}"
+        );
         // 1 s of trigger, 2 s held up, a moment; not another 2 s.
         assert!(
             took < Duration::from_millis(4000),
@@ -2228,7 +2235,11 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
         let got = outcomes(&again);
         assert_eq!(got[0].1, "already_applied", "{iso:?}: {again:?}");
         assert_eq!(got[1].1, "insufficient_funds", "{iso:?}: {again:?}");
-        assert_eq!(got[2].1, "applied", "{iso:?}: {again:?}");
+        let third = match third_first.as_str() {
+            "applied" => "already_applied",
+            _ => "applied",
+        };
+        assert_eq!(got[2].1, third, "{iso:?}: {again:?}");
     }
 }
 
