@@ -2695,3 +2695,43 @@ fn a_server_timeout_met_after_a_reconnect_is_not_called_bank_s() {
         assert_eq!(db.state().1, 0, "{iso:?}");
     }
 }
+
+/// A workload transfer frozen at its COMMIT may have committed: it is indeterminate, not given
+/// up (given up, it tightened the ledger's bound into a false violation), and the worker stuck on
+/// it is replaced, so the run goes on to its end. Neither was held by a test (found by a
+/// reviewer mutating the workload's counting: the two arms swapped, or no replacement, passed).
+#[test]
+fn a_workload_transfer_frozen_at_its_commit_is_indeterminate_and_its_worker_replaced() {
+    for batch in [None, Some("5")] {
+        let db = ScratchDb::migrated();
+        let proxy = Proxy::start(upstream_of(&db.url));
+        let url = proxy.url_for(&db.url);
+        let mut bank = Bank::new()
+            .args(["--database-url", &url, "workload", "--accounts", "10"])
+            .args([
+                "--concurrency",
+                "1",
+                "--duration",
+                "3s",
+                "--timeout",
+                "500ms",
+            ])
+            .args(["--check-timeout", "2s", "--json"]);
+        if let Some(b) = batch {
+            bank = bank.args(["--batch", b]);
+        }
+        let run = thread::spawn(move || bank.run());
+        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+        proxy.arm_at(At::Commit, Fault::Freeze);
+        let run = run.join().expect("thread");
+        let j = run.json();
+        assert!(j["stuck_workers"].as_u64() >= Some(1), "{batch:?}: {j}");
+        assert!(j["indeterminate"].as_u64() >= Some(1), "{batch:?}: {j}");
+        assert_eq!(j["given_up"], 0, "{batch:?}: {j}");
+        assert!(
+            j["elapsed_secs"].as_f64() >= Some(2.9),
+            "a replacement worker goes on: {batch:?}: {j}"
+        );
+        proxy.thaw_all();
+    }
+}
