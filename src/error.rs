@@ -17,11 +17,6 @@ pub fn is_privilege_denied(message: &str) -> bool {
         || (message.contains("does not have") && message.contains(" privilege on "))
 }
 
-/// Whether a database error says the server is out of disk or memory (SQLSTATE 53100, 53200, or
-/// an I/O error writing a file): no statement's line is at fault, and none will pass until an
-/// operator acts. Diesel exposes no SQLSTATE, so the words decide: PostgreSQL's ("could not
-/// extend file …: No space left on device", "out of memory") and CockroachDB's ("disk full",
-/// "insufficient disk space", "memory budget exceeded").
 /// The server (or a pooler in front of it) refused a login for want of a connection slot.
 pub fn is_connection_limit(message: &str) -> bool {
     const LIMIT: [&str; 4] = [
@@ -34,6 +29,11 @@ pub fn is_connection_limit(message: &str) -> bool {
     LIMIT.iter().any(|p| m.contains(p))
 }
 
+/// Whether a database error says the server is out of disk or memory (SQLSTATE 53100, 53200, or
+/// an I/O error writing a file): no statement's line is at fault, and none will pass until an
+/// operator acts. Diesel exposes no SQLSTATE, so the words decide: PostgreSQL's ("could not
+/// extend file …: No space left on device", "out of memory") and CockroachDB's ("disk full",
+/// "insufficient disk space", "memory budget exceeded").
 pub fn is_out_of_resources(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     [

@@ -430,12 +430,17 @@ pub fn claim_generations(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<V
 /// the claim it writes with its run's own (`transfer::statement::apply_claiming`), so the run
 /// that finds the id's row after its answer was lost can tell whether the row is its own.
 pub fn claim_mark(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Uuid>> {
+    claim(conn, id).map(Option::flatten)
+}
+
+/// `id`'s claim, if any, with its mark (`Some(None)`: claimed unmarked, by a run that answered
+/// "not applied").
+pub fn claim(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Option<Uuid>>> {
     transfer_claims::table
         .find(id)
         .select(transfer_claims::claimed_by)
         .first::<Option<Uuid>>(conn)
         .optional()
-        .map(Option::flatten)
 }
 
 /// Claims `ids` as a run does before it answers "not applied" (`claim_ids`), then reads their

@@ -3824,16 +3824,7 @@ fn a_repeated_id_waits_for_the_earlier_line_in_flight() {
         let bank = Bank::new();
         let path = bank.dir.path().join("pay.csv");
         std::fs::write(&path, csv(&lines)).expect("write");
-        let mut holder = db.conn();
-        holder
-            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .expect("begin");
-        diesel::sql_query(format!(
-            "SELECT id FROM accounts WHERE id = '{}' FOR UPDATE",
-            ids[0]
-        ))
-        .execute(&mut holder)
-        .expect("lock");
+        let mut holder = db.hold(&ids[..1]);
         let child = spawn_file_with(
             db.url.expose(),
             &path,

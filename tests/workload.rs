@@ -1570,16 +1570,9 @@ fn batches_failing_at_once_back_off() {
 #[test]
 fn a_transfer_held_up_until_its_deadline_is_given_up_not_indeterminate() {
     use diesel::connection::SimpleConnection;
-    use diesel::RunQueryDsl;
     let db = ScratchDb::migrated();
-    db.accounts(&[1000, 1000]);
-    let mut holder = db.conn();
-    holder
-        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-        .expect("begin");
-    diesel::sql_query("SELECT id FROM accounts FOR UPDATE")
-        .execute(&mut holder)
-        .expect("lock");
+    let ids = db.accounts(&[1000, 1000]);
+    let mut holder = db.hold(&ids);
     let run = db
         .bank()
         .args(["workload", "--reuse-accounts", "--accounts", "2"])

@@ -181,8 +181,7 @@ fn demo_flow(
         crate::guard::tick();
     };
     let conn = session.conn()?;
-    crate::db::require_migrated(conn)?;
-    crate::db::require_unchanged(conn)?;
+    crate::db::require_writable(conn)?;
     reached(Stage::Creating);
     for account in created {
         if let Err(e) = repo::create(conn, account) {

@@ -129,14 +129,10 @@ pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Re
         // commit after that; the hint that one still might was stale (found by a helper playing
         // a new user). A claim a single statement marked is that statement's, committed: its
         // row is gone since. A claim that cannot be read leaves the cautious hint.
-        let claimed = repo::claim_generations(&mut conn, &[args.id])
-            .ok()
-            .filter(|c| !c.is_empty())
-            .map(|_| repo::claim_mark(&mut conn, args.id).is_ok_and(|m| m.is_some()));
-        return Err(match claimed {
-            Some(true) => Error::NoTransferRowGone(args.id),
-            Some(false) => Error::NoTransferClaimed(args.id),
-            None => Error::NoTransfer(args.id),
+        return Err(match repo::claim(&mut conn, args.id) {
+            Ok(Some(Some(_))) => Error::NoTransferRowGone(args.id),
+            Ok(Some(None)) => Error::NoTransferClaimed(args.id),
+            Ok(None) | Err(_) => Error::NoTransfer(args.id),
         });
     };
     if args.json {

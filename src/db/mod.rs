@@ -473,6 +473,13 @@ pub fn shadowed_tables(conn: &mut PgConnection) -> QueryResult<Option<(String, V
     Ok((!shadowed.is_empty()).then_some((bank, shadowed)))
 }
 
+/// `require_migrated`, then `require_unchanged`: what a connection that writes must pass before
+/// it sends anything.
+pub fn require_writable(conn: &mut PgConnection) -> Result<(), crate::error::Error> {
+    require_migrated(conn)?;
+    require_unchanged(conn)
+}
+
 /// Refuses bank's tables changed in ways its promise cannot survive (`unsafe_changes`), before
 /// a command that writes sends anything; reads go on (`lookup` is how an unknown outcome is
 /// settled, and none of these changes alters what a read sees). A catalog this role may not

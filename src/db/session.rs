@@ -80,8 +80,8 @@ impl DbUrl {
     /// `connect_migrated`, for a command that writes: also refused when bank's tables were
     /// changed in ways its promise cannot survive (`db::require_unchanged`).
     pub fn connect_to_write(&self) -> Result<PgConnection, crate::error::Error> {
-        let mut conn = self.connect_migrated()?;
-        super::require_unchanged(&mut conn)?;
+        let mut conn = self.connect()?;
+        super::require_writable(&mut conn)?;
         Ok(conn)
     }
 

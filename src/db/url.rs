@@ -228,12 +228,13 @@ impl fmt::Display for DbUrl {
         if shown.password().is_some() {
             let _ = shown.set_password(Some("***"));
         }
-        if let Some((at, _)) = secret_in_user(url.username()) {
-            let _ = shown.set_username(&format!("{}***", &url.username()[..at]));
+        if let Some((name, _)) = split_user(url.username()) {
+            let _ = shown.set_username(&format!("{name}***"));
         }
+        let user_with_secret = |k: &str, v: &str| is_user_key(k) && split_user(v).is_some();
         if url
             .query_pairs()
-            .any(|(k, v)| is_password_key(&k) || user_with_secret(&k, &v).is_some())
+            .any(|(k, v)| is_password_key(&k) || user_with_secret(&k, &v))
         {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
@@ -243,8 +244,8 @@ impl fmt::Display for DbUrl {
                         (password_prefix(&k).to_string(), "***".to_string())
                     }
                     true => (k.into_owned(), "***".to_string()),
-                    false => match user_with_secret(&k, &v) {
-                        Some(user) => (k.into_owned(), format!("{user}:***")),
+                    false => match split_user(&v).filter(|_| is_user_key(&k)) {
+                        Some((name, _)) => (k.into_owned(), format!("{name}***")),
                         None => (k.into_owned(), v.into_owned()),
                     },
                 })
@@ -330,13 +331,10 @@ fn redact_structurally(raw: &str) -> String {
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
                     Some((key, _)) if is_password_key(key) => format!("{key}=***"),
-                    Some((key, value)) if key.eq_ignore_ascii_case("user") => {
-                        match (value.split_once(':'), secret_in_user(value)) {
-                            (Some((user, _)), _) => format!("{key}={user}:***"),
-                            (None, Some((at, _))) => format!("{key}={}***", &value[..at]),
-                            (None, None) => pair.to_string(),
-                        }
-                    }
+                    Some((key, value)) if is_user_key(key) => match split_user(value) {
+                        Some((name, _)) => format!("{key}={name}***"),
+                        None => pair.to_string(),
+                    },
                     None if !secrets_in_key(pair).is_empty() => {
                         format!("{}***", password_prefix(pair))
                     }
@@ -359,7 +357,7 @@ fn secrets_of(raw: &str) -> Vec<String> {
     if let Some((userinfo, _)) = authority_of(rest).rsplit_once('@') {
         match userinfo.split_once(':') {
             Some((_, password)) => secrets.push(password.to_string()),
-            None => secrets.extend(secret_in_user(userinfo).map(|(_, s)| s).unwrap_or_default()),
+            None => secrets.extend(secrets_in_user(userinfo)),
         }
     }
     // What libpq reads: its userinfo ends at the first '/', and without an '@' before it, the
@@ -381,12 +379,7 @@ fn secrets_of(raw: &str) -> Vec<String> {
             match pair.split_once('=') {
                 Some((key, value)) if is_password_key(key) => secrets.push(value.to_string()),
                 // `user=name:secret`, the colon written or encoded: the part after it.
-                Some((key, value)) if key.eq_ignore_ascii_case("user") => {
-                    if let Some((_, tail)) = percent_decoded(value).split_once(':') {
-                        secrets.push(tail.to_string());
-                    }
-                    secrets.extend(secret_in_user(value).map(|(_, s)| s).unwrap_or_default());
-                }
+                Some((key, value)) if is_user_key(key) => secrets.extend(secrets_in_user(value)),
                 Some(_) => {}
                 None => secrets.extend(secrets_in_key(pair)),
             }
@@ -484,22 +477,29 @@ fn is_password_key(key: &str) -> bool {
     (key.contains("pass") && key != "passfile") || key.contains("pwd") || key.ends_with("secret")
 }
 
-/// A `user=` parameter whose value holds a ':' (`?user=weird%3AS3cr3t`, the password typed
-/// after the user, as in a URL's userinfo): the name before it. Decoded key and value.
-fn user_with_secret<'a>(key: &str, value: &'a str) -> Option<&'a str> {
-    match key.eq_ignore_ascii_case("user") {
-        true => value.split_once(':').map(|(user, _)| user),
-        false => None,
-    }
+/// A `user=` parameter (libpq's keyword).
+fn is_user_key(key: &str) -> bool {
+    key.eq_ignore_ascii_case("user")
 }
 
-/// The user name's tail after a percent-encoded colon (`weird%3AS3cr3t@`): libpq decodes it
-/// into the user name it sends, and its messages show it; the tail is the password typed
-/// there. As written, and decoded.
-fn secret_in_user(user: &str) -> Option<(usize, Vec<String>)> {
-    let at = user.to_ascii_lowercase().find("%3a")?;
-    let tail = &user[at + 3..];
-    Some((at + 3, vec![tail.to_string(), percent_decoded(tail)]))
+/// A user name with a password typed after it (`?user=weird:S3cr3t`, `weird%3AS3cr3t@`, the
+/// colon written or percent-encoded, which libpq decodes into the user name it sends and its
+/// messages show): the name with its colon, and the password as written.
+fn split_user(user: &str) -> Option<(&str, &str)> {
+    let colon = user.find(':').map(|at| at + 1);
+    let encoded = user.to_ascii_lowercase().find("%3a").map(|at| at + 3);
+    let end = match (colon, encoded) {
+        (Some(c), Some(e)) => c.min(e),
+        (c, e) => c.or(e)?,
+    };
+    Some(user.split_at(end))
+}
+
+/// The password typed in a user name (`split_user`), as written and decoded.
+fn secrets_in_user(user: &str) -> Vec<String> {
+    split_user(user).map_or_else(Vec::new, |(_, tail)| {
+        vec![tail.to_string(), percent_decoded(tail)]
+    })
 }
 
 /// What follows the word `password` in a parameter with no '=' (`?passwordSEKRET`,

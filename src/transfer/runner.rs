@@ -471,7 +471,7 @@ pub(crate) fn connection<T>(
     // here, as other commands refuse it.
     if session.schema_unchecked() {
         let conn = session.conn().map_err(failed)?;
-        match crate::db::require_migrated(conn).and_then(|()| crate::db::require_unchanged(conn)) {
+        match crate::db::require_writable(conn) {
             Ok(()) => session.schema_checked(),
             Err(crate::error::Error::NotMigrated(u)) => {
                 return Err(Attempt::Fail(TransferError::NotMigrated(u)))

@@ -69,7 +69,7 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
         // credit that fit the balance it met was refused, or its stale sum overflowed (found by a
         // reviewer). The lock keeps the row as `locked` returned it.
         out.push_sql("moved AS (UPDATE accounts SET balance = locked.balance + ");
-        push_move_within_range(&mut out, t)?;
+        push_move(&mut out, t, true)?;
         // Whether each row was written as asked: a DBA's trigger that kept the old balance
         // (`NEW.balance := OLD.balance`) let bank say "moved" while no money moved (found by a
         // fault-injecting helper). `locked` holds the row as locked, the latest version at
@@ -79,7 +79,7 @@ impl<const CLAIM: bool> QueryFragment<Pg> for TransferStatement<CLAIM> {
              RETURNING accounts.id, accounts.balance, accounts.version, \
              (accounts.version = locked.version + 1 AND accounts.balance = locked.balance + ",
         );
-        push_move(&mut out, t)?;
+        push_move(&mut out, t, false)?;
         out.push_sql(") AS as_asked), ");
         // 3. The ledger row, with both sides' version and balance after. An unknown account has
         // no `moved` row: its side is NULL, which the NOT NULL columns refuse. Its time is taken
@@ -149,37 +149,34 @@ impl<const CLAIM: bool> RunQueryDsl<PgConnection> for TransferStatement<CLAIM> {
 
 /// What `t` adds to the balance of the account row at hand: `-amount` to the debited one,
 /// `amount` to the credited one. Written where the balance moves and where that is checked.
-fn push_move<'b>(out: &mut AstPass<'_, 'b, Pg>, t: &'b NewTransfer) -> QueryResult<()> {
-    out.push_sql("CASE WHEN accounts.id = ");
-    out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
-    out.push_sql(" THEN -");
-    out.push_bind_param::<BigInt, _>(&t.amount)?;
-    out.push_sql(" ELSE ");
-    out.push_bind_param::<BigInt, _>(&t.amount)?;
-    out.push_sql(" END");
-    Ok(())
-}
-
-/// `push_move`, failing with `PAST_MAX` where the credit would take the balance past INT8's
-/// largest value. The engine's own overflow (22003) named no reason: the runner read the
-/// balances again to find one, and another client had often moved them since, so a refusal was
-/// reported as the database's "bigint out of range" (found by a helper playing a new user).
-/// Non-constant (it names the row), so that no engine folds the failing cast when it plans.
-fn push_move_within_range<'b>(
+/// `within_range`: where it moves, the credit fails with `PAST_MAX` when it would take the
+/// balance past INT8's largest value. The engine's own overflow (22003) named no reason: the
+/// runner read the balances again to find one, and another client had often moved them since,
+/// so a refusal was reported as the database's "bigint out of range" (found by a helper playing
+/// a new user). Non-constant (it names the row), so that no engine folds the failing cast when
+/// it plans.
+fn push_move<'b>(
     out: &mut AstPass<'_, 'b, Pg>,
     t: &'b NewTransfer,
+    within_range: bool,
 ) -> QueryResult<()> {
     out.push_sql("CASE WHEN accounts.id = ");
     out.push_bind_param::<SqlUuid, _>(&t.from_id)?;
     out.push_sql(" THEN -");
     out.push_bind_param::<BigInt, _>(&t.amount)?;
-    out.push_sql(" WHEN locked.balance <= 9223372036854775807 - ");
-    out.push_bind_param::<BigInt, _>(&t.amount)?;
-    out.push_sql(" THEN ");
-    out.push_bind_param::<BigInt, _>(&t.amount)?;
-    out.push_sql(" ELSE CAST('");
-    out.push_sql(PAST_MAX);
-    out.push_sql(" ' || CAST(accounts.id AS TEXT) AS INT8) END");
+    if within_range {
+        out.push_sql(" WHEN locked.balance <= 9223372036854775807 - ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" THEN ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" ELSE CAST('");
+        out.push_sql(PAST_MAX);
+        out.push_sql(" ' || CAST(accounts.id AS TEXT) AS INT8) END");
+    } else {
+        out.push_sql(" ELSE ");
+        out.push_bind_param::<BigInt, _>(&t.amount)?;
+        out.push_sql(" END");
+    }
     Ok(())
 }
 
