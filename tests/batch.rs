@@ -3861,3 +3861,80 @@ fn a_line_with_more_fields_than_the_header_is_malformed() {
     );
     assert_eq!(db.balance(ids[1]), 0);
 }
+
+/// The connection lost for good (bank's role may then no longer log in) after a window was
+/// applied: the applied lines are reported applied, the statement in hand unknown, and every
+/// later line still gets its result, in order (exit 3). Ending the run as one error there, as
+/// before anything was applied, reported none of the later lines.
+#[test]
+fn a_connection_lost_for_good_after_a_window_applied_reports_every_line() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000; 4]);
+        let t = |f: usize, to: usize| T {
+            id: Uuid::new_v4(),
+            from: ids[f],
+            to: ids[to],
+            amount: 1,
+        };
+        // One connection, --batch 2: a window is 8 lines. The first window's lines share their
+        // accounts (one group), and so do the second's, on two other accounts.
+        let lines: Vec<T> = (0..16)
+            .map(|k| if k < 8 { t(0, 1) } else { t(2, 3) })
+            .collect();
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        let (role, url) = db.teller("LOGIN");
+        let mut holder = db.hold(&ids[2..3]);
+        let child = spawn_file_with(
+            &url,
+            &path,
+            &["--batch", "2", "--connections", "1", "--timeout", "3s"],
+        );
+        wait_for_lock_wait(&db);
+        let mut admin = db.conn();
+        let logins = |admin: &mut PgConnection, allowed: &str| {
+            admin
+                .batch_execute(&format!("ALTER ROLE {role} {allowed}"))
+                .expect("alter role");
+        };
+        logins(&mut admin, "NOLOGIN");
+        // The waiting session ends before the holder lets go: the other way round, it could
+        // take the lock and commit before its end.
+        let waiting = "FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'";
+        let started = Instant::now();
+        loop {
+            let left: crate::support::Count =
+                diesel::sql_query(format!("SELECT CAST(COUNT(*) AS INT8) AS n {waiting}"))
+                    .bind::<diesel::sql_types::Text, _>(&db.name)
+                    .get_result(&mut admin)
+                    .expect("pg_stat_activity");
+            if left.n == 0 {
+                break;
+            }
+            diesel::sql_query(format!("SELECT pg_terminate_backend(pid) {waiting}"))
+                .bind::<diesel::sql_types::Text, _>(&db.name)
+                .execute(&mut admin)
+                .expect("terminate");
+            assert!(started.elapsed() < Duration::from_secs(10), "not ended");
+            thread::sleep(Duration::from_millis(5));
+        }
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        logins(&mut admin, "LOGIN");
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        let got = outcomes(&run);
+        assert_eq!(got.len(), 16, "{iso:?}: every line: {run:?}");
+        for (i, (n, outcome)) in got.iter().enumerate() {
+            assert_eq!(*n, i as u64 + 2, "{iso:?}: file order");
+            let expected = if i < 8 { "applied" } else { "unknown" };
+            assert_eq!(outcome, expected, "{iso:?}: line {n}: {run:?}");
+        }
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            8,
+            "{iso:?}"
+        );
+    }
+}
