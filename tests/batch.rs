@@ -1485,134 +1485,140 @@ fn a_late_chunk_commit_under_server_lock_timeouts_is_applied_once_and_reported_a
 
 #[test]
 fn a_stale_locked_balance_moves_nothing() {
-    // The chunk statement starts from the balances its lock statement returned. Were one of them
-    // stale (a bug: the lock makes it impossible), the UPDATE must leave that account alone and
-    // say so in its "moved" count, which the runner checks before COMMIT.
-    let db = ScratchDb::migrated();
-    let ids = db.accounts(&[100, 100]);
-    let (a, b) = (ids[0], ids[1]);
-    let mut conn = db.test_conn();
-    let line = bank::batch::Line {
-        line: 2,
-        transfer: bank::models::NewTransfer {
-            id: Uuid::new_v4(),
-            from_id: a,
-            to_id: b,
-            amount: 30,
-        },
-    };
-    let chunk = bank::batch::Chunk::new(&[line]);
-    let rows = |conn: &mut PgConnection, locked: &[bank::models::LockedAccount]| {
-        chunk
-            .statement(locked, vec![false])
-            .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(conn)
-            .expect("chunk statement")
-            .into_iter()
-            .map(|(n, word, _)| (n, word))
-            .collect::<Vec<_>>()
-    };
-    let mut locked = bank::repo::lock_accounts(&mut conn, &[a, b]).expect("lock");
-    assert_eq!(locked.len(), 2);
-    let fresh = locked.clone();
-    for (what, stale) in [("balance", 0), ("version", 1)] {
-        locked.clone_from(&fresh);
-        let account = locked.iter_mut().find(|l| l.id == a).expect("a");
-        if stale == 0 {
-            account.balance += 5;
-        } else {
-            account.version += 1;
-        }
-        conn.transaction::<(), diesel::result::Error, _>(|c| {
-            let out = rows(c, &locked);
-            assert!(
-                out.contains(&(1, "moved".to_string())),
-                "stale {what}: only b moves: {out:?}"
-            );
-            assert!(out.contains(&(1, "inserted".to_string())), "{out:?}");
-            Err(diesel::result::Error::RollbackTransaction)
-        })
-        .ok();
-    }
-    let out = rows(&mut conn, &fresh);
-    assert!(out.contains(&(2, "moved".to_string())), "{out:?}");
-    assert_eq!(
-        db.balance(a),
-        100,
-        "the test transaction is never committed"
-    );
-}
-
-#[test]
-fn every_guess_of_a_short_line_is_checked_by_the_statement() {
-    // The runner tells the chunk statement which lines it expects refused for insufficient
-    // funds (from the balances it locked; it cannot see the ledger). A right guess is decided
-    // without ending the statement; a wrong one, either way, must not decide that line wrongly.
-    let db = ScratchDb::migrated();
-    let ids = db.accounts(&[10, 0, 0]);
-    let (a, b, c) = (ids[0], ids[1], ids[2]);
-    let mut conn = db.test_conn();
-    let lines: Vec<bank::batch::Line> = [(a, b, 8), (a, c, 5), (b, c, 8), (a, c, 2)]
-        .iter()
-        .zip(2..)
-        .map(|(&(from_id, to_id, amount), line)| bank::batch::Line {
-            line,
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        // The chunk statement starts from the balances its lock statement returned. Were one of them
+        // stale (a bug: the lock makes it impossible), the UPDATE must leave that account alone and
+        // say so in its "moved" count, which the runner checks before COMMIT.
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 100]);
+        let (a, b) = (ids[0], ids[1]);
+        let mut conn = db.test_conn();
+        let line = bank::batch::Line {
+            line: 2,
             transfer: bank::models::NewTransfer {
                 id: Uuid::new_v4(),
-                from_id,
-                to_id,
-                amount,
+                from_id: a,
+                to_id: b,
+                amount: 30,
             },
-        })
-        .collect();
-    // One by one: applied, insufficient_funds (a holds 2), applied, applied.
-    let chunk = bank::batch::Chunk::new(&lines);
-    let locked = bank::repo::lock_accounts(&mut conn, &ids).expect("lock");
-    assert_eq!(
-        chunk.guess_short(&locked, &Default::default()),
-        vec![false, true, false, false],
-        "the runner's guesses from the locked balances"
-    );
-    let run = |conn: &mut PgConnection, short: Vec<bool>| {
-        // Each run rolled back: every case starts from the same balances.
-        let mut rows = Vec::new();
-        let rolled_back = conn.transaction::<(), diesel::result::Error, _>(|conn| {
-            rows = chunk
-                .statement(&locked, short)
+        };
+        let chunk = bank::batch::Chunk::new(&[line]);
+        let rows = |conn: &mut PgConnection, locked: &[bank::models::LockedAccount]| {
+            chunk
+                .statement(locked, vec![false])
                 .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(conn)
                 .expect("chunk statement")
                 .into_iter()
                 .map(|(n, word, _)| (n, word))
-                .collect();
-            Err(diesel::result::Error::RollbackTransaction)
-        });
-        assert!(rolled_back.is_err());
-        rows.sort();
-        rows
-    };
-    let want = |rows: &[(i64, &str)]| -> Vec<(i64, String)> {
-        rows.iter().map(|(n, w)| (*n, w.to_string())).collect()
-    };
-    // Right: the short line decided, the others applied.
-    let rows = run(&mut conn, vec![false, true, false, false]);
-    assert_eq!(rows, want(&[(3, "inserted"), (3, "moved"), (3, "short")]));
-    // Wrong, guessed short: the statement stops before the first line, deciding nothing.
-    let rows = run(&mut conn, vec![true, true, false, false]);
-    assert_eq!(
-        rows,
-        want(&[(0, "inserted"), (0, "moved"), (2, "not_short")])
-    );
-    // Wrong, guessed not short: the line is refused where it is, as without guesses.
-    let rows = run(&mut conn, vec![false, false, false, false]);
-    assert_eq!(
-        rows,
-        want(&[(1, "inserted"), (2, "moved"), (3, "insufficient_funds")])
-    );
-    // A line after a wrong guess is never decided, even a right guess of it.
-    let rows = run(&mut conn, vec![false, true, true, true]);
-    assert!(
-        rows.contains(&(4, "not_short".to_string())) && rows.len() == 4,
-        "{rows:?}"
-    );
+                .collect::<Vec<_>>()
+        };
+        let mut locked = bank::repo::lock_accounts(&mut conn, &[a, b]).expect("lock");
+        assert_eq!(locked.len(), 2);
+        let fresh = locked.clone();
+        for (what, stale) in [("balance", 0), ("version", 1)] {
+            locked.clone_from(&fresh);
+            let account = locked.iter_mut().find(|l| l.id == a).expect("a");
+            if stale == 0 {
+                account.balance += 5;
+            } else {
+                account.version += 1;
+            }
+            conn.transaction::<(), diesel::result::Error, _>(|c| {
+                let out = rows(c, &locked);
+                assert!(
+                    out.contains(&(1, "moved".to_string())),
+                    "stale {what}: only b moves: {out:?}"
+                );
+                assert!(out.contains(&(1, "inserted".to_string())), "{out:?}");
+                Err(diesel::result::Error::RollbackTransaction)
+            })
+            .ok();
+        }
+        let out = rows(&mut conn, &fresh);
+        assert!(out.contains(&(2, "moved".to_string())), "{out:?}");
+        assert_eq!(
+            db.balance(a),
+            100,
+            "the test transaction is never committed"
+        );
+    }
+}
+
+#[test]
+fn every_guess_of_a_short_line_is_checked_by_the_statement() {
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        // The runner tells the chunk statement which lines it expects refused for insufficient
+        // funds (from the balances it locked; it cannot see the ledger). A right guess is decided
+        // without ending the statement; a wrong one, either way, must not decide that line wrongly.
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[10, 0, 0]);
+        let (a, b, c) = (ids[0], ids[1], ids[2]);
+        let mut conn = db.test_conn();
+        let lines: Vec<bank::batch::Line> = [(a, b, 8), (a, c, 5), (b, c, 8), (a, c, 2)]
+            .iter()
+            .zip(2..)
+            .map(|(&(from_id, to_id, amount), line)| bank::batch::Line {
+                line,
+                transfer: bank::models::NewTransfer {
+                    id: Uuid::new_v4(),
+                    from_id,
+                    to_id,
+                    amount,
+                },
+            })
+            .collect();
+        // One by one: applied, insufficient_funds (a holds 2), applied, applied.
+        let chunk = bank::batch::Chunk::new(&lines);
+        let locked = bank::repo::lock_accounts(&mut conn, &ids).expect("lock");
+        assert_eq!(
+            chunk.guess_short(&locked, &Default::default()),
+            vec![false, true, false, false],
+            "the runner's guesses from the locked balances"
+        );
+        let run = |conn: &mut PgConnection, short: Vec<bool>| {
+            // Each run rolled back: every case starts from the same balances.
+            let mut rows = Vec::new();
+            let rolled_back = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+                rows = chunk
+                    .statement(&locked, short)
+                    .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(conn)
+                    .expect("chunk statement")
+                    .into_iter()
+                    .map(|(n, word, _)| (n, word))
+                    .collect();
+                Err(diesel::result::Error::RollbackTransaction)
+            });
+            assert!(rolled_back.is_err());
+            rows.sort();
+            rows
+        };
+        let want = |rows: &[(i64, &str)]| -> Vec<(i64, String)> {
+            rows.iter().map(|(n, w)| (*n, w.to_string())).collect()
+        };
+        // Right: the short line decided, the others applied.
+        let rows = run(&mut conn, vec![false, true, false, false]);
+        assert_eq!(rows, want(&[(3, "inserted"), (3, "moved"), (3, "short")]));
+        // Wrong, guessed short: the statement stops before the first line, deciding nothing.
+        let rows = run(&mut conn, vec![true, true, false, false]);
+        assert_eq!(
+            rows,
+            want(&[(0, "inserted"), (0, "moved"), (2, "not_short")])
+        );
+        // Wrong, guessed not short: the line is refused where it is, as without guesses.
+        let rows = run(&mut conn, vec![false, false, false, false]);
+        assert_eq!(
+            rows,
+            want(&[(1, "inserted"), (2, "moved"), (3, "insufficient_funds")])
+        );
+        // A line after a wrong guess is never decided, even a right guess of it.
+        let rows = run(&mut conn, vec![false, true, true, true]);
+        assert!(
+            rows.contains(&(4, "not_short".to_string())) && rows.len() == 4,
+            "{rows:?}"
+        );
+    }
 }
 
 #[test]
@@ -2120,23 +2126,26 @@ fn the_copy_of_standard_input_leaves_nothing_behind_even_after_kill_9() {
 /// the run (with the watch's 200 ms grace).
 #[test]
 fn a_frozen_server_before_the_first_chunk_is_bounded_by_the_timeout() {
-    let db = ScratchDb::migrated();
-    let lines = solvent_file(&db, 2, 3, 17);
-    let proxy = Proxy::start(upstream_of(&db.url));
-    proxy.freeze_all();
-    let started = Instant::now();
-    let run = run_file(
-        &proxy.url_for(&db.url),
-        "f.csv",
-        &csv(&lines),
-        &["--timeout", "6s"],
-    );
-    let took = started.elapsed();
-    // Nothing attempted, but a file's ids may have an earlier run still committing: exit 3.
-    assert_eq!(run.code, 3, "{run:?}");
-    assert!(took < Duration::from_millis(7200), "took {took:?}: {run:?}");
-    proxy.thaw_all();
-    assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 2, 3, 17);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.freeze_all();
+        let started = Instant::now();
+        let run = run_file(
+            &proxy.url_for(&db.url),
+            "f.csv",
+            &csv(&lines),
+            &["--timeout", "6s"],
+        );
+        let took = started.elapsed();
+        // Nothing attempted, but a file's ids may have an earlier run still committing: exit 3.
+        assert_eq!(run.code, 3, "{run:?}");
+        assert!(took < Duration::from_millis(7200), "took {took:?}: {run:?}");
+        proxy.thaw_all();
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 0);
+    }
 }
 
 /// A database at `iso` with accounts holding 1000, 250 and 0, where a COMMIT that writes a
@@ -3112,55 +3121,58 @@ struct Name {
 /// run then knows its rows by their details alone.
 #[test]
 fn the_chunk_statement_gives_the_time_of_its_rows() {
-    for trigger in [false, true] {
-        let db = ScratchDb::migrated();
-        let ids = db.accounts(&[100, 100, 100]);
-        let mut conn = db.test_conn();
-        if trigger {
-            conn.batch_execute(
-                "CREATE FUNCTION spread() RETURNS trigger LANGUAGE plpgsql AS $$ \
-                 BEGIN NEW.created_at := NEW.created_at + random() * interval '1 second'; \
-                 RETURN NEW; END $$; \
-                 CREATE TRIGGER spread BEFORE INSERT ON transfers \
-                 FOR EACH ROW EXECUTE FUNCTION spread()",
-            )
-            .expect("trigger");
-        }
-        let lines: Vec<bank::batch::Line> = (0..3u64)
-            .map(|n| bank::batch::Line {
-                line: n + 2,
-                transfer: bank::models::NewTransfer {
-                    id: Uuid::new_v4(),
-                    from_id: ids[n as usize],
-                    to_id: ids[(n as usize + 1) % 3],
-                    amount: 5,
-                },
-            })
-            .collect();
-        let chunk = bank::batch::Chunk::new(&lines);
-        let locked = bank::repo::lock_accounts(&mut conn, &ids).expect("lock");
-        let rows = chunk
-            .statement(&locked, vec![false; 3])
-            .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(&mut conn)
-            .expect("chunk statement");
-        let at = rows
-            .iter()
-            .find(|(_, word, _)| word == "inserted")
-            .map(|(_, _, at)| *at)
-            .expect("an inserted row");
-        let written: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
-        let times: Vec<_> = bank::repo::find_transfers(&mut conn, &written)
-            .expect("ledger")
-            .into_iter()
-            .map(|t| t.created_at)
-            .collect();
-        assert_eq!(times.len(), 3);
-        match trigger {
-            false => assert!(
-                at.is_some() && times.iter().all(|t| Some(*t) == at),
-                "{at:?} {times:?}"
-            ),
-            true => assert_eq!(at, None, "{times:?}"),
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        for trigger in [false, true] {
+            let db = ScratchDb::migrated_at(iso);
+            let ids = db.accounts(&[100, 100, 100]);
+            let mut conn = db.test_conn();
+            if trigger {
+                conn.batch_execute(
+                    "CREATE FUNCTION spread() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN NEW.created_at := NEW.created_at + random() * interval '1 second'; \
+                     RETURN NEW; END $$; \
+                     CREATE TRIGGER spread BEFORE INSERT ON transfers \
+                     FOR EACH ROW EXECUTE FUNCTION spread()",
+                )
+                .expect("trigger");
+            }
+            let lines: Vec<bank::batch::Line> = (0..3u64)
+                .map(|n| bank::batch::Line {
+                    line: n + 2,
+                    transfer: bank::models::NewTransfer {
+                        id: Uuid::new_v4(),
+                        from_id: ids[n as usize],
+                        to_id: ids[(n as usize + 1) % 3],
+                        amount: 5,
+                    },
+                })
+                .collect();
+            let chunk = bank::batch::Chunk::new(&lines);
+            let locked = bank::repo::lock_accounts(&mut conn, &ids).expect("lock");
+            let rows = chunk
+                .statement(&locked, vec![false; 3])
+                .load::<(i64, String, Option<chrono::DateTime<chrono::Utc>>)>(&mut conn)
+                .expect("chunk statement");
+            let at = rows
+                .iter()
+                .find(|(_, word, _)| word == "inserted")
+                .map(|(_, _, at)| *at)
+                .expect("an inserted row");
+            let written: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
+            let times: Vec<_> = bank::repo::find_transfers(&mut conn, &written)
+                .expect("ledger")
+                .into_iter()
+                .map(|t| t.created_at)
+                .collect();
+            assert_eq!(times.len(), 3);
+            match trigger {
+                false => assert!(
+                    at.is_some() && times.iter().all(|t| Some(*t) == at),
+                    "{at:?} {times:?}"
+                ),
+                true => assert_eq!(at, None, "{times:?}"),
+            }
         }
     }
 }
@@ -3399,42 +3411,45 @@ fn a_csv_file_s_memory_stays_bounded_whatever_its_line_ends_or_quotes_hold() {
 /// keeps that reason; the lines never sent say the run stopped, and why.
 #[test]
 fn lines_never_sent_say_why_the_run_stopped_not_what_another_statement_met() {
-    let db = ScratchDb::migrated();
-    let lines = solvent_file(&db, 6, 30, 17);
-    let proxy = Proxy::start(upstream_of(&db.url));
-    proxy.arm_at(At::Commit, Fault::Freeze);
-    let run = run_file(
-        &proxy.url_for(&db.url),
-        "f.csv",
-        &csv(&lines),
-        &["--batch", "10", "--connections", "1", "--timeout", "1s"],
-    );
-    proxy.thaw_all();
-    drop(proxy);
-    assert_eq!(run.code, 3, "{run:?}");
-    let errors: Vec<String> = run
-        .stdout
-        .lines()
-        .map(|l| {
-            let j: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
-            j["error"].as_str().unwrap_or_default().to_string()
-        })
-        .collect();
-    assert_eq!(errors.len(), 30, "{run:?}");
-    for (i, e) in errors.iter().enumerate() {
-        let in_hand = i < 10;
-        assert_eq!(
-            e.contains("after its COMMIT was sent"),
-            in_hand,
-            "line {i}: {e}"
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 6, 30, 17);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.arm_at(At::Commit, Fault::Freeze);
+        let run = run_file(
+            &proxy.url_for(&db.url),
+            "f.csv",
+            &csv(&lines),
+            &["--batch", "10", "--connections", "1", "--timeout", "1s"],
         );
-        assert_eq!(
-            e.starts_with("not attempted: the run stopped"),
-            !in_hand,
-            "line {i}: {e}"
-        );
+        proxy.thaw_all();
+        drop(proxy);
+        assert_eq!(run.code, 3, "{run:?}");
+        let errors: Vec<String> = run
+            .stdout
+            .lines()
+            .map(|l| {
+                let j: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                j["error"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert_eq!(errors.len(), 30, "{run:?}");
+        for (i, e) in errors.iter().enumerate() {
+            let in_hand = i < 10;
+            assert_eq!(
+                e.contains("after its COMMIT was sent"),
+                in_hand,
+                "line {i}: {e}"
+            );
+            assert_eq!(
+                e.starts_with("not attempted: the run stopped"),
+                !in_hand,
+                "line {i}: {e}"
+            );
+        }
+        rerun_until_settled(&db, &lines);
     }
-    rerun_until_settled(&db, &lines);
 }
 
 /// Standard input whose first line is malformed, from a producer that does not stop (`cat

@@ -2561,15 +2561,18 @@ fn regex_lite_uuid(text: &str) -> Option<Uuid> {
 /// new user): it names the lock too.
 #[test]
 fn a_read_waiting_on_a_lock_says_so() {
-    let db = ScratchDb::migrated();
-    db.accounts(&[5]);
-    let (run, _) = under_lock(
-        &db,
-        "accounts",
-        &["balances", "--timeout", "1s"],
-        Duration::from_secs(10),
-    );
-    run.fails_with(1, "waits on a lock another session holds");
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        let db = ScratchDb::migrated_at(iso);
+        db.accounts(&[5]);
+        let (run, _) = under_lock(
+            &db,
+            "accounts",
+            &["balances", "--timeout", "1s"],
+            Duration::from_secs(10),
+        );
+        run.fails_with(1, "waits on a lock another session holds");
+    }
 }
 
 /// The COMMIT of a chunk of the workload's accounts, applied by the server but its answer lost

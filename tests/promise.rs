@@ -336,21 +336,24 @@ fn a_credit_that_fits_the_balance_it_waited_for_is_applied() {
 
 #[test]
 fn a_balance_overflow_names_the_credited_account() {
-    for mode in MODES {
-        let db = ScratchDb::migrated();
-        let [a, b] = db.accounts(&[1000, i64::MAX - 10])[..] else {
-            panic!("two accounts")
-        };
-        db.transfer(a, b, 100)
-            .args(["--mode", mode])
-            .run()
-            .fails_with(1, &format!("account {b} cannot receive 100"));
-        assert_eq!((db.balance(a), db.balance(b)), (1000, i64::MAX - 10));
-        assert_eq!(db.state().1, 0);
-        // Up to the largest exactly: applied (`<` for `<=` passed every test, found by a
-        // reviewer mutating the statement's checks).
-        db.transfer(a, b, 10).args(["--mode", mode]).run().success();
-        assert_eq!((db.balance(a), db.balance(b)), (990, i64::MAX));
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        for mode in MODES {
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, i64::MAX - 10])[..] else {
+                panic!("two accounts")
+            };
+            db.transfer(a, b, 100)
+                .args(["--mode", mode])
+                .run()
+                .fails_with(1, &format!("account {b} cannot receive 100"));
+            assert_eq!((db.balance(a), db.balance(b)), (1000, i64::MAX - 10));
+            assert_eq!(db.state().1, 0);
+            // Up to the largest exactly: applied (`<` for `<=` passed every test, found by a
+            // reviewer mutating the statement's checks).
+            db.transfer(a, b, 10).args(["--mode", mode]).run().success();
+            assert_eq!((db.balance(a), db.balance(b)), (990, i64::MAX));
+        }
     }
 }
 
@@ -508,34 +511,37 @@ fn verify_catches_a_tampered_ledger_row() {
 /// depended on which id sorted first.
 #[test]
 fn a_transfer_refused_twice_over_gives_the_first_reason_whatever_the_id_order() {
-    let low = |n: u128| Uuid::from_u128(n);
-    let high = |n: u128| Uuid::from_u128(u128::MAX - n);
-    for mode in MODES {
-        for (from, to) in [(low(1), high(1)), (high(2), low(2))] {
-            let db = ScratchDb::migrated();
-            let mut conn = db.conn();
-            for (id, balance) in [(from, 10), (to, i64::MAX - 5)] {
-                bank::repo::create(
-                    &mut conn,
-                    &NewAccount {
-                        id,
-                        balance,
-                        opening_balance: balance,
-                    },
-                )
-                .expect("account");
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        let low = |n: u128| Uuid::from_u128(n);
+        let high = |n: u128| Uuid::from_u128(u128::MAX - n);
+        for mode in MODES {
+            for (from, to) in [(low(1), high(1)), (high(2), low(2))] {
+                let db = ScratchDb::migrated_at(iso);
+                let mut conn = db.conn();
+                for (id, balance) in [(from, 10), (to, i64::MAX - 5)] {
+                    bank::repo::create(
+                        &mut conn,
+                        &NewAccount {
+                            id,
+                            balance,
+                            opening_balance: balance,
+                        },
+                    )
+                    .expect("account");
+                }
+                db.transfer(from, to, 100)
+                    .args(["--mode", mode])
+                    .run()
+                    .fails_with(1, "insufficient funds");
+                // The debited account does not exist, the credit would overflow.
+                let ghost = if from < to { low(0) } else { high(0) };
+                db.transfer(ghost, to, 100)
+                    .args(["--mode", mode])
+                    .run()
+                    .fails_with(1, &format!("account {ghost} does not exist"));
+                assert_eq!(db.state().1, 0, "{mode}");
             }
-            db.transfer(from, to, 100)
-                .args(["--mode", mode])
-                .run()
-                .fails_with(1, "insufficient funds");
-            // The debited account does not exist, the credit would overflow.
-            let ghost = if from < to { low(0) } else { high(0) };
-            db.transfer(ghost, to, 100)
-                .args(["--mode", mode])
-                .run()
-                .fails_with(1, &format!("account {ghost} does not exist"));
-            assert_eq!(db.state().1, 0, "{mode}");
         }
     }
 }
@@ -1070,38 +1076,41 @@ fn a_run_whose_attempts_were_ambiguous_before_any_commit_does_not_take_another_s
 /// exit 1, nothing applied.
 #[test]
 fn a_dba_s_trigger_failing_on_its_own_table_is_not_taken_for_bank_s_reason() {
-    for (sql, words) in [
-        (
-            "CREATE TABLE audit (n INT4 NOT NULL); \
-             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS \
-             $$BEGIN INSERT INTO audit VALUES (2147483647 + NEW.amount); RETURN NEW; END$$; \
-             CREATE TRIGGER audit BEFORE INSERT ON transfers FOR EACH ROW \
-             EXECUTE FUNCTION audit()",
-            "integer out of range",
-        ),
-        (
-            "CREATE TABLE audit (approved_by TEXT NOT NULL); \
-             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS \
-             $$BEGIN INSERT INTO audit VALUES (NULL); RETURN NEW; END$$; \
-             CREATE TRIGGER audit BEFORE INSERT ON transfers FOR EACH ROW \
-             EXECUTE FUNCTION audit()",
-            "null value in column \"approved_by\"",
-        ),
-    ] {
-        let db = ScratchDb::migrated();
-        db.conn().batch_execute(sql).expect("the trigger");
-        let [a, b] = db.accounts(&[1000, 1000])[..] else {
-            panic!("two accounts")
-        };
-        for mode in MODES {
-            let run = db.transfer(a, b, 10).args(["--mode", mode]).run();
-            run.fails_with(1, words);
-            assert!(
-                !run.stderr.contains("cannot receive") && !run.stderr.contains("unchanged"),
-                "{mode}: {run:?}"
-            );
+    for iso in Iso::BOTH {
+        eprintln!("at {iso:?}");
+        for (sql, words) in [
+            (
+                "CREATE TABLE audit (n INT4 NOT NULL); \
+                 CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN INSERT INTO audit VALUES (2147483647 + NEW.amount); RETURN NEW; END$$; \
+                 CREATE TRIGGER audit BEFORE INSERT ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION audit()",
+                "integer out of range",
+            ),
+            (
+                "CREATE TABLE audit (approved_by TEXT NOT NULL); \
+                 CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN INSERT INTO audit VALUES (NULL); RETURN NEW; END$$; \
+                 CREATE TRIGGER audit BEFORE INSERT ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION audit()",
+                "null value in column \"approved_by\"",
+            ),
+        ] {
+            let db = ScratchDb::migrated_at(iso);
+            db.conn().batch_execute(sql).expect("the trigger");
+            let [a, b] = db.accounts(&[1000, 1000])[..] else {
+                panic!("two accounts")
+            };
+            for mode in MODES {
+                let run = db.transfer(a, b, 10).args(["--mode", mode]).run();
+                run.fails_with(1, words);
+                assert!(
+                    !run.stderr.contains("cannot receive") && !run.stderr.contains("unchanged"),
+                    "{mode}: {run:?}"
+                );
+            }
+            assert_eq!(db.state().1, 0);
         }
-        assert_eq!(db.state().1, 0);
     }
 }
 
