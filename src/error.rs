@@ -276,7 +276,7 @@ impl ConnectError {
     pub fn is_transient(&self) -> bool {
         // Refusals of this login that another attempt meets again: retried, they took the whole
         // deadline (31 attempts) and ended "may or may not have been applied".
-        const PERMANENT: [&str; 17] = [
+        const PERMANENT: [&str; 19] = [
             "authentication failed",
             // libpq's fe_sendauth: the server asks a password the URL does not give.
             "no password supplied",
@@ -286,6 +286,11 @@ impl ConnectError {
             "unrecognized configuration parameter",
             "requires a value",
             "cannot be changed",
+            // Any other refusal of a setting names it (`invalid value for parameter "…"`, `… is
+            // outside the valid range for parameter "…"`); and one that only SET TRANSACTION may
+            // change (`transaction_isolation`) is refused in its own words.
+            "parameter \"",
+            "must be called before any query",
             "does not exist",
             "no pg_hba.conf entry",
             "permission denied",
@@ -831,6 +836,21 @@ fn pooler_hint(e: &diesel::result::Error) -> &'static str {
     }
 }
 
+/// Where this run's sessions kept the server's idle_in_transaction_session_timeout (stricter than
+/// bank's deadline), what it does to a connection and how to lift it: a few milliseconds between
+/// a transaction's statements end the session, and the words of a lost connection ("no
+/// connection to the server") name no cause (found by a new user).
+pub fn idle_timeout_hint() -> Option<String> {
+    crate::db::server_idle_timeout_kept().map(|idle| {
+        format!(
+            "this run's sessions kept the server's idle_in_transaction_session_timeout of {}, \
+             which ends a session that long idle inside a transaction; \
+             PGOPTIONS='-c idle_in_transaction_session_timeout=0' lifts it for one run",
+            humantime::format_duration(idle)
+        )
+    })
+}
+
 /// `line` (an error's words) with what helps act on them, as stderr and `--json` show it: whose
 /// timeout cancelled a statement (bank's own `--timeout`, the server's, or PGOPTIONS's), what to
 /// grant a role refused a table, and what to change where a row-level security policy is in the
@@ -1061,6 +1081,8 @@ mod tests {
             "FATAL: unrecognized configuration parameter \"bogus\"",
             "FATAL: -c bogus requires a value",
             "FATAL: parameter \"shared_buffers\" cannot be changed without restarting the server",
+            "FATAL: 1 kB is outside the valid range for parameter \"work_mem\" (64 .. 2147483647)",
+            "FATAL: SET TRANSACTION ISOLATION LEVEL must be called before any query",
         ] {
             assert!(!connect_error(m).is_transient(), "{m}");
         }

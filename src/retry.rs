@@ -155,22 +155,30 @@ fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Op
     }
 }
 
+/// Words of a connection lost: the server's as it ends a session, or libpq's.
+const LOST: [&str; 12] = [
+    "terminating connection",       // 57P01 admin shutdown, pg_terminate_backend
+    "server closed the connection", // libpq: the socket closed
+    "no connection to the server",  // libpq: used after the socket closed
+    "connection to server",         // libpq: "connection to server ... lost/failed"
+    "could not receive data from server", // libpq: reset by peer
+    "could not send data to server", // libpq: broken pipe
+    "ssl syscall error",            // libpq over TLS: EOF or reset
+    "ssl connection has been closed", // libpq over TLS: closed by the peer
+    "the database system is shutting down",
+    "the database system is starting up",
+    "server is shutting down", // CockroachDB 57P01: a draining node closes the session
+    "server is not accepting clients", // CockroachDB 57P01: a draining node refuses it
+];
+
+/// Whether `message` reads as a lost connection (`LOST`).
+pub fn reads_as_lost_connection(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    LOST.iter().any(|s| m.contains(s))
+}
+
 /// The server messages of retryable errors Diesel maps to `Unknown`.
 fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
-    const LOST: [&str; 12] = [
-        "terminating connection",       // 57P01 admin shutdown, pg_terminate_backend
-        "server closed the connection", // libpq: the socket closed
-        "no connection to the server",  // libpq: used after the socket closed
-        "connection to server",         // libpq: "connection to server ... lost/failed"
-        "could not receive data from server", // libpq: reset by peer
-        "could not send data to server", // libpq: broken pipe
-        "ssl syscall error",            // libpq over TLS: EOF or reset
-        "ssl connection has been closed", // libpq over TLS: closed by the peer
-        "the database system is shutting down",
-        "the database system is starting up",
-        "server is shutting down", // CockroachDB 57P01: a draining node closes the session
-        "server is not accepting clients", // CockroachDB 57P01: a draining node refuses it
-    ];
     let m = message.to_ascii_lowercase();
     if m.contains("result is ambiguous") {
         Some(Cause::Ambiguous)
@@ -198,7 +206,7 @@ fn classify_message(message: &str, lost: Cause) -> Option<Cause> {
         // (57014): it turns the statement timeout off before a commit starts and holds cancels
         // while it commits, so the error means nothing committed, at the commit point too.
         Some(Cause::Timeout)
-    } else if LOST.iter().any(|s| m.contains(s)) {
+    } else if reads_as_lost_connection(&m) {
         Some(lost)
     } else {
         None

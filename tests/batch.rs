@@ -3953,3 +3953,33 @@ fn a_connection_lost_for_good_after_a_window_applied_reports_every_line() {
         );
     }
 }
+
+/// A server that ends sessions idle in a transaction for a few milliseconds (the database's
+/// `idle_in_transaction_session_timeout`, stricter than bank's deadline, so kept) ends bank's
+/// between a chunk's lock and its statement: every attempt loses its connection, and the run
+/// said only "no connection to the server" (found by a new user). The lines stay unknown, as
+/// they must (exit 3), and the error names the setting and how to lift it for one run.
+#[test]
+fn a_server_idle_in_transaction_timeout_that_ends_every_chunk_is_named() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 50, 2000, 23);
+        db.alter("idle_in_transaction_session_timeout = '1ms'");
+        let run = run_file(
+            db.url.expose(),
+            "f.csv",
+            &csv(&lines),
+            &["--timeout", "2s", "--connections", "1"],
+        );
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("idle_in_transaction_session_timeout of 1ms")
+                && run
+                    .stderr
+                    .contains("PGOPTIONS='-c idle_in_transaction_session_timeout=0'"),
+            "{iso:?}: {}",
+            run.stderr
+        );
+    }
+}

@@ -521,7 +521,7 @@ fn an_unreachable_server_fails_within_seconds() {
 /// 16–22 s), then reported as "gave up", or as "may or may not have been applied" with `--id`
 /// and for a file's lines (found by a helper playing a new user): a URL without the password
 /// the server asks for, a setting the server does not know, one without a value, one it cannot
-/// change for a session. They fail at once now, as a wrong password did, in the server's words:
+/// change for a session, a value out of range, a setting only SET TRANSACTION may change. They fail at once now, as a wrong password did, in the server's words:
 /// exit 1, or 3 where an id is given (an earlier run of that id, through another URL, may still
 /// be about to commit: this run cannot ask).
 #[test]
@@ -550,6 +550,13 @@ fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
         ),
         (with_options("-cbogus"), "requires a value"),
         (with_options("-c shared_buffers=1MB"), "cannot be changed"),
+        // A value out of the setting's range, a setting the server takes only from SET
+        // TRANSACTION (found by a new user: 31 attempts, 17 s).
+        (with_options("-c work_mem=1"), "is outside the valid range"),
+        (
+            with_options("-c transaction_isolation=serializable"),
+            "must be called before any query",
+        ),
     ];
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("one.csv");

@@ -70,6 +70,7 @@ pub(super) fn transfer_file(
         out,
         json: args.json,
         failed: None,
+        lost: false,
     };
     let summary = batch::apply(url, options, lines, |l: &Line, v: &Verdict| {
         results.write(l, v);
@@ -92,6 +93,11 @@ pub(super) fn transfer_file(
         false => format!("cannot write the results ({e})"),
     };
     if unknown > 0 {
+        // Each line's error gives the words of a lost connection; the cause, where it may be
+        // the server's setting that a rerun meets again, is said once.
+        if let Some(hint) = results.lost.then(crate::error::idle_timeout_hint).flatten() {
+            crate::say(format_args!("bank: warning: connections were lost: {hint}"));
+        }
         // Settled by a rerun, which checks the file again.
         let stopped = match (&results.failed, crate::interrupt::interrupted()) {
             (Some(e), _) => Some(output(e)),
@@ -130,10 +136,16 @@ struct Results<'a, W: Write> {
     out: &'a mut W,
     json: bool,
     failed: Option<io::Error>,
+    /// A line was left unknown by a lost connection.
+    lost: bool,
 }
 
 impl<W: Write> Results<'_, W> {
     fn write(&mut self, l: &Line, v: &Verdict) {
+        self.lost |= v.outcome == Outcome::Unknown
+            && v.error
+                .as_deref()
+                .is_some_and(crate::retry::reads_as_lost_connection);
         if self.failed.is_none() {
             if let Err(e) = write_line(self.out, self.json, l, v) {
                 self.fail(e);

@@ -9,7 +9,8 @@ mod url;
 
 pub use engine::{Engine, Server};
 pub use session::{
-    commit_synchronously, own_statement_timeout, server_statement_timeout_kept, Session,
+    commit_synchronously, own_statement_timeout, server_idle_timeout_kept,
+    server_statement_timeout_kept, Session,
 };
 pub use url::{redact_message, DbUrl};
 

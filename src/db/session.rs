@@ -344,6 +344,20 @@ pub fn server_statement_timeout_kept() -> bool {
     SERVER_STATEMENT_TIMEOUT_KEPT.load(Ordering::Relaxed)
 }
 
+/// The server's idle_in_transaction_session_timeout, in ms, when a session of this run kept it
+/// (stricter than bank's deadline); 0 otherwise.
+static SERVER_IDLE_TIMEOUT_KEPT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// The server's idle_in_transaction_session_timeout that a session of this run kept, stricter
+/// than bank's `--timeout`: a few milliseconds end bank's sessions between a transaction's
+/// statements, and the connection is lost with no word of why (found by a new user).
+pub fn server_idle_timeout_kept() -> Option<Duration> {
+    match SERVER_IDLE_TIMEOUT_KEPT_MS.load(Ordering::Relaxed) {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
+}
+
 /// Why `tune` fell short: a tuning, ignored; or one of the settings that are not tunings.
 enum Untuned {
     /// The settings could not be read, so whether the two below were needed is unknown: the
@@ -396,16 +410,16 @@ fn tune(conn: &mut PgConnection, timeout: Duration) -> Result<(), Untuned> {
             &current.idle_in_transaction,
         ),
     ] {
-        let stricter = parse_setting_ms(value).is_some_and(|v| v > 0 && v <= ms);
-        match (stricter, name == "statement_timeout") {
-            (false, own) => {
+        let server = parse_setting_ms(value).filter(|v| *v > 0 && *v <= ms);
+        match (server, name == "statement_timeout") {
+            (None, own) => {
                 sql.push_str(&format!("SET {name} = {ms}; "));
                 if own {
                     OWN_STATEMENT_TIMEOUT_MS.store(ms as u64, Ordering::Relaxed);
                 }
             }
-            (true, true) => SERVER_STATEMENT_TIMEOUT_KEPT.store(true, Ordering::Relaxed),
-            (true, false) => {}
+            (Some(_), true) => SERVER_STATEMENT_TIMEOUT_KEPT.store(true, Ordering::Relaxed),
+            (Some(v), false) => SERVER_IDLE_TIMEOUT_KEPT_MS.store(v as u64, Ordering::Relaxed),
         }
     }
     // REPEATABLE READ as the default (the role's or the database's): a snapshot taken before a

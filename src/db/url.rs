@@ -355,8 +355,13 @@ fn secrets_of(raw: &str) -> Vec<String> {
     let mut secrets = Vec::new();
     let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
     if let Some((userinfo, _)) = authority_of(rest).rsplit_once('@') {
+        // A user name with an encoded colon keeps its own "password" even when a real one
+        // follows: the server's refusal quotes the user name decoded.
         match userinfo.split_once(':') {
-            Some((_, password)) => secrets.push(password.to_string()),
+            Some((user, password)) => {
+                secrets.push(password.to_string());
+                secrets.extend(secrets_in_user(user));
+            }
             None => secrets.extend(secrets_in_user(userinfo)),
         }
     }
@@ -702,6 +707,8 @@ mod tests {
             "postgres://u@db/bank?pwd=S3cr3t",
             "postgres://weird%3AS3cr3t@db/bank",
             "postgres://weird%3aS3cr3t@db/bank",
+            // With a password too (found by a new user): the server's refusal names the user.
+            "postgres://weird%3AS3cr3t:pw@db/bank",
             "postgresql:///bank?host=db&user=weird%3AS3cr3t",
             "postgresql:///bank?host=db&user=weird:S3cr3t",
         ] {
