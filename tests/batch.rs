@@ -3983,3 +3983,39 @@ fn a_server_idle_in_transaction_timeout_that_ends_every_chunk_is_named() {
         );
     }
 }
+
+/// A second Ctrl-C quits at once with 130, as README and `bank man` promise: the first lets the
+/// chunk under way finish, which on a lock held elsewhere is a wait up to the deadline. No test
+/// sent two, so the second could be taken for the first, the run waiting on (found by a
+/// reviewer mutating `interrupt::catch`). Nothing is committed while the lock is held.
+#[test]
+fn a_second_ctrl_c_quits_at_once() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 4, 20, 31);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        let mut holder = hold_every_account(&db);
+        let child = spawn_file(db.url.expose(), &path, &["--timeout", "20s"]);
+        wait_for_lock_wait(&db);
+        crate::support::interrupt(child.id());
+        thread::sleep(Duration::from_millis(300));
+        let second = Instant::now();
+        crate::support::interrupt(child.id());
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        let waited = second.elapsed();
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        assert_eq!(run.code, 130, "{iso:?}: {run:?}");
+        assert!(
+            waited < Duration::from_secs(5),
+            "{iso:?}: waited {waited:?}"
+        );
+        run.no_password();
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            0,
+            "{iso:?}"
+        );
+    }
+}

@@ -2620,3 +2620,44 @@ fn ctrl_c_on_a_read_says_so_in_one_line() {
     }
     assert_eq!(db.state(), before);
 }
+
+/// A URL with a blank in it (a password typed with a space, a database name cut from a
+/// sentence) is malformed, a usage error (exit 2) said before anything connects, without the
+/// password: no test had one, so the check could go with every test passing, and the URL then
+/// reached libpq, which read the blank as part of a value and failed to connect (exit 1; found
+/// by a reviewer mutating `DbUrl::parse`).
+#[test]
+fn a_url_with_a_blank_in_it_is_malformed() {
+    let db = ScratchDb::migrated();
+    let url = db.url.expose();
+    let pw = password();
+    let with_blank = [
+        url.replacen(&format!(":{pw}@"), &format!(":{pw} x@"), 1),
+        format!("{url} x"),
+        url.replacen(&format!(":{pw}@"), &format!(":{pw}\tx@"), 1),
+    ];
+    for url in with_blank {
+        let run = Bank::new().args(["--database-url", &url, "balances"]).run();
+        run.fails_with(2, "contains whitespace");
+    }
+}
+
+/// The environment wins over `.env` (README: `.env` "without overriding what is already set"):
+/// a `DATABASE_URL` exported for one database and a `.env` naming another, the exported one is
+/// used. No test had both, so `.env` could override the environment with every test passing
+/// (found by a reviewer mutating `load_dotenv`); a seed then wrote into the other database.
+#[test]
+fn the_environment_wins_over_dotenv() {
+    let db = ScratchDb::migrated();
+    let other = ScratchDb::migrated();
+    let mut run = Bank::new().args(["seed"]);
+    run.cmd.env("DATABASE_URL", db.url.expose());
+    std::fs::write(
+        run.dir.path().join(".env"),
+        format!("DATABASE_URL={}\n", other.url.expose()),
+    )
+    .expect("write .env");
+    run.run().success();
+    assert_eq!(db.state().0.len(), 2);
+    assert_eq!(other.state().0.len(), 0);
+}

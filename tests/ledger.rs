@@ -787,3 +787,47 @@ fn verify_reports_each_rule_broken_alone() {
         "one version twice: {j}"
     );
 }
+
+/// A time only a minute ahead of the server's clock is in the future too: transfers made in
+/// that minute will change the balances then, so they are not known yet. Only a day ahead was
+/// tried, so the check could be loosened by an hour with every test passing (found by a
+/// reviewer mutating it).
+#[test]
+fn balances_as_of_a_minute_ahead_are_refused() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        five_transfers(&db);
+        let now = bank::repo::server_now(&mut db.conn()).expect("the server's time");
+        let soon = now + Duration::seconds(60);
+        db.bank()
+            .args(["balances", "--as-of", &soon.to_rfc3339(), "--timeout", "2s"])
+            .run()
+            .fails_with(2, "is in the future");
+    }
+}
+
+/// The opening entry (version 0) is the last page's whole content when the page ends at 1: an
+/// account no transfer has touched yet, and `--before 1` after paging down. The tests reached it
+/// only from above, so the loop could stop at 1 with every test passing (found by a reviewer
+/// mutating `history`).
+#[test]
+fn history_down_to_version_1_shows_the_opening() {
+    let db = ScratchDb::migrated();
+    let (a, _, _) = five_transfers(&db);
+    let [fresh] = db.accounts(&[42])[..] else {
+        panic!("one account")
+    };
+    let run = db
+        .bank()
+        .args(["history", &fresh.to_string(), "--json"])
+        .run();
+    run.success();
+    assert_eq!(versions(&run.json()), [0], "{run:?}");
+    assert_eq!(run.json()[0]["balance_after"], 42, "{run:?}");
+    let run = db
+        .bank()
+        .args(["history", &a.to_string(), "--json", "--before", "1"])
+        .run();
+    run.success();
+    assert_eq!(versions(&run.json()), [0], "{run:?}");
+}

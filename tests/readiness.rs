@@ -1978,3 +1978,105 @@ fn init_without_create_and_seed_on_a_read_only_database_say_what_to_change() {
     db.alter("default_transaction_read_only = off");
     assert_eq!(db.state(), (vec![], 0));
 }
+
+/// `seed` and `reset` write through `connect_to_write`, which refuses the same changes as a
+/// transfer (`db::require_writable`): that it checked only the migrations went unnoticed by every
+/// test (found by a reviewer mutating it). A seed into a database whose ledger a crash empties,
+/// or whose accounts' inserts a rule rewrites, reported accounts created that may not be there.
+/// Refused before anything is written, naming the change; nothing changes.
+#[test]
+fn seed_and_reset_refuse_a_schema_change_the_promise_cannot_survive() {
+    let changes = [
+        ("ALTER TABLE transfers SET UNLOGGED", "UNLOGGED"),
+        (
+            "CREATE TABLE accounts_copy (LIKE accounts); CREATE RULE redirect AS ON INSERT TO \
+             accounts DO INSTEAD INSERT INTO accounts_copy VALUES (NEW.*)",
+            "rule",
+        ),
+    ];
+    for iso in support::Iso::BOTH {
+        for (change, named) in changes {
+            let db = ScratchDb::migrated_at(iso);
+            db.accounts(&[100, 0]);
+            db.conn().batch_execute(change).expect("the change");
+            let before = db.state();
+            for args in [&["seed", "--accounts", "3"][..], &["reset", "--yes"][..]] {
+                db.bank()
+                    .args(args)
+                    .args(["--timeout", "5s"])
+                    .run()
+                    .fails_with(1, named);
+                assert_eq!(db.state(), before, "{iso:?} {change}: {args:?}");
+            }
+        }
+    }
+}
+
+/// A trigger on `transfer_claims`, or a rule on the ledger, set to fire ALWAYS (`ENABLE ALWAYS`,
+/// `tgenabled`/`ev_enabled` 'A') or on replicas only ('R') is as enabled as one set the usual
+/// way ('O'): only a disabled one ('D') is harmless. The tests had only 'O', so the check could
+/// have looked for 'O' alone (found by a reviewer mutating it).
+#[test]
+fn a_trigger_or_rule_enabled_always_is_refused_too() {
+    let changes = [
+        (
+            "CREATE FUNCTION remark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               NEW.claimed_by := gen_random_uuid(); RETURN NEW; END $$; \
+             CREATE TRIGGER remark BEFORE INSERT ON transfer_claims FOR EACH ROW \
+               EXECUTE FUNCTION remark(); \
+             ALTER TABLE transfer_claims ENABLE ALWAYS TRIGGER remark",
+            "trigger",
+        ),
+        (
+            "CREATE TABLE ledger_copy (LIKE transfers); CREATE RULE redirect AS ON INSERT TO \
+             transfers DO INSTEAD INSERT INTO ledger_copy VALUES (NEW.*) RETURNING \
+             ledger_copy.*; ALTER TABLE transfers ENABLE ALWAYS RULE redirect",
+            "rule",
+        ),
+    ];
+    for iso in support::Iso::BOTH {
+        for (change, named) in changes {
+            let db = ScratchDb::migrated_at(iso);
+            let [a, b] = db.accounts(&[1000, 0])[..] else {
+                panic!("two accounts")
+            };
+            db.conn().batch_execute(change).expect("the change");
+            let id = Uuid::new_v4().to_string();
+            db.transfer(a, b, 10)
+                .args(["--id", &id, "--timeout", "2s"])
+                .run()
+                .fails_with(3, named);
+            assert_eq!(
+                (db.balance(a), db.balance(b)),
+                (1000, 0),
+                "{iso:?} {change}"
+            );
+        }
+    }
+}
+
+/// A reset that met a read-only refusal after it had deleted some rows (here a trigger's
+/// SQLSTATE 25006 on the accounts' batch, after the ledger's) says how far it got: "nothing was
+/// deleted", which is said when the very first batch is refused, would be untrue. No test had
+/// a refusal after the first batch (found by a reviewer mutating the condition).
+#[test]
+fn a_reset_refused_as_read_only_part_way_says_what_it_deleted() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    db.transfer(a, b, 5).run().success();
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION readonly() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+               RAISE EXCEPTION 'cannot execute DELETE in a read-only transaction' \
+               USING ERRCODE = '25006'; END$$; \
+             CREATE TRIGGER readonly BEFORE DELETE ON accounts FOR EACH STATEMENT \
+             EXECUTE FUNCTION readonly()",
+        )
+        .expect("the trigger");
+    let run = db.bank().args(["reset", "--yes", "--timeout", "5s"]).run();
+    run.fails_with(1, "after deleting 0 accounts and 1 transfer");
+    assert!(!run.stderr.contains("nothing was deleted"), "{run:?}");
+    assert_eq!(db.state().0.len(), 2);
+}
