@@ -67,11 +67,30 @@ pub fn table_denied(message: &str) -> Option<&'static str> {
         })
 }
 
+fn libpq_variables_hint(set: &[&str]) -> String {
+    match set.is_empty() {
+        true => String::new(),
+        false => format!(
+            "; {} {} set: --database-url postgresql:/// connects with libpq's defaults, \
+             which they give",
+            set.join(", "),
+            if set.len() == 1 { "is" } else { "are" }
+        ),
+    }
+}
+
 /// Where the database is: problems found before connecting.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("no database URL: pass --database-url URL or set DATABASE_URL (in the environment or in .env)")]
-    MissingUrl,
+    #[error(
+        "no database URL: pass --database-url URL or set DATABASE_URL (in the environment or in \
+         .env){}",
+        libpq_variables_hint(libpq)
+    )]
+    MissingUrl {
+        /// libpq's variables that are set (`PGHOST`, …): `postgresql:///` would use them.
+        libpq: Vec<&'static str>,
+    },
     /// `.env`'s `DATABASE_URL` is made of variables that are not set (`${DB_URL}`), replaced by
     /// nothing as a shell does.
     #[error(

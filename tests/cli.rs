@@ -2661,3 +2661,45 @@ fn the_environment_wins_over_dotenv() {
     assert_eq!(db.state().0.len(), 2);
     assert_eq!(other.state().0.len(), 0);
 }
+
+/// No URL anywhere, but libpq's variables set (PGHOST, PGUSER, …, as psql users have them): the
+/// error said only "pass --database-url URL or set DATABASE_URL", where `postgresql:///` takes
+/// libpq's defaults from them, as the README says (found by a new user). It says so, naming the
+/// variables it saw; without any, the message is as before.
+#[test]
+fn no_url_with_libpq_s_variables_set_says_how_to_use_them() {
+    const LIBPQ: [&str; 6] = [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGSERVICE",
+    ];
+    let mut bank = Bank::new().args(["balances"]);
+    for v in LIBPQ {
+        bank.cmd.env_remove(v);
+    }
+    bank.cmd.env("PGHOST", "127.0.0.1").env("PGUSER", "someone");
+    let run = bank.run();
+    run.fails_with(2, "no database URL");
+    assert!(
+        run.stderr.contains("PGHOST, PGUSER")
+            && run.stderr.contains("--database-url postgresql:///"),
+        "{run:?}"
+    );
+    let mut bank = Bank::new().args(["balances"]);
+    for v in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGSERVICE",
+    ] {
+        bank.cmd.env_remove(v);
+    }
+    let run = bank.run();
+    run.fails_with(2, "no database URL");
+    assert!(!run.stderr.contains("postgresql:///"), "{run:?}");
+}

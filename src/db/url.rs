@@ -51,7 +51,21 @@ impl DbUrl {
                 super::dotenv_error().unwrap_or(if super::dotenv_url_shortened() {
                     ConfigError::DotEnvUrlEmpty
                 } else {
-                    ConfigError::MissingUrl
+                    // Which of libpq's variables a psql user may rely on: `postgresql:///`
+                    // takes them.
+                    ConfigError::MissingUrl {
+                        libpq: [
+                            "PGHOST",
+                            "PGHOSTADDR",
+                            "PGPORT",
+                            "PGUSER",
+                            "PGDATABASE",
+                            "PGSERVICE",
+                        ]
+                        .into_iter()
+                        .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+                        .collect(),
+                    }
                 }),
             ),
         }
