@@ -2668,18 +2668,21 @@ fn the_environment_wins_over_dotenv() {
 /// variables it saw; without any, the message is as before.
 #[test]
 fn no_url_with_libpq_s_variables_set_says_how_to_use_them() {
-    const LIBPQ: [&str; 6] = [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGSERVICE",
-    ];
-    let mut bank = Bank::new().args(["balances"]);
-    for v in LIBPQ {
-        bank.cmd.env_remove(v);
-    }
+    let without_libpq = || {
+        let mut bank = Bank::new().args(["balances"]);
+        for v in [
+            "PGHOST",
+            "PGHOSTADDR",
+            "PGPORT",
+            "PGUSER",
+            "PGDATABASE",
+            "PGSERVICE",
+        ] {
+            bank.cmd.env_remove(v);
+        }
+        bank
+    };
+    let mut bank = without_libpq();
     bank.cmd.env("PGHOST", "127.0.0.1").env("PGUSER", "someone");
     let run = bank.run();
     run.fails_with(2, "no database URL");
@@ -2688,18 +2691,7 @@ fn no_url_with_libpq_s_variables_set_says_how_to_use_them() {
             && run.stderr.contains("--database-url postgresql:///"),
         "{run:?}"
     );
-    let mut bank = Bank::new().args(["balances"]);
-    for v in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGSERVICE",
-    ] {
-        bank.cmd.env_remove(v);
-    }
-    let run = bank.run();
+    let run = without_libpq().run();
     run.fails_with(2, "no database URL");
     assert!(!run.stderr.contains("postgresql:///"), "{run:?}");
 }
