@@ -866,6 +866,40 @@ pub(crate) mod tests {
         }
     }
 
+    /// libpq's words for a connection that broke, as Diesel passes them when a query could not
+    /// even be sent (`UnableToSendCommand`, a connection libpq already knew was bad) or with
+    /// no SQLSTATE (`Unknown`): only the `ClosedConnection` kind was held by a test, and a
+    /// reviewer's mutations dropping any one of these words passed every test. Each is a lost
+    /// connection: nothing applied before COMMIT was sent, unknown once it was.
+    #[test]
+    fn libpq_s_words_for_a_broken_connection_are_a_lost_connection() {
+        for m in [
+            "no connection to the server\n",
+            "server closed the connection unexpectedly\n\tThis probably means the server \
+             terminated abnormally\n\tbefore or while processing the request.\n",
+            "could not receive data from server: Connection reset by peer\n",
+            "could not send data to server: Broken pipe\n",
+            "connection to server was lost\n",
+            "FATAL:  terminating connection due to administrator command\n",
+            "FATAL:  the database system is shutting down\n",
+            "FATAL:  the database system is starting up\n",
+        ] {
+            for kind in [
+                DatabaseErrorKind::UnableToSendCommand,
+                DatabaseErrorKind::Unknown,
+            ] {
+                let e = db(kind, m);
+                assert_eq!(
+                    classify(&e, Phase::BeforeCommit),
+                    Some(Cause::ConnectionLost),
+                    "{m}"
+                );
+                assert_eq!(classify(&e, Phase::Commit), Some(Cause::Ambiguous), "{m}");
+                assert!(may_have_committed(&e), "{m}");
+            }
+        }
+    }
+
     #[test]
     fn default_policy_tries_at_least_ten_times() {
         assert!(RetryPolicy::default().max_attempts >= 10);

@@ -2738,3 +2738,146 @@ fn a_workload_transfer_frozen_at_its_commit_is_indeterminate_and_its_worker_repl
         proxy.thaw_all();
     }
 }
+
+/// Holds `sql` (taken at once, in a transaction of its own) for `held`, on another thread.
+fn held_for(db: &ScratchDb, sql: &str, held: Duration) -> thread::JoinHandle<()> {
+    let mut holder = db.conn();
+    holder
+        .batch_execute(&format!("BEGIN; {sql}"))
+        .expect("take the lock");
+    thread::spawn(move || {
+        thread::sleep(held);
+        holder.batch_execute("ROLLBACK").expect("rollback");
+    })
+}
+
+/// A reset that meets the server's lock_timeout (a transfer in flight holding an account for a
+/// moment) runs the batch again and finishes: a lock timeout rolls the statement back, like a
+/// serialization failure, and `retry_transaction` retries it (a reviewer's mutation that
+/// dropped the timeout from its causes passed every test; reset then stopped after deleting
+/// nothing).
+#[test]
+fn a_reset_held_up_by_a_lock_for_a_moment_runs_the_batch_again() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[10, 20]);
+        db.alter("lock_timeout = '100ms'");
+        let release = held_for(
+            &db,
+            &format!("SELECT id FROM accounts WHERE id = '{}' FOR UPDATE", ids[0]),
+            Duration::from_millis(600),
+        );
+        let (run, _) = ends_within(
+            db.url.expose(),
+            &["reset", "--yes", "--timeout", "10s"],
+            Duration::from_secs(20),
+        );
+        release.join().expect("holder");
+        run.success();
+        assert_eq!(db.state(), (Vec::new(), 0), "{iso:?}: {run:?}");
+    }
+}
+
+/// A seed that meets the server's lock_timeout (another session holding the accounts table for
+/// a moment) runs the chunk again and creates every account: its chunk was rolled back by a
+/// conflict of the moment (a reviewer's mutation that stopped taking a lock timeout for one
+/// passed every test; the seed then stopped with none created).
+#[test]
+fn a_seed_held_up_by_a_lock_for_a_moment_runs_the_chunk_again() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.alter("lock_timeout = '100ms'");
+        let release = held_for(
+            &db,
+            "LOCK TABLE accounts IN SHARE MODE",
+            Duration::from_millis(400),
+        );
+        let (run, _) = ends_within(
+            db.url.expose(),
+            &["seed", "--accounts", "5", "--timeout", "10s"],
+            Duration::from_secs(20),
+        );
+        release.join().expect("holder");
+        run.success();
+        assert_eq!(db.state().0.len(), 5, "{iso:?}: {run:?}");
+    }
+}
+
+/// A backoff longer than what is left of the deadline is cut to it, and the run says how its
+/// attempts ended: refused by a 40001, not applied (exit 1). Sleeping past the deadline left
+/// its caller to give up on it, and a run with its id given then said "outcome unknown"
+/// (exit 3) of a transfer nothing could commit (a reviewer's mutation that let the backoff
+/// outlast the deadline passed every test).
+#[test]
+fn a_backoff_longer_than_what_is_left_of_the_deadline_is_cut_to_it() {
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        s.arm(Fault::Retry40001);
+        let id = Uuid::new_v4();
+        let started = Instant::now();
+        let run = Bank::new()
+            .args(["--database-url", &s.proxy.url_for(&s.db.url), "transfer"])
+            .args(["--from", &s.from.to_string(), "--to", &s.to.to_string()])
+            .args(["--amount", "100", "--id", &id.to_string(), "--mode", s.mode])
+            .args(["--json", "--retry-base", "10s", "--retry-cap", "10s"])
+            .args(["--timeout", "1s"])
+            .run();
+        let took = started.elapsed();
+        run.fails_json(1, "failed", "timed out after");
+        assert!(
+            took < Duration::from_secs(4),
+            "{}: {took:?} {run:?}",
+            s.case()
+        );
+        assert_eq!(s.proxy.injected(), 1, "{}", s.case());
+        assert_eq!(s.balances(), (1000, 0), "{}", s.case());
+        assert!(!s.ledger_has(id), "{}", s.case());
+    }
+}
+
+/// A transfer whose connection is killed while it waits on a lock (pg_terminate_backend: an
+/// administrator, a server-side timeout) opens a new one and runs again: applied, on its second
+/// attempt, long before its deadline. Kept on the dead connection (a reviewer's mutation: a lost
+/// connection not replaced, which passed every test), each later attempt failed at once, for
+/// free, until the deadline.
+#[test]
+fn a_transfer_whose_connection_is_killed_before_its_commit_reconnects_and_is_applied() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 0]);
+        let mut holder = db.hold(&ids);
+        let holder_pid = backend_pid(&mut holder);
+        let id = Uuid::new_v4().to_string();
+        let child = crate::support::spawn_transfer(
+            db.url.expose(),
+            (ids[0], ids[1], 100),
+            &[
+                "--id",
+                &id,
+                "--json",
+                "--timeout",
+                "8s",
+                "--retry-base",
+                "1ms",
+            ],
+        );
+        crate::support::wait_for_lock_wait(&db);
+        terminate_bank_sessions(&db, holder_pid);
+        drop(holder);
+        let started = Instant::now();
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        run.success();
+        assert_eq!(run.json()["outcome"], "applied", "{iso:?}: {run:?}");
+        assert_eq!(run.json()["attempts"], 2, "{iso:?}: {run:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{iso:?}: {:?} {run:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            (db.balance(ids[0]), db.balance(ids[1])),
+            (900, 100),
+            "{iso:?}"
+        );
+    }
+}
