@@ -978,6 +978,31 @@ mod tests {
         assert!(!super::is_out_of_resources("integer out of range"));
     }
 
+    /// Each engine's words for a server out of disk or memory (a reviewer's mutations dropping
+    /// "out of memory", or CockroachDB's words, passed every test): a file stops on them
+    /// instead of refusing its lines one by one.
+    #[test]
+    fn every_engine_s_words_for_out_of_disk_or_memory_are_known() {
+        for m in [
+            "could not extend file \"base/16384/16385\": No space left on device",
+            "could not write to file \"pg_wal/xlogtemp.42\": No space left on device",
+            "out of memory (DETAIL: Failed on request of size 8192 in memory context \"x\".)",
+            "could not extend file \"base/1/2\": Disk quota exceeded",
+            "disk full",
+            "insufficient disk space",
+            "root: memory budget exceeded: 10240 bytes requested, 134217728 currently allocated",
+        ] {
+            assert!(super::is_out_of_resources(m), "{m}");
+        }
+        for m in [
+            "account x has insufficient funds",
+            "value out of range",
+            "memory",
+        ] {
+            assert!(!super::is_out_of_resources(m), "{m}");
+        }
+    }
+
     use super::*;
 
     /// With the ledger shadowed, "a transfer would move the money there and write its ledger in
