@@ -2080,3 +2080,33 @@ fn a_reset_refused_as_read_only_part_way_says_what_it_deleted() {
     assert!(!run.stderr.contains("nothing was deleted"), "{run:?}");
     assert_eq!(db.state().0.len(), 2);
 }
+
+/// A seed refused by the server while loading a chunk after others committed (a full disk, here
+/// a DBA's trigger refusing a second load): the ids listed were those of the committed chunks,
+/// but the JSON array was left open, so `--json` output did not parse (found by a
+/// fault-injecting helper with a full disk). It is closed, as for Ctrl-C, and lists exactly the
+/// accounts created.
+#[test]
+fn a_seed_refused_after_a_chunk_committed_lists_the_created_accounts_as_json() {
+    let db = ScratchDb::migrated();
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION only_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF EXISTS (SELECT 1 FROM accounts) THEN \
+                 RAISE EXCEPTION 'could not extend file \"base/1/2\": No space left on device'; \
+               END IF; RETURN NULL; END $$; \
+             CREATE TRIGGER only_once BEFORE INSERT ON accounts \
+               FOR EACH STATEMENT EXECUTE FUNCTION only_once()",
+        )
+        .expect("the trigger");
+    let run = db
+        .bank()
+        .args(["seed", "--accounts", "100001", "--json"])
+        .run();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let listed: serde_json::Value = serde_json::from_str(&run.stdout).expect("a JSON array");
+    let listed = listed.as_array().map(Vec::len);
+    let created = support::count_accounts(&mut db.conn()).expect("count");
+    assert_eq!(listed, Some(created as usize), "{}", run.stderr);
+    assert!(created > 0, "{}", run.stderr);
+}

@@ -155,10 +155,11 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                 return Err(repo::reason_lost(e).into())
             }
             Err(Stop::Database(e)) => {
-                // Its COMMIT failed after its ids were written. The server may have answered
-                // (a deferred trigger refusing at COMMIT): then the database says whether they
-                // exist, and the array they are listed in is closed as it is for Ctrl-C, the
-                // message saying which were rolled back. Otherwise they may or may not.
+                // Its load failed, or its COMMIT after its ids were written. The server may
+                // have answered (a deferred trigger refusing at COMMIT): then the database says
+                // whether they exist, and the array they are listed in is closed as it is for
+                // Ctrl-C, the message saying which were rolled back. Otherwise they may or may
+                // not.
                 let ids: Vec<Uuid> = chunk.iter().map(|a| a.id).collect();
                 let found = match written {
                     true => repo::list_ids(&mut conn, &ids).ok().map(|rows| rows.len()),
@@ -169,7 +170,11 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     Some(n) if n == ids.len() => (created + n as u64, 0),
                     _ => (created, ids.len() as u64),
                 };
-                if unsettled == 0 && written {
+                // Settled: the array lists the chunks committed, and this one's ids when they
+                // were written (the message says they were rolled back). Left open when the
+                // chunk failed before its ids were written, the listing did not parse (found
+                // by a fault-injecting helper, with a full disk).
+                if unsettled == 0 {
                     let _ = list.finish(out).and_then(|_| out.flush());
                 }
                 return Err(Error::SeedStopped {
