@@ -948,6 +948,15 @@ pub fn with_hints(mut line: String) -> String {
              off for this role or database)",
         );
     }
+    // A hot standby whose default isolation is SERIALIZABLE (the database's setting, copied from
+    // the primary) refuses every transaction, the session's first query included: said as a
+    // failure to keep the search_path, which it is not (found by a fault-injecting helper).
+    if line.contains("cannot use serializable mode in a hot standby") {
+        line.push_str(
+            " (a hot standby, which runs no SERIALIZABLE transaction, the isolation level this \
+             database's default asks for: connect to the primary)",
+        );
+    }
     // A login the server had no slot for: libpq's words name neither the setting nor the cure
     // (found by a helper playing a new user).
     if is_connection_limit(&line) {
@@ -970,6 +979,17 @@ pub fn with_hints(mut line: String) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_hot_standby_refusing_serializable_says_to_connect_to_the_primary() {
+        let line = with_hints(
+            "cannot connect to postgres://u:***@h/db: the session could not be set up: \
+             cannot use serializable mode in a hot standby"
+                .to_string(),
+        );
+        assert!(line.ends_with("connect to the primary)"), "{line}");
+        assert_eq!(with_hints("another error".to_string()), "another error");
+    }
+
     #[test]
     fn a_full_lock_table_is_out_of_resources() {
         assert!(super::is_out_of_resources(

@@ -110,7 +110,9 @@ impl DbUrl {
         }
         super::kept::keep(&mut conn, &self.full).map_err(|e| ConnectError {
             url: self.to_string(),
-            message: format!("the session's search_path could not be kept: {e}"),
+            // Its first query too: the failure need not be the search_path's (a hot standby
+            // refuses SERIALIZABLE there).
+            message: format!("the session could not be set up: {e}"),
         })?;
         Ok(conn)
     }
