@@ -4019,3 +4019,35 @@ fn a_second_ctrl_c_quits_at_once() {
         );
     }
 }
+
+/// A session pooler at its limit (PgBouncer in session mode with one server connection, the
+/// file asked for two): the second connection logs in, and its first query waits for the
+/// server connection the first holds until the run ends. The run gave up on it at its
+/// deadline and stopped, every later line unknown, at every rerun (found by a fault-injecting
+/// helper). Nothing of its group was sent: the file goes on with the connection it has, as for
+/// a login refused for want of a slot, and says so.
+#[test]
+fn a_connection_a_pooler_never_seats_is_given_up_and_the_file_goes_on() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 200, 400, 41);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.pool_of(1);
+        let run = run_file(
+            &proxy.url_for(&db.url),
+            "f.csv",
+            &csv(&lines),
+            &["--batch", "20", "--connections", "2", "--timeout", "2s"],
+        );
+        assert_eq!(run.code, 0, "{iso:?}: {}", run.stderr);
+        let got = outcomes(&run);
+        assert_eq!(got.len(), 400, "{iso:?}");
+        assert!(got.iter().all(|(_, o)| o == "applied"), "{iso:?}: {got:?}");
+        assert!(
+            run.stderr.contains("applied on 1 connection of 2"),
+            "{iso:?}: {}",
+            run.stderr
+        );
+        assert_eq!(count_transfers(&mut db.conn()).expect("count"), 400);
+    }
+}

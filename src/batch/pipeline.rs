@@ -17,7 +17,8 @@
 //! settles everything.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,9 @@ struct Worker {
     watch: Watch,
     /// Given up on (frozen): never sent another chunk.
     lost: bool,
+    /// Making its first session, before any statement of its first group: nothing of that
+    /// group is sent until it has one.
+    connecting: Arc<AtomicBool>,
 }
 
 /// Lines that go to one connection as one chunk: positions in their window, in file order.
@@ -438,6 +442,24 @@ where
             };
             let f = in_flight.swap_remove(i);
             workers[f.worker].lost = true;
+            // Its first session never answered (a session pooler at its limit logs a client in
+            // and holds its queries until a server connection is free, which the other workers
+            // keep until the run ends): nothing of the group was sent, and its abandoned ticket
+            // keeps the worker from sending any, should the session come. The group goes to a
+            // worker that has a connection, as for a login refused for want of a slot; the run
+            // stopped there, every later line unknown, on every rerun (found by a
+            // fault-injecting helper with PgBouncer).
+            if workers[f.worker].connecting.load(Ordering::SeqCst) {
+                fewer.get_or_insert_with(|| {
+                    format!(
+                        "a new session's first query got no answer within {} (a session pooler \
+                         whose server connections are all taken?)",
+                        crate::text::seconds(wait)
+                    )
+                });
+                queue.push_front(f.group);
+                continue;
+            }
             // Before its COMMIT this run applied nothing, but a file's ids may have an earlier
             // run's attempt still on its way to commit (an orphan holding the very locks this
             // statement waited on), and a server that does not answer cannot be asked: unknown
@@ -552,6 +574,8 @@ fn spawn(
         .barring(std::sync::Arc::clone(barred));
     runner.interruptible = true;
     let watch = runner.watch.clone();
+    let connecting = Arc::new(AtomicBool::new(false));
+    let marked = Arc::clone(&connecting);
     let thread = thread::spawn(move || {
         for job in rx {
             // A connection the database has no slot for (a role's CONNECTION LIMIT) while the
@@ -560,7 +584,10 @@ fn spawn(
             // deadline left its group unknown, on every rerun. The first worker's connection is
             // retried as any failure to connect (a slot may free up), and so is one lost mid-file.
             if n > 0 && runner.session.connects == 0 {
-                if let Err(e) = runner.session.conn().map(|_| ()) {
+                connecting.store(true, Ordering::SeqCst);
+                let first = runner.session.conn().map(|_| ());
+                connecting.store(false, Ordering::SeqCst);
+                if let Err(e) = first {
                     if e.is_connection_limit() {
                         let _ = done.send(Done {
                             worker: n,
@@ -599,6 +626,7 @@ fn spawn(
         thread,
         watch,
         lost: false,
+        connecting: marked,
     }
 }
 

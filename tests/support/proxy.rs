@@ -198,6 +198,10 @@ struct Gate {
     thaws: u64,
     /// The proxy was dropped: every frozen connection is closed.
     closed: bool,
+    /// `pool_of`: how many sessions may send queries at once; the others' first query waits.
+    pool: Option<usize>,
+    /// Sessions holding one of the pool's places (they sent a query).
+    seated: usize,
 }
 
 impl Shared {
@@ -228,6 +232,24 @@ impl Shared {
     /// `hold` for a message of a session past its startup: `freeze_queries` holds it too.
     fn hold_session(&self) -> io::Result<()> {
         self.hold_while(|gate| gate.frozen_all || gate.frozen_queries)
+    }
+
+    /// Under `pool_of`, waits for a place in the pool before a session's first query, as a
+    /// session pooler does for a client it has no server connection for.
+    fn take_seat(&self, link: &Link) -> io::Result<()> {
+        if link.seated.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut gate = self.gate();
+        while gate.pool.is_some_and(|n| gate.seated >= n) && !gate.closed {
+            gate = self.wake.wait(gate).expect("lock");
+        }
+        if gate.closed {
+            return Err(io::Error::other("the proxy was dropped while queued"));
+        }
+        gate.seated += 1;
+        link.seated.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     fn hold_while(&self, frozen: impl Fn(&Gate) -> bool) -> io::Result<()> {
@@ -265,6 +287,8 @@ struct Link {
     status: AtomicU8,
     /// A `Fault::Freeze` struck: nothing more is relayed, and nothing is closed.
     frozen: AtomicBool,
+    /// It holds a place of the pool (`pool_of`), given back when it ends.
+    seated: AtomicBool,
 }
 
 impl Link {
@@ -382,6 +406,13 @@ impl Proxy {
         self.shared.wake.notify_all();
     }
 
+    /// A session pooler (PgBouncer, `pool_mode = session`) with `n` server connections: a
+    /// session logs in, and its first query waits until fewer than `n` other sessions hold one
+    /// (until one of them ends).
+    pub fn pool_of(&self, n: usize) {
+        self.shared.gate().pool = Some(n);
+    }
+
     /// A server that freezes once a session is made: new connections are answered and log in,
     /// and nothing a session sends after that is relayed, until `thaw_all`.
     pub fn freeze_queries(&self) {
@@ -450,6 +481,7 @@ fn relay(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> io
         reply: Mutex::new(OnReply::Forward),
         status: AtomicU8::new(0),
         frozen: AtomicBool::new(false),
+        seated: AtomicBool::new(false),
     });
     let back = {
         let (server, client) = (server.try_clone()?, client.try_clone()?);
@@ -462,6 +494,10 @@ fn relay(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> io
     }
     let _ = back.join();
     link.close();
+    if link.seated.load(Ordering::SeqCst) {
+        shared.gate().seated -= 1;
+        shared.wake.notify_all();
+    }
     end.map(drop)
 }
 
@@ -476,6 +512,10 @@ fn client_to_server(
     loop {
         let msg = read_typed(client)?;
         shared.hold_session()?;
+        // A pooler logs its clients in itself: the password goes through at once.
+        if msg[0] != b'p' {
+            shared.take_seat(link)?;
+        }
         // A commit point, as the messages that make it up: COMMIT, or a statement's Bind..Sync.
         let (at, batch) = match msg[0] {
             b'Q' if is_commit(&msg) => {
