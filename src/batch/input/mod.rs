@@ -991,4 +991,85 @@ mod tests {
         let (got, changed) = reread(&first, &first.replacen("\n", "\n\n", 2));
         assert_eq!((got.len(), changed), (0, Some(2)));
     }
+
+    /// The test above changes an amount; a change of the id, from or to alone is caught too (a
+    /// digest that left any one of them out passed every test, found by a reviewer mutating it):
+    /// the second reading must not apply a line the check never saw.
+    #[test]
+    fn a_line_with_any_one_field_changed_stops_the_second_reading() {
+        let first = numbered(200);
+        // Line 150, the 149th transfer (in the third block: lines 130..=193).
+        let id = Uuid::from_u128(149).to_string();
+        let line = format!("{id},{A},{B},149\n");
+        assert!(first.contains(&line));
+        let other = "00000000-0000-0000-0000-0000000000ff";
+        for changed in [
+            format!("{other},{A},{B},149\n"),
+            format!("{id},{other},{B},149\n"),
+            format!("{id},{A},{other},149\n"),
+            format!("{id},{A},{B},150\n"),
+        ] {
+            let (got, stopped) = reread(&first, &first.replace(&line, &changed));
+            assert_eq!(got, (2..130).collect::<Vec<_>>(), "{changed}");
+            assert_eq!(stopped, Some(130), "{changed}");
+        }
+    }
+
+    /// An amount written as a string is read as digits are, sign and all: "-5" is negative, not
+    /// 5 (no test held a string's sign).
+    #[test]
+    fn a_json_amount_written_as_a_string_keeps_its_sign() {
+        let line = |amount: &str| {
+            format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":{amount}}}\n")
+        };
+        for (amount, reason_) in [
+            ("\"-5\"", "amount must be positive, got -5"),
+            ("\"0\"", "amount must be positive, got 0"),
+            ("\"1.5\"", "amount '1.5' is not a whole number"),
+        ] {
+            let got = all(&line(amount), Format::Jsonl);
+            assert_eq!(reason(&got[0]), (1, reason_.to_string()), "{amount}");
+        }
+        let got = all(&line("\"+7\""), Format::Jsonl);
+        assert_eq!(got[0].as_ref().map(|l| l.transfer.amount), Ok(7));
+    }
+
+    /// A reader that fails on every read (a disk error that does not go away): one malformed
+    /// line, then the end. Reading on after it, the check of the file counted "more malformed
+    /// lines" for ever.
+    #[test]
+    fn a_read_that_keeps_failing_ends_the_lines() {
+        struct Failing;
+        impl std::io::Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("the disk is gone"))
+            }
+        }
+        for format in [Format::Jsonl, Format::Csv] {
+            let got: Vec<_> = read(std::io::BufReader::new(Failing), format)
+                .take(5)
+                .collect();
+            assert_eq!(got.len(), 1, "{format:?}: {got:?}");
+            let (line, why) = reason(&got[0]);
+            assert_eq!(line, 1, "{format:?}");
+            assert!(why.contains("the disk is gone"), "{format:?}: {why}");
+        }
+    }
+
+    /// A CSV line that is not UTF-8 is one malformed line, and the lines after it are read on
+    /// (counted in "and N more malformed lines"), as in JSON Lines.
+    #[test]
+    fn a_csv_line_that_is_not_utf8_is_one_malformed_line() {
+        let text = [
+            "id,from,to,amount\n".as_bytes(),
+            format!("{X},{A},{B},5\n").as_bytes(),
+            b"\xff,a,b,5\n",
+            format!("{X},{A},{B},7\n").as_bytes(),
+        ]
+        .concat();
+        let got: Vec<_> = read(&text[..], Format::Csv).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(reason(&got[1]), (3, "not UTF-8 text".to_string()));
+        assert_eq!(got[2].as_ref().map(|l| l.line), Ok(4));
+    }
 }
