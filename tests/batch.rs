@@ -2229,12 +2229,21 @@ fn a_claim_after_a_held_up_statement_does_not_wait_a_deadline_more() {
                 .expect("hold");
         });
         let got = outcomes(&run);
-        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
         assert_eq!(got[0].1, "applied", "{iso:?}: {run:?}");
-        assert_eq!(got[1].1, "unknown", "{iso:?}: {run:?}");
-        // On a loaded machine the other session may ask for the account only after the third
-        // line's statement (it failed a full suite run so): applied then, and the claim of the
-        // second line still meets the lock.
+        // PostgreSQL does not queue row locks fairly: on a loaded machine the other session,
+        // woken late when the first COMMIT let go, may get the account only after the run's
+        // next statements took it (seen twice in full suite runs). Nothing is held up then,
+        // and every line is settled as one by one.
+        let held_up = got[1].1 != "insufficient_funds";
+        if held_up {
+            assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+            assert_eq!(got[1].1, "unknown", "{iso:?}: {run:?}");
+        } else {
+            assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+            assert_eq!(got[2].1, "applied", "{iso:?}: {run:?}");
+        }
+        // The other session may also ask for the account only after the third line's
+        // statement: applied then, and the claim of the second line still meets the lock.
         let third_first = got[2].1.clone();
         assert!(
             ["unknown", "applied"].contains(&third_first.as_str()),
