@@ -962,8 +962,8 @@ pub fn with_hints(mut line: String) -> String {
     // failure to keep the search_path, which it is not (found by a fault-injecting helper).
     if line.contains("cannot use serializable mode in a hot standby") {
         line.push_str(
-            " (a hot standby, which runs no SERIALIZABLE transaction, the level \
-             default_transaction_isolation asks for here: connect to the primary)",
+            " (a hot standby, which runs no SERIALIZABLE transaction, the level bank's \
+             sessions ask for here: connect to the primary)",
         );
     }
     // A login the server had no slot for: libpq's words name neither the setting nor the cure

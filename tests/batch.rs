@@ -4067,7 +4067,7 @@ fn a_connection_a_pooler_never_seats_is_given_up_and_the_file_goes_on() {
                 "--connections",
                 connections,
                 "--timeout",
-                "2s",
+                "3s",
             ],
         );
         let took = started.elapsed();
@@ -4083,9 +4083,9 @@ fn a_connection_a_pooler_never_seats_is_given_up_and_the_file_goes_on() {
             run.stderr
         );
         assert_eq!(count_transfers(&mut db.conn()).expect("count"), 6000);
-        // One wait for a session that never comes, not one per connection asked for (four
-        // waits of 2.2 s in turn with 8, found by a reviewer).
-        assert!(took < Duration::from_secs(8), "{case}: took {took:?}");
+        // One wait for a session that never comes (3.2 s), not one per connection asked for
+        // (four in turn with 8, found by a reviewer: 12.8 s of waiting alone).
+        assert!(took < Duration::from_secs(12), "{case}: took {took:?}");
     }
 }
 

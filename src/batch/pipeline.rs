@@ -237,8 +237,6 @@ where
     // applied a group: the warning counts those, not the ones that merely never had to retire.
     let mut fewer: Option<String> = None;
     let mut used: HashSet<usize> = HashSet::new();
-    // A worker's first session got no answer: workers without a session are not used.
-    let mut no_new_sessions = false;
     // Whether any group has come back decided: until then a fatal error ends the run as one.
     let mut any_done = false;
     let mut record = |summary: &mut Summary, l: &Line, v: &Verdict| {
@@ -261,7 +259,7 @@ where
                 Ok(n) => {
                     answer = None;
                     log::debug!("transfer --file: the server's answer: {n} connection(s)");
-                    if let (None, false, Some(tx)) = (&stopping, no_new_sessions, done_tx.take()) {
+                    if let (None, Some(tx)) = (&stopping, done_tx.take()) {
                         let from = workers.len();
                         for k in from..n {
                             workers.push(spawn(url, batch, policy, k, tx.clone(), &barred));
@@ -461,7 +459,6 @@ where
                 });
                 // Nor does any other new session get one: the workers that have none yet are
                 // not given a group again (each waited a deadline in turn, found by a reviewer).
-                no_new_sessions = true;
                 idle.retain(|w| used.contains(w));
                 queue.push_front(f.group);
                 continue;
