@@ -140,7 +140,7 @@ WITH entries AS (
     SELECT a.id, a.balance, a.opening_balance,
            CAST(a.opening_balance AS NUMERIC) + COALESCE(c.credits, 0) - COALESCE(c.debits, 0)
                AS expected,
-           COALESCE(CASE WHEN c.account IS NULL THEN a.version = 0
+           COALESCE(CASE WHEN c.account IS NULL THEN a.version = 0 AND a.balance = a.opening_balance
                 ELSE c.bad_links = 0 AND c.first_before = CAST(a.opening_balance AS NUMERIC)
                      AND c.last_after = a.balance AND c.last_version = a.version
            END, false) AS chain_ok

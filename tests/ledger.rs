@@ -831,3 +831,25 @@ fn history_down_to_version_1_shows_the_opening() {
     run.success();
     assert_eq!(versions(&run.json()), [0], "{run:?}");
 }
+
+/// An account with no ledger entry whose balance was edited by hand: its chain is the opening
+/// balance alone, which the balance no longer matches, so the chain is broken, as for an
+/// account with entries. It was counted mismatched only, `chain_ok` true (found by a reviewer
+/// checking the README's definition of an exact chain).
+#[test]
+fn an_edited_balance_breaks_the_chain_of_an_account_with_no_entries() {
+    let db = ScratchDb::migrated();
+    let [a] = db.accounts(&[100])[..] else {
+        panic!("one account")
+    };
+    let j = verify_reports_violation(
+        &db,
+        &format!("UPDATE accounts SET balance = balance + 1 WHERE id = '{a}'"),
+    );
+    assert_eq!(
+        (&j["mismatched_accounts"], &j["broken_chains"]),
+        (&1.into(), &1.into()),
+        "{j}"
+    );
+    assert_eq!(j["violations"][0]["chain_ok"], false, "{j}");
+}
