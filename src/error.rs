@@ -426,7 +426,8 @@ pub enum Error {
     /// `lookup` of an id a run answered "not applied" and claimed: nothing can commit it late.
     #[error(
         "no transfer {0} in the ledger: a run said it was not applied and claimed its id, so no \
-         earlier attempt of it can still commit"
+         earlier attempt of it can still commit (a refusal, such as insufficient funds, is a \
+         'not applied' too)"
     )]
     NoTransferClaimed(Uuid),
     /// `lookup` of an id whose claim a single statement marked: it committed, and its ledger
