@@ -2914,3 +2914,29 @@ fn a_refusal_after_an_ambiguous_attempt_is_final() {
         }
     }
 }
+
+/// The server frozen mid-run for longer than the deadline: the watchdog replaces the stuck
+/// workers, and the replacements' logins time out while it stays frozen. They were counted as
+/// workers that "never connected (the database refused their connections: a role's CONNECTION
+/// LIMIT or max_connections)", 6 of 6, in a run whose 6 workers had all run (found by a new
+/// user). Only the workers asked for count there; replacements are the stuck-worker count's.
+#[test]
+fn replacements_that_could_not_log_in_to_a_frozen_server_are_not_workers_never_connected() {
+    let db = ScratchDb::migrated();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    let url = proxy.url_for(&db.url);
+    let bank = Bank::new()
+        .args(["--database-url", &url, "workload", "--accounts", "10"])
+        .args(["--concurrency", "6", "--duration", "6s", "--timeout", "2s"])
+        .args(["--batch", "10", "--readers", "1", "--json"]);
+    let run = thread::spawn(move || bank.run());
+    thread::sleep(Duration::from_millis(3000));
+    proxy.freeze_all();
+    thread::sleep(Duration::from_millis(7000));
+    proxy.thaw_all();
+    let run = run.join().expect("workload");
+    let j = run.json();
+    assert!(j["stuck_workers"].as_u64() > Some(0), "{j}");
+    assert_eq!(j["workers_never_connected"], 0, "{j}: {}", run.stderr);
+    assert!(!run.stderr.contains("never connected"), "{}", run.stderr);
+}

@@ -117,6 +117,8 @@ impl Crew {
                 Some(s) => StdRng::seed_from_u64(s.wrapping_add(n)),
                 None => StdRng::from_rng(&mut rand::rng()),
             },
+            // The first `concurrency` are the workers asked for (`run`); the watchdog's come after.
+            replacement: n >= self.config.concurrency,
         };
         thread::spawn(move || worker.run());
         Ok(slot)

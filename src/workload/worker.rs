@@ -155,6 +155,9 @@ pub(super) struct Worker {
     pub(super) end: Option<Instant>,
     pub(super) prefix: IdPrefix,
     pub(super) rng: StdRng,
+    /// Started by the watchdog in a stuck worker's place: one that cannot log in (the server
+    /// still frozen) is no worker the database refused, and is counted as stuck already.
+    pub(super) replacement: bool,
 }
 
 impl Worker {
@@ -181,7 +184,8 @@ impl Worker {
             };
             tally.retries = self.runner.retries;
             tally.reconnects = self.runner.session.connects.saturating_sub(1);
-            tally.never_connected = u64::from(self.runner.session.connects == 0);
+            tally.never_connected =
+                u64::from(!self.replacement && self.runner.session.connects == 0);
             match result {
                 Ok(receipt) => {
                     // Random v4 ids never repeat, so "already applied" would be a bug.
@@ -271,7 +275,7 @@ impl Worker {
             };
             tally.retries = chunk.retries;
             tally.reconnects = chunk.session.connects.saturating_sub(1);
-            tally.never_connected = u64::from(chunk.session.connects == 0);
+            tally.never_connected = u64::from(!self.replacement && chunk.session.connects == 0);
             let verdicts = match result {
                 Ok(v) => v,
                 Err(fatal) => {
