@@ -666,6 +666,13 @@ fn a_workload_on_a_frozen_server_ends_by_its_deadline_and_reports() {
     assert!(unsettled > 0, "{j}");
     assert!(j["stuck_workers"].as_u64() > Some(0), "{j}");
     assert!(run.stderr.contains("final check could not run"), "{run:?}");
+    // One line for all the stuck workers (one each flooded stderr, found by a new user).
+    assert_eq!(
+        run.stderr.matches("outlived its deadline").count(),
+        1,
+        "{j}: {}",
+        run.stderr
+    );
 }
 
 /// The demo on a server that freezes (a SIGSTOPped server, whose kernel still acknowledges):

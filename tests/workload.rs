@@ -461,6 +461,8 @@ fn readers_check_every_snapshot_total() {
     let j = bad.json();
     assert!(j["wrong_total_reads"].as_u64() > Some(0), "{j}");
     assert_eq!(j["ok"], false, "{j}");
+    // One line for all of them (a line per read flooded stderr, found by a new user).
+    assert_eq!(bad.stderr.matches("a read saw total").count(), 1, "{j}");
 }
 
 /// `--reuse-accounts` while another client moves money between one of the workload's accounts
