@@ -873,8 +873,8 @@ pub fn idle_timeout_hint() -> Option<String> {
         .map(|idle| {
             format!(
                 "this run's sessions kept the server's idle_in_transaction_session_timeout of {}, \
-             which ends a session that long idle inside a transaction; \
-             PGOPTIONS='-c idle_in_transaction_session_timeout=0' lifts it for one run",
+                 which ends a session that long idle inside a transaction; \
+                 PGOPTIONS='-c idle_in_transaction_session_timeout=0' lifts it for one run",
                 humantime::format_duration(idle)
             )
         })

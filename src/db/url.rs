@@ -22,6 +22,17 @@ pub struct DbUrl {
     pub(super) session_settings: Vec<(&'static str, &'static str)>,
 }
 
+/// libpq's variables that say where a database is, which a psql user may rely on: a URL
+/// without a host (`postgresql:///`) takes them.
+const LIBPQ_VARIABLES: [&str; 6] = [
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGSERVICE",
+];
+
 impl DbUrl {
     /// Resolves the URL: `--database-url`, else `DATABASE_URL` (which `.env` may set: see
     /// `load_dotenv`).
@@ -51,20 +62,11 @@ impl DbUrl {
                 super::dotenv_error().unwrap_or(if super::dotenv_url_shortened() {
                     ConfigError::DotEnvUrlEmpty
                 } else {
-                    // Which of libpq's variables a psql user may rely on: `postgresql:///`
-                    // takes them.
                     ConfigError::MissingUrl {
-                        libpq: [
-                            "PGHOST",
-                            "PGHOSTADDR",
-                            "PGPORT",
-                            "PGUSER",
-                            "PGDATABASE",
-                            "PGSERVICE",
-                        ]
-                        .into_iter()
-                        .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
-                        .collect(),
+                        libpq: LIBPQ_VARIABLES
+                            .into_iter()
+                            .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+                            .collect(),
                     }
                 }),
             ),
