@@ -2277,6 +2277,42 @@ fn demo_stopped_by_ctrl_c_removes_what_it_created() {
     assert_eq!(db.state(), before, "{run:?}");
 }
 
+/// The demo's cleanup after a Ctrl-C meets a conflict of the moment: the transfer it gave up
+/// on may still hold its locks on the server, or another session the table, and the server's
+/// `lock_timeout` (or its deadlock detector) rolls the cleanup back. It runs again, like every
+/// other transaction of bank's, until its deadline: it failed at once ("could not remove what it
+/// created (database error: deadlock detected)"; a CI run, and here with a lock timeout).
+#[test]
+fn demo_cleanup_held_up_for_a_moment_runs_again() {
+    use diesel::connection::SimpleConnection;
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let before = db.state();
+        db.alter("lock_timeout = '100ms'");
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE transfers IN EXCLUSIVE MODE")
+            .expect("lock");
+        let url = db.url.expose().to_string();
+        let child =
+            crate::support::spawn_bank(&["--database-url", &url, "demo", "--timeout", "10s"]);
+        crate::support::wait_for_lock_wait(&db);
+        crate::support::interrupt(child.id());
+        // Longer than the lock timeout: the cleanup's first attempt meets it.
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        let err: Vec<&str> = run.stderr.lines().collect();
+        assert_eq!(err.len(), 1, "{iso:?}: {run:?}");
+        assert!(
+            err[0].contains("interrupted") && err[0].contains("removed what it created"),
+            "{iso:?}: {run:?}"
+        );
+        assert_eq!(db.state(), before, "{iso:?}: {run:?}");
+    }
+}
+
 /// A reset that hears nothing from the database (a frozen server; here a batch waiting on a row
 /// another session holds, which looks the same from the client) gives up after `--timeout` and
 /// says how far it got. It waited forever on a SIGSTOPped server (found by a helper playing a

@@ -14,7 +14,7 @@ use crate::db::{DbUrl, Session};
 use crate::error::{Error, TransferError};
 use crate::models::{NewAccount, NewTransfer};
 use crate::repo;
-use crate::retry::{classify, may_have_committed, Cause, Phase, RetryPolicy};
+use crate::retry::{classify, may_have_committed, retry_transaction, Cause, Phase, RetryPolicy};
 use crate::transfer::{Mode, Runner};
 
 const DEMO_AMOUNT: i64 = 100;
@@ -96,7 +96,7 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
     if made.created == 0 && !made.unsure {
         return flow;
     }
-    let cleanup = demo_cleanup(&mut steps, &ids, transfer_id);
+    let cleanup = demo_cleanup(&mut steps, &policy, &ids, transfer_id);
     let removed = |(accounts, transfers): (usize, usize)| {
         format!(
             "{} and {}",
@@ -280,13 +280,25 @@ fn connected(session: &mut Session) -> Result<&mut PgConnection, Error> {
 const LOGIN_AGAIN_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Deletes the demo's transfer (if it was made) and accounts; returns how many of each.
+///
+/// Run again while a conflict of the moment rolls it back (a deadlock, a serialization failure,
+/// the server's `lock_timeout`), as every transaction of bank's is: after a Ctrl-C, the transfer
+/// given up on may still hold its locks on the server until its statement ends, and the cleanup
+/// that met them failed at once, leaving the demo's accounts behind.
 fn demo_cleanup(
     session: &mut Session,
+    policy: &RetryPolicy,
     ids: &[Uuid],
     transfer_id: Uuid,
 ) -> Result<(usize, usize), Error> {
     again_if_lost(session, |conn, committing| {
-        remove_demo_rows(conn, ids, transfer_id, committing)
+        Ok(retry_transaction(policy, || {
+            // Each attempt is a sign of life: the watch must not take a cleanup that is being
+            // rolled back and run again for a frozen server.
+            crate::guard::tick();
+            *committing = false;
+            remove_demo_rows(conn, ids, transfer_id, committing)
+        })?)
     })
 }
 
@@ -296,8 +308,8 @@ fn remove_demo_rows(
     ids: &[Uuid],
     transfer_id: Uuid,
     committing: &mut bool,
-) -> Result<(usize, usize), Error> {
-    let result = conn.build_transaction().serializable().run(|conn| {
+) -> Result<(usize, usize), diesel::result::Error> {
+    conn.build_transaction().serializable().run(|conn| {
         let transfers = match repo::delete_transfer(conn, transfer_id) {
             Ok(()) => 1,
             Err(diesel::result::Error::NotFound) => 0,
@@ -313,6 +325,5 @@ fn remove_demo_rows(
         }
         *committing = true;
         Ok((accounts, transfers))
-    })?;
-    Ok(result)
+    })
 }
