@@ -2638,8 +2638,9 @@ fn ctrl_c_on_a_read_says_so_in_one_line() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn bank");
-        // Its output fills the pipe (20,000 rows), and it waits to write the rest.
-        std::thread::sleep(Duration::from_millis(1500));
+        // Its output fills the pipe (20,000 rows), and it waits to write the rest (a fixed
+        // 1.5 s could come before its handler was installed on a loaded machine).
+        crate::support::wait_until_blocked(child.id(), crate::support::Blocked::WritingStdout);
         crate::support::interrupt(child.id());
         let mut stderr = String::new();
         use std::io::Read;

@@ -462,6 +462,48 @@ pub fn interrupt(pid: u32) {
     assert!(status.success(), "kill -INT {pid}: {status}");
 }
 
+/// Linux's number of the system call `read` (`write` is the next one up).
+#[cfg(target_arch = "x86_64")]
+const SYS_READ: u32 = 0;
+#[cfg(target_arch = "aarch64")]
+const SYS_READ: u32 = 63;
+
+/// What a process can be seen blocked in: a read of standard input, a write to standard output.
+#[derive(Debug, Clone, Copy)]
+pub enum Blocked {
+    ReadingStdin,
+    WritingStdout,
+}
+
+/// Waits until a thread of process `pid` is blocked in `what` (`/proc/PID/task/*/syscall`):
+/// past its start, its signal handlers installed. A fixed sleep in its place came before that
+/// on a loaded machine, and the signal the test sent next killed the process or met it
+/// elsewhere. Panics after 20 s.
+pub fn wait_until_blocked(pid: u32, what: Blocked) {
+    let (call, fd) = match what {
+        Blocked::ReadingStdin => (SYS_READ, 0),
+        Blocked::WritingStdout => (SYS_READ + 1, 1),
+    };
+    let wanted = format!("{call} {fd:#x} ");
+    let started = Instant::now();
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap_or_else(|e| panic!("process {pid} is gone ({e})"));
+        let blocked = tasks.flatten().any(|task| {
+            std::fs::read_to_string(task.path().join("syscall"))
+                .is_ok_and(|s| s.starts_with(&wanted))
+        });
+        if blocked {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "process {pid} never blocked {what:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[derive(QueryableByName)]
 pub struct Count {
     #[diesel(sql_type = BigInt)]

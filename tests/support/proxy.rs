@@ -202,6 +202,8 @@ struct Gate {
     pool: Option<usize>,
     /// Sessions holding one of the pool's places (they sent a query).
     seated: usize,
+    /// When sessions whose first query found the pool full began to wait for a place.
+    queued: Vec<std::time::Instant>,
 }
 
 impl Shared {
@@ -241,6 +243,9 @@ impl Shared {
             return Ok(());
         }
         let mut gate = self.gate();
+        if gate.pool.is_some_and(|n| gate.seated >= n) {
+            gate.queued.push(std::time::Instant::now());
+        }
         while gate.pool.is_some_and(|n| gate.seated >= n) && !gate.closed {
             gate = self.wake.wait(gate).expect("lock");
         }
@@ -411,6 +416,11 @@ impl Proxy {
     /// (until one of them ends).
     pub fn pool_of(&self, n: usize) {
         self.shared.gate().pool = Some(n);
+    }
+
+    /// When sessions whose first query found `pool_of`'s places taken began to wait for one.
+    pub fn queued(&self) -> Vec<std::time::Instant> {
+        self.shared.gate().queued.clone()
     }
 
     /// A server that freezes once a session is made: new connections are answered and log in,
