@@ -468,6 +468,87 @@ pub fn retry_transaction<T>(
     }
 }
 
+/// Statement timeouts (or cancels) after which `retry_rolled_back` runs a step again, at most:
+/// a lock held for a moment makes a lock timeout, which is retried until the deadline, but a
+/// step that the server's `statement_timeout` cancels again and again is longer than the server
+/// allows (a read of every balance), and running it again until the deadline only made the user
+/// wait for the same error.
+pub const STATEMENT_TIMEOUTS_RETRIED: u32 = 2;
+
+/// Whether `e` is a cancel (PostgreSQL's `statement_timeout` or a cancel request, 57014;
+/// CockroachDB's "query execution canceled") rather than a lock timeout (55P03).
+pub fn is_cancel(e: &DieselError) -> bool {
+    matches!(classify(e, Phase::BeforeCommit), Some(Cause::Timeout))
+        && !e.to_string().to_ascii_lowercase().contains("lock timeout")
+}
+
+/// Runs `step` until it is done, or fails in a way that `rerunnable` does not hand back as a
+/// database error that rolled it back for a conflict of the moment (a serialization failure, a
+/// deadlock, a lock timeout; a statement timeout only `STATEMENT_TIMEOUTS_RETRIED` times), or
+/// `timeout` has passed: for a read that has written nothing yet, or a statement known to have
+/// applied nothing. Such a step of `balances`, `history`, `lookup`, `verify`, the demo, a
+/// workload's setup failed at once on the server's `lock_timeout` (another session's lock held
+/// for a moment), or a serialization failure, where every transaction of bank's is run again.
+/// Each attempt is a sign of life (`guard::tick`): an answer came, and the command's watch is
+/// for a server that gives none. The last error is returned as it was.
+pub fn retry_rolled_back<T, E: std::fmt::Display>(
+    timeout: Duration,
+    mut step: impl FnMut() -> Result<T, E>,
+    rerunnable: impl Fn(&E) -> Option<&DieselError>,
+) -> Result<T, E> {
+    let policy = RetryPolicy {
+        max_attempts: u32::MAX,
+        timeout,
+        ..RetryPolicy::default()
+    };
+    let mut cancels = 0;
+    let mut last = None;
+    let result = retry(&policy, &mut RetryCounts::default(), |_| {
+        crate::guard::tick();
+        let e = match step() {
+            Ok(value) => return Attempt::Done(value),
+            Err(e) => e,
+        };
+        let again = rerunnable(&e).and_then(|d| match classify(d, Phase::BeforeCommit) {
+            Some(cause @ (Cause::Serialization | Cause::Deadlock | Cause::Timeout)) => {
+                Some((cause, is_cancel(d)))
+            }
+            _ => None,
+        });
+        match again {
+            Some((_, true)) if cancels >= STATEMENT_TIMEOUTS_RETRIED => Attempt::Fail(e),
+            Some((cause, cancel)) => {
+                cancels += u32::from(cancel);
+                let message = e.to_string();
+                last = Some(e);
+                Attempt::Retry { cause, message }
+            }
+            None => Attempt::Fail(e),
+        }
+    });
+    match result {
+        Ok(value) => Ok(value),
+        Err(Stop::Failed(e)) => Err(e),
+        Err(Stop::Exhausted { .. }) => match last {
+            Some(e) => Err(e),
+            // Out of time before a first attempt (a zero timeout): one, as asked.
+            None => step(),
+        },
+    }
+}
+
+/// `retry_rolled_back` for a step whose every database error may be run again when it is a
+/// conflict of the moment: a read, or a statement known to have applied nothing then.
+pub fn retry_read<T>(
+    timeout: Duration,
+    step: impl FnMut() -> Result<T, DieselError>,
+) -> Result<T, DieselError> {
+    fn itself(e: &DieselError) -> Option<&DieselError> {
+        Some(e)
+    }
+    retry_rolled_back(timeout, step, itself)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #[test]
@@ -689,6 +770,58 @@ pub(crate) mod tests {
         });
         assert!(matches!(result, Err(DieselError::DatabaseError(..))));
         assert_eq!(calls, 5);
+    }
+
+    /// A step rolled back by a lock timeout runs again until it is done; one cancelled by a
+    /// statement timeout runs again only `STATEMENT_TIMEOUTS_RETRIED` times (the server's limit
+    /// is shorter than the step: the same error came back until the deadline); one its caller
+    /// says may not run again (a read that has written rows) fails at once.
+    #[test]
+    fn rolled_back_steps_run_again_but_statement_timeouts_only_a_few_times() {
+        let timeout = Duration::from_secs(30);
+        let mut calls = 0;
+        let result = retry_read(timeout, || {
+            calls += 1;
+            match calls {
+                1..=5 => Err(db(
+                    DatabaseErrorKind::Unknown,
+                    "canceling statement due to lock timeout",
+                )),
+                _ => Ok(calls),
+            }
+        });
+        assert_eq!(result, Ok(6));
+        let mut calls = 0;
+        let started = Instant::now();
+        let result: Result<(), _> = retry_read(timeout, || {
+            calls += 1;
+            Err(db(
+                DatabaseErrorKind::Unknown,
+                "canceling statement due to statement timeout",
+            ))
+        });
+        assert!(matches!(result, Err(DieselError::DatabaseError(..))));
+        assert_eq!(calls, STATEMENT_TIMEOUTS_RETRIED + 1);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let mut calls = 0;
+        let result: Result<(), _> = retry_rolled_back(
+            timeout,
+            || {
+                calls += 1;
+                Err(db(DatabaseErrorKind::Unknown, "deadlock detected"))
+            },
+            |_| None,
+        );
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+        assert!(is_cancel(&db(
+            DatabaseErrorKind::Unknown,
+            "query execution canceled due to statement timeout"
+        )));
+        assert!(!is_cancel(&db(
+            DatabaseErrorKind::Unknown,
+            "canceling statement due to lock timeout"
+        )));
     }
 
     #[test]

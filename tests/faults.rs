@@ -2810,6 +2810,158 @@ fn a_seed_held_up_by_a_lock_for_a_moment_runs_the_chunk_again() {
     }
 }
 
+/// The reads (`balances`, as of a time too, `history`, `lookup`, `verify`, `doctor`) that meet the
+/// server's lock_timeout (another session holding bank's tables for a moment: a migration, a
+/// `LOCK TABLE`) read again and answer, as every transaction of bank's is run again: all but
+/// `verify` failed at once ("canceling statement due to lock timeout"), `lookup` being what a
+/// user runs to settle an unknown outcome.
+#[test]
+fn reads_held_up_by_a_lock_for_a_moment_read_again() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 50]);
+        let id = Uuid::new_v4().to_string();
+        db.transfer(ids[0], ids[1], 7)
+            .args(["--id", &id])
+            .run()
+            .success();
+        thread::sleep(Duration::from_millis(20));
+        let now = chrono::Utc::now().to_rfc3339();
+        db.alter("lock_timeout = '100ms'");
+        let account = ids[0].to_string();
+        let reads: [&[&str]; 6] = [
+            &["balances"],
+            &["balances", "--as-of", &now],
+            &["history", &account],
+            &["lookup", &id],
+            &["verify"],
+            &["doctor"],
+        ];
+        for args in reads {
+            let release = held_for(
+                &db,
+                "LOCK TABLE accounts, transfers IN ACCESS EXCLUSIVE MODE",
+                Duration::from_millis(600),
+            );
+            let mut all = args.to_vec();
+            all.extend(["--timeout", "10s"]);
+            let (run, _) = ends_within(db.url.expose(), &all, Duration::from_secs(20));
+            release.join().expect("holder");
+            run.success();
+            let expected = match args[0] {
+                "lookup" => id.as_str(),
+                "verify" => "verify: ok",
+                "doctor" => "accounts: 2",
+                _ => account.as_str(),
+            };
+            assert!(run.stdout.contains(expected), "{iso:?} {args:?}: {run:?}");
+        }
+    }
+}
+
+/// The demo and a workload's setup (`--reuse-accounts`: the accounts' ids, then the starting
+/// total) that meet the server's lock_timeout run the step again: the demo's INSERT (a statement
+/// that is its own commit, which a lock timeout rolled back) and the setup's reads failed the
+/// command at once.
+#[test]
+fn a_demo_and_a_workload_setup_held_up_by_a_lock_for_a_moment_run_the_step_again() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.accounts(&[100, 100, 100]);
+        db.alter("lock_timeout = '100ms'");
+        let before = db.state();
+        let commands: [&[&str]; 2] = [
+            &["demo", "--timeout", "10s"],
+            &[
+                "workload",
+                "--reuse-accounts",
+                "--accounts",
+                "3",
+                "--transfers",
+                "3",
+                "--timeout",
+                "10s",
+                "--check-timeout",
+                "10s",
+            ],
+        ];
+        for args in commands {
+            let release = held_for(
+                &db,
+                "LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE",
+                Duration::from_millis(600),
+            );
+            let (run, _) = ends_within(db.url.expose(), args, Duration::from_secs(30));
+            release.join().expect("holder");
+            run.success();
+            if args[0] == "demo" {
+                assert_eq!(db.state(), before, "{iso:?}: {run:?}");
+            }
+        }
+    }
+}
+
+/// A seed whose chunk a lock held elsewhere keeps out for seconds (a `CREATE INDEX` on
+/// accounts, say), with the server's lock_timeout, runs it again until its `--timeout`: it gave
+/// up after 10 conflicts, about 2 s, whatever its deadline.
+#[test]
+fn a_seed_held_up_by_a_lock_for_seconds_runs_the_chunk_until_its_deadline() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.alter("lock_timeout = '100ms'");
+        let release = held_for(
+            &db,
+            "LOCK TABLE accounts IN SHARE MODE",
+            Duration::from_secs(4),
+        );
+        let (run, _) = ends_within(
+            db.url.expose(),
+            &["seed", "--accounts", "5", "--timeout", "20s"],
+            Duration::from_secs(30),
+        );
+        release.join().expect("holder");
+        run.success();
+        assert_eq!(db.state().0.len(), 5, "{iso:?}: {run:?}");
+    }
+}
+
+/// A read that the server's statement_timeout cancels again and again (here a lock held all
+/// along; a check longer than the server allows is the same) ends soon with the server's words
+/// and how to lift its limit, not after its whole `--timeout`: running it again cannot help.
+/// `verify` ran it again for 30 s, or until its watch ended it with "the read is slower than
+/// that", which blamed the read.
+#[test]
+fn a_read_cancelled_by_a_statement_timeout_again_and_again_ends_soon_and_says_why() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 50]);
+    let id = Uuid::new_v4().to_string();
+    db.transfer(ids[0], ids[1], 7)
+        .args(["--id", &id])
+        .run()
+        .success();
+    db.alter("statement_timeout = '100ms'");
+    let account = ids[0].to_string();
+    let reads: [&[&str]; 4] = [
+        &["verify", "--timeout", "20s"],
+        &["balances", "--timeout", "20s"],
+        &["history", &account, "--timeout", "20s"],
+        &["lookup", &id, "--timeout", "20s"],
+    ];
+    for args in reads {
+        let (run, took) = under_lock(&db, "accounts, transfers", args, Duration::from_secs(40));
+        assert!(
+            took < Duration::from_secs(5),
+            "{args:?} took {took:?}: {run:?}"
+        );
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("statement timeout (a statement_timeout set for this role or database"),
+            "{args:?}: {run:?}"
+        );
+    }
+}
+
 /// A backoff longer than what is left of the deadline is cut to it, and the run says how its
 /// attempts ended: refused by a 40001, not applied (exit 1). Sleeping past the deadline left
 /// its caller to give up on it, and a run with its id given then said "outcome unknown"

@@ -610,6 +610,35 @@ fn init_gives_way_to_a_lock_held_elsewhere_and_ends_by_its_deadline() {
     assert!(has_last_migration(&db));
 }
 
+/// An init whose migration a deadlock rolled back (another session locked the migrations table,
+/// then waited on the table the migration was altering, which waited to record itself) runs it
+/// again, as after its lock timeout: it failed ("deadlock detected") unless another init had
+/// moved the schema on meanwhile, though the migration was rolled back whole and the next try
+/// goes through.
+#[test]
+fn init_runs_a_migration_a_deadlock_rolled_back_again() {
+    let db = one_migration_behind();
+    // Shorter than init's lock timeout (1 s): its migration, which waits first, finds the
+    // deadlock first and is the one rolled back.
+    db.alter("deadlock_timeout = '500ms'");
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE __diesel_schema_migrations IN SHARE MODE")
+        .expect("the migrations table held");
+    // The migration altered transfer_claims and waits to record itself.
+    let init = init_waiting_on_a_lock(&db, "20s");
+    let read = holder.batch_execute("SELECT 1 FROM transfer_claims LIMIT 1");
+    assert!(
+        read.is_ok(),
+        "the holder was the deadlock's victim: {read:?}"
+    );
+    holder.batch_execute("COMMIT").expect("the tables let go");
+    let run = support::Run::from(init.join().expect("the init thread"));
+    run.success();
+    assert!(run.stdout.contains("applied migration"), "{run:?}");
+    assert!(has_last_migration(&db));
+}
+
 /// An init waiting on a lock held for less than its deadline waits for it and applies the
 /// migration: giving way is not giving up.
 #[test]

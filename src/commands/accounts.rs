@@ -15,7 +15,9 @@ use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
 use crate::repo;
-use crate::retry::{retry_transaction, rolled_back_by_conflict, RetryPolicy};
+use crate::retry::{
+    is_cancel, retry_transaction, rolled_back_by_conflict, RetryPolicy, STATEMENT_TIMEOUTS_RETRIED,
+};
 
 /// The tutorial's two accounts.
 pub(super) const TUTORIAL_BALANCES: [i64; 2] = [1000, 250];
@@ -85,9 +87,14 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             .map(NewAccount::with_balance)
             .collect();
         // A chunk rolled back by a conflict before its ids were written runs again (a
-        // serialization failure, which CockroachDB may give any transaction); once they are
-        // written, it cannot without listing them twice.
+        // serialization failure, which CockroachDB may give any transaction; another session's
+        // lock held past the server's lock_timeout) until `--timeout`, as every transaction of
+        // bank's (it gave up after 10, some 2 s: a lock held 3 s stopped a seed given 2 min);
+        // a statement timeout a few times only (`retry::STATEMENT_TIMEOUTS_RETRIED`). Once its
+        // ids are written, it cannot without listing them twice.
+        let chunk_started = std::time::Instant::now();
         let mut conflicts = 0;
+        let mut cancels = 0;
         let (step, written) = loop {
             let mut written = false;
             let step = conn.transaction(|c| {
@@ -110,11 +117,19 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             });
             match step {
                 Err(Stop::Database(e))
-                    if !written && conflicts < 10 && rolled_back_by_conflict(&e) =>
+                    if !written
+                        && rolled_back_by_conflict(&e)
+                        && chunk_started.elapsed() < args.timeout
+                        && !(is_cancel(&e) && cancels >= STATEMENT_TIMEOUTS_RETRIED) =>
                 {
                     conflicts += 1;
+                    cancels += u32::from(is_cancel(&e));
                     log::debug!("seed: chunk rolled back ({e}); running it again");
-                    std::thread::sleep(RetryPolicy::default().backoff(conflicts, &mut rand::rng()));
+                    // An answer came: the watch is for a server that gives none.
+                    crate::guard::tick();
+                    let left = args.timeout.saturating_sub(chunk_started.elapsed());
+                    let pause = RetryPolicy::default().backoff(conflicts, &mut rand::rng());
+                    std::thread::sleep(pause.min(left));
                 }
                 // COPY stopped midway: Diesel lost the server's words, left its results unread
                 // (the savepoint's rollback failed on them, and the next INSERT read the COPY's
@@ -295,12 +310,28 @@ pub(super) fn balances(
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let mut conn = url.connect_migrated()?;
+    // Run again while a conflict of the moment stops it before its first line (another
+    // session's lock held past the server's lock_timeout: it failed at once); its warnings
+    // are said once.
+    let mut warned = false;
+    super::read_again(args.read.timeout, out, |out| {
+        balances_on(&mut conn, args, &mut warned, out)
+    })
+}
+
+/// `balances` on `conn`: its header is written once its first row is read.
+fn balances_on(
+    conn: &mut PgConnection,
+    args: &BalancesArgs,
+    warned: &mut bool,
+    out: &mut impl Write,
+) -> Result<(), Error> {
     let Some(at) = args.as_of else {
-        let rows = repo::list(&mut conn)?;
+        let rows = repo::list(conn)?;
         return write_balances(rows, args.json, out);
     };
     // Later transfers will change balances at a time still to come: they are not known yet.
-    let now = repo::server_now(&mut conn)?;
+    let now = repo::server_now(conn)?;
     if at > now {
         return Err(Error::Usage(format!(
             "--as-of {} is in the future (the database's time is {}): balances then are not \
@@ -314,27 +345,33 @@ pub(super) fn balances(
     // Nor on PostgreSQL for a role that sees only its own sessions there (without
     // pg_read_all_stats): another role's transfer about to commit went unseen, and the answer
     // changed a moment later without a word.
-    let server = crate::db::engine::detect(&mut conn)?;
+    let server = crate::db::engine::detect(conn)?;
     let recent = now.signed_duration_since(at) < chrono::Duration::seconds(60);
-    if server.is_cockroachdb() && recent {
+    if std::mem::replace(warned, true) {
+        // Said by an earlier attempt.
+    } else if server.is_cockroachdb() && recent {
         crate::say(format_args!(
             "bank: warning: {server} does not show other sessions' open transactions \
              (pg_stat_activity is empty there): balances as of the last minute may still change"
         ));
-    } else if recent && !repo::sees_all_sessions(&mut conn).unwrap_or(true) {
+    } else if recent && !repo::sees_all_sessions(conn).unwrap_or(true) {
         crate::say(format_args!(
             "bank: warning: this role sees only its own sessions' open transactions (it is not \
              granted pg_read_all_stats): balances as of the last minute may still change while \
              another role's transfer commits"
         ));
     }
-    wait_for_transactions_begun_before(&mut conn, at, args.read.timeout)?;
+    wait_for_transactions_begun_before(conn, at, args.read.timeout)?;
     let header = format!(
         "Balances at {}:",
         at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
     );
+    // The first row read before the header is written: until then, a conflict of the moment
+    // runs the read again (`balances`).
+    let mut rows = repo::balances_as_of(conn, at)?;
+    let first = rows.next().transpose()?;
     let mut list = AccountList::start(out, args.json, Some(&header))?;
-    for row in repo::balances_as_of(&mut conn, at)? {
+    for row in first.map(Ok).into_iter().chain(rows) {
         let a = row?;
         list.row(out, a.id, a.balance)?;
     }
@@ -380,12 +417,16 @@ pub(super) fn write_balances(
     json: bool,
     out: &mut impl Write,
 ) -> Result<(), Error> {
+    // The first row read before the header is written: until then, a conflict of the moment
+    // runs the read again (`balances`).
+    let mut rows = rows.into_iter();
+    let first = rows.next().transpose()?;
     let header = format!(
         "Balances at {}:",
         Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
     );
     let mut list = AccountList::start(out, json, Some(&header))?;
-    for row in rows {
+    for row in first.map(Ok).into_iter().chain(rows) {
         let a = row?;
         list.row(out, a.id, a.balance)?;
     }

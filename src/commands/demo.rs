@@ -14,7 +14,10 @@ use crate::db::{DbUrl, Session};
 use crate::error::{Error, TransferError};
 use crate::models::{NewAccount, NewTransfer};
 use crate::repo;
-use crate::retry::{classify, may_have_committed, retry_transaction, Cause, Phase, RetryPolicy};
+use crate::retry::{
+    classify, may_have_committed, retry_read, retry_rolled_back, retry_transaction, Cause, Phase,
+    RetryPolicy,
+};
 use crate::transfer::{Mode, Runner};
 
 const DEMO_AMOUNT: i64 = 100;
@@ -180,11 +183,16 @@ fn demo_flow(
         stage.store(s as u8, Ordering::SeqCst);
         crate::guard::tick();
     };
+    // `--timeout`, the transfer's deadline, bounds the other steps' retries too.
+    let timeout = runner.policy.timeout;
     let conn = session.conn()?;
     crate::db::require_writable(conn)?;
     reached(Stage::Creating);
     for account in created {
-        if let Err(e) = repo::create(conn, account) {
+        // Run again while a conflict of the moment rolled it back (another session's lock held
+        // past the server's lock_timeout: the demo failed at once), until `--timeout`.
+        let create = retry_rolled_back(timeout, || repo::create(conn, account), rolled_back);
+        if let Err(e) = create {
             // A statement that is its own commit: a timeout or a conflict created nothing; a
             // connection lost meanwhile, or an error nobody classified, may have.
             made.unsure = may_have_committed(&e);
@@ -195,7 +203,7 @@ fn demo_flow(
     reached(Stage::Created);
     let [from, to] = [created[0].id, created[1].id];
     writeln!(out, "Created accounts {from} and {to}")?;
-    print_demo_balances(conn, &[from, to], out)?;
+    print_demo_balances(conn, &[from, to], timeout, out)?;
     crate::guard::tick();
     if crate::interrupt::interrupted() {
         return Err(Error::Stopped(crate::interrupt::reason()));
@@ -221,7 +229,7 @@ fn demo_flow(
     reached(Stage::Transferred);
     writeln!(out, "{}", receipt_line(&receipt))?;
     again_if_lost(session, |conn, _| {
-        print_demo_balances(conn, &[from, to], &mut *out)
+        print_demo_balances(conn, &[from, to], timeout, &mut *out)
     })?;
     crate::guard::tick();
     Ok(())
@@ -230,10 +238,18 @@ fn demo_flow(
 fn print_demo_balances(
     conn: &mut PgConnection,
     ids: &[Uuid],
+    timeout: std::time::Duration,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    let accounts = repo::list_ids(conn, ids)?;
+    // A read, run again while a conflict of the moment stops it (`retry_read`).
+    let accounts = retry_read(timeout, || repo::list_ids(conn, ids))?;
     write_balances(accounts.into_iter().map(Ok), false, out)
+}
+
+/// `e` when it says its statement, its own commit, applied nothing (a conflict of the moment
+/// then runs it again: `retry_rolled_back`); none when it may have committed.
+fn rolled_back(e: &diesel::result::Error) -> Option<&diesel::result::Error> {
+    (!may_have_committed(e)).then_some(e)
 }
 
 /// Runs `step` on `session`'s connection, and once more on a new one if the first was found

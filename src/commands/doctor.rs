@@ -88,7 +88,12 @@ const SETTINGS: [&str; 6] = [
     "transaction_read_only",
 ];
 
-pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
+pub(super) fn doctor(
+    url: &DbUrl,
+    json: bool,
+    timeout: std::time::Duration,
+    out: &mut impl Write,
+) -> Result<(), Error> {
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     let default_isolation = setting(&mut conn, "default_transaction_isolation");
@@ -141,10 +146,16 @@ pub(super) fn doctor(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<()
     // application's, may lack either table, and doctor is there to report it, not to fail.
     // A role that may not read them is what doctor is there to report (it failed with
     // "permission denied" instead).
+    // Counted again while a conflict of the moment stops the count (another session's lock
+    // held past the server's lock_timeout: doctor failed at once).
     let (accounts, transfers) = if migrated {
         (
-            unless_denied(accounts::table.count().get_result(&mut conn))?,
-            unless_denied(transfers::table.count().get_result(&mut conn))?,
+            unless_denied(crate::retry::retry_read(timeout, || {
+                accounts::table.count().get_result(&mut conn)
+            }))?,
+            unless_denied(crate::retry::retry_read(timeout, || {
+                transfers::table.count().get_result(&mut conn)
+            }))?,
         )
     } else if !migrations_readable {
         (

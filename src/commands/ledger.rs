@@ -42,38 +42,50 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
         .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
     let account = args.account;
     let json = args.json;
-    let shown = conn.build_transaction().repeatable_read().read_only().run(
-        |conn| -> Result<u64, Error> {
-            let version =
-                repo::account_version(conn, account)?.ok_or(Error::UnknownAccount(account))?;
-            if !json {
-                writeln!(out, "history of account {account} (newest first):")?;
-            }
-            let mut high = before.min(version.saturating_add(1));
-            let mut page = FIRST_PAGE;
-            let mut shown = 0u64;
-            while high > 0 && (shown as i64) < limit {
-                let low = high.saturating_sub(page).max(0);
-                for e in repo::history_page(conn, account, low, high)? {
-                    if (shown as i64) >= limit {
-                        break;
+    // Run again while a conflict of the moment stops it before its first line (another
+    // session's lock held past the server's lock_timeout: it failed at once).
+    let shown = super::read_again(args.read.timeout, out, |out| {
+        conn.build_transaction()
+            .repeatable_read()
+            .read_only()
+            .run(|conn| -> Result<u64, Error> {
+                let version =
+                    repo::account_version(conn, account)?.ok_or(Error::UnknownAccount(account))?;
+                // Written once the first page is read: until then, a conflict of the moment runs
+                // the read again (`read_again`).
+                let mut header = !json;
+                let mut high = before.min(version.saturating_add(1));
+                let mut page = FIRST_PAGE;
+                let mut shown = 0u64;
+                while high > 0 && (shown as i64) < limit {
+                    let low = high.saturating_sub(page).max(0);
+                    let entries = repo::history_page(conn, account, low, high)?;
+                    if std::mem::take(&mut header) {
+                        writeln!(out, "history of account {account} (newest first):")?;
                     }
-                    if json {
-                        write!(out, "{}", if shown == 0 { "[" } else { "," })?;
-                        serde_json::to_writer(&mut *out, &entry_json(e))
-                            .map_err(io::Error::from)?;
-                    } else {
-                        writeln!(out, "{}", entry_line(&e))?;
+                    for e in entries {
+                        if (shown as i64) >= limit {
+                            break;
+                        }
+                        if json {
+                            write!(out, "{}", if shown == 0 { "[" } else { "," })?;
+                            serde_json::to_writer(&mut *out, &entry_json(e))
+                                .map_err(io::Error::from)?;
+                        } else {
+                            writeln!(out, "{}", entry_line(&e))?;
+                        }
+                        shown += 1;
                     }
-                    shown += 1;
+                    out.flush()?;
+                    high = low;
+                    page = (page * 4).min(LAST_PAGE);
                 }
-                out.flush()?;
-                high = low;
-                page = (page * 4).min(LAST_PAGE);
-            }
-            Ok(shown)
-        },
-    )?;
+                if header {
+                    writeln!(out, "history of account {account} (newest first):")?;
+                }
+                Ok(shown)
+            })
+    })?;
     if json {
         writeln!(out, "{}", if shown == 0 { "[]" } else { "]" })?;
     }
@@ -124,12 +136,18 @@ struct LookupJson {
 /// One transfer from the ledger, or "no transfer <id>" (exit 1).
 pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Result<(), Error> {
     let mut conn = url.connect_migrated()?;
-    let Some(t) = repo::find_transfer(&mut conn, args.id)? else {
+    // Read again while a conflict of the moment stops it (another session's lock held past the
+    // server's lock_timeout): the command that settles an unknown outcome failed at once.
+    let found = crate::retry::retry_read(args.read.timeout, || {
+        repo::find_transfer(&mut conn, args.id)
+    })?;
+    let Some(t) = found else {
         // A claimed id: a run said "not applied" and claimed it, and no earlier attempt can
         // commit after that; the hint that one still might was stale (found by a helper playing
         // a new user). A claim a single statement marked is that statement's, committed: its
         // row is gone since. A claim that cannot be read leaves the cautious hint.
-        return Err(match repo::claim(&mut conn, args.id) {
+        let claim = crate::retry::retry_read(args.read.timeout, || repo::claim(&mut conn, args.id));
+        return Err(match claim {
             Ok(Some(Some(_))) => Error::NoTransferRowGone(args.id),
             Ok(Some(None)) => Error::NoTransferClaimed(args.id),
             Ok(None) | Err(_) => Error::NoTransfer(args.id),

@@ -86,8 +86,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::History(args) => ledger::history(&url, &args, &mut out),
         Command::Lookup(args) => ledger::lookup(&url, &args, &mut out),
         Command::Reset(args) => accounts::reset(&url, &args, &mut out),
-        Command::Verify(args) => verify::verify_cmd(&url, args.json, &mut out),
-        Command::Doctor(args) => doctor::doctor(&url, args.json, &mut out),
+        Command::Verify(args) => verify::verify_cmd(&url, args.json, args.read.timeout, &mut out),
+        Command::Doctor(args) => doctor::doctor(&url, args.json, args.read.timeout, &mut out),
         Command::Workload(args) => with_injection(&url, &args.run)
             .and_then(|url| workload::run(&url, &args.config(), &mut out)),
     };
@@ -217,9 +217,10 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
     let ran = loop {
         match migrate(&mut conn, &before, &mut warned) {
             Ok(ran) => break ran,
-            // It gave way to a lock held elsewhere (`MIGRATION_LOCK_TIMEOUT`), its transaction
-            // rolled back: wait, and queue again. The watch ends it when the lock outlasts
-            // `--timeout`.
+            // It gave way to a lock held elsewhere (`MIGRATION_LOCK_TIMEOUT`), or a deadlock or
+            // a serialization failure rolled it back (it failed then, unless another init had
+            // moved the schema on): wait, and queue again. The watch ends it when the lock
+            // outlasts `--timeout`.
             Err(e) if waited_for_a_lock(&e) => {
                 log::info!("init: a lock held elsewhere; trying again ({e})");
                 give_way();
@@ -277,11 +278,21 @@ fn give_way() {
     )));
 }
 
-/// Whether `e`, or an error under it, is a lock timeout: a migration gave way.
+/// Whether `e`, or an error under it, is a lock timeout (a migration gave way), or a conflict
+/// of the moment that rolled the migration back whole (a deadlock, a serialization failure:
+/// PostgreSQL's words and CockroachDB's "restart transaction"). A migration's errors reach
+/// `init` as text only (Diesel's migration harness boxes them), so the words decide.
 fn waited_for_a_lock(e: &Error) -> bool {
+    const CONFLICTS: [&str; 4] = [
+        "lock timeout",
+        "deadlock detected",
+        "could not serialize access",
+        "restart transaction",
+    ];
     let mut next: Option<&dyn std::error::Error> = Some(e);
     while let Some(e) = next {
-        if e.to_string().contains("lock timeout") {
+        let words = e.to_string();
+        if CONFLICTS.iter().any(|c| words.contains(c)) {
             return true;
         }
         next = e.source();
@@ -413,4 +424,45 @@ fn with_injection(url: &DbUrl, run: &crate::cli::RunArgs) -> Result<DbUrl, Error
         )));
     }
     Ok(url.with_session_setting("inject_retry_errors_enabled", "true"))
+}
+
+/// Standard output as a read writes it, noting whether anything was written (`read_again`).
+pub(super) struct Noted<'a, W: ?Sized> {
+    out: &'a mut W,
+    wrote: &'a std::cell::Cell<bool>,
+}
+
+impl<W: Write + ?Sized> Write for Noted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            self.wrote.set(true);
+        }
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Runs `read`, writing to `out`, again while a conflict of the moment (another session's lock
+/// held past the server's `lock_timeout`, a deadlock, a serialization failure) stops it before
+/// it has written anything, until `timeout` (`retry::retry_rolled_back`): `balances`, `history`
+/// and `lookup` failed at once where every transaction of bank's is run again. Once a line is
+/// out, the error is the answer (the output cannot be taken back).
+pub(super) fn read_again<W: Write + ?Sized, T>(
+    timeout: std::time::Duration,
+    out: &mut W,
+    mut read: impl FnMut(&mut Noted<'_, W>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let wrote = std::cell::Cell::new(false);
+    let mut noted = Noted { out, wrote: &wrote };
+    crate::retry::retry_rolled_back(
+        timeout,
+        || read(&mut noted),
+        |e| match e {
+            Error::Database(d) if !wrote.get() => Some(d),
+            _ => None,
+        },
+    )
 }

@@ -4,12 +4,20 @@ use std::io::{self, Write};
 
 use crate::db::DbUrl;
 use crate::error::Error;
-use crate::retry::{retry_transaction, RetryPolicy};
 use crate::verify;
 
-pub(super) fn verify_cmd(url: &DbUrl, json: bool, out: &mut impl Write) -> Result<(), Error> {
+pub(super) fn verify_cmd(
+    url: &DbUrl,
+    json: bool,
+    timeout: std::time::Duration,
+    out: &mut impl Write,
+) -> Result<(), Error> {
     let mut conn = url.connect_migrated()?;
-    let report = retry_transaction(&RetryPolicy::default(), || verify::verify(&mut conn))?;
+    // Run again while a conflict of the moment rolls it back, until the read's `--timeout` (it
+    // was 30 s whatever that said: a shorter one's watch ended it with "the read is slower than
+    // that" on a lock held elsewhere); the server's statement_timeout, which cancels a check
+    // longer than it allows every time, only a few times (it ran again for 30 s).
+    let report = crate::retry::retry_read(timeout, || verify::verify(&mut conn))?;
     if json {
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
         writeln!(out)?;

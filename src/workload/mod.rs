@@ -119,7 +119,12 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     crate::db::commit_synchronously(&mut setup)?;
     crate::guard::tick();
     let ids = prepare_accounts(&mut setup, config, &made)?;
-    let (starting_total, since) = repo::totals_and_versions(&mut setup, &ids)?;
+    // A read: run again while a conflict of the moment rolls it back (another session's lock
+    // held past the server's lock_timeout; on CockroachDB, a read in a serializable
+    // transaction meeting a write), as the chunks before it are: it failed the run at once.
+    let (starting_total, since) = crate::retry::retry_read(setup_timeout, || {
+        repo::totals_and_versions(&mut setup, &ids)
+    })?;
     drop(setup);
     crate::guard::stop_watch();
 
@@ -280,7 +285,12 @@ fn prepare_accounts(
     let n = usize::try_from(config.accounts)
         .map_err(|_| Error::Usage(format!("--accounts {} is too large", config.accounts)))?;
     if config.reuse_accounts {
-        let ids = repo::account_ids(conn, config.accounts.min(i64::MAX as u64) as i64)?;
+        // Run again while a conflict of the moment rolls it back (see `totals_and_versions`
+        // in `run`): a lock held for a moment elsewhere failed the run at once.
+        let ids =
+            crate::retry::retry_read(config.check_timeout.max(config.policy.timeout), || {
+                repo::account_ids(conn, config.accounts.min(i64::MAX as u64) as i64)
+            })?;
         if ids.len() < 2 {
             return Err(WorkloadError::TooFewAccounts(ids.len()).into());
         }
