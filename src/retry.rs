@@ -490,7 +490,8 @@ pub fn is_cancel(e: &DieselError) -> bool {
 /// workload's setup failed at once on the server's `lock_timeout` (another session's lock held
 /// for a moment), or a serialization failure, where every transaction of bank's is run again.
 /// Each attempt is a sign of life (`guard::tick`): an answer came, and the command's watch is
-/// for a server that gives none. The last error is returned as it was.
+/// for a server that gives none. None starts after Ctrl-C (`interrupt::interrupted`). The last
+/// error is returned as it was.
 pub fn retry_rolled_back<T, E: std::fmt::Display>(
     timeout: Duration,
     mut step: impl FnMut() -> Result<T, E>,
@@ -517,6 +518,10 @@ pub fn retry_rolled_back<T, E: std::fmt::Display>(
         });
         match again {
             Some((_, true)) if cancels >= STATEMENT_TIMEOUTS_RETRIED => Attempt::Fail(e),
+            // Ctrl-C (or SIGTERM): no new attempt starts, as nothing new does elsewhere; the
+            // caller says it was interrupted. Each attempt is a new one, nothing of it in
+            // flight, and a seed or a demo held up by a lock went on until its `--timeout`.
+            Some(_) if crate::interrupt::interrupted() => Attempt::Fail(e),
             Some((cause, cancel)) => {
                 cancels += u32::from(cancel);
                 let message = e.to_string();

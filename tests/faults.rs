@@ -2925,6 +2925,63 @@ fn a_seed_held_up_by_a_lock_for_seconds_runs_the_chunk_until_its_deadline() {
     }
 }
 
+/// Ctrl-C while a seed's chunk, or the demo's INSERT, is being run again after the server's
+/// lock_timeout (another session holding the accounts table): the run stops at once, says it
+/// was interrupted and creates nothing. Each attempt is a new one, nothing of it in flight: it
+/// went on running them until its `--timeout` (30 s here, 2 min by default for a seed), then
+/// said only "canceling statement due to lock timeout"; before such steps were run again, the
+/// seed gave up after 10 conflicts (about 2 s) and the demo at once.
+#[test]
+fn ctrl_c_while_a_step_held_up_by_a_lock_runs_again_stops_it() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.alter("lock_timeout = '100ms'");
+        let before = db.state();
+        let commands: [&[&str]; 2] = [
+            &["seed", "--accounts", "5", "--timeout", "30s"],
+            &["demo", "--timeout", "30s"],
+        ];
+        for args in commands {
+            let mut holder = db.conn();
+            holder
+                .batch_execute("BEGIN; LOCK TABLE accounts IN SHARE MODE")
+                .expect("lock");
+            let mut all = vec!["--database-url", db.url.expose()];
+            all.extend_from_slice(args);
+            let mut child = crate::support::spawn_bank(&all);
+            crate::support::wait_for_lock_wait(&db);
+            // Past its first lock timeout: running the step again.
+            thread::sleep(Duration::from_millis(1500));
+            assert!(
+                child.try_wait().expect("try_wait").is_none(),
+                "{iso:?} {args:?}: ended before Ctrl-C"
+            );
+            crate::support::interrupt(child.id());
+            let interrupted = Instant::now();
+            while child.try_wait().expect("try_wait").is_none() {
+                if interrupted.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let took = interrupted.elapsed();
+            holder.batch_execute("ROLLBACK").expect("rollback");
+            let run = Run::from(child.wait_with_output().expect("wait"));
+            assert!(
+                took < Duration::from_secs(5),
+                "{iso:?} {args:?}: ended {took:?} after Ctrl-C: {run:?}"
+            );
+            assert_eq!(run.code, 1, "{iso:?} {args:?}: {run:?}");
+            assert!(
+                run.stderr.contains("interrupted (Ctrl-C or SIGTERM)")
+                    && run.stderr.lines().count() == 1,
+                "{iso:?} {args:?}: {run:?}"
+            );
+            assert_eq!(db.state(), before, "{iso:?} {args:?}: {run:?}");
+        }
+    }
+}
+
 /// A read that the server's statement_timeout cancels again and again (here a lock held all
 /// along; a check longer than the server allows is the same) ends soon with the server's words
 /// and how to lift its limit, not after its whole `--timeout`: running it again cannot help.

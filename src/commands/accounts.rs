@@ -116,6 +116,15 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                 Ok(n)
             });
             match step {
+                // Ctrl-C stops the seed between chunks: one rolled back is not run again.
+                Err(Stop::Database(e))
+                    if !written
+                        && rolled_back_by_conflict(&e)
+                        && crate::interrupt::interrupted() =>
+                {
+                    log::debug!("seed: chunk rolled back ({e}); interrupted");
+                    break (Err(Stop::Interrupted), false);
+                }
                 Err(Stop::Database(e))
                     if !written
                         && rolled_back_by_conflict(&e)

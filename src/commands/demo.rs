@@ -196,6 +196,10 @@ fn demo_flow(
             // A statement that is its own commit: a timeout or a conflict created nothing; a
             // connection lost meanwhile, or an error nobody classified, may have.
             made.unsure = may_have_committed(&e);
+            // Ctrl-C stopped it being run again (`retry_rolled_back`): said as such.
+            if !made.unsure && crate::interrupt::interrupted() {
+                return Err(Error::Stopped(crate::interrupt::reason()));
+            }
             return Err(e.into());
         }
         made.created += 1;
