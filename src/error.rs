@@ -627,15 +627,18 @@ pub enum Error {
     ResetReadOnly,
     /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).
     #[error(
-        "reset stopped after deleting {} and {}{}: {}; run it again to finish",
+        "reset stopped after deleting {} and {}{}{}: {}; run it again to finish",
         crate::counted(*accounts as u64, "account"),
         crate::counted(*transfers as u64, "transfer"),
-        if *in_flight { " (and the batch in flight may or may not have been deleted)" } else { "" },
+        zeroed,
+        if *in_flight { " (and the batch in flight may or may not have been done)" } else { "" },
         clause(&source.to_string())
     )]
     ResetStopped {
         accounts: usize,
         transfers: usize,
+        /// " (having set N balances to 0 first)", or nothing when none was.
+        zeroed: String,
         /// The failure may hide the commit of the batch in flight (an answer lost or ambiguous).
         in_flight: bool,
         source: Box<Error>,

@@ -63,6 +63,25 @@ pub fn while_reading() {
     }
 }
 
+/// For `init`, whose migrations each commit on their own and whose "applied migration" lines
+/// are written at its end: the first signal ends the run with one line saying that what it
+/// applied stays, exit 1 (as its `--timeout` does). It was killed by the signal's default
+/// action with no word (found by a helper playing a new user). A migration under way rolls back
+/// with the connection, unless its COMMIT was already on its way; either way the next `init`
+/// runs what is missing.
+pub fn while_migrating() {
+    let installed = ctrlc::set_handler(|| {
+        crate::say(format_args!(
+            "bank: error: interrupted (Ctrl-C or SIGTERM): init stopped; the migrations it \
+             applied stay (each commits on its own): run `bank init` again to apply the rest"
+        ));
+        crate::exit_now(i32::from(crate::exit_code::ExitCode::Failure));
+    });
+    if let Err(e) = installed {
+        log::debug!("no Ctrl-C handler ({e})");
+    }
+}
+
 /// Installs the handler; without it (it cannot be installed twice) the signals keep their
 /// default action.
 pub fn catch() {

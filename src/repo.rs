@@ -330,6 +330,40 @@ pub fn delete_transfers_batch(conn: &mut PgConnection, limit: i64) -> QueryResul
         .execute(conn)
 }
 
+/// Sets to 0 the balance of up to `limit` accounts after `after` (all from the first when
+/// `None`), in key order, locking them as transfers do; returns how many it set and the last
+/// id, `None` when none was left. What `bank reset` does before it deletes any ledger row: a ledger row deleted
+/// while its accounts stay made a rerun of its id (a file's, or `bank transfer --id`) apply it
+/// again after a reset stopped part-way (Ctrl-C, `--timeout`, an error); with every balance
+/// 0, such a rerun is refused for insufficient funds and moves nothing.
+pub fn zero_balances_batch(
+    conn: &mut PgConnection,
+    after: Option<Uuid>,
+    limit: i64,
+) -> QueryResult<(usize, Option<Uuid>)> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+    }
+    let set: Vec<Id> = match after {
+        None => diesel::sql_query(
+            "UPDATE accounts SET balance = 0 WHERE id IN \
+             (SELECT id FROM accounts ORDER BY id LIMIT $1 FOR UPDATE) RETURNING id",
+        )
+        .bind::<BigInt, _>(limit)
+        .load(conn)?,
+        Some(after) => diesel::sql_query(
+            "UPDATE accounts SET balance = 0 WHERE id IN \
+             (SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2 FOR UPDATE) RETURNING id",
+        )
+        .bind::<SqlUuid, _>(after)
+        .bind::<BigInt, _>(limit)
+        .load(conn)?,
+    };
+    Ok((set.len(), set.into_iter().map(|r| r.id).max()))
+}
+
 /// Deletes up to `limit` claimed transfer ids (`claim_ids`); returns how many.
 pub fn delete_claims_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<usize> {
     diesel::sql_query(

@@ -2247,6 +2247,51 @@ fn reset_stopped_by_ctrl_c_says_how_far_it_got() {
     assert_eq!(db.state(), (vec![], 0));
 }
 
+/// A reset stopped part-way, with no other client writing, then the rerun a user makes of a file
+/// whose run was cut short (what a rerun is for): the ledger rows the reset had deleted while
+/// their accounts stayed were applied a second time, every line `applied` again and the money
+/// moved twice (found by a helper playing a new user: Ctrl-C on a reset of 10,500 transfers,
+/// then the file again, 10,000 lines applied again). The reset sets every balance to 0 before
+/// the first ledger row goes, so the rerun is refused and moves nothing. Here the reset's
+/// first ledger batch waits on a row another session holds; Ctrl-C comes; the holder lets go;
+/// the reset stops after that batch, every ledger row gone and the accounts left.
+#[test]
+fn a_file_rerun_after_a_reset_stopped_part_way_applies_nothing_again() {
+    use diesel::connection::SimpleConnection;
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[1000, 1000]);
+        let file: String = std::iter::once("id,from,to,amount\n".to_string())
+            .chain((0..3).map(|_| format!("{},{},{},100\n", Uuid::new_v4(), ids[0], ids[1])))
+            .collect();
+        let url = db.url.expose().to_string();
+        let first = crate::support::run_file(&url, "pay.csv", &file, &[]);
+        first.success();
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; SELECT id FROM transfers FOR UPDATE")
+            .expect("the ledger held");
+        let child = crate::support::spawn_bank(&["--database-url", &url, "reset", "--yes"]);
+        crate::support::wait_for_lock_wait(&db);
+        crate::support::interrupt(child.id());
+        std::thread::sleep(Duration::from_millis(300));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        run.fails_with(1, "reset stopped after deleting 0 accounts and 3 transfers");
+        let before = db.state();
+        let rerun = crate::support::run_file(&url, "pay.csv", &file, &[]);
+        let outcomes = crate::support::json_outcomes(&rerun);
+        assert_eq!(outcomes.len(), 3, "{iso:?}: {rerun:?}");
+        assert!(
+            outcomes.iter().all(|o| o != "applied" && o != "unknown"),
+            "{iso:?}: applied again after a reset stopped part-way: {rerun:?}"
+        );
+        assert_eq!(db.state(), before, "{iso:?}: {rerun:?}");
+        db.bank().args(["reset", "--yes"]).run().success();
+        assert_eq!(db.state(), (vec![], 0));
+    }
+}
+
 /// Ctrl-C while the demo's transfer waits (another session holds the ledger): the demo removes
 /// the accounts it created and says so. It was killed without a word and left them, 1,250 of
 /// opening money nobody could find (found by a helper playing a new user).

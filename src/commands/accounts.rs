@@ -472,10 +472,11 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         format!(
             "a batch is slower than that (raise --timeout), waits on a lock another session \
              holds, or the server is frozen or unreachable; reset stopped \
-             after deleting {} and {} (the batch in flight, if any, may or may not have been \
-             deleted); run it again to finish",
+             after deleting {} and {}{} (the batch in flight, if any, may or may not have been \
+             done); run it again to finish",
             crate::counted(accounts as u64, "account"),
-            crate::counted(transfers as u64, "transfer")
+            crate::counted(transfers as u64, "transfer"),
+            seen.zeroed()
         )
     });
     let mut conn = url.connect_to_write()?;
@@ -504,7 +505,8 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
                     _
                 ))
             );
-            if read_only && accounts == 0 && transfers == 0 {
+            let zeroed = deleted.zeroed();
+            if read_only && accounts == 0 && transfers == 0 && zeroed.is_empty() {
                 return Err(Error::ResetReadOnly);
             }
             // Each batch is a statement that is its own commit: one whose answer was lost may
@@ -516,6 +518,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
             return Err(Error::ResetStopped {
                 accounts,
                 transfers,
+                zeroed,
                 in_flight,
                 source: Box::new(e),
             });
@@ -539,13 +542,14 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     )
 }
 
-/// Deletes every ledger row, then every account, `batch` rows per statement, each statement its
-/// own transaction: one transaction deleting millions of rows would run into CockroachDB's
-/// transaction size limits (and hold every lock until the end on both engines). A reset is
-/// therefore not atomic: stopped halfway, it leaves some rows, and running it again finishes
-/// it. Ledger rows are drained again before each batch of accounts, in case a client added
-/// some meanwhile (the foreign keys refuse to delete an account that has any). Counts what it
-/// deletes in `deleted`, as it goes: a failure part-way says how far it got.
+/// Sets every balance to 0, then deletes every ledger row, then every account, `batch` rows per
+/// statement, each statement its own transaction: one transaction deleting millions of rows
+/// would run into CockroachDB's transaction size limits (and hold every lock until the end on
+/// both engines). A reset is therefore not atomic: stopped halfway, it leaves some rows, and
+/// running it again finishes it. Ledger rows are drained again before each batch of accounts,
+/// in case a client added some meanwhile (the foreign keys refuse to delete an account that has
+/// any). Counts what it deletes in `deleted`, as it goes: a failure part-way says how far it
+/// got.
 /// Returns the number of transfer claims deleted last.
 fn delete_in_batches(
     conn: &mut diesel::PgConnection,
@@ -557,6 +561,20 @@ fn delete_in_batches(
         true => Err(Error::Stopped(crate::interrupt::reason())),
         false => Ok(()),
     };
+    // Every balance 0 before the first ledger row goes: a reset stopped between the two
+    // (Ctrl-C, its `--timeout`, an error) left accounts whose transfers a rerun of a file then
+    // applied a second time; now such a rerun is refused for insufficient funds.
+    let mut after = None;
+    loop {
+        go_on()?;
+        match retry_transaction(&policy, || repo::zero_balances_batch(conn, after, batch))? {
+            (_, None) => break,
+            (n, last) => {
+                deleted.add_zeroed(n);
+                after = last;
+            }
+        }
+    }
     loop {
         loop {
             go_on()?;
@@ -602,9 +620,27 @@ fn delete_in_batches(
 struct Deleted {
     accounts: AtomicUsize,
     transfers: AtomicUsize,
+    /// Balances set to 0 before the ledger is drained (`repo::zero_balances_batch`).
+    zeroed: AtomicUsize,
 }
 
 impl Deleted {
+    fn add_zeroed(&self, balances: usize) {
+        self.zeroed.fetch_add(balances, Ordering::Relaxed);
+        crate::guard::tick();
+    }
+
+    /// How a message says the balances set to 0 so far: nothing when none was.
+    fn zeroed(&self) -> String {
+        match self.zeroed.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(
+                " (having set {} to 0 first)",
+                crate::counted(n as u64, "balance")
+            ),
+        }
+    }
+
     fn add(&self, accounts: usize, transfers: usize) {
         self.accounts.fetch_add(accounts, Ordering::Relaxed);
         self.transfers.fetch_add(transfers, Ordering::Relaxed);

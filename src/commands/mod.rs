@@ -198,6 +198,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
          migrations applied so far stay: run `bank init` again"
             .to_string()
     });
+    crate::interrupt::while_migrating();
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
