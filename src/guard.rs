@@ -276,4 +276,17 @@ mod tests {
         assert!(t.begin(), "the next transfer starts afresh");
         assert!(t.is_running());
     }
+
+    /// An ambiguous commit belongs to its transfer: the next transfer on the same ticket, given
+    /// up on before its own COMMIT, applied nothing.
+    #[test]
+    fn the_next_transfer_does_not_inherit_an_ambiguous_commit() {
+        let t = Ticket::new();
+        assert!(t.begin());
+        assert!(t.enter_commit());
+        t.leave_commit(true);
+        assert!(t.finish());
+        assert!(t.begin());
+        assert_eq!(t.abandon(), Some(GaveUp::NotApplied));
+    }
 }

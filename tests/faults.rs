@@ -3156,3 +3156,42 @@ fn replacements_that_could_not_log_in_to_a_frozen_server_are_not_workers_never_c
     assert_eq!(j["workers_never_connected"], 0, "{j}: {}", run.stderr);
     assert!(!run.stderr.contains("never connected"), "{}", run.stderr);
 }
+
+/// A workload transfer whose statement committed but whose answer was cut off, with no retries
+/// left: its worker counts it of unknown outcome, not given up (it applied), and the ledger's
+/// row is within the bound. Counted as given up, the report said "not applied" for an applied
+/// transfer and the ledger check failed the run (found by a helper mutating the tallies: no
+/// test had a worker, rather than the watchdog, settle on unknown).
+#[test]
+fn a_workload_transfer_cut_after_its_commit_counts_as_unknown() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[1000, 1000]);
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.arm_at(At::Statement, Fault::CutAfterCommit);
+    let run = Bank::new()
+        .args(["--database-url", &proxy.url_for(&db.url)])
+        .args([
+            "workload",
+            "--accounts",
+            "2",
+            "--reuse-accounts",
+            "--concurrency",
+            "1",
+            "--transfers",
+            "1",
+            "--mode",
+            "single-statement",
+            "--max-retries",
+            "0",
+            "--json",
+        ])
+        .run();
+    let j = run.json();
+    assert_eq!(proxy.injected(), 1, "{run:?}");
+    assert_eq!(j["indeterminate"], 1, "{j}");
+    assert_eq!(j["given_up"], 0, "{j}");
+    assert_eq!(j["transfers_committed"], 0, "{j}");
+    assert_eq!(j["ledger_rows_added"], 1, "{j}");
+    assert_eq!(j["invariants"]["ledger_matches_committed"], true, "{j}");
+    assert_eq!(j["ok"], true, "{j}");
+}

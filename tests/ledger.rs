@@ -788,6 +788,70 @@ fn verify_reports_each_rule_broken_alone() {
     );
 }
 
+/// Edits that only one of verify's checks catches (found by a helper mutating verify: each
+/// check could be turned off with every test passing). An account deleted by hand (its foreign
+/// keys dropped first) leaves the other account's chain and balance intact: only the totals
+/// show money that no opening balance explains. A NULL balance-after in the middle of a chain
+/// (its NOT NULL dropped) makes both of its links NULL, which is not a pass. And an account
+/// without entries whose balance was edited has a broken (empty) chain, not only a mismatch.
+#[test]
+fn verify_reports_edits_that_one_check_alone_catches() {
+    let db = ScratchDb::migrated();
+    let (a, b, _) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "ALTER TABLE transfers DROP CONSTRAINT transfers_from_id_fkey, \
+             DROP CONSTRAINT transfers_to_id_fkey; \
+             DELETE FROM accounts WHERE id = '{a}'"
+        ),
+    );
+    assert_eq!(j["accounts"], 1, "{j}");
+    assert_eq!(j["total_balance"], 525, "{j}");
+    assert_eq!(j["total_opening_balance"], 0, "{j}");
+    assert_eq!(
+        (
+            &j["negative_balances"],
+            &j["mismatched_accounts"],
+            &j["broken_chains"]
+        ),
+        (&0.into(), &0.into(), &0.into()),
+        "b's own chain and balance hold: {j}"
+    );
+    assert!(!j.to_string().contains(&b.to_string()), "{j}");
+
+    let db = ScratchDb::migrated();
+    let (_, b, ids) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "ALTER TABLE transfers ALTER COLUMN to_balance_after DROP NOT NULL; \
+             UPDATE transfers SET to_balance_after = NULL WHERE id = '{}'",
+            ids[1]
+        ),
+    );
+    assert_eq!(
+        (&j["mismatched_accounts"], &j["broken_chains"]),
+        (&0.into(), &1.into()),
+        "{j}"
+    );
+    assert_eq!(j["violations"][0]["id"], b.to_string(), "{j}");
+
+    let db = ScratchDb::migrated();
+    let [c] = db.accounts(&[7])[..] else {
+        panic!("one account")
+    };
+    let j = verify_reports_violation(
+        &db,
+        &format!("UPDATE accounts SET balance = 8 WHERE id = '{c}'"),
+    );
+    assert_eq!(
+        (&j["mismatched_accounts"], &j["broken_chains"]),
+        (&1.into(), &1.into()),
+        "{j}"
+    );
+}
+
 /// A time only a minute ahead of the server's clock is in the future too: transfers made in
 /// that minute will change the balances then, so they are not known yet. Only a day ahead was
 /// tried, so the check could be loosened by an hour with every test passing (found by a

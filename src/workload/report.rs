@@ -660,4 +660,58 @@ mod tests {
             assert!(text.contains("VIOLATED"), "{name}: {text}");
         }
     }
+
+    /// A reader that saw a wrong total fails the run even when the final check finds the bank
+    /// whole: what a reader sees mid-run (half a transfer visible) is gone by the end, and only
+    /// the readers can catch it (found by a helper mutating the checks: dropping this passed
+    /// every test, whose only wrong reads came with a balance the final check caught too).
+    #[test]
+    fn a_wrong_read_fails_a_run_whose_final_check_passed() {
+        let run = Run {
+            readers: 1,
+            reads: 10,
+            wrong_total_reads: 1,
+            ..run()
+        };
+        let mut tally = Tally::new().expect("tally");
+        tally.committed = 5;
+        let report = Report::new(run, tally, Ok(healthy()));
+        assert!(report.invariants.all(), "{report:?}");
+        assert!(!report.ok, "{report:?}");
+        assert!(report.to_string().contains("workload: FAILED"));
+    }
+
+    /// Every count of a worker's tally reaches the run's: an indeterminate transfer left out
+    /// made the ledger check's bound too tight (a committed one of unknown outcome failed the
+    /// run) and the report said none was unknown.
+    #[test]
+    fn tallies_add_up_every_count() {
+        let one = || {
+            let mut t = Tally::new().expect("tally");
+            t.committed = 1;
+            t.insufficient_funds = 2;
+            t.balance_overflow = 3;
+            t.given_up = 4;
+            t.indeterminate = 5;
+            t.errors = 6;
+            t.reconnects = 7;
+            t.never_connected = 1;
+            t
+        };
+        let mut sum = one();
+        sum += &one();
+        assert_eq!(
+            (
+                sum.committed,
+                sum.insufficient_funds,
+                sum.balance_overflow,
+                sum.given_up,
+                sum.indeterminate,
+                sum.errors,
+                sum.reconnects,
+                sum.never_connected
+            ),
+            (2, 4, 6, 8, 10, 12, 14, 2)
+        );
+    }
 }
