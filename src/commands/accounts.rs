@@ -567,7 +567,15 @@ fn delete_in_batches(
     let mut after = None;
     loop {
         go_on()?;
-        match retry_transaction(&policy, || repo::zero_balances_batch(conn, after, batch))? {
+        // In a transaction of its own, not a statement that is its own commit: one waiting on a
+        // lock when the deadline ended the process was run by the server once the lock went,
+        // and committed, zeroing balances after the reset had said it stopped
+        // (faults::commands_that_write_end_by_their_deadline_before_their_first_step). Without
+        // its COMMIT, a session whose client has gone commits nothing.
+        let zeroed = retry_transaction(&policy, || {
+            conn.transaction(|c| repo::zero_balances_batch(c, after, batch))
+        })?;
+        match zeroed {
             (_, None) => break,
             (n, last) => {
                 deleted.add_zeroed(n);
