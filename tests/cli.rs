@@ -2777,3 +2777,42 @@ fn no_url_with_libpq_s_variables_set_says_how_to_use_them() {
     run.fails_with(2, "no database URL");
     assert!(!run.stderr.contains("postgresql:///"), "{run:?}");
 }
+
+/// A reset held up by a lock another session holds past the server's `lock_timeout` stops at
+/// Ctrl-C, nothing changed: its batches ran under the transfers' retry policy, which starts new
+/// attempts after Ctrl-C, so it went on until the lock was gone and then set every balance to 0
+/// before it said "interrupted" (and gave up after 31 attempts, about 20 s, whatever its
+/// `--timeout` said).
+#[test]
+fn reset_held_up_by_a_lock_stops_at_ctrl_c_with_nothing_changed() {
+    use diesel::connection::SimpleConnection;
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.accounts(&[100, 250]);
+        let before = db.state();
+        db.alter("lock_timeout = '100ms'");
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        let url = db.url.expose().to_string();
+        let child = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "reset",
+            "--yes",
+            "--timeout",
+            "20s",
+        ]);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        crate::support::interrupt(child.id());
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{iso:?}: {run:?}");
+        assert!(run.stderr.contains("interrupted"), "{iso:?}: {run:?}");
+        assert!(!run.stderr.contains("to 0"), "{iso:?}: {run:?}");
+        assert_eq!(db.state(), before, "{iso:?}: {run:?}");
+    }
+}

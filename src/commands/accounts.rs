@@ -15,9 +15,7 @@ use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
 use crate::repo;
-use crate::retry::{
-    is_cancel, retry_transaction, rolled_back_by_conflict, RetryPolicy, STATEMENT_TIMEOUTS_RETRIED,
-};
+use crate::retry::{is_cancel, rolled_back_by_conflict, RetryPolicy, STATEMENT_TIMEOUTS_RETRIED};
 
 /// The tutorial's two accounts.
 pub(super) const TUTORIAL_BALANCES: [i64; 2] = [1000, 250];
@@ -493,7 +491,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         return Err(Error::ResetNotAllowed(denied.join(" and ")));
     }
     crate::guard::tick();
-    let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, &deleted) {
+    let claims = match delete_in_batches(&mut conn, repo::DELETE_BATCH, args.timeout, &deleted) {
         Ok(claims) => claims,
         // How far it got, none included: the bare error left the user to guess.
         Err(e) => {
@@ -554,13 +552,19 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
 fn delete_in_batches(
     conn: &mut diesel::PgConnection,
     batch: i64,
+    timeout: std::time::Duration,
     deleted: &Deleted,
 ) -> Result<usize, Error> {
-    let policy = RetryPolicy::default();
     let go_on = || match crate::interrupt::interrupted() {
         true => Err(Error::Stopped(crate::interrupt::reason())),
         false => Ok(()),
     };
+    // Each batch is one statement, its own transaction: one rolled back by a conflict of the
+    // moment (a lock held past the server's `lock_timeout`, a deadlock) applied nothing and runs
+    // again until `--timeout`, a statement timeout at most twice (`retry::retry_read`); no new
+    // attempt starts after Ctrl-C. It ran under the transfers' policy (31 attempts, about 20 s
+    // whatever `--timeout` said, statement timeouts again and again) and went on after Ctrl-C
+    // until the lock was gone, then set balances to 0.
     // Every balance 0 before the first ledger row goes: a reset stopped between the two
     // (Ctrl-C, its `--timeout`, an error) left accounts whose transfers a rerun of a file then
     // applied a second time; now such a rerun is refused for insufficient funds.
@@ -572,7 +576,7 @@ fn delete_in_batches(
         // and committed, zeroing balances after the reset had said it stopped
         // (faults::commands_that_write_end_by_their_deadline_before_their_first_step). Without
         // its COMMIT, a session whose client has gone commits nothing.
-        let zeroed = retry_transaction(&policy, || {
+        let zeroed = batch_step(timeout, || {
             conn.transaction(|c| repo::zero_balances_batch(c, after, batch))
         })?;
         match zeroed {
@@ -586,7 +590,7 @@ fn delete_in_batches(
     loop {
         loop {
             go_on()?;
-            let n = retry_transaction(&policy, || repo::delete_transfers_batch(conn, batch))?;
+            let n = batch_step(timeout, || repo::delete_transfers_batch(conn, batch))?;
             deleted.add(0, n);
             log::debug!(
                 "reset: deleted {n} transfers ({} so far)",
@@ -597,8 +601,7 @@ fn delete_in_batches(
             }
         }
         go_on()?;
-        let (n, stragglers) =
-            retry_transaction(&policy, || repo::delete_accounts_batch(conn, batch))?;
+        let (n, stragglers) = batch_step(timeout, || repo::delete_accounts_batch(conn, batch))?;
         deleted.add(n, stragglers);
         log::debug!(
             "reset: deleted {n} accounts ({} so far) and {stragglers} transfers written since \
@@ -614,12 +617,24 @@ fn delete_in_batches(
     let mut claims = 0;
     loop {
         go_on()?;
-        match retry_transaction(&policy, || repo::delete_claims_batch(conn, batch))? {
+        match batch_step(timeout, || repo::delete_claims_batch(conn, batch))? {
             0 => return Ok(claims),
             n => claims += n,
         }
         crate::guard::tick();
     }
+}
+
+/// Runs one of reset's batches (a statement, its own transaction) as `delete_in_batches` says;
+/// after Ctrl-C (or SIGTERM) its error is that the reset was interrupted.
+fn batch_step<T>(
+    timeout: std::time::Duration,
+    step: impl FnMut() -> diesel::QueryResult<T>,
+) -> Result<T, Error> {
+    crate::retry::retry_read(timeout, step).map_err(|e| match crate::interrupt::interrupted() {
+        true => Error::Stopped(crate::interrupt::reason()),
+        false => Error::from(e),
+    })
 }
 
 /// What a reset has deleted so far (accounts, transfers), read by its watchdog too. Each batch
