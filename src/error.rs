@@ -646,6 +646,9 @@ pub enum Error {
     /// `demo` that failed or was stopped part-way, and what became of the rows it created.
     #[error("{source}; the demo {cleanup}")]
     DemoStopped { source: Box<Error>, cleanup: String },
+    /// A read that failed after writing part of its output.
+    #[error("{0}; what was printed is incomplete")]
+    CutShort(Box<Error>),
     /// A command that writes in steps stopped between two (Ctrl-C, SIGTERM): why.
     #[error("{0}")]
     Stopped(&'static str),

@@ -2816,3 +2816,42 @@ fn reset_held_up_by_a_lock_stops_at_ctrl_c_with_nothing_changed() {
         assert_eq!(db.state(), before, "{iso:?}: {run:?}");
     }
 }
+
+/// A listing the database fails part-way, its first rows already printed (a connection ended
+/// by the server here; a `statement_timeout` in a long `balances`, found by a helper playing a
+/// new user): the one error line says what was printed is incomplete, as a Ctrl-C's does. It
+/// gave the database's words alone, 12,056 of 200,000 rows above them.
+#[test]
+fn a_listing_failed_part_way_says_its_output_is_incomplete() {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    // More than the sockets' buffers hold: the server is still sending when its session ends.
+    db.bank()
+        .args(["seed", "--accounts", "300000"])
+        .run()
+        .success();
+    let url = db.url.expose().to_string();
+    let mut child = crate::support::spawn_bank(&["--database-url", &url, "balances"]);
+    // Its output unread: bank blocks writing it, the server's rows waiting behind.
+    crate::support::wait_until_blocked(child.id(), crate::support::Blocked::WritingStdout);
+    db.conn()
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name LIKE 'bank%' AND pid <> pg_backend_pid()",
+            db.name
+        ))
+        .expect("terminate");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut printed).expect("read");
+    let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+    assert!(printed.starts_with("Balances at"), "{printed:.200}");
+    assert!(printed.lines().count() < 300_001, "{run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    let err: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(err.len(), 1, "{run:?}");
+    assert!(
+        err[0].ends_with("what was printed is incomplete"),
+        "{run:?}"
+    );
+}

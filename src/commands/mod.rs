@@ -466,4 +466,11 @@ pub(super) fn read_again<W: Write + ?Sized, T>(
             _ => None,
         },
     )
+    .map_err(|e| match e {
+        // Rows were out when the database failed it (a statement_timeout part-way through a
+        // long listing, a connection lost): the error said nothing of the output cut short,
+        // where a Ctrl-C says so.
+        Error::Database(_) if wrote.get() => Error::CutShort(Box::new(e)),
+        e => e,
+    })
 }
