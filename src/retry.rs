@@ -108,10 +108,15 @@ pub fn classify(err: &DieselError, phase: Phase) -> Option<Cause> {
 /// Whether `e` rolled its transaction back for a conflict of the moment (a serialization
 /// failure, a deadlock, a lock or statement timeout): the same work may simply run again.
 pub fn rolled_back_by_conflict(e: &DieselError) -> bool {
-    matches!(
-        classify(e, Phase::BeforeCommit),
-        Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout)
-    )
+    conflict(e).is_some()
+}
+
+/// The conflict of the moment that rolled back the step that failed with `e` (a serialization
+/// failure, a deadlock, a lock or statement timeout), if it was one: such a step applied
+/// nothing and may run again.
+fn conflict(e: &DieselError) -> Option<Cause> {
+    classify(e, Phase::BeforeCommit)
+        .filter(|c| matches!(c, Cause::Serialization | Cause::Deadlock | Cause::Timeout))
 }
 
 /// Whether a statement at a commit point (a COMMIT, or a statement that is its own commit) that
@@ -449,13 +454,13 @@ pub fn retry_transaction<T>(
     let mut last = None;
     let result = retry(policy, &mut RetryCounts::default(), |_| match f() {
         Ok(value) => Attempt::Done(value),
-        Err(e) => match classify(&e, Phase::BeforeCommit) {
-            Some(cause @ (Cause::Serialization | Cause::Deadlock | Cause::Timeout)) => {
+        Err(e) => match conflict(&e) {
+            Some(cause) => {
                 let message = e.to_string();
                 last = Some(e);
                 Attempt::Retry { cause, message }
             }
-            _ => Attempt::Fail(e),
+            None => Attempt::Fail(e),
         },
     });
     match result {
@@ -510,12 +515,7 @@ pub fn retry_rolled_back<T, E: std::fmt::Display>(
             Ok(value) => return Attempt::Done(value),
             Err(e) => e,
         };
-        let again = rerunnable(&e).and_then(|d| match classify(d, Phase::BeforeCommit) {
-            Some(cause @ (Cause::Serialization | Cause::Deadlock | Cause::Timeout)) => {
-                Some((cause, is_cancel(d)))
-            }
-            _ => None,
-        });
+        let again = rerunnable(&e).and_then(|d| conflict(d).map(|cause| (cause, is_cancel(d))));
         match again {
             Some((_, true)) if cancels >= STATEMENT_TIMEOUTS_RETRIED => Attempt::Fail(e),
             // Ctrl-C (or SIGTERM): no new attempt starts, as nothing new does elsewhere; the
