@@ -15,7 +15,7 @@ use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
 use crate::repo;
-use crate::retry::{is_cancel, rolled_back_by_conflict, RetryPolicy, STATEMENT_TIMEOUTS_RETRIED};
+use crate::retry::rolled_back_by_conflict;
 
 /// The tutorial's two accounts.
 pub(super) const TUTORIAL_BALANCES: [i64; 2] = [1000, 250];
@@ -86,64 +86,56 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             .collect();
         // A chunk rolled back by a conflict before its ids were written runs again (a
         // serialization failure, which CockroachDB may give any transaction; another session's
-        // lock held past the server's lock_timeout) until `--timeout`, as every transaction of
-        // bank's (it gave up after 10, some 2 s: a lock held 3 s stopped a seed given 2 min);
-        // a statement timeout a few times only (`retry::STATEMENT_TIMEOUTS_RETRIED`). Once its
-        // ids are written, it cannot without listing them twice.
-        let chunk_started = std::time::Instant::now();
-        let mut conflicts = 0;
-        let mut cancels = 0;
-        let (step, written) = loop {
-            let mut written = false;
-            let step = conn.transaction(|c| {
-                let n = load_chunk(c, &chunk, &mut method)?;
-                // The ids are written before the COMMIT, and a chunk whose ids cannot be written (a
-                // full disk, a reader gone) or that Ctrl-C came before is rolled back: every account
-                // created has its id written, so none is created that nobody is told of.
-                if crate::interrupt::interrupted() {
-                    return Err(Stop::Interrupted);
-                }
-                chunk
-                    .iter()
-                    .try_for_each(|a| list.row(out, a.id, a.balance))
-                    .and_then(|()| out.flush())
-                    .map_err(Stop::Output)?;
-                written = true;
-                progress.0.committing(chunk.len() as u64);
-                progress.1.store(true, Ordering::SeqCst);
-                Ok(n)
-            });
+        // lock held past the server's lock_timeout) until `--timeout`, a statement timeout a few
+        // times only, no attempt after Ctrl-C (`retry::retry_rolled_back`, as every step of
+        // bank's). Once its ids are written, it cannot without listing them twice.
+        let written = std::cell::Cell::new(false);
+        let step = loop {
+            let step = crate::retry::retry_rolled_back(
+                args.timeout,
+                || {
+                    written.set(false);
+                    conn.transaction(|c| {
+                        let n = load_chunk(c, &chunk, &mut method)?;
+                        // The ids are written before the COMMIT, and a chunk whose ids cannot be
+                        // written (a full disk, a reader gone) or that Ctrl-C came before is
+                        // rolled back: every account created has its id written, so none is
+                        // created that nobody is told of.
+                        if crate::interrupt::interrupted() {
+                            return Err(Stop::Interrupted);
+                        }
+                        chunk
+                            .iter()
+                            .try_for_each(|a| list.row(out, a.id, a.balance))
+                            .and_then(|()| out.flush())
+                            .map_err(Stop::Output)?;
+                        written.set(true);
+                        progress.0.committing(chunk.len() as u64);
+                        progress.1.store(true, Ordering::SeqCst);
+                        Ok(n)
+                    })
+                },
+                |e| match e {
+                    Stop::Database(d) if !written.get() => Some(d),
+                    _ => None,
+                },
+            );
             match step {
-                // Ctrl-C stops the seed between chunks: one rolled back is not run again.
+                // Ctrl-C stopped a chunk rolled back from being run again: said as Ctrl-C.
                 Err(Stop::Database(e))
-                    if !written
+                    if !written.get()
                         && rolled_back_by_conflict(&e)
                         && crate::interrupt::interrupted() =>
                 {
                     log::debug!("seed: chunk rolled back ({e}); interrupted");
-                    break (Err(Stop::Interrupted), false);
-                }
-                Err(Stop::Database(e))
-                    if !written
-                        && rolled_back_by_conflict(&e)
-                        && chunk_started.elapsed() < args.timeout
-                        && !(is_cancel(&e) && cancels >= STATEMENT_TIMEOUTS_RETRIED) =>
-                {
-                    conflicts += 1;
-                    cancels += u32::from(is_cancel(&e));
-                    log::debug!("seed: chunk rolled back ({e}); running it again");
-                    // An answer came: the watch is for a server that gives none.
-                    crate::guard::tick();
-                    let left = args.timeout.saturating_sub(chunk_started.elapsed());
-                    let pause = RetryPolicy::default().backoff(conflicts, &mut rand::rng());
-                    std::thread::sleep(pause.min(left));
+                    break Err(Stop::Interrupted);
                 }
                 // COPY stopped midway: Diesel lost the server's words, left its results unread
                 // (the savepoint's rollback failed on them, and the next INSERT read the COPY's
                 // result for its own: 0 rows), so the connection is closed. The chunk runs again
                 // with INSERT on a new one, which works or gets the words.
                 Err(Stop::Database(e))
-                    if !written
+                    if !written.get()
                         && matches!(method, SeedMethod::Auto)
                         && repo::copy_reason_lost(&e) =>
                 {
@@ -156,9 +148,10 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     conn = url.connect_to_write()?;
                     crate::db::commit_synchronously(&mut conn)?;
                 }
-                step => break (step, written),
+                step => break step,
             }
         };
+        let written = written.get();
         let n = match step {
             Ok(n) => n,
             Err(Stop::Interrupted) => {
@@ -225,6 +218,17 @@ enum Stop {
     Database(diesel::result::Error),
     Output(io::Error),
     Interrupted,
+}
+
+/// For the log line of a chunk run again.
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Database(e) => e.fmt(f),
+            Stop::Output(e) => write!(f, "cannot write the ids ({e})"),
+            Stop::Interrupted => f.write_str(crate::interrupt::reason()),
+        }
+    }
 }
 
 impl From<diesel::result::Error> for Stop {
