@@ -3195,3 +3195,58 @@ fn a_workload_transfer_cut_after_its_commit_counts_as_unknown() {
     assert_eq!(j["invariants"]["ledger_matches_committed"], true, "{j}");
     assert_eq!(j["ok"], true, "{j}");
 }
+
+/// Every command, while another session holds Diesel's migrations table past the server's
+/// lock_timeout for a moment (a DBA's `LOCK TABLE`, a `VACUUM FULL`), checks the schema again
+/// and runs: the "is this database migrated" read each command makes on connecting was not run
+/// again, so every command but a transfer failed at once ("canceling statement due to lock
+/// timeout") where its own statements would have waited their turn.
+#[test]
+fn commands_whose_schema_check_a_lock_holds_up_for_a_moment_check_again() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 50]);
+        let (from, to) = (ids[0].to_string(), ids[1].to_string());
+        let id = Uuid::new_v4().to_string();
+        db.transfer(ids[0], ids[1], 7)
+            .args(["--id", &id])
+            .run()
+            .success();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.csv");
+        std::fs::write(
+            &file,
+            format!("id,from,to,amount\n{},{from},{to},1\n", Uuid::new_v4()),
+        )
+        .expect("file");
+        let file = file.to_string_lossy().to_string();
+        db.alter("lock_timeout = '100ms'");
+        let commands: [&[&str]; 12] = [
+            &["balances"],
+            &["history", &from],
+            &["lookup", &id],
+            &["verify"],
+            &["doctor"],
+            &["transfer", "--from", &from, "--to", &to, "--amount", "1"],
+            &["transfer", "--file", &file],
+            &["seed", "--accounts", "2"],
+            &["demo"],
+            &["workload", "--accounts", "3", "--transfers", "3"],
+            &["init"],
+            &["reset", "--yes"],
+        ];
+        for args in commands {
+            let release = held_for(
+                &db,
+                "LOCK TABLE __diesel_schema_migrations IN ACCESS EXCLUSIVE MODE",
+                Duration::from_millis(600),
+            );
+            let mut all = args.to_vec();
+            all.extend(["--timeout", "10s"]);
+            let (run, _) = ends_within(db.url.expose(), &all, Duration::from_secs(30));
+            release.join().expect("holder");
+            assert_eq!(run.code, 0, "{iso:?} {args:?}: {run:?}");
+        }
+        assert!(db.state().0.is_empty(), "{iso:?}: reset left rows");
+    }
+}

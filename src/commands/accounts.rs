@@ -58,7 +58,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             false => stopped.to_string(),
         }
     });
-    let mut conn = url.connect_to_write()?;
+    let mut conn = url.connect_to_write(args.timeout)?;
     crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
@@ -145,7 +145,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     // the second. Only the first chunk loads by `Auto`: nothing is created yet,
                     // so a failure here is told as it is, not as a seed stopped midway.
                     drop(conn);
-                    conn = url.connect_to_write()?;
+                    conn = url.connect_to_write(args.timeout)?;
                     crate::db::commit_synchronously(&mut conn)?;
                 }
                 step => break step,
@@ -320,7 +320,7 @@ pub(super) fn balances(
     args: &BalancesArgs,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    let mut conn = url.connect_migrated()?;
+    let mut conn = url.connect_migrated(args.read.timeout)?;
     // Run again while a conflict of the moment stops it before its first line (another
     // session's lock held past the server's lock_timeout: it failed at once); its warnings
     // are said once.
@@ -481,7 +481,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
             seen.zeroed()
         )
     });
-    let mut conn = url.connect_to_write()?;
+    let mut conn = url.connect_to_write(args.timeout)?;
     crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     // Asked first: the batches commit as they go, and a refusal at the last table left every

@@ -108,7 +108,10 @@ pub(super) fn doctor(
         .ok();
     // A role granted the application's tables only may not read Diesel's: doctor cannot tell
     // then, and says so (it said "not migrated", and init, which it advised, was refused).
-    let (applied, migrations_readable) = match db::applied_migrations(&mut conn) {
+    // Read again while a conflict of the moment stops it (a DBA's lock on Diesel's table held
+    // past the server's lock_timeout failed doctor at once).
+    let applied = crate::retry::retry_read(timeout, || db::applied_migrations(&mut conn));
+    let (applied, migrations_readable) = match applied {
         Ok(applied) => (applied, true),
         Err(diesel::result::Error::DatabaseError(_, info))
             if crate::error::is_privilege_denied(info.message()) =>

@@ -33,7 +33,7 @@ const LAST_PAGE: i64 = 16_384;
 /// Streams an account's entries, newest first, page by page in one snapshot: memory stays
 /// constant however long the history.
 pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> Result<(), Error> {
-    let mut conn = url.connect_migrated()?;
+    let mut conn = url.connect_migrated(args.read.timeout)?;
     let limit = args
         .limit
         .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
@@ -135,7 +135,7 @@ struct LookupJson {
 
 /// One transfer from the ledger, or "no transfer <id>" (exit 1).
 pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Result<(), Error> {
-    let mut conn = url.connect_migrated()?;
+    let mut conn = url.connect_migrated(args.read.timeout)?;
     // Read again while a conflict of the moment stops it (another session's lock held past the
     // server's lock_timeout): the command that settles an unknown outcome failed at once.
     let found = crate::retry::retry_read(args.read.timeout, || {

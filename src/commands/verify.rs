@@ -12,7 +12,7 @@ pub(super) fn verify_cmd(
     timeout: std::time::Duration,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    let mut conn = url.connect_migrated()?;
+    let mut conn = url.connect_migrated(timeout)?;
     // Run again while a conflict of the moment rolls it back, until the read's `--timeout` (it
     // was 30 s whatever that said: a shorter one's watch ended it with "the read is slower than
     // that" on a lock held elsewhere); the server's statement_timeout, which cancels a check

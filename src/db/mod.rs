@@ -476,8 +476,11 @@ pub fn shadowed_tables(conn: &mut PgConnection) -> QueryResult<Option<(String, V
 
 /// `require_migrated`, then `require_unchanged`: what a connection that writes must pass before
 /// it sends anything.
-pub fn require_writable(conn: &mut PgConnection) -> Result<(), crate::error::Error> {
-    require_migrated(conn)?;
+pub fn require_writable(
+    conn: &mut PgConnection,
+    timeout: std::time::Duration,
+) -> Result<(), crate::error::Error> {
+    require_migrated(conn, timeout)?;
     require_unchanged(conn)
 }
 
@@ -579,20 +582,28 @@ fn shown_search_path(conn: &mut PgConnection) -> QueryResult<String> {
 
 /// Refuses a database that lacks any of this bank's migrations, before a command reads or
 /// writes it: on a partly migrated one `seed` wrote, `balances` listed and `verify` failed with a
-/// raw "column does not exist". One query: how many of the known versions are applied.
-pub fn require_migrated(conn: &mut PgConnection) -> Result<(), crate::error::Error> {
+/// raw "column does not exist". One query: how many of the known versions are applied, read
+/// again while a conflict of the moment stops it until `timeout` (`retry::retry_read`): another
+/// session holding Diesel's table past the server's lock_timeout (a DBA's `LOCK TABLE`, a
+/// `VACUUM FULL`) failed every command at once.
+pub fn require_migrated(
+    conn: &mut PgConnection,
+    timeout: std::time::Duration,
+) -> Result<(), crate::error::Error> {
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
     let known = known_migrations()?;
-    let applied = diesel::sql_query(
-        "SELECT CAST(COUNT(*) AS INT8) AS n FROM __diesel_schema_migrations \
-         WHERE version = ANY($1)",
-    )
-    .bind::<diesel::sql_types::Array<Text>, _>(&known)
-    .get_result::<Count>(conn);
+    let applied = crate::retry::retry_read(timeout, || {
+        diesel::sql_query(
+            "SELECT CAST(COUNT(*) AS INT8) AS n FROM __diesel_schema_migrations \
+             WHERE version = ANY($1)",
+        )
+        .bind::<diesel::sql_types::Array<Text>, _>(&known)
+        .get_result::<Count>(conn)
+    });
     match applied {
         Ok(c) if c.n as usize >= known.len() => match shadowed_tables(conn) {
             Ok(Some(shadowed)) => Err(crate::error::Error::NotMigrated(Unmigrated {

@@ -71,17 +71,17 @@ impl DbUrl {
 
     /// `connect`, for a command that needs the schema: refused (not migrated) unless every one of
     /// this bank's migrations has run.
-    pub fn connect_migrated(&self) -> Result<PgConnection, crate::error::Error> {
+    pub fn connect_migrated(&self, timeout: Duration) -> Result<PgConnection, crate::error::Error> {
         let mut conn = self.connect()?;
-        super::require_migrated(&mut conn)?;
+        super::require_migrated(&mut conn, timeout)?;
         Ok(conn)
     }
 
     /// `connect_migrated`, for a command that writes: also refused when bank's tables were
     /// changed in ways its promise cannot survive (`db::require_unchanged`).
-    pub fn connect_to_write(&self) -> Result<PgConnection, crate::error::Error> {
+    pub fn connect_to_write(&self, timeout: Duration) -> Result<PgConnection, crate::error::Error> {
         let mut conn = self.connect()?;
-        super::require_writable(&mut conn)?;
+        super::require_writable(&mut conn, timeout)?;
         Ok(conn)
     }
 

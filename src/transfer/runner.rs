@@ -471,7 +471,9 @@ pub(crate) fn connection<T>(
     // here, as other commands refuse it.
     if session.schema_unchecked() {
         let conn = session.conn().map_err(failed)?;
-        match crate::db::require_writable(conn) {
+        // Once: a conflict of the moment fails this attempt, which the transfer's own policy
+        // runs again.
+        match crate::db::require_writable(conn, std::time::Duration::ZERO) {
             Ok(()) => session.schema_checked(),
             Err(crate::error::Error::NotMigrated(u)) => {
                 return Err(Attempt::Fail(TransferError::NotMigrated(u)))
