@@ -3196,9 +3196,9 @@ fn a_workload_transfer_cut_after_its_commit_counts_as_unknown() {
     assert_eq!(j["ok"], true, "{j}");
 }
 
-/// Every command, while another session holds Diesel's migrations table past the server's
-/// lock_timeout for a moment (a DBA's `LOCK TABLE`, a `VACUUM FULL`), checks the schema again
-/// and runs: the "is this database migrated" read each command makes on connecting was not run
+/// Every command, while another session holds Diesel's migrations table (and bank's) past the
+/// server's lock_timeout for a moment (a DBA's `LOCK TABLE`, a `VACUUM FULL`), checks the schema
+/// again and runs: the "is this database migrated" read each command makes on connecting was not run
 /// again, so every command but a transfer failed at once ("canceling statement due to lock
 /// timeout") where its own statements would have waited their turn.
 #[test]
@@ -3238,7 +3238,8 @@ fn commands_whose_schema_check_a_lock_holds_up_for_a_moment_check_again() {
         for args in commands {
             let release = held_for(
                 &db,
-                "LOCK TABLE __diesel_schema_migrations IN ACCESS EXCLUSIVE MODE",
+                "LOCK TABLE __diesel_schema_migrations, accounts, transfers, transfer_claims \
+                 IN ACCESS EXCLUSIVE MODE",
                 Duration::from_millis(600),
             );
             let mut all = args.to_vec();
