@@ -445,35 +445,28 @@ pub fn retry<T, E>(
 }
 
 /// Runs `f`, a whole transaction that is safe to run again (read-only or idempotent), until it
-/// is not rolled back by a conflict (serialization failure, deadlock, lock or statement
-/// timeout), through `retry`.
+/// is not rolled back by a conflict of the moment (serialization failure, deadlock, lock or
+/// statement timeout), or `policy` runs out of attempts or time. Unlike `retry_rolled_back`, it
+/// goes on after Ctrl-C: its callers clean up or check what a run stopped by one left (the
+/// demo's rows, a workload's setup and final check).
 pub fn retry_transaction<T>(
     policy: &RetryPolicy,
-    mut f: impl FnMut() -> Result<T, DieselError>,
+    f: impl FnMut() -> Result<T, DieselError>,
 ) -> Result<T, DieselError> {
-    let mut last = None;
-    let result = retry(policy, &mut RetryCounts::default(), |_| match f() {
-        Ok(value) => Attempt::Done(value),
-        Err(e) => match conflict(&e) {
-            Some(cause) => {
-                let message = e.to_string();
-                last = Some(e);
-                Attempt::Retry { cause, message }
-            }
-            None => Attempt::Fail(e),
-        },
-    });
-    match result {
-        Ok(value) => Ok(value),
-        Err(Stop::Failed(e)) => Err(e),
-        // The last error itself: the caller reports the database's words.
-        Err(Stop::Exhausted { last: message, .. }) => {
-            Err(last.unwrap_or_else(|| DieselError::QueryBuilderError(message.into())))
-        }
-    }
+    run_again(policy, AfterCtrlC::GoOn, f, itself)
 }
 
-/// Statement timeouts (or cancels) after which `retry_rolled_back` runs a step again, at most:
+/// What a step run again does once Ctrl-C (or SIGTERM) has come.
+#[derive(Clone, Copy, PartialEq)]
+enum AfterCtrlC {
+    /// No new attempt: the caller says it was interrupted.
+    Stop,
+    /// Attempts go on, as the policy allows.
+    GoOn,
+}
+
+/// Statement timeouts (or cancels) after which a step is run again (`retry_rolled_back`,
+/// `retry_transaction`), at most:
 /// a lock held for a moment makes a lock timeout, which is retried until the deadline, but a
 /// step that the server's `statement_timeout` cancels again and again is longer than the server
 /// allows (a read of every balance), and running it again until the deadline only made the user
@@ -499,7 +492,7 @@ pub fn is_cancel(e: &DieselError) -> bool {
 /// error is returned as it was.
 pub fn retry_rolled_back<T, E: std::fmt::Display>(
     timeout: Duration,
-    mut step: impl FnMut() -> Result<T, E>,
+    step: impl FnMut() -> Result<T, E>,
     rerunnable: impl Fn(&E) -> Option<&DieselError>,
 ) -> Result<T, E> {
     let policy = RetryPolicy {
@@ -507,9 +500,19 @@ pub fn retry_rolled_back<T, E: std::fmt::Display>(
         timeout,
         ..RetryPolicy::default()
     };
+    run_again(&policy, AfterCtrlC::Stop, step, rerunnable)
+}
+
+/// The loop of `retry_rolled_back` and `retry_transaction`, through `retry`.
+fn run_again<T, E: std::fmt::Display>(
+    policy: &RetryPolicy,
+    after_ctrl_c: AfterCtrlC,
+    mut step: impl FnMut() -> Result<T, E>,
+    rerunnable: impl Fn(&E) -> Option<&DieselError>,
+) -> Result<T, E> {
     let mut cancels = 0;
     let mut last = None;
-    let result = retry(&policy, &mut RetryCounts::default(), |_| {
+    let result = retry(policy, &mut RetryCounts::default(), |_| {
         crate::guard::tick();
         let e = match step() {
             Ok(value) => return Attempt::Done(value),
@@ -521,7 +524,9 @@ pub fn retry_rolled_back<T, E: std::fmt::Display>(
             // Ctrl-C (or SIGTERM): no new attempt starts, as nothing new does elsewhere; the
             // caller says it was interrupted. Each attempt is a new one, nothing of it in
             // flight, and a seed or a demo held up by a lock went on until its `--timeout`.
-            Some(_) if crate::interrupt::interrupted() => Attempt::Fail(e),
+            Some(_) if after_ctrl_c == AfterCtrlC::Stop && crate::interrupt::interrupted() => {
+                Attempt::Fail(e)
+            }
             Some((cause, cancel)) => {
                 cancels += u32::from(cancel);
                 let message = e.to_string();
@@ -542,15 +547,17 @@ pub fn retry_rolled_back<T, E: std::fmt::Display>(
     }
 }
 
+/// Every database error of a step may be run again (when a conflict of the moment).
+fn itself(e: &DieselError) -> Option<&DieselError> {
+    Some(e)
+}
+
 /// `retry_rolled_back` for a step whose every database error may be run again when it is a
 /// conflict of the moment: a read, or a statement known to have applied nothing then.
 pub fn retry_read<T>(
     timeout: Duration,
     step: impl FnMut() -> Result<T, DieselError>,
 ) -> Result<T, DieselError> {
-    fn itself(e: &DieselError) -> Option<&DieselError> {
-        Some(e)
-    }
     retry_rolled_back(timeout, step, itself)
 }
 

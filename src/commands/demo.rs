@@ -312,10 +312,9 @@ fn demo_cleanup(
     transfer_id: Uuid,
 ) -> Result<(usize, usize), Error> {
     again_if_lost(session, |conn, committing| {
+        // Each attempt is a sign of life (`retry_transaction` ticks): the watch must not take a
+        // cleanup that is being rolled back and run again for a frozen server.
         Ok(retry_transaction(policy, || {
-            // Each attempt is a sign of life: the watch must not take a cleanup that is being
-            // rolled back and run again for a frozen server.
-            crate::guard::tick();
             *committing = false;
             remove_demo_rows(conn, ids, transfer_id, committing)
         })?)
