@@ -653,17 +653,33 @@ pub struct OwnCluster {
 }
 
 impl OwnCluster {
+    /// On a port the system says is free; one taken between that answer and the server's bind
+    /// (another test's cluster or proxy, an outgoing connection) fails the start, which is then
+    /// made again on another.
     pub fn start() -> OwnCluster {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let cluster = OwnCluster {
-            port,
-            dir: format!("/tmp/bank-pg-test-{}", Uuid::new_v4().simple()),
-        };
-        cluster.pg(&["start"]);
-        cluster
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let cluster = OwnCluster {
+                port,
+                dir: format!("/tmp/bank-pg-test-{}", Uuid::new_v4().simple()),
+            };
+            let out = cluster
+                .command(&["start"])
+                .output()
+                .expect("run scripts/pg");
+            if out.status.success() {
+                return cluster;
+            }
+            failures.push(format!(
+                "port {port}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        panic!("scripts/pg start failed 5 times: {failures:#?}");
     }
 
     fn command(&self, args: &[&str]) -> std::process::Command {
