@@ -2498,8 +2498,11 @@ fn a_demo_whose_idle_connection_the_server_closed_cleans_up() {
     let demo = thread::spawn(move || {
         ends_within(&url, &["demo", "--timeout", "10s"], Duration::from_secs(20)).0
     });
-    // Longer than the server lets the demo's other connection sit idle.
-    thread::sleep(Duration::from_millis(1500));
+    // Once the transfer waits on the lock, longer than the server lets the demo's other
+    // connection, if it kept one, sit idle (a fixed 1.5 s from the start could end before the
+    // transfer began on a loaded machine, and the test then checked less).
+    crate::support::wait_for_lock_wait(&db);
+    thread::sleep(Duration::from_millis(1000));
     holder.batch_execute("ROLLBACK").expect("rollback");
     let run = demo.join().expect("the demo");
     went_through_and_cleaned_up(&run, &db, &before);
