@@ -165,6 +165,9 @@ impl Worker {
         if let Some((n, chunk)) = self.batch.take() {
             return self.run_batches(n, chunk);
         }
+        // Transfers in a row that failed with an error (not refused on their merits): the next
+        // waits, longer each time, as a retry does.
+        let mut failed_in_a_row = 0u32;
         while self.more() {
             let t = self.next_transfer();
             self.started_now();
@@ -178,6 +181,7 @@ impl Worker {
                 // connection, are done.
                 return;
             }
+            let mut failed = false;
             let micros = began.elapsed().as_micros().min(u64::MAX as u128) as u64;
             let Ok(mut tally) = self.slot.tally.lock() else {
                 return;
@@ -205,6 +209,7 @@ impl Worker {
                 Err(TransferError::OutcomeUnknown { .. }) => tally.indeterminate += 1,
                 Err(e) => {
                     warn_once(t.id, &e);
+                    failed = true;
                     tally.errors += 1;
                     tally.last_error = Some(e.to_string());
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
@@ -215,6 +220,15 @@ impl Worker {
                     }
                 }
             }
+            drop(tally);
+            // A server that fails every statement at once (a full lock table: "out of shared
+            // memory") was sent the next transfer at once, on a new connection: some 75 a
+            // second per worker.
+            failed_in_a_row = match failed {
+                true => failed_in_a_row.saturating_add(1),
+                false => 0,
+            };
+            self.pause(failed_in_a_row);
         }
         // The connection closes before the worker says it is done: the process may exit as soon
         // as every worker is done, and libpq's exit handlers must not race a closing connection.
@@ -300,23 +314,31 @@ impl Worker {
             let failed = verdicts
                 .iter()
                 .any(|v| matches!(v.outcome, Outcome::NotApplied | Outcome::Refused));
-            if applied == 0 && failed {
-                failed_in_a_row = failed_in_a_row.saturating_add(1);
-                // Not from the worker's generator, whose sequence `--seed` reproduces.
-                let mut pause =
-                    crate::retry::RetryPolicy::default().backoff(failed_in_a_row, &mut rand::rng());
-                if let Some(end) = self.end {
-                    pause = pause.min(end.saturating_duration_since(Instant::now()));
-                }
-                std::thread::sleep(pause);
-            } else {
-                failed_in_a_row = 0;
-            }
+            failed_in_a_row = match applied == 0 && failed {
+                true => failed_in_a_row.saturating_add(1),
+                false => 0,
+            };
+            self.pause(failed_in_a_row);
         }
         let slot = Arc::clone(&self.slot);
         drop(chunk);
         drop(self);
         slot.done.store(true, Ordering::SeqCst);
+    }
+
+    /// After `failed_in_a_row` failures (none: no pause), a pause that grows as a retry's does,
+    /// ending by the run's end.
+    fn pause(&self, failed_in_a_row: u32) {
+        if failed_in_a_row == 0 {
+            return;
+        }
+        // Not from the worker's generator, whose sequence `--seed` reproduces.
+        let mut pause =
+            crate::retry::RetryPolicy::default().backoff(failed_in_a_row, &mut rand::rng());
+        if let Some(end) = self.end {
+            pause = pause.min(end.saturating_duration_since(Instant::now()));
+        }
+        std::thread::sleep(pause);
     }
 
     /// Tells the watchdog that a transfer (or a batch's statement) starts now.
