@@ -1542,17 +1542,7 @@ fn workers_the_database_never_let_connect_are_named() {
 fn batches_failing_at_once_back_off() {
     for iso in Iso::BOTH {
         eprintln!("at {iso:?}");
-        use diesel::connection::SimpleConnection;
-        let db = ScratchDb::migrated_at(iso);
-        db.accounts(&[1000, 1000, 1000, 1000]);
-        db.conn()
-            .batch_execute(
-                "CREATE FUNCTION lock_table_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                   RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END $$; \
-                 CREATE TRIGGER lock_table_full BEFORE INSERT ON transfers \
-                   FOR EACH STATEMENT EXECUTE FUNCTION lock_table_full()",
-            )
-            .expect("the trigger");
+        let db = a_server_failing_every_ledger_insert(iso);
         let run = db
             .bank()
             .args(["workload", "--reuse-accounts", "--accounts", "4"])
@@ -1636,17 +1626,7 @@ fn batch_lines_the_run_s_end_kept_from_being_sent_are_not_indeterminate() {
 #[test]
 fn transfers_failing_at_once_back_off() {
     for iso in Iso::BOTH {
-        use diesel::connection::SimpleConnection;
-        let db = ScratchDb::migrated_at(iso);
-        db.accounts(&[1000, 1000, 1000, 1000]);
-        db.conn()
-            .batch_execute(
-                "CREATE FUNCTION lock_table_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                   RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END $$; \
-                 CREATE TRIGGER lock_table_full BEFORE INSERT ON transfers \
-                   FOR EACH STATEMENT EXECUTE FUNCTION lock_table_full()",
-            )
-            .expect("the trigger");
+        let db = a_server_failing_every_ledger_insert(iso);
         for mode in ["transaction", "single-statement"] {
             let run = db
                 .bank()
@@ -1663,4 +1643,21 @@ fn transfers_failing_at_once_back_off() {
             assert!(errors < 80, "{iso:?} {mode}: {errors} errors in 3 s: {j}");
         }
     }
+}
+
+/// A database of 4 accounts whose server fails every INSERT into the ledger at once, as a full
+/// lock table does ("out of shared memory", 53200; here a trigger raising it).
+fn a_server_failing_every_ledger_insert(iso: Iso) -> ScratchDb {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated_at(iso);
+    db.accounts(&[1000, 1000, 1000, 1000]);
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION lock_table_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END $$; \
+             CREATE TRIGGER lock_table_full BEFORE INSERT ON transfers \
+               FOR EACH STATEMENT EXECUTE FUNCTION lock_table_full()",
+        )
+        .expect("the trigger");
+    db
 }
