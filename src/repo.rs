@@ -184,12 +184,14 @@ pub fn account_version(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<
 /// Versions are one sequence over both sides of the ledger, so a range of them is one bounded
 /// range of each side's (account, version) index: every page is fast however long the history,
 /// where one `ORDER BY version DESC` over both sides made PostgreSQL sort all of them first.
+/// Row by row: a page whose rows come slowly (a slow link) is written as they come, each row a
+/// sign of life for the read's watch.
 pub fn history_page(
     conn: &mut PgConnection,
     account: Uuid,
     low: i64,
     high: i64,
-) -> QueryResult<Vec<Entry>> {
+) -> QueryResult<impl Iterator<Item = QueryResult<Entry>> + '_> {
     diesel::sql_query(
         "SELECT version, at, transfer_id, counterparty, amount, balance_after FROM ( \
          SELECT from_version AS version, created_at AS at, id AS transfer_id, \
@@ -207,7 +209,7 @@ pub fn history_page(
     .bind::<SqlUuid, _>(account)
     .bind::<BigInt, _>(low)
     .bind::<BigInt, _>(high)
-    .load(conn)
+    .load_iter::<Entry, PgRowByRowLoadingMode>(conn)
 }
 
 /// An account's balance at a time.

@@ -3254,3 +3254,52 @@ fn commands_whose_schema_check_a_lock_holds_up_for_a_moment_check_again() {
         assert!(db.state().0.is_empty(), "{iso:?}: reset left rows");
     }
 }
+
+/// A listing longer than `--timeout` whose rows keep coming (a slow link, a large ledger) is a
+/// database that answers, not a frozen one: each row written is a sign of life (`guard::tick`),
+/// and the watch ends only a read that hears nothing for that long. No test held it: with the
+/// sign of life dropped, every listing ended at `--timeout` from its start (a reviewer's
+/// mutation). Here the rows take about 1.2 s to arrive, against a 400 ms timeout.
+#[test]
+fn a_listing_slower_than_its_timeout_whose_rows_keep_coming_is_not_cut() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[1_000_000; 2]);
+    let from = ids[0].to_string();
+    let to = ids[1].to_string();
+    let file: String = std::iter::once("id,from,to,amount\n".to_string())
+        .chain((0..3000).map(|_| format!("{},{from},{to},1\n", Uuid::new_v4())))
+        .collect();
+    crate::support::run_file(db.url.expose(), "pay.csv", &file, &[]).success();
+    db.bank()
+        .args(["seed", "--accounts", "3000"])
+        .run()
+        .success();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.slow_rows(100, Duration::from_millis(40));
+    let url = proxy.url_for(&db.url);
+    let listings: [(&[&str], usize); 3] = [
+        (&["balances"], 3002),
+        (&["balances", "--json"], 1),
+        (&["history", &from], 3000),
+    ];
+    for (args, lines) in listings {
+        let started = Instant::now();
+        // Its output read as it comes (`ends_within` reads it at the end: bank blocked writing).
+        let run = Bank::new()
+            .args(["--database-url", &url])
+            .args(args)
+            .args(["--timeout", "400ms"])
+            .run();
+        assert_eq!(
+            run.code,
+            0,
+            "{args:?} after {:?}: {run:?}",
+            started.elapsed()
+        );
+        assert!(run.stdout.lines().count() >= lines, "{args:?}: {run:?}");
+        assert!(
+            started.elapsed() > Duration::from_millis(800),
+            "{args:?}: too fast to tell"
+        );
+    }
+}

@@ -51,7 +51,7 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
             .run(|conn| -> Result<u64, Error> {
                 let version =
                     repo::account_version(conn, account)?.ok_or(Error::UnknownAccount(account))?;
-                // Written once the first page is read: until then, a conflict of the moment runs
+                // Written once the first page's first row is read: until then, a conflict of the moment runs
                 // the read again (`read_again`).
                 let mut header = !json;
                 let mut high = before.min(version.saturating_add(1));
@@ -59,11 +59,15 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
                 let mut shown = 0u64;
                 while high > 0 && (shown as i64) < limit {
                     let low = high.saturating_sub(page).max(0);
-                    let entries = repo::history_page(conn, account, low, high)?;
+                    // The page's first row read before the header is written: until then, a
+                    // conflict of the moment runs the read again.
+                    let mut entries = repo::history_page(conn, account, low, high)?;
+                    let first = entries.next().transpose()?;
                     if std::mem::take(&mut header) {
                         writeln!(out, "history of account {account} (newest first):")?;
                     }
-                    for e in entries {
+                    for e in first.map(Ok).into_iter().chain(entries) {
+                        let e = e?;
                         if (shown as i64) >= limit {
                             break;
                         }

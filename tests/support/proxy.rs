@@ -181,6 +181,8 @@ struct Shared {
     statements: AtomicU64,
     injected: AtomicU64,
     late_commits: AtomicU64,
+    /// `slow_rows`: a pause after every so many rows.
+    slow_rows: Mutex<Option<(u64, std::time::Duration)>>,
     gate: Mutex<Gate>,
     /// Wakes the threads waiting on `gate`.
     wake: Condvar,
@@ -416,6 +418,12 @@ impl Proxy {
     /// (until one of them ends).
     pub fn pool_of(&self, n: usize) {
         self.shared.gate().pool = Some(n);
+    }
+
+    /// A slow link that keeps moving: the server's rows (DataRow messages) reach the client
+    /// with a pause of `pause` after every `every` of them.
+    pub fn slow_rows(&self, every: u64, pause: std::time::Duration) {
+        *self.shared.slow_rows.lock().expect("lock") = Some((every, pause));
     }
 
     /// When sessions whose first query found `pool_of`'s places taken began to wait for one.
@@ -691,8 +699,16 @@ fn forward_replies(
     link: &Link,
     shared: &Shared,
 ) -> io::Result<()> {
+    let mut rows = 0u64;
     loop {
         let msg = read_typed(&mut server)?;
+        if msg[0] == b'D' {
+            rows += 1;
+            let slow = *shared.slow_rows.lock().expect("lock");
+            if let Some((_, pause)) = slow.filter(|(every, _)| rows.is_multiple_of(*every)) {
+                std::thread::sleep(pause);
+            }
+        }
         shared.hold()?;
         if link.frozen.load(Ordering::SeqCst) {
             return Ok(());
