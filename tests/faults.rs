@@ -3277,10 +3277,14 @@ fn a_listing_slower_than_its_timeout_whose_rows_keep_coming_is_not_cut() {
     let proxy = Proxy::start(upstream_of(&db.url));
     proxy.slow_rows(100, Duration::from_millis(40));
     let url = proxy.url_for(&db.url);
-    let listings: [(&[&str], usize); 3] = [
+    thread::sleep(Duration::from_millis(20));
+    let now = chrono::Utc::now().to_rfc3339();
+    let listings: [(&[&str], usize); 5] = [
         (&["balances"], 3002),
         (&["balances", "--json"], 1),
+        (&["balances", "--as-of", &now], 3002),
         (&["history", &from], 3000),
+        (&["history", &from, "--json"], 1),
     ];
     for (args, lines) in listings {
         let started = Instant::now();
