@@ -487,6 +487,16 @@ pub enum Error {
          file may still apply some (outcome unknown): run the same file again to settle them"
     )]
     FileCheckInterrupted(String),
+    /// `transfer --file` whose first connection's thread the system would not start: none was
+    /// sent, but an earlier run of the file may still apply some, as for `FileNotStarted`
+    /// (exit 3).
+    #[error(
+        "cannot start a thread ({0}): no line was attempted, but an earlier run of this file may \
+         still apply some (outcome unknown): run the same file again to settle them (the system \
+         limits this process's threads: ulimit -u, a container's or systemd's pids limit, or its \
+         memory)"
+    )]
+    FileNoThread(std::io::Error),
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error(
         "{}{} {} not applied (each line's outcome is above)",
@@ -533,6 +543,13 @@ pub enum Error {
     },
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
+    /// A thread the system would not start (`crate::spawn`), before the command sent anything
+    /// that it needed the thread for.
+    #[error(
+        "cannot start a thread ({0}): the system limits this process's threads (ulimit -u, a \
+         container's or systemd's pids limit) or its memory"
+    )]
+    Thread(std::io::Error),
     /// The copy of standard input `transfer --file -` reads twice could not be made or written
     /// (a temporary directory missing or full): the machine's failure, not bad input (exit 1).
     #[error("cannot {what}: {source}")]
@@ -752,7 +769,8 @@ impl Error {
             Error::Transfer(TransferError::OutcomeUnknown { .. })
             | Error::BatchUnknown { .. }
             | Error::FileNotStarted(_)
-            | Error::FileCheckInterrupted(_) => ExitCode::OutcomeUnknown,
+            | Error::FileCheckInterrupted(_)
+            | Error::FileNoThread(_) => ExitCode::OutcomeUnknown,
             Error::ReceiptLost { .. } | Error::ReportLost { .. } => ExitCode::Success,
             _ => ExitCode::Failure,
         }
@@ -767,6 +785,7 @@ impl From<crate::batch::Fatal> for Error {
             // of an earlier run can be on its way to commit through it.
             crate::batch::Fatal::Connect(e) if e.reaches_no_database() => Error::Connect(e),
             crate::batch::Fatal::Connect(e) => Error::FileNotStarted(e),
+            crate::batch::Fatal::Thread(e) => Error::FileNoThread(e),
         }
     }
 }

@@ -100,22 +100,26 @@ impl Ticket {
 /// commit nothing. One that hears nothing from the database for `timeout` (its output makes no
 /// progress: see `tick`) ends the process, exit 1, with one line; the frozen server's kernel
 /// would otherwise keep it waiting forever.
-pub fn watch_reads(timeout: std::time::Duration) {
+pub fn watch_reads(timeout: std::time::Duration) -> Result<(), crate::error::Error> {
     watch(timeout, || {
         "the read is slower than that (a large ledger: raise --timeout), waits on a lock another \
          session holds, or the server is frozen or unreachable"
             .to_string()
-    });
+    })
 }
 
 /// `watch_reads` for a command that writes in committed steps (`reset`): `then` says how far it
-/// got, in the one line it exits with.
-pub fn watch(timeout: std::time::Duration, then: impl Fn() -> String + Send + 'static) {
+/// got, in the one line it exits with. `Err` when the watch's thread could not be started: the
+/// command must not start without its deadline.
+pub fn watch(
+    timeout: std::time::Duration,
+    then: impl Fn() -> String + Send + 'static,
+) -> Result<(), crate::error::Error> {
     use std::time::{Duration, Instant};
     let started = *READS_STARTED.get_or_init(Instant::now);
     tick();
     let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
-    std::thread::spawn(move || loop {
+    crate::spawn(move || loop {
         std::thread::sleep(every);
         if STOPPED.load(Ordering::Relaxed) {
             return;
@@ -133,7 +137,9 @@ pub fn watch(timeout: std::time::Duration, then: impl Fn() -> String + Send + 's
             ));
             crate::exit_now(i32::from(crate::exit_code::ExitCode::Failure));
         }
-    });
+    })
+    .map(|_| ())
+    .map_err(crate::error::Error::Thread)
 }
 
 /// Ends the watch: the steps it covered are done, and what follows has deadlines of its own (a

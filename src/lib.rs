@@ -37,6 +37,20 @@ pub mod workload;
 pub use commands::run;
 pub use text::{counted, for_terminal, of_total, one_line, say, was_or_were};
 
+/// `std::thread::spawn`, but a thread the system will not start (a container's or systemd's
+/// pids limit, `ulimit -u`, no memory for its stack) is an error to report, where
+/// `std::thread::spawn` panicked: exit 101 and a backtrace, and a `transfer --file` that had
+/// applied its first group when it could not start its second connection's thread never
+/// reported those lines (found by a helper playing a new user: 3,437 lines applied, none
+/// reported).
+pub fn spawn<F, T>(f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new().spawn(f)
+}
+
 /// Ends the process at once with `code`, from any thread, once the one line that says why has been
 /// written. `std::process::exit` runs the C library's exit handlers, among them OpenSSL's (loaded
 /// by libpq), which freed what another thread still inside a connection attempt was using:

@@ -1907,6 +1907,105 @@ fn bank_s_sessions_have_the_server_speak_english() {
     assert_eq!(run.stderr, "", "{run:?}");
 }
 
+/// `exit_on_error = on` (a role's, a database's, `PGOPTIONS`'): the server ends a session at its
+/// first error, and bank meets errors by design. A role that may not set `lc_messages` lost every
+/// session before its first statement (every command: "the session could not be set up: no
+/// connection to the server"), and a single statement refused for insufficient funds lost its
+/// connection, so it was reported of unknown outcome (exit 3, after 31 attempts) where the
+/// database had refused it (found by a helper playing a new user). bank's sessions set it off.
+#[test]
+fn exit_on_error_does_not_end_bank_s_sessions() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (_, teller) = db.teller("LOGIN");
+    // Not English by name, so that bank sets it, and the teller may not.
+    db.alter("lc_messages = 'C.utf8'");
+    db.alter("exit_on_error = on");
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    let transfer = |url: &str, mode: &str, amount: &str| {
+        Bank::new()
+            .args([
+                "--database-url",
+                url,
+                "transfer",
+                "--from",
+                &from,
+                "--to",
+                &to,
+            ])
+            .args(["--amount", amount, "--mode", mode, "--timeout", "5s"])
+            .args(["--id", &Uuid::new_v4().to_string()])
+            .run()
+    };
+    for url in [db.url.expose(), teller.as_str()] {
+        for mode in ["transaction", "single-statement"] {
+            let refused = transfer(url, mode, "1000");
+            assert_eq!(refused.code, 1, "{mode}: {refused:?}");
+            assert!(
+                refused.stderr.contains("insufficient funds")
+                    && refused.stderr.lines().count() == 1,
+                "{mode}: {refused:?}"
+            );
+            transfer(url, mode, "7").success();
+        }
+    }
+    let (balances, _) = db.state();
+    let mut got: Vec<i64> = balances.iter().map(|(_, b)| *b).collect();
+    got.sort();
+    assert_eq!(got, vec![28, 72]);
+}
+
+/// A thread the system will not start (a container's or systemd's pids limit, `ulimit -u`; here
+/// a stack no memory holds, through `RUST_MIN_STACK`): every command panicked, exit 101 with a
+/// backtrace, and a `transfer --file` under `ulimit -u 3` panicked once its first group was
+/// applied, reporting none of those lines (found by a helper playing a new user: 3,437 lines
+/// applied, none reported). Each says so in one line now, before sending anything: a transfer
+/// not applied (exit 1), or unknown with an id given (exit 3, as any run held up before its
+/// first statement), a file unknown (exit 3), the others exit 1.
+#[test]
+fn a_thread_the_system_will_not_start_is_one_line_not_a_panic() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    let id = Uuid::new_v4().to_string();
+    let bank = |args: &[&str]| {
+        let mut bank = Bank::new()
+            .args(["--database-url", db.url.expose()])
+            .args(args);
+        bank.cmd.env("RUST_MIN_STACK", "1099511627776");
+        std::fs::write(
+            bank.dir.path().join("f.csv"),
+            format!("id,from,to,amount\n{id},{from},{to},7\n"),
+        )
+        .expect("file");
+        bank.run()
+    };
+    let transfer = ["transfer", "--from", &from, "--to", &to, "--amount", "7"];
+    bank(&transfer).fails_with(1, "not applied: the system would not start a thread");
+    bank(&[&transfer[..], &["--id", &id]].concat()).fails_with(3, "could not start a thread");
+    bank(&["transfer", "--file", "f.csv"]).fails_with(3, "cannot start a thread");
+    let workload = ["workload", "--accounts", "2", "--transfers", "1"];
+    for command in [
+        &["balances"][..],
+        &["verify"],
+        &["seed"],
+        &["reset", "--yes"],
+        &workload,
+    ] {
+        bank(command).fails_with(1, "cannot start a thread");
+    }
+    let (balances, _) = db.state();
+    assert_eq!(balances.len(), 2);
+    assert!(
+        balances.iter().all(|(_, b)| *b == 100 || *b == 0),
+        "{balances:?}"
+    );
+    assert_eq!(
+        crate::support::count_transfers(&mut db.conn()).expect("count"),
+        0
+    );
+}
+
 /// The read of the session's settings that decides `synchronous_commit = on` (and the raise of
 /// REPEATABLE READ) failing: the connection was kept untuned, so a transfer committed
 /// asynchronously and was reported applied (found by a reviewer; there, one run in 30 under a

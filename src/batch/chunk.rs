@@ -115,6 +115,8 @@ impl Watch {
 pub enum Fatal {
     NotMigrated(crate::error::Unmigrated),
     Connect(ConnectError),
+    /// The first connection's thread could not be started: nothing was sent.
+    Thread(std::io::Error),
 }
 
 impl std::fmt::Display for Fatal {
@@ -122,6 +124,7 @@ impl std::fmt::Display for Fatal {
         match self {
             Fatal::NotMigrated(u) => write!(f, "{u}"),
             Fatal::Connect(e) => write!(f, "{e}"),
+            Fatal::Thread(e) => write!(f, "cannot start a thread ({e})"),
         }
     }
 }

@@ -208,9 +208,24 @@ where
     // Ids another run answered "not applied" while this one was at them: no line of any
     // connection applies one afterwards (`ChunkRunner::barring`).
     let barred = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let mut workers: Vec<Worker> = (0..connections)
-        .map(|n| spawn(url, batch, policy, n, done_tx.clone(), &barred))
-        .collect();
+    // Why a worker ended before its first statement (`Done::retired`), or never started (no
+    // thread for it), and the workers that applied a group: the warning counts those, not the
+    // ones that merely never had to retire.
+    let mut fewer: Option<String> = None;
+    let mut workers: Vec<Worker> = Vec::new();
+    for n in 0..connections {
+        match spawn(url, batch, policy, n, done_tx.clone(), &barred) {
+            Ok(w) => workers.push(w),
+            // Nothing sent yet.
+            Err(e) if n == 0 => return Err(E::from(Fatal::Thread(e))),
+            Err(e) => {
+                fewer.get_or_insert(no_thread(&e));
+                break;
+            }
+        }
+    }
+    // Connections meant to apply the file, for the warning when fewer did.
+    let mut meant = connections;
     // Kept for the workers an answer adds.
     let mut done_tx = ask.is_some().then_some(done_tx);
 
@@ -233,9 +248,6 @@ where
     let mut idle: Vec<usize> = vec![0];
     let mut others_idle = false;
     let mut stopping: Option<String> = None;
-    // Why a worker ended before its first statement (`Done::retired`), and the workers that
-    // applied a group: the warning counts those, not the ones that merely never had to retire.
-    let mut fewer: Option<String> = None;
     let mut used: HashSet<usize> = HashSet::new();
     // Whether any group has come back decided: until then a fatal error ends the run as one.
     let mut any_done = false;
@@ -261,8 +273,15 @@ where
                     log::debug!("transfer --file: the server's answer: {n} connection(s)");
                     if let (None, Some(tx)) = (&stopping, done_tx.take()) {
                         let from = workers.len();
+                        meant = meant.max(n);
                         for k in from..n {
-                            workers.push(spawn(url, batch, policy, k, tx.clone(), &barred));
+                            match spawn(url, batch, policy, k, tx.clone(), &barred) {
+                                Ok(w) => workers.push(w),
+                                Err(e) => {
+                                    fewer.get_or_insert(no_thread(&e));
+                                    break;
+                                }
+                            }
                         }
                         idle.extend((from..workers.len()).rev());
                         (groups_per_window, window_size) = windows_for(workers.len());
@@ -368,10 +387,13 @@ where
                     let more = !queue.is_empty() || lines.peek().is_some();
                     if let Some(ask) = ask.take().filter(|_| more) {
                         let (tx, rx) = mpsc::channel();
-                        thread::spawn(move || {
+                        // No thread to ask on: the file goes on with the connection it has.
+                        match crate::spawn(move || {
                             let _ = tx.send(ask());
-                        });
-                        answer = Some(rx);
+                        }) {
+                            Ok(_) => answer = Some(rx),
+                            Err(e) => log::debug!("transfer --file: not asked: {e}"),
+                        }
                     }
                 }
                 if let Some(refused) = done.retired {
@@ -495,7 +517,6 @@ where
     // closing its connection while the process exits (libpq's and OpenSSL's exit handlers then
     // race it: a run killed by a signal after printing every line was seen). Lost (frozen) ones
     // are left behind.
-    let meant = workers.len();
     for w in workers.drain(..) {
         drop(w.jobs);
         if !w.lost {
@@ -565,7 +586,7 @@ fn spawn(
     n: usize,
     done: mpsc::Sender<Done>,
     barred: &std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>>,
-) -> Worker {
+) -> std::io::Result<Worker> {
     let (jobs, rx) = mpsc::channel::<Job>();
     let session = Session::new(url.clone(), "bank")
         .with_timeout(policy.timeout)
@@ -579,7 +600,7 @@ fn spawn(
     let watch = runner.watch.clone();
     let connecting = Arc::new(AtomicBool::new(false));
     let marked = Arc::clone(&connecting);
-    let thread = thread::spawn(move || {
+    let thread = crate::spawn(move || {
         for job in rx {
             // A connection the database has no slot for (a role's CONNECTION LIMIT) while the
             // first worker holds one (it finishes a group before any other worker starts): the
@@ -623,14 +644,19 @@ fn spawn(
                 break;
             }
         }
-    });
-    Worker {
+    })?;
+    Ok(Worker {
         jobs,
         thread,
         watch,
         lost: false,
         connecting: marked,
-    }
+    })
+}
+
+/// Why a file has fewer connections than meant: the thread for the next could not start.
+fn no_thread(e: &std::io::Error) -> String {
+    format!("the system would not start a thread for another connection ({e})")
 }
 
 #[cfg(test)]

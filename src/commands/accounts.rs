@@ -57,7 +57,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             true => format!("{stopped}; the JSON array on standard output is left unclosed"),
             false => stopped.to_string(),
         }
-    });
+    })?;
     let mut conn = url.connect_to_write(args.timeout)?;
     crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
@@ -480,7 +480,7 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
             crate::counted(transfers as u64, "transfer"),
             seen.zeroed()
         )
-    });
+    })?;
     let mut conn = url.connect_to_write(args.timeout)?;
     crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();

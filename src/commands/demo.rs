@@ -74,7 +74,7 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
             "the server is frozen or unreachable; the demo could not remove what it created: \
              {ours}"
         )
-    });
+    })?;
     // A first Ctrl-C (or SIGTERM) stops the flow, not the process: killed, the demo left its
     // accounts behind and said nothing. What is in flight finishes, then the cleanup runs.
     crate::interrupt::catch();

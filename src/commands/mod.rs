@@ -72,7 +72,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         _ => None,
     };
     if let Some(read) = read {
-        crate::guard::watch_reads(read.timeout);
+        crate::guard::watch_reads(read.timeout)?;
         crate::interrupt::while_reading();
     }
     let result = match cli.command {
@@ -197,7 +197,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
          bank's tables), or the server is frozen, unreachable or slower than that; the \
          migrations applied so far stay: run `bank init` again"
             .to_string()
-    });
+    })?;
     crate::interrupt::while_migrating();
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;

@@ -21,6 +21,15 @@
 //! warned once and goes on: outcomes stay true either way (an error bank does not know is no
 //! proof of anything).
 //!
+//! The session's end at an error: under `exit_on_error = on` (a role's, a database's, or
+//! `PGOPTIONS`') the server ends the session at its first error, and bank meets errors by design:
+//! a refused `lc_messages` ended every session of a role that may not set it before its first
+//! statement (every command failed with "the session could not be set up: no connection to the
+//! server"), and a transfer refused for insufficient funds lost its connection instead, so a
+//! single statement said its outcome was unknown (exit 3, after 31 attempts) where it was
+//! refused (found by a helper playing a new user). Where the engine has the setting, each session
+//! sets `exit_on_error = off` first, in the same round trip.
+//!
 //! The rows: a DBA's row-level security policy that hid ledger rows from bank's role made a
 //! committed id look absent, and its rerun said "not applied" (found by a fault-injecting
 //! helper); hidden accounts make `verify` report violations that are not there. Each session
@@ -45,6 +54,8 @@ struct Kept {
     english: bool,
     /// Each session sets `row_security = off` (the engine has the setting, and it is on).
     all_rows: bool,
+    /// Each session sets `exit_on_error = off` (the engine has the setting).
+    stay: bool,
 }
 
 static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
@@ -61,22 +72,32 @@ pub(super) fn keep(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     let known = kept()
         .iter()
         .find(|k| k.url == url)
-        .map(|k| (k.path.clone(), k.english, k.all_rows));
-    let Some((path, english, all_rows)) = known else {
+        .map(|k| (k.path.clone(), k.english, k.all_rows, k.stay));
+    let Some((path, english, all_rows, stay)) = known else {
         return first(conn, url);
     };
-    set(conn, &path, english, all_rows).map(|_| ())
+    set(conn, &path, english, all_rows, stay).map(|_| ())
 }
 
-/// `SET search_path = path` (unless empty), with `all_rows` `row_security = off`, and with
-/// `english` `lc_messages = 'C'`, in one round trip; whether the last was set. A refused
-/// `lc_messages` (the privilege revoked since) costs the words, not the session: the others are
-/// set again alone.
-fn set(conn: &mut PgConnection, path: &str, english: bool, all_rows: bool) -> QueryResult<bool> {
-    let mut sql = match path.is_empty() {
-        true => String::new(),
-        false => format!("SET search_path = {path}; "),
+/// With `stay` `exit_on_error = off` first, `SET search_path = path` (unless empty), with
+/// `all_rows` `row_security = off`, and with `english` `lc_messages = 'C'`, in one round trip;
+/// whether the last was set. A refused `lc_messages` (the privilege revoked since) costs the
+/// words, not the session (`exit_on_error` was already off when it failed): the others, which
+/// its failure rolled back, are set again alone.
+fn set(
+    conn: &mut PgConnection,
+    path: &str,
+    english: bool,
+    all_rows: bool,
+    stay: bool,
+) -> QueryResult<bool> {
+    let mut sql = match stay {
+        true => "SET exit_on_error = off; ".to_string(),
+        false => String::new(),
     };
+    if !path.is_empty() {
+        sql.push_str(&format!("SET search_path = {path}; "));
+    }
     if all_rows {
         sql.push_str("SET row_security = off; ");
     }
@@ -105,11 +126,15 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
         /// `None` where the engine has no such setting.
         #[diesel(sql_type = Nullable<Text>)]
         row_security: Option<String>,
+        /// `None` where the engine has no such setting.
+        #[diesel(sql_type = Nullable<Text>)]
+        exit_on_error: Option<String>,
     }
     let found: Found = diesel::sql_query(
         "SELECT current_schemas(false) AS schemas, current_setting('search_path') AS path, \
          current_setting('lc_messages', true) AS messages, \
-         current_setting('row_security', true) AS row_security",
+         current_setting('row_security', true) AS row_security, \
+         current_setting('exit_on_error', true) AS exit_on_error",
     )
     .get_result(conn)?;
     let path = found
@@ -125,7 +150,9 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
         .messages
         .filter(|m| !matches!(m.as_str(), "C" | "POSIX" | ""));
     let all_rows = found.row_security.is_some_and(|r| r != "off");
-    let english = set(conn, &path, language.is_some(), all_rows)?;
+    // Set wherever the engine has it, on or not: a DBA may turn it on mid-run.
+    let stay = found.exit_on_error.is_some();
+    let english = set(conn, &path, language.is_some(), all_rows, stay)?;
     if let (Some(language), false) = (&language, english) {
         // English in all but name ("en_US.UTF-8", "C.UTF-8"): nothing to say.
         if !(language.starts_with("en") || language.starts_with("C.")) {
@@ -145,6 +172,7 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
             path,
             english,
             all_rows,
+            stay,
         }),
     }
     Ok(())

@@ -351,13 +351,25 @@ impl Runner {
         let (tx, rx) = mpsc::channel();
         let t = *t;
         let started = Instant::now();
-        std::thread::spawn(move || {
+        let started_thread = crate::spawn(move || {
             let result = self.run(&t);
             // Closed before the answer goes out: the caller may exit at once, and libpq's exit
             // handlers must not race a connection closing on this thread.
             drop(self);
             let _ = tx.send(result);
         });
+        // Nothing was sent: not applied, or, with an id given, unknown as for any run held up
+        // before its first statement (an earlier run's attempt may still be on its way).
+        if let Err(e) = started_thread {
+            return Err(match id_given {
+                true => held_up(&t, format!("it could not start a thread ({e})")),
+                false => gave_up(
+                    &t,
+                    GaveUp::NotApplied,
+                    format!("the system would not start a thread for it ({e})"),
+                ),
+            });
+        }
         // The runner watches the same deadline between attempts; the grace lets it report its
         // own, more precise, result when it is not stuck. A Ctrl-C (or SIGTERM) ends the wait
         // as the deadline does: killed without a word, the run never named the id it made up,

@@ -120,7 +120,7 @@ impl Crew {
             // The first `concurrency` are the workers asked for (`run`); the watchdog's come after.
             replacement: n >= self.config.concurrency,
         };
-        thread::spawn(move || worker.run());
+        crate::spawn(move || worker.run()).map_err(crate::error::Error::Thread)?;
         Ok(slot)
     }
 
@@ -262,7 +262,8 @@ impl Crew {
                 Arc::clone(&self.live),
             );
             let (low, high) = self.prefix.range();
-            thread::spawn(move || {
+            let (failed, left) = (Arc::clone(&readers.failure), Arc::clone(&readers.running));
+            let spawned = crate::spawn(move || {
                 let mut conn = None;
                 // At least one read, however short the run: a reader that had not begun when a
                 // 1 ms run stopped failed the run for a check it never made (a reviewer's find).
@@ -317,6 +318,12 @@ impl Crew {
                 drop(conn);
                 running.fetch_sub(1, Ordering::SeqCst);
             });
+            // A reader the system would not start reads nothing: the run goes on with the others,
+            // and says why in its readers' last failure.
+            if let Err(e) = spawned {
+                note(&failed, format_args!("a reader could not start: {e}"));
+                left.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         readers
     }
@@ -338,7 +345,7 @@ impl Crew {
             self.config.policy.timeout,
             self.started,
         );
-        thread::spawn(move || {
+        let spawned = crate::spawn(move || {
             let mut conn = None;
             while !stop.load(Ordering::SeqCst) {
                 let began = Instant::now();
@@ -370,6 +377,10 @@ impl Crew {
                 thread::sleep(PROBE_EVERY);
             }
         });
+        // Without it the report's shaded seconds are those the transfers saw fail only.
+        if let Err(e) = spawned {
+            log::warn!("workload: the probe of --report could not start: {e}");
+        }
         probe
     }
 

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::sync::mpsc::{self, Sender};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
@@ -25,9 +25,10 @@ pub(super) struct Written(JoinHandle<io::Result<()>>);
 
 impl HistogramLog {
     /// Starts the log in `file`, whose times count from `started`.
-    pub(super) fn start(file: File, started: SystemTime) -> (HistogramLog, Written) {
+    /// `Err`: the system would not start its thread.
+    pub(super) fn start(file: File, started: SystemTime) -> io::Result<(HistogramLog, Written)> {
         let (tx, rx) = mpsc::channel::<Interval>();
-        let handle = thread::spawn(move || -> io::Result<()> {
+        let handle = crate::spawn(move || -> io::Result<()> {
             let mut out = BufWriter::new(file);
             let mut serializer = V2DeflateSerializer::new();
             let mut log = IntervalLogWriterBuilder::new()
@@ -42,8 +43,8 @@ impl HistogramLog {
             }
             drop(log);
             out.flush()
-        });
-        (HistogramLog { tx }, Written(handle))
+        })?;
+        Ok((HistogramLog { tx }, Written(handle)))
     }
 
     pub(super) fn send(&self, start: Duration, length: Duration, histogram: Histogram<u64>) {

@@ -15,7 +15,6 @@ pub use report::{Invariants, Latency, Report};
 
 use std::io::{self, Write};
 use std::sync::{mpsc, Arc};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use diesel::pg::PgConnection;
@@ -114,7 +113,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
                 n => format!("; {n} more, whose COMMIT was under way, may or may not have been"),
             }
         )
-    });
+    })?;
     let mut setup = url.connect_to_write(setup_timeout)?;
     crate::db::commit_synchronously(&mut setup)?;
     crate::guard::tick();
@@ -131,7 +130,8 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let started = Instant::now();
     let (histogram_log, histogram_written) = match histogram {
         Some(file) => {
-            let (log, written) = histogram_log::HistogramLog::start(file, SystemTime::now());
+            let (log, written) = histogram_log::HistogramLog::start(file, SystemTime::now())
+                .map_err(Error::Thread)?;
             (Some(log), Some(written))
         }
         None => (None, None),
@@ -386,7 +386,7 @@ fn final_check(
         timeout: budget,
         ..*policy
     };
-    thread::spawn(move || {
+    let spawned = crate::spawn(move || {
         let (low, high) = prefix.range();
         let result = retry(&policy, &mut RetryCounts::default(), |_| {
             let read = |conn: &mut PgConnection| -> diesel::QueryResult<FinalCheck> {
@@ -418,6 +418,11 @@ fn final_check(
             Stop::Exhausted { last, .. } => last,
         }));
     });
+    if let Err(e) = spawned {
+        return Err(format!(
+            "the system would not start a thread for the final check ({e})"
+        ));
+    }
     rx.recv_timeout(budget)
         .unwrap_or_else(|_| Err(format!("no answer from the database within {budget:?}")))
 }
