@@ -3406,3 +3406,29 @@ fn a_listing_slower_than_its_timeout_whose_rows_keep_coming_is_not_cut() {
         );
     }
 }
+
+/// `init` whose connection is lost at a migration's COMMIT (the server restarted, a connection
+/// cut), before or after the server committed it: it ended at once, exit 1 ("migration failed:
+/// server closed the connection unexpectedly"), where every other command connects again (found
+/// by a helper playing a new user, with `pg_ctl restart` mid-init). It connects again, reads
+/// which migrations are applied, and runs the rest, until its `--timeout`.
+#[test]
+fn init_whose_connection_is_lost_at_a_commit_connects_again_and_finishes() {
+    for fault in [Fault::CutBeforeCommit, Fault::CutAfterCommit] {
+        let db = ScratchDb::empty();
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.arm_at(At::Commit, fault);
+        let url = proxy.url_for(&db.url);
+        let run = Bank::new()
+            .args(["--database-url", &url, "init", "--timeout", "20s"])
+            .run();
+        assert_eq!(proxy.injected(), 1, "{fault:?}: {run:?}");
+        assert_eq!(run.code, 0, "{fault:?}: {run:?}");
+        let again = db.bank().args(["init"]).run();
+        again.success();
+        assert!(
+            again.stdout.contains("schema is up to date"),
+            "{fault:?}: {again:?}"
+        );
+    }
+}

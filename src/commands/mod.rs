@@ -199,11 +199,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             .to_string()
     })?;
     crate::interrupt::while_migrating();
-    let mut conn = url.connect()?;
-    let server = db::engine::detect(&mut conn)?;
-    db::engine::prepare_migration_session(&mut conn, &server)?;
-    // "applied migration" is said of a migration that a crash cannot take back.
-    db::commit_synchronously(&mut conn)?;
+    let (mut conn, server) = migration_connection(url)?;
     // Every host of a deployment may run `init` as it starts. Each migration commits on its own,
     // so another init's progress between this one's reads and writes made it fail, in a way of
     // the moment: a relation it was about to create now "in the way", a duplicate key in the
@@ -226,6 +222,27 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
                 log::info!("init: a lock held elsewhere; trying again ({e})");
                 give_way();
                 before = settled_state(&mut conn)?;
+            }
+            // The connection went (the server restarted, a connection cut), at a migration's
+            // COMMIT or before: it ended init at once, where every other command connects
+            // again. Whether that migration committed is read on the new connection, with
+            // the rest; the watch ends a server that does not come back within `--timeout`.
+            Err(e) if connection_lost(&e) => {
+                log::info!("init: the connection was lost ({e}); connecting again");
+                (conn, before) = loop {
+                    give_way();
+                    let again = migration_connection(url).and_then(|(mut conn, _)| {
+                        let state = settled_state(&mut conn)?;
+                        Ok((conn, state))
+                    });
+                    match again {
+                        Ok(again) => break again,
+                        Err(e) if connection_lost(&e) => {
+                            log::info!("init: not connected yet ({e})");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
             }
             Err(e) => {
                 // Another init's migration commits when this one's ends: give it that moment.
@@ -259,6 +276,32 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             .collect(),
     };
     report_done(out, &done.join("\n"))
+}
+
+/// A connection for `init`, its session prepared for migrations.
+fn migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::Server), Error> {
+    let mut conn = url.connect()?;
+    let server = db::engine::detect(&mut conn)?;
+    db::engine::prepare_migration_session(&mut conn, &server)?;
+    // "applied migration" is said of a migration that a crash cannot take back.
+    db::commit_synchronously(&mut conn)?;
+    Ok((conn, server))
+}
+
+/// Whether `e`, or an error under it, is a lost connection or a server not accepting them yet
+/// (one restarting): what connecting again may cure.
+fn connection_lost(e: &Error) -> bool {
+    if let Error::Connect(c) = e {
+        return c.is_transient();
+    }
+    let mut next: Option<&dyn std::error::Error> = Some(e);
+    while let Some(e) = next {
+        if crate::retry::reads_as_lost_connection(&e.to_string()) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// `migration_state`, read again after a pause whenever it gives way to a lock held elsewhere
