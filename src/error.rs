@@ -292,6 +292,16 @@ impl ConnectError {
         is_connection_limit(&self.message)
     }
 
+    /// libpq could not make a socket: this process has as many files open as it may (EMFILE,
+    /// `ulimit -n`) or the system has (ENFILE).
+    pub fn is_out_of_client_files(&self) -> bool {
+        self.message.contains("could not create socket")
+            && self
+                .message
+                .to_ascii_lowercase()
+                .contains("too many open files")
+    }
+
     pub fn is_transient(&self) -> bool {
         // Refusals of this login that another attempt meets again: retried, they took the whole
         // deadline (31 attempts) and ended "may or may not have been applied".

@@ -4263,3 +4263,62 @@ fn unguessed_lines_are_refused_by_the_statement_as_one_by_one() {
         assert_eq!(db.state().1, 0, "{iso:?}: nothing applied");
     }
 }
+
+/// A file limit on the client (`ulimit -n`) that leaves no file for a second connection's
+/// socket while the first holds one: that connection was retried to the deadline ("could not
+/// create socket: Too many open files") and its group ended unknown (exit 3), where a role's
+/// CONNECTION LIMIT lets the file go on with the connections it has. It goes on now, saying so.
+#[test]
+fn a_client_out_of_files_for_another_connection_goes_on_with_those_it_has() {
+    let db = ScratchDb::migrated();
+    let accounts = db.accounts(&[1_000_000; 40]);
+    let mut rng = StdRng::seed_from_u64(11);
+    for round in 0..5 {
+        let lines: Vec<T> = (0..500)
+            .map(|_| {
+                let from = accounts[rng.random_range(0..accounts.len())];
+                let to = loop {
+                    let to = accounts[rng.random_range(0..accounts.len())];
+                    if to != from {
+                        break to;
+                    }
+                };
+                T {
+                    id: Uuid::new_v4(),
+                    from,
+                    to,
+                    amount: rng.random_range(1..100),
+                }
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        // Standard input, output and error, the file, and one socket.
+        let output = std::process::Command::new("prlimit")
+            .args(["--nofile=5", "--"])
+            .arg(env!("CARGO_BIN_EXE_bank"))
+            .args(["--database-url", db.url.expose(), "transfer", "--file"])
+            .arg(&path)
+            .args([
+                "--json",
+                "--batch",
+                "10",
+                "--connections",
+                "4",
+                "--timeout",
+                "3s",
+            ])
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run bank under prlimit --nofile");
+        let run = Run::from(output);
+        assert_eq!(run.code, 0, "round {round}: {run:?}");
+        assert_eq!(run.stdout.lines().count(), lines.len(), "round {round}");
+        assert!(
+            !run.stdout.contains("\"unknown\""),
+            "round {round}: {run:?}"
+        );
+    }
+}

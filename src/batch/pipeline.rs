@@ -612,13 +612,24 @@ fn spawn(
                 let first = runner.session.conn().map(|_| ());
                 connecting.store(false, Ordering::SeqCst);
                 if let Err(e) = first {
-                    if e.is_connection_limit() {
+                    // Nor has this process a file for another socket (`ulimit -n`): the first
+                    // worker holds the one there was, and retrying left the group unknown at
+                    // the deadline (exit 3) where the file could go on (a helper playing a new
+                    // user).
+                    let why = match () {
+                        _ if e.is_connection_limit() => Some("the database had no slot for"),
+                        _ if e.is_out_of_client_files() => {
+                            Some("this process may open no more files (ulimit -n) for")
+                        }
+                        _ => None,
+                    };
+                    if let Some(why) = why {
                         let _ = done.send(Done {
                             worker: n,
                             seq: job.seq,
                             result: Ok(Vec::new()),
                             retries: RetryCounts::default(),
-                            retired: Some(e.to_string()),
+                            retired: Some(format!("{why} another ({e})")),
                         });
                         break;
                     }

@@ -77,10 +77,9 @@ pub(super) fn transfer_file(
         Ok::<(), Error>(())
     })?;
     results.flush();
-    if let Some((used, connections, refused)) = &summary.fewer_connections {
+    if let Some((used, connections, why)) = &summary.fewer_connections {
         crate::say(format_args!(
-            "bank: warning: applied on {used} connection{} of {connections}: the database had \
-             no slot for another ({refused})",
+            "bank: warning: applied on {used} connection{} of {connections}: {why}",
             if *used == 1 { "" } else { "s" }
         ));
     }
