@@ -510,7 +510,7 @@ pub enum Error {
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
     #[error(
         "{}{} {} not applied (each line's outcome is above)",
-        if *interrupted { "interrupted (Ctrl-C or SIGTERM): " } else { "" },
+        if *interrupted { "interrupted (Ctrl-C, SIGTERM or SIGHUP): " } else { "" },
         crate::of_total(*failed, *total, "transfer"),
         crate::was_or_were(*failed)
     )]

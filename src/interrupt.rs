@@ -43,7 +43,7 @@ pub fn reason() -> &'static str {
     if OUTPUT_FAILED.load(Ordering::SeqCst) {
         "the results could not be written"
     } else {
-        "interrupted (Ctrl-C or SIGTERM)"
+        "interrupted (Ctrl-C, SIGTERM or SIGHUP)"
     }
 }
 
@@ -53,7 +53,7 @@ pub fn reason() -> &'static str {
 pub fn while_reading() {
     let installed = ctrlc::set_handler(|| {
         crate::say(format_args!(
-            "bank: error: interrupted (Ctrl-C or SIGTERM): nothing was changed; what was \
+            "bank: error: interrupted (Ctrl-C, SIGTERM or SIGHUP): nothing was changed; what was \
              printed is incomplete"
         ));
         crate::exit_now(130);
@@ -72,7 +72,7 @@ pub fn while_reading() {
 pub fn while_migrating() {
     let installed = ctrlc::set_handler(|| {
         crate::say(format_args!(
-            "bank: error: interrupted (Ctrl-C or SIGTERM): init stopped; the migrations it \
+            "bank: error: interrupted (Ctrl-C, SIGTERM or SIGHUP): init stopped; the migrations it \
              applied stay (each commits on its own): run `bank init` again to apply the rest"
         ));
         crate::exit_now(i32::from(crate::exit_code::ExitCode::Failure));

@@ -1732,7 +1732,7 @@ fn ctrl_c_lets_the_chunk_under_way_finish_and_reports_the_rest_unknown() {
         ended(
             &run,
             3,
-            "interrupted (Ctrl-C or SIGTERM): 90 of 100 transfers may or may not have been \
+            "interrupted (Ctrl-C, SIGTERM or SIGHUP): 90 of 100 transfers may or may not have been \
              applied (outcome unknown, none of them attempted by this run",
         );
         let got = outcomes(&run);

@@ -1393,9 +1393,9 @@ fn an_interrupted_seed_lists_exactly_what_it_created() {
     let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
     assert_eq!(run.code, 1, "{run:?}");
     assert!(
-        run.stderr
-            .starts_with("bank: error: interrupted (Ctrl-C or SIGTERM), so the seed stopped: ")
-            && run.stderr.lines().count() == 1,
+        run.stderr.starts_with(
+            "bank: error: interrupted (Ctrl-C, SIGTERM or SIGHUP), so the seed stopped: "
+        ) && run.stderr.lines().count() == 1,
         "{run:?}"
     );
     let listed: serde_json::Value =
@@ -2664,7 +2664,8 @@ fn man_pages_show_examples_as_typed() {
 
 /// Ctrl-C on a command that only reads (here `balances` writing into a pipe nobody reads) killed
 /// it with no word, exit 130, where every other command says what it did (found by a helper
-/// playing a new user). One line now, the same exit code, nothing changed.
+/// playing a new user). One line now, the same exit code, nothing changed. SIGTERM and SIGHUP
+/// (a terminal closed) the same, the line naming them.
 #[test]
 fn ctrl_c_on_a_read_says_so_in_one_line() {
     use std::process::{Command, Stdio};
@@ -2674,7 +2675,12 @@ fn ctrl_c_on_a_read_says_so_in_one_line() {
         .run()
         .success();
     let before = db.state();
-    for args in [&["balances"][..], &["balances", "--json"]] {
+    for (args, signal) in [
+        (&["balances"][..], "INT"),
+        (&["balances", "--json"], "INT"),
+        (&["balances"], "TERM"),
+        (&["balances"], "HUP"),
+    ] {
         let mut child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
             .args(["--database-url", db.url.expose()])
             .args(args)
@@ -2686,7 +2692,7 @@ fn ctrl_c_on_a_read_says_so_in_one_line() {
         // Its output fills the pipe (20,000 rows), and it waits to write the rest (a fixed
         // 1.5 s could come before its handler was installed on a loaded machine).
         crate::support::wait_until_blocked(child.id(), crate::support::Blocked::WritingStdout);
-        crate::support::interrupt(child.id());
+        crate::support::signal(child.id(), signal);
         let mut stderr = String::new();
         use std::io::Read;
         child
@@ -2698,7 +2704,10 @@ fn ctrl_c_on_a_read_says_so_in_one_line() {
         let status = child.wait().expect("wait");
         assert_eq!(status.code(), Some(130), "{args:?}: {status:?} {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
-        assert!(stderr.contains("interrupted"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("interrupted (Ctrl-C, SIGTERM or SIGHUP)"),
+            "{args:?} {signal}: {stderr}"
+        );
     }
     assert_eq!(db.state(), before);
 }

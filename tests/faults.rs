@@ -3075,7 +3075,8 @@ fn ctrl_c_while_a_step_held_up_by_a_lock_runs_again_stops_it() {
             );
             assert_eq!(run.code, 1, "{iso:?} {args:?}: {run:?}");
             assert!(
-                run.stderr.contains("interrupted (Ctrl-C or SIGTERM)")
+                run.stderr
+                    .contains("interrupted (Ctrl-C, SIGTERM or SIGHUP)")
                     && run.stderr.lines().count() == 1,
                 "{iso:?} {args:?}: {run:?}"
             );

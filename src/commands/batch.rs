@@ -100,7 +100,7 @@ pub(super) fn transfer_file(
         // Settled by a rerun, which checks the file again.
         let stopped = match (&results.failed, crate::interrupt::interrupted()) {
             (Some(e), _) => Some(output(e)),
-            (None, true) => Some("interrupted (Ctrl-C or SIGTERM)".to_string()),
+            (None, true) => Some("interrupted (Ctrl-C, SIGTERM or SIGHUP)".to_string()),
             (None, false) => None,
         };
         Err(Error::BatchUnknown {

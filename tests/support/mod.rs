@@ -455,11 +455,16 @@ pub fn spawn_transfer(
 /// Sends SIGINT to `pid` through the shell's own `kill` (a minimal Debian has no `kill` binary:
 /// procps is not installed; every POSIX shell has the builtin).
 pub fn interrupt(pid: u32) {
+    signal(pid, "INT")
+}
+
+/// Sends the signal named `name` (`INT`, `TERM`, `HUP`) to `pid`.
+pub fn signal(pid: u32, name: &str) {
     let status = std::process::Command::new("sh")
-        .args(["-c", "kill -INT \"$1\"", "sh", &pid.to_string()])
+        .args(["-c", "kill -$2 \"$1\"", "sh", &pid.to_string(), name])
         .status()
         .expect("run sh");
-    assert!(status.success(), "kill -INT {pid}: {status}");
+    assert!(status.success(), "kill -{name} {pid}: {status}");
 }
 
 /// Linux's number of the system call `read` (`write` is the next one up).
