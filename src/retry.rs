@@ -836,6 +836,29 @@ pub(crate) mod tests {
         )));
     }
 
+    /// Only statement timeouts count toward `STATEMENT_TIMEOUTS_RETRIED`: lock timeouts before
+    /// them leave a statement timeout its own retries. Counting every retry passed every test
+    /// (a mutation review): a read held up by a lock for a moment, then cancelled once, failed.
+    #[test]
+    fn lock_timeouts_do_not_use_up_the_statement_timeouts_retried() {
+        let mut calls = 0;
+        let result = retry_read(Duration::from_secs(30), || {
+            calls += 1;
+            match calls {
+                1..=3 => Err(db(
+                    DatabaseErrorKind::Unknown,
+                    "canceling statement due to lock timeout",
+                )),
+                4 => Err(db(
+                    DatabaseErrorKind::Unknown,
+                    "canceling statement due to statement timeout",
+                )),
+                _ => Ok(calls),
+            }
+        });
+        assert_eq!(result, Ok(5));
+    }
+
     #[test]
     fn the_loop_counts_retries_and_free_retries_cost_no_attempt() {
         let policy = RetryPolicy {

@@ -4322,3 +4322,32 @@ fn a_client_out_of_files_for_another_connection_goes_on_with_those_it_has() {
         );
     }
 }
+
+/// A conflict of the moment at a one-line statement's COMMIT (CockroachDB's 40001; a deadlock,
+/// a lock timeout) is retried, and the line applied: such an error rolled the statement back,
+/// and only an error nobody classified is asked of the ledger and taken for the server's
+/// refusal when it holds none of the lines (`commit_refused`). Asking the ledger for every
+/// COMMIT error made this line `refused` (exit 1), and passed every test: in larger statements
+/// the refused statement is halved and its lines applied after all (a mutation review).
+#[test]
+fn a_conflict_at_a_one_line_statement_s_commit_is_retried_not_refused() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 2, 3, 7);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.arm_at(At::Commit, Fault::Retry40001);
+        let args = ["--batch", "1", "--connections", "1"];
+        let run = run_file(&proxy.url_for(&db.url), "f.csv", &csv(&lines), &args);
+        let case = format!("{iso:?}");
+        assert_eq!(proxy.injected(), 1, "{case}");
+        run.success();
+        let got = outcomes(&run);
+        assert_eq!(got.len(), lines.len(), "{case}");
+        assert!(got.iter().all(|(_, o)| o == "applied"), "{case}: {got:?}");
+        assert_eq!(
+            count_transfers(&mut db.conn()).expect("count"),
+            lines.len() as i64,
+            "{case}"
+        );
+    }
+}

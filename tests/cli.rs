@@ -2864,3 +2864,40 @@ fn a_listing_failed_part_way_says_its_output_is_incomplete() {
         "{run:?}"
     );
 }
+
+/// A listing the server's statement_timeout cancels once its first rows are out (the server
+/// held up sending while the reader was slow): the error is the answer, and the read is not run
+/// again, which would print the listing a second time under the first part. Reading again
+/// whatever had been written passed every test (a mutation review of `read_again`).
+#[test]
+fn a_listing_cancelled_after_its_first_rows_is_not_printed_twice() {
+    let db = ScratchDb::migrated();
+    db.bank()
+        .args(["seed", "--accounts", "300000"])
+        .run()
+        .success();
+    db.alter("statement_timeout = '1s'");
+    let url = db.url.expose().to_string();
+    let mut child = crate::support::spawn_bank(&["--database-url", &url, "balances"]);
+    // Its output unread: bank blocks writing it, the server's rows waiting behind, until the
+    // statement_timeout has passed.
+    crate::support::wait_until_blocked(child.id(), crate::support::Blocked::WritingStdout);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut printed).expect("read");
+    let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+    db.alter("statement_timeout = 0");
+    let headers = printed
+        .lines()
+        .filter(|l| l.starts_with("Balances at"))
+        .count();
+    assert_eq!(headers, 1, "{run:?}");
+    assert!(printed.lines().count() < 300_001, "{run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("statement timeout")
+            && run.stderr.contains("what was printed is incomplete"),
+        "{run:?}"
+    );
+}

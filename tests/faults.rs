@@ -3433,3 +3433,224 @@ fn init_whose_connection_is_lost_at_a_commit_connects_again_and_finishes() {
         );
     }
 }
+
+/// `bank transfer` of 100 with `id` straight to the server in `mode`, `--json`: a rerun.
+fn rerun_in(s: &Setup, id: Uuid, mode: &str, url: &str, extra: &[&str]) -> Run {
+    Bank::new()
+        .args(["--database-url", url, "transfer"])
+        .args(["--from", &s.from.to_string(), "--to", &s.to.to_string()])
+        .args(["--amount", "100", "--id", &id.to_string(), "--mode", mode])
+        .args(["--json", "--retry-base", "1ms"])
+        .args(extra)
+        .run()
+}
+
+/// A rerun rolled back with no retries left (a 40001 at its commit point) says "not applied"
+/// (exit 1), and claims its id before it says so, as a rerun refused on its merits does: an
+/// earlier run's single statement still held in the network then fails on the claim when it
+/// arrives. Taking `NotApplied` out of the answers that claim first (`says_not_applied`)
+/// passed every test, and the late statement applied the transfer after the rerun's "not
+/// applied" (a mutation review). Both levels, the rerun in either mode.
+#[test]
+fn a_rerun_out_of_retries_claims_its_id_before_it_says_not_applied() {
+    for iso in Iso::BOTH {
+        for (mode, at) in [
+            ("transaction", At::Commit),
+            ("single-statement", At::Statement),
+        ] {
+            let s = setup(iso, At::Statement);
+            let case = format!("{iso:?}, the rerun in {mode} mode");
+            let id = Uuid::new_v4();
+            // The first run's statement is held in the network; it reaches the server 3 s
+            // late. The run is left not knowing (exit 3).
+            s.arm(Fault::LateStatement(Duration::from_secs(3)));
+            let first = s.transfer(id, &["--max-retries", "0"]);
+            assert_eq!(first.code, 3, "{case}: {first:?}");
+            s.proxy.arm_at(at, Fault::Retry40001);
+            let url = s.proxy.url_for(&s.db.url);
+            let rerun = rerun_in(&s, id, mode, &url, &["--max-retries", "0"]);
+            rerun.fails_json(1, "failed", "not applied");
+            s.wait_for_late_commit();
+            assert!(
+                !s.ledger_has(id),
+                "{case}: applied after the rerun said not applied: {rerun:?}"
+            );
+            assert_eq!(s.balances(), (1000, 0), "{case}");
+            s.verify_passes();
+        }
+    }
+}
+
+/// A run whose first attempt got CockroachDB's "result is ambiguous" (it did not commit), and
+/// whose id another run answered "not applied" (insufficient funds) while it backed off, the
+/// funds then back: its retry honours that answer, and it says "not applied" (exit 1), which
+/// is what happened and what the other run said. Taking `NotApplied` out of the answers an
+/// ambiguous run gives as they are made it "unknown" (exit 3) and passed every test (a mutation
+/// review). Both levels, both modes.
+#[test]
+fn a_run_whose_commit_was_ambiguous_honours_a_rerun_s_no_and_says_not_applied() {
+    for (iso, at) in CASES {
+        let s = setup_with(iso, at, &[100, 0]);
+        let [elsewhere] = s.db.accounts(&[0])[..] else {
+            panic!("one account")
+        };
+        let case = format!("{iso:?} {}", s.case());
+        s.arm(Fault::Crdb(AMBIGUOUS_NOT_COMMITTED));
+        let id = Uuid::new_v4();
+        let first = s.spawn_transfer_backing_off(id, 100);
+        s.wait_for_a_fault();
+        let move_all = |from: Uuid, to: Uuid| {
+            Bank::new()
+                .args(["--database-url", s.db.url.expose(), "transfer"])
+                .args(["--from", &from.to_string(), "--to", &to.to_string()])
+                .args(["--amount", "100"])
+                .run()
+                .success();
+        };
+        move_all(s.from, elsewhere);
+        let rerun = rerun_in(&s, id, "transaction", s.db.url.expose(), &[]);
+        rerun.fails_json(1, "failed", "insufficient funds");
+        move_all(elsewhere, s.from);
+        let first = Run::from(first.wait_with_output().expect("wait"));
+        assert!(!s.ledger_has(id), "{case}: {first:?}");
+        first.fails_json(1, "failed", "not applied");
+        assert_eq!(s.balances(), (100, 0), "{case}");
+        s.verify_passes();
+    }
+}
+
+/// A run with --id that could not get a connection until its retries ran out (a draining node
+/// refusing every new session), then could: nothing holds the accounts and the ledger has no
+/// row, so nothing can still commit the id, and it says "not applied" (exit 1), its id
+/// claimed. Turning the probe's answer around (`settle`: accounts free -> unknown) passed every
+/// test (a mutation review).
+#[test]
+fn a_run_that_never_connected_until_its_retries_ran_out_is_settled_not_applied() {
+    for iso in Iso::BOTH {
+        let s = setup(iso, At::Commit);
+        for _ in 0..3 {
+            s.proxy.arm_at(At::Connect, Fault::Crdb(DRAINING));
+        }
+        let id = Uuid::new_v4();
+        let run = s.transfer(id, &["--max-retries", "2"]);
+        run.fails_json(1, "failed", "not applied");
+        assert_eq!(s.proxy.injected(), 3, "{iso:?}: {run:?}");
+        assert!(!s.ledger_has(id), "{iso:?}");
+        assert_eq!(s.balances(), (1000, 0), "{iso:?}");
+        let claimed = bank::repo::claim_generations(&mut s.db.conn(), &[id]).expect("claims");
+        assert_eq!(claimed.len(), 1, "{iso:?}: {run:?}");
+    }
+}
+
+/// A rerun held up until its retries ran out, whose id an earlier run's attempt committed while
+/// it waited: the orphan's late COMMIT landed, and a report queued behind it then took the
+/// accounts and kept them. The ledger has the row, committed: already applied (exit 0), whoever
+/// holds the accounts. Answering "unknown" there instead (`settle` ignoring the row it read)
+/// passed every test (a mutation review): the ledger's read before the first attempt had found
+/// nothing yet. Both levels, both modes.
+#[test]
+fn a_rerun_held_up_after_its_orphan_committed_answers_from_the_ledger() {
+    use diesel::{Connection, RunQueryDsl};
+    for (iso, at) in CASES {
+        let s = setup(iso, at);
+        let case = format!("{iso:?} {}", s.case());
+        let id = s.orphan();
+        // The report queues for both accounts behind the orphan, which holds them until its
+        // COMMIT lands (6 s after it was sent), and keeps them until it is told to stop.
+        let (url, accounts) = (s.db.url.expose().to_string(), [s.from, s.to]);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let holder = thread::spawn(move || {
+            let mut conn = diesel::PgConnection::establish(&url).expect("connect");
+            conn.batch_execute(
+                "SET application_name = 'bank-test-report'; SET lock_timeout = 0; \
+                 BEGIN ISOLATION LEVEL READ COMMITTED",
+            )
+            .expect("begin");
+            diesel::sql_query("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&accounts[..])
+                .execute(&mut conn)
+                .expect("hold the accounts");
+            let _ = stopped.recv();
+        });
+        crate::support::wait_for_lock_wait(&s.db);
+        // Out of retries (41 attempts of at least 200 ms, the database's lock_timeout) well
+        // after the orphan committed, and well before its deadline.
+        let rerun = rerun_in(
+            &s,
+            id,
+            s.mode,
+            s.db.url.expose(),
+            &[
+                "--max-retries",
+                "40",
+                "--retry-cap",
+                "20ms",
+                "--timeout",
+                "40s",
+            ],
+        );
+        let _ = stop.send(());
+        holder.join().expect("holder");
+        assert!(s.ledger_has(id), "{case}: the orphan never committed");
+        assert_eq!(rerun.code, 0, "{case}: {rerun:?}");
+        assert_eq!(rerun.json()["already_applied"], true, "{case}: {rerun:?}");
+        assert_eq!(s.balances(), (900, 100), "{case}");
+        s.verify_passes();
+    }
+}
+
+/// A read whose session the server ends while it waits on a lock (an administrator's
+/// `pg_terminate_backend`) fails at once, with the server's words: a conflict of the moment is
+/// read again (`retry::retry_read`), a lost connection is not, since the read would only meet
+/// the dead connection again until its `--timeout`. Counting a lost connection among the
+/// conflicts passed every test (a mutation review). `verify` and `lookup`.
+#[test]
+fn a_read_whose_session_is_ended_while_it_waits_fails_at_once() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 50]);
+    let id = Uuid::new_v4().to_string();
+    db.transfer(ids[0], ids[1], 7)
+        .args(["--id", &id])
+        .run()
+        .success();
+    let reads: [&[&str]; 2] = [
+        &["verify", "--timeout", "30s"],
+        &["lookup", &id, "--timeout", "30s"],
+    ];
+    for args in reads {
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE accounts, transfers IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        let holder_pid = backend_pid(&mut holder);
+        let url = db.url.expose().to_string();
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend_from_slice(args);
+        let child = crate::support::spawn_bank(&all);
+        crate::support::wait_for_lock_wait(&db);
+        let ended = Instant::now();
+        terminate_bank_sessions(&db, holder_pid);
+        let (run, took) = {
+            let mut child = child;
+            while child.try_wait().expect("try_wait").is_none() {
+                if ended.elapsed() > Duration::from_secs(40) {
+                    let _ = child.kill();
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let took = ended.elapsed();
+            (Run::from(child.wait_with_output().expect("wait")), took)
+        };
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("terminating connection")
+                || run.stderr.contains("server closed the connection"),
+            "{args:?}: {run:?}"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{args:?} took {took:?}: {run:?}"
+        );
+    }
+}
