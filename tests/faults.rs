@@ -3362,14 +3362,7 @@ fn commands_whose_schema_check_a_lock_holds_up_for_a_moment_check_again() {
 /// mutation). Here the rows take about 1.2 s to arrive, against a 400 ms timeout.
 #[test]
 fn a_listing_slower_than_its_timeout_whose_rows_keep_coming_is_not_cut() {
-    let db = ScratchDb::migrated();
-    let ids = db.accounts(&[1_000_000; 2]);
-    let from = ids[0].to_string();
-    let to = ids[1].to_string();
-    let file: String = std::iter::once("id,from,to,amount\n".to_string())
-        .chain((0..3000).map(|_| format!("{},{from},{to},1\n", Uuid::new_v4())))
-        .collect();
-    crate::support::run_file(db.url.expose(), "pay.csv", &file, &[]).success();
+    let (db, from) = an_account_with_3000_entries();
     db.bank()
         .args(["seed", "--accounts", "3000"])
         .run()
@@ -3653,4 +3646,151 @@ fn a_read_whose_session_is_ended_while_it_waits_fails_at_once() {
             "{args:?} took {took:?}: {run:?}"
         );
     }
+}
+
+/// `history --limit` whose limit falls inside a page, over a slow link whose rows keep coming:
+/// the rows of the page past the limit were still read (the row-by-row cursor drains them when
+/// dropped), with nothing written and so no sign of life for the read's watch, which ended a
+/// listing already complete ('no answer from the database within 400ms', exit 1). A page is
+/// never larger than the rows still wanted now.
+#[test]
+fn a_limited_history_over_a_slow_link_is_not_cut_past_its_limit() {
+    let (db, from) = an_account_with_3000_entries();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.slow_rows(100, Duration::from_millis(40));
+    let url = proxy.url_for(&db.url);
+    // Pages of 64, 256 and 1024 rows make 1344; the 4096 of the next hold the other 1657.
+    for (extra, limit) in [(&[][..], "1350"), (&["--json"][..], "1350")] {
+        let run = Bank::new()
+            .args(["--database-url", &url, "history", &from, "--limit", limit])
+            .args(extra)
+            .args(["--timeout", "400ms"])
+            .run();
+        let lines = run.stdout.lines().count();
+        assert_eq!(run.code, 0, "{extra:?}: {lines} lines, {}", run.stderr);
+        if extra.is_empty() {
+            assert_eq!(lines, 1351, "{}", run.stderr);
+        } else {
+            let listed: serde_json::Value =
+                serde_json::from_str(&run.stdout).expect("one JSON array");
+            assert_eq!(
+                listed.as_array().map(Vec::len),
+                Some(1350),
+                "{}",
+                run.stderr
+            );
+        }
+    }
+}
+
+/// `init` whose connection is lost at a migration's COMMIT after the server committed it: the
+/// migration was applied by this init, and every migration before it too, but the run's lines
+/// named only those of the attempt after the reconnection ("schema is up to date" when the
+/// COMMIT lost was the last). Every migration the run applied is named once.
+#[test]
+fn init_whose_commit_answer_is_lost_names_every_migration_it_applied() {
+    let db = ScratchDb::empty();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.arm_at(At::Commit, Fault::CutAfterCommit);
+    let url = proxy.url_for(&db.url);
+    let run = Bank::new()
+        .args(["--database-url", &url, "init", "--timeout", "20s"])
+        .run();
+    assert_eq!(proxy.injected(), 1, "{run:?}");
+    assert_eq!(run.code, 0, "{run:?}");
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations")
+        .count();
+    assert_eq!(
+        run.stdout.matches("applied migration").count(),
+        migrations,
+        "{run:?}"
+    );
+}
+
+/// `init` whose connection is lost while it reads which migrations are applied (here, waiting
+/// on another session's lock on Diesel's table, as a deploy's inits do, when the server
+/// restarts): it ended at once, exit 1 ("terminating connection due to administrator
+/// command"), where one lost at a migration connects again. It connects again there too.
+#[test]
+fn init_whose_connection_is_lost_while_it_reads_the_migrations_connects_again() {
+    let db = ScratchDb::empty();
+    let mut locker = db.conn();
+    locker
+        .batch_execute(
+            "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, \
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .expect("Diesel's table");
+    locker
+        .batch_execute("BEGIN; LOCK TABLE __diesel_schema_migrations")
+        .expect("lock");
+    let child = crate::support::spawn_bank(&[
+        "--database-url",
+        db.url.expose(),
+        "init",
+        "--timeout",
+        "20s",
+    ]);
+    crate::support::wait_for_lock_wait(&db);
+    db.conn()
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'bank' AND wait_event_type = 'Lock' \
+             AND pid <> pg_backend_pid()",
+            db.name
+        ))
+        .expect("terminate");
+    thread::sleep(Duration::from_millis(500));
+    locker.batch_execute("COMMIT").expect("unlock");
+    let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+    assert_eq!(run.code, 0, "{run:?}");
+    db.bank().args(["init"]).run().success();
+}
+
+/// Ctrl-C while a command that writes waits on its schema check (another session's lock on
+/// Diesel's table, read again until `--timeout`): the check is not read again, and the command
+/// said the lock's words ("canceling statement due to lock timeout") as its failure, where it
+/// was interrupted.
+#[test]
+fn ctrl_c_during_a_schema_check_held_up_by_a_lock_says_interrupted() {
+    let db = ScratchDb::migrated();
+    db.alter("lock_timeout = '1s'");
+    for command in [&["seed", "--accounts", "3"][..], &["reset", "--yes"]] {
+        let mut locker = db.conn();
+        locker
+            .batch_execute("BEGIN; LOCK TABLE __diesel_schema_migrations")
+            .expect("lock");
+        let child = crate::support::spawn_bank(
+            &[
+                &["--database-url", db.url.expose()][..],
+                command,
+                &["--timeout", "20s"],
+            ]
+            .concat(),
+        );
+        crate::support::wait_for_lock_wait(&db);
+        crate::support::interrupt(child.id());
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        locker.batch_execute("ROLLBACK").expect("unlock");
+        assert_ne!(run.code, 0, "{command:?}: {run:?}");
+        assert!(
+            run.stderr.contains("interrupted") && !run.stderr.contains("lock timeout"),
+            "{command:?}: {run:?}"
+        );
+    }
+}
+
+/// A database whose first account (returned, with the database) has sent 3,000 transfers of 1
+/// to another.
+fn an_account_with_3000_entries() -> (ScratchDb, String) {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[1_000_000; 2]);
+    let from = ids[0].to_string();
+    let to = ids[1].to_string();
+    let file: String = std::iter::once("id,from,to,amount\n".to_string())
+        .chain((0..3000).map(|_| format!("{},{from},{to},1\n", Uuid::new_v4())))
+        .collect();
+    crate::support::run_file(db.url.expose(), "pay.csv", &file, &[]).success();
+    (db, from)
 }

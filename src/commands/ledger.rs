@@ -58,7 +58,12 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
                 let mut page = FIRST_PAGE;
                 let mut shown = 0u64;
                 while high > 0 && (shown as i64) < limit {
-                    let low = high.saturating_sub(page).max(0);
+                    // No more versions than the rows still wanted (an account's entries are
+                    // one version each): a page cut short by `--limit` left its cursor to read
+                    // the rest when dropped, with nothing written, and the read's watch ended
+                    // a listing already complete on a slow link.
+                    let wanted = limit.saturating_sub(shown as i64);
+                    let low = high.saturating_sub(page.min(wanted)).max(0);
                     // The page's first row read before the header is written: until then, a
                     // conflict of the moment runs the read again.
                     let mut entries = repo::history_page(conn, account, low, high)?;

@@ -206,11 +206,13 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
     // catalog, a column already added. The database having moved on since the attempt began
     // tells those apart from a failure of this init's own, and the next attempt starts from
     // where the database now is. Each retry needs such progress, so there are few.
-    let started = settled_state(&mut conn)?;
+    let started = state_or_reconnect(url, &mut conn)?;
     let mut before = started.clone();
     let mut attempts = 1;
     // A warning is said once, however many attempts it takes.
     let mut warned = false;
+    // Migrations applied by attempts whose connection was lost (read on the next connection).
+    let mut lost_attempts: Vec<String> = Vec::new();
     let ran = loop {
         match migrate(&mut conn, &before, &mut warned) {
             Ok(ran) => break ran,
@@ -221,7 +223,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             Err(e) if waited_for_a_lock(&e) => {
                 log::info!("init: a lock held elsewhere; trying again ({e})");
                 give_way();
-                before = settled_state(&mut conn)?;
+                before = state_or_reconnect(url, &mut conn)?;
             }
             // The connection went (the server restarted, a connection cut), at a migration's
             // COMMIT or before: it ended init at once, where every other command connects
@@ -229,20 +231,18 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             // the rest; the watch ends a server that does not come back within `--timeout`.
             Err(e) if connection_lost(&e) => {
                 log::info!("init: the connection was lost ({e}); connecting again");
-                (conn, before) = loop {
-                    give_way();
-                    let again = migration_connection(url).and_then(|(mut conn, _)| {
-                        let state = settled_state(&mut conn)?;
-                        Ok((conn, state))
-                    });
-                    match again {
-                        Ok(again) => break again,
-                        Err(e) if connection_lost(&e) => {
-                            log::info!("init: not connected yet ({e})");
-                        }
-                        Err(e) => return Err(e),
-                    }
-                };
+                let known_before = std::mem::take(&mut before.applied);
+                (conn, before) = reconnect(url)?;
+                // Those applied since on the connection lost (the one at whose COMMIT it went
+                // included) are this run's: its lines named only the attempt that finished
+                // ("schema is up to date" when the last migration's answer was lost).
+                lost_attempts.extend(
+                    before
+                        .applied
+                        .iter()
+                        .filter(|v| !known_before.contains(v))
+                        .cloned(),
+                );
             }
             Err(e) => {
                 // Another init's migration commits when this one's ends: give it that moment.
@@ -268,6 +268,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             }
         }
     };
+    let ran: Vec<String> = lost_attempts.into_iter().chain(ran).collect();
     let done: Vec<String> = match ran.is_empty() {
         true => vec!["schema is up to date".to_string()],
         false => ran
@@ -286,6 +287,41 @@ fn migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::Server
     // "applied migration" is said of a migration that a crash cannot take back.
     db::commit_synchronously(&mut conn)?;
     Ok((conn, server))
+}
+
+/// A new `migration_connection` and the state read on it, once the server takes one again:
+/// the watch ends a server that does not come back within `--timeout`.
+fn reconnect(url: &DbUrl) -> Result<(PgConnection, MigrationState), Error> {
+    loop {
+        give_way();
+        let again = migration_connection(url).and_then(|(mut conn, _)| {
+            let state = settled_state(&mut conn)?;
+            Ok((conn, state))
+        });
+        match again {
+            Ok(again) => return Ok(again),
+            Err(e) if connection_lost(&e) => {
+                log::info!("init: not connected yet ({e})");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `settled_state`, read on a new connection (`reconnect`) when `conn` is lost: while init
+/// waited on another session's lock on Diesel's table (every host of a deployment running
+/// init) the server restarted, and init ended at once, exit 1, where a connection lost at a
+/// migration connects again. Nothing was written on `conn` since its last migration.
+fn state_or_reconnect(url: &DbUrl, conn: &mut PgConnection) -> Result<MigrationState, Error> {
+    match settled_state(conn) {
+        Err(e) if connection_lost(&e) => {
+            log::info!("init: the connection was lost ({e}); connecting again");
+            let (again, state) = reconnect(url)?;
+            *conn = again;
+            Ok(state)
+        }
+        read => read,
+    }
 }
 
 /// Whether `e`, or an error under it, is a lost connection or a server not accepting them yet

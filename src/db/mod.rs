@@ -633,6 +633,12 @@ pub fn require_migrated(
             );
             Ok(())
         }
+        // Ctrl-C (or SIGTERM) stopped it being read again (`retry_read`): said as such, where
+        // the lock's words said a seed or a reset stopped by one had failed (exit 1).
+        Err(e) if crate::retry::rolled_back_by_conflict(&e) && crate::interrupt::interrupted() => {
+            log::debug!("the migrations' check: {e}; interrupted");
+            Err(crate::error::Error::Stopped(crate::interrupt::reason()))
+        }
         Err(e) => Err(e.into()),
     }
 }
