@@ -1661,3 +1661,36 @@ fn a_server_failing_every_ledger_insert(iso: Iso) -> ScratchDb {
         .expect("the trigger");
     db
 }
+
+/// A final check the server's `statement_timeout` cancels every time (the ledger's check takes
+/// longer than the server allows) ran again until its policy gave up: some 30 attempts, the run
+/// ending 17 s after its transfers (a helper playing a new user). It is tried at most
+/// `STATEMENT_TIMEOUTS_RETRIED` more times, as every other read of bank's, and says why.
+#[test]
+fn a_final_check_the_server_cancels_every_time_ends_soon_and_says_why() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[1_000_000_000; 20]);
+    let file: String = std::iter::once("id,from,to,amount\n".to_string())
+        .chain((0..20_000).map(|n| {
+            let (from, to) = (ids[n % 20], ids[(n + 1) % 20]);
+            format!("{},{from},{to},1\n", uuid::Uuid::new_v4())
+        }))
+        .collect();
+    crate::support::run_file(db.url.expose(), "ledger.csv", &file, &[]).success();
+    db.alter("statement_timeout = '5ms'");
+    let started = std::time::Instant::now();
+    let run = db
+        .bank()
+        .args(["workload", "--reuse-accounts", "--accounts", "20"])
+        .args(["--transfers", "10", "--check-timeout", "60s", "--json"])
+        .run();
+    let took = started.elapsed();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("the final check could not run")
+            && run.stderr.contains("statement timeout"),
+        "{run:?}"
+    );
+    // Three attempts with their pauses, against some 30 (17 s) before.
+    assert!(took < Duration::from_secs(8), "took {took:?}: {run:?}");
+}
