@@ -409,9 +409,10 @@ pub struct WorkloadArgs {
     /// must be the opening total (Jepsen's bank read)
     #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<0, 512>)]
     pub readers: u64,
-    /// Give up on the final check (a read of every balance and the whole ledger), or on a step
-    /// of the setup (its accounts, their totals), after this long without an answer (or after
-    /// --timeout, if longer); not the transfer --timeout alone, as the reads grow with the ledger
+    /// Give up on the final check (a read of every balance and the whole ledger) after this long
+    /// without an answer, and on a step of the setup (its accounts, their totals) after this long
+    /// or --timeout, whichever is longer; not the transfer --timeout alone, as the reads grow
+    /// with the ledger
     #[arg(long, value_name = "DURATION", default_value = "2min", allow_hyphen_values = true, value_parser = parse_timeout, env = "BANK_READ_TIMEOUT")]
     pub check_timeout: std::time::Duration,
     /// Write each interval's latency histogram to FILE in HdrHistogram's interval-log format
