@@ -111,6 +111,13 @@ pub fn rolled_back_by_conflict(e: &DieselError) -> bool {
     conflict(e).is_some()
 }
 
+/// Whether `retry_rolled_back` gave `e` back because Ctrl-C (or SIGTERM) stopped the next
+/// attempt of a step a conflict of the moment had rolled back: its caller says it was
+/// interrupted, not the conflict's words (a seed, a reset, a demo said the lock's).
+pub fn stopped_by_ctrl_c(e: &DieselError) -> bool {
+    rolled_back_by_conflict(e) && crate::interrupt::interrupted()
+}
+
 /// The conflict of the moment that rolled back the step that failed with `e` (a serialization
 /// failure, a deadlock, a lock or statement timeout), if it was one: such a step applied
 /// nothing and may run again.

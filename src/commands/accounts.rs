@@ -15,7 +15,6 @@ use crate::db::DbUrl;
 use crate::error::Error;
 use crate::models::{Account, NewAccount};
 use crate::repo;
-use crate::retry::rolled_back_by_conflict;
 
 /// The tutorial's two accounts.
 pub(super) const TUTORIAL_BALANCES: [i64; 2] = [1000, 250];
@@ -122,11 +121,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
             );
             match step {
                 // Ctrl-C stopped a chunk rolled back from being run again: said as Ctrl-C.
-                Err(Stop::Database(e))
-                    if !written.get()
-                        && rolled_back_by_conflict(&e)
-                        && crate::interrupt::interrupted() =>
-                {
+                Err(Stop::Database(e)) if !written.get() && crate::retry::stopped_by_ctrl_c(&e) => {
                     log::debug!("seed: chunk rolled back ({e}); interrupted");
                     break Err(Stop::Interrupted);
                 }
@@ -635,7 +630,7 @@ fn batch_step<T>(
     timeout: std::time::Duration,
     step: impl FnMut() -> diesel::QueryResult<T>,
 ) -> Result<T, Error> {
-    crate::retry::retry_read(timeout, step).map_err(|e| match crate::interrupt::interrupted() {
+    crate::retry::retry_read(timeout, step).map_err(|e| match crate::retry::stopped_by_ctrl_c(&e) {
         true => Error::Stopped(crate::interrupt::reason()),
         false => Error::from(e),
     })

@@ -197,7 +197,7 @@ fn demo_flow(
             // connection lost meanwhile, or an error nobody classified, may have.
             made.unsure = may_have_committed(&e);
             // Ctrl-C stopped it being run again (`retry_rolled_back`): said as such.
-            if !made.unsure && crate::interrupt::interrupted() {
+            if crate::retry::stopped_by_ctrl_c(&e) {
                 return Err(Error::Stopped(crate::interrupt::reason()));
             }
             return Err(e.into());

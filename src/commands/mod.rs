@@ -327,17 +327,10 @@ fn state_or_reconnect(url: &DbUrl, conn: &mut PgConnection) -> Result<MigrationS
 /// Whether `e`, or an error under it, is a lost connection or a server not accepting them yet
 /// (one restarting): what connecting again may cure.
 fn connection_lost(e: &Error) -> bool {
-    if let Error::Connect(c) = e {
-        return c.is_transient();
+    match e {
+        Error::Connect(c) => c.is_transient(),
+        e => says(e, crate::retry::reads_as_lost_connection),
     }
-    let mut next: Option<&dyn std::error::Error> = Some(e);
-    while let Some(e) = next {
-        if crate::retry::reads_as_lost_connection(&e.to_string()) {
-            return true;
-        }
-        next = e.source();
-    }
-    false
 }
 
 /// `migration_state`, read again after a pause whenever it gives way to a lock held elsewhere
@@ -369,10 +362,15 @@ fn waited_for_a_lock(e: &Error) -> bool {
         "could not serialize access",
         "restart transaction",
     ];
+    says(e, |words| CONFLICTS.iter().any(|c| words.contains(c)))
+}
+
+/// Whether `e`, or an error under it, says what `words` looks for: a migration's errors reach
+/// `init` as text only (Diesel's migration harness boxes them).
+fn says(e: &Error, words: impl Fn(&str) -> bool) -> bool {
     let mut next: Option<&dyn std::error::Error> = Some(e);
     while let Some(e) = next {
-        let words = e.to_string();
-        if CONFLICTS.iter().any(|c| words.contains(c)) {
+        if words(&e.to_string()) {
             return true;
         }
         next = e.source();

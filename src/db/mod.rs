@@ -635,7 +635,7 @@ pub fn require_migrated(
         }
         // Ctrl-C (or SIGTERM) stopped it being read again (`retry_read`): said as such, where
         // the lock's words said a seed or a reset stopped by one had failed (exit 1).
-        Err(e) if crate::retry::rolled_back_by_conflict(&e) && crate::interrupt::interrupted() => {
+        Err(e) if crate::retry::stopped_by_ctrl_c(&e) => {
             log::debug!("the migrations' check: {e}; interrupted");
             Err(crate::error::Error::Stopped(crate::interrupt::reason()))
         }
