@@ -4270,7 +4270,13 @@ fn unguessed_lines_are_refused_by_the_statement_as_one_by_one() {
 /// CONNECTION LIMIT lets the file go on with the connections it has. It goes on now, saying so.
 #[test]
 fn a_client_out_of_files_for_another_connection_goes_on_with_those_it_has() {
-    let db = ScratchDb::migrated();
+    for iso in Iso::BOTH {
+        out_of_files_at(iso);
+    }
+}
+
+fn out_of_files_at(iso: Iso) {
+    let db = ScratchDb::migrated_at(iso);
     let accounts = db.accounts(&[1_000_000; 40]);
     let mut rng = StdRng::seed_from_u64(11);
     for round in 0..5 {
@@ -4314,7 +4320,7 @@ fn a_client_out_of_files_for_another_connection_goes_on_with_those_it_has() {
             .output()
             .expect("run bank under prlimit --nofile");
         let run = Run::from(output);
-        assert_eq!(run.code, 0, "round {round}: {run:?}");
+        assert_eq!(run.code, 0, "{iso:?} round {round}: {run:?}");
         assert_eq!(run.stdout.lines().count(), lines.len(), "round {round}");
         assert!(
             !run.stdout.contains("\"unknown\""),

@@ -1915,7 +1915,13 @@ fn bank_s_sessions_have_the_server_speak_english() {
 /// database had refused it (found by a helper playing a new user). bank's sessions set it off.
 #[test]
 fn exit_on_error_does_not_end_bank_s_sessions() {
-    let db = ScratchDb::migrated();
+    for iso in Iso::BOTH {
+        exit_on_error_does_not_end_sessions_at(iso);
+    }
+}
+
+fn exit_on_error_does_not_end_sessions_at(iso: Iso) {
+    let db = ScratchDb::migrated_at(iso);
     let ids = db.accounts(&[100, 0]);
     let (_, teller) = db.teller("LOGIN");
     // Not English by name, so that bank sets it, and the teller may not.
@@ -1964,7 +1970,13 @@ fn exit_on_error_does_not_end_bank_s_sessions() {
 /// first statement), a file unknown (exit 3), the others exit 1.
 #[test]
 fn a_thread_the_system_will_not_start_is_one_line_not_a_panic() {
-    let db = ScratchDb::migrated();
+    for iso in Iso::BOTH {
+        no_thread_at(iso);
+    }
+}
+
+fn no_thread_at(iso: Iso) {
+    let db = ScratchDb::migrated_at(iso);
     let ids = db.accounts(&[100, 0]);
     let (from, to) = (ids[0].to_string(), ids[1].to_string());
     let id = Uuid::new_v4().to_string();
