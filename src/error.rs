@@ -433,6 +433,14 @@ pub enum Error {
          commit, and only `bank transfer --id {0}` with the same accounts and amount settles it)"
     )]
     NoTransfer(Uuid),
+    /// `lookup` on a read-only session (a hot standby, `default_transaction_read_only`): a
+    /// standby may not have replayed what the primary committed, so its "no" settles nothing.
+    #[error(
+        "no transfer {0} in the ledger as this read-only connection sees it (a hot standby may \
+         not have the primary's latest commits yet: look it up on the primary; after an unknown \
+         outcome only `bank transfer --id {0}` with the same accounts and amount settles it)"
+    )]
+    NoTransferReadOnly(Uuid),
     /// `lookup` of an id a run answered "not applied" and claimed: nothing can commit it late.
     #[error(
         "no transfer {0} in the ledger: a run said it was not applied and claimed its id, so no \

@@ -418,6 +418,19 @@ pub fn find_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Tr
 /// claim (see the migration). An insert, not a lookup: it waits for a statement still writing its
 /// claim, so the ledger asked afterwards has the last word.
 ///
+/// Whether this session may not write: a hot standby, or `default_transaction_read_only` (the
+/// setting has this name on both engines).
+pub fn read_only(conn: &mut PgConnection) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        value: String,
+    }
+    diesel::sql_query("SELECT current_setting('transaction_read_only') AS value")
+        .get_result::<Setting>(conn)
+        .map(|s| s.value == "on")
+}
+
 /// In key order, as transfers lock their accounts: two runs claiming the same ids in different
 /// orders deadlocked (found by a reviewer). Callers retry it (`retry::retry_transaction`): at
 /// SERIALIZABLE, a claim that meets one committed after its snapshot is a serialization failure.

@@ -133,6 +133,18 @@ fn lookup_prints_the_transfer_and_refuses_an_unknown_id() {
         // Run after an unknown outcome, "no transfer" is not final: an earlier attempt may
         // still commit, and only a rerun with the same id settles it (found by a reviewer).
         .fails_with(1, &format!("bank transfer --id {ghost}"));
+    // Asked of a hot standby (read-only, as default_transaction_read_only makes any session),
+    // "no transfer" may only mean the standby has not replayed it yet: it said nothing of that,
+    // and a user checking a replica took the answer for the primary's (a helper's find).
+    db.alter("default_transaction_read_only = on");
+    db.bank()
+        .args(["lookup", &ghost.to_string()])
+        .run()
+        .fails_with(1, &format!("no transfer {ghost}"))
+        .fails_with(1, "read-only")
+        .fails_with(1, "look it up on the primary")
+        .fails_with(1, &format!("bank transfer --id {ghost}"));
+    db.alter("default_transaction_read_only = off");
 }
 
 fn balances_as_of(db: &ScratchDb, at: DateTime<Utc>) -> Vec<(String, i64)> {

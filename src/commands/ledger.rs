@@ -159,6 +159,9 @@ pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Re
         return Err(match claim {
             Ok(Some(Some(_))) => Error::NoTransferRowGone(args.id),
             Ok(Some(None)) => Error::NoTransferClaimed(args.id),
+            Ok(None) | Err(_) if repo::read_only(&mut conn).unwrap_or(false) => {
+                Error::NoTransferReadOnly(args.id)
+            }
             Ok(None) | Err(_) => Error::NoTransfer(args.id),
         });
     };
