@@ -457,11 +457,18 @@ impl WorkloadArgs {
     }
 }
 
-/// A time in RFC 3339.
+/// A time in RFC 3339, as the database takes it: to the microsecond, a leap second (`:60`) the
+/// next minute's first. The header echoed what was typed (`03:00:60Z`, nanoseconds) while the
+/// balances were those of the time the database read (a helper playing a new user).
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s.trim())
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("must be a time in RFC 3339 such as 2026-11-24T10:00:00Z ({e})"))
+    let t = DateTime::parse_from_rfc3339(s.trim())
+        .map_err(|e| format!("must be a time in RFC 3339 such as 2026-11-24T10:00:00Z ({e})"))?;
+    DateTime::from_timestamp_micros(t.timestamp_micros()).ok_or_else(|| {
+        format!(
+            "must be a time between the years 1 and 9999, got {}",
+            s.trim()
+        )
+    })
 }
 
 /// The longest duration any option takes. Deadlines are added to the present and to a grace
@@ -600,7 +607,26 @@ fn parse_whole(s: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::SecondsFormat;
     use clap::CommandFactory;
+
+    #[test]
+    fn a_time_is_taken_as_the_database_takes_it() {
+        let at = |s: &str| parse_time(s).map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+        assert_eq!(
+            at("2026-12-07T03:00:60Z"),
+            Ok("2026-12-07T03:01:00Z".into())
+        );
+        assert_eq!(
+            at("2026-12-07T03:00:59.123456789Z"),
+            Ok("2026-12-07T03:00:59.123456Z".into())
+        );
+        assert_eq!(
+            at(" 2026-12-07T05:00:00+02:00 "),
+            Ok("2026-12-07T03:00:00Z".into())
+        );
+        assert!(at("2026-12-07").is_err());
+    }
 
     /// A backoff of nothing retried a refused connection in a tight loop: 157,359 attempts in
     /// 2 s against a closed port (found by a reviewer).
