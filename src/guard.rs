@@ -120,9 +120,18 @@ pub fn watch(
     tick();
     let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
     crate::spawn(move || loop {
+        let slept = Instant::now();
         std::thread::sleep(every);
         if STOPPED.load(Ordering::Relaxed) {
             return;
+        }
+        // A sleep that overran by far: this process was stopped (Ctrl-Z, SIGSTOP) and has just
+        // been continued. The database's answer may have waited for it all along: the silence
+        // is counted again from now (a read continued past its deadline ended with "no answer
+        // from the database", a helper playing a new user).
+        if slept.elapsed() > every + STOPPED_AT_LEAST {
+            tick();
+            continue;
         }
         let last = Duration::from_millis(LAST_TICK.load(Ordering::Relaxed));
         // A write that blocks waits on the reader of the output (`| less`), not the database.
@@ -147,6 +156,10 @@ pub fn watch(
 pub fn stop_watch() {
     STOPPED.store(true, Ordering::Relaxed);
 }
+
+/// A thread that slept this much longer than it asked did not run meanwhile: its process was
+/// stopped. Far beyond what a loaded machine's scheduler delays a thread by.
+pub const STOPPED_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(1);
 
 static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static READS_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

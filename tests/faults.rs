@@ -3806,3 +3806,84 @@ fn an_account_with_3000_entries() -> (ScratchDb, String) {
     crate::support::run_file(db.url.expose(), "pay.csv", &file, &[]).success();
     (db, from)
 }
+
+/// A client stopped (Ctrl-Z, SIGSTOP) while it waited on the database, and continued after its
+/// `--timeout` had passed, said "no answer from the database" though the database had answered
+/// while it was stopped: a read failed, a file's line ended unknown (exit 3; a helper playing a
+/// new user). The time the process did not run is not the database's silence: a read carries
+/// on and prints what waited for it. A transfer's transaction the server ended meanwhile (its
+/// `idle_in_transaction_session_timeout`, which bank sets to `--timeout` so that a frozen
+/// client's locks are released) is not applied, and says so; whatever each says, the ledger
+/// agrees.
+#[test]
+fn a_client_stopped_and_continued_past_its_timeout_carries_on() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let [a, b] = db.accounts(&[1000, 0])[..] else {
+            panic!("two accounts")
+        };
+        let file = tempfile::NamedTempFile::with_suffix(".csv").expect("temp file");
+        writeln!(file.as_file(), "id,from,to,amount").expect("write");
+        writeln!(file.as_file(), "{},{a},{b},5", Uuid::new_v4()).expect("write");
+        let path = file.path().to_str().expect("utf-8 path").to_string();
+        let (a_, b_) = (a.to_string(), b.to_string());
+        // (arguments, what it prints when it goes through, the amount it moves to b)
+        let cases: [(Vec<&str>, &str, i64); 5] = [
+            (vec!["balances"], &a_, 0),
+            (vec!["history", &a_], "version", 0),
+            (vec!["verify"], "ok", 0),
+            (
+                vec!["transfer", "--from", &a_, "--to", &b_, "--amount", "7"],
+                "moved 7",
+                7,
+            ),
+            (vec!["transfer", "--file", &path], "applied", 5),
+        ];
+        let mut moved = 0;
+        for (args, says, amount) in cases {
+            let mut holder = db.conn();
+            holder
+                .batch_execute("BEGIN; LOCK TABLE accounts, transfers IN ACCESS EXCLUSIVE MODE")
+                .expect("lock");
+            let child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
+                .args(["--database-url", db.url.expose()])
+                .args(&args)
+                .args(["--timeout", "1s"])
+                .env_remove("DATABASE_URL")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn bank");
+            crate::support::wait_for_lock_wait(&db);
+            crate::support::signal(child.id(), "STOP");
+            // The database answers while the client is stopped, and the client stays stopped
+            // past its deadline.
+            holder.batch_execute("ROLLBACK").expect("rollback");
+            thread::sleep(Duration::from_millis(2500));
+            crate::support::signal(child.id(), "CONT");
+            let out = child.wait_with_output().expect("wait");
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            let case = format!("{iso:?} {args:?}: {stdout} {stderr}");
+            assert!(!stderr.contains("no answer"), "{case}");
+            if amount == 0 || out.status.code() == Some(0) {
+                assert_eq!(out.status.code(), Some(0), "{case}");
+                assert!(stdout.contains(says), "{case}");
+                moved += amount;
+            } else {
+                assert_eq!(out.status.code(), Some(1), "{case}");
+                assert!(
+                    stdout.contains("not_applied") || stderr.contains("not applied"),
+                    "{case}"
+                );
+            }
+            assert_eq!(db.balance(b), moved, "{case}");
+        }
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{iso:?}: {report:?}");
+    }
+}

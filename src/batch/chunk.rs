@@ -73,6 +73,12 @@ impl Watch {
         p.statement = 0;
     }
 
+    /// The wait for the statement under way counts from now: this process was stopped (Ctrl-Z,
+    /// SIGSTOP) and continued, and the database's answer may have waited for it.
+    pub fn wait_again(&self) {
+        self.lock().since = Instant::now();
+    }
+
     /// A statement of `lines` lines starts now.
     fn start_statement(&self, lines: usize) {
         let mut p = self.lock();

@@ -128,6 +128,9 @@ struct Window {
 /// window ended with connections idle, waiting for the slowest group.
 const GROUPS_PER_CONNECTION: usize = 4;
 
+/// How long the loop waits for a worker's answer before it looks at the deadlines again.
+const POLL: Duration = Duration::from_millis(20);
+
 /// Every account and id a line touches.
 fn line_keys(l: &Line) -> [Uuid; 3] {
     [l.transfer.id, l.transfer.from_id, l.transfer.to_id]
@@ -257,6 +260,7 @@ where
         emit(l, v)
     };
 
+    let mut looked = Instant::now();
     loop {
         if stopping.is_none() && crate::interrupt::interrupted() {
             stopping = Some(format!(
@@ -370,7 +374,7 @@ where
             }
             break;
         }
-        match done_rx.recv_timeout(Duration::from_millis(20)) {
+        match done_rx.recv_timeout(POLL) {
             Ok(done) => {
                 let Some(at) = in_flight.iter().position(|f| f.seq == done.seq) else {
                     // A chunk given up on earlier, finishing late: already reported.
@@ -454,6 +458,16 @@ where
                 stopping.get_or_insert_with(|| "the workers ended".into());
             }
         }
+        // A loop that took far longer than its 20 ms wait: this process did not run (stopped by
+        // Ctrl-Z or SIGSTOP, then continued), and the answers may have been waiting all along.
+        // Its statements wait again from now: they were given up on as "no answer from the
+        // database" (a helper playing a new user).
+        if looked.elapsed() > POLL + crate::guard::STOPPED_AT_LEAST {
+            for f in &in_flight {
+                workers[f.worker].watch.wait_again();
+            }
+        }
+        looked = Instant::now();
         // A statement past its deadline: the server is frozen or unreachable.
         let mut i = 0;
         while i < in_flight.len() {

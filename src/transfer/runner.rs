@@ -374,10 +374,20 @@ impl Runner {
         // own, more precise, result when it is not stuck. A Ctrl-C (or SIGTERM) ends the wait
         // as the deadline does: killed without a word, the run never named the id it made up,
         // and a statement it had sent still committed.
-        let deadline = started + wait;
+        let mut deadline = started + wait;
         let why = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left.min(INTERRUPT_POLL)) {
+            let asked = Instant::now();
+            let left = deadline.saturating_duration_since(asked);
+            let answer = rx.recv_timeout(left.min(INTERRUPT_POLL));
+            // A wait that overran by far: this process was stopped (Ctrl-Z, SIGSTOP) and
+            // continued, and the database's answer may have waited for it: the time it did not
+            // run is not the database's silence (it said "no answer from the database", a
+            // helper playing a new user).
+            let overran = asked.elapsed().saturating_sub(INTERRUPT_POLL);
+            if overran > crate::guard::STOPPED_AT_LEAST {
+                deadline += overran;
+            }
+            match answer {
                 Ok(result) => return result,
                 Err(mpsc::RecvTimeoutError::Timeout) if crate::interrupt::interrupted() => {
                     break format!(
@@ -386,7 +396,7 @@ impl Runner {
                         crate::text::seconds(started.elapsed())
                     );
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
                 Err(_) => break no_answer(started),
             }
         };
