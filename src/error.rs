@@ -588,17 +588,17 @@ pub enum Error {
     },
     /// `workload` stopped while it created its accounts (exit 1): those created stay.
     #[error(
-        "{why}, so the workload stopped while creating its accounts: {} (`bank reset` deletes \
-         every account)",
+        "{why}, so the workload stopped while creating its accounts: {}",
         match (created, unsettled) {
-            (c, 0) => format!("{c} of {total} created, which stay"),
+            (0, 0) => format!("none of {total} created"),
+            (c, 0) => format!("{c} of {total} created, which stay (`bank reset` deletes every account)"),
             (0, u) => format!(
                 "none of {total} created for sure; {u} whose COMMIT went unanswered may or may \
-                 not have been, and stay if so"
+                 not have been, and stay if so (`bank reset` deletes every account)"
             ),
             (c, u) => format!(
                 "{c} of {total} created, which stay, and {u} more whose COMMIT went unanswered \
-                 may or may not have been"
+                 may or may not have been (`bank reset` deletes every account)"
             ),
         }
     )]
@@ -749,6 +749,12 @@ pub enum WorkloadError {
     Errors { count: u64, last: String },
     #[error("the final check could not run ({0}); see the report")]
     FinalCheck(String),
+    /// Ctrl-C (or SIGTERM) came during the final check, after every transfer had ended.
+    #[error(
+        "the final check was {0}: every transfer had ended and the report's figures are whole, \
+         but no invariant was checked (`bank verify` checks the bank)"
+    )]
+    FinalCheckInterrupted(String),
     /// `--readers`, none of whose reads finished: its check did not run.
     #[error(
         "no reader finished a read ({} asked for), so the readers' check did not run ({why})",

@@ -403,6 +403,20 @@ pub enum Stop<E> {
 pub fn retry<T, E>(
     policy: &RetryPolicy,
     counts: &mut RetryCounts,
+    attempt: impl FnMut(u32) -> Attempt<T, E>,
+) -> Result<T, Stop<E>> {
+    retry_counted(policy, counts, None, attempt)
+}
+
+/// `retry`, counting each retry in `live` too (the workload's figures of the moment). A retry
+/// counts when it is made, as the next attempt starts: a transient failure the loop does not
+/// try again (out of attempts, `--max-retries 0`, or out of time) is no retry, and its caller
+/// counts how it ended (given up, unknown). Counted as it came, a workload with
+/// `--max-retries 0` reported "retries: 120" with none made (found by a helper).
+pub fn retry_counted<T, E>(
+    policy: &RetryPolicy,
+    counts: &mut RetryCounts,
+    live: Option<&SharedRetryCounts>,
     mut attempt: impl FnMut(u32) -> Attempt<T, E>,
 ) -> Result<T, Stop<E>> {
     let deadline = Instant::now().checked_add(policy.timeout);
@@ -410,6 +424,8 @@ pub fn retry<T, E>(
     let mut attempts = 0;
     let mut last = String::from("none");
     let mut last_cause = None;
+    // The cause of the failure the next attempt retries.
+    let mut retrying = None;
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Stop::Exhausted {
@@ -419,6 +435,12 @@ pub fn retry<T, E>(
                 timed_out: true,
             });
         }
+        if let Some(cause) = retrying.take() {
+            counts.add(cause);
+            if let Some(live) = live {
+                live.add(cause);
+            }
+        }
         attempts += 1;
         let (cause, message, free) = match attempt(attempts) {
             Attempt::Done(value) => return Ok(value),
@@ -427,7 +449,7 @@ pub fn retry<T, E>(
             Attempt::RetryNow { cause, message } => (cause, message, true),
         };
         log::debug!("attempt {attempts} failed ({}): {message}", cause.as_str());
-        counts.add(cause);
+        retrying = Some(cause);
         last = message;
         last_cause = Some(cause);
         if free {
@@ -899,7 +921,8 @@ pub(crate) mod tests {
                 ..
             })
         ));
-        assert_eq!((counts.connection_lost, counts.serialization), (1, 3));
+        // Three retries made (the free one and two); the third failure is not retried.
+        assert_eq!((counts.connection_lost, counts.serialization), (1, 2));
     }
 
     #[test]

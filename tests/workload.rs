@@ -1694,3 +1694,348 @@ fn a_final_check_the_server_cancels_every_time_ends_soon_and_says_why() {
     // Three attempts with their pauses, against some 30 (17 s) before.
     assert!(took < Duration::from_secs(8), "took {took:?}: {run:?}");
 }
+
+/// A workload's run over `url` (a proxy's), started in the background with `args`.
+fn spawn_workload(url: &str, args: &[&str]) -> std::process::Child {
+    let mut all = vec!["--database-url", url, "workload"];
+    all.extend_from_slice(args);
+    crate::support::spawn_bank(&all)
+}
+
+/// Ctrl-C that comes during the final check, after every transfer ran: the run said
+/// `"interrupted": true` ("the figures cover the run so far") of figures that were complete, and
+/// the check went on until `--check-timeout` (here held up by a pooler with no place for its
+/// session). It stops the check at once; the report says the transfers were not interrupted and
+/// the check was (not checked, `ok` false, exit 1, as a check that could not run).
+#[test]
+fn ctrl_c_during_the_final_check_stops_it_and_leaves_the_transfers_whole() {
+    use crate::support::proxy::{upstream_of, Proxy};
+    use std::time::Instant;
+    for iso in Iso::BOTH {
+        for json in [true, false] {
+            let db = ScratchDb::migrated_at(iso);
+            let proxy = Proxy::start(upstream_of(&db.url));
+            let url = proxy.url_for(&db.url);
+            let mut args = vec!["--accounts", "10", "--concurrency", "1"];
+            args.extend(["--duration", "1s", "--check-timeout", "30s"]);
+            if json {
+                args.push("--json");
+            }
+            let child = spawn_workload(&url, &args);
+            crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+            // The worker's session holds its place; any session made from now on (the final
+            // check's) waits for one that never comes.
+            proxy.pool_of(0);
+            let started = Instant::now();
+            while proxy.queued().is_empty() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "no final check"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+            let at = Instant::now();
+            crate::support::interrupt(child.id());
+            let run = Run::from(child.wait_with_output().expect("wait"));
+            let took = at.elapsed();
+            drop(proxy);
+            let case = format!("{iso:?} json={json}");
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            assert!(
+                took < Duration::from_secs(10),
+                "{case}: took {took:?}: {run:?}"
+            );
+            assert!(
+                run.stderr.contains("final check") && run.stderr.contains("interrupted"),
+                "{case}: {run:?}"
+            );
+            if json {
+                let j = run.json();
+                assert_eq!(j["interrupted"], false, "{case}: {j}");
+                assert_eq!(j["final_check_interrupted"], true, "{case}: {j}");
+                assert_eq!(j["ok"], false, "{case}: {j}");
+                assert!(j["transfers_committed"].as_u64() > Some(0), "{case}: {j}");
+                assert!(j["invariants"]["verify_ok"].is_null(), "{case}: {j}");
+                let why = j["final_check_error"].as_str().unwrap_or_default();
+                assert!(why.contains("interrupted"), "{case}: {j}");
+            } else {
+                assert!(
+                    !run.stdout.contains("figures cover the run so far"),
+                    "{case}: {run:?}"
+                );
+                assert!(
+                    run.stdout.contains("the final check was interrupted"),
+                    "{case}: {run:?}"
+                );
+                assert!(run.stdout.contains("workload: FAILED"), "{case}: {run:?}");
+            }
+        }
+    }
+}
+
+/// A trigger that fails the first `n` INSERTs into the ledger with a serialization failure
+/// (40001), rolled back as a real one is (a sequence counts them, which no rollback undoes).
+fn fail_the_first_ledger_inserts(db: &ScratchDb, n: u32) {
+    db.conn()
+        .batch_execute(&format!(
+            "CREATE SEQUENCE fail_first; \
+             CREATE FUNCTION fail_first() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF nextval('fail_first') <= {n} THEN \
+                 RAISE EXCEPTION 'could not serialize access due to concurrent update' \
+                   USING ERRCODE = 'serialization_failure'; \
+               END IF; RETURN NULL; END $$; \
+             CREATE TRIGGER fail_first AFTER INSERT ON transfers \
+               FOR EACH STATEMENT EXECUTE FUNCTION fail_first()"
+        ))
+        .expect("the trigger");
+}
+
+/// The retries of the progress table on stderr (off a terminal): its retries column, each
+/// line's interval's, summed.
+fn table_retries(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter(|l| l.ends_with(" transfer"))
+        .filter_map(|l| l.split_whitespace().nth(8)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `--max-retries 0`: a serialization failure is not retried, and the transfer is given up
+/// (not applied). The report counted it as a retry all the same: "retries: 120" with none made
+/// (found by a helper). A retry counts when it is made; a failure not retried counts where it
+/// ends, here `given_up`. With retries allowed, the same failures are each retried once and
+/// counted so (text and JSON, and the progress table's retries column).
+#[test]
+fn failures_not_retried_are_not_counted_as_retries() {
+    for iso in Iso::BOTH {
+        for (max, retries, given_up) in [("0", 0, 5), ("10", 5, 0)] {
+            for json in [true, false] {
+                let db = ScratchDb::migrated_at(iso);
+                fail_the_first_ledger_inserts(&db, 5);
+                let mut args = vec!["workload", "--accounts", "4", "--concurrency", "1"];
+                args.extend([
+                    "--transfers",
+                    "20",
+                    "--max-amount",
+                    "10",
+                    "--max-retries",
+                    max,
+                ]);
+                args.extend(["--display-every", "10ms"]);
+                if json {
+                    args.push("--json");
+                }
+                let run = db.bank().args(&args).run();
+                let case = format!("{iso:?} --max-retries {max} json={json}");
+                assert_eq!(run.code, 0, "{case}: {run:?}");
+                if json {
+                    let j = run.json();
+                    assert_eq!(j["retries"]["serialization"], retries, "{case}: {j}");
+                    assert_eq!(j["given_up"], given_up, "{case}: {j}");
+                    assert_eq!(j["transfers_committed"], 20 - given_up, "{case}: {j}");
+                } else {
+                    let said = format!("retries: {retries} (serialization {retries}, ");
+                    assert!(run.stdout.contains(&said), "{case}: {run:?}");
+                    let said = format!("given up (not applied): {given_up}\n");
+                    assert!(run.stdout.contains(&said), "{case}: {run:?}");
+                }
+                assert_eq!(table_retries(&run.stderr), retries, "{case}: {run:?}");
+            }
+        }
+    }
+}
+
+/// The final check when the server refuses its connections (stopped: nothing listens; no slot:
+/// max_connections or a CONNECTION LIMIT; pg_hba): it said "no answer from the database", as of
+/// a frozen server, when it had an answer, a refusal (found by a helper). It says what it was
+/// told.
+#[test]
+fn a_final_check_refused_its_connections_says_so() {
+    use crate::support::proxy::{upstream_of, At, CrdbError, Fault, Proxy};
+    const NO_SLOT: CrdbError = CrdbError {
+        code: "53300",
+        message: "sorry, too many clients already",
+        commits: false,
+        fatal: true,
+    };
+    const HBA: CrdbError = CrdbError {
+        code: "28000",
+        message: "pg_hba.conf rejects connection for host \"127.0.0.1\", user \"bank\"",
+        commits: false,
+        fatal: true,
+    };
+    for iso in Iso::BOTH {
+        for (case, said) in [
+            ("stopped", "connection refused"),
+            ("no slot", "too many clients"),
+            ("pg_hba", "pg_hba.conf rejects"),
+        ] {
+            let db = ScratchDb::migrated_at(iso);
+            let proxy = Proxy::start(upstream_of(&db.url));
+            let url = proxy.url_for(&db.url);
+            let child = spawn_workload(
+                &url,
+                &["--accounts", "10", "--concurrency", "1", "--duration", "1s"]
+                    .into_iter()
+                    .chain(["--check-timeout", "3s", "--json"])
+                    .collect::<Vec<_>>(),
+            );
+            crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+            // The worker is connected: only the final check connects from now on.
+            let proxy = match case {
+                "stopped" => {
+                    drop(proxy);
+                    None
+                }
+                _ => {
+                    for _ in 0..1000 {
+                        let e = if case == "no slot" { NO_SLOT } else { HBA };
+                        proxy.arm_at(At::Connect, Fault::Crdb(e));
+                    }
+                    Some(proxy)
+                }
+            };
+            let run = Run::from(child.wait_with_output().expect("wait"));
+            drop(proxy);
+            let case = format!("{iso:?} {case}");
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            let j = run.json();
+            assert!(j["transfers_committed"].as_u64() > Some(0), "{case}: {j}");
+            let why = j["final_check_error"].as_str().unwrap_or_default();
+            assert!(!why.contains("no answer"), "{case}: {j}");
+            assert!(why.contains("cannot connect"), "{case}: {j}");
+            assert!(why.to_lowercase().contains(said), "{case}: {j}");
+        }
+    }
+}
+
+/// A setup whose first chunk of accounts the server's statement_timeout cancels (nothing
+/// created) said the database's words alone ("canceling statement due to statement timeout"),
+/// where a chunk cancelled later said which step stopped and what was left (found by a helper).
+/// It says the workload stopped while creating its accounts, that none was created, and what to
+/// raise.
+#[test]
+fn a_setup_the_statement_timeout_cancels_says_which_step_and_what_to_do() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        // Every INSERT into accounts outlasts the server's statement_timeout; the setup's other
+        // statements do not.
+        db.conn()
+            .batch_execute(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   PERFORM pg_sleep(1); RETURN NULL; END $$; \
+                 CREATE TRIGGER slow BEFORE INSERT ON accounts \
+                   FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+            )
+            .expect("the trigger");
+        db.alter("statement_timeout = '300ms'");
+        let run = db
+            .bank()
+            .args([
+                "workload",
+                "--accounts",
+                "50",
+                "--transfers",
+                "10",
+                "--json",
+            ])
+            .run();
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        for needle in [
+            "canceling statement due to statement timeout",
+            "creating its accounts",
+            "none of 50",
+            "statement_timeout",
+        ] {
+            assert!(run.stderr.contains(needle), "{iso:?}: {needle}: {run:?}");
+        }
+        assert!(run.stdout.is_empty(), "{iso:?}: {run:?}");
+        assert_eq!(db.state().0.len(), 0, "{iso:?}");
+    }
+}
+
+/// Ctrl-C while a worker pauses after a failure (`Worker::pause`, up to 1 s once failures come
+/// one after another) in a run by count: the pause went on to its end before the worker stopped.
+/// A trigger fails every ledger INSERT ("out of shared memory"), from the 10th on after a 1 s
+/// sleep, noting when the first and the latest failed (sequences, which no rollback undoes); the
+/// signal comes while the 10th or a later one sleeps, so the pause that follows it is at least
+/// 0.5 s. The run (from before its first failure to its workers' end, `elapsed_secs`) may last
+/// the failures' span plus a moment, not plus a pause.
+#[test]
+fn ctrl_c_ends_a_worker_s_pause_after_a_failure_at_once() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        db.accounts(&[1000, 1000, 1000, 1000]);
+        db.conn()
+            .batch_execute(
+                "CREATE SEQUENCE failures; \
+                 CREATE SEQUENCE first_failure_ms MAXVALUE 9223372036854775807; \
+                 CREATE SEQUENCE last_failure_ms MAXVALUE 9223372036854775807; \
+                 CREATE FUNCTION lock_table_full() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 DECLARE n bigint := nextval('failures'); \
+                   now_ms bigint; BEGIN \
+                   IF n >= 10 THEN PERFORM pg_sleep(1); END IF; \
+                   now_ms := (extract(epoch FROM clock_timestamp()) * 1000)::bigint; \
+                   IF n = 1 THEN PERFORM setval('first_failure_ms', now_ms); END IF; \
+                   PERFORM setval('last_failure_ms', now_ms); \
+                   RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END $$; \
+                 CREATE TRIGGER lock_table_full BEFORE INSERT ON transfers \
+                   FOR EACH STATEMENT EXECUTE FUNCTION lock_table_full()",
+            )
+            .expect("the trigger");
+        let (run, _) = interrupted_workload(
+            &db,
+            &[
+                "--reuse-accounts",
+                "--accounts",
+                "4",
+                "--concurrency",
+                "1",
+                "--transfers",
+                "100000",
+                "--timeout",
+                "20s",
+                "--json",
+            ],
+            |conn| {
+                let started = std::time::Instant::now();
+                while sequence(conn, "failures") < 10 {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "no 10th failure"
+                    );
+                    thread::sleep(Duration::from_millis(5));
+                }
+            },
+        );
+        let j = run.json();
+        let mut conn = db.conn();
+        let failures = sequence(&mut conn, "failures");
+        let span_ms =
+            sequence(&mut conn, "last_failure_ms") - sequence(&mut conn, "first_failure_ms");
+        let elapsed_ms = (j["elapsed_secs"].as_f64().expect("elapsed") * 1000.0) as i64;
+        // No transfer started after the signal.
+        assert_eq!(j["errors"], failures, "{iso:?}: {j}");
+        assert_eq!(j["interrupted"], true, "{iso:?}: {j}");
+        let after_the_last = elapsed_ms - span_ms;
+        assert!(
+            after_the_last < 450,
+            "{iso:?}: the run went on {after_the_last} ms after its last failure: {j}"
+        );
+    }
+}
+
+/// A sequence's value (0 before its first `nextval` or `setval`).
+fn sequence(conn: &mut diesel::PgConnection, name: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = BigInt)]
+        v: i64,
+    }
+    diesel::sql_query(format!(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS v FROM {name}"
+    ))
+    .get_result::<Value>(conn)
+    .expect("the sequence")
+    .v
+}

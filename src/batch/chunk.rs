@@ -25,7 +25,8 @@ use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts, Stop,
+    classify, retry_counted, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts,
+    Stop,
 };
 use crate::transfer::{after_step, claim_and_find, connection};
 
@@ -669,7 +670,7 @@ impl ChunkRunner {
         let guesses = self.guesses;
         let first_claims = &mut self.first_claims;
         let barred = Arc::clone(&self.barred);
-        let result = retry(&self.policy, &mut retries, |n| {
+        let result = retry_counted(&self.policy, &mut retries, live_retries, |n| {
             if ticket.is_abandoned() {
                 return Attempt::Fail(TransferError::Abandoned);
             }
@@ -797,7 +798,7 @@ impl ChunkRunner {
                         }
                 ));
             }
-            let step = after_step(step, n, reused, session, ticket, live_retries);
+            let step = after_step(step, n, reused, session, ticket);
             if let Attempt::Retry {
                 cause: Cause::Ambiguous,
                 ..

@@ -21,8 +21,8 @@ use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, stop_injecting, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
-    SharedRetryCounts, Stop,
+    classify, retry, retry_counted, stop_injecting, Attempt, Cause, Phase, RetryCounts,
+    RetryPolicy, SharedRetryCounts, Stop,
 };
 
 /// How long a caller waits past the deadline for the runner's own answer.
@@ -99,7 +99,7 @@ impl Runner {
             Mode::Transaction => Own::Any,
             Mode::SingleStatement => Own::Mark(Uuid::new_v4()),
         };
-        let result = retry(&self.policy, &mut retries, |n| {
+        let result = retry_counted(&self.policy, &mut retries, live_retries, |n| {
             made = n;
             if ticket.is_abandoned() {
                 // Whatever happens now is nobody's result: stop touching the database.
@@ -118,7 +118,7 @@ impl Runner {
                 given.as_mut(),
                 &mut own,
             );
-            let step = after_step(step, n, reused, session, ticket, live_retries);
+            let step = after_step(step, n, reused, session, ticket);
             if let Attempt::Retry {
                 cause: Cause::Ambiguous,
                 ..
@@ -546,7 +546,7 @@ pub(crate) fn claim_and_find(
             };
         // Counted nowhere (the claim is not the transfer's attempt); BeforeCommit: never
         // ambiguous, so the ticket is not marked.
-        after_step(step, n, reused, session, ticket, None)
+        after_step(step, n, reused, session, ticket)
     });
     match result {
         Ok(found) => Ok(found),
@@ -557,25 +557,21 @@ pub(crate) fn claim_and_find(
     }
 }
 
-/// What every runner (one transfer, a chunk of a file) does with an attempt's transient failure:
-/// counts it where the workload watches, turns `--inject-retries` off after the third injected
-/// error, marks the ticket when the COMMIT's outcome is unknown, drops a connection that must be
-/// replaced, and makes the loss of a connection that had been idle (`reused`) a free retry: it
-/// says nothing about the work.
+/// What every runner (one transfer, a chunk of a file) does with an attempt's transient failure
+/// (`retry::retry_counted` counts the retry, where the workload watches too, once it is made):
+/// turns `--inject-retries` off after the third injected error, marks the ticket when the
+/// COMMIT's outcome is unknown, drops a connection that must be replaced, and makes the loss of a
+/// connection that had been idle (`reused`) a free retry: it says nothing about the work.
 pub(crate) fn after_step<T>(
     step: Attempt<T, TransferError>,
     n: u32,
     reused: bool,
     session: &mut Session,
     ticket: &Ticket,
-    live: Option<&SharedRetryCounts>,
 ) -> Attempt<T, TransferError> {
     let Attempt::Retry { cause, message } = step else {
         return step;
     };
-    if let Some(live) = live {
-        live.add(cause);
-    }
     if stop_injecting(n, cause) {
         session.stop_injecting();
     }

@@ -67,6 +67,9 @@ pub(super) struct Watchdog {
     pub(super) stuck_workers: u64,
     /// The run second by second, when `--report` asks for it.
     pub(super) seconds: Option<Vec<Second>>,
+    /// Ctrl-C (or SIGTERM) came while transfers remained to be started: the figures cover the
+    /// run so far. One that came once every transfer had started leaves them whole.
+    pub(super) interrupted: bool,
 }
 
 impl Crew {
@@ -140,6 +143,7 @@ impl Crew {
             tally: Tally::new()?,
             stuck_workers: 0,
             seconds: None,
+            interrupted: false,
         };
         let mut sampler = self
             .config
@@ -153,6 +157,7 @@ impl Crew {
             if !interrupted && crate::interrupt::interrupted() {
                 // No new transfers from now on; those in flight get one deadline to finish.
                 interrupted = true;
+                seen.interrupted = self.transfers_remain();
                 log::warn!("workload: interrupted; finishing the transfers in flight");
                 let stop = now.checked_add(patience);
                 hard_stop = match (hard_stop, stop) {
@@ -386,9 +391,12 @@ impl Crew {
 
     /// Whether the run goes on: before its end, or while transfers remain to be issued.
     pub(super) fn more(&self) -> bool {
-        if crate::interrupt::interrupted() {
-            return false;
-        }
+        !crate::interrupt::interrupted() && self.transfers_remain()
+    }
+
+    /// Whether transfers remain to be started, Ctrl-C aside: before the end, or while some of
+    /// those asked for are not issued yet.
+    fn transfers_remain(&self) -> bool {
         self.end.is_some_and(|e| Instant::now() < e)
             || self
                 .config

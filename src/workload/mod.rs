@@ -177,7 +177,9 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     // ledger grows: a read's timeout, not what was left of the transfers' deadline (with
     // --timeout 300ms it gave up on a healthy server).
     let budget = config.check_timeout;
-    let check = final_check(url, &policy, budget, &crew, starting_total);
+    // A signal that came before the check (while the transfers ran or ended) is the one whose
+    // checks follow, as the README says; one that comes during the check stops it.
+    let (check, check_interrupted) = final_check(url, &policy, budget, &crew, starting_total);
     let mut tally = watchdog.tally;
     for slot in &slots {
         tally += &*slot.tally.lock().map_err(|_| WorkloadError::Panicked)?;
@@ -190,7 +192,11 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             elapsed_secs: elapsed.as_secs_f64(),
             starting_total,
             stuck_workers: watchdog.stuck_workers,
-            interrupted: crate::interrupt::interrupted(),
+            // Whether the signal kept transfers from starting: one that came once every
+            // transfer had ended (during the final check) left the figures whole, and the run
+            // said "interrupted" of them (found by a helper).
+            interrupted: watchdog.interrupted,
+            check_interrupted,
             readers: config.readers,
             reads: reads.reads,
             wrong_total_reads: reads.wrong,
@@ -255,7 +261,10 @@ fn verdict(report: Report) -> Option<WorkloadError> {
     if report.ok {
         None
     } else if let Some(e) = report.final_check_error {
-        Some(WorkloadError::FinalCheck(e))
+        match report.final_check_interrupted {
+            true => Some(WorkloadError::FinalCheckInterrupted(e)),
+            false => Some(WorkloadError::FinalCheck(e)),
+        }
     } else if !report.invariants_hold() {
         Some(WorkloadError::InvariantViolated)
     } else if report.readers_never_read() {
@@ -354,6 +363,23 @@ fn prepare_accounts(
                     true => committing,
                     false => 0,
                 };
+                // A statement timeout (the server's: the setup sets none of its own) cancels
+                // every chunk alike, the first included: its words alone named neither the step
+                // nor what to change (found by a helper).
+                if crate::retry::is_cancel(&e) {
+                    let why = format!(
+                        "{e}: a statement creating {} of the workload's accounts took longer \
+                         than the server's statement_timeout allows (the setup sets none of its \
+                         own): raise it, or lift it for this run; each step of the setup may \
+                         then take up to {raise}",
+                        repo::INSERT_CHUNK.min(n),
+                        raise = match config.check_timeout >= config.policy.timeout {
+                            true => "--check-timeout",
+                            false => "--timeout",
+                        }
+                    );
+                    return Err(stopped(why, ids.len(), unsettled));
+                }
                 if ids.is_empty() && unsettled == 0 {
                     return Err(e.into());
                 }
@@ -367,20 +393,27 @@ fn prepare_accounts(
 
 /// Verifies once the workers are done. The server may still be coming back from a restart, so
 /// connecting and reading go through the retry loop; and it may be frozen, so the check runs on
-/// a thread of its own and is given up after `budget`.
+/// a thread of its own and is given up after `budget`. Ctrl-C (or SIGTERM) that comes while it
+/// runs stops it (the second value): every transfer has ended, and a check of a big ledger may
+/// take minutes. One that came before it, while the transfers ran, is the one whose check
+/// follows.
 fn final_check(
     url: &DbUrl,
     policy: &RetryPolicy,
     budget: Duration,
     crew: &Crew,
     starting_total: i128,
-) -> Result<FinalCheck, String> {
+) -> (Result<FinalCheck, String>, bool) {
+    let signalled_before = crate::interrupt::interrupted();
+    let began = Instant::now();
     let (tx, rx) = mpsc::channel();
-    let (url, ids, since, prefix) = (
+    let progress = Arc::new(std::sync::Mutex::new(CheckProgress::default()));
+    let (url, ids, since, prefix, seen) = (
         url.clone(),
         Arc::clone(&crew.ids),
         Arc::clone(&crew.since),
         crew.prefix,
+        Arc::clone(&progress),
     );
     let policy = RetryPolicy {
         timeout: budget,
@@ -393,6 +426,11 @@ fn final_check(
         // 3 s run; a helper playing a new user), where every other read of bank's tries at
         // most `STATEMENT_TIMEOUTS_RETRIED` more times.
         let mut cancels = 0;
+        let note = |f: &dyn Fn(&mut CheckProgress)| {
+            if let Ok(mut p) = seen.lock() {
+                f(&mut p);
+            }
+        };
         let result = retry(&policy, &mut RetryCounts::default(), |_| {
             let read = |conn: &mut PgConnection| -> diesel::QueryResult<FinalCheck> {
                 let (total, expected, _) =
@@ -404,41 +442,122 @@ fn final_check(
                     ledger_rows: repo::count_transfers_between(conn, low, high)?,
                 })
             };
-            match url.connect_within("bank", budget) {
-                Err(e) => connect_step(e),
-                Ok(mut conn) => match read(&mut conn) {
-                    Ok(check) => Attempt::Done(check),
-                    Err(e) => match classify(&e, Phase::BeforeCommit) {
-                        Some(_)
-                            if crate::retry::is_cancel(&e)
-                                && cancels >= crate::retry::STATEMENT_TIMEOUTS_RETRIED =>
-                        {
-                            Attempt::Fail(Error::from(e).to_string())
-                        }
-                        Some(cause) => {
-                            cancels += u32::from(crate::retry::is_cancel(&e));
-                            Attempt::Retry {
-                                cause,
-                                message: e.to_string(),
+            note(&|p| p.asking_since = Some(Instant::now()));
+            let step = match url.connect_within("bank", budget) {
+                Err(e) => {
+                    if e.is_transient() {
+                        note(&|p| p.refused = Some(e.message.clone()));
+                    }
+                    connect_step(e)
+                }
+                Ok(mut conn) => {
+                    note(&|p| p.refused = None);
+                    match read(&mut conn) {
+                        Ok(check) => Attempt::Done(check),
+                        Err(e) => match classify(&e, Phase::BeforeCommit) {
+                            Some(_)
+                                if crate::retry::is_cancel(&e)
+                                    && cancels >= crate::retry::STATEMENT_TIMEOUTS_RETRIED =>
+                            {
+                                Attempt::Fail(Error::from(e).to_string())
                             }
-                        }
-                        None => Attempt::Fail(Error::from(e).to_string()),
-                    },
-                },
-            }
+                            Some(cause) => {
+                                cancels += u32::from(crate::retry::is_cancel(&e));
+                                Attempt::Retry {
+                                    cause,
+                                    message: e.to_string(),
+                                }
+                            }
+                            None => Attempt::Fail(Error::from(e).to_string()),
+                        },
+                    }
+                }
+            };
+            note(&|p| p.asking_since = None);
+            step
         });
+        let refused = seen.lock().ok().and_then(|p| p.refused.clone());
         let _ = tx.send(result.map_err(|stop| match stop {
             Stop::Failed(e) => e,
-            Stop::Exhausted { last, .. } => last,
+            // Out of attempts, every one of the last refused at login: said as a refusal.
+            Stop::Exhausted { last, .. } => match refused {
+                Some(refusal) => refused_for(&refusal, began.elapsed()),
+                None => last,
+            },
         }));
     });
     if let Err(e) = spawned {
-        return Err(format!(
-            "the system would not start a thread for the final check ({e})"
-        ));
+        return (
+            Err(format!(
+                "the system would not start a thread for the final check ({e})"
+            )),
+            false,
+        );
     }
-    rx.recv_timeout(budget)
-        .unwrap_or_else(|_| Err(format!("no answer from the database within {budget:?}")))
+    loop {
+        let left = budget.saturating_sub(began.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        match rx.recv_timeout(left.min(CHECK_LOOKS_EVERY)) {
+            Ok(result) => return (result, false),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if !signalled_before && crate::interrupt::interrupted() {
+            return (
+                Err(format!("{} before it finished", crate::interrupt::reason())),
+                true,
+            );
+        }
+    }
+    // Out of time. A server that refused every login (stopped, no connection slot) gave an
+    // answer, which is said, not "no answer" as of a frozen one (found by a helper); an
+    // attempt still waiting for the server is a server that did not answer.
+    let (asking_since, refused) = progress
+        .lock()
+        .map(|p| (p.asking_since, p.refused.clone()))
+        .unwrap_or_default();
+    let waiting = asking_since.is_some_and(|at| at.elapsed() >= REFUSAL_ANSWERS_WITHIN);
+    let why = match refused {
+        Some(refusal) if !waiting => refused_for(&refusal, budget),
+        _ => format!("no answer from the database within {budget:?}"),
+    };
+    (Err(why), false)
+}
+
+/// How often the wait for the final check looks for Ctrl-C.
+const CHECK_LOOKS_EVERY: Duration = Duration::from_millis(20);
+
+/// A login refused comes back at once; an attempt waiting longer is waiting on the server.
+const REFUSAL_ANSWERS_WITHIN: Duration = Duration::from_secs(1);
+
+/// What the final check's thread has seen so far, for the line said when its time runs out.
+#[derive(Default)]
+struct CheckProgress {
+    /// An attempt (connect and read) under way since then.
+    asking_since: Option<Instant>,
+    /// The last attempt's login was refused, in these words (the server stopped: connection
+    /// refused; max_connections or a CONNECTION LIMIT reached).
+    refused: Option<String>,
+}
+
+/// The final check's line when every login was refused for `how_long`: what was refused and
+/// the server's (or libpq's) words.
+fn refused_for(refusal: &str, how_long: Duration) -> String {
+    let what = if crate::error::is_connection_limit(refusal) {
+        "the server had no connection to spare (max_connections, or a role's or database's \
+         CONNECTION LIMIT, reached)"
+    } else if refusal.to_ascii_lowercase().contains("connection refused") {
+        "nothing accepted the connection (the server is stopped, restarting, or listens \
+         elsewhere)"
+    } else {
+        "the server refused the login"
+    };
+    format!(
+        "cannot connect to the database: for {}, {what} (the last attempt: {refusal})",
+        humantime::format_duration(Duration::from_millis(how_long.as_millis() as u64))
+    )
 }
 
 /// A failed connect as a step of the retry loop: a server that is down or restarting may come

@@ -162,6 +162,10 @@ pub struct Report {
     pub verify: Option<VerifyReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_check_error: Option<String>,
+    /// Ctrl-C (or SIGTERM) came during the final check and stopped it: every transfer had
+    /// ended (`interrupted` is false unless an earlier signal stopped them), no invariant was
+    /// checked (`final_check_error` says so).
+    pub final_check_interrupted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
@@ -198,6 +202,8 @@ pub struct Run {
     pub starting_total: i128,
     pub stuck_workers: u64,
     pub interrupted: bool,
+    /// Ctrl-C (or SIGTERM) stopped the final check, after every transfer had ended.
+    pub check_interrupted: bool,
     pub readers: u64,
     pub reads: u64,
     pub wrong_total_reads: u64,
@@ -272,6 +278,7 @@ impl Report {
             // One line each, as every message bank prints: a server's error may span several
             // (a trigger's RAISE with a newline split the report's line).
             final_check_error: final_check_error.map(|e| crate::text::one_line(&e)),
+            final_check_interrupted: run.check_interrupted,
             last_error: tally.last_error.map(|e| crate::text::one_line(&e)),
         }
     }
@@ -397,8 +404,14 @@ impl fmt::Display for Report {
             l.p50, l.p95, l.p99, l.max
         )?;
         writeln!(f, "invariants:")?;
-        if let Some(e) = &self.final_check_error {
-            writeln!(f, "  the final check could not run: {e}")?;
+        match &self.final_check_error {
+            Some(e) if self.final_check_interrupted => writeln!(
+                f,
+                "  the final check was {e}: every transfer had ended, nothing was checked \
+                 (`bank verify` checks the bank)"
+            )?,
+            Some(e) => writeln!(f, "  the final check could not run: {e}")?,
+            None => {}
         }
         let others = match self.moved_by_other_clients {
             Some(0) | None => String::new(),
@@ -469,6 +482,7 @@ mod tests {
             starting_total: 10_000,
             stuck_workers: 0,
             interrupted: false,
+            check_interrupted: false,
             readers: 0,
             reads: 0,
             wrong_total_reads: 0,
@@ -524,6 +538,7 @@ mod tests {
             starting_total: 10_000,
             stuck_workers: 1,
             interrupted: false,
+            check_interrupted: false,
             readers: 1,
             reads: 3,
             wrong_total_reads: 0,

@@ -142,6 +142,9 @@ impl IdPrefix {
     }
 }
 
+/// How often a worker's pause after a failure looks for Ctrl-C.
+const PAUSE_LOOKS_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
 pub(super) struct Worker {
     pub(super) runner: Runner,
     /// `--batch N`: N transfers at a time through the chunk statement, instead of `runner`.
@@ -327,7 +330,8 @@ impl Worker {
     }
 
     /// After `failed_in_a_row` failures (none: no pause), a pause that grows as a retry's does,
-    /// ending by the run's end.
+    /// ending by the run's end, or at Ctrl-C: slept whole, it kept a run by count (which has no
+    /// end to cut it) from stopping for up to a second after the signal.
     fn pause(&self, failed_in_a_row: u32) {
         if failed_in_a_row == 0 {
             return;
@@ -338,7 +342,14 @@ impl Worker {
         if let Some(end) = self.end {
             pause = pause.min(end.saturating_duration_since(Instant::now()));
         }
-        std::thread::sleep(pause);
+        let until = Instant::now() + pause;
+        while !crate::interrupt::interrupted() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(PAUSE_LOOKS_EVERY));
+        }
     }
 
     /// Tells the watchdog that a transfer (or a batch's statement) starts now.
