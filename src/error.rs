@@ -516,9 +516,12 @@ pub enum Error {
     )]
     FileNoThread(std::io::Error),
     /// `transfer --file`: some lines were refused or not applied, and none is unknown (exit 1).
+    /// `because`: the database refused statements for a reason that is no line's own (its
+    /// words, which `with_hints` explains).
     #[error(
-        "{}{} {} not applied (each line's outcome is above)",
+        "{}{}{} {} not applied (each line's outcome is above)",
         if *interrupted { "interrupted (Ctrl-C, SIGTERM or SIGHUP): " } else { "" },
+        because.as_deref().map(|why| format!("{why}: ")).unwrap_or_default(),
         crate::of_total(*failed, *total, "transfer"),
         crate::was_or_were(*failed)
     )]
@@ -526,6 +529,7 @@ pub enum Error {
         failed: u64,
         total: u64,
         interrupted: bool,
+        because: Option<String>,
     },
     /// `transfer --file` whose file changed after it was checked: it stopped there (exit 1).
     #[error(

@@ -64,6 +64,9 @@ pub struct Summary {
     /// Connections that applied the file and connections meant to, when fewer: the database
     /// refused the others at login for want of a connection slot (its error).
     pub fewer_connections: Option<(usize, usize, String)>,
+    /// The database refused statements for a reason that is no line's own
+    /// (`ChunkRunner::refused_whole`): the first such, for the run's error line.
+    pub refused_whole: Option<String>,
 }
 
 impl Summary {
@@ -89,6 +92,9 @@ struct Done {
     /// The job was not run: this worker's first connection was refused for want of a
     /// connection slot (the error), so it ends and its group goes to another.
     retired: Option<String>,
+    /// The database refused a statement of the group for a reason that is no line's own
+    /// (`ChunkRunner::refused_whole`).
+    refused_whole: Option<String>,
 }
 
 struct Worker {
@@ -366,7 +372,8 @@ where
             // Stopping: what is left was never attempted.
             let never = Verdict::not_attempted(&reason);
             for group in queue.drain(..) {
-                finish_group(&mut windows, &group, Vec::new());
+                let verdicts = vec![never.clone(); group.positions.len()];
+                finish_group(&mut windows, &group, verdicts);
             }
             emit_ready(&mut windows, &mut summary, &mut record)?;
             for l in lines.by_ref() {
@@ -441,6 +448,9 @@ where
                 // it are judged as after a refusal. (Only a run of its own can have answered it,
                 // so file order across reruns, which stopping keeps for this run's own failures,
                 // is already shared with another run.)
+                if let Some(why) = done.refused_whole {
+                    summary.refused_whole.get_or_insert(why);
+                }
                 if let Some(v) = verdicts.iter().find(|v| {
                     v.outcome.is_unsettled() && !v.is_not_attempted() && !v.is_answered_elsewhere()
                 }) {
@@ -644,6 +654,7 @@ fn spawn(
                             result: Ok(Vec::new()),
                             retries: RetryCounts::default(),
                             retired: Some(format!("{why} another ({e})")),
+                            refused_whole: None,
                         });
                         break;
                     }
@@ -662,6 +673,7 @@ fn spawn(
                     result,
                     retries,
                     retired: None,
+                    refused_whole: runner.refused_whole.take(),
                 })
                 .is_err()
                 || stop

@@ -101,7 +101,9 @@ pub(super) fn transfer_file(
         let stopped = match (&results.failed, crate::interrupt::interrupted()) {
             (Some(e), _) => Some(output(e)),
             (None, true) => Some("interrupted (Ctrl-C, SIGTERM or SIGHUP)".to_string()),
-            (None, false) => None,
+            // The database refused statements for a reason that is no line's own: said once,
+            // with its hint (what to grant, where to connect), as a single transfer says it.
+            (None, false) => summary.refused_whole.clone(),
         };
         Err(Error::BatchUnknown {
             unknown,
@@ -122,6 +124,7 @@ pub(super) fn transfer_file(
             failed,
             total,
             interrupted: crate::interrupt::interrupted(),
+            because: summary.refused_whole.clone(),
         })
     } else {
         Ok(())
@@ -223,8 +226,13 @@ fn connections_for(cockroachdb: bool, default_isolation: &str) -> usize {
 }
 
 fn write_line(out: &mut impl Write, json: bool, l: &Line, v: &Verdict) -> io::Result<()> {
-    // A server's message may hold line ends (libpq's do): one result, one line.
-    let error = v.error.as_deref().map(crate::one_line);
+    // A server's message may hold line ends (libpq's do): one result, one line. With the hints a
+    // single transfer's error gives (what to grant a role refused a table, a read-only
+    // database's cure, whose timeout): a refused line said the server's words alone.
+    let error = v
+        .error
+        .as_deref()
+        .map(|e| crate::one_line(&crate::error::with_hints(e.to_string())));
     if json {
         serde_json::to_writer(
             &mut *out,
