@@ -2868,27 +2868,7 @@ fn lines_a_dba_refuses_are_refused_alone_and_the_rest_is_one_by_one() {
                 false,
             ),
         ] {
-            let file_db = ScratchDb::migrated_at(iso);
-            let oracle_db = ScratchDb::migrated_at(iso);
-            let ids: Vec<(Uuid, i64)> = (0..6).map(|_| (Uuid::new_v4(), 1000)).collect();
-            for db in [&file_db, &oracle_db] {
-                accounts_with_ids(db, &ids);
-                db.conn().batch_execute(rule).expect("the DBA's rule");
-            }
-            let mut rng = StdRng::seed_from_u64(13);
-            let lines: Vec<T> = (0..300)
-                .map(|_| {
-                    let from = rng.random_range(0..6);
-                    let to = (from + rng.random_range(1..6)) % 6;
-                    T {
-                        id: Uuid::new_v4(),
-                        from: ids[from].0,
-                        to: ids[to].0,
-                        amount: rng.random_range(1..=20),
-                    }
-                })
-                .collect();
-            let want = one_by_one(&oracle_db, &lines);
+            let (file_db, oracle_db, lines, want) = under_a_dba_s_rule(iso, rule, 13, 300);
             assert!(
                 want.iter().any(|o| o == "refused"),
                 "{iso:?}: a refusal to test"
@@ -3524,27 +3504,7 @@ fn a_trigger_refusing_lines_in_the_words_of_a_statement_s_refusal_is_still_found
             ),
         ] {
             let case = format!("{iso:?}: {rule}");
-            let file_db = ScratchDb::migrated_at(iso);
-            let oracle_db = ScratchDb::migrated_at(iso);
-            let ids: Vec<(Uuid, i64)> = (0..6).map(|_| (Uuid::new_v4(), 1000)).collect();
-            for db in [&file_db, &oracle_db] {
-                accounts_with_ids(db, &ids);
-                db.conn().batch_execute(rule).expect("the DBA's rule");
-            }
-            let mut rng = StdRng::seed_from_u64(17);
-            let lines: Vec<T> = (0..120)
-                .map(|_| {
-                    let from = rng.random_range(0..6);
-                    let to = (from + rng.random_range(1..6)) % 6;
-                    T {
-                        id: Uuid::new_v4(),
-                        from: ids[from].0,
-                        to: ids[to].0,
-                        amount: rng.random_range(1..=20),
-                    }
-                })
-                .collect();
-            let want = one_by_one(&oracle_db, &lines);
+            let (file_db, oracle_db, lines, want) = under_a_dba_s_rule(iso, rule, 17, 120);
             assert!(
                 want.iter().any(|o| o == "refused"),
                 "{case}: a refusal to test"
@@ -4660,4 +4620,36 @@ fn a_conflict_at_a_one_line_statement_s_commit_is_retried_not_refused() {
             "{case}"
         );
     }
+}
+
+/// Two databases at `iso` with the same six accounts of 1000 and a DBA's `rule`, `n` random
+/// lines over them (from `seed`), and what applying them one by one on the second gave.
+fn under_a_dba_s_rule(
+    iso: Iso,
+    rule: &str,
+    seed: u64,
+    n: usize,
+) -> (ScratchDb, ScratchDb, Vec<T>, Vec<String>) {
+    let file_db = ScratchDb::migrated_at(iso);
+    let oracle_db = ScratchDb::migrated_at(iso);
+    let ids: Vec<(Uuid, i64)> = (0..6).map(|_| (Uuid::new_v4(), 1000)).collect();
+    for db in [&file_db, &oracle_db] {
+        accounts_with_ids(db, &ids);
+        db.conn().batch_execute(rule).expect("the DBA's rule");
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let lines: Vec<T> = (0..n)
+        .map(|_| {
+            let from = rng.random_range(0..6);
+            let to = (from + rng.random_range(1..6)) % 6;
+            T {
+                id: Uuid::new_v4(),
+                from: ids[from].0,
+                to: ids[to].0,
+                amount: rng.random_range(1..=20),
+            }
+        })
+        .collect();
+    let want = one_by_one(&oracle_db, &lines);
+    (file_db, oracle_db, lines, want)
 }
