@@ -257,14 +257,22 @@ pub fn server_now(conn: &mut PgConnection) -> QueryResult<DateTime<Utc>> {
 /// of an earlier time are final. Only a client's transaction with a transaction id: bank times
 /// an entry once its transaction holds its locks, and locking a row takes an id, so one without
 /// an id now (a read left open, `bank balances | less`) will time any entry after now; a
-/// background worker (autovacuum) writes none. PostgreSQL's `pg_stat_activity`, which shows only
-/// the sessions this role may see (all of them with `pg_read_all_stats`).
+/// background worker (autovacuum) writes none. And only one that holds more than a read's lock
+/// on `accounts` or `transfers` (`pg_locks`, which every role sees whole): a transaction that has
+/// locked no account yet times any entry after now too, and one of another application sharing
+/// the database (a long batch job, a psql left open after an UPDATE elsewhere) made every
+/// `--as-of` after its start fail. PostgreSQL's `pg_stat_activity`, which shows only the
+/// sessions this role may see (all of them with `pg_read_all_stats`).
 pub fn oldest_open_transaction(conn: &mut PgConnection) -> QueryResult<Option<DateTime<Utc>>> {
     diesel::select(
         diesel::dsl::sql::<diesel::sql_types::Nullable<Timestamptz>>(
-            "(SELECT MIN(xact_start) FROM pg_stat_activity WHERE datname = current_database() \
-         AND pid <> pg_backend_pid() AND xact_start IS NOT NULL \
-         AND backend_type = 'client backend' AND backend_xid IS NOT NULL)",
+            "(SELECT MIN(a.xact_start) FROM pg_stat_activity a \
+         WHERE a.datname = current_database() \
+         AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL \
+         AND a.backend_type = 'client backend' AND a.backend_xid IS NOT NULL \
+         AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation' \
+         AND l.relation IN ('accounts'::regclass, 'transfers'::regclass) \
+         AND l.mode <> 'AccessShareLock'))",
         ),
     )
     .get_result(conn)

@@ -589,6 +589,44 @@ fn killed_mid_file_then_rerun_applies_every_transfer_exactly_once() {
     }
 }
 
+/// A file's connection lost while its first statement checked the schema (a server restarted
+/// as the run began, a pooler or a DBA ending the backend): every retry ran the check again on
+/// the dead connection ("no connection to the server"), never connecting anew, until the
+/// retries were spent (about 15 s) and the whole file ended `unknown`, exit 3, nothing of it
+/// sent (found by a helper playing a new user, ending backends at random). It connects again,
+/// as a single transfer does, and applies the file.
+#[test]
+fn a_file_whose_connection_is_lost_while_the_schema_is_checked_connects_again() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let lines = solvent_file(&db, 4, 30, 11);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        // The check's first read waits behind this lock, where its backend is ended.
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE __diesel_schema_migrations IN ACCESS EXCLUSIVE MODE")
+            .expect("lock the migrations' table");
+        let child = spawn_file(db.url.expose(), &path, &["--timeout", "20s"]);
+        wait_for_lock_wait(&db);
+        diesel::sql_query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'bank%' \
+             AND wait_event_type = 'Lock'",
+        )
+        .execute(&mut holder)
+        .expect("end the waiting backend");
+        holder.batch_execute("ROLLBACK").expect("release");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        let got = outcomes(&run);
+        assert_eq!(got.len(), lines.len(), "{iso:?}: {run:?}");
+        assert!(got.iter().all(|(_, o)| o == "applied"), "{iso:?}: {run:?}");
+        assert_eq!(full_state(&db), replay(&db, &lines), "{iso:?}");
+    }
+}
+
 /// What applying `lines` (all solvent) one by one, in order, leaves: every account's balance and
 /// version and every ledger entry. Accounts are read from `db` before any line was applied,
 /// i.e. at their opening balance with version 0.

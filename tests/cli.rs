@@ -1462,6 +1462,35 @@ fn no_malformed_url_or_dotenv_line_shows_its_password() {
     }
 }
 
+/// A `.env` value holding a NUL byte (a file saved by a tool that pads with them, a paste from a
+/// binary) made bank panic in `set_var`, exit 101 with a backtrace, and print the value, the
+/// password in the URL included. It is a malformed line, named by its key only.
+#[test]
+fn a_dotenv_value_with_a_nul_byte_is_malformed_and_not_shown() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[3]);
+    let pw = "Sekr3t-pw";
+    let url_line = format!("DATABASE_URL=postgres://bank:{pw}\0x@127.0.0.1:1/bank\n");
+    let run = Bank::new().args(["balances"]);
+    std::fs::write(run.dir.path().join(".env"), &url_line).expect("write .env");
+    let run = run.run();
+    run.fails_with(2, "/.env: malformed line for DATABASE_URL (line 1)");
+    assert!(!run.stderr.contains(pw), "{run:?}");
+    assert!(!run.stderr.contains("panicked"), "{run:?}");
+    // Another key's NUL, with the URL from the environment: a warning, and the command runs.
+    let mut run = Bank::new().args(["balances", "--json"]);
+    run.cmd.env("DATABASE_URL", db.url.expose());
+    std::fs::write(run.dir.path().join(".env"), "BANK_READ_TIMEOUT=5\0s\n").expect("write .env");
+    let run = run.run();
+    run.success();
+    assert!(
+        run.stderr
+            .contains("malformed line for BANK_READ_TIMEOUT (line 1): it holds a NUL byte"),
+        "{run:?}"
+    );
+    assert_eq!(run.json()[0]["balance"], 3, "{run:?}");
+}
+
 #[test]
 fn a_read_cancelled_by_the_servers_statement_timeout_says_how_to_lift_it() {
     // A database whose statement_timeout is shorter than reading every balance takes: the

@@ -455,6 +455,66 @@ fn balances_as_of_a_time_does_not_wait_for_sessions_that_wrote_nothing() {
     }
 }
 
+/// A transaction of another application sharing the database (a batch job writing its own
+/// table, a psql session left open after an UPDATE elsewhere) cannot add an entry to bank's
+/// ledger timed before now: it holds no lock on bank's tables. `--as-of` any time after it began
+/// waited 5 s for it and failed ("not settled yet", exit 1), for as long as it stayed open
+/// (found by a helper playing a new user). It answers at once, and still waits for a transfer
+/// (the test above).
+#[test]
+fn balances_as_of_a_time_does_not_wait_for_another_applications_writes() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 0]);
+        db.conn()
+            .batch_execute("CREATE TABLE other_app (x INT8)")
+            .expect("another application's table");
+        let mut other = db.conn();
+        other
+            .batch_execute("BEGIN; INSERT INTO other_app VALUES (1)")
+            .expect("a write of its own, left open");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        db.transfer(ids[0], ids[1], 5).run().success();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let at = Utc::now();
+        let started = std::time::Instant::now();
+        let run = db
+            .bank()
+            .args([
+                "balances",
+                "--as-of",
+                &at.to_rfc3339(),
+                "--timeout",
+                "2s",
+                "--json",
+            ])
+            .run();
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(900),
+            "{iso:?}: waited {:?}",
+            started.elapsed()
+        );
+        let mut got: Vec<(String, i64)> = run
+            .json()
+            .as_array()
+            .expect("an array")
+            .iter()
+            .map(|a| {
+                (
+                    a["id"].as_str().expect("id").to_string(),
+                    a["balance"].as_i64().expect("balance"),
+                )
+            })
+            .collect();
+        got.sort();
+        let mut want = vec![(ids[0].to_string(), 95), (ids[1].to_string(), 5)];
+        want.sort();
+        assert_eq!(got, want, "{iso:?}");
+        other.batch_execute("COMMIT").expect("commit");
+    }
+}
+
 /// `bank verify` after a DBA's edit: exit 1 with its report on stdout (text and JSON alike) and
 /// "verification failed" on stderr, never a database error. Returns the JSON report.
 #[track_caller]

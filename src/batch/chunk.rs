@@ -818,7 +818,11 @@ impl ChunkRunner {
             let reused = session.is_connected();
             let conn = match connection(session) {
                 Ok(conn) => conn,
-                Err(step) => return step,
+                // Through `after_step`, as every other step: a connection lost while the schema
+                // was checked is dropped there, and the next attempt connects anew (returned as
+                // it was, each retry checked again on the dead connection until the retries
+                // were spent, and the whole file ended `unknown`).
+                Err(step) => return after_step(step, n, reused, session, ticket),
             };
             // This attempt's verdicts, once it has them.
             let mut last: Option<Attempted> = None;

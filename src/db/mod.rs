@@ -51,6 +51,22 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
     let parsed = dotenvy::from_read_iter(text).collect::<Result<Vec<_>, _>>();
     match parsed {
+        // A NUL byte is no part of any environment variable: `set_var` panicked on one, printing
+        // the line's value (a password) in the panic message.
+        Ok(vars) if vars.iter().any(|(_, v)| v.contains('\0')) => {
+            let key = vars
+                .iter()
+                .find(|(_, v)| v.contains('\0'))
+                .map_or_else(String::new, |(k, _)| k.clone());
+            let number = String::from_utf8_lossy(text)
+                .lines()
+                .position(|l| dotenv_key(l) == Some(key.as_str()) && l.contains('\0'))
+                .map_or_else(String::new, |i| format!(" (line {})", i + 1));
+            Err(failed(format!(
+                "malformed line for {key}{number}: it holds a NUL byte, which no environment \
+                 variable can"
+            )))
+        }
         Ok(vars) => {
             let defined = |name: &str| {
                 std::env::var_os(name).is_some() || vars.iter().any(|(k, _)| k == name)
