@@ -4691,3 +4691,93 @@ fn under_a_dba_s_rule(
     let want = one_by_one(&oracle_db, &lines);
     (file_db, oracle_db, lines, want)
 }
+
+/// `transfer --file --connections 3` whose second or third connection the system would not start
+/// a thread for (`ulimit -u`, a container's pids limit) once the first had: the file goes on with
+/// the connections it has, says so in one line, and every line is reported with exactly the
+/// one-by-one outcome, the database ending as the oracle's; exit 1 when a line is refused, else
+/// 0 (README, "Exit codes"). A per-user thread limit binds only users other than root, so the
+/// refusal is played by a `pthread_create` shim (`support::threads`), and the threads `bank`
+/// starts before each connection are counted in a first run of an empty file (`-v`).
+#[test]
+fn a_connection_the_system_will_not_start_a_thread_for_leaves_the_file_to_the_others() {
+    use crate::support::threads;
+    let mut rng = StdRng::seed_from_u64(0x7412ead);
+    for iso in Iso::BOTH {
+        // Connection 1 refused and every thread after it; connection 2 alone.
+        for (refused, refuse) in [(1, None), (2, Some(1))] {
+            let case = format!("{iso:?}: connection {refused} refused");
+            let accounts: Vec<(Uuid, i64)> = (0..200)
+                .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
+                .collect();
+            let ids: Vec<Uuid> = accounts.iter().map(|a| a.0).collect();
+            let lines = random_file(&mut rng, &ids, 300);
+            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+            for db in [&batched, &oracle] {
+                accounts_with_ids(db, &accounts);
+            }
+            let expected = one_by_one(&oracle, &lines);
+            overdraws(&case, &expected);
+            let shape = ["--connections", "3", "--batch", "20"];
+
+            let counting = threads::counted(Bank::new());
+            std::fs::write(counting.dir.path().join("e.csv"), "id,from,to,amount\n")
+                .expect("write file");
+            let count = counting
+                .args(["--database-url", batched.url.expose(), "-v"])
+                .args(["transfer", "--file", "e.csv"])
+                .args(shape)
+                .run();
+            assert_eq!(count.code, 0, "{case}: the counting run: {count:?}");
+            assert!(threads::calls(&count.stderr) > 0, "{case}: {count:?}");
+            let before = threads::calls_before(
+                &count.stderr,
+                &format!("transfer --file: starting connection {refused}"),
+            );
+
+            let bank = threads::limited(Bank::new(), before, refuse);
+            std::fs::write(bank.dir.path().join("t.csv"), csv(&lines)).expect("write file");
+            let run = bank
+                .args(["--database-url", batched.url.expose()])
+                .args([
+                    "transfer",
+                    "--file",
+                    "t.csv",
+                    "--json",
+                    "--retry-base",
+                    "1ms",
+                ])
+                .args(shape)
+                .run();
+            let got = outcomes(&run);
+            assert_eq!(got.len(), lines.len(), "{case}: every line: {run:?}");
+            for (i, ((line, _), _)) in got.iter().zip(&lines).enumerate() {
+                assert_eq!(*line, i as u64 + 2, "{case}: lines come in file order");
+            }
+            let refused_any = expected
+                .iter()
+                .any(|o| o != "applied" && o != "already_applied");
+            assert_eq!(run.code, i32::from(refused_any), "{case}: {run:?}");
+            // The warning, the summary, and the line that says lines were refused.
+            let err: Vec<&str> = run.stderr.lines().collect();
+            assert_eq!(err.len(), 2 + usize::from(refused_any), "{case}: {run:?}");
+            assert!(
+                err[2..]
+                    .iter()
+                    .all(|l| l.starts_with("bank: error: ") && l.contains("were not applied")),
+                "{case}: {run:?}"
+            );
+            assert!(
+                err[0].starts_with("bank: warning: applied on ")
+                    && err[0].contains(
+                        " of 3: the system would not start a thread for another connection \
+                         (Resource temporarily unavailable"
+                    ),
+                "{case}: {run:?}"
+            );
+            assert!(err[1].contains(" transfers in "), "{case}: {run:?}");
+            run.no_password();
+            same_as_one_by_one(&case, &run, &expected, &batched, &oracle);
+        }
+    }
+}

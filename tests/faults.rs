@@ -1967,15 +1967,18 @@ fn exit_on_error_does_not_end_sessions_at(iso: Iso) {
 /// applied, reporting none of those lines (found by a helper playing a new user: 3,437 lines
 /// applied, none reported). Each says so in one line now, before sending anything: a transfer
 /// not applied (exit 1), or unknown with an id given (exit 3, as any run held up before its
-/// first statement), a file unknown (exit 3), the others exit 1.
+/// first statement), a file unknown (exit 3), the others exit 1. The same again with every
+/// `pthread_create` refused with EAGAIN, as at `ulimit -u` (`support::threads`'s shim, which the
+/// later-thread tests of `workload` and `batch` use).
 #[test]
 fn a_thread_the_system_will_not_start_is_one_line_not_a_panic() {
     for iso in Iso::BOTH {
-        no_thread_at(iso);
+        no_thread_at(iso, false);
+        no_thread_at(iso, true);
     }
 }
 
-fn no_thread_at(iso: Iso) {
+fn no_thread_at(iso: Iso, shim: bool) {
     let db = ScratchDb::migrated_at(iso);
     let ids = db.accounts(&[100, 0]);
     let (from, to) = (ids[0].to_string(), ids[1].to_string());
@@ -1984,7 +1987,12 @@ fn no_thread_at(iso: Iso) {
         let mut bank = Bank::new()
             .args(["--database-url", db.url.expose()])
             .args(args);
-        bank.cmd.env("RUST_MIN_STACK", "1099511627776");
+        match shim {
+            true => bank = crate::support::threads::limited(bank, 0, None),
+            false => {
+                bank.cmd.env("RUST_MIN_STACK", "1099511627776");
+            }
+        }
         std::fs::write(
             bank.dir.path().join("f.csv"),
             format!("id,from,to,amount\n{id},{from},{to},7\n"),

@@ -2039,3 +2039,157 @@ fn sequence(conn: &mut diesel::PgConnection, name: &str) -> i64 {
     .expect("the sequence")
     .v
 }
+
+/// `workload` whose later worker thread the system would not start (`ulimit -u`, a container's
+/// pids limit): the run ended at once, exit 1 with one line and no report, while the workers it
+/// had started were transferring (their transfers committed and were never counted). It goes
+/// on with the workers it has, says so in one line on stderr, counts the others in its report
+/// (`workers_not_started`), and checks every invariant as usual. A per-user thread limit binds
+/// only users other than root, so the system's refusal is played by a `pthread_create` shim
+/// (`support::threads`), and the threads `bank` starts before its second worker are counted in a
+/// first run (`-v`), not guessed.
+#[test]
+fn a_worker_the_system_will_not_start_after_others_leaves_the_run_to_those_started() {
+    for iso in Iso::BOTH {
+        for mode in ["transaction", "single-statement"] {
+            worker_refused(iso, mode);
+        }
+    }
+}
+
+/// The calls to `pthread_create` a `workload` run with `args` makes before the line of `-v`
+/// that contains `marker`.
+fn threads_before(db: &ScratchDb, args: &[&str], marker: &str) -> usize {
+    use crate::support::threads;
+    let run = threads::counted(db.bank())
+        .args(["-v", "workload"])
+        .args(args)
+        .args(["--transfers", "1"])
+        .run();
+    assert_eq!(run.code, 0, "the counting run: {run:?}");
+    assert!(
+        threads::calls(&run.stderr) > 0,
+        "the shim logged no thread: it is not loaded: {run:?}"
+    );
+    threads::calls_before(&run.stderr, marker)
+}
+
+/// `bank:` lines of a run's stderr (the progress table aside).
+fn said(run: &Run) -> Vec<&str> {
+    run.stderr
+        .lines()
+        .filter(|l| l.starts_with("bank:"))
+        .collect()
+}
+
+fn worker_refused(iso: Iso, mode: &str) {
+    use crate::support::threads;
+    let db = ScratchDb::migrated_at(iso);
+    let case = format!("{iso:?} {mode}");
+    let shape = ["--accounts", "10", "--concurrency", "3", "--mode", mode];
+    let before = threads_before(&db, &shape, "workload: starting worker 1");
+    let ledger = support::count_transfers(&mut db.conn()).expect("count");
+
+    // The second worker's thread refused, the rest allowed again: the first worker carries the
+    // run, and the final check runs.
+    let run = threads::limited(db.bank(), before, Some(1))
+        .args(["workload"])
+        .args(shape)
+        .args(["--transfers", "300", "--max-amount", "400", "--json"])
+        .run();
+    assert_eq!(run.code, 0, "{case}: {run:?}");
+    let warned = said(&run);
+    assert_eq!(warned.len(), 1, "{case}: one line: {run:?}");
+    assert!(
+        warned[0].starts_with(
+            "bank: warning: started 1 of 3 workers: the system would not start a thread for \
+             another (Resource temporarily unavailable"
+        ) && warned[0].ends_with("the run goes on with 1"),
+        "{case}: {run:?}"
+    );
+    let j = run.json();
+    assert_eq!(j["ok"], true, "{case}: {j}");
+    assert_eq!(j["concurrency"], 3, "{case}: {j}");
+    assert_eq!(j["workers_not_started"], 2, "{case}: {j}");
+    let count = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("{k}: {j}"));
+    let decided = [
+        "transfers_committed",
+        "rejected_insufficient_funds",
+        "rejected_balance_overflow",
+        "given_up",
+        "indeterminate",
+        "errors",
+    ]
+    .iter()
+    .map(|k| count(k))
+    .sum::<u64>();
+    assert_eq!(decided, 300, "{case}: every transfer asked for: {j}");
+    let now = support::count_transfers(&mut db.conn()).expect("count");
+    assert_eq!(
+        (now - ledger) as u64,
+        count("transfers_committed"),
+        "{case}: {j}"
+    );
+    assert!(bank::verify::verify(&mut db.conn()).expect("verify").ok);
+
+    // Every later thread refused, the final check's too: the report still comes, with what
+    // the started worker did, and the run fails for the check it could not make.
+    let ledger = now;
+    let run = threads::limited(db.bank(), before, None)
+        .args(["workload"])
+        .args(shape)
+        .args(["--transfers", "100", "--json"])
+        .run();
+    assert_eq!(run.code, 1, "{case}: {run:?}");
+    let lines = said(&run);
+    assert_eq!(lines.len(), 2, "{case}: {run:?}");
+    assert!(
+        lines[0].starts_with("bank: warning: started 1 of 3 workers"),
+        "{case}: {run:?}"
+    );
+    assert!(
+        lines[1].starts_with("bank: error: workload failed: the final check could not run")
+            && lines[1].contains("would not start a thread for the final check"),
+        "{case}: {run:?}"
+    );
+    let j = run.json();
+    assert_eq!(j["ok"], false, "{case}: {j}");
+    assert_eq!(j["workers_not_started"], 2, "{case}: {j}");
+    assert!(j["invariants"]["total_conserved"].is_null(), "{case}: {j}");
+    let now = support::count_transfers(&mut db.conn()).expect("count");
+    assert_eq!(
+        (now - ledger) as u64,
+        j["transfers_committed"].as_u64().expect("committed"),
+        "{case}: the report counts what the worker committed: {j}"
+    );
+    assert!(bank::verify::verify(&mut db.conn()).expect("verify").ok);
+}
+
+/// A reader the system would not start once another had: the run went on and said nothing of
+/// it (only `read_error` in `--json`). It says so in one line, as for workers.
+#[test]
+fn a_reader_the_system_will_not_start_is_said() {
+    use crate::support::threads;
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let shape = ["--accounts", "10", "--concurrency", "2", "--readers", "2"];
+        let before = threads_before(&db, &shape, "workload: starting reader 1");
+        let run = threads::limited(db.bank(), before, Some(1))
+            .args(["workload"])
+            .args(shape)
+            .args(["--transfers", "200", "--json"])
+            .run();
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        let warned = said(&run);
+        assert_eq!(warned.len(), 1, "{iso:?}: one line: {run:?}");
+        assert!(
+            warned[0].starts_with(
+                "bank: warning: started 1 of 2 readers: the system would not start a thread"
+            ),
+            "{iso:?}: {run:?}"
+        );
+        let j = run.json();
+        assert_eq!(j["ok"], true, "{iso:?}: {j}");
+        assert!(j["reads"].as_u64() > Some(0), "{iso:?}: {j}");
+    }
+}

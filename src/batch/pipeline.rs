@@ -624,6 +624,7 @@ fn spawn(
     let watch = runner.watch.clone();
     let connecting = Arc::new(AtomicBool::new(false));
     let marked = Arc::clone(&connecting);
+    log::debug!("transfer --file: starting connection {n}");
     let thread = crate::spawn(move || {
         for job in rx {
             // A connection the database has no slot for (a role's CONNECTION LIMIT) while the

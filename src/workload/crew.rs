@@ -70,6 +70,8 @@ pub(super) struct Watchdog {
     /// Ctrl-C (or SIGTERM) came while transfers remained to be started: the figures cover the
     /// run so far. One that came once every transfer had started leaves them whole.
     pub(super) interrupted: bool,
+    /// A stuck worker's replacement could not be started (said once).
+    unreplaced: bool,
 }
 
 impl Crew {
@@ -144,6 +146,7 @@ impl Crew {
             stuck_workers: 0,
             seconds: None,
             interrupted: false,
+            unreplaced: false,
         };
         let mut sampler = self
             .config
@@ -219,7 +222,23 @@ impl Crew {
             }
             if self.more() {
                 for _ in 0..stuck {
-                    slots.push(self.spawn(slots.len() as u64)?);
+                    match self.spawn(slots.len() as u64) {
+                        Ok(slot) => slots.push(slot),
+                        // The run goes on with the workers it has (see `run`): ending it here
+                        // left the others' transfers without a report.
+                        Err(Error::Thread(e)) => {
+                            if !seen.unreplaced {
+                                crate::say(format_args!(
+                                    "bank: warning: a stuck worker could not be replaced: the \
+                                     system would not start a thread ({e}); the run goes on \
+                                     with the workers it has"
+                                ));
+                            }
+                            seen.unreplaced = true;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             let running = slots
@@ -251,7 +270,8 @@ impl Crew {
             running: Arc::new(AtomicU64::new(n)),
             failure: Arc::new(Mutex::new(None)),
         };
-        for _ in 0..n {
+        for r in 0..n {
+            log::debug!("workload: starting reader {r}");
             let (stop, reads, wrong, running, failure) = (
                 Arc::clone(&readers.stop),
                 Arc::clone(&readers.reads),
@@ -324,10 +344,23 @@ impl Crew {
                 running.fetch_sub(1, Ordering::SeqCst);
             });
             // A reader the system would not start reads nothing: the run goes on with the others,
-            // and says why in its readers' last failure.
+            // says so, and says why in its readers' last failure (with none started, the run
+            // fails for want of a read).
             if let Err(e) = spawned {
                 note(&failed, format_args!("a reader could not start: {e}"));
-                left.fetch_sub(1, Ordering::SeqCst);
+                // Readers `0..r` started; this one and the rest never will.
+                left.fetch_sub(n - r, Ordering::SeqCst);
+                crate::say(format_args!(
+                    "bank: warning: started {}: the system would not start a thread for \
+                     another ({e}; ulimit -u, a container's or systemd's pids limit, or \
+                     memory){}",
+                    crate::of_total(r, n, "reader"),
+                    match r {
+                        0 => String::new(),
+                        k => format!(": the run goes on with {k}"),
+                    }
+                ));
+                break;
             }
         }
         readers

@@ -158,8 +158,28 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         histogram_log: std::sync::Mutex::new(histogram_log),
     };
     let mut slots = Vec::new();
+    let mut workers_not_started = 0;
     for w in 0..config.concurrency {
-        slots.push(crew.spawn(w)?);
+        log::debug!("workload: starting worker {w}");
+        match crew.spawn(w) {
+            Ok(slot) => slots.push(slot),
+            // A thread the system will not start once others have: the started workers are
+            // already transferring, and ending the run there (as it did) left their work
+            // without a report. The run goes on with them, as `transfer --file` goes on with
+            // the connections it has: a run on fewer workers still checks every invariant,
+            // and its report counts the workers that did not start.
+            Err(Error::Thread(e)) if w > 0 => {
+                workers_not_started = config.concurrency - w;
+                crate::say(format_args!(
+                    "bank: warning: started {}: the system would not start a thread for \
+                     another ({e}; ulimit -u, a container's or systemd's pids limit, or \
+                     memory): the run goes on with {w}",
+                    crate::of_total(w, config.concurrency, "worker")
+                ));
+                break;
+            }
+            Err(e) => return Err(e),
+        }
     }
     let readers = crew.readers(config.readers, starting_total);
     let probe = config.report.is_some().then(|| crew.probe());
@@ -192,6 +212,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             elapsed_secs: elapsed.as_secs_f64(),
             starting_total,
             stuck_workers: watchdog.stuck_workers,
+            workers_not_started,
             // Whether the signal kept transfers from starting: one that came once every
             // transfer had ended (during the final check) left the figures whole, and the run
             // said "interrupted" of them (found by a helper).

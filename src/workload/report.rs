@@ -136,6 +136,9 @@ pub struct Report {
     /// Workers that tried transfers but never got a connection: the run ran on fewer workers
     /// than asked.
     pub workers_never_connected: u64,
+    /// Workers of those asked for (`concurrency`) that the system would not start a thread for
+    /// (`ulimit -u`, a pids limit), once others had started: the run went on without them.
+    pub workers_not_started: u64,
     /// Workers given up on because a transfer of theirs outlived its deadline (and replaced).
     pub stuck_workers: u64,
     /// `--readers`; snapshot reads by them, and those whose total was not the opening total or
@@ -201,6 +204,8 @@ pub struct Run {
     pub elapsed_secs: f64,
     pub starting_total: i128,
     pub stuck_workers: u64,
+    /// Workers asked for that the system would not start a thread for.
+    pub workers_not_started: u64,
     pub interrupted: bool,
     /// Ctrl-C (or SIGTERM) stopped the final check, after every transfer had ended.
     pub check_interrupted: bool,
@@ -257,6 +262,7 @@ impl Report {
             errors: tally.errors,
             reconnects: tally.reconnects,
             workers_never_connected: tally.never_connected,
+            workers_not_started: run.workers_not_started,
             stuck_workers: run.stuck_workers,
             readers: run.readers,
             reads: run.reads,
@@ -380,6 +386,13 @@ impl fmt::Display for Report {
                 self.workers_never_connected, self.concurrency
             )?;
         }
+        if self.workers_not_started > 0 {
+            writeln!(
+                f,
+                "workers the system would not start a thread for: {} of {}",
+                self.workers_not_started, self.concurrency
+            )?;
+        }
         if self.stuck_workers > 0 {
             writeln!(
                 f,
@@ -481,6 +494,7 @@ mod tests {
             elapsed_secs: 1.0,
             starting_total: 10_000,
             stuck_workers: 0,
+            workers_not_started: 0,
             interrupted: false,
             check_interrupted: false,
             readers: 0,
@@ -537,6 +551,7 @@ mod tests {
             elapsed_secs: 1.0,
             starting_total: 10_000,
             stuck_workers: 1,
+            workers_not_started: 0,
             interrupted: false,
             check_interrupted: false,
             readers: 1,

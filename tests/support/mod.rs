@@ -2,6 +2,7 @@
 //! binary, and a fault-injecting proxy.
 
 pub mod proxy;
+pub mod threads;
 
 use std::process::Output;
 use std::thread;
