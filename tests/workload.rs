@@ -2193,3 +2193,44 @@ fn a_reader_the_system_will_not_start_is_said() {
         assert!(j["reads"].as_u64() > Some(0), "{iso:?}: {j}");
     }
 }
+
+/// A workload stopped (Ctrl-Z, SIGSTOP) while its transfers waited on the database, and
+/// continued after its run's end and one deadline had passed: the watchdog gave up on every
+/// transfer in flight ("a transfer outlived its deadline", `stuck_workers`, each counted given
+/// up or unknown) though each had committed while the process was stopped and its answer waited
+/// for it (a reviewer's find; `bank transfer` and `transfer --file` were fixed for the same
+/// stop). The time the process did not run is not the database's silence.
+#[test]
+fn a_workload_stopped_and_continued_past_its_end_gives_up_on_nothing() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let child = spawn_workload(
+            db.url.expose(),
+            &["--accounts", "10", "--concurrency", "2", "--duration", "3s"]
+                .into_iter()
+                .chain(["--timeout", "1s", "--mode", "single-statement", "--json"])
+                .collect::<Vec<_>>(),
+        );
+        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE accounts, transfers IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        crate::support::wait_for_lock_waits(&db, 2);
+        crate::support::signal(child.id(), "STOP");
+        // Each waiting statement commits as soon as the lock is free; the client stays stopped
+        // past the run's end (3 s) and one deadline (1 s and a grace).
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        thread::sleep(Duration::from_secs(6));
+        crate::support::signal(child.id(), "CONT");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        let j = run.json();
+        assert!(!run.stderr.contains("outlived"), "{iso:?}: {run:?}");
+        assert_eq!(j["stuck_workers"], 0, "{iso:?}: {j}");
+        // A statement that met a serialization failure once the lock was free is not tried
+        // again past its deadline: given up, as it is. None is unknown.
+        assert_eq!(j["indeterminate"], 0, "{iso:?}: {j}");
+        assert_eq!(j["ok"], true, "{iso:?}: {j}");
+    }
+}

@@ -155,8 +155,23 @@ impl Crew {
             .then(|| Sampler::new(self.started));
         let log = self.histogram_log.lock().ok().and_then(|mut l| l.take());
         let line = LiveLine::new(self.started, self.config.display_every, log);
+        // When this loop last looked, and when this process last ran again after it was
+        // stopped (Ctrl-Z, SIGSTOP): the time it did not run is not the database's silence.
+        // Continued past its deadlines, it gave up on every transfer in flight, whose answers
+        // had waited for it ("a transfer outlived its deadline", stuck workers, transfers
+        // counted given up or unknown that committed; a reviewer's find).
+        let mut looked = Instant::now();
+        let mut resumed: Option<Instant> = None;
         loop {
             let now = Instant::now();
+            let overran = now
+                .saturating_duration_since(looked)
+                .saturating_sub(LOOK_EVERY);
+            if overran > crate::guard::STOPPED_AT_LEAST {
+                hard_stop = hard_stop.map(|h| h.checked_add(overran).unwrap_or(h));
+                resumed = Some(now);
+            }
+            looked = now;
             if !interrupted && crate::interrupt::interrupted() {
                 // No new transfers from now on; those in flight get one deadline to finish.
                 interrupted = true;
@@ -176,6 +191,7 @@ impl Crew {
                 }
                 let began =
                     self.started + Duration::from_micros(slot.started_us.load(Ordering::SeqCst));
+                let began = resumed.map_or(began, |r| began.max(r));
                 let late =
                     slot.ticket.is_running() && now.saturating_duration_since(began) > patience;
                 if !(over || late) {
