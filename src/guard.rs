@@ -129,7 +129,7 @@ pub fn watch(
         // been continued. The database's answer may have waited for it all along: the silence
         // is counted again from now (a read continued past its deadline ended with "no answer
         // from the database", a helper playing a new user).
-        if slept.elapsed() > every + STOPPED_AT_LEAST {
+        if stopped_during(slept, every).is_some() {
             tick();
             continue;
         }
@@ -159,7 +159,23 @@ pub fn stop_watch() {
 
 /// A thread that slept this much longer than it asked did not run meanwhile: its process was
 /// stopped. Far beyond what a loaded machine's scheduler delays a thread by.
-pub const STOPPED_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(1);
+const STOPPED_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long this process did not run during a wait begun at `began` that was to last at most
+/// `wait`, when it overran by more than `STOPPED_AT_LEAST`: the process was stopped (Ctrl-Z,
+/// SIGSTOP) and continued. Every watch of a silent database counts that time out: the answer
+/// may have waited for the process, not the other way round (a read, a transfer, a file and a
+/// workload continued past their deadlines each said "no answer from the database", or gave up
+/// on transfers that had committed; found by a helper playing a new user and a reviewer).
+/// `Instant` is CLOCK_MONOTONIC, which runs on while a process is stopped (not while the
+/// machine sleeps, when no deadline passes either).
+pub fn stopped_during(
+    began: std::time::Instant,
+    wait: std::time::Duration,
+) -> Option<std::time::Duration> {
+    let overran = began.elapsed().saturating_sub(wait);
+    (overran > STOPPED_AT_LEAST).then_some(overran)
+}
 
 static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static READS_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

@@ -468,11 +468,9 @@ where
                 stopping.get_or_insert_with(|| "the workers ended".into());
             }
         }
-        // A loop that took far longer than its 20 ms wait: this process did not run (stopped by
-        // Ctrl-Z or SIGSTOP, then continued), and the answers may have been waiting all along.
-        // Its statements wait again from now: they were given up on as "no answer from the
-        // database" (a helper playing a new user).
-        if looked.elapsed() > POLL + crate::guard::STOPPED_AT_LEAST {
+        // This process did not run (`guard::stopped_during`): the statements in flight wait
+        // again from now.
+        if crate::guard::stopped_during(looked, POLL).is_some() {
             for f in &in_flight {
                 workers[f.worker].watch.wait_again();
             }

@@ -379,13 +379,9 @@ impl Runner {
             let asked = Instant::now();
             let left = deadline.saturating_duration_since(asked);
             let answer = rx.recv_timeout(left.min(INTERRUPT_POLL));
-            // A wait that overran by far: this process was stopped (Ctrl-Z, SIGSTOP) and
-            // continued, and the database's answer may have waited for it: the time it did not
-            // run is not the database's silence (it said "no answer from the database", a
-            // helper playing a new user).
-            let overran = asked.elapsed().saturating_sub(INTERRUPT_POLL);
-            if overran > crate::guard::STOPPED_AT_LEAST {
-                deadline += overran;
+            // The time this process did not run is not the database's silence.
+            if let Some(stopped) = crate::guard::stopped_during(asked, INTERRUPT_POLL) {
+                deadline += stopped;
             }
             match answer {
                 Ok(result) => return result,

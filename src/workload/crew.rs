@@ -163,12 +163,10 @@ impl Crew {
         let mut looked = Instant::now();
         let mut resumed: Option<Instant> = None;
         loop {
+            let stopped = crate::guard::stopped_during(looked, LOOK_EVERY);
             let now = Instant::now();
-            let overran = now
-                .saturating_duration_since(looked)
-                .saturating_sub(LOOK_EVERY);
-            if overran > crate::guard::STOPPED_AT_LEAST {
-                hard_stop = hard_stop.map(|h| h.checked_add(overran).unwrap_or(h));
+            if let Some(stopped) = stopped {
+                hard_stop = hard_stop.map(|h| h.checked_add(stopped).unwrap_or(h));
                 resumed = Some(now);
             }
             looked = now;

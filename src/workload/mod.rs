@@ -515,12 +515,19 @@ fn final_check(
             false,
         );
     }
+    let mut deadline = began + budget;
     loop {
-        let left = budget.saturating_sub(began.elapsed());
+        let asked = Instant::now();
+        let left = deadline.saturating_duration_since(asked);
         if left.is_zero() {
             break;
         }
-        match rx.recv_timeout(left.min(CHECK_LOOKS_EVERY)) {
+        let answer = rx.recv_timeout(left.min(CHECK_LOOKS_EVERY));
+        // The time this process did not run is not the database's silence.
+        if let Some(stopped) = crate::guard::stopped_during(asked, CHECK_LOOKS_EVERY) {
+            deadline += stopped;
+        }
+        match answer {
             Ok(result) => return (result, false),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
