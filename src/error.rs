@@ -455,6 +455,18 @@ pub enum Error {
          says so): its ledger row is gone since; restore it, and see `bank verify`"
     )]
     NoTransferRowGone(Uuid),
+    /// The connection was lost before the command had done anything (its check of the schema
+    /// on connecting), and none made again was kept within its `--timeout`
+    /// (`DbUrl::connect_checked`).
+    #[error(
+        "the connection to the database was lost before anything was done, and connecting \
+         again did not get further within {}: {last}",
+        humantime::format_duration(*.timeout)
+    )]
+    LostBeforeStart {
+        timeout: std::time::Duration,
+        last: Box<Error>,
+    },
     #[error("migration failed")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("database error: {}{}", .0, pooler_hint(.0))]

@@ -58,7 +58,6 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
         }
     })?;
     let mut conn = url.connect_to_write(args.timeout)?;
-    crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     let balances: Box<dyn Iterator<Item = i64>> = match args.accounts {
         None => Box::new(TUTORIAL_BALANCES.into_iter()),
@@ -141,7 +140,6 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     // so a failure here is told as it is, not as a seed stopped midway.
                     drop(conn);
                     conn = url.connect_to_write(args.timeout)?;
-                    crate::db::commit_synchronously(&mut conn)?;
                 }
                 step => break step,
             }
@@ -320,8 +318,11 @@ pub(super) fn balances(
     // session's lock held past the server's lock_timeout: it failed at once); its warnings
     // are said once.
     let mut warned = false;
-    super::read_again(args.read.timeout, out, |out| {
-        balances_on(&mut conn, args, &mut warned, out)
+    // A connection lost before its first line is made again (`DbUrl::read_reconnecting`).
+    url.read_reconnecting(&mut conn, args.read.timeout, |conn| {
+        super::read_again(args.read.timeout, out, |out| {
+            balances_on(conn, args, &mut warned, out)
+        })
     })
 }
 
@@ -477,7 +478,6 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
         )
     })?;
     let mut conn = url.connect_to_write(args.timeout)?;
-    crate::db::commit_synchronously(&mut conn)?;
     crate::guard::tick();
     // Asked first: the batches commit as they go, and a refusal at the last table left every
     // account and transfer deleted behind an error that did not say so.

@@ -185,8 +185,7 @@ fn demo_flow(
     };
     // `--timeout`, the transfer's deadline, bounds the other steps' retries too.
     let timeout = runner.policy.timeout;
-    let conn = session.conn()?;
-    crate::db::require_writable(conn, timeout)?;
+    let conn = session.checked(timeout, |conn| crate::db::require_writable(conn, timeout))?;
     reached(Stage::Creating);
     for account in created {
         // Run again while a conflict of the moment rolled it back (another session's lock held

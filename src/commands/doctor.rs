@@ -94,31 +94,41 @@ pub(super) fn doctor(
     timeout: std::time::Duration,
     out: &mut impl Write,
 ) -> Result<(), Error> {
-    let mut conn = url.connect()?;
-    let server = db::engine::detect(&mut conn)?;
-    let default_isolation = setting(&mut conn, "default_transaction_isolation");
-    let settings = SETTINGS
-        .iter()
-        .map(|name| (name.to_string(), setting(&mut conn, name)))
-        .collect();
-    // PostgreSQL's view of this connection; a server without it leaves TLS unknown.
-    let tls = diesel::sql_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-        .get_result::<Tls>(&mut conn)
-        .map(|t| t.ssl)
-        .ok();
-    // A role granted the application's tables only may not read Diesel's: doctor cannot tell
-    // then, and says so (it said "not migrated", and init, which it advised, was refused).
-    // Read again while a conflict of the moment stops it (a DBA's lock on Diesel's table held
-    // past the server's lock_timeout failed doctor at once).
-    let applied = crate::retry::retry_read(timeout, || db::applied_migrations(&mut conn));
+    // Read on a connection made again when it is lost before the migrations are read (a DBA
+    // ending its backend while it waits on a lock on Diesel's table), as every command's first
+    // check is (`DbUrl::connect_checked`): doctor ended at once with the server's words.
+    let (mut conn, (server, default_isolation, settings, tls, applied)) =
+        url.connect_checked(timeout, |conn| {
+            let server = db::engine::detect(conn)?;
+            let default_isolation = setting(conn, "default_transaction_isolation");
+            let settings: BTreeMap<String, Option<String>> = SETTINGS
+                .iter()
+                .map(|name| (name.to_string(), setting(conn, name)))
+                .collect();
+            // PostgreSQL's view of this connection; a server without it leaves TLS unknown.
+            let tls = diesel::sql_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .get_result::<Tls>(conn)
+                .map(|t| t.ssl)
+                .ok();
+            // A role granted the application's tables only may not read Diesel's: doctor cannot
+            // tell then, and says so (it said "not migrated", and init, which it advised, was
+            // refused). Read again while a conflict of the moment stops it (a DBA's lock on
+            // Diesel's table held past the server's lock_timeout failed doctor at once).
+            let applied = crate::retry::retry_read(timeout, || db::applied_migrations(conn));
+            let applied = match applied {
+                Ok(applied) => Some(applied),
+                Err(diesel::result::Error::DatabaseError(_, info))
+                    if crate::error::is_privilege_denied(info.message()) =>
+                {
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            Ok((server, default_isolation, settings, tls, applied))
+        })?;
     let (applied, migrations_readable) = match applied {
-        Ok(applied) => (applied, true),
-        Err(diesel::result::Error::DatabaseError(_, info))
-            if crate::error::is_privilege_denied(info.message()) =>
-        {
-            (Vec::new(), false)
-        }
-        Err(e) => return Err(e.into()),
+        Some(applied) => (applied, true),
+        None => (Vec::new(), false),
     };
     let unknown_migrations = db::unknown_migrations(&applied)?;
     let pending = db::pending_migrations(&applied)?;
@@ -152,14 +162,18 @@ pub(super) fn doctor(
     // Counted again while a conflict of the moment stops the count (another session's lock
     // held past the server's lock_timeout: doctor failed at once).
     let (accounts, transfers) = if migrated {
-        (
-            unless_denied(crate::retry::retry_read(timeout, || {
-                accounts::table.count().get_result(&mut conn)
-            }))?,
-            unless_denied(crate::retry::retry_read(timeout, || {
-                transfers::table.count().get_result(&mut conn)
-            }))?,
-        )
+        // A connection lost before they answered (they waited on a lock on the tables, where
+        // a DBA ended the backend) is made again (`DbUrl::read_reconnecting`).
+        url.read_reconnecting(&mut conn, timeout, |conn| {
+            Ok((
+                unless_denied(crate::retry::retry_read(timeout, || {
+                    accounts::table.count().get_result(conn)
+                }))?,
+                unless_denied(crate::retry::retry_read(timeout, || {
+                    transfers::table.count().get_result(conn)
+                }))?,
+            ))
+        })?
     } else if !migrations_readable {
         (
             accounts::table.count().get_result(&mut conn).ok(),

@@ -43,57 +43,59 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
     let account = args.account;
     let json = args.json;
     // Run again while a conflict of the moment stops it before its first line (another
-    // session's lock held past the server's lock_timeout: it failed at once).
-    let shown = super::read_again(args.read.timeout, out, |out| {
-        conn.build_transaction()
-            .repeatable_read()
-            .read_only()
-            .run(|conn| -> Result<u64, Error> {
-                let version =
-                    repo::account_version(conn, account)?.ok_or(Error::UnknownAccount(account))?;
-                // Written once the first page's first row is read: until then, a conflict of the moment runs
-                // the read again (`read_again`).
-                let mut header = !json;
-                let mut high = before.min(version.saturating_add(1));
-                let mut page = FIRST_PAGE;
-                let mut shown = 0u64;
-                while high > 0 && (shown as i64) < limit {
-                    // No more versions than the rows still wanted (an account's entries are
-                    // one version each): a page cut short by `--limit` left its cursor to read
-                    // the rest when dropped, with nothing written, and the read's watch ended
-                    // a listing already complete on a slow link.
-                    let wanted = limit.saturating_sub(shown as i64);
-                    let low = high.saturating_sub(page.min(wanted)).max(0);
-                    // The page's first row read before the header is written: until then, a
-                    // conflict of the moment runs the read again.
-                    let mut entries = repo::history_page(conn, account, low, high)?;
-                    let first = entries.next().transpose()?;
-                    if std::mem::take(&mut header) {
+    // session's lock held past the server's lock_timeout: it failed at once); on a new
+    // connection when it is lost before then (`DbUrl::read_reconnecting`).
+    let shown = url.read_reconnecting(&mut conn, args.read.timeout, |conn| {
+        super::read_again(args.read.timeout, out, |out| {
+            conn.build_transaction().repeatable_read().read_only().run(
+                |conn| -> Result<u64, Error> {
+                    let version = repo::account_version(conn, account)?
+                        .ok_or(Error::UnknownAccount(account))?;
+                    // Written once the first page's first row is read: until then, a conflict of the moment runs
+                    // the read again (`read_again`).
+                    let mut header = !json;
+                    let mut high = before.min(version.saturating_add(1));
+                    let mut page = FIRST_PAGE;
+                    let mut shown = 0u64;
+                    while high > 0 && (shown as i64) < limit {
+                        // No more versions than the rows still wanted (an account's entries are
+                        // one version each): a page cut short by `--limit` left its cursor to read
+                        // the rest when dropped, with nothing written, and the read's watch ended
+                        // a listing already complete on a slow link.
+                        let wanted = limit.saturating_sub(shown as i64);
+                        let low = high.saturating_sub(page.min(wanted)).max(0);
+                        // The page's first row read before the header is written: until then, a
+                        // conflict of the moment runs the read again.
+                        let mut entries = repo::history_page(conn, account, low, high)?;
+                        let first = entries.next().transpose()?;
+                        if std::mem::take(&mut header) {
+                            writeln!(out, "history of account {account} (newest first):")?;
+                        }
+                        for e in first.map(Ok).into_iter().chain(entries) {
+                            let e = e?;
+                            if (shown as i64) >= limit {
+                                break;
+                            }
+                            if json {
+                                write!(out, "{}", if shown == 0 { "[" } else { "," })?;
+                                serde_json::to_writer(&mut *out, &entry_json(e))
+                                    .map_err(io::Error::from)?;
+                            } else {
+                                writeln!(out, "{}", entry_line(&e))?;
+                            }
+                            shown += 1;
+                        }
+                        out.flush()?;
+                        high = low;
+                        page = (page * 4).min(LAST_PAGE);
+                    }
+                    if header {
                         writeln!(out, "history of account {account} (newest first):")?;
                     }
-                    for e in first.map(Ok).into_iter().chain(entries) {
-                        let e = e?;
-                        if (shown as i64) >= limit {
-                            break;
-                        }
-                        if json {
-                            write!(out, "{}", if shown == 0 { "[" } else { "," })?;
-                            serde_json::to_writer(&mut *out, &entry_json(e))
-                                .map_err(io::Error::from)?;
-                        } else {
-                            writeln!(out, "{}", entry_line(&e))?;
-                        }
-                        shown += 1;
-                    }
-                    out.flush()?;
-                    high = low;
-                    page = (page * 4).min(LAST_PAGE);
-                }
-                if header {
-                    writeln!(out, "history of account {account} (newest first):")?;
-                }
-                Ok(shown)
-            })
+                    Ok(shown)
+                },
+            )
+        })
     })?;
     if json {
         writeln!(out, "{}", if shown == 0 { "[]" } else { "]" })?;
@@ -147,8 +149,11 @@ pub(super) fn lookup(url: &DbUrl, args: &LookupArgs, out: &mut impl Write) -> Re
     let mut conn = url.connect_migrated(args.read.timeout)?;
     // Read again while a conflict of the moment stops it (another session's lock held past the
     // server's lock_timeout): the command that settles an unknown outcome failed at once.
-    let found = crate::retry::retry_read(args.read.timeout, || {
-        repo::find_transfer(&mut conn, args.id)
+    // A connection lost before it answered is made again (`DbUrl::read_reconnecting`).
+    let found = url.read_reconnecting(&mut conn, args.read.timeout, |conn| {
+        Ok(crate::retry::retry_read(args.read.timeout, || {
+            repo::find_transfer(conn, args.id)
+        })?)
     })?;
     let Some(t) = found else {
         // A claimed id: a run said "not applied" and claimed it, and no earlier attempt can

@@ -17,7 +17,10 @@ pub(super) fn verify_cmd(
     // was 30 s whatever that said: a shorter one's watch ended it with "the read is slower than
     // that" on a lock held elsewhere); the server's statement_timeout, which cancels a check
     // longer than it allows every time, only a few times (it ran again for 30 s).
-    let report = crate::retry::retry_read(timeout, || verify::verify(&mut conn))?;
+    // A connection lost before it answered is made again (`DbUrl::read_reconnecting`).
+    let report = url.read_reconnecting(&mut conn, timeout, |conn| {
+        Ok(crate::retry::retry_read(timeout, || verify::verify(conn))?)
+    })?;
     if json {
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
         writeln!(out)?;

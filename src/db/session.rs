@@ -70,19 +70,87 @@ impl DbUrl {
     }
 
     /// `connect`, for a command that needs the schema: refused (not migrated) unless every one of
-    /// this bank's migrations has run.
+    /// this bank's migrations has run. A connection lost during the check is made again
+    /// (`connect_checked`).
     pub fn connect_migrated(&self, timeout: Duration) -> Result<PgConnection, crate::error::Error> {
-        let mut conn = self.connect()?;
-        super::require_migrated(&mut conn, timeout)?;
-        Ok(conn)
+        self.connect_checked(timeout, |conn| super::require_migrated(conn, timeout))
+            .map(|(conn, ())| conn)
     }
 
-    /// `connect_migrated`, for a command that writes: also refused when bank's tables were
-    /// changed in ways its promise cannot survive (`db::require_unchanged`).
+    /// `connect_migrated`, for a command that writes (`seed`, `reset`, a workload's setup): also
+    /// refused when bank's tables were changed in ways its promise cannot survive
+    /// (`db::require_unchanged`); its commits synchronous (`commit_synchronously`).
     pub fn connect_to_write(&self, timeout: Duration) -> Result<PgConnection, crate::error::Error> {
-        let mut conn = self.connect()?;
-        super::require_writable(&mut conn, timeout)?;
-        Ok(conn)
+        self.connect_checked(timeout, |conn| {
+            super::require_writable(conn, timeout)?;
+            commit_synchronously(conn)?;
+            Ok(())
+        })
+        .map(|(conn, ())| conn)
+    }
+
+    /// A new connection on which `check` (the schema's, made before anything else is sent)
+    /// passed, with what it read. One lost while `check` ran (its backend ended by a DBA or a
+    /// pooler, the server restarted) is made again and `check` run again on it, until
+    /// `timeout`: nothing was done on it, and every command ended at once with the server's
+    /// words ("terminating connection due to administrator command", exit 1) where a transfer
+    /// or a file connects again (found by a helper playing a new user). A first connection
+    /// refused is said at once, as before; one refused after a loss is tried again.
+    pub fn connect_checked<T>(
+        &self,
+        timeout: Duration,
+        check: impl FnMut(&mut PgConnection) -> Result<T, crate::error::Error>,
+    ) -> Result<(PgConnection, T), crate::error::Error> {
+        self.checked_again(&mut Reconnecting::new(timeout), check)
+    }
+
+    /// The loop of `connect_checked`, on `again`'s deadline.
+    fn checked_again<T>(
+        &self,
+        again: &mut Reconnecting,
+        mut check: impl FnMut(&mut PgConnection) -> Result<T, crate::error::Error>,
+    ) -> Result<(PgConnection, T), crate::error::Error> {
+        loop {
+            let mut conn = match self.connect() {
+                Ok(conn) => conn,
+                Err(e) => {
+                    again.after(e.into(), true)?;
+                    continue;
+                }
+            };
+            match check(&mut conn) {
+                Ok(read) => return Ok((conn, read)),
+                Err(e) => {
+                    drop(conn);
+                    again.after(e, false)?;
+                }
+            }
+        }
+    }
+
+    /// `read` on `conn` (made by `connect_migrated`), a read that has printed nothing when it
+    /// fails with a database error (`commands::read_again` says one that had as cut short): a
+    /// connection lost meanwhile (the read's first statement waited on a lock on bank's tables
+    /// and its backend was ended) is made again, checked again (`require_migrated`), and `read`
+    /// run again on it, until `timeout`. It ended at once with the server's words.
+    pub fn read_reconnecting<T>(
+        &self,
+        conn: &mut PgConnection,
+        timeout: Duration,
+        mut read: impl FnMut(&mut PgConnection) -> Result<T, crate::error::Error>,
+    ) -> Result<T, crate::error::Error> {
+        let mut again = Reconnecting::new(timeout);
+        loop {
+            match read(conn) {
+                Err(e) => {
+                    again.after(e, false)?;
+                    let (new, ()) =
+                        self.checked_again(&mut again, |c| super::require_migrated(c, timeout))?;
+                    *conn = new;
+                }
+                done => return done,
+            }
+        }
     }
 
     pub fn connect_as(&self, application_name: &str) -> Result<PgConnection, ConnectError> {
@@ -315,10 +383,109 @@ impl Session {
         self.conn.is_some()
     }
 
+    /// `conn()`, once `check` (the schema's, made before anything else is sent) passed on it: a
+    /// connection lost during the check is opened again and checked again, until `timeout`
+    /// (`DbUrl::connect_checked`).
+    pub fn checked(
+        &mut self,
+        timeout: Duration,
+        mut check: impl FnMut(&mut PgConnection) -> Result<(), crate::error::Error>,
+    ) -> Result<&mut PgConnection, crate::error::Error> {
+        let mut again = Reconnecting::new(timeout);
+        loop {
+            let e = match self.conn() {
+                Ok(conn) => match check(conn) {
+                    Ok(()) => break,
+                    Err(e) => e,
+                },
+                Err(e) => {
+                    again.after(e.into(), true)?;
+                    continue;
+                }
+            };
+            self.reset();
+            again.after(e, false)?;
+        }
+        Ok(self.conn()?)
+    }
+
     /// Drops the connection; the next `conn()` opens a new one.
     pub fn reset(&mut self) {
         self.conn = None;
     }
+}
+
+/// The loop of `DbUrl::connect_checked` and `Session::checked`: a connection lost before anything
+/// was done on it (or, after such a loss, one not made yet: a server restarting) is tried again,
+/// after a pause, until the deadline.
+struct Reconnecting {
+    timeout: Duration,
+    deadline: Option<std::time::Instant>,
+    lost: u32,
+}
+
+impl Reconnecting {
+    fn new(timeout: Duration) -> Reconnecting {
+        Reconnecting {
+            timeout,
+            deadline: std::time::Instant::now().checked_add(timeout),
+            lost: 0,
+        }
+    }
+
+    /// `Ok` after a pause when `e` may be cured by connecting again and there is time left;
+    /// otherwise the error to end with. `connecting`: `e` is a connection not made, tried again
+    /// only after a loss (a first one refused is said at once). None after Ctrl-C.
+    fn after(
+        &mut self,
+        e: crate::error::Error,
+        connecting: bool,
+    ) -> Result<(), crate::error::Error> {
+        use crate::error::Error;
+        let lost = match &e {
+            Error::Connect(c) => connecting && self.lost > 0 && c.is_transient(),
+            Error::Database(d) => !connecting && lost_before_anything(d),
+            _ => false,
+        };
+        if !lost {
+            return Err(match self.lost {
+                // Lost, then refused for good (a password changed meanwhile): said with the loss.
+                1.. if connecting => Error::LostBeforeStart {
+                    timeout: self.timeout,
+                    last: Box::new(e),
+                },
+                _ => e,
+            });
+        }
+        if crate::interrupt::interrupted() {
+            return Err(Error::Stopped(crate::interrupt::reason()));
+        }
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        if left.is_some_and(|left| left.is_zero()) {
+            return Err(Error::LostBeforeStart {
+                timeout: self.timeout,
+                last: Box::new(e),
+            });
+        }
+        self.lost += 1;
+        log::info!("the connection was lost before anything was done ({e}); connecting again");
+        let policy = crate::retry::RetryPolicy {
+            base: Duration::from_millis(50),
+            ..crate::retry::RetryPolicy::default()
+        };
+        let pause = policy.backoff(self.lost, &mut rand::rng());
+        std::thread::sleep(left.map_or(pause, |left| pause.min(left)));
+        Ok(())
+    }
+}
+
+/// Whether `e` is a connection lost before a COMMIT (`retry::classify`): on a statement that
+/// wrote nothing (a check, a read), nothing was done.
+fn lost_before_anything(e: &diesel::result::Error) -> bool {
+    crate::retry::classify(e, crate::retry::Phase::BeforeCommit)
+        == Some(crate::retry::Cause::ConnectionLost)
 }
 
 /// The statement_timeout `bank` set on its transfer sessions (its `--timeout`), in ms; 0 when

@@ -115,7 +115,6 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         )
     })?;
     let mut setup = url.connect_to_write(setup_timeout)?;
-    crate::db::commit_synchronously(&mut setup)?;
     crate::guard::tick();
     let ids = prepare_accounts(&mut setup, config, &made)?;
     // A read: run again while a conflict of the moment rolls it back (another session's lock

@@ -517,6 +517,17 @@ pub struct Count {
 }
 
 /// Waits until a `bank` session of this database waits on a lock.
+/// Ends, from `conn`, the backends of `bank` sessions of its database that wait on a lock (as
+/// a DBA's `pg_terminate_backend` does).
+pub fn end_bank_sessions_waiting_on_a_lock(conn: &mut PgConnection) {
+    conn.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name LIKE 'bank%' \
+         AND wait_event_type = 'Lock'",
+    )
+    .expect("end the waiting backends");
+}
+
 pub fn wait_for_lock_wait(db: &ScratchDb) {
     wait_for_lock_waits(db, 1)
 }
