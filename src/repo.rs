@@ -261,7 +261,10 @@ pub fn server_now(conn: &mut PgConnection) -> QueryResult<DateTime<Utc>> {
 /// on `accounts` or `transfers` (`pg_locks`, which every role sees whole): a transaction that has
 /// locked no account yet times any entry after now too, and one of another application sharing
 /// the database (a long batch job, a psql left open after an UPDATE elsewhere) made every
-/// `--as-of` after its start fail. PostgreSQL's `pg_stat_activity`, which shows only the
+/// `--as-of` after its start fail. Nor a serializable transaction's read (`SIReadLock`, the
+/// predicate lock a read takes at SERIALIZABLE, which `pg_locks` lists as a relation's lock
+/// too: another application's report, with a write of its own, made `--as-of` fail there).
+/// PostgreSQL's `pg_stat_activity`, which shows only the
 /// sessions this role may see (all of them with `pg_read_all_stats`).
 pub fn oldest_open_transaction(conn: &mut PgConnection) -> QueryResult<Option<DateTime<Utc>>> {
     diesel::select(
@@ -272,9 +275,26 @@ pub fn oldest_open_transaction(conn: &mut PgConnection) -> QueryResult<Option<Da
          AND a.backend_type = 'client backend' AND a.backend_xid IS NOT NULL \
          AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation' \
          AND l.relation IN ('accounts'::regclass, 'transfers'::regclass) \
-         AND l.mode <> 'AccessShareLock'))",
+         AND l.mode NOT IN ('AccessShareLock', 'SIReadLock')))",
         ),
     )
+    .get_result(conn)
+}
+
+/// Whether a trigger of the database's own fires after a statement on `accounts` or `transfers`
+/// (`AFTER … FOR EACH STATEMENT`, not bank's: bank has none). Such a trigger sees what the
+/// statement changed, so whether it refuses a statement depends on its lines: that a statement
+/// with no line meets its refusal does not make the refusal no line's own
+/// (`ChunkRunner::refused_with_no_line`). `tgtype` bit 1 is FOR EACH ROW, bits 2 and 64 BEFORE
+/// and INSTEAD OF, bits 4 and 16 INSERT and UPDATE (what bank's statements do); a disabled
+/// trigger (`tgenabled` 'D') fires for nobody.
+pub fn after_statement_triggers(conn: &mut PgConnection) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+        "EXISTS (SELECT 1 FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'D' \
+         AND tgrelid IN ('accounts'::regclass, 'transfers'::regclass, \
+         'transfer_claims'::regclass) \
+         AND (tgtype & 67) = 0 AND (tgtype & 20) <> 0)",
+    ))
     .get_result(conn)
 }
 

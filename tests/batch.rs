@@ -4781,3 +4781,247 @@ fn a_connection_the_system_will_not_start_a_thread_for_leaves_the_file_to_the_ot
         }
     }
 }
+
+/// Two databases at `iso` with `accounts` and a DBA's `rule`, and what applying `lines` one by
+/// one on the second gave.
+fn twins_under_a_rule(
+    iso: Iso,
+    accounts: &[(Uuid, i64)],
+    rule: &str,
+    lines: &[T],
+) -> (ScratchDb, ScratchDb, Vec<String>) {
+    let file_db = ScratchDb::migrated_at(iso);
+    let oracle_db = ScratchDb::migrated_at(iso);
+    for db in [&file_db, &oracle_db] {
+        accounts_with_ids(db, accounts);
+        db.conn().batch_execute(rule).expect("the DBA's rule");
+    }
+    let want = one_by_one(&oracle_db, lines);
+    (file_db, oracle_db, want)
+}
+
+/// A statement the database refuses whole (a DBA's statement trigger closing the ledger), over
+/// lines bank refuses anyway: one transfer at a time gives bank's own reason for those
+/// (`insufficient_funds`, `unknown_account`: the trigger's refusal is not the first reason,
+/// `own_reason_first`), and so must the file. Its lines answered together were each `refused`.
+#[test]
+fn a_statement_refused_whole_gives_bank_s_own_reason_for_a_line_bank_refuses_anyway() {
+    for iso in Iso::BOTH {
+        let (rich, poor, ghost) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let accounts = [(rich, 100), (poor, 5)];
+        let lines = vec![
+            line(rich, poor, 50),
+            line(poor, rich, 10),
+            line(rich, ghost, 1),
+            line(ghost, rich, 1),
+            line(rich, poor, 500),
+        ];
+        let closed = "CREATE FUNCTION closed() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                      RAISE EXCEPTION 'ledger closed for month end'; END$$; \
+                      CREATE TRIGGER closed BEFORE INSERT ON transfers \
+                      FOR EACH STATEMENT EXECUTE FUNCTION closed()";
+        let (file_db, oracle_db, want) = twins_under_a_rule(iso, &accounts, closed, &lines);
+        assert_eq!(
+            want,
+            [
+                "refused",
+                "insufficient_funds",
+                "unknown_account",
+                "unknown_account",
+                "insufficient_funds"
+            ],
+            "{iso:?}: the oracle"
+        );
+        let run = run_file(
+            file_db.url.expose(),
+            "f.csv",
+            &csv(&lines),
+            &["--batch", "20", "--connections", "1"],
+        );
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        same_as_one_by_one(&format!("{iso:?}"), &run, &want, &file_db, &oracle_db);
+    }
+}
+
+/// A DBA's statement trigger whose refusal depends on what the lines change: a reserve account
+/// must end every statement with at least 100, and holds 50 when the file starts. A statement
+/// with no line is refused (the reserve is short), with the same words as the chunk's statement
+/// (which tops the reserve up, then draws it below 100 again): that does not make the refusal
+/// no line's own. One transfer at a time applies the top-up (the reserve then holds 150) and
+/// refuses the draw; the file must too, not refuse both together.
+#[test]
+fn a_statement_trigger_a_line_can_satisfy_is_not_taken_for_a_refusal_of_every_line() {
+    for iso in Iso::BOTH {
+        let (reserve, payer, payee) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let accounts = [(reserve, 50), (payer, 1000), (payee, 0)];
+        // After the accounts' update, or after the ledger's insert.
+        for table in ["INSERT ON transfers", "UPDATE ON accounts"] {
+            let rule = format!(
+                "CREATE FUNCTION reserve() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+             IF (SELECT balance FROM accounts WHERE id = '{reserve}') < 100 THEN \
+             RAISE EXCEPTION 'the reserve must hold at least 100'; END IF; RETURN NULL; END$$; \
+             CREATE TRIGGER reserve AFTER {table} FOR EACH STATEMENT EXECUTE FUNCTION reserve()"
+            );
+            let case = format!("{iso:?}, after {table}");
+            let lines = vec![
+                line(payer, reserve, 100),
+                line(reserve, payee, 120),
+                line(payer, payee, 10),
+            ];
+            let (file_db, oracle_db, want) = twins_under_a_rule(iso, &accounts, &rule, &lines);
+            assert_eq!(
+                want,
+                ["applied", "refused", "applied"],
+                "{case}: the oracle"
+            );
+            let run = run_file(
+                file_db.url.expose(),
+                "f.csv",
+                &csv(&lines),
+                &["--batch", "20", "--connections", "1"],
+            );
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            same_as_one_by_one(&case, &run, &want, &file_db, &oracle_db);
+        }
+    }
+}
+
+/// A refusal found to be no line's own was remembered for the rest of the run: a statement
+/// refused later in the same words was answered whole without asking again. A DBA lifted the
+/// statement trigger closing the ledger while the file ran, and a row trigger that refuses some
+/// lines in the same words (one function for both) stayed: the later statement's other lines,
+/// which one transfer at a time applies, were `refused` with it. The file runs while another
+/// session holds an account its second statement needs, and the trigger is dropped while that
+/// statement waits.
+#[test]
+fn a_refusal_lifted_mid_file_is_asked_about_again() {
+    for iso in Iso::BOTH {
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let accounts = [(a, 1000), (b, 1000), (c, 1000)];
+        let rule = "CREATE FUNCTION closed() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                    RAISE EXCEPTION 'ledger closed for month end'; END$$; \
+                    CREATE TRIGGER closed_all BEFORE INSERT ON transfers \
+                    FOR EACH STATEMENT EXECUTE FUNCTION closed(); \
+                    CREATE TRIGGER no13 BEFORE INSERT ON transfers FOR EACH ROW \
+                    WHEN (NEW.amount = 13) EXECUTE FUNCTION closed()";
+        let lift = "DROP TRIGGER closed_all ON transfers";
+        let lines = [line(a, b, 5), line(a, b, 5), line(c, a, 13), line(c, a, 7)];
+        let file_db = ScratchDb::migrated_at(iso);
+        let oracle_db = ScratchDb::migrated_at(iso);
+        for db in [&file_db, &oracle_db] {
+            accounts_with_ids(db, &accounts);
+            db.conn().batch_execute(rule).expect("the DBA's rule");
+        }
+        let mut want = one_by_one(&oracle_db, &lines[..2]);
+        oracle_db.conn().batch_execute(lift).expect("lift");
+        want.extend(one_by_one(&oracle_db, &lines[2..]));
+        assert_eq!(
+            want,
+            ["refused", "refused", "refused", "applied"],
+            "{iso:?}: the oracle"
+        );
+
+        let mut holder = file_db.conn();
+        holder
+            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .expect("begin");
+        diesel::sql_query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+            .bind::<SqlUuid, _>(c)
+            .execute(&mut holder)
+            .expect("hold");
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("f.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        let child = spawn_file_with(
+            file_db.url.expose(),
+            &path,
+            &["--batch", "2", "--connections", "1"],
+        );
+        // The second statement waits for the account held.
+        let mut watcher = file_db.conn();
+        let started = Instant::now();
+        loop {
+            let waiting: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+                "(SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock')",
+            ))
+            .get_result(&mut watcher)
+            .expect("waiting");
+            if waiting > 0 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let run = Run::from(child.wait_with_output().expect("the run"));
+                panic!("{iso:?}: the run waited on no lock: {run:?}");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        watcher
+            .batch_execute(&format!("SET lock_timeout = '5s'; {lift}"))
+            .expect("lift");
+        holder.batch_execute("COMMIT").expect("release");
+        let run = Run::from(child.wait_with_output().expect("the run"));
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        same_as_one_by_one(&format!("{iso:?}"), &run, &want, &file_db, &oracle_db);
+    }
+}
+
+/// A random file (overdrafts, an unknown account, ids repeated with the same and other details)
+/// whose first half was applied before the ledger was closed by a DBA's statement trigger, run
+/// whole on one connection and on several: every line gets its one-by-one outcome (the ledger's
+/// answer for an id it has, bank's own reason for a line it refuses anyway, else `refused`), and
+/// nothing moves.
+#[test]
+fn a_file_the_database_refuses_whole_gives_each_line_its_one_by_one_outcome() {
+    let mut rng = StdRng::seed_from_u64(0x0c105ed);
+    for iso in Iso::BOTH {
+        for (batch, connections) in [("10", "1"), ("7", "3")] {
+            let case = format!("{iso:?}, --batch {batch} --connections {connections}");
+            let accounts: Vec<(Uuid, i64)> = (0..12)
+                .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
+                .collect();
+            let ids: Vec<Uuid> = accounts.iter().map(|a| a.0).collect();
+            let lines = random_file(&mut rng, &ids, 200);
+            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+            for db in [&batched, &oracle] {
+                accounts_with_ids(db, &accounts);
+                one_by_one(db, &lines[..100]);
+                db.conn()
+                    .batch_execute(
+                        "CREATE FUNCTION closed() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+                         RAISE EXCEPTION 'ledger closed for month end'; END$$; \
+                         CREATE TRIGGER closed BEFORE INSERT ON transfers \
+                         FOR EACH STATEMENT EXECUTE FUNCTION closed()",
+                    )
+                    .expect("the DBA's trigger");
+            }
+            let expected = one_by_one(&oracle, &lines);
+            for kind in [
+                "already_applied",
+                "id_conflict",
+                "insufficient_funds",
+                "refused",
+            ] {
+                assert!(expected.iter().any(|o| o == kind), "{case}: {kind}");
+            }
+            let run = run_file(
+                batched.url.expose(),
+                "f.csv",
+                &csv(&lines),
+                &["--batch", batch, "--connections", connections],
+            );
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            same_as_one_by_one(&case, &run, &expected, &batched, &oracle);
+        }
+    }
+}
+
+/// A line of a new id from `from` to `to`.
+fn line(from: Uuid, to: Uuid, amount: i64) -> T {
+    T {
+        id: Uuid::new_v4(),
+        from,
+        to,
+        amount,
+    }
+}

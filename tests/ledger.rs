@@ -479,6 +479,33 @@ fn balances_as_of_a_time_does_not_wait_for_another_applications_writes() {
     }
 }
 
+/// Another application's transaction that writes its own table and reads bank's (a report job
+/// filling its summary from `accounts`, left open): it holds a read's lock on `accounts`, and
+/// a read's lock adds no entry. `--as-of` answers at once, as for its writes alone (the test
+/// above); one that waited for any lock on bank's tables waited 5 s and failed.
+#[test]
+fn balances_as_of_a_time_does_not_wait_for_another_applications_reads_of_bank_s_tables() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[100, 0]);
+        db.conn()
+            .batch_execute("CREATE TABLE report (total INT8)")
+            .expect("another application's table");
+        let mut other = db.conn();
+        other
+            .batch_execute(
+                "BEGIN; INSERT INTO report SELECT SUM(balance) FROM accounts; \
+                 SELECT COUNT(*) FROM transfers",
+            )
+            .expect("a write of its own and reads of bank's tables, left open");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        db.transfer(ids[0], ids[1], 5).run().success();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        as_of_now_answers_at_once(&db, iso);
+        other.batch_execute("COMMIT").expect("commit");
+    }
+}
+
 /// `bank verify` after a DBA's edit: exit 1 with its report on stdout (text and JSON alike) and
 /// "verification failed" on stderr, never a database error. Returns the JSON report.
 #[track_caller]

@@ -925,8 +925,18 @@ fn reason_in_balances(
     t: &NewTransfer,
 ) -> Result<Option<TransferError>, ()> {
     let accounts = repo::list_ids(conn, &[t.from_id, t.to_id]).map_err(|_| ())?;
-    let balance = |id| accounts.iter().find(|a| a.id == id).map(|a| a.balance);
-    Ok(match (balance(t.from_id), balance(t.to_id)) {
+    Ok(first_reason_in(t, |id| {
+        accounts.iter().find(|a| a.id == id).map(|a| a.balance)
+    }))
+}
+
+/// The first of bank's reasons to refuse `t` given each account's balance (`None`: no such
+/// account), in `transfer --file`'s order; `None` when there is none.
+pub(crate) fn first_reason_in(
+    t: &NewTransfer,
+    balance: impl Fn(Uuid) -> Option<i64>,
+) -> Option<TransferError> {
+    match (balance(t.from_id), balance(t.to_id)) {
         (None, _) => Some(TransferError::UnknownAccount(t.from_id)),
         (Some(from), _) if from < t.amount => Some(TransferError::InsufficientFunds {
             account: t.from_id,
@@ -940,7 +950,7 @@ fn reason_in_balances(
             })
         }
         _ => None,
-    })
+    }
 }
 
 /// An answer that says the transfer was not applied, and that a statement of an earlier attempt
