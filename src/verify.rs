@@ -173,6 +173,7 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
         .read_only()
         .serializable()
         .run(|conn| {
+            crate::db::wait_out_rewrites(conn, "accounts, transfers")?;
             let rows: Vec<Row> = diesel::sql_query(CHECK)
                 // One more than is listed, to tell whether the list is whole.
                 .bind::<BigInt, _>(MAX_LISTED + 1)

@@ -1005,3 +1005,40 @@ fn as_of_now_answers_at_once(db: &ScratchDb, iso: Iso) -> crate::support::Run {
     );
     run
 }
+
+/// `history` and `verify` while a DBA's rewrite of the ledger (`ALTER TABLE transfers ADD
+/// COLUMN … DEFAULT random()`, not MVCC-safe in PostgreSQL) commits as they wait for its lock:
+/// at SERIALIZABLE their snapshot, taken before the rewrite committed, saw the ledger empty;
+/// `history` printed the opening balance alone (exit 0) and `verify` reported every account's
+/// balance disagreeing with the ledger and its chain broken (exit 1), for a sound ledger
+/// (found by a helper playing an operator).
+#[test]
+fn reads_waiting_behind_a_rewrite_of_the_ledger_see_all_of_it() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let (a, _, ids) = five_transfers(&db);
+        for args in [
+            vec!["history".to_string(), a.to_string(), "--json".into()],
+            vec!["verify".into()],
+        ] {
+            let mut dba = db.conn();
+            dba.batch_execute(
+                "BEGIN; ALTER TABLE transfers ADD COLUMN dba_note FLOAT8 DEFAULT random()",
+            )
+            .expect("the DBA's rewrite");
+            let url = db.url.expose().to_string();
+            let mut all = vec!["--database-url", &url];
+            all.extend(args.iter().map(String::as_str));
+            let child = crate::support::spawn_bank(&all);
+            crate::support::wait_for_lock_wait(&db);
+            dba.batch_execute("COMMIT; ALTER TABLE transfers DROP COLUMN dba_note")
+                .expect("commit the rewrite");
+            let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+            assert_eq!(run.code, 0, "{iso:?} {args:?}: {run:?}");
+            if args[0] == "history" {
+                let j: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+                assert_eq!(versions(&j).len(), ids.len() + 1, "{iso:?}: {run:?}");
+            }
+        }
+    }
+}

@@ -856,6 +856,7 @@ impl ChunkRunner {
             let mut committing = false;
             let mut locked_all = false;
             let result = conn.build_transaction().run(|c| {
+                crate::db::wait_out_rewrites(c, "accounts, transfers, transfer_claims")?;
                 // The claims of lines no attempt has read yet, first of all: an attempt that
                 // failed before its verdicts (a lock timeout, a killed backend) recorded none,
                 // and a retry took the generation a rerun had moved meanwhile for its starting

@@ -49,6 +49,7 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
         super::read_again(args.read.timeout, out, |out| {
             conn.build_transaction().repeatable_read().read_only().run(
                 |conn| -> Result<u64, Error> {
+                    crate::db::wait_out_rewrites(conn, "accounts, transfers")?;
                     let version = repo::account_version(conn, account)?
                         .ok_or(Error::UnknownAccount(account))?;
                     // Written once the first page's first row is read: until then, a conflict of the moment runs

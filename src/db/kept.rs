@@ -152,6 +152,9 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     let all_rows = found.row_security.is_some_and(|r| r != "off");
     // Set wherever the engine has it, on or not: a DBA may turn it on mid-run.
     let stay = found.exit_on_error.is_some();
+    if stay {
+        super::TABLE_LOCKS.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let english = set(conn, &path, language.is_some(), all_rows, stay)?;
     if let (Some(language), false) = (&language, english) {
         // English in all but name ("en_US.UTF-8", "C.UTF-8"): nothing to say.

@@ -7,6 +7,30 @@ mod kept;
 mod session;
 mod url;
 
+/// Set once a connection of this run found PostgreSQL (an engine with `exit_on_error`), whose
+/// `LOCK TABLE` takes no snapshot; CockroachDB has no `LOCK TABLE`.
+static TABLE_LOCKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The first statement of a REPEATABLE READ or SERIALIZABLE transaction over `tables` (a list
+/// such as `accounts, transfers`): on PostgreSQL it waits, before the transaction's snapshot is
+/// taken, for a DBA's table rewrite in progress (`ALTER TABLE … ADD COLUMN … DEFAULT random()`,
+/// `ALTER COLUMN … TYPE`), which PostgreSQL documents as not MVCC-safe: a snapshot taken before
+/// the rewrite committed sees the table empty. Without it, a statement that waited for the
+/// rewrite's lock found no rows: a transfer was refused for "a trigger or rule" that did not
+/// exist, a file's chunk was reported `unknown_account` for accounts that exist, `history`
+/// printed an account without its entries (exit 0), `verify` failed a sound ledger, and a
+/// workload's reader counted a wrong total (found by a helper playing an operator). On
+/// CockroachDB, nothing is sent.
+pub fn wait_out_rewrites(conn: &mut PgConnection, tables: &str) -> QueryResult<()> {
+    if !TABLE_LOCKS.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    diesel::connection::SimpleConnection::batch_execute(
+        conn,
+        &format!("LOCK TABLE {tables} IN ACCESS SHARE MODE"),
+    )
+}
+
 pub use engine::{Engine, Server};
 pub use session::{
     commit_synchronously, own_statement_timeout, server_idle_timeout_kept,

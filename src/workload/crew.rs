@@ -470,6 +470,7 @@ pub(super) fn read_totals(
         .repeatable_read()
         .read_only()
         .run(|c| {
+            crate::db::wait_out_rewrites(c, "accounts, transfers")?;
             let (sum, negative) = crate::repo::snapshot_totals(c, ids)?;
             let moved = match always || sum != starting_total {
                 true => crate::repo::moved_in_by_others(c, since, low, high)?,
