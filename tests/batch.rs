@@ -298,9 +298,7 @@ fn a_file_gives_exactly_the_one_by_one_outcomes_balances_and_chains() {
         // at once; over 5 it is one group.
         let rounds = [(1000, 1, 5), (7, 2, 5), (1, 1, 5), (50, 3, 5), (20, 3, 200)];
         for (round, (batch, connections, n)) in rounds.iter().enumerate() {
-            let mut accounts: Vec<(Uuid, i64)> = (0..*n)
-                .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
-                .collect();
+            let mut accounts: Vec<(Uuid, i64)> = random_accounts(&mut rng, *n);
             // One account near the largest balance: credits to it may overflow, sometimes on a
             // line refused for another reason too, whose first reason must be the one given.
             accounts.push((Uuid::new_v4(), i64::MAX - rng.random_range(0..100)));
@@ -308,9 +306,8 @@ fn a_file_gives_exactly_the_one_by_one_outcomes_balances_and_chains() {
             let lines = random_file(&mut rng, &ids, 300);
             // Some ids are in the ledger before the file runs (an earlier run).
             let earlier: Vec<T> = lines.iter().step_by(37).copied().collect();
-            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+            let (batched, oracle) = twins_with(iso, &accounts);
             for db in [&batched, &oracle] {
-                accounts_with_ids(db, &accounts);
                 one_by_one(db, &earlier);
             }
             let expected = one_by_one(&oracle, &lines);
@@ -1378,9 +1375,7 @@ fn runs_of_one_file_at_once_apply_each_transfer_once_and_agree_on_which_applied_
     let mut rng = StdRng::seed_from_u64(0x7e1ce);
     for iso in Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
-        let accounts: Vec<(Uuid, i64)> = (0..6)
-            .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
-            .collect();
+        let accounts: Vec<(Uuid, i64)> = random_accounts(&mut rng, 6);
         accounts_with_ids(&db, &accounts);
         let ids: Vec<Uuid> = accounts.iter().map(|a| a.0).collect();
         let lines = random_file(&mut rng, &ids, 1500);
@@ -4438,10 +4433,7 @@ fn a_repeated_id_with_one_detail_changed_is_an_id_conflict() {
         let accounts: Vec<(Uuid, i64)> = (0..3).map(|_| (Uuid::new_v4(), 100)).collect();
         let [a, b, c] = [accounts[0].0, accounts[1].0, accounts[2].0];
         let ghost = Uuid::new_v4();
-        let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
-        for db in [&batched, &oracle] {
-            accounts_with_ids(db, &accounts);
-        }
+        let (batched, oracle) = twins_with(iso, &accounts);
         let mut lines = Vec::new();
         let mut changed = Vec::new();
         for (from, to, amount) in [(c, b, 5), (a, c, 5), (a, b, 6), (ghost, b, 5)] {
@@ -4707,15 +4699,10 @@ fn a_connection_the_system_will_not_start_a_thread_for_leaves_the_file_to_the_ot
         // Connection 1 refused and every thread after it; connection 2 alone.
         for (refused, refuse) in [(1, None), (2, Some(1))] {
             let case = format!("{iso:?}: connection {refused} refused");
-            let accounts: Vec<(Uuid, i64)> = (0..200)
-                .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
-                .collect();
+            let accounts: Vec<(Uuid, i64)> = random_accounts(&mut rng, 200);
             let ids: Vec<Uuid> = accounts.iter().map(|a| a.0).collect();
             let lines = random_file(&mut rng, &ids, 300);
-            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
-            for db in [&batched, &oracle] {
-                accounts_with_ids(db, &accounts);
-            }
+            let (batched, oracle) = twins_with(iso, &accounts);
             let expected = one_by_one(&oracle, &lines);
             overdraws(&case, &expected);
             let shape = ["--connections", "3", "--batch", "20"];
@@ -4979,14 +4966,11 @@ fn a_file_the_database_refuses_whole_gives_each_line_its_one_by_one_outcome() {
     for iso in Iso::BOTH {
         for (batch, connections) in [("10", "1"), ("7", "3")] {
             let case = format!("{iso:?}, --batch {batch} --connections {connections}");
-            let accounts: Vec<(Uuid, i64)> = (0..12)
-                .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
-                .collect();
+            let accounts: Vec<(Uuid, i64)> = random_accounts(&mut rng, 12);
             let ids: Vec<Uuid> = accounts.iter().map(|a| a.0).collect();
             let lines = random_file(&mut rng, &ids, 200);
-            let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+            let (batched, oracle) = twins_with(iso, &accounts);
             for db in [&batched, &oracle] {
-                accounts_with_ids(db, &accounts);
                 one_by_one(db, &lines[..100]);
                 db.conn()
                     .batch_execute(
@@ -5059,4 +5043,21 @@ fn a_rewrite_of_accounts_committed_while_a_chunk_waits_leaves_its_accounts_known
         assert!(got.iter().all(|(_, o)| o == "applied"), "{iso:?}: {run:?}");
         assert_eq!(full_state(&db), replay(&db, &lines), "{iso:?}");
     }
+}
+
+/// `n` accounts of new ids, each with a random balance below 150.
+fn random_accounts(rng: &mut StdRng, n: usize) -> Vec<(Uuid, i64)> {
+    (0..n)
+        .map(|_| (Uuid::new_v4(), rng.random_range(0..150)))
+        .collect()
+}
+
+/// Two databases at `iso` holding the same `accounts`: one for the file, one for the
+/// one-by-one oracle.
+fn twins_with(iso: Iso, accounts: &[(Uuid, i64)]) -> (ScratchDb, ScratchDb) {
+    let (batched, oracle) = (ScratchDb::migrated_at(iso), ScratchDb::migrated_at(iso));
+    for db in [&batched, &oracle] {
+        accounts_with_ids(db, accounts);
+    }
+    (batched, oracle)
 }
