@@ -446,17 +446,23 @@ pub fn find_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Tr
 /// claim (see the migration). An insert, not a lookup: it waits for a statement still writing its
 /// claim, so the ledger asked afterwards has the last word.
 ///
+/// A server setting of this session (`current_setting`, on both engines).
+pub fn setting(conn: &mut PgConnection, name: &str) -> QueryResult<Option<String>> {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        value: Option<String>,
+    }
+    diesel::sql_query("SELECT current_setting($1) AS value")
+        .bind::<Text, _>(name)
+        .get_result::<Setting>(conn)
+        .map(|s| s.value)
+}
+
 /// Whether this session may not write: a hot standby, or `default_transaction_read_only` (the
 /// setting has this name on both engines).
 pub fn read_only(conn: &mut PgConnection) -> QueryResult<bool> {
-    #[derive(QueryableByName)]
-    struct Setting {
-        #[diesel(sql_type = Text)]
-        value: String,
-    }
-    diesel::sql_query("SELECT current_setting('transaction_read_only') AS value")
-        .get_result::<Setting>(conn)
-        .map(|s| s.value == "on")
+    setting(conn, "transaction_read_only").map(|v| v.as_deref() == Some("on"))
 }
 
 /// In key order, as transfers lock their accounts: two runs claiming the same ids in different

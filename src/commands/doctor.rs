@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use diesel::prelude::*;
-use diesel::sql_types::{Bool, Nullable, Text};
+use diesel::sql_types::Bool;
 use serde::Serialize;
 
 use crate::db::{self, DbUrl, Engine};
@@ -59,12 +59,6 @@ struct Report {
     /// on each), those this role lacks, as "INSERT on accounts"; empty when not migrated or the
     /// server cannot say.
     missing_privileges: Vec<String>,
-}
-
-#[derive(QueryableByName)]
-struct Setting {
-    #[diesel(sql_type = Nullable<Text>)]
-    value: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -406,9 +400,5 @@ fn missing_privileges(conn: &mut PgConnection) -> Option<Vec<(String, &'static s
 
 /// A server setting of this session, or `None` when the server does not have it.
 fn setting(conn: &mut PgConnection, name: &str) -> Option<String> {
-    diesel::sql_query("SELECT current_setting($1) AS value")
-        .bind::<Text, _>(name)
-        .get_result::<Setting>(conn)
-        .ok()
-        .and_then(|s| s.value)
+    repo::setting(conn, name).ok().flatten()
 }
