@@ -364,16 +364,7 @@ impl Crew {
                 note(&failed, format_args!("a reader could not start: {e}"));
                 // Readers `0..r` started; this one and the rest never will.
                 left.fetch_sub(n - r, Ordering::SeqCst);
-                crate::say(format_args!(
-                    "bank: warning: started {}: the system would not start a thread for \
-                     another ({e}; ulimit -u, a container's or systemd's pids limit, or \
-                     memory){}",
-                    crate::of_total(r, n, "reader"),
-                    match r {
-                        0 => String::new(),
-                        k => format!(": the run goes on with {k}"),
-                    }
-                ));
+                started_fewer(r, n, "reader", &e);
                 break;
             }
         }
@@ -680,6 +671,20 @@ impl LiveLine {
 /// The watch loop looks every `LOOK_EVERY`, so no interval is measured finer than that.
 fn per_second(count: u64, since: Duration) -> f64 {
     count as f64 / since.max(LOOK_EVERY).as_secs_f64()
+}
+
+/// The one line said when the system would not start a thread for the next of `asked` workers
+/// or readers, `started` of them running: the run goes on with those.
+pub(super) fn started_fewer(started: u64, asked: u64, what: &str, e: &std::io::Error) {
+    crate::say(format_args!(
+        "bank: warning: started {}: the system would not start a thread for another ({e}; \
+         ulimit -u, a container's or systemd's pids limit, or memory){}",
+        crate::of_total(started, asked, what),
+        match started {
+            0 => String::new(),
+            k => format!(": the run goes on with {k}"),
+        }
+    ));
 }
 
 #[cfg(test)]

@@ -169,12 +169,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             // and its report counts the workers that did not start.
             Err(Error::Thread(e)) if w > 0 => {
                 workers_not_started = config.concurrency - w;
-                crate::say(format_args!(
-                    "bank: warning: started {}: the system would not start a thread for \
-                     another ({e}; ulimit -u, a container's or systemd's pids limit, or \
-                     memory): the run goes on with {w}",
-                    crate::of_total(w, config.concurrency, "worker")
-                ));
+                crew::started_fewer(w, config.concurrency, "worker", &e);
                 break;
             }
             Err(e) => return Err(e),
