@@ -110,22 +110,11 @@ impl DbUrl {
         again: &mut Reconnecting,
         mut check: impl FnMut(&mut PgConnection) -> Result<T, crate::error::Error>,
     ) -> Result<(PgConnection, T), crate::error::Error> {
-        loop {
-            let mut conn = match self.connect() {
-                Ok(conn) => conn,
-                Err(e) => {
-                    again.after(e.into(), true)?;
-                    continue;
-                }
-            };
-            match check(&mut conn) {
-                Ok(read) => return Ok((conn, read)),
-                Err(e) => {
-                    drop(conn);
-                    again.after(e, false)?;
-                }
-            }
-        }
+        again.until(|| {
+            let mut conn = self.connect().map_err(|e| Box::new((e.into(), true)))?;
+            let read = check(&mut conn).map_err(|e| Box::new((e, false)))?;
+            Ok((conn, read))
+        })
     }
 
     /// `read` on `conn` (made by `connect_migrated`), a read that has printed nothing when it
@@ -391,21 +380,13 @@ impl Session {
         timeout: Duration,
         mut check: impl FnMut(&mut PgConnection) -> Result<(), crate::error::Error>,
     ) -> Result<&mut PgConnection, crate::error::Error> {
-        let mut again = Reconnecting::new(timeout);
-        loop {
-            let e = match self.conn() {
-                Ok(conn) => match check(conn) {
-                    Ok(()) => break,
-                    Err(e) => e,
-                },
-                Err(e) => {
-                    again.after(e.into(), true)?;
-                    continue;
-                }
-            };
-            self.reset();
-            again.after(e, false)?;
-        }
+        Reconnecting::new(timeout).until(|| {
+            let conn = self.conn().map_err(|e| Box::new((e.into(), true)))?;
+            check(conn).map_err(|e| {
+                self.reset();
+                Box::new((e, false))
+            })
+        })?;
         Ok(self.conn()?)
     }
 
@@ -430,6 +411,23 @@ impl Reconnecting {
             timeout,
             deadline: std::time::Instant::now().checked_add(timeout),
             lost: 0,
+        }
+    }
+
+    /// `attempt` again (after `after`'s pause) while its error, with whether it came from
+    /// connecting, may be cured by connecting again.
+    fn until<T>(
+        &mut self,
+        mut attempt: impl FnMut() -> Result<T, Box<(crate::error::Error, bool)>>,
+    ) -> Result<T, crate::error::Error> {
+        loop {
+            match attempt() {
+                Ok(done) => return Ok(done),
+                Err(failed) => {
+                    let (e, connecting) = *failed;
+                    self.after(e, connecting)?
+                }
+            }
         }
     }
 
