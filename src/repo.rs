@@ -766,16 +766,14 @@ pub fn count_transfers_between(conn: &mut PgConnection, low: Uuid, high: Uuid) -
 /// the two tables that keeps a transfer's writes out. The latter is what an earlier attempt
 /// whose statement is already on the server waits on before it locks any account (behind a
 /// `CREATE INDEX` or a `LOCK TABLE`, say): it takes the same table locks as a transfer
-/// (`ROW EXCLUSIVE` on both, by an `UPDATE` that matches no row) with a `lock_timeout` of a
-/// moment, and the accounts `NOWAIT`, in a transaction that is then rolled back. Any error
+/// (`ROW EXCLUSIVE` on both, `db::lock_as_a_writer`) with a `lock_timeout` of a moment, and the accounts `NOWAIT`, in a transaction that is then rolled back. Any error
 /// (a lock, a wait, or a server that cannot be asked) counts as "not free".
 pub fn accounts_free(conn: &mut PgConnection, ids: &[Uuid]) -> bool {
     let probe = conn.transaction::<(), diesel::result::Error, _>(|c| {
         // Transfers' own table locks never conflict with each other; only what keeps every
         // write out (DDL, LOCK TABLE) makes these wait.
         diesel::sql_query("SET LOCAL lock_timeout = '50ms'").execute(c)?;
-        diesel::sql_query("UPDATE transfers SET amount = amount WHERE false").execute(c)?;
-        diesel::sql_query("UPDATE accounts SET balance = balance WHERE false").execute(c)?;
+        crate::db::lock_as_a_writer(c, &[("transfers", "amount"), ("accounts", "balance")])?;
         accounts::table
             .filter(accounts::id.eq_any(ids))
             .select(accounts::id)

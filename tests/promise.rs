@@ -1345,3 +1345,88 @@ fn lookup_says_what_an_id_s_claim_shows() {
             .fails_with(1, "may still commit");
     }
 }
+
+/// A DBA's rules that every transfer meets, and that an earlier attempt's probe of the accounts
+/// met too: a refused transfer with `--id` was "unknown" (exit 3) on every rerun, since the
+/// probe of whether an earlier attempt can still commit (`repo::accounts_free`) took the tables'
+/// locks with an `UPDATE … WHERE false`, which fires statement triggers and needs the UPDATE
+/// privilege on the ledger. An append-only ledger (a trigger refusing UPDATE and DELETE, or
+/// the role without those privileges) is a common rule; a statement trigger closing the
+/// accounts refused the probe as it refused every transfer. Found while reviewing the probe.
+/// Now the refusal is said (exit 1), in both modes, for a single transfer and a file's line,
+/// and nothing moves.
+#[test]
+fn a_refused_transfer_is_settled_under_a_dba_s_append_only_ledger_or_closed_accounts() {
+    const CAP: &str = "ALTER TABLE accounts ADD CONSTRAINT dba_cap CHECK (balance <= 1100)";
+    const APPEND_ONLY: &str = "CREATE FUNCTION append_only() RETURNS trigger LANGUAGE plpgsql AS \
+         $$BEGIN RAISE EXCEPTION 'the ledger is append-only'; END$$; \
+         CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON transfers \
+         FOR EACH STATEMENT EXECUTE FUNCTION append_only()";
+    const CLOSED: &str = "CREATE FUNCTION closed() RETURNS trigger LANGUAGE plpgsql AS \
+         $$BEGIN RAISE EXCEPTION 'accounts closed for audit'; END$$; \
+         CREATE TRIGGER closed BEFORE UPDATE ON accounts \
+         FOR EACH STATEMENT EXECUTE FUNCTION closed()";
+    let cases = [
+        (
+            "an append-only ledger by trigger",
+            format!("{CAP}; {APPEND_ONLY}"),
+            "dba_cap",
+        ),
+        (
+            "an append-only ledger by privilege",
+            CAP.to_string(),
+            "dba_cap",
+        ),
+        (
+            "closed accounts",
+            CLOSED.to_string(),
+            "accounts closed for audit",
+        ),
+    ];
+    for iso in Iso::BOTH {
+        for (case, rule, words) in &cases {
+            let db = ScratchDb::migrated_at(iso);
+            let ids = db.accounts(&[1000, 1000]);
+            db.conn().batch_execute(rule).expect("the DBA's rule");
+            let url = match *case {
+                "an append-only ledger by privilege" => {
+                    db.role(
+                        "LOGIN",
+                        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfer_claims, \
+                         __diesel_schema_migrations TO {role}; \
+                         GRANT SELECT, INSERT ON transfers TO {role}",
+                    )
+                    .1
+                }
+                _ => db.url.expose().to_string(),
+            };
+            for mode in MODES {
+                let id = Uuid::new_v4().to_string();
+                for run in 1..=2 {
+                    let got = crate::support::Bank::new()
+                        .args(["--database-url", &url, "transfer", "--mode", mode])
+                        .args(["--from", &ids[0].to_string(), "--to", &ids[1].to_string()])
+                        .args(["--amount", "200", "--id", &id])
+                        .run();
+                    let what = format!("{iso:?}, {case}, {mode}, run {run}");
+                    got.fails_with(1, words);
+                    assert!(got.stderr.contains("not applied"), "{what}: {got:?}");
+                }
+            }
+            let line = format!(
+                "id,from,to,amount\n{},{},{},200\n",
+                Uuid::new_v4(),
+                ids[0],
+                ids[1]
+            );
+            let file = run_file(&url, "f.csv", &line, &[]);
+            assert_eq!(file.code, 1, "{iso:?}, {case}, file: {file:?}");
+            assert_eq!(json_outcomes(&file), ["refused"], "{iso:?}, {case}");
+            assert_eq!(
+                (db.balance(ids[0]), db.balance(ids[1]), db.state().1),
+                (1000, 1000, 0),
+                "{iso:?}, {case}"
+            );
+        }
+    }
+}

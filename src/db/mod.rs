@@ -31,6 +31,24 @@ pub fn wait_out_rewrites(conn: &mut PgConnection, tables: &str) -> QueryResult<(
     )
 }
 
+/// Takes the table locks a transfer's writes take (`ROW EXCLUSIVE` on each of `tables`) without
+/// writing, so that it waits where a transfer would (behind DDL or a `LOCK TABLE`). On
+/// PostgreSQL `LOCK TABLE`, which fires no trigger or rule and needs only INSERT on each table:
+/// the `UPDATE … WHERE false` it replaces there met a DBA's statement trigger (an append-only
+/// ledger's, accounts closed for an audit) or a role without UPDATE on the ledger, and every
+/// probe that asked failed. CockroachDB has no `LOCK TABLE`, so that `UPDATE` stands in there.
+pub fn lock_as_a_writer(conn: &mut PgConnection, tables: &[(&str, &str)]) -> QueryResult<()> {
+    let lock = TABLE_LOCKS.load(std::sync::atomic::Ordering::Relaxed);
+    for (table, column) in tables {
+        let sql = match lock {
+            true => format!("LOCK TABLE {table} IN ROW EXCLUSIVE MODE"),
+            false => format!("UPDATE {table} SET {column} = {column} WHERE false"),
+        };
+        diesel::connection::SimpleConnection::batch_execute(conn, &sql)?;
+    }
+    Ok(())
+}
+
 pub use engine::{Engine, Server};
 pub use session::{
     commit_synchronously, own_statement_timeout, server_idle_timeout_kept,
