@@ -38,13 +38,25 @@ Exit status:
   2  bad usage or input: nothing was changed
   3  a transfer's outcome is unknown: run the same `bank transfer --id` (or file) again
 
-Environment (also read from .env; the command line wins):
+Environment (also read from .env; the command line wins; set but empty is unset):
   DATABASE_URL       the database, when --database-url is not given
   BANK_TIMEOUT       --timeout of transfer, workload and demo (default 30s)
   BANK_READ_TIMEOUT  --timeout of reads, init, seed and reset, --check-timeout of workload (default 2min)
   BANK_MAX_RETRIES, BANK_RETRY_BASE, BANK_RETRY_CAP   the retry policy
   BANK_SEED_METHOD   seed --method (auto, copy, insert)
   NO_COLOR           no colour in help and logs";
+
+/// The variables bank's flags default to (each `env = "BANK_…"` below; a test keeps the two in
+/// step). Set but empty, each counts as not set, as `DATABASE_URL` does (`db::load_dotenv`):
+/// `BANK_TIMEOUT=` was refused as "invalid value ''" where `DATABASE_URL=` was not.
+pub const VARIABLES: [&str; 6] = [
+    "BANK_TIMEOUT",
+    "BANK_READ_TIMEOUT",
+    "BANK_MAX_RETRIES",
+    "BANK_RETRY_BASE",
+    "BANK_RETRY_CAP",
+    "BANK_SEED_METHOD",
+];
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -609,6 +621,23 @@ mod tests {
     use super::*;
     use chrono::SecondsFormat;
     use clap::CommandFactory;
+
+    /// `VARIABLES` names every variable a flag defaults to, and no other.
+    #[test]
+    fn the_variables_are_those_the_flags_read() {
+        let cli = Cli::command();
+        let mut read: Vec<String> = std::iter::once(&cli)
+            .chain(cli.get_subcommands())
+            .flat_map(|c| c.get_arguments())
+            .filter_map(|a| a.get_env())
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        read.sort();
+        read.dedup();
+        let mut named: Vec<String> = VARIABLES.iter().map(|v| v.to_string()).collect();
+        named.sort();
+        assert_eq!(read, named);
+    }
 
     #[test]
     fn a_time_is_taken_as_the_database_takes_it() {

@@ -267,6 +267,34 @@ impl ConnectError {
             // to fix, as `sslmode=bogus` is.
             || (m.contains("definition of service") && m.contains("not found"))
             || (m.contains("service file") && m.contains("not found"))
+            || self.is_refused_setting()
+    }
+
+    /// The server refused, at login, a setting the connection asked for (the URL's
+    /// `options=-c …`, or `PGOPTIONS`): the user's configuration, to fix as a malformed URL is
+    /// (exit 2). Only `-c work_mem=abc` was (its words hold "invalid … value"); `-c bogus=1`
+    /// exited 1, and with `--id` 3. bank's own settings, made after login, are worded apart
+    /// ("the session could not be set up: …").
+    pub fn is_refused_setting(&self) -> bool {
+        const REFUSED: [&str; 7] = [
+            "unrecognized configuration parameter",
+            // `-c bogus`
+            "requires a value",
+            // `shared_buffers`, fixed at the server's start; `cannot be changed now`
+            "cannot be changed",
+            // `invalid value for parameter "…"`, `… is outside the valid range for parameter
+            // "…"`, `parameter "…" requires a Boolean value`
+            "parameter \"",
+            // `transaction_isolation`, which only SET TRANSACTION may change
+            "must be called before any query",
+            "permission denied to set parameter",
+            // `PGOPTIONS=--bogus`
+            "invalid command-line argument",
+        ];
+        let m = self.message.to_ascii_lowercase();
+        // libpq 14 and later name the server first; older ones give its words alone.
+        let at_login = m.starts_with("connection to server") || m.starts_with("fatal:");
+        at_login && REFUSED.iter().any(|w| m.contains(w))
     }
 
     /// The server has no database of that name: no earlier run can have a transfer on its way
@@ -395,7 +423,7 @@ pub enum TransferError {
     Abandoned,
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("database error: {}{}", .0, pooler_hint(.0))]
+    #[error("database error: {}{}{}", .0, server_hint(.0), pooler_hint(.0))]
     Database(diesel::result::Error),
 }
 
@@ -469,7 +497,7 @@ pub enum Error {
     },
     #[error("migration failed")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("database error: {}{}", .0, pooler_hint(.0))]
+    #[error("database error: {}{}{}", .0, server_hint(.0), pooler_hint(.0))]
     Database(diesel::result::Error),
     #[error(
         "verification failed: {}, {} with the ledger, {} of entries, total {total} vs opening \
@@ -908,6 +936,27 @@ fn batch_unknown(stopped: Option<&str>, unknown: u64, not_attempted: u64, total:
     )
 }
 
+/// The server's HINT, when it gave one its message does not hold already: PostgreSQL's words for
+/// what to change ("You might need to increase max_locks_per_transaction." after "out of shared
+/// memory"). Diesel shows the message alone, and a workload's last error dropped the hint.
+fn server_hint(e: &diesel::result::Error) -> String {
+    let diesel::result::Error::DatabaseError(_, info) = e else {
+        return String::new();
+    };
+    match info.hint().map(str::trim) {
+        Some(hint) if !hint.is_empty() && !info.message().contains(hint) => {
+            format!(" (HINT: {hint})")
+        }
+        _ => String::new(),
+    }
+}
+
+/// Whether `message` is PostgreSQL's refusal of a statement that wrote more temporary files than
+/// the server's `temp_file_limit` allows (53400): the statement failed and rolled back.
+pub fn is_temp_file_limit(message: &str) -> bool {
+    message.contains("exceeds temp_file_limit")
+}
+
 /// Bank's prepared statements met another client's, or lost their own, on one server
 /// connection: a pooler in transaction mode (PgBouncer's `pool_mode = transaction`) gives each
 /// transaction whichever server connection is free, and bank names its prepared statements and
@@ -1015,6 +1064,18 @@ pub fn with_hints(mut line: String) -> String {
              creates bank's tables; or run init as the schema's owner)"
         ));
     }
+    // A statement stopped by the server's temp_file_limit: its words name the setting, not whose
+    // it is or how to lift it, and "run it again" meets it again (a reset stopped by it).
+    if let Some(at) = line.find("exceeds temp_file_limit") {
+        // Next to the words it explains: after "(64kB)", if the server's size is there.
+        let at = line[at..].find(')').map_or(line.len(), |end| at + end + 1);
+        line.insert_str(
+            at,
+            " (the server's temp_file_limit, set for this role or database or in \
+             postgresql.conf, caps the temporary files one statement may write: a superuser can \
+             raise it, e.g. ALTER ROLE ... SET temp_file_limit = '1GB', or -1 for none)",
+        );
+    }
     // A write on a read-only connection: `seed` gave the server's words alone, where `reset`
     // said what to change (found by a helper playing a new user).
     if line.contains("in a read-only transaction") {
@@ -1063,6 +1124,43 @@ mod tests {
         );
         assert!(line.ends_with("connect to the primary)"), "{line}");
         assert_eq!(with_hints("another error".to_string()), "another error");
+    }
+
+    /// A statement the server's temp_file_limit stopped: the setting is named with how to lift
+    /// it, and the statement rolled back (a reset stopped by it said its batch in flight "may
+    /// or may not have been done").
+    #[test]
+    fn a_statement_stopped_by_temp_file_limit_names_it_and_applied_nothing() {
+        let words = "temporary file size exceeds temp_file_limit (64kB)";
+        let line = with_hints(format!(
+            "reset stopped: database error: {words}; run it again"
+        ));
+        assert!(
+            line.contains("(64kB) (the server's temp_file_limit, set for"),
+            "{line}"
+        );
+        assert!(line.ends_with("; run it again"), "{line}");
+        assert!(line.contains("temp_file_limit = '1GB'"), "{line}");
+        let e = crate::retry::tests::db(diesel::result::DatabaseErrorKind::Unknown, words);
+        assert!(!crate::retry::may_have_committed(&e));
+    }
+
+    /// The server's HINT is kept with its message ("out of shared memory" with what to raise),
+    /// and not said twice.
+    #[test]
+    fn a_database_error_keeps_the_server_s_hint() {
+        let e = crate::retry::tests::db_with_hint(
+            diesel::result::DatabaseErrorKind::Unknown,
+            "out of shared memory",
+            "You might need to increase max_locks_per_transaction.",
+        );
+        assert_eq!(
+            TransferError::Database(e).to_string(),
+            "database error: out of shared memory (HINT: You might need to increase \
+             max_locks_per_transaction.)"
+        );
+        let plain = crate::retry::tests::db(diesel::result::DatabaseErrorKind::Unknown, "x");
+        assert_eq!(Error::Database(plain).to_string(), "database error: x");
     }
 
     #[test]
@@ -1197,6 +1295,38 @@ mod tests {
             "FATAL: password authentication failed for user \"bank\"",
         ] {
             assert!(!connect_error(m).is_malformed(), "{m}");
+        }
+    }
+
+    /// A setting the server refuses at login (the URL's options, PGOPTIONS) is the user's
+    /// configuration, as `-c work_mem=abc` was: `-c bogus_setting=1` exited 1 (3 with `--id`).
+    /// Not the words of bank's own session set-up, nor a permission on a table.
+    #[test]
+    fn a_setting_the_server_refuses_at_login_is_bad_configuration() {
+        let at = "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  ";
+        for m in [
+            "unrecognized configuration parameter \"bogus_setting\"",
+            "-c bogus requires a value",
+            "parameter \"shared_buffers\" cannot be changed without restarting the server",
+            "1 kB is outside the valid range for parameter \"work_mem\" (64 .. 2147483647)",
+            "invalid value for parameter \"work_mem\": \"abc\"",
+            "parameter \"enable_seqscan\" requires a Boolean value",
+            "SET TRANSACTION ISOLATION LEVEL must be called before any query",
+            "permission denied to set parameter \"log_statement\"",
+            "invalid command-line argument for server process: --bogus",
+        ] {
+            let e = connect_error(&format!("{at}{m}"));
+            assert!(e.is_malformed() && e.reaches_no_database(), "{m}");
+            assert!(!e.is_transient(), "{m}");
+        }
+        assert!(connect_error("FATAL:  unrecognized configuration parameter \"x\"").is_malformed());
+        for m in [
+            format!("{at}password authentication failed for user \"bank\""),
+            format!("{at}permission denied for database \"bank\""),
+            "the session could not be set up: permission denied to set parameter \"x\"".into(),
+            "the session could not be set up: cannot use serializable mode in a hot standby".into(),
+        ] {
+            assert!(!connect_error(&m).is_malformed(), "{m}");
         }
     }
 

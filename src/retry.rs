@@ -147,11 +147,18 @@ pub fn may_have_committed(e: &DieselError) -> bool {
                     | DatabaseErrorKind::RestrictViolation
                     | DatabaseErrorKind::ReadOnlyTransaction
             ) || crate::error::is_privilege_denied(info.message())
+                // The server stopped the statement for its temporary files: rolled back (a
+                // reset said its batch in flight "may or may not have been done").
+                || crate::error::is_temp_file_limit(info.message())
         }
         _ => false,
     };
     match classify(e, Phase::Commit) {
-        Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout) => false,
+        // A connection lost at the commit point is one lost before the commit was run (the
+        // server ended the session while idle, `ended_while_idle`).
+        Some(Cause::Serialization | Cause::Deadlock | Cause::Timeout | Cause::ConnectionLost) => {
+            false
+        }
         // Ambiguous or lost first, whatever words it quotes: CockroachDB's 40003 may wrap a
         // network error that reads "permission denied" (a reviewer's point).
         Some(_) => true,
@@ -162,6 +169,7 @@ pub fn may_have_committed(e: &DieselError) -> bool {
 fn classify_database(kind: &DatabaseErrorKind, message: &str, lost: Cause) -> Option<Cause> {
     match kind {
         DatabaseErrorKind::SerializationFailure => Some(Cause::Serialization),
+        _ if ended_while_idle(message) => Some(Cause::ConnectionLost),
         DatabaseErrorKind::ClosedConnection => Some(lost),
         _ => classify_message(message, lost),
     }
@@ -182,6 +190,18 @@ const LOST: [&str; 12] = [
     "server is shutting down", // CockroachDB 57P01: a draining node closes the session
     "server is not accepting clients", // CockroachDB 57P01: a draining node refuses it
 ];
+
+/// Whether `message` is the server's word that it ended a session idle (PostgreSQL's
+/// "terminating connection due to idle-in-transaction timeout", 25P03, or "... due to
+/// idle-session timeout", 57P05): the backend was waiting for the client's next statement when it
+/// ended, so it never ran what was sent after (a COMMIT, or a statement that is its own commit):
+/// a connection lost before the commit, in any phase. Taken for a COMMIT whose answer was lost, a
+/// transfer whose session the server ended between its statement and its COMMIT was reported of
+/// unknown outcome (exit 3).
+pub fn ended_while_idle(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("due to idle-in-transaction timeout") || m.contains("due to idle-session timeout")
+}
 
 /// Whether `message` reads as a lost connection (`LOST`).
 pub fn reads_as_lost_connection(message: &str) -> bool {
@@ -417,6 +437,20 @@ pub fn retry_counted<T, E>(
     policy: &RetryPolicy,
     counts: &mut RetryCounts,
     live: Option<&SharedRetryCounts>,
+    attempt: impl FnMut(u32) -> Attempt<T, E>,
+) -> Result<T, Stop<E>> {
+    retry_counted_unless(policy, counts, live, || false, attempt)
+}
+
+/// `retry_counted` for an attempt whose caller may give up on it (`guard::Ticket`): a retry is
+/// made only if its attempt starts, so one whose caller `gave_up` while it backed off (its
+/// deadline, Ctrl-C) is not counted, as its attempt ends at once with nothing sent (the
+/// transfer's retries and a workload's counted one more than were made).
+pub fn retry_counted_unless<T, E>(
+    policy: &RetryPolicy,
+    counts: &mut RetryCounts,
+    live: Option<&SharedRetryCounts>,
+    gave_up: impl Fn() -> bool,
     mut attempt: impl FnMut(u32) -> Attempt<T, E>,
 ) -> Result<T, Stop<E>> {
     let deadline = Instant::now().checked_add(policy.timeout);
@@ -435,7 +469,7 @@ pub fn retry_counted<T, E>(
                 timed_out: true,
             });
         }
-        if let Some(cause) = retrying.take() {
+        if let Some(cause) = retrying.take().filter(|_| !gave_up()) {
             counts.add(cause);
             if let Some(live) = live {
                 live.add(cause);
@@ -605,7 +639,7 @@ pub(crate) mod tests {
     use super::*;
     use diesel::result::DatabaseErrorInformation;
 
-    struct Info(&'static str);
+    struct Info(&'static str, Option<&'static str>);
 
     impl DatabaseErrorInformation for Info {
         fn message(&self) -> &str {
@@ -615,7 +649,7 @@ pub(crate) mod tests {
             None
         }
         fn hint(&self) -> Option<&str> {
-            None
+            self.1
         }
         fn table_name(&self) -> Option<&str> {
             None
@@ -633,7 +667,16 @@ pub(crate) mod tests {
 
     /// A database error with this kind and message (other modules' tests use it too).
     pub(crate) fn db(kind: DatabaseErrorKind, message: &'static str) -> DieselError {
-        DieselError::DatabaseError(kind, Box::new(Info(message)))
+        DieselError::DatabaseError(kind, Box::new(Info(message, None)))
+    }
+
+    /// `db` with the server's HINT.
+    pub(crate) fn db_with_hint(
+        kind: DatabaseErrorKind,
+        message: &'static str,
+        hint: &'static str,
+    ) -> DieselError {
+        DieselError::DatabaseError(kind, Box::new(Info(message, Some(hint))))
     }
 
     #[test]
@@ -764,6 +807,37 @@ pub(crate) mod tests {
             let e = db(DatabaseErrorKind::Unknown, m);
             assert_eq!(classify(&e, Phase::Commit), Some(cause), "{m}");
         }
+    }
+
+    /// The server's words for a session it ended while idle (in a transaction, or outside one):
+    /// what was sent after never ran, so at the commit point too it is a connection lost before
+    /// the commit, not an ambiguous one.
+    #[test]
+    fn a_session_the_server_ended_while_idle_never_ran_its_commit() {
+        for m in [
+            "FATAL:  terminating connection due to idle-in-transaction timeout\nserver closed the \
+             connection unexpectedly\n\tThis probably means the server terminated abnormally\n",
+            "terminating connection due to idle-in-transaction timeout",
+            "FATAL:  terminating connection due to idle-session timeout\n",
+        ] {
+            for kind in [
+                DatabaseErrorKind::Unknown,
+                DatabaseErrorKind::ClosedConnection,
+                DatabaseErrorKind::UnableToSendCommand,
+            ] {
+                let e = db(kind, m);
+                for phase in [Phase::BeforeCommit, Phase::Commit] {
+                    assert_eq!(classify(&e, phase), Some(Cause::ConnectionLost), "{m}");
+                }
+                assert!(!may_have_committed(&e), "{m}");
+            }
+        }
+        // Another session's end still leaves a COMMIT in flight unknown.
+        let e = db(
+            DatabaseErrorKind::Unknown,
+            "terminating connection due to administrator command",
+        );
+        assert_eq!(classify(&e, Phase::Commit), Some(Cause::Ambiguous));
     }
 
     #[test]

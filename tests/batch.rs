@@ -5061,3 +5061,63 @@ fn twins_with(iso: Iso, accounts: &[(Uuid, i64)]) -> (ScratchDb, ScratchDb) {
     }
     (batched, oracle)
 }
+
+/// A file cut off mid-run because its connection could not be made again (the role's password
+/// changed, its sessions ended; a database renamed is the same): every line left said why
+/// ("not attempted: the run stopped: … password authentication failed …"), but the run's exit-3
+/// line gave only the count, where a single transfer names the cause. It names it now.
+#[test]
+fn a_file_cut_off_by_a_login_refused_mid_run_says_why() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[1_000_000, 1_000_000])[..] else {
+        panic!("two accounts")
+    };
+    let (role, url) = db.teller("LOGIN");
+    let lines: Vec<T> = (0..20_000)
+        .map(|i| {
+            let (from, to) = if i % 2 == 0 { (a, b) } else { (b, a) };
+            T {
+                id: Uuid::new_v4(),
+                from,
+                to,
+                amount: 1,
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pay.csv");
+    std::fs::write(&path, csv(&lines)).expect("write the file");
+    let path = path.to_str().expect("utf-8 path");
+    let child = crate::support::spawn_bank(&[
+        "--database-url",
+        &url,
+        "transfer",
+        "--file",
+        path,
+        "--batch",
+        "10",
+        "--connections",
+        "1",
+        "--json",
+    ]);
+    let mut conn = db.conn();
+    crate::support::wait_for_transfers_past(&mut conn, 100);
+    conn.batch_execute(&format!(
+        "ALTER ROLE {role} PASSWORD 'changed'; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+    ))
+    .expect("change the password");
+    let run = Run::from(child.wait_with_output().expect("wait"));
+    assert_eq!(run.code, 3, "{run:?}");
+    run.no_password();
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "bank: error: the run stopped: the connection was lost and could not be made again"
+        ) && last.contains("password authentication failed")
+            && last.contains("may or may not have been applied"),
+        "{last}"
+    );
+    let report = bank::verify::verify(&mut conn).expect("verify");
+    assert!(report.ok, "{report:?}");
+}

@@ -522,8 +522,10 @@ fn an_unreachable_server_fails_within_seconds() {
 /// and for a file's lines (found by a helper playing a new user): a URL without the password
 /// the server asks for, a setting the server does not know, one without a value, one it cannot
 /// change for a session, a value out of range, a setting only SET TRANSACTION may change. They fail at once now, as a wrong password did, in the server's words:
-/// exit 1, or 3 where an id is given (an earlier run of that id, through another URL, may still
-/// be about to commit: this run cannot ask).
+/// a missing password exits 1, or 3 where an id is given (an earlier run of that id, through
+/// another URL, may still be about to commit: this run cannot ask); a refused setting (the URL's
+/// options, PGOPTIONS) is the user's configuration, exit 2 with or without an id, as
+/// `-c work_mem=abc` always was (`-c bogus=1` exited 1, and 3 with an id).
 #[test]
 fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
     let db = ScratchDb::migrated();
@@ -569,10 +571,12 @@ fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
     for (url, words) in &cases {
         let id = Uuid::new_v4().to_string();
         let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
+        let setting = *words != "no password supplied";
+        let (code, given) = if setting { (2, 2) } else { (1, 3) };
         let runs: [(Vec<&str>, i32); 3] = [
-            (one.to_vec(), 1),
-            ([&one[..], &["--id", &id]].concat(), 3),
-            (vec!["transfer", "--file", &file], 3),
+            (one.to_vec(), code),
+            ([&one[..], &["--id", &id]].concat(), given),
+            (vec!["transfer", "--file", &file], given),
         ];
         for (args, code) in runs {
             let started = Instant::now();
@@ -588,7 +592,22 @@ fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
                 "{words}: {args:?} took {took:?}"
             );
             run.no_password();
+            if setting {
+                // One line, the server's words once (libpq tries the login again and said
+                // them twice).
+                assert_eq!(run.stderr.lines().count(), 1, "{words}: {run:?}");
+                assert_eq!(run.stderr.matches(words).count(), 1, "{words}: {run:?}");
+            }
         }
+    }
+    // PGOPTIONS as the URL's options: the same words, the same exit.
+    for (options, words) in [
+        ("-c bogus_setting=1", "unrecognized configuration parameter"),
+        ("-c work_mem=abc", "invalid value for parameter"),
+    ] {
+        let mut run = db.transfer(ids[0], ids[1], 1);
+        run.cmd.env("PGOPTIONS", options);
+        run.run().fails_with(2, words);
     }
     assert_eq!(db.state().1, 0, "nothing applied");
 }
@@ -851,6 +870,68 @@ fn the_timeout_comes_from_dotenv_too() {
     std::fs::write(run.dir.path().join(".env"), "BANK_TIMEOUT=0s\n").expect("write .env");
     run.run().fails_with(2, "must be longer than 0");
     assert_eq!(db.balance(a), 10);
+}
+
+/// Every `BANK_*` variable set but empty (or blank), in the environment or in `.env`, counts as
+/// not set, as `DATABASE_URL=` does: `BANK_TIMEOUT=` was refused ("invalid value ''", exit 2).
+/// An empty one in the environment leaves `.env`'s in force, as for `DATABASE_URL`; and the
+/// help says so.
+#[test]
+fn every_bank_variable_set_but_empty_counts_as_unset() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    let (a, b) = (a.to_string(), b.to_string());
+    let transfer = ["transfer", "--from", &a, "--to", &b, "--amount", "1"];
+    let cases: [(&str, &[&str]); 6] = [
+        ("BANK_TIMEOUT", &transfer),
+        ("BANK_MAX_RETRIES", &transfer),
+        ("BANK_RETRY_BASE", &transfer),
+        ("BANK_RETRY_CAP", &transfer),
+        ("BANK_READ_TIMEOUT", &["balances"]),
+        ("BANK_SEED_METHOD", &["seed"]),
+    ];
+    for (var, args) in cases {
+        for value in ["", " "] {
+            let mut run = db.bank().args(args);
+            run.cmd.env(var, value);
+            let run = run.run();
+            assert_eq!(run.code, 0, "{var}={value:?}: {run:?}");
+        }
+        let run = db.bank().args(args);
+        std::fs::write(run.dir.path().join(".env"), format!("{var}=\n")).expect("write .env");
+        let run = run.run();
+        assert_eq!(run.code, 0, "{var}= in .env: {run:?}");
+    }
+    let mut run = db.bank().args(transfer);
+    run.cmd.env("BANK_TIMEOUT", "");
+    std::fs::write(run.dir.path().join(".env"), "BANK_TIMEOUT=0s\n").expect("write .env");
+    run.run().fails_with(2, "must be longer than 0");
+    let help = Bank::new().args(["--help"]).run();
+    assert!(help.stdout.contains("set but empty is unset"), "{help:?}");
+}
+
+/// A reset the server's `temp_file_limit` stops (each batch's sort spills past it): the line
+/// named the setting only in the server's words, with no word of whose it is or how to lift it
+/// ("run it again to finish" meets it again), and said its batch in flight "may or may not have
+/// been done" of a statement the server refused (rolled back).
+#[test]
+fn a_reset_stopped_by_temp_file_limit_names_the_setting() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[10; 2000]);
+    db.alter("work_mem = '64kB'");
+    db.alter("temp_file_limit = '64kB'");
+    let run = db.bank().args(["reset", "--yes"]).run();
+    run.fails_with(
+        1,
+        "exceeds temp_file_limit (64kB) (the server's temp_file_limit, set for",
+    );
+    assert!(
+        !run.stderr.contains("may or may not have been done"),
+        "{run:?}"
+    );
+    assert_eq!(db.state().0.len(), 2000, "nothing deleted");
 }
 
 /// An unquoted `$` in `.env` starts a variable, as in a shell: `pa$word` became `pa` when `word`

@@ -4110,3 +4110,133 @@ fn a_connection_lost_again_and_again_before_anything_was_done_ends_by_the_deadli
         assert_eq!(db.state(), before, "{args:?}");
     }
 }
+
+/// A transfer whose session the server ended (its `idle_in_transaction_session_timeout`, set
+/// for the role) in the window between its statement's answer and its COMMIT: the client was
+/// stopped (SIGSTOP) while its statement waited for a lock, the lock went, the statement ran,
+/// and the backend, idle in the transaction, was ended before the client went on. The server
+/// never ran the COMMIT, but libpq hands the server's FATAL, read while idle, to Diesel's notice
+/// processor, which drops it, so the COMMIT failed with "server closed the connection
+/// unexpectedly" alone: taken for a COMMIT whose answer was lost, the transfer was reported of
+/// unknown outcome (exit 3) with `--max-retries 0`, and counted an ambiguous retry otherwise.
+/// The session is found gone before the COMMIT is sent: not applied (exit 1), and the retry is
+/// a connection lost.
+#[test]
+fn a_session_the_server_ends_before_the_commit_is_sent_is_not_applied() {
+    use diesel::RunQueryDsl;
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[1000, 0])[..] else {
+        panic!("two accounts")
+    };
+    let (role, url) = db.teller("LOGIN");
+    db.conn()
+        .batch_execute(&format!(
+            "ALTER ROLE {role} SET idle_in_transaction_session_timeout = '200ms'"
+        ))
+        .expect("alter role");
+    // (extra arguments, exit code, amount moved)
+    for (extra, code, moved) in [(&["--max-retries", "0"][..], 1, 0), (&[][..], 0, 7)] {
+        let before = db.state();
+        let holder = db.hold(&[a]);
+        let child = crate::support::spawn_transfer(&url, (a, b, 7), &[&["--json"], extra].concat());
+        crate::support::wait_for_lock_wait(&db);
+        crate::support::signal(child.id(), "STOP");
+        let backend: crate::support::Count = diesel::sql_query(format!(
+            "SELECT CAST(pid AS INT8) AS n FROM pg_stat_activity WHERE usename = '{role}'"
+        ))
+        .get_result(&mut db.conn())
+        .expect("the stopped client's backend");
+        drop(holder);
+        // The statement runs while the client is stopped, and the server ends its session, idle
+        // in the transaction, before the client goes on: its backend has exited, so its socket
+        // is closed too (it leaves pg_stat_activity a moment before).
+        let started = Instant::now();
+        while std::path::Path::new(&format!("/proc/{}", backend.n)).exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the server never ended the stopped client's session"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        crate::support::signal(child.id(), "CONT");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        let case = format!("{extra:?}: {run:?}");
+        assert_eq!(run.code, code, "{case}");
+        run.no_password();
+        let json = run.json();
+        if code == 1 {
+            assert_eq!(json["outcome"], "failed", "{case}");
+            assert!(run.stderr.contains("not applied"), "{case}");
+            assert!(
+                run.stderr.contains("gone before its COMMIT was sent"),
+                "{case}"
+            );
+            assert_eq!(db.state(), before, "{case}");
+        } else {
+            assert_eq!(json["outcome"], "applied", "{case}");
+            assert_eq!(json["retries"]["ambiguous"], 0, "{case}");
+            assert_eq!(json["retries"]["connection_lost"], 1, "{case}");
+        }
+        assert_eq!(db.balance(b), moved, "{case}");
+    }
+    let report = bank::verify::verify(&mut db.conn()).expect("verify");
+    assert!(report.ok, "{report:?}");
+}
+
+/// A retry counts when its attempt is made: a transfer its caller gave up on (its deadline,
+/// Ctrl-C: `Ticket::abandon`) while it backed off after a lock timeout stops without another
+/// attempt, nothing sent, but the loop counted that attempt's retry first (`retries.timeout` 1,
+/// and in the workload's live figures, for a retry never made).
+#[test]
+fn a_retry_given_up_on_while_backing_off_is_not_counted() {
+    use bank::retry::{RetryPolicy, SharedRetryCounts};
+    use bank::transfer::{Mode, Runner};
+    use std::sync::Arc;
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[100, 0])[..] else {
+        panic!("two accounts")
+    };
+    db.alter("lock_timeout = '50ms'");
+    let holder = db.hold(&[a]);
+    // Backoffs of 1 to 2 s: time enough to give up during the first.
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        base: Duration::from_secs(2),
+        cap: Duration::from_secs(2),
+        timeout: Duration::from_secs(30),
+    };
+    let session = bank::db::Session::new(db.url.clone(), "bank");
+    let mut runner = Runner::new(session, Mode::Transaction, policy);
+    let live = Arc::new(SharedRetryCounts::default());
+    runner.live_retries = Some(Arc::clone(&live));
+    let ticket = runner.ticket.clone();
+    let t = bank::models::NewTransfer {
+        id: Uuid::new_v4(),
+        from_id: a,
+        to_id: b,
+        amount: 5,
+    };
+    let run = thread::spawn(move || {
+        let result = runner.run(&t);
+        (result, runner.retries)
+    });
+    // The first attempt waits on the lock, the server's lock_timeout ends it, and the run
+    // backs off.
+    crate::support::wait_for_lock_wait(&db);
+    crate::support::wait_until(
+        &mut db.conn(),
+        "NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name LIKE 'bank%' AND wait_event_type = 'Lock')",
+        "the first attempt's lock timeout",
+    );
+    let _ = ticket.abandon();
+    let (result, retries) = run.join().expect("the runner's thread");
+    assert!(
+        matches!(result, Err(bank::error::TransferError::Abandoned)),
+        "{result:?}"
+    );
+    assert_eq!(retries.total(), 0, "{retries:?}");
+    assert_eq!(live.snapshot().total(), 0, "{:?}", live.snapshot());
+    drop(holder);
+    assert_eq!(db.balance(b), 0);
+}

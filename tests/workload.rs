@@ -1648,8 +1648,30 @@ fn transfers_failing_at_once_back_off() {
     }
 }
 
+/// The server's HINT with its error ("out of shared memory": "You might need to increase
+/// max_locks_per_transaction.") is kept in the workload's last error, in `--json` and on stderr:
+/// it said "database error: out of shared memory" alone, which names nothing to change.
+#[test]
+fn a_workload_s_last_error_keeps_the_server_s_hint() {
+    let db = a_server_failing_every_ledger_insert(Iso::Serializable);
+    let run = db
+        .bank()
+        .args(["workload", "--reuse-accounts", "--accounts", "4"])
+        .args(["--concurrency", "1", "--transfers", "3", "--json"])
+        .run();
+    assert_eq!(run.code, 1, "{run:?}");
+    let hint = "out of shared memory (HINT: You might need to increase max_locks_per_transaction.)";
+    let j = run.json();
+    assert!(
+        j["last_error"].as_str().is_some_and(|e| e.contains(hint)),
+        "{j}"
+    );
+    assert!(run.stderr.contains(hint), "{run:?}");
+}
+
 /// A database of 4 accounts whose server fails every INSERT into the ledger at once, as a full
-/// lock table does ("out of shared memory", 53200; here a trigger raising it).
+/// lock table does ("out of shared memory", 53200, with the server's HINT; here a trigger raising
+/// it).
 fn a_server_failing_every_ledger_insert(iso: Iso) -> ScratchDb {
     use diesel::connection::SimpleConnection;
     let db = ScratchDb::migrated_at(iso);
@@ -1657,7 +1679,8 @@ fn a_server_failing_every_ledger_insert(iso: Iso) -> ScratchDb {
     db.conn()
         .batch_execute(
             "CREATE FUNCTION lock_table_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-               RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END $$; \
+               RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200', \
+               HINT = 'You might need to increase max_locks_per_transaction.'; END $$; \
              CREATE TRIGGER lock_table_full BEFORE INSERT ON transfers \
                FOR EACH STATEMENT EXECUTE FUNCTION lock_table_full()",
         )

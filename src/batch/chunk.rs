@@ -25,8 +25,8 @@ use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry_counted, Attempt, Cause, Phase, RetryCounts, RetryPolicy, SharedRetryCounts,
-    Stop,
+    classify, retry_counted_unless, Attempt, Cause, Phase, RetryCounts, RetryPolicy,
+    SharedRetryCounts, Stop,
 };
 use crate::transfer::{after_step, claim_and_find, connection, first_reason_in};
 
@@ -838,7 +838,8 @@ impl ChunkRunner {
         let guesses = self.guesses;
         let first_claims = &mut self.first_claims;
         let barred = Arc::clone(&self.barred);
-        let result = retry_counted(&self.policy, &mut retries, live_retries, |n| {
+        let gave_up = || ticket.is_abandoned();
+        let result = retry_counted_unless(&self.policy, &mut retries, live_retries, gave_up, |n| {
             if ticket.is_abandoned() {
                 return Attempt::Fail(TransferError::Abandoned);
             }
@@ -855,6 +856,9 @@ impl ChunkRunner {
             let mut last: Option<Attempted> = None;
             let mut committing = false;
             let mut locked_all = false;
+            // The words of a session found gone before its COMMIT (`db::still_connected`),
+            // which the failed ROLLBACK's would replace.
+            let mut gone = None;
             let result = conn.build_transaction().run(|c| {
                 crate::db::wait_out_rewrites(c, "accounts, transfers, transfer_claims")?;
                 // The claims of lines no attempt has read yet, first of all: an attempt that
@@ -877,6 +881,10 @@ impl ChunkRunner {
                 // later lines' moves (found with a cut COMMIT: a refused line came back applied).
                 if let Some(done) = committed_attempt(c, lines, &unanswered)? {
                     last = Some(done.clone());
+                    if let Err(e) = crate::db::still_connected(c) {
+                        gone = Some(e.to_string());
+                        return Err(e.into());
+                    }
                     if !ticket.enter_commit() {
                         return Err(Rollback::Abandoned);
                     }
@@ -912,12 +920,22 @@ impl ChunkRunner {
                     decided: decided.clone(),
                     at,
                 });
+                // A session the server ended while bank was not reading fails here, before
+                // COMMIT (see `db::still_connected`).
+                if let Err(e) = crate::db::still_connected(c) {
+                    gone = Some(e.to_string());
+                    return Err(e.into());
+                }
                 if !ticket.enter_commit() {
                     return Err(Rollback::Abandoned);
                 }
                 committing = true;
                 Ok(decided)
             });
+            let result = match gone {
+                Some(words) => Err(Rollback::Database(crate::db::closed_connection(words))),
+                None => result,
+            };
             let step = match result {
                 Ok(decided) => Attempt::Done(decided),
                 Err(Rollback::Abandoned) => Attempt::Fail(TransferError::Abandoned),

@@ -67,6 +67,11 @@ pub struct Summary {
     /// The database refused statements for a reason that is no line's own
     /// (`ChunkRunner::refused_whole`): the first such, for the run's error line.
     pub refused_whole: Option<String>,
+    /// Why the run stopped before its last line, when it did ("the run stopped: the connection
+    /// was lost and could not be made again (… password authentication failed …)"): for the
+    /// run's error line, which said only how many lines were left unknown (each line's error
+    /// said why).
+    pub stopped: Option<String>,
 }
 
 impl Summary {
@@ -547,6 +552,10 @@ where
     }
     summary.elapsed = started.elapsed();
     summary.fewer_connections = fewer.map(|refused| (used.len().max(1), meant, refused));
+    summary.stopped = stopping.map(|why| match why.starts_with("the run stopped") {
+        true => why,
+        false => format!("the run stopped: {why}"),
+    });
     Ok(summary)
 }
 

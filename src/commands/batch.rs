@@ -103,7 +103,13 @@ pub(super) fn transfer_file(
             (None, true) => Some("interrupted (Ctrl-C, SIGTERM or SIGHUP)".to_string()),
             // The database refused statements for a reason that is no line's own: said once,
             // with its hint (what to grant, where to connect), as a single transfer says it.
-            (None, false) => summary.refused_whole.clone(),
+            // Or the run stopped (a connection that could not be made again: the database
+            // renamed, the password changed): said why, as a single transfer says it; the line
+            // gave the count alone.
+            (None, false) => summary
+                .refused_whole
+                .clone()
+                .or_else(|| summary.stopped.clone()),
         };
         Err(Error::BatchUnknown {
             unknown,

@@ -49,6 +49,42 @@ pub fn lock_as_a_writer(conn: &mut PgConnection, tables: &[(&str, &str)]) -> Que
     Ok(())
 }
 
+/// Whether the server still holds this connection's session, asked of the socket alone (nothing
+/// is sent): the last step before a COMMIT (or a statement that is its own commit). A server
+/// that ended the session while bank was not reading (its `idle_in_transaction_session_timeout`
+/// while bank was stopped, Ctrl-Z or SIGSTOP, or slow) left its FATAL and its end of file in the
+/// socket; libpq, idle, hands that FATAL to Diesel's notice processor, which drops it, so the
+/// COMMIT then failed with "server closed the connection unexpectedly" alone, taken for a COMMIT
+/// whose answer was lost (outcome unknown, exit 3) though it was never sent. Found here, the
+/// loss comes before the COMMIT: not applied, and tried again. Twice: the first read may take in
+/// the server's last message, the second its end of file. Notifications (bank LISTENs to none)
+/// are passed over. The error names the loss as one before the commit; a caller inside Diesel's
+/// transaction keeps its words and gives them back (`closed_connection`): the ROLLBACK Diesel
+/// tries next fails too, and its error ("no connection to the server") is the one the
+/// transaction returns.
+pub fn still_connected(conn: &mut PgConnection) -> QueryResult<()> {
+    for _ in 0..2 {
+        for notification in conn.notifications_iter() {
+            if let Err(e) = notification {
+                return Err(closed_connection(format!(
+                    "the session was gone before its COMMIT was sent, so nothing of it \
+                     committed ({})",
+                    e.to_string().trim_end()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A lost connection's error with these words (`still_connected`'s, kept across a ROLLBACK).
+pub fn closed_connection(words: String) -> diesel::result::Error {
+    diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::ClosedConnection,
+        Box::new(words),
+    )
+}
+
 pub use engine::{Engine, Server};
 pub use session::{
     commit_synchronously, own_statement_timeout, server_idle_timeout_kept,
@@ -71,10 +107,9 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// `BANK_*` variables that flags default to.
 pub fn load_dotenv() -> Result<(), ConfigError> {
     // Set but empty (`export DATABASE_URL=`) counts as not set, as `DbUrl::resolve` takes it; left
-    // in place it kept .env's URL out.
-    if std::env::var_os("DATABASE_URL").is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
-        std::env::remove_var("DATABASE_URL");
-    }
+    // in place it kept .env's URL out. So does each of the `BANK_*` variables flags default to
+    // (`BANK_TIMEOUT=` was refused as an invalid duration).
+    unset_empty(std::iter::once("DATABASE_URL").chain(crate::cli::VARIABLES));
     let Some(path) = find_dotenv()? else {
         return Ok(());
     };
@@ -138,6 +173,9 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
                 }
                 std::env::set_var(key, value);
             }
+            // `BANK_TIMEOUT=` in .env is no setting either (an empty `DATABASE_URL` there is
+            // told apart by `DbUrl::resolve`).
+            unset_empty(crate::cli::VARIABLES);
             for key in twice {
                 crate::say(format_args!(
                     "bank: warning: {} sets {key} more than once; the last one is used",
@@ -167,6 +205,15 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
             }))
         }
         Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+/// Removes from the environment each of `names` that is set but empty (or blank): not set.
+fn unset_empty<'a>(names: impl IntoIterator<Item = &'a str>) {
+    for name in names {
+        if std::env::var_os(name).is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
+            std::env::remove_var(name);
+        }
     }
 }
 

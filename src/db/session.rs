@@ -160,7 +160,9 @@ impl DbUrl {
             url: self.to_string(),
             // libpq quotes a URL it cannot parse: the user's, not the one with bank's
             // parameters appended, which the user never wrote.
-            message: self.redact_text(e.to_string().replace(&connect_string, &self.full).trim()),
+            message: self.redact_text(&said_once(
+                e.to_string().replace(&connect_string, &self.full).trim(),
+            )),
         })?;
         if log::log_enabled!(target: "bank::sql", log::Level::Trace) {
             conn.set_instrumentation(SqlLogger);
@@ -173,6 +175,18 @@ impl DbUrl {
         })?;
         Ok(conn)
     }
+}
+
+/// libpq's message with each host's failure said once: it tries a refused login again (a
+/// setting the server does not know, `-c bogus_setting=1`) and said the same line twice.
+/// (Other lines, "Is the server running on that host…", may rightly come once per host.)
+fn said_once(message: &str) -> String {
+    let mut seen = std::collections::HashSet::new();
+    message
+        .lines()
+        .filter(|l| !l.starts_with("connection to server") || seen.insert(*l))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// `PGAPPNAME` names the sessions, as it does psql's: libpq reads it when the URL sets no

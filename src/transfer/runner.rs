@@ -21,7 +21,7 @@ use crate::guard::{GaveUp, Ticket};
 use crate::models::{NewTransfer, Transfer};
 use crate::repo;
 use crate::retry::{
-    classify, retry, retry_counted, stop_injecting, Attempt, Cause, Phase, RetryCounts,
+    classify, retry, retry_counted_unless, stop_injecting, Attempt, Cause, Phase, RetryCounts,
     RetryPolicy, SharedRetryCounts, Stop,
 };
 
@@ -99,7 +99,8 @@ impl Runner {
             Mode::Transaction => Own::Any,
             Mode::SingleStatement => Own::Mark(Uuid::new_v4()),
         };
-        let result = retry_counted(&self.policy, &mut retries, live_retries, |n| {
+        let gave_up = || ticket.is_abandoned();
+        let result = retry_counted_unless(&self.policy, &mut retries, live_retries, gave_up, |n| {
             made = n;
             if ticket.is_abandoned() {
                 // Whatever happens now is nobody's result: stop touching the database.
@@ -690,6 +691,9 @@ fn attempt(
         }
     }
     let mut committing = false;
+    // The words of a session found gone before its COMMIT (`db::still_connected`), which the
+    // failed ROLLBACK's would replace.
+    let mut gone = None;
     let result = match mode {
         Mode::Transaction => conn.build_transaction().serializable().run(|c| {
             // Read first, before anything that can fail on the way to the accounts (a lock
@@ -710,6 +714,12 @@ fn attempt(
                     e => BodyError::Database(e),
                 })?);
             }
+            // A session the server ended while bank was not reading fails here, before COMMIT
+            // (see `db::still_connected`).
+            if let Err(e) = crate::db::still_connected(c) {
+                gone = Some(e.to_string());
+                return Err(e.into());
+            }
             if !ticket.enter_commit() {
                 return Err(BodyError::Abandoned);
             }
@@ -717,12 +727,24 @@ fn attempt(
             Ok::<_, BodyError>(())
         }),
         Mode::SingleStatement => {
+            // A connection idle since the last transfer may have been ended by the server
+            // (its idle_session_timeout): found before the statement is sent, that is no commit.
+            if let Err(e) = crate::db::still_connected(conn) {
+                return match Attempt::retry_for(&e, false) {
+                    Some(retry) => retry,
+                    None => Attempt::Fail(TransferError::from(e)),
+                };
+            }
             if !ticket.enter_commit() {
                 return Attempt::Fail(TransferError::Abandoned);
             }
             committing = true;
             apply_claiming(conn, t, own.mark())
         }
+    };
+    let result = match gone {
+        Some(words) => Err(BodyError::Database(crate::db::closed_connection(words))),
+        None => result,
     };
     // Single-statement mode found its id claimed: by a run that said "not applied" (or by an
     // earlier attempt of its own that committed: the ledger tells). The claim is there to stop a
