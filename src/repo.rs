@@ -409,9 +409,12 @@ pub fn delete_claims_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<u
 /// one can start until they are gone, so the ledger rows deleted next are all there are (the
 /// caller drains the ledger before, in batches; these are what other clients wrote since).
 /// Deleted by a plain `DELETE`, a transfer landing between the drain and the delete failed the
-/// reset on the foreign keys.
+/// reset on the foreign keys. After a DBA's rewrite of the tables it waited for, if any
+/// (`db::wait_out_rewrites`): at SERIALIZABLE its snapshot saw no account, and reset said
+/// "deleted 0 accounts" (exit 0), leaving them all (found by a helper).
 pub fn delete_accounts_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<(usize, usize)> {
     conn.transaction(|c| {
+        crate::db::wait_out_rewrites(c, "accounts, transfers")?;
         let ids: Vec<Uuid> = accounts::table
             .select(accounts::id)
             .order(accounts::id)
@@ -673,7 +676,9 @@ fn totals_of(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i128, i64)> 
 
 /// The given accounts' total and each one's version, read in one snapshot (as
 /// `snapshot_totals`): where the workload starts, so that what other clients' ledger rows move
-/// in or out afterwards can be told (`moved_in_by_others`).
+/// in or out afterwards can be told (`moved_in_by_others`). After a DBA's rewrite of `accounts`
+/// it waited for, if any (`db::wait_out_rewrites`): its snapshot saw no account, and the run's
+/// starting total was 0.
 pub fn totals_and_versions(
     conn: &mut PgConnection,
     ids: &[Uuid],
@@ -682,6 +687,7 @@ pub fn totals_and_versions(
         .repeatable_read()
         .read_only()
         .run(|c| {
+            crate::db::wait_out_rewrites(c, "accounts")?;
             let total = total_balance(c, ids)?;
             let mut versions = Vec::with_capacity(ids.len());
             for part in ids.chunks(MAX_IDS_PER_STATEMENT) {

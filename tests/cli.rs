@@ -213,6 +213,39 @@ fn reset_counts_the_claims_it_deletes() {
     .expect("no claim left");
 }
 
+/// `reset` whose batch of accounts waited for a DBA's rewrite of `accounts` (`ALTER TABLE …
+/// ADD COLUMN … DEFAULT random()`, not MVCC-safe in PostgreSQL), held open then committed: at
+/// SERIALIZABLE the batch's snapshot, taken before it waited, saw no account, and reset said
+/// "deleted 0 accounts and 1 transfer" (exit 0), leaving both accounts, their ledger gone
+/// (found by a helper). The ledger is held first, so that reset waits there after the balances
+/// are 0, and the rewrite begins before it asks for the accounts.
+#[test]
+fn reset_waiting_behind_a_rewrite_of_accounts_deletes_them() {
+    use crate::promise::{begin_rewrite, commit_rewrite, wait_for_statements_waiting};
+    use diesel::connection::SimpleConnection;
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[10, 10]);
+        db.transfer(ids[0], ids[1], 1).run().success();
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE transfers IN SHARE MODE")
+            .expect("hold the ledger");
+        let child = db.spawn(&["reset", "--yes", "--timeout", "20s"]);
+        wait_for_statements_waiting(&db, 1, "DELETE FROM transfers%");
+        let mut dba = db.conn();
+        begin_rewrite(&mut dba, "accounts");
+        holder.batch_execute("COMMIT").expect("let the ledger go");
+        // The batch's first statement: its read of the accounts, or (PostgreSQL) its lock first.
+        wait_for_statements_waiting(&db, 1, "%accounts%");
+        commit_rewrite(&mut dba);
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        run.success();
+        assert_eq!(run.stdout, "deleted 2 accounts and 1 transfer\n", "{iso:?}");
+        assert_eq!(db.state(), (vec![], 0), "{iso:?}");
+    }
+}
+
 #[test]
 fn verify_reports_ok_and_json() {
     let db = ScratchDb::migrated();

@@ -575,8 +575,13 @@ fn delete_in_batches(
         // and committed, zeroing balances after the reset had said it stopped
         // (faults::commands_that_write_end_by_their_deadline_before_their_first_step). Without
         // its COMMIT, a session whose client has gone commits nothing.
+        // After a DBA's rewrite of `accounts` it waited for, if any (`db::wait_out_rewrites`):
+        // at SERIALIZABLE its snapshot saw no account, and the ledger went before a balance was 0.
         let zeroed = batch_step(timeout, || {
-            conn.transaction(|c| repo::zero_balances_batch(c, after, batch))
+            conn.transaction(|c| {
+                crate::db::wait_out_rewrites(c, "accounts")?;
+                repo::zero_balances_batch(c, after, batch)
+            })
         })?;
         match zeroed {
             (_, None) => break,

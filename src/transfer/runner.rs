@@ -100,6 +100,9 @@ impl Runner {
             Mode::SingleStatement => Own::Mark(Uuid::new_v4()),
         };
         let gave_up = || ticket.is_abandoned();
+        // An attempt found an account the statement could not see, which exists (see
+        // `stale_snapshot`): the next attempt is its one second chance.
+        let mut stale_seen = false;
         let result = retry_counted_unless(&self.policy, &mut retries, live_retries, gave_up, |n| {
             made = n;
             if ticket.is_abandoned() {
@@ -119,6 +122,13 @@ impl Runner {
                 given.as_mut(),
                 &mut own,
             );
+            let step = match step {
+                Attempt::Fail(TransferError::AccountNotUpdated(Some(account))) if !stale_seen => {
+                    stale_seen = true;
+                    stale_snapshot(t, account)
+                }
+                step => step,
+            };
             let step = after_step(step, n, reused, session, ticket);
             if let Attempt::Retry {
                 cause: Cause::Ambiguous,
@@ -435,6 +445,34 @@ fn held_up(t: &NewTransfer, why: String) -> TransferError {
         reason: format!(
             "this run applied nothing, but {why} and cannot tell whether an earlier attempt of \
              this id is still about to commit"
+        ),
+    }
+}
+
+/// The attempt after one whose statement found no row of `account`, though the accounts read
+/// afterwards show it there with nothing of bank's against the transfer (`first_reason`): run
+/// once more, in a new transaction. Either a DBA's trigger left the row unchanged, and the next
+/// attempt meets it again and is refused for it as before; or the statement did not see the
+/// row: its snapshot was taken before a DBA's table rewrite of `accounts` committed (`ALTER
+/// TABLE … ADD COLUMN … DEFAULT random()`, which PostgreSQL documents as not MVCC-safe), since
+/// PostgreSQL takes it before the statement waits for the rewrite's lock (the transaction's, at
+/// SERIALIZABLE; a single statement's when it was prepared already, as on a workload's
+/// connections). Refused for "a trigger or rule" that did not exist, such a transfer applied
+/// nothing where one by one it applies (a lead's known case: the file's chunks take the tables'
+/// lock first, `db::wait_out_rewrites`, which in every transfer cost a quarter of transaction
+/// mode's throughput; this costs nothing until a statement misses an account). Safe: the
+/// statement failed, so its transaction rolled back with everything in it (a single
+/// statement's claim of the id too), and the next attempt's snapshot, taken once the rewrite
+/// committed, sees the new table. Counted as a serialization retry: it is one, in all but the
+/// rewrite's SQLSTATE.
+fn stale_snapshot(t: &NewTransfer, account: Uuid) -> Attempt<bool, TransferError> {
+    Attempt::Retry {
+        cause: Cause::Serialization,
+        message: format!(
+            "transfer {}: its statement found no row of account {account}, which exists: a \
+             trigger or rule of the database's own left it unchanged, or the statement's \
+             snapshot was taken before a table rewrite committed (run again to tell)",
+            t.id
         ),
     }
 }

@@ -280,6 +280,14 @@ impl ScratchDb {
         ])
     }
 
+    /// `spawn_bank` with `--database-url` pointing here, then `args`.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        let url = self.url.expose().to_string();
+        let mut all = vec!["--database-url", &url];
+        all.extend_from_slice(args);
+        spawn_bank(&all)
+    }
+
     /// `bank` with `--database-url` pointing here, run from an empty directory (no `.env`).
     pub fn bank(&self) -> Bank {
         let mut b = Bank::new();
