@@ -469,18 +469,25 @@ impl WorkloadArgs {
     }
 }
 
-/// A time in RFC 3339, as the database takes it: to the microsecond, a leap second (`:60`) the
-/// next minute's first. The header echoed what was typed (`03:00:60Z`, nanoseconds) while the
-/// balances were those of the time the database read (a helper playing a new user).
+/// A time in RFC 3339, as the database takes it: to the nearest microsecond, a leap second
+/// (`:60`) the next minute's first. The header echoed what was typed (`03:00:60Z`, nanoseconds)
+/// while the balances were those of the time the database read (a helper playing a new user).
+/// PostgreSQL rounds a finer time (`59.9999999` is the next minute's first microsecond), where
+/// cutting the nanoseconds off read balances a microsecond earlier than `psql` does (a
+/// reviewer's find).
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     let t = DateTime::parse_from_rfc3339(s.trim())
         .map_err(|e| format!("must be a time in RFC 3339 such as 2026-11-24T10:00:00Z ({e})"))?;
-    DateTime::from_timestamp_micros(t.timestamp_micros()).ok_or_else(|| {
-        format!(
-            "must be a time between the years 1 and 9999, got {}",
-            s.trim()
-        )
-    })
+    let up = i64::from(t.timestamp_subsec_nanos() % 1_000 >= 500);
+    let micros = t.timestamp_micros().checked_add(up);
+    micros
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(|| {
+            format!(
+                "must be a time between the years 1 and 9999, got {}",
+                s.trim()
+            )
+        })
 }
 
 /// The longest duration any option takes. Deadlines are added to the present and to a grace
@@ -646,9 +653,26 @@ mod tests {
             at("2026-12-07T03:00:60Z"),
             Ok("2026-12-07T03:01:00Z".into())
         );
+        // Rounded, as PostgreSQL reads the same text.
         assert_eq!(
             at("2026-12-07T03:00:59.123456789Z"),
+            Ok("2026-12-07T03:00:59.123457Z".into())
+        );
+        assert_eq!(
+            at("2026-12-07T03:00:59.1234564Z"),
             Ok("2026-12-07T03:00:59.123456Z".into())
+        );
+        assert_eq!(
+            at("2026-12-07T03:00:59.9999999Z"),
+            Ok("2026-12-07T03:01:00Z".into())
+        );
+        assert_eq!(
+            at("2026-12-07T03:00:60.9999996Z"),
+            Ok("2026-12-07T03:01:01Z".into())
+        );
+        assert_eq!(
+            at("1969-12-31T23:59:59.9999996Z"),
+            Ok("1970-01-01T00:00:00Z".into())
         );
         assert_eq!(
             at(" 2026-12-07T05:00:00+02:00 "),

@@ -791,6 +791,44 @@ pub fn accounts_free(conn: &mut PgConnection, ids: &[Uuid]) -> bool {
     matches!(probe, Err(diesel::result::Error::RollbackTransaction))
 }
 
+/// `accounts_free` for each of these accounts at once: the ones another transaction holds a
+/// lock on (`SKIP LOCKED` tells them from those it could lock; an account that does not exist
+/// is held by nobody), or `None` when it cannot be told for any (a lock on either table that
+/// keeps a transfer's writes out, or any other error).
+pub fn accounts_held(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Option<std::collections::HashSet<Uuid>> {
+    let mut held = None;
+    let probe = conn.transaction::<(), diesel::result::Error, _>(|c| {
+        diesel::sql_query("SET LOCAL lock_timeout = '50ms'").execute(c)?;
+        crate::db::lock_as_a_writer(c, &[("transfers", "amount"), ("accounts", "balance")])?;
+        let lockable: std::collections::HashSet<Uuid> = accounts::table
+            .filter(accounts::id.eq_any(ids))
+            .select(accounts::id)
+            .for_update()
+            .skip_locked()
+            .load::<Uuid>(c)?
+            .into_iter()
+            .collect();
+        let existing: Vec<Uuid> = accounts::table
+            .filter(accounts::id.eq_any(ids))
+            .select(accounts::id)
+            .load(c)?;
+        held = Some(
+            existing
+                .into_iter()
+                .filter(|id| !lockable.contains(id))
+                .collect(),
+        );
+        Err(diesel::result::Error::RollbackTransaction)
+    });
+    match probe {
+        Err(diesel::result::Error::RollbackTransaction) => held,
+        _ => None,
+    }
+}
+
 /// Which of these ids the ledger holds.
 pub fn ids_in_ledger(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Uuid>> {
     transfers::table

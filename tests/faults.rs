@@ -4240,3 +4240,131 @@ fn a_retry_given_up_on_while_backing_off_is_not_counted() {
     drop(holder);
     assert_eq!(db.balance(b), 0);
 }
+
+/// Ctrl-C (SIGINT) while a command makes its connection again and again, each lost before
+/// anything was done (its schema check waiting on a lock, its backend ended each time): it
+/// stops at once, nothing done, as Ctrl-C stops its every other wait. Untested, the loop could
+/// go on to its `--timeout` (a reviewer's mutant).
+#[test]
+fn ctrl_c_while_a_lost_connection_is_made_again_stops_at_once() {
+    let commands: [&[&str]; 3] = [
+        &["seed", "--accounts", "3", "--timeout", "30s"],
+        &["reset", "--yes", "--timeout", "30s"],
+        &["demo", "--timeout", "30s"],
+    ];
+    for args in commands {
+        let db = ScratchDb::migrated();
+        db.accounts(&[100, 50]);
+        let before = db.state();
+        let mut full = vec!["--database-url", db.url.expose()];
+        full.extend_from_slice(args);
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE __diesel_schema_migrations IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        let started = Instant::now();
+        let mut child = crate::support::spawn_bank(&full);
+        let mut killer = db.conn();
+        let mut interrupted: Option<Instant> = None;
+        while child.try_wait().expect("try_wait").is_none()
+            && started.elapsed() < Duration::from_secs(25)
+        {
+            crate::support::end_bank_sessions_waiting_on_a_lock(&mut killer);
+            if interrupted.is_none() && started.elapsed() > Duration::from_secs(2) {
+                crate::support::interrupt(child.id());
+                interrupted = Some(Instant::now());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let took = interrupted.map(|at| at.elapsed());
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        holder.batch_execute("ROLLBACK").expect("release");
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(3)),
+            "{args:?}: stopped {took:?} after Ctrl-C: {run:?}"
+        );
+        assert_ne!(run.code, 0, "{args:?}: {run:?}");
+        assert!(run.stderr.contains("interrupted"), "{args:?}: {run:?}");
+        assert_eq!(db.state(), before, "{args:?}");
+    }
+}
+
+/// A command whose connection was lost before anything was done, and whose login is then
+/// refused for good (its password changed meanwhile): it ends at once, not at its `--timeout`,
+/// and its one line says the connection was lost as well as why the login was refused (a
+/// reviewer's mutant: the loss went unsaid and every test passed).
+#[test]
+fn a_login_refused_after_a_loss_before_anything_was_done_says_both_at_once() {
+    for args in [
+        &["balances", "--timeout", "20s"][..],
+        &["seed", "--accounts", "2", "--timeout", "20s"],
+    ] {
+        let db = ScratchDb::migrated();
+        db.accounts(&[100, 50]);
+        let before = db.state();
+        let (role, url) = db.teller("LOGIN");
+        let mut full = vec!["--database-url", url.as_str()];
+        full.extend_from_slice(args);
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE __diesel_schema_migrations IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        let child = crate::support::spawn_bank(&full);
+        crate::support::wait_for_lock_wait(&db);
+        db.conn()
+            .batch_execute(&format!("ALTER ROLE {role} PASSWORD 'Xk42secret'"))
+            .expect("change the password");
+        let started = Instant::now();
+        crate::support::end_bank_sessions_waiting_on_a_lock(&mut holder);
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        let took = started.elapsed();
+        holder.batch_execute("ROLLBACK").expect("release");
+        assert!(
+            took < Duration::from_secs(5),
+            "{args:?}: took {took:?}: {run:?}"
+        );
+        run.fails_with(1, "password authentication failed");
+        assert!(
+            run.stderr.contains("lost before anything was done"),
+            "{args:?}: {run:?}"
+        );
+        assert!(!run.stderr.contains("Xk42secret"), "{args:?}: {run:?}");
+        assert_eq!(db.state(), before, "{args:?}");
+    }
+}
+
+/// A schema check the server's own `statement_timeout` cancels (a DBA's lock on Diesel's table
+/// held past it): a refusal, said at once in the server's words with how to lift it, not taken
+/// for a connection lost and tried again until `--timeout` (a reviewer's mutant that retried
+/// every database error of the check passed every test).
+#[test]
+fn a_schema_check_the_server_cancels_is_said_at_once_not_taken_for_a_loss() {
+    for args in [
+        &["balances", "--timeout", "15s"][..],
+        &["seed", "--accounts", "2", "--timeout", "15s"],
+    ] {
+        let db = ScratchDb::migrated();
+        db.accounts(&[100, 50]);
+        let before = db.state();
+        db.alter("statement_timeout = '300ms'");
+        let mut holder = db.conn();
+        holder
+            .batch_execute(
+                "SET statement_timeout = 0; BEGIN; \
+                 LOCK TABLE __diesel_schema_migrations IN ACCESS EXCLUSIVE MODE",
+            )
+            .expect("lock");
+        let started = Instant::now();
+        let run = db.bank().args(args).run();
+        let took = started.elapsed();
+        holder.batch_execute("ROLLBACK").expect("release");
+        db.alter("statement_timeout = 0");
+        assert!(
+            took < Duration::from_secs(8),
+            "{args:?}: took {took:?}: {run:?}"
+        );
+        run.fails_with(1, "statement timeout");
+        assert!(!run.stderr.contains("lost"), "{args:?}: {run:?}");
+        assert_eq!(db.state(), before, "{args:?}");
+    }
+}

@@ -2358,3 +2358,131 @@ fn a_workload_whose_setup_waited_behind_a_rewrite_starts_from_the_true_total() {
         assert_eq!(j["invariants"]["total_conserved"], true, "{iso:?}: {j}");
     }
 }
+
+/// A DBA's rewrite of `accounts` (`ALTER TABLE … ADD COLUMN … DEFAULT random()`, which
+/// PostgreSQL documents as not MVCC-safe) committed while the readers wait for its lock: a
+/// reader's snapshot, taken before, saw the table empty, and a sound run failed ("a read saw
+/// total 0"). The readers' wait for the rewrite (`db::wait_out_rewrites`) had no test: a
+/// reviewer's mutant took it out and every test passed.
+#[test]
+fn readers_waiting_behind_a_rewrite_of_accounts_see_every_account() {
+    let db = ScratchDb::migrated_at(Iso::ReadCommitted);
+    db.accounts(&[1000; 10]);
+    let url = db.url.expose().to_string();
+    let child = spawn_workload(
+        &url,
+        &[
+            "--accounts",
+            "10",
+            "--reuse-accounts",
+            "--concurrency",
+            "1",
+            "--readers",
+            "2",
+            "--duration",
+            "5s",
+            "--json",
+        ],
+    );
+    let mut watch = db.conn();
+    let readers_waiting = |conn: &mut diesel::PgConnection, waiting: bool| -> i64 {
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(format!(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'bank-reader'{}",
+            if waiting {
+                " AND wait_event_type = 'Lock'"
+            } else {
+                ""
+            }
+        ))
+        .get_result::<N>(conn)
+        .expect("pg_stat_activity")
+        .n
+    };
+    let started = std::time::Instant::now();
+    while readers_waiting(&mut watch, false) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no reader came"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let mut dba = db.conn();
+    dba.batch_execute("BEGIN; ALTER TABLE accounts ADD COLUMN dba_note FLOAT8 DEFAULT random()")
+        .expect("the DBA's rewrite");
+    while readers_waiting(&mut watch, true) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no reader waited"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(200));
+    dba.batch_execute("COMMIT").expect("commit the rewrite");
+    let run = Run::from(child.wait_with_output().expect("wait"));
+    let j = run.json();
+    assert!(j["reads"].as_u64() > Some(0), "{run:?}");
+    assert_eq!(j["wrong_total_reads"], 0, "{run:?}");
+    assert!(!run.stderr.contains("a read saw total"), "{run:?}");
+    // And the workers behind it: each transfer that missed its accounts ran again
+    // (`workers_waiting_behind_a_rewrite_count_no_errors`).
+    run.success();
+    assert_eq!(j["errors"], 0, "{run:?}");
+}
+
+/// A workload stopped (Ctrl-Z, SIGSTOP) while its final check waited on the database, and
+/// continued past the check's deadline: the check's answer had waited for the process, and the
+/// run is whole. The final check's count of the stop (`guard::stopped_during`) had no test: a
+/// reviewer's mutant took it out and every test passed; the run then said "the final check
+/// could not run (no answer from the database …)", exit 1.
+#[test]
+fn a_workload_stopped_during_its_final_check_and_continued_checks_all() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[1000; 4]);
+    // Its one transfer (a single statement) waits on the accounts' rows, then commits while the
+    // process is stopped; bank's tables are locked before it is continued, so that its final
+    // check waits on them.
+    let holder = db.hold(&ids);
+    let child = spawn_workload(
+        db.url.expose(),
+        &[
+            "--accounts",
+            "4",
+            "--reuse-accounts",
+            "--concurrency",
+            "1",
+            "--transfers",
+            "1",
+            "--mode",
+            "single-statement",
+            "--check-timeout",
+            "2s",
+            "--json",
+        ],
+    );
+    crate::support::wait_for_lock_waits(&db, 1);
+    crate::support::signal(child.id(), "STOP");
+    drop(holder);
+    crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE accounts, transfers IN ACCESS EXCLUSIVE MODE")
+        .expect("lock");
+    crate::support::signal(child.id(), "CONT");
+    crate::support::wait_for_lock_waits(&db, 1);
+    crate::support::signal(child.id(), "STOP");
+    holder.batch_execute("COMMIT").expect("release again");
+    thread::sleep(Duration::from_secs(4));
+    crate::support::signal(child.id(), "CONT");
+    let run = Run::from(child.wait_with_output().expect("wait"));
+    assert_eq!(run.code, 0, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(j["transfers_committed"], 1, "{j}");
+}

@@ -731,11 +731,25 @@ impl ChunkRunner {
             .collect();
         accounts.sort_unstable();
         accounts.dedup();
-        let free = !self.ids_given || accounts.is_empty() || repo::accounts_free(conn, &accounts);
+        // The accounts another transaction holds, asked for each at once: one held account (a
+        // client's transaction that took it the moment this statement let it go) left every
+        // line of the statement `unknown` (and the rest of the file unsent), where one transfer
+        // at a time, as each line was answered before the lines were answered together,
+        // refuses every line over free accounts (found by a reviewer). Not told apart (an
+        // engine without `SKIP LOCKED`), all of them as before; `None`: none can be probed.
+        let held = match !self.ids_given || accounts.is_empty() {
+            true => Some(HashSet::new()),
+            false => repo::accounts_held(conn, &accounts)
+                .or_else(|| repo::accounts_free(conn, &accounts).then(HashSet::new)),
+        };
+        let free = |t: &NewTransfer| {
+            held.as_ref()
+                .is_some_and(|h| !h.contains(&t.from_id) && !h.contains(&t.to_id))
+        };
         // A line bank refuses anyway gets bank's reason, as one transfer at a time gives it
         // (`own_reason_first`): none of these lines moved money, so each meets the balances as
         // they are. Unread, the database's refusal stands.
-        let balances: Option<HashMap<Uuid, i64>> = match free {
+        let balances: Option<HashMap<Uuid, i64>> = match held.is_some() {
             true => repo::list_ids(conn, &accounts)
                 .ok()
                 .map(|rows| rows.into_iter().map(|a| (a.id, a.balance)).collect()),
@@ -745,7 +759,7 @@ impl ChunkRunner {
             .iter()
             .map(|l| match ledger.get(&l.transfer.id) {
                 Some(found) => ledger_verdict(&l.transfer, found),
-                None if free => {
+                None if free(&l.transfer) => {
                     let own = balances
                         .as_ref()
                         .and_then(|b| first_reason_in(&l.transfer, |id| b.get(&id).copied()));
