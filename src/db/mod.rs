@@ -30,32 +30,15 @@ static TABLE_LOCKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 /// as before it: the lock is taken in a savepoint (which takes no snapshot either), rolled back
 /// when refused, and not asked for again in the run.
 pub fn wait_out_rewrites(conn: &mut PgConnection, tables: &str) -> QueryResult<()> {
-    use diesel::connection::SimpleConnection;
     use std::sync::atomic::Ordering;
     static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !TABLE_LOCKS.load(Ordering::Relaxed) || REFUSED.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let locked = conn.batch_execute(&format!(
-        "SAVEPOINT bank_wait_out_rewrites; LOCK TABLE {tables} IN ACCESS SHARE MODE; \
-         RELEASE SAVEPOINT bank_wait_out_rewrites"
-    ));
-    match locked {
-        Err(diesel::result::Error::DatabaseError(_, info))
-            if crate::error::is_privilege_denied(info.message()) =>
-        {
-            log::debug!(
-                "the tables could not be locked ({}); read without",
-                info.message()
-            );
-            REFUSED.store(true, Ordering::Relaxed);
-            conn.batch_execute(
-                "ROLLBACK TO SAVEPOINT bank_wait_out_rewrites; \
-                 RELEASE SAVEPOINT bank_wait_out_rewrites",
-            )
-        }
-        locked => locked,
+    if !lock_unless_refused(conn, &format!("{tables} IN ACCESS SHARE MODE"))? {
+        REFUSED.store(true, Ordering::Relaxed);
     }
+    Ok(())
 }
 
 /// Takes the table locks a transfer's writes take (`ROW EXCLUSIVE` on each of `tables`, a
@@ -67,31 +50,36 @@ pub fn wait_out_rewrites(conn: &mut PgConnection, tables: &str) -> QueryResult<(
 /// may not lock the whole table: there (as on CockroachDB, which has no `LOCK TABLE`) the
 /// `UPDATE` stands in, after a savepoint's rollback.
 pub fn lock_as_a_writer(conn: &mut PgConnection, tables: &[(&str, &str)]) -> QueryResult<()> {
-    use diesel::connection::SimpleConnection;
     let lock = TABLE_LOCKS.load(std::sync::atomic::Ordering::Relaxed);
     for (table, column) in tables {
-        let update = format!("UPDATE {table} SET {column} = {column} WHERE false");
-        if !lock {
-            conn.batch_execute(&update)?;
-            continue;
-        }
-        let locked = conn.batch_execute(&format!(
-            "SAVEPOINT bank_lock_as_a_writer; LOCK TABLE {table} IN ROW EXCLUSIVE MODE; \
-             RELEASE SAVEPOINT bank_lock_as_a_writer"
-        ));
-        match locked {
-            Err(diesel::result::Error::DatabaseError(_, info))
-                if crate::error::is_privilege_denied(info.message()) =>
-            {
-                conn.batch_execute(&format!(
-                    "ROLLBACK TO SAVEPOINT bank_lock_as_a_writer; \
-                     RELEASE SAVEPOINT bank_lock_as_a_writer; {update}"
-                ))?;
-            }
-            locked => locked?,
+        if !(lock && lock_unless_refused(conn, &format!("{table} IN ROW EXCLUSIVE MODE"))?) {
+            diesel::connection::SimpleConnection::batch_execute(
+                conn,
+                &format!("UPDATE {table} SET {column} = {column} WHERE false"),
+            )?;
         }
     }
     Ok(())
+}
+
+/// `LOCK TABLE {what}` in a savepoint (which takes no snapshot): `false` when the role may not
+/// lock the whole table (a role granted bank's columns alone), the savepoint rolled back so
+/// that the transaction goes on without the lock.
+fn lock_unless_refused(conn: &mut PgConnection, what: &str) -> QueryResult<bool> {
+    use diesel::connection::SimpleConnection;
+    let locked = conn.batch_execute(&format!(
+        "SAVEPOINT bank_lock; LOCK TABLE {what}; RELEASE SAVEPOINT bank_lock"
+    ));
+    match locked {
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if crate::error::is_privilege_denied(info.message()) =>
+        {
+            log::debug!("LOCK TABLE {what}: {}; going without", info.message());
+            conn.batch_execute("ROLLBACK TO SAVEPOINT bank_lock; RELEASE SAVEPOINT bank_lock")?;
+            Ok(false)
+        }
+        locked => locked.map(|()| true),
+    }
 }
 
 /// Whether the server still holds this connection's session, asked of the socket alone (nothing
