@@ -243,6 +243,10 @@ pub struct ConnectError {
     pub url: String,
     /// Redacted.
     pub message: String,
+    /// The server took the login, and the connection was then lost while the session was set
+    /// up (its backend ended by a DBA or a pooler, the server restarting), before anything of
+    /// the command's was sent: a loss, not a refusal.
+    pub lost_after_login: bool,
 }
 
 impl ConnectError {
@@ -1222,6 +1226,7 @@ mod tests {
         ConnectError {
             url: "postgres://bank:***@db/bank".into(),
             message: message.into(),
+            lost_after_login: false,
         }
     }
 

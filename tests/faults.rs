@@ -4368,3 +4368,73 @@ fn a_schema_check_the_server_cancels_is_said_at_once_not_taken_for_a_loss() {
         assert_eq!(db.state(), before, "{args:?}");
     }
 }
+
+/// Each command whose connection is ended once the server took its login, while its session
+/// is set up (Diesel's time zone and encoding, bank's settings), before the schema check: a
+/// DBA's loop ending young backends, a pooler, a restart. Nothing of the command's was sent,
+/// yet every command but a transfer or a file ended at once, exit 1, "cannot connect …:
+/// terminating connection due to administrator command" (`init` too), where one lost a moment
+/// later, during the check, connects again (a helper playing a new user). Here every backend
+/// of the database is ended within milliseconds of its login, again and again: a command either
+/// gets through or ends by its `--timeout`, never at once.
+#[test]
+fn a_connection_lost_while_its_session_is_set_up_is_opened_again() {
+    let commands: [&[&str]; 7] = [
+        &["balances", "--timeout", "2s"],
+        &["verify", "--timeout", "2s"],
+        &["history", "ACCOUNT", "--timeout", "2s"],
+        &["doctor", "--timeout", "2s"],
+        &["seed", "--accounts", "3", "--timeout", "2s"],
+        &["reset", "--yes", "--timeout", "2s"],
+        &["init", "--timeout", "2s"],
+    ];
+    let mut failed = Vec::new();
+    for args in commands {
+        let db = match args[0] {
+            "init" => ScratchDb::empty(),
+            _ => ScratchDb::migrated(),
+        };
+        let account = match args[0] {
+            "init" => String::new(),
+            _ => db.accounts(&[100, 50])[0].to_string(),
+        };
+        let mut full = vec!["--database-url", db.url.expose()];
+        full.extend(args.iter().map(|a| match *a {
+            "ACCOUNT" => account.as_str(),
+            a => a,
+        }));
+        // Ends every bank backend of this database that has logged in (its state set) within
+        // 40 ms of its start, polling every 2 ms, for 4 s.
+        let mut killer = db.conn();
+        let killing = thread::spawn(move || {
+            let _ = killer.batch_execute(
+                "SET statement_timeout = '4s'; \
+                 DO $$BEGIN LOOP PERFORM pg_stat_clear_snapshot(); \
+                 PERFORM pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND application_name = 'bank' AND state IS NOT NULL \
+                 AND backend_start > clock_timestamp() - interval '40 ms'; \
+                 PERFORM pg_sleep(0.002); END LOOP; END$$",
+            );
+        });
+        thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let run = Run::from(
+            crate::support::spawn_bank(&full)
+                .wait_with_output()
+                .expect("wait"),
+        );
+        let took = started.elapsed();
+        killing.join().expect("killer");
+        // By the deadline: the reconnecting's own words, or a watch's ("no answer from the
+        // database within 2s") when it fires first.
+        let ok = run.code == 0
+            || (run.code == 1
+                && !run.stderr.contains("bank: error: cannot connect")
+                && took >= Duration::from_millis(1500));
+        if !ok {
+            failed.push(format!("{args:?}: took {took:?}: {run:?}"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}

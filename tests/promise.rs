@@ -1095,6 +1095,19 @@ fn a_dba_s_trigger_failing_on_its_own_table_is_not_taken_for_bank_s_reason() {
                  EXECUTE FUNCTION audit()",
                 "null value in column \"approved_by\"",
             ),
+            // The same, in a column or a key a DBA added to the ledger itself (a helper playing
+            // a new user): "account … exists, but the database left it unchanged".
+            (
+                "ALTER TABLE transfers ADD COLUMN approved_by TEXT; \
+                 ALTER TABLE transfers ALTER COLUMN approved_by SET NOT NULL",
+                "null value in column \"approved_by\"",
+            ),
+            (
+                "CREATE TABLE tenants (id INT4 PRIMARY KEY); \
+                 ALTER TABLE transfers ADD COLUMN tenant INT4 DEFAULT 5 \
+                 CONSTRAINT transfers_tenant_fkey REFERENCES tenants",
+                "transfers_tenant_fkey",
+            ),
         ] {
             let db = ScratchDb::migrated_at(iso);
             db.conn().batch_execute(sql).expect("the trigger");

@@ -199,7 +199,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             .to_string()
     })?;
     crate::interrupt::while_migrating();
-    let (mut conn, server) = migration_connection(url)?;
+    let (mut conn, server) = first_migration_connection(url)?;
     // Every host of a deployment may run `init` as it starts. Each migration commits on its own,
     // so another init's progress between this one's reads and writes made it fail, in a way of
     // the moment: a relation it was about to create now "in the way", a duplicate key in the
@@ -287,6 +287,33 @@ fn migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::Server
     // "applied migration" is said of a migration that a crash cannot take back.
     db::commit_synchronously(&mut conn)?;
     Ok((conn, server))
+}
+
+/// `migration_connection`, made again when the connection is lost once the server took the
+/// login, before anything was sent (its backend ended by a DBA or a pooler, the server
+/// restarting, while the session was set up): init ended at once, exit 1, "terminating
+/// connection due to administrator command" (a helper playing a new user). A first connection
+/// refused is said at once, as before; the watch bounds the rest by `--timeout`.
+fn first_migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::Server), Error> {
+    let lost_after_login = |e: &Error| match e {
+        Error::Connect(c) => c.lost_after_login && c.is_transient(),
+        e => connection_lost(e),
+    };
+    match migration_connection(url) {
+        Err(e) if lost_after_login(&e) => {
+            log::info!(
+                "init: the connection was lost before anything was done ({e}); connecting again"
+            );
+            loop {
+                give_way();
+                match migration_connection(url) {
+                    Err(e) if connection_lost(&e) => log::info!("init: not connected yet ({e})"),
+                    again => return again,
+                }
+            }
+        }
+        first => first,
+    }
 }
 
 /// A new `migration_connection` and the state read on it, once the server takes one again:

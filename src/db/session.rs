@@ -163,6 +163,11 @@ impl DbUrl {
             message: self.redact_text(&said_once(
                 e.to_string().replace(&connect_string, &self.full).trim(),
             )),
+            // Diesel's own first statements (its time zone, its encoding) after the login.
+            lost_after_login: matches!(
+                &e,
+                diesel::ConnectionError::CouldntSetupConfiguration(d) if lost_before_anything(d)
+            ),
         })?;
         if log::log_enabled!(target: "bank::sql", log::Level::Trace) {
             conn.set_instrumentation(SqlLogger);
@@ -172,6 +177,7 @@ impl DbUrl {
             // Its first query too: the failure need not be the search_path's (a hot standby
             // refuses SERIALIZABLE there).
             message: format!("the session could not be set up: {e}"),
+            lost_after_login: lost_before_anything(&e),
         })?;
         Ok(conn)
     }
@@ -326,6 +332,7 @@ impl Session {
                     Err(Untuned::Unread(e)) => {
                         return Err(ConnectError {
                             url: self.url.to_string(),
+                            lost_after_login: false,
                             message: format!(
                                 "the session's settings could not be read, so whether its \
                                  commits are durable (synchronous_commit) and its isolation safe \
@@ -337,6 +344,7 @@ impl Session {
                     Err(Untuned::Isolation(e)) => {
                         return Err(ConnectError {
                             url: self.url.to_string(),
+                            lost_after_login: false,
                             message: format!(
                                 "the session's default isolation is REPEATABLE READ, and raising \
                                  it to SERIALIZABLE failed: {e}"
@@ -346,6 +354,7 @@ impl Session {
                     Err(Untuned::Durability(e)) => {
                         return Err(ConnectError {
                             url: self.url.to_string(),
+                            lost_after_login: false,
                             message: format!(
                                 "the session commits asynchronously (synchronous_commit = off), \
                                  and making it commit synchronously failed: {e}"
@@ -358,6 +367,7 @@ impl Session {
                     conn.batch_execute(&format!("SET {name} = {value}"))
                         .map_err(|e| ConnectError {
                             url: self.url.to_string(),
+                            lost_after_login: false,
                             message: format!("SET {name} = {value} failed: {e}"),
                         })?;
                 }
@@ -455,7 +465,13 @@ impl Reconnecting {
     ) -> Result<(), crate::error::Error> {
         use crate::error::Error;
         let lost = match &e {
-            Error::Connect(c) => connecting && self.lost > 0 && c.is_transient(),
+            // A connection lost while its session was set up is one lost before anything was
+            // done, as one lost during the check (it ended every command but a transfer at
+            // once, exit 1, "terminating connection due to administrator command": a helper
+            // playing a new user, with a DBA's loop ending young backends).
+            Error::Connect(c) => {
+                connecting && (self.lost > 0 || c.lost_after_login) && c.is_transient()
+            }
             Error::Database(d) => !connecting && lost_before_anything(d),
             _ => false,
         };

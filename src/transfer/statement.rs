@@ -258,6 +258,20 @@ pub enum BodyError {
     Abandoned,
 }
 
+/// The ledger's columns that are NULL when an account the transfer names does not exist (it
+/// moved nothing, so its side of the entry is empty), and the two ids (never NULL: bound).
+const ENTRY_COLUMNS: [&str; 6] = [
+    "from_id",
+    "to_id",
+    "from_version",
+    "from_balance_after",
+    "to_version",
+    "to_balance_after",
+];
+
+/// The ledger's foreign keys to the two accounts (named in the migrations).
+const ACCOUNT_KEYS: [&str; 2] = ["transfers_from_id_fkey", "transfers_to_id_fkey"];
+
 impl BodyError {
     fn from_db(e: DieselError, t: &NewTransfer) -> BodyError {
         let DieselError::DatabaseError(kind, info) = &e else {
@@ -273,7 +287,27 @@ impl BodyError {
         // A NOT NULL or a foreign key of a DBA's table (an audit row a trigger writes) is not
         // one of the ledger's: its words are the answer, not "unknown account" (found by a
         // fault-injecting helper: "left unchanged by a trigger" hid a NOT NULL of audit2's).
-        let ledgers = info.table_name().is_none_or(|t| t == "transfers");
+        // Nor is one a DBA added to `transfers` itself (a column `approved_by NOT NULL`, a
+        // tenant's foreign key): only the entry's columns and the two accounts' keys are the
+        // ledger's (a helper playing a new user: "account … exists, but the database left it
+        // unchanged (a trigger or rule …)" hid "null value in column \"approved_by\"", where
+        // `transfer --file` gave those words).
+        let own = match kind {
+            DatabaseErrorKind::NotNullViolation => match info.column_name() {
+                Some(column) => ENTRY_COLUMNS.contains(&column),
+                None => {
+                    !text.contains("column \"")
+                        || ENTRY_COLUMNS
+                            .iter()
+                            .any(|c| text.contains(&format!("column \"{c}\"")))
+                }
+            },
+            DatabaseErrorKind::ForeignKeyViolation => {
+                constraint.is_empty() || ACCOUNT_KEYS.contains(&constraint)
+            }
+            _ => true,
+        };
+        let ledgers = own && info.table_name().is_none_or(|t| t == "transfers");
         match kind {
             DatabaseErrorKind::UniqueViolation if names("transfer_claims_pkey") => {
                 BodyError::Claimed

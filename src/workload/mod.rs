@@ -120,8 +120,14 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     // A read: run again while a conflict of the moment rolls it back (another session's lock
     // held past the server's lock_timeout; on CockroachDB, a read in a serializable
     // transaction meeting a write), as the chunks before it are: it failed the run at once.
-    let (starting_total, since) = crate::retry::retry_read(setup_timeout, || {
-        repo::totals_and_versions(&mut setup, &ids)
+    // Nothing is written by it: a connection lost meanwhile (its backend ended by a DBA or a
+    // pooler, the server restarting) is made again and the read run again, until the setup's
+    // deadline, whose watch says how many accounts were created. It ended the run at once,
+    // exit 1, with the server's words alone, the accounts it had created left unsaid (a helper
+    // playing a new user).
+    let (starting_total, since) = url.read_reconnecting(&mut setup, setup_timeout, |setup| {
+        crate::retry::retry_read(setup_timeout, || repo::totals_and_versions(setup, &ids))
+            .map_err(Error::Database)
     })?;
     drop(setup);
     crate::guard::stop_watch();
