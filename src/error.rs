@@ -276,8 +276,9 @@ impl ConnectError {
 
     /// The server refused, at login, a setting the connection asked for (the URL's
     /// `options=-c …`, or `PGOPTIONS`): the user's configuration, to fix as a malformed URL is
-    /// (exit 2). Only `-c work_mem=abc` was (its words hold "invalid … value"); `-c bogus=1`
-    /// exited 1, and with `--id` 3. bank's own settings, made after login, are worded apart
+    /// (exit 2; with an id or a file, unknown, as a wrong password: see `reaches_no_database`).
+    /// Only `-c work_mem=abc` was (its words hold "invalid … value"); `-c bogus=1` exited 1.
+    /// bank's own settings, made after login, are worded apart
     /// ("the session could not be set up: …").
     pub fn is_refused_setting(&self) -> bool {
         const REFUSED: [&str; 7] = [
@@ -313,7 +314,13 @@ impl ConnectError {
         // libpq tries a multi-host URL's hosts in turn, and its message is about the host that
         // answered: an earlier run may have reached another (found by a reviewer). A comma
         // anywhere in the URL is taken for several hosts, on the safe side.
-        self.is_malformed() || (self.is_no_such_database() && !self.url.contains(','))
+        // A setting the server refused at login is no URL libpq refuses: the server decides,
+        // and the same URL (or another PGOPTIONS) logged in for an earlier run, before a
+        // `REVOKE SET ON PARAMETER` or a role made no longer superuser. Taken for one, a rerun
+        // of an id that run applied (or left unknown) said "bad input" (exit 2), where the same
+        // rerun after a changed password says the outcome is unknown (exit 3).
+        (self.is_malformed() && !self.is_refused_setting())
+            || (self.is_no_such_database() && !self.url.contains(','))
     }
 
     /// The server (or a pooler in front of it) has no connection to spare for this login: a
@@ -1321,7 +1328,9 @@ mod tests {
             "invalid command-line argument for server process: --bogus",
         ] {
             let e = connect_error(&format!("{at}{m}"));
-            assert!(e.is_malformed() && e.reaches_no_database(), "{m}");
+            // Bad input (exit 2) without an id; with one, or for a file, the server decided and an
+            // earlier run may have logged in: unknown.
+            assert!(e.is_malformed() && !e.reaches_no_database(), "{m}");
             assert!(!e.is_transient(), "{m}");
         }
         assert!(connect_error("FATAL:  unrecognized configuration parameter \"x\"").is_malformed());

@@ -394,13 +394,19 @@ pub fn zero_balances_batch(
     Ok((set.len(), set.into_iter().map(|r| r.id).max()))
 }
 
-/// Deletes up to `limit` claimed transfer ids (`claim_ids`); returns how many.
+/// Deletes up to `limit` claimed transfer ids (`claim_ids`); returns how many. After a DBA's
+/// rewrite of `transfer_claims` it waited for, if any (`db::wait_out_rewrites`): at
+/// SERIALIZABLE its snapshot, taken before it waited, saw no claim, and reset ended (exit 0)
+/// leaving them all, the rewrite being no lock its other batches wait for.
 pub fn delete_claims_batch(conn: &mut PgConnection, limit: i64) -> QueryResult<usize> {
-    diesel::sql_query(
-        "DELETE FROM transfer_claims WHERE id IN (SELECT id FROM transfer_claims LIMIT $1)",
-    )
-    .bind::<BigInt, _>(limit)
-    .execute(conn)
+    conn.transaction(|c| {
+        crate::db::wait_out_rewrites(c, "transfer_claims")?;
+        diesel::sql_query(
+            "DELETE FROM transfer_claims WHERE id IN (SELECT id FROM transfer_claims LIMIT $1)",
+        )
+        .bind::<BigInt, _>(limit)
+        .execute(c)
+    })
 }
 
 /// Deletes up to `limit` accounts and the ledger rows that still name them, in one

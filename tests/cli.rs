@@ -246,6 +246,80 @@ fn reset_waiting_behind_a_rewrite_of_accounts_deletes_them() {
     }
 }
 
+/// `reset`'s first step, every balance set to 0, waited for a DBA's rewrite of `accounts` (held
+/// open, then committed): at SERIALIZABLE its snapshot, taken before it waited, saw no account,
+/// so no balance was set to 0, and the ledger was deleted next. Stopped before the accounts went
+/// (a row lock held elsewhere, until its `--timeout`), the reset left accounts with their
+/// balances and no ledger: the state "every balance 0 before the first ledger row goes" is
+/// there to prevent (a rerun of a file applied its transfers again). The balances are 0 now.
+#[test]
+fn reset_whose_zeroing_waited_behind_a_rewrite_zeroes_the_balances() {
+    use crate::promise::{begin_rewrite, commit_rewrite, wait_for_statements_waiting};
+    use diesel::connection::SimpleConnection;
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[10, 10]);
+        db.transfer(ids[0], ids[1], 1).run().success();
+        let mut ledger = db.conn();
+        ledger
+            .batch_execute("BEGIN; LOCK TABLE transfers IN SHARE MODE")
+            .expect("hold the ledger");
+        let mut dba = db.conn();
+        begin_rewrite(&mut dba, "accounts");
+        let child = db.spawn(&["reset", "--yes", "--timeout", "3s"]);
+        wait_for_statements_waiting(&db, 1, "%accounts%");
+        commit_rewrite(&mut dba);
+        wait_for_statements_waiting(&db, 1, "DELETE FROM transfers%");
+        // The accounts' rows held, so that the reset stops before deleting them.
+        let mut rows = db.conn();
+        rows.batch_execute("BEGIN; SELECT id FROM accounts FOR KEY SHARE")
+            .expect("hold the accounts' keys");
+        ledger.batch_execute("COMMIT").expect("let the ledger go");
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        assert_ne!(run.code, 0, "{iso:?}: {run:?}");
+        rows.batch_execute("COMMIT").expect("let the accounts go");
+        assert_eq!(db.state().1, 0, "{iso:?}: the ledger went: {run:?}");
+        assert_eq!(
+            (db.balance(ids[0]), db.balance(ids[1])),
+            (0, 0),
+            "{iso:?}: every balance 0 before the ledger went: {run:?}"
+        );
+    }
+}
+
+/// `reset`'s last step, deleting the claimed transfer ids, waited for a DBA's rewrite of
+/// `transfer_claims` (held open, then committed): at SERIALIZABLE its statement's snapshot,
+/// taken before it waited, saw no claim, and reset said "deleted 2 accounts and 0 transfers"
+/// (exit 0), leaving the claim (found by a reviewer, beside `reset_waiting_behind_a_rewrite_…`).
+#[test]
+fn reset_waiting_behind_a_rewrite_of_the_claims_deletes_them() {
+    use crate::promise::{begin_rewrite, commit_rewrite, wait_for_statements_waiting};
+    use diesel::connection::SimpleConnection;
+    for iso in crate::support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[10, 10]);
+        let id = Uuid::new_v4().to_string();
+        let refused = db.transfer(ids[0], ids[1], 11).args(["--id", &id]).run();
+        assert_eq!(refused.code, 1, "{refused:?}");
+        let mut dba = db.conn();
+        begin_rewrite(&mut dba, "transfer_claims");
+        let child = db.spawn(&["reset", "--yes", "--timeout", "20s"]);
+        wait_for_statements_waiting(&db, 1, "%transfer_claims%");
+        commit_rewrite(&mut dba);
+        let run = crate::support::Run::from(child.wait_with_output().expect("wait"));
+        run.success();
+        assert_eq!(
+            run.stdout, "deleted 2 accounts and 0 transfers, and 1 claimed transfer id\n",
+            "{iso:?}"
+        );
+        db.conn()
+            .batch_execute(
+                "DO $$ BEGIN IF EXISTS (SELECT 1 FROM transfer_claims) THEN RAISE 'left'; \
+                 END IF; END $$",
+            )
+            .expect("no claim left");
+    }
+}
 #[test]
 fn verify_reports_ok_and_json() {
     let db = ScratchDb::migrated();
@@ -557,8 +631,8 @@ fn an_unreachable_server_fails_within_seconds() {
 /// change for a session, a value out of range, a setting only SET TRANSACTION may change. They fail at once now, as a wrong password did, in the server's words:
 /// a missing password exits 1, or 3 where an id is given (an earlier run of that id, through
 /// another URL, may still be about to commit: this run cannot ask); a refused setting (the URL's
-/// options, PGOPTIONS) is the user's configuration, exit 2 with or without an id, as
-/// `-c work_mem=abc` always was (`-c bogus=1` exited 1, and 3 with an id).
+/// options, PGOPTIONS) is the user's configuration, exit 2 without an id (`-c bogus=1` exited
+/// 1), and unknown (3) with one or for a file, as for a password (`login_refusals_…_unknown`).
 #[test]
 fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
     let db = ScratchDb::migrated();
@@ -605,7 +679,9 @@ fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
         let id = Uuid::new_v4().to_string();
         let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
         let setting = *words != "no password supplied";
-        let (code, given) = if setting { (2, 2) } else { (1, 3) };
+        // A refused setting is bad input (exit 2) without an id; with one, or for a file, the
+        // server decided, and an earlier run may have logged in: unknown, as for a password.
+        let (code, given) = if setting { (2, 3) } else { (1, 3) };
         let runs: [(Vec<&str>, i32); 3] = [
             (one.to_vec(), code),
             ([&one[..], &["--id", &id]].concat(), given),
@@ -645,6 +721,50 @@ fn login_refusals_that_retrying_cannot_cure_fail_at_once() {
     assert_eq!(db.state().1, 0, "nothing applied");
 }
 
+/// A setting the server refuses at login depends on the server, not on the URL alone: the same
+/// URL logged in for an earlier run of an id, before the role lost its `SET` on the parameter
+/// (`REVOKE SET ON PARAMETER`, a role made no longer superuser). A rerun of that id said "bad
+/// input" (exit 2) of an id applied (or left unknown) by that run, where the same rerun after a
+/// changed password says the outcome is unknown and to run it again (exit 3). Unknown now, for
+/// `--id` and a file; without an id, bad input (exit 2) still.
+#[test]
+fn a_setting_refused_at_login_leaves_a_given_id_unknown() {
+    use diesel::connection::SimpleConnection;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    let (role, url) = db.teller("LOGIN");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{sep}options=-c%20log_statement%3Dnone");
+    db.conn()
+        .batch_execute(&format!("GRANT SET ON PARAMETER log_statement TO {role}"))
+        .expect("grant");
+    let id = Uuid::new_v4().to_string();
+    let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
+    let run = |args: &[&str]| {
+        Bank::new()
+            .args(["--database-url", url.as_str()])
+            .args(args)
+            .run()
+    };
+    run(&[&one[..], &["--id", &id]].concat()).success();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("one.csv");
+    std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},1\n")).expect("write");
+    let file = file.to_str().expect("utf-8 path").to_string();
+    db.conn()
+        .batch_execute(&format!(
+            "REVOKE SET ON PARAMETER log_statement FROM {role}"
+        ))
+        .expect("revoke");
+    let words = "permission denied to set parameter";
+    let rerun = run(&[&one[..], &["--id", &id]].concat());
+    rerun.fails_with(3, words);
+    assert!(rerun.stderr.contains("may or may not"), "{rerun:?}");
+    run(&["transfer", "--file", &file]).fails_with(3, words);
+    run(&one).fails_with(2, words);
+    assert_eq!(db.balance(ids[1]), 1, "applied once, by the first run");
+}
 /// A value clap refuses is shown escaped, as the file's values are: clap's own rendering strips
 /// escape sequences, and `--amount $'\e[31m5'` read "invalid value '5' … got '5'" (found by a
 /// helper playing a new user).

@@ -552,7 +552,12 @@ where
     }
     summary.elapsed = started.elapsed();
     summary.fewer_connections = fewer.map(|refused| (used.len().max(1), meant, refused));
-    summary.stopped = stopping.map(|why| match why.starts_with("the run stopped") {
+    // Only a run that stopped: the last chunk left unknown set `stopping` too ("another chunk
+    // could not be settled"), and a one-line file held up said "the run stopped: another chunk
+    // could not be settled (…)" of its only line.
+    let left = summary.not_attempted > 0;
+    let stopped = stopping.filter(|why| left || why.starts_with("the run stopped"));
+    summary.stopped = stopped.map(|why| match why.starts_with("the run stopped") {
         true => why,
         false => format!("the run stopped: {why}"),
     });
