@@ -1534,6 +1534,38 @@ fn workers_the_database_never_let_connect_are_named() {
     assert!(run.stderr.contains("never connected"), "{run:?}");
 }
 
+/// Workers refused a connection at first (max_connections, a role's CONNECTION LIMIT) that
+/// waited for one, and got it once others had closed theirs, after the run's end, were counted
+/// as connected: 200 workers against a server of max_connections 20 said "ok" with no word that
+/// at most 20 ran at once, their refused logins counted among lost connections, their waits in
+/// the latency (p99 3.4 s) and the run 2.5 s past its `--duration` (found by a helper playing a
+/// new user). It says how many were refused at first, on stderr, in the report and in `--json`.
+#[test]
+fn workers_refused_a_connection_at_first_are_named_even_when_they_connect_later() {
+    let db = ScratchDb::migrated();
+    db.accounts(&[1000; 20]);
+    let (_, url) = db.role(
+        "LOGIN CONNECTION LIMIT 2",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers, transfer_claims TO {role}; \
+         GRANT SELECT ON __diesel_schema_migrations TO {role}",
+    );
+    // The default deadline (30 s): a refused worker's transfer outlives the run and logs in
+    // once the others have closed theirs.
+    let run = crate::support::Bank::new()
+        .args(["--database-url", &url, "workload", "--reuse-accounts"])
+        .args(["--accounts", "20", "--concurrency", "4"])
+        .args(["--duration", "1s", "--json"])
+        .run();
+    let j = run.json();
+    let refused = j["workers_refused_at_first"].as_u64();
+    assert!(refused.is_some_and(|n| n >= 1), "{run:?}");
+    assert!(
+        run.stderr.contains("refused a connection at first")
+            || run.stderr.contains("never connected"),
+        "{run:?}"
+    );
+}
+
 /// `workload --batch` on a server that fails every statement at once (a full lock table, "out
 /// of shared memory"; here a trigger raising it) sent the next batch at once, again and again:
 /// 123,744 server errors in about 4 s (found by a fault-injecting helper). A batch that applied

@@ -262,6 +262,9 @@ pub struct Session {
     conn: Option<PgConnection>,
     /// Connections opened so far (the first one included).
     pub connects: u64,
+    /// Logins refused for want of a connection slot (max_connections, a CONNECTION LIMIT)
+    /// before the first connection was opened.
+    pub refused_before_first: u64,
     /// Whether the schema is checked on this session's first connection (`require_migrated`),
     /// and whether that check has passed.
     check_schema: bool,
@@ -289,6 +292,7 @@ impl Session {
             timeout: crate::retry::RetryPolicy::default().timeout,
             conn: None,
             connects: 0,
+            refused_before_first: 0,
             check_schema: false,
             schema_checked: false,
         }
@@ -322,7 +326,12 @@ impl Session {
             slot @ None => {
                 let mut conn = self
                     .url
-                    .connect_within(self.application_name, self.timeout)?;
+                    .connect_within(self.application_name, self.timeout)
+                    .inspect_err(|e| {
+                        if self.connects == 0 && crate::error::is_connection_limit(&e.message) {
+                            self.refused_before_first += 1;
+                        }
+                    })?;
                 self.connects += 1;
                 match tune(&mut conn, self.timeout) {
                     Ok(()) => {}

@@ -259,6 +259,18 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             report.workers_never_connected, report.concurrency
         ));
     }
+    let waited = report
+        .workers_refused_at_first
+        .saturating_sub(report.workers_never_connected);
+    if waited > 0 {
+        crate::say(format_args!(
+            "bank: warning: {waited} of {} workers were refused a connection at first (the \
+             database had no slot to spare: a role's CONNECTION LIMIT or max_connections) and \
+             waited for one: fewer workers ran at once than asked, and their waits count in \
+             the latency",
+            report.concurrency
+        ));
+    }
     let verdict = verdict(report);
     if lost.is_empty() {
         return verdict.map_or(Ok(()), |e| Err(e.into()));

@@ -31,6 +31,9 @@ pub struct Tally {
     /// 1 for a worker whose transfers all ended without its ever getting a connection (a
     /// role's CONNECTION LIMIT, max_connections reached); summed over the workers.
     pub never_connected: u64,
+    /// 1 for a worker whose first logins were refused for want of a connection slot (a role's
+    /// CONNECTION LIMIT, max_connections reached), and that waited for one; summed.
+    pub refused_at_first: u64,
     /// Latency of committed transfers, in microseconds.
     pub latency_us: Histogram<u64>,
     pub last_error: Option<String>,
@@ -48,6 +51,7 @@ impl Tally {
             retries: RetryCounts::default(),
             reconnects: 0,
             never_connected: 0,
+            refused_at_first: 0,
             latency_us: latency_histogram()?,
             last_error: None,
         })
@@ -95,6 +99,7 @@ impl AddAssign<&Tally> for Tally {
         self.retries += other.retries;
         self.reconnects += other.reconnects;
         self.never_connected += other.never_connected;
+        self.refused_at_first += other.refused_at_first;
         // Both grow on demand, so the only failure (a value out of range) cannot happen.
         let _ = self.latency_us.add(&other.latency_us);
         if self.last_error.is_none() {
@@ -136,6 +141,10 @@ pub struct Report {
     /// Workers that tried transfers but never got a connection: the run ran on fewer workers
     /// than asked.
     pub workers_never_connected: u64,
+    /// Workers whose first logins the server refused for want of a connection slot, so that
+    /// they waited (some until others had closed theirs, after the run's end): fewer workers
+    /// ran at once than asked, and the waits count in the latency.
+    pub workers_refused_at_first: u64,
     /// Workers of those asked for (`concurrency`) that the system would not start a thread for
     /// (`ulimit -u`, a pids limit), once others had started: the run went on without them.
     pub workers_not_started: u64,
@@ -262,6 +271,7 @@ impl Report {
             errors: tally.errors,
             reconnects: tally.reconnects,
             workers_never_connected: tally.never_connected,
+            workers_refused_at_first: tally.refused_at_first,
             workers_not_started: run.workers_not_started,
             stuck_workers: run.stuck_workers,
             readers: run.readers,
@@ -384,6 +394,16 @@ impl fmt::Display for Report {
                 f,
                 "workers that never connected: {} of {}",
                 self.workers_never_connected, self.concurrency
+            )?;
+        }
+        let waited = self
+            .workers_refused_at_first
+            .saturating_sub(self.workers_never_connected);
+        if waited > 0 {
+            writeln!(
+                f,
+                "workers refused a connection at first, that waited for one: {waited} of {}",
+                self.concurrency
             )?;
         }
         if self.workers_not_started > 0 {
