@@ -798,6 +798,11 @@ pub enum WorkloadError {
     #[error("an invariant does not hold (see the report)")]
     InvariantViolated,
     #[error(
+        "{gone} of the run's {of} accounts were deleted by another client during the run (a \
+         `bank reset`?), so its invariants could not be checked (see the report)"
+    )]
+    AccountsDeleted { gone: u64, of: usize },
+    #[error(
         "every invariant holds, but {} failed with an error (the last: {last})",
         crate::counted(*count, "transfer")
     )]

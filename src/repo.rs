@@ -843,6 +843,18 @@ pub fn ids_in_ledger(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<U
         .load(conn)
 }
 
+/// How many of these accounts exist, `MAX_IDS_PER_STATEMENT` ids per statement.
+pub fn count_accounts_with_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
+    let mut found = 0;
+    for part in ids.chunks(MAX_IDS_PER_STATEMENT) {
+        found += accounts::table
+            .filter(accounts::id.eq_any(part))
+            .count()
+            .get_result::<i64>(conn)?;
+    }
+    Ok(found)
+}
+
 /// How many of these ids the ledger holds.
 pub fn count_transfers_with_ids(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
     transfers::table

@@ -2518,3 +2518,36 @@ fn a_workload_stopped_during_its_final_check_and_continued_checks_all() {
     assert_eq!(j["ok"], true, "{j}");
     assert_eq!(j["transfers_committed"], 1, "{j}");
 }
+
+/// A `bank reset` while a workload runs (a new user's): the final check found the total 0 and
+/// the ledger short, and the report said "VIOLATED" as if money were lost, with
+/// `moved_by_other_clients` 0. The accounts are gone, deleted by another client: the report and
+/// the error line say so (`accounts_deleted_by_others`), exit 1 as before.
+#[test]
+fn a_reset_during_a_workload_is_said_not_taken_for_lost_money() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let url = db.url.expose().to_string();
+        let child = support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "workload",
+            "--accounts",
+            "20",
+            "--duration",
+            "4s",
+            "--json",
+        ]);
+        support::wait_for_transfers_past(&mut db.conn(), 50);
+        db.bank().args(["reset", "--yes"]).run().success();
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        let j = run.json();
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert_eq!(j["accounts_deleted_by_others"], 20, "{iso:?}: {j}");
+        let last = run.stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("20 of the run's 20 accounts were deleted by another client"),
+            "{iso:?}: {last}"
+        );
+    }
+}

@@ -298,6 +298,11 @@ fn verdict(report: Report) -> Option<WorkloadError> {
             true => Some(WorkloadError::FinalCheckInterrupted(e)),
             false => Some(WorkloadError::FinalCheck(e)),
         }
+    } else if let Some(gone @ 1..) = report.accounts_deleted_by_others {
+        Some(WorkloadError::AccountsDeleted {
+            gone,
+            of: report.accounts,
+        })
     } else if !report.invariants_hold() {
         Some(WorkloadError::InvariantViolated)
     } else if report.readers_never_read() {
@@ -473,6 +478,8 @@ fn final_check(
                     total,
                     moved_by_others: expected - starting_total,
                     ledger_rows: repo::count_transfers_between(conn, low, high)?,
+                    accounts_gone: (ids.len() as u64)
+                        .saturating_sub(repo::count_accounts_with_ids(conn, &ids)?.max(0) as u64),
                 })
             };
             note(&|p| p.asking_since = Some(Instant::now()));

@@ -119,6 +119,9 @@ pub struct FinalCheck {
     pub moved_by_others: i128,
     /// Ledger rows of this run's own transfers.
     pub ledger_rows: i64,
+    /// The workload's accounts that no longer exist (another client deleted them: a `bank
+    /// reset` during the run).
+    pub accounts_gone: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -170,6 +173,10 @@ pub struct Report {
     /// Ledger rows of this run's own transfers (ids carry the run's prefix), so other clients
     /// writing to the same database cause no false alarm.
     pub ledger_rows_added: Option<i64>,
+    /// The workload's accounts that another client deleted during the run (a `bank reset`),
+    /// found by the final check: the totals and the ledger cannot match then, and the report
+    /// says why instead of leaving it to look like money lost.
+    pub accounts_deleted_by_others: Option<u64>,
     pub invariants: Invariants,
     pub verify: Option<VerifyReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -289,6 +296,7 @@ impl Report {
             final_total: check.as_ref().map(|c| c.total),
             moved_by_other_clients: check.as_ref().map(|c| c.moved_by_others),
             ledger_rows_added: check.as_ref().map(|c| c.ledger_rows),
+            accounts_deleted_by_others: check.as_ref().map(|c| c.accounts_gone),
             invariants,
             verify: check.map(|c| c.verify),
             // One line each, as every message bank prints: a server's error may span several
@@ -445,6 +453,14 @@ impl fmt::Display for Report {
             )?,
             Some(e) => writeln!(f, "  the final check could not run: {e}")?,
             None => {}
+        }
+        if let Some(gone @ 1..) = self.accounts_deleted_by_others {
+            writeln!(
+                f,
+                "  {gone} of the run's {} accounts were deleted by another client during the \
+                 run (a `bank reset`?): the totals and the ledger below cannot match",
+                self.accounts
+            )?;
         }
         let others = match self.moved_by_other_clients {
             Some(0) | None => String::new(),
@@ -613,6 +629,7 @@ mod tests {
             total: 10_000,
             moved_by_others: 0,
             ledger_rows: 5,
+            accounts_gone: 0,
         }
     }
 
