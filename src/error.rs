@@ -269,9 +269,18 @@ impl ConnectError {
             || (m.contains("invalid ") && m.contains(" value"))
             // `?service=` naming no service (or a PGSERVICEFILE that is not there): a setting
             // to fix, as `sslmode=bogus` is.
-            || (m.contains("definition of service") && m.contains("not found"))
-            || (m.contains("service file") && m.contains("not found"))
+            || self.is_service_missing()
             || self.is_refused_setting()
+    }
+
+    /// libpq found no service file (`PGSERVICEFILE`, `~/.pg_service.conf`) or no section of the
+    /// URL's `?service=` in it: the user's configuration, to fix as a malformed URL is, but not
+    /// the URL's own words: the same URL may have logged in for an earlier run, before the file
+    /// was moved or its section removed.
+    pub fn is_service_missing(&self) -> bool {
+        let m = self.message.to_ascii_lowercase();
+        (m.contains("definition of service") && m.contains("not found"))
+            || (m.contains("service file") && m.contains("not found"))
     }
 
     /// The server refused, at login, a setting the connection asked for (the URL's
@@ -319,7 +328,9 @@ impl ConnectError {
         // `REVOKE SET ON PARAMETER` or a role made no longer superuser. Taken for one, a rerun
         // of an id that run applied (or left unknown) said "bad input" (exit 2), where the same
         // rerun after a changed password says the outcome is unknown (exit 3).
-        (self.is_malformed() && !self.is_refused_setting())
+        // So is a service file (`?service=…`) moved or its section removed since: an id that
+        // run applied was said to be bad input (exit 2) on a rerun (found by a reviewer).
+        (self.is_malformed() && !self.is_refused_setting() && !self.is_service_missing())
             || (self.is_no_such_database() && !self.url.contains(','))
     }
 
@@ -1305,7 +1316,10 @@ mod tests {
             "definition of service \"nosuch\" not found",
             "service file \"/nonexistent\" not found",
         ] {
-            assert!(connect_error(m).is_malformed(), "{m}");
+            let e = connect_error(m);
+            assert!(e.is_malformed(), "{m}");
+            // A service file is no part of the URL: an earlier run may have logged in with it.
+            assert_eq!(e.reaches_no_database(), !m.contains("service"), "{m}");
         }
         for m in [
             "connection to server at \"127.0.0.1\", port 1 failed: Connection refused",

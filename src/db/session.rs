@@ -324,6 +324,9 @@ impl Session {
         match &mut self.conn {
             Some(conn) => Ok(conn),
             slot @ None => {
+                // Lost while `tune` or the user's settings ran (after the login, before
+                // anything of the command's) is `lost_after_login` as one lost in Diesel's
+                // set-up or `kept::keep` is: it ended `demo` at once (a reviewer's reading).
                 let mut conn = self
                     .url
                     .connect_within(self.application_name, self.timeout)
@@ -341,7 +344,7 @@ impl Session {
                     Err(Untuned::Unread(e)) => {
                         return Err(ConnectError {
                             url: self.url.to_string(),
-                            lost_after_login: false,
+                            lost_after_login: lost_before_anything(&e),
                             message: format!(
                                 "the session's settings could not be read, so whether its \
                                  commits are durable (synchronous_commit) and its isolation safe \
@@ -353,7 +356,7 @@ impl Session {
                     Err(Untuned::Isolation(e)) => {
                         return Err(ConnectError {
                             url: self.url.to_string(),
-                            lost_after_login: false,
+                            lost_after_login: lost_before_anything(&e),
                             message: format!(
                                 "the session's default isolation is REPEATABLE READ, and raising \
                                  it to SERIALIZABLE failed: {e}"
@@ -363,7 +366,7 @@ impl Session {
                     Err(Untuned::Durability(e)) => {
                         return Err(ConnectError {
                             url: self.url.to_string(),
-                            lost_after_login: false,
+                            lost_after_login: lost_before_anything(&e),
                             message: format!(
                                 "the session commits asynchronously (synchronous_commit = off), \
                                  and making it commit synchronously failed: {e}"
@@ -376,7 +379,7 @@ impl Session {
                     conn.batch_execute(&format!("SET {name} = {value}"))
                         .map_err(|e| ConnectError {
                             url: self.url.to_string(),
-                            lost_after_login: false,
+                            lost_after_login: lost_before_anything(&e),
                             message: format!("SET {name} = {value} failed: {e}"),
                         })?;
                 }
