@@ -326,7 +326,7 @@ impl Crew {
                         continue;
                     };
                     match read_totals(c, &ids, &since, total, (low, high), false) {
-                        Ok((sum, expected, negative)) => {
+                        Ok((sum, expected, negative, _)) => {
                             // A read that ends after the run still read one snapshot: it
                             // counts (over many accounts, it may be the only one), though the
                             // chart's seconds are over.
@@ -448,7 +448,9 @@ impl Crew {
 /// and how many are negative. Other clients may use the same accounts (`--reuse-accounts`):
 /// their transfers through the ledger are no violation, money without a ledger row is. With
 /// `always` false the ledger is asked only when the total is not the starting one (a reader's
-/// every read would otherwise scan each account's new entries); the final check asks always.
+/// every read would otherwise scan each account's new entries); the final check asks always,
+/// and then also how many of the accounts are gone (another client deleted them), in the same
+/// snapshot.
 pub(super) fn read_totals(
     conn: &mut diesel::PgConnection,
     ids: &[Uuid],
@@ -456,7 +458,7 @@ pub(super) fn read_totals(
     starting_total: i128,
     (low, high): (Uuid, Uuid),
     always: bool,
-) -> diesel::QueryResult<(i128, i128, i64)> {
+) -> diesel::QueryResult<(i128, i128, i64, u64)> {
     conn.build_transaction()
         .repeatable_read()
         .read_only()
@@ -467,7 +469,12 @@ pub(super) fn read_totals(
                 true => crate::repo::moved_in_by_others(c, since, low, high)?,
                 false => 0,
             };
-            Ok((sum, starting_total + moved, negative))
+            let gone = match always {
+                true => (ids.len() as u64)
+                    .saturating_sub(crate::repo::count_accounts_with_ids(c, ids)?.max(0) as u64),
+                false => 0,
+            };
+            Ok((sum, starting_total + moved, negative, gone))
         })
 }
 

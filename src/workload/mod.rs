@@ -259,9 +259,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             report.workers_never_connected, report.concurrency
         ));
     }
-    let waited = report
-        .workers_refused_at_first
-        .saturating_sub(report.workers_never_connected);
+    let waited = report.workers_refused_at_first;
     if waited > 0 {
         crate::say(format_args!(
             "bank: warning: {waited} of {} workers were refused a connection at first (the \
@@ -471,15 +469,14 @@ fn final_check(
         };
         let result = retry(&policy, &mut RetryCounts::default(), |_| {
             let read = |conn: &mut PgConnection| -> diesel::QueryResult<FinalCheck> {
-                let (total, expected, _) =
+                let (total, expected, _, accounts_gone) =
                     crew::read_totals(conn, &ids, &since, starting_total, (low, high), true)?;
                 Ok(FinalCheck {
                     verify: verify::verify(conn)?,
                     total,
                     moved_by_others: expected - starting_total,
                     ledger_rows: repo::count_transfers_between(conn, low, high)?,
-                    accounts_gone: (ids.len() as u64)
-                        .saturating_sub(repo::count_accounts_with_ids(conn, &ids)?.max(0) as u64),
+                    accounts_gone,
                 })
             };
             note(&|p| p.asking_since = Some(Instant::now()));

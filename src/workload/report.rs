@@ -32,7 +32,8 @@ pub struct Tally {
     /// role's CONNECTION LIMIT, max_connections reached); summed over the workers.
     pub never_connected: u64,
     /// 1 for a worker whose first logins were refused for want of a connection slot (a role's
-    /// CONNECTION LIMIT, max_connections reached), and that waited for one; summed.
+    /// CONNECTION LIMIT, max_connections reached), and that waited for one and got it (one
+    /// that never got it is `never_connected`); summed.
     pub refused_at_first: u64,
     /// Latency of committed transfers, in microseconds.
     pub latency_us: Histogram<u64>,
@@ -404,9 +405,7 @@ impl fmt::Display for Report {
                 self.workers_never_connected, self.concurrency
             )?;
         }
-        let waited = self
-            .workers_refused_at_first
-            .saturating_sub(self.workers_never_connected);
+        let waited = self.workers_refused_at_first;
         if waited > 0 {
             writeln!(
                 f,

@@ -193,8 +193,10 @@ impl Worker {
             tally.reconnects = self.runner.session.connects.saturating_sub(1);
             tally.never_connected =
                 u64::from(!self.replacement && self.runner.session.connects == 0);
-            tally.refused_at_first =
-                u64::from(!self.replacement && self.runner.session.refused_before_first > 0);
+            let session = &self.runner.session;
+            tally.refused_at_first = u64::from(
+                !self.replacement && session.refused_before_first > 0 && session.connects > 0,
+            );
             match result {
                 Ok(receipt) => {
                     // Random v4 ids never repeat, so "already applied" would be a bug.
@@ -295,8 +297,11 @@ impl Worker {
             tally.retries = chunk.retries;
             tally.reconnects = chunk.session.connects.saturating_sub(1);
             tally.never_connected = u64::from(!self.replacement && chunk.session.connects == 0);
-            tally.refused_at_first =
-                u64::from(!self.replacement && chunk.session.refused_before_first > 0);
+            tally.refused_at_first = u64::from(
+                !self.replacement
+                    && chunk.session.refused_before_first > 0
+                    && chunk.session.connects > 0,
+            );
             let verdicts = match result {
                 Ok(v) => v,
                 Err(fatal) => {
