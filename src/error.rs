@@ -255,8 +255,14 @@ impl ConnectError {
     /// name that does not resolve, a malformed option). A server that is down, restarting or in
     /// recovery says many different things, so the test is for the permanent ones.
     /// libpq refused the URL's parameters (`sslmode=bogus`, an unknown option, `%ZZ`) before
-    /// connecting: bad input, as a malformed URL is, not a failure to connect.
+    /// connecting, or the service file or a setting the connection asked for was refused: bad
+    /// input, as a malformed URL is, not a failure to connect.
     pub fn is_malformed(&self) -> bool {
+        self.url_refused_by_libpq() || self.is_service_missing() || self.is_refused_setting()
+    }
+
+    /// libpq's own refusal of the URL's words, before any server or file was asked.
+    fn url_refused_by_libpq(&self) -> bool {
         let m = self.message.to_ascii_lowercase();
         m.contains("invalid connection option")
             || m.contains("invalid percent-encoded token")
@@ -267,10 +273,6 @@ impl ConnectError {
             // in URI".
             || m.contains(" in uri")
             || (m.contains("invalid ") && m.contains(" value"))
-            // `?service=` naming no service (or a PGSERVICEFILE that is not there): a setting
-            // to fix, as `sslmode=bogus` is.
-            || self.is_service_missing()
-            || self.is_refused_setting()
     }
 
     /// libpq found no service file (`PGSERVICEFILE`, `~/.pg_service.conf`) or no section of the
@@ -330,7 +332,8 @@ impl ConnectError {
         // rerun after a changed password says the outcome is unknown (exit 3).
         // So is a service file (`?service=…`) moved or its section removed since: an id that
         // run applied was said to be bad input (exit 2) on a rerun (found by a reviewer).
-        (self.is_malformed() && !self.is_refused_setting() && !self.is_service_missing())
+        // (`-c work_mem=abc` is worded as libpq's "invalid … value" too: the server's still.)
+        (self.url_refused_by_libpq() && !self.is_refused_setting())
             || (self.is_no_such_database() && !self.url.contains(','))
     }
 
@@ -978,10 +981,13 @@ fn server_hint(e: &diesel::result::Error) -> String {
     }
 }
 
+/// PostgreSQL's words for a statement stopped by the server's `temp_file_limit`.
+const TEMP_FILE_LIMIT: &str = "exceeds temp_file_limit";
+
 /// Whether `message` is PostgreSQL's refusal of a statement that wrote more temporary files than
 /// the server's `temp_file_limit` allows (53400): the statement failed and rolled back.
 pub fn is_temp_file_limit(message: &str) -> bool {
-    message.contains("exceeds temp_file_limit")
+    message.contains(TEMP_FILE_LIMIT)
 }
 
 /// Bank's prepared statements met another client's, or lost their own, on one server
@@ -1093,7 +1099,7 @@ pub fn with_hints(mut line: String) -> String {
     }
     // A statement stopped by the server's temp_file_limit: its words name the setting, not whose
     // it is or how to lift it, and "run it again" meets it again (a reset stopped by it).
-    if let Some(at) = line.find("exceeds temp_file_limit") {
+    if let Some(at) = line.find(TEMP_FILE_LIMIT) {
         // Next to the words it explains: after "(64kB)", if the server's size is there.
         let at = line[at..].find(')').map_or(line.len(), |end| at + end + 1);
         line.insert_str(
