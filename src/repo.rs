@@ -449,12 +449,6 @@ pub fn find_transfer(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Tr
     find_transfer_query(id).get_result(conn).optional()
 }
 
-/// Claims these transfer ids (`transfer_claims`), those claimed already included (see
-/// `claim_and_find`, which runs it): what a run does before it says a transfer with a given id was not
-/// applied, so that a single statement of an earlier attempt at it that comes late fails on the
-/// claim (see the migration). An insert, not a lookup: it waits for a statement still writing its
-/// claim, so the ledger asked afterwards has the last word.
-///
 /// A server setting of this session (`current_setting`, on both engines).
 pub fn setting(conn: &mut PgConnection, name: &str) -> QueryResult<Option<String>> {
     #[derive(QueryableByName)]
@@ -474,6 +468,12 @@ pub fn read_only(conn: &mut PgConnection) -> QueryResult<bool> {
     setting(conn, "transaction_read_only").map(|v| v.as_deref() == Some("on"))
 }
 
+/// Claims these transfer ids (`transfer_claims`), those claimed already included (see
+/// `claim_and_find`, which runs it): what a run does before it says a transfer with a given id was not
+/// applied, so that a single statement of an earlier attempt at it that comes late fails on the
+/// claim (see the migration). An insert, not a lookup: it waits for a statement still writing its
+/// claim, so the ledger asked afterwards has the last word.
+///
 /// In key order, as transfers lock their accounts: two runs claiming the same ids in different
 /// orders deadlocked (found by a reviewer). Callers retry it (`retry::retry_transaction`): at
 /// SERIALIZABLE, a claim that meets one committed after its snapshot is a serialization failure.

@@ -1571,3 +1571,58 @@ fn a_transfer_waiting_behind_a_table_rewrite_applies_once() {
         }
     }
 }
+
+/// A transfer whose claim of its id waited for a DBA's rewrite of `transfer_claims` (held open,
+/// then committed): a single statement claims its id as it applies, and a refused transfer with
+/// an id claims it before it says "not applied" (in both modes). Each gets its one-by-one
+/// outcome, once, at both levels: the applied one applied (a rerun `already_applied`), the
+/// refused one refused with nothing moved and no ledger row.
+#[test]
+fn a_transfer_whose_claim_waited_behind_a_rewrite_of_the_claims_gets_its_outcome() {
+    for iso in Iso::BOTH {
+        let (db, a, b) = two_accounts(iso);
+        let mut moved = 0;
+        for given in [false, true] {
+            let case = format!("{iso:?} single-statement id given: {given}");
+            let id = Uuid::new_v4().to_string();
+            let mut args = vec!["--mode", "single-statement", "--json", "--timeout", "20s"];
+            if given {
+                args.extend(["--id", &id]);
+            }
+            let run = transfer_behind_a_rewrite(&db, "transfer_claims", ANY, (a, b, 10), &args);
+            assert_eq!(run.code, 0, "{case}: {run:?}");
+            assert_eq!(run.json()["outcome"], "applied", "{case}: {run:?}");
+            moved += 10;
+            assert_eq!(
+                (db.balance(a), db.balance(b)),
+                (1000 - moved, moved),
+                "{case}"
+            );
+            if given {
+                let rerun = db.transfer(a, b, 10).args(&args).run();
+                assert_eq!(rerun.code, 0, "{case}: {rerun:?}");
+                assert_eq!(rerun.json()["outcome"], "already_applied", "{case}");
+            }
+            assert_eq!(db.state().1, moved / 10, "{case}: one ledger row each");
+        }
+        for mode in MODES {
+            let case = format!("{iso:?} {mode} refused");
+            let id = Uuid::new_v4().to_string();
+            let args = ["--mode", mode, "--json", "--timeout", "20s", "--id", &id];
+            let run = transfer_behind_a_rewrite(&db, "transfer_claims", ANY, (a, b, 5000), &args);
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            assert_eq!(run.json()["outcome"], "failed", "{case}: {run:?}");
+            assert!(run.stderr.contains("insufficient funds"), "{case}: {run:?}");
+            assert_eq!(
+                (db.balance(a), db.balance(b)),
+                (1000 - moved, moved),
+                "{case}"
+            );
+            assert_eq!(db.state().1, moved / 10, "{case}: no ledger row");
+            let rerun = db.transfer(a, b, 5000).args(args).run();
+            assert_eq!(rerun.code, 1, "{case}: {rerun:?}");
+            assert_eq!(rerun.json()["outcome"], "failed", "{case}");
+        }
+        db.bank().args(["verify"]).run().success();
+    }
+}
