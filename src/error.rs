@@ -258,11 +258,20 @@ impl ConnectError {
     /// connecting, or the service file or a setting the connection asked for was refused: bad
     /// input, as a malformed URL is, not a failure to connect.
     pub fn is_malformed(&self) -> bool {
-        self.url_refused_by_libpq() || self.is_service_missing() || self.is_refused_setting()
+        self.refused_by_libpq() || self.is_service_missing() || self.is_refused_setting()
     }
 
-    /// libpq's own refusal of the URL's words, before any server or file was asked.
+    /// libpq's own refusal of the URL's words, before any server or file was asked: a refusal
+    /// of a parameter the URL does not set is of a value from elsewhere (`PGSSLMODE=bogus`, a
+    /// service file), which an earlier run of the same URL may not have met.
     fn url_refused_by_libpq(&self) -> bool {
+        self.refused_by_libpq()
+            && refused_parameter(&self.message).is_none_or(|name| sets(&self.url, &name))
+    }
+
+    /// libpq refused a connection parameter before connecting, wherever it was set: the URL,
+    /// a `PG…` variable of the environment, a service file.
+    fn refused_by_libpq(&self) -> bool {
         let m = self.message.to_ascii_lowercase();
         m.contains("invalid connection option")
             || m.contains("invalid percent-encoded token")
@@ -392,6 +401,33 @@ impl ConnectError {
         let m = self.message.to_ascii_lowercase();
         !self.is_malformed() && !PERMANENT.iter().any(|p| m.contains(p))
     }
+}
+
+/// The connection parameter libpq names as refused: `invalid sslmode value: "bogus"`, `invalid
+/// integer value "abc" for connection option "port"`.
+fn refused_parameter(message: &str) -> Option<String> {
+    let m = message.to_ascii_lowercase();
+    if let Some((_, rest)) = m.split_once("for connection option \"") {
+        return rest.split_once('"').map(|(name, _)| name.to_string());
+    }
+    let (_, rest) = m.split_once("invalid ")?;
+    let (name, _) = rest.split_once(" value")?;
+    let name = name.trim();
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    (!name.is_empty() && name.chars().all(word) && name != "integer").then(|| name.to_string())
+}
+
+/// Whether `url` (redacted) sets the connection parameter `name` in its query. The others come
+/// from libpq's environment variables or a service file (bank checks the URL's port itself).
+fn sets(url: &str, name: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|pair| {
+            pair.split('=')
+                .next()
+                .unwrap_or_default()
+                .eq_ignore_ascii_case(name)
+        })
+    })
 }
 
 /// Why a transfer was not applied.
@@ -710,6 +746,16 @@ pub enum Error {
          changed; give bank a database (or schema) of its own"
     )]
     InitBlocked(String),
+    /// `init` met what a migration makes though the migration is not recorded: its row of
+    /// `__diesel_schema_migrations` was deleted by hand (exit 1).
+    #[error(
+        "migration {version} is not recorded in __diesel_schema_migrations, but {what}: its \
+         record was deleted by hand, and what it made was left; if the schema has all of its \
+         up.sql (migrations/ in bank's source), record it again with `INSERT INTO \
+         __diesel_schema_migrations (version) VALUES ('{version}')` and run `bank init` \
+         again; this migration changed nothing"
+    )]
+    MigrationUnrecorded { version: String, what: String },
     /// `balances --as-of`: a transaction begun before that time is still open, and may still
     /// add entries timed before it (exit 1).
     #[error(
@@ -1322,10 +1368,22 @@ mod tests {
             "definition of service \"nosuch\" not found",
             "service file \"/nonexistent\" not found",
         ] {
-            let e = connect_error(m);
+            let mut e = connect_error(m);
+            e.url = "postgres://bank:***@db/bank?sslmode=bogus&connect_timeout=abc".into();
             assert!(e.is_malformed(), "{m}");
             // A service file is no part of the URL: an earlier run may have logged in with it.
             assert_eq!(e.reaches_no_database(), !m.contains("service"), "{m}");
+        }
+        // A parameter the URL does not set came from the environment (`PGSSLMODE=bogus`) or a
+        // service file: bad input, but no part of the URL, which an earlier run may have used.
+        for m in [
+            "invalid sslmode value: \"bogus\"",
+            "invalid target_session_attrs value: \"bogus\"",
+            "invalid integer value \"abc\" for connection option \"port\"",
+        ] {
+            let e = connect_error(m);
+            assert!(e.is_malformed(), "{m}");
+            assert!(!e.reaches_no_database(), "{m}");
         }
         for m in [
             "connection to server at \"127.0.0.1\", port 1 failed: Connection refused",

@@ -17,6 +17,29 @@ fn ignore_file_size_limit() {
     }
 }
 
+/// Whether standard output was closed when bank was started (`bank balances >&-`), recorded by
+/// `note_closed_stdout` before Rust's runtime starts: that runtime reopens a closed descriptor 0,
+/// 1 or 2 on /dev/null, so every command wrote its results to nothing and exited 0.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Run by the C library before `main` (and so before Rust's runtime replaces a closed standard
+/// output with /dev/null): notes whether descriptor 1 is open.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+extern "C" fn note_closed_stdout() {
+    // SAFETY: `fcntl(F_GETFD)` on a descriptor number only reads the process's table.
+    let closed = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) } == -1;
+    STDOUT_CLOSED.store(closed, std::sync::atomic::Ordering::Relaxed);
+}
+
+// SAFETY: `.init_array` holds functions the C library calls before `main`, with no argument
+// they need; this one touches only an atomic.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static NOTE_CLOSED_STDOUT: extern "C" fn() = note_closed_stdout;
+
 /// Ends through `exit_now` once standard output is flushed: the C library's exit handlers
 /// (OpenSSL's, loaded by libpq) raced a thread still closing a connection, and a run that had
 /// printed its one correct line was seen to die by a signal (exit -1 to its caller, 1 in about
@@ -35,6 +58,15 @@ fn bank_main() -> Code {
     let dotenv = bank::db::load_dotenv();
     if let Err(e) = &dotenv {
         bank::db::defer_dotenv_error(e);
+    }
+    // Every command's result goes to standard output: with it closed, none could be seen, so
+    // none is run (a transfer applied, a file's outcomes lost, and exit 0).
+    if STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) {
+        bank::say(format_args!(
+            "bank: error: standard output is closed (>&-), where bank writes its results: \
+             nothing was done (to discard them, send them to /dev/null)"
+        ));
+        return Code::Usage;
     }
     let cli = match bank::cli::Cli::try_parse() {
         Ok(cli) => cli,

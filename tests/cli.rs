@@ -806,6 +806,56 @@ fn a_service_file_gone_leaves_a_given_id_unknown() {
     assert_eq!(db.balance(ids[1]), 1, "applied once, by the first run");
 }
 
+/// A libpq variable of the environment whose value libpq refuses (`PGSSLMODE=bogus`) lives
+/// outside the command line, as a service file does: an earlier run of the id, before the
+/// variable was set, may have logged in through the same URL. With `--id` and for a file it was
+/// bad input (exit 2), where a refused `PGOPTIONS` or a service file gone says the outcome is
+/// unknown (exit 3); without an id it stays bad input (exit 2), and the URL's own
+/// `sslmode=bogus` stays bad input with an id too (`a_url_that_reaches_no_database_…`).
+#[test]
+fn an_invalid_libpq_variable_leaves_a_given_id_unknown() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("one.csv");
+    let id = Uuid::new_v4().to_string();
+    std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},1\n")).expect("file");
+    let file = file.to_str().expect("utf-8 path").to_string();
+    let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
+    let run = |args: &[&str], var: Option<(&str, &str)>| {
+        let mut bank = Bank::new()
+            .args(["--database-url", db.url.expose()])
+            .args(args);
+        if let Some((name, value)) = var {
+            bank.cmd.env(name, value);
+        }
+        bank.run()
+    };
+    run(&[&one[..], &["--id", &id]].concat(), None).success();
+    for var in [
+        ("PGSSLMODE", "bogus"),
+        ("PGGSSENCMODE", "bogus"),
+        ("PGTARGETSESSIONATTRS", "bogus"),
+        ("PGCHANNELBINDING", "bogus"),
+        ("PGSERVICE", "bank_no_such_service"),
+        ("PGOPTIONS", "-c bogus_setting=1"),
+    ] {
+        let rerun = run(&[&one[..], &["--id", &id]].concat(), Some(var));
+        assert_eq!(rerun.code, 3, "{var:?}: {rerun:?}");
+        assert!(
+            rerun.stderr.contains("may or may not"),
+            "{var:?}: {rerun:?}"
+        );
+        rerun.no_password();
+        let lines = run(&["transfer", "--file", &file, "--json"], Some(var));
+        assert_eq!(lines.code, 3, "{var:?}: {lines:?}");
+        let without_id = run(&one, Some(var));
+        assert_eq!(without_id.code, 2, "{var:?}: {without_id:?}");
+    }
+    assert_eq!(db.balance(ids[1]), 1, "applied once, by the first run");
+}
+
 /// A value clap refuses is shown escaped, as the file's values are: clap's own rendering strips
 /// escape sequences, and `--amount $'\e[31m5'` read "invalid value '5' … got '5'" (found by a
 /// helper playing a new user).
@@ -1960,6 +2010,59 @@ fn a_malformed_dotenv_is_named_by_its_path() {
         2,
         &format!("cannot read {}: a malformed line (line 3)", path.display()),
     );
+}
+
+/// A `.env` that is a symbolic link to a file that is gone (a secrets file moved or not yet
+/// mounted) was skipped as if there were no `.env`: bank went on without its URL ("no database
+/// URL") or with another's from a parent directory. It is an error that names the link and its
+/// target. A `.env` that is a named pipe (a secrets manager serving it, `mkfifo`) was skipped
+/// too: it is read, as a shell's `source .env` reads it, and a directory (a Python venv called
+/// `.env`) is still no `.env`.
+#[test]
+fn a_dotenv_that_is_a_dangling_link_is_named_and_a_pipe_is_read() {
+    let db = ScratchDb::migrated();
+    // A dangling link in the working directory, and a good .env in the parent: the link wins,
+    // as it would were its target there.
+    let mut run = Bank::new().args(["balances"]);
+    let sub = run.dir.path().join("project");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    std::fs::write(
+        run.dir.path().join(".env"),
+        format!("DATABASE_URL={}\n", db.url.expose()),
+    )
+    .expect("write .env");
+    let target = run.dir.path().join("secrets").join("bank.env");
+    std::os::unix::fs::symlink(&target, sub.join(".env")).expect("symlink");
+    run.cmd.current_dir(&sub);
+    let run = run.run();
+    run.fails_with(
+        2,
+        &format!(
+            "cannot read {}: it is a symbolic link to {}, which does not exist",
+            sub.join(".env").display(),
+            target.display()
+        ),
+    );
+    // A named pipe that a writer fills.
+    let mut bank = Bank::new().args(["balances", "--json"]);
+    let fifo = bank.dir.path().join(".env");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let text = format!("DATABASE_URL={}\n", db.url.expose());
+    let writer = std::thread::spawn(move || std::fs::write(&fifo, text).expect("write the pipe"));
+    bank.cmd.env_remove("DATABASE_URL");
+    let run = bank.run();
+    // Joined once bank has read it: a bank that skipped the pipe leaves the writer waiting.
+    run.success();
+    writer.join().expect("writer");
+    assert_eq!(run.stdout, "[]\n", "{run:?}");
+    // A directory is no .env: bank goes on without one.
+    let bank = Bank::new().args(["balances"]);
+    std::fs::create_dir_all(bank.dir.path().join(".env").join("bin")).expect("mkdir");
+    bank.run().fails_with(2, "no database URL");
 }
 
 /// A `.env` that begins with a UTF-8 byte order mark (Notepad's "UTF-8 with BOM") is read: it
@@ -3204,4 +3307,51 @@ fn a_listing_cancelled_after_its_first_rows_is_not_printed_twice() {
             && run.stderr.contains("what was printed is incomplete"),
         "{run:?}"
     );
+}
+
+/// Standard output closed (`bank balances >&-`): Rust's runtime reopens it on /dev/null, so every
+/// command "wrote" its results to nothing and exited 0 (balances, verify --json, a transfer
+/// --json, a file's outcomes, a workload's report). Each is refused before anything is sent:
+/// one line on stderr and exit 2, nothing applied. A reader that leaves (`| head -1`) is not
+/// this: there the reader chose what to see (as for ripgrep and fd).
+#[test]
+fn a_closed_standard_output_is_refused_before_anything_is_done() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("one.csv");
+    let line = Uuid::new_v4().to_string();
+    std::fs::write(&file, format!("id,from,to,amount\n{line},{from},{to},1\n")).expect("file");
+    let file = file.to_str().expect("utf-8 path").to_string();
+    let id = Uuid::new_v4().to_string();
+    let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
+    let workload = ["workload", "--accounts", "2", "--transfers", "2", "--json"];
+    for args in [
+        vec!["balances"],
+        vec!["balances", "--json"],
+        vec!["history", &from],
+        vec!["lookup", &id],
+        vec!["verify", "--json"],
+        [&one[..], &["--id", &id, "--json"]].concat(),
+        one.to_vec(),
+        vec!["transfer", "--file", &file, "--json"],
+        vec!["transfer", "--file", &file],
+        workload.to_vec(),
+        vec!["seed"],
+        vec!["completions", "bash"],
+    ] {
+        let output = std::process::Command::new("sh")
+            .args(["-c", "exec \"$0\" \"$@\" >&-"])
+            .arg(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose()])
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run bank");
+        let run = crate::support::Run::from(output);
+        run.fails_with(2, "standard output is closed");
+    }
+    assert_eq!(db.balance(ids[1]), 0, "nothing applied");
+    assert_eq!(db.state().0.len(), 2, "no account created");
 }

@@ -528,6 +528,41 @@ fn init_migrates_and_is_idempotent() {
     assert_eq!(again.stdout, "schema is up to date\n");
 }
 
+/// A record of `__diesel_schema_migrations` deleted by hand (a DBA's cleanup) while what its
+/// migration made stays: Diesel runs the migration again, and init printed the harness's raw
+/// words ("migration failed: Failed to run 2026-11-24-000003_… with: constraint … already
+/// exists"), or, for a migration that creates a table, "give bank a database of its own" of
+/// bank's own database. It names the migration and what to do, in one line, and recording it
+/// again (as it says) makes the schema up to date.
+#[test]
+fn init_names_a_migration_whose_record_was_deleted_and_says_what_to_do() {
+    let db = ScratchDb::migrated();
+    let versions = support::migration_versions();
+    for version in [
+        versions[0].as_str(),
+        "20261124000003",
+        versions.last().expect("a migration").as_str(),
+    ] {
+        db.conn()
+            .batch_execute(&format!(
+                "DELETE FROM __diesel_schema_migrations WHERE version = '{version}'"
+            ))
+            .expect("a record deleted");
+        let run = db.bank().args(["init"]).run();
+        run.fails_with(1, &format!("migration {version} "));
+        let record =
+            format!("INSERT INTO __diesel_schema_migrations (version) VALUES ('{version}')");
+        assert!(run.stderr.contains(&record), "{version}: {run:?}");
+        assert!(run.stderr.contains("already"), "{version}: {run:?}");
+        assert!(!run.stderr.contains("Failed to run"), "{version}: {run:?}");
+        assert!(!run.stderr.contains("of its own"), "{version}: {run:?}");
+        db.conn().batch_execute(&record).expect("recorded again");
+        let again = db.bank().args(["init"]).run();
+        again.success();
+        assert_eq!(again.stdout, "schema is up to date\n", "{version}");
+    }
+}
+
 /// A migrated database with its last migration undone (its down.sql run, its record deleted):
 /// what an upgrade finds. Returns the database and the undone migration's version.
 fn one_migration_behind() -> ScratchDb {

@@ -734,7 +734,7 @@ fn the_final_check_is_not_bound_by_the_transfer_deadline() {
     assert_eq!(run.code, 0, "{run:?}");
     let j = run.json();
     assert_eq!(j["ok"], true, "{j}");
-    assert!(j.get("final_check_error").is_none(), "{j}");
+    assert!(j["final_check_error"].is_null(), "{j}");
     assert_eq!(j["invariants"]["verify_ok"], true, "{j}");
 }
 
@@ -2557,5 +2557,68 @@ fn a_reset_during_a_workload_is_said_not_taken_for_lost_money() {
             last.contains("200 of the run's 200 accounts were deleted by another client"),
             "{iso:?}: {last}"
         );
+    }
+}
+
+/// `--json` has one shape: every key of the report is there in every run, `null` when it has
+/// nothing to say. `read_error`, `final_check_error` and `last_error` were left out when empty,
+/// and a consumer had to tell a missing key from a renamed one.
+#[test]
+fn workload_json_has_every_key_in_every_run() {
+    let db = ScratchDb::migrated();
+    let run = db
+        .bank()
+        .args(["workload", "--accounts", "4", "--transfers", "20", "--json"])
+        .run();
+    run.success();
+    let j = run.json();
+    let keys: Vec<&str> = j
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut expected = vec![
+        "ok",
+        "mode",
+        "accounts",
+        "concurrency",
+        "elapsed_secs",
+        "interrupted",
+        "transfers_committed",
+        "rejected_insufficient_funds",
+        "rejected_balance_overflow",
+        "retries",
+        "given_up",
+        "indeterminate",
+        "errors",
+        "reconnects",
+        "workers_never_connected",
+        "workers_refused_at_first",
+        "workers_not_started",
+        "stuck_workers",
+        "readers",
+        "reads",
+        "wrong_total_reads",
+        "read_error",
+        "throughput_per_sec",
+        "latency_ms",
+        "starting_total",
+        "final_total",
+        "moved_by_other_clients",
+        "ledger_rows_added",
+        "accounts_deleted_by_others",
+        "invariants",
+        "verify",
+        "final_check_error",
+        "final_check_interrupted",
+        "last_error",
+    ];
+    let mut keys = keys;
+    keys.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(keys, expected, "{j}");
+    for k in ["read_error", "final_check_error", "last_error"] {
+        assert!(j[k].is_null(), "{k}: {j}");
     }
 }

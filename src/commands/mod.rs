@@ -459,6 +459,17 @@ fn migrate(
     let pending = db::pending_migrations(&applied)?;
     let taken = db::in_the_way(conn, &pending)?;
     if !taken.is_empty() {
+        // Some of bank's migrations are recorded: what is in the way is bank's own, made by
+        // a migration whose record was deleted (not another application's).
+        if let (false, Some(version)) = (applied.is_empty(), db::maker_of(&pending, &taken)) {
+            return Err(Error::MigrationUnrecorded {
+                version,
+                what: format!(
+                    "the database already has {}, which it creates",
+                    taken.join(", ")
+                ),
+            });
+        }
         return Err(Error::InitBlocked(taken.join(", ")));
     }
     // Where the tables would go: nowhere (a search_path naming no schema that exists: "no schema
@@ -497,7 +508,7 @@ fn migrate(
     }
     match pending.is_empty() {
         true => Ok(Vec::new()),
-        false => db::run_migrations(conn),
+        false => db::run_migrations(conn).map_err(db::unrecorded_migration),
     }
 }
 

@@ -154,7 +154,7 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     // one, so a .env said to be ignored still chose the database (and the BANK_* defaults).
     // A UTF-8 byte order mark (some Windows editors write one) is no part of the first key: it
     // made a well-formed .env "malformed".
-    let text = match std::fs::read(&path) {
+    let text = match read_dotenv(&path) {
         Ok(bytes) => bytes,
         Err(e) => return Err(failed(e.to_string())),
     };
@@ -253,15 +253,30 @@ fn unset_empty<'a>(names: impl IntoIterator<Item = &'a str>) {
 /// The `.env` to read, as dotenvy finds it: the first file of that name in the working directory
 /// or a parent. Found here rather than by dotenvy so that a message can say which file it was.
 fn find_dotenv() -> Result<Option<std::path::PathBuf>, ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
     let Ok(cwd) = std::env::current_dir() else {
         return Ok(None);
     };
     for dir in cwd.ancestors() {
         let candidate = dir.join(".env");
         match std::fs::metadata(&candidate) {
-            Ok(meta) if meta.is_file() => return Ok(Some(candidate)),
+            // A named pipe is read too: a secrets manager may serve .env through one.
+            Ok(meta) if meta.is_file() || meta.file_type().is_fifo() => return Ok(Some(candidate)),
+            // A directory (a Python venv named .env), a device or a socket is no .env.
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // A symbolic link whose target is missing (a secrets file moved, not mounted yet)
+            // was taken for no .env at all, and bank went on without its settings.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Ok(target) = std::fs::read_link(&candidate) {
+                    return Err(ConfigError::DotEnv {
+                        path: candidate.display().to_string(),
+                        why: format!(
+                            "it is a symbolic link to {}, which does not exist",
+                            target.display()
+                        ),
+                    });
+                }
+            }
             Err(e) => {
                 return Err(ConfigError::DotEnv {
                     path: candidate.display().to_string(),
@@ -271,6 +286,35 @@ fn find_dotenv() -> Result<Option<std::path::PathBuf>, ConfigError> {
         }
     }
     Ok(None)
+}
+
+/// The bytes of the `.env` at `path`. A named pipe is read until its writer closes it, as a
+/// shell's `source .env` reads it; one that no program writes to within a moment is said, once,
+/// on stderr (bank waited in silence).
+fn read_dotenv(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileTypeExt;
+    let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    if !fifo {
+        return std::fs::read(path);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("dotenv".into())
+        .spawn(move || {
+            let _ = tx.send(std::fs::read(owned));
+        })?;
+    match rx.recv_timeout(std::time::Duration::from_secs(2)) {
+        Ok(read) => read,
+        Err(_) => {
+            crate::say(format_args!(
+                "bank: waiting for {}, a named pipe, to be written (Ctrl-C to stop)",
+                path.display()
+            ));
+            rx.recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("its reader stopped")))
+        }
+    }
 }
 
 /// The key of a `.env` line `KEY=…` or `export KEY=…`; none when the text does not start so.
@@ -402,6 +446,51 @@ pub fn in_the_way(conn: &mut PgConnection, pending: &[String]) -> QueryResult<Ve
     .into_iter()
     .map(|n| n.name)
     .collect())
+}
+
+/// The first of the `pending` migrations that creates one of `taken`.
+pub fn maker_of(pending: &[String], taken: &[String]) -> Option<String> {
+    CREATES
+        .iter()
+        .find(|(version, names)| {
+            pending.iter().any(|p| p == version)
+                && names.iter().any(|n| taken.contains(&n.to_string()))
+        })
+        .map(|(version, _)| version.to_string())
+}
+
+/// A migration the harness ran that failed because what it makes is already there (`… already
+/// exists`): it is not recorded, though it ran (its record deleted by hand), and Diesel's words
+/// ("Failed to run 2026-11-24-000003_… with: …") said neither that nor what to do.
+pub fn unrecorded_migration(e: crate::error::Error) -> crate::error::Error {
+    let crate::error::Error::Migration(inner) = &e else {
+        return e;
+    };
+    // Diesel's error type for it is private: its words are "Failed to run {name} with: {why}",
+    // the name being the migration's directory (`2026-11-24-000003_transfers_distinct_accounts`).
+    let text = inner.to_string();
+    let Some((name, why)) = text
+        .strip_prefix("Failed to run ")
+        .and_then(|rest| rest.split_once(" with: "))
+    else {
+        return e;
+    };
+    // PostgreSQL's words, and CockroachDB's for a constraint.
+    let there = why.contains("already exists") || why.contains("duplicate constraint name");
+    let version: String = name
+        .split('_')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    match there && !version.is_empty() {
+        true => crate::error::Error::MigrationUnrecorded {
+            version,
+            what: format!("running it again failed: {why}"),
+        },
+        false => e,
+    }
 }
 
 /// Runs the embedded migrations that have not run yet; returns their names.

@@ -161,7 +161,6 @@ pub struct Report {
     pub reads: u64,
     pub wrong_total_reads: u64,
     /// Why a reader last could not read (a lost connection, a refusal), if one could not.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub read_error: Option<String>,
     pub throughput_per_sec: f64,
     pub latency_ms: Latency,
@@ -180,13 +179,11 @@ pub struct Report {
     pub accounts_deleted_by_others: Option<u64>,
     pub invariants: Invariants,
     pub verify: Option<VerifyReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub final_check_error: Option<String>,
     /// Ctrl-C (or SIGTERM) came during the final check and stopped it: every transfer had
     /// ended (`interrupted` is false unless an earlier signal stopped them), no invariant was
     /// checked (`final_check_error` says so).
     pub final_check_interrupted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
 
