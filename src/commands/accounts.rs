@@ -139,7 +139,7 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                     // the second. Only the first chunk loads by `Auto`: nothing is created yet,
                     // so a failure here is told as it is, not as a seed stopped midway.
                     drop(conn);
-                    conn = url.connect_to_write(args.timeout)?;
+                    conn = url.connect_to_write_after_closing(args.timeout)?;
                 }
                 step => break step,
             }

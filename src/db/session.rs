@@ -81,7 +81,29 @@ impl DbUrl {
     /// refused when bank's tables were changed in ways its promise cannot survive
     /// (`db::require_unchanged`); its commits synchronous (`commit_synchronously`).
     pub fn connect_to_write(&self, timeout: Duration) -> Result<PgConnection, crate::error::Error> {
-        self.connect_checked(timeout, |conn| {
+        self.to_write_again(&mut Reconnecting::new(timeout), timeout)
+    }
+
+    /// `connect_to_write` in place of a connection of this run's that it has just closed: the
+    /// server may count that one against a connection limit until its backend has exited, so
+    /// a refusal for want of a slot is tried again until `timeout` (a seed whose COPY lost its
+    /// words, as a role allowed one connection, failed "too many connections for role" about
+    /// once in a full test suite: its new connection came before the old backend's exit).
+    pub fn connect_to_write_after_closing(
+        &self,
+        timeout: Duration,
+    ) -> Result<PgConnection, crate::error::Error> {
+        let mut again = Reconnecting::new(timeout);
+        again.own_slot_closing = true;
+        self.to_write_again(&mut again, timeout)
+    }
+
+    fn to_write_again(
+        &self,
+        again: &mut Reconnecting,
+        timeout: Duration,
+    ) -> Result<PgConnection, crate::error::Error> {
+        self.checked_again(again, |conn| {
             super::require_writable(conn, timeout)?;
             commit_synchronously(conn)?;
             Ok(())
@@ -439,6 +461,11 @@ struct Reconnecting {
     timeout: Duration,
     deadline: Option<std::time::Instant>,
     lost: u32,
+    /// The run has just closed a connection of its own, whose slot may not be free yet
+    /// (`DbUrl::connect_to_write_after_closing`).
+    own_slot_closing: bool,
+    /// Pauses made so far, for the next one's length.
+    pauses: u32,
 }
 
 impl Reconnecting {
@@ -447,6 +474,8 @@ impl Reconnecting {
             timeout,
             deadline: std::time::Instant::now().checked_add(timeout),
             lost: 0,
+            own_slot_closing: false,
+            pauses: 0,
         }
     }
 
@@ -487,7 +516,10 @@ impl Reconnecting {
             Error::Database(d) => !connecting && lost_before_anything(d),
             _ => false,
         };
-        if !lost {
+        let slot_not_free = self.own_slot_closing
+            && connecting
+            && matches!(&e, Error::Connect(c) if c.is_connection_limit());
+        if !lost && !slot_not_free {
             return Err(match self.lost {
                 // Lost, then refused for good (a password changed meanwhile): said with the loss.
                 1.. if connecting => Error::LostBeforeStart {
@@ -504,18 +536,28 @@ impl Reconnecting {
             .deadline
             .map(|d| d.saturating_duration_since(std::time::Instant::now()));
         if left.is_some_and(|left| left.is_zero()) {
-            return Err(Error::LostBeforeStart {
-                timeout: self.timeout,
-                last: Box::new(e),
+            return Err(match lost || self.lost > 0 {
+                true => Error::LostBeforeStart {
+                    timeout: self.timeout,
+                    last: Box::new(e),
+                },
+                false => e,
             });
         }
-        self.lost += 1;
-        log::info!("the connection was lost before anything was done ({e}); connecting again");
+        if lost {
+            self.lost += 1;
+            log::info!("the connection was lost before anything was done ({e}); connecting again");
+        } else {
+            log::info!(
+                "the connection just closed may still hold its slot ({e}); connecting again"
+            );
+        }
+        self.pauses += 1;
         let policy = crate::retry::RetryPolicy {
             base: Duration::from_millis(50),
             ..crate::retry::RetryPolicy::default()
         };
-        let pause = policy.backoff(self.lost, &mut rand::rng());
+        let pause = policy.backoff(self.pauses, &mut rand::rng());
         std::thread::sleep(left.map_or(pause, |left| pause.min(left)));
         Ok(())
     }
@@ -716,5 +758,46 @@ mod tests {
                 .and_then(|v| v.parse::<i64>().ok());
             assert_eq!(ms, Some(i64::from(i32::MAX)), "{s}");
         }
+    }
+
+    fn refused(message: &str) -> crate::error::Error {
+        crate::error::Error::Connect(ConnectError {
+            url: "postgres://bank:***@db/bank".into(),
+            message: message.into(),
+            lost_after_login: false,
+        })
+    }
+
+    /// A connection made in place of one the run has just closed may be refused for want of a
+    /// slot that the closed one's backend still holds: tried again, and only that refusal.
+    /// Anywhere else a first refusal is said at once, in its own words.
+    #[test]
+    fn a_slot_the_run_just_freed_is_waited_for_and_nothing_else() {
+        let full = "FATAL: too many connections for role \"teller\"";
+        let after_closing = || {
+            let mut again = Reconnecting::new(Duration::from_secs(5));
+            again.own_slot_closing = true;
+            again
+        };
+        assert!(after_closing().after(refused(full), true).is_ok());
+        let first = Reconnecting::new(Duration::from_secs(5)).after(refused(full), true);
+        assert!(
+            matches!(first, Err(crate::error::Error::Connect(_))),
+            "{first:?}"
+        );
+        let password = "FATAL: password authentication failed for user \"teller\"";
+        let refused_for_good = after_closing().after(refused(password), true);
+        assert!(
+            matches!(&refused_for_good, Err(crate::error::Error::Connect(c)) if c.message == password),
+            "{refused_for_good:?}"
+        );
+        // Out of time: the refusal itself, not a loss that never happened.
+        let mut late = Reconnecting::new(Duration::ZERO);
+        late.own_slot_closing = true;
+        let late = late.after(refused(full), true);
+        assert!(
+            matches!(late, Err(crate::error::Error::Connect(_))),
+            "{late:?}"
+        );
     }
 }
