@@ -267,7 +267,8 @@ pub struct TransferArgs {
     // An Option, so that `--batch` on one transfer can be refused (commands/transfer.rs).
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, 10_000>)]
     pub batch: Option<u64>,
-    /// Format of --file [default: from its extension (.csv, .jsonl), else from its first line]
+    /// Format of --file [default: from its extension (.csv; .jsonl, .ndjson or .json for JSON
+    /// Lines; in any case), else from its first line]
     #[arg(long, value_enum)]
     pub format: Option<crate::batch::Format>,
     /// Connections applying --file at once, each a group of lines that shares no account or id

@@ -5129,6 +5129,58 @@ fn a_file_cut_off_by_a_login_refused_mid_run_says_why() {
     assert!(report.ok, "{report:?}");
 }
 
+/// A file whose first connection is refused at login (a role that may not log in, a wrong
+/// password) ends exit 3, nothing attempted, as when the server cannot be reached at all; but
+/// there every line was given its `unknown` ("not attempted: …", one `--json` object each, as
+/// the README promises for every line a run never sent), and here stdout stayed empty: a
+/// program reading the results found none of the file's lines (a helper playing a new user).
+#[test]
+fn a_file_refused_at_login_gives_every_line_unknown() {
+    let db = ScratchDb::migrated();
+    let [a, b] = db.accounts(&[1_000, 1_000])[..] else {
+        panic!("two accounts")
+    };
+    let (_, url) = db.teller("NOLOGIN");
+    let lines: Vec<T> = (0..3)
+        .map(|_| T {
+            id: Uuid::new_v4(),
+            from: a,
+            to: b,
+            amount: 1,
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pay.csv");
+    std::fs::write(&path, csv(&lines)).expect("write the file");
+    let path = path.to_str().expect("utf-8 path");
+    let run = Bank::new()
+        .args(["--database-url", &url, "transfer", "--file", path, "--json"])
+        .run();
+    assert_eq!(run.code, 3, "{run:?}");
+    run.no_password();
+    let said: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object"))
+        .collect();
+    assert_eq!(said.len(), lines.len(), "{run:?}");
+    for (i, (v, t)) in said.iter().zip(&lines).enumerate() {
+        assert_eq!(v["line"], i as u64 + 2, "{run:?}");
+        assert_eq!(v["id"], t.id.to_string(), "{run:?}");
+        assert_eq!(v["outcome"], "unknown", "{run:?}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("not attempted: ") && error.contains("log in"),
+            "{run:?}"
+        );
+    }
+    assert!(
+        run.stderr.contains("3 transfers") && run.stderr.contains("no line was attempted"),
+        "{run:?}"
+    );
+    assert_eq!(count_transfers(&mut db.conn()), Ok(0));
+}
+
 /// A role a DBA granted bank's columns of `accounts` alone (`GRANT SELECT (…), UPDATE (balance,
 /// version)`, a column of the DBA's own kept from it), which one transfer at a time applies
 /// every line with: the file's chunk first takes ACCESS SHARE on bank's tables (for a DBA's

@@ -2236,6 +2236,34 @@ fn no_password_is_shown_however_it_is_written() {
     }
 }
 
+/// A '?' in a password, not percent-encoded (a helper playing a new user): libpq ends the user
+/// and password at the first '@' when no '/' comes before it, so it reads
+/// "weird:5?a=b@127.0.0.1:…" as the password "5?a=b"; bank read host "weird", port 5 and a query,
+/// accepted the URL, and every message showed it whole: "cannot connect to
+/// postgres://weird:5?a=b@127.0.0.1:…/bank: … database "bank&connect_timeout=5&…" does not
+/// exist" (bank's own parameters, appended after '&', ended in the database's name). With
+/// other characters it was refused as a bad port, the password shown whole too.
+#[test]
+fn a_question_mark_in_the_password_is_refused_without_showing_it() {
+    let port = server_url().host_port().map_or(5432, |(_, p)| p);
+    for (pw, secret) in [
+        ("5?a=b", "5?a=b"),
+        ("SEKa?SEKb+SEKc;SEKd=", "SEK"),
+        ("SEKa?SEKb=SEKc@SEKd", "SEK"),
+    ] {
+        let url = format!("postgres://weird:{pw}@127.0.0.1:{port}/bank");
+        for args in [
+            vec!["--database-url", url.as_str(), "doctor"],
+            vec!["--database-url", url.as_str(), "-vv", "balances"],
+        ] {
+            let run = Bank::new().args(&args).run();
+            run.fails_with(2, "percent-encoded");
+            assert!(!run.stderr.contains(secret), "{args:?}: {run:?}");
+            assert!(!run.stdout.contains(secret), "{args:?}: {run:?}");
+        }
+    }
+}
+
 /// A URL typed where another value goes reached stderr whole when bank, not clap, refused the
 /// value: `bank man URL` ("no command …") and `transfer --file URL` ("cannot read …"). Every
 /// line bank writes to stderr now has passwords hidden.

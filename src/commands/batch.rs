@@ -47,7 +47,7 @@ pub(super) fn transfer_file(
     // attempted). From the start: during the file's check it killed bank at once, with no word
     // and exit 130 (found by a helper playing a new user).
     crate::interrupt::catch();
-    let (format, input) = crate::interrupt::before_sending(|| {
+    let (format, mut input) = crate::interrupt::before_sending(|| {
         let source = Source::open(path, args.format)?;
         let format = source.format;
         source.check().map(|input| (format, input))
@@ -65,17 +65,48 @@ pub(super) fn transfer_file(
         policy: args.run.policy(),
     };
     let reader = input.reader()?;
-    let (lines, changed) = input.fingerprint.verify(batch::input::read(reader, format));
+    let (lines, changed) =
+        std::mem::take(&mut input.fingerprint).verify(batch::input::read(reader, format));
     let mut results = Results {
         out,
         json: args.json,
         failed: None,
         lost: false,
     };
-    let summary = batch::apply(url, options, lines, |l: &Line, v: &Verdict| {
+    let started = std::time::Instant::now();
+    let applied = batch::apply(url, options, lines, |l: &Line, v: &Verdict| {
         results.write(l, v);
         Ok::<(), Error>(())
-    })?;
+    });
+    let summary = match applied {
+        Ok(summary) => summary,
+        Err(e) => {
+            // Nothing sent (a login refused, no thread for the first connection): with --json,
+            // every line is `unknown`, not attempted, one object each, as when the server cannot
+            // be reached at all (a program reading the results found none of the file's lines
+            // here, one per line there). As text, the error line alone says it.
+            let why = match &e {
+                Error::FileNotStarted(c) if args.json => Some(c.to_string()),
+                Error::FileNoThread(io) if args.json => {
+                    Some(format!("cannot start a thread ({io})"))
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                let mut summary = batch::Summary::default();
+                let again = input.reader().map(|r| batch::input::read(r, format));
+                for l in again.into_iter().flatten().flatten() {
+                    results.write(&l, &Verdict::not_attempted(&why));
+                    *summary.counts.entry(Outcome::Unknown).or_default() += 1;
+                    summary.not_attempted += 1;
+                }
+                results.flush();
+                summary.elapsed = started.elapsed();
+                crate::say(format_args!("{}", summary_line(&summary)));
+            }
+            return Err(e);
+        }
+    };
     results.flush();
     if let Some((used, connections, why)) = &summary.fewer_connections {
         crate::say(format_args!(

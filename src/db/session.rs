@@ -25,12 +25,27 @@ impl DbUrl {
     fn connect_string(&self, application_name: &str, timeout: Duration) -> String {
         let mut url = self.full.clone();
         // `…/db?` and `…?a=b&` are fine for libpq; with a parameter appended they made an empty
-        // one (`?&…`, `&&…`), which it refuses.
-        while url.ends_with('&') || url.ends_with('?') {
+        // one (`?&…`, `&&…`), which it refuses. Only the '?' that starts the query goes: a later
+        // one is part of a value (`?password=Ends?`, which psql takes; without its '?', the
+        // server refused the password).
+        loop {
+            let starts_query = url.ends_with('?') && url.find('?') == Some(url.len() - 1);
+            if !(url.ends_with('&') || starts_query) {
+                break;
+            }
             url.pop();
         }
+        // The URL's own parameters, by name: "fallback_application_name=x" holds
+        // "application_name=", and taken for it, bank's sessions went unnamed (`doctor` said
+        // "application_name=bank" all the same); a password could hold one too.
+        let query = url.split_once('?').map_or("", |(_, q)| q).to_string();
+        let set = |name: &str| {
+            query
+                .split('&')
+                .any(|kv| kv.split_once('=').is_some_and(|(k, _)| k == name))
+        };
         for (name, value) in bank_defaults(application_name, timeout) {
-            if url.contains(&format!("{name}=")) || (name == "application_name" && appname_set()) {
+            if set(name) || (name == "application_name" && appname_set()) {
                 continue;
             }
             let sep = if url.contains('?') { '&' } else { '?' };
@@ -742,6 +757,45 @@ mod tests {
         assert!(s.contains("?tcp_user_timeout=999&connect_timeout=3&application_name=bank"));
         assert!(s.contains("&keepalives=1&keepalives_idle=1&keepalives_interval=1"));
         assert!(!s.contains("tcp_user_timeout=3000"), "{s}");
+    }
+
+    /// A password parameter that ends in '?' (a helper playing a new user): libpq takes the
+    /// '?' as part of the value, as psql does; bank dropped it with the empty query's, and the
+    /// server refused the password.
+    #[test]
+    fn a_question_mark_ending_a_value_stays_in_the_connection_string() {
+        let url = DbUrl::parse("postgres://u@db/bank?password=Ends?").expect("ok");
+        let s = url.connect_string("bank", Duration::from_secs(3));
+        assert!(s.starts_with("postgres://u@db/bank?password=Ends?&"), "{s}");
+        for (raw, start) in [
+            (
+                "postgres://u@db/bank?",
+                "postgres://u@db/bank?connect_timeout=3",
+            ),
+            (
+                "postgres://u@db/bank?a=b&",
+                "postgres://u@db/bank?a=b&connect_timeout=3",
+            ),
+        ] {
+            let s = DbUrl::parse(raw)
+                .expect("ok")
+                .connect_string("bank", Duration::from_secs(3));
+            assert!(s.starts_with(start), "{raw}: {s}");
+        }
+    }
+
+    /// A parameter whose name ends in one of bank's (`fallback_application_name`) is not it:
+    /// taken for it, bank added no `application_name`, its sessions were named by the fallback,
+    /// and `doctor` said "application_name=bank" (a helper playing a new user).
+    #[test]
+    fn only_the_parameter_itself_keeps_bank_from_setting_it() {
+        let url =
+            DbUrl::parse("postgres://u:pw@db/bank?fallback_application_name=app").expect("ok");
+        let s = url.connect_string("bank", Duration::from_secs(3));
+        assert!(s.contains("&application_name=bank"), "{s}");
+        let url = DbUrl::parse("postgres://u:pw@db/bank?application_name=mine").expect("ok");
+        let s = url.connect_string("bank", Duration::from_secs(3));
+        assert!(!s.contains("application_name=bank"), "{s}");
     }
 
     #[test]

@@ -90,6 +90,18 @@ impl DbUrl {
         if raw.chars().any(char::is_whitespace) {
             return Err(malformed("it contains whitespace"));
         }
+        // libpq ends its userinfo at the first '@' that comes before any '/': a '?' or '#' does not
+        // end it. "weird:5?a=b@host" reached libpq as the password "5?a=b" while bank took "5" for a
+        // port and "?a=b@host/bank" for a query: the URL was accepted, shown with its password
+        // in every message, and bank's own parameters, appended after "&", became part of the
+        // database name ("bank&connect_timeout=5&…" does not exist).
+        if libpq_userinfo(rest).is_some_and(|userinfo| userinfo.contains(['?', '#'])) {
+            return Err(malformed(
+                "libpq takes everything before its first '@' for the user and password when no '/' \
+                 comes first: write '?' and '#' in a password percent-encoded, as %3F and %23, and \
+                 an '@' in a parameter as %40",
+            ));
+        }
         let authority = authority_of(rest);
         // libpq ends the user and password at the first '@', the url crate (and the redaction)
         // at the last: "bank:pa@ss@host" reached libpq as host "ss@host", and its error message
@@ -143,6 +155,15 @@ impl DbUrl {
                     return Err(malformed(PORT));
                 }
             }
+        }
+        // libpq refuses a parameter without '=', or one it does not know, and quotes it: after
+        // `password=`, that is the rest of a password holding '&' ("?password=SEKa&SEKb":
+        // "missing key/value separator \"=\" in URI query parameter: \"SEKb\"", and bank
+        // showed the URL as "?password=***&SEKb="). Refused here, the pieces hidden.
+        if !password_pieces(query).is_empty() {
+            return Err(malformed(
+                "the password parameter's value holds '&': write it percent-encoded, as %26",
+            ));
         }
         Ok(DbUrl {
             full: raw.to_string(),
@@ -294,9 +315,16 @@ fn authority_of(rest: &str) -> &str {
     }
 }
 
+/// The userinfo as libpq reads it (`conninfo_uri_parse_options`): up to the first '@', when no
+/// '/' comes before it. A '?' or '#' does not end it, as it does for the url crate.
+fn libpq_userinfo(rest: &str) -> Option<&str> {
+    let stop = rest.find(['@', '/'])?;
+    (rest[stop..].starts_with('@')).then(|| &rest[..stop])
+}
+
 /// Whether an '@' that follows `before` sits in the query: after a path or '?', a '?' and
-/// then a `key=`. (A password with '/', '?' and '=' in that order reads as a query; libpq
-/// would read it so too.)
+/// then a `key=`. (A password with '/', '?' and '=' in that order reads as a query, as libpq
+/// reads it; one with '?' before any '/' is libpq's password whole: `libpq_userinfo`.)
 fn in_query(before: &str) -> bool {
     before
         .find(['/', '?'])
@@ -381,6 +409,11 @@ fn secrets_of(raw: &str) -> Vec<String> {
             None => secrets.extend(secrets_in_user(userinfo)),
         }
     }
+    // libpq's own reading of the userinfo ("weird:5?a=b@host": the password "5?a=b", where the
+    // reading above ends the authority at the '?' and finds no password at all).
+    if let Some((_, password)) = libpq_userinfo(rest).and_then(|u| u.split_once(':')) {
+        secrets.push(password.to_string());
+    }
     // What libpq reads: its userinfo ends at the first '/', and without an '@' before it, the
     // password sits where a port goes ("bank:pa/ss@h", "bank:Sekr3t/bank" with the '@host'
     // left out or cut off by a .env comment). What is there and is no port is not shown.
@@ -396,14 +429,36 @@ fn secrets_of(raw: &str) -> Vec<String> {
         }
     }
     if let Some((_, query)) = rest.split_once('?') {
+        let pieces = password_pieces(query);
         for pair in query.split('&') {
             match pair.split_once('=') {
+                // The rest of a password that holds '&' ("?password=SEKa&SEKb"), which libpq's
+                // refusal quotes: the piece whole, and its key and value.
+                _ if pieces.contains(&pair) => {
+                    secrets.push(pair.to_string());
+                    secrets.extend(
+                        pair.split_once('=')
+                            .map(|(k, v)| [k, v])
+                            .into_iter()
+                            .flatten()
+                            .map(str::to_string),
+                    );
+                }
                 Some((key, value)) if is_password_key(key) => secrets.push(value.to_string()),
                 // `user=name:secret`, the colon written or encoded: the part after it.
                 Some((key, value)) if is_user_key(key) => secrets.extend(secrets_in_user(value)),
                 Some(_) => {}
                 None => secrets.extend(secrets_in_key(pair)),
             }
+        }
+    }
+    // The widest reading: up to the last '@' of all, when what comes before the first ':' is a
+    // user name ("weird:SEKa?SEKb=SEKc/@host": libpq finds no '@' before the '/', and bank's
+    // readings above ended the password at the '?'). A URL that holds it is refused anyway,
+    // and hiding more than the password is the lesser harm.
+    if let Some((user, password)) = rest.rsplit_once('@').and_then(|(u, _)| u.split_once(':')) {
+        if !user.contains(['/', '?', '#', '@']) {
+            secrets.push(password.to_string());
         }
     }
     secrets.extend(keyword_passwords(raw));
@@ -415,6 +470,78 @@ fn secrets_of(raw: &str) -> Vec<String> {
     secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
     secrets.dedup();
     secrets
+}
+
+/// libpq's connection parameters (PostgreSQL 18's, and older ones still taken).
+const LIBPQ_KEYWORDS: [&str; 52] = [
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "sslmode",
+    "sslnegotiation",
+    "sslcompression",
+    "sslcert",
+    "sslkey",
+    "sslkeylogfile",
+    "sslpassword",
+    "sslcertmode",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "gssencmode",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "service",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "require_auth",
+    "min_protocol_version",
+    "max_protocol_version",
+    "scram_client_key",
+    "scram_server_key",
+    "oauth_issuer",
+    "oauth_client_id",
+    "oauth_client_secret",
+    "oauth_scope",
+    "authtype",
+    "tty",
+];
+
+/// The parameters that follow a password parameter and are no parameter of libpq's (no '=', or
+/// a key it does not know): the rest of a password holding '&', which libpq refuses, quoting it.
+fn password_pieces(query: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut in_password = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map(|(k, _)| percent_decoded(k));
+        match key {
+            Some(k) if LIBPQ_KEYWORDS.contains(&k.as_str()) => in_password = is_password_key(&k),
+            _ if in_password => pieces.push(pair),
+            _ => {}
+        }
+    }
+    pieces
 }
 
 /// `s` with each `%XX` decoded, as libpq decodes every part of a URL, keys included (a '+'
@@ -864,10 +991,91 @@ mod tests {
     fn an_at_sign_in_a_parameter_is_no_password() {
         for raw in [
             "postgres://db/bank?user=a@b",
-            "postgres://db?user=a@b",
             "postgres://u:p@db:5432/bank?options=x@y",
         ] {
             assert!(DbUrl::parse(raw).is_ok(), "{raw}");
+        }
+        // With no '/' before it, libpq takes the '@' for the userinfo's end: it reads
+        // "postgres://db?user=a@b" as the user "db?user=a" on host "b" (psql does so), so it is
+        // refused, not handed to libpq.
+        assert!(DbUrl::parse("postgres://db?user=a@b").is_err());
+    }
+
+    /// An unencoded '&' in a password parameter (a helper playing a new user): libpq refused
+    /// the piece after it as a parameter without '=', quoting it, and bank showed it, in its
+    /// message and in the URL ("?password=***&SEKb=").
+    #[test]
+    fn an_ampersand_in_a_password_parameter_is_refused_and_hidden() {
+        // Each with the piece libpq quotes.
+        for (raw, secret) in [
+            (
+                "postgres://weird@127.0.0.1:1/bank?password=SEKa&SEKb*",
+                "SEKb*",
+            ),
+            (
+                "postgres://weird@h/bank?password=SEKa&SEKb[SEKc\\",
+                "SEKb[SEKc\\",
+            ),
+            (
+                "postgres://weird@h1,h2/bank?password=SEKa&SEKb&SEKc",
+                "SEKb",
+            ),
+            ("postgres://weird@/bank?host=/x&password=SEKa&SEKb", "SEKb"),
+            // libpq: 'invalid URI query parameter: "SEKb"'.
+            ("postgres://weird@h/bank?password=SEKa&SEKb=SEKc]", "SEKb"),
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("%26")),
+                "{raw}: {e:?}"
+            );
+            let e = e.unwrap_or_default();
+            assert!(!e.contains("SEK"), "{raw}: {e}");
+            let said = redact_message(&format!(
+                "cannot connect to {raw}: missing key/value separator \"=\" in URI query \
+                 parameter: \"{secret}\""
+            ));
+            assert!(!said.contains(secret), "{raw}: {said}");
+        }
+    }
+
+    /// An unencoded '?' in a password (a helper playing a new user): libpq reads
+    /// "weird:5?a=b@host" as the password "5?a=b", bank read a port "5" and a query, accepted
+    /// the URL and showed the password whole in every message ("cannot connect to
+    /// postgres://weird:5?a=b@127.0.0.1:54531/bank: … database "bank&connect_timeout=5…"").
+    #[test]
+    fn a_question_mark_in_the_password_is_refused_and_hidden() {
+        for (raw, secret) in [
+            ("postgres://weird:5?a=b@127.0.0.1:54531/bank", "5?a=b"),
+            (
+                "postgres://weird:T72e85?T90575+Tc0731;T458e2=@127.0.0.1:1/bank",
+                "T72e85",
+            ),
+            ("postgres://weird:Te0a1d?T19909=Tc25a9@h/bank", "Te0a1d"),
+            ("postgres://weird:Se#cret=x@h:5432/bank", "Se#cret"),
+            ("postgres://weird:Sec?ret@h1:1,h2:2/bank", "Sec?ret"),
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("percent-encoded")),
+                "{raw}: {e:?}"
+            );
+            let e = e.unwrap_or_default();
+            assert!(!e.contains(secret), "{raw}: {e}");
+            let said = redact_message(&format!("cannot connect to {raw}: refused"));
+            assert!(!said.contains(secret), "{raw}: {said}");
+        }
+        // No '@' before the '/' for libpq, the password ended at the '?' for bank: refused
+        // (as a bad port), the password hidden whole.
+        for raw in [
+            "postgresql://weird:SEKa?SEKb'SEKc=SEKd/@/bank?host=/x",
+            "postgres://weird:SEKa?SEKb#SEKc/SEKd=@127.0.0.1:1/bank",
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| !e.contains("SEK")),
+                "{raw}: {e:?}"
+            );
         }
     }
 
