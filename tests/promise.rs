@@ -1626,3 +1626,59 @@ fn a_transfer_whose_claim_waited_behind_a_rewrite_of_the_claims_gets_its_outcome
         db.bank().args(["verify"]).run().success();
     }
 }
+
+/// A failed transfer's `--json` says why in the word a file's line gets for the same failure
+/// (`"reason"`): a program told an overdraft from an unknown account only by the error's
+/// words (a helper playing a new user). Each case is run both ways, one transfer and a
+/// one-line file, at both levels, and the two words must agree.
+#[test]
+fn a_failed_transfer_s_json_gives_the_reason_a_file_s_line_would() {
+    for iso in Iso::BOTH {
+        let (db, a, b) = two_accounts(iso);
+        let ghost = Uuid::new_v4();
+        let taken = Uuid::new_v4();
+        db.transfer(a, b, 1)
+            .args(["--id", &taken.to_string()])
+            .run()
+            .success();
+        let rich = db.accounts(&[i64::MAX])[0];
+        db.conn()
+            .batch_execute("ALTER TABLE transfers ADD CONSTRAINT dba_cap CHECK (amount < 900)")
+            .expect("the DBA's cap");
+        let cases = [
+            ("insufficient_funds", b, a, 800, None),
+            ("unknown_account", a, ghost, 1, None),
+            ("unknown_account", ghost, a, 1, None),
+            ("id_conflict", a, b, 2, Some(taken)),
+            ("balance_overflow", a, rich, 5, None),
+            // a holds 999: the DBA's cap refuses it.
+            ("refused", a, b, 900, None),
+        ];
+        for (word, from, to, amount, id) in cases {
+            let case = format!("{iso:?} {word} {amount}");
+            let single_id = id.unwrap_or_else(Uuid::new_v4).to_string();
+            let run = db
+                .transfer(from, to, amount)
+                .args(["--json", "--id", &single_id])
+                .run();
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            assert_eq!(run.json()["outcome"], "failed", "{case}: {run:?}");
+            let file_id = id.unwrap_or_else(Uuid::new_v4);
+            let bank = db.bank();
+            let path = bank.dir.path().join("one.csv");
+            std::fs::write(
+                &path,
+                format!("id,from,to,amount\n{file_id},{from},{to},{amount}\n"),
+            )
+            .expect("write the file");
+            let path = path.to_str().expect("utf-8 path").to_string();
+            let file = bank.args(["transfer", "--file", &path, "--json"]).run();
+            assert_eq!(file.code, 1, "{case}: {file:?}");
+            let line: serde_json::Value =
+                serde_json::from_str(file.stdout.lines().next().unwrap_or_default())
+                    .unwrap_or_else(|e| panic!("{case}: not JSON ({e}): {file:?}"));
+            assert_eq!(line["outcome"], word, "{case}: {file:?}");
+            assert_eq!(run.json()["reason"], word, "{case}: {run:?}");
+        }
+    }
+}

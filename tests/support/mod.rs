@@ -407,6 +407,23 @@ impl Run {
         let j = self.json();
         assert_eq!(j["outcome"], outcome, "{self:?}");
         assert!(j["id"].is_string(), "{self:?}");
+        // The word a file's line would get (README, "Outcomes"): "unknown" exactly when the
+        // outcome is.
+        let reasons = [
+            "insufficient_funds",
+            "unknown_account",
+            "id_conflict",
+            "balance_overflow",
+            "refused",
+            "not_applied",
+        ];
+        match outcome {
+            "unknown" => assert_eq!(j["reason"], "unknown", "{self:?}"),
+            _ => assert!(
+                j["reason"].as_str().is_some_and(|r| reasons.contains(&r)),
+                "{self:?}"
+            ),
+        }
         let error = j["error"].as_str().expect("error is a string");
         assert!(error.contains(needle), "{self:?}");
         self.no_password()
