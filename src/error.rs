@@ -133,6 +133,46 @@ pub struct Unmigrated {
     pub unsafe_changes: Option<Box<Vec<String>>>,
 }
 
+impl Unmigrated {
+    /// Whether bank's ledger is there, only not usable on this connection: its tables changed
+    /// in ways bank refuses, one found first in another schema, all of them off the
+    /// search_path, or a part of them missing since the migrations ran. An earlier run may then
+    /// have applied a given id, and a refusal must not read as "not applied": "failed" (exit 1)
+    /// was said of ids the ledger held, for a role's search_path naming another application's
+    /// `accounts` first or no schema of bank's, for a claims table renamed, and for the record
+    /// of bank's migrations dropped (found by a fault-injecting helper). Only a database never
+    /// migrated holds no ledger.
+    pub fn ledger_may_hold_ids(&self) -> bool {
+        self.unsafe_changes.is_some()
+            || self.shadowed.is_some()
+            || !self.elsewhere.is_empty()
+            || self.missing.is_some()
+            || self.record_lost()
+    }
+
+    /// bank's own tables are here, but not the record of its migrations: `transfer_claims` is
+    /// named for bank alone, and its migration came after the ledger's.
+    fn record_lost(&self) -> bool {
+        is_bank_s_own(self.in_the_way.iter().map(String::as_str))
+    }
+}
+
+/// Of relations bank's migrations would create, found already there (`db::in_the_way`): whether
+/// they are bank's own, left without the record of its migrations. `transfer_claims` is named
+/// for bank alone, and its migration came after the ledger's.
+pub fn is_bank_s_own<'a>(mut in_the_way: impl Iterator<Item = &'a str>) -> bool {
+    in_the_way.any(|n| n == "transfer_claims")
+}
+
+/// What to do about bank's own tables found without the record of its migrations (a dump of the
+/// tables alone restored, that record dropped): "give bank a database of its own" was said of
+/// its ledger (found by a fault-injecting helper).
+pub const RECORD_LOST: &str =
+    "these are bank's own tables, without the record of its migrations (table \
+     __diesel_schema_migrations, dropped or left out of a dump); restore that table (from the \
+     backup, or the database the tables came from), so that bank and `bank init` see the schema \
+     as migrated";
+
 /// What a statement found missing (`Unmigrated::missing`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Missing {
@@ -192,6 +232,11 @@ impl std::fmt::Display for Unmigrated {
                     "database not migrated, or changed by hand since its migrations ran: \
                      {missing}; run `bank init`, and if it says the schema is up to date, \
                      restore what is missing (the migration's up.sql under migrations/ made it)"
+                ),
+                None if self.record_lost() => write!(
+                    f,
+                    "database not migrated on record, but it has {}: {RECORD_LOST}",
+                    self.in_the_way.join(", ")
                 ),
                 None if !self.in_the_way.is_empty() => write!(
                     f,
@@ -743,7 +788,11 @@ pub enum Error {
     /// `init` whose migrations would create relations the database already has (exit 1).
     #[error(
         "the database already has {0}, which bank's migrations would create: nothing was \
-         changed; give bank a database (or schema) of its own"
+         changed; {advice}",
+        advice = match is_bank_s_own(.0.split(", ")) {
+            true => RECORD_LOST,
+            false => "give bank a database (or schema) of its own",
+        }
     )]
     InitBlocked(String),
     /// `init` met what a migration makes though the migration is not recorded: its row of

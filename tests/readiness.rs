@@ -1061,9 +1061,18 @@ fn a_table_of_bank_s_name_in_a_schema_before_bank_s_is_refused() {
     )
     .expect("write the file");
     let path = file.path().to_str().expect("a UTF-8 path").to_string();
+    // A file's ids may have been applied by an earlier run, which this connection cannot see:
+    // unknown, as for a change bank refuses (it said "failed", exit 1).
+    let run = bank(&["transfer", "--file", &path, "--format", "csv"]);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stdout
+            .contains("unknown: bank's tables are in schema public")
+            && run.stdout.contains("finds accounts in schema other first"),
+        "{run:?}"
+    );
     for args in [
         vec!["transfer", "--from", &a, "--to", &b, "--amount", "100"],
-        vec!["transfer", "--file", &path, "--format", "csv"],
         vec!["balances"],
         vec!["seed"],
         vec!["verify"],
@@ -1090,6 +1099,112 @@ fn a_table_of_bank_s_name_in_a_schema_before_bank_s_is_refused() {
         serde_json::json!(["accounts in schema other"]),
         "{j}"
     );
+}
+
+/// A transfer applied, then its id run again on a connection that cannot use bank's ledger: a
+/// search_path naming another application's `accounts` first, or no schema of bank's, the
+/// claims table renamed by hand, or the record of bank's migrations dropped. Each said "failed"
+/// (exit 1) of an id the ledger held, with `--id` in transaction mode and in a file (in
+/// single-statement mode too, but for the claims renamed): a false "not applied" (found by a
+/// fault-injecting helper). They say the outcome is unknown
+/// (exit 3) until that is put right, and the rerun then finds the id applied; nothing moves.
+#[test]
+fn an_applied_id_run_again_where_the_ledger_is_out_of_reach_is_not_called_failed() {
+    for iso in support::Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let [a, b] = db.accounts(&[1000, 0])[..] else {
+            panic!("two accounts")
+        };
+        db.conn()
+            .batch_execute(
+                "CREATE SCHEMA other; \
+                 CREATE TABLE other.accounts (LIKE public.accounts INCLUDING ALL)",
+            )
+            .expect("the other application's table");
+        let id = Uuid::new_v4().to_string();
+        db.transfer(a, b, 10).args(["--id", &id]).run().success();
+        let before = db.state();
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("f.csv");
+        std::fs::write(&file, format!("id,from,to,amount\n{id},{a},{b},10\n")).expect("file");
+        let file = file.to_str().expect("utf-8");
+        let (a, b) = (a.to_string(), b.to_string());
+        let cases = [
+            (
+                "?options=-csearch_path%3Dother,public",
+                None,
+                "finds accounts in schema other first",
+            ),
+            (
+                "?options=-csearch_path%3Dnowhere",
+                None,
+                "bank's tables are in schema public",
+            ),
+            (
+                "",
+                Some((
+                    "ALTER TABLE transfer_claims RENAME TO claims_aside",
+                    "ALTER TABLE claims_aside RENAME TO transfer_claims",
+                )),
+                "\"transfer_claims\" does not exist",
+            ),
+            // The record of bank's migrations dropped, or left out of a restored dump: bank's
+            // own tables were called another application's ("give bank a database of its own").
+            (
+                "",
+                Some((
+                    "ALTER TABLE __diesel_schema_migrations RENAME TO migrations_aside",
+                    "ALTER TABLE migrations_aside RENAME TO __diesel_schema_migrations",
+                )),
+                "without the record of its migrations",
+            ),
+        ];
+        for (options, change, words) in cases {
+            let case = format!("{iso:?} {options} {change:?}");
+            let url = format!("{}{options}", db.url.expose());
+            let bank = |args: &[&str]| Bank::new().args(["--database-url", &url]).args(args).run();
+            if let Some((change, _)) = change {
+                db.conn().batch_execute(change).expect("the change");
+            }
+            for mode in ["transaction", "single-statement"] {
+                let run = bank(&[
+                    "transfer", "--from", &a, "--to", &b, "--amount", "10", "--id", &id, "--mode",
+                    mode,
+                ]);
+                // Single-statement mode reads the ledger with its statement when only the claims
+                // are missing: "already exists" is the truth then.
+                let known = run.code == 0 && run.stdout.contains("already exists");
+                assert!(known || run.code == 3, "{case} {mode}: {run:?}");
+                if run.code == 3 {
+                    run.fails_with(3, words);
+                    assert!(run.stderr.contains("may or may not"), "{case}: {run:?}");
+                }
+            }
+            let run = bank(&["transfer", "--file", file]);
+            assert_eq!(run.code, 3, "{case}: {run:?}");
+            assert!(
+                run.stdout.contains("unknown") && run.stdout.contains(words),
+                "{case}: {run:?}"
+            );
+            assert_eq!(db.state(), before, "{case}");
+            if words.contains("record") {
+                bank(&["init"]).fails_with(1, "restore that table");
+                let doctor = bank(&["doctor"]);
+                assert!(doctor.stdout.contains(words), "{case}: {doctor:?}");
+            }
+            if let Some((_, undo)) = change {
+                db.conn().batch_execute(undo).expect("undo the change");
+            }
+            // Put right (the URL's own search_path), a rerun settles it.
+            let run = db
+                .transfer(a.parse().expect("uuid"), b.parse().expect("uuid"), 10)
+                .args(["--id", &id])
+                .run();
+            run.success();
+            assert!(run.stdout.contains("already exists"), "{case}: {run:?}");
+        }
+        assert_eq!(db.state(), before, "{iso:?}");
+    }
 }
 
 #[test]

@@ -1047,9 +1047,10 @@ impl ChunkRunner {
                 Outcome::Unknown,
                 format!("an attempt's COMMIT went unanswered, then: {e}"),
             ),
-            // Changed in ways bank refuses: nothing was sent, but whether an earlier run applied
-            // these lines cannot be learned until the change is undone (as for `--id`).
-            Err(Stop::Failed(TransferError::NotMigrated(u))) if u.unsafe_changes.is_some() => {
+            // Changed in ways bank refuses, or out of this connection's reach: nothing was sent,
+            // but whether an earlier run applied these lines cannot be learned until that is put
+            // right (as for `--id`; `Unmigrated::ledger_may_hold_ids`).
+            Err(Stop::Failed(TransferError::NotMigrated(u))) if u.ledger_may_hold_ids() => {
                 fail(Outcome::Unknown, u.to_string())
             }
             Err(Stop::Failed(TransferError::NotMigrated(u))) => Err(Fatal::NotMigrated(u)),

@@ -281,6 +281,14 @@ pub(super) fn doctor(
             };
             writeln!(out, "schema: {split}")?
         }
+        _ if crate::error::is_bank_s_own(report.init_blocked_by.iter().map(String::as_str)) => {
+            writeln!(
+                out,
+                "schema: not migrated on record, but the database has {}: {}",
+                report.init_blocked_by.join(", "),
+                crate::error::RECORD_LOST
+            )?
+        }
         _ if !report.init_blocked_by.is_empty() => writeln!(
             out,
             "schema: not migrated, and `bank init` would refuse: the database already has {} \

@@ -161,17 +161,20 @@ impl Runner {
                     reason: format!("an attempt's outcome was ambiguous, then: {e}"),
                 })
             }
-            // bank's tables changed in ways it refuses (`db::require_unchanged`): nothing was
-            // sent, but a rerun of a given id cannot learn whether it was applied before, and
-            // "failed" (exit 1) was said of an id the ledger held (found by a reviewer).
+            // bank's tables changed in ways it refuses (`db::require_unchanged`), or out of this
+            // connection's reach (`Unmigrated::ledger_may_hold_ids`): nothing was sent, but a
+            // rerun of a given id cannot learn whether it was applied before, and "failed" (exit
+            // 1) was said of an id the ledger held (found by a reviewer, then a helper).
             Err(Stop::Failed(TransferError::NotMigrated(u)))
-                if self.id_given && u.unsafe_changes.is_some() =>
+                if self.id_given && u.ledger_may_hold_ids() =>
             {
+                let undo = match u.unsafe_changes.is_some() {
+                    true => "once it is undone",
+                    false => "once that is put right",
+                };
                 Err(TransferError::OutcomeUnknown {
                     id: t.id,
-                    reason: format!(
-                        "{u}; once it is undone, run it again (or `bank lookup`) to settle it"
-                    ),
+                    reason: format!("{u}; {undo}, run it again (or `bank lookup`) to settle it"),
                 })
             }
             // A refusal of the database's own may have come before the accounts were locked (a
