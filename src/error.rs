@@ -464,12 +464,11 @@ fn refused_parameter(message: &str) -> Option<String> {
 
 /// Whether `url` (redacted) sets the connection parameter `name` in its query. The others come
 /// from libpq's environment variables or a service file (bank checks the URL's port itself).
+/// libpq decodes a key's `%XX` as it does a value's: `ssl%6Dode=bogus` is its `sslmode`.
 fn sets(url: &str, name: &str) -> bool {
     url.split_once('?').is_some_and(|(_, query)| {
         query.split('&').any(|pair| {
-            pair.split('=')
-                .next()
-                .unwrap_or_default()
+            crate::db::percent_decoded(pair.split('=').next().unwrap_or_default())
                 .eq_ignore_ascii_case(name)
         })
     })
@@ -1434,6 +1433,10 @@ mod tests {
             assert!(e.is_malformed(), "{m}");
             assert!(!e.reaches_no_database(), "{m}");
         }
+        // libpq decodes a key's %XX: the URL's own, however it is written.
+        let mut e = connect_error("invalid sslmode value: \"bogus\"");
+        e.url = "postgres://bank:***@db/bank?ssl%6Dode=bogus".into();
+        assert!(e.reaches_no_database());
         for m in [
             "connection to server at \"127.0.0.1\", port 1 failed: Connection refused",
             "FATAL: password authentication failed for user \"bank\"",

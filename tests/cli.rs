@@ -2063,6 +2063,36 @@ fn a_dotenv_that_is_a_dangling_link_is_named_and_a_pipe_is_read() {
     let bank = Bank::new().args(["balances"]);
     std::fs::create_dir_all(bank.dir.path().join(".env").join("bin")).expect("mkdir");
     bank.run().fails_with(2, "no database URL");
+    // A named pipe no program writes to held up every run for good, one given its URL on the
+    // command line included (a cron job would hang unseen; a reviewer's): it is waited for a
+    // few seconds, then it is a .env that cannot be read, a warning when the URL comes from
+    // elsewhere, an error when it was to come from the pipe.
+    let url = db.url.expose().to_string();
+    for given in [true, false] {
+        let mut bank = match given {
+            true => Bank::new().args(["--database-url", url.as_str(), "balances", "--json"]),
+            false => Bank::new().args(["balances", "--json"]),
+        };
+        let fifo = bank.dir.path().join(".env");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        bank.cmd.timeout(std::time::Duration::from_secs(30));
+        let run = bank.run();
+        let words = "it is a named pipe that no program wrote to within 5s";
+        match given {
+            true => {
+                run.success();
+                assert_eq!(run.stdout, "[]\n", "{run:?}");
+                assert!(run.stderr.contains(words), "{run:?}");
+            }
+            false => {
+                run.fails_with(2, words);
+            }
+        }
+    }
 }
 
 /// A `.env` that begins with a UTF-8 byte order mark (Notepad's "UTF-8 with BOM") is read: it
@@ -2250,6 +2280,13 @@ fn a_question_mark_in_the_password_is_refused_without_showing_it() {
         ("5?a=b", "5?a=b"),
         ("SEKa?SEKb+SEKc;SEKd=", "SEK"),
         ("SEKa?SEKb=SEKc@SEKd", "SEK"),
+        // A '/' after the '?' and before the '@': libpq finds no userinfo, the url crate an
+        // empty port or a port, and both a query; libpq refused its first key, and the URL
+        // was shown whole, password and all ("cannot connect to
+        // postgres://weird?SEKa=SEKb/SEKc@127.0.0.1:…: invalid URI query parameter: "SEKa"").
+        ("?SEKa=SEKb/SEKc", "SEK"),
+        ("?SEKa=W/V$=", "SEK"),
+        ("12?SEKa=SEKb/SEKc", "SEK"),
     ] {
         let url = format!("postgres://weird:{pw}@127.0.0.1:{port}/bank");
         for args in [
@@ -2261,6 +2298,56 @@ fn a_question_mark_in_the_password_is_refused_without_showing_it() {
             assert!(!run.stderr.contains(secret), "{args:?}: {run:?}");
             assert!(!run.stdout.contains(secret), "{args:?}: {run:?}");
         }
+    }
+}
+
+/// libpq takes `ssl=true` in a URL's query for `sslmode=require` (JDBC's spelling, which it
+/// accepts on purpose): after `password=…` it was taken for the rest of a password holding '&',
+/// and the URL refused as malformed ("the password parameter's value holds '&'", exit 2), where
+/// psql logs in with it. It reaches libpq: on a server without TLS, libpq's own refusal.
+#[test]
+fn a_jdbc_ssl_parameter_after_the_password_is_no_part_of_it() {
+    let db = ScratchDb::migrated();
+    let (_, url) = db.teller("LOGIN");
+    let mut url = url::Url::parse(&url).expect("the role's URL");
+    url.set_password(None).expect("no password");
+    for query in ["password=pw&ssl=true", "ssl=true&password=pw"] {
+        url.set_query(Some(query));
+        let id = Uuid::new_v4().to_string();
+        let run = Bank::new()
+            .args(["--database-url", url.as_str(), "lookup", &id])
+            .run();
+        assert!(!run.stderr.contains("malformed"), "{query}: {run:?}");
+        assert!(!run.stderr.contains("%26"), "{query}: {run:?}");
+        // Logged in (a server with TLS), or libpq's refusal (one without).
+        assert!(
+            run.stderr.contains("no transfer") || run.stderr.contains("SSL"),
+            "{query}: {run:?}"
+        );
+    }
+}
+
+/// An '@' in a parameter's value (`application_name=deploy@ci`, `user=admin@server` as some
+/// hosted servers name their roles): every message's URL lost its host, port, database and
+/// query, and read as another host: "cannot connect to postgres://bank:***@ci: connection to
+/// server at "127.0.0.1", port 1 failed" (the redaction took everything from the password to
+/// the last '@' for a password).
+#[test]
+fn an_at_sign_in_a_parameter_leaves_the_url_shown_whole() {
+    for (url, shown) in [
+        (
+            "postgres://bank:SEKRET9@127.0.0.1:1/bank?application_name=deploy@ci",
+            "postgres://bank:***@127.0.0.1:1/bank?application_name=deploy@ci:",
+        ),
+        (
+            "postgres://bank@127.0.0.1:1/bank?password=SEKRET9&application_name=deploy@ci",
+            "postgres://bank@127.0.0.1:1/bank?password=***&application_name=deploy%40ci:",
+        ),
+    ] {
+        let run = Bank::new().args(["--database-url", url, "balances"]).run();
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(run.stderr.contains(shown), "{url}: {run:?}");
+        assert!(!run.stderr.contains("SEKRET9"), "{url}: {run:?}");
     }
 }
 
@@ -2380,6 +2467,10 @@ fn a_url_that_reaches_no_database_is_no_unknown_outcome_with_an_id() {
     let refused_hosts = url.replacen(&authority, &format!("{authority},[::1]x:5"), 1);
     for (bad, code) in [
         (format!("{url}{sep}sslmode=bogus"), 2),
+        // libpq decodes a key's %XX: the URL's own sslmode (it was taken for PGSSLMODE's, and
+        // a given id said unknown, exit 3).
+        (format!("{url}{sep}ssl%6Dode=bogus"), 2),
+        (format!("{url}{sep}target%5Fsession_attrs=bogus"), 2),
         (format!("{url}{sep}connect_timeout=abc"), 2),
         (refused_hosts, 2),
         (missing.to_string(), 1),

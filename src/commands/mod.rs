@@ -459,9 +459,13 @@ fn migrate(
     let pending = db::pending_migrations(&applied)?;
     let taken = db::in_the_way(conn, &pending)?;
     if !taken.is_empty() {
-        // Some of bank's migrations are recorded: what is in the way is bank's own, made by
-        // a migration whose record was deleted (not another application's).
-        if let (false, Some(version)) = (applied.is_empty(), db::maker_of(&pending, &taken)) {
+        // A later migration of bank's is recorded: what is in the way is bank's own, made by
+        // a migration whose record was deleted (not another application's). With none later,
+        // this is an upgrade, and a table of that name may be a DBA's own: called bank's, the
+        // advice to record the migration had bank use it.
+        let maker = db::maker_of(&pending, &taken)
+            .filter(|version| applied.iter().any(|a| a.as_str() > version.as_str()));
+        if let Some(version) = maker {
             return Err(Error::MigrationUnrecorded {
                 version,
                 what: format!(

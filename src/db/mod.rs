@@ -123,6 +123,7 @@ pub use session::{
     commit_synchronously, own_statement_timeout, server_idle_timeout_kept,
     server_statement_timeout_kept, Session,
 };
+pub(crate) use url::percent_decoded;
 pub use url::{redact_message, DbUrl};
 
 use diesel::migration::MigrationSource;
@@ -289,8 +290,10 @@ fn find_dotenv() -> Result<Option<std::path::PathBuf>, ConfigError> {
 }
 
 /// The bytes of the `.env` at `path`. A named pipe is read until its writer closes it, as a
-/// shell's `source .env` reads it; one that no program writes to within a moment is said, once,
-/// on stderr (bank waited in silence).
+/// shell's `source .env` reads it, for at most `DOTENV_PIPE_WAIT`: one that no program writes
+/// to held up every run, `--version` and runs given `--database-url` included, for good (a cron
+/// job would hang unseen; found by a reviewer). Past that it is a `.env` that cannot be read:
+/// an error when the URL was to come from it, else a warning.
 fn read_dotenv(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileTypeExt;
     let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
@@ -299,23 +302,22 @@ fn read_dotenv(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let owned = path.to_path_buf();
+    // Left blocked in its `open` if no writer comes: it ends with the process.
     std::thread::Builder::new()
         .name("dotenv".into())
         .spawn(move || {
             let _ = tx.send(std::fs::read(owned));
         })?;
-    match rx.recv_timeout(std::time::Duration::from_secs(2)) {
-        Ok(read) => read,
-        Err(_) => {
-            crate::say(format_args!(
-                "bank: waiting for {}, a named pipe, to be written (Ctrl-C to stop)",
-                path.display()
-            ));
-            rx.recv()
-                .unwrap_or_else(|_| Err(std::io::Error::other("its reader stopped")))
-        }
-    }
+    rx.recv_timeout(DOTENV_PIPE_WAIT).unwrap_or_else(|_| {
+        Err(std::io::Error::other(format!(
+            "it is a named pipe that no program wrote to within {}s",
+            DOTENV_PIPE_WAIT.as_secs()
+        )))
+    })
 }
+
+/// How long a `.env` that is a named pipe is waited for (`read_dotenv`).
+const DOTENV_PIPE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The key of a `.env` line `KEY=…` or `export KEY=…`; none when the text does not start so.
 fn dotenv_key(line: &str) -> Option<&str> {

@@ -102,6 +102,19 @@ impl DbUrl {
                  an '@' in a parameter as %40",
             ));
         }
+        // With a '/' before the '@', libpq finds no userinfo: "weird:?SEKa=SEKb/SEKc@host" is
+        // host "weird", an empty port and a query whose first key ("SEKa", the password's) it
+        // refuses, quoting it, and bank showed the URL whole, password and all. A key libpq
+        // does not know, with an '@' after it, may be a piece of a password: refused here, and
+        // not shown.
+        if libpq_userinfo(rest).is_none() && unknown_key_before_an_at(rest) {
+            return Err(malformed(
+                "its query has a parameter libpq does not know with an '@' after it, which may be \
+                 part of a password (not shown: libpq takes a user and password only from before \
+                 an '@' with no '/' before it): write '?', '/' and '@' in a password \
+                 percent-encoded, as %3F, %2F and %40",
+            ));
+        }
         let authority = authority_of(rest);
         // libpq ends the user and password at the first '@', the url crate (and the redaction)
         // at the last: "bank:pa@ss@host" reached libpq as host "ss@host", and its error message
@@ -315,6 +328,24 @@ fn authority_of(rest: &str) -> &str {
     }
 }
 
+/// Whether the query (from the first '?') has a key that libpq does not know (it refuses the
+/// URL then) with an '@' somewhere after it.
+fn unknown_key_before_an_at(rest: &str) -> bool {
+    let Some((_, query)) = rest.split_once('?') else {
+        return false;
+    };
+    let mut offset = 0;
+    for pair in query.split('&') {
+        let key = percent_decoded(pair.split('=').next().unwrap_or_default());
+        let known = key.is_empty() || LIBPQ_KEYWORDS.contains(&key.as_str()) || key == "ssl";
+        if !known && query[offset..].contains('@') {
+            return true;
+        }
+        offset += pair.len() + 1;
+    }
+    false
+}
+
 /// The userinfo as libpq reads it (`conninfo_uri_parse_options`): up to the first '@', when no
 /// '/' comes before it. A '?' or '#' does not end it, as it does for the url crate.
 fn libpq_userinfo(rest: &str) -> Option<&str> {
@@ -456,8 +487,15 @@ fn secrets_of(raw: &str) -> Vec<String> {
     // user name ("weird:SEKa?SEKb=SEKc/@host": libpq finds no '@' before the '/', and bank's
     // readings above ended the password at the '?'). A URL that holds it is refused anyway,
     // and hiding more than the password is the lesser harm.
+    // Only when a '?' or '#' ends bank's reading of that password: one that ends at an '@'
+    // was read whole above, and from there to the last '@' of an '@' in a parameter's value
+    // ("bank:pw@h/bank?application_name=deploy@ci") is host, port, database and query, which
+    // every message's URL lost ("cannot connect to postgres://bank:***@ci").
     if let Some((user, password)) = rest.rsplit_once('@').and_then(|(u, _)| u.split_once(':')) {
-        if !user.contains(['/', '?', '#', '@']) {
+        let ended_by = password
+            .find(['?', '#', '/', '@'])
+            .map(|at| &password[at..at + 1]);
+        if !user.contains(['/', '?', '#', '@']) && matches!(ended_by, Some("?" | "#")) {
             secrets.push(password.to_string());
         }
     }
@@ -536,7 +574,10 @@ fn password_pieces(query: &str) -> Vec<&str> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let key = pair.split_once('=').map(|(k, _)| percent_decoded(k));
         match key {
-            Some(k) if LIBPQ_KEYWORDS.contains(&k.as_str()) => in_password = is_password_key(&k),
+            // libpq also takes `ssl` (JDBC's `ssl=true`, which it reads as `sslmode=require`).
+            Some(k) if LIBPQ_KEYWORDS.contains(&k.as_str()) || k == "ssl" => {
+                in_password = is_password_key(&k)
+            }
             _ if in_password => pieces.push(pair),
             _ => {}
         }
@@ -547,7 +588,7 @@ fn password_pieces(query: &str) -> Vec<&str> {
 /// `s` with each `%XX` decoded, as libpq decodes every part of a URL, keys included (a '+'
 /// stays a '+', unlike form data). A '%' without two hex digits is kept: libpq refuses it, and
 /// its refusal quotes the text as written.
-fn percent_decoded(s: &str) -> String {
+pub(crate) fn percent_decoded(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
@@ -999,6 +1040,18 @@ mod tests {
         // "postgres://db?user=a@b" as the user "db?user=a" on host "b" (psql does so), so it is
         // refused, not handed to libpq.
         assert!(DbUrl::parse("postgres://db?user=a@b").is_err());
+        // Shown whole: the password alone is hidden, not all up to the parameter's '@'.
+        for raw in [
+            "postgres://bank:SEKRET9@h:1/bank?application_name=deploy@ci",
+            "postgres://bank:***@h:1/bank?application_name=deploy@ci",
+        ] {
+            let said = redact_message(&format!("cannot connect to {raw}: refused"));
+            assert!(
+                said.contains("@h:1/bank?application_name=deploy@ci"),
+                "{said}"
+            );
+            assert!(!said.contains("SEKRET9"), "{said}");
+        }
     }
 
     /// An unencoded '&' in a password parameter (a helper playing a new user): libpq refused
@@ -1006,6 +1059,13 @@ mod tests {
     /// message and in the URL ("?password=***&SEKb=").
     #[test]
     fn an_ampersand_in_a_password_parameter_is_refused_and_hidden() {
+        // libpq's `ssl=true` (JDBC's, read as sslmode=require) is a parameter, not a piece.
+        for raw in [
+            "postgres://u@h/bank?password=pw&ssl=true",
+            "postgres://u@h/bank?ssl=true&password=pw",
+        ] {
+            assert!(DbUrl::parse(raw).is_ok(), "{raw}");
+        }
         // Each with the piece libpq quotes.
         for (raw, secret) in [
             (
