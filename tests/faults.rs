@@ -72,7 +72,7 @@ fn setup_with(iso: Iso, at: At, balances: &[i64]) -> Setup {
     let mode = match at {
         At::Commit => "transaction",
         At::Statement => "single-statement",
-        At::Connect => "transaction",
+        At::Connect | At::Begin => "transaction",
     };
     Setup {
         db,
@@ -160,7 +160,7 @@ impl Setup {
         match self.at {
             At::Commit => self.proxy.commits(),
             At::Statement => self.proxy.statements(),
-            At::Connect => self.proxy.commits(),
+            At::Connect | At::Begin => self.proxy.commits(),
         }
     }
 
@@ -2865,6 +2865,47 @@ fn a_workload_transfer_frozen_at_its_commit_is_indeterminate_and_its_worker_repl
             "a replacement worker goes on: {batch:?}: {j}"
         );
         proxy.thaw_all();
+    }
+}
+
+/// A workload transfer given up on before its COMMIT (its BEGIN held in the network past its
+/// deadline: the session idle and in no transaction, so no timeout of the server's ends it) is
+/// counted given up (not applied), so its runner, abandoned, must never commit once the BEGIN
+/// arrives: the last gate is its ticket (`Ticket::enter_commit`, in a transfer's transaction and
+/// in a chunk's). With either call's answer ignored (a helper's mutations), every other test
+/// passed; here the abandoned runner committed after it was counted given up, past the final
+/// check's bound on the ledger (`ok` false, `ledger_matches_committed` false). One at a time,
+/// and in chunks; over 1000 accounts, so that the late attempt meets no conflict with the
+/// replacement worker's transfers (which would end it before its COMMIT).
+#[test]
+fn a_workload_transfer_given_up_on_before_its_commit_never_commits_afterwards() {
+    for batch in [None, Some("5")] {
+        let db = ScratchDb::migrated();
+        let proxy = Proxy::start(upstream_of(&db.url));
+        let url = proxy.url_for(&db.url);
+        let mut bank = Bank::new()
+            .args(["--database-url", &url, "workload", "--accounts", "1000"])
+            .args([
+                "--concurrency",
+                "1",
+                "--duration",
+                "4s",
+                "--timeout",
+                "500ms",
+            ])
+            .args(["--check-timeout", "3s", "--json"]);
+        if let Some(b) = batch {
+            bank = bank.args(["--batch", b]);
+        }
+        let run = thread::spawn(move || bank.run());
+        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+        proxy.arm_at(At::Begin, Fault::HeldStatement(Duration::from_millis(2000)));
+        let run = run.join().expect("thread");
+        let j = run.json();
+        assert_eq!(proxy.injected(), 1, "{batch:?}: {j}");
+        assert!(j["stuck_workers"].as_u64() >= Some(1), "{batch:?}: {j}");
+        assert!(j["given_up"].as_u64() >= Some(1), "{batch:?}: {j}");
+        assert_eq!(j["ok"], true, "{batch:?}: {run:?}");
     }
 }
 

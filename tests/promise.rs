@@ -1682,3 +1682,89 @@ fn a_failed_transfer_s_json_gives_the_reason_a_file_s_line_would() {
         }
     }
 }
+
+// The next two were written by a helper mutating the runner: each decision they hold could be
+// broken with every other test passing, and each fails on its mutation.
+
+/// A transfer with a given id that the database refuses with an error of its own (a DBA's
+/// trigger) claims its id before it says "not applied", as one refused on its merits does: a
+/// single statement of an earlier run's attempt that comes late must not apply the id after
+/// that answer. With a refusal of the database's left out of `says_not_applied` (a mutation),
+/// every other test passed, no claim was written, and a late single statement with the id
+/// applied it after "not applied". Both modes, both levels.
+#[test]
+fn a_transfer_the_database_refuses_claims_its_id_before_saying_not_applied() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let case = format!("{iso:?} {mode}");
+            let (db, a, b) = two_accounts(iso);
+            db.conn()
+                .batch_execute(
+                    "CREATE FUNCTION no13() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$BEGIN IF NEW.amount = 13 THEN RAISE EXCEPTION 'amount 13 is unlucky'; \
+                     END IF; RETURN NEW; END$$; \
+                     CREATE TRIGGER t13 BEFORE INSERT ON transfers FOR EACH ROW \
+                     EXECUTE FUNCTION no13()",
+                )
+                .expect("trigger");
+            let id = Uuid::new_v4();
+            let run = db
+                .transfer(a, b, 13)
+                .args(["--id", &id.to_string(), "--mode", mode, "--timeout", "5s"])
+                .run();
+            run.fails_with(1, "amount 13 is unlucky");
+            let claims = bank::repo::claim_generations(&mut db.conn(), &[id]).expect("claims");
+            assert_eq!(claims.len(), 1, "{case}: no claim of the id: {run:?}");
+            // The trigger gone, a single statement with the id (an earlier attempt's, late)
+            // cannot apply it after that answer.
+            db.conn()
+                .batch_execute("DROP TRIGGER t13 ON transfers")
+                .expect("drop the trigger");
+            let late = db
+                .transfer(a, b, 13)
+                .args(["--id", &id.to_string(), "--mode", "single-statement"])
+                .run();
+            late.fails_with(1, "claimed");
+            assert_eq!(
+                (db.balance(a), db.balance(b)),
+                (1000, 0),
+                "{case}: {late:?}"
+            );
+            assert_eq!(db.state().1, 0, "{case}");
+        }
+    }
+}
+
+/// A transfer with a given id refused on its merits by a role that may read `transfer_claims`
+/// but not write it: the id cannot be claimed, so an earlier run's attempt at it may still
+/// commit after "not applied": unknown (exit 3), as a file's line is
+/// (`batch::a_refused_line_whose_claim_cannot_be_written_is_unknown`). With the claim's failure
+/// turned into the refusal itself (a mutation), every other test passed and the run said "not
+/// applied" (exit 1). Both modes, both levels.
+#[test]
+fn a_refused_transfer_whose_claim_cannot_be_written_is_unknown() {
+    for iso in Iso::BOTH {
+        for mode in MODES {
+            let case = format!("{iso:?} {mode}");
+            let (db, a, b) = two_accounts_holding(iso, [5, 0]);
+            let (_, url) = db.role(
+                "LOGIN",
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers TO {role}; \
+                 GRANT SELECT ON transfer_claims, __diesel_schema_migrations TO {role}",
+            );
+            let id = Uuid::new_v4().to_string();
+            let run = crate::support::Bank::new()
+                .args(["--database-url", &url, "transfer", "--mode", mode])
+                .args(["--from", &a.to_string(), "--to", &b.to_string()])
+                .args(["--amount", "7", "--id", &id, "--timeout", "5s"])
+                .run();
+            assert_eq!(run.code, 3, "{case}: {run:?}");
+            assert!(
+                run.stderr.contains("could not claim the id"),
+                "{case}: {run:?}"
+            );
+            assert_eq!((db.balance(a), db.balance(b)), (5, 0), "{case}");
+            assert_eq!(db.state().1, 0, "{case}");
+        }
+    }
+}

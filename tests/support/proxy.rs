@@ -165,6 +165,9 @@ pub enum At {
     Statement,
     /// A new connection's startup message: only `Fault::Crdb` applies, answered at once.
     Connect,
+    /// The simple query that opens a transaction (`BEGIN …`): only `Fault::HeldStatement`
+    /// applies (the BEGIN reaches the server late, its session idle and in no transaction).
+    Begin,
 }
 
 pub struct Proxy {
@@ -177,6 +180,7 @@ struct Shared {
     at_commit: Mutex<VecDeque<Fault>>,
     at_statement: Mutex<VecDeque<Fault>>,
     at_connect: Mutex<VecDeque<Fault>>,
+    at_begin: Mutex<VecDeque<Fault>>,
     commits: AtomicU64,
     statements: AtomicU64,
     injected: AtomicU64,
@@ -215,6 +219,7 @@ impl Shared {
             At::Commit => &self.at_commit,
             At::Statement => &self.at_statement,
             At::Connect => &self.at_connect,
+            At::Begin => &self.at_begin,
         };
         let fault = queue.lock().expect("lock").pop_front();
         if fault.is_some() {
@@ -362,6 +367,7 @@ impl Proxy {
             At::Commit => &self.shared.at_commit,
             At::Statement => &self.shared.at_statement,
             At::Connect => &self.shared.at_connect,
+            At::Begin => &self.shared.at_begin,
         };
         queue.lock().expect("lock").push_back(fault);
     }
@@ -540,6 +546,7 @@ fn client_to_server(
                 shared.commits.fetch_add(1, Ordering::SeqCst);
                 (At::Commit, vec![msg])
             }
+            b'Q' if is_begin(&msg) => (At::Begin, vec![msg]),
             b'P' => {
                 let mut fields = cstrings(&msg);
                 let name = fields.next().unwrap_or_default().to_vec();
@@ -751,6 +758,18 @@ fn forward_replies(
             }
         }
     }
+}
+
+/// A simple query that opens a transaction: `BEGIN`, with or without its modes.
+fn is_begin(msg: &[u8]) -> bool {
+    msg[0] == b'Q'
+        && std::str::from_utf8(&msg[5..]).is_ok_and(|q| {
+            let q = q.trim_start().to_ascii_uppercase();
+            q == "BEGIN"
+                || q.starts_with("BEGIN ")
+                || q.starts_with("BEGIN;")
+                || q.starts_with("BEGIN\0")
+        })
 }
 
 fn is_commit(msg: &[u8]) -> bool {
