@@ -1211,6 +1211,14 @@ pub fn with_hints(mut line: String) -> String {
              off for this role or database)",
         );
     }
+    // What a hot standby refuses to do at all, whatever the transaction (`seed`'s COPY: "cannot
+    // execute COPY during recovery"; a lock a writer takes: "… while recovery is in progress"):
+    // the server's words alone did not say where to go (found by an operator).
+    if (line.contains(" during recovery") || line.contains("while recovery is in progress"))
+        && !line.contains("connect to the primary")
+    {
+        line.push_str(" (a hot standby: connect to the primary)");
+    }
     // A hot standby whose default isolation is SERIALIZABLE (the database's setting, copied from
     // the primary) refuses every transaction, the session's first query included: said as a
     // failure to keep the search_path, which it is not (found by a fault-injecting helper).
@@ -1251,6 +1259,22 @@ mod tests {
         );
         assert!(line.ends_with("connect to the primary)"), "{line}");
         assert_eq!(with_hints("another error".to_string()), "another error");
+    }
+
+    /// `seed` on a hot standby gave the server's words alone.
+    #[test]
+    fn what_a_hot_standby_cannot_do_says_to_connect_to_the_primary() {
+        for words in [
+            "database error: cannot execute COPY during recovery",
+            "database error: cannot acquire lock mode RowExclusiveLock on database objects while \
+             recovery is in progress",
+        ] {
+            let line = with_hints(words.to_string());
+            assert!(
+                line.ends_with("(a hot standby: connect to the primary)"),
+                "{line}"
+            );
+        }
     }
 
     /// A statement the server's temp_file_limit stopped: the setting is named with how to lift

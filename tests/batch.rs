@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::support::proxy::{upstream_of, At, Fault, Proxy};
 use crate::support::{
-    count_transfers, run_file, slow_down_a_commit_after, stop_slowing_commits,
+    count_transfers, json_outcomes, run_file, slow_down_a_commit_after, stop_slowing_commits,
     wait_for_a_commit_asleep, wait_for_a_commit_asleep_or_exit, wait_for_lock_wait, Bank, Iso,
     OwnCluster, Run, ScratchDb,
 };
@@ -5298,4 +5298,66 @@ fn a_file_whose_last_chunk_is_unknown_does_not_say_the_run_stopped() {
     );
     assert!(!run.stderr.contains("the run stopped"), "{run:?}");
     assert!(!run.stderr.contains("another chunk"), "{run:?}");
+}
+
+/// A file whose chunk a full disk rolled back ("could not extend file …") said "the run stopped:
+/// another chunk could not be settled (could not extend file …)", though that chunk was settled:
+/// `not_applied`, as its lines' outcomes say (an operator's finding). The disk is "full" for the
+/// ledger alone: a file size limit on the server's new sessions (`OwnCluster::limit_file_size`)
+/// at the ledger's size, the ledger grown past a WAL segment's 16 MiB first.
+#[test]
+fn a_file_stopped_by_a_full_disk_says_the_chunk_was_not_applied() {
+    let cluster = OwnCluster::start();
+    let db = ScratchDb::migrated_on(cluster.server(), Iso::ReadCommitted);
+    let ids = db.accounts(&[0, 0, 1_000, 0]);
+    let mut conn = db.conn();
+    // 150,000 rows of a filler pair of accounts: about 18 MiB of ledger.
+    conn.batch_execute(&format!(
+        "INSERT INTO transfers (id, from_id, to_id, amount, from_version, from_balance_after, \
+         to_version, to_balance_after) \
+         SELECT gen_random_uuid(), '{}', '{}', 1, g, 0, g, 0 FROM generate_series(1, 150000) g",
+        ids[0], ids[1]
+    ))
+    .expect("fill the ledger");
+    #[derive(QueryableByName)]
+    struct Size {
+        #[diesel(sql_type = BigInt)]
+        bytes: i64,
+    }
+    let size = diesel::sql_query("SELECT pg_relation_size('transfers') AS bytes")
+        .get_result::<Size>(&mut conn)
+        .expect("the ledger's size")
+        .bytes;
+    assert!(size > 16 << 20, "{size}");
+    cluster.limit_file_size(size as u64);
+    let before = db.state();
+    let mut text = String::from("id,from,to,amount\n");
+    for _ in 0..400 {
+        text.push_str(&format!("{},{},{},1\n", Uuid::new_v4(), ids[2], ids[3]));
+    }
+    let run = run_file(
+        db.url.expose(),
+        "full.csv",
+        &text,
+        &["--batch", "200", "--connections", "1"],
+    );
+    run.no_password();
+    // The first chunk rolled back; the rest never sent (unknown: an earlier run of the file
+    // might still apply them).
+    let outcomes = json_outcomes(&run);
+    assert_eq!(outcomes.len(), 400, "{run:?}");
+    assert!(
+        outcomes[..200].iter().all(|o| o == "not_applied"),
+        "{run:?}"
+    );
+    assert!(outcomes[200..].iter().all(|o| o == "unknown"), "{run:?}");
+    assert_eq!(run.code, 3, "{run:?}");
+    assert_eq!(db.state(), before);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("the run stopped: another chunk was not applied (")
+            && last.contains("could not extend file"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("could not be settled"), "{run:?}");
 }

@@ -938,6 +938,8 @@ fn doctor_reports_engine_schema_settings_and_counts() {
     }
     assert_eq!(j["claims_writable"], true, "{j}");
     assert!(!text.stdout.contains("warning"), "{}", text.stdout);
+    // The test server asks for no synchronous standby: nothing is missing.
+    assert_eq!(j["synchronous_standbys_missing"], 0, "{j}");
     assert_eq!(j["settings"]["transaction_read_only"], "off", "{j}");
     assert!(!text.stdout.contains("read only:"), "{}", text.stdout);
     // A read-only connection (a hot standby, or default_transaction_read_only), where every

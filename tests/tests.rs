@@ -12,5 +12,6 @@ mod promise;
 mod readiness;
 mod repo;
 mod report;
+mod standby;
 mod transfer_body;
 mod workload;

@@ -363,10 +363,11 @@ impl ChunkRunner {
                     let mut given = settled;
                     // A line left unknown: as after any statement not settled, the chunk's
                     // lines after it are not sent (their outcomes could depend on it).
-                    if given.iter().any(|v| v.outcome.is_unsettled()) {
+                    if let Some(first) = given.iter().find(|v| v.outcome.is_unsettled()) {
+                        let did = first.outcome.held_up_because();
                         given.extend(lines[start + rest.len()..].iter().map(|_| {
                             Verdict::not_attempted(format_args!(
-                                "an earlier statement could not be settled ({reason})"
+                                "an earlier statement {did} ({reason})"
                             ))
                         }));
                     }
@@ -466,7 +467,8 @@ impl ChunkRunner {
                         .collect();
                     given.extend(lines[start + rest.len()..].iter().map(|_| {
                         Verdict::not_attempted(format_args!(
-                            "an earlier statement could not be settled ({})",
+                            "an earlier statement {} ({})",
+                            failed.outcome.held_up_because(),
                             failed.reason
                         ))
                     }));

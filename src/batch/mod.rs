@@ -79,6 +79,17 @@ impl Outcome {
     pub fn is_unsettled(self) -> bool {
         matches!(self, Outcome::NotApplied | Outcome::Unknown)
     }
+
+    /// What a chunk or statement that ended so did, as the lines after it say why they were not
+    /// sent ("another chunk …"): a `not_applied` one was settled, rolled back (a full disk's
+    /// "could not extend file" said it "could not be settled"); only an `unknown` one could not
+    /// be. Either way the lines after it may depend on it, so they are not sent.
+    pub fn held_up_because(self) -> &'static str {
+        match self {
+            Outcome::NotApplied => "was not applied",
+            _ => "could not be settled",
+        }
+    }
 }
 
 /// One line's outcome, and why when it is not a success.

@@ -459,12 +459,7 @@ where
                 if let Some(v) = verdicts.iter().find(|v| {
                     v.outcome.is_unsettled() && !v.is_not_attempted() && !v.is_answered_elsewhere()
                 }) {
-                    stopping.get_or_insert_with(|| {
-                        format!(
-                            "another chunk could not be settled ({})",
-                            v.error.as_deref().unwrap_or("no reason given")
-                        )
-                    });
+                    stopping.get_or_insert_with(|| stop_reason(v));
                 }
                 finish_group(&mut windows, &f.group, verdicts);
             }
@@ -562,6 +557,15 @@ where
         false => format!("the run stopped: {why}"),
     });
     Ok(summary)
+}
+
+/// Why the run stops after a chunk whose line ended with `v` (`not_applied` or `unknown`).
+fn stop_reason(v: &Verdict) -> String {
+    format!(
+        "another chunk {} ({})",
+        v.outcome.held_up_because(),
+        v.error.as_deref().unwrap_or("no reason given")
+    )
 }
 
 /// The verdicts of a group whose worker stopped short (a frozen server, a connection that
@@ -739,6 +743,28 @@ mod tests {
         assert_eq!(of(0), of(2), "lines sharing an account stay together");
         assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 4);
         assert_eq!(split(&lines, 1), vec![vec![0, 1, 2, 3]]);
+    }
+
+    /// A chunk rolled back by a full disk ("could not extend file") was settled `not_applied`,
+    /// and the run said it "could not be settled" (an operator's finding).
+    #[test]
+    fn a_run_stopped_by_a_chunk_says_what_became_of_it() {
+        let why = |outcome| {
+            stop_reason(&Verdict {
+                outcome,
+                error: Some("could not extend file \"base/1/2\": No space left on device".into()),
+            })
+        };
+        assert_eq!(
+            why(Outcome::NotApplied),
+            "another chunk was not applied (could not extend file \"base/1/2\": No space left \
+             on device)"
+        );
+        assert_eq!(
+            why(Outcome::Unknown),
+            "another chunk could not be settled (could not extend file \"base/1/2\": No space \
+             left on device)"
+        );
     }
 
     #[test]

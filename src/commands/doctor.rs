@@ -59,6 +59,22 @@ struct Report {
     /// on each), those this role lacks, as "INSERT on accounts"; empty when not migrated or the
     /// server cannot say.
     missing_privileges: Vec<String>,
+    /// How many of the synchronous standbys `synchronous_standby_names` asks for are not
+    /// connected (PostgreSQL's primary only; 0 when none is asked for or all are there): while
+    /// any is missing, every COMMIT that writes waits for it, forever. `None` (null) on
+    /// CockroachDB, on a standby, or when the server does not say.
+    synchronous_standbys_missing: Option<i64>,
+}
+
+/// `synchronous_standby_names` and the standbys that may count towards it.
+#[derive(QueryableByName)]
+struct SyncRep {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    names: String,
+    /// Connected standbys that are synchronous (or quorum) now, and those whose state this
+    /// role may not see (`pg_read_all_stats` shows it): as many as may be.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    connected: i64,
 }
 
 #[derive(QueryableByName)]
@@ -217,6 +233,23 @@ pub(super) fn doctor(
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+    // A primary whose synchronous_standby_names names standbys that are not there makes every
+    // COMMIT wait for them: each transfer then hangs to its deadline (an operator's server).
+    // PostgreSQL's alone: CockroachDB replicates by itself, and on a standby it means nothing.
+    let sync_rep = match server.engine {
+        Engine::PostgreSQL => diesel::sql_query(
+            "SELECT current_setting('synchronous_standby_names') AS names, \
+             (SELECT COUNT(*) FROM pg_stat_replication \
+              WHERE sync_state IN ('sync', 'quorum') OR sync_state IS NULL) AS connected \
+             WHERE NOT pg_is_in_recovery()",
+        )
+        .get_result::<SyncRep>(&mut conn)
+        .ok(),
+        Engine::CockroachDB => None,
+    };
+    let sync_needed = sync_rep
+        .as_ref()
+        .map(|r| synchronous_standbys_needed(&r.names));
     let report = Report {
         engine: server.engine,
         release: server.release.clone(),
@@ -241,6 +274,10 @@ pub(super) fn doctor(
         transfers,
         claims_writable,
         missing_privileges,
+        synchronous_standbys_missing: sync_rep
+            .as_ref()
+            .zip(sync_needed)
+            .map(|(r, needed)| (needed - r.connected).max(0)),
     };
     if json {
         serde_json::to_writer(&mut *out, &report).map_err(io::Error::from)?;
@@ -376,8 +413,49 @@ pub(super) fn doctor(
             report.missing_privileges.join(", ")
         )?;
     }
+    if let (Some(rep), Some(needed), Some(1..)) =
+        (&sync_rep, sync_needed, report.synchronous_standbys_missing)
+    {
+        writeln!(
+            out,
+            "warning: synchronous_standby_names is '{}': every COMMIT that writes waits until \
+             {needed} synchronous {} confirm{} it, and {} {} connected: transfers, seed, init \
+             and reset wait until their deadline; start or reconnect the standby, or clear the \
+             setting (ALTER SYSTEM SET synchronous_standby_names = ''; SELECT pg_reload_conf())",
+            rep.names,
+            if needed == 1 { "standby" } else { "standbys" },
+            if needed == 1 { "s" } else { "" },
+            rep.connected,
+            if rep.connected == 1 { "is" } else { "are" },
+        )?;
+    }
     shown.write_all(crate::for_terminal(&String::from_utf8_lossy(&text)).as_bytes())?;
     Ok(())
+}
+
+/// How many synchronous standbys `synchronous_standby_names` makes a COMMIT wait for:
+/// `FIRST n (…)`, `ANY n (…)` and the older `n (…)` say it; a bare list or `*` means one; an
+/// empty setting none.
+fn synchronous_standbys_needed(names: &str) -> i64 {
+    let names = names.trim();
+    if names.is_empty() {
+        return 0;
+    }
+    let lower = names.to_ascii_lowercase();
+    let rest = ["first", "any"]
+        .iter()
+        .find_map(|word| {
+            lower
+                .strip_prefix(word)
+                .filter(|rest| rest.starts_with(char::is_whitespace))
+        })
+        .unwrap_or(&lower)
+        .trim_start();
+    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    match rest[digits..].trim_start().starts_with('(') {
+        true => rest[..digits].parse().unwrap_or(1),
+        false => 1,
+    }
 }
 
 /// `None` for a query this role may not run (either engine's words); other errors stand.
@@ -409,4 +487,25 @@ fn missing_privileges(conn: &mut PgConnection) -> Option<Vec<(String, &'static s
 /// A server setting of this session, or `None` when the server does not have it.
 fn setting(conn: &mut PgConnection, name: &str) -> Option<String> {
     repo::setting(conn, name).ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::synchronous_standbys_needed as needed;
+
+    #[test]
+    fn the_synchronous_standbys_a_commit_waits_for() {
+        assert_eq!(needed(""), 0);
+        assert_eq!(needed("  "), 0);
+        assert_eq!(needed("ghost"), 1);
+        assert_eq!(needed("*"), 1);
+        assert_eq!(needed("a, b"), 1);
+        assert_eq!(needed("FIRST 2 (a, b, c)"), 2);
+        assert_eq!(needed("any 3(a,b,c)"), 3);
+        assert_eq!(needed("2 (a, b)"), 2);
+        // Standbys named like the keywords, or starting with a digit.
+        assert_eq!(needed("first"), 1);
+        assert_eq!(needed("any, first"), 1);
+        assert_eq!(needed("2nd"), 1);
+    }
 }

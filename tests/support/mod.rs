@@ -765,6 +765,167 @@ impl OwnCluster {
     }
 }
 
+impl OwnCluster {
+    /// A hot standby of this cluster (see `Standby`).
+    pub fn standby(&self) -> Standby {
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let standby = Standby(OwnCluster {
+                port,
+                dir: format!("/tmp/bank-pg-test-{}", Uuid::new_v4().simple()),
+            });
+            match standby.make(self) {
+                Ok(()) => return standby,
+                Err(why) => failures.push(format!("port {port}: {why}")),
+            }
+        }
+        panic!("no standby after 5 tries: {failures:#?}");
+    }
+
+    /// Caps the size of every file the server's processes started from now on write (its new
+    /// sessions: `prlimit --fsize` on the postmaster, whose children inherit it; PostgreSQL
+    /// ignores SIGXFSZ, so a write past it fails with EFBIG): a full disk for the tables
+    /// bigger than `bytes`, without one. At least a WAL segment (16 MiB), which a session
+    /// writes into. Needs no root: the postmaster is the test's user's (or root's `postgres`).
+    pub fn limit_file_size(&self, bytes: u64) {
+        let pid = std::fs::read_to_string(format!("{}/data/postmaster.pid", self.dir))
+            .expect("postmaster.pid");
+        let pid = pid.lines().next().expect("the postmaster's pid");
+        let fsize = format!("--fsize={bytes}");
+        // As the postmaster's user: root's `postgres` (scripts/pg) may not be changed by root
+        // without CAP_SYS_RESOURCE, which a container may lack.
+        let uid = |path: &str| {
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path).expect("a process"))
+        };
+        let mut prlimit = match uid("/proc/self") == uid(&format!("/proc/{pid}")) {
+            true => std::process::Command::new("prlimit"),
+            false => {
+                let mut runuser = std::process::Command::new("runuser");
+                runuser.args(["-u", "postgres", "--", "prlimit"]);
+                runuser
+            }
+        };
+        let out = prlimit
+            .args(["--pid", pid, &fsize])
+            .output()
+            .expect("run prlimit (util-linux)");
+        assert!(
+            out.status.success(),
+            "prlimit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The primary's WAL position now, for `Standby::catch_up`.
+    fn wal_lsn(&self) -> String {
+        self.pg(&[
+            "psql",
+            "-d",
+            "postgres",
+            "-tAc",
+            "SELECT pg_current_wal_lsn()",
+        ])
+    }
+}
+
+/// A hot standby of an `OwnCluster`, as an operator runs one to spare the primary its reads:
+/// `pg_basebackup -R` of the primary (the test cluster's pg_hba, initdb's, lets its superuser
+/// replicate over loopback), then `scripts/pg start` on its own port and directory, which waits
+/// until it accepts connections. Its default isolation is READ COMMITTED: the primary's,
+/// SERIALIZABLE, is refused by a standby for every transaction (as in any replica of a server
+/// that defaults to it; then nothing works there). Stopped and deleted when dropped.
+pub struct Standby(OwnCluster);
+
+impl Standby {
+    fn make(&self, primary: &OwnCluster) -> Result<(), String> {
+        let me = &self.0;
+        std::fs::create_dir_all(&me.dir).map_err(|e| e.to_string())?;
+        let data = format!("{}/data", me.dir);
+        let source = primary.server();
+        let out = me
+            .command(&[
+                "exec",
+                "pg_basebackup",
+                "-R",
+                "-c",
+                "fast",
+                "-D",
+                &data,
+                "-d",
+                source.expose(),
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "pg_basebackup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        // Later lines win over the primary's own.
+        let conf = format!(
+            "port = {}\nunix_socket_directories = '{}'\n\
+             default_transaction_isolation = 'read committed'\n",
+            me.port, me.dir
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(format!("{data}/postgresql.conf"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        // As root the server runs as `postgres` (scripts/pg), which must own its files.
+        if std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(&me.dir).map_err(|e| e.to_string())?,
+        ) == 0
+        {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:", &me.dir])
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err("chown".into());
+            }
+        }
+        let out = me.command(&["start"]).output().map_err(|e| e.to_string())?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        }
+    }
+
+    /// The URL of its `postgres` database (`with_database` for another).
+    pub fn server(&self) -> DbUrl {
+        self.0.server()
+    }
+
+    /// Waits until it has replayed everything the primary has written so far (20 s at most).
+    pub fn catch_up(&self, primary: &OwnCluster) {
+        let lsn = primary.wal_lsn();
+        let started = Instant::now();
+        loop {
+            let replayed = self.0.pg(&[
+                "psql",
+                "-d",
+                "postgres",
+                "-tAc",
+                &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'"),
+            ]);
+            if replayed == "t" {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the standby did not replay up to {lsn} within 20 s"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for OwnCluster {
     fn drop(&mut self) {
         // A failed test may leave it frozen, and a frozen server does not stop.

@@ -1,0 +1,176 @@
+//! A hot standby of a cluster of the test's own (`OwnCluster::standby`), as an operator runs
+//! one to spare the primary its reads: what bank reads there, and what it refuses to write there.
+
+use diesel::connection::SimpleConnection;
+use diesel::RunQueryDsl;
+use uuid::Uuid;
+
+use crate::support::{Bank, Iso, OwnCluster, ScratchDb};
+
+/// `bank --database-url URL ARGS`.
+fn bank_at(url: &str, args: &[&str]) -> crate::support::Run {
+    Bank::new().args(["--database-url", url]).args(args).run()
+}
+
+/// `verify` failed there ("cannot use serializable mode in a hot standby": it asked for a
+/// read-only SERIALIZABLE transaction) while `balances`, `history`, `lookup` and `doctor`
+/// worked; and `seed` said "cannot execute COPY during recovery" without saying where to go
+/// (an operator's findings). Every read works on the standby, every write says to connect to the
+/// primary, and the primary is left as it was.
+#[test]
+fn a_hot_standby_answers_every_read_and_sends_writes_to_the_primary() {
+    let cluster = OwnCluster::start();
+    let standby = cluster.standby();
+    let db = ScratchDb::migrated_on(cluster.server(), Iso::ReadCommitted);
+    let ids = db.accounts(&[100, 50]);
+    let id = Uuid::new_v4().to_string();
+    db.transfer(ids[0], ids[1], 30)
+        .args(["--id", &id])
+        .run()
+        .success();
+    standby.catch_up(&cluster);
+    let replica = standby.server().with_database(&db.name);
+    let replica = replica.expose();
+    let before = db.state();
+
+    let verify = bank_at(replica, &["verify"]);
+    verify.success().no_password();
+    assert!(verify.stdout.ends_with("verify: ok\n"), "{verify:?}");
+    let j = bank_at(replica, &["verify", "--json"]).success().json();
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(
+        (j["accounts"].as_i64(), j["transfers"].as_i64()),
+        (Some(2), Some(1)),
+        "{j}"
+    );
+
+    let balances = bank_at(replica, &["balances"]);
+    balances.success();
+    assert!(balances.stdout.contains("balance: $70"), "{balances:?}");
+    assert!(balances.stdout.contains("balance: $80"), "{balances:?}");
+    let history = bank_at(replica, &["history", &ids[0].to_string()]);
+    history.success();
+    assert!(history.stdout.contains(&id), "{history:?}");
+    let lookup = bank_at(replica, &["lookup", &id]);
+    lookup.success();
+    assert!(lookup.stdout.contains(&id), "{lookup:?}");
+    let doctor = bank_at(replica, &["doctor"]);
+    doctor.success();
+    assert!(doctor.stdout.contains("read only:"), "{doctor:?}");
+    assert!(!doctor.stdout.contains("warning"), "{doctor:?}");
+
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    bank_at(
+        replica,
+        &["transfer", "--from", &from, "--to", &to, "--amount", "1"],
+    )
+    .fails_with(1, "connect to the primary");
+    bank_at(replica, &["seed"]).fails_with(1, "connect to the primary");
+    bank_at(replica, &["seed", "--accounts", "3"]).fails_with(1, "connect to the primary");
+    bank_at(replica, &["reset", "--yes"]).fails_with(1, "on the primary");
+    assert_eq!(db.state(), before);
+}
+
+/// A primary whose `synchronous_standby_names` names a standby that is not connected makes
+/// every COMMIT that writes wait for it, forever, and doctor said nothing of it (an operator's
+/// server). The setting is server-wide: set here on a cluster of the test's own, never on the
+/// shared test server, whose commits it would stop.
+#[test]
+fn doctor_warns_when_commits_wait_for_a_synchronous_standby_that_is_not_there() {
+    let cluster = OwnCluster::start();
+    let standby = cluster.standby();
+    let db = ScratchDb::migrated_on(cluster.server(), Iso::ReadCommitted);
+    // Cleared before the scratch database is dropped (a DROP DATABASE would wait forever too),
+    // even when an assertion fails.
+    let _clear = SyncNames(&db);
+    let primary = db.url.expose().to_string();
+    // The standby connects as `walreceiver` (pg_basebackup -R names none), and is `sync` when
+    // the setting names it, else `async`.
+    let doctor = |names: &str, walreceiver: &str| {
+        SyncNames::set(&db, names, walreceiver);
+        let text = bank_at(&primary, &["doctor"]);
+        text.success();
+        let j = bank_at(&primary, &["doctor", "--json"]).success().json();
+        (text.stdout, j["synchronous_standbys_missing"].clone())
+    };
+    let warning = "warning: synchronous_standby_names";
+
+    let (text, missing) = doctor("", "async");
+    assert!(!text.contains(warning), "{text}");
+    assert_eq!(missing, 0);
+    let (text, missing) = doctor("walreceiver", "sync");
+    assert!(!text.contains(warning), "{text}");
+    assert_eq!(missing, 0);
+    let (text, missing) = doctor("ghost", "async");
+    assert!(text.contains(&format!("{warning} is 'ghost'")), "{text}");
+    assert!(text.contains("0 are connected"), "{text}");
+    assert_eq!(missing, 1);
+    let (text, missing) = doctor("FIRST 2 (walreceiver, ghost)", "sync");
+    assert!(
+        text.contains("waits until 2 synchronous standbys"),
+        "{text}"
+    );
+    assert!(text.contains("1 is connected"), "{text}");
+    assert_eq!(missing, 1);
+    // On the standby the setting means nothing: no warning, and nothing to count.
+    let replica = standby.server().with_database(&db.name);
+    let j = bank_at(replica.expose(), &["doctor", "--json"])
+        .success()
+        .json();
+    assert!(j["synchronous_standbys_missing"].is_null(), "{j}");
+}
+
+/// `synchronous_standby_names` on the scratch database's server; cleared when dropped.
+struct SyncNames<'a>(&'a ScratchDb);
+
+impl SyncNames<'_> {
+    /// Sets it and waits until new sessions and the standby's walsender see it.
+    fn set(db: &ScratchDb, names: &str, walreceiver: &str) {
+        let mut conn = db.conn();
+        // Two statements: ALTER SYSTEM runs in no transaction block, an implicit one included.
+        conn.batch_execute(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+            names.replace('\'', "''")
+        ))
+        .expect("set synchronous_standby_names");
+        conn.batch_execute("SELECT pg_reload_conf()")
+            .expect("reload");
+        // A reload reaches the postmaster and the walsender a moment later.
+        let started = std::time::Instant::now();
+        loop {
+            let mut fresh = db.conn();
+            let seen: Vec<Seen> = diesel::sql_query(
+                "SELECT current_setting('synchronous_standby_names') = $1 \
+                 AND EXISTS (SELECT FROM pg_stat_replication \
+                   WHERE application_name = 'walreceiver' AND sync_state = $2) AS ok",
+            )
+            .bind::<diesel::sql_types::Text, _>(names)
+            .bind::<diesel::sql_types::Text, _>(walreceiver)
+            .load(&mut fresh)
+            .expect("read the setting");
+            if seen.first().is_some_and(|s| s.ok) {
+                return;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "synchronous_standby_names = {names:?} not in force within 20 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Seen {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    ok: bool,
+}
+
+impl Drop for SyncNames<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = self.0.url.connect() {
+            let _ = conn.batch_execute("ALTER SYSTEM RESET synchronous_standby_names");
+            let _ = conn.batch_execute("SELECT pg_reload_conf()");
+        }
+    }
+}
