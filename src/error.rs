@@ -823,6 +823,15 @@ pub enum Error {
          deleted"
     )]
     ResetReadOnly,
+    /// `workload` on a connection that may not write: every transfer failed and reconnected for
+    /// the whole run (224 errors in 2 s with `--reuse-accounts` on a hot standby; an operator's
+    /// finding), where one line says where to go.
+    #[error(
+        "the database is read-only on this connection (a hot standby: run the workload on the \
+         primary; or default_transaction_read_only: turn it off for this role or database): \
+         nothing was done"
+    )]
+    WorkloadReadOnly,
     /// `reset` that failed part-way: it deletes in batches, each committed (exit 1).
     #[error(
         "reset stopped after deleting {} and {}{}{}: {}; run it again to finish",

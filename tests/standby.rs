@@ -68,6 +68,14 @@ fn a_hot_standby_answers_every_read_and_sends_writes_to_the_primary() {
     bank_at(replica, &["seed"]).fails_with(1, "connect to the primary");
     bank_at(replica, &["seed", "--accounts", "3"]).fails_with(1, "connect to the primary");
     bank_at(replica, &["reset", "--yes"]).fails_with(1, "on the primary");
+    // Its transfers failed in turn for the whole run (224 errors and 217 reconnects in 2 s),
+    // where one line says where to go.
+    let workload = bank_at(
+        replica,
+        &["workload", "--reuse-accounts", "--duration", "2s", "--json"],
+    );
+    workload.fails_with(1, "run the workload on the primary");
+    assert_eq!(workload.stdout, "", "{workload:?}");
     assert_eq!(db.state(), before);
 }
 

@@ -756,7 +756,8 @@ fn the_report_and_the_histogram_cannot_share_a_file() {
     assert_eq!(db.state().0.len(), 0);
 }
 
-/// `workload --batch` on a database that refuses every write (read-only): each refused chunk
+/// `workload --batch` on a database that refuses every write (a DBA's trigger; it was a
+/// database set read-only, which the run now refuses before it starts): each refused chunk
 /// was counted "given up", and the run said "workload: ok", exit 0; without --batch the same
 /// errors fail the run. They are errors in both now.
 #[test]
@@ -764,7 +765,7 @@ fn a_batched_workload_counts_database_errors_as_errors() {
     for iso in crate::support::Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
         db.accounts(&[1000; 10]);
-        db.alter("default_transaction_read_only = on");
+        refuse_every_write(&db);
         let run = db
             .bank()
             .args([
@@ -784,11 +785,23 @@ fn a_batched_workload_counts_database_errors_as_errors() {
         assert!(
             j["last_error"]
                 .as_str()
-                .is_some_and(|e| e.contains("read-only")),
+                .is_some_and(|e| e.contains("writes are closed for the audit")),
             "{iso:?}: {j}"
         );
-        db.alter("default_transaction_read_only = off");
     }
+}
+
+/// A DBA's trigger refusing every write to the accounts, in words of its own: every transfer
+/// fails (a database set read-only is refused before the run starts).
+fn refuse_every_write(db: &ScratchDb) {
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION no_writes() RETURNS trigger LANGUAGE plpgsql AS $$ \
+               BEGIN RAISE EXCEPTION 'writes are closed for the audit'; END $$; \
+             CREATE TRIGGER no_writes BEFORE UPDATE ON accounts \
+               FOR EACH ROW EXECUTE FUNCTION no_writes()",
+        )
+        .expect("the DBA's trigger");
 }
 
 /// A batch that outlives the run (many refusals: each ends a statement) was given up on whole at
@@ -1449,14 +1462,14 @@ fn an_output_file_that_is_a_mount_point_is_refused() {
     }
 }
 
-/// A workload whose every transfer fails the same way (a database set read-only) printed one
+/// A workload whose every transfer fails the same way (a DBA's trigger refusing every write) printed one
 /// warning per transfer: 5,000 identical lines for 5,000 transfers (found by a helper playing a
 /// new user). Each kind of failure is shown once; the summary counts them all.
 #[test]
 fn a_failure_repeated_by_every_transfer_is_shown_once() {
     let db = ScratchDb::migrated();
     db.accounts(&[1000, 1000, 1000]);
-    db.alter("default_transaction_read_only = on");
+    refuse_every_write(&db);
     let run = db
         .bank()
         .args(["workload", "--reuse-accounts", "--accounts", "3"])
@@ -1466,7 +1479,9 @@ fn a_failure_repeated_by_every_transfer_is_shown_once() {
     let shown = run
         .stderr
         .lines()
-        .filter(|l| l.starts_with("bank: warning: ") && l.contains("read-only transaction"))
+        .filter(|l| {
+            l.starts_with("bank: warning: ") && l.contains("writes are closed for the audit")
+        })
         .count();
     assert_eq!(shown, 1, "{}", run.stderr);
     assert_eq!(run.json()["errors"], 300, "{}", run.stdout);

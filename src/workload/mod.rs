@@ -115,6 +115,11 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         )
     })?;
     let mut setup = url.connect_to_write(setup_timeout)?;
+    // Before anything: with `--reuse-accounts` nothing in the setup writes, and every worker's
+    // transfer then failed in turn.
+    if crate::repo::read_only(&mut setup)? {
+        return Err(Error::WorkloadReadOnly);
+    }
     crate::guard::tick();
     let ids = prepare_accounts(&mut setup, config, &made)?;
     // A read: run again while a conflict of the moment rolls it back (another session's lock
