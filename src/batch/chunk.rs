@@ -767,13 +767,7 @@ impl ChunkRunner {
                         .and_then(|b| first_reason_in(&l.transfer, |id| b.get(&id).copied()));
                     match own {
                         Some(e) => Verdict {
-                            outcome: match e {
-                                TransferError::InsufficientFunds { .. } => {
-                                    Outcome::InsufficientFunds
-                                }
-                                TransferError::BalanceOverflow { .. } => Outcome::BalanceOverflow,
-                                _ => Outcome::UnknownAccount,
-                            },
+                            outcome: Outcome::of_failure(&e),
                             error: Some(e.to_string()),
                         },
                         None => Verdict {

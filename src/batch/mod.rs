@@ -70,6 +70,29 @@ impl Outcome {
         }
     }
 
+    /// The outcome a line gets for the failure one transfer at a time meets: the file's
+    /// vocabulary, which `transfer --json` gives as its `"reason"` too. `Unknown` where the
+    /// failure cannot say it was not applied.
+    pub fn of_failure(e: &crate::error::TransferError) -> Outcome {
+        use crate::error::TransferError as E;
+        match e {
+            E::UnknownAccount(_) => Outcome::UnknownAccount,
+            E::InsufficientFunds { .. } => Outcome::InsufficientFunds,
+            E::IdConflict { .. } => Outcome::IdConflict,
+            E::BalanceOverflow { .. } => Outcome::BalanceOverflow,
+            E::Database(diesel::result::Error::DatabaseError(..))
+            | E::NoLedgerRow
+            | E::AccountNotUpdated(_) => Outcome::Refused,
+            E::OutcomeUnknown { .. } | E::Abandoned => Outcome::Unknown,
+            E::NonPositiveAmount(_)
+            | E::SameAccount(_)
+            | E::NotMigrated(_)
+            | E::NotApplied { .. }
+            | E::Connect(_)
+            | E::Database(_) => Outcome::NotApplied,
+        }
+    }
+
     /// In the ledger, by this run or an earlier one.
     pub fn is_success(self) -> bool {
         matches!(self, Outcome::Applied | Outcome::AlreadyApplied)

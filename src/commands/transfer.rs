@@ -36,27 +36,6 @@ struct TransferFailureJson {
     error: String,
 }
 
-/// The word a file's line gets for this failure (README, "Outcomes"); `unknown` where this
-/// run cannot say it was not applied.
-fn reason_of(e: &TransferError) -> &'static str {
-    match e {
-        TransferError::UnknownAccount(_) => "unknown_account",
-        TransferError::InsufficientFunds { .. } => "insufficient_funds",
-        TransferError::IdConflict { .. } => "id_conflict",
-        TransferError::BalanceOverflow { .. } => "balance_overflow",
-        TransferError::Database(diesel::result::Error::DatabaseError(..))
-        | TransferError::NoLedgerRow
-        | TransferError::AccountNotUpdated(_) => "refused",
-        TransferError::OutcomeUnknown { .. } | TransferError::Abandoned => "unknown",
-        TransferError::NonPositiveAmount(_)
-        | TransferError::SameAccount(_)
-        | TransferError::NotMigrated(_)
-        | TransferError::NotApplied { .. }
-        | TransferError::Connect(_)
-        | TransferError::Database(_) => "not_applied",
-    }
-}
-
 pub(super) fn transfer_cmd(
     url: &DbUrl,
     args: &TransferArgs,
@@ -102,7 +81,7 @@ pub(super) fn transfer_cmd(
     let receipt = match runner.run_guarded(&t) {
         Ok(receipt) => receipt,
         Err(e) => {
-            let reason = reason_of(&e);
+            let reason = crate::batch::Outcome::of_failure(&e).as_str();
             // The database's own refusal (a DBA's trigger, a read-only database) is named as the
             // transfer it refused, not applied: the line said only "database error: ...", and
             // never showed the id this run made up. (The runner keeps the error's type: a
