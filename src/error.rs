@@ -311,7 +311,8 @@ impl ConnectError {
     /// service file), which an earlier run of the same URL may not have met.
     fn url_refused_by_libpq(&self) -> bool {
         self.refused_by_libpq()
-            && refused_parameter(&self.message).is_none_or(|name| sets(&self.url, &name))
+            && refused_parameter(&self.message)
+                .is_none_or(|name| crate::db::query_sets(&self.url, &name))
     }
 
     /// libpq refused a connection parameter before connecting, wherever it was set: the URL,
@@ -460,18 +461,6 @@ fn refused_parameter(message: &str) -> Option<String> {
     let name = name.trim();
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
     (!name.is_empty() && name.chars().all(word) && name != "integer").then(|| name.to_string())
-}
-
-/// Whether `url` (redacted) sets the connection parameter `name` in its query. The others come
-/// from libpq's environment variables or a service file (bank checks the URL's port itself).
-/// libpq decodes a key's `%XX` as it does a value's: `ssl%6Dode=bogus` is its `sslmode`.
-fn sets(url: &str, name: &str) -> bool {
-    url.split_once('?').is_some_and(|(_, query)| {
-        query.split('&').any(|pair| {
-            crate::db::percent_decoded(pair.split('=').next().unwrap_or_default())
-                .eq_ignore_ascii_case(name)
-        })
-    })
 }
 
 /// Why a transfer was not applied.

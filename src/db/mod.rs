@@ -123,7 +123,7 @@ pub use session::{
     commit_synchronously, own_statement_timeout, server_idle_timeout_kept,
     server_statement_timeout_kept, Session,
 };
-pub(crate) use url::percent_decoded;
+pub(crate) use url::query_sets;
 pub use url::{redact_message, DbUrl};
 
 use diesel::migration::MigrationSource;

@@ -35,17 +35,12 @@ impl DbUrl {
             }
             url.pop();
         }
-        // The URL's own parameters, by name: "fallback_application_name=x" holds
-        // "application_name=", and taken for it, bank's sessions went unnamed (`doctor` said
-        // "application_name=bank" all the same); a password could hold one too.
-        let query = url.split_once('?').map_or("", |(_, q)| q).to_string();
-        let set = |name: &str| {
-            query
-                .split('&')
-                .any(|kv| kv.split_once('=').is_some_and(|(k, _)| k == name))
-        };
+        // The URL's own parameters, by name (`query_sets`): "fallback_application_name=x"
+        // holds "application_name=", and taken for it, bank's sessions went unnamed (`doctor`
+        // said "application_name=bank" all the same); a password could hold one too.
+        let own = url.clone();
         for (name, value) in bank_defaults(application_name, timeout) {
-            if set(name) || (name == "application_name" && appname_set()) {
+            if super::query_sets(&own, name) || (name == "application_name" && appname_set()) {
                 continue;
             }
             let sep = if url.contains('?') { '&' } else { '?' };
@@ -796,6 +791,11 @@ mod tests {
         let url = DbUrl::parse("postgres://u:pw@db/bank?application_name=mine").expect("ok");
         let s = url.connect_string("bank", Duration::from_secs(3));
         assert!(!s.contains("application_name=bank"), "{s}");
+        // libpq decodes keys: the URL's own connect timeout, written percent-encoded, was
+        // overridden by bank's (a reviewer's nit).
+        let url = DbUrl::parse("postgres://u:pw@db/bank?connect%5Ftimeout=7").expect("ok");
+        let s = url.connect_string("bank", Duration::from_secs(3));
+        assert!(!s.contains("&connect_timeout=3"), "{s}");
     }
 
     #[test]

@@ -585,10 +585,24 @@ fn password_pieces(query: &str) -> Vec<&str> {
     pieces
 }
 
+/// Whether `url` (as written, or redacted) sets the connection parameter `name` in its query:
+/// bank's own parameters are appended only where it does not (`connect_string`), and a value
+/// libpq refuses is the URL's own only where it does (`ConnectError`); the others come from
+/// libpq's environment variables or a service file. libpq decodes a key's `%XX` as it does a
+/// value's: `ssl%6Dode=bogus` is its `sslmode`, and `connect%5Ftimeout=5` its connect timeout
+/// (which bank's own then overrode).
+pub(crate) fn query_sets(url: &str, name: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|pair| {
+            percent_decoded(pair.split('=').next().unwrap_or_default()).eq_ignore_ascii_case(name)
+        })
+    })
+}
+
 /// `s` with each `%XX` decoded, as libpq decodes every part of a URL, keys included (a '+'
 /// stays a '+', unlike form data). A '%' without two hex digits is kept: libpq refuses it, and
 /// its refusal quotes the text as written.
-pub(crate) fn percent_decoded(s: &str) -> String {
+fn percent_decoded(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
