@@ -749,9 +749,7 @@ fn a_setting_refused_at_login_leaves_a_given_id_unknown() {
     };
     run(&[&one[..], &["--id", &id]].concat()).success();
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("one.csv");
-    std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},1\n")).expect("write");
-    let file = file.to_str().expect("utf-8 path").to_string();
+    let file = one_line_file(dir.path(), &id, &from, &to);
     db.conn()
         .batch_execute(&format!(
             "REVOKE SET ON PARAMETER log_statement FROM {role}"
@@ -765,6 +763,15 @@ fn a_setting_refused_at_login_leaves_a_given_id_unknown() {
     run(&one).fails_with(2, words);
     assert_eq!(db.balance(ids[1]), 1, "applied once, by the first run");
 }
+
+/// `one.csv` in `dir`: the file of one line moving 1 from `from` to `to` under `id` (the line a
+/// single transfer with that id applies); its path.
+fn one_line_file(dir: &std::path::Path, id: &str, from: &str, to: &str) -> String {
+    let file = dir.join("one.csv");
+    std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},1\n")).expect("file");
+    file.to_str().expect("utf-8 path").to_string()
+}
+
 /// A service file (`?service=…`, `PGSERVICEFILE`) is no part of the URL: the same URL logged in
 /// for an earlier run of an id, before the file was moved or its section removed. A rerun of an
 /// id that run applied said "bad input" (exit 2: "service file … not found") of it, where the
@@ -782,10 +789,8 @@ fn a_service_file_gone_leaves_a_given_id_unknown() {
     let url = db.url.expose();
     let sep = if url.contains('?') { '&' } else { '?' };
     let url = format!("{url}{sep}service=bank_h8");
-    let file = dir.path().join("one.csv");
     let id = Uuid::new_v4().to_string();
-    std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},1\n")).expect("file");
-    let file = file.to_str().expect("utf-8 path").to_string();
+    let file = one_line_file(dir.path(), &id, &from, &to);
     let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
     let run = |args: &[&str], services: &str| {
         let mut bank = Bank::new()
@@ -818,10 +823,8 @@ fn an_invalid_libpq_variable_leaves_a_given_id_unknown() {
     let ids = db.accounts(&[100, 0]);
     let (from, to) = (ids[0].to_string(), ids[1].to_string());
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("one.csv");
     let id = Uuid::new_v4().to_string();
-    std::fs::write(&file, format!("id,from,to,amount\n{id},{from},{to},1\n")).expect("file");
-    let file = file.to_str().expect("utf-8 path").to_string();
+    let file = one_line_file(dir.path(), &id, &from, &to);
     let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
     let run = |args: &[&str], var: Option<(&str, &str)>| {
         let mut bank = Bank::new()
