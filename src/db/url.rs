@@ -128,7 +128,9 @@ impl DbUrl {
         // No host: libpq's defaults decide (a `host=` parameter, PGHOST, a service file, the
         // Unix socket), as for psql; `postgresql://user@/db` is refused by the url crate, so such
         // a URL is checked as text, as the multi-host form.
-        let no_host = hosts.is_empty();
+        // `postgres://u@:5432/db?host=/tmp` (a port, no host: the socket directory comes in the
+        // query) is psql's too; the url crate refuses it ("empty host").
+        let no_host = hosts.is_empty() || hosts.starts_with(':');
         // "bank:pa/ss@host": an unencoded '/', '?' or '#' ends the authority for libpq and the url
         // crate, so the host became "bank" and the port "pa": the message blamed the port, and
         // libpq's own quoted "pa", a piece of the password.
@@ -936,6 +938,11 @@ mod tests {
             shown("postgresql://bank:pw@/t1?host=/tmp/bank-pg"),
             "postgresql://bank:***@/t1?host=/tmp/bank-pg"
         );
+        assert_eq!(
+            shown("postgresql://bank:pw@:54339/t1?host=/tmp/bank-pg"),
+            "postgresql://bank:***@:54339/t1?host=/tmp/bank-pg"
+        );
+        assert!(DbUrl::parse("postgresql://bank@:54339x/t1").is_err());
         // Without any host, libpq's defaults decide (PGHOST, a service file, the socket).
         assert!(DbUrl::parse("postgresql://bank@/t1").is_ok());
         assert!(DbUrl::parse("postgresql://?service=bank").is_ok());
