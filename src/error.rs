@@ -328,6 +328,9 @@ impl ConnectError {
             // in URI".
             || m.contains(" in uri")
             || (m.contains("invalid ") && m.contains(" value"))
+            // "could not match 2 port numbers to 1 hosts", "… host names to 2 hostaddr values":
+            // lists of unequal length (retried as a lost connection until --timeout).
+            || m.contains("could not match ")
     }
 
     /// libpq found no service file (`PGSERVICEFILE`, `~/.pg_service.conf`) or no section of the
@@ -453,6 +456,15 @@ impl ConnectError {
 /// integer value "abc" for connection option "port"`.
 fn refused_parameter(message: &str) -> Option<String> {
     let m = message.to_ascii_lowercase();
+    if m.contains("could not match ") {
+        // The list libpq could not pair with the hosts: its length is what is wrong.
+        let name = if m.contains(" port numbers ") {
+            "port"
+        } else {
+            "hostaddr"
+        };
+        return Some(name.to_string());
+    }
     if let Some((_, rest)) = m.split_once("for connection option \"") {
         return rest.split_once('"').map(|(name, _)| name.to_string());
     }
@@ -1450,6 +1462,8 @@ mod tests {
             "invalid sslmode value: \"bogus\"",
             "invalid target_session_attrs value: \"bogus\"",
             "invalid integer value \"abc\" for connection option \"port\"",
+            "could not match 2 port numbers to 1 hosts",
+            "could not match 1 host names to 2 hostaddr values",
         ] {
             let e = connect_error(m);
             assert!(e.is_malformed(), "{m}");
@@ -1458,6 +1472,9 @@ mod tests {
         // libpq decodes a key's %XX: the URL's own, however it is written.
         let mut e = connect_error("invalid sslmode value: \"bogus\"");
         e.url = "postgres://bank:***@db/bank?ssl%6Dode=bogus".into();
+        assert!(e.reaches_no_database());
+        let mut e = connect_error("could not match 2 port numbers to 1 hosts");
+        e.url = "postgres://bank:***@db/bank?port=1,2".into();
         assert!(e.reaches_no_database());
         for m in [
             "connection to server at \"127.0.0.1\", port 1 failed: Connection refused",

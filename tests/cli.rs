@@ -841,11 +841,17 @@ fn an_invalid_libpq_variable_leaves_a_given_id_unknown() {
         ("PGGSSENCMODE", "bogus"),
         ("PGTARGETSESSIONATTRS", "bogus"),
         ("PGCHANNELBINDING", "bogus"),
+        // Unequal lists (the URL names one host): retried until --timeout as a lost connection.
+        ("PGHOSTADDR", "127.0.0.1,127.0.0.1"),
         ("PGSERVICE", "bank_no_such_service"),
         ("PGOPTIONS", "-c bogus_setting=1"),
     ] {
         let rerun = run(&[&one[..], &["--id", &id]].concat(), Some(var));
         assert_eq!(rerun.code, 3, "{var:?}: {rerun:?}");
+        assert!(
+            !rerun.stderr.contains("attempts"),
+            "not retried: {var:?}: {rerun:?}"
+        );
         assert!(
             rerun.stderr.contains("may or may not"),
             "{var:?}: {rerun:?}"
