@@ -331,6 +331,8 @@ impl ConnectError {
             // "could not match 2 port numbers to 1 hosts", "… host names to 2 hostaddr values":
             // lists of unequal length (retried as a lost connection until --timeout).
             || m.contains("could not match ")
+            // "could not parse network address \"notanip\"": a `hostaddr` that is no address.
+            || m.contains("could not parse network address")
     }
 
     /// libpq found no service file (`PGSERVICEFILE`, `~/.pg_service.conf`) or no section of the
@@ -416,7 +418,7 @@ impl ConnectError {
     pub fn is_transient(&self) -> bool {
         // Refusals of this login that another attempt meets again: retried, they took the whole
         // deadline (31 attempts) and ended "may or may not have been applied".
-        const PERMANENT: [&str; 20] = [
+        const PERMANENT: [&str; 22] = [
             "authentication failed",
             // libpq's fe_sendauth: the server asks a password the URL does not give.
             "no password supplied",
@@ -446,6 +448,9 @@ impl ConnectError {
             "invalid",
             "unsupported",
             "not permitted",
+            // `channel_binding=require` or `gssencmode=require` that this server cannot meet.
+            "channel binding",
+            "gssapi encryption required",
         ];
         let m = self.message.to_ascii_lowercase();
         !self.is_malformed() && !PERMANENT.iter().any(|p| m.contains(p))
@@ -464,6 +469,9 @@ fn refused_parameter(message: &str) -> Option<String> {
             "hostaddr"
         };
         return Some(name.to_string());
+    }
+    if m.contains("could not parse network address") {
+        return Some("hostaddr".to_string());
     }
     if let Some((_, rest)) = m.split_once("for connection option \"") {
         return rest.split_once('"').map(|(name, _)| name.to_string());
@@ -1464,6 +1472,7 @@ mod tests {
             "invalid integer value \"abc\" for connection option \"port\"",
             "could not match 2 port numbers to 1 hosts",
             "could not match 1 host names to 2 hostaddr values",
+            "could not parse network address \"notanip\": Name or service not known",
         ] {
             let e = connect_error(m);
             assert!(e.is_malformed(), "{m}");
@@ -1540,6 +1549,11 @@ mod tests {
             "FATAL: parameter \"shared_buffers\" cannot be changed without restarting the server",
             "FATAL: 1 kB is outside the valid range for parameter \"work_mem\" (64 .. 2147483647)",
             "FATAL: SET TRANSACTION ISOLATION LEVEL must be called before any query",
+            "connection to server at \"127.0.0.1\", port 5432 failed: channel binding required, \
+             but SSL not in use",
+            "connection to server at \"127.0.0.1\", port 5432 failed: GSSAPI encryption required \
+             but was impossible (possibly no credential cache, no server support, or using a \
+             local socket)",
             "the session could not be set up: cannot use serializable mode in a hot standby",
         ] {
             assert!(!connect_error(m).is_transient(), "{m}");

@@ -2481,6 +2481,8 @@ fn a_url_that_reaches_no_database_is_no_unknown_outcome_with_an_id() {
         (format!("{url}{sep}ssl%6Dode=bogus"), 2),
         (format!("{url}{sep}target%5Fsession_attrs=bogus"), 2),
         (format!("{url}{sep}connect_timeout=abc"), 2),
+        // Retried as a lost connection until --timeout: an address libpq cannot parse.
+        (format!("{url}{sep}hostaddr=notanip"), 2),
         (refused_hosts, 2),
         (missing.to_string(), 1),
     ] {
