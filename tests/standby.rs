@@ -1,11 +1,9 @@
 //! A hot standby of a cluster of the test's own (`OwnCluster::standby`), as an operator runs
 //! one to spare the primary its reads: what bank reads there, and what it refuses to write there.
 
-use diesel::connection::SimpleConnection;
-use diesel::RunQueryDsl;
 use uuid::Uuid;
 
-use crate::support::{Bank, Iso, OwnCluster, ScratchDb};
+use crate::support::{Bank, Iso, OwnCluster, ScratchDb, SyncNames};
 
 /// `bank --database-url URL ARGS`.
 fn bank_at(url: &str, args: &[&str]) -> crate::support::Run {
@@ -95,7 +93,7 @@ fn doctor_warns_when_commits_wait_for_a_synchronous_standby_that_is_not_there() 
     // The standby connects as `walreceiver` (pg_basebackup -R names none), and is `sync` when
     // the setting names it, else `async`.
     let doctor = |names: &str, walreceiver: &str| {
-        SyncNames::set(&db, names, walreceiver);
+        SyncNames::set(&db, names, Some(walreceiver));
         let text = bank_at(&primary, &["doctor"]);
         text.success();
         let j = bank_at(&primary, &["doctor", "--json"]).success().json();
@@ -126,59 +124,4 @@ fn doctor_warns_when_commits_wait_for_a_synchronous_standby_that_is_not_there() 
         .success()
         .json();
     assert!(j["synchronous_standbys_missing"].is_null(), "{j}");
-}
-
-/// `synchronous_standby_names` on the scratch database's server; cleared when dropped.
-struct SyncNames<'a>(&'a ScratchDb);
-
-impl SyncNames<'_> {
-    /// Sets it and waits until new sessions and the standby's walsender see it.
-    fn set(db: &ScratchDb, names: &str, walreceiver: &str) {
-        let mut conn = db.conn();
-        // Two statements: ALTER SYSTEM runs in no transaction block, an implicit one included.
-        conn.batch_execute(&format!(
-            "ALTER SYSTEM SET synchronous_standby_names = '{}'",
-            names.replace('\'', "''")
-        ))
-        .expect("set synchronous_standby_names");
-        conn.batch_execute("SELECT pg_reload_conf()")
-            .expect("reload");
-        // A reload reaches the postmaster and the walsender a moment later.
-        let started = std::time::Instant::now();
-        loop {
-            let mut fresh = db.conn();
-            let seen: Vec<Seen> = diesel::sql_query(
-                "SELECT current_setting('synchronous_standby_names') = $1 \
-                 AND EXISTS (SELECT FROM pg_stat_replication \
-                   WHERE application_name = 'walreceiver' AND sync_state = $2) AS ok",
-            )
-            .bind::<diesel::sql_types::Text, _>(names)
-            .bind::<diesel::sql_types::Text, _>(walreceiver)
-            .load(&mut fresh)
-            .expect("read the setting");
-            if seen.first().is_some_and(|s| s.ok) {
-                return;
-            }
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(20),
-                "synchronous_standby_names = {names:?} not in force within 20 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
-
-#[derive(diesel::QueryableByName)]
-struct Seen {
-    #[diesel(sql_type = diesel::sql_types::Bool)]
-    ok: bool,
-}
-
-impl Drop for SyncNames<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut conn) = self.0.url.connect() {
-            let _ = conn.batch_execute("ALTER SYSTEM RESET synchronous_standby_names");
-            let _ = conn.batch_execute("SELECT pg_reload_conf()");
-        }
-    }
 }

@@ -13,5 +13,6 @@ mod readiness;
 mod repo;
 mod report;
 mod standby;
+mod tls;
 mod transfer_body;
 mod workload;

@@ -926,6 +926,123 @@ impl Standby {
     }
 }
 
+impl OwnCluster {
+    /// TLS on, as CockroachDB's secure clusters and cloud PostgreSQL run: the self-signed
+    /// certificate of `tests/fixtures/tls` (localhost and 127.0.0.1, valid to 2126), its key
+    /// owned by the server's user with no access for others (the server refuses it otherwise).
+    /// Returns once a new session with `sslmode=require` is served.
+    pub fn enable_tls(&self) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let data = std::fs::metadata(format!("{}/data", self.dir)).expect("the data directory");
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+        for name in ["server.crt", "server.key"] {
+            let to = format!("{}/{name}", self.dir);
+            std::fs::copy(format!("{fixtures}/{name}"), &to).expect("copy the certificate");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+            std::os::unix::fs::chown(&to, Some(data.uid()), Some(data.gid()))
+                .expect("chown to the server's user");
+        }
+        let mut conn = self.server().connect().expect("connect");
+        for (name, value) in [
+            ("ssl_cert_file", format!("{}/server.crt", self.dir)),
+            ("ssl_key_file", format!("{}/server.key", self.dir)),
+            ("ssl", "on".to_string()),
+        ] {
+            conn.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+                .expect("ALTER SYSTEM");
+        }
+        conn.batch_execute("SELECT pg_reload_conf()")
+            .expect("reload");
+        let tls =
+            DbUrl::parse(&format!("{}?sslmode=require", self.server().expose())).expect("url");
+        let started = Instant::now();
+        while let Err(e) = tls.connect() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no TLS within 20 s: {e}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `synchronous_standby_names` on the scratch database's server (server-wide: a cluster of the
+/// test's own); reset when dropped, even when an assertion fails, before the database is
+/// dropped (its DROP would wait for the standby too).
+pub struct SyncNames<'a>(pub &'a ScratchDb);
+
+impl SyncNames<'_> {
+    /// Sets it and waits until new sessions see it and, with `walreceiver`, until the standby
+    /// `pg_basebackup -R` made (it connects as `walreceiver`) is in that state (`sync` when the
+    /// setting names it, else `async`).
+    pub fn set(db: &ScratchDb, names: &str, walreceiver: Option<&str>) {
+        let mut conn = db.conn();
+        // Two statements: ALTER SYSTEM runs in no transaction block, an implicit one included.
+        conn.batch_execute(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+            names.replace('\'', "''")
+        ))
+        .expect("set synchronous_standby_names");
+        conn.batch_execute("SELECT pg_reload_conf()")
+            .expect("reload");
+        let started = Instant::now();
+        while !SyncNames::in_force(&mut db.conn(), names, walreceiver).expect("read the setting") {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "synchronous_standby_names = {names:?} not in force within 20 s"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether a session started now sees `names` (a reload reaches the postmaster and the
+    /// walsender a moment later), and the standby is in its state.
+    fn in_force(
+        conn: &mut PgConnection,
+        names: &str,
+        walreceiver: Option<&str>,
+    ) -> QueryResult<bool> {
+        #[derive(QueryableByName)]
+        struct Seen {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            ok: bool,
+        }
+        let seen: Vec<Seen> = diesel::sql_query(
+            "SELECT current_setting('synchronous_standby_names') = $1 \
+             AND ($2 IS NULL OR EXISTS (SELECT FROM pg_stat_replication \
+               WHERE application_name = 'walreceiver' AND sync_state = $2)) AS ok",
+        )
+        .bind::<Text, _>(names)
+        .bind::<diesel::sql_types::Nullable<Text>, _>(walreceiver)
+        .load(conn)?;
+        Ok(seen.first().is_some_and(|s| s.ok))
+    }
+}
+
+impl Drop for SyncNames<'_> {
+    fn drop(&mut self) {
+        let Ok(mut conn) = self.0.url.connect() else {
+            return;
+        };
+        let _ = conn.batch_execute("ALTER SYSTEM RESET synchronous_standby_names");
+        let _ = conn.batch_execute("SELECT pg_reload_conf()");
+        // Until new sessions see it: one started before the reload reached the postmaster
+        // would wait for the standby too.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            let Ok(mut fresh) = self.0.url.connect() else {
+                return;
+            };
+            // Never a panic here: a test's own failure may be unwinding.
+            if SyncNames::in_force(&mut fresh, "", None).unwrap_or(true) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for OwnCluster {
     fn drop(&mut self) {
         // A failed test may leave it frozen, and a frozen server does not stop.
