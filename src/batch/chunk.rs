@@ -883,13 +883,29 @@ impl ChunkRunner {
                 // balances read by its CTE could be older than the rows its UPDATE moved (a CHECK
                 // violation under contention,
                 // `a_batched_workload_keeps_every_invariant_at_both_isolation_levels`).
-                let locked = repo::lock_accounts(c, &accounts)?;
-                locked_all = true;
-                // Holding the accounts, so an attempt whose COMMIT is late has landed or never
-                // will. If one committed, its verdicts stand: a line it refused (guessed short)
+                // A late COMMIT whose rows are in the ledger has landed for good: read first,
+                // without the accounts, it is known even where this attempt could commit nothing
+                // (a server whose commits wait for a synchronous standby that is gone: locking
+                // the accounts is a write, and the lines stayed unknown).
+                let landed = match unanswered.is_empty() {
+                    true => None,
+                    false => committed_attempt(c, lines, &unanswered)?,
+                };
+                let (locked, landed) = match landed {
+                    Some(done) => (Vec::new(), Some(done)),
+                    None => {
+                        let locked = repo::lock_accounts(c, &accounts)?;
+                        locked_all = true;
+                        // Holding the accounts, so an attempt whose COMMIT is late has landed
+                        // or never will.
+                        let landed = committed_attempt(c, lines, &unanswered)?;
+                        (locked, landed)
+                    }
+                };
+                // If one committed, its verdicts stand: a line it refused (guessed short)
                 // before lines it applied would be judged again against balances that hold those
                 // later lines' moves (found with a cut COMMIT: a refused line came back applied).
-                if let Some(done) = committed_attempt(c, lines, &unanswered)? {
+                if let Some(done) = landed {
                     last = Some(done.clone());
                     if let Err(e) = crate::db::still_connected(c) {
                         gone = Some(e.to_string());
