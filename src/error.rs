@@ -921,8 +921,10 @@ fn seed_stopped(created: u64, total: u64, unsettled: u64) -> String {
 /// Why `bank workload` failed.
 #[derive(Debug, Error)]
 pub enum WorkloadError {
-    #[error("an invariant does not hold (see the report)")]
-    InvariantViolated,
+    /// What does not hold, in a few words each: the line alone said "an invariant does not
+    /// hold", and with `--json` the reader had to dig for which.
+    #[error("{0} (see the report)")]
+    InvariantViolated(String),
     #[error(
         "{gone} of the run's {of} accounts were deleted by another client during the run (a \
          `bank reset`?), so its invariants could not be checked (see the report)"

@@ -753,6 +753,45 @@ pub fn moved_in_by_others(
     Ok(total)
 }
 
+/// How many ledger rows with ids outside `low..=high` (not the workload's own) moved money in,
+/// out of or between these accounts after the given versions. A transfer between two of them
+/// moves nothing in (`moved_in_by_others` cannot see it), but it is a row all the same: on the
+/// accounts a run created itself, a transfer its code path applied twice under another id.
+pub fn count_rows_by_others(
+    conn: &mut PgConnection,
+    since: &[(Uuid, i64)],
+    low: Uuid,
+    high: Uuid,
+) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        id: Uuid,
+    }
+    // A row between two chunks' accounts is met by both chunks: its ids are gathered whole.
+    let mut seen = std::collections::HashSet::new();
+    for part in since.chunks(MAX_IDS_PER_STATEMENT) {
+        let ids: Vec<Uuid> = part.iter().map(|(id, _)| *id).collect();
+        let versions: Vec<i64> = part.iter().map(|(_, v)| *v).collect();
+        let found: Vec<Id> = diesel::sql_query(
+            "SELECT t.id FROM unnest(CAST($1 AS UUID[]), CAST($2 AS INT8[])) AS s (id, v) \
+               JOIN transfers t ON t.from_id = s.id AND t.from_version > s.v \
+               WHERE t.id NOT BETWEEN $3 AND $4 \
+             UNION \
+             SELECT t.id FROM unnest(CAST($1 AS UUID[]), CAST($2 AS INT8[])) AS s (id, v) \
+               JOIN transfers t ON t.to_id = s.id AND t.to_version > s.v \
+               WHERE t.id NOT BETWEEN $3 AND $4",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
+        .bind::<diesel::sql_types::Array<BigInt>, _>(&versions)
+        .bind::<diesel::sql_types::Uuid, _>(low)
+        .bind::<diesel::sql_types::Uuid, _>(high)
+        .load(conn)?;
+        seen.extend(found.into_iter().map(|r| r.id));
+    }
+    Ok(seen.len() as i64)
+}
+
 /// A sum of INT8 as the database writes it: "123" on PostgreSQL (NUMERIC), possibly "123.0" on
 /// CockroachDB (DECIMAL keeps a scale).
 pub fn whole_number(text: &str) -> QueryResult<i128> {
@@ -833,6 +872,15 @@ pub fn accounts_held(
         Err(diesel::result::Error::RollbackTransaction) => held,
         _ => None,
     }
+}
+
+/// How many of these ids the ledger holds, `MAX_IDS_PER_STATEMENT` ids per statement.
+pub fn count_in_ledger(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<i64> {
+    let mut found = 0;
+    for part in ids.chunks(MAX_IDS_PER_STATEMENT) {
+        found += count_transfers_with_ids(conn, part)?;
+    }
+    Ok(found)
 }
 
 /// Which of these ids the ledger holds.

@@ -2622,6 +2622,9 @@ fn workload_json_has_every_key_in_every_run() {
         "final_total",
         "moved_by_other_clients",
         "ledger_rows_added",
+        "ledger_rows_by_others",
+        "given_up_in_ledger",
+        "indeterminate_committed",
         "accounts_deleted_by_others",
         "invariants",
         "verify",
@@ -2635,5 +2638,159 @@ fn workload_json_has_every_key_in_every_run() {
     assert_eq!(keys, expected, "{j}");
     for k in ["read_error", "final_check_error", "last_error"] {
         assert!(j[k].is_null(), "{k}: {j}");
+    }
+}
+
+/// A DBA's trigger that applies some of the run's transfers a second time under an id of its
+/// own, as a code path that retried a committed transfer under a new id would: the money moves
+/// twice, and the second move is a perfect transfer (its chain exact, the total kept), so
+/// neither the totals, nor the chains, nor `verify` can see it; the run's own ledger rows still
+/// equal its committed transfers. Only the rows on the run's own accounts that are not the
+/// run's show it: the workload said "ok" (exit 0) in every mode and at both levels (found by a
+/// helper with a bank mutated to apply one transfer in 1,000 twice).
+#[test]
+fn a_transfer_applied_twice_under_another_id_fails_the_run() {
+    for iso in Iso::BOTH {
+        for mode in [
+            &["--mode", "transaction"][..],
+            &["--mode", "single-statement"],
+            &["--batch", "10"],
+        ] {
+            let db = ScratchDb::migrated_at(iso);
+            apply_some_transfers_twice(&db);
+            let run = db
+                .bank()
+                .args(["workload", "--accounts", "10", "--concurrency", "2"])
+                .args(["--transfers", "300", "--max-amount", "20", "--json"])
+                .args(mode)
+                .run();
+            let j = run.json();
+            assert_eq!(run.code, 1, "{iso:?} {mode:?}: {run:?}");
+            let others = j["ledger_rows_by_others"].as_i64().expect("a count");
+            assert!(others > 0, "{iso:?} {mode:?}: {j}");
+            // What no other check sees.
+            assert_eq!(j["invariants"]["total_conserved"], true, "{j}");
+            assert_eq!(j["invariants"]["chains_exact"], true, "{j}");
+            assert_eq!(j["invariants"]["verify_ok"], true, "{j}");
+            assert_eq!(j["ledger_rows_added"], j["transfers_committed"], "{j}");
+            assert_eq!(j["invariants"]["ledger_matches_committed"], false, "{j}");
+            assert_eq!(j["ok"], false, "{j}");
+            assert!(
+                run.stderr
+                    .contains(&format!("{others} ledger rows that are not the run's")),
+                "{iso:?} {mode:?}: {}",
+                run.stderr
+            );
+        }
+    }
+}
+
+/// An AFTER INSERT trigger on `transfers` that, for about one ledger row in 16, moves the same
+/// amount between the same accounts again and writes that move's own ledger row (a random id,
+/// each side's next version and balance): a transfer applied twice, every chain exact.
+fn apply_some_transfers_twice(db: &ScratchDb) {
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION twice() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             DECLARE fb INT8; fv INT8; tb INT8; tv INT8; \
+             BEGIN \
+               IF pg_trigger_depth() > 1 OR get_byte(uuid_send(NEW.id), 15) > 15 THEN \
+                 RETURN NULL; \
+               END IF; \
+               UPDATE accounts SET balance = balance - NEW.amount, version = version + 1 \
+                 WHERE id = NEW.from_id AND balance >= NEW.amount \
+                 RETURNING balance, version INTO fb, fv; \
+               IF NOT FOUND THEN RETURN NULL; END IF; \
+               UPDATE accounts SET balance = balance + NEW.amount, version = version + 1 \
+                 WHERE id = NEW.to_id RETURNING balance, version INTO tb, tv; \
+               INSERT INTO transfers (id, from_id, to_id, amount, created_at, from_version, \
+                                      from_balance_after, to_version, to_balance_after) \
+                 VALUES (gen_random_uuid(), NEW.from_id, NEW.to_id, NEW.amount, \
+                         clock_timestamp(), fv, fb, tv, tb); \
+               RETURN NULL; \
+             END $$; \
+             CREATE TRIGGER twice AFTER INSERT ON transfers \
+               FOR EACH ROW EXECUTE FUNCTION twice()",
+        )
+        .expect("the trigger");
+}
+
+/// A DBA's hand in the run, each at both levels and in every mode: an AFTER UPDATE trigger
+/// that adds 1 to some balances (money without a ledger row), one that adds 1 to some ledger
+/// rows' amounts after their insert, one that swaps some rows' balances after. Each fails the
+/// run (exit 1) with `verify`, and the run's last line names what does not hold: it said "an
+/// invariant does not hold (see the report)", and with `--json` the reader had to dig for which.
+#[test]
+fn a_dba_s_hand_in_the_run_fails_it_and_its_line_says_what() {
+    let hands: [(&str, &str, &[&str]); 3] = [
+        (
+            "CREATE FUNCTION hand() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF pg_trigger_depth() = 1 AND get_byte(uuid_send(gen_random_uuid()), 15) < 8 \
+               THEN UPDATE accounts SET balance = balance + 1 WHERE id = NEW.id; END IF; \
+               RETURN NULL; END $$; \
+             CREATE TRIGGER hand AFTER UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION hand()",
+            "total_conserved",
+            &[
+                "hold",
+                "where the ledger explains",
+                "chains of entries are broken",
+                "verify fails",
+            ],
+        ),
+        (
+            "CREATE FUNCTION hand() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF get_byte(uuid_send(NEW.id), 15) < 16 \
+               THEN UPDATE transfers SET amount = amount + 1 WHERE id = NEW.id; END IF; \
+               RETURN NULL; END $$; \
+             CREATE TRIGGER hand AFTER INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION hand()",
+            "chains_exact",
+            &["chains of entries are broken", "verify fails"],
+        ),
+        (
+            "CREATE FUNCTION hand() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF get_byte(uuid_send(NEW.id), 15) < 16 THEN UPDATE transfers \
+                 SET from_balance_after = to_balance_after, \
+                     to_balance_after = from_balance_after WHERE id = NEW.id; END IF; \
+               RETURN NULL; END $$; \
+             CREATE TRIGGER hand AFTER INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION hand()",
+            "chains_exact",
+            &["chains of entries are broken", "verify fails"],
+        ),
+    ];
+    for (hand, invariant, said) in hands {
+        for iso in Iso::BOTH {
+            for mode in [
+                &["--mode", "transaction"][..],
+                &["--mode", "single-statement"],
+                &["--batch", "10"],
+            ] {
+                let db = ScratchDb::migrated_at(iso);
+                db.conn().batch_execute(hand).expect("the DBA's trigger");
+                let run = db
+                    .bank()
+                    .args(["workload", "--accounts", "10", "--concurrency", "2"])
+                    .args(["--transfers", "300", "--max-amount", "20", "--json"])
+                    .args(mode)
+                    .run();
+                let what = format!("{invariant} {iso:?} {mode:?}");
+                assert_eq!(run.code, 1, "{what}: {run:?}");
+                let j = run.json();
+                assert_eq!(j["invariants"][invariant], false, "{what}: {j}");
+                assert_eq!(j["invariants"]["verify_ok"], false, "{what}: {j}");
+                for words in said {
+                    assert!(
+                        run.stderr.contains(words),
+                        "{what}: {words}: {}",
+                        run.stderr
+                    );
+                }
+                let verify = db.bank().args(["verify"]).run();
+                assert_eq!(verify.code, 1, "{what}: {verify:?}");
+                assert!(
+                    verify.stdout.ends_with("verify: FAILED\n"),
+                    "{what}: {verify:?}"
+                );
+            }
+        }
     }
 }

@@ -52,6 +52,9 @@ pub(super) struct Slot {
     pub(super) started_us: AtomicU64,
     /// Transfers under way: 1, or a `--batch` chunk's size.
     pub(super) in_flight: AtomicU64,
+    /// The ids of the transfers in hand, in order (a `--batch` chunk's lines): those the
+    /// watchdog gives up on are counted by their ids.
+    pub(super) ids: Mutex<Vec<Uuid>>,
     /// `--batch`: the chunk runner's progress, so that a chunk given up on counts the lines it
     /// decided as decided, and only its statement under way as given up or unknown.
     pub(super) chunk: Option<crate::batch::Watch>,
@@ -98,6 +101,7 @@ impl Crew {
             // watchdog must not take a fresh worker for one stuck since the run began.
             started_us: AtomicU64::new(self.started.elapsed().as_micros() as u64),
             in_flight: AtomicU64::new(1),
+            ids: Mutex::new(Vec::new()),
             chunk: batch.as_ref().map(|(_, chunk)| chunk.watch.clone()),
             tally: Mutex::new(Tally::new()?),
             done: AtomicBool::new(false),
@@ -199,19 +203,29 @@ impl Crew {
                     continue;
                 };
                 let mut in_hand = slot.in_flight.load(Ordering::SeqCst);
+                let ids = slot.ids.lock().map(|ids| ids.clone()).unwrap_or_default();
+                let mut first = 0;
                 if let Some(chunk) = &slot.chunk {
                     // The chunk's lines decided so far count as such; of the rest, only those
                     // of the statement under way were sent.
                     let (decided, statement) = chunk.progress();
-                    for v in &decided {
-                        tally_verdict(&mut seen.tally, &self.live, None, v);
+                    for (i, v) in decided.iter().enumerate() {
+                        tally_verdict(&mut seen.tally, &self.live, ids.get(i).copied(), v);
                     }
                     let undecided = in_hand.saturating_sub(decided.len() as u64);
                     in_hand = undecided.min(statement as u64);
+                    first = decided.len();
                 }
+                let sent = ids.iter().skip(first).take(in_hand as usize);
                 match how {
-                    GaveUp::NotApplied => seen.tally.given_up += in_hand,
-                    GaveUp::Unknown => seen.tally.indeterminate += in_hand,
+                    GaveUp::NotApplied => {
+                        seen.tally.given_up += in_hand;
+                        seen.tally.given_up_ids.extend(sent);
+                    }
+                    GaveUp::Unknown => {
+                        seen.tally.indeterminate += in_hand;
+                        seen.tally.unknown_ids.extend(sent);
+                    }
                 }
                 // Once: a frozen server strands every worker and then each replacement, one line
                 // each (131 of them for 40 workers, found by a new user); the report counts them.

@@ -38,6 +38,11 @@ pub struct Tally {
     /// Latency of committed transfers, in microseconds.
     pub latency_us: Histogram<u64>,
     pub last_error: Option<String>,
+    /// The ids of the transfers counted in `given_up` and in `indeterminate`: the final check
+    /// asks the ledger about each, so that one reported not applied that committed is seen
+    /// (counted only, it hid behind the unknown ones' allowance).
+    pub given_up_ids: Vec<uuid::Uuid>,
+    pub unknown_ids: Vec<uuid::Uuid>,
 }
 
 impl Tally {
@@ -55,6 +60,8 @@ impl Tally {
             refused_at_first: 0,
             latency_us: latency_histogram()?,
             last_error: None,
+            given_up_ids: Vec::new(),
+            unknown_ids: Vec::new(),
         })
     }
 }
@@ -106,6 +113,8 @@ impl AddAssign<&Tally> for Tally {
         if self.last_error.is_none() {
             self.last_error.clone_from(&other.last_error);
         }
+        self.given_up_ids.extend_from_slice(&other.given_up_ids);
+        self.unknown_ids.extend_from_slice(&other.unknown_ids);
     }
 }
 
@@ -120,6 +129,13 @@ pub struct FinalCheck {
     pub moved_by_others: i128,
     /// Ledger rows of this run's own transfers.
     pub ledger_rows: i64,
+    /// Ledger rows not of this run (ids without its prefix) on its accounts since it began.
+    pub others_rows: i64,
+    /// Of the transfers reported given up (not applied), those the ledger holds: each a
+    /// transfer reported not applied that committed.
+    pub given_up_found: i64,
+    /// Of the transfers of unknown outcome, those the ledger holds (they committed).
+    pub unknown_found: i64,
     /// The workload's accounts that no longer exist (another client deleted them: a `bank
     /// reset` during the run).
     pub accounts_gone: u64,
@@ -173,6 +189,19 @@ pub struct Report {
     /// Ledger rows of this run's own transfers (ids carry the run's prefix), so other clients
     /// writing to the same database cause no false alarm.
     pub ledger_rows_added: Option<i64>,
+    /// Ledger rows that are not this run's (their ids lack its prefix) written on its accounts
+    /// during the run, transfers between two of them included. On accounts the run created
+    /// itself there should be none: a transfer applied twice, the second time under another id,
+    /// is exactly such a row, and nothing else shows it (the totals and the chains hold). With
+    /// `--reuse-accounts` other clients' transfers are expected, and the figure only says how
+    /// many there were.
+    pub ledger_rows_by_others: Option<i64>,
+    /// Of the transfers reported given up (not applied), those the ledger holds: a transfer
+    /// reported not applied that committed, which breaks the promise. Must be 0.
+    pub given_up_in_ledger: Option<i64>,
+    /// Of the transfers of unknown outcome, those the ledger holds: the ledger's answer. With
+    /// it the run's own rows must equal `transfers_committed` plus it exactly.
+    pub indeterminate_committed: Option<i64>,
     /// The workload's accounts that another client deleted during the run (a `bank reset`),
     /// found by the final check: the totals and the ledger cannot match then, and the report
     /// says why instead of leaving it to look like money lost.
@@ -185,6 +214,13 @@ pub struct Report {
     /// checked (`final_check_error` says so).
     pub final_check_interrupted: bool,
     pub last_error: Option<String>,
+    /// `--reuse-accounts` (said in the text report only).
+    #[serde(skip)]
+    pub reuse_accounts: bool,
+    /// Every transfer given up or of unknown outcome was known by its id, so the ledger check
+    /// was exact, not a bound.
+    #[serde(skip)]
+    pub ids_known: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -223,6 +259,8 @@ pub struct Run {
     pub interrupted: bool,
     /// Ctrl-C (or SIGTERM) stopped the final check, after every transfer had ended.
     pub check_interrupted: bool,
+    /// `--reuse-accounts`: other clients may move money on the run's accounts.
+    pub reuse_accounts: bool,
     pub readers: u64,
     pub reads: u64,
     pub wrong_total_reads: u64,
@@ -235,6 +273,10 @@ impl Report {
         let ms = |q: f64| tally.latency_us.value_at_quantile(q) as f64 / 1000.0;
         let committed = i64::try_from(tally.committed).unwrap_or(i64::MAX);
         let indeterminate = i64::try_from(tally.indeterminate).unwrap_or(i64::MAX);
+        // Every transfer given up or of unknown outcome is known by its id (a count without
+        // one leaves the bound alone to judge).
+        let every_id = tally.given_up_ids.len() as u64 == tally.given_up
+            && tally.unknown_ids.len() as u64 == tally.indeterminate;
         let (check, final_check_error) = match check {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(e)),
@@ -243,9 +285,19 @@ impl Report {
             Some(c) => Invariants {
                 total_conserved: Some(c.total == run.starting_total + c.moved_by_others),
                 no_negative_balance: Some(c.verify.negative_balances == 0),
+                // On accounts of its own, every row is the run's: one that is not is a
+                // transfer applied twice under another id (or a client using the run's
+                // accounts, which `--reuse-accounts` is for).
+                // And no transfer reported not applied is in the ledger; when every
+                // transfer of unknown outcome is known by its id, the rows are exactly the
+                // committed ones and those of them the ledger holds: a count alone let a
+                // "not applied" that committed hide behind an unknown one that did not.
                 ledger_matches_committed: Some(
                     c.ledger_rows >= committed
-                        && c.ledger_rows <= committed.saturating_add(indeterminate),
+                        && c.ledger_rows <= committed.saturating_add(indeterminate)
+                        && (run.reuse_accounts || c.others_rows == 0)
+                        && c.given_up_found == 0
+                        && (!every_id || c.ledger_rows == committed + c.unknown_found),
                 ),
                 chains_exact: Some(c.verify.broken_chains == 0),
                 verify_ok: Some(c.verify.ok),
@@ -294,6 +346,9 @@ impl Report {
             final_total: check.as_ref().map(|c| c.total),
             moved_by_other_clients: check.as_ref().map(|c| c.moved_by_others),
             ledger_rows_added: check.as_ref().map(|c| c.ledger_rows),
+            ledger_rows_by_others: check.as_ref().map(|c| c.others_rows),
+            given_up_in_ledger: check.as_ref().map(|c| c.given_up_found),
+            indeterminate_committed: check.as_ref().map(|c| c.unknown_found),
             accounts_deleted_by_others: check.as_ref().map(|c| c.accounts_gone),
             invariants,
             verify: check.map(|c| c.verify),
@@ -302,6 +357,8 @@ impl Report {
             final_check_error: final_check_error.map(|e| crate::text::one_line(&e)),
             final_check_interrupted: run.check_interrupted,
             last_error: tally.last_error.map(|e| crate::text::one_line(&e)),
+            reuse_accounts: run.reuse_accounts,
+            ids_known: every_id,
         }
     }
 }
@@ -327,6 +384,69 @@ impl Report {
     /// anything, was a transfer's error.
     pub fn invariants_hold(&self) -> bool {
         self.invariants.all() && self.wrong_total_reads == 0
+    }
+
+    /// What does not hold, in a few words each, for the run's one line on stderr.
+    pub fn violations(&self) -> String {
+        let mut broken = Vec::new();
+        let held = |i: Option<bool>| i != Some(false);
+        if !held(self.invariants.total_conserved) {
+            let expected = self.starting_total + self.moved_by_other_clients.unwrap_or(0);
+            broken.push(format!(
+                "the run's accounts hold {} where the ledger explains {expected}",
+                self.final_total
+                    .map_or_else(|| "?".into(), |t| t.to_string())
+            ));
+        }
+        if !held(self.invariants.no_negative_balance) {
+            broken.push("a balance is negative".to_string());
+        }
+        if !held(self.invariants.ledger_matches_committed) {
+            let rows = self.ledger_rows_added.unwrap_or(0);
+            let (committed, unknown) = (self.transfers_committed, self.indeterminate);
+            let before = broken.len();
+            if rows < committed as i64 || rows > committed.saturating_add(unknown) as i64 {
+                broken.push(format!(
+                    "the ledger holds {rows} of the run's transfers where {committed} were \
+                     reported committed (+ at most {unknown} of unknown outcome)"
+                ));
+            }
+            if let Some(found @ 1..) = self.given_up_in_ledger {
+                broken.push(format!(
+                    "{found} transfers reported given up (not applied) are in the ledger"
+                ));
+            }
+            let unknown = self.indeterminate_committed.unwrap_or(0);
+            if broken.len() == before && self.ids_known && rows != committed as i64 + unknown {
+                broken.push(format!(
+                    "the ledger holds {rows} of the run's transfers where {committed} were \
+                     reported committed and {unknown} of unknown outcome committed"
+                ));
+            }
+            if let Some(others @ 1..) = self.ledger_rows_by_others {
+                broken.push(format!(
+                    "{others} ledger rows that are not the run's moved money on the accounts it \
+                     created (a transfer applied twice under another id?)"
+                ));
+            }
+        }
+        if !held(self.invariants.chains_exact) {
+            let n = self.verify.as_ref().map_or(0, |v| v.broken_chains);
+            broken.push(format!("{n} accounts' chains of entries are broken"));
+        }
+        if !held(self.invariants.verify_ok) {
+            broken.push("verify fails".to_string());
+        }
+        if self.wrong_total_reads > 0 {
+            broken.push(format!(
+                "{} reads saw a total other than the starting one or a negative balance",
+                self.wrong_total_reads
+            ));
+        }
+        match broken.is_empty() {
+            true => "an invariant does not hold".to_string(),
+            false => format!("invariants violated: {}", broken.join("; ")),
+        }
     }
 
     /// `--readers` asked for a check that no read made.
@@ -388,11 +508,19 @@ impl fmt::Display for Report {
             r.timeout
         )?;
         writeln!(f, "given up (not applied): {}", self.given_up)?;
-        writeln!(
-            f,
-            "outcome unknown: {} (the ledger decides; see the ledger check)",
-            self.indeterminate
-        )?;
+        match self.indeterminate_committed {
+            Some(found) if self.indeterminate > 0 => writeln!(
+                f,
+                "outcome unknown: {} (the ledger decides: it held {found} of them at the final \
+                 check)",
+                self.indeterminate
+            )?,
+            _ => writeln!(
+                f,
+                "outcome unknown: {} (the ledger decides; see the ledger check)",
+                self.indeterminate
+            )?,
+        }
         writeln!(f, "other errors: {}", self.errors)?;
         writeln!(f, "reconnects: {}", self.reconnects)?;
         if self.workers_never_connected > 0 {
@@ -482,6 +610,25 @@ impl fmt::Display for Report {
             self.indeterminate,
             mark(self.invariants.ledger_matches_committed)
         )?;
+        if let Some(found @ 1..) = self.given_up_in_ledger {
+            writeln!(
+                f,
+                "  transfers reported given up (not applied) that the ledger holds: {found}"
+            )?;
+        }
+        if let Some(others @ 1..) = self.ledger_rows_by_others {
+            writeln!(
+                f,
+                "  ledger rows on the run's accounts that are not the run's: {others}{}",
+                match self.invariants.ledger_matches_committed {
+                    Some(false) if !self.reuse_accounts => {
+                        " (on accounts the run created: a transfer applied twice under \
+                         another id, or another client moving money on them)"
+                    }
+                    _ => "",
+                }
+            )?;
+        }
         writeln!(
             f,
             "  chains of entries exact: {}",
@@ -529,6 +676,7 @@ mod tests {
             workers_not_started: 0,
             interrupted: false,
             check_interrupted: false,
+            reuse_accounts: false,
             readers: 0,
             reads: 0,
             wrong_total_reads: 0,
@@ -586,6 +734,7 @@ mod tests {
             workers_not_started: 0,
             interrupted: false,
             check_interrupted: false,
+            reuse_accounts: false,
             readers: 1,
             reads: 3,
             wrong_total_reads: 0,
@@ -625,6 +774,9 @@ mod tests {
             total: 10_000,
             moved_by_others: 0,
             ledger_rows: 5,
+            others_rows: 0,
+            given_up_found: 0,
+            unknown_found: 0,
             accounts_gone: 0,
         }
     }
@@ -653,7 +805,22 @@ mod tests {
             },
         );
         assert!(bound.ok, "{bound:?}");
-        let broken: [(&str, FinalCheck, u64); 6] = [
+        // With `--reuse-accounts`, other clients' rows on the run's accounts are expected.
+        let shared = {
+            let mut tally = Tally::new().expect("tally");
+            tally.committed = 5;
+            let run = Run {
+                reuse_accounts: true,
+                ..run()
+            };
+            let check = FinalCheck {
+                others_rows: 3,
+                ..healthy()
+            };
+            Report::new(run, tally, Ok(check))
+        };
+        assert!(shared.ok, "{shared:?}");
+        let broken: [(&str, FinalCheck, u64); 7] = [
             // A transfer reported committed that the ledger does not hold.
             (
                 "ledger_matches_committed",
@@ -671,6 +838,16 @@ mod tests {
                     ..healthy()
                 },
                 2,
+            ),
+            // On accounts of its own, a row that is not the run's: a transfer applied twice
+            // under another id, which the totals and the chains cannot see.
+            (
+                "ledger_matches_committed",
+                FinalCheck {
+                    others_rows: 1,
+                    ..healthy()
+                },
+                0,
             ),
             (
                 "total_conserved",
@@ -721,6 +898,48 @@ mod tests {
             assert_eq!(json["invariants"][name], false, "{name}: {json}");
             let text = report.to_string();
             assert!(text.contains("VIOLATED"), "{name}: {text}");
+        }
+    }
+
+    /// A transfer reported given up (not applied) that the ledger holds breaks the promise, and
+    /// fails the run however many of unknown outcome there were: counted only, it hid behind
+    /// their allowance (the rows stayed within committed + indeterminate), and a bank mutated
+    /// to say "not applied" of one committed transfer in 300 passed every run (found by a
+    /// helper). With every such transfer known by its id the rows must be exactly the
+    /// committed ones and those of unknown outcome the ledger holds.
+    #[test]
+    fn a_transfer_given_up_that_committed_fails_the_run_whatever_the_unknown_ones() {
+        let judged = |found: i64, unknown_found: i64, rows: i64| {
+            let mut tally = Tally::new().expect("tally");
+            tally.committed = 5;
+            tally.given_up = 1;
+            tally.given_up_ids = vec![uuid::Uuid::from_u128(1)];
+            tally.indeterminate = 2;
+            tally.unknown_ids = vec![uuid::Uuid::from_u128(2), uuid::Uuid::from_u128(3)];
+            let check = FinalCheck {
+                ledger_rows: rows,
+                given_up_found: found,
+                unknown_found,
+                ..healthy()
+            };
+            Report::new(run(), tally, Ok(check))
+        };
+        // The unknown ones' answer, as the ledger gives it.
+        for (unknown_found, rows) in [(0, 5), (1, 6), (2, 7)] {
+            let r = judged(0, unknown_found, rows);
+            assert!(r.ok, "{r:?}");
+            assert_eq!(r.indeterminate_committed, Some(unknown_found));
+        }
+        // Within the bound, but not what the ledger says of the ids.
+        for (found, unknown_found, rows) in [(1, 0, 6), (0, 0, 6), (0, 2, 6)] {
+            let r = judged(found, unknown_found, rows);
+            assert!(!r.ok, "{r:?}");
+            assert_eq!(r.invariants.ledger_matches_committed, Some(false));
+            let why = r.violations();
+            assert!(
+                why.contains("the ledger holds") || why.contains("given up"),
+                "{why}"
+            );
         }
     }
 

@@ -173,6 +173,7 @@ impl Worker {
         let mut failed_in_a_row = 0u32;
         while self.more() {
             let t = self.next_transfer();
+            self.in_hand(&[t.id]);
             self.started_now();
             if !self.slot.ticket.begin() {
                 return;
@@ -212,8 +213,14 @@ impl Worker {
                 }
                 Err(TransferError::InsufficientFunds { .. }) => tally.insufficient_funds += 1,
                 Err(TransferError::BalanceOverflow { .. }) => tally.balance_overflow += 1,
-                Err(TransferError::NotApplied { .. }) => tally.given_up += 1,
-                Err(TransferError::OutcomeUnknown { .. }) => tally.indeterminate += 1,
+                Err(TransferError::NotApplied { .. }) => {
+                    tally.given_up += 1;
+                    tally.given_up_ids.push(t.id);
+                }
+                Err(TransferError::OutcomeUnknown { .. }) => {
+                    tally.indeterminate += 1;
+                    tally.unknown_ids.push(t.id);
+                }
                 Err(e) => {
                     warn_once(t.id, &e);
                     failed = true;
@@ -280,6 +287,8 @@ impl Worker {
                 })
                 .collect();
             self.slot.in_flight.store(count, Ordering::SeqCst);
+            let ids: Vec<Uuid> = lines.iter().map(|l| l.transfer.id).collect();
+            self.in_hand(&ids);
             self.started_now();
             if !self.slot.ticket.begin() {
                 return;
@@ -313,7 +322,7 @@ impl Worker {
             };
             let mut applied = 0;
             for (l, v) in lines.iter().zip(&verdicts) {
-                applied += tally_verdict(&mut tally, &self.live, Some(l), v);
+                applied += tally_verdict(&mut tally, &self.live, Some(l.transfer.id), v);
             }
             if applied > 0 {
                 self.live.record(micros);
@@ -361,6 +370,15 @@ impl Worker {
         }
     }
 
+    /// Tells the watchdog the ids of the transfers about to be sent (one, or a batch's lines in
+    /// order), so that those it gives up on are known by their ids.
+    fn in_hand(&self, ids: &[Uuid]) {
+        if let Ok(mut hand) = self.slot.ids.lock() {
+            hand.clear();
+            hand.extend_from_slice(ids);
+        }
+    }
+
     /// Tells the watchdog that a transfer (or a batch's statement) starts now.
     fn started_now(&self) {
         mark_started(&self.slot, self.epoch);
@@ -392,8 +410,13 @@ pub(super) fn mark_started(slot: &Slot, epoch: Instant) {
 /// Counts one `--batch` line's verdict in `tally` (and `live`); returns 1 when it applied. A line
 /// never sent (the run ended or was interrupted between the chunk's statements) counts as
 /// nothing: the workload's ids are its own, so nobody else can apply it.
-pub(super) fn tally_verdict(tally: &mut Tally, live: &Live, l: Option<&Line>, v: &Verdict) -> u64 {
-    let id = || l.map_or_else(|| "?".to_string(), |l| l.transfer.id.to_string());
+pub(super) fn tally_verdict(
+    tally: &mut Tally,
+    live: &Live,
+    line: Option<Uuid>,
+    v: &Verdict,
+) -> u64 {
+    let id = || line.map_or_else(|| "?".to_string(), |id| id.to_string());
     match v.outcome {
         Outcome::Applied => {
             tally.committed += 1;
@@ -415,10 +438,14 @@ pub(super) fn tally_verdict(tally: &mut Tally, live: &Live, l: Option<&Line>, v:
                 id(),
                 v.error.as_deref().unwrap_or("no reason given")
             );
-            tally.given_up += 1
+            tally.given_up += 1;
+            tally.given_up_ids.extend(line);
         }
         Outcome::Unknown if v.is_not_attempted() => {}
-        Outcome::Unknown => tally.indeterminate += 1,
+        Outcome::Unknown => {
+            tally.indeterminate += 1;
+            tally.unknown_ids.extend(line);
+        }
         // Random ids over existing accounts: anything else is a bug.
         other => {
             tally.errors += 1;
