@@ -244,7 +244,14 @@ where
     let mut done_tx = ask.is_some().then_some(done_tx);
 
     let windows_for = |connections: usize| {
-        let groups = connections.saturating_mul(GROUPS_PER_CONNECTION);
+        // One connection gains nothing from groups but their order, largest first: lines
+        // applied out of file order, where another client's transfer could fall between a
+        // later line and an earlier one (a helper's finding; several connections cannot help
+        // it, the README says so). So one connection takes the file in order.
+        let groups = match connections {
+            0 | 1 => 1,
+            n => n.saturating_mul(GROUPS_PER_CONNECTION),
+        };
         (groups, batch.max(1).saturating_mul(groups))
     };
     let (mut groups_per_window, mut window_size) = windows_for(connections);
