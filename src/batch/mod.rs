@@ -123,9 +123,7 @@ pub struct Verdict {
 }
 
 /// Why a line another run answered since this run's first attempt at it is `not_applied`.
-pub(crate) const ANSWERED_SINCE: &str =
-    "another run answered this id \"not applied\" while this one was retrying it, and that \
-     answer stands";
+pub(crate) use crate::transfer::ANSWERED_SINCE;
 
 /// How the reason of a line this run never sent begins.
 const NOT_ATTEMPTED: &str = "not attempted: ";

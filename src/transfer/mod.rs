@@ -4,7 +4,7 @@
 mod runner;
 mod statement;
 
-pub(crate) use runner::{after_step, claim_and_find, connection, first_reason_in};
+pub(crate) use runner::{after_step, claim_and_find, connection, first_reason_in, ANSWERED_SINCE};
 pub use runner::{gave_up, Receipt, Runner, GRACE};
 pub(crate) use statement::other_unique_index;
 pub use statement::{apply, apply_claiming, BodyError, TransferStatement};

@@ -25,6 +25,14 @@ use crate::retry::{
     RetryPolicy, SharedRetryCounts, Stop,
 };
 
+/// Why a transfer of a given id, or a file's line, another run answered since this run's first
+/// attempt at it is not applied. Not "while this one was retrying": the first attempt may still be
+/// waiting for its locks, and the other run may be one killed before it printed its answer,
+/// whose claim landed late (a helper's case).
+pub(crate) const ANSWERED_SINCE: &str =
+    "another run answered this id \"not applied\" after this run began on it (one killed \
+     before it said so, too), and that answer stands: run it again to apply it";
+
 /// How long a caller waits past the deadline for the runner's own answer.
 pub const GRACE: Duration = Duration::from_millis(200);
 
@@ -663,9 +671,7 @@ fn answered_since(
         ClaimSeen::Read(then) if then == now => Ok(()),
         ClaimSeen::Read(_) => Err(BodyError::Final(TransferError::NotApplied {
             id: t.id,
-            reason: "another run answered this id \"not applied\" while this one was retrying, \
-                     and that answer stands"
-                .into(),
+            reason: ANSWERED_SINCE.into(),
         })),
     }
 }
