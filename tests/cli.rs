@@ -622,6 +622,15 @@ fn an_unreachable_server_fails_within_seconds() {
         .run();
     run.fails_with(1, "password authentication failed");
     assert!(started.elapsed() < Duration::from_secs(2), "{run:?}");
+    // With --json its reason is the file's word for a line refused at login, `not_applied`
+    // (`Outcome::of_failure`): mapped to `unknown` (a helper's mutation), every other test
+    // passed, and the JSON said "unknown" of a transfer that failed, exit 1.
+    let run = Bank::new()
+        .args(["--database-url", &wrong, "transfer", "--json"])
+        .args(["--from", &a, "--to", &b, "--amount", "1"])
+        .run();
+    run.fails_json(1, "failed", "password authentication failed");
+    assert_eq!(run.json()["reason"], "not_applied", "{run:?}");
 }
 
 /// Login refusals that no retry can cure were retried for the whole deadline (31 attempts,

@@ -1233,26 +1233,15 @@ fn a_first_run_whose_first_attempt_failed_early_honours_a_rerun_s_no() {
             ]),
         }
         args.extend(&BACKING_OFF[1..]);
-        let first = crate::support::spawn_bank(&args);
-        crate::support::wait_for_lock_wait(&db);
-        // The lock timeout ends the first attempt; the run backs off.
-        thread::sleep(Duration::from_millis(800));
-        holder.batch_execute("ROLLBACK").expect("rollback");
-        let rerun = db.transfer(from, to, 100).args(["--id", &id_text]).run();
-        assert_eq!(rerun.code, 1, "{case}: {rerun:?}");
-        assert!(
-            rerun.stderr.contains("insufficient funds"),
-            "{case}: {rerun:?}"
+        let first = first_run_then_a_rerun_s_no(
+            &case,
+            &db,
+            crate::support::spawn_bank(&args),
+            (from, to, funder, id),
+            once_it_waited_for_the_lock(&db, || {
+                holder.batch_execute("ROLLBACK").expect("rollback")
+            }),
         );
-        db.transfer(funder, from, 100).run().success();
-        let first = Run::from(first.wait_with_output().expect("wait"));
-        assert!(
-            bank::repo::find_transfer(&mut db.conn(), id)
-                .expect("query")
-                .is_none(),
-            "{case}: applied after the rerun said no: {first:?}"
-        );
-        assert_eq!(first.code, 1, "{case}: {first:?}");
         assert!(
             format!("{}{}", first.stdout, first.stderr).contains("another run answered this id"),
             "{case}: {first:?}"
@@ -1268,6 +1257,157 @@ fn a_first_run_whose_first_attempt_failed_early_honours_a_rerun_s_no() {
                 "{case}: {first:?}"
             );
         }
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{case}: {report:?}");
+    }
+}
+
+/// The first run (`first`, started) is held (`held` returns once it is, and lifts what holds it
+/// if anything must), a rerun of `id` refuses it (insufficient funds), and `funder` then funds
+/// `from`: the first run must not apply the id after that answer (exit 1). Its run, for the
+/// caller's further checks.
+fn first_run_then_a_rerun_s_no(
+    case: &str,
+    db: &ScratchDb,
+    first: std::process::Child,
+    (from, to, funder, id): (Uuid, Uuid, Uuid, Uuid),
+    held: impl FnOnce(),
+) -> Run {
+    held();
+    let rerun = db
+        .transfer(from, to, 100)
+        .args(["--id", &id.to_string()])
+        .run();
+    assert_eq!(rerun.code, 1, "{case}: {rerun:?}");
+    assert!(
+        rerun.stderr.contains("insufficient funds"),
+        "{case}: {rerun:?}"
+    );
+    db.transfer(funder, from, 100).run().success();
+    let first = Run::from(first.wait_with_output().expect("wait"));
+    assert!(
+        bank::repo::find_transfer(&mut db.conn(), id)
+            .expect("query")
+            .is_none(),
+        "{case}: applied after the rerun said no: {first:?}"
+    );
+    assert_eq!(first.code, 1, "{case}: {first:?}");
+    first
+}
+
+/// `held` for a first run waiting for a lock until the server's lock_timeout: the lock is lifted
+/// (`release`) while the run backs off.
+fn once_it_waited_for_the_lock<'a>(
+    db: &'a ScratchDb,
+    release: impl FnOnce() + 'a,
+) -> impl FnOnce() + 'a {
+    move || {
+        crate::support::wait_for_lock_wait(db);
+        // The lock timeout ends the first attempt; the run backs off.
+        thread::sleep(Duration::from_millis(800));
+        release();
+    }
+}
+
+/// The same when the rerun answers between the first attempt's look at the ledger and its
+/// transaction (its BEGIN held in the network, as a pooler's queue or a slow link holds it; on
+/// CockroachDB the look itself may wait on another transaction's intent): the first attempt's
+/// claim reading comes before that look, so the rerun's "no" is seen inside the transaction.
+/// Read only inside the transaction (a helper's mutation dropping the first reading, which the
+/// one inside covered for every other test), the first run took the generation the rerun had
+/// moved for its starting point and applied the id after the rerun said "insufficient funds".
+#[test]
+fn a_first_run_whose_begin_comes_late_honours_a_rerun_s_no_meanwhile() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let [from, to, funder] = db.accounts(&[50, 0, 1000])[..] else {
+            panic!("three accounts")
+        };
+        let proxy = Proxy::start(upstream_of(&db.url));
+        let url = proxy.url_for(&db.url);
+        let id = Uuid::new_v4();
+        let id_text = id.to_string();
+        proxy.arm_at(At::Begin, Fault::HeldStatement(Duration::from_secs(5)));
+        let first = crate::support::spawn_transfer(
+            &url,
+            (from, to, 100),
+            &["--id", &id_text, "--timeout", "30s"],
+        );
+        let case = format!("{iso:?}");
+        let first = first_run_then_a_rerun_s_no(&case, &db, first, (from, to, funder, id), || {
+            let started = Instant::now();
+            while proxy.injected() < 1 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{iso:?}: no BEGIN came"
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        assert!(
+            first.stderr.contains("another run answered this id"),
+            "{iso:?}: {first:?}"
+        );
+        assert_eq!((db.balance(from), db.balance(to)), (150, 0), "{iso:?}");
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{iso:?}: {report:?}");
+    }
+}
+
+/// The same when the first attempt's very first reading, the claim's, is what fails: it waited
+/// behind a lock on the claims table (a DBA's `ALTER TABLE`, a `VACUUM FULL`, a migration) until
+/// the server's lock_timeout. No generation was recorded, the rerun refused the id meanwhile
+/// (insufficient funds), and the retry's first reading took the moved generation for its start:
+/// the first run said "moved 100" after the rerun's "insufficient funds" (found by a helper).
+/// A claim found after a failed first reading now stops the run, "not applied"; a run begun
+/// after that answer applies the id.
+#[test]
+fn a_first_run_whose_first_claim_reading_failed_honours_a_rerun_s_no() {
+    for (iso, file) in [
+        (Iso::ReadCommitted, false),
+        (Iso::Serializable, false),
+        (Iso::ReadCommitted, true),
+        (Iso::Serializable, true),
+    ] {
+        let case = format!("{iso:?} file={file}");
+        let db = ScratchDb::migrated_at(iso);
+        let [from, to, funder] = db.accounts(&[50, 0, 1000])[..] else {
+            panic!("three accounts")
+        };
+        let id = Uuid::new_v4();
+        let (from_text, to_text, id_text) = (from.to_string(), to.to_string(), id.to_string());
+        let mut dba = db.conn();
+        dba.batch_execute("BEGIN; LOCK TABLE transfer_claims IN ACCESS EXCLUSIVE MODE")
+            .expect("lock the claims");
+        let url = format!("{}?options=-c%20lock_timeout%3D300", db.url.expose());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f.csv");
+        std::fs::write(&path, format!("id,from,to,amount\n{id},{from},{to},100\n")).expect("file");
+        let path = path.to_string_lossy().to_string();
+        let mut args = vec!["--database-url", &url, "transfer"];
+        match file {
+            true => args.extend(["--file", &path, "--batch", "1", "--connections", "1"]),
+            false => args.extend([
+                "--from", &from_text, "--to", &to_text, "--amount", "100", "--id", &id_text,
+            ]),
+        }
+        args.extend(BACKING_OFF);
+        let first = first_run_then_a_rerun_s_no(
+            &case,
+            &db,
+            crate::support::spawn_bank(&args),
+            (from, to, funder, id),
+            once_it_waited_for_the_lock(&db, || dba.batch_execute("ROLLBACK").expect("unlock")),
+        );
+        if file {
+            assert_eq!(json_outcomes(&first), ["not_applied"], "{case}: {first:?}");
+        }
+        // Begun after that answer, a run applies it.
+        db.transfer(from, to, 100)
+            .args(["--id", &id_text])
+            .run()
+            .success();
+        assert_eq!((db.balance(from), db.balance(to)), (50, 100), "{case}");
         let report = bank::verify::verify(&mut db.conn()).expect("verify");
         assert!(report.ok, "{case}: {report:?}");
     }
@@ -2906,6 +3046,89 @@ fn a_workload_transfer_given_up_on_before_its_commit_never_commits_afterwards() 
         assert!(j["stuck_workers"].as_u64() >= Some(1), "{batch:?}: {j}");
         assert!(j["given_up"].as_u64() >= Some(1), "{batch:?}: {j}");
         assert_eq!(j["ok"], true, "{batch:?}: {run:?}");
+    }
+}
+
+/// A file's chunk given up before its COMMIT (its BEGIN held in the network past `--timeout`:
+/// `unknown`, "this run applied nothing") must never commit once the BEGIN arrives, or a rerun's
+/// answer meanwhile is a lie: here the rerun refuses the line (insufficient funds, which claims
+/// its id), the account is then funded, and the late attempt, the chunk's first, reads the claim
+/// the rerun moved as its starting point, so the generations see nothing; the last gate is its
+/// ticket (`Ticket::enter_commit`). With that call's answer ignored (a helper's mutation), the
+/// line refused by the rerun was applied. The workload test above caught that mutation in about
+/// 2 runs of 3 (the late attempt raced the end of the run); here the run is kept alive by its
+/// own output (2,000 lines of `--json`, more than a pipe holds, read only at the end), and the
+/// test holds the accounts until the late attempt waits for them, so it certainly reaches the
+/// gate before the ledger is looked at.
+#[test]
+fn a_file_s_chunk_given_up_before_its_commit_never_commits_after_a_rerun_refused_it() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let ids = db.accounts(&[0, 0, 1000]);
+        let (from, to, funder) = (ids[0], ids[1], ids[2]);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        let url = proxy.url_for(&db.url);
+        let first = Uuid::new_v4();
+        let line = |id: Uuid| format!("{id},{from},{to},10\n");
+        let mut text = format!("id,from,to,amount\n{}", line(first));
+        for _ in 1..2000 {
+            text += &line(Uuid::new_v4());
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("late.csv");
+        std::fs::write(&path, text).expect("write file");
+        proxy.arm_at(At::Begin, Fault::HeldStatement(Duration::from_secs(6)));
+        let child = crate::support::spawn_bank(&[
+            "--database-url",
+            &url,
+            "transfer",
+            "--file",
+            path.to_str().expect("utf-8 path"),
+            "--json",
+            "--batch",
+            "1",
+            "--connections",
+            "1",
+            "--timeout",
+            "2s",
+        ]);
+        let rerun = crate::support::run_file(
+            db.url.expose(),
+            "rerun.csv",
+            &format!("id,from,to,amount\n{}", line(first)),
+            &[],
+        );
+        assert_eq!(
+            json_outcomes(&rerun),
+            ["insufficient_funds"],
+            "{iso:?}: {rerun:?}"
+        );
+        assert_eq!(rerun.code, 1, "{iso:?}: {rerun:?}");
+        db.transfer(funder, from, 100).run().success();
+        // The late attempt, once its BEGIN arrives, waits for the accounts; then it goes on.
+        let holder = db.hold(&[from, to]);
+        crate::support::wait_for_lock_waits(&db, 1);
+        drop(holder);
+        let mut conn = db.conn();
+        crate::support::wait_until(
+            &mut conn,
+            "NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'bank%' AND pid <> pg_backend_pid() \
+             AND xact_start IS NOT NULL)",
+            "the late attempt never ended",
+        );
+        assert_eq!(
+            (db.balance(from), db.balance(to), db.state().1),
+            (100, 0, 1),
+            "{iso:?}: the line the rerun refused was applied after"
+        );
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        assert_eq!(proxy.injected(), 1, "{iso:?}: {run:?}");
+        let outcomes = json_outcomes(&run);
+        assert_eq!(outcomes.len(), 2000, "{iso:?}: {run:?}");
+        assert!(outcomes.iter().all(|o| o == "unknown"), "{iso:?}: {run:?}");
+        assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+        assert_eq!((db.balance(from), db.state().1), (100, 1), "{iso:?}");
     }
 }
 

@@ -962,6 +962,18 @@ impl ChunkRunner {
                 Some(words) => Err(Rollback::Database(crate::db::closed_connection(words))),
                 None => result,
             };
+            // An attempt that failed before it read its lines' claims (it waited out a rewrite
+            // of the claims table, or the reading itself waited behind a DBA's lock, until the
+            // lock_timeout; its backend was ended) has begun all the same: each id it did not
+            // read is taken for unclaimed then, so a claim found later is an answer given since.
+            // Left unread, the retry took the generation a rerun had moved meanwhile for its
+            // start and applied the line after the rerun refused it (found by a helper; as
+            // `bank transfer --id`, `runner::first_reading_failed`).
+            if ids_given && result.is_err() {
+                for l in lines {
+                    first_claims.entry(l.transfer.id).or_insert(None);
+                }
+            }
             let step = match result {
                 Ok(decided) => Attempt::Done(decided),
                 Err(Rollback::Abandoned) => Attempt::Fail(TransferError::Abandoned),

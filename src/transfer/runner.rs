@@ -676,6 +676,19 @@ fn answered_since(
     }
 }
 
+/// The first reading of the claim was sent and failed (it waited behind a lock on the claims
+/// table until the server's lock_timeout, its backend was ended): this run has begun, so the
+/// id is taken to have been unclaimed then, and a claim a later reading finds is an answer
+/// given since. Left unread, the retry took the generation a rerun had moved meanwhile for its
+/// start, and applied the id after the rerun refused it (found by a helper, with the claims
+/// table locked by a DBA). A claim older than this run then stops it too: "not applied", safe,
+/// and a run begun after it applies the id.
+fn first_reading_failed(seen: &mut ClaimSeen) {
+    if *seen == ClaimSeen::NotRead {
+        *seen = ClaimSeen::Read(None);
+    }
+}
+
 /// `t`'s claim generation now (`None`: not claimed).
 fn claim_now(conn: &mut PgConnection, t: &NewTransfer) -> diesel::QueryResult<Option<i64>> {
     Ok(repo::claim_generations(conn, &[t.id])?
@@ -718,7 +731,10 @@ fn attempt(
         if let Some(seen) = first_claim.filter(|_| mode == Mode::Transaction) {
             match claim_now(conn, t) {
                 Ok(now) => **seen = ClaimSeen::Read(now),
-                Err(e) => return looked_up_again(e),
+                Err(e) => {
+                    first_reading_failed(seen);
+                    return looked_up_again(e);
+                }
             }
         }
         match lookup(conn, t) {
