@@ -188,20 +188,13 @@ pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
         .serializable()
         .run(check)
     {
-        Err(e) if refused_on_a_standby(&e) => conn
+        Err(e) if crate::db::refuses_serializable(&e) => conn
             .build_transaction()
             .read_only()
             .repeatable_read()
             .run(check),
         other => other,
     }
-}
-
-/// PostgreSQL's refusal of a SERIALIZABLE transaction on a hot standby (SQLSTATE 0A000, which
-/// Diesel does not give: told by its words, which bank's sessions keep in English).
-fn refused_on_a_standby(e: &diesel::result::Error) -> bool {
-    matches!(e, diesel::result::Error::DatabaseError(_, info)
-        if info.message().contains("cannot use serializable mode in a hot standby"))
 }
 
 /// The check itself, in whatever transaction `verify` opened.

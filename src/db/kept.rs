@@ -30,6 +30,15 @@
 //! refused (found by a helper playing a new user). Where the engine has the setting, each session
 //! sets `exit_on_error = off` first, in the same round trip.
 //!
+//! The isolation on a hot standby: one whose default is SERIALIZABLE (a primary's
+//! `default_transaction_isolation`, copied by `pg_basebackup` or set on the database, as
+//! `scripts/pg` sets CockroachDB's default) refuses every transaction there, reads included
+//! ("cannot use serializable mode in a hot standby"), so every command failed as the session was
+//! set up, `verify`'s own fallback never reached (found by a mutation-testing helper). Where the
+//! first query meets that refusal, each session of the run defaults to REPEATABLE READ: one
+//! snapshot per transaction, what PostgreSQL offers a standby (it runs no writes there to keep
+//! apart).
+//!
 //! The rows: a DBA's row-level security policy that hid ledger rows from bank's role made a
 //! committed id look absent, and its rerun said "not applied" (found by a fault-injecting
 //! helper); hidden accounts make `verify` report violations that are not there. Each session
@@ -56,6 +65,8 @@ struct Kept {
     all_rows: bool,
     /// Each session sets `exit_on_error = off` (the engine has the setting).
     stay: bool,
+    /// Each session defaults to REPEATABLE READ (a hot standby that refuses its SERIALIZABLE).
+    repeatable: bool,
 }
 
 static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
@@ -72,10 +83,13 @@ pub(super) fn keep(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     let known = kept()
         .iter()
         .find(|k| k.url == url)
-        .map(|k| (k.path.clone(), k.english, k.all_rows, k.stay));
-    let Some((path, english, all_rows, stay)) = known else {
+        .map(|k| (k.path.clone(), k.english, k.all_rows, k.stay, k.repeatable));
+    let Some((path, english, all_rows, stay, repeatable)) = known else {
         return first(conn, url);
     };
+    if repeatable {
+        conn.batch_execute(REPEATABLE)?;
+    }
     set(conn, &path, english, all_rows, stay).map(|_| ())
 }
 
@@ -113,6 +127,16 @@ fn set(
     Ok(false)
 }
 
+/// What a session on a hot standby that refuses SERIALIZABLE defaults to.
+const REPEATABLE: &str = "SET default_transaction_isolation = 'repeatable read'";
+
+/// PostgreSQL's refusal of a SERIALIZABLE transaction on a hot standby (SQLSTATE 0A000, which
+/// Diesel does not give: told by its words, which bank's sessions keep in English).
+pub(crate) fn refuses_serializable(e: &diesel::result::Error) -> bool {
+    matches!(e, diesel::result::Error::DatabaseError(_, info)
+        if info.message().contains("cannot use serializable mode in a hot standby"))
+}
+
 fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     #[derive(QueryableByName)]
     struct Found {
@@ -130,13 +154,21 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
         #[diesel(sql_type = Nullable<Text>)]
         exit_on_error: Option<String>,
     }
-    let found: Found = diesel::sql_query(
+    let query = diesel::sql_query(
         "SELECT current_schemas(false) AS schemas, current_setting('search_path') AS path, \
          current_setting('lc_messages', true) AS messages, \
          current_setting('row_security', true) AS row_security, \
          current_setting('exit_on_error', true) AS exit_on_error",
-    )
-    .get_result(conn)?;
+    );
+    let mut repeatable = false;
+    let found: Found = match query.clone().get_result(conn) {
+        Err(e) if refuses_serializable(&e) => {
+            conn.batch_execute(REPEATABLE)?;
+            repeatable = true;
+            query.get_result(conn)?
+        }
+        found => found?,
+    };
     let path = found
         .schemas
         .iter()
@@ -176,6 +208,7 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
             english,
             all_rows,
             stay,
+            repeatable,
         }),
     }
     Ok(())

@@ -4,6 +4,7 @@
 
 pub mod engine;
 mod kept;
+pub(crate) use kept::refuses_serializable;
 mod session;
 mod url;
 
