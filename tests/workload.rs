@@ -529,6 +529,64 @@ fn other_clients_transfers_are_no_false_alarm() {
     }
 }
 
+/// A run on accounts it created, and another client's transfer between two of them meanwhile
+/// (a user's `bank transfer`, or a `bank workload --reuse-accounts` started at the same time,
+/// which takes the database's accounts, these among them): the bank is sound, every total and
+/// chain holds, the run's own rows are exactly its committed transfers. The run said
+/// "invariants violated: 1 ledger rows that are not the run's moved money on the accounts it
+/// created (a transfer applied twice under another id?)", exit 1: a false alarm on a sound
+/// system (before the rows by others were counted, `moved_by_other_clients` said 0 and the run
+/// passed, as the README promised: "other clients writing to the same database cause no false
+/// alarm").
+#[test]
+fn another_client_s_transfer_on_the_run_s_own_accounts_is_no_invariant_violated() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let workload = crate::support::spawn_bank(&[
+            "--database-url",
+            db.url.expose(),
+            "workload",
+            "--accounts",
+            "8",
+            "--concurrency",
+            "2",
+            "--duration",
+            "60s",
+            "--json",
+        ]);
+        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+        // The run's accounts: the only ones there are.
+        let ids: Vec<uuid::Uuid> = bank::schema::accounts::table
+            .select(bank::schema::accounts::id)
+            .order(bank::schema::accounts::balance.desc())
+            .load(&mut db.conn())
+            .expect("accounts");
+        assert_eq!(ids.len(), 8, "{ids:?}");
+        crate::support::Bank::new()
+            .args(["--database-url", db.url.expose(), "transfer"])
+            .args(["--from", &ids[0].to_string(), "--to", &ids[1].to_string()])
+            .args(["--amount", "1"])
+            .run()
+            .success();
+        let rows = crate::support::count_transfers(&mut db.conn()).expect("count");
+        crate::support::wait_for_transfers_past(&mut db.conn(), rows + 300);
+        crate::support::interrupt(workload.id());
+        let run = Run::from(workload.wait_with_output().expect("wait"));
+        let j = run.json();
+        assert_eq!(j["invariants"]["total_conserved"], true, "{iso:?}: {j}");
+        assert_eq!(j["invariants"]["chains_exact"], true, "{iso:?}: {j}");
+        assert!(
+            !run.stderr.contains("invariants violated"),
+            "{iso:?}: a sound bank reported broken: {}",
+            run.stderr
+        );
+        assert_ne!(
+            j["invariants"]["ledger_matches_committed"], false,
+            "{iso:?}: {j}"
+        );
+    }
+}
+
 /// `--histogram FILE`: one latency histogram per interval in HdrHistogram's interval-log format,
 /// which the crate reads back; their counts add up to the transfers committed. A path that
 /// cannot be written is refused before anything changes.
@@ -2645,11 +2703,14 @@ fn workload_json_has_every_key_in_every_run() {
 /// own, as a code path that retried a committed transfer under a new id would: the money moves
 /// twice, and the second move is a perfect transfer (its chain exact, the total kept), so
 /// neither the totals, nor the chains, nor `verify` can see it; the run's own ledger rows still
-/// equal its committed transfers. Only the rows on the run's own accounts that are not the
-/// run's show it: the workload said "ok" (exit 0) in every mode and at both levels (found by a
-/// helper with a bank mutated to apply one transfer in 1,000 twice).
+/// equal its committed transfers. The workload said "ok" with nothing else (found by a helper
+/// with a bank mutated to apply one transfer in 1,000 twice). Only the rows on the run's own
+/// accounts that are not the run's show it: counted (`ledger_rows_by_others`), shown in the
+/// report and warned of. Not a failure: another client's transfer between the run's accounts
+/// leaves the same row, and that is no false alarm
+/// (`another_client_s_transfer_on_the_run_s_own_accounts_is_no_invariant_violated`).
 #[test]
-fn a_transfer_applied_twice_under_another_id_fails_the_run() {
+fn a_transfer_applied_twice_under_another_id_is_counted_and_warned_of() {
     for iso in Iso::BOTH {
         for mode in [
             &["--mode", "transaction"][..],
@@ -2658,28 +2719,32 @@ fn a_transfer_applied_twice_under_another_id_fails_the_run() {
         ] {
             let db = ScratchDb::migrated_at(iso);
             apply_some_transfers_twice(&db);
+            let args = ["workload", "--accounts", "10", "--concurrency", "2"];
+            let more = ["--transfers", "300", "--max-amount", "20"];
             let run = db
                 .bank()
-                .args(["workload", "--accounts", "10", "--concurrency", "2"])
-                .args(["--transfers", "300", "--max-amount", "20", "--json"])
+                .args(args)
+                .args(more)
+                .args(["--json"])
                 .args(mode)
                 .run();
             let j = run.json();
-            assert_eq!(run.code, 1, "{iso:?} {mode:?}: {run:?}");
             let others = j["ledger_rows_by_others"].as_i64().expect("a count");
             assert!(others > 0, "{iso:?} {mode:?}: {j}");
-            // What no other check sees.
-            assert_eq!(j["invariants"]["total_conserved"], true, "{j}");
-            assert_eq!(j["invariants"]["chains_exact"], true, "{j}");
-            assert_eq!(j["invariants"]["verify_ok"], true, "{j}");
             assert_eq!(j["ledger_rows_added"], j["transfers_committed"], "{j}");
-            assert_eq!(j["invariants"]["ledger_matches_committed"], false, "{j}");
-            assert_eq!(j["ok"], false, "{j}");
             assert!(
-                run.stderr
-                    .contains(&format!("{others} ledger rows that are not the run's")),
+                run.stderr.contains(&format!(
+                    "warning: {others} ledger rows on the accounts this run created are not the \
+                     run's"
+                )),
                 "{iso:?} {mode:?}: {}",
                 run.stderr
+            );
+            let text = db.bank().args(args).args(more).args(mode).run();
+            assert!(
+                text.stdout
+                    .contains("ledger rows on the run's accounts that are not the run's: "),
+                "{iso:?} {mode:?}: {text:?}"
             );
         }
     }

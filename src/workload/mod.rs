@@ -286,6 +286,16 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
             report.concurrency
         ));
     }
+    // Not a failure either: another client may move money between the run's accounts (the
+    // README promises no false alarm for it), and a transfer applied twice under another id
+    // leaves the same row; only a look at them tells.
+    if let (Some(others @ 1..), false) = (report.ledger_rows_by_others, config.reuse_accounts) {
+        crate::say(format_args!(
+            "bank: warning: {others} ledger rows on the accounts this run created are not the \
+             run's: another client's transfers, or transfers applied twice under other ids \
+             (ledger_rows_by_others)"
+        ));
+    }
     let verdict = verdict(report);
     if lost.is_empty() {
         return verdict.map_or(Ok(()), |e| Err(e.into()));

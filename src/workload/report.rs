@@ -190,11 +190,12 @@ pub struct Report {
     /// writing to the same database cause no false alarm.
     pub ledger_rows_added: Option<i64>,
     /// Ledger rows that are not this run's (their ids lack its prefix) written on its accounts
-    /// during the run, transfers between two of them included. On accounts the run created
-    /// itself there should be none: a transfer applied twice, the second time under another id,
-    /// is exactly such a row, and nothing else shows it (the totals and the chains hold). With
-    /// `--reuse-accounts` other clients' transfers are expected, and the figure only says how
-    /// many there were.
+    /// during the run, transfers between two of them included. A transfer applied twice, the
+    /// second time under another id, is such a row, and nothing else shows it (the totals and
+    /// the chains hold); so is another client's transfer, which the README promises is no false
+    /// alarm (a `workload --reuse-accounts` started beside this run takes its accounts too:
+    /// failing the run for it made a sound bank look broken, a reviewer's case). Counted, and
+    /// warned of on accounts the run created; not an invariant.
     pub ledger_rows_by_others: Option<i64>,
     /// Of the transfers reported given up (not applied), those the ledger holds: a transfer
     /// reported not applied that committed, which breaks the promise. Must be 0.
@@ -285,17 +286,13 @@ impl Report {
             Some(c) => Invariants {
                 total_conserved: Some(c.total == run.starting_total + c.moved_by_others),
                 no_negative_balance: Some(c.verify.negative_balances == 0),
-                // On accounts of its own, every row is the run's: one that is not is a
-                // transfer applied twice under another id (or a client using the run's
-                // accounts, which `--reuse-accounts` is for).
-                // And no transfer reported not applied is in the ledger; when every
+                // No transfer reported not applied is in the ledger; when every
                 // transfer of unknown outcome is known by its id, the rows are exactly the
                 // committed ones and those of them the ledger holds: a count alone let a
                 // "not applied" that committed hide behind an unknown one that did not.
                 ledger_matches_committed: Some(
                     c.ledger_rows >= committed
                         && c.ledger_rows <= committed.saturating_add(indeterminate)
-                        && (run.reuse_accounts || c.others_rows == 0)
                         && c.given_up_found == 0
                         && (!every_id || c.ledger_rows == committed + c.unknown_found),
                 ),
@@ -421,12 +418,6 @@ impl Report {
                 broken.push(format!(
                     "the ledger holds {rows} of the run's transfers where {committed} were \
                      reported committed and {unknown} of unknown outcome committed"
-                ));
-            }
-            if let Some(others @ 1..) = self.ledger_rows_by_others {
-                broken.push(format!(
-                    "{others} ledger rows that are not the run's moved money on the accounts it \
-                     created (a transfer applied twice under another id?)"
                 ));
             }
         }
@@ -620,12 +611,12 @@ impl fmt::Display for Report {
             writeln!(
                 f,
                 "  ledger rows on the run's accounts that are not the run's: {others}{}",
-                match self.invariants.ledger_matches_committed {
-                    Some(false) if !self.reuse_accounts => {
-                        " (on accounts the run created: a transfer applied twice under \
-                         another id, or another client moving money on them)"
+                match self.reuse_accounts {
+                    false => {
+                        " (on accounts the run created: another client's transfers, or a \
+                         transfer applied twice under another id: look at them)"
                     }
-                    _ => "",
+                    true => "",
                 }
             )?;
         }
@@ -820,7 +811,23 @@ mod tests {
             Report::new(run, tally, Ok(check))
         };
         assert!(shared.ok, "{shared:?}");
-        let broken: [(&str, FinalCheck, u64); 7] = [
+        // On accounts of its own too: another client's transfer is no violation (counted and
+        // warned of).
+        let own = {
+            let mut tally = Tally::new().expect("tally");
+            tally.committed = 5;
+            let check = FinalCheck {
+                others_rows: 1,
+                ..healthy()
+            };
+            Report::new(run(), tally, Ok(check))
+        };
+        assert!(own.ok, "{own:?}");
+        assert!(
+            own.to_string().contains("another client's transfers"),
+            "{own}"
+        );
+        let broken: [(&str, FinalCheck, u64); 6] = [
             // A transfer reported committed that the ledger does not hold.
             (
                 "ledger_matches_committed",
@@ -838,16 +845,6 @@ mod tests {
                     ..healthy()
                 },
                 2,
-            ),
-            // On accounts of its own, a row that is not the run's: a transfer applied twice
-            // under another id, which the totals and the chains cannot see.
-            (
-                "ledger_matches_committed",
-                FinalCheck {
-                    others_rows: 1,
-                    ..healthy()
-                },
-                0,
             ),
             (
                 "total_conserved",
