@@ -248,11 +248,13 @@ where
         // applied out of file order, where another client's transfer could fall between a
         // later line and an earlier one (a helper's finding; several connections cannot help
         // it, the README says so). So one connection takes the file in order.
+        let lines = connections.max(1).saturating_mul(GROUPS_PER_CONNECTION);
         let groups = match connections {
             0 | 1 => 1,
-            n => n.saturating_mul(GROUPS_PER_CONNECTION),
+            _ => lines,
         };
-        (groups, batch.max(1).saturating_mul(groups))
+        // The same window either way: one group of it, in statements of `batch` lines.
+        (groups, batch.max(1).saturating_mul(lines))
     };
     let (mut groups_per_window, mut window_size) = windows_for(connections);
     let wait = policy.timeout + GRACE;

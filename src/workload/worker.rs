@@ -314,6 +314,24 @@ impl Worker {
             let verdicts = match result {
                 Ok(v) => v,
                 Err(fatal) => {
+                    // Statements of this chunk may have committed before its connection was
+                    // lost and could not be made again (a role refused its login meanwhile):
+                    // their lines count as decided, the statement in hand as of unknown outcome
+                    // (the ledger decides, by their ids), the rest was never sent. Dropped, the
+                    // ledger held more of the run's rows than it reported committed: "invariants
+                    // violated" on a sound bank.
+                    let (decided, statement) = chunk.watch.progress();
+                    for (l, v) in lines.iter().zip(&decided) {
+                        tally_verdict(&mut tally, &self.live, Some(l.transfer.id), v);
+                    }
+                    let in_hand: Vec<Uuid> = lines
+                        .iter()
+                        .skip(decided.len())
+                        .take(statement)
+                        .map(|l| l.transfer.id)
+                        .collect();
+                    tally.indeterminate += in_hand.len() as u64;
+                    tally.unknown_ids.extend(in_hand);
                     tally.errors += 1;
                     tally.last_error = Some(crate::error::Error::from(fatal).to_string());
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
