@@ -333,7 +333,9 @@ impl Worker {
                     tally.indeterminate += in_hand.len() as u64;
                     tally.unknown_ids.extend(in_hand);
                     tally.errors += 1;
-                    tally.last_error = Some(crate::error::Error::from(fatal).to_string());
+                    // The connection's own words: as a `bank::Error` it spoke of "this file" and
+                    // of running it again, a file's advice (a reviewer's nit).
+                    tally.last_error = Some(fatal.to_string());
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
