@@ -226,6 +226,8 @@ where
     // thread for it), and the workers that applied a group: the warning counts those, not the
     // ones that merely never had to retire.
     let mut fewer: Option<String> = None;
+    // Workers that retired before their first statement: windows are made for the others.
+    let mut retired = 0usize;
     let mut workers: Vec<Worker> = Vec::new();
     for n in 0..connections {
         match spawn(url, batch, policy, n, done_tx.clone(), &barred) {
@@ -308,7 +310,8 @@ where
                             }
                         }
                         idle.extend((from..workers.len()).rev());
-                        (groups_per_window, window_size) = windows_for(workers.len());
+                        (groups_per_window, window_size) =
+                            windows_for(workers.len().saturating_sub(retired));
                     }
                 }
             }
@@ -425,6 +428,11 @@ where
                     // Nothing of the group was sent: it goes first to the next worker free, and
                     // the groups behind it in the queue still wait for it.
                     fewer.get_or_insert(refused);
+                    // The windows still to come, for the connections left: one left takes them
+                    // in file order (a reviewer's nit: they stayed split into groups).
+                    retired += 1;
+                    (groups_per_window, window_size) =
+                        windows_for(workers.len().saturating_sub(retired));
                     queue.push_front(f.group);
                     continue;
                 }
