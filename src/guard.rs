@@ -96,6 +96,13 @@ impl Ticket {
     }
 }
 
+/// Why a step that writes heard nothing for its deadline, after what the step itself may be.
+/// A COMMIT waiting for a synchronous standby that is not connected waits for good, PostgreSQL
+/// lifting its statement_timeout there; only `doctor` said so (an operator's server).
+pub const WRITE_STALLS: &str = "waits on a lock another session holds, its COMMIT waits for a \
+     synchronous standby that is not connected (bank doctor says), or the server is frozen or \
+     unreachable";
+
 /// Reads (`balances`, `verify`, `history`, `lookup`, `doctor`) have no ticket to abandon: they
 /// commit nothing. One that hears nothing from the database for `timeout` (its output makes no
 /// progress: see `tick`) ends the process, exit 1, with one line; the frozen server's kernel

@@ -86,6 +86,18 @@ fn over_tls_a_commit_ended_before_its_answer_and_a_frozen_server_keep_the_promis
                 })
                 .collect();
             assert_eq!(outcomes, ["applied", "applied"], "{iso:?}: {run:?}");
+            // A command that writes in steps says why it may hear nothing: its COMMIT waits for
+            // the standby (it named a lock, a slow step and a frozen server only).
+            let seed = Bank::new()
+                .args(["--database-url", &url, "seed", "--accounts", "1"])
+                .args(["--timeout", "2s"])
+                .run();
+            assert_eq!(seed.code, 1, "{iso:?}: {seed:?}");
+            assert!(
+                seed.stderr
+                    .contains("waits for a synchronous standby that is not connected"),
+                "{iso:?}: {seed:?}"
+            );
         }
         let rerun = Bank::new()
             .args([

@@ -44,9 +44,10 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
     crate::guard::watch(args.timeout, move || {
         let (created, unsettled) = seen.0.read();
         let stopped = Error::SeedStopped {
-            why: "a step (the connection, a chunk) is slower than that (raise --timeout), waits \
-                  on a lock another session holds, or the server is frozen or unreachable"
-                .into(),
+            why: format!(
+                "a step (the connection, a chunk) is slower than that (raise --timeout), {}",
+                crate::guard::WRITE_STALLS
+            ),
             created,
             total,
             unsettled,
@@ -468,10 +469,10 @@ pub(super) fn reset(url: &DbUrl, args: &ResetArgs, out: &mut impl Write) -> Resu
     crate::guard::watch(args.timeout, move || {
         let (accounts, transfers) = seen.counts();
         format!(
-            "a batch is slower than that (raise --timeout), waits on a lock another session \
-             holds, or the server is frozen or unreachable; reset stopped \
+            "a batch is slower than that (raise --timeout), {}; reset stopped \
              after deleting {} and {}{} (the batch in flight, if any, may or may not have been \
              done); run it again to finish",
+            crate::guard::WRITE_STALLS,
             crate::counted(accounts as u64, "account"),
             crate::counted(transfers as u64, "transfer"),
             seen.zeroed()

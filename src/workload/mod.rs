@@ -101,9 +101,9 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     crate::guard::watch(setup_timeout, move || {
         let (created, committing) = seen.read();
         format!(
-            "a step of the setup is slower than that (raise {raise}), waits on a lock another \
-             session holds, or the server is frozen or unreachable; the workload stopped \
+            "a step of the setup is slower than that (raise {raise}), {}; the workload stopped \
              before its first transfer ({}{})",
+            crate::guard::WRITE_STALLS,
             match created {
                 0 => "it created no account".to_string(),
                 n => format!("{n} of its {total} accounts created, which stay"),
