@@ -2968,6 +2968,33 @@ fn a_server_timeout_met_after_a_reconnect_is_not_called_bank_s() {
     }
 }
 
+/// A workload of one worker through the fault proxy, each transfer's deadline 500 ms (`args`
+/// its accounts and duration, `check` its `--check-timeout`, `batch` its `--batch`), with
+/// `arm` done once its first transfer committed; the database, the proxy and the run.
+fn one_proxied_worker(
+    args: &[&str],
+    check: &str,
+    batch: Option<&str>,
+    arm: impl FnOnce(&Proxy),
+) -> (ScratchDb, Proxy, Run) {
+    let db = ScratchDb::migrated();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    let url = proxy.url_for(&db.url);
+    let mut bank = Bank::new()
+        .args(["--database-url", &url, "workload"])
+        .args(args)
+        .args(["--concurrency", "1", "--timeout", "500ms", "--json"])
+        .args(["--check-timeout", check]);
+    if let Some(b) = batch {
+        bank = bank.args(["--batch", b]);
+    }
+    let run = thread::spawn(move || bank.run());
+    crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+    arm(&proxy);
+    let run = run.join().expect("thread");
+    (db, proxy, run)
+}
+
 /// A workload transfer frozen at its COMMIT may have committed: it is indeterminate, not given
 /// up (given up, it tightened the ledger's bound into a false violation), and the worker stuck on
 /// it is replaced, so the run goes on to its end. Neither was held by a test (found by a
@@ -2975,27 +3002,12 @@ fn a_server_timeout_met_after_a_reconnect_is_not_called_bank_s() {
 #[test]
 fn a_workload_transfer_frozen_at_its_commit_is_indeterminate_and_its_worker_replaced() {
     for batch in [None, Some("5")] {
-        let db = ScratchDb::migrated();
-        let proxy = Proxy::start(upstream_of(&db.url));
-        let url = proxy.url_for(&db.url);
-        let mut bank = Bank::new()
-            .args(["--database-url", &url, "workload", "--accounts", "10"])
-            .args([
-                "--concurrency",
-                "1",
-                "--duration",
-                "3s",
-                "--timeout",
-                "500ms",
-            ])
-            .args(["--check-timeout", "2s", "--json"]);
-        if let Some(b) = batch {
-            bank = bank.args(["--batch", b]);
-        }
-        let run = thread::spawn(move || bank.run());
-        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
-        proxy.arm_at(At::Commit, Fault::Freeze);
-        let run = run.join().expect("thread");
+        let (_db, proxy, run) = one_proxied_worker(
+            &["--accounts", "10", "--duration", "3s"],
+            "2s",
+            batch,
+            |p| p.arm_at(At::Commit, Fault::Freeze),
+        );
         let j = run.json();
         assert!(j["stuck_workers"].as_u64() >= Some(1), "{batch:?}: {j}");
         assert!(j["indeterminate"].as_u64() >= Some(1), "{batch:?}: {j}");
@@ -3020,27 +3032,12 @@ fn a_workload_transfer_frozen_at_its_commit_is_indeterminate_and_its_worker_repl
 #[test]
 fn a_workload_transfer_given_up_on_before_its_commit_never_commits_afterwards() {
     for batch in [None, Some("5")] {
-        let db = ScratchDb::migrated();
-        let proxy = Proxy::start(upstream_of(&db.url));
-        let url = proxy.url_for(&db.url);
-        let mut bank = Bank::new()
-            .args(["--database-url", &url, "workload", "--accounts", "1000"])
-            .args([
-                "--concurrency",
-                "1",
-                "--duration",
-                "4s",
-                "--timeout",
-                "500ms",
-            ])
-            .args(["--check-timeout", "3s", "--json"]);
-        if let Some(b) = batch {
-            bank = bank.args(["--batch", b]);
-        }
-        let run = thread::spawn(move || bank.run());
-        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
-        proxy.arm_at(At::Begin, Fault::HeldStatement(Duration::from_millis(2000)));
-        let run = run.join().expect("thread");
+        let (_db, proxy, run) = one_proxied_worker(
+            &["--accounts", "1000", "--duration", "4s"],
+            "3s",
+            batch,
+            |p| p.arm_at(At::Begin, Fault::HeldStatement(Duration::from_millis(2000))),
+        );
         let j = run.json();
         assert_eq!(proxy.injected(), 1, "{batch:?}: {j}");
         assert!(j["stuck_workers"].as_u64() >= Some(1), "{batch:?}: {j}");

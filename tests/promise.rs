@@ -852,6 +852,20 @@ fn ctrl_c_on_a_transfer_names_its_id_and_tells_the_truth() {
     }
 }
 
+/// A DBA's trigger refusing every ledger row of amount 13: the database's refusal, decided
+/// before any commit.
+fn refuse_amount_13(db: &ScratchDb) {
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION no13() RETURNS trigger LANGUAGE plpgsql AS \
+             $$BEGIN IF NEW.amount = 13 THEN RAISE EXCEPTION 'amount 13 is unlucky'; \
+             END IF; RETURN NEW; END$$; \
+             CREATE TRIGGER t13 BEFORE INSERT ON transfers FOR EACH ROW \
+             EXECUTE FUNCTION no13()",
+        )
+        .expect("trigger");
+}
+
 /// The database's own refusal of a transfer without `--id` (a DBA's trigger, a read-only
 /// database): the line said only "database error: ...", so the id bank made up for it was never
 /// shown and nothing said it was not applied (found by a reviewer). Both modes, both levels.
@@ -859,15 +873,7 @@ fn ctrl_c_on_a_transfer_names_its_id_and_tells_the_truth() {
 fn a_transfer_the_database_refuses_is_named_and_not_applied() {
     for iso in Iso::BOTH {
         let db = ScratchDb::migrated_at(iso);
-        db.conn()
-            .batch_execute(
-                "CREATE FUNCTION no13() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$BEGIN IF NEW.amount = 13 THEN RAISE EXCEPTION 'amount 13 is unlucky'; \
-                 END IF; RETURN NEW; END$$; \
-                 CREATE TRIGGER t13 BEFORE INSERT ON transfers FOR EACH ROW \
-                 EXECUTE FUNCTION no13()",
-            )
-            .expect("trigger");
+        refuse_amount_13(&db);
         let ids = db.accounts(&[1000, 0]);
         for mode in ["transaction", "single-statement"] {
             let run = db
@@ -1698,15 +1704,7 @@ fn a_transfer_the_database_refuses_claims_its_id_before_saying_not_applied() {
         for mode in MODES {
             let case = format!("{iso:?} {mode}");
             let (db, a, b) = two_accounts(iso);
-            db.conn()
-                .batch_execute(
-                    "CREATE FUNCTION no13() RETURNS trigger LANGUAGE plpgsql AS \
-                     $$BEGIN IF NEW.amount = 13 THEN RAISE EXCEPTION 'amount 13 is unlucky'; \
-                     END IF; RETURN NEW; END$$; \
-                     CREATE TRIGGER t13 BEFORE INSERT ON transfers FOR EACH ROW \
-                     EXECUTE FUNCTION no13()",
-                )
-                .expect("trigger");
+            refuse_amount_13(&db);
             let id = Uuid::new_v4();
             let run = db
                 .transfer(a, b, 13)

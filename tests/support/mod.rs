@@ -699,6 +699,25 @@ impl OwnCluster {
     /// (another test's cluster or proxy, an outgoing connection) fails the start, which is then
     /// made again on another.
     pub fn start() -> OwnCluster {
+        OwnCluster::on_a_free_port("scripts/pg start", |cluster| {
+            let out = cluster
+                .command(&["start"])
+                .output()
+                .expect("run scripts/pg");
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            }
+        })
+    }
+
+    /// A cluster of a directory of its own on a port the system says is free, made by `make`
+    /// (an `Err` says why not); tried again on another port up to 5 times, since the port may
+    /// be taken between that answer and the server's bind.
+    fn on_a_free_port(
+        what: &str,
+        mut make: impl FnMut(&OwnCluster) -> Result<(), String>,
+    ) -> OwnCluster {
         let mut failures = Vec::new();
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -709,19 +728,12 @@ impl OwnCluster {
                 port,
                 dir: format!("/tmp/bank-pg-test-{}", Uuid::new_v4().simple()),
             };
-            let out = cluster
-                .command(&["start"])
-                .output()
-                .expect("run scripts/pg");
-            if out.status.success() {
-                return cluster;
+            match make(&cluster) {
+                Ok(()) => return cluster,
+                Err(why) => failures.push(format!("port {port}: {why}")),
             }
-            failures.push(format!(
-                "port {port}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
         }
-        panic!("scripts/pg start failed 5 times: {failures:#?}");
+        panic!("{what} failed 5 times: {failures:#?}");
     }
 
     fn command(&self, args: &[&str]) -> std::process::Command {
@@ -768,22 +780,9 @@ impl OwnCluster {
 impl OwnCluster {
     /// A hot standby of this cluster (see `Standby`).
     pub fn standby(&self) -> Standby {
-        let mut failures = Vec::new();
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            let standby = Standby(OwnCluster {
-                port,
-                dir: format!("/tmp/bank-pg-test-{}", Uuid::new_v4().simple()),
-            });
-            match standby.make(self) {
-                Ok(()) => return standby,
-                Err(why) => failures.push(format!("port {port}: {why}")),
-            }
-        }
-        panic!("no standby after 5 tries: {failures:#?}");
+        Standby(OwnCluster::on_a_free_port("a standby", |me| {
+            Standby::make(me, self)
+        }))
     }
 
     /// Caps the size of every file the server's processes started from now on write (its new
@@ -841,8 +840,8 @@ impl OwnCluster {
 pub struct Standby(OwnCluster);
 
 impl Standby {
-    fn make(&self, primary: &OwnCluster) -> Result<(), String> {
-        let me = &self.0;
+    /// `me` made a standby of `primary` (`me` is stopped and removed when dropped, made or not).
+    fn make(me: &OwnCluster, primary: &OwnCluster) -> Result<(), String> {
         std::fs::create_dir_all(&me.dir).map_err(|e| e.to_string())?;
         let data = format!("{}/data", me.dir);
         let source = primary.server();
