@@ -42,6 +42,10 @@ fn over_tls_a_commit_ended_before_its_answer_and_a_frozen_server_keep_the_promis
             .collect();
         std::fs::write(&file, format!("id,from,to,amount\n{text}")).expect("file");
         let file = file.to_str().expect("utf-8").to_string();
+        let late = dir.path().join("late.csv");
+        let late = late.to_str().expect("utf-8").to_string();
+        let (late_line, late_id) = (Uuid::new_v4(), Uuid::new_v4());
+        let (from, to) = (a.to_string(), b.to_string());
         {
             // Cleared before the database is dropped (its DROP would wait for the standby
             // too), even when an assertion fails.
@@ -98,7 +102,54 @@ fn over_tls_a_commit_ended_before_its_answer_and_a_frozen_server_keep_the_promis
                     .contains("waits for a synchronous standby that is not connected"),
                 "{iso:?}: {seed:?}"
             );
+            // So do a file and a transfer left with no answer (they said "no answer from the
+            // database" only). Each COMMIT is then ended, committed locally, before the next
+            // run, whose locks it would hold.
+            std::fs::write(&late, format!("id,from,to,amount\n{late_line},{a},{b},1\n"))
+                .expect("file");
+            let run = Bank::new()
+                .args(["--database-url", &url, "transfer", "--file", &late])
+                .args(["--timeout", "2s"])
+                .run();
+            assert_eq!(run.code, 3, "{iso:?}: {run:?}");
+            assert!(
+                run.stderr
+                    .contains("waits for a synchronous standby that is not connected"),
+                "{iso:?}: {run:?}"
+            );
+            run.no_password();
+            end_the_commit_waiting_for_the_standby(&db);
+            let run = Bank::new()
+                .args([
+                    "--database-url",
+                    &url,
+                    "transfer",
+                    "--from",
+                    &from,
+                    "--to",
+                    &to,
+                ])
+                .args([
+                    "--amount",
+                    "1",
+                    "--timeout",
+                    "2s",
+                    "--id",
+                    &late_id.to_string(),
+                ])
+                .run();
+            run.fails_with(3, "waits for a synchronous standby that is not connected");
+            end_the_commit_waiting_for_the_standby(&db);
         }
+        let again = Bank::new()
+            .args(["--database-url", &url, "transfer", "--file", &late])
+            .run();
+        again.success();
+        assert!(
+            again.stdout.contains("already_applied"),
+            "{iso:?}: {again:?}"
+        );
+        given.push(late_id.to_string());
         let rerun = Bank::new()
             .args([
                 "--database-url",
@@ -123,7 +174,7 @@ fn over_tls_a_commit_ended_before_its_answer_and_a_frozen_server_keep_the_promis
                 "{iso:?}: {again:?}"
             );
         }
-        assert_eq!((db.balance(a), db.balance(b)), (995, 1_005), "{iso:?}");
+        assert_eq!((db.balance(a), db.balance(b)), (993, 1_007), "{iso:?}");
 
         // Frozen while the transfer waits for a row another session holds: the run gives up at
         // its deadline, and the statement may still run when the server wakes.
@@ -156,7 +207,7 @@ fn over_tls_a_commit_ended_before_its_answer_and_a_frozen_server_keep_the_promis
                 "{iso:?} {mode}: {rerun:?}"
             );
         }
-        assert_eq!((db.balance(a), db.balance(b)), (975, 1_025), "{iso:?}");
+        assert_eq!((db.balance(a), db.balance(b)), (973, 1_027), "{iso:?}");
         let verify = Bank::new().args(["--database-url", &url, "verify"]).run();
         verify.success();
     }

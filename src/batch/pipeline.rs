@@ -547,7 +547,9 @@ where
                 crate::text::seconds(wait)
             );
             let verdicts = cut_short(&workers[f.worker].watch, &f.group, &error, &stop);
-            stopping.get_or_insert(stop);
+            // The summary, said once, names the causes an operator can look for; each line
+            // keeps the short reason.
+            stopping.get_or_insert(format!("{stop} (it {})", crate::guard::WRITE_STALLS));
             finish_group(&mut windows, &f.group, verdicts);
         }
         emit_ready(&mut windows, &mut summary, &mut record)?;

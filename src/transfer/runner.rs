@@ -488,11 +488,13 @@ fn stale_snapshot(t: &NewTransfer, account: Uuid) -> Attempt<bool, TransferError
     }
 }
 
-/// Why a caller gave up on a transfer the database did not answer.
+/// Why a caller gave up on a transfer the database did not answer, with the causes an operator
+/// can look for (a COMMIT waiting for a synchronous standby that is gone waits for good).
 fn no_answer(started: Instant) -> String {
     format!(
-        "no answer from the database within {}",
-        crate::text::seconds(started.elapsed())
+        "no answer from the database within {}: the transfer {}",
+        crate::text::seconds(started.elapsed()),
+        crate::guard::WRITE_STALLS
     )
 }
 
