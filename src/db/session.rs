@@ -103,9 +103,7 @@ impl DbUrl {
         &self,
         timeout: Duration,
     ) -> Result<PgConnection, crate::error::Error> {
-        let mut again = Reconnecting::new(timeout);
-        again.own_slot_closing = true;
-        self.to_write_again(&mut again, timeout)
+        self.to_write_again(&mut Reconnecting::after_closing(timeout), timeout)
     }
 
     fn to_write_again(
@@ -467,13 +465,17 @@ impl Session {
 /// The loop of `DbUrl::connect_checked` and `Session::checked`: a connection lost before anything
 /// was done on it (or, after such a loss, one not made yet: a server restarting) is tried again,
 /// after a pause, until the deadline.
+/// How long a backend whose client closed its connection may take to give up its slot.
+const SLOT_FREES_WITHIN: Duration = Duration::from_secs(3);
+
 struct Reconnecting {
     timeout: Duration,
     deadline: Option<std::time::Instant>,
     lost: u32,
     /// The run has just closed a connection of its own, whose slot may not be free yet
-    /// (`DbUrl::connect_to_write_after_closing`).
-    own_slot_closing: bool,
+    /// (`DbUrl::connect_to_write_after_closing`): until when a refusal for want of a slot is
+    /// taken for that one's.
+    own_slot_closing: Option<std::time::Instant>,
     /// Pauses made so far, for the next one's length.
     pauses: u32,
 }
@@ -484,8 +486,18 @@ impl Reconnecting {
             timeout,
             deadline: std::time::Instant::now().checked_add(timeout),
             lost: 0,
-            own_slot_closing: false,
+            own_slot_closing: None,
             pauses: 0,
+        }
+    }
+
+    /// `new` in place of a connection just closed. Its backend exits within moments; a limit
+    /// still met after `SLOT_FREES_WITHIN` is another's (a role allowed one connection that
+    /// another client took), said then, not after the whole `timeout`.
+    fn after_closing(timeout: Duration) -> Reconnecting {
+        Reconnecting {
+            own_slot_closing: std::time::Instant::now().checked_add(SLOT_FREES_WITHIN),
+            ..Reconnecting::new(timeout)
         }
     }
 
@@ -526,7 +538,9 @@ impl Reconnecting {
             Error::Database(d) => !connecting && lost_before_anything(d),
             _ => false,
         };
-        let slot_not_free = self.own_slot_closing
+        let slot_not_free = self
+            .own_slot_closing
+            .is_some_and(|until| std::time::Instant::now() < until)
             && connecting
             && matches!(&e, Error::Connect(c) if c.is_connection_limit());
         if !lost && !slot_not_free {
@@ -828,11 +842,7 @@ mod tests {
     #[test]
     fn a_slot_the_run_just_freed_is_waited_for_and_nothing_else() {
         let full = "FATAL: too many connections for role \"teller\"";
-        let after_closing = || {
-            let mut again = Reconnecting::new(Duration::from_secs(5));
-            again.own_slot_closing = true;
-            again
-        };
+        let after_closing = || Reconnecting::after_closing(Duration::from_secs(5));
         assert!(after_closing().after(refused(full), true).is_ok());
         let first = Reconnecting::new(Duration::from_secs(5)).after(refused(full), true);
         assert!(
@@ -846,12 +856,19 @@ mod tests {
             "{refused_for_good:?}"
         );
         // Out of time: the refusal itself, not a loss that never happened.
-        let mut late = Reconnecting::new(Duration::ZERO);
-        late.own_slot_closing = true;
-        let late = late.after(refused(full), true);
+        let late = Reconnecting::after_closing(Duration::ZERO).after(refused(full), true);
         assert!(
             matches!(late, Err(crate::error::Error::Connect(_))),
             "{late:?}"
+        );
+        // A slot still taken once the closed one's backend must have exited is another's: said
+        // then, not after the whole deadline (a seed waited its --timeout for it).
+        let mut long = Reconnecting::after_closing(Duration::from_secs(600));
+        long.own_slot_closing = std::time::Instant::now().checked_sub(Duration::from_millis(1));
+        let taken = long.after(refused(full), true);
+        assert!(
+            matches!(taken, Err(crate::error::Error::Connect(_))),
+            "{taken:?}"
         );
     }
 }
