@@ -239,15 +239,42 @@ impl Created {
 }
 
 /// Output that counts as a sign of life (`tick`) each time it is written.
+///
+/// A standard output in non-blocking mode (O_NONBLOCK, which a parent such as Node.js may set on
+/// the pipe or terminal it shares) refuses a write with EAGAIN while its reader is behind, where
+/// a blocking one waits: that is a slow reader, not a failed output, so the write is tried again
+/// once the reader has had a moment. Taken for a failure, a file stopped part-way with its
+/// outcomes lost and exit 3, and a seed rolled back, for a reader that was merely slow (found by
+/// a helper playing a new user).
 pub struct Ticking<W>(pub W);
 
 impl<W: std::io::Write> std::io::Write for Ticking<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        writing(|| self.0.write(buf))
+        writing(|| again_while_it_would_block(|| self.0.write(buf)))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        writing(|| self.0.flush())
+        writing(|| again_while_it_would_block(|| self.0.flush()))
+    }
+}
+
+/// Runs `step` (a read or a write) again while it says it would block (a non-blocking standard
+/// output whose reader is behind, a non-blocking standard input whose writer has not written yet),
+/// pausing between tries (from 1 ms, doubling up to 50 ms), as a blocking descriptor would wait;
+/// any other result is returned as it is. A `Read` or `Write` call that fails has moved nothing
+/// of its buffer, so trying it again reads or writes nothing twice.
+pub(crate) fn again_while_it_would_block<T>(
+    mut step: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match step() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            done => return done,
+        }
     }
 }
 

@@ -14,6 +14,27 @@ static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
 /// Set while a file is opened and checked (`before_sending`): nothing has been sent yet.
 static NOTHING_SENT: AtomicBool = AtomicBool::new(false);
 
+/// Given by the binary when SIGHUP was ignored as bank started (`nohup bank …`, or a parent's
+/// `trap '' HUP`): what sets it back to ignored once the handler is installed. The handler
+/// catches SIGINT, SIGTERM and SIGHUP together, so a run under `nohup` stopped when the terminal
+/// closed, the very thing nohup is for: a file left its lines `unknown` (exit 3), a workload ended
+/// early (found by a helper playing a new user). Programs leave a signal ignored at their start
+/// ignored, as shells do.
+static KEEP_HANGUP_IGNORED: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// SIGHUP was ignored when bank started: `ignore_again` ignores it again after each handler is
+/// installed (see `KEEP_HANGUP_IGNORED`).
+pub fn keep_hangup_ignored(ignore_again: fn()) {
+    let _ = KEEP_HANGUP_IGNORED.set(ignore_again);
+}
+
+/// After a handler is installed: SIGHUP back to ignored if it was ignored at the start.
+fn installed() {
+    if let Some(ignore_again) = KEEP_HANGUP_IGNORED.get() {
+        ignore_again();
+    }
+}
+
 /// Runs `f` (opening and checking a file) with the first signal ending the run at once, with
 /// one line and exit 3: nothing was sent, and the handler cannot interrupt a read blocked on a
 /// pipe whose writer is silent (a first SIGTERM from `timeout` was left waiting for the
@@ -58,8 +79,9 @@ pub fn while_reading() {
         ));
         crate::exit_now(130);
     });
-    if let Err(e) = installed {
-        log::debug!("no Ctrl-C handler ({e})");
+    match installed {
+        Ok(()) => self::installed(),
+        Err(e) => log::debug!("no Ctrl-C handler ({e})"),
     }
 }
 
@@ -77,8 +99,9 @@ pub fn while_migrating() {
         ));
         crate::exit_now(i32::from(crate::exit_code::ExitCode::Failure));
     });
-    if let Err(e) = installed {
-        log::debug!("no Ctrl-C handler ({e})");
+    match installed {
+        Ok(()) => self::installed(),
+        Err(e) => log::debug!("no Ctrl-C handler ({e})"),
     }
 }
 
@@ -104,7 +127,8 @@ pub fn catch() {
             ));
         }
     });
-    if let Err(e) = installed {
-        log::debug!("no Ctrl-C handler ({e})");
+    match installed {
+        Ok(()) => self::installed(),
+        Err(e) => log::debug!("no Ctrl-C handler ({e})"),
     }
 }

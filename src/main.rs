@@ -17,19 +17,54 @@ fn ignore_file_size_limit() {
     }
 }
 
+/// Whether SIGHUP was ignored when bank started (`nohup bank …`): if so, it is kept ignored
+/// (`interrupt::keep_hangup_ignored`), where the Ctrl-C handler took it over and a closed terminal
+/// stopped the run nohup was meant to keep going.
+#[allow(unsafe_code)]
+fn hangup_ignored() -> bool {
+    // SAFETY: with a null new action, `sigaction` only reads SIGHUP's disposition into `old`, a
+    // zeroed `sigaction` of ours (all-zero is a valid value of that C struct).
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// Ignores SIGHUP again, once the Ctrl-C handler has taken it (see `hangup_ignored`).
+#[allow(unsafe_code)]
+fn ignore_hangup() {
+    // SAFETY: `signal` takes no pointer; SIG_IGN is a valid disposition for SIGHUP.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
 /// Whether standard output was closed when bank was started (`bank balances >&-`), recorded by
 /// `note_closed_stdout` before Rust's runtime starts: that runtime reopens a closed descriptor 0,
 /// 1 or 2 on /dev/null, so every command wrote its results to nothing and exited 0.
 static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether standard output was open for reading only when bank was started (`bank seed
+/// 1</dev/null`, a descriptor inherited read-only), recorded by `note_closed_stdout`: every write
+/// to it fails with EBADF, which Rust's standard output takes for a closed descriptor and
+/// swallows, so results went to nothing as with `>&-` (a seed created accounts whose ids nobody
+/// saw, a file applied with every line's outcome lost, exit 0; found by a helper playing a new
+/// user).
+static STDOUT_READ_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Run by the C library before `main` (and so before Rust's runtime replaces a closed standard
-/// output with /dev/null): notes whether descriptor 1 is open.
+/// output with /dev/null): notes whether descriptor 1 is open, and open for writing.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 extern "C" fn note_closed_stdout() {
-    // SAFETY: `fcntl(F_GETFD)` on a descriptor number only reads the process's table.
-    let closed = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) } == -1;
+    // SAFETY: `fcntl(F_GETFL)` on a descriptor number only reads the process's table.
+    let flags = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFL) };
+    let closed = flags == -1;
+    // O_PATH descriptors (no I/O at all) have O_RDONLY's access mode too.
+    let read_only = !closed && (flags & libc::O_ACCMODE) == libc::O_RDONLY;
     STDOUT_CLOSED.store(closed, std::sync::atomic::Ordering::Relaxed);
+    STDOUT_READ_ONLY.store(read_only, std::sync::atomic::Ordering::Relaxed);
 }
 
 // SAFETY: `.init_array` holds functions the C library calls before `main`, with no argument
@@ -53,6 +88,9 @@ fn main() {
 
 fn bank_main() -> Code {
     ignore_file_size_limit();
+    if hangup_ignored() {
+        bank::interrupt::keep_hangup_ignored(ignore_hangup);
+    }
     // A .env that cannot be read stops only a command that needs it for its URL (see
     // `DbUrl::resolve`); any other says so once and goes on.
     let dotenv = bank::db::load_dotenv();
@@ -65,6 +103,14 @@ fn bank_main() -> Code {
         bank::say(format_args!(
             "bank: error: standard output is closed (>&-), where bank writes its results: \
              nothing was done (to discard them, send them to /dev/null)"
+        ));
+        return Code::Usage;
+    }
+    if STDOUT_READ_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        bank::say(format_args!(
+            "bank: error: standard output is open for reading only (as with 1</dev/null), where \
+             bank writes its results: nothing was done (to discard them, send them to /dev/null \
+             with >/dev/null)"
         ));
         return Code::Usage;
     }

@@ -11,8 +11,19 @@ use crate::db;
 /// goes reached stderr whole from messages that did not expect one.
 pub fn say(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let line = for_terminal(&args.to_string());
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    let line = format!("{}\n", for_terminal(&args.to_string()));
+    // Written whole even where standard error is in non-blocking mode and its reader is behind
+    // (`2>&1` into the pipe standard output shares, see `guard::Ticking`): an EAGAIN part-way
+    // dropped the rest of the line, the run's last word among them.
+    let mut err = std::io::stderr().lock();
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        match crate::guard::again_while_it_would_block(|| err.write(rest)) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest = &rest[n..],
+        }
+    }
 }
 
 /// `text` as every stderr line shows it, log lines included, and as text results on stdout show

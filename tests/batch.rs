@@ -444,6 +444,21 @@ fn a_malformed_file_applies_nothing_and_names_the_line() {
         ])
         .run();
     run.fails_with(2, "cannot read /nonexistent/t.csv");
+    // A directory is named as one: it was "line 1: cannot read: Is a directory (os error 21)
+    // (the rest was not read)", a line and a rest of a file that is none.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir_path = dir.path().to_str().expect("utf-8 path");
+    let run = Bank::new()
+        .args([
+            "--database-url",
+            db.url.expose(),
+            "transfer",
+            "--file",
+            dir_path,
+        ])
+        .run();
+    run.fails_with(2, "it is a directory, not a file of transfers");
+    assert!(!run.stderr.contains("line 1"), "{run:?}");
     assert_eq!(full_state(&db), before);
 }
 
@@ -481,6 +496,128 @@ fn standard_input_works_as_a_file_and_text_output_names_each_line() {
         "{run:?}"
     );
     assert_eq!(db.balance(ids[1]), 70);
+}
+
+/// Standard input in non-blocking mode (O_NONBLOCK, which a parent such as Node.js may set on
+/// the pipe it hands down) whose writer pauses: a read before the writer has written fails with
+/// EAGAIN, where a blocking pipe waits. It was taken for a read error: "line 51: cannot read:
+/// Resource temporarily unavailable", exit 2, a sound file refused (and `--file /dev/stdin`, a
+/// descriptor of its own, read it whole). The writer is waited for, and every line applied once
+/// (found by a helper playing a new user).
+#[test]
+fn a_file_on_a_non_blocking_standard_input_whose_writer_pauses_is_read_whole() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 10, 200, 0x5106);
+    let (csv_lines, jsonl_lines) = lines.split_at(100);
+    for (text, first, lines) in [
+        (csv(csv_lines), 2, csv_lines),
+        (jsonl(jsonl_lines), 1, jsonl_lines),
+    ] {
+        let (mut writer, reader) = UnixStream::pair().expect("socket pair");
+        reader.set_nonblocking(true).expect("non-blocking");
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+            .arg("--json")
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(reader)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run bank");
+        // Half the file, a pause in the middle of a line, then the rest.
+        let half = text.len() / 2;
+        writer.write_all(&text.as_bytes()[..half]).expect("write");
+        thread::sleep(Duration::from_millis(700));
+        // Refused, bank is gone by now: what it said is asserted below.
+        let _ = writer.write_all(&text.as_bytes()[half..]);
+        drop(writer);
+        let mut stdout = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            o.read_to_string(&mut stdout).expect("read stdout");
+        }
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut stderr).expect("read stderr");
+        }
+        let status = child.wait().expect("wait");
+        let run = Run {
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr,
+        };
+        assert_eq!(run.code, 0, "{run:?}");
+        let got = outcomes(&run);
+        let want: Vec<(u64, String)> = (0..lines.len() as u64)
+            .map(|i| (i + first, "applied".to_string()))
+            .collect();
+        assert_eq!(got, want, "{run:?}");
+    }
+    assert_eq!(db.state().1, 200, "every line applied once");
+}
+
+/// Standard input whose first write holds no transfer yet (a producer that writes a blank line,
+/// or a byte order mark, before its query's rows; here half a mark): its format was sniffed from
+/// the first read alone, so JSON Lines were taken for CSV and refused ("this looks like JSON
+/// Lines", exit 2), and a CSV header after a mark cut in two kept the mark's last bytes ("no id
+/// column"). The format is sniffed from the first byte that is not blank, and every line is
+/// applied (found by a helper playing a new user).
+#[test]
+fn standard_input_whose_first_write_holds_no_transfer_yet_is_read_as_what_follows() {
+    use std::io::{Read, Write};
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 4, 8, 0x5111);
+    let bom = "\u{feff}".as_bytes();
+    // The rest of a text whose byte order mark's first two bytes were written first.
+    let after_half_a_mark = |text: String| [&bom[2..], text.as_bytes()].concat();
+    let cases: [(&[u8], Vec<u8>, &[&str]); 4] = [
+        (b"\n", jsonl(&lines[0..2]).into_bytes(), &[]),
+        (b"  \r\n", jsonl(&lines[2..4]).into_bytes(), &[]),
+        (&bom[..2], after_half_a_mark(jsonl(&lines[4..6])), &[]),
+        (
+            &bom[..2],
+            after_half_a_mark(csv(&lines[6..8])),
+            &["--format", "csv"],
+        ),
+    ];
+    for (first, rest, args) in cases {
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run bank");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(first).expect("write");
+        stdin.flush().expect("flush");
+        // bank reads what is there, and sniffs the format, before the rest comes.
+        thread::sleep(Duration::from_millis(500));
+        // Refused, bank is gone by now: what it said is asserted below.
+        let _ = stdin.write_all(&rest);
+        drop(stdin);
+        let mut stdout = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            o.read_to_string(&mut stdout).expect("read stdout");
+        }
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut stderr).expect("read stderr");
+        }
+        let status = child.wait().expect("wait");
+        let run = Run {
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr,
+        };
+        assert_eq!(run.code, 0, "{first:?} {args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("2 applied"),
+            "{first:?} {args:?}: {run:?}"
+        );
+    }
+    assert_eq!(db.state().1, 8, "every line applied once");
 }
 
 /// A file of transfers that can all be applied, over `n` accounts with plenty of money.

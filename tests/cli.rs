@@ -3258,6 +3258,84 @@ fn ctrl_c_on_a_read_says_so_in_one_line() {
     assert_eq!(db.state(), before);
 }
 
+/// A run under `nohup` (SIGHUP ignored as bank starts, here by `trap '' HUP`, as nohup does)
+/// goes on when the terminal hangs up: bank's Ctrl-C handler took SIGHUP over, so a closed
+/// terminal stopped the very run nohup was meant to keep going (a workload ended "interrupted",
+/// a file left its lines `unknown` with exit 3, a read ended with exit 130; found by a helper
+/// playing a new user). Without nohup, SIGHUP still stops a run
+/// (`ctrl_c_on_a_read_says_so_in_one_line`).
+#[test]
+fn a_run_under_nohup_goes_on_when_the_terminal_hangs_up() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let db = ScratchDb::migrated();
+    db.bank()
+        .args(["seed", "--accounts", "20000"])
+        .run()
+        .success();
+    let nohup = |args: &[&str]| {
+        Command::new("sh")
+            .args(["-c", "trap '' HUP; exec \"$0\" \"$@\""])
+            .arg(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose()])
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bank")
+    };
+    let finish = |mut child: std::process::Child| {
+        let mut stdout = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut stdout)
+            .expect("read stdout");
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        let status = child.wait().expect("wait");
+        (status.code(), stdout, stderr)
+    };
+    // A read whose output fills the pipe, hung up on while it waits to write the rest.
+    let child = nohup(&["balances"]);
+    crate::support::wait_until_blocked(child.id(), crate::support::Blocked::WritingStdout);
+    crate::support::signal(child.id(), "HUP");
+    let (code, stdout, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout.lines().count(),
+        20_001,
+        "a header and every account: {stderr}"
+    );
+    // A workload hung up on again and again while it runs.
+    let child = nohup(&[
+        "workload",
+        "--accounts",
+        "4",
+        "--concurrency",
+        "2",
+        "--duration",
+        "2s",
+        "--json",
+    ]);
+    let pid = child.id();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        crate::support::signal(pid, "HUP");
+    }
+    let (code, stdout, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stdout} {stderr}");
+    assert!(stdout.contains("\"interrupted\":false"), "{stdout}");
+}
+
 /// A URL with a blank in it (a password typed with a space, a database name cut from a
 /// sentence) is malformed, a usage error (exit 2) said before anything connects, without the
 /// password: no test had one, so the check could go with every test passing, and the URL then
@@ -3490,6 +3568,148 @@ fn a_closed_standard_output_is_refused_before_anything_is_done() {
             .expect("run bank");
         let run = crate::support::Run::from(output);
         run.fails_with(2, "standard output is closed");
+    }
+    assert_eq!(db.balance(ids[1]), 0, "nothing applied");
+    assert_eq!(db.state().0.len(), 2, "no account created");
+}
+
+/// Standard output in non-blocking mode (O_NONBLOCK, which a parent such as Node.js may set on
+/// the pipe it hands down) with a reader that is behind: each write the pipe cannot take yet
+/// fails with EAGAIN, where a blocking pipe waits. bank took it for a failed output: a seed of
+/// 20,000 accounts rolled back and exited 1, and a file stopped part-way (exit 3, its outcomes
+/// lost). A slow reader is waited for, as on a blocking pipe, and sees every line once, in
+/// order (found by a helper playing a new user).
+#[test]
+fn a_non_blocking_standard_output_with_a_slow_reader_gets_every_line() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[1_000_000, 0]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("many.csv");
+    let mut text = String::from("id,from,to,amount\n");
+    for _ in 0..5000 {
+        text.push_str(&format!("{},{},{},1\n", Uuid::new_v4(), ids[0], ids[1]));
+    }
+    std::fs::write(&file, text).expect("file");
+    let file = file.to_str().expect("utf-8 path").to_string();
+    // Each run's output is past a socket's buffer (about 200 KB), so the reader falls behind.
+    let seed = ["seed", "--accounts", "20000"];
+    let lines = ["transfer", "--file", &file, "--json"];
+    for (args, want) in [(&seed[..], 20_000), (&lines[..], 5_000)] {
+        let (mut reader, writer) = UnixStream::pair().expect("socket pair");
+        writer.set_nonblocking(true).expect("non-blocking");
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                writer,
+            )))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run bank");
+        // A reader that is behind: the buffer fills, and bank's writes would block.
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut stdout = String::new();
+        reader.read_to_string(&mut stdout).expect("read stdout");
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut stderr).expect("read stderr");
+        }
+        let status = child.wait().expect("wait");
+        assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(stdout.lines().count(), want, "{args:?}: {stderr}");
+        if args[0] == "transfer" {
+            for (n, l) in stdout.lines().enumerate() {
+                let want = format!("{{\"line\":{},", n + 2);
+                assert!(l.starts_with(&want) && l.ends_with("\"applied\"}"), "{l}");
+            }
+        }
+    }
+    // Standard error into the same pipe (`2>&1`): the summary, written once the pipe is full,
+    // comes out whole too (an EAGAIN part-way dropped the rest of the line).
+    let mut text = String::from("id,from,to,amount\n");
+    for _ in 0..5000 {
+        text.push_str(&format!("{},{},{},1\n", Uuid::new_v4(), ids[0], ids[1]));
+    }
+    std::fs::write(&file, text).expect("file");
+    let (mut reader, writer) = UnixStream::pair().expect("socket pair");
+    writer.set_nonblocking(true).expect("non-blocking");
+    let stderr = writer.try_clone().expect("clone");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
+        .args([
+            "--database-url",
+            db.url.expose(),
+            "transfer",
+            "--file",
+            &file,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            writer,
+        )))
+        .stderr(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            stderr,
+        )))
+        .spawn()
+        .expect("run bank");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut both = String::new();
+    reader.read_to_string(&mut both).expect("read");
+    let status = child.wait().expect("wait");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        both.lines().last().unwrap_or_default()
+    );
+    assert_eq!(both.lines().count(), 5_001, "every line and the summary");
+    let summary = both.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("5000 transfers in ") && summary.ends_with(": 5000 applied"),
+        "{summary}"
+    );
+    assert_eq!(db.state().0.len(), 20_002, "every account seeded");
+    assert_eq!(db.balance(ids[1]), 10_000, "every line applied once");
+}
+
+/// Standard output open for reading only (`1</dev/null`, or a descriptor a parent left
+/// read-only): every write fails with EBADF, which Rust's standard output takes for a closed
+/// descriptor and swallows. A seed created accounts whose ids nobody saw, and a file applied its
+/// every line with each outcome written to nothing and "each line's outcome is above" under
+/// nothing, exit 0 for a seed and a sound file (found by a helper playing a new user). Refused
+/// as `>&-` is, before anything is done.
+#[test]
+fn a_standard_output_open_for_reading_only_is_refused_before_anything_is_done() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("one.csv");
+    let line = Uuid::new_v4().to_string();
+    std::fs::write(&file, format!("id,from,to,amount\n{line},{from},{to},1\n")).expect("file");
+    let file = file.to_str().expect("utf-8 path").to_string();
+    let one = ["transfer", "--from", &from, "--to", &to, "--amount", "1"];
+    for args in [
+        vec!["seed"],
+        vec!["seed", "--accounts", "3", "--json"],
+        one.to_vec(),
+        [&one[..], &["--json"]].concat(),
+        vec!["transfer", "--file", &file],
+        vec!["transfer", "--file", &file, "--json"],
+        vec!["balances"],
+    ] {
+        let output = std::process::Command::new("sh")
+            .args(["-c", "exec \"$0\" \"$@\" 1</dev/null"])
+            .arg(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose()])
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run bank");
+        let run = crate::support::Run::from(output);
+        run.fails_with(2, "standard output is open for reading only");
     }
     assert_eq!(db.balance(ids[1]), 0, "nothing applied");
     assert_eq!(db.state().0.len(), 2, "no account created");

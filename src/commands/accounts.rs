@@ -687,7 +687,11 @@ fn confirm(prompt: &str) -> Result<bool, Error> {
     let _ = write!(std::io::stderr(), "{prompt}");
     io::stderr().flush()?;
     let mut answer = String::new();
-    if io::stdin().read_line(&mut answer)? == 0 {
+    // A terminal left in non-blocking mode (by a Node.js program, say) has no answer yet when
+    // asked: its EAGAIN ended the reset as "cannot write output: Resource temporarily
+    // unavailable" before anyone could answer (found by a helper playing a new user).
+    let read = crate::guard::again_while_it_would_block(|| io::stdin().read_line(&mut answer))?;
+    if read == 0 {
         // An end of input (Ctrl-D) leaves the cursor after the prompt.
         let _ = writeln!(io::stderr());
     }

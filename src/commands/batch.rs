@@ -359,27 +359,39 @@ impl Source {
         // input, it is copied as it is checked, and the copy is applied.
         let mut once = stdin;
         let mut input: Box<dyn BufRead> = if stdin {
-            Box::new(io::stdin().lock())
+            Box::new(BufReader::new(Waiting(io::stdin().lock())))
         } else {
             let cannot = |e: io::Error| Error::Usage(format!("cannot read {name}: {e}"));
             let file = File::open(path).map_err(cannot)?;
-            once = !file.metadata().map_err(cannot)?.is_file();
+            let metadata = file.metadata().map_err(cannot)?;
+            // Said as such: it was "line 1: cannot read: Is a directory (os error 21) (the rest
+            // was not read)", a line and a rest of a file that is none (found by a helper
+            // playing a new user).
+            if metadata.is_dir() {
+                return Err(Error::Usage(format!(
+                    "cannot read {name}: it is a directory, not a file of transfers"
+                )));
+            }
+            once = !metadata.is_file();
             Box::new(BufReader::new(file))
         };
+        // The input's start, up to its first byte that is not blank: what its format is sniffed
+        // from, and whole for the readers after (a byte order mark the csv reader strips only
+        // when its first read holds all of it). The first read alone, as it was, took what a pipe
+        // had so far: a producer whose first write was a blank line, or half a byte order mark,
+        // had its JSON Lines taken for CSV and refused (exit 2; found by a helper playing a new
+        // user).
+        let (head, ended) =
+            head_of(&mut input).map_err(|e| Error::Usage(format!("cannot read {name}: {e}")))?;
         let format = match format.or_else(|| (!stdin).then(|| Format::of_path(path)).flatten()) {
             Some(f) => f,
-            None => {
-                let head = input
-                    .fill_buf()
-                    .map_err(|e| Error::Usage(format!("cannot read {name}: {e}")))?;
-                let format = Format::sniff(head);
-                if head.is_empty() {
-                    // At its end already: a terminal's Ctrl-D is read once, and reading again
-                    // waited for a second one.
-                    input = Box::new(io::empty());
-                }
-                format
-            }
+            None => Format::sniff(&head),
+        };
+        input = match ended {
+            // At its end already: a terminal's Ctrl-D is read once, and reading again waited for
+            // a second one.
+            true => Box::new(io::Cursor::new(head)),
+            false => Box::new(io::Cursor::new(head).chain(input)),
         };
         let spool = if once { Some(Spool::create()?) } else { None };
         Ok(Source {
@@ -457,6 +469,48 @@ impl Source {
             name,
             fingerprint,
         })
+    }
+}
+
+/// Standard input that waits for its writer even in non-blocking mode (O_NONBLOCK, which a
+/// parent such as Node.js may set on the pipe it hands down): a read before the writer has
+/// written fails with EAGAIN there, where a blocking pipe waits. It was taken for a read error: a
+/// sound file from a producer that paused was refused ("line 51: cannot read: Resource
+/// temporarily unavailable", exit 2), where `--file /dev/stdin`, a descriptor of its own, was
+/// read whole (found by a helper playing a new user).
+struct Waiting<R>(R);
+
+impl<R: Read> Read for Waiting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        crate::guard::again_while_it_would_block(|| self.0.read(buf))
+    }
+}
+
+/// At most this much of an input's start is read to sniff its format: past it, the input is
+/// taken for CSV (as blank lines alone are), and nothing that long is held.
+const HEAD_AT_MOST: usize = 64 * 1024;
+
+/// Reads `input` until its first byte that is not blank, after a whole byte order mark, with at
+/// least 4 bytes read (UTF-16's mark is 2), or its end, or `HEAD_AT_MOST` bytes: the bytes read,
+/// to be read again, and whether the input ended.
+fn head_of(input: &mut dyn BufRead) -> io::Result<(Vec<u8>, bool)> {
+    let bom = "\u{feff}".as_bytes();
+    let decided = |head: &[u8]| {
+        let text = head.strip_prefix(bom).unwrap_or(head);
+        head.len() >= 4 && text.iter().any(|b| !b.is_ascii_whitespace())
+    };
+    let mut head = Vec::new();
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((head, true));
+        }
+        let n = buf.len().min(HEAD_AT_MOST - head.len());
+        head.extend_from_slice(&buf[..n]);
+        input.consume(n);
+        if decided(&head) || head.len() >= HEAD_AT_MOST {
+            return Ok((head, false));
+        }
     }
 }
 
