@@ -3403,6 +3403,81 @@ fn a_read_cancelled_by_a_statement_timeout_again_and_again_ends_soon_and_says_wh
     }
 }
 
+/// Reads cancelled again and again by someone else while they wait on a lock held for a moment
+/// (a DBA's `pg_cancel_backend`, "canceling statement due to user request": the SQLSTATE of a
+/// statement timeout, 57014, but not the server's limit) read again until their `--timeout`, as
+/// the README says of every conflict of the moment. Taken for the server's statement_timeout,
+/// the third cancel ended the read (exit 1, `verify` on a sound bank; a workload's final check,
+/// "workload failed: the final check could not run") within half a second of a DBA's cancel
+/// storm, every 50 ms (found by a helper).
+#[test]
+fn reads_cancelled_by_someone_else_again_and_again_read_again() {
+    use diesel::RunQueryDsl;
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 50]);
+    let account = ids[0].to_string();
+    let reads: [(&[&str], &str); 3] = [
+        (&["verify", "--timeout", "20s"], "verify: ok"),
+        (&["balances", "--timeout", "20s"], account.as_str()),
+        (
+            &["history", &account, "--timeout", "20s"],
+            "opening balance",
+        ),
+    ];
+    for (args, expected) in reads {
+        let mut holder = db.conn();
+        holder
+            .batch_execute("BEGIN; LOCK TABLE accounts, transfers IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        let mut all = vec!["--database-url", db.url.expose()];
+        all.extend_from_slice(args);
+        let mut child = crate::support::spawn_bank(&all);
+        let mut conn = db.conn();
+        // Five cancels, each of a wait begun after the last one (in microseconds since 1970).
+        let mut since = 0;
+        for cancel in 1..=5 {
+            let started = Instant::now();
+            loop {
+                let waiting: crate::support::Count = diesel::sql_query(format!(
+                    "SELECT COALESCE(MAX(CAST(EXTRACT(EPOCH FROM query_start) * 1000000 AS INT8)), 0) \
+                     AS n FROM pg_stat_activity WHERE datname = current_database() \
+                     AND application_name LIKE 'bank%' AND wait_event_type = 'Lock' \
+                     AND CAST(EXTRACT(EPOCH FROM query_start) * 1000000 AS INT8) > {since}"
+                ))
+                .get_result(&mut conn)
+                .expect("pg_stat_activity");
+                if waiting.n > 0 {
+                    since = waiting.n;
+                    break;
+                }
+                if child.try_wait().expect("try_wait").is_some()
+                    || started.elapsed() > Duration::from_secs(10)
+                {
+                    holder.batch_execute("ROLLBACK").expect("release");
+                    let _ = child.kill();
+                    let run = Run::from(child.wait_with_output().expect("wait"));
+                    panic!(
+                        "{args:?}: no read waited again after cancel {}: {run:?}",
+                        cancel - 1
+                    );
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            diesel::sql_query(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name LIKE 'bank%' \
+                 AND wait_event_type = 'Lock'",
+            )
+            .execute(&mut conn)
+            .expect("cancel");
+        }
+        holder.batch_execute("ROLLBACK").expect("release");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        run.success();
+        assert!(run.stdout.contains(expected), "{args:?}: {run:?}");
+    }
+}
+
 /// A backoff longer than what is left of the deadline is cut to it, and the run says how its
 /// attempts ended: refused by a 40001, not applied (exit 1). Sleeping past the deadline left
 /// its caller to give up on it, and a run with its id given then said "outcome unknown"

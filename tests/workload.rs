@@ -1774,6 +1774,40 @@ fn a_workload_s_last_error_keeps_the_server_s_hint() {
     assert!(run.stderr.contains(hint), "{run:?}");
 }
 
+/// `workload --batch` on a server out of disk or memory (a full disk's "could not extend file",
+/// 53100; a full lock table's "out of shared memory", 53200: here a trigger raising it) fails
+/// the run and says why, as the same run without `--batch` does: its lines were counted as
+/// given up, and the run said "workload: ok" (exit 0) with `last_error` null, where the run
+/// without `--batch` said "N transfers failed with an error" with the server's words (a real
+/// full disk, a tmpfs, found by a helper).
+#[test]
+fn batches_a_server_out_of_resources_fails_are_errors_with_its_words() {
+    for iso in Iso::BOTH {
+        let db = a_server_failing_every_ledger_insert(iso);
+        let run = db
+            .bank()
+            .args(["workload", "--reuse-accounts", "--accounts", "4"])
+            .args(["--concurrency", "1", "--batch", "10", "--transfers", "20"])
+            .args(["--json"])
+            .run();
+        let j = run.json();
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        assert_eq!(j["ok"], false, "{iso:?}: {j}");
+        assert_eq!(j["given_up"], 0, "{iso:?}: {j}");
+        assert_eq!(j["errors"], 20, "{iso:?}: {j}");
+        assert!(
+            j["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("out of shared memory")),
+            "{iso:?}: {j}"
+        );
+        assert!(
+            run.stderr.contains("out of shared memory"),
+            "{iso:?}: {run:?}"
+        );
+    }
+}
+
 /// A database of 4 accounts whose server fails every INSERT into the ledger at once, as a full
 /// lock table does ("out of shared memory", 53200, with the server's HINT; here a trigger raising
 /// it).

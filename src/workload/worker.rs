@@ -452,6 +452,20 @@ pub(super) fn tally_verdict(
             tally.last_error = v.error.clone();
             live.errors.fetch_add(1, Ordering::Relaxed);
         }
+        // Not applied because the server is out of disk or memory (a full disk's "could not
+        // extend file", a full lock table's "out of shared memory"): an error, as without
+        // --batch. Counted as given up, with no word of why, a run whose every batch met a full
+        // disk said "workload: ok" where the same run without --batch failed naming the disk
+        // (found by a helper, a real tmpfs filled under the server).
+        Outcome::NotApplied
+            if v.error
+                .as_deref()
+                .is_some_and(crate::error::is_out_of_resources) =>
+        {
+            tally.errors += 1;
+            tally.last_error = v.error.clone();
+            live.errors.fetch_add(1, Ordering::Relaxed);
+        }
         Outcome::NotApplied => {
             log::debug!(
                 "workload: transfer {} not applied: {}",
