@@ -1413,6 +1413,55 @@ fn a_first_run_whose_first_claim_reading_failed_honours_a_rerun_s_no() {
     }
 }
 
+/// A rerun of a file whose line an earlier run refused (insufficient funds, which claims its id)
+/// once the account is funded, its first attempt's COMMIT cut (rolled back): the retry must
+/// apply the line. The first attempt read the claim's generation, the earlier run's, before it
+/// failed; a failed attempt marks only the ids it did not read as unclaimed
+/// (`or_insert(None)`). With every id overwritten as unclaimed (a mutation-testing helper's
+/// `insert(None)`), the retry found the earlier run's claim "moved" and said "not applied:
+/// another run answered this id" (exit 1) of a line nobody else touched, and every rerun that
+/// met one transient fault did the same; no test saw it.
+#[test]
+fn a_rerun_whose_first_attempt_is_cut_applies_a_line_an_earlier_run_refused() {
+    for iso in Iso::BOTH {
+        let case = format!("{iso:?}");
+        let s = setup_with(iso, At::Commit, &[5, 0]);
+        let [funder] = s.db.accounts(&[1000])[..] else {
+            panic!("one account")
+        };
+        let id = Uuid::new_v4();
+        let text = format!("id,from,to,amount\n{id},{},{},10\n", s.from, s.to);
+        let bank = Bank::new();
+        let path = bank.dir.path().join("f.csv");
+        std::fs::write(&path, &text).expect("file");
+        let refused = Bank::new()
+            .args(["--database-url", s.db.url.expose(), "transfer", "--file"])
+            .args([path.as_os_str()])
+            .args(["--json"])
+            .run();
+        assert_eq!(
+            json_outcomes(&refused),
+            ["insufficient_funds"],
+            "{case}: {refused:?}"
+        );
+        s.db.transfer(funder, s.from, 100).run().success();
+        s.arm(Fault::CutBeforeCommit);
+        let rerun = bank
+            .args([
+                "--database-url",
+                &s.proxy.url_for(&s.db.url),
+                "transfer",
+                "--file",
+            ])
+            .args([path.as_os_str()])
+            .args(["--json", "--timeout", "20s"])
+            .run();
+        assert_eq!(s.proxy.injected(), 1, "{case}: {rerun:?}");
+        s.file_ended(&rerun, &["applied"], 0, (95, 10), &case);
+        assert!(s.ledger_has(id), "{case}");
+    }
+}
+
 /// A file's statement whose COMMIT was cut before it reached the server (rolled back, which the
 /// run cannot know), and, while the run backed off, its id applied by another run with other
 /// details: the run took the ledger's having every id it applied for its own commit and said
@@ -3044,6 +3093,186 @@ fn a_workload_transfer_given_up_on_before_its_commit_never_commits_afterwards() 
         assert!(j["given_up"].as_u64() >= Some(1), "{batch:?}: {j}");
         assert_eq!(j["ok"], true, "{batch:?}: {run:?}");
     }
+}
+
+/// A workload transfer of unknown outcome whose commit lands during the final check (a single
+/// statement held in the network past its deadline, `LateStatement`), between the check's count
+/// of the run's rows and its question about the unknown ids (the check's next statement held
+/// until the late one has landed): the counts are read in one REPEATABLE READ snapshot, so the
+/// transfer is in both or in neither, and the sound bank passes. Read apart (a
+/// mutation-testing helper dropped `repeatable_read()`), at READ COMMITTED the rows were the
+/// committed ones while the ledger held the unknown one: "invariants violated" on a sound bank.
+/// No test held that window.
+#[test]
+fn a_workload_transfer_committing_during_the_final_check_is_no_violation() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        let url = proxy.url_for(&db.url);
+        // One statement, its own commit, arrives 5 s late, its client cut off at once: with no
+        // retry, unknown (a transaction kept open that long was often ended as a pivot).
+        let bank = Bank::new()
+            .args(["--database-url", &url, "workload"])
+            .args([
+                "--accounts",
+                "1000",
+                "--duration",
+                "2s",
+                "--concurrency",
+                "1",
+            ])
+            .args(["--mode", "single-statement", "--max-retries", "0"])
+            .args(["--timeout", "500ms", "--json", "--check-timeout", "30s"]);
+        let run = thread::spawn(move || bank.run());
+        crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+        // count_rows_by_others: the check's second statement in its snapshot.
+        proxy.hold_parses_containing("SELECT t.id FROM unnest");
+        proxy.arm_at(At::Statement, Fault::LateStatement(Duration::from_secs(5)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy.parses_held() == 0 || proxy.late_commits() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{iso:?}: held {}, late {}, commits {}",
+                proxy.parses_held(),
+                proxy.late_commits(),
+                proxy.commits()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        proxy.release_parses();
+        let run = run.join().expect("thread");
+        let j = run.json();
+        assert_eq!(proxy.injected(), 1, "{iso:?}: {j}");
+        assert!(j["indeterminate"].as_u64() >= Some(1), "{iso:?}: {j}");
+        assert_eq!(j["ok"], true, "{iso:?}: {run:?}");
+        assert_eq!(run.code, 0, "{iso:?}: {run:?}");
+        // The late COMMIT landed: the ledger holds one row more than the run counted.
+        let rows = crate::support::count_transfers(&mut db.conn()).expect("count");
+        assert_eq!(
+            j["ledger_rows_added"].as_i64().map(|n| n + 1),
+            Some(rows),
+            "{iso:?}: {j}"
+        );
+    }
+}
+
+/// The same in single-statement mode, where no BEGIN comes first: the worker's first session
+/// is lost while it is set up (the link dropped after its first setting's answer), its new one
+/// is held in its setup (the same setting's statement held in the network) past the transfer's
+/// deadline, and the watchdog counts the transfer given up (not applied). Let go, the runner
+/// must not send the statement, which is its own commit: the gate is its ticket
+/// (`Ticket::enter_commit` in `transfer::runner`'s single-statement arm). With that answer
+/// ignored (a mutation-testing helper's, which every test passed), the transfer counted given
+/// up committed: `given_up_in_ledger` 1, `ok` false.
+#[test]
+fn a_workload_single_statement_given_up_on_before_it_is_sent_is_never_sent() {
+    const SETTING: &str = "current_setting('statement_timeout')";
+    let db = ScratchDb::migrated();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    let url = proxy.url_for(&db.url);
+    // Only a worker's session reads the setting: the first to do so is worker 0's first.
+    proxy.close_after_reply_to(SETTING, 1);
+    let bank = Bank::new()
+        .args(["--database-url", &url, "workload"])
+        .args([
+            "--accounts",
+            "1000",
+            "--duration",
+            "4s",
+            "--concurrency",
+            "1",
+        ])
+        .args(["--mode", "single-statement", "--timeout", "500ms", "--json"])
+        .args(["--check-timeout", "3s"]);
+    let run = thread::spawn(move || bank.run());
+    let started = Instant::now();
+    while proxy.replies_held() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no worker session"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    proxy.hold_parses_containing(SETTING);
+    proxy.release_reply();
+    while proxy.parses_held() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no second session"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Past the deadline and its grace: the watchdog has given up on it.
+    thread::sleep(Duration::from_millis(2000));
+    proxy.release_parses();
+    let run = run.join().expect("thread");
+    let j = run.json();
+    assert!(j["stuck_workers"].as_u64() >= Some(1), "{j}");
+    assert!(j["given_up"].as_u64() >= Some(1), "{j}");
+    assert_eq!(j["given_up_in_ledger"], 0, "{run:?}");
+    assert_eq!(j["ok"], true, "{run:?}");
+}
+
+/// `--batch`: a chunk given up on by the watchdog (a statement's COMMIT frozen past the
+/// deadline) after some of its statements committed (a DBA's trigger refusing amounts of
+/// sevens splits nearly every chunk into many statements). The chunk's decided lines count as
+/// such and only the statement in hand as given up or unknown, by its own lines' ids. With the
+/// decided lines' ids taken for the ones in hand (a mutation-testing helper's, in the watchdog's
+/// count), lines reported committed were also asked about as given up or unknown, and the sound
+/// bank failed "invariants violated". Three such stalls in one run, each after a moment of
+/// traffic: most commits of a chunk come after its first one (killed in 5 runs of 5).
+#[test]
+fn a_batch_chunk_given_up_on_after_some_statements_committed_counts_its_lines_once() {
+    let db = ScratchDb::migrated();
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION sevens() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF NEW.amount % 7 = 0 THEN RAISE EXCEPTION 'amounts of sevens refused'; END IF; \
+               RETURN NEW; END $$; \
+             CREATE TRIGGER sevens BEFORE INSERT ON transfers \
+               FOR EACH ROW EXECUTE FUNCTION sevens()",
+        )
+        .expect("the trigger");
+    let proxy = Proxy::start(upstream_of(&db.url));
+    let url = proxy.url_for(&db.url);
+    let bank = Bank::new()
+        .args(["--database-url", &url, "workload"])
+        .args([
+            "--accounts",
+            "40",
+            "--balance",
+            "100000",
+            "--max-amount",
+            "100",
+        ])
+        .args(["--batch", "50", "--concurrency", "1", "--duration", "8s"])
+        .args(["--timeout", "500ms", "--json", "--check-timeout", "5s"]);
+    let run = thread::spawn(move || bank.run());
+    crate::support::wait_for_transfers_past(&mut db.conn(), 0);
+    for stall in 1..=3 {
+        thread::sleep(Duration::from_millis(600));
+        proxy.arm_at(At::Commit, Fault::Freeze);
+        let started = Instant::now();
+        while proxy.injected() < stall {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "stall {stall}: no COMMIT"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Past the deadline and its grace: the watchdog has given up on the chunk.
+        thread::sleep(Duration::from_millis(1200));
+        proxy.thaw();
+    }
+    let run = run.join().expect("thread");
+    let j = run.json();
+    assert!(j["stuck_workers"].as_u64() >= Some(3), "{j}");
+    assert_eq!(j["given_up_in_ledger"], 0, "{run:?}");
+    // (Not `ok`: each refusal by the trigger is counted an error.)
+    assert_eq!(
+        j["invariants"]["ledger_matches_committed"], true,
+        "a sound bank reported broken: {run:?}"
+    );
 }
 
 /// A file's chunk given up before its COMMIT (its BEGIN held in the network past `--timeout`:
@@ -4832,6 +5061,152 @@ fn ended_while_stopped(
     }
     crate::support::signal(child.id(), "CONT");
     Run::from(child.wait_with_output().expect("wait"))
+}
+
+/// The link dropped without a word from the server (a pooler's or a middlebox's close: no
+/// FATAL, an end of file alone) right after the answer to the last statement before the commit
+/// point, while bank was stopped: in single-statement mode, the given id's ledger read. Nothing
+/// was sent after it, so nothing committed: not applied (exit 1) with `--max-retries 0`, and
+/// otherwise applied once, the retry counted as a connection lost. `db::still_connected` finds
+/// the end of file before the statement is sent; without it (a mutation-testing helper's, which
+/// the test with a DBA's FATAL let pass) the statement met it and was taken for a commit whose
+/// answer was lost: unknown, exit 3.
+#[test]
+fn a_link_dropped_silently_before_a_single_statement_is_sent_is_not_applied() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let [a, b] = db.accounts(&[1000, 0])[..] else {
+            panic!("two accounts")
+        };
+        // (extra arguments, exit code, amount moved)
+        for (extra, code, moved) in [(&["--max-retries", "0"][..], 1, 0), (&[][..], 0, 7)] {
+            let case = format!("{iso:?} {extra:?}");
+            let proxy = Proxy::start(upstream_of(&db.url));
+            proxy.close_after_reply_to("SELECT \"transfers\".\"id\", \"transfers\".\"from_id\"", 1);
+            let id = Uuid::new_v4().to_string();
+            let child = crate::support::spawn_transfer(
+                &proxy.url_for(&db.url),
+                (a, b, 7),
+                &[
+                    &["--json", "--id", &id, "--mode", "single-statement"][..],
+                    extra,
+                ]
+                .concat(),
+            );
+            let started = Instant::now();
+            while proxy.replies_held() == 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{case}: no ledger read"
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+            // Stopped, bank finds the answer and the end of file both in its socket.
+            stop_then_release(child.id(), &proxy);
+            let run = Run::from(child.wait_with_output().expect("wait"));
+            let case = format!("{case}: {run:?}");
+            assert_eq!(run.code, code, "{case}");
+            let json = run.json();
+            if code == 1 {
+                assert!(run.stderr.contains("not applied"), "{case}");
+                assert!(
+                    run.stderr.contains("gone before its COMMIT was sent"),
+                    "{case}"
+                );
+            } else {
+                assert_eq!(json["outcome"], "applied", "{case}");
+                assert_eq!(json["retries"]["ambiguous"], 0, "{case}");
+                assert_eq!(json["retries"]["connection_lost"], 1, "{case}");
+            }
+            assert_eq!(db.balance(b), moved, "{case}");
+        }
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{iso:?}: {report:?}");
+    }
+}
+
+/// The same for a file's chunk: the link dropped without a word right after the answer to the
+/// last statement of its transaction before COMMIT (its second reading of the lines' claims),
+/// while bank was stopped. Nothing committed: `not_applied` (exit 1) with `--max-retries 0`,
+/// otherwise `applied` once. Without `db::still_connected` in the chunk (a mutation-testing
+/// helper's), the COMMIT met the end of file and was taken for one whose answer was lost:
+/// `unknown`, exit 3.
+#[test]
+fn a_link_dropped_silently_before_a_chunk_s_commit_is_not_applied() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let [a, b] = db.accounts(&[1000, 0])[..] else {
+            panic!("two accounts")
+        };
+        for (extra, outcome, code, moved) in [
+            (&["--max-retries", "0"][..], "not_applied", 1, 0),
+            (&[][..], "applied", 0, 7),
+        ] {
+            let case = format!("{iso:?} {extra:?}");
+            let proxy = Proxy::start(upstream_of(&db.url));
+            proxy.close_after_reply_to(
+                "SELECT \"transfer_claims\".\"id\", \"transfer_claims\".\"generation\"",
+                2,
+            );
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("f.csv");
+            std::fs::write(
+                &path,
+                format!("id,from,to,amount\n{},{a},{b},7\n", Uuid::new_v4()),
+            )
+            .expect("file");
+            let url = proxy.url_for(&db.url);
+            let path = path.to_string_lossy().to_string();
+            let args = [
+                &["--database-url", &url, "transfer", "--file", &path][..],
+                &["--json", "--connections", "1"],
+                extra,
+            ]
+            .concat();
+            let child = crate::support::spawn_bank(&args);
+            let started = Instant::now();
+            while proxy.replies_held() == 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{case}: no second claim reading"
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+            stop_then_release(child.id(), &proxy);
+            let run = Run::from(child.wait_with_output().expect("wait"));
+            let case = format!("{case}: {run:?}");
+            assert_eq!(json_outcomes(&run), [outcome], "{case}");
+            assert_eq!(run.code, code, "{case}");
+            if code == 1 {
+                assert!(
+                    run.stdout.contains("gone before its COMMIT was sent"),
+                    "{case}"
+                );
+            }
+            assert_eq!(db.balance(b), moved, "{case}");
+        }
+        let report = bank::verify::verify(&mut db.conn()).expect("verify");
+        assert!(report.ok, "{iso:?}: {report:?}");
+    }
+}
+
+/// Stops the process `pid` (SIGSTOP, waited for until it is stopped), lets the answer
+/// `close_after_reply_to` holds go with the end of its session, then lets the process go on: it
+/// finds both in its socket.
+fn stop_then_release(pid: u32, proxy: &Proxy) {
+    crate::support::signal(pid, "STOP");
+    let stat = format!("/proc/{pid}/stat");
+    let stopped = |s: &str| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('T'))
+    };
+    while !std::fs::read_to_string(&stat).is_ok_and(|s| stopped(&s)) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    proxy.release_reply();
+    thread::sleep(Duration::from_millis(200));
+    crate::support::signal(pid, "CONT");
 }
 
 /// A session a DBA ended (`pg_terminate_backend`, whose words name no idle timeout, so

@@ -130,3 +130,30 @@ fn doctor_warns_when_commits_wait_for_a_synchronous_standby_that_is_not_there() 
         .json();
     assert!(j["synchronous_standbys_missing"].is_null(), "{j}");
 }
+
+/// `verify` on a hot standby whose connection is lost at its read's COMMIT (cut before it
+/// reaches the server) reads again on a new connection, which must default to REPEATABLE READ
+/// as the first did: at a SERIALIZABLE default the standby refuses every transaction. With the
+/// setting left to the first session only (a mutation-testing helper dropped it from
+/// `kept::keep`), the second session was refused ("cannot use serializable mode in a hot
+/// standby") and `verify` failed on a sound bank; each test ran one session per command.
+#[test]
+fn verify_on_a_hot_standby_reads_again_after_a_lost_connection_at_both_levels() {
+    use crate::support::proxy::{upstream_of, At, Fault, Proxy};
+    let cluster = OwnCluster::start();
+    let standby = cluster.standby();
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_on(cluster.server(), iso);
+        let ids = db.accounts(&[100, 50]);
+        db.transfer(ids[0], ids[1], 30).run().success();
+        standby.catch_up(&cluster);
+        let replica = standby.server().with_database(&db.name);
+        let proxy = Proxy::start(upstream_of(&replica));
+        proxy.arm_at(At::Commit, Fault::CutBeforeCommit);
+        let verify = bank_at(&proxy.url_for(&replica), &["verify", "--json"]);
+        assert_eq!(proxy.injected(), 1, "{iso:?}: {verify:?}");
+        let j = verify.success().json();
+        assert_eq!(j["ok"], true, "{iso:?}: {j}");
+        assert_eq!(j["transfers"].as_i64(), Some(1), "{iso:?}: {j}");
+    }
+}

@@ -938,6 +938,13 @@ mod tests {
                 "{why}"
             );
         }
+        // Two lies whose counts cancel: one reported given up that committed, one reported
+        // committed that did not. The rows equal the committed ones and the unknown ones found;
+        // only the question about the given-up ids sees it (dropped, a helper's mutation
+        // passed).
+        let r = judged(1, 0, 5);
+        assert!(!r.ok, "{r:?}");
+        assert!(r.violations().contains("given up"), "{}", r.violations());
     }
 
     /// A reader that saw a wrong total fails the run even when the final check finds the bank

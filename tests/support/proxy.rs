@@ -185,6 +185,10 @@ struct Shared {
     statements: AtomicU64,
     injected: AtomicU64,
     late_commits: AtomicU64,
+    /// Parses held by `hold_parses_containing` so far.
+    parses_held: AtomicU64,
+    /// Answers held by `close_after_reply_to` so far.
+    replies_held: AtomicU64,
     /// `slow_rows`: a pause after every so many rows.
     slow_rows: Mutex<Option<(u64, std::time::Duration)>>,
     gate: Mutex<Gate>,
@@ -210,6 +214,13 @@ struct Gate {
     seated: usize,
     /// When sessions whose first query found the pool full began to wait for a place.
     queued: Vec<std::time::Instant>,
+    /// `hold_parses_containing`: a Parse of a statement whose text contains this waits.
+    held_parse: Option<String>,
+    /// `close_after_reply_to`: the text of the statement whose answer ends its session, and
+    /// which binding of it.
+    close_after: Option<(String, u32)>,
+    /// `close_after_reply_to` holds that answer until `release_reply`.
+    reply_held: bool,
 }
 
 impl Shared {
@@ -301,6 +312,21 @@ struct Link {
     frozen: AtomicBool,
     /// It holds a place of the pool (`pool_of`), given back when it ends.
     seated: AtomicBool,
+    /// `close_after_reply_to` chose this session.
+    closing: Mutex<Option<Closing>>,
+    /// The binding `close_after_reply_to` waits for was sent: the next ReadyForQuery is the
+    /// last thing relayed, then both connections are closed, without a word.
+    close_at_ready: AtomicBool,
+}
+
+/// The statement whose answer ends a session (`close_after_reply_to`).
+struct Closing {
+    /// What its text contains.
+    text: String,
+    /// The names of the session's prepared statements of that text.
+    names: HashSet<Vec<u8>>,
+    /// Bindings of them still to come, the last one's answer included.
+    left: u32,
 }
 
 impl Link {
@@ -443,6 +469,45 @@ impl Proxy {
         self.shared.gate().frozen_queries = true;
     }
 
+    /// From now on a session's Parse of a statement whose text contains `text` is held (the
+    /// session waits for its answer) until `release_parses`: a statement slow to arrive at a
+    /// moment a test chooses.
+    pub fn hold_parses_containing(&self, text: &str) {
+        self.shared.gate().held_parse = Some(text.to_string());
+    }
+
+    /// Parses held by `hold_parses_containing` so far.
+    pub fn parses_held(&self) -> u64 {
+        self.shared.parses_held.load(Ordering::SeqCst)
+    }
+
+    /// Ends `hold_parses_containing`: the held Parses go on.
+    pub fn release_parses(&self) {
+        self.shared.gate().held_parse = None;
+        self.shared.wake.notify_all();
+    }
+
+    /// The next session to prepare a statement whose text contains `text` gets the answer to
+    /// its `nth` binding of it (1: the first), held until `release_reply`, and then loses both
+    /// connections at once, without a word from the server (a pooler or a middlebox that drops
+    /// the link): its end of file waits in the client's socket behind the answer.
+    pub fn close_after_reply_to(&self, text: &str, nth: u32) {
+        let mut gate = self.shared.gate();
+        gate.close_after = Some((text.to_string(), nth));
+        gate.reply_held = true;
+    }
+
+    /// Answers held by `close_after_reply_to` so far.
+    pub fn replies_held(&self) -> u64 {
+        self.shared.replies_held.load(Ordering::SeqCst)
+    }
+
+    /// Lets the answer held by `close_after_reply_to` go, and its session end.
+    pub fn release_reply(&self) {
+        self.shared.gate().reply_held = false;
+        self.shared.wake.notify_all();
+    }
+
     /// Closes every connection frozen by `Fault::Freeze` so far, on both sides (the server
     /// aborts its transaction). Traffic is not resumed.
     pub fn thaw(&self) {
@@ -506,6 +571,8 @@ fn relay(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> io
         status: AtomicU8::new(0),
         frozen: AtomicBool::new(false),
         seated: AtomicBool::new(false),
+        closing: Mutex::new(None),
+        close_at_ready: AtomicBool::new(false),
     });
     let back = {
         let (server, client) = (server.try_clone()?, client.try_clone()?);
@@ -540,6 +607,19 @@ fn client_to_server(
         if msg[0] != b'p' {
             shared.take_seat(link)?;
         }
+        // A binding of the statement `close_after_reply_to` chose: the last one's answer is
+        // the session's last.
+        if msg[0] == b'B' {
+            if let Some(c) = link.closing.lock().expect("lock").as_mut() {
+                let bound = cstrings(&msg).nth(1).unwrap_or_default();
+                if c.left > 0 && c.names.contains(bound) {
+                    c.left -= 1;
+                    if c.left == 0 {
+                        link.close_at_ready.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
         // A commit point, as the messages that make it up: COMMIT, or a statement's Bind..Sync.
         let (at, batch) = match msg[0] {
             b'Q' if is_commit(&msg) => {
@@ -551,6 +631,33 @@ fn client_to_server(
                 let mut fields = cstrings(&msg);
                 let name = fields.next().unwrap_or_default().to_vec();
                 let query = fields.next().unwrap_or_default();
+                let text = String::from_utf8_lossy(query).into_owned();
+                let held =
+                    |gate: &Gate| gate.held_parse.as_deref().is_some_and(|t| text.contains(t));
+                if held(&shared.gate()) {
+                    shared.parses_held.fetch_add(1, Ordering::SeqCst);
+                    shared.hold_while(held)?;
+                }
+                {
+                    let mut closing = link.closing.lock().expect("lock");
+                    if closing.is_none() {
+                        let chosen = shared
+                            .gate()
+                            .close_after
+                            .take_if(|(t, _)| text.contains(t.as_str()));
+                        *closing = chosen.map(|(text, left)| Closing {
+                            text,
+                            names: HashSet::new(),
+                            left,
+                        });
+                    }
+                    if let Some(c) = closing.as_mut() {
+                        match text.contains(&c.text) {
+                            true => c.names.insert(name.clone()),
+                            false => c.names.remove(&name),
+                        };
+                    }
+                }
                 // A Parse of a name replaces the statement it named before.
                 if String::from_utf8_lossy(query).contains("INSERT INTO transfers") {
                     transfer_statements.insert(name);
@@ -725,6 +832,13 @@ fn forward_replies(
             // Set before the client sees it, so its next message finds it up to date.
             link.status
                 .store(msg.get(5).copied().unwrap_or(0), Ordering::SeqCst);
+        }
+        if ready && link.close_at_ready.load(Ordering::SeqCst) {
+            shared.replies_held.fetch_add(1, Ordering::SeqCst);
+            shared.hold_while(|gate| gate.reply_held)?;
+            client.write_all(&msg)?;
+            link.close();
+            return Ok(());
         }
         let action = link.reply.lock().expect("lock").clone();
         match action {
