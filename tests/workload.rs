@@ -2716,6 +2716,7 @@ fn workload_json_has_every_key_in_every_run() {
         "ledger_rows_added",
         "ledger_rows_by_others",
         "given_up_in_ledger",
+        "refused_in_ledger",
         "indeterminate_committed",
         "accounts_deleted_by_others",
         "invariants",

@@ -215,6 +215,7 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
     let asked = Asked {
         given_up: Arc::new(tally.given_up_ids.clone()),
         unknown: Arc::new(tally.unknown_ids.clone()),
+        refused: Arc::new(tally.refused_ids.clone()),
     };
     // A signal that came before the check (while the transfers ran or ended) is the one whose
     // checks follow, as the README says; one that comes during the check stops it.
@@ -466,6 +467,8 @@ struct Asked {
     given_up: Arc<Vec<Uuid>>,
     /// Transfers of unknown outcome: those in the ledger committed.
     unknown: Arc<Vec<Uuid>>,
+    /// Transfers reported refused: none may be in the ledger.
+    refused: Arc<Vec<Uuid>>,
 }
 
 fn final_check(
@@ -487,7 +490,11 @@ fn final_check(
         crew.prefix,
         Arc::clone(&progress),
     );
-    let (given_up, unknown) = (Arc::clone(&asked.given_up), Arc::clone(&asked.unknown));
+    let (given_up, unknown, refused) = (
+        Arc::clone(&asked.given_up),
+        Arc::clone(&asked.unknown),
+        Arc::clone(&asked.refused),
+    );
     let policy = RetryPolicy {
         timeout: budget,
         ..*policy
@@ -512,7 +519,7 @@ fn final_check(
                 // check (a frozen backend thawed, a partition healed) is then in both counts or
                 // in neither; read apart, the exact comparison (the run's rows against those
                 // reported committed and the unknown ones found) saw a violation that was none.
-                let (ledger_rows, others_rows, given_up_found, unknown_found) = conn
+                let (ledger_rows, others_rows, given_up_found, unknown_found, refused_found) = conn
                     .build_transaction()
                     .read_only()
                     .repeatable_read()
@@ -522,6 +529,7 @@ fn final_check(
                             repo::count_rows_by_others(conn, &since, low, high)?,
                             repo::count_in_ledger(conn, &given_up)?,
                             repo::count_in_ledger(conn, &unknown)?,
+                            repo::count_in_ledger(conn, &refused)?,
                         ))
                     })?;
                 Ok(FinalCheck {
@@ -532,6 +540,7 @@ fn final_check(
                     others_rows,
                     given_up_found,
                     unknown_found,
+                    refused_found,
                     accounts_gone,
                 })
             };

@@ -43,6 +43,11 @@ pub struct Tally {
     /// (counted only, it hid behind the unknown ones' allowance).
     pub given_up_ids: Vec<uuid::Uuid>,
     pub unknown_ids: Vec<uuid::Uuid>,
+    /// The ids of the transfers refused on their merits (`insufficient_funds`,
+    /// `balance_overflow`, a `--batch` line the database refused): none may be in the ledger.
+    /// Counted only, a refusal that committed hid behind a transfer reported applied that did
+    /// not, the counts equal (a mutation tester's case).
+    pub refused_ids: Vec<uuid::Uuid>,
 }
 
 impl Tally {
@@ -62,6 +67,7 @@ impl Tally {
             last_error: None,
             given_up_ids: Vec::new(),
             unknown_ids: Vec::new(),
+            refused_ids: Vec::new(),
         })
     }
 }
@@ -115,6 +121,7 @@ impl AddAssign<&Tally> for Tally {
         }
         self.given_up_ids.extend_from_slice(&other.given_up_ids);
         self.unknown_ids.extend_from_slice(&other.unknown_ids);
+        self.refused_ids.extend_from_slice(&other.refused_ids);
     }
 }
 
@@ -136,6 +143,8 @@ pub struct FinalCheck {
     pub given_up_found: i64,
     /// Of the transfers of unknown outcome, those the ledger holds (they committed).
     pub unknown_found: i64,
+    /// Of the transfers reported refused, those the ledger holds: each a refusal that committed.
+    pub refused_found: i64,
     /// The workload's accounts that no longer exist (another client deleted them: a `bank
     /// reset` during the run).
     pub accounts_gone: u64,
@@ -200,6 +209,10 @@ pub struct Report {
     /// Of the transfers reported given up (not applied), those the ledger holds: a transfer
     /// reported not applied that committed, which breaks the promise. Must be 0.
     pub given_up_in_ledger: Option<i64>,
+    /// Of the transfers reported refused (insufficient funds, a balance overflow, the database's
+    /// refusal), those the ledger holds: a refusal that committed, which breaks the promise.
+    /// Must be 0.
+    pub refused_in_ledger: Option<i64>,
     /// Of the transfers of unknown outcome, those the ledger holds: the ledger's answer. With
     /// it the run's own rows must equal `transfers_committed` plus it exactly.
     pub indeterminate_committed: Option<i64>,
@@ -294,6 +307,7 @@ impl Report {
                     c.ledger_rows >= committed
                         && c.ledger_rows <= committed.saturating_add(indeterminate)
                         && c.given_up_found == 0
+                        && c.refused_found == 0
                         && (!every_id || c.ledger_rows == committed + c.unknown_found),
                 ),
                 chains_exact: Some(c.verify.broken_chains == 0),
@@ -345,6 +359,7 @@ impl Report {
             ledger_rows_added: check.as_ref().map(|c| c.ledger_rows),
             ledger_rows_by_others: check.as_ref().map(|c| c.others_rows),
             given_up_in_ledger: check.as_ref().map(|c| c.given_up_found),
+            refused_in_ledger: check.as_ref().map(|c| c.refused_found),
             indeterminate_committed: check.as_ref().map(|c| c.unknown_found),
             accounts_deleted_by_others: check.as_ref().map(|c| c.accounts_gone),
             invariants,
@@ -411,6 +426,11 @@ impl Report {
             if let Some(found @ 1..) = self.given_up_in_ledger {
                 broken.push(format!(
                     "{found} transfers reported given up (not applied) are in the ledger"
+                ));
+            }
+            if let Some(found @ 1..) = self.refused_in_ledger {
+                broken.push(format!(
+                    "{found} transfers reported refused are in the ledger"
                 ));
             }
             let unknown = self.indeterminate_committed.unwrap_or(0);
@@ -607,6 +627,12 @@ impl fmt::Display for Report {
                 "  transfers reported given up (not applied) that the ledger holds: {found}"
             )?;
         }
+        if let Some(found @ 1..) = self.refused_in_ledger {
+            writeln!(
+                f,
+                "  transfers reported refused that the ledger holds: {found}"
+            )?;
+        }
         if let Some(others @ 1..) = self.ledger_rows_by_others {
             writeln!(
                 f,
@@ -767,6 +793,7 @@ mod tests {
             ledger_rows: 5,
             others_rows: 0,
             given_up_found: 0,
+            refused_found: 0,
             unknown_found: 0,
             accounts_gone: 0,
         }
@@ -945,6 +972,43 @@ mod tests {
         let r = judged(1, 0, 5);
         assert!(!r.ok, "{r:?}");
         assert!(r.violations().contains("given up"), "{}", r.violations());
+    }
+
+    /// The same swap with a refusal: one transfer reported refused (insufficient funds) that
+    /// committed, one reported committed that did not. Every count and total holds; only the
+    /// question about the refused ids sees it (counted only, such a bank passed).
+    #[test]
+    fn a_transfer_reported_refused_that_committed_fails_the_run() {
+        let mut tally = Tally::new().expect("tally");
+        tally.committed = 5;
+        tally.insufficient_funds = 1;
+        tally.refused_ids = vec![uuid::Uuid::from_u128(1)];
+        let healthy_run = Report::new(
+            run(),
+            tally.clone(),
+            Ok(FinalCheck {
+                ledger_rows: 5,
+                ..healthy()
+            }),
+        );
+        assert!(healthy_run.ok, "{healthy_run:?}");
+        let check = FinalCheck {
+            ledger_rows: 5,
+            refused_found: 1,
+            ..healthy()
+        };
+        let r = Report::new(run(), tally, Ok(check));
+        assert!(!r.ok, "{r:?}");
+        assert_eq!(r.invariants.ledger_matches_committed, Some(false));
+        assert_eq!(r.refused_in_ledger, Some(1));
+        assert!(
+            r.violations().contains("reported refused"),
+            "{}",
+            r.violations()
+        );
+        assert!(r
+            .to_string()
+            .contains("reported refused that the ledger holds: 1"));
     }
 
     /// A reader that saw a wrong total fails the run even when the final check finds the bank

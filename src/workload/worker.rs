@@ -211,8 +211,14 @@ impl Worker {
                         tally.record_latency(micros);
                     }
                 }
-                Err(TransferError::InsufficientFunds { .. }) => tally.insufficient_funds += 1,
-                Err(TransferError::BalanceOverflow { .. }) => tally.balance_overflow += 1,
+                Err(TransferError::InsufficientFunds { .. }) => {
+                    tally.insufficient_funds += 1;
+                    tally.refused_ids.push(t.id);
+                }
+                Err(TransferError::BalanceOverflow { .. }) => {
+                    tally.balance_overflow += 1;
+                    tally.refused_ids.push(t.id);
+                }
                 Err(TransferError::NotApplied { .. }) => {
                     tally.given_up += 1;
                     tally.given_up_ids.push(t.id);
@@ -443,11 +449,18 @@ pub(super) fn tally_verdict(
             live.committed.fetch_add(1, Ordering::Relaxed);
             return 1;
         }
-        Outcome::InsufficientFunds => tally.insufficient_funds += 1,
-        Outcome::BalanceOverflow => tally.balance_overflow += 1,
+        Outcome::InsufficientFunds => {
+            tally.insufficient_funds += 1;
+            tally.refused_ids.extend(line);
+        }
+        Outcome::BalanceOverflow => {
+            tally.balance_overflow += 1;
+            tally.refused_ids.extend(line);
+        }
         // Refused by the database outright (read-only, a permission, a trigger): an error, as
         // without --batch; counted as given up, a read-only database's run said "ok".
         Outcome::Refused => {
+            tally.refused_ids.extend(line);
             tally.errors += 1;
             tally.last_error = v.error.clone();
             live.errors.fetch_add(1, Ordering::Relaxed);
