@@ -96,12 +96,22 @@ impl Ticket {
     }
 }
 
+/// The causes `WRITE_STALLS` and `COMMIT_STALLS` share, as one literal for both.
+macro_rules! commit_stalls {
+    () => {
+        "its COMMIT waits for a synchronous standby that is not connected (bank doctor says), or \
+         the server is frozen or unreachable"
+    };
+}
+
 /// Why a step that writes heard nothing for its deadline, after what the step itself may be.
 /// A COMMIT waiting for a synchronous standby that is not connected waits for good, PostgreSQL
 /// lifting its statement_timeout there; only `doctor` said so (an operator's server).
-pub const WRITE_STALLS: &str = "waits on a lock another session holds, its COMMIT waits for a \
-     synchronous standby that is not connected (bank doctor says), or the server is frozen or \
-     unreachable";
+pub const WRITE_STALLS: &str = concat!("waits on a lock another session holds, ", commit_stalls!());
+
+/// Why a transfer or a file's statement heard nothing for its deadline: not a lock, whose wait
+/// the server's statement_timeout (bank's `--timeout`) ends first, with its own words.
+pub const COMMIT_STALLS: &str = commit_stalls!();
 
 /// Reads (`balances`, `verify`, `history`, `lookup`, `doctor`) have no ticket to abandon: they
 /// commit nothing. One that hears nothing from the database for `timeout` (its output makes no
@@ -146,12 +156,14 @@ pub fn watch(
             continue;
         }
         if started.elapsed().saturating_sub(last) > timeout {
-            crate::say(format_args!(
-                "bank: error: no answer from the database within {}: {}",
-                humantime::format_duration(timeout),
-                then()
-            ));
-            crate::exit_now(i32::from(crate::exit_code::ExitCode::Failure));
+            crate::say_then_exit(
+                format_args!(
+                    "bank: error: no answer from the database within {}: {}",
+                    humantime::format_duration(timeout),
+                    then()
+                ),
+                i32::from(crate::exit_code::ExitCode::Failure),
+            );
         }
     })
     .map(|_| ())

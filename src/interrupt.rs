@@ -73,11 +73,13 @@ pub fn reason() -> &'static str {
 /// where every other command says what it did (found by a helper playing a new user).
 pub fn while_reading() {
     let installed = ctrlc::set_handler(|| {
-        crate::say(format_args!(
-            "bank: error: interrupted (Ctrl-C, SIGTERM or SIGHUP): nothing was changed; what was \
-             printed is incomplete"
-        ));
-        crate::exit_now(130);
+        crate::say_then_exit(
+            format_args!(
+                "bank: error: interrupted (Ctrl-C, SIGTERM or SIGHUP): nothing was changed; what \
+                 was printed is incomplete"
+            ),
+            130,
+        );
     });
     match installed {
         Ok(()) => self::installed(),
@@ -93,11 +95,14 @@ pub fn while_reading() {
 /// runs what is missing.
 pub fn while_migrating() {
     let installed = ctrlc::set_handler(|| {
-        crate::say(format_args!(
-            "bank: error: interrupted (Ctrl-C, SIGTERM or SIGHUP): init stopped; the migrations it \
-             applied stay (each commits on its own): run `bank init` again to apply the rest"
-        ));
-        crate::exit_now(i32::from(crate::exit_code::ExitCode::Failure));
+        crate::say_then_exit(
+            format_args!(
+                "bank: error: interrupted (Ctrl-C, SIGTERM or SIGHUP): init stopped; the \
+                 migrations it applied stay (each commits on its own): run `bank init` again to \
+                 apply the rest"
+            ),
+            i32::from(crate::exit_code::ExitCode::Failure),
+        );
     });
     match installed {
         Ok(()) => self::installed(),
@@ -114,8 +119,10 @@ pub fn catch() {
         }
         if NOTHING_SENT.load(Ordering::SeqCst) {
             let e = crate::error::Error::FileCheckInterrupted(reason().to_string());
-            crate::say(format_args!("bank: error: {e}"));
-            crate::exit_now(i32::from(crate::exit_code::ExitCode::OutcomeUnknown));
+            crate::say_then_exit(
+                format_args!("bank: error: {e}"),
+                i32::from(crate::exit_code::ExitCode::OutcomeUnknown),
+            );
         }
         // Someone at a terminal pressed Ctrl-C and sees nothing happen while what is in flight
         // finishes (on a frozen server, up to its deadline): the run seemed stuck. Said on a

@@ -51,6 +51,26 @@ where
     std::thread::Builder::new().spawn(f)
 }
 
+/// How long the one line a signal's handler or a read's watch ends the run with is given.
+const LAST_LINE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Says `args` (one line on stderr, `say`), then ends the process with `code` (`exit_now`), the
+/// line given `LAST_LINE_WITHIN` at most: standard error full with nobody reading it (`2>&1` into
+/// a pipe whose reader stopped reading) held the line, and so the exit, for as long as it was not
+/// read, SIGTERM and Ctrl-C included (found by a reviewer).
+pub fn say_then_exit(args: std::fmt::Arguments<'_>, code: i32) -> ! {
+    let line = args.to_string();
+    let (said, heard) = std::sync::mpsc::channel();
+    let saying = spawn(move || {
+        say(format_args!("{line}"));
+        let _ = said.send(());
+    });
+    if saying.is_ok() {
+        let _ = heard.recv_timeout(LAST_LINE_WITHIN);
+    }
+    exit_now(code)
+}
+
 /// Ends the process at once with `code`, from any thread, once the one line that says why has been
 /// written. `std::process::exit` runs the C library's exit handlers, among them OpenSSL's (loaded
 /// by libpq), which freed what another thread still inside a connection attempt was using:

@@ -3258,6 +3258,63 @@ fn ctrl_c_on_a_read_says_so_in_one_line() {
     assert_eq!(db.state(), before);
 }
 
+/// A signal on a read whose standard output and standard error share a pipe nobody reads (`2>&1`
+/// into a reader that stopped reading, as `timeout 60 bank balances 2>&1 | stuck` leaves it): the
+/// handler's one line could not be written, and the handler waited for it before exiting, so
+/// SIGTERM and Ctrl-C left the process running for as long as the pipe was not read (only
+/// SIGKILL ended it). Blocking or non-blocking (where the wait on EAGAIN made it so), the line is
+/// given a moment, and the run ends (found by a reviewer).
+#[test]
+fn a_signal_ends_a_read_whose_standard_error_nobody_reads() {
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+    let db = ScratchDb::migrated();
+    db.bank()
+        .args(["seed", "--accounts", "20000"])
+        .run()
+        .success();
+    for non_blocking in [false, true] {
+        let (reader, writer) = UnixStream::pair().expect("socket pair");
+        writer.set_nonblocking(non_blocking).expect("mode");
+        let stderr = writer.try_clone().expect("clone");
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("bank"))
+            .args(["--database-url", db.url.expose(), "balances"])
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(writer)))
+            .stderr(Stdio::from(std::os::fd::OwnedFd::from(stderr)))
+            .spawn()
+            .expect("spawn bank");
+        if non_blocking {
+            // It waits on EAGAIN, sleeping between tries: no write blocks to be seen.
+            std::thread::sleep(Duration::from_millis(2000));
+        } else {
+            crate::support::wait_until_blocked(child.id(), crate::support::Blocked::WritingStdout);
+        }
+        crate::support::signal(child.id(), "TERM");
+        let sent = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if sent.elapsed() > Duration::from_secs(10) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        drop(reader);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(130),
+            "non-blocking {non_blocking}: still running 10 s after SIGTERM"
+        );
+    }
+}
+
 /// A run under `nohup` (SIGHUP ignored as bank starts, here by `trap '' HUP`, as nohup does)
 /// goes on when the terminal hangs up: bank's Ctrl-C handler took SIGHUP over, so a closed
 /// terminal stopped the very run nohup was meant to keep going (a workload ended "interrupted",

@@ -549,7 +549,7 @@ where
             let verdicts = cut_short(&workers[f.worker].watch, &f.group, &error, &stop);
             // The summary, said once, names the causes an operator can look for; each line
             // keeps the short reason.
-            stopping.get_or_insert(format!("{stop} (it {})", crate::guard::WRITE_STALLS));
+            stopping.get_or_insert(format!("{stop} ({})", crate::guard::COMMIT_STALLS));
             finish_group(&mut windows, &f.group, verdicts);
         }
         emit_ready(&mut windows, &mut summary, &mut record)?;

@@ -492,9 +492,9 @@ fn stale_snapshot(t: &NewTransfer, account: Uuid) -> Attempt<bool, TransferError
 /// can look for (a COMMIT waiting for a synchronous standby that is gone waits for good).
 fn no_answer(started: Instant) -> String {
     format!(
-        "no answer from the database within {}: the transfer {}",
+        "no answer from the database within {} ({})",
         crate::text::seconds(started.elapsed()),
-        crate::guard::WRITE_STALLS
+        crate::guard::COMMIT_STALLS
     )
 }
 
