@@ -501,6 +501,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim_start().starts_with('-') {
         return Err(format!("must not be negative, got {}", s.trim()));
     }
+    // humantime reads "M" as months and "m" as minutes: `--timeout 1M` was a month's deadline,
+    // where `30S` is refused (a helper playing a new user). Months and years are no deadline's
+    // unit here, so each is refused with what to write.
+    if let Some(unit) = calendar_unit(s) {
+        let means = match unit.starts_with('y') {
+            true => "years",
+            false => "months",
+        };
+        return Err(format!(
+            "'{unit}' means {means} here, got {}: write minutes as m or min, hours as h, days \
+             as d (as in 1m, 2min, 1h or 7d)",
+            s.trim()
+        ));
+    }
     // humantime's own words ("expected number at 0", its list of units "and few variations")
     // name its parser, not what to type (found by a helper playing a new user).
     let d = humantime::parse_duration(s).map_err(|_| {
@@ -510,6 +524,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("must be at most 366 days, got {}", s.trim()));
     }
     Ok(d)
+}
+
+/// The first unit of months or years in a duration, if any (humantime's `M`, `month(s)`, `y`,
+/// `year(s)`).
+fn calendar_unit(s: &str) -> Option<&str> {
+    s.split(|c: char| c.is_ascii_digit() || c.is_whitespace() || c == '.')
+        .find(|unit| matches!(*unit, "M" | "month" | "months" | "y" | "year" | "years"))
 }
 
 /// The first backoff: at least a millisecond. Nothing retried a refused connection in a tight
@@ -684,6 +705,20 @@ mod tests {
 
     /// A backoff of nothing retried a refused connection in a tight loop: 157,359 attempts in
     /// 2 s against a closed port (found by a reviewer).
+    #[test]
+    fn months_and_years_are_no_unit_of_a_deadline() {
+        for s in ["1M", "2 months", "1y", "1year", "1h 2M"] {
+            let e = parse_timeout(s).expect_err(s);
+            assert!(
+                e.contains("months here") || e.contains("years here"),
+                "{s}: {e}"
+            );
+        }
+        for (s, secs) in [("1m", 60), ("2min", 120), ("1h 30m", 5400), ("7d", 604_800)] {
+            assert_eq!(parse_timeout(s), Ok(Duration::from_secs(secs)), "{s}");
+        }
+    }
+
     #[test]
     fn the_first_backoff_is_at_least_a_millisecond() {
         let args = |base: &str| {
