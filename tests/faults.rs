@@ -5188,20 +5188,11 @@ fn a_link_dropped_silently_before_a_chunk_s_commit_is_not_applied() {
     }
 }
 
-/// Stops the process `pid` (SIGSTOP, waited for until it is stopped), lets the answer
-/// `close_after_reply_to` holds go with the end of its session, then lets the process go on: it
-/// finds both in its socket.
+/// Stops the process `pid` (SIGSTOP; `support::signal` waits until it is stopped), lets the
+/// answer `close_after_reply_to` holds go with the end of its session, then lets the process go
+/// on: it finds both in its socket.
 fn stop_then_release(pid: u32, proxy: &Proxy) {
     crate::support::signal(pid, "STOP");
-    let stat = format!("/proc/{pid}/stat");
-    let stopped = |s: &str| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('T'))
-    };
-    while !std::fs::read_to_string(&stat).is_ok_and(|s| stopped(&s)) {
-        thread::sleep(Duration::from_millis(5));
-    }
     proxy.release_reply();
     thread::sleep(Duration::from_millis(200));
     crate::support::signal(pid, "CONT");
