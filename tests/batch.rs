@@ -358,6 +358,39 @@ fn chunks_never_reorder_what_depends_on_order() {
     }
 }
 
+/// A payroll exported from a spreadsheet in Windows-1252 (Excel's "CSV" outside "CSV UTF-8"):
+/// its names with accents, in a column bank ignores, refused the whole file as "not UTF-8
+/// text". It applies; such a byte in one of bank's columns is one malformed line that names
+/// the column, and nothing is applied.
+#[test]
+fn a_windows_1252_payroll_applies_unless_bank_s_own_columns_are_not_text() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (a, b) = (ids[0], ids[1]);
+    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut payroll = b"id,from,to,amount,b\xe9n\xe9ficiaire\n".to_vec();
+    payroll.extend(format!("{x},{a},{b},30,").as_bytes());
+    payroll.extend(b"Ren\xe9e M\xfcller\n");
+    payroll.extend(format!("{y},{a},{b},20,Jos").as_bytes());
+    payroll.extend(b"\xe9\n");
+    let before = full_state(&db);
+    let mut bad = payroll.clone();
+    bad.extend(format!("{},{a},{b},", Uuid::new_v4()).as_bytes());
+    bad.extend(b"5\xa0,x\n");
+    let run = run_file(db.url.expose(), "payroll.csv", &bad, &[]);
+    run.fails_with(2, "line 4: not UTF-8 text in the amount column");
+    assert_eq!(full_state(&db), before, "nothing applied");
+
+    let run = run_file(db.url.expose(), "payroll.csv", &payroll, &[]);
+    run.success();
+    assert_eq!(
+        outcomes(&run),
+        [(2, "applied".to_string()), (3, "applied".to_string())],
+        "{run:?}"
+    );
+    assert_eq!((db.balance(a), db.balance(b)), (50, 50));
+}
+
 #[test]
 fn a_malformed_file_applies_nothing_and_names_the_line() {
     let db = ScratchDb::migrated();

@@ -1131,7 +1131,7 @@ pub fn fail_the_first_insert_into_accounts(db: &ScratchDb) {
 
 /// `bank transfer --file PATH --json` with extra arguments; the file is written to the run's
 /// own directory.
-pub fn run_file(url: &str, name: &str, text: &str, extra: &[&str]) -> Run {
+pub fn run_file(url: &str, name: &str, text: &(impl AsRef<[u8]> + ?Sized), extra: &[&str]) -> Run {
     let bank = Bank::new();
     let path = bank.dir.path().join(name);
     std::fs::write(&path, text).expect("write file");

@@ -16,6 +16,8 @@ pub(super) struct CsvLines<R: Read> {
     reader: csv::Reader<Newlines<R>>,
     columns: Result<[usize; 4], Option<Malformed>>,
     record: csv::StringRecord,
+    /// Fields per line: the header's.
+    width: usize,
     lines: Rc<RefCell<LineIndex>>,
 }
 
@@ -203,29 +205,32 @@ impl<R: Read> CsvLines<R> {
                 read: 0,
                 index: Rc::clone(&lines),
             });
-        let mut header = reader.headers().cloned();
+        // Read as bytes: a name that is not UTF-8 (Windows-1252's "bénéficiaire") is no name
+        // of bank's, and need not stop the file.
+        let mut header = reader.byte_headers().cloned().map(lossy);
         // A line of spaces is blank, before the header as after it; the csv crate skips only
         // empty lines before the header, and took it for the header ("no id column").
         let blank = |r: &csv::StringRecord| r.len() == 1 && r[0].is_empty();
         if header.as_ref().is_ok_and(blank) {
-            let mut record = csv::StringRecord::new();
+            let mut record = csv::ByteRecord::new();
             header = loop {
-                match reader.read_record(&mut record) {
-                    Ok(true) if blank(&record) => {
+                match reader.read_byte_record(&mut record) {
+                    Ok(true) if blank(&lossy(record.clone())) => {
                         // Not asked for, so its entry would stay (a line of U+3000, say).
                         lines.borrow_mut().line_at(reader.position().byte());
                         continue;
                     }
                     Ok(true) => {
-                        // The width every line is checked against.
-                        reader.set_headers(record.clone());
-                        break Ok(record);
+                        reader.set_byte_headers(record.clone());
+                        break Ok(lossy(record));
                     }
                     Ok(false) => break Ok(csv::StringRecord::new()),
                     Err(e) => break Err(e),
                 }
             };
         }
+        // The width every line is checked against.
+        let width = header.as_ref().map_or(0, csv::StringRecord::len);
         let end = reader.position().byte();
         let columns = match header {
             Err(e) => Err(Some(csv_error(&lines, &e))),
@@ -249,9 +254,21 @@ impl<R: Read> CsvLines<R> {
             reader,
             columns,
             record: csv::StringRecord::new(),
+            width,
             lines,
         }
     }
+}
+
+/// A record as text, a byte that is not UTF-8 shown as U+FFFD, trimmed as the csv crate trims
+/// a `StringRecord` (Unicode spaces too).
+fn lossy(record: csv::ByteRecord) -> csv::StringRecord {
+    let position = record.position().cloned();
+    let mut r = csv::StringRecord::from_byte_record_lossy(record);
+    // The lossy copy has none, and the header's line number comes from it.
+    r.set_position(position);
+    r.trim();
+    r
 }
 
 /// Where the header (on `line`) puts id, from, to and amount.
@@ -364,7 +381,20 @@ impl<R: Read> Iterator for CsvLines<R> {
             Err(e) => return e.take().map(Err),
         };
         loop {
-            match self.reader.read_record(&mut self.record) {
+            let mut bytes = std::mem::take(&mut self.record).into_byte_record();
+            let read = self.reader.read_byte_record(&mut bytes);
+            // Only bank's four columns need be text: another column's byte that is not UTF-8
+            // (a name from a Windows-1252 spreadsheet) is no concern of bank's.
+            let bytes = match csv::StringRecord::from_byte_record(bytes) {
+                Ok(mut text) => {
+                    // As `read_record` does: its trim takes Unicode spaces, the bytes' ASCII only.
+                    text.trim();
+                    self.record = text;
+                    None
+                }
+                Err(e) => Some(e.into_byte_record()),
+            };
+            match read {
                 Ok(false) => return None,
                 Err(e) => {
                     // An I/O error ends the file; a bad record is one malformed line.
@@ -377,38 +407,49 @@ impl<R: Read> Iterator for CsvLines<R> {
                 }
                 Ok(true) => {}
             }
-            let r = &self.record;
-            let start = r.position().map_or(0, csv::Position::byte);
+            // Not text: read as bytes, and only bank's four columns need be text.
+            let (position, len) = match &bytes {
+                Some(b) => (b.position().cloned(), b.len()),
+                None => (self.record.position().cloned(), self.record.len()),
+            };
+            let start = position.as_ref().map_or(0, csv::Position::byte);
             if let Some(m) = unclosed(&self.lines, start, self.reader.position().byte()) {
                 self.columns = Err(None);
                 return Some(Err(m));
             }
             // A blank line (or one of spaces); a line of empty fields is a transfer without id.
-            if r.len() == 1 && r[0].is_empty() {
+            if bytes.is_none() && len == 1 && self.record[0].is_empty() {
                 // Not asked for, so its entry would stay (a line of U+3000, say).
                 self.lines
                     .borrow_mut()
                     .line_at(self.reader.position().byte());
                 continue;
             }
-            let line = match r.position() {
+            let line = match position {
                 Some(p) => self.lines.borrow_mut().line_at(p.byte()),
                 None => self.lines.borrow().line,
             };
-            let width = self.reader.headers().map(|h| h.len()).unwrap_or_default();
-            if r.len() != width {
+            if len != self.width {
                 return Some(Err(malformed(
                     line,
-                    fields_where_the_header_has(r.len() as u64, width as u64),
+                    fields_where_the_header_has(len as u64, self.width as u64),
                 )));
             }
-            return Some(transfer(
-                line,
-                r.get(i),
-                r.get(f),
-                r.get(t),
-                amount_text(r.get(a)),
-            ));
+            let mut text = [None; 4];
+            for ((at, name), value) in [i, f, t, a].into_iter().zip(COLUMNS).zip(&mut text) {
+                *value = match &bytes {
+                    None => self.record.get(at),
+                    Some(b) => match b.get(at).map(std::str::from_utf8).transpose() {
+                        Ok(v) => v,
+                        Err(_) => {
+                            let why = format!("not UTF-8 text in the {name} column");
+                            return Some(Err(malformed(line, why)));
+                        }
+                    },
+                };
+            }
+            let [id, from, to, amount] = text;
+            return Some(transfer(line, id, from, to, amount_text(amount)));
         }
     }
 }

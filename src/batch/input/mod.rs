@@ -1069,7 +1069,39 @@ mod tests {
         .concat();
         let got: Vec<_> = read(&text[..], Format::Csv).collect();
         assert_eq!(got.len(), 3, "{got:?}");
-        assert_eq!(reason(&got[1]), (3, "not UTF-8 text".to_string()));
+        assert_eq!(
+            reason(&got[1]),
+            (3, "not UTF-8 text in the id column".to_string())
+        );
         assert_eq!(got[2].as_ref().map(|l| l.line), Ok(4));
+    }
+
+    /// A spreadsheet saved as "CSV" in Windows-1252 (Excel's default outside "CSV UTF-8"): a
+    /// payee's name with an accent in a column bank does not read refused the whole file ("not
+    /// UTF-8 text"), header included, though every value bank reads is ASCII (found by a helper
+    /// playing a new user). Only the columns bank reads must be UTF-8, and the line says which.
+    #[test]
+    fn bytes_that_are_not_utf8_matter_only_in_the_columns_bank_reads() {
+        let text = [
+            b"id,from,to,amount,b\xe9n\xe9ficiaire\n".as_slice(),
+            format!("{X},{A},{B},5,").as_bytes(),
+            b"Ren\xe9e M\xfcller\n",
+            format!("{X},{A},{B},").as_bytes(),
+            b"7\xa0,Ren\xe9e\n",
+            format!("{X},{A},{B},9,\u{3000}\n").as_bytes(),
+        ]
+        .concat();
+        let got: Vec<_> = read(&text[..], Format::Csv).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        let l = got[0].as_ref().expect("the name column is not bank's");
+        assert_eq!((l.line, l.transfer.amount), (2, 5));
+        assert_eq!(
+            reason(&got[1]),
+            (3, "not UTF-8 text in the amount column".to_string())
+        );
+        assert_eq!(
+            got[2].as_ref().map(|l| (l.line, l.transfer.amount)),
+            Ok((4, 9))
+        );
     }
 }
