@@ -182,10 +182,15 @@ ORDER BY l.id";
 /// replayed in commit order). SERIALIZABLE stays wherever the server allows it: a primary, and
 /// CockroachDB, whose transactions are all serializable and which never gives this refusal.
 pub fn verify(conn: &mut PgConnection) -> QueryResult<Report> {
+    // NOT DEFERRABLE: a role's or database's `default_transaction_deferrable = on` made this
+    // snapshot wait for every serializable read-write transaction open on the server (another
+    // application's, a client paused mid-transfer) to end, and `verify` ended at its deadline.
+    // One snapshot of whole transfers is all it needs (above). CockroachDB takes it as a no-op.
     match conn
         .build_transaction()
         .read_only()
         .serializable()
+        .not_deferrable()
         .run(check)
     {
         Err(e) if crate::db::refuses_serializable(&e) => conn

@@ -422,6 +422,17 @@ fn a_malformed_file_applies_nothing_and_names_the_line() {
             format!("from,to,amount\n{a},{b},5\n"),
             "line 1: no id column",
         ),
+        // The names as read, where the header seemed to name the column: a spreadsheet's
+        // separator line, and quotes after a space, which stay part of the name (found by a
+        // helper playing a new user: "no id column" and "no from column", nothing shown).
+        (
+            format!("sep=,\r\nid,from,to,amount\r\n{good}"),
+            "line 1: no id column (the header names 'sep=' and ''):",
+        ),
+        (
+            format!("id, \"from\",to,amount\n{good}"),
+            "line 1: no from column (the header names 'id', '\"from\"', 'to' and 'amount'):",
+        ),
         (
             format!("id,from,to,amount\n{good}{},{a},{b}\n", Uuid::new_v4()),
             "line 3: 3 fields where the header has 4",

@@ -709,6 +709,30 @@ fn verify_checks_a_ledger_with_a_time_in_the_future() {
     assert_eq!(run.json()["transfers"], 5);
 }
 
+/// A role's or database's `default_transaction_deferrable = on` (a DBA's setting for reporting
+/// sessions) made `verify`'s SERIALIZABLE READ ONLY snapshot DEFERRABLE: it waited for every
+/// serializable read-write transaction open on the server to end, another application's on
+/// its own table or a client paused mid-transfer, and `verify` (and a workload's final check)
+/// ended at its `--timeout` with "no answer from the database" (found by a helper playing a new
+/// user). `verify` asks for NOT DEFERRABLE; one snapshot of whole transfers is all it needs.
+#[test]
+fn verify_does_not_wait_for_a_safe_snapshot_under_a_deferrable_default() {
+    let db = ScratchDb::migrated();
+    five_transfers(&db);
+    db.alter("default_transaction_deferrable = on");
+    let mut other = db.conn();
+    other
+        .batch_execute(
+            "CREATE TABLE other_app (x INT); \
+             BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO other_app VALUES (1)",
+        )
+        .expect("another application's open transaction");
+    let run = db.bank().args(["verify", "--timeout", "3s"]).run();
+    run.success();
+    assert!(run.stdout.ends_with("verify: ok\n"), "{run:?}");
+    other.batch_execute("ROLLBACK").expect("rollback");
+}
+
 /// `verify --json` lists at most 20 violations; it says whether there are more
 /// (`violations_truncated`): with 30 broken chains it listed 20 and nothing said so (found by a
 /// helper playing a new user).

@@ -323,8 +323,11 @@ fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], M
         .filter(|f| escaped(f) != *f)
         .map(|f| format!("'{}'", shown(f)))
         .collect();
+    // Otherwise the names as read: a line the user took for no header at all (a spreadsheet's
+    // `sep=,` line) or a name that only looks right (` "from"`: quotes after a space stay part of
+    // the name) got "no id column" about a file whose header seemed to name it.
     let hidden = match hidden.is_empty() {
-        true => String::new(),
+        true => format!(" (the header names {})", header_names(header)),
         false => format!(
             " (the header's {} {} characters that show as nothing)",
             hidden.join(", "),
@@ -354,6 +357,24 @@ fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], M
             missing.join(", no ")
         ),
     ))
+}
+
+/// The header's first names as a message shows them: `'sep=' and ''`, at most six, each quoted.
+fn header_names(header: &csv::StringRecord) -> String {
+    const MAX: usize = 6;
+    let mut names: Vec<String> = header
+        .iter()
+        .take(MAX)
+        .map(|f| format!("'{}'", shown(f)))
+        .collect();
+    if header.len() > MAX {
+        names.push(format!("{} more", header.len() - MAX));
+    }
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        Some((last, _)) => last.clone(),
+        None => "nothing".to_string(),
+    }
 }
 
 fn csv_error(lines: &RefCell<LineIndex>, e: &csv::Error) -> Malformed {
