@@ -456,6 +456,9 @@ pub fn retry_counted_unless<T, E>(
     let deadline = Instant::now().checked_add(policy.timeout);
     let mut rng = rand::rng();
     let mut attempts = 0;
+    // Free ones included: a deadline reached after one attempt whose idle connection had died
+    // (a process paused past the server's idle timeout) said "0 attempts" of a run that made one.
+    let mut made = 0;
     let mut last = String::from("none");
     let mut last_cause = None;
     // The cause of the failure the next attempt retries.
@@ -463,7 +466,7 @@ pub fn retry_counted_unless<T, E>(
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Stop::Exhausted {
-                attempts,
+                attempts: made,
                 last,
                 cause: last_cause,
                 timed_out: true,
@@ -476,6 +479,7 @@ pub fn retry_counted_unless<T, E>(
             }
         }
         attempts += 1;
+        made += 1;
         let (cause, message, free) = match attempt(attempts) {
             Attempt::Done(value) => return Ok(value),
             Attempt::Fail(e) => return Err(Stop::Failed(e)),
@@ -1007,6 +1011,36 @@ pub(crate) mod tests {
         ));
         // Three retries made (the free one and two); the third failure is not retried.
         assert_eq!((counts.connection_lost, counts.serialization), (1, 2));
+    }
+
+    /// Out of time after free retries alone, the attempts made are counted: "timed out after
+    /// 35.9s (0 attempts)" was said of a file whose one attempt found its connection ended while
+    /// the process was paused (found by a helper playing a new user).
+    #[test]
+    fn a_deadline_counts_the_free_attempts_made() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            timeout: Duration::from_millis(30),
+            ..RetryPolicy::default()
+        };
+        let result: Result<(), Stop<()>> = retry(&policy, &mut RetryCounts::default(), |_| {
+            std::thread::sleep(Duration::from_millis(40));
+            Attempt::RetryNow {
+                cause: Cause::ConnectionLost,
+                message: "idle connection died".into(),
+            }
+        });
+        assert!(
+            matches!(
+                result,
+                Err(Stop::Exhausted {
+                    attempts: 1,
+                    timed_out: true,
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
     }
 
     #[test]
