@@ -63,6 +63,47 @@ struct JsonTransfer {
     /// As written, so that a message quotes it as the file has it (serde_json's number would
     /// print 5e2 as 500.0).
     amount: Option<Box<serde_json::value::RawValue>>,
+    /// Which of id, from, to and amount were given as keys (null or not).
+    given: [bool; 4],
+    /// The object's keys as written, the first `KEYS_SHOWN` of them, and how many in all.
+    keys: (Vec<String>, usize),
+}
+
+/// Keys a message shows of an object that lacks one of bank's.
+const KEYS_SHOWN: usize = 6;
+
+impl JsonTransfer {
+    /// " (the object's keys are 'source', 'to' and 'amount')" when `reason` is a missing key
+    /// of bank's that the object does not have at all: "no from" alone about
+    /// `{"source": …}` or `{"transfer": {…}}` left the user to guess (found by a helper playing
+    /// a new user), as a CSV header missing a column shows its names.
+    fn keys_if_missing(&self, reason: &str) -> String {
+        let missing = COLUMNS.iter().zip(self.given).any(|(name, given)| {
+            !given
+                && reason
+                    .strip_prefix("no ")
+                    .and_then(|r| r.strip_prefix(name))
+                    .is_some_and(|r| r.is_empty() || r.starts_with(':'))
+        });
+        if !missing {
+            return String::new();
+        }
+        let (shown_keys, all) = &self.keys;
+        let mut names: Vec<String> = shown_keys
+            .iter()
+            .map(|k| format!("'{}'", shown(k)))
+            .collect();
+        if *all > names.len() {
+            names.push(format!("{} more", all - names.len()));
+        }
+        match names.split_last() {
+            None => " (the object has no keys)".to_string(),
+            Some((last, [])) => format!(" (the object's only key is {last})"),
+            Some((last, rest)) => {
+                format!(" (the object's keys are {} and {last})", rest.join(", "))
+            }
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for JsonTransfer {
@@ -85,6 +126,10 @@ impl<'de> serde::de::Visitor<'de> for JsonTransferVisitor {
         // Which keys were given, null ones included: {"id": null, "ID": "…"} names id twice too.
         let mut seen = [false; 4];
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if t.keys.0.len() < KEYS_SHOWN {
+                t.keys.0.push(key.to_string());
+            }
+            t.keys.1 += 1;
             // As a CSV header's names: in any case, spaces around them aside.
             let Some(at) = COLUMNS
                 .iter()
@@ -107,6 +152,7 @@ impl<'de> serde::de::Visitor<'de> for JsonTransferVisitor {
                 _ => t.amount = map.next_value()?,
             }
         }
+        t.given = seen;
         Ok(t)
     }
 }
@@ -241,7 +287,11 @@ impl<R: BufRead> Iterator for JsonLines<R> {
                     j.from.as_deref(),
                     j.to.as_deref(),
                     amount_json(j.amount.as_deref()),
-                ),
+                )
+                .map_err(|mut m| {
+                    m.reason += &j.keys_if_missing(&m.reason);
+                    m
+                }),
             });
         }
     }

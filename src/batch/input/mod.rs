@@ -1076,6 +1076,33 @@ mod tests {
         assert_eq!(got[2].as_ref().map(|l| l.line), Ok(4));
     }
 
+    /// A JSON Lines object missing one of bank's keys shows the keys it has, as a CSV header
+    /// missing a column shows its names; a key given as null is no missing key.
+    #[test]
+    fn a_json_object_missing_a_key_shows_the_keys_it_has() {
+        let text = format!(
+            "{{\"id\":\"{X}\",\"source\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}\n\
+             {{\"transfer\":{{\"id\":\"{X}\"}}}}\n\
+             {{\"id\":\"{X}\",\"from\":null,\"to\":\"{B}\",\"amount\":5}}\n"
+        );
+        let got: Vec<_> = read(text.as_bytes(), Format::Jsonl).collect();
+        assert_eq!(
+            reason(&got[0]),
+            (
+                1,
+                "no from (the object's keys are 'id', 'source', 'to' and 'amount')".to_string()
+            )
+        );
+        let (line, why) = reason(&got[1]);
+        assert_eq!(line, 2);
+        assert!(
+            why.starts_with("no id: every transfer")
+                && why.ends_with(" once (the object's only key is 'transfer')"),
+            "{why}"
+        );
+        assert_eq!(reason(&got[2]), (3, "no from".to_string()));
+    }
+
     /// A spreadsheet saved as "CSV" in Windows-1252 (Excel's default outside "CSV UTF-8"): a
     /// payee's name with an accent in a column bank does not read refused the whole file ("not
     /// UTF-8 text"), header included, though every value bank reads is ASCII (found by a helper
