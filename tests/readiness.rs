@@ -1372,6 +1372,34 @@ fn doctor_on_an_empty_database_says_it_is_not_migrated_and_changes_nothing() {
     assert!(tables.is_empty(), "{tables:?}");
 }
 
+/// A role that may not create tables where `init` would build (PostgreSQL 15's `public` for any
+/// role but the database's owner): doctor said "run `bank init`", which then failed for want of
+/// that right (found by a helper playing a new user). It says which right is missing.
+#[test]
+fn doctor_does_not_send_a_role_that_may_not_create_tables_to_init() {
+    let db = ScratchDb::empty();
+    let (_, url) = db.role("LOGIN", "");
+    let as_role = |args: &[&str]| Bank::new().args(["--database-url", &url]).args(args).run();
+    let doctor = as_role(&["doctor"]);
+    doctor.success();
+    assert!(
+        doctor.stdout.contains(
+            "schema: not migrated (run `bank init` as a role that may create tables in schema \
+             public: this one may not)"
+        ),
+        "{doctor:?}"
+    );
+    as_role(&["init"]).fails_with(1, "permission denied");
+    let owner = db.bank().args(["doctor"]).run();
+    assert!(
+        owner
+            .stdout
+            .contains("schema: not migrated (run `bank init`)\n"),
+        "{owner:?}"
+    );
+    assert!(public_tables(&db).is_empty());
+}
+
 /// A search_path that names no schema but the session's temporary one (`nowhere,pg_temp`):
 /// `init` created every table as a temporary table, said "applied migration" eight times and
 /// exited 0, and the tables vanished when it disconnected, so every command then said "run

@@ -332,7 +332,14 @@ pub(super) fn doctor(
              (another application's?); give bank a database or schema of its own",
             report.init_blocked_by.join(", ")
         )?,
-        (None, _) => writeln!(out, "schema: not migrated (run `bank init`)")?,
+        (None, _) => match create_denied(&mut conn) {
+            Some(schema) => writeln!(
+                out,
+                "schema: not migrated (run `bank init` as a role that may create tables in \
+                 schema {schema}: this one may not)"
+            )?,
+            None => writeln!(out, "schema: not migrated (run `bank init`)")?,
+        },
         (Some(_), true) if !report.unknown_migrations.is_empty() => writeln!(
             out,
             "schema: migrated by a newer bank (migrations not known to this one: {})",
@@ -487,6 +494,34 @@ fn missing_privileges(conn: &mut PgConnection) -> Option<Vec<(String, &'static s
 /// A server setting of this session, or `None` when the server does not have it.
 fn setting(conn: &mut PgConnection, name: &str) -> Option<String> {
     repo::setting(conn, name).ok().flatten()
+}
+
+/// The schema `bank init` would build in, when this role may not create tables there: on
+/// PostgreSQL 15 and later a role that does not own the database gets no CREATE on `public`,
+/// and doctor advised an `init` that then failed (found by a helper playing a new user). `None`
+/// when it may, or when the server cannot say.
+fn create_denied(conn: &mut PgConnection) -> Option<String> {
+    #[derive(QueryableByName)]
+    struct Right {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        schema: Option<String>,
+        #[diesel(sql_type = diesel::sql_types::Nullable<Bool>)]
+        may: Option<bool>,
+    }
+    let right: Right = diesel::sql_query(
+        "SELECT current_schema() AS schema, \
+         has_schema_privilege(current_schema(), 'CREATE') AS may",
+    )
+    .get_result(conn)
+    .map_err(|e| log::debug!("doctor: whether this role may create tables is not known ({e})"))
+    .ok()?;
+    match right {
+        Right {
+            schema: Some(schema),
+            may: Some(false),
+        } => Some(schema),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
