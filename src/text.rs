@@ -156,7 +156,7 @@ fn invisible(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{one_line, seconds};
+    use super::{counted, escaped, for_terminal, one_line, seconds, shown, was_or_were};
     use std::time::Duration;
 
     #[test]
@@ -181,5 +181,47 @@ mod tests {
             "no connection to the server, so the seed stopped"
         );
         assert_eq!(one_line("a:\n  b   c"), "a: b c");
+    }
+
+    // Tests from a fourth mutation round (each fails on its mutant, passes here): no unit test
+    // held these, which every stderr line and every quoted value goes through.
+
+    /// Every stderr line: a password hidden, control characters escaped on each line, the
+    /// line breaks kept.
+    #[test]
+    fn a_terminal_line_hides_passwords_and_escapes_control_characters() {
+        let line = for_terminal("cannot connect to postgres://u:Sekr3t@h/db\n\u{1b}[31mred");
+        assert_eq!(
+            line,
+            "cannot connect to postgres://u:***@h/db\n\\u{1b}[31mred"
+        );
+    }
+
+    /// A value quoted in a reason: its password hidden before it is cut, at 40 characters,
+    /// with "…" only when something was cut; a soft hyphen, which shows as nothing, escaped.
+    #[test]
+    fn a_value_shown_is_cut_at_40_characters_its_password_hidden() {
+        let quoted = shown("postgres://u:Sekr3t@h/db");
+        assert!(!quoted.contains("Sekr3t"), "{quoted}");
+        assert_eq!(shown(&"x".repeat(40)), "x".repeat(40));
+        assert_eq!(shown(&"x".repeat(41)), format!("{}…", "x".repeat(40)));
+        assert_eq!(escaped("a\u{ad}b"), "a\\u{ad}b");
+    }
+
+    #[test]
+    fn none_is_plural() {
+        assert_eq!(counted(0u64, "transfer"), "0 transfers");
+        assert_eq!(counted(1u64, "transfer"), "1 transfer");
+        assert_eq!(was_or_were(0), "were");
+        assert_eq!(was_or_were(1), "was");
+    }
+
+    /// A line that starts with any closing punctuation is glued to the one before; blank lines
+    /// are dropped, not joined as empty sentences.
+    #[test]
+    fn closing_punctuation_is_glued_and_blank_lines_dropped() {
+        assert_eq!(one_line("stopped\n. Run it again"), "stopped. Run it again");
+        assert_eq!(one_line("(a lock\n)"), "(a lock)");
+        assert_eq!(one_line("a\n\n  \nb"), "a; b");
     }
 }

@@ -541,6 +541,21 @@ fn verify_reports_violation(db: &ScratchDb, edit: &str) -> serde_json::Value {
     ] {
         assert!(j[field].is_number(), "{edit}: {field}: {j}");
     }
+    // The text lists each account the JSON lists, a broken chain said as such (no test read
+    // the text's list: dropping ", chain broken" passed; a fourth mutation round).
+    for v in j["violations"].as_array().expect("violations") {
+        let id = v["id"].as_str().expect("id");
+        let line = text
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("  account {id}: ")));
+        let line = line.unwrap_or_else(|| panic!("{edit}: {id} not listed: {text:?}"));
+        assert_eq!(
+            line.ends_with(", chain broken"),
+            v["chain_ok"] == false,
+            "{edit}: {line}"
+        );
+    }
     j
 }
 
@@ -1098,4 +1113,65 @@ fn reads_by_a_role_granted_bank_s_columns_alone_work() {
         assert_eq!(run.code, 0, "{iso:?}: {run:?}");
         assert!(run.stdout.contains("verify: ok"), "{iso:?}: {run:?}");
     }
+}
+
+/// Tests from a fourth mutation round (each fails on its mutant, passes here): `lookup`'s text
+/// gives each side its own version (the tests' transfers were all between two accounts, whose
+/// versions are equal, so the to-side's showing the from-side's passed), and `history`'s text
+/// says which way each entry's money went and keeps its header when a page is empty.
+#[test]
+fn lookup_and_history_text_name_each_side_s_own_figures() {
+    let db = ScratchDb::migrated();
+    let [a, b, c] = db.accounts(&[1000, 0, 0])[..] else {
+        panic!("three accounts")
+    };
+    let first = Uuid::new_v4();
+    let second = Uuid::new_v4();
+    for (id, to, amount) in [(first, b, 100), (second, c, 30)] {
+        db.transfer(a, to, amount)
+            .args(["--id", &id.to_string()])
+            .run()
+            .success();
+    }
+    // a's version 2, c's version 1.
+    let text = db.bank().args(["lookup", &second.to_string()]).run();
+    text.success();
+    let lines: Vec<&str> = text.stdout.lines().collect();
+    assert_eq!(
+        lines[1..],
+        [
+            format!("  from {a}: balance after 870 (version 2)"),
+            format!("  to   {c}: balance after 30 (version 1)"),
+        ],
+        "{text:?}"
+    );
+    let text = db.bank().args(["history", &a.to_string()]).run();
+    text.success();
+    assert!(
+        text.stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with(&format!("transfer {second} to {c}"))),
+        "{text:?}"
+    );
+    let theirs = db.bank().args(["history", &c.to_string()]).run();
+    theirs.success();
+    assert!(
+        theirs
+            .stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with(&format!("transfer {second} from {a}"))),
+        "{theirs:?}"
+    );
+    // A page with nothing in it still says whose history it is.
+    let empty = db
+        .bank()
+        .args(["history", &a.to_string(), "--before", "0"])
+        .run();
+    empty.success();
+    assert_eq!(
+        empty.stdout,
+        format!("history of account {a} (newest first):\n")
+    );
 }

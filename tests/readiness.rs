@@ -2389,3 +2389,34 @@ fn a_seed_refused_after_a_chunk_committed_lists_the_created_accounts_as_json() {
     assert_eq!(listed, Some(created as usize), "{}", run.stderr);
     assert!(created > 0, "{}", run.stderr);
 }
+
+/// Test from a fourth mutation round (fails on each of its two mutants, passes here): every
+/// later connection of a run keeps what its first found, not the first alone. The tests of it
+/// ran a file on one connection, or read the setting on the first: a later connection (a
+/// reconnect, a file's next window, a workload's worker) that set no search_path took the
+/// ledger to a schema named after the role made mid-run, and one that set no `lc_messages` had
+/// the server's words in the database's language, which bank's retries cannot read.
+#[test]
+fn later_connections_keep_what_the_first_found() {
+    let db = ScratchDb::empty();
+    db.alter("lc_messages = 'C.utf8'");
+    bank::db::run_migrations(&mut db.conn()).expect("migrations run");
+    let text = |conn: &mut diesel::PgConnection, sql: &str| -> String {
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(sql))
+            .get_result(conn)
+            .expect(sql)
+    };
+    let user = text(&mut db.conn(), "CAST(current_user AS TEXT)");
+    db.conn()
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{user}\"; \
+             CREATE TABLE \"{user}\".transfers (LIKE public.transfers INCLUDING ALL)"
+        ))
+        .expect("a schema named after the role");
+    let mut later = db.conn();
+    assert_eq!(
+        text(&mut later, "CAST(current_schemas(false) AS TEXT)"),
+        "{public}"
+    );
+    assert_eq!(text(&mut later, "current_setting('lc_messages')"), "C");
+}

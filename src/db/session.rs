@@ -61,9 +61,12 @@ impl DbUrl {
         bank_defaults(application_name, timeout)
             .into_iter()
             .map(|(name, default)| {
-                let set = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+                // The key as `connect_string` reads it (percent-decoded, as libpq does): an
+                // encoded one was reported as bank's default, which the URL's own replaced.
+                let set = query.split('&').find_map(|kv| {
+                    let (key, value) = kv.split_once('=')?;
+                    super::url::key_is(key, name).then_some(value)
+                });
                 let from_env = (name == "application_name" && appname_set())
                     .then(|| std::env::var("PGAPPNAME").ok())
                     .flatten();
@@ -812,6 +815,37 @@ mod tests {
         assert!(!s.contains("&connect_timeout=3"), "{s}");
     }
 
+    /// What `doctor` reports of bank's parameters is what the connection uses: the URL's own
+    /// `connect%5Ftimeout=7` (libpq decodes keys, and `connect_string` keeps it) was reported as
+    /// bank's 3 (found by a mutation-testing helper; a real defect, fixed with this test).
+    #[test]
+    fn the_parameters_doctor_reports_are_those_the_connection_uses() {
+        let url = DbUrl::parse("postgres://u:pw@db/bank?connect%5Ftimeout=7&keepalives_idle=9")
+            .expect("ok");
+        let reported = url.client_parameters("bank", Duration::from_secs(3));
+        let value = |name: &str| {
+            reported
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            value("connect_timeout").as_deref(),
+            Some("7"),
+            "{reported:?}"
+        );
+        assert_eq!(
+            value("keepalives_idle").as_deref(),
+            Some("9"),
+            "{reported:?}"
+        );
+        assert_eq!(
+            value("keepalives_interval").as_deref(),
+            Some("1"),
+            "{reported:?}"
+        );
+    }
+
     #[test]
     fn a_timeout_of_a_year_still_makes_a_connection_string_libpq_takes() {
         // libpq reads tcp_user_timeout as a C int of milliseconds: `--timeout 1y` made
@@ -826,6 +860,51 @@ mod tests {
                 .and_then(|v| v.parse::<i64>().ok());
             assert_eq!(ms, Some(i64::from(i32::MAX)), "{s}");
         }
+    }
+
+    /// Tests from a fourth mutation round (each fails on its mutant, passes here).
+    ///
+    /// bank's own parameters, scaled to the deadline as the README says: a connect timeout of
+    /// 5 s at most, keepalives idle a third of it (30 s at most), probes a sixth (10 s at
+    /// most), `tcp_user_timeout` the deadline itself. No test held the caps: a connect timeout
+    /// of the whole 30 s deadline, or keepalives idle for minutes, passed.
+    #[test]
+    fn bank_s_parameters_follow_the_deadline_within_their_caps() {
+        let url = DbUrl::parse("postgres://u:pw@db/bank").expect("ok");
+        for (secs, expected) in [
+            (
+                30,
+                "connect_timeout=5&application_name=bank&keepalives=1&keepalives_idle=10&\
+                 keepalives_interval=5&keepalives_count=3&tcp_user_timeout=30000",
+            ),
+            (
+                3600,
+                "connect_timeout=5&application_name=bank&keepalives=1&keepalives_idle=30&\
+                 keepalives_interval=10&keepalives_count=3&tcp_user_timeout=3600000",
+            ),
+        ] {
+            let s = url.connect_string("bank", Duration::from_secs(secs));
+            assert_eq!(s, format!("postgres://u:pw@db/bank?{expected}"), "{secs}s");
+        }
+    }
+
+    /// A login lost after it was made (`lost_after_login`) is tried again only when the
+    /// refusal is one another attempt may not meet: a password refused is said at once, not
+    /// tried again until the deadline.
+    #[test]
+    fn a_permanent_refusal_after_a_lost_login_is_said_at_once() {
+        let refusal = crate::error::Error::Connect(ConnectError {
+            url: "postgres://bank:***@db/bank".into(),
+            message: "FATAL: password authentication failed for user \"teller\"".into(),
+            lost_after_login: true,
+        });
+        let started = std::time::Instant::now();
+        let said = Reconnecting::new(Duration::from_secs(600)).after(refusal, true);
+        assert!(
+            matches!(said, Err(crate::error::Error::Connect(_))),
+            "{said:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     fn refused(message: &str) -> crate::error::Error {

@@ -595,10 +595,15 @@ fn password_pieces(query: &str) -> Vec<&str> {
 /// (which bank's own then overrode).
 pub(crate) fn query_sets(url: &str, name: &str) -> bool {
     url.split_once('?').is_some_and(|(_, query)| {
-        query.split('&').any(|pair| {
-            percent_decoded(pair.split('=').next().unwrap_or_default()).eq_ignore_ascii_case(name)
-        })
+        query
+            .split('&')
+            .any(|pair| key_is(pair.split('=').next().unwrap_or_default(), name))
     })
+}
+
+/// Whether a query's key, as written, is the connection parameter `name` (see `query_sets`).
+pub(crate) fn key_is(key: &str, name: &str) -> bool {
+    percent_decoded(key).eq_ignore_ascii_case(name)
 }
 
 /// `s` with each `%XX` decoded, as libpq decodes every part of a URL, keys included (a '+'
@@ -1490,5 +1495,92 @@ mod tests {
             url.redact_text("password authentication failed"),
             "password authentication failed"
         );
+    }
+
+    // Tests from a fourth mutation round (each fails on its mutant, passes here).
+
+    /// A `user=name:secret` parameter of a URL with a host (the url crate's to show) hides the
+    /// part after the colon, as the hostless form does: not hiding it passed every test.
+    #[test]
+    fn a_password_typed_in_a_user_parameter_is_hidden_in_a_url_with_a_host() {
+        let raw = "postgres://db/bank?user=weird:S3cr3t";
+        let text = shown(raw);
+        assert!(!text.contains("S3cr3t"), "{text}");
+        assert!(text.contains("user=weird"), "{text}");
+    }
+
+    /// Password pieces libpq would read as a query's keys (a '/' before the '@', so libpq finds
+    /// no userinfo) are refused and not shown: accepted, the URL went to libpq, whose refusal of
+    /// the key "SEKa" was shown with the URL whole. And a password with '/' then '?', no '=':
+    /// its tail "ss?x" was shown.
+    #[test]
+    fn password_pieces_libpq_would_take_for_a_query_are_refused_unshown() {
+        for (raw, pieces) in [
+            (
+                "postgres://weird:?SEKa=SEKb/SEKc@host/bank",
+                &["SEKa", "SEKb", "SEKc"][..],
+            ),
+            ("postgres://bank:pa/ss?x@host/bank", &["ss?x"][..]),
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            let e = e.unwrap_or_else(|| panic!("{raw} accepted"));
+            assert!(e.contains("percent-encoded"), "{raw}: {e}");
+            for piece in pieces {
+                assert!(!e.contains(piece), "{raw}: {e}");
+            }
+        }
+    }
+
+    /// A tab or a line end inside a URL is refused, as a space is: the url crate drops them
+    /// silently, so bank would show one URL and libpq connect with another.
+    #[test]
+    fn a_tab_or_line_end_inside_a_url_is_refused() {
+        for raw in [
+            "postgres://bank:pw@db/ba\tnk",
+            "postgres://bank:p\nw@db/bank",
+        ] {
+            let e = DbUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("whitespace")),
+                "{raw:?}: {e:?}"
+            );
+        }
+    }
+
+    /// A password key with its '=' left out and the rest percent-encoded
+    /// (`pass%77ordSEK%52ET`): libpq's refusal quotes the key as written, whose encoded tail
+    /// must be hidden too (only the decoded "SEKRET" was).
+    #[test]
+    fn a_password_key_without_its_equals_sign_is_hidden_as_written() {
+        let url = DbUrl::parse("postgres://u@h/db?pass%77ordSEK%52ET").expect("valid");
+        let said = url.redact_text("invalid URI query parameter: \"pass%77ordSEK%52ET\"");
+        assert!(!said.contains("SEK%52ET"), "{said}");
+        assert!(!said.contains("SEKRET"), "{said}");
+    }
+
+    /// A parameter the URL sets in another case or percent-encoded is still the URL's own:
+    /// bank's own `connect_timeout` appended after `connect%5Ftimeout=60` overrode the user's.
+    #[test]
+    fn a_parameter_is_found_whatever_its_case_or_encoding() {
+        assert!(query_sets(
+            "postgres://h/db?connect%5Ftimeout=60",
+            "connect_timeout"
+        ));
+        assert!(query_sets("postgres://h/db?SSLMODE=require", "sslmode"));
+        assert!(!query_sets(
+            "postgres://h/db?sslmode=require",
+            "connect_timeout"
+        ));
+    }
+
+    /// A password holding a blank whose first word ends in ':' is no whole URL followed by a
+    /// message ("postgres://db:5432: FATAL"): "postgres://u:Sekr:" has no port, so the URL goes
+    /// on to the word with the '@', and the password is hidden whole.
+    #[test]
+    fn a_password_word_ending_in_a_colon_is_not_taken_for_a_url_s_end() {
+        let line = redact_message("bank: unexpected argument postgres://u:Sekr: et@h/db found");
+        assert!(!line.contains("et@h"), "{line}");
+        assert!(!line.contains("Sekr"), "{line}");
+        assert!(line.contains("@h/db found"), "{line}");
     }
 }

@@ -1028,6 +1028,8 @@ mod tests {
         let report = Report::new(run, tally, Ok(healthy()));
         assert!(report.invariants.all(), "{report:?}");
         assert!(!report.ok, "{report:?}");
+        // What the run's verdict names (an invariant violated, not errors).
+        assert!(!report.invariants_hold(), "{report:?}");
         assert!(report.to_string().contains("workload: FAILED"));
     }
 
@@ -1046,10 +1048,25 @@ mod tests {
             t.errors = 6;
             t.reconnects = 7;
             t.never_connected = 1;
+            t.refused_at_first = 1;
+            t.given_up_ids = vec![uuid::Uuid::from_u128(1)];
+            t.unknown_ids = vec![uuid::Uuid::from_u128(2)];
+            t.refused_ids = vec![uuid::Uuid::from_u128(3)];
             t
         };
         let mut sum = one();
         sum += &one();
+        // The ids the final check asks about, each worker's (a refused id left out let a
+        // refusal that committed pass), and the workers refused at first.
+        assert_eq!(
+            (
+                sum.refused_at_first,
+                sum.given_up_ids.len(),
+                sum.unknown_ids.len(),
+                sum.refused_ids.len()
+            ),
+            (2, 2, 2, 2)
+        );
         assert_eq!(
             (
                 sum.committed,
@@ -1063,5 +1080,105 @@ mod tests {
             ),
             (2, 4, 6, 8, 10, 12, 14, 2)
         );
+    }
+
+    // Tests from a fourth mutation round (each fails on its mutant, passes here).
+
+    /// With `--reuse-accounts`, what other clients moved into the run's accounts is part of the
+    /// expected total: the run holds what it started with plus that, and a total that ignores
+    /// it is money lost (or a sound bank called broken), the number named being the expected one.
+    #[test]
+    fn the_total_expected_counts_what_other_clients_moved() {
+        let judged = |total: i128| {
+            let mut tally = Tally::new().expect("tally");
+            tally.committed = 5;
+            let run = Run {
+                reuse_accounts: true,
+                ..run()
+            };
+            let check = FinalCheck {
+                total,
+                moved_by_others: 300,
+                others_rows: 1,
+                ..healthy()
+            };
+            Report::new(run, tally, Ok(check))
+        };
+        let whole = judged(10_300);
+        assert!(whole.ok, "{whole:?}");
+        let lost = judged(10_000);
+        assert!(!lost.ok, "{lost:?}");
+        assert_eq!(lost.invariants.total_conserved, Some(false));
+        assert!(
+            lost.violations()
+                .contains("hold 10000 where the ledger explains 10300"),
+            "{}",
+            lost.violations()
+        );
+    }
+
+    /// A transfer reported committed that the ledger lacks fails the run when the ids of the
+    /// given-up ones are not all known too (a count without ids: the bound alone judges): the
+    /// lower bound dropped passed every test, whose counts all came with their ids.
+    #[test]
+    fn a_committed_transfer_missing_from_the_ledger_fails_the_run_without_ids() {
+        let mut tally = Tally::new().expect("tally");
+        tally.committed = 5;
+        tally.given_up = 1;
+        let check = FinalCheck {
+            ledger_rows: 4,
+            ..healthy()
+        };
+        let r = Report::new(run(), tally, Ok(check));
+        assert!(!r.ids_known, "{r:?}");
+        assert!(!r.ok, "{r:?}");
+        assert_eq!(r.invariants.ledger_matches_committed, Some(false));
+        assert!(
+            r.violations().contains("the ledger holds 4"),
+            "{}",
+            r.violations()
+        );
+    }
+
+    /// Errors, and readers none of whose reads finished, fail a run whose ledger is whole; and a
+    /// run without readers never "never read".
+    #[test]
+    fn errors_or_readers_that_never_read_fail_a_whole_run() {
+        let mut tally = Tally::new().expect("tally");
+        tally.committed = 5;
+        tally.errors = 1;
+        let r = Report::new(run(), tally, Ok(healthy()));
+        assert!(r.invariants_hold(), "{r:?}");
+        assert!(!r.ok, "{r:?}");
+        assert!(!r.readers_never_read(), "no readers were asked for");
+        let mut tally = Tally::new().expect("tally");
+        tally.committed = 5;
+        let idle = Run {
+            readers: 2,
+            reads: 0,
+            ..run()
+        };
+        let r = Report::new(idle, tally, Ok(healthy()));
+        assert!(!r.ok, "{r:?}");
+        assert!(r.readers_never_read(), "{r:?}");
+    }
+
+    /// Throughput over a run shorter than a second is per second still (a 0.5 s run of 100
+    /// transfers is 200/s), and the latency's max is the slowest transfer, not a quantile.
+    #[test]
+    fn throughput_and_max_latency_are_the_run_s() {
+        let mut tally = Tally::new().expect("tally");
+        tally.committed = 100;
+        for _ in 0..999 {
+            tally.record_latency(1_000);
+        }
+        tally.record_latency(5_000_000);
+        let short = Run {
+            elapsed_secs: 0.5,
+            ..run()
+        };
+        let r = Report::new(short, tally, Err("not checked".into()));
+        assert!((r.throughput_per_sec - 200.0).abs() < 1e-6, "{r:?}");
+        assert!(r.latency_ms.max >= 4_990.0, "{:?}", r.latency_ms);
     }
 }

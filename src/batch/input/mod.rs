@@ -610,7 +610,10 @@ mod tests {
         let (line, why) = reason(&all(&text, Format::Jsonl)[0]);
         assert_eq!(line, 3);
         assert!(!why.contains("at line"), "{why}");
-        assert!(why.contains("column"), "{why}");
+        // The column where the object is cut short, its line's length (it showed serde's line
+        // number, 1, as the column: a helper's mutant).
+        let cut = format!("{{\"id\":\"{X}\",\"from\":\"{A}\"");
+        assert!(why.ends_with(&format!("(column {})", cut.len())), "{why}");
     }
 
     #[test]
@@ -1129,6 +1132,99 @@ mod tests {
         assert_eq!(
             got[2].as_ref().map(|l| (l.line, l.transfer.amount)),
             Ok((4, 9))
+        );
+    }
+
+    // Tests from a fourth mutation round (each fails on its mutant, passes here).
+
+    /// UTF-16 big-endian (its mark FE FF) is named as little-endian is: dropping that half of
+    /// the check left "not UTF-8 text".
+    #[test]
+    fn a_utf16_big_endian_file_is_named_too() {
+        for format in [Format::Csv, Format::Jsonl] {
+            let got: Vec<_> = read(&b"\xfe\xff\x00i\x00d\x00\n"[..], format).collect();
+            assert_eq!(
+                reason(&got[0]),
+                (1, "UTF-16 text, not UTF-8: save the file as UTF-8".into()),
+                "{format:?}"
+            );
+        }
+    }
+
+    /// The 1 MiB bound names the long line itself in a file of CRLF lines: counting CR and LF
+    /// apart, it named line 3 for line 2.
+    #[test]
+    fn a_line_past_the_bound_after_crlf_lines_is_named_by_its_own_number() {
+        let object = format!("{{\"id\":\"{X}\",\"from\":\"{A}\",\"to\":\"{B}\",\"amount\":5}}");
+        let field = "x".repeat(2 << 20);
+        for (text, format) in [
+            (
+                format!("id,from,to,amount\r\n{X},{A},{B},5\r\n{X},{A},{B},{field}\r\n"),
+                Format::Csv,
+            ),
+            (
+                format!("{object}\r\n{object}\r\n[{field}]\r\n"),
+                Format::Jsonl,
+            ),
+        ] {
+            let got = all(&text, format);
+            let refused = got.iter().find(|r| r.is_err()).map(reason);
+            let (at, why) = refused.unwrap_or_default();
+            assert_eq!(at, 3, "{format:?}: {why}");
+            assert!(why.contains("longer than 1 MiB"), "{format:?}: {why}");
+        }
+    }
+
+    /// An unclosed quote after an escaped one ("") still takes the rest of the file: refused
+    /// where it opens. A tracker that took "" for a closing quote let the lines after it vanish
+    /// into one memo with no error (a run that said success).
+    #[test]
+    fn a_quote_left_open_after_an_escaped_quote_is_refused() {
+        let y = "00000000-0000-0000-0000-000000000002";
+        let text = format!(
+            "id,from,to,amount,memo\n{X},{A},{B},1,pay\n{X},{A},{B},2,\"bonus \"\"x\"\"\n{y},{A},{B},3,pay\n{y},{A},{B},4,pay\n"
+        );
+        let got = all(&text, Format::Csv);
+        assert!(got[0].is_ok(), "{got:?}");
+        let (line, why) = reason(&got[1]);
+        assert_eq!(line, 3, "{why}");
+        assert!(why.contains("never closed"), "{why}");
+        assert_eq!(got.len(), 2, "{got:?}");
+    }
+
+    /// A quote inside an unquoted field (an inch mark: 5" screen) is a character, as the csv
+    /// crate reads it, and opens nothing: taken for an opening quote, the good file was refused
+    /// ("never closed").
+    #[test]
+    fn a_quote_inside_an_unquoted_field_is_a_character() {
+        let y = "00000000-0000-0000-0000-000000000002";
+        let text = format!("id,from,to,amount,memo\n{X},{A},{B},2,5\" screen\n{y},{A},{B},3,x\n");
+        let got: Vec<_> = all(&text, Format::Csv)
+            .into_iter()
+            .map(|l| l.map(|l| l.line))
+            .collect();
+        assert_eq!(got, [Ok(2), Ok(3)]);
+    }
+
+    /// A header missing two columns names both.
+    #[test]
+    fn a_header_missing_several_columns_names_each() {
+        let (line, why) = reason(&all(&format!("id,from\n{X},{A}\n"), Format::Csv)[0]);
+        assert_eq!(line, 1);
+        assert!(why.starts_with("no to, no amount column"), "{why}");
+    }
+
+    /// A line with more fields than the header is refused: an amount written with a thousands
+    /// separator (1,000) was read as 1, the extra field dropped, where it must not move money.
+    #[test]
+    fn a_line_with_more_fields_than_the_header_is_refused() {
+        let got = all(
+            &format!("id,from,to,amount\n{X},{A},{B},1,000\n"),
+            Format::Csv,
+        );
+        assert_eq!(
+            reason(&got[0]),
+            (2, "5 fields where the header has 4".to_string())
         );
     }
 }
