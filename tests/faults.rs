@@ -2150,6 +2150,44 @@ fn exit_on_error_does_not_end_sessions_at(iso: Iso) {
     assert_eq!(got, vec![28, 72]);
 }
 
+/// CockroachDB lists `exit_on_error` among the PostgreSQL settings it does not support, and its
+/// `current_setting` refuses those even with `missing_ok` ("unimplemented: the configuration
+/// setting \"exit_on_error\" is not supported", 0A000: `getSessionVar` checks `UnsupportedVars`
+/// before `missing_ok`, pkg/sql/vars.go). The first query of every bank connection asked for
+/// it that way, so every command failed there as its session was set up. Here a
+/// `current_setting` of the database's own, first on its search path, answers as CockroachDB
+/// does; every connection must still be made.
+#[test]
+fn a_setting_the_engine_refuses_to_show_does_not_fail_the_session() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    db.conn()
+        .batch_execute(
+            "CREATE FUNCTION public.current_setting(name text, missing_ok boolean) \
+               RETURNS text LANGUAGE plpgsql AS $$ BEGIN \
+                 IF name = 'exit_on_error' THEN \
+                   RAISE EXCEPTION 'unimplemented: the configuration setting \"%\" is not \
+                     supported', name USING ERRCODE = '0A000'; \
+                 END IF; \
+                 RETURN pg_catalog.current_setting(name, missing_ok); END $$",
+        )
+        .expect("a current_setting of the database's own");
+    db.alter("search_path = public, pg_catalog");
+    let (from, to) = (ids[0].to_string(), ids[1].to_string());
+    for mode in ["transaction", "single-statement"] {
+        db.bank()
+            .args(["transfer", "--from", &from, "--to", &to, "--amount", "7"])
+            .args(["--mode", mode, "--timeout", "5s"])
+            .run()
+            .success();
+    }
+    db.bank().args(["doctor"]).run().success();
+    let (balances, _) = db.state();
+    let mut got: Vec<i64> = balances.iter().map(|(_, b)| *b).collect();
+    got.sort();
+    assert_eq!(got, vec![14, 86]);
+}
+
 /// A thread the system will not start (a container's or systemd's pids limit, `ulimit -u`; here
 /// a stack no memory holds, through `RUST_MIN_STACK`): every command panicked, exit 101 with a
 /// backtrace, and a `transfer --file` under `ulimit -u 3` panicked once its first group was

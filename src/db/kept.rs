@@ -153,12 +153,21 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
         /// `None` where the engine has no such setting.
         #[diesel(sql_type = Nullable<Text>)]
         exit_on_error: Option<String>,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        postgresql: bool,
     }
+    // The settings an engine may lack are read from `pg_settings` (no row: `None`), not with
+    // `current_setting(…, true)`: CockroachDB refuses that for the PostgreSQL settings it lists
+    // as unsupported (`exit_on_error` among them: "unimplemented: the configuration setting …
+    // is not supported", whatever `missing_ok` says), which failed every session there.
     let query = diesel::sql_query(
         "SELECT current_schemas(false) AS schemas, current_setting('search_path') AS path, \
-         current_setting('lc_messages', true) AS messages, \
-         current_setting('row_security', true) AS row_security, \
-         current_setting('exit_on_error', true) AS exit_on_error",
+         (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'lc_messages') AS messages, \
+         (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'row_security') \
+           AS row_security, \
+         (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'exit_on_error') \
+           AS exit_on_error, \
+         strpos(version(), 'CockroachDB') = 0 AS postgresql",
     );
     let mut repeatable = false;
     let found: Found = match query.clone().get_result(conn) {
@@ -184,7 +193,10 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     let all_rows = found.row_security.is_some_and(|r| r != "off");
     // Set wherever the engine has it, on or not: a DBA may turn it on mid-run.
     let stay = found.exit_on_error.is_some();
-    if stay {
+    // By the engine too, not by the setting alone: a CockroachDB that came to list
+    // `exit_on_error` (as it lists other PostgreSQL settings it ignores) would have been sent
+    // `LOCK TABLE`, which it does not have (a dialect audit's point).
+    if stay && found.postgresql {
         super::TABLE_LOCKS.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let english = set(conn, &path, language.is_some(), all_rows, stay)?;
