@@ -99,8 +99,8 @@ impl Ticket {
 /// The causes `WRITE_STALLS` and `COMMIT_STALLS` share, as one literal for both.
 macro_rules! commit_stalls {
     () => {
-        "its COMMIT waits for a synchronous standby that is not connected (bank doctor says), or \
-         the server is frozen or unreachable"
+        "its COMMIT waits for a synchronous standby that is not connected (`bank doctor` checks \
+         for one), or the server is frozen or unreachable"
     };
 }
 
