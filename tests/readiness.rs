@@ -1400,6 +1400,33 @@ fn doctor_does_not_send_a_role_that_may_not_create_tables_to_init() {
     assert!(public_tables(&db).is_empty());
 }
 
+/// A search_path that names no schema that exists (`nowhere`, or none at all), or puts the
+/// session's temporary one first: doctor said "run `bank init`", and init refused ("no schema
+/// to create bank's tables in"). Doctor says init would refuse, and why.
+#[test]
+fn doctor_does_not_send_a_search_path_without_a_schema_to_init() {
+    let db = ScratchDb::empty();
+    for (path, why) in [
+        ("nowhere", "names none that exists"),
+        ("", "names none that exists"),
+        ("pg_temp,public", "temporary"),
+    ] {
+        let url = format!("{}?options=-csearch_path%3D{path}", db.url.expose());
+        let doctor = Bank::new().args(["--database-url", &url, "doctor"]).run();
+        doctor.success();
+        assert!(
+            doctor.stdout.contains(
+                "schema: not migrated (`bank init` would refuse: this connection's search_path"
+            ) && doctor.stdout.contains(why),
+            "{doctor:?}"
+        );
+        Bank::new()
+            .args(["--database-url", &url, "init"])
+            .run()
+            .fails_with(1, why);
+    }
+}
+
 /// A search_path that names no schema but the session's temporary one (`nowhere,pg_temp`):
 /// `init` created every table as a temporary table, said "applied migration" eight times and
 /// exited 0, and the tables vanished when it disconnected, so every command then said "run

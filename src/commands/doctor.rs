@@ -332,12 +332,8 @@ pub(super) fn doctor(
              (another application's?); give bank a database or schema of its own",
             report.init_blocked_by.join(", ")
         )?,
-        (None, _) => match create_denied(&mut conn) {
-            Some(schema) => writeln!(
-                out,
-                "schema: not migrated (run `bank init` as a role that may create tables in \
-                 schema {schema}: this one may not)"
-            )?,
+        (None, _) => match init_would_fail(&mut conn) {
+            Some(advice) => writeln!(out, "schema: not migrated ({advice})")?,
             None => writeln!(out, "schema: not migrated (run `bank init`)")?,
         },
         (Some(_), true) if !report.unknown_migrations.is_empty() => writeln!(
@@ -496,11 +492,12 @@ fn setting(conn: &mut PgConnection, name: &str) -> Option<String> {
     repo::setting(conn, name).ok().flatten()
 }
 
-/// The schema `bank init` would build in, when this role may not create tables there: on
-/// PostgreSQL 15 and later a role that does not own the database gets no CREATE on `public`,
-/// and doctor advised an `init` that then failed (found by a helper playing a new user). `None`
-/// when it may, or when the server cannot say.
-fn create_denied(conn: &mut PgConnection) -> Option<String> {
+/// Why `bank init` would not build bank on this unmigrated database, as doctor's advice: no
+/// schema on the search_path to build in (or the session's temporary one first), which init
+/// refuses; or, on PostgreSQL 15 and later, `public` for a role that does not own the database,
+/// which gets no CREATE there. Doctor advised an `init` that then failed (found by helpers).
+/// `None` when init would build, or when the server cannot say.
+fn init_would_fail(conn: &mut PgConnection) -> Option<String> {
     #[derive(QueryableByName)]
     struct Right {
         #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
@@ -515,13 +512,27 @@ fn create_denied(conn: &mut PgConnection) -> Option<String> {
     .get_result(conn)
     .map_err(|e| log::debug!("doctor: whether this role may create tables is not known ({e})"))
     .ok()?;
-    match right {
-        Right {
-            schema: Some(schema),
-            may: Some(false),
-        } => Some(schema),
-        _ => None,
-    }
+    // As `init` tells them apart (`Error::NoSchemaToCreateIn`).
+    let why = match &right.schema {
+        None => "names none that exists",
+        Some(s) if s.starts_with("pg_temp") => {
+            "puts the session's temporary schema first, where tables vanish when it disconnects"
+        }
+        Some(schema) => {
+            return (right.may == Some(false)).then(|| {
+                format!(
+                    "run `bank init` as a role that may create tables in schema {}: this one \
+                     may not",
+                    crate::text::escaped(schema)
+                )
+            })
+        }
+    };
+    Some(format!(
+        "`bank init` would refuse: this connection's search_path ({}) {why}; name a schema in \
+         the URL (e.g. options=-csearch_path%3Dpublic) or the role's search_path",
+        db::search_path(conn).unwrap_or_default()
+    ))
 }
 
 #[cfg(test)]
