@@ -451,10 +451,13 @@ impl<R: Read> Iterator for CsvLines<R> {
                 None => self.lines.borrow().line,
             };
             if len != self.width {
-                return Some(Err(malformed(
-                    line,
-                    fields_where_the_header_has(len as u64, self.width as u64),
-                )));
+                // A Windows-1252 no-break space alone is no blank line as bytes: say what it is.
+                let not_text = match bytes.is_some() {
+                    true => " (and not UTF-8 text)",
+                    false => "",
+                };
+                let why = fields_where_the_header_has(len as u64, self.width as u64);
+                return Some(Err(malformed(line, format!("{why}{not_text}"))));
             }
             let mut text = [None; 4];
             for ((at, name), value) in [i, f, t, a].into_iter().zip(COLUMNS).zip(&mut text) {

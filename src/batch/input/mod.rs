@@ -1133,6 +1133,16 @@ mod tests {
             got[2].as_ref().map(|l| (l.line, l.transfer.amount)),
             Ok((4, 9))
         );
+        // A line of a Windows-1252 no-break space alone: not blank as bytes, and said so.
+        let text = b"id,from,to,amount,name\n\xa0\n";
+        let got: Vec<_> = read(&text[..], Format::Csv).collect();
+        assert_eq!(
+            reason(&got[0]),
+            (
+                2,
+                "1 field where the header has 5 (and not UTF-8 text)".to_string()
+            )
+        );
     }
 
     // Tests from a fourth mutation round (each fails on its mutant, passes here).
