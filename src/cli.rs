@@ -477,8 +477,12 @@ impl WorkloadArgs {
 /// cutting the nanoseconds off read balances a microsecond earlier than `psql` does (a
 /// reviewer's find).
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
-    let t = DateTime::parse_from_rfc3339(s.trim())
-        .map_err(|e| format!("must be a time in RFC 3339 such as 2026-11-24T10:00:00Z ({e})"))?;
+    let t = DateTime::parse_from_rfc3339(s.trim()).map_err(|e| {
+        format!(
+            "must be a time in RFC 3339 such as 2026-11-24T10:00:00Z ({})",
+            what_the_time_lacks(s.trim()).map_or_else(|| e.to_string(), str::to_string)
+        )
+    })?;
     let up = i64::from(t.timestamp_subsec_nanos() % 1_000 >= 500);
     let micros = t.timestamp_micros().checked_add(up);
     micros
@@ -489,6 +493,26 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
                 s.trim()
             )
         })
+}
+
+/// What a time refused as RFC 3339 lacks when it is a local time or a date alone, which chrono
+/// called "premature end of input" (a helper playing a new user).
+fn what_the_time_lacks(s: &str) -> Option<&'static str> {
+    use chrono::{NaiveDate, NaiveDateTime};
+    let local = [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dt%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+    ];
+    if local
+        .iter()
+        .any(|f| NaiveDateTime::parse_from_str(s, f).is_ok())
+    {
+        return Some("it has no time zone: add Z for UTC or an offset such as +01:00");
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .is_ok()
+        .then_some("it is a date alone: add a time and a zone, as in 2026-11-24T00:00:00Z")
 }
 
 /// The longest duration any option takes. Deadlines are added to the present and to a grace

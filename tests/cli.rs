@@ -88,6 +88,36 @@ fn the_tutorial_flow_seed_transfer_balances() {
     assert_eq!(json.json(), serde_json::Value::Array(want));
 }
 
+/// `--as-of` a time without its zone (`2026-11-24T10:00:00`, as `date` or a spreadsheet writes
+/// local times) or a date alone was refused as "premature end of input", chrono's words, which
+/// do not say what is missing (a helper playing a new user). Refused before any connection.
+#[test]
+fn an_as_of_time_without_its_zone_is_refused_saying_what_is_missing() {
+    for time in [
+        "2026-11-24T10:00:00",
+        "2026-11-24 10:00:00.5",
+        "2026-11-24t10:00:00",
+    ] {
+        let run = Bank::new()
+            .args(["--database-url", "postgres://u@127.0.0.1:1/none"])
+            .args(["balances", "--as-of", time])
+            .run();
+        run.fails_with(
+            2,
+            "has no time zone: add Z for UTC or an offset such as +01:00",
+        );
+        assert!(!run.stderr.contains("premature"), "{}", run.stderr);
+    }
+    let run = Bank::new()
+        .args(["--database-url", "postgres://u@127.0.0.1:1/none"])
+        .args(["balances", "--as-of", "2026-11-24"])
+        .run();
+    run.fails_with(
+        2,
+        "is a date alone: add a time and a zone, as in 2026-11-24T00:00:00Z",
+    );
+}
+
 #[test]
 fn an_empty_bank_lists_no_accounts() {
     let db = ScratchDb::migrated();

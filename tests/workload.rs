@@ -114,6 +114,26 @@ fn a_workload_reuses_existing_accounts_in_text_mode() {
     assert_eq!(db.state().0.len(), 5);
 }
 
+/// A run in which no transfer committed (every account empty: each one refused for
+/// insufficient funds) measured no latency: its text said "latency ms: p50 0.00  p95 0.00 …", a
+/// run of instant transfers (a helper playing a new user). It says there is none.
+#[test]
+fn a_run_that_committed_nothing_reports_no_latency_in_text() {
+    let db = ScratchDb::migrated();
+    let run = db
+        .bank()
+        .args(["workload", "--accounts", "2", "--balance", "0"])
+        .args(["--concurrency", "1", "--transfers", "3"])
+        .run();
+    run.success();
+    assert!(run.stdout.contains("transfers committed: 0\n"), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("\nlatency ms: none (no transfer committed)\n"),
+        "{run:?}"
+    );
+}
+
 /// Fewer accounts than `--accounts` asks for: the run uses them, and says so on stderr (once,
 /// whatever the output format), so a user who meant 1000 accounts does not read a hot run over
 /// 3 as the run they asked for.

@@ -38,6 +38,9 @@ struct Report {
     /// Bank's tables this connection finds first in another schema than bank's (another
     /// application's table of the same name): every command that needs the schema refuses it.
     tables_in_other_schemas: Vec<String>,
+    /// Bank's tables that its recorded migrations made and this connection's search_path does
+    /// not find (dropped or renamed by hand since): `migrated` is then false.
+    tables_missing: Vec<String>,
     /// Changes to bank's tables its promise cannot survive, each with its undo
     /// (`db::unsafe_changes`): every command that writes refuses them (reads go on, and
     /// `migrated` stays true: the schema is bank's, altered). `None` (null)
@@ -147,7 +150,21 @@ pub(super) fn doctor(
         true => db::shadowed_tables(&mut conn).ok().flatten(),
         false => None,
     };
-    let migrated = !applied.is_empty() && pending_migrations == 0 && shadowed.is_none();
+    // Recorded as migrated, but a table dropped or renamed by hand since: every command that
+    // needs it refuses, so the schema is not whole (it said "migrated").
+    // Only once every migration ran: a pending one may be what makes the table.
+    let whole_on_record = migrations_readable && !applied.is_empty() && pending_migrations == 0;
+    let tables_missing = match whole_on_record && shadowed.is_none() {
+        true => db::bank_tables_missing(&mut conn).unwrap_or_else(|e| {
+            log::debug!("doctor: whether bank's tables are all there is not known ({e})");
+            Vec::new()
+        }),
+        false => Vec::new(),
+    };
+    let migrated = !applied.is_empty()
+        && pending_migrations == 0
+        && shadowed.is_none()
+        && tables_missing.is_empty();
     let (unsafe_changes, unchecked) = match migrated {
         true => match db::unsafe_changes(&mut conn) {
             Ok(changes) => (Some(changes), None),
@@ -267,6 +284,7 @@ pub(super) fn doctor(
             .as_ref()
             .map(|(_, tables)| tables.clone())
             .unwrap_or_default(),
+        tables_missing: tables_missing.clone(),
         settings,
         tls,
         client,
@@ -317,6 +335,21 @@ pub(super) fn doctor(
                 ..Default::default()
             };
             writeln!(out, "schema: {split}")?
+        }
+        (Some(v), _) if !tables_missing.is_empty() => {
+            let (are, them) = match tables_missing.len() {
+                1 => ("is", "it"),
+                _ => ("are", "them"),
+            };
+            writeln!(
+                out,
+                "schema: migrated on record (version {v}), but {} {are} missing on this \
+                 connection's search_path ({}): dropped or renamed by hand since, and every \
+                 command that needs {them} refuses; `bank init` finds nothing to do: restore \
+                 {them} (the migration's up.sql under migrations/ made {them})",
+                tables_missing.join(" and "),
+                db::search_path(&mut conn).unwrap_or_default(),
+            )?
         }
         _ if crate::error::is_bank_s_own(report.init_blocked_by.iter().map(String::as_str)) => {
             writeln!(

@@ -659,6 +659,26 @@ pub fn tables_off_the_search_path(conn: &mut PgConnection) -> QueryResult<Vec<St
     .collect())
 }
 
+/// Bank's tables (`accounts`, `transfers`, `transfer_claims`) this connection's search_path does
+/// not find: dropped or renamed by hand since the migrations that made them ran, which `doctor`
+/// called "migrated" while every command that needs one refused (a helper playing a new user).
+pub fn bank_tables_missing(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    Ok(diesel::sql_query(
+        "SELECT t AS name FROM unnest(CAST($1 AS TEXT[])) WITH ORDINALITY AS u(t, n) \
+         WHERE to_regclass(quote_ident(t)) IS NULL ORDER BY n",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&BANK_TABLES[1..])
+    .load::<Name>(conn)?
+    .into_iter()
+    .map(|n| n.name)
+    .collect())
+}
+
 /// The tables bank's statements name, as this connection's search_path finds them.
 const BANK_TABLES: [&str; 4] = [
     "__diesel_schema_migrations",

@@ -574,11 +574,16 @@ impl fmt::Display for Report {
         }
         writeln!(f, "throughput: {:.0} transfers/s", self.throughput_per_sec)?;
         let l = &self.latency_ms;
-        writeln!(
-            f,
-            "latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
-            l.p50, l.p95, l.p99, l.max
-        )?;
+        // Only committed transfers (or batches) are timed: with none, the zeros measured nothing.
+        if self.transfers_committed == 0 {
+            writeln!(f, "latency ms: none (no transfer committed)")?;
+        } else {
+            writeln!(
+                f,
+                "latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+                l.p50, l.p95, l.p99, l.max
+            )?;
+        }
         writeln!(f, "invariants:")?;
         match &self.final_check_error {
             Some(e) if self.final_check_interrupted => writeln!(
