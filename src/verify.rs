@@ -93,6 +93,10 @@ struct Row {
 /// of zero (their sum or difference then fits), and in NUMERIC only otherwise; the sums are
 /// SUMs of INT8, which both engines accumulate exactly and return as NUMERIC.
 ///
+/// An entry whose transfer the schema's CHECKs would refuse (an amount not above zero, an account
+/// paying itself; the CHECKs dropped by hand) is a broken link, however well its balances chain:
+/// such a row passed, and `history` showed an amount of -5 as a credit of 5.
+///
 /// A NULL where the schema says NOT NULL (a constraint dropped by hand) is a violation too:
 /// `IS NOT TRUE` and `COALESCE(…, false)`, so that a comparison with NULL, which is neither true
 /// nor false, is not taken for a pass. Versions: `version - 1` is computed only
@@ -100,15 +104,16 @@ struct Row {
 const CHECK: &str = "\
 WITH entries AS (
     SELECT from_id AS account, from_version AS version, from_balance_after AS after, amount,
-           true AS debit
+           true AS debit, (amount > 0 AND from_id <> to_id) AS sound
     FROM transfers
     UNION ALL
-    SELECT to_id, to_version, to_balance_after, amount, false FROM transfers
+    SELECT to_id, to_version, to_balance_after, amount, false, (amount > 0 AND from_id <> to_id)
+    FROM transfers
     -- A fence: without it PostgreSQL reads both sides in (account, version) order through the
     -- two unique indexes, one heap fetch per entry, 1.6x slower than scanning and sorting.
     OFFSET 0
 ), links AS (
-    SELECT account, version, after, amount, debit,
+    SELECT account, version, after, amount, debit, sound,
            LAG(version) OVER w AS prev_version,
            LAG(after) OVER w AS prev_after,
            LEAD(version) OVER w IS NULL AS is_last
@@ -119,6 +124,7 @@ WITH entries AS (
            SUM(amount) FILTER (WHERE NOT debit) AS credits,
            SUM(amount) FILTER (WHERE debit) AS debits,
            COUNT(*) FILTER (WHERE (CASE
+               WHEN sound IS NOT TRUE THEN false
                WHEN prev_version IS NULL THEN version = 1
                WHEN version > prev_version THEN version - 1 = prev_version AND CASE
                    WHEN after BETWEEN -4611686018427387904 AND 4611686018427387903

@@ -506,6 +506,45 @@ fn balances_as_of_a_time_does_not_wait_for_another_applications_reads_of_bank_s_
     }
 }
 
+/// A ledger row the schema's CHECKs would refuse, written by hand once they were dropped, with
+/// balances that chain: an amount of -5 (a debit that pays the debited account) and an account
+/// paying itself. verify said "ok" (a helper playing a new user); each is a broken chain.
+#[test]
+fn verify_reports_a_row_its_dropped_checks_would_refuse() {
+    for case in ["negative", "self"] {
+        let db = ScratchDb::migrated();
+        let [a, b] = db.accounts(&[100, 50])[..] else {
+            panic!("two accounts")
+        };
+        let id = Uuid::new_v4();
+        let edit = match case {
+            "negative" => format!(
+                "ALTER TABLE transfers DROP CONSTRAINT transfers_amount_positive; \
+                 INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
+                   from_balance_after, to_version, to_balance_after) \
+                 VALUES ('{id}', '{a}', '{b}', -5, 1, 105, 1, 45); \
+                 UPDATE accounts SET balance = 105, version = 1 WHERE id = '{a}'; \
+                 UPDATE accounts SET balance = 45, version = 1 WHERE id = '{b}'"
+            ),
+            _ => format!(
+                "ALTER TABLE transfers DROP CONSTRAINT transfers_distinct_accounts; \
+                 INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
+                   from_balance_after, to_version, to_balance_after) \
+                 VALUES ('{id}', '{a}', '{a}', 5, 1, 95, 2, 100); \
+                 UPDATE accounts SET version = 2 WHERE id = '{a}'"
+            ),
+        };
+        let j = verify_reports_violation(&db, &edit);
+        assert_eq!(
+            (&j["mismatched_accounts"], &j["total_balance"]),
+            (&0.into(), &150.into()),
+            "{case}: {j}"
+        );
+        let broken = if case == "self" { 1 } else { 2 };
+        assert_eq!(j["broken_chains"], broken, "{case}: {j}");
+    }
+}
+
 /// `bank verify` after a DBA's edit: exit 1 with its report on stdout (text and JSON alike) and
 /// "verification failed" on stderr, never a database error. Returns the JSON report.
 #[track_caller]
