@@ -1002,6 +1002,24 @@ impl From<crate::batch::Fatal> for Error {
     }
 }
 
+/// The columns of bank's tables (src/schema.rs).
+const BANK_COLUMNS: [&str; 14] = [
+    "id",
+    "balance",
+    "opening_balance",
+    "version",
+    "created_at",
+    "from_id",
+    "to_id",
+    "amount",
+    "from_version",
+    "from_balance_after",
+    "to_version",
+    "to_balance_after",
+    "claimed_by",
+    "generation",
+];
+
 /// The one place a database error becomes a domain error: a query on tables or columns that do
 /// not exist yet means `bank init` has not run (or not since the code's newest migration).
 impl From<diesel::result::Error> for TransferError {
@@ -1018,7 +1036,16 @@ impl From<diesel::result::Error> for TransferError {
                     "transfers.",
                     "transfer_claims.",
                 ];
-                m.contains("does not exist") && ours.iter().any(|t| m.contains(t))
+                // A column renamed or dropped by hand: PostgreSQL names it alone (`column
+                // "amount" does not exist`), and verify printed that raw (a helper playing a new
+                // user). bank's statements name no column of anyone else's.
+                let column = m
+                    .strip_prefix("column \"")
+                    .and_then(|rest| rest.split_once('"'))
+                    .is_some_and(|(name, after)| {
+                        after.contains("does not exist") && BANK_COLUMNS.contains(&name)
+                    });
+                column || (m.contains("does not exist") && ours.iter().any(|t| m.contains(t)))
             }
             _ => false,
         };

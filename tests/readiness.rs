@@ -2066,6 +2066,16 @@ fn a_column_dropped_by_hand_is_named_not_sent_to_init() {
     init.success();
     assert!(init.stdout.contains("schema is up to date"), "{init:?}");
     assert_eq!(db.balance(a), 100);
+    // A column that statements name alone (`column "amount" does not exist`): verify printed
+    // the database's words raw (found by a helper playing a new user).
+    db.conn()
+        .batch_execute("ALTER TABLE transfers RENAME COLUMN amount TO amt")
+        .expect("rename the column");
+    let verify = db.bank().args(["verify"]).run();
+    verify.fails_with(
+        1,
+        "changed by hand since its migrations ran: column \"amount\"",
+    );
 }
 
 /// A reset the database refuses at its first batch (a read-only database): it gave only the
