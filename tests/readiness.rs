@@ -950,7 +950,7 @@ fn doctor_reports_engine_schema_settings_and_counts() {
     let text = db.bank().args(["doctor"]).run();
     assert!(
         text.stdout
-            .contains("read only: transfers, seed, init and reset fail"),
+            .contains("read only: every command that writes (transfer, seed, init, reset, workload, demo) fails"),
         "{}",
         text.stdout
     );

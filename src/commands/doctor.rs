@@ -411,9 +411,9 @@ pub(super) fn doctor(
     {
         writeln!(
             out,
-            "read only: transfers, seed, init and reset fail on this connection (a hot standby: \
-             connect to the primary; or default_transaction_read_only: turn it off for this \
-             role or database)"
+            "read only: every command that writes (transfer, seed, init, reset, workload, demo) \
+             fails on this connection (a hot standby: connect to the primary; or \
+             default_transaction_read_only: turn it off for this role or database)"
         )?;
     }
     let tls = match report.tls {
