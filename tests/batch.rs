@@ -610,11 +610,14 @@ fn a_file_on_a_non_blocking_standard_input_whose_writer_pauses_is_read_whole() {
 fn standard_input_whose_first_write_holds_no_transfer_yet_is_read_as_what_follows() {
     use std::io::{Read, Write};
     let db = ScratchDb::migrated();
-    let lines = solvent_file(&db, 4, 8, 0x5111);
+    let lines = solvent_file(&db, 4, 10, 0x5111);
     let bom = "\u{feff}".as_bytes();
     // The rest of a text whose byte order mark's first two bytes were written first.
     let after_half_a_mark = |text: String| [&bom[2..], text.as_bytes()].concat();
-    let cases: [(&[u8], Vec<u8>, &[&str]); 4] = [
+    // A whole mark and a line end: four bytes, none a transfer's (from mutation round 4b: a
+    // mark taken for text decided the format from them, and the JSON Lines after were CSV).
+    let mark_and_blank = [bom, b"\n"].concat();
+    let cases: [(&[u8], Vec<u8>, &[&str]); 5] = [
         (b"\n", jsonl(&lines[0..2]).into_bytes(), &[]),
         (b"  \r\n", jsonl(&lines[2..4]).into_bytes(), &[]),
         (&bom[..2], after_half_a_mark(jsonl(&lines[4..6])), &[]),
@@ -623,6 +626,7 @@ fn standard_input_whose_first_write_holds_no_transfer_yet_is_read_as_what_follow
             after_half_a_mark(csv(&lines[6..8])),
             &["--format", "csv"],
         ),
+        (&mark_and_blank, jsonl(&lines[8..10]).into_bytes(), &[]),
     ];
     for (first, rest, args) in cases {
         let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bank"))
@@ -661,7 +665,7 @@ fn standard_input_whose_first_write_holds_no_transfer_yet_is_read_as_what_follow
             "{first:?} {args:?}: {run:?}"
         );
     }
-    assert_eq!(db.state().1, 8, "every line applied once");
+    assert_eq!(db.state().1, 10, "every line applied once");
 }
 
 /// A file of transfers that can all be applied, over `n` accounts with plenty of money.
@@ -6449,4 +6453,124 @@ fn on_one_connection_another_client_s_transfer_falls_between_lines_in_file_order
              applied: {other_applied}"
         );
     }
+}
+
+// From mutation round 4b (each fails on its mutant, passes here).
+
+/// `bank transfer --file f.csv | head -0`-like: the reader of the results goes before any is
+/// written, but every line is decided in the one group already under way. That is a normal end
+/// (exit 0, the summary), as `is_closed` says; and with a line refused, exit 1 says every line
+/// was decided and the output closed, not merely that a transfer was not applied. Without the
+/// closed-pipe case, the good run was "cannot write the results (Broken pipe)", exit 1.
+#[test]
+fn a_closed_output_after_every_line_was_decided_is_a_normal_end() {
+    for refused in [false, true] {
+        let db = ScratchDb::migrated();
+        let mut lines = solvent_file(&db, 3, 3, 25);
+        if refused {
+            lines[2].amount = 1_000_000_000;
+        }
+        let bank = Bank::new();
+        let path = bank.dir.path().join("pay.csv");
+        std::fs::write(&path, csv(&lines)).expect("write");
+        // Every line in the group that waits here, so that the output is gone before the first
+        // result is written and no group is left to stop.
+        let mut holder = hold_every_account(&db);
+        let mut child = spawn_file(db.url.expose(), &path, &[]);
+        wait_for_lock_wait(&db);
+        drop(child.stdout.take());
+        holder.batch_execute("ROLLBACK").expect("rollback");
+        let run = Run::from(child.wait_with_output().expect("wait"));
+        let applied = count_transfers(&mut db.conn()).expect("count");
+        if refused {
+            assert_eq!(applied, 2, "{run:?}");
+            ended(
+                &run,
+                1,
+                "the output was closed: every line was decided (the summary above counts them)",
+            );
+        } else {
+            assert_eq!(applied, 3, "{run:?}");
+            assert_eq!(run.code, 0, "{run:?}");
+            assert!(
+                run.stderr.starts_with("3 transfers in ")
+                    && run.stderr.trim_end().ends_with("3 applied")
+                    && run.stderr.lines().count() == 1,
+                "{run:?}"
+            );
+        }
+    }
+}
+
+/// Without `--connections`, a server that cannot be asked its default isolation (a role allowed
+/// one connection, the question's own refused) gets the one connection the file has, without a
+/// word: taken for two, the second was refused too, and the run warned of "1 connection of 2"
+/// that the user never asked for.
+#[test]
+fn a_server_that_cannot_be_asked_gets_one_connection_without_a_warning() {
+    let db = ScratchDb::migrated();
+    let lines = solvent_file(&db, 200, 200, 26);
+    let (role, url) = db.teller("LOGIN CONNECTION LIMIT 1");
+    let run = run_file(
+        &url,
+        "f.csv",
+        &csv(&lines),
+        &["-v", "--batch", "10", "--timeout", "5s"],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("transfer --file: the default isolation level is not known")
+            && !run.stderr.contains("warning"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        count_transfers(&mut db.conn()).expect("count"),
+        lines.len() as i64
+    );
+    let _ = db.conn().batch_execute(&format!(
+        "REVOKE ALL ON accounts, transfers, transfer_claims, __diesel_schema_migrations \
+         FROM {role}; DROP ROLE {role}"
+    ));
+}
+
+/// A malformed file names its first bad line and counts the others, in the singular for one;
+/// standard input, read no further than its first bad line, says the rest was not read. None
+/// of these counts was checked: "(and 1 more malformed lines)", or no count at all, passed.
+#[test]
+fn a_malformed_file_counts_its_other_bad_lines() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    let (a, b) = (ids[0], ids[1]);
+    let good = format!("{},{a},{b},5\n", Uuid::new_v4());
+    let bad = |n: usize| {
+        let mut text = format!("id,from,to,amount\n{good}");
+        for _ in 0..n {
+            text.push_str(&format!("{},{a},{b},0\n", Uuid::new_v4()));
+        }
+        text
+    };
+    for (n, also) in [
+        (1, "; nothing was applied"),
+        (2, " (and 1 more malformed line); nothing was applied"),
+        (4, " (and 3 more malformed lines); nothing was applied"),
+    ] {
+        let run = run_file(db.url.expose(), "bad.csv", &bad(n), &[]);
+        run.fails_with(
+            2,
+            &format!("bad.csv: line 3: amount must be positive, got 0{also}"),
+        );
+    }
+    let mut bank = Bank::new();
+    bank.cmd
+        .args(["--database-url", db.url.expose(), "transfer", "--file", "-"])
+        .write_stdin(bad(2));
+    let run = Run::from(bank.cmd.output().expect("run"));
+    run.fails_with(
+        2,
+        "standard input: line 3: amount must be positive, got 0 (the rest was not read); \
+         nothing was applied",
+    );
+    assert_eq!(db.state().1, 0);
 }

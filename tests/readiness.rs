@@ -2036,6 +2036,40 @@ fn a_role_without_privileges_is_told_what_to_grant() {
          FROM {role}; DROP ROLE {role}"
     ));
 
+    // DELETE alone short on transfer_claims (which only reset takes there): claims stay
+    // writable, and no warning says otherwise (from mutation round 4b: counting any privilege
+    // on transfer_claims warned "this role cannot insert into transfer_claims").
+    let (role, url) = db.role(
+        "LOGIN",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, transfers TO {role}; \
+         GRANT SELECT, INSERT, UPDATE ON transfer_claims TO {role}; \
+         GRANT SELECT ON __diesel_schema_migrations TO {role}",
+    );
+    let doctor = |args: &[&str]| {
+        Bank::new()
+            .args(["--database-url", &url, "doctor"])
+            .args(args)
+            .run()
+    };
+    let j = doctor(&["--json"]).json();
+    assert_eq!(
+        j["missing_privileges"],
+        serde_json::json!(["DELETE on transfer_claims"]),
+        "{j}"
+    );
+    assert_eq!(j["claims_writable"], true, "{j}");
+    let text = doctor(&[]);
+    text.success();
+    assert!(
+        !text.stdout.contains("cannot insert into transfer_claims"),
+        "{}",
+        text.stdout
+    );
+    let _ = db.conn().batch_execute(&format!(
+        "REVOKE ALL ON accounts, transfers, transfer_claims, __diesel_schema_migrations \
+         FROM {role}; DROP ROLE {role}"
+    ));
+
     // Every privilege: nothing missing, no warning.
     let j = db.bank().args(["doctor", "--json"]).run().json();
     assert_eq!(j["missing_privileges"], serde_json::json!([]), "{j}");

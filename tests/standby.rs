@@ -109,16 +109,25 @@ fn doctor_warns_when_commits_wait_for_a_synchronous_standby_that_is_not_there() 
     let (text, missing) = doctor("", "async");
     assert!(!text.contains(warning), "{text}");
     assert_eq!(missing, 0);
+    // A role that may not see the standbys' states counts each as one that may be synchronous:
+    // with none asked for, none is missing, not -1 (from mutation round 4b).
+    let (_, teller) = db.teller("LOGIN");
+    let j = bank_at(&teller, &["doctor", "--json"]).success().json();
+    assert_eq!(j["synchronous_standbys_missing"], 0, "{j}");
     let (text, missing) = doctor("walreceiver", "sync");
     assert!(!text.contains(warning), "{text}");
     assert_eq!(missing, 0);
     let (text, missing) = doctor("ghost", "async");
     assert!(text.contains(&format!("{warning} is 'ghost'")), "{text}");
+    assert!(
+        text.contains("until 1 synchronous standby confirms it"),
+        "{text}"
+    );
     assert!(text.contains("0 are connected"), "{text}");
     assert_eq!(missing, 1);
     let (text, missing) = doctor("FIRST 2 (walreceiver, ghost)", "sync");
     assert!(
-        text.contains("waits until 2 synchronous standbys"),
+        text.contains("waits until 2 synchronous standbys confirm it"),
         "{text}"
     );
     assert!(text.contains("1 is connected"), "{text}");

@@ -165,6 +165,13 @@ mod tests {
                 "15.18",
             ),
             ("PostgreSQL 17devel", Engine::PostgreSQL, "17devel"),
+            // The Windows installer's build: the release ends at a comma (from mutation round
+            // 4b: split at spaces alone, doctor said "PostgreSQL 16.1,").
+            (
+                "PostgreSQL 16.1, compiled by Visual C++ build 1937, 64-bit",
+                Engine::PostgreSQL,
+                "16.1",
+            ),
         ];
         for (text, engine, release) in cases {
             let s = Server::parse(text);

@@ -1237,4 +1237,66 @@ mod tests {
             (2, "5 fields where the header has 4".to_string())
         );
     }
+
+    // Tests from mutation round 4b (each fails on its mutant, passes here).
+
+    /// The byte path trims as the text path did: a Unicode space around a value (a no-break
+    /// space pasted from a web page) is no part of it, and a line of ideographic spaces alone
+    /// is blank. Without `trim` on the record read as bytes, "amount ' 5 ' is not a whole
+    /// number" and "1 field where the header has 4".
+    #[test]
+    fn a_csv_line_trims_unicode_spaces_as_text() {
+        let text =
+            format!("id,from,to,amount\n{X},{A},{B},\u{a0}5\u{a0}\n\u{3000}\n{X},{A},{B},7\n");
+        let got: Vec<_> = all(&text, Format::Csv)
+            .into_iter()
+            .map(|l| l.map(|l| (l.line, l.transfer.amount)))
+            .collect();
+        assert_eq!(got, [Ok((2, 5)), Ok((4, 7))]);
+    }
+
+    /// A quote never closed in a line that is not UTF-8 (a Windows-1252 name) is refused as in
+    /// a line of text: left to the byte path alone, the line was a transfer and every line after
+    /// it vanished into its name, with no error.
+    #[test]
+    fn a_quote_left_open_in_a_line_that_is_not_utf8_is_refused() {
+        let y = "00000000-0000-0000-0000-000000000002";
+        let text = [
+            format!("id,from,to,amount,name\n{X},{A},{B},5,\"Ren").as_bytes(),
+            b"\xe9e\n",
+            format!("{y},{A},{B},6,x\n").as_bytes(),
+        ]
+        .concat();
+        let got: Vec<_> = read(&text[..], Format::Csv).collect();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (line, why) = reason(&got[0]);
+        assert_eq!(line, 2, "{why}");
+        assert!(why.contains("never closed"), "{why}");
+    }
+
+    /// A JSON object with no keys says so, and one with more keys than are shown counts the
+    /// rest: without the count, "the object's keys are" named six of eight as if they were all.
+    #[test]
+    fn a_json_object_missing_a_key_counts_the_keys_not_shown() {
+        let text = format!(
+            "{{}}\n{{\"id\":\"{X}\",\"source\":\"{A}\",\"to\":\"{B}\",\"amount\":5,\
+             \"a\":1,\"b\":2,\"c\":3,\"d\":4}}\n"
+        );
+        let got: Vec<_> = read(text.as_bytes(), Format::Jsonl).collect();
+        let (line, why) = reason(&got[0]);
+        assert_eq!(line, 1);
+        assert!(
+            why.starts_with("no id: ") && why.ends_with(" (the object has no keys)"),
+            "{why}"
+        );
+        assert_eq!(
+            reason(&got[1]),
+            (
+                2,
+                "no from (the object's keys are 'id', 'source', 'to', 'amount', 'a', 'b' and 2 \
+                 more)"
+                    .to_string()
+            )
+        );
+    }
 }
