@@ -1002,23 +1002,27 @@ impl From<crate::batch::Fatal> for Error {
     }
 }
 
-/// The columns of bank's tables (src/schema.rs).
-const BANK_COLUMNS: [&str; 14] = [
-    "id",
-    "balance",
-    "opening_balance",
-    "version",
-    "created_at",
-    "from_id",
-    "to_id",
-    "amount",
-    "from_version",
-    "from_balance_after",
-    "to_version",
-    "to_balance_after",
-    "claimed_by",
-    "generation",
-];
+/// The columns of bank's tables, by their names in src/schema.rs.
+const BANK_COLUMNS: [&str; 14] = {
+    use crate::schema::{accounts as a, transfer_claims as c, transfers as t};
+    use diesel::Column;
+    [
+        a::id::NAME,
+        a::balance::NAME,
+        a::opening_balance::NAME,
+        a::version::NAME,
+        a::created_at::NAME,
+        t::from_id::NAME,
+        t::to_id::NAME,
+        t::amount::NAME,
+        t::from_version::NAME,
+        t::from_balance_after::NAME,
+        t::to_version::NAME,
+        t::to_balance_after::NAME,
+        c::claimed_by::NAME,
+        c::generation::NAME,
+    ]
+};
 
 /// The one place a database error becomes a domain error: a query on tables or columns that do
 /// not exist yet means `bank init` has not run (or not since the code's newest migration).

@@ -284,7 +284,7 @@ pub(super) fn doctor(
             .as_ref()
             .map(|(_, tables)| tables.clone())
             .unwrap_or_default(),
-        tables_missing: tables_missing.clone(),
+        tables_missing,
         settings,
         tls,
         client,
@@ -336,8 +336,8 @@ pub(super) fn doctor(
             };
             writeln!(out, "schema: {split}")?
         }
-        (Some(v), _) if !tables_missing.is_empty() => {
-            let (are, them) = match tables_missing.len() {
+        (Some(v), _) if !report.tables_missing.is_empty() => {
+            let (are, them) = match report.tables_missing.len() {
                 1 => ("is", "it"),
                 _ => ("are", "them"),
             };
@@ -347,7 +347,7 @@ pub(super) fn doctor(
                  connection's search_path ({}): dropped or renamed by hand since, and every \
                  command that needs {them} refuses; `bank init` finds nothing to do: restore \
                  {them} (the migration's up.sql under migrations/ made {them})",
-                tables_missing.join(" and "),
+                report.tables_missing.join(" and "),
                 db::search_path(&mut conn).unwrap_or_default(),
             )?
         }

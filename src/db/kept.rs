@@ -153,8 +153,9 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
         /// `None` where the engine has no such setting.
         #[diesel(sql_type = Nullable<Text>)]
         exit_on_error: Option<String>,
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        postgresql: bool,
+        /// `version()`, which tells the engine (`engine::Server::parse`).
+        #[diesel(sql_type = Text)]
+        version: String,
     }
     // The settings an engine may lack are read from `pg_settings` (no row: `None`), not with
     // `current_setting(…, true)`: CockroachDB refuses that for the PostgreSQL settings it lists
@@ -167,7 +168,7 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
            AS row_security, \
          (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'exit_on_error') \
            AS exit_on_error, \
-         strpos(version(), 'CockroachDB') = 0 AS postgresql",
+         version() AS version",
     );
     let mut repeatable = false;
     let found: Found = match query.clone().get_result(conn) {
@@ -196,7 +197,7 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     // By the engine too, not by the setting alone: a CockroachDB that came to list
     // `exit_on_error` (as it lists other PostgreSQL settings it ignores) would have been sent
     // `LOCK TABLE`, which it does not have (a dialect audit's point).
-    if stay && found.postgresql {
+    if stay && !super::engine::Server::parse(&found.version).is_cockroachdb() {
         super::TABLE_LOCKS.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let english = set(conn, &path, language.is_some(), all_rows, stay)?;

@@ -7,7 +7,8 @@ use std::io::Read;
 use std::rc::Rc;
 
 use super::{
-    amount_text, malformed, read_error, transfer, Line, Malformed, TooLong, BOM, COLUMNS, MAX_LINE,
+    amount_text, malformed, names_shown, read_error, transfer, Line, Malformed, TooLong, BOM,
+    COLUMNS, MAX_LINE,
 };
 use crate::text::{escaped, shown};
 
@@ -327,7 +328,10 @@ fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], M
     // `sep=,` line) or a name that only looks right (` "from"`: quotes after a space stay part of
     // the name) got "no id column" about a file whose header seemed to name it.
     let hidden = match hidden.is_empty() {
-        true => format!(" (the header names {})", header_names(header)),
+        true => format!(
+            " (the header names {})",
+            names_shown(header.iter(), header.len()).unwrap_or_else(|| "nothing".into())
+        ),
         false => format!(
             " (the header's {} {} characters that show as nothing)",
             hidden.join(", "),
@@ -357,24 +361,6 @@ fn header_columns(header: &csv::StringRecord, line: u64) -> Result<[usize; 4], M
             missing.join(", no ")
         ),
     ))
-}
-
-/// The header's first names as a message shows them: `'sep=' and ''`, at most six, each quoted.
-fn header_names(header: &csv::StringRecord) -> String {
-    const MAX: usize = 6;
-    let mut names: Vec<String> = header
-        .iter()
-        .take(MAX)
-        .map(|f| format!("'{}'", shown(f)))
-        .collect();
-    if header.len() > MAX {
-        names.push(format!("{} more", header.len() - MAX));
-    }
-    match names.split_last() {
-        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
-        Some((last, _)) => last.clone(),
-        None => "nothing".to_string(),
-    }
 }
 
 fn csv_error(lines: &RefCell<LineIndex>, e: &csv::Error) -> Malformed {

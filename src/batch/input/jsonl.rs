@@ -4,7 +4,10 @@ use std::io::BufRead;
 
 use serde::Deserialize;
 
-use super::{amount_text, malformed, read_error, transfer, Line, Malformed, BOM, COLUMNS};
+use super::{
+    amount_text, malformed, names_shown, read_error, transfer, Line, Malformed, BOM, COLUMNS,
+    NAMES_SHOWN,
+};
 use crate::text::shown;
 
 /// JSON Lines; blank lines are skipped and unknown fields ignored. A line ends at LF, CRLF or
@@ -65,12 +68,9 @@ struct JsonTransfer {
     amount: Option<Box<serde_json::value::RawValue>>,
     /// Which of id, from, to and amount were given as keys (null or not).
     given: [bool; 4],
-    /// The object's keys as written, the first `KEYS_SHOWN` of them, and how many in all.
+    /// The object's keys as written, the first `NAMES_SHOWN` of them, and how many in all.
     keys: (Vec<String>, usize),
 }
-
-/// Keys a message shows of an object that lacks one of bank's.
-const KEYS_SHOWN: usize = 6;
 
 impl JsonTransfer {
     /// " (the object's keys are 'source', 'to' and 'amount')" when `reason` is a missing key
@@ -88,20 +88,11 @@ impl JsonTransfer {
         if !missing {
             return String::new();
         }
-        let (shown_keys, all) = &self.keys;
-        let mut names: Vec<String> = shown_keys
-            .iter()
-            .map(|k| format!("'{}'", shown(k)))
-            .collect();
-        if *all > names.len() {
-            names.push(format!("{} more", all - names.len()));
-        }
-        match names.split_last() {
+        let (first, all) = &self.keys;
+        match names_shown(first.iter().map(String::as_str), *all) {
             None => " (the object has no keys)".to_string(),
-            Some((last, [])) => format!(" (the object's only key is {last})"),
-            Some((last, rest)) => {
-                format!(" (the object's keys are {} and {last})", rest.join(", "))
-            }
+            Some(names) if *all == 1 => format!(" (the object's only key is {names})"),
+            Some(names) => format!(" (the object's keys are {names})"),
         }
     }
 }
@@ -126,7 +117,7 @@ impl<'de> serde::de::Visitor<'de> for JsonTransferVisitor {
         // Which keys were given, null ones included: {"id": null, "ID": "…"} names id twice too.
         let mut seen = [false; 4];
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if t.keys.0.len() < KEYS_SHOWN {
+            if t.keys.0.len() < NAMES_SHOWN {
                 t.keys.0.push(key.to_string());
             }
             t.keys.1 += 1;

@@ -77,6 +77,27 @@ pub struct Malformed {
     pub reason: String,
 }
 
+/// Names a message shows of what a line holds (a CSV header's, a JSON object's keys):
+/// `'a', 'b' and 2 more`, the first `NAMES_SHOWN` quoted, of `count` in all; `None` for none.
+fn names_shown<'a>(first: impl IntoIterator<Item = &'a str>, count: usize) -> Option<String> {
+    let mut names: Vec<String> = first
+        .into_iter()
+        .take(NAMES_SHOWN)
+        .map(|n| format!("'{}'", shown(n)))
+        .collect();
+    if count > names.len() {
+        names.push(format!("{} more", count - names.len()));
+    }
+    let (last, rest) = names.split_last()?;
+    Some(match rest {
+        [] => last.clone(),
+        _ => format!("{} and {last}", rest.join(", ")),
+    })
+}
+
+/// Names `names_shown` lists before "N more".
+const NAMES_SHOWN: usize = 6;
+
 fn malformed(line: u64, reason: impl Into<String>) -> Malformed {
     Malformed {
         line,
