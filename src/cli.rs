@@ -272,10 +272,14 @@ pub struct TransferArgs {
     #[arg(long, value_enum)]
     pub format: Option<crate::batch::Format>,
     /// Connections applying --file at once, each a group of lines that shares no account or id
-    /// with the others [default: 2; 1 on a PostgreSQL whose default isolation is SERIALIZABLE,
-    /// where concurrent groups abort each other]
+    /// with the others [default: 2; 1 with --batch-isolation server-default on a PostgreSQL
+    /// whose default isolation is SERIALIZABLE, where concurrent groups abort each other]
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, 64>)]
     pub connections: Option<u64>,
+    /// Isolation level of --file's transactions; each locks every account it reads first, so
+    /// outcomes are the same at either [default: read-committed]
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub batch_isolation: Option<crate::batch::Isolation>,
     /// Print the result as JSON (with --file: one JSON object per line of the file)
     #[arg(long)]
     pub json: bool,
@@ -442,6 +446,10 @@ pub struct WorkloadArgs {
     /// `transfer --file` (latency is then per batch)
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<1, 10_000>)]
     pub batch: Option<u64>,
+    /// Isolation level of --batch's transactions, as `transfer --file --batch-isolation`
+    /// [default: read-committed]
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub batch_isolation: Option<crate::batch::Isolation>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -466,6 +474,7 @@ impl WorkloadArgs {
             histogram: self.histogram.clone(),
             report: self.report.clone(),
             batch: self.batch,
+            batch_isolation: self.batch_isolation,
         }
     }
 }

@@ -254,6 +254,14 @@ fn ended(run: &Run, code: i32, needle: &str) {
     run.no_password();
 }
 
+/// The databases' default levels and `--batch-isolation`s that files are tested at: bank's
+/// READ COMMITTED over both defaults, and the server's own SERIALIZABLE, as on CockroachDB.
+const LEVELS: [(Iso, &str); 3] = [
+    (Iso::ReadCommitted, "read-committed"),
+    (Iso::Serializable, "read-committed"),
+    (Iso::Serializable, "server-default"),
+];
+
 /// A random file over a handful of accounts: overdrafts, repeated ids (same and other details),
 /// an account that does not exist (`seeded_file`, no account hotter than another).
 fn random_file(rng: &mut StdRng, accounts: &[Uuid], n: usize) -> Vec<T> {
@@ -263,7 +271,9 @@ fn random_file(rng: &mut StdRng, accounts: &[Uuid], n: usize) -> Vec<T> {
 #[test]
 fn a_file_gives_exactly_the_one_by_one_outcomes_balances_and_chains() {
     let mut rng = StdRng::seed_from_u64(0x0ba7c4);
-    for iso in Iso::BOTH {
+    // At each level, and over a SERIALIZABLE database both at bank's READ COMMITTED and at the
+    // server's level (CockroachDB's way: serializable conflicts retried).
+    for (iso, level) in LEVELS {
         // Over 200 accounts a window falls apart into groups that run on several connections
         // at once; over 5 it is one group.
         let rounds = [(1000, 1, 5), (7, 2, 5), (1, 1, 5), (50, 3, 5), (20, 3, 200)];
@@ -296,9 +306,11 @@ fn a_file_gives_exactly_the_one_by_one_outcomes_balances_and_chains() {
                     &batch.to_string(),
                     "--connections",
                     &connections.to_string(),
+                    "--batch-isolation",
+                    level,
                 ],
             );
-            let case = format!("{iso:?} batch {batch} connections {connections}");
+            let case = format!("{iso:?} {level} batch {batch} connections {connections}");
             let got = outcomes(&run);
             assert_eq!(got.len(), lines.len(), "{case}: {run:?}");
             for (i, ((line, outcome), want)) in got.iter().zip(&expected).enumerate() {
@@ -1402,7 +1414,7 @@ fn workload(db: &ScratchDb, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn a_batched_workload_keeps_every_invariant_at_both_isolation_levels() {
-    for iso in Iso::BOTH {
+    for (iso, level) in LEVELS {
         for batch in ["1", "25"] {
             let db = ScratchDb::migrated_at(iso);
             let r = workload(
@@ -1420,9 +1432,11 @@ fn a_batched_workload_keeps_every_invariant_at_both_isolation_levels() {
                     "2000",
                     "--batch",
                     batch,
+                    "--batch-isolation",
+                    level,
                 ],
             );
-            let case = format!("{iso:?} --batch {batch}: {r}");
+            let case = format!("{iso:?} {level} --batch {batch}: {r}");
             assert_eq!(r["ok"], true, "{case}");
             // A batch whose statement read balances older than the rows it moved was refused by
             // the CHECK constraint and counted here (fixed by locking in a statement of its own).
@@ -1486,6 +1500,20 @@ fn batches_and_single_transfers_on_the_same_accounts_do_not_deadlock() {
         let report = bank::verify::verify(&mut db.conn()).expect("verify");
         assert!(report.ok, "{iso:?}: {report:?}");
     }
+}
+
+/// `--batch-isolation` sets the level of `--batch`'s transactions: without `--batch` it would
+/// be taken for the level of every transfer, and is refused, changing nothing.
+#[test]
+fn a_workload_s_batch_isolation_without_batch_is_refused() {
+    let db = ScratchDb::migrated();
+    let before = full_state(&db);
+    db.bank()
+        .args(["workload", "--accounts", "5", "--transfers", "10"])
+        .args(["--batch-isolation", "read-committed"])
+        .run()
+        .fails_with(2, "--batch-isolation applies to --batch only");
+    assert_eq!(full_state(&db), before);
 }
 
 #[test]
@@ -2603,13 +2631,18 @@ fn a_claim_after_a_slow_statement_that_committed_has_its_own_deadline() {
     }
 }
 
-/// Without --connections: two at READ COMMITTED, one on a PostgreSQL that runs SERIALIZABLE by
-/// default (its predicate locks make two connections slower there). The question is asked once
-/// the first group is done; its answer still decides (the second connection applies groups),
-/// and every line is applied.
+/// Without --connections: two, but one on a PostgreSQL that runs SERIALIZABLE by default when
+/// the file's transactions run at that default (`--batch-isolation server-default`; its
+/// predicate locks make two connections slower there). The question is asked once the first
+/// group is done; its answer still decides (the second connection applies groups), and every
+/// line is applied.
 #[test]
 fn the_server_s_default_isolation_decides_the_connections() {
-    for (iso, want) in [(Iso::ReadCommitted, 2), (Iso::Serializable, 1)] {
+    for (iso, level, want) in [
+        (Iso::ReadCommitted, "server-default", 2),
+        (Iso::Serializable, "server-default", 1),
+        (Iso::Serializable, "read-committed", 2),
+    ] {
         let db = ScratchDb::migrated_at(iso);
         // Statements enough that the run is still going when the answer comes.
         let lines = solvent_file(&db, 400, 3000, 12);
@@ -2617,7 +2650,7 @@ fn the_server_s_default_isolation_decides_the_connections() {
             db.url.expose(),
             "f.csv",
             &csv(&lines),
-            &["-v", "--batch", "5"],
+            &["-v", "--batch", "5", "--batch-isolation", level],
         );
         assert_eq!(run.code, 0, "{iso:?}: {run:?}");
         assert!(
@@ -3271,16 +3304,22 @@ fn refused_lines_scattered_through_a_file_do_not_each_end_a_statement() {
     }
 }
 
-/// A database whose default is REPEATABLE READ: a file's transactions ran at it, where a
-/// snapshot taken before a rerun claimed a line's id hides the claim from the check made once
-/// the accounts are held, and the rerun's locks raise no conflict (found by a reviewer). They
-/// run at SERIALIZABLE there (a trigger of the test's records each ledger row's isolation level),
-/// and at the default elsewhere.
+/// A file's transactions run at READ COMMITTED on PostgreSQL whatever the database's default
+/// (`batch::Isolation`), and at the default with `--batch-isolation server-default`: at
+/// SERIALIZABLE then, and at SERIALIZABLE where the default is REPEATABLE READ, where a snapshot
+/// taken before a rerun claimed a line's id hides the claim from the check made once the
+/// accounts are held, and the rerun's locks raise no conflict (found by a reviewer). A trigger
+/// of the test's records each ledger row's isolation level.
 #[test]
-fn a_file_on_a_repeatable_read_database_runs_serializable() {
-    for (default, expected) in [
-        ("repeatable read", "serializable"),
-        ("read committed", "read committed"),
+fn a_file_s_transactions_run_at_read_committed_unless_told_the_server_s_default() {
+    for (default, level, expected) in [
+        ("serializable", None, "read committed"),
+        ("repeatable read", None, "read committed"),
+        ("read committed", None, "read committed"),
+        ("serializable", Some("read-committed"), "read committed"),
+        ("serializable", Some("server-default"), "serializable"),
+        ("repeatable read", Some("server-default"), "serializable"),
+        ("read committed", Some("server-default"), "read committed"),
     ] {
         let db = ScratchDb::migrated();
         let ids = db.accounts(&[100, 0]);
@@ -3302,15 +3341,16 @@ fn a_file_on_a_repeatable_read_database_runs_serializable() {
             ids[0],
             ids[1]
         );
-        let run = run_file(db.url.expose(), "f.csv", &text, &[]);
-        assert_eq!(run.code, 0, "{default}: {run:?}");
+        let args: Vec<&str> = level.map_or(vec![], |l| vec!["--batch-isolation", l]);
+        let run = run_file(db.url.expose(), "f.csv", &text, &args);
+        assert_eq!(run.code, 0, "{default} {level:?}: {run:?}");
         let seen: Vec<String> = diesel::sql_query("SELECT isolation AS name FROM seen")
             .load::<Name>(&mut db.conn())
             .expect("seen")
             .into_iter()
             .map(|n| n.name)
             .collect();
-        assert_eq!(seen, [expected], "{default}");
+        assert_eq!(seen, [expected], "{default} {level:?}");
     }
 }
 

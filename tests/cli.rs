@@ -1576,6 +1576,7 @@ fn options_of_a_file_without_a_file_are_refused() {
         &["--batch", "5"][..],
         &["--format", "csv"],
         &["--connections", "2"],
+        &["--batch-isolation", "server-default"],
     ] {
         let mut args = vec!["transfer", "--from", "{A}", "--to", "{B}", "--amount", "1"];
         args.extend_from_slice(extra);

@@ -2,8 +2,9 @@
 //! verdict, each statement in a transaction of its own through `retry::retry`.
 //!
 //! A statement decides the lines up to the first refused one that the runner did not guess
-//! (`Chunk::guess_short`); the runner sends the lines after it as the next statement. Each statement runs inside BEGIN … COMMIT (at the server's default
-//! isolation level: the statement locks what it reads, so it is exact at READ COMMITTED too),
+//! (`Chunk::guess_short`); the runner sends the lines after it as the next statement. Each
+//! statement runs inside BEGIN … COMMIT (at READ COMMITTED on PostgreSQL unless told otherwise,
+//! see `batch::Isolation`: the statement locks what it reads, so it is exact at any level),
 //! so that its verdicts are back before COMMIT is sent: when the COMMIT's answer is lost, the
 //! runner knows which lines that attempt applied, and when the ledger later holds them it reports
 //! them `applied`, not `already_applied`, as the one-transfer runner does.
@@ -192,6 +193,8 @@ pub struct ChunkRunner {
     /// The chunk under way had a statement refused for a reason that is no line's own: the
     /// reason, for the run's error line.
     pub refused_whole: Option<String>,
+    /// The level of each statement's transaction.
+    isolation: super::Isolation,
 }
 
 /// How a runner guesses the lines a statement refuses for insufficient funds, so that the
@@ -239,7 +242,14 @@ impl ChunkRunner {
             spent: Duration::ZERO,
             lines_own: HashSet::new(),
             refused_whole: None,
+            isolation: super::Isolation::default(),
         }
+    }
+
+    /// Statements' transactions at `isolation`.
+    pub fn isolated(mut self, isolation: super::Isolation) -> ChunkRunner {
+        self.isolation = isolation;
+        self
     }
 
     /// Shares the ids answered elsewhere (`barred`) with the run's other runners.
@@ -797,7 +807,7 @@ impl ChunkRunner {
         if repo::after_statement_triggers(conn).unwrap_or(false) {
             return None;
         }
-        let probe = conn.build_transaction().run::<(), DieselError, _>(|c| {
+        let probe = begin(conn, self.isolation).run::<(), DieselError, _>(|c| {
             if ids_given {
                 repo::claim_generations(c, &[])?;
             }
@@ -846,6 +856,7 @@ impl ChunkRunner {
         let mut answered: Option<u64> = None;
         let ids_given = self.ids_given;
         let guesses = self.guesses;
+        let isolation = self.isolation;
         let first_claims = &mut self.first_claims;
         let barred = Arc::clone(&self.barred);
         let gave_up = || ticket.is_abandoned();
@@ -869,7 +880,7 @@ impl ChunkRunner {
             // The words of a session found gone before its COMMIT (`db::still_connected`),
             // which the failed ROLLBACK's would replace.
             let mut gone = None;
-            let result = conn.build_transaction().run(|c| {
+            let result = begin(conn, isolation).run(|c| {
                 crate::db::wait_out_rewrites(c, "accounts, transfers, transfer_claims")?;
                 // The claims of lines no attempt has read yet, first of all: an attempt that
                 // failed before its verdicts (a lock timeout, a killed backend) recorded none,
@@ -1208,6 +1219,21 @@ fn answered_since(
         }
     }
     Ok(moved)
+}
+
+/// A statement's transaction, at `isolation` (`batch::Isolation`): READ COMMITTED asked for on
+/// PostgreSQL only, where the connection has found it (`db::found_postgresql`).
+fn begin(
+    conn: &mut PgConnection,
+    isolation: super::Isolation,
+) -> diesel::pg::TransactionBuilder<'_, PgConnection> {
+    let builder = conn.build_transaction();
+    match isolation {
+        super::Isolation::ReadCommitted if crate::db::found_postgresql() => {
+            builder.read_committed()
+        }
+        _ => builder,
+    }
 }
 
 /// Records in `first` the claim generation (`None`: not claimed) of each of `lines` that has

@@ -39,6 +39,8 @@ pub struct Options {
     /// Connections applying chunks at once.
     pub connections: Connections,
     pub policy: RetryPolicy,
+    /// The level of every statement's transaction.
+    pub isolation: super::Isolation,
 }
 
 /// How many connections apply the file.
@@ -211,7 +213,7 @@ where
     E: From<Fatal>,
 {
     let started = Instant::now();
-    let (batch, policy) = (options.batch, options.policy);
+    let (batch, policy, isolation) = (options.batch, options.policy, options.isolation);
     let (connections, mut ask) = match options.connections {
         Connections::Given(n) => (n.max(1), None),
         Connections::Asked(ask) => (1, Some(ask)),
@@ -230,7 +232,7 @@ where
     let mut retired = 0usize;
     let mut workers: Vec<Worker> = Vec::new();
     for n in 0..connections {
-        match spawn(url, batch, policy, n, done_tx.clone(), &barred) {
+        match spawn(url, (batch, policy, isolation), n, done_tx.clone(), &barred) {
             Ok(w) => workers.push(w),
             // Nothing sent yet.
             Err(e) if n == 0 => return Err(E::from(Fatal::Thread(e))),
@@ -301,7 +303,7 @@ where
                         let from = workers.len();
                         meant = meant.max(n);
                         for k in from..n {
-                            match spawn(url, batch, policy, k, tx.clone(), &barred) {
+                            match spawn(url, (batch, policy, isolation), k, tx.clone(), &barred) {
                                 Ok(w) => workers.push(w),
                                 Err(e) => {
                                     fewer.get_or_insert(no_thread(&e));
@@ -640,8 +642,7 @@ fn emit_ready<E>(
 
 fn spawn(
     url: &DbUrl,
-    batch: usize,
-    policy: RetryPolicy,
+    (batch, policy, isolation): (usize, RetryPolicy, super::Isolation),
     n: usize,
     done: mpsc::Sender<Done>,
     barred: &std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>>,
@@ -654,6 +655,7 @@ fn spawn(
     let mut runner = ChunkRunner::new(session, policy)
         .at_most(batch.max(1))
         .ids_given()
+        .isolated(isolation)
         .barring(std::sync::Arc::clone(barred));
     runner.interruptible = true;
     let watch = runner.watch.clone();

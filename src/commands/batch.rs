@@ -52,17 +52,21 @@ pub(super) fn transfer_file(
         let format = source.format;
         source.check().map(|input| (format, input))
     })?;
+    let isolation = args.batch_isolation.unwrap_or_default();
     let connections = match args.connections {
         Some(n) => batch::Connections::Given(usize::try_from(n).unwrap_or(1)),
         None => {
             let (url, timeout) = (url.clone(), args.run.policy().timeout);
-            batch::Connections::Asked(Box::new(move || connections_asked(&url, timeout)))
+            batch::Connections::Asked(Box::new(move || {
+                connections_asked(&url, timeout, isolation)
+            }))
         }
     };
     let options = batch::Options {
         batch: usize::try_from(args.batch.unwrap_or(batch::DEFAULT_BATCH)).unwrap_or(usize::MAX),
         connections,
         policy: args.run.policy(),
+        isolation,
     };
     let reader = input.reader()?;
     let (lines, changed) =
@@ -212,9 +216,11 @@ fn is_closed(e: &io::Error) -> bool {
 }
 
 /// `--connections` when not given: 2, but 1 on a PostgreSQL that runs transactions SERIALIZABLE
-/// by default. Its predicate locks are per index page, so two groups that share no row still
-/// abort each other, and one connection was faster there (12.4–13.9k against 9.5–11.7k
-/// transfers/s, BENCHMARKS.md). CockroachDB's serializable transactions conflict on rows only.
+/// by default when the file's transactions run at that default (`--batch-isolation
+/// server-default`). Its predicate locks are per index page, and past
+/// `max_pred_locks_per_transaction` per table, so two groups that share no row still abort each
+/// other, and one connection was faster there (12.4–13.9k against 9.5–11.7k transfers/s,
+/// BENCHMARKS.md). CockroachDB's serializable transactions conflict on rows only.
 ///
 /// A server that cannot be asked (refusing a second connection for this role, frozen) gets
 /// one connection: the file goes on with the one it has. The question comes once the first
@@ -222,9 +228,9 @@ fn is_closed(e: &io::Error) -> bool {
 /// such a server ended the run with exit 1, or kept it waiting forever when it froze after the
 /// connection was made (found by a reviewer); then, bounded by a quarter of `--timeout`, it still
 /// came on top of the first statement's deadline.
-fn connections_asked(url: &DbUrl, timeout: Duration) -> usize {
+fn connections_asked(url: &DbUrl, timeout: Duration, isolation: batch::Isolation) -> usize {
     match ask_isolation(url, timeout) {
-        Ok((cockroachdb, isolation)) => connections_for(cockroachdb, &isolation),
+        Ok((cockroachdb, default)) => connections_for(cockroachdb, &default, isolation),
         Err(e) => {
             log::debug!("transfer --file: the default isolation level is not known ({e})");
             1
@@ -251,11 +257,15 @@ fn ask_isolation(url: &DbUrl, timeout: Duration) -> Result<(bool, String), Error
 
 /// REPEATABLE READ counts as SERIALIZABLE: bank's sessions run at SERIALIZABLE there
 /// (`db::session::tune`).
-fn connections_for(cockroachdb: bool, default_isolation: &str) -> usize {
+fn connections_for(
+    cockroachdb: bool,
+    default_isolation: &str,
+    isolation: batch::Isolation,
+) -> usize {
     let serializable = ["serializable", "repeatable read"]
         .iter()
         .any(|level| default_isolation.eq_ignore_ascii_case(level));
-    if !cockroachdb && serializable {
+    if !cockroachdb && serializable && isolation == batch::Isolation::ServerDefault {
         1
     } else {
         2
@@ -627,10 +637,23 @@ mod tests {
     }
 
     #[test]
-    fn one_connection_on_a_serializable_postgresql_else_two() {
-        assert_eq!(connections_for(false, "serializable"), 1);
-        assert_eq!(connections_for(false, "read committed"), 2);
-        assert_eq!(connections_for(false, "repeatable read"), 1);
-        assert_eq!(connections_for(true, "serializable"), 2);
+    fn one_connection_on_a_serializable_postgresql_at_its_default_else_two() {
+        use crate::batch::Isolation::{ReadCommitted, ServerDefault};
+        assert_eq!(connections_for(false, "serializable", ServerDefault), 1);
+        assert_eq!(connections_for(false, "read committed", ServerDefault), 2);
+        assert_eq!(connections_for(false, "repeatable read", ServerDefault), 1);
+        assert_eq!(connections_for(true, "serializable", ServerDefault), 2);
+        for default in ["serializable", "repeatable read", "read committed"] {
+            assert_eq!(
+                connections_for(false, default, ReadCommitted),
+                2,
+                "{default}"
+            );
+            assert_eq!(
+                connections_for(true, default, ReadCommitted),
+                2,
+                "{default}"
+            );
+        }
     }
 }

@@ -50,6 +50,7 @@ pub(super) fn transfer_cmd(
         ("--batch", args.batch.is_some()),
         ("--format", args.format.is_some()),
         ("--connections", args.connections.is_some()),
+        ("--batch-isolation", args.batch_isolation.is_some()),
     ];
     if let Some((flag, _)) = file_only.iter().find(|(_, given)| *given) {
         return Err(Error::Usage(format!(

@@ -197,7 +197,11 @@ fn first(conn: &mut PgConnection, url: &str) -> QueryResult<()> {
     // By the engine too, not by the setting alone: a CockroachDB that came to list
     // `exit_on_error` (as it lists other PostgreSQL settings it ignores) would have been sent
     // `LOCK TABLE`, which it does not have (a dialect audit's point).
-    if stay && !super::engine::Server::parse(&found.version).is_cockroachdb() {
+    let postgresql = !super::engine::Server::parse(&found.version).is_cockroachdb();
+    if postgresql {
+        super::POSTGRESQL.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if stay && postgresql {
         super::TABLE_LOCKS.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let english = set(conn, &path, language.is_some(), all_rows, stay)?;

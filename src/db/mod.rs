@@ -12,6 +12,15 @@ mod url;
 /// `LOCK TABLE` takes no snapshot; CockroachDB has no `LOCK TABLE`.
 static TABLE_LOCKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set once a connection of this run found PostgreSQL (by `version()`), not CockroachDB.
+static POSTGRESQL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a connection of this run has found the server to be PostgreSQL (a run talks to one
+/// server). False before the first connection is set up, and on CockroachDB.
+pub fn found_postgresql() -> bool {
+    POSTGRESQL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The first statement of a REPEATABLE READ or SERIALIZABLE transaction over `tables` (a list
 /// such as `accounts, transfers`): on PostgreSQL it waits, before the transaction's snapshot is
 /// taken, for a DBA's table rewrite in progress (`ALTER TABLE … ADD COLUMN … DEFAULT random()`,

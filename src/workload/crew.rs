@@ -86,7 +86,8 @@ impl Crew {
         let batch = self.config.batch.map(|n| {
             let session = Session::new(self.url.clone(), "bank-workload")
                 .with_timeout(self.config.policy.timeout);
-            let mut chunk = ChunkRunner::new(session, self.config.policy);
+            let mut chunk = ChunkRunner::new(session, self.config.policy)
+                .isolated(self.config.batch_isolation.unwrap_or_default());
             chunk.watch.ticket = runner.ticket.clone();
             chunk.live_retries = Some(Arc::clone(&self.live.retries));
             // Ctrl-C and the run's end stop a chunk between its statements: one with many

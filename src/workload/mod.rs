@@ -68,6 +68,8 @@ pub struct Config {
     /// Each worker applies this many random transfers at a time, through `transfer --file`'s
     /// chunk statement.
     pub batch: Option<u64>,
+    /// The isolation level of those transfers' transactions (`None`: `batch::Isolation`'s default).
+    pub batch_isolation: Option<crate::batch::Isolation>,
 }
 
 pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Error> {
@@ -76,6 +78,13 @@ pub fn run(url: &DbUrl, config: &Config, out: &mut impl Write) -> Result<(), Err
         return Err(Error::Usage(
             "--batch runs each chunk in a transaction: it cannot be combined with \
              --mode single-statement"
+                .into(),
+        ));
+    }
+    if config.batch_isolation.is_some() && config.batch.is_none() {
+        return Err(Error::Usage(
+            "--batch-isolation applies to --batch only: the other modes' transactions have \
+             their own level"
                 .into(),
         ));
     }
