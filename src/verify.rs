@@ -52,6 +52,13 @@ pub struct Violation {
     /// written by hand), so the ledger explains no balance at all.
     pub expected: Option<i128>,
     pub chain_ok: bool,
+    /// With a broken chain: the version of its first entry that does not follow the one before
+    /// it (the opening balance before the first). `None` (JSON `null`) when every entry follows
+    /// and the break is between the last entry and the account's own balance and version.
+    pub chain_broken_at: Option<i64>,
+    /// The version of the account's last entry (`None`: it has none), which the account's
+    /// balance and version must match.
+    pub last_entry_version: Option<i64>,
 }
 
 /// One row of the statement: the totals, and one listed violation (or none).
@@ -79,6 +86,10 @@ struct Row {
     expected: Option<String>,
     #[diesel(sql_type = Nullable<Bool>)]
     chain_ok: Option<bool>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    broken_at: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    last_version: Option<i64>,
 }
 
 /// Each entry (a transfer seen from one of its accounts) linked to the one before it, then each
@@ -119,11 +130,8 @@ WITH entries AS (
            LEAD(version) OVER w IS NULL AS is_last
     FROM entries
     WINDOW w AS (PARTITION BY account ORDER BY version)
-), chains AS (
-    SELECT account,
-           SUM(amount) FILTER (WHERE NOT debit) AS credits,
-           SUM(amount) FILTER (WHERE debit) AS debits,
-           COUNT(*) FILTER (WHERE (CASE
+), judged_links AS (
+    SELECT account, version, after, amount, debit, prev_version, is_last, (CASE
                WHEN sound IS NOT TRUE THEN false
                WHEN prev_version IS NULL THEN version = 1
                WHEN version > prev_version THEN version - 1 = prev_version AND CASE
@@ -135,15 +143,30 @@ WITH entries AS (
                         = CAST(prev_after AS NUMERIC)
                END
                ELSE false
-           END) IS NOT TRUE) AS bad_links,
+           END) IS NOT TRUE AS bad
+    FROM links
+), chains AS (
+    SELECT account,
+           SUM(amount) FILTER (WHERE NOT debit) AS credits,
+           SUM(amount) FILTER (WHERE debit) AS debits,
+           COUNT(*) FILTER (WHERE bad) AS bad_links,
+           MIN(version) FILTER (WHERE bad) AS first_bad,
+           MIN(version) AS first_version,
            MIN(CASE WHEN debit THEN CAST(after AS NUMERIC) + amount
                     ELSE CAST(after AS NUMERIC) - amount END)
                FILTER (WHERE prev_version IS NULL) AS first_before,
            MAX(after) FILTER (WHERE is_last) AS last_after,
            MAX(version) AS last_version
-    FROM links GROUP BY account
+    FROM judged_links GROUP BY account
 ), status AS (
-    SELECT a.id, a.balance, a.opening_balance,
+    SELECT a.id, a.balance, a.opening_balance, c.last_version,
+           -- Where the chain first fails: the first entry when it does not start from the
+           -- opening balance, else the first that does not follow the one before it; NULL when
+           -- it fails only between its last entry and the account's row (or has no entries).
+           CASE WHEN c.first_before IS DISTINCT FROM CAST(a.opening_balance AS NUMERIC)
+                THEN c.first_version
+                WHEN c.bad_links > 0 THEN c.first_bad
+           END AS broken_at,
            CAST(a.opening_balance AS NUMERIC) + COALESCE(c.credits, 0) - COALESCE(c.debits, 0)
                AS expected,
            COALESCE(CASE WHEN c.account IS NULL THEN a.version = 0 AND a.balance = a.opening_balance
@@ -152,7 +175,7 @@ WITH entries AS (
            END, false) AS chain_ok
     FROM accounts a LEFT JOIN chains c ON c.account = a.id
 ), judged AS (
-    SELECT id, balance, opening_balance, expected, chain_ok,
+    SELECT id, balance, opening_balance, expected, chain_ok, broken_at, last_version,
            (CAST(balance AS NUMERIC) = expected) IS NOT TRUE AS mismatched
     FROM status
 ), totals AS (
@@ -165,11 +188,12 @@ WITH entries AS (
            CAST(COUNT(*) FILTER (WHERE NOT chain_ok) AS INT8) AS broken_chains
     FROM judged
 ), listed AS (
-    SELECT id, balance, CAST(expected AS TEXT) AS expected, chain_ok FROM judged
+    SELECT id, balance, CAST(expected AS TEXT) AS expected, chain_ok, broken_at, last_version
+    FROM judged
     WHERE balance < 0 OR mismatched OR NOT chain_ok
     ORDER BY id LIMIT $1
 )
-SELECT t.*, l.id, l.balance, l.expected, l.chain_ok
+SELECT t.*, l.id, l.balance, l.expected, l.chain_ok, l.broken_at, l.last_version
 FROM totals t LEFT JOIN listed l ON true
 ORDER BY l.id";
 
@@ -243,6 +267,8 @@ fn check(conn: &mut PgConnection) -> QueryResult<Report> {
                     .map(repo::whole_number)
                     .transpose()?,
                 chain_ok: row.chain_ok.unwrap_or(false),
+                chain_broken_at: row.broken_at,
+                last_entry_version: row.last_version,
             });
         }
     }
@@ -289,7 +315,18 @@ impl std::fmt::Display for Report {
             mark(self.broken_chains == 0)
         )?;
         for v in &self.violations {
-            let chain = if v.chain_ok { "" } else { ", chain broken" };
+            // Where it breaks, so that `bank history ACCOUNT` shows the entry to look at.
+            let chain = match (v.chain_ok, v.chain_broken_at, v.last_entry_version) {
+                (true, _, _) => String::new(),
+                (false, Some(at), _) => format!(", chain broken at version {at}"),
+                (false, None, Some(last)) => format!(
+                    ", chain broken after its last entry (version {last}): the account's \
+                     balance or version does not match it"
+                ),
+                (false, None, None) => {
+                    ", chain broken: no entries, yet the account is not as opened".to_string()
+                }
+            };
             let balance = v
                 .balance
                 .map_or_else(|| "none (NULL)".to_string(), |b| b.to_string());
@@ -333,6 +370,8 @@ mod tests {
             balance: Some(1),
             expected: Some(2),
             chain_ok: true,
+            chain_broken_at: None,
+            last_entry_version: None,
         };
         let mut report = Report {
             ok: false,

@@ -590,12 +590,77 @@ fn verify_reports_violation(db: &ScratchDb, edit: &str) -> serde_json::Value {
             .find(|l| l.starts_with(&format!("  account {id}: ")));
         let line = line.unwrap_or_else(|| panic!("{edit}: {id} not listed: {text:?}"));
         assert_eq!(
-            line.ends_with(", chain broken"),
+            line.contains(", chain broken"),
             v["chain_ok"] == false,
             "{edit}: {line}"
         );
+        // And where, as the JSON says.
+        if let Some(at) = v["chain_broken_at"].as_i64() {
+            assert!(
+                line.ends_with(&format!(", chain broken at version {at}")),
+                "{edit}: {line}"
+            );
+        }
     }
     j
+}
+
+/// A broken chain is reported with where it breaks: the first entry that does not follow the
+/// one before it, the first entry when it does not start from the opening balance, or after
+/// the last entry when the account's own balance does not match it. "chain broken" alone left
+/// the user to read every entry of the account (`bank history`) to find the edit.
+#[test]
+fn verify_says_where_a_chain_breaks() {
+    let at = |j: &serde_json::Value, id: Uuid| {
+        let v = j["violations"]
+            .as_array()
+            .expect("violations")
+            .iter()
+            .find(|v| v["id"] == id.to_string())
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not listed: {j}"));
+        (
+            v["chain_broken_at"].clone(),
+            v["last_entry_version"].clone(),
+        )
+    };
+    // a's entries are versions 1 to 5 (five transfers); its third's balance-after edited.
+    let db = ScratchDb::migrated();
+    let (a, _, ids) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!(
+            "UPDATE transfers SET from_balance_after = from_balance_after - 1 WHERE id = '{}'",
+            ids[2]
+        ),
+    );
+    // Version 3 says 399 where 400 follows from version 2; version 4 does not follow version 3's
+    // 399 either: the first is the one named.
+    assert_eq!(at(&j, a), (3.into(), 5.into()), "{j}");
+    // The first entry not starting from the opening balance: version 1.
+    let db = ScratchDb::migrated();
+    let (a, _, _) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!("UPDATE accounts SET opening_balance = opening_balance + 1 WHERE id = '{a}'"),
+    );
+    assert_eq!(at(&j, a), (1.into(), 5.into()), "{j}");
+    // Every entry follows, but the account's balance was edited: after the last entry.
+    let db = ScratchDb::migrated();
+    let (a, _, _) = five_transfers(&db);
+    let j = verify_reports_violation(
+        &db,
+        &format!("UPDATE accounts SET balance = balance + 1 WHERE id = '{a}'"),
+    );
+    assert_eq!(at(&j, a), (serde_json::Value::Null, 5.into()), "{j}");
+    let text = db.bank().args(["verify"]).run();
+    assert!(
+        text.stdout.contains(&format!(
+            "  account {a}: balance 476, ledger says 475, chain broken after its last entry \
+             (version 5): the account's balance or version does not match it\n"
+        )),
+        "{text:?}"
+    );
 }
 
 /// An amount edited to INT8's maximum: verify added it to balances in INT8 and failed with
