@@ -83,7 +83,9 @@ fn names_shown<'a>(first: impl IntoIterator<Item = &'a str>, count: usize) -> Op
     let mut names: Vec<String> = first
         .into_iter()
         .take(NAMES_SHOWN)
-        .map(|n| format!("'{}'", shown(n)))
+        // A quote inside a name escaped: `'a', 'b'` was also what the one name `a', 'b` gave.
+        // A quote inside a name escaped: `'a', 'b'` was also what the one name `a', 'b` gave.
+        .map(|n| format!("'{}'", shown(n).replace('\'', "\\'")))
         .collect();
     if count > names.len() {
         names.push(format!("{} more", count - names.len()));
@@ -316,6 +318,12 @@ mod tests {
     const A: &str = "00000000-0000-0000-0000-00000000000a";
     const B: &str = "00000000-0000-0000-0000-00000000000b";
     const X: &str = "00000000-0000-0000-0000-000000000001";
+
+    #[test]
+    fn a_quote_inside_a_name_shown_is_escaped() {
+        assert_eq!(names_shown(["a', 'b"], 1).as_deref(), Some("'a\\', \\'b'"));
+        assert_eq!(names_shown(["a", "b"], 2).as_deref(), Some("'a' and 'b'"));
+    }
 
     fn all(text: &str, format: Format) -> Vec<Result<Line, Malformed>> {
         read(text.as_bytes(), format).collect()
