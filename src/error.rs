@@ -1115,6 +1115,13 @@ fn batch_unknown(stopped: Option<&str>, unknown: u64, not_attempted: u64, total:
 /// what to change ("You might need to increase max_locks_per_transaction." after "out of shared
 /// memory"). Diesel shows the message alone, and a workload's last error dropped the hint.
 fn server_hint(e: &diesel::result::Error) -> String {
+    // A value of another type than bank's schema gives its column: Diesel's words ("Received
+    // more than 8 bytes while decoding an i64") named neither the column nor the cause.
+    if let diesel::result::Error::DeserializationError(_) = e {
+        return " (a value of another type than bank's schema gives it: a column of bank's \
+                 tables changed by hand since its migrations ran? `bank doctor` names them)"
+            .to_string();
+    }
     let diesel::result::Error::DatabaseError(_, info) = e else {
         return String::new();
     };

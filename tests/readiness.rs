@@ -2528,3 +2528,99 @@ fn doctor_names_a_table_of_bank_s_dropped_since_its_migrations_ran() {
     assert_eq!(j["migrated"], true, "{j}");
     assert_eq!(j["tables_missing"], serde_json::json!([]), "{j}");
 }
+
+/// `db::BANK_COLUMN_TYPES`, against which `doctor` checks bank's columns, is exactly what the
+/// migrations make: every column of bank's three tables, with its type. A migration that adds
+/// or retypes a column without the list would have doctor call the schema changed by hand.
+#[test]
+fn bank_s_columns_are_listed_with_the_types_its_migrations_give() {
+    #[derive(diesel::QueryableByName, Debug, PartialEq)]
+    struct Column {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        t: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        c: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        ty: String,
+    }
+    let db = ScratchDb::migrated();
+    let mut made: Vec<Column> = diesel::sql_query(
+        "SELECT c.relname AS t, a.attname AS c, format_type(a.atttypid, a.atttypmod) AS ty \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+         WHERE c.relname IN ('accounts', 'transfers', 'transfer_claims') \
+           AND c.relnamespace = 'public'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .load(&mut db.conn())
+    .expect("columns");
+    let mut listed: Vec<Column> = bank::db::BANK_COLUMN_TYPES
+        .iter()
+        .map(|(t, c, ty)| Column {
+            t: t.to_string(),
+            c: c.to_string(),
+            ty: ty.to_string(),
+        })
+        .collect();
+    let key = |x: &Column| (x.t.clone(), x.c.clone());
+    made.sort_by_key(key);
+    listed.sort_by_key(key);
+    assert_eq!(made, listed);
+    assert!(bank::db::bank_columns_changed(&mut db.conn())
+        .expect("checked")
+        .is_empty());
+}
+
+/// A column of bank's retyped or dropped by hand: `doctor` said "migrated" while `history`
+/// failed with Diesel's "Received more than 8 bytes while decoding an i64" (found by reading
+/// what a DBA's `ALTER … TYPE numeric` does). Doctor names each such column and what it
+/// should be; the failing command's error points there.
+#[test]
+fn doctor_names_a_column_of_bank_s_retyped_or_dropped_by_hand() {
+    let db = ScratchDb::migrated();
+    let ids = db.accounts(&[100, 0]);
+    db.transfer(ids[0], ids[1], 5).run().success();
+    diesel::sql_query("ALTER TABLE transfers ALTER COLUMN amount TYPE numeric")
+        .execute(&mut db.conn())
+        .expect("retype");
+    let history = db.bank().args(["history", &ids[0].to_string()]).run();
+    assert_eq!(history.code, 1, "{history:?}");
+    assert!(
+        history
+            .stderr
+            .contains("changed by hand since its migrations ran? `bank doctor` names them"),
+        "{history:?}"
+    );
+    let text = db.bank().args(["doctor"]).run();
+    text.success();
+    let schema = text.stdout.lines().find(|l| l.starts_with("schema: "));
+    let schema = schema.unwrap_or_default();
+    assert!(
+        schema.starts_with("schema: migrated on record (version ")
+            && schema.contains(
+                "), but changed by hand since: transfers.amount is numeric, not bigint; the \
+                 commands that read them fail"
+            ),
+        "{text:?}"
+    );
+    diesel::sql_query("ALTER TABLE transfer_claims DROP COLUMN claimed_by")
+        .execute(&mut db.conn())
+        .expect("drop");
+    let j = db.bank().args(["doctor", "--json"]).run().json();
+    assert_eq!(j["migrated"], false, "{j}");
+    assert_eq!(
+        j["columns_changed"],
+        serde_json::json!([
+            "transfer_claims.claimed_by is missing",
+            "transfers.amount is numeric, not bigint"
+        ]),
+        "{j}"
+    );
+    db.conn()
+        .batch_execute(
+            "ALTER TABLE transfers ALTER COLUMN amount TYPE bigint; \
+             ALTER TABLE transfer_claims ADD COLUMN claimed_by uuid",
+        )
+        .expect("restored");
+    let j = db.bank().args(["doctor", "--json"]).run().json();
+    assert_eq!(j["migrated"], true, "{j}");
+    assert_eq!(j["columns_changed"], serde_json::json!([]), "{j}");
+}

@@ -41,6 +41,10 @@ struct Report {
     /// Bank's tables that its recorded migrations made and this connection's search_path does
     /// not find (dropped or renamed by hand since): `migrated` is then false.
     tables_missing: Vec<String>,
+    /// Bank's columns missing, or of another type than its migrations gave them, on tables that
+    /// are there ("transfers.amount is numeric, not bigint"): changed by hand since; `migrated`
+    /// is then false.
+    columns_changed: Vec<String>,
     /// Changes to bank's tables its promise cannot survive, each with its undo
     /// (`db::unsafe_changes`): every command that writes refuses them (reads go on, and
     /// `migrated` stays true: the schema is bank's, altered). `None` (null)
@@ -161,10 +165,18 @@ pub(super) fn doctor(
         }),
         false => Vec::new(),
     };
+    let columns_changed = match whole_on_record && shadowed.is_none() {
+        true => db::bank_columns_changed(&mut conn).unwrap_or_else(|e| {
+            log::debug!("doctor: whether bank's columns are as migrated is not known ({e})");
+            Vec::new()
+        }),
+        false => Vec::new(),
+    };
     let migrated = !applied.is_empty()
         && pending_migrations == 0
         && shadowed.is_none()
-        && tables_missing.is_empty();
+        && tables_missing.is_empty()
+        && columns_changed.is_empty();
     let (unsafe_changes, unchecked) = match migrated {
         true => match db::unsafe_changes(&mut conn) {
             Ok(changes) => (Some(changes), None),
@@ -285,6 +297,7 @@ pub(super) fn doctor(
             .map(|(_, tables)| tables.clone())
             .unwrap_or_default(),
         tables_missing,
+        columns_changed,
         settings,
         tls,
         client,
@@ -351,6 +364,13 @@ pub(super) fn doctor(
                 db::search_path(&mut conn).unwrap_or_default(),
             )?
         }
+        (Some(v), _) if !report.columns_changed.is_empty() => writeln!(
+            out,
+            "schema: migrated on record (version {v}), but changed by hand since: {}; the \
+             commands that read them fail, and `bank init` finds nothing to do: restore them as \
+             the migrations' up.sql under migrations/ made them",
+            report.columns_changed.join("; "),
+        )?,
         _ if crate::error::is_bank_s_own(report.init_blocked_by.iter().map(String::as_str)) => {
             writeln!(
                 out,

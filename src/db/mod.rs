@@ -688,6 +688,76 @@ pub fn bank_tables_missing(conn: &mut PgConnection) -> QueryResult<Vec<String>> 
     .collect())
 }
 
+/// Bank's columns, each with the type its migrations gave it (`format_type`'s words), in
+/// src/schema.rs's order; `db::tests`-style drift is caught by
+/// `readiness::bank_s_columns_are_listed_with_the_types_its_migrations_give`.
+pub const BANK_COLUMN_TYPES: [(&str, &str, &str); 17] = [
+    ("accounts", "id", "uuid"),
+    ("accounts", "balance", "bigint"),
+    ("accounts", "opening_balance", "bigint"),
+    ("accounts", "version", "bigint"),
+    ("accounts", "created_at", "timestamp with time zone"),
+    ("transfer_claims", "id", "uuid"),
+    ("transfer_claims", "generation", "bigint"),
+    ("transfer_claims", "claimed_by", "uuid"),
+    ("transfers", "id", "uuid"),
+    ("transfers", "from_id", "uuid"),
+    ("transfers", "to_id", "uuid"),
+    ("transfers", "amount", "bigint"),
+    ("transfers", "created_at", "timestamp with time zone"),
+    ("transfers", "from_version", "bigint"),
+    ("transfers", "from_balance_after", "bigint"),
+    ("transfers", "to_version", "bigint"),
+    ("transfers", "to_balance_after", "bigint"),
+];
+
+/// Bank's columns that are not as its migrations made them, on the tables this connection's
+/// search_path finds: "transfers.amount is numeric, not bigint", "transfers.amount is missing".
+/// A column retyped by hand (`ALTER … TYPE numeric`) left `doctor` saying "migrated" while
+/// `history` failed with Diesel's "Received more than 8 bytes while decoding an i64".
+pub fn bank_columns_changed(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = Text)]
+        name: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        found: Option<String>,
+        #[diesel(sql_type = Text)]
+        want: String,
+    }
+    let (mut tables, mut columns, mut types) = (Vec::new(), Vec::new(), Vec::new());
+    for (t, c, ty) in BANK_COLUMN_TYPES {
+        tables.push(t);
+        columns.push(c);
+        types.push(ty);
+    }
+    let found: Vec<Found> = diesel::sql_query(
+        "SELECT u.t || '.' || u.c AS name, format_type(a.atttypid, a.atttypmod) AS found, \
+                u.ty AS want \
+         FROM (SELECT t, (CAST($2 AS TEXT[]))[n] AS c, (CAST($3 AS TEXT[]))[n] AS ty, n \
+               FROM unnest(CAST($1 AS TEXT[])) WITH ORDINALITY AS v(t, n)) AS u \
+         LEFT JOIN pg_catalog.pg_attribute a \
+           ON a.attrelid = to_regclass(quote_ident(u.t)) AND a.attname = u.c \
+              AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE to_regclass(quote_ident(u.t)) IS NOT NULL \
+         ORDER BY u.n",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&tables)
+    .bind::<diesel::sql_types::Array<Text>, _>(&columns)
+    .bind::<diesel::sql_types::Array<Text>, _>(&types)
+    .load(conn)?;
+    Ok(found
+        .into_iter()
+        .filter_map(|f| match f.found {
+            None => Some(format!("{} is missing", f.name)),
+            Some(found) if found != f.want => {
+                Some(format!("{} is {found}, not {}", f.name, f.want))
+            }
+            Some(_) => None,
+        })
+        .collect())
+}
+
 /// The tables bank's statements name, as this connection's search_path finds them.
 const BANK_TABLES: [&str; 4] = [
     "__diesel_schema_migrations",
