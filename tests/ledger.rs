@@ -1279,3 +1279,55 @@ fn lookup_and_history_text_name_each_side_s_own_figures() {
         format!("history of account {a} (newest first):\n")
     );
 }
+
+/// An entry deleted by hand left no trace in `history`'s text: versions 4 then 2, which a reader
+/// takes for the whole account. The gap is a line of its own, at the top too when the account
+/// is at a version no entry has; `--json` lists the versions as they are.
+#[test]
+fn history_shows_where_entries_are_missing() {
+    let db = ScratchDb::migrated();
+    let (a, _, ids) = five_transfers(&db);
+    db.conn()
+        .batch_execute(&format!(
+            "DELETE FROM transfers WHERE id = '{}'; \
+             UPDATE accounts SET version = 7 WHERE id = '{a}'",
+            ids[2]
+        ))
+        .expect("the DBA's edit");
+    let run = db.bank().args(["history", &a.to_string()]).run();
+    run.success();
+    let lines: Vec<String> = run
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| match l.starts_with("version ") {
+            true => l.split("  ").next().unwrap_or_default().to_string(),
+            false => l.to_string(),
+        })
+        .collect();
+    let gap = |which: &str| {
+        format!(
+            "({which} missing from the ledger: `bank verify` reports the account's chain broken)"
+        )
+    };
+    assert_eq!(
+        lines,
+        [
+            gap("versions 6 to 7 are"),
+            "version 5".into(),
+            "version 4".into(),
+            gap("version 3 is"),
+            "version 2".into(),
+            "version 1".into(),
+            "version 0".into(),
+        ],
+        "{run:?}"
+    );
+    // A page that starts below the gap shows none.
+    let run = db
+        .bank()
+        .args(["history", &a.to_string(), "--before", "3"])
+        .run();
+    run.success();
+    assert!(!run.stdout.contains("missing"), "{run:?}");
+}

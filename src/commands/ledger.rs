@@ -56,6 +56,10 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
                     // the read again (`read_again`).
                     let mut header = !json;
                     let mut high = before.min(version.saturating_add(1));
+                    // The version the next entry should have (newest first): an entry deleted
+                    // by hand left no trace in the listing, versions 5 then 3 (`verify` says
+                    // the chain is broken; the text says where).
+                    let mut next = high.saturating_sub(1);
                     let mut page = FIRST_PAGE;
                     let mut shown = 0u64;
                     while high > 0 && (shown as i64) < limit {
@@ -77,13 +81,18 @@ pub(super) fn history(url: &DbUrl, args: &HistoryArgs, out: &mut impl Write) -> 
                             if (shown as i64) >= limit {
                                 break;
                             }
+                            let version = e.version;
                             if json {
                                 write!(out, "{}", if shown == 0 { "[" } else { "," })?;
                                 serde_json::to_writer(&mut *out, &entry_json(e))
                                     .map_err(io::Error::from)?;
                             } else {
+                                if e.version < next {
+                                    writeln!(out, "{}", gap(e.version + 1, next))?;
+                                }
                                 writeln!(out, "{}", entry_line(&e))?;
                             }
+                            next = version.saturating_sub(1);
                             shown += 1;
                         }
                         out.flush()?;
@@ -114,6 +123,15 @@ fn entry_json(e: Entry) -> EntryJson {
         amount: e.amount,
         balance_after: e.balance_after,
     }
+}
+
+/// The line for versions `low..=high` missing between two entries (deleted by hand).
+fn gap(low: i64, high: i64) -> String {
+    let which = match low == high {
+        true => format!("version {low} is"),
+        false => format!("versions {low} to {high} are"),
+    };
+    format!("({which} missing from the ledger: `bank verify` reports the account's chain broken)")
 }
 
 /// `version 3  2026-11-24T10:00:00.000000Z  -100  balance 900  transfer … to …`
