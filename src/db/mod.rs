@@ -688,8 +688,9 @@ pub fn bank_tables_missing(conn: &mut PgConnection) -> QueryResult<Vec<String>> 
     .collect())
 }
 
-/// Bank's columns, each with the type its migrations gave it (`format_type`'s words), in
-/// src/schema.rs's order; `db::tests`-style drift is caught by
+/// Bank's columns, each with the type its migrations gave it (`format_type`'s words, which
+/// CockroachDB gives alike for these types), in src/schema.rs's order. A migration that changes
+/// a column without this list fails
 /// `readiness::bank_s_columns_are_listed_with_the_types_its_migrations_give`.
 pub const BANK_COLUMN_TYPES: [(&str, &str, &str); 17] = [
     ("accounts", "id", "uuid"),
