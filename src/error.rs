@@ -117,7 +117,9 @@ pub struct Unmigrated {
     pub search_path: String,
     /// Where `init` would create bank's tables (`current_schema()`), unless that is nowhere or
     /// the session's temporary schema: a second bank there may be what is wanted (a tenant).
-    pub creation_schema: Option<Box<str>>,
+    /// (A thin `Box<String>`: every error carries this struct, which clippy's `result_large_err`
+    /// bounds.)
+    pub creation_schema: Option<Box<String>>,
     /// Migrated, but some of bank's tables are found first in another schema than bank's (the
     /// schema named here), each as "accounts in schema other" (`db::shadowed_tables`).
     pub shadowed: Option<Box<(String, Vec<String>)>>,
@@ -131,6 +133,10 @@ pub struct Unmigrated {
     /// rule, a key made deferrable, a trigger on the claims, UNLOGGED), each with how to undo it
     /// (`db::unsafe_changes`).
     pub unsafe_changes: Option<Box<Vec<String>>>,
+    /// Some of bank's migrations ran, not all (`db::require_migrated`): a binary upgraded before
+    /// `bank init`, or the newest migrations reverted to put an older one back. The ledger is
+    /// there all the same.
+    pub partly_migrated: bool,
 }
 
 impl Unmigrated {
@@ -140,10 +146,12 @@ impl Unmigrated {
     /// have applied a given id, and a refusal must not read as "not applied": "failed" (exit 1)
     /// was said of ids the ledger held, for a role's search_path naming another application's
     /// `accounts` first or no schema of bank's, for a claims table renamed, and for the record
-    /// of bank's migrations dropped (found by a fault-injecting helper). Only a database never
-    /// migrated holds no ledger.
+    /// of bank's migrations dropped (found by a fault-injecting helper), and for a database whose
+    /// newest migrations had not run (a rerun of an old binary's ids after an upgrade, before
+    /// `bank init`). Only a database never migrated holds no ledger.
     pub fn ledger_may_hold_ids(&self) -> bool {
-        self.unsafe_changes.is_some()
+        self.partly_migrated
+            || self.unsafe_changes.is_some()
             || self.shadowed.is_some()
             || !self.elsewhere.is_empty()
             || self.missing.is_some()

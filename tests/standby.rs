@@ -166,3 +166,37 @@ fn verify_on_a_hot_standby_reads_again_after_a_lost_connection_at_both_levels() 
         assert_eq!(j["transfers"].as_i64(), Some(1), "{iso:?}: {j}");
     }
 }
+
+/// An upgrade (`bank init` with migrations pending) on a primary whose
+/// `synchronous_standby_names` names a standby that is not connected: each migration's COMMIT
+/// waits for it, and init ended at its deadline blaming "a lock another session holds", or a
+/// frozen server, where `seed`, `reset` and transfers name the missing standby (and `doctor`
+/// says init waits for it). Found upgrading a database left by a bank before migration 7 while
+/// an old transfer's COMMIT waited for the standby. Once the setting is cleared, the migration
+/// whose COMMIT waited is there, and the next init runs the rest.
+#[test]
+fn an_upgrade_stalled_by_a_missing_synchronous_standby_names_it() {
+    use diesel_migrations::MigrationHarness;
+    let cluster = OwnCluster::start();
+    let db = ScratchDb::empty_on(cluster.server());
+    {
+        let mut conn = db.conn();
+        // The schema of a bank from before `transfer_claims` (migrations 1 to 6).
+        for _ in 0..6 {
+            conn.run_next_migration(bank::db::MIGRATIONS)
+                .expect("a migration");
+        }
+    }
+    let _clear = SyncNames(&db);
+    SyncNames::set(&db, "ghost", None);
+    let url = db.url.expose().to_string();
+    let init = bank_at(&url, &["init", "--timeout", "2s"]);
+    init.fails_with(1, "within 2s");
+    assert!(init.stderr.contains("synchronous standby"), "{init:?}");
+    assert!(init.stderr.contains("bank doctor"), "{init:?}");
+    SyncNames::set(&db, "", None);
+    bank_at(&url, &["init"]).success();
+    let doctor = bank_at(&url, &["doctor", "--json"]).success().json();
+    assert_eq!(doctor["migrated"], true, "{doctor}");
+    assert_eq!(doctor["pending_migrations"], 0, "{doctor}");
+}

@@ -191,12 +191,15 @@ fn roff_literal(line: &str) -> String {
 fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error> {
     // A frozen server, or a lock its migration needs held elsewhere for longer than the
     // deadline: it waited forever. Each migration commits on its own, so what was applied stays
-    // and the next init runs the rest.
+    // and the next init runs the rest. A migration's COMMIT waits for a synchronous standby as
+    // a transfer's does: an upgrade on a primary whose standby was gone blamed a lock.
     crate::guard::watch(args.timeout, || {
-        "a migration may be waiting on a lock another session holds (a long transaction on \
-         bank's tables), or the server is frozen, unreachable or slower than that; the \
-         migrations applied so far stay: run `bank init` again"
-            .to_string()
+        format!(
+            "a migration may be waiting on a lock another session holds (a long transaction on \
+             bank's tables), or {}, or slower than that; the migrations applied so far stay: \
+             run `bank init` again",
+            crate::guard::COMMIT_STALLS
+        )
     })?;
     crate::interrupt::while_migrating();
     let (mut conn, server) = first_migration_connection(url)?;

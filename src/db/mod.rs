@@ -637,7 +637,7 @@ pub fn unmigrated(conn: &mut PgConnection) -> Unmigrated {
         (Ok(elsewhere), Ok(path), Ok(creation_schema)) => Unmigrated {
             elsewhere: elsewhere.into_iter().map(|n| n.name).collect(),
             search_path: path,
-            creation_schema: creation_schema.map(String::into_boxed_str),
+            creation_schema: creation_schema.map(Box::new),
             in_the_way,
             ..Unmigrated::default()
         },
@@ -944,7 +944,11 @@ pub fn require_migrated(
             // Not readable (a catalog a role may not read): the migrations' check stands.
             _ => Ok(()),
         },
-        Ok(_) => Err(crate::error::Error::NotMigrated(Unmigrated::default())),
+        // Some of them ran: the ledger may hold a given id (`Unmigrated::ledger_may_hold_ids`).
+        Ok(c) => Err(crate::error::Error::NotMigrated(Unmigrated {
+            partly_migrated: c.n > 0,
+            ..Unmigrated::default()
+        })),
         // No migrations table on the search_path: never migrated, or migrated elsewhere.
         Err(diesel::result::Error::DatabaseError(_, info))
             if info.message().contains("does not exist") =>
