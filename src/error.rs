@@ -870,6 +870,20 @@ pub enum Error {
     /// `demo` that failed or was stopped part-way, and what became of the rows it created.
     #[error("{source}; the demo {cleanup}")]
     DemoStopped { source: Box<Error>, cleanup: String },
+    /// The demo's transfer whose COMMIT went unanswered, settled by the demo's cleanup, which
+    /// removed both its accounts (`demo::settled_by_cleanup`).
+    #[error(
+        "transfer {id}'s COMMIT went unanswered ({reason}), and the demo's cleanup settled it: {}",
+        match applied {
+            true => "it was applied, and is removed with the demo's accounts",
+            false => "it was not applied, and never can be: its accounts are gone",
+        }
+    )]
+    DemoTransferSettled {
+        id: Uuid,
+        reason: String,
+        applied: bool,
+    },
     /// A read that failed after writing part of its output.
     #[error("{0}; what was printed is incomplete")]
     CutShort(Box<Error>),

@@ -119,9 +119,14 @@ pub const COMMIT_STALLS: &str = commit_stalls!();
 /// would otherwise keep it waiting forever.
 pub fn watch_reads(timeout: std::time::Duration) -> Result<(), crate::error::Error> {
     watch(timeout, || {
-        "the read is slower than that (a large ledger: raise --timeout), waits on a lock another \
-         session holds, or the server is frozen or unreachable"
-            .to_string()
+        let why =
+            "the read is slower than that (a large ledger: raise --timeout), waits on a lock \
+                   another session holds, or the server is frozen or unreachable";
+        // Part of a listing printed: said as for a read the database fails part-way.
+        match PRINTED.load(Ordering::Relaxed) {
+            true => format!("{why}; what was printed is incomplete"),
+            false => why.to_string(),
+        }
     })
 }
 
@@ -205,6 +210,11 @@ static LAST_TICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 /// reported as a frozen database, and the output cut short; found by a reviewer).
 static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Output of a command has been written (`Ticking`): a read given up on by its watch then
+/// printed part of what it was to print (a streamed `balances` cut short by a link down said only
+/// "no answer from the database"; found by a fault-injecting helper).
+static PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A sign of life from the database: output written from what it sent.
 pub fn tick() {
     if let Some(started) = READS_STARTED.get() {
@@ -262,7 +272,11 @@ pub struct Ticking<W>(pub W);
 
 impl<W: std::io::Write> std::io::Write for Ticking<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        writing(|| again_while_it_would_block(|| self.0.write(buf)))
+        let written = writing(|| again_while_it_would_block(|| self.0.write(buf)));
+        if written.as_ref().is_ok_and(|n| *n > 0) {
+            PRINTED.store(true, Ordering::Relaxed);
+        }
+        written
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -5414,3 +5414,226 @@ fn a_file_s_session_ended_before_its_commit_is_sent_leaves_no_line_unknown() {
     let report = bank::verify::verify(&mut db.conn()).expect("verify");
     assert!(report.ok, "{report:?}");
 }
+
+/// A command that writes in transactions of its own (`reset`, `seed`, a workload's setup,
+/// `init`) whose COMMIT is lost with its client (a link down, the client's host gone: the
+/// server's side of the connection stays open, the transaction idle in it until the server's
+/// TCP keepalive, two hours by default). The command ends by its `--timeout`, truthfully; but
+/// the transaction it left kept its locks (a reset's: up to 10,000 accounts, every transfer on
+/// them waiting; a migration's: a whole table) and its snapshot. Found by a fault-injecting
+/// helper: a seed whose COMMIT was dropped left its session "idle in transaction" for 15
+/// minutes, and a SERIALIZABLE workload on another database of the server then failed every
+/// read ("canceled on conflict out to old pivot") until it was ended by hand. Transfer sessions
+/// already set `idle_in_transaction_session_timeout` to their deadline; these sessions do too.
+#[test]
+fn a_command_whose_commit_is_lost_with_its_client_leaves_no_transaction_open() {
+    let open = "(SELECT COUNT(*) FROM pg_stat_activity \
+                WHERE datname = current_database() AND state LIKE 'idle in transaction%')";
+    let wait_closed = |db: &ScratchDb, case: &str| {
+        let started = Instant::now();
+        loop {
+            let n: i64 = diesel::RunQueryDsl::get_result(
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(open)),
+                &mut db.conn(),
+            )
+            .expect("count open transactions");
+            if n == 0 {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(6),
+                "{case}: {n} transaction(s) still open on the server {:?} after the run ended",
+                started.elapsed()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    for iso in Iso::BOTH {
+        let commands: [&[&str]; 3] = [
+            &["reset", "--yes", "--timeout", "1s"],
+            &["seed", "--accounts", "3", "--timeout", "1s"],
+            &[
+                "workload",
+                "--accounts",
+                "10",
+                "--transfers",
+                "5",
+                "--timeout",
+                "1s",
+                "--check-timeout",
+                "1s",
+            ],
+        ];
+        for args in commands {
+            let case = format!("{iso:?} {args:?}");
+            let db = ScratchDb::migrated_at(iso);
+            db.accounts(&[100, 50]);
+            let proxy = Proxy::start(upstream_of(&db.url));
+            proxy.arm_at(At::Commit, Fault::Freeze);
+            let (run, took) = ends_within(&proxy.url_for(&db.url), args, Duration::from_secs(15));
+            assert!(
+                took < Duration::from_secs(5),
+                "{case}: took {took:?}: {run:?}"
+            );
+            assert_eq!(run.code, 1, "{case}: {run:?}");
+            assert_eq!(proxy.injected(), 1, "{case}: {run:?}");
+            wait_closed(&db, &case);
+            proxy.thaw();
+        }
+        // init, its first migration's COMMIT lost: that table's lock held until the server
+        // ended the transaction.
+        let db = ScratchDb::empty();
+        db.alter(&format!(
+            "default_transaction_isolation = '{}'",
+            match iso {
+                Iso::ReadCommitted => "read committed",
+                Iso::Serializable => "serializable",
+            }
+        ));
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.arm_at(At::Commit, Fault::Freeze);
+        let (run, took) = ends_within(
+            &proxy.url_for(&db.url),
+            &["init", "--timeout", "1s"],
+            Duration::from_secs(15),
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{iso:?} init: took {took:?}: {run:?}"
+        );
+        run.fails_with(1, "within 1s");
+        wait_closed(&db, &format!("{iso:?} init"));
+        proxy.thaw();
+        drop(proxy);
+        db.bank().args(["init"]).run().success();
+        db.bank().args(["verify"]).run().success();
+    }
+}
+
+/// `seed` writes a chunk's ids before its COMMIT, waiting for its reader as long as that takes;
+/// the idle timeout its session now gets (`--timeout`, for a client lost at its COMMIT) must not
+/// end the transaction meanwhile: a reader 2.5 s behind a 1 s `--timeout` lost the chunk
+/// ("server closed the connection unexpectedly", every id "may or may not" exist, none did),
+/// until the timeout was lifted while the ids are written.
+#[test]
+fn a_seed_whose_reader_is_slower_than_its_timeout_creates_every_account() {
+    use std::io::Read;
+    let db = ScratchDb::migrated();
+    let mut child = crate::support::spawn_bank(&[
+        "--database-url",
+        db.url.expose(),
+        "seed",
+        "--accounts",
+        "20000",
+        "--timeout",
+        "1s",
+    ]);
+    // The pipe fills long before 20,000 lines: the seed waits on its reader, in its transaction.
+    thread::sleep(Duration::from_millis(2500));
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read the ids");
+    let run = Run::from(child.wait_with_output().expect("wait"));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(out.lines().count(), 20_000);
+    let created = crate::support::count_accounts(&mut db.conn()).expect("count");
+    assert_eq!(created, 20_000, "{run:?}");
+}
+
+/// `demo` whose transfer's COMMIT goes unanswered (the link to the server lost as it is sent):
+/// the transfer is reported of unknown outcome at its deadline, and then the demo's cleanup
+/// removes its accounts, finding no transfer. Its error went on telling the user to "run `bank
+/// transfer` again with --id … to settle it", of a transfer whose accounts it had just removed
+/// (a rerun would need accounts that are gone, and a demo's user wants nothing applied): the
+/// cleanup, which waited for the transfer's transaction to end, has settled it, and the error
+/// says so (found by a fault-injecting helper). At both isolation levels.
+#[test]
+fn a_demo_whose_transfer_commit_goes_unanswered_says_what_its_cleanup_settled() {
+    for iso in Iso::BOTH {
+        let db = ScratchDb::migrated_at(iso);
+        let proxy = Proxy::start(upstream_of(&db.url));
+        proxy.arm_at(At::Commit, Fault::Freeze);
+        let (run, took) = ends_within(
+            &proxy.url_for(&db.url),
+            &["demo", "--timeout", "1s"],
+            Duration::from_secs(20),
+        );
+        assert!(
+            took < Duration::from_secs(8),
+            "{iso:?}: took {took:?}: {run:?}"
+        );
+        assert_eq!(proxy.injected(), 1, "{iso:?}: {run:?}");
+        assert_eq!(run.code, 1, "{iso:?}: {run:?}");
+        let mut conn = db.conn();
+        assert_eq!(
+            crate::support::count_accounts(&mut conn).expect("count"),
+            0,
+            "{run:?}"
+        );
+        assert_eq!(
+            crate::support::count_transfers(&mut conn).expect("count"),
+            0,
+            "{run:?}"
+        );
+        assert!(
+            run.stderr.contains("was not applied"),
+            "{iso:?}: the outcome the cleanup settled: {run:?}"
+        );
+        assert!(
+            !run.stderr.contains("may or may not") && !run.stderr.contains("run `bank transfer`"),
+            "{iso:?}: {run:?}"
+        );
+        proxy.thaw();
+    }
+}
+
+/// A streamed read (`balances`) whose server stops answering after part of the rows were
+/// printed: it ends by its `--timeout`, exit 1, as it should; but its line said only "no answer
+/// from the database within 1s", where a read the database fails part-way says "what was
+/// printed is incomplete". A script reading the listing was not told that it is cut short
+/// (found by a fault-injecting helper: a link taken down 0.3 s into a `balances` of 100,000
+/// accounts, 24,445 lines printed).
+#[test]
+fn a_read_given_up_after_printing_part_of_its_rows_says_they_are_incomplete() {
+    let db = ScratchDb::migrated();
+    db.bank()
+        .args(["seed", "--accounts", "5000"])
+        .run()
+        .success();
+    let proxy = Proxy::start(upstream_of(&db.url));
+    proxy.slow_rows(100, Duration::from_millis(20));
+    let url = proxy.url_for(&db.url);
+    let mut child =
+        crate::support::spawn_bank(&["--database-url", &url, "balances", "--timeout", "1s"]);
+    // Read as it comes: a full pipe would hold bank in a write, which the watch waits for.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = thread::spawn(move || {
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut all).expect("read stdout");
+        all
+    });
+    thread::sleep(Duration::from_millis(400));
+    proxy.freeze_all();
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "still running");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let run = Run::from(child.wait_with_output().expect("wait"));
+    proxy.thaw_all();
+    let printed = reader.join().expect("reader").lines().count();
+    assert!(
+        printed > 1 && printed < 5001,
+        "{printed} lines: {:?}",
+        run.stderr
+    );
+    run.fails_with(1, "within 1s");
+    assert!(
+        run.stderr.contains("what was printed is incomplete"),
+        "{run:?}"
+    );
+}

@@ -103,11 +103,15 @@ pub(super) fn seed(url: &DbUrl, args: &SeedArgs, out: &mut impl Write) -> Result
                         if crate::interrupt::interrupted() {
                             return Err(Stop::Interrupted);
                         }
-                        chunk
-                            .iter()
-                            .try_for_each(|a| list.row(out, a.id, a.balance))
-                            .and_then(|()| out.flush())
-                            .map_err(Stop::Output)?;
+                        // The reader may be slow (`| less`): the server's idle timeout, set to
+                        // `--timeout` for a client that vanished, waits meanwhile.
+                        crate::db::idle_timeout_lifted(c, || {
+                            chunk
+                                .iter()
+                                .try_for_each(|a| list.row(out, a.id, a.balance))
+                                .and_then(|()| out.flush())
+                                .map_err(Stop::Output)
+                        })?;
                         written.set(true);
                         progress.0.committing(chunk.len() as u64);
                         progress.1.store(true, Ordering::SeqCst);

@@ -202,14 +202,14 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
         )
     })?;
     crate::interrupt::while_migrating();
-    let (mut conn, server) = first_migration_connection(url)?;
+    let (mut conn, server) = first_migration_connection(url, args.timeout)?;
     // Every host of a deployment may run `init` as it starts. Each migration commits on its own,
     // so another init's progress between this one's reads and writes made it fail, in a way of
     // the moment: a relation it was about to create now "in the way", a duplicate key in the
     // catalog, a column already added. The database having moved on since the attempt began
     // tells those apart from a failure of this init's own, and the next attempt starts from
     // where the database now is. Each retry needs such progress, so there are few.
-    let started = state_or_reconnect(url, &mut conn)?;
+    let started = state_or_reconnect(url, args.timeout, &mut conn)?;
     let mut before = started.clone();
     let mut attempts = 1;
     // A warning is said once, however many attempts it takes.
@@ -226,7 +226,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             Err(e) if waited_for_a_lock(&e) => {
                 log::info!("init: a lock held elsewhere; trying again ({e})");
                 give_way();
-                before = state_or_reconnect(url, &mut conn)?;
+                before = state_or_reconnect(url, args.timeout, &mut conn)?;
             }
             // The connection went (the server restarted, a connection cut), at a migration's
             // COMMIT or before: it ended init at once, where every other command connects
@@ -235,7 +235,7 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
             Err(e) if connection_lost(&e) => {
                 log::info!("init: the connection was lost ({e}); connecting again");
                 let known_before = std::mem::take(&mut before.applied);
-                (conn, before) = reconnect(url)?;
+                (conn, before) = reconnect(url, args.timeout)?;
                 // Those applied since on the connection lost (the one at whose COMMIT it went
                 // included) are this run's: its lines named only the attempt that finished
                 // ("schema is up to date" when the last migration's answer was lost).
@@ -283,12 +283,18 @@ fn init(url: &DbUrl, args: &InitArgs, out: &mut impl Write) -> Result<(), Error>
 }
 
 /// A connection for `init`, its session prepared for migrations.
-fn migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::Server), Error> {
+fn migration_connection(
+    url: &DbUrl,
+    timeout: std::time::Duration,
+) -> Result<(PgConnection, db::engine::Server), Error> {
     let mut conn = url.connect()?;
     let server = db::engine::detect(&mut conn)?;
     db::engine::prepare_migration_session(&mut conn, &server)?;
     // "applied migration" is said of a migration that a crash cannot take back.
     db::commit_synchronously(&mut conn)?;
+    // A migration whose COMMIT is lost with init (a link down) holds its table's lock until
+    // the server ends it (`end_abandoned_transactions`).
+    db::end_abandoned_transactions(&mut conn, timeout);
     Ok((conn, server))
 }
 
@@ -297,19 +303,22 @@ fn migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::Server
 /// restarting, while the session was set up): init ended at once, exit 1, "terminating
 /// connection due to administrator command" (a helper playing a new user). A first connection
 /// refused is said at once, as before; the watch bounds the rest by `--timeout`.
-fn first_migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::Server), Error> {
+fn first_migration_connection(
+    url: &DbUrl,
+    timeout: std::time::Duration,
+) -> Result<(PgConnection, db::engine::Server), Error> {
     let lost_after_login = |e: &Error| match e {
         Error::Connect(c) => c.lost_after_login && c.is_transient(),
         e => connection_lost(e),
     };
-    match migration_connection(url) {
+    match migration_connection(url, timeout) {
         Err(e) if lost_after_login(&e) => {
             log::info!(
                 "init: the connection was lost before anything was done ({e}); connecting again"
             );
             loop {
                 give_way();
-                match migration_connection(url) {
+                match migration_connection(url, timeout) {
                     Err(e) if connection_lost(&e) => log::info!("init: not connected yet ({e})"),
                     again => return again,
                 }
@@ -321,10 +330,13 @@ fn first_migration_connection(url: &DbUrl) -> Result<(PgConnection, db::engine::
 
 /// A new `migration_connection` and the state read on it, once the server takes one again:
 /// the watch ends a server that does not come back within `--timeout`.
-fn reconnect(url: &DbUrl) -> Result<(PgConnection, MigrationState), Error> {
+fn reconnect(
+    url: &DbUrl,
+    timeout: std::time::Duration,
+) -> Result<(PgConnection, MigrationState), Error> {
     loop {
         give_way();
-        let again = migration_connection(url).and_then(|(mut conn, _)| {
+        let again = migration_connection(url, timeout).and_then(|(mut conn, _)| {
             let state = settled_state(&mut conn)?;
             Ok((conn, state))
         });
@@ -342,11 +354,15 @@ fn reconnect(url: &DbUrl) -> Result<(PgConnection, MigrationState), Error> {
 /// waited on another session's lock on Diesel's table (every host of a deployment running
 /// init) the server restarted, and init ended at once, exit 1, where a connection lost at a
 /// migration connects again. Nothing was written on `conn` since its last migration.
-fn state_or_reconnect(url: &DbUrl, conn: &mut PgConnection) -> Result<MigrationState, Error> {
+fn state_or_reconnect(
+    url: &DbUrl,
+    timeout: std::time::Duration,
+    conn: &mut PgConnection,
+) -> Result<MigrationState, Error> {
     match settled_state(conn) {
         Err(e) if connection_lost(&e) => {
             log::info!("init: the connection was lost ({e}); connecting again");
-            let (again, state) = reconnect(url)?;
+            let (again, state) = reconnect(url, timeout)?;
             *conn = again;
             Ok(state)
         }

@@ -130,8 +130,8 @@ pub fn closed_connection(words: String) -> diesel::result::Error {
 
 pub use engine::{Engine, Server};
 pub use session::{
-    commit_synchronously, own_statement_timeout, server_idle_timeout_kept,
-    server_statement_timeout_kept, Session,
+    commit_synchronously, end_abandoned_transactions, idle_timeout_lifted, own_statement_timeout,
+    server_idle_timeout_kept, server_statement_timeout_kept, Session,
 };
 pub(crate) use url::query_sets;
 pub use url::{redact_message, DbUrl};

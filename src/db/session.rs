@@ -117,6 +117,7 @@ impl DbUrl {
         self.checked_again(again, |conn| {
             super::require_writable(conn, timeout)?;
             commit_synchronously(conn)?;
+            end_abandoned_transactions(conn, timeout);
             Ok(())
         })
         .map(|(conn, ())| conn)
@@ -667,6 +668,67 @@ pub fn commit_synchronously(conn: &mut PgConnection) -> diesel::QueryResult<()> 
         conn.batch_execute("SET synchronous_commit = on")?;
     }
     Ok(())
+}
+
+/// `idle_in_transaction_session_timeout` = `timeout` for a connection of its own (`seed`,
+/// `reset`, a workload's setup, `init`), unless the server already sets a shorter one, as `tune`
+/// does for the transfer sessions. A COMMIT lost with its client (a link down, the client's host
+/// gone) left the transaction idle on the server until its TCP keepalive noticed, two hours by
+/// default: a reset's held its locks on up to 10,000 accounts, a migration's a whole table, and a
+/// seed's open snapshot made every SERIALIZABLE read of the server fail ("canceled on conflict
+/// out to old pivot"; found by a fault-injecting helper). The command itself has given up by
+/// then: its `--timeout` is that of every step. A tuning: a failure is logged and ignored. The
+/// value is whole milliseconds that `bank` computed, not user text.
+pub fn end_abandoned_transactions(conn: &mut PgConnection, timeout: Duration) {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        value: String,
+    }
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+    let set =
+        diesel::sql_query("SELECT current_setting('idle_in_transaction_session_timeout') AS value")
+            .get_result::<Setting>(conn)
+            .and_then(|current| {
+                match parse_setting_ms(&current.value).filter(|v| *v > 0 && *v <= ms) {
+                    Some(_) => Ok(()),
+                    None => conn
+                        .batch_execute(&format!("SET idle_in_transaction_session_timeout = {ms}")),
+                }
+            });
+    if let Err(e) = set {
+        log::info!("cannot bound idle_in_transaction_session_timeout ({e}); going on");
+    }
+}
+
+/// Runs `write`, output that waits for its reader as long as that takes (a seed's ids, written
+/// before its COMMIT; bank's watch does not count that time), in `conn`'s open transaction
+/// with `idle_in_transaction_session_timeout` lifted, and puts it back for the rest of the
+/// transaction (its COMMIT, where a client lost leaves it idle): a seed piped to `less` lost
+/// its chunk to the timeout `end_abandoned_transactions` set. The value put back is whole
+/// milliseconds that `bank` parsed, not user text.
+pub fn idle_timeout_lifted<T, E: From<diesel::result::Error>>(
+    conn: &mut PgConnection,
+    write: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        value: String,
+    }
+    let current: Setting =
+        diesel::sql_query("SELECT current_setting('idle_in_transaction_session_timeout') AS value")
+            .get_result(conn)?;
+    let ms = match parse_setting_ms(&current.value) {
+        Some(ms) if ms > 0 => ms,
+        _ => return write(),
+    };
+    conn.batch_execute("SET LOCAL idle_in_transaction_session_timeout = 0")?;
+    let written = write()?;
+    conn.batch_execute(&format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {ms}"
+    ))?;
+    Ok(written)
 }
 
 /// See `Session`. The timeouts are whole milliseconds that `bank` computed, not user text.
