@@ -1172,14 +1172,19 @@ pub(crate) mod tests {
             ..RetryPolicy::default()
         };
         let mut rng = rand::rng();
+        let mut firsts = std::collections::BTreeSet::new();
         for _ in 0..200 {
             let first = policy.backoff(1, &mut rng);
             assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
+            firsts.insert(first);
             let third = policy.backoff(3, &mut rng);
             assert!(third >= Duration::from_millis(20) && third <= Duration::from_millis(40));
             let late = policy.backoff(30, &mut rng);
             assert!(late >= Duration::from_millis(50) && late <= Duration::from_millis(100));
         }
+        // The jitter spreads clients that collided: a fixed wait (the ceiling every time, a
+        // mutation round's survivor) kept them in step. 200 draws from 5 ms of nanoseconds.
+        assert!(firsts.len() > 100, "{} distinct waits", firsts.len());
     }
 
     /// libpq's words for a connection that broke, as Diesel passes them when a query could not

@@ -3368,6 +3368,48 @@ struct Name {
     name: String,
 }
 
+/// `workload --batch` runs its chunks' transactions at READ COMMITTED on PostgreSQL whatever the
+/// database's default, and at the default with `--batch-isolation server-default`, as a file
+/// does (`a_file_s_transactions_run_at_read_committed_unless_told_the_server_s_default`). Only
+/// the file was tested: the workload's chunks could run at READ COMMITTED whatever was asked,
+/// and every test passed (a mutation round's survivor).
+#[test]
+fn a_workload_s_batches_run_at_read_committed_unless_told_the_server_s_default() {
+    for (level, expected) in [
+        (None, "read committed"),
+        (Some("server-default"), "serializable"),
+    ] {
+        let db = ScratchDb::migrated();
+        db.conn()
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET default_transaction_isolation = 'serializable'; \
+                 CREATE TABLE seen (isolation TEXT); \
+                 CREATE FUNCTION record_isolation() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN INSERT INTO seen VALUES (current_setting('transaction_isolation')); \
+                 RETURN NULL; END $$; \
+                 CREATE TRIGGER record_isolation AFTER INSERT ON transfers \
+                 FOR EACH STATEMENT EXECUTE FUNCTION record_isolation()",
+                name = db.name
+            ))
+            .expect("setup");
+        let args: Vec<&str> = level.map_or(vec![], |l| vec!["--batch-isolation", l]);
+        let run = db
+            .bank()
+            .args(["workload", "--accounts", "10", "--transfers", "20"])
+            .args(["--batch", "5", "--concurrency", "1"])
+            .args(args)
+            .run();
+        assert_eq!(run.code, 0, "{level:?}: {run:?}");
+        let seen: Vec<String> = diesel::sql_query("SELECT DISTINCT isolation AS name FROM seen")
+            .load::<Name>(&mut db.conn())
+            .expect("seen")
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(seen, [expected], "{level:?}: {run:?}");
+    }
+}
+
 /// The chunk statement's "inserted" row gives the one time every ledger row it wrote carries:
 /// a run tells its own rows from another run's by it after a lost COMMIT
 /// (`faults::a_file_s_lost_commit_is_not_taken_for_a_second_run_of_the_same_file`). Rows of

@@ -5637,3 +5637,32 @@ fn a_read_given_up_after_printing_part_of_its_rows_says_they_are_incomplete() {
         "{run:?}"
     );
 }
+
+/// Every session of a run sets `lc_messages = 'C'`, not only the first: the first keeps that it
+/// could, and the later ones do it too. Only the first was tested (a transfer's one session): a
+/// run whose first session set it but kept "could not" left the rest in the server's language,
+/// and every test passed (a mutation round's survivor). The demo's transfer runs on its second
+/// session.
+#[test]
+fn a_run_s_later_sessions_have_the_server_speak_english_too() {
+    let db = ScratchDb::migrated();
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE seen (messages TEXT); \
+             CREATE FUNCTION seen() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               INSERT INTO seen VALUES (current_setting('lc_messages')); RETURN NULL; END $$; \
+             CREATE TRIGGER seen AFTER INSERT ON transfers \
+               FOR EACH ROW EXECUTE FUNCTION seen()",
+        )
+        .expect("a trigger that notes the session's lc_messages");
+    db.alter("lc_messages = 'C.utf8'");
+    let run = db.bank().args(["demo"]).run();
+    run.success();
+    use diesel::RunQueryDsl;
+    let seen: String = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+        "(SELECT messages FROM seen)",
+    ))
+    .get_result(&mut db.conn())
+    .expect("seen");
+    assert_eq!(seen, "C", "{run:?}");
+}

@@ -507,11 +507,12 @@ fn balances_as_of_a_time_does_not_wait_for_another_applications_reads_of_bank_s_
 }
 
 /// A ledger row the schema's CHECKs would refuse, written by hand once they were dropped, with
-/// balances that chain: an amount of -5 (a debit that pays the debited account) and an account
-/// paying itself. verify said "ok" (a helper playing a new user); each is a broken chain.
+/// balances that chain: an amount of -5 (a debit that pays the debited account), one of 0 (a
+/// mutation round's survivor: `amount >= 0` passed every test) and an account paying itself.
+/// verify said "ok" (a helper playing a new user); each is a broken chain.
 #[test]
 fn verify_reports_a_row_its_dropped_checks_would_refuse() {
-    for case in ["negative", "self"] {
+    for case in ["negative", "zero", "self"] {
         let db = ScratchDb::migrated();
         let [a, b] = db.accounts(&[100, 50])[..] else {
             panic!("two accounts")
@@ -525,6 +526,13 @@ fn verify_reports_a_row_its_dropped_checks_would_refuse() {
                  VALUES ('{id}', '{a}', '{b}', -5, 1, 105, 1, 45); \
                  UPDATE accounts SET balance = 105, version = 1 WHERE id = '{a}'; \
                  UPDATE accounts SET balance = 45, version = 1 WHERE id = '{b}'"
+            ),
+            "zero" => format!(
+                "ALTER TABLE transfers DROP CONSTRAINT transfers_amount_positive; \
+                 INSERT INTO transfers (id, from_id, to_id, amount, from_version, \
+                   from_balance_after, to_version, to_balance_after) \
+                 VALUES ('{id}', '{a}', '{b}', 0, 1, 100, 1, 50); \
+                 UPDATE accounts SET version = 1 WHERE id IN ('{a}', '{b}')"
             ),
             _ => format!(
                 "ALTER TABLE transfers DROP CONSTRAINT transfers_distinct_accounts; \

@@ -772,7 +772,7 @@ fn bank_s_own_reasons_come_before_a_dba_s_refusal() {
                  EXECUTE FUNCTION poor()",
             )
             .expect("triggers");
-        let ids = db.accounts(&[1000, 1000, 5]);
+        let ids = db.accounts(&[1000, 1000, 5, 14]);
         let id = Uuid::new_v4().to_string();
         for mode in ["transaction", "single-statement"] {
             db.transfer(ids[0], ids[1], 10)
@@ -794,8 +794,14 @@ fn bank_s_own_reasons_come_before_a_dba_s_refusal() {
             // Nothing of bank's to say: the DBA's refusal, in its words.
             let dba = db.transfer(ids[0], ids[1], 21).args(["--mode", mode]).run();
             dba.fails_with(1, "DBA_REFUSED");
+            // An account's whole balance is no insufficient funds: the DBA's refusal stands (a
+            // mutation round's survivor took `balance <= amount` for bank's reason).
+            let all = db.transfer(ids[3], ids[1], 14).args(["--mode", mode]).run();
+            all.fails_with(1, "DBA_REFUSED");
+            assert!(!all.stderr.contains("insufficient"), "{mode}: {all:?}");
         }
         assert_eq!(db.balance(ids[0]), 990, "{iso:?}");
+        assert_eq!(db.balance(ids[3]), 14, "{iso:?}");
     }
 }
 

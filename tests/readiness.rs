@@ -2710,3 +2710,36 @@ fn an_applied_id_run_again_before_the_upgrade_s_init_is_not_called_not_applied()
         assert_eq!(db.state(), before, "{pending} pending");
     }
 }
+
+/// Two of bank's tables dropped or renamed by hand (`accounts`, the first doctor looks for, and
+/// `transfer_claims`): doctor names both, joined by "and", in the plural ("are missing", "restore
+/// them"), and lists both in `tables_missing`. Only one missing table was tested: doctor could
+/// skip `accounts`, or say "is missing" of two, and every test passed (a mutation round's
+/// survivors).
+#[test]
+fn doctor_names_every_table_of_bank_s_dropped_since_its_migrations_ran() {
+    let db = ScratchDb::migrated();
+    db.conn()
+        .batch_execute(
+            "ALTER TABLE accounts RENAME TO accounts_kept_aside; \
+             ALTER TABLE transfer_claims RENAME TO claims_kept_aside",
+        )
+        .expect("rename");
+    let text = db.bank().args(["doctor"]).run();
+    text.success();
+    let schema = text.stdout.lines().find(|l| l.starts_with("schema: "));
+    let schema = schema.unwrap_or_default();
+    assert!(
+        schema.contains("), but accounts and transfer_claims are missing on")
+            && schema.contains("every command that needs them refuses")
+            && schema.contains("restore them (the migration's up.sql under migrations/ made them)"),
+        "{text:?}"
+    );
+    let j = db.bank().args(["doctor", "--json"]).run().json();
+    assert_eq!(j["migrated"], false, "{j}");
+    assert_eq!(
+        j["tables_missing"],
+        serde_json::json!(["accounts", "transfer_claims"]),
+        "{j}"
+    );
+}

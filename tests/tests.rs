@@ -6,6 +6,7 @@ mod support;
 mod batch;
 mod cli;
 mod concurrency;
+mod demo_faults;
 mod faults;
 mod ledger;
 mod promise;

@@ -122,14 +122,32 @@ pub(super) fn demo(url: &DbUrl, args: &DemoArgs, out: &mut impl Write) -> Result
         (flow, Err(cleanup)) => {
             let transfer = transfer_left(stage.load(Ordering::SeqCst), transfer_id);
             let left = format!("{}{transfer}", made.named(&ids));
+            let (said, cleanup, again) = match cleanup {
+                CleanupFailed::Failed(e) => ("could not remove", e, None),
+                // Its COMMIT's answer lost, and no second run to settle it: "could not
+                // remove" would send the user looking for rows that may be gone.
+                CleanupFailed::Unknown { lost, again } => (
+                    "may or may not have removed",
+                    lost,
+                    Some(format!("running it again failed: {again}")),
+                ),
+            };
             Err(match flow {
                 Ok(()) => Error::DemoStopped {
-                    source: Box::new(cleanup),
-                    cleanup: format!("could not remove what it created: {left}"),
+                    cleanup: match again {
+                        Some(again) => format!("{said} what it created ({again}): {left}"),
+                        None => format!("{said} what it created: {left}"),
+                    },
+                    source: cleanup,
                 },
                 Err(e) => Error::DemoStopped {
                     source: Box::new(e),
-                    cleanup: format!("could not remove what it created ({cleanup}): {left}"),
+                    cleanup: match again {
+                        Some(again) => {
+                            format!("{said} what it created ({cleanup}; {again}): {left}")
+                        }
+                        None => format!("{said} what it created ({cleanup}): {left}"),
+                    },
                 },
             })
         }
@@ -309,23 +327,61 @@ fn demo_cleanup(
     policy: &RetryPolicy,
     ids: &[Uuid],
     transfer_id: Uuid,
-) -> Result<(usize, usize), Error> {
-    again_if_lost(session, |conn, committing| {
-        // Each attempt is a sign of life (`retry_transaction` ticks): the watch must not take a
-        // cleanup that is being rolled back and run again for a frozen server.
-        Ok(retry_transaction(policy, || {
-            *committing = false;
-            remove_demo_rows(conn, ids, transfer_id, committing)
-        })?)
-    })
+) -> Result<(usize, usize), CleanupFailed> {
+    // What the attempt whose COMMIT went out removed, should that COMMIT's answer be lost.
+    let mut sent = None;
+    let cleanup = |session: &mut Session, sent: &mut Option<(usize, usize)>| {
+        again_if_lost(session, |conn, committing| {
+            // Each attempt is a sign of life (`retry_transaction` ticks): the watch must not
+            // take a cleanup that is being rolled back and run again for a frozen server.
+            Ok(retry_transaction(policy, || {
+                *sent = None;
+                let removed = remove_demo_rows(conn, ids, transfer_id, sent);
+                *committing = sent.is_some();
+                removed
+            })?)
+        })
+    };
+    match cleanup(session, &mut sent) {
+        // The COMMIT went out and its answer was lost: it removed all of the demo's rows or
+        // none. Removing them is safe to run again, and what a run on a new connection finds
+        // settles it: nothing left is the lost COMMIT's doing. The demo said it "could not
+        // remove" rows that were gone (a mutation round's finding).
+        Err(Error::Database(e)) if may_have_committed(&e) => {
+            let Some(lost) = sent else {
+                return Err(CleanupFailed::Failed(Box::new(Error::Database(e))));
+            };
+            log::debug!("demo: the cleanup's COMMIT was lost ({e}); again on a new connection");
+            session.reset();
+            match cleanup(session, &mut None) {
+                Ok((0, 0)) => Ok(lost),
+                Ok(again) => Ok(again),
+                Err(again) => Err(CleanupFailed::Unknown {
+                    lost: Box::new(Error::Database(e)),
+                    again: Box::new(again),
+                }),
+            }
+        }
+        done => done.map_err(|e| CleanupFailed::Failed(Box::new(e))),
+    }
 }
 
-/// `demo_cleanup` on one connection; `committing` is set as its COMMIT is about to be sent.
+/// Why `demo_cleanup` did not remove the demo's rows, or may not have.
+enum CleanupFailed {
+    /// It failed before its COMMIT, or its COMMIT was refused: nothing was removed.
+    Failed(Box<Error>),
+    /// Its COMMIT's answer was lost (`lost`), and running it again failed (`again`): the rows
+    /// may or may not be gone.
+    Unknown { lost: Box<Error>, again: Box<Error> },
+}
+
+/// `demo_cleanup` on one connection; `sending` is set to what it removed as its COMMIT is about
+/// to be sent.
 fn remove_demo_rows(
     conn: &mut PgConnection,
     ids: &[Uuid],
     transfer_id: Uuid,
-    committing: &mut bool,
+    sending: &mut Option<(usize, usize)>,
 ) -> Result<(usize, usize), diesel::result::Error> {
     conn.build_transaction().serializable().run(|conn| {
         let transfers = match repo::delete_transfer(conn, transfer_id) {
@@ -341,7 +397,7 @@ fn remove_demo_rows(
                 Err(e) => return Err(e),
             }
         }
-        *committing = true;
+        *sending = Some((accounts, transfers));
         Ok((accounts, transfers))
     })
 }

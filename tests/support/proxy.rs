@@ -219,8 +219,24 @@ struct Gate {
     /// `close_after_reply_to`: the text of the statement whose answer ends its session, and
     /// which binding of it.
     close_after: Option<(String, u32)>,
+    /// What becomes of that binding: its answer is held (`close_after_reply_to`), lost
+    /// (`lose_answer_to`), or the binding itself is never sent (`lose_binding_of`).
+    close_how: CloseHow,
     /// `close_after_reply_to` holds that answer until `release_reply`.
     reply_held: bool,
+}
+
+/// How the binding `close_after` chose ends its session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum CloseHow {
+    /// Its answer reaches the client (held until `release_reply`), then the link drops.
+    #[default]
+    AfterReply,
+    /// It reaches the server, whose answer is dropped; then the link drops: a statement that is
+    /// its own commit committed, and its client cannot know.
+    AnswerLost,
+    /// The link drops before it is sent: the server never runs it.
+    NeverSent,
 }
 
 impl Shared {
@@ -494,7 +510,26 @@ impl Proxy {
     pub fn close_after_reply_to(&self, text: &str, nth: u32) {
         let mut gate = self.shared.gate();
         gate.close_after = Some((text.to_string(), nth));
+        gate.close_how = CloseHow::AfterReply;
         gate.reply_held = true;
+    }
+
+    /// The next session to prepare a statement whose text contains `text` has its `nth`
+    /// binding of it run by the server, and then loses both connections before any of the
+    /// answer reaches it: a statement that is its own commit (an INSERT outside a transaction)
+    /// committed unanswered.
+    pub fn lose_answer_to(&self, text: &str, nth: u32) {
+        let mut gate = self.shared.gate();
+        gate.close_after = Some((text.to_string(), nth));
+        gate.close_how = CloseHow::AnswerLost;
+    }
+
+    /// The next session to prepare a statement whose text contains `text` loses both
+    /// connections as it sends its `nth` binding of it, which never reaches the server.
+    pub fn lose_binding_of(&self, text: &str, nth: u32) {
+        let mut gate = self.shared.gate();
+        gate.close_after = Some((text.to_string(), nth));
+        gate.close_how = CloseHow::NeverSent;
     }
 
     /// Answers held by `close_after_reply_to` so far.
@@ -615,7 +650,13 @@ fn client_to_server(
                 if c.left > 0 && c.names.contains(bound) {
                     c.left -= 1;
                     if c.left == 0 {
-                        link.close_at_ready.store(true, Ordering::SeqCst);
+                        match shared.gate().close_how {
+                            CloseHow::AfterReply => {
+                                link.close_at_ready.store(true, Ordering::SeqCst)
+                            }
+                            CloseHow::AnswerLost => link.set_reply(OnReply::Cut),
+                            CloseHow::NeverSent => return Ok(End::Close),
+                        }
                     }
                 }
             }
