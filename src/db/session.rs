@@ -680,25 +680,27 @@ pub fn commit_synchronously(conn: &mut PgConnection) -> diesel::QueryResult<()> 
 /// then: its `--timeout` is that of every step. A tuning: a failure is logged and ignored. The
 /// value is whole milliseconds that `bank` computed, not user text.
 pub fn end_abandoned_transactions(conn: &mut PgConnection, timeout: Duration) {
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+    let set =
+        idle_timeout_ms(conn).and_then(|current| match current.filter(|v| *v > 0 && *v <= ms) {
+            Some(_) => Ok(()),
+            None => conn.batch_execute(&format!("SET idle_in_transaction_session_timeout = {ms}")),
+        });
+    if let Err(e) = set {
+        log::info!("cannot bound idle_in_transaction_session_timeout ({e}); going on");
+    }
+}
+
+/// The session's `idle_in_transaction_session_timeout` in ms (`None`: not a value bank reads).
+fn idle_timeout_ms(conn: &mut PgConnection) -> diesel::QueryResult<Option<u128>> {
     #[derive(QueryableByName)]
     struct Setting {
         #[diesel(sql_type = Text)]
         value: String,
     }
-    let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
-    let set =
-        diesel::sql_query("SELECT current_setting('idle_in_transaction_session_timeout') AS value")
-            .get_result::<Setting>(conn)
-            .and_then(|current| {
-                match parse_setting_ms(&current.value).filter(|v| *v > 0 && *v <= ms) {
-                    Some(_) => Ok(()),
-                    None => conn
-                        .batch_execute(&format!("SET idle_in_transaction_session_timeout = {ms}")),
-                }
-            });
-    if let Err(e) = set {
-        log::info!("cannot bound idle_in_transaction_session_timeout ({e}); going on");
-    }
+    diesel::sql_query("SELECT current_setting('idle_in_transaction_session_timeout') AS value")
+        .get_result::<Setting>(conn)
+        .map(|s| parse_setting_ms(&s.value))
 }
 
 /// Runs `write`, output that waits for its reader as long as that takes (a seed's ids, written
@@ -711,15 +713,7 @@ pub fn idle_timeout_lifted<T, E: From<diesel::result::Error>>(
     conn: &mut PgConnection,
     write: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
-    #[derive(QueryableByName)]
-    struct Setting {
-        #[diesel(sql_type = Text)]
-        value: String,
-    }
-    let current: Setting =
-        diesel::sql_query("SELECT current_setting('idle_in_transaction_session_timeout') AS value")
-            .get_result(conn)?;
-    let ms = match parse_setting_ms(&current.value) {
+    let ms = match idle_timeout_ms(conn)? {
         Some(ms) if ms > 0 => ms,
         _ => return write(),
     };
